@@ -1,0 +1,45 @@
+"""conveyor: producer-consumer pipelines over bounded channels.
+
+Each concept lives in a private-ish module of its own (channel, stage,
+pipeline, runtime/, metrics, redis/); this file only re-exports the public
+names, so ``import conveyor as cv`` is all a user needs.
+"""
+
+from __future__ import annotations
+
+from .channel import Channel as Channel
+from .channel import ChannelStats as ChannelStats
+from .channel import Producer as Producer
+from .errors import BackendError as BackendError
+from .errors import BackendUnavailable as BackendUnavailable
+from .errors import ConfigurationError as ConfigurationError
+from .errors import ConfigurationTypeError as ConfigurationTypeError
+from .errors import ConveyorError as ConveyorError
+from .errors import Empty as Empty
+from .errors import Full as Full
+from .errors import PayloadRejected as PayloadRejected
+from .errors import PipelineStopped as PipelineStopped
+from .errors import SerializationError as SerializationError
+from .errors import ShutDown as ShutDown
+from .errors import WorkerCrashed as WorkerCrashed
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailable",
+    "Channel",
+    "ChannelStats",
+    "ConfigurationError",
+    "ConfigurationTypeError",
+    "ConveyorError",
+    "Empty",
+    "Full",
+    "PayloadRejected",
+    "PipelineStopped",
+    "Producer",
+    "SerializationError",
+    "ShutDown",
+    "WorkerCrashed",
+    "__version__",
+]

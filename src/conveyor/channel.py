@@ -1,0 +1,625 @@
+"""Channel: a bounded multi-producer multi-consumer channel, for threads and asyncio.
+
+One lock guards everything: the deque of items, the counters and the two
+deques of parked waiters (consumers waiting for an item, producers waiting for
+room). A parked thread sleeps on a private lock, a parked coroutine on a
+future; both kinds sit in the same deques, so a thread and a coroutine are
+woken in the order they arrived. The fast path of every operation is one
+lock round-trip and no notification: a waiter is woken only when somebody is
+known to be asleep, which is what makes a Channel several times cheaper than
+``queue.Queue`` (which notifies on every call).
+
+Closing needs no sentinel. ``close()`` (``shutdown()``) stops new puts; getters
+drain what is left and then see ``ShutDown``; ``for item in channel`` simply
+ends. Several producers share the closing through ``producer()`` handles: the
+channel closes when the last handle is closed.
+
+Invariants, all under ``_lock``:
+
+* ``len(queue) <= maxsize`` after any put when ``maxsize > 0`` (a shrunk
+  ``maxsize`` is honoured by later puts, as in ``queue.Queue``);
+* ``_getters`` / ``_putters`` hold exactly the waiters not yet woken: a waker
+  pops the waiter it wakes, a waiter that times out removes itself;
+* a woken waiter re-checks the state and uses it; one that gives up instead
+  (cancelled, Ctrl-C) passes its wake-up on to the next waiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from _thread import LockType
+from _thread import allocate_lock as _allocate_lock
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
+from time import monotonic
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from .errors import ConfigurationError, ConfigurationTypeError, Empty, Full, ShutDown
+
+__all__ = ["Channel", "ChannelStats", "Producer"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """A snapshot of a channel's state, taken under its lock."""
+
+    size: int
+    """Items in the channel now."""
+    capacity: int
+    """``maxsize``; 0 means unbounded."""
+    waiting_producers: int
+    """Threads and coroutines parked until there is room."""
+    waiting_consumers: int
+    """Threads and coroutines parked until there is an item."""
+    total_put: int
+    """Items put since the channel was made."""
+    total_got: int
+    """Items taken since the channel was made (a shutdown(immediate=True) drain counts)."""
+    closed: bool
+    """True once ``close()``/``shutdown()`` was called (items may still be left)."""
+    open_producers: int
+    """Producer handles not yet closed."""
+
+    @property
+    def fill(self) -> float:
+        """Fraction of the capacity in use (0.0 for an unbounded channel)."""
+        return self.size / self.capacity if self.capacity > 0 else 0.0
+
+
+class _AsyncWaiter:
+    """A coroutine parked on a channel: its loop and the future it awaits."""
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+
+
+_Waiter = LockType | _AsyncWaiter
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    # Runs in the waiter's own loop: only there is touching the future safe.
+    if not future.done():
+        future.set_result(None)
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not timeout >= 0:  # `not >=` also rejects NaN
+        raise ConfigurationError(
+            f"'timeout' must be a non-negative number or None, got {timeout!r}"
+        )
+
+
+class Channel(Generic[T]):
+    """A bounded FIFO channel for many producers and many consumers.
+
+    A drop-in replacement for `queue.Queue` (same methods, same exceptions,
+    Python 3.13's ``shutdown()`` on every supported Python), plus closing
+    without sentinels, batch operations, an asyncio side and statistics.
+
+    Args:
+        maxsize: the capacity. ``0`` (the default) means unbounded, as in
+            `queue.Queue`. Must be a non-negative ``int``.
+
+    Raises:
+        ConfigurationTypeError: ``maxsize`` is not an int.
+        ConfigurationError: ``maxsize`` is negative.
+
+    Example:
+        >>> ch = Channel(maxsize=2)
+        >>> with ch.producer() as p:
+        ...     p.put_many([1, None])
+        >>> list(ch)
+        [1, None]
+    """
+
+    def __init__(self, maxsize: int = 0) -> None:
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int):
+            raise ConfigurationTypeError(
+                f"Channel 'maxsize' must be an int (0 for unbounded), got {type(maxsize).__name__}"
+            )
+        if maxsize < 0:
+            raise ConfigurationError(
+                f"Channel 'maxsize' must be >= 0 (0 for unbounded), got {maxsize}"
+            )
+        self.maxsize = maxsize
+        self.queue: deque[T] = deque()
+        # queue.Queue exposes its lock under this name; so do we.
+        self.mutex = self._lock = threading.Lock()
+        self.all_tasks_done = threading.Condition(self._lock)  # notified when unfinished -> 0
+        self.unfinished_tasks = 0
+        self.is_shutdown = False
+        # Parked consumers and producers, oldest first: a thread's private lock
+        # (released to wake it) or a coroutine's _AsyncWaiter. A waiter is
+        # removed from its deque by whoever wakes it, so the deques hold
+        # exactly the waiters that still need a wake-up.
+        self._getters: deque[_Waiter] = deque()
+        self._putters: deque[_Waiter] = deque()
+        self._total_put = 0
+        self._total_got = 0
+        self._open_producers = 0
+
+    # ------------------------------------------------------------------ wake-ups and sleeping
+    # Only called with the lock held.
+
+    @staticmethod
+    def _wake(waiters: deque[_Waiter], n: int) -> None:
+        """Wake up to ``n`` waiters of ``waiters``, oldest first."""
+        while n > 0 and waiters:
+            waiter = waiters.popleft()
+            if type(waiter) is _AsyncWaiter:
+                try:
+                    waiter.loop.call_soon_threadsafe(_resolve, waiter.future)
+                except RuntimeError:  # its loop is closed: nobody is left to wake
+                    continue
+            else:
+                waiter.release()  # type: ignore[union-attr]
+            n -= 1
+
+    def _wake_everyone(self) -> None:
+        self._wake(self._getters, len(self._getters))
+        self._wake(self._putters, len(self._putters))
+
+    def _sleep(self, waiters: deque[_Waiter], timeout: float | None) -> None:
+        """Release the lock, sleep until woken or ``timeout``, take the lock back."""
+        waiter = _allocate_lock()
+        waiter.acquire()
+        waiters.append(waiter)
+        self._lock.release()
+        try:
+            woken = waiter.acquire(True, -1 if timeout is None else timeout)
+        except BaseException:  # Ctrl-C while asleep
+            self._lock.acquire()
+            self._forget(waiters, waiter)
+            raise
+        self._lock.acquire()
+        if not woken:
+            try:
+                waiters.remove(waiter)
+            except ValueError:
+                # A waker took us off the deque as we timed out. The caller
+                # re-checks the state and uses what it finds: nothing is lost.
+                pass
+
+    def _forget(self, waiters: deque[_Waiter], waiter: _Waiter) -> None:
+        """Take a waiter that gives up off its deque; if it was woken, wake another."""
+        try:
+            waiters.remove(waiter)
+        except ValueError:
+            self._wake(waiters, 1)
+
+    def _wait_for_room(self, block: bool, timeout: float | None) -> None:
+        """Park until there is room, or raise Full / ShutDown (lock held)."""
+        if not block:
+            raise Full
+        _check_timeout(timeout)
+        deadline = None if timeout is None else monotonic() + timeout
+        while 0 < self.maxsize <= len(self.queue):
+            if deadline is None:
+                self._sleep(self._putters, None)
+            else:
+                remaining = deadline - monotonic()
+                if remaining <= 0.0:
+                    raise Full
+                self._sleep(self._putters, remaining)
+            if self.is_shutdown:
+                raise ShutDown("the channel was closed while waiting for room")
+
+    def _wait_for_item(self, block: bool, timeout: float | None) -> None:
+        """Park until there is an item, or raise Empty / ShutDown (lock held)."""
+        if not block:
+            raise Empty
+        _check_timeout(timeout)
+        deadline = None if timeout is None else monotonic() + timeout
+        while not self.queue:
+            if self.is_shutdown:
+                raise ShutDown
+            if deadline is None:
+                self._sleep(self._getters, None)
+            else:
+                remaining = deadline - monotonic()
+                if remaining <= 0.0:
+                    raise Empty
+                self._sleep(self._getters, remaining)
+
+    # ------------------------------------------------------------------ queue.Queue API
+
+    def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
+        """Put ``item``, waiting for room if the channel is full.
+
+        Args:
+            item: any value; ``None`` included (there is no sentinel).
+            block: wait for room (True) or raise `Full` at once (False).
+            timeout: with ``block``, the longest wait in seconds; then `Full`.
+
+        Raises:
+            Full: no room within ``timeout``, or at once with ``block=False``.
+            ShutDown: the channel is closed.
+            ConfigurationError: ``timeout`` is negative.
+        """
+        if timeout is not None:
+            _check_timeout(timeout)
+        with self._lock:
+            if self.is_shutdown:
+                raise ShutDown("put() on a closed channel")
+            if 0 < self.maxsize <= len(self.queue):
+                self._wait_for_room(block, timeout)
+            self.queue.append(item)
+            self.unfinished_tasks += 1
+            self._total_put += 1
+            if self._getters:
+                self._wake(self._getters, 1)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> T:
+        """Remove and return the oldest item, waiting for one if the channel is empty.
+
+        Raises:
+            Empty: no item within ``timeout``, or at once with ``block=False``.
+            ShutDown: the channel is closed and drained.
+            ConfigurationError: ``timeout`` is negative.
+        """
+        if timeout is not None:
+            _check_timeout(timeout)
+        with self._lock:
+            if not self.queue:
+                if self.is_shutdown:
+                    raise ShutDown
+                self._wait_for_item(block, timeout)
+            item = self.queue.popleft()
+            self._total_got += 1
+            if self._putters:
+                self._wake(self._putters, 1)
+            return item
+
+    def put_nowait(self, item: T) -> None:
+        """Put ``item`` if there is room at once, else raise `Full`."""
+        self.put(item, False)
+
+    def get_nowait(self) -> T:
+        """Return an item if one is there at once, else raise `Empty`."""
+        return self.get(False)
+
+    def qsize(self) -> int:
+        """Return the number of items (approximate: it may change right after)."""
+        return len(self.queue)
+
+    def empty(self) -> bool:
+        """Return True if the channel holds no item now (approximate)."""
+        return not self.queue
+
+    def full(self) -> bool:
+        """Return True if the channel is at capacity now (approximate)."""
+        return 0 < self.maxsize <= len(self.queue)
+
+    def task_done(self) -> None:
+        """Mark one item taken with get() as processed, for `join()`.
+
+        Raises:
+            ValueError: called more times than items were put.
+        """
+        with self._lock:
+            unfinished = self.unfinished_tasks - 1
+            if unfinished <= 0:
+                if unfinished < 0:
+                    raise ValueError("task_done() called too many times")
+                self.all_tasks_done.notify_all()
+            self.unfinished_tasks = unfinished
+
+    def join(self) -> None:
+        """Block until every item put has been marked done with `task_done()`."""
+        with self._lock:
+            while self.unfinished_tasks:
+                self.all_tasks_done.wait()
+
+    def shutdown(self, immediate: bool = False) -> None:
+        """Close the channel, with Python 3.13's `queue.Queue.shutdown` semantics.
+
+        Later puts raise `ShutDown`. Getters drain the items left, then raise
+        `ShutDown`. Every parked producer raises `ShutDown`; parked consumers
+        wake and drain. With ``immediate=True`` the items left are discarded
+        (each counts as done for `join()`) and parked consumers raise at once.
+        """
+        with self._lock:
+            self.is_shutdown = True
+            if immediate:
+                while self.queue:
+                    self.queue.popleft()
+                    self._total_got += 1
+                    if self.unfinished_tasks > 0:
+                        self.unfinished_tasks -= 1
+                self.all_tasks_done.notify_all()
+            self._wake_everyone()
+
+    def close(self) -> None:
+        """Close the channel for producers; consumers drain what is left.
+
+        Same as ``shutdown(immediate=False)``; idempotent.
+        """
+        self.shutdown(False)
+
+    @property
+    def closed(self) -> bool:
+        """True once the channel has been closed or shut down."""
+        return self.is_shutdown
+
+    # ------------------------------------------------------------------ batches
+
+    def put_many(
+        self, items: Iterable[T], block: bool = True, timeout: float | None = None
+    ) -> None:
+        """Put every item of ``items``, in order, with one lock round-trip per run of room.
+
+        A batch larger than the free room fills the room, wakes consumers and
+        waits for more room: the capacity is never exceeded.
+
+        Raises:
+            Full: ``timeout`` expired (or no room with ``block=False``) before
+                all items were put; those before were put, and the exception's
+                ``items_put`` attribute says how many.
+            ShutDown: the channel closed before all items were put (same
+                ``items_put`` attribute).
+        """
+        pending = items if isinstance(items, list) else list(items)
+        total = len(pending)
+        done = 0
+        deadline = None if timeout is None or not block else monotonic() + timeout
+        _check_timeout(timeout)
+        with self._lock:
+            while done < total:
+                if self.is_shutdown:
+                    raise self._partial(ShutDown("put_many() on a closed channel"), done)
+                room = self.maxsize - len(self.queue) if self.maxsize > 0 else total - done
+                if room <= 0:
+                    try:
+                        left = None if deadline is None else max(0.0, deadline - monotonic())
+                        self._wait_for_room(block, left)
+                    except (Full, ShutDown) as exc:
+                        raise self._partial(exc, done) from None
+                    continue
+                n = min(room, total - done)
+                if done == 0 and n == total:
+                    self.queue.extend(pending)
+                else:
+                    self.queue.extend(pending[done : done + n])
+                done += n
+                self.unfinished_tasks += n
+                self._total_put += n
+                if self._getters:
+                    self._wake(self._getters, n)
+
+    @staticmethod
+    def _partial(exc: BaseException, done: int) -> BaseException:
+        exc.items_put = done  # type: ignore[attr-defined]
+        return exc
+
+    def get_many(
+        self, max_items: int = 64, block: bool = True, timeout: float | None = None
+    ) -> list[T]:
+        """Take between 1 and ``max_items`` items at once, waiting for the first.
+
+        Raises:
+            Empty: no item within ``timeout`` (or at once with ``block=False``).
+            ShutDown: the channel is closed and drained.
+            ConfigurationError: ``max_items`` < 1 or ``timeout`` negative.
+        """
+        if max_items < 1:
+            raise ConfigurationError(f"get_many 'max_items' must be >= 1, got {max_items!r}")
+        with self._lock:
+            q = self.queue
+            if not q:
+                if self.is_shutdown:
+                    raise ShutDown
+                self._wait_for_item(block, timeout)
+            n = len(q)
+            if n <= max_items:
+                batch = list(q)
+                q.clear()
+            else:
+                n = max_items
+                popleft = q.popleft
+                batch = [popleft() for _ in range(n)]
+            self._total_got += n
+            if self._putters:
+                self._wake(self._putters, n)
+            return batch
+
+    # ------------------------------------------------------------------ closing by producers
+
+    def producer(self) -> Producer[T]:
+        """Return a new producer handle; the channel closes when every handle is closed.
+
+        Take the handles before the producers start (or clone an open one),
+        so that an early finisher does not close the channel under the others.
+
+        Raises:
+            ShutDown: the channel is already closed.
+        """
+        with self._lock:
+            if self.is_shutdown:
+                raise ShutDown("producer() on a closed channel")
+            self._open_producers += 1
+        return Producer(self)
+
+    def _release_producer(self) -> None:
+        with self._lock:
+            self._open_producers -= 1
+            last = self._open_producers == 0
+        if last:
+            self.close()
+
+    # ------------------------------------------------------------------ iteration
+
+    def __iter__(self) -> Iterator[T]:
+        """Yield items until the channel is closed and drained."""
+        get = self.get
+        try:
+            while True:
+                yield get()
+        except ShutDown:
+            return
+
+    # ------------------------------------------------------------------ asyncio side
+
+    async def _park(self, waiters: deque[_Waiter], room_side: bool) -> None:
+        """Park the current coroutine on ``waiters`` until woken (called without the lock)."""
+        waiter = _AsyncWaiter(asyncio.get_running_loop())
+        with self._lock:
+            # Re-check under the lock: the state may have changed since the caller looked.
+            if self.is_shutdown or (
+                not 0 < self.maxsize <= len(self.queue) if room_side else bool(self.queue)
+            ):
+                return
+            waiters.append(waiter)
+        try:
+            await waiter.future
+        except BaseException:  # cancelled: give the wake-up, if we had one, to another
+            with self._lock:
+                self._forget(waiters, waiter)
+            raise
+
+    async def aput(self, item: T) -> None:
+        """Put ``item`` from a coroutine, waiting without blocking the event loop.
+
+        Use `asyncio.timeout` / `asyncio.wait_for` to bound the wait.
+
+        Raises:
+            ShutDown: the channel is closed.
+        """
+        while True:
+            try:
+                self.put(item, False)
+                return
+            except Full:
+                await self._park(self._putters, room_side=True)
+
+    async def aget(self) -> T:
+        """Take an item from a coroutine, waiting without blocking the event loop.
+
+        Raises:
+            ShutDown: the channel is closed and drained.
+        """
+        while True:
+            try:
+                return self.get(False)
+            except Empty:
+                await self._park(self._getters, room_side=False)
+
+    async def aput_many(self, items: Iterable[T]) -> None:
+        """Put every item of ``items`` from a coroutine, waiting for room as needed."""
+        pending = items if isinstance(items, list) else list(items)
+        while pending:
+            try:
+                self.put_many(pending, False)
+                return
+            except Full as exc:
+                pending = pending[exc.items_put :]  # type: ignore[attr-defined]
+                await self._park(self._putters, room_side=True)
+
+    async def aget_many(self, max_items: int = 64) -> list[T]:
+        """Take between 1 and ``max_items`` items from a coroutine."""
+        while True:
+            try:
+                return self.get_many(max_items, False)
+            except Empty:
+                await self._park(self._getters, room_side=False)
+
+    async def __aiter__(self) -> AsyncIterator[T]:
+        """Yield items to ``async for`` until the channel is closed and drained."""
+        while True:
+            try:
+                item = await self.aget()
+            except ShutDown:
+                return
+            yield item
+
+    # ------------------------------------------------------------------ statistics
+
+    def stats(self) -> ChannelStats:
+        """Return a consistent snapshot of sizes, waiters and totals."""
+        with self._lock:
+            return ChannelStats(
+                size=len(self.queue),
+                capacity=self.maxsize,
+                waiting_producers=len(self._putters),
+                waiting_consumers=len(self._getters),
+                total_put=self._total_put,
+                total_got=self._total_got,
+                closed=self.is_shutdown,
+                open_producers=self._open_producers,
+            )
+
+    def __repr__(self) -> str:
+        state = "closed" if self.is_shutdown else "open"
+        return f"<Channel {state} size={len(self.queue)} maxsize={self.maxsize}>"
+
+
+class Producer(Generic[T]):
+    """One producer's handle on a `Channel`: put through it, then close it.
+
+    The channel closes when its last open handle closes. Used as a context
+    manager, the handle closes on exit, also when the block raises.
+    """
+
+    __slots__ = ("_channel", "_closed", "_lock", "aput", "aput_many", "put", "put_many")
+
+    def __init__(self, channel: Channel[T]) -> None:
+        self._channel = channel
+        self._closed = False
+        self._lock = threading.Lock()
+        # Bound methods of the channel, so a put through the handle costs no extra call.
+        self.put = channel.put
+        self.put_many = channel.put_many
+        self.aput = channel.aput
+        self.aput_many = channel.aput_many
+
+    @property
+    def channel(self) -> Channel[T]:
+        """The channel this handle feeds."""
+        return self._channel
+
+    @property
+    def closed(self) -> bool:
+        """True once this handle was closed."""
+        return self._closed
+
+    def clone(self) -> Producer[T]:
+        """Return another handle on the same channel (this one must still be open).
+
+        Raises:
+            ShutDown: this handle is already closed.
+        """
+        if self._closed:
+            raise ShutDown("clone() of a closed producer handle")
+        return self._channel.producer()
+
+    def close(self) -> None:
+        """Close this handle (idempotent); the last one to close closes the channel."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._channel._release_producer()
+
+    def __enter__(self) -> Producer[T]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Producer[T]:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self.close()

@@ -1,0 +1,92 @@
+"""Every exception conveyor raises.
+
+The hierarchy::
+
+    Exception
+     +-- ConveyorError                  base of conveyor's own errors
+     |    +-- ConfigurationError        (also ValueError) a bad parameter value
+     |    +-- ConfigurationTypeError    (also TypeError) a parameter of the wrong type
+     |    +-- PipelineStopped           a run was stopped before it finished
+     |    +-- WorkerCrashed             a worker process died while holding items
+     |    +-- SerializationError        (also TypeError) an item could not be pickled
+     |    +-- BackendError              the distributed backend failed
+     |         +-- BackendUnavailable   Redis could not be reached in time
+     |         +-- PayloadRejected      an entry failed signature checks
+     +-- queue.Empty                    (re-exported as conveyor.Empty)
+     +-- queue.Full                     (re-exported as conveyor.Full)
+     +-- ShutDown                       queue.ShutDown on 3.13+, else conveyor's own
+
+Errors raised by the user's stage functions are never wrapped: they reach the
+caller with their own type, with a PEP 678 note naming the stage and the item.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailable",
+    "ConfigurationError",
+    "ConfigurationTypeError",
+    "ConveyorError",
+    "Empty",
+    "Full",
+    "PayloadRejected",
+    "PipelineStopped",
+    "SerializationError",
+    "ShutDown",
+    "WorkerCrashed",
+]
+
+Empty = queue.Empty
+Full = queue.Full
+
+if sys.version_info >= (3, 13):
+    ShutDown = queue.ShutDown
+else:
+
+    class ShutDown(Exception):
+        """Raised when putting on or getting from a channel that was shut down."""
+
+
+class ConveyorError(Exception):
+    """Raised for failures that belong to conveyor itself, not to user code."""
+
+
+class ConfigurationError(ConveyorError, ValueError):
+    """Raised when a parameter has a value outside what it accepts."""
+
+
+class ConfigurationTypeError(ConveyorError, TypeError):
+    """Raised when a parameter has the wrong type, e.g. a stage function that is not callable."""
+
+
+class PipelineStopped(ConveyorError):
+    """Raised when a run is stopped (by `stop()` or Ctrl-C) before it finished."""
+
+
+class WorkerCrashed(ConveyorError):
+    """Raised when a worker process dies (killed, segfault, os._exit) while holding items."""
+
+    def __init__(self, message: str, *, stage: str = "", exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.exitcode = exitcode
+
+
+class SerializationError(ConveyorError, TypeError):
+    """Raised when an item or result cannot cross to or from a worker process."""
+
+
+class BackendError(ConveyorError):
+    """Raised when the distributed backend fails."""
+
+
+class BackendUnavailable(BackendError):
+    """Raised when Redis cannot be reached within the retry budget."""
+
+
+class PayloadRejected(BackendError):
+    """Raised when an entry is unsigned or its signature does not match."""

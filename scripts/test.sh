@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Every check conveyor must pass, in order, stopping at the first failure:
+#   1. the virtualenv .venv with conveyor[all,dev] installed (scripts/lib.sh);
+#   2. redis-server on PATH (Debian's package is installed when missing);
+#   3. ruff check, ruff format --check, mypy --strict src;
+#   4. pytest (the full suite, as configured in pyproject.toml);
+#   5. nox: the quick tests (pytest -m quick) on every other supported Python
+#      that this machine has; missing interpreters are skipped with a message.
+#
+#   scripts/test.sh [PYTEST ARGS...]      e.g. scripts/test.sh -k channel -x
+#
+# Settings (environment variables):
+#   CONVEYOR_SKIP_NOX=1   skip step 5
+#   and those of scripts/lib.sh (CONVEYOR_PYTHON, CONVEYOR_VENV, CONVEYOR_EXTRAS).
+set -euo pipefail
+
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT"
+
+# --- redis-server -------------------------------------------------------------
+
+# Stop (and keep from restarting) a Redis service that a package started:
+# the tests start their own servers on free ports.
+_stop_redis_service() {
+    if command -v systemctl >/dev/null 2>&1 && [[ -d /run/systemd/system ]]; then
+        "$@" systemctl disable --now redis-server >/dev/null 2>&1 || true
+    fi
+    if command -v service >/dev/null 2>&1; then
+        "$@" service redis-server stop >/dev/null 2>&1 || true
+    fi
+}
+
+ensure_redis_server() {
+    local found
+    if found="$(command -v redis-server)"; then
+        echo "==> redis-server: $found ($(redis-server --version | cut -d' ' -f3))"
+        return 0
+    fi
+    step "redis-server is not on PATH: installing Debian's redis-server package"
+    local -a sudo=()
+    if [[ "$(id -u)" != 0 ]]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then
+            sudo=(sudo -n)
+        else
+            die "redis-server is not installed, and this user is not root and has no" \
+                "password-less sudo to install it. Install it with:" \
+                "sudo apt-get install redis-server"
+        fi
+    fi
+    command -v apt-get >/dev/null 2>&1 ||
+        die "redis-server is not installed and apt-get is not available: install" \
+            "redis-server (Redis 6.2 or newer) with this system's package manager."
+
+    # A policy-rc.d that answers 101 keeps the package's scripts from starting
+    # the service (Docker images ship one already; add ours only when absent).
+    local policy=/usr/sbin/policy-rc.d added_policy=0 rc=0
+    if [[ ! -e "$policy" ]]; then
+        if printf '#!/bin/sh\n# added by conveyor scripts/test.sh\nexit 101\n' |
+            "${sudo[@]}" tee "$policy" >/dev/null && "${sudo[@]}" chmod 755 "$policy"; then
+            added_policy=1
+        fi
+    fi
+    {
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+            "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+                apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+    } || rc=$?
+    if ((added_policy)); then
+        "${sudo[@]}" rm -f "$policy"
+    fi
+    # In case the package started the service anyway.
+    _stop_redis_service "${sudo[@]}"
+    ((rc == 0)) || die "apt-get could not install redis-server (exit code $rc)."
+    found="$(command -v redis-server)" ||
+        die "redis-server was installed but is not on PATH ($PATH)."
+    echo "==> redis-server installed: $found ($(redis-server --version | cut -d' ' -f3))"
+}
+
+# --- quality gates --------------------------------------------------------------
+
+run_gates() {
+    # Lint only the folders that exist (bench/ and examples/ may still be empty,
+    # and git does not keep empty folders).
+    local -a paths=()
+    local p
+    for p in src tests bench examples noxfile.py; do
+        [[ -e "$p" ]] && paths+=("$p")
+    done
+
+    step "ruff check ${paths[*]}"
+    ruff check "${paths[@]}" || die "ruff check failed (try: ruff check --fix ${paths[*]})"
+
+    step "ruff format --check ${paths[*]}"
+    ruff format --check "${paths[@]}" || die "ruff format --check failed (try: ruff format ${paths[*]})"
+
+    step "mypy --strict src"
+    mypy --strict src || die "mypy --strict src failed"
+}
+
+run_pytest() {
+    step "pytest $*"
+    local rc=0
+    pytest "$@" || rc=$?
+    case "$rc" in
+        0) ;;
+        5) die "pytest collected no tests (exit code 5): treated as a failure." ;;
+        *) die "pytest failed (exit code $rc)" ;;
+    esac
+}
+
+# --- other interpreters ---------------------------------------------------------
+
+run_nox() {
+    if [[ -n "${CONVEYOR_SKIP_NOX:-}" && "${CONVEYOR_SKIP_NOX}" != 0 ]]; then
+        step "nox: skipped (CONVEYOR_SKIP_NOX=$CONVEYOR_SKIP_NOX)"
+        return 0
+    fi
+    # The supported versions come from pyproject.toml's classifiers; the venv's
+    # own version has just run the full suite.
+    local others
+    others="$("$VENV_PY" - <<'PY'
+import sys
+
+import nox.project
+
+current = f"{sys.version_info[0]}.{sys.version_info[1]}"
+versions = nox.project.python_versions(nox.project.load_toml("pyproject.toml"))
+print(" ".join(v for v in versions if v != current))
+PY
+)" || die "could not read the supported Python versions from pyproject.toml"
+    if [[ -z "$others" ]]; then
+        step "nox: no other supported Python versions to test"
+        return 0
+    fi
+    step "nox: quick tests on the other supported Pythons: $others"
+    # shellcheck disable=SC2086  # $others is a list of versions
+    nox --noxfile "$ROOT/noxfile.py" --sessions quick --python $others \
+        --reuse-venv yes --no-error-on-missing-interpreters --download-python never ||
+        die "nox: the quick tests failed on another Python version"
+}
+
+ensure_venv
+ensure_redis_server
+run_gates
+run_pytest "$@"
+run_nox
+step "All checks passed."

@@ -65,9 +65,13 @@ _ensure_venv_locked() {
     fi
     step "Installing conveyor with extras [$EXTRAS] into $VENV (editable)"
     rm -f -- "$stamp"
-    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 \
-        "$VENV_PY" -m pip install --quiet -e "$ROOT[$EXTRAS]" ||
-        die "pip install -e '.[$EXTRAS]' failed"
+    # pip's output goes to a log, shown only when the install fails.
+    local log="$VENV/pip-install.log"
+    if ! PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 \
+        "$VENV_PY" -m pip install -e "${ROOT}[${EXTRAS}]" >"$log" 2>&1; then
+        grep -v "^WARNING: Location .* is ignored" "$log" | tail -n 40 >&2
+        die "pip install -e '.[$EXTRAS]' failed: see the output above (full log: $log)"
+    fi
     printf '%s\n' "$key" >"$stamp"
 }
 

@@ -34,10 +34,10 @@ _stop_redis_service() {
 ensure_redis_server() {
     local found
     if found="$(command -v redis-server)"; then
-        echo "==> redis-server: $found ($(redis-server --version | cut -d' ' -f3))"
+        echo "==> redis-server: $found ($(redis-server --version | cut -d' ' -f3 | sed s/^v=//))"
         return 0
     fi
-    step "redis-server is not on PATH: installing Debian's redis-server package"
+    step "redis-server is not on PATH"
     local -a sudo=()
     if [[ "$(id -u)" != 0 ]]; then
         if command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then
@@ -52,6 +52,8 @@ ensure_redis_server() {
         die "redis-server is not installed and apt-get is not available: install" \
             "redis-server (Redis 6.2 or newer) with this system's package manager."
 
+    echo "Installing Debian's redis-server package (apt-get update && apt-get install redis-server)..."
+
     # A policy-rc.d that answers 101 keeps the package's scripts from starting
     # the service (Docker images ship one already; add ours only when absent).
     local policy=/usr/sbin/policy-rc.d added_policy=0 rc=0
@@ -61,20 +63,27 @@ ensure_redis_server() {
             added_policy=1
         fi
     fi
+    local apt_log
+    apt_log="$(mktemp "${TMPDIR:-/tmp}/conveyor-apt.XXXXXX")"
     {
-        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q &&
             "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-                apt-get install -y -qq --no-install-recommends redis-server >/dev/null
-    } || rc=$?
+                apt-get install -y -q --no-install-recommends redis-server
+    } >"$apt_log" 2>&1 || rc=$?
     if ((added_policy)); then
         "${sudo[@]}" rm -f "$policy"
     fi
     # In case the package started the service anyway.
     _stop_redis_service "${sudo[@]}"
-    ((rc == 0)) || die "apt-get could not install redis-server (exit code $rc)."
+    if ((rc != 0)); then
+        tail -n 40 "$apt_log" >&2
+        rm -f "$apt_log"
+        die "apt-get could not install redis-server (exit code $rc): see the output above."
+    fi
+    rm -f "$apt_log"
     found="$(command -v redis-server)" ||
         die "redis-server was installed but is not on PATH ($PATH)."
-    echo "==> redis-server installed: $found ($(redis-server --version | cut -d' ' -f3))"
+    echo "==> redis-server installed: $found ($(redis-server --version | cut -d' ' -f3 | sed s/^v=//))"
 }
 
 # --- quality gates --------------------------------------------------------------
@@ -140,9 +149,16 @@ PY
         die "nox: the quick tests failed on another Python version"
 }
 
-ensure_venv
-ensure_redis_server
-run_gates
-run_pytest "$@"
-run_nox
-step "All checks passed."
+main() {
+    ensure_venv
+    ensure_redis_server
+    run_gates
+    run_pytest "$@"
+    run_nox
+    step "All checks passed."
+}
+
+# Run unless sourced (sourcing gives the functions alone, for debugging).
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+    main "$@"
+fi

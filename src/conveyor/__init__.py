@@ -22,24 +22,38 @@ from .errors import PipelineStopped as PipelineStopped
 from .errors import SerializationError as SerializationError
 from .errors import ShutDown as ShutDown
 from .errors import WorkerCrashed as WorkerCrashed
+from .metrics import RunResult as RunResult
+from .metrics import StageStats as StageStats
+from .pipeline import Pipeline as Pipeline
+from .pipeline import RunHandle as RunHandle
+from .stage import Backoff as Backoff
+from .stage import Failure as Failure
+from .stage import worker_state as worker_state
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendError",
     "BackendUnavailable",
+    "Backoff",
     "Channel",
     "ChannelStats",
     "ConfigurationError",
     "ConfigurationTypeError",
     "ConveyorError",
     "Empty",
+    "Failure",
     "Full",
     "PayloadRejected",
+    "Pipeline",
     "PipelineStopped",
     "Producer",
+    "RunHandle",
+    "RunResult",
     "SerializationError",
     "ShutDown",
+    "StageStats",
     "WorkerCrashed",
     "__version__",
+    "worker_state",
 ]

@@ -27,6 +27,7 @@ Invariants, all under ``_lock``:
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from _thread import LockType
 from _thread import allocate_lock as _allocate_lock
@@ -89,6 +90,18 @@ def _resolve(future: asyncio.Future[None]) -> None:
     # Runs in the waiter's own loop: only there is touching the future safe.
     if not future.done():
         future.set_result(None)
+
+
+_TIMEOUT_MAX = threading.TIMEOUT_MAX
+
+
+def _check_max_items(max_items: int) -> None:
+    if isinstance(max_items, bool) or not isinstance(max_items, int):
+        raise ConfigurationTypeError(
+            f"get_many 'max_items' must be an int, got {type(max_items).__name__}"
+        )
+    if max_items < 1:
+        raise ConfigurationError(f"get_many 'max_items' must be >= 1, got {max_items!r}")
 
 
 def _check_timeout(timeout: float | None) -> None:
@@ -177,7 +190,8 @@ class Channel(Generic[T]):
         waiters.append(waiter)
         self._lock.release()
         try:
-            woken = waiter.acquire(True, -1 if timeout is None else timeout)
+            # Clamp: a longer wait (or inf) overflows; the callers loop on their deadline.
+            woken = waiter.acquire(True, -1 if timeout is None else min(timeout, _TIMEOUT_MAX))
         except BaseException:  # Ctrl-C while asleep
             self._lock.acquire()
             self._forget(waiters, waiter)
@@ -386,9 +400,11 @@ class Channel(Generic[T]):
         _check_timeout(timeout)
         deadline = None if timeout is None or not block else monotonic() + timeout
         with self._lock:
+            # Checked once: after a wait, _wait_for_room raises ShutDown itself.
+            # An empty batch on a closed channel raises too, as put() would.
+            if self.is_shutdown:
+                raise self._partial(ShutDown("put_many() on a closed channel"), 0)
             while done < total:
-                if self.is_shutdown:
-                    raise self._partial(ShutDown("put_many() on a closed channel"), done)
                 room = self.maxsize - len(self.queue) if self.maxsize > 0 else total - done
                 if room <= 0:
                     try:
@@ -421,9 +437,12 @@ class Channel(Generic[T]):
             Empty: no item within ``timeout`` (or at once with ``block=False``).
             ShutDown: the channel is closed and drained.
             ConfigurationError: ``max_items`` < 1 or ``timeout`` negative.
+            ConfigurationTypeError: ``max_items`` is not an int.
         """
-        if max_items < 1:
-            raise ConfigurationError(f"get_many 'max_items' must be >= 1, got {max_items!r}")
+        if type(max_items) is not int or max_items < 1:  # one cheap test on the hot path
+            _check_max_items(max_items)
+        if timeout is not None:
+            _check_timeout(timeout)
         with self._lock:
             q = self.queue
             if not q:
@@ -441,6 +460,38 @@ class Channel(Generic[T]):
             if self._putters:
                 self._wake(self._putters, n)
             return batch
+
+    def wait_for_room(self, timeout: float | None = None) -> int:
+        """Block until the channel has room; return how many items fit now.
+
+        For a producer that must not take an item from its own source before
+        it can put it (conveyor's feeder uses it to never read ahead). An
+        unbounded channel returns ``sys.maxsize``.
+
+        Raises:
+            Full: no room within ``timeout``.
+            ShutDown: the channel is closed.
+        """
+        with self._lock:
+            if self.is_shutdown:
+                raise ShutDown("wait_for_room() on a closed channel")
+            self._wait_for_room(True, timeout)
+            if self.maxsize <= 0:
+                return sys.maxsize
+            room = self.maxsize - len(self.queue)
+            if room > 1 and self._putters:
+                self._wake(self._putters, 1)  # we may not use it all: let another see it
+            return room
+
+    async def await_room(self) -> int:
+        """Wait from a coroutine until the channel has room; return how many items fit now."""
+        while True:
+            with self._lock:
+                if self.is_shutdown:
+                    raise ShutDown("await_room() on a closed channel")
+                if not 0 < self.maxsize <= len(self.queue):
+                    return self.maxsize - len(self.queue) if self.maxsize > 0 else sys.maxsize
+            await self._park(self._putters, room_side=True)
 
     # ------------------------------------------------------------------ closing by producers
 
@@ -460,11 +511,13 @@ class Channel(Generic[T]):
         return Producer(self)
 
     def _release_producer(self) -> None:
+        # Closing under the same lock hold: a producer() taken between the
+        # count reaching 0 and the close would otherwise get a closed channel.
         with self._lock:
             self._open_producers -= 1
-            last = self._open_producers == 0
-        if last:
-            self.close()
+            if self._open_producers == 0 and not self.is_shutdown:
+                self.is_shutdown = True
+                self._wake_everyone()
 
     # ------------------------------------------------------------------ iteration
 
@@ -524,15 +577,26 @@ class Channel(Generic[T]):
                 await self._park(self._getters, room_side=False)
 
     async def aput_many(self, items: Iterable[T]) -> None:
-        """Put every item of ``items`` from a coroutine, waiting for room as needed."""
+        """Put every item of ``items`` from a coroutine, waiting for room as needed.
+
+        Raises:
+            ShutDown: the channel closed before all items were put; its
+                ``items_put`` attribute counts every item this call put.
+        """
         pending = items if isinstance(items, list) else list(items)
-        while pending:
+        done = 0
+        while True:
             try:
                 self.put_many(pending, False)
                 return
             except Full as exc:
-                pending = pending[exc.items_put :]  # type: ignore[attr-defined]
+                n: int = exc.items_put  # type: ignore[attr-defined]
+                done += n
+                pending = pending[n:]
                 await self._park(self._putters, room_side=True)
+            except ShutDown as exc:
+                exc.items_put += done  # type: ignore[attr-defined]
+                raise
 
     async def aget_many(self, max_items: int = 64) -> list[T]:
         """Take between 1 and ``max_items`` items from a coroutine."""
@@ -570,6 +634,14 @@ class Channel(Generic[T]):
     def __repr__(self) -> str:
         state = "closed" if self.is_shutdown else "open"
         return f"<Channel {state} size={len(self.queue)} maxsize={self.maxsize}>"
+
+
+def _refuse_put(*args: Any, **kwargs: Any) -> None:
+    raise ShutDown("put through a closed producer handle")
+
+
+async def _arefuse_put(*args: Any, **kwargs: Any) -> None:
+    raise ShutDown("put through a closed producer handle")
 
 
 class Producer(Generic[T]):
@@ -612,11 +684,18 @@ class Producer(Generic[T]):
         return self._channel.producer()
 
     def close(self) -> None:
-        """Close this handle (idempotent); the last one to close closes the channel."""
+        """Close this handle (idempotent); the last one to close closes the channel.
+
+        Later puts through this handle raise `ShutDown`, even while other
+        handles keep the channel open.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            # Swap the bound methods rather than test a flag on every put.
+            self.put = self.put_many = _refuse_put
+            self.aput = self.aput_many = _arefuse_put
         self._channel._release_producer()
 
     def __enter__(self) -> Producer[T]:

@@ -1,0 +1,224 @@
+"""A run of a pipeline on one machine: channels wired, workers started, lifecycle owned.
+
+::
+
+    source --feeder thread--> [ch 0] --stage 0 workers--> [ch 1] --stage 1--> ... [ch N]
+                                                                                   |
+                                                 caller: iterate / run() / start() <+
+
+Channel ``i`` is stage ``i``'s input; its capacity is the stage's
+``capacity``. The feeder pulls the source lazily, never more than there is
+room for. Each stage's workers hold producer handles on the next channel, so
+a channel closes when the last worker upstream of it is done: the end of the
+stream travels down without any sentinel.
+
+Any failure (an error with ``on_error="raise"``, `stop()`, Ctrl-C in the
+caller) calls `RunControl.abort`, which shuts every channel down at once:
+every blocked put and get in every worker raises `ShutDown`, every worker
+returns, and the caller joins them all and re-raises the first error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterable, Iterable, Iterator
+from itertools import islice
+from time import perf_counter
+from typing import Any
+
+from .channel import Channel, Producer
+from .errors import PipelineStopped, ShutDown
+from .metrics import RunResult, StageMetrics, StageStats
+from .runtime.base import MAX_BATCH, TARGET_BATCH_SECONDS, RunControl, Runtime, StageRun
+from .runtime.base import get_runtime as _get_runtime
+from .stage import DEFAULT_CAPACITY, Stage, add_note
+
+__all__ = ["JOIN_TIMEOUT", "Run"]
+
+log = logging.getLogger("conveyor")
+
+JOIN_TIMEOUT = 5.0
+"""How long the end of a run waits for its workers before naming the stuck ones."""
+
+
+class Run:
+    """One execution of a pipeline: start it, consume its outputs, finish or abort it."""
+
+    def __init__(self, source: Iterable[Any] | AsyncIterable[Any], stages: list[Stage]) -> None:
+        self.control = RunControl()
+        self.stages = stages
+        caps = [s.capacity for s in stages] + [DEFAULT_CAPACITY]
+        self.channels: list[Channel[Any]] = [Channel(c) for c in caps]
+        self.metrics = [StageMetrics(s, self.channels[i]) for i, s in enumerate(stages)]
+        self.stage_runs = [
+            StageRun(s, i, self.channels[i], self.channels[i + 1], self.control, self.metrics[i])
+            for i, s in enumerate(stages)
+        ]
+        self.runtimes: dict[str, Runtime] = {}
+        self._source = source
+        self._feeder_handle = self.channels[0].producer()
+        self._feeder: threading.Thread | None = None
+        self.pulled = 0
+        self.items_out = 0
+        self.started = perf_counter()
+        self.finished: float | None = None
+        self._joined = False
+        self.control.on_abort(self._shut_channels)
+
+    # ------------------------------------------------------------------ starting
+
+    def start(self) -> None:
+        """Start every stage's workers, then the feeder."""
+        self.started = perf_counter()
+        try:
+            for sr in self.stage_runs:
+                runtime = self.runtimes.get(sr.stage.runtime)
+                if runtime is None:
+                    runtime = self.runtimes[sr.stage.runtime] = _get_runtime(sr.stage.runtime)()
+                runtime.start(sr)
+        except BaseException:
+            self.abort()
+            self.join()
+            raise
+        self._feeder = threading.Thread(target=self._feed, name="conveyor-source", daemon=True)
+        self._feeder.start()
+
+    def _shut_channels(self) -> None:
+        for channel in self.channels:
+            channel.shutdown(immediate=True)
+
+    def _feed(self) -> None:
+        """The feeder thread: pull the source into channel 0, never ahead of the room."""
+        handle = self._feeder_handle
+        try:
+            if isinstance(self._source, AsyncIterable):
+                asyncio.run(self._feed_async(self._source, handle))
+            else:
+                self._feed_sync(iter(self._source), handle)
+        except ShutDown:
+            pass  # the run was aborted, or stopped with drain=True
+        except BaseException as exc:
+            add_note(exc, f"conveyor: the source failed after {self.pulled} items")
+            self.control.fail(exc)
+        finally:
+            handle.close()
+
+    def _feed_sync(self, source: Iterator[Any], handle: Producer[Any]) -> None:
+        # Chunks grow while pulling them is quick, so a cheap source costs one
+        # lock round-trip per chunk; a chunk never exceeds the room left.
+        channel = handle.channel
+        size = 1
+        while True:
+            room = channel.wait_for_room()
+            n = min(size, room)
+            t0 = perf_counter()
+            chunk = list(islice(source, n))
+            if chunk:
+                handle.put_many(chunk)
+                self.pulled += len(chunk)
+            if len(chunk) < n:
+                return
+            size = _next_chunk_size(size, perf_counter() - t0)
+
+    async def _feed_async(self, source: AsyncIterable[Any], handle: Producer[Any]) -> None:
+        # An async source gets an event loop of its own, in the feeder thread.
+        channel = handle.channel
+        iterator = source.__aiter__()
+        try:
+            while True:
+                await channel.await_room()
+                try:
+                    item = await iterator.__anext__()
+                except StopAsyncIteration:
+                    return
+                await handle.aput(item)
+                self.pulled += 1
+        finally:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    # ------------------------------------------------------------------ consuming
+
+    def outputs(self) -> Iterator[list[Any]]:
+        """Yield the last stage's outputs in chunks, as they come; raise the run's error."""
+        last = self.channels[-1]
+        try:
+            while True:
+                try:
+                    chunk = last.get_many(MAX_BATCH)
+                except ShutDown:
+                    break
+                self.items_out += len(chunk)
+                yield chunk
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self.join()
+        self.raise_error()
+
+    def raise_error(self, stopped_ok: bool = False) -> None:
+        """Re-raise the first error of the run, if any; a stopped run raises PipelineStopped."""
+        error = self.control.error
+        if error is not None:
+            raise error
+        if self.control.stopped.is_set() and not stopped_ok:
+            raise PipelineStopped("the run was stopped before it finished")
+
+    # ------------------------------------------------------------------ stopping
+
+    def abort(self) -> None:
+        """Stop everything now (the caller then joins)."""
+        self.control.abort()
+
+    def stop_source(self) -> None:
+        """Stop pulling the source; what is inside the pipeline drains normally."""
+        self.channels[0].close()
+
+    def join(self, timeout: float = JOIN_TIMEOUT) -> None:
+        """Wait for the feeder and every worker; log the ones stuck in user code."""
+        if self._joined:
+            return
+        from .runtime.threads import join_threads
+
+        deadline = perf_counter() + timeout
+        stuck = join_threads([self._feeder] if self._feeder else [], timeout)
+        for runtime in self.runtimes.values():
+            stuck += runtime.join(max(0.0, deadline - perf_counter()))
+        for runtime in self.runtimes.values():
+            runtime.close()
+        if stuck:
+            log.warning("conveyor: workers still running user code after the run: %s", stuck)
+        self.finished = perf_counter()
+        for m in self.metrics:
+            m.finished = self.finished
+        self._joined = True
+
+    # ------------------------------------------------------------------ results
+
+    def stats(self) -> list[StageStats]:
+        """Per-stage snapshots, now."""
+        return [m.snapshot() for m in self.metrics]
+
+    def result(self, outputs: list[Any] | None = None) -> RunResult:
+        """The run's result (call after the outputs are consumed)."""
+        end = self.finished if self.finished is not None else perf_counter()
+        return RunResult(
+            stats=self.stats(),
+            failures=list(self.control.failures),
+            elapsed_seconds=end - self.started,
+            items_out=self.items_out,
+            outputs=outputs,
+            stopped=self.control.stopped.is_set() and self.control.error is None,
+        )
+
+
+def _next_chunk_size(size: int, seconds: float) -> int:
+    if seconds < TARGET_BATCH_SECONDS / 2:
+        return min(MAX_BATCH, size * 2)
+    if seconds > TARGET_BATCH_SECONDS * 2:
+        return max(1, size // 2)
+    return size

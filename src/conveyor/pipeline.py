@@ -1,0 +1,595 @@
+"""The pipeline builder users write, and the handle of a run in the background.
+
+A `Pipeline` is an immutable description: a source and a tuple of stages.
+Each builder method returns a new pipeline with one more stage, so a
+pipeline can be kept, extended and run several times (as long as its source
+can be iterated again). Running it creates a `conveyor.engine.Run`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any, Generic, Literal, TypeVar, overload
+
+from .engine import JOIN_TIMEOUT, Run
+from .errors import ConfigurationTypeError
+from .metrics import RunResult, StageStats
+from .stage import (
+    DEFAULT_CAPACITY,
+    KINDS,
+    ON_ERROR,
+    RUNTIMES,
+    Backoff,
+    OnError,
+    RuntimeName,
+    Stage,
+    check_callable,
+    check_choice,
+    check_int,
+    check_seconds,
+)
+
+__all__ = ["Pipeline", "RunHandle"]
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+class Pipeline(Generic[T]):
+    """Items from a source through stages of workers, over bounded channels.
+
+    Args:
+        source: any iterable or async iterable. It is pulled lazily: never
+            more than the first stage's ``capacity`` items ahead.
+
+    Example:
+        >>> import conveyor as cv
+        >>> p = cv.Pipeline(range(5)).map(lambda x: x * x, workers=2).filter(lambda x: x % 2)
+        >>> list(p)
+        [1, 9]
+    """
+
+    def __init__(self, source: Iterable[T] | AsyncIterable[T]) -> None:
+        if not isinstance(source, (Iterable, AsyncIterable)):
+            raise ConfigurationTypeError(
+                f"Pipeline 'source' must be an iterable or async iterable, "
+                f"got {type(source).__name__}"
+            )
+        self._source: Iterable[Any] | AsyncIterable[Any] = source
+        self._stages: tuple[Stage, ...] = ()
+        self._runs: list[Run] = []
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        """The stages, in order."""
+        return self._stages
+
+    @property
+    def source(self) -> Iterable[Any] | AsyncIterable[Any]:
+        """The source the pipeline pulls."""
+        return self._source
+
+    def _with(self, stage: Stage) -> Pipeline[Any]:
+        names = {s.name for s in self._stages}
+        if stage.name in names:
+            raise _duplicate_name(stage.name)
+        new: Pipeline[Any] = Pipeline.__new__(Pipeline)
+        new._source = self._source
+        new._stages = (*self._stages, stage)
+        new._runs = []
+        return new
+
+    def with_stage(self, name: str, **changes: Any) -> Pipeline[T]:
+        """Return a copy where the stage ``name`` has some options changed.
+
+        Used by ``conveyor run --workers STAGE=N``; the changes are validated
+        as the builder methods validate them.
+
+        Raises:
+            ConfigurationError: no stage has that name, or a value is invalid.
+        """
+        from dataclasses import replace
+
+        from .errors import ConfigurationError
+
+        found = [s for s in self._stages if s.name == name]
+        if not found:
+            known = ", ".join(repr(s.name) for s in self._stages) or "none"
+            raise ConfigurationError(f"no stage named {name!r}; stages: {known}")
+        method = f"stage {name!r}"
+        if "workers" in changes:
+            check_int(changes["workers"], "workers", method, 1)
+        if "capacity" in changes:
+            check_int(changes["capacity"], "capacity", method, 1)
+        if "runtime" in changes:
+            check_choice(changes["runtime"], "runtime", method, RUNTIMES)
+        new: Pipeline[T] = Pipeline.__new__(Pipeline)
+        new._source = self._source
+        new._stages = tuple(replace(s, **changes) if s.name == name else s for s in self._stages)
+        new._runs = []
+        return new
+
+    # ------------------------------------------------------------------ stages
+
+    def _stage(
+        self,
+        kind: str,
+        fn: Callable[..., Any] | None,
+        *,
+        workers: int,
+        runtime: str,
+        capacity: int,
+        ordered: bool,
+        retries: int,
+        backoff: Backoff | None,
+        timeout: float | None,
+        on_error: str,
+        name: str | None,
+        on_start: Callable[[], Any] | None,
+        on_stop: Callable[[Any], Any] | None,
+        max_items_per_worker: int | None = None,
+    ) -> Pipeline[Any]:
+        method = kind
+        assert kind in KINDS
+        check_callable(fn, "fn", method)
+        check_int(workers, "workers", method, 1)
+        check_choice(runtime, "runtime", method, RUNTIMES)
+        check_int(capacity, "capacity", method, 1)
+        if not isinstance(ordered, bool):
+            raise ConfigurationTypeError(f"{method}() 'ordered' must be a bool, got {ordered!r}")
+        check_int(retries, "retries", method, 0)
+        if backoff is not None and not isinstance(backoff, Backoff):
+            raise ConfigurationTypeError(
+                f"{method}() 'backoff' must be a conveyor.Backoff, got {type(backoff).__name__}"
+            )
+        timeout = check_seconds(timeout, "timeout", method)
+        check_choice(on_error, "on_error", method, ON_ERROR)
+        if on_start is not None:
+            check_callable(on_start, "on_start", method)
+        if on_stop is not None:
+            check_callable(on_stop, "on_stop", method)
+        if max_items_per_worker is not None:
+            check_int(max_items_per_worker, "max_items_per_worker", method, 1)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ConfigurationTypeError(f"{method}() 'name' must be a non-empty str, got {name!r}")
+        assert fn is not None
+        stage = Stage(
+            kind=kind,  # type: ignore[arg-type]
+            fn=fn,
+            name=name or self._default_name(kind, fn),
+            workers=workers,
+            runtime=runtime,  # type: ignore[arg-type]
+            capacity=capacity,
+            ordered=ordered,
+            retries=retries,
+            backoff=backoff or Backoff(),
+            timeout=timeout,
+            on_error=on_error,  # type: ignore[arg-type]
+            on_start=on_start,
+            on_stop=on_stop,
+            max_items_per_worker=max_items_per_worker,
+        )
+        _check_runtime_fits(stage)
+        return self._with(stage)
+
+    def _default_name(self, kind: str, fn: Callable[..., Any] | None) -> str:
+        base = getattr(fn, "__name__", None) or kind
+        if base == "<lambda>":
+            base = kind
+        name, n = base, 2
+        taken = {s.name for s in self._stages}
+        while name in taken:
+            name, n = f"{base}-{n}", n + 1
+        return name
+
+    @overload
+    def map(
+        self,
+        fn: Callable[[T], Awaitable[U]],
+        *,
+        workers: int = ...,
+        runtime: Literal["async"],
+        capacity: int = ...,
+        ordered: bool = ...,
+        retries: int = ...,
+        backoff: Backoff | None = ...,
+        timeout: float | None = ...,
+        on_error: OnError = ...,
+        name: str | None = ...,
+        on_start: Callable[[], Any] | None = ...,
+        on_stop: Callable[[Any], Any] | None = ...,
+        max_items_per_worker: int | None = ...,
+    ) -> Pipeline[U]: ...
+
+    @overload
+    def map(
+        self,
+        fn: Callable[[T], U],
+        *,
+        workers: int = ...,
+        runtime: RuntimeName = ...,
+        capacity: int = ...,
+        ordered: bool = ...,
+        retries: int = ...,
+        backoff: Backoff | None = ...,
+        timeout: float | None = ...,
+        on_error: OnError = ...,
+        name: str | None = ...,
+        on_start: Callable[[], Any] | None = ...,
+        on_stop: Callable[[Any], Any] | None = ...,
+        max_items_per_worker: int | None = ...,
+    ) -> Pipeline[U]: ...
+
+    def map(
+        self,
+        fn: Callable[[T], Any],
+        *,
+        workers: int = 1,
+        runtime: RuntimeName = "thread",
+        capacity: int = DEFAULT_CAPACITY,
+        ordered: bool = True,
+        retries: int = 0,
+        backoff: Backoff | None = None,
+        timeout: float | None = None,
+        on_error: OnError = "raise",
+        name: str | None = None,
+        on_start: Callable[[], Any] | None = None,
+        on_stop: Callable[[Any], Any] | None = None,
+        max_items_per_worker: int | None = None,
+    ) -> Pipeline[Any]:
+        """Apply ``fn`` to every item; its return value goes on.
+
+        Args:
+            fn: the function (a coroutine function with ``runtime="async"``).
+            workers: how many workers apply it in parallel (>= 1).
+            runtime: ``"thread"`` (default), ``"process"`` (CPU-bound Python)
+                or ``"async"`` (coroutines; ``workers`` is the concurrency).
+            capacity: the size of the channel in front of this stage (>= 1).
+            ordered: keep input order across workers (default), or let
+                results go on as they complete (``False``: faster).
+            retries: extra attempts for an item that raises (>= 0).
+            backoff: waits between retries (default: exponential with jitter,
+                from 50 ms, at most 5 s).
+            timeout: seconds one call may take before it counts as failed
+                with `TimeoutError` (then ``retries`` and ``on_error`` apply).
+            on_error: ``"raise"`` (default) stops the run with the error;
+                ``"skip"`` records the item in ``result.failures`` and goes on.
+            name: the stage's name in errors and reports (default: fn's name).
+            on_start: called once in each worker before its first item; what
+                it returns is `conveyor.worker_state()` inside ``fn``.
+            on_stop: called once in each worker after its last item, with
+                what ``on_start`` returned.
+            max_items_per_worker: process runtime only: replace a worker
+                process after this many items (for leaky code).
+
+        Returns:
+            A new pipeline with the stage added.
+
+        Raises:
+            ConfigurationError: a parameter is out of range.
+            ConfigurationTypeError: a parameter has the wrong type.
+        """
+        return self._stage(
+            "map",
+            fn,
+            workers=workers,
+            runtime=runtime,
+            capacity=capacity,
+            ordered=ordered,
+            retries=retries,
+            backoff=backoff,
+            timeout=timeout,
+            on_error=on_error,
+            name=name,
+            on_start=on_start,
+            on_stop=on_stop,
+            max_items_per_worker=max_items_per_worker,
+        )
+
+    def filter(
+        self,
+        pred: Callable[[T], object],
+        *,
+        workers: int = 1,
+        runtime: RuntimeName = "thread",
+        capacity: int = DEFAULT_CAPACITY,
+        ordered: bool = True,
+        retries: int = 0,
+        backoff: Backoff | None = None,
+        timeout: float | None = None,
+        on_error: OnError = "raise",
+        name: str | None = None,
+        on_start: Callable[[], Any] | None = None,
+        on_stop: Callable[[Any], Any] | None = None,
+    ) -> Pipeline[T]:
+        """Keep the items for which ``pred`` is true. Options as for `map`."""
+        return self._stage(
+            "filter",
+            pred,
+            workers=workers,
+            runtime=runtime,
+            capacity=capacity,
+            ordered=ordered,
+            retries=retries,
+            backoff=backoff,
+            timeout=timeout,
+            on_error=on_error,
+            name=name,
+            on_start=on_start,
+            on_stop=on_stop,
+        )
+
+    def flat_map(
+        self,
+        fn: Callable[[T], Iterable[U]],
+        *,
+        workers: int = 1,
+        runtime: RuntimeName = "thread",
+        capacity: int = DEFAULT_CAPACITY,
+        ordered: bool = True,
+        retries: int = 0,
+        backoff: Backoff | None = None,
+        timeout: float | None = None,
+        on_error: OnError = "raise",
+        name: str | None = None,
+        on_start: Callable[[], Any] | None = None,
+        on_stop: Callable[[Any], Any] | None = None,
+    ) -> Pipeline[U]:
+        """Apply ``fn`` to every item; each element of the iterable it returns goes on.
+
+        The iterable is read whole before its elements go on, so an item
+        that fails halfway (and is retried) never sends duplicates.
+        Options as for `map`.
+        """
+        return self._stage(
+            "flat_map",
+            fn,
+            workers=workers,
+            runtime=runtime,
+            capacity=capacity,
+            ordered=ordered,
+            retries=retries,
+            backoff=backoff,
+            timeout=timeout,
+            on_error=on_error,
+            name=name,
+            on_start=on_start,
+            on_stop=on_stop,
+        )
+
+    def each(
+        self,
+        fn: Callable[[T], object],
+        *,
+        workers: int = 1,
+        runtime: RuntimeName = "thread",
+        capacity: int = DEFAULT_CAPACITY,
+        ordered: bool = True,
+        retries: int = 0,
+        backoff: Backoff | None = None,
+        timeout: float | None = None,
+        on_error: OnError = "raise",
+        name: str | None = None,
+        on_start: Callable[[], Any] | None = None,
+        on_stop: Callable[[Any], Any] | None = None,
+    ) -> Pipeline[None]:
+        """Call ``fn`` on every item for its side effects (the sink); nothing goes on.
+
+        Options as for `map`.
+        """
+        return self._stage(
+            "each",
+            fn,
+            workers=workers,
+            runtime=runtime,
+            capacity=capacity,
+            ordered=ordered,
+            retries=retries,
+            backoff=backoff,
+            timeout=timeout,
+            on_error=on_error,
+            name=name,
+            on_start=on_start,
+            on_stop=on_stop,
+        )
+
+    def batch(
+        self,
+        size: int,
+        *,
+        interval: float | None = None,
+        capacity: int = DEFAULT_CAPACITY,
+        name: str | None = None,
+    ) -> Pipeline[list[T]]:
+        """Group items into lists of up to ``size``, in order.
+
+        Args:
+            size: the largest list (>= 1).
+            interval: with it, a partial list goes on ``interval`` seconds
+                after its first item arrived, so a slow source still flows.
+            capacity: the size of the channel in front of this stage.
+            name: the stage's name (default ``batch``).
+        """
+        method = "batch"
+        check_int(size, "size", method, 1)
+        interval = check_seconds(interval, "interval", method)
+        check_int(capacity, "capacity", method, 1)
+        stage = Stage(
+            kind="batch",
+            fn=None,
+            name=name or self._default_name("batch", None),
+            capacity=capacity,
+            batch_size=size,
+            interval=interval,
+        )
+        return self._with(stage)
+
+    # ------------------------------------------------------------------ running
+
+    def _new_run(self) -> Run:
+        if not self._stages:
+            from .errors import ConfigurationError
+
+            raise ConfigurationError("the pipeline has no stage: add .map(), .each(), ...")
+        run = Run(self._source, list(self._stages))
+        self._runs.append(run)
+        run.start()
+        return run
+
+    def __iter__(self) -> Iterator[T]:
+        """Run the pipeline and yield the last stage's outputs lazily.
+
+        Breaking out of the loop stops the run and joins its workers.
+        """
+        run = self._new_run()
+        try:
+            for chunk in run.outputs():
+                yield from chunk
+        finally:
+            self._runs.remove(run)
+
+    def run(self, *, collect: bool = False, progress: bool = False) -> RunResult:
+        """Run to completion and return the per-stage statistics.
+
+        Args:
+            collect: keep the last stage's outputs in ``result.outputs``
+                (otherwise they are counted and dropped).
+            progress: show a live per-stage display on the terminal.
+
+        Raises:
+            The first error of a stage with ``on_error="raise"``, with its
+            own type and a note naming the stage and the item;
+            PipelineStopped when the run was stopped from elsewhere.
+        """
+        run = self._new_run()
+        outputs: list[Any] | None = [] if collect else None
+        display = _start_progress(run) if progress else None
+        try:
+            for chunk in run.outputs():
+                if outputs is not None:
+                    outputs.extend(chunk)
+        finally:
+            if display is not None:
+                display.close()
+            self._runs.remove(run)
+        return run.result(outputs)
+
+    def start(self, *, collect: bool = False) -> RunHandle:
+        """Start a run in the background and return its handle."""
+        return RunHandle(self._new_run(), collect, self._runs)
+
+    def __enter__(self) -> Pipeline[T]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop and join every run of this pipeline still going."""
+        for run in list(self._runs):
+            run.abort()
+            run.join()
+        self._runs.clear()
+
+    def __repr__(self) -> str:
+        steps = " -> ".join(f"{s.kind}({s.name})" for s in self._stages) or "(no stage)"
+        return f"<Pipeline {steps}>"
+
+
+def _duplicate_name(name: str) -> Exception:
+    from .errors import ConfigurationError
+
+    return ConfigurationError(
+        f"stage name {name!r} is already used in this pipeline: give each stage a unique name"
+    )
+
+
+def _check_runtime_fits(stage: Stage) -> None:
+    """A coroutine function needs the async runtime, and the async runtime one."""
+    from .errors import ConfigurationError
+
+    if stage.is_async_fn and stage.runtime != "async":
+        raise ConfigurationError(
+            f"{stage.kind}() stage {stage.name!r}: fn is a coroutine function; "
+            f"pass runtime='async' to run it"
+        )
+    if stage.runtime == "async" and not stage.is_async_fn:
+        raise ConfigurationError(
+            f"{stage.kind}() stage {stage.name!r}: runtime='async' needs a coroutine function "
+            f"(async def), got {getattr(stage.fn, '__name__', stage.fn)!r}"
+        )
+
+
+def _start_progress(run: Run) -> Any:
+    from .progress import Progress
+
+    return Progress.start(run)
+
+
+class RunHandle:
+    """A run going on in the background: watch it, stop it, wait for its result."""
+
+    def __init__(self, run: Run, collect: bool, registry: list[Run]) -> None:
+        self._run = run
+        self._outputs: list[Any] | None = [] if collect else None
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self._registry = registry
+        self._thread = threading.Thread(target=self._drain, name="conveyor-driver", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        try:
+            for chunk in self._run.outputs():
+                if self._outputs is not None:
+                    self._outputs.extend(chunk)
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            if self._run in self._registry:
+                self._registry.remove(self._run)
+            self._done.set()
+
+    def stop(self, drain: bool = False) -> None:
+        """Stop the run: at once (default), or, with ``drain``, stop the source and let
+        the items already inside finish."""
+        if drain:
+            self._run.stop_source()
+        else:
+            self._run.abort()
+
+    def done(self) -> bool:
+        """True once the run has ended (finished, failed or stopped)."""
+        return self._done.is_set()
+
+    def join(self, timeout: float | None = None) -> RunResult:
+        """Wait for the end of the run and return its result.
+
+        Raises:
+            TimeoutError: the run did not end within ``timeout`` seconds.
+            The run's first error, as `Pipeline.run` does (not after `stop()`).
+        """
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"the run did not end within {timeout} s")
+        self._thread.join(JOIN_TIMEOUT)
+        if self._error is not None and not (
+            self._run.control.error is None and self._run.control.stopped.is_set()
+        ):
+            raise self._error
+        return self._run.result(self._outputs)
+
+    def stats(self) -> list[StageStats]:
+        """Per-stage statistics, live."""
+        return self._run.stats()
+
+    def __enter__(self) -> RunHandle:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if not self._done.is_set():
+            self.stop()
+        self._done.wait(JOIN_TIMEOUT)

@@ -1,0 +1,384 @@
+"""What a stage is, and how it turns a batch of input items into outputs.
+
+A `Stage` is an immutable description: its kind (map, filter, flat_map, batch,
+each), the user's function, how many workers run it and on which runtime, the
+capacity of the channel in front of it, and its policies (ordering, retries
+with backoff, per-item timeout, what to do on error).
+
+`process_batch` is the stage's logic, written once: every runtime (threads,
+worker processes, the Redis workers) calls it, so a map behaves the same
+everywhere. Its hot path is a tight loop over the batch; retries, skips and
+timeouts only cost something for the items that need them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import reprlib
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from time import perf_counter
+from typing import Any, Literal
+
+from .errors import ConfigurationError, ConfigurationTypeError
+
+__all__ = [
+    "KINDS",
+    "ON_ERROR",
+    "RUNTIMES",
+    "Backoff",
+    "BatchOutcome",
+    "Failure",
+    "Stage",
+    "add_note",
+    "add_stage_note",
+    "apply_one",
+    "process_batch",
+    "worker_state",
+]
+
+Kind = Literal["map", "filter", "flat_map", "batch", "each"]
+KINDS: tuple[str, ...] = ("map", "filter", "flat_map", "batch", "each")
+RuntimeName = Literal["thread", "process", "async"]
+RUNTIMES: tuple[str, ...] = ("thread", "process", "async")
+OnError = Literal["raise", "skip"]
+ON_ERROR: tuple[str, ...] = ("raise", "skip")
+
+DEFAULT_CAPACITY = 1024
+_item_repr = reprlib.Repr()
+_item_repr.maxstring = 80
+_item_repr.maxother = 80
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter between retries of one item.
+
+    The n-th retry (n = 1, 2, ...) waits a random time in
+    ``[0, min(maximum, initial * multiplier ** (n - 1))]``.
+    """
+
+    initial: float = 0.05
+    """Upper bound of the first wait, in seconds."""
+    maximum: float = 5.0
+    """Cap on any single wait, in seconds."""
+    multiplier: float = 2.0
+    """Growth of the bound from one retry to the next."""
+    jitter: bool = True
+    """Draw the wait at random below the bound (True) or wait the bound itself."""
+
+    def __post_init__(self) -> None:
+        for name in ("initial", "maximum"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigurationError(f"Backoff '{name}' must be a number >= 0, got {value!r}")
+        if not isinstance(self.multiplier, (int, float)) or not self.multiplier >= 1:
+            raise ConfigurationError(
+                f"Backoff 'multiplier' must be a number >= 1, got {self.multiplier!r}"
+            )
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based)."""
+        bound = min(self.maximum, self.initial * self.multiplier ** (attempt - 1))
+        return random.uniform(0.0, bound) if self.jitter else bound
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An item a stage gave up on (recorded with ``on_error="skip"``)."""
+
+    stage: str
+    """Name of the stage."""
+    item: Any
+    """The input item that failed."""
+    error: BaseException
+    """The last exception it raised."""
+    attempts: int
+    """How many times the function was called on it."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a pipeline: a function applied by workers to items.
+
+    Built by `Pipeline.map` and friends, which validate every parameter; see
+    there for their meaning.
+    """
+
+    kind: Kind
+    fn: Callable[..., Any] | None
+    name: str
+    workers: int = 1
+    runtime: RuntimeName = "thread"
+    capacity: int = DEFAULT_CAPACITY
+    ordered: bool = True
+    retries: int = 0
+    backoff: Backoff = field(default_factory=Backoff)
+    timeout: float | None = None
+    on_error: OnError = "raise"
+    on_start: Callable[[], Any] | None = None
+    on_stop: Callable[[Any], Any] | None = None
+    batch_size: int = 0
+    interval: float | None = None
+    max_items_per_worker: int | None = None
+
+    @property
+    def label(self) -> str:
+        """How errors and reports name the stage: ``'parse' (map #2)``."""
+        return f"'{self.name}' ({self.kind})"
+
+    @property
+    def is_async_fn(self) -> bool:
+        """True when the function is a coroutine function."""
+        return self.fn is not None and _is_coroutine_function(self.fn)
+
+
+def _is_coroutine_function(fn: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - a callable object's async __call__
+    )
+
+
+# ---------------------------------------------------------------------- validation
+
+
+def check_callable(value: object, param: str, method: str) -> None:
+    """Raise a clear TypeError when ``value`` is not callable."""
+    if not callable(value):
+        raise ConfigurationTypeError(
+            f"{method}() '{param}' must be callable, got {type(value).__name__} {value!r:.60}"
+        )
+
+
+def check_int(value: object, param: str, method: str, minimum: int) -> int:
+    """Return ``value`` if it is an int >= minimum, else raise a clear error."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationTypeError(
+            f"{method}() '{param}' must be an int >= {minimum}, got {type(value).__name__}"
+        )
+    if value < minimum:
+        raise ConfigurationError(f"{method}() '{param}' must be >= {minimum}, got {value}")
+    return value
+
+
+def check_seconds(value: object, param: str, method: str) -> float | None:
+    """Return ``value`` if it is None or a positive number of seconds, else raise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationTypeError(
+            f"{method}() '{param}' must be a number of seconds or None, got {type(value).__name__}"
+        )
+    if not value > 0:
+        raise ConfigurationError(f"{method}() '{param}' must be > 0 seconds, got {value!r}")
+    return float(value)
+
+
+def check_choice(value: object, param: str, method: str, choices: tuple[str, ...]) -> None:
+    """Raise a clear error when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ConfigurationError(f"{method}() '{param}' must be one of {allowed}; got {value!r}")
+
+
+# ---------------------------------------------------------------------- per-worker state
+
+_worker = threading.local()
+
+
+def worker_state() -> Any:
+    """Return what the current stage's ``on_start`` hook returned in this worker.
+
+    Call it from inside a stage function, for example to reach the database
+    connection that ``on_start`` opened once per worker. Returns None when
+    the stage has no ``on_start``.
+    """
+    return getattr(_worker, "state", None)
+
+
+def set_worker_state(state: Any) -> None:
+    """Make ``state`` what `worker_state()` returns in the calling thread."""
+    _worker.state = state
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def add_stage_note(exc: BaseException, stage: Stage, item: Any) -> BaseException:
+    """Attach a PEP 678 note naming the stage and the item; return ``exc``."""
+    return add_note(exc, f"conveyor: stage {stage.label} failed on item {_item_repr.repr(item)}")
+
+
+def add_note(exc: BaseException, note: str) -> BaseException:
+    """Attach a PEP 678 note to ``exc`` (also on 3.10, as ``__notes__``); return ``exc``."""
+    if sys.version_info >= (3, 11):
+        exc.add_note(note)
+    else:  # 3.10: keep the notes where 3.11+ would, for callers that read them
+        notes = getattr(exc, "__notes__", None)
+        if notes is None:
+            notes = []
+            exc.__notes__ = notes  # type: ignore[attr-defined]
+        notes.append(note)
+    return exc
+
+
+# ---------------------------------------------------------------------- the stage's logic
+
+
+@dataclass
+class BatchOutcome:
+    """What a batch of input items produced."""
+
+    outputs: list[Any]
+    """Outputs, in the order of the inputs that produced them."""
+    filtered: int = 0
+    """Inputs a filter dropped."""
+    retried: int = 0
+    """Extra calls made by retries."""
+    failures: list[Failure] = field(default_factory=list)
+    """Items given up on with ``on_error="skip"``."""
+    error: BaseException | None = None
+    """With ``on_error="raise"``: the exception that stops the run (noted)."""
+    error_item: Any = None
+    """The item that raised ``error``."""
+    processed: int = 0
+    """Inputs handled (successfully or not) before ``error``, if any."""
+
+
+def _apply_run(
+    stage: Stage, batch: list[Any], start: int, out: list[Any]
+) -> tuple[int, int, Exception | None]:
+    """Apply the stage to ``batch[start:]`` until an item raises.
+
+    Appends outputs to ``out``; returns (index reached, filtered count, the
+    exception). The index is ``len(batch)`` when no item raised, else the
+    failing item's, whose outputs (none) were not appended.
+    """
+    fn = stage.fn
+    assert fn is not None
+    kind = stage.kind
+    i = start
+    filtered = 0
+    n = len(batch)
+    try:
+        if kind == "map":
+            append = out.append
+            while i < n:
+                append(fn(batch[i]))
+                i += 1
+        elif kind == "filter":
+            append = out.append
+            while i < n:
+                x = batch[i]
+                if fn(x):
+                    append(x)
+                else:
+                    filtered += 1
+                i += 1
+        elif kind == "flat_map":
+            extend = out.extend
+            while i < n:
+                # Materialise first: a generator that fails halfway adds nothing.
+                extend(list(fn(batch[i])))
+                i += 1
+        else:  # each
+            while i < n:
+                fn(batch[i])
+                i += 1
+    except Exception as exc:
+        return i, filtered, exc
+    return i, filtered, None
+
+
+def apply_one(stage: Stage, item: Any) -> tuple[list[Any], bool]:
+    """Apply the stage to one item; return (outputs, filtered)."""
+    fn = stage.fn
+    assert fn is not None
+    if stage.kind == "map":
+        return [fn(item)], False
+    if stage.kind == "filter":
+        keep = fn(item)
+        return ([item], False) if keep else ([], True)
+    if stage.kind == "flat_map":
+        return list(fn(item)), False
+    fn(item)
+    return [], False
+
+
+def process_batch(
+    stage: Stage,
+    batch: list[Any],
+    call: Callable[[Stage, Any], tuple[list[Any], bool]] | None = None,
+    sleep: Callable[[float], bool] | None = None,
+) -> BatchOutcome:
+    """Run ``batch`` through ``stage`` with its retry and error policies.
+
+    Args:
+        stage: the stage (not a ``batch`` stage: those accumulate instead).
+        batch: the input items.
+        call: how to apply the stage to one item, for items that need the
+            slow path (a failure, or a per-item timeout). Defaults to a plain
+            call; the thread runtime passes one that enforces ``timeout``.
+        sleep: waits between retries; returns False when the run was stopped
+            meanwhile (then the item fails with its last error).
+
+    Returns:
+        The outcome. With ``on_error="raise"``, the first item that exhausts
+        its retries ends the batch: ``error`` is its exception, noted with the
+        stage and the item, and ``processed`` says how far the batch got.
+    """
+    out: list[Any] = []
+    outcome = BatchOutcome(out)
+    n = len(batch)
+    i = 0
+    slow = call is not None and stage.timeout is not None
+    one = call or apply_one
+    while i < n:
+        error: Exception | None = None
+        if not slow:
+            i, filtered, error = _apply_run(stage, batch, i, out)
+            outcome.filtered += filtered
+            if i == n:
+                break
+        item = batch[i]
+        attempts = 1
+        while True:
+            if error is None:
+                try:
+                    outputs, was_filtered = one(stage, item)
+                except Exception as exc:
+                    error = exc
+                else:
+                    out.extend(outputs)
+                    outcome.filtered += was_filtered
+                    break
+            if attempts <= stage.retries and (
+                sleep is None or sleep(stage.backoff.delay(attempts))
+            ):
+                outcome.retried += 1
+                attempts += 1
+                error = None
+                continue
+            if stage.on_error == "skip":
+                outcome.failures.append(Failure(stage.name, item, error, attempts))
+                break
+            outcome.error = add_stage_note(error, stage, item)
+            outcome.error_item = item
+            outcome.processed = i
+            return outcome
+        i += 1
+    outcome.processed = n
+    return outcome
+
+
+def iter_outputs(stage: Stage, item: Any) -> Iterable[Any]:
+    """The outputs of one item (used by the reference, single-threaded path)."""
+    return apply_one(stage, item)[0]
+
+
+def now() -> float:
+    """The clock stage timings use."""
+    return perf_counter()

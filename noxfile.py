@@ -34,7 +34,8 @@ STAMP_NAME = ".conveyor-install-stamp"
 nox.options.sessions = ["quick"]
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = False
-nox.options.download_python = "never"
+if hasattr(nox.options, "download_python"):  # nox >= 2025.10.14
+    nox.options.download_python = "never"  # a missing interpreter is skipped, not fetched
 
 
 def _runs(command: str, env: dict[str, str] | None = None) -> bool:

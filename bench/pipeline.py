@@ -109,7 +109,7 @@ def executor_chain(
     pools = [cf.ThreadPoolExecutor(workers) for _ in fns]
     try:
         it: Iterable[Any] = source
-        for pool, fn in zip(pools, fns):
+        for pool, fn in zip(pools, fns, strict=True):
             it = pool.map(fn, it)
         return list(it)
     finally:
@@ -141,10 +141,11 @@ def conveyor_run(ordered: bool) -> Callable[[Iterable[Any], list[Callable[[Any],
 
 def plain_loop(source: Iterable[Any], fns: list[Callable[[Any], Any]], workers: int) -> list[Any]:
     out = []
-    for x in source:
+    for item in source:
+        value = item
         for fn in fns:
-            x = fn(x)
-        out.append(x)
+            value = fn(value)
+        out.append(value)
     return out
 
 

@@ -130,10 +130,11 @@ class Pipeline(Generic[T]):
         on_start: Callable[[], Any] | None,
         on_stop: Callable[[Any], Any] | None,
         max_items_per_worker: int | None = None,
+        fn_param: str = "fn",
     ) -> Pipeline[Any]:
         method = kind
         assert kind in KINDS
-        check_callable(fn, "fn", method)
+        check_callable(fn, fn_param, method)
         check_int(workers, "workers", method, 1)
         check_choice(runtime, "runtime", method, RUNTIMES)
         check_int(capacity, "capacity", method, 1)
@@ -152,8 +153,7 @@ class Pipeline(Generic[T]):
             check_callable(on_stop, "on_stop", method)
         if max_items_per_worker is not None:
             check_int(max_items_per_worker, "max_items_per_worker", method, 1)
-        if name is not None and (not isinstance(name, str) or not name):
-            raise ConfigurationTypeError(f"{method}() 'name' must be a non-empty str, got {name!r}")
+        _check_name(name, method)
         assert fn is not None
         stage = Stage(
             kind=kind,  # type: ignore[arg-type]
@@ -308,6 +308,7 @@ class Pipeline(Generic[T]):
         return self._stage(
             "filter",
             pred,
+            fn_param="pred",
             workers=workers,
             runtime=runtime,
             capacity=capacity,
@@ -416,6 +417,7 @@ class Pipeline(Generic[T]):
         check_int(size, "size", method, 1)
         interval = check_seconds(interval, "interval", method)
         check_int(capacity, "capacity", method, 1)
+        _check_name(name, method)
         stage = Stage(
             kind="batch",
             fn=None,
@@ -428,11 +430,13 @@ class Pipeline(Generic[T]):
 
     # ------------------------------------------------------------------ running
 
-    def _new_run(self) -> Run:
+    def _new_run(self, method: str) -> Run:
         if not self._stages:
             from .errors import ConfigurationError
 
-            raise ConfigurationError("the pipeline has no stage: add .map(), .each(), ...")
+            raise ConfigurationError(
+                f"{method}: the pipeline has no stage: add .map(), .each(), ..."
+            )
         run = Run(self._source, list(self._stages))
         self._runs.append(run)
         run.start()
@@ -443,7 +447,7 @@ class Pipeline(Generic[T]):
 
         Breaking out of the loop stops the run and joins its workers.
         """
-        run = self._new_run()
+        run = self._new_run("iterating a pipeline")
         try:
             for chunk in run.outputs():
                 yield from chunk
@@ -463,7 +467,7 @@ class Pipeline(Generic[T]):
             own type and a note naming the stage and the item;
             PipelineStopped when the run was stopped from elsewhere.
         """
-        run = self._new_run()
+        run = self._new_run("run()")
         outputs: list[Any] | None = [] if collect else None
         display = _start_progress(run) if progress else None
         try:
@@ -478,7 +482,7 @@ class Pipeline(Generic[T]):
 
     def start(self, *, collect: bool = False) -> RunHandle:
         """Start a run in the background and return its handle."""
-        return RunHandle(self._new_run(), collect, self._runs)
+        return RunHandle(self._new_run("start()"), collect, self._runs)
 
     def __enter__(self) -> Pipeline[T]:
         return self
@@ -498,6 +502,12 @@ class Pipeline(Generic[T]):
     def __repr__(self) -> str:
         steps = " -> ".join(f"{s.kind}({s.name})" for s in self._stages) or "(no stage)"
         return f"<Pipeline {steps}>"
+
+
+def _check_name(name: object, method: str) -> None:
+    """Refuse a stage name that is not a non-empty str (None means the default)."""
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ConfigurationTypeError(f"{method}() 'name' must be a non-empty str, got {name!r}")
 
 
 def _duplicate_name(name: str) -> Exception:

@@ -1,0 +1,83 @@
+"""Helpers shared by the pipeline test modules (``test_pipeline_*.py``).
+
+Import what you need: ``from test_pipeline_helpers import ...``. The fixture
+``no_thread_left`` is meant to be pulled in with ``pytestmark`` or
+``pytest.mark.usefixtures`` after importing it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+WAIT = 10.0
+"""Upper bound of every wait in these tests: far above what any of them needs."""
+
+PROMPT = 1.0
+"""The contract: a run ends within this many seconds after an error or a stop."""
+
+
+def conveyor_threads() -> list[str]:
+    """Names of the live threads conveyor started (all are named ``conveyor-*``)."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("conveyor-")]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
+    """Wait until ``predicate()`` is true, or fail the test after ``timeout`` s.
+
+    A bounded poll with a tiny sleep: used only to observe state that nothing
+    signals, like live statistics or a thread that ends on its own after a test
+    released it.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not reached within {timeout} s", pytrace=False)
+        time.sleep(0.001)
+
+
+def must_wait(event: threading.Event, timeout: float = WAIT) -> None:
+    """Wait for ``event`` from a test body; fail clearly instead of hanging."""
+    if not event.wait(timeout):
+        pytest.fail(f"event not set within {timeout} s", pytrace=False)
+
+
+class CountingSource:
+    """An iterable source that counts how many items were pulled from it.
+
+    ``limit`` None means never-ending.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.pulled = 0
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> Iterator[int]:
+        i = 0
+        while self.limit is None or i < self.limit:
+            with self._lock:
+                self.pulled += 1
+            yield i
+            i += 1
+
+
+@pytest.fixture
+def no_thread_left() -> Iterator[None]:
+    """Fail a test that leaves a conveyor thread behind.
+
+    The contract tests check right after the run; this safety net waits a
+    little, for helper threads of timed-out calls that a test released at its
+    end and that are now returning on their own.
+    """
+    yield
+    wait_until(lambda: not conveyor_threads(), timeout=5.0)
+
+
+def identity(x: Any) -> Any:
+    """A stage function that returns its item."""
+    return x

@@ -323,7 +323,8 @@ def process_batch(
             slow path (a failure, or a per-item timeout). Defaults to a plain
             call; the thread runtime passes one that enforces ``timeout``.
         sleep: waits between retries; returns False when the run was stopped
-            meanwhile (then the item fails with its last error).
+            meanwhile: then the batch ends there, without an error or a
+            failure (the item did not fail, the stop cut its retries short).
 
     Returns:
         The outcome. With ``on_error="raise"``, the first item that exhausts
@@ -355,13 +356,15 @@ def process_batch(
                     out.extend(outputs)
                     outcome.filtered += was_filtered
                     break
-            if attempts <= stage.retries and (
-                sleep is None or sleep(stage.backoff.delay(attempts))
-            ):
-                outcome.retried += 1
-                attempts += 1
-                error = None
-                continue
+            if attempts <= stage.retries:
+                if sleep is None or sleep(stage.backoff.delay(attempts)):
+                    outcome.retried += 1
+                    attempts += 1
+                    error = None
+                    continue
+                # Stopped while waiting: reporting the error would turn a stop() into a failure.
+                outcome.processed = i
+                return outcome
             if stage.on_error == "skip":
                 outcome.failures.append(Failure(stage.name, item, error, attempts))
                 break

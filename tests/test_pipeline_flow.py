@@ -1,0 +1,470 @@
+"""What flows through a pipeline: every item exactly once, in order on request, lazily pulled.
+
+The property tests build random pipelines of map, filter and flat_map stages
+(random workers, capacities, ordering, fan-outs and injected failures) and
+compare them with a plain single-threaded reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import conveyor as cv
+from test_pipeline_helpers import (  # noqa: F401 - no_thread_left is a fixture
+    WAIT,
+    CountingSource,
+    conveyor_threads,
+    identity,
+    must_wait,
+    no_thread_left,
+    wait_until,
+)
+
+pytestmark = pytest.mark.usefixtures("no_thread_left")
+
+# ---------------------------------------------------------------------- any value is data
+
+AWKWARD = [None, "THE END", 0, "", False, [], (), None, "THE END", float("inf")]
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("workers", [1, 4])
+def test_none_and_the_end_are_data_like_any_other_value(workers: int) -> None:
+    p = cv.Pipeline(AWKWARD).map(identity, workers=workers).filter(lambda x: True)
+    assert list(p) == AWKWARD
+
+
+@pytest.mark.quick
+def test_a_flat_map_can_emit_none_and_the_end() -> None:
+    p = cv.Pipeline(range(3)).flat_map(lambda x: [None, "THE END", x], workers=2)
+    assert list(p) == [None, "THE END", 0, None, "THE END", 1, None, "THE END", 2]
+
+
+@pytest.mark.quick
+def test_a_source_of_only_none_yields_only_none() -> None:
+    result = cv.Pipeline([None] * 100).map(identity, workers=3).run(collect=True)
+    assert result.outputs == [None] * 100
+    assert result.stats[0].items_in == 100
+
+
+@pytest.mark.quick
+def test_an_empty_source_yields_nothing_and_ends() -> None:
+    p = cv.Pipeline([]).map(identity, workers=3).batch(4).flat_map(identity)
+    assert list(p) == []
+
+
+def test_many_items_through_several_parallel_stages_arrive_once_each() -> None:
+    n = 20_000
+    p = (
+        cv.Pipeline(range(n))
+        .map(lambda x: x + 1, workers=4, capacity=16)
+        .flat_map(lambda x: [x, -x], workers=3, capacity=5, ordered=False)
+        .filter(lambda x: x > 0, workers=2)
+    )
+    assert sorted(p) == list(range(1, n + 1))
+
+
+# ---------------------------------------------------------------------- random pipelines
+
+
+class Injected(Exception):
+    """The failure the property tests inject by item value."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One random stage: what it does, how it runs, and which items fail in it."""
+
+    kind: str  # map, filter or flat_map
+    param: int  # map: added constant; filter: modulus; flat_map: fan-out 0-3
+    workers: int
+    capacity: int
+    ordered: bool
+    fail_mod: int | None  # items with x % fail_mod == 1 raise Injected
+    retries: int
+
+    def fails(self, x: int) -> bool:
+        return self.fail_mod is not None and x % self.fail_mod == 1
+
+    def outputs(self, x: int) -> list[int]:
+        """The stage's outputs for one item (the reference, no failure)."""
+        if self.kind == "map":
+            return [x * 3 + self.param]
+        if self.kind == "filter":
+            return [x] if x % self.param != 0 else []
+        return [x * 4 + j for j in range(self.param)]
+
+    def function(self) -> Callable[[int], Any]:
+        """The stage function the pipeline runs: the reference, plus the failures."""
+        kind, param = self.kind, self.param
+
+        def fn(x: int) -> Any:
+            if self.fails(x):
+                raise Injected(x)
+            if kind == "map":
+                return x * 3 + param
+            if kind == "filter":
+                return x % param != 0
+            return (x * 4 + j for j in range(param))  # a generator: lazily iterable
+
+        return fn
+
+
+stage_specs = st.builds(
+    StageSpec,
+    kind=st.sampled_from(["map", "filter", "flat_map"]),
+    param=st.integers(0, 3),
+    workers=st.integers(1, 16),
+    capacity=st.integers(1, 64),
+    ordered=st.booleans(),
+    fail_mod=st.one_of(st.none(), st.sampled_from([3, 5, 7, 13])),
+    retries=st.integers(0, 1),
+).map(lambda s: s if s.kind != "filter" or s.param >= 2 else StageSpec(**{**vars(s), "param": 2}))
+
+
+def reference(
+    items: list[int], specs: list[StageSpec]
+) -> tuple[list[int], Counter[tuple[str, int]]]:
+    """The single-threaded reference: outputs and the (stage, item) failures."""
+    failures: Counter[tuple[str, int]] = Counter()
+    for index, spec in enumerate(specs):
+        out: list[int] = []
+        for x in items:
+            if spec.fails(x):
+                failures[(f"s{index}", x)] += 1
+            else:
+                out.extend(spec.outputs(x))
+        items = out
+    return items, failures
+
+
+def build(items: list[int], specs: list[StageSpec]) -> cv.Pipeline[Any]:
+    p: cv.Pipeline[Any] = cv.Pipeline(items)
+    for index, spec in enumerate(specs):
+        p = getattr(p, spec.kind)(
+            spec.function(),
+            workers=spec.workers,
+            capacity=spec.capacity,
+            ordered=spec.ordered,
+            on_error="skip",
+            retries=spec.retries,
+            backoff=cv.Backoff(initial=0.0),
+            name=f"s{index}",
+        )
+    return p
+
+
+@settings(
+    deadline=None,
+    max_examples=200,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    items=st.lists(st.integers(-500, 500), max_size=200),
+    specs=st.lists(stage_specs, min_size=1, max_size=5),
+)
+def test_a_random_pipeline_matches_the_single_threaded_reference(
+    items: list[int], specs: list[StageSpec]
+) -> None:
+    expected, expected_failures = reference(items, specs)
+    result = build(items, specs).run(collect=True)
+    assert result.outputs is not None
+    # Ordered stages keep order; one worker keeps it too, whatever `ordered` says.
+    if all(s.ordered or s.workers == 1 for s in specs):
+        assert result.outputs == expected
+    else:
+        assert Counter(result.outputs) == Counter(expected)
+    failures = Counter((f.stage, f.item) for f in result.failures)
+    assert failures == expected_failures
+    for f in result.failures:
+        assert isinstance(f.error, Injected)
+        assert f.error.args == (f.item,)
+        assert f.attempts == specs[int(f.stage[1:])].retries + 1
+    assert result.items_out == len(expected)
+    assert not conveyor_threads()
+
+
+@settings(
+    deadline=None,
+    max_examples=60,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    items=st.lists(st.integers(-500, 500), max_size=200),
+    specs=st.lists(stage_specs, min_size=1, max_size=5),
+)
+def test_the_statistics_of_a_random_pipeline_add_up(
+    items: list[int], specs: list[StageSpec]
+) -> None:
+    result = build(items, specs).run()
+    stage_inputs = items
+    for spec, stats in zip(specs, result.stats, strict=True):
+        failed = [x for x in stage_inputs if spec.fails(x)]
+        outputs = [y for x in stage_inputs if not spec.fails(x) for y in spec.outputs(x)]
+        assert stats.items_in == len(stage_inputs)
+        assert stats.failed == len(failed)
+        assert stats.retried == len(failed) * spec.retries
+        assert stats.items_out == len(outputs)
+        if spec.kind == "filter":
+            assert stats.filtered == len(stage_inputs) - len(failed) - len(outputs)
+        else:
+            assert stats.filtered == 0
+        stage_inputs = outputs
+    assert result.items_out == len(stage_inputs)
+
+
+# ---------------------------------------------------------------------- order
+
+
+def test_ordered_output_keeps_input_order_when_early_items_finish_last() -> None:
+    """Items 0, 1 and 2 finish after item 10 (and 2 before 1 before 0), on 4 workers."""
+    n = 40
+    late = {x: threading.Event() for x in (0, 1, 2, 10)}
+    finished: list[int] = []
+    lock = threading.Lock()
+
+    def uneven(x: int) -> int:
+        # 2 waits for 10 to be processed, 1 for 2, 0 for 1: the first items finish last.
+        waits_for = {0: 1, 1: 2, 2: 10}.get(x)
+        if waits_for is not None:
+            must_wait(late[waits_for])
+        with lock:
+            finished.append(x)
+        if x in late:
+            late[x].set()
+        return x * 2
+
+    p = cv.Pipeline(range(n)).map(uneven, workers=4)
+    assert list(p) == [x * 2 for x in range(n)]
+    assert finished.index(0) > finished.index(1) > finished.index(2) > finished.index(10)
+
+
+def test_ordered_is_the_default() -> None:
+    assert cv.Pipeline([1]).map(identity).stages[0].ordered is True
+
+
+@pytest.mark.parametrize("kind", ["map", "filter", "flat_map"])
+def test_unordered_output_is_yielded_as_it_completes(kind: str) -> None:
+    """Item 0 blocks until the consumer has received a later item's output.
+
+    With ordered output this would never end (item 0 must come first).
+    """
+    received = threading.Event()
+
+    def blocks_first(x: int) -> Any:
+        if x == 0:
+            must_wait(received)
+        if kind == "map":
+            return x
+        if kind == "filter":
+            return True
+        return [x]
+
+    p = getattr(cv.Pipeline(range(20)), kind)(blocks_first, workers=2, ordered=False)
+    outputs = []
+    for out in p:
+        outputs.append(out)
+        received.set()
+    assert outputs[0] != 0
+    assert sorted(outputs) == list(range(20))
+
+
+def test_an_ordered_stage_of_many_workers_keeps_order_over_many_items() -> None:
+    n = 5000
+    p = (
+        cv.Pipeline(range(n))
+        .map(lambda x: x, workers=8, capacity=7)
+        .filter(lambda x: x % 3 != 0, workers=5)
+    )
+    assert list(p) == [x for x in range(n) if x % 3 != 0]
+
+
+# ---------------------------------------------------------------------- lazy, bounded pulls
+
+
+@pytest.mark.parametrize(("workers", "capacity"), [(1, 8), (3, 8), (2, 1)])
+def test_the_source_is_never_pulled_more_than_capacity_ahead_of_the_first_stage(
+    workers: int, capacity: int
+) -> None:
+    source = CountingSource()  # never-ending
+    gate = threading.Event()
+    inside = []
+    lock = threading.Lock()
+
+    def held(x: int) -> int:
+        with lock:
+            inside.append(x)
+        must_wait(gate)
+        return x
+
+    p = cv.Pipeline(source).map(held, workers=workers, capacity=capacity)
+    handle = p.start()
+    try:
+        wait_until(lambda: len(inside) == workers and handle.stats()[0].queue_size == capacity)
+        # Every worker holds one item and the channel is full: the feeder must
+        # now be waiting for room, not holding items it pulled ahead.
+        assert source.pulled == capacity + len(inside)
+    finally:
+        handle.stop()
+        gate.set()
+        handle.join()
+    assert source.pulled <= capacity + workers + 1
+
+
+def test_a_huge_source_is_pulled_only_as_far_as_the_run_went() -> None:
+    source = CountingSource(limit=10**9)
+    p = cv.Pipeline(source).map(identity, capacity=4).map(identity, capacity=4)
+    taken = []
+    for out in p:
+        taken.append(out)
+        if len(taken) == 50:
+            break
+    assert taken == list(range(50))
+    # 50 consumed, plus at most what the channels and workers hold in between.
+    assert source.pulled < 50 + 4 + 4 + 1024 + 16
+
+
+@pytest.mark.quick
+def test_an_async_generator_is_a_source() -> None:
+    async def numbers() -> AsyncIterator[int]:
+        for i in range(200):
+            if i % 10 == 0:
+                await asyncio.sleep(0)
+            yield i
+
+    p = cv.Pipeline(numbers()).map(lambda x: x + 1, workers=3)
+    assert list(p) == list(range(1, 201))
+
+
+def test_an_async_source_is_pulled_lazily_too() -> None:
+    pulled = 0
+    gate = threading.Event()
+    inside = threading.Event()
+
+    async def endless() -> AsyncIterator[int]:
+        nonlocal pulled
+        i = 0
+        while True:
+            pulled += 1
+            yield i
+            i += 1
+
+    def held(x: int) -> int:
+        inside.set()
+        must_wait(gate)
+        return x
+
+    handle = cv.Pipeline(endless()).map(held, capacity=5).start()
+    try:
+        must_wait(inside)
+        wait_until(lambda: handle.stats()[0].queue_size == 5)
+        assert pulled == 5 + 1
+    finally:
+        handle.stop()
+        gate.set()
+        handle.join()
+
+
+@pytest.mark.quick
+def test_an_async_iterable_object_is_a_source() -> None:
+    class Numbers:
+        def __aiter__(self) -> AsyncIterator[int]:
+            return self._gen()
+
+        async def _gen(self) -> AsyncIterator[int]:
+            for i in range(5):
+                yield i
+
+    assert list(cv.Pipeline(Numbers()).map(str)) == ["0", "1", "2", "3", "4"]
+
+
+# ---------------------------------------------------------------------- batch
+
+
+@pytest.mark.quick
+def test_batch_makes_lists_of_size_in_order_with_a_final_partial_one() -> None:
+    assert list(cv.Pipeline(range(10)).batch(3)) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize(("n", "size"), [(0, 3), (1, 1), (6, 3), (7, 1), (5, 100)])
+def test_batch_sizes_cover_every_item_once(n: int, size: int) -> None:
+    batches = list(cv.Pipeline(range(n)).batch(size))
+    assert [x for b in batches for x in b] == list(range(n))
+    assert all(len(b) == size for b in batches[:-1])
+    assert all(1 <= len(b) <= size for b in batches)
+
+
+def test_batch_after_parallel_ordered_workers_keeps_the_order() -> None:
+    p = cv.Pipeline(range(1000)).map(lambda x: x * 2, workers=4, capacity=8).batch(64)
+    batches = list(p)
+    assert [x for b in batches for x in b] == [x * 2 for x in range(1000)]
+    assert [len(b) for b in batches] == [64] * 15 + [40]
+
+
+def test_batch_carries_none_and_feeds_a_later_stage() -> None:
+    p = cv.Pipeline([None, "THE END", None]).batch(2).map(len)
+    assert list(p) == [2, 1]
+
+
+def test_batch_statistics_count_items_in_and_lists_out() -> None:
+    result = cv.Pipeline(range(10)).batch(4, name="groups").run(collect=True)
+    (stats,) = result.stats
+    assert (stats.name, stats.kind, stats.items_in, stats.items_out) == ("groups", "batch", 10, 3)
+
+
+def test_batch_interval_flushes_a_partial_list_while_the_source_is_still_open() -> None:
+    """The source waits on a channel: the first list can only come from the interval."""
+    feed: cv.Channel[int] = cv.Channel()
+    producer = feed.producer()
+    p = cv.Pipeline(feed).batch(100, interval=0.05)
+    it = iter(p)
+    try:
+        producer.put_many([1, 2])
+        first: list[int] = []
+        while len(first) < 2:  # a slow machine may split them over two flushes
+            batch = next(it)
+            assert batch  # a flush never sends an empty list
+            first.extend(batch)
+        assert first == [1, 2]
+        producer.put(3)
+        producer.close()  # the end of the source flushes the rest
+        assert list(it) == [[3]]
+    finally:
+        producer.close()
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+def test_batch_without_interval_waits_for_a_full_list() -> None:
+    feed: cv.Channel[int] = cv.Channel()
+    producer = feed.producer()
+    outputs: cv.Channel[list[int]] = cv.Channel()
+
+    def consume() -> None:
+        for b in cv.Pipeline(feed).batch(3):
+            outputs.put(b)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    try:
+        producer.put_many([1, 2])
+        with pytest.raises(cv.Empty):
+            outputs.get(timeout=0.1)  # no interval: nothing until 3 items (or the end)
+        producer.put(3)
+        assert outputs.get(timeout=WAIT) == [1, 2, 3]
+        producer.put(4)
+    finally:
+        producer.close()
+        consumer.join(WAIT)
+    assert outputs.get_nowait() == [4]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import deque
 from collections.abc import AsyncIterable, Iterable, Iterator
 from itertools import islice
 from time import perf_counter
@@ -60,6 +61,14 @@ class Run:
         self._source = source
         self._feeder_handle = self.channels[0].producer()
         self._feeder: threading.Thread | None = None
+        # stop(drain=True) and the feeder agree under this lock: an item pulled
+        # from the source is always put, and nothing is pulled after the stop.
+        self._source_lock = threading.Lock()
+        self._source_stopped = False  # stop_source() was called
+        self._pulling = False  # the feeder is inside the source, or putting what it pulled
+        self._source_exhausted = False
+        self.driver: threading.Thread | None = None
+        """The thread consuming the outputs for a `RunHandle`, if any."""
         self.pulled = 0
         self.items_out = 0
         self.started = perf_counter()
@@ -95,8 +104,10 @@ class Run:
         try:
             if isinstance(self._source, AsyncIterable):
                 asyncio.run(self._feed_async(self._source, handle))
+            elif isinstance(self._source, _IN_MEMORY):
+                self._feed_chunks(iter(self._source), handle)
             else:
-                self._feed_sync(iter(self._source), handle)
+                self._feed_items(iter(self._source), handle)
         except ShutDown:
             pass  # the run was aborted, or stopped with drain=True
         except BaseException as exc:
@@ -105,22 +116,73 @@ class Run:
         finally:
             handle.close()
 
-    def _feed_sync(self, source: Iterator[Any], handle: Producer[Any]) -> None:
-        # Chunks grow while pulling them is quick, so a cheap source costs one
-        # lock round-trip per chunk; a chunk never exceeds the room left.
+    def _feed_items(self, source: Iterator[Any], handle: Producer[Any]) -> None:
+        # Any iterator may block between two items (a socket, a queue, a crawler
+        # that waits for its own results): each item goes in before the next
+        # pull, so no item waits inside the feeder while the source blocks.
+        channel = handle.channel
+        put = handle.put
+        while True:
+            room = channel.wait_for_room()
+            if not self._begin_pull():
+                return
+            try:
+                for _ in range(room):
+                    if self._source_stopped:  # read without the lock: _end_pull decides
+                        break
+                    try:
+                        item = next(source)
+                    except StopIteration:
+                        self._source_exhausted = True
+                        return
+                    # Never blocks: the feeder is channel 0's only producer and saw the room.
+                    put(item)
+                    self.pulled += 1
+            finally:
+                going = self._end_pull()
+            if not going:
+                return
+
+    def _feed_chunks(self, source: Iterator[Any], handle: Producer[Any]) -> None:
+        # An in-memory collection never blocks: read it in chunks that grow
+        # while pulling them is quick, one lock round-trip per chunk; a chunk
+        # never exceeds the room left.
         channel = handle.channel
         size = 1
         while True:
             room = channel.wait_for_room()
             n = min(size, room)
-            t0 = perf_counter()
-            chunk = list(islice(source, n))
-            if chunk:
-                handle.put_many(chunk)
-                self.pulled += len(chunk)
+            if not self._begin_pull():
+                return
+            try:
+                t0 = perf_counter()
+                chunk = list(islice(source, n))
+                if chunk:
+                    # Never blocks: the feeder is channel 0's only producer and saw the room.
+                    handle.put_many(chunk)
+                    self.pulled += len(chunk)
+            finally:
+                going = self._end_pull()
             if len(chunk) < n:
+                self._source_exhausted = True
+                return
+            if not going:
                 return
             size = _next_chunk_size(size, perf_counter() - t0)
+
+    def _begin_pull(self) -> bool:
+        """Mark the feeder as pulling; False when the source was stopped."""
+        with self._source_lock:
+            if self._source_stopped:
+                return False
+            self._pulling = True
+            return True
+
+    def _end_pull(self) -> bool:
+        """Mark what was pulled as put; False when the source was stopped meanwhile."""
+        with self._source_lock:
+            self._pulling = False
+            return not self._source_stopped
 
     async def _feed_async(self, source: AsyncIterable[Any], handle: Producer[Any]) -> None:
         # An async source gets an event loop of its own, in the feeder thread.
@@ -129,12 +191,20 @@ class Run:
         try:
             while True:
                 await channel.await_room()
-                try:
-                    item = await iterator.__anext__()
-                except StopAsyncIteration:
+                if not self._begin_pull():
                     return
-                await handle.aput(item)
-                self.pulled += 1
+                try:
+                    try:
+                        item = await iterator.__anext__()
+                    except StopAsyncIteration:
+                        self._source_exhausted = True
+                        return
+                    await handle.aput(item)
+                    self.pulled += 1
+                finally:
+                    going = self._end_pull()
+                if not going:
+                    return
         finally:
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
@@ -175,7 +245,16 @@ class Run:
         self.control.abort()
 
     def stop_source(self) -> None:
-        """Stop pulling the source; what is inside the pipeline drains normally."""
+        """Stop pulling the source; what is inside the pipeline drains normally.
+
+        An item the feeder is pulling at that moment still goes in: the
+        source gave it up, so it must not be lost.
+        """
+        with self._source_lock:
+            self._source_stopped = True
+            if self._pulling:
+                return  # the feeder puts what it pulled, sees the flag and closes channel 0
+        # Wakes the feeder if it waits for room; it pulls nothing more.
         self.channels[0].close()
 
     def join(self, timeout: float = JOIN_TIMEOUT) -> None:
@@ -212,8 +291,13 @@ class Run:
             elapsed_seconds=end - self.started,
             items_out=self.items_out,
             outputs=outputs,
-            stopped=self.control.stopped.is_set() and self.control.error is None,
+            stopped=(self.control.stopped.is_set() and self.control.error is None)
+            or (self._source_stopped and not self._source_exhausted),
         )
+
+
+_IN_MEMORY = (list, tuple, range, dict, set, frozenset, str, bytes, bytearray, deque)
+"""Sources the feeder may read in chunks: iterating them never blocks."""
 
 
 def _next_chunk_size(size: int, seconds: float) -> int:

@@ -452,7 +452,7 @@ class Pipeline(Generic[T]):
             for chunk in run.outputs():
                 yield from chunk
         finally:
-            self._runs.remove(run)
+            _forget(self._runs, run)
 
     def run(self, *, collect: bool = False, progress: bool = False) -> RunResult:
         """Run to completion and return the per-stage statistics.
@@ -477,7 +477,7 @@ class Pipeline(Generic[T]):
         finally:
             if display is not None:
                 display.close()
-            self._runs.remove(run)
+            _forget(self._runs, run)
         return run.result(outputs)
 
     def start(self, *, collect: bool = False) -> RunHandle:
@@ -494,14 +494,27 @@ class Pipeline(Generic[T]):
         tb: TracebackType | None,
     ) -> None:
         """Stop and join every run of this pipeline still going."""
-        for run in list(self._runs):
+        runs = list(self._runs)
+        for run in runs:
             run.abort()
+        for run in runs:
             run.join()
+            # A started run's driver thread outlives the join by a moment: wait for it too.
+            if run.driver is not None and run.driver is not threading.current_thread():
+                run.driver.join(JOIN_TIMEOUT)
         self._runs.clear()
 
     def __repr__(self) -> str:
         steps = " -> ".join(f"{s.kind}({s.name})" for s in self._stages) or "(no stage)"
         return f"<Pipeline {steps}>"
+
+
+def _forget(registry: list[Run], run: Run) -> None:
+    """Take ``run`` off its pipeline's list, which ``__exit__`` may have cleared already."""
+    try:
+        registry.remove(run)
+    except ValueError:
+        pass
 
 
 def _check_name(name: object, method: str) -> None:
@@ -550,6 +563,7 @@ class RunHandle:
         self._done = threading.Event()
         self._registry = registry
         self._thread = threading.Thread(target=self._drain, name="conveyor-driver", daemon=True)
+        run.driver = self._thread
         self._thread.start()
 
     def _drain(self) -> None:
@@ -560,8 +574,7 @@ class RunHandle:
         except BaseException as exc:
             self._error = exc
         finally:
-            if self._run in self._registry:
-                self._registry.remove(self._run)
+            _forget(self._registry, self._run)
             self._done.set()
 
     def stop(self, drain: bool = False) -> None:
@@ -603,3 +616,4 @@ class RunHandle:
         if not self._done.is_set():
             self.stop()
         self._done.wait(JOIN_TIMEOUT)
+        self._thread.join(JOIN_TIMEOUT)  # so no conveyor thread is left on exit

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -331,6 +331,27 @@ def test_a_huge_source_is_pulled_only_as_far_as_the_run_went() -> None:
     assert taken == list(range(50))
     # 50 consumed, plus at most what the channels and workers hold in between.
     assert source.pulled < 50 + 4 + 4 + 1024 + 16
+
+
+@pytest.mark.parametrize("lead", [0, 300])
+def test_an_item_never_waits_in_the_feeder_while_the_source_blocks(lead: int) -> None:
+    """Regression: a generator's items were pulled in chunks, so the last items
+    before a blocking pull sat in the feeder until the chunk filled (forever here:
+    this source waits for the answer to its last item, as a crawler does)."""
+    answered = threading.Event()
+
+    def source() -> Iterator[Any]:
+        yield from range(lead)  # fast items first, so chunks would have grown
+        yield "ping"
+        must_wait(answered)
+        yield "done"
+
+    outputs = []
+    for out in cv.Pipeline(source()).map(identity, workers=2):
+        outputs.append(out)
+        if out == "ping":
+            answered.set()
+    assert outputs == [*range(lead), "ping", "done"]
 
 
 @pytest.mark.quick

@@ -126,19 +126,20 @@ class Run:
             room = channel.wait_for_room()
             if not self._begin_pull():
                 return
+            n = 0
             try:
-                for _ in range(room):
-                    if self._source_stopped:  # read without the lock: _end_pull decides
-                        break
-                    try:
-                        item = next(source)
-                    except StopIteration:
-                        self._source_exhausted = True
-                        return
+                for item in islice(source, room):
                     # Never blocks: the feeder is channel 0's only producer and saw the room.
                     put(item)
-                    self.pulled += 1
+                    n += 1
+                    if self._source_stopped:  # read without the lock: _end_pull decides
+                        break
+                else:
+                    if n < room:
+                        self._source_exhausted = True
+                        return
             finally:
+                self.pulled += n
                 going = self._end_pull()
             if not going:
                 return

@@ -1,0 +1,133 @@
+"""The item type flows through a pipeline's chain, for mypy.
+
+Each ``assert_type`` below is checked by mypy (the last test runs mypy on this
+file) and is a no-op at run time, where the same pipelines also run, so the
+types are those of real, working code.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from mypy import api as mypy_api
+
+import conveyor as cv
+
+if sys.version_info >= (3, 11):
+    from typing import assert_type
+else:
+    from typing_extensions import assert_type
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def digits(x: int) -> list[str]:
+    return list(str(x))
+
+
+def test_a_pipeline_has_the_item_type_of_its_source() -> None:
+    assert_type(cv.Pipeline(range(3)), cv.Pipeline[int])
+    assert_type(cv.Pipeline(["a", "b"]), cv.Pipeline[str])
+
+
+def test_map_gives_a_pipeline_of_what_the_function_returns() -> None:
+    p = cv.Pipeline(range(3)).map(str)
+    assert_type(p, cv.Pipeline[str])
+    assert list(p) == ["0", "1", "2"]
+    q = p.map(len, workers=2)
+    assert_type(q, cv.Pipeline[int])
+
+
+def test_filter_keeps_the_item_type() -> None:
+    p = cv.Pipeline(range(5)).filter(lambda x: x % 2 == 0)
+    assert_type(p, cv.Pipeline[int])
+    assert list(p) == [0, 2, 4]
+
+
+def test_flat_map_unwraps_the_iterable_the_function_returns() -> None:
+    p = cv.Pipeline([12, 3]).flat_map(digits)
+    assert_type(p, cv.Pipeline[str])
+    assert list(p) == ["1", "2", "3"]
+
+
+def test_batch_gives_lists_of_the_item_type() -> None:
+    p = cv.Pipeline(range(3)).map(float).batch(2)
+    assert_type(p, cv.Pipeline[list[float]])
+    assert list(p) == [[0.0, 1.0], [2.0]]
+
+
+def test_each_gives_a_pipeline_of_none() -> None:
+    seen: list[int] = []
+    p = cv.Pipeline(range(3)).each(seen.append)
+    assert_type(p, cv.Pipeline[None])
+    assert list(p) == []
+    assert sorted(seen) == [0, 1, 2]
+
+
+def test_iterating_yields_the_item_type() -> None:
+    for x in cv.Pipeline(range(2)).map(float):
+        assert_type(x, float)
+
+
+def test_an_async_source_gives_its_item_type() -> None:
+    async def numbers() -> AsyncIterator[int]:
+        yield 1
+
+    p = cv.Pipeline(numbers())
+    assert_type(p, cv.Pipeline[int])
+    assert list(p.map(str)) == ["1"]
+
+
+def test_running_returns_a_result_and_starting_a_handle() -> None:
+    p = cv.Pipeline(range(3)).map(str)
+    assert_type(p.run(), cv.RunResult)
+    handle = p.start()
+    assert_type(handle, cv.RunHandle)
+    assert_type(handle.join(), cv.RunResult)
+
+
+WRONG = textwrap.dedent(
+    """\
+    import conveyor as cv
+
+    def shout(s: str) -> str:
+        return s.upper()
+
+    def same(x: int) -> int:
+        return x
+
+    cv.Pipeline(range(3)).map(shout)  # line 9: str function on ints
+    cv.Pipeline(range(3)).flat_map(same)  # line 10: not an iterable
+    cv.Pipeline(["a"]).filter(same)  # line 11: int predicate on strs
+    cv.Pipeline(range(3)).map(str).map(same)  # line 12: the type flowed to str
+    cv.Pipeline(range(3)).batch(2).map(same)  # line 13: batches are lists
+    """
+)
+
+
+def test_mypy_accepts_this_file_and_rejects_a_wrong_stage_function(tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong_stages.py"
+    wrong.write_text(WRONG)
+    stdout, stderr, _ = mypy_api.run(
+        [
+            str(Path(__file__).resolve()),
+            str(wrong),
+            "--strict",
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
+            "--cache-dir",
+            str(tmp_path / "mypy-cache"),
+            "--no-error-summary",
+            "--show-error-codes",
+        ]
+    )
+    assert stderr == ""
+    # Only these two files: errors in conveyor's own source are the mypy gate's business.
+    errors = [line for line in stdout.splitlines() if ": error:" in line]
+    assert not [e for e in errors if "test_pipeline_types.py" in e], stdout
+    wrong_errors = [e for e in errors if "wrong_stages.py" in e]
+    assert {int(e.split(":")[1]) for e in wrong_errors} == {9, 10, 11, 12, 13}, stdout
+    assert all("[arg-type]" in e or "[call-overload]" in e for e in wrong_errors), stdout

@@ -411,6 +411,13 @@ def test_a_stage_with_a_timeout_still_passes_fast_items_and_errors_through() -> 
     assert len(result.outputs or []) == 196
 
 
+def test_a_run_with_a_timed_stage_leaves_no_helper_thread_behind() -> None:
+    """Regression: idle helper threads of timed calls were still alive after the run."""
+    for _ in range(20):
+        cv.Pipeline(range(20)).map(identity, workers=4, timeout=5.0).run()
+        assert not conveyor_threads()
+
+
 # ---------------------------------------------------------------------- never hangs
 
 

@@ -88,10 +88,15 @@ class TimedCaller:
                     return
 
     def close(self) -> None:
-        """Let the helper thread (if any) end."""
+        """End the helper thread (if any) and wait for it: it is idle now.
+
+        Only an abandoned helper (stuck in a timed-out call) outlives the run.
+        """
         with self._lock:
-            self._helper = None
+            helper, self._helper = self._helper, None
             self._ready.notify_all()
+        if helper is not None:
+            helper.join()
 
 
 class ThreadRuntime(Runtime):

@@ -172,6 +172,25 @@ def test_stop_ends_the_run_and_join_returns_a_stopped_result_of_what_came_throug
     assert not conveyor_threads()
 
 
+@pytest.mark.parametrize("drain", [False, True])
+def test_stopping_a_run_that_has_ended_leaves_its_result_as_it_was(drain: bool) -> None:
+    """Regression: a stop() after the end turned a complete result into a stopped one."""
+    handle = cv.Pipeline(range(10)).map(identity).start(collect=True)
+    assert not handle.join(WAIT).stopped
+    handle.stop(drain=drain)
+    result = handle.join(WAIT)
+    assert not result.stopped
+    assert result.outputs == list(range(10))
+
+
+def test_an_exception_in_the_loop_body_ends_the_run() -> None:
+    with pytest.raises(Boom):
+        for out in cv.Pipeline(CountingSource()).map(identity, workers=3):
+            if out == 10:
+                raise Boom
+    assert not conveyor_threads()
+
+
 def test_stop_with_drain_processes_every_item_pulled_and_pulls_no_more() -> None:
     """Regression: items the source yielded while the stop came were dropped."""
     inside = threading.Event()

@@ -31,7 +31,7 @@ from typing import Any
 
 from .channel import Channel, Producer
 from .errors import PipelineStopped, ShutDown
-from .metrics import RunResult, StageMetrics, StageStats
+from .metrics import RunResult, StageMetrics, StageStats, Timeline
 from .runtime.base import MAX_BATCH, TARGET_BATCH_SECONDS, RunControl, Runtime, StageRun
 from .runtime.base import get_runtime as _get_runtime
 from .stage import DEFAULT_CAPACITY, Stage, add_note
@@ -73,6 +73,8 @@ class Run:
         self.items_out = 0
         self.started = perf_counter()
         self.finished: float | None = None
+        self.timeline: Timeline | None = None
+        """Periodic samples of the stats, while a `conveyor.progress.Monitor` watches."""
         self._joined = False
         self.control.on_abort(self._shut_channels)
 
@@ -292,6 +294,7 @@ class Run:
             elapsed_seconds=end - self.started,
             items_out=self.items_out,
             outputs=outputs,
+            timeline=self.timeline,
             stopped=(self.control.stopped.is_set() and self.control.error is None)
             or (self._source_stopped and not self._source_exhausted),
         )

@@ -1,38 +1,121 @@
-"""Per-stage counters, their snapshots, and the run's result.
+"""Per-stage counters, their snapshots, the run's timeline, the bottleneck and the result.
 
 Each worker owns a `WorkerCounters` and is the only one to write it, so
 counting costs no lock: a few additions per *batch*, not per item. Readers
 (``stats()``, the progress display, the final report) sum the counters of a
 stage's workers into a frozen `StageStats`; a value read while a worker
 writes may be one batch behind, never torn.
+
+Per-item latency is kept as a small histogram per worker, in buckets about
+19% wide: a batch of ``n`` items that took ``t`` seconds adds ``n`` items
+of ``t / n`` seconds each. Median and p99 are read from the merged
+histograms, so they are exact to a bucket, and averaged within a batch
+(batches shrink to one item when items are slow, so slow stages are exact).
+
+While someone watches a run (``run(progress=True)``, ``report=`` or
+``stall_timeout=``), a `Timeline` keeps periodic samples of every stage's
+counts and queue size: what the HTML report charts, and the evidence for
+the input queues' average fill.
+
+`find_bottleneck` names the stage that limits throughput: the one whose
+workers are the busiest while its output is not blocked (a stage blocked on
+its output waits for a slower stage downstream), with the evidence and a
+hint that depends on its runtime.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from time import perf_counter
-from typing import Any
+from typing import Any, Literal
 
 from .channel import Channel
 from .stage import Failure, Stage
 
-__all__ = ["RunResult", "StageMetrics", "StageStats", "WorkerCounters"]
+__all__ = [
+    "LATENCY_BUCKETS",
+    "Bottleneck",
+    "RunResult",
+    "Sample",
+    "StageMetrics",
+    "StageStats",
+    "Timeline",
+    "WorkerCounters",
+    "find_bottleneck",
+    "latency_bucket",
+    "latency_quantile",
+]
+
+# ---------------------------------------------------------------------- latency histogram
+
+LATENCY_BUCKETS = 128
+"""Buckets of a latency histogram: 100 ns up to about 7 minutes."""
+_LATENCY_FLOOR = 1e-7  # the upper bound of bucket 0, in seconds
+_STEPS_PER_DOUBLING = 4  # bucket i covers [floor * 2**((i-1)/4), floor * 2**(i/4))
+
+
+def latency_bucket(seconds: float) -> int:
+    """The histogram bucket of a per-item time."""
+    if seconds <= _LATENCY_FLOOR:
+        return 0
+    i = int(_STEPS_PER_DOUBLING * math.log2(seconds / _LATENCY_FLOOR)) + 1
+    return i if i < LATENCY_BUCKETS else LATENCY_BUCKETS - 1
+
+
+def _bucket_value(i: int) -> float:
+    """A representative time of bucket ``i``: its geometric middle."""
+    if i == 0:
+        return _LATENCY_FLOOR / 2
+    return _LATENCY_FLOOR * 2 ** ((i - 0.5) / _STEPS_PER_DOUBLING)
+
+
+def latency_quantile(histogram: Sequence[int], q: float) -> float:
+    """The ``q`` quantile (0..1) of a latency histogram, in seconds; 0.0 when empty."""
+    total = sum(histogram)
+    if total == 0:
+        return 0.0
+    rank = q * (total - 1)
+    seen = 0
+    for i, count in enumerate(histogram):
+        seen += count
+        if seen > rank:
+            return _bucket_value(i)
+    return _bucket_value(len(histogram) - 1)
+
+
+# ---------------------------------------------------------------------- per-worker counters
 
 
 class WorkerCounters:
-    """Counters of one worker, written by that worker only."""
+    """Counters of one worker, written by that worker only.
+
+    Created by `StageMetrics.new_worker` in the worker's own thread, which it
+    remembers so that a stall report can show that thread's stack.
+    """
 
     __slots__ = (
         "batches",
         "busy",
+        "cpu_seconds",
         "current_item",
         "current_since",
         "failed",
         "filtered",
         "items_in",
         "items_out",
+        "latency",
+        "native_id",
         "retried",
+        "thread_id",
+        "thread_name",
         "wait_in",
         "wait_out",
     )
@@ -47,9 +130,39 @@ class WorkerCounters:
         self.busy = 0.0
         self.wait_in = 0.0
         self.wait_out = 0.0
+        self.latency = [0] * LATENCY_BUCKETS
         # What the worker holds now, for stall reports: first item of its batch.
         self.current_item: Any = None
         self.current_since: float | None = None
+        thread = threading.current_thread()
+        self.thread_id = thread.ident
+        self.thread_name = thread.name
+        self.native_id = threading.get_native_id()
+        # CPU time of the worker's thread, recorded when the worker ends.
+        self.cpu_seconds: float | None = None
+
+    def add_busy(self, seconds: float, items: int) -> None:
+        """Count a batch of ``items`` inputs that kept the worker busy ``seconds``."""
+        self.busy += seconds
+        if items:
+            self.latency[latency_bucket(seconds / items)] += items
+
+    def finish(self) -> None:
+        """Record the thread's CPU time; called by the worker as it ends."""
+        self.cpu_seconds = time.thread_time()
+
+    def cpu_now(self) -> float | None:
+        """CPU time of the worker's thread so far (None where it cannot be read)."""
+        if self.cpu_seconds is not None:
+            return self.cpu_seconds
+        try:  # Linux: the scheduler's count of nanoseconds on a CPU, readable from any thread
+            with open(f"/proc/self/task/{self.native_id}/schedstat", "rb") as f:
+                return int(f.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            return None
+
+
+# ---------------------------------------------------------------------- snapshots
 
 
 @dataclass(frozen=True)
@@ -86,12 +199,39 @@ class StageStats:
     """Items waiting in its input channel."""
     queue_capacity: int
     """Capacity of its input channel."""
+    latency_p50: float = 0.0
+    """Median time the stage function took per item, in seconds."""
+    latency_p99: float = 0.0
+    """99th percentile of that time, in seconds."""
+    rate_now: float = 0.0
+    """Inputs per second over the last few seconds (the overall rate when
+    there is too little history, or once the run has ended)."""
+    cpu_seconds: float | None = None
+    """CPU time of its worker threads (None where the platform cannot tell).
+    For process stages this is the parent's side only, not the children's;
+    for async stages, that of the event loop's thread."""
 
     @property
     def utilisation(self) -> float:
         """Fraction of the workers' wall time spent busy (0..1)."""
-        wall = self.elapsed_seconds * self.workers
-        return min(1.0, self.busy_seconds / wall) if wall > 0 else 0.0
+        return self._share(self.busy_seconds)
+
+    @property
+    def waiting_input(self) -> float:
+        """Fraction of the workers' wall time spent waiting for input (0..1)."""
+        return self._share(self.wait_input_seconds)
+
+    @property
+    def blocked_output(self) -> float:
+        """Fraction of the workers' wall time spent blocked on a full output (0..1)."""
+        return self._share(self.wait_output_seconds)
+
+    @property
+    def cpu_cores(self) -> float | None:
+        """CPU cores its worker threads kept busy on average (None if unknown)."""
+        if self.cpu_seconds is None or self.elapsed_seconds <= 0:
+            return None
+        return self.cpu_seconds / self.elapsed_seconds
 
     @property
     def throughput(self) -> float:
@@ -100,16 +240,29 @@ class StageStats:
 
     @property
     def queue_fill(self) -> float:
-        """Fill of the input channel (0..1; 0 when unbounded)."""
+        """Fill of the input channel now (0..1; 0 when unbounded)."""
         return self.queue_size / self.queue_capacity if self.queue_capacity > 0 else 0.0
+
+    def _share(self, seconds: float) -> float:
+        wall = self.elapsed_seconds * self.workers
+        return min(1.0, seconds / wall) if wall > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data, with the derived values, for JSON."""
         data = asdict(self)
         data.update(
-            utilisation=self.utilisation, throughput=self.throughput, queue_fill=self.queue_fill
+            utilisation=self.utilisation,
+            waiting_input=self.waiting_input,
+            blocked_output=self.blocked_output,
+            throughput=self.throughput,
+            queue_fill=self.queue_fill,
         )
         return data
+
+
+_RATE_WINDOW = 3.0  # seconds of history behind StageStats.rate_now
+_RATE_MIN_SPAN = 0.5  # below this much history, rate_now is the overall rate
+_RATE_STEP = 0.1  # at most one history point per this many seconds
 
 
 class StageMetrics:
@@ -121,9 +274,11 @@ class StageMetrics:
         self.workers: list[WorkerCounters] = []
         self.started = perf_counter()
         self.finished: float | None = None
+        # (time, items_in) seen by recent snapshots: the base of rate_now.
+        self._recent: deque[tuple[float, int]] = deque(maxlen=64)
 
     def new_worker(self) -> WorkerCounters:
-        """Register and return the counters of a new worker."""
+        """Register and return the counters of a new worker (call it from the worker)."""
         counters = WorkerCounters()
         self.workers.append(counters)
         return counters
@@ -131,13 +286,17 @@ class StageMetrics:
     def snapshot(self) -> StageStats:
         """Sum the workers' counters now."""
         ws = list(self.workers)
-        end = self.finished if self.finished is not None else perf_counter()
+        now = perf_counter()
+        end = self.finished if self.finished is not None else now
+        elapsed = end - self.started
+        items_in = sum(w.items_in for w in ws)
+        histogram = [sum(column) for column in zip(*(w.latency for w in ws), strict=True)]
         return StageStats(
             name=self.stage.name,
             kind=self.stage.kind,
             runtime=self.stage.runtime,
             workers=self.stage.workers,
-            items_in=sum(w.items_in for w in ws),
+            items_in=items_in,
             items_out=sum(w.items_out for w in ws),
             filtered=sum(w.filtered for w in ws),
             failed=sum(w.failed for w in ws),
@@ -145,10 +304,248 @@ class StageMetrics:
             busy_seconds=sum(w.busy for w in ws),
             wait_input_seconds=sum(w.wait_in for w in ws),
             wait_output_seconds=sum(w.wait_out for w in ws),
-            elapsed_seconds=end - self.started,
+            elapsed_seconds=elapsed,
             queue_size=self.channel.qsize(),
             queue_capacity=self.channel.maxsize,
+            latency_p50=latency_quantile(histogram, 0.5),
+            latency_p99=latency_quantile(histogram, 0.99),
+            rate_now=self._rate_now(now, items_in, elapsed),
+            cpu_seconds=_thread_cpu(ws),
         )
+
+    def _rate_now(self, now: float, items_in: int, elapsed: float) -> float:
+        overall = items_in / elapsed if elapsed > 0 else 0.0
+        if self.finished is not None:
+            return overall
+        recent = self._recent
+        if not recent or now - recent[-1][0] >= _RATE_STEP:
+            recent.append((now, items_in))
+        base = next(((t, n) for t, n in list(recent) if now - t <= _RATE_WINDOW), None)
+        if base is None or now - base[0] < _RATE_MIN_SPAN:
+            return overall
+        return (items_in - base[1]) / (now - base[0])
+
+
+def _thread_cpu(workers: Sequence[WorkerCounters]) -> float | None:
+    """CPU time of the workers' threads, each thread once (async workers share one)."""
+    if not workers:
+        return None
+    total = 0.0
+    for seconds in {w.native_id: w.cpu_now() for w in workers}.values():
+        if seconds is None:
+            return None
+        total += seconds
+    return total
+
+
+# ---------------------------------------------------------------------- the timeline
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Every stage's counters at one moment of a run."""
+
+    seconds: float
+    """Time since the run started."""
+    items_in: tuple[int, ...]
+    """Inputs taken so far, per stage."""
+    items_out: tuple[int, ...]
+    """Outputs handed on so far, per stage."""
+    queue_size: tuple[int, ...]
+    """Items waiting in each stage's input channel."""
+
+
+class Timeline:
+    """Periodic samples of a run's per-stage counters, kept to a bounded size.
+
+    When ``max_samples`` is reached, every other sample is dropped and the
+    minimum spacing doubles, so a long run keeps an even, coarser series.
+    """
+
+    def __init__(
+        self, stages: Sequence[str], capacities: Sequence[int], max_samples: int = 600
+    ) -> None:
+        self.stages = tuple(stages)
+        self.capacities = tuple(capacities)
+        self.samples: list[Sample] = []
+        self._max = max_samples
+        self._spacing = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, seconds: float, stats: Sequence[StageStats], force: bool = False) -> None:
+        """Record ``stats`` taken ``seconds`` after the start (skipped if too soon)."""
+        sample = Sample(
+            seconds=seconds,
+            items_in=tuple(s.items_in for s in stats),
+            items_out=tuple(s.items_out for s in stats),
+            queue_size=tuple(s.queue_size for s in stats),
+        )
+        with self._lock:
+            samples = self.samples
+            if samples and not force and seconds - samples[-1].seconds < self._spacing:
+                return
+            samples.append(sample)
+            if len(samples) > self._max:
+                kept = samples[::2]
+                if kept[-1] is not sample:  # the latest state always stays
+                    kept.append(sample)
+                self.samples = kept
+                self._spacing = 2 * max(self._spacing, seconds / self._max)
+
+    def _snapshot(self) -> list[Sample]:
+        with self._lock:
+            return list(self.samples)
+
+    def rates(self, stage: int) -> list[tuple[float, float]]:
+        """(time, inputs per second) between consecutive samples of one stage."""
+        samples = self._snapshot()
+        return [
+            (b.seconds, (b.items_in[stage] - a.items_in[stage]) / (b.seconds - a.seconds))
+            for a, b in pairwise(samples)
+            if b.seconds > a.seconds
+        ]
+
+    def fills(self, stage: int) -> list[tuple[float, float]]:
+        """(time, fill 0..1) of one stage's input channel."""
+        capacity = self.capacities[stage]
+        if capacity <= 0:
+            return [(s.seconds, 0.0) for s in self._snapshot()]
+        return [(s.seconds, min(1.0, s.queue_size[stage] / capacity)) for s in self._snapshot()]
+
+    def mean_fill(self, stage: int) -> float | None:
+        """Average fill of one stage's input channel over the samples (None if too few)."""
+        fills = [f for _, f in self.fills(stage)]
+        return sum(fills) / len(fills) if len(fills) >= 3 else None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data, for JSON."""
+        return {
+            "stages": list(self.stages),
+            "capacities": list(self.capacities),
+            "samples": [asdict(s) for s in self._snapshot()],
+        }
+
+
+# ---------------------------------------------------------------------- the bottleneck
+
+BUSY_THRESHOLD = 0.5
+"""A stage whose workers are busy less than this is not called the bottleneck."""
+BLOCKED_THRESHOLD = 0.25
+"""A stage blocked on its output more than this waits for a slower stage after it."""
+STARVED_THRESHOLD = 0.5
+"""When the first stage waits for input more than this, the source is the limit."""
+GIL_CORES = 0.6
+"""A thread stage keeping this many cores busy is taken to be CPU-bound Python."""
+
+
+@dataclass(frozen=True)
+class Bottleneck:
+    """What limits a run's throughput, with the evidence and a hint."""
+
+    where: Literal["stage", "source", "consumer"]
+    """A stage; the source (every stage waits for input); or whatever consumes
+    the last stage's outputs (the last stage is blocked on its output)."""
+    stage: str | None
+    """The stage's name, when ``where`` is ``"stage"``."""
+    evidence: str
+    """The numbers behind the verdict, e.g. ``stage 'parse': 4 workers at 98%
+    busy, input queue 97% full on average, output blocked 0% of the time``."""
+    hint: str
+    """What would help, e.g. ``more workers would help``."""
+
+    def __str__(self) -> str:
+        return f"{self.evidence}: {self.hint}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data, for JSON."""
+        return {**asdict(self), "text": str(self)}
+
+
+def find_bottleneck(
+    stats: Sequence[StageStats], timeline: Timeline | None = None
+) -> Bottleneck | None:
+    """Name what limits the run's throughput, or None when nothing clearly does.
+
+    The rule: among the stages whose output is rarely blocked (a blocked
+    stage is waiting for a slower one after it), the one whose workers are
+    the busiest, if they are busy at least half the time. Its input queue's
+    average fill (from the timeline, when there is one) or the share of time
+    its workers waited for input is given as evidence that work was queuing
+    up in front of it. When no stage qualifies, the source (every stage
+    starved) or the consumer of the outputs (the last stage blocked) is named.
+
+    Args:
+        stats: one snapshot per stage, in pipeline order.
+        timeline: the run's samples, for the input queues' average fill.
+    """
+    if not stats or not any(s.items_in for s in stats):
+        return None
+    candidates = [
+        (i, s)
+        for i, s in enumerate(stats)
+        if s.utilisation >= BUSY_THRESHOLD and s.blocked_output < BLOCKED_THRESHOLD
+    ]
+    if candidates:
+        i, s = max(candidates, key=lambda c: c[1].utilisation)
+        fill = timeline.mean_fill(i) if timeline is not None and timeline.samples else None
+        return Bottleneck("stage", s.name, _stage_evidence(s, fill), _stage_hint(s))
+    first, last = stats[0], stats[-1]
+    if first.waiting_input >= STARVED_THRESHOLD:
+        return Bottleneck(
+            "source",
+            None,
+            f"the source: stage {first.name!r} waited for input "
+            f"{first.waiting_input:.0%} of the time",
+            "the source yields items more slowly than the stages take them",
+        )
+    if last.blocked_output >= STARVED_THRESHOLD:
+        return Bottleneck(
+            "consumer",
+            None,
+            f"the consumer of the outputs: stage {last.name!r} was blocked on its output "
+            f"{last.blocked_output:.0%} of the time",
+            "whatever reads the pipeline's outputs takes them more slowly than they come",
+        )
+    return None
+
+
+def _stage_evidence(s: StageStats, mean_fill: float | None) -> str:
+    workers = f"{s.workers} worker{'s' if s.workers != 1 else ''}"
+    if mean_fill is None:
+        queue = f"waiting for input {s.waiting_input:.0%} of the time"
+    elif mean_fill >= 0.9:
+        queue = f"input queue full ({mean_fill:.0%} on average)"
+    else:
+        queue = f"input queue {mean_fill:.0%} full on average"
+    return (
+        f"stage {s.name!r}: {workers} at {s.utilisation:.0%} busy, {queue}, "
+        f"output blocked {s.blocked_output:.0%} of the time"
+    )
+
+
+def _stage_hint(s: StageStats) -> str:
+    if s.kind == "batch":
+        return "a batch stage only groups items: a larger capacity after it may help"
+    if s.runtime == "process":
+        cores = os.cpu_count() or 1
+        if s.workers < cores:
+            return f"more worker processes would help (this machine has {cores} cores)"
+        return (
+            f"its {s.workers} processes already cover the {cores} cores: "
+            "make the work cheaper, or spread it over more machines"
+        )
+    if s.runtime == "async":
+        return "more concurrency would help (raise workers), unless what it awaits is the limit"
+    used = s.cpu_cores
+    if used is not None and used >= GIL_CORES:
+        return (
+            f"its threads keep {used:.1f} CPU cores busy: the work is CPU-bound, and more "
+            "threads only help code that releases the GIL; try runtime='process'"
+        )
+    return "more workers would help"
+
+
+# ---------------------------------------------------------------------- the result
 
 
 @dataclass
@@ -167,29 +564,42 @@ class RunResult:
     """The last stage's outputs, when the run was asked to collect them."""
     stopped: bool = False
     """True when the run was stopped before its source was exhausted."""
+    timeline: Timeline | None = None
+    """Periodic samples of the run, when it was watched (progress, report or
+    stall detection); None otherwise."""
+
+    @property
+    def bottleneck(self) -> Bottleneck | None:
+        """What limited the run's throughput (see `find_bottleneck`)."""
+        return find_bottleneck(self.stats, self.timeline)
 
     def report(self) -> str:
-        """Return the per-stage table as text (what a terminal would show)."""
+        """Return the per-stage table and the bottleneck as text (what a terminal shows)."""
         from .report import render_table
 
         return render_table(self)
 
+    def as_dict(self) -> dict[str, Any]:
+        """The statistics, bottleneck, failures and timeline as plain data."""
+        bottleneck = self.bottleneck
+        return {
+            "elapsed_seconds": self.elapsed_seconds,
+            "items_out": self.items_out,
+            "stopped": self.stopped,
+            "stages": [s.as_dict() for s in self.stats],
+            "bottleneck": bottleneck.as_dict() if bottleneck is not None else None,
+            "failures": [
+                {
+                    "stage": f.stage,
+                    "item": repr(f.item),
+                    "error": f"{type(f.error).__name__}: {f.error}",
+                    "attempts": f.attempts,
+                }
+                for f in self.failures
+            ],
+            "timeline": self.timeline.as_dict() if self.timeline is not None else None,
+        }
+
     def to_json(self) -> str:
-        """The statistics and failures as a JSON document."""
-        return json.dumps(
-            {
-                "elapsed_seconds": self.elapsed_seconds,
-                "items_out": self.items_out,
-                "stages": [s.as_dict() for s in self.stats],
-                "failures": [
-                    {
-                        "stage": f.stage,
-                        "item": repr(f.item),
-                        "error": f"{type(f.error).__name__}: {f.error}",
-                        "attempts": f.attempts,
-                    }
-                    for f in self.failures
-                ],
-            },
-            indent=2,
-        )
+        """The statistics, bottleneck, failures and timeline as a JSON document."""
+        return json.dumps(self.as_dict(), indent=2)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
+from os import PathLike
+from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
 from .engine import JOIN_TIMEOUT, Run
 from .errors import ConfigurationTypeError
@@ -30,6 +32,9 @@ from .stage import (
     check_int,
     check_seconds,
 )
+
+if TYPE_CHECKING:
+    from .progress import Monitor
 
 __all__ = ["Pipeline", "RunHandle"]
 
@@ -454,35 +459,63 @@ class Pipeline(Generic[T]):
         finally:
             _forget(self._runs, run)
 
-    def run(self, *, collect: bool = False, progress: bool = False) -> RunResult:
+    def run(
+        self,
+        *,
+        collect: bool = False,
+        progress: bool = False,
+        report: str | PathLike[str] | None = None,
+        stall_timeout: float | None = None,
+    ) -> RunResult:
         """Run to completion and return the per-stage statistics.
 
         Args:
             collect: keep the last stage's outputs in ``result.outputs``
                 (otherwise they are counted and dropped).
-            progress: show a live per-stage display on the terminal.
+            progress: show a live per-stage table on stderr when it is a
+                terminal; elsewhere, log a progress line every few seconds
+                on the ``conveyor`` logger (INFO).
+            report: write a self-contained HTML report of the run to this
+                path at the end (also when the run fails).
+            stall_timeout: when no item moves for this many seconds, log a
+                WARNING on the ``conveyor`` logger naming which worker holds
+                which item, for how long, with its stack.
 
         Raises:
             The first error of a stage with ``on_error="raise"``, with its
             own type and a note naming the stage and the item;
             PipelineStopped when the run was stopped from elsewhere.
         """
+        watch = _check_watch("run()", report, stall_timeout)
         run = self._new_run("run()")
         outputs: list[Any] | None = [] if collect else None
-        display = _start_progress(run) if progress else None
+        monitor = _start_monitor(run, self._source, progress, *watch)
         try:
             for chunk in run.outputs():
                 if outputs is not None:
                     outputs.extend(chunk)
         finally:
-            if display is not None:
-                display.close()
+            if monitor is not None:
+                monitor.close()
             _forget(self._runs, run)
         return run.result(outputs)
 
-    def start(self, *, collect: bool = False) -> RunHandle:
-        """Start a run in the background and return its handle."""
-        return RunHandle(self._new_run("start()"), collect, self._runs)
+    def start(
+        self,
+        *,
+        collect: bool = False,
+        progress: bool = False,
+        report: str | PathLike[str] | None = None,
+        stall_timeout: float | None = None,
+    ) -> RunHandle:
+        """Start a run in the background and return its handle.
+
+        Options as for `run`.
+        """
+        watch = _check_watch("start()", report, stall_timeout)
+        run = self._new_run("start()")
+        monitor = _start_monitor(run, self._source, progress, *watch)
+        return RunHandle(run, collect, self._runs, monitor)
 
     def __enter__(self) -> Pipeline[T]:
         return self
@@ -547,17 +580,41 @@ def _check_runtime_fits(stage: Stage) -> None:
         )
 
 
-def _start_progress(run: Run) -> Any:
-    from .progress import Progress
+def _check_watch(
+    method: str, report: str | PathLike[str] | None, stall_timeout: object
+) -> tuple[Path | None, float | None]:
+    """Validate the watching options before the run starts."""
+    from .report import check_report_path
 
-    return Progress.start(run)
+    seconds = check_seconds(stall_timeout, "stall_timeout", method)
+    return (None if report is None else check_report_path(report, method)), seconds
+
+
+def _start_monitor(
+    run: Run,
+    source: object,
+    progress: bool,
+    report: Path | None,
+    stall_timeout: float | None,
+) -> Monitor | None:
+    """Watch ``run`` when any of progress, report or stall detection is asked for."""
+    if not progress and report is None and stall_timeout is None:
+        return None
+    from .progress import Monitor
+
+    return Monitor.start(
+        run, source=source, progress=progress, report=report, stall_timeout=stall_timeout
+    )
 
 
 class RunHandle:
     """A run going on in the background: watch it, stop it, wait for its result."""
 
-    def __init__(self, run: Run, collect: bool, registry: list[Run]) -> None:
+    def __init__(
+        self, run: Run, collect: bool, registry: list[Run], monitor: Monitor | None = None
+    ) -> None:
         self._run = run
+        self._monitor = monitor
         self._outputs: list[Any] | None = [] if collect else None
         self._error: BaseException | None = None
         self._done = threading.Event()
@@ -574,12 +631,19 @@ class RunHandle:
         except BaseException as exc:
             self._error = exc
         finally:
+            if self._monitor is not None:
+                try:
+                    self._monitor.close()
+                except BaseException as exc:  # the report could not be written
+                    self._error = self._error or exc
             _forget(self._registry, self._run)
             self._done.set()
 
     def stop(self, drain: bool = False) -> None:
         """Stop the run: at once (default), or, with ``drain``, stop the source and let
-        the items already inside finish."""
+        the items already inside finish. A run that has ended stays as it ended."""
+        if self._done.is_set():
+            return
         if drain:
             self._run.stop_source()
         else:

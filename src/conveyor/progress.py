@@ -1,47 +1,304 @@
-"""Live per-stage display of a running pipeline."""
+"""Watching a run: the monitor thread, the live display and progress log lines.
+
+A `Monitor` is a thread started next to a run when someone asked to watch
+it (``progress=True``, ``report=...`` or ``stall_timeout=...``). Every tick
+it takes the per-stage statistics once and hands them to whatever watches:
+
+    run.stats() --tick--> Timeline (charts of the HTML report)
+                     +--> StallDetector (a WARNING when nothing moves)
+                     +--> LiveDisplay (rich, on a terminal) or LogDisplay (log lines)
+
+At the end it draws the final state and writes the HTML report. Nothing
+here runs on a worker's hot path: the workers only add to their counters.
+"""
 
 from __future__ import annotations
 
+import logging
+import operator
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from pathlib import Path
+from time import perf_counter
+from typing import TYPE_CHECKING, Protocol
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
+from rich.table import Table
+from rich.text import Text
 
-from .report import stats_table
+from .metrics import StageStats, Timeline, find_bottleneck
+from .report import format_seconds
 
 if TYPE_CHECKING:
     from .engine import Run
+    from .stall import StallDetector
 
-__all__ = ["Progress"]
+__all__ = [
+    "LIVE_REFRESH",
+    "LOG_INTERVAL",
+    "TICK",
+    "LiveDisplay",
+    "LogDisplay",
+    "Monitor",
+    "source_length",
+]
+
+log = logging.getLogger("conveyor")
+
+TICK = 0.1
+"""Seconds between two samples of a watched run."""
+LIVE_REFRESH = 0.25
+"""Seconds between two redraws of the live table (drawing costs the GIL)."""
+LOG_INTERVAL = 5.0
+"""Seconds between two progress log lines when the output is not a terminal."""
 
 
-class Progress:
-    """Refreshes a per-stage table from a thread while the run goes on."""
+def source_length(source: object) -> int | None:
+    """How many items ``source`` will yield, when it can tell (``len`` or a length hint)."""
+    try:
+        return len(source)  # type: ignore[arg-type]
+    except Exception:
+        pass
+    try:
+        hint = operator.length_hint(source, -1)
+    except Exception:
+        return None
+    return hint if hint > 0 else None
 
-    def __init__(self, run: Run, interval: float = 0.25) -> None:
-        self._run = run
+
+class Display(Protocol):
+    """What the monitor draws on: a terminal table or log lines."""
+
+    def update(self, stats: Sequence[StageStats], elapsed: float) -> None:
+        """Show the run's state now (called every tick; draws at its own pace)."""
+
+    def close(self, stats: Sequence[StageStats], elapsed: float) -> None:
+        """Show the final state and release the output."""
+
+
+def _eta(stats: Sequence[StageStats], total: int | None) -> str:
+    """ "done/total (pct), ETA" from the first stage's inputs, or just the count."""
+    if not stats:
+        return ""
+    first = stats[0]
+    if total is None:
+        return f"{first.items_in:,} items in"
+    done = min(first.items_in, total)
+    text = f"{done:,}/{total:,} items in ({done / total:.0%})" if total else "0 items"
+    rate = first.rate_now
+    if done < total and rate > 0:
+        text += f", ETA {format_seconds((total - done) / rate)}"
+    return text
+
+
+def _recent_busy(prev: StageStats | None, cur: StageStats) -> float:
+    """Utilisation since the previous snapshot (the whole run's, without one)."""
+    if prev is None:
+        return cur.utilisation
+    wall = (cur.elapsed_seconds - prev.elapsed_seconds) * cur.workers
+    if wall <= 0:
+        return cur.utilisation
+    return max(0.0, min(1.0, (cur.busy_seconds - prev.busy_seconds) / wall))
+
+
+def _fill_bar(s: StageStats, width: int = 10) -> Text:
+    if s.queue_capacity <= 0:
+        return Text(f"{s.queue_size}")
+    filled = round(width * s.queue_fill)
+    bar = Text("█" * filled, style="red" if s.queue_fill >= 0.9 else "cyan")
+    bar.append("░" * (width - filled), style="dim")
+    bar.append(f" {s.queue_size}/{s.queue_capacity}")
+    return bar
+
+
+class LiveDisplay:
+    """A rich table redrawn in place on a terminal: a row per stage and a total line."""
+
+    def __init__(self, console: Console, total: int | None, refresh: float = LIVE_REFRESH) -> None:
+        self._console = console
+        self._total = total
+        self._refresh = refresh
+        self._last_draw = 0.0
+        self._prev: dict[str, StageStats] = {}
+        self._live = Live(console=console, auto_refresh=False, transient=False)
+        self._live.start()
+
+    def render(self, stats: Sequence[StageStats], elapsed: float, final: bool = False) -> Group:
+        """The table for ``stats`` (kept public for tests and custom displays)."""
+        table = Table(title="conveyor", title_justify="left", expand=False)
+        for column in ("stage", "workers", "in", "out", "failed", "items/s", "busy", "queue"):
+            table.add_column(column, justify="left" if column in ("stage", "queue") else "right")
+        for s in stats:
+            busy = s.utilisation if final else _recent_busy(self._prev.get(s.name), s)
+            table.add_row(
+                s.name,
+                str(s.workers),
+                f"{s.items_in:,}",
+                f"{s.items_out:,}",
+                f"{s.failed:,}",
+                f"{s.throughput if final else s.rate_now:,.0f}",
+                f"{busy:.0%}",
+                _fill_bar(s),
+            )
+        self._prev = {s.name: s for s in stats}
+        footer = f"{_eta(stats, self._total)} · {format_seconds(elapsed)} elapsed"
+        bottleneck = find_bottleneck(stats)
+        if bottleneck is not None and bottleneck.stage is not None:
+            footer += f" · bottleneck: {bottleneck.stage}"
+        return Group(table, Text(footer))
+
+    def update(self, stats: Sequence[StageStats], elapsed: float) -> None:
+        now = perf_counter()
+        if now - self._last_draw < self._refresh:
+            return
+        self._last_draw = now
+        self._live.update(self.render(stats, elapsed), refresh=True)
+
+    def close(self, stats: Sequence[StageStats], elapsed: float) -> None:
+        self._live.update(self.render(stats, elapsed, final=True), refresh=True)
+        self._live.stop()
+
+
+class LogDisplay:
+    """A progress line on the ``conveyor`` logger (INFO) every ``interval`` seconds."""
+
+    def __init__(self, total: int | None, interval: float = LOG_INTERVAL) -> None:
+        self._total = total
         self._interval = interval
+        self._next = interval
+
+    @staticmethod
+    def line(stats: Sequence[StageStats], total: int | None, elapsed: float) -> str:
+        """One line summing up every stage."""
+        stages = " | ".join(
+            f"{s.name} {s.items_in:,} in, {s.rate_now:,.0f}/s, {s.utilisation:.0%} busy, "
+            f"queue {s.queue_size}/{s.queue_capacity}"
+            for s in stats
+        )
+        return f"conveyor: {format_seconds(elapsed)}: {stages} | {_eta(stats, total)}"
+
+    def update(self, stats: Sequence[StageStats], elapsed: float) -> None:
+        if elapsed >= self._next:
+            self._next = elapsed + self._interval
+            log.info("%s", self.line(stats, self._total, elapsed))
+
+    def close(self, stats: Sequence[StageStats], elapsed: float) -> None:
+        log.info("%s (done)", self.line(stats, self._total, elapsed))
+
+
+class Monitor:
+    """Watches a run from a thread of its own; see the module's docstring.
+
+    Args:
+        run: the run to watch (already started).
+        display: where to show progress, or None.
+        report: write the HTML report there at the end, or None.
+        stall_timeout: seconds without any item moving before a stall report.
+        tick: seconds between samples.
+    """
+
+    def __init__(
+        self,
+        run: Run,
+        display: Display | None = None,
+        report: Path | None = None,
+        stall_timeout: float | None = None,
+        tick: float = TICK,
+    ) -> None:
+        self._run = run
+        self._display = display
+        self._report = report
+        self._tick = tick
+        self.stall: StallDetector | None = None
+        if stall_timeout is not None:
+            from .stall import StallDetector
+
+            self.stall = StallDetector(run, stall_timeout)
+        self.timeline = Timeline(
+            [s.name for s in run.stages], [c.maxsize for c in run.channels[: len(run.stages)]]
+        )
+        run.timeline = self.timeline
         self._stop = threading.Event()
-        self._console = Console(stderr=True)
-        self._live = Live(stats_table(run.stats()), console=self._console, transient=False)
-        self._thread = threading.Thread(target=self._loop, name="conveyor-progress", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="conveyor-monitor", daemon=True)
 
     @classmethod
-    def start(cls, run: Run) -> Progress:
-        """Start displaying ``run``."""
-        progress = cls(run)
-        progress._live.start()
-        progress._thread.start()
-        return progress
+    def start(
+        cls,
+        run: Run,
+        *,
+        source: object = None,
+        progress: bool = False,
+        report: Path | None = None,
+        stall_timeout: float | None = None,
+        console: Console | None = None,
+    ) -> Monitor:
+        """Start watching ``run``: a live table on a terminal, log lines elsewhere.
+
+        Args:
+            run: the run, already started.
+            source: the pipeline's source, for the total and the ETA.
+            progress: show progress (on stderr, or ``console``).
+            report: where to write the HTML report at the end.
+            stall_timeout: seconds without movement before a stall report.
+            console: the rich console to draw on (default: stderr).
+        """
+        display: Display | None = None
+        if progress:
+            console = console or Console(stderr=True)
+            total = source_length(source)
+            display = LiveDisplay(console, total) if console.is_terminal else LogDisplay(total)
+        monitor = cls(run, display, report, stall_timeout)
+        monitor._sample()
+        monitor._thread.start()
+        return monitor
+
+    def _elapsed(self) -> float:
+        return perf_counter() - self._run.started
+
+    def _sample(self, force: bool = False) -> list[StageStats]:
+        stats = self._run.stats()
+        self.timeline.add(self._elapsed(), stats, force=force)
+        return stats
 
     def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._live.update(stats_table(self._run.stats()))
+        while not self._stop.wait(self._tick):
+            stats = self._sample()
+            if self.stall is not None:
+                self.stall.check()
+            if self._display is not None:
+                try:
+                    self._display.update(stats, self._elapsed())
+                except Exception:  # a broken terminal must not break the run
+                    log.exception("conveyor: the progress display failed; it is turned off")
+                    self._display = None
 
     def close(self) -> None:
-        """Draw the final state and stop."""
+        """Stop watching: final sample, final display, then the HTML report.
+
+        Raises:
+            OSError: the report could not be written, and the run itself did
+                not fail (when it did, the write error is logged instead, so
+                the run's own error reaches the caller).
+        """
         self._stop.set()
-        self._thread.join()
-        self._live.update(stats_table(self._run.stats()))
-        self._live.stop()
+        if self._thread.is_alive():
+            self._thread.join()
+        stats = self._sample(force=True)
+        elapsed = self._run.result().elapsed_seconds
+        if self._display is not None:
+            self._display.close(stats, elapsed)
+        if self._report is not None:
+            self._write_report()
+
+    def _write_report(self) -> None:
+        from .report import write_html
+
+        assert self._report is not None
+        run = self._run
+        try:
+            write_html(self._report, run.result(), run.control.error)
+        except OSError:
+            if not run.control.stopped.is_set():
+                raise
+            log.exception("conveyor: could not write the report to %s", self._report)

@@ -13,12 +13,13 @@ timeouts only cost something for the items that need them.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import random
 import reprlib
 import sys
-import threading
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any, Literal
@@ -33,10 +34,13 @@ __all__ = [
     "BatchOutcome",
     "Failure",
     "Stage",
+    "aapply_one",
     "add_note",
     "add_stage_note",
     "apply_one",
+    "aprocess_batch",
     "process_batch",
+    "timeout_error",
     "worker_state",
 ]
 
@@ -186,7 +190,10 @@ def check_choice(value: object, param: str, method: str, choices: tuple[str, ...
 
 # ---------------------------------------------------------------------- per-worker state
 
-_worker = threading.local()
+# A context variable rather than a thread-local: each thread starts with a
+# context of its own, and so does each asyncio task, so the many worker
+# coroutines of an async stage on one event loop each see their own state.
+_worker_state: ContextVar[Any] = ContextVar("conveyor_worker_state", default=None)
 
 
 def worker_state() -> Any:
@@ -196,12 +203,12 @@ def worker_state() -> Any:
     connection that ``on_start`` opened once per worker. Returns None when
     the stage has no ``on_start``.
     """
-    return getattr(_worker, "state", None)
+    return _worker_state.get()
 
 
 def set_worker_state(state: Any) -> None:
-    """Make ``state`` what `worker_state()` returns in the calling thread."""
-    _worker.state = state
+    """Make ``state`` what `worker_state()` returns in the calling thread or asyncio task."""
+    _worker_state.set(state)
 
 
 # ---------------------------------------------------------------------- errors
@@ -297,15 +304,68 @@ def apply_one(stage: Stage, item: Any) -> tuple[list[Any], bool]:
     """Apply the stage to one item; return (outputs, filtered)."""
     fn = stage.fn
     assert fn is not None
-    if stage.kind == "map":
-        return [fn(item)], False
-    if stage.kind == "filter":
-        keep = fn(item)
-        return ([item], False) if keep else ([], True)
-    if stage.kind == "flat_map":
-        return list(fn(item)), False
-    fn(item)
+    return _outputs_of(stage.kind, item, fn(item))
+
+
+async def aapply_one(stage: Stage, item: Any) -> tuple[list[Any], bool]:
+    """Apply a coroutine stage to one item within its ``timeout``; return (outputs, filtered).
+
+    Raises:
+        TimeoutError: the call took longer than the stage's ``timeout`` (it
+            was cancelled).
+    """
+    fn = stage.fn
+    assert fn is not None
+    if stage.timeout is None:
+        return _outputs_of(stage.kind, item, await fn(item))
+    try:
+        result = await asyncio.wait_for(fn(item), stage.timeout)
+    except asyncio.TimeoutError as exc:
+        # wait_for's own timeout is chained to the cancellation it caused; a
+        # TimeoutError the function raised itself is not, and goes on untouched.
+        if not isinstance(exc.__cause__, asyncio.CancelledError):
+            raise
+        raise timeout_error(stage) from None
+    return _outputs_of(stage.kind, item, result)
+
+
+def _outputs_of(kind: str, item: Any, result: Any) -> tuple[list[Any], bool]:
+    """What a call that returned ``result`` on ``item`` sends on: (outputs, filtered)."""
+    if kind == "map":
+        return [result], False
+    if kind == "filter":
+        return ([item], False) if result else ([], True)
+    if kind == "flat_map":
+        return list(result), False
     return [], False
+
+
+def timeout_error(stage: Stage) -> TimeoutError:
+    """The error of a call that exceeded the stage's per-item ``timeout``."""
+    return TimeoutError(
+        f"stage {stage.label} took longer than its timeout of {stage.timeout} s on one item"
+    )
+
+
+def _retry_delay(stage: Stage, attempts: int) -> float | None:
+    """Seconds to wait before calling an item again after ``attempts`` failed calls.
+
+    None when the item is out of retries: then `_give_up` applies ``on_error``.
+    """
+    return stage.backoff.delay(attempts) if attempts <= stage.retries else None
+
+
+def _give_up(
+    stage: Stage, outcome: BatchOutcome, item: Any, error: Exception, attempts: int, index: int
+) -> bool:
+    """Apply ``on_error`` to ``batch[index]``, out of retries; True when the batch ends there."""
+    if stage.on_error == "skip":
+        outcome.failures.append(Failure(stage.name, item, error, attempts))
+        return False
+    outcome.error = add_stage_note(error, stage, item)
+    outcome.error_item = item
+    outcome.processed = index
+    return True
 
 
 def process_batch(
@@ -356,24 +416,57 @@ def process_batch(
                     out.extend(outputs)
                     outcome.filtered += was_filtered
                     break
-            if attempts <= stage.retries:
-                if sleep is None or sleep(stage.backoff.delay(attempts)):
-                    outcome.retried += 1
-                    attempts += 1
-                    error = None
-                    continue
+            delay = _retry_delay(stage, attempts)
+            if delay is None:
+                if _give_up(stage, outcome, item, error, attempts, i):
+                    return outcome
+                break
+            if sleep is not None and not sleep(delay):
                 # Stopped while waiting: reporting the error would turn a stop() into a failure.
                 outcome.processed = i
                 return outcome
-            if stage.on_error == "skip":
-                outcome.failures.append(Failure(stage.name, item, error, attempts))
-                break
-            outcome.error = add_stage_note(error, stage, item)
-            outcome.error_item = item
-            outcome.processed = i
-            return outcome
+            outcome.retried += 1
+            attempts += 1
+            error = None
         i += 1
     outcome.processed = n
+    return outcome
+
+
+async def aprocess_batch(stage: Stage, batch: list[Any]) -> BatchOutcome:
+    """`process_batch` for a coroutine stage: the same policies, awaited.
+
+    Items run one after the other (a stage's concurrency is its number of
+    worker coroutines); retries wait with `asyncio.sleep` and ``timeout``
+    cancels the call (see `aapply_one`). A stop cancels the worker, so a
+    `asyncio.CancelledError` from the call or the wait goes through.
+
+    Returns:
+        The outcome, as `process_batch` returns it.
+    """
+    out: list[Any] = []
+    outcome = BatchOutcome(out)
+    for i, item in enumerate(batch):
+        attempts = 1
+        while True:
+            error: Exception | None = None
+            try:
+                outputs, was_filtered = await aapply_one(stage, item)
+            except Exception as exc:
+                error = exc
+            else:
+                out.extend(outputs)
+                outcome.filtered += was_filtered
+                break
+            delay = _retry_delay(stage, attempts)
+            if delay is None:
+                if _give_up(stage, outcome, item, error, attempts, i):
+                    return outcome
+                break
+            await asyncio.sleep(delay)
+            outcome.retried += 1
+            attempts += 1
+    outcome.processed = len(batch)
     return outcome
 
 

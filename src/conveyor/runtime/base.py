@@ -19,6 +19,7 @@ order and a `Sequencer` releases their outputs in ticket order.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import threading
 from abc import ABC, abstractmethod
@@ -38,6 +39,7 @@ __all__ = [
     "Runtime",
     "Sequencer",
     "StageRun",
+    "account_batch",
     "batch_loop",
     "get_runtime",
     "worker_loop",
@@ -57,6 +59,10 @@ class RunControl:
         self.stopped = threading.Event()
         self.error: BaseException | None = None
         self.failures: list[Failure] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """The caller's event loop when the run is driven from async code
+        (``await pipeline.arun()``, ``async for``): async stages run there.
+        None: they run on an event loop of the async runtime's own thread."""
         self._lock = threading.Lock()
         self._on_abort: list[Callable[[], None]] = []
 
@@ -103,6 +109,11 @@ class Sequencer:
     batch on the output, outside the lock, while later deposits queue up.
     ``window`` bounds how far ahead of the oldest unfinished batch a worker
     may take a new one, which bounds the reorder buffer.
+
+    `take`/`deposit` serve worker threads; `atake`/`adeposit` serve the
+    worker coroutines of an async stage, on one event loop, without ever
+    blocking it: they park on futures and flush with ``aput_many``. A
+    sequencer serves one kind of worker (a stage has one runtime).
     """
 
     def __init__(self, output: Channel[Any], window: int, control: RunControl) -> None:
@@ -116,51 +127,135 @@ class Sequencer:
         self._flushing = False
         self._take_lock = threading.Lock()
         self._next_ticket = 0
+        # The async side: coroutines parked until _next moves (resolved like
+        # _moved is notified), and the lock that keeps their takes in order.
+        self._moved_futures: list[asyncio.Future[None]] = []
+        self._atake_lock: asyncio.Lock | None = None
         control.on_abort(self._wake_all)
 
     def _wake_all(self) -> None:
         with self._lock:
-            self._moved.notify_all()
+            self._notify_moved()
+
+    def _notify_moved(self) -> None:
+        """Wake every thread and coroutine waiting for _next to move (lock held)."""
+        self._moved.notify_all()
+        if self._moved_futures:
+            for future in self._moved_futures:
+                try:
+                    future.get_loop().call_soon_threadsafe(_resolve, future)
+                except RuntimeError:  # its loop is closed: nobody is left to wake
+                    pass
+            self._moved_futures.clear()
+
+    def _window_full(self, ticket: int) -> bool:
+        """True while ``ticket`` is too far ahead of _next (lock held); ShutDown once stopped."""
+        if ticket - self._next < self._window:
+            return False
+        if self._control.stopped.is_set():
+            raise ShutDown
+        return True
 
     def take(self, channel: Channel[Any], n: int) -> tuple[list[Any], int]:
         """Take a batch of up to ``n`` items and its ticket, in input order."""
         with self._take_lock:
             ticket = self._next_ticket
             with self._lock:
-                while ticket - self._next >= self._window:
-                    if self._control.stopped.is_set():
-                        raise ShutDown
+                while self._window_full(ticket):
                     self._moved.wait()
             batch = channel.get_many(n)
             self._next_ticket = ticket + 1
             return batch, ticket
 
+    async def atake(self, channel: Channel[Any], n: int) -> tuple[list[Any], int]:
+        """`take` for a coroutine: waits for the window and the items without blocking the loop.
+
+        The takers are coroutines of one loop, so a take that needs no wait
+        runs without a pause and is atomic; only takes that must wait queue
+        up, in order, on an asyncio lock.
+        """
+        lock = self._atake_lock
+        if lock is None:  # made here: an asyncio.Lock belongs to the running loop
+            lock = self._atake_lock = asyncio.Lock()
+        if not lock.locked():
+            with self._lock:
+                full = self._window_full(self._next_ticket)
+            if not full:
+                try:
+                    return self._ticketed(channel.get_many(n, False))
+                except Empty:
+                    pass
+        async with lock:
+            while True:
+                with self._lock:
+                    if not self._window_full(self._next_ticket):
+                        break
+                    moved = asyncio.get_running_loop().create_future()
+                    self._moved_futures.append(moved)
+                await moved
+            # No pause between aget_many's take and the ticket: both happen at once.
+            return self._ticketed(await channel.aget_many(n))
+
+    def _ticketed(self, batch: list[Any]) -> tuple[list[Any], int]:
+        ticket = self._next_ticket
+        self._next_ticket = ticket + 1
+        return batch, ticket
+
     def deposit(self, ticket: int, outputs: list[Any]) -> None:
         """Hand in a batch's outputs; release every batch now in order."""
+        if not self._enter(ticket, outputs):
+            return
+        try:
+            while (chunk := self._release_ready()) is not None:
+                self._output.put_many(chunk)
+        except BaseException:
+            self._leave()
+            raise
+
+    async def adeposit(self, ticket: int, outputs: list[Any]) -> None:
+        """`deposit` for a coroutine: the flush waits for room without blocking the loop."""
+        if not self._enter(ticket, outputs):
+            return
+        try:
+            while (chunk := self._release_ready()) is not None:
+                await self._output.aput_many(chunk)
+        except BaseException:
+            self._leave()
+            raise
+
+    def _enter(self, ticket: int, outputs: list[Any]) -> bool:
+        """Store a batch's outputs; True when the caller must flush (it holds the oldest ticket)."""
         with self._lock:
             self._pending[ticket] = outputs
             if self._flushing or ticket != self._next:
-                return
+                return False
             self._flushing = True
-        try:
-            while True:
-                with self._lock:
-                    chunk: list[Any] = []
-                    pending = self._pending
-                    while self._next in pending:
-                        chunk.extend(pending.pop(self._next))
-                        self._next += 1
-                    self._moved.notify_all()
-                    if not chunk and self._next not in pending:
-                        # Batches with no output (all filtered) still advance _next.
-                        self._flushing = False
-                        return
-                if chunk:
-                    self._output.put_many(chunk)
-        except BaseException:
-            with self._lock:
+            return True
+
+    def _release_ready(self) -> list[Any] | None:
+        """The flusher's next chunk: every consecutive ready output; None when done flushing."""
+        with self._lock:
+            chunk: list[Any] = []
+            pending = self._pending
+            while self._next in pending:
+                # Batches with no output (all filtered) still advance _next.
+                chunk.extend(pending.pop(self._next))
+                self._next += 1
+            self._notify_moved()
+            if not chunk:
                 self._flushing = False
-            raise
+                return None
+            return chunk
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._flushing = False
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    # Runs in the future's own loop: only there is touching it safe.
+    if not future.done():
+        future.set_result(None)
 
 
 class StageRun:
@@ -244,11 +339,7 @@ def worker_loop(
             outcome = execute(batch)
             t2 = perf_counter()
             counters.current_item = counters.current_since = None
-            _count(counters, outcome, len(batch), t2 - t1)
-            if outcome.failures:
-                control.record_failures(outcome.failures)
-            if outcome.error is not None:
-                control.fail(outcome.error)
+            if account_batch(counters, control, outcome, len(batch), t2 - t1):
                 break
             if sequencer is not None:
                 sequencer.deposit(ticket, outcome.outputs)
@@ -261,7 +352,21 @@ def worker_loop(
     except BaseException as exc:  # a bug in conveyor, or Ctrl-C delivered here
         control.fail(add_stage_note(exc, stage, counters.current_item))
     finally:
+        counters.finish()
         handle.close()
+
+
+def account_batch(
+    counters: WorkerCounters, control: RunControl, outcome: BatchOutcome, taken: int, busy: float
+) -> bool:
+    """Count a batch's outcome and hand its failures to the run; True when it failed the run."""
+    _count(counters, outcome, taken, busy)
+    if outcome.failures:
+        control.record_failures(outcome.failures)
+    if outcome.error is not None:
+        control.fail(outcome.error)
+        return True
+    return False
 
 
 def _count(counters: WorkerCounters, outcome: BatchOutcome, taken: int, busy: float) -> None:
@@ -272,7 +377,7 @@ def _count(counters: WorkerCounters, outcome: BatchOutcome, taken: int, busy: fl
     counters.failed += failed
     counters.retried += outcome.retried
     counters.batches += 1
-    counters.busy += busy
+    counters.add_busy(busy, taken)
 
 
 def batch_loop(sr: StageRun) -> None:
@@ -318,6 +423,7 @@ def batch_loop(sr: StageRun) -> None:
     except BaseException as exc:
         sr.control.fail(add_stage_note(exc, stage, buf[:1]))
     finally:
+        counters.finish()
         handle.close()
 
 

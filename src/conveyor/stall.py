@@ -1,0 +1,130 @@
+"""The stall detector: when nothing moves for a while, say who holds what, and where.
+
+A run is stalled when no item has moved for ``stall_timeout`` seconds: the
+source yielded nothing, no worker finished a batch, no channel received an
+item and the caller took no output. The detector then logs a WARNING on the
+``conveyor`` logger naming, for every worker inside the stage function, the
+item it holds, for how long, and its thread's current stack; and the fill
+of every channel, so a full queue in front of a stuck stage is visible.
+
+For a process stage the stack is that of the parent thread which waits for
+the child process (the child's own stack is not reachable from here).
+
+It reports once when the timeout is crossed, then again each time the stall
+has doubled in length, until something moves.
+"""
+
+from __future__ import annotations
+
+import logging
+import reprlib
+import sys
+import traceback
+from time import perf_counter
+from typing import TYPE_CHECKING
+
+from .metrics import StageMetrics, WorkerCounters
+
+if TYPE_CHECKING:
+    from .engine import Run
+
+__all__ = ["StallDetector"]
+
+log = logging.getLogger("conveyor")
+
+_STACK_FRAMES = 12  # innermost frames shown per worker: the user's code and what called it
+_item_repr = reprlib.Repr()
+_item_repr.maxstring = 80
+_item_repr.maxother = 80
+
+
+class StallDetector:
+    """Watches one run's counters; call `check` periodically (the `Monitor` does)."""
+
+    def __init__(self, run: Run, timeout: float) -> None:
+        self._run = run
+        self.timeout = timeout
+        self._last_moves = -1
+        self._since = perf_counter()
+        self._next_report = timeout
+        self.reports = 0
+        """How many stall reports were logged (for tests and the final summary)."""
+
+    def _moves(self) -> int:
+        """A number that grows whenever any item moves anywhere in the run."""
+        run = self._run
+        total = run.pulled + run.items_out
+        for m in run.metrics:
+            for w in list(m.workers):
+                total += w.items_in + w.items_out + w.batches
+        for channel in run.channels:
+            total += channel.stats().total_put
+        return total
+
+    def check(self, now: float | None = None) -> str | None:
+        """Log a stall report if nothing moved for too long; return its text if so."""
+        now = perf_counter() if now is None else now
+        moves = self._moves()
+        if moves != self._last_moves:
+            self._last_moves, self._since, self._next_report = moves, now, self.timeout
+            return None
+        idle = now - self._since
+        if idle < self._next_report:
+            return None
+        self._next_report = 2 * idle
+        text = self.describe(idle, now)
+        log.warning("%s", text)
+        self.reports += 1
+        return text
+
+    def describe(self, idle: float, now: float) -> str:
+        """The stall report: who holds which item for how long, their stacks, the queues."""
+        run = self._run
+        frames = sys._current_frames()
+        lines = [
+            f"conveyor: stalled: no item has moved for {idle:.1f} s "
+            f"(stall_timeout={self.timeout:g} s)"
+        ]
+        holders = 0
+        for m in run.metrics:
+            for w in list(m.workers):
+                if w.current_since is None:
+                    continue
+                holders += 1
+                lines.append(_holder_line(m, w, now))
+                lines.extend(_stack_lines(frames.get(w.thread_id or -1)))
+        if not holders:
+            lines.append("  no worker is inside a stage function")
+            feeder = getattr(run, "_feeder", None)
+            if feeder is not None and feeder.is_alive():
+                lines.append(f"  the source ({run.pulled:,} items pulled so far) is at:")
+                lines.extend(_stack_lines(frames.get(feeder.ident or -1)))
+        lines.append("  queues: " + ", ".join(_queue_state(m) for m in run.metrics))
+        last = run.channels[-1]
+        if last.maxsize and last.qsize() >= last.maxsize:
+            lines.append(
+                "  the outputs channel is full: nothing is consuming the pipeline's outputs"
+            )
+        return "\n".join(lines)
+
+
+def _holder_line(m: StageMetrics, w: WorkerCounters, now: float) -> str:
+    held = now - (w.current_since or now)
+    where = f"process stage {m.stage.label}" if m.stage.runtime == "process" else m.stage.label
+    return (
+        f"  stage {where}, worker {w.thread_name}: holds item "
+        f"{_item_repr.repr(w.current_item)} since {held:.1f} s; its stack:"
+    )
+
+
+def _stack_lines(frame: object) -> list[str]:
+    if frame is None:
+        return ["    (stack not available)"]
+    entries = traceback.format_stack(frame)[-_STACK_FRAMES:]  # type: ignore[arg-type]
+    return ["    " + line for entry in entries for line in entry.rstrip().splitlines()]
+
+
+def _queue_state(m: StageMetrics) -> str:
+    size, capacity = m.channel.qsize(), m.channel.maxsize
+    full = " (full)" if capacity and size >= capacity else ""
+    return f"{m.stage.name!r} input {size}/{capacity}{full}"

@@ -24,7 +24,8 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Iterator
+from contextlib import contextmanager
 from itertools import islice
 from time import perf_counter
 from typing import Any
@@ -47,8 +48,16 @@ JOIN_TIMEOUT = 5.0
 class Run:
     """One execution of a pipeline: start it, consume its outputs, finish or abort it."""
 
-    def __init__(self, source: Iterable[Any] | AsyncIterable[Any], stages: list[Stage]) -> None:
+    def __init__(
+        self,
+        source: Iterable[Any] | AsyncIterable[Any],
+        stages: list[Stage],
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.control = RunControl()
+        # Driven from async code (arun, async for): async stages and an async
+        # source run on the caller's loop, which must never block.
+        self.control.loop = loop
         self.stages = stages
         caps = [s.capacity for s in stages] + [DEFAULT_CAPACITY]
         self.channels: list[Channel[Any]] = [Channel(c) for c in caps]
@@ -61,6 +70,7 @@ class Run:
         self._source = source
         self._feeder_handle = self.channels[0].producer()
         self._feeder: threading.Thread | None = None
+        self._feeder_task: asyncio.Task[None] | None = None
         # stop(drain=True) and the feeder agree under this lock: an item pulled
         # from the source is always put, and nothing is pulled after the stop.
         self._source_lock = threading.Lock()
@@ -93,6 +103,13 @@ class Run:
             self.abort()
             self.join()
             raise
+        loop = self.control.loop
+        if loop is not None and isinstance(self._source, AsyncIterable):
+            # The caller's async source belongs on the caller's loop (its
+            # sessions and locks are bound to it): feed it there, as a task.
+            self._feeder_task = loop.create_task(self._afeed(self._source), name="conveyor-source")
+            self.control.on_abort(self._cancel_feeder_task)
+            return
         self._feeder = threading.Thread(target=self._feed, name="conveyor-source", daemon=True)
         self._feeder.start()
 
@@ -102,21 +119,44 @@ class Run:
 
     def _feed(self) -> None:
         """The feeder thread: pull the source into channel 0, never ahead of the room."""
-        handle = self._feeder_handle
-        try:
+        with self._feeding() as handle:
             if isinstance(self._source, AsyncIterable):
                 asyncio.run(self._feed_async(self._source, handle))
             elif isinstance(self._source, _IN_MEMORY):
                 self._feed_chunks(iter(self._source), handle)
             else:
                 self._feed_items(iter(self._source), handle)
+
+    async def _afeed(self, source: AsyncIterable[Any]) -> None:
+        """The feeder as a task on the caller's loop (a run driven from async code)."""
+        with self._feeding() as handle:
+            await self._feed_async(source, handle)
+
+    @contextmanager
+    def _feeding(self) -> Iterator[Producer[Any]]:
+        """Around a feeder: its errors fail the run; channel 0's handle closes at the end."""
+        handle = self._feeder_handle
+        try:
+            yield handle
         except ShutDown:
             pass  # the run was aborted, or stopped with drain=True
+        except asyncio.CancelledError:
+            if not self.control.stopped.is_set():
+                raise  # not our abort: the caller's loop is shutting down
         except BaseException as exc:
             add_note(exc, f"conveyor: the source failed after {self.pulled} items")
             self.control.fail(exc)
         finally:
             handle.close()
+
+    def _cancel_feeder_task(self) -> None:
+        """Interrupt the feeder task, which may be waiting on the source (any thread)."""
+        task = self._feeder_task
+        assert task is not None
+        try:
+            task.get_loop().call_soon_threadsafe(task.cancel)
+        except RuntimeError:  # the loop is closed: the task is long gone
+            pass
 
     def _feed_items(self, source: Iterator[Any], handle: Producer[Any]) -> None:
         # Any iterator may block between two items (a socket, a queue, a crawler
@@ -188,7 +228,7 @@ class Run:
             return not self._source_stopped
 
     async def _feed_async(self, source: AsyncIterable[Any], handle: Producer[Any]) -> None:
-        # An async source gets an event loop of its own, in the feeder thread.
+        # In the feeder thread on an event loop of its own, or on the caller's loop.
         channel = handle.channel
         iterator = source.__aiter__()
         try:
@@ -231,6 +271,24 @@ class Run:
             raise
         finally:
             self.join()
+        self.raise_error()
+
+    async def aoutputs(self) -> AsyncGenerator[list[Any], None]:
+        """`outputs` for a caller on the run's event loop: waits without blocking it."""
+        last = self.channels[-1]
+        try:
+            while True:
+                try:
+                    chunk = await last.aget_many(MAX_BATCH)
+                except ShutDown:
+                    break
+                self.items_out += len(chunk)
+                yield chunk
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            await self.ajoin()
         self.raise_error()
 
     def raise_error(self, stopped_ok: bool = False) -> None:
@@ -278,6 +336,23 @@ class Run:
         for m in self.metrics:
             m.finished = self.finished
         self._joined = True
+
+    async def ajoin(self, timeout: float = JOIN_TIMEOUT) -> None:
+        """`join` from the caller's event loop, which keeps running meanwhile.
+
+        The feeder task is awaited on the loop; the threads and the worker
+        tasks are waited for from a helper thread, since the tasks need the
+        loop to end.
+        """
+        if self._joined:
+            return
+        deadline = perf_counter() + timeout
+        task = self._feeder_task
+        if task is not None:
+            await asyncio.wait([task], timeout=timeout)
+            if not task.done():
+                task.cancel()  # stuck in the source: let it end on its own
+        await asyncio.to_thread(self.join, max(0.0, deadline - perf_counter()))
 
     # ------------------------------------------------------------------ results
 

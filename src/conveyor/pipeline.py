@@ -8,8 +8,17 @@ can be iterated again). Running it creates a `conveyor.engine.Run`.
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+)
+from contextlib import aclosing
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
@@ -435,14 +444,14 @@ class Pipeline(Generic[T]):
 
     # ------------------------------------------------------------------ running
 
-    def _new_run(self, method: str) -> Run:
+    def _new_run(self, method: str, loop: asyncio.AbstractEventLoop | None = None) -> Run:
         if not self._stages:
             from .errors import ConfigurationError
 
             raise ConfigurationError(
                 f"{method}: the pipeline has no stage: add .map(), .each(), ..."
             )
-        run = Run(self._source, list(self._stages))
+        run = Run(self._source, list(self._stages), loop=loop)
         self._runs.append(run)
         run.start()
         return run
@@ -497,6 +506,61 @@ class Pipeline(Generic[T]):
         finally:
             if monitor is not None:
                 monitor.close()
+            _forget(self._runs, run)
+        return run.result(outputs)
+
+    def __aiter__(self) -> AsyncGenerator[T, None]:
+        """Run the pipeline from async code; ``async for`` gets the outputs lazily.
+
+        Async stages (and an async source) run on the caller's event loop,
+        which is never blocked: thread and process stages run in their
+        threads as usual. Leaving the loop early stops the run; use
+        `contextlib.aclosing` to have it joined at once rather than when the
+        iterator is collected.
+
+        Example:
+            >>> import asyncio, conveyor as cv
+            >>> async def double(x):
+            ...     return 2 * x
+            >>> async def main():
+            ...     return [x async for x in cv.Pipeline(range(3)).map(double, runtime="async")]
+            >>> asyncio.run(main())
+            [0, 2, 4]
+        """
+        return self._aiterate()
+
+    async def _aiterate(self) -> AsyncGenerator[T, None]:
+        run = self._new_run("iterating a pipeline", loop=asyncio.get_running_loop())
+        try:
+            async with aclosing(run.aoutputs()) as chunks:
+                async for chunk in chunks:
+                    for item in chunk:
+                        yield item
+        finally:
+            _forget(self._runs, run)
+
+    async def arun(self, *, collect: bool = False) -> RunResult:
+        """`run` from async code: ``await pipeline.arun()``, on the caller's event loop.
+
+        Async stages (and an async source) run on the caller's loop, which
+        keeps serving other tasks meanwhile; thread and process stages run in
+        their threads. Cancelling the awaiting task stops the run, cancels the
+        stages' coroutines and waits for them to end.
+
+        Args:
+            collect: keep the last stage's outputs in ``result.outputs``.
+
+        Raises:
+            As `run` does.
+        """
+        run = self._new_run("arun()", loop=asyncio.get_running_loop())
+        outputs: list[Any] | None = [] if collect else None
+        try:
+            async with aclosing(run.aoutputs()) as chunks:
+                async for chunk in chunks:
+                    if outputs is not None:
+                        outputs.extend(chunk)
+        finally:
             _forget(self._runs, run)
         return run.result(outputs)
 

@@ -139,6 +139,10 @@ class AsyncRuntime(Runtime):
         """
         if self._loop is None:
             return []
+        if _running_loop() is self._loop:
+            # A start that failed on the caller's loop: waiting here would keep
+            # the tasks from running; they were cancelled and end on their own.
+            return []
         deadline = monotonic() + timeout
         stuck = [] if self._idle.wait(timeout) else self._stuck()
         if self._thread is None:

@@ -32,9 +32,11 @@ __all__ = ["check_report_path", "format_seconds", "render_html", "render_table",
 
 
 def format_seconds(seconds: float) -> str:
-    """A duration in the unit that reads best: ``35 µs``, ``1.2 ms``, ``2.1 s``, ``3m05s``."""
+    """A duration in the unit that reads best: ``350 ns``, ``1.2 ms``, ``2.1 s``, ``3m05s``."""
     if seconds <= 0:
         return "0"
+    if seconds < 1e-6:
+        return f"{seconds * 1e9:.0f} ns"
     if seconds < 1e-3:
         return f"{seconds * 1e6:.0f} µs"
     if seconds < 1:

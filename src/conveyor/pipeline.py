@@ -475,6 +475,7 @@ class Pipeline(Generic[T]):
         progress: bool = False,
         report: str | PathLike[str] | None = None,
         stall_timeout: float | None = None,
+        backend: Any = None,
     ) -> RunResult:
         """Run to completion and return the per-stage statistics.
 
@@ -489,12 +490,19 @@ class Pipeline(Generic[T]):
             stall_timeout: when no item moves for this many seconds, log a
                 WARNING on the ``conveyor`` logger naming which worker holds
                 which item, for how long, with its stack.
+            backend: run elsewhere than in this process, e.g.
+                ``conveyor.redis.RedisBackend(url)``: workers anywhere serve
+                the stages (see docs/distributed.md). ``report`` and
+                ``stall_timeout`` apply to runs in this process only.
 
         Raises:
             The first error of a stage with ``on_error="raise"``, with its
             own type and a note naming the stage and the item;
             PipelineStopped when the run was stopped from elsewhere.
         """
+        if backend is not None:
+            result: RunResult = backend.run(self, collect=collect, progress=progress)
+            return result
         watch = _check_watch("run()", report, stall_timeout)
         run = self._new_run("run()")
         outputs: list[Any] | None = [] if collect else None

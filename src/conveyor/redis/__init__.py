@@ -1,0 +1,51 @@
+"""The distributed backend: the same pipeline, its stages served by workers anywhere.
+
+::
+
+    driver (pipeline.run(backend=RedisBackend(url)))             workers (conveyor worker mod:pipe)
+    ------------------------------------------------             ---------------------------------
+    source --feed (Lua: XADD + HINCRBY fed)--+
+              waits while XLEN >= limit      |
+                                             v
+                     [stream s0] --XREADGROUP group "workers" COUNT n--> stage 0 consumers
+                         ^                                                  |  process_batch
+                         |  XAUTOCLAIM after the visibility timeout         |  (stage.py)
+                         |  (entries of dead or stuck consumers)            v
+                         |                 one Lua hand-off per batch: XADD outputs to s1,
+                         |                 XACK + XDEL inputs, HINCRBY counters
+                         |                 (more than max_deliveries -> [dlq0] + its error)
+                     [stream s1] --XREADGROUP--> stage 1 consumers --hand-off--> ...
+                                                                                   |
+                     [final stream sN] <-- outputs (and tombstones, ordered runs) -+
+                         |
+    outputs <--reorder-- XREADGROUP group "driver"; XACK + XDEL + HINCRBY delivered
+    done when the source is done, every stage's acked == what its predecessor produced,
+    and delivered == what the final stream received  (HGETALL counters: no sentinel)
+
+Keys of one run share a hash tag: ``conveyor:{<pipeline id>.<run id>}:`` + ``meta``
+(settings), ``counters``, ``s<i>`` (streams), ``e<i>`` (last errors of entries
+waiting for redelivery), ``dlq<i>`` (dead letters), ``failures``; live runs are
+listed in ``conveyor:<pipeline id>:runs``, which workers poll.
+
+Modules: `streams` (keys, connections, retries, Lua scripts), `codec`,
+`order` (sequence paths, reordering), `state` (settings, counters,
+completion), `worker`, `backend` (the driver), `dlq`, `status`, `cli`.
+"""
+
+from __future__ import annotations
+
+from .backend import DeadLettersError as DeadLettersError
+from .backend import LiveRun as LiveRun
+from .backend import RedisBackend as RedisBackend
+from .backend import RedisRunResult as RedisRunResult
+from .backend import RemoteError as RemoteError
+from .worker import Worker as Worker
+
+__all__ = [
+    "DeadLettersError",
+    "LiveRun",
+    "RedisBackend",
+    "RedisRunResult",
+    "RemoteError",
+    "Worker",
+]

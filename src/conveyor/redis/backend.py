@@ -1,0 +1,660 @@
+"""The driver side: `RedisBackend` runs a pipeline through Redis Streams.
+
+``pipeline.run(backend=RedisBackend(url))`` creates a run (its streams,
+groups, settings and counters), registers it where the pipeline's workers
+look, feeds the source into the first stream from a thread (waiting while
+the stream is over its limit), reads the final stream, reorders it when the
+last stage is ordered, and returns when the counters say every item went
+through. Running again with the same ``run_id`` resumes a run that a driver
+left (killed, or stopped on dead letters): the source is skipped past the
+items already fed, and only the outputs not yet delivered come back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from time import perf_counter
+from typing import Any
+
+from ..errors import BackendError, ConfigurationError, PayloadRejected
+from ..metrics import RunResult, StageStats
+from ..stage import Failure, Stage
+from .codec import Codec, get_codec, key_check, secret_from
+from .order import TOMBSTONE, Reorderer, dump_path, load_path
+from .state import RunInfo, RunState
+from .streams import (
+    DRIVER_GROUP,
+    WORKER_GROUP,
+    Keys,
+    Retrier,
+    Scripts,
+    connect,
+    pipeline_id,
+    redact,
+)
+
+__all__ = ["DeadLettersError", "LiveRun", "RedisBackend", "RedisRunResult", "RemoteError"]
+
+log = logging.getLogger("conveyor.redis")
+
+POLL_SECONDS = 0.2
+"""How long the driver blocks on the final stream before it checks the counters."""
+FEED_CHUNK = 100
+"""Items added to the first stream per script call."""
+
+
+class DeadLettersError(BackendError):
+    """Raised when a run can go no further because entries sit in dead letters.
+
+    The run stays in Redis: fix the stage, ``conveyor dlq replay`` the
+    entries, and run again with the same ``run_id`` to finish it.
+    """
+
+    def __init__(self, message: str, *, run_id: str, dead: dict[str, int]) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.dead = dead
+
+
+class RemoteError(Exception):
+    """An error raised by a stage function in a worker, as the worker reported it."""
+
+
+@dataclass
+class RedisRunResult(RunResult):
+    """A distributed run's result, with what only the Redis backend knows."""
+
+    run_id: str = ""
+    """The run's id."""
+    redelivered: dict[str, int] = field(default_factory=dict)
+    """Per stage: deliveries beyond the first of the entries acknowledged (re-executions)."""
+    stale: dict[str, int] = field(default_factory=dict)
+    """Per stage: results dropped because another worker had taken the entry over."""
+    dead_letters: dict[str, int] = field(default_factory=dict)
+    """Per stage: entries left in dead letters."""
+
+
+class RedisBackend:
+    """Runs pipelines on Redis Streams, with workers anywhere (``conveyor worker``).
+
+    Args:
+        url: ``redis://[[user]:password@]host:port/db``, or ``rediss://`` for
+            TLS (``?ssl_ca_certs=/path/ca.pem`` to trust a private CA).
+        run_id: the run's id (default: a new random one). Running again with
+            the id of an unfinished run resumes it.
+        namespace: prefix of every key (the workers must use the same).
+        codec: ``"msgpack"`` (default) or ``"json"`` for plain data;
+            ``"pickle"`` for any object, with ``secret_key``.
+        secret_key: the pickle codec's HMAC key, shared with the workers
+            (default: the ``CONVEYOR_SECRET_KEY`` environment variable).
+        batch_size: most entries a worker reads at once (XREADGROUP COUNT).
+        visibility_timeout: seconds an entry may stay with one worker before
+            others take it over (a dead or stuck worker's entries).
+        max_deliveries: deliveries after which an entry moves to its stage's
+            dead letters, with its last error.
+        limit: backlog limit of every stream (default: each stage's
+            ``capacity``); producers and stages wait while their output is
+            over it.
+        reorder_window: for an ordered last stage, how many source items may
+            be in flight past the oldest unfinished one (default: 8 times the
+            first stage's capacity).
+        on_dead_letters: ``"raise"`` (default): raise `DeadLettersError` when
+            only dead letters are left; ``"wait"``: wait for a replay.
+        keep: keep the run's keys after it finished (for inspection).
+        unavailable_timeout: seconds Redis may stay unreachable before the
+            driver gives up with `BackendUnavailable` (None: forever).
+        local_workers: also serve the pipeline from threads of this process
+            (a single-machine run through Redis; handy for trying it out).
+        redis_options: passed to `redis.Redis.from_url`.
+
+    Example:
+        >>> result = pipeline.run(backend=RedisBackend("redis://localhost:6379/0"))
+        ... # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        run_id: str | None = None,
+        namespace: str = "conveyor",
+        codec: str = "msgpack",
+        secret_key: bytes | str | None = None,
+        batch_size: int = 100,
+        visibility_timeout: float = 30.0,
+        max_deliveries: int = 5,
+        limit: int | None = None,
+        reorder_window: int | None = None,
+        on_dead_letters: str = "raise",
+        keep: bool = False,
+        unavailable_timeout: float | None = 60.0,
+        local_workers: bool = False,
+        redis_options: dict[str, Any] | None = None,
+    ) -> None:
+        if on_dead_letters not in ("raise", "wait"):
+            raise ConfigurationError(
+                f"RedisBackend 'on_dead_letters' must be 'raise' or 'wait'; got {on_dead_letters!r}"
+            )
+        for name, value in (("batch_size", batch_size), ("max_deliveries", max_deliveries)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"RedisBackend '{name}' must be an int >= 1")
+        if not visibility_timeout > 0:
+            raise ConfigurationError("RedisBackend 'visibility_timeout' must be > 0 seconds")
+        self.url = url
+        self.run_id = run_id
+        self.namespace = namespace
+        self.secret_key = secret_from(secret_key)
+        self.codec: Codec = get_codec(codec, self.secret_key)
+        self.batch_size = batch_size
+        self.visibility_timeout = visibility_timeout
+        self.max_deliveries = max_deliveries
+        self.limit = limit
+        self.reorder_window = reorder_window
+        self.on_dead_letters = on_dead_letters
+        self.keep = keep
+        self.unavailable_timeout = unavailable_timeout
+        self.local_workers = local_workers
+        self.redis_options = dict(redis_options or {})
+        self._client: Any = None
+
+    def __repr__(self) -> str:
+        return f"<RedisBackend {redact(self.url)} namespace={self.namespace!r}>"
+
+    # ------------------------------------------------------------------ plumbing
+
+    def client(self) -> Any:
+        """The redis-py client (connected on first use, with retries)."""
+        if self._client is None:
+            retry = Retrier("connecting", self.unavailable_timeout)
+            self._client = retry(connect, self.url, **self.redis_options)
+        return self._client
+
+    def keys(self, pipeline: Any, run_id: str) -> Keys:
+        """The key names of ``pipeline``'s run ``run_id``."""
+        return Keys(self.namespace, pipeline_id(_stages(pipeline)), run_id)
+
+    def _info(self, keys: Keys, stages: tuple[Stage, ...], ordered: bool) -> RunInfo:
+        limits = [self.limit or s.capacity for s in stages]
+        limits.append(self.limit or max(limits[-1], self.batch_size))
+        return RunInfo(
+            keys=keys,
+            stages=tuple(s.name for s in stages),
+            codec=self.codec.name,
+            key_check=key_check(self.secret_key if self.codec.name == "pickle" else None),
+            ordered=ordered,
+            visibility_ms=int(self.visibility_timeout * 1000),
+            max_deliveries=self.max_deliveries,
+            limits=tuple(limits),
+            batch=self.batch_size,
+        )
+
+    def _create_or_attach(self, keys: Keys, info: RunInfo, retry: Retrier) -> tuple[RunInfo, bool]:
+        """Create the run's keys, or read back an existing run's settings; register it."""
+        client = self.client()
+        meta = retry(client.hgetall, keys.meta)
+        if meta:
+            attached = RunInfo.from_meta(keys, meta)
+            if attached.stages != info.stages:
+                raise ConfigurationError(
+                    f"run {keys.run!r} exists with other stages {attached.stages}"
+                )
+            if attached.codec != self.codec.name:
+                raise ConfigurationError(
+                    f"run {keys.run!r} uses the {attached.codec} codec, not {self.codec.name}"
+                )
+            retry(client.sadd, keys.runs, keys.run)
+            return attached, meta.get(b"source_done") == b"1"
+        pipe = client.pipeline(transaction=True)
+        pipe.hset(keys.meta, mapping=info.to_meta())
+        for i in range(len(info.stages) + 1):
+            group = WORKER_GROUP if i < len(info.stages) else DRIVER_GROUP
+            pipe.xgroup_create(keys.stream(i), group, id="0", mkstream=True)
+        pipe.sadd(keys.runs, keys.run)
+        retry(pipe.execute)
+        return info, False
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, pipeline: Any, *, collect: bool = False, progress: bool = False) -> RunResult:
+        """Run ``pipeline`` to completion through Redis (what ``pipeline.run(backend=...)`` does).
+
+        Args:
+            pipeline: the pipeline; its workers run ``conveyor worker``.
+            collect: keep the last stage's outputs in ``result.outputs``.
+            progress: ignored for now (``conveyor status`` shows a run).
+
+        Returns:
+            A `RedisRunResult`.
+
+        Raises:
+            DeadLettersError: only dead letters are left (``on_dead_letters="raise"``).
+            BackendUnavailable: Redis stayed unreachable too long.
+            BackendError: Redis refused the credentials.
+        """
+        stages = _stages(pipeline)
+        run_id = self.run_id or uuid.uuid4().hex[:12]
+        keys = self.keys(pipeline, run_id)
+        last = stages[-1]
+        ordered = last.ordered and last.kind != "each"
+        run = _DriverRun(self, pipeline, keys, self._info(keys, stages, ordered))
+        outputs: list[Any] | None = [] if collect else None
+        worker = self._start_local_workers(pipeline)
+        try:
+            for chunk in run.outputs():
+                if outputs is not None:
+                    outputs.extend(chunk)
+        finally:
+            if worker is not None:
+                worker.stop()
+                worker.join(30.0)
+        return run.result(outputs)
+
+    def _start_local_workers(self, pipeline: Any) -> Any:
+        if not self.local_workers:
+            return None
+        from .worker import Worker
+
+        return Worker(
+            pipeline,
+            self.url,
+            namespace=self.namespace,
+            secret_key=self.secret_key,
+            unavailable_timeout=self.unavailable_timeout,
+            redis_options=self.redis_options,
+        ).start()
+
+    def iterate(self, pipeline: Any) -> Iterator[Any]:
+        """Run ``pipeline`` and yield the last stage's outputs as they come."""
+        stages = _stages(pipeline)
+        run_id = self.run_id or uuid.uuid4().hex[:12]
+        keys = self.keys(pipeline, run_id)
+        last = stages[-1]
+        run = _DriverRun(
+            self, pipeline, keys, self._info(keys, stages, last.ordered and last.kind != "each")
+        )
+        for chunk in run.outputs():
+            yield from chunk
+
+    # ------------------------------------------------------------------ long-lived runs
+
+    def open(self, pipeline: Any, run_id: str = "live") -> LiveRun:
+        """Create (or attach to) a long-lived run that items are submitted to.
+
+        Workers serve it like any run; producers anywhere add items with
+        `LiveRun.submit` (or `RedisBackend.submit`), and the outputs are read
+        with `LiveRun.results`. Its outputs are not ordered.
+        """
+        stages = _stages(pipeline)
+        keys = self.keys(pipeline, run_id)
+        retry = Retrier("open", self.unavailable_timeout)
+        info, _ = self._create_or_attach(keys, self._info(keys, stages, False), retry)
+        return LiveRun(self, keys, info, retry)
+
+    def submit(self, pipeline: Any, items: Iterable[Any], run_id: str = "live") -> int:
+        """Add ``items`` to the long-lived run ``run_id`` (created if needed); return how many."""
+        return self.open(pipeline, run_id).submit(items)
+
+
+class LiveRun:
+    """A long-lived run: submit items, read results, close it when no more will come."""
+
+    def __init__(self, backend: RedisBackend, keys: Keys, info: RunInfo, retry: Retrier) -> None:
+        self._backend = backend
+        self.keys = keys
+        self.info = info
+        self._retry = retry
+        self._scripts = Scripts(backend.client())
+        self._codec = backend.codec
+
+    @property
+    def run_id(self) -> str:
+        """The run's id."""
+        return self.keys.run
+
+    def submit(self, items: Iterable[Any]) -> int:
+        """Add items to the first stream, waiting while it is over its limit; return the count."""
+        n = 0
+        iterator = iter(items)
+        while True:
+            chunk = list(islice(iterator, FEED_CHUNK))
+            if not chunk:
+                return n
+            _wait_for_room(self._backend.client(), self.keys.stream(0), self.info.limits[0])
+            args: list[Any] = ["fed"]
+            for value in chunk:
+                fields = self._codec.encode(value)
+                args += [len(fields), *fields]
+            length = self._retry(
+                self._scripts.feed,
+                keys=[self.keys.stream(0), self.keys.counters, self.keys.meta],
+                args=args,
+            )
+            if length == -1:
+                raise BackendError(f"run {self.run_id!r} no longer exists")
+            n += len(chunk)
+
+    def results(self, count: int = 1000, timeout: float = 1.0) -> list[Any]:
+        """Up to ``count`` outputs of the last stage, waiting up to ``timeout`` s for the first."""
+        client = self._backend.client()
+        final = self.keys.stream(len(self.info.stages))
+        reply = self._retry(
+            client.xreadgroup,
+            DRIVER_GROUP,
+            "driver",
+            {final: ">"},
+            count=count,
+            block=max(1, int(timeout * 1000)),
+        )
+        values: list[Any] = []
+        ids: list[bytes] = []
+        for _, entries in reply or ():
+            for entry_id, fields in entries:
+                ids.append(entry_id)
+                if b"t" not in fields:
+                    values.append(self._codec.decode(fields))
+        if ids:
+            _ack(client, self._retry, self.keys, final, ids, None)
+        return values
+
+    def close(self) -> None:
+        """Mark the source finished: the run completes once what was submitted is through."""
+        self._retry(self._backend.client().hset, self.keys.meta, "source_done", "1")
+
+    def state(self) -> RunState:
+        """The run's counters now."""
+        return _read_state(self._backend.client(), self._retry, self.keys, len(self.info.stages))
+
+
+# ---------------------------------------------------------------------- one driven run
+
+
+class _DriverRun:
+    """One run driven from this process: the feeder thread and the final stream's reader."""
+
+    def __init__(self, backend: RedisBackend, pipeline: Any, keys: Keys, info: RunInfo) -> None:
+        self.backend = backend
+        self.pipeline = pipeline
+        self.stages = _stages(pipeline)
+        self.keys = keys
+        self.stopped = threading.Event()
+        self.retry = Retrier("driver", backend.unavailable_timeout, self.stopped)
+        self.client = backend.client()
+        self.scripts = Scripts(self.client)
+        self.codec = backend.codec
+        self.info, self.source_done = backend._create_or_attach(keys, info, self.retry)
+        self.n = len(self.stages)
+        self.final = keys.stream(self.n)
+        self.started = perf_counter()
+        self.finished: float | None = None
+        self.items_out = 0
+        self.state: RunState | None = None
+        self._failures: list[Failure] = []
+        self._feeder: threading.Thread | None = None
+        self._feed_error: BaseException | None = None
+        self._released = threading.Condition()
+        self.reorder: Reorderer | None = None
+        window = backend.reorder_window or 8 * self.stages[0].capacity
+        self.window = max(window, 2 * self.info.batch)
+
+    # ------------------------------------------------------------------ feeding
+
+    def _start_feeder(self, already_fed: int) -> None:
+        if self.source_done:
+            return
+        self._feeder = threading.Thread(
+            target=self._feed, args=(already_fed,), name="conveyor-redis-feeder", daemon=True
+        )
+        self._feeder.start()
+
+    def _feed(self, already_fed: int) -> None:
+        try:
+            source = iter(self.pipeline.source)
+            if already_fed:
+                # Resuming: the first items reached Redis before the last driver left.
+                for _ in islice(source, already_fed):
+                    pass
+            self._feed_from(source, already_fed)
+            if not self.stopped.is_set():
+                self.retry(self.client.hset, self.keys.meta, "source_done", "1")
+        except BaseException as exc:
+            if not self.stopped.is_set():
+                self._feed_error = exc
+                self.stopped.set()
+
+    def _feed_from(self, source: Iterator[Any], fed: int) -> None:
+        keys, limit = self.keys, self.info.limits[0]
+        stream = keys.stream(0)
+        encode, ordered = self.codec.encode, self.info.ordered
+        length = 0
+        while not self.stopped.is_set():
+            if length >= limit:
+                length = _wait_for_room(self.client, stream, limit, self.stopped, self.retry)
+            if ordered:
+                self._wait_for_window(fed)
+            chunk = list(islice(source, FEED_CHUNK))
+            if not chunk:
+                return
+            args: list[Any] = ["fed"]
+            for j, value in enumerate(chunk):
+                fields = encode(value)
+                if ordered:
+                    fields += [b"q", dump_path([fed + j])]
+                args += [len(fields), *fields]
+            length = self.retry(
+                self.scripts.feed, keys=[stream, keys.counters, keys.meta], args=args
+            )
+            if length == -1:
+                raise BackendError(f"run {keys.run!r} was deleted while it was being fed")
+            fed += len(chunk)
+
+    def _wait_for_window(self, fed: int) -> None:
+        reorder = self.reorder
+        assert reorder is not None
+        with self._released:
+            while fed - reorder.next_root >= self.window and not self.stopped.is_set():
+                self._released.wait(POLL_SECONDS)
+
+    # ------------------------------------------------------------------ reading outputs
+
+    def outputs(self) -> Iterator[list[Any]]:
+        """Yield the outputs in chunks until the run is complete."""
+        state = _read_state(self.client, self.retry, self.keys, self.n)
+        self.reorder = Reorderer(state.released) if self.info.ordered else None
+        self._start_feeder(state.fed)
+        try:
+            # Entries this consumer read before (a resumed driver) come back first.
+            yield from self._read("0")
+            while True:
+                got = False
+                for chunk in self._read(">"):
+                    got = True
+                    yield chunk
+                if self._feed_error is not None:
+                    raise self._feed_error
+                state = _read_state(self.client, self.retry, self.keys, self.n)
+                self.state = state
+                if state.complete:
+                    break
+                if not got and state.stalled and self.backend.on_dead_letters == "raise":
+                    raise self._dead_letters_error(state)
+        except BaseException:
+            self.stopped.set()
+            raise
+        finally:
+            self.stopped.set()
+            with self._released:
+                self._released.notify_all()
+            if self._feeder is not None:
+                self._feeder.join(10.0)
+            self.finished = perf_counter()
+        self._read_failures()
+        self._finish()
+
+    def _read(self, start: str) -> Iterator[list[Any]]:
+        """Read the final stream once (``start`` ">" for new entries, "0" for our pending)."""
+        reply = self.retry(
+            self.client.xreadgroup,
+            DRIVER_GROUP,
+            "driver",
+            {self.final: start},
+            count=1000,
+            block=int(POLL_SECONDS * 1000),
+        )
+        for _, entries in reply or ():
+            if entries:
+                values, ids = self._take(entries)
+                if ids:
+                    _ack(self.client, self.retry, self.keys, self.final, ids, self.reorder)
+                    with self._released:
+                        self._released.notify_all()
+                if values:
+                    self.items_out += len(values)
+                    yield values
+
+    def _take(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[Any], list[Any]]:
+        decode = self.codec.decode
+        reorder = self.reorder
+        if reorder is None:
+            values = [decode(f) for _, f in entries if b"t" not in f]
+            return values, [entry_id for entry_id, _ in entries]
+        for entry_id, fields in entries:
+            seq = fields.get(b"q")
+            if seq is None:
+                raise PayloadRejected(f"entry {entry_id!r} of the final stream has no sequence")
+            value = TOMBSTONE if b"t" in fields else decode(fields)
+            reorder.add(load_path(seq), value, entry_id)
+        return reorder.release()
+
+    def _dead_letters_error(self, state: RunState) -> DeadLettersError:
+        dead = {self.stages[i].name: s.dead for i, s in enumerate(state.stages) if s.dead}
+        first = next(i for i, s in enumerate(state.stages) if s.dead)
+        entries = self.retry(self.client.xrange, self.keys.dead(first), "-", "+", count=1)
+        error = entries[0][1].get(b"err", b"").decode(errors="replace") if entries else ""
+        where = ", ".join(f"{name}: {n}" for name, n in dead.items())
+        return DeadLettersError(
+            f"run {self.keys.run!r} cannot finish: entries are in dead letters ({where}). "
+            f"Last error of the first one:\n{error}\n"
+            f"Fix the stage, then `conveyor dlq replay ... --run {self.keys.run}` and run again "
+            f"with run_id={self.keys.run!r} to finish it.",
+            run_id=self.keys.run,
+            dead=dead,
+        )
+
+    def _finish(self) -> None:
+        if self.backend.keep:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.srem(self.keys.runs, self.keys.run)
+        pipe.delete(*self.keys.all(self.n))
+        self.retry(pipe.execute)
+
+    # ------------------------------------------------------------------ result
+
+    def result(self, outputs: list[Any] | None) -> RedisRunResult:
+        state = self.state or _read_state(self.client, self.retry, self.keys, self.n)
+        elapsed = (self.finished or perf_counter()) - self.started
+        stats = [
+            StageStats(
+                name=stage.name,
+                kind=stage.kind,
+                runtime=stage.runtime,
+                workers=stage.workers,
+                items_in=counts.acked,
+                items_out=counts.out,
+                filtered=counts.filtered,
+                failed=counts.failed,
+                retried=counts.retried,
+                busy_seconds=counts.busy_seconds,
+                wait_input_seconds=0.0,
+                wait_output_seconds=0.0,
+                elapsed_seconds=elapsed,
+                queue_size=0,
+                queue_capacity=self.info.limits[i],
+            )
+            for i, (stage, counts) in enumerate(zip(self.stages, state.stages, strict=True))
+        ]
+        names = [s.name for s in self.stages]
+        return RedisRunResult(
+            stats=stats,
+            failures=self._failures,
+            elapsed_seconds=elapsed,
+            items_out=self.items_out,
+            outputs=outputs,
+            run_id=self.keys.run,
+            redelivered={n: s.redelivered for n, s in zip(names, state.stages, strict=True)},
+            stale={n: s.stale for n, s in zip(names, state.stages, strict=True)},
+            dead_letters={n: s.dead for n, s in zip(names, state.stages, strict=True) if s.dead},
+        )
+
+    def _read_failures(self) -> None:
+        """Items given up on by stages with ``on_error="skip"``, as the workers recorded them."""
+        entries = self.retry(self.client.xrange, self.keys.failures, "-", "+")
+        for _, f in entries:
+            text = {k.decode(): v.decode(errors="replace") for k, v in f.items()}
+            self._failures.append(
+                Failure(
+                    stage=text.get("stage", "?"),
+                    item=text.get("item", "?"),
+                    error=RemoteError(text.get("error", "")),
+                    attempts=int(text.get("attempts", "1")),
+                )
+            )
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _stages(pipeline: Any) -> tuple[Stage, ...]:
+    stages: tuple[Stage, ...] = tuple(pipeline.stages)
+    if not stages:
+        raise ConfigurationError("the pipeline has no stage: add .map(), .each(), ...")
+    return stages
+
+
+def _read_state(client: Any, retry: Retrier, keys: Keys, n: int) -> RunState:
+    pipe = client.pipeline(transaction=True)
+    pipe.hgetall(keys.counters)
+    pipe.hget(keys.meta, "source_done")
+    counters, done = retry(pipe.execute)
+    return RunState.read(counters, done == b"1", n)
+
+
+def _ack(
+    client: Any, retry: Retrier, keys: Keys, final: str, ids: list[Any], reorder: Reorderer | None
+) -> None:
+    """Acknowledge and delete final-stream entries handed to the caller, and count them."""
+    pipe = client.pipeline(transaction=True)
+    pipe.xack(final, DRIVER_GROUP, *ids)
+    pipe.xdel(final, *ids)
+    pipe.hincrby(keys.counters, "delivered", len(ids))
+    if reorder is not None:
+        pipe.hset(keys.counters, "released", reorder.next_root)
+    retry(pipe.execute)
+
+
+def _wait_for_room(
+    client: Any,
+    stream: str,
+    limit: int,
+    stopped: threading.Event | None = None,
+    retry: Retrier | None = None,
+) -> int:
+    """Wait while ``stream`` holds ``limit`` entries or more; return its length.
+
+    Redis cannot notify a length going down, so this polls, backing off from
+    2 ms to 100 ms: a full stream drains at the rate of its stage, and the
+    backoff keeps the polling cost negligible against it.
+    """
+    stopped = stopped or threading.Event()
+    retry = retry or Retrier("waiting for room", None, stopped)
+    delay = 0.002
+    while True:
+        length: int = retry(client.xlen, stream)
+        if length < limit or stopped.wait(delay):
+            return length
+        delay = min(0.1, delay * 2)

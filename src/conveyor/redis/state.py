@@ -1,0 +1,193 @@
+"""A run's settings (its ``meta`` hash) and its progress (its ``counters`` hash).
+
+Completion needs no sentinel: every hand-off updates the counters in the
+same atomic step that moves the entries, so one ``HGETALL`` is a consistent
+snapshot, and stage ``i`` is finished exactly when the source is finished
+and, for every stage up to ``i``, the inputs acknowledged equal the entries
+its predecessor produced (the source's items for stage 0). Filters and
+flat_map need nothing special: what counts is entries produced and consumed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .streams import Keys
+
+__all__ = ["RunInfo", "RunState", "StageCounts"]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the driver decided for a run, shared with every worker through ``meta``."""
+
+    keys: Keys
+    stages: tuple[str, ...]
+    """Stage names, in order."""
+    codec: str = "msgpack"
+    key_check: str = ""
+    """Fingerprint of the pickle codec's secret key ('' without one)."""
+    ordered: bool = False
+    """Entries carry sequence paths and the driver reorders the outputs."""
+    visibility_ms: int = 30_000
+    """Idle time after which another worker may take over a pending entry."""
+    max_deliveries: int = 5
+    """Deliveries after which an entry moves to the dead letters."""
+    limits: tuple[int, ...] = ()
+    """Backlog limit of each stream (one per stage, plus the final stream)."""
+    batch: int = 100
+    """Largest number of entries a worker reads at once."""
+    created: float = field(default_factory=time.time)
+
+    @property
+    def run_id(self) -> str:
+        """The run's id."""
+        return self.keys.run
+
+    def to_meta(self) -> dict[str, str]:
+        """The fields of the ``meta`` hash."""
+        return {
+            "stages": json.dumps(list(self.stages)),
+            "codec": self.codec,
+            "key_check": self.key_check,
+            "ordered": "1" if self.ordered else "0",
+            "visibility_ms": str(self.visibility_ms),
+            "max_deliveries": str(self.max_deliveries),
+            "limits": json.dumps(list(self.limits)),
+            "batch": str(self.batch),
+            "created": repr(self.created),
+            "source_done": "0",
+        }
+
+    @classmethod
+    def from_meta(cls, keys: Keys, meta: dict[Any, Any]) -> RunInfo:
+        """Read the ``meta`` hash back."""
+        m = {_text(k): _text(v) for k, v in meta.items()}
+        return cls(
+            keys=keys,
+            stages=tuple(json.loads(m["stages"])),
+            codec=m["codec"],
+            key_check=m.get("key_check", ""),
+            ordered=m.get("ordered") == "1",
+            visibility_ms=int(m["visibility_ms"]),
+            max_deliveries=int(m["max_deliveries"]),
+            limits=tuple(json.loads(m["limits"])),
+            batch=int(m.get("batch", "100")),
+            created=float(m.get("created", "0")),
+        )
+
+
+@dataclass(frozen=True)
+class StageCounts:
+    """One stage's counters in Redis."""
+
+    acked: int = 0
+    """Input entries acknowledged (handed on, filtered, skipped or purged)."""
+    out: int = 0
+    """Entries added to the next stream."""
+    dead: int = 0
+    """Entries in its dead letters now."""
+    purged: int = 0
+    """Dead letters dropped by ``dlq purge``."""
+    filtered: int = 0
+    failed: int = 0
+    """Items given up on with ``on_error="skip"``."""
+    retried: int = 0
+    """Extra calls made by in-worker retries."""
+    redelivered: int = 0
+    """Deliveries beyond the first of the entries acknowledged: re-executions."""
+    stale: int = 0
+    """Hand-offs refused because another worker had taken the entry over meanwhile."""
+    busy_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunState:
+    """A consistent snapshot of a run's counters."""
+
+    fed: int
+    """Items the source has added to the first stream."""
+    source_done: bool
+    """The source is exhausted (``fed`` is final)."""
+    stages: tuple[StageCounts, ...]
+    tombstones: int
+    """Entries added to the final stream only to mark sequence paths finished."""
+    delivered: int
+    """Final-stream entries the driver has acknowledged."""
+    released: int = 0
+    """Ordered runs: source items whose outputs the driver has released, in order."""
+
+    @classmethod
+    def read(cls, counters: dict[Any, Any], source_done: bool, n: int) -> RunState:
+        """Build from the ``counters`` hash."""
+        c = {_text(k): int(v) for k, v in counters.items()}
+        stages = tuple(
+            StageCounts(
+                acked=c.get(f"in:{i}", 0),
+                out=c.get(f"out:{i}", 0),
+                dead=c.get(f"dead:{i}", 0),
+                purged=c.get(f"purged:{i}", 0),
+                filtered=c.get(f"filtered:{i}", 0),
+                failed=c.get(f"failed:{i}", 0),
+                retried=c.get(f"retried:{i}", 0),
+                redelivered=c.get(f"redelivered:{i}", 0),
+                stale=c.get(f"stale:{i}", 0),
+                busy_seconds=c.get(f"busy_us:{i}", 0) / 1e6,
+            )
+            for i in range(n)
+        )
+        return cls(
+            fed=c.get("fed", 0),
+            source_done=source_done,
+            stages=stages,
+            tombstones=c.get("tomb", 0),
+            delivered=c.get("delivered", 0),
+            released=c.get("released", 0),
+        )
+
+    def produced(self, index: int) -> int:
+        """Entries added to stage ``index``'s input so far."""
+        return self.fed if index == 0 else self.stages[index - 1].out
+
+    def final_entries(self) -> int:
+        """Entries added to the final stream so far (outputs and tombstones)."""
+        return self.stages[-1].out + self.tombstones
+
+    @property
+    def complete(self) -> bool:
+        """Every item went through every stage, and the driver has every output."""
+        return (
+            self.source_done
+            and all(s.acked == self.produced(i) for i, s in enumerate(self.stages))
+            and self.delivered == self.final_entries()
+        )
+
+    @property
+    def dead(self) -> int:
+        """Entries in dead letters, over all stages."""
+        return sum(s.dead for s in self.stages)
+
+    @property
+    def stalled(self) -> bool:
+        """Nothing is left to do but entries sit in dead letters: the run waits for a replay.
+
+        (Whether the driver has read the final stream to its end is for the
+        driver to add: it may hold outputs behind a dead letter's place.)
+        """
+        return (
+            self.dead > 0
+            and self.source_done
+            and all(s.acked + s.dead == self.produced(i) for i, s in enumerate(self.stages))
+        )
+
+    @property
+    def redelivered(self) -> int:
+        """Re-executions over all stages."""
+        return sum(s.redelivered for s in self.stages)

@@ -1,0 +1,402 @@
+"""Key naming, connections, retries and the Lua scripts every Redis operation goes through.
+
+Every key of one run shares the hash tag ``{<pipeline id>.<run id>}``, so the
+multi-key scripts below touch a single slot (a requirement of Redis Cluster,
+and harmless on one server). The scripts are the only places where stream
+entries change hands; each runs atomically on the server, and is replicated
+and written to the append-only file as one transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from ..errors import BackendError, BackendUnavailable
+
+__all__ = [
+    "DRIVER_GROUP",
+    "WORKER_GROUP",
+    "Keys",
+    "Retrier",
+    "Scripts",
+    "connect",
+    "consumer_name",
+    "fields_to_dict",
+    "pipeline_id",
+    "redact",
+]
+
+log = logging.getLogger("conveyor.redis")
+T = TypeVar("T")
+
+WORKER_GROUP = "workers"
+"""The consumer group of every stage's input stream."""
+DRIVER_GROUP = "driver"
+"""The consumer group of the final stream, read by the run's driver."""
+
+
+def pipeline_id(stages: Sequence[Any]) -> str:
+    """A short, stable name for a pipeline's shape: its stages' kinds and names.
+
+    The driver and every worker compute it from the same pipeline definition,
+    so they meet on the same keys without being told; a changed pipeline
+    (a stage added or renamed) gets other keys.
+    """
+    shape = "|".join(f"{s.kind}:{s.name}" for s in stages)
+    return hashlib.sha1(shape.encode(), usedforsecurity=False).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The names of a run's keys.
+
+    ``stream(i)`` is stage ``i``'s input; ``stream(n)``, after the last
+    stage, is the final stream that the driver reads.
+    """
+
+    namespace: str
+    pipeline: str
+    run: str
+
+    @property
+    def runs(self) -> str:
+        """The set of the pipeline's live runs, which workers poll."""
+        return f"{self.namespace}:{self.pipeline}:runs"
+
+    @property
+    def prefix(self) -> str:
+        """Common start of the run's own keys (with the hash tag)."""
+        return f"{self.namespace}:{{{self.pipeline}.{self.run}}}"
+
+    @property
+    def meta(self) -> str:
+        """Hash: the run's settings and state (codec, limits, source done)."""
+        return f"{self.prefix}:meta"
+
+    @property
+    def counters(self) -> str:
+        """Hash: the run's counters, updated by every hand-off."""
+        return f"{self.prefix}:counters"
+
+    @property
+    def failures(self) -> str:
+        """Stream: items given up on by stages with ``on_error="skip"``."""
+        return f"{self.prefix}:failures"
+
+    def stream(self, index: int) -> str:
+        """Stream: the input of stage ``index`` (the final stream after the last)."""
+        return f"{self.prefix}:s{index}"
+
+    def errors(self, index: int) -> str:
+        """Hash: entry id -> last error, for entries of stage ``index`` awaiting redelivery."""
+        return f"{self.prefix}:e{index}"
+
+    def dead(self, index: int) -> str:
+        """Stream: stage ``index``'s dead letters."""
+        return f"{self.prefix}:dlq{index}"
+
+    def all(self, stages: int) -> list[str]:
+        """Every key of the run (not the shared ``runs`` set)."""
+        keys = [self.meta, self.counters, self.failures, self.stream(stages)]
+        for i in range(stages):
+            keys += [self.stream(i), self.errors(i), self.dead(i)]
+        return keys
+
+
+def consumer_name(label: str) -> str:
+    """A consumer name unique to this host, process and worker: host:pid:label:random."""
+    return f"{socket.gethostname()}:{os.getpid()}:{label}:{random.getrandbits(24):06x}"
+
+
+def fields_to_dict(flat: list[Any]) -> dict[bytes, bytes]:
+    """A Lua reply's flat [field, value, ...] list as a dict."""
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+# ---------------------------------------------------------------------- connections
+
+
+def connect(url: str, **options: Any) -> Any:
+    """A redis-py client for ``url`` (``redis://`` or ``rediss://``), checked with PING.
+
+    RESP2 is pinned so replies have the same shape under every redis-py
+    version. ``options`` go to `redis.Redis.from_url` (e.g. ``ssl_ca_certs``).
+
+    Raises:
+        BackendError: Redis refused the credentials (not retried: a wrong
+            password does not get better by waiting).
+        BackendUnavailable: Redis did not answer (the caller retries).
+    """
+    import redis
+
+    settings: dict[str, Any] = {
+        "protocol": 2,
+        "socket_connect_timeout": 5.0,
+        "socket_timeout": 10.0,
+        "health_check_interval": 0,
+    }
+    settings.update(options)
+    client = redis.Redis.from_url(url, **settings)
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        client.close()
+        raise BackendError(
+            f"Redis at {redact(url)} refused the credentials: {exc}. "
+            f"Check the password (and user name) in the URL."
+        ) from exc
+    except redis.ResponseError as exc:
+        client.close()
+        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+            raise BackendError(
+                f"Redis at {redact(url)} requires a password: put it in the URL "
+                f"(redis://:PASSWORD@host:port/0 or redis://USER:PASSWORD@host:port/0)"
+            ) from exc
+        raise
+    return client
+
+
+class Retrier:
+    """Runs Redis operations again, with backoff, while Redis is unreachable.
+
+    Connection errors, timeouts and a server still loading its data are
+    retried with exponential backoff (50 ms doubling to 2 s, with jitter)
+    until ``timeout`` seconds pass without one success (None: forever), or
+    until ``stopped`` is set. Any other error is raised at once.
+    """
+
+    def __init__(
+        self, where: str, timeout: float | None, stopped: threading.Event | None = None
+    ) -> None:
+        self._where = where
+        self._timeout = timeout
+        self._stopped = stopped or threading.Event()
+
+    def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call ``fn(*args, **kwargs)`` until it succeeds or the budget is spent."""
+        from redis.exceptions import (
+            AuthenticationError,
+            AuthorizationError,
+            ConnectionError,
+            TimeoutError,
+        )
+
+        first_failure: float | None = None
+        delay = 0.05
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except (AuthenticationError, AuthorizationError):
+                raise
+            except (ConnectionError, TimeoutError) as exc:
+                now = time.monotonic()
+                if first_failure is None:
+                    first_failure = now
+                    log.warning("conveyor: Redis unavailable (%s): %s; retrying", self._where, exc)
+                if self._timeout is not None and now - first_failure > self._timeout:
+                    raise BackendUnavailable(
+                        f"Redis unavailable for more than {self._timeout:.0f} s ({self._where})"
+                    ) from exc
+                if self._stopped.wait(random.uniform(delay / 2, delay)):
+                    raise
+                delay = min(2.0, delay * 2)
+
+
+# ---------------------------------------------------------------------- scripts
+
+# Hand a batch on: for each input entry still pending for this consumer,
+# acknowledge and delete it, and add its outputs; or record its error and make
+# it reclaimable now ('n'); or move it to the dead letters ('x'). Entries no
+# longer ours (reclaimed by another worker meanwhile) are skipped: their
+# outputs would be duplicates. All in one atomic step.
+#
+# KEYS: input, output, final, counters, meta, errors, dead
+# ARGV: group, consumer, stage, visibility ms, filtered, failed, retried,
+#       busy us, then records:
+#   'a' id deliveries n_out [dest('o'|'f') k field value ...] * n_out
+#   'n' id error
+#   'x' id deliveries error k field value ...
+# Returns {acked, stale, backlog of the output stream} or -1 if the run is gone.
+HANDOFF = """
+if redis.call('EXISTS', KEYS[5]) == 0 then return -1 end
+local group, consumer, st = ARGV[1], ARGV[2], ARGV[3]
+local function owned(id)
+  local p = redis.call('XPENDING', KEYS[1], group, id, id, 1)
+  return p[1] ~= nil and p[1][2] == consumer
+end
+local acked, stale, outs, tombs, redelivered, dead = 0, 0, 0, 0, 0, 0
+local done = {}
+local i = 9
+while i <= #ARGV do
+  local op, id = ARGV[i], ARGV[i + 1]
+  if op == 'a' then
+    local deliveries, n = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+    i = i + 4
+    local mine = owned(id)
+    if mine then
+      acked = acked + 1
+      redelivered = redelivered + deliveries - 1
+      done[#done + 1] = id
+      redis.call('HDEL', KEYS[6], id)
+    else
+      stale = stale + 1
+    end
+    for _ = 1, n do
+      local dest, k = ARGV[i], tonumber(ARGV[i + 1])
+      if mine then
+        if dest == 'f' then
+          redis.call('XADD', KEYS[3], '*', unpack(ARGV, i + 2, i + 1 + k))
+          tombs = tombs + 1
+        else
+          redis.call('XADD', KEYS[2], '*', unpack(ARGV, i + 2, i + 1 + k))
+          outs = outs + 1
+        end
+      end
+      i = i + 2 + k
+    end
+  elseif op == 'n' then
+    if owned(id) then
+      redis.call('HSET', KEYS[6], id, ARGV[i + 2])
+      redis.call('XCLAIM', KEYS[1], group, consumer, 0, id, 'IDLE', ARGV[4], 'JUSTID')
+    end
+    i = i + 3
+  else
+    local deliveries, err, k = ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4])
+    if owned(id) then
+      local last = redis.call('HGET', KEYS[6], id)
+      if err == '' then err = last or 'no error recorded (the worker died or timed out)' end
+      redis.call('XADD', KEYS[7], '*', 'src', id, 'n', deliveries, 'err', err,
+                 unpack(ARGV, i + 5, i + 4 + k))
+      redis.call('HDEL', KEYS[6], id)
+      done[#done + 1] = id
+      dead = dead + 1
+    else
+      stale = stale + 1
+    end
+    i = i + 5 + k
+  end
+end
+if #done > 0 then
+  redis.call('XACK', KEYS[1], group, unpack(done))
+  redis.call('XDEL', KEYS[1], unpack(done))
+end
+local c = KEYS[4]
+local function add(name, n)
+  n = tonumber(n)
+  if n ~= 0 then redis.call('HINCRBY', c, name, n) end
+end
+add('in:' .. st, acked)
+add('out:' .. st, outs)
+add('tomb', tombs)
+add('redelivered:' .. st, redelivered)
+add('stale:' .. st, stale)
+add('dead:' .. st, dead)
+add('filtered:' .. st, ARGV[5])
+add('failed:' .. st, ARGV[6])
+add('retried:' .. st, ARGV[7])
+add('busy_us:' .. st, ARGV[8])
+local backlog = redis.call('XLEN', KEYS[2])
+if KEYS[2] == KEYS[3] then
+  backlog = backlog - redis.call('XPENDING', KEYS[3], 'driver')[1]
+end
+return {acked, stale, backlog}
+"""
+
+# Add entries to a stream (the source's items, or replayed dead letters).
+# KEYS: stream, counters, meta.  ARGV: counter, then records: k field value ...
+# Returns the stream's length after, or -1 if the run is gone.
+FEED = """
+if redis.call('EXISTS', KEYS[3]) == 0 then return -1 end
+local i, n = 2, 0
+while i <= #ARGV do
+  local k = tonumber(ARGV[i])
+  redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + k))
+  i = i + 1 + k
+  n = n + 1
+end
+if ARGV[1] ~= '' then redis.call('HINCRBY', KEYS[2], ARGV[1], n) end
+return redis.call('XLEN', KEYS[1])
+"""
+
+# Take over entries idle for longer than the visibility timeout, with how
+# many times each has now been delivered.
+# KEYS: stream.  ARGV: group, consumer, min idle ms, cursor, count.
+# Returns {next cursor, {{id, {field, value, ...}, deliveries}, ...}}.
+RECLAIM = """
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+                     'COUNT', ARGV[5])
+local out = {}
+for _, e in ipairs(r[2]) do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
+  if p[1] ~= nil then out[#out + 1] = {e[1], e[2], p[1][4]} end
+end
+return {r[1], out}
+"""
+
+# Move dead letters back to the stage's input (replay), or drop them (purge).
+# KEYS: dead, stream, counters, final.  ARGV: stage, mode ('replay'|'purge'),
+# ordered ('1'|'0'), ids...  Returns how many moved.
+DEAD = """
+local st, mode, ordered = ARGV[1], ARGV[2], ARGV[3]
+local moved = 0
+for j = 4, #ARGV do
+  local e = redis.call('XRANGE', KEYS[1], ARGV[j], ARGV[j])
+  if e[1] ~= nil then
+    local f = e[1][2]
+    local keep = {}
+    local seq = nil
+    for k = 1, #f, 2 do
+      if f[k] == 'd' or f[k] == 'q' or f[k] == 's' then
+        keep[#keep + 1] = f[k]
+        keep[#keep + 1] = f[k + 1]
+      end
+      if f[k] == 'q' then seq = f[k + 1] end
+    end
+    if mode == 'replay' then
+      redis.call('XADD', KEYS[2], '*', unpack(keep))
+    else
+      redis.call('HINCRBY', KEYS[3], 'in:' .. st, 1)
+      redis.call('HINCRBY', KEYS[3], 'purged:' .. st, 1)
+      if ordered == '1' and seq ~= nil then
+        redis.call('XADD', KEYS[4], '*', 'q', seq, 't', '1')
+        redis.call('HINCRBY', KEYS[3], 'tomb', 1)
+      end
+    end
+    redis.call('XDEL', KEYS[1], ARGV[j])
+    redis.call('HINCRBY', KEYS[3], 'dead:' .. st, -1)
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
+
+class Scripts:
+    """The Lua scripts registered on one client (reloaded by redis-py after a restart)."""
+
+    def __init__(self, client: Any) -> None:
+        self.handoff = client.register_script(HANDOFF)
+        self.feed = client.register_script(FEED)
+        self.reclaim = client.register_script(RECLAIM)
+        self.dead = client.register_script(DEAD)

@@ -130,6 +130,8 @@ stage_specs = st.builds(
     retries=st.integers(0, 1),
 ).map(lambda s: s if s.kind != "filter" or s.param >= 2 else StageSpec(**{**vars(s), "param": 2}))
 
+ordered_stage_specs = stage_specs.map(lambda s: StageSpec(**{**vars(s), "ordered": True}))
+
 
 def reference(
     items: list[int], specs: list[StageSpec]
@@ -220,6 +222,95 @@ def test_the_statistics_of_a_random_pipeline_add_up(
             assert stats.filtered == 0
         stage_inputs = outputs
     assert result.items_out == len(stage_inputs)
+
+
+def build_raising(specs: list[StageSpec]) -> Callable[[list[int]], cv.Pipeline[Any]]:
+    """Like `build`, with ``on_error="raise"`` and no retries."""
+
+    def make(items: list[int]) -> cv.Pipeline[Any]:
+        p: cv.Pipeline[Any] = cv.Pipeline(items)
+        for index, spec in enumerate(specs):
+            p = getattr(p, spec.kind)(
+                spec.function(),
+                workers=spec.workers,
+                capacity=spec.capacity,
+                ordered=spec.ordered,
+                name=f"s{index}",
+            )
+        return p
+
+    return make
+
+
+@settings(
+    deadline=None,
+    max_examples=60,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    items=st.lists(st.integers(-500, 500), max_size=200),
+    specs=st.lists(stage_specs, min_size=1, max_size=5),
+)
+def test_a_random_pipeline_with_on_error_raise_fails_with_an_injected_item_or_matches(
+    items: list[int], specs: list[StageSpec]
+) -> None:
+    """Nothing lost: either every output arrives, or the run raises one of the
+    failures the reference predicts, naming its stage and item."""
+    expected, expected_failures = reference(items, specs)
+    p = build_raising(specs)(items)
+    if not expected_failures:
+        assert Counter(p.run(collect=True).outputs or []) == Counter(expected)
+        return
+    with pytest.raises(Injected) as info:
+        p.run()
+    (item,) = info.value.args
+    notes = [n for n in getattr(info.value, "__notes__", []) if n.startswith("conveyor:")]
+    assert len(notes) == 1
+    stages = [stage for stage, x in expected_failures if x == item]
+    assert any(f"'{stage}'" in notes[0] for stage in stages), (notes, stages)
+    assert not conveyor_threads()
+
+
+@settings(
+    deadline=None,
+    max_examples=60,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    items=st.lists(st.integers(-500, 500), min_size=1, max_size=300),
+    specs=st.lists(ordered_stage_specs, max_size=4),
+    data=st.data(),
+)
+def test_breaking_out_of_an_ordered_random_pipeline_gives_a_prefix_of_the_reference(
+    items: list[int], specs: list[StageSpec], data: st.DataObject
+) -> None:
+    specs = [*specs, StageSpec("map", 0, 2, 4, True, None, 0)]  # at least one stage
+    expected, _ = reference(items, specs)
+    if not expected:
+        return
+    stop_after = data.draw(st.integers(1, len(expected)), label="stop_after")
+    p = build(items, specs)
+    received = []
+    for out in p:
+        received.append(out)
+        if len(received) == stop_after:
+            break
+    assert received == expected[:stop_after]
+    assert not conveyor_threads()
+
+
+@settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    items=st.lists(st.integers(), max_size=100),
+    size=st.integers(1, 12),
+    workers=st.integers(1, 8),
+    capacity=st.integers(1, 16),
+)
+def test_batch_after_a_random_parallel_stage_chunks_the_reference(
+    items: list[int], size: int, workers: int, capacity: int
+) -> None:
+    p = cv.Pipeline(items).map(identity, workers=workers, capacity=capacity).batch(size)
+    assert list(p) == [items[i : i + size] for i in range(0, len(items), size)]
 
 
 # ---------------------------------------------------------------------- order

@@ -1,0 +1,713 @@
+"""The async runtime: coroutine stages, on conveyor's own loop or on the caller's.
+
+Every test that runs a pipeline does it in both modes where it matters:
+``run()`` (async stages on a loop in a ``conveyor-async-loop`` thread) and
+``await arun()`` / ``async for`` inside ``asyncio.run`` (async stages on the
+caller's loop). Coroutines synchronise with `Gate`s, which any thread can
+open, never with sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import conveyor as cv
+from conveyor.channel import Channel
+from conveyor.errors import ShutDown
+from conveyor.runtime.aio import LOOP_THREAD_NAME, new_event_loop
+from conveyor.runtime.base import RunControl, Sequencer
+from test_pipeline_helpers import (  # noqa: F401 - no_thread_left is a fixture
+    WAIT,
+    conveyor_threads,
+    must_wait,
+    no_thread_left,
+)
+
+pytestmark = pytest.mark.usefixtures("no_thread_left", "no_asyncio_errors")
+
+TINY = cv.Backoff(initial=0.001)
+
+
+class Boom(Exception):
+    """The error the tests' stage functions raise."""
+
+
+@pytest.fixture
+def no_asyncio_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Fail on what asyncio only logs: a task destroyed while pending, an unretrieved error."""
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        yield
+    logged = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert not logged
+
+
+class Gate:
+    """An event that coroutines on any loop await and any thread opens."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = False
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def wait(self) -> None:
+        with self._lock:
+            if self._open:
+                return
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+        await asyncio.wait_for(waiter, WAIT)
+
+    def open(self) -> None:
+        with self._lock:
+            self._open = True
+            waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.get_loop().call_soon_threadsafe(_resolve, waiter)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class InFlight:
+    """Counts the calls in flight and their cleanups; signals when ``expected`` are in."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.now = 0
+        self.most = 0
+        self.cleaned: list[Any] = []
+        self.all_in = threading.Event()
+        self._lock = threading.Lock()
+
+    def enter(self) -> None:
+        with self._lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+            if self.now >= self.expected:
+                self.all_in.set()
+
+    def leave(self, item: Any) -> None:
+        with self._lock:
+            self.now -= 1
+            self.cleaned.append(item)
+
+
+def run_in_mode(pipeline: cv.Pipeline[Any], mode: str) -> cv.RunResult:
+    """Run to completion with collect=True: ``run()``, or ``arun()`` in ``asyncio.run``."""
+    if mode == "run":
+        return pipeline.run(collect=True)
+    return asyncio.run(pipeline.arun(collect=True))
+
+
+modes = pytest.mark.parametrize("mode", ["run", "arun"])
+
+
+# ---------------------------------------------------------------------- no loss, order
+
+
+async def _pause(x: int) -> None:
+    # Uneven interleaving without timing: some items yield to the loop a few times.
+    for _ in range(x % 3):
+        await asyncio.sleep(0)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    kind: str
+    runtime: str
+    workers: int
+    capacity: int
+    ordered: bool
+
+    def reference(self, x: int) -> list[int]:
+        if self.kind == "map":
+            return [x * 3 + 1]
+        if self.kind == "filter":
+            return [x] if x % 3 else []
+        return [x, -x] if x % 2 else []
+
+    def function(self) -> Callable[[int], Any]:
+        ref, kind = self.reference, self.kind
+
+        def plain(x: int) -> Any:
+            out = ref(x)
+            return bool(out) if kind == "filter" else out[0] if kind == "map" else out
+
+        if self.runtime == "thread":
+            return plain
+
+        async def coro(x: int) -> Any:
+            await _pause(x)
+            return plain(x)
+
+        return coro
+
+
+stage_specs = st.builds(
+    StageSpec,
+    kind=st.sampled_from(["map", "filter", "flat_map"]),
+    runtime=st.sampled_from(["async", "async", "thread"]),
+    workers=st.integers(1, 12),
+    capacity=st.integers(1, 16),
+    ordered=st.booleans(),
+)
+
+
+@pytest.mark.quick
+@settings(
+    deadline=None,
+    max_examples=100,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    items=st.lists(st.integers(-100, 100), max_size=150),
+    specs=st.lists(stage_specs, min_size=1, max_size=4),
+    mode=st.sampled_from(["run", "arun"]),
+)
+def test_pipelines_mixing_async_and_thread_stages_lose_and_invent_nothing(
+    items: list[int], specs: list[StageSpec], mode: str
+) -> None:
+    expected = items
+    pipeline: cv.Pipeline[Any] = cv.Pipeline(items)
+    for index, spec in enumerate(specs):
+        expected = [y for x in expected for y in spec.reference(x)]
+        pipeline = getattr(pipeline, spec.kind)(
+            spec.function(),
+            workers=spec.workers,
+            runtime=spec.runtime,
+            capacity=spec.capacity,
+            ordered=spec.ordered,
+            name=f"s{index}",
+        )
+    outputs = run_in_mode(pipeline, mode).outputs
+    if all(s.ordered or s.workers == 1 for s in specs):
+        assert outputs == expected
+    else:
+        assert Counter(outputs) == Counter(expected)
+    assert not conveyor_threads()
+
+
+@pytest.mark.quick
+def test_ordered_output_keeps_input_order_across_50_coroutines_finishing_in_random_order() -> None:
+    n = 50
+    order = random.Random(5).sample(range(n), n)
+    finished: list[int] = []
+
+    async def main() -> list[Any] | None:
+        release = {x: asyncio.Event() for x in range(n)}
+        done = {x: asyncio.Event() for x in range(n)}
+        started = InFlight(n)
+
+        async def held(x: int) -> int:
+            started.enter()
+            await release[x].wait()
+            finished.append(x)
+            done[x].set()
+            return x
+
+        async def releaser() -> None:
+            while not started.all_in.is_set():  # every coroutine is in flight at once
+                await asyncio.sleep(0)
+            for x in order:
+                release[x].set()
+                await done[x].wait()
+
+        pipeline = cv.Pipeline(range(n)).map(held, workers=n, runtime="async")
+        result, _ = await asyncio.wait_for(
+            asyncio.gather(pipeline.arun(collect=True), releaser()), WAIT
+        )
+        return result.outputs
+
+    assert asyncio.run(main()) == list(range(n))
+    assert finished == order
+
+
+@pytest.mark.quick
+def test_an_ordered_async_stage_takes_no_batch_beyond_its_window() -> None:
+    output: Channel[Any] = Channel()
+    control = RunControl()
+    sequencer = Sequencer(output, window=3, control=control)
+    source: Channel[Any] = Channel()
+    source.put_many(range(10))
+
+    async def main() -> None:
+        taken = [await sequencer.atake(source, 1) for _ in range(3)]
+        assert [ticket for _, ticket in taken] == [0, 1, 2]
+        fourth = asyncio.ensure_future(sequencer.atake(source, 1))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not fourth.done()  # ticket 3 would be 3 ahead of the unreleased ticket 0
+        await sequencer.adeposit(2, ["c"])
+        await sequencer.adeposit(1, ["b"])
+        assert output.qsize() == 0  # released in ticket order: 0 first
+        await sequencer.adeposit(0, ["a"])
+        assert output.get_many(10) == ["a", "b", "c"]
+        assert await asyncio.wait_for(fourth, WAIT) == ([3], 3)
+        # Held by ticket 3 now; an abort from another thread ends the wait.
+        await sequencer.atake(source, 1)
+        await sequencer.atake(source, 1)
+        blocked = asyncio.ensure_future(sequencer.atake(source, 1))
+        await asyncio.sleep(0)
+        await asyncio.to_thread(control.abort)
+        with pytest.raises(ShutDown):
+            await asyncio.wait_for(blocked, WAIT)
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------- where it runs
+
+
+@pytest.mark.quick
+def test_every_async_stage_of_a_run_shares_one_loop_in_a_thread_of_its_own() -> None:
+    seen: set[tuple[int, str]] = set()
+
+    async def where(x: int) -> int:
+        seen.add((id(asyncio.get_running_loop()), threading.current_thread().name))
+        return x
+
+    pipeline = (
+        cv.Pipeline(range(50))
+        .map(where, workers=3, runtime="async", name="a")
+        .map(lambda x: x, workers=2)
+        .map(where, workers=4, runtime="async", name="b")
+    )
+    assert pipeline.run(collect=True).outputs == list(range(50))
+    assert len(seen) == 1
+    assert next(iter(seen))[1] == LOOP_THREAD_NAME
+    assert not conveyor_threads()
+
+
+@pytest.mark.quick
+def test_arun_runs_async_stages_on_the_callers_loop_without_blocking_it() -> None:
+    freed = threading.Event()
+    loops: set[int] = set()
+
+    async def where(x: int) -> int:
+        loops.add(id(asyncio.get_running_loop()))
+        return x
+
+    def needs_the_loop(x: int) -> int:
+        # Set by another task of the caller's loop: a blocked loop would hang here.
+        must_wait(freed)
+        return x
+
+    async def main() -> cv.RunResult:
+        async def free() -> None:
+            await asyncio.sleep(0)
+            freed.set()
+
+        pipeline = (
+            cv.Pipeline(range(20))
+            .map(where, workers=4, runtime="async")
+            .map(needs_the_loop, workers=2)
+        )
+        result, _ = await asyncio.gather(pipeline.arun(collect=True), free())
+        assert loops == {id(asyncio.get_running_loop())}
+        return result
+
+    result = asyncio.run(main())
+    assert result.outputs == list(range(20))
+    assert result.stats[0].items_in == 20
+    assert not conveyor_threads()
+
+
+async def numbers(n: int, cleaned: list[str] | None = None) -> AsyncIterator[int]:
+    """An async generator source that yields to the loop between items."""
+    try:
+        for i in range(n):
+            await asyncio.sleep(0)
+            yield i
+    finally:
+        if cleaned is not None:
+            cleaned.append("source")
+
+
+async def double(x: int) -> int:
+    await asyncio.sleep(0)
+    return 2 * x
+
+
+@pytest.mark.quick
+@modes
+def test_an_async_generator_source_feeds_an_async_stage(mode: str) -> None:
+    if mode == "run":
+        outputs = (
+            cv.Pipeline(numbers(200))
+            .map(double, workers=8, runtime="async")
+            .run(collect=True)
+            .outputs
+        )
+    else:
+
+        async def main() -> list[int]:
+            pipeline = cv.Pipeline(numbers(200)).map(double, workers=8, runtime="async")
+            return [x async for x in pipeline]
+
+        outputs = asyncio.run(main())
+    assert outputs == [2 * x for x in range(200)]
+
+
+@pytest.mark.quick
+def test_breaking_out_of_async_for_stops_the_run_and_closes_the_source() -> None:
+    cleaned: list[str] = []
+
+    async def main() -> list[int]:
+        got: list[int] = []
+        pipeline = cv.Pipeline(numbers(10**6, cleaned)).map(double, workers=4, runtime="async")
+        async with aclosing(pipeline.__aiter__()) as outputs:
+            async for x in outputs:
+                got.append(x)
+                if len(got) == 10:
+                    break
+        assert not conveyor_threads()
+        return got
+
+    assert asyncio.run(main()) == [2 * x for x in range(10)]
+    assert cleaned == ["source"]
+
+
+# ---------------------------------------------------------------------- errors and policies
+
+
+@pytest.mark.quick
+@modes
+def test_an_exception_in_an_async_stage_reaches_the_caller_with_the_stage_named(
+    mode: str,
+) -> None:
+    async def fragile(x: int) -> int:
+        await asyncio.sleep(0)
+        if x == 7:
+            raise Boom(x)
+        return x
+
+    pipeline = cv.Pipeline(range(100)).map(fragile, workers=5, runtime="async")
+    with pytest.raises(Boom) as info:
+        run_in_mode(pipeline, mode)
+    assert info.value.args == (7,)
+    assert "conveyor: stage 'fragile' (map) failed on item 7" in info.value.__notes__
+    frames = [tb.tb_frame.f_code.co_name for tb in _walk(info.value.__traceback__)]
+    assert "fragile" in frames  # the original traceback, not a rebuilt exception
+    assert not conveyor_threads()
+
+
+def _walk(tb: Any) -> Iterator[Any]:
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next
+
+
+@pytest.mark.quick
+@modes
+def test_on_error_skip_records_the_failed_items_and_keeps_the_others(mode: str) -> None:
+    async def fragile(x: int) -> int:
+        if x % 10 == 3:
+            raise Boom(x)
+        return x
+
+    pipeline = cv.Pipeline(range(50)).map(fragile, workers=4, runtime="async", on_error="skip")
+    result = run_in_mode(pipeline, mode)
+    assert result.outputs == [x for x in range(50) if x % 10 != 3]
+    assert sorted(f.item for f in result.failures) == [3, 13, 23, 33, 43]
+    assert all(isinstance(f.error, Boom) and f.attempts == 1 for f in result.failures)
+    assert result.stats[0].failed == 5
+
+
+@pytest.mark.quick
+@modes
+def test_retries_call_a_failing_coroutine_again_until_it_succeeds(mode: str) -> None:
+    attempts: Counter[int] = Counter()
+
+    async def flaky(x: int) -> int:
+        attempts[x] += 1
+        if attempts[x] <= 2:
+            raise Boom(x)
+        return x
+
+    pipeline = cv.Pipeline(range(30)).map(
+        flaky, workers=4, runtime="async", retries=2, backoff=TINY
+    )
+    result = run_in_mode(pipeline, mode)
+    assert result.outputs == list(range(30))
+    assert attempts == Counter(dict.fromkeys(range(30), 3))
+    assert result.stats[0].retried == 60
+
+
+@pytest.mark.quick
+def test_an_item_out_of_retries_is_skipped_after_every_attempt() -> None:
+    async def broken(x: int) -> int:
+        raise Boom(x)
+
+    result = (
+        cv.Pipeline(range(5))
+        .map(broken, workers=2, runtime="async", retries=2, backoff=TINY, on_error="skip")
+        .run()
+    )
+    assert sorted(f.item for f in result.failures) == list(range(5))
+    assert {f.attempts for f in result.failures} == {3}
+
+
+@pytest.mark.quick
+@modes
+def test_a_coroutine_over_its_timeout_is_cancelled_and_fails_with_timeout_error(
+    mode: str,
+) -> None:
+    never = Gate()
+    cleaned: list[int] = []
+
+    async def stuck_on_three(x: int) -> int:
+        if x == 3:
+            try:
+                await never.wait()
+            finally:
+                cleaned.append(x)
+        return x
+
+    pipeline = cv.Pipeline(range(6)).map(stuck_on_three, runtime="async", timeout=0.05)
+    with pytest.raises(TimeoutError, match=r"took longer than its timeout of 0\.05 s") as info:
+        run_in_mode(pipeline, mode)
+    assert "conveyor: stage 'stuck_on_three' (map) failed on item 3" in info.value.__notes__
+    assert cleaned == [3]
+
+
+@pytest.mark.quick
+def test_timed_out_items_are_retried_then_skipped() -> None:
+    never = Gate()
+
+    async def stuck_on_odd(x: int) -> int:
+        if x % 2:
+            await never.wait()
+        return x
+
+    result = (
+        cv.Pipeline(range(6))
+        .map(
+            stuck_on_odd,
+            workers=3,
+            runtime="async",
+            timeout=0.02,
+            retries=1,
+            backoff=TINY,
+            on_error="skip",
+        )
+        .run(collect=True)
+    )
+    assert result.outputs == [0, 2, 4]
+    assert sorted(f.item for f in result.failures) == [1, 3, 5]
+    assert all(isinstance(f.error, TimeoutError) and f.attempts == 2 for f in result.failures)
+
+
+@pytest.mark.quick
+def test_a_timeout_error_raised_by_the_coroutine_itself_keeps_its_message() -> None:
+    async def own_timeout(x: int) -> int:
+        raise TimeoutError("the remote end gave up")
+
+    pipeline = cv.Pipeline([1]).map(own_timeout, runtime="async", timeout=5.0)
+    with pytest.raises(TimeoutError, match="the remote end gave up"):
+        pipeline.run()
+
+
+# ---------------------------------------------------------------------- cancellation
+
+
+@pytest.mark.quick
+def test_stop_cancels_the_coroutines_in_flight_and_their_finally_blocks_run() -> None:
+    flight = InFlight(5)
+    never = Gate()
+
+    async def held(x: int) -> int:
+        flight.enter()
+        try:
+            await never.wait()
+        finally:
+            flight.leave(x)
+        return x
+
+    pipeline = cv.Pipeline(range(100)).map(held, workers=5, runtime="async")
+    with pipeline.start() as handle:
+        must_wait(flight.all_in)
+        handle.stop()
+        result = handle.join(WAIT)
+    assert result.stopped
+    assert sorted(flight.cleaned) == [0, 1, 2, 3, 4]
+    assert flight.now == 0
+    assert not conveyor_threads()
+
+
+@pytest.mark.quick
+@modes
+def test_an_error_in_a_thread_stage_cancels_the_coroutines_in_flight(mode: str) -> None:
+    flight = InFlight(4)
+    four_in = Gate()
+    never = Gate()
+
+    async def held_after_zero(x: int) -> int:
+        if x == 0:
+            # Only once 1 to 4 are in flight: each worker takes one item.
+            await four_in.wait()
+            return x
+        flight.enter()
+        if flight.all_in.is_set():
+            four_in.open()
+        try:
+            await never.wait()
+        finally:
+            flight.leave(x)
+        return x
+
+    def fails(x: int) -> int:
+        raise Boom(x)
+
+    pipeline = cv.Pipeline(range(5)).map(held_after_zero, workers=5, runtime="async").map(fails)
+    with pytest.raises(Boom):
+        run_in_mode(pipeline, mode)
+    assert sorted(flight.cleaned) == [1, 2, 3, 4]
+    assert not conveyor_threads()
+
+
+@pytest.mark.quick
+def test_cancelling_the_task_awaiting_arun_cancels_the_run_and_awaits_its_cleanup() -> None:
+    flight = InFlight(3)
+    never = Gate()
+
+    async def held(x: int) -> int:
+        flight.enter()
+        try:
+            await never.wait()
+        finally:
+            await asyncio.sleep(0)  # a cleanup that awaits still runs to its end
+            flight.leave(x)
+        return x
+
+    async def main() -> None:
+        pipeline = cv.Pipeline(range(10)).map(held, workers=3, runtime="async")
+        task = asyncio.ensure_future(pipeline.arun())
+        while not flight.all_in.is_set():
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert sorted(flight.cleaned) == [0, 1, 2]
+        assert not conveyor_threads()
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------- workers, hooks
+
+
+@pytest.mark.quick
+@modes
+def test_workers_is_the_most_coroutines_of_a_stage_in_flight_at_once(mode: str) -> None:
+    flight = InFlight(4)
+    full = Gate()
+
+    async def counted(x: int) -> int:
+        flight.enter()
+        if flight.all_in.is_set():
+            full.open()
+        await full.wait()  # the first four wait until all four are in
+        for _ in range(3):
+            await asyncio.sleep(0)  # room for a fifth to sneak in, if it could
+        flight.leave(x)
+        return x
+
+    result = run_in_mode(cv.Pipeline(range(40)).map(counted, workers=4, runtime="async"), mode)
+    assert result.outputs == list(range(40))
+    assert flight.most == 4
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("hooks", ["plain", "coroutine"])
+def test_on_start_and_on_stop_run_once_per_worker_coroutine_with_its_own_state(
+    hooks: str,
+) -> None:
+    states: list[object] = []
+    stopped: list[object] = []
+
+    def start_plain() -> object:
+        state = object()
+        states.append(state)
+        return state
+
+    async def start_coroutine() -> object:
+        await asyncio.sleep(0)
+        return start_plain()
+
+    def stop_plain(state: object) -> None:
+        stopped.append(state)
+
+    async def stop_coroutine(state: object) -> None:
+        await asyncio.sleep(0)
+        stop_plain(state)
+
+    async def whose(x: int) -> int:
+        await asyncio.sleep(0)
+        return id(cv.worker_state())
+
+    plain = hooks == "plain"
+    result = (
+        cv.Pipeline(range(60))
+        .map(
+            whose,
+            workers=3,
+            runtime="async",
+            on_start=start_plain if plain else start_coroutine,
+            on_stop=stop_plain if plain else stop_coroutine,
+        )
+        .run(collect=True)
+    )
+    assert len(states) == 3
+    assert sorted(map(id, stopped)) == sorted(map(id, states))
+    assert result.outputs is not None
+    assert set(result.outputs) <= {id(s) for s in states}
+
+
+@pytest.mark.quick
+def test_a_failing_coroutine_on_start_fails_the_run_with_the_stage_named() -> None:
+    async def cannot_connect() -> None:
+        raise Boom("no database")
+
+    pipeline = cv.Pipeline(range(5)).map(double, runtime="async", on_start=cannot_connect)
+    with pytest.raises(Boom) as info:
+        pipeline.run()
+    assert "conveyor: on_start of stage 'double' (map) failed" in info.value.__notes__
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+@pytest.mark.quick
+def test_conveyors_own_loop_serves_sockets_and_timers() -> None:
+    loop = new_event_loop()
+
+    async def exchange() -> bytes:
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        with a, b:
+            running = asyncio.get_running_loop()
+            reader = running.create_task(running.sock_recv(b, 5))
+            await asyncio.sleep(0.002)  # a timer, then readiness on the socket
+            await running.sock_sendall(a, b"hello")
+            return await asyncio.wait_for(reader, WAIT)
+
+    try:
+        assert loop.run_until_complete(exchange()) == b"hello"
+    finally:
+        loop.close()

@@ -266,6 +266,13 @@ def cli() -> None:
     is_flag=True,
     help="Print the run's metrics as JSON on stdout instead of the table.",
 )
+@click.option(
+    "--redis",
+    "redis_url",
+    metavar="URL",
+    help="Run on Redis Streams: `conveyor worker` processes anywhere serve the stages.",
+)
+@click.option("--run-id", metavar="ID", help="With --redis: the run's id (resumes that run).")
 def run_command(
     target: str,
     progress: bool,
@@ -273,6 +280,8 @@ def run_command(
     workers: tuple[str, ...],
     stall_timeout: float | None,
     as_json: bool,
+    redis_url: str | None = None,
+    run_id: str | None = None,
 ) -> None:
     """Run the pipeline MODULE:ATTR to the end and print its per-stage report.
 
@@ -285,6 +294,12 @@ def run_command(
     try:
         overrides = parse_overrides(workers)
         pipeline = apply_overrides(load_pipeline(target), overrides)
+        if redis_url is not None:
+            from .redis.cli import run_on_redis
+
+            result = run_on_redis(pipeline, redis_url, run_id=run_id)
+            click.echo(result.to_json() if as_json else result.report().rstrip())
+            return
         handle = _start(pipeline, progress, report, stall_timeout)
         try:
             result = handle.join()
@@ -324,6 +339,16 @@ def _interrupted(handle: RunHandle) -> NoReturn:
     except (KeyboardInterrupt, Exception):
         pass  # a second Ctrl-C, or the run ending with an error: leave now either way
     sys.exit(EXIT_INTERRUPTED)
+
+
+def _add_redis_commands() -> None:
+    from .redis.cli import COMMANDS
+
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+_add_redis_commands()
 
 
 @cli.command()

@@ -14,8 +14,6 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import Any
 
-import msgpack
-
 __all__ = ["TOMBSTONE", "Reorderer", "child_path", "dump_path", "load_path"]
 
 TOMBSTONE: Any = object()
@@ -24,12 +22,16 @@ TOMBSTONE: Any = object()
 
 def dump_path(path: list[int]) -> bytes:
     """A path as the bytes of field ``q``."""
+    import msgpack
+
     data: bytes = msgpack.packb(path)
     return data
 
 
 def load_path(data: bytes) -> list[int]:
     """A path back from field ``q``."""
+    import msgpack
+
     path: list[int] = msgpack.unpackb(data)
     return path
 

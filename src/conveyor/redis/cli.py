@@ -1,0 +1,306 @@
+"""The distributed commands: ``conveyor worker``, ``conveyor status``, ``conveyor dlq ...``.
+
+Registered on the main ``conveyor`` group by `conveyor.cli`; ``conveyor run
+--redis URL`` drives a run through `run_on_redis`. The pickle codec's key
+comes from the ``CONVEYOR_SECRET_KEY`` environment variable, never from the
+command line (where ``ps`` would show it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from ..errors import BackendError, ConfigurationError
+
+__all__ = ["dlq_group", "load_pipeline", "run_on_redis", "status_command", "worker_command"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def load_pipeline(target: str) -> Any:
+    """The pipeline named ``MODULE:ATTR`` (as ``conveyor run`` finds it)."""
+    from ..cli import load_pipeline as load
+
+    return load(target)
+
+
+def _redis_options(fn: F) -> F:
+    fn = click.option(
+        "--namespace",
+        default="conveyor",
+        show_default=True,
+        help="Prefix of every Redis key (the driver and the workers must agree).",
+    )(fn)
+    fn = click.option(
+        "--redis",
+        "url",
+        required=True,
+        envvar="CONVEYOR_REDIS_URL",
+        metavar="URL",
+        help="redis://[[USER]:PASSWORD@]HOST:PORT/DB, or rediss://... for TLS "
+        "(env: CONVEYOR_REDIS_URL).",
+    )(fn)
+    return fn
+
+
+def _fail(exc: BaseException) -> click.ClickException:
+    """A conveyor error as a one-line message and exit code 1."""
+    return click.ClickException(f"{type(exc).__name__}: {exc}")
+
+
+def _log_to_stderr() -> None:
+    logger = logging.getLogger("conveyor")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+# ---------------------------------------------------------------------- worker
+
+
+def _parse_workers(values: tuple[str, ...]) -> int | dict[str, int] | None:
+    """``--workers N`` (every served stage) or ``--workers STAGE=N`` (repeatable)."""
+    if not values:
+        return None
+    if len(values) == 1 and values[0].isdigit():
+        n = int(values[0])
+        if n < 1:
+            raise click.BadParameter("N must be >= 1", param_hint="'--workers'")
+        return n
+    from ..cli import parse_overrides
+
+    return dict(parse_overrides(values))
+
+
+@click.command("worker")
+@click.argument("target", metavar="MODULE:ATTR")
+@_redis_options
+@click.option(
+    "--stage",
+    "stages",
+    multiple=True,
+    metavar="NAME",
+    help="Serve only this stage (repeatable; default: every stage).",
+)
+@click.option(
+    "--workers",
+    "-w",
+    multiple=True,
+    metavar="N|STAGE=N",
+    help="Consumers per served stage, or for one stage (repeatable); "
+    "default: each stage's own workers.",
+)
+def worker_command(
+    target: str, url: str, namespace: str, stages: tuple[str, ...], workers: tuple[str, ...]
+) -> None:
+    """Serve the stages of the pipeline MODULE:ATTR from Redis, for every run, until stopped.
+
+    Start as many as you like, on any machine: they share the work through
+    consumer groups. SIGTERM or Ctrl-C finishes the batches in hand and
+    exits; a worker killed outright loses nothing (its entries are taken
+    over after the run's visibility timeout).
+    """
+    from .worker import Worker
+
+    _log_to_stderr()
+    pipeline = load_pipeline(target)
+    try:
+        worker = Worker(
+            pipeline,
+            url,
+            stages=stages or None,
+            workers=_parse_workers(workers),
+            namespace=namespace,
+            pipeline_ref=target,
+        )
+        worker.run_forever()
+    except (BackendError, ConfigurationError) as exc:
+        raise _fail(exc) from None
+
+
+# ---------------------------------------------------------------------- run
+
+
+def run_on_redis(
+    pipeline: Any, url: str, *, run_id: str | None = None, namespace: str = "conveyor"
+) -> Any:
+    """Drive one run of ``pipeline`` through Redis (``conveyor run --redis``)."""
+    from .backend import RedisBackend
+
+    return pipeline.run(backend=RedisBackend(url, run_id=run_id, namespace=namespace))
+
+
+# ---------------------------------------------------------------------- status
+
+
+def _runs(client: Any, namespace: str, pipeline: Any, run_id: str | None) -> list[Any]:
+    from .status import find_runs, load_info
+    from .streams import Keys, pipeline_id
+
+    pid = pipeline_id(pipeline.stages)
+    ids = [run_id] if run_id else find_runs(client, namespace, pid)
+    infos = []
+    for rid in ids:
+        info = load_info(client, Keys(namespace, pid, rid))
+        if info is None:
+            if run_id:
+                raise click.ClickException(f"no run {run_id!r} of this pipeline in Redis")
+            continue
+        infos.append(info)
+    return infos
+
+
+@click.command("status")
+@click.argument("target", metavar="MODULE:ATTR")
+@_redis_options
+@click.option("--run", "run_id", metavar="ID", help="Only this run (default: every live run).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def status_command(
+    target: str, url: str, namespace: str, run_id: str | None, as_json: bool
+) -> None:
+    """Show the live runs of MODULE:ATTR: per stage, stream length, pending entries,
+    consumers and their idle time, rates, re-executions and dead letters."""
+    from .status import render, run_status
+    from .streams import connect
+
+    pipeline = load_pipeline(target)
+    try:
+        client = connect(url)
+        statuses = [run_status(client, info) for info in _runs(client, namespace, pipeline, run_id)]
+    except BackendError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        click.echo(json.dumps([s.as_dict() for s in statuses], indent=2))
+    else:
+        click.echo(render(statuses).rstrip())
+
+
+# ---------------------------------------------------------------------- dlq
+
+
+@click.group("dlq")
+def dlq_group() -> None:
+    """List, replay or purge the dead letters of a pipeline's runs."""
+
+
+def _dlq_options(fn: F) -> F:
+    fn = click.option(
+        "--id", "ids", multiple=True, metavar="ID", help="Only this dead letter (repeatable)."
+    )(fn)
+    fn = click.option("--stage", metavar="NAME", help="Only this stage's dead letters.")(fn)
+    fn = click.option("--run", "run_id", metavar="ID", help="Only this run (default: all).")(fn)
+    fn = _redis_options(fn)
+    return click.argument("target", metavar="MODULE:ATTR")(fn)
+
+
+@dlq_group.command("list")
+@_dlq_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def dlq_list(
+    target: str,
+    url: str,
+    namespace: str,
+    run_id: str | None,
+    stage: str | None,
+    ids: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """List dead letters: stage, id, deliveries, the item and its last error."""
+    from .codec import get_codec, secret_from
+    from .dlq import list_dead
+    from .streams import connect
+
+    pipeline = load_pipeline(target)
+    try:
+        client = connect(url)
+        letters = []
+        for info in _runs(client, namespace, pipeline, run_id):
+            try:
+                codec = get_codec(info.codec, secret_from(None))
+            except ConfigurationError:
+                codec = None
+            letters += [
+                d for d in list_dead(client, info, codec, stage) if not ids or d.entry_id in ids
+            ]
+    except (BackendError, ConfigurationError) as exc:
+        raise _fail(exc) from None
+    if as_json:
+        click.echo(
+            json.dumps(
+                [{**d.__dict__, "item": repr(d.item)} for d in letters], indent=2, default=str
+            )
+        )
+        return
+    if not letters:
+        click.echo("no dead letters")
+    for d in letters:
+        item = d.item_error and f"(not decoded: {d.item_error})" or repr(d.item)
+        click.echo(
+            f"run {d.run_id} stage {d.stage!r} id {d.entry_id} "
+            f"(was {d.source_id}, delivered {d.deliveries} times)\n"
+            f"  item: {item[:200]}\n  error: " + d.error.strip().replace("\n", "\n    ")
+        )
+
+
+def _move(
+    mode: str,
+    target: str,
+    url: str,
+    namespace: str,
+    run_id: str | None,
+    stage: str | None,
+    ids: tuple[str, ...],
+) -> None:
+    from .dlq import move_dead
+    from .streams import connect
+
+    pipeline = load_pipeline(target)
+    try:
+        client = connect(url)
+        moved = sum(
+            move_dead(client, info, mode, stage, list(ids) or None)
+            for info in _runs(client, namespace, pipeline, run_id)
+        )
+    except (BackendError, ConfigurationError) as exc:
+        raise _fail(exc) from None
+    click.echo(f"{'replayed' if mode == 'replay' else 'purged'} {moved} dead letters")
+
+
+@dlq_group.command("replay")
+@_dlq_options
+def dlq_replay(
+    target: str,
+    url: str,
+    namespace: str,
+    run_id: str | None,
+    stage: str | None,
+    ids: tuple[str, ...],
+) -> None:
+    """Put dead letters back into their stage's stream (after fixing the stage)."""
+    _move("replay", target, url, namespace, run_id, stage, ids)
+
+
+@dlq_group.command("purge")
+@_dlq_options
+def dlq_purge(
+    target: str,
+    url: str,
+    namespace: str,
+    run_id: str | None,
+    stage: str | None,
+    ids: tuple[str, ...],
+) -> None:
+    """Drop dead letters; the run counts them as handled and can finish without them."""
+    _move("purge", target, url, namespace, run_id, stage, ids)
+
+
+COMMANDS = (worker_command, status_command, dlq_group)
+"""What `conveyor.cli` registers on the main group."""

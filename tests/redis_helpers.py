@@ -1,0 +1,172 @@
+"""Pipelines and worker processes for the Redis backend's tests.
+
+The pipelines live in this importable module so that worker processes can
+load them by name (``python -m conveyor worker redis_helpers:three_stages``):
+a worker and a driver that build the same stages meet on the same keys.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import conveyor as cv
+
+TESTS = Path(__file__).resolve().parent
+WAIT = 60.0
+"""Upper bound of every wait in these tests (seconds)."""
+
+# ---------------------------------------------------------------------- pipelines
+
+
+def triple(x: int) -> int:
+    return x * 3
+
+
+def keep(x: int) -> bool:
+    return x % 4 != 0
+
+
+def spread(x: int) -> list[int]:
+    return [x, -x] if x % 2 else [x]
+
+
+def three_stages(n: int = 20_000) -> cv.Pipeline[int]:
+    """map -> filter -> flat_map, the end-to-end test's pipeline."""
+    return (
+        cv.Pipeline(range(n))
+        .map(triple, workers=2)
+        .filter(keep, workers=2)
+        .flat_map(spread, workers=2)
+    )
+
+
+def busy_triple(x: int) -> int:
+    # About 0.3 ms of work per item, so batches are in flight when a worker is killed.
+    deadline = time.perf_counter() + 0.0003
+    while time.perf_counter() < deadline:
+        pass
+    return x * 3
+
+
+def slow_stages(n: int = 3000) -> cv.Pipeline[int]:
+    """Two stages with a little work per item (the kill -9 test)."""
+    return (
+        cv.Pipeline(range(n))
+        .map(busy_triple, workers=2, name="work", ordered=False)
+        .flat_map(spread, name="spread", ordered=False)
+    )
+
+
+POISON = 13
+
+
+def fragile(x: int) -> int:
+    """Fails on POISON until the environment says the bug is fixed."""
+    if x == POISON and not os.environ.get("CONVEYOR_TEST_FIXED"):
+        raise ValueError(f"cannot handle {x}")
+    return x + 1
+
+
+def poisoned(n: int = 50) -> cv.Pipeline[int]:
+    return cv.Pipeline(range(n)).map(fragile, name="fragile").map(triple, name="triple")
+
+
+# ---------------------------------------------------------------------- processes
+
+
+class WorkerProcess:
+    """``python -m conveyor worker TARGET --redis URL`` in a child process."""
+
+    def __init__(self, target: str, url: str, namespace: str, log: Path, *args: str) -> None:
+        self.log_path = log
+        self._log: IO[bytes] = log.open("ab")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "conveyor",
+                "worker",
+                target,
+                "--redis",
+                url,
+                "--namespace",
+                namespace,
+                *args,
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+
+    def kill(self) -> None:
+        """kill -9."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(WAIT)
+        self._log.close()
+
+    def stop(self) -> None:
+        """SIGTERM, then wait (kill -9 if it does not exit in time)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(WAIT / 2)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(WAIT)
+        if not self._log.closed:
+            self._log.close()
+
+
+@contextmanager
+def worker_processes(
+    target: str, url: str, namespace: str, count: int, logdir: Path, *args: str
+) -> Iterator[list[WorkerProcess]]:
+    """Start ``count`` worker processes; stop them (and any added to the list) at the end."""
+    workers = [
+        WorkerProcess(target, url, namespace, logdir / f"worker-{i}.log", *args)
+        for i in range(count)
+    ]
+    try:
+        yield workers
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+def worker_logs(logdir: Path) -> str:
+    """Every worker log, for assertion messages."""
+    return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(logdir.glob("*.log")))
+
+
+def new_namespace() -> str:
+    """A namespace of its own for one test, so tests never see each other's keys."""
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
+    """Poll ``condition`` until it returns something true; fail after ``timeout`` s.
+
+    Redis offers nothing to wait on for a counter to reach a value, so this
+    polls with a short sleep; every caller bounds the wait.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.01)

@@ -299,11 +299,13 @@ class StageRun:
         return thread
 
 
-def _adapt(size: int, got: int, seconds: float, limit: int) -> int:
+def _adapt(
+    size: int, got: int, seconds: float, limit: int, target: float = TARGET_BATCH_SECONDS
+) -> int:
     """Next batch size: double while batches are quick and full, halve when slow."""
-    if seconds < TARGET_BATCH_SECONDS / 2:
+    if seconds < target / 2:
         return min(limit, size * 2) if got >= size else size
-    if seconds > TARGET_BATCH_SECONDS * 2 and size > 1:
+    if seconds > target * 2 and size > 1:
         return max(1, size // 2)
     return size
 
@@ -312,11 +314,14 @@ def worker_loop(
     sr: StageRun,
     worker: int,
     execute: Callable[[list[Any]], BatchOutcome],
+    target: float = TARGET_BATCH_SECONDS,
 ) -> None:
     """Take batches from the input, execute them, hand outputs on; until input ends.
 
     Errors raised by ``execute`` itself (not by the stage function, which
-    `process_batch` handles) fail the run.
+    `process_batch` handles) fail the run. ``target`` is the time a batch
+    should take: a runtime whose ``execute`` has a fixed cost per batch (a
+    round trip to a worker process) asks for longer batches.
     """
     stage, control, inp = sr.stage, sr.control, sr.input
     handle = sr.handles[worker]
@@ -346,7 +351,7 @@ def worker_loop(
             elif outcome.outputs:
                 handle.put_many(outcome.outputs)
             counters.wait_out += perf_counter() - t2
-            size = _adapt(size, len(batch), t2 - t1, limit)
+            size = _adapt(size, len(batch), t2 - t1, limit, target)
     except ShutDown:
         pass  # the run was aborted while we were handing outputs on
     except BaseException as exc:  # a bug in conveyor, or Ctrl-C delivered here

@@ -1,0 +1,1350 @@
+"""Process runtime: each worker of a stage is a child process, driven by a thread of the parent.
+
+For CPU-bound Python. How data flows, for one worker (a stage with ``workers=n``
+has n such pairs)::
+
+    parent process                                     |  worker process (one per worker)
+                                                       |
+    input channel                                      |
+       | get_many(n), n adapts to ~BATCH_SECONDS        |
+       v                                               |
+    worker thread: base.worker_loop(execute)           |  _child_main:
+       execute(batch):                                 |    cloudpickle.loads(stage), once
+         pickle protocol 5; big buffers -> inbox -----+    on_start() -> worker_state()
+         send one message ---------------- pipe ------+--> unpickle (copy out of inbox)
+         wait on  - the pipe <-------------------------+--- stage.process_batch(batch):
+                  - the child's sentinel (it died)     |      retries, backoff, skip, raise
+                  - the run's abort pipe (stop, ^C)    |      (written once, in stage.py)
+                  - the item's deadline (timeout)      |    pickle the outcome; big
+         unpickle (copy out of outbox)  <-- outbox ----+      buffers -> outbox
+       | put_many(outputs) (or the ordered sequencer)  |    ...until STOP: on_stop(), exit
+       v                                               |
+    output channel                                     |
+
+A stage's logic lives in `conveyor.stage.process_batch`, which the child
+runs; the parent-side thread runs the same `worker_loop` as the thread
+runtime, with an ``execute`` that ships the batch to *its* child and returns
+the child's `BatchOutcome`. Everything specific to processes is here: the
+messages, shared memory, and what happens when a child dies or overruns.
+
+Start methods and the ``__main__`` rule
+---------------------------------------
+Worker processes are started with the multiprocessing start method named by
+`START_METHOD` (a module setting), else by the environment variable
+``CONVEYOR_START_METHOD``, else ``forkserver`` on Linux and ``spawn``
+elsewhere: both are safe while the parent runs threads (conveyor's own
+feeder and worker threads, at least), which ``fork`` is not. This module is
+added to the forkserver's preload list, so that a worker starts without
+importing conveyor again.
+
+Both methods run the main module again in every worker process (as
+``__mp_main__``). A script that builds and runs its pipeline at module level
+would then start the pipeline again in each worker: keep that code under
+``if __name__ == "__main__":``. conveyor detects the mistake inside the
+worker and the main process raises `conveyor.ConfigurationError` saying so.
+Stage functions, ``on_start`` and ``on_stop`` are sent to each worker with
+cloudpickle, once, when it starts: lambdas, closures and local functions
+work. Items and results are pickled with the standard pickler (cloudpickle
+when that fails), so their classes must be importable in the workers.
+
+Batches and shared memory
+-------------------------
+A batch crosses in one message each way (pickle protocol 5). Large buffers
+inside items or results -- NumPy arrays (via pickle's out-of-band buffers),
+and `bytes`, `bytearray` and `memoryview` of at least `SHM_THRESHOLD` bytes
+(for bytes and bytearray: items themselves, or inside tuple, list or dict
+items) -- do not go through the pipe: they are copied into a shared-memory
+block of that worker (the *inbox* one way, the *outbox* the other), and the
+receiver copies them out into objects it owns. The blocks are created by the
+parent (named by `multiprocessing.shared_memory.SharedMemory`), reused
+message after message, and their names are unlinked as soon as the worker
+has mapped them; the parent tracks every name still linked and unlinks it
+when the worker replies, dies or is stopped, and when the run ends, so no
+segment outlives a run, whatever happened to it. (A fresh block costs a page
+fault per page on first use; reusing blocks is what makes them fast.)
+
+Failures
+--------
+- A worker that dies (killed, segfault, ``os._exit``) is seen at once: the
+  thread waits on the child's sentinel together with its pipe. By default
+  the run raises `conveyor.WorkerCrashed` naming the stage, the exit code or
+  signal and the items the worker held. With ``retries`` (or with
+  ``on_error="skip"``) the items go to a fresh worker instead, one per
+  message so that the one that kills its worker is found; an item that
+  kills ``retries + 1`` workers fails per ``on_error``.
+- With a per-item ``timeout``, items go one per message; the child reports
+  when each attempt starts, and the parent kills a child whose attempt
+  overruns, counts a `TimeoutError` for the item (``retries`` and
+  ``on_error`` apply) and starts a fresh worker.
+- An item or result that cannot be pickled gives a `conveyor.SerializationError`
+  naming the stage and the object's type (recorded with ``on_error="skip"``).
+- An exception raised by the stage function reaches the caller with its own
+  type and notes; the worker's traceback, as text, is its ``__cause__``.
+  An exception that cannot be pickled is replaced by a `conveyor.ConveyorError`
+  carrying its type name, message and traceback text.
+- Stop, abort and Ctrl-C terminate every worker process at once (``SIGTERM``,
+  then ``SIGKILL`` after `KILL_GRACE` seconds) and join them; ``on_stop``
+  then does not run. Worker processes ignore ``SIGINT`` (a Ctrl-C in the
+  terminal reaches the whole process group: the parent handles it) and exit
+  by themselves if the parent dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import mmap
+import os
+import pickle
+import secrets
+import signal
+import sys
+import threading
+import traceback
+from dataclasses import replace
+from functools import partial
+from importlib import import_module
+from multiprocessing import connection, current_process, get_all_start_methods, get_context
+from multiprocessing import parent_process as _parent_process
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from multiprocessing.shared_memory import SharedMemory
+from time import monotonic
+from time import sleep as _sleep
+from types import CodeType
+from typing import Any
+
+import cloudpickle
+
+from ..errors import (
+    ConfigurationError,
+    ConveyorError,
+    SerializationError,
+    ShutDown,
+    WorkerCrashed,
+)
+from ..stage import (
+    BatchOutcome,
+    Failure,
+    Stage,
+    add_note,
+    add_stage_note,
+    apply_one,
+    process_batch,
+    set_worker_state,
+)
+from .base import Runtime, StageRun, batch_loop, worker_loop
+from .threads import join_threads
+
+__all__ = [
+    "BATCH_SECONDS",
+    "KILL_GRACE",
+    "RUNTIME",
+    "SHM_MESSAGE_LIMIT",
+    "SHM_THRESHOLD",
+    "START_METHOD",
+    "ProcessRuntime",
+    "RemoteTraceback",
+    "shm_prefix",
+    "start_method",
+]
+
+START_METHOD: str | None = None
+"""Start method of worker processes ("forkserver", "spawn" or "fork"); None: the
+``CONVEYOR_START_METHOD`` environment variable, else forkserver on Linux, spawn elsewhere.
+"fork" is only safe when the parent runs no other thread than conveyor's own."""
+SHM_THRESHOLD = 64 * 1024
+"""Buffers of at least this many bytes cross through shared memory instead of the pipe."""
+SHM_MESSAGE_LIMIT = 32 * 1024 * 1024
+"""A batch whose buffers add up to more is sent in several messages (one item at least)."""
+BATCH_SECONDS = 0.02
+"""Target time of one batch. A round trip to a worker costs about 0.1 ms of
+the parent's time, so batches ten times longer than the thread runtime's
+keep that cost near 1%, while still spreading slow items over the workers."""
+KILL_GRACE = 0.25
+"""Seconds a worker process gets to exit after SIGTERM before it is killed."""
+EXIT_GRACE = 2.0
+"""Seconds a worker process gets to exit by itself after on_stop (non-daemon
+threads of user code are joined then) before it is terminated."""
+
+_ENV_START_METHOD = "CONVEYOR_START_METHOD"
+_HELD_SHOWN = 10  # items a WorkerCrashed note lists
+_EXIT_MAIN_GUARD = 78  # EX_CONFIG: a worker found the main module starting a pipeline
+
+# Messages, parent -> child: (_BATCH, payload, pids, descs, inbox, outbox, retries_left), (_STOP,)
+# child -> parent: (_READY,), (_FAILED, what, error), (_OUTCOME, ...), (_LOAD_FAILED, error),
+# (_STARTED,), (_SLEEPING,), (_STOPPED, error | None)
+_BATCH, _STOP, _READY, _FAILED, _OUTCOME, _LOAD_FAILED, _STARTED, _SLEEPING, _STOPPED = range(9)
+_STOP_MESSAGE = pickle.dumps((_STOP,), 5)
+_STARTED_MESSAGE = pickle.dumps((_STARTED,), 5)
+_SLEEPING_MESSAGE = pickle.dumps((_SLEEPING,), 5)
+
+_MAIN_GUARD_HELP = (
+    "a process stage was started while a worker process was importing the main module: "
+    "the script runs its pipeline at import time. Worker processes (start method {method!r}) "
+    "import the main module again; put the code that runs the pipeline under "
+    '`if __name__ == "__main__":`.'
+)
+
+try:  # POSIX: attach shared memory without registering it with the resource tracker again
+    _posixshmem: Any = import_module("_posixshmem")
+except ImportError:  # Windows
+    _posixshmem = None
+
+
+def start_method() -> str:
+    """The start method worker processes use now (see `START_METHOD`).
+
+    Raises:
+        ConfigurationError: the method named is not available on this platform.
+    """
+    method = START_METHOD or os.environ.get(_ENV_START_METHOD) or _default_start_method()
+    if method not in get_all_start_methods():
+        allowed = ", ".join(repr(m) for m in get_all_start_methods())
+        raise ConfigurationError(
+            f"process start method {method!r} (from conveyor.runtime.processes.START_METHOD "
+            f"or ${_ENV_START_METHOD}) is not available here; use one of {allowed}"
+        )
+    return method
+
+
+def _default_start_method() -> str:
+    return "forkserver" if sys.platform.startswith("linux") else "spawn"
+
+
+def _preload_in_forkserver() -> None:
+    """Add this module to the forkserver's preload list (effective until the server starts)."""
+    from multiprocessing import forkserver
+
+    # The list lives in a private attribute; keep whatever the user set there.
+    server = getattr(forkserver, "_forkserver", None)
+    modules = list(getattr(server, "_preload_modules", None) or ["__main__"])
+    if __name__ not in modules:
+        forkserver.set_forkserver_preload([*modules, __name__])
+
+
+# ---------------------------------------------------------------------- pickling
+
+
+def _align(n: int) -> int:
+    return (n + 63) & ~63
+
+
+class _Buffers:
+    """The big buffers of one message: set aside while pickling, then placed in shared memory.
+
+    Entry i is referenced either by pickle's out-of-band mechanism (NumPy
+    arrays: the i-th buffer of ``pickle.loads(buffers=...)`` among the
+    non-persistent ones) or by a persistent id naming i (bytes, bytearray,
+    memoryview). ``threshold`` None keeps everything in band.
+    """
+
+    __slots__ = ("persistent", "threshold", "total", "views")
+
+    def __init__(self, threshold: int | None = SHM_THRESHOLD) -> None:
+        self.threshold = threshold
+        self.views: list[memoryview] = []
+        self.persistent: list[bool] = []
+        self.total = 0
+
+    def take(self, view: memoryview, persistent: bool) -> int:
+        """Set ``view`` (1-D, bytes) aside if it is big; its index, or -1 to keep it in band."""
+        if self.threshold is None or view.nbytes < self.threshold:
+            return -1
+        self.views.append(view)
+        self.persistent.append(persistent)
+        self.total += _align(view.nbytes)
+        return len(self.views) - 1
+
+    def __call__(self, buffer: pickle.PickleBuffer) -> bool:
+        """pickle's buffer_callback: False sends the buffer out of band."""
+        return self.take(buffer.raw(), False) < 0
+
+    def clear(self) -> None:
+        self.views.clear()
+        self.persistent.clear()
+        self.total = 0
+
+
+class _OutOfBand:
+    """Mixed into a pickler: bytes-likes become persistent ids (big ones, out of band).
+
+    bytes and bytearray have no other hook in the C pickler, and memoryview
+    cannot be pickled at all otherwise. It costs a Python call per object
+    pickled, so it is only used for batches that need it.
+    """
+
+    buffers: _Buffers
+
+    def persistent_id(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind is bytes or kind is bytearray:
+            index = self.buffers.take(memoryview(obj), True)
+            return None if index < 0 else ("a" if kind is bytearray else "b", index)
+        if kind is memoryview:
+            flat = obj.cast("B") if obj.c_contiguous else memoryview(obj.tobytes())
+            shape = (obj.format, obj.shape, obj.readonly)
+            index = self.buffers.take(flat, True)
+            return ("M", index, *shape) if index >= 0 else ("m", flat.tobytes(), *shape)
+        return None
+
+
+class _PlainPickler(_OutOfBand, pickle.Pickler):
+    pass
+
+
+class _CloudPickler(_OutOfBand, cloudpickle.Pickler):  # type: ignore[misc]
+    pass
+
+
+def _dump(obj: Any, buffers: _Buffers) -> tuple[bytes, bool]:
+    """Pickle ``obj`` (protocol 5), big buffers set aside; return (payload, uses persistent ids).
+
+    The plain pickler first (fast), then the one that handles bytes-likes,
+    then cloudpickle's (classes and functions by value).
+
+    Raises:
+        Exception: whatever the last pickler raised when none could do it.
+    """
+    if not (buffers.threshold is not None and _has_big_bytes(obj)):
+        try:
+            return pickle.dumps(obj, 5, buffer_callback=buffers), False
+        except Exception:
+            buffers.clear()
+    error: Exception | None = None
+    for pickler_class in (_PlainPickler, _CloudPickler):
+        out = io.BytesIO()
+        pickler = pickler_class(out, 5, buffer_callback=buffers)
+        pickler.buffers = buffers
+        try:
+            pickler.dump(obj)
+        except Exception as exc:
+            buffers.clear()
+            error = exc
+        else:
+            return out.getvalue(), True
+    assert error is not None
+    raise error
+
+
+_BYTES = (bytes, bytearray)
+_SCANNED = frozenset({bytes, bytearray, tuple, list, dict})
+
+
+def _has_big_bytes(obj: Any) -> bool:
+    """Whether the items of a batch hold big bytes/bytearray (themselves, or one level in)."""
+    if type(obj) is not list or _SCANNED.isdisjoint(set(map(type, obj))):
+        return False
+    return any(_big_bytes_in(x, 1) for x in obj)
+
+
+def _big_bytes_in(x: Any, depth: int) -> bool:
+    kind = type(x)
+    if kind is bytes or kind is bytearray:
+        return len(x) >= SHM_THRESHOLD
+    if depth and (kind is tuple or kind is list):
+        return any(_big_bytes_in(y, depth - 1) for y in x)
+    if depth and kind is dict:
+        return any(_big_bytes_in(y, depth - 1) for y in x.values())
+    return False
+
+
+class _Unpickler(pickle.Unpickler):
+    """Resolves the persistent ids `_OutOfBand` wrote, copying out of shared memory."""
+
+    def __init__(self, payload: bytes, buffers: list[Any], sources: list[memoryview]) -> None:
+        super().__init__(io.BytesIO(payload), buffers=buffers)
+        self.sources = sources
+
+    def persistent_load(self, pid: Any) -> Any:
+        kind = pid[0]
+        if kind == "b":
+            return bytes(self.sources[pid[1]])
+        if kind == "a":
+            return bytearray(self.sources[pid[1]])
+        data = pid[1] if kind == "m" else self.sources[pid[1]]
+        return _rebuild_memoryview(data, *pid[2:])
+
+
+def _rebuild_memoryview(data: Any, fmt: str, shape: tuple[int, ...], readonly: bool) -> memoryview:
+    view = memoryview(bytes(data) if readonly else bytearray(data))
+    if fmt == "B" and len(shape) == 1:
+        return view
+    try:
+        shaped: memoryview = view.cast(fmt, shape)  # type: ignore[call-overload]
+    except (TypeError, ValueError):  # a format cast() cannot express: the raw bytes
+        return view
+    return shaped
+
+
+def _load(
+    payload: bytes, pids: bool, descs: list[tuple[int, int, bool]], arena: _Arena | None
+) -> Any:
+    """Unpickle a payload whose big buffers sit in ``arena`` at ``descs``; copy them out."""
+    if not descs:
+        return _Unpickler(payload, [], []).load() if pids else pickle.loads(payload)
+    assert arena is not None
+    view = arena.view
+    sources = [view[offset : offset + size] for offset, size, _ in descs]
+    try:
+        # Out-of-band (NumPy) buffers become bytearrays: the arrays own writable memory.
+        oob = [bytearray(s) for s, d in zip(sources, descs, strict=True) if not d[2]]
+        if pids:
+            return _Unpickler(payload, oob, sources).load()
+        return pickle.loads(payload, buffers=oob)
+    finally:
+        for source in sources:
+            source.release()
+
+
+def _first_unpicklable(items: list[Any]) -> tuple[int, Exception] | None:
+    """Index and error of the first item that cannot be pickled on its own."""
+    for index, item in enumerate(items):
+        try:
+            _dump([item], _Buffers(None))
+        except Exception as exc:
+            return index, exc
+    return None
+
+
+# ---------------------------------------------------------------------- shared memory
+
+
+def shm_prefix() -> str:
+    """How the names of this process's shared-memory blocks begin: ``cv<pid>_``.
+
+    On Linux they show as ``/dev/shm/cv<pid>_<8 hex digits>`` while a worker
+    has not mapped them yet; none is left once a run has ended.
+    """
+    return f"cv{os.getpid()}_"
+
+
+class _Arena:
+    """A block of shared memory, written by one side and copied out by the other.
+
+    The parent creates every block (so that it knows every name) and unlinks
+    the name as soon as the child has mapped it; the memory itself lives
+    until both sides have unmapped it.
+    """
+
+    def __init__(self, name: str, size: int, view: memoryview, closer: Any) -> None:
+        self.name = name
+        self.size = size
+        self.view = view
+        self._closer = closer
+        self._linked = isinstance(closer, SharedMemory)
+
+    @classmethod
+    def create(cls, size: int) -> _Arena:
+        """A new block of ``size`` bytes (its pages are only allocated when written)."""
+        while True:
+            try:
+                shm = SharedMemory(f"{shm_prefix()}{secrets.token_hex(4)}", True, size)
+            except FileExistsError:
+                continue
+            break
+        assert shm.buf is not None
+        return cls(shm.name, size, shm.buf, shm)
+
+    @classmethod
+    def attach(cls, name: str, size: int) -> _Arena:
+        """Map the block the parent created under ``name``."""
+        if _posixshmem is None:
+            shm = SharedMemory(name)
+            assert shm.buf is not None
+            return cls(name, size, shm.buf, shm)
+        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, 0o600)
+        try:
+            block = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls(name, size, memoryview(block), block)
+
+    def write(self, buffers: _Buffers) -> list[tuple[int, int, bool]]:
+        """Copy the buffers in, one after the other; return their (offset, size, persistent)."""
+        descs = []
+        offset = 0
+        for view, persistent in zip(buffers.views, buffers.persistent, strict=True):
+            size = view.nbytes
+            self.view[offset : offset + size] = view
+            descs.append((offset, size, persistent))
+            offset += _align(size)
+        return descs
+
+    def unlink(self) -> None:
+        """Remove the block's name (the parent does, once the child has it)."""
+        if self._linked:
+            self._linked = False
+            with contextlib.suppress(FileNotFoundError):
+                self._closer.unlink()
+
+    def close(self) -> None:
+        """Unmap the block (and unlink its name if still linked)."""
+        self.unlink()
+        self.view.release()
+        self._closer.close()
+
+    def info(self) -> tuple[str, int]:
+        return self.name, self.size
+
+
+# ---------------------------------------------------------------------- exceptions
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker process, as text.
+
+    Set as the ``__cause__`` of the exception that reaches the caller, so a
+    printed traceback shows where in the worker it was raised.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return "\n" + self.text
+
+
+_PackedError = tuple[bytes | None, str, str, str, list[str]]
+
+
+def _pack_error(exc: BaseException) -> _PackedError:
+    """An exception ready to cross: pickled if it survives a round trip, plus its text."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    kind = type(exc)
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    notes = [str(n) for n in getattr(exc, "__notes__", ())]
+    blob: bytes | None
+    try:
+        blob = cloudpickle.dumps(exc, 5)
+        pickle.loads(blob)  # an exception with a custom __init__ may not unpickle
+    except Exception:
+        blob = None
+    return blob, name, str(exc), text, notes
+
+
+def _unpack_error(packed: _PackedError) -> BaseException:
+    """The exception a worker sent, with its traceback text as ``__cause__``."""
+    blob, name, message, text, notes = packed
+    exc: BaseException | None = None
+    if blob is not None:
+        try:
+            exc = pickle.loads(blob)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = ConveyorError(f"{name}: {message} (the exception could not be pickled)")
+        exc.type_name = name  # type: ignore[attr-defined]
+        exc.remote_traceback = text  # type: ignore[attr-defined]
+        for note in notes:
+            add_note(exc, note)
+    exc.__cause__ = RemoteTraceback(text)
+    return exc
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "stopped answering"
+    if exitcode < 0:
+        try:
+            return f"was killed by signal {-exitcode} ({signal.Signals(-exitcode).name})"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+# ---------------------------------------------------------------------- the worker process
+
+
+class _Server:
+    """The worker process's side: applies the stage to each batch the parent sends."""
+
+    def __init__(self, conn: Connection, stage: Stage) -> None:
+        self.conn = conn
+        self.counts: list[int] | None = None
+        if stage.kind == "flat_map":
+            # Remember how many outputs each input gave, to name the input of a bad result.
+            self.counts = []
+            stage = replace(stage, fn=partial(_counted, stage.fn, self.counts))
+        self.stage = stage
+        self.inbox: _Arena | None = None
+        self.outbox: _Arena | None = None
+        timed = stage.timeout is not None
+        self.call = self._timed_call if timed else None
+        self.sleep = self._timed_sleep if timed else _plain_sleep
+
+    def serve(self) -> bool:
+        """Answer batches until STOP (True) or until the parent is gone (False)."""
+        try:
+            while True:
+                try:
+                    message = pickle.loads(self.conn.recv_bytes())
+                except (EOFError, OSError):
+                    return False
+                if message[0] == _STOP:
+                    return True
+                self.conn.send_bytes(self.handle(message))
+        finally:
+            for arena in (self.inbox, self.outbox):
+                if arena is not None:
+                    arena.close()
+
+    def handle(self, message: tuple[Any, ...]) -> bytes:
+        _, payload, pids, descs, inbox, outbox, retries_left = message
+        if inbox is not None:
+            self.inbox = self._swap(self.inbox, inbox)
+        if outbox is not None:
+            self.outbox = self._swap(self.outbox, outbox)
+        try:
+            batch = _load(payload, pids, descs, self.inbox)
+        except Exception as exc:
+            return pickle.dumps((_LOAD_FAILED, _pack_error(exc)), 5)
+        stage = self.stage if retries_left is None else replace(self.stage, retries=retries_left)
+        if self.counts is not None:
+            self.counts.clear()
+        outcome = process_batch(stage, batch, self.call, self.sleep)
+        return self.reply(stage, batch, outcome)
+
+    @staticmethod
+    def _swap(old: _Arena | None, info: tuple[str, int]) -> _Arena:
+        if old is not None:
+            old.close()
+        return _Arena.attach(*info)
+
+    def _timed_call(self, stage: Stage, item: Any) -> tuple[list[Any], bool]:
+        self.conn.send_bytes(_STARTED_MESSAGE)  # the parent's clock for this attempt starts
+        return apply_one(stage, item)
+
+    def _timed_sleep(self, seconds: float) -> bool:
+        self.conn.send_bytes(_SLEEPING_MESSAGE)  # no deadline while backing off
+        _sleep(seconds)
+        return True
+
+    def reply(self, stage: Stage, batch: list[Any], outcome: BatchOutcome) -> bytes:
+        """The outcome as a message; results that cannot be pickled become failures."""
+        outputs = outcome.outputs
+        buffers = _Buffers()
+        try:
+            payload, pids = _dump(outputs, buffers)
+        except Exception:
+            outputs = self._drop_unpicklable(stage, batch, outcome)
+            buffers.clear()
+            payload, pids = _dump(outputs, buffers)
+        need = 0
+        descs: list[tuple[int, int, bool]] = []
+        if buffers.views:
+            if self.outbox is not None and buffers.total <= self.outbox.size:
+                descs = self.outbox.write(buffers)
+            else:  # no room: in band this time; the parent provides a bigger outbox
+                need = buffers.total
+                payload, pids = _dump(outputs, _Buffers(None))
+        failures = [
+            (index, _pack_error(f.error), f.attempts)
+            for index, f in zip(
+                _indices_of(batch, [f.item for f in outcome.failures]),
+                outcome.failures,
+                strict=True,
+            )
+        ]
+        error = None if outcome.error is None else _pack_error(outcome.error)
+        counts = (outcome.filtered, outcome.retried, outcome.processed)
+        return pickle.dumps((_OUTCOME, payload, pids, descs, need, counts, failures, error), 5)
+
+    def _drop_unpicklable(self, stage: Stage, batch: list[Any], outcome: BatchOutcome) -> list[Any]:
+        """Turn results that cannot be pickled into failures (or the error); return the rest."""
+        sources = _sources(stage, batch, outcome, self.counts)
+        kept: list[Any] = []
+        for position, output in enumerate(outcome.outputs):
+            bad = _first_unpicklable([output])
+            if bad is None:
+                kept.append(output)
+                continue
+            index = sources[position] if sources is not None else None
+            item = batch[index] if index is not None else None
+            error = SerializationError(
+                f"stage {stage.label}: a result of type {_type_name(output)} cannot be "
+                f"sent back from the worker process: {bad[1]}"
+            )
+            error.__cause__ = bad[1]
+            if stage.on_error == "skip":
+                outcome.failures.append(Failure(stage.name, item, error, 1))
+                continue
+            outcome.error = add_stage_note(error, stage, item)
+            outcome.error_item = item
+            outcome.processed = index if index is not None else 0
+            break
+        # Failures stay in batch order, as the parent expects.
+        order = {id(x): i for i, x in enumerate(batch)}
+        outcome.failures.sort(key=lambda f: order.get(id(f.item), len(batch)))
+        return kept
+
+
+def _counted(fn: Any, counts: list[int], item: Any) -> list[Any]:
+    outputs = list(fn(item))
+    counts.append(len(outputs))
+    return outputs
+
+
+def _plain_sleep(seconds: float) -> bool:
+    _sleep(seconds)
+    return True
+
+
+def _type_name(obj: Any) -> str:
+    kind = type(obj)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+
+
+def _indices_of(batch: list[Any], items: list[Any]) -> list[int | None]:
+    """Positions in ``batch`` of ``items`` (a subsequence of it, by identity)."""
+    found: list[int | None] = []
+    at = 0
+    for item in items:
+        index = next((i for i in range(at, len(batch)) if batch[i] is item), None)
+        found.append(index)
+        if index is not None:
+            at = index + 1
+    return found
+
+
+def _sources(
+    stage: Stage, batch: list[Any], outcome: BatchOutcome, counts: list[int] | None
+) -> list[int] | None:
+    """For each output, the index in ``batch`` of the input that gave it (None: unknown)."""
+    failed = set(_indices_of(batch, [f.item for f in outcome.failures]))
+    end = outcome.processed if outcome.error is not None else len(batch)
+    ok = [i for i in range(end) if i not in failed]
+    outputs = outcome.outputs
+    if stage.kind == "map":
+        return ok if len(ok) == len(outputs) else None
+    if stage.kind == "flat_map" and counts is not None and len(counts) == len(ok):
+        return [i for i, n in zip(ok, counts, strict=True) for _ in range(n)]
+    if stage.kind == "filter":
+        found = _indices_of(batch, outputs)
+        return None if None in found else [i for i in found if i is not None]
+    return None
+
+
+def _child_main(conn: Connection, blob: bytes) -> None:
+    """The body of a worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _exit_with_parent()
+    try:
+        stage, files = cloudpickle.loads(blob)
+        for fn in (stage.fn, stage.on_start, stage.on_stop):
+            _restore_filenames(fn, files, set())
+    except BaseException as exc:
+        conn.send_bytes(pickle.dumps((_FAILED, "load", _pack_error(exc)), 5))
+        return
+    try:
+        state = stage.on_start() if stage.on_start is not None else None
+    except BaseException as exc:
+        conn.send_bytes(pickle.dumps((_FAILED, "on_start", _pack_error(exc)), 5))
+        return
+    set_worker_state(state)
+    conn.send_bytes(pickle.dumps((_READY,), 5))
+    if not _Server(conn, stage).serve():
+        return
+    error = None
+    if stage.on_stop is not None:
+        try:
+            stage.on_stop(state)
+        except BaseException as exc:
+            error = _pack_error(exc)
+    with contextlib.suppress(OSError):
+        conn.send_bytes(pickle.dumps((_STOPPED, error), 5))
+
+
+def _stage_blob(stage: Stage) -> bytes:
+    """The stage as sent to each worker: cloudpickled, with the files its functions come from."""
+    files = {}
+    for fn in (stage.fn, stage.on_start, stage.on_stop):
+        module = sys.modules.get(getattr(fn, "__module__", None) or "")
+        filename = getattr(module, "__file__", None)
+        if module is not None and filename:
+            files[module.__name__] = filename
+    blob: bytes = cloudpickle.dumps((stage, files), 5)
+    return blob
+
+
+def _restore_filenames(obj: Any, files: dict[str, str], seen: set[int]) -> None:
+    """Give functions pickled by value their source file back, for readable tracebacks.
+
+    cloudpickle names the file of such code ``<dynamic-code>``; the
+    traceback of an error in the worker would show neither the file nor the
+    line. Follows the functions' globals and closures (helpers also sent by
+    value), not classes.
+    """
+    code = getattr(obj, "__code__", None)
+    if code is None or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    filename = files.get(getattr(obj, "__module__", None) or "")
+    if filename and code.co_filename == "<dynamic-code>":
+        with contextlib.suppress(AttributeError, TypeError, ValueError):
+            obj.__code__ = _renamed(code, filename)
+    for value in getattr(obj, "__globals__", {}).values():
+        _restore_filenames(value, files, seen)
+    for cell in getattr(obj, "__closure__", None) or ():
+        with contextlib.suppress(ValueError):  # an empty cell
+            _restore_filenames(cell.cell_contents, files, seen)
+
+
+def _renamed(code: CodeType, filename: str) -> CodeType:
+    consts = tuple(_renamed(c, filename) if isinstance(c, CodeType) else c for c in code.co_consts)
+    return code.replace(co_filename=filename, co_consts=consts)
+
+
+def _exit_with_parent() -> None:
+    """Exit at once if the parent process dies, even in the middle of an item."""
+    parent = _parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+
+    def watch(sentinel: int) -> None:
+        connection.wait([sentinel])
+        os._exit(1)
+
+    threading.Thread(
+        target=watch, args=(parent.sentinel,), name="conveyor-parent-watch", daemon=True
+    ).start()
+
+
+# ---------------------------------------------------------------------- the parent's side
+
+
+class _Child:
+    """A worker process as the parent sees it: process, pipe, shared memory, progress."""
+
+    def __init__(self, process: BaseProcess, conn: Connection) -> None:
+        self.process = process
+        self.conn = conn
+        self.pid = process.pid
+        self.inbox: _Arena | None = None
+        self.outbox: _Arena | None = None
+        self.outbox_need = 0
+        self.linked: list[_Arena] = []  # blocks whose names exist until the child replies
+        self.items_done = 0
+        self.deadline: float | None = None  # when the item in progress overruns its timeout
+        self.attempts = 0  # attempts started on the current message (timeout stages)
+        self.timed_out = False
+        self.exitcode: int | None = None
+        self._lock = threading.Lock()  # guards the process handle against close()
+        self._close_lock = threading.Lock()
+        self._closed = False
+
+    def arenas_for(
+        self, buffers: _Buffers
+    ) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:
+        """Make room for a message's buffers; return the new inbox and outbox to announce."""
+        inbox = outbox = None
+        if buffers.views and (self.inbox is None or self.inbox.size < buffers.total):
+            if self.inbox is not None:
+                self.inbox.close()
+            self.inbox = self._new_arena(buffers.total)
+            inbox = self.inbox.info()
+            if self.outbox is None:  # results are often as big as inputs: room for them too
+                self.outbox_need = max(self.outbox_need, 1)
+        if self.outbox_need:
+            if self.outbox is not None:
+                self.outbox.close()
+            self.outbox = self._new_arena(self.outbox_need)
+            self.outbox_need = 0
+            outbox = self.outbox.info()
+        return inbox, outbox
+
+    def _new_arena(self, size: int) -> _Arena:
+        arena = _Arena.create(max(size, SHM_MESSAGE_LIMIT))
+        self.linked.append(arena)
+        return arena
+
+    def unlink_names(self) -> None:
+        """The child has mapped every block announced so far: remove their names."""
+        for arena in self.linked:
+            arena.unlink()
+        self.linked.clear()
+
+    def signal(self, kill: bool) -> None:
+        """Send SIGTERM (or SIGKILL) unless the process is closed; safe from any thread."""
+        with self._lock:  # held briefly: the abort callback must never wait behind a join
+            if self._closed:
+                return
+            with contextlib.suppress(Exception):
+                if kill:
+                    self.process.kill()
+                else:
+                    self.process.terminate()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self, grace: float) -> int | None:
+        """Let the process exit within ``grace`` s, else terminate then kill it; free it all.
+
+        Idempotent, and safe from several threads: one closes, the others wait.
+        Only the closer polls the process (two pollers could race for the
+        exit status a forkserver child's sentinel carries).
+        """
+        with self._close_lock:
+            if self._closed:
+                return self.exitcode
+            process = self.process
+            process.join(grace)
+            if process.exitcode is None:
+                self.signal(kill=False)
+                process.join(KILL_GRACE)
+            if process.exitcode is None:
+                self.signal(kill=True)
+                process.join()
+            with self._lock:
+                self.exitcode = process.exitcode
+                self._closed = True
+                with contextlib.suppress(ValueError):
+                    process.close()
+            self.conn.close()
+            for arena in (self.inbox, self.outbox, *self.linked):
+                if arena is not None:
+                    arena.close()
+            self.linked.clear()
+            self.inbox = self.outbox = None
+            return self.exitcode
+
+
+class _Job:
+    """One batch on its way through worker processes, maybe in several messages."""
+
+    def __init__(self, stage: Stage, batch: list[Any]) -> None:
+        self.stage = stage
+        self.batch = batch
+        self.outcome = BatchOutcome([])
+        self.start = 0  # the first item not done yet
+        self.isolate_until = 0  # items before this one go one per message (after a crash)
+        self.charged: dict[int, int] = {}  # item index -> workers it crashed or overran
+
+    def give_up(self, index: int, error: BaseException, attempts: int) -> bool:
+        """batch[index] failed for good: apply on_error; True when the batch goes on."""
+        item = self.batch[index]
+        if self.stage.on_error == "skip":
+            self.outcome.failures.append(Failure(self.stage.name, item, error, attempts))
+            self.start = index + 1
+            return True
+        self.stop(add_stage_note(error, self.stage, item), index)
+        return False
+
+    def stop(self, error: BaseException, index: int) -> None:
+        """End the batch with ``error`` (already noted) at batch[index]."""
+        outcome = self.outcome
+        outcome.error = error
+        outcome.error_item = self.batch[index] if index < len(self.batch) else None
+        outcome.processed = index
+
+
+class _Worker:
+    """One worker of a process stage: a thread of the parent driving one child at a time."""
+
+    def __init__(self, runtime: ProcessRuntime, sr: StageRun, index: int, blob: bytes) -> None:
+        self.runtime = runtime
+        self.sr = sr
+        self.stage = sr.stage
+        self.index = index
+        self.blob = blob
+        self.child: _Child | None = None
+
+    # ------------------------------------------------------------------ the thread
+
+    def run(self) -> None:
+        """The worker thread: start a child, run the shared worker loop, stop the child."""
+        sr = self.sr
+        control = sr.control
+        try:
+            try:
+                self.child = self._start_child()
+            except ShutDown:
+                sr.handles[self.index].close()
+                return
+            except BaseException as exc:
+                control.fail(exc)
+                sr.handles[self.index].close()
+                return
+            worker_loop(sr, self.index, self.execute, BATCH_SECONDS)
+        finally:
+            self._retire(graceful=not control.stopped.is_set())
+
+    def _retire(self, graceful: bool) -> None:
+        """Stop the current child: gently at the end of the input, at once on abort."""
+        child, self.child = self.child, None
+        if child is None:
+            return
+        if graceful:
+            self._stop_gently(child)
+        self.runtime.forget(child, EXIT_GRACE if graceful else 0.0)
+
+    def _stop_gently(self, child: _Child) -> None:
+        """Ask the child to run on_stop and exit; on_stop's error fails the run."""
+        try:
+            child.conn.send_bytes(_STOP_MESSAGE)
+            message = self._receive(child)
+        except (OSError, ShutDown):
+            return
+        if message is not None and message[0] == _STOPPED and message[1] is not None:
+            error = _unpack_error(message[1])
+            add_note(error, f"conveyor: on_stop of stage {self.stage.label} failed")
+            self.sr.control.fail(error)
+
+    # ------------------------------------------------------------------ children
+
+    def _start_child(self) -> _Child:
+        """Start a worker process and wait until on_start has run in it."""
+        runtime, stage = self.runtime, self.stage
+        ours, theirs = runtime.context.Pipe()
+        name = f"conveyor-{stage.name}-{self.index}"
+        process = runtime.context.Process(
+            target=_child_main, args=(theirs, self.blob), name=name, daemon=True
+        )
+        try:
+            process.start()
+        except RuntimeError as exc:
+            if "bootstrapping phase" in str(exc):
+                raise _main_guard_error() from exc
+            raise
+        finally:
+            theirs.close()
+        child = _Child(process, ours)
+        runtime.adopt(child)  # raises ShutDown (after terminating it) if the run was aborted
+        try:
+            message = self._receive(child)
+        except ShutDown:
+            runtime.forget(child, 0.0)
+            raise
+        if message is not None and message[0] == _READY:
+            return child
+        self.runtime.forget(child, 0.0)
+        if message is None:
+            if child.exitcode == _EXIT_MAIN_GUARD:
+                raise _main_guard_error()
+            raise WorkerCrashed(
+                f"a worker process of stage {stage.label} {_describe_exit(child.exitcode)} "
+                f"before it was ready (if the main module starts a pipeline at import time, "
+                f'put that code under `if __name__ == "__main__":`)',
+                stage=stage.name,
+                exitcode=child.exitcode,
+            )
+        error = _unpack_error(message[2])
+        what = "on_start" if message[1] == "on_start" else "unpickling the stage function"
+        raise add_note(error, f"conveyor: {what} of stage {stage.label} failed in a worker process")
+
+    def _live_child(self) -> _Child:
+        """The child to send to: started if there is none, replaced when its quota is used up."""
+        child = self.child
+        quota = self.stage.max_items_per_worker
+        if child is not None and quota is not None and child.items_done >= quota:
+            self._retire(graceful=True)
+            child = None
+        if child is None:
+            child = self.child = self._start_child()
+        return child
+
+    def _receive(self, child: _Child) -> tuple[Any, ...] | None:
+        """The child's next answer; None when it died (or was killed for overrunning).
+
+        Raises:
+            ShutDown: the run was aborted meanwhile.
+        """
+        conn, abort = child.conn, self.runtime.abort_reader
+        waitables: list[Any] = [abort, conn, child.process.sentinel]
+        timeout = self.stage.timeout
+        while True:
+            deadline = child.deadline
+            left = None if deadline is None else max(0.0, deadline - monotonic())
+            ready = connection.wait(waitables, left)
+            if abort in ready:
+                raise ShutDown
+            if conn in ready:
+                try:
+                    message: tuple[Any, ...] = pickle.loads(conn.recv_bytes())
+                except (EOFError, OSError):
+                    break
+                tag = message[0]
+                if tag == _STARTED:
+                    assert timeout is not None
+                    child.attempts += 1
+                    child.deadline = monotonic() + timeout
+                elif tag == _SLEEPING:
+                    child.deadline = None
+                else:
+                    child.deadline = None
+                    return message
+            elif ready:  # the sentinel: the process ended
+                break
+            elif deadline is not None and monotonic() >= deadline:
+                child.timed_out = True
+                child.signal(kill=True)
+                break
+        child.exitcode = self.runtime.forget(child, 1.0)
+        return None
+
+    # ------------------------------------------------------------------ batches
+
+    def execute(self, batch: list[Any]) -> BatchOutcome:
+        """Run ``batch`` through worker processes: the ``execute`` of the worker loop."""
+        job = _Job(self.stage, batch)
+        while job.start < len(batch) and self._step(job):
+            pass
+        if job.outcome.error is None:
+            job.outcome.processed = len(batch)
+        return job.outcome
+
+    def _step(self, job: _Job) -> bool:
+        """Send the next part of the batch and handle the answer; False when the batch failed."""
+        stage = self.stage
+        try:
+            child = self._live_child()
+        except ShutDown:
+            raise
+        except Exception as exc:
+            job.stop(exc, job.start)
+            return False
+        start = job.start
+        one = stage.timeout is not None or start < job.isolate_until
+        end = start + 1 if one else len(job.batch)
+        if stage.max_items_per_worker is not None:
+            end = min(end, start + stage.max_items_per_worker - child.items_done)
+        encoded = self._encode(child, job, end)
+        if encoded is None:
+            return job.outcome.error is None
+        message, end = encoded
+        child.attempts = 0
+        child.timed_out = False
+        try:
+            child.conn.send_bytes(message)
+        except OSError:
+            pass  # it died: _receive sees the sentinel
+        child.items_done += end - start
+        answer = self._receive(child)
+        if answer is None:
+            self.child = None
+            return self._after_death(job, child, end)
+        child.unlink_names()
+        if answer[0] == _LOAD_FAILED:
+            return self._unreadable(job, end, _unpack_error(answer[1]), "in the worker process")
+        return self._merge(job, child, answer, end)
+
+    def _encode(self, child: _Child, job: _Job, end: int) -> tuple[bytes, int] | None:
+        """The message for batch[start:end] (end may shrink); None: batch[start] is unpicklable."""
+        stage, batch, start = self.stage, job.batch, job.start
+        while True:
+            buffers = _Buffers()
+            items = batch[start:end]
+            try:
+                payload, pids = _dump(items, buffers)
+            except Exception as exc:
+                bad = _first_unpicklable(items) or (0, exc)
+                if bad[0] > 0:
+                    end = start + bad[0]
+                    continue
+                error = SerializationError(
+                    f"stage {stage.label}: an item of type {_type_name(batch[start])} cannot be "
+                    f"sent to a worker process: {bad[1]}"
+                )
+                error.__cause__ = bad[1]
+                job.give_up(start, error, 0)
+                return None
+            if buffers.total > SHM_MESSAGE_LIMIT and end - start > 1:
+                end = start + (end - start) // 2
+                continue
+            break
+        inbox, outbox = child.arenas_for(buffers)
+        descs = child.inbox.write(buffers) if buffers.views and child.inbox is not None else []
+        charged = job.charged.get(start, 0) if end - start == 1 else 0
+        retries_left = max(0, stage.retries - charged) if charged else None
+        message = (_BATCH, payload, pids, descs, inbox, outbox, retries_left)
+        return pickle.dumps(message, 5), end
+
+    def _merge(self, job: _Job, child: _Child, answer: tuple[Any, ...], end: int) -> bool:
+        """Add a child's outcome for batch[start:end] to the job's; False when the batch failed."""
+        _, payload, pids, descs, need, counts, failures, error = answer
+        if need:
+            child.outbox_need = need
+        try:
+            outputs = _load(payload, pids, descs, child.outbox)
+        except Exception as exc:
+            return self._unreadable(job, end, exc, "in the parent process")
+        stage, batch, start = self.stage, job.batch, job.start
+        outcome = job.outcome
+        outcome.outputs.extend(outputs)
+        filtered, retried, processed = counts
+        outcome.filtered += filtered
+        outcome.retried += retried
+        earlier = job.charged.get(start, 0) if end - start == 1 else 0
+        for index, packed, attempts in failures:
+            item = batch[start + index] if index is not None else None
+            failure = Failure(stage.name, item, _unpack_error(packed), attempts + earlier)
+            outcome.failures.append(failure)
+        if error is not None:
+            job.stop(_unpack_error(error), start + processed)
+            return False
+        job.start = end
+        return True
+
+    def _unreadable(self, job: _Job, end: int, exc: BaseException, where: str) -> bool:
+        """A message could not be unpickled: find the item, one per message, then give up on it."""
+        start = job.start
+        if end - start > 1:
+            job.isolate_until = end
+            return True
+        error = SerializationError(
+            f"stage {self.stage.label}: an item of type {_type_name(job.batch[start])} or its "
+            f"result could not be unpickled {where}: {type(exc).__name__}: {exc}"
+        )
+        error.__cause__ = exc
+        return job.give_up(start, error, 1)
+
+    def _after_death(self, job: _Job, child: _Child, end: int) -> bool:
+        """The child died (or was killed for overrunning) holding batch[start:end]."""
+        stage, start = self.stage, job.start
+        held = job.batch[start:end]
+        if child.timed_out:
+            job.charged[start] = job.charged.get(start, 0) + max(1, child.attempts)
+        else:
+            for index in range(start, end):
+                job.charged[index] = job.charged.get(index, 0) + 1
+            if stage.retries == 0 and stage.on_error == "raise":
+                error = self._crash_error(child, held)
+                job.stop(add_stage_note(error, stage, held[0]) if len(held) == 1 else error, start)
+                return False
+        if end - start > 1:  # which one did it? Send them again one by one.
+            job.isolate_until = end
+            job.outcome.retried += 1
+            return True
+        charged = job.charged[start]
+        if charged <= stage.retries:
+            job.outcome.retried += 1
+            if not self.sr.control.sleep(stage.backoff.delay(charged)):
+                raise ShutDown
+            return True
+        if child.timed_out:
+            error: BaseException = TimeoutError(
+                f"stage {stage.label} took longer than its timeout of {stage.timeout} s on one "
+                f"item; its worker process was killed"
+            )
+        else:
+            error = self._crash_error(child, held)
+        return job.give_up(start, error, charged)
+
+    def _crash_error(self, child: _Child, held: list[Any]) -> WorkerCrashed:
+        stage = self.stage
+        error = WorkerCrashed(
+            f"a worker process (pid {child.pid}) of stage {stage.label} "
+            f"{_describe_exit(child.exitcode)} while it held {len(held)} item(s)",
+            stage=stage.name,
+            exitcode=child.exitcode,
+        )
+        shown = ", ".join(_short_repr(x) for x in held[:_HELD_SHOWN])
+        more = f" and {len(held) - _HELD_SHOWN} more" if len(held) > _HELD_SHOWN else ""
+        add_note(error, f"conveyor: the item(s) it held: {shown}{more}")
+        return error
+
+
+def _short_repr(item: Any) -> str:
+    from ..stage import _item_repr
+
+    return _item_repr.repr(item)
+
+
+def _main_guard_error() -> ConfigurationError:
+    return ConfigurationError(_MAIN_GUARD_HELP.format(method=start_method()))
+
+
+class ProcessRuntime(Runtime):
+    """Runs each worker of a stage in a process of its own (see the module docstring)."""
+
+    name = "process"
+
+    def __init__(self) -> None:
+        method = start_method()
+        if method == "forkserver":
+            _preload_in_forkserver()
+        # Any: typeshed's BaseContext lacks the Process attribute every real context has.
+        self.context: Any = get_context(method)
+        self.abort_reader, self._abort_writer = self.context.Pipe(duplex=False)
+        self._lock = threading.Lock()
+        self._children: set[_Child] = set()  # started and not yet closed
+        self._threads: list[threading.Thread] = []
+        self._aborted = False
+        self._registered = False
+
+    def start(self, sr: StageRun) -> None:
+        if getattr(current_process(), "_inheriting", False):
+            # This is a worker process importing the main module, which starts a pipeline.
+            print(f"conveyor.ConfigurationError: {_main_guard_error()}", file=sys.stderr)
+            sys.exit(_EXIT_MAIN_GUARD)
+        if not self._registered:
+            self._registered = True
+            sr.control.on_abort(self._abort)
+        if sr.stage.kind == "batch":
+            self._threads.append(sr.start_thread(0, partial(batch_loop, sr)))
+            return
+        try:
+            blob = _stage_blob(sr.stage)
+        except Exception as exc:
+            raise SerializationError(
+                f"stage {sr.stage.label}: its function, on_start or on_stop cannot be pickled "
+                f"for worker processes: {exc}"
+            ) from exc
+        for index in range(sr.stage.workers):
+            worker = _Worker(self, sr, index, blob)
+            self._threads.append(sr.start_thread(index, worker.run))
+
+    def adopt(self, child: _Child) -> None:
+        """Track a started child (to stop it on abort); ShutDown if the run is already aborted."""
+        with self._lock:
+            aborted = self._aborted
+            self._children.add(child)
+        if aborted:
+            self.forget(child, 0.0)
+            raise ShutDown
+
+    def forget(self, child: _Child, grace: float) -> int | None:
+        """Close a child (see `_Child.close`) and stop tracking it; return its exit code."""
+        exitcode = child.close(grace)
+        with self._lock:
+            self._children.discard(child)
+        return exitcode
+
+    def _abort(self) -> None:
+        """On abort: wake every worker thread, terminate every worker process."""
+        with self._lock:
+            self._aborted = True
+            children = list(self._children)
+        with contextlib.suppress(OSError):
+            self._abort_writer.send_bytes(b"")
+        for child in children:
+            child.signal(kill=False)
+
+    def join(self, timeout: float) -> list[str]:
+        stuck = join_threads(self._threads, timeout)
+        with self._lock:
+            children = list(self._children)
+        return stuck + [f"{c.process.name} (pid {c.pid})" for c in children if not c.closed]
+
+    def close(self) -> None:
+        with self._lock:
+            children = list(self._children)
+        for child in children:
+            child.signal(kill=True)
+            self.forget(child, KILL_GRACE)
+        self.abort_reader.close()
+        self._abort_writer.close()
+
+
+RUNTIME = ProcessRuntime

@@ -1,0 +1,658 @@
+"""The process runtime, with real worker processes.
+
+Worker processes are slow to start (a forkserver child re-imports the main
+module), so each test runs few of them, and stage functions are defined at
+module level and pickled by value (see `cloudpickle.register_pickle_by_value`
+below): a worker then never imports this module (nor hypothesis).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import conveyor as cv
+from conveyor.runtime import processes
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+# A forkserver child re-runs the main module, here pytest's entry script, which
+# imports _pytest: preloading it in the server saves that in every worker.
+# (conveyor adds its own module to this list; it only matters before the
+# server starts.)
+if processes.start_method() == "forkserver":
+    multiprocessing.set_forkserver_preload(["__main__", "_pytest.config"])
+
+numpy = pytest.importorskip("numpy")
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` until true; a bounded loop with a short sleep, for
+    states another process reaches (a file written, a process gone), which
+    no event of this process can signal."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {condition}")
+        time.sleep(0.01)
+
+
+def our_segments(pid: int | None = None) -> list[str]:
+    """Shared-memory blocks of process ``pid`` (default: this one) that still have a name."""
+    return glob.glob(f"/dev/shm/cv{pid or os.getpid()}_*")
+
+
+def gone(pids: list[int]) -> bool:
+    return not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+
+
+def worker_pids() -> list[int]:
+    """Live worker processes of this test process (children of the forkserver, or ours)."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and "forkserver" not in " ".join(
+                proc.cmdline()
+            ):
+                found.append(proc.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def no_worker_left() -> bool:
+    # The resource tracker and forkserver are long-lived helpers, not workers.
+    return not [
+        p for p in worker_pids() if "resource_tracker" not in " ".join(psutil.Process(p).cmdline())
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers() -> Iterator[None]:
+    yield
+    wait_until(no_worker_left, 5.0)
+    assert our_segments() == []
+
+
+# Stage functions (module level: pickled by value, see above).
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def pid_of(_: Any) -> int:
+    return os.getpid()
+
+
+def echo(x: Any) -> Any:
+    return x
+
+
+def die_on(bad: Any, how: str) -> Callable[[Any], Any]:
+    def fn(x: Any) -> Any:
+        if x == bad:
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif how == "segfault":
+                ctypes.string_at(0)
+            else:
+                os._exit(3)
+        return x
+
+    return fn
+
+
+def die_once(marker: str, bad: Any) -> Callable[[Any], Any]:
+    """Kill its worker the first time it sees ``bad`` (a file remembers across workers)."""
+
+    def fn(x: Any) -> Any:
+        if x == bad and not os.path.exists(marker):
+            Path(marker).touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return x * 10
+
+    return fn
+
+
+def announce_and_block(folder: str) -> Callable[[Any], Any]:
+    """Write the worker's pid to ``folder/<item>`` and block (until killed)."""
+
+    def fn(x: Any) -> Any:
+        Path(folder, f"{x}.tmp").write_text(str(os.getpid()))
+        os.rename(Path(folder, f"{x}.tmp"), Path(folder, str(x)))
+        time.sleep(60)
+        return x
+
+    return fn
+
+
+class NeedsTwoArgs(Exception):
+    """An exception that cannot be unpickled (its __init__ takes two arguments)."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+def raise_value_error(x: int) -> int:
+    if x == 3:
+        raise ValueError(f"bad item {x}")
+    return x
+
+
+def raise_two_args(x: int) -> int:
+    raise NeedsTwoArgs("left", "right")
+
+
+# ---------------------------------------------------------------------- basics
+
+
+@pytest.mark.quick
+def test_a_process_map_gives_the_same_results_as_the_plain_loop() -> None:
+    offset = 7
+
+    def local(x: int) -> int:  # a local function and a closure
+        return x + offset
+
+    out = list(
+        cv.Pipeline(range(200))
+        .map(local, runtime="process", workers=2)
+        .map(lambda x: x * 2, runtime="process")
+    )
+    assert out == [(x + offset) * 2 for x in range(200)]
+
+
+def test_filter_flat_map_and_each_run_in_worker_processes(tmp_path: Path) -> None:
+    folder = str(tmp_path)
+
+    def record(x: int) -> None:
+        Path(folder, str(x)).write_text(str(os.getpid()))
+
+    result = (
+        cv.Pipeline(range(30))
+        .filter(lambda x: x % 3 == 0, runtime="process")
+        .flat_map(lambda x: [x, x], runtime="process", workers=2)
+        .each(record, runtime="process")
+        .run()
+    )
+    assert result.stats[-1].items_in == 20
+    written = {int(p.name): int(p.read_text()) for p in tmp_path.iterdir()}
+    assert sorted(written) == list(range(0, 30, 3))
+    assert os.getpid() not in written.values()
+
+
+@settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    items=st.lists(st.integers(-1000, 1000), max_size=300),
+    workers=st.integers(1, 2),
+    ordered=st.booleans(),
+    thread_first=st.booleans(),
+)
+def test_nothing_is_lost_or_invented_through_process_and_thread_stages(
+    items: list[int], workers: int, ordered: bool, thread_first: bool
+) -> None:
+    pipeline = cv.Pipeline(items)
+    if thread_first:
+        pipeline = pipeline.map(lambda x: x + 1, workers=2, ordered=ordered)
+    else:
+        pipeline = pipeline.map(lambda x: x + 1, runtime="process", ordered=ordered)
+    pipeline = (
+        pipeline.filter(lambda x: x % 5 != 0, runtime="process", workers=workers, ordered=ordered)
+        .flat_map(lambda x: [x] * (x % 3), workers=2, ordered=ordered)
+        .map(square, runtime="process", workers=workers, ordered=ordered, capacity=7)
+    )
+    expected = [(x + 1) ** 2 for x in items if (x + 1) % 5 != 0 for _ in range((x + 1) % 3)]
+    out = list(pipeline)
+    if ordered:
+        assert out == expected
+    else:
+        assert sorted(out) == sorted(expected)
+
+
+def test_none_and_sentinel_like_values_are_data() -> None:
+    items = [None, "THE END", (), 0, b"", None]
+    assert list(cv.Pipeline(items).map(echo, runtime="process", workers=2)) == items
+
+
+def test_an_unpicklable_stage_function_is_refused_at_start() -> None:
+    lock = threading.Lock()
+    with pytest.raises(cv.SerializationError, match=r"'holds_lock' \(map\)"):
+        list(cv.Pipeline(range(3)).map(lambda x: lock, runtime="process", name="holds_lock"))
+
+
+def test_an_unknown_start_method_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CONVEYOR_START_METHOD", "teleport")
+    with pytest.raises(cv.ConfigurationError, match="teleport"):
+        list(cv.Pipeline(range(3)).map(echo, runtime="process"))
+
+
+# ---------------------------------------------------------------------- worker hooks
+
+
+def test_on_start_and_on_stop_run_once_in_each_worker_process(tmp_path: Path) -> None:
+    folder = str(tmp_path)
+
+    def on_start() -> int:
+        Path(folder, f"start-{os.getpid()}").touch()
+        return os.getpid()
+
+    def on_stop(state: int) -> None:
+        Path(folder, f"stop-{state}").touch()
+
+    def fn(x: int) -> tuple[int, int]:
+        return cv.worker_state(), os.getpid()
+
+    out = list(
+        cv.Pipeline(range(100)).map(
+            fn, runtime="process", workers=2, on_start=on_start, on_stop=on_stop
+        )
+    )
+    assert all(state == pid for state, pid in out)
+    pids = {pid for _, pid in out}
+    started = {p.name for p in tmp_path.glob("start-*")}
+    stopped = {p.name for p in tmp_path.glob("stop-*")}
+    assert len(started) == 2
+    assert pids <= {int(n.split("-")[1]) for n in started}
+    assert {n.replace("start", "stop") for n in started} == stopped
+
+
+def test_max_items_per_worker_replaces_the_worker_process(tmp_path: Path) -> None:
+    folder = str(tmp_path)
+
+    def on_stop(state: Any) -> None:
+        Path(folder, f"stop-{os.getpid()}").touch()
+
+    out = list(
+        cv.Pipeline(range(10)).map(
+            pid_of, runtime="process", max_items_per_worker=3, on_stop=on_stop
+        )
+    )
+    runs = [out[i : i + 3] for i in range(0, 10, 3)]
+    assert all(len(set(run)) == 1 for run in runs)
+    assert len({run[0] for run in runs}) == 4
+    assert len(list(tmp_path.glob("stop-*"))) == 4
+
+
+def test_an_on_start_that_raises_fails_the_run_with_its_error() -> None:
+    def on_start() -> None:
+        raise LookupError("no database")
+
+    with pytest.raises(LookupError, match="no database") as info:
+        list(cv.Pipeline(range(3)).map(echo, runtime="process", on_start=on_start))
+    assert any("on_start" in note for note in info.value.__notes__)
+
+
+def test_an_on_stop_that_raises_fails_the_run_with_its_error() -> None:
+    def on_stop(state: Any) -> None:
+        raise LookupError("cannot close")
+
+    with pytest.raises(LookupError, match="cannot close") as info:
+        cv.Pipeline(range(3)).map(echo, runtime="process", on_stop=on_stop).run()
+    assert any("on_stop" in note for note in info.value.__notes__)
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def test_an_exception_in_a_worker_keeps_its_type_note_and_traceback_text() -> None:
+    with pytest.raises(ValueError, match="bad item 3") as info:
+        list(cv.Pipeline(range(10)).map(raise_value_error, runtime="process", name="checker"))
+    error = info.value
+    assert any("'checker' (map)" in note and "3" in note for note in error.__notes__)
+    assert isinstance(error.__cause__, processes.RemoteTraceback)
+    assert "raise_value_error" in str(error.__cause__)
+    assert 'raise ValueError(f"bad item {x}")' in str(error.__cause__)
+
+
+def test_an_exception_that_cannot_be_unpickled_becomes_a_conveyor_error() -> None:
+    with pytest.raises(cv.ConveyorError, match="NeedsTwoArgs: left/right") as info:
+        list(cv.Pipeline(range(3)).map(raise_two_args, runtime="process"))
+    assert "raise NeedsTwoArgs" in info.value.remote_traceback  # type: ignore[attr-defined]
+    assert any("'raise_two_args' (map)" in note for note in info.value.__notes__)
+
+
+def test_skipped_errors_in_a_worker_are_recorded_with_their_items() -> None:
+    result = (
+        cv.Pipeline(range(10))
+        .map(
+            raise_value_error,
+            runtime="process",
+            on_error="skip",
+            retries=1,
+            backoff=cv.Backoff(initial=0.001),
+        )
+        .run(collect=True)
+    )
+    assert result.outputs == [x for x in range(10) if x != 3]
+    [failure] = result.failures
+    assert failure.item == 3 and failure.attempts == 2
+    assert isinstance(failure.error, ValueError)
+    assert result.stats[0].retried == 1
+
+
+def test_an_unpicklable_item_raises_a_serialization_error_naming_stage_and_type() -> None:
+    items: list[Any] = [1, 2, threading.Lock(), 4]
+    with pytest.raises(cv.SerializationError, match=r"'echo' \(map\).*_thread\.lock") as info:
+        list(cv.Pipeline(items).map(echo, runtime="process"))
+    assert "multiprocessing" not in str(info.value)
+
+
+def test_an_unpicklable_item_is_recorded_with_skip() -> None:
+    lock = threading.Lock()
+    result = (
+        cv.Pipeline([1, lock, 3]).map(echo, runtime="process", on_error="skip").run(collect=True)
+    )
+    assert result.outputs == [1, 3]
+    [failure] = result.failures
+    assert failure.item is lock
+    assert isinstance(failure.error, cv.SerializationError)
+
+
+def test_an_unpicklable_result_is_recorded_with_its_input_item() -> None:
+    def fn(x: int) -> Any:
+        return threading.Lock() if x == 2 else x
+
+    result = cv.Pipeline(range(5)).map(fn, runtime="process", on_error="skip").run(collect=True)
+    assert result.outputs == [0, 1, 3, 4]
+    [failure] = result.failures
+    assert failure.item == 2
+    assert isinstance(failure.error, cv.SerializationError)
+    assert "_thread.lock" in str(failure.error)
+    with pytest.raises(cv.SerializationError, match=r"result of type _thread\.lock"):
+        list(cv.Pipeline(range(5)).map(fn, runtime="process"))
+
+
+# ---------------------------------------------------------------------- dying workers
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize(
+    ("how", "exit_text"),
+    [("kill", "SIGKILL"), ("segfault", "SIGSEGV"), ("exit", "exited with code 3")],
+)
+def test_a_dying_worker_raises_worker_crashed_naming_stage_exit_and_items(
+    how: str, exit_text: str
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(cv.WorkerCrashed, match=exit_text) as info:
+        list(cv.Pipeline(range(8)).map(die_on(5, how), runtime="process", name="fragile"))
+    assert time.monotonic() - started < 10
+    error = info.value
+    assert error.stage == "fragile"
+    assert "'fragile' (map)" in str(error)
+    assert any(re.search(r"held: .*\b5\b", note) for note in error.__notes__)
+
+
+def test_a_worker_killed_from_outside_mid_item_is_detected_at_once(tmp_path: Path) -> None:
+    pipeline = cv.Pipeline(range(5)).map(announce_and_block(str(tmp_path)), runtime="process")
+    with pipeline.start() as handle:
+        wait_until(lambda: Path(tmp_path, "0").exists())
+        os.kill(int(Path(tmp_path, "0").read_text()), signal.SIGKILL)
+        killed = time.monotonic()
+        with pytest.raises(cv.WorkerCrashed, match="SIGKILL") as info:
+            handle.join(timeout=5)
+        assert time.monotonic() - killed < 1.0
+    assert info.value.exitcode == -signal.SIGKILL
+
+
+def test_with_retries_a_killed_workers_items_go_to_a_fresh_worker(tmp_path: Path) -> None:
+    fn = die_once(str(tmp_path / "marker"), 13)
+    result = (
+        cv.Pipeline(range(40))
+        .map(fn, runtime="process", workers=2, retries=1, backoff=cv.Backoff(initial=0.001))
+        .run(collect=True)
+    )
+    assert result.outputs == [x * 10 for x in range(40)]
+    assert result.stats[0].retried >= 1
+    assert result.failures == []
+
+
+def test_an_item_that_kills_every_worker_fails_after_its_retries() -> None:
+    fn = die_on(13, "kill")
+    backoff = cv.Backoff(initial=0.001)
+    result = (
+        cv.Pipeline(range(20))
+        .map(fn, runtime="process", retries=1, backoff=backoff, on_error="skip")
+        .run(collect=True)
+    )
+    assert result.outputs == [x for x in range(20) if x != 13]
+    [failure] = result.failures
+    assert failure.item == 13 and failure.attempts == 2
+    assert isinstance(failure.error, cv.WorkerCrashed)
+    with pytest.raises(cv.WorkerCrashed):
+        list(cv.Pipeline(range(20)).map(fn, runtime="process", retries=1, backoff=backoff))
+
+
+# ---------------------------------------------------------------------- timeouts
+
+
+def sleepy(x: float) -> float:
+    time.sleep(x)
+    return x
+
+
+def test_an_item_that_overruns_its_timeout_gets_its_worker_killed() -> None:
+    started = time.monotonic()
+    result = (
+        cv.Pipeline([0.0, 30.0, 0.0])
+        .map(pid_of, runtime="process")
+        .map(lambda x: x, runtime="process")  # a second process stage keeps running
+        .run(collect=True)
+    )
+    assert len(result.outputs or []) == 3
+    result = (
+        cv.Pipeline([0.0, 30.0, 0.01])
+        .map(sleepy, runtime="process", timeout=0.5, on_error="skip")
+        .run(collect=True)
+    )
+    assert time.monotonic() - started < 10
+    assert result.outputs == [0.0, 0.01]
+    [failure] = result.failures
+    assert failure.item == 30.0
+    assert isinstance(failure.error, TimeoutError)
+    with pytest.raises(TimeoutError, match=r"timeout of 0\.5 s"):
+        list(cv.Pipeline([30.0]).map(sleepy, runtime="process", timeout=0.5))
+
+
+def test_a_timed_out_item_is_retried_on_a_fresh_worker(tmp_path: Path) -> None:
+    marker = str(tmp_path / "marker")
+
+    def slow_once(x: int) -> tuple[int, int]:
+        if x == 1 and not os.path.exists(marker):
+            Path(marker).touch()
+            time.sleep(30)
+        return x, os.getpid()
+
+    out = list(
+        cv.Pipeline(range(3)).map(
+            slow_once, runtime="process", timeout=0.5, retries=1, backoff=cv.Backoff(0.001)
+        )
+    )
+    assert [x for x, _ in out] == [0, 1, 2]
+    assert out[0][1] != out[1][1]  # the first worker was killed
+
+
+# ---------------------------------------------------------------------- shared memory
+
+
+def big_payloads() -> list[Any]:
+    rng = numpy.random.default_rng(7)
+    return [
+        b"b" * 300_000,
+        bytearray(b"a" * 100_000),
+        memoryview(b"m" * 70_000),
+        rng.random(50_000),  # 400 kB of float64
+        numpy.asfortranarray(rng.integers(0, 9, (300, 200))),
+        rng.random(200_000)[::2],  # not contiguous: pickled in band
+        (1, b"t" * 100_000),
+        {"key": bytearray(80_000)},
+        memoryview(numpy.arange(20_000, dtype=numpy.int32)).cast("B").cast("i", (100, 200)),
+        numpy.arange(10),
+        b"tiny",
+    ]
+
+
+def same(a: Any, b: Any) -> bool:
+    if isinstance(a, numpy.ndarray):
+        return bool(
+            type(b) is numpy.ndarray
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and numpy.array_equal(a, b)
+        )
+    if isinstance(a, memoryview):
+        return (a.format, a.shape, a.tobytes()) == (b.format, b.shape, b.tobytes())
+    return type(a) is type(b) and a == b
+
+
+def test_big_buffers_and_numpy_arrays_round_trip_through_shared_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    created: list[int] = []
+    create = processes._Arena.create.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: Any, size: int) -> Any:
+        created.append(size)
+        return create(cls, size)
+
+    monkeypatch.setattr(processes._Arena, "create", classmethod(counting))
+    items = big_payloads()
+    out = list(cv.Pipeline(items).map(echo, runtime="process", workers=2))
+    assert all(same(a, b) for a, b in zip(items, out, strict=True))
+    assert created  # they did go through shared memory
+    assert out[3].flags.writeable
+
+
+def test_no_segment_is_left_after_an_error_in_the_stage() -> None:
+    def fail_late(x: Any) -> Any:
+        if isinstance(x, bytes) and x == b"tiny":
+            raise ValueError("late")
+        return x
+
+    with pytest.raises(ValueError, match="late"):
+        list(cv.Pipeline(big_payloads()).map(fail_late, runtime="process"))
+    assert our_segments() == []
+
+
+def test_no_segment_is_left_after_a_worker_is_killed() -> None:
+    def kill_on_tiny(x: Any) -> Any:
+        if isinstance(x, bytes) and x == b"tiny":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return x
+
+    with pytest.raises(cv.WorkerCrashed):
+        list(cv.Pipeline(big_payloads()).map(kill_on_tiny, runtime="process"))
+    assert our_segments() == []
+
+
+# ---------------------------------------------------------------------- stopping
+
+
+def test_stop_terminates_every_worker_process_promptly(tmp_path: Path) -> None:
+    pipeline = cv.Pipeline(range(10)).map(
+        announce_and_block(str(tmp_path)), runtime="process", workers=2, ordered=False
+    )
+    with pipeline.start() as handle:
+        wait_until(lambda: len([p for p in tmp_path.iterdir() if p.suffix == ""]) == 2)
+        pids = [int(p.read_text()) for p in tmp_path.iterdir() if p.suffix == ""]
+        stopped = time.monotonic()
+        handle.stop()
+        result = handle.join(timeout=5)
+        assert time.monotonic() - stopped < 1.5
+    assert result.stopped
+    assert gone(pids)
+
+
+SCRIPT_CTRL_C = """
+import os, sys, time
+from pathlib import Path
+import conveyor as cv
+
+def slow(x):
+    Path(sys.argv[1], f"{os.getpid()}").touch()
+    time.sleep(60)
+    return x
+
+if __name__ == "__main__":
+    cv.Pipeline(range(100)).map(slow, runtime="process", workers=2, ordered=False).run()
+"""
+
+
+def run_script(tmp_path: Path, source: str, *args: str, **env: str) -> subprocess.Popen[str]:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(source))
+    return subprocess.Popen(
+        [sys.executable, str(script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+    )
+
+
+def test_ctrl_c_in_a_process_pipeline_leaves_no_process_and_no_segment(tmp_path: Path) -> None:
+    folder = tmp_path / "pids"
+    folder.mkdir()
+    proc = run_script(tmp_path, SCRIPT_CTRL_C, str(folder))
+    try:
+        wait_until(lambda: len(list(folder.iterdir())) == 2, 30)
+        workers = [int(p.name) for p in folder.iterdir()]
+        family = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    assert "KeyboardInterrupt" in err
+    wait_until(lambda: gone(workers + family), 5)
+    assert our_segments(proc.pid) == []
+
+
+SCRIPT_NO_GUARD = """
+import conveyor as cv
+
+print(list(cv.Pipeline(range(3)).map(abs, runtime="process")))
+"""
+
+
+def test_a_script_without_the_main_guard_gets_a_clear_error(tmp_path: Path) -> None:
+    proc = run_script(tmp_path, SCRIPT_NO_GUARD, CONVEYOR_START_METHOD="spawn")
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    assert "ConfigurationError" in err
+    assert 'if __name__ == "__main__":' in err
+    assert "bootstrapping" not in err  # not multiprocessing's own message

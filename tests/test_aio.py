@@ -12,8 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import signal
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing
@@ -30,6 +35,7 @@ from conveyor.errors import ShutDown
 from conveyor.runtime.aio import LOOP_THREAD_NAME, new_event_loop
 from conveyor.runtime.base import RunControl, Sequencer
 from test_pipeline_helpers import (  # noqa: F401 - no_thread_left is a fixture
+    PROMPT,
     WAIT,
     conveyor_threads,
     must_wait,
@@ -520,6 +526,83 @@ def test_a_timeout_error_raised_by_the_coroutine_itself_keeps_its_message() -> N
     pipeline = cv.Pipeline([1]).map(own_timeout, runtime="async", timeout=5.0)
     with pytest.raises(TimeoutError, match="the remote end gave up"):
         pipeline.run()
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("error", [KeyboardInterrupt, SystemExit])
+def test_a_keyboard_interrupt_raised_in_a_coroutine_reaches_the_caller_naming_the_item(
+    error: type[BaseException],
+) -> None:
+    async def interrupted(x: int) -> int:
+        if x == 300:  # deep inside a batch: batches grow on quick items
+            raise error
+        return x
+
+    # on_error="skip" does not apply: Ctrl-C is not an item's failure.
+    pipeline = cv.Pipeline(range(1000)).map(
+        interrupted, workers=3, runtime="async", on_error="skip"
+    )
+    with pytest.raises(error) as info:
+        pipeline.run()
+    notes = [n for n in info.value.__notes__ if n.startswith("conveyor:")]
+    assert notes == ["conveyor: stage 'interrupted' (map) failed on item 300"]
+    assert not conveyor_threads()
+
+
+SIGINT_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, itertools, threading, time
+    import conveyor as cv
+
+    started, cleaned = [], []
+    all_in = threading.Event()
+
+    async def held(x):
+        started.append(x)
+        if len(started) == 4:
+            all_in.set()
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            cleaned.append(x)
+        return x
+
+    try:
+        pipeline = cv.Pipeline(itertools.count()).map(held, workers=4, runtime="async")
+        with pipeline.start() as handle:
+            all_in.wait(10)
+            print("ready", flush=True)
+            handle.join()
+    finally:
+        left = [t.name for t in threading.enumerate() if t.name.startswith("conveyor-")]
+        print("left", left, "cleaned", len(cleaned), time.monotonic(), flush=True)
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_stops_a_run_with_coroutines_in_flight_and_runs_their_cleanup() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGINT_SCRIPT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        sent_at = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert err.rstrip().endswith("KeyboardInterrupt"), err
+    words = out.split()
+    assert words[:4] == ["left", "[]", "cleaned", "4"], out
+    # time.monotonic() is one clock for both processes (CLOCK_MONOTONIC on Linux).
+    assert float(words[-1]) - sent_at < PROMPT
 
 
 # ---------------------------------------------------------------------- cancellation

@@ -454,6 +454,10 @@ async def aprocess_batch(stage: Stage, batch: list[Any]) -> BatchOutcome:
                 outputs, was_filtered = await aapply_one(stage, item)
             except Exception as exc:
                 error = exc
+            except BaseException as exc:  # as in _apply_run; a cancellation is the run's stop
+                if not isinstance(exc, asyncio.CancelledError):
+                    add_stage_note(exc, stage, item)
+                raise
             else:
                 out.extend(outputs)
                 outcome.filtered += was_filtered

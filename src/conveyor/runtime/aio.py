@@ -57,8 +57,8 @@ class AsyncRuntime(Runtime):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None  # None on the caller's loop
         self._control: RunControl | None = None
-        self._tasks: set[asyncio.Task[None]] = set()  # touched in the loop's thread only
         self._lock = threading.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()  # the live worker tasks, under _lock
         self._live = 0  # worker tasks started and not ended, under _lock
         self._idle = threading.Event()  # set while _live is 0
         self._idle.set()
@@ -97,17 +97,18 @@ class AsyncRuntime(Runtime):
         assert self._loop is not None
         for worker in range(sr.stage.workers):
             task = self._loop.create_task(_run_worker(sr, worker), name=sr.thread_name(worker))
-            self._tasks.add(task)
+            with self._lock:
+                self._tasks.add(task)
             task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
         error = None if task.cancelled() else task.exception()
         if error is not None:
             # A worker reports its own errors; this is a bug, and must not pass unseen.
             assert self._control is not None
             self._control.fail(error)
         with self._lock:
+            self._tasks.discard(task)
             self._live -= 1
             if self._live:
                 return
@@ -128,14 +129,16 @@ class AsyncRuntime(Runtime):
             pass
 
     def _cancel_tasks(self) -> None:
-        for task in self._tasks:
+        with self._lock:
+            tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
 
     def join(self, timeout: float) -> list[str]:
         """Wait for every worker task to end, then stop the loop and join its thread.
 
-        Must not be called from the loop's own thread (`Run.ajoin` calls it
-        from a helper thread when the loop is the caller's).
+        On the caller's loop, `Run.ajoin` calls it from a helper thread, so
+        that the loop can run the tasks to their end meanwhile.
         """
         if self._loop is None:
             return []
@@ -163,8 +166,8 @@ class AsyncRuntime(Runtime):
         return stuck
 
     def _stuck(self) -> list[str]:
-        # Read from another thread: a task's name and state are plain fields.
-        return sorted(t.get_name() for t in list(self._tasks) if not t.done())
+        with self._lock:
+            return sorted(t.get_name() for t in self._tasks)
 
 
 # ---------------------------------------------------------------------- the worker

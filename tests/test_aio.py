@@ -243,6 +243,20 @@ def test_ordered_output_keeps_input_order_across_50_coroutines_finishing_in_rand
     assert finished == order
 
 
+@modes
+def test_an_async_stage_mixes_with_process_and_thread_stages_in_one_pipeline(mode: str) -> None:
+    pipeline = (
+        cv.Pipeline(range(300))
+        .map(double, workers=8, runtime="async")
+        .map(lambda x: x + 1, workers=2, runtime="process")
+        .filter(lambda x: x % 3 != 0, workers=2)
+        .map(double, workers=3, runtime="async", name="again")
+    )
+    expected = [2 * y for y in (2 * x + 1 for x in range(300)) if y % 3 != 0]
+    assert run_in_mode(pipeline, mode).outputs == expected
+    assert not conveyor_threads()
+
+
 @pytest.mark.quick
 def test_an_ordered_async_stage_takes_no_batch_beyond_its_window() -> None:
     output: Channel[Any] = Channel()

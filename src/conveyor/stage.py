@@ -215,8 +215,15 @@ def set_worker_state(state: Any) -> None:
 
 
 def add_stage_note(exc: BaseException, stage: Stage, item: Any) -> BaseException:
-    """Attach a PEP 678 note naming the stage and the item; return ``exc``."""
-    return add_note(exc, f"conveyor: stage {stage.label} failed on item {_item_repr.repr(item)}")
+    """Attach a PEP 678 note naming the stage and the item; return ``exc``.
+
+    Only once per stage: the first note, made where the item is known, wins
+    over a later, coarser one (a worker loop knows only its batch).
+    """
+    prefix = f"conveyor: stage {stage.label} failed on item "
+    if any(str(n).startswith(prefix) for n in getattr(exc, "__notes__", ())):
+        return exc
+    return add_note(exc, prefix + _item_repr.repr(item))
 
 
 def add_note(exc: BaseException, note: str) -> BaseException:
@@ -297,6 +304,9 @@ def _apply_run(
                 i += 1
     except Exception as exc:
         return i, filtered, exc
+    except BaseException as exc:  # Ctrl-C, SystemExit: no policy applies, but name the item
+        add_stage_note(exc, stage, batch[i])
+        raise
     return i, filtered, None
 
 
@@ -412,6 +422,9 @@ def process_batch(
                     outputs, was_filtered = one(stage, item)
                 except Exception as exc:
                     error = exc
+                except BaseException as exc:  # as in _apply_run
+                    add_stage_note(exc, stage, item)
+                    raise
                 else:
                     out.extend(outputs)
                     outcome.filtered += was_filtered

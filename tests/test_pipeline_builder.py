@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -51,6 +52,15 @@ def test_a_pipeline_over_a_reiterable_source_runs_several_times() -> None:
 def test_stage_names_default_to_the_function_name_else_the_kind() -> None:
     p = cv.Pipeline([1]).map(identity).filter(lambda x: True).map(str).batch(2)
     assert [s.name for s in p.stages] == ["identity", "filter", "str", "batch"]
+
+
+def test_a_callable_without_a_name_gives_the_kind_as_default_name() -> None:
+    class Scale:
+        def __call__(self, x: int) -> int:
+            return x * 2
+
+    p = cv.Pipeline([1]).map(functools.partial(pow, 2)).map(Scale()).filter(str.isdigit)
+    assert [s.name for s in p.stages] == ["map", "map-2", "isdigit"]
 
 
 def test_default_names_are_made_unique_with_a_suffix() -> None:

@@ -526,13 +526,20 @@ SIGINT_SCRIPT = textwrap.dedent(
 
     def slowish(x):
         time.sleep(0.005)
+        if x == 2 and sys.argv[1] != "iterate":
+            print("ready", flush=True)  # the caller may not be waiting on the outputs yet
         return x
 
     try:
         pipeline = cv.Pipeline(itertools.count()).map(slowish, workers=2).map(str)
-        for i, out in enumerate(pipeline):
-            if i == 0:
-                print("ready", flush=True)
+        if sys.argv[1] == "iterate":
+            for i, out in enumerate(pipeline):
+                if i == 0:
+                    print("ready", flush=True)
+        elif sys.argv[1] == "run":
+            pipeline.run()
+        else:
+            pipeline.start().join()
     finally:
         left = [t.name for t in threading.enumerate() if t.name.startswith("conveyor-")]
         print("left", left, time.monotonic(), flush=True)
@@ -541,9 +548,12 @@ SIGINT_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_ctrl_c_in_a_program_iterating_a_pipeline_stops_it_promptly() -> None:
+@pytest.mark.parametrize("how", ["iterate", "run", "join"])
+def test_ctrl_c_in_a_program_running_a_pipeline_stops_it_promptly(how: str) -> None:
+    """Regression (run, join): Ctrl-C just after the start, or while join() waited,
+    left the run going with its threads."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", SIGINT_SCRIPT],
+        [sys.executable, "-c", SIGINT_SCRIPT, how],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -562,6 +572,6 @@ def test_ctrl_c_in_a_program_iterating_a_pipeline_stops_it_promptly() -> None:
     assert err.rstrip().endswith("KeyboardInterrupt"), err
     words = out.split()
     assert words[0] == "left"
-    assert out.startswith("left []")  # every conveyor thread joined before the program went on
+    assert out.startswith("left []"), out  # every conveyor thread joined before going on
     # time.monotonic() is one clock for both processes (CLOCK_MONOTONIC on Linux).
     assert float(words[-1]) - sent_at < PROMPT

@@ -465,6 +465,9 @@ class Pipeline(Generic[T]):
         try:
             for chunk in run.outputs():
                 yield from chunk
+        except BaseException:  # a break (GeneratorExit), Ctrl-C, an error: end the run here
+            _end(run)
+            raise
         finally:
             _forget(self._runs, run)
 
@@ -504,13 +507,17 @@ class Pipeline(Generic[T]):
             result: RunResult = backend.run(self, collect=collect, progress=progress)
             return result
         watch = _check_watch("run()", report, stall_timeout)
-        run = self._new_run("run()")
         outputs: list[Any] | None = [] if collect else None
-        monitor = _start_monitor(run, self._source, progress, *watch)
+        monitor: Monitor | None = None
+        run = self._new_run("run()")
         try:
+            monitor = _start_monitor(run, self._source, progress, *watch)
             for chunk in run.outputs():
                 if outputs is not None:
                     outputs.extend(chunk)
+        except BaseException:  # also before the outputs are reached (Ctrl-C just after the start)
+            _end(run)
+            raise
         finally:
             if monitor is not None:
                 monitor.close()
@@ -612,6 +619,12 @@ class Pipeline(Generic[T]):
     def __repr__(self) -> str:
         steps = " -> ".join(f"{s.kind}({s.name})" for s in self._stages) or "(no stage)"
         return f"<Pipeline {steps}>"
+
+
+def _end(run: Run) -> None:
+    """Stop ``run`` and join its threads (no-op for a run that has ended already)."""
+    run.abort()
+    run.join()
 
 
 def _forget(registry: list[Run], run: Run) -> None:
@@ -732,7 +745,14 @@ class RunHandle:
             TimeoutError: the run did not end within ``timeout`` seconds.
             The run's first error, as `Pipeline.run` does (not after `stop()`).
         """
-        if not self._done.wait(timeout):
+        try:
+            ended = self._done.wait(timeout)
+        except BaseException:  # Ctrl-C while waiting: the run must not go on behind the caller
+            self.stop()
+            self._done.wait(JOIN_TIMEOUT)
+            self._thread.join(JOIN_TIMEOUT)
+            raise
+        if not ended:
             raise TimeoutError(f"the run did not end within {timeout} s")
         self._thread.join(JOIN_TIMEOUT)
         if self._error is not None and not (

@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import conveyor as cv
+from conveyor.engine import Run
 from conveyor.runtime import processes
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -232,6 +233,19 @@ def test_nothing_is_lost_or_invented_through_process_and_thread_stages(
         assert out == expected
     else:
         assert sorted(out) == sorted(expected)
+
+
+def test_process_stages_mix_with_async_and_thread_stages() -> None:
+    async def add_one(x: int) -> int:
+        return x + 1
+
+    out = list(
+        cv.Pipeline(range(50))
+        .map(add_one, runtime="async", workers=4)
+        .map(square, runtime="process", workers=2)
+        .map(lambda x: -x, workers=2)
+    )
+    assert out == [-((x + 1) ** 2) for x in range(50)]
 
 
 def test_none_and_sentinel_like_values_are_data() -> None:
@@ -461,13 +475,6 @@ def sleepy(x: float) -> float:
 def test_an_item_that_overruns_its_timeout_gets_its_worker_killed() -> None:
     started = time.monotonic()
     result = (
-        cv.Pipeline([0.0, 30.0, 0.0])
-        .map(pid_of, runtime="process")
-        .map(lambda x: x, runtime="process")  # a second process stage keeps running
-        .run(collect=True)
-    )
-    assert len(result.outputs or []) == 3
-    result = (
         cv.Pipeline([0.0, 30.0, 0.01])
         .map(sleepy, runtime="process", timeout=0.5, on_error="skip")
         .run(collect=True)
@@ -588,6 +595,30 @@ def test_stop_terminates_every_worker_process_promptly(tmp_path: Path) -> None:
         assert time.monotonic() - stopped < 1.5
     assert result.stopped
     assert gone(pids)
+
+
+def test_join_names_the_workers_still_running_and_close_ends_them(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    folder = str(tmp_path)
+
+    def on_stop(state: Any) -> None:  # hangs: the end of the run must not wait for it
+        Path(folder, str(os.getpid())).touch()
+        time.sleep(60)
+
+    pipeline = cv.Pipeline(range(3)).map(echo, runtime="process", name="hang", on_stop=on_stop)
+    run = Run(pipeline.source, list(pipeline.stages))
+    run.start()
+    with pytest.raises(cv.ShutDown):
+        while True:
+            run.channels[-1].get_many(10)
+    wait_until(lambda: any(tmp_path.iterdir()))
+    [pid] = [int(p.name) for p in tmp_path.iterdir()]
+    with caplog.at_level("WARNING", logger="conveyor"):
+        run.join(timeout=0.3)
+    assert "conveyor-hang-0" in caplog.text
+    assert f"(pid {pid})" in caplog.text
+    wait_until(lambda: gone([pid]), 5)
 
 
 SCRIPT_CTRL_C = """

@@ -1,0 +1,371 @@
+"""Process stages against multiprocessing and its wrappers, in one run.
+
+Scenarios (one function each; candidates run in this process, alternated
+round by round after a warm-up round; medians of --rounds; start-up of the
+worker processes included everywhere):
+
+* cpu    2000 items of ~2 ms of pure-Python work, 2 worker processes:
+         speed-up over a single thread; conveyor with no chunk size given,
+         against Pool.imap (chunksize 1 and 16), mpire and pypeln;
+* small  100k ints, x + 1, one process stage of 2 workers, against
+         Pool(2).imap over chunk sizes 1 to 256;
+* large  1 MiB NumPy arrays through a process stage and back (identity), in
+         MiB/s, against the same round trip pickled through
+         multiprocessing.Queue, and as a fraction of memcpy measured here.
+
+The peers use multiprocessing's default start method (fork on Linux up to
+Python 3.13); conveyor uses its own default (forkserver on Linux), whose
+server is started once per program by the warm-up round.
+
+Run:  python bench/runtimes.py [--rounds 5] [--scenario cpu small large] [--write]
+
+--write replaces this script's section of docs/benchmarks.md
+(``<!-- runtimes:begin -->`` to ``<!-- runtimes:end -->``); inside it each
+scenario has a block of its own, so running one scenario keeps the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+# Worker processes run this module again (as __mp_main__): keep its imports light.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline import ROOT, machine, write_section
+
+import conveyor as cv
+
+SECTION = "runtimes"
+
+# ---------------------------------------------------------------------- measuring
+
+Candidate = Callable[[], Any]
+
+
+def measure(candidates: dict[str, Candidate], rounds: int) -> dict[str, list[float]]:
+    """Seconds per run of each candidate: one warm-up round, then ``rounds`` rounds.
+
+    The order rotates from round to round, so that no candidate always runs
+    right after the same neighbour.
+    """
+    names = list(candidates)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds + 1):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            started = time.perf_counter()
+            candidates[name]()
+            elapsed = time.perf_counter() - started
+            if round_:  # round 0 is the warm-up
+                times[name].append(elapsed)
+        print(f"  round {round_}/{rounds} done", file=sys.stderr)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def spread(values: list[float]) -> str:
+    """Min-max of the runs, as a percentage around the median."""
+    m = median(values)
+    return f"{100 * (min(values) - m) / m:+.0f}/{100 * (max(values) - m) / m:+.0f}%"
+
+
+# ---------------------------------------------------------------------- cpu
+
+
+def burn(n: int) -> int:
+    """Pure-Python work: n multiply-adds (the item says how many)."""
+    total = 0
+    for i in range(n):
+        total += i * i % 7
+    return total
+
+
+def calibrate(seconds: float) -> int:
+    """The n for which burn(n) takes about ``seconds`` here."""
+    n = 20_000
+    while True:
+        started = time.perf_counter()
+        burn(n)
+        took = time.perf_counter() - started
+        if took > 0.05:
+            return max(1, int(n * seconds / took))
+        n *= 2
+
+
+def cpu_bound(rounds: int) -> str:
+    items = [calibrate(0.002)] * 2000
+    expected = [burn(items[0])] * len(items)
+
+    def check(out: list[int]) -> None:
+        assert out == expected
+
+    def single_thread() -> None:
+        check([burn(x) for x in items])
+
+    def conveyor_processes() -> None:
+        check(list(cv.Pipeline(items).map(burn, workers=2, runtime="process")))
+
+    def pool(chunksize: int) -> Candidate:
+        def run() -> None:
+            with multiprocessing.Pool(2) as p:
+                check(list(p.imap(burn, items, chunksize=chunksize)))
+
+        return run
+
+    def mpire_pool() -> None:
+        from mpire import WorkerPool
+
+        with WorkerPool(n_jobs=2) as p:
+            check(p.map(burn, items))
+
+    def pypeln_process() -> None:
+        import pypeln
+
+        check(sorted(pypeln.process.map(burn, items, workers=2)))
+
+    times = measure(
+        {
+            "single thread": single_thread,
+            "conveyor, process stage, 2 workers": conveyor_processes,
+            "Pool(2).imap, chunksize=1": pool(1),
+            "Pool(2).imap, chunksize=16": pool(16),
+            "mpire WorkerPool(2).map": mpire_pool,
+            "pypeln process.map, 2 workers": pypeln_process,
+        },
+        rounds,
+    )
+    base = median(times["single thread"])
+    rows = [
+        f"| {name} | {median(t):.2f} s | {spread(t)} | {base / median(t):.2f}x |"
+        for name, t in times.items()
+    ]
+    return "\n".join(
+        [
+            f"CPU-bound: {len(items)} items of {1000 * base / len(items):.2f} ms of pure-Python "
+            "work each, 2 worker processes, start-up included. Speed-up over a single thread "
+            "(ideal: 2x; the machine has 2 cores).",
+            "",
+            "| candidate | median | runs (min/max) | speed-up |",
+            "|---|---|---|---|",
+            *rows,
+        ]
+    )
+
+
+# ---------------------------------------------------------------------- small
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+SMALL_CHUNKSIZES = (1, 4, 16, 64, 256)
+
+
+def small_items(rounds: int) -> str:
+    n = 100_000
+    expected = list(range(1, n + 1))
+
+    def conveyor_processes() -> None:
+        assert list(cv.Pipeline(range(n)).map(inc, workers=2, runtime="process")) == expected
+
+    def pool(chunksize: int, method: str | None = None) -> Candidate:
+        def run() -> None:
+            with multiprocessing.get_context(method).Pool(2) as p:
+                assert list(p.imap(inc, range(n), chunksize=chunksize)) == expected
+
+        return run
+
+    candidates: dict[str, Candidate] = {"conveyor, process stage, 2 workers": conveyor_processes}
+    for chunksize in SMALL_CHUNKSIZES:
+        candidates[f"Pool(2).imap, chunksize={chunksize}"] = pool(chunksize)
+    candidates["Pool(2).imap, chunksize=256, forkserver"] = pool(256, "forkserver")
+    times = measure(candidates, rounds)
+    best_pool = min((median(times[f"Pool(2).imap, chunksize={c}"]), c) for c in SMALL_CHUNKSIZES)
+    ours = median(times["conveyor, process stage, 2 workers"])
+    rows = [
+        f"| {name} | {1000 * median(t):.0f} ms | {spread(t)} | {n / median(t) / 1e6:.2f} M/s |"
+        for name, t in times.items()
+    ]
+    return "\n".join(
+        [
+            f"Small items: {n // 1000}k ints through `x + 1` in 2 worker processes, start-up "
+            "included; conveyor with no tuning.",
+            "",
+            "| candidate | median | runs (min/max) | items/s |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            f"conveyor / best Pool.imap (chunksize={best_pool[1]}): "
+            f"{best_pool[0] / ours:.2f}x the throughput.",
+        ]
+    )
+
+
+# ---------------------------------------------------------------------- large
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+def _queue_child(inq: Any, outq: Any) -> None:
+    while (x := inq.get()) is not None:
+        outq.put(identity(x))
+    outq.put(None)
+
+
+def _queue_sink(inq: Any, done: Any) -> None:
+    count = 0
+    while inq.get() is not None:
+        count += 1
+    done.put(count)
+
+
+def large_payloads(rounds: int) -> str:
+    import numpy as np
+
+    mib = 1 << 20
+    count, distinct = 512, 64
+    # 64 distinct arrays (64 MiB, more than the caches) taken in turn.
+    arrays = [np.random.default_rng(i).random(mib // 8) for i in range(distinct)]
+    firsts = [a[0] for a in arrays]
+
+    def source() -> Iterator[Any]:
+        return (arrays[i % distinct] for i in range(count))
+
+    def check(out: Iterator[Any]) -> None:
+        n = 0
+        for i, a in enumerate(out):
+            assert a.nbytes == mib and a[0] == firsts[i % distinct]
+            n += 1
+        assert n == count
+
+    def conveyor_process() -> None:
+        check(iter(cv.Pipeline(source()).map(identity, runtime="process")))
+
+    def queue_round_trip() -> None:
+        inq: Any = multiprocessing.Queue(8)
+        outq: Any = multiprocessing.Queue(8)
+        child = multiprocessing.Process(target=_queue_child, args=(inq, outq))
+        child.start()
+
+        def feed() -> None:
+            for a in source():
+                inq.put(a)
+            inq.put(None)
+
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        check(iter(outq.get, None))
+        feeder.join()
+        child.join()
+
+    def queue_one_way() -> None:
+        inq: Any = multiprocessing.Queue(8)
+        done: Any = multiprocessing.Queue()
+        child = multiprocessing.Process(target=_queue_sink, args=(inq, done))
+        child.start()
+        for a in source():
+            inq.put(a)
+        inq.put(None)
+        assert done.get() == count
+        child.join()
+
+    dst = np.empty(mib // 8)
+
+    def memcpy() -> None:
+        for a in source():
+            np.copyto(dst, a)
+
+    times = measure(
+        {
+            "conveyor, process stage (there and back)": conveyor_process,
+            "multiprocessing.Queue, pickled (there and back)": queue_round_trip,
+            "multiprocessing.Queue, pickled (one way)": queue_one_way,
+            "memcpy (np.copyto, from main memory)": memcpy,
+        },
+        rounds,
+    )
+    rate = {name: count / median(t) for name, t in times.items()}
+    ours = rate["conveyor, process stage (there and back)"]
+    pickled = rate["multiprocessing.Queue, pickled (there and back)"]
+    copy = rate["memcpy (np.copyto, from main memory)"]
+    rows = [
+        f"| {name} | {1000 * median(times[name]):.0f} ms | {spread(times[name])} | "
+        f"{rate[name]:,.0f} MiB/s |"
+        for name in times
+    ]
+    return "\n".join(
+        [
+            f"Large payloads: {count} NumPy arrays of 1 MiB ({distinct} distinct ones in turn) "
+            "through a process stage of 1 worker that returns them, start-up included.",
+            "",
+            "| candidate | median | runs (min/max) | MiB/s |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            f"conveyor: {ours / pickled:.1f}x the pickled round trip, "
+            f"{100 * ours / copy:.0f}% of memcpy bandwidth "
+            "(each array is copied four times: into shared memory and out, each way).",
+        ]
+    )
+
+
+# ---------------------------------------------------------------------- report
+
+SCENARIOS: dict[str, Callable[[int], str]] = {
+    "cpu": cpu_bound,
+    "small": small_items,
+    "large": large_payloads,
+}
+
+
+def merge_blocks(blocks: dict[str, str]) -> str:
+    """The whole section: fresh blocks for the scenarios run, the others as they were."""
+    path = ROOT / "docs" / "benchmarks.md"
+    old = path.read_text() if path.exists() else ""
+    merged = dict.fromkeys(SCENARIOS, "")
+    for name in SCENARIOS:
+        begin, end = f"<!-- {SECTION}/{name}:begin -->", f"<!-- {SECTION}/{name}:end -->"
+        if name in blocks:
+            merged[name] = f"{begin}\n{blocks[name]}\n{end}"
+        elif begin in old and end in old:
+            merged[name] = begin + old.split(begin, 1)[1].split(end, 1)[0] + end
+    parts = [
+        "## Runtimes: worker processes",
+        "",
+        "Reproduce: `python bench/runtimes.py --write` (or `--scenario cpu|small|large`). "
+        "Ratios are measured within one run; absolute times move by 10-25% between runs.",
+    ]
+    return "\n\n".join(parts[:1] + parts[2:] + [b for b in merged.values() if b])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--scenario", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    args = parser.parse_args()
+    blocks = {}
+    for name in args.scenario:
+        print(f"{name}:", file=sys.stderr)
+        text = SCENARIOS[name](args.rounds)
+        blocks[name] = f"{text}\n\nMachine: {machine()}; {time.strftime('%Y-%m-%d')}."
+        print(blocks[name] + "\n")
+    if args.write:
+        write_section(merge_blocks(blocks), SECTION)
+
+
+if __name__ == "__main__":
+    main()

@@ -339,6 +339,33 @@ def test_ordered_output_keeps_input_order_when_early_items_finish_last() -> None
     assert finished.index(0) > finished.index(1) > finished.index(2) > finished.index(10)
 
 
+def test_the_reorder_window_bounds_how_far_workers_run_ahead_of_a_slow_item() -> None:
+    gate = threading.Event()
+    done: list[int] = []
+    source = CountingSource()  # never-ending
+
+    def first_is_slow(x: int) -> int:
+        if x == 0:
+            must_wait(gate)
+        done.append(x)
+        return x
+
+    workers, capacity = 4, 16
+    handle = cv.Pipeline(source).map(first_is_slow, workers=workers, capacity=capacity).start()
+    try:
+        # White-box: the window is full when the next ticket is `window` ahead of item 0's.
+        sequencer = handle._run.stage_runs[0].sequencer
+        assert sequencer is not None
+        wait_until(lambda: sequencer._next_ticket - sequencer._next >= sequencer._window)
+        # Workers take batches of at most capacity // 2 items, `window` batches ahead.
+        assert len(done) <= sequencer._window * (capacity // 2)
+        assert source.pulled <= len(done) + workers * (capacity // 2) + capacity
+    finally:
+        handle.stop()
+        gate.set()
+        handle.join(WAIT)
+
+
 def test_ordered_is_the_default() -> None:
     assert cv.Pipeline([1]).map(identity).stages[0].ordered is True
 

@@ -97,6 +97,7 @@ import mmap
 import os
 import pickle
 import secrets
+import select
 import signal
 import sys
 import threading
@@ -139,6 +140,7 @@ from .threads import join_threads
 __all__ = [
     "BATCH_SECONDS",
     "KILL_GRACE",
+    "MAX_BATCH",
     "RUNTIME",
     "SHM_MESSAGE_LIMIT",
     "SHM_THRESHOLD",
@@ -161,6 +163,8 @@ BATCH_SECONDS = 0.02
 """Target time of one batch. A round trip to a worker costs about 0.1 ms of
 the parent's time, so batches ten times longer than the thread runtime's
 keep that cost near 1%, while still spreading slow items over the workers."""
+MAX_BATCH = 1024
+"""Most items a process worker takes at once (at most the input channel's capacity)."""
 KILL_GRACE = 0.25
 """Seconds a worker process gets to exit after SIGTERM before it is killed."""
 EXIT_GRACE = 2.0
@@ -306,11 +310,16 @@ def _dump(obj: Any, buffers: _Buffers) -> tuple[bytes, bool]:
     Raises:
         Exception: whatever the last pickler raised when none could do it.
     """
-    if not (buffers.threshold is not None and _has_big_bytes(obj)):
-        try:
-            return pickle.dumps(obj, 5, buffer_callback=buffers), False
-        except Exception:
-            buffers.clear()
+    try:
+        payload = pickle.dumps(obj, 5, buffer_callback=buffers)
+    except Exception:
+        buffers.clear()
+    else:
+        # Big bytes pickled in band make a big payload: only then look for them.
+        threshold = buffers.threshold
+        if threshold is None or len(payload) < threshold or not _has_big_bytes(obj):
+            return payload, False
+        buffers.clear()
     error: Exception | None = None
     for pickler_class in (_PlainPickler, _CloudPickler):
         out = io.BytesIO()
@@ -327,7 +336,6 @@ def _dump(obj: Any, buffers: _Buffers) -> tuple[bytes, bool]:
     raise error
 
 
-_BYTES = (bytes, bytearray)
 _SCANNED = frozenset({bytes, bytearray, tuple, list, dict})
 
 
@@ -822,12 +830,100 @@ def _exit_with_parent() -> None:
 # ---------------------------------------------------------------------- the parent's side
 
 
+_POSIX = os.name == "posix"
+_READ_SIZE = 1 << 16  # what one read() asks for: a whole batch message, usually
+_READ_LIMIT = 1 << 22  # the most one read() asks for (os.read allocates what it asks)
+
+# What a worker thread finds when it waits (see _Link.wait).
+_MESSAGE, _ABORTED, _ENDED, _TIMED_OUT = range(4)
+
+
+class _Link:
+    """The parent's end of a worker's pipe, and everything a worker thread waits on.
+
+    Per batch the thread sends a message and waits; each system call is also
+    a chance for another thread to take the GIL, and a wait to get it back.
+    So on POSIX one ``poll`` object, registered once, watches the pipe, the
+    child's sentinel and the run's abort pipe, and messages are read whole
+    (multiprocessing's framing: a 4-byte length, or -1 and 8 bytes) with one
+    ``read`` when they fit. Elsewhere, `multiprocessing.connection.wait`.
+    """
+
+    def __init__(self, conn: Connection, sentinel: int, abort: Connection) -> None:
+        self.conn = conn
+        self._buffer = bytearray()
+        self._missing = 0
+        self._fd = conn.fileno()
+        self._abort_fd = abort.fileno()
+        self._waitables: list[Any] = [abort, conn, sentinel]
+        if _POSIX:
+            self._poller = select.poll()
+            for fd in (self._abort_fd, self._fd, sentinel):
+                self._poller.register(fd, select.POLLIN)
+
+    def wait(self, timeout: float | None) -> int:
+        """What happened first: _MESSAGE, _ABORTED, _ENDED (the child) or _TIMED_OUT."""
+        if self._buffer and self._complete(peek=True):
+            return _MESSAGE
+        if _POSIX:
+            events = self._poller.poll(None if timeout is None else 1000 * timeout)
+            ready = {fd for fd, _ in events}
+            if self._abort_fd in ready:
+                return _ABORTED
+            if self._fd in ready:
+                return _MESSAGE  # or the end of the pipe: read() raises EOFError
+            return _ENDED if ready else _TIMED_OUT
+        found = connection.wait(self._waitables, timeout)
+        if self._waitables[0] in found:
+            return _ABORTED
+        if self.conn in found:
+            return _MESSAGE
+        return _ENDED if found else _TIMED_OUT
+
+    def read(self) -> bytes:
+        """The next message (blocking until it is whole).
+
+        Raises:
+            EOFError: the child's end is closed.
+        """
+        if not _POSIX:
+            return self.conn.recv_bytes()
+        while True:
+            message = self._complete(peek=False)
+            if message is not None:
+                return message
+            chunk = os.read(self._fd, min(_READ_LIMIT, max(_READ_SIZE, self._missing)))
+            if not chunk:
+                raise EOFError
+            self._buffer += chunk
+
+    def _complete(self, peek: bool) -> bytes | None:
+        """Take the first whole message out of the buffer (with peek: b"" if there is one)."""
+        buffer = self._buffer
+        start, size = 4, -1
+        if len(buffer) >= 4:
+            size = int.from_bytes(buffer[:4], "big", signed=True)
+            if size == -1 and len(buffer) >= 12:
+                start, size = 12, int.from_bytes(buffer[4:12], "big")
+        end = start + size
+        if size < 0 or len(buffer) < end:
+            self._missing = max(1, end - len(buffer)) if size >= 0 else 12
+            return None
+        if peek:
+            return b""
+        with memoryview(buffer) as view:
+            message = view[start:end].tobytes()
+        del buffer[:end]
+        return message
+
+
 class _Child:
     """A worker process as the parent sees it: process, pipe, shared memory, progress."""
 
-    def __init__(self, process: BaseProcess, conn: Connection) -> None:
+    def __init__(self, process: BaseProcess, conn: Connection, abort: Connection) -> None:
         self.process = process
         self.conn = conn
+        self.link = _Link(conn, process.sentinel, abort)
         self.pid = process.pid
         self.inbox: _Arena | None = None
         self.outbox: _Arena | None = None
@@ -1019,7 +1115,7 @@ class _Worker:
             raise
         finally:
             theirs.close()
-        child = _Child(process, ours)
+        child = _Child(process, ours, runtime.abort_reader)
         runtime.adopt(child)  # raises ShutDown (after terminating it) if the run was aborted
         try:
             message = self._receive(child)
@@ -1060,18 +1156,17 @@ class _Worker:
         Raises:
             ShutDown: the run was aborted meanwhile.
         """
-        conn, abort = child.conn, self.runtime.abort_reader
-        waitables: list[Any] = [abort, conn, child.process.sentinel]
+        link = child.link
         timeout = self.stage.timeout
         while True:
             deadline = child.deadline
             left = None if deadline is None else max(0.0, deadline - monotonic())
-            ready = connection.wait(waitables, left)
-            if abort in ready:
+            event = link.wait(left)
+            if event == _ABORTED:
                 raise ShutDown
-            if conn in ready:
+            if event == _MESSAGE:
                 try:
-                    message: tuple[Any, ...] = pickle.loads(conn.recv_bytes())
+                    message: tuple[Any, ...] = pickle.loads(link.read())
                 except (EOFError, OSError):
                     break
                 tag = message[0]
@@ -1084,7 +1179,7 @@ class _Worker:
                 else:
                     child.deadline = None
                     return message
-            elif ready:  # the sentinel: the process ended
+            elif event == _ENDED:
                 break
             elif deadline is not None and monotonic() >= deadline:
                 child.timed_out = True
@@ -1219,8 +1314,8 @@ class _Worker:
             for index in range(start, end):
                 job.charged[index] = job.charged.get(index, 0) + 1
             if stage.retries == 0 and stage.on_error == "raise":
-                error = self._crash_error(child, held)
-                job.stop(add_stage_note(error, stage, held[0]) if len(held) == 1 else error, start)
+                crash = self._crash_error(child, held)
+                job.stop(add_stage_note(crash, stage, held[0]) if len(held) == 1 else crash, start)
                 return False
         if end - start > 1:  # which one did it? Send them again one by one.
             job.isolate_until = end
@@ -1301,6 +1396,9 @@ class ProcessRuntime(Runtime):
                 f"stage {sr.stage.label}: its function, on_start or on_stop cannot be pickled "
                 f"for worker processes: {exc}"
             ) from exc
+        # A round trip to a worker costs more than a channel operation: let a
+        # batch take the whole input channel rather than half of it.
+        sr.max_batch = max(sr.max_batch, min(sr.input.maxsize, MAX_BATCH))
         for index in range(sr.stage.workers):
             worker = _Worker(self, sr, index, blob)
             self._threads.append(sr.start_thread(index, worker.run))

@@ -8,20 +8,24 @@ codes below.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import ModuleType
+from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 if TYPE_CHECKING:
+    from .metrics import RunResult
     from .pipeline import Pipeline, RunHandle
 
 __all__ = [
@@ -43,6 +47,8 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): 128 + signal 2, what shells report fo
 
 INTERRUPT_GRACE = 1.0
 """Seconds Ctrl-C waits for the run to stop and write its report before exiting anyway."""
+SIGNAL_CHECK = 0.05
+"""Seconds between two looks for a pending Ctrl-C while the command waits for a run."""
 
 log = logging.getLogger("conveyor")
 
@@ -301,15 +307,18 @@ def run_command(
             click.echo(result.to_json() if as_json else result.report().rstrip())
             return
         handle = _start(pipeline, progress, report, stall_timeout)
-        try:
-            result = handle.join()
-        except KeyboardInterrupt:
-            _interrupted(handle)
-        except Exception as exc:
-            _print_exception(exc)
-            click.echo(f"conveyor: the run failed: {type(exc).__name__}: {exc}", err=True)
-            sys.exit(EXIT_PIPELINE_ERROR)
-    except KeyboardInterrupt:
+        with _ctrl_c_stops(handle) as interrupted:
+            try:
+                result = _wait_for(handle)
+            except Exception as exc:
+                if interrupted.is_set():
+                    sys.exit(EXIT_INTERRUPTED)
+                _print_exception(exc)
+                click.echo(f"conveyor: the run failed: {type(exc).__name__}: {exc}", err=True)
+                sys.exit(EXIT_PIPELINE_ERROR)
+        if interrupted.is_set():
+            sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:  # before the run started
         click.echo("conveyor: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     click.echo(result.to_json() if as_json else result.report().rstrip())
@@ -330,15 +339,57 @@ def _start(
         raise click.UsageError(str(exc)) from None
 
 
-def _interrupted(handle: RunHandle) -> NoReturn:
-    """Ctrl-C: stop the run, give it a moment to end and write its report, exit 130."""
-    click.echo("conveyor: interrupted, stopping the run", err=True)
-    try:
+def _wait_for(handle: RunHandle) -> RunResult:
+    """``handle.join()``, in short steps so that Ctrl-C is always seen promptly.
+
+    The kernel may deliver SIGINT to any thread; Python runs the handler in
+    the main thread only when that thread wakes up, which a wait without a
+    timeout may never do.
+    """
+    while True:
+        try:
+            return handle.join(SIGNAL_CHECK)
+        except TimeoutError:
+            continue
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops(handle: RunHandle) -> Iterator[threading.Event]:
+    """While inside, Ctrl-C stops the run instead of raising KeyboardInterrupt.
+
+    The run then ends as a stopped run and the command exits 130. A worker
+    stuck in user code cannot be interrupted: if the run has not ended
+    within `INTERRUPT_GRACE` seconds, or at a second Ctrl-C, the process
+    exits at once (its worker threads are daemons that cannot be joined).
+    """
+    interrupted = threading.Event()
+    deadline = threading.Timer(INTERRUPT_GRACE, _exit_interrupted)
+    deadline.daemon = True
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        if interrupted.is_set():
+            _exit_interrupted()
+        interrupted.set()
+        click.echo("conveyor: interrupted, stopping the run", err=True)
+        deadline.start()
         handle.stop()
-        handle.join(INTERRUPT_GRACE)
-    except (KeyboardInterrupt, Exception):
-        pass  # a second Ctrl-C, or the run ending with an error: leave now either way
-    sys.exit(EXIT_INTERRUPTED)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        deadline.cancel()
+
+
+def _exit_interrupted() -> NoReturn:
+    """Leave now with `EXIT_INTERRUPTED`, without waiting for stuck worker threads."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
 
 
 def _add_redis_commands() -> None:

@@ -14,8 +14,8 @@ histograms, so they are exact to a bucket, and averaged within a batch
 
 While someone watches a run (``run(progress=True)``, ``report=`` or
 ``stall_timeout=``), a `Timeline` keeps periodic samples of every stage's
-counts and queue size: what the HTML report charts, and the evidence for
-the input queues' average fill.
+counts and queue size: what the HTML report charts, and the evidence of
+how full the input queues were.
 
 `find_bottleneck` names the stage that limits throughput: the one whose
 workers are the busiest while its output is not blocked (a stage blocked on
@@ -283,8 +283,13 @@ class StageMetrics:
         self.workers.append(counters)
         return counters
 
-    def snapshot(self) -> StageStats:
-        """Sum the workers' counters now."""
+    def snapshot(self, cpu: bool = True) -> StageStats:
+        """Sum the workers' counters now.
+
+        Args:
+            cpu: read the CPU time of workers still running (a file read per
+                worker on Linux); False leaves ``cpu_seconds`` None for them.
+        """
         ws = list(self.workers)
         now = perf_counter()
         end = self.finished if self.finished is not None else now
@@ -310,7 +315,7 @@ class StageMetrics:
             latency_p50=latency_quantile(histogram, 0.5),
             latency_p99=latency_quantile(histogram, 0.99),
             rate_now=self._rate_now(now, items_in, elapsed),
-            cpu_seconds=_thread_cpu(ws),
+            cpu_seconds=_thread_cpu(ws, cpu),
         )
 
     def _rate_now(self, now: float, items_in: int, elapsed: float) -> float:
@@ -326,12 +331,16 @@ class StageMetrics:
         return (items_in - base[1]) / (now - base[0])
 
 
-def _thread_cpu(workers: Sequence[WorkerCounters]) -> float | None:
-    """CPU time of the workers' threads, each thread once (async workers share one)."""
+def _thread_cpu(workers: Sequence[WorkerCounters], live: bool) -> float | None:
+    """CPU time of the workers' threads, each thread once (async workers share one).
+
+    None when unknown: no worker yet, or a worker still running and ``live`` False.
+    """
     if not workers:
         return None
     total = 0.0
-    for seconds in {w.native_id: w.cpu_now() for w in workers}.values():
+    by_thread = {w.native_id: w.cpu_now() if live else w.cpu_seconds for w in workers}
+    for seconds in by_thread.values():
         if seconds is None:
             return None
         total += seconds
@@ -412,10 +421,15 @@ class Timeline:
             return [(s.seconds, 0.0) for s in self._snapshot()]
         return [(s.seconds, min(1.0, s.queue_size[stage] / capacity)) for s in self._snapshot()]
 
-    def mean_fill(self, stage: int) -> float | None:
-        """Average fill of one stage's input channel over the samples (None if too few)."""
-        fills = [f for _, f in self.fills(stage)]
-        return sum(fills) / len(fills) if len(fills) >= 3 else None
+    def typical_fill(self, stage: int) -> float | None:
+        """Median fill of one stage's input channel while the run flowed (None if unknown).
+
+        The first and last samples are left out (taken before the first items
+        arrive and after the last left), and the median ignores the filling
+        and draining at both ends of the run.
+        """
+        fills = sorted(f for _, f in self.fills(stage)[1:-1])
+        return fills[len(fills) // 2] if fills else None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data, for JSON."""
@@ -434,6 +448,8 @@ BLOCKED_THRESHOLD = 0.25
 """A stage blocked on its output more than this waits for a slower stage after it."""
 STARVED_THRESHOLD = 0.5
 """When the first stage waits for input more than this, the source is the limit."""
+FULL_THRESHOLD = 0.9
+"""An input queue whose median fill reaches this is called full."""
 GIL_CORES = 0.6
 """A thread stage keeping this many cores busy is taken to be CPU-bound Python."""
 
@@ -449,7 +465,7 @@ class Bottleneck:
     """The stage's name, when ``where`` is ``"stage"``."""
     evidence: str
     """The numbers behind the verdict, e.g. ``stage 'parse': 4 workers at 98%
-    busy, input queue 97% full on average, output blocked 0% of the time``."""
+    busy, input queue full (100% median fill), output blocked 0% of the time``."""
     hint: str
     """What would help, e.g. ``more workers would help``."""
 
@@ -469,14 +485,14 @@ def find_bottleneck(
     The rule: among the stages whose output is rarely blocked (a blocked
     stage is waiting for a slower one after it), the one whose workers are
     the busiest, if they are busy at least half the time. Its input queue's
-    average fill (from the timeline, when there is one) or the share of time
+    median fill (from the timeline, when there is one) or the share of time
     its workers waited for input is given as evidence that work was queuing
     up in front of it. When no stage qualifies, the source (every stage
     starved) or the consumer of the outputs (the last stage blocked) is named.
 
     Args:
         stats: one snapshot per stage, in pipeline order.
-        timeline: the run's samples, for the input queues' average fill.
+        timeline: the run's samples, for the input queues' median fill.
     """
     if not stats or not any(s.items_in for s in stats):
         return None
@@ -487,7 +503,7 @@ def find_bottleneck(
     ]
     if candidates:
         i, s = max(candidates, key=lambda c: c[1].utilisation)
-        fill = timeline.mean_fill(i) if timeline is not None and timeline.samples else None
+        fill = timeline.typical_fill(i) if timeline is not None else None
         return Bottleneck("stage", s.name, _stage_evidence(s, fill), _stage_hint(s))
     first, last = stats[0], stats[-1]
     if first.waiting_input >= STARVED_THRESHOLD:
@@ -509,14 +525,14 @@ def find_bottleneck(
     return None
 
 
-def _stage_evidence(s: StageStats, mean_fill: float | None) -> str:
+def _stage_evidence(s: StageStats, fill: float | None) -> str:
     workers = f"{s.workers} worker{'s' if s.workers != 1 else ''}"
-    if mean_fill is None:
+    if fill is None:
         queue = f"waiting for input {s.waiting_input:.0%} of the time"
-    elif mean_fill >= 0.9:
-        queue = f"input queue full ({mean_fill:.0%} on average)"
+    elif fill >= FULL_THRESHOLD:
+        queue = f"input queue full ({fill:.0%} median fill)"
     else:
-        queue = f"input queue {mean_fill:.0%} full on average"
+        queue = f"input queue {fill:.0%} full (median)"
     return (
         f"stage {s.name!r}: {workers} at {s.utilisation:.0%} busy, {queue}, "
         f"output blocked {s.blocked_output:.0%} of the time"

@@ -48,8 +48,9 @@ log = logging.getLogger("conveyor")
 
 TICK = 0.1
 """Seconds between two samples of a watched run."""
-LIVE_REFRESH = 0.25
-"""Seconds between two redraws of the live table (drawing costs the GIL)."""
+LIVE_REFRESH = 0.5
+"""Seconds between two redraws of the live table: a redraw holds the GIL for
+about 3 ms, so redrawing twice a second keeps the cost well under 1%."""
 LOG_INTERVAL = 5.0
 """Seconds between two progress log lines when the output is not a terminal."""
 
@@ -121,7 +122,11 @@ class LiveDisplay:
         self._refresh = refresh
         self._last_draw = 0.0
         self._prev: dict[str, StageStats] = {}
-        self._live = Live(console=console, auto_refresh=False, transient=False)
+        # stdout stays the user's: only stderr (the console's own stream) goes
+        # through the display, so prints to a redirected stdout land where expected.
+        self._live = Live(
+            console=console, auto_refresh=False, transient=False, redirect_stdout=False
+        )
         self._live.start()
 
     def render(self, stats: Sequence[StageStats], elapsed: float, final: bool = False) -> Group:
@@ -249,15 +254,20 @@ class Monitor:
             total = source_length(source)
             display = LiveDisplay(console, total) if console.is_terminal else LogDisplay(total)
         monitor = cls(run, display, report, stall_timeout)
-        monitor._sample()
-        monitor._thread.start()
+        monitor.begin()
         return monitor
+
+    def begin(self) -> None:
+        """Take the first sample and start the monitor's thread."""
+        self._sample()
+        self._thread.start()
 
     def _elapsed(self) -> float:
         return perf_counter() - self._run.started
 
     def _sample(self, force: bool = False) -> list[StageStats]:
-        stats = self._run.stats()
+        # Without the CPU times: reading them costs a file read per worker, every tick.
+        stats = [m.snapshot(cpu=False) for m in self._run.metrics]
         self.timeline.add(self._elapsed(), stats, force=force)
         return stats
 

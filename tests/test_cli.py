@@ -1,0 +1,316 @@
+"""The ``conveyor`` command, driven as a user drives it: in a subprocess, and in a terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conveyor.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_PIPELINE_ERROR, EXIT_USAGE, INTERRUPT_GRACE
+from test_pipeline_helpers import WAIT
+from test_progress import run_in_pty
+
+PIPELINES = """
+import itertools
+import sys
+import threading
+import time
+
+import conveyor as cv
+
+
+def slow(x):
+    time.sleep(0.002)  # the stage's work
+    return x
+
+
+def check(x):
+    if x == 7:
+        raise ValueError("seven is not allowed")
+    return x
+
+
+pipeline = (
+    cv.Pipeline(range(200))
+    .map(lambda x: x + 1, name="read")
+    .map(slow, name="parse")
+    .each(lambda x: None, name="write")
+)
+
+
+def make():
+    return pipeline
+
+
+failing = cv.Pipeline(range(20)).map(check, name="check")
+number = 3
+
+
+def needs_args(a, b):
+    return pipeline
+
+
+def returns_int():
+    return 5
+
+
+def explodes():
+    raise RuntimeError("cannot build it")
+
+
+_announced = threading.Event()
+
+
+def announce_then_work(x):
+    if not _announced.is_set():
+        _announced.set()
+        print("running", file=sys.stderr, flush=True)
+    time.sleep(0.001)  # the stage's work
+    return x
+
+
+endless = cv.Pipeline(itertools.count()).map(announce_then_work, name="work")
+
+_never = threading.Event()
+
+
+def announce_then_hang(x):
+    print("running", file=sys.stderr, flush=True)
+    _never.wait()
+    return x
+
+
+stuck = cv.Pipeline(range(10)).map(announce_then_hang, name="hang")
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A directory holding the user's pipelines module, ``pipes.py``."""
+    (tmp_path / "pipes.py").write_text(PIPELINES)
+    (tmp_path / "broken.py").write_text("raise RuntimeError('broken at import')\n")
+    (tmp_path / "needs_dep.py").write_text("import a_dependency_that_is_not_installed\n")
+    return tmp_path
+
+
+def conveyor(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m conveyor ARGS`` in ``cwd`` and wait for it."""
+    return subprocess.run(
+        [sys.executable, "-m", "conveyor", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+# ---------------------------------------------------------------------- help
+
+
+@pytest.mark.quick
+def test_help_lists_the_commands_and_the_exit_codes(tmp_path: Path) -> None:
+    result = conveyor("--help", cwd=tmp_path)
+    assert result.returncode == EXIT_OK
+    out = result.stdout
+    assert "Usage: conveyor [OPTIONS] COMMAND" in out
+    assert "run " in out and "demo " in out
+    assert "conveyor run app.pipelines:etl" in out
+    for line in (
+        "0    success",
+        "1    the pipeline failed",
+        "2    usage error",
+        "130  interrupted",
+    ):
+        assert line in out
+
+
+@pytest.mark.quick
+def test_run_help_explains_the_target_and_every_option(tmp_path: Path) -> None:
+    out = conveyor("run", "--help", cwd=tmp_path).stdout
+    assert "Usage: conveyor run [OPTIONS] MODULE:ATTR" in out
+    for option in ("--progress / --no-progress", "--report FILE", "-w, --workers STAGE=N"):
+        assert option in out
+    for option in ("--stall-timeout SECONDS", "--json", "130  interrupted"):
+        assert option in out
+
+
+@pytest.mark.quick
+def test_the_console_script_is_the_same_command(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "conveyor"
+    result = subprocess.run(
+        [str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == EXIT_OK
+    assert result.stdout == conveyor("--help", cwd=tmp_path).stdout
+
+
+# ---------------------------------------------------------------------- run
+
+
+def test_run_prints_the_report_naming_the_bottleneck(project: Path) -> None:
+    result = conveyor("run", "pipes:pipeline", cwd=project)
+    assert result.returncode == EXIT_OK, result.stderr
+    assert "200 outputs" not in result.stdout  # the sink outputs nothing
+    for name in ("read", "parse", "write"):
+        assert name in result.stdout
+    assert "bottleneck: stage 'parse': 1 worker at" in result.stdout
+    assert "more workers would help" in result.stdout
+    assert "(done)" in result.stderr  # progress, as log lines: stderr is not a terminal
+
+
+def test_run_takes_a_function_that_returns_the_pipeline_and_overrides_workers(
+    project: Path,
+) -> None:
+    result = conveyor("run", "pipes:make", "-w", "parse=3", "--json", "--no-progress", cwd=project)
+    assert result.returncode == EXIT_OK, result.stderr
+    data = json.loads(result.stdout)
+    assert [(s["name"], s["workers"]) for s in data["stages"]] == [
+        ("read", 1),
+        ("parse", 3),
+        ("write", 1),
+    ]
+    assert data["stages"][2]["items_in"] == 200
+    assert result.stderr == ""
+
+
+def test_run_writes_the_html_report(project: Path) -> None:
+    result = conveyor("run", "pipes:pipeline", "--report", "out.html", "--no-progress", cwd=project)
+    assert result.returncode == EXIT_OK, result.stderr
+    html = (project / "out.html").read_text(encoding="utf-8")
+    assert html.count("<svg") == 3 and "parse" in html
+
+
+def test_a_failing_pipeline_exits_1_with_the_traceback_and_the_stage(project: Path) -> None:
+    result = conveyor("run", "pipes:failing", cwd=project)
+    assert result.returncode == EXIT_PIPELINE_ERROR
+    assert "Traceback (most recent call last)" in result.stderr
+    assert 'raise ValueError("seven is not allowed")' in result.stderr
+    assert "conveyor: the run failed: ValueError: seven is not allowed" in result.stderr
+    if sys.version_info >= (3, 11):  # notes are printed with tracebacks since 3.11
+        assert "stage 'check' (map) failed on item 7" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("pipes:explodes", "pipes:explodes() raised RuntimeError: cannot build it"),
+        ("broken:pipeline", "importing 'broken' raised RuntimeError: broken at import"),
+        ("needs_dep:pipeline", "importing 'needs_dep' failed: No module named"),
+    ],
+)
+def test_user_code_failing_while_loading_exits_1_with_its_traceback(
+    project: Path, target: str, message: str
+) -> None:
+    result = conveyor("run", target, cwd=project)
+    assert result.returncode == EXIT_PIPELINE_ERROR
+    assert "Traceback (most recent call last)" in result.stderr
+    assert f"Error: {message}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["pipes"], "expected MODULE:ATTR, for example app.pipelines:etl; got 'pipes'"),
+        (["pipes.py:pipeline"], "give a module name, not a file: pipes:pipeline"),
+        (["nowhere:pipeline"], "no module named 'nowhere'"),
+        (["pipes:nothing"], "module 'pipes' has no attribute 'nothing'; pipelines in it: "),
+        (["pipes:number"], "pipes:number is an int, not a conveyor.Pipeline"),
+        (["pipes:needs_args"], "pipes:needs_args needs arguments (a, b)"),
+        (["pipes:returns_int"], "pipes:returns_int() returned an int, not a conveyor.Pipeline"),
+        (["pipes:pipeline", "-w", "parse"], "expected STAGE=N, got 'parse'"),
+        (["pipes:pipeline", "-w", "parse=0"], "N must be a whole number >= 1"),
+        (["pipes:pipeline", "-w", "parse=many"], "N must be a whole number >= 1"),
+        (["pipes:pipeline", "-w", "nope=2"], "no stage named 'nope'; stages: 'read', 'parse'"),
+        (["pipes:pipeline", "--report", "no/such/dir/r.html"], "the directory no/such/dir does"),
+        (["pipes:pipeline", "--stall-timeout", "0"], "--stall-timeout"),
+        (["pipes:pipeline", "--frobnicate"], "No such option"),
+    ],
+)
+def test_usage_errors_exit_2_with_a_clear_message(
+    project: Path, args: list[str], message: str
+) -> None:
+    result = conveyor("run", *args, cwd=project)
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert message in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+    assert "Try 'conveyor run --help' for help." in result.stderr
+
+
+# ---------------------------------------------------------------------- Ctrl-C
+
+
+def start_and_wait_until_running(target: str, cwd: Path) -> subprocess.Popen[bytes]:
+    """Start ``conveyor run TARGET`` and return once its stage said "running"."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conveyor", "run", target, "--no-progress"],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    seen = b""
+    deadline = time.monotonic() + WAIT
+    while b"running" not in seen:
+        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(proc.stderr.fileno(), 4096) if ready else b""
+        if not chunk:
+            proc.kill()
+            proc.communicate()
+            pytest.fail(f"the run did not start: {seen!r}")
+        seen += chunk
+    return proc
+
+
+@pytest.mark.parametrize(
+    ("target", "bound"),
+    [
+        ("pipes:endless", 1.0),  # workers stop at once
+        ("pipes:stuck", INTERRUPT_GRACE + 1.0),  # a worker never returns: exit after the grace
+    ],
+)
+def test_sigint_exits_130_promptly(project: Path, target: str, bound: float) -> None:
+    proc = start_and_wait_until_running(target, project)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=WAIT)
+    took = time.monotonic() - sent
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert b"conveyor: interrupted" in err
+    assert took < bound, f"took {took:.2f} s"
+
+
+# ---------------------------------------------------------------------- a terminal
+
+
+def test_run_in_a_terminal_draws_the_live_table(project: Path) -> None:
+    code, out = run_in_pty(
+        [sys.executable, "-m", "conveyor", "run", "pipes:pipeline"], project, timeout=WAIT * 3
+    )
+    assert code == EXIT_OK, out
+    assert "\x1b[?25l" in out  # a rich live display
+    assert "┏" in out and "items/s" in out
+    for name in ("read", "parse", "write"):
+        assert name in out
+    assert "200/200 items in (100%)" in out
+    assert "bottleneck: stage 'parse'" in out  # the report after the table
+
+
+# ---------------------------------------------------------------------- demo
+
+
+def test_the_demo_runs_quickly_and_names_the_bottleneck(tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = conveyor("demo", cwd=tmp_path)
+    took = time.monotonic() - started
+    assert result.returncode == EXIT_OK, result.stderr
+    assert "bottleneck: stage " in result.stdout
+    assert took < 5.0, f"the demo took {took:.1f} s"

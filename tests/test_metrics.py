@@ -1,0 +1,412 @@
+"""Per-stage metrics, the timeline, the bottleneck rule and the stall detector.
+
+Slow stages here are made slow by their work (a fixed sleep per item, or a
+wait on an Event the test controls), never by sleeping in the test itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import conveyor as cv
+from conveyor.metrics import (
+    LATENCY_BUCKETS,
+    Bottleneck,
+    StageStats,
+    Timeline,
+    find_bottleneck,
+    latency_bucket,
+    latency_quantile,
+)
+from test_pipeline_helpers import conveyor_threads, must_wait, no_thread_left  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("no_thread_left")
+
+SLOW_ITEM = 0.002  # seconds of sleep per item in the deliberately slow stage
+
+
+def work_slowly(x: int) -> int:
+    """The slow stage's work: a fixed sleep per item (the work itself, not a synchronisation)."""
+    time.sleep(SLOW_ITEM)
+    return x
+
+
+def plus_one(x: int) -> int:
+    return x + 1
+
+
+def slow_middle(n: int = 150, workers: int = 1) -> cv.Pipeline[int]:
+    """read (fast) -> parse (slow, small input queue) -> write (fast)."""
+    return (
+        cv.Pipeline(range(n))
+        .map(plus_one, workers=2, name="read")
+        .map(work_slowly, workers=workers, capacity=16, name="parse")
+        .map(plus_one, name="write")
+    )
+
+
+def stats(name: str = "s", **changes: Any) -> StageStats:
+    """A synthetic snapshot: one worker over 10 s, idle unless ``changes`` say otherwise."""
+    base = StageStats(
+        name=name,
+        kind="map",
+        runtime="thread",
+        workers=1,
+        items_in=100,
+        items_out=100,
+        filtered=0,
+        failed=0,
+        retried=0,
+        busy_seconds=0.0,
+        wait_input_seconds=0.0,
+        wait_output_seconds=0.0,
+        elapsed_seconds=10.0,
+        queue_size=0,
+        queue_capacity=16,
+    )
+    return replace(base, **changes)
+
+
+# ---------------------------------------------------------------------- latency histogram
+
+
+@pytest.mark.quick
+def test_latency_buckets_grow_with_the_time_and_stay_in_range() -> None:
+    times = [0.0, 1e-8, 1e-6, 1e-3, 1.0, 1e6]
+    buckets = [latency_bucket(t) for t in times]
+    assert buckets == sorted(buckets)
+    assert buckets[0] == 0 and buckets[-1] == LATENCY_BUCKETS - 1
+    assert len(set(buckets[2:5])) == 3
+
+
+@pytest.mark.quick
+def test_latency_quantiles_are_exact_to_a_bucket() -> None:
+    histogram = [0] * LATENCY_BUCKETS
+    for t, count in ((0.001, 90), (0.1, 10)):
+        histogram[latency_bucket(t)] += count
+    assert latency_quantile(histogram, 0.5) == pytest.approx(0.001, rel=0.1)
+    assert latency_quantile(histogram, 0.99) == pytest.approx(0.1, rel=0.1)
+    assert latency_quantile([0] * LATENCY_BUCKETS, 0.5) == 0.0
+
+
+def test_a_runs_latency_is_the_time_per_item_of_the_stage_function() -> None:
+    result = slow_middle(60).run()
+    read, parse, _ = result.stats
+    # A sleep of 2 ms takes at least 2 ms; the bucket's middle is within ~10% of it.
+    assert parse.latency_p50 >= SLOW_ITEM * 0.9
+    assert parse.latency_p99 >= parse.latency_p50
+    assert read.latency_p50 < parse.latency_p50 / 10
+
+
+# ---------------------------------------------------------------------- fractions and plain data
+
+
+@pytest.mark.quick
+def test_the_shares_of_worker_time_are_fractions_of_the_workers_wall_time() -> None:
+    s = stats(
+        workers=4,
+        busy_seconds=20.0,
+        wait_input_seconds=8.0,
+        wait_output_seconds=4.0,
+        elapsed_seconds=10.0,
+    )
+    assert (s.utilisation, s.waiting_input, s.blocked_output) == (0.5, 0.2, 0.1)
+    assert s.throughput == 10.0
+    assert stats(elapsed_seconds=0.0).utilisation == 0.0
+
+
+@pytest.mark.quick
+def test_stats_are_plain_data_for_json() -> None:
+    data = stats(cpu_seconds=1.5).as_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert {"utilisation", "waiting_input", "blocked_output", "throughput", "queue_fill"} <= set(
+        data
+    )
+    assert {"latency_p50", "latency_p99", "rate_now", "cpu_seconds"} <= set(data)
+
+
+def test_the_result_json_holds_stages_bottleneck_failures_and_timeline(tmp_path: Path) -> None:
+    result = slow_middle(80).run(report=tmp_path / "run.html")
+    data = json.loads(result.to_json())
+    assert [s["name"] for s in data["stages"]] == ["read", "parse", "write"]
+    assert data["bottleneck"]["stage"] == "parse"
+    assert data["bottleneck"]["text"] == str(result.bottleneck)
+    assert data["failures"] == []
+    timeline = data["timeline"]
+    assert timeline["stages"] == ["read", "parse", "write"]
+    assert timeline["samples"][-1]["items_in"] == [80, 80, 80]
+
+
+def test_a_live_handle_gives_stats_while_the_run_goes_on() -> None:
+    gate = threading.Event()
+    taken = threading.Event()
+
+    def held(x: int) -> int:
+        taken.set()
+        must_wait(gate)
+        return x
+
+    with cv.Pipeline(range(10)).map(held, name="held").start() as handle:
+        must_wait(taken)
+        (live,) = handle.stats()
+        assert live.name == "held" and live.items_in == 0
+        assert live.elapsed_seconds > 0
+        gate.set()
+        result = handle.join(10)
+    assert result.stats[0].items_in == 10
+
+
+def test_rate_now_follows_recent_progress_and_is_the_overall_rate_at_the_end() -> None:
+    result = slow_middle(60).run()
+    for s in result.stats:
+        assert s.rate_now == pytest.approx(s.throughput)
+
+
+def test_a_sleeping_stage_uses_little_cpu_for_its_busy_time() -> None:
+    (s,) = cv.Pipeline(range(40)).map(work_slowly, name="sleepy").run().stats
+    assert s.cpu_seconds is not None
+    assert 0.0 <= s.cpu_seconds < 0.5 * s.busy_seconds
+
+
+# ---------------------------------------------------------------------- timeline
+
+
+@pytest.mark.quick
+def test_the_timeline_keeps_a_bounded_even_series_ending_with_the_latest_sample() -> None:
+    timeline = Timeline(["a"], [10], max_samples=50)
+    for i in range(1000):
+        timeline.add(i * 0.1, [stats("a", items_in=i, queue_size=i % 10)])
+    timeline.add(100.0, [stats("a", items_in=1000)], force=True)  # the final state
+    samples = timeline.samples
+    assert len(samples) <= 51
+    assert samples[-1].items_in == (1000,)
+    gaps = [b.seconds - a.seconds for a, b in pairwise(samples[:-1])]  # the last is forced
+    assert max(gaps) <= 2 * min(gaps) + 1e-9
+    assert all(r == pytest.approx(10.0) for _, r in timeline.rates(0))
+    assert all(s.queue_size == (s.items_in[0] % 10,) for s in samples[:-1])
+
+
+@pytest.mark.quick
+def test_a_timeline_without_samples_in_the_middle_gives_no_typical_fill() -> None:
+    timeline = Timeline(["a"], [10])
+    timeline.add(0.0, [stats("a", queue_size=10)])
+    assert timeline.rates(0) == []
+    timeline.add(1.0, [stats("a", items_in=200, queue_size=10)])
+    assert timeline.typical_fill(0) is None  # the first and last samples are left out
+    assert timeline.rates(0) == [(1.0, 100.0)]
+
+
+# ---------------------------------------------------------------------- the bottleneck rule
+
+
+@pytest.mark.quick
+def test_the_busiest_stage_whose_output_is_free_is_the_bottleneck() -> None:
+    result = find_bottleneck(
+        [
+            stats("read", busy_seconds=3.0, wait_output_seconds=7.0),  # waits for parse
+            stats("parse", workers=4, busy_seconds=39.2, wait_input_seconds=0.4),
+            stats("write", busy_seconds=1.0, wait_input_seconds=9.0),
+        ]
+    )
+    assert result is not None
+    assert (result.where, result.stage) == ("stage", "parse")
+    assert "4 workers at 98% busy" in result.evidence
+    assert result.hint == "more workers would help"
+    assert str(result) == f"{result.evidence}: {result.hint}"
+
+
+@pytest.mark.quick
+def test_a_busy_stage_blocked_on_its_output_is_not_the_bottleneck() -> None:
+    result = find_bottleneck(
+        [
+            stats("a", busy_seconds=6.0, wait_output_seconds=4.0),
+            stats("b", busy_seconds=5.5, wait_input_seconds=0.5),
+        ]
+    )
+    assert result is not None and result.stage == "b"
+
+
+@pytest.mark.quick
+def test_the_evidence_gives_the_input_queues_median_fill_when_sampled() -> None:
+    timeline = Timeline(["parse"], [16])
+    for i in range(5):
+        timeline.add(float(i), [stats("parse", queue_size=16)])
+    result = find_bottleneck([stats("parse", busy_seconds=9.9)], timeline)
+    assert result is not None
+    assert "input queue full (100% median fill)" in result.evidence
+
+
+@pytest.mark.quick
+def test_a_starved_first_stage_names_the_source() -> None:
+    result = find_bottleneck([stats("a", busy_seconds=1.0, wait_input_seconds=9.0)])
+    assert result is not None
+    assert (result.where, result.stage) == ("source", None)
+    assert "waited for input 90% of the time" in result.evidence
+
+
+@pytest.mark.quick
+def test_a_blocked_last_stage_names_the_consumer_of_the_outputs() -> None:
+    result = find_bottleneck([stats("a", busy_seconds=1.0, wait_output_seconds=9.0)])
+    assert result is not None
+    assert result.where == "consumer"
+
+
+@pytest.mark.quick
+def test_no_bottleneck_is_named_without_evidence() -> None:
+    assert find_bottleneck([]) is None
+    assert find_bottleneck([stats("a", items_in=0)]) is None
+    assert find_bottleneck([stats("a", busy_seconds=2.0, wait_input_seconds=2.0)]) is None
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"cpu_seconds": 9.5}, "runtime='process'"),
+        ({"cpu_seconds": 0.5}, "more workers would help"),
+        ({"cpu_seconds": None}, "more workers would help"),
+        ({"runtime": "async"}, "more concurrency would help"),
+        ({"runtime": "process", "workers": 1}, "more worker processes would help"),
+        ({"runtime": "process", "workers": 4096}, "already cover the"),
+    ],
+)
+def test_the_hint_depends_on_the_stages_runtime_and_cpu_use(
+    changes: dict[str, Any], expected: str
+) -> None:
+    busy = 9.8 * changes.get("workers", 1)
+    result = find_bottleneck([stats("parse", busy_seconds=busy, **changes)])
+    assert isinstance(result, Bottleneck)
+    assert expected in result.hint
+
+
+def test_a_pipeline_with_a_known_slow_stage_names_it_with_evidence(tmp_path: Path) -> None:
+    result = slow_middle(150).run(report=tmp_path / "run.html")
+    bottleneck = result.bottleneck
+    assert bottleneck is not None and bottleneck.stage == "parse"
+    assert bottleneck.evidence.startswith("stage 'parse': 1 worker at ")
+    assert "input queue full" in bottleneck.evidence  # 16 slots, 150 items waiting
+    assert bottleneck.hint == "more workers would help"  # sleeping work: threads help
+    read, parse, write = result.stats
+    assert parse.utilisation >= 0.5
+    assert read.blocked_output > parse.blocked_output
+    assert write.waiting_input > 0.5
+
+
+def test_the_bottleneck_moves_when_the_first_stage_is_the_slow_one() -> None:
+    p = (
+        cv.Pipeline(range(150))
+        .map(work_slowly, name="fetch")
+        .map(plus_one, workers=2, name="parse")
+        .map(plus_one, name="write")
+    )
+    bottleneck = p.run().bottleneck
+    assert bottleneck is not None and bottleneck.stage == "fetch"
+
+
+def test_a_slow_source_is_named_as_the_bottleneck() -> None:
+    def slow_source() -> Iterator[int]:
+        for i in range(150):
+            time.sleep(SLOW_ITEM)  # the source's work
+            yield i
+
+    bottleneck = cv.Pipeline(slow_source()).map(plus_one, name="inc").run().bottleneck
+    assert bottleneck is not None and bottleneck.where == "source"
+
+
+# ---------------------------------------------------------------------- stall detector
+
+
+class WarningCatcher(logging.Handler):
+    """Collects the 'conveyor' logger's warnings and signals the first one."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+        self.first = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.first.set()
+
+
+@pytest.fixture
+def warnings_caught() -> Iterator[WarningCatcher]:
+    catcher = WarningCatcher()
+    logger = logging.getLogger("conveyor")
+    logger.addHandler(catcher)
+    try:
+        yield catcher
+    finally:
+        logger.removeHandler(catcher)
+
+
+def test_a_stall_names_the_worker_its_item_how_long_and_its_stack(
+    warnings_caught: WarningCatcher,
+) -> None:
+    gate = threading.Event()
+
+    def stuck_on_gate(x: int) -> int:
+        if x == 3:
+            must_wait(gate)
+        return x
+
+    p = cv.Pipeline(range(10)).map(stuck_on_gate, name="stuck", capacity=4)
+    with p.start(stall_timeout=0.2) as handle:
+        must_wait(warnings_caught.first)
+        gate.set()
+        handle.join(10)
+    record = warnings_caught.records[0]
+    assert record.name == "conveyor" and record.levelno == logging.WARNING
+    text = record.getMessage()
+    assert "no item has moved for" in text
+    assert "stage 'stuck' (map), worker conveyor-stuck-0: holds item 3 since" in text
+    assert "in stuck_on_gate" in text and "must_wait(gate)" in text
+    assert "'stuck' input" in text
+
+
+def test_a_stall_in_the_source_shows_the_sources_stack(
+    warnings_caught: WarningCatcher,
+) -> None:
+    gate = threading.Event()
+
+    def stuck_source() -> Iterator[int]:
+        yield 1
+        must_wait(gate)
+        yield 2
+
+    with cv.Pipeline(stuck_source()).map(plus_one, name="inc").start(stall_timeout=0.2) as handle:
+        must_wait(warnings_caught.first)
+        gate.set()
+        assert handle.join(10).stats[0].items_in == 2
+    text = warnings_caught.records[0].getMessage()
+    assert "no worker is inside a stage function" in text
+    assert "in stuck_source" in text
+
+
+def test_a_run_that_keeps_moving_reports_no_stall(warnings_caught: WarningCatcher) -> None:
+    slow_middle(100).run(stall_timeout=0.5)
+    assert warnings_caught.records == []
+
+
+def test_watching_a_run_leaves_no_monitor_thread_behind(tmp_path: Path) -> None:
+    slow_middle(20).run(progress=True, report=tmp_path / "r.html", stall_timeout=5.0)
+    assert "conveyor-monitor" not in conveyor_threads()
+
+
+@pytest.mark.quick
+def test_a_bad_stall_timeout_is_refused_before_the_run() -> None:
+    p = cv.Pipeline(range(3)).map(plus_one)
+    with pytest.raises(cv.ConfigurationError, match="'stall_timeout' must be > 0"):
+        p.run(stall_timeout=0)
+    with pytest.raises(cv.ConfigurationTypeError, match="'stall_timeout'"):
+        p.start(stall_timeout="soon")  # type: ignore[arg-type]

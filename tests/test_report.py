@@ -1,0 +1,228 @@
+"""Reports: the text table after a run, and the self-contained HTML page.
+
+The HTML is checked structurally here (parsed with html.parser); that it
+renders in a browser is checked by hand, as docs/observability.md describes.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import conveyor as cv
+from conveyor.report import check_report_path, format_seconds, render_html
+from test_metrics import slow_middle
+from test_pipeline_helpers import must_wait, no_thread_left  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("no_thread_left")
+
+
+class Page(HTMLParser):
+    """The tags, attributes and visible text of an HTML page."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.visible: list[str] = []
+        self.scripts: list[str] = []
+        self._inside: list[str] = []
+        self.feed(source)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+        if tag not in ("meta", "rect", "line", "circle", "polyline"):
+            self._inside.append(tag)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._inside:
+            while self._inside.pop() != tag:
+                pass
+
+    def handle_data(self, data: str) -> None:
+        if "script" in self._inside:
+            self.scripts.append(data)
+        elif "style" not in self._inside:
+            self.visible.append(data)
+
+    @property
+    def text(self) -> str:
+        return " ".join(" ".join(self.visible).split())
+
+    def count(self, tag: str) -> int:
+        return sum(1 for t, _ in self.tags if t == tag)
+
+    def attributes(self, tag: str) -> list[dict[str, str | None]]:
+        return [a for t, a in self.tags if t == tag]
+
+
+def flaky_parse(x: int) -> int:
+    """Slow work that fails on multiples of 50."""
+    if x % 50 == 0:
+        raise ValueError(f"bad record {x}")
+    return x
+
+
+# ---------------------------------------------------------------------- text
+
+
+def test_the_text_report_is_the_table_then_the_totals_and_the_bottleneck() -> None:
+    result = slow_middle(100).run()
+    report = result.report()
+    header = next(line for line in report.splitlines() if "stage" in line)
+    for column in ("in", "out", "failed", "busy", "starved", "blocked", "p50", "p99", "items/s"):
+        assert column in header
+    for name in ("read", "parse", "write"):
+        assert name in report
+    assert "100 outputs in" in report
+    assert f"bottleneck: {result.bottleneck}" in " ".join(report.split())
+
+
+def test_the_text_report_lists_failed_items() -> None:
+    p = cv.Pipeline(range(120)).map(flaky_parse, on_error="skip", name="parse")
+    report = p.run().report()
+    assert "3 items failed" in report
+    assert "parse: 50 -> ValueError: bad record 50" in report
+
+
+def test_a_run_without_a_clear_bottleneck_says_so() -> None:
+    report = cv.Pipeline(range(3)).map(lambda x: x, name="tiny").run().report()
+    assert "bottleneck: " in report
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0"),
+        (3e-7, "300 ns"),
+        (3.5e-5, "35 µs"),
+        (0.0012, "1.2 ms"),
+        (2.1, "2.1 s"),
+        (185, "3m05s"),
+    ],
+)
+def test_durations_read_in_the_unit_that_fits(seconds: float, text: str) -> None:
+    assert format_seconds(seconds) == text
+
+
+# ---------------------------------------------------------------------- HTML
+
+
+def test_run_writes_an_html_report_with_charts_the_bottleneck_and_stage_names(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "run.html"
+    result = slow_middle(150).run(report=path)
+    page = Page(path.read_text(encoding="utf-8"))
+    assert page.count("svg") == 3  # throughput, queue fill, where the time went
+    assert page.count("polyline") >= 3  # a line per stage, at least in one chart
+    for name in ("read", "parse", "write"):
+        assert name in page.text
+    assert result.bottleneck is not None
+    assert result.bottleneck.evidence in page.text
+    assert f"Hint: {result.bottleneck.hint}." in page.text
+    for heading in ("Throughput per stage", "Input queue fill per stage", "Stages", "Errors"):
+        assert heading in page.text
+    assert "No errors." in page.text
+
+
+def test_the_html_report_is_self_contained(tmp_path: Path) -> None:
+    path = tmp_path / "run.html"
+    slow_middle(40).run(report=path)
+    source = path.read_text(encoding="utf-8")
+    page = Page(source)
+    assert page.count("link") == 0 and page.count("img") == 0 and page.count("iframe") == 0
+    for _, attrs in page.tags:
+        assert "src" not in attrs
+        assert not str(attrs.get("href", "")).startswith(("http:", "https:", "//"))
+    assert [a.get("type") for a in page.attributes("script")] == ["application/json"]
+    assert "@import" not in source and "url(" not in source
+
+
+def test_the_html_report_embeds_the_metrics_as_json(tmp_path: Path) -> None:
+    path = tmp_path / "run.html"
+    result = slow_middle(40).run(report=path)
+    (data,) = (json.loads(s) for s in Page(path.read_text(encoding="utf-8")).scripts)
+    assert [s["name"] for s in data["stages"]] == [s.name for s in result.stats]
+    assert data["timeline"]["samples"]
+
+
+def test_the_html_report_lists_failed_items(tmp_path: Path) -> None:
+    path = tmp_path / "run.html"
+    cv.Pipeline(range(120)).map(flaky_parse, on_error="skip", name="parse").run(report=path)
+    page = Page(path.read_text(encoding="utf-8"))
+    assert "Items given up on" in page.text
+    assert "ValueError: bad record 100" in page.text
+
+
+def test_a_failed_run_still_writes_its_report_with_the_error(tmp_path: Path) -> None:
+    path = tmp_path / "run.html"
+    p = cv.Pipeline(range(120)).map(flaky_parse, name="parse")
+    with pytest.raises(ValueError, match="bad record 0"):
+        p.run(report=path)
+    text = Page(path.read_text(encoding="utf-8")).text
+    assert "failed: ValueError" in text
+    assert "The run failed: ValueError: bad record 0" in text
+    assert "stage 'parse' (map) failed on item 0" in text  # the note, in the traceback
+
+
+def test_a_stopped_runs_report_says_it_stopped(tmp_path: Path) -> None:
+    path = tmp_path / "run.html"
+    gate = threading.Event()
+    taken = threading.Event()
+
+    def held(x: int) -> int:
+        taken.set()
+        must_wait(gate)
+        return x
+
+    handle = cv.Pipeline(range(10)).map(held, name="held").start(report=path)
+    must_wait(taken)
+    handle.stop()
+    gate.set()
+    handle.join(10)
+    assert "stopped before the end" in Page(path.read_text(encoding="utf-8")).text
+
+
+@pytest.mark.quick
+def test_a_report_without_samples_still_renders() -> None:
+    result = cv.Pipeline(range(5)).map(lambda x: x, name="only").run()
+    page = Page(render_html(result))
+    assert "The run was too short to sample." in page.text
+    assert page.count("svg") == 1 and "only" in page.text
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize(
+    ("path", "error", "match"),
+    [
+        ("{tmp}", cv.ConfigurationError, "must be a file path, got the directory"),
+        ("{tmp}/missing/run.html", cv.ConfigurationError, "does not exist"),
+        (42, cv.ConfigurationTypeError, "must be a file path, got int"),
+    ],
+)
+def test_a_bad_report_path_is_refused_before_the_run(
+    tmp_path: Path, path: Any, error: type[Exception], match: str
+) -> None:
+    if isinstance(path, str):
+        path = path.format(tmp=tmp_path)
+    with pytest.raises(error, match=match):
+        check_report_path(path)
+    source_pulled = []
+
+    def source() -> Any:
+        source_pulled.append(True)
+        yield 1
+
+    with pytest.raises(error, match=match):
+        cv.Pipeline(source()).map(lambda x: x).run(report=path)
+    assert source_pulled == []

@@ -174,6 +174,18 @@ class RedisBackend:
             self._client = retry(connect, self.url, **self.redis_options)
         return self._client
 
+    def close(self) -> None:
+        """Close the connections to Redis (a later call reconnects)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __enter__(self) -> RedisBackend:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
     def keys(self, pipeline: Any, run_id: str) -> Keys:
         """The key names of ``pipeline``'s run ``run_id``."""
         return Keys(self.namespace, pipeline_id(_stages(pipeline)), run_id)
@@ -209,13 +221,7 @@ class RedisBackend:
                 )
             retry(client.sadd, keys.runs, keys.run)
             return attached, meta.get(b"source_done") == b"1"
-        pipe = client.pipeline(transaction=True)
-        pipe.hset(keys.meta, mapping=info.to_meta())
-        for i in range(len(info.stages) + 1):
-            group = WORKER_GROUP if i < len(info.stages) else DRIVER_GROUP
-            pipe.xgroup_create(keys.stream(i), group, id="0", mkstream=True)
-        pipe.sadd(keys.runs, keys.run)
-        retry(pipe.execute)
+        retry(_create, client, keys, info)
         return info, False
 
     # ------------------------------------------------------------------ running
@@ -248,11 +254,13 @@ class RedisBackend:
             for chunk in run.outputs():
                 if outputs is not None:
                     outputs.extend(chunk)
+            result = run.result(outputs)
         finally:
             if worker is not None:
                 worker.stop()
                 worker.join(30.0)
-        return run.result(outputs)
+            self.close()
+        return result
 
     def _start_local_workers(self, pipeline: Any) -> Any:
         if not self.local_workers:
@@ -277,8 +285,11 @@ class RedisBackend:
         run = _DriverRun(
             self, pipeline, keys, self._info(keys, stages, last.ordered and last.kind != "each")
         )
-        for chunk in run.outputs():
-            yield from chunk
+        try:
+            for chunk in run.outputs():
+                yield from chunk
+        finally:
+            self.close()
 
     # ------------------------------------------------------------------ long-lived runs
 
@@ -325,7 +336,7 @@ class LiveRun:
             if not chunk:
                 return n
             _wait_for_room(self._backend.client(), self.keys.stream(0), self.info.limits[0])
-            args: list[Any] = ["fed"]
+            args: list[Any] = ["fed", ""]
             for value in chunk:
                 fields = self._codec.encode(value)
                 args += [len(fields), *fields]
@@ -358,7 +369,7 @@ class LiveRun:
                 if b"t" not in fields:
                     values.append(self._codec.decode(fields))
         if ids:
-            _ack(client, self._retry, self.keys, final, ids, None)
+            _ack(self._scripts, self._retry, self.keys, final, ids, None)
         return values
 
     def close(self) -> None:
@@ -439,7 +450,7 @@ class _DriverRun:
             chunk = list(islice(source, FEED_CHUNK))
             if not chunk:
                 return
-            args: list[Any] = ["fed"]
+            args: list[Any] = ["fed", fed]
             for j, value in enumerate(chunk):
                 fields = encode(value)
                 if ordered:
@@ -450,6 +461,8 @@ class _DriverRun:
             )
             if length == -1:
                 raise BackendError(f"run {keys.run!r} was deleted while it was being fed")
+            if length == -2:
+                length = 0  # this chunk went in on an attempt whose reply was lost
             fed += len(chunk)
 
     def _wait_for_window(self, fed: int) -> None:
@@ -468,12 +481,17 @@ class _DriverRun:
         self._start_feeder(state.fed)
         try:
             # Entries this consumer read before (a resumed driver) come back first.
-            yield from self._read("0")
+            yield from self._read_pending()
             while True:
                 got = False
-                for chunk in self._read(">"):
+                seen = self.retry.interruptions
+                for chunk, _ in self._read(">"):
                     got = True
-                    yield chunk
+                    if chunk:
+                        yield chunk
+                if self.retry.interruptions != seen:
+                    # A reply cut by a connection loss: what it held is pending for us.
+                    yield from self._read_pending()
                 if self._feed_error is not None:
                     raise self._feed_error
                 state = _read_state(self.client, self.retry, self.keys, self.n)
@@ -495,26 +513,41 @@ class _DriverRun:
         self._read_failures()
         self._finish()
 
-    def _read(self, start: str) -> Iterator[list[Any]]:
-        """Read the final stream once (``start`` ">" for new entries, "0" for our pending)."""
+    def _read_pending(self) -> Iterator[list[Any]]:
+        """Read again the entries delivered to this driver and not acknowledged yet."""
+        start: str | bytes = "0"
+        while True:
+            last: bytes | None = None
+            for chunk, entry_id in self._read(start):
+                last = entry_id
+                if chunk:
+                    yield chunk
+            if last is None:
+                return
+            start = last
+
+    def _read(self, start: str | bytes) -> Iterator[tuple[list[Any], bytes]]:
+        """Read the final stream once (``start`` ">" for new entries, an id for our pending).
+
+        Yields the outputs now released, with the id of the last entry read.
+        """
         reply = self.retry(
             self.client.xreadgroup,
             DRIVER_GROUP,
             "driver",
             {self.final: start},
             count=1000,
-            block=int(POLL_SECONDS * 1000),
+            block=int(POLL_SECONDS * 1000) if start == ">" else None,
         )
         for _, entries in reply or ():
             if entries:
                 values, ids = self._take(entries)
                 if ids:
-                    _ack(self.client, self.retry, self.keys, self.final, ids, self.reorder)
+                    _ack(self.scripts, self.retry, self.keys, self.final, ids, self.reorder)
                     with self._released:
                         self._released.notify_all()
-                if values:
-                    self.items_out += len(values)
-                    yield values
+                self.items_out += len(values)
+                yield values, entries[-1][0]
 
     def _take(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[Any], list[Any]]:
         decode = self.codec.decode
@@ -548,10 +581,14 @@ class _DriverRun:
     def _finish(self) -> None:
         if self.backend.keep:
             return
-        pipe = self.client.pipeline(transaction=True)
-        pipe.srem(self.keys.runs, self.keys.run)
-        pipe.delete(*self.keys.all(self.n))
-        self.retry(pipe.execute)
+
+        def delete() -> None:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.srem(self.keys.runs, self.keys.run)
+            pipe.delete(*self.keys.all(self.n))
+            pipe.execute()
+
+        self.retry(delete)
 
     # ------------------------------------------------------------------ result
 
@@ -617,24 +654,42 @@ def _stages(pipeline: Any) -> tuple[Stage, ...]:
 
 
 def _read_state(client: Any, retry: Retrier, keys: Keys, n: int) -> RunState:
-    pipe = client.pipeline(transaction=True)
-    pipe.hgetall(keys.counters)
-    pipe.hget(keys.meta, "source_done")
-    counters, done = retry(pipe.execute)
+    def read() -> list[Any]:
+        pipe = client.pipeline(transaction=True)
+        pipe.hgetall(keys.counters)
+        pipe.hget(keys.meta, "source_done")
+        replies: list[Any] = pipe.execute()
+        return replies
+
+    counters, done = retry(read)
     return RunState.read(counters, done == b"1", n)
 
 
+def _create(client: Any, keys: Keys, info: RunInfo) -> None:
+    """Write the run's settings, streams and groups, and register it (once)."""
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(keys.meta, mapping=info.to_meta())
+    for i in range(len(info.stages) + 1):
+        group = WORKER_GROUP if i < len(info.stages) else DRIVER_GROUP
+        pipe.xgroup_create(keys.stream(i), group, id="0", mkstream=True)
+    pipe.sadd(keys.runs, keys.run)
+    for reply in pipe.execute(raise_on_error=False):
+        # BUSYGROUP: an earlier attempt whose reply was lost created it already.
+        if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
+            raise reply
+
+
 def _ack(
-    client: Any, retry: Retrier, keys: Keys, final: str, ids: list[Any], reorder: Reorderer | None
+    scripts: Scripts,
+    retry: Retrier,
+    keys: Keys,
+    final: str,
+    ids: list[Any],
+    reorder: Reorderer | None,
 ) -> None:
     """Acknowledge and delete final-stream entries handed to the caller, and count them."""
-    pipe = client.pipeline(transaction=True)
-    pipe.xack(final, DRIVER_GROUP, *ids)
-    pipe.xdel(final, *ids)
-    pipe.hincrby(keys.counters, "delivered", len(ids))
-    if reorder is not None:
-        pipe.hset(keys.counters, "released", reorder.next_root)
-    retry(pipe.execute)
+    released = "" if reorder is None else reorder.next_root
+    retry(scripts.ack, keys=[final, keys.counters], args=[DRIVER_GROUP, released, *ids])
 
 
 def _wait_for_room(

@@ -37,7 +37,7 @@ def _redis_options(fn: F) -> F:
         show_default=True,
         help="Prefix of every Redis key (the driver and the workers must agree).",
     )(fn)
-    fn = click.option(
+    return click.option(
         "--redis",
         "url",
         required=True,
@@ -46,7 +46,6 @@ def _redis_options(fn: F) -> F:
         help="redis://[[USER]:PASSWORD@]HOST:PORT/DB, or rediss://... for TLS "
         "(env: CONVEYOR_REDIS_URL).",
     )(fn)
-    return fn
 
 
 def _fail(exc: BaseException) -> click.ClickException:
@@ -242,7 +241,7 @@ def dlq_list(
     if not letters:
         click.echo("no dead letters")
     for d in letters:
-        item = d.item_error and f"(not decoded: {d.item_error})" or repr(d.item)
+        item = f"(not decoded: {d.item_error})" if d.item_error else repr(d.item)
         click.echo(
             f"run {d.run_id} stage {d.stage!r} id {d.entry_id} "
             f"(was {d.source_id}, delivered {d.deliveries} times)\n"

@@ -52,9 +52,16 @@ class Reorderer:
         self.next_root = next_root
         self._leaves: dict[int, list[tuple[list[int], Any, bytes]]] = {}
         self._cover: dict[int, Fraction] = {}
+        self._held: set[bytes] = set()
 
     def add(self, path: list[int], value: Any, entry_id: bytes) -> None:
-        """Keep a leaf (an output, or TOMBSTONE) received as entry ``entry_id``."""
+        """Keep a leaf (an output, or TOMBSTONE) received as entry ``entry_id``.
+
+        An entry received again (read once more after a connection loss) is ignored.
+        """
+        if entry_id in self._held:
+            return
+        self._held.add(entry_id)
         root = path[0]
         weight = 1
         for k in path[2::2]:
@@ -74,6 +81,7 @@ class Reorderer:
                 if value is not TOMBSTONE:
                     values.append(value)
                 ids.append(entry_id)
+                self._held.discard(entry_id)
             self.next_root += 1
         return values, ids
 

@@ -162,10 +162,24 @@ def connect(url: str, **options: Any) -> Any:
         client.ping()
     except redis.AuthenticationError as exc:
         client.close()
+        if "required" in str(exc).lower():
+            raise BackendError(
+                f"Redis at {redact(url)} requires a password: put it in the URL "
+                f"(redis://:PASSWORD@host:port/0 or redis://USER:PASSWORD@host:port/0)"
+            ) from exc
         raise BackendError(
-            f"Redis at {redact(url)} refused the credentials: {exc}. "
+            f"Redis at {redact(url)} refused the credentials: {exc} "
             f"Check the password (and user name) in the URL."
         ) from exc
+    except redis.ConnectionError as exc:
+        client.close()
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "WRONG_VERSION_NUMBER" in str(exc):
+            # Waiting does not fix a certificate: fail now, saying what to change.
+            raise BackendError(
+                f"TLS with Redis at {redact(url)} failed: {exc} For a private CA or a "
+                f"self-signed certificate, add ?ssl_ca_certs=/path/ca.pem to the URL."
+            ) from exc
+        raise
     except redis.ResponseError as exc:
         client.close()
         if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
@@ -192,6 +206,8 @@ class Retrier:
         self._where = where
         self._timeout = timeout
         self._stopped = stopped or threading.Event()
+        self.interruptions = 0
+        """Connection failures seen so far: a reply may have been lost with each."""
 
     def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call ``fn(*args, **kwargs)`` until it succeeds or the budget is spent."""
@@ -209,8 +225,11 @@ class Retrier:
                 return fn(*args, **kwargs)
             except (AuthenticationError, AuthorizationError):
                 raise
+            except BackendError:
+                raise
             except (ConnectionError, TimeoutError) as exc:
                 now = time.monotonic()
+                self.interruptions += 1
                 if first_failure is None:
                     first_failure = now
                     log.warning("conveyor: Redis unavailable (%s): %s; retrying", self._where, exc)
@@ -323,12 +342,19 @@ end
 return {acked, stale, backlog}
 """
 
-# Add entries to a stream (the source's items, or replayed dead letters).
-# KEYS: stream, counters, meta.  ARGV: counter, then records: k field value ...
-# Returns the stream's length after, or -1 if the run is gone.
+# Add entries to a stream (the source's items, or submitted ones).
+# KEYS: stream, counters, meta.  ARGV: counter, the counter's expected value
+# ('' for none), then records: k field value ...
+# Returns the stream's length after, -1 if the run is gone, or -2 when the
+# counter is past the expected value: an earlier attempt of this very call
+# was applied (its reply lost with the connection), so nothing is added twice.
 FEED = """
 if redis.call('EXISTS', KEYS[3]) == 0 then return -1 end
-local i, n = 2, 0
+if ARGV[2] ~= '' then
+  local now = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+  if now ~= tonumber(ARGV[2]) then return -2 end
+end
+local i, n = 3, 0
 while i <= #ARGV do
   local k = tonumber(ARGV[i])
   redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + k))
@@ -392,6 +418,18 @@ return moved
 """
 
 
+# The driver takes final-stream entries: acknowledge, delete, count (by what
+# XACK says, so a repeated call after a lost reply counts nothing twice).
+# KEYS: final, counters.  ARGV: group, released root ('' if unordered), ids...
+ACK = """
+local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 3))
+if n > 0 then redis.call('HINCRBY', KEYS[2], 'delivered', n) end
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[2], 'released', ARGV[2]) end
+return n
+"""
+
+
 class Scripts:
     """The Lua scripts registered on one client (reloaded by redis-py after a restart)."""
 
@@ -400,3 +438,4 @@ class Scripts:
         self.feed = client.register_script(FEED)
         self.reclaim = client.register_script(RECLAIM)
         self.dead = client.register_script(DEAD)
+        self.ack = client.register_script(ACK)

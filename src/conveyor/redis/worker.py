@@ -39,7 +39,7 @@ from typing import Any
 from ..errors import BackendError, ConfigurationError
 from ..stage import Stage, add_note, process_batch, set_worker_state
 from .codec import Codec, get_codec, key_check, secret_from
-from .order import child_path
+from .order import child_path, load_path
 from .state import RunInfo
 from .streams import (
     WORKER_GROUP,
@@ -161,6 +161,7 @@ class Consumer:
         self.retry = retry
         self.name = consumer_name(label)
         self._size = 1
+        self._recover = False
         self._call: Callable[[Stage, Any], tuple[list[Any], bool]] | None = None
 
     # ------------------------------------------------------------------ the loop
@@ -220,10 +221,25 @@ class Consumer:
         if not streams:
             self.stopped.wait(min(c.blocked_until.get(self.index, now) for c in runs) - now)
             return False
-        count = min(self._size, max(c.info.batch for c in by_key.values()))
+        if self.stage.kind == "batch":
+            count = self.stage.batch_size  # one read makes one group
+        else:
+            count = min(self._size, max(c.info.batch for c in by_key.values()))
+        if self._recover:
+            # A connection loss may have cut the reply of a read that Redis
+            # served: those entries are pending for this consumer; read them again.
+            streams = dict.fromkeys(streams, "0")
+        seen = self.retry.interruptions
         reply = self.retry(
-            self.client.xreadgroup, WORKER_GROUP, self.name, streams, count=count, block=BLOCK_MS
+            self.client.xreadgroup,
+            WORKER_GROUP,
+            self.name,
+            streams,
+            count=count,
+            block=None if self._recover else BLOCK_MS,
         )
+        # One pass is enough: a lost reply held at most one read's entries.
+        self._recover = self.retry.interruptions != seen
         for key, entries in reply or ():
             ctx = by_key[key]
             self.handle(ctx, [(entry_id, fields, 1) for entry_id, fields in entries])
@@ -265,7 +281,7 @@ class Consumer:
         reply = self.retry(
             self.scripts.reclaim,
             keys=[ctx.info.keys.stream(self.index)],
-            args=[WORKER_GROUP, self.name, ctx.info.visibility_ms, cursor, max(self._size, 10)],
+            args=[WORKER_GROUP, self.name, ctx.info.visibility_ms, cursor, self._reclaim_count()],
         )
         ctx.reclaim_cursor[self.index] = reply[0]
         entries = [(e[0], fields_to_dict(e[1]), int(e[2])) for e in reply[1]]
@@ -277,6 +293,9 @@ class Consumer:
             )
             self.handle(ctx, entries)
         return bool(entries)
+
+    def _reclaim_count(self) -> int:
+        return self.stage.batch_size if self.stage.kind == "batch" else max(self._size, 10)
 
     def _leave(self) -> None:
         """Remove this consumer from every run's group, if it holds nothing."""
@@ -339,9 +358,10 @@ class Consumer:
             return  # the run ended meanwhile (it was cancelled): nothing to hand on
         if reply[1]:
             log.warning(
-                "conveyor: stage %r: %d entries were taken over by another worker before this "
-                "one finished them (slower than the visibility timeout?); their outputs were "
-                "dropped",
+                "conveyor: stage %r: %d entries were no longer pending for this worker when it "
+                "handed them on: taken over by another (was it slower than the visibility "
+                "timeout?), or handed on already by an attempt whose reply a connection loss "
+                "cut; their outputs were not added twice",
                 self.stage.name,
                 reply[1],
             )
@@ -358,15 +378,18 @@ class Consumer:
             self._size = max(1, self._size // 2)
 
     def _record_failures(self, ctx: RunContext, failures: list[tuple[str, str, int]]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for item, error, attempts in failures:
-            pipe.xadd(
-                ctx.info.keys.failures,
-                {"stage": self.stage.name, "item": item, "error": error, "attempts": attempts},
-                maxlen=10_000,
-                approximate=True,
-            )
-        self.retry(pipe.execute)
+        def record() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for item, error, attempts in failures:
+                pipe.xadd(
+                    ctx.info.keys.failures,
+                    {"stage": self.stage.name, "item": item, "error": error, "attempts": attempts},
+                    maxlen=10_000,
+                    approximate=True,
+                )
+            pipe.execute()
+
+        self.retry(record)
 
 
 class _Batch:
@@ -425,6 +448,10 @@ class _Batch:
 
     def finish(self) -> list[Any]:
         """A batch stage's single output (a list of the items), and the arguments."""
+        if self.ordered:
+            # Within one group, keep source order; groups of different
+            # workers may still interleave (documented).
+            self._group.sort(key=lambda g: load_path(g[3] or b"\x90"))
         if self._group:
             first_id, deliveries, _, seq = self._group[0]
             items = [g[2] for g in self._group]
@@ -540,12 +567,14 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._children: list[tuple[int, Any]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
         self._errors: list[BaseException] = []
+        self._client: Any = None
 
     def start(self) -> Worker:
         """Connect and start every consumer; return at once."""
         retry = Retrier("worker", self._unavailable, self.stopped)
-        client = retry(connect, self.url, **self._options)
+        client = self._client = retry(connect, self.url, **self._options)
         directory = RunDirectory(client, self.namespace, self.pipeline_id, self._secret, retry)
         scripts = Scripts(client)
         for i in self.served:
@@ -589,6 +618,7 @@ class Worker:
             thread.daemon = True
             thread.start()
             self._loop = loop
+            self._loop_thread = thread
         loop = self._loop
         fn = stage.fn
         assert fn is not None
@@ -649,8 +679,16 @@ class Worker:
             thread.join(None if deadline is None else max(0.0, deadline - monotonic()))
         for _, process in self._children:
             process.join(None if deadline is None else max(0.0, deadline - monotonic()))
-        if self._loop is not None:
+        if self._loop is not None and not any(t.is_alive() for t in self._threads):
             self._loop.call_soon_threadsafe(self._loop.stop)
+            assert self._loop_thread is not None
+            self._loop_thread.join(5.0)
+            if not self._loop_thread.is_alive():
+                self._loop.close()
+            self._loop = None
+        if self._client is not None and not any(t.is_alive() for t in self._threads):
+            self._client.close()
+            self._client = None
         if self._errors:
             raise self._errors[0]
 
@@ -713,6 +751,8 @@ def _child_main(payload: bytes) -> None:
     except BackendError:
         if not stopped.is_set():
             raise
+    finally:
+        client.close()
 
 
 def serve(pipeline: Any, url: str, **options: Any) -> None:

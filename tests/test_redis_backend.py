@@ -1,0 +1,467 @@
+"""The Redis backend's semantics against a real redis-server, with workers in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import redis
+from click.testing import CliRunner
+
+import conveyor as cv
+from conveyor.cli import cli
+from conveyor.redis import DeadLettersError, RedisBackend, RedisRunResult, Worker
+from conveyor.redis.codec import get_codec
+from conveyor.redis.streams import Keys, pipeline_id
+from redis_helpers import POISON, new_namespace, poisoned, three_stages, triple, wait_until
+
+if TYPE_CHECKING:
+    from conftest import RedisServer, RedisServerFactory
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(90)]
+
+SECRET = b"a secret key of the test, 32 b.."
+
+
+@contextmanager
+def serving(pipeline: cv.Pipeline[Any], url: str, namespace: str, **kw: Any) -> Iterator[Worker]:
+    """Workers for ``pipeline`` in threads of this process, stopped at the end."""
+    worker = Worker(pipeline, url, namespace=namespace, **kw).start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        worker.join(30.0)
+
+
+@contextmanager
+def redis_client(url: str) -> Iterator[redis.Redis]:
+    """A plain redis-py client for looking at what the backend wrote."""
+    client = redis.Redis.from_url(url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def closing() -> Iterator[Callable[[Any], Any]]:
+    """``closing(x)`` returns x and closes it at the end of the test (clients, backends)."""
+    things: list[Any] = []
+
+    def add(thing: Any) -> Any:
+        things.append(thing)
+        return thing
+
+    yield add
+    for thing in things:
+        thing.close()
+
+
+def counters(url: str, pipeline: cv.Pipeline[Any], namespace: str, run_id: str) -> dict[str, int]:
+    keys = Keys(namespace, pipeline_id(pipeline.stages), run_id)
+    with redis_client(url) as client:
+        raw = client.hgetall(keys.counters)
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+# ---------------------------------------------------------------------- plain runs
+
+
+def test_a_filter_and_a_flat_map_give_the_same_outputs_as_one_machine(
+    redis_server: RedisServer,
+) -> None:
+    pipeline = three_stages(3000)
+    namespace = new_namespace()
+    backend = RedisBackend(redis_server.url, namespace=namespace, local_workers=True)
+    result = pipeline.run(collect=True, backend=backend)
+    assert result.outputs == pipeline.run(collect=True).outputs
+    assert isinstance(result, RedisRunResult)
+    assert result.redelivered == {"triple": 0, "keep": 0, "spread": 0}
+
+
+def test_unordered_stages_deliver_every_output_exactly_once(redis_server: RedisServer) -> None:
+    pipeline = (
+        cv.Pipeline(range(2000))
+        .map(triple, workers=3, ordered=False)
+        .flat_map(lambda x: [x] * (x % 3), ordered=False)
+    )
+    result = pipeline.run(
+        collect=True,
+        backend=RedisBackend(redis_server.url, namespace=new_namespace(), local_workers=True),
+    )
+    assert sorted(result.outputs or []) == sorted(pipeline.run(collect=True).outputs or [])
+
+
+def test_none_and_the_end_are_data_through_redis(redis_server: RedisServer) -> None:
+    values = [None, "THE END", 0, "", False, [], None]
+    pipeline = cv.Pipeline(values).map(lambda x: x).filter(lambda x: True)
+    backend = RedisBackend(redis_server.url, namespace=new_namespace(), local_workers=True)
+    assert pipeline.run(collect=True, backend=backend).outputs == values
+
+
+def test_an_empty_source_finishes_at_once(redis_server: RedisServer) -> None:
+    pipeline = cv.Pipeline([]).map(triple)
+    backend = RedisBackend(redis_server.url, namespace=new_namespace(), local_workers=True)
+    result = pipeline.run(collect=True, backend=backend)
+    assert result.outputs == []
+
+
+def test_skipped_items_are_reported_as_failures_and_the_run_goes_on(
+    redis_server: RedisServer,
+) -> None:
+    def picky(x: int) -> int:
+        if x % 10 == 0:
+            raise KeyError(x)
+        return x
+
+    pipeline = cv.Pipeline(range(50)).map(picky, on_error="skip", name="picky")
+    backend = RedisBackend(redis_server.url, namespace=new_namespace(), local_workers=True)
+    result = pipeline.run(collect=True, backend=backend)
+    assert result.outputs == [x for x in range(50) if x % 10]
+    assert sorted(f.item for f in result.failures) == ["0", "10", "20", "30", "40"]
+    assert {f.stage for f in result.failures} == {"picky"}
+    assert "KeyError" in str(result.failures[0].error)
+
+
+def test_async_stages_and_batch_stages_run_on_redis_workers(redis_server: RedisServer) -> None:
+    async def double(x: int) -> int:
+        await asyncio.sleep(0)
+        return 2 * x
+
+    pipeline = cv.Pipeline(range(40)).map(double, runtime="async", workers=4).batch(10)
+    backend = RedisBackend(redis_server.url, namespace=new_namespace(), local_workers=True)
+    outputs = pipeline.run(collect=True, backend=backend).outputs or []
+    # Each group is what one read returned, in source order within the group.
+    assert sorted(x for group in outputs for x in group) == [2 * x for x in range(40)]
+    bad = [group for group in outputs if group != sorted(group)]
+    assert not bad, outputs
+    assert all(1 <= len(group) <= 10 for group in outputs)
+
+
+def test_a_process_stage_runs_in_child_processes_of_the_worker(redis_server: RedisServer) -> None:
+    pipeline = cv.Pipeline(range(200)).map(triple, runtime="process", workers=2)
+    namespace = new_namespace()
+    with serving(pipeline, redis_server.url, namespace) as worker:
+        assert len(worker._children) == 2
+        result = pipeline.run(
+            collect=True, backend=RedisBackend(redis_server.url, namespace=namespace)
+        )
+    assert result.outputs == [3 * x for x in range(200)]
+
+
+# ---------------------------------------------------------------------- dead letters
+
+
+def test_a_poison_item_goes_to_dead_letters_and_a_replay_after_the_fix_finishes_the_run(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CONVEYOR_TEST_FIXED", raising=False)
+    pipeline = poisoned(50)
+    namespace = new_namespace()
+    url = redis_server.url
+    backend = RedisBackend(
+        url, namespace=namespace, run_id="poison", visibility_timeout=0.2, max_deliveries=3
+    )
+    with serving(pipeline, url, namespace), pytest.raises(DeadLettersError) as caught:
+        pipeline.run(collect=True, backend=backend)
+    assert caught.value.dead == {"fragile": 1}
+    assert f"cannot handle {POISON}" in str(caught.value)
+
+    runner = CliRunner()
+    args = ["redis_helpers:poisoned", "--redis", url, "--namespace", namespace]
+    listed = runner.invoke(cli, ["dlq", "list", *args, "--json"], catch_exceptions=False)
+    assert listed.exit_code == 0, listed.output
+    [letter] = json.loads(listed.output)
+    assert letter["item"] == repr(POISON)
+    assert letter["stage"] == "fragile"
+    assert letter["deliveries"] == 4  # delivered max_deliveries times, then once more: dead
+    assert f"ValueError: cannot handle {POISON}" in letter["error"]
+
+    monkeypatch.setenv("CONVEYOR_TEST_FIXED", "1")
+    replayed = runner.invoke(cli, ["dlq", "replay", *args], catch_exceptions=False)
+    assert replayed.output.strip() == "replayed 1 dead letters"
+    with serving(pipeline, url, namespace):
+        rest = pipeline.run(collect=True, backend=backend)
+    # The first driver delivered the outputs before the poison item; the
+    # resumed run delivers the rest, in order, and nothing twice.
+    assert rest.outputs == [3 * (x + 1) for x in range(POISON, 50)]
+    with redis_client(url) as client:
+        assert client.keys(f"{namespace}:*") == []
+
+
+def test_purged_dead_letters_let_an_ordered_run_finish_without_them(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CONVEYOR_TEST_FIXED", raising=False)
+    pipeline = poisoned(30)
+    namespace = new_namespace()
+    url = redis_server.url
+    backend = RedisBackend(
+        url,
+        namespace=namespace,
+        run_id="purge",
+        visibility_timeout=0.2,
+        max_deliveries=1,
+        on_dead_letters="wait",
+    )
+    done = threading.Event()
+    results: list[cv.RunResult] = []
+
+    def drive() -> None:
+        results.append(pipeline.run(collect=True, backend=backend))
+        done.set()
+
+    with serving(pipeline, url, namespace):
+        driver = threading.Thread(target=drive, daemon=True)
+        driver.start()
+        wait_until(
+            lambda: counters(url, pipeline, namespace, "purge").get("dead:0"), "a dead letter"
+        )
+        assert not done.is_set()  # with on_dead_letters="wait", the driver waits
+        purged = CliRunner().invoke(
+            cli,
+            ["dlq", "purge", "redis_helpers:poisoned", "--redis", url, "--namespace", namespace],
+            catch_exceptions=False,
+        )
+        assert purged.output.strip() == "purged 1 dead letters"
+        driver.join(60.0)
+    assert results and results[0].outputs == [3 * (x + 1) for x in range(30) if x != POISON]
+
+
+def test_a_forged_pickle_entry_is_dead_lettered_and_never_unpickled(
+    redis_server: RedisServer, tmp_path: Path, closing: Callable[[Any], Any]
+) -> None:
+    marker = tmp_path / "unpickled"
+    pipeline = cv.Pipeline([]).map(triple)
+    namespace = new_namespace()
+    backend = closing(
+        RedisBackend(redis_server.url, namespace=namespace, codec="pickle", secret_key=SECRET)
+    )
+    live = backend.open(pipeline, run_id="forged")
+    bomb = pickle.dumps(_Bomb(str(marker)))
+    client = closing(redis.Redis.from_url(redis_server.url))
+    client.xadd(live.keys.stream(0), {"d": bomb})  # unsigned
+    client.xadd(live.keys.stream(0), {"d": bomb, "s": b"\0" * 32})  # a wrong signature
+    live.submit([1, 2])
+    with serving(pipeline, redis_server.url, namespace, secret_key=SECRET):
+        got = wait_until(lambda: live.results(timeout=0.1) or None, "the signed items' outputs")
+        got += wait_until(lambda: got[1:] or live.results(timeout=0.1), "both outputs")
+        wait_until(lambda: live.state().dead == 2, "two dead letters")
+    assert sorted(got) == [3, 6]
+    assert not marker.exists()
+    from conveyor.redis.dlq import list_dead
+
+    letters = list_dead(client, live.info, get_codec("pickle", SECRET))
+    assert [d.item for d in letters] == [None, None]
+    assert "unsigned pickle entry refused" in letters[0].error
+    assert "wrong signature" in letters[1].error
+    assert "refused" in (letters[1].item_error or "")
+    assert not marker.exists()
+
+
+class _Bomb:
+    """Unpickling it creates a file: proof that an entry was unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (Path(self.path),))
+
+
+def test_a_worker_without_the_secret_key_refuses_to_serve_a_pickle_run(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture, closing: Callable[[Any], Any]
+) -> None:
+    pipeline = cv.Pipeline(range(3)).map(triple)
+    namespace = new_namespace()
+    backend = closing(
+        RedisBackend(redis_server.url, namespace=namespace, codec="pickle", secret_key=SECRET)
+    )
+    live = backend.open(pipeline, run_id="keyless")
+    live.submit([1])
+    with caplog.at_level("ERROR", logger="conveyor.redis"):
+        with serving(pipeline, redis_server.url, namespace, secret_key=b"another key, 16+ bytes"):
+            wait_until(lambda: "not serving it" in caplog.text, "the refusal in the log")
+    assert live.state().stages[0].acked == 0
+
+
+# ---------------------------------------------------------------------- long-lived runs
+
+
+def test_producers_submit_to_a_long_lived_run_served_by_running_workers(
+    redis_server: RedisServer, closing: Callable[[Any], Any]
+) -> None:
+    pipeline = cv.Pipeline([]).map(triple).filter(lambda x: x % 2 == 0)
+    namespace = new_namespace()
+    backend = closing(RedisBackend(redis_server.url, namespace=namespace))
+    got: list[int] = []
+    with serving(pipeline, redis_server.url, namespace):
+        producers = [
+            threading.Thread(target=backend.submit, args=(pipeline, range(k, 300, 3)))
+            for k in range(3)
+        ]
+        for p in producers:
+            p.start()
+        for p in producers:
+            p.join(30.0)
+        live = backend.open(pipeline)
+        live.close()
+        wait_until(
+            lambda: got.extend(live.results(timeout=0.1)) or live.state().complete,
+            "the long-lived run to complete",
+        )
+    assert sorted(got) == [3 * x for x in range(300) if x % 2 == 0]
+
+
+def test_a_producer_waits_while_the_first_stream_is_over_its_limit(
+    redis_server: RedisServer, closing: Callable[[Any], Any]
+) -> None:
+    pulled: list[int] = []
+
+    def source() -> Iterator[int]:
+        for i in range(2000):
+            pulled.append(i)
+            yield i
+
+    pipeline = cv.Pipeline(source()).map(triple, capacity=150)
+    namespace = new_namespace()
+    backend = RedisBackend(redis_server.url, namespace=namespace, run_id="bp")
+    results: list[cv.RunResult] = []
+    driver = threading.Thread(
+        target=lambda: results.append(pipeline.run(collect=True, backend=backend)), daemon=True
+    )
+    driver.start()
+    client = closing(redis.Redis.from_url(redis_server.url))
+    keys = Keys(namespace, pipeline_id(pipeline.stages), "bp")
+    wait_until(lambda: client.xlen(keys.stream(0)) >= 150, "the first stream to fill")
+    # No worker yet: the feeder is held at the limit (plus at most one chunk in hand).
+    assert client.xlen(keys.stream(0)) <= 150 + 100
+    assert len(pulled) <= 150 + 2 * 100
+    with serving(pipeline, redis_server.url, namespace):
+        driver.join(60.0)
+    assert results[0].outputs == [3 * x for x in range(2000)]
+
+
+# ---------------------------------------------------------------------- Redis itself
+
+
+def test_a_wrong_password_gives_a_clear_error(
+    redis_server_factory: RedisServerFactory,
+) -> None:
+    server = redis_server_factory(password="right-password")
+    pipeline = cv.Pipeline(range(3)).map(triple)
+    wrong = server.url.replace("right-password", "wrong-password")
+    with pytest.raises(cv.BackendError, match="refused the credentials") as caught:
+        pipeline.run(backend=RedisBackend(wrong))
+    assert "wrong-password" not in str(caught.value)  # the message hides the password
+    none = server.url.replace(":right-password@", "")
+    with pytest.raises(cv.BackendError, match="requires a password"):
+        pipeline.run(backend=RedisBackend(none))
+    result = CliRunner().invoke(cli, ["status", "redis_helpers:poisoned", "--redis", wrong])
+    assert result.exit_code == 1
+    assert "refused the credentials" in result.output
+    ok = pipeline.run(collect=True, backend=RedisBackend(server.url, local_workers=True))
+    assert ok.outputs == [0, 3, 6]
+
+
+def test_an_acl_user_with_a_password_can_run_a_pipeline(
+    redis_server_factory: RedisServerFactory,
+) -> None:
+    server = redis_server_factory(
+        "--user", "default", "off", "--user", "app", "on", ">pw", "~*", "&*", "+@all"
+    )
+    url = f"redis://app:pw@127.0.0.1:{server.port}/0"
+    pipeline = cv.Pipeline(range(5)).map(triple)
+    result = pipeline.run(collect=True, backend=RedisBackend(url, local_workers=True))
+    assert result.outputs == [3 * x for x in range(5)]
+
+
+def test_tls_with_a_self_signed_certificate(
+    redis_server_factory: RedisServerFactory, tmp_path: Path
+) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    server = redis_server_factory(
+        "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+        "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+        tls=True,
+    )  # fmt: skip
+    url = f"{server.url}?ssl_ca_certs={cert}"
+    pipeline = cv.Pipeline(range(20)).map(triple)
+    result = pipeline.run(collect=True, backend=RedisBackend(url, local_workers=True))
+    assert result.outputs == [3 * x for x in range(20)]
+    # Without trusting the certificate: refused at once, saying why and what to do.
+    with pytest.raises(cv.BackendError, match=r"CERTIFICATE_VERIFY_FAILED.*ssl_ca_certs"):
+        pipeline.run(backend=RedisBackend(server.url))
+
+
+def test_a_run_survives_a_redis_restart(redis_server_factory: RedisServerFactory) -> None:
+    server = redis_server_factory("--appendonly", "yes", "--appendfsync", "always")
+    pipeline = three_stages(4000)
+    namespace = new_namespace()
+    backend = RedisBackend(server.url, namespace=namespace, run_id="restart")
+    results: list[cv.RunResult] = []
+    errors: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            results.append(pipeline.run(collect=True, backend=backend))
+        except BaseException as exc:
+            errors.append(exc)
+
+    with serving(pipeline, server.url, namespace):
+        driver = threading.Thread(target=drive, daemon=True)
+        driver.start()
+        wait_until(
+            lambda: counters(server.url, pipeline, namespace, "restart").get("in:2", 0) > 500,
+            "the run to be under way",
+        )
+        server.stop()
+        server.start()
+        driver.join(60.0)
+    assert not errors, errors
+    assert results[0].outputs == pipeline.run(collect=True).outputs
+
+
+def test_status_shows_each_stage_its_stream_and_consumers(
+    redis_server: RedisServer, closing: Callable[[Any], Any]
+) -> None:
+    pipeline = poisoned(10)
+    namespace = new_namespace()
+    backend = closing(RedisBackend(redis_server.url, namespace=namespace, run_id="seen"))
+    live = backend.open(pipeline, run_id="seen")
+    live.submit([1, 2, 3])
+    result = CliRunner().invoke(
+        cli,
+        ["status", "redis_helpers:poisoned", "--redis", redis_server.url, "--namespace", namespace],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    assert "run seen" in result.output
+    assert "fragile" in result.output and "triple" in result.output
+    as_json = CliRunner().invoke(
+        cli,
+        ["status", "redis_helpers:poisoned", "--redis", redis_server.url, "--namespace",
+         namespace, "--json"],
+        catch_exceptions=False,
+    )  # fmt: skip
+    [status] = json.loads(as_json.output)
+    assert status["fed"] == 3
+    assert [s["stream_length"] for s in status["stages"]] == [3, 0]

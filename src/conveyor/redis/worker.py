@@ -7,12 +7,12 @@ name of its own (``host:pid:stage-n:random``); a stage with
 instead, and an async stage's coroutines run on one event loop of the worker
 process, ``workers`` at a time. Each consumer loops:
 
-1. every half second, list the pipeline's live runs (the ``runs`` set);
+1. every 0.1 s, list the pipeline's live runs (the ``runs`` set);
 2. every so often, take over entries of its stage idle for longer than the
    run's visibility timeout (XAUTOCLAIM), and dead-letter those delivered
    more than ``max_deliveries`` times;
 3. read a batch of new entries from the stage's stream of every run whose
-   output is not over its limit (XREADGROUP ... BLOCK 1000: redis-py's
+   output is not over its limit (XREADGROUP ... BLOCK 500: redis-py's
    socket timeout stays well above the block);
 4. run each item through `conveyor.stage.process_batch` (the stage's logic,
    the same as on one machine, with its retries, skips and timeouts);
@@ -58,9 +58,9 @@ log = logging.getLogger("conveyor.redis")
 
 TARGET_BATCH_SECONDS = 0.05
 """A consumer sizes its reads so that processing one batch takes about this long."""
-REFRESH_SECONDS = 0.5
+REFRESH_SECONDS = 0.1
 """How often a consumer looks for new runs."""
-BLOCK_MS = 1000
+BLOCK_MS = 500
 """How long one XREADGROUP waits for entries (under redis-py's socket timeout)."""
 ERROR_TEXT_LIMIT = 4000
 """Characters of a traceback kept with an entry that failed."""

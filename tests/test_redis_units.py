@@ -1,0 +1,193 @@
+"""The Redis backend's pure parts, without a server: codecs, reordering, completion, names."""
+
+from __future__ import annotations
+
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import conveyor as cv
+from conveyor.redis.codec import get_codec, key_check
+from conveyor.redis.order import TOMBSTONE, Reorderer, child_path, dump_path, load_path
+from conveyor.redis.state import RunState
+from conveyor.redis.streams import Keys, pipeline_id, redact
+
+pytestmark = pytest.mark.quick
+
+KEY = b"0123456789abcdef-test-key"
+
+
+# ---------------------------------------------------------------------- codecs
+
+
+@pytest.mark.parametrize("name", ["msgpack", "json"])
+def test_plain_codecs_carry_plain_data(name: str) -> None:
+    codec = get_codec(name)
+    for value in [None, "THE END", 0, -1.5, [1, [2, "x"]], {"a": [None]}, True]:
+        assert codec.decode(dict(_pairs(codec.encode(value)))) == value
+
+
+def test_msgpack_refuses_an_object_it_cannot_carry_with_a_clear_error() -> None:
+    with pytest.raises(cv.SerializationError, match="codec='pickle'"):
+        get_codec("msgpack").encode(object())
+
+
+def test_pickle_needs_a_key_of_sixteen_bytes_or_more() -> None:
+    with pytest.raises(cv.ConfigurationError, match="secret key"):
+        get_codec("pickle")
+    with pytest.raises(cv.ConfigurationError, match="16 bytes"):
+        get_codec("pickle", b"short")
+
+
+def test_pickle_entries_are_signed_and_carry_any_object() -> None:
+    codec = get_codec("pickle", KEY)
+    fields = dict(_pairs(codec.encode(lambda x: x + 1)))
+    assert set(fields) == {b"d", b"s"}
+    assert codec.decode(fields)(1) == 2
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        pytest.param(lambda f: {b"d": f[b"d"]}, id="unsigned"),
+        pytest.param(lambda f: {b"d": f[b"d"], b"s": b"\0" * 32}, id="wrong signature"),
+        pytest.param(
+            lambda f: {b"d": f[b"d"], b"s": get_codec("pickle", b"x" * 16).sign(f[b"d"])},
+            id="another key",
+        ),
+    ],
+)
+def test_a_forged_pickle_entry_is_refused_before_unpickling(forge: Any, tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    codec = get_codec("pickle", KEY)
+    fields = {b"d": pickle.dumps(_Touch(str(marker))), b"s": b""}
+    with pytest.raises(cv.PayloadRejected, match="refused"):
+        codec.decode(forge(fields))
+    assert not marker.exists()
+
+
+class _Touch:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (Path(self.path),))
+
+
+def test_the_key_check_tells_keys_apart_without_revealing_them() -> None:
+    assert key_check(None) == ""
+    assert key_check(KEY) == key_check(KEY) != key_check(KEY + b"!")
+    assert KEY.hex()[:16] not in key_check(KEY)
+
+
+def _pairs(flat: list[bytes]) -> list[tuple[bytes, bytes]]:
+    return list(zip(flat[::2], flat[1::2], strict=True))
+
+
+# ---------------------------------------------------------------------- reordering
+
+
+def _tree(draw: st.DrawFn, depth: int) -> Any:
+    """A source item's fate: a leaf (an output, or None for nothing) or k children."""
+    if depth == 0 or draw(st.booleans()):
+        return draw(st.sampled_from(["out", None]))
+    return [_tree(draw, depth - 1) for _ in range(draw(st.integers(2, 3)))]
+
+
+@st.composite
+def forests(draw: st.DrawFn) -> list[Any]:
+    return [_tree(draw, 3) for _ in range(draw(st.integers(0, 12)))]
+
+
+def _leaves(tree: Any, path: bytes, label: str) -> list[tuple[bytes, Any]]:
+    if not isinstance(tree, list):
+        return [(path, label if tree == "out" else TOMBSTONE)]
+    k = len(tree)
+    return [
+        leaf
+        for j, child in enumerate(tree)
+        for leaf in _leaves(child, child_path(path, j, k), f"{label}.{j}")
+    ]
+
+
+@settings(deadline=None, max_examples=200)
+@given(forests(), st.randoms(use_true_random=False))
+def test_leaves_in_any_arrival_order_are_released_in_source_order(
+    forest: list[Any], rng: random.Random
+) -> None:
+    leaves = [
+        leaf for r, tree in enumerate(forest) for leaf in _leaves(tree, dump_path([r]), str(r))
+    ]
+    expected = [value for _, value in leaves if value is not TOMBSTONE]
+    arrivals = list(enumerate(leaves))
+    rng.shuffle(arrivals)
+    reorder = Reorderer()
+    released: list[Any] = []
+    for n, (path, value) in arrivals:
+        reorder.add(load_path(path), value, str(n).encode())
+        reorder.add(load_path(path), value, str(n).encode())  # read twice: ignored
+        released += reorder.release()[0]
+    assert released == expected
+    assert reorder.next_root == len(forest)
+    assert len(reorder) == 0
+
+
+def test_a_root_is_held_until_its_last_leaf_arrives() -> None:
+    reorder = Reorderer()
+    reorder.add(load_path(child_path(dump_path([0]), 1, 2)), "b", b"1")
+    reorder.add([1], "c", b"2")
+    assert reorder.release() == ([], [])
+    reorder.add(load_path(child_path(dump_path([0]), 0, 2)), "a", b"3")
+    assert reorder.release() == (["a", "b", "c"], [b"3", b"1", b"2"])
+
+
+# ---------------------------------------------------------------------- completion
+
+
+def _state(counters: dict[str, int], source_done: bool = True, n: int = 2) -> RunState:
+    return RunState.read({k.encode(): str(v).encode() for k, v in counters.items()}, source_done, n)
+
+
+def test_a_run_is_complete_when_every_stage_consumed_what_its_predecessor_produced() -> None:
+    done = {"fed": 10, "in:0": 10, "out:0": 4, "in:1": 4, "out:1": 8, "delivered": 8}
+    assert _state(done).complete
+    assert not _state(done, source_done=False).complete
+    assert not _state({**done, "in:1": 3}).complete
+    assert not _state({**done, "delivered": 7}).complete
+    # Tombstones (ordered runs) are final-stream entries too.
+    assert _state({**done, "tomb": 6, "delivered": 14}).complete
+
+
+def test_a_run_with_only_dead_letters_left_is_stalled_not_complete() -> None:
+    state = _state({"fed": 10, "in:0": 9, "dead:0": 1, "out:0": 9, "in:1": 9, "out:1": 9})
+    assert state.stalled
+    assert not state.complete
+    assert not _state({"fed": 10, "in:0": 8, "dead:0": 1}).stalled  # one still in flight
+
+
+# ---------------------------------------------------------------------- names
+
+
+def test_keys_of_a_run_share_one_hash_tag() -> None:
+    keys = Keys("conveyor", "abc", "r1")
+    tags = {k[k.index("{") : k.index("}") + 1] for k in keys.all(3)}
+    assert tags == {"{abc.r1}"}
+    assert keys.runs == "conveyor:abc:runs"
+
+
+def test_the_pipeline_id_follows_the_stages_names_and_kinds_only() -> None:
+    a = cv.Pipeline(range(3)).map(abs, name="x").filter(bool, name="y")
+    b = cv.Pipeline([]).map(str, name="x").filter(callable, name="y", workers=4)
+    c = cv.Pipeline([]).map(str, name="x").map(bool, name="y")
+    assert pipeline_id(a.stages) == pipeline_id(b.stages) != pipeline_id(c.stages)
+
+
+def test_urls_are_shown_without_their_password() -> None:
+    assert redact("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
+    assert redact("rediss://app:pw@host/1") == "rediss://app:***@host/1"
+    assert redact("redis://host:6379/0") == "redis://host:6379/0"

@@ -472,26 +472,43 @@ class Channel(Generic[T]):
             Full: no room within ``timeout``.
             ShutDown: the channel is closed.
         """
+        if timeout is not None:
+            _check_timeout(timeout)
         with self._lock:
             if self.is_shutdown:
                 raise ShutDown("wait_for_room() on a closed channel")
-            self._wait_for_room(True, timeout)
+            slept = 0 < self.maxsize <= len(self.queue)
+            if slept:
+                self._wait_for_room(True, timeout)
             if self.maxsize <= 0:
                 return sys.maxsize
             room = self.maxsize - len(self.queue)
-            if room > 1 and self._putters:
-                self._wake(self._putters, 1)  # we may not use it all: let another see it
+            # A wake-up we took was meant for a put, and our caller may put
+            # nothing (its source is exhausted): pass it on, or a putter parked
+            # behind us could sleep on with room in the channel. With room for
+            # more than one, another may use the rest. A woken putter that
+            # finds no room just parks again.
+            if self._putters and (slept or room > 1):
+                self._wake(self._putters, 1)
             return room
 
     async def await_room(self) -> int:
-        """Wait from a coroutine until the channel has room; return how many items fit now."""
+        """Wait from a coroutine until the channel has room; return how many items fit now.
+
+        Raises:
+            ShutDown: the channel is closed.
+        """
+        parked = False
         while True:
             with self._lock:
                 if self.is_shutdown:
                     raise ShutDown("await_room() on a closed channel")
                 if not 0 < self.maxsize <= len(self.queue):
+                    if parked and self._putters:
+                        self._wake(self._putters, 1)  # as in wait_for_room()
                     return self.maxsize - len(self.queue) if self.maxsize > 0 else sys.maxsize
             await self._park(self._putters, room_side=True)
+            parked = True
 
     # ------------------------------------------------------------------ closing by producers
 

@@ -1,0 +1,415 @@
+"""Thread channels: conveyor.Channel against queue.Queue and its peers, in one run.
+
+Each candidate moves 200k ints from P producer threads to C consumer threads
+through one bounded channel, for P x C in {1 x 1, 4 x 4} and capacities 1024
+and 16:
+
+* conveyor.Channel, put()/get(), closed by producer handles (no sentinel);
+* conveyor.Channel, put_many()/get_many() in lists of 64;
+* queue.Queue, one item per put, one sentinel per consumer;
+* queue.Queue carrying lists of 64 (maxsize = capacity // 64 lists, at least
+  1, so it holds about as many items as the others);
+* queue.SimpleQueue (C, unbounded: a reference, not a peer);
+* janus and culsans, sync side;
+* a hand-written deque + two Conditions, the textbook bounded queue.
+
+The payloads (ints, and the lists of 64 for the batched candidates) are built
+before the timed region; the timed region runs from the moment every thread
+is released by a barrier until the last consumer has finished, with the
+garbage collector paused. Candidates are alternated round by round (their
+order rotates), a warm-up round is discarded, and the medians of ``--rounds``
+rounds are reported with their ratio to queue.Queue (single items) measured
+in the same run: compare ratios, not absolute figures across runs.
+
+Run:  python bench/channel.py [--rounds 5] [--items 200000] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import queue
+import statistics
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+import conveyor as cv  # noqa: E402
+
+BATCH = 64
+STOP = object()  # the sentinel of the candidates that need one
+SECTION = "channel"
+BASELINE = "queue.Queue"
+
+
+# ---------------------------------------------------------------------- machine
+
+
+def machine() -> str:
+    """CPU model, cores and Python version, for the report."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{model}, {os.cpu_count()} cores, "
+        f"{platform.python_implementation()} {platform.python_version()} on {sys.platform}"
+    )
+
+
+def load() -> str:
+    """The 1-minute load average: other work on the machine skews every candidate."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "unknown"
+
+
+# ---------------------------------------------------------------------- a hand-written queue
+
+
+class CondQueue:
+    """The textbook bounded queue: a deque, one lock, two conditions."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.items: deque[Any] = deque()
+        self.maxsize = maxsize
+        lock = threading.Lock()
+        self.not_empty = threading.Condition(lock)
+        self.not_full = threading.Condition(lock)
+
+    def put(self, item: Any) -> None:
+        with self.not_full:
+            while len(self.items) >= self.maxsize:
+                self.not_full.wait()
+            self.items.append(item)
+            self.not_empty.notify()
+
+    def get(self) -> Any:
+        with self.not_empty:
+            while not self.items:
+                self.not_empty.wait()
+            item = self.items.popleft()
+            self.not_full.notify()
+            return item
+
+
+# ---------------------------------------------------------------------- candidates
+
+
+@dataclass
+class Plumbing:
+    """One run's channel: what producers, consumers and the main thread call."""
+
+    produce: Callable[[int, list[Any]], None]  # (producer index, its payload)
+    consume: Callable[[], int]  # returns how many items it took
+    after_producers: Callable[[], None]  # e.g. send the sentinels
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    batched: bool  # producers get lists of BATCH ints instead of ints
+    setup: Callable[[int, int, int], Plumbing]  # (capacity, producers, consumers)
+
+
+def _nothing() -> None:
+    pass
+
+
+def conveyor_single(capacity: int, n_producers: int, n_consumers: int) -> Plumbing:
+    ch: cv.Channel[int] = cv.Channel(capacity)
+    handles = [ch.producer() for _ in range(n_producers)]
+
+    def produce(i: int, payload: list[Any]) -> None:
+        with handles[i] as handle:
+            put = handle.put
+            for x in payload:
+                put(x)
+
+    def consume() -> int:
+        get, n = ch.get, 0
+        try:
+            while True:
+                get()
+                n += 1
+        except cv.ShutDown:
+            return n
+
+    return Plumbing(produce, consume, _nothing)
+
+
+def conveyor_batched(capacity: int, n_producers: int, n_consumers: int) -> Plumbing:
+    ch: cv.Channel[int] = cv.Channel(capacity)
+    handles = [ch.producer() for _ in range(n_producers)]
+
+    def produce(i: int, payload: list[Any]) -> None:
+        with handles[i] as handle:
+            put_many = handle.put_many
+            for batch in payload:
+                put_many(batch)
+
+    def consume() -> int:
+        get_many, n = ch.get_many, 0
+        try:
+            while True:
+                n += len(get_many(BATCH))
+        except cv.ShutDown:
+            return n
+
+    return Plumbing(produce, consume, _nothing)
+
+
+def with_sentinels(make: Callable[[int], Any], *, lists: bool = False) -> Callable[..., Plumbing]:
+    """A candidate with put()/get() methods, ended by one sentinel per consumer."""
+
+    def setup(capacity: int, n_producers: int, n_consumers: int) -> Plumbing:
+        q = make(capacity)
+
+        def produce(i: int, payload: list[Any]) -> None:
+            put = q.put
+            for x in payload:
+                put(x)
+
+        def consume() -> int:
+            get, n = q.get, 0
+            while True:
+                x = get()
+                if x is STOP:
+                    return n
+                n += len(x) if lists else 1
+
+        def after_producers() -> None:
+            for _ in range(n_consumers):
+                q.put(STOP)
+
+        return Plumbing(produce, consume, after_producers)
+
+    return setup
+
+
+def _janus(capacity: int) -> Any:
+    import janus
+
+    return janus.Queue(capacity).sync_q
+
+
+def _culsans(capacity: int) -> Any:
+    import culsans
+
+    return culsans.Queue(capacity).sync_q
+
+
+CANDIDATES = [
+    Candidate("conveyor.Channel", False, conveyor_single),
+    Candidate(f"conveyor.Channel put_many/get_many x{BATCH}", True, conveyor_batched),
+    Candidate(BASELINE, False, with_sentinels(queue.Queue)),
+    Candidate(
+        f"queue.Queue of lists of {BATCH}",
+        True,
+        with_sentinels(lambda c: queue.Queue(max(1, c // BATCH)), lists=True),
+    ),
+    Candidate(
+        "queue.SimpleQueue (unbounded)", False, with_sentinels(lambda c: queue.SimpleQueue())
+    ),
+    Candidate("janus (sync side)", False, with_sentinels(_janus)),
+    Candidate("culsans (sync side)", False, with_sentinels(_culsans)),
+    Candidate("deque + Condition", False, with_sentinels(CondQueue)),
+]
+
+
+# ---------------------------------------------------------------------- measuring
+
+
+def payloads(n_items: int, n_producers: int) -> tuple[list[list[Any]], list[list[Any]]]:
+    """Each producer's ints, and the same ints as lists of BATCH (built once)."""
+    share = [list(range(p, n_items, n_producers)) for p in range(n_producers)]
+    batches = [[ints[i : i + BATCH] for i in range(0, len(ints), BATCH)] for ints in share]
+    return share, batches
+
+
+def run_once(
+    candidate: Candidate,
+    capacity: int,
+    n_producers: int,
+    n_consumers: int,
+    work: list[list[Any]],
+    n_items: int,
+) -> float:
+    """One timed run; returns items per second."""
+    plumbing = candidate.setup(capacity, n_producers, n_consumers)
+    counts = [0] * n_consumers
+    barrier = threading.Barrier(n_producers + n_consumers + 1)
+
+    def producer(i: int) -> None:
+        barrier.wait()
+        plumbing.produce(i, work[i])
+
+    def consumer(j: int) -> None:
+        barrier.wait()
+        counts[j] = plumbing.consume()
+
+    producers = [threading.Thread(target=producer, args=(i,)) for i in range(n_producers)]
+    consumers = [threading.Thread(target=consumer, args=(j,)) for j in range(n_consumers)]
+    for t in consumers + producers:
+        t.start()
+    gc.collect()
+    gc.disable()
+    try:
+        barrier.wait()
+        start = time.perf_counter()
+        for t in producers:
+            t.join()
+        plumbing.after_producers()
+        for t in consumers:
+            t.join()
+        elapsed = time.perf_counter() - start
+    finally:
+        gc.enable()
+    if sum(counts) != n_items:
+        raise AssertionError(f"{candidate.name}: {sum(counts)} items out of {n_items}")
+    return n_items / elapsed
+
+
+@dataclass
+class Result:
+    scenario: str
+    name: str
+    rates: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rates)
+
+
+def measure(
+    n_items: int, rounds: int, shapes: list[tuple[int, int]], capacities: list[int]
+) -> list[Result]:
+    results: list[Result] = []
+    for n_producers, n_consumers in shapes:
+        share, batches = payloads(n_items, n_producers)
+        for capacity in capacities:
+            scenario = (
+                f"{n_producers} producer{'s' * (n_producers > 1)} -> "
+                f"{n_consumers} consumer{'s' * (n_consumers > 1)}, capacity {capacity}"
+            )
+            rates: dict[str, list[float]] = {c.name: [] for c in CANDIDATES}
+            for r in range(rounds + 1):  # round 0 is the warm-up
+                k = r % len(CANDIDATES)
+                for candidate in CANDIDATES[k:] + CANDIDATES[:k]:
+                    work = batches if candidate.batched else share
+                    rate = run_once(candidate, capacity, n_producers, n_consumers, work, n_items)
+                    if r:
+                        rates[candidate.name].append(rate)
+            scenario_results = [Result(scenario, c.name, rates[c.name]) for c in CANDIDATES]
+            print(render_scenario(scenario_results), flush=True)
+            results += scenario_results
+    return results
+
+
+# ---------------------------------------------------------------------- reporting
+
+
+def render_scenario(results: list[Result]) -> str:
+    base = next(r.median for r in results if r.name == BASELINE)
+    lines = [
+        f"### {results[0].scenario}",
+        "",
+        "| candidate | M items/s (median) | min - max | vs queue.Queue |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {r.median / 1e6:.2f} | {min(r.rates) / 1e6:.2f} - "
+            f"{max(r.rates) / 1e6:.2f} | {r.median / base:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def render(
+    results: list[Result], n_items: int, rounds: int, took: float, load_at_start: str
+) -> str:
+    scenarios = list(dict.fromkeys(r.scenario for r in results))
+    parts = [
+        "## Channel",
+        "",
+        f"`python bench/channel.py --rounds {rounds}`: {n_items:,} ints from producer threads "
+        "to consumer threads through one bounded channel. Medians of "
+        f"{rounds} rounds after a warm-up, candidates alternated round by round, "
+        "ratios against `queue.Queue` (one item per put) measured in the same run. "
+        "Payloads (and the lists of 64) are built outside the timed region; the GC is "
+        f"paused while timing. Whole run: {took:.0f} s.",
+        "",
+        f"Machine: {machine()}; load average at the start: {load_at_start}.",
+        "",
+        "`queue.Queue` of lists holds `capacity // 64` lists, about as many items as the "
+        "others (but at least one list: 64 items at capacity 16); "
+        "`queue.SimpleQueue` is unbounded (a reference, not a peer). "
+        "Every candidate but conveyor ends with one sentinel per consumer; "
+        "conveyor's channel is closed by its producer handles.",
+        "",
+    ]
+    for scenario in scenarios:
+        parts.append(render_scenario([r for r in results if r.scenario == scenario]))
+    return "\n".join(parts)
+
+
+def write_section(text: str) -> Path:
+    """Replace this script's section of docs/benchmarks.md; other sections stay."""
+    path = ROOT / "docs" / "benchmarks.md"
+    begin, end = f"<!-- {SECTION}:begin -->", f"<!-- {SECTION}:end -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    if path.exists():
+        current = path.read_text()
+    else:
+        current = (
+            "# Benchmarks\n\n"
+            "Measured by the scripts in `bench/`; each script rewrites only its own "
+            "section (between its `<!-- name:begin -->` / `<!-- name:end -->` markers) "
+            "with `--write`. Runs move by about ±10% from one run to the next: compare "
+            "the ratios measured within one run, not absolute figures across runs.\n\n"
+        )
+    if begin in current and end in current:
+        head, rest = current.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        new = head + block + tail.lstrip("\n")
+    else:
+        new = current.rstrip("\n") + "\n\n" + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5, help="measured rounds (default 5)")
+    parser.add_argument("--items", type=int, default=200_000, help="ints per run")
+    parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    args = parser.parse_args()
+    load_at_start = load()
+    print(f"Machine: {machine()}; load average {load_at_start}\n", flush=True)
+    started = time.monotonic()
+    results = measure(args.items, args.rounds, [(1, 1), (4, 4)], [1024, 16])
+    took = time.monotonic() - started
+    print(f"whole run: {took:.0f} s")
+    if args.write:
+        path = write_section(render(results, args.items, args.rounds, took, load_at_start))
+        print(f"wrote the '{SECTION}' section of {path}")
+
+
+if __name__ == "__main__":
+    main()

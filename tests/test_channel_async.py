@@ -1,0 +1,556 @@
+"""Tests of `conveyor.Channel`'s asyncio side, alone and mixed with threads.
+
+Written for Python 3.10 too: `asyncio.wait_for` rather than `asyncio.timeout`,
+no TaskGroup. Coroutines are known to be parked through the channel's
+statistics; threads are known to be parked the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+import pytest
+
+from conveyor import Channel, ConfigurationError, Producer, ShutDown
+
+pytestmark = [pytest.mark.quick, pytest.mark.timeout(20)]
+
+WAIT = 5.0  # seconds: the bound of every wait
+R = TypeVar("R")
+
+
+def run(coro: Coroutine[Any, Any, R]) -> R:
+    """Run ``coro`` in a fresh event loop, bounded by WAIT seconds."""
+    return asyncio.run(asyncio.wait_for(coro, WAIT))
+
+
+async def until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
+    """Let the loop run until ``predicate`` is true; fail after ``timeout`` seconds.
+
+    The predicate usually reads channel statistics changed by other tasks or
+    threads. The tiny sleep only paces this bounded loop and lets other tasks
+    run; it is never a synchronisation in itself.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not reached within {timeout} s: {predicate}")
+        await asyncio.sleep(0.001)
+
+
+async def callbacks_run() -> None:
+    """Return once every callback already scheduled on the loop has run.
+
+    The loop runs ready callbacks in FIFO order, so a future resolved by a
+    callback scheduled now completes after all those scheduled before.
+    """
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.call_soon(done.set_result, None)
+    await done
+
+
+def parked_producers(ch: Channel[Any], n: int) -> Callable[[], bool]:
+    return lambda: ch.stats().waiting_producers == n
+
+
+def parked_consumers(ch: Channel[Any], n: int) -> Callable[[], bool]:
+    return lambda: ch.stats().waiting_consumers == n
+
+
+class Worker(threading.Thread):
+    """Run ``fn(*args)`` in a daemon thread and keep its result or exception."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        super().__init__(daemon=True)
+        self._fn, self._args = fn, args
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.result = self._fn(*self._args)
+        except BaseException as exc:  # kept for the test to inspect
+            self.error = exc
+
+    def finish(self, timeout: float = WAIT) -> Any:
+        self.join(timeout)
+        assert not self.is_alive(), f"{self._fn} still running after {timeout} s"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+async def in_thread(fn: Callable[[], R]) -> R:
+    """Run a blocking call in a helper thread without blocking the loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn)
+
+
+# ---------------------------------------------------------------------------- aput / aget
+
+
+def test_aput_and_aget_keep_fifo_order() -> None:
+    async def main() -> list[int]:
+        ch: Channel[int] = Channel(4)
+        for i in range(4):
+            await ch.aput(i)
+        return [await ch.aget() for _ in range(4)]
+
+    assert run(main()) == [0, 1, 2, 3]
+
+
+def test_aput_waits_for_room_without_blocking_the_loop() -> None:
+    async def main() -> list[int]:
+        ch: Channel[int] = Channel(1)
+        await ch.aput(0)
+        putter = asyncio.ensure_future(ch.aput(1))
+        await until(parked_producers(ch, 1))
+        assert not putter.done()
+        first = await ch.aget()
+        await putter
+        return [first, await ch.aget()]
+
+    assert run(main()) == [0, 1]
+
+
+def test_aget_waits_for_an_item_without_blocking_the_loop() -> None:
+    async def main() -> object:
+        ch: Channel[object] = Channel(1)
+        getter = asyncio.ensure_future(ch.aget())
+        await until(parked_consumers(ch, 1))
+        await ch.aput(None)
+        return await getter
+
+    assert run(main()) is None
+
+
+def test_aput_on_a_closed_channel_raises_shutdown() -> None:
+    async def main() -> None:
+        ch: Channel[int] = Channel(1)
+        ch.close()
+        with pytest.raises(ShutDown):
+            await ch.aput(1)
+        with pytest.raises(ShutDown):
+            await ch.aput_many([1])
+
+    run(main())
+
+
+def test_aget_drains_a_closed_channel_then_raises_shutdown() -> None:
+    async def main() -> None:
+        ch: Channel[int] = Channel(4)
+        ch.put_many([1, 2, 3])
+        ch.close()
+        assert await ch.aget() == 1
+        assert await ch.aget_many(10) == [2, 3]
+        with pytest.raises(ShutDown):
+            await ch.aget()
+        with pytest.raises(ShutDown):
+            await ch.aget_many()
+
+    run(main())
+
+
+def test_shutdown_wakes_parked_coroutines_with_shutdown() -> None:
+    async def main() -> None:
+        empty: Channel[int] = Channel(1)
+        getters = [asyncio.ensure_future(empty.aget()), asyncio.ensure_future(empty.aget_many())]
+        full: Channel[int] = Channel(1)
+        full.put(0)
+        putters = [asyncio.ensure_future(full.aput(1)), asyncio.ensure_future(full.aput_many([2]))]
+        await until(parked_consumers(empty, 2))
+        await until(parked_producers(full, 2))
+        empty.shutdown()
+        full.shutdown()
+        for task in getters + putters:
+            with pytest.raises(ShutDown):
+                await task
+        assert full.get() == 0  # a normal shutdown keeps what is in
+
+    run(main())
+
+
+def test_async_for_ends_when_the_channel_closes() -> None:
+    async def main() -> list[object]:
+        ch: Channel[object] = Channel(2)
+
+        async def produce() -> None:
+            async with ch.producer() as p:
+                for x in [1, None, "THE END", 4]:
+                    await p.aput(x)
+
+        producer = asyncio.ensure_future(produce())
+        got = [x async for x in ch]
+        await producer
+        return got
+
+    assert run(main()) == [1, None, "THE END", 4]
+
+
+def test_wait_for_bounds_an_aget_and_leaves_no_waiter_behind() -> None:
+    async def main() -> None:
+        ch: Channel[int] = Channel(1)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(ch.aget(), 0.02)
+        assert ch.stats().waiting_consumers == 0
+        ch.put(1)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(ch.aput(2), 0.02)
+        assert ch.stats().waiting_producers == 0
+        assert ch.get_nowait() == 1
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+def test_aput_many_larger_than_the_capacity_is_fed_through_by_aget_many() -> None:
+    async def main() -> tuple[list[int], int]:
+        ch: Channel[int] = Channel(3)
+        biggest = 0
+
+        async def produce() -> None:
+            with ch.producer() as p:
+                await p.aput_many(range(40))
+
+        async def consume() -> list[int]:
+            nonlocal biggest
+            got: list[int] = []
+            while True:
+                biggest = max(biggest, ch.stats().size)
+                try:
+                    got += await ch.aget_many(2)
+                except ShutDown:
+                    return got
+
+        producer = asyncio.ensure_future(produce())
+        got = await consume()
+        await producer
+        return got, biggest
+
+    got, biggest = run(main())
+    assert got == list(range(40))
+    assert biggest <= 3
+
+
+def test_aget_many_returns_between_one_and_max_items() -> None:
+    async def main() -> None:
+        ch: Channel[int] = Channel(10)
+        await ch.aput_many([1, 2, 3])
+        assert await ch.aget_many(2) == [1, 2]
+        assert await ch.aget_many(2) == [3]
+        getter = asyncio.ensure_future(ch.aget_many(5))
+        await until(parked_consumers(ch, 1))
+        await ch.aput(4)
+        assert await getter == [4]
+        with pytest.raises(ConfigurationError):
+            await ch.aget_many(0)
+
+    run(main())
+
+
+def test_aput_many_reports_every_item_it_put_when_shut_down() -> None:
+    # Regression: items_put counted only the items of the last attempt.
+    async def main() -> None:
+        ch: Channel[int] = Channel(2)
+        putter = asyncio.ensure_future(ch.aput_many(list(range(6))))
+        await until(lambda: ch.stats().waiting_producers == 1 and ch.stats().total_put == 2)
+        assert ch.get_many(2) == [0, 1]
+        await until(lambda: ch.stats().waiting_producers == 1 and ch.stats().total_put == 4)
+        ch.shutdown()
+        with pytest.raises(ShutDown) as info:
+            await putter
+        assert info.value.items_put == 4  # type: ignore[attr-defined]
+
+    run(main())
+
+
+def test_aput_many_of_an_empty_batch_on_a_closed_channel_raises_shutdown() -> None:
+    async def main() -> None:
+        ch: Channel[int] = Channel(2)
+        ch.close()
+        with pytest.raises(ShutDown) as info:
+            await ch.aput_many([])
+        assert info.value.items_put == 0  # type: ignore[attr-defined]
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------- producer handles
+
+
+def test_async_puts_through_a_closed_handle_raise_shutdown() -> None:
+    async def main() -> None:
+        ch: Channel[int] = Channel(2)
+        keep = ch.producer()
+        async with ch.producer() as p:
+            await p.aput(1)
+        assert p.closed
+        with pytest.raises(ShutDown):
+            await p.aput(2)
+        with pytest.raises(ShutDown):
+            await p.aput_many([2])
+        keep.close()
+        assert [x async for x in ch] == [1]
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------- cancellation
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        "before-the-put",  # cancelled while parked: it just leaves the queue of waiters
+        "after-the-wake-up-is-sent",  # put() popped it and scheduled its wake-up
+        "after-its-future-resolved",  # its future is done, the task has not run yet
+    ],
+)
+def test_cancelling_a_parked_aget_does_not_lose_a_wake_up(when: str) -> None:
+    async def main() -> None:
+        ch: Channel[str] = Channel(4)
+        first = asyncio.ensure_future(ch.aget())
+        await until(parked_consumers(ch, 1))
+        second = asyncio.ensure_future(ch.aget())
+        await until(parked_consumers(ch, 2))
+        loop = asyncio.get_running_loop()
+        if when == "before-the-put":
+            first.cancel()
+            ch.put("item")
+        elif when == "after-the-wake-up-is-sent":
+            ch.put("item")  # wakes `first`, the oldest...
+            first.cancel()  # ...which gives up before it could take the item
+        else:
+            ch.put("item")
+            loop.call_soon(first.cancel)  # runs after the wake-up resolved the future
+        assert await second == "item"
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert ch.stats().waiting_consumers == 0
+        assert ch.qsize() == 0
+
+    run(main())
+
+
+@pytest.mark.parametrize("when", ["after-the-wake-up-is-sent", "after-its-future-resolved"])
+def test_cancelling_a_parked_aput_does_not_lose_a_wake_up(when: str) -> None:
+    async def main() -> None:
+        ch: Channel[str] = Channel(1)
+        ch.put("old")
+        first = asyncio.ensure_future(ch.aput("first"))
+        await until(parked_producers(ch, 1))
+        second = asyncio.ensure_future(ch.aput("second"))
+        await until(parked_producers(ch, 2))
+        assert ch.get() == "old"  # room for one: wakes `first`
+        if when == "after-the-wake-up-is-sent":
+            first.cancel()
+        else:
+            asyncio.get_running_loop().call_soon(first.cancel)
+        await second
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert ch.get_nowait() == "second"
+        assert ch.stats().waiting_producers == 0
+
+    run(main())
+
+
+def test_a_cancelled_getter_passes_a_thread_wake_up_on_to_a_parked_thread() -> None:
+    # The wake-up of a cancelled coroutine goes to the next waiter, whatever its kind.
+    async def main() -> None:
+        ch: Channel[int] = Channel(2)
+        coro_getter = asyncio.ensure_future(ch.aget())
+        await until(parked_consumers(ch, 1))
+        thread_getter = Worker(ch.get)
+        await until(parked_consumers(ch, 2))
+        ch.put(42)
+        coro_getter.cancel()
+        assert await in_thread(thread_getter.finish) == 42
+        with pytest.raises(asyncio.CancelledError):
+            await coro_getter
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------- threads and asyncio
+
+
+def test_thread_producers_feed_an_asyncio_consumer() -> None:
+    ch: Channel[tuple[int, int]] = Channel(4)
+    handles = [ch.producer() for _ in range(3)]
+
+    def produce(handle: Producer[tuple[int, int]], pid: int) -> None:
+        with handle:
+            for i in range(300):
+                if i % 3:
+                    handle.put((pid, i))
+                else:
+                    handle.put_many([(pid, i)])
+
+    async def consume() -> list[tuple[int, int]]:
+        got: list[tuple[int, int]] = []
+        async for item in ch:
+            got.append(item)
+            assert ch.stats().size <= 4
+        return got
+
+    producers = [Worker(produce, h, pid) for pid, h in enumerate(handles)]
+    got = run(consume())
+    for p in producers:
+        p.finish()
+    assert sorted(got) == sorted((pid, i) for pid in range(3) for i in range(300))
+    for pid in range(3):
+        assert [i for p, i in got if p == pid] == list(range(300))
+
+
+def test_an_asyncio_producer_feeds_thread_consumers() -> None:
+    ch: Channel[int] = Channel(3)
+    consumers = [Worker(lambda: list(ch)) for _ in range(2)]
+
+    async def produce() -> None:
+        async with ch.producer() as p:
+            for i in range(0, 600, 3):
+                await p.aput(i)
+                await p.aput_many([i + 1, i + 2])
+
+    run(produce())
+    results = [c.finish() for c in consumers]
+    assert sorted(results[0] + results[1]) == list(range(600))
+    for r in results:
+        assert r == sorted(r)
+
+
+def test_coroutines_in_two_event_loops_share_one_channel() -> None:
+    ch: Channel[int] = Channel(2)
+    handle = ch.producer()
+
+    async def produce() -> None:
+        with handle:
+            for i in range(500):
+                await handle.aput(i)
+
+    async def consume() -> list[int]:
+        return [x async for x in ch]
+
+    producer = Worker(lambda: asyncio.run(produce()))
+    got = run(consume())
+    producer.finish()
+    assert got == list(range(500))
+
+
+def test_thread_and_coroutine_putters_are_woken_in_arrival_order() -> None:
+    async def main() -> list[str]:
+        ch: Channel[str] = Channel(1)
+        ch.put("old")
+        coro_putter = asyncio.ensure_future(ch.aput("coroutine"))
+        await until(parked_producers(ch, 1))
+        thread_putter = Worker(ch.put, "thread")
+        await until(parked_producers(ch, 2))
+        got = [ch.get()]  # room: the coroutine arrived first
+        await coro_putter
+        got.append(await ch.aget())  # room again: now the thread
+        await in_thread(thread_putter.finish)
+        got.append(await ch.aget())
+        return got
+
+    assert run(main()) == ["old", "coroutine", "thread"]
+
+
+def test_callbacks_run_helper_lets_a_woken_coroutine_finish() -> None:
+    # Checks the helper used to reason about wake-up ordering.
+    async def main() -> None:
+        ch: Channel[int] = Channel(1)
+        getter = asyncio.ensure_future(ch.aget())
+        await until(parked_consumers(ch, 1))
+        ch.put(1)
+        for _ in range(3):
+            await callbacks_run()
+        assert getter.done()
+        assert getter.result() == 1
+
+    run(main())
+
+
+async def _await_all(aws: list[Awaitable[Any]]) -> list[Any]:
+    return list(await asyncio.gather(*aws))
+
+
+def test_many_coroutines_on_a_small_channel_lose_and_duplicate_nothing() -> None:
+    async def main() -> list[int]:
+        ch: Channel[int] = Channel(2)
+        handles = [ch.producer() for _ in range(4)]
+
+        async def produce(handle: Producer[int], base: int) -> None:
+            async with handle:
+                for i in range(100):
+                    await handle.aput(base + i)
+
+        async def consume() -> list[int]:
+            return [x async for x in ch]
+
+        consumers = [asyncio.ensure_future(consume()) for _ in range(3)]
+        await _await_all([produce(h, 1000 * n) for n, h in enumerate(handles)])
+        results = await _await_all(consumers)
+        return sorted(x for r in results for x in r)
+
+    assert run(main()) == sorted(1000 * n + i for n in range(4) for i in range(100))
+
+
+# ---------------------------------------------------------------------------- await_room
+
+
+def test_await_room_returns_the_room_left() -> None:
+    async def main() -> None:
+        ch: Channel[int] = Channel(4)
+        ch.put(1)
+        assert await ch.await_room() == 3
+        unbounded: Channel[int] = Channel()
+        assert await unbounded.await_room() == sys.maxsize
+        ch.close()
+        with pytest.raises(ShutDown):
+            await ch.await_room()
+
+    run(main())
+
+
+def test_await_room_waits_for_a_consumer_and_raises_shutdown_when_closed() -> None:
+    async def main() -> None:
+        ch: Channel[int] = Channel(2)
+        ch.put_many([1, 2])
+        waiter = asyncio.ensure_future(ch.await_room())
+        await until(parked_producers(ch, 1))
+        ch.get()
+        assert await waiter == 1
+        ch.put(3)
+        waiter = asyncio.ensure_future(ch.await_room())
+        await until(parked_producers(ch, 1))
+        ch.close()
+        with pytest.raises(ShutDown):
+            await waiter
+
+    run(main())
+
+
+def test_an_await_room_that_does_not_put_does_not_strand_a_parked_putter() -> None:
+    # Regression: the wake-up await_room() took was lost when its caller put nothing.
+    async def main() -> None:
+        ch: Channel[int] = Channel(1)
+        ch.put(0)
+        waiter = asyncio.ensure_future(ch.await_room())
+        await until(parked_producers(ch, 1))
+        putter = Worker(ch.put, 99)
+        await until(parked_producers(ch, 2))
+        assert ch.get() == 0  # wakes the oldest: the coroutine
+        assert await waiter == 1
+        await in_thread(putter.finish)
+        assert ch.get_nowait() == 99
+
+    run(main())

@@ -11,7 +11,7 @@ A cheap 3-stage pipeline (x + 1, 2 workers each) runs with:
 Candidates alternate round by round after a warm-up; medians of the rounds.
 The cost is 1 - throughput(candidate) / throughput(off); the target is < 2%.
 
-Run:  python bench/progress_overhead.py [--rounds 5] [--items 300000] [--write]
+Run:  python bench/progress_overhead.py [--rounds 5] [--items 2000000] [--write]
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def render(rounds: int, items: int, medians: dict[str, float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--items", type=int, default=300_000)
+    parser.add_argument("--items", type=int, default=2_000_000)
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
     text = render(args.rounds, args.items, measure(args.rounds, args.items))

@@ -161,8 +161,9 @@ def test_run_prints_the_report_naming_the_bottleneck(project: Path) -> None:
     assert "200 outputs" not in result.stdout  # the sink outputs nothing
     for name in ("read", "parse", "write"):
         assert name in result.stdout
-    assert "bottleneck: stage 'parse': 1 worker at" in result.stdout
-    assert "more workers would help" in result.stdout
+    words = " ".join(result.stdout.split())
+    assert "bottleneck: stage 'parse': 1 worker at" in words
+    assert "more workers would help" in words
     assert "(done)" in result.stderr  # progress, as log lines: stderr is not a terminal
 
 
@@ -297,11 +298,11 @@ def test_run_in_a_terminal_draws_the_live_table(project: Path) -> None:
     )
     assert code == EXIT_OK, out
     assert "\x1b[?25l" in out  # a rich live display
-    assert "┏" in out and "items/s" in out
+    assert "stage  workers" in out and "items/s" in out
     for name in ("read", "parse", "write"):
         assert name in out
     assert "200/200 items in (100%)" in out
-    assert "bottleneck: stage 'parse'" in out  # the report after the table
+    assert "bottleneck: stage 'parse'" in " ".join(out.split())  # the report after the table
 
 
 # ---------------------------------------------------------------------- demo

@@ -78,8 +78,10 @@ def test_the_text_report_is_the_table_then_the_totals_and_the_bottleneck() -> No
     result = slow_middle(100).run()
     report = result.report()
     header = next(line for line in report.splitlines() if "stage" in line)
-    for column in ("in", "out", "failed", "busy", "starved", "blocked", "p50", "p99", "items/s"):
+    for column in ("in", "out", "busy", "starved", "blocked", "p50", "p99", "items/s"):
         assert column in header
+    assert "failed" not in header  # counts that are zero everywhere are left out
+    assert max(len(line) for line in result.report(width=80).splitlines()) <= 80
     for name in ("read", "parse", "write"):
         assert name in report
     assert "100 outputs in" in report
@@ -90,6 +92,8 @@ def test_the_text_report_lists_failed_items() -> None:
     p = cv.Pipeline(range(120)).map(flaky_parse, on_error="skip", name="parse")
     report = p.run().report()
     assert "3 items failed" in report
+    header = next(line for line in report.splitlines() if "stage" in line)
+    assert "failed" in header and "filtered" not in header
     assert "parse: 50 -> ValueError: bad record 50" in report
 
 
@@ -106,8 +110,11 @@ def test_a_run_without_a_clear_bottleneck_says_so() -> None:
         (3e-7, "300 ns"),
         (3.5e-5, "35 µs"),
         (0.0012, "1.2 ms"),
+        (0.0999, "100 ms"),
         (2.1, "2.1 s"),
+        (42.0, "42 s"),
         (185, "3m05s"),
+        (7300, "2h01m"),
     ],
 )
 def test_durations_read_in_the_unit_that_fits(seconds: float, text: str) -> None:

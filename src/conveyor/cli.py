@@ -13,6 +13,7 @@ import importlib
 import inspect
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -321,7 +322,12 @@ def run_command(
     except KeyboardInterrupt:  # before the run started
         click.echo("conveyor: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    click.echo(result.to_json() if as_json else result.report().rstrip())
+    click.echo(result.to_json() if as_json else result.report(_output_width()).rstrip())
+
+
+def _output_width() -> int:
+    """The terminal's width when stdout is one; else wide enough for any table."""
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else 130
 
 
 def _start(

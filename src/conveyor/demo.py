@@ -13,6 +13,10 @@ share one small bounded `Channel` instead:
   channel is closed and drained;
 * at the end the demo checks that the multiset of numbers consumed equals the
   multiset produced: nothing lost, nothing duplicated.
+
+Then `bottleneck_demo` runs a pipeline with a deliberately slow stage: the
+report after the run names it as the bottleneck, with the evidence and a
+hint, and a second run that follows the hint shows the difference.
 """
 
 from __future__ import annotations
@@ -29,8 +33,15 @@ from rich.table import Table
 
 from .channel import Channel, ChannelStats, Producer
 from .errors import Full
+from .metrics import Bottleneck
 
-__all__ = ["ChannelDemoResult", "channel_demo", "run_demo"]
+__all__ = [
+    "BottleneckDemoResult",
+    "ChannelDemoResult",
+    "bottleneck_demo",
+    "channel_demo",
+    "run_demo",
+]
 
 PRODUCERS = 3
 CONSUMERS = 2
@@ -194,6 +205,85 @@ def channel_demo(console: Console, seed: int | None = None) -> ChannelDemoResult
     return ChannelDemoResult(ok=ok, produced=n_produced, consumed=n_consumed, stats=stats)
 
 
+# ---------------------------------------------------------------------- part 2: the bottleneck
+
+RECORDS = 300
+ENRICH_S = 0.004  # "enrich" waits this long per record, like a call to a slow service
+ENRICH_WORKERS = 2
+MORE_WORKERS = 8
+
+
+@dataclass(frozen=True)
+class BottleneckDemoResult:
+    """The outcome of `bottleneck_demo`."""
+
+    ok: bool
+    """True when every record came out of both runs."""
+    bottleneck: Bottleneck | None
+    """What the first run named as its bottleneck."""
+    seconds: float
+    """Wall time of the first run."""
+    faster_seconds: float
+    """Wall time of the second run, with more workers on the slow stage."""
+
+
+def _parse(n: int) -> dict[str, int]:
+    return {"id": n, "value": n * 37 % 100}
+
+
+def _enrich(record: dict[str, int]) -> dict[str, int]:
+    time.sleep(ENRICH_S)  # the slow part of the work
+    return {**record, "score": record["value"] * 2}
+
+
+def _store(record: dict[str, int]) -> int:
+    return record["id"]
+
+
+def bottleneck_demo(console: Console) -> BottleneckDemoResult:
+    """Run a pipeline with a deliberately slow stage, show the report naming it,
+    then follow the report's hint and show the difference.
+
+    Args:
+        console: where to print the tables (the live progress goes to stderr).
+
+    Returns:
+        The bottleneck named, both wall times, and whether every record came out.
+    """
+    from .pipeline import Pipeline
+    from .report import bottleneck_line, report_table
+
+    pipeline = (
+        Pipeline(range(RECORDS))
+        .map(_parse, workers=2, name="parse")
+        .map(_enrich, workers=ENRICH_WORKERS, name="enrich")
+        .map(_store, name="store")
+    )
+    console.print(
+        Panel(
+            f"{RECORDS} records through parse -> enrich -> store. One stage is slow "
+            f"on purpose ({ENRICH_S * 1000:g} ms per record). Which one holds the run back, "
+            "and what would help? The report after the run says.",
+            title="conveyor demo: finding the bottleneck",
+        )
+    )
+    first = pipeline.run(progress=True)
+    console.print(report_table(first.stats, title=f"Run 1: {first.elapsed_seconds:.2f} s"))
+    console.print(bottleneck_line(first.bottleneck), markup=False, highlight=False)
+
+    faster = pipeline.with_stage("enrich", workers=MORE_WORKERS).run(progress=True)
+    console.print(
+        report_table(
+            faster.stats,
+            title=f"Run 2, enrich with {MORE_WORKERS} workers: {faster.elapsed_seconds:.2f} s "
+            f"({first.elapsed_seconds / faster.elapsed_seconds:.1f}x faster)",
+        )
+    )
+    console.print(bottleneck_line(faster.bottleneck), markup=False, highlight=False)
+    ok = first.items_out == faster.items_out == RECORDS
+    return BottleneckDemoResult(ok, first.bottleneck, first.elapsed_seconds, faster.elapsed_seconds)
+
+
 def run_demo() -> int:
     """Run the demo (``conveyor demo``) and return the process exit code.
 
@@ -202,4 +292,5 @@ def run_demo() -> int:
     """
     console = Console()
     result = channel_demo(console)
-    return 0 if result.ok else 1
+    bottleneck = bottleneck_demo(console)
+    return 0 if result.ok and bottleneck.ok else 1

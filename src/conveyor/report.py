@@ -20,62 +20,95 @@ from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
     from .metrics import Bottleneck, RunResult, StageStats
 
-__all__ = ["check_report_path", "format_seconds", "render_html", "render_table", "write_html"]
+__all__ = [
+    "bottleneck_line",
+    "check_report_path",
+    "format_seconds",
+    "render_html",
+    "render_table",
+    "report_table",
+    "stage_rows",
+    "write_html",
+]
 
 # ---------------------------------------------------------------------- text
 
 
 def format_seconds(seconds: float) -> str:
-    """A duration in the unit that reads best: ``350 ns``, ``1.2 ms``, ``2.1 s``, ``3m05s``."""
+    """A duration in the unit that reads best: ``350 ns``, ``1.2 ms``, ``42 s``, ``3m05s``."""
     if seconds <= 0:
         return "0"
-    if seconds < 1e-6:
-        return f"{seconds * 1e9:.0f} ns"
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.0f} µs"
-    if seconds < 1:
-        return f"{seconds * 1e3:.3g} ms"
-    if seconds < 60:
-        return f"{seconds:.3g} s"
+    for unit, scale, limit in _UNITS:
+        value = seconds / scale
+        if value < limit:
+            return f"{value:.1f} {unit}" if value < 9.95 else f"{value:.0f} {unit}"
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+# (unit, its length in seconds, the value from which the next unit reads better)
+_UNITS = (("ns", 1e-9, 999.5), ("µs", 1e-6, 999.5), ("ms", 1e-3, 999.5), ("s", 1.0, 59.5))
 
 
 def _kind(s: StageStats) -> str:
     return s.kind if s.runtime == "thread" else f"{s.kind} ({s.runtime})"
 
 
-def report_table(stats: Sequence[StageStats], title: str | None = None) -> Table:
-    """The after-run table: one row per stage, where its workers' time went."""
-    table = Table(title=title, title_justify="left")
-    for column in ("stage", "kind", "workers", "in", "out", "filtered", "failed", "retried"):
-        table.add_column(column, justify="left" if column in ("stage", "kind") else "right")
-    for column in ("busy", "starved", "blocked", "p50", "p99", "items/s"):
-        table.add_column(column, justify="right")
-    for s in stats:
-        table.add_row(
+_COUNTS = ("filtered", "failed", "retried")  # shown when some stage has one
+
+
+def stage_rows(stats: Sequence[StageStats]) -> tuple[list[str], list[list[str]]]:
+    """The per-stage table as text cells: its headers and one row per stage.
+
+    The filtered, failed and retried columns appear only when some stage has
+    such items, which keeps the usual table within 80 columns.
+    """
+    counts = [c for c in _COUNTS if any(getattr(s, c) for s in stats)]
+    headers = ["stage", "kind", "workers", "in", "out", *counts]
+    headers += ["busy", "starved", "blocked", "p50", "p99", "items/s"]
+    rows = [
+        [
             s.name,
             _kind(s),
             str(s.workers),
             f"{s.items_in:,}",
             f"{s.items_out:,}",
-            f"{s.filtered:,}",
-            f"{s.failed:,}",
-            f"{s.retried:,}",
+            *(f"{getattr(s, c):,}" for c in counts),
             f"{s.utilisation:.0%}",
             f"{s.waiting_input:.0%}",
             f"{s.blocked_output:.0%}",
             format_seconds(s.latency_p50),
             format_seconds(s.latency_p99),
             f"{s.throughput:,.0f}",
-        )
+        ]
+        for s in stats
+    ]
+    return headers, rows
+
+
+def report_table(stats: Sequence[StageStats], title: str | None = None) -> Table:
+    """The after-run table: one row per stage, where its workers' time went."""
+    table = Table(
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAVY,
+        pad_edge=False,
+        show_edge=False,
+        collapse_padding=True,
+    )
+    headers, rows = stage_rows(stats)
+    for header in headers:
+        table.add_column(header, justify="left" if header in ("stage", "kind") else "right")
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
@@ -86,21 +119,21 @@ def bottleneck_line(bottleneck: Bottleneck | None) -> str:
     return f"bottleneck: {bottleneck}"
 
 
-def render_table(result: RunResult) -> str:
-    """The run's table, totals, bottleneck and failures, as plain text."""
-    console = Console(width=130, record=True, file=io.StringIO(), color_system=None)
+def render_table(result: RunResult, width: int = 130) -> str:
+    """The run's table, totals, bottleneck and failures, as plain text ``width`` wide."""
+    console = Console(width=width, record=True, file=io.StringIO(), color_system=None)
     console.print(report_table(result.stats, title="conveyor run"))
     status = " (stopped before the end)" if result.stopped else ""
     console.print(
         f"{result.items_out:,} outputs in {result.elapsed_seconds:.2f} s{status}; "
         f"{len(result.failures)} items failed"
     )
-    console.print(bottleneck_line(result.bottleneck), soft_wrap=True)
+    console.print(bottleneck_line(result.bottleneck), markup=False, highlight=False)
     for f in result.failures[:10]:
         console.print(
             f"  {f.stage}: {f.item!r:.60} -> {type(f.error).__name__}: {f.error}",
-            soft_wrap=True,
             markup=False,
+            highlight=False,
         )
     if len(result.failures) > 10:
         console.print(f"  ... and {len(result.failures) - 10} more")
@@ -266,43 +299,12 @@ def _bottleneck_box(bottleneck: Bottleneck | None) -> str:
 
 
 def _stage_table(stats: Sequence[StageStats]) -> str:
-    head = (
-        "stage",
-        "kind",
-        "workers",
-        "in",
-        "out",
-        "filtered",
-        "failed",
-        "retried",
-        "busy",
-        "starved",
-        "blocked",
-        "p50",
-        "p99",
-        "items/s",
+    headers, rows = stage_rows(stats)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows
     )
-    rows = []
-    for s in stats:
-        cells = (
-            s.name,
-            _kind(s),
-            str(s.workers),
-            f"{s.items_in:,}",
-            f"{s.items_out:,}",
-            f"{s.filtered:,}",
-            f"{s.failed:,}",
-            f"{s.retried:,}",
-            f"{s.utilisation:.0%}",
-            f"{s.waiting_input:.0%}",
-            f"{s.blocked_output:.0%}",
-            format_seconds(s.latency_p50),
-            format_seconds(s.latency_p99),
-            f"{s.throughput:,.0f}",
-        )
-        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    header = "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
-    return f"<table><thead>{header}</thead><tbody>{''.join(rows)}</tbody></table>"
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _errors(result: RunResult, error: BaseException | None) -> str:

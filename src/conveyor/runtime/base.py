@@ -122,6 +122,7 @@ class Sequencer:
         self._control = control
         self._lock = threading.Lock()
         self._moved = threading.Condition(self._lock)  # notified when _next advances or on abort
+        self._sleepers = 0  # threads waiting on _moved: notifying nobody still costs
         self._pending: dict[int, list[Any]] = {}
         self._next = 0  # the oldest ticket not yet released
         self._flushing = False
@@ -139,7 +140,8 @@ class Sequencer:
 
     def _notify_moved(self) -> None:
         """Wake every thread and coroutine waiting for _next to move (lock held)."""
-        self._moved.notify_all()
+        if self._sleepers:
+            self._moved.notify_all()
         if self._moved_futures:
             for future in self._moved_futures:
                 try:
@@ -162,7 +164,11 @@ class Sequencer:
             ticket = self._next_ticket
             with self._lock:
                 while self._window_full(ticket):
-                    self._moved.wait()
+                    self._sleepers += 1
+                    try:
+                        self._moved.wait()
+                    finally:
+                        self._sleepers -= 1
             batch = channel.get_many(n)
             self._next_ticket = ticket + 1
             return batch, ticket

@@ -404,7 +404,14 @@ def main() -> None:
     parser.add_argument("--no-celery", action="store_true")
     parser.add_argument("--scaling", action="store_true", help="also 1, 2, 4 workers per stage")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument(
+        "--commandstats", action="store_true", help="only show redis-server's time by command"
+    )
     args = parser.parse_args()
+    if args.commandstats:
+        with redis_server() as (url, pid):
+            commandstats(url, pid, args.items)
+        return
     n = args.items
     lines = [f"Machine: {machine()}.", ""]
     print(lines[0], flush=True)
@@ -480,6 +487,39 @@ def scaling(url: str, pid: int, n: int) -> list[str]:
         )
     out.append("")
     return out
+
+
+def commandstats(url: str, pid: int, n: int) -> None:
+    """Print where redis-server spends its time per item, for conveyor and hand-written."""
+
+    def snapshot(client: redis.Redis) -> dict[str, tuple[int, int]]:
+        info = client.info("commandstats")
+        return {k: (v["calls"], v["usec"]) for k, v in info.items()}
+
+    def show(label: str, before: dict[str, tuple[int, int]], cpu: float) -> None:
+        after = snapshot(client)
+        rows = sorted(
+            (
+                (after[k][1] - before.get(k, (0, 0))[1], k, after[k][0] - before.get(k, (0, 0))[0])
+                for k in after
+            ),
+            reverse=True,
+        )
+        print(f"{label}: redis-server CPU {cpu / n * 1e6:.1f} µs per item; by command:")
+        for usec, name, calls in rows[:8]:
+            if calls:
+                print(f"  {name:28} {calls:>8} calls {usec / n:8.2f} µs per item")
+
+    client = redis.Redis.from_url(url)
+    with conveyor_workers(url, "stats", 2):
+        run_conveyor(url, "stats", 2000)
+        before, cpu0 = snapshot(client), server_cpu(pid)
+        run_conveyor(url, "stats", n)
+        show("conveyor", before, server_cpu(pid) - cpu0)
+    before, cpu0 = snapshot(client), server_cpu(pid)
+    run_handwritten(url, n, 2)
+    show("hand-written", before, server_cpu(pid) - cpu0)
+    client.close()
 
 
 def write_section(text: str) -> None:

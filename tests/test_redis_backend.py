@@ -465,3 +465,19 @@ def test_status_shows_each_stage_its_stream_and_consumers(
     [status] = json.loads(as_json.output)
     assert status["fed"] == 3
     assert [s["stream_length"] for s in status["stages"]] == [3, 0]
+
+
+def test_conveyor_run_with_redis_drives_a_run_that_workers_serve(redis_server: RedisServer) -> None:
+    from redis_helpers import three_stages as make
+
+    pipeline = make()
+    with serving(pipeline, redis_server.url, "conveyor"):
+        result = CliRunner().invoke(
+            cli,
+            ["run", "redis_helpers:three_stages", "--redis", redis_server.url, "--json"],
+            catch_exceptions=False,
+        )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["items_out"] == len(pipeline.run(collect=True).outputs or [])
+    assert [s["items_in"] for s in report["stages"]] == [20_000, 20_000, 15_000]

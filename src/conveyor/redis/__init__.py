@@ -5,20 +5,21 @@
     driver (pipeline.run(backend=RedisBackend(url)))             workers (conveyor worker mod:pipe)
     ------------------------------------------------             ---------------------------------
     source --feed (Lua: XADD + HINCRBY fed)--+
-              waits while XLEN >= limit      |
+              waits while backlog >= limit   |
                                              v
                      [stream s0] --XREADGROUP group "workers" COUNT n--> stage 0 consumers
                          ^                                                  |  process_batch
                          |  XAUTOCLAIM after the visibility timeout         |  (stage.py)
                          |  (entries of dead or stuck consumers)            v
                          |                 one Lua hand-off per batch: XADD outputs to s1,
-                         |                 XACK + XDEL inputs, HINCRBY counters
+                         |                 XACK inputs (+ XTRIM MINID of the acked head),
+                         |                 HINCRBY counters
                          |                 (more than max_deliveries -> [dlq0] + its error)
                      [stream s1] --XREADGROUP--> stage 1 consumers --hand-off--> ...
                                                                                    |
                      [final stream sN] <-- outputs (and tombstones, ordered runs) -+
                          |
-    outputs <--reorder-- XREADGROUP group "driver"; XACK + XDEL + HINCRBY delivered
+    outputs <--reorder-- XREADGROUP group "driver"; XACK + XTRIM + HINCRBY delivered
     done when the source is done, every stage's acked == what its predecessor produced,
     and delivered == what the final stream received  (HGETALL counters: no sentinel)
 

@@ -29,6 +29,7 @@ from .order import TOMBSTONE, Reorderer, dump_path, load_path
 from .state import RunInfo, RunState
 from .streams import (
     DRIVER_GROUP,
+    MAX_POLL_SECONDS,
     WORKER_GROUP,
     Keys,
     Retrier,
@@ -335,7 +336,7 @@ class LiveRun:
             chunk = list(islice(iterator, FEED_CHUNK))
             if not chunk:
                 return n
-            _wait_for_room(self._backend.client(), self.keys.stream(0), self.info.limits[0])
+            _wait_for_room(self._scripts, self.keys.stream(0), self.info.limits[0])
             args: list[Any] = ["fed", ""]
             for value in chunk:
                 fields = self._codec.encode(value)
@@ -444,7 +445,7 @@ class _DriverRun:
         length = 0
         while not self.stopped.is_set():
             if length >= limit:
-                length = _wait_for_room(self.client, stream, limit, self.stopped, self.retry)
+                length = _wait_for_room(self.scripts, stream, limit, self.stopped, self.retry)
             if ordered:
                 self._wait_for_window(fed)
             chunk = list(islice(source, FEED_CHUNK))
@@ -462,8 +463,19 @@ class _DriverRun:
             if length == -1:
                 raise BackendError(f"run {keys.run!r} was deleted while it was being fed")
             if length == -2:
-                length = 0  # this chunk went in on an attempt whose reply was lost
+                self._check_fed(fed + len(chunk))
+                length = 0
             fed += len(chunk)
+
+    def _check_fed(self, expected: int) -> None:
+        """After a lost reply: the chunk went in (fine), or Redis lost acknowledged writes."""
+        now = int(self.retry(self.client.hget, self.keys.counters, "fed") or 0)
+        if now != expected:
+            raise BackendError(
+                f"Redis lost writes it had acknowledged: the run's fed counter is {now}, "
+                f"expected {expected}. Run Redis with appendonly yes and appendfsync always "
+                f"(see docs/distributed.md)"
+            )
 
     def _wait_for_window(self, fed: int) -> None:
         reorder = self.reorder
@@ -687,29 +699,27 @@ def _ack(
     ids: list[Any],
     reorder: Reorderer | None,
 ) -> None:
-    """Acknowledge and delete final-stream entries handed to the caller, and count them."""
+    """Acknowledge final-stream entries handed to the caller (trimming them), and count them."""
     released = "" if reorder is None else reorder.next_root
     retry(scripts.ack, keys=[final, keys.counters], args=[DRIVER_GROUP, released, *ids])
 
 
 def _wait_for_room(
-    client: Any,
+    scripts: Scripts,
     stream: str,
     limit: int,
     stopped: threading.Event | None = None,
     retry: Retrier | None = None,
 ) -> int:
-    """Wait while ``stream`` holds ``limit`` entries or more; return its length.
+    """Wait while the first stream's backlog is ``limit`` entries or more; return it.
 
-    Redis cannot notify a length going down, so this polls, backing off from
-    2 ms to 100 ms: a full stream drains at the rate of its stage, and the
-    backoff keeps the polling cost negligible against it.
+    Polls, backing off from 0.5 ms to `MAX_POLL_SECONDS`.
     """
     stopped = stopped or threading.Event()
     retry = retry or Retrier("waiting for room", None, stopped)
-    delay = 0.002
+    delay = 0.0005
     while True:
-        length: int = retry(client.xlen, stream)
-        if length < limit or stopped.wait(delay):
-            return length
-        delay = min(0.1, delay * 2)
+        backlog: int = retry(scripts.backlog, keys=[stream], args=[WORKER_GROUP, "1"])
+        if backlog < limit or stopped.wait(delay):
+            return backlog
+        delay = min(MAX_POLL_SECONDS, delay * 2)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .state import RunInfo, RunState
-from .streams import WORKER_GROUP, Keys
+from .streams import WORKER_GROUP, Keys, Scripts
 
 __all__ = ["ConsumerStatus", "RunStatus", "StageStatus", "find_runs", "render", "run_status"]
 
@@ -30,7 +30,7 @@ class StageStatus:
 
     name: str
     stream_length: int
-    """Entries in its input stream: waiting, or held by a consumer."""
+    """Work left in its input stream: entries waiting, or held by a consumer."""
     pending: int
     """Entries held by consumers."""
     limit: int
@@ -84,8 +84,9 @@ def run_status(client: Any, info: RunInfo) -> RunStatus:
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(keys.counters)
     pipe.hget(keys.meta, "source_done")
+    backlog = Scripts(client).backlog
     for i in range(n):
-        pipe.xlen(keys.stream(i))
+        backlog(keys=[keys.stream(i)], args=[WORKER_GROUP, "1"], client=pipe)
         pipe.xpending(keys.stream(i), WORKER_GROUP)
         pipe.xinfo_consumers(keys.stream(i), WORKER_GROUP)
     replies = pipe.execute(raise_on_error=False)

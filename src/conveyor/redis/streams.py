@@ -25,6 +25,7 @@ from ..errors import BackendError, BackendUnavailable
 
 __all__ = [
     "DRIVER_GROUP",
+    "MAX_POLL_SECONDS",
     "WORKER_GROUP",
     "Keys",
     "Retrier",
@@ -43,6 +44,11 @@ WORKER_GROUP = "workers"
 """The consumer group of every stage's input stream."""
 DRIVER_GROUP = "driver"
 """The consumer group of the final stream, read by the run's driver."""
+MAX_POLL_SECONDS = 0.005
+"""Longest wait between two checks of a full stream's length. Redis cannot
+notify a length going down, so a producer over its limit polls (XLEN, a few
+microseconds of server time); a short cap keeps a drained stream from
+sitting idle while its producer sleeps."""
 
 
 def pipeline_id(stages: Sequence[Any]) -> str:
@@ -244,32 +250,93 @@ class Retrier:
 
 # ---------------------------------------------------------------------- scripts
 
+# Lua helpers shared by the scripts below.
+#
+# backlog(key, group, held): entries of the stream its group has not read yet
+# (the group's lag), plus, with ``held``, those read but not acknowledged: the
+# work left in the stream, whatever acknowledged entries still sit in it.
+# trim(key, group): drop the acknowledged entries at the head of the stream,
+# up to the oldest entry still pending (or the last one delivered, when none
+# is): XTRIM MINID ~ removes whole nodes, far cheaper than deleting entries
+# one by one, and never an entry that is pending or not delivered yet.
+LUA_HELPERS = """
+local function group_info(key, group)
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
+    local f = {}
+    for k = 1, #g, 2 do f[g[k]] = g[k + 1] end
+    if f['name'] == group then return f end
+  end
+  return nil
+end
+local function backlog(key, group, held)
+  local f = group_info(key, group)
+  if f == nil then return redis.call('XLEN', key) end
+  local lag = f['lag']
+  if not lag then lag = redis.call('XLEN', key) - f['pending'] end
+  if held then return lag + f['pending'] end
+  return lag
+end
+local function trim(key, group)
+  local floor = redis.call('XPENDING', key, group)[2]
+  if not floor then
+    local f = group_info(key, group)
+    if f == nil then return end
+    floor = f['last-delivered-id']
+  end
+  redis.call('XTRIM', key, 'MINID', '~', floor)
+end
+"""
+
 # Hand a batch on: for each input entry still pending for this consumer,
-# acknowledge and delete it, and add its outputs; or record its error and make
-# it reclaimable now ('n'); or move it to the dead letters ('x'). Entries no
+# acknowledge it (and trim the stream's acknowledged head), and add its
+# outputs; or record its error and make it reclaimable now ('n'); or move it
+# to the dead letters ('x'). Entries no
 # longer ours (reclaimed by another worker meanwhile) are skipped: their
 # outputs would be duplicates. All in one atomic step.
 #
 # KEYS: input, output, final, counters, meta, errors, dead
 # ARGV: group, consumer, stage, visibility ms, filtered, failed, retried,
-#       busy us, then records:
+#       busy us, lowest id, highest id, number of entries, then records:
+#   'o' id data              (first delivery, one output: its field d)
+#   'O' id data seq          (the same with field q)
 #   'a' id deliveries n_out [dest('o'|'f') k field value ...] * n_out
 #   'n' id error
 #   'x' id deliveries error k field value ...
 # Returns {acked, stale, backlog of the output stream} or -1 if the run is gone.
-HANDOFF = """
+HANDOFF = (
+    LUA_HELPERS
+    + """
 if redis.call('EXISTS', KEYS[5]) == 0 then return -1 end
 local group, consumer, st = ARGV[1], ARGV[2], ARGV[3]
+-- What this consumer holds, in one range query over the batch's ids.
+local held = {}
+for _, p in ipairs(redis.call('XPENDING', KEYS[1], group, ARGV[9], ARGV[10], ARGV[11], consumer)) do
+  held[p[1]] = true
+end
 local function owned(id)
-  local p = redis.call('XPENDING', KEYS[1], group, id, id, 1)
-  return p[1] ~= nil and p[1][2] == consumer
+  return held[id] == true
 end
 local acked, stale, outs, tombs, redelivered, dead = 0, 0, 0, 0, 0, 0
 local done = {}
-local i = 9
+local i = 12
 while i <= #ARGV do
   local op, id = ARGV[i], ARGV[i + 1]
-  if op == 'a' then
+  if op == 'o' or op == 'O' then
+    -- The common case, compact: first delivery, exactly one output (d, and q with 'O').
+    if owned(id) then
+      acked = acked + 1
+      outs = outs + 1
+      done[#done + 1] = id
+      if op == 'o' then
+        redis.call('XADD', KEYS[2], '*', 'd', ARGV[i + 2])
+      else
+        redis.call('XADD', KEYS[2], '*', 'd', ARGV[i + 2], 'q', ARGV[i + 3])
+      end
+    else
+      stale = stale + 1
+    end
+    if op == 'o' then i = i + 3 else i = i + 4 end
+  elseif op == 'a' then
     local deliveries, n = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
     i = i + 4
     local mine = owned(id)
@@ -277,7 +344,8 @@ while i <= #ARGV do
       acked = acked + 1
       redelivered = redelivered + deliveries - 1
       done[#done + 1] = id
-      redis.call('HDEL', KEYS[6], id)
+      -- Only an entry delivered before can have an error recorded.
+      if deliveries > 1 then redis.call('HDEL', KEYS[6], id) end
     else
       stale = stale + 1
     end
@@ -318,7 +386,7 @@ while i <= #ARGV do
 end
 if #done > 0 then
   redis.call('XACK', KEYS[1], group, unpack(done))
-  redis.call('XDEL', KEYS[1], unpack(done))
+  trim(KEYS[1], group)
 end
 local c = KEYS[4]
 local function add(name, n)
@@ -335,20 +403,26 @@ add('filtered:' .. st, ARGV[5])
 add('failed:' .. st, ARGV[6])
 add('retried:' .. st, ARGV[7])
 add('busy_us:' .. st, ARGV[8])
-local backlog = redis.call('XLEN', KEYS[2])
+local left
 if KEYS[2] == KEYS[3] then
-  backlog = backlog - redis.call('XPENDING', KEYS[3], 'driver')[1]
+  -- The driver holds final entries while it reorders: they are not backlog.
+  left = backlog(KEYS[2], 'driver', false)
+else
+  left = backlog(KEYS[2], group, true)
 end
-return {acked, stale, backlog}
+return {acked, stale, left}
 """
+)
 
 # Add entries to a stream (the source's items, or submitted ones).
 # KEYS: stream, counters, meta.  ARGV: counter, the counter's expected value
 # ('' for none), then records: k field value ...
-# Returns the stream's length after, -1 if the run is gone, or -2 when the
+# Returns the stream's backlog after, -1 if the run is gone, or -2 when the
 # counter is past the expected value: an earlier attempt of this very call
 # was applied (its reply lost with the connection), so nothing is added twice.
-FEED = """
+FEED = (
+    LUA_HELPERS
+    + """
 if redis.call('EXISTS', KEYS[3]) == 0 then return -1 end
 if ARGV[2] ~= '' then
   local now = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
@@ -362,8 +436,9 @@ while i <= #ARGV do
   n = n + 1
 end
 if ARGV[1] ~= '' then redis.call('HINCRBY', KEYS[2], ARGV[1], n) end
-return redis.call('XLEN', KEYS[1])
+return backlog(KEYS[1], 'workers', true)
 """
+)
 
 # Take over entries idle for longer than the visibility timeout, with how
 # many times each has now been delivered.
@@ -418,16 +493,28 @@ return moved
 """
 
 
-# The driver takes final-stream entries: acknowledge, delete, count (by what
+# The driver takes final-stream entries: acknowledge, trim, count (by what
 # XACK says, so a repeated call after a lost reply counts nothing twice).
 # KEYS: final, counters.  ARGV: group, released root ('' if unordered), ids...
-ACK = """
+ACK = (
+    LUA_HELPERS
+    + """
 local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
-redis.call('XDEL', KEYS[1], unpack(ARGV, 3))
+trim(KEYS[1], ARGV[1])
 if n > 0 then redis.call('HINCRBY', KEYS[2], 'delivered', n) end
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[2], 'released', ARGV[2]) end
 return n
 """
+)
+
+
+# The work left in a stream.  KEYS: stream.  ARGV: group, held ('1'|'0').
+BACKLOG = (
+    LUA_HELPERS
+    + """
+return backlog(KEYS[1], ARGV[1], ARGV[2] == '1')
+"""
+)
 
 
 class Scripts:
@@ -439,3 +526,4 @@ class Scripts:
         self.reclaim = client.register_script(RECLAIM)
         self.dead = client.register_script(DEAD)
         self.ack = client.register_script(ACK)
+        self.backlog = client.register_script(BACKLOG)

@@ -42,6 +42,8 @@ from .codec import Codec, get_codec, key_check, secret_from
 from .order import child_path, load_path
 from .state import RunInfo
 from .streams import (
+    DRIVER_GROUP,
+    MAX_POLL_SECONDS,
     WORKER_GROUP,
     Keys,
     Retrier,
@@ -248,11 +250,9 @@ class Consumer:
     def _has_room(self, ctx: RunContext) -> bool:
         """Check again whether the output stream went under its limit; back off if not."""
         keys, i = ctx.info.keys, self.index
-        out = keys.stream(i + 1)
-        backlog = self.retry(self.client.xlen, out)
-        if i + 1 == len(ctx.info.stages):
-            pending = self.retry(self.client.xpending, out, "driver")
-            backlog -= pending["pending"]
+        final = i + 1 == len(ctx.info.stages)
+        group, held = (DRIVER_GROUP, "0") if final else (WORKER_GROUP, "1")
+        backlog = self.retry(self.scripts.backlog, keys=[keys.stream(i + 1)], args=[group, held])
         if backlog < ctx.info.limits[i + 1]:
             ctx.blocked_until.pop(i, None)
             ctx.block_delay.pop(i, None)
@@ -261,7 +261,7 @@ class Consumer:
         return False
 
     def _block(self, ctx: RunContext) -> None:
-        delay = min(0.2, ctx.block_delay.get(self.index, 0.0025) * 2)
+        delay = min(MAX_POLL_SECONDS, ctx.block_delay.get(self.index, 0.0005) * 2)
         ctx.block_delay[self.index] = delay
         ctx.blocked_until[self.index] = monotonic() + delay
 
@@ -314,6 +314,8 @@ class Consumer:
 
     def handle(self, ctx: RunContext, entries: list[Entry]) -> None:
         """Process a batch of entries of one run and hand it on atomically."""
+        if not entries:
+            return  # a re-read of pending entries found none in this stream
         t0 = perf_counter()
         if self.stage.kind == "batch":
             batch = _Batch(ctx, self.index, self.stage)
@@ -350,6 +352,9 @@ class Consumer:
                 len(batch.failures),
                 batch.retried,
                 int(busy * 1e6),
+                *_id_range(entries),
+                # Room for entries it holds in that range besides the batch (failed ones).
+                len(entries) + 1000,
                 *args,
             ],
         )
@@ -444,6 +449,14 @@ class _Batch:
         except Exception as exc:
             self.args += ["n", entry_id, _error_text(exc)]
             return
+        if deliveries == 1 and len(records) == 1 and records[0][0] == "o":
+            record = records[0]
+            if record[1] == 2:  # fields d
+                self.args += ["o", entry_id, record[3]]
+                return
+            if record[1] == 4 and record[4] == b"q":  # fields d, q
+                self.args += ["O", entry_id, record[3], record[5]]
+                return
         self.args += ["a", entry_id, deliveries, len(records), *_flat(records)]
 
     def finish(self) -> list[Any]:
@@ -488,6 +501,18 @@ class _Batch:
     ) -> None:
         kept = [x for k, v in fields.items() if k in (b"d", b"q", b"s") for x in (k, v)]
         self.args += ["x", entry_id, deliveries, error, len(kept), *kept]
+
+
+def _id_range(entries: list[Entry]) -> tuple[bytes, bytes]:
+    """The lowest and highest stream ids of a batch (ids compare as pairs of numbers)."""
+    ids = [e[0] for e in entries]
+    key = _id_key
+    return min(ids, key=key), max(ids, key=key)
+
+
+def _id_key(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
 
 
 def _flat(records: list[list[Any]]) -> list[Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -369,7 +370,9 @@ def test_a_stall_names_the_worker_its_item_how_long_and_its_stack(
     assert record.name == "conveyor" and record.levelno == logging.WARNING
     text = record.getMessage()
     assert "no item has moved for" in text
-    assert "stage 'stuck' (map), worker conveyor-stuck-0: holds item 3 since" in text
+    assert "stage 'stuck' (map), worker conveyor-stuck-0: in the stage function for" in text
+    first = re.search(r"on a batch starting with item (\d+); its stack:", text)
+    assert first is not None and int(first.group(1)) <= 3  # the batch holding item 3
     assert "in stuck_on_gate" in text and "must_wait(gate)" in text
     assert "'stuck' input" in text
 

@@ -154,6 +154,7 @@ _COLOURS = (
     "#9a3412",
     "#475569",
 )
+_FAILURES_SHOWN = 200  # items given up on listed in the HTML report (all are in its JSON)
 _CHART_W, _CHART_H = 820, 270
 _PAD_L, _PAD_R, _PAD_T, _PAD_B = 64, 170, 16, 40
 
@@ -214,7 +215,8 @@ def render_html(result: RunResult, error: BaseException | None = None) -> str:
                 "Where the workers' time went",
                 _time_bars(result.stats),
                 "Share of each stage's worker time: in the stage function, waiting for "
-                "input, blocked on a full output; the rest is start-up and hand-over.",
+                "input, blocked on a full output; the rest is time before a worker's first "
+                "item and after its last.",
             ),
             _section("Stages", _stage_table(result.stats), ""),
             _errors(result, error),
@@ -247,6 +249,7 @@ margin:16px 0}
 table{border-collapse:collapse;width:100%;font-size:13px}
 th,td{padding:4px 8px;border-bottom:1px solid #e2e8f0;text-align:right;white-space:nowrap}
 th:first-child,td:first-child,th:nth-child(2),td:nth-child(2){text-align:left}
+table.list th,table.list td{text-align:left;white-space:normal}
 pre{background:#0f172a;color:#e2e8f0;padding:12px;border-radius:6px;overflow:auto;font-size:12px}
 svg text{font-family:inherit}
 """
@@ -320,15 +323,16 @@ def _errors(result: RunResult, error: BaseException | None) -> str:
             f"<tr><td>{html.escape(f.stage)}</td><td>{html.escape(repr(f.item)[:80])}</td>"
             f"<td>{html.escape(type(f.error).__name__)}: {html.escape(str(f.error)[:200])}</td>"
             f"<td>{f.attempts}</td></tr>"
-            for f in result.failures[:200]
+            for f in result.failures[:_FAILURES_SHOWN]
         )
-        more = len(result.failures) - 200
         parts.append(
-            "<p>Items given up on (<code>on_error='skip'</code>):</p><table><thead><tr>"
-            "<th>stage</th><th>item</th><th>error</th><th>attempts</th></tr></thead>"
+            "<p>Items given up on (<code>on_error='skip'</code>):</p><table class='list'>"
+            "<thead><tr><th>stage</th><th>item</th><th>error</th><th>attempts</th></tr></thead>"
             f"<tbody>{rows}</tbody></table>"
-            + (f"<p class='muted'>… and {more} more</p>" * (more > 0))
         )
+        more = len(result.failures) - _FAILURES_SHOWN
+        if more > 0:
+            parts.append(f"<p class='muted'>… and {more:,} more</p>")
     if not parts:
         parts.append("<p class='ok'>No errors.</p>")
     return _section("Errors", "".join(parts), "")

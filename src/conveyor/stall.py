@@ -19,8 +19,10 @@ from __future__ import annotations
 import logging
 import reprlib
 import sys
+import threading
 import traceback
 from time import perf_counter
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from .metrics import StageMetrics, WorkerCounters
@@ -111,17 +113,22 @@ class StallDetector:
 def _holder_line(m: StageMetrics, w: WorkerCounters, now: float) -> str:
     held = now - (w.current_since or now)
     where = f"process stage {m.stage.label}" if m.stage.runtime == "process" else m.stage.label
+    # The worker records its batch's first item only (a per-item record would
+    # cost on the hot path); slow items come in batches of one.
     return (
-        f"  stage {where}, worker {w.thread_name}: holds item "
-        f"{_item_repr.repr(w.current_item)} since {held:.1f} s; its stack:"
+        f"  stage {where}, worker {w.thread_name}: in the stage function for {held:.1f} s, "
+        f"on a batch starting with item {_item_repr.repr(w.current_item)}; its stack:"
     )
 
 
-def _stack_lines(frame: object) -> list[str]:
+def _stack_lines(frame: FrameType | None) -> list[str]:
     if frame is None:
         return ["    (stack not available)"]
-    entries = traceback.format_stack(frame)[-_STACK_FRAMES:]  # type: ignore[arg-type]
-    return ["    " + line for entry in entries for line in entry.rstrip().splitlines()]
+    entries = traceback.extract_stack(frame)
+    while entries and entries[0].filename == threading.__file__:
+        del entries[0]  # the thread's bootstrap: the same for every worker
+    formatted = traceback.format_list(entries[-_STACK_FRAMES:])
+    return ["    " + line for entry in formatted for line in entry.rstrip().splitlines()]
 
 
 def _queue_state(m: StageMetrics) -> str:

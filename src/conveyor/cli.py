@@ -240,7 +240,7 @@ def cli() -> None:
     """
 
 
-@cli.command("run", epilog=_EPILOG)
+@cli.command("run", epilog=_EPILOG, short_help="Run a pipeline and report on each stage.")
 @click.argument("target", metavar="MODULE:ATTR")
 @click.option(
     "--progress/--no-progress",
@@ -408,7 +408,7 @@ def _add_redis_commands() -> None:
 _add_redis_commands()
 
 
-@cli.command()
+@cli.command(short_help="Show conveyor at work, and a bottleneck found.")
 def demo() -> None:
     """Show conveyor at work: the classic producer-consumer scenario, then a
     pipeline with a deliberately slow stage and the report naming it."""

@@ -413,7 +413,14 @@ def main() -> None:
             commandstats(url, pid, args.items)
         return
     n = args.items
-    lines = [f"Machine: {machine()}.", ""]
+    load = os.getloadavg()[0]
+    lines = [
+        f"Machine: {machine()}; load average at the start: {load:.1f}.",
+        "",
+        "Reproduce: `python bench/redis.py --scaling --write` "
+        "(`--commandstats` shows redis-server's time by command).",
+        "",
+    ]
     print(lines[0], flush=True)
 
     with redis_server() as (url, pid):
@@ -437,7 +444,9 @@ def main() -> None:
         lines += [
             f"{n:,} small items, 2 trivial stages (x + 1, x * 2), 2 worker processes per "
             f"stage, loopback Redis, end to end; medians of {args.rounds} rounds "
-            f"(conveyor and hand-written alternated).",
+            f"(conveyor and hand-written alternated; the ordered variant "
+            f"{max(1, args.rounds // 2)} rounds). Celery is about 50 times slower, so it "
+            f"ran {args.celery_items:,} chains, {args.celery_rounds} rounds.",
             "",
             "| candidate | items/s | vs hand-written | vs Celery |",
             "| --- | ---: | ---: | ---: |",
@@ -485,7 +494,14 @@ def scaling(url: str, pid: int, n: int) -> list[str]:
         out.append(
             f"| {per_stage} | {n / elapsed:,.0f} | {cpu / n * 1e6:.1f} µs | {cpu / elapsed:.0%} |"
         )
-    out.append("")
+    out += [
+        "",
+        "On this 2-core machine the worker processes, the driver and redis-server share two "
+        "cores, so more workers cannot add throughput; redis-server is far from busy, so "
+        "the Python clients' CPU is the limit (see docs/distributed.md for the ceiling one "
+        "Redis puts on a pipeline).",
+        "",
+    ]
     return out
 
 

@@ -132,6 +132,30 @@ def test_skipped_items_are_reported_as_failures_and_the_run_goes_on(
     assert "KeyError" in str(result.failures[0].error)
 
 
+def test_a_stage_timeout_gives_up_on_a_stuck_item_as_on_one_machine(
+    redis_server: RedisServer,
+) -> None:
+    release = threading.Event()
+
+    def stuck_on_three(x: int) -> int:
+        if x == 3:
+            release.wait(WAIT_FOR_TIMEOUT)
+        return x
+
+    pipeline = cv.Pipeline(range(6)).map(stuck_on_three, timeout=0.2, on_error="skip")
+    backend = RedisBackend(redis_server.url, namespace=new_namespace(), local_workers=True)
+    try:
+        result = pipeline.run(collect=True, backend=backend)
+    finally:
+        release.set()
+    assert result.outputs == [0, 1, 2, 4, 5]
+    [failure] = result.failures
+    assert "TimeoutError" in str(failure.error)
+
+
+WAIT_FOR_TIMEOUT = 30.0
+
+
 def test_async_stages_and_batch_stages_run_on_redis_workers(redis_server: RedisServer) -> None:
     async def double(x: int) -> int:
         await asyncio.sleep(0)
@@ -465,6 +489,14 @@ def test_status_shows_each_stage_its_stream_and_consumers(
     [status] = json.loads(as_json.output)
     assert status["fed"] == 3
     assert [s["stream_length"] for s in status["stages"]] == [3, 0]
+    args = ["redis_helpers:poisoned", "--redis", redis_server.url, "--namespace", namespace]
+    cancelled = CliRunner().invoke(cli, ["cancel", *args, "--run", "seen"])
+    assert cancelled.output.strip() == "deleted run seen"
+    with redis_client(redis_server.url) as client:
+        assert client.keys(f"{namespace}:*") == []
+    again = CliRunner().invoke(cli, ["cancel", *args, "--run", "seen"])
+    assert again.exit_code == 1
+    assert "no run 'seen'" in again.output
 
 
 def test_conveyor_run_with_redis_drives_a_run_that_workers_serve(redis_server: RedisServer) -> None:

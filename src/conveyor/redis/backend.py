@@ -292,6 +292,13 @@ class RedisBackend:
         finally:
             self.close()
 
+    def cancel(self, pipeline: Any, run_id: str) -> bool:
+        """Delete the run ``run_id`` of ``pipeline`` from Redis (its items, outputs and
+        dead letters included); workers stop serving it. Returns whether it existed."""
+        keys = self.keys(pipeline, run_id)
+        retry = Retrier("cancel", self.unavailable_timeout)
+        return bool(retry(_delete_run, self.client(), keys, len(_stages(pipeline))))
+
     # ------------------------------------------------------------------ long-lived runs
 
     def open(self, pipeline: Any, run_id: str = "live") -> LiveRun:
@@ -594,13 +601,7 @@ class _DriverRun:
         if self.backend.keep:
             return
 
-        def delete() -> None:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.srem(self.keys.runs, self.keys.run)
-            pipe.delete(*self.keys.all(self.n))
-            pipe.execute()
-
-        self.retry(delete)
+        self.retry(_delete_run, self.client, self.keys, self.n)
 
     # ------------------------------------------------------------------ result
 
@@ -675,6 +676,15 @@ def _read_state(client: Any, retry: Retrier, keys: Keys, n: int) -> RunState:
 
     counters, done = retry(read)
     return RunState.read(counters, done == b"1", n)
+
+
+def _delete_run(client: Any, keys: Keys, stages: int) -> int:
+    """Unregister the run and delete its keys; return how many keys there were."""
+    pipe = client.pipeline(transaction=True)
+    pipe.srem(keys.runs, keys.run)
+    pipe.delete(*keys.all(stages))
+    deleted: int = pipe.execute()[1]
+    return deleted
 
 
 def _create(client: Any, keys: Keys, info: RunInfo) -> None:

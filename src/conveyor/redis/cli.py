@@ -1,4 +1,4 @@
-"""The distributed commands: ``conveyor worker``, ``conveyor status``, ``conveyor dlq ...``.
+"""The distributed commands: ``conveyor worker``, ``status``, ``dlq ...``, ``cancel``.
 
 Registered on the main ``conveyor`` group by `conveyor.cli`; ``conveyor run
 --redis URL`` drives a run through `run_on_redis`. The pickle codec's key
@@ -18,7 +18,15 @@ import click
 
 from ..errors import BackendError, ConfigurationError
 
-__all__ = ["dlq_group", "load_pipeline", "run_on_redis", "status_command", "worker_command"]
+__all__ = [
+    "COMMANDS",
+    "cancel_command",
+    "dlq_group",
+    "load_pipeline",
+    "run_on_redis",
+    "status_command",
+    "worker_command",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -182,6 +190,25 @@ def status_command(
         click.echo(render(statuses).rstrip())
 
 
+@click.command("cancel")
+@click.argument("target", metavar="MODULE:ATTR")
+@_redis_options
+@click.option("--run", "run_id", required=True, metavar="ID", help="The run to delete.")
+def cancel_command(target: str, url: str, namespace: str, run_id: str) -> None:
+    """Delete a run of MODULE:ATTR from Redis: its items, outputs and dead letters."""
+    from .backend import RedisBackend
+
+    pipeline = load_pipeline(target)
+    try:
+        with RedisBackend(url, namespace=namespace) as backend:
+            existed = backend.cancel(pipeline, run_id)
+    except BackendError as exc:
+        raise _fail(exc) from None
+    if not existed:
+        raise click.ClickException(f"no run {run_id!r} of this pipeline in Redis")
+    click.echo(f"deleted run {run_id}")
+
+
 # ---------------------------------------------------------------------- dlq
 
 
@@ -301,5 +328,5 @@ def dlq_purge(
     _move("purge", target, url, namespace, run_id, stage, ids)
 
 
-COMMANDS = (worker_command, status_command, dlq_group)
+COMMANDS = (worker_command, status_command, dlq_group, cancel_command)
 """What `conveyor.cli` registers on the main group."""

@@ -6,6 +6,7 @@ wait on an Event the test controls), never by sleeping in the test itself.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -312,6 +313,28 @@ def test_the_bottleneck_moves_when_the_first_stage_is_the_slow_one() -> None:
     )
     bottleneck = p.run().bottleneck
     assert bottleneck is not None and bottleneck.stage == "fetch"
+
+
+def test_the_hint_for_a_slow_process_stage_is_more_processes() -> None:
+    def sleep_in_a_process(x: int) -> int:  # local: sent to the workers by value
+        time.sleep(0.002)  # the work
+        return x
+
+    p = cv.Pipeline(range(200)).map(plus_one, name="read")
+    bottleneck = p.map(sleep_in_a_process, runtime="process", name="work").run().bottleneck
+    assert bottleneck is not None and bottleneck.stage == "work"
+    assert "more worker processes would help" in bottleneck.hint
+
+
+def test_the_hint_for_a_slow_async_stage_is_more_concurrency() -> None:
+    async def await_slowly(x: int) -> int:
+        await asyncio.sleep(SLOW_ITEM)  # the work
+        return x
+
+    p = cv.Pipeline(range(200)).map(plus_one, name="read")
+    bottleneck = p.map(await_slowly, runtime="async", name="work").run().bottleneck
+    assert bottleneck is not None and bottleneck.stage == "work"
+    assert "more concurrency would help" in bottleneck.hint
 
 
 def test_a_slow_source_is_named_as_the_bottleneck() -> None:

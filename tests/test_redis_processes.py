@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -88,6 +89,8 @@ def test_workers_killed_mid_batch_lose_nothing_and_duplicate_nothing(
     assert isinstance(result, RedisRunResult)
     assert Counter(result.outputs) == expected, worker_logs(tmp_path)
     assert result.redelivered["work"] > 0  # the killed workers' entries ran again
+    assert "re-executions after a worker died or failed: work: " in result.report()
+    assert json.loads(result.to_json())["redis"]["redelivered"] == result.redelivered
     assert result.stats[0].items_in == n
 
 

@@ -191,3 +191,20 @@ def test_urls_are_shown_without_their_password() -> None:
     assert redact("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
     assert redact("rediss://app:pw@host/1") == "rediss://app:***@host/1"
     assert redact("redis://host:6379/0") == "redis://host:6379/0"
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def test_worker_workers_option_takes_a_count_or_stage_counts() -> None:
+    import click
+
+    from conveyor.redis.cli import _parse_workers
+
+    assert _parse_workers(()) is None
+    assert _parse_workers(("3",)) == 3
+    assert _parse_workers(("parse=2", "enrich=8")) == {"parse": 2, "enrich": 8}
+    with pytest.raises(click.BadParameter):
+        _parse_workers(("0",))
+    with pytest.raises(click.BadParameter):
+        _parse_workers(("parse=none",))

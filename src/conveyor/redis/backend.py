@@ -79,6 +79,27 @@ class RedisRunResult(RunResult):
     dead_letters: dict[str, int] = field(default_factory=dict)
     """Per stage: entries left in dead letters."""
 
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data, as for any run, plus the run id and per-stage re-executions,
+        stale results and dead letters (under ``"redis"``)."""
+        data = super().as_dict()
+        data["redis"] = {
+            "run_id": self.run_id,
+            "redelivered": self.redelivered,
+            "stale": self.stale,
+            "dead_letters": self.dead_letters,
+        }
+        return data
+
+    def report(self, width: int = 130) -> str:
+        """The per-stage table, and a line on re-executions when there were any."""
+        text = super().report(width)
+        again = sum(self.redelivered.values())
+        if again:
+            where = ", ".join(f"{k}: {v}" for k, v in self.redelivered.items() if v)
+            text = text.rstrip("\n") + f"\nre-executions after a worker died or failed: {where}\n"
+        return text
+
 
 class RedisBackend:
     """Runs pipelines on Redis Streams, with workers anywhere (``conveyor worker``).

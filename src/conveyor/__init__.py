@@ -22,8 +22,10 @@ from .errors import PipelineStopped as PipelineStopped
 from .errors import SerializationError as SerializationError
 from .errors import ShutDown as ShutDown
 from .errors import WorkerCrashed as WorkerCrashed
+from .metrics import Bottleneck as Bottleneck
 from .metrics import RunResult as RunResult
 from .metrics import StageStats as StageStats
+from .metrics import Timeline as Timeline
 from .pipeline import Pipeline as Pipeline
 from .pipeline import RunHandle as RunHandle
 from .stage import Backoff as Backoff
@@ -36,6 +38,7 @@ __all__ = [
     "BackendError",
     "BackendUnavailable",
     "Backoff",
+    "Bottleneck",
     "Channel",
     "ChannelStats",
     "ConfigurationError",
@@ -53,6 +56,7 @@ __all__ = [
     "SerializationError",
     "ShutDown",
     "StageStats",
+    "Timeline",
     "WorkerCrashed",
     "__version__",
     "worker_state",

@@ -1,8 +1,8 @@
 """The public face of the package: `__all__` lists exactly the public names, sorted."""
 
 from __future__ import annotations
-
 import __future__
+
 import queue
 import subprocess
 import sys
@@ -45,7 +45,11 @@ def test_the_queue_exceptions_are_the_standard_ones() -> None:
 
 def test_python_dash_m_conveyor_shows_the_help() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "conveyor", "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "conveyor", "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0
     assert "run" in proc.stdout and "demo" in proc.stdout

@@ -513,3 +513,23 @@ def test_conveyor_run_with_redis_drives_a_run_that_workers_serve(redis_server: R
     report = json.loads(result.output)
     assert report["items_out"] == len(pipeline.run(collect=True).outputs or [])
     assert [s["items_in"] for s in report["stages"]] == [20_000, 20_000, 15_000]
+
+
+def test_consumers_that_hold_nothing_and_went_silent_are_forgotten(
+    redis_server: RedisServer, closing: Callable[[Any], Any]
+) -> None:
+    from conveyor.redis.streams import Scripts
+
+    client = closing(redis.Redis.from_url(redis_server.url))
+    stream = f"{new_namespace()}:s0"
+    client.xgroup_create(stream, "workers", id="0", mkstream=True)
+    client.xgroup_createconsumer(stream, "workers", "ghost")
+    client.xadd(stream, {"d": b"1"})
+    client.xreadgroup("workers", "holder", {stream: ">"})
+    wait_until(
+        lambda: all(c["idle"] > 5 for c in client.xinfo_consumers(stream, "workers")),
+        "both consumers to be idle a little",
+    )
+    Scripts(client).reclaim(keys=[stream], args=["workers", "me", 60_000, "0-0", 10, 5])
+    names = {c["name"] for c in client.xinfo_consumers(stream, "workers")}
+    assert names == {b"holder"}  # it still holds an entry; the ghost held nothing

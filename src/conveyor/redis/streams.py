@@ -441,8 +441,10 @@ return backlog(KEYS[1], 'workers', true)
 )
 
 # Take over entries idle for longer than the visibility timeout, with how
-# many times each has now been delivered.
-# KEYS: stream.  ARGV: group, consumer, min idle ms, cursor, count.
+# many times each has now been delivered; forget consumers that hold nothing
+# and were not seen for a long time (killed workers), so status stays readable
+# (a live consumer that was removed comes back with its next read).
+# KEYS: stream.  ARGV: group, consumer, min idle ms, cursor, count, forget ms.
 # Returns {next cursor, {{id, {field, value, ...}, deliveries}, ...}}.
 RECLAIM = """
 local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
@@ -451,6 +453,15 @@ local out = {}
 for _, e in ipairs(r[2]) do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
   if p[1] ~= nil then out[#out + 1] = {e[1], e[2], p[1][4]} end
+end
+if r[1] == '0-0' then
+  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+    local f = {}
+    for k = 1, #c, 2 do f[c[k]] = c[k + 1] end
+    if f['pending'] == 0 and f['idle'] > tonumber(ARGV[6]) then
+      redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    end
+  end
 end
 return {r[1], out}
 """

@@ -64,6 +64,9 @@ REFRESH_SECONDS = 0.1
 """How often a consumer looks for new runs."""
 BLOCK_MS = 500
 """How long one XREADGROUP waits for entries (under redis-py's socket timeout)."""
+FORGET_CONSUMER_MS = 60_000
+"""A consumer holding nothing and unseen this long (at least; 10 visibility
+timeouts with long ones) is removed from its group: a worker that was killed."""
 ERROR_TEXT_LIMIT = 4000
 """Characters of a traceback kept with an entry that failed."""
 
@@ -281,7 +284,14 @@ class Consumer:
         reply = self.retry(
             self.scripts.reclaim,
             keys=[ctx.info.keys.stream(self.index)],
-            args=[WORKER_GROUP, self.name, ctx.info.visibility_ms, cursor, self._reclaim_count()],
+            args=[
+                WORKER_GROUP,
+                self.name,
+                ctx.info.visibility_ms,
+                cursor,
+                self._reclaim_count(),
+                max(FORGET_CONSUMER_MS, 10 * ctx.info.visibility_ms),
+            ],
         )
         ctx.reclaim_cursor[self.index] = reply[0]
         entries = [(e[0], fields_to_dict(e[1]), int(e[2])) for e in reply[1]]

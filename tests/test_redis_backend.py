@@ -533,3 +533,43 @@ def test_consumers_that_hold_nothing_and_went_silent_are_forgotten(
     Scripts(client).reclaim(keys=[stream], args=["workers", "me", 60_000, "0-0", 10, 5])
     names = {c["name"] for c in client.xinfo_consumers(stream, "workers")}
     assert names == {b"holder"}  # it still holds an entry; the ghost held nothing
+
+
+def test_a_failing_source_ends_the_run_and_leaves_nothing_in_redis(
+    redis_server: RedisServer,
+) -> None:
+    def source() -> Iterator[int]:
+        yield from range(10)
+        raise OSError("the disk went away")
+
+    namespace = new_namespace()
+    pipeline = cv.Pipeline(source()).map(triple)
+    backend = RedisBackend(redis_server.url, namespace=namespace, local_workers=True)
+    with pytest.raises(OSError, match="the disk went away") as caught:
+        pipeline.run(backend=backend)
+    assert any("was deleted" in note for note in getattr(caught.value, "__notes__", []))
+    with redis_client(redis_server.url) as client:
+        assert client.keys(f"{namespace}:*") == []
+
+
+def test_the_driver_says_when_no_worker_serves_its_run(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import conveyor.redis.backend as backend_module
+
+    monkeypatch.setattr(backend_module, "QUIET_SECONDS", 0.2)
+    pipeline = cv.Pipeline(range(5)).map(triple, name="lonely")
+    namespace = new_namespace()
+    results: list[cv.RunResult] = []
+    driver = threading.Thread(
+        target=lambda: results.append(
+            pipeline.run(collect=True, backend=RedisBackend(redis_server.url, namespace=namespace))
+        ),
+        daemon=True,
+    )
+    with caplog.at_level("WARNING", logger="conveyor.redis"):
+        driver.start()
+        wait_until(lambda: "no worker serves 'lonely'" in caplog.text, "the driver's warning")
+    with serving(pipeline, redis_server.url, namespace):
+        driver.join(30.0)
+    assert results[0].outputs == [0, 3, 6, 9, 12]

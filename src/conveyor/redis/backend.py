@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import BackendError, ConfigurationError, PayloadRejected
 from ..metrics import RunResult, StageStats
-from ..stage import Failure, Stage
+from ..stage import Failure, Stage, add_note
 from .codec import Codec, get_codec, key_check, secret_from
 from .order import TOMBSTONE, Reorderer, dump_path, load_path
 from .state import RunInfo, RunState
@@ -47,6 +47,8 @@ POLL_SECONDS = 0.2
 """How long the driver blocks on the final stream before it checks the counters."""
 FEED_CHUNK = 100
 """Items added to the first stream per script call."""
+QUIET_SECONDS = 10.0
+"""The driver logs a warning when its run's counters stay still this long."""
 
 
 class DeadLettersError(BackendError):
@@ -434,6 +436,8 @@ class _DriverRun:
         self.items_out = 0
         self.state: RunState | None = None
         self._failures: list[Failure] = []
+        self._moved = perf_counter()
+        self._warned = False
         self._feeder: threading.Thread | None = None
         self._feed_error: BaseException | None = None
         self._released = threading.Condition()
@@ -535,13 +539,27 @@ class _DriverRun:
                 if self._feed_error is not None:
                     raise self._feed_error
                 state = _read_state(self.client, self.retry, self.keys, self.n)
-                self.state = state
                 if state.complete:
+                    self.state = state
                     break
                 if not got and state.stalled and self.backend.on_dead_letters == "raise":
                     raise self._dead_letters_error(state)
-        except BaseException:
+                self._watch(state)
+        except BaseException as exc:
             self.stopped.set()
+            if exc is self._feed_error:
+                # As on one machine, a failing source ends the run: nothing stays behind.
+                add_note(exc, f"conveyor: the source failed; run {self.keys.run!r} was deleted")
+                self.retry(_delete_run, self.client, self.keys, self.n)
+            else:
+                log.warning(
+                    "conveyor: run %r left in Redis (%s): run again with run_id=%r to resume "
+                    "it, or `conveyor cancel ... --run %s` to delete it",
+                    self.keys.run,
+                    type(exc).__name__,
+                    self.keys.run,
+                    self.keys.run,
+                )
             raise
         finally:
             self.stopped.set()
@@ -552,6 +570,30 @@ class _DriverRun:
             self.finished = perf_counter()
         self._read_failures()
         self._finish()
+
+    def _watch(self, state: RunState) -> None:
+        """Say so, once per quiet spell, when nothing moves: usually, no worker is running."""
+        now = perf_counter()
+        if state != self.state:
+            self.state, self._moved, self._warned = state, now, False
+            return
+        if now - self._moved < QUIET_SECONDS or self._warned:
+            return
+        self._warned = True
+        consumers = [
+            len(self.retry(self.client.xinfo_consumers, self.keys.stream(i), WORKER_GROUP))
+            for i in range(self.n)
+        ]
+        idle = [s.name for s, c in zip(self.stages, consumers, strict=True) if c == 0]
+        log.warning(
+            "conveyor: run %r: nothing moved for %.0f s%s",
+            self.keys.run,
+            now - self._moved,
+            f"; no worker serves {', '.join(map(repr, idle))}: start "
+            f"`conveyor worker MODULE:ATTR --redis URL`"
+            if idle
+            else " (stages slower than that, or workers stuck)",
+        )
 
     def _read_pending(self) -> Iterator[list[Any]]:
         """Read again the entries delivered to this driver and not acknowledged yet."""

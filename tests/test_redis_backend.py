@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import conveyor as cv
 from conveyor.cli import cli
@@ -573,3 +575,53 @@ def test_the_driver_says_when_no_worker_serves_its_run(
     with serving(pipeline, redis_server.url, namespace):
         driver.join(30.0)
     assert results[0].outputs == [0, 3, 6, 9, 12]
+
+
+# ---------------------------------------------------------------------- random shapes
+
+
+def _fan_out(n: int) -> Callable[[int], list[int]]:
+    def fan(x: int) -> list[int]:
+        return [x * 10 + j for j in range(x % (n + 1))]
+
+    return fan
+
+
+@st.composite
+def shapes(draw: st.DrawFn) -> list[tuple[str, int, int, bool]]:
+    """Stages as (kind, parameter, workers, ordered)."""
+    return [
+        (
+            draw(st.sampled_from(["map", "filter", "flat_map"])),
+            draw(st.integers(1, 3)),
+            draw(st.integers(1, 3)),
+            draw(st.booleans()),
+        )
+        for _ in range(draw(st.integers(1, 3)))
+    ]
+
+
+@settings(
+    deadline=None, max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(shape=shapes(), n=st.integers(0, 300), batch_size=st.sampled_from([1, 7, 100]))
+def test_random_pipelines_give_what_one_machine_gives(
+    redis_server: RedisServer, shape: list[tuple[str, int, int, bool]], n: int, batch_size: int
+) -> None:
+    pipeline: cv.Pipeline[Any] = cv.Pipeline(range(n))
+    for kind, k, workers, ordered in shape:
+        if kind == "map":
+            pipeline = pipeline.map(lambda x, k=k: x + k, workers=workers, ordered=ordered)
+        elif kind == "filter":
+            pipeline = pipeline.filter(lambda x, k=k: x % (k + 1), workers=workers, ordered=ordered)
+        else:
+            pipeline = pipeline.flat_map(_fan_out(k), workers=workers, ordered=ordered)
+    expected = pipeline.run(collect=True).outputs or []
+    backend = RedisBackend(
+        redis_server.url, namespace=new_namespace(), batch_size=batch_size, local_workers=True
+    )
+    got = pipeline.run(collect=True, backend=backend).outputs or []
+    if pipeline.stages[-1].ordered:
+        assert got == expected
+    else:
+        assert sorted(got) == sorted(expected)

@@ -18,6 +18,9 @@ __all__ = ["TOMBSTONE", "Reorderer", "child_path", "dump_path", "load_path"]
 
 TOMBSTONE: Any = object()
 """The value of a leaf that carries no output."""
+_ZERO = Fraction(0)
+_ONE = Fraction(1)
+_NO_PATH: list[int] = []
 
 
 def dump_path(path: list[int]) -> bytes:
@@ -63,10 +66,15 @@ class Reorderer:
             return
         self._held.add(entry_id)
         root = path[0]
+        if len(path) == 1:
+            # The whole root in one leaf (no fan-out on its way): the common case.
+            self._cover[root] = _ONE
+            self._leaves[root] = [(_NO_PATH, value, entry_id)]
+            return
         weight = 1
         for k in path[2::2]:
             weight *= k
-        self._cover[root] = self._cover.get(root, Fraction(0)) + Fraction(1, weight)
+        self._cover[root] = self._cover.get(root, _ZERO) + Fraction(1, weight)
         self._leaves.setdefault(root, []).append((path[1:], value, entry_id))
 
     def release(self) -> tuple[list[Any], list[bytes]]:
@@ -76,7 +84,8 @@ class Reorderer:
         while self._cover.get(self.next_root) == 1:
             leaves = self._leaves.pop(self.next_root)
             del self._cover[self.next_root]
-            leaves.sort(key=lambda leaf: leaf[0])
+            if len(leaves) > 1:
+                leaves.sort(key=lambda leaf: leaf[0])
             for _, value, entry_id in leaves:
                 if value is not TOMBSTONE:
                     values.append(value)

@@ -225,6 +225,12 @@ def _queue_child(inq: Any, outq: Any) -> None:
     outq.put(None)
 
 
+def _until_none(get: Callable[[], Any]) -> Iterator[Any]:
+    # Not iter(get, None): that compares each array with None using ==.
+    while (x := get()) is not None:
+        yield x
+
+
 def _queue_sink(inq: Any, done: Any) -> None:
     count = 0
     while inq.get() is not None:
@@ -257,7 +263,7 @@ def large_payloads(rounds: int) -> str:
     def queue_round_trip() -> None:
         inq: Any = multiprocessing.Queue(8)
         outq: Any = multiprocessing.Queue(8)
-        child = multiprocessing.Process(target=_queue_child, args=(inq, outq))
+        child = multiprocessing.Process(target=_queue_child, args=(inq, outq), daemon=True)
         child.start()
 
         def feed() -> None:
@@ -265,16 +271,16 @@ def large_payloads(rounds: int) -> str:
                 inq.put(a)
             inq.put(None)
 
-        feeder = threading.Thread(target=feed)
+        feeder = threading.Thread(target=feed, daemon=True)
         feeder.start()
-        check(iter(outq.get, None))
+        check(_until_none(outq.get))
         feeder.join()
         child.join()
 
     def queue_one_way() -> None:
         inq: Any = multiprocessing.Queue(8)
         done: Any = multiprocessing.Queue()
-        child = multiprocessing.Process(target=_queue_sink, args=(inq, done))
+        child = multiprocessing.Process(target=_queue_sink, args=(inq, done), daemon=True)
         child.start()
         for a in source():
             inq.put(a)

@@ -137,6 +137,11 @@ def die_once(marker: str, bad: Any) -> Callable[[Any], Any]:
     return fn
 
 
+def announced(folder: Path) -> list[int]:
+    """Pids of the workers `announce_and_block` says hold an item."""
+    return [int(p.read_text()) for p in folder.iterdir() if p.suffix == ""]
+
+
 def announce_and_block(folder: str) -> Callable[[Any], Any]:
     """Write the worker's pid to ``folder/<item>`` and block (until killed)."""
 
@@ -427,8 +432,8 @@ def test_a_dying_worker_raises_worker_crashed_naming_stage_exit_and_items(
 def test_a_worker_killed_from_outside_mid_item_is_detected_at_once(tmp_path: Path) -> None:
     pipeline = cv.Pipeline(range(5)).map(announce_and_block(str(tmp_path)), runtime="process")
     with pipeline.start() as handle:
-        wait_until(lambda: Path(tmp_path, "0").exists())
-        os.kill(int(Path(tmp_path, "0").read_text()), signal.SIGKILL)
+        wait_until(lambda: bool(announced(tmp_path)))
+        os.kill(announced(tmp_path)[0], signal.SIGKILL)
         killed = time.monotonic()
         with pytest.raises(cv.WorkerCrashed, match="SIGKILL") as info:
             handle.join(timeout=5)
@@ -545,9 +550,9 @@ def test_big_buffers_and_numpy_arrays_round_trip_through_shared_memory(
     created: list[int] = []
     create = processes._Arena.create.__func__  # type: ignore[attr-defined]
 
-    def counting(cls: Any, size: int) -> Any:
+    def counting(cls: Any, ident: int, size: int) -> Any:
         created.append(size)
-        return create(cls, size)
+        return create(cls, ident, size)
 
     monkeypatch.setattr(processes._Arena, "create", classmethod(counting))
     items = big_payloads()
@@ -555,6 +560,26 @@ def test_big_buffers_and_numpy_arrays_round_trip_through_shared_memory(
     assert all(same(a, b) for a, b in zip(items, out, strict=True))
     assert created  # they did go through shared memory
     assert out[3].flags.writeable
+
+
+KEPT: list[Any] = []  # arrays a stage keeps in its worker (module level: sent by value)
+
+
+def keep_some(a: Any) -> tuple[Any, bool]:
+    if int(a[0]) % 7 == 0:
+        KEPT.append(a)  # built on the worker's inbox: later batches must not overwrite it
+    intact = all(int(k[0]) % 7 == 0 and bool((k == k[0]).all()) for k in KEPT)
+    return a * 2, intact
+
+
+def test_arrays_built_on_shared_memory_stay_intact_while_anyone_holds_them() -> None:
+    arrays = [numpy.full(20_000, i, dtype=numpy.float64) for i in range(300)]  # 160 kB each
+    out = list(cv.Pipeline(arrays).map(keep_some, runtime="process", workers=2))
+    assert all(intact for _, intact in out)  # what the workers kept
+    for i, (a, _) in enumerate(out):  # all the results, held at once by the caller
+        assert numpy.array_equal(a, arrays[i] * 2), i
+    out[1][0][:] = -1.0  # results are writable, and independent of each other
+    assert numpy.array_equal(out[2][0], arrays[2] * 2)
 
 
 def test_no_segment_is_left_after_an_error_in_the_stage() -> None:
@@ -587,8 +612,8 @@ def test_stop_terminates_every_worker_process_promptly(tmp_path: Path) -> None:
         announce_and_block(str(tmp_path)), runtime="process", workers=2, ordered=False
     )
     with pipeline.start() as handle:
-        wait_until(lambda: len([p for p in tmp_path.iterdir() if p.suffix == ""]) == 2)
-        pids = [int(p.read_text()) for p in tmp_path.iterdir() if p.suffix == ""]
+        wait_until(lambda: len(announced(tmp_path)) == 2)
+        pids = announced(tmp_path)
         stopped = time.monotonic()
         handle.stop()
         result = handle.join(timeout=5)

@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import mmap
 import os
 import pickle
@@ -102,14 +103,20 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from importlib import import_module
-from multiprocessing import connection, current_process, get_all_start_methods, get_context
+from multiprocessing import (
+    connection,
+    current_process,
+    get_all_start_methods,
+    get_context,
+    resource_tracker,
+)
 from multiprocessing import parent_process as _parent_process
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from multiprocessing.shared_memory import SharedMemory
 from time import monotonic
 from time import sleep as _sleep
 from types import CodeType
@@ -134,13 +141,16 @@ from ..stage import (
     process_batch,
     set_worker_state,
 )
-from .base import Runtime, StageRun, batch_loop, worker_loop
+from .base import Runtime, Sequencer, StageRun, batch_loop, worker_loop
 from .threads import join_threads
 
 __all__ = [
     "BATCH_SECONDS",
+    "INBOX_POOL",
     "KILL_GRACE",
+    "LANES",
     "MAX_BATCH",
+    "OUTBOX_POOL",
     "RUNTIME",
     "SHM_MESSAGE_LIMIT",
     "SHM_THRESHOLD",
@@ -157,8 +167,18 @@ START_METHOD: str | None = None
 "fork" is only safe when the parent runs no other thread than conveyor's own."""
 SHM_THRESHOLD = 64 * 1024
 """Buffers of at least this many bytes cross through shared memory instead of the pipe."""
-SHM_MESSAGE_LIMIT = 32 * 1024 * 1024
-"""A batch whose buffers add up to more is sent in several messages (one item at least)."""
+SHM_MESSAGE_LIMIT = 8 * 1024 * 1024
+"""A batch whose buffers add up to more is sent in several messages (one item at least);
+also the smallest shared-memory block (only the pages written are ever allocated)."""
+LANES = 2
+"""Batches in flight per worker process (each sent by a thread of its own): with two, the
+worker has the next batch waiting while it computes, and never waits for the parent."""
+INBOX_POOL = 4
+"""Request blocks a worker keeps (one per batch in flight, and spares of other sizes)."""
+OUTBOX_POOL = 64
+"""Reply blocks a worker keeps, to reuse each once no array built on it is left (results
+in the output channel or in the caller's hands hold several). Beyond that, free blocks
+are unmapped first, then the oldest are let go (their arrays keep them mapped)."""
 BATCH_SECONDS = 0.02
 """Target time of one batch. A round trip to a worker costs about 0.1 ms of
 the parent's time, so batches ten times longer than the thread runtime's
@@ -360,18 +380,29 @@ def _big_bytes_in(x: Any, depth: int) -> bool:
 class _Unpickler(pickle.Unpickler):
     """Resolves the persistent ids `_OutOfBand` wrote, copying out of shared memory."""
 
-    def __init__(self, payload: bytes, buffers: list[Any], sources: list[memoryview]) -> None:
+    def __init__(
+        self,
+        payload: bytes,
+        buffers: list[Any],
+        descs: list[tuple[int, int, bool]],
+        arena: _Arena | None,
+    ) -> None:
         super().__init__(io.BytesIO(payload), buffers=buffers)
-        self.sources = sources
+        self.descs = descs
+        self.arena = arena
 
     def persistent_load(self, pid: Any) -> Any:
         kind = pid[0]
-        if kind == "b":
-            return bytes(self.sources[pid[1]])
-        if kind == "a":
-            return bytearray(self.sources[pid[1]])
-        data = pid[1] if kind == "m" else self.sources[pid[1]]
-        return _rebuild_memoryview(data, *pid[2:])
+        if kind == "m":
+            return _rebuild_memoryview(pid[1], *pid[2:])
+        assert self.arena is not None
+        offset, size, _ = self.descs[pid[1]]
+        with self.arena.view[offset : offset + size] as source:
+            if kind == "b":
+                return bytes(source)
+            if kind == "a":
+                return bytearray(source)
+            return _rebuild_memoryview(source, *pid[2:])
 
 
 def _rebuild_memoryview(data: Any, fmt: str, shape: tuple[int, ...], readonly: bool) -> memoryview:
@@ -388,21 +419,17 @@ def _rebuild_memoryview(data: Any, fmt: str, shape: tuple[int, ...], readonly: b
 def _load(
     payload: bytes, pids: bool, descs: list[tuple[int, int, bool]], arena: _Arena | None
 ) -> Any:
-    """Unpickle a payload whose big buffers sit in ``arena`` at ``descs``; copy them out."""
+    """Unpickle a payload whose big buffers sit in ``arena`` at ``descs``.
+
+    NumPy arrays are built on the block itself; bytes-likes are copied out.
+    """
     if not descs:
-        return _Unpickler(payload, [], []).load() if pids else pickle.loads(payload)
+        return _Unpickler(payload, [], [], None).load() if pids else pickle.loads(payload)
     assert arena is not None
-    view = arena.view
-    sources = [view[offset : offset + size] for offset, size, _ in descs]
-    try:
-        # Out-of-band (NumPy) buffers become bytearrays: the arrays own writable memory.
-        oob = [bytearray(s) for s, d in zip(sources, descs, strict=True) if not d[2]]
-        if pids:
-            return _Unpickler(payload, oob, sources).load()
-        return pickle.loads(payload, buffers=oob)
-    finally:
-        for source in sources:
-            source.release()
+    oob = [arena.lend(offset, size) for offset, size, persistent in descs if not persistent]
+    if pids:
+        return _Unpickler(payload, oob, descs, arena).load()
+    return pickle.loads(payload, buffers=oob)
 
 
 def _first_unpicklable(items: list[Any]) -> tuple[int, Exception] | None:
@@ -427,73 +454,124 @@ def shm_prefix() -> str:
     return f"cv{os.getpid()}_"
 
 
-class _Arena:
-    """A block of shared memory, written by one side and copied out by the other.
+def _named_mapping(name: str, size: int) -> mmap.mmap:
+    """Windows: a named mapping (it lives while some process maps it)."""
+    options: dict[str, Any] = {"tagname": name}  # a Windows-only parameter
+    return mmap.mmap(-1, size, **options)
 
-    The parent creates every block (so that it knows every name) and unlinks
-    the name as soon as the child has mapped it; the memory itself lives
-    until both sides have unmapped it.
+
+class _Arena:
+    """A block of shared memory mapped by the parent and one worker, reused message after message.
+
+    The sender copies a message's big buffers in (`write`). The receiver
+    builds NumPy arrays right on the block (`lend`: no copy) and copies
+    bytes-likes out. A block is written again only once no array built on
+    it is left (`in_use`), so what a receiver keeps stays intact; a block
+    closed while arrays still use it stays mapped until the last one goes.
+
+    Blocks are POSIX shared memory (what `multiprocessing.shared_memory`
+    uses, registered with its resource tracker in the same way, so that even
+    a killed parent leaves no name behind), but not `SharedMemory` objects:
+    their finalizer unmaps the block, which arrays may still need.
     """
 
-    def __init__(self, name: str, size: int, view: memoryview, closer: Any) -> None:
+    def __init__(self, ident: int, name: str, size: int, mapping: mmap.mmap, linked: bool) -> None:
+        self.ident = ident
         self.name = name
         self.size = size
-        self.view = view
-        self._closer = closer
-        self._linked = isinstance(closer, SharedMemory)
+        self.view = memoryview(mapping)
+        self._mapping: mmap.mmap | None = mapping
+        self._linked = linked
+        self._lent: list[memoryview] = []  # slices arrays were built on, maybe still in use
 
     @classmethod
-    def create(cls, size: int) -> _Arena:
-        """A new block of ``size`` bytes (its pages are only allocated when written)."""
+    def create(cls, ident: int, size: int) -> _Arena:
+        """A new block of ``size`` bytes (pages are only allocated when written)."""
+        if _posixshmem is None:  # Windows: a named mapping lives while someone maps it
+            name = f"{shm_prefix()}{secrets.token_hex(4)}"
+            return cls(ident, name, size, _named_mapping(name, size), False)
         while True:
+            name = f"{shm_prefix()}{secrets.token_hex(4)}"
             try:
-                shm = SharedMemory(f"{shm_prefix()}{secrets.token_hex(4)}", True, size)
+                fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             except FileExistsError:
                 continue
             break
-        assert shm.buf is not None
-        return cls(shm.name, size, shm.buf, shm)
-
-    @classmethod
-    def attach(cls, name: str, size: int) -> _Arena:
-        """Map the block the parent created under ``name``."""
-        if _posixshmem is None:
-            shm = SharedMemory(name)
-            assert shm.buf is not None
-            return cls(name, size, shm.buf, shm)
-        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, 0o600)
         try:
-            block = mmap.mmap(fd, size)
+            os.ftruncate(fd, size)
+            mapping = mmap.mmap(fd, size)
+        except BaseException:
+            _posixshmem.shm_unlink("/" + name)
+            raise
         finally:
             os.close(fd)
-        return cls(name, size, memoryview(block), block)
+        resource_tracker.register("/" + name, "shared_memory")
+        return cls(ident, name, size, mapping, True)
+
+    @classmethod
+    def attach(cls, ident: int, name: str, size: int) -> _Arena:
+        """Map the block the parent created under ``name``."""
+        if _posixshmem is None:
+            return cls(ident, name, size, _named_mapping(name, size), False)
+        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, 0o600)
+        try:
+            return cls(ident, name, size, mmap.mmap(fd, size), False)
+        finally:
+            os.close(fd)
 
     def write(self, buffers: _Buffers) -> list[tuple[int, int, bool]]:
         """Copy the buffers in, one after the other; return their (offset, size, persistent)."""
         descs = []
         offset = 0
-        for view, persistent in zip(buffers.views, buffers.persistent, strict=True):
-            size = view.nbytes
-            self.view[offset : offset + size] = view
+        view = self.view
+        for buffer, persistent in zip(buffers.views, buffers.persistent, strict=True):
+            size = buffer.nbytes
+            view[offset : offset + size] = buffer
             descs.append((offset, size, persistent))
             offset += _align(size)
         return descs
 
+    def lend(self, offset: int, size: int) -> pickle.PickleBuffer:
+        """Bytes of the block for an array to be built on, without copying.
+
+        Through a PickleBuffer, whoever uses the bytes (NumPy, a read-only
+        view pickle makes) holds an export of the slice kept here, which is
+        what `in_use` looks at.
+        """
+        piece = self.view[offset : offset + size]
+        self._lent.append(piece)
+        return pickle.PickleBuffer(piece)
+
+    def in_use(self) -> bool:
+        """Whether an array built on the block is still alive (it then stays as it is)."""
+        lent = self._lent
+        while lent:
+            try:
+                lent[-1].release()  # refused while something holds an export of the slice
+            except BufferError:
+                return True
+            lent.pop()
+        return False
+
     def unlink(self) -> None:
-        """Remove the block's name (the parent does, once the child has it)."""
+        """Remove the block's name (the parent does, once the worker has mapped it)."""
         if self._linked:
             self._linked = False
             with contextlib.suppress(FileNotFoundError):
-                self._closer.unlink()
+                _posixshmem.shm_unlink("/" + self.name)
+            resource_tracker.unregister("/" + self.name, "shared_memory")
 
     def close(self) -> None:
-        """Unmap the block (and unlink its name if still linked)."""
+        """Unlink the name; unmap the block, or leave that to the arrays still built on it."""
         self.unlink()
+        mapping, self._mapping = self._mapping, None
+        if mapping is None:
+            return
+        in_use = self.in_use()
         self.view.release()
-        self._closer.close()
-
-    def info(self) -> tuple[str, int]:
-        return self.name, self.size
+        if not in_use:
+            mapping.close()
+        # else the arrays' slices keep the mapping alive; it is unmapped after the last one
 
 
 # ---------------------------------------------------------------------- exceptions
@@ -580,8 +658,8 @@ class _Server:
             self.counts = []
             stage = replace(stage, fn=partial(_counted, stage.fn, self.counts))
         self.stage = stage
-        self.inbox: _Arena | None = None
-        self.outbox: _Arena | None = None
+        self.inboxes: dict[int, _Arena] = {}  # the parent writes batches' big buffers there
+        self.outboxes: dict[int, _Arena] = {}  # this side writes results' big buffers there
         timed = stage.timeout is not None
         self.call = self._timed_call if timed else None
         self.sleep = self._timed_sleep if timed else _plain_sleep
@@ -596,33 +674,52 @@ class _Server:
                     return False
                 if message[0] == _STOP:
                     return True
-                self.conn.send_bytes(self.handle(message))
+                self.conn.send_bytes(self.handle(*message[1:]))
         finally:
-            for arena in (self.inbox, self.outbox):
-                if arena is not None:
-                    arena.close()
+            for arena in (*self.inboxes.values(), *self.outboxes.values()):
+                arena.close()
 
-    def handle(self, message: tuple[Any, ...]) -> bytes:
-        _, payload, pids, descs, inbox, outbox, retries_left = message
-        if inbox is not None:
-            self.inbox = self._swap(self.inbox, inbox)
-        if outbox is not None:
-            self.outbox = self._swap(self.outbox, outbox)
+    def handle(
+        self,
+        payload: bytes,
+        pids: bool,
+        descs: list[tuple[int, int, bool]],
+        inbox: tuple[int, str | None, int] | None,
+        outbox: tuple[int, str | None, int] | None,
+        forget: list[int],
+        retries_left: int | None,
+    ) -> bytes:
+        """Run one batch message; return the answer."""
+        for ident in forget:
+            (self.inboxes.pop(ident, None) or self.outboxes.pop(ident)).close()
+        source = None if inbox is None else self._block(self.inboxes, inbox)
+        box = None if outbox is None else self._block(self.outboxes, outbox)
         try:
-            batch = _load(payload, pids, descs, self.inbox)
+            batch = _load(payload, pids, descs, source)
         except Exception as exc:
-            return pickle.dumps((_LOAD_FAILED, _pack_error(exc)), 5)
+            return pickle.dumps((_LOAD_FAILED, _pack_error(exc), self._let_go(source)), 5)
         stage = self.stage if retries_left is None else replace(self.stage, retries=retries_left)
         if self.counts is not None:
             self.counts.clear()
         outcome = process_batch(stage, batch, self.call, self.sleep)
-        return self.reply(stage, batch, outcome)
+        answer = self.reply(stage, batch, outcome, box)
+        del batch, outcome  # the arrays built on the inbox go (unless the stage kept some)
+        return pickle.dumps((*answer, self._let_go(source)), 5)
 
     @staticmethod
-    def _swap(old: _Arena | None, info: tuple[str, int]) -> _Arena:
-        if old is not None:
-            old.close()
-        return _Arena.attach(*info)
+    def _block(blocks: dict[int, _Arena], info: tuple[int, str | None, int]) -> _Arena:
+        ident, name, size = info
+        if name is not None:  # a new one: map it
+            blocks[ident] = _Arena.attach(ident, name, size)
+        return blocks[ident]
+
+    def _let_go(self, inbox: _Arena | None) -> bool:
+        """Whether arrays built on the inbox outlive their batch: then it is left to them."""
+        if inbox is None or not inbox.in_use():
+            return False
+        del self.inboxes[inbox.ident]
+        inbox.close()
+        return True
 
     def _timed_call(self, stage: Stage, item: Any) -> tuple[list[Any], bool]:
         self.conn.send_bytes(_STARTED_MESSAGE)  # the parent's clock for this attempt starts
@@ -633,8 +730,10 @@ class _Server:
         _sleep(seconds)
         return True
 
-    def reply(self, stage: Stage, batch: list[Any], outcome: BatchOutcome) -> bytes:
-        """The outcome as a message; results that cannot be pickled become failures."""
+    def reply(
+        self, stage: Stage, batch: list[Any], outcome: BatchOutcome, box: _Arena | None
+    ) -> tuple[Any, ...]:
+        """The outcome, ready to pickle; results that cannot be pickled become failures."""
         outputs = outcome.outputs
         buffers = _Buffers()
         try:
@@ -646,8 +745,8 @@ class _Server:
         need = 0
         descs: list[tuple[int, int, bool]] = []
         if buffers.views:
-            if self.outbox is not None and buffers.total <= self.outbox.size:
-                descs = self.outbox.write(buffers)
+            if box is not None and buffers.total <= box.size:
+                descs = box.write(buffers)
             else:  # no room: in band this time; the parent provides a bigger outbox
                 need = buffers.total
                 payload, pids = _dump(outputs, _Buffers(None))
@@ -661,7 +760,7 @@ class _Server:
         ]
         error = None if outcome.error is None else _pack_error(outcome.error)
         counts = (outcome.filtered, outcome.retried, outcome.processed)
-        return pickle.dumps((_OUTCOME, payload, pids, descs, need, counts, failures, error), 5)
+        return (_OUTCOME, payload, pids, descs, need, counts, failures, error)
 
     def _drop_unpicklable(self, stage: Stage, batch: list[Any], outcome: BatchOutcome) -> list[Any]:
         """Turn results that cannot be pickled into failures (or the error); return the rest."""
@@ -863,7 +962,7 @@ class _Link:
 
     def wait(self, timeout: float | None) -> int:
         """What happened first: _MESSAGE, _ABORTED, _ENDED (the child) or _TIMED_OUT."""
-        if self._buffer and self._complete(peek=True):
+        if self._buffer and self._complete(peek=True) is not None:
             return _MESSAGE
         if _POSIX:
             events = self._poller.poll(None if timeout is None else 1000 * timeout)
@@ -917,57 +1016,198 @@ class _Link:
         return message
 
 
+class _Flight:
+    """What the parent keeps about a message until its answer: the blocks it uses."""
+
+    __slots__ = ("inbox", "named", "outbox")
+
+    def __init__(self) -> None:
+        self.inbox: _Arena | None = None  # where its big buffers are
+        self.outbox: _Arena | None = None  # where the answer's big buffers go
+        self.named: list[_Arena] = []  # blocks it announced, named until the answer
+
+
 class _Child:
-    """A worker process as the parent sees it: process, pipe, shared memory, progress."""
+    """A worker process as the parent sees it: process, pipe, shared memory, messages in flight.
+
+    Up to one message per lane is in flight (two lanes: the child always has
+    the next batch waiting). Messages are answered in the order they were
+    sent; whichever lane finds nobody reading reads for all, and hands each
+    answer to the lane that waits for it. Shared-memory blocks are chosen
+    and released under ``_send_lock`` (the order of messages is the order
+    the child sees them in).
+    """
 
     def __init__(self, process: BaseProcess, conn: Connection, abort: Connection) -> None:
         self.process = process
         self.conn = conn
         self.link = _Link(conn, process.sentinel, abort)
         self.pid = process.pid
-        self.inbox: _Arena | None = None
-        self.outbox: _Arena | None = None
-        self.outbox_need = 0
-        self.linked: list[_Arena] = []  # blocks whose names exist until the child replies
         self.items_done = 0
-        self.deadline: float | None = None  # when the item in progress overruns its timeout
-        self.attempts = 0  # attempts started on the current message (timeout stages)
-        self.timed_out = False
         self.exitcode: int | None = None
+        # Shared memory: requests' big buffers go to inboxes, answers' to outboxes.
+        self.inboxes: list[_Arena] = []
+        self.outboxes: list[_Arena] = []
+        self.outbox_need = 0  # an answer did not fit: the next outbox must hold this much
+        self._forget: list[int] = []  # blocks the child is to unmap with the next message
+        self._reserved: set[int] = set()  # blocks a message in flight uses
+        self._idents = itertools.count()
+        # Messages in flight.
+        self._send_lock = threading.Lock()
+        self._answered = threading.Condition()  # notified when an answer (or the end) is read
+        self._sent = 0
+        self._next_answer = 0
+        self._answers: dict[int, tuple[Any, ...]] = {}
+        self._flights: dict[int, _Flight] = {}
+        self._reading = False
+        self.dead = False
+        self.aborted = False
+        # One-lane timeout stages: the deadline of the attempt in progress.
+        self.deadline: float | None = None
+        self.attempts = 0  # attempts started on the current message
+        self.timed_out = False
         self._lock = threading.Lock()  # guards the process handle against close()
         self._close_lock = threading.Lock()
         self._closed = False
 
-    def arenas_for(
-        self, buffers: _Buffers
-    ) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:
-        """Make room for a message's buffers; return the new inbox and outbox to announce."""
-        inbox = outbox = None
-        if buffers.views and (self.inbox is None or self.inbox.size < buffers.total):
-            if self.inbox is not None:
-                self.inbox.close()
-            self.inbox = self._new_arena(buffers.total)
-            inbox = self.inbox.info()
-            if self.outbox is None:  # results are often as big as inputs: room for them too
-                self.outbox_need = max(self.outbox_need, 1)
-        if self.outbox_need:
-            if self.outbox is not None:
-                self.outbox.close()
-            self.outbox = self._new_arena(self.outbox_need)
-            self.outbox_need = 0
-            outbox = self.outbox.info()
-        return inbox, outbox
+    # ------------------------------------------------------------------ messages
 
-    def _new_arena(self, size: int) -> _Arena:
-        arena = _Arena.create(max(size, SHM_MESSAGE_LIMIT))
-        self.linked.append(arena)
+    def send(self, payload: bytes, pids: bool, buffers: _Buffers, retries_left: int | None) -> int:
+        """Place a batch's big buffers in shared memory and send it; return its number."""
+        with self._send_lock:
+            flight = _Flight()
+            descs, inbox = self._place(buffers, flight)
+            outbox = self._choose_outbox(bool(buffers.views), flight)
+            forget, self._forget = self._forget, []
+            message = (_BATCH, payload, pids, descs, inbox, outbox, forget, retries_left)
+            data = pickle.dumps(message, 5)
+            seq = self._sent
+            self._sent += 1
+            self._flights[seq] = flight
+            with contextlib.suppress(OSError):  # it died: whoever reads finds out
+                self.conn.send_bytes(data)
+            return seq
+
+    def receive(
+        self, seq: int, read: Callable[[], tuple[Any, ...] | None]
+    ) -> tuple[Any, ...] | None:
+        """The answer to message ``seq``, or None if the child ended first.
+
+        ``read`` reads the next answer from the pipe (None: the child ended).
+
+        Raises:
+            ShutDown: the run was aborted.
+        """
+        answered = self._answered
+        while True:
+            with answered:
+                while True:
+                    if seq in self._answers:
+                        return self._answers.pop(seq)
+                    if self.aborted:
+                        raise ShutDown
+                    if self.dead:
+                        return None
+                    if not self._reading:
+                        self._reading = True
+                        break
+                    answered.wait()
+            message: tuple[Any, ...] | None = None
+            try:
+                message = read()
+            except ShutDown:
+                self.aborted = True
+                raise
+            finally:
+                with answered:
+                    self._reading = False
+                    if message is None:
+                        self.dead = True
+                    else:
+                        self._answers[self._next_answer] = message
+                        self._next_answer += 1
+                    answered.notify_all()
+
+    def was_waiting(self, seq: int) -> bool:
+        """After the child ended: True if message ``seq`` had not been started yet."""
+        return seq > self._next_answer
+
+    def reply_box(self, seq: int) -> _Arena | None:
+        return self._flights[seq].outbox
+
+    def settle(self, seq: int, kept_inbox: bool, need: int) -> None:
+        """Message ``seq`` was answered (and its results built): release its blocks."""
+        with self._send_lock:
+            flight = self._flights.pop(seq)
+            for arena in flight.named:  # the child has mapped them
+                arena.unlink()
+            if flight.outbox is not None:
+                self._reserved.discard(flight.outbox.ident)  # in_use() guards it from now on
+            inbox = flight.inbox
+            if inbox is not None:
+                self._reserved.discard(inbox.ident)
+                if kept_inbox:  # arrays the child kept use it: it is theirs (the child let it go)
+                    self.inboxes.remove(inbox)
+                    inbox.close()
+            self.outbox_need = max(self.outbox_need, need)
+
+    # ------------------------------------------------------------------ shared memory
+
+    def _place(self, buffers: _Buffers, flight: _Flight) -> tuple[list[Any], Any]:
+        """Copy a message's big buffers into a free inbox; return their places and the inbox."""
+        if not buffers.views:
+            return [], None
+        free = [a for a in self.inboxes if a.ident not in self._reserved]
+        box = next((a for a in free if a.size >= buffers.total), None)
+        new = box is None
+        if box is None:
+            for old in free[: max(0, len(self.inboxes) + 1 - INBOX_POOL)]:
+                self._drop(self.inboxes, old)
+            box = self._new_arena(buffers.total, flight)
+            self.inboxes.append(box)
+        self._reserved.add(box.ident)
+        flight.inbox = box
+        return box.write(buffers), (box.ident, box.name if new else None, box.size)
+
+    def _choose_outbox(self, sending: bool, flight: _Flight) -> tuple[int, str | None, int] | None:
+        """The block the child is to write the answer's big buffers to.
+
+        None until a message or an answer had big buffers. A block is chosen
+        only when no array built on it is left; while the caller still holds
+        results of earlier answers, new blocks are made, and beyond
+        `OUTBOX_POOL` the free ones are unmapped, then the oldest are let go
+        (their arrays keep them mapped).
+        """
+        need = self.outbox_need
+        if not (self.outboxes or need or sending):
+            return None
+        self.outbox_need = 0
+        free = [a for a in self.outboxes if a.ident not in self._reserved and not a.in_use()]
+        box = next((a for a in free if a.size >= need), None)
+        excess = len(self.outboxes) + (box is None) - OUTBOX_POOL
+        if excess > 0:
+            busy = [a for a in self.outboxes if a not in free and a.ident not in self._reserved]
+            for old in ([a for a in free if a is not box] + busy)[:excess]:
+                self._drop(self.outboxes, old)
+        new = box is None
+        if box is None:
+            box = self._new_arena(need, flight)
+            self.outboxes.append(box)
+        self._reserved.add(box.ident)
+        flight.outbox = box
+        return box.ident, box.name if new else None, box.size
+
+    def _drop(self, pool: list[_Arena], arena: _Arena) -> None:
+        pool.remove(arena)
+        arena.close()
+        self._forget.append(arena.ident)
+
+    def _new_arena(self, size: int, flight: _Flight) -> _Arena:
+        arena = _Arena.create(next(self._idents), max(size, SHM_MESSAGE_LIMIT))
+        flight.named.append(arena)
         return arena
 
-    def unlink_names(self) -> None:
-        """The child has mapped every block announced so far: remove their names."""
-        for arena in self.linked:
-            arena.unlink()
-        self.linked.clear()
+    # ------------------------------------------------------------------ the process
 
     def signal(self, kill: bool) -> None:
         """Send SIGTERM (or SIGKILL) unless the process is closed; safe from any thread."""
@@ -1008,11 +1248,14 @@ class _Child:
                 with contextlib.suppress(ValueError):
                     process.close()
             self.conn.close()
-            for arena in (self.inbox, self.outbox, *self.linked):
-                if arena is not None:
+            with self._send_lock:
+                for arena in (*self.inboxes, *self.outboxes):
                     arena.close()
-            self.linked.clear()
-            self.inbox = self.outbox = None
+                for flight in self._flights.values():
+                    for arena in flight.named:
+                        arena.close()
+                self.inboxes.clear()
+                self.outboxes.clear()
             return self.exitcode
 
 
@@ -1046,42 +1289,59 @@ class _Job:
 
 
 class _Worker:
-    """One worker of a process stage: a thread of the parent driving one child at a time."""
+    """One worker of a process stage: one child process at a time, driven by one or two lanes.
+
+    A lane is a thread of the parent running the shared `worker_loop`. With
+    two lanes, the child has the next batch waiting while it works on one,
+    and the parent prepares and unpacks batches while the child computes
+    (stages with a ``timeout`` or ``max_items_per_worker`` use one lane: their
+    bookkeeping is per message).
+    """
 
     def __init__(self, runtime: ProcessRuntime, sr: StageRun, index: int, blob: bytes) -> None:
         self.runtime = runtime
         self.sr = sr
-        self.stage = sr.stage
+        self.stage = stage = sr.stage
         self.index = index
         self.blob = blob
         self.child: _Child | None = None
+        self._child_lock = threading.Lock()  # starting, replacing and retiring the child
+        one = stage.timeout is not None or stage.max_items_per_worker is not None
+        self.lanes = 1 if one else LANES
+        self._running = self.lanes
 
-    # ------------------------------------------------------------------ the thread
+    # ------------------------------------------------------------------ lanes
 
-    def run(self) -> None:
-        """The worker thread: start a child, run the shared worker loop, stop the child."""
+    def run_lane(self, handle: int) -> None:
+        """A lane's thread: the shared worker loop; the last lane to end stops the child."""
         sr = self.sr
         control = sr.control
         try:
-            try:
-                self.child = self._start_child()
-            except ShutDown:
-                sr.handles[self.index].close()
-                return
-            except BaseException as exc:
-                control.fail(exc)
-                sr.handles[self.index].close()
-                return
-            worker_loop(sr, self.index, self.execute, BATCH_SECONDS)
+            if handle == self.index:  # the first lane starts the child at once
+                try:
+                    self._live_child()
+                except ShutDown:
+                    sr.handles[handle].close()
+                    return
+                except BaseException as exc:
+                    control.fail(exc)
+                    sr.handles[handle].close()
+                    return
+            worker_loop(sr, handle, self.execute, BATCH_SECONDS)
         finally:
-            self._retire(graceful=not control.stopped.is_set())
+            with self._child_lock:
+                self._running -= 1
+                last = self._running == 0
+            if last:
+                with self._child_lock:
+                    self._retire(graceful=not control.stopped.is_set())
 
     def _retire(self, graceful: bool) -> None:
-        """Stop the current child: gently at the end of the input, at once on abort."""
+        """Stop the current child (lock held): gently at the end of the input, at once on abort."""
         child, self.child = self.child, None
         if child is None:
             return
-        if graceful:
+        if graceful and not child.dead:
             self._stop_gently(child)
         self.runtime.forget(child, EXIT_GRACE if graceful else 0.0)
 
@@ -1089,7 +1349,7 @@ class _Worker:
         """Ask the child to run on_stop and exit; on_stop's error fails the run."""
         try:
             child.conn.send_bytes(_STOP_MESSAGE)
-            message = self._receive(child)
+            message = self._read(child)
         except (OSError, ShutDown):
             return
         if message is not None and message[0] == _STOPPED and message[1] is not None:
@@ -1098,6 +1358,21 @@ class _Worker:
             self.sr.control.fail(error)
 
     # ------------------------------------------------------------------ children
+
+    def _live_child(self) -> _Child:
+        """The child to send to: started if there is none (or it ended), replaced when its
+        quota is used up (one lane then)."""
+        with self._child_lock:
+            child = self.child
+            if child is not None and child.dead:
+                child = self.child = None  # the lane that read its end closed it
+            quota = self.stage.max_items_per_worker
+            if child is not None and quota is not None and child.items_done >= quota:
+                self._retire(graceful=True)
+                child = None
+            if child is None:
+                child = self.child = self._start_child()
+            return child
 
     def _start_child(self) -> _Child:
         """Start a worker process and wait until on_start has run in it."""
@@ -1118,13 +1393,13 @@ class _Worker:
         child = _Child(process, ours, runtime.abort_reader)
         runtime.adopt(child)  # raises ShutDown (after terminating it) if the run was aborted
         try:
-            message = self._receive(child)
+            message = self._read(child)
         except ShutDown:
             runtime.forget(child, 0.0)
             raise
         if message is not None and message[0] == _READY:
             return child
-        self.runtime.forget(child, 0.0)
+        runtime.forget(child, 0.0)
         if message is None:
             if child.exitcode == _EXIT_MAIN_GUARD:
                 raise _main_guard_error()
@@ -1139,19 +1414,9 @@ class _Worker:
         what = "on_start" if message[1] == "on_start" else "unpickling the stage function"
         raise add_note(error, f"conveyor: {what} of stage {stage.label} failed in a worker process")
 
-    def _live_child(self) -> _Child:
-        """The child to send to: started if there is none, replaced when its quota is used up."""
-        child = self.child
-        quota = self.stage.max_items_per_worker
-        if child is not None and quota is not None and child.items_done >= quota:
-            self._retire(graceful=True)
-            child = None
-        if child is None:
-            child = self.child = self._start_child()
-        return child
-
-    def _receive(self, child: _Child) -> tuple[Any, ...] | None:
-        """The child's next answer; None when it died (or was killed for overrunning).
+    def _read(self, child: _Child) -> tuple[Any, ...] | None:
+        """The child's next answer from the pipe; None when it ended (or was killed for
+        overrunning its timeout), after closing it. One reader at a time.
 
         Raises:
             ShutDown: the run was aborted meanwhile.
@@ -1214,28 +1479,28 @@ class _Worker:
         end = start + 1 if one else len(job.batch)
         if stage.max_items_per_worker is not None:
             end = min(end, start + stage.max_items_per_worker - child.items_done)
-        encoded = self._encode(child, job, end)
+        encoded = self._encode(job, end)
         if encoded is None:
             return job.outcome.error is None
-        message, end = encoded
+        payload, pids, buffers, end = encoded
+        charged = job.charged.get(start, 0) if end - start == 1 else 0
+        retries_left = max(0, stage.retries - charged) if charged else None
         child.attempts = 0
         child.timed_out = False
-        try:
-            child.conn.send_bytes(message)
-        except OSError:
-            pass  # it died: _receive sees the sentinel
+        seq = child.send(payload, pids, buffers, retries_left)
         child.items_done += end - start
-        answer = self._receive(child)
+        answer = child.receive(seq, partial(self._read, child))
         if answer is None:
-            self.child = None
+            if child.was_waiting(seq):
+                return True  # the child ended before it started on these: send them again
             return self._after_death(job, child, end)
-        child.unlink_names()
         if answer[0] == _LOAD_FAILED:
+            child.settle(seq, answer[-1], 0)
             return self._unreadable(job, end, _unpack_error(answer[1]), "in the worker process")
-        return self._merge(job, child, answer, end)
+        return self._merge(job, child, seq, answer, end)
 
-    def _encode(self, child: _Child, job: _Job, end: int) -> tuple[bytes, int] | None:
-        """The message for batch[start:end] (end may shrink); None: batch[start] is unpicklable."""
+    def _encode(self, job: _Job, end: int) -> tuple[bytes, bool, _Buffers, int] | None:
+        """Pickle batch[start:end] (end may shrink); None when batch[start] is unpicklable."""
         stage, batch, start = self.stage, job.batch, job.start
         while True:
             buffers = _Buffers()
@@ -1257,23 +1522,17 @@ class _Worker:
             if buffers.total > SHM_MESSAGE_LIMIT and end - start > 1:
                 end = start + (end - start) // 2
                 continue
-            break
-        inbox, outbox = child.arenas_for(buffers)
-        descs = child.inbox.write(buffers) if buffers.views and child.inbox is not None else []
-        charged = job.charged.get(start, 0) if end - start == 1 else 0
-        retries_left = max(0, stage.retries - charged) if charged else None
-        message = (_BATCH, payload, pids, descs, inbox, outbox, retries_left)
-        return pickle.dumps(message, 5), end
+            return payload, pids, buffers, end
 
-    def _merge(self, job: _Job, child: _Child, answer: tuple[Any, ...], end: int) -> bool:
+    def _merge(self, job: _Job, child: _Child, seq: int, answer: tuple[Any, ...], end: int) -> bool:
         """Add a child's outcome for batch[start:end] to the job's; False when the batch failed."""
-        _, payload, pids, descs, need, counts, failures, error = answer
-        if need:
-            child.outbox_need = need
+        _, payload, pids, descs, need, counts, failures, error, kept_inbox = answer
         try:
-            outputs = _load(payload, pids, descs, child.outbox)
+            outputs = _load(payload, pids, descs, child.reply_box(seq))
         except Exception as exc:
             return self._unreadable(job, end, exc, "in the parent process")
+        finally:
+            child.settle(seq, kept_inbox, need)
         stage, batch, start = self.stage, job.batch, job.start
         outcome = job.outcome
         outcome.outputs.extend(outputs)
@@ -1399,9 +1658,27 @@ class ProcessRuntime(Runtime):
         # A round trip to a worker costs more than a channel operation: let a
         # batch take the whole input channel rather than half of it.
         sr.max_batch = max(sr.max_batch, min(sr.input.maxsize, MAX_BATCH))
-        for index in range(sr.stage.workers):
-            worker = _Worker(self, sr, index, blob)
-            self._threads.append(sr.start_thread(index, worker.run))
+        workers = [_Worker(self, sr, index, blob) for index in range(sr.stage.workers)]
+        lanes: list[tuple[_Worker, int]] = [(w, w.index) for w in workers]
+        count = sum(w.lanes for w in workers)
+        if sr.sequencer is None and sr.stage.ordered and count > 1:
+            # Lanes finish out of order even with one worker: keep the input's order.
+            sr.sequencer = Sequencer(sr.output, window=4 * count, control=sr.control)
+        for worker in workers:  # later lanes write to the output through handles of their own
+            for _ in range(worker.lanes - 1):
+                lanes.append((worker, len(sr.handles)))
+                sr.handles.append(sr.output.producer())
+        for worker, handle in lanes:
+            suffix = "" if handle == worker.index else f"-lane{handle}"
+            thread = threading.Thread(
+                target=worker.run_lane,
+                args=(handle,),
+                name=f"{sr.thread_name(worker.index)}{suffix}",
+                daemon=True,
+            )
+            sr.threads.append(thread)
+            self._threads.append(thread)
+            thread.start()
 
     def adopt(self, child: _Child) -> None:
         """Track a started child (to stop it on abort); ShutDown if the run is already aborted."""

@@ -290,6 +290,28 @@ def test_an_ordered_async_stage_takes_no_batch_beyond_its_window() -> None:
     asyncio.run(main())
 
 
+@pytest.mark.quick
+def test_coroutines_waiting_for_items_take_at_most_one_batch_each_past_the_window() -> None:
+    output: Channel[Any] = Channel()
+    sequencer = Sequencer(output, window=2, control=RunControl())
+    source: Channel[Any] = Channel()
+
+    async def main() -> None:
+        takers = [asyncio.ensure_future(sequencer.atake(source, 1)) for _ in range(4)]
+        await asyncio.sleep(0)  # all four pass the window (empty) and wait for items
+        source.put_many(range(6))
+        taken = await asyncio.wait_for(asyncio.gather(*takers), WAIT)
+        assert taken == [([0], 0), ([1], 1), ([2], 2), ([3], 3)]  # input order, 2 past
+        fifth = asyncio.ensure_future(sequencer.atake(source, 1))
+        await asyncio.sleep(0)
+        assert not fifth.done()  # the window is full: no new wait for items starts
+        for ticket in range(4):
+            await sequencer.adeposit(ticket, [ticket])
+        assert await asyncio.wait_for(fifth, WAIT) == ([4], 4)
+
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------------- where it runs
 
 

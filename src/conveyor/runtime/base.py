@@ -114,6 +114,12 @@ class Sequencer:
     worker coroutines of an async stage, on one event loop, without ever
     blocking it: they park on futures and flush with ``aput_many``. A
     sequencer serves one kind of worker (a stage has one runtime).
+
+    A coroutine's take needs no lock: its batch and its ticket are taken
+    with no pause in between, so no other coroutine of the loop can come
+    between them. It checks the window before waiting for items, so the
+    coroutines that wait for items together may each take one batch past
+    the window: an async stage holds at most ``window + workers`` batches.
     """
 
     def __init__(self, output: Channel[Any], window: int, control: RunControl) -> None:
@@ -128,10 +134,8 @@ class Sequencer:
         self._flushing = False
         self._take_lock = threading.Lock()
         self._next_ticket = 0
-        # The async side: coroutines parked until _next moves (resolved like
-        # _moved is notified), and the lock that keeps their takes in order.
+        # Coroutines parked until _next moves, resolved when _moved is notified.
         self._moved_futures: list[asyncio.Future[None]] = []
-        self._atake_lock: asyncio.Lock | None = None
         control.on_abort(self._wake_all)
 
     def _wake_all(self) -> None:
@@ -174,33 +178,16 @@ class Sequencer:
             return batch, ticket
 
     async def atake(self, channel: Channel[Any], n: int) -> tuple[list[Any], int]:
-        """`take` for a coroutine: waits for the window and the items without blocking the loop.
-
-        The takers are coroutines of one loop, so a take that needs no wait
-        runs without a pause and is atomic; only takes that must wait queue
-        up, in order, on an asyncio lock.
-        """
-        lock = self._atake_lock
-        if lock is None:  # made here: an asyncio.Lock belongs to the running loop
-            lock = self._atake_lock = asyncio.Lock()
-        if not lock.locked():
+        """`take` for a coroutine: waits for the window and the items without blocking the loop."""
+        while True:
             with self._lock:
-                full = self._window_full(self._next_ticket)
-            if not full:
-                try:
-                    return self._ticketed(channel.get_many(n, False))
-                except Empty:
-                    pass
-        async with lock:
-            while True:
-                with self._lock:
-                    if not self._window_full(self._next_ticket):
-                        break
-                    moved = asyncio.get_running_loop().create_future()
-                    self._moved_futures.append(moved)
-                await moved
-            # No pause between aget_many's take and the ticket: both happen at once.
-            return self._ticketed(await channel.aget_many(n))
+                if not self._window_full(self._next_ticket):
+                    break
+                moved = asyncio.get_running_loop().create_future()
+                self._moved_futures.append(moved)
+            await moved
+        # aget_many returns the moment it has the items: nothing runs between them and the ticket.
+        return self._ticketed(await channel.aget_many(n))
 
     def _ticketed(self, batch: list[Any]) -> tuple[list[Any], int]:
         ticket = self._next_ticket

@@ -497,8 +497,8 @@ def scaling(url: str, pid: int, n: int) -> list[str]:
     out += [
         "",
         "On this 2-core machine the worker processes, the driver and redis-server share two "
-        "cores, so more workers cannot add throughput; redis-server is far from busy, so "
-        "the Python clients' CPU is the limit (see docs/distributed.md for the ceiling one "
+        "cores, so more workers cannot add throughput; redis-server uses under half a core, "
+        "so the Python clients' CPU is the limit (see docs/distributed.md for the ceiling one "
         "Redis puts on a pipeline).",
         "",
     ]

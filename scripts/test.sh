@@ -33,11 +33,12 @@ _stop_redis_service() {
 
 ensure_redis_server() {
     local found
-    if found="$(command -v redis-server)"; then
+    # The TLS tests make their certificates with the openssl command.
+    if found="$(command -v redis-server)" && command -v openssl >/dev/null 2>&1; then
         echo "==> redis-server: $found ($(redis-server --version | cut -d' ' -f3 | sed s/^v=//))"
         return 0
     fi
-    step "redis-server is not on PATH"
+    step "redis-server or openssl is not on PATH"
     local -a sudo=()
     if [[ "$(id -u)" != 0 ]]; then
         if command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then
@@ -68,7 +69,7 @@ ensure_redis_server() {
     {
         "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q &&
             "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-                apt-get install -y -q --no-install-recommends redis-server
+                apt-get install -y -q --no-install-recommends redis-server openssl
     } >"$apt_log" 2>&1 || rc=$?
     if ((added_policy)); then
         "${sudo[@]}" rm -f "$policy"

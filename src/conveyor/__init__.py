@@ -34,6 +34,18 @@ from .stage import worker_state as worker_state
 
 __version__ = "0.1.0"
 
+# Loaded on first use, so `import conveyor` stays light and the `redis` extra optional.
+_LAZY = {"RedisBackend": "conveyor.redis"}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'conveyor' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
 __all__ = [
     "BackendError",
     "BackendUnavailable",
@@ -51,6 +63,7 @@ __all__ = [
     "Pipeline",
     "PipelineStopped",
     "Producer",
+    "RedisBackend",
     "RunHandle",
     "RunResult",
     "SerializationError",

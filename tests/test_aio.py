@@ -442,10 +442,15 @@ def test_an_exception_in_an_async_stage_reaches_the_caller_with_the_stage_named(
     with pytest.raises(Boom) as info:
         run_in_mode(pipeline, mode)
     assert info.value.args == (7,)
-    assert "conveyor: stage 'fragile' (map) failed on item 7" in info.value.__notes__
+    assert "conveyor: stage 'fragile' (map) failed on item 7" in notes(info.value)
     frames = [tb.tb_frame.f_code.co_name for tb in _walk(info.value.__traceback__)]
     assert "fragile" in frames  # the original traceback, not a rebuilt exception
     assert not conveyor_threads()
+
+
+def notes(exc: BaseException) -> list[str]:
+    """The PEP 678 notes of ``exc`` (``__notes__`` is not typed on 3.10)."""
+    return list(getattr(exc, "__notes__", []))
 
 
 def _walk(tb: Any) -> Iterator[Any]:
@@ -523,7 +528,7 @@ def test_a_coroutine_over_its_timeout_is_cancelled_and_fails_with_timeout_error(
     pipeline = cv.Pipeline(range(6)).map(stuck_on_three, runtime="async", timeout=0.05)
     with pytest.raises(TimeoutError, match=r"took longer than its timeout of 0\.05 s") as info:
         run_in_mode(pipeline, mode)
-    assert "conveyor: stage 'stuck_on_three' (map) failed on item 3" in info.value.__notes__
+    assert "conveyor: stage 'stuck_on_three' (map) failed on item 3" in notes(info.value)
     assert cleaned == [3]
 
 
@@ -580,8 +585,8 @@ def test_a_keyboard_interrupt_raised_in_a_coroutine_reaches_the_caller_naming_th
     )
     with pytest.raises(error) as info:
         pipeline.run()
-    notes = [n for n in info.value.__notes__ if n.startswith("conveyor:")]
-    assert notes == ["conveyor: stage 'interrupted' (map) failed on item 300"]
+    ours = [n for n in notes(info.value) if n.startswith("conveyor:")]
+    assert ours == ["conveyor: stage 'interrupted' (map) failed on item 300"]
     assert not conveyor_threads()
 
 
@@ -805,7 +810,7 @@ def test_a_failing_coroutine_on_start_fails_the_run_with_the_stage_named() -> No
     pipeline = cv.Pipeline(range(5)).map(double, runtime="async", on_start=cannot_connect)
     with pytest.raises(Boom) as info:
         pipeline.run()
-    assert "conveyor: on_start of stage 'double' (map) failed" in info.value.__notes__
+    assert "conveyor: on_start of stage 'double' (map) failed" in notes(info.value)
 
 
 # ---------------------------------------------------------------------- the loop

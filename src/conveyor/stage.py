@@ -260,6 +260,9 @@ class BatchOutcome:
     """The item that raised ``error``."""
     processed: int = 0
     """Inputs handled (successfully or not) before ``error``, if any."""
+    size_limit: int | None = None
+    """A runtime's cap on the size of the worker's next batch (process workers: the
+    items whose big buffers fit in one shared-memory message)."""
 
 
 def _apply_run(

@@ -345,6 +345,8 @@ def worker_loop(
                 handle.put_many(outcome.outputs)
             counters.wait_out += perf_counter() - t2
             size = _adapt(size, len(batch), t2 - t1, limit, target)
+            if outcome.size_limit is not None:
+                size = min(size, outcome.size_limit)
     except ShutDown:
         pass  # the run was aborted while we were handing outputs on
     except BaseException as exc:  # a bug in conveyor, or Ctrl-C delivered here

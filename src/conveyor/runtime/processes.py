@@ -167,7 +167,7 @@ START_METHOD: str | None = None
 "fork" is only safe when the parent runs no other thread than conveyor's own."""
 SHM_THRESHOLD = 64 * 1024
 """Buffers of at least this many bytes cross through shared memory instead of the pipe."""
-SHM_MESSAGE_LIMIT = 8 * 1024 * 1024
+SHM_MESSAGE_LIMIT = 4 * 1024 * 1024
 """A batch whose buffers add up to more is sent in several messages (one item at least);
 also the smallest shared-memory block (only the pages written are ever allocated)."""
 LANES = 2
@@ -1519,6 +1519,11 @@ class _Worker:
                 error.__cause__ = bad[1]
                 job.give_up(start, error, 0)
                 return None
+            if buffers.total:
+                # Big buffers hold shared memory until the results are consumed: batches
+                # of about one message's worth, however quick, keep that memory small.
+                fit = max(1, len(items) * SHM_MESSAGE_LIMIT // buffers.total)
+                job.outcome.size_limit = min(fit, job.outcome.size_limit or fit)
             if buffers.total > SHM_MESSAGE_LIMIT and end - start > 1:
                 end = start + (end - start) // 2
                 continue

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
+import os
 import statistics
 import sys
 import time
@@ -173,11 +174,15 @@ def measure(rounds: int, n: int) -> list[tuple[str, str, float, float, float]]:
     ]
 
 
-def render(rounds: int, n: int, rows: list[tuple[str, str, float, float, float]]) -> str:
+def render(
+    rounds: int, n: int, load: float, rows: list[tuple[str, str, float, float, float]]
+) -> str:
     lines = [
-        "## Async I/O",
+        "## Async I/O (bench/async_io.py)",
         "",
-        f"Machine: {machine()}. {n} items awaiting `asyncio.sleep({PAUSE})`, "
+        f"Machine: {machine()}; load average at the start: {load:.1f}.",
+        "",
+        f"{n} items awaiting `asyncio.sleep({PAUSE})`, "
         f"{CONCURRENCY} at a time, through one async map stage.",
         f"Medians of {rounds} rounds after a warm-up, candidates alternated round by round.",
         "Efficiency = ideal / measured, ideal = items / concurrency x the length of one",
@@ -206,7 +211,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=5000)
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
-    text = render(args.rounds, args.items, measure(args.rounds, args.items))
+    load = os.getloadavg()[0]
+    text = render(args.rounds, args.items, load, measure(args.rounds, args.items))
     print(text)
     if args.write:
         write_section(text, "async")

@@ -13,8 +13,8 @@ round); medians are reported. Candidates:
 * ``asyncio.gather`` over every item under an ``asyncio.Semaphore(200)``;
 * aiostream's ``stream.map(..., task_limit=200)``;
 * for reference: 200 hand-written worker coroutines sharing one iterator (the
-  least work asyncio can do here), and gather + Semaphore on conveyor's loop
-  (what the loop alone changes).
+  least work asyncio can do here) on either loop, and gather + Semaphore on
+  conveyor's loop (what the loop alone changes).
 
 Run:  python bench/async_io.py [--rounds 5] [--items 5000] [--write]
 """
@@ -114,6 +114,7 @@ CANDIDATES: list[Candidate] = [
     ("asyncio.gather + Semaphore", DEFAULT_LOOP, gather_semaphore),
     ("aiostream stream.map(task_limit)", DEFAULT_LOOP, aiostream_map),
     ("reference: 200 worker coroutines", DEFAULT_LOOP, worker_coroutines),
+    ("reference: 200 worker coroutines", CONVEYOR_LOOP, worker_coroutines),
     ("reference: gather + Semaphore", CONVEYOR_LOOP, gather_semaphore),
 ]
 REFERENCE = "asyncio.gather + Semaphore"
@@ -159,18 +160,19 @@ def measure(rounds: int, n: int) -> list[tuple[str, str, float, float, float]]:
     """Rows of (name, loop, median seconds, median efficiency, efficiency vs the reference)."""
     for candidate in CANDIDATES:
         once(candidate, n)  # warm-up
-    seconds: dict[str, list[float]] = {c[0]: [] for c in CANDIDATES}
-    efficiency: dict[str, list[float]] = {c[0]: [] for c in CANDIDATES}
+    seconds: dict[tuple[str, str], list[float]] = {c[:2]: [] for c in CANDIDATES}
+    efficiency: dict[tuple[str, str], list[float]] = {c[:2]: [] for c in CANDIDATES}
     for r in range(rounds):
         order = CANDIDATES if r % 2 == 0 else CANDIDATES[::-1]
         for candidate in order:
             s, e = once(candidate, n)
-            seconds[candidate[0]].append(s)
-            efficiency[candidate[0]].append(e)
+            seconds[candidate[:2]].append(s)
+            efficiency[candidate[:2]].append(e)
     med_e = {k: statistics.median(v) for k, v in efficiency.items()}
+    ref = med_e[REFERENCE, DEFAULT_LOOP]
     return [
-        (name, loop, statistics.median(seconds[name]), med_e[name], med_e[name] / med_e[REFERENCE])
-        for name, loop, _ in CANDIDATES
+        (*key, statistics.median(seconds[key]), med_e[key], med_e[key] / ref)
+        for key in (c[:2] for c in CANDIDATES)
     ]
 
 

@@ -582,6 +582,19 @@ def test_arrays_built_on_shared_memory_stay_intact_while_anyone_holds_them() -> 
     assert numpy.array_equal(out[2][0], arrays[2] * 2)
 
 
+def add_one_in_place(a: Any) -> Any:
+    a += 1  # the worker's copy: the caller's array does not change
+    return a if int(a[0]) % 2 else a[5:-5]  # the array itself, or a slice of it
+
+
+def test_arrays_returned_as_they_came_are_not_copied_back_and_stay_intact() -> None:
+    arrays = [numpy.full(20_000, i, dtype=numpy.int64) for i in range(200)]
+    out = list(cv.Pipeline(arrays).map(add_one_in_place, runtime="process", workers=2))
+    for i, (a, b) in enumerate(zip(arrays, out, strict=True)):
+        assert numpy.all(a == i), i  # the caller's arrays, unchanged
+        assert numpy.array_equal(b, (a + 1) if i % 2 == 0 else (a + 1)[5:-5]), i
+
+
 def test_no_segment_is_left_after_an_error_in_the_stage() -> None:
     def fail_late(x: Any) -> Any:
         if isinstance(x, bytes) and x == b"tiny":

@@ -146,11 +146,10 @@ from .threads import join_threads
 
 __all__ = [
     "BATCH_SECONDS",
-    "INBOX_POOL",
     "KILL_GRACE",
     "LANES",
     "MAX_BATCH",
-    "OUTBOX_POOL",
+    "POOL_SIZE",
     "RUNTIME",
     "SHM_MESSAGE_LIMIT",
     "SHM_THRESHOLD",
@@ -173,16 +172,15 @@ also the smallest shared-memory block (only the pages written are ever allocated
 LANES = 2
 """Batches in flight per worker process (each sent by a thread of its own): with two, the
 worker has the next batch waiting while it computes, and never waits for the parent."""
-INBOX_POOL = 4
-"""Request blocks a worker keeps (one per batch in flight, and spares of other sizes)."""
-OUTBOX_POOL = 64
-"""Reply blocks a worker keeps, to reuse each once no array built on it is left (results
-in the output channel or in the caller's hands hold several). Beyond that, free blocks
-are unmapped first, then the oldest are let go (their arrays keep them mapped)."""
+POOL_SIZE = 64
+"""Shared-memory blocks a worker keeps each way, to reuse each once no message in flight
+and no array built on it uses it (results in the output channel or in the caller's hands
+hold several). Beyond that, free blocks are unmapped first, then the oldest are let go
+(their arrays keep them mapped)."""
 BATCH_SECONDS = 0.02
-"""Target time of one batch. A round trip to a worker costs about 0.1 ms of
-the parent's time, so batches ten times longer than the thread runtime's
-keep that cost near 1%, while still spreading slow items over the workers."""
+"""Target time of one batch. A round trip to a worker costs about 0.1 ms of the parent's
+time, so batches ten times longer than the thread runtime's keep that cost small, while
+still spreading slow items over the workers (two lanes hide the round trip's latency)."""
 MAX_BATCH = 1024
 """Most items a process worker takes at once (at most the input channel's capacity)."""
 KILL_GRACE = 0.25
@@ -192,6 +190,11 @@ EXIT_GRACE = 2.0
 threads of user code are joined then) before it is terminated."""
 
 _ENV_START_METHOD = "CONVEYOR_START_METHOD"
+# Where a big buffer of a message is (third item of its descriptor): out of band (NumPy)
+# or under a persistent id (bytes-likes) in the message's block, or out of band in the
+# block of the request an answer is for (an array the stage returned as it got it).
+_OOB, _PID, _ECHO = range(3)
+_Desc = tuple[int, int, int]  # offset, size, place
 _HELD_SHOWN = 10  # items a WorkerCrashed note lists
 _EXIT_MAIN_GUARD = 78  # EX_CONFIG: a worker found the main module starting a pipeline
 
@@ -384,7 +387,7 @@ class _Unpickler(pickle.Unpickler):
         self,
         payload: bytes,
         buffers: list[Any],
-        descs: list[tuple[int, int, bool]],
+        descs: list[_Desc],
         arena: _Arena | None,
     ) -> None:
         super().__init__(io.BytesIO(payload), buffers=buffers)
@@ -417,16 +420,24 @@ def _rebuild_memoryview(data: Any, fmt: str, shape: tuple[int, ...], readonly: b
 
 
 def _load(
-    payload: bytes, pids: bool, descs: list[tuple[int, int, bool]], arena: _Arena | None
+    payload: bytes,
+    pids: bool,
+    descs: list[_Desc],
+    arena: _Arena | None,
+    request: _Arena | None = None,
 ) -> Any:
-    """Unpickle a payload whose big buffers sit in ``arena`` at ``descs``.
+    """Unpickle a payload whose big buffers sit in ``arena`` (or ``request``) at ``descs``.
 
     NumPy arrays are built on the block itself; bytes-likes are copied out.
     """
     if not descs:
         return _Unpickler(payload, [], [], None).load() if pids else pickle.loads(payload)
-    assert arena is not None
-    oob = [arena.lend(offset, size) for offset, size, persistent in descs if not persistent]
+    oob = []
+    for offset, size, place in descs:
+        if place != _PID:
+            source = request if place == _ECHO else arena
+            assert source is not None
+            oob.append(source.lend(offset, size))
     if pids:
         return _Unpickler(payload, oob, descs, arena).load()
     return pickle.loads(payload, buffers=oob)
@@ -452,6 +463,11 @@ def shm_prefix() -> str:
     has not mapped them yet; none is left once a run has ended.
     """
     return f"cv{os.getpid()}_"
+
+
+def _address_of(numpy: Any, buffer: memoryview) -> int:
+    address: int = numpy.frombuffer(buffer, numpy.uint8).__array_interface__["data"][0]
+    return address
 
 
 def _named_mapping(name: str, size: int) -> mmap.mmap:
@@ -483,6 +499,7 @@ class _Arena:
         self._mapping: mmap.mmap | None = mapping
         self._linked = linked
         self._lent: list[memoryview] = []  # slices arrays were built on, maybe still in use
+        self._address: int | None = None  # where the block is mapped (see echoes)
 
     @classmethod
     def create(cls, ident: int, size: int) -> _Arena:
@@ -519,17 +536,47 @@ class _Arena:
         finally:
             os.close(fd)
 
-    def write(self, buffers: _Buffers) -> list[tuple[int, int, bool]]:
-        """Copy the buffers in, one after the other; return their (offset, size, persistent)."""
+    def write(self, buffers: _Buffers, skip: list[int | None] | None = None) -> list[_Desc]:
+        """Copy the buffers in, one after the other; return their descriptors.
+
+        ``skip`` (answers): for each buffer, its offset in the request's block
+        when it is already there (see `echoes`), to describe rather than copy.
+        """
         descs = []
         offset = 0
         view = self.view
-        for buffer, persistent in zip(buffers.views, buffers.persistent, strict=True):
+        for index, (buffer, persistent) in enumerate(
+            zip(buffers.views, buffers.persistent, strict=True)
+        ):
             size = buffer.nbytes
+            echo = None if skip is None else skip[index]
+            if echo is not None:
+                descs.append((echo, size, _ECHO))
+                continue
             view[offset : offset + size] = buffer
-            descs.append((offset, size, persistent))
+            descs.append((offset, size, _PID if persistent else _OOB))
             offset += _align(size)
         return descs
+
+    def echoes(self, buffers: _Buffers) -> list[int | None]:
+        """For each out-of-band buffer that lies in this block, its offset here.
+
+        A stage that returns an array it got (or a slice of it, or the array
+        changed in place) returns memory of the request's block: the answer
+        points there instead of copying. Needs NumPy to read addresses (it is
+        loaded whenever arrays travel).
+        """
+        numpy = sys.modules.get("numpy")
+        if numpy is None:
+            return [None] * len(buffers.views)
+        if self._address is None:
+            self._address = _address_of(numpy, self.view)
+        found: list[int | None] = []
+        for buffer, persistent in zip(buffers.views, buffers.persistent, strict=True):
+            offset = None if persistent else _address_of(numpy, buffer) - self._address
+            inside = offset is not None and offset >= 0 and offset + buffer.nbytes <= self.size
+            found.append(offset if inside else None)
+        return found
 
     def lend(self, offset: int, size: int) -> pickle.PickleBuffer:
         """Bytes of the block for an array to be built on, without copying.
@@ -683,7 +730,7 @@ class _Server:
         self,
         payload: bytes,
         pids: bool,
-        descs: list[tuple[int, int, bool]],
+        descs: list[_Desc],
         inbox: tuple[int, str | None, int] | None,
         outbox: tuple[int, str | None, int] | None,
         forget: list[int],
@@ -702,7 +749,7 @@ class _Server:
         if self.counts is not None:
             self.counts.clear()
         outcome = process_batch(stage, batch, self.call, self.sleep)
-        answer = self.reply(stage, batch, outcome, box)
+        answer = self.reply(stage, batch, outcome, box, source)
         del batch, outcome  # the arrays built on the inbox go (unless the stage kept some)
         return pickle.dumps((*answer, self._let_go(source)), 5)
 
@@ -731,7 +778,12 @@ class _Server:
         return True
 
     def reply(
-        self, stage: Stage, batch: list[Any], outcome: BatchOutcome, box: _Arena | None
+        self,
+        stage: Stage,
+        batch: list[Any],
+        outcome: BatchOutcome,
+        box: _Arena | None,
+        source: _Arena | None,
     ) -> tuple[Any, ...]:
         """The outcome, ready to pickle; results that cannot be pickled become failures."""
         outputs = outcome.outputs
@@ -743,12 +795,20 @@ class _Server:
             buffers.clear()
             payload, pids = _dump(outputs, buffers)
         need = 0
-        descs: list[tuple[int, int, bool]] = []
+        descs: list[_Desc] = []
         if buffers.views:
-            if box is not None and buffers.total <= box.size:
-                descs = box.write(buffers)
+            echoes: list[int | None] = [None] * len(buffers.views)
+            if source is not None:
+                echoes = source.echoes(buffers)
+            fresh = sum(
+                _align(v.nbytes) for v, e in zip(buffers.views, echoes, strict=True) if e is None
+            )
+            # All echoed: nothing to write, the request's block describes them.
+            target = source if fresh == 0 else box
+            if target is not None and fresh <= target.size:
+                descs = target.write(buffers, echoes)
             else:  # no room: in band this time; the parent provides a bigger outbox
-                need = buffers.total
+                need = fresh
                 payload, pids = _dump(outputs, _Buffers(None))
         failures = [
             (index, _pack_error(f.error), f.attempts)
@@ -1132,8 +1192,10 @@ class _Child:
         """After the child ended: True if message ``seq`` had not been started yet."""
         return seq > self._next_answer
 
-    def reply_box(self, seq: int) -> _Arena | None:
-        return self._flights[seq].outbox
+    def blocks(self, seq: int) -> tuple[_Arena | None, _Arena | None]:
+        """The answer block and the request block of message ``seq``."""
+        flight = self._flights[seq]
+        return flight.outbox, flight.inbox
 
     def settle(self, seq: int, kept_inbox: bool, need: int) -> None:
         """Message ``seq`` was answered (and its results built): release its blocks."""
@@ -1153,49 +1215,49 @@ class _Child:
 
     # ------------------------------------------------------------------ shared memory
 
-    def _place(self, buffers: _Buffers, flight: _Flight) -> tuple[list[Any], Any]:
+    def _place(self, buffers: _Buffers, flight: _Flight) -> tuple[list[_Desc], Any]:
         """Copy a message's big buffers into a free inbox; return their places and the inbox."""
         if not buffers.views:
             return [], None
-        free = [a for a in self.inboxes if a.ident not in self._reserved]
-        box = next((a for a in free if a.size >= buffers.total), None)
-        new = box is None
-        if box is None:
-            for old in free[: max(0, len(self.inboxes) + 1 - INBOX_POOL)]:
-                self._drop(self.inboxes, old)
-            box = self._new_arena(buffers.total, flight)
-            self.inboxes.append(box)
-        self._reserved.add(box.ident)
+        box, announce = self._pick(self.inboxes, buffers.total, flight)
         flight.inbox = box
-        return box.write(buffers), (box.ident, box.name if new else None, box.size)
+        return box.write(buffers), announce
 
     def _choose_outbox(self, sending: bool, flight: _Flight) -> tuple[int, str | None, int] | None:
-        """The block the child is to write the answer's big buffers to.
-
-        None until a message or an answer had big buffers. A block is chosen
-        only when no array built on it is left; while the caller still holds
-        results of earlier answers, new blocks are made, and beyond
-        `OUTBOX_POOL` the free ones are unmapped, then the oldest are let go
-        (their arrays keep them mapped).
-        """
+        """The block the child is to write the answer's big buffers to (None until a
+        message or an answer had big buffers)."""
         need = self.outbox_need
         if not (self.outboxes or need or sending):
             return None
         self.outbox_need = 0
-        free = [a for a in self.outboxes if a.ident not in self._reserved and not a.in_use()]
+        box, announce = self._pick(self.outboxes, need, flight)
+        flight.outbox = box
+        return announce
+
+    def _pick(
+        self, pool: list[_Arena], need: int, flight: _Flight
+    ) -> tuple[_Arena, tuple[int, str | None, int]]:
+        """A block of ``pool`` for a message in flight: free and big enough, or a new one.
+
+        A block is free once no message in flight uses it and no array built
+        on it is left. While the caller still holds results, new blocks are
+        made; beyond the pool's size the free ones are unmapped first, then
+        the oldest are let go (their arrays keep them mapped).
+        """
+        reserved = self._reserved
+        free = [a for a in pool if a.ident not in reserved and not a.in_use()]
         box = next((a for a in free if a.size >= need), None)
-        excess = len(self.outboxes) + (box is None) - OUTBOX_POOL
+        excess = len(pool) + (box is None) - POOL_SIZE
         if excess > 0:
-            busy = [a for a in self.outboxes if a not in free and a.ident not in self._reserved]
+            busy = [a for a in pool if a not in free and a.ident not in reserved]
             for old in ([a for a in free if a is not box] + busy)[:excess]:
-                self._drop(self.outboxes, old)
+                self._drop(pool, old)
         new = box is None
         if box is None:
             box = self._new_arena(need, flight)
-            self.outboxes.append(box)
-        self._reserved.add(box.ident)
-        flight.outbox = box
-        return box.ident, box.name if new else None, box.size
+            pool.append(box)
+        reserved.add(box.ident)
+        return box, (box.ident, box.name if new else None, box.size)
 
     def _drop(self, pool: list[_Arena], arena: _Arena) -> None:
         pool.remove(arena)
@@ -1533,7 +1595,7 @@ class _Worker:
         """Add a child's outcome for batch[start:end] to the job's; False when the batch failed."""
         _, payload, pids, descs, need, counts, failures, error, kept_inbox = answer
         try:
-            outputs = _load(payload, pids, descs, child.reply_box(seq))
+            outputs = _load(payload, pids, descs, *child.blocks(seq))
         except Exception as exc:
             return self._unreadable(job, end, exc, "in the parent process")
         finally:

@@ -1,31 +1,37 @@
-"""Process runtime: each worker of a stage is a child process, driven by a thread of the parent.
+"""Process runtime: each worker of a stage is a child process, driven by threads of the parent.
 
 For CPU-bound Python. How data flows, for one worker (a stage with ``workers=n``
-has n such pairs)::
+has n of these)::
 
-    parent process                                     |  worker process (one per worker)
-                                                       |
-    input channel                                      |
-       | get_many(n), n adapts to ~BATCH_SECONDS        |
-       v                                               |
-    worker thread: base.worker_loop(execute)           |  _child_main:
-       execute(batch):                                 |    cloudpickle.loads(stage), once
-         pickle protocol 5; big buffers -> inbox -----+    on_start() -> worker_state()
-         send one message ---------------- pipe ------+--> unpickle (copy out of inbox)
-         wait on  - the pipe <-------------------------+--- stage.process_batch(batch):
-                  - the child's sentinel (it died)     |      retries, backoff, skip, raise
-                  - the run's abort pipe (stop, ^C)    |      (written once, in stage.py)
-                  - the item's deadline (timeout)      |    pickle the outcome; big
-         unpickle (copy out of outbox)  <-- outbox ----+      buffers -> outbox
-       | put_many(outputs) (or the ordered sequencer)  |    ...until STOP: on_stop(), exit
-       v                                               |
-    output channel                                     |
+    parent process                                      | worker process
+                                                        |
+    input channel                                       |
+      | get_many(n): n adapts to ~BATCH_SECONDS,        |
+      |   and to one message's worth of big buffers     |
+      v                                                 |
+    lane 1, lane 2: threads running base.worker_loop    | _child_main:
+      execute(batch):                                   |   cloudpickle.loads(stage), once
+        pickle (protocol 5); big buffers copied into    |   on_start() -> worker_state()
+        a request block ===== shared memory ============|=> arrays built on it (no copy)
+        send one message ------------- pipe -----------+-> stage.process_batch(batch)
+        wait on  - the pipe <---------------------------+--   (retries, backoff, skip, raise:
+                 - the child's sentinel (it died)       |     written once, in stage.py)
+                 - the run's abort pipe (stop, Ctrl-C)  |   pickle the outcome; new big
+                 - the item's deadline (timeout)        |   buffers copied into an answer
+        arrays built on the answer <== shared memory ===|== block (arrays it got back: a
+          block, or on the request block                |   pointer into the request block)
+      | put_many(outputs), or the ordered sequencer     |   ...until STOP: on_stop(), exit
+      v                                                 |
+    output channel                                      |
 
-A stage's logic lives in `conveyor.stage.process_batch`, which the child
-runs; the parent-side thread runs the same `worker_loop` as the thread
-runtime, with an ``execute`` that ships the batch to *its* child and returns
-the child's `BatchOutcome`. Everything specific to processes is here: the
-messages, shared memory, and what happens when a child dies or overruns.
+Two lanes per worker keep a batch waiting in the pipe while the child works
+on another, so the child never waits for the parent; answers come back in
+order and each goes to the lane that sent its message. A stage's logic lives
+in `conveyor.stage.process_batch`, which the child runs; the lanes run the
+same `worker_loop` as the thread runtime, with an ``execute`` that ships the
+batch to the child and returns its `BatchOutcome`. Everything specific to
+processes is here: messages, shared memory, and what happens when a child
+dies or overruns.
 
 Start methods and the ``__main__`` rule
 ---------------------------------------
@@ -33,9 +39,9 @@ Worker processes are started with the multiprocessing start method named by
 `START_METHOD` (a module setting), else by the environment variable
 ``CONVEYOR_START_METHOD``, else ``forkserver`` on Linux and ``spawn``
 elsewhere: both are safe while the parent runs threads (conveyor's own
-feeder and worker threads, at least), which ``fork`` is not. This module is
-added to the forkserver's preload list, so that a worker starts without
-importing conveyor again.
+feeder and worker threads, at least), which ``fork`` is not. This module
+(and NumPy, when the parent has imported it) is added to the forkserver's
+preload list, so that a worker starts without importing them again.
 
 Both methods run the main module again in every worker process (as
 ``__mp_main__``). A script that builds and runs its pipeline at module level
@@ -50,18 +56,35 @@ when that fails), so their classes must be importable in the workers.
 Batches and shared memory
 -------------------------
 A batch crosses in one message each way (pickle protocol 5). Large buffers
-inside items or results -- NumPy arrays (via pickle's out-of-band buffers),
-and `bytes`, `bytearray` and `memoryview` of at least `SHM_THRESHOLD` bytes
-(for bytes and bytearray: items themselves, or inside tuple, list or dict
-items) -- do not go through the pipe: they are copied into a shared-memory
-block of that worker (the *inbox* one way, the *outbox* the other), and the
-receiver copies them out into objects it owns. The blocks are created by the
-parent (named by `multiprocessing.shared_memory.SharedMemory`), reused
-message after message, and their names are unlinked as soon as the worker
-has mapped them; the parent tracks every name still linked and unlinks it
-when the worker replies, dies or is stopped, and when the run ends, so no
-segment outlives a run, whatever happened to it. (A fresh block costs a page
-fault per page on first use; reusing blocks is what makes them fast.)
+inside items or results -- NumPy arrays (through pickle's out-of-band
+buffers), and `bytes`, `bytearray` and `memoryview` of at least
+`SHM_THRESHOLD` bytes (bytes and bytearray as items, or inside tuple, list or
+dict items) -- do not go through the pipe: the sender copies them into a
+shared-memory block, and the receiver builds NumPy arrays right on it (no
+copy; bytes-likes are copied out into objects of their own). An array the
+stage returns as it got it (or a slice of it, or changed in place) is not
+copied back: the answer points into the request's block. So an array
+crosses with one copy each way, or one in all for a stage working in place.
+
+Blocks are reused message after message: a fresh block costs a page fault
+per page on first use, far more than the copy. A block is written again only
+once no message in flight uses it and no array built on it is left, so
+arrays a stage keeps, or results the caller keeps, stay intact; meanwhile
+other blocks are used. Batches with big buffers are capped at about one
+message's worth (`SHM_MESSAGE_LIMIT`), which bounds the shared memory in
+flight to a few blocks besides the results not yet consumed.
+
+Blocks are POSIX shared memory named ``cv<parent pid>_<hex>``, created by the
+parent only, so that it knows every name, and registered with
+multiprocessing's resource tracker. A name is unlinked as soon as the worker
+has mapped it (when it answers the message that announced it), or when the
+worker dies or is stopped, and when the run ends: no segment outlives a run,
+whatever happened to it. The memory itself is freed when the last process
+unmaps it, that is when the last array built on it is gone.
+
+Keep the main module light: spawn and forkserver workers run it again
+before they start (its imports included), and that is part of every run's
+start-up.
 
 Failures
 --------
@@ -198,9 +221,13 @@ _Desc = tuple[int, int, int]  # offset, size, place
 _HELD_SHOWN = 10  # items a WorkerCrashed note lists
 _EXIT_MAIN_GUARD = 78  # EX_CONFIG: a worker found the main module starting a pipeline
 
-# Messages, parent -> child: (_BATCH, payload, pids, descs, inbox, outbox, retries_left), (_STOP,)
-# child -> parent: (_READY,), (_FAILED, what, error), (_OUTCOME, ...), (_LOAD_FAILED, error),
-# (_STARTED,), (_SLEEPING,), (_STOPPED, error | None)
+# Messages (pickled tuples), parent -> child:
+#   (_BATCH, payload, pids, descs, inbox, outbox, forget, retries_left), (_STOP,)
+# child -> parent, in the order of the batches:
+#   (_READY,), (_FAILED, what, error), (_STARTED,), (_SLEEPING,), (_STOPPED, error | None),
+#   (_OUTCOME, payload, pids, descs, need, counts, failures, error, inbox_kept),
+#   (_LOAD_FAILED, error, inbox_kept)
+# inbox/outbox: (block id, its name when new, else None, size); forget: ids to unmap.
 _BATCH, _STOP, _READY, _FAILED, _OUTCOME, _LOAD_FAILED, _STARTED, _SLEEPING, _STOPPED = range(9)
 _STOP_MESSAGE = pickle.dumps((_STOP,), 5)
 _STARTED_MESSAGE = pickle.dumps((_STARTED,), 5)
@@ -240,14 +267,17 @@ def _default_start_method() -> str:
 
 
 def _preload_in_forkserver() -> None:
-    """Add this module to the forkserver's preload list (effective until the server starts)."""
+    """Add this module, and NumPy when this process uses it, to the forkserver's preload
+    list (effective until the server starts): workers then start without importing them."""
     from multiprocessing import forkserver
 
     # The list lives in a private attribute; keep whatever the user set there.
     server = getattr(forkserver, "_forkserver", None)
     modules = list(getattr(server, "_preload_modules", None) or ["__main__"])
-    if __name__ not in modules:
-        forkserver.set_forkserver_preload([*modules, __name__])
+    wanted = ["numpy", __name__] if "numpy" in sys.modules else [__name__]
+    missing = [name for name in wanted if name not in modules]
+    if missing:
+        forkserver.set_forkserver_preload([*modules, *missing])
 
 
 # ---------------------------------------------------------------------- pickling

@@ -670,7 +670,8 @@ def slow(x):
     return x
 
 if __name__ == "__main__":
-    cv.Pipeline(range(100)).map(slow, runtime="process", workers=2, ordered=False).run()
+    items = ((i, bytes(200_000)) for i in range(100))  # big buffers: shared memory in use
+    cv.Pipeline(items).map(slow, runtime="process", workers=2, ordered=False).run()
 """
 
 
@@ -694,6 +695,7 @@ def test_ctrl_c_in_a_process_pipeline_leaves_no_process_and_no_segment(tmp_path:
         wait_until(lambda: len(list(folder.iterdir())) == 2, 30)
         workers = [int(p.name) for p in folder.iterdir()]
         family = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert our_segments(proc.pid)  # named until the workers answer: they never will
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=10)
     finally:

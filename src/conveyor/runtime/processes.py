@@ -158,6 +158,7 @@ from ..stage import (
     BatchOutcome,
     Failure,
     Stage,
+    _item_repr,  # how notes show items: errors here name them the same way
     add_note,
     add_stage_note,
     apply_one,
@@ -675,12 +676,7 @@ _PackedError = tuple[bytes | None, str, str, str, list[str]]
 def _pack_error(exc: BaseException) -> _PackedError:
     """An exception ready to cross: pickled if it survives a round trip, plus its text."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    kind = type(exc)
-    name = (
-        kind.__qualname__
-        if kind.__module__ == "builtins"
-        else f"{kind.__module__}.{kind.__qualname__}"
-    )
+    name = _type_name(exc)
     notes = [str(n) for n in getattr(exc, "__notes__", ())]
     blob: bytes | None
     try:
@@ -1707,9 +1703,7 @@ class _Worker:
 
 
 def _short_repr(item: Any) -> str:
-    from ..stage import _item_repr
-
-    return _item_repr.repr(item)
+    return _item_repr.repr(item)  # as the stage notes show items
 
 
 def _main_guard_error() -> ConfigurationError:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import queue
 import statistics
 import sys
@@ -44,6 +43,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from _common import machine, write_section  # noqa: E402
+
 import conveyor as cv  # noqa: E402
 
 BATCH = 64
@@ -53,22 +54,6 @@ BASELINE = "queue.Queue"
 
 
 # ---------------------------------------------------------------------- machine
-
-
-def machine() -> str:
-    """CPU model, cores and Python version, for the report."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{model}, {os.cpu_count()} cores, "
-        f"{platform.python_implementation()} {platform.python_version()} on {sys.platform}"
-    )
 
 
 def load() -> str:
@@ -368,32 +353,6 @@ def render(
     return "\n".join(parts)
 
 
-def write_section(text: str) -> Path:
-    """Replace this script's section of docs/benchmarks.md; other sections stay."""
-    path = ROOT / "docs" / "benchmarks.md"
-    begin, end = f"<!-- {SECTION}:begin -->", f"<!-- {SECTION}:end -->"
-    block = f"{begin}\n{text.rstrip()}\n{end}\n"
-    if path.exists():
-        current = path.read_text()
-    else:
-        current = (
-            "# Benchmarks\n\n"
-            "Measured by the scripts in `bench/`; each script rewrites only its own "
-            "section (between its `<!-- name:begin -->` / `<!-- name:end -->` markers) "
-            "with `--write`. Runs move by about ±10% from one run to the next: compare "
-            "the ratios measured within one run, not absolute figures across runs.\n\n"
-        )
-    if begin in current and end in current:
-        head, rest = current.split(begin, 1)
-        _, tail = rest.split(end, 1)
-        new = head + block + tail.lstrip("\n")
-    else:
-        new = current.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds (default 5)")
@@ -407,7 +366,7 @@ def main() -> None:
     took = time.monotonic() - started
     print(f"whole run: {took:.0f} s")
     if args.write:
-        path = write_section(render(results, args.items, args.rounds, took, load_at_start))
+        path = write_section(render(results, args.items, args.rounds, took, load_at_start), SECTION)
         print(f"wrote the '{SECTION}' section of {path}")
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import os
-import platform
 import queue
 import statistics
 import subprocess
@@ -32,22 +30,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from _common import machine, write_section  # noqa: E402  (re-exported for the other scripts)
+
 import conveyor as cv  # noqa: E402
 
 # ---------------------------------------------------------------------- machine
-
-
-def machine() -> str:
-    """One line naming the CPU, cores and Python."""
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 # ---------------------------------------------------------------------- candidates
@@ -337,21 +324,6 @@ def render(
         lines += [f"| {k} | {n:,} | {g:,.1f} MiB | {s:.1f} |" for k, n, g, s in mem]
         lines.append("")
     return "\n".join(lines)
-
-
-def write_section(text: str, tag: str) -> None:
-    """Replace the tagged section of docs/benchmarks.md (other sections stay)."""
-    path = ROOT / "docs" / "benchmarks.md"
-    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{text}\n{end}"
-    if begin in doc and end in doc:
-        head, rest = doc.split(begin, 1)
-        doc = head + block + rest.split(end, 1)[1]
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(doc)
 
 
 def main() -> None:

@@ -91,8 +91,17 @@ class Run:
     # ------------------------------------------------------------------ starting
 
     def start(self) -> None:
-        """Start every stage's workers, then the feeder."""
+        """Start the feeder and every stage's workers.
+
+        An in-memory source is fed first, so that the workers find their
+        first items waiting rather than each being woken for them; any other
+        source only once every stage has started, so that a stage that fails
+        to start has pulled nothing from it.
+        """
         self.started = perf_counter()
+        early = isinstance(self._source, _IN_MEMORY)
+        if early:
+            self._start_feeder_thread()
         try:
             for sr in self.stage_runs:
                 runtime = self.runtimes.get(sr.stage.runtime)
@@ -103,6 +112,8 @@ class Run:
             self.abort()
             self.join()
             raise
+        if early:
+            return
         loop = self.control.loop
         if loop is not None and isinstance(self._source, AsyncIterable):
             # The caller's async source belongs on the caller's loop (its
@@ -110,6 +121,9 @@ class Run:
             self._feeder_task = loop.create_task(self._afeed(self._source), name="conveyor-source")
             self.control.on_abort(self._cancel_feeder_task)
             return
+        self._start_feeder_thread()
+
+    def _start_feeder_thread(self) -> None:
         self._feeder = threading.Thread(target=self._feed, name="conveyor-source", daemon=True)
         self._feeder.start()
 

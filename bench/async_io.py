@@ -35,7 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from pipeline import machine, write_section  # noqa: E402 - bench/pipeline.py
+from _common import machine, write_section  # noqa: E402 - bench/_common.py
 
 import conveyor as cv  # noqa: E402
 from conveyor.runtime.aio import new_event_loop  # noqa: E402

@@ -813,6 +813,21 @@ def test_a_failing_coroutine_on_start_fails_the_run_with_the_stage_named() -> No
     assert "conveyor: on_start of stage 'double' (map) failed" in notes(info.value)
 
 
+@pytest.mark.quick
+@pytest.mark.parametrize("error", [Boom, KeyboardInterrupt])
+def test_a_failing_on_stop_fails_the_run_with_its_error_and_the_stage_named(
+    error: type[BaseException],
+) -> None:
+    async def cannot_close(state: object) -> None:
+        raise error("connection reset")
+
+    pipeline = cv.Pipeline(range(5)).map(double, workers=2, runtime="async", on_stop=cannot_close)
+    with pytest.raises(error) as info:
+        pipeline.run()
+    assert "conveyor: on_stop of stage 'double' (map) failed" in notes(info.value)
+    assert not conveyor_threads()
+
+
 # ---------------------------------------------------------------------- the loop
 
 

@@ -191,7 +191,10 @@ async def _run_worker(sr: StageRun, worker: int) -> None:
         if stage.on_stop is not None:
             try:
                 await _call_hook(stage.on_stop, state)
-            except Exception as exc:
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                # Reported, not raised: a KeyboardInterrupt out of a task would stop the loop.
                 control.fail(add_note(exc, f"conveyor: on_stop of stage {stage.label} failed"))
 
 
@@ -238,7 +241,7 @@ async def _worker_loop(sr: StageRun, worker: int) -> None:
         pass  # the run was aborted while we were handing outputs on
     except asyncio.CancelledError:
         raise  # the run was aborted: its cause is reported by whoever aborted it
-    except BaseException as exc:  # a bug in conveyor
+    except BaseException as exc:  # Ctrl-C or SystemExit from the stage, or a bug in conveyor
         control.fail(add_stage_note(exc, stage, counters.current_item))
     finally:
         counters.finish()
@@ -297,10 +300,11 @@ if sys.platform == "linux":
         so a timer due in 3 µs costs a 1 ms wait. With many coroutines
         sleeping, their timers fall a few µs apart and nearly every wake-up
         is late by up to a millisecond: 5000 sleeps of 10 ms, 200 at a time,
-        reach 0.91 of the ideal throughput on asyncio's default loop here,
-        0.99 with this selector. It waits with select(), which takes
-        microseconds, on the epoll descriptor itself (readable as soon as
-        any registered file is), then collects the events without waiting.
+        reach 0.89 of the ideal throughput on asyncio's default loop here,
+        0.98 with this selector (bench/async_io.py). It waits with select(),
+        which takes microseconds, on the epoll descriptor itself (readable
+        as soon as any registered file is), then collects the events
+        without waiting.
         """
 
         def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:

@@ -16,7 +16,7 @@ from functools import partial
 from time import monotonic
 from typing import Any
 
-from ..stage import Stage, add_note, apply_one, process_batch, set_worker_state
+from ..stage import Stage, add_note, apply_one, process_batch, set_worker_state, timeout_error
 from .base import Runtime, StageRun, batch_loop, worker_loop
 
 __all__ = ["RUNTIME", "ThreadRuntime", "TimedCaller"]
@@ -61,9 +61,7 @@ class TimedCaller:
                 # Abandon the helper: it keeps running the stuck call; a new one takes over.
                 self._helper = None
                 self._call = None
-            raise TimeoutError(
-                f"stage {stage.label} took longer than its timeout of {stage.timeout} s on one item"
-            )
+            raise timeout_error(stage)
         if call.error is not None:
             raise call.error
         return call.result

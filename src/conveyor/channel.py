@@ -179,6 +179,18 @@ class Channel(Generic[T]):
                 waiter.release()  # type: ignore[union-attr]
             n -= 1
 
+    def _relay_room(self) -> None:
+        """After a put, wake the next parked producer if room is left.
+
+        Room made by a consumer wakes one producer, not one per free slot (a
+        batch would wake them all, and all but one would find the room gone
+        and sleep again: a thread wake-up each, for nothing). So whoever
+        leaves room behind after putting passes the wake-up on, as consumers
+        do with items left. Only called with the lock held.
+        """
+        if self.maxsize <= 0 or len(self.queue) < self.maxsize:
+            self._wake(self._putters, 1)
+
     def _wake_everyone(self) -> None:
         self._wake(self._getters, len(self._getters))
         self._wake(self._putters, len(self._putters))
@@ -275,6 +287,8 @@ class Channel(Generic[T]):
             self._total_put += 1
             if self._getters:
                 self._wake(self._getters, 1)
+            if self._putters:
+                self._relay_room()
         finally:
             lock.release()
 
@@ -298,6 +312,8 @@ class Channel(Generic[T]):
             item = self.queue.popleft()
             if self._putters:
                 self._wake(self._putters, 1)
+            if self._getters and self.queue:
+                self._wake(self._getters, 1)  # relay: items are left for the next one
             return item
         finally:
             lock.release()
@@ -421,7 +437,11 @@ class Channel(Generic[T]):
                 done += n
                 self._total_put += n
                 if self._getters:
-                    self._wake(self._getters, n)
+                    # One wake-up, not n: the consumer woken takes what it can
+                    # and relays to the next if items are left (see _relay_room).
+                    self._wake(self._getters, 1)
+            if self._putters:
+                self._relay_room()
 
     @staticmethod
     def _partial(exc: BaseException, done: int) -> BaseException:
@@ -458,7 +478,9 @@ class Channel(Generic[T]):
                 # A C-level loop of popleft() calls: no Python frame per item.
                 batch = list(starmap(q.popleft, repeat((), n)))
             if self._putters:
-                self._wake(self._putters, n)
+                self._wake(self._putters, 1)
+            if self._getters and q:
+                self._wake(self._getters, 1)
             return batch
 
     def wait_for_room(self, timeout: float | None = None) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -17,6 +16,7 @@ from typing import Any, TypeVar
 import pytest
 
 from conveyor import Channel, ConfigurationError, Producer, ShutDown
+from test_channel import Worker  # the same thread-runner as the thread-side tests
 
 pytestmark = [pytest.mark.quick, pytest.mark.timeout(20)]
 
@@ -61,30 +61,6 @@ def parked_producers(ch: Channel[Any], n: int) -> Callable[[], bool]:
 
 def parked_consumers(ch: Channel[Any], n: int) -> Callable[[], bool]:
     return lambda: ch.stats().waiting_consumers == n
-
-
-class Worker(threading.Thread):
-    """Run ``fn(*args)`` in a daemon thread and keep its result or exception."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        super().__init__(daemon=True)
-        self._fn, self._args = fn, args
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self.result = self._fn(*self._args)
-        except BaseException as exc:  # kept for the test to inspect
-            self.error = exc
-
-    def finish(self, timeout: float = WAIT) -> Any:
-        self.join(timeout)
-        assert not self.is_alive(), f"{self._fn} still running after {timeout} s"
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 async def in_thread(fn: Callable[[], R]) -> R:

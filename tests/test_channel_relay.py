@@ -12,21 +12,18 @@ import threading
 import pytest
 
 import conveyor as cv
+from test_channel import wait_until
 
 pytestmark = [pytest.mark.quick, pytest.mark.timeout(30)]
 
 
 def wait_until_parked(ch: cv.Channel[int], consumers: int = 0, producers: int = 0) -> None:
-    """Poll the channel's own waiter counts (bounded): the threads are really asleep."""
-    import time
-
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        s = ch.stats()
-        if s.waiting_consumers >= consumers and s.waiting_producers >= producers:
-            return
-        time.sleep(0.001)  # bounded poll inside a helper, never a synchronisation by itself
-    raise AssertionError(f"waiters never parked: {ch.stats()}")
+    """Wait (bounded) until the channel counts that many parked threads."""
+    wait_until(
+        lambda: (
+            ch.stats().waiting_consumers >= consumers and ch.stats().waiting_producers >= producers
+        )
+    )
 
 
 def test_one_put_many_serves_every_parked_consumer() -> None:

@@ -7,6 +7,7 @@ check that every waiter is served: nothing is stranded by the relay.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
@@ -73,3 +74,106 @@ def test_parked_batch_producers_all_finish_when_room_comes_in_one_get_many() -> 
         t.join(10)
     assert not any(t.is_alive() for t in threads)
     assert len(ch.get_many(8)) == 8
+
+
+# ---------------------------------------------------------------------- one wake-up in flight
+# The channel's lock is swapped for a re-entrant one so that the test can hold
+# it across several calls: a woken thread cannot run (it needs the lock back),
+# which is the moment the policy is about.
+
+
+def hold_able(ch: cv.Channel[int]) -> threading.RLock:
+    lock = threading.RLock()
+    ch._lock = ch.mutex = lock  # type: ignore[assignment]
+    return lock
+
+
+def test_puts_while_a_woken_consumer_has_yet_to_run_wake_no_other_thread() -> None:
+    ch: cv.Channel[int] = cv.Channel(64)
+    lock = hold_able(ch)
+    got: list[int] = []
+
+    def consume() -> None:
+        got.extend(ch)
+
+    threads = [threading.Thread(target=consume) for _ in range(4)]
+    for t in threads:
+        t.start()
+    wait_until_parked(ch, consumers=4)
+    with lock:
+        ch.put(1)
+        assert ch.stats().waiting_consumers == 3  # one woken
+        ch.put(2)
+        ch.put_many([3, 4])
+        # Still one: the woken consumer relays when it runs, if items are left.
+        assert ch.stats().waiting_consumers == 3
+    ch.close()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert sorted(got) == [1, 2, 3, 4]
+
+
+def test_gets_while_a_woken_producer_has_yet_to_run_wake_no_other_thread() -> None:
+    ch: cv.Channel[int] = cv.Channel(4)
+    lock = hold_able(ch)
+    ch.put_many([0, 1, 2, 3])
+    threads = [threading.Thread(target=ch.put, args=(100 + k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    wait_until_parked(ch, producers=4)
+    with lock:
+        assert ch.get() == 0
+        assert ch.stats().waiting_producers == 3
+        assert ch.get_many(3) == [1, 2, 3]
+        assert ch.stats().waiting_producers == 3
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert sorted(ch.get_many(8)) == [100, 101, 102, 103]
+
+
+def test_a_consumer_that_never_parked_leaves_the_relay_to_the_woken_one() -> None:
+    """Items taken by a running consumer do not strand a parked one."""
+    ch: cv.Channel[int] = cv.Channel(64)
+    lock = hold_able(ch)
+    got: list[int] = []
+    parked = threading.Thread(target=lambda: got.extend(ch))
+    parked.start()
+    wait_until_parked(ch, consumers=1)
+    with lock:
+        ch.put_many([1, 2, 3])  # wakes the parked consumer, which cannot run yet
+        assert ch.get() == 1  # a consumer that was not parked takes one: no relay
+    ch.close()
+    parked.join(10)
+    assert not parked.is_alive()
+    assert got == [2, 3]
+
+
+def test_woken_coroutines_relay_to_the_next_parked_coroutine() -> None:
+    async def main() -> list[int]:
+        ch: cv.Channel[int] = cv.Channel(8)
+        getters = [asyncio.ensure_future(ch.aget()) for _ in range(3)]
+        many = asyncio.ensure_future(ch.aget_many(2))
+        while ch.stats().waiting_consumers < 4:
+            await asyncio.sleep(0)  # let each coroutine park (no time passes)
+        await asyncio.get_running_loop().run_in_executor(None, ch.put_many, [1, 2, 3, 4, 5])
+        done = await asyncio.wait_for(asyncio.gather(*getters, many), 10)
+        return sorted([*done[:3], *done[3]])
+
+    assert asyncio.run(main()) == [1, 2, 3, 4, 5]
+
+
+def test_woken_async_producers_relay_the_room_left() -> None:
+    async def main() -> list[int]:
+        ch: cv.Channel[int] = cv.Channel(4)
+        ch.put_many([0, 1, 2, 3])
+        putters = [asyncio.ensure_future(ch.aput(10 + k)) for k in range(3)]
+        putters.append(asyncio.ensure_future(ch.aput_many([20])))
+        while ch.stats().waiting_producers < 4:
+            await asyncio.sleep(0)
+        taken = await asyncio.get_running_loop().run_in_executor(None, ch.get_many, 4)
+        await asyncio.wait_for(asyncio.gather(*putters), 10)
+        return [*taken, *sorted(ch.get_many(8))]
+
+    assert asyncio.run(main()) == [0, 1, 2, 3, 10, 11, 12, 20]

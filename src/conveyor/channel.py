@@ -21,7 +21,12 @@ Invariants, all under ``_lock``:
 * ``_getters`` / ``_putters`` hold exactly the waiters not yet woken: a waker
   pops the waiter it wakes, a waiter that times out removes itself;
 * a woken waiter re-checks the state and uses it; one that gives up instead
-  (cancelled, Ctrl-C) passes its wake-up on to the next waiter.
+  (cancelled, Ctrl-C) passes its wake-up on to the next waiter;
+* if items are in the channel while consumers are parked, a woken consumer
+  has yet to run (and the same for room and producers): a put wakes one
+  parked consumer unless a woken thread has yet to run, and a consumer that
+  was woken and leaves items behind wakes the next. So one wake-up is in
+  flight per side, not one per call (each costs a thread switch).
 """
 
 from __future__ import annotations
@@ -84,6 +89,21 @@ class _AsyncWaiter:
 
 
 _Waiter = LockType | _AsyncWaiter
+
+
+class _Waiters(deque[_Waiter]):
+    """Parked waiters, oldest first, and how many woken threads have yet to run.
+
+    ``woken`` counts thread waiters released and not yet back under the lock.
+    Coroutines woken are not counted: a stopped event loop may never run
+    them, and nobody must depend on them to pass a wake-up on.
+    """
+
+    __slots__ = ("woken",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.woken = 0
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -158,15 +178,15 @@ class Channel(Generic[T]):
         # (released to wake it) or a coroutine's _AsyncWaiter. A waiter is
         # removed from its deque by whoever wakes it, so the deques hold
         # exactly the waiters that still need a wake-up.
-        self._getters: deque[_Waiter] = deque()
-        self._putters: deque[_Waiter] = deque()
+        self._getters = _Waiters()
+        self._putters = _Waiters()
         self._open_producers = 0
 
     # ------------------------------------------------------------------ wake-ups and sleeping
     # Only called with the lock held.
 
     @staticmethod
-    def _wake(waiters: deque[_Waiter], n: int) -> None:
+    def _wake(waiters: _Waiters, n: int) -> None:
         """Wake up to ``n`` waiters of ``waiters``, oldest first."""
         while n > 0 and waiters:
             waiter = waiters.popleft()
@@ -177,25 +197,37 @@ class Channel(Generic[T]):
                     continue
             else:
                 waiter.release()  # type: ignore[union-attr]
+                waiters.woken += 1
             n -= 1
 
-    def _relay_room(self) -> None:
-        """After a put, wake the next parked producer if room is left.
+    @staticmethod
+    def _wake_one(waiters: _Waiters) -> None:
+        """Wake the oldest waiter, unless a woken thread has yet to run.
 
-        Room made by a consumer wakes one producer, not one per free slot (a
-        batch would wake them all, and all but one would find the room gone
-        and sleep again: a thread wake-up each, for nothing). So whoever
-        leaves room behind after putting passes the wake-up on, as consumers
-        do with items left. Only called with the lock held.
+        A woken waiter that finds more than it takes passes the wake-up on
+        (the relays below), so one wake-up in flight is enough: more would
+        wake threads that mostly find the items (or the room) gone and park
+        again, a thread switch each for nothing. Room made by one get wakes
+        one producer, not one per free slot, for the same reason.
         """
-        if self.maxsize <= 0 or len(self.queue) < self.maxsize:
-            self._wake(self._putters, 1)
+        if not waiters.woken:
+            Channel._wake(waiters, 1)
+
+    def _relay_items(self) -> None:
+        """A woken consumer leaving items behind wakes the next parked one."""
+        if self._getters and self.queue:
+            self._wake_one(self._getters)
+
+    def _relay_room(self) -> None:
+        """A woken producer leaving room behind wakes the next parked one."""
+        if self._putters and (self.maxsize <= 0 or len(self.queue) < self.maxsize):
+            self._wake_one(self._putters)
 
     def _wake_everyone(self) -> None:
         self._wake(self._getters, len(self._getters))
         self._wake(self._putters, len(self._putters))
 
-    def _sleep(self, waiters: deque[_Waiter], timeout: float | None) -> None:
+    def _sleep(self, waiters: _Waiters, timeout: float | None) -> None:
         """Release the lock, sleep until woken or ``timeout``, take the lock back."""
         waiter = _allocate_lock()
         waiter.acquire()
@@ -209,19 +241,23 @@ class Channel(Generic[T]):
             self._forget(waiters, waiter)
             raise
         self._lock.acquire()
-        if not woken:
+        if woken:
+            waiters.woken -= 1
+        else:
             try:
                 waiters.remove(waiter)
             except ValueError:
                 # A waker took us off the deque as we timed out. The caller
                 # re-checks the state and uses what it finds: nothing is lost.
-                pass
+                waiters.woken -= 1
 
-    def _forget(self, waiters: deque[_Waiter], waiter: _Waiter) -> None:
+    def _forget(self, waiters: _Waiters, waiter: _Waiter) -> None:
         """Take a waiter that gives up off its deque; if it was woken, wake another."""
         try:
             waiters.remove(waiter)
         except ValueError:
+            if type(waiter) is not _AsyncWaiter:
+                waiters.woken -= 1
             self._wake(waiters, 1)
 
     def _wait_for_room(self, block: bool, timeout: float | None) -> None:
@@ -283,12 +319,13 @@ class Channel(Generic[T]):
                 raise ShutDown("put() on a closed channel")
             if 0 < self.maxsize <= len(self.queue):
                 self._wait_for_room(block, timeout)
-            self.queue.append(item)
+                self.queue.append(item)
+                self._relay_room()  # we were woken: pass it on if room is left
+            else:
+                self.queue.append(item)
             self._total_put += 1
             if self._getters:
-                self._wake(self._getters, 1)
-            if self._putters:
-                self._relay_room()
+                self._wake_one(self._getters)
         finally:
             lock.release()
 
@@ -305,15 +342,16 @@ class Channel(Generic[T]):
         lock = self._lock
         lock.acquire()
         try:
-            if not self.queue:
+            if self.queue:
+                item = self.queue.popleft()
+            else:
                 if self.is_shutdown:
                     raise ShutDown
                 self._wait_for_item(block, timeout)
-            item = self.queue.popleft()
+                item = self.queue.popleft()
+                self._relay_items()  # we were woken: pass it on if items are left
             if self._putters:
-                self._wake(self._putters, 1)
-            if self._getters and self.queue:
-                self._wake(self._getters, 1)  # relay: items are left for the next one
+                self._wake_one(self._putters)
             return item
         finally:
             lock.release()
@@ -411,37 +449,50 @@ class Channel(Generic[T]):
                 ``items_put`` attribute).
         """
         pending = items if isinstance(items, list) else list(items)
-        total = len(pending)
-        done = 0
-        _check_timeout(timeout)
-        deadline = None if timeout is None or not block else monotonic() + timeout
-        with self._lock:
-            # Checked once: after a wait, _wait_for_room raises ShutDown itself.
+        if timeout is not None:
+            _check_timeout(timeout)
+        lock = self._lock
+        lock.acquire()
+        try:
             # An empty batch on a closed channel raises too, as put() would.
             if self.is_shutdown:
                 raise self._partial(ShutDown("put_many() on a closed channel"), 0)
-            while done < total:
-                room = self.maxsize - len(self.queue) if self.maxsize > 0 else total - done
-                if room <= 0:
-                    try:
-                        left = None if deadline is None else max(0.0, deadline - monotonic())
-                        self._wait_for_room(block, left)
-                    except (Full, ShutDown) as exc:
-                        raise self._partial(exc, done) from None
-                    continue
-                n = min(room, total - done)
-                if done == 0 and n == total:
-                    self.queue.extend(pending)
-                else:
-                    self.queue.extend(pending[done : done + n])
-                done += n
-                self._total_put += n
-                if self._getters:
-                    # One wake-up, not n: the consumer woken takes what it can
-                    # and relays to the next if items are left (see _relay_room).
-                    self._wake(self._getters, 1)
-            if self._putters:
-                self._relay_room()
+            q = self.queue
+            if self.maxsize <= 0 or len(q) + len(pending) <= self.maxsize:
+                q.extend(pending)  # the common case: the whole batch fits
+                self._total_put += len(pending)
+                if self._getters and pending:
+                    self._wake_one(self._getters)
+            else:
+                self._put_in_runs(pending, block, timeout)
+        finally:
+            lock.release()
+
+    def _put_in_runs(self, pending: list[T], block: bool, timeout: float | None) -> None:
+        """put_many() of a batch larger than the room: fill, wait for room, repeat (lock held)."""
+        total = len(pending)
+        done = 0
+        slept = False
+        deadline = None if timeout is None or not block else monotonic() + timeout
+        while done < total:
+            room = self.maxsize - len(self.queue) if self.maxsize > 0 else total - done
+            if room <= 0:
+                try:
+                    left = None if deadline is None else max(0.0, deadline - monotonic())
+                    # Raises ShutDown itself if the channel closes meanwhile.
+                    self._wait_for_room(block, left)
+                except (Full, ShutDown) as exc:
+                    raise self._partial(exc, done) from None
+                slept = True
+                continue
+            n = min(room, total - done)
+            self.queue.extend(pending[done : done + n])
+            done += n
+            self._total_put += n
+            if self._getters:
+                self._wake_one(self._getters)
+        if slept:
+            self._relay_room()
 
     @staticmethod
     def _partial(exc: BaseException, done: int) -> BaseException:
@@ -463,25 +514,28 @@ class Channel(Generic[T]):
             _check_max_items(max_items)
         if timeout is not None:
             _check_timeout(timeout)
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             q = self.queue
-            if not q:
+            woken = not q
+            if woken:
                 if self.is_shutdown:
                     raise ShutDown
                 self._wait_for_item(block, timeout)
-            n = len(q)
-            if n <= max_items:
+            if len(q) <= max_items:
                 batch = list(q)
                 q.clear()
             else:
-                n = max_items
                 # A C-level loop of popleft() calls: no Python frame per item.
-                batch = list(starmap(q.popleft, repeat((), n)))
+                batch = list(starmap(q.popleft, repeat((), max_items)))
             if self._putters:
-                self._wake(self._putters, 1)
-            if self._getters and q:
-                self._wake(self._getters, 1)
+                self._wake_one(self._putters)
+            if woken:
+                self._relay_items()  # we were woken: pass it on if items are left
             return batch
+        finally:
+            lock.release()
 
     def wait_for_room(self, timeout: float | None = None) -> int:
         """Block until the channel has room; return how many items fit now.
@@ -507,11 +561,10 @@ class Channel(Generic[T]):
             room = self.maxsize - len(self.queue)
             # A wake-up we took was meant for a put, and our caller may put
             # nothing (its source is exhausted): pass it on, or a putter parked
-            # behind us could sleep on with room in the channel. With room for
-            # more than one, another may use the rest. A woken putter that
-            # finds no room just parks again.
-            if self._putters and (slept or room > 1):
-                self._wake(self._putters, 1)
+            # behind us could sleep on with room in the channel. A woken putter
+            # that finds no room just parks again.
+            if slept:
+                self._relay_room()
             return room
 
     async def await_room(self) -> int:
@@ -526,8 +579,8 @@ class Channel(Generic[T]):
                 if self.is_shutdown:
                     raise ShutDown("await_room() on a closed channel")
                 if not 0 < self.maxsize <= len(self.queue):
-                    if parked and self._putters:
-                        self._wake(self._putters, 1)  # as in wait_for_room()
+                    if parked:
+                        self._relay_room()  # as in wait_for_room()
                     return self.maxsize - len(self.queue) if self.maxsize > 0 else sys.maxsize
             await self._park(self._putters, room_side=True)
             parked = True
@@ -571,7 +624,15 @@ class Channel(Generic[T]):
 
     # ------------------------------------------------------------------ asyncio side
 
-    async def _park(self, waiters: deque[_Waiter], room_side: bool) -> None:
+    def _pass_on(self, room_side: bool) -> None:
+        """After a coroutine woken from ``_park`` used the channel: relay as threads do."""
+        with self._lock:
+            if room_side:
+                self._relay_room()
+            else:
+                self._relay_items()
+
+    async def _park(self, waiters: _Waiters, room_side: bool) -> None:
         """Park the current coroutine on ``waiters`` until woken (called without the lock)."""
         waiter = _AsyncWaiter(asyncio.get_running_loop())
         with self._lock:
@@ -596,12 +657,17 @@ class Channel(Generic[T]):
         Raises:
             ShutDown: the channel is closed.
         """
+        parked = False
         while True:
             try:
                 self.put(item, False)
-                return
             except Full:
                 await self._park(self._putters, room_side=True)
+                parked = True
+                continue
+            if parked:
+                self._pass_on(room_side=True)
+            return
 
     async def aget(self) -> T:
         """Take an item from a coroutine, waiting without blocking the event loop.
@@ -609,11 +675,17 @@ class Channel(Generic[T]):
         Raises:
             ShutDown: the channel is closed and drained.
         """
+        parked = False
         while True:
             try:
-                return self.get(False)
+                item = self.get(False)
             except Empty:
                 await self._park(self._getters, room_side=False)
+                parked = True
+                continue
+            if parked:
+                self._pass_on(room_side=False)
+            return item
 
     async def aput_many(self, items: Iterable[T]) -> None:
         """Put every item of ``items`` from a coroutine, waiting for room as needed.
@@ -624,26 +696,37 @@ class Channel(Generic[T]):
         """
         pending = items if isinstance(items, list) else list(items)
         done = 0
+        parked = False
         while True:
             try:
                 self.put_many(pending, False)
-                return
             except Full as exc:
                 n: int = exc.items_put  # type: ignore[attr-defined]
                 done += n
                 pending = pending[n:]
                 await self._park(self._putters, room_side=True)
+                parked = True
+                continue
             except ShutDown as exc:
                 exc.items_put += done  # type: ignore[attr-defined]
                 raise
+            if parked:
+                self._pass_on(room_side=True)
+            return
 
     async def aget_many(self, max_items: int = 64) -> list[T]:
         """Take between 1 and ``max_items`` items from a coroutine."""
+        parked = False
         while True:
             try:
-                return self.get_many(max_items, False)
+                batch = self.get_many(max_items, False)
             except Empty:
                 await self._park(self._getters, room_side=False)
+                parked = True
+                continue
+            if parked:
+                self._pass_on(room_side=False)
+            return batch
 
     async def __aiter__(self) -> AsyncIterator[T]:
         """Yield items to ``async for`` until the channel is closed and drained."""

@@ -8,7 +8,8 @@ scripts/test.sh runs the `quick` session on every supported version other than
 the one of .venv. The supported versions are those of pyproject.toml's
 classifiers. An interpreter this machine lacks is skipped with a message, never
 downloaded. Each session's virtualenv is kept and reused; the project is
-reinstalled into it only when pyproject.toml changes.
+reinstalled into it only when pyproject.toml or the C accelerator's source
+changes (an editable install compiles it for that session's Python).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import nox
 
 ROOT = Path(__file__).resolve().parent
 PYPROJECT_PATH = ROOT / "pyproject.toml"
+SPEEDUPS_SOURCE = ROOT / "src" / "conveyor" / "_speedups.c"
 PYTHON_VERSIONS: list[str] = nox.project.python_versions(nox.project.load_toml(PYPROJECT_PATH))
 # The extras each session installs: the dev tools plus every optional backend,
 # as in .venv, so that tests behave the same on every version.
@@ -121,7 +123,9 @@ def _install_project(session: nox.Session) -> None:
     """Install conveyor (editable) with EXTRAS, unless this venv already has it."""
     location = getattr(session.virtualenv, "location", None)
     stamp = Path(location) / STAMP_NAME if location else None
-    key = hashlib.sha256(PYPROJECT_PATH.read_bytes() + EXTRAS.encode()).hexdigest()
+    key = hashlib.sha256(
+        PYPROJECT_PATH.read_bytes() + SPEEDUPS_SOURCE.read_bytes() + EXTRAS.encode()
+    ).hexdigest()
     if stamp is not None and stamp.is_file() and stamp.read_text().strip() == key:
         session.log(f"conveyor[{EXTRAS}] is already installed in this virtualenv")
         return

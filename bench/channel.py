@@ -18,10 +18,13 @@ before the timed region; the timed region runs from the moment every thread
 is released by a barrier until the last consumer has finished, with the
 garbage collector paused. Candidates are alternated round by round (their
 order rotates), a warm-up round is discarded, and the medians of ``--rounds``
-rounds are reported with their ratio to queue.Queue (single items) measured
-in the same run: compare ratios, not absolute figures across runs.
+rounds are reported. The ratio to queue.Queue (single items) is taken round by
+round, each candidate against queue.Queue in the same round (seconds apart),
+and its median reported: on a shared machine the load drifts between rounds,
+and a ratio of two medians taken in different moments carries that drift.
+Compare ratios, not absolute figures across runs.
 
-Run:  python bench/channel.py [--rounds 5] [--items 200000] [--write]
+Run:  python bench/channel.py [--rounds 7] [--items 200000] [--write]
 """
 
 from __future__ import annotations
@@ -280,6 +283,10 @@ class Result:
     def median(self) -> float:
         return statistics.median(self.rates)
 
+    def ratios(self, base: Result) -> list[float]:
+        """This candidate's rate over the baseline's, round by round."""
+        return [mine / theirs for mine, theirs in zip(self.rates, base.rates, strict=True)]
+
 
 def measure(
     n_items: int, rounds: int, shapes: list[tuple[int, int]], capacities: list[int]
@@ -310,17 +317,19 @@ def measure(
 
 
 def render_scenario(results: list[Result]) -> str:
-    base = next(r.median for r in results if r.name == BASELINE)
+    base = next(r for r in results if r.name == BASELINE)
     lines = [
         f"### {results[0].scenario}",
         "",
-        "| candidate | M items/s (median) | min - max | vs queue.Queue |",
-        "|---|---:|---:|---:|",
+        "| candidate | M items/s (median) | min - max | vs queue.Queue (median) | its range |",
+        "|---|---:|---:|---:|---:|",
     ]
     for r in results:
+        ratios = r.ratios(base)
         lines.append(
             f"| {r.name} | {r.median / 1e6:.2f} | {min(r.rates) / 1e6:.2f} - "
-            f"{max(r.rates) / 1e6:.2f} | {r.median / base:.2f}x |"
+            f"{max(r.rates) / 1e6:.2f} | {statistics.median(ratios):.2f}x | "
+            f"{min(ratios):.2f} - {max(ratios):.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -334,8 +343,9 @@ def render(
         "",
         f"`python bench/channel.py --rounds {rounds}`: {n_items:,} ints from producer threads "
         "to consumer threads through one bounded channel. Medians of "
-        f"{rounds} rounds after a warm-up, candidates alternated round by round, "
-        "ratios against `queue.Queue` (one item per put) measured in the same run. "
+        f"{rounds} rounds after a warm-up, candidates alternated round by round. "
+        "Ratios against `queue.Queue` (one item per put) are taken round by round, against "
+        "`queue.Queue` in the same round, and their median and range reported. "
         "Payloads (and the lists of 64) are built outside the timed region; the GC is "
         f"paused while timing. Whole run: {took:.0f} s.",
         "",
@@ -355,7 +365,7 @@ def render(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=5, help="measured rounds (default 5)")
+    parser.add_argument("--rounds", type=int, default=7, help="measured rounds (default 7)")
     parser.add_argument("--items", type=int, default=200_000, help="ints per run")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()

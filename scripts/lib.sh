@@ -30,14 +30,21 @@ _venv_healthy() {
         "$VENV_PY" -m pip --version >/dev/null 2>&1
 }
 
-# What the installed environment depends on: pyproject.toml, the extras and the
-# interpreter. The install is redone whenever this changes.
+# What the installed environment depends on: pyproject.toml, the C accelerator's
+# source (the editable install compiles it), the extras and the interpreter. The
+# install is redone whenever this changes.
 _install_key() {
     {
-        cat "$ROOT/pyproject.toml"
+        cat "$ROOT/pyproject.toml" "$ROOT/src/conveyor/_speedups.c"
+        printf 'no-extensions=%s\n' "${CONVEYOR_NO_EXTENSIONS:-}"
         printf 'extras=%s\n' "$EXTRAS"
         "$VENV_PY" -c 'import sys; print(sys.version)'
     } | sha256sum | cut -d' ' -f1
+}
+
+# True when conveyor's optional C accelerator imports in the venv.
+_accelerator_built() {
+    (cd / && "$VENV_PY" -c 'import conveyor._speedups') >/dev/null 2>&1
 }
 
 _ensure_venv_locked() {
@@ -58,8 +65,11 @@ _ensure_venv_locked() {
 
     local stamp="$VENV/.conveyor-install-stamp" key
     key="$(_install_key)"
-    if [[ -f "$stamp" && "$(cat "$stamp")" == "$key" ]] &&
-        "$VENV_PY" -c 'import importlib.metadata as m; m.version("conveyor")' >/dev/null 2>&1; then
+    # The stamp also says whether the C accelerator was built: if it was and is
+    # gone now (a `git clean` removes the compiled module), install again.
+    if [[ -f "$stamp" && "$(head -n1 "$stamp")" == "$key" ]] &&
+        "$VENV_PY" -c 'import importlib.metadata as m; m.version("conveyor")' >/dev/null 2>&1 &&
+        { [[ "$(sed -n 2p "$stamp")" != "accelerator=yes" ]] || _accelerator_built; }; then
         echo "==> The virtualenv is up to date ($VENV)."
         return 0
     fi
@@ -72,7 +82,9 @@ _ensure_venv_locked() {
         grep -v "^WARNING: Location .* is ignored" "$log" | tail -n 40 >&2
         die "pip install -e '.[$EXTRAS]' failed: see the output above (full log: $log)"
     fi
-    printf '%s\n' "$key" >"$stamp"
+    local built=no
+    _accelerator_built && built=yes
+    printf '%s\naccelerator=%s\n' "$key" "$built" >"$stamp"
 }
 
 # Create (or repair) the virtualenv and install the project into it, unless a

@@ -3,14 +3,17 @@
 #   1. the virtualenv .venv with conveyor[all,dev] installed (scripts/lib.sh);
 #   2. redis-server on PATH (Debian's package is installed when missing);
 #   3. ruff check, ruff format --check, mypy --strict src;
-#   4. pytest (the full suite, as configured in pyproject.toml);
-#   5. nox: the quick tests (pytest -m quick) on every other supported Python
+#   4. the C accelerator was built (unless CONVEYOR_NO_EXTENSIONS=1);
+#   5. pytest (the full suite, as configured in pyproject.toml), then the
+#      channel tests again on the pure-Python fallback (CONVEYOR_PURE_PYTHON=1);
+#   6. nox: the quick tests (pytest -m quick) on every other supported Python
 #      that this machine has; missing interpreters are skipped with a message.
 #
 #   scripts/test.sh [PYTEST ARGS...]      e.g. scripts/test.sh -k channel -x
 #
 # Settings (environment variables):
-#   CONVEYOR_SKIP_NOX=1   skip step 5
+#   CONVEYOR_SKIP_NOX=1        skip step 6
+#   CONVEYOR_NO_EXTENSIONS=1   install without the C accelerator (step 4 then checks nothing)
 #   and those of scripts/lib.sh (CONVEYOR_PYTHON, CONVEYOR_VENV, CONVEYOR_EXTRAS).
 set -euo pipefail
 
@@ -94,7 +97,7 @@ run_gates() {
     # and git does not keep empty folders).
     local -a paths=()
     local p
-    for p in src tests bench examples noxfile.py; do
+    for p in src tests bench examples noxfile.py hatch_build.py; do
         [[ -e "$p" ]] && paths+=("$p")
     done
 
@@ -106,6 +109,18 @@ run_gates() {
 
     step "mypy --strict src"
     mypy --strict src || die "mypy --strict src failed"
+}
+
+check_accelerator() {
+    if [[ -n "${CONVEYOR_NO_EXTENSIONS:-}" && "${CONVEYOR_NO_EXTENSIONS}" != 0 ]]; then
+        step "C accelerator: not built (CONVEYOR_NO_EXTENSIONS=$CONVEYOR_NO_EXTENSIONS)"
+        return 0
+    fi
+    step "C accelerator: conveyor._speedups"
+    python -c 'import conveyor._speedups as s; print("built:", s.__file__)' ||
+        die "conveyor's C accelerator was not built (a C compiler and Python's headers are" \
+            "needed; the install log is $VENV/pip-install.log). CONVEYOR_NO_EXTENSIONS=1" \
+            "tests without it."
 }
 
 run_pytest() {
@@ -156,7 +171,10 @@ main() {
     ensure_venv
     ensure_redis_server
     run_gates
+    check_accelerator
     run_pytest "$@"
+    step "The channel tests again, on the pure-Python fallback (CONVEYOR_PURE_PYTHON=1)"
+    CONVEYOR_PURE_PYTHON=1 run_pytest -q tests/test_channel*.py tests/test_speedups.py
     run_nox
     step "All checks passed."
 }

@@ -1,8 +1,9 @@
 """Wake-ups are relayed: one put_many wakes one consumer, which passes the wake-up on.
 
-A batch put or get wakes a single parked waiter; whoever leaves items (or room)
-behind wakes the next. These tests park several waiters, move a batch, and
-check that every waiter is served: nothing is stranded by the relay.
+A batch put or get wakes a single parked waiter (none while a woken thread has
+yet to run); a woken waiter that leaves items (or room) behind wakes the next.
+These tests park several waiters, move a batch, and check that every waiter is
+served: nothing is stranded by the relay.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def hold_able(ch: cv.Channel[int]) -> threading.RLock:
     return lock
 
 
-def test_puts_while_a_woken_consumer_has_yet_to_run_wake_no_other_thread() -> None:
+def test_batch_puts_while_a_woken_consumer_has_yet_to_run_wake_no_other_thread() -> None:
     ch: cv.Channel[int] = cv.Channel(64)
     lock = hold_able(ch)
     got: list[int] = []
@@ -101,10 +102,10 @@ def test_puts_while_a_woken_consumer_has_yet_to_run_wake_no_other_thread() -> No
         t.start()
     wait_until_parked(ch, consumers=4)
     with lock:
-        ch.put(1)
+        ch.put_many([1, 2])
         assert ch.stats().waiting_consumers == 3  # one woken
-        ch.put(2)
-        ch.put_many([3, 4])
+        ch.put_many([3])
+        ch.put_many([4])
         # Still one: the woken consumer relays when it runs, if items are left.
         assert ch.stats().waiting_consumers == 3
     ch.close()
@@ -114,7 +115,7 @@ def test_puts_while_a_woken_consumer_has_yet_to_run_wake_no_other_thread() -> No
     assert sorted(got) == [1, 2, 3, 4]
 
 
-def test_gets_while_a_woken_producer_has_yet_to_run_wake_no_other_thread() -> None:
+def test_batch_gets_while_a_woken_producer_has_yet_to_run_wake_no_other_thread() -> None:
     ch: cv.Channel[int] = cv.Channel(4)
     lock = hold_able(ch)
     ch.put_many([0, 1, 2, 3])
@@ -123,7 +124,7 @@ def test_gets_while_a_woken_producer_has_yet_to_run_wake_no_other_thread() -> No
         t.start()
     wait_until_parked(ch, producers=4)
     with lock:
-        assert ch.get() == 0
+        assert ch.get_many(1) == [0]
         assert ch.stats().waiting_producers == 3
         assert ch.get_many(3) == [1, 2, 3]
         assert ch.stats().waiting_producers == 3
@@ -177,3 +178,23 @@ def test_woken_async_producers_relay_the_room_left() -> None:
         return [*taken, *sorted(ch.get_many(8))]
 
     assert asyncio.run(main()) == [0, 1, 2, 3, 10, 11, 12, 20]
+
+
+def test_single_puts_and_gets_wake_one_parked_thread_each() -> None:
+    """Unlike batches: a woken get() or put() seldom finds nothing to do."""
+    ch: cv.Channel[int] = cv.Channel(64)
+    lock = hold_able(ch)
+    got: list[int] = []
+    threads = [threading.Thread(target=lambda: got.extend(ch)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    wait_until_parked(ch, consumers=3)
+    with lock:
+        ch.put(1)
+        ch.put(2)
+        assert ch.stats().waiting_consumers == 1
+    ch.close()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert sorted(got) == [1, 2]

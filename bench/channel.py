@@ -5,7 +5,8 @@ through one bounded channel, for P x C in {1 x 1, 4 x 4} and capacities 1024
 and 16:
 
 * conveyor.Channel, put()/get(), closed by producer handles (no sentinel);
-* conveyor.Channel, put_many()/get_many() in lists of 64;
+* conveyor.Channel, put_many()/get_many() in lists of 64, with the C
+  accelerator (when built) and on its pure-Python fallback;
 * queue.Queue, one item per put, one sentinel per consumer;
 * queue.Queue carrying lists of 64 (maxsize = capacity // 64 lists, at least
   1, so it holds about as many items as the others);
@@ -38,7 +39,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from _common import machine, write_section  # noqa: E402
 
 import conveyor as cv  # noqa: E402
+import conveyor.channel as channel_module  # noqa: E402
 
 BATCH = 64
 STOP = object()  # the sentinel of the candidates that need one
@@ -113,6 +116,19 @@ class Candidate:
     name: str
     batched: bool  # producers get lists of BATCH ints instead of ints
     setup: Callable[[int, int, int], Plumbing]  # (capacity, producers, consumers)
+    pure_python: bool = False  # run conveyor without its C accelerator
+
+
+@contextmanager
+def pure_python(on: bool) -> Iterator[None]:
+    """Run conveyor.Channel on its pure-Python fallback while inside (if ``on``)."""
+    saved = channel_module._take
+    if on:
+        channel_module._take = channel_module._take_python
+    try:
+        yield
+    finally:
+        channel_module._take = saved
 
 
 def _nothing() -> None:
@@ -204,7 +220,18 @@ def _culsans(capacity: int) -> Any:
 
 CANDIDATES = [
     Candidate("conveyor.Channel", False, conveyor_single),
-    Candidate(f"conveyor.Channel put_many/get_many x{BATCH}", True, conveyor_batched),
+    Candidate(
+        f"conveyor.Channel put_many/get_many x{BATCH}"
+        + (", C accelerator" if channel_module.ACCELERATED else " (accelerator not built)"),
+        True,
+        conveyor_batched,
+    ),
+    Candidate(
+        f"conveyor.Channel put_many/get_many x{BATCH}, pure Python",
+        True,
+        conveyor_batched,
+        pure_python=True,
+    ),
     Candidate(BASELINE, False, with_sentinels(queue.Queue)),
     Candidate(
         f"queue.Queue of lists of {BATCH}",
@@ -239,6 +266,18 @@ def run_once(
     n_items: int,
 ) -> float:
     """One timed run; returns items per second."""
+    with pure_python(candidate.pure_python):
+        return _run_once(candidate, capacity, n_producers, n_consumers, work, n_items)
+
+
+def _run_once(
+    candidate: Candidate,
+    capacity: int,
+    n_producers: int,
+    n_consumers: int,
+    work: list[list[Any]],
+    n_items: int,
+) -> float:
     plumbing = candidate.setup(capacity, n_producers, n_consumers)
     counts = [0] * n_consumers
     barrier = threading.Barrier(n_producers + n_consumers + 1)
@@ -355,7 +394,11 @@ def render(
         "others (but at least one list: 64 items at capacity 16); "
         "`queue.SimpleQueue` is unbounded (a reference, not a peer). "
         "Every candidate but conveyor ends with one sentinel per consumer; "
-        "conveyor's channel is closed by its producer handles.",
+        "conveyor's channel is closed by its producer handles. "
+        "conveyor's C accelerator (`conveyor._speedups`, optional) only changes "
+        "`get_many()` from a channel holding more than the batch asked for: single-item "
+        "`put()`/`get()` and `put_many()` are the same Python code with or without it, "
+        "so the batched rows are measured both ways.",
         "",
     ]
     for scenario in scenarios:

@@ -116,6 +116,17 @@ def conveyor(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.quick
+def test_version_says_whether_the_c_accelerator_is_on(tmp_path: Path) -> None:
+    from conveyor.channel import ACCELERATED
+
+    result = conveyor("--version", cwd=tmp_path)
+    assert result.returncode == EXIT_OK
+    assert result.stdout.startswith("conveyor ")
+    state = "on" if ACCELERATED else "off, pure Python"
+    assert f"C accelerator: {state}" in result.stdout
+
+
+@pytest.mark.quick
 def test_help_lists_the_commands_and_the_exit_codes(tmp_path: Path) -> None:
     result = conveyor("--help", cwd=tmp_path)
     assert result.returncode == EXIT_OK

@@ -226,8 +226,15 @@ Exit codes:
 """
 
 
+def _version_message() -> str:
+    from .channel import ACCELERATED
+
+    accelerator = "on" if ACCELERATED else "off, pure Python"
+    return f"%(prog)s %(version)s (Python {sys.version.split()[0]}, C accelerator: {accelerator})"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_EPILOG)
-@click.version_option(package_name="conveyor")
+@click.version_option(package_name="conveyor", message=_version_message())
 def cli() -> None:
     """conveyor: producer-consumer pipelines over bounded channels.
 

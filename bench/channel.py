@@ -267,49 +267,38 @@ def run_once(
 ) -> float:
     """One timed run; returns items per second."""
     with pure_python(candidate.pure_python):
-        return _run_once(candidate, capacity, n_producers, n_consumers, work, n_items)
+        plumbing = candidate.setup(capacity, n_producers, n_consumers)
+        counts = [0] * n_consumers
+        barrier = threading.Barrier(n_producers + n_consumers + 1)
 
+        def producer(i: int) -> None:
+            barrier.wait()
+            plumbing.produce(i, work[i])
 
-def _run_once(
-    candidate: Candidate,
-    capacity: int,
-    n_producers: int,
-    n_consumers: int,
-    work: list[list[Any]],
-    n_items: int,
-) -> float:
-    plumbing = candidate.setup(capacity, n_producers, n_consumers)
-    counts = [0] * n_consumers
-    barrier = threading.Barrier(n_producers + n_consumers + 1)
+        def consumer(j: int) -> None:
+            barrier.wait()
+            counts[j] = plumbing.consume()
 
-    def producer(i: int) -> None:
-        barrier.wait()
-        plumbing.produce(i, work[i])
-
-    def consumer(j: int) -> None:
-        barrier.wait()
-        counts[j] = plumbing.consume()
-
-    producers = [threading.Thread(target=producer, args=(i,)) for i in range(n_producers)]
-    consumers = [threading.Thread(target=consumer, args=(j,)) for j in range(n_consumers)]
-    for t in consumers + producers:
-        t.start()
-    gc.collect()
-    gc.disable()
-    try:
-        barrier.wait()
-        start = time.perf_counter()
-        for t in producers:
-            t.join()
-        plumbing.after_producers()
-        for t in consumers:
-            t.join()
-        elapsed = time.perf_counter() - start
-    finally:
-        gc.enable()
-    if sum(counts) != n_items:
-        raise AssertionError(f"{candidate.name}: {sum(counts)} items out of {n_items}")
-    return n_items / elapsed
+        producers = [threading.Thread(target=producer, args=(i,)) for i in range(n_producers)]
+        consumers = [threading.Thread(target=consumer, args=(j,)) for j in range(n_consumers)]
+        for t in consumers + producers:
+            t.start()
+        gc.collect()
+        gc.disable()
+        try:
+            barrier.wait()
+            start = time.perf_counter()
+            for t in producers:
+                t.join()
+            plumbing.after_producers()
+            for t in consumers:
+                t.join()
+            elapsed = time.perf_counter() - start
+        finally:
+            gc.enable()
+        if sum(counts) != n_items:
+            raise AssertionError(f"{candidate.name}: {sum(counts)} items out of {n_items}")
+        return n_items / elapsed
 
 
 @dataclass

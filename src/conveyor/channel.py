@@ -123,6 +123,34 @@ class _AsyncWaiter:
 
 _Waiter = LockType | _AsyncWaiter
 
+# queue.Queue's storage hooks, which a subclass may override.
+_HOOKS = ("_init", "_qsize", "_put", "_get")
+
+
+class _HookedItems(Generic[T]):
+    """A subclass's storage seen through its hooks, as the deque methods the channel uses."""
+
+    __slots__ = ("_channel",)
+
+    def __init__(self, channel: Channel[T]) -> None:
+        self._channel = channel
+
+    def __len__(self) -> int:
+        return self._channel._qsize()
+
+    def __bool__(self) -> bool:
+        return self._channel._qsize() > 0
+
+    def append(self, item: T) -> None:
+        self._channel._put(item)
+
+    def popleft(self) -> T:
+        return self._channel._get()
+
+    def extend(self, items: Iterable[T]) -> None:  # batches go item by item: not reached
+        for item in items:
+            self._channel._put(item)
+
 
 class _Waiters(deque[_Waiter]):
     """Parked waiters, oldest first, and how many woken threads have yet to run.
@@ -197,7 +225,11 @@ class Channel(Generic[T]):
                 f"Channel 'maxsize' must be >= 0 (0 for unbounded), got {maxsize}"
             )
         self.maxsize = maxsize
-        self.queue: deque[T] = deque()
+        self.queue: Any
+        self._init(maxsize)
+        # Where the code below keeps items: the deque itself, or for a subclass
+        # with queue.Queue's storage hooks, an adapter that calls them.
+        self._items: deque[T] | _HookedItems[T] = _HookedItems(self) if self._hooked else self.queue
         # queue.Queue exposes its lock under this name; so do we.
         self.mutex = self._lock = threading.Lock()
         self.all_tasks_done = threading.Condition(self._lock)  # notified when unfinished -> 0
@@ -214,6 +246,35 @@ class Channel(Generic[T]):
         self._getters = _Waiters()
         self._putters = _Waiters()
         self._open_producers = 0
+
+    # ------------------------------------------------------------------ queue.Queue's storage hooks
+
+    _hooked = False  # True in a subclass that overrides one of the four hooks below
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._hooked = any(getattr(cls, name) is not getattr(Channel, name) for name in _HOOKS)
+
+    def _init(self, maxsize: int) -> None:
+        """Create the storage (``self.queue``); override with ``_qsize``/``_put``/``_get``.
+
+        As in `queue.Queue`, a subclass may keep items in another order
+        (LIFO, priority) by overriding these four methods; the channel then
+        calls them under its lock. The plain Channel inlines them on its
+        fast paths instead, and its batch operations go item by item
+        through them in such a subclass.
+        """
+        self.queue = deque()
+
+    def _qsize(self) -> int:
+        return len(self.queue)
+
+    def _put(self, item: T) -> None:
+        self.queue.append(item)
+
+    def _get(self) -> T:
+        item: T = self.queue.popleft()
+        return item
 
     # ------------------------------------------------------------------ wake-ups and sleeping
     # Only called with the lock held.
@@ -248,12 +309,12 @@ class Channel(Generic[T]):
 
     def _relay_items(self) -> None:
         """A woken consumer leaving items behind wakes the next parked one."""
-        if self._getters and self.queue:
+        if self._getters and self._items:
             self._wake_one(self._getters)
 
     def _relay_room(self) -> None:
         """A woken producer leaving room behind wakes the next parked one."""
-        if self._putters and (self.maxsize <= 0 or len(self.queue) < self.maxsize):
+        if self._putters and (self.maxsize <= 0 or len(self._items) < self.maxsize):
             self._wake_one(self._putters)
 
     def _wake_everyone(self) -> None:
@@ -299,7 +360,7 @@ class Channel(Generic[T]):
             raise Full
         _check_timeout(timeout)
         deadline = None if timeout is None else monotonic() + timeout
-        while 0 < self.maxsize <= len(self.queue):
+        while 0 < self.maxsize <= len(self._items):
             if deadline is None:
                 self._sleep(self._putters, None)
             else:
@@ -316,7 +377,7 @@ class Channel(Generic[T]):
             raise Empty
         _check_timeout(timeout)
         deadline = None if timeout is None else monotonic() + timeout
-        while not self.queue:
+        while not self._items:
             if self.is_shutdown:
                 raise ShutDown
             if deadline is None:
@@ -350,12 +411,14 @@ class Channel(Generic[T]):
         try:
             if self.is_shutdown:
                 raise ShutDown("put() on a closed channel")
-            if 0 < self.maxsize <= len(self.queue):
+            if 0 < self.maxsize <= len(self._items):
                 self._wait_for_room(block, timeout)
-                self.queue.append(item)
-                self._relay_room()  # we were woken: pass it on if room is left
+                try:
+                    self._items.append(item)
+                finally:
+                    self._relay_room()  # we were woken: pass it on if room is left
             else:
-                self.queue.append(item)
+                self._items.append(item)
             self._total_put += 1
             if self._getters:
                 # Every time, even with a woken consumer yet to run (unlike a
@@ -379,14 +442,16 @@ class Channel(Generic[T]):
         lock = self._lock
         lock.acquire()
         try:
-            if self.queue:
-                item = self.queue.popleft()
+            if self._items:
+                item = self._items.popleft()
             else:
                 if self.is_shutdown:
                     raise ShutDown
                 self._wait_for_item(block, timeout)
-                item = self.queue.popleft()
-                self._relay_items()  # we were woken: pass it on if items are left
+                try:
+                    item = self._items.popleft()
+                finally:
+                    self._relay_items()  # we were woken: pass it on if items are left
             if self._putters:
                 self._wake(self._putters, 1)  # every time, as in put()
             return item
@@ -403,15 +468,15 @@ class Channel(Generic[T]):
 
     def qsize(self) -> int:
         """Return the number of items (approximate: it may change right after)."""
-        return len(self.queue)
+        return len(self._items)
 
     def empty(self) -> bool:
         """Return True if the channel holds no item now (approximate)."""
-        return not self.queue
+        return not self._items
 
     def full(self) -> bool:
         """Return True if the channel is at capacity now (approximate)."""
-        return 0 < self.maxsize <= len(self.queue)
+        return 0 < self.maxsize <= len(self._items)
 
     def task_done(self) -> None:
         """Mark one item taken with get() as processed, for `join()`.
@@ -443,13 +508,15 @@ class Channel(Generic[T]):
         """
         with self._lock:
             self.is_shutdown = True
-            if immediate:
-                while self.queue:
-                    self.queue.popleft()
-                    if self._total_put > self._tasks_done:
-                        self._tasks_done += 1
-                self.all_tasks_done.notify_all()
-            self._wake_everyone()
+            try:
+                if immediate:
+                    while self._items:
+                        self._items.popleft()
+                        if self._total_put > self._tasks_done:
+                            self._tasks_done += 1
+                    self.all_tasks_done.notify_all()
+            finally:  # even if a _get hook raises: nobody may stay parked
+                self._wake_everyone()
 
     def close(self) -> None:
         """Close the channel for producers; consumers drain what is left.
@@ -488,13 +555,16 @@ class Channel(Generic[T]):
         pending = items if isinstance(items, list) else list(items)
         if timeout is not None:
             _check_timeout(timeout)
+        if self._hooked:
+            self._put_each(pending, block, timeout)
+            return
         lock = self._lock
         lock.acquire()
         try:
             # An empty batch on a closed channel raises too, as put() would.
             if self.is_shutdown:
                 raise self._partial(ShutDown("put_many() on a closed channel"), 0)
-            q = self.queue
+            q = self._items
             if self.maxsize <= 0 or len(q) + len(pending) <= self.maxsize:
                 q.extend(pending)  # the common case: the whole batch fits
                 self._total_put += len(pending)
@@ -513,7 +583,7 @@ class Channel(Generic[T]):
         slept = False
         deadline = None if timeout is None or not block else monotonic() + timeout
         while done < total:
-            room = self.maxsize - len(self.queue) if self.maxsize > 0 else total - done
+            room = self.maxsize - len(self._items) if self.maxsize > 0 else total - done
             if room <= 0:
                 try:
                     left = None if deadline is None else max(0.0, deadline - monotonic())
@@ -524,7 +594,7 @@ class Channel(Generic[T]):
                 slept = True
                 continue
             n = min(room, total - done)
-            self.queue.extend(pending[done : done + n])
+            self._items.extend(pending[done : done + n])
             done += n
             self._total_put += n
             getters = self._getters
@@ -532,6 +602,33 @@ class Channel(Generic[T]):
                 self._wake(getters, 1)
         if slept:
             self._relay_room()
+
+    def _put_each(self, pending: list[T], block: bool, timeout: float | None) -> None:
+        """put_many() in a subclass with storage hooks: one put() per item."""
+        if self.is_shutdown:  # an empty batch on a closed channel raises too
+            raise self._partial(ShutDown("put_many() on a closed channel"), 0)
+        deadline = None if timeout is None or not block else monotonic() + timeout
+        for done, item in enumerate(pending):
+            left = None if deadline is None else max(0.0, deadline - monotonic())
+            try:
+                self.put(item, block, left)
+            except (Full, ShutDown) as exc:
+                raise self._partial(exc, done) from None
+
+    def _get_each(self, max_items: int, block: bool, timeout: float | None) -> list[T]:
+        """get_many() in a subclass with storage hooks: one get() per item.
+
+        If a ``_get`` hook raises after the first item, the items taken are
+        returned, and the next call meets the failure again if it lasts:
+        raising would lose them.
+        """
+        batch = [self.get(block, timeout)]
+        while len(batch) < max_items:
+            try:
+                batch.append(self.get(False))
+            except Exception:  # Empty, ShutDown, or a _get hook that failed
+                break
+        return batch
 
     @staticmethod
     def _partial(exc: BaseException, done: int) -> BaseException:
@@ -553,10 +650,12 @@ class Channel(Generic[T]):
             _check_max_items(max_items)
         if timeout is not None:
             _check_timeout(timeout)
+        if self._hooked:
+            return self._get_each(max_items, block, timeout)
         lock = self._lock
         lock.acquire()
         try:
-            q = self.queue
+            q: deque[T] = self._items  # type: ignore[assignment]  # not hooked: the deque
             woken = not q
             if woken:
                 if self.is_shutdown:
@@ -592,12 +691,12 @@ class Channel(Generic[T]):
         with self._lock:
             if self.is_shutdown:
                 raise ShutDown("wait_for_room() on a closed channel")
-            slept = 0 < self.maxsize <= len(self.queue)
+            slept = 0 < self.maxsize <= len(self._items)
             if slept:
                 self._wait_for_room(True, timeout)
             if self.maxsize <= 0:
                 return sys.maxsize
-            room = self.maxsize - len(self.queue)
+            room = self.maxsize - len(self._items)
             # A wake-up we took was meant for a put, and our caller may put
             # nothing (its source is exhausted): pass it on, or a putter parked
             # behind us could sleep on with room in the channel. A woken putter
@@ -617,10 +716,10 @@ class Channel(Generic[T]):
             with self._lock:
                 if self.is_shutdown:
                     raise ShutDown("await_room() on a closed channel")
-                if not 0 < self.maxsize <= len(self.queue):
+                if not 0 < self.maxsize <= len(self._items):
                     if parked:
                         self._relay_room()  # as in wait_for_room()
-                    return self.maxsize - len(self.queue) if self.maxsize > 0 else sys.maxsize
+                    return self.maxsize - len(self._items) if self.maxsize > 0 else sys.maxsize
             await self._park(self._putters, room_side=True)
             parked = True
 
@@ -677,7 +776,7 @@ class Channel(Generic[T]):
         with self._lock:
             # Re-check under the lock: the state may have changed since the caller looked.
             if self.is_shutdown or (
-                not 0 < self.maxsize <= len(self.queue) if room_side else bool(self.queue)
+                not 0 < self.maxsize <= len(self._items) if room_side else bool(self._items)
             ):
                 return
             waiters.append(waiter)
@@ -782,19 +881,19 @@ class Channel(Generic[T]):
         """Return a consistent snapshot of sizes, waiters and totals."""
         with self._lock:
             return ChannelStats(
-                size=len(self.queue),
+                size=len(self._items),
                 capacity=self.maxsize,
                 waiting_producers=len(self._putters),
                 waiting_consumers=len(self._getters),
                 total_put=self._total_put,
-                total_got=self._total_put - len(self.queue),
+                total_got=self._total_put - len(self._items),
                 closed=self.is_shutdown,
                 open_producers=self._open_producers,
             )
 
     def __repr__(self) -> str:
         state = "closed" if self.is_shutdown else "open"
-        return f"<Channel {state} size={len(self.queue)} maxsize={self.maxsize}>"
+        return f"<Channel {state} size={len(self._items)} maxsize={self.maxsize}>"
 
 
 def _refuse_put(*args: Any, **kwargs: Any) -> None:

@@ -30,7 +30,7 @@ from conveyor.metrics import (
     latency_bucket,
     latency_quantile,
 )
-from test_pipeline_helpers import conveyor_threads, must_wait, no_thread_left  # noqa: F401
+from test_pipeline_helpers import WAIT, conveyor_threads, must_wait, no_thread_left  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("no_thread_left")
 
@@ -436,3 +436,54 @@ def test_a_bad_stall_timeout_is_refused_before_the_run() -> None:
         p.run(stall_timeout=0)
     with pytest.raises(cv.ConfigurationTypeError, match="'stall_timeout'"):
         p.start(stall_timeout="soon")  # type: ignore[arg-type]
+
+
+def test_arun_watches_like_run_a_report_progress_lines_and_stalls(
+    warnings_caught: WarningCatcher, tmp_path: Path
+) -> None:
+    path = tmp_path / "arun.html"
+    info: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: info.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("conveyor")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+    async def main() -> cv.RunResult:
+        gate = asyncio.Event()
+
+        async def stuck_on_gate(x: int) -> int:
+            if x == 3:
+                await gate.wait()
+            return x
+
+        async def release_after_the_stall_is_reported() -> None:
+            loop = asyncio.get_running_loop()
+            assert await loop.run_in_executor(None, warnings_caught.first.wait, WAIT)
+            gate.set()
+
+        p = cv.Pipeline(range(10)).map(stuck_on_gate, name="stuck", runtime="async")
+        watched = p.arun(collect=True, progress=True, report=path, stall_timeout=0.2)
+        result, _ = await asyncio.gather(watched, release_after_the_stall_is_reported())
+        return result
+
+    try:
+        result = asyncio.run(main())
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert sorted(result.outputs or []) == list(range(10))
+    assert "stage 'stuck' (map)" in warnings_caught.records[0].getMessage()
+    assert any(line.endswith("(done)") for line in info)
+    assert "stuck" in path.read_text(encoding="utf-8")
+    assert "conveyor-monitor" not in conveyor_threads()
+
+
+@pytest.mark.quick
+def test_arun_refuses_a_bad_report_path_or_stall_timeout_before_the_run(tmp_path: Path) -> None:
+    p = cv.Pipeline(range(3)).map(plus_one)
+    with pytest.raises(cv.ConfigurationError, match="'stall_timeout' must be > 0"):
+        asyncio.run(p.arun(stall_timeout=0))
+    with pytest.raises(cv.ConfigurationError, match="arun"):
+        asyncio.run(p.arun(report=tmp_path / "no-such-folder" / "r.html"))

@@ -554,7 +554,14 @@ class Pipeline(Generic[T]):
         finally:
             _forget(self._runs, run)
 
-    async def arun(self, *, collect: bool = False) -> RunResult:
+    async def arun(
+        self,
+        *,
+        collect: bool = False,
+        progress: bool = False,
+        report: str | PathLike[str] | None = None,
+        stall_timeout: float | None = None,
+    ) -> RunResult:
         """`run` from async code: ``await pipeline.arun()``, on the caller's event loop.
 
         Async stages (and an async source) run on the caller's loop, which
@@ -564,18 +571,31 @@ class Pipeline(Generic[T]):
 
         Args:
             collect: keep the last stage's outputs in ``result.outputs``.
+            progress, report, stall_timeout: as for `run`. The watching runs
+                in a thread of its own, never on the loop; the report is
+                written when the run ends, before ``arun`` returns.
 
         Raises:
             As `run` does.
         """
+        watch = _check_watch("arun()", report, stall_timeout)
         run = self._new_run("arun()", loop=asyncio.get_running_loop())
         outputs: list[Any] | None = [] if collect else None
+        monitor: Monitor | None = None
         try:
+            try:
+                monitor = _start_monitor(run, self._source, progress, *watch)
+            except BaseException:  # the outputs, which end the run, are not reached
+                run.abort()
+                await run.ajoin()
+                raise
             async with aclosing(run.aoutputs()) as chunks:
                 async for chunk in chunks:
                     if outputs is not None:
                         outputs.extend(chunk)
         finally:
+            if monitor is not None:
+                monitor.close()
             _forget(self._runs, run)
         return run.result(outputs)
 

@@ -341,6 +341,85 @@ def measure(
     return results
 
 
+# ---------------------------------------------------------------------- one thread: CPU per item
+
+CYCLE = 1024  # items per cycle: one channel-full, put then taken
+COST_REPEATS = 9
+
+
+def cpu_costs(repeats: int) -> list[tuple[str, float]]:
+    """CPU cost per item of moving a channel-full through, in one thread (ns).
+
+    No thread hand-off is involved, so these figures are steady where the
+    threaded ones are not: they show what each design costs by itself.
+    """
+    batches = [list(range(i, i + BATCH)) for i in range(0, CYCLE, BATCH)]
+    ints = list(range(CYCLE))
+
+    def conveyor_batches() -> None:
+        ch: cv.Channel[int] = cv.Channel(CYCLE)
+        for batch in batches:
+            ch.put_many(batch)
+        for _ in batches:
+            ch.get_many(BATCH)
+
+    def conveyor_single() -> None:
+        ch: cv.Channel[int] = cv.Channel(CYCLE)
+        for x in ints:
+            ch.put(x)
+        for _ in ints:
+            ch.get()
+
+    def queue_single() -> None:
+        q: queue.Queue[int] = queue.Queue(CYCLE)
+        for x in ints:
+            q.put(x)
+        for _ in ints:
+            q.get()
+
+    def queue_lists() -> None:
+        q: queue.Queue[list[int]] = queue.Queue(CYCLE // BATCH)
+        for batch in batches:
+            q.put(batch)
+        for _ in batches:
+            q.get()
+
+    candidates: list[tuple[str, Callable[[], None], bool]] = [
+        ("conveyor.Channel put()/get()", conveyor_single, False),
+        (f"conveyor.Channel put_many/get_many x{BATCH}, C accelerator", conveyor_batches, False),
+        (f"conveyor.Channel put_many/get_many x{BATCH}, pure Python", conveyor_batches, True),
+        ("queue.Queue put()/get()", queue_single, False),
+        (f"queue.Queue of lists of {BATCH}", queue_lists, False),
+    ]
+    if not channel_module.ACCELERATED:
+        candidates.pop(1)
+    costs = []
+    for name, fn, pure in candidates:
+        with pure_python(pure):
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for _ in range(20):
+                    fn()
+                times.append((time.perf_counter() - start) / (20 * CYCLE))
+        costs.append((name, statistics.median(times) * 1e9))
+    return costs
+
+
+def render_costs(costs: list[tuple[str, float]], repeats: int) -> str:
+    lines = [
+        f"### CPU per item, one thread (a channel-full of {CYCLE} put, then taken)",
+        "",
+        f"Median of {repeats} repeats of 20 cycles each; no thread hand-off, so these "
+        "are steady where the threaded figures above are not.",
+        "",
+        "| candidate | ns per item |",
+        "|---|---:|",
+    ]
+    lines += [f"| {name} | {ns:.0f} |" for name, ns in costs]
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------- reporting
 
 
@@ -363,7 +442,12 @@ def render_scenario(results: list[Result]) -> str:
 
 
 def render(
-    results: list[Result], n_items: int, rounds: int, took: float, load_at_start: str
+    results: list[Result],
+    costs: list[tuple[str, float]],
+    n_items: int,
+    rounds: int,
+    took: float,
+    load_at_start: str,
 ) -> str:
     scenarios = list(dict.fromkeys(r.scenario for r in results))
     parts = [
@@ -392,6 +476,7 @@ def render(
     ]
     for scenario in scenarios:
         parts.append(render_scenario([r for r in results if r.scenario == scenario]))
+    parts.append(render_costs(costs, COST_REPEATS))
     return "\n".join(parts)
 
 
@@ -405,10 +490,13 @@ def main() -> None:
     print(f"Machine: {machine()}; load average {load_at_start}\n", flush=True)
     started = time.monotonic()
     results = measure(args.items, args.rounds, [(1, 1), (4, 4)], [1024, 16])
+    costs = cpu_costs(COST_REPEATS)
+    print(render_costs(costs, COST_REPEATS))
     took = time.monotonic() - started
     print(f"whole run: {took:.0f} s")
     if args.write:
-        path = write_section(render(results, args.items, args.rounds, took, load_at_start), SECTION)
+        page = render(results, costs, args.items, args.rounds, took, load_at_start)
+        path = write_section(page, SECTION)
         print(f"wrote the '{SECTION}' section of {path}")
 
 

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 import conveyor as cv
 from conveyor.engine import Run
-from conveyor.runtime import processes
+from conveyor.runtime import _wire, processes
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -548,13 +548,13 @@ def test_big_buffers_and_numpy_arrays_round_trip_through_shared_memory(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     created: list[int] = []
-    create = processes._Arena.create.__func__  # type: ignore[attr-defined]
+    create = _wire._Arena.create.__func__  # type: ignore[attr-defined]
 
     def counting(cls: Any, ident: int, size: int) -> Any:
         created.append(size)
         return create(cls, ident, size)
 
-    monkeypatch.setattr(processes._Arena, "create", classmethod(counting))
+    monkeypatch.setattr(_wire._Arena, "create", classmethod(counting))
     items = big_payloads()
     out = list(cv.Pipeline(items).map(echo, runtime="process", workers=2))
     assert all(same(a, b) for a, b in zip(items, out, strict=True))

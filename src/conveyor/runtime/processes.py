@@ -30,8 +30,15 @@ order and each goes to the lane that sent its message. A stage's logic lives
 in `conveyor.stage.process_batch`, which the child runs; the lanes run the
 same `worker_loop` as the thread runtime, with an ``execute`` that ships the
 batch to the child and returns its `BatchOutcome`. Everything specific to
-processes is here: messages, shared memory, and what happens when a child
-dies or overruns.
+processes lives in three modules:
+
+- ``_wire``: what both sides share, how a batch crosses: the messages,
+  pickling with big buffers set aside, the shared-memory blocks;
+- ``_child``: the worker process's side (`_child_main`, which serves
+  batches, and how the stage is sent to it);
+- this module: start methods, the parent's side (pipes, shared memory in
+  flight, what happens when a child dies or overruns), the exceptions that
+  come back from workers, and `ProcessRuntime`.
 
 Start methods and the ``__main__`` rule
 ---------------------------------------
@@ -41,7 +48,9 @@ Worker processes are started with the multiprocessing start method named by
 elsewhere: both are safe while the parent runs threads (conveyor's own
 feeder and worker threads, at least), which ``fork`` is not. This module
 (and NumPy, when the parent has imported it) is added to the forkserver's
-preload list, so that a worker starts without importing them again.
+preload list, so that a worker starts without importing them again; it
+imports ``_child`` and ``_wire``, where the worker's entry point and all it
+needs live, so those are preloaded with it.
 
 Both methods run the main module again in every worker process (as
 ``__mp_main__``). A script that builds and runs its pipeline at module level
@@ -115,37 +124,20 @@ Failures
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
-import mmap
 import os
 import pickle
-import secrets
 import select
 import signal
 import sys
 import threading
-import traceback
 from collections.abc import Callable
-from dataclasses import replace
 from functools import partial
-from importlib import import_module
-from multiprocessing import (
-    connection,
-    current_process,
-    get_all_start_methods,
-    get_context,
-    resource_tracker,
-)
-from multiprocessing import parent_process as _parent_process
+from multiprocessing import connection, current_process, get_all_start_methods, get_context
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from time import monotonic
-from time import sleep as _sleep
-from types import CodeType
 from typing import Any
-
-import cloudpickle
 
 from ..errors import (
     ConfigurationError,
@@ -161,9 +153,25 @@ from ..stage import (
     _item_repr,  # how notes show items: errors here name them the same way
     add_note,
     add_stage_note,
-    apply_one,
-    process_batch,
-    set_worker_state,
+)
+from ._child import _child_main, _PackedError, _stage_blob
+from ._wire import (
+    _BATCH,
+    _LOAD_FAILED,
+    _READY,
+    _SLEEPING,
+    _STARTED,
+    _STOP_MESSAGE,
+    _STOPPED,
+    SHM_THRESHOLD,
+    _Arena,
+    _Buffers,
+    _Desc,
+    _dump,
+    _first_unpicklable,
+    _load,
+    _type_name,
+    shm_prefix,
 )
 from .base import Runtime, Sequencer, StageRun, batch_loop, worker_loop
 from .threads import join_threads
@@ -188,8 +196,6 @@ START_METHOD: str | None = None
 """Start method of worker processes ("forkserver", "spawn" or "fork"); None: the
 ``CONVEYOR_START_METHOD`` environment variable, else forkserver on Linux, spawn elsewhere.
 "fork" is only safe when the parent runs no other thread than conveyor's own."""
-SHM_THRESHOLD = 64 * 1024
-"""Buffers of at least this many bytes cross through shared memory instead of the pipe."""
 SHM_MESSAGE_LIMIT = 4 * 1024 * 1024
 """A batch whose buffers add up to more is sent in several messages (one item at least);
 also the smallest shared-memory block (only the pages written are ever allocated)."""
@@ -214,25 +220,8 @@ EXIT_GRACE = 2.0
 threads of user code are joined then) before it is terminated."""
 
 _ENV_START_METHOD = "CONVEYOR_START_METHOD"
-# Where a big buffer of a message is (third item of its descriptor): out of band (NumPy)
-# or under a persistent id (bytes-likes) in the message's block, or out of band in the
-# block of the request an answer is for (an array the stage returned as it got it).
-_OOB, _PID, _ECHO = range(3)
-_Desc = tuple[int, int, int]  # offset, size, place
 _HELD_SHOWN = 10  # items a WorkerCrashed note lists
 _EXIT_MAIN_GUARD = 78  # EX_CONFIG: a worker found the main module starting a pipeline
-
-# Messages (pickled tuples), parent -> child:
-#   (_BATCH, payload, pids, descs, inbox, outbox, forget, retries_left), (_STOP,)
-# child -> parent, in the order of the batches:
-#   (_READY,), (_FAILED, what, error), (_STARTED,), (_SLEEPING,), (_STOPPED, error | None),
-#   (_OUTCOME, payload, pids, descs, need, counts, failures, error, inbox_kept),
-#   (_LOAD_FAILED, error, inbox_kept)
-# inbox/outbox: (block id, its name when new, else None, size); forget: ids to unmap.
-_BATCH, _STOP, _READY, _FAILED, _OUTCOME, _LOAD_FAILED, _STARTED, _SLEEPING, _STOPPED = range(9)
-_STOP_MESSAGE = pickle.dumps((_STOP,), 5)
-_STARTED_MESSAGE = pickle.dumps((_STARTED,), 5)
-_SLEEPING_MESSAGE = pickle.dumps((_SLEEPING,), 5)
 
 _MAIN_GUARD_HELP = (
     "a process stage was started while a worker process was importing the main module: "
@@ -240,11 +229,6 @@ _MAIN_GUARD_HELP = (
     "import the main module again; put the code that runs the pipeline under "
     '`if __name__ == "__main__":`.'
 )
-
-try:  # POSIX: attach shared memory without registering it with the resource tracker again
-    _posixshmem: Any = import_module("_posixshmem")
-except ImportError:  # Windows
-    _posixshmem = None
 
 
 def start_method() -> str:
@@ -269,7 +253,8 @@ def _default_start_method() -> str:
 
 def _preload_in_forkserver() -> None:
     """Add this module, and NumPy when this process uses it, to the forkserver's preload
-    list (effective until the server starts): workers then start without importing them."""
+    list (effective until the server starts): workers then start without importing them.
+    Importing this module imports the worker's side (`_child`, `_wire`) too."""
     from multiprocessing import forkserver
 
     # The list lives in a private attribute; keep whatever the user set there.
@@ -279,377 +264,6 @@ def _preload_in_forkserver() -> None:
     missing = [name for name in wanted if name not in modules]
     if missing:
         forkserver.set_forkserver_preload([*modules, *missing])
-
-
-# ---------------------------------------------------------------------- pickling
-
-
-def _align(n: int) -> int:
-    return (n + 63) & ~63
-
-
-class _Buffers:
-    """The big buffers of one message: set aside while pickling, then placed in shared memory.
-
-    Entry i is referenced either by pickle's out-of-band mechanism (NumPy
-    arrays: the i-th buffer of ``pickle.loads(buffers=...)`` among the
-    non-persistent ones) or by a persistent id naming i (bytes, bytearray,
-    memoryview). ``threshold`` None keeps everything in band.
-    """
-
-    __slots__ = ("persistent", "threshold", "total", "views")
-
-    def __init__(self, threshold: int | None = SHM_THRESHOLD) -> None:
-        self.threshold = threshold
-        self.views: list[memoryview] = []
-        self.persistent: list[bool] = []
-        self.total = 0
-
-    def take(self, view: memoryview, persistent: bool) -> int:
-        """Set ``view`` (1-D, bytes) aside if it is big; its index, or -1 to keep it in band."""
-        if self.threshold is None or view.nbytes < self.threshold:
-            return -1
-        self.views.append(view)
-        self.persistent.append(persistent)
-        self.total += _align(view.nbytes)
-        return len(self.views) - 1
-
-    def __call__(self, buffer: pickle.PickleBuffer) -> bool:
-        """pickle's buffer_callback: False sends the buffer out of band."""
-        return self.take(buffer.raw(), False) < 0
-
-    def clear(self) -> None:
-        self.views.clear()
-        self.persistent.clear()
-        self.total = 0
-
-
-class _OutOfBand:
-    """Mixed into a pickler: bytes-likes become persistent ids (big ones, out of band).
-
-    bytes and bytearray have no other hook in the C pickler, and memoryview
-    cannot be pickled at all otherwise. It costs a Python call per object
-    pickled, so it is only used for batches that need it.
-    """
-
-    buffers: _Buffers
-
-    def persistent_id(self, obj: Any) -> Any:
-        kind = type(obj)
-        if kind is bytes or kind is bytearray:
-            index = self.buffers.take(memoryview(obj), True)
-            return None if index < 0 else ("a" if kind is bytearray else "b", index)
-        if kind is memoryview:
-            flat = obj.cast("B") if obj.c_contiguous else memoryview(obj.tobytes())
-            shape = (obj.format, obj.shape, obj.readonly)
-            index = self.buffers.take(flat, True)
-            return ("M", index, *shape) if index >= 0 else ("m", flat.tobytes(), *shape)
-        return None
-
-
-class _PlainPickler(_OutOfBand, pickle.Pickler):
-    pass
-
-
-class _CloudPickler(_OutOfBand, cloudpickle.Pickler):  # type: ignore[misc]
-    pass
-
-
-def _dump(obj: Any, buffers: _Buffers) -> tuple[bytes, bool]:
-    """Pickle ``obj`` (protocol 5), big buffers set aside; return (payload, uses persistent ids).
-
-    The plain pickler first (fast), then the one that handles bytes-likes,
-    then cloudpickle's (classes and functions by value).
-
-    Raises:
-        Exception: whatever the last pickler raised when none could do it.
-    """
-    try:
-        payload = pickle.dumps(obj, 5, buffer_callback=buffers)
-    except Exception:
-        buffers.clear()
-    else:
-        # Big bytes pickled in band make a big payload: only then look for them.
-        threshold = buffers.threshold
-        if threshold is None or len(payload) < threshold or not _has_big_bytes(obj):
-            return payload, False
-        buffers.clear()
-    error: Exception | None = None
-    for pickler_class in (_PlainPickler, _CloudPickler):
-        out = io.BytesIO()
-        pickler = pickler_class(out, 5, buffer_callback=buffers)
-        pickler.buffers = buffers
-        try:
-            pickler.dump(obj)
-        except Exception as exc:
-            buffers.clear()
-            error = exc
-        else:
-            return out.getvalue(), True
-    assert error is not None
-    raise error
-
-
-_SCANNED = frozenset({bytes, bytearray, tuple, list, dict})
-
-
-def _has_big_bytes(obj: Any) -> bool:
-    """Whether the items of a batch hold big bytes/bytearray (themselves, or one level in)."""
-    if type(obj) is not list or _SCANNED.isdisjoint(set(map(type, obj))):
-        return False
-    return any(_big_bytes_in(x, 1) for x in obj)
-
-
-def _big_bytes_in(x: Any, depth: int) -> bool:
-    kind = type(x)
-    if kind is bytes or kind is bytearray:
-        return len(x) >= SHM_THRESHOLD
-    if depth and (kind is tuple or kind is list):
-        return any(_big_bytes_in(y, depth - 1) for y in x)
-    if depth and kind is dict:
-        return any(_big_bytes_in(y, depth - 1) for y in x.values())
-    return False
-
-
-class _Unpickler(pickle.Unpickler):
-    """Resolves the persistent ids `_OutOfBand` wrote, copying out of shared memory."""
-
-    def __init__(
-        self,
-        payload: bytes,
-        buffers: list[Any],
-        descs: list[_Desc],
-        arena: _Arena | None,
-    ) -> None:
-        super().__init__(io.BytesIO(payload), buffers=buffers)
-        self.descs = descs
-        self.arena = arena
-
-    def persistent_load(self, pid: Any) -> Any:
-        kind = pid[0]
-        if kind == "m":
-            return _rebuild_memoryview(pid[1], *pid[2:])
-        assert self.arena is not None
-        offset, size, _ = self.descs[pid[1]]
-        with self.arena.view[offset : offset + size] as source:
-            if kind == "b":
-                return bytes(source)
-            if kind == "a":
-                return bytearray(source)
-            return _rebuild_memoryview(source, *pid[2:])
-
-
-def _rebuild_memoryview(data: Any, fmt: str, shape: tuple[int, ...], readonly: bool) -> memoryview:
-    view = memoryview(bytes(data) if readonly else bytearray(data))
-    if fmt == "B" and len(shape) == 1:
-        return view
-    try:
-        shaped: memoryview = view.cast(fmt, shape)  # type: ignore[call-overload]
-    except (TypeError, ValueError):  # a format cast() cannot express: the raw bytes
-        return view
-    return shaped
-
-
-def _load(
-    payload: bytes,
-    pids: bool,
-    descs: list[_Desc],
-    arena: _Arena | None,
-    request: _Arena | None = None,
-) -> Any:
-    """Unpickle a payload whose big buffers sit in ``arena`` (or ``request``) at ``descs``.
-
-    NumPy arrays are built on the block itself; bytes-likes are copied out.
-    """
-    if not descs:
-        return _Unpickler(payload, [], [], None).load() if pids else pickle.loads(payload)
-    oob = []
-    for offset, size, place in descs:
-        if place != _PID:
-            source = request if place == _ECHO else arena
-            assert source is not None
-            oob.append(source.lend(offset, size))
-    if pids:
-        return _Unpickler(payload, oob, descs, arena).load()
-    return pickle.loads(payload, buffers=oob)
-
-
-def _first_unpicklable(items: list[Any]) -> tuple[int, Exception] | None:
-    """Index and error of the first item that cannot be pickled on its own."""
-    for index, item in enumerate(items):
-        try:
-            _dump([item], _Buffers(None))
-        except Exception as exc:
-            return index, exc
-    return None
-
-
-# ---------------------------------------------------------------------- shared memory
-
-
-def shm_prefix() -> str:
-    """How the names of this process's shared-memory blocks begin: ``cv<pid>_``.
-
-    On Linux they show as ``/dev/shm/cv<pid>_<8 hex digits>`` while a worker
-    has not mapped them yet; none is left once a run has ended.
-    """
-    return f"cv{os.getpid()}_"
-
-
-def _address_of(numpy: Any, buffer: memoryview) -> int:
-    address: int = numpy.frombuffer(buffer, numpy.uint8).__array_interface__["data"][0]
-    return address
-
-
-def _named_mapping(name: str, size: int) -> mmap.mmap:
-    """Windows: a named mapping (it lives while some process maps it)."""
-    options: dict[str, Any] = {"tagname": name}  # a Windows-only parameter
-    return mmap.mmap(-1, size, **options)
-
-
-class _Arena:
-    """A block of shared memory mapped by the parent and one worker, reused message after message.
-
-    The sender copies a message's big buffers in (`write`). The receiver
-    builds NumPy arrays right on the block (`lend`: no copy) and copies
-    bytes-likes out. A block is written again only once no array built on
-    it is left (`in_use`), so what a receiver keeps stays intact; a block
-    closed while arrays still use it stays mapped until the last one goes.
-
-    Blocks are POSIX shared memory (what `multiprocessing.shared_memory`
-    uses, registered with its resource tracker in the same way, so that even
-    a killed parent leaves no name behind), but not `SharedMemory` objects:
-    their finalizer unmaps the block, which arrays may still need.
-    """
-
-    def __init__(self, ident: int, name: str, size: int, mapping: mmap.mmap, linked: bool) -> None:
-        self.ident = ident
-        self.name = name
-        self.size = size
-        self.view = memoryview(mapping)
-        self._mapping: mmap.mmap | None = mapping
-        self._linked = linked
-        self._lent: list[memoryview] = []  # slices arrays were built on, maybe still in use
-        self._address: int | None = None  # where the block is mapped (see echoes)
-
-    @classmethod
-    def create(cls, ident: int, size: int) -> _Arena:
-        """A new block of ``size`` bytes (pages are only allocated when written)."""
-        if _posixshmem is None:  # Windows: a named mapping lives while someone maps it
-            name = f"{shm_prefix()}{secrets.token_hex(4)}"
-            return cls(ident, name, size, _named_mapping(name, size), False)
-        while True:
-            name = f"{shm_prefix()}{secrets.token_hex(4)}"
-            try:
-                fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-            except FileExistsError:
-                continue
-            break
-        try:
-            os.ftruncate(fd, size)
-            mapping = mmap.mmap(fd, size)
-        except BaseException:
-            _posixshmem.shm_unlink("/" + name)
-            raise
-        finally:
-            os.close(fd)
-        resource_tracker.register("/" + name, "shared_memory")
-        return cls(ident, name, size, mapping, True)
-
-    @classmethod
-    def attach(cls, ident: int, name: str, size: int) -> _Arena:
-        """Map the block the parent created under ``name``."""
-        if _posixshmem is None:
-            return cls(ident, name, size, _named_mapping(name, size), False)
-        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, 0o600)
-        try:
-            return cls(ident, name, size, mmap.mmap(fd, size), False)
-        finally:
-            os.close(fd)
-
-    def write(self, buffers: _Buffers, skip: list[int | None] | None = None) -> list[_Desc]:
-        """Copy the buffers in, one after the other; return their descriptors.
-
-        ``skip`` (answers): for each buffer, its offset in the request's block
-        when it is already there (see `echoes`), to describe rather than copy.
-        """
-        descs = []
-        offset = 0
-        view = self.view
-        for index, (buffer, persistent) in enumerate(
-            zip(buffers.views, buffers.persistent, strict=True)
-        ):
-            size = buffer.nbytes
-            echo = None if skip is None else skip[index]
-            if echo is not None:
-                descs.append((echo, size, _ECHO))
-                continue
-            view[offset : offset + size] = buffer
-            descs.append((offset, size, _PID if persistent else _OOB))
-            offset += _align(size)
-        return descs
-
-    def echoes(self, buffers: _Buffers) -> list[int | None]:
-        """For each out-of-band buffer that lies in this block, its offset here.
-
-        A stage that returns an array it got (or a slice of it, or the array
-        changed in place) returns memory of the request's block: the answer
-        points there instead of copying. Needs NumPy to read addresses (it is
-        loaded whenever arrays travel).
-        """
-        numpy = sys.modules.get("numpy")
-        if numpy is None:
-            return [None] * len(buffers.views)
-        if self._address is None:
-            self._address = _address_of(numpy, self.view)
-        found: list[int | None] = []
-        for buffer, persistent in zip(buffers.views, buffers.persistent, strict=True):
-            offset = None if persistent else _address_of(numpy, buffer) - self._address
-            inside = offset is not None and offset >= 0 and offset + buffer.nbytes <= self.size
-            found.append(offset if inside else None)
-        return found
-
-    def lend(self, offset: int, size: int) -> pickle.PickleBuffer:
-        """Bytes of the block for an array to be built on, without copying.
-
-        Through a PickleBuffer, whoever uses the bytes (NumPy, a read-only
-        view pickle makes) holds an export of the slice kept here, which is
-        what `in_use` looks at.
-        """
-        piece = self.view[offset : offset + size]
-        self._lent.append(piece)
-        return pickle.PickleBuffer(piece)
-
-    def in_use(self) -> bool:
-        """Whether an array built on the block is still alive (it then stays as it is)."""
-        lent = self._lent
-        while lent:
-            try:
-                lent[-1].release()  # refused while something holds an export of the slice
-            except BufferError:
-                return True
-            lent.pop()
-        return False
-
-    def unlink(self) -> None:
-        """Remove the block's name (the parent does, once the worker has mapped it)."""
-        if self._linked:
-            self._linked = False
-            with contextlib.suppress(FileNotFoundError):
-                _posixshmem.shm_unlink("/" + self.name)
-            resource_tracker.unregister("/" + self.name, "shared_memory")
-
-    def close(self) -> None:
-        """Unlink the name; unmap the block, or leave that to the arrays still built on it."""
-        self.unlink()
-        mapping, self._mapping = self._mapping, None
-        if mapping is None:
-            return
-        in_use = self.in_use()
-        self.view.release()
-        if not in_use:
-            mapping.close()
-        # else the arrays' slices keep the mapping alive; it is unmapped after the last one
 
 
 # ---------------------------------------------------------------------- exceptions
@@ -668,23 +282,6 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return "\n" + self.text
-
-
-_PackedError = tuple[bytes | None, str, str, str, list[str]]
-
-
-def _pack_error(exc: BaseException) -> _PackedError:
-    """An exception ready to cross: pickled if it survives a round trip, plus its text."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    name = _type_name(exc)
-    notes = [str(n) for n in getattr(exc, "__notes__", ())]
-    blob: bytes | None
-    try:
-        blob = cloudpickle.dumps(exc, 5)
-        pickle.loads(blob)  # an exception with a custom __init__ may not unpickle
-    except Exception:
-        blob = None
-    return blob, name, str(exc), text, notes
 
 
 def _unpack_error(packed: _PackedError) -> BaseException:
@@ -715,301 +312,6 @@ def _describe_exit(exitcode: int | None) -> str:
         except ValueError:
             return f"was killed by signal {-exitcode}"
     return f"exited with code {exitcode}"
-
-
-# ---------------------------------------------------------------------- the worker process
-
-
-class _Server:
-    """The worker process's side: applies the stage to each batch the parent sends."""
-
-    def __init__(self, conn: Connection, stage: Stage) -> None:
-        self.conn = conn
-        self.counts: list[int] | None = None
-        if stage.kind == "flat_map":
-            # Remember how many outputs each input gave, to name the input of a bad result.
-            self.counts = []
-            stage = replace(stage, fn=partial(_counted, stage.fn, self.counts))
-        self.stage = stage
-        self.inboxes: dict[int, _Arena] = {}  # the parent writes batches' big buffers there
-        self.outboxes: dict[int, _Arena] = {}  # this side writes results' big buffers there
-        timed = stage.timeout is not None
-        self.call = self._timed_call if timed else None
-        self.sleep = self._timed_sleep if timed else _plain_sleep
-
-    def serve(self) -> bool:
-        """Answer batches until STOP (True) or until the parent is gone (False)."""
-        try:
-            while True:
-                try:
-                    message = pickle.loads(self.conn.recv_bytes())
-                except (EOFError, OSError):
-                    return False
-                if message[0] == _STOP:
-                    return True
-                self.conn.send_bytes(self.handle(*message[1:]))
-        finally:
-            for arena in (*self.inboxes.values(), *self.outboxes.values()):
-                arena.close()
-
-    def handle(
-        self,
-        payload: bytes,
-        pids: bool,
-        descs: list[_Desc],
-        inbox: tuple[int, str | None, int] | None,
-        outbox: tuple[int, str | None, int] | None,
-        forget: list[int],
-        retries_left: int | None,
-    ) -> bytes:
-        """Run one batch message; return the answer."""
-        for ident in forget:
-            (self.inboxes.pop(ident, None) or self.outboxes.pop(ident)).close()
-        source = None if inbox is None else self._block(self.inboxes, inbox)
-        box = None if outbox is None else self._block(self.outboxes, outbox)
-        try:
-            batch = _load(payload, pids, descs, source)
-        except Exception as exc:
-            return pickle.dumps((_LOAD_FAILED, _pack_error(exc), self._let_go(source)), 5)
-        stage = self.stage if retries_left is None else replace(self.stage, retries=retries_left)
-        if self.counts is not None:
-            self.counts.clear()
-        outcome = process_batch(stage, batch, self.call, self.sleep)
-        answer = self.reply(stage, batch, outcome, box, source)
-        del batch, outcome  # the arrays built on the inbox go (unless the stage kept some)
-        return pickle.dumps((*answer, self._let_go(source)), 5)
-
-    @staticmethod
-    def _block(blocks: dict[int, _Arena], info: tuple[int, str | None, int]) -> _Arena:
-        ident, name, size = info
-        if name is not None:  # a new one: map it
-            blocks[ident] = _Arena.attach(ident, name, size)
-        return blocks[ident]
-
-    def _let_go(self, inbox: _Arena | None) -> bool:
-        """Whether arrays built on the inbox outlive their batch: then it is left to them."""
-        if inbox is None or not inbox.in_use():
-            return False
-        del self.inboxes[inbox.ident]
-        inbox.close()
-        return True
-
-    def _timed_call(self, stage: Stage, item: Any) -> tuple[list[Any], bool]:
-        self.conn.send_bytes(_STARTED_MESSAGE)  # the parent's clock for this attempt starts
-        return apply_one(stage, item)
-
-    def _timed_sleep(self, seconds: float) -> bool:
-        self.conn.send_bytes(_SLEEPING_MESSAGE)  # no deadline while backing off
-        _sleep(seconds)
-        return True
-
-    def reply(
-        self,
-        stage: Stage,
-        batch: list[Any],
-        outcome: BatchOutcome,
-        box: _Arena | None,
-        source: _Arena | None,
-    ) -> tuple[Any, ...]:
-        """The outcome, ready to pickle; results that cannot be pickled become failures."""
-        outputs = outcome.outputs
-        buffers = _Buffers()
-        try:
-            payload, pids = _dump(outputs, buffers)
-        except Exception:
-            outputs = self._drop_unpicklable(stage, batch, outcome)
-            buffers.clear()
-            payload, pids = _dump(outputs, buffers)
-        need = 0
-        descs: list[_Desc] = []
-        if buffers.views:
-            echoes: list[int | None] = [None] * len(buffers.views)
-            if source is not None:
-                echoes = source.echoes(buffers)
-            fresh = sum(
-                _align(v.nbytes) for v, e in zip(buffers.views, echoes, strict=True) if e is None
-            )
-            # All echoed: nothing to write, the request's block describes them.
-            target = source if fresh == 0 else box
-            if target is not None and fresh <= target.size:
-                descs = target.write(buffers, echoes)
-            else:  # no room: in band this time; the parent provides a bigger outbox
-                need = fresh
-                payload, pids = _dump(outputs, _Buffers(None))
-        failures = [
-            (index, _pack_error(f.error), f.attempts)
-            for index, f in zip(
-                _indices_of(batch, [f.item for f in outcome.failures]),
-                outcome.failures,
-                strict=True,
-            )
-        ]
-        error = None if outcome.error is None else _pack_error(outcome.error)
-        counts = (outcome.filtered, outcome.retried, outcome.processed)
-        return (_OUTCOME, payload, pids, descs, need, counts, failures, error)
-
-    def _drop_unpicklable(self, stage: Stage, batch: list[Any], outcome: BatchOutcome) -> list[Any]:
-        """Turn results that cannot be pickled into failures (or the error); return the rest."""
-        sources = _sources(stage, batch, outcome, self.counts)
-        kept: list[Any] = []
-        for position, output in enumerate(outcome.outputs):
-            bad = _first_unpicklable([output])
-            if bad is None:
-                kept.append(output)
-                continue
-            index = sources[position] if sources is not None else None
-            item = batch[index] if index is not None else None
-            error = SerializationError(
-                f"stage {stage.label}: a result of type {_type_name(output)} cannot be "
-                f"sent back from the worker process: {bad[1]}"
-            )
-            error.__cause__ = bad[1]
-            if stage.on_error == "skip":
-                outcome.failures.append(Failure(stage.name, item, error, 1))
-                continue
-            outcome.error = add_stage_note(error, stage, item)
-            outcome.error_item = item
-            outcome.processed = index if index is not None else 0
-            break
-        # Failures stay in batch order, as the parent expects.
-        order = {id(x): i for i, x in enumerate(batch)}
-        outcome.failures.sort(key=lambda f: order.get(id(f.item), len(batch)))
-        return kept
-
-
-def _counted(fn: Any, counts: list[int], item: Any) -> list[Any]:
-    outputs = list(fn(item))
-    counts.append(len(outputs))
-    return outputs
-
-
-def _plain_sleep(seconds: float) -> bool:
-    _sleep(seconds)
-    return True
-
-
-def _type_name(obj: Any) -> str:
-    kind = type(obj)
-    return (
-        kind.__qualname__
-        if kind.__module__ == "builtins"
-        else f"{kind.__module__}.{kind.__qualname__}"
-    )
-
-
-def _indices_of(batch: list[Any], items: list[Any]) -> list[int | None]:
-    """Positions in ``batch`` of ``items`` (a subsequence of it, by identity)."""
-    found: list[int | None] = []
-    at = 0
-    for item in items:
-        index = next((i for i in range(at, len(batch)) if batch[i] is item), None)
-        found.append(index)
-        if index is not None:
-            at = index + 1
-    return found
-
-
-def _sources(
-    stage: Stage, batch: list[Any], outcome: BatchOutcome, counts: list[int] | None
-) -> list[int] | None:
-    """For each output, the index in ``batch`` of the input that gave it (None: unknown)."""
-    failed = set(_indices_of(batch, [f.item for f in outcome.failures]))
-    end = outcome.processed if outcome.error is not None else len(batch)
-    ok = [i for i in range(end) if i not in failed]
-    outputs = outcome.outputs
-    if stage.kind == "map":
-        return ok if len(ok) == len(outputs) else None
-    if stage.kind == "flat_map" and counts is not None and len(counts) == len(ok):
-        return [i for i, n in zip(ok, counts, strict=True) for _ in range(n)]
-    if stage.kind == "filter":
-        found = _indices_of(batch, outputs)
-        return None if None in found else [i for i in found if i is not None]
-    return None
-
-
-def _child_main(conn: Connection, blob: bytes) -> None:
-    """The body of a worker process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _exit_with_parent()
-    try:
-        stage, files = cloudpickle.loads(blob)
-        for fn in (stage.fn, stage.on_start, stage.on_stop):
-            _restore_filenames(fn, files, set())
-    except BaseException as exc:
-        conn.send_bytes(pickle.dumps((_FAILED, "load", _pack_error(exc)), 5))
-        return
-    try:
-        state = stage.on_start() if stage.on_start is not None else None
-    except BaseException as exc:
-        conn.send_bytes(pickle.dumps((_FAILED, "on_start", _pack_error(exc)), 5))
-        return
-    set_worker_state(state)
-    conn.send_bytes(pickle.dumps((_READY,), 5))
-    if not _Server(conn, stage).serve():
-        return
-    error = None
-    if stage.on_stop is not None:
-        try:
-            stage.on_stop(state)
-        except BaseException as exc:
-            error = _pack_error(exc)
-    with contextlib.suppress(OSError):
-        conn.send_bytes(pickle.dumps((_STOPPED, error), 5))
-
-
-def _stage_blob(stage: Stage) -> bytes:
-    """The stage as sent to each worker: cloudpickled, with the files its functions come from."""
-    files = {}
-    for fn in (stage.fn, stage.on_start, stage.on_stop):
-        module = sys.modules.get(getattr(fn, "__module__", None) or "")
-        filename = getattr(module, "__file__", None)
-        if module is not None and filename:
-            files[module.__name__] = filename
-    blob: bytes = cloudpickle.dumps((stage, files), 5)
-    return blob
-
-
-def _restore_filenames(obj: Any, files: dict[str, str], seen: set[int]) -> None:
-    """Give functions pickled by value their source file back, for readable tracebacks.
-
-    cloudpickle names the file of such code ``<dynamic-code>``; the
-    traceback of an error in the worker would show neither the file nor the
-    line. Follows the functions' globals and closures (helpers also sent by
-    value), not classes.
-    """
-    code = getattr(obj, "__code__", None)
-    if code is None or id(obj) in seen:
-        return
-    seen.add(id(obj))
-    filename = files.get(getattr(obj, "__module__", None) or "")
-    if filename and code.co_filename == "<dynamic-code>":
-        with contextlib.suppress(AttributeError, TypeError, ValueError):
-            obj.__code__ = _renamed(code, filename)
-    for value in getattr(obj, "__globals__", {}).values():
-        _restore_filenames(value, files, seen)
-    for cell in getattr(obj, "__closure__", None) or ():
-        with contextlib.suppress(ValueError):  # an empty cell
-            _restore_filenames(cell.cell_contents, files, seen)
-
-
-def _renamed(code: CodeType, filename: str) -> CodeType:
-    consts = tuple(_renamed(c, filename) if isinstance(c, CodeType) else c for c in code.co_consts)
-    return code.replace(co_filename=filename, co_consts=consts)
-
-
-def _exit_with_parent() -> None:
-    """Exit at once if the parent process dies, even in the middle of an item."""
-    parent = _parent_process()
-    if parent is None or parent.sentinel is None:
-        return
-
-    def watch(sentinel: int) -> None:
-        connection.wait([sentinel])
-        os._exit(1)
-
-    threading.Thread(
-        target=watch, args=(parent.sentinel,), name="conveyor-parent-watch", daemon=True
-    ).start()
 
 
 # ---------------------------------------------------------------------- the parent's side

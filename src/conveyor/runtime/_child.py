@@ -1,0 +1,356 @@
+"""The worker process's side of the process runtime.
+
+`_child_main` is the body of each worker process: it loads the stage the
+parent sent (`_stage_blob`), runs ``on_start``, then `_Server` answers batch
+messages with `conveyor.stage.process_batch` until the parent says stop.
+Messages, pickling and shared memory are in `conveyor.runtime._wire`; the
+parent's side, and the data flow as a whole, in `conveyor.runtime.processes`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import sys
+import threading
+import traceback
+from dataclasses import replace
+from functools import partial
+from multiprocessing import connection
+from multiprocessing import parent_process as _parent_process
+from multiprocessing.connection import Connection
+from time import sleep as _sleep
+from types import CodeType
+from typing import Any
+
+import cloudpickle
+
+from ..errors import SerializationError
+from ..stage import (
+    BatchOutcome,
+    Failure,
+    Stage,
+    add_stage_note,
+    apply_one,
+    process_batch,
+    set_worker_state,
+)
+from ._wire import (
+    _FAILED,
+    _LOAD_FAILED,
+    _OUTCOME,
+    _READY,
+    _SLEEPING_MESSAGE,
+    _STARTED_MESSAGE,
+    _STOP,
+    _STOPPED,
+    _align,
+    _Arena,
+    _Buffers,
+    _Desc,
+    _dump,
+    _first_unpicklable,
+    _load,
+    _type_name,
+)
+
+_PackedError = tuple[bytes | None, str, str, str, list[str]]
+
+
+def _pack_error(exc: BaseException) -> _PackedError:
+    """An exception ready to cross: pickled if it survives a round trip, plus its text."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    name = _type_name(exc)
+    notes = [str(n) for n in getattr(exc, "__notes__", ())]
+    blob: bytes | None
+    try:
+        blob = cloudpickle.dumps(exc, 5)
+        pickle.loads(blob)  # an exception with a custom __init__ may not unpickle
+    except Exception:
+        blob = None
+    return blob, name, str(exc), text, notes
+
+
+class _Server:
+    """The worker process's side: applies the stage to each batch the parent sends."""
+
+    def __init__(self, conn: Connection, stage: Stage) -> None:
+        self.conn = conn
+        self.counts: list[int] | None = None
+        if stage.kind == "flat_map":
+            # Remember how many outputs each input gave, to name the input of a bad result.
+            self.counts = []
+            stage = replace(stage, fn=partial(_counted, stage.fn, self.counts))
+        self.stage = stage
+        self.inboxes: dict[int, _Arena] = {}  # the parent writes batches' big buffers there
+        self.outboxes: dict[int, _Arena] = {}  # this side writes results' big buffers there
+        timed = stage.timeout is not None
+        self.call = self._timed_call if timed else None
+        self.sleep = self._timed_sleep if timed else _plain_sleep
+
+    def serve(self) -> bool:
+        """Answer batches until STOP (True) or until the parent is gone (False)."""
+        try:
+            while True:
+                try:
+                    message = pickle.loads(self.conn.recv_bytes())
+                except (EOFError, OSError):
+                    return False
+                if message[0] == _STOP:
+                    return True
+                self.conn.send_bytes(self.handle(*message[1:]))
+        finally:
+            for arena in (*self.inboxes.values(), *self.outboxes.values()):
+                arena.close()
+
+    def handle(
+        self,
+        payload: bytes,
+        pids: bool,
+        descs: list[_Desc],
+        inbox: tuple[int, str | None, int] | None,
+        outbox: tuple[int, str | None, int] | None,
+        forget: list[int],
+        retries_left: int | None,
+    ) -> bytes:
+        """Run one batch message; return the answer."""
+        for ident in forget:
+            (self.inboxes.pop(ident, None) or self.outboxes.pop(ident)).close()
+        source = None if inbox is None else self._block(self.inboxes, inbox)
+        box = None if outbox is None else self._block(self.outboxes, outbox)
+        try:
+            batch = _load(payload, pids, descs, source)
+        except Exception as exc:
+            return pickle.dumps((_LOAD_FAILED, _pack_error(exc), self._let_go(source)), 5)
+        stage = self.stage if retries_left is None else replace(self.stage, retries=retries_left)
+        if self.counts is not None:
+            self.counts.clear()
+        outcome = process_batch(stage, batch, self.call, self.sleep)
+        answer = self.reply(stage, batch, outcome, box, source)
+        del batch, outcome  # the arrays built on the inbox go (unless the stage kept some)
+        return pickle.dumps((*answer, self._let_go(source)), 5)
+
+    @staticmethod
+    def _block(blocks: dict[int, _Arena], info: tuple[int, str | None, int]) -> _Arena:
+        ident, name, size = info
+        if name is not None:  # a new one: map it
+            blocks[ident] = _Arena.attach(ident, name, size)
+        return blocks[ident]
+
+    def _let_go(self, inbox: _Arena | None) -> bool:
+        """Whether arrays built on the inbox outlive their batch: then it is left to them."""
+        if inbox is None or not inbox.in_use():
+            return False
+        del self.inboxes[inbox.ident]
+        inbox.close()
+        return True
+
+    def _timed_call(self, stage: Stage, item: Any) -> tuple[list[Any], bool]:
+        self.conn.send_bytes(_STARTED_MESSAGE)  # the parent's clock for this attempt starts
+        return apply_one(stage, item)
+
+    def _timed_sleep(self, seconds: float) -> bool:
+        self.conn.send_bytes(_SLEEPING_MESSAGE)  # no deadline while backing off
+        _sleep(seconds)
+        return True
+
+    def reply(
+        self,
+        stage: Stage,
+        batch: list[Any],
+        outcome: BatchOutcome,
+        box: _Arena | None,
+        source: _Arena | None,
+    ) -> tuple[Any, ...]:
+        """The outcome, ready to pickle; results that cannot be pickled become failures."""
+        outputs = outcome.outputs
+        buffers = _Buffers()
+        try:
+            payload, pids = _dump(outputs, buffers)
+        except Exception:
+            outputs = self._drop_unpicklable(stage, batch, outcome)
+            buffers.clear()
+            payload, pids = _dump(outputs, buffers)
+        need = 0
+        descs: list[_Desc] = []
+        if buffers.views:
+            echoes: list[int | None] = [None] * len(buffers.views)
+            if source is not None:
+                echoes = source.echoes(buffers)
+            fresh = sum(
+                _align(v.nbytes) for v, e in zip(buffers.views, echoes, strict=True) if e is None
+            )
+            # All echoed: nothing to write, the request's block describes them.
+            target = source if fresh == 0 else box
+            if target is not None and fresh <= target.size:
+                descs = target.write(buffers, echoes)
+            else:  # no room: in band this time; the parent provides a bigger outbox
+                need = fresh
+                payload, pids = _dump(outputs, _Buffers(None))
+        failures = [
+            (index, _pack_error(f.error), f.attempts)
+            for index, f in zip(
+                _indices_of(batch, [f.item for f in outcome.failures]),
+                outcome.failures,
+                strict=True,
+            )
+        ]
+        error = None if outcome.error is None else _pack_error(outcome.error)
+        counts = (outcome.filtered, outcome.retried, outcome.processed)
+        return (_OUTCOME, payload, pids, descs, need, counts, failures, error)
+
+    def _drop_unpicklable(self, stage: Stage, batch: list[Any], outcome: BatchOutcome) -> list[Any]:
+        """Turn results that cannot be pickled into failures (or the error); return the rest."""
+        sources = _sources(stage, batch, outcome, self.counts)
+        kept: list[Any] = []
+        for position, output in enumerate(outcome.outputs):
+            bad = _first_unpicklable([output])
+            if bad is None:
+                kept.append(output)
+                continue
+            index = sources[position] if sources is not None else None
+            item = batch[index] if index is not None else None
+            error = SerializationError(
+                f"stage {stage.label}: a result of type {_type_name(output)} cannot be "
+                f"sent back from the worker process: {bad[1]}"
+            )
+            error.__cause__ = bad[1]
+            if stage.on_error == "skip":
+                outcome.failures.append(Failure(stage.name, item, error, 1))
+                continue
+            outcome.error = add_stage_note(error, stage, item)
+            outcome.error_item = item
+            outcome.processed = index if index is not None else 0
+            break
+        # Failures stay in batch order, as the parent expects.
+        order = {id(x): i for i, x in enumerate(batch)}
+        outcome.failures.sort(key=lambda f: order.get(id(f.item), len(batch)))
+        return kept
+
+
+def _counted(fn: Any, counts: list[int], item: Any) -> list[Any]:
+    outputs = list(fn(item))
+    counts.append(len(outputs))
+    return outputs
+
+
+def _plain_sleep(seconds: float) -> bool:
+    _sleep(seconds)
+    return True
+
+
+def _indices_of(batch: list[Any], items: list[Any]) -> list[int | None]:
+    """Positions in ``batch`` of ``items`` (a subsequence of it, by identity)."""
+    found: list[int | None] = []
+    at = 0
+    for item in items:
+        index = next((i for i in range(at, len(batch)) if batch[i] is item), None)
+        found.append(index)
+        if index is not None:
+            at = index + 1
+    return found
+
+
+def _sources(
+    stage: Stage, batch: list[Any], outcome: BatchOutcome, counts: list[int] | None
+) -> list[int] | None:
+    """For each output, the index in ``batch`` of the input that gave it (None: unknown)."""
+    failed = set(_indices_of(batch, [f.item for f in outcome.failures]))
+    end = outcome.processed if outcome.error is not None else len(batch)
+    ok = [i for i in range(end) if i not in failed]
+    outputs = outcome.outputs
+    if stage.kind == "map":
+        return ok if len(ok) == len(outputs) else None
+    if stage.kind == "flat_map" and counts is not None and len(counts) == len(ok):
+        return [i for i, n in zip(ok, counts, strict=True) for _ in range(n)]
+    if stage.kind == "filter":
+        found = _indices_of(batch, outputs)
+        return None if None in found else [i for i in found if i is not None]
+    return None
+
+
+def _child_main(conn: Connection, blob: bytes) -> None:
+    """The body of a worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _exit_with_parent()
+    try:
+        stage, files = cloudpickle.loads(blob)
+        for fn in (stage.fn, stage.on_start, stage.on_stop):
+            _restore_filenames(fn, files, set())
+    except BaseException as exc:
+        conn.send_bytes(pickle.dumps((_FAILED, "load", _pack_error(exc)), 5))
+        return
+    try:
+        state = stage.on_start() if stage.on_start is not None else None
+    except BaseException as exc:
+        conn.send_bytes(pickle.dumps((_FAILED, "on_start", _pack_error(exc)), 5))
+        return
+    set_worker_state(state)
+    conn.send_bytes(pickle.dumps((_READY,), 5))
+    if not _Server(conn, stage).serve():
+        return
+    error = None
+    if stage.on_stop is not None:
+        try:
+            stage.on_stop(state)
+        except BaseException as exc:
+            error = _pack_error(exc)
+    with contextlib.suppress(OSError):
+        conn.send_bytes(pickle.dumps((_STOPPED, error), 5))
+
+
+def _stage_blob(stage: Stage) -> bytes:
+    """The stage as sent to each worker: cloudpickled, with the files its functions come from."""
+    files = {}
+    for fn in (stage.fn, stage.on_start, stage.on_stop):
+        module = sys.modules.get(getattr(fn, "__module__", None) or "")
+        filename = getattr(module, "__file__", None)
+        if module is not None and filename:
+            files[module.__name__] = filename
+    blob: bytes = cloudpickle.dumps((stage, files), 5)
+    return blob
+
+
+def _restore_filenames(obj: Any, files: dict[str, str], seen: set[int]) -> None:
+    """Give functions pickled by value their source file back, for readable tracebacks.
+
+    cloudpickle names the file of such code ``<dynamic-code>``; the
+    traceback of an error in the worker would show neither the file nor the
+    line. Follows the functions' globals and closures (helpers also sent by
+    value), not classes.
+    """
+    code = getattr(obj, "__code__", None)
+    if code is None or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    filename = files.get(getattr(obj, "__module__", None) or "")
+    if filename and code.co_filename == "<dynamic-code>":
+        with contextlib.suppress(AttributeError, TypeError, ValueError):
+            obj.__code__ = _renamed(code, filename)
+    for value in getattr(obj, "__globals__", {}).values():
+        _restore_filenames(value, files, seen)
+    for cell in getattr(obj, "__closure__", None) or ():
+        with contextlib.suppress(ValueError):  # an empty cell
+            _restore_filenames(cell.cell_contents, files, seen)
+
+
+def _renamed(code: CodeType, filename: str) -> CodeType:
+    consts = tuple(_renamed(c, filename) if isinstance(c, CodeType) else c for c in code.co_consts)
+    return code.replace(co_filename=filename, co_consts=consts)
+
+
+def _exit_with_parent() -> None:
+    """Exit at once if the parent process dies, even in the middle of an item."""
+    parent = _parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+
+    def watch(sentinel: int) -> None:
+        connection.wait([sentinel])
+        os._exit(1)
+
+    threading.Thread(
+        target=watch, args=(parent.sentinel,), name="conveyor-parent-watch", daemon=True
+    ).start()

@@ -1,0 +1,430 @@
+"""How a batch crosses between the parent and a worker process of the process runtime.
+
+Both sides use this module: the messages they exchange, how a batch is pickled
+(big buffers set aside: `_Buffers`, `_dump`, `_load`) and the shared-memory
+blocks those buffers go through (`_Arena`). The data flow, and why it is built this way, is told in
+`conveyor.runtime.processes`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import mmap
+import os
+import pickle
+import secrets
+import sys
+from importlib import import_module
+from multiprocessing import resource_tracker
+from typing import Any
+
+import cloudpickle
+
+__all__ = ["SHM_THRESHOLD", "shm_prefix"]
+
+SHM_THRESHOLD = 64 * 1024
+"""Buffers of at least this many bytes cross through shared memory instead of the pipe."""
+
+# Where a big buffer of a message is (third item of its descriptor): out of band (NumPy)
+# or under a persistent id (bytes-likes) in the message's block, or out of band in the
+# block of the request an answer is for (an array the stage returned as it got it).
+_OOB, _PID, _ECHO = range(3)
+_Desc = tuple[int, int, int]  # offset, size, place
+
+# Messages (pickled tuples), parent -> child:
+#   (_BATCH, payload, pids, descs, inbox, outbox, forget, retries_left), (_STOP,)
+# child -> parent, in the order of the batches:
+#   (_READY,), (_FAILED, what, error), (_STARTED,), (_SLEEPING,), (_STOPPED, error | None),
+#   (_OUTCOME, payload, pids, descs, need, counts, failures, error, inbox_kept),
+#   (_LOAD_FAILED, error, inbox_kept)
+# inbox/outbox: (block id, its name when new, else None, size); forget: ids to unmap.
+_BATCH, _STOP, _READY, _FAILED, _OUTCOME, _LOAD_FAILED, _STARTED, _SLEEPING, _STOPPED = range(9)
+_STOP_MESSAGE = pickle.dumps((_STOP,), 5)
+_STARTED_MESSAGE = pickle.dumps((_STARTED,), 5)
+_SLEEPING_MESSAGE = pickle.dumps((_SLEEPING,), 5)
+
+try:  # POSIX: attach shared memory without registering it with the resource tracker again
+    _posixshmem: Any = import_module("_posixshmem")
+except ImportError:  # Windows
+    _posixshmem = None
+
+
+# ---------------------------------------------------------------------- pickling
+
+
+def _align(n: int) -> int:
+    return (n + 63) & ~63
+
+
+class _Buffers:
+    """The big buffers of one message: set aside while pickling, then placed in shared memory.
+
+    Entry i is referenced either by pickle's out-of-band mechanism (NumPy
+    arrays: the i-th buffer of ``pickle.loads(buffers=...)`` among the
+    non-persistent ones) or by a persistent id naming i (bytes, bytearray,
+    memoryview). ``threshold`` None keeps everything in band.
+    """
+
+    __slots__ = ("persistent", "threshold", "total", "views")
+
+    def __init__(self, threshold: int | None = SHM_THRESHOLD) -> None:
+        self.threshold = threshold
+        self.views: list[memoryview] = []
+        self.persistent: list[bool] = []
+        self.total = 0
+
+    def take(self, view: memoryview, persistent: bool) -> int:
+        """Set ``view`` (1-D, bytes) aside if it is big; its index, or -1 to keep it in band."""
+        if self.threshold is None or view.nbytes < self.threshold:
+            return -1
+        self.views.append(view)
+        self.persistent.append(persistent)
+        self.total += _align(view.nbytes)
+        return len(self.views) - 1
+
+    def __call__(self, buffer: pickle.PickleBuffer) -> bool:
+        """pickle's buffer_callback: False sends the buffer out of band."""
+        return self.take(buffer.raw(), False) < 0
+
+    def clear(self) -> None:
+        self.views.clear()
+        self.persistent.clear()
+        self.total = 0
+
+
+class _OutOfBand:
+    """Mixed into a pickler: bytes-likes become persistent ids (big ones, out of band).
+
+    bytes and bytearray have no other hook in the C pickler, and memoryview
+    cannot be pickled at all otherwise. It costs a Python call per object
+    pickled, so it is only used for batches that need it.
+    """
+
+    buffers: _Buffers
+
+    def persistent_id(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind is bytes or kind is bytearray:
+            index = self.buffers.take(memoryview(obj), True)
+            return None if index < 0 else ("a" if kind is bytearray else "b", index)
+        if kind is memoryview:
+            flat = obj.cast("B") if obj.c_contiguous else memoryview(obj.tobytes())
+            shape = (obj.format, obj.shape, obj.readonly)
+            index = self.buffers.take(flat, True)
+            return ("M", index, *shape) if index >= 0 else ("m", flat.tobytes(), *shape)
+        return None
+
+
+class _PlainPickler(_OutOfBand, pickle.Pickler):
+    pass
+
+
+class _CloudPickler(_OutOfBand, cloudpickle.Pickler):  # type: ignore[misc]
+    pass
+
+
+def _dump(obj: Any, buffers: _Buffers) -> tuple[bytes, bool]:
+    """Pickle ``obj`` (protocol 5), big buffers set aside; return (payload, uses persistent ids).
+
+    The plain pickler first (fast), then the one that handles bytes-likes,
+    then cloudpickle's (classes and functions by value).
+
+    Raises:
+        Exception: whatever the last pickler raised when none could do it.
+    """
+    try:
+        payload = pickle.dumps(obj, 5, buffer_callback=buffers)
+    except Exception:
+        buffers.clear()
+    else:
+        # Big bytes pickled in band make a big payload: only then look for them.
+        threshold = buffers.threshold
+        if threshold is None or len(payload) < threshold or not _has_big_bytes(obj):
+            return payload, False
+        buffers.clear()
+    error: Exception | None = None
+    for pickler_class in (_PlainPickler, _CloudPickler):
+        out = io.BytesIO()
+        pickler = pickler_class(out, 5, buffer_callback=buffers)
+        pickler.buffers = buffers
+        try:
+            pickler.dump(obj)
+        except Exception as exc:
+            buffers.clear()
+            error = exc
+        else:
+            return out.getvalue(), True
+    assert error is not None
+    raise error
+
+
+_SCANNED = frozenset({bytes, bytearray, tuple, list, dict})
+
+
+def _has_big_bytes(obj: Any) -> bool:
+    """Whether the items of a batch hold big bytes/bytearray (themselves, or one level in)."""
+    if type(obj) is not list or _SCANNED.isdisjoint(set(map(type, obj))):
+        return False
+    return any(_big_bytes_in(x, 1) for x in obj)
+
+
+def _big_bytes_in(x: Any, depth: int) -> bool:
+    kind = type(x)
+    if kind is bytes or kind is bytearray:
+        return len(x) >= SHM_THRESHOLD
+    if depth and (kind is tuple or kind is list):
+        return any(_big_bytes_in(y, depth - 1) for y in x)
+    if depth and kind is dict:
+        return any(_big_bytes_in(y, depth - 1) for y in x.values())
+    return False
+
+
+class _Unpickler(pickle.Unpickler):
+    """Resolves the persistent ids `_OutOfBand` wrote, copying out of shared memory."""
+
+    def __init__(
+        self,
+        payload: bytes,
+        buffers: list[Any],
+        descs: list[_Desc],
+        arena: _Arena | None,
+    ) -> None:
+        super().__init__(io.BytesIO(payload), buffers=buffers)
+        self.descs = descs
+        self.arena = arena
+
+    def persistent_load(self, pid: Any) -> Any:
+        kind = pid[0]
+        if kind == "m":
+            return _rebuild_memoryview(pid[1], *pid[2:])
+        assert self.arena is not None
+        offset, size, _ = self.descs[pid[1]]
+        with self.arena.view[offset : offset + size] as source:
+            if kind == "b":
+                return bytes(source)
+            if kind == "a":
+                return bytearray(source)
+            return _rebuild_memoryview(source, *pid[2:])
+
+
+def _rebuild_memoryview(data: Any, fmt: str, shape: tuple[int, ...], readonly: bool) -> memoryview:
+    view = memoryview(bytes(data) if readonly else bytearray(data))
+    if fmt == "B" and len(shape) == 1:
+        return view
+    try:
+        shaped: memoryview = view.cast(fmt, shape)  # type: ignore[call-overload]
+    except (TypeError, ValueError):  # a format cast() cannot express: the raw bytes
+        return view
+    return shaped
+
+
+def _load(
+    payload: bytes,
+    pids: bool,
+    descs: list[_Desc],
+    arena: _Arena | None,
+    request: _Arena | None = None,
+) -> Any:
+    """Unpickle a payload whose big buffers sit in ``arena`` (or ``request``) at ``descs``.
+
+    NumPy arrays are built on the block itself; bytes-likes are copied out.
+    """
+    if not descs:
+        return _Unpickler(payload, [], [], None).load() if pids else pickle.loads(payload)
+    oob = []
+    for offset, size, place in descs:
+        if place != _PID:
+            source = request if place == _ECHO else arena
+            assert source is not None
+            oob.append(source.lend(offset, size))
+    if pids:
+        return _Unpickler(payload, oob, descs, arena).load()
+    return pickle.loads(payload, buffers=oob)
+
+
+def _first_unpicklable(items: list[Any]) -> tuple[int, Exception] | None:
+    """Index and error of the first item that cannot be pickled on its own."""
+    for index, item in enumerate(items):
+        try:
+            _dump([item], _Buffers(None))
+        except Exception as exc:
+            return index, exc
+    return None
+
+
+# ---------------------------------------------------------------------- shared memory
+
+
+def shm_prefix() -> str:
+    """How the names of this process's shared-memory blocks begin: ``cv<pid>_``.
+
+    On Linux they show as ``/dev/shm/cv<pid>_<8 hex digits>`` while a worker
+    has not mapped them yet; none is left once a run has ended.
+    """
+    return f"cv{os.getpid()}_"
+
+
+def _address_of(numpy: Any, buffer: memoryview) -> int:
+    address: int = numpy.frombuffer(buffer, numpy.uint8).__array_interface__["data"][0]
+    return address
+
+
+def _named_mapping(name: str, size: int) -> mmap.mmap:
+    """Windows: a named mapping (it lives while some process maps it)."""
+    options: dict[str, Any] = {"tagname": name}  # a Windows-only parameter
+    return mmap.mmap(-1, size, **options)
+
+
+class _Arena:
+    """A block of shared memory mapped by the parent and one worker, reused message after message.
+
+    The sender copies a message's big buffers in (`write`). The receiver
+    builds NumPy arrays right on the block (`lend`: no copy) and copies
+    bytes-likes out. A block is written again only once no array built on
+    it is left (`in_use`), so what a receiver keeps stays intact; a block
+    closed while arrays still use it stays mapped until the last one goes.
+
+    Blocks are POSIX shared memory (what `multiprocessing.shared_memory`
+    uses, registered with its resource tracker in the same way, so that even
+    a killed parent leaves no name behind), but not `SharedMemory` objects:
+    their finalizer unmaps the block, which arrays may still need.
+    """
+
+    def __init__(self, ident: int, name: str, size: int, mapping: mmap.mmap, linked: bool) -> None:
+        self.ident = ident
+        self.name = name
+        self.size = size
+        self.view = memoryview(mapping)
+        self._mapping: mmap.mmap | None = mapping
+        self._linked = linked
+        self._lent: list[memoryview] = []  # slices arrays were built on, maybe still in use
+        self._address: int | None = None  # where the block is mapped (see echoes)
+
+    @classmethod
+    def create(cls, ident: int, size: int) -> _Arena:
+        """A new block of ``size`` bytes (pages are only allocated when written)."""
+        if _posixshmem is None:  # Windows: a named mapping lives while someone maps it
+            name = f"{shm_prefix()}{secrets.token_hex(4)}"
+            return cls(ident, name, size, _named_mapping(name, size), False)
+        while True:
+            name = f"{shm_prefix()}{secrets.token_hex(4)}"
+            try:
+                fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            except FileExistsError:
+                continue
+            break
+        try:
+            os.ftruncate(fd, size)
+            mapping = mmap.mmap(fd, size)
+        except BaseException:
+            _posixshmem.shm_unlink("/" + name)
+            raise
+        finally:
+            os.close(fd)
+        resource_tracker.register("/" + name, "shared_memory")
+        return cls(ident, name, size, mapping, True)
+
+    @classmethod
+    def attach(cls, ident: int, name: str, size: int) -> _Arena:
+        """Map the block the parent created under ``name``."""
+        if _posixshmem is None:
+            return cls(ident, name, size, _named_mapping(name, size), False)
+        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, 0o600)
+        try:
+            return cls(ident, name, size, mmap.mmap(fd, size), False)
+        finally:
+            os.close(fd)
+
+    def write(self, buffers: _Buffers, skip: list[int | None] | None = None) -> list[_Desc]:
+        """Copy the buffers in, one after the other; return their descriptors.
+
+        ``skip`` (answers): for each buffer, its offset in the request's block
+        when it is already there (see `echoes`), to describe rather than copy.
+        """
+        descs = []
+        offset = 0
+        view = self.view
+        for index, (buffer, persistent) in enumerate(
+            zip(buffers.views, buffers.persistent, strict=True)
+        ):
+            size = buffer.nbytes
+            echo = None if skip is None else skip[index]
+            if echo is not None:
+                descs.append((echo, size, _ECHO))
+                continue
+            view[offset : offset + size] = buffer
+            descs.append((offset, size, _PID if persistent else _OOB))
+            offset += _align(size)
+        return descs
+
+    def echoes(self, buffers: _Buffers) -> list[int | None]:
+        """For each out-of-band buffer that lies in this block, its offset here.
+
+        A stage that returns an array it got (or a slice of it, or the array
+        changed in place) returns memory of the request's block: the answer
+        points there instead of copying. Needs NumPy to read addresses (it is
+        loaded whenever arrays travel).
+        """
+        numpy = sys.modules.get("numpy")
+        if numpy is None:
+            return [None] * len(buffers.views)
+        if self._address is None:
+            self._address = _address_of(numpy, self.view)
+        found: list[int | None] = []
+        for buffer, persistent in zip(buffers.views, buffers.persistent, strict=True):
+            offset = None if persistent else _address_of(numpy, buffer) - self._address
+            inside = offset is not None and offset >= 0 and offset + buffer.nbytes <= self.size
+            found.append(offset if inside else None)
+        return found
+
+    def lend(self, offset: int, size: int) -> pickle.PickleBuffer:
+        """Bytes of the block for an array to be built on, without copying.
+
+        Through a PickleBuffer, whoever uses the bytes (NumPy, a read-only
+        view pickle makes) holds an export of the slice kept here, which is
+        what `in_use` looks at.
+        """
+        piece = self.view[offset : offset + size]
+        self._lent.append(piece)
+        return pickle.PickleBuffer(piece)
+
+    def in_use(self) -> bool:
+        """Whether an array built on the block is still alive (it then stays as it is)."""
+        lent = self._lent
+        while lent:
+            try:
+                lent[-1].release()  # refused while something holds an export of the slice
+            except BufferError:
+                return True
+            lent.pop()
+        return False
+
+    def unlink(self) -> None:
+        """Remove the block's name (the parent does, once the worker has mapped it)."""
+        if self._linked:
+            self._linked = False
+            with contextlib.suppress(FileNotFoundError):
+                _posixshmem.shm_unlink("/" + self.name)
+            resource_tracker.unregister("/" + self.name, "shared_memory")
+
+    def close(self) -> None:
+        """Unlink the name; unmap the block, or leave that to the arrays still built on it."""
+        self.unlink()
+        mapping, self._mapping = self._mapping, None
+        if mapping is None:
+            return
+        in_use = self.in_use()
+        self.view.release()
+        if not in_use:
+            mapping.close()
+        # else the arrays' slices keep the mapping alive; it is unmapped after the last one
+
+
+def _type_name(obj: Any) -> str:
+    kind = type(obj)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )

@@ -8,6 +8,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -298,6 +299,28 @@ def test_sigint_exits_130_promptly(project: Path, target: str, bound: float) -> 
     assert proc.returncode == EXIT_INTERRUPTED, err
     assert b"conveyor: interrupted" in err
     assert took < bound, f"took {took:.2f} s"
+
+
+def test_ctrl_c_before_the_run_is_attached_still_stops_it() -> None:
+    """Regression: a Ctrl-C between the run's start and the handler's install
+    raised KeyboardInterrupt and left the run going (the exit then waited for
+    its stuck worker); the handler is now installed before the run starts."""
+    from conveyor.cli import _ctrl_c_stops
+
+    stopped = threading.Event()
+
+    class Handle:
+        def stop(self) -> None:
+            stopped.set()
+
+    with _ctrl_c_stops(grace=600) as ctrl_c:  # a grace that never ends this test
+        handler = signal.getsignal(signal.SIGINT)
+        assert callable(handler)
+        handler(signal.SIGINT, None)  # Ctrl-C, before the run is attached
+        assert ctrl_c.interrupted.is_set() and not stopped.is_set()
+        ctrl_c.attach(Handle())  # type: ignore[arg-type]
+        assert stopped.is_set()
+    assert signal.getsignal(signal.SIGINT) is not handler  # the previous handler is back
 
 
 # ---------------------------------------------------------------------- a terminal

@@ -314,17 +314,20 @@ def run_command(
             result = run_on_redis(pipeline, redis_url, run_id=run_id)
             click.echo(result.to_json() if as_json else result.report().rstrip())
             return
-        handle = _start(pipeline, progress, report, stall_timeout)
-        with _ctrl_c_stops(handle) as interrupted:
+        # Ctrl-C is taken over before the run starts: one pressed as it starts
+        # must stop it, not raise KeyboardInterrupt past a run left going.
+        with _ctrl_c_stops() as ctrl_c:
+            handle = _start(pipeline, progress, report, stall_timeout)
+            ctrl_c.attach(handle)
             try:
                 result = _wait_for(handle)
             except Exception as exc:
-                if interrupted.is_set():
+                if ctrl_c.interrupted.is_set():
                     sys.exit(EXIT_INTERRUPTED)
                 _print_exception(exc)
                 click.echo(f"conveyor: the run failed: {type(exc).__name__}: {exc}", err=True)
                 sys.exit(EXIT_PIPELINE_ERROR)
-        if interrupted.is_set():
+        if ctrl_c.interrupted.is_set():
             sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:  # before the run started
         click.echo("conveyor: interrupted", err=True)
@@ -366,36 +369,49 @@ def _wait_for(handle: RunHandle) -> RunResult:
             continue
 
 
-@contextlib.contextmanager
-def _ctrl_c_stops(handle: RunHandle) -> Iterator[threading.Event]:
-    """While inside, Ctrl-C stops the run instead of raising KeyboardInterrupt.
+class _CtrlC:
+    """What Ctrl-C does while `conveyor run` runs: stop the run, exit 130.
 
-    The run then ends as a stopped run and the command exits 130. A worker
-    stuck in user code cannot be interrupted: if the run has not ended
-    within `INTERRUPT_GRACE` seconds, or at a second Ctrl-C, the process
-    exits at once (its worker threads are daemons that cannot be joined).
+    A worker stuck in user code cannot be interrupted: if the run has not
+    ended within ``grace`` seconds, or at a second Ctrl-C, the process exits
+    at once (its worker threads are daemons that cannot be joined).
     """
-    interrupted = threading.Event()
-    deadline = threading.Timer(INTERRUPT_GRACE, _exit_interrupted)
-    deadline.daemon = True
 
-    def on_sigint(signum: int, frame: FrameType | None) -> None:
-        if interrupted.is_set():
+    def __init__(self, grace: float) -> None:
+        self.interrupted = threading.Event()
+        self.deadline = threading.Timer(grace, _exit_interrupted)
+        self.deadline.daemon = True
+        self._handle: RunHandle | None = None
+
+    def attach(self, handle: RunHandle) -> None:
+        """The run to stop, once started; stopped at once if Ctrl-C came first."""
+        self._handle = handle
+        if self.interrupted.is_set():
+            handle.stop()  # the handler may have seen it too: stop() is idempotent
+
+    def on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if self.interrupted.is_set():
             _exit_interrupted()
-        interrupted.set()
+        self.interrupted.set()
         click.echo("conveyor: interrupted, stopping the run", err=True)
-        deadline.start()
-        handle.stop()
+        self.deadline.start()
+        if self._handle is not None:
+            self._handle.stop()
 
+
+@contextlib.contextmanager
+def _ctrl_c_stops(grace: float = INTERRUPT_GRACE) -> Iterator[_CtrlC]:
+    """While inside, Ctrl-C stops the attached run instead of raising KeyboardInterrupt."""
+    ctrl_c = _CtrlC(grace)
     if threading.current_thread() is not threading.main_thread():
-        yield interrupted  # signal handlers can only be set from the main thread
+        yield ctrl_c  # signal handlers can only be set from the main thread
         return
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = signal.signal(signal.SIGINT, ctrl_c.on_sigint)
     try:
-        yield interrupted
+        yield ctrl_c
     finally:
         signal.signal(signal.SIGINT, previous)
-        deadline.cancel()
+        ctrl_c.deadline.cancel()
 
 
 def _exit_interrupted() -> NoReturn:

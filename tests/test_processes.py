@@ -727,3 +727,23 @@ def test_a_script_without_the_main_guard_gets_a_clear_error(tmp_path: Path) -> N
     assert "ConfigurationError" in err
     assert 'if __name__ == "__main__":' in err
     assert "bootstrapping" not in err  # not multiprocessing's own message
+
+
+def burn_cpu(x: int) -> int:
+    """Keep the CPU busy for 3 ms of this process's CPU time."""
+    until = time.process_time() + 0.003
+    while time.process_time() < until:
+        pass
+    return x
+
+
+def test_a_process_stages_cpu_busy_and_latency_are_its_worker_processes() -> None:
+    """Regression: CPU time counted only the parent's threads, and busy time
+    the two lanes' round trips (each also waiting behind the other's batch)."""
+    result = cv.Pipeline(range(200)).map(burn_cpu, workers=2, runtime="process").run()
+    (stats,) = result.stats
+    assert stats.items_out == 200
+    assert stats.cpu_seconds is not None and stats.cpu_seconds >= 200 * 0.003
+    # A worker process does one batch at a time: its busy time fits in the run.
+    assert stats.busy_seconds <= stats.workers * stats.elapsed_seconds
+    assert stats.latency_p50 >= 0.002  # the stage function's time, not the round trip

@@ -207,9 +207,9 @@ class StageStats:
     """Inputs per second over the last few seconds (the overall rate when
     there is too little history, or once the run has ended)."""
     cpu_seconds: float | None = None
-    """CPU time of its worker threads (None where the platform cannot tell).
-    For process stages this is the parent's side only, not the children's;
-    for async stages, that of the event loop's thread."""
+    """CPU time of its worker threads, and of a process stage's worker processes
+    as of their last answers (None where the platform cannot tell). For async
+    stages, that of the event loop's thread."""
 
     @property
     def utilisation(self) -> float:
@@ -228,7 +228,7 @@ class StageStats:
 
     @property
     def cpu_cores(self) -> float | None:
-        """CPU cores its worker threads kept busy on average (None if unknown)."""
+        """CPU cores its workers (threads, or processes) kept busy on average (None if unknown)."""
         if self.cpu_seconds is None or self.elapsed_seconds <= 0:
             return None
         return self.cpu_seconds / self.elapsed_seconds
@@ -272,6 +272,9 @@ class StageMetrics:
         self.stage = stage
         self.channel = channel
         self.workers: list[WorkerCounters] = []
+        # CPU time of a process stage's worker processes, as their answers report it.
+        self.child_cpu = 0.0
+        self._child_cpu_lock = threading.Lock()
         self.started = perf_counter()
         self.finished: float | None = None
         # (time, items_in) seen by recent snapshots: the base of rate_now.
@@ -282,6 +285,12 @@ class StageMetrics:
         counters = WorkerCounters()
         self.workers.append(counters)
         return counters
+
+    def add_child_cpu(self, seconds: float) -> None:
+        """Count CPU time a worker process of the stage reported."""
+        if seconds:
+            with self._child_cpu_lock:
+                self.child_cpu += seconds
 
     def snapshot(self, cpu: bool = True) -> StageStats:
         """Sum the workers' counters now.
@@ -315,7 +324,7 @@ class StageMetrics:
             latency_p50=latency_quantile(histogram, 0.5),
             latency_p99=latency_quantile(histogram, 0.99),
             rate_now=self._rate_now(now, items_in, elapsed),
-            cpu_seconds=_thread_cpu(ws, cpu),
+            cpu_seconds=_add(_thread_cpu(ws, cpu), self.child_cpu),
         )
 
     def _rate_now(self, now: float, items_in: int, elapsed: float) -> float:
@@ -329,6 +338,10 @@ class StageMetrics:
         if base is None or now - base[0] < _RATE_MIN_SPAN:
             return overall
         return (items_in - base[1]) / (now - base[0])
+
+
+def _add(seconds: float | None, more: float) -> float | None:
+    return None if seconds is None else seconds + more
 
 
 def _thread_cpu(workers: Sequence[WorkerCounters], live: bool) -> float | None:

@@ -263,6 +263,10 @@ class BatchOutcome:
     size_limit: int | None = None
     """A runtime's cap on the size of the worker's next batch (process workers: the
     items whose big buffers fit in one shared-memory message)."""
+    busy_seconds: float | None = None
+    """The time spent on the batch where the runtime measured it itself (a worker
+    process: its time in the stage, not the round trip to it, which also holds
+    the wait behind the batch before); None: the time ``execute`` took."""
 
 
 def _apply_run(

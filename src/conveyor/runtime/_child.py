@@ -21,6 +21,7 @@ from functools import partial
 from multiprocessing import connection
 from multiprocessing import parent_process as _parent_process
 from multiprocessing.connection import Connection
+from time import perf_counter, process_time
 from time import sleep as _sleep
 from types import CodeType
 from typing import Any
@@ -127,8 +128,10 @@ class _Server:
         stage = self.stage if retries_left is None else replace(self.stage, retries=retries_left)
         if self.counts is not None:
             self.counts.clear()
+        started = perf_counter()
         outcome = process_batch(stage, batch, self.call, self.sleep)
-        answer = self.reply(stage, batch, outcome, box, source)
+        busy = perf_counter() - started
+        answer = self.reply(stage, batch, outcome, box, source, busy)
         del batch, outcome  # the arrays built on the inbox go (unless the stage kept some)
         return pickle.dumps((*answer, self._let_go(source)), 5)
 
@@ -163,8 +166,13 @@ class _Server:
         outcome: BatchOutcome,
         box: _Arena | None,
         source: _Arena | None,
+        busy: float,
     ) -> tuple[Any, ...]:
-        """The outcome, ready to pickle; results that cannot be pickled become failures."""
+        """The outcome, ready to pickle; results that cannot be pickled become failures.
+
+        Its counts carry the time the batch took here (``busy``) and this
+        process's CPU time so far, for the stage's metrics in the parent.
+        """
         outputs = outcome.outputs
         buffers = _Buffers()
         try:
@@ -198,7 +206,7 @@ class _Server:
             )
         ]
         error = None if outcome.error is None else _pack_error(outcome.error)
-        counts = (outcome.filtered, outcome.retried, outcome.processed)
+        counts = (outcome.filtered, outcome.retried, outcome.processed, busy, process_time())
         return (_OUTCOME, payload, pids, descs, need, counts, failures, error)
 
     def _drop_unpicklable(self, stage: Stage, batch: list[Any], outcome: BatchOutcome) -> list[Any]:

@@ -337,7 +337,8 @@ def worker_loop(
             outcome = execute(batch)
             t2 = perf_counter()
             counters.current_item = counters.current_since = None
-            if account_batch(counters, control, outcome, len(batch), t2 - t1):
+            busy = t2 - t1 if outcome.busy_seconds is None else outcome.busy_seconds
+            if account_batch(counters, control, outcome, len(batch), busy):
                 break
             if sequencer is not None:
                 sequencer.deposit(ticket, outcome.outputs)

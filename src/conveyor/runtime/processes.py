@@ -433,6 +433,9 @@ class _Child:
         self.pid = process.pid
         self.items_done = 0
         self.exitcode: int | None = None
+        # CPU time the child has reported (its process_time() in its last answer).
+        self._cpu_reported = 0.0
+        self._cpu_lock = threading.Lock()
         # Shared memory: requests' big buffers go to inboxes, answers' to outboxes.
         self.inboxes: list[_Arena] = []
         self.outboxes: list[_Arena] = []
@@ -459,6 +462,18 @@ class _Child:
         self._closed = False
 
     # ------------------------------------------------------------------ messages
+
+    def cpu_since_last(self, total: float) -> float:
+        """CPU seconds the child used since the last answer counted, given its ``total``.
+
+        Two lanes merge answers concurrently, possibly out of order: the
+        largest total seen wins, so nothing is counted twice.
+        """
+        with self._cpu_lock:
+            if total <= self._cpu_reported:
+                return 0.0
+            used, self._cpu_reported = total - self._cpu_reported, total
+            return used
 
     def send(self, payload: bytes, pids: bool, buffers: _Buffers, retries_left: int | None) -> int:
         """Place a batch's big buffers in shared memory and send it; return its number."""
@@ -931,9 +946,11 @@ class _Worker:
         stage, batch, start = self.stage, job.batch, job.start
         outcome = job.outcome
         outcome.outputs.extend(outputs)
-        filtered, retried, processed = counts
+        filtered, retried, processed, busy, cpu = counts
         outcome.filtered += filtered
         outcome.retried += retried
+        outcome.busy_seconds = (outcome.busy_seconds or 0.0) + busy
+        self.sr.metrics.add_child_cpu(child.cpu_since_last(cpu))
         earlier = job.charged.get(start, 0) if end - start == 1 else 0
         for index, packed, attempts in failures:
             item = batch[start + index] if index is not None else None

@@ -40,6 +40,7 @@ __all__ = [
     "LiveDisplay",
     "LogDisplay",
     "Monitor",
+    "new_display",
     "source_length",
 ]
 
@@ -74,6 +75,24 @@ class Display(Protocol):
 
     def close(self, stats: Sequence[StageStats], elapsed: float) -> None:
         """Show the final state and release the output."""
+
+
+def new_display(
+    source: object = None, console: Console | None = None, *, outcomes: bool = False
+) -> Display:
+    """A live table when ``console`` (default: stderr) is a terminal, log lines otherwise.
+
+    Args:
+        source: the pipeline's source, for the total and the ETA.
+        console: the rich console to draw on (default: stderr).
+        outcomes: log lines also give each stage's outputs and failures
+            (the live table always does).
+    """
+    console = console or Console(stderr=True)
+    total = source_length(source)
+    if console.is_terminal:
+        return LiveDisplay(console, total)
+    return LogDisplay(total, outcomes=outcomes)
 
 
 def _eta(stats: Sequence[StageStats], total: int | None) -> str:
@@ -182,18 +201,29 @@ class LiveDisplay:
 
 
 class LogDisplay:
-    """A progress line on the ``conveyor`` logger (INFO) every ``interval`` seconds."""
+    """A progress line on the ``conveyor`` logger (INFO) every ``interval`` seconds.
 
-    def __init__(self, total: int | None, interval: float = LOG_INTERVAL) -> None:
+    With ``outcomes``, each stage's outputs and failures are in the line too
+    (for runs whose workers are elsewhere, where the log is all one sees).
+    """
+
+    def __init__(
+        self, total: int | None, interval: float = LOG_INTERVAL, *, outcomes: bool = False
+    ) -> None:
         self._total = total
         self._interval = interval
         self._next = interval
+        self._outcomes = outcomes
 
     @staticmethod
-    def line(stats: Sequence[StageStats], total: int | None, elapsed: float) -> str:
+    def line(
+        stats: Sequence[StageStats], total: int | None, elapsed: float, outcomes: bool = False
+    ) -> str:
         """One line summing up every stage."""
         stages = " | ".join(
-            f"{s.name} {s.items_in:,} in, {s.rate_now:,.0f}/s, {s.utilisation:.0%} busy, "
+            f"{s.name} {s.items_in:,} in, "
+            + (f"{s.items_out:,} out, {s.failed:,} failed, " if outcomes else "")
+            + f"{s.rate_now:,.0f}/s, {s.utilisation:.0%} busy, "
             f"queue {s.queue_size}/{s.queue_capacity}"
             for s in stats
         )
@@ -202,10 +232,10 @@ class LogDisplay:
     def update(self, stats: Sequence[StageStats], elapsed: float) -> None:
         if elapsed >= self._next:
             self._next = elapsed + self._interval
-            log.info("%s", self.line(stats, self._total, elapsed))
+            log.info("%s", self.line(stats, self._total, elapsed, self._outcomes))
 
     def close(self, stats: Sequence[StageStats], elapsed: float) -> None:
-        log.info("%s (done)", self.line(stats, self._total, elapsed))
+        log.info("%s (done)", self.line(stats, self._total, elapsed, self._outcomes))
 
 
 class Monitor:
@@ -264,11 +294,7 @@ class Monitor:
             stall_timeout: seconds without movement before a stall report.
             console: the rich console to draw on (default: stderr).
         """
-        display: Display | None = None
-        if progress:
-            console = console or Console(stderr=True)
-            total = source_length(source)
-            display = LiveDisplay(console, total) if console.is_terminal else LogDisplay(total)
+        display = new_display(source, console) if progress else None
         monitor = cls(run, display, report, stall_timeout)
         monitor.begin()
         return monitor

@@ -19,14 +19,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError, ConfigurationError, PayloadRejected
-from ..metrics import RunResult, StageStats
+from ..metrics import RunResult
 from ..stage import Failure, Stage, add_note
 from .codec import Codec, get_codec, key_check, secret_from
 from .order import TOMBSTONE, Reorderer, dump_path, load_path
-from .state import RunInfo, RunState
+from .state import RunInfo, RunState, stage_stats
 from .streams import (
     DRIVER_GROUP,
     MAX_POLL_SECONDS,
@@ -38,6 +38,9 @@ from .streams import (
     pipeline_id,
     redact,
 )
+
+if TYPE_CHECKING:
+    from .status import ProgressWatcher
 
 __all__ = ["DeadLettersError", "LiveRun", "RedisBackend", "RedisRunResult", "RemoteError"]
 
@@ -256,7 +259,11 @@ class RedisBackend:
         Args:
             pipeline: the pipeline; its workers run ``conveyor worker``.
             collect: keep the last stage's outputs in ``result.outputs``.
-            progress: ignored for now (``conveyor status`` shows a run).
+            progress: show each stage's progress while the run goes on, read
+                from Redis by a thread of this process: a live table on
+                stderr when it is a terminal; elsewhere, a line every few
+                seconds on the ``conveyor`` logger (INFO), as for a run in
+                one process. ``failed`` counts dead letters too.
 
         Returns:
             A `RedisRunResult`.
@@ -274,17 +281,35 @@ class RedisBackend:
         run = _DriverRun(self, pipeline, keys, self._info(keys, stages, ordered))
         outputs: list[Any] | None = [] if collect else None
         worker = self._start_local_workers(pipeline)
+        watcher: ProgressWatcher | None = None
         try:
+            if progress:
+                watcher = self._watch(pipeline, run)
             for chunk in run.outputs():
                 if outputs is not None:
                     outputs.extend(chunk)
             result = run.result(outputs)
         finally:
-            if worker is not None:
-                worker.stop()
-                worker.join(30.0)
-            self.close()
+            try:
+                if watcher is not None:
+                    final = run.state if run.state is not None and run.state.complete else None
+                    watcher.close(final, (run.finished or perf_counter()) - run.started)
+            finally:
+                if worker is not None:
+                    worker.stop()
+                    worker.join(30.0)
+                self.close()
         return result
+
+    def _watch(self, pipeline: Any, run: _DriverRun) -> ProgressWatcher:
+        """Start showing ``run``'s progress (read through a connection of its own)."""
+        from ..progress import new_display
+        from .status import ProgressWatcher
+
+        display = new_display(pipeline.source, outcomes=True)
+        return ProgressWatcher(
+            self.url, self.redis_options, run.info, run.stages, display, run.started
+        ).start()
 
     def _start_local_workers(self, pipeline: Any) -> Any:
         if not self.local_workers:
@@ -671,26 +696,7 @@ class _DriverRun:
     def result(self, outputs: list[Any] | None) -> RedisRunResult:
         state = self.state or _read_state(self.client, self.retry, self.keys, self.n)
         elapsed = (self.finished or perf_counter()) - self.started
-        stats = [
-            StageStats(
-                name=stage.name,
-                kind=stage.kind,
-                runtime=stage.runtime,
-                workers=stage.workers,
-                items_in=counts.acked,
-                items_out=counts.out,
-                filtered=counts.filtered,
-                failed=counts.failed,
-                retried=counts.retried,
-                busy_seconds=counts.busy_seconds,
-                wait_input_seconds=0.0,
-                wait_output_seconds=0.0,
-                elapsed_seconds=elapsed,
-                queue_size=0,
-                queue_capacity=self.info.limits[i],
-            )
-            for i, (stage, counts) in enumerate(zip(self.stages, state.stages, strict=True))
-        ]
+        stats = stage_stats(self.stages, state, self.info.limits, elapsed)
         names = [s.name for s in self.stages]
         return RedisRunResult(
             stats=stats,

@@ -137,12 +137,18 @@ def worker_command(
 
 
 def run_on_redis(
-    pipeline: Any, url: str, *, run_id: str | None = None, namespace: str = "conveyor"
+    pipeline: Any,
+    url: str,
+    *,
+    run_id: str | None = None,
+    namespace: str = "conveyor",
+    progress: bool = False,
 ) -> Any:
     """Drive one run of ``pipeline`` through Redis (``conveyor run --redis``)."""
     from .backend import RedisBackend
 
-    return pipeline.run(backend=RedisBackend(url, run_id=run_id, namespace=namespace))
+    backend = RedisBackend(url, run_id=run_id, namespace=namespace)
+    return pipeline.run(backend=backend, progress=progress)
 
 
 # ---------------------------------------------------------------------- status

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..metrics import StageStats
 from .streams import Keys
 
-__all__ = ["RunInfo", "RunState", "StageCounts"]
+if TYPE_CHECKING:
+    from ..stage import Stage
+
+__all__ = ["RunInfo", "RunState", "StageCounts", "stage_stats"]
 
 
 def _text(value: Any) -> str:
@@ -191,3 +196,54 @@ class RunState:
     def redelivered(self) -> int:
         """Re-executions over all stages."""
         return sum(s.redelivered for s in self.stages)
+
+
+def stage_stats(
+    stages: Sequence[Stage],
+    state: RunState,
+    limits: Sequence[int],
+    elapsed: float,
+    consumers: Sequence[int] | None = None,
+    rates: Sequence[float] | None = None,
+) -> list[StageStats]:
+    """A run's counters as the per-stage snapshots local runs are shown with.
+
+    Args:
+        stages: the pipeline's stages.
+        state: the run's counters.
+        limits: backlog limit of each stage's input stream.
+        elapsed: seconds since the driver started.
+        consumers: consumers of each stage's group, shown as its workers
+            (None: the stages' own ``workers``).
+        rates: inputs per second of each stage lately (None: the overall rate).
+
+    Returns:
+        One `StageStats` per stage: ``failed`` counts the items given up on
+        and the entries in dead letters; ``queue_size`` is the work left in
+        the stage's stream (waiting, or held by a worker).
+    """
+    stats = []
+    for i, (stage, counts) in enumerate(zip(stages, state.stages, strict=True)):
+        workers = stage.workers if consumers is None else consumers[i]
+        overall = counts.acked / elapsed if elapsed > 0 else 0.0
+        stats.append(
+            StageStats(
+                name=stage.name,
+                kind=stage.kind,
+                runtime=stage.runtime,
+                workers=workers,
+                items_in=counts.acked,
+                items_out=counts.out,
+                filtered=counts.filtered,
+                failed=counts.failed + counts.dead,
+                retried=counts.retried,
+                busy_seconds=counts.busy_seconds,
+                wait_input_seconds=0.0,
+                wait_output_seconds=0.0,
+                elapsed_seconds=elapsed,
+                queue_size=max(0, state.produced(i) - counts.acked - counts.dead),
+                queue_capacity=limits[i],
+                rate_now=overall if rates is None else rates[i],
+            )
+        )
+    return stats

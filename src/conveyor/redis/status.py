@@ -1,15 +1,48 @@
-"""What ``conveyor status`` shows: per run and stage, the streams, consumers and counters."""
+"""What ``conveyor status`` shows, and the driver's live progress: a run's counters, read.
+
+``conveyor status`` shows per run and stage the streams, consumers and
+counters. A driver asked for progress (``run(progress=True)``) starts a
+`ProgressWatcher`, which turns the same counters into `StageStats` every
+tick and hands them to the displays of local runs (`conveyor.progress`).
+"""
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
 
-from .state import RunInfo, RunState
-from .streams import WORKER_GROUP, Keys, Scripts
+from ..progress import LIVE_REFRESH
+from .state import RunInfo, RunState, stage_stats
+from .streams import WORKER_GROUP, Keys, Scripts, connect
 
-__all__ = ["ConsumerStatus", "RunStatus", "StageStatus", "find_runs", "render", "run_status"]
+if TYPE_CHECKING:
+    from ..progress import Display
+    from ..stage import Stage
+
+__all__ = [
+    "ConsumerStatus",
+    "ProgressWatcher",
+    "RunStatus",
+    "StageStatus",
+    "find_runs",
+    "render",
+    "run_status",
+]
+
+log = logging.getLogger("conveyor.redis")
+
+RATE_WINDOW = 3.0
+"""Seconds of reads behind the live rate of a stage."""
+RATE_MIN_SPAN = 0.5
+"""Below this many seconds of reads, the live rate is the run's overall rate."""
+WATCH_TIMEOUT = 1.0
+"""Socket timeouts of the watcher's connection: how long a read may hold it up."""
 
 
 @dataclass(frozen=True)
@@ -170,3 +203,164 @@ def render(statuses: list[RunStatus]) -> str:
             )
         console.print(table)
     return out.getvalue()
+
+
+# ---------------------------------------------------------------------- live progress
+
+
+class ProgressWatcher:
+    """Shows a driven run's progress from a thread of its own, as a local run's monitor does.
+
+    Every tick it reads the run's counters and each stage's consumers through
+    a connection of its own, and hands them, as `StageStats`, to a display of
+    `conveyor.progress` (a live table on a terminal, log lines elsewhere).
+    The driver never waits for it: a failed read is logged once and the next
+    tick tries again.
+
+    Args:
+        url: the Redis URL.
+        options: passed to `redis.Redis.from_url` (with short timeouts and
+            no retries of its own: the next tick is the retry).
+        info: the run's settings.
+        stages: the pipeline's stages.
+        display: where to draw.
+        started: the driver's start (a `time.perf_counter` value).
+        tick: seconds between two reads.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        options: dict[str, Any],
+        info: RunInfo,
+        stages: Sequence[Stage],
+        display: Display,
+        started: float,
+        tick: float = LIVE_REFRESH,
+    ) -> None:
+        self._url = url
+        self._options = options
+        self._info = info
+        self._stages = tuple(stages)
+        self._display: Display | None = display
+        self._started = started
+        self._tick = tick
+        self._client: Any = None
+        self._state = RunState.read({}, False, len(self._stages))
+        self._consumers: list[int] | None = None
+        self._seen: deque[tuple[float, tuple[int, ...]]] = deque()
+        self._warned = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, name="conveyor-redis-progress", daemon=True
+        )
+
+    def start(self) -> ProgressWatcher:
+        """Start the watcher's thread; return the watcher."""
+        self._thread.start()
+        return self
+
+    def close(self, final: RunState | None, elapsed: float) -> None:
+        """Stop the thread and draw the final state.
+
+        Args:
+            final: the run's last counters, when the driver has them (a
+                finished run's keys may be deleted already); None: read them
+                once more, or keep the last ones read.
+            elapsed: the run's wall time.
+        """
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        try:
+            if final is None:
+                self._read()
+            state = final if final is not None else self._state
+            stats = stage_stats(self._stages, state, self._info.limits, elapsed, self._consumers)
+            if self._display is not None:
+                self._display.close(stats, elapsed)
+        except Exception:  # the run's own outcome matters more than its last picture
+            log.exception("conveyor: the final progress display failed")
+        finally:
+            if self._client is not None:
+                self._client.close()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._tick):
+            now = perf_counter()
+            if not self._read():
+                continue
+            elapsed = now - self._started
+            stats = stage_stats(
+                self._stages,
+                self._state,
+                self._info.limits,
+                elapsed,
+                self._consumers,
+                self._rates(now),
+            )
+            if self._display is not None:
+                try:
+                    self._display.update(stats, elapsed)
+                except Exception:  # a broken terminal must not break the run
+                    log.exception("conveyor: the progress display failed; it is turned off")
+                    self._display = None
+
+    def _read(self) -> bool:
+        """Read the counters and consumers now; False when they could not be read."""
+        keys, n = self._info.keys, len(self._stages)
+        try:
+            if self._client is None:
+                self._client = self._connect()
+            pipe = self._client.pipeline(transaction=False)
+            pipe.exists(keys.meta)
+            pipe.hgetall(keys.counters)
+            for i in range(n):
+                pipe.xinfo_consumers(keys.stream(i), WORKER_GROUP)
+            replies = pipe.execute(raise_on_error=False)
+            for reply in replies[:2]:
+                if isinstance(reply, Exception):
+                    raise reply
+        except Exception as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "conveyor: progress of run %r: could not read Redis (%s: %s); "
+                    "trying again every %.2g s, without saying so again",
+                    keys.run,
+                    type(exc).__name__,
+                    exc,
+                    self._tick,
+                )
+            return False
+        if not replies[0]:  # finished and deleted, or cancelled: the last picture stays
+            return False
+        self._state = RunState.read(replies[1], False, n)
+        self._consumers = [len(c) if isinstance(c, list) else 0 for c in replies[2:]]
+        return True
+
+    def _connect(self) -> Any:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        # Short timeouts and no retries: closing the watcher joins its thread,
+        # so a read must never hold it up for long; the next tick retries.
+        options = {
+            **self._options,
+            "socket_timeout": WATCH_TIMEOUT,
+            "socket_connect_timeout": WATCH_TIMEOUT,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        return connect(self._url, **options)
+
+    def _rates(self, now: float) -> list[float] | None:
+        """Each stage's inputs per second over the last `RATE_WINDOW` seconds of reads."""
+        counts = tuple(s.acked for s in self._state.stages)
+        seen = self._seen
+        seen.append((now, counts))
+        while now - seen[0][0] > RATE_WINDOW:
+            seen.popleft()
+        then, before = seen[0]
+        if now - then < RATE_MIN_SPAN:
+            return None
+        return [(c - b) / (now - then) for c, b in zip(counts, before, strict=True)]

@@ -512,9 +512,11 @@ def test_conveyor_run_with_redis_drives_a_run_that_workers_serve(redis_server: R
             catch_exceptions=False,
         )
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["items_out"] == len(pipeline.run(collect=True).outputs or [])
     assert [s["items_in"] for s in report["stages"]] == [20_000, 20_000, 15_000]
+    # --progress is on by default: the driver's progress lines go to stderr.
+    assert "20,000/20,000 items in (100%) (done)" in result.stderr
 
 
 def test_consumers_that_hold_nothing_and_went_silent_are_forgotten(

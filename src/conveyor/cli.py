@@ -311,7 +311,7 @@ def run_command(
         if redis_url is not None:
             from .redis.cli import run_on_redis
 
-            result = run_on_redis(pipeline, redis_url, run_id=run_id)
+            result = run_on_redis(pipeline, redis_url, run_id=run_id, progress=progress)
             click.echo(result.to_json() if as_json else result.report().rstrip())
             return
         # Ctrl-C is taken over before the run starts: one pressed as it starts

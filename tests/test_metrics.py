@@ -30,7 +30,13 @@ from conveyor.metrics import (
     latency_bucket,
     latency_quantile,
 )
-from test_pipeline_helpers import WAIT, conveyor_threads, must_wait, no_thread_left  # noqa: F401
+from test_pipeline_helpers import (  # noqa: F401 - no_thread_left is a fixture
+    WAIT,
+    conveyor_log,
+    conveyor_threads,
+    must_wait,
+    no_thread_left,
+)
 
 pytestmark = pytest.mark.usefixtures("no_thread_left")
 
@@ -445,10 +451,6 @@ def test_arun_watches_like_run_a_report_progress_lines_and_stalls(
     info: list[str] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: info.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("conveyor")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
 
     async def main() -> cv.RunResult:
         gate = asyncio.Event()
@@ -468,11 +470,8 @@ def test_arun_watches_like_run_a_report_progress_lines_and_stalls(
         result, _ = await asyncio.gather(watched, release_after_the_stall_is_reported())
         return result
 
-    try:
+    with conveyor_log(handler):
         result = asyncio.run(main())
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     assert sorted(result.outputs or []) == list(range(10))
     assert "stage 'stuck' (map)" in warnings_caught.records[0].getMessage()
     assert any(line.endswith("(done)") for line in info)

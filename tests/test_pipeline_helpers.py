@@ -7,9 +7,11 @@ Import what you need: ``from test_pipeline_helpers import ...``. The fixture
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -64,6 +66,20 @@ class CountingSource:
                 self.pulled += 1
             yield i
             i += 1
+
+
+@contextmanager
+def conveyor_log(handler: logging.Handler, level: int = logging.INFO) -> Iterator[None]:
+    """Send the ``conveyor`` logger's records from ``level`` up to ``handler`` while inside."""
+    logger = logging.getLogger("conveyor")
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
 
 
 @pytest.fixture

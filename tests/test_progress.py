@@ -22,7 +22,7 @@ from conveyor.engine import Run
 from conveyor.metrics import StageStats
 from conveyor.progress import LiveDisplay, LogDisplay, Monitor, source_length
 from test_metrics import slow_middle, stats
-from test_pipeline_helpers import WAIT, must_wait, no_thread_left  # noqa: F401
+from test_pipeline_helpers import WAIT, conveyor_log, must_wait, no_thread_left  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("no_thread_left")
 
@@ -104,15 +104,8 @@ class LineCatcher(logging.Handler):
 @pytest.fixture
 def lines() -> Iterator[LineCatcher]:
     catcher = LineCatcher(wanted=2)
-    logger = logging.getLogger("conveyor")
-    level = logger.level
-    logger.addHandler(catcher)
-    logger.setLevel(logging.INFO)
-    try:
+    with conveyor_log(catcher):
         yield catcher
-    finally:
-        logger.removeHandler(catcher)
-        logger.setLevel(level)
 
 
 # ---------------------------------------------------------------------- not a terminal

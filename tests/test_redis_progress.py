@@ -19,7 +19,13 @@ from conveyor.progress import LogDisplay
 from conveyor.redis import DeadLettersError, RedisBackend
 from conveyor.redis.status import ProgressWatcher
 from redis_helpers import new_namespace, poisoned, three_stages, triple, wait_until
-from test_pipeline_helpers import WAIT, conveyor_threads, must_wait, no_thread_left  # noqa: F401
+from test_pipeline_helpers import (  # noqa: F401 - no_thread_left is a fixture
+    WAIT,
+    conveyor_log,
+    conveyor_threads,
+    must_wait,
+    no_thread_left,
+)
 
 if TYPE_CHECKING:
     from conftest import RedisServer
@@ -46,15 +52,8 @@ class Lines(logging.Handler):
 @pytest.fixture
 def lines() -> Iterator[Lines]:
     catcher = Lines()
-    logger = logging.getLogger("conveyor")
-    level = logger.level
-    logger.addHandler(catcher)
-    logger.setLevel(logging.INFO)
-    try:
+    with conveyor_log(catcher):
         yield catcher
-    finally:
-        logger.removeHandler(catcher)
-        logger.setLevel(level)
 
 
 def progress_threads() -> list[str]:

@@ -7,6 +7,7 @@ import io
 import logging
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -26,6 +27,7 @@ from test_pipeline_helpers import (  # noqa: F401 - no_thread_left is a fixture
     must_wait,
     no_thread_left,
 )
+from test_report import Page
 
 if TYPE_CHECKING:
     from conftest import RedisServer
@@ -81,12 +83,14 @@ def test_progress_off_a_terminal_ends_with_a_line_naming_every_stage_with_its_co
     assert conveyor_threads() == []
 
 
+def quick_lines(source: object = None, console: Any = None, *, outcomes: bool = False) -> Any:
+    """A log display that writes a line every 0.05 s, for tests that watch the lines come."""
+    return LogDisplay(5, interval=0.05, outcomes=outcomes)
+
+
 def test_log_lines_come_while_the_run_goes_on_with_what_is_pending(
     redis_server: RedisServer, lines: Lines, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def quick_lines(source: object = None, console: Any = None, *, outcomes: bool = False) -> Any:
-        return LogDisplay(5, interval=0.05, outcomes=outcomes)
-
     monkeypatch.setattr(progress_module, "new_display", quick_lines)
     gate = threading.Event()
 
@@ -231,3 +235,76 @@ def test_a_watcher_that_cannot_read_redis_says_so_once_and_the_run_goes_on(
     assert len(warnings) == 1
     assert "Redis is away for a moment" in warnings[0]
     assert "patient 20 in, 20 out, 0 failed" in lines.final()
+
+
+# ---------------------------------------------------------------------- HTML reports
+
+
+def test_a_report_of_a_run_driven_through_redis_has_its_charts_and_stages(
+    redis_server: RedisServer, lines: Lines, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(progress_module, "new_display", quick_lines)
+    gate = threading.Event()
+
+    def held(x: int) -> int:
+        must_wait(gate)
+        return x
+
+    path = tmp_path / "redis.html"
+    pipeline = cv.Pipeline(range(5)).map(held, name="held").map(triple, name="after")
+    backend = RedisBackend(redis_server.url, namespace=new_namespace(), local_workers=True)
+    driver = threading.Thread(
+        target=lambda: pipeline.run(backend=backend, progress=True, report=path)
+    )
+    driver.start()
+    try:
+        # Each progress line follows a sample of the report's timeline.
+        wait_until(lambda: sum("held" in m for m in lines.messages) >= 3, "three samples")
+    finally:
+        gate.set()
+        driver.join(WAIT)
+    assert not driver.is_alive()
+    page = Page(path.read_text(encoding="utf-8"))
+    assert page.count("svg") == 3  # throughput, queue fill, where the time went
+    assert page.count("polyline") >= 2
+    for text in ("held", "after", "Throughput per stage", "Stages", "No errors."):
+        assert text in page.text
+
+
+def test_a_report_alone_shows_no_progress_and_a_failed_run_reports_its_error(
+    redis_server: RedisServer, lines: Lines, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("CONVEYOR_TEST_FIXED", raising=False)
+    path = tmp_path / "dead.html"
+    backend = RedisBackend(
+        redis_server.url,
+        namespace=new_namespace(),
+        run_id="dead-report",
+        visibility_timeout=0.2,
+        max_deliveries=2,
+        local_workers=True,
+    )
+    pipeline = poisoned(20)
+    with pytest.raises(DeadLettersError):
+        pipeline.run(backend=backend, report=path)
+    assert not [m for m in lines.messages if m.endswith("(done)")]  # no progress asked
+    page = Page(path.read_text(encoding="utf-8"))
+    assert "DeadLettersError" in page.text
+    assert "fragile" in page.text
+    assert backend.cancel(pipeline, "dead-report")
+    backend.close()
+
+
+def test_with_a_backend_a_bad_report_path_or_a_stall_timeout_is_refused_before_the_run(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    backend = RedisBackend(redis_server.url, namespace=new_namespace(), local_workers=True)
+    pipeline = three_stages(10)
+    with pytest.raises(cv.ConfigurationError, match="'report'"):
+        pipeline.run(backend=backend, report=tmp_path / "missing" / "r.html")
+    with pytest.raises(cv.ConfigurationError, match="'stall_timeout' applies to runs in this"):
+        pipeline.run(backend=backend, stall_timeout=5.0)
+    backend.close()
+    client = redis.Redis.from_url(redis_server.url)
+    assert not client.keys(f"{backend.namespace}:*")  # nothing was started
+    client.close()

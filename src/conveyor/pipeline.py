@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
 from .engine import JOIN_TIMEOUT, Run
-from .errors import ConfigurationTypeError
+from .errors import ConfigurationError, ConfigurationTypeError
 from .metrics import RunResult, StageStats
 from .stage import (
     DEFAULT_CAPACITY,
@@ -105,8 +105,6 @@ class Pipeline(Generic[T]):
             ConfigurationError: no stage has that name, or a value is invalid.
         """
         from dataclasses import replace
-
-        from .errors import ConfigurationError
 
         found = [s for s in self._stages if s.name == name]
         if not found:
@@ -446,8 +444,6 @@ class Pipeline(Generic[T]):
 
     def _new_run(self, method: str, loop: asyncio.AbstractEventLoop | None = None) -> Run:
         if not self._stages:
-            from .errors import ConfigurationError
-
             raise ConfigurationError(
                 f"{method}: the pipeline has no stage: add .map(), .each(), ..."
             )
@@ -495,8 +491,9 @@ class Pipeline(Generic[T]):
                 which item, for how long, with its stack.
             backend: run elsewhere than in this process, e.g.
                 ``conveyor.redis.RedisBackend(url)``: workers anywhere serve
-                the stages (see docs/distributed.md). ``report`` and
-                ``stall_timeout`` apply to runs in this process only.
+                the stages (see docs/distributed.md). ``progress`` and
+                ``report`` work there too (read from the backend's counters);
+                ``stall_timeout`` applies to runs in this process only.
 
         Raises:
             The first error of a stage with ``on_error="raise"``, with its
@@ -504,7 +501,12 @@ class Pipeline(Generic[T]):
             PipelineStopped when the run was stopped from elsewhere.
         """
         if backend is not None:
-            result: RunResult = backend.run(self, collect=collect, progress=progress)
+            if stall_timeout is not None:
+                raise ConfigurationError(
+                    "run() 'stall_timeout' applies to runs in this process, not with a "
+                    "backend: `conveyor status` shows where a distributed run stands"
+                )
+            result: RunResult = backend.run(self, collect=collect, progress=progress, report=report)
             return result
         watch = _check_watch("run()", report, stall_timeout)
         outputs: list[Any] | None = [] if collect else None

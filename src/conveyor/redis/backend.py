@@ -22,7 +22,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError, ConfigurationError, PayloadRejected
-from ..metrics import RunResult
+from ..metrics import RunResult, StageStats, Timeline
 from ..stage import Failure, Stage, add_note
 from .codec import Codec, get_codec, key_check, secret_from
 from .order import TOMBSTONE, Reorderer, dump_path, load_path
@@ -40,6 +40,9 @@ from .streams import (
 )
 
 if TYPE_CHECKING:
+    from os import PathLike
+    from pathlib import Path
+
     from .status import ProgressWatcher
 
 __all__ = ["DeadLettersError", "LiveRun", "RedisBackend", "RedisRunResult", "RemoteError"]
@@ -253,7 +256,14 @@ class RedisBackend:
 
     # ------------------------------------------------------------------ running
 
-    def run(self, pipeline: Any, *, collect: bool = False, progress: bool = False) -> RunResult:
+    def run(
+        self,
+        pipeline: Any,
+        *,
+        collect: bool = False,
+        progress: bool = False,
+        report: str | PathLike[str] | None = None,
+    ) -> RunResult:
         """Run ``pipeline`` to completion through Redis (what ``pipeline.run(backend=...)`` does).
 
         Args:
@@ -264,6 +274,9 @@ class RedisBackend:
                 stderr when it is a terminal; elsewhere, a line every few
                 seconds on the ``conveyor`` logger (INFO), as for a run in
                 one process. ``failed`` counts dead letters too.
+            report: write a self-contained HTML report of the run there at
+                the end (also when it fails), as for a run in one process;
+                its charts come from the same reads of the counters.
 
         Returns:
             A `RedisRunResult`.
@@ -273,6 +286,9 @@ class RedisBackend:
             BackendUnavailable: Redis stayed unreachable too long.
             BackendError: Redis refused the credentials.
         """
+        from ..report import check_report_path
+
+        report_path = None if report is None else check_report_path(report, "run()")
         stages = _stages(pipeline)
         run_id = self.run_id or uuid.uuid4().hex[:12]
         keys = self.keys(pipeline, run_id)
@@ -282,18 +298,26 @@ class RedisBackend:
         outputs: list[Any] | None = [] if collect else None
         worker = self._start_local_workers(pipeline)
         watcher: ProgressWatcher | None = None
+        result: RedisRunResult | None = None
+        error: BaseException | None = None
         try:
-            if progress:
-                watcher = self._watch(pipeline, run)
+            if progress or report_path is not None:
+                watcher = self._watch(pipeline, run, progress)
             for chunk in run.outputs():
                 if outputs is not None:
                     outputs.extend(chunk)
             result = run.result(outputs)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             try:
                 if watcher is not None:
                     final = run.state if run.state is not None and run.state.complete else None
-                    watcher.close(final, (run.finished or perf_counter()) - run.started)
+                    elapsed = (run.finished or perf_counter()) - run.started
+                    stats = watcher.close(final, elapsed)
+                    if report_path is not None:
+                        _write_report(report_path, result, stats, watcher.timeline, elapsed, error)
             finally:
                 if worker is not None:
                     worker.stop()
@@ -301,12 +325,13 @@ class RedisBackend:
                 self.close()
         return result
 
-    def _watch(self, pipeline: Any, run: _DriverRun) -> ProgressWatcher:
-        """Start showing ``run``'s progress (read through a connection of its own)."""
+    def _watch(self, pipeline: Any, run: _DriverRun, progress: bool) -> ProgressWatcher:
+        """Start watching ``run`` (read through a connection of its own): showing its
+        progress if asked, sampling it for a report in any case."""
         from ..progress import new_display
         from .status import ProgressWatcher
 
-        display = new_display(pipeline.source, outcomes=True)
+        display = new_display(pipeline.source, outcomes=True) if progress else None
         return ProgressWatcher(
             self.url, self.redis_options, run.info, run.stages, display, run.started
         ).start()
@@ -726,6 +751,27 @@ class _DriverRun:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _write_report(
+    path: Path,
+    result: RedisRunResult | None,
+    stats: list[StageStats],
+    timeline: Timeline,
+    elapsed: float,
+    error: BaseException | None,
+) -> None:
+    """Write the run's HTML report; a failed run's shows the last counters and the error."""
+    from ..report import write_html
+
+    shown = result if result is not None else RedisRunResult(stats=stats, elapsed_seconds=elapsed)
+    shown.timeline = timeline
+    try:
+        write_html(path, shown, error)
+    except OSError:
+        if error is None:
+            raise
+        log.exception("conveyor: could not write the report to %s", path)
 
 
 def _stages(pipeline: Any) -> tuple[Stage, ...]:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from ..metrics import StageStats, Timeline
 from ..progress import LIVE_REFRESH
 from .state import RunInfo, RunState, stage_stats
 from .streams import WORKER_GROUP, Keys, Scripts, connect
@@ -223,7 +224,7 @@ class ProgressWatcher:
             no retries of its own: the next tick is the retry).
         info: the run's settings.
         stages: the pipeline's stages.
-        display: where to draw.
+        display: where to draw; None to keep the timeline only (a report).
         started: the driver's start (a `time.perf_counter` value).
         tick: seconds between two reads.
     """
@@ -234,7 +235,7 @@ class ProgressWatcher:
         options: dict[str, Any],
         info: RunInfo,
         stages: Sequence[Stage],
-        display: Display,
+        display: Display | None,
         started: float,
         tick: float = LIVE_REFRESH,
     ) -> None:
@@ -243,6 +244,8 @@ class ProgressWatcher:
         self._info = info
         self._stages = tuple(stages)
         self._display: Display | None = display
+        # The samples behind the charts of an HTML report (report=...).
+        self.timeline = Timeline([s.name for s in self._stages], info.limits)
         self._started = started
         self._tick = tick
         self._client: Any = None
@@ -260,8 +263,8 @@ class ProgressWatcher:
         self._thread.start()
         return self
 
-    def close(self, final: RunState | None, elapsed: float) -> None:
-        """Stop the thread and draw the final state.
+    def close(self, final: RunState | None, elapsed: float) -> list[StageStats]:
+        """Stop the thread, draw the final state and return it.
 
         Args:
             final: the run's last counters, when the driver has them (a
@@ -272,11 +275,13 @@ class ProgressWatcher:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+        stats: list[StageStats] = []
         try:
             if final is None:
                 self._read()
             state = final if final is not None else self._state
             stats = stage_stats(self._stages, state, self._info.limits, elapsed, self._consumers)
+            self.timeline.add(elapsed, stats, force=True)
             if self._display is not None:
                 self._display.close(stats, elapsed)
         except Exception:  # the run's own outcome matters more than its last picture
@@ -284,6 +289,7 @@ class ProgressWatcher:
         finally:
             if self._client is not None:
                 self._client.close()
+        return stats
 
     def _loop(self) -> None:
         while not self._stop.wait(self._tick):
@@ -299,6 +305,7 @@ class ProgressWatcher:
                 self._consumers,
                 self._rates(now),
             )
+            self.timeline.add(elapsed, stats)
             if self._display is not None:
                 try:
                     self._display.update(stats, elapsed)

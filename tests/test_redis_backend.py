@@ -519,6 +519,51 @@ def test_conveyor_run_with_redis_drives_a_run_that_workers_serve(redis_server: R
     assert "20,000/20,000 items in (100%) (done)" in result.stderr
 
 
+def test_conveyor_run_with_redis_writes_a_report_and_refuses_a_stall_timeout(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    from redis_helpers import three_stages as make
+
+    path = tmp_path / "run.html"
+    target = ["run", "redis_helpers:three_stages", "--redis", redis_server.url]
+    with serving(make(), redis_server.url, "conveyor"):
+        result = CliRunner().invoke(cli, [*target, "--report", str(path), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "keep" in path.read_text(encoding="utf-8")
+    refused = CliRunner().invoke(cli, [*target, "--stall-timeout", "5"])
+    assert refused.exit_code == 2
+    assert "--stall-timeout applies to runs in this process" in refused.stderr
+    missing = CliRunner().invoke(cli, [*target, "--report", str(tmp_path / "no" / "r.html")])
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr
+
+
+def test_conveyor_run_with_redis_exits_1_and_says_why_when_the_run_fails(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CONVEYOR_TEST_FIXED", raising=False)
+    monkeypatch.setattr(cv.RedisBackend, "__init__", _failing_fast(cv.RedisBackend.__init__))
+    namespace = "conveyor"
+    with serving(poisoned(20), redis_server.url, namespace):
+        result = CliRunner().invoke(
+            cli,
+            ["run", "redis_helpers:poisoned", "--redis", redis_server.url, "--run-id", "bad"],
+        )
+    assert result.exit_code == 1, result.output
+    assert "conveyor: the run failed: DeadLettersError" in result.stderr
+    RedisBackend(redis_server.url, namespace=namespace).cancel(poisoned(20), "bad")
+
+
+def _failing_fast(init: Callable[..., None]) -> Callable[..., None]:
+    """RedisBackend.__init__ with short redelivery settings: a poisoned item dead-letters fast."""
+
+    def patched(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("visibility_timeout", 0.2)
+        kwargs.setdefault("max_deliveries", 2)
+        init(self, *args, **kwargs)
+
+    return patched
+
+
 def test_consumers_that_hold_nothing_and_went_silent_are_forgotten(
     redis_server: RedisServer, closing: Callable[[Any], Any]
 ) -> None:

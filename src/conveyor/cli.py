@@ -308,10 +308,9 @@ def run_command(
     try:
         overrides = parse_overrides(workers)
         pipeline = apply_overrides(load_pipeline(target), overrides)
+        _check_report_dir(report)
         if redis_url is not None:
-            from .redis.cli import run_on_redis
-
-            result = run_on_redis(pipeline, redis_url, run_id=run_id, progress=progress)
+            result = _run_on_redis(pipeline, redis_url, run_id, progress, report, stall_timeout)
             click.echo(result.to_json() if as_json else result.report().rstrip())
             return
         # Ctrl-C is taken over before the run starts: one pressed as it starts
@@ -335,6 +334,42 @@ def run_command(
     click.echo(result.to_json() if as_json else result.report(_output_width()).rstrip())
 
 
+def _check_report_dir(report: Path | None) -> None:
+    if report is not None and not report.parent.is_dir():
+        raise click.BadParameter(
+            f"the directory {report.parent} does not exist", param_hint="'--report'"
+        )
+
+
+def _run_on_redis(
+    pipeline: Pipeline[Any],
+    url: str,
+    run_id: str | None,
+    progress: bool,
+    report: Path | None,
+    stall_timeout: float | None,
+) -> RunResult:
+    """``conveyor run --redis``: drive the run; a failed run exits as a local one does."""
+    from .redis.cli import run_on_redis
+
+    if stall_timeout is not None:
+        raise click.UsageError(
+            "--stall-timeout applies to runs in this process, not with --redis: "
+            "`conveyor status` shows where a distributed run stands"
+        )
+    try:
+        result: RunResult = run_on_redis(
+            pipeline, url, run_id=run_id, progress=progress, report=report
+        )
+    except (click.ClickException, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        _print_exception(exc)
+        click.echo(f"conveyor: the run failed: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(EXIT_PIPELINE_ERROR)
+    return result
+
+
 def _output_width() -> int:
     """The terminal's width when stdout is one; else wide enough for any table."""
     return shutil.get_terminal_size().columns if sys.stdout.isatty() else 130
@@ -345,10 +380,6 @@ def _start(
 ) -> RunHandle:
     from .errors import ConfigurationError
 
-    if report is not None and not report.parent.is_dir():
-        raise click.BadParameter(
-            f"the directory {report.parent} does not exist", param_hint="'--report'"
-        )
     try:
         return pipeline.start(progress=progress, report=report, stall_timeout=stall_timeout)
     except ConfigurationError as exc:

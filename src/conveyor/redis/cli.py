@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -143,12 +144,13 @@ def run_on_redis(
     run_id: str | None = None,
     namespace: str = "conveyor",
     progress: bool = False,
+    report: Path | None = None,
 ) -> Any:
     """Drive one run of ``pipeline`` through Redis (``conveyor run --redis``)."""
     from .backend import RedisBackend
 
     backend = RedisBackend(url, run_id=run_id, namespace=namespace)
-    return pipeline.run(backend=backend, progress=progress)
+    return pipeline.run(backend=backend, progress=progress, report=report)
 
 
 # ---------------------------------------------------------------------- status

@@ -47,8 +47,9 @@ class Lines(logging.Handler):
 
     def final(self) -> str:
         """The one line that ends with "(done)"."""
-        (line,) = [m for m in self.messages if m.endswith("(done)")]
-        return line
+        done = [m for m in self.messages if m.endswith("(done)")]
+        assert len(done) == 1, f"not one final line in {self.messages}"
+        return done[0]
 
 
 @pytest.fixture
@@ -232,7 +233,7 @@ def test_a_watcher_that_cannot_read_redis_says_so_once_and_the_run_goes_on(
     result = pipeline.run(backend=backend, progress=True, collect=True)
     assert result.outputs == list(range(20))
     warnings = [m for m in lines.messages if "could not read Redis" in m]
-    assert len(warnings) == 1
+    assert len(warnings) == 1, lines.messages  # the messages say what happened, if not
     assert "Redis is away for a moment" in warnings[0]
     assert "patient 20 in, 20 out, 0 failed" in lines.final()
 

@@ -24,6 +24,7 @@ import conveyor as cv
 from conveyor.metrics import (
     LATENCY_BUCKETS,
     Bottleneck,
+    RecentRate,
     StageStats,
     Timeline,
     find_bottleneck,
@@ -172,6 +173,19 @@ def test_a_live_handle_gives_stats_while_the_run_goes_on() -> None:
         gate.set()
         result = handle.join(10)
     assert result.stats[0].items_in == 10
+
+
+@pytest.mark.quick
+def test_a_recent_rate_is_the_growth_over_the_last_seconds_and_none_before_half_a_second() -> None:
+    recent = RecentRate()
+    assert recent.rate(0.0, 0) is None
+    assert recent.rate(0.4, 40) is None  # too little history yet
+    assert recent.rate(1.0, 100) == pytest.approx(100.0)
+    recent.rate(2.0, 200)
+    recent.rate(3.0, 300)
+    # Only the last three seconds count: a stall shows as a falling rate.
+    assert recent.rate(5.0, 300) == pytest.approx((300 - 200) / 3.0)
+    assert recent.rate(5.05, 300) == 0.0  # the window has slid past the last growth
 
 
 def test_rate_now_follows_recent_progress_and_is_the_overall_rate_at_the_end() -> None:

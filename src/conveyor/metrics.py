@@ -265,6 +265,31 @@ _RATE_MIN_SPAN = 0.5  # below this much history, rate_now is the overall rate
 _RATE_STEP = 0.1  # at most one history point per this many seconds
 
 
+class RecentRate:
+    """How fast a growing count grew over the last few seconds of its readings.
+
+    Shared by local runs (`StageStats.rate_now`) and runs read from Redis.
+    """
+
+    def __init__(self) -> None:
+        self._points: deque[tuple[float, float]] = deque()  # (time, count), oldest first
+        self._lock = threading.Lock()  # snapshots may be taken from several threads
+
+    def rate(self, now: float, count: float) -> float | None:
+        """Record ``count`` read at ``now``; return its growth per second over the
+        last `_RATE_WINDOW` seconds, or None with less than `_RATE_MIN_SPAN` of history."""
+        with self._lock:
+            points = self._points
+            if not points or now - points[-1][0] >= _RATE_STEP:
+                points.append((now, count))
+            while now - points[0][0] > _RATE_WINDOW:
+                points.popleft()
+            then, before = points[0]
+        if now - then < _RATE_MIN_SPAN:
+            return None
+        return (count - before) / (now - then)
+
+
 class StageMetrics:
     """The live counters of one stage: one `WorkerCounters` per worker."""
 
@@ -277,8 +302,7 @@ class StageMetrics:
         self._child_cpu_lock = threading.Lock()
         self.started = perf_counter()
         self.finished: float | None = None
-        # (time, items_in) seen by recent snapshots: the base of rate_now.
-        self._recent: deque[tuple[float, int]] = deque(maxlen=64)
+        self._recent = RecentRate()  # fed by snapshots: the base of rate_now
 
     def new_worker(self) -> WorkerCounters:
         """Register and return the counters of a new worker (call it from the worker)."""
@@ -331,13 +355,8 @@ class StageMetrics:
         overall = items_in / elapsed if elapsed > 0 else 0.0
         if self.finished is not None:
             return overall
-        recent = self._recent
-        if not recent or now - recent[-1][0] >= _RATE_STEP:
-            recent.append((now, items_in))
-        base = next(((t, n) for t, n in list(recent) if now - t <= _RATE_WINDOW), None)
-        if base is None or now - base[0] < _RATE_MIN_SPAN:
-            return overall
-        return (items_in - base[1]) / (now - base[0])
+        recent = self._recent.rate(now, items_in)
+        return overall if recent is None else recent
 
 
 def _add(seconds: float | None, more: float) -> float | None:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from ..metrics import StageStats, Timeline
+from ..metrics import RecentRate, StageStats, Timeline
 from ..progress import LIVE_REFRESH
 from .state import RunInfo, RunState, stage_stats
 from .streams import WORKER_GROUP, Keys, Scripts, connect
@@ -38,10 +37,6 @@ __all__ = [
 
 log = logging.getLogger("conveyor.redis")
 
-RATE_WINDOW = 3.0
-"""Seconds of reads behind the live rate of a stage."""
-RATE_MIN_SPAN = 0.5
-"""Below this many seconds of reads, the live rate is the run's overall rate."""
 WATCH_TIMEOUT = 1.0
 """Socket timeouts of the watcher's connection: how long a read may hold it up."""
 
@@ -251,7 +246,7 @@ class ProgressWatcher:
         self._client: Any = None
         self._state = RunState.read({}, False, len(self._stages))
         self._consumers: list[int] | None = None
-        self._seen: deque[tuple[float, tuple[int, ...]]] = deque()
+        self._recent = [RecentRate() for _ in self._stages]
         self._warned = False
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -361,13 +356,9 @@ class ProgressWatcher:
         return connect(self._url, **options)
 
     def _rates(self, now: float) -> list[float] | None:
-        """Each stage's inputs per second over the last `RATE_WINDOW` seconds of reads."""
-        counts = tuple(s.acked for s in self._state.stages)
-        seen = self._seen
-        seen.append((now, counts))
-        while now - seen[0][0] > RATE_WINDOW:
-            seen.popleft()
-        then, before = seen[0]
-        if now - then < RATE_MIN_SPAN:
-            return None
-        return [(c - b) / (now - then) for c, b in zip(counts, before, strict=True)]
+        """Each stage's inputs per second over the last few seconds of reads (as local runs)."""
+        rates = [
+            recent.rate(now, s.acked)
+            for recent, s in zip(self._recent, self._state.stages, strict=True)
+        ]
+        return None if None in rates else [r for r in rates if r is not None]

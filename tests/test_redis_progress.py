@@ -309,3 +309,32 @@ def test_with_a_backend_a_bad_report_path_or_a_stall_timeout_is_refused_before_t
     client = redis.Redis.from_url(redis_server.url)
     assert not client.keys(f"{backend.namespace}:*")  # nothing was started
     client.close()
+
+
+# ---------------------------------------------------------------------- iterate()
+
+
+def test_iterate_starts_local_workers_shows_progress_and_leaves_no_thread(
+    redis_server: RedisServer, lines: Lines
+) -> None:
+    """Regression: iterate() did not start ``local_workers``, so it waited for ever."""
+    backend = RedisBackend(redis_server.url, namespace=new_namespace(), local_workers=True)
+    outputs = list(backend.iterate(cv.Pipeline(range(300)).map(triple, name="x3"), progress=True))
+    assert outputs == [3 * x for x in range(300)]
+    assert "x3 300 in, 300 out, 0 failed" in lines.final()
+    assert conveyor_threads() == []
+
+
+def test_leaving_iterate_early_stops_its_threads_and_leaves_the_run_to_resume(
+    redis_server: RedisServer,
+) -> None:
+    pipeline = cv.Pipeline(range(5000)).map(triple, name="x3")
+    backend = RedisBackend(
+        redis_server.url, namespace=new_namespace(), run_id="left", local_workers=True
+    )
+    outputs = backend.iterate(pipeline, progress=True)
+    assert next(outputs) == 0
+    outputs.close()  # what leaving a for loop early does, once the iterator is dropped
+    assert conveyor_threads() == []
+    assert backend.cancel(pipeline, "left")  # still there: resumable, or deleted so
+    backend.close()

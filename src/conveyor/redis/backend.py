@@ -289,12 +289,7 @@ class RedisBackend:
         from ..report import check_report_path
 
         report_path = None if report is None else check_report_path(report, "run()")
-        stages = _stages(pipeline)
-        run_id = self.run_id or uuid.uuid4().hex[:12]
-        keys = self.keys(pipeline, run_id)
-        last = stages[-1]
-        ordered = last.ordered and last.kind != "each"
-        run = _DriverRun(self, pipeline, keys, self._info(keys, stages, ordered))
+        run = self._new_run(pipeline)
         outputs: list[Any] | None = [] if collect else None
         worker = self._start_local_workers(pipeline)
         watcher: ProgressWatcher | None = None
@@ -311,19 +306,41 @@ class RedisBackend:
             error = exc
             raise
         finally:
-            try:
-                if watcher is not None:
-                    final = run.state if run.state is not None and run.state.complete else None
-                    elapsed = (run.finished or perf_counter()) - run.started
-                    stats = watcher.close(final, elapsed)
-                    if report_path is not None:
-                        _write_report(report_path, result, stats, watcher.timeline, elapsed, error)
-            finally:
-                if worker is not None:
-                    worker.stop()
-                    worker.join(30.0)
-                self.close()
+            self._finish(run, worker, watcher, report_path, result, error)
         return result
+
+    def _new_run(self, pipeline: Any) -> _DriverRun:
+        """Create (or resume) the run of ``pipeline`` in Redis, as its driver."""
+        stages = _stages(pipeline)
+        run_id = self.run_id or uuid.uuid4().hex[:12]
+        keys = self.keys(pipeline, run_id)
+        last = stages[-1]
+        ordered = last.ordered and last.kind != "each"
+        return _DriverRun(self, pipeline, keys, self._info(keys, stages, ordered))
+
+    def _finish(
+        self,
+        run: _DriverRun,
+        worker: Any,
+        watcher: ProgressWatcher | None,
+        report: Path | None = None,
+        result: RedisRunResult | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """End what the driver started: the watching (its last picture, the report),
+        local workers, the connections."""
+        try:
+            if watcher is not None:
+                final = run.state if run.state is not None and run.state.complete else None
+                elapsed = (run.finished or perf_counter()) - run.started
+                stats = watcher.close(final, elapsed)
+                if report is not None:
+                    _write_report(report, result, stats, watcher.timeline, elapsed, error)
+        finally:
+            if worker is not None:
+                worker.stop()
+                worker.join(30.0)
+            self.close()
 
     def _watch(self, pipeline: Any, run: _DriverRun, progress: bool) -> ProgressWatcher:
         """Start watching ``run`` (read through a connection of its own): showing its
@@ -350,20 +367,25 @@ class RedisBackend:
             redis_options=self.redis_options,
         ).start()
 
-    def iterate(self, pipeline: Any) -> Iterator[Any]:
-        """Run ``pipeline`` and yield the last stage's outputs as they come."""
-        stages = _stages(pipeline)
-        run_id = self.run_id or uuid.uuid4().hex[:12]
-        keys = self.keys(pipeline, run_id)
-        last = stages[-1]
-        run = _DriverRun(
-            self, pipeline, keys, self._info(keys, stages, last.ordered and last.kind != "each")
-        )
+    def iterate(self, pipeline: Any, *, progress: bool = False) -> Iterator[Any]:
+        """Run ``pipeline`` and yield the last stage's outputs as they come.
+
+        Args:
+            pipeline: the pipeline; its workers run ``conveyor worker`` (or
+                threads of this process, with ``local_workers``).
+            progress: as for `run`.
+
+        Leaving the loop early leaves the run in Redis, to be resumed with
+        the same ``run_id`` or deleted with `cancel`.
+        """
+        run = self._new_run(pipeline)
+        worker = self._start_local_workers(pipeline)
+        watcher = self._watch(pipeline, run, True) if progress else None
         try:
             for chunk in run.outputs():
                 yield from chunk
         finally:
-            self.close()
+            self._finish(run, worker, watcher)
 
     def cancel(self, pipeline: Any, run_id: str) -> bool:
         """Delete the run ``run_id`` of ``pipeline`` from Redis (its items, outputs and

@@ -14,6 +14,12 @@ drain what is left and then see ``ShutDown``; ``for item in channel`` simply
 ends. Several producers share the closing through ``producer()`` handles: the
 channel closes when the last handle is closed.
 
+Items live in ``queue`` (a deque, as in ``queue.Queue``), which the code
+reaches through ``_items``: the deque itself, or, in a subclass overriding
+``queue.Queue``'s storage hooks (``_init``/``_qsize``/``_put``/``_get``), an
+adapter that calls them. ``get_many`` pops a batch through the optional C
+accelerator (``conveyor._speedups``) when it is built; see `ACCELERATED`.
+
 Invariants, all under ``_lock``:
 
 * ``len(queue) <= maxsize`` after any put when ``maxsize > 0`` (a shrunk
@@ -23,7 +29,7 @@ Invariants, all under ``_lock``:
 * a woken waiter re-checks the state and uses it; one that gives up instead
   (cancelled, Ctrl-C) passes its wake-up on to the next waiter;
 * if items are in the channel while consumers are parked, a woken consumer
-  has yet to run (and the same for room and producers): every put wakes a
+  has yet to run (and the same for room and producers): every put() wakes a
   parked consumer, a batch put only if no woken thread has yet to run, and
   a consumer that was woken and leaves items behind wakes the next. So
   batches keep one wake-up in flight per side, not one per call: a woken

@@ -57,6 +57,7 @@ from .errors import ConfigurationError, ConfigurationTypeError, Empty, Full, Shu
 __all__ = ["ACCELERATED", "Channel", "ChannelStats", "Producer"]
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _take_python(q: deque[T], n: int) -> list[T]:
@@ -152,10 +153,6 @@ class _HookedItems(Generic[T]):
 
     def popleft(self) -> T:
         return self._channel._get()
-
-    def extend(self, items: Iterable[T]) -> None:  # batches go item by item: not reached
-        for item in items:
-            self._channel._put(item)
 
 
 class _Waiters(deque[_Waiter]):
@@ -570,7 +567,7 @@ class Channel(Generic[T]):
             # An empty batch on a closed channel raises too, as put() would.
             if self.is_shutdown:
                 raise self._partial(ShutDown("put_many() on a closed channel"), 0)
-            q = self._items
+            q: deque[T] = self._items  # type: ignore[assignment]  # not hooked: the deque
             if self.maxsize <= 0 or len(q) + len(pending) <= self.maxsize:
                 q.extend(pending)  # the common case: the whole batch fits
                 self._total_put += len(pending)
@@ -584,12 +581,13 @@ class Channel(Generic[T]):
 
     def _put_in_runs(self, pending: list[T], block: bool, timeout: float | None) -> None:
         """put_many() of a batch larger than the room: fill, wait for room, repeat (lock held)."""
+        q: deque[T] = self._items  # type: ignore[assignment]  # not hooked: the deque
         total = len(pending)
         done = 0
         slept = False
         deadline = None if timeout is None or not block else monotonic() + timeout
         while done < total:
-            room = self.maxsize - len(self._items) if self.maxsize > 0 else total - done
+            room = self.maxsize - len(q) if self.maxsize > 0 else total - done
             if room <= 0:
                 try:
                     left = None if deadline is None else max(0.0, deadline - monotonic())
@@ -600,7 +598,7 @@ class Channel(Generic[T]):
                 slept = True
                 continue
             n = min(room, total - done)
-            self._items.extend(pending[done : done + n])
+            q.extend(pending[done : done + n])
             done += n
             self._total_put += n
             getters = self._getters
@@ -768,13 +766,26 @@ class Channel(Generic[T]):
 
     # ------------------------------------------------------------------ asyncio side
 
-    def _pass_on(self, room_side: bool) -> None:
-        """After a coroutine woken from ``_park`` used the channel: relay as threads do."""
-        with self._lock:
-            if room_side:
-                self._relay_room()
-            else:
-                self._relay_items()
+    async def _until_done(self, attempt: Callable[[], R], room_side: bool) -> R:
+        """Run the non-blocking ``attempt`` until it neither raises `Full` (room side)
+        nor `Empty` (item side), parking in between; after a wake-up, relay as
+        threads do."""
+        waiters, missing = (self._putters, Full) if room_side else (self._getters, Empty)
+        parked = False
+        while True:
+            try:
+                result = attempt()
+            except missing:
+                await self._park(waiters, room_side)
+                parked = True
+                continue
+            if parked:
+                with self._lock:
+                    if room_side:
+                        self._relay_room()
+                    else:
+                        self._relay_items()
+            return result
 
     async def _park(self, waiters: _Waiters, room_side: bool) -> None:
         """Park the current coroutine on ``waiters`` until woken (called without the lock)."""
@@ -801,17 +812,7 @@ class Channel(Generic[T]):
         Raises:
             ShutDown: the channel is closed.
         """
-        parked = False
-        while True:
-            try:
-                self.put(item, False)
-            except Full:
-                await self._park(self._putters, room_side=True)
-                parked = True
-                continue
-            if parked:
-                self._pass_on(room_side=True)
-            return
+        await self._until_done(lambda: self.put(item, False), room_side=True)
 
     async def aget(self) -> T:
         """Take an item from a coroutine, waiting without blocking the event loop.
@@ -819,17 +820,7 @@ class Channel(Generic[T]):
         Raises:
             ShutDown: the channel is closed and drained.
         """
-        parked = False
-        while True:
-            try:
-                item = self.get(False)
-            except Empty:
-                await self._park(self._getters, room_side=False)
-                parked = True
-                continue
-            if parked:
-                self._pass_on(room_side=False)
-            return item
+        return await self._until_done(lambda: self.get(False), room_side=False)
 
     async def aput_many(self, items: Iterable[T]) -> None:
         """Put every item of ``items`` from a coroutine, waiting for room as needed.
@@ -840,37 +831,26 @@ class Channel(Generic[T]):
         """
         pending = items if isinstance(items, list) else list(items)
         done = 0
-        parked = False
-        while True:
+
+        def attempt() -> None:
+            """Put what fits now; on Full, keep what is left for the next attempt."""
+            nonlocal pending, done
             try:
                 self.put_many(pending, False)
             except Full as exc:
                 n: int = exc.items_put  # type: ignore[attr-defined]
                 done += n
                 pending = pending[n:]
-                await self._park(self._putters, room_side=True)
-                parked = True
-                continue
+                raise
             except ShutDown as exc:
                 exc.items_put += done  # type: ignore[attr-defined]
                 raise
-            if parked:
-                self._pass_on(room_side=True)
-            return
+
+        await self._until_done(attempt, room_side=True)
 
     async def aget_many(self, max_items: int = 64) -> list[T]:
         """Take between 1 and ``max_items`` items from a coroutine."""
-        parked = False
-        while True:
-            try:
-                batch = self.get_many(max_items, False)
-            except Empty:
-                await self._park(self._getters, room_side=False)
-                parked = True
-                continue
-            if parked:
-                self._pass_on(room_side=False)
-            return batch
+        return await self._until_done(lambda: self.get_many(max_items, False), room_side=False)
 
     async def __aiter__(self) -> AsyncIterator[T]:
         """Yield items to ``async for`` until the channel is closed and drained."""

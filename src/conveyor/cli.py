@@ -323,15 +323,20 @@ def run_command(
             except Exception as exc:
                 if ctrl_c.interrupted.is_set():
                     sys.exit(EXIT_INTERRUPTED)
-                _print_exception(exc)
-                click.echo(f"conveyor: the run failed: {type(exc).__name__}: {exc}", err=True)
-                sys.exit(EXIT_PIPELINE_ERROR)
+                _exit_run_failed(exc)
         if ctrl_c.interrupted.is_set():
             sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:  # before the run started
         click.echo("conveyor: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     click.echo(result.to_json() if as_json else result.report(_output_width()).rstrip())
+
+
+def _exit_run_failed(exc: BaseException) -> NoReturn:
+    """Show why the run failed (its traceback, then one line) and exit with 1."""
+    _print_exception(exc)
+    click.echo(f"conveyor: the run failed: {type(exc).__name__}: {exc}", err=True)
+    sys.exit(EXIT_PIPELINE_ERROR)
 
 
 def _check_report_dir(report: Path | None) -> None:
@@ -364,9 +369,7 @@ def _run_on_redis(
     except (click.ClickException, KeyboardInterrupt):
         raise
     except Exception as exc:
-        _print_exception(exc)
-        click.echo(f"conveyor: the run failed: {type(exc).__name__}: {exc}", err=True)
-        sys.exit(EXIT_PIPELINE_ERROR)
+        _exit_run_failed(exc)
     return result
 
 

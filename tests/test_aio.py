@@ -33,7 +33,8 @@ import conveyor as cv
 from conveyor.channel import Channel
 from conveyor.errors import ShutDown
 from conveyor.runtime.aio import LOOP_THREAD_NAME, new_event_loop
-from conveyor.runtime.base import RunControl, Sequencer
+from conveyor.runtime.base import RunControl
+from conveyor.runtime.ports import Sequencer
 from test_pipeline_helpers import (  # noqa: F401 - no_thread_left is a fixture
     PROMPT,
     WAIT,

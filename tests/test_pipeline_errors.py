@@ -151,7 +151,7 @@ def test_an_error_in_an_ordered_stage_whose_workers_wait_on_the_window_still_end
     handle = cv.Pipeline(range(10**6)).map(first_is_slow_then_fails, workers=4).start()
     # White-box: wait until the other workers have taken every batch the reorder
     # window allows and sit waiting for item 0's batch to be released.
-    sequencer = handle._run.stage_runs[0].sequencer
+    sequencer = handle._run.stage_runs[0].ports[0].sequencer  # type: ignore[attr-defined]
     assert sequencer is not None
     wait_until(lambda: sequencer._next_ticket - sequencer._next >= sequencer._window)
     gate.set()

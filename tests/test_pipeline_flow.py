@@ -354,7 +354,7 @@ def test_the_reorder_window_bounds_how_far_workers_run_ahead_of_a_slow_item() ->
     handle = cv.Pipeline(source).map(first_is_slow, workers=workers, capacity=capacity).start()
     try:
         # White-box: the window is full when the next ticket is `window` ahead of item 0's.
-        sequencer = handle._run.stage_runs[0].sequencer
+        sequencer = handle._run.stage_runs[0].ports[0].sequencer  # type: ignore[attr-defined]
         assert sequencer is not None
         wait_until(lambda: sequencer._next_ticket - sequencer._next >= sequencer._window)
         # Workers take batches of at most capacity // 2 items, `window` batches ahead.

@@ -33,9 +33,11 @@ from typing import Any
 from .channel import Channel, Producer
 from .errors import PipelineStopped, ShutDown
 from .metrics import RunResult, StageMetrics, StageStats, Timeline
+from .policy import add_note
 from .runtime.base import MAX_BATCH, TARGET_BATCH_SECONDS, RunControl, Runtime, StageRun
 from .runtime.base import get_runtime as _get_runtime
-from .stage import DEFAULT_CAPACITY, Stage, add_note
+from .runtime.ports import ChannelIO
+from .stage import DEFAULT_CAPACITY, Stage
 
 __all__ = ["JOIN_TIMEOUT", "Run"]
 
@@ -63,8 +65,7 @@ class Run:
         self.channels: list[Channel[Any]] = [Channel(c) for c in caps]
         self.metrics = [StageMetrics(s, self.channels[i]) for i, s in enumerate(stages)]
         self.stage_runs = [
-            StageRun(s, i, self.channels[i], self.channels[i + 1], self.control, self.metrics[i])
-            for i, s in enumerate(stages)
+            StageRun(s, i, self._io(i), self.control, self.metrics[i]) for i, s in enumerate(stages)
         ]
         self.runtimes: dict[str, Runtime] = {}
         self._source = source
@@ -88,6 +89,12 @@ class Run:
         self._joined = False
         self.control.on_abort(self._shut_channels)
 
+    def _io(self, index: int) -> ChannelIO:
+        """Stage ``index`` between its input channel and the next."""
+        stage = self.stages[index]
+        ordered = stage.ordered and stage.kind != "batch"
+        return ChannelIO(self.channels[index], self.channels[index + 1], self.control, ordered)
+
     # ------------------------------------------------------------------ starting
 
     def start(self) -> None:
@@ -103,10 +110,11 @@ class Run:
         if early:
             self._start_feeder_thread()
         try:
-            for sr in self.stage_runs:
-                runtime = self.runtimes.get(sr.stage.runtime)
-                if runtime is None:
-                    runtime = self.runtimes[sr.stage.runtime] = _get_runtime(sr.stage.runtime)()
+            runtimes = [self._runtime(sr.stage.runtime) for sr in self.stage_runs]
+            # Every port before any worker: a channel closes when its last port does.
+            for sr, runtime in zip(self.stage_runs, runtimes, strict=True):
+                sr.open_ports(runtime.port_count(sr.stage))
+            for sr, runtime in zip(self.stage_runs, runtimes, strict=True):
                 runtime.start(sr)
         except BaseException:
             self.abort()
@@ -122,6 +130,13 @@ class Run:
             self.control.on_abort(self._cancel_feeder_task)
             return
         self._start_feeder_thread()
+
+    def _runtime(self, name: str) -> Runtime:
+        """The run's runtime called ``name`` (one instance per run, made on first use)."""
+        runtime = self.runtimes.get(name)
+        if runtime is None:
+            runtime = self.runtimes[name] = _get_runtime(name)()
+        return runtime
 
     def _start_feeder_thread(self) -> None:
         self._feeder = threading.Thread(target=self._feed, name="conveyor-source", daemon=True)

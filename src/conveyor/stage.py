@@ -5,23 +5,17 @@ each), the user's function, how many workers run it and on which runtime, the
 capacity of the channel in front of it, and its policies (ordering, retries
 with backoff, per-item timeout, what to do on error).
 
-`process_batch` is the stage's logic, written once: every runtime (threads,
-worker processes, the Redis workers) calls it, so a map behaves the same
-everywhere. Its hot path is a tight loop over the batch; retries, skips and
-timeouts only cost something for the items that need them.
+How a stage turns a batch into outputs (its policies applied) lives in
+`conveyor.policy`, written once for every runtime and backend.
 """
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import random
-import reprlib
-import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from time import perf_counter
 from typing import Any, Literal
 
 from .errors import ConfigurationError, ConfigurationTypeError
@@ -31,16 +25,9 @@ __all__ = [
     "ON_ERROR",
     "RUNTIMES",
     "Backoff",
-    "BatchOutcome",
     "Failure",
     "Stage",
-    "aapply_one",
-    "add_note",
-    "add_stage_note",
-    "apply_one",
-    "aprocess_batch",
-    "process_batch",
-    "timeout_error",
+    "set_worker_state",
     "worker_state",
 ]
 
@@ -52,9 +39,6 @@ OnError = Literal["raise", "skip"]
 ON_ERROR: tuple[str, ...] = ("raise", "skip")
 
 DEFAULT_CAPACITY = 1024
-_item_repr = reprlib.Repr()
-_item_repr.maxstring = 80
-_item_repr.maxother = 80
 
 
 @dataclass(frozen=True)
@@ -209,296 +193,3 @@ def worker_state() -> Any:
 def set_worker_state(state: Any) -> None:
     """Make ``state`` what `worker_state()` returns in the calling thread or asyncio task."""
     _worker_state.set(state)
-
-
-# ---------------------------------------------------------------------- errors
-
-
-def add_stage_note(exc: BaseException, stage: Stage, item: Any) -> BaseException:
-    """Attach a PEP 678 note naming the stage and the item; return ``exc``.
-
-    Only once per stage: the first note, made where the item is known, wins
-    over a later, coarser one (a worker loop knows only its batch).
-    """
-    prefix = f"conveyor: stage {stage.label} failed on item "
-    if any(str(n).startswith(prefix) for n in getattr(exc, "__notes__", ())):
-        return exc
-    return add_note(exc, prefix + _item_repr.repr(item))
-
-
-def add_note(exc: BaseException, note: str) -> BaseException:
-    """Attach a PEP 678 note to ``exc`` (also on 3.10, as ``__notes__``); return ``exc``."""
-    if sys.version_info >= (3, 11):
-        exc.add_note(note)
-    else:  # 3.10: keep the notes where 3.11+ would, for callers that read them
-        notes = getattr(exc, "__notes__", None)
-        if notes is None:
-            notes = []
-            exc.__notes__ = notes  # type: ignore[attr-defined]
-        notes.append(note)
-    return exc
-
-
-# ---------------------------------------------------------------------- the stage's logic
-
-
-@dataclass
-class BatchOutcome:
-    """What a batch of input items produced."""
-
-    outputs: list[Any]
-    """Outputs, in the order of the inputs that produced them."""
-    filtered: int = 0
-    """Inputs a filter dropped."""
-    retried: int = 0
-    """Extra calls made by retries."""
-    failures: list[Failure] = field(default_factory=list)
-    """Items given up on with ``on_error="skip"``."""
-    error: BaseException | None = None
-    """With ``on_error="raise"``: the exception that stops the run (noted)."""
-    error_item: Any = None
-    """The item that raised ``error``."""
-    processed: int = 0
-    """Inputs handled (successfully or not) before ``error``, if any."""
-    size_limit: int | None = None
-    """A runtime's cap on the size of the worker's next batch (process workers: the
-    items whose big buffers fit in one shared-memory message)."""
-    busy_seconds: float | None = None
-    """The time spent on the batch where the runtime measured it itself (a worker
-    process: its time in the stage, not the round trip to it, which also holds
-    the wait behind the batch before); None: the time ``execute`` took."""
-
-
-def _apply_run(
-    stage: Stage, batch: list[Any], start: int, out: list[Any]
-) -> tuple[int, int, Exception | None]:
-    """Apply the stage to ``batch[start:]`` until an item raises.
-
-    Appends outputs to ``out``; returns (index reached, filtered count, the
-    exception). The index is ``len(batch)`` when no item raised, else the
-    failing item's, whose outputs (none) were not appended.
-    """
-    fn = stage.fn
-    assert fn is not None
-    kind = stage.kind
-    i = start
-    filtered = 0
-    n = len(batch)
-    try:
-        if kind == "map":
-            append = out.append
-            while i < n:
-                append(fn(batch[i]))
-                i += 1
-        elif kind == "filter":
-            append = out.append
-            while i < n:
-                x = batch[i]
-                if fn(x):
-                    append(x)
-                else:
-                    filtered += 1
-                i += 1
-        elif kind == "flat_map":
-            extend = out.extend
-            while i < n:
-                # Materialise first: a generator that fails halfway adds nothing.
-                extend(list(fn(batch[i])))
-                i += 1
-        else:  # each
-            while i < n:
-                fn(batch[i])
-                i += 1
-    except Exception as exc:
-        return i, filtered, exc
-    except BaseException as exc:  # Ctrl-C, SystemExit: no policy applies, but name the item
-        add_stage_note(exc, stage, batch[i])
-        raise
-    return i, filtered, None
-
-
-def apply_one(stage: Stage, item: Any) -> tuple[list[Any], bool]:
-    """Apply the stage to one item; return (outputs, filtered)."""
-    fn = stage.fn
-    assert fn is not None
-    return _outputs_of(stage.kind, item, fn(item))
-
-
-async def aapply_one(stage: Stage, item: Any) -> tuple[list[Any], bool]:
-    """Apply a coroutine stage to one item within its ``timeout``; return (outputs, filtered).
-
-    Raises:
-        TimeoutError: the call took longer than the stage's ``timeout`` (it
-            was cancelled).
-    """
-    fn = stage.fn
-    assert fn is not None
-    if stage.timeout is None:
-        return _outputs_of(stage.kind, item, await fn(item))
-    try:
-        result = await asyncio.wait_for(fn(item), stage.timeout)
-    except asyncio.TimeoutError as exc:
-        # wait_for's own timeout is chained to the cancellation it caused; a
-        # TimeoutError the function raised itself is not, and goes on untouched.
-        if not isinstance(exc.__cause__, asyncio.CancelledError):
-            raise
-        raise timeout_error(stage) from None
-    return _outputs_of(stage.kind, item, result)
-
-
-def _outputs_of(kind: str, item: Any, result: Any) -> tuple[list[Any], bool]:
-    """What a call that returned ``result`` on ``item`` sends on: (outputs, filtered)."""
-    if kind == "map":
-        return [result], False
-    if kind == "filter":
-        return ([item], False) if result else ([], True)
-    if kind == "flat_map":
-        return list(result), False
-    return [], False
-
-
-def timeout_error(stage: Stage) -> TimeoutError:
-    """The error of a call that exceeded the stage's per-item ``timeout``."""
-    return TimeoutError(
-        f"stage {stage.label} took longer than its timeout of {stage.timeout} s on one item"
-    )
-
-
-def _retry_delay(stage: Stage, attempts: int) -> float | None:
-    """Seconds to wait before calling an item again after ``attempts`` failed calls.
-
-    None when the item is out of retries: then `_give_up` applies ``on_error``.
-    """
-    return stage.backoff.delay(attempts) if attempts <= stage.retries else None
-
-
-def _give_up(
-    stage: Stage, outcome: BatchOutcome, item: Any, error: Exception, attempts: int, index: int
-) -> bool:
-    """Apply ``on_error`` to ``batch[index]``, out of retries; True when the batch ends there."""
-    if stage.on_error == "skip":
-        outcome.failures.append(Failure(stage.name, item, error, attempts))
-        return False
-    outcome.error = add_stage_note(error, stage, item)
-    outcome.error_item = item
-    outcome.processed = index
-    return True
-
-
-def process_batch(
-    stage: Stage,
-    batch: list[Any],
-    call: Callable[[Stage, Any], tuple[list[Any], bool]] | None = None,
-    sleep: Callable[[float], bool] | None = None,
-) -> BatchOutcome:
-    """Run ``batch`` through ``stage`` with its retry and error policies.
-
-    Args:
-        stage: the stage (not a ``batch`` stage: those accumulate instead).
-        batch: the input items.
-        call: how to apply the stage to one item, for items that need the
-            slow path (a failure, or a per-item timeout). Defaults to a plain
-            call; the thread runtime passes one that enforces ``timeout``.
-        sleep: waits between retries; returns False when the run was stopped
-            meanwhile: then the batch ends there, without an error or a
-            failure (the item did not fail, the stop cut its retries short).
-
-    Returns:
-        The outcome. With ``on_error="raise"``, the first item that exhausts
-        its retries ends the batch: ``error`` is its exception, noted with the
-        stage and the item, and ``processed`` says how far the batch got.
-    """
-    out: list[Any] = []
-    outcome = BatchOutcome(out)
-    n = len(batch)
-    i = 0
-    slow = call is not None and stage.timeout is not None
-    one = call or apply_one
-    while i < n:
-        error: Exception | None = None
-        if not slow:
-            i, filtered, error = _apply_run(stage, batch, i, out)
-            outcome.filtered += filtered
-            if i == n:
-                break
-        item = batch[i]
-        attempts = 1
-        while True:
-            if error is None:
-                try:
-                    outputs, was_filtered = one(stage, item)
-                except Exception as exc:
-                    error = exc
-                except BaseException as exc:  # as in _apply_run
-                    add_stage_note(exc, stage, item)
-                    raise
-                else:
-                    out.extend(outputs)
-                    outcome.filtered += was_filtered
-                    break
-            delay = _retry_delay(stage, attempts)
-            if delay is None:
-                if _give_up(stage, outcome, item, error, attempts, i):
-                    return outcome
-                break
-            if sleep is not None and not sleep(delay):
-                # Stopped while waiting: reporting the error would turn a stop() into a failure.
-                outcome.processed = i
-                return outcome
-            outcome.retried += 1
-            attempts += 1
-            error = None
-        i += 1
-    outcome.processed = n
-    return outcome
-
-
-async def aprocess_batch(stage: Stage, batch: list[Any]) -> BatchOutcome:
-    """`process_batch` for a coroutine stage: the same policies, awaited.
-
-    Items run one after the other (a stage's concurrency is its number of
-    worker coroutines); retries wait with `asyncio.sleep` and ``timeout``
-    cancels the call (see `aapply_one`). A stop cancels the worker, so a
-    `asyncio.CancelledError` from the call or the wait goes through.
-
-    Returns:
-        The outcome, as `process_batch` returns it.
-    """
-    out: list[Any] = []
-    outcome = BatchOutcome(out)
-    for i, item in enumerate(batch):
-        attempts = 1
-        while True:
-            error: Exception | None = None
-            try:
-                outputs, was_filtered = await aapply_one(stage, item)
-            except Exception as exc:
-                error = exc
-            except BaseException as exc:  # as in _apply_run; a cancellation is the run's stop
-                if not isinstance(exc, asyncio.CancelledError):
-                    add_stage_note(exc, stage, item)
-                raise
-            else:
-                out.extend(outputs)
-                outcome.filtered += was_filtered
-                break
-            delay = _retry_delay(stage, attempts)
-            if delay is None:
-                if _give_up(stage, outcome, item, error, attempts, i):
-                    return outcome
-                break
-            await asyncio.sleep(delay)
-            outcome.retried += 1
-            attempts += 1
-    outcome.processed = len(batch)
-    return outcome
-
-
-def iter_outputs(stage: Stage, item: Any) -> Iterable[Any]:
-    """The outputs of one item (used by the reference, single-threaded path)."""
-    return apply_one(stage, item)[0]
-
-
-def now() -> float:
-    """The clock stage timings use."""
-    return perf_counter()

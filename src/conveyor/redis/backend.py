@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError, ConfigurationError, PayloadRejected
 from ..metrics import RunResult, StageStats, Timeline
-from ..stage import Failure, Stage, add_note
+from ..policy import add_note
+from ..stage import Failure, Stage
 from .codec import Codec, get_codec, key_check, secret_from
 from .order import TOMBSTONE, Reorderer, dump_path, load_path
 from .state import RunInfo, RunState, stage_stats

@@ -37,7 +37,8 @@ from time import monotonic, perf_counter
 from typing import Any
 
 from ..errors import BackendError, ConfigurationError
-from ..stage import Stage, add_note, process_batch, set_worker_state
+from ..policy import add_note, process_batch
+from ..stage import Stage, set_worker_state
 from .codec import Codec, get_codec, key_check, secret_from
 from .order import child_path, load_path
 from .state import RunInfo

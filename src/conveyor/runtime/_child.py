@@ -17,7 +17,6 @@ import sys
 import threading
 import traceback
 from dataclasses import replace
-from functools import partial
 from multiprocessing import connection
 from multiprocessing import parent_process as _parent_process
 from multiprocessing.connection import Connection
@@ -29,15 +28,8 @@ from typing import Any
 import cloudpickle
 
 from ..errors import SerializationError
-from ..stage import (
-    BatchOutcome,
-    Failure,
-    Stage,
-    add_stage_note,
-    apply_one,
-    process_batch,
-    set_worker_state,
-)
+from ..policy import BatchOutcome, apply_one, give_up, process_batch
+from ..stage import Stage, set_worker_state
 from ._wire import (
     _FAILED,
     _LOAD_FAILED,
@@ -49,11 +41,13 @@ from ._wire import (
     _STOPPED,
     _align,
     _Arena,
+    _BatchMessage,
     _Buffers,
     _Desc,
     _dump,
     _first_unpicklable,
     _load,
+    _OutcomeMessage,
     _type_name,
 )
 
@@ -79,11 +73,6 @@ class _Server:
 
     def __init__(self, conn: Connection, stage: Stage) -> None:
         self.conn = conn
-        self.counts: list[int] | None = None
-        if stage.kind == "flat_map":
-            # Remember how many outputs each input gave, to name the input of a bad result.
-            self.counts = []
-            stage = replace(stage, fn=partial(_counted, stage.fn, self.counts))
         self.stage = stage
         self.inboxes: dict[int, _Arena] = {}  # the parent writes batches' big buffers there
         self.outboxes: dict[int, _Arena] = {}  # this side writes results' big buffers there
@@ -101,39 +90,32 @@ class _Server:
                     return False
                 if message[0] == _STOP:
                     return True
-                self.conn.send_bytes(self.handle(*message[1:]))
+                self.conn.send_bytes(self.handle(message))
         finally:
             for arena in (*self.inboxes.values(), *self.outboxes.values()):
                 arena.close()
 
-    def handle(
-        self,
-        payload: bytes,
-        pids: bool,
-        descs: list[_Desc],
-        inbox: tuple[int, str | None, int] | None,
-        outbox: tuple[int, str | None, int] | None,
-        forget: list[int],
-        retries_left: int | None,
-    ) -> bytes:
+    def handle(self, message: _BatchMessage) -> bytes:
         """Run one batch message; return the answer."""
-        for ident in forget:
+        for ident in message.forget:
             (self.inboxes.pop(ident, None) or self.outboxes.pop(ident)).close()
+        inbox, outbox = message.inbox, message.outbox
         source = None if inbox is None else self._block(self.inboxes, inbox)
         box = None if outbox is None else self._block(self.outboxes, outbox)
         try:
-            batch = _load(payload, pids, descs, source)
+            batch = _load(message.payload, message.pids, message.descs, source)
         except Exception as exc:
             return pickle.dumps((_LOAD_FAILED, _pack_error(exc), self._let_go(source)), 5)
+        retries_left = message.retries_left
         stage = self.stage if retries_left is None else replace(self.stage, retries=retries_left)
-        if self.counts is not None:
-            self.counts.clear()
         started = perf_counter()
-        outcome = process_batch(stage, batch, self.call, self.sleep)
+        # Always tracked: the parent's port may need it, and a result that cannot be
+        # pickled is charged to the input that gave it.
+        outcome = process_batch(stage, batch, self.call, self.sleep, track=True)
         busy = perf_counter() - started
         answer = self.reply(stage, batch, outcome, box, source, busy)
         del batch, outcome  # the arrays built on the inbox go (unless the stage kept some)
-        return pickle.dumps((*answer, self._let_go(source)), 5)
+        return pickle.dumps(answer._replace(inbox_kept=self._let_go(source)), 5)
 
     @staticmethod
     def _block(blocks: dict[int, _Arena], info: tuple[int, str | None, int]) -> _Arena:
@@ -167,20 +149,19 @@ class _Server:
         box: _Arena | None,
         source: _Arena | None,
         busy: float,
-    ) -> tuple[Any, ...]:
+    ) -> _OutcomeMessage:
         """The outcome, ready to pickle; results that cannot be pickled become failures.
 
-        Its counts carry the time the batch took here (``busy``) and this
+        It carries the time the batch took here (``busy``) and this
         process's CPU time so far, for the stage's metrics in the parent.
         """
-        outputs = outcome.outputs
         buffers = _Buffers()
         try:
-            payload, pids = _dump(outputs, buffers)
+            payload, pids = _dump(outcome.outputs, buffers)
         except Exception:
-            outputs = self._drop_unpicklable(stage, batch, outcome)
+            outcome = _drop_unpicklable(stage, batch, outcome)
             buffers.clear()
-            payload, pids = _dump(outputs, buffers)
+            payload, pids = _dump(outcome.outputs, buffers)
         need = 0
         descs: list[_Desc] = []
         if buffers.views:
@@ -196,87 +177,63 @@ class _Server:
                 descs = target.write(buffers, echoes)
             else:  # no room: in band this time; the parent provides a bigger outbox
                 need = fresh
-                payload, pids = _dump(outputs, _Buffers(None))
+                payload, pids = _dump(outcome.outputs, _Buffers(None))
         failures = [
             (index, _pack_error(f.error), f.attempts)
-            for index, f in zip(
-                _indices_of(batch, [f.item for f in outcome.failures]),
-                outcome.failures,
-                strict=True,
-            )
+            for index, f in zip(outcome.failed_at, outcome.failures, strict=True)
         ]
-        error = None if outcome.error is None else _pack_error(outcome.error)
-        counts = (outcome.filtered, outcome.retried, outcome.processed, busy, process_time())
-        return (_OUTCOME, payload, pids, descs, need, counts, failures, error)
-
-    def _drop_unpicklable(self, stage: Stage, batch: list[Any], outcome: BatchOutcome) -> list[Any]:
-        """Turn results that cannot be pickled into failures (or the error); return the rest."""
-        sources = _sources(stage, batch, outcome, self.counts)
-        kept: list[Any] = []
-        for position, output in enumerate(outcome.outputs):
-            bad = _first_unpicklable([output])
-            if bad is None:
-                kept.append(output)
-                continue
-            index = sources[position] if sources is not None else None
-            item = batch[index] if index is not None else None
-            error = SerializationError(
-                f"stage {stage.label}: a result of type {_type_name(output)} cannot be "
-                f"sent back from the worker process: {bad[1]}"
-            )
-            error.__cause__ = bad[1]
-            if stage.on_error == "skip":
-                outcome.failures.append(Failure(stage.name, item, error, 1))
-                continue
-            outcome.error = add_stage_note(error, stage, item)
-            outcome.error_item = item
-            outcome.processed = index if index is not None else 0
-            break
-        # Failures stay in batch order, as the parent expects.
-        order = {id(x): i for i, x in enumerate(batch)}
-        outcome.failures.sort(key=lambda f: order.get(id(f.item), len(batch)))
-        return kept
+        assert outcome.counts is not None
+        return _OutcomeMessage(
+            tag=_OUTCOME,
+            payload=payload,
+            pids=pids,
+            descs=descs,
+            need=need,
+            filtered=outcome.filtered,
+            retried=outcome.retried,
+            processed=outcome.processed,
+            busy=busy,
+            cpu=process_time(),
+            counts=outcome.counts,
+            failures=failures,
+            error=None if outcome.error is None else _pack_error(outcome.error),
+            inbox_kept=False,
+        )
 
 
-def _counted(fn: Any, counts: list[int], item: Any) -> list[Any]:
-    outputs = list(fn(item))
-    counts.append(len(outputs))
-    return outputs
+def _drop_unpicklable(stage: Stage, batch: list[Any], outcome: BatchOutcome) -> BatchOutcome:
+    """The outcome again, results that cannot be pickled turned into failures of their
+    input (``on_error`` applies: skip it, or end the batch there)."""
+    assert outcome.counts is not None
+    fixed = BatchOutcome([], outcome.filtered, outcome.retried, counts=[])
+    failed = dict(zip(outcome.failed_at, outcome.failures, strict=True))
+    for index, outputs in enumerate(outcome.per_input()):
+        if index in failed:
+            fixed.failures.append(failed[index])
+            fixed.failed_at.append(index)
+            fixed.counts.append(0)  # type: ignore[union-attr]
+            continue
+        bad = _first_unpicklable(outputs)
+        if bad is None:
+            fixed.outputs.extend(outputs)
+            fixed.counts.append(len(outputs))  # type: ignore[union-attr]
+            continue
+        error = SerializationError(
+            f"stage {stage.label}: a result of type {_type_name(outputs[bad[0]])} cannot be "
+            f"sent back from the worker process: {bad[1]}"
+        )
+        error.__cause__ = bad[1]
+        if give_up(stage, fixed, batch[index], error, 1, index):
+            return fixed
+    if outcome.error is not None:
+        fixed.error, fixed.error_item = outcome.error, outcome.error_item
+    fixed.processed = outcome.processed
+    return fixed
 
 
 def _plain_sleep(seconds: float) -> bool:
     _sleep(seconds)
     return True
-
-
-def _indices_of(batch: list[Any], items: list[Any]) -> list[int | None]:
-    """Positions in ``batch`` of ``items`` (a subsequence of it, by identity)."""
-    found: list[int | None] = []
-    at = 0
-    for item in items:
-        index = next((i for i in range(at, len(batch)) if batch[i] is item), None)
-        found.append(index)
-        if index is not None:
-            at = index + 1
-    return found
-
-
-def _sources(
-    stage: Stage, batch: list[Any], outcome: BatchOutcome, counts: list[int] | None
-) -> list[int] | None:
-    """For each output, the index in ``batch`` of the input that gave it (None: unknown)."""
-    failed = set(_indices_of(batch, [f.item for f in outcome.failures]))
-    end = outcome.processed if outcome.error is not None else len(batch)
-    ok = [i for i in range(end) if i not in failed]
-    outputs = outcome.outputs
-    if stage.kind == "map":
-        return ok if len(ok) == len(outputs) else None
-    if stage.kind == "flat_map" and counts is not None and len(counts) == len(ok):
-        return [i for i, n in zip(ok, counts, strict=True) for _ in range(n)]
-    if stage.kind == "filter":
-        found = _indices_of(batch, outputs)
-        return None if None in found else [i for i in found if i is not None]
-    return None
 
 
 def _child_main(conn: Connection, blob: bytes) -> None:

@@ -17,7 +17,7 @@ import secrets
 import sys
 from importlib import import_module
 from multiprocessing import resource_tracker
-from typing import Any
+from typing import Any, NamedTuple
 
 import cloudpickle
 
@@ -32,14 +32,50 @@ SHM_THRESHOLD = 64 * 1024
 _OOB, _PID, _ECHO = range(3)
 _Desc = tuple[int, int, int]  # offset, size, place
 
-# Messages (pickled tuples), parent -> child:
-#   (_BATCH, payload, pids, descs, inbox, outbox, forget, retries_left), (_STOP,)
-# child -> parent, in the order of the batches:
+# Messages (pickled), parent -> child: a `_BatchMessage`, or (_STOP,);
+# child -> parent, in the order of the batches: an `_OutcomeMessage`, or one of
 #   (_READY,), (_FAILED, what, error), (_STARTED,), (_SLEEPING,), (_STOPPED, error | None),
-#   (_OUTCOME, payload, pids, descs, need, counts, failures, error, inbox_kept),
 #   (_LOAD_FAILED, error, inbox_kept)
-# inbox/outbox: (block id, its name when new, else None, size); forget: ids to unmap.
+# The first field is always the tag.
 _BATCH, _STOP, _READY, _FAILED, _OUTCOME, _LOAD_FAILED, _STARTED, _SLEEPING, _STOPPED = range(9)
+
+_Block = tuple[int, "str | None", int]
+"""A shared-memory block: its id, its name when the receiver has not mapped it yet
+(else None), its size."""
+
+
+class _BatchMessage(NamedTuple):
+    """Parent -> child: a part of a batch to run through the stage."""
+
+    tag: int  # _BATCH
+    payload: bytes  # the items, pickled with their big buffers set aside
+    pids: bool  # whether the payload holds persistent ids (bytes-likes in a block)
+    descs: list[_Desc]  # where each big buffer is
+    inbox: _Block | None  # the block holding the items' big buffers
+    outbox: _Block | None  # the block the child may write its results' big buffers into
+    forget: list[int]  # ids of blocks the child may unmap
+    retries_left: int | None  # retries left to the item (one-item messages after a crash)
+
+
+class _OutcomeMessage(NamedTuple):
+    """Child -> parent: what a `_BatchMessage` produced."""
+
+    tag: int  # _OUTCOME
+    payload: bytes  # the outputs, pickled with their big buffers set aside
+    pids: bool
+    descs: list[_Desc]
+    need: int  # bytes of outbox the child lacked (the parent provides a bigger one)
+    filtered: int
+    retried: int
+    processed: int
+    busy: float  # seconds the batch took in the child
+    cpu: float  # the child's CPU time so far
+    counts: list[int]  # outputs of each processed input (`BatchOutcome.counts`)
+    failures: list[tuple[int, Any, int]]  # (batch index, packed error, attempts) per failure
+    error: Any  # the packed error that ended the batch, or None
+    inbox_kept: bool  # arrays the stage kept live on the inbox: it is the child's no more
+
+
 _STOP_MESSAGE = pickle.dumps((_STOP,), 5)
 _STARTED_MESSAGE = pickle.dumps((_STARTED,), 5)
 _SLEEPING_MESSAGE = pickle.dumps((_SLEEPING,), 5)

@@ -2,9 +2,9 @@
 
 ::
 
-    [input channel] --aget_many--> worker task 0 --aprocess_batch--> --aput_many--> [output]
-                    --aget_many--> worker task 1 ...          (or Sequencer.adeposit)
-                                   ... ``workers`` tasks: the stage's concurrency limit
+    port.atake --> worker task 0 --aprocess_batch--> port.adeliver
+    port.atake --> worker task 1 ...   (one port per task; see `conveyor.runtime.ports`)
+                   ... ``workers`` tasks: the stage's concurrency limit
 
 Each worker task loops like a thread worker (`conveyor.runtime.base.worker_loop`):
 take a batch, run it through `conveyor.stage.aprocess_batch` (the stage's
@@ -40,8 +40,9 @@ from time import monotonic, perf_counter
 from typing import Any
 
 from ..errors import ConfigurationError, ShutDown
-from ..stage import add_note, add_stage_note, aprocess_batch, set_worker_state
-from .base import RunControl, Runtime, StageRun, _adapt, account_batch
+from ..policy import add_note, add_stage_note, aprocess_batch
+from ..stage import set_worker_state
+from .base import TARGET_BATCH_SECONDS, RunControl, Runtime, StageRun, _adapt, count_batch
 
 __all__ = ["RUNTIME", "AsyncRuntime", "new_event_loop"]
 
@@ -179,7 +180,7 @@ async def _run_worker(sr: StageRun, worker: int) -> None:
     try:
         state = await _call_hook(stage.on_start) if stage.on_start is not None else None
     except BaseException as exc:
-        sr.handles[worker].close()
+        sr.ports[worker].close()
         if isinstance(exc, asyncio.CancelledError):
             raise
         control.fail(add_note(exc, f"conveyor: on_start of stage {stage.label} failed"))
@@ -208,35 +209,31 @@ async def _call_hook(hook: Callable[..., Any], *args: Any) -> Any:
 
 async def _worker_loop(sr: StageRun, worker: int) -> None:
     """`conveyor.runtime.base.worker_loop`, for a coroutine stage."""
-    stage, control, inp = sr.stage, sr.control, sr.input
-    handle = sr.handles[worker]
+    stage, control = sr.stage, sr.control
+    port = sr.ports[worker]
     counters = sr.metrics.new_worker()
-    sequencer = sr.sequencer
-    size, limit = 1, sr.max_batch
+    size, limit, track = 1, sr.max_batch, sr.tracks
+    target = sr.target(TARGET_BATCH_SECONDS)
     try:
         while True:
             t0 = perf_counter()
             try:
-                if sequencer is not None:
-                    batch, ticket = await sequencer.atake(inp, size)
-                else:
-                    batch = await inp.aget_many(size)
+                batch = await port.atake(size)
             except ShutDown:
                 break
             t1 = perf_counter()
             counters.wait_in += t1 - t0
             counters.current_item, counters.current_since = batch[0], t1
-            outcome = await aprocess_batch(stage, batch)
+            outcome = await aprocess_batch(stage, batch, track)
             t2 = perf_counter()
             counters.current_item = counters.current_since = None
-            if account_batch(counters, control, outcome, len(batch), t2 - t1):
+            count_batch(counters, outcome, len(batch), t2 - t1)
+            error = await port.adeliver(outcome)
+            if error is not None:
+                control.fail(error)
                 break
-            if sequencer is not None:
-                await sequencer.adeposit(ticket, outcome.outputs)
-            elif outcome.outputs:
-                await handle.aput_many(outcome.outputs)
             counters.wait_out += perf_counter() - t2
-            size = _adapt(size, len(batch), t2 - t1, limit)
+            size = _adapt(size, len(batch), t2 - t1, limit, target)
     except ShutDown:
         pass  # the run was aborted while we were handing outputs on
     except asyncio.CancelledError:
@@ -245,7 +242,7 @@ async def _worker_loop(sr: StageRun, worker: int) -> None:
         control.fail(add_stage_note(exc, stage, counters.current_item))
     finally:
         counters.finish()
-        handle.close()
+        port.close()
 
 
 # ---------------------------------------------------------------------- the loop

@@ -146,14 +146,8 @@ from ..errors import (
     ShutDown,
     WorkerCrashed,
 )
-from ..stage import (
-    BatchOutcome,
-    Failure,
-    Stage,
-    _item_repr,  # how notes show items: errors here name them the same way
-    add_note,
-    add_stage_note,
-)
+from ..policy import BatchOutcome, add_note, add_stage_note, give_up, item_repr, retry_delay
+from ..stage import Failure, Stage
 from ._child import _child_main, _PackedError, _stage_blob
 from ._wire import (
     _BATCH,
@@ -165,15 +159,17 @@ from ._wire import (
     _STOPPED,
     SHM_THRESHOLD,
     _Arena,
+    _BatchMessage,
     _Buffers,
     _Desc,
     _dump,
     _first_unpicklable,
     _load,
+    _OutcomeMessage,
     _type_name,
     shm_prefix,
 )
-from .base import Runtime, Sequencer, StageRun, batch_loop, worker_loop
+from .base import Runtime, StageRun, batch_loop, worker_loop
 from .threads import join_threads
 
 __all__ = [
@@ -482,7 +478,9 @@ class _Child:
             descs, inbox = self._place(buffers, flight)
             outbox = self._choose_outbox(bool(buffers.views), flight)
             forget, self._forget = self._forget, []
-            message = (_BATCH, payload, pids, descs, inbox, outbox, forget, retries_left)
+            message = _BatchMessage(
+                _BATCH, payload, pids, descs, inbox, outbox, forget, retries_left
+            )
             data = pickle.dumps(message, 5)
             seq = self._sent
             self._sent += 1
@@ -667,23 +665,20 @@ class _Child:
 class _Job:
     """One batch on its way through worker processes, maybe in several messages."""
 
-    def __init__(self, stage: Stage, batch: list[Any]) -> None:
+    def __init__(self, stage: Stage, batch: list[Any], track: bool) -> None:
         self.stage = stage
         self.batch = batch
-        self.outcome = BatchOutcome([])
+        self.outcome = BatchOutcome([], counts=[] if track else None)
         self.start = 0  # the first item not done yet
         self.isolate_until = 0  # items before this one go one per message (after a crash)
         self.charged: dict[int, int] = {}  # item index -> workers it crashed or overran
 
     def give_up(self, index: int, error: BaseException, attempts: int) -> bool:
         """batch[index] failed for good: apply on_error; True when the batch goes on."""
-        item = self.batch[index]
-        if self.stage.on_error == "skip":
-            self.outcome.failures.append(Failure(self.stage.name, item, error, attempts))
-            self.start = index + 1
-            return True
-        self.stop(add_stage_note(error, self.stage, item), index)
-        return False
+        if give_up(self.stage, self.outcome, self.batch[index], error, attempts, index):
+            return False
+        self.start = index + 1
+        return True
 
     def stop(self, error: BaseException, index: int) -> None:
         """End the batch with ``error`` (already noted) at batch[index]."""
@@ -711,8 +706,7 @@ class _Worker:
         self.blob = blob
         self.child: _Child | None = None
         self._child_lock = threading.Lock()  # starting, replacing and retiring the child
-        one = stage.timeout is not None or stage.max_items_per_worker is not None
-        self.lanes = 1 if one else LANES
+        self.lanes = _lanes(stage)
         self._running = self.lanes
 
     # ------------------------------------------------------------------ lanes
@@ -726,11 +720,11 @@ class _Worker:
                 try:
                     self._live_child()
                 except ShutDown:
-                    sr.handles[handle].close()
+                    sr.ports[handle].close()
                     return
                 except BaseException as exc:
                     control.fail(exc)
-                    sr.handles[handle].close()
+                    sr.ports[handle].close()
                     return
             worker_loop(sr, handle, self.execute, BATCH_SECONDS)
         finally:
@@ -862,7 +856,7 @@ class _Worker:
 
     def execute(self, batch: list[Any]) -> BatchOutcome:
         """Run ``batch`` through worker processes: the ``execute`` of the worker loop."""
-        job = _Job(self.stage, batch)
+        job = _Job(self.stage, batch, self.sr.tracks)
         while job.start < len(batch) and self._step(job):
             pass
         if job.outcome.error is None:
@@ -902,6 +896,7 @@ class _Worker:
         if answer[0] == _LOAD_FAILED:
             child.settle(seq, answer[-1], 0)
             return self._unreadable(job, end, _unpack_error(answer[1]), "in the worker process")
+        assert isinstance(answer, _OutcomeMessage)
         return self._merge(job, child, seq, answer, end)
 
     def _encode(self, job: _Job, end: int) -> tuple[bytes, bool, _Buffers, int] | None:
@@ -934,30 +929,32 @@ class _Worker:
                 continue
             return payload, pids, buffers, end
 
-    def _merge(self, job: _Job, child: _Child, seq: int, answer: tuple[Any, ...], end: int) -> bool:
+    def _merge(self, job: _Job, child: _Child, seq: int, answer: _OutcomeMessage, end: int) -> bool:
         """Add a child's outcome for batch[start:end] to the job's; False when the batch failed."""
-        _, payload, pids, descs, need, counts, failures, error, kept_inbox = answer
         try:
-            outputs = _load(payload, pids, descs, *child.blocks(seq))
+            outputs = _load(answer.payload, answer.pids, answer.descs, *child.blocks(seq))
         except Exception as exc:
             return self._unreadable(job, end, exc, "in the parent process")
         finally:
-            child.settle(seq, kept_inbox, need)
+            child.settle(seq, answer.inbox_kept, answer.need)
         stage, batch, start = self.stage, job.batch, job.start
         outcome = job.outcome
         outcome.outputs.extend(outputs)
-        filtered, retried, processed, busy, cpu = counts
-        outcome.filtered += filtered
-        outcome.retried += retried
-        outcome.busy_seconds = (outcome.busy_seconds or 0.0) + busy
-        self.sr.metrics.add_child_cpu(child.cpu_since_last(cpu))
+        if outcome.counts is not None:
+            outcome.counts.extend(answer.counts)
+        outcome.filtered += answer.filtered
+        outcome.retried += answer.retried
+        outcome.busy_seconds = (outcome.busy_seconds or 0.0) + answer.busy
+        self.sr.metrics.add_child_cpu(child.cpu_since_last(answer.cpu))
         earlier = job.charged.get(start, 0) if end - start == 1 else 0
-        for index, packed, attempts in failures:
-            item = batch[start + index] if index is not None else None
-            failure = Failure(stage.name, item, _unpack_error(packed), attempts + earlier)
+        for index, packed, attempts in answer.failures:
+            failure = Failure(
+                stage.name, batch[start + index], _unpack_error(packed), attempts + earlier
+            )
             outcome.failures.append(failure)
-        if error is not None:
-            job.stop(_unpack_error(error), start + processed)
+            outcome.failed_at.append(start + index)
+        if answer.error is not None:
+            job.stop(_unpack_error(answer.error), start + answer.processed)
             return False
         job.start = end
         return True
@@ -993,9 +990,10 @@ class _Worker:
             job.outcome.retried += 1
             return True
         charged = job.charged[start]
-        if charged <= stage.retries:
+        delay = retry_delay(stage, charged)
+        if delay is not None:
             job.outcome.retried += 1
-            if not self.sr.control.sleep(stage.backoff.delay(charged)):
+            if not self.sr.control.sleep(delay):
                 raise ShutDown
             return True
         if child.timed_out:
@@ -1021,8 +1019,15 @@ class _Worker:
         return error
 
 
+def _lanes(stage: Stage) -> int:
+    """Lanes per worker: stages with a ``timeout`` or ``max_items_per_worker`` use one
+    (their bookkeeping is per message)."""
+    one = stage.timeout is not None or stage.max_items_per_worker is not None
+    return 1 if one else LANES
+
+
 def _short_repr(item: Any) -> str:
-    return _item_repr.repr(item)  # as the stage notes show items
+    return item_repr(item)  # as the stage notes show items
 
 
 def _main_guard_error() -> ConfigurationError:
@@ -1066,18 +1071,15 @@ class ProcessRuntime(Runtime):
                 f"for worker processes: {exc}"
             ) from exc
         # A round trip to a worker costs more than a channel operation: let a
-        # batch take the whole input channel rather than half of it.
-        sr.max_batch = max(sr.max_batch, min(sr.input.maxsize, MAX_BATCH))
+        # batch take the whole input rather than half of it.
+        sr.max_batch = max(sr.max_batch, min(sr.io.capacity, MAX_BATCH))
         workers = [_Worker(self, sr, index, blob) for index in range(sr.stage.workers)]
         lanes: list[tuple[_Worker, int]] = [(w, w.index) for w in workers]
-        count = sum(w.lanes for w in workers)
-        if sr.sequencer is None and sr.stage.ordered and count > 1:
-            # Lanes finish out of order even with one worker: keep the input's order.
-            sr.sequencer = Sequencer(sr.output, window=4 * count, control=sr.control)
-        for worker in workers:  # later lanes write to the output through handles of their own
+        port = len(workers)
+        for worker in workers:  # later lanes hand outputs on through ports of their own
             for _ in range(worker.lanes - 1):
-                lanes.append((worker, len(sr.handles)))
-                sr.handles.append(sr.output.producer())
+                lanes.append((worker, port))
+                port += 1
         for worker, handle in lanes:
             suffix = "" if handle == worker.index else f"-lane{handle}"
             thread = threading.Thread(
@@ -1089,6 +1091,11 @@ class ProcessRuntime(Runtime):
             sr.threads.append(thread)
             self._threads.append(thread)
             thread.start()
+
+    def port_count(self, stage: Stage) -> int:
+        # One port per lane; lanes finish out of order even with one worker, so an
+        # ordered stage's ports keep the input's order as soon as there are two.
+        return 1 if stage.kind == "batch" else stage.workers * _lanes(stage)
 
     def adopt(self, child: _Child) -> None:
         """Track a started child (to stop it on abort); ShutDown if the run is already aborted."""

@@ -16,7 +16,8 @@ from functools import partial
 from time import monotonic
 from typing import Any
 
-from ..stage import Stage, add_note, apply_one, process_batch, set_worker_state, timeout_error
+from ..policy import add_note, apply_one, process_batch, timeout_error
+from ..stage import Stage, set_worker_state
 from .base import Runtime, StageRun, batch_loop, worker_loop
 
 __all__ = ["RUNTIME", "ThreadRuntime", "TimedCaller"]
@@ -132,11 +133,11 @@ def _run_worker(sr: StageRun, worker: int) -> None:
         state = stage.on_start() if stage.on_start is not None else None
     except BaseException as exc:
         control.fail(add_note(exc, f"conveyor: on_start of stage {stage.label} failed"))
-        sr.handles[worker].close()
+        sr.ports[worker].close()
         return
     set_worker_state(state)
     timed = TimedCaller(sr.thread_name(worker), state) if stage.timeout is not None else None
-    execute = partial(process_batch, stage, call=timed, sleep=control.sleep)
+    execute = partial(process_batch, stage, call=timed, sleep=control.sleep, track=sr.tracks)
     try:
         worker_loop(sr, worker, execute)
     finally:

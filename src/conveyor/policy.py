@@ -1,0 +1,396 @@
+"""The on-error policy: how a stage turns a batch of input items into a `BatchOutcome`.
+
+Every runtime and every port goes through here, so a stage behaves the same
+on threads, in worker processes, on an event loop and behind Redis:
+
+- the stage's function applied to each item (map, filter, flat_map, each);
+- ``retries`` with `Backoff` between attempts of one item;
+- ``on_error``: ``"raise"`` ends the batch at the item (its exception noted
+  with the stage and the item, PEP 678), ``"skip"`` records a `Failure` and
+  goes on;
+- per-item ``timeout``: through the ``call`` a runtime passes (a helper
+  thread, a killed child process, `asyncio.wait_for`).
+
+A `BatchOutcome` says what the batch produced and, when the port asks for it
+(``track=True``), which input produced which outputs: a Redis port
+acknowledges each input entry with its own outputs, and an ordered Redis run
+numbers the outputs of each input.
+
+The hot path is a tight loop over the batch; retries, skips and timeouts
+only cost something for the items that need them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import reprlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .stage import Failure, Stage
+
+__all__ = [
+    "BatchOutcome",
+    "aapply_one",
+    "add_note",
+    "add_stage_note",
+    "apply_one",
+    "aprocess_batch",
+    "give_up",
+    "item_repr",
+    "process_batch",
+    "retry_delay",
+    "timeout_error",
+]
+
+_item_repr = reprlib.Repr()
+_item_repr.maxstring = 80
+_item_repr.maxother = 80
+
+
+def item_repr(item: Any) -> str:
+    """How notes and errors show an item: a short repr."""
+    return _item_repr.repr(item)
+
+
+# ---------------------------------------------------------------------- notes
+
+
+def add_stage_note(exc: BaseException, stage: Stage, item: Any) -> BaseException:
+    """Attach a PEP 678 note naming the stage and the item; return ``exc``.
+
+    Only once per stage: the first note, made where the item is known, wins
+    over a later, coarser one (a worker loop knows only its batch).
+    """
+    prefix = f"conveyor: stage {stage.label} failed on item "
+    if any(str(n).startswith(prefix) for n in getattr(exc, "__notes__", ())):
+        return exc
+    return add_note(exc, prefix + item_repr(item))
+
+
+def add_note(exc: BaseException, note: str) -> BaseException:
+    """Attach a PEP 678 note to ``exc`` (also on 3.10, as ``__notes__``); return ``exc``."""
+    if sys.version_info >= (3, 11):
+        exc.add_note(note)
+    else:  # 3.10: keep the notes where 3.11+ would, for callers that read them
+        notes = getattr(exc, "__notes__", None)
+        if notes is None:
+            notes = []
+            exc.__notes__ = notes  # type: ignore[attr-defined]
+        notes.append(note)
+    return exc
+
+
+# ---------------------------------------------------------------------- the outcome
+
+
+@dataclass
+class BatchOutcome:
+    """What a batch of input items produced."""
+
+    outputs: list[Any]
+    """Outputs, in the order of the inputs that produced them."""
+    filtered: int = 0
+    """Inputs a filter dropped."""
+    retried: int = 0
+    """Extra calls made by retries."""
+    failures: list[Failure] = field(default_factory=list)
+    """Items given up on with ``on_error="skip"``."""
+    failed_at: list[int] = field(default_factory=list)
+    """The batch index of each of ``failures``."""
+    error: BaseException | None = None
+    """With ``on_error="raise"``: the exception that stops the batch (noted)."""
+    error_item: Any = None
+    """The item that raised ``error``."""
+    processed: int = 0
+    """Inputs handled (successfully or not) before ``error``, if any: the batch
+    index of the item that raised it."""
+    counts: list[int] | None = None
+    """With ``track=True``: how many outputs each of the first ``processed``
+    inputs produced (0 for a filtered or skipped one), so that the outputs of
+    input ``i`` are ``outputs[sum(counts[:i]):sum(counts[:i + 1])]``."""
+    size_limit: int | None = None
+    """A runtime's cap on the size of the worker's next batch (process workers: the
+    items whose big buffers fit in one shared-memory message)."""
+    busy_seconds: float | None = None
+    """The time spent on the batch where the runtime measured it itself (a worker
+    process: its time in the stage, not the round trip to it, which also holds
+    the wait behind the batch before); None: the time ``execute`` took."""
+
+    def fail(self, stage: Stage, error: BaseException, item: Any, index: int) -> None:
+        """End the outcome with ``error`` (noted with the stage and item) at batch[index]."""
+        self.error = add_stage_note(error, stage, item)
+        self.error_item = item
+        self.processed = index
+
+    def per_input(self) -> list[list[Any]]:
+        """The outputs of each processed input, in input order (needs ``counts``)."""
+        assert self.counts is not None, "per_input() needs an outcome made with track=True"
+        result: list[list[Any]] = []
+        at = 0
+        outputs = self.outputs
+        for n in self.counts:
+            result.append(outputs[at : at + n])
+            at += n
+        return result
+
+
+# ---------------------------------------------------------------------- one item
+
+
+def apply_one(stage: Stage, item: Any) -> tuple[list[Any], bool]:
+    """Apply the stage to one item; return (outputs, filtered)."""
+    fn = stage.fn
+    assert fn is not None
+    return _outputs_of(stage.kind, item, fn(item))
+
+
+async def aapply_one(stage: Stage, item: Any) -> tuple[list[Any], bool]:
+    """Apply a coroutine stage to one item within its ``timeout``; return (outputs, filtered).
+
+    Raises:
+        TimeoutError: the call took longer than the stage's ``timeout`` (it
+            was cancelled).
+    """
+    fn = stage.fn
+    assert fn is not None
+    if stage.timeout is None:
+        return _outputs_of(stage.kind, item, await fn(item))
+    try:
+        result = await asyncio.wait_for(fn(item), stage.timeout)
+    except asyncio.TimeoutError as exc:
+        # wait_for's own timeout is chained to the cancellation it caused; a
+        # TimeoutError the function raised itself is not, and goes on untouched.
+        if not isinstance(exc.__cause__, asyncio.CancelledError):
+            raise
+        raise timeout_error(stage) from None
+    return _outputs_of(stage.kind, item, result)
+
+
+def _outputs_of(kind: str, item: Any, result: Any) -> tuple[list[Any], bool]:
+    """What a call that returned ``result`` on ``item`` sends on: (outputs, filtered)."""
+    if kind == "map":
+        return [result], False
+    if kind == "filter":
+        return ([item], False) if result else ([], True)
+    if kind == "flat_map":
+        return list(result), False
+    return [], False
+
+
+def timeout_error(stage: Stage) -> TimeoutError:
+    """The error of a call that exceeded the stage's per-item ``timeout``."""
+    return TimeoutError(
+        f"stage {stage.label} took longer than its timeout of {stage.timeout} s on one item"
+    )
+
+
+# ---------------------------------------------------------------------- the policy
+
+
+def retry_delay(stage: Stage, attempts: int) -> float | None:
+    """Seconds to wait before calling an item again after ``attempts`` failed calls.
+
+    None when the item is out of retries: then `give_up` applies ``on_error``.
+    """
+    return stage.backoff.delay(attempts) if attempts <= stage.retries else None
+
+
+def give_up(
+    stage: Stage, outcome: BatchOutcome, item: Any, error: BaseException, attempts: int, index: int
+) -> bool:
+    """Apply ``on_error`` to ``batch[index]``, out of retries; True when the batch ends there.
+
+    ``"skip"`` records a `Failure` (and, when tracked, no outputs for the
+    item); ``"raise"`` ends the outcome with the noted error.
+    """
+    if stage.on_error == "skip":
+        outcome.failures.append(Failure(stage.name, item, error, attempts))
+        outcome.failed_at.append(index)
+        if outcome.counts is not None:
+            outcome.counts.append(0)
+        return False
+    outcome.fail(stage, error, item, index)
+    return True
+
+
+def _apply_run(
+    stage: Stage, batch: list[Any], start: int, out: list[Any], counts: list[int] | None
+) -> tuple[int, int, Exception | None]:
+    """Apply the stage to ``batch[start:]`` until an item raises.
+
+    Appends outputs to ``out`` (and, with ``counts``, each input's number of
+    outputs); returns (index reached, filtered count, the exception). The
+    index is ``len(batch)`` when no item raised, else the failing item's,
+    whose outputs (none) were not appended.
+    """
+    fn = stage.fn
+    assert fn is not None
+    kind = stage.kind
+    i = start
+    filtered = 0
+    n = len(batch)
+    try:
+        if kind == "map":
+            append = out.append
+            while i < n:
+                append(fn(batch[i]))
+                i += 1
+            if counts is not None:
+                counts.extend([1] * (n - start))
+        elif kind == "filter":
+            append = out.append
+            while i < n:
+                x = batch[i]
+                if fn(x):
+                    append(x)
+                    if counts is not None:
+                        counts.append(1)
+                else:
+                    filtered += 1
+                    if counts is not None:
+                        counts.append(0)
+                i += 1
+        elif kind == "flat_map":
+            extend = out.extend
+            while i < n:
+                # Materialise first: a generator that fails halfway adds nothing.
+                outputs = list(fn(batch[i]))
+                extend(outputs)
+                if counts is not None:
+                    counts.append(len(outputs))
+                i += 1
+        else:  # each
+            while i < n:
+                fn(batch[i])
+                i += 1
+            if counts is not None:
+                counts.extend([0] * (n - start))
+    except Exception as exc:
+        if counts is not None and kind in ("map", "each"):
+            # The bulk extend above did not run: count the items done before the failure.
+            counts.extend([1 if kind == "map" else 0] * (i - start))
+        return i, filtered, exc
+    except BaseException as exc:  # Ctrl-C, SystemExit: no policy applies, but name the item
+        add_stage_note(exc, stage, batch[i])
+        raise
+    return i, filtered, None
+
+
+def process_batch(
+    stage: Stage,
+    batch: list[Any],
+    call: Callable[[Stage, Any], tuple[list[Any], bool]] | None = None,
+    sleep: Callable[[float], bool] | None = None,
+    track: bool = False,
+) -> BatchOutcome:
+    """Run ``batch`` through ``stage`` with its retry and error policies.
+
+    Args:
+        stage: the stage (not a ``batch`` stage: those accumulate instead).
+        batch: the input items.
+        call: how to apply the stage to one item, for items that need the
+            slow path (a failure, or a per-item timeout). Defaults to a plain
+            call; the thread runtime passes one that enforces ``timeout``.
+        sleep: waits between retries; returns False when the run was stopped
+            meanwhile: then the batch ends there, without an error or a
+            failure (the item did not fail, the stop cut its retries short).
+        track: record which input produced which outputs (`BatchOutcome.counts`).
+
+    Returns:
+        The outcome. With ``on_error="raise"``, the first item that exhausts
+        its retries ends the batch: ``error`` is its exception, noted with the
+        stage and the item, and ``processed`` says how far the batch got.
+    """
+    out: list[Any] = []
+    counts: list[int] | None = [] if track else None
+    outcome = BatchOutcome(out, counts=counts)
+    n = len(batch)
+    i = 0
+    slow = call is not None and stage.timeout is not None
+    one = call or apply_one
+    while i < n:
+        error: Exception | None = None
+        if not slow:
+            i, filtered, error = _apply_run(stage, batch, i, out, counts)
+            outcome.filtered += filtered
+            if i == n:
+                break
+        item = batch[i]
+        attempts = 1
+        while True:
+            if error is None:
+                try:
+                    outputs, was_filtered = one(stage, item)
+                except Exception as exc:
+                    error = exc
+                except BaseException as exc:  # as in _apply_run
+                    add_stage_note(exc, stage, item)
+                    raise
+                else:
+                    out.extend(outputs)
+                    outcome.filtered += was_filtered
+                    if counts is not None:
+                        counts.append(len(outputs))
+                    break
+            delay = retry_delay(stage, attempts)
+            if delay is None:
+                if give_up(stage, outcome, item, error, attempts, i):
+                    return outcome
+                break
+            if sleep is not None and not sleep(delay):
+                # Stopped while waiting: reporting the error would turn a stop() into a failure.
+                outcome.processed = i
+                return outcome
+            outcome.retried += 1
+            attempts += 1
+            error = None
+        i += 1
+    outcome.processed = n
+    return outcome
+
+
+async def aprocess_batch(stage: Stage, batch: list[Any], track: bool = False) -> BatchOutcome:
+    """`process_batch` for a coroutine stage: the same policies, awaited.
+
+    Items run one after the other (a stage's concurrency is its number of
+    worker coroutines); retries wait with `asyncio.sleep` and ``timeout``
+    cancels the call (see `aapply_one`). A stop cancels the worker, so a
+    `asyncio.CancelledError` from the call or the wait goes through.
+
+    Returns:
+        The outcome, as `process_batch` returns it.
+    """
+    out: list[Any] = []
+    counts: list[int] | None = [] if track else None
+    outcome = BatchOutcome(out, counts=counts)
+    for i, item in enumerate(batch):
+        attempts = 1
+        while True:
+            error: Exception | None = None
+            try:
+                outputs, was_filtered = await aapply_one(stage, item)
+            except Exception as exc:
+                error = exc
+            except BaseException as exc:  # as in _apply_run; a cancellation is the run's stop
+                if not isinstance(exc, asyncio.CancelledError):
+                    add_stage_note(exc, stage, item)
+                raise
+            else:
+                out.extend(outputs)
+                outcome.filtered += was_filtered
+                if counts is not None:
+                    counts.append(len(outputs))
+                break
+            delay = retry_delay(stage, attempts)
+            if delay is None:
+                if give_up(stage, outcome, item, error, attempts, i):
+                    return outcome
+                break
+            await asyncio.sleep(delay)
+            outcome.retried += 1
+            attempts += 1
+    outcome.processed = len(batch)
+    return outcome

@@ -747,3 +747,16 @@ def test_a_process_stages_cpu_busy_and_latency_are_its_worker_processes() -> Non
     # A worker process does one batch at a time: its busy time fits in the run.
     assert stats.busy_seconds <= stats.workers * stats.elapsed_seconds
     assert stats.latency_p50 >= 0.002  # the stage function's time, not the round trip
+
+
+_FUNCTION_CLASS = __import__("types").FunctionType  # a class with a __code__ descriptor
+
+
+def test_a_stage_whose_globals_hold_the_function_class_runs_in_worker_processes() -> None:
+    # Regression: restoring file names in the worker followed every global with a
+    # __code__ attribute, and failed on types.FunctionType (a class, not a function).
+    def is_function(x: int) -> bool:
+        return isinstance(x, _FUNCTION_CLASS)
+
+    outputs = list(cv.Pipeline(range(5)).map(is_function, runtime="process"))
+    assert outputs == [False] * 5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import pickle
 import subprocess
 import threading
@@ -173,15 +174,23 @@ def test_async_stages_and_batch_stages_run_on_redis_workers(redis_server: RedisS
     assert all(1 <= len(group) <= 10 for group in outputs)
 
 
+def triple_and_pid(x: int) -> tuple[int, int]:
+    return 3 * x, os.getpid()
+
+
 def test_a_process_stage_runs_in_child_processes_of_the_worker(redis_server: RedisServer) -> None:
-    pipeline = cv.Pipeline(range(200)).map(triple, runtime="process", workers=2)
+    pipeline = cv.Pipeline(range(200)).map(triple_and_pid, runtime="process", workers=2)
     namespace = new_namespace()
     with serving(pipeline, redis_server.url, namespace) as worker:
-        assert len(worker._children) == 2
+        assert type(worker.runtimes["process"]).__name__ == "ProcessRuntime"
         result = pipeline.run(
             collect=True, backend=RedisBackend(redis_server.url, namespace=namespace)
         )
-    assert result.outputs == [3 * x for x in range(200)]
+    outputs = result.outputs or []
+    assert [x for x, _ in outputs] == [3 * x for x in range(200)]
+    pids = {pid for _, pid in outputs}
+    assert os.getpid() not in pids
+    assert 1 <= len(pids) <= 2
 
 
 # ---------------------------------------------------------------------- dead letters

@@ -127,7 +127,6 @@ def worker_command(
             stages=stages or None,
             workers=_parse_workers(workers),
             namespace=namespace,
-            pipeline_ref=target,
         )
         worker.run_forever()
     except (BackendError, ConfigurationError) as exc:

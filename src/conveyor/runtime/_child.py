@@ -22,7 +22,7 @@ from multiprocessing import parent_process as _parent_process
 from multiprocessing.connection import Connection
 from time import perf_counter, process_time
 from time import sleep as _sleep
-from types import CodeType
+from types import CodeType, FunctionType
 from typing import Any
 
 import cloudpickle
@@ -286,10 +286,11 @@ def _restore_filenames(obj: Any, files: dict[str, str], seen: set[int]) -> None:
     line. Follows the functions' globals and closures (helpers also sent by
     value), not classes.
     """
-    code = getattr(obj, "__code__", None)
-    if code is None or id(obj) in seen:
+    # Functions only: a class such as types.FunctionType has a __code__ too (a descriptor).
+    if not isinstance(obj, FunctionType) or id(obj) in seen:
         return
     seen.add(id(obj))
+    code = obj.__code__
     filename = files.get(getattr(obj, "__module__", None) or "")
     if filename and code.co_filename == "<dynamic-code>":
         with contextlib.suppress(AttributeError, TypeError, ValueError):

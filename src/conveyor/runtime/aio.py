@@ -227,6 +227,7 @@ async def _worker_loop(sr: StageRun, worker: int) -> None:
             outcome = await aprocess_batch(stage, batch, track)
             t2 = perf_counter()
             counters.current_item = counters.current_since = None
+            outcome.busy_seconds = t2 - t1
             count_batch(counters, outcome, len(batch), t2 - t1)
             error = await port.adeliver(outcome)
             if error is not None:

@@ -186,8 +186,9 @@ def worker_loop(
             outcome = execute(batch)
             t2 = perf_counter()
             counters.current_item = counters.current_since = None
-            busy = t2 - t1 if outcome.busy_seconds is None else outcome.busy_seconds
-            count_batch(counters, outcome, len(batch), busy)
+            if outcome.busy_seconds is None:
+                outcome.busy_seconds = t2 - t1
+            count_batch(counters, outcome, len(batch), outcome.busy_seconds)
             error = port.deliver(outcome)
             if error is not None:
                 control.fail(error)

@@ -15,10 +15,12 @@ from .errors import BackendUnavailable as BackendUnavailable
 from .errors import ConfigurationError as ConfigurationError
 from .errors import ConfigurationTypeError as ConfigurationTypeError
 from .errors import ConveyorError as ConveyorError
+from .errors import DeadLettersError as DeadLettersError
 from .errors import Empty as Empty
 from .errors import Full as Full
 from .errors import PayloadRejected as PayloadRejected
 from .errors import PipelineStopped as PipelineStopped
+from .errors import RunStateLost as RunStateLost
 from .errors import SerializationError as SerializationError
 from .errors import ShutDown as ShutDown
 from .errors import WorkerCrashed as WorkerCrashed
@@ -57,6 +59,7 @@ __all__ = [
     "ConfigurationError",
     "ConfigurationTypeError",
     "ConveyorError",
+    "DeadLettersError",
     "Empty",
     "Failure",
     "Full",
@@ -67,6 +70,7 @@ __all__ = [
     "RedisBackend",
     "RunHandle",
     "RunResult",
+    "RunStateLost",
     "SerializationError",
     "ShutDown",
     "StageStats",

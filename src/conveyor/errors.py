@@ -12,6 +12,9 @@ The hierarchy::
      |    +-- BackendError              the distributed backend failed
      |         +-- BackendUnavailable   Redis could not be reached in time
      |         +-- PayloadRejected      an entry failed signature checks
+     |         +-- DeadLettersError     a run can only go on after a dead-letter replay
+     |         +-- RunStateLost         Redis lost a run's keys (restart without persistence)
+     +-- RemoteError                    (not raised) a skipped item's error, as text
      +-- queue.Empty                    (re-exported as conveyor.Empty)
      +-- queue.Full                     (re-exported as conveyor.Full)
      +-- ShutDown                       queue.ShutDown on 3.13+, else conveyor's own
@@ -31,10 +34,13 @@ __all__ = [
     "ConfigurationError",
     "ConfigurationTypeError",
     "ConveyorError",
+    "DeadLettersError",
     "Empty",
     "Full",
     "PayloadRejected",
     "PipelineStopped",
+    "RemoteError",
+    "RunStateLost",
     "SerializationError",
     "ShutDown",
     "WorkerCrashed",
@@ -90,3 +96,33 @@ class BackendUnavailable(BackendError):
 
 class PayloadRejected(BackendError):
     """Raised when an entry is unsigned or its signature does not match."""
+
+
+class DeadLettersError(BackendError):
+    """Raised when a distributed run can go no further because entries sit in dead letters.
+
+    The run stays in Redis: fix the stage, ``conveyor dlq replay`` the
+    entries, and run again with the same ``run_id`` to finish it.
+    """
+
+    def __init__(self, message: str, *, run_id: str, dead: dict[str, int]) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.dead = dead
+
+
+class RunStateLost(BackendError):
+    """Raised when a distributed run's keys vanished from Redis while it was going on.
+
+    Redis restarted without persistence, or someone deleted the keys (a
+    ``conveyor cancel``, a ``FLUSHALL``): the items in flight and the
+    counters are gone, so the run cannot be resumed, only started afresh.
+    """
+
+    def __init__(self, message: str, *, run_id: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
+class RemoteError(Exception):
+    """Never raised: in `Failure.error`, a stage's error that a Redis worker recorded as text."""

@@ -35,11 +35,12 @@ completion), `worker`, `backend` (the driver), `dlq`, `status`, `cli`.
 
 from __future__ import annotations
 
-from .backend import DeadLettersError as DeadLettersError
+from ..errors import DeadLettersError as DeadLettersError
+from ..errors import RemoteError as RemoteError
+from ..errors import RunStateLost as RunStateLost
 from .backend import LiveRun as LiveRun
 from .backend import RedisBackend as RedisBackend
 from .backend import RedisRunResult as RedisRunResult
-from .backend import RemoteError as RemoteError
 from .worker import Worker as Worker
 
 __all__ = [
@@ -48,5 +49,6 @@ __all__ = [
     "RedisBackend",
     "RedisRunResult",
     "RemoteError",
+    "RunStateLost",
     "Worker",
 ]

@@ -21,7 +21,13 @@ from itertools import islice
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BackendError, ConfigurationError, PayloadRejected
+from ..errors import (
+    BackendError,
+    ConfigurationError,
+    DeadLettersError,
+    PayloadRejected,
+    RemoteError,
+)
 from ..metrics import RunResult, StageStats, Timeline
 from ..policy import add_note
 from ..stage import Failure, Stage
@@ -46,7 +52,7 @@ if TYPE_CHECKING:
 
     from .status import ProgressWatcher
 
-__all__ = ["DeadLettersError", "LiveRun", "RedisBackend", "RedisRunResult", "RemoteError"]
+__all__ = ["LiveRun", "RedisBackend", "RedisRunResult"]
 
 log = logging.getLogger("conveyor.redis")
 
@@ -56,23 +62,6 @@ FEED_CHUNK = 100
 """Items added to the first stream per script call."""
 QUIET_SECONDS = 10.0
 """The driver logs a warning when its run's counters stay still this long."""
-
-
-class DeadLettersError(BackendError):
-    """Raised when a run can go no further because entries sit in dead letters.
-
-    The run stays in Redis: fix the stage, ``conveyor dlq replay`` the
-    entries, and run again with the same ``run_id`` to finish it.
-    """
-
-    def __init__(self, message: str, *, run_id: str, dead: dict[str, int]) -> None:
-        super().__init__(message)
-        self.run_id = run_id
-        self.dead = dead
-
-
-class RemoteError(Exception):
-    """An error raised by a stage function in a worker, as the worker reported it."""
 
 
 @dataclass

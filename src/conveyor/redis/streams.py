@@ -250,6 +250,9 @@ class Retrier:
 
 # ---------------------------------------------------------------------- scripts
 
+UNPACK_MAX = 1000
+"""Most values a script passes to one ``unpack()``: Lua's stack holds about 8000."""
+
 # Lua helpers shared by the scripts below.
 #
 # backlog(key, group, held): entries of the stream its group has not read yet
@@ -506,17 +509,24 @@ return moved
 
 # The driver takes final-stream entries: acknowledge, trim, count (by what
 # XACK says, so a repeated call after a lost reply counts nothing twice).
+# The ids go to XACK UNPACK_MAX at a time: unpack() of more than about 8000
+# values overflows Lua's stack ("too many results to unpack"), and an ordered
+# run whose head item was slow releases thousands of entries at once.
 # KEYS: final, counters.  ARGV: group, released root ('' if unordered), ids...
 ACK = (
     LUA_HELPERS
     + """
-local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
+local n = 0
+for first = 3, #ARGV, UNPACK_MAX do
+  local last = math.min(first + UNPACK_MAX - 1, #ARGV)
+  n = n + redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, first, last))
+end
 trim(KEYS[1], ARGV[1])
 if n > 0 then redis.call('HINCRBY', KEYS[2], 'delivered', n) end
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[2], 'released', ARGV[2]) end
 return n
 """
-)
+).replace("UNPACK_MAX", str(UNPACK_MAX))
 
 
 # The work left in a stream.  KEYS: stream.  ARGV: group, held ('1'|'0').

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import os
+import subprocess
+import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +18,7 @@ import conveyor.redis
 import conveyor.redis.backend
 from conveyor.redis import RedisBackend
 from conveyor.redis.streams import DRIVER_GROUP, Keys, Scripts, pipeline_id
-from redis_helpers import WAIT, new_namespace, wait_until
+from redis_helpers import TESTS, WAIT, new_namespace, three_stages, triple, wait_until
 
 if TYPE_CHECKING:
     from conftest import RedisServer
@@ -145,3 +148,104 @@ def test_an_ordered_run_whose_first_item_is_slow_releases_thousands_at_once_and_
     assert not driver.is_alive()
     assert not errors, errors
     assert results[0].outputs == list(range(n))
+
+
+# ---------------------------------------------------------------------- 2. at least once
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+def test_outputs_left_behind_by_a_caller_that_broke_off_come_back_when_the_run_resumes(
+    redis_server: RedisServer, namespace: str, ordered: bool
+) -> None:
+    # The repro: break after 10 outputs, resume with the same run_id: the
+    # rest of the chunk read with those 10 had been acknowledged, so lost.
+    n = 3000
+    pipeline = cv.Pipeline(range(n)).map(triple, workers=2, ordered=ordered)
+    expected = [3 * x for x in range(n)]
+
+    def backend() -> RedisBackend:
+        # Entries the stopped local workers held are taken over after the
+        # visibility timeout: a short one keeps the resumed run quick.
+        return RedisBackend(
+            redis_server.url,
+            namespace=namespace,
+            run_id="broke-off",
+            local_workers=True,
+            visibility_timeout=0.5,
+        )
+
+    seen: list[int] = []
+    outputs = backend().iterate(pipeline)
+    for value in outputs:
+        seen.append(value)
+        if len(seen) == 10:
+            break
+    outputs.close()
+    again = list(backend().iterate(pipeline))
+
+    assert len(again) == len(set(again))  # the resumed run gives each output once
+    assert set(seen) | set(again) == set(expected)
+    # The chunk the caller held when it left was not acknowledged: the last
+    # output it took comes again; duplicates are only outputs it took.
+    assert seen[-1] in again
+    assert len(seen) + len(again) - n <= len(seen)
+    if ordered:
+        assert seen == expected[:10]
+        resumed_at = expected.index(again[0])
+        assert resumed_at < 10
+        assert again == expected[resumed_at:]
+
+
+KILLED_DRIVER = """
+import sys
+from conveyor.redis import RedisBackend
+from redis_helpers import three_stages
+
+url, namespace = sys.argv[1:3]
+backend = RedisBackend(
+    url, namespace=namespace, run_id="killed", local_workers=True, visibility_timeout=0.5
+)
+for i, value in enumerate(backend.iterate(three_stages(3000))):
+    print(value, flush=True)
+    if i == 49:
+        sys.stdin.readline()  # holds the run here until the test kills this process
+"""
+
+
+def test_outputs_of_a_killed_driver_that_it_had_not_printed_come_back_when_the_run_resumes(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_DRIVER, redis_server.url, namespace],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        printed = [int(proc.stdout.readline()) for _ in range(50)]
+    finally:
+        proc.kill()
+        rest, _ = proc.communicate(timeout=WAIT)
+    printed += [int(line) for line in rest.split()]
+    pipeline = three_stages(3000)
+    keys = _keys(pipeline, namespace, "killed")
+    assert _counters(redis_server.url, keys)["fed"] > 0  # the run was left in Redis
+
+    backend = RedisBackend(
+        redis_server.url, namespace=namespace, run_id="killed", local_workers=True
+    )
+    again = list(backend.iterate(pipeline))
+
+    expected = three_stages(3000).run(collect=True).outputs or []
+    assert printed == expected[: len(printed)]
+    # The resumed run goes on in order from the start of the chunk the killed
+    # driver held (not acknowledged): nothing is missing, and only outputs
+    # it printed come twice.
+    resumed_at = expected.index(again[0])
+    assert resumed_at < len(printed)
+    assert again == expected[resumed_at:]

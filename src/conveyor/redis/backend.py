@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import (
     BackendError,
@@ -357,7 +357,7 @@ class RedisBackend:
             redis_options=self.redis_options,
         ).start()
 
-    def iterate(self, pipeline: Any, *, progress: bool = False) -> Iterator[Any]:
+    def iterate(self, pipeline: Any, *, progress: bool = False) -> Generator[Any, None, None]:
         """Run ``pipeline`` and yield the last stage's outputs as they come.
 
         Args:
@@ -365,16 +365,22 @@ class RedisBackend:
                 threads of this process, with ``local_workers``).
             progress: as for `run`.
 
-        Leaving the loop early leaves the run in Redis, to be resumed with
-        the same ``run_id`` or deleted with `cancel`.
+        Outputs reach the caller at least once: leaving the loop early (or
+        dying) leaves the run in Redis, to be resumed with the same
+        ``run_id`` or deleted with `cancel`; a resumed run yields again the
+        outputs of the last chunk read, from the first one this loop had not
+        come back after (at most 1000 outputs seen twice).
         """
         run = self._new_run(pipeline)
         worker = self._start_local_workers(pipeline)
         watcher = self._watch(pipeline, run, True) if progress else None
+        outputs = run.outputs()
         try:
-            for chunk in run.outputs():
+            for chunk in outputs:
                 yield from chunk
         finally:
+            # Stop the feeder before the workers and the connections go.
+            outputs.close()
             self._finish(run, worker, watcher)
 
     def cancel(self, pipeline: Any, run_id: str) -> bool:
@@ -462,7 +468,7 @@ class LiveRun:
                 if b"t" not in fields:
                     values.append(self._codec.decode(fields))
         if ids:
-            _ack(self._scripts, self._retry, self.keys, final, ids, None)
+            _ack(self._scripts, self._retry, self.keys, final, ids, "")
         return values
 
     def close(self) -> None:
@@ -475,6 +481,19 @@ class LiveRun:
 
 
 # ---------------------------------------------------------------------- one driven run
+
+
+class _Taken(NamedTuple):
+    """One read of the final stream, as the driver hands it over."""
+
+    values: list[Any]
+    """Outputs released to the caller (in order, for an ordered run)."""
+    ids: list[bytes]
+    """Entries to acknowledge once the caller has taken ``values``."""
+    released: int | str
+    """Ordered runs: the next root to release after these ('' if unordered)."""
+    last: bytes | None
+    """Id of the last entry read (None: the read returned none)."""
 
 
 class _DriverRun:
@@ -580,8 +599,15 @@ class _DriverRun:
 
     # ------------------------------------------------------------------ reading outputs
 
-    def outputs(self) -> Iterator[list[Any]]:
-        """Yield the outputs in chunks until the run is complete."""
+    def outputs(self) -> Generator[list[Any], None, None]:
+        """Yield the outputs in chunks until the run is complete.
+
+        A chunk's entries are acknowledged (and counted delivered) only when
+        the caller comes back for the next chunk, or the run completes: the
+        outputs reach the caller at least once. A caller that leaves early,
+        or dies, leaves the chunk it held pending for the driver consumer,
+        and a driver resumed with the same ``run_id`` reads it again first.
+        """
         state = _read_state(self.client, self.retry, self.keys, self.n)
         self.reorder = Reorderer(state.released) if self.info.ordered else None
         self._start_feeder(state.fed)
@@ -589,12 +615,10 @@ class _DriverRun:
             # Entries this consumer read before (a resumed driver) come back first.
             yield from self._read_pending()
             while True:
-                got = False
                 seen = self.retry.interruptions
-                for chunk, _ in self._read(">"):
-                    got = True
-                    if chunk:
-                        yield chunk
+                taken = self._read(">")
+                got = taken.last is not None
+                yield from self._hand_over(taken)
                 if self.retry.interruptions != seen:
                     # A reply cut by a connection loss: what it held is pending for us.
                     yield from self._read_pending()
@@ -661,19 +685,25 @@ class _DriverRun:
         """Read again the entries delivered to this driver and not acknowledged yet."""
         start: str | bytes = "0"
         while True:
-            last: bytes | None = None
-            for chunk, entry_id in self._read(start):
-                last = entry_id
-                if chunk:
-                    yield chunk
-            if last is None:
+            taken = self._read(start)
+            if taken.last is None:
                 return
-            start = last
+            yield from self._hand_over(taken)
+            start = taken.last
 
-    def _read(self, start: str | bytes) -> Iterator[tuple[list[Any], bytes]]:
+    def _hand_over(self, taken: _Taken) -> Iterator[list[Any]]:
+        """Yield what ``taken`` released, then acknowledge its entries: the caller has them."""
+        if taken.values:
+            yield taken.values
+            self.items_out += len(taken.values)
+        if taken.ids:
+            _ack(self.scripts, self.retry, self.keys, self.final, taken.ids, taken.released)
+
+    def _read(self, start: str | bytes) -> _Taken:
         """Read the final stream once (``start`` ">" for new entries, an id for our pending).
 
-        Yields the outputs now released, with the id of the last entry read.
+        Returns the outputs now released and their entries (acknowledged by
+        `_hand_over`), with the id of the last entry read (None: none).
         """
         reply = self.retry(
             self.client.xreadgroup,
@@ -683,15 +713,17 @@ class _DriverRun:
             count=1000,
             block=int(POLL_SECONDS * 1000) if start == ">" else None,
         )
-        for _, entries in reply or ():
-            if entries:
-                values, ids = self._take(entries)
-                if ids:
-                    _ack(self.scripts, self.retry, self.keys, self.final, ids, self.reorder)
-                    with self._released:
-                        self._released.notify_all()
-                self.items_out += len(values)
-                yield values, entries[-1][0]
+        entries = reply[0][1] if reply else []
+        if not entries:
+            return _Taken([], [], "", None)
+        values, ids = self._take(entries)
+        reorder = self.reorder
+        if reorder is None:
+            return _Taken(values, ids, "", entries[-1][0])
+        with self._released:
+            # The feeder's window moves on: the released roots are the caller's now.
+            self._released.notify_all()
+        return _Taken(values, ids, reorder.next_root, entries[-1][0])
 
     def _take(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[Any], list[Any]]:
         decode = self.codec.decode
@@ -834,10 +866,10 @@ def _ack(
     keys: Keys,
     final: str,
     ids: list[Any],
-    reorder: Reorderer | None,
+    released: int | str,
 ) -> None:
-    """Acknowledge final-stream entries handed to the caller (trimming them), and count them."""
-    released = "" if reorder is None else reorder.next_root
+    """Acknowledge final-stream entries the caller has taken (trimming them), and count
+    them; ``released``: the ordered run's next root to release now ('' if unordered)."""
     retry(scripts.ack, keys=[final, keys.counters], args=[DRIVER_GROUP, released, *ids])
 
 

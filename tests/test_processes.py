@@ -159,6 +159,8 @@ class NeedsTwoArgs(Exception):
 
     def __init__(self, a: str, b: str) -> None:
         super().__init__(f"{a}/{b}")
+        self.a = a
+        self.b = b
 
 
 def raise_value_error(x: int) -> int:
@@ -350,10 +352,14 @@ def test_an_exception_in_a_worker_keeps_its_type_note_and_traceback_text() -> No
     assert 'raise ValueError(f"bad item {x}")' in str(error.__cause__)
 
 
-def test_an_exception_that_cannot_be_unpickled_becomes_a_conveyor_error() -> None:
-    with pytest.raises(cv.ConveyorError, match="NeedsTwoArgs: left/right") as info:
+def test_an_exception_whose_init_takes_other_arguments_arrives_as_itself() -> None:
+    # It cannot be unpickled (pickle calls __init__ with its args): it is rebuilt
+    # without calling __init__, its attributes restored (was a generic ConveyorError).
+    with pytest.raises(NeedsTwoArgs, match="left/right") as info:
         list(cv.Pipeline(range(3)).map(raise_two_args, runtime="process"))
-    assert "raise NeedsTwoArgs" in info.value.remote_traceback  # type: ignore[attr-defined]
+    assert (info.value.a, info.value.b) == ("left", "right")
+    assert isinstance(info.value.__cause__, processes.RemoteTraceback)
+    assert "raise NeedsTwoArgs" in str(info.value.__cause__)
     assert any("'raise_two_args' (map)" in note for note in info.value.__notes__)
 
 

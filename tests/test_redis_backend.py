@@ -130,9 +130,40 @@ def test_skipped_items_are_reported_as_failures_and_the_run_goes_on(
     backend = RedisBackend(redis_server.url, namespace=new_namespace(), local_workers=True)
     result = pipeline.run(collect=True, backend=backend)
     assert result.outputs == [x for x in range(50) if x % 10]
-    assert sorted(f.item for f in result.failures) == ["0", "10", "20", "30", "40"]
+    # The items and the errors as themselves, as on one machine (they were '0' and a
+    # RemoteError rebuilt from text).
+    assert sorted(f.item for f in result.failures) == [0, 10, 20, 30, 40]
     assert {f.stage for f in result.failures} == {"picky"}
-    assert "KeyError" in str(result.failures[0].error)
+    assert all(type(f.error) is KeyError for f in result.failures)
+    assert sorted(f.error.args[0] for f in result.failures) == [0, 10, 20, 30, 40]
+
+
+class BadRow(Exception):
+    def __init__(self, row: int, reason: str) -> None:
+        super().__init__(f"row {row}: {reason}")
+        self.row = row
+        self.reason = reason
+
+
+def reject_odd(x: int) -> int:
+    if x % 2:
+        raise BadRow(x, "odd")
+    return x
+
+
+@pytest.mark.parametrize("runtime", ["thread", "process"])
+def test_a_skipped_items_own_exception_class_arrives_as_itself_with_its_attributes(
+    redis_server: RedisServer, runtime: str
+) -> None:
+    pipeline = cv.Pipeline(range(6)).map(reject_odd, on_error="skip", runtime=runtime)
+    backend = RedisBackend(redis_server.url, namespace=new_namespace(), local_workers=True)
+    result = pipeline.run(collect=True, backend=backend)
+    assert result.outputs == [0, 2, 4]
+    failures = sorted(result.failures, key=lambda f: f.item)
+    assert [f.item for f in failures] == [1, 3, 5]
+    assert all(type(f.error) is BadRow for f in failures)
+    assert [(f.error.row, f.error.reason) for f in failures] == [(1, "odd"), (3, "odd"), (5, "odd")]  # type: ignore[attr-defined]
+    assert any("reject_odd" in str(f.error.__cause__) for f in failures)
 
 
 def test_a_stage_timeout_gives_up_on_a_stuck_item_as_on_one_machine(

@@ -14,7 +14,8 @@ The hierarchy::
      |         +-- PayloadRejected      an entry failed signature checks
      |         +-- DeadLettersError     a run can only go on after a dead-letter replay
      |         +-- RunStateLost         Redis lost a run's keys (restart without persistence)
-     +-- RemoteError                    (not raised) a skipped item's error, as text
+     +-- RemoteError                    (not raised) a remote error whose class is not here
+     +-- RemoteTraceback                (not raised) a worker's traceback, as a __cause__
      +-- queue.Empty                    (re-exported as conveyor.Empty)
      +-- queue.Full                     (re-exported as conveyor.Full)
      +-- ShutDown                       queue.ShutDown on 3.13+, else conveyor's own
@@ -40,6 +41,7 @@ __all__ = [
     "PayloadRejected",
     "PipelineStopped",
     "RemoteError",
+    "RemoteTraceback",
     "RunStateLost",
     "SerializationError",
     "ShutDown",
@@ -125,4 +127,20 @@ class RunStateLost(BackendError):
 
 
 class RemoteError(Exception):
-    """Never raised: in `Failure.error`, a stage's error that a Redis worker recorded as text."""
+    """Never raised: stands for an error from another process or machine whose class
+    this process has not imported (in `Failure.error`, or as a cause)."""
+
+
+class RemoteTraceback(Exception):
+    """Never raised: the traceback of an exception raised in another process, as text.
+
+    Set as the ``__cause__`` of the exception that reaches the caller, so a
+    printed traceback shows where in the worker it was raised.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return "\n" + self.text

@@ -26,12 +26,11 @@ from ..errors import (
     ConfigurationError,
     DeadLettersError,
     PayloadRejected,
-    RemoteError,
 )
 from ..metrics import RunResult, StageStats, Timeline
 from ..policy import add_note
 from ..stage import Failure, Stage
-from .codec import Codec, get_codec, key_check, secret_from
+from .codec import Codec, decode_failure, get_codec, key_check, secret_from
 from .order import TOMBSTONE, Reorderer, dump_path, load_path
 from .state import RunInfo, RunState, stage_stats
 from .streams import (
@@ -780,18 +779,10 @@ class _DriverRun:
         )
 
     def _read_failures(self) -> None:
-        """Items given up on by stages with ``on_error="skip"``, as the workers recorded them."""
+        """Items given up on by stages with ``on_error="skip"``, as the workers recorded
+        them: the item and the exception as themselves where the codec carries them."""
         entries = self.retry(self.client.xrange, self.keys.failures, "-", "+")
-        for _, f in entries:
-            text = {k.decode(): v.decode(errors="replace") for k, v in f.items()}
-            self._failures.append(
-                Failure(
-                    stage=text.get("stage", "?"),
-                    item=text.get("item", "?"),
-                    error=RemoteError(text.get("error", "")),
-                    attempts=int(text.get("attempts", "1")),
-                )
-            )
+        self._failures.extend(decode_failure(self.codec, fields) for _, fields in entries)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -21,9 +21,18 @@ import os
 import pickle
 from typing import Any
 
-from ..errors import ConfigurationError, PayloadRejected, SerializationError
+from ..errors import ConfigurationError, PayloadRejected, RemoteError, SerializationError
+from ..stage import Failure
 
-__all__ = ["CODECS", "SECRET_ENV", "Codec", "get_codec", "key_check"]
+__all__ = [
+    "CODECS",
+    "SECRET_ENV",
+    "Codec",
+    "decode_failure",
+    "encode_failure",
+    "get_codec",
+    "key_check",
+]
 
 CODECS = ("msgpack", "json", "pickle")
 SECRET_ENV = "CONVEYOR_SECRET_KEY"
@@ -163,3 +172,63 @@ def get_codec(name: str, key: bytes | None = None) -> Codec:
         return PickleCodec(key)
     allowed = ", ".join(repr(c) for c in CODECS)
     raise ConfigurationError(f"'codec' must be one of {allowed}; got {name!r}")
+
+
+# ---------------------------------------------------------------------- failures
+
+# A failure (an item given up on with on_error="skip") in the run's failures
+# stream: the stage, the attempts, a line of text for people (`conveyor status`,
+# redis-cli), the item as the run's codec carries items (d, s), and the error as
+# a `conveyor.remote.ExceptionRecord` through the same codec (ed, es), so the
+# driver gets the item back as itself and the exception as its own class.
+
+
+def encode_failure(codec: Codec, failure: Failure) -> dict[str | bytes, Any]:
+    """The fields of a failure's entry in the failures stream."""
+    from ..remote import capture
+
+    fields: dict[str | bytes, Any] = {
+        "stage": failure.stage,
+        "attempts": failure.attempts,
+        "text": f"{type(failure.error).__name__}: {failure.error} (item {failure.item!r:.200})",
+    }
+    try:
+        fields.update(_named(codec.encode(failure.item), b"d", b"s"))
+    except Exception:
+        pass  # an item the codec cannot carry back: the text still names it
+    record = capture(failure.error, codec.dumps).as_dict()
+    fields.update(_named(codec.encode(record), b"ed", b"es"))
+    return fields
+
+
+def decode_failure(codec: Codec, fields: dict[bytes, bytes]) -> Failure:
+    """A failure back from its entry: the item and the exception as themselves where
+    they can be (see `encode_failure`); else the text."""
+    from ..remote import ExceptionRecord, rebuild
+
+    text = fields.get(b"text", b"").decode(errors="replace")
+    item: Any = text
+    if b"d" in fields:
+        item = codec.decode(fields)
+    error: BaseException
+    if b"ed" in fields:
+        record = codec.decode({b"d": fields[b"ed"], **_present(b"s", fields.get(b"es"))})
+        error = rebuild(ExceptionRecord.from_dict(record))
+    else:
+        error = RemoteError(text)
+    return Failure(
+        stage=fields.get(b"stage", b"?").decode(errors="replace"),
+        item=item,
+        error=error,
+        attempts=int(fields.get(b"attempts", b"1")),
+    )
+
+
+def _named(encoded: list[bytes], data: bytes, signature: bytes) -> dict[str | bytes, Any]:
+    """An encoded item's fields under other names (``d``/``s`` -> ``data``/``signature``)."""
+    names = {b"d": data, b"s": signature}
+    return {names[encoded[i]]: encoded[i + 1] for i in range(0, len(encoded), 2)}
+
+
+def _present(name: bytes, value: bytes | None) -> dict[bytes, bytes]:
+    return {} if value is None else {name: value}

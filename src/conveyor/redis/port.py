@@ -37,7 +37,7 @@ from ..policy import BatchOutcome
 from ..runtime.base import RunControl
 from ..runtime.ports import Port, StageIO
 from ..stage import Stage
-from .codec import Codec, get_codec, key_check
+from .codec import Codec, encode_failure, get_codec, key_check
 from .order import child_path, load_path
 from .state import RunInfo, RunState
 from .streams import (
@@ -546,20 +546,12 @@ class RedisPort(Port):
             self._block(ctx)
 
     def _record_failures(self, ctx: RunContext, outcome: BatchOutcome) -> None:
+        records = [encode_failure(ctx.codec, failure) for failure in outcome.failures]
+
         def record() -> None:
             pipe = self.client.pipeline(transaction=False)
-            for failure in outcome.failures:
-                pipe.xadd(
-                    ctx.info.keys.failures,
-                    {
-                        "stage": self.stage.name,
-                        "item": repr(failure.item)[:200],
-                        "error": _describe(failure.error),
-                        "attempts": failure.attempts,
-                    },
-                    maxlen=10_000,
-                    approximate=True,
-                )
+            for fields in records:
+                pipe.xadd(ctx.info.keys.failures, fields, maxlen=10_000, approximate=True)
             pipe.execute()
 
         self.retry(record)

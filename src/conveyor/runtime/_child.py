@@ -15,7 +15,6 @@ import pickle
 import signal
 import sys
 import threading
-import traceback
 from dataclasses import replace
 from multiprocessing import connection
 from multiprocessing import parent_process as _parent_process
@@ -29,6 +28,7 @@ import cloudpickle
 
 from ..errors import SerializationError
 from ..policy import BatchOutcome, apply_one, give_up, process_batch
+from ..remote import ExceptionRecord, capture
 from ..stage import Stage, set_worker_state
 from ._wire import (
     _FAILED,
@@ -51,21 +51,25 @@ from ._wire import (
     _type_name,
 )
 
-_PackedError = tuple[bytes | None, str, str, str, list[str]]
+_PackedError = tuple[bytes | None, ExceptionRecord]
+"""An exception on its way to the parent: pickled when it survives a round trip, and
+its record (see `conveyor.remote`), from which the parent rebuilds it otherwise."""
 
 
 def _pack_error(exc: BaseException) -> _PackedError:
-    """An exception ready to cross: pickled if it survives a round trip, plus its text."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    name = _type_name(exc)
-    notes = [str(n) for n in getattr(exc, "__notes__", ())]
+    """An exception ready to cross (see `_PackedError`)."""
     blob: bytes | None
     try:
         blob = cloudpickle.dumps(exc, 5)
         pickle.loads(blob)  # an exception with a custom __init__ may not unpickle
     except Exception:
         blob = None
-    return blob, name, str(exc), text, notes
+    return blob, capture(exc, _round_trip)
+
+
+def _round_trip(value: Any) -> None:
+    """Raise unless ``value`` can be pickled and unpickled (args and attributes kept)."""
+    pickle.loads(cloudpickle.dumps(value, 5))
 
 
 class _Server:

@@ -141,12 +141,13 @@ from typing import Any
 
 from ..errors import (
     ConfigurationError,
-    ConveyorError,
+    RemoteTraceback,
     SerializationError,
     ShutDown,
     WorkerCrashed,
 )
 from ..policy import BatchOutcome, add_note, add_stage_note, give_up, item_repr, retry_delay
+from ..remote import rebuild
 from ..stage import Failure, Stage
 from ._child import _child_main, _PackedError, _stage_blob
 from ._wire import (
@@ -265,24 +266,14 @@ def _preload_in_forkserver() -> None:
 # ---------------------------------------------------------------------- exceptions
 
 
-class RemoteTraceback(Exception):
-    """The traceback of an exception raised in a worker process, as text.
-
-    Set as the ``__cause__`` of the exception that reaches the caller, so a
-    printed traceback shows where in the worker it was raised.
-    """
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
-
-    def __str__(self) -> str:
-        return "\n" + self.text
-
-
 def _unpack_error(packed: _PackedError) -> BaseException:
-    """The exception a worker sent, with its traceback text as ``__cause__``."""
-    blob, name, message, text, notes = packed
+    """The exception a worker sent, as itself, with its traceback text as ``__cause__``.
+
+    Unpickled when it survived a round trip in the worker; else rebuilt from its
+    record without calling ``__init__`` (an exception whose ``__init__`` takes other
+    arguments than its ``args``), or a `RemoteError` when its class is not loaded here.
+    """
+    blob, record = packed
     exc: BaseException | None = None
     if blob is not None:
         try:
@@ -290,12 +281,8 @@ def _unpack_error(packed: _PackedError) -> BaseException:
         except Exception:
             exc = None
     if not isinstance(exc, BaseException):
-        exc = ConveyorError(f"{name}: {message} (the exception could not be pickled)")
-        exc.type_name = name  # type: ignore[attr-defined]
-        exc.remote_traceback = text  # type: ignore[attr-defined]
-        for note in notes:
-            add_note(exc, note)
-    exc.__cause__ = RemoteTraceback(text)
+        return rebuild(record)
+    exc.__cause__ = RemoteTraceback(record.traceback)
     return exc
 
 

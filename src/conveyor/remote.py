@@ -1,0 +1,148 @@
+"""Exceptions that cross to another process or machine as plain data.
+
+A stage's exception must reach the caller as itself (its class, its
+attributes, its PEP 678 notes), with the worker's traceback as its cause.
+Pickling does that when the exception survives a round trip, but many do
+not (an ``__init__`` with other arguments than ``args``), and a Redis run's
+codec may be JSON or msgpack. So an exception travels as an
+`ExceptionRecord`: where its class lives, its ``args`` and ``__dict__`` (when
+the codec can carry them), its message, notes and traceback text. The
+receiver rebuilds it without calling ``__init__`` (as pickle does), from a
+class it has already imported: a record never makes the receiver import or
+run anything. When the class is not there, or is not an exception, the
+receiver gets a `RemoteError` with the same text.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import RemoteError, RemoteTraceback
+
+__all__ = ["ExceptionRecord", "capture", "rebuild"]
+
+
+@dataclass
+class ExceptionRecord:
+    """An exception as plain data (see the module docstring)."""
+
+    type: str
+    """``module:qualname`` of its class."""
+    message: str
+    """``str()`` of the exception."""
+    traceback: str = ""
+    """The formatted traceback, as the worker saw it."""
+    notes: list[str] = field(default_factory=list)
+    """Its PEP 678 notes."""
+    args: list[Any] | None = None
+    """Its ``args``, when they are plain data."""
+    attrs: dict[str, Any] | None = None
+    """Its ``__dict__`` (notes aside), when it is plain data."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The record as a dict of plain values."""
+        return {
+            "type": self.type,
+            "message": self.message,
+            "traceback": self.traceback,
+            "notes": self.notes,
+            "args": self.args,
+            "attrs": self.attrs,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExceptionRecord:
+        """The record back from `as_dict` (missing fields default)."""
+        return cls(
+            type=str(data.get("type", "")),
+            message=str(data.get("message", "")),
+            traceback=str(data.get("traceback", "")),
+            notes=[str(n) for n in data.get("notes") or ()],
+            args=data.get("args"),
+            attrs=data.get("attrs"),
+        )
+
+
+def capture(exc: BaseException, plain: Any = None) -> ExceptionRecord:
+    """The record of ``exc``.
+
+    Args:
+        exc: the exception.
+        plain: a function that raises when a value cannot be carried (for
+            instance the codec's ``dumps``); ``args`` and ``attrs`` are kept
+            only if it accepts them. None: kept as they are.
+    """
+    cls = type(exc)
+    text = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
+    attrs = {k: v for k, v in vars(exc).items() if k != "__notes__"} if _has_dict(exc) else {}
+    args: list[Any] | None = list(exc.args)
+    kept: dict[str, Any] | None = attrs
+    if plain is not None:
+        args = _if_plain(plain, args)
+        kept = _if_plain(plain, attrs)
+    return ExceptionRecord(
+        type=f"{cls.__module__}:{cls.__qualname__}",
+        message=str(exc),
+        traceback=text,
+        notes=[str(n) for n in getattr(exc, "__notes__", ())],
+        args=args,
+        attrs=kept,
+    )
+
+
+def rebuild(record: ExceptionRecord) -> BaseException:
+    """The exception of ``record``: its own class if loaded here, else a `RemoteError`."""
+    cls = _loaded_class(record.type)
+    exc: BaseException
+    if cls is None or record.args is None:
+        exc = RemoteError(f"{_short_type(record.type)}: {record.message}")
+    else:
+        try:
+            exc = cls.__new__(cls)
+            exc.args = tuple(record.args)
+            if record.attrs:
+                exc.__dict__.update(record.attrs)
+        except Exception:
+            exc = RemoteError(f"{_short_type(record.type)}: {record.message}")
+    if record.notes:
+        exc.__notes__ = list(record.notes)  # type: ignore[attr-defined]
+    if record.traceback:
+        exc.__cause__ = RemoteTraceback(record.traceback)
+    return exc
+
+
+def _loaded_class(path: str) -> type[BaseException] | None:
+    """The exception class at ``module:qualname`` if that module is imported already."""
+    module_name, _, qualname = path.partition(":")
+    obj: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        if obj is None or part == "<locals>":
+            return None
+        obj = getattr(obj, part, None)
+    if isinstance(obj, type) and issubclass(obj, BaseException):
+        return obj
+    return None
+
+
+def _short_type(path: str) -> str:
+    module, _, qualname = path.partition(":")
+    return qualname if module == "builtins" else f"{module}.{qualname}"
+
+
+def _has_dict(exc: BaseException) -> bool:
+    try:
+        vars(exc)
+    except TypeError:
+        return False
+    return True
+
+
+def _if_plain(dumps: Any, value: Any) -> Any:
+    try:
+        dumps(value)
+    except Exception:
+        return None
+    return value

@@ -125,6 +125,13 @@ class BatchOutcome:
         self.error_item = item
         self.processed = index
 
+    def add(self, outputs: list[Any], filtered: bool) -> None:
+        """Count one input's outputs (the slow path: one item at a time)."""
+        self.outputs.extend(outputs)
+        self.filtered += filtered
+        if self.counts is not None:
+            self.counts.append(len(outputs))
+
     def per_input(self) -> list[list[Any]]:
         """The outputs of each processed input, in input order (needs ``counts``)."""
         assert self.counts is not None, "per_input() needs an outcome made with track=True"
@@ -330,10 +337,7 @@ def process_batch(
                     add_stage_note(exc, stage, item)
                     raise
                 else:
-                    out.extend(outputs)
-                    outcome.filtered += was_filtered
-                    if counts is not None:
-                        counts.append(len(outputs))
+                    outcome.add(outputs, was_filtered)
                     break
             delay = retry_delay(stage, attempts)
             if delay is None:
@@ -363,9 +367,7 @@ async def aprocess_batch(stage: Stage, batch: list[Any], track: bool = False) ->
     Returns:
         The outcome, as `process_batch` returns it.
     """
-    out: list[Any] = []
-    counts: list[int] | None = [] if track else None
-    outcome = BatchOutcome(out, counts=counts)
+    outcome = BatchOutcome([], counts=[] if track else None)
     for i, item in enumerate(batch):
         attempts = 1
         while True:
@@ -379,10 +381,7 @@ async def aprocess_batch(stage: Stage, batch: list[Any], track: bool = False) ->
                     add_stage_note(exc, stage, item)
                 raise
             else:
-                out.extend(outputs)
-                outcome.filtered += was_filtered
-                if counts is not None:
-                    counts.append(len(outputs))
+                outcome.add(outputs, was_filtered)
                 break
             delay = retry_delay(stage, attempts)
             if delay is None:

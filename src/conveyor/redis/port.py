@@ -29,6 +29,7 @@ import threading
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from time import monotonic
 from typing import Any
 
@@ -51,7 +52,7 @@ from .streams import (
     fields_to_dict,
 )
 
-__all__ = ["BATCH_SECONDS", "RedisIO", "RedisPort", "RunContext", "RunDirectory"]
+__all__ = ["BATCH_SECONDS", "RedisIO", "RedisPort", "RunContext", "RunDirectory", "WorkerLink"]
 
 log = logging.getLogger("conveyor.redis")
 
@@ -147,27 +148,30 @@ class RunDirectory:
 # ---------------------------------------------------------------------- the stage's ports
 
 
+@dataclass(frozen=True)
+class WorkerLink:
+    """What every port of one Redis worker shares: its connection, its view of the
+    live runs, its stop signal and its retry policy."""
+
+    client: Any
+    directory: RunDirectory
+    control: RunControl
+    retry: Retrier
+
+
 class RedisIO(StageIO):
     """One stage served from Redis by one worker process: its ports are its consumers."""
 
     min_batch_seconds = BATCH_SECONDS
 
-    def __init__(
-        self,
-        stage: Stage,
-        index: int,
-        client: Any,
-        directory: RunDirectory,
-        control: RunControl,
-        retry: Retrier,
-    ) -> None:
+    def __init__(self, stage: Stage, index: int, link: WorkerLink) -> None:
         self.stage = stage
         self.index = index
-        self.client = client
-        self.scripts = Scripts(client)
-        self.directory = directory
-        self.control = control
-        self.retry = retry
+        self.client = link.client
+        self.scripts = Scripts(link.client)
+        self.directory = link.directory
+        self.control = link.control
+        self.retry = link.retry
         # The port caps each read at the run's own batch size.
         self.capacity = 2 * READ_LIMIT
         self._executor: ThreadPoolExecutor | None = None

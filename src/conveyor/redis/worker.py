@@ -43,7 +43,7 @@ from ..metrics import StageMetrics, StageStats
 from ..runtime.base import RunControl, Runtime, StageRun, get_runtime
 from ..stage import Stage
 from .codec import secret_from
-from .port import RedisIO, RunDirectory
+from .port import RedisIO, RunDirectory, WorkerLink
 from .streams import Retrier, connect, pipeline_id
 
 __all__ = ["Worker", "serve"]
@@ -115,10 +115,11 @@ class Worker:
         retry = Retrier("worker", self._unavailable, self.stopped)
         client = self._client = retry(connect, self.url, **self._options)
         directory = RunDirectory(client, self.namespace, self.pipeline_id, self._secret, retry)
+        link = WorkerLink(client, directory, self.control, retry)
         try:
             for i in self.served:
                 stage = dataclasses.replace(self.stages[i], workers=self._counts[i])
-                io = RedisIO(stage, i, client, directory, self.control, retry)
+                io = RedisIO(stage, i, link)
                 # The metrics' channel only stands for the stream: its size is Redis's to tell.
                 metrics = StageMetrics(stage, Channel(1))
                 sr = StageRun(stage, i, io, self.control, metrics)

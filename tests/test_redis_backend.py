@@ -184,7 +184,9 @@ def test_a_stage_timeout_gives_up_on_a_stuck_item_as_on_one_machine(
         release.set()
     assert result.outputs == [0, 1, 2, 4, 5]
     [failure] = result.failures
-    assert "TimeoutError" in str(failure.error)
+    assert failure.item == 3
+    assert isinstance(failure.error, TimeoutError)
+    assert "took longer than its timeout of 0.2 s" in str(failure.error)
 
 
 WAIT_FOR_TIMEOUT = 30.0

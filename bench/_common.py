@@ -1,14 +1,36 @@
-"""What every benchmark script shares: naming the machine, writing its section of the docs."""
+"""What every benchmark script shares: naming the machine, writing its section of the docs.
+
+Which conveyor is measured: every script imports conveyor from the ``src``
+directory named by the environment variable ``CONVEYOR_BENCH_SRC`` when it is
+set, else from this checkout's ``src`` (see `conveyor_src`). An environment
+variable reaches every process a benchmark starts (spawn, forkserver and
+subprocess children alike), so workers import the same tree as the script.
+bench/ab.py uses it to run the scripts of this checkout against the code of
+another revision.
+
+Machine-readable results: pipeline.py, runtimes.py and redis.py take
+``--json PATH`` and write there, per workload, conveyor's throughput and its
+ratio to the reference peer of the same run (`write_json`).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
+SRC_ENV = "CONVEYOR_BENCH_SRC"
+
+
+def conveyor_src() -> Path:
+    """The ``src`` directory to import conveyor from: ``$CONVEYOR_BENCH_SRC``, else ROOT/src."""
+    return Path(os.environ.get(SRC_ENV) or ROOT / "src").resolve()
+
 
 _HEADER = (
     "# Benchmarks\n\n"
@@ -49,3 +71,43 @@ def write_section(text: str, tag: str) -> Path:
     BENCHMARKS_MD.parent.mkdir(parents=True, exist_ok=True)
     BENCHMARKS_MD.write_text(new)
     return BENCHMARKS_MD
+
+
+def workload(
+    throughput: float,
+    unit: str,
+    peer: str,
+    peer_throughput: float,
+    samples: list[float] | None = None,
+    peer_samples: list[float] | None = None,
+) -> dict[str, Any]:
+    """One workload of a ``--json`` file: conveyor's figure, the peer's, and their ratio.
+
+    ``ratio`` is conveyor's figure over the peer's, both medians of the same
+    run (the ratio the script prints); ``samples`` are the per-round figures.
+    """
+    return {
+        "throughput": throughput,
+        "unit": unit,
+        "peer": peer,
+        "peer_throughput": peer_throughput,
+        "ratio": throughput / peer_throughput,
+        "samples": samples or [],
+        "peer_samples": peer_samples or [],
+    }
+
+
+def write_json(path: str, workloads: dict[str, dict[str, Any]]) -> None:
+    """Write a run's workloads, with where conveyor was imported from, to ``path``."""
+    import conveyor
+    import conveyor.channel
+
+    data = {
+        "script": Path(sys.argv[0]).name,
+        "argv": sys.argv[1:],
+        "conveyor": str(Path(conveyor.__file__).resolve().parent),
+        "accelerated": getattr(conveyor.channel, "ACCELERATED", None),
+        "python": platform.python_version(),
+        "workloads": workloads,
+    }
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")

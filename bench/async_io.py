@@ -32,10 +32,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+from _common import conveyor_src, machine, write_section  # bench/_common.py
 
-from _common import machine, write_section  # noqa: E402 - bench/_common.py
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(conveyor_src()))  # $CONVEYOR_BENCH_SRC, else ROOT/src
 
 import conveyor as cv  # noqa: E402
 from conveyor.runtime.aio import new_event_loop  # noqa: E402

@@ -10,6 +10,13 @@ medians reported; ratios are against the hand-written queue.Queue pipeline):
             in a fresh subprocess (VmHWM after resetting it).
 
 Run:  python bench/pipeline.py [--rounds 5] [--scenario overhead io memory] [--write]
+                               [--json PATH] [--reference-only]
+
+--reference-only runs only conveyor and the hand-written pipeline (the other
+peers take most of the time: for bench/ab.py's regression checks).
+--json PATH writes conveyor's figures and their ratios to the hand-written
+pipeline (overhead, io) as JSON; CONVEYOR_BENCH_SRC chooses the conveyor to
+import (see bench/_common.py).
 """
 
 from __future__ import annotations
@@ -27,10 +34,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+from _common import (  # re-exported for the other scripts
+    conveyor_src,
+    machine,
+    workload,
+    write_json,
+    write_section,
+)
 
-from _common import machine, write_section  # noqa: E402  (re-exported for the other scripts)
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(conveyor_src()))  # $CONVEYOR_BENCH_SRC, else ROOT/src
 
 import conveyor as cv  # noqa: E402
 
@@ -163,7 +176,19 @@ def rounds_of(
 # ---------------------------------------------------------------------- scenarios
 
 
-def overhead(rounds: int, n: int = 100_000) -> list[tuple[str, float, float]]:
+Rows = list[tuple[str, float, float]]
+Samples = dict[str, list[float]]
+HANDWRITTEN = "queue.Queue + threads + sentinels"
+
+
+def keep(names: list[str], reference_only: bool) -> list[str]:
+    """All of ``names``, or only conveyor's and the hand-written pipeline."""
+    if not reference_only:
+        return names
+    return [n for n in names if n.startswith("conveyor") or n == HANDWRITTEN]
+
+
+def overhead(rounds: int, n: int = 100_000, reference_only: bool = False) -> tuple[Rows, Samples]:
     fns = [inc, inc, inc]
     expected = [x + 3 for x in range(n)]
 
@@ -175,11 +200,11 @@ def overhead(rounds: int, n: int = 100_000) -> list[tuple[str, float, float]]:
             raise AssertionError(f"{name} lost or invented items")
         return n / dt
 
-    names = list(CANDIDATES)
+    names = keep(list(CANDIDATES), reference_only)
     res = rounds_of(names, rounds, once)
     med = {k: statistics.median(v) for k, v in res.items()}
-    ref = med["queue.Queue + threads + sentinels"]
-    return [(k, med[k], med[k] / ref) for k in names]
+    ref = med[HANDWRITTEN]
+    return [(k, med[k], med[k] / ref) for k in names], res
 
 
 def measured_sleep(seconds: float) -> float:
@@ -191,7 +216,9 @@ def measured_sleep(seconds: float) -> float:
     return statistics.median(samples)
 
 
-def io_bound(rounds: int, n: int = 2000, workers: int = 32) -> list[tuple[str, float, float]]:
+def io_bound(
+    rounds: int, n: int = 2000, workers: int = 32, reference_only: bool = False
+) -> tuple[Rows, Samples]:
     pause = 0.005
 
     def slow(x: int) -> int:
@@ -206,6 +233,7 @@ def io_bound(rounds: int, n: int = 2000, workers: int = 32) -> list[tuple[str, f
         "chained ThreadPoolExecutor.map",
         "pypeln thread",
     ]
+    names = keep(names, reference_only)
 
     def once(name: str) -> float:
         s = measured_sleep(pause)
@@ -219,8 +247,8 @@ def io_bound(rounds: int, n: int = 2000, workers: int = 32) -> list[tuple[str, f
 
     res = rounds_of(names, rounds, once)
     med = {k: statistics.median(v) for k, v in res.items()}
-    ref = med["queue.Queue + threads + sentinels"]
-    return [(k, med[k], med[k] / ref) for k in names]
+    ref = med[HANDWRITTEN]
+    return [(k, med[k], med[k] / ref) for k in names], res
 
 
 MEMORY_CHILD = r"""
@@ -267,7 +295,7 @@ def memory(conveyor_items: int, executor_items: int) -> list[tuple[str, int, flo
     rows = []
     for name, n in (("conveyor", conveyor_items), ("ThreadPoolExecutor.map", executor_items)):
         proc = subprocess.run(
-            [sys.executable, "-c", MEMORY_CHILD, name, str(n), str(ROOT / "src")],
+            [sys.executable, "-c", MEMORY_CHILD, name, str(n), str(conveyor_src())],
             capture_output=True,
             text=True,
             check=True,
@@ -282,8 +310,8 @@ def memory(conveyor_items: int, executor_items: int) -> list[tuple[str, int, flo
 
 def render(
     rounds: int,
-    over: list[tuple[str, float, float]] | None,
-    io: list[tuple[str, float, float]] | None,
+    over: Rows | None,
+    io: Rows | None,
     mem: list[tuple[str, int, float, float]] | None,
 ) -> str:
     lines = [
@@ -338,14 +366,43 @@ def main() -> None:
     parser.add_argument("--memory-items", type=int, default=10_000_000)
     parser.add_argument("--executor-items", type=int, default=1_000_000)
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument("--json", metavar="PATH", help="write conveyor's figures as JSON")
+    parser.add_argument(
+        "--reference-only",
+        action="store_true",
+        help="only conveyor and the hand-written pipeline (overhead, io)",
+    )
     args = parser.parse_args()
-    over = overhead(args.rounds) if "overhead" in args.scenario else None
-    io = io_bound(args.rounds) if "io" in args.scenario else None
+    if args.write and args.reference_only:
+        parser.error("--reference-only leaves rows out: not for --write")
+    only = args.reference_only
+    over, over_s = (
+        overhead(args.rounds, reference_only=only) if "overhead" in args.scenario else (None, {})
+    )
+    io, io_s = io_bound(args.rounds, reference_only=only) if "io" in args.scenario else (None, {})
     mem = memory(args.memory_items, args.executor_items) if "memory" in args.scenario else None
     text = render(args.rounds, over, io, mem)
     print(text)
     if args.write:
         write_section(text, "pipeline")
+    if args.json:
+        write_json(args.json, workloads(over, over_s, io, io_s))
+
+
+def workloads(over: Rows | None, over_s: Samples, io: Rows | None, io_s: Samples) -> dict[str, Any]:
+    """conveyor's rows against the hand-written pipeline, for --json (memory has no peer)."""
+    out = {}
+    for scenario, rows, samples, unit in (
+        ("overhead", over, over_s, "items/s"),
+        ("io", io, io_s, "efficiency"),
+    ):
+        med = {name: value for name, value, _ in rows or ()}
+        for name, value in med.items():
+            if name.startswith("conveyor"):
+                out[f"{scenario}/{name}"] = workload(
+                    value, unit, HANDWRITTEN, med[HANDWRITTEN], samples[name], samples[HANDWRITTEN]
+                )
+    return out
 
 
 if __name__ == "__main__":

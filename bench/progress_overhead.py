@@ -31,8 +31,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from _common import conveyor_src
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(conveyor_src()))  # $CONVEYOR_BENCH_SRC, else ROOT/src
 
 from pipeline import machine, write_section  # noqa: E402  (bench/pipeline.py)
 

@@ -22,7 +22,12 @@ and measures redis-server's own CPU time per item, which gives the ceiling
 one Redis puts on a pipeline.
 
 Run:  python bench/redis.py [--items 50000] [--rounds 5] [--celery-items 5000]
-                            [--celery-rounds 2] [--scaling] [--write]
+                            [--celery-rounds 2] [--scaling] [--write] [--json PATH]
+
+--json PATH writes conveyor's throughput (unordered and ordered) and its ratio
+to the hand-written loop of the same run. CONVEYOR_BENCH_SRC chooses the
+conveyor to import, in this process and in the worker processes (see
+bench/_common.py).
 """
 
 from __future__ import annotations
@@ -52,7 +57,9 @@ from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(_HERE).parent
-sys.path.insert(0, str(ROOT / "src"))
+# $CONVEYOR_BENCH_SRC, else this checkout's src (see bench/_common.py). The worker
+# processes (spawn) run this module again and inherit the variable: same tree.
+sys.path.insert(0, os.environ.get("CONVEYOR_BENCH_SRC") or str(ROOT / "src"))
 
 import redis  # noqa: E402
 
@@ -404,6 +411,7 @@ def main() -> None:
     parser.add_argument("--no-celery", action="store_true")
     parser.add_argument("--scaling", action="store_true", help="also 1, 2, 4 workers per stage")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument("--json", metavar="PATH", help="write conveyor's figures as JSON")
     parser.add_argument(
         "--commandstats", action="store_true", help="only show redis-server's time by command"
     )
@@ -474,6 +482,32 @@ def main() -> None:
     print(text)
     if args.write:
         write_section(text)
+    if args.json:
+        write_json(args.json, n, times)
+
+
+def write_json(path: str, n: int, times: dict[str, list[float]]) -> None:
+    """conveyor (unordered, ordered) against the hand-written loop, for --json."""
+    import importlib.util
+
+    # bench/ is kept off sys.path (see the top): load bench/_common.py by its path.
+    spec = importlib.util.spec_from_file_location("_common", os.path.join(_HERE, "_common.py"))
+    assert spec is not None and spec.loader is not None
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    hand = [n / t for t in times["hand-written"]]
+    workloads = {
+        name: common.workload(
+            median_rate(n, times[key]),
+            "items/s",
+            "hand-written redis-py loop",
+            median_rate(n, times["hand-written"]),
+            [n / t for t in times[key]],
+            hand,
+        )
+        for name, key in (("unordered", "conveyor"), ("ordered", "ordered"))
+    }
+    common.write_json(path, workloads)
 
 
 def scaling(url: str, pid: int, n: int) -> list[str]:

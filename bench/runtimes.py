@@ -18,10 +18,18 @@ Python 3.13); conveyor uses its own default (forkserver on Linux), whose
 server is started once per program by the warm-up round.
 
 Run:  python bench/runtimes.py [--rounds 5] [--scenario cpu small large] [--write]
+                               [--json PATH] [--reference-only]
 
 --write replaces this script's section of docs/benchmarks.md
 (``<!-- runtimes:begin -->`` to ``<!-- runtimes:end -->``); inside it each
 scenario has a block of its own, so running one scenario keeps the others.
+
+--json PATH writes, per workload, conveyor's throughput and its ratio to
+multiprocessing.Pool (cpu: Pool(2).imap chunksize 16; small: the best
+Pool().imap of the run) or to the pickled multiprocessing.Queue round trip
+(large). CONVEYOR_BENCH_SRC chooses the conveyor to import (see
+bench/_common.py). --reference-only runs only conveyor, those peers and what
+the tables are computed from (single thread, memcpy): for bench/ab.py.
 """
 
 from __future__ import annotations
@@ -38,7 +46,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import conveyor as cv
+BENCH = Path(__file__).resolve().parent
+# $CONVEYOR_BENCH_SRC, else this checkout's src (see bench/_common.py); the
+# environment variable reaches the worker processes too.
+sys.path.insert(0, os.environ.get("CONVEYOR_BENCH_SRC") or str(BENCH.parent / "src"))
+
+import conveyor as cv  # noqa: E402
 
 try:  # as a NumPy program would: conveyor then preloads it for its workers
     import numpy
@@ -46,20 +59,43 @@ except ImportError:  # the large-payload scenario needs it; the others do not
     numpy = None
 
 SECTION = "runtimes"
-BENCH = Path(__file__).resolve().parent
+
+# What --json writes: filled in by the scenarios, see `record`.
+WORKLOADS: dict[str, dict[str, Any]] = {}
+# --reference-only: `measure` runs only the candidates its ``keep`` names.
+REFERENCE_ONLY = False
+
+
+def record(name: str, ours: str, peer: str, times: dict[str, list[float]], work: float) -> None:
+    """Keep conveyor's candidate ``ours`` against ``peer`` (``work`` items or MiB per run)."""
+    from _common import workload  # bench/_common.py, on sys.path once main() runs
+
+    unit = "MiB/s" if name.startswith("large") else "items/s"
+    WORKLOADS[name] = workload(
+        work / median(times[ours]),
+        unit,
+        peer,
+        work / median(times[peer]),
+        [work / t for t in times[ours]],
+        [work / t for t in times[peer]],
+    )
+
 
 # ---------------------------------------------------------------------- measuring
 
 Candidate = Callable[[], Any]
 
 
-def measure(candidates: dict[str, Candidate], rounds: int) -> dict[str, list[float]]:
+def measure(
+    candidates: dict[str, Candidate], rounds: int, keep: tuple[str, ...] = ()
+) -> dict[str, list[float]]:
     """Seconds per run of each candidate: one warm-up round, then ``rounds`` rounds.
 
     The order rotates from round to round, so that no candidate always runs
-    right after the same neighbour.
+    right after the same neighbour. With --reference-only, only the
+    candidates named in ``keep`` run.
     """
-    names = list(candidates)
+    names = [name for name in candidates if not REFERENCE_ONLY or name in keep]
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(rounds + 1):
         shift = round_ % len(names)
@@ -108,6 +144,9 @@ def calibrate(seconds: float) -> int:
         n *= 2
 
 
+CPU_OURS = "conveyor, process stage, 2 workers"
+
+
 def cpu_bound(rounds: int) -> str:
     items = [calibrate(0.002)] * 2000
     expected = [burn(items[0])] * len(items)
@@ -142,14 +181,16 @@ def cpu_bound(rounds: int) -> str:
     times = measure(
         {
             "single thread": single_thread,
-            "conveyor, process stage, 2 workers": conveyor_processes,
+            CPU_OURS: conveyor_processes,
             "Pool(2).imap, chunksize=1": pool(1),
             "Pool(2).imap, chunksize=16": pool(16),
             "mpire WorkerPool(2).map": mpire_pool,
             "pypeln process.map, 2 workers": pypeln_process,
         },
         rounds,
+        keep=("single thread", CPU_OURS, "Pool(2).imap, chunksize=16"),
     )
+    record("cpu/conveyor 2 workers", CPU_OURS, "Pool(2).imap, chunksize=16", times, len(items))
     base = median(times["single thread"])
     rows = [
         f"| {name} | {median(t):.2f} s | {spread(t)} | {base / median(t):.2f}x |"
@@ -204,8 +245,17 @@ def small_items(rounds: int) -> str:
     for chunksize in SMALL_CHUNKSIZES:
         candidates[f"Pool().imap, chunksize={chunksize}"] = pool(chunksize)
     candidates["Pool().imap, chunksize=256, forkserver"] = pool(256, "forkserver")
-    times = measure(candidates, rounds)
-    best_pool = min((median(times[f"Pool().imap, chunksize={c}"]), c) for c in SMALL_CHUNKSIZES)
+    times = measure(
+        candidates, rounds, keep=(default, "conveyor, 2 workers", "Pool().imap, chunksize=256")
+    )
+    best_pool = min(
+        (median(times[f"Pool().imap, chunksize={c}"]), c)
+        for c in SMALL_CHUNKSIZES
+        if f"Pool().imap, chunksize={c}" in times
+    )
+    best_name = f"Pool().imap, chunksize={best_pool[1]}"
+    record("small/conveyor 1 worker", default, best_name, times, n)
+    record("small/conveyor 2 workers", "conveyor, 2 workers", best_name, times, n)
     rows = [
         f"| {name} | {1000 * median(t):.0f} ms | {spread(t)} | {n / median(t) / 1e6:.2f} M/s |"
         for name, t in times.items()
@@ -263,6 +313,8 @@ def _queue_sink(inq: Any, done: Any) -> None:
 
 
 OURS = "conveyor, process stage (there and back)"
+COPYING = "conveyor, the stage returns a new array (`a.copy()`)"
+PICKLED = "multiprocessing.Queue, pickled (there and back)"
 
 
 def large_payloads(rounds: int) -> str:
@@ -329,16 +381,19 @@ def large_payloads(rounds: int) -> str:
     times = measure(
         {
             OURS: conveyor_process(identity),
-            "conveyor, the stage returns a new array (`a.copy()`)": conveyor_process(fresh_copy),
-            "multiprocessing.Queue, pickled (there and back)": queue_round_trip,
+            COPYING: conveyor_process(fresh_copy),
+            PICKLED: queue_round_trip,
             "multiprocessing.Queue, pickled (one way)": queue_one_way,
             "memcpy (np.copyto, from main memory)": memcpy,
         },
         rounds,
+        keep=(OURS, COPYING, PICKLED, "memcpy (np.copyto, from main memory)"),
     )
     rate = {name: count / median(t) for name, t in times.items()}
+    record("large/conveyor there and back", OURS, PICKLED, times, count)
+    record("large/conveyor returns a.copy()", COPYING, PICKLED, times, count)
     ours = rate[OURS]
-    pickled = rate["multiprocessing.Queue, pickled (there and back)"]
+    pickled = rate[PICKLED]
     copy = rate["memcpy (np.copyto, from main memory)"]
     rows = [
         f"| {name} | {1000 * median(times[name]):.0f} ms | {spread(times[name])} | "
@@ -403,7 +458,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--scenario", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument("--json", metavar="PATH", help="write conveyor's figures as JSON")
+    parser.add_argument(
+        "--reference-only",
+        action="store_true",
+        help="only conveyor and the peers its ratios are taken against",
+    )
     args = parser.parse_args()
+    if args.write and args.reference_only:
+        parser.error("--reference-only leaves rows out: not for --write")
+    global REFERENCE_ONLY
+    REFERENCE_ONLY = args.reference_only
     blocks = {}
     for name in args.scenario:
         print(f"{name}:", file=sys.stderr)
@@ -416,6 +481,10 @@ def main() -> None:
         print(blocks[name] + "\n")
     if args.write:
         write_section(merge_blocks(blocks), SECTION)
+    if args.json:
+        from _common import write_json
+
+        write_json(args.json, WORKLOADS)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from conveyor.redis.streams import DRIVER_GROUP, Keys, Scripts, pipeline_id
 from redis_helpers import TESTS, WAIT, new_namespace, three_stages, triple, wait_until
 
 if TYPE_CHECKING:
-    from conftest import RedisServer
+    from conftest import RedisServer, RedisServerFactory
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
@@ -249,3 +249,77 @@ def test_outputs_of_a_killed_driver_that_it_had_not_printed_come_back_when_the_r
     resumed_at = expected.index(again[0])
     assert resumed_at < len(printed)
     assert again == expected[resumed_at:]
+
+
+# ---------------------------------------------------------------------- 3. state lost
+
+
+@pytest.mark.parametrize("way", ["iterate", "run"])
+@pytest.mark.parametrize("loss", ["restart", "flushall"])
+def test_a_run_whose_state_redis_lost_ends_with_run_state_lost_and_leaves_no_thread(
+    redis_server_factory: RedisServerFactory,
+    caplog: pytest.LogCaptureFixture,
+    loss: str,
+    way: str,
+) -> None:
+    # The repro: Redis restarted without persistence mid-run; the driver died
+    # with a raw NOGROUP ResponseError (or a ConnectionError) and a log line
+    # advising to resume a run that no longer exists.
+    server = redis_server_factory(password="pw-not-shown")  # no persistence
+    gate = threading.Event()
+
+    def held_from_100(x: int) -> int:
+        if x >= 100:
+            assert gate.wait(WAIT)
+        return x
+
+    pipeline = cv.Pipeline(range(2000)).map(held_from_100, workers=2)
+    namespace = new_namespace()
+    backend = RedisBackend(server.url, namespace=namespace, run_id="vanishing", local_workers=True)
+    keys = _keys(pipeline, namespace, "vanishing")
+    threads_before = set(threading.enumerate())
+    errors: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            pipeline.run(backend=backend)
+        except BaseException as exc:
+            errors.append(exc)
+
+    outputs = backend.iterate(pipeline) if way == "iterate" else iter(())
+    driver = threading.Thread(target=drive, daemon=True)
+    with caplog.at_level("WARNING", logger="conveyor.redis"):
+        try:
+            if way == "iterate":
+                assert [next(outputs) for _ in range(10)] == list(range(10))
+            else:
+                driver.start()
+                wait_until(
+                    lambda: _counters(server.url, keys).get("delivered", 0) >= 10,
+                    "the run to deliver outputs",
+                )
+            if loss == "restart":
+                server.stop()
+                server.start()
+            else:
+                server.flushall()
+        finally:
+            gate.set()
+        if way == "iterate":
+            with pytest.raises(cv.RunStateLost) as caught:
+                for _ in outputs:
+                    pass
+            error: BaseException = caught.value
+        else:
+            driver.join(WAIT)
+            assert not driver.is_alive()
+            [error] = errors
+
+    assert isinstance(error, cv.RunStateLost), repr(error)
+    message = str(error)
+    assert "lost the state of run 'vanishing'" in message
+    assert "restarted without persistence" in message
+    assert f"127.0.0.1:{server.port}" in message and "pw-not-shown" not in message
+    assert "resume" not in message and "run_id=" not in message
+    assert "resume" not in caplog.text
+    assert set(threading.enumerate()) <= threads_before

@@ -26,6 +26,7 @@ from ..errors import (
     ConfigurationError,
     DeadLettersError,
     PayloadRejected,
+    RunStateLost,
 )
 from ..metrics import RunResult, StageStats, Timeline
 from ..policy import add_note
@@ -434,7 +435,7 @@ class LiveRun:
             if not chunk:
                 return n
             _wait_for_room(self._scripts, self.keys.stream(0), self.info.limits[0])
-            args: list[Any] = ["fed", ""]
+            args: list[Any] = ["fed", "", ""]
             for value in chunk:
                 fields = self._codec.encode(value)
                 args += [len(fields), *fields]
@@ -472,7 +473,13 @@ class LiveRun:
 
     def close(self) -> None:
         """Mark the source finished: the run completes once what was submitted is through."""
-        self._retry(self._backend.client().hset, self.keys.meta, "source_done", "1")
+        length = self._retry(
+            self._scripts.feed,
+            keys=[self.keys.stream(0), self.keys.counters, self.keys.meta],
+            args=["", "", "1"],
+        )
+        if length == -1:
+            raise BackendError(f"run {self.run_id!r} no longer exists")
 
     def state(self) -> RunState:
         """The run's counters now."""
@@ -543,8 +550,6 @@ class _DriverRun:
                 for _ in islice(source, already_fed):
                     pass
             self._feed_from(source, already_fed)
-            if not self.stopped.is_set():
-                self.retry(self.client.hset, self.keys.meta, "source_done", "1")
         except BaseException as exc:
             if not self.stopped.is_set():
                 self._feed_error = exc
@@ -561,9 +566,8 @@ class _DriverRun:
             if ordered:
                 self._wait_for_window(fed)
             chunk = list(islice(source, FEED_CHUNK))
-            if not chunk:
-                return
-            args: list[Any] = ["fed", fed]
+            # After the last chunk, a call with no records marks the source done.
+            args: list[Any] = ["fed", fed, "" if chunk else "1"]
             for j, value in enumerate(chunk):
                 fields = encode(value)
                 if ordered:
@@ -573,10 +577,12 @@ class _DriverRun:
                 self.scripts.feed, keys=[stream, keys.counters, keys.meta], args=args
             )
             if length == -1:
-                raise BackendError(f"run {keys.run!r} was deleted while it was being fed")
+                raise self._lost()
             if length == -2:
                 self._check_fed(fed + len(chunk))
                 length = 0
+            if not chunk:
+                return
             fed += len(chunk)
 
     def _check_fed(self, expected: int) -> None:
@@ -607,7 +613,7 @@ class _DriverRun:
         or dies, leaves the chunk it held pending for the driver consumer,
         and a driver resumed with the same ``run_id`` reads it again first.
         """
-        state = _read_state(self.client, self.retry, self.keys, self.n)
+        state = self._read_state()
         self.reorder = Reorderer(state.released) if self.info.ordered else None
         self._start_feeder(state.fed)
         try:
@@ -623,7 +629,7 @@ class _DriverRun:
                     yield from self._read_pending()
                 if self._feed_error is not None:
                     raise self._feed_error
-                state = _read_state(self.client, self.retry, self.keys, self.n)
+                state = self._read_state()
                 if state.complete:
                     self.state = state
                     break
@@ -632,7 +638,13 @@ class _DriverRun:
                 self._watch(state)
         except BaseException as exc:
             self.stopped.set()
-            if exc is self._feed_error:
+            lost = self._lost_state(exc)
+            if lost is not None:
+                # Nothing to resume: say what happened rather than the Redis error it caused.
+                if lost is exc:
+                    raise
+                raise lost from exc
+            if exc is self._feed_error and not _is_redis_error(exc):
                 # As on one machine, a failing source ends the run: nothing stays behind.
                 add_note(exc, f"conveyor: the source failed; run {self.keys.run!r} was deleted")
                 self.retry(_delete_run, self.client, self.keys, self.n)
@@ -655,6 +667,41 @@ class _DriverRun:
             self.finished = perf_counter()
         self._read_failures()
         self._finish()
+
+    def _read_state(self) -> RunState:
+        """The run's counters now; `RunStateLost` if its settings are gone from Redis."""
+        state, present = _read_state_and_meta(self.client, self.retry, self.keys, self.n)
+        if not present:
+            raise self._lost()
+        return state
+
+    def _lost(self) -> RunStateLost:
+        return RunStateLost(
+            f"Redis at {redact(self.backend.url)} lost the state of run {self.keys.run!r}: "
+            f"its keys are gone (Redis restarted without persistence, or they were "
+            f"deleted), and with them the items in flight and the run's counters. The run "
+            f"cannot go on; run the pipeline again from the start. For runs to survive a "
+            f"Redis restart, run Redis with appendonly yes (see docs/distributed.md).",
+            run_id=self.keys.run,
+        )
+
+    def _lost_state(self, exc: BaseException) -> RunStateLost | None:
+        """`RunStateLost` if ``exc`` (or the feeder's error, which stopped this thread)
+        comes from the run's keys being gone from Redis; else None."""
+        if not isinstance(exc, Exception):
+            return None  # the caller left (GeneratorExit), Ctrl-C: those stand
+        if isinstance(exc, RunStateLost):
+            return exc
+        if isinstance(self._feed_error, RunStateLost):
+            return self._feed_error
+        if not _is_redis_error(exc) and not _is_redis_error(self._feed_error):
+            return None
+        try:
+            # One look, no retries: if Redis cannot answer now, the error stands as it is.
+            gone = not self.client.exists(self.keys.meta)
+        except Exception:
+            return None
+        return self._lost() if gone else None
 
     def _watch(self, state: RunState) -> None:
         """Say so, once per quiet spell, when nothing moves: usually, no worker is running."""
@@ -817,6 +864,13 @@ def _stages(pipeline: Any) -> tuple[Stage, ...]:
 
 
 def _read_state(client: Any, retry: Retrier, keys: Keys, n: int) -> RunState:
+    return _read_state_and_meta(client, retry, keys, n)[0]
+
+
+def _read_state_and_meta(client: Any, retry: Retrier, keys: Keys, n: int) -> tuple[RunState, bool]:
+    """The run's counters, and whether its ``meta`` hash exists (it always holds
+    ``source_done``, so a missing field means the run's keys are gone)."""
+
     def read() -> list[Any]:
         pipe = client.pipeline(transaction=True)
         pipe.hgetall(keys.counters)
@@ -825,7 +879,14 @@ def _read_state(client: Any, retry: Retrier, keys: Keys, n: int) -> RunState:
         return replies
 
     counters, done = retry(read)
-    return RunState.read(counters, done == b"1", n)
+    return RunState.read(counters, done == b"1", n), done is not None
+
+
+def _is_redis_error(exc: BaseException | None) -> bool:
+    """Whether ``exc`` came from Redis (redis-py's errors, conveyor's backend errors)."""
+    import redis
+
+    return isinstance(exc, (redis.RedisError, BackendError))
 
 
 def _delete_run(client: Any, keys: Keys, stages: int) -> int:

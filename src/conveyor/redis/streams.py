@@ -417,9 +417,13 @@ return {acked, stale, left}
 """
 )
 
-# Add entries to a stream (the source's items, or submitted ones).
+# Add entries to a stream (the source's items, or submitted ones), and/or
+# mark the source done. Nothing is written once the run's meta is gone: a
+# Redis restarted without persistence must not get half a run back (a lone
+# source_done would make an empty run look complete).
 # KEYS: stream, counters, meta.  ARGV: counter, the counter's expected value
-# ('' for none), then records: k field value ...
+# ('' for none), done ('1': the source is done after these records), then
+# records: k field value ...
 # Returns the stream's backlog after, -1 if the run is gone, or -2 when the
 # counter is past the expected value: an earlier attempt of this very call
 # was applied (its reply lost with the connection), so nothing is added twice.
@@ -431,14 +435,15 @@ if ARGV[2] ~= '' then
   local now = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
   if now ~= tonumber(ARGV[2]) then return -2 end
 end
-local i, n = 3, 0
+local i, n = 4, 0
 while i <= #ARGV do
   local k = tonumber(ARGV[i])
   redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + k))
   i = i + 1 + k
   n = n + 1
 end
-if ARGV[1] ~= '' then redis.call('HINCRBY', KEYS[2], ARGV[1], n) end
+if ARGV[1] ~= '' and n > 0 then redis.call('HINCRBY', KEYS[2], ARGV[1], n) end
+if ARGV[3] == '1' then redis.call('HSET', KEYS[3], 'source_done', '1') end
 return backlog(KEYS[1], 'workers', true)
 """
 )

@@ -19,9 +19,12 @@
                                                                                    |
                      [final stream sN] <-- outputs (and tombstones, ordered runs) -+
                          |
-    outputs <--reorder-- XREADGROUP group "driver"; XACK + XTRIM + HINCRBY delivered
+    outputs <--reorder-- XREADGROUP group "driver" (its own pending first, when resumed)
+       |
+       +-- the caller comes back for more --> XACK + XTRIM + HINCRBY delivered (Lua)
     done when the source is done, every stage's acked == what its predecessor produced,
-    and delivered == what the final stream received  (HGETALL counters: no sentinel)
+    and delivered == what the final stream received  (HGETALL counters: no sentinel);
+    the run's meta gone (Redis restarted without persistence) -> RunStateLost
 
 Keys of one run share a hash tag: ``conveyor:{<pipeline id>.<run id>}:`` + ``meta``
 (settings), ``counters``, ``s<i>`` (streams), ``e<i>`` (last errors of entries

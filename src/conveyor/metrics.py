@@ -21,6 +21,10 @@ how full the input queues were.
 workers are the busiest while its output is not blocked (a stage blocked on
 its output waits for a slower stage downstream), with the evidence and a
 hint that depends on its runtime.
+
+`RunResult.report()` is the per-stage table as text, drawn at the end of
+this module; `conveyor.report` (the HTML page) builds on it and depends on
+this module, never the reverse.
 """
 
 from __future__ import annotations
@@ -35,10 +39,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from time import perf_counter
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .channel import Channel
 from .stage import Failure, Stage
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -49,9 +56,14 @@ __all__ = [
     "StageStats",
     "Timeline",
     "WorkerCounters",
+    "bottleneck_line",
     "find_bottleneck",
+    "format_seconds",
     "latency_bucket",
     "latency_quantile",
+    "render_table",
+    "report_table",
+    "stage_rows",
 ]
 
 # ---------------------------------------------------------------------- latency histogram
@@ -623,8 +635,6 @@ class RunResult:
 
     def report(self, width: int = 130) -> str:
         """Return the per-stage table and the bottleneck as text, ``width`` columns wide."""
-        from .report import render_table
-
         return render_table(self, width)
 
     def as_dict(self) -> dict[str, Any]:
@@ -651,3 +661,115 @@ class RunResult:
     def to_json(self) -> str:
         """The statistics, bottleneck, failures and timeline as a JSON document."""
         return json.dumps(self.as_dict(), indent=2)
+
+
+# ---------------------------------------------------------------------- the text report
+# RunResult.report(), here with the result it renders: `conveyor.report` (the
+# HTML page) builds on these, and re-exports them. rich is imported on first
+# use, so that `import conveyor` does not pay for it.
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration in the unit that reads best: ``350 ns``, ``1.2 ms``, ``42 s``, ``3m05s``."""
+    if seconds <= 0:
+        return "0"
+    for unit, scale, limit in _UNITS:
+        value = seconds / scale
+        if value < limit:
+            return f"{value:.1f} {unit}" if value < 9.95 else f"{value:.0f} {unit}"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+# (unit, its length in seconds, the value from which the next unit reads better)
+_UNITS = (("ns", 1e-9, 999.5), ("µs", 1e-6, 999.5), ("ms", 1e-3, 999.5), ("s", 1.0, 59.5))
+
+
+def _kind(s: StageStats) -> str:
+    return s.kind if s.runtime == "thread" else f"{s.kind} ({s.runtime})"
+
+
+_COUNTS = ("filtered", "failed", "retried")  # shown when some stage has one
+
+
+def stage_rows(stats: Sequence[StageStats]) -> tuple[list[str], list[list[str]]]:
+    """The per-stage table as text cells: its headers and one row per stage.
+
+    The filtered, failed and retried columns appear only when some stage has
+    such items, which keeps the usual table within 80 columns.
+    """
+    counts = [c for c in _COUNTS if any(getattr(s, c) for s in stats)]
+    headers = ["stage", "kind", "workers", "in", "out", *counts]
+    headers += ["busy", "starved", "blocked", "p50", "p99", "items/s"]
+    rows = [
+        [
+            s.name,
+            _kind(s),
+            str(s.workers),
+            f"{s.items_in:,}",
+            f"{s.items_out:,}",
+            *(f"{getattr(s, c):,}" for c in counts),
+            f"{s.utilisation:.0%}",
+            f"{s.waiting_input:.0%}",
+            f"{s.blocked_output:.0%}",
+            format_seconds(s.latency_p50),
+            format_seconds(s.latency_p99),
+            f"{s.throughput:,.0f}",
+        ]
+        for s in stats
+    ]
+    return headers, rows
+
+
+def report_table(stats: Sequence[StageStats], title: str | None = None) -> Table:
+    """The after-run table: one row per stage, where its workers' time went."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAVY,
+        pad_edge=False,
+        show_edge=False,
+        collapse_padding=True,
+    )
+    headers, rows = stage_rows(stats)
+    for header in headers:
+        table.add_column(header, justify="left" if header in ("stage", "kind") else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def bottleneck_line(bottleneck: Bottleneck | None) -> str:
+    """One line naming the bottleneck, or saying there is none."""
+    if bottleneck is None:
+        return "bottleneck: none clear (no stage was busy half the time with its output free)"
+    return f"bottleneck: {bottleneck}"
+
+
+def render_table(result: RunResult, width: int = 130) -> str:
+    """The run's table, totals, bottleneck and failures, as plain text ``width`` wide."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(width=width, record=True, file=io.StringIO(), color_system=None)
+    console.print(report_table(result.stats, title="conveyor run"))
+    status = " (stopped before the end)" if result.stopped else ""
+    console.print(
+        f"{result.items_out:,} outputs in {result.elapsed_seconds:.2f} s{status}; "
+        f"{len(result.failures)} items failed"
+    )
+    console.print(bottleneck_line(result.bottleneck), markup=False, highlight=False)
+    for f in result.failures[:10]:
+        console.print(
+            f"  {f.stage}: {f.item!r:.60} -> {type(f.error).__name__}: {f.error}",
+            markup=False,
+            highlight=False,
+        )
+    if len(result.failures) > 10:
+        console.print(f"  ... and {len(result.failures) - 10} more")
+    return console.export_text()

@@ -1,16 +1,19 @@
-"""Reports of a run: the per-stage table as text, and a self-contained HTML page.
+"""Reports of a run: a self-contained HTML page, and the per-stage table as text.
 
 The HTML page needs nothing but a browser: its charts are SVG drawn here,
 its style is inline, and it loads no script or font from anywhere. It shows
 per-stage throughput and input-queue fill over time (from the run's
 `Timeline`), where each stage's worker time went, the bottleneck with its
 evidence, the per-stage table, and the errors.
+
+The text table is `RunResult.report()`, so it is written in
+`conveyor.metrics`, next to the result (this module depends on metrics,
+never the reverse); it is re-exported here with its helpers.
 """
 
 from __future__ import annotations
 
 import html
-import io
 import json
 import math
 import traceback
@@ -18,14 +21,17 @@ from collections.abc import Sequence
 from datetime import datetime
 from os import PathLike
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from rich import box
-from rich.console import Console
-from rich.table import Table
-
-if TYPE_CHECKING:
-    from .metrics import Bottleneck, RunResult, StageStats
+from .metrics import (
+    Bottleneck,
+    RunResult,
+    StageStats,
+    bottleneck_line,
+    format_seconds,
+    render_table,
+    report_table,
+    stage_rows,
+)
 
 __all__ = [
     "bottleneck_line",
@@ -37,108 +43,6 @@ __all__ = [
     "stage_rows",
     "write_html",
 ]
-
-# ---------------------------------------------------------------------- text
-
-
-def format_seconds(seconds: float) -> str:
-    """A duration in the unit that reads best: ``350 ns``, ``1.2 ms``, ``42 s``, ``3m05s``."""
-    if seconds <= 0:
-        return "0"
-    for unit, scale, limit in _UNITS:
-        value = seconds / scale
-        if value < limit:
-            return f"{value:.1f} {unit}" if value < 9.95 else f"{value:.0f} {unit}"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
-# (unit, its length in seconds, the value from which the next unit reads better)
-_UNITS = (("ns", 1e-9, 999.5), ("µs", 1e-6, 999.5), ("ms", 1e-3, 999.5), ("s", 1.0, 59.5))
-
-
-def _kind(s: StageStats) -> str:
-    return s.kind if s.runtime == "thread" else f"{s.kind} ({s.runtime})"
-
-
-_COUNTS = ("filtered", "failed", "retried")  # shown when some stage has one
-
-
-def stage_rows(stats: Sequence[StageStats]) -> tuple[list[str], list[list[str]]]:
-    """The per-stage table as text cells: its headers and one row per stage.
-
-    The filtered, failed and retried columns appear only when some stage has
-    such items, which keeps the usual table within 80 columns.
-    """
-    counts = [c for c in _COUNTS if any(getattr(s, c) for s in stats)]
-    headers = ["stage", "kind", "workers", "in", "out", *counts]
-    headers += ["busy", "starved", "blocked", "p50", "p99", "items/s"]
-    rows = [
-        [
-            s.name,
-            _kind(s),
-            str(s.workers),
-            f"{s.items_in:,}",
-            f"{s.items_out:,}",
-            *(f"{getattr(s, c):,}" for c in counts),
-            f"{s.utilisation:.0%}",
-            f"{s.waiting_input:.0%}",
-            f"{s.blocked_output:.0%}",
-            format_seconds(s.latency_p50),
-            format_seconds(s.latency_p99),
-            f"{s.throughput:,.0f}",
-        ]
-        for s in stats
-    ]
-    return headers, rows
-
-
-def report_table(stats: Sequence[StageStats], title: str | None = None) -> Table:
-    """The after-run table: one row per stage, where its workers' time went."""
-    table = Table(
-        title=title,
-        title_justify="left",
-        box=box.SIMPLE_HEAVY,
-        pad_edge=False,
-        show_edge=False,
-        collapse_padding=True,
-    )
-    headers, rows = stage_rows(stats)
-    for header in headers:
-        table.add_column(header, justify="left" if header in ("stage", "kind") else "right")
-    for row in rows:
-        table.add_row(*row)
-    return table
-
-
-def bottleneck_line(bottleneck: Bottleneck | None) -> str:
-    """One line naming the bottleneck, or saying there is none."""
-    if bottleneck is None:
-        return "bottleneck: none clear (no stage was busy half the time with its output free)"
-    return f"bottleneck: {bottleneck}"
-
-
-def render_table(result: RunResult, width: int = 130) -> str:
-    """The run's table, totals, bottleneck and failures, as plain text ``width`` wide."""
-    console = Console(width=width, record=True, file=io.StringIO(), color_system=None)
-    console.print(report_table(result.stats, title="conveyor run"))
-    status = " (stopped before the end)" if result.stopped else ""
-    console.print(
-        f"{result.items_out:,} outputs in {result.elapsed_seconds:.2f} s{status}; "
-        f"{len(result.failures)} items failed"
-    )
-    console.print(bottleneck_line(result.bottleneck), markup=False, highlight=False)
-    for f in result.failures[:10]:
-        console.print(
-            f"  {f.stage}: {f.item!r:.60} -> {type(f.error).__name__}: {f.error}",
-            markup=False,
-            highlight=False,
-        )
-    if len(result.failures) > 10:
-        console.print(f"  ... and {len(result.failures) - 10} more")
-    return console.export_text()
-
 
 # ---------------------------------------------------------------------- HTML
 

@@ -1,16 +1,16 @@
 """The ``conveyor`` command.
 
 One function per command, registered on the `cli` group. Commands that take
-a pipeline share `load_pipeline` (find it by ``MODULE:ATTR``) and
-`apply_overrides` (``--workers STAGE=N``), and end with one of the exit
-codes below.
+a pipeline find it with `conveyor.loading` (``MODULE:ATTR``, ``--workers
+STAGE=N``), library code that knows nothing of click: its errors become usage
+errors here, and the group turns the user's code failing while a pipeline
+loads into `PipelineCodeError`, for every command. Each command ends with one
+of the exit codes below.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 import logging
 import os
 import shutil
@@ -20,10 +20,15 @@ import threading
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import FrameType, ModuleType
+from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
+
+from .errors import ConfigurationError
+
+# load_pipeline is in __all__ too: callers of conveyor.cli.load_pipeline keep working.
+from .loading import PipelineLoadError, load_pipeline, parse_overrides
 
 if TYPE_CHECKING:
     from .metrics import RunResult
@@ -75,128 +80,24 @@ class PipelineCodeError(click.ClickException):
 # ---------------------------------------------------------------------- loading pipelines
 
 
-def load_pipeline(path: str) -> Pipeline[Any]:
-    """Return the pipeline named by ``path``, ``MODULE:ATTR``, as a user wrote it.
+def _load(target: str) -> Pipeline[Any]:
+    """`load_pipeline`, a bad ``MODULE:ATTR`` as a usage error (exit code 2).
 
-    ``ATTR`` (dots allowed: ``obj.attr``) is a `conveyor.Pipeline`, or a
-    function that takes no argument and returns one. The current directory
-    comes first on ``sys.path``, as with ``python -m``.
-
-    Raises:
-        click.BadParameter: ``path`` is malformed, the module does not exist,
-            the attribute is missing or is not a pipeline (exit code 2).
-        PipelineCodeError: importing the module or calling the function
-            raised (exit code 1).
+    When the user's code raises, `PipelineLoadError` goes up to the group,
+    which shows it as a `PipelineCodeError` (exit code 1).
     """
-    from .pipeline import Pipeline
-
-    module_name, _, attr_path = path.partition(":")
-    if not module_name or not attr_path:
-        raise _bad_target(f"expected MODULE:ATTR, for example app.pipelines:etl; got {path!r}")
-    if module_name.endswith(".py"):
-        suggestion = module_name[:-3].replace("/", ".").replace(os.sep, ".")
-        raise _bad_target(f"give a module name, not a file: {suggestion}:{attr_path}")
-    module = _import(module_name)
-    target: Any = module
-    for part in attr_path.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError:
-            raise _bad_target(_missing_attribute(module, module_name, attr_path)) from None
-    if isinstance(target, Pipeline):
-        return target
-    if not callable(target):
-        raise _bad_target(
-            f"{path} is {_a_type(target)}, not a conveyor.Pipeline or a function returning one"
-        )
-    _check_no_arguments(target, path)
     try:
-        made = target()
-    except Exception as exc:
-        raise PipelineCodeError(f"{path}() raised {type(exc).__name__}: {exc}", exc) from exc
-    if not isinstance(made, Pipeline):
-        raise _bad_target(f"{path}() returned {_a_type(made)}, not a conveyor.Pipeline")
-    return made
+        return load_pipeline(target)
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc), param_hint="'MODULE:ATTR'") from None
 
 
-def _a_type(value: object) -> str:
-    """``an int``, ``a str``: the type of ``value`` with its article."""
-    name = type(value).__name__
-    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
-
-
-def _bad_target(message: str) -> click.BadParameter:
-    return click.BadParameter(message, param_hint="'MODULE:ATTR'")
-
-
-def _import(module_name: str) -> ModuleType:
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
+def _overrides(values: Sequence[str]) -> list[tuple[str, int]]:
+    """`parse_overrides`, a malformed ``STAGE=N`` as a usage error (exit code 2)."""
     try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        missing = exc.name or ""
-        if missing and (module_name == missing or module_name.startswith(missing + ".")):
-            raise _bad_target(
-                f"no module named {missing!r} (looked in {cwd} and on sys.path)"
-            ) from None
-        raise PipelineCodeError(f"importing {module_name!r} failed: {exc}", exc) from exc
-    except Exception as exc:
-        raise PipelineCodeError(
-            f"importing {module_name!r} raised {type(exc).__name__}: {exc}", exc
-        ) from exc
-
-
-def _missing_attribute(module: ModuleType, module_name: str, attr_path: str) -> str:
-    from .pipeline import Pipeline
-
-    found = sorted(
-        name
-        for name, value in vars(module).items()
-        if isinstance(value, Pipeline) and not name.startswith("_")
-    )
-    hint = f"; pipelines in it: {', '.join(found)}" if found else ""
-    return f"module {module_name!r} has no attribute {attr_path!r}{hint}"
-
-
-def _check_no_arguments(fn: Any, path: str) -> None:
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return  # a builtin without a signature: let the call tell
-    required = [
-        p.name
-        for p in signature.parameters.values()
-        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    ]
-    if required:
-        raise _bad_target(
-            f"{path} needs arguments ({', '.join(required)}); conveyor calls it with none"
-        )
-
-
-def parse_overrides(values: Sequence[str]) -> list[tuple[str, int]]:
-    """Parse ``STAGE=N`` options into (stage, workers) pairs.
-
-    Raises:
-        click.BadParameter: a value is not ``STAGE=N`` with N a whole number >= 1.
-    """
-    pairs = []
-    for value in values:
-        stage, sep, number = value.rpartition("=")
-        if not sep or not stage:
-            raise click.BadParameter(f"expected STAGE=N, got {value!r}", param_hint="'--workers'")
-        try:
-            workers = int(number)
-        except ValueError:
-            workers = 0
-        if workers < 1:
-            raise click.BadParameter(
-                f"N must be a whole number >= 1, got {value!r}", param_hint="'--workers'"
-            )
-        pairs.append((stage, workers))
-    return pairs
+        return parse_overrides(values)
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--workers'") from None
 
 
 def apply_overrides(pipeline: Pipeline[Any], overrides: Sequence[tuple[str, int]]) -> Pipeline[Any]:
@@ -205,8 +106,6 @@ def apply_overrides(pipeline: Pipeline[Any], overrides: Sequence[tuple[str, int]
     Raises:
         click.BadParameter: no stage has that name, or the stage refuses the value.
     """
-    from .errors import ConfigurationError
-
     for stage, workers in overrides:
         try:
             pipeline = pipeline.with_stage(stage, workers=workers)
@@ -233,7 +132,18 @@ def _version_message() -> str:
     return f"%(prog)s %(version)s (Python {sys.version.split()[0]}, C accelerator: {accelerator})"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_EPILOG)
+class _Group(click.Group):
+    """The ``conveyor`` group: in any command, user code failing while the
+    pipeline loads exits with `EXIT_PIPELINE_ERROR` and its traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PipelineLoadError as exc:
+            raise PipelineCodeError(str(exc), exc.__cause__ or exc) from exc
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_EPILOG)
 @click.version_option(package_name="conveyor", message=_version_message())
 def cli() -> None:
     """conveyor: producer-consumer pipelines over bounded channels.
@@ -306,8 +216,8 @@ def run_command(
     """
     _log_to_stderr()
     try:
-        overrides = parse_overrides(workers)
-        pipeline = apply_overrides(load_pipeline(target), overrides)
+        overrides = _overrides(workers)
+        pipeline = apply_overrides(_load(target), overrides)
         _check_report_dir(report)
         if redis_url is not None:
             result = _run_on_redis(pipeline, redis_url, run_id, progress, report, stall_timeout)
@@ -381,8 +291,6 @@ def _output_width() -> int:
 def _start(
     pipeline: Pipeline[Any], progress: bool, report: Path | None, stall_timeout: float | None
 ) -> RunHandle:
-    from .errors import ConfigurationError
-
     try:
         return pipeline.start(progress=progress, report=report, stall_timeout=stall_timeout)
     except ConfigurationError as exc:

@@ -1,9 +1,10 @@
 """The distributed commands: ``conveyor worker``, ``status``, ``dlq ...``, ``cancel``.
 
 Registered on the main ``conveyor`` group by `conveyor.cli`; ``conveyor run
---redis URL`` drives a run through `run_on_redis`. The pickle codec's key
-comes from the ``CONVEYOR_SECRET_KEY`` environment variable, never from the
-command line (where ``ps`` would show it).
+--redis URL`` drives a run through `run_on_redis`. Pipelines are found with
+`conveyor.loading` (never through `conveyor.cli`, which imports this module).
+The pickle codec's key comes from the ``CONVEYOR_SECRET_KEY`` environment
+variable, never from the command line (where ``ps`` would show it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
+from .. import loading
 from ..errors import BackendError, ConfigurationError
 
 __all__ = [
@@ -33,10 +35,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def load_pipeline(target: str) -> Any:
-    """The pipeline named ``MODULE:ATTR`` (as ``conveyor run`` finds it)."""
-    from ..cli import load_pipeline as load
+    """The pipeline named ``MODULE:ATTR`` (as ``conveyor run`` finds it).
 
-    return load(target)
+    A bad name is a usage error (exit code 2); the user's code failing while
+    it loads (`PipelineLoadError`) goes up to the ``conveyor`` group, which
+    shows its traceback and exits with 1.
+    """
+    try:
+        return loading.load_pipeline(target)
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc), param_hint="'MODULE:ATTR'") from None
 
 
 def _redis_options(fn: F) -> F:
@@ -83,9 +91,10 @@ def _parse_workers(values: tuple[str, ...]) -> int | dict[str, int] | None:
         if n < 1:
             raise click.BadParameter("N must be >= 1", param_hint="'--workers'")
         return n
-    from ..cli import parse_overrides
-
-    return dict(parse_overrides(values))
+    try:
+        return dict(loading.parse_overrides(values))
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--workers'") from None
 
 
 @click.command("worker")

@@ -2,7 +2,7 @@
 # Every check conveyor must pass, in order, stopping at the first failure:
 #   1. the virtualenv .venv with conveyor[all,dev] installed (scripts/lib.sh);
 #   2. redis-server on PATH (Debian's package is installed when missing);
-#   3. ruff check, ruff format --check, mypy --strict src;
+#   3. ruff check, ruff format --check, mypy --strict src, lint-imports (layers);
 #   4. the C accelerator was built (unless CONVEYOR_NO_EXTENSIONS=1);
 #   5. pytest (the full suite, as configured in pyproject.toml), then the
 #      channel tests again on the pure-Python fallback (CONVEYOR_PURE_PYTHON=1);
@@ -109,6 +109,11 @@ run_gates() {
 
     step "mypy --strict src"
     mypy --strict src || die "mypy --strict src failed"
+
+    step "lint-imports"
+    lint-imports --no-cache ||
+        die "lint-imports failed: an import crosses conveyor's layers (see the contract above;" \
+            "lazy and TYPE_CHECKING imports count)"
 }
 
 check_accelerator() {

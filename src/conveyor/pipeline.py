@@ -9,6 +9,8 @@ can be iterated again). Running it creates a `conveyor.engine.Run`.
 from __future__ import annotations
 
 import asyncio
+import difflib
+import sys
 import threading
 from collections.abc import (
     AsyncGenerator,
@@ -17,22 +19,23 @@ from collections.abc import (
     Callable,
     Iterable,
     Iterator,
+    Mapping,
 )
 from contextlib import aclosing
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, overload
 
 from .engine import JOIN_TIMEOUT, Run
 from .errors import ConfigurationError, ConfigurationTypeError
 from .metrics import RunResult, StageStats
 from .stage import (
     DEFAULT_CAPACITY,
-    KINDS,
     ON_ERROR,
     RUNTIMES,
     Backoff,
+    Kind,
     OnError,
     RuntimeName,
     Stage,
@@ -42,13 +45,90 @@ from .stage import (
     check_seconds,
 )
 
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:
+    from typing_extensions import Unpack
+
 if TYPE_CHECKING:
     from .progress import Monitor
 
-__all__ = ["Pipeline", "RunHandle"]
+__all__ = ["Pipeline", "RunHandle", "StageOptions"]
 
 T = TypeVar("T")
 U = TypeVar("U")
+
+
+# ---------------------------------------------------------------------- stage options
+
+
+class _Options(TypedDict, total=False):
+    """`StageOptions` but ``runtime``, which `Pipeline.map` takes as a parameter
+    of its own: it decides the type of the outputs."""
+
+    workers: int
+    capacity: int
+    ordered: bool
+    retries: int
+    backoff: Backoff | None
+    timeout: float | None
+    on_error: OnError
+    name: str | None
+    on_start: Callable[[], Any] | None
+    on_stop: Callable[[Any], Any] | None
+
+
+class StageOptions(_Options, total=False):
+    """The keyword-only options of a stage that calls a function.
+
+    `Pipeline.map`, `~Pipeline.filter`, `~Pipeline.flat_map` and
+    `~Pipeline.each` take them all, each optional (``**options:
+    Unpack[StageOptions]``); a function that passes them on can be typed
+    the same way. Each is checked when the stage is added: a bad value
+    raises `ConfigurationError` or `ConfigurationTypeError` naming the
+    option and the method, an unknown name a `TypeError`.
+
+    Keys:
+        workers: how many workers call the function in parallel (>= 1;
+            default 1).
+        runtime: ``"thread"`` (default), ``"process"`` (CPU-bound Python)
+            or ``"async"`` (a coroutine function; ``workers`` is the
+            concurrency).
+        capacity: the size of the channel in front of the stage (>= 1;
+            default 1024).
+        ordered: keep input order across workers (default), or let results
+            go on as they complete (``False``: faster).
+        retries: extra attempts for an item that raises (>= 0; default 0).
+        backoff: waits between retries, a `conveyor.Backoff` (default:
+            exponential with jitter, from 50 ms, at most 5 s).
+        timeout: seconds one call may take before it counts as failed with
+            `TimeoutError` (then ``retries`` and ``on_error`` apply);
+            default None, no limit.
+        on_error: ``"raise"`` (default) stops the run with the error;
+            ``"skip"`` records the item in ``result.failures`` and goes on.
+        name: the stage's name in errors and reports, unique in the
+            pipeline (default: the function's name).
+        on_start: called once in each worker before its first item; what it
+            returns is `conveyor.worker_state()` inside the function.
+        on_stop: called once in each worker after its last item, with what
+            ``on_start`` returned.
+
+    `Pipeline.map` also takes ``max_items_per_worker``: with the process
+    runtime, replace a worker process after this many items (for leaky
+    code; >= 1, default None).
+    """
+
+    runtime: RuntimeName
+
+
+class _MapOptions(_Options, total=False):
+    """What `Pipeline.map` takes beside ``runtime``: see `StageOptions`."""
+
+    max_items_per_worker: int | None
+
+
+_STAGE_KEYS = StageOptions.__optional_keys__
+_MAP_KEYS = _STAGE_KEYS | _MapOptions.__optional_keys__
 
 
 class Pipeline(Generic[T]):
@@ -127,61 +207,26 @@ class Pipeline(Generic[T]):
 
     def _stage(
         self,
-        kind: str,
+        kind: Kind,
         fn: Callable[..., Any] | None,
-        *,
-        workers: int,
-        runtime: str,
-        capacity: int,
-        ordered: bool,
-        retries: int,
-        backoff: Backoff | None,
-        timeout: float | None,
-        on_error: str,
-        name: str | None,
-        on_start: Callable[[], Any] | None,
-        on_stop: Callable[[Any], Any] | None,
-        max_items_per_worker: int | None = None,
+        options: Mapping[str, Any],
+        allowed: frozenset[str],
         fn_param: str = "fn",
     ) -> Pipeline[Any]:
+        """A copy with a stage of ``kind`` added; ``allowed``: the option names it takes."""
         method = kind
-        assert kind in KINDS
+        _check_keywords(method, options, allowed)
         check_callable(fn, fn_param, method)
-        check_int(workers, "workers", method, 1)
-        check_choice(runtime, "runtime", method, RUNTIMES)
-        check_int(capacity, "capacity", method, 1)
-        if not isinstance(ordered, bool):
-            raise ConfigurationTypeError(f"{method}() 'ordered' must be a bool, got {ordered!r}")
-        check_int(retries, "retries", method, 0)
-        if backoff is not None and not isinstance(backoff, Backoff):
-            raise ConfigurationTypeError(
-                f"{method}() 'backoff' must be a conveyor.Backoff, got {type(backoff).__name__}"
-            )
-        timeout = check_seconds(timeout, "timeout", method)
-        check_choice(on_error, "on_error", method, ON_ERROR)
-        if on_start is not None:
-            check_callable(on_start, "on_start", method)
-        if on_stop is not None:
-            check_callable(on_stop, "on_stop", method)
-        if max_items_per_worker is not None:
-            check_int(max_items_per_worker, "max_items_per_worker", method, 1)
-        _check_name(name, method)
+        checked = {key: _CHECKS[key](value, key, method) for key, value in options.items()}
+        name = checked.pop("name", None)
+        backoff = checked.pop("backoff", None)
         assert fn is not None
         stage = Stage(
-            kind=kind,  # type: ignore[arg-type]
+            kind=kind,
             fn=fn,
             name=name or self._default_name(kind, fn),
-            workers=workers,
-            runtime=runtime,  # type: ignore[arg-type]
-            capacity=capacity,
-            ordered=ordered,
-            retries=retries,
             backoff=backoff or Backoff(),
-            timeout=timeout,
-            on_error=on_error,  # type: ignore[arg-type]
-            on_start=on_start,
-            on_stop=on_stop,
-            max_items_per_worker=max_items_per_worker,
+            **checked,
         )
         _check_runtime_fits(stage)
         return self._with(stage)
@@ -196,23 +241,15 @@ class Pipeline(Generic[T]):
             name, n = f"{base}-{n}", n + 1
         return name
 
+    # ``runtime`` is a parameter of its own here: with "async", the outputs are
+    # what fn's coroutines return, not the coroutines.
     @overload
     def map(
         self,
         fn: Callable[[T], Awaitable[U]],
         *,
-        workers: int = ...,
         runtime: Literal["async"],
-        capacity: int = ...,
-        ordered: bool = ...,
-        retries: int = ...,
-        backoff: Backoff | None = ...,
-        timeout: float | None = ...,
-        on_error: OnError = ...,
-        name: str | None = ...,
-        on_start: Callable[[], Any] | None = ...,
-        on_stop: Callable[[Any], Any] | None = ...,
-        max_items_per_worker: int | None = ...,
+        **options: Unpack[_MapOptions],
     ) -> Pipeline[U]: ...
 
     @overload
@@ -220,193 +257,57 @@ class Pipeline(Generic[T]):
         self,
         fn: Callable[[T], U],
         *,
-        workers: int = ...,
         runtime: RuntimeName = ...,
-        capacity: int = ...,
-        ordered: bool = ...,
-        retries: int = ...,
-        backoff: Backoff | None = ...,
-        timeout: float | None = ...,
-        on_error: OnError = ...,
-        name: str | None = ...,
-        on_start: Callable[[], Any] | None = ...,
-        on_stop: Callable[[Any], Any] | None = ...,
-        max_items_per_worker: int | None = ...,
+        **options: Unpack[_MapOptions],
     ) -> Pipeline[U]: ...
 
     def map(
         self,
         fn: Callable[[T], Any],
         *,
-        workers: int = 1,
         runtime: RuntimeName = "thread",
-        capacity: int = DEFAULT_CAPACITY,
-        ordered: bool = True,
-        retries: int = 0,
-        backoff: Backoff | None = None,
-        timeout: float | None = None,
-        on_error: OnError = "raise",
-        name: str | None = None,
-        on_start: Callable[[], Any] | None = None,
-        on_stop: Callable[[Any], Any] | None = None,
-        max_items_per_worker: int | None = None,
+        **options: Unpack[_MapOptions],
     ) -> Pipeline[Any]:
         """Apply ``fn`` to every item; its return value goes on.
 
         Args:
             fn: the function (a coroutine function with ``runtime="async"``).
-            workers: how many workers apply it in parallel (>= 1).
-            runtime: ``"thread"`` (default), ``"process"`` (CPU-bound Python)
-                or ``"async"`` (coroutines; ``workers`` is the concurrency).
-            capacity: the size of the channel in front of this stage (>= 1).
-            ordered: keep input order across workers (default), or let
-                results go on as they complete (``False``: faster).
-            retries: extra attempts for an item that raises (>= 0).
-            backoff: waits between retries (default: exponential with jitter,
-                from 50 ms, at most 5 s).
-            timeout: seconds one call may take before it counts as failed
-                with `TimeoutError` (then ``retries`` and ``on_error`` apply).
-            on_error: ``"raise"`` (default) stops the run with the error;
-                ``"skip"`` records the item in ``result.failures`` and goes on.
-            name: the stage's name in errors and reports (default: fn's name).
-            on_start: called once in each worker before its first item; what
-                it returns is `conveyor.worker_state()` inside ``fn``.
-            on_stop: called once in each worker after its last item, with
-                what ``on_start`` returned.
-            max_items_per_worker: process runtime only: replace a worker
-                process after this many items (for leaky code).
+            runtime: ``"thread"`` (default), ``"process"`` or ``"async"``.
+            **options: the stage's options, keyword-only and optional: see
+                `StageOptions` (``workers``, ``retries``, ``timeout``, ...);
+                ``map`` also takes ``max_items_per_worker``.
 
         Returns:
             A new pipeline with the stage added.
 
         Raises:
-            ConfigurationError: a parameter is out of range.
-            ConfigurationTypeError: a parameter has the wrong type.
+            ConfigurationError: an option is out of range.
+            ConfigurationTypeError: an option has the wrong type.
+            TypeError: an unknown keyword argument.
         """
-        return self._stage(
-            "map",
-            fn,
-            workers=workers,
-            runtime=runtime,
-            capacity=capacity,
-            ordered=ordered,
-            retries=retries,
-            backoff=backoff,
-            timeout=timeout,
-            on_error=on_error,
-            name=name,
-            on_start=on_start,
-            on_stop=on_stop,
-            max_items_per_worker=max_items_per_worker,
-        )
+        return self._stage("map", fn, {"runtime": runtime, **options}, _MAP_KEYS)
 
-    def filter(
-        self,
-        pred: Callable[[T], object],
-        *,
-        workers: int = 1,
-        runtime: RuntimeName = "thread",
-        capacity: int = DEFAULT_CAPACITY,
-        ordered: bool = True,
-        retries: int = 0,
-        backoff: Backoff | None = None,
-        timeout: float | None = None,
-        on_error: OnError = "raise",
-        name: str | None = None,
-        on_start: Callable[[], Any] | None = None,
-        on_stop: Callable[[Any], Any] | None = None,
-    ) -> Pipeline[T]:
-        """Keep the items for which ``pred`` is true. Options as for `map`."""
-        return self._stage(
-            "filter",
-            pred,
-            fn_param="pred",
-            workers=workers,
-            runtime=runtime,
-            capacity=capacity,
-            ordered=ordered,
-            retries=retries,
-            backoff=backoff,
-            timeout=timeout,
-            on_error=on_error,
-            name=name,
-            on_start=on_start,
-            on_stop=on_stop,
-        )
+    def filter(self, pred: Callable[[T], object], **options: Unpack[StageOptions]) -> Pipeline[T]:
+        """Keep the items for which ``pred`` is true. Options: `StageOptions`, as for `map`."""
+        return self._stage("filter", pred, options, _STAGE_KEYS, fn_param="pred")
 
     def flat_map(
-        self,
-        fn: Callable[[T], Iterable[U]],
-        *,
-        workers: int = 1,
-        runtime: RuntimeName = "thread",
-        capacity: int = DEFAULT_CAPACITY,
-        ordered: bool = True,
-        retries: int = 0,
-        backoff: Backoff | None = None,
-        timeout: float | None = None,
-        on_error: OnError = "raise",
-        name: str | None = None,
-        on_start: Callable[[], Any] | None = None,
-        on_stop: Callable[[Any], Any] | None = None,
+        self, fn: Callable[[T], Iterable[U]], **options: Unpack[StageOptions]
     ) -> Pipeline[U]:
         """Apply ``fn`` to every item; each element of the iterable it returns goes on.
 
         The iterable is read whole before its elements go on, so an item
         that fails halfway (and is retried) never sends duplicates.
-        Options as for `map`.
+        Options: `StageOptions`, as for `map`.
         """
-        return self._stage(
-            "flat_map",
-            fn,
-            workers=workers,
-            runtime=runtime,
-            capacity=capacity,
-            ordered=ordered,
-            retries=retries,
-            backoff=backoff,
-            timeout=timeout,
-            on_error=on_error,
-            name=name,
-            on_start=on_start,
-            on_stop=on_stop,
-        )
+        return self._stage("flat_map", fn, options, _STAGE_KEYS)
 
-    def each(
-        self,
-        fn: Callable[[T], object],
-        *,
-        workers: int = 1,
-        runtime: RuntimeName = "thread",
-        capacity: int = DEFAULT_CAPACITY,
-        ordered: bool = True,
-        retries: int = 0,
-        backoff: Backoff | None = None,
-        timeout: float | None = None,
-        on_error: OnError = "raise",
-        name: str | None = None,
-        on_start: Callable[[], Any] | None = None,
-        on_stop: Callable[[Any], Any] | None = None,
-    ) -> Pipeline[None]:
+    def each(self, fn: Callable[[T], object], **options: Unpack[StageOptions]) -> Pipeline[None]:
         """Call ``fn`` on every item for its side effects (the sink); nothing goes on.
 
-        Options as for `map`.
+        Options: `StageOptions`, as for `map`.
         """
-        return self._stage(
-            "each",
-            fn,
-            workers=workers,
-            runtime=runtime,
-            capacity=capacity,
-            ordered=ordered,
-            retries=retries,
-            backoff=backoff,
-            timeout=timeout,
-            on_error=on_error,
-            name=name,
-            on_start=on_start,
-            on_stop=on_stop,
-        )
+        return self._stage("each", fn, options, _STAGE_KEYS)
 
     def batch(
         self,
@@ -661,6 +562,76 @@ def _check_name(name: object, method: str) -> None:
     """Refuse a stage name that is not a non-empty str (None means the default)."""
     if name is not None and (not isinstance(name, str) or not name):
         raise ConfigurationTypeError(f"{method}() 'name' must be a non-empty str, got {name!r}")
+
+
+def _check_keywords(method: str, options: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    """Refuse a keyword argument that is not an option of ``method``, as Python would."""
+    for key in options:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"{method}() got an unexpected keyword argument {key!r}{hint}")
+
+
+_Check = Callable[[Any, str, str], Any]
+"""An option's check: (value, option, method) -> the value as the stage keeps it."""
+
+
+def _check_ordered(value: object, param: str, method: str) -> object:
+    if not isinstance(value, bool):
+        raise ConfigurationTypeError(f"{method}() '{param}' must be a bool, got {value!r}")
+    return value
+
+
+def _check_backoff(value: object, param: str, method: str) -> object:
+    if value is not None and not isinstance(value, Backoff):
+        raise ConfigurationTypeError(
+            f"{method}() '{param}' must be a conveyor.Backoff, got {type(value).__name__}"
+        )
+    return value
+
+
+def _check_hook(value: object, param: str, method: str) -> object:
+    if value is not None:
+        check_callable(value, param, method)
+    return value
+
+
+def _check_choice_of(choices: tuple[str, ...]) -> _Check:
+    def check(value: object, param: str, method: str) -> object:
+        check_choice(value, param, method, choices)
+        return value
+
+    return check
+
+
+def _check_at_least(minimum: int, *, optional: bool = False) -> _Check:
+    def check(value: object, param: str, method: str) -> object:
+        return value if optional and value is None else check_int(value, param, method, minimum)
+
+    return check
+
+
+def _check_stage_name(value: object, param: str, method: str) -> object:
+    _check_name(value, method)
+    return value
+
+
+_CHECKS: dict[str, _Check] = {
+    # Each raises an error naming the option and the method. One line per option.
+    "workers": _check_at_least(1),
+    "runtime": _check_choice_of(RUNTIMES),
+    "capacity": _check_at_least(1),
+    "ordered": _check_ordered,
+    "retries": _check_at_least(0),
+    "backoff": _check_backoff,
+    "timeout": check_seconds,
+    "on_error": _check_choice_of(ON_ERROR),
+    "name": _check_stage_name,
+    "on_start": _check_hook,
+    "on_stop": _check_hook,
+    "max_items_per_worker": _check_at_least(1, optional=True),
+}
 
 
 def _duplicate_name(name: str) -> Exception:

@@ -95,7 +95,9 @@ def test_the_ack_script_takes_ten_thousand_ids_at_once(
         reply = client.xreadgroup(DRIVER_GROUP, "driver", {final: ">"}, count=20_000)
         ids = [entry_id for entry_id, _ in reply[0][1]]
         assert len(ids) == 10_000
-        acked = Scripts(client).ack(keys=[final, keys.counters], args=[DRIVER_GROUP, "", *ids])
+        acked = Scripts(client).ack(
+            keys=[final, keys.counters, keys.done], args=[DRIVER_GROUP, "", 0, *ids]
+        )
         assert acked == 10_000
         assert client.hget(keys.counters, "delivered") == b"10000"
         assert client.xpending(final, DRIVER_GROUP)["pending"] == 0
@@ -323,3 +325,69 @@ def test_a_run_whose_state_redis_lost_ends_with_run_state_lost_and_leaves_no_thr
     assert "resume" not in message and "run_id=" not in message
     assert "resume" not in caplog.text
     assert set(threading.enumerate()) <= threads_before
+
+
+# ---------------------------------------------------------------------- strays
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_a_stray_entry_is_refused_and_dead_lettered_and_the_run_still_finishes(
+    redis_server: RedisServer, namespace: str, ordered: bool
+) -> None:
+    # Repro: one valid msgpack entry added to a stage stream of an unordered run was
+    # yielded as an output, and the driver then waited for ever (completion compared
+    # counters). Here strays go into the stage stream and the final stream mid-run.
+    import msgpack
+
+    run_id = f"stray-{ordered}"
+    holder: dict[str, Keys] = {}
+
+    def add_strays_on_first(x: int) -> int:
+        if x == 0:
+            keys = holder["keys"]
+            client = redis.Redis.from_url(redis_server.url)
+            stray = {"d": msgpack.packb(999)}
+            client.xadd(keys.stream(0), stray)  # no sequence path: not this run's
+            client.xadd(keys.stream(1), stray)  # straight into the final stream
+            client.close()
+        return x + 1
+
+    pipeline = cv.Pipeline(range(20)).map(add_strays_on_first, ordered=ordered)
+    holder["keys"] = _keys(pipeline, namespace, run_id)
+    backend = RedisBackend(
+        redis_server.url, namespace=namespace, run_id=run_id, local_workers=True, keep=True
+    )
+    result = pipeline.run(collect=True, backend=backend)
+    outputs = result.outputs or []
+    assert (outputs if ordered else sorted(outputs)) == list(range(1, 21))
+    keys = holder["keys"]
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        [(_, stage_dead)] = client.xrange(keys.dead(0))
+        assert b"not made by this run" in stage_dead[b"err"]
+        [(_, final_dead)] = client.xrange(keys.dead(1))
+        assert b"not an entry of this run: no path" in final_dead[b"err"]
+    finally:
+        backend.cancel(pipeline, run_id)
+        client.close()
+
+
+@pytest.mark.timeout(20)  # under the 30 s visibility timeout the entries would have waited out
+def test_a_stopped_workers_unfinished_entries_are_taken_over_at_once(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    pipeline = cv.Pipeline(range(3000)).map(triple, ordered=False)
+    run_id = "let-go"
+
+    def backend() -> RedisBackend:
+        return RedisBackend(
+            redis_server.url, namespace=namespace, run_id=run_id, local_workers=True
+        )
+
+    seen = []
+    for x in backend().iterate(pipeline):
+        seen.append(x)
+        if len(seen) == 10:
+            break  # the local workers stop holding entries they read ahead
+    rest = backend().run(pipeline, collect=True).outputs or []
+    assert sorted(set(seen) | set(rest)) == [3 * x for x in range(3000)]

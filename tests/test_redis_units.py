@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import conveyor as cv
 from conveyor.redis.codec import get_codec, key_check
-from conveyor.redis.order import TOMBSTONE, Reorderer, child_path, dump_path, load_path
+from conveyor.redis.order import TOMBSTONE, Leaf, Tracker, child_path, dump_path, load_path
 from conveyor.redis.state import RunState
 from conveyor.redis.streams import Keys, pipeline_id, redact
 
@@ -116,9 +116,9 @@ def _leaves(tree: Any, path: bytes, label: str) -> list[tuple[bytes, Any]]:
 
 
 @settings(deadline=None, max_examples=200)
-@given(forests(), st.randoms(use_true_random=False))
-def test_leaves_in_any_arrival_order_are_released_in_source_order(
-    forest: list[Any], rng: random.Random
+@given(forests(), st.randoms(use_true_random=False), st.booleans())
+def test_leaves_in_any_arrival_order_complete_every_root_and_ordered_runs_keep_order(
+    forest: list[Any], rng: random.Random, ordered: bool
 ) -> None:
     leaves = [
         leaf for r, tree in enumerate(forest) for leaf in _leaves(tree, dump_path([r]), str(r))
@@ -126,24 +126,58 @@ def test_leaves_in_any_arrival_order_are_released_in_source_order(
     expected = [value for _, value in leaves if value is not TOMBSTONE]
     arrivals = list(enumerate(leaves))
     rng.shuffle(arrivals)
-    reorder = Reorderer()
+    tracker = Tracker(ordered)
     released: list[Any] = []
     for n, (path, value) in arrivals:
-        reorder.add(load_path(path), value, str(n).encode())
-        reorder.add(load_path(path), value, str(n).encode())  # read twice: ignored
-        released += reorder.release()[0]
-    assert released == expected
-    assert reorder.next_root == len(forest)
-    assert len(reorder) == 0
+        tracker.add(Leaf(load_path(path), value, str(n).encode()))
+        tracker.add(Leaf(load_path(path), value, str(n).encode()))  # read twice: ignored
+        out = tracker.release()
+        assert out.refused == []
+        released += out.values
+    if ordered:
+        assert released == expected
+        assert tracker.next_root == len(forest)
+    else:
+        assert sorted(released) == sorted(expected)
+    assert tracker.completed == len(forest)
+    assert len(tracker) == 0
 
 
 def test_a_root_is_held_until_its_last_leaf_arrives() -> None:
-    reorder = Reorderer()
-    reorder.add(load_path(child_path(dump_path([0]), 1, 2)), "b", b"1")
-    reorder.add([1], "c", b"2")
-    assert reorder.release() == ([], [])
-    reorder.add(load_path(child_path(dump_path([0]), 0, 2)), "a", b"3")
-    assert reorder.release() == (["a", "b", "c"], [b"3", b"1", b"2"])
+    tracker = Tracker(True)
+    tracker.add(Leaf(load_path(child_path(dump_path([0]), 1, 2)), "b", b"1"))
+    tracker.add(Leaf([1], "c", b"2"))
+    assert tracker.release()[:2] == ([], [])
+    tracker.add(Leaf(load_path(child_path(dump_path([0]), 0, 2)), "a", b"3"))
+    assert tracker.release()[:2] == (["a", "b", "c"], [b"3", b"1", b"2"])
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_leaf_the_run_did_not_make_is_refused_and_completes_nothing(ordered: bool) -> None:
+    tracker = Tracker(ordered)
+    tracker.add(Leaf([0], "x", b"1"))
+    tracker.add(Leaf([0], "copy of x", b"2"))  # its root is through already
+    tracker.add(Leaf([], {b"d": b"stray"}, b"3"))  # no path at all
+    tracker.add(Leaf([1, 5, 2], "bad", b"4"))  # child 5 of 2 does not exist
+    tracker.add(Leaf([2, 0, 2], "half", b"5"))
+    tracker.add(Leaf([2, 0, 2], "the same half again", b"6"))  # over-covers root 2
+    out = tracker.release()
+    assert out.values == ["x"] if ordered else ["x", "half"]
+    assert [leaf.entry_id for leaf in out.refused] == [b"2", b"3", b"4", b"6"]
+    assert tracker.completed == 1
+
+
+def test_an_unordered_trackers_done_bitmap_is_redis_bit_order_and_resumes() -> None:
+    tracker = Tracker(False)
+    for root in (0, 9):
+        tracker.add(Leaf([root], root, str(root).encode()))
+    assert tracker.release().completed == [0, 9]
+    bits = bytes(tracker._done)
+    assert bits == bytes([0b1000_0000, 0b0100_0000])  # SETBIT 0 and 9, as GET returns them
+    resumed = Tracker(False, 0, bits)
+    assert resumed.completed == 2
+    resumed.add(Leaf([9], "again", b"x"))
+    assert [leaf.entry_id for leaf in resumed.release().refused] == [b"x"]
 
 
 # ---------------------------------------------------------------------- completion

@@ -25,14 +25,13 @@ from ..errors import (
     BackendError,
     ConfigurationError,
     DeadLettersError,
-    PayloadRejected,
     RunStateLost,
 )
 from ..metrics import RunResult, StageStats, Timeline
 from ..policy import add_note
 from ..stage import Failure, Stage
 from .codec import Codec, decode_failure, get_codec, key_check, secret_from
-from .order import TOMBSTONE, Reorderer, dump_path, load_path
+from .order import TOMBSTONE, Leaf, Tracker, dump_path, load_path
 from .state import RunInfo, RunState, stage_stats
 from .streams import (
     DRIVER_GROUP,
@@ -210,7 +209,9 @@ class RedisBackend:
         """The key names of ``pipeline``'s run ``run_id``."""
         return Keys(self.namespace, pipeline_id(_stages(pipeline)), run_id)
 
-    def _info(self, keys: Keys, stages: tuple[Stage, ...], ordered: bool) -> RunInfo:
+    def _info(
+        self, keys: Keys, stages: tuple[Stage, ...], ordered: bool, paths: bool = True
+    ) -> RunInfo:
         limits = [self.limit or s.capacity for s in stages]
         limits.append(self.limit or max(limits[-1], self.batch_size))
         return RunInfo(
@@ -219,6 +220,7 @@ class RedisBackend:
             codec=self.codec.name,
             key_check=key_check(self.secret_key if self.codec.name == "pickle" else None),
             ordered=ordered,
+            paths=paths,
             visibility_ms=int(self.visibility_timeout * 1000),
             max_deliveries=self.max_deliveries,
             limits=tuple(limits),
@@ -402,7 +404,7 @@ class RedisBackend:
         stages = _stages(pipeline)
         keys = self.keys(pipeline, run_id)
         retry = Retrier("open", self.unavailable_timeout)
-        info, _ = self._create_or_attach(keys, self._info(keys, stages, False), retry)
+        info, _ = self._create_or_attach(keys, self._info(keys, stages, False, False), retry)
         return LiveRun(self, keys, info, retry)
 
     def submit(self, pipeline: Any, items: Iterable[Any], run_id: str = "live") -> int:
@@ -468,7 +470,7 @@ class LiveRun:
                 if b"t" not in fields:
                     values.append(self._codec.decode(fields))
         if ids:
-            _ack(self._scripts, self._retry, self.keys, final, ids, "")
+            _ack(self._scripts, self._retry, self.keys, final, _Taken([], ids, "", [], None))
         return values
 
     def close(self) -> None:
@@ -498,6 +500,8 @@ class _Taken(NamedTuple):
     """Entries to acknowledge once the caller has taken ``values``."""
     released: int | str
     """Ordered runs: the next root to release after these ('' if unordered)."""
+    completed: list[int]
+    """Unordered runs: the roots these entries completed (marked done with the ack)."""
     last: bytes | None
     """Id of the last entry read (None: the read returned none)."""
 
@@ -528,7 +532,7 @@ class _DriverRun:
         self._feeder: threading.Thread | None = None
         self._feed_error: BaseException | None = None
         self._released = threading.Condition()
-        self.reorder: Reorderer | None = None
+        self.tracker: Tracker | None = None
         window = backend.reorder_window or 8 * self.stages[0].capacity
         self.window = max(window, 2 * self.info.batch)
 
@@ -558,7 +562,7 @@ class _DriverRun:
     def _feed_from(self, source: Iterator[Any], fed: int) -> None:
         keys, limit = self.keys, self.info.limits[0]
         stream = keys.stream(0)
-        encode, ordered = self.codec.encode, self.info.ordered
+        encode, ordered, paths = self.codec.encode, self.info.ordered, self.info.paths
         length = 0
         while not self.stopped.is_set():
             if length >= limit:
@@ -570,7 +574,7 @@ class _DriverRun:
             args: list[Any] = ["fed", fed, "" if chunk else "1"]
             for j, value in enumerate(chunk):
                 fields = encode(value)
-                if ordered:
+                if paths:
                     fields += [b"q", dump_path([fed + j])]
                 args += [len(fields), *fields]
             length = self.retry(
@@ -596,10 +600,10 @@ class _DriverRun:
             )
 
     def _wait_for_window(self, fed: int) -> None:
-        reorder = self.reorder
-        assert reorder is not None
+        tracker = self.tracker
+        assert tracker is not None
         with self._released:
-            while fed - reorder.next_root >= self.window and not self.stopped.is_set():
+            while fed - tracker.next_root >= self.window and not self.stopped.is_set():
                 self._released.wait(POLL_SECONDS)
 
     # ------------------------------------------------------------------ reading outputs
@@ -614,7 +618,7 @@ class _DriverRun:
         and a driver resumed with the same ``run_id`` reads it again first.
         """
         state = self._read_state()
-        self.reorder = Reorderer(state.released) if self.info.ordered else None
+        self.tracker = self._new_tracker(state)
         self._start_feeder(state.fed)
         try:
             # Entries this consumer read before (a resumed driver) come back first.
@@ -630,7 +634,7 @@ class _DriverRun:
                 if self._feed_error is not None:
                     raise self._feed_error
                 state = self._read_state()
-                if state.complete:
+                if self._complete(state):
                     self.state = state
                     break
                 if not got and state.stalled and self.backend.on_dead_letters == "raise":
@@ -667,6 +671,24 @@ class _DriverRun:
             self.finished = perf_counter()
         self._read_failures()
         self._finish()
+
+    def _new_tracker(self, state: RunState) -> Tracker | None:
+        """What tells this driver which items are through (None: a run without paths,
+        made by an older version: completion by its counters)."""
+        if not self.info.paths:
+            return None
+        if self.info.ordered:
+            return Tracker(True, state.released)
+        done = self.retry(self.client.get, self.keys.done) or b""
+        return Tracker(False, 0, done)
+
+    def _complete(self, state: RunState) -> bool:
+        """Every item the source gave is through: decided by the items' identities (their
+        paths), not by counting entries, so an entry the run did not make changes nothing."""
+        tracker = self.tracker
+        if tracker is None:
+            return state.complete
+        return state.source_done and tracker.completed == state.fed
 
     def _read_state(self) -> RunState:
         """The run's counters now; `RunStateLost` if its settings are gone from Redis."""
@@ -743,7 +765,9 @@ class _DriverRun:
             yield taken.values
             self.items_out += len(taken.values)
         if taken.ids:
-            _ack(self.scripts, self.retry, self.keys, self.final, taken.ids, taken.released)
+            _ack(self.scripts, self.retry, self.keys, self.final, taken)
+            if self.tracker is not None:
+                self.tracker.acknowledged(taken.ids)
 
     def _read(self, start: str | bytes) -> _Taken:
         """Read the final stream once (``start`` ">" for new entries, an id for our pending).
@@ -761,29 +785,59 @@ class _DriverRun:
         )
         entries = reply[0][1] if reply else []
         if not entries:
-            return _Taken([], [], "", None)
-        values, ids = self._take(entries)
-        reorder = self.reorder
-        if reorder is None:
-            return _Taken(values, ids, "", entries[-1][0])
+            return _Taken([], [], "", [], None)
+        tracker = self.tracker
+        if tracker is None:  # a run without paths (an older version's): no identities
+            values = [self.codec.decode(f) for _, f in entries if b"t" not in f]
+            return _Taken(values, [e[0] for e in entries], "", [], entries[-1][0])
+        for entry_id, fields in entries:
+            tracker.add(self._leaf(entry_id, fields))
+        released = tracker.release()
+        refused = [leaf.entry_id for leaf in released.refused]
+        if refused:
+            self._refuse(released.refused)
         with self._released:
             # The feeder's window moves on: the released roots are the caller's now.
             self._released.notify_all()
-        return _Taken(values, ids, reorder.next_root, entries[-1][0])
+        return _Taken(
+            released.values,
+            released.ids + refused,
+            tracker.next_root if tracker.ordered else "",
+            released.completed,
+            entries[-1][0],
+        )
 
-    def _take(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[Any], list[Any]]:
-        decode = self.codec.decode
-        reorder = self.reorder
-        if reorder is None:
-            values = [decode(f) for _, f in entries if b"t" not in f]
-            return values, [entry_id for entry_id, _ in entries]
-        for entry_id, fields in entries:
-            seq = fields.get(b"q")
-            if seq is None:
-                raise PayloadRejected(f"entry {entry_id!r} of the final stream has no sequence")
-            value = TOMBSTONE if b"t" in fields else decode(fields)
-            reorder.add(load_path(seq), value, entry_id)
-        return reorder.release()
+    def _leaf(self, entry_id: bytes, fields: dict[bytes, bytes]) -> Leaf:
+        """A final-stream entry as a leaf of its root; a malformed one gets no path."""
+        try:
+            path = load_path(fields[b"q"])
+            value = TOMBSTONE if b"t" in fields else self.codec.decode(fields)
+        except Exception:  # no path, or not one this run could have made
+            return Leaf([], fields, entry_id)
+        if not isinstance(path, list) or not all(isinstance(x, int) for x in path):
+            return Leaf([], fields, entry_id)
+        return Leaf(path, value, entry_id)
+
+    def _refuse(self, leaves: list[Leaf]) -> None:
+        """Dead-letter final-stream entries the run did not make, instead of yielding them."""
+
+        def write() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for leaf in leaves:
+                why = "not an entry of this run: " + (
+                    f"its item {leaf.path[:1]} is through already" if leaf.path else "no path"
+                )
+                pipe.xadd(self.keys.dead(self.n), {"src": leaf.entry_id, "err": why})
+            pipe.execute()
+
+        self.retry(write)
+        log.warning(
+            "conveyor: run %r: %d entries of the final stream were not made by this run "
+            "(added by another program, or a copy): refused, kept in %s",
+            self.keys.run,
+            len(leaves),
+            self.keys.dead(self.n),
+        )
 
     def _dead_letters_error(self, state: RunState) -> DeadLettersError:
         dead = {self.stages[i].name: s.dead for i, s in enumerate(state.stages) if s.dead}
@@ -912,17 +966,15 @@ def _create(client: Any, keys: Keys, info: RunInfo) -> None:
             raise reply
 
 
-def _ack(
-    scripts: Scripts,
-    retry: Retrier,
-    keys: Keys,
-    final: str,
-    ids: list[Any],
-    released: int | str,
-) -> None:
-    """Acknowledge final-stream entries the caller has taken (trimming them), and count
-    them; ``released``: the ordered run's next root to release now ('' if unordered)."""
-    retry(scripts.ack, keys=[final, keys.counters], args=[DRIVER_GROUP, released, *ids])
+def _ack(scripts: Scripts, retry: Retrier, keys: Keys, final: str, taken: _Taken) -> None:
+    """Acknowledge final-stream entries the caller has taken (trimming them), count
+    them, and record how far the run is (an ordered run's next root to release, an
+    unordered run's completed roots)."""
+    retry(
+        scripts.ack,
+        keys=[final, keys.counters, keys.done],
+        args=[DRIVER_GROUP, taken.released, len(taken.completed), *taken.completed, *taken.ids],
+    )
 
 
 def _wait_for_room(

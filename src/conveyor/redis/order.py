@@ -1,20 +1,26 @@
-"""Sequence paths, and the driver's reorder buffer for ordered runs.
+"""Sequence paths: how the driver knows which source items are through, and their order.
 
-Each source item gets a path ``[r]`` (its index). A stage that turns an
+Each source item gets a path ``[r]`` (its index), in every run the driver
+feeds. A stage that turns an
 entry into exactly one output passes the path on unchanged; into ``k > 1``
 outputs, output ``j`` gets the path extended by ``[j, k]``; into none, the
 stage sends a *tombstone* with the path to the final stream, so the driver
 knows that part of the tree is finished. Root ``r`` is complete when the
 weights ``1 / (k1 * k2 * ...)`` of the leaves received for it add up to 1;
 complete roots are released in order, their leaves sorted by path.
+
+Completion is decided by these identities, not by counting entries: the run
+is through when every root it fed is complete. A leaf the run did not make
+(a root already complete, a weight beyond 1, a path of a root never fed) is
+refused: the driver dead-letters it instead of yielding it.
 """
 
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["TOMBSTONE", "Reorderer", "child_path", "dump_path", "load_path"]
+__all__ = ["TOMBSTONE", "Leaf", "Tracker", "child_path", "dump_path", "load_path"]
 
 TOMBSTONE: Any = object()
 """The value of a leaf that carries no output."""
@@ -44,56 +50,146 @@ def child_path(parent: bytes, j: int, k: int) -> bytes:
     return dump_path([*load_path(parent), j, k])
 
 
-class Reorderer:
-    """Holds received leaves until their root is complete, and releases roots in order.
+class Leaf(NamedTuple):
+    """An entry of the final stream: its path, its value (or TOMBSTONE), its id."""
 
-    The caller bounds how many roots are open at once (the driver's feeder
-    waits while ``fed - next_root`` reaches its window).
+    path: list[int]
+    value: Any
+    entry_id: bytes
+
+
+class Released(NamedTuple):
+    """What `Tracker.release` hands over."""
+
+    values: list[Any]
+    """Outputs for the caller (in source order for an ordered run)."""
+    ids: list[bytes]
+    """Entries done with: to acknowledge once the caller has the values."""
+    completed: list[int]
+    """Roots completed since the last release (unordered runs persist them)."""
+    refused: list[Leaf]
+    """Leaves the run did not make: to dead-letter (and acknowledge)."""
+
+
+class Tracker:
+    """Which roots are complete; for an ordered run, also the reorder buffer.
+
+    Ordered: leaves are held until their root is complete, and complete roots
+    are released in order from ``next_root``. Unordered: every leaf's value
+    is released at once, and completed roots are remembered in a bitmap
+    (persisted by the driver, so that a resumed driver knows them). The
+    caller bounds how many roots are open at once (ordered: the driver's
+    feeder waits while ``fed - next_root`` reaches its window).
     """
 
-    def __init__(self, next_root: int = 0) -> None:
+    def __init__(self, ordered: bool, next_root: int = 0, done: bytes = b"") -> None:
+        self.ordered = ordered
         self.next_root = next_root
-        self._leaves: dict[int, list[tuple[list[int], Any, bytes]]] = {}
+        """Ordered: every root below it is released."""
+        self._done = bytearray(done)  # unordered: bit r set when root r is complete
+        self.completed = next_root + sum(bin(b).count("1") for b in done)
+        """Roots complete (and released) so far."""
+        self._leaves: dict[int, list[Leaf]] = {}
         self._cover: dict[int, Fraction] = {}
+        self._seen: dict[int, set[tuple[int, ...]]] = {}  # leaf paths of the open roots
         self._held: set[bytes] = set()
+        self._out: list[Any] = []
+        self._ids: list[bytes] = []
+        self._new: list[int] = []
+        self._refused: list[Leaf] = []
 
-    def add(self, path: list[int], value: Any, entry_id: bytes) -> None:
-        """Keep a leaf (an output, or TOMBSTONE) received as entry ``entry_id``.
+    def add(self, leaf: Leaf) -> None:
+        """Take a leaf received from the final stream.
 
-        An entry received again (read once more after a connection loss) is ignored.
+        An entry received again (read once more after a connection loss) is
+        ignored; a leaf the run did not make is kept aside as refused.
         """
-        if entry_id in self._held:
+        if leaf.entry_id in self._held:
             return
-        self._held.add(entry_id)
-        root = path[0]
-        if len(path) == 1:
-            # The whole root in one leaf (no fan-out on its way): the common case.
-            self._cover[root] = _ONE
-            self._leaves[root] = [(_NO_PATH, value, entry_id)]
+        self._held.add(leaf.entry_id)
+        root = leaf.path[0] if leaf.path else -1
+        weight = _weight(leaf.path)
+        cover = self._cover.get(root, _ZERO) + weight
+        seen = self._seen.get(root)
+        place = tuple(leaf.path)
+        if (
+            root < 0
+            or weight == 0
+            or cover > 1
+            or self._is_done(root)
+            or (seen is not None and place in seen)  # a copy of a leaf of an open root
+        ):
+            self._refused.append(leaf)
             return
-        weight = 1
-        for k in path[2::2]:
-            weight *= k
-        self._cover[root] = self._cover.get(root, _ZERO) + Fraction(1, weight)
-        self._leaves.setdefault(root, []).append((path[1:], value, entry_id))
+        if cover < 1:
+            self._seen.setdefault(root, set()).add(place)
+        else:
+            self._seen.pop(root, None)
+        if self.ordered:
+            self._leaves.setdefault(root, []).append(leaf)
+        else:
+            if leaf.value is not TOMBSTONE:
+                self._out.append(leaf.value)
+            self._ids.append(leaf.entry_id)
+        if cover == 1:
+            self._cover.pop(root, None)
+            if not self.ordered:
+                self._mark_done(root)
+        else:
+            self._cover[root] = cover
 
-    def release(self) -> tuple[list[Any], list[bytes]]:
-        """The outputs of every complete root in order from ``next_root``, and their entry ids."""
-        values: list[Any] = []
-        ids: list[bytes] = []
-        while self._cover.get(self.next_root) == 1:
-            leaves = self._leaves.pop(self.next_root)
-            del self._cover[self.next_root]
-            if len(leaves) > 1:
-                leaves.sort(key=lambda leaf: leaf[0])
-            for _, value, entry_id in leaves:
-                if value is not TOMBSTONE:
-                    values.append(value)
-                ids.append(entry_id)
-                self._held.discard(entry_id)
-            self.next_root += 1
-        return values, ids
+    def release(self) -> Released:
+        """Everything ready since the last call (see `Released`)."""
+        if self.ordered:
+            while self.next_root in self._leaves and self.next_root not in self._cover:
+                leaves = self._leaves.pop(self.next_root)
+                if len(leaves) > 1:
+                    leaves.sort(key=lambda leaf: leaf.path)
+                for leaf in leaves:
+                    if leaf.value is not TOMBSTONE:
+                        self._out.append(leaf.value)
+                    self._ids.append(leaf.entry_id)
+                self.next_root += 1
+                self.completed += 1
+        released = Released(self._out, self._ids, self._new, self._refused)
+        self._out, self._ids, self._new, self._refused = [], [], [], []
+        return released
+
+    def acknowledged(self, ids: list[bytes]) -> None:
+        """Forget entries acknowledged in Redis: they cannot be read again. (Until then,
+        an entry read again after a connection loss is recognised and ignored.)"""
+        self._held.difference_update(ids)
+
+    def _is_done(self, root: int) -> bool:
+        if self.ordered:
+            # Released, or complete and waiting for an earlier root.
+            return root < self.next_root or (root in self._leaves and root not in self._cover)
+        byte = root >> 3
+        return byte < len(self._done) and bool(self._done[byte] >> (7 - (root & 7)) & 1)
+
+    def _mark_done(self, root: int) -> None:
+        byte = root >> 3
+        if byte >= len(self._done):
+            self._done.extend(bytes(byte + 1 - len(self._done)))
+        # Redis's bit order (SETBIT, GET): bit 0 is the most significant of byte 0.
+        self._done[byte] |= 1 << (7 - (root & 7))
+        self.completed += 1
+        self._new.append(root)
 
     def __len__(self) -> int:
-        """Leaves held."""
+        """Leaves held (ordered runs)."""
         return sum(len(v) for v in self._leaves.values())
+
+
+def _weight(path: list[int]) -> Fraction:
+    """The share of its root that a leaf at ``path`` covers (0 for a malformed path)."""
+    if len(path) == 1:
+        return _ONE
+    if len(path) % 2 == 0:
+        return _ZERO
+    weight = 1
+    for j, k in zip(path[1::2], path[2::2], strict=True):
+        if not 0 <= j < k:
+            return _ZERO
+        weight *= k
+    return Fraction(1, weight)

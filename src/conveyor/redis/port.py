@@ -330,7 +330,9 @@ class RedisPort(Port):
             if entry_id in held:
                 continue  # read again after a connection loss: held already
             error = ""
-            if deliveries <= ctx.info.max_deliveries:
+            if ctx.info.paths and b"q" not in fields:
+                error = "the entry has no sequence path: it was not made by this run"
+            elif deliveries <= ctx.info.max_deliveries:
                 try:
                     good.append((entry, ctx.codec.decode(fields)))
                     continue
@@ -464,8 +466,7 @@ class RedisPort(Port):
     def _group_records(self, ctx: RunContext, taken: list[Entry], outputs: list[Any]) -> list[Any]:
         """A batch stage's group: the first entry carries it, the others nothing."""
         (group,) = outputs
-        ordered = ctx.info.ordered
-        if ordered:
+        if ctx.info.ordered:
             # Within one group, keep source order (groups of an ordered run on Redis
             # are still made in the order entries arrive, not the source's).
             pairs = sorted(zip(taken, group, strict=True), key=lambda p: _path_of(p[0]))
@@ -474,14 +475,16 @@ class RedisPort(Port):
         records = self._outputs(ctx, [group], taken[0][1].get(b"q"))
         args: list[Any] = ["a", first_id, deliveries, len(records), *_flat(records)]
         for entry_id, fields, more in taken[1:]:
-            tomb = [_tombstone(fields.get(b"q"))] if ordered else []
+            # The other entries' places are done: the group carries their items.
+            seq = fields.get(b"q")
+            tomb = [] if seq is None else [_tombstone(seq)]
             args += ["a", entry_id, more, len(tomb), *_flat(tomb)]
         return args
 
     def _outputs(self, ctx: RunContext, outputs: list[Any], seq: bytes | None) -> list[list[Any]]:
         """The records of one entry's outputs: ``[dest, k, field, value, ...]`` each."""
         encode = ctx.codec.encode
-        if not ctx.info.ordered or seq is None:
+        if seq is None:  # a long-lived run's entry: no identity to carry on
             return [["o", len(f), *f] for f in map(encode, outputs)]
         k = len(outputs)
         if k == 0:
@@ -561,10 +564,12 @@ class RedisPort(Port):
         self.retry(record)
 
     def close(self) -> None:
-        """Leave every run's group, if this consumer holds nothing there."""
+        """Let go of what this consumer read and did not hand on, then leave every run's
+        group if it holds nothing there."""
         import redis
 
         try:
+            self._let_go()
             for ctx in self.io.directory.runs():
                 key = ctx.info.keys.stream(self.index)
                 info = self.client.xpending_range(key, WORKER_GROUP, "-", "+", 1, self.name)
@@ -572,6 +577,26 @@ class RedisPort(Port):
                     self.client.xgroup_delconsumer(key, WORKER_GROUP, self.name)
         except (redis.RedisError, ShutDown):
             pass  # best effort: a leftover consumer with nothing pending is harmless
+
+    def _let_go(self) -> None:
+        """Make the entries read and not handed on (a stopped worker's) idle past the
+        visibility timeout now, so that other consumers take them over at once rather
+        than after it. Their delivery count does not grow (JUSTID)."""
+        held: dict[str, tuple[RunContext, list[bytes]]] = {}
+        for ctx, got in self._ready.values():
+            held.setdefault(ctx.info.run_id, (ctx, []))[1].extend(e[0] for e, _ in got)
+        if self._run is not None:
+            held.setdefault(self._run.info.run_id, (self._run, []))[1].extend(
+                e[0] for e, _ in self._taken
+            )
+        self._ready.clear()
+        self._run, self._taken = None, []
+        for ctx, ids in held.values():
+            if ids:
+                key = ctx.info.keys.stream(self.index)
+                self.client.xclaim(
+                    key, WORKER_GROUP, self.name, 0, ids, idle=ctx.info.visibility_ms, justid=True
+                )
 
 
 # ---------------------------------------------------------------------- helpers

@@ -40,7 +40,10 @@ class RunInfo:
     key_check: str = ""
     """Fingerprint of the pickle codec's secret key ('' without one)."""
     ordered: bool = False
-    """Entries carry sequence paths and the driver reorders the outputs."""
+    """The driver releases the outputs in source order."""
+    paths: bool = False
+    """Entries carry sequence paths (every run a driver feeds; not long-lived runs):
+    a worker refuses an entry without one, the driver decides completion by them."""
     visibility_ms: int = 30_000
     """Idle time after which another worker may take over a pending entry."""
     max_deliveries: int = 5
@@ -63,6 +66,7 @@ class RunInfo:
             "codec": self.codec,
             "key_check": self.key_check,
             "ordered": "1" if self.ordered else "0",
+            "paths": "1" if self.paths else "0",
             "visibility_ms": str(self.visibility_ms),
             "max_deliveries": str(self.max_deliveries),
             "limits": json.dumps(list(self.limits)),
@@ -81,6 +85,7 @@ class RunInfo:
             codec=m["codec"],
             key_check=m.get("key_check", ""),
             ordered=m.get("ordered") == "1",
+            paths=m.get("paths") == "1",
             visibility_ms=int(m["visibility_ms"]),
             max_deliveries=int(m["max_deliveries"]),
             limits=tuple(json.loads(m["limits"])),

@@ -111,9 +111,15 @@ class Keys:
         """Stream: stage ``index``'s dead letters."""
         return f"{self.prefix}:dlq{index}"
 
+    @property
+    def done(self) -> str:
+        """Bitmap: bit ``r`` set when source item ``r`` is through (unordered runs)."""
+        return f"{self.prefix}:done"
+
     def all(self, stages: int) -> list[str]:
         """Every key of the run (not the shared ``runs`` set)."""
-        keys = [self.meta, self.counters, self.failures, self.stream(stages)]
+        keys = [self.meta, self.counters, self.failures, self.done, self.stream(stages)]
+        keys.append(self.dead(stages))  # final-stream entries the run did not make
         for i in range(stages):
             keys += [self.stream(i), self.errors(i), self.dead(i)]
         return keys
@@ -475,8 +481,10 @@ return {r[1], out}
 """
 
 # Move dead letters back to the stage's input (replay), or drop them (purge).
+# A purged entry with a sequence path leaves a tombstone in the final stream:
+# its place in the run is done.
 # KEYS: dead, stream, counters, final.  ARGV: stage, mode ('replay'|'purge'),
-# ordered ('1'|'0'), ids...  Returns how many moved.
+# (unused), ids...  Returns how many moved.
 DEAD = """
 local st, mode, ordered = ARGV[1], ARGV[2], ARGV[3]
 local moved = 0
@@ -498,7 +506,7 @@ for j = 4, #ARGV do
     else
       redis.call('HINCRBY', KEYS[3], 'in:' .. st, 1)
       redis.call('HINCRBY', KEYS[3], 'purged:' .. st, 1)
-      if ordered == '1' and seq ~= nil then
+      if seq ~= nil then
         redis.call('XADD', KEYS[4], '*', 'q', seq, 't', '1')
         redis.call('HINCRBY', KEYS[3], 'tomb', 1)
       end
@@ -517,12 +525,17 @@ return moved
 # The ids go to XACK UNPACK_MAX at a time: unpack() of more than about 8000
 # values overflows Lua's stack ("too many results to unpack"), and an ordered
 # run whose head item was slow releases thousands of entries at once.
-# KEYS: final, counters.  ARGV: group, released root ('' if unordered), ids...
+# An unordered run's driver also marks the roots it completed in the run's
+# ``done`` bitmap, so that a resumed driver knows which items are through.
+# KEYS: final, counters, done.  ARGV: group, released root ('' if unordered),
+# number of completed roots k, the k roots, then the ids.
 ACK = (
     LUA_HELPERS
     + """
+local k = tonumber(ARGV[3])
+for j = 4, 3 + k do redis.call('SETBIT', KEYS[3], ARGV[j], 1) end
 local n = 0
-for first = 3, #ARGV, UNPACK_MAX do
+for first = 4 + k, #ARGV, UNPACK_MAX do
   local last = math.min(first + UNPACK_MAX - 1, #ARGV)
   n = n + redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, first, last))
 end

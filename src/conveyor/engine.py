@@ -55,13 +55,14 @@ class Run:
         source: Iterable[Any] | AsyncIterable[Any],
         stages: list[Stage],
         loop: asyncio.AbstractEventLoop | None = None,
+        output_capacity: int = DEFAULT_CAPACITY,
     ) -> None:
         self.control = RunControl()
         # Driven from async code (arun, async for): async stages and an async
         # source run on the caller's loop, which must never block.
         self.control.loop = loop
         self.stages = stages
-        caps = [s.capacity for s in stages] + [DEFAULT_CAPACITY]
+        caps = [s.capacity for s in stages] + [output_capacity]
         self.channels: list[Channel[Any]] = [Channel(c) for c in caps]
         self.metrics = [StageMetrics(s, self.channels[i]) for i, s in enumerate(stages)]
         self.stage_runs = [

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from time import perf_counter
@@ -547,19 +547,27 @@ class _DriverRun:
         self._feeder.start()
 
     def _feed(self, already_fed: int) -> None:
+        """The feeder thread: the engine's own feeder pulls the source into a bounded
+        channel (lazily: item by item from an iterator that may block between items, in
+        growing chunks from a collection; async sources too), and this thread adds
+        whatever is there to the first stream, at most `FEED_CHUNK` per script call: a
+        slow source's items go in as they come, a fast one's in full chunks."""
+        from ..engine import Run
+
+        source = _skip(self.pipeline.source, already_fed)  # resuming: those reached Redis
+        pulled = Run(source, [], output_capacity=FEED_CHUNK)
+        pulled.start()
         try:
-            source = iter(self.pipeline.source)
-            if already_fed:
-                # Resuming: the first items reached Redis before the last driver left.
-                for _ in islice(source, already_fed):
-                    pass
-            self._feed_from(source, already_fed)
+            self._feed_from(_chunks(pulled.outputs(), FEED_CHUNK), already_fed)
         except BaseException as exc:
             if not self.stopped.is_set():
                 self._feed_error = exc
                 self.stopped.set()
+        finally:
+            pulled.abort()
+            pulled.join()
 
-    def _feed_from(self, source: Iterator[Any], fed: int) -> None:
+    def _feed_from(self, chunks: Iterator[list[Any]], fed: int) -> None:
         keys, limit = self.keys, self.info.limits[0]
         stream = keys.stream(0)
         encode, ordered, paths = self.codec.encode, self.info.ordered, self.info.paths
@@ -569,7 +577,7 @@ class _DriverRun:
                 length = _wait_for_room(self.scripts, stream, limit, self.stopped, self.retry)
             if ordered:
                 self._wait_for_window(fed)
-            chunk = list(islice(source, FEED_CHUNK))
+            chunk = next(chunks, [])
             # After the last chunk, a call with no records marks the source done.
             args: list[Any] = ["fed", fed, "" if chunk else "1"]
             for j, value in enumerate(chunk):
@@ -908,6 +916,30 @@ def _write_report(
         if error is None:
             raise
         log.exception("conveyor: could not write the report to %s", path)
+
+
+def _skip(source: Iterable[Any] | AsyncIterable[Any], n: int) -> Any:
+    """``source`` without its first ``n`` items (a resumed run fed them already)."""
+    if not n:
+        return source
+    if isinstance(source, AsyncIterable):
+        return _askip(source, n)
+    return islice(source, n, None)
+
+
+async def _askip(source: AsyncIterable[Any], n: int) -> AsyncIterator[Any]:
+    async for item in source:
+        if n:
+            n -= 1
+            continue
+        yield item
+
+
+def _chunks(batches: Iterable[list[Any]], size: int) -> Iterator[list[Any]]:
+    """The items of ``batches`` again, in lists of at most ``size``."""
+    for batch in batches:
+        for start in range(0, len(batch), size):
+            yield batch[start : start + size]
 
 
 def _stages(pipeline: Any) -> tuple[Stage, ...]:

@@ -1,0 +1,108 @@
+"""The contract suite: one set of tests that every runtime x backend must pass.
+
+Each test in this directory takes the ``runner`` fixture, parametrised over
+{thread, process, async} x {local, redis} (ids such as ``thread-local`` or
+``async-redis``). The test builds its pipeline with ``runtime=runner.runtime``
+and ``runner.fn(f)`` on every stage that has a runtime, and runs it with
+``runner.run`` / ``runner.iterate`` / ``runner.start``:
+
+- local: ``pipeline.run(**kw)``, ``iter(pipeline)``, ``pipeline.start(**kw)``;
+- redis: the same with ``backend=RedisBackend(url, namespace=<one per test>,
+  local_workers=True)`` on the session's redis-server (``redis_server``).
+
+Where a combination does not meet the contract today (a library bug or a
+missing feature), the test stays as the contract says and the combination is
+listed in `KNOWN_GAPS` below, the one place where gaps are recorded: the
+fixture marks that test x combination ``xfail(strict=True)``, so the suite stays
+green, the gap stays visible, and a fix turns it into a failure (XPASS) that
+asks for the entry to be removed.
+
+`runners.py` holds the `Runner` and the helpers the tests share.
+
+Stage functions of these tests are module-level or closures of the test, and
+the test modules are pickled by value (`cloudpickle.register_pickle_by_value`),
+so process workers never import them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from runners import ALL, REDIS_COMBOS, Runner, split_combo
+
+# ---------------------------------------------------------------------- known gaps
+
+# (test function name, combination) -> why it fails today. The ONE list of the
+# contract's gaps; the fixture below applies it. Each reason says what is wrong.
+# A gap is xfail(strict=True): remove its entry when its XPASS says it is closed.
+# A race that fails only some runs cannot be strict: it is an `Intermittent`,
+# xfail(strict=False) for its exception type only, so other failures still show.
+
+
+@dataclass(frozen=True)
+class Intermittent:
+    """A gap that shows in some runs only (a race)."""
+
+    reason: str
+    raises: type[BaseException]
+
+
+_GAPS_ON_REDIS = {  # on every runtime with the Redis backend
+    "test_batch_by_size_gives_the_plain_python_groups": (
+        "a Redis batch stage groups entries in the order upstream workers handed them "
+        "on, not in source order (order is only restored by the driver): groups mix "
+        "items from far apart"
+    ),
+    "test_the_users_exception_reaches_the_caller_with_its_type_and_a_note": (
+        "on_error='raise' on Redis dead-letters the item and the driver raises "
+        "DeadLettersError; the user's exception reaches the caller as text only"
+    ),
+    "test_stop_ends_a_started_run_promptly_and_leaves_nothing_running": (
+        "Pipeline.start() takes no backend= (TypeError): a Redis run cannot be "
+        "started in the background and stopped"
+    ),
+}
+
+KNOWN_GAPS: dict[tuple[str, str], str | Intermittent] = {
+    **{(test, combo): why for test, why in _GAPS_ON_REDIS.items() for combo in REDIS_COMBOS},
+    ("test_on_start_and_on_stop_run_once_per_worker_with_its_own_state", "process-redis"): (
+        "a Redis worker terminates its process-stage children when it stops: "
+        "their on_stop never runs"
+    ),
+    ("test_breaking_out_of_the_loop_stops_the_run_and_leaves_nothing_running", "async-redis"): (
+        Intermittent(
+            "a race in a Redis worker's stop: an async worker loop still in port.atake() "
+            "finds the port's executor shut down, and Worker.join re-raises its "
+            "'RuntimeError: cannot schedule new futures after shutdown' when the "
+            "iteration is closed (about 1 run in 5)",
+            raises=RuntimeError,
+        )
+    ),
+}
+
+
+@pytest.fixture(params=ALL)
+def runner(request: pytest.FixtureRequest) -> Iterator[Runner]:
+    """One runtime x backend combination (see the module docstring)."""
+    from redis_helpers import new_namespace
+
+    combo: str = request.param
+    runtime, backend = split_combo(combo)
+    gap = KNOWN_GAPS.get((request.node.originalname, combo))
+    if isinstance(gap, Intermittent):
+        request.node.add_marker(
+            pytest.mark.xfail(strict=False, raises=gap.raises, reason=f"known race: {gap.reason}")
+        )
+    elif gap is not None:
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason=f"known gap: {gap}"))
+    if backend == "redis":
+        server = request.getfixturevalue("redis_server")
+        r = Runner(runtime, backend, url=server.url, namespace=new_namespace())
+    else:
+        r = Runner(runtime, backend)
+    try:
+        yield r
+    finally:
+        r.close()

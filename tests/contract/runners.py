@@ -1,0 +1,276 @@
+"""Runner, helpers and the combinations of the contract suite (see conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import multiprocessing
+import signal
+import threading
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+import psutil
+import pytest
+
+import conveyor as cv
+from conveyor.metrics import RunResult
+from conveyor.runtime import processes
+from conveyor.stage import RuntimeName
+
+if TYPE_CHECKING:
+    from conveyor.pipeline import RunHandle
+    from conveyor.redis import RedisBackend
+
+# A forkserver child re-runs the main module (pytest's entry script, which
+# imports _pytest): preloading it in the server saves that in every worker.
+# It only matters before the server starts, so it is harmless when another
+# test module set it first.
+if processes.start_method() == "forkserver":
+    multiprocessing.set_forkserver_preload(["__main__", "_pytest.config"])
+
+RUNTIMES = ("thread", "process", "async")
+BACKENDS = ("local", "redis")
+COMBOS = tuple(f"{runtime}-{backend}" for backend in BACKENDS for runtime in RUNTIMES)
+REDIS_COMBOS = tuple(c for c in COMBOS if c.endswith("-redis"))
+
+WAIT = 30.0
+"""Upper bound of every wait in these tests (seconds)."""
+
+# ---------------------------------------------------------------------- the runner
+
+
+@dataclass
+class Runner:
+    """How one runtime x backend combination runs a test's pipeline.
+
+    Attributes:
+        runtime: the runtime name to give stages (``runtime=runner.runtime``).
+        backend: ``"local"`` or ``"redis"``.
+        url: the Redis server's URL (redis only).
+        namespace: this test's Redis namespace (redis only), shared by its runs.
+    """
+
+    runtime: RuntimeName
+    backend: str
+    url: str = ""
+    namespace: str = ""
+    _backends: list[RedisBackend] = field(default_factory=list, repr=False)
+
+    @property
+    def id(self) -> str:
+        return f"{self.runtime}-{self.backend}"
+
+    @property
+    def on_redis(self) -> bool:
+        return self.backend == "redis"
+
+    def fn(self, f: Callable[..., Any]) -> Callable[..., Any]:
+        """``f`` in the form the runtime takes, keeping its name (the stage's default name).
+
+        A plain function becomes an ``async def`` that calls it on the async
+        runtime. An ``async def`` (a stage that waits: write it with
+        ``await asyncio.sleep``, so it really waits on the async runtime)
+        becomes a plain function running it with `asyncio.run` on the thread
+        and process runtimes. Otherwise ``f`` itself. The wrappers are
+        closures, which cloudpickle sends to process workers by value.
+        """
+        is_coroutine = inspect.iscoroutinefunction(f)
+        if self.runtime == "async" and not is_coroutine:
+
+            @functools.wraps(f)
+            async def coroutine(*args: Any) -> Any:
+                return f(*args)
+
+            return coroutine
+        if self.runtime != "async" and is_coroutine:
+
+            @functools.wraps(f)
+            def blocking(*args: Any) -> Any:
+                return asyncio.run(f(*args))
+
+            return blocking
+        return f
+
+    def backend_for(self, run_id: str | None = None, **options: Any) -> RedisBackend:
+        """A Redis backend for one run of this test, serving it from local workers."""
+        from conveyor.redis import RedisBackend
+
+        assert self.on_redis, "backend_for() is for the redis combinations"
+        backend = RedisBackend(
+            self.url, namespace=self.namespace, run_id=run_id, local_workers=True, **options
+        )
+        self._backends.append(backend)
+        return backend
+
+    def run(
+        self,
+        pipeline: cv.Pipeline[Any],
+        *,
+        run_id: str | None = None,
+        backend_options: dict[str, Any] | None = None,
+        **kw: Any,
+    ) -> RunResult:
+        """Run to completion (``pipeline.run(**kw)``, with a Redis backend on redis).
+
+        ``run_id`` and ``backend_options`` (RedisBackend keyword arguments)
+        only apply on redis.
+        """
+        if not self.on_redis:
+            return pipeline.run(**kw)
+        return pipeline.run(backend=self.backend_for(run_id, **(backend_options or {})), **kw)
+
+    def iterate(
+        self,
+        pipeline: cv.Pipeline[Any],
+        *,
+        run_id: str | None = None,
+        backend_options: dict[str, Any] | None = None,
+    ) -> Generator[Any, None, None]:
+        """The outputs as they come: ``iter(pipeline)``, or ``RedisBackend.iterate``
+        (``run_id`` and ``backend_options`` as for `run`). Both are generators:
+        closing one (leaving its loop) ends the run."""
+        if not self.on_redis:
+            return cast("Generator[Any, None, None]", iter(pipeline))
+        return self.backend_for(run_id, **(backend_options or {})).iterate(pipeline)
+
+    def start(self, pipeline: cv.Pipeline[Any], **kw: Any) -> RunHandle:
+        """Start in the background: ``pipeline.start(**kw)``, with a backend on redis."""
+        if not self.on_redis:
+            return pipeline.start(**kw)
+        start: Any = pipeline.start  # no backend= parameter today: see KNOWN_GAPS
+        handle: RunHandle = start(backend=self.backend_for(), **kw)
+        return handle
+
+    def close(self) -> None:
+        for backend in self._backends:
+            backend.close()
+
+
+def split_combo(combo: str) -> tuple[RuntimeName, str]:
+    """``"async-redis"`` -> ``("async", "redis")``."""
+    runtime, backend = combo.split("-")
+    assert runtime in RUNTIMES and backend in BACKENDS, combo
+    return cast("RuntimeName", runtime), backend
+
+
+def _combo_param(combo: str) -> Any:
+    marks = [pytest.mark.redis] if combo.endswith("-redis") else []
+    return pytest.param(combo, marks=marks, id=combo)
+
+
+ALL = [_combo_param(c) for c in COMBOS]
+REDIS_ONLY = [_combo_param(c) for c in REDIS_COMBOS]
+"""For a redis-only test: ``@pytest.mark.parametrize("runner", REDIS_ONLY, indirect=True)``."""
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def described(exc: BaseException) -> str:
+    """Everything an error says: its type, message and notes, down its cause chain."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        parts.append(f"{type(current).__module__}.{type(current).__qualname__}: {current}")
+        parts += [str(n) for n in getattr(current, "__notes__", ())]
+        current = current.__cause__ or current.__context__
+    return "\n".join(parts)
+
+
+@contextmanager
+def ctrl_c_when(event: threading.Event) -> Iterator[None]:
+    """Press Ctrl-C once ``event`` is set: inside the block, another thread then
+    sends SIGINT to the main thread, where KeyboardInterrupt is raised wherever
+    it is, as for a real Ctrl-C. A SIGINT that lands after the block (the block
+    ended otherwise) is swallowed, never reaching pytest."""
+    assert threading.current_thread() is threading.main_thread(), "SIGINT lands in the main thread"
+    armed = True
+    ended = threading.Event()
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if armed:
+            raise KeyboardInterrupt
+
+    def press() -> None:
+        event.wait()
+        if not ended.is_set():
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    presser = threading.Thread(target=press, name="test-ctrl-c")
+    presser.start()
+    try:
+        yield
+    finally:
+        ended.set()
+        armed = False
+        event.set()
+        presser.join()
+        # signal.signal() first runs the handler of a SIGINT still pending: ours, disarmed.
+        signal.signal(signal.SIGINT, previous)
+
+
+def _children() -> dict[int, psutil.Process]:
+    """Live descendants of this process, but the multiprocessing helpers that are
+    meant to outlive a run (the forkserver and the resource tracker)."""
+    found: dict[int, psutil.Process] = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = " ".join(proc.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if "forkserver" in cmdline or "resource_tracker" in cmdline:
+            continue
+        found[proc.pid] = proc
+    return found
+
+
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie counts as exited)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pids: Iterable[int], timeout: float = 10.0) -> list[int]:
+    """Wait until the processes ``pids`` have exited; return those still alive after
+    ``timeout`` seconds.
+
+    They are the forkserver's children, not ours, so nothing here can wait on
+    their exit: poll, bounded by the timeout.
+    """
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while True:
+        alive = [pid for pid in alive if not gone(pid)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.02)
+
+
+class Leftovers:
+    """The threads and processes started since this snapshot; `assert_none` waits
+    (bounded) for them to end and fails naming those still there."""
+
+    def __init__(self) -> None:
+        self.threads = set(threading.enumerate())
+        self.processes = set(_children())
+
+    def assert_none(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in set(threading.enumerate()) - self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        threads = [t.name for t in set(threading.enumerate()) - self.threads]
+        started = set(_children()) - self.processes
+        left = wait_gone(started, max(0.0, deadline - time.monotonic()))
+        assert not threads and not left, f"left running: threads {threads}, processes {left}"

@@ -1,0 +1,161 @@
+"""When stage functions fail: raise, retries, skip, per-item timeouts.
+
+Every test runs on every runtime x backend (the ``runner`` fixture, conftest.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import pytest
+from runners import Runner, described, wait_gone
+
+import conveyor as cv
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class Boom(Exception):
+    """The user's own exception class, raised by the stages below."""
+
+
+BAD = 7
+"""The item the failing stages fail on."""
+
+
+def fail_on_bad(x: int) -> int:
+    if x == BAD:
+        raise Boom(f"cannot take {x}")
+    return x * 10
+
+
+def test_a_failing_item_ends_the_run_with_an_error_naming_the_stage_and_the_users_type(
+    runner: Runner,
+) -> None:
+    pipeline = cv.Pipeline(range(20)).map(
+        runner.fn(fail_on_bad), workers=2, runtime=runner.runtime, name="checker"
+    )
+    with pytest.raises(Exception) as info:
+        # Dead letters come after the deliveries: two are enough to see them on Redis.
+        runner.run(pipeline, backend_options={"max_deliveries": 2})
+    text = described(info.value)
+    assert "'checker'" in text
+    assert f"item {BAD}" in text
+    assert isinstance(info.value, Boom) or "Boom" in text, text
+
+
+def test_the_users_exception_reaches_the_caller_with_its_type_and_a_note(
+    runner: Runner,
+) -> None:
+    pipeline = cv.Pipeline(range(20)).map(
+        runner.fn(fail_on_bad), workers=2, runtime=runner.runtime, name="checker"
+    )
+    with pytest.raises(Boom, match=f"cannot take {BAD}") as info:
+        runner.run(pipeline, backend_options={"max_deliveries": 2})
+    notes = getattr(info.value, "__notes__", [])
+    assert any("'checker'" in n and f"item {BAD}" in n for n in notes), notes
+
+
+def test_an_item_that_fails_twice_succeeds_on_its_third_attempt_with_retries_2(
+    runner: Runner, tmp_path: Path
+) -> None:
+    folder = str(tmp_path)
+
+    def flaky(x: int) -> int:
+        # The attempt number is the first free marker file: counts across processes.
+        attempt = 0
+        while True:
+            try:
+                os.close(os.open(Path(folder, f"{x}-{attempt}"), os.O_CREAT | os.O_EXCL))
+                break
+            except FileExistsError:
+                attempt += 1
+        if attempt < 2:
+            raise Boom(f"attempt {attempt} on {x}")
+        return x + 100
+
+    pipeline = cv.Pipeline(range(10)).map(
+        runner.fn(flaky),
+        workers=2,
+        runtime=runner.runtime,
+        retries=2,
+        backoff=cv.Backoff(initial=0.001, maximum=0.01),
+        name="flaky",
+    )
+    result = runner.run(pipeline, collect=True)
+    assert result.outputs == [x + 100 for x in range(10)]
+    [stats] = result.stats
+    assert (stats.items_in, stats.items_out, stats.retried, stats.failed) == (10, 10, 20, 0)
+    assert result.failures == []
+
+
+def bad_on_odd_tens(x: Any) -> Any:
+    if x in (10, 30):
+        raise Boom(f"cannot take {x}")
+    return x
+
+
+def test_skip_records_each_failure_with_its_item_and_the_users_error(runner: Runner) -> None:
+    items: list[Any] = [*range(40), None, "THE END"]
+    pipeline = cv.Pipeline(items).map(
+        runner.fn(bad_on_odd_tens),
+        workers=3,
+        runtime=runner.runtime,
+        on_error="skip",
+        retries=1,
+        backoff=cv.Backoff(initial=0.001, maximum=0.01),
+        name="picky",
+    )
+    result = runner.run(pipeline, collect=True)
+    assert result.outputs == [x for x in items if x not in (10, 30)]
+    failures = sorted(result.failures, key=lambda f: repr(f.item))
+    assert [(f.stage, f.item, f.attempts) for f in failures] == [
+        ("picky", 10, 2),
+        ("picky", 30, 2),
+    ]
+    for failure in failures:
+        assert isinstance(failure.error, Boom), repr(failure.error)
+        assert str(failure.error) == f"cannot take {failure.item}"
+    [stats] = result.stats
+    assert (stats.items_in, stats.items_out, stats.failed, stats.retried) == (42, 40, 2, 2)
+
+
+HUNG = 3
+"""The item that hangs in the timeout test."""
+
+
+def test_an_item_over_its_timeout_is_skipped_as_a_timeout_error_and_its_call_given_up(
+    runner: Runner, tmp_path: Path
+) -> None:
+    folder = str(tmp_path)
+
+    async def hang_on_3(x: int) -> int:
+        if x == HUNG:
+            Path(folder, "hung").write_text(str(os.getpid()))
+            # Far longer than the timeout; a process worker is killed, a coroutine
+            # cancelled, a thread abandoned (it ends on its own).
+            await asyncio.sleep(10)
+        return x
+
+    pipeline = cv.Pipeline(range(8)).map(
+        runner.fn(hang_on_3),
+        workers=2,
+        runtime=runner.runtime,
+        timeout=0.5,
+        on_error="skip",
+        name="hangs",
+    )
+    result = runner.run(pipeline, collect=True)
+    assert result.outputs == [x for x in range(8) if x != HUNG]
+    pid = int(Path(folder, "hung").read_text())
+    if runner.runtime == "process":
+        assert pid != os.getpid()
+        assert not wait_gone([pid]), f"the worker process {pid} that hung is still alive"
+    [failure] = result.failures
+    assert (failure.stage, failure.item, failure.attempts) == ("hangs", HUNG, 1)
+    assert isinstance(failure.error, TimeoutError), repr(failure.error)

@@ -1,0 +1,165 @@
+"""What comes out: every stage kind against the plain-Python reference, order, batches.
+
+Every test runs on every runtime x backend (the ``runner`` fixture, conftest.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+from runners import Runner
+
+import conveyor as cv
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+# None and "THE END" are data: as items of the source, and as outputs of stages.
+ITEMS: list[Any] = [*range(12), None, "THE END", *range(12, 24), "THE END", None]
+
+
+def triple(x: Any) -> Any:
+    return x * 3 if isinstance(x, int) else x
+
+
+def keep(x: Any) -> bool:
+    return not isinstance(x, int) or x % 2 == 0
+
+
+def spread(x: Any) -> list[Any]:
+    if not isinstance(x, int):
+        return [x]
+    return [x, None] if x % 4 == 0 else [x, "THE END"]
+
+
+def reference(items: list[Any]) -> list[Any]:
+    """The plain-Python loop the pipelines below must match."""
+    out: list[Any] = []
+    for x in items:
+        y = triple(x)
+        if keep(y):
+            out.extend(spread(y))
+    return out
+
+
+def three_stages(runner: Runner, *, ordered: bool = True) -> cv.Pipeline[Any]:
+    options: dict[str, Any] = {"workers": 3, "runtime": runner.runtime, "ordered": ordered}
+    return (
+        cv.Pipeline(ITEMS)
+        .map(runner.fn(triple), **options)
+        .filter(runner.fn(keep), **options)
+        .flat_map(runner.fn(spread), **options)
+    )
+
+
+def test_map_filter_and_flat_map_give_the_plain_python_list_in_order(runner: Runner) -> None:
+    result = runner.run(three_stages(runner), collect=True)
+    assert result.outputs == reference(ITEMS)
+    assert result.items_out == len(reference(ITEMS))
+
+
+def test_unordered_stages_give_the_same_multiset(runner: Runner) -> None:
+    result = runner.run(three_stages(runner, ordered=False), collect=True)
+    assert Counter(result.outputs or []) == Counter(reference(ITEMS))
+
+
+def test_each_sees_every_item_once_and_outputs_nothing(runner: Runner, tmp_path: Path) -> None:
+    folder = str(tmp_path)
+
+    def record(x: Any) -> None:
+        # One file per call, so that worker processes can report too.
+        Path(folder, uuid.uuid4().hex).write_text(repr(x))
+
+    pipeline = (
+        cv.Pipeline(ITEMS)
+        .map(runner.fn(triple), workers=3, runtime=runner.runtime)
+        .each(runner.fn(record), workers=3, runtime=runner.runtime)
+    )
+    result = runner.run(pipeline, collect=True)
+    seen = Counter(p.read_text() for p in tmp_path.iterdir())
+    assert seen == Counter(repr(triple(x)) for x in ITEMS)
+    assert result.outputs == []
+
+
+def test_order_is_kept_across_several_workers_when_a_random_item_is_slow(runner: Runner) -> None:
+    slow = random.randrange(40)
+
+    async def double(x: int) -> int:
+        if x == slow:
+            await asyncio.sleep(0.3)  # slow work: the others overtake it
+        return 2 * x
+
+    pipeline = (
+        cv.Pipeline(range(40))
+        .map(runner.fn(double), workers=4, runtime=runner.runtime)
+        .map(runner.fn(triple), workers=3, runtime=runner.runtime)
+    )
+    assert list(runner.iterate(pipeline)) == [6 * x for x in range(40)], f"slow item {slow}"
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def even(x: int) -> bool:
+    return x % 2 == 0
+
+
+def twice(x: int) -> list[int]:
+    return [x, x]
+
+
+async def twice_slow_on_2(x: int) -> list[int]:
+    if x == 2:
+        await asyncio.sleep(0.2)  # slow work: the other worker overtakes it
+    return [x, x]
+
+
+def total(group: list[int]) -> int:
+    return sum(group)
+
+
+def test_batch_by_size_gives_the_plain_python_groups(runner: Runner) -> None:
+    # Batch stages run on threads; the runtime under test runs the others.
+    options: dict[str, Any] = {"workers": 2, "runtime": runner.runtime}
+    pipeline = (
+        cv.Pipeline(range(40))
+        .map(runner.fn(inc), **options)
+        .filter(runner.fn(even), **options)
+        .flat_map(runner.fn(twice_slow_on_2), **options)
+        .batch(3)
+        .map(runner.fn(total), runtime=runner.runtime)
+    )
+    flat = [y for x in range(40) if even(inc(x)) for y in twice(inc(x))]
+    groups = [flat[i : i + 3] for i in range(0, len(flat), 3)]
+    assert runner.run(pipeline, collect=True).outputs == [sum(g) for g in groups]
+
+
+def members(group: list[int]) -> list[int]:
+    return list(group)
+
+
+def test_batch_by_interval_sends_a_partial_group_when_the_source_is_slow(runner: Runner) -> None:
+    def every_300_ms() -> Iterator[int]:
+        for i in range(6):
+            if i:
+                time.sleep(0.3)  # a slow source: one item every 0.3 s
+            yield i
+
+    # The batch comes first, so that its items arrive as the source yields them
+    # (a worker process starting up would delay the first ones, which would
+    # then rightly arrive together); the runtime under test gets the groups.
+    pipeline = (
+        cv.Pipeline(every_300_ms())
+        .batch(100, interval=0.15)
+        .map(runner.fn(members), runtime=runner.runtime)
+    )
+    assert runner.run(pipeline, collect=True).outputs == [[i] for i in range(6)]

@@ -73,8 +73,12 @@ def worker_pids() -> list[int]:
     found = []
     for proc in psutil.Process().children(recursive=True):
         try:
-            if proc.status() != psutil.STATUS_ZOMBIE and "forkserver" not in " ".join(
-                proc.cmdline()
+            cmdline = " ".join(proc.cmdline())
+            # Not the forkserver, and not a session's redis-server (another test file's).
+            if (
+                proc.status() != psutil.STATUS_ZOMBIE
+                and "forkserver" not in cmdline
+                and "redis-server" not in cmdline
             ):
                 found.append(proc.pid)
         except psutil.NoSuchProcess:

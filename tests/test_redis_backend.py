@@ -714,3 +714,23 @@ def test_random_pipelines_give_what_one_machine_gives(
         assert got == expected
     else:
         assert sorted(got) == sorted(expected)
+
+
+class OpenFailed(Exception):
+    pass
+
+
+def failing_on_start() -> None:
+    raise OpenFailed("no database")
+
+
+@pytest.mark.parametrize("runtime", ["thread", "process"])
+def test_local_workers_that_fail_to_start_end_the_run_with_their_error(
+    redis_server: RedisServer, runtime: str
+) -> None:
+    # Before, the driver waited for ever: nobody else served the run.
+    pipeline = cv.Pipeline(range(10)).map(triple, runtime=runtime, on_start=failing_on_start)
+    backend = RedisBackend(redis_server.url, namespace=new_namespace(), local_workers=True)
+    with pytest.raises(OpenFailed, match="no database") as caught:
+        pipeline.run(backend=backend)
+    assert any("on_start" in note for note in caught.value.__notes__)

@@ -7,6 +7,9 @@ names, so ``import conveyor as cv`` is all a user needs.
 
 from __future__ import annotations
 
+from .backends import Backend as Backend
+from .backends import BackgroundRun as BackgroundRun
+from .backends import LocalBackend as LocalBackend
 from .channel import Channel as Channel
 from .channel import ChannelStats as ChannelStats
 from .channel import Producer as Producer
@@ -50,8 +53,10 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "Backend",
     "BackendError",
     "BackendUnavailable",
+    "BackgroundRun",
     "Backoff",
     "Bottleneck",
     "Channel",
@@ -63,6 +68,7 @@ __all__ = [
     "Empty",
     "Failure",
     "Full",
+    "LocalBackend",
     "PayloadRejected",
     "Pipeline",
     "PipelineStopped",

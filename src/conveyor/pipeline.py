@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, overload
 
+from .backends import Backend, BackgroundRun, LocalBackend, check_backend
 from .engine import JOIN_TIMEOUT, Run
 from .errors import ConfigurationError, ConfigurationTypeError
 from .metrics import RunResult, StageStats
@@ -353,6 +354,28 @@ class Pipeline(Generic[T]):
         run.start()
         return run
 
+    def iterate(self, *, backend: Backend | None = None, progress: bool = False) -> Iterator[T]:
+        """Run the pipeline and yield the last stage's outputs lazily (``for x in
+        pipeline`` is ``pipeline.iterate()``).
+
+        Args:
+            backend: where to run (default: this process); e.g.
+                ``conveyor.RedisBackend(url)``.
+            progress: show the run's progress (with a backend that has it).
+
+        Breaking out of the loop stops the run and joins its workers; on
+        Redis, the run stays there to be resumed with its ``run_id``.
+        """
+        chosen = _remote(backend, "iterate()", None)
+        if chosen is not None:
+            return chosen.iterate(self, progress=progress)
+        if progress:
+            raise ConfigurationError(
+                "iterate() 'progress': a run on this machine shows its progress with "
+                "run(progress=True) or start(progress=True)"
+            )
+        return iter(self)
+
     def __iter__(self) -> Iterator[T]:
         """Run the pipeline and yield the last stage's outputs lazily.
 
@@ -375,7 +398,7 @@ class Pipeline(Generic[T]):
         progress: bool = False,
         report: str | PathLike[str] | None = None,
         stall_timeout: float | None = None,
-        backend: Any = None,
+        backend: Backend | None = None,
     ) -> RunResult:
         """Run to completion and return the per-stage statistics.
 
@@ -401,14 +424,9 @@ class Pipeline(Generic[T]):
             own type and a note naming the stage and the item;
             PipelineStopped when the run was stopped from elsewhere.
         """
-        if backend is not None:
-            if stall_timeout is not None:
-                raise ConfigurationError(
-                    "run() 'stall_timeout' applies to runs in this process, not with a "
-                    "backend: `conveyor status` shows where a distributed run stands"
-                )
-            result: RunResult = backend.run(self, collect=collect, progress=progress, report=report)
-            return result
+        remote = _remote(backend, "run()", stall_timeout)
+        if remote is not None:
+            return remote.run(self, collect=collect, progress=progress, report=report)
         watch = _check_watch("run()", report, stall_timeout)
         outputs: list[Any] | None = [] if collect else None
         monitor: Monitor | None = None
@@ -464,6 +482,7 @@ class Pipeline(Generic[T]):
         progress: bool = False,
         report: str | PathLike[str] | None = None,
         stall_timeout: float | None = None,
+        backend: Backend | None = None,
     ) -> RunResult:
         """`run` from async code: ``await pipeline.arun()``, on the caller's event loop.
 
@@ -477,10 +496,15 @@ class Pipeline(Generic[T]):
             progress, report, stall_timeout: as for `run`. The watching runs
                 in a thread of its own, never on the loop; the report is
                 written when the run ends, before ``arun`` returns.
+            backend: as for `run`; the loop keeps serving while the backend's
+                run goes on (in a thread), and cancelling stops that run.
 
         Raises:
             As `run` does.
         """
+        remote = _remote(backend, "arun()", stall_timeout)
+        if remote is not None:
+            return await remote.arun(self, collect=collect, progress=progress, report=report)
         watch = _check_watch("arun()", report, stall_timeout)
         run = self._new_run("arun()", loop=asyncio.get_running_loop())
         outputs: list[Any] | None = [] if collect else None
@@ -502,6 +526,28 @@ class Pipeline(Generic[T]):
             _forget(self._runs, run)
         return run.result(outputs)
 
+    @overload
+    def start(
+        self,
+        *,
+        collect: bool = ...,
+        progress: bool = ...,
+        report: str | PathLike[str] | None = ...,
+        stall_timeout: float | None = ...,
+        backend: None = ...,
+    ) -> RunHandle: ...
+
+    @overload
+    def start(
+        self,
+        *,
+        collect: bool = ...,
+        progress: bool = ...,
+        report: str | PathLike[str] | None = ...,
+        stall_timeout: float | None = ...,
+        backend: Backend,
+    ) -> RunHandle | BackgroundRun: ...
+
     def start(
         self,
         *,
@@ -509,11 +555,16 @@ class Pipeline(Generic[T]):
         progress: bool = False,
         report: str | PathLike[str] | None = None,
         stall_timeout: float | None = None,
-    ) -> RunHandle:
+        backend: Backend | None = None,
+    ) -> RunHandle | BackgroundRun:
         """Start a run in the background and return its handle.
 
-        Options as for `run`.
+        Options as for `run`. With a backend other than this process, the
+        handle is a `conveyor.backends.BackgroundRun` (stop, done, join, stats).
         """
+        remote = _remote(backend, "start()", stall_timeout)
+        if remote is not None:
+            return remote.start(self, collect=collect, progress=progress, report=report)
         watch = _check_watch("start()", report, stall_timeout)
         run = self._new_run("start()")
         monitor = _start_monitor(run, self._source, progress, *watch)
@@ -542,6 +593,19 @@ class Pipeline(Generic[T]):
     def __repr__(self) -> str:
         steps = " -> ".join(f"{s.kind}({s.name})" for s in self._stages) or "(no stage)"
         return f"<Pipeline {steps}>"
+
+
+def _remote(backend: object, method: str, stall_timeout: object) -> Backend | None:
+    """The backend to hand the run to; None for a run in this process (the default)."""
+    chosen = check_backend(backend, method)
+    if chosen is None or isinstance(chosen, LocalBackend):
+        return None
+    if stall_timeout is not None:
+        raise ConfigurationError(
+            f"{method} 'stall_timeout' applies to runs in this process, not with a "
+            f"backend: `conveyor status` shows where a distributed run stands"
+        )
+    return chosen
 
 
 def _end(run: Run) -> None:

@@ -55,31 +55,10 @@ _GAPS_ON_REDIS = {  # on every runtime with the Redis backend
         "on, not in source order (order is only restored by the driver): groups mix "
         "items from far apart"
     ),
-    "test_the_users_exception_reaches_the_caller_with_its_type_and_a_note": (
-        "on_error='raise' on Redis dead-letters the item and the driver raises "
-        "DeadLettersError; the user's exception reaches the caller as text only"
-    ),
-    "test_stop_ends_a_started_run_promptly_and_leaves_nothing_running": (
-        "Pipeline.start() takes no backend= (TypeError): a Redis run cannot be "
-        "started in the background and stopped"
-    ),
 }
 
 KNOWN_GAPS: dict[tuple[str, str], str | Intermittent] = {
     **{(test, combo): why for test, why in _GAPS_ON_REDIS.items() for combo in REDIS_COMBOS},
-    ("test_on_start_and_on_stop_run_once_per_worker_with_its_own_state", "process-redis"): (
-        "a Redis worker terminates its process-stage children when it stops: "
-        "their on_stop never runs"
-    ),
-    ("test_breaking_out_of_the_loop_stops_the_run_and_leaves_nothing_running", "async-redis"): (
-        Intermittent(
-            "a race in a Redis worker's stop: an async worker loop still in port.atake() "
-            "finds the port's executor shut down, and Worker.join re-raises its "
-            "'RuntimeError: cannot schedule new futures after shutdown' when the "
-            "iteration is closed (about 1 run in 5)",
-            raises=RuntimeError,
-        )
-    ),
 }
 
 

@@ -12,6 +12,7 @@ items already fed, and only the outputs not yet delivered come back.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import uuid
@@ -21,6 +22,7 @@ from itertools import islice
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ..backends import Backend
 from ..errors import (
     BackendError,
     ConfigurationError,
@@ -29,6 +31,7 @@ from ..errors import (
 )
 from ..metrics import RunResult, StageStats, Timeline
 from ..policy import add_note
+from ..remote import ExceptionRecord, rebuild
 from ..stage import Failure, Stage
 from .codec import Codec, decode_failure, get_codec, key_check, secret_from
 from .order import TOMBSTONE, Leaf, Tracker, dump_path, load_path
@@ -98,7 +101,7 @@ class RedisRunResult(RunResult):
         return text
 
 
-class RedisBackend:
+class RedisBackend(Backend):
     """Runs pipelines on Redis Streams, with workers anywhere (``conveyor worker``).
 
     Args:
@@ -255,6 +258,7 @@ class RedisBackend:
         collect: bool = False,
         progress: bool = False,
         report: str | PathLike[str] | None = None,
+        stop: threading.Event | None = None,
     ) -> RunResult:
         """Run ``pipeline`` to completion through Redis (what ``pipeline.run(backend=...)`` does).
 
@@ -282,8 +286,9 @@ class RedisBackend:
 
         report_path = None if report is None else check_report_path(report, "run()")
         run = self._new_run(pipeline)
+        run.halt = stop
         outputs: list[Any] | None = [] if collect else None
-        worker = self._start_local_workers(pipeline)
+        worker = run.local_worker = self._start_local_workers(pipeline)
         watcher: ProgressWatcher | None = None
         result: RedisRunResult | None = None
         error: BaseException | None = None
@@ -331,7 +336,11 @@ class RedisBackend:
         finally:
             if worker is not None:
                 worker.stop()
-                worker.join(30.0)
+                try:
+                    worker.join(30.0)
+                except BaseException as exc:
+                    if exc is not error:  # the run ended with it already
+                        raise
             self.close()
 
     def _watch(self, pipeline: Any, run: _DriverRun, progress: bool) -> ProgressWatcher:
@@ -374,16 +383,20 @@ class RedisBackend:
         come back after (at most 1000 outputs seen twice).
         """
         run = self._new_run(pipeline)
-        worker = self._start_local_workers(pipeline)
+        worker = run.local_worker = self._start_local_workers(pipeline)
         watcher = self._watch(pipeline, run, True) if progress else None
         outputs = run.outputs()
+        error: BaseException | None = None
         try:
             for chunk in outputs:
                 yield from chunk
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             # Stop the feeder before the workers and the connections go.
             outputs.close()
-            self._finish(run, worker, watcher)
+            self._finish(run, worker, watcher, error=error)
 
     def cancel(self, pipeline: Any, run_id: str) -> bool:
         """Delete the run ``run_id`` of ``pipeline`` from Redis (its items, outputs and
@@ -533,6 +546,11 @@ class _DriverRun:
         self._feed_error: BaseException | None = None
         self._released = threading.Condition()
         self.tracker: Tracker | None = None
+        self.halt: threading.Event | None = None
+        """Set from another thread to stop the run (it stays in Redis, resumable)."""
+        self.halted = False
+        self.local_worker: Any = None
+        """The backend's ``local_workers``, if any: their failure ends the run."""
         window = backend.reorder_window or 8 * self.stages[0].capacity
         self.window = max(window, 2 * self.info.batch)
 
@@ -641,6 +659,10 @@ class _DriverRun:
                     yield from self._read_pending()
                 if self._feed_error is not None:
                     raise self._feed_error
+                self._check_local_worker()
+                if self.halt is not None and self.halt.is_set():
+                    self.halted = True
+                    break
                 state = self._read_state()
                 if self._complete(state):
                     self.state = state
@@ -678,7 +700,27 @@ class _DriverRun:
                 self._feeder.join(10.0)
             self.finished = perf_counter()
         self._read_failures()
+        if self.halted:
+            log.warning(
+                "conveyor: run %r stopped and left in Redis: run again with run_id=%r to "
+                "resume it, or `conveyor cancel ... --run %s` to delete it",
+                self.keys.run,
+                self.keys.run,
+                self.keys.run,
+            )
+            return
         self._finish()
+
+    def _check_local_worker(self) -> None:
+        """End the run with the local workers' error when they stopped (nobody else may
+        be serving the run: waiting would never end)."""
+        worker = self.local_worker
+        if worker is None or not worker.stopped.is_set():
+            return
+        error = worker.control.error
+        if error is None:
+            error = BackendError("the local workers of this run stopped")
+        raise error
 
     def _new_tracker(self, state: RunState) -> Tracker | None:
         """What tells this driver which items are through (None: a run without paths,
@@ -848,12 +890,16 @@ class _DriverRun:
         )
 
     def _dead_letters_error(self, state: RunState) -> DeadLettersError:
+        """The error of a run that only dead letters hold up; its ``__cause__`` is the
+        first dead letter's own exception, rebuilt as itself (its class, attributes and
+        notes naming the stage and the item) when this process has its class."""
         dead = {self.stages[i].name: s.dead for i, s in enumerate(state.stages) if s.dead}
         first = next(i for i, s in enumerate(state.stages) if s.dead)
         entries = self.retry(self.client.xrange, self.keys.dead(first), "-", "+", count=1)
-        error = entries[0][1].get(b"err", b"").decode(errors="replace") if entries else ""
+        fields = entries[0][1] if entries else {}
+        error = fields.get(b"err", b"").decode(errors="replace")
         where = ", ".join(f"{name}: {n}" for name, n in dead.items())
-        return DeadLettersError(
+        failure = DeadLettersError(
             f"run {self.keys.run!r} cannot finish: entries are in dead letters ({where}). "
             f"Last error of the first one:\n{error}\n"
             f"Fix the stage, then `conveyor dlq replay ... --run {self.keys.run}` and run again "
@@ -861,6 +907,13 @@ class _DriverRun:
             run_id=self.keys.run,
             dead=dead,
         )
+        record = fields.get(b"rec")
+        if record:
+            try:
+                failure.__cause__ = rebuild(ExceptionRecord.from_dict(json.loads(record)))
+            except ValueError:
+                pass  # not a record this version wrote: the text above says it all
+        return failure
 
     def _finish(self) -> None:
         if self.backend.keep:
@@ -885,6 +938,7 @@ class _DriverRun:
             redelivered={n: s.redelivered for n, s in zip(names, state.stages, strict=True)},
             stale={n: s.stale for n, s in zip(names, state.stages, strict=True)},
             dead_letters={n: s.dead for n, s in zip(names, state.stages, strict=True) if s.dead},
+            stopped=self.halted,
         )
 
     def _read_failures(self) -> None:

@@ -24,9 +24,9 @@ input has ended, so a partial group goes out as on one machine.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
-import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ from typing import Any
 
 from ..errors import Empty, ShutDown
 from ..policy import BatchOutcome
+from ..remote import capture
 from ..runtime.base import RunControl
 from ..runtime.ports import Port, StageIO
 from ..stage import Stage
@@ -151,11 +152,15 @@ class RunDirectory:
 @dataclass(frozen=True)
 class WorkerLink:
     """What every port of one Redis worker shares: its connection, its view of the
-    live runs, its stop signal and its retry policy."""
+    live runs, its stop signals and its retry policy."""
 
     client: Any
     directory: RunDirectory
     control: RunControl
+    """Aborted when the worker fails, or is stopped without grace."""
+    stopping: threading.Event
+    """Set when the worker stops taking entries (and on abort): workers finish the
+    batch in hand, hand it on, run their ``on_stop`` and end."""
     retry: Retrier
 
 
@@ -171,6 +176,7 @@ class RedisIO(StageIO):
         self.scripts = Scripts(link.client)
         self.directory = link.directory
         self.control = link.control
+        self.stopping = link.stopping
         self.retry = link.retry
         # The port caps each read at the run's own batch size.
         self.capacity = 2 * READ_LIMIT
@@ -181,8 +187,12 @@ class RedisIO(StageIO):
             # Coroutine workers wait for Redis in threads: one each, so that a
             # blocking read never holds up another worker's.
             self._executor = ThreadPoolExecutor(count, f"conveyor-redis-{self.stage.name}")
-            self.control.on_abort(lambda: self._executor.shutdown(wait=False))  # type: ignore[union-attr]
         return [RedisPort(self, f"{self.stage.name}-{k}") for k in range(count)]
+
+    def close(self) -> None:
+        """After the stage's workers ended: release the threads of coroutine workers."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
 
     def run_blocking(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         """Run ``fn`` in the stage's threads, for a coroutine worker to await."""
@@ -203,7 +213,7 @@ class RedisPort(Port):
         self.client = io.client
         self.scripts = io.scripts
         self.name = consumer_name(label)
-        self._stopped = io.control.stopped
+        self._stopped = io.stopping
         self._batch_stage = self.stage.kind == "batch"
         # Entries read and not handed out yet, per run; pending for this consumer.
         self._ready: dict[str, tuple[RunContext, list[tuple[Entry, Any]]]] = {}
@@ -447,7 +457,7 @@ class RedisPort(Port):
             try:
                 records = self._outputs(ctx, outputs, fields.get(b"q"))
             except Exception as exc:  # an output the run's codec cannot carry
-                args += ["n", entry_id, _error_text(exc)]
+                args += ["n", entry_id, *_error_fields(exc)]
                 continue
             if deliveries == 1 and len(records) == 1 and records[0][0] == "o":
                 record = records[0]
@@ -460,7 +470,7 @@ class RedisPort(Port):
             args += ["a", entry_id, deliveries, len(records), *_flat(records)]
         if outcome.error is not None:
             entry_id = taken[outcome.processed][0]
-            args += ["n", entry_id, _error_text(outcome.error)]
+            args += ["n", entry_id, *_error_fields(outcome.error)]
         return args
 
     def _group_records(self, ctx: RunContext, taken: list[Entry], outputs: list[Any]) -> list[Any]:
@@ -645,6 +655,10 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _error_text(exc: BaseException) -> str:
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return text[-ERROR_TEXT_LIMIT:]
+def _error_fields(exc: BaseException) -> tuple[str, str]:
+    """An item's error as the hand-off keeps it: the traceback's text (the tail, for
+    people and `conveyor dlq list`) and the exception's record as JSON (for the
+    driver to rebuild it as itself)."""
+    record = capture(exc, json.dumps)
+    record.traceback = record.traceback[-ERROR_TEXT_LIMIT:]
+    return record.traceback, json.dumps(record.as_dict())

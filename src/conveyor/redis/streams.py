@@ -309,8 +309,9 @@ end
 #   'o' id data              (first delivery, one output: its field d)
 #   'O' id data seq          (the same with field q)
 #   'a' id deliveries n_out [dest('o'|'f') k field value ...] * n_out
-#   'n' id error
-#   'x' id deliveries error k field value ...
+#   'n' id error record    (error: the traceback text; record: the exception as JSON,
+#                           `conveyor.remote.ExceptionRecord`, kept beside it as id#r)
+#   'x' id deliveries error k field value ...   (the dead letter gets both, err and rec)
 # Returns {acked, stale, backlog of the output stream} or -1 if the run is gone.
 HANDOFF = (
     LUA_HELPERS
@@ -354,7 +355,7 @@ while i <= #ARGV do
       redelivered = redelivered + deliveries - 1
       done[#done + 1] = id
       -- Only an entry delivered before can have an error recorded.
-      if deliveries > 1 then redis.call('HDEL', KEYS[6], id) end
+      if deliveries > 1 then redis.call('HDEL', KEYS[6], id, id .. '#r') end
     else
       stale = stale + 1
     end
@@ -373,18 +374,19 @@ while i <= #ARGV do
     end
   elseif op == 'n' then
     if owned(id) then
-      redis.call('HSET', KEYS[6], id, ARGV[i + 2])
+      redis.call('HSET', KEYS[6], id, ARGV[i + 2], id .. '#r', ARGV[i + 3])
       redis.call('XCLAIM', KEYS[1], group, consumer, 0, id, 'IDLE', ARGV[4], 'JUSTID')
     end
-    i = i + 3
+    i = i + 4
   else
     local deliveries, err, k = ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4])
     if owned(id) then
       local last = redis.call('HGET', KEYS[6], id)
+      local rec = redis.call('HGET', KEYS[6], id .. '#r') or ''
       if err == '' then err = last or 'no error recorded (the worker died or timed out)' end
-      redis.call('XADD', KEYS[7], '*', 'src', id, 'n', deliveries, 'err', err,
+      redis.call('XADD', KEYS[7], '*', 'src', id, 'n', deliveries, 'err', err, 'rec', rec,
                  unpack(ARGV, i + 5, i + 4 + k))
-      redis.call('HDEL', KEYS[6], id)
+      redis.call('HDEL', KEYS[6], id, id .. '#r')
       done[#done + 1] = id
       dead = dead + 1
     else

@@ -22,10 +22,12 @@ from a run's channel port: the item is kept with its error, delivered again
 after the visibility timeout, and moved to the stage's dead letters after
 ``max_deliveries``; the worker itself goes on.
 
-`Worker.stop` aborts the worker's `RunControl`: ports stop taking (within one
-blocking read, `conveyor.redis.port.BLOCK_MS`), threads finish their batch,
-process children are terminated; entries a worker held and did not hand on
-are taken over by other workers after the visibility timeout.
+`Worker.stop` is graceful: ports stop taking (within one blocking read,
+`conveyor.redis.port.BLOCK_MS`), every worker finishes and hands on the batch
+in hand and runs its ``on_stop`` (process children too), and entries read
+ahead are let go at once for other workers to take. What has not ended when
+`Worker.join` times out is aborted: process children terminated, threads
+stuck in user code left behind (named in a warning).
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ from .streams import Retrier, connect, pipeline_id
 __all__ = ["Worker", "serve"]
 
 log = logging.getLogger("conveyor.redis")
+
+ABORT_GRACE = 5.0
+"""After a stop that did not end in time, how long the abort waits for the workers."""
 
 
 class Worker:
@@ -104,8 +109,9 @@ class Worker:
         self._unavailable = unavailable_timeout
         self._options = dict(redis_options or {})
         self.control = RunControl()
-        self.stopped = self.control.stopped
+        self.stopped = threading.Event()
         """Set once the worker stops (`stop`, a signal, or a failure)."""
+        self.control.on_abort(self.stopped.set)
         self.runtimes: dict[str, Runtime] = {}
         self.stage_runs: list[StageRun] = []
         self._client: Any = None
@@ -115,7 +121,7 @@ class Worker:
         retry = Retrier("worker", self._unavailable, self.stopped)
         client = self._client = retry(connect, self.url, **self._options)
         directory = RunDirectory(client, self.namespace, self.pipeline_id, self._secret, retry)
-        link = WorkerLink(client, directory, self.control, retry)
+        link = WorkerLink(client, directory, self.control, self.stopped, retry)
         try:
             for i in self.served:
                 stage = dataclasses.replace(self.stages[i], workers=self._counts[i])
@@ -144,19 +150,25 @@ class Worker:
         return [sr.metrics.snapshot() for sr in self.stage_runs]
 
     def stop(self) -> None:
-        """Stop serving: consumers finish their batch; process children are terminated."""
-        self.control.abort()
+        """Stop serving, gracefully: consumers take nothing more, finish and hand on the
+        batch in hand, run their ``on_stop`` (process children too) and end. `join`
+        ends what does not end in time."""
+        self.stopped.set()
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait for every consumer to stop; re-raise the first error of the worker."""
+        """Wait for every consumer to stop, ``timeout`` seconds at most (then abort them:
+        process children are terminated, threads stuck in user code are left behind);
+        re-raise the first error of the worker."""
         deadline = None if timeout is None else monotonic() + timeout
-        stuck: list[str] = []
-        for runtime in self.runtimes.values():
-            left = 3600.0 if deadline is None else max(0.0, deadline - monotonic())
-            stuck += runtime.join(left)
+        stuck = self._join_runtimes(deadline)
+        if stuck:
+            self.control.abort()
+            stuck = self._join_runtimes(monotonic() + ABORT_GRACE)
         for runtime in self.runtimes.values():
             runtime.close()
         self.runtimes.clear()
+        for sr in self.stage_runs:
+            sr.io.close()
         if stuck:
             log.warning("conveyor: Redis worker threads still running user code: %s", stuck)
         if self._client is not None:
@@ -166,6 +178,13 @@ class Worker:
         if error is not None:
             self.control.error = None
             raise error
+
+    def _join_runtimes(self, deadline: float | None) -> list[str]:
+        stuck: list[str] = []
+        for runtime in self.runtimes.values():
+            left = 3600.0 if deadline is None else max(0.0, deadline - monotonic())
+            stuck += runtime.join(left)
+        return stuck
 
     def run_forever(self) -> None:
         """Start, and serve until `stop()` (or SIGTERM/SIGINT in the main thread)."""

@@ -99,6 +99,9 @@ class StageIO(ABC):
     def open(self, count: int) -> list[Port]:
         """Open the stage's ``count`` ports, once, before any worker starts."""
 
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
+        """Release what the ports shared, once the stage's workers have ended."""
+
 
 class ChannelIO(StageIO):
     """A stage between two channels of a run on one machine."""

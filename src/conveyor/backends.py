@@ -1,0 +1,247 @@
+"""Backends: where a pipeline's stages run.
+
+::
+
+    pipeline.run(backend=...)        for x in pipeline.iterate(backend=...)
+    pipeline.start(backend=...)      await pipeline.arun(backend=...)
+                     |                                   |
+            LocalBackend (the default)            RedisBackend(url)
+      engine.Run: channels and runtimes      a driver here (feeds the source,
+      in this process                        reads the outputs), workers anywhere
+                                             (`conveyor worker`) on the one engine
+
+A backend is the one thing a pipeline's run methods hand the pipeline to
+(typed ``Any`` here: backends sit below the builder, which they never import):
+``Pipeline.run``, ``iterate``, ``start`` and ``arun`` (and the CLI's ``conveyor
+run``) take ``backend=`` alike. A new backend implements `Backend.run` and
+`Backend.iterate`; `start` and `arun` have generic versions built on a stop
+signal (`Backend.run` with ``stop=``) that a backend may replace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from os import PathLike
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigurationError, ConfigurationTypeError
+
+if TYPE_CHECKING:
+    from .metrics import RunResult, StageStats
+
+__all__ = ["Backend", "BackgroundRun", "LocalBackend", "check_backend"]
+
+JOIN_SECONDS = 30.0
+"""How long leaving a background run waits for its thread."""
+
+
+class Backend(ABC):
+    """Where a pipeline runs (see the module docstring)."""
+
+    @abstractmethod
+    def run(
+        self,
+        pipeline: Any,
+        *,
+        collect: bool = False,
+        progress: bool = False,
+        report: str | PathLike[str] | None = None,
+        stop: threading.Event | None = None,
+    ) -> RunResult:
+        """Run ``pipeline`` to completion and return its result.
+
+        ``stop``, when given and set from another thread, ends the run early
+        (the result then says ``stopped``).
+        """
+
+    @abstractmethod
+    def iterate(self, pipeline: Any, *, progress: bool = False) -> Iterator[Any]:
+        """Run ``pipeline`` and yield its outputs as they come; leaving early stops it."""
+
+    def start(
+        self,
+        pipeline: Any,
+        *,
+        collect: bool = False,
+        progress: bool = False,
+        report: str | PathLike[str] | None = None,
+    ) -> BackgroundRun:
+        """Start a run of ``pipeline`` in a thread and return its handle."""
+        return BackgroundRun(self, pipeline, collect=collect, progress=progress, report=report)
+
+    async def arun(
+        self,
+        pipeline: Any,
+        *,
+        collect: bool = False,
+        progress: bool = False,
+        report: str | PathLike[str] | None = None,
+    ) -> RunResult:
+        """`run` from async code: the run goes on in a thread, the loop keeps serving;
+        cancelling the awaiting task stops the run and waits for its end."""
+        handle = self.start(pipeline, collect=collect, progress=progress, report=report)
+        try:
+            return await asyncio.to_thread(handle.join)
+        except asyncio.CancelledError:
+            handle.stop()
+            await asyncio.to_thread(handle.wait)
+            raise
+
+
+class BackgroundRun:
+    """A run of a backend going on in a thread: stop it, wait for its result."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        pipeline: Any,
+        *,
+        collect: bool,
+        progress: bool,
+        report: str | PathLike[str] | None,
+    ) -> None:
+        self._stop = threading.Event()
+        self._result: RunResult | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._drive,
+            args=(backend, pipeline, {"collect": collect, "progress": progress, "report": report}),
+            name="conveyor-driver",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _drive(self, backend: Backend, pipeline: Any, options: dict[str, Any]) -> None:
+        try:
+            self._result = backend.run(pipeline, stop=self._stop, **options)
+        except BaseException as exc:
+            self._error = exc
+
+    def stop(self, drain: bool = False) -> None:
+        """Ask the run to stop; it ends as soon as the backend notices, and a
+        distributed run stays where it is, to be resumed.
+
+        Raises:
+            ConfigurationError: ``drain=True``, which runs on this machine have.
+        """
+        if drain:
+            raise ConfigurationError(
+                "stop(drain=True) lets a run on this machine finish the items inside it; "
+                "a backend's run is stopped as it is (and can be resumed)"
+            )
+        self._stop.set()
+
+    def done(self) -> bool:
+        """True once the run has ended (finished, failed or stopped)."""
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the end of the run; True if it ended."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> RunResult:
+        """Wait for the end of the run and return its result.
+
+        Raises:
+            TimeoutError: the run did not end within ``timeout`` seconds.
+            The run's error, as `Backend.run` raised it.
+        """
+        try:
+            ended = self.wait(timeout)
+        except BaseException:  # Ctrl-C while waiting: the run must not go on behind the caller
+            self.stop()
+            self.wait(JOIN_SECONDS)
+            raise
+        if not ended:
+            raise TimeoutError(f"the run did not end within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def stats(self) -> list[StageStats]:
+        """Per-stage statistics: those of the result once the run has ended, else none."""
+        return [] if self._result is None else self._result.stats
+
+    def __enter__(self) -> BackgroundRun:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+        self.wait(JOIN_SECONDS)
+
+
+class LocalBackend(Backend):
+    """The default: the pipeline runs in this process, on channels and runtimes."""
+
+    def run(
+        self,
+        pipeline: Any,
+        *,
+        collect: bool = False,
+        progress: bool = False,
+        report: str | PathLike[str] | None = None,
+        stop: threading.Event | None = None,
+    ) -> RunResult:
+        if stop is None:
+            result: RunResult = pipeline.run(collect=collect, progress=progress, report=report)
+            return result
+        handle = pipeline.start(collect=collect, progress=progress, report=report)
+        watcher = threading.Thread(
+            target=_stop_when, args=(stop, handle), name="conveyor-stop-watch", daemon=True
+        )
+        watcher.start()
+        try:
+            joined: RunResult = handle.join()
+            return joined
+        finally:
+            stop.set()  # ends the watcher
+            watcher.join()
+
+    def iterate(self, pipeline: Any, *, progress: bool = False) -> Iterator[Any]:
+        if progress:
+            raise ConfigurationError(
+                "iterate() 'progress': a run on this machine shows its progress with "
+                "run(progress=True) or start(progress=True); iteration has none"
+            )
+        return iter(pipeline)
+
+    def start(
+        self,
+        pipeline: Any,
+        *,
+        collect: bool = False,
+        progress: bool = False,
+        report: str | PathLike[str] | None = None,
+    ) -> Any:
+        return pipeline.start(collect=collect, progress=progress, report=report)
+
+    async def arun(
+        self,
+        pipeline: Any,
+        *,
+        collect: bool = False,
+        progress: bool = False,
+        report: str | PathLike[str] | None = None,
+    ) -> RunResult:
+        result: RunResult = await pipeline.arun(collect=collect, progress=progress, report=report)
+        return result
+
+
+def _stop_when(stop: threading.Event, handle: Any) -> None:
+    stop.wait()
+    handle.stop()
+
+
+def check_backend(backend: object, method: str) -> Backend | None:
+    """``backend`` if it is one (None: local); a clear error otherwise."""
+    if backend is None or isinstance(backend, Backend):
+        return backend
+    raise ConfigurationTypeError(
+        f"{method} 'backend' must be a conveyor backend (conveyor.LocalBackend(), "
+        f"conveyor.RedisBackend(url)) or None, got {type(backend).__name__}"
+    )

@@ -1,0 +1,121 @@
+"""backend= on every way to run a pipeline: run(), iterate(), start(), arun()."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import TYPE_CHECKING
+
+import pytest
+
+import conveyor as cv
+from conveyor.redis import RedisBackend
+from redis_helpers import new_namespace, triple
+
+if TYPE_CHECKING:
+    from conftest import RedisServer
+
+
+def test_iterate_without_a_backend_is_iteration_here() -> None:
+    pipeline = cv.Pipeline(range(5)).map(triple)
+    assert list(pipeline.iterate()) == list(pipeline) == [0, 3, 6, 9, 12]
+
+
+def test_the_local_backend_is_the_default_one_named() -> None:
+    pipeline = cv.Pipeline(range(5)).map(triple)
+    local = cv.LocalBackend()
+    assert pipeline.run(collect=True, backend=local).outputs == [0, 3, 6, 9, 12]
+    assert list(pipeline.iterate(backend=local)) == [0, 3, 6, 9, 12]
+    with pipeline.start(collect=True, backend=local) as handle:
+        assert handle.join().outputs == [0, 3, 6, 9, 12]
+    assert asyncio.run(pipeline.arun(collect=True, backend=local)).outputs == [0, 3, 6, 9, 12]
+
+
+@pytest.mark.parametrize("method", ["run", "iterate", "start"])
+def test_something_that_is_not_a_backend_is_refused_at_once(method: str) -> None:
+    pipeline = cv.Pipeline(range(5)).map(triple)
+    with pytest.raises(cv.ConfigurationTypeError, match=rf"{method}\(\) 'backend' must be"):
+        getattr(pipeline, method)(backend="redis://localhost:6379")
+
+
+def test_stall_timeout_is_refused_with_a_backend_of_elsewhere(redis_server: RedisServer) -> None:
+    pipeline = cv.Pipeline(range(5)).map(triple)
+    backend = RedisBackend(redis_server.url, namespace=new_namespace())
+    for call in (
+        lambda: pipeline.run(backend=backend, stall_timeout=1.0),
+        lambda: pipeline.start(backend=backend, stall_timeout=1.0),
+    ):
+        with pytest.raises(cv.ConfigurationError, match="'stall_timeout' applies to runs"):
+            call()
+
+
+def _backend(server: RedisServer, **options: object) -> RedisBackend:
+    return RedisBackend(server.url, namespace=new_namespace(), local_workers=True, **options)  # type: ignore[arg-type]
+
+
+def test_iterate_start_and_arun_take_the_redis_backend(redis_server: RedisServer) -> None:
+    pipeline = cv.Pipeline(range(50)).map(triple)
+    expected = [3 * x for x in range(50)]
+    assert list(pipeline.iterate(backend=_backend(redis_server))) == expected
+    with pipeline.start(collect=True, backend=_backend(redis_server)) as handle:
+        assert handle.join().outputs == expected
+    result = asyncio.run(pipeline.arun(collect=True, backend=_backend(redis_server)))
+    assert result.outputs == expected
+
+
+def test_a_started_redis_run_stops_and_resumes_with_its_run_id(redis_server: RedisServer) -> None:
+    gate = threading.Event()
+    reached = threading.Event()
+
+    def held(x: int) -> int:
+        if x == 5:
+            reached.set()
+            gate.wait(30)
+        return x
+
+    pipeline = cv.Pipeline(range(20)).map(held)
+    namespace = new_namespace()
+
+    def backend() -> RedisBackend:
+        return RedisBackend(
+            redis_server.url, namespace=namespace, run_id="resume-me", local_workers=True
+        )
+
+    handle = pipeline.start(collect=True, backend=backend())
+    assert reached.wait(30)
+    handle.stop()
+    gate.set()
+    stopped = handle.join(30)
+    assert stopped.stopped
+    rest = pipeline.run(collect=True, backend=backend()).outputs or []
+    assert sorted(set((stopped.outputs or []) + rest)) == list(range(20))
+
+
+def test_stop_drain_is_for_runs_on_this_machine(redis_server: RedisServer) -> None:
+    pipeline = cv.Pipeline(range(5)).map(triple)
+    with pipeline.start(backend=_backend(redis_server)) as handle:
+        with pytest.raises(cv.ConfigurationError, match="drain=True"):
+            handle.stop(drain=True)
+        handle.join(30)
+
+
+async def _cancel_soon(
+    pipeline: cv.Pipeline[int], backend: RedisBackend, release: threading.Event
+) -> None:
+    task = asyncio.create_task(pipeline.arun(backend=backend))
+    await asyncio.sleep(0)  # let it start
+    task.cancel()
+    release.set()  # the stage's items end: the stopped run's workers can be joined
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def test_cancelling_arun_with_a_backend_stops_its_run(redis_server: RedisServer) -> None:
+    release = threading.Event()
+    pipeline = cv.Pipeline(range(5)).map(lambda x: release.wait(30) and x)
+    try:
+        asyncio.run(asyncio.wait_for(_cancel_soon(pipeline, _backend(redis_server), release), 20))
+    finally:
+        release.set()
+    leftover = [t.name for t in threading.enumerate() if t.name.startswith("conveyor-")]
+    assert leftover == []

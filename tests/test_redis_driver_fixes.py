@@ -391,3 +391,27 @@ def test_a_stopped_workers_unfinished_entries_are_taken_over_at_once(
             break  # the local workers stop holding entries they read ahead
     rest = backend().run(pipeline, collect=True).outputs or []
     assert sorted(set(seen) | set(rest)) == [3 * x for x in range(3000)]
+
+
+def test_a_batch_stage_still_sends_its_last_partial_group_after_an_upstream_stray(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    # The stray, dead-lettered by stage 0, counts beside the run's own entries: the
+    # batch stage must still see that its input has ended (it waited for ever).
+    import msgpack
+
+    run_id = "stray-batch"
+    holder: dict[str, Keys] = {}
+
+    def add_stray_on_first(x: int) -> int:
+        if x == 0:
+            client = redis.Redis.from_url(redis_server.url)
+            client.xadd(holder["keys"].stream(0), {"d": msgpack.packb(999)})
+            client.close()
+        return x
+
+    pipeline = cv.Pipeline(range(10)).map(add_stray_on_first).batch(3)
+    holder["keys"] = _keys(pipeline, namespace, run_id)
+    backend = RedisBackend(redis_server.url, namespace=namespace, run_id=run_id, local_workers=True)
+    groups = pipeline.run(collect=True, backend=backend).outputs or []
+    assert sorted(x for group in groups for x in group) == list(range(10))

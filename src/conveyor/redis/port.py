@@ -420,8 +420,9 @@ class RedisPort(Port):
         if counters is None:
             return True  # the run is gone: what is held goes nowhere
         state = RunState.read(counters, done == b"1", len(ctx.info.stages))
+        # >=: an entry the run did not make, dead-lettered, counts beside the run's own.
         return state.source_done and all(
-            state.stages[j].acked + state.stages[j].dead == state.produced(j)
+            state.stages[j].acked + state.stages[j].dead >= state.produced(j)
             for j in range(self.index)
         )
 

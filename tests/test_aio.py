@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import signal
 import socket
 import subprocess
@@ -209,41 +208,6 @@ def test_pipelines_mixing_async_and_thread_stages_lose_and_invent_nothing(
     assert not conveyor_threads()
 
 
-@pytest.mark.quick
-def test_ordered_output_keeps_input_order_across_50_coroutines_finishing_in_random_order() -> None:
-    n = 50
-    order = random.Random(5).sample(range(n), n)
-    finished: list[int] = []
-
-    async def main() -> list[Any] | None:
-        release = {x: asyncio.Event() for x in range(n)}
-        done = {x: asyncio.Event() for x in range(n)}
-        started = InFlight(n)
-
-        async def held(x: int) -> int:
-            started.enter()
-            await release[x].wait()
-            finished.append(x)
-            done[x].set()
-            return x
-
-        async def releaser() -> None:
-            while not started.all_in.is_set():  # every coroutine is in flight at once
-                await asyncio.sleep(0)
-            for x in order:
-                release[x].set()
-                await done[x].wait()
-
-        pipeline = cv.Pipeline(range(n)).map(held, workers=n, runtime="async")
-        result, _ = await asyncio.wait_for(
-            asyncio.gather(pipeline.arun(collect=True), releaser()), WAIT
-        )
-        return result.outputs
-
-    assert asyncio.run(main()) == list(range(n))
-    assert finished == order
-
-
 @modes
 def test_an_async_stage_mixes_with_process_and_thread_stages_in_one_pipeline(mode: str) -> None:
     pipeline = (
@@ -430,9 +394,13 @@ def test_breaking_out_of_async_for_stops_the_run_and_closes_the_source() -> None
 
 @pytest.mark.quick
 @modes
-def test_an_exception_in_an_async_stage_reaches_the_caller_with_the_stage_named(
+def test_an_exception_in_an_async_stage_reaches_the_caller_as_itself(
     mode: str,
 ) -> None:
+    # Stays outside the contract suite: the caller gets the very exception the
+    # coroutine raised, with its original traceback, on conveyor's loop and on the
+    # caller's (arun, which the contract suite does not drive). The contract suite
+    # checks the error's type, message and note on every runtime x backend.
     async def fragile(x: int) -> int:
         await asyncio.sleep(0)
         if x == 7:
@@ -443,10 +411,10 @@ def test_an_exception_in_an_async_stage_reaches_the_caller_with_the_stage_named(
     with pytest.raises(Boom) as info:
         run_in_mode(pipeline, mode)
     assert info.value.args == (7,)
-    assert "conveyor: stage 'fragile' (map) failed on item 7" in notes(info.value)
+    if mode == "arun":  # with run(), in the contract suite
+        assert "conveyor: stage 'fragile' (map) failed on item 7" in notes(info.value)
     frames = [tb.tb_frame.f_code.co_name for tb in _walk(info.value.__traceback__)]
     assert "fragile" in frames  # the original traceback, not a rebuilt exception
-    assert not conveyor_threads()
 
 
 def notes(exc: BaseException) -> list[str]:
@@ -461,15 +429,17 @@ def _walk(tb: Any) -> Iterator[Any]:
 
 
 @pytest.mark.quick
-@modes
-def test_on_error_skip_records_the_failed_items_and_keeps_the_others(mode: str) -> None:
+def test_on_error_skip_records_the_failed_items_and_keeps_the_others() -> None:
+    # On the caller's loop (arun) only, which the contract suite does not drive; it
+    # checks on_error="skip" on every runtime x backend, the async runtime's on
+    # conveyor's own loop.
     async def fragile(x: int) -> int:
         if x % 10 == 3:
             raise Boom(x)
         return x
 
     pipeline = cv.Pipeline(range(50)).map(fragile, workers=4, runtime="async", on_error="skip")
-    result = run_in_mode(pipeline, mode)
+    result = run_in_mode(pipeline, "arun")
     assert result.outputs == [x for x in range(50) if x % 10 != 3]
     assert sorted(f.item for f in result.failures) == [3, 13, 23, 33, 43]
     assert all(isinstance(f.error, Boom) and f.attempts == 1 for f in result.failures)
@@ -477,8 +447,10 @@ def test_on_error_skip_records_the_failed_items_and_keeps_the_others(mode: str) 
 
 
 @pytest.mark.quick
-@modes
-def test_retries_call_a_failing_coroutine_again_until_it_succeeds(mode: str) -> None:
+def test_retries_call_a_failing_coroutine_again_until_it_succeeds() -> None:
+    # On the caller's loop (arun) only, which the contract suite does not drive; it
+    # checks retries on every runtime x backend, the async runtime's on conveyor's
+    # own loop.
     attempts: Counter[int] = Counter()
 
     async def flaky(x: int) -> int:
@@ -490,7 +462,7 @@ def test_retries_call_a_failing_coroutine_again_until_it_succeeds(mode: str) -> 
     pipeline = cv.Pipeline(range(30)).map(
         flaky, workers=4, runtime="async", retries=2, backoff=TINY
     )
-    result = run_in_mode(pipeline, mode)
+    result = run_in_mode(pipeline, "arun")
     assert result.outputs == list(range(30))
     assert attempts == Counter(dict.fromkeys(range(30), 3))
     assert result.stats[0].retried == 60
@@ -515,6 +487,9 @@ def test_an_item_out_of_retries_is_skipped_after_every_attempt() -> None:
 def test_a_coroutine_over_its_timeout_is_cancelled_and_fails_with_timeout_error(
     mode: str,
 ) -> None:
+    # Stays outside the contract suite: the timed-out coroutine is cancelled and its
+    # cleanup runs, the async runtime's own way, on either loop. The contract suite
+    # checks a timeout's error, message and note on every runtime x backend.
     never = Gate()
     cleaned: list[int] = []
 
@@ -527,9 +502,8 @@ def test_a_coroutine_over_its_timeout_is_cancelled_and_fails_with_timeout_error(
         return x
 
     pipeline = cv.Pipeline(range(6)).map(stuck_on_three, runtime="async", timeout=0.05)
-    with pytest.raises(TimeoutError, match=r"took longer than its timeout of 0\.05 s") as info:
+    with pytest.raises(TimeoutError):
         run_in_mode(pipeline, mode)
-    assert "conveyor: stage 'stuck_on_three' (map) failed on item 3" in notes(info.value)
     assert cleaned == [3]
 
 
@@ -755,52 +729,6 @@ def test_workers_is_the_most_coroutines_of_a_stage_in_flight_at_once(mode: str) 
     result = run_in_mode(cv.Pipeline(range(40)).map(counted, workers=4, runtime="async"), mode)
     assert result.outputs == list(range(40))
     assert flight.most == 4
-
-
-@pytest.mark.quick
-@pytest.mark.parametrize("hooks", ["plain", "coroutine"])
-def test_on_start_and_on_stop_run_once_per_worker_coroutine_with_its_own_state(
-    hooks: str,
-) -> None:
-    states: list[object] = []
-    stopped: list[object] = []
-
-    def start_plain() -> object:
-        state = object()
-        states.append(state)
-        return state
-
-    async def start_coroutine() -> object:
-        await asyncio.sleep(0)
-        return start_plain()
-
-    def stop_plain(state: object) -> None:
-        stopped.append(state)
-
-    async def stop_coroutine(state: object) -> None:
-        await asyncio.sleep(0)
-        stop_plain(state)
-
-    async def whose(x: int) -> int:
-        await asyncio.sleep(0)
-        return id(cv.worker_state())
-
-    plain = hooks == "plain"
-    result = (
-        cv.Pipeline(range(60))
-        .map(
-            whose,
-            workers=3,
-            runtime="async",
-            on_start=start_plain if plain else start_coroutine,
-            on_stop=stop_plain if plain else stop_coroutine,
-        )
-        .run(collect=True)
-    )
-    assert len(states) == 3
-    assert sorted(map(id, stopped)) == sorted(map(id, states))
-    assert result.outputs is not None
-    assert set(result.outputs) <= {id(s) for s in states}
 
 
 @pytest.mark.quick

@@ -73,19 +73,20 @@ def _failing(kind: str, bad: Any) -> Any:
 @pytest.mark.quick
 @pytest.mark.parametrize("kind", ["map", "filter", "flat_map", "each"])
 @pytest.mark.parametrize("workers", [1, 3])
-def test_the_first_error_reaches_the_caller_with_its_type_and_a_note(
+def test_the_note_of_the_first_error_names_the_stage_its_kind_and_the_item(
     kind: str, workers: int
 ) -> None:
+    # Stays outside the contract suite: the note's text for every stage kind and a
+    # str item's repr. It is made by policy.add_stage_note, the same code on every
+    # runtime; the contract suite checks the error and its note on every runtime x
+    # backend for a map stage (a raise through Redis waits for its dead letters,
+    # seconds a run), and every kind's failures with on_error="skip".
     p = getattr(cv.Pipeline(f"item-{i}" for i in range(50)), kind)(
         _failing(kind, "item-17"), workers=workers, name="parse"
     )
-    with pytest.raises(Boom, match="bad item 'item-17'") as info:
+    with pytest.raises(Boom) as info:
         p.run()
-    (note,) = stage_notes(info.value)
-    assert "'parse'" in note
-    assert kind in note
-    assert "'item-17'" in note
-    assert not conveyor_threads()
+    assert stage_notes(info.value) == [f"conveyor: stage 'parse' ({kind}) failed on item 'item-17'"]
 
 
 def test_the_error_is_the_very_exception_raised_with_its_traceback() -> None:
@@ -188,30 +189,6 @@ def test_an_error_while_downstream_is_full_ends_promptly() -> None:
 # ---------------------------------------------------------------------- on_error="skip"
 
 
-@pytest.mark.quick
-@pytest.mark.parametrize("kind", ["map", "filter", "flat_map", "each"])
-def test_skip_records_each_failure_and_goes_on(kind: str) -> None:
-    def picky(x: int) -> Any:
-        if x % 10 == 3:
-            raise Boom(x)
-        return [x] if kind == "flat_map" else x
-
-    p = getattr(cv.Pipeline(range(40)), kind)(picky, workers=3, on_error="skip", name="picky")
-    result = p.run(collect=True)
-    expected = [x for x in range(40) if x % 10 != 3]
-    if kind == "filter":
-        expected = [x for x in expected if x]  # the predicate returned x itself
-    assert result.outputs == ([] if kind == "each" else expected)
-    assert sorted(f.item for f in result.failures) == [3, 13, 23, 33]
-    for failure in result.failures:
-        assert failure.stage == "picky"
-        assert isinstance(failure.error, Boom)
-        assert failure.error.args == (failure.item,)
-        assert failure.attempts == 1
-    assert result.stats[0].failed == 4
-    assert result.stats[0].items_in == 40
-
-
 def test_failures_are_listed_in_the_report_and_the_json() -> None:
     result = cv.Pipeline(range(5)).map(lambda x: 1 // (x - 2), on_error="skip").run()
     (failure,) = result.failures
@@ -238,21 +215,6 @@ class Flaky:
         if attempt <= self.failures:
             raise Boom(f"attempt {attempt} on {x!r}")
         return x
-
-
-@pytest.mark.parametrize("workers", [1, 4])
-def test_an_item_that_succeeds_on_its_third_attempt_is_retried_twice(workers: int) -> None:
-    flaky = Flaky(failures=2)
-    result = (
-        cv.Pipeline(range(20))
-        .map(flaky, workers=workers, retries=2, backoff=TINY, on_error="raise")
-        .run(collect=True)
-    )
-    assert result.outputs == list(range(20))
-    assert flaky.calls == dict.fromkeys(range(20), 3)
-    assert result.stats[0].retried == 40
-    assert result.stats[0].failed == 0
-    assert result.failures == []
 
 
 def test_an_item_out_of_retries_is_skipped_with_its_number_of_attempts() -> None:
@@ -353,23 +315,6 @@ class Stuck:
         return x
 
 
-def test_an_item_over_its_timeout_is_skipped_as_a_timeout_error() -> None:
-    stuck = Stuck(3)
-    try:
-        result = (
-            cv.Pipeline(range(8))
-            .map(stuck, timeout=0.05, on_error="skip", name="slow")
-            .run(collect=True)
-        )
-    finally:
-        stuck.release.set()
-    assert result.outputs == [0, 1, 2, 4, 5, 6, 7]
-    (failure,) = result.failures
-    assert (failure.stage, failure.item, failure.attempts) == ("slow", 3, 1)
-    assert isinstance(failure.error, TimeoutError)
-    assert "0.05" in str(failure.error)
-
-
 def test_an_item_over_its_timeout_raises_a_timeout_error_naming_stage_and_item() -> None:
     stuck = Stuck("x")
     started = time.perf_counter()
@@ -425,6 +370,10 @@ def test_a_run_with_a_timed_stage_leaves_no_helper_thread_behind() -> None:
 
 
 def test_stop_ends_a_busy_run_promptly_and_leaves_no_thread() -> None:
+    # Stays outside the contract suite: the 1 s bound (PROMPT) is the thread
+    # runtime's own, here over a busy pipeline of every stage kind. The contract
+    # suite checks stop() (a stopped result, nothing left running) on every
+    # runtime x backend.
     handle = (
         cv.Pipeline(CountingSource())  # never-ending
         .map(identity, workers=4, capacity=16)
@@ -438,9 +387,8 @@ def test_stop_ends_a_busy_run_promptly_and_leaves_no_thread() -> None:
     wait_until(lambda: handle.stats()[-1].items_in >= 100)  # items flow through every stage
     trigger.fire()
     handle.stop()
-    result = handle.join(WAIT)
+    handle.join(WAIT)
     assert trigger.elapsed() < PROMPT
-    assert result.stopped
     assert not conveyor_threads()
 
 
@@ -472,6 +420,9 @@ def test_an_error_in_an_async_source_ends_the_run_with_that_error() -> None:
 
 @pytest.mark.parametrize("stages", [1, 3])
 def test_breaking_out_of_the_loop_ends_the_run_promptly(stages: int) -> None:
+    # Stays outside the contract suite: the 1 s bound (PROMPT) and how far the
+    # source may have been pulled are the thread runtime's own figures. The
+    # contract suite checks leaving a loop early on every runtime x backend.
     source = CountingSource()  # never-ending
     p: cv.Pipeline[Any] = cv.Pipeline(source)
     for i in range(stages):

@@ -33,21 +33,6 @@ pytestmark = pytest.mark.usefixtures("no_thread_left")
 
 # ---------------------------------------------------------------------- any value is data
 
-AWKWARD = [None, "THE END", 0, "", False, [], (), None, "THE END", float("inf")]
-
-
-@pytest.mark.quick
-@pytest.mark.parametrize("workers", [1, 4])
-def test_none_and_the_end_are_data_like_any_other_value(workers: int) -> None:
-    p = cv.Pipeline(AWKWARD).map(identity, workers=workers).filter(lambda x: True)
-    assert list(p) == AWKWARD
-
-
-@pytest.mark.quick
-def test_a_flat_map_can_emit_none_and_the_end() -> None:
-    p = cv.Pipeline(range(3)).flat_map(lambda x: [None, "THE END", x], workers=2)
-    assert list(p) == [None, "THE END", 0, None, "THE END", 1, None, "THE END", 2]
-
 
 @pytest.mark.quick
 def test_a_source_of_only_none_yields_only_none() -> None:
@@ -316,29 +301,6 @@ def test_batch_after_a_random_parallel_stage_chunks_the_reference(
 # ---------------------------------------------------------------------- order
 
 
-def test_ordered_output_keeps_input_order_when_early_items_finish_last() -> None:
-    """Items 0, 1 and 2 finish after item 10 (and 2 before 1 before 0), on 4 workers."""
-    n = 40
-    late = {x: threading.Event() for x in (0, 1, 2, 10)}
-    finished: list[int] = []
-    lock = threading.Lock()
-
-    def uneven(x: int) -> int:
-        # 2 waits for 10 to be processed, 1 for 2, 0 for 1: the first items finish last.
-        waits_for = {0: 1, 1: 2, 2: 10}.get(x)
-        if waits_for is not None:
-            must_wait(late[waits_for])
-        with lock:
-            finished.append(x)
-        if x in late:
-            late[x].set()
-        return x * 2
-
-    p = cv.Pipeline(range(n)).map(uneven, workers=4)
-    assert list(p) == [x * 2 for x in range(n)]
-    assert finished.index(0) > finished.index(1) > finished.index(2) > finished.index(10)
-
-
 def test_the_reorder_window_bounds_how_far_workers_run_ahead_of_a_slow_item() -> None:
     gate = threading.Event()
     done: list[int] = []
@@ -394,16 +356,6 @@ def test_unordered_output_is_yielded_as_it_completes(kind: str) -> None:
         received.set()
     assert outputs[0] != 0
     assert sorted(outputs) == list(range(20))
-
-
-def test_an_ordered_stage_of_many_workers_keeps_order_over_many_items() -> None:
-    n = 5000
-    p = (
-        cv.Pipeline(range(n))
-        .map(lambda x: x, workers=8, capacity=7)
-        .filter(lambda x: x % 3 != 0, workers=5)
-    )
-    assert list(p) == [x for x in range(n) if x % 3 != 0]
 
 
 # ---------------------------------------------------------------------- lazy, bounded pulls
@@ -530,24 +482,12 @@ def test_an_async_iterable_object_is_a_source() -> None:
 
 
 @pytest.mark.quick
-def test_batch_makes_lists_of_size_in_order_with_a_final_partial_one() -> None:
-    assert list(cv.Pipeline(range(10)).batch(3)) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
-
-
-@pytest.mark.quick
 @pytest.mark.parametrize(("n", "size"), [(0, 3), (1, 1), (6, 3), (7, 1), (5, 100)])
 def test_batch_sizes_cover_every_item_once(n: int, size: int) -> None:
     batches = list(cv.Pipeline(range(n)).batch(size))
     assert [x for b in batches for x in b] == list(range(n))
     assert all(len(b) == size for b in batches[:-1])
     assert all(1 <= len(b) <= size for b in batches)
-
-
-def test_batch_after_parallel_ordered_workers_keeps_the_order() -> None:
-    p = cv.Pipeline(range(1000)).map(lambda x: x * 2, workers=4, capacity=8).batch(64)
-    batches = list(p)
-    assert [x for b in batches for x in b] == [x * 2 for x in range(1000)]
-    assert [len(b) for b in batches] == [64] * 15 + [40]
 
 
 def test_batch_carries_none_and_feeds_a_later_stage() -> None:
@@ -559,30 +499,6 @@ def test_batch_statistics_count_items_in_and_lists_out() -> None:
     result = cv.Pipeline(range(10)).batch(4, name="groups").run(collect=True)
     (stats,) = result.stats
     assert (stats.name, stats.kind, stats.items_in, stats.items_out) == ("groups", "batch", 10, 3)
-
-
-def test_batch_interval_flushes_a_partial_list_while_the_source_is_still_open() -> None:
-    """The source waits on a channel: the first list can only come from the interval."""
-    feed: cv.Channel[int] = cv.Channel()
-    producer = feed.producer()
-    p = cv.Pipeline(feed).batch(100, interval=0.05)
-    it = iter(p)
-    try:
-        producer.put_many([1, 2])
-        first: list[int] = []
-        while len(first) < 2:  # a slow machine may split them over two flushes
-            batch = next(it)
-            assert batch  # a flush never sends an empty list
-            first.extend(batch)
-        assert first == [1, 2]
-        producer.put(3)
-        producer.close()  # the end of the source flushes the rest
-        assert list(it) == [[3]]
-    finally:
-        producer.close()
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
 
 
 def test_batch_without_interval_waits_for_a_full_list() -> None:

@@ -62,12 +62,6 @@ def test_run_returns_one_consistent_stats_row_per_stage() -> None:
         assert s.busy_seconds >= 0 and s.elapsed_seconds > 0
 
 
-@pytest.mark.quick
-def test_run_collect_keeps_the_outputs_in_order() -> None:
-    result = three_stages(10).run(collect=True)
-    assert result.outputs == [0, 1, 6, 7, 12, 13, 18, 19]
-
-
 def test_the_report_is_a_table_naming_every_stage() -> None:
     report = three_stages().run().report()
     for name in ("double", "thirds", "pairs"):
@@ -90,21 +84,6 @@ def test_to_json_parses_and_holds_the_stats_and_failures() -> None:
     assert (failure["stage"], failure["item"], failure["attempts"]) == ("div", "4", 1)
     assert failure["error"].startswith("ZeroDivisionError")
     assert data["items_out"] == 9
-
-
-def test_an_each_stage_is_a_sink_that_outputs_nothing() -> None:
-    seen: list[int] = []
-    lock = threading.Lock()
-
-    def record(x: int) -> None:
-        with lock:
-            seen.append(x)
-
-    result = cv.Pipeline(range(50)).each(record, workers=3).run(collect=True)
-    assert sorted(seen) == list(range(50))
-    assert result.outputs == []
-    assert (result.stats[0].items_in, result.stats[0].items_out) == (50, 0)
-    assert list(cv.Pipeline(range(5)).each(record)) == []
 
 
 # ---------------------------------------------------------------------- start() and the handle
@@ -152,24 +131,6 @@ def test_join_raises_the_error_of_the_run() -> None:
     handle = cv.Pipeline([1]).map(fails).start()
     with pytest.raises(Boom):
         handle.join(WAIT)
-
-
-def test_stop_ends_the_run_and_join_returns_a_stopped_result_of_what_came_through() -> None:
-    seen = threading.Event()
-
-    def mark(x: int) -> int:
-        if x == 100:
-            seen.set()
-        return x
-
-    handle = cv.Pipeline(CountingSource()).map(mark, workers=3).start(collect=True)
-    must_wait(seen)
-    handle.stop()
-    result = handle.join(WAIT)
-    assert result.stopped
-    assert result.outputs is not None
-    assert result.outputs == list(range(len(result.outputs)))  # an ordered prefix
-    assert not conveyor_threads()
 
 
 @pytest.mark.parametrize("drain", [False, True])
@@ -306,47 +267,22 @@ def test_leaving_the_context_after_runs_ended_is_harmless() -> None:
 # ---------------------------------------------------------------------- per-worker hooks
 
 
-class Hooks:
-    """on_start / on_stop hooks that count their calls and hand out one state per worker."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.started: list[dict[str, Any]] = []
-        self.stopped: list[dict[str, Any]] = []
-        self.seen_in_fn: set[int] = set()
-
-    def on_start(self) -> dict[str, Any]:
-        state = {"worker": threading.current_thread().name, "items": 0}
-        with self.lock:
-            self.started.append(state)
-        return state
-
-    def on_stop(self, state: dict[str, Any]) -> None:
-        with self.lock:
-            self.stopped.append(state)
-
-    def fn(self, x: int) -> int:
-        state = cv.worker_state()
-        state["items"] += 1
-        with self.lock:
-            self.seen_in_fn.add(id(state))
-        return x
-
-
 @pytest.mark.parametrize("timeout", [None, 5.0])
-def test_hooks_run_once_per_worker_and_worker_state_is_what_on_start_returned(
-    timeout: float | None,
-) -> None:
-    hooks = Hooks()
-    p = cv.Pipeline(range(300)).map(
-        hooks.fn, workers=4, on_start=hooks.on_start, on_stop=hooks.on_stop, timeout=timeout
-    )
-    assert list(p) == list(range(300))
-    assert len(hooks.started) == 4
-    assert len({s["worker"] for s in hooks.started}) == 4  # one per worker thread
-    assert sorted(map(id, hooks.stopped)) == sorted(map(id, hooks.started))
-    assert hooks.seen_in_fn <= {id(s) for s in hooks.started}
-    assert sum(s["items"] for s in hooks.started) == 300
+def test_on_start_runs_in_each_worker_thread_itself(timeout: float | None) -> None:
+    # Stays outside the contract suite: that each worker thread runs its own
+    # on_start, with or without a timeout (which runs the calls in helper threads),
+    # is the thread runtime's own matter. The contract suite checks the hooks, once
+    # per worker with its own state (also under a timeout), on every runtime x backend.
+    names: list[str] = []
+    lock = threading.Lock()
+
+    def on_start() -> None:
+        with lock:
+            names.append(threading.current_thread().name)
+
+    cv.Pipeline(range(300)).map(identity, workers=4, on_start=on_start, timeout=timeout).run()
+    assert len(names) == 4
+    assert len(set(names)) == 4  # one per worker thread
 
 
 def test_worker_state_is_none_without_on_start_and_outside_a_worker() -> None:

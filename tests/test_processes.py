@@ -180,38 +180,25 @@ def raise_two_args(x: int) -> int:
 # ---------------------------------------------------------------------- basics
 
 
-@pytest.mark.quick
-def test_a_process_map_gives_the_same_results_as_the_plain_loop() -> None:
-    offset = 7
-
-    def local(x: int) -> int:  # a local function and a closure
-        return x + offset
-
-    out = list(
-        cv.Pipeline(range(200))
-        .map(local, runtime="process", workers=2)
-        .map(lambda x: x * 2, runtime="process")
-    )
-    assert out == [(x + offset) * 2 for x in range(200)]
-
-
 def test_filter_flat_map_and_each_run_in_worker_processes(tmp_path: Path) -> None:
+    # Stays outside the contract suite: that the calls run in other processes is
+    # the process runtime's own matter. The contract suite checks what every stage
+    # kind gives, and that each sees every item once, on every runtime x backend.
     folder = str(tmp_path)
 
-    def record(x: int) -> None:
-        Path(folder, str(x)).write_text(str(os.getpid()))
+    def where(x: int) -> int:
+        Path(folder, f"{x}-{os.getpid()}").touch()
+        return x
 
-    result = (
+    (
         cv.Pipeline(range(30))
-        .filter(lambda x: x % 3 == 0, runtime="process")
-        .flat_map(lambda x: [x, x], runtime="process", workers=2)
-        .each(record, runtime="process")
+        .filter(lambda x: where(x) % 3 == 0, runtime="process")
+        .flat_map(lambda x: [where(x), x], runtime="process", workers=2)
+        .each(where, runtime="process")
         .run()
     )
-    assert result.stats[-1].items_in == 20
-    written = {int(p.name): int(p.read_text()) for p in tmp_path.iterdir()}
-    assert sorted(written) == list(range(0, 30, 3))
-    assert os.getpid() not in written.values()
+    pids = {int(p.name.split("-")[1]) for p in tmp_path.iterdir()}
+    assert pids and os.getpid() not in pids
 
 
 @settings(
@@ -259,11 +246,6 @@ def test_process_stages_mix_with_async_and_thread_stages() -> None:
     assert out == [-((x + 1) ** 2) for x in range(50)]
 
 
-def test_none_and_sentinel_like_values_are_data() -> None:
-    items = [None, "THE END", (), 0, b"", None]
-    assert list(cv.Pipeline(items).map(echo, runtime="process", workers=2)) == items
-
-
 def test_an_unpicklable_stage_function_is_refused_at_start() -> None:
     lock = threading.Lock()
     with pytest.raises(cv.SerializationError, match=r"'holds_lock' \(map\)"):
@@ -279,33 +261,6 @@ def test_an_unknown_start_method_is_a_configuration_error(
 
 
 # ---------------------------------------------------------------------- worker hooks
-
-
-def test_on_start_and_on_stop_run_once_in_each_worker_process(tmp_path: Path) -> None:
-    folder = str(tmp_path)
-
-    def on_start() -> int:
-        Path(folder, f"start-{os.getpid()}").touch()
-        return os.getpid()
-
-    def on_stop(state: int) -> None:
-        Path(folder, f"stop-{state}").touch()
-
-    def fn(x: int) -> tuple[int, int]:
-        return cv.worker_state(), os.getpid()
-
-    out = list(
-        cv.Pipeline(range(100)).map(
-            fn, runtime="process", workers=2, on_start=on_start, on_stop=on_stop
-        )
-    )
-    assert all(state == pid for state, pid in out)
-    pids = {pid for _, pid in out}
-    started = {p.name for p in tmp_path.glob("start-*")}
-    stopped = {p.name for p in tmp_path.glob("stop-*")}
-    assert len(started) == 2
-    assert pids <= {int(n.split("-")[1]) for n in started}
-    assert {n.replace("start", "stop") for n in started} == stopped
 
 
 def test_max_items_per_worker_replaces_the_worker_process(tmp_path: Path) -> None:
@@ -346,14 +301,16 @@ def test_an_on_stop_that_raises_fails_the_run_with_its_error() -> None:
 # ---------------------------------------------------------------------- errors
 
 
-def test_an_exception_in_a_worker_keeps_its_type_note_and_traceback_text() -> None:
-    with pytest.raises(ValueError, match="bad item 3") as info:
+def test_an_exception_in_a_worker_has_the_workers_traceback_as_its_cause() -> None:
+    # Stays outside the contract suite: the worker's traceback arrives as a
+    # processes.RemoteTraceback cause, the process runtime's own way. The contract
+    # suite checks the error's type, message and note, and that its printed
+    # traceback shows the raising line, on every runtime x backend.
+    with pytest.raises(ValueError) as info:
         list(cv.Pipeline(range(10)).map(raise_value_error, runtime="process", name="checker"))
-    error = info.value
-    assert any("'checker' (map)" in note and "3" in note for note in error.__notes__)
-    assert isinstance(error.__cause__, processes.RemoteTraceback)
-    assert "raise_value_error" in str(error.__cause__)
-    assert 'raise ValueError(f"bad item {x}")' in str(error.__cause__)
+    cause = info.value.__cause__
+    assert isinstance(cause, processes.RemoteTraceback)
+    assert 'raise ValueError(f"bad item {x}")' in str(cause)
 
 
 def test_an_exception_whose_init_takes_other_arguments_arrives_as_itself() -> None:
@@ -365,25 +322,6 @@ def test_an_exception_whose_init_takes_other_arguments_arrives_as_itself() -> No
     assert isinstance(info.value.__cause__, processes.RemoteTraceback)
     assert "raise NeedsTwoArgs" in str(info.value.__cause__)
     assert any("'raise_two_args' (map)" in note for note in info.value.__notes__)
-
-
-def test_skipped_errors_in_a_worker_are_recorded_with_their_items() -> None:
-    result = (
-        cv.Pipeline(range(10))
-        .map(
-            raise_value_error,
-            runtime="process",
-            on_error="skip",
-            retries=1,
-            backoff=cv.Backoff(initial=0.001),
-        )
-        .run(collect=True)
-    )
-    assert result.outputs == [x for x in range(10) if x != 3]
-    [failure] = result.failures
-    assert failure.item == 3 and failure.attempts == 2
-    assert isinstance(failure.error, ValueError)
-    assert result.stats[0].retried == 1
 
 
 def test_an_unpicklable_item_raises_a_serialization_error_naming_stage_and_type() -> None:
@@ -480,27 +418,6 @@ def test_an_item_that_kills_every_worker_fails_after_its_retries() -> None:
 
 
 # ---------------------------------------------------------------------- timeouts
-
-
-def sleepy(x: float) -> float:
-    time.sleep(x)
-    return x
-
-
-def test_an_item_that_overruns_its_timeout_gets_its_worker_killed() -> None:
-    started = time.monotonic()
-    result = (
-        cv.Pipeline([0.0, 30.0, 0.01])
-        .map(sleepy, runtime="process", timeout=0.5, on_error="skip")
-        .run(collect=True)
-    )
-    assert time.monotonic() - started < 10
-    assert result.outputs == [0.0, 0.01]
-    [failure] = result.failures
-    assert failure.item == 30.0
-    assert isinstance(failure.error, TimeoutError)
-    with pytest.raises(TimeoutError, match=r"timeout of 0\.5 s"):
-        list(cv.Pipeline([30.0]).map(sleepy, runtime="process", timeout=0.5))
 
 
 def test_a_timed_out_item_is_retried_on_a_fresh_worker(tmp_path: Path) -> None:
@@ -631,6 +548,9 @@ def test_no_segment_is_left_after_a_worker_is_killed() -> None:
 
 
 def test_stop_terminates_every_worker_process_promptly(tmp_path: Path) -> None:
+    # Stays outside the contract suite: workers stuck inside a call are killed, and
+    # within 1.5 s, the process runtime's own way and figure. The contract suite
+    # checks stop() on every runtime x backend with workers between calls.
     pipeline = cv.Pipeline(range(10)).map(
         announce_and_block(str(tmp_path)), runtime="process", workers=2, ordered=False
     )
@@ -639,9 +559,8 @@ def test_stop_terminates_every_worker_process_promptly(tmp_path: Path) -> None:
         pids = announced(tmp_path)
         stopped = time.monotonic()
         handle.stop()
-        result = handle.join(timeout=5)
+        handle.join(timeout=5)
         assert time.monotonic() - stopped < 1.5
-    assert result.stopped
     assert gone(pids)
 
 

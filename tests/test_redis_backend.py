@@ -79,36 +79,18 @@ def counters(url: str, pipeline: cv.Pipeline[Any], namespace: str, run_id: str) 
 # ---------------------------------------------------------------------- plain runs
 
 
-def test_a_filter_and_a_flat_map_give_the_same_outputs_as_one_machine(
+def test_a_run_through_redis_reports_no_redelivery_when_nothing_failed(
     redis_server: RedisServer,
 ) -> None:
+    # Stays outside the contract suite: the result's redelivery counts are the Redis
+    # backend's own (RedisRunResult). The contract suite checks the outputs of every
+    # stage kind against the plain-Python loop on every runtime x backend.
     pipeline = three_stages(3000)
     namespace = new_namespace()
     backend = RedisBackend(redis_server.url, namespace=namespace, local_workers=True)
     result = pipeline.run(collect=True, backend=backend)
-    assert result.outputs == pipeline.run(collect=True).outputs
     assert isinstance(result, RedisRunResult)
     assert result.redelivered == {"triple": 0, "keep": 0, "spread": 0}
-
-
-def test_unordered_stages_deliver_every_output_exactly_once(redis_server: RedisServer) -> None:
-    pipeline = (
-        cv.Pipeline(range(2000))
-        .map(triple, workers=3, ordered=False)
-        .flat_map(lambda x: [x] * (x % 3), ordered=False)
-    )
-    result = pipeline.run(
-        collect=True,
-        backend=RedisBackend(redis_server.url, namespace=new_namespace(), local_workers=True),
-    )
-    assert sorted(result.outputs or []) == sorted(pipeline.run(collect=True).outputs or [])
-
-
-def test_none_and_the_end_are_data_through_redis(redis_server: RedisServer) -> None:
-    values = [None, "THE END", 0, "", False, [], None]
-    pipeline = cv.Pipeline(values).map(lambda x: x).filter(lambda x: True)
-    backend = RedisBackend(redis_server.url, namespace=new_namespace(), local_workers=True)
-    assert pipeline.run(collect=True, backend=backend).outputs == values
 
 
 def test_an_empty_source_finishes_at_once(redis_server: RedisServer) -> None:
@@ -118,9 +100,12 @@ def test_an_empty_source_finishes_at_once(redis_server: RedisServer) -> None:
     assert result.outputs == []
 
 
-def test_skipped_items_are_reported_as_failures_and_the_run_goes_on(
+def test_skipped_items_and_their_errors_arrive_as_themselves(
     redis_server: RedisServer,
 ) -> None:
+    # Stays outside the contract suite as the regression test below (a built-in
+    # exception whose argument keeps its type, through Redis). The contract suite
+    # checks the outputs and failures of on_error="skip" on every runtime x backend.
     def picky(x: int) -> int:
         if x % 10 == 0:
             raise KeyError(x)
@@ -129,11 +114,9 @@ def test_skipped_items_are_reported_as_failures_and_the_run_goes_on(
     pipeline = cv.Pipeline(range(50)).map(picky, on_error="skip", name="picky")
     backend = RedisBackend(redis_server.url, namespace=new_namespace(), local_workers=True)
     result = pipeline.run(collect=True, backend=backend)
-    assert result.outputs == [x for x in range(50) if x % 10]
     # The items and the errors as themselves, as on one machine (they were '0' and a
     # RemoteError rebuilt from text).
     assert sorted(f.item for f in result.failures) == [0, 10, 20, 30, 40]
-    assert {f.stage for f in result.failures} == {"picky"}
     assert all(type(f.error) is KeyError for f in result.failures)
     assert sorted(f.error.args[0] for f in result.failures) == [0, 10, 20, 30, 40]
 
@@ -164,32 +147,6 @@ def test_a_skipped_items_own_exception_class_arrives_as_itself_with_its_attribut
     assert all(type(f.error) is BadRow for f in failures)
     assert [(f.error.row, f.error.reason) for f in failures] == [(1, "odd"), (3, "odd"), (5, "odd")]  # type: ignore[attr-defined]
     assert any("reject_odd" in str(f.error.__cause__) for f in failures)
-
-
-def test_a_stage_timeout_gives_up_on_a_stuck_item_as_on_one_machine(
-    redis_server: RedisServer,
-) -> None:
-    release = threading.Event()
-
-    def stuck_on_three(x: int) -> int:
-        if x == 3:
-            release.wait(WAIT_FOR_TIMEOUT)
-        return x
-
-    pipeline = cv.Pipeline(range(6)).map(stuck_on_three, timeout=0.2, on_error="skip")
-    backend = RedisBackend(redis_server.url, namespace=new_namespace(), local_workers=True)
-    try:
-        result = pipeline.run(collect=True, backend=backend)
-    finally:
-        release.set()
-    assert result.outputs == [0, 1, 2, 4, 5]
-    [failure] = result.failures
-    assert failure.item == 3
-    assert isinstance(failure.error, TimeoutError)
-    assert "took longer than its timeout of 0.2 s" in str(failure.error)
-
-
-WAIT_FOR_TIMEOUT = 30.0
 
 
 def test_async_stages_and_batch_stages_run_on_redis_workers(redis_server: RedisServer) -> None:

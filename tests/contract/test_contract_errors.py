@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +72,13 @@ def test_the_users_exception_reaches_the_caller_with_its_type_and_a_note(
         error = info.value
     assert isinstance(error, Boom)
     assert str(error) == f"cannot take {BAD}"
-    notes = getattr(error, "__notes__", [])
-    assert any("'checker'" in n and f"item {BAD}" in n for n in notes), notes
+    notes = [n for n in getattr(error, "__notes__", []) if n.startswith("conveyor:")]
+    assert notes == [f"conveyor: stage 'checker' (map) failed on item {BAD}"]
+    # Printed, it shows where the user's function raised it (its own traceback,
+    # or the worker's as text in its cause).
+    printed = "".join(traceback.format_exception(error))
+    assert "fail_on_bad" in printed
+    assert 'raise Boom(f"cannot take {x}")' in printed
 
 
 def test_an_item_that_fails_twice_succeeds_on_its_third_attempt_with_retries_2(
@@ -101,21 +109,32 @@ def test_an_item_that_fails_twice_succeeds_on_its_third_attempt_with_retries_2(
     )
     result = runner.run(pipeline, collect=True)
     assert result.outputs == [x + 100 for x in range(10)]
+    # Three calls on each item, no more.
+    calls = sorted(p.name for p in tmp_path.iterdir())
+    assert calls == sorted(f"{x}-{attempt}" for x in range(10) for attempt in range(3))
     [stats] = result.stats
     assert (stats.items_in, stats.items_out, stats.retried, stats.failed) == (10, 10, 20, 0)
     assert result.failures == []
 
 
-def bad_on_odd_tens(x: Any) -> Any:
-    if x in (10, 30):
-        raise Boom(f"cannot take {x}")
-    return x
+def bad_on_odd_tens(kind: str) -> Callable[[Any], Any]:
+    """A ``kind`` stage function that fails on 10 and 30 and passes the rest on."""
+
+    def picky(x: Any) -> Any:
+        if x in (10, 30):
+            raise Boom(f"cannot take {x}")
+        return {"map": x, "filter": True, "flat_map": [x], "each": None}[kind]
+
+    return picky
 
 
-def test_skip_records_each_failure_with_its_item_and_the_users_error(runner: Runner) -> None:
+@pytest.mark.parametrize("kind", ["map", "filter", "flat_map", "each"])
+def test_skip_records_each_failure_with_its_item_and_the_users_error(
+    runner: Runner, kind: str
+) -> None:
     items: list[Any] = [*range(40), None, "THE END"]
-    pipeline = cv.Pipeline(items).map(
-        runner.fn(bad_on_odd_tens),
+    pipeline = getattr(cv.Pipeline(items), kind)(
+        runner.fn(bad_on_odd_tens(kind)),
         workers=3,
         runtime=runner.runtime,
         on_error="skip",
@@ -124,7 +143,8 @@ def test_skip_records_each_failure_with_its_item_and_the_users_error(runner: Run
         name="picky",
     )
     result = runner.run(pipeline, collect=True)
-    assert result.outputs == [x for x in items if x not in (10, 30)]
+    passed = [x for x in items if x not in (10, 30)]
+    assert result.outputs == ([] if kind == "each" else passed)
     failures = sorted(result.failures, key=lambda f: repr(f.item))
     assert [(f.stage, f.item, f.attempts) for f in failures] == [
         ("picky", 10, 2),
@@ -134,7 +154,8 @@ def test_skip_records_each_failure_with_its_item_and_the_users_error(runner: Run
         assert isinstance(failure.error, Boom), repr(failure.error)
         assert str(failure.error) == f"cannot take {failure.item}"
     [stats] = result.stats
-    assert (stats.items_in, stats.items_out, stats.failed, stats.retried) == (42, 40, 2, 2)
+    items_out = 0 if kind == "each" else 40
+    assert (stats.items_in, stats.items_out, stats.failed, stats.retried) == (42, items_out, 2, 2)
 
 
 HUNG = 3
@@ -162,7 +183,10 @@ def test_an_item_over_its_timeout_is_skipped_as_a_timeout_error_and_its_call_giv
         on_error="skip",
         name="hangs",
     )
+    started = time.monotonic()
     result = runner.run(pipeline, collect=True)
+    took = time.monotonic() - started
+    assert took < 5.0, f"the run took {took:.1f} s: it waited for the hung call"
     assert result.outputs == [x for x in range(8) if x != HUNG]
     pid = int(Path(folder, "hung").read_text())
     if runner.runtime == "process":
@@ -171,3 +195,35 @@ def test_an_item_over_its_timeout_is_skipped_as_a_timeout_error_and_its_call_giv
     [failure] = result.failures
     assert (failure.stage, failure.item, failure.attempts) == ("hangs", HUNG, 1)
     assert isinstance(failure.error, TimeoutError), repr(failure.error)
+    assert "stage 'hangs' (map) took longer than its timeout of 0.5 s" in str(failure.error)
+
+
+def test_an_item_over_its_timeout_with_on_error_raise_ends_the_run_with_a_timeout_error(
+    runner: Runner, tmp_path: Path
+) -> None:
+    folder = str(tmp_path)
+
+    async def hang_on_3(x: int) -> int:
+        if x == HUNG:
+            Path(folder, "hung").write_text(str(os.getpid()))
+            await asyncio.sleep(10)  # far longer than the timeout
+        return x
+
+    pipeline = cv.Pipeline(range(8)).map(
+        runner.fn(hang_on_3), workers=2, runtime=runner.runtime, timeout=0.2, name="hangs"
+    )
+    started = time.monotonic()
+    # Through Redis, as for any error of an item: DeadLettersError, with the
+    # TimeoutError as its cause (one delivery is enough to see it).
+    with pytest.raises((TimeoutError, cv.DeadLettersError)) as info:
+        runner.run(pipeline, backend_options={"max_deliveries": 1})
+    took = time.monotonic() - started
+    assert took < 10.0, f"the run took {took:.1f} s: it waited for the hung call"
+    error = info.value.__cause__ if runner.on_redis else info.value
+    assert isinstance(error, TimeoutError), repr(error)
+    assert "stage 'hangs' (map) took longer than its timeout of 0.2 s" in str(error)
+    notes = [n for n in getattr(error, "__notes__", []) if n.startswith("conveyor:")]
+    assert notes == [f"conveyor: stage 'hangs' (map) failed on item {HUNG}"]
+    if runner.runtime == "process":
+        pid = int(Path(folder, "hung").read_text())
+        assert not wait_gone([pid]), f"the worker process {pid} that hung is still alive"

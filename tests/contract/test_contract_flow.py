@@ -71,6 +71,33 @@ def test_unordered_stages_give_the_same_multiset(runner: Runner) -> None:
     assert Counter(result.outputs or []) == Counter(reference(ITEMS))
 
 
+def identity(x: Any) -> Any:
+    return x
+
+
+def always(x: Any) -> bool:
+    return True
+
+
+def alone(x: Any) -> list[Any]:
+    return [x]
+
+
+def test_falsy_and_sentinel_like_values_are_data_as_themselves(runner: Runner) -> None:
+    items: list[Any] = [None, "THE END", 0, "", False, [], (), b"", float("inf"), None, "THE END"]
+    pipeline = (
+        cv.Pipeline(items)
+        .map(runner.fn(identity), workers=4, runtime=runner.runtime)
+        .filter(runner.fn(always), runtime=runner.runtime)
+        .flat_map(runner.fn(alone), workers=2, runtime=runner.runtime)
+    )
+    # Redis's default codec (msgpack) carries a tuple as a list (conveyor/redis/codec.py).
+    expected = [[] if runner.on_redis and x == () else x for x in items]
+    outputs = runner.run(pipeline, collect=True).outputs or []
+    assert outputs == expected
+    assert [type(x) for x in outputs] == [type(x) for x in expected]  # False is not 0
+
+
 def test_each_sees_every_item_once_and_outputs_nothing(runner: Runner, tmp_path: Path) -> None:
     folder = str(tmp_path)
 
@@ -87,14 +114,19 @@ def test_each_sees_every_item_once_and_outputs_nothing(runner: Runner, tmp_path:
     seen = Counter(p.read_text() for p in tmp_path.iterdir())
     assert seen == Counter(repr(triple(x)) for x in ITEMS)
     assert result.outputs == []
+    each = result.stats[-1]
+    assert (each.items_in, each.items_out) == (len(ITEMS), 0)
+    assert list(runner.iterate(pipeline)) == []  # iterated, too
 
 
 def test_order_is_kept_across_several_workers_when_a_random_item_is_slow(runner: Runner) -> None:
     slow = random.randrange(40)
+    # Every item takes a few random milliseconds too: they finish in a random order.
+    work = [random.uniform(0.0, 0.005) for _ in range(40)]
 
     async def double(x: int) -> int:
-        if x == slow:
-            await asyncio.sleep(0.3)  # slow work: the others overtake it
+        # Slow work for one item: the others overtake it.
+        await asyncio.sleep(0.3 if x == slow else work[x])
         return 2 * x
 
     pipeline = (
@@ -103,6 +135,37 @@ def test_order_is_kept_across_several_workers_when_a_random_item_is_slow(runner:
         .map(runner.fn(triple), workers=3, runtime=runner.runtime)
     )
     assert list(runner.iterate(pipeline)) == [6 * x for x in range(40)], f"slow item {slow}"
+
+
+def not_third(x: int) -> bool:
+    return x % 3 != 0
+
+
+def test_order_is_kept_over_many_items_through_many_workers_and_small_channels(
+    runner: Runner,
+) -> None:
+    n = 5000
+    pipeline = (
+        cv.Pipeline(range(n))
+        .map(runner.fn(identity), workers=8, capacity=7, runtime=runner.runtime)
+        .filter(runner.fn(not_third), workers=5, runtime=runner.runtime)
+    )
+    assert runner.run(pipeline, collect=True).outputs == [x for x in range(n) if x % 3 != 0]
+
+
+def copies(x: int) -> list[int]:
+    return [x] * (x % 3)  # none, one, or two equal outputs
+
+
+def test_unordered_stages_deliver_every_output_once_over_many_items(runner: Runner) -> None:
+    n = 2000
+    pipeline = (
+        cv.Pipeline(range(n))
+        .map(runner.fn(triple), workers=3, ordered=False, runtime=runner.runtime)
+        .flat_map(runner.fn(copies), workers=2, ordered=False, runtime=runner.runtime)
+    )
+    outputs = runner.run(pipeline, collect=True).outputs or []
+    assert Counter(outputs) == Counter(y for x in range(n) for y in copies(triple(x)))
 
 
 def inc(x: int) -> int:
@@ -123,8 +186,8 @@ async def twice_slow_on_2(x: int) -> list[int]:
     return [x, x]
 
 
-def total(group: list[int]) -> int:
-    return sum(group)
+def members(group: list[int]) -> list[int]:
+    return list(group)
 
 
 def test_batch_by_size_gives_the_plain_python_groups(runner: Runner) -> None:
@@ -136,15 +199,12 @@ def test_batch_by_size_gives_the_plain_python_groups(runner: Runner) -> None:
         .filter(runner.fn(even), **options)
         .flat_map(runner.fn(twice_slow_on_2), **options)
         .batch(3)
-        .map(runner.fn(total), runtime=runner.runtime)
+        .map(runner.fn(members), runtime=runner.runtime)
     )
     flat = [y for x in range(40) if even(inc(x)) for y in twice(inc(x))]
+    # Full groups of 3 in order, then a last partial one (40 outputs).
     groups = [flat[i : i + 3] for i in range(0, len(flat), 3)]
-    assert runner.run(pipeline, collect=True).outputs == [sum(g) for g in groups]
-
-
-def members(group: list[int]) -> list[int]:
-    return list(group)
+    assert runner.run(pipeline, collect=True).outputs == groups
 
 
 def test_batch_by_interval_sends_a_partial_group_when_the_source_is_slow(runner: Runner) -> None:

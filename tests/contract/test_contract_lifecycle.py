@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import sys
 import threading
 import time
@@ -45,23 +46,30 @@ def two_stages(runner: Runner, source: Any) -> cv.Pipeline[int]:
 # ---------------------------------------------------------------------- hooks
 
 
-def hooks(folder: str, stage: str) -> tuple[Callable[[], str], Callable[[str], None]]:
-    """on_start / on_stop that leave files behind (worker processes can report too):
-    ``<stage>-start-<token>`` and ``<stage>-stop-<token>``, one token per worker."""
+def hooks(
+    folder: str, stage: str
+) -> tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any]], None]]:
+    """on_start / on_stop that leave files behind (worker processes can report too).
 
-    def on_start() -> str:
+    on_start writes ``<stage>-start-<token>`` (one token per worker) holding its
+    pid, and returns the worker's state, ``{"token": token, "items": 0}``;
+    on_stop writes ``<stage>-stop-<token>`` holding the state's ``items``.
+    """
+
+    def on_start() -> dict[str, Any]:
         token = uuid.uuid4().hex
-        Path(folder, f"{stage}-start-{token}").touch()
-        return token
+        Path(folder, f"{stage}-start-{token}").write_text(str(os.getpid()))
+        return {"token": token, "items": 0}
 
-    def on_stop(token: str) -> None:
-        Path(folder, f"{stage}-stop-{token}").touch()
+    def on_stop(state: dict[str, Any]) -> None:
+        Path(folder, f"{stage}-stop-{state['token']}").write_text(str(state["items"]))
 
     return on_start, on_stop
 
 
-def tokens(folder: Path, stage: str, what: str) -> set[str]:
-    return {p.name.rsplit("-", 1)[1] for p in folder.glob(f"{stage}-{what}-*")}
+def files(folder: Path, stage: str, what: str) -> dict[str, str]:
+    """token -> content of the ``<stage>-<what>-<token>`` files."""
+    return {p.name.rsplit("-", 1)[1]: p.read_text() for p in folder.glob(f"{stage}-{what}-*")}
 
 
 def test_on_start_and_on_stop_run_once_per_worker_with_its_own_state(
@@ -71,7 +79,9 @@ def test_on_start_and_on_stop_run_once_per_worker_with_its_own_state(
 
     def seen_by(stage: str) -> Callable[[int], int]:
         def mark(x: int) -> int:
-            Path(folder, f"{stage}-seen-{cv.worker_state()}").touch()
+            state = cv.worker_state()
+            state["items"] += 1  # the very object on_start returned, kept across calls
+            Path(folder, f"{stage}-seen-{state['token']}").write_text(str(os.getpid()))
             return x
 
         return mark
@@ -100,21 +110,28 @@ def test_on_start_and_on_stop_run_once_per_worker_with_its_own_state(
             runtime=runner.runtime,
             on_start=runner.fn(start_odd),
             on_stop=stop_odd,
+            # A call under a timeout sees its worker's state too.
+            timeout=WAIT,
             name="odd",
         )
     )
     result = runner.run(pipeline, collect=True)
     assert result.outputs == list(range(1, 60, 2))
-    for stage, workers in (("all", 2), ("odd", 3)):
-        started = tokens(tmp_path, stage, "start")
+    for stage, workers, items in (("all", 2, 60), ("odd", 3, 30)):
+        started = files(tmp_path, stage, "start")
         if runner.on_redis:
             # A Redis worker's hooks run once per consumer and worker lifetime.
             assert 1 <= len(started) <= workers, (stage, started)
         else:
             assert len(started) == workers, (stage, started)
         # Every worker was stopped, with its own state, by the time the run returned.
-        assert tokens(tmp_path, stage, "stop") == started, stage
-        assert tokens(tmp_path, stage, "seen") <= started, stage
+        stopped = files(tmp_path, stage, "stop")
+        assert stopped.keys() == started.keys(), stage
+        assert sum(int(n) for n in stopped.values()) == items, (stage, stopped)
+        # A worker's calls run where its on_start ran (its process, for the process runtime).
+        seen = files(tmp_path, stage, "seen")
+        assert seen.keys() <= started.keys(), stage
+        assert {token: started[token] for token in seen} == seen, stage
 
 
 # ---------------------------------------------------------------------- leaving early
@@ -126,13 +143,17 @@ def test_breaking_out_of_the_loop_stops_the_run_and_leaves_nothing_running(
     leftovers = Leftovers()
     pipeline = two_stages(runner, range(100_000))
     got = []
+    left = time.monotonic()
     # closing(): what leaving the loop does in CPython, but an error while the
     # run ends reaches the test rather than being printed as unraisable.
     with closing(runner.iterate(pipeline, run_id="left-early")) as outputs:
         for x in outputs:
             got.append(x)
             if len(got) == 5:
+                left = time.monotonic()
                 break
+    took = time.monotonic() - left
+    assert took < 5.0, f"leaving the loop took {took:.1f} s to end the run"
     assert got == [inc(triple(x)) for x in range(5)]
     leftovers.assert_none()
     if runner.on_redis:

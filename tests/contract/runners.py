@@ -159,8 +159,9 @@ def split_combo(combo: str) -> tuple[RuntimeName, str]:
 
 
 def _combo_param(combo: str) -> Any:
-    marks = [pytest.mark.redis] if combo.endswith("-redis") else []
-    return pytest.param(combo, marks=marks, id=combo)
+    # The local combinations are quick: nox runs them on every other supported Python.
+    mark = pytest.mark.redis if combo.endswith("-redis") else pytest.mark.quick
+    return pytest.param(combo, marks=[mark], id=combo)
 
 
 ALL = [_combo_param(c) for c in COMBOS]

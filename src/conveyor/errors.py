@@ -7,6 +7,7 @@ The hierarchy::
      |    +-- ConfigurationError        (also ValueError) a bad parameter value
      |    +-- ConfigurationTypeError    (also TypeError) a parameter of the wrong type
      |    +-- PipelineStopped           a run was stopped before it finished
+     |    +-- PipelineLoadError         the user's code raised while a pipeline was loaded by name
      |    +-- WorkerCrashed             a worker process died while holding items
      |    +-- SerializationError        (also TypeError) an item could not be pickled
      |    +-- BackendError              the distributed backend failed
@@ -39,6 +40,7 @@ __all__ = [
     "Empty",
     "Full",
     "PayloadRejected",
+    "PipelineLoadError",
     "PipelineStopped",
     "RemoteError",
     "RemoteTraceback",
@@ -144,3 +146,11 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return "\n" + self.text
+
+
+class PipelineLoadError(ConveyorError):
+    """Raised when the user's code raised while a pipeline was loaded by name.
+
+    Importing its module, or calling the function that builds it, raised:
+    that exception is the ``__cause__``, with its own type and traceback.
+    """

@@ -17,18 +17,10 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from .errors import ConfigurationError, ConveyorError
+from .errors import ConfigurationError, PipelineLoadError
 from .pipeline import Pipeline
 
 __all__ = ["PipelineLoadError", "load_pipeline", "parse_overrides"]
-
-
-class PipelineLoadError(ConveyorError):
-    """Raised when the user's code raised while a pipeline was loaded by name.
-
-    Importing its module, or calling the function that builds it, raised:
-    that exception is the ``__cause__``, with its own type and traceback.
-    """
 
 
 def load_pipeline(path: str) -> Pipeline[Any]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import cloudpickle
 import pytest
-from runners import Runner, described, wait_gone
+from runners import Leftovers, Runner, described, wait_gone
 
 import conveyor as cv
 
@@ -160,6 +160,25 @@ def test_skip_records_each_failure_with_its_item_and_the_users_error(
 
 HUNG = 3
 """The item that hangs in the timeout test."""
+HANG_SECONDS = 10.0
+"""Far longer than the timeouts: a hung call waits this long at most for its release."""
+
+
+async def _hang_until_released(folder: str) -> None:
+    """Hang like a stuck call, until the test releases it (a file: process workers
+    see it too), so that an abandoned thread ends with its test, not during the next.
+    A bounded polling loop: nothing else reaches a stuck call in another process."""
+    Path(folder, "hung").write_text(str(os.getpid()))
+    deadline = time.monotonic() + HANG_SECONDS
+    while not Path(folder, "release").exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
+def _release(folder: str, leftovers: Leftovers) -> None:
+    """Let a hung call end, and wait for the thread that ran it (abandoned by a
+    timeout on the thread runtime) to be gone."""
+    Path(folder, "release").touch()
+    leftovers.assert_none()
 
 
 def test_an_item_over_its_timeout_is_skipped_as_a_timeout_error_and_its_call_given_up(
@@ -169,10 +188,9 @@ def test_an_item_over_its_timeout_is_skipped_as_a_timeout_error_and_its_call_giv
 
     async def hang_on_3(x: int) -> int:
         if x == HUNG:
-            Path(folder, "hung").write_text(str(os.getpid()))
-            # Far longer than the timeout; a process worker is killed, a coroutine
-            # cancelled, a thread abandoned (it ends on its own).
-            await asyncio.sleep(10)
+            # A process worker is killed, a coroutine cancelled, a thread abandoned
+            # (it ends when released, below).
+            await _hang_until_released(folder)
         return x
 
     pipeline = cv.Pipeline(range(8)).map(
@@ -183,9 +201,13 @@ def test_an_item_over_its_timeout_is_skipped_as_a_timeout_error_and_its_call_giv
         on_error="skip",
         name="hangs",
     )
+    leftovers = Leftovers()
     started = time.monotonic()
-    result = runner.run(pipeline, collect=True)
-    took = time.monotonic() - started
+    try:
+        result = runner.run(pipeline, collect=True)
+    finally:
+        took = time.monotonic() - started
+        _release(folder, leftovers)
     assert took < 5.0, f"the run took {took:.1f} s: it waited for the hung call"
     assert result.outputs == [x for x in range(8) if x != HUNG]
     pid = int(Path(folder, "hung").read_text())
@@ -205,19 +227,22 @@ def test_an_item_over_its_timeout_with_on_error_raise_ends_the_run_with_a_timeou
 
     async def hang_on_3(x: int) -> int:
         if x == HUNG:
-            Path(folder, "hung").write_text(str(os.getpid()))
-            await asyncio.sleep(10)  # far longer than the timeout
+            await _hang_until_released(folder)
         return x
 
     pipeline = cv.Pipeline(range(8)).map(
         runner.fn(hang_on_3), workers=2, runtime=runner.runtime, timeout=0.2, name="hangs"
     )
+    leftovers = Leftovers()
     started = time.monotonic()
     # Through Redis, as for any error of an item: DeadLettersError, with the
     # TimeoutError as its cause (one delivery is enough to see it).
-    with pytest.raises((TimeoutError, cv.DeadLettersError)) as info:
-        runner.run(pipeline, backend_options={"max_deliveries": 1})
-    took = time.monotonic() - started
+    try:
+        with pytest.raises((TimeoutError, cv.DeadLettersError)) as info:
+            runner.run(pipeline, backend_options={"max_deliveries": 1})
+    finally:
+        took = time.monotonic() - started
+        _release(folder, leftovers)
     assert took < 10.0, f"the run took {took:.1f} s: it waited for the hung call"
     error = info.value.__cause__ if runner.on_redis else info.value
     assert isinstance(error, TimeoutError), repr(error)

@@ -107,8 +107,12 @@ class Tracker:
         if leaf.entry_id in self._held:
             return
         self._held.add(leaf.entry_id)
-        root = leaf.path[0] if leaf.path else -1
-        weight = _weight(leaf.path)
+        path = leaf.path
+        if len(path) == 1 and path[0] not in self._cover:
+            self._add_whole(leaf, path[0])
+            return
+        root = path[0] if path else -1
+        weight = _weight(path)
         cover = self._cover.get(root, _ZERO) + weight
         seen = self._seen.get(root)
         place = tuple(leaf.path)
@@ -137,6 +141,19 @@ class Tracker:
                 self._mark_done(root)
         else:
             self._cover[root] = cover
+
+    def _add_whole(self, leaf: Leaf, root: int) -> None:
+        """A leaf that is its root's only one (no fan-out on its way): the common case,
+        without fractions."""
+        if root < 0 or self._is_done(root):
+            self._refused.append(leaf)
+        elif self.ordered:
+            self._leaves[root] = [leaf]
+        else:
+            if leaf.value is not TOMBSTONE:
+                self._out.append(leaf.value)
+            self._ids.append(leaf.entry_id)
+            self._mark_done(root)
 
     def release(self) -> Released:
         """Everything ready since the last call (see `Released`)."""

@@ -35,7 +35,7 @@ from ..remote import ExceptionRecord, rebuild
 from ..stage import Failure, Stage
 from .codec import Codec, decode_failure, get_codec, key_check, secret_from
 from .order import TOMBSTONE, Leaf, Tracker, dump_path, load_path
-from .state import RunInfo, RunState, stage_stats
+from .state import RunInfo, RunState, read_state, stage_stats
 from .streams import (
     DRIVER_GROUP,
     MAX_POLL_SECONDS,
@@ -742,7 +742,7 @@ class _DriverRun:
 
     def _read_state(self) -> RunState:
         """The run's counters now; `RunStateLost` if its settings are gone from Redis."""
-        state, present = _read_state_and_meta(self.client, self.retry, self.keys, self.n)
+        state, present = read_state(self.client, self.retry, self.keys, self.n)
         if not present:
             raise self._lost()
         return state
@@ -1004,22 +1004,7 @@ def _stages(pipeline: Any) -> tuple[Stage, ...]:
 
 
 def _read_state(client: Any, retry: Retrier, keys: Keys, n: int) -> RunState:
-    return _read_state_and_meta(client, retry, keys, n)[0]
-
-
-def _read_state_and_meta(client: Any, retry: Retrier, keys: Keys, n: int) -> tuple[RunState, bool]:
-    """The run's counters, and whether its ``meta`` hash exists (it always holds
-    ``source_done``, so a missing field means the run's keys are gone)."""
-
-    def read() -> list[Any]:
-        pipe = client.pipeline(transaction=True)
-        pipe.hgetall(keys.counters)
-        pipe.hget(keys.meta, "source_done")
-        replies: list[Any] = pipe.execute()
-        return replies
-
-    counters, done = retry(read)
-    return RunState.read(counters, done == b"1", n), done is not None
+    return read_state(client, retry, keys, n)[0]
 
 
 def _is_redis_error(exc: BaseException | None) -> bool:

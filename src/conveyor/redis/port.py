@@ -41,7 +41,7 @@ from ..runtime.ports import Port, StageIO
 from ..stage import Stage
 from .codec import Codec, encode_failure, get_codec, key_check
 from .order import child_path, load_path
-from .state import RunInfo, RunState
+from .state import RunInfo, read_state
 from .streams import (
     DRIVER_GROUP,
     MAX_POLL_SECONDS,
@@ -415,11 +415,9 @@ class RedisPort(Port):
         the source is done and every stage before this one has handed everything on."""
         if self._ready.get(ctx.info.run_id, (ctx, []))[1]:
             return False
-        keys = ctx.info.keys
-        counters, done = self.retry(_read_counters, self.client, keys)
-        if counters is None:
+        state, present = read_state(self.client, self.retry, ctx.info.keys, len(ctx.info.stages))
+        if not present:
             return True  # the run is gone: what is held goes nowhere
-        state = RunState.read(counters, done == b"1", len(ctx.info.stages))
         # >=: an entry the run did not make, dead-lettered, counts beside the run's own.
         return state.source_done and all(
             state.stages[j].acked + state.stages[j].dead >= state.produced(j)
@@ -611,15 +609,6 @@ class RedisPort(Port):
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _read_counters(client: Any, keys: Keys) -> tuple[dict[Any, Any] | None, Any]:
-    pipe = client.pipeline(transaction=True)
-    pipe.exists(keys.meta)
-    pipe.hgetall(keys.counters)
-    pipe.hget(keys.meta, "source_done")
-    exists, counters, done = pipe.execute()
-    return (counters if exists else None), done
 
 
 def _path_of(entry: Entry) -> list[int]:

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..metrics import StageStats
-from .streams import Keys
+from .streams import Keys, Retrier
 
 if TYPE_CHECKING:
     from ..stage import Stage
 
-__all__ = ["RunInfo", "RunState", "StageCounts", "stage_stats"]
+__all__ = ["RunInfo", "RunState", "StageCounts", "read_state", "stage_stats"]
 
 
 def _text(value: Any) -> str:
@@ -252,3 +252,18 @@ def stage_stats(
             )
         )
     return stats
+
+
+def read_state(client: Any, retry: Retrier, keys: Keys, n: int) -> tuple[RunState, bool]:
+    """A run's counters (one consistent snapshot), and whether its ``meta`` hash exists
+    (it always holds ``source_done``, so a missing field means the run's keys are gone)."""
+
+    def read() -> list[Any]:
+        pipe = client.pipeline(transaction=True)
+        pipe.hgetall(keys.counters)
+        pipe.hget(keys.meta, "source_done")
+        replies: list[Any] = pipe.execute()
+        return replies
+
+    counters, done = retry(read)
+    return RunState.read(counters, done == b"1", n), done is not None

@@ -442,27 +442,16 @@ def test_a_run_survives_a_redis_restart(redis_server_factory: RedisServerFactory
     pipeline = three_stages(4000)
     namespace = new_namespace()
     backend = RedisBackend(server.url, namespace=namespace, run_id="restart")
-    results: list[cv.RunResult] = []
-    errors: list[BaseException] = []
-
-    def drive() -> None:
-        try:
-            results.append(pipeline.run(collect=True, backend=backend))
-        except BaseException as exc:
-            errors.append(exc)
-
     with serving(pipeline, server.url, namespace):
-        driver = threading.Thread(target=drive, daemon=True)
-        driver.start()
+        handle = pipeline.start(collect=True, backend=backend)
         wait_until(
             lambda: counters(server.url, pipeline, namespace, "restart").get("in:2", 0) > 500,
             "the run to be under way",
         )
         server.stop()
         server.start()
-        driver.join(60.0)
-    assert not errors, errors
-    assert results[0].outputs == pipeline.run(collect=True).outputs
+        result = handle.join(60.0)
+    assert result.outputs == pipeline.run(collect=True).outputs
 
 
 def test_status_shows_each_stage_its_stream_and_consumers(

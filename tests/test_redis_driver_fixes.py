@@ -128,17 +128,7 @@ def test_an_ordered_run_whose_first_item_is_slow_releases_thousands_at_once_and_
         reorder_window=n + 1000,
     )
     keys = _keys(pipeline, namespace, "slow-head")
-    results: list[cv.RunResult] = []
-    errors: list[BaseException] = []
-
-    def drive() -> None:
-        try:
-            results.append(pipeline.run(collect=True, backend=backend))
-        except BaseException as exc:
-            errors.append(exc)
-
-    driver = threading.Thread(target=drive, daemon=True)
-    driver.start()
+    handle = pipeline.start(collect=True, backend=backend)
     try:
         wait_until(
             lambda: _counters(redis_server.url, keys).get("out:0", 0) >= n - 1,
@@ -146,10 +136,7 @@ def test_an_ordered_run_whose_first_item_is_slow_releases_thousands_at_once_and_
         )
     finally:
         release.set()
-    driver.join(WAIT)
-    assert not driver.is_alive()
-    assert not errors, errors
-    assert results[0].outputs == list(range(n))
+    assert handle.join(WAIT).outputs == list(range(n))
 
 
 # ---------------------------------------------------------------------- 2. at least once

@@ -199,9 +199,9 @@ def test_a_run_is_complete_when_every_stage_consumed_what_its_predecessor_produc
 
 def test_a_run_with_only_dead_letters_left_is_stalled_not_complete() -> None:
     state = _state({"fed": 10, "in:0": 9, "dead:0": 1, "out:0": 9, "in:1": 9, "out:1": 9})
-    assert state.stalled
+    assert state.stalled()
     assert not state.complete
-    assert not _state({"fed": 10, "in:0": 8, "dead:0": 1}).stalled  # one still in flight
+    assert not _state({"fed": 10, "in:0": 8, "dead:0": 1}).stalled()  # one still in flight
 
 
 # ---------------------------------------------------------------------- names

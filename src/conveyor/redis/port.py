@@ -51,7 +51,7 @@ from ..runtime.base import RunControl
 from ..runtime.ports import Port, StageIO
 from ..stage import Stage
 from .codec import Codec, encode_failure, get_codec, key_check
-from .order import TOMBSTONE, Leaf, Tracker, child_path, dump_path, load_path
+from .order import TOMBSTONE, Leaf, Tracker, child_path, load_path
 from .state import RunInfo, read_state
 from .streams import (
     DRIVER_GROUP,
@@ -228,6 +228,9 @@ class RedisPort(Port):
     max_deliveries = True
     """Whether an entry delivered more than the run's ``max_deliveries`` times goes to
     the dead letters (a poison item that keeps killing its workers)."""
+    room = 1000
+    """How many entries besides a batch's own the hand-off's ownership check reads at
+    once in the batch's range of ids (more are looked up one by one)."""
 
     def __init__(self, io: RedisIO, label: str) -> None:
         self.io = io
@@ -522,7 +525,7 @@ class RedisPort(Port):
         entries: list[Entry],
         records: list[Any],
         outcome: BatchOutcome | None = None,
-        cursor: bytes | str = "",
+        cursor: str = "",
     ) -> Any:
         """Hand a batch on in one atomic script call (see streams.HANDOFF); return its
         reply (-2: a batch stage's lease is no longer this consumer's)."""
@@ -556,7 +559,7 @@ class RedisPort(Port):
                 0 if outcome is None else int((outcome.busy_seconds or 0.0) * 1e6),
                 *_id_range(entries),
                 # Room for entries it holds in that range besides the batch (failed ones).
-                len(entries) + 1000,
+                len(entries) + self.room,
                 tombstone_counter(tombstones, len(info.stages)),
                 *_output_backlog(info, i),
                 cursor,
@@ -638,9 +641,10 @@ class _Order:
         on, or an item of the group in the making (not acknowledged yet)."""
         self.renew_at = 0.0
 
-    def cursor_arg(self) -> bytes | str:
-        """The cursor as the hand-off records it ('-': none to record, lease checked)."""
-        return "-" if self.cursor is None else dump_path(self.cursor)
+    def cursor_arg(self) -> str:
+        """The cursor as the hand-off records it in the run's ``meta`` (JSON, text like
+        every field there; '-': none to record, the lease checked all the same)."""
+        return "-" if self.cursor is None else json.dumps(self.cursor)
 
 
 class BatchPort(RedisPort):
@@ -657,6 +661,7 @@ class BatchPort(RedisPort):
     """
 
     max_deliveries = False  # a take-over counts as a delivery: making groups cannot fail
+    room = 0  # it holds thousands of entries while it reorders: check a group's own ids
 
     def __init__(self, io: RedisIO, label: str) -> None:
         super().__init__(io, label)
@@ -701,7 +706,7 @@ class BatchPort(RedisPort):
         run_id = ctx.info.run_id
         field = f"cursor:{self.index}"
         saved = self.retry(self.client.hget, ctx.info.keys.meta, field)
-        self._orders[run_id] = _Order(ctx, None if saved is None else load_path(saved))
+        self._orders[run_id] = _Order(ctx, None if saved is None else json.loads(saved))
         self._ready.pop(run_id, None)
         self._claim(ctx)
 

@@ -339,13 +339,18 @@ if ARGV[15] ~= '' then
   if redis.call('GET', KEYS[8]) ~= consumer then return -2 end
   if ARGV[15] ~= '-' then redis.call('HSET', KEYS[5], 'cursor:' .. st, ARGV[15]) end
 end
--- What this consumer holds, in one range query over the batch's ids.
+-- What this consumer holds, in one range query over the batch's ids; when the
+-- reply is cut at its count (the consumer holds more in that range: a batch
+-- stage reordering), an id not in it is looked up alone.
 local held = {}
-for _, p in ipairs(redis.call('XPENDING', KEYS[1], group, ARGV[9], ARGV[10], ARGV[11], consumer)) do
+local pending = redis.call('XPENDING', KEYS[1], group, ARGV[9], ARGV[10], ARGV[11], consumer)
+for _, p in ipairs(pending) do
   held[p[1]] = true
 end
+local cut = #pending >= tonumber(ARGV[11])
 local function owned(id)
-  return held[id] == true
+  if held[id] then return true end
+  return cut and redis.call('XPENDING', KEYS[1], group, id, id, 1, consumer)[1] ~= nil
 end
 local acked, stale, outs, tombs, redelivered, dead = 0, 0, 0, 0, 0, 0
 local done = {}

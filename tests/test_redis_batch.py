@@ -162,8 +162,9 @@ def test_a_dead_letter_before_a_batch_stage_stops_the_run_and_a_replay_ends_it_a
             redis_server.url,
             namespace=namespace,
             run_id="dead-before-batch",
-            visibility_timeout=0.2,
-            max_deliveries=1,
+            # An item that raises is redelivered at once: dead on its third delivery.
+            visibility_timeout=2.0,
+            max_deliveries=2,
             local_workers=True,
         )
 

@@ -633,7 +633,10 @@ class _Order:
 
     def __init__(self, ctx: RunContext, cursor: list[int] | None) -> None:
         self.ctx = ctx
-        self.tracker = Tracker(True) if ctx.info.paths else None  # None: arrival order
+        # Arrival order without paths (a long-lived run), or without tombstones sent
+        # to the stage (a run an older version began): no way to tell a gap.
+        ordered = ctx.info.paths and bool(ctx.info.tombstones_to)
+        self.tracker = Tracker(True) if ordered else None
         if self.tracker is not None and cursor is not None:
             self.tracker.resume_after(cursor)
         self.cursor = cursor
@@ -672,7 +675,11 @@ class BatchPort(RedisPort):
     # ------------------------------------------------------------------ the lease
 
     def _fetch(self, n: int, timeout: float | None) -> None:
-        super()._fetch(READ_LIMIT, timeout)  # read ahead: the order may need more than n
+        # Read ahead (the order may need more than n), and never block past a third of
+        # the lease's time to live: the lease is renewed between reads.
+        runs = self.io.directory.runs()
+        renew = min((c.info.visibility_ms for c in runs), default=3 * BLOCK_MS) / 3000
+        super()._fetch(READ_LIMIT, renew if timeout is None else min(timeout, renew))
 
     def _servable(self, runs: list[RunContext]) -> list[RunContext]:
         """The runs whose lease this consumer holds (taking or renewing it when due)."""
@@ -850,6 +857,11 @@ class BatchPort(RedisPort):
     # ------------------------------------------------------------------ delivering
 
     def deliver(self, outcome: BatchOutcome) -> BaseException | None:
+        if self._stopped.is_set():
+            # The worker stops with a group in the making: not a group of the run's (a
+            # plain loop would not cut it here). Its items stay pending, let go by
+            # `close`, and the next holder makes the group again from the cursor.
+            return None
         ctx, taken = self._run, self._taken
         self._run, self._taken = None, []
         if ctx is None or not taken:

@@ -211,6 +211,7 @@ def test_prometheus_client_is_imported_only_when_an_exporter_is_made() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT, check=True
     )
     assert out.stdout.split() == ["False", "False"]
+    assert cv.PrometheusExporter is PrometheusExporter  # re-exported, loaded on first use
 
 
 # ---------------------------------------------------------------------- bad values

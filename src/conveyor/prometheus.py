@@ -48,10 +48,10 @@ server on another machine needs ``addr="0.0.0.0"`` (or the host's address):
 the endpoint has no authentication, so exposing it is a deliberate choice."""
 
 _EVERY = 4  # one exported bucket per 4 internal ones: bounds double (2**(4/4))
-_FIRST = 40  # internal bucket 40 ends at 1e-7 * 2**10 = 102.4 us
+_FIRST = 20  # internal bucket 20 ends at 1e-7 * 2**5 = 3.2 us
 HISTOGRAM_BUCKETS: tuple[int, ...] = tuple(range(_FIRST, LATENCY_BUCKETS - 1, _EVERY))
 """Internal latency buckets whose upper bounds are the exported ``le`` values:
-102.4 us doubling up to about 7 minutes. They are bounds of conveyor's own
+3.2 us doubling up to 215 s (27 buckets, and +Inf). They are bounds of conveyor's own
 histogram, so the exported counts are exact, not re-estimated."""
 
 

@@ -247,6 +247,17 @@ def test_a_port_in_use_is_refused_and_leaves_the_registry_as_it_was(busy_port: i
     assert generate_latest(registry) == b""
 
 
+def test_an_address_that_cannot_be_listened_on_is_refused_naming_it() -> None:
+    with pytest.raises(
+        cv.ConfigurationError, match=r"cannot serve metrics on no-such-host\.invalid"
+    ):
+        PrometheusExporter(port=0, addr="no-such-host.invalid")
+    with pytest.raises(cv.ConfigurationTypeError, match="'addr' must be"):
+        PrometheusExporter(port=0, addr=None)  # type: ignore[arg-type]
+    with pytest.raises(cv.ConfigurationTypeError, match="'pipeline' must be"):
+        PrometheusExporter(pipeline="")
+
+
 def test_metrics_must_be_an_exporter_and_stay_on_this_machine(redis_server: RedisServer) -> None:
     pipeline = cv.Pipeline(range(3)).map(str)
     with pytest.raises(cv.ConfigurationTypeError, match=r"run\(\) 'metrics' must be a metrics"):

@@ -144,7 +144,9 @@ class PrometheusExporter:
 
     Raises:
         ConfigurationError: a port outside 0..65535, or one that cannot be
-            listened on (in use, not permitted); prometheus-client not installed.
+            listened on (in use, not permitted, an unknown address);
+            prometheus-client not installed.
+        ConfigurationTypeError: a port, address or pipeline of the wrong type.
 
     Example:
         >>> from conveyor.prometheus import PrometheusExporter  # doctest: +SKIP
@@ -162,6 +164,10 @@ class PrometheusExporter:
     ) -> None:
         prometheus_client = _import_client()
         _check_port(port)
+        if not isinstance(addr, str) or not addr:
+            raise ConfigurationTypeError(
+                f"PrometheusExporter 'addr' must be a host name or address (a str), got {addr!r}"
+            )
         if not isinstance(pipeline, str) or not pipeline:
             raise ConfigurationTypeError(
                 f"PrometheusExporter 'pipeline' must be a non-empty str, got {pipeline!r}"
@@ -217,7 +223,7 @@ class PrometheusExporter:
                 still.append(source)
         self._live = still
 
-    def read(self) -> tuple[dict[str, _Totals], dict[str, _Gauges]]:
+    def _read(self) -> tuple[dict[str, _Totals], dict[str, _Gauges]]:
         """Counters (ended runs plus live ones) and gauges (live ones) per stage, now."""
         with self._lock:
             self._fold_ended()
@@ -290,7 +296,7 @@ class _Collector:
         return list(self._families({}, {}))
 
     def collect(self) -> Iterator[Metric]:
-        counters, gauges = self._exporter.read()
+        counters, gauges = self._exporter._read()
         yield from self._families(counters, gauges)
 
     def _families(

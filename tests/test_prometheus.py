@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -170,6 +172,36 @@ def test_runs_through_one_exporter_add_up_and_failures_and_retries_are_counted()
     assert value(samples, "conveyor_stage_retries_total", "flaky", "twice") == 4
     exporter.close()
     assert generate_latest(registry) == b""  # closing takes the collector off the registry
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    runs=st.lists(
+        st.tuples(st.integers(0, 300), st.integers(1, 3), st.integers(2, 5)), min_size=1, max_size=4
+    )
+)
+def test_the_exported_counters_are_the_sum_of_the_runs_results(
+    runs: list[tuple[int, int, int]],
+) -> None:
+    registry = CollectorRegistry()
+    with PrometheusExporter(registry=registry, pipeline="sum") as exporter:
+        results = [
+            cv.Pipeline(range(n))
+            .map(lambda x: x + 1, workers=workers, name="inc")
+            .filter(lambda x, k=k: x % k != 0, name="drop")
+            .run(metrics=exporter)
+            for n, workers, k in runs
+        ]
+        samples = parse(generate_latest(registry).decode())
+    for i, stage in enumerate(("inc", "drop")):
+        stats = [r.stats[i] for r in results]
+        assert items(samples, stage, "in", "sum") == sum(s.items_in for s in stats)
+        assert items(samples, stage, "out", "sum") == sum(s.items_out for s in stats)
+        assert items(samples, stage, "filtered", "sum") == sum(s.filtered for s in stats)
+        assert histogram_count(samples, stage, "sum") == sum(s.items_in for s in stats)
+        assert value(samples, "conveyor_stage_busy_seconds_total", stage, "sum") == pytest.approx(
+            sum(s.busy_seconds for s in stats)
+        )
 
 
 def test_iterate_and_arun_take_an_exporter_too() -> None:

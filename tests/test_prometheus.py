@@ -9,6 +9,7 @@ against the counts that point implies; after the gate opens, against the totals.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import subprocess
 import sys
@@ -26,7 +27,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import conveyor as cv
-from conftest import free_port
 from conveyor.cli import cli
 from conveyor.prometheus import PrometheusExporter
 from redis_helpers import (
@@ -331,17 +331,17 @@ def test_a_worker_process_serves_every_stage_moving_during_a_run(
     url, namespace = redis_server.url, new_namespace()
     monkeypatch.setenv(GATE_ENV, f"{url} {namespace}-gate")
     _, entered, release = gate_keys(f"{namespace}-gate")
-    port = free_port()
     target = "redis_helpers:metered"
     client = redis.Redis.from_url(url)
-    with worker_processes(target, url, namespace, 1, tmp_path, "--metrics-port", str(port)), client:
+    with worker_processes(target, url, namespace, 1, tmp_path, "--metrics-port", "0"), client:
+        port = _served_port(tmp_path)
         handle = metered(n).start(backend=cv.RedisBackend(url, namespace=namespace))
         try:
             # The gate stage holds its first item; the stages before it finish.
             assert client.blpop([entered], timeout=WAIT), worker_logs(tmp_path)
             during = wait_until(
                 lambda: (
-                    (s := _scrape_or_none(port))
+                    (s := scrape(port))
                     and items(s, "keep", "in", target) == n
                     and value(s, "conveyor_stage_backlog", "gate", target) == reaching_gate
                     and s
@@ -379,10 +379,10 @@ def test_a_worker_process_counts_the_dead_letters_it_makes(
 ) -> None:
     monkeypatch.delenv("CONVEYOR_TEST_FIXED", raising=False)
     url, namespace = redis_server.url, new_namespace()
-    port = free_port()
     target = "redis_helpers:poisoned"
     backend = cv.RedisBackend(url, namespace=namespace, visibility_timeout=0.2, max_deliveries=2)
-    with worker_processes(target, url, namespace, 1, tmp_path, "--metrics-port", str(port)):
+    with worker_processes(target, url, namespace, 1, tmp_path, "--metrics-port", "0"):
+        port = _served_port(tmp_path)
         with pytest.raises(cv.DeadLettersError):
             poisoned(50).run(backend=backend)
         # The driver may see the dead letter in Redis a moment before the worker counts it.
@@ -403,9 +403,8 @@ def test_a_worker_process_counts_the_dead_letters_it_makes(
     assert value(samples, "conveyor_stage_backlog", "fragile", target) == 0
 
 
-def _scrape_or_none(port: int) -> Samples | None:
-    """A scrape, or None while the worker process is not listening yet."""
-    try:
-        return scrape(port)
-    except OSError:
-        return None
+def _served_port(logdir: Path) -> int:
+    """The port a worker started with ``--metrics-port 0`` says it serves on."""
+    served = re.compile(r"serving metrics on http://127\.0\.0\.1:(\d+)/metrics")
+    found = wait_until(lambda: served.search(worker_logs(logdir)), "the worker's metrics port")
+    return int(found.group(1))

@@ -300,6 +300,7 @@ def test_metrics_must_be_an_exporter_and_stay_on_this_machine(redis_server: Redi
         pipeline.run(metrics=exporter, backend=backend)
 
 
+@pytest.mark.usefixtures("conveyor_logger_kept")
 @pytest.mark.parametrize("port", ["-1", "70000"])
 def test_the_worker_command_refuses_a_port_out_of_range(port: str) -> None:
     args = ["worker", "redis_helpers:metered", "--redis", "redis://127.0.0.1:1/0"]
@@ -309,6 +310,7 @@ def test_the_worker_command_refuses_a_port_out_of_range(port: str) -> None:
     assert "0<=x<=65535" in result.stderr
 
 
+@pytest.mark.usefixtures("conveyor_logger_kept")
 def test_the_worker_command_refuses_a_port_in_use_before_it_serves(busy_port: int) -> None:
     args = ["worker", "redis_helpers:metered", "--redis", "redis://127.0.0.1:1/0"]
     result = CliRunner().invoke(cli, [*args, "--metrics-port", str(busy_port)])

@@ -42,7 +42,7 @@ from redis_helpers import (
 )
 
 if TYPE_CHECKING:
-    from conftest import RedisServer
+    from conftest import RedisServer, RedisServerFactory
 
 FAMILIES = {
     "conveyor_stage_items": "counter",
@@ -403,6 +403,32 @@ def test_a_worker_process_counts_the_dead_letters_it_makes(
     assert items(samples, "triple", "in", target) == 49
     # The run waits for a replay: the dead letter is not backlog, nothing else is left.
     assert value(samples, "conveyor_stage_backlog", "fragile", target) == 0
+
+
+@pytest.mark.redis
+def test_a_scrape_while_redis_is_down_serves_the_counters_without_the_backlog(
+    redis_server_factory: RedisServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    from conveyor.redis import Worker
+
+    server = redis_server_factory()
+    registry = CollectorRegistry()
+    pipeline = cv.Pipeline(range(20)).map(str, name="text")
+    worker = Worker(pipeline, server.url, namespace=new_namespace()).start()
+    try:
+        exporter = PrometheusExporter(registry=registry, pipeline="down")
+        exporter.watch(worker)
+        up = parse(generate_latest(registry).decode())
+        assert value(up, "conveyor_stage_backlog", "text", "down") == 0
+        server.stop()
+        down = parse(generate_latest(registry).decode())  # one short retry, then on
+        assert items(down, "text", "in", "down") == 0
+        assert value(down, "conveyor_stage_busy_workers", "text", "down") == 0
+        assert not [k for k in down if k[0] == "conveyor_stage_backlog"]
+        assert "metrics: cannot read the backlog from Redis" in caplog.text
+    finally:
+        worker.stop()
+        worker.join(WAIT)
 
 
 def _served_port(logdir: Path) -> int:

@@ -374,22 +374,16 @@ class StageMetrics:
             cpu_seconds=_add(_thread_cpu(ws, cpu), self.child_cpu),
         )
 
-    def reading(self, backlog: int | None = None, dead_letters: int = 0) -> StageReading:
-        """What a metrics exporter reads of the stage now (see `StageReading`).
-
-        Args:
-            backlog: items waiting for the stage, where its input is not the
-                channel it was built with (a Redis worker: its streams).
-            dead_letters: entries the stage's workers moved to dead letters.
-        """
+    def reading(self) -> StageReading:
+        """What a metrics exporter reads of the stage now (see `StageReading`); the
+        backlog is its input channel's size (a Redis worker puts its streams' instead)."""
         ws = list(self.workers)
         stats = self.snapshot(cpu=False)
         return StageReading(
             stats=stats,
             latency=tuple(_merged_latency(ws)),
             busy_workers=sum(w.current_since is not None for w in ws),
-            backlog=stats.queue_size if backlog is None else backlog,
-            dead_letters=dead_letters,
+            backlog=stats.queue_size,
         )
 
     def _rate_now(self, now: float, items_in: int, elapsed: float) -> float:

@@ -159,7 +159,8 @@ class Worker:
         stage's streams over every live run (None when Redis cannot be read now)."""
         backlogs = self._backlogs()
         return [
-            sr.metrics.reading(
+            dataclasses.replace(
+                sr.metrics.reading(),  # its channel only stands for the streams: replaced
                 backlog=None if backlogs is None else backlogs[sr.index],
                 dead_letters=io.dead_letters,
             )

@@ -39,8 +39,9 @@ from .stage import worker_state as worker_state
 
 __version__ = "0.1.0"
 
-# Loaded on first use, so `import conveyor` stays light and the `redis` extra optional.
-_LAZY = {"RedisBackend": "conveyor.redis"}
+# Loaded on first use, so `import conveyor` stays light and the `redis` and
+# `metrics` extras optional.
+_LAZY = {"PrometheusExporter": "conveyor.prometheus", "RedisBackend": "conveyor.redis"}
 
 
 def __getattr__(name: str) -> object:
@@ -73,6 +74,7 @@ __all__ = [
     "Pipeline",
     "PipelineStopped",
     "Producer",
+    "PrometheusExporter",
     "RedisBackend",
     "RunHandle",
     "RunResult",

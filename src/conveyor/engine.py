@@ -32,7 +32,7 @@ from typing import Any
 
 from .channel import Channel, Producer
 from .errors import PipelineStopped, ShutDown
-from .metrics import RunResult, StageMetrics, StageStats, Timeline
+from .metrics import RunResult, StageMetrics, StageReading, StageStats, Timeline
 from .policy import add_note
 from .runtime.base import MAX_BATCH, TARGET_BATCH_SECONDS, RunControl, Runtime, StageRun
 from .runtime.base import get_runtime as _get_runtime
@@ -389,6 +389,14 @@ class Run:
     def stats(self) -> list[StageStats]:
         """Per-stage snapshots, now."""
         return [m.snapshot() for m in self.metrics]
+
+    def readings(self) -> list[StageReading]:
+        """Per-stage readings for a metrics exporter (`conveyor.metrics.MetricsSource`)."""
+        return [m.reading() for m in self.metrics]
+
+    def ended(self) -> bool:
+        """True once the run is joined: its counters are final."""
+        return self._joined
 
     def result(self, outputs: list[Any] | None = None) -> RunResult:
         """The run's result (call after the outputs are consumed)."""

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, ove
 from .backends import Backend, BackgroundRun, LocalBackend, check_backend
 from .engine import JOIN_TIMEOUT, Run
 from .errors import ConfigurationError, ConfigurationTypeError
-from .metrics import RunResult, StageStats
+from .metrics import MetricsExporter, RunResult, StageStats
 from .stage import (
     DEFAULT_CAPACITY,
     ON_ERROR,
@@ -344,17 +344,30 @@ class Pipeline(Generic[T]):
 
     # ------------------------------------------------------------------ running
 
-    def _new_run(self, method: str, loop: asyncio.AbstractEventLoop | None = None) -> Run:
+    def _new_run(
+        self,
+        method: str,
+        loop: asyncio.AbstractEventLoop | None = None,
+        metrics: MetricsExporter | None = None,
+    ) -> Run:
         if not self._stages:
             raise ConfigurationError(
                 f"{method}: the pipeline has no stage: add .map(), .each(), ..."
             )
         run = Run(self._source, list(self._stages), loop=loop)
+        if metrics is not None:
+            metrics.watch(run)  # read at scrapes, never on the workers' path
         self._runs.append(run)
         run.start()
         return run
 
-    def iterate(self, *, backend: Backend | None = None, progress: bool = False) -> Iterator[T]:
+    def iterate(
+        self,
+        *,
+        backend: Backend | None = None,
+        progress: bool = False,
+        metrics: MetricsExporter | None = None,
+    ) -> Iterator[T]:
         """Run the pipeline and yield the last stage's outputs lazily (``for x in
         pipeline`` is ``pipeline.iterate()``).
 
@@ -362,11 +375,12 @@ class Pipeline(Generic[T]):
             backend: where to run (default: this process); e.g.
                 ``conveyor.RedisBackend(url)``.
             progress: show the run's progress (with a backend that has it).
+            metrics: as for `run`.
 
         Breaking out of the loop stops the run and joins its workers; on
         Redis, the run stays there to be resumed with its ``run_id``.
         """
-        chosen = _remote(backend, "iterate()", None)
+        chosen = _remote(backend, "iterate()", None, metrics)
         if chosen is not None:
             return chosen.iterate(self, progress=progress)
         if progress:
@@ -374,14 +388,17 @@ class Pipeline(Generic[T]):
                 "iterate() 'progress': a run on this machine shows its progress with "
                 "run(progress=True) or start(progress=True)"
             )
-        return iter(self)
+        return self._iterate("iterate()", metrics)
 
     def __iter__(self) -> Iterator[T]:
         """Run the pipeline and yield the last stage's outputs lazily.
 
         Breaking out of the loop stops the run and joins its workers.
         """
-        run = self._new_run("iterating a pipeline")
+        return self._iterate("iterating a pipeline", None)
+
+    def _iterate(self, method: str, metrics: MetricsExporter | None) -> Iterator[T]:
+        run = self._new_run(method, metrics=metrics)
         try:
             for chunk in run.outputs():
                 yield from chunk
@@ -399,6 +416,7 @@ class Pipeline(Generic[T]):
         report: str | PathLike[str] | None = None,
         stall_timeout: float | None = None,
         backend: Backend | None = None,
+        metrics: MetricsExporter | None = None,
     ) -> RunResult:
         """Run to completion and return the per-stage statistics.
 
@@ -418,19 +436,23 @@ class Pipeline(Generic[T]):
                 the stages (see docs/distributed.md). ``progress`` and
                 ``report`` work there too (read from the backend's counters);
                 ``stall_timeout`` applies to runs in this process only.
+            metrics: an exporter that reads the run's counters when it is
+                scraped, e.g. ``conveyor.prometheus.PrometheusExporter(port=9000)``
+                (see docs/observability.md); runs in this process only (Redis
+                workers serve theirs with ``conveyor worker --metrics-port``).
 
         Raises:
             The first error of a stage with ``on_error="raise"``, with its
             own type and a note naming the stage and the item;
             PipelineStopped when the run was stopped from elsewhere.
         """
-        remote = _remote(backend, "run()", stall_timeout)
+        remote = _remote(backend, "run()", stall_timeout, metrics)
         if remote is not None:
             return remote.run(self, collect=collect, progress=progress, report=report)
         watch = _check_watch("run()", report, stall_timeout)
         outputs: list[Any] | None = [] if collect else None
         monitor: Monitor | None = None
-        run = self._new_run("run()")
+        run = self._new_run("run()", metrics=metrics)
         try:
             monitor = _start_monitor(run, self._source, progress, *watch)
             for chunk in run.outputs():
@@ -483,6 +505,7 @@ class Pipeline(Generic[T]):
         report: str | PathLike[str] | None = None,
         stall_timeout: float | None = None,
         backend: Backend | None = None,
+        metrics: MetricsExporter | None = None,
     ) -> RunResult:
         """`run` from async code: ``await pipeline.arun()``, on the caller's event loop.
 
@@ -493,7 +516,7 @@ class Pipeline(Generic[T]):
 
         Args:
             collect: keep the last stage's outputs in ``result.outputs``.
-            progress, report, stall_timeout: as for `run`. The watching runs
+            progress, report, stall_timeout, metrics: as for `run`. The watching runs
                 in a thread of its own, never on the loop; the report is
                 written when the run ends, before ``arun`` returns.
             backend: as for `run`; the loop keeps serving while the backend's
@@ -502,11 +525,11 @@ class Pipeline(Generic[T]):
         Raises:
             As `run` does.
         """
-        remote = _remote(backend, "arun()", stall_timeout)
+        remote = _remote(backend, "arun()", stall_timeout, metrics)
         if remote is not None:
             return await remote.arun(self, collect=collect, progress=progress, report=report)
         watch = _check_watch("arun()", report, stall_timeout)
-        run = self._new_run("arun()", loop=asyncio.get_running_loop())
+        run = self._new_run("arun()", loop=asyncio.get_running_loop(), metrics=metrics)
         outputs: list[Any] | None = [] if collect else None
         monitor: Monitor | None = None
         try:
@@ -535,6 +558,7 @@ class Pipeline(Generic[T]):
         report: str | PathLike[str] | None = ...,
         stall_timeout: float | None = ...,
         backend: None = ...,
+        metrics: MetricsExporter | None = ...,
     ) -> RunHandle: ...
 
     @overload
@@ -546,6 +570,7 @@ class Pipeline(Generic[T]):
         report: str | PathLike[str] | None = ...,
         stall_timeout: float | None = ...,
         backend: Backend,
+        metrics: MetricsExporter | None = ...,
     ) -> RunHandle | BackgroundRun: ...
 
     def start(
@@ -556,17 +581,18 @@ class Pipeline(Generic[T]):
         report: str | PathLike[str] | None = None,
         stall_timeout: float | None = None,
         backend: Backend | None = None,
+        metrics: MetricsExporter | None = None,
     ) -> RunHandle | BackgroundRun:
         """Start a run in the background and return its handle.
 
         Options as for `run`. With a backend other than this process, the
         handle is a `conveyor.backends.BackgroundRun` (stop, done, join, stats).
         """
-        remote = _remote(backend, "start()", stall_timeout)
+        remote = _remote(backend, "start()", stall_timeout, metrics)
         if remote is not None:
             return remote.start(self, collect=collect, progress=progress, report=report)
         watch = _check_watch("start()", report, stall_timeout)
-        run = self._new_run("start()")
+        run = self._new_run("start()", metrics=metrics)
         monitor = _start_monitor(run, self._source, progress, *watch)
         return RunHandle(run, collect, self._runs, monitor)
 
@@ -595,9 +621,12 @@ class Pipeline(Generic[T]):
         return f"<Pipeline {steps}>"
 
 
-def _remote(backend: object, method: str, stall_timeout: object) -> Backend | None:
+def _remote(
+    backend: object, method: str, stall_timeout: object, metrics: object = None
+) -> Backend | None:
     """The backend to hand the run to; None for a run in this process (the default)."""
     chosen = check_backend(backend, method)
+    _check_metrics(metrics, method, chosen)
     if chosen is None or isinstance(chosen, LocalBackend):
         return None
     if stall_timeout is not None:
@@ -606,6 +635,23 @@ def _remote(backend: object, method: str, stall_timeout: object) -> Backend | No
             f"backend: `conveyor status` shows where a distributed run stands"
         )
     return chosen
+
+
+def _check_metrics(metrics: object, method: str, backend: Backend | None) -> None:
+    """Refuse a ``metrics=`` that is no exporter, or that is given with a remote backend."""
+    if metrics is None:
+        return
+    if not isinstance(metrics, MetricsExporter):
+        raise ConfigurationTypeError(
+            f"{method} 'metrics' must be a metrics exporter (an object with a "
+            f"watch(source) method, e.g. conveyor.prometheus.PrometheusExporter(port=9000)), "
+            f"got {type(metrics).__name__}"
+        )
+    if backend is not None and not isinstance(backend, LocalBackend):
+        raise ConfigurationError(
+            f"{method} 'metrics' applies to runs in this process, not with a backend: "
+            f"Redis workers serve their metrics (conveyor worker --metrics-port PORT)"
+        )
 
 
 def _end(run: Run) -> None:

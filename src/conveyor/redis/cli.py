@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -97,6 +98,46 @@ def _parse_workers(values: tuple[str, ...]) -> int | dict[str, int] | None:
         raise click.BadParameter(str(exc), param_hint="'--workers'") from None
 
 
+def _metrics_options(fn: F) -> F:
+    fn = click.option(
+        "--metrics-addr",
+        default="127.0.0.1",
+        show_default=True,
+        envvar="CONVEYOR_METRICS_ADDR",
+        metavar="ADDR",
+        help="Address the metrics server listens on: this machine only by default; "
+        "0.0.0.0 for a Prometheus server elsewhere (env: CONVEYOR_METRICS_ADDR).",
+    )(fn)
+    return click.option(
+        "--metrics-port",
+        type=click.IntRange(0, 65535),
+        envvar="CONVEYOR_METRICS_PORT",
+        metavar="PORT",
+        help="Serve Prometheus metrics on http://ADDR:PORT/metrics (0: any free port; "
+        "needs conveyor[metrics]; env: CONVEYOR_METRICS_PORT).",
+    )(fn)
+
+
+@contextmanager
+def _serve_metrics(worker: Any, target: str, port: int | None, addr: str) -> Iterator[None]:
+    """Serve ``worker``'s metrics while the block runs (nothing when ``port`` is None)."""
+    if port is None:
+        yield
+        return
+    from ..prometheus import PrometheusExporter
+
+    try:
+        exporter = PrometheusExporter(port, addr=addr, pipeline=target)
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--metrics-port'") from None
+    logging.getLogger("conveyor").info(
+        "conveyor: serving metrics on http://%s:%d/metrics", addr, exporter.port
+    )
+    with exporter:
+        exporter.watch(worker)
+        yield
+
+
 @click.command("worker")
 @click.argument("target", metavar="MODULE:ATTR")
 @_redis_options
@@ -115,8 +156,15 @@ def _parse_workers(values: tuple[str, ...]) -> int | dict[str, int] | None:
     help="Consumers per served stage, or for one stage (repeatable); "
     "default: each stage's own workers.",
 )
+@_metrics_options
 def worker_command(
-    target: str, url: str, namespace: str, stages: tuple[str, ...], workers: tuple[str, ...]
+    target: str,
+    url: str,
+    namespace: str,
+    stages: tuple[str, ...],
+    workers: tuple[str, ...],
+    metrics_port: int | None,
+    metrics_addr: str,
 ) -> None:
     """Serve the stages of the pipeline MODULE:ATTR from Redis, for every run, until stopped.
 
@@ -137,9 +185,14 @@ def worker_command(
             workers=_parse_workers(workers),
             namespace=namespace,
         )
-        worker.run_forever()
     except (BackendError, ConfigurationError) as exc:
         raise _fail(exc) from None
+    # Listening first: a port in use stops the worker before it takes any entry.
+    with _serve_metrics(worker, target, metrics_port, metrics_addr):
+        try:
+            worker.run_forever()
+        except (BackendError, ConfigurationError) as exc:
+            raise _fail(exc) from None
 
 
 # ---------------------------------------------------------------------- run

@@ -181,6 +181,14 @@ class RedisIO(StageIO):
         # The port caps each read at the run's own batch size.
         self.capacity = 2 * READ_LIMIT
         self._executor: ThreadPoolExecutor | None = None
+        self.dead_letters = 0
+        """Entries this worker's consumers of the stage moved to dead letters."""
+        self._dead_lock = threading.Lock()  # the stage's ports count from their own threads
+
+    def count_dead(self, n: int) -> None:
+        """Count ``n`` entries moved to dead letters (a rare path: a lock is fine)."""
+        with self._dead_lock:
+            self.dead_letters += n
 
     def open(self, count: int) -> list[Port]:
         if self.stage.runtime == "async":
@@ -351,7 +359,7 @@ class RedisPort(Port):
             dead.append(entry)
             records += _dead_record(entry, error)
         if dead:
-            self._handoff(ctx, dead, records)
+            self.io.count_dead(self._handoff(ctx, dead, records))
         if good:
             self._ready.setdefault(ctx.info.run_id, (ctx, []))[1].extend(good)
 
@@ -513,10 +521,11 @@ class RedisPort(Port):
         entries: list[Entry],
         records: list[Any],
         outcome: BatchOutcome | None = None,
-    ) -> None:
-        """Hand a batch on in one atomic script call (see streams.HANDOFF)."""
+    ) -> int:
+        """Hand a batch on in one atomic script call (see streams.HANDOFF); return how
+        many of ``entries`` were handed on (not taken over by another worker meanwhile)."""
         if not entries:
-            return
+            return 0
         if outcome is not None and outcome.failures:
             self._record_failures(ctx, outcome)
         info = ctx.info
@@ -548,7 +557,7 @@ class RedisPort(Port):
             ],
         )
         if reply == -1:
-            return  # the run ended meanwhile (it was cancelled): nothing to hand on
+            return 0  # the run ended meanwhile (it was cancelled): nothing to hand on
         if reply[1]:
             log.warning(
                 "conveyor: stage %r: %d entries were no longer pending for this worker when it "
@@ -560,6 +569,7 @@ class RedisPort(Port):
             )
         if reply[2] >= info.limits[i + 1]:
             self._block(ctx)
+        return len(entries) - int(reply[1])
 
     def _record_failures(self, ctx: RunContext, outcome: BatchOutcome) -> None:
         records = [encode_failure(ctx.codec, failure) for failure in outcome.failures]

@@ -166,6 +166,11 @@ class RunState:
         """Entries added to stage ``index``'s input so far."""
         return self.fed if index == 0 else self.stages[index - 1].out
 
+    def backlog(self, index: int) -> int:
+        """Entries in stage ``index``'s stream not yet handed on: waiting, or held by a worker."""
+        counts = self.stages[index]
+        return max(0, self.produced(index) - counts.acked - counts.dead)
+
     def final_entries(self) -> int:
         """Entries added to the final stream so far (outputs and tombstones)."""
         return self.stages[-1].out + self.tombstones
@@ -246,7 +251,7 @@ def stage_stats(
                 wait_input_seconds=0.0,
                 wait_output_seconds=0.0,
                 elapsed_seconds=elapsed,
-                queue_size=max(0, state.produced(i) - counts.acked - counts.dead),
+                queue_size=state.backlog(i),
                 queue_capacity=limits[i],
                 rate_now=overall if rates is None else rates[i],
             )

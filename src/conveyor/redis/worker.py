@@ -40,13 +40,14 @@ from time import monotonic
 from typing import Any
 
 from ..channel import Channel
-from ..errors import ConfigurationError
-from ..metrics import StageMetrics, StageStats
+from ..errors import BackendError, ConfigurationError
+from ..metrics import StageMetrics, StageReading, StageStats
 from ..runtime.base import RunControl, Runtime, StageRun, get_runtime
 from ..stage import Stage
 from .codec import secret_from
 from .port import RedisIO, RunDirectory, WorkerLink
-from .streams import Retrier, connect, pipeline_id
+from .state import read_state
+from .streams import Keys, Retrier, connect, pipeline_id
 
 __all__ = ["Worker", "serve"]
 
@@ -114,7 +115,9 @@ class Worker:
         self.control.on_abort(self.stopped.set)
         self.runtimes: dict[str, Runtime] = {}
         self.stage_runs: list[StageRun] = []
+        self._ios: list[RedisIO] = []  # one per stage run, for the dead letters it counted
         self._client: Any = None
+        self._joined = False
 
     def start(self) -> Worker:
         """Connect, open every served stage's ports and start its runtime; return at once."""
@@ -133,6 +136,7 @@ class Worker:
                 sr.open_ports(runtime.port_count(stage))
                 runtime.start(sr)
                 self.stage_runs.append(sr)
+                self._ios.append(io)
         except BaseException:
             self.stop()
             self.join(5.0)
@@ -148,6 +152,51 @@ class Worker:
     def stats(self) -> list[StageStats]:
         """What this worker's consumers did so far, per served stage (all runs together)."""
         return [sr.metrics.snapshot() for sr in self.stage_runs]
+
+    def readings(self) -> list[StageReading]:
+        """Per served stage, for a metrics exporter (`conveyor.metrics.MetricsSource`):
+        this worker's counters, the dead letters it made, and the backlog of the
+        stage's streams over every live run (None when Redis cannot be read now)."""
+        backlogs = self._backlogs()
+        return [
+            dataclasses.replace(
+                sr.metrics.reading(),  # its channel only stands for the streams: replaced
+                backlog=None if backlogs is None else backlogs[sr.index],
+                dead_letters=io.dead_letters,
+            )
+            for sr, io in zip(self.stage_runs, self._ios, strict=True)
+        ]
+
+    def ended(self) -> bool:
+        """True once the worker has been joined: its counters are final."""
+        return self._joined
+
+    def _backlogs(self) -> list[int] | None:
+        """Entries left in each stage's streams, summed over the live runs.
+
+        Read at a scrape, from the scrape's thread: one short retry, never the
+        worker's wait for Redis to come back, so a scrape does not hang.
+        """
+        client = self._client
+        if client is None:
+            return None
+        import redis
+
+        retry = Retrier("metrics", 0.0, self.stopped)
+        n = len(self.stages)
+        totals = [0] * n
+        try:
+            runs = retry(client.smembers, Keys(self.namespace, self.pipeline_id, "").runs)
+            for run_id in runs:
+                keys = Keys(self.namespace, self.pipeline_id, run_id.decode())
+                state, exists = read_state(client, retry, keys, n)
+                if exists:
+                    for i in range(n):
+                        totals[i] += state.backlog(i)
+        except (BackendError, redis.RedisError) as exc:
+            log.warning("conveyor: metrics: cannot read the backlog from Redis: %s", exc)
+            return None
+        return totals
 
     def stop(self) -> None:
         """Stop serving, gracefully: consumers take nothing more, finish and hand on the
@@ -174,6 +223,7 @@ class Worker:
         if self._client is not None:
             self._client.close()
             self._client = None
+        self._joined = True
         error = self.control.error
         if error is not None:
             self.control.error = None

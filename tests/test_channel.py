@@ -739,7 +739,9 @@ def test_get_many_returns_between_one_and_max_items() -> None:
 def test_get_many_rejects_max_items_below_one(max_items: int) -> None:
     ch: Channel[int] = Channel(4)
     ch.put(1)
-    with pytest.raises(ConfigurationError, match=r"get_many\(\) 'max_items' must be an int >= 1, got") as e:
+    with pytest.raises(
+        ConfigurationError, match=r"get_many\(\) 'max_items' must be an int >= 1, got"
+    ) as e:
         ch.get_many(max_items)
     assert isinstance(e.value, ValueError)
     assert ch.qsize() == 1

@@ -57,6 +57,13 @@ class Backend(ABC):
         (the result then says ``stopped``).
         """
 
+    def check(self, pipeline: Any) -> None:  # noqa: B027 - optional hook, nothing by default
+        """Refuse, before anything starts, a pipeline this backend cannot run as configured.
+
+        Raises:
+            ConfigurationError: a stage's options and the backend's cannot work together.
+        """
+
     @abstractmethod
     def iterate(self, pipeline: Any, *, progress: bool = False) -> Iterator[Any]:
         """Run ``pipeline`` and yield its outputs as they come; leaving early stops it."""

@@ -367,7 +367,7 @@ class Pipeline(Generic[T]):
 
     # ------------------------------------------------------------------ running
 
-    def _check_runnable(self, method: str) -> None:
+    def _check_runnable(self, method: str, backend: Backend | None = None) -> None:
         """Refuse a run that cannot work, before anything starts; count it as a run of
         the source."""
         if not self._stages:
@@ -383,6 +383,8 @@ class Pipeline(Generic[T]):
                 f"afresh), or a new Pipeline over a new iterator for each run"
             )
         _check_processes_allowed(self._stages, method)
+        if backend is not None:
+            backend.check(self)
         self._source_runs[0] += 1
 
     def _new_run(self, method: str, loop: asyncio.AbstractEventLoop | None = None) -> Run:
@@ -407,7 +409,7 @@ class Pipeline(Generic[T]):
         check_bool(progress, "progress", "iterate()")
         chosen = _remote(backend, "iterate()", None)
         if chosen is not None:
-            self._check_runnable("iterate()")
+            self._check_runnable("iterate()", chosen)
             return chosen.iterate(self, progress=progress)
         if progress:
             raise ConfigurationError(
@@ -467,7 +469,7 @@ class Pipeline(Generic[T]):
         _check_flags("run()", collect=collect, progress=progress)
         remote = _remote(backend, "run()", stall_timeout)
         if remote is not None:
-            self._check_runnable("run()")
+            self._check_runnable("run()", remote)
             return remote.run(self, collect=collect, progress=progress, report=report)
         watch = _check_watch("run()", report, stall_timeout)
         outputs: list[Any] | None = [] if collect else None
@@ -547,7 +549,7 @@ class Pipeline(Generic[T]):
         _check_flags("arun()", collect=collect, progress=progress)
         remote = _remote(backend, "arun()", stall_timeout)
         if remote is not None:
-            self._check_runnable("arun()")
+            self._check_runnable("arun()", remote)
             return await remote.arun(self, collect=collect, progress=progress, report=report)
         watch = _check_watch("arun()", report, stall_timeout)
         run = self._new_run("arun()", loop=asyncio.get_running_loop())
@@ -609,7 +611,7 @@ class Pipeline(Generic[T]):
         _check_flags("start()", collect=collect, progress=progress)
         remote = _remote(backend, "start()", stall_timeout)
         if remote is not None:
-            self._check_runnable("start()")
+            self._check_runnable("start()", remote)
             return remote.start(self, collect=collect, progress=progress, report=report)
         watch = _check_watch("start()", report, stall_timeout)
         run = self._new_run("start()")

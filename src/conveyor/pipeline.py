@@ -121,9 +121,11 @@ class StageOptions(_Options, total=False):
         on_stop: called once in each worker after its last item, with what
             ``on_start`` returned.
 
-    `Pipeline.map` also takes ``max_items_per_worker``: with the process
-    runtime, replace a worker process after this many items (for leaky
-    code; >= 1, default None).
+    `Pipeline.map` also takes ``max_items_per_worker`` (>= 1, default None:
+    never): a worker starts afresh after this many items, for code that
+    leaks. A process worker is replaced by a new process; a thread worker
+    runs ``on_stop`` then ``on_start`` again (a new `conveyor.worker_state()`).
+    Refused with ``runtime="async"``.
     """
 
     runtime: RuntimeName

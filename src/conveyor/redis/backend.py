@@ -1079,11 +1079,13 @@ def _check_options(options: dict[str, Any]) -> None:
     """`RedisBackend`'s arguments, each checked before anything connects."""
     where = "RedisBackend"
     url = options["url"]
-    if not isinstance(url, str) or not url.startswith(_URL_SCHEMES):
+    accepted = "a str starting with redis://, rediss:// or unix://"
+    if not isinstance(url, str):
         raise ConfigurationTypeError(
-            f"{where} 'url' must be a str starting with redis://, rediss:// or unix://, "
-            f"got {type(url).__name__} {redact(url) if isinstance(url, str) else url!r:.60}"
+            f"{where} 'url' must be {accepted}, got {type(url).__name__} {url!r:.60}"
         )
+    if not url.startswith(_URL_SCHEMES):
+        raise ConfigurationError(f"{where} 'url' must be {accepted}, got {redact(url)!r:.60}")
     check_str(options["run_id"], "run_id", where, optional=True)
     check_str(options["namespace"], "namespace", where)
     check_choice(options["codec"], "codec", where, CODECS)

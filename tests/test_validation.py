@@ -474,3 +474,30 @@ def test_unreachable_port_is_really_unreachable() -> None:
     # The URL above must refuse connections, or the "fails at once" tests prove nothing.
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", 1), timeout=1):
         pass
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "name"),
+    [
+        (lambda h: h.join(timeout=math.inf), cv.ConfigurationError, "timeout"),
+        (lambda h: h.join(timeout=-1), cv.ConfigurationError, "timeout"),
+        (lambda h: h.join(timeout="1"), cv.ConfigurationTypeError, "timeout"),
+        (lambda h: h.stop(drain="yes"), cv.ConfigurationTypeError, "drain"),
+    ],
+)
+def test_a_run_handle_refuses_a_bad_value_and_the_run_goes_on(
+    call: Callable[[cv.RunHandle], object], error: type[Exception], name: str
+) -> None:
+    # join(timeout=inf) used to raise OverflowError from the Event's wait.
+    gate = threading.Event()
+
+    def wait_for_gate(x: int) -> int:
+        gate.wait(30)
+        return x
+
+    with cv.Pipeline(range(3)).map(wait_for_gate).start(collect=True) as handle:
+        with pytest.raises(error, match=f"RunHandle.*'{name}'"):
+            call(handle)
+        assert not handle.done()
+        gate.set()
+        assert handle.join(timeout=30).outputs == [0, 1, 2]

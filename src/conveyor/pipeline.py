@@ -98,7 +98,8 @@ class StageOptions(_Options, total=False):
 
     Keys:
         workers: how many workers call the function in parallel (>= 1;
-            default 1).
+            default 1): at most 1024 threads or processes
+            (`conveyor.validate.MAX_WORKERS`), 100 000 coroutines.
         runtime: ``"thread"`` (default), ``"process"`` (CPU-bound Python)
             or ``"async"`` (a coroutine function; ``workers`` is the
             concurrency).
@@ -110,8 +111,9 @@ class StageOptions(_Options, total=False):
         backoff: waits between retries, a `conveyor.Backoff` (default:
             exponential with jitter, from 50 ms, at most 5 s).
         timeout: seconds one call may take before it counts as failed with
-            `TimeoutError` (then ``retries`` and ``on_error`` apply);
-            default None, no limit.
+            `TimeoutError` (then ``retries`` and ``on_error`` apply); > 0 and
+            at most 1 000 000 (`conveyor.validate.MAX_SECONDS`); default
+            None, no limit.
         on_error: ``"raise"`` (default) stops the run with the error;
             ``"skip"`` records the item in ``result.failures`` and goes on.
         name: the stage's name in errors and reports, unique in the
@@ -882,6 +884,7 @@ class RunHandle:
     def stop(self, drain: bool = False) -> None:
         """Stop the run: at once (default), or, with ``drain``, stop the source and let
         the items already inside finish. A run that has ended stays as it ended."""
+        check_bool(drain, "drain", "RunHandle.stop()")
         if self._done.is_set():
             return
         if drain:
@@ -900,6 +903,7 @@ class RunHandle:
             TimeoutError: the run did not end within ``timeout`` seconds.
             The run's first error, as `Pipeline.run` does (not after `stop()`).
         """
+        check_seconds(timeout, "timeout", "RunHandle.join()", zero=True)
         try:
             ended = self._done.wait(timeout)
         except BaseException:  # Ctrl-C while waiting: the run must not go on behind the caller

@@ -263,11 +263,19 @@ def test_backoff_with_jitter_draws_a_wait_below_the_bound() -> None:
 
 @pytest.mark.quick
 @pytest.mark.parametrize(
-    "kwargs", [{"initial": -1}, {"maximum": -0.5}, {"multiplier": 0.5}, {"initial": "1"}]
+    ("kwargs", "error"),
+    [
+        ({"initial": -1}, cv.ConfigurationError),
+        ({"maximum": -0.5}, cv.ConfigurationError),
+        ({"multiplier": 0.5}, cv.ConfigurationError),
+        ({"initial": "1"}, cv.ConfigurationTypeError),
+    ],
 )
-def test_a_bad_backoff_is_refused_naming_its_field(kwargs: dict[str, Any]) -> None:
+def test_a_bad_backoff_is_refused_naming_its_field(
+    kwargs: dict[str, Any], error: type[Exception]
+) -> None:
     (field,) = kwargs
-    with pytest.raises(cv.ConfigurationError, match=f"'{field}'"):
+    with pytest.raises(error, match=f"'{field}'"):
         cv.Backoff(**kwargs)
 
 

@@ -28,6 +28,7 @@ from os import PathLike
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, ConfigurationTypeError
+from .validate import check_bool, check_seconds
 
 if TYPE_CHECKING:
     from .metrics import RunResult, StageStats
@@ -55,6 +56,13 @@ class Backend(ABC):
 
         ``stop``, when given and set from another thread, ends the run early
         (the result then says ``stopped``).
+        """
+
+    def check(self, pipeline: Any) -> None:  # noqa: B027 - optional hook, nothing by default
+        """Refuse, before anything starts, a pipeline this backend cannot run as configured.
+
+        Raises:
+            ConfigurationError: a stage's options and the backend's cannot work together.
         """
 
     @abstractmethod
@@ -127,7 +135,7 @@ class BackgroundRun:
         Raises:
             ConfigurationError: ``drain=True``, which runs on this machine have.
         """
-        if drain:
+        if check_bool(drain, "drain", "BackgroundRun.stop()"):
             raise ConfigurationError(
                 "stop(drain=True) lets a run on this machine finish the items inside it; "
                 "a backend's run is stopped as it is (and can be resumed)"
@@ -140,6 +148,7 @@ class BackgroundRun:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the end of the run; True if it ended."""
+        check_seconds(timeout, "timeout", "BackgroundRun.wait()", zero=True)
         self._thread.join(timeout)
         return not self._thread.is_alive()
 

@@ -52,7 +52,8 @@ from time import monotonic
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from .errors import ConfigurationError, ConfigurationTypeError, Empty, Full, ShutDown
+from .errors import Empty, Full, ShutDown
+from .validate import check_int, check_seconds
 
 __all__ = ["ACCELERATED", "Channel", "ChannelStats", "Producer"]
 
@@ -179,20 +180,14 @@ def _resolve(future: asyncio.Future[None]) -> None:
 _TIMEOUT_MAX = threading.TIMEOUT_MAX
 
 
-def _check_max_items(max_items: int) -> None:
-    if isinstance(max_items, bool) or not isinstance(max_items, int):
-        raise ConfigurationTypeError(
-            f"get_many 'max_items' must be an int, got {type(max_items).__name__}"
-        )
-    if max_items < 1:
-        raise ConfigurationError(f"get_many 'max_items' must be >= 1, got {max_items!r}")
+def _check_max_items(max_items: object, where: str) -> None:
+    check_int(max_items, "max_items", where, 1)
 
 
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and not timeout >= 0:  # `not >=` also rejects NaN
-        raise ConfigurationError(
-            f"'timeout' must be a non-negative number or None, got {timeout!r}"
-        )
+def _check_timeout(timeout: object, where: str) -> None:
+    # Any wait is clamped to threading.TIMEOUT_MAX, so a huge (even infinite)
+    # timeout works, as in queue.Queue; a negative or NaN one does not.
+    check_seconds(timeout, "timeout", where, zero=True, maximum=None)
 
 
 class Channel(Generic[T]):
@@ -219,14 +214,7 @@ class Channel(Generic[T]):
     """
 
     def __init__(self, maxsize: int = 0) -> None:
-        if isinstance(maxsize, bool) or not isinstance(maxsize, int):
-            raise ConfigurationTypeError(
-                f"Channel 'maxsize' must be an int (0 for unbounded), got {type(maxsize).__name__}"
-            )
-        if maxsize < 0:
-            raise ConfigurationError(
-                f"Channel 'maxsize' must be >= 0 (0 for unbounded), got {maxsize}"
-            )
+        check_int(maxsize, "maxsize", "Channel", 0)  # 0: unbounded
         self.maxsize = maxsize
         self.queue: Any
         self._init(maxsize)
@@ -361,7 +349,6 @@ class Channel(Generic[T]):
         """Park until there is room, or raise Full / ShutDown (lock held)."""
         if not block:
             raise Full
-        _check_timeout(timeout)
         deadline = None if timeout is None else monotonic() + timeout
         while 0 < self.maxsize <= len(self._items):
             if deadline is None:
@@ -378,7 +365,6 @@ class Channel(Generic[T]):
         """Park until there is an item, or raise Empty / ShutDown (lock held)."""
         if not block:
             raise Empty
-        _check_timeout(timeout)
         deadline = None if timeout is None else monotonic() + timeout
         while not self._items:
             if self.is_shutdown:
@@ -407,7 +393,7 @@ class Channel(Generic[T]):
             ConfigurationError: ``timeout`` is negative.
         """
         if timeout is not None:
-            _check_timeout(timeout)
+            _check_timeout(timeout, "Channel.put()")
         # acquire()/release() rather than `with`: half the cost on the hot path.
         lock = self._lock
         lock.acquire()
@@ -441,7 +427,7 @@ class Channel(Generic[T]):
             ConfigurationError: ``timeout`` is negative.
         """
         if timeout is not None:
-            _check_timeout(timeout)
+            _check_timeout(timeout, "Channel.get()")
         lock = self._lock
         lock.acquire()
         try:
@@ -557,7 +543,7 @@ class Channel(Generic[T]):
         """
         pending = items if isinstance(items, list) else list(items)
         if timeout is not None:
-            _check_timeout(timeout)
+            _check_timeout(timeout, "Channel.put_many()")
         if self._hooked:
             self._put_each(pending, block, timeout)
             return
@@ -651,9 +637,9 @@ class Channel(Generic[T]):
             ConfigurationTypeError: ``max_items`` is not an int.
         """
         if type(max_items) is not int or max_items < 1:  # one cheap test on the hot path
-            _check_max_items(max_items)
+            _check_max_items(max_items, "Channel.get_many()")
         if timeout is not None:
-            _check_timeout(timeout)
+            _check_timeout(timeout, "Channel.get_many()")
         if self._hooked:
             return self._get_each(max_items, block, timeout)
         lock = self._lock
@@ -691,7 +677,7 @@ class Channel(Generic[T]):
             ShutDown: the channel is closed.
         """
         if timeout is not None:
-            _check_timeout(timeout)
+            _check_timeout(timeout, "Channel.wait_for_room()")
         with self._lock:
             if self.is_shutdown:
                 raise ShutDown("wait_for_room() on a closed channel")
@@ -828,6 +814,11 @@ class Channel(Generic[T]):
         Raises:
             ShutDown: the channel closed before all items were put; its
                 ``items_put`` attribute counts every item this call put.
+            asyncio.CancelledError: the call was cancelled (by
+                `asyncio.timeout`, ``task.cancel()``) before all items were
+                put; its ``items_put`` attribute says how many went in (the
+                first ones, in order). Under `asyncio.timeout` the
+                `TimeoutError` raised has that CancelledError as ``__cause__``.
         """
         pending = items if isinstance(items, list) else list(items)
         done = 0
@@ -846,7 +837,11 @@ class Channel(Generic[T]):
                 exc.items_put += done  # type: ignore[attr-defined]
                 raise
 
-        await self._until_done(attempt, room_side=True)
+        try:
+            await self._until_done(attempt, room_side=True)
+        except asyncio.CancelledError as exc:
+            exc.items_put = done  # type: ignore[attr-defined]
+            raise
 
     async def aget_many(self, max_items: int = 64) -> list[T]:
         """Take between 1 and ``max_items`` items from a coroutine."""

@@ -21,8 +21,10 @@ returns, and the caller joins them all and re-raises the first error.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import threading
+import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Iterator
 from contextlib import contextmanager
@@ -37,6 +39,7 @@ from .policy import add_note
 from .runtime.base import MAX_BATCH, TARGET_BATCH_SECONDS, RunControl, Runtime, StageRun
 from .runtime.base import get_runtime as _get_runtime
 from .runtime.ports import ChannelIO
+from .runtime.threads import join_threads
 from .stage import DEFAULT_CAPACITY, Stage
 
 __all__ = ["JOIN_TIMEOUT", "Run"]
@@ -45,6 +48,29 @@ log = logging.getLogger("conveyor")
 
 JOIN_TIMEOUT = 5.0
 """How long the end of a run waits for its workers before naming the stuck ones."""
+EXIT_JOIN_TIMEOUT = 1.0
+"""How long interpreter exit waits for the workers of a run left going."""
+
+_live_runs: weakref.WeakSet[Run] = weakref.WeakSet()
+"""Runs started and not joined: ended at interpreter exit (see `_end_live_runs`)."""
+
+
+def _end_live_runs() -> None:
+    """Abort and join the runs still going when the interpreter exits.
+
+    A run left suspended (an iterator never finished, a background run never
+    joined) would otherwise be ended by its generator's finalizer while the
+    interpreter tears its modules down, where any import fails (``sys.meta_path
+    is None``) and prints a traceback. Here, at exit, everything still works.
+    """
+    runs = list(_live_runs)
+    for run in runs:
+        run.abort()
+    for run in runs:
+        run.join(EXIT_JOIN_TIMEOUT)
+
+
+atexit.register(_end_live_runs)
 
 
 class Run:
@@ -107,6 +133,7 @@ class Run:
         to start has pulled nothing from it.
         """
         self.started = perf_counter()
+        _live_runs.add(self)
         early = isinstance(self._source, _IN_MEMORY)
         if early:
             self._start_feeder_thread()
@@ -352,8 +379,6 @@ class Run:
         """Wait for the feeder and every worker; log the ones stuck in user code."""
         if self._joined:
             return
-        from .runtime.threads import join_threads
-
         deadline = perf_counter() + timeout
         stuck = join_threads([self._feeder] if self._feeder else [], timeout)
         for runtime in self.runtimes.values():
@@ -366,6 +391,7 @@ class Run:
         for m in self.metrics:
             m.finished = self.finished
         self._joined = True
+        _live_runs.discard(self)
 
     async def ajoin(self, timeout: float = JOIN_TIMEOUT) -> None:
         """`join` from the caller's event loop, which keeps running meanwhile.

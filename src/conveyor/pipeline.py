@@ -15,6 +15,7 @@ import threading
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
+    AsyncIterator,
     Awaitable,
     Callable,
     Iterable,
@@ -40,10 +41,16 @@ from .stage import (
     OnError,
     RuntimeName,
     Stage,
+)
+from .validate import (
+    MAX_TASKS,
+    MAX_WORKERS,
+    check_bool,
     check_callable,
     check_choice,
     check_int,
     check_seconds,
+    check_str,
 )
 
 if sys.version_info >= (3, 11):
@@ -91,7 +98,8 @@ class StageOptions(_Options, total=False):
 
     Keys:
         workers: how many workers call the function in parallel (>= 1;
-            default 1).
+            default 1): at most 1024 threads or processes
+            (`conveyor.validate.MAX_WORKERS`), 100 000 coroutines.
         runtime: ``"thread"`` (default), ``"process"`` (CPU-bound Python)
             or ``"async"`` (a coroutine function; ``workers`` is the
             concurrency).
@@ -103,8 +111,9 @@ class StageOptions(_Options, total=False):
         backoff: waits between retries, a `conveyor.Backoff` (default:
             exponential with jitter, from 50 ms, at most 5 s).
         timeout: seconds one call may take before it counts as failed with
-            `TimeoutError` (then ``retries`` and ``on_error`` apply);
-            default None, no limit.
+            `TimeoutError` (then ``retries`` and ``on_error`` apply); > 0 and
+            at most 1 000 000 (`conveyor.validate.MAX_SECONDS`); default
+            None, no limit.
         on_error: ``"raise"`` (default) stops the run with the error;
             ``"skip"`` records the item in ``result.failures`` and goes on.
         name: the stage's name in errors and reports, unique in the
@@ -114,9 +123,11 @@ class StageOptions(_Options, total=False):
         on_stop: called once in each worker after its last item, with what
             ``on_start`` returned.
 
-    `Pipeline.map` also takes ``max_items_per_worker``: with the process
-    runtime, replace a worker process after this many items (for leaky
-    code; >= 1, default None).
+    `Pipeline.map` also takes ``max_items_per_worker`` (>= 1, default None:
+    never): a worker starts afresh after this many items, for code that
+    leaks. A process worker is replaced by a new process; a thread worker
+    runs ``on_stop`` then ``on_start`` again (a new `conveyor.worker_state()`).
+    Refused with ``runtime="async"``.
     """
 
     runtime: RuntimeName
@@ -155,6 +166,9 @@ class Pipeline(Generic[T]):
         self._source: Iterable[Any] | AsyncIterable[Any] = source
         self._stages: tuple[Stage, ...] = ()
         self._runs: list[Run] = []
+        # Shared by every pipeline built from this one (they share the source):
+        # how many runs have pulled it, so a one-shot iterator is not run twice.
+        self._source_runs: list[int] = [0]
 
     @property
     def stages(self) -> tuple[Stage, ...]:
@@ -174,34 +188,47 @@ class Pipeline(Generic[T]):
         new._source = self._source
         new._stages = (*self._stages, stage)
         new._runs = []
+        new._source_runs = self._source_runs
         return new
 
     def with_stage(self, name: str, **changes: Any) -> Pipeline[T]:
         """Return a copy where the stage ``name`` has some options changed.
 
         Used by ``conveyor run --workers STAGE=N``; the changes are validated
-        as the builder methods validate them.
+        as the builder methods validate them. ``changes`` are stage options
+        (`StageOptions`, ``max_items_per_worker``), or ``batch_size`` and
+        ``interval`` for a batch stage.
 
         Raises:
             ConfigurationError: no stage has that name, or a value is invalid.
+            ConfigurationTypeError: a value has the wrong type.
+            TypeError: a name that is not a stage option.
         """
         from dataclasses import replace
 
         found = [s for s in self._stages if s.name == name]
         if not found:
             known = ", ".join(repr(s.name) for s in self._stages) or "none"
-            raise ConfigurationError(f"no stage named {name!r}; stages: {known}")
-        method = f"stage {name!r}"
-        if "workers" in changes:
-            check_int(changes["workers"], "workers", method, 1)
-        if "capacity" in changes:
-            check_int(changes["capacity"], "capacity", method, 1)
-        if "runtime" in changes:
-            check_choice(changes["runtime"], "runtime", method, RUNTIMES)
+            raise ConfigurationError(
+                f"with_stage() 'name': no stage named {name!r}; stages: {known}"
+            )
+        method = f"with_stage({name!r})"
+        stage = found[0]
+        allowed = _BATCH_CHANGES if stage.kind == "batch" else _STAGE_CHANGES[stage.kind == "map"]
+        _check_keywords("with_stage", changes, allowed)
+        checked = {key: _CHECKS[key](value, key, method) for key, value in changes.items()}
+        new_name = checked.pop("name", None) or name
+        if new_name != name and new_name in {s.name for s in self._stages}:
+            raise _duplicate_name(new_name)
+        checked["name"] = new_name
+        changed = replace(stage, **checked)
+        if changed.kind != "batch":
+            _check_combination(changed, method)
         new: Pipeline[T] = Pipeline.__new__(Pipeline)
         new._source = self._source
-        new._stages = tuple(replace(s, **changes) if s.name == name else s for s in self._stages)
+        new._stages = tuple(changed if s.name == name else s for s in self._stages)
         new._runs = []
+        new._source_runs = self._source_runs
         return new
 
     # ------------------------------------------------------------------ stages
@@ -215,8 +242,8 @@ class Pipeline(Generic[T]):
         fn_param: str = "fn",
     ) -> Pipeline[Any]:
         """A copy with a stage of ``kind`` added; ``allowed``: the option names it takes."""
-        method = kind
-        _check_keywords(method, options, allowed)
+        method = f"{kind}()"
+        _check_keywords(kind, options, allowed)
         check_callable(fn, fn_param, method)
         checked = {key: _CHECKS[key](value, key, method) for key, value in options.items()}
         name = checked.pop("name", None)
@@ -229,7 +256,7 @@ class Pipeline(Generic[T]):
             backoff=backoff or Backoff(),
             **checked,
         )
-        _check_runtime_fits(stage)
+        _check_combination(stage, method)
         return self._with(stage)
 
     def _default_name(self, kind: str, fn: Callable[..., Any] | None) -> str:
@@ -327,11 +354,11 @@ class Pipeline(Generic[T]):
             capacity: the size of the channel in front of this stage.
             name: the stage's name (default ``batch``).
         """
-        method = "batch"
+        method = "batch()"
         check_int(size, "size", method, 1)
         interval = check_seconds(interval, "interval", method)
         check_int(capacity, "capacity", method, 1)
-        _check_name(name, method)
+        check_str(name, "name", method, optional=True)
         stage = Stage(
             kind="batch",
             fn=None,
@@ -344,16 +371,33 @@ class Pipeline(Generic[T]):
 
     # ------------------------------------------------------------------ running
 
+    def _check_runnable(self, method: str, backend: Backend | None = None) -> None:
+        """Refuse a run that cannot work, before anything starts; count it as a run of
+        the source."""
+        if not self._stages:
+            raise ConfigurationError(
+                f"{method}: the pipeline has no stage: add .map(), .each(), ..."
+            )
+        if self._source_runs[0] and _is_one_shot(self._source):
+            raise ConfigurationError(
+                f"{method}: the pipeline's 'source' is a one-shot iterator "
+                f"({type(self._source).__name__}) that an earlier run already pulled; "
+                f"a second run would get nothing (or the rest). Build the pipeline over a "
+                f"re-iterable source (a list, a range, an object whose __iter__ starts "
+                f"afresh), or a new Pipeline over a new iterator for each run"
+            )
+        _check_processes_allowed(self._stages, method)
+        if backend is not None:
+            backend.check(self)
+        self._source_runs[0] += 1
+
     def _new_run(
         self,
         method: str,
         loop: asyncio.AbstractEventLoop | None = None,
         metrics: MetricsExporter | None = None,
     ) -> Run:
-        if not self._stages:
-            raise ConfigurationError(
-                f"{method}: the pipeline has no stage: add .map(), .each(), ..."
-            )
+        self._check_runnable(method)
         run = Run(self._source, list(self._stages), loop=loop)
         if metrics is not None:
             metrics.watch(run)  # read at scrapes, never on the workers' path
@@ -380,8 +424,10 @@ class Pipeline(Generic[T]):
         Breaking out of the loop stops the run and joins its workers; on
         Redis, the run stays there to be resumed with its ``run_id``.
         """
+        check_bool(progress, "progress", "iterate()")
         chosen = _remote(backend, "iterate()", None, metrics)
         if chosen is not None:
+            self._check_runnable("iterate()", chosen)
             return chosen.iterate(self, progress=progress)
         if progress:
             raise ConfigurationError(
@@ -446,8 +492,10 @@ class Pipeline(Generic[T]):
             own type and a note naming the stage and the item;
             PipelineStopped when the run was stopped from elsewhere.
         """
+        _check_flags("run()", collect=collect, progress=progress)
         remote = _remote(backend, "run()", stall_timeout, metrics)
         if remote is not None:
+            self._check_runnable("run()", remote)
             return remote.run(self, collect=collect, progress=progress, report=report)
         watch = _check_watch("run()", report, stall_timeout)
         outputs: list[Any] | None = [] if collect else None
@@ -525,8 +573,10 @@ class Pipeline(Generic[T]):
         Raises:
             As `run` does.
         """
+        _check_flags("arun()", collect=collect, progress=progress)
         remote = _remote(backend, "arun()", stall_timeout, metrics)
         if remote is not None:
+            self._check_runnable("arun()", remote)
             return await remote.arun(self, collect=collect, progress=progress, report=report)
         watch = _check_watch("arun()", report, stall_timeout)
         run = self._new_run("arun()", loop=asyncio.get_running_loop(), metrics=metrics)
@@ -588,8 +638,10 @@ class Pipeline(Generic[T]):
         Options as for `run`. With a backend other than this process, the
         handle is a `conveyor.backends.BackgroundRun` (stop, done, join, stats).
         """
+        _check_flags("start()", collect=collect, progress=progress)
         remote = _remote(backend, "start()", stall_timeout, metrics)
         if remote is not None:
+            self._check_runnable("start()", remote)
             return remote.start(self, collect=collect, progress=progress, report=report)
         watch = _check_watch("start()", report, stall_timeout)
         run = self._new_run("start()", metrics=metrics)
@@ -654,6 +706,39 @@ def _check_metrics(metrics: object, method: str, backend: Backend | None) -> Non
         )
 
 
+def _check_flags(method: str, **flags: object) -> None:
+    """Refuse a run option meant as True/False that is not a bool."""
+    for name, value in flags.items():
+        check_bool(value, name, method)
+
+
+def _is_one_shot(source: object) -> bool:
+    """True for a source that iterating consumes: an iterator, a generator, an async one."""
+    if isinstance(source, Iterator):
+        return iter(source) is source
+    if isinstance(source, AsyncIterator):
+        return source.__aiter__() is source
+    return False
+
+
+def _check_processes_allowed(stages: tuple[Stage, ...], method: str) -> None:
+    """Refuse process stages in a daemonic process (a process stage's worker):
+    multiprocessing forbids it children, and would say so with a bare AssertionError."""
+    import multiprocessing
+
+    if not multiprocessing.current_process().daemon:
+        return
+    for stage in stages:
+        if stage.runtime == "process":
+            raise ConfigurationError(
+                f"{method}: stage {stage.label} has 'runtime'='process', but this code runs "
+                f"in a worker process (of a process stage, "
+                f"{multiprocessing.current_process().name!r}), which may not start processes "
+                f"of its own; give the inner pipeline's stages runtime='thread' (or 'async'), "
+                f"or make the outer stage a thread stage"
+            )
+
+
 def _end(run: Run) -> None:
     """Stop ``run`` and join its threads (no-op for a run that has ended already)."""
     run.abort()
@@ -668,12 +753,6 @@ def _forget(registry: list[Run], run: Run) -> None:
         pass
 
 
-def _check_name(name: object, method: str) -> None:
-    """Refuse a stage name that is not a non-empty str (None means the default)."""
-    if name is not None and (not isinstance(name, str) or not name):
-        raise ConfigurationTypeError(f"{method}() 'name' must be a non-empty str, got {name!r}")
-
-
 def _check_keywords(method: str, options: Mapping[str, Any], allowed: frozenset[str]) -> None:
     """Refuse a keyword argument that is not an option of ``method``, as Python would."""
     for key in options:
@@ -685,12 +764,6 @@ def _check_keywords(method: str, options: Mapping[str, Any], allowed: frozenset[
 
 _Check = Callable[[Any, str, str], Any]
 """An option's check: (value, option, method) -> the value as the stage keeps it."""
-
-
-def _check_ordered(value: object, param: str, method: str) -> object:
-    if not isinstance(value, bool):
-        raise ConfigurationTypeError(f"{method}() '{param}' must be a bool, got {value!r}")
-    return value
 
 
 def _check_backoff(value: object, param: str, method: str) -> object:
@@ -715,24 +788,30 @@ def _check_choice_of(choices: tuple[str, ...]) -> _Check:
     return check
 
 
-def _check_at_least(minimum: int, *, optional: bool = False) -> _Check:
+def _check_at_least(minimum: int, maximum: int | None = None, *, optional: bool = False) -> _Check:
     def check(value: object, param: str, method: str) -> object:
-        return value if optional and value is None else check_int(value, param, method, minimum)
+        if optional and value is None:
+            return None
+        return check_int(value, param, method, minimum, maximum)
 
     return check
 
 
 def _check_stage_name(value: object, param: str, method: str) -> object:
-    _check_name(value, method)
-    return value
+    return check_str(value, param, method, optional=True)
+
+
+def _check_interval(value: object, param: str, method: str) -> object:
+    return check_seconds(value, param, method)
 
 
 _CHECKS: dict[str, _Check] = {
     # Each raises an error naming the option and the method. One line per option.
-    "workers": _check_at_least(1),
+    # The per-runtime limit on workers is checked with the runtime (_check_combination).
+    "workers": _check_at_least(1, MAX_TASKS),
     "runtime": _check_choice_of(RUNTIMES),
     "capacity": _check_at_least(1),
-    "ordered": _check_ordered,
+    "ordered": check_bool,
     "retries": _check_at_least(0),
     "backoff": _check_backoff,
     "timeout": check_seconds,
@@ -741,29 +820,50 @@ _CHECKS: dict[str, _Check] = {
     "on_start": _check_hook,
     "on_stop": _check_hook,
     "max_items_per_worker": _check_at_least(1, optional=True),
+    # with_stage() of a batch stage
+    "batch_size": _check_at_least(1),
+    "interval": _check_interval,
 }
+
+_BATCH_CHANGES = frozenset({"batch_size", "interval", "capacity", "name"})
+_STAGE_CHANGES = {False: _STAGE_KEYS, True: _MAP_KEYS}
+"""What `Pipeline.with_stage` may change: a batch stage's, another stage's (a map's?)."""
 
 
 def _duplicate_name(name: str) -> Exception:
-    from .errors import ConfigurationError
-
     return ConfigurationError(
         f"stage name {name!r} is already used in this pipeline: give each stage a unique name"
     )
 
 
+def _check_combination(stage: Stage, method: str) -> None:
+    """Refuse options that cannot work together (each valid on its own)."""
+    _check_runtime_fits(stage)
+    if stage.runtime != "async" and stage.workers > MAX_WORKERS:
+        raise ConfigurationError(
+            f"{method} 'workers' must be at most {MAX_WORKERS} with runtime={stage.runtime!r} "
+            f"(one {stage.runtime} each), got {stage.workers}; an async stage may have up "
+            f"to {MAX_TASKS}"
+        )
+    if stage.runtime == "async" and stage.max_items_per_worker is not None:
+        raise ConfigurationError(
+            f"{method} 'max_items_per_worker' applies to runtime='thread' or 'process' "
+            f"(a worker is recycled after that many items); an async stage's workers are "
+            f"coroutines: got runtime='async' with max_items_per_worker="
+            f"{stage.max_items_per_worker}"
+        )
+
+
 def _check_runtime_fits(stage: Stage) -> None:
     """A coroutine function needs the async runtime, and the async runtime one."""
-    from .errors import ConfigurationError
-
     if stage.is_async_fn and stage.runtime != "async":
         raise ConfigurationError(
-            f"{stage.kind}() stage {stage.name!r}: fn is a coroutine function; "
-            f"pass runtime='async' to run it"
+            f"{stage.kind}() stage {stage.name!r}: 'fn' is a coroutine function; "
+            f"pass runtime='async' to run it (got 'runtime'={stage.runtime!r})"
         )
     if stage.runtime == "async" and not stage.is_async_fn:
         raise ConfigurationError(
-            f"{stage.kind}() stage {stage.name!r}: runtime='async' needs a coroutine function "
+            f"{stage.kind}() stage {stage.name!r}: 'runtime'='async' needs a coroutine function "
             f"(async def), got {getattr(stage.fn, '__name__', stage.fn)!r}"
         )
 
@@ -830,6 +930,7 @@ class RunHandle:
     def stop(self, drain: bool = False) -> None:
         """Stop the run: at once (default), or, with ``drain``, stop the source and let
         the items already inside finish. A run that has ended stays as it ended."""
+        check_bool(drain, "drain", "RunHandle.stop()")
         if self._done.is_set():
             return
         if drain:
@@ -848,6 +949,7 @@ class RunHandle:
             TimeoutError: the run did not end within ``timeout`` seconds.
             The run's first error, as `Pipeline.run` does (not after `stop()`).
         """
+        check_seconds(timeout, "timeout", "RunHandle.join()", zero=True)
         try:
             ended = self._done.wait(timeout)
         except BaseException:  # Ctrl-C while waiting: the run must not go on behind the caller

@@ -18,7 +18,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import ConfigurationError, ConfigurationTypeError
+from .validate import check_bool, check_number, check_seconds
 
 __all__ = [
     "KINDS",
@@ -39,6 +39,8 @@ OnError = Literal["raise", "skip"]
 ON_ERROR: tuple[str, ...] = ("raise", "skip")
 
 DEFAULT_CAPACITY = 1024
+MAX_MULTIPLIER = 1000.0
+"""The largest `Backoff.multiplier` accepted."""
 
 
 @dataclass(frozen=True)
@@ -60,17 +62,16 @@ class Backoff:
 
     def __post_init__(self) -> None:
         for name in ("initial", "maximum"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value >= 0:
-                raise ConfigurationError(f"Backoff '{name}' must be a number >= 0, got {value!r}")
-        if not isinstance(self.multiplier, (int, float)) or not self.multiplier >= 1:
-            raise ConfigurationError(
-                f"Backoff 'multiplier' must be a number >= 1, got {self.multiplier!r}"
-            )
+            check_seconds(getattr(self, name), name, "Backoff", optional=False, zero=True)
+        check_number(self.multiplier, "multiplier", "Backoff", 1, MAX_MULTIPLIER)
+        check_bool(self.jitter, "jitter", "Backoff")
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt`` (1-based)."""
-        bound = min(self.maximum, self.initial * self.multiplier ** (attempt - 1))
+        try:
+            bound = min(self.maximum, self.initial * self.multiplier ** (attempt - 1))
+        except OverflowError:  # a late retry of many: the bound has long reached the cap
+            bound = self.maximum
         return random.uniform(0.0, bound) if self.jitter else bound
 
 
@@ -128,48 +129,6 @@ def _is_coroutine_function(fn: Callable[..., Any]) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - a callable object's async __call__
     )
-
-
-# ---------------------------------------------------------------------- validation
-
-
-def check_callable(value: object, param: str, method: str) -> None:
-    """Raise a clear TypeError when ``value`` is not callable."""
-    if not callable(value):
-        raise ConfigurationTypeError(
-            f"{method}() '{param}' must be callable, got {type(value).__name__} {value!r:.60}"
-        )
-
-
-def check_int(value: object, param: str, method: str, minimum: int) -> int:
-    """Return ``value`` if it is an int >= minimum, else raise a clear error."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigurationTypeError(
-            f"{method}() '{param}' must be an int >= {minimum}, got {type(value).__name__}"
-        )
-    if value < minimum:
-        raise ConfigurationError(f"{method}() '{param}' must be >= {minimum}, got {value}")
-    return value
-
-
-def check_seconds(value: object, param: str, method: str) -> float | None:
-    """Return ``value`` if it is None or a positive number of seconds, else raise."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigurationTypeError(
-            f"{method}() '{param}' must be a number of seconds or None, got {type(value).__name__}"
-        )
-    if not value > 0:
-        raise ConfigurationError(f"{method}() '{param}' must be > 0 seconds, got {value!r}")
-    return float(value)
-
-
-def check_choice(value: object, param: str, method: str, choices: tuple[str, ...]) -> None:
-    """Raise a clear error when ``value`` is not one of ``choices``."""
-    if value not in choices:
-        allowed = ", ".join(repr(c) for c in choices)
-        raise ConfigurationError(f"{method}() '{param}' must be one of {allowed}; got {value!r}")
 
 
 # ---------------------------------------------------------------------- per-worker state

@@ -26,6 +26,7 @@ from ..backends import Backend
 from ..errors import (
     BackendError,
     ConfigurationError,
+    ConfigurationTypeError,
     DeadLettersError,
     RunStateLost,
 )
@@ -33,7 +34,8 @@ from ..metrics import RunResult, StageStats, Timeline
 from ..policy import add_note
 from ..remote import ExceptionRecord, rebuild
 from ..stage import Failure, Stage
-from .codec import Codec, decode_failure, get_codec, key_check, secret_from
+from ..validate import check_bool, check_choice, check_int, check_seconds, check_str
+from .codec import CODECS, Codec, decode_failure, get_codec, key_check, secret_from
 from .order import TOMBSTONE, Leaf, Tracker, dump_path, load_path
 from .state import RunInfo, RunState, read_state, stage_stats
 from .streams import (
@@ -119,9 +121,9 @@ class RedisBackend(Backend):
             others take it over (a dead or stuck worker's entries).
         max_deliveries: deliveries after which an entry moves to its stage's
             dead letters, with its last error.
-        limit: backlog limit of every stream (default: each stage's
-            ``capacity``); producers and stages wait while their output is
-            over it.
+        limit: backlog limit of every stream, >= 1 (default: each stage's
+            ``capacity``, and for a batch stage at least its size);
+            producers and stages wait while their output is over it.
         reorder_window: for an ordered last stage, how many source items may
             be in flight past the oldest unfinished one (default: 8 times the
             first stage's capacity).
@@ -133,6 +135,12 @@ class RedisBackend(Backend):
         local_workers: also serve the pipeline from threads of this process
             (a single-machine run through Redis; handy for trying it out).
         redis_options: passed to `redis.Redis.from_url`.
+
+    Every argument is checked here, before anything connects: a value of the
+    wrong type raises `ConfigurationTypeError`, one out of range (``limit=0``,
+    ``batch_size=-1``, a NaN or infinite timeout) `ConfigurationError`,
+    naming it. ``limit`` below the size of a ``batch()`` stage is refused
+    when the pipeline is run (see `check`).
 
     Example:
         >>> result = pipeline.run(backend=RedisBackend("redis://localhost:6379/0"))
@@ -158,15 +166,7 @@ class RedisBackend(Backend):
         local_workers: bool = False,
         redis_options: dict[str, Any] | None = None,
     ) -> None:
-        if on_dead_letters not in ("raise", "wait"):
-            raise ConfigurationError(
-                f"RedisBackend 'on_dead_letters' must be 'raise' or 'wait'; got {on_dead_letters!r}"
-            )
-        for name, value in (("batch_size", batch_size), ("max_deliveries", max_deliveries)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigurationError(f"RedisBackend '{name}' must be an int >= 1")
-        if not visibility_timeout > 0:
-            raise ConfigurationError("RedisBackend 'visibility_timeout' must be > 0 seconds")
+        _check_options(locals())
         self.url = url
         self.run_id = run_id
         self.namespace = namespace
@@ -186,6 +186,26 @@ class RedisBackend(Backend):
 
     def __repr__(self) -> str:
         return f"<RedisBackend {redact(self.url)} namespace={self.namespace!r}>"
+
+    def check(self, pipeline: Any) -> None:
+        """Refuse a pipeline this backend's options cannot run, before connecting.
+
+        Raises:
+            ConfigurationError: ``limit`` is below the size of a ``batch()``
+                stage without ``interval``: its input stream would fill up with
+                the entries the stage holds while it waits for a full group,
+                and the run would stop moving.
+        """
+        if self.limit is None:
+            return
+        for stage in _stages(pipeline):
+            if stage.kind == "batch" and stage.interval is None and self.limit < stage.batch_size:
+                raise ConfigurationError(
+                    f"RedisBackend 'limit' ({self.limit}) is below the size of batch stage "
+                    f"{stage.name!r} ({stage.batch_size}): the stage holds its input entries "
+                    f"until a group is full, and a stream over its limit stops its producers. "
+                    f"Give limit >= {stage.batch_size}, or the batch stage an interval"
+                )
 
     # ------------------------------------------------------------------ plumbing
 
@@ -215,7 +235,9 @@ class RedisBackend(Backend):
     def _info(
         self, keys: Keys, stages: tuple[Stage, ...], ordered: bool, paths: bool = True
     ) -> RunInfo:
-        limits = [self.limit or s.capacity for s in stages]
+        # A batch stage holds its input entries until a group is full: a default
+        # limit below its size would stop its producers for good (see `check`).
+        limits = [self.limit or max(s.capacity, s.batch_size) for s in stages]
         limits.append(self.limit or max(limits[-1], self.batch_size))
         return RunInfo(
             keys=keys,
@@ -1046,6 +1068,47 @@ def _ack(scripts: Scripts, retry: Retrier, keys: Keys, final: str, taken: _Taken
         keys=[final, keys.counters, keys.done],
         args=[DRIVER_GROUP, taken.released, len(taken.completed), *taken.completed, *taken.ids],
     )
+
+
+_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+MAX_READ = 100_000
+"""The largest ``batch_size`` (entries one XREADGROUP may return)."""
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """`RedisBackend`'s arguments, each checked before anything connects."""
+    where = "RedisBackend"
+    url = options["url"]
+    accepted = "a str starting with redis://, rediss:// or unix://"
+    if not isinstance(url, str):
+        raise ConfigurationTypeError(
+            f"{where} 'url' must be {accepted}, got {type(url).__name__} {url!r:.60}"
+        )
+    if not url.startswith(_URL_SCHEMES):
+        raise ConfigurationError(f"{where} 'url' must be {accepted}, got {redact(url)!r:.60}")
+    check_str(options["run_id"], "run_id", where, optional=True)
+    check_str(options["namespace"], "namespace", where)
+    check_choice(options["codec"], "codec", where, CODECS)
+    secret_key = options["secret_key"]
+    if secret_key is not None and not isinstance(secret_key, (bytes, str)):
+        raise ConfigurationTypeError(
+            f"{where} 'secret_key' must be bytes, a str or None, got {type(secret_key).__name__}"
+        )
+    check_int(options["batch_size"], "batch_size", where, 1, MAX_READ)
+    check_seconds(options["visibility_timeout"], "visibility_timeout", where, optional=False)
+    check_int(options["max_deliveries"], "max_deliveries", where, 1)
+    for name in ("limit", "reorder_window"):  # None: the default; 0 is not a limit
+        if options[name] is not None:
+            check_int(options[name], name, where, 1)
+    check_choice(options["on_dead_letters"], "on_dead_letters", where, ("raise", "wait"))
+    for name in ("keep", "local_workers"):
+        check_bool(options[name], name, where)
+    check_seconds(options["unavailable_timeout"], "unavailable_timeout", where)
+    redis_options = options["redis_options"]
+    if redis_options is not None and not isinstance(redis_options, dict):
+        raise ConfigurationTypeError(
+            f"{where} 'redis_options' must be a dict or None, got {type(redis_options).__name__}"
+        )
 
 
 def _wait_for_room(

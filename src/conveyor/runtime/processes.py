@@ -112,8 +112,10 @@ Failures
   naming the stage and the object's type (recorded with ``on_error="skip"``).
 - An exception raised by the stage function reaches the caller with its own
   type and notes; the worker's traceback, as text, is its ``__cause__``.
-  An exception that cannot be pickled is replaced by a `conveyor.ConveyorError`
-  carrying its type name, message and traceback text.
+  One that does not survive pickling (an ``__init__`` with other arguments
+  than its ``args``) is rebuilt without calling ``__init__``, its attributes
+  restored (those that can be pickled); only when its class is not imported
+  in the parent does a `conveyor.RemoteError` carry its type name and message.
 - Stop, abort and Ctrl-C terminate every worker process at once (``SIGTERM``,
   then ``SIGKILL`` after `KILL_GRACE` seconds) and join them; ``on_stop``
   then does not run. Worker processes ignore ``SIGINT`` (a Ctrl-C in the

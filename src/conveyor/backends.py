@@ -148,7 +148,8 @@ class BackgroundRun:
 
         Raises:
             TimeoutError: the run did not end within ``timeout`` seconds.
-            The run's error, as `Backend.run` raised it.
+            Exception: the run's error, with its own type, as `Backend.run`
+                raised it.
         """
         try:
             ended = self.wait(timeout)

@@ -1,0 +1,189 @@
+"""The docs cannot drift from the code: their ```python blocks run here, and the site builds.
+
+Every fenced ```python block of docs/**/*.md is a test. The blocks of one page
+run in order in one namespace, like a script read from top to bottom (a test
+of a later block first runs the earlier ones it needs). An HTML comment on the
+line before a block changes that (docs/contributing-docs.md):
+
+    <!-- test: skip REASON -->   not run; pytest shows the reason
+    <!-- test: redis -->         run with ``REDIS_URL`` set to a real server's URL
+
+A failing block's traceback names the page and its line in the page.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import conveyor
+import conveyor.errors
+import conveyor.redis
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+FENCE = re.compile(r"^```python\b")
+MARKER = re.compile(r"^<!--\s*test:\s*(?P<what>skip|redis)\b\s*(?P<reason>.*?)\s*-->\s*$")
+
+
+@dataclass(frozen=True)
+class Block:
+    """One ```python block of a page."""
+
+    page: Path
+    line: int  # of the block's first line of code, 1-based
+    code: str
+    skip: str | None  # the reason given, when the block must not run
+    redis: bool
+
+    @property
+    def id(self) -> str:
+        return f"{self.page.relative_to(DOCS)}:{self.line}"
+
+
+def blocks_of(page: Path) -> list[Block]:
+    """The ```python blocks of ``page``, with their markers."""
+    lines = page.read_text().splitlines()
+    found = []
+    index = 0
+    while index < len(lines):
+        if not FENCE.match(lines[index]):
+            index += 1
+            continue
+        start = index + 1
+        end = start
+        while end < len(lines) and lines[end].strip() != "```":
+            end += 1
+        previous = next((line for line in reversed(lines[:index]) if line.strip()), "")
+        marker = MARKER.match(previous.strip())
+        skip = None
+        if marker and marker["what"] == "skip":
+            skip = marker["reason"] or "marked <!-- test: skip --> without a reason"
+        found.append(
+            Block(
+                page=page,
+                line=start + 1,
+                code="\n".join(lines[start:end]),
+                skip=skip,
+                redis=bool(marker and marker["what"] == "redis"),
+            )
+        )
+        index = end + 1
+    return found
+
+
+def all_blocks() -> list[Block]:
+    """Every block of every page, in page order."""
+    return [block for page in sorted(DOCS.rglob("*.md")) for block in blocks_of(page)]
+
+
+@dataclass
+class _PageState:
+    namespace: dict[str, Any] = field(default_factory=dict)
+    done: int = 0  # how many of the page's blocks have run
+
+
+_PAGES: dict[Path, _PageState] = {}
+
+
+def run_block(block: Block, redis_url: str | None) -> None:
+    """Run ``block`` in its page's namespace, after the earlier blocks of the page."""
+    state = _PAGES.setdefault(block.page, _PageState({"__name__": "__docs__"}))
+    blocks = blocks_of(block.page)
+    upto = next(i for i, b in enumerate(blocks) if b.line == block.line)
+    if redis_url is not None:
+        state.namespace["REDIS_URL"] = redis_url
+    for earlier in blocks[state.done : upto + 1]:
+        if earlier.skip is None:
+            # Padding with blank lines makes a traceback point at the page's own line.
+            source = "\n" * (earlier.line - 1) + earlier.code
+            exec(compile(source, str(earlier.page), "exec"), state.namespace)
+        state.done += 1
+
+
+BLOCKS = all_blocks()
+
+
+def test_the_docs_have_python_blocks_to_run() -> None:
+    runnable = [block for block in BLOCKS if block.skip is None]
+    assert len(runnable) >= 15, [block.id for block in BLOCKS]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("block", BLOCKS, ids=[block.id for block in BLOCKS])
+def test_a_python_block_of_the_docs_runs(block: Block, request: pytest.FixtureRequest) -> None:
+    if block.skip is not None:
+        pytest.skip(f"{block.id}: {block.skip}")
+    page_blocks = blocks_of(block.page)
+    needs_redis = any(b.redis for b in page_blocks if b.line <= block.line and b.skip is None)
+    redis_url = request.getfixturevalue("redis_server").url if needs_redis else None
+    run_block(block, redis_url)
+
+
+# --------------------------------------------------------------------- the site
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The site, built with ``mkdocs build --strict`` (a warning fails it)."""
+    mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent)) or shutil.which(
+        "mkdocs"
+    )
+    assert mkdocs is not None, "mkdocs is not installed: pip install -e '.[docs]'"
+    out = tmp_path_factory.mktemp("site")
+    result = subprocess.run(
+        [mkdocs, "build", "--strict", "--site-dir", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    yield out
+
+
+def public_names(module: Any) -> list[str]:
+    """The names a module exports, but its version."""
+    names = getattr(module, "__all__", None) or [
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_") and getattr(value, "__module__", None) == module.__name__
+    ]
+    return [name for name in names if name != "__version__"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("module", "page"),
+    [
+        (conveyor, "reference/conveyor/index.html"),
+        (conveyor.redis, "reference/redis/index.html"),
+        (conveyor.errors, "reference/errors/index.html"),
+    ],
+    ids=["conveyor", "conveyor.redis", "conveyor.errors"],
+)
+def test_the_api_reference_documents_every_public_name(
+    site: Path, module: Any, page: str
+) -> None:
+    html = (site / page).read_text()
+    missing = []
+    for name in public_names(module):
+        home = module.__name__
+        if module is conveyor and name == "RedisBackend":  # loaded lazily: on the redis page
+            home, html_of = "conveyor.redis", (site / "reference/redis/index.html").read_text()
+        else:
+            html_of = html
+        if f'id="{home}.{name}"' not in html_of:
+            missing.append(name)
+    assert not missing, f"{page} lacks {missing}"

@@ -19,6 +19,7 @@ directory is given) and times the pipeline against a plain loop and
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import multiprocessing
 import os
@@ -42,30 +43,42 @@ def walk(root: Path) -> Iterator[Path]:
                 yield path
 
 
-def sha256(path: Path) -> tuple[str, Path]:
-    """The file's SHA-256 in hex, and its path."""
-    digest = hashlib.sha256()
+def sha256(path: Path, algorithm: str = "sha256") -> tuple[str, Path]:
+    """The file's digest (SHA-256 unless another of `hashlib`'s algorithms is named) and path."""
+    digest = hashlib.new(algorithm)
     with path.open("rb") as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest(), path
 
 
-def with_conveyor(root: Path, workers: int, runtime: str = "process") -> list[tuple[str, Path]]:
+# --8<-- [start:conveyor]
+def with_conveyor(
+    root: Path, workers: int, runtime: str = "process", algorithm: str = "sha256"
+) -> list[tuple[str, Path]]:
     """The digests of every file, hashed by a pipeline stage."""
-    pipeline = cv.Pipeline(walk(root)).map(sha256, workers=workers, runtime=runtime)  # type: ignore[call-overload]
+    hash_file = functools.partial(sha256, algorithm=algorithm)
+    pipeline = cv.Pipeline(walk(root)).map(hash_file, workers=workers, runtime=runtime)  # type: ignore[call-overload]
     return list(pipeline)
 
 
-def plain_loop(root: Path, workers: int) -> list[tuple[str, Path]]:
+# --8<-- [end:conveyor]
+
+
+# --8<-- [start:plain]
+def plain_loop(root: Path, algorithm: str = "sha256") -> list[tuple[str, Path]]:
     """The digests of every file, one after the other."""
-    return [sha256(path) for path in walk(root)]
+    return [sha256(path, algorithm) for path in walk(root)]
 
 
-def with_pool(root: Path, workers: int) -> list[tuple[str, Path]]:
+def with_pool(root: Path, workers: int, algorithm: str = "sha256") -> list[tuple[str, Path]]:
     """The digests of every file, hashed by a `multiprocessing.Pool`."""
+    hash_file = functools.partial(sha256, algorithm=algorithm)
     with multiprocessing.Pool(workers) as pool:
-        return list(pool.imap(sha256, walk(root), chunksize=4))
+        return list(pool.imap(hash_file, walk(root), chunksize=4))
+
+
+# --8<-- [end:plain]
 
 
 def make_files(root: Path, files: int, size_mib: int) -> None:
@@ -82,14 +95,18 @@ def main() -> int:
     parser.add_argument("directory", nargs="?", type=Path, help="default: conveyor's source")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--runtime", default="process", help="thread, process or interpreter")
+    parser.add_argument(
+        "--algorithm", default="sha256", choices=sorted(hashlib.algorithms_available)
+    )
     parser.add_argument("--compare", action="store_true", help="time it against a loop and a Pool")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of --compare")
     parser.add_argument("--files", type=int, default=64, help="files generated for --compare")
     parser.add_argument("--size", type=int, default=4, help="MiB per generated file")
     args = parser.parse_args()
     if not args.compare:
         root = args.directory or Path(__file__).resolve().parent.parent / "src"
         try:
-            for digest, path in with_conveyor(root, args.workers, args.runtime):
+            for digest, path in with_conveyor(root, args.workers, args.runtime, args.algorithm):
                 print(f"{digest}  {path}")
         except BrokenPipeError:  # `| head`: the reader left
             sys.stderr.close()
@@ -102,21 +119,26 @@ def main() -> int:
         root = args.directory or Path(tmp)
         if args.directory is None:
             make_files(root, args.files, args.size)
-        expected = plain_loop(root, args.workers)
+        algorithm = args.algorithm
+        expected = plain_loop(root, algorithm)
         candidates = {
-            f"conveyor {args.runtime}": lambda: with_conveyor(root, args.workers, args.runtime),
-            "plain loop": lambda: plain_loop(root, args.workers),
-            "Pool.imap": lambda: with_pool(root, args.workers),
+            f"conveyor {args.runtime}": lambda: with_conveyor(
+                root, args.workers, args.runtime, algorithm
+            ),
+            "plain loop": lambda: plain_loop(root, algorithm),
+            "Pool.imap": lambda: with_pool(root, args.workers, algorithm),
         }
         for name, run in candidates.items():
             assert run() == expected, f"{name} hashed differently"
-        times = compare(candidates)
+        times = compare(candidates, rounds=args.rounds)
         code = {
             f"conveyor {args.runtime}": [with_conveyor],
             "plain loop": [plain_loop],
             "Pool.imap": [with_pool],
         }
-        print_comparison(times, code, f"sha256 of {len(expected)} files, {args.workers} workers")
+        print_comparison(
+            times, code, f"{algorithm} of {len(expected)} files, {args.workers} workers"
+        )
     return 0
 
 

@@ -143,6 +143,7 @@ def parse(page: Page) -> Parsed:
 # --------------------------------------------------------------------- with conveyor
 
 
+# --8<-- [start:conveyor]
 async def open_session() -> aiohttp.ClientSession:
     """``on_start``: one HTTP session per worker, made on the stage's event loop."""
     return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
@@ -186,9 +187,13 @@ def crawl_with_conveyor(root: str, workers: int) -> Crawl:
     return crawl
 
 
+# --8<-- [end:conveyor]
+
+
 # --------------------------------------------------------------------- plain Python
 
 
+# --8<-- [start:plain]
 async def _crawl_plain(root: str, workers: int) -> Crawl:
     crawl, seen, frontier = Crawl(), {root}, [root]
     limit = asyncio.Semaphore(workers)
@@ -218,6 +223,9 @@ async def _crawl_plain(root: str, workers: int) -> Crawl:
 def crawl_plain(root: str, workers: int) -> Crawl:
     """The same crawl with asyncio.gather, a semaphore and a retry loop by hand."""
     return asyncio.run(_crawl_plain(root, workers))
+
+
+# --8<-- [end:plain]
 
 
 # --------------------------------------------------------------------- the test site
@@ -322,6 +330,7 @@ def main() -> int:
     parser.add_argument("--latency", type=float, default=0.02, help="test site's answer delay")
     parser.add_argument("--workers", type=int, default=32, help="requests in flight")
     parser.add_argument("--compare", action="store_true", help="time it against asyncio.gather")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of --compare")
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         root = args.url or stack.enter_context(serve(Site(args.pages, args.latency)))
@@ -333,7 +342,8 @@ def main() -> int:
                 {
                     "conveyor": functools.partial(crawl_with_conveyor, root, args.workers),
                     "asyncio.gather": functools.partial(crawl_plain, root, args.workers),
-                }
+                },
+                rounds=args.rounds,
             )
             code = {
                 "conveyor": [open_session, close_session, fetch, crawl_with_conveyor],

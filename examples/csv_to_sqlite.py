@@ -119,6 +119,7 @@ def insert(conn: sqlite3.Connection, orders: list[Order]) -> None:
 # --------------------------------------------------------------------- with conveyor
 
 
+# --8<-- [start:pipeline]
 def open_writer(db: str | os.PathLike[str] | None = None) -> sqlite3.Connection:
     """``on_start`` of the writer: each writer worker opens its own connection.
 
@@ -160,9 +161,13 @@ def with_conveyor(path: Path, db: Path) -> tuple[int, list[str]]:
     return loaded, [str(f.error) for f in result.failures]
 
 
+# --8<-- [end:pipeline]
+
+
 # --------------------------------------------------------------------- plain Python
 
 
+# --8<-- [start:plain]
 def plain_python(path: Path, db: Path) -> tuple[int, list[str]]:
     """The same load as one loop: validate, collect a batch, insert it."""
     conn = connect(db)
@@ -183,6 +188,9 @@ def plain_python(path: Path, db: Path) -> tuple[int, list[str]]:
     finally:
         conn.close()
     return loaded, rejected
+
+
+# --8<-- [end:plain]
 
 
 # --------------------------------------------------------------------- sample data
@@ -239,6 +247,7 @@ def main() -> int:
     parser.add_argument("--db", type=Path, help="the SQLite file (default: in a temp folder)")
     parser.add_argument("--rows", type=int, default=10_000, help="rows of the generated CSV")
     parser.add_argument("--compare", action="store_true", help="time it against the plain loop")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of --compare")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = args.csv
@@ -257,7 +266,8 @@ def main() -> int:
                 {
                     "conveyor": functools.partial(fresh, with_conveyor, path, db),
                     "plain Python": functools.partial(fresh, plain_python, path, db),
-                }
+                },
+                rounds=args.rounds,
             )
             code = {
                 "conveyor": [open_writer, write, pipeline, with_conveyor],

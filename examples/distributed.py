@@ -122,6 +122,7 @@ def workers(
                 proc.wait()
 
 
+# --8<-- [start:driver]
 def load(
     path: Path, url: str, namespace: str, procs: list[subprocess.Popen[bytes]]
 ) -> cv.RunResult:
@@ -138,6 +139,9 @@ def load(
                 raise SystemExit(f"a worker exited during the run: {dead[0]}") from None
 
 
+# --8<-- [end:driver]
+
+
 def main() -> int:
     """Parse the command line, start Redis and the workers, drive the load, report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -146,6 +150,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="worker processes to start")
     parser.add_argument("--redis", help="a Redis URL (default: a private redis-server)")
     parser.add_argument("--compare", action="store_true", help="time it against a local run")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of --compare")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         folder = Path(tmp)
@@ -174,10 +179,11 @@ def main() -> int:
                     "plain Python": lambda: csv_to_sqlite.fresh(
                         csv_to_sqlite.plain_python, path, local_db
                     ),
-                }
+                },
+                rounds=args.rounds,
             )
             code = {
-                f"Redis, {args.workers} workers": [redis_server, workers, load],
+                f"Redis, {args.workers} workers": [load],  # the driver; the pipeline is the same
                 "conveyor local": [csv_to_sqlite.with_conveyor],
                 "plain Python": [csv_to_sqlite.plain_python],
             }

@@ -8,6 +8,9 @@ line before a block changes that (docs/contributing-docs.md):
     <!-- test: skip REASON -->   not run; pytest shows the reason
     <!-- test: redis -->         run with ``REDIS_URL`` set to a real server's URL
 
+A block that includes a section of an example (``--8<-- "examples/x.py:name"``)
+is not run here: tests/test_examples.py runs the example itself.
+
 A failing block's traceback names the page and its line in the page.
 """
 
@@ -32,6 +35,7 @@ import conveyor.redis
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 FENCE = re.compile(r"^```python\b")
+INCLUDE = re.compile(r'^--8<-- "(?P<path>[^":]+)(?::(?P<section>[\w-]+))?"$')
 MARKER = re.compile(r"^<!--\s*test:\s*(?P<what>skip|redis)\b\s*(?P<reason>.*?)\s*-->\s*$")
 
 
@@ -66,7 +70,10 @@ def blocks_of(page: Path) -> list[Block]:
         previous = next((line for line in reversed(lines[:index]) if line.strip()), "")
         marker = MARKER.match(previous.strip())
         skip = None
-        if marker and marker["what"] == "skip":
+        include = INCLUDE.match(lines[start].strip()) if start < end else None
+        if include:
+            skip = f"shows {include['path']}, which tests/test_examples.py runs"
+        elif marker and marker["what"] == "skip":
             skip = marker["reason"] or "marked <!-- test: skip --> without a reason"
         found.append(
             Block(
@@ -135,9 +142,7 @@ def test_a_python_block_of_the_docs_runs(block: Block, request: pytest.FixtureRe
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The site, built with ``mkdocs build --strict`` (a warning fails it)."""
-    mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent)) or shutil.which(
-        "mkdocs"
-    )
+    mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent)) or shutil.which("mkdocs")
     assert mkdocs is not None, "mkdocs is not installed: pip install -e '.[docs]'"
     out = tmp_path_factory.mktemp("site")
     result = subprocess.run(
@@ -173,9 +178,7 @@ def public_names(module: Any) -> list[str]:
     ],
     ids=["conveyor", "conveyor.redis", "conveyor.errors"],
 )
-def test_the_api_reference_documents_every_public_name(
-    site: Path, module: Any, page: str
-) -> None:
+def test_the_api_reference_documents_every_public_name(site: Path, module: Any, page: str) -> None:
     html = (site / page).read_text()
     missing = []
     for name in public_names(module):

@@ -9,7 +9,8 @@ line before a block changes that (docs/contributing-docs.md):
     <!-- test: redis -->         run with ``REDIS_URL`` set to a real server's URL
 
 A block that includes a section of an example (``--8<-- "examples/x.py:name"``)
-is not run here: tests/test_examples.py runs the example itself.
+is not run here (tests/test_examples.py runs the example itself): its test
+checks that the section exists and is Python that compiles.
 
 A failing block's traceback names the page and its line in the page.
 """
@@ -48,6 +49,7 @@ class Block:
     code: str
     skip: str | None  # the reason given, when the block must not run
     redis: bool
+    include: tuple[str, str | None] | None = None  # (path, section) of a snippet block
 
     @property
     def id(self) -> str:
@@ -71,9 +73,7 @@ def blocks_of(page: Path) -> list[Block]:
         marker = MARKER.match(previous.strip())
         skip = None
         include = INCLUDE.match(lines[start].strip()) if start < end else None
-        if include:
-            skip = f"shows {include['path']}, which tests/test_examples.py runs"
-        elif marker and marker["what"] == "skip":
+        if marker and marker["what"] == "skip":
             skip = marker["reason"] or "marked <!-- test: skip --> without a reason"
         found.append(
             Block(
@@ -82,6 +82,7 @@ def blocks_of(page: Path) -> list[Block]:
                 code="\n".join(lines[start:end]),
                 skip=skip,
                 redis=bool(marker and marker["what"] == "redis"),
+                include=(include["path"], include["section"]) if include else None,
             )
         )
         index = end + 1
@@ -110,18 +111,55 @@ def run_block(block: Block, redis_url: str | None) -> None:
     if redis_url is not None:
         state.namespace["REDIS_URL"] = redis_url
     for earlier in blocks[state.done : upto + 1]:
-        if earlier.skip is None:
+        if earlier.skip is None and earlier.include is None:
             # Padding with blank lines makes a traceback point at the page's own line.
             source = "\n" * (earlier.line - 1) + earlier.code
             exec(compile(source, str(earlier.page), "exec"), state.namespace)
         state.done += 1
 
 
+def check_include(path: str, section: str | None) -> None:
+    """The snippet ``path:section`` exists, is one section, and compiles."""
+    source = (ROOT / path).read_text()
+    if section is not None:
+        start, end = f"# --8<-- [start:{section}]", f"# --8<-- [end:{section}]"
+        assert source.count(start) == source.count(end) == 1, f"{path} lacks [{section}]"
+        source = source[source.index(start) : source.index(end)]
+    assert source.strip(), f"{path}:{section} is empty"
+    compile(source, f"{path}:{section}", "exec")
+
+
 BLOCKS = all_blocks()
 
 
+def test_blocks_are_read_with_their_markers_and_lines(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "# A page\n\n```python\nx = 1\n```\n\n<!-- test: skip needs a GPU -->\n"
+        "```python\nimport gpu\n```\n<!-- test: redis -->\n\n```python\nuse(REDIS_URL)\n```\n"
+        '```sh\nls\n```\n```python\n--8<-- "examples/crawler.py:plain"\n```\n'
+    )
+    blocks = blocks_of(page)
+    assert [(b.line, b.code, b.skip, b.redis, b.include) for b in blocks] == [
+        (4, "x = 1", None, False, None),
+        (9, "import gpu", "needs a GPU", False, None),
+        (14, "use(REDIS_URL)", None, True, None),
+        (20, '--8<-- "examples/crawler.py:plain"', None, False, ("examples/crawler.py", "plain")),
+    ]
+
+
+def test_a_failing_block_names_its_page_and_line(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("text\n\n```python\nok = True\n\nassert not ok\n```\n")
+    [block] = blocks_of(page)
+    with pytest.raises(AssertionError) as failure:
+        run_block(block, None)
+    last = failure.traceback[-1]
+    assert (Path(str(last.path)), last.lineno + 1) == (page, 6)
+
+
 def test_the_docs_have_python_blocks_to_run() -> None:
-    runnable = [block for block in BLOCKS if block.skip is None]
+    runnable = [block for block in BLOCKS if block.skip is None and block.include is None]
     assert len(runnable) >= 15, [block.id for block in BLOCKS]
 
 
@@ -130,6 +168,9 @@ def test_the_docs_have_python_blocks_to_run() -> None:
 def test_a_python_block_of_the_docs_runs(block: Block, request: pytest.FixtureRequest) -> None:
     if block.skip is not None:
         pytest.skip(f"{block.id}: {block.skip}")
+    if block.include is not None:
+        check_include(*block.include)
+        return
     page_blocks = blocks_of(block.page)
     needs_redis = any(b.redis for b in page_blocks if b.line <= block.line and b.skip is None)
     redis_url = request.getfixturevalue("redis_server").url if needs_redis else None

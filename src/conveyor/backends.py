@@ -39,7 +39,14 @@ JOIN_SECONDS = 30.0
 
 
 class Backend(ABC):
-    """Where a pipeline runs (see the module docstring)."""
+    """Where a pipeline runs: what ``backend=`` of `Pipeline.run`, ``iterate``,
+    ``start`` and ``arun`` takes.
+
+    A backend implements `run` and `iterate`; `start` and `arun` have generic
+    versions, built on `run` with a ``stop`` event, that a backend may
+    replace. `LocalBackend` (the default) runs in this process;
+    ``conveyor.redis.RedisBackend`` drives workers anywhere.
+    """
 
     @abstractmethod
     def run(

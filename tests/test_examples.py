@@ -17,10 +17,12 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytest
 
-from conftest import RedisServer
+if TYPE_CHECKING:  # a runtime import would find tests/contract/conftest.py first
+    from conftest import RedisServer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 RUN_TIMEOUT = 50.0  # seconds for one example command (the test's own timeout is 60)

@@ -4,13 +4,13 @@
 # Settings (environment variables):
 #   CONVEYOR_PYTHON   interpreter that creates .venv            (default: python3)
 #   CONVEYOR_VENV     where the virtualenv lives                 (default: <repo>/.venv)
-#   CONVEYOR_EXTRAS   extras installed into it                   (default: all,dev)
+#   CONVEYOR_EXTRAS   extras installed into it                   (default: all,dev,docs,examples)
 
 # The repository root: the parent of this scripts/ folder.
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${CONVEYOR_VENV:-$ROOT/.venv}"
 VENV_PY="$VENV/bin/python"
-EXTRAS="${CONVEYOR_EXTRAS:-all,dev}"
+EXTRAS="${CONVEYOR_EXTRAS:-all,dev,docs,examples}"
 
 # Print a visible step header.
 step() {

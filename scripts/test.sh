@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every check conveyor must pass, in order, stopping at the first failure:
-#   1. the virtualenv .venv with conveyor[all,dev] installed (scripts/lib.sh);
+#   1. the virtualenv .venv with conveyor[all,dev,docs,examples] installed (scripts/lib.sh);
 #   2. redis-server on PATH (Debian's package is installed when missing);
-#   3. ruff check, ruff format --check, mypy --strict src, lint-imports (layers);
+#   3. ruff check, ruff format --check, mypy --strict src, lint-imports (layers),
+#      mkdocs build --strict (the docs site: a broken link or docstring fails it);
 #   4. the C accelerator was built (unless CONVEYOR_NO_EXTENSIONS=1);
 #   5. pytest (the full suite, as configured in pyproject.toml), then the
 #      channel tests again on the pure-Python fallback (CONVEYOR_PURE_PYTHON=1);
@@ -114,6 +115,15 @@ run_gates() {
     lint-imports --no-cache ||
         die "lint-imports failed: an import crosses conveyor's layers (see the contract above;" \
             "lazy and TYPE_CHECKING imports count)"
+
+    step "mkdocs build --strict (the docs site)"
+    local site
+    site="$(mktemp -d "${TMPDIR:-/tmp}/conveyor-site.XXXXXX")"
+    # NO_MKDOCS_2_WARNING: Material's banner about MkDocs 2 is not about this site.
+    # Not --quiet: it hides the warnings from --strict too, and the build then passes.
+    NO_MKDOCS_2_WARNING=1 mkdocs build --strict --site-dir "$site" ||
+        { rm -rf -- "$site"; die "mkdocs build --strict failed: see the warnings above"; }
+    rm -rf -- "$site"
 }
 
 check_accelerator() {

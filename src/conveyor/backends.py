@@ -40,7 +40,14 @@ JOIN_SECONDS = 30.0
 
 
 class Backend(ABC):
-    """Where a pipeline runs (see the module docstring)."""
+    """Where a pipeline runs: what ``backend=`` of `Pipeline.run`, ``iterate``,
+    ``start`` and ``arun`` takes.
+
+    A backend implements `run` and `iterate`; `start` and `arun` have generic
+    versions, built on `run` with a ``stop`` event, that a backend may
+    replace. `LocalBackend` (the default) runs in this process;
+    ``conveyor.redis.RedisBackend`` drives workers anywhere.
+    """
 
     @abstractmethod
     def run(
@@ -157,7 +164,8 @@ class BackgroundRun:
 
         Raises:
             TimeoutError: the run did not end within ``timeout`` seconds.
-            The run's error, as `Backend.run` raised it.
+            Exception: the run's error, with its own type, as `Backend.run`
+                raised it.
         """
         try:
             ended = self.wait(timeout)

@@ -488,9 +488,9 @@ class Pipeline(Generic[T]):
                 workers serve theirs with ``conveyor worker --metrics-port``).
 
         Raises:
-            The first error of a stage with ``on_error="raise"``, with its
-            own type and a note naming the stage and the item;
-            PipelineStopped when the run was stopped from elsewhere.
+            Exception: the first error of a stage with ``on_error="raise"``,
+                with its own type and a note naming the stage and the item.
+            PipelineStopped: the run was stopped from elsewhere.
         """
         _check_flags("run()", collect=collect, progress=progress)
         remote = _remote(backend, "run()", stall_timeout, metrics)
@@ -564,14 +564,20 @@ class Pipeline(Generic[T]):
 
         Args:
             collect: keep the last stage's outputs in ``result.outputs``.
-            progress, report, stall_timeout, metrics: as for `run`. The watching runs
-                in a thread of its own, never on the loop; the report is
-                written when the run ends, before ``arun`` returns.
+            progress: as for `run`. The watching (``progress``, ``report``,
+                ``stall_timeout``) runs in a thread of its own, never on the
+                loop.
+            report: as for `run`; the report is written when the run ends,
+                before ``arun`` returns.
+            stall_timeout: as for `run`.
+            metrics: as for `run`.
             backend: as for `run`; the loop keeps serving while the backend's
                 run goes on (in a thread), and cancelling stops that run.
 
         Raises:
-            As `run` does.
+            Exception: as `run` does: the first error of a stage with
+                ``on_error="raise"``, with its own type.
+            PipelineStopped: the run was stopped from elsewhere.
         """
         _check_flags("arun()", collect=collect, progress=progress)
         remote = _remote(backend, "arun()", stall_timeout, metrics)
@@ -947,7 +953,8 @@ class RunHandle:
 
         Raises:
             TimeoutError: the run did not end within ``timeout`` seconds.
-            The run's first error, as `Pipeline.run` does (not after `stop()`).
+            Exception: the run's first error, as `Pipeline.run` raises it
+                (not after `stop()`).
         """
         check_seconds(timeout, "timeout", "RunHandle.join()", zero=True)
         try:

@@ -385,8 +385,8 @@ class Pipeline(Generic[T]):
         try:
             for chunk in run.outputs():
                 yield from chunk
-        except BaseException:  # a break (GeneratorExit), Ctrl-C, an error: end the run here
-            _end(run)
+        except BaseException as exc:  # a break (GeneratorExit), Ctrl-C, an error: end the run here
+            _end(run, exc)
             raise
         finally:
             _forget(self._runs, run)
@@ -436,8 +436,8 @@ class Pipeline(Generic[T]):
             for chunk in run.outputs():
                 if outputs is not None:
                     outputs.extend(chunk)
-        except BaseException:  # also before the outputs are reached (Ctrl-C just after the start)
-            _end(run)
+        except BaseException as exc:  # also before the outputs (Ctrl-C just after the start)
+            _end(run, exc)
             raise
         finally:
             if monitor is not None:
@@ -472,6 +472,9 @@ class Pipeline(Generic[T]):
                 async for chunk in chunks:
                     for item in chunk:
                         yield item
+        except BaseException as exc:
+            run.note_left_behind(exc)
+            raise
         finally:
             _forget(self._runs, run)
 
@@ -520,6 +523,9 @@ class Pipeline(Generic[T]):
                 async for chunk in chunks:
                     if outputs is not None:
                         outputs.extend(chunk)
+        except BaseException as exc:  # cancelled, Ctrl-C, an error: say what was left behind
+            run.note_left_behind(exc)
+            raise
         finally:
             if monitor is not None:
                 monitor.close()
@@ -608,10 +614,12 @@ def _remote(backend: object, method: str, stall_timeout: object) -> Backend | No
     return chosen
 
 
-def _end(run: Run) -> None:
-    """Stop ``run`` and join its threads (no-op for a run that has ended already)."""
+def _end(run: Run, error: BaseException) -> None:
+    """Stop ``run`` and join its threads (no-op for a run that has ended already); note on
+    ``error``, the exception ending it, what was left behind stuck in user code."""
     run.abort()
     run.join()
+    run.note_left_behind(error)
 
 
 def _forget(registry: list[Run], run: Run) -> None:
@@ -804,10 +812,11 @@ class RunHandle:
         """
         try:
             ended = self._done.wait(timeout)
-        except BaseException:  # Ctrl-C while waiting: the run must not go on behind the caller
+        except BaseException as exc:  # Ctrl-C while waiting: the run must not go on behind
             self.stop()
             self._done.wait(JOIN_TIMEOUT)
             self._thread.join(JOIN_TIMEOUT)
+            self._run.note_left_behind(exc)
             raise
         if not ended:
             raise TimeoutError(f"the run did not end within {timeout} s")
@@ -815,7 +824,7 @@ class RunHandle:
         if self._error is not None and not (
             self._run.control.error is None and self._run.control.stopped.is_set()
         ):
-            raise self._error
+            raise self._run.note_left_behind(self._error)
         return self._run.result(self._outputs)
 
     def stats(self) -> list[StageStats]:

@@ -42,7 +42,7 @@ from typing import Any
 from ..channel import Channel
 from ..errors import ConfigurationError
 from ..metrics import StageMetrics, StageStats
-from ..runtime.base import RunControl, Runtime, StageRun, get_runtime
+from ..runtime.base import RunControl, Runtime, StageRun, get_runtime, left_behind
 from ..stage import Stage
 from .codec import secret_from
 from .port import RedisIO, RunDirectory, WorkerLink
@@ -115,6 +115,8 @@ class Worker:
         self.runtimes: dict[str, Runtime] = {}
         self.stage_runs: list[StageRun] = []
         self._client: Any = None
+        self.left_behind: list[str] = []
+        """What `join` left running user code, said per stage (daemon threads)."""
 
     def start(self) -> Worker:
         """Connect, open every served stage's ports and start its runtime; return at once."""
@@ -155,22 +157,24 @@ class Worker:
         ends what does not end in time."""
         self.stopped.set()
 
-    def join(self, timeout: float | None = None) -> None:
-        """Wait for every consumer to stop, ``timeout`` seconds at most (then abort them:
-        process children are terminated, threads stuck in user code are left behind);
-        re-raise the first error of the worker."""
+    def join(self, timeout: float | None = None, grace: float = ABORT_GRACE) -> None:
+        """Wait for every consumer to stop, ``timeout`` seconds at most (then abort them
+        and wait ``grace`` seconds more: process children are terminated, threads stuck
+        in user code are left behind, named in `left_behind`); re-raise the first error
+        of the worker."""
         deadline = None if timeout is None else monotonic() + timeout
         stuck = self._join_runtimes(deadline)
         if stuck:
             self.control.abort()
-            stuck = self._join_runtimes(monotonic() + ABORT_GRACE)
+            stuck = self._join_runtimes(monotonic() + grace)
+        self.left_behind = left_behind(self.stage_runs, stuck)
         for runtime in self.runtimes.values():
             runtime.close()
         self.runtimes.clear()
         for sr in self.stage_runs:
             sr.io.close()
-        if stuck:
-            log.warning("conveyor: Redis worker threads still running user code: %s", stuck)
+        if self.left_behind:
+            log.warning("conveyor: Redis worker: %s", "; ".join(self.left_behind))
         if self._client is not None:
             self._client.close()
             self._client = None

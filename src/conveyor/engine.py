@@ -31,14 +31,14 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from itertools import islice
 from time import perf_counter
 from typing import Any
 
 from .channel import Channel, Producer
-from .errors import PipelineStopped, ShutDown
+from .errors import Empty, PipelineStopped, ShutDown
 from .metrics import RunResult, StageMetrics, StageStats, Timeline
 from .policy import add_note
 from .runtime.base import (
@@ -53,7 +53,7 @@ from .runtime.base import get_runtime as _get_runtime
 from .runtime.ports import ChannelIO
 from .stage import DEFAULT_CAPACITY, Stage
 
-__all__ = ["ABORT_WAIT", "JOIN_TIMEOUT", "Run"]
+__all__ = ["ABORT_WAIT", "JOIN_TIMEOUT", "Run", "wait_interruptibly"]
 
 log = logging.getLogger("conveyor")
 
@@ -64,6 +64,8 @@ ABORT_WAIT = 0.5
 its workers before leaving those stuck in user code behind: well inside the one second
 the contract gives Ctrl-C, and longer than a worker needs to see the abort."""
 FEEDER_THREAD = "conveyor-source"
+SIGNAL_CHECK = 0.1
+"""Longest sleep of the main thread waiting for outputs: how late Ctrl-C may be seen."""
 
 
 class Run:
@@ -141,9 +143,10 @@ class Run:
                 sr.open_ports(runtime.port_count(sr.stage))
             for sr, runtime in zip(self.stage_runs, runtimes, strict=True):
                 runtime.start(sr)
-        except BaseException:
+        except BaseException as exc:
             self.abort()
             self.join()
+            self.note_left_behind(exc)
             raise
         if early:
             return
@@ -312,10 +315,16 @@ class Run:
     def outputs(self) -> Iterator[list[Any]]:
         """Yield the last stage's outputs in chunks, as they come; raise the run's error."""
         last = self.channels[-1]
+        # In the main thread, wait in slices: a SIGINT that lands just before the
+        # thread parks would otherwise wait for the next item to be seen (CPython runs
+        # signal handlers when the main thread wakes up).
+        check = SIGNAL_CHECK if threading.current_thread() is threading.main_thread() else None
         try:
             while True:
                 try:
-                    chunk = last.get_many(MAX_BATCH)
+                    chunk = last.get_many(MAX_BATCH, timeout=check)
+                except Empty:
+                    continue
                 except ShutDown:
                     break
                 self.items_out += len(chunk)
@@ -445,6 +454,21 @@ class Run:
             stopped=(self.control.stopped.is_set() and self.control.error is None)
             or (self._source_stopped and not self._source_exhausted),
         )
+
+
+def wait_interruptibly(wait: Callable[[float | None], bool], timeout: float | None) -> bool:
+    """``wait(timeout)`` (an `threading.Event.wait`, say), in `SIGNAL_CHECK` slices when
+    in the main thread, so that Ctrl-C is seen at once however the SIGINT lands (CPython
+    runs signal handlers in the main thread, and only once it wakes up)."""
+    if threading.current_thread() is not threading.main_thread():
+        return wait(timeout)
+    deadline = None if timeout is None else perf_counter() + timeout
+    while True:
+        left = SIGNAL_CHECK if deadline is None else min(SIGNAL_CHECK, deadline - perf_counter())
+        if wait(max(0.0, left)):
+            return True
+        if deadline is not None and perf_counter() >= deadline:
+            return False
 
 
 _IN_MEMORY = (list, tuple, range, dict, set, frozenset, str, bytes, bytearray, deque)

@@ -28,7 +28,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, overload
 
 from .backends import Backend, BackgroundRun, LocalBackend, check_backend
-from .engine import JOIN_TIMEOUT, Run
+from .engine import JOIN_TIMEOUT, Run, wait_interruptibly
 from .errors import ConfigurationError, ConfigurationTypeError
 from .metrics import RunResult, StageStats
 from .stage import (
@@ -344,14 +344,19 @@ class Pipeline(Generic[T]):
 
     # ------------------------------------------------------------------ running
 
-    def _new_run(self, method: str, loop: asyncio.AbstractEventLoop | None = None) -> Run:
+    def _new_run(
+        self, method: str, loop: asyncio.AbstractEventLoop | None = None, start: bool = True
+    ) -> Run:
+        """A run of this pipeline, started unless ``start`` is False (then the caller
+        starts it inside the ``try`` that ends it: Ctrl-C may land as it starts)."""
         if not self._stages:
             raise ConfigurationError(
                 f"{method}: the pipeline has no stage: add .map(), .each(), ..."
             )
         run = Run(self._source, list(self._stages), loop=loop)
         self._runs.append(run)
-        run.start()
+        if start:
+            run.start()
         return run
 
     def iterate(self, *, backend: Backend | None = None, progress: bool = False) -> Iterator[T]:
@@ -381,8 +386,9 @@ class Pipeline(Generic[T]):
 
         Breaking out of the loop stops the run and joins its workers.
         """
-        run = self._new_run("iterating a pipeline")
+        run = self._new_run("iterating a pipeline", start=False)
         try:
+            run.start()
             for chunk in run.outputs():
                 yield from chunk
         except BaseException as exc:  # a break (GeneratorExit), Ctrl-C, an error: end the run here
@@ -430,8 +436,9 @@ class Pipeline(Generic[T]):
         watch = _check_watch("run()", report, stall_timeout)
         outputs: list[Any] | None = [] if collect else None
         monitor: Monitor | None = None
-        run = self._new_run("run()")
+        run = self._new_run("run()", start=False)
         try:
+            run.start()
             monitor = _start_monitor(run, self._source, progress, *watch)
             for chunk in run.outputs():
                 if outputs is not None:
@@ -811,7 +818,7 @@ class RunHandle:
             The run's first error, as `Pipeline.run` does (not after `stop()`).
         """
         try:
-            ended = self._done.wait(timeout)
+            ended = wait_interruptibly(self._done.wait, timeout)
         except BaseException as exc:  # Ctrl-C while waiting: the run must not go on behind
             self.stop()
             self._done.wait(JOIN_TIMEOUT)

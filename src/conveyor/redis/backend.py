@@ -133,8 +133,9 @@ class RedisBackend(Backend):
         on_dead_letters: ``"raise"`` (default): raise `DeadLettersError` when
             only dead letters are left; ``"wait"``: wait for a replay.
         keep: keep the run's keys after it finished (for inspection).
-        unavailable_timeout: seconds Redis may stay unreachable before the
-            driver gives up with `BackendUnavailable` (None: forever).
+        unavailable_timeout: seconds Redis may stay unreachable (at the start, or
+            lost during a run) before the run, `cancel` or `open` give up with
+            `BackendUnavailable`, naming the URL and the cause (None: wait forever).
         local_workers: also serve the pipeline from threads of this process
             (a single-machine run through Redis; handy for trying it out).
         redis_options: passed to `redis.Redis.from_url`.
@@ -159,7 +160,7 @@ class RedisBackend(Backend):
         reorder_window: int | None = None,
         on_dead_letters: str = "raise",
         keep: bool = False,
-        unavailable_timeout: float | None = 60.0,
+        unavailable_timeout: float | None = 10.0,
         local_workers: bool = False,
         redis_options: dict[str, Any] | None = None,
     ) -> None:
@@ -197,8 +198,10 @@ class RedisBackend(Backend):
     def client(self) -> Any:
         """The redis-py client (connected on first use, with retries)."""
         if self._client is None:
-            retry = Retrier("connecting", self.unavailable_timeout)
-            self._client = retry(connect, self.url, **self.redis_options)
+            retry = Retrier("connecting", self.unavailable_timeout, url=self.url)
+            self._client = retry(
+                connect, self.url, timeout=self.unavailable_timeout, **self.redis_options
+            )
         return self._client
 
     def close(self) -> None:
@@ -421,7 +424,7 @@ class RedisBackend(Backend):
         """Delete the run ``run_id`` of ``pipeline`` from Redis (its items, outputs and
         dead letters included); workers stop serving it. Returns whether it existed."""
         keys = self.keys(pipeline, run_id)
-        retry = Retrier("cancel", self.unavailable_timeout)
+        retry = Retrier("cancel", self.unavailable_timeout, url=self.url)
         return bool(retry(_delete_run, self.client(), keys, len(_stages(pipeline))))
 
     # ------------------------------------------------------------------ long-lived runs
@@ -435,7 +438,7 @@ class RedisBackend(Backend):
         """
         stages = _stages(pipeline)
         keys = self.keys(pipeline, run_id)
-        retry = Retrier("open", self.unavailable_timeout)
+        retry = Retrier("open", self.unavailable_timeout, url=self.url)
         info, _ = self._create_or_attach(keys, self._info(keys, stages, False, False), retry)
         return LiveRun(self, keys, info, retry)
 
@@ -547,7 +550,7 @@ class _DriverRun:
         self.stages = _stages(pipeline)
         self.keys = keys
         self.stopped = threading.Event()
-        self.retry = Retrier("driver", backend.unavailable_timeout, self.stopped)
+        self.retry = Retrier("driver", backend.unavailable_timeout, self.stopped, backend.url)
         self.client = backend.client()
         self.scripts = Scripts(self.client)
         self.codec = backend.codec

@@ -120,8 +120,8 @@ class Worker:
 
     def start(self) -> Worker:
         """Connect, open every served stage's ports and start its runtime; return at once."""
-        retry = Retrier("worker", self._unavailable, self.stopped)
-        client = self._client = retry(connect, self.url, **self._options)
+        retry = Retrier("worker", self._unavailable, self.stopped, self.url)
+        client = self._client = retry(connect, self.url, timeout=self._unavailable, **self._options)
         directory = RunDirectory(client, self.namespace, self.pipeline_id, self._secret, retry)
         link = WorkerLink(client, directory, self.control, self.stopped, retry)
         try:
@@ -191,15 +191,33 @@ class Worker:
         return stuck
 
     def run_forever(self) -> None:
-        """Start, and serve until `stop()` (or SIGTERM/SIGINT in the main thread)."""
+        """Start, and serve until `stop()` (or SIGTERM/SIGINT in the main thread).
+
+        A signal stops the worker in any state: while it connects (or waits for
+        Redis to come back) nothing was started and it returns at once; while
+        it serves, consumers finish the batch in hand. A second signal aborts
+        them (see `join`).
+        """
         import signal
+
+        from ..engine import wait_interruptibly
 
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.stop())
-        self.start()
-        self.stopped.wait()
+                signal.signal(sig, self._on_signal)
+        try:
+            self.start()
+        except Exception:
+            if self.stopped.is_set() and self.control.error is None:
+                return  # stopped while connecting: nothing was started
+            raise
+        wait_interruptibly(self.stopped.wait, None)
         self.join(30.0)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stopped.is_set():
+            self.control.abort()  # a second signal: do not wait for the batches in hand
+        self.stop()
 
     def __enter__(self) -> Worker:
         return self.start()

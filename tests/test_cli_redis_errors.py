@@ -228,7 +228,7 @@ BAD_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize(("args", "option"), BAD_OPTIONS, ids=lambda v: str(v))
+@pytest.mark.parametrize(("args", "option"), BAD_OPTIONS, ids=str)
 def test_a_bad_option_value_is_a_usage_error_naming_the_option(
     project: Path, args: list[str], option: str
 ) -> None:

@@ -121,6 +121,7 @@ class BackgroundRun:
         self._stop = threading.Event()
         self._result: RunResult | None = None
         self._error: BaseException | None = None
+        self._ended = threading.Event()
         self._thread = threading.Thread(
             target=self._drive,
             args=(backend, pipeline, {"collect": collect, "progress": progress, "report": report}),
@@ -134,6 +135,8 @@ class BackgroundRun:
             self._result = backend.run(pipeline, stop=self._stop, **options)
         except BaseException as exc:
             self._error = exc
+        finally:
+            self._ended.set()
 
     def stop(self, drain: bool = False) -> None:
         """Ask the run to stop; it ends as soon as the backend notices, and a
@@ -151,13 +154,14 @@ class BackgroundRun:
 
     def done(self) -> bool:
         """True once the run has ended (finished, failed or stopped)."""
-        return not self._thread.is_alive()
+        return self._ended.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the end of the run; True if it ended."""
         check_seconds(timeout, "timeout", "BackgroundRun.wait()", zero=True)
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        from .engine import wait_interruptibly
+
+        return wait_interruptibly(self._ended.wait, timeout)
 
     def join(self, timeout: float | None = None) -> RunResult:
         """Wait for the end of the run and return its result.

@@ -29,7 +29,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, overload
 
 from .backends import Backend, BackgroundRun, LocalBackend, check_backend
-from .engine import JOIN_TIMEOUT, Run
+from .engine import JOIN_TIMEOUT, Run, wait_interruptibly
 from .errors import ConfigurationError, ConfigurationTypeError
 from .metrics import MetricsExporter, RunResult, StageStats
 from .stage import (
@@ -396,13 +396,17 @@ class Pipeline(Generic[T]):
         method: str,
         loop: asyncio.AbstractEventLoop | None = None,
         metrics: MetricsExporter | None = None,
+        start: bool = True,
     ) -> Run:
+        """A run of this pipeline, started unless ``start`` is False (then the caller
+        starts it inside the ``try`` that ends it: Ctrl-C may land as it starts)."""
         self._check_runnable(method)
         run = Run(self._source, list(self._stages), loop=loop)
         if metrics is not None:
             metrics.watch(run)  # read at scrapes, never on the workers' path
         self._runs.append(run)
-        run.start()
+        if start:
+            run.start()
         return run
 
     def iterate(
@@ -444,12 +448,13 @@ class Pipeline(Generic[T]):
         return self._iterate("iterating a pipeline", None)
 
     def _iterate(self, method: str, metrics: MetricsExporter | None) -> Iterator[T]:
-        run = self._new_run(method, metrics=metrics)
+        run = self._new_run(method, metrics=metrics, start=False)
         try:
+            run.start()
             for chunk in run.outputs():
                 yield from chunk
-        except BaseException:  # a break (GeneratorExit), Ctrl-C, an error: end the run here
-            _end(run)
+        except BaseException as exc:  # a break (GeneratorExit), Ctrl-C, an error: end the run here
+            _end(run, exc)
             raise
         finally:
             _forget(self._runs, run)
@@ -500,14 +505,15 @@ class Pipeline(Generic[T]):
         watch = _check_watch("run()", report, stall_timeout)
         outputs: list[Any] | None = [] if collect else None
         monitor: Monitor | None = None
-        run = self._new_run("run()", metrics=metrics)
+        run = self._new_run("run()", metrics=metrics, start=False)
         try:
+            run.start()
             monitor = _start_monitor(run, self._source, progress, *watch)
             for chunk in run.outputs():
                 if outputs is not None:
                     outputs.extend(chunk)
-        except BaseException:  # also before the outputs are reached (Ctrl-C just after the start)
-            _end(run)
+        except BaseException as exc:  # also before the outputs (Ctrl-C just after the start)
+            _end(run, exc)
             raise
         finally:
             if monitor is not None:
@@ -542,6 +548,9 @@ class Pipeline(Generic[T]):
                 async for chunk in chunks:
                     for item in chunk:
                         yield item
+        except BaseException as exc:
+            run.note_left_behind(exc)
+            raise
         finally:
             _forget(self._runs, run)
 
@@ -599,6 +608,9 @@ class Pipeline(Generic[T]):
                 async for chunk in chunks:
                     if outputs is not None:
                         outputs.extend(chunk)
+        except BaseException as exc:  # cancelled, Ctrl-C, an error: say what was left behind
+            run.note_left_behind(exc)
+            raise
         finally:
             if monitor is not None:
                 monitor.close()
@@ -745,10 +757,12 @@ def _check_processes_allowed(stages: tuple[Stage, ...], method: str) -> None:
             )
 
 
-def _end(run: Run) -> None:
-    """Stop ``run`` and join its threads (no-op for a run that has ended already)."""
+def _end(run: Run, error: BaseException) -> None:
+    """Stop ``run`` and join its threads (no-op for a run that has ended already); note on
+    ``error``, the exception ending it, what was left behind stuck in user code."""
     run.abort()
     run.join()
+    run.note_left_behind(error)
 
 
 def _forget(registry: list[Run], run: Run) -> None:
@@ -958,11 +972,12 @@ class RunHandle:
         """
         check_seconds(timeout, "timeout", "RunHandle.join()", zero=True)
         try:
-            ended = self._done.wait(timeout)
-        except BaseException:  # Ctrl-C while waiting: the run must not go on behind the caller
+            ended = wait_interruptibly(self._done.wait, timeout)
+        except BaseException as exc:  # Ctrl-C while waiting: the run must not go on behind
             self.stop()
             self._done.wait(JOIN_TIMEOUT)
             self._thread.join(JOIN_TIMEOUT)
+            self._run.note_left_behind(exc)
             raise
         if not ended:
             raise TimeoutError(f"the run did not end within {timeout} s")
@@ -970,7 +985,7 @@ class RunHandle:
         if self._error is not None and not (
             self._run.control.error is None and self._run.control.stopped.is_set()
         ):
-            raise self._error
+            raise self._run.note_left_behind(self._error)
         return self._run.result(self._outputs)
 
     def stats(self) -> list[StageStats]:

@@ -42,7 +42,7 @@ from typing import Any
 from ..channel import Channel
 from ..errors import BackendError, ConfigurationError
 from ..metrics import StageMetrics, StageReading, StageStats
-from ..runtime.base import RunControl, Runtime, StageRun, get_runtime
+from ..runtime.base import RunControl, Runtime, StageRun, get_runtime, left_behind
 from ..stage import Stage
 from .codec import secret_from
 from .port import RedisIO, RunDirectory, WorkerLink
@@ -118,11 +118,13 @@ class Worker:
         self._ios: list[RedisIO] = []  # one per stage run, for the dead letters it counted
         self._client: Any = None
         self._joined = False
+        self.left_behind: list[str] = []
+        """What `join` left running user code, said per stage (daemon threads)."""
 
     def start(self) -> Worker:
         """Connect, open every served stage's ports and start its runtime; return at once."""
-        retry = Retrier("worker", self._unavailable, self.stopped)
-        client = self._client = retry(connect, self.url, **self._options)
+        retry = Retrier("worker", self._unavailable, self.stopped, self.url)
+        client = self._client = retry(connect, self.url, timeout=self._unavailable, **self._options)
         directory = RunDirectory(client, self.namespace, self.pipeline_id, self._secret, retry)
         link = WorkerLink(client, directory, self.control, self.stopped, retry)
         try:
@@ -204,22 +206,24 @@ class Worker:
         ends what does not end in time."""
         self.stopped.set()
 
-    def join(self, timeout: float | None = None) -> None:
-        """Wait for every consumer to stop, ``timeout`` seconds at most (then abort them:
-        process children are terminated, threads stuck in user code are left behind);
-        re-raise the first error of the worker."""
+    def join(self, timeout: float | None = None, grace: float = ABORT_GRACE) -> None:
+        """Wait for every consumer to stop, ``timeout`` seconds at most (then abort them
+        and wait ``grace`` seconds more: process children are terminated, threads stuck
+        in user code are left behind, named in `left_behind`); re-raise the first error
+        of the worker."""
         deadline = None if timeout is None else monotonic() + timeout
         stuck = self._join_runtimes(deadline)
         if stuck:
             self.control.abort()
-            stuck = self._join_runtimes(monotonic() + ABORT_GRACE)
+            stuck = self._join_runtimes(monotonic() + grace)
+        self.left_behind = left_behind(self.stage_runs, stuck)
         for runtime in self.runtimes.values():
             runtime.close()
         self.runtimes.clear()
         for sr in self.stage_runs:
             sr.io.close()
-        if stuck:
-            log.warning("conveyor: Redis worker threads still running user code: %s", stuck)
+        if self.left_behind:
+            log.warning("conveyor: Redis worker: %s", "; ".join(self.left_behind))
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -237,15 +241,33 @@ class Worker:
         return stuck
 
     def run_forever(self) -> None:
-        """Start, and serve until `stop()` (or SIGTERM/SIGINT in the main thread)."""
+        """Start, and serve until `stop()` (or SIGTERM/SIGINT in the main thread).
+
+        A signal stops the worker in any state: while it connects (or waits for
+        Redis to come back) nothing was started and it returns at once; while
+        it serves, consumers finish the batch in hand. A second signal aborts
+        them (see `join`).
+        """
         import signal
+
+        from ..engine import wait_interruptibly
 
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.stop())
-        self.start()
-        self.stopped.wait()
+                signal.signal(sig, self._on_signal)
+        try:
+            self.start()
+        except Exception:
+            if self.stopped.is_set() and self.control.error is None:
+                return  # stopped while connecting: nothing was started
+            raise
+        wait_interruptibly(self.stopped.wait, None)
         self.join(30.0)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stopped.is_set():
+            self.control.abort()  # a second signal: do not wait for the batches in hand
+        self.stop()
 
     def __enter__(self) -> Worker:
         return self.start()

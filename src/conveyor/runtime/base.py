@@ -42,6 +42,7 @@ __all__ = [
     "batch_loop",
     "count_batch",
     "get_runtime",
+    "left_behind",
     "worker_loop",
 ]
 
@@ -268,6 +269,39 @@ def _flush(port: Port, counters: WorkerCounters, group: list[Any]) -> list[Any]:
     counters.wait_out += perf_counter() - t1
     counters.items_out += 1
     return []
+
+
+def left_behind(
+    stage_runs: list[StageRun], stuck: list[str], source_thread: str | None = None
+) -> list[str]:
+    """Say, per stage (or for the source), which of the ``stuck`` threads, tasks or
+    processes a join left running user code.
+
+    Worker threads and tasks are named after their stage (`StageRun.thread_name`);
+    an async stage's stuck tasks name it, and the event loop's thread they block
+    is listed with them.
+    """
+    from .aio import LOOP_THREAD_NAME
+
+    runs = sorted(stage_runs, key=lambda sr: -len(sr.stage.name))  # longest name first
+    found: dict[str, list[str]] = {}
+    for name in stuck:
+        if name == source_thread:
+            found.setdefault("the source", []).append(name)
+            continue
+        owner = next((sr for sr in runs if name.startswith(f"conveyor-{sr.stage.name}-")), None)
+        if owner is not None:
+            found.setdefault(f"stage {owner.stage.label}", []).append(name)
+    if LOOP_THREAD_NAME in stuck:
+        owners = [f"stage {sr.stage.label}" for sr in stage_runs if sr.stage.runtime == "async"]
+        found.setdefault(next((o for o in owners if o in found), "an async stage"), []).append(
+            LOOP_THREAD_NAME
+        )
+    return [
+        f"{owner} is stuck in user code: left behind: {', '.join(names)} (daemon threads, "
+        f"which do not keep the interpreter from exiting)"
+        for owner, names in found.items()
+    ]
 
 
 class Runtime(ABC):

@@ -19,6 +19,8 @@
 # debootstrap (installed with apt-get when missing). Where that is impossible,
 # `quick` says why and skips (exit code 0): the other commands fail.
 #
+# Its own messages go to stderr: the standard output of `shell` is COMMAND's.
+#
 # Each run mounts /proc, /dev, /dev/pts, /dev/shm, the checkout (at /checkout),
 # the host's resolv.conf and CA bundle in a mount namespace of its own
 # (unshare): concurrent runs from several checkouts do not see one another's
@@ -36,9 +38,10 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 SELF="$ROOT/scripts/pythons.sh"
-CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/conveyor"
-CHROOT="${CONVEYOR_CHROOT:-$CACHE_DIR/forky}"
+CHROOT="${CONVEYOR_CHROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/conveyor/forky}"
+# Beside the chroot: its lock, the virtualenvs' locks, the build's log.
 CHROOT_LOCK="$CHROOT.lock"
+BUILD_LOG="$CHROOT-build.log"
 CHROOT_EXTRAS="${CONVEYOR_CHROOT_EXTRAS:-all,test}"
 # The interpreters the chroot provides, and the Debian packages that make it.
 CHROOT_PYTHONS=(3.14 3.15)
@@ -107,7 +110,7 @@ debian_mirror() {
 
 ensure_debootstrap() {
     command -v debootstrap >/dev/null 2>&1 && return 0
-    echo "Installing debootstrap (apt-get install debootstrap)..."
+    echo "Installing debootstrap (apt-get install debootstrap)..." >&2
     local log
     log="$(mktemp "${TMPDIR:-/tmp}/conveyor-apt.XXXXXX")"
     if ! { DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap ||
@@ -173,7 +176,7 @@ marked_complete() {
 # this run: the mounts go away with it).
 install_apt_packages() {
     local dir="$1" log="$2"
-    echo "Installing ${CHROOT_APT_PACKAGES[*]} in the chroot (apt-get)..."
+    echo "Installing ${CHROOT_APT_PACKAGES[*]} in the chroot (apt-get)..." >&2
     unshare --mount --propagation private -- bash "$SELF" _apt "$dir" "${CHROOT_APT_PACKAGES[@]}" \
         >>"$log" 2>&1 || {
         tail -n 30 "$log" >&2
@@ -188,13 +191,14 @@ build_chroot() {
     local mirror building log
     mirror="$(debian_mirror)"
     building="$CHROOT.building"
-    log="$CACHE_DIR/forky-build.log"
+    log="$BUILD_LOG"
     remove_tree "$building"
-    mkdir -p "$CACHE_DIR"
     step "Building the Debian $SUITE chroot with Python ${CHROOT_PYTHONS[*]} at $CHROOT" \
-        "(debootstrap from $mirror; about 40 s and 730 MB; log: $log)"
+        "(debootstrap from $mirror; about 40 s and 730 MB; log: $log)" >&2
     local started=$SECONDS
-    if ! debootstrap --variant=minbase --include="$DEBOOTSTRAP_PACKAGES" \
+    # In a mount namespace of its own: what debootstrap mounts in the new
+    # system goes away with it, even if it is interrupted.
+    if ! unshare --mount --propagation private -- debootstrap --variant=minbase --include="$DEBOOTSTRAP_PACKAGES" \
         "$SUITE" "$building" "$mirror" /usr/share/debootstrap/scripts/sid >"$log" 2>&1; then
         tail -n 30 "$log" >&2
         die "debootstrap failed (log: $log). CONVEYOR_DEBIAN_MIRROR sets the mirror."
@@ -204,38 +208,50 @@ build_chroot() {
         die "the new chroot at $building lacks an interpreter, gcc or a package (log: $log)"
     mark_complete "$building"
     mv -T -- "$building" "$CHROOT"
-    echo "==> Chroot built in $((SECONDS - started)) s: $CHROOT"
+    echo "==> Chroot built in $((SECONDS - started)) s: $CHROOT" >&2
 }
 
-# Make sure a complete chroot is at CHROOT. Holds the chroot's lock (fd 7)
-# exclusively while building or checking, then shared for the caller's run, so
-# that no run ever sees a chroot being built or removed.
+# `lock FD MODE WHAT`: flock FD (-x or -s), saying what it waits for when
+# another run holds it.
+lock() {
+    flock -n "$2" "$1" && return 0
+    echo "Waiting for another run to release $3..." >&2
+    flock -w 1800 "$2" "$1" || die "timed out after 30 minutes waiting for $3"
+}
+
+# Make sure a complete chroot is at CHROOT. Holds the chroot's lock (fd 7):
+# shared while the caller's run uses it, exclusive while building or checking
+# it, so that no run ever sees a chroot being built or removed.
 ensure_chroot() {
     mkdir -p "$(dirname "$CHROOT")"
     exec 7>"$CHROOT_LOCK"
-    flock -x 7
+    lock 7 -s "the chroot ($CHROOT_LOCK)"
     if marked_complete "$CHROOT"; then
-        echo "==> Cached chroot: $CHROOT (complete since $(sed -n 2p "$CHROOT/$MARKER"))"
+        echo "==> Cached chroot: $CHROOT (complete since $(sed -n 2p "$CHROOT/$MARKER"))" >&2
+        return 0
+    fi
+    lock 7 -x "the chroot ($CHROOT_LOCK)"
+    if marked_complete "$CHROOT"; then
+        echo "==> Chroot: $CHROOT (built by another run meanwhile)" >&2
     elif [[ -d "$CHROOT" ]]; then
         # Built by hand, or by an older version of this script: complete it if
         # debootstrap's part is there (adding the apt packages), else build it anew.
-        step "Checking the chroot at $CHROOT (not marked complete for this recipe)"
-        mkdir -p "$CACHE_DIR"
+        step "Checking the chroot at $CHROOT (not marked complete for this recipe)" >&2
         if chroot_has_base "$CHROOT" && ! chroot_has_everything "$CHROOT"; then
-            install_apt_packages "$CHROOT" "$CACHE_DIR/forky-build.log"
+            install_apt_packages "$CHROOT" "$BUILD_LOG"
         fi
         if chroot_has_everything "$CHROOT"; then
             mark_complete "$CHROOT"
-            echo "==> The chroot is complete: marked it ($CHROOT/$MARKER)."
+            echo "==> The chroot is complete: marked it ($CHROOT/$MARKER)." >&2
         else
-            echo "The chroot at $CHROOT is incomplete: building it anew."
+            echo "The chroot at $CHROOT is incomplete: building it anew." >&2
             remove_tree "$CHROOT"
             build_chroot
         fi
     else
         build_chroot
     fi
-    flock -s 7
+    lock 7 -s "the chroot ($CHROOT_LOCK)"
 }
 
 # --- running in the chroot (these run in a mount namespace of their own) ---------
@@ -300,42 +316,57 @@ in_chroot() {
 # checkout (editable: the accelerator is compiled for VERSION into the
 # checkout's src/conveyor). Reinstalled when pyproject.toml, the accelerator's
 # source, the extras or the interpreter change, or when the compiled module is
-# missing from this checkout. The version's lock is held exclusively while
-# installing, then shared during the run.
+# missing from this checkout. The version's lock (fd 8) is held shared while
+# the caller's run uses it, exclusive while installing.
 ensure_chroot_venv() {
-    local dir="$1" version="$2" venv="$VENVS/venv-$2"
-    exec 8>"$CACHE_DIR/venv-$version.lock"
-    flock -x 8
-    local key stamp="$dir$venv/.conveyor-install-stamp"
+    local dir="$1" version="$2" venv="$VENVS/venv-$2" key
+    local what="the virtualenv of Python $version ($CHROOT.venv-$version.lock)"
     key="$({
         cat "$ROOT/pyproject.toml" "$ROOT/src/conveyor/_speedups.c"
         printf 'extras=%s\n' "$CHROOT_EXTRAS"
         in_chroot "$dir" "" / "python$version" -c 'import sys; print(sys.version)'
     } | sha256sum | cut -d' ' -f1)"
-    if [[ -f "$stamp" && "$(cat "$stamp")" == "$key" ]] &&
-        in_chroot "$dir" "$venv" / python -c 'import conveyor._speedups' >/dev/null 2>&1; then
-        echo "==> Python $version: the virtualenv is up to date ($dir$venv)"
-    else
-        local started=$SECONDS log="$dir$venv.log"
-        if [[ ! -x "$dir$venv/bin/python" ]] || ! in_chroot "$dir" "$venv" / python -m pip --version \
-            >/dev/null 2>&1; then
-            rm -rf --one-file-system -- "${dir:?}$venv"
-            in_chroot "$dir" "" / "python$version" -m venv "$venv" ||
-                die "python$version -m venv $venv failed in the chroot"
-        fi
-        echo "==> Python $version: installing conveyor[$CHROOT_EXTRAS] into $dir$venv (editable; log: $log)"
-        rm -f -- "$stamp"
-        if ! in_chroot "$dir" "$venv" "$CHECKOUT" python -m pip install --disable-pip-version-check \
-            -e "${CHECKOUT}[$CHROOT_EXTRAS]" >"$log" 2>&1; then
-            grep -v "^WARNING: Location .* is ignored" "$log" | tail -n 30 >&2
-            die "pip install -e '.[$CHROOT_EXTRAS]' failed on Python $version (log: $log)"
-        fi
-        in_chroot "$dir" "$venv" / python -c 'import conveyor._speedups' ||
-            die "the C accelerator was not built for Python $version (log: $log)"
-        printf '%s\n' "$key" >"$stamp"
-        echo "==> Python $version: installed in $((SECONDS - started)) s"
+    exec 8>"$CHROOT.venv-$version.lock"
+    lock 8 -s "$what"
+    if venv_up_to_date "$dir" "$venv" "$key"; then
+        echo "==> Python $version: the virtualenv is up to date ($dir$venv)" >&2
+        return 0
     fi
-    flock -s 8
+    lock 8 -x "$what"
+    if ! venv_up_to_date "$dir" "$venv" "$key"; then
+        install_venv "$dir" "$version" "$venv" "$key"
+    fi
+    lock 8 -s "$what"
+}
+
+# True when the virtualenv VENV was installed for KEY and imports the accelerator
+# from this checkout.
+venv_up_to_date() {
+    local dir="$1" venv="$2" key="$3" stamp="$1$2/.conveyor-install-stamp"
+    [[ -f "$stamp" && "$(cat "$stamp")" == "$key" ]] &&
+        in_chroot "$dir" "$venv" / python -c 'import conveyor._speedups' >/dev/null 2>&1
+}
+
+install_venv() {
+    local dir="$1" version="$2" venv="$3" key="$4"
+    local started=$SECONDS log="$dir$venv.log" stamp="$dir$venv/.conveyor-install-stamp"
+    if [[ ! -x "$dir$venv/bin/python" ]] || ! in_chroot "$dir" "$venv" / python -m pip --version \
+        >/dev/null 2>&1; then
+        rm -rf --one-file-system -- "${dir:?}$venv"
+        in_chroot "$dir" "" / "python$version" -m venv "$venv" ||
+            die "python$version -m venv $venv failed in the chroot"
+    fi
+    echo "==> Python $version: installing conveyor[$CHROOT_EXTRAS] into $dir$venv (editable; log: $log)" >&2
+    rm -f -- "$stamp"
+    if ! in_chroot "$dir" "$venv" "$CHECKOUT" python -m pip install --disable-pip-version-check \
+        -e "${CHECKOUT}[$CHROOT_EXTRAS]" >"$log" 2>&1; then
+        grep -v "^WARNING: Location .* is ignored" "$log" | tail -n 30 >&2
+        die "pip install -e '.[$CHROOT_EXTRAS]' failed on Python $version (log: $log)"
+    fi
+    in_chroot "$dir" "$venv" / python -c 'import conveyor._speedups' ||
+        die "the C accelerator was not built for Python $version (log: $log)"
+    printf '%s\n' "$key" >"$stamp"
+    echo "==> Python $version: installed in $((SECONDS - started)) s" >&2
 }
 
 # `_enter VERSION COMMAND...`: in a mount namespace of its own.

@@ -136,10 +136,10 @@ check_accelerator() {
 
 run_pytest() {
     step "pytest $*"
-    local rc=0
+    local rc=0 started=$SECONDS
     pytest "$@" || rc=$?
     case "$rc" in
-        0) ;;
+        0) echo "==> pytest passed in $((SECONDS - started)) s" ;;
         5) die "pytest collected no tests (exit code 5): treated as a failure." ;;
         *) die "pytest failed (exit code $rc)" ;;
     esac
@@ -207,7 +207,7 @@ main() {
     step "The channel tests again, on the pure-Python fallback (CONVEYOR_PURE_PYTHON=1)"
     CONVEYOR_PURE_PYTHON=1 run_pytest -q tests/test_channel*.py tests/test_speedups.py
     run_other_pythons
-    step "All checks passed."
+    step "All checks passed in $SECONDS s."
 }
 
 # Run unless sourced (sourcing gives the functions alone, for debugging).

@@ -194,7 +194,7 @@ build_chroot() {
     log="$BUILD_LOG"
     remove_tree "$building"
     step "Building the Debian $SUITE chroot with Python ${CHROOT_PYTHONS[*]} at $CHROOT" \
-        "(debootstrap from $mirror; about 40 s and 730 MB; log: $log)" >&2
+        "(debootstrap from $mirror; about 90 s and 1 GB; log: $log)" >&2
     local started=$SECONDS
     # In a mount namespace of its own: what debootstrap mounts in the new
     # system goes away with it, even if it is interrupted.

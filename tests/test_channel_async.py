@@ -1,8 +1,7 @@
 """Tests of `conveyor.Channel`'s asyncio side, alone and mixed with threads.
 
-Written for Python 3.10 too: `asyncio.wait_for` rather than `asyncio.timeout`,
-no TaskGroup. Coroutines are known to be parked through the channel's
-statistics; threads are known to be parked the same way.
+Coroutines are known to be parked through the channel's statistics; threads
+are known to be parked the same way.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import sys
 import threading
 from collections.abc import (
     AsyncGenerator,
@@ -26,7 +25,7 @@ from contextlib import aclosing
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, Unpack, overload
 
 from .backends import Backend, BackgroundRun, LocalBackend, check_backend
 from .engine import JOIN_TIMEOUT, Run, wait_interruptibly
@@ -52,11 +51,6 @@ from .validate import (
     check_seconds,
     check_str,
 )
-
-if sys.version_info >= (3, 11):
-    from typing import Unpack
-else:
-    from typing_extensions import Unpack
 
 if TYPE_CHECKING:
     from .progress import Monitor

@@ -34,7 +34,6 @@ from .metrics import RunResult, StageStats
 from .stage import (
     DEFAULT_CAPACITY,
     ON_ERROR,
-    RUNTIMES,
     Backoff,
     Kind,
     OnError,
@@ -43,6 +42,7 @@ from .stage import (
     check_callable,
     check_choice,
     check_int,
+    check_runtime,
     check_seconds,
 )
 
@@ -92,9 +92,10 @@ class StageOptions(_Options, total=False):
     Keys:
         workers: how many workers call the function in parallel (>= 1;
             default 1).
-        runtime: ``"thread"`` (default), ``"process"`` (CPU-bound Python)
-            or ``"async"`` (a coroutine function; ``workers`` is the
-            concurrency).
+        runtime: ``"thread"`` (default), ``"process"`` (CPU-bound Python),
+            ``"async"`` (a coroutine function; ``workers`` is the
+            concurrency) or ``"interpreter"`` (CPU-bound Python in
+            subinterpreters of this process; Python 3.14+).
         capacity: the size of the channel in front of the stage (>= 1;
             default 1024).
         ordered: keep input order across workers (default), or let results
@@ -115,7 +116,7 @@ class StageOptions(_Options, total=False):
             ``on_start`` returned.
 
     `Pipeline.map` also takes ``max_items_per_worker``: with the process
-    runtime, replace a worker process after this many items (for leaky
+    and interpreter runtimes, replace a worker after this many items (for leaky
     code; >= 1, default None).
     """
 
@@ -197,7 +198,7 @@ class Pipeline(Generic[T]):
         if "capacity" in changes:
             check_int(changes["capacity"], "capacity", method, 1)
         if "runtime" in changes:
-            check_choice(changes["runtime"], "runtime", method, RUNTIMES)
+            check_runtime(changes["runtime"], "runtime", method)
         new: Pipeline[T] = Pipeline.__new__(Pipeline)
         new._source = self._source
         new._stages = tuple(replace(s, **changes) if s.name == name else s for s in self._stages)
@@ -273,7 +274,8 @@ class Pipeline(Generic[T]):
 
         Args:
             fn: the function (a coroutine function with ``runtime="async"``).
-            runtime: ``"thread"`` (default), ``"process"`` or ``"async"``.
+            runtime: ``"thread"`` (default), ``"process"``, ``"async"`` or
+                ``"interpreter"`` (Python 3.14+).
             **options: the stage's options, keyword-only and optional: see
                 `StageOptions` (``workers``, ``retries``, ``timeout``, ...);
                 ``map`` also takes ``max_items_per_worker``.
@@ -669,6 +671,11 @@ def _check_choice_of(choices: tuple[str, ...]) -> _Check:
     return check
 
 
+def _check_runtime(value: object, param: str, method: str) -> object:
+    check_runtime(value, param, method)
+    return value
+
+
 def _check_at_least(minimum: int, *, optional: bool = False) -> _Check:
     def check(value: object, param: str, method: str) -> object:
         return value if optional and value is None else check_int(value, param, method, minimum)
@@ -684,7 +691,7 @@ def _check_stage_name(value: object, param: str, method: str) -> object:
 _CHECKS: dict[str, _Check] = {
     # Each raises an error naming the option and the method. One line per option.
     "workers": _check_at_least(1),
-    "runtime": _check_choice_of(RUNTIMES),
+    "runtime": _check_runtime,
     "capacity": _check_at_least(1),
     "ordered": _check_ordered,
     "retries": _check_at_least(0),

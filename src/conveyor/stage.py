@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import sys
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -33,8 +34,10 @@ __all__ = [
 
 Kind = Literal["map", "filter", "flat_map", "batch", "each"]
 KINDS: tuple[str, ...] = ("map", "filter", "flat_map", "batch", "each")
-RuntimeName = Literal["thread", "process", "async"]
-RUNTIMES: tuple[str, ...] = ("thread", "process", "async")
+RuntimeName = Literal["thread", "process", "async", "interpreter"]
+RUNTIMES: tuple[str, ...] = ("thread", "process", "async", "interpreter")
+INTERPRETER_PYTHON = (3, 14)
+"""The Python ``runtime="interpreter"`` needs (`concurrent.interpreters`, PEP 734)."""
 OnError = Literal["raise", "skip"]
 ON_ERROR: tuple[str, ...] = ("raise", "skip")
 
@@ -163,6 +166,17 @@ def check_seconds(value: object, param: str, method: str) -> float | None:
     if not value > 0:
         raise ConfigurationError(f"{method}() '{param}' must be > 0 seconds, got {value!r}")
     return float(value)
+
+
+def check_runtime(value: object, param: str, method: str) -> None:
+    """Raise a clear error when ``value`` is not a runtime this Python can run."""
+    check_choice(value, param, method, RUNTIMES)
+    if value == "interpreter" and sys.version_info < INTERPRETER_PYTHON:
+        raise ConfigurationError(
+            f"{method}() '{param}' 'interpreter' needs Python 3.14 or newer "
+            f"(concurrent.interpreters, PEP 734); this is Python "
+            f"{sys.version_info.major}.{sys.version_info.minor}: use runtime='process' here"
+        )
 
 
 def check_choice(value: object, param: str, method: str, choices: tuple[str, ...]) -> None:

@@ -93,6 +93,7 @@ class _Interpreter:
         self.sentinel = self._ended_reader
         """Readable (end of file) once the interpreter's call has returned."""
         self._lock = threading.Lock()  # guards _closed and exitcode
+        self._stopped = False  # its socket was shut down: the worker's errors are expected
         self._abandoned = False
         self._closed = False
         self._socket: socket.socket | None = None  # a handle on its socket, to shut it down
@@ -120,7 +121,8 @@ class _Interpreter:
             self._interpreter.call(interpreter_main, self._target, fd, self._blob, path)
             code = 0
         except BaseException:  # it escaped the worker: shown as a worker process's would be
-            traceback.print_exc()
+            if not self._stopped:  # else: its socket, shut down under it
+                traceback.print_exc()
         finally:
             with self._lock:
                 self.exitcode = code
@@ -137,6 +139,7 @@ class _Interpreter:
 
     def terminate(self) -> None:
         """Shut the interpreter's socket down: it ends after its current call."""
+        self._stopped = True
         sock = self._socket
         if sock is not None:
             with contextlib.suppress(OSError):

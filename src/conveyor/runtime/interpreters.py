@@ -44,6 +44,7 @@ worker process):
   module fails in ``on_start`` or on its first item, with the module's
   `ImportError`: use ``runtime="process"`` for it.
 - CPU time: a worker reports its thread's, not the process's.
+- POSIX only (the socket's end crosses as a file descriptor).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import ConfigurationError
 from ._child import interpreter_main
 from .processes import ProcessRuntime
 
@@ -103,15 +105,14 @@ class _Interpreter:
     def start(self) -> None:
         """Make the interpreter and start the thread that runs the worker in it."""
         interpreters: Any = importlib.import_module("concurrent.interpreters")
-        # The caller closes its handle on the child's end after start(), as for a process.
+        self._interpreter = interpreters.create()
+        # The caller closes its handle on the child's end after start(), as for a process:
+        # the interpreter gets a copy of its own, and this object one to shut it down.
+        self._socket = socket.socket(fileno=os.dup(self._conn.fileno()))
         fd = os.dup(self._conn.fileno())
-        try:
-            self._socket = socket.socket(fileno=os.dup(fd))
-            self._interpreter = interpreters.create()
-        except BaseException:
-            os.close(fd)
-            raise
-        self._thread = threading.Thread(target=self._run, args=(fd,), name=self.name, daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(fd,), name=f"{self.name}-interpreter", daemon=True
+        )
         self._thread.start()
 
     def _run(self, fd: int) -> None:
@@ -187,6 +188,11 @@ class InterpreterRuntime(ProcessRuntime):
     )
 
     def __init__(self) -> None:
+        if os.name != "posix":  # a socket's end crosses as a file descriptor; untested elsewhere
+            raise ConfigurationError(
+                "runtime='interpreter' runs on POSIX systems (Linux, macOS); "
+                "use runtime='process' here"
+            )
         super().__init__(_Context())
 
 

@@ -58,6 +58,13 @@ def hang_until_released(folder: str, x: int) -> int:
     return x
 
 
+def only_the_main_interpreter_is_left() -> bool:
+    """Whether every interpreter but the main one has been closed."""
+    from concurrent import interpreters  # type: ignore[import-not-found,unused-ignore]
+
+    return [i.id for i in interpreters.list_all()] == [interpreters.get_main().id]
+
+
 def join_new_threads(before: set[threading.Thread], timeout: float = WAIT) -> list[str]:
     """Wait (bounded) for the threads started since ``before``; return those left."""
     deadline = time.monotonic() + timeout
@@ -173,7 +180,7 @@ def test_an_item_over_its_timeout_gives_up_its_interpreter_and_a_fresh_one_goes_
     assert "its worker interpreter was given up" in str(failure.error)
     # Released, the given-up call returns, and its interpreter ends with it.
     assert join_new_threads(before) == []
-    assert Path(folder, "hung").exists()
+    assert only_the_main_interpreter_is_left()
 
 
 @needs_interpreters
@@ -199,6 +206,7 @@ def test_stop_does_not_wait_for_a_call_in_progress_which_ends_on_its_own(tmp_pat
     assert result.stopped
     assert took < 2.0, f"stop() took {took:.1f} s: it waited for the call"
     assert join_new_threads(before) == []
+    assert only_the_main_interpreter_is_left()
 
 
 def exit_on_3(x: int) -> int:
@@ -283,3 +291,19 @@ def test_an_interpreter_stages_cpu_time_and_busy_time_are_its_interpreters() -> 
     assert stats.cpu_seconds is not None and stats.cpu_seconds >= 200 * 0.003
     assert stats.busy_seconds <= stats.workers * stats.elapsed_seconds
     assert stats.latency_p50 >= 0.002  # the stage function's time, not the round trip
+
+
+@needs_interpreters
+def test_runs_leave_no_interpreter_thread_or_file_descriptor_behind() -> None:
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    list(cv.Pipeline(range(3)).map(abs, runtime="interpreter"))  # imports, caches: once
+    before_threads = set(threading.enumerate())
+    before_fds = fds()
+    for _ in range(5):
+        outputs = list(cv.Pipeline(range(20)).map(abs, workers=2, runtime="interpreter"))
+        assert outputs == list(range(20))
+    assert only_the_main_interpreter_is_left()
+    assert join_new_threads(before_threads) == []
+    assert fds() == before_fds

@@ -41,7 +41,7 @@ sys.path.insert(0, os.environ.get("CONVEYOR_BENCH_SRC") or str(BENCH.parent / "s
 
 import cloudpickle  # noqa: E402
 import runtimes  # noqa: E402  (bench/runtimes.py: the workload)
-from runtimes import burn, calibrate  # noqa: E402
+from runtimes import burn  # noqa: E402
 
 import conveyor as cv  # noqa: E402
 
@@ -92,6 +92,27 @@ def measure(candidates: dict[str, Candidate], rounds: int) -> dict[str, list[tup
                 results[name].append(figures)
         print(f"  round {round_}/{rounds} done", file=sys.stderr)
     return results
+
+
+def calibrate(seconds: float) -> int:
+    """The n for which burn(n) takes about ``seconds`` of CPU here (CPU time, not wall
+    time: others' load on the machine would make the items too short)."""
+    n = 20_000
+    while True:
+        started = time.thread_time()
+        burn(n)
+        took = time.thread_time() - started
+        if took > 0.1:
+            return max(1, int(n * seconds / took))
+        n *= 2
+
+
+def load() -> str:
+    """The load averages over 1, 5 and 15 minutes (others' work on the machine)."""
+    try:
+        return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def cpu(rounds: int) -> tuple[list[str], dict[str, list[tuple[float, float]]]]:
@@ -195,19 +216,22 @@ def main() -> None:
     sys.path.insert(0, str(BENCH))
     from _common import machine, write_section
 
-    started = time.strftime("%Y-%m-%d")
+    started, load_before = time.strftime("%Y-%m-%d %H:%M"), load()
     cpu_lines, _ = cpu(args.rounds)
+    startup_lines = startup(args.rounds)
     text = "\n".join(
         [
             "## Interpreter runtime (Python 3.14+)",
             "",
             f"`python bench/interpreters.py --rounds {args.rounds}` on {started}: {machine()}, "
             f"start method {multiprocessing.get_start_method()} for the processes. Medians of "
-            f"{args.rounds} rounds, the candidates alternated round by round after a warm-up.",
+            f"{args.rounds} rounds, the candidates alternated round by round after a warm-up. "
+            f"Load average (1/5/15 min) {load_before} at the start, {load()} at the end: "
+            "others' work shares the cores.",
             "",
             *cpu_lines,
             "",
-            *startup(args.rounds),
+            *startup_lines,
         ]
     )
     print(text)

@@ -283,7 +283,7 @@ def _child_main(conn: Connection, blob: bytes, interpreter: bool = False) -> Non
 def interpreter_main(
     target: Callable[[Connection, bytes, bool], None], fd: int, blob: bytes, path: tuple[str, ...]
 ) -> None:
-    """The body of a worker subinterpreter: ``target`` (`_child_main`) on the pipe ``fd``.
+    """The body of a worker subinterpreter: ``target`` (`_child_main`) on the socket ``fd``.
 
     A new interpreter starts with the ``sys.path`` of the process's start-up;
     it gets the parent's as it is now, so that the stage's modules are found.

@@ -40,6 +40,9 @@ processes lives in three modules:
   flight, what happens when a child dies or overruns), the exceptions that
   come back from workers, and `ProcessRuntime`.
 
+The interpreter runtime (`conveyor.runtime.interpreters`) is this runtime
+with subinterpreters of the parent's process in place of worker processes.
+
 Start methods and the ``__main__`` rule
 ---------------------------------------
 Worker processes are started with the multiprocessing start method named by

@@ -105,9 +105,10 @@ class StageOptions(_Options, total=False):
             exponential with jitter, from 50 ms, at most 5 s).
         timeout: seconds one call may take before it counts as failed with
             `TimeoutError` (then ``retries`` and ``on_error`` apply);
-            default None, no limit. A process worker that overruns is
-            killed; a thread or interpreter cannot be, so its call is given
-            up and finishes in the background.
+            default None, no limit. The overrunning call: a coroutine is
+            cancelled, a worker process killed; a thread or an interpreter
+            cannot be stopped, so the call is given up and finishes in the
+            background.
         on_error: ``"raise"`` (default) stops the run with the error;
             ``"skip"`` records the item in ``result.failures`` and goes on.
         name: the stage's name in errors and reports, unique in the

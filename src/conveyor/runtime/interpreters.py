@@ -37,7 +37,9 @@ worker process):
   ``timeout`` is honoured as on the thread runtime: the item fails with a
   `TimeoutError` on time, and its call is given up, not stopped. A call
   that never returns keeps its interpreter (and a daemon thread) until the
-  process exits.
+  process exits; Python then warns of "remaining subinterpreters" and ends
+  them. So does a program that exits in the middle of a run it never
+  stopped.
 - Extension modules: an interpreter with its own GIL imports only those that
   declare support for it (``Py_mod_multiple_interpreters``); conveyor's
   accelerator does, NumPy does not. A stage whose function needs such a

@@ -34,12 +34,12 @@ from .metrics import MetricsExporter, RunResult, StageStats
 from .stage import (
     DEFAULT_CAPACITY,
     ON_ERROR,
-    RUNTIMES,
     Backoff,
     Kind,
     OnError,
     RuntimeName,
     Stage,
+    check_runtime,
 )
 from .validate import (
     MAX_TASKS,
@@ -92,11 +92,12 @@ class StageOptions(_Options, total=False):
 
     Keys:
         workers: how many workers call the function in parallel (>= 1;
-            default 1): at most 1024 threads or processes
+            default 1): at most 1024 threads, processes or interpreters
             (`conveyor.validate.MAX_WORKERS`), 100 000 coroutines.
-        runtime: ``"thread"`` (default), ``"process"`` (CPU-bound Python)
-            or ``"async"`` (a coroutine function; ``workers`` is the
-            concurrency).
+        runtime: ``"thread"`` (default), ``"process"`` (CPU-bound Python),
+            ``"async"`` (a coroutine function; ``workers`` is the
+            concurrency) or ``"interpreter"`` (CPU-bound Python in
+            subinterpreters of this process; Python 3.14+).
         capacity: the size of the channel in front of the stage (>= 1;
             default 1024).
         ordered: keep input order across workers (default), or let results
@@ -107,7 +108,10 @@ class StageOptions(_Options, total=False):
         timeout: seconds one call may take before it counts as failed with
             `TimeoutError` (then ``retries`` and ``on_error`` apply); > 0 and
             at most 1 000 000 (`conveyor.validate.MAX_SECONDS`); default
-            None, no limit.
+            None, no limit. The overrunning call: a coroutine is
+            cancelled, a worker process killed; a thread or an interpreter
+            cannot be stopped, so the call is given up and finishes in the
+            background.
         on_error: ``"raise"`` (default) stops the run with the error;
             ``"skip"`` records the item in ``result.failures`` and goes on.
         name: the stage's name in errors and reports, unique in the
@@ -119,9 +123,9 @@ class StageOptions(_Options, total=False):
 
     `Pipeline.map` also takes ``max_items_per_worker`` (>= 1, default None:
     never): a worker starts afresh after this many items, for code that
-    leaks. A process worker is replaced by a new process; a thread worker
-    runs ``on_stop`` then ``on_start`` again (a new `conveyor.worker_state()`).
-    Refused with ``runtime="async"``.
+    leaks. A process or interpreter worker is replaced by a new one; a thread
+    worker runs ``on_stop`` then ``on_start`` again (a new
+    `conveyor.worker_state()`). Refused with ``runtime="async"``.
     """
 
     runtime: RuntimeName
@@ -294,7 +298,8 @@ class Pipeline(Generic[T]):
 
         Args:
             fn: the function (a coroutine function with ``runtime="async"``).
-            runtime: ``"thread"`` (default), ``"process"`` or ``"async"``.
+            runtime: ``"thread"`` (default), ``"process"``, ``"async"`` or
+                ``"interpreter"`` (Python 3.14+).
             **options: the stage's options, keyword-only and optional: see
                 `StageOptions` (``workers``, ``retries``, ``timeout``, ...);
                 ``map`` also takes ``max_items_per_worker``.
@@ -802,6 +807,11 @@ def _check_choice_of(choices: tuple[str, ...]) -> _Check:
     return check
 
 
+def _check_runtime(value: object, param: str, method: str) -> object:
+    check_runtime(value, param, method)
+    return value
+
+
 def _check_at_least(minimum: int, maximum: int | None = None, *, optional: bool = False) -> _Check:
     def check(value: object, param: str, method: str) -> object:
         if optional and value is None:
@@ -823,7 +833,7 @@ _CHECKS: dict[str, _Check] = {
     # Each raises an error naming the option and the method. One line per option.
     # The per-runtime limit on workers is checked with the runtime (_check_combination).
     "workers": _check_at_least(1, MAX_TASKS),
-    "runtime": _check_choice_of(RUNTIMES),
+    "runtime": _check_runtime,
     "capacity": _check_at_least(1),
     "ordered": check_bool,
     "retries": _check_at_least(0),
@@ -861,9 +871,9 @@ def _check_combination(stage: Stage, method: str) -> None:
         )
     if stage.runtime == "async" and stage.max_items_per_worker is not None:
         raise ConfigurationError(
-            f"{method} 'max_items_per_worker' applies to runtime='thread' or 'process' "
-            f"(a worker is recycled after that many items); an async stage's workers are "
-            f"coroutines: got runtime='async' with max_items_per_worker="
+            f"{method} 'max_items_per_worker' applies to runtime='thread', 'process' or "
+            f"'interpreter' (a worker is recycled after that many items); an async "
+            f"stage's workers are coroutines: got runtime='async' with max_items_per_worker="
             f"{stage.max_items_per_worker}"
         )
 

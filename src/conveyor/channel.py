@@ -38,7 +38,6 @@ Invariants, all under ``_lock``:
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 import threading
@@ -50,9 +49,12 @@ from dataclasses import dataclass
 from itertools import repeat, starmap
 from time import monotonic
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .errors import ConfigurationError, ConfigurationTypeError, Empty, Full, ShutDown
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["ACCELERATED", "Channel", "ChannelStats", "Producer"]
 
@@ -789,6 +791,8 @@ class Channel(Generic[T]):
 
     async def _park(self, waiters: _Waiters, room_side: bool) -> None:
         """Park the current coroutine on ``waiters`` until woken (called without the lock)."""
+        import asyncio  # loaded by then: a coroutine is running
+
         waiter = _AsyncWaiter(asyncio.get_running_loop())
         with self._lock:
             # Re-check under the lock: the state may have changed since the caller looked.

@@ -20,15 +20,15 @@ returns, and the caller joins them all and re-raises the first error.
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import sys
 import threading
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Iterator
 from contextlib import contextmanager
 from itertools import islice
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .channel import Channel, Producer
 from .errors import PipelineStopped, ShutDown
@@ -38,6 +38,9 @@ from .runtime.base import MAX_BATCH, TARGET_BATCH_SECONDS, RunControl, Runtime, 
 from .runtime.base import get_runtime as _get_runtime
 from .runtime.ports import ChannelIO
 from .stage import DEFAULT_CAPACITY, Stage
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["JOIN_TIMEOUT", "Run"]
 
@@ -151,6 +154,8 @@ class Run:
         """The feeder thread: pull the source into channel 0, never ahead of the room."""
         with self._feeding() as handle:
             if isinstance(self._source, AsyncIterable):
+                import asyncio
+
                 asyncio.run(self._feed_async(self._source, handle))
             elif isinstance(self._source, _IN_MEMORY):
                 self._feed_chunks(iter(self._source), handle)
@@ -170,12 +175,12 @@ class Run:
             yield handle
         except ShutDown:
             pass  # the run was aborted, or stopped with drain=True
-        except asyncio.CancelledError:
-            if not self.control.stopped.is_set():
-                raise  # not our abort: the caller's loop is shutting down
         except BaseException as exc:
-            add_note(exc, f"conveyor: the source failed after {self.pulled} items")
-            self.control.fail(exc)
+            if not _cancelled(exc):
+                add_note(exc, f"conveyor: the source failed after {self.pulled} items")
+                self.control.fail(exc)
+            elif not self.control.stopped.is_set():
+                raise  # not our abort: the caller's loop is shutting down
         finally:
             handle.close()
 
@@ -376,6 +381,8 @@ class Run:
         """
         if self._joined:
             return
+        import asyncio
+
         deadline = perf_counter() + timeout
         task = self._feeder_task
         if task is not None:
@@ -407,6 +414,12 @@ class Run:
 
 _IN_MEMORY = (list, tuple, range, dict, set, frozenset, str, bytes, bytearray, deque)
 """Sources the feeder may read in chunks: iterating them never blocks."""
+
+
+def _cancelled(exc: BaseException) -> bool:
+    """True for asyncio's CancelledError, without importing asyncio (none exists before it)."""
+    asyncio = sys.modules.get("asyncio")
+    return asyncio is not None and isinstance(exc, asyncio.CancelledError)
 
 
 def _next_chunk_size(size: int, seconds: float) -> int:

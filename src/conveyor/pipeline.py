@@ -8,7 +8,6 @@ can be iterated again). Running it creates a `conveyor.engine.Run`.
 
 from __future__ import annotations
 
-import asyncio
 import difflib
 import sys
 import threading
@@ -52,6 +51,8 @@ else:
     from typing_extensions import Unpack
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .progress import Monitor
 
 __all__ = ["Pipeline", "RunHandle", "StageOptions"]
@@ -466,6 +467,8 @@ class Pipeline(Generic[T]):
         return self._aiterate()
 
     async def _aiterate(self) -> AsyncGenerator[T, None]:
+        import asyncio  # loaded by then: a coroutine is running
+
         run = self._new_run("iterating a pipeline", loop=asyncio.get_running_loop())
         try:
             async with aclosing(run.aoutputs()) as chunks:
@@ -505,6 +508,8 @@ class Pipeline(Generic[T]):
         remote = _remote(backend, "arun()", stall_timeout)
         if remote is not None:
             return await remote.arun(self, collect=collect, progress=progress, report=report)
+        import asyncio  # loaded by then: a coroutine is running
+
         watch = _check_watch("arun()", report, stall_timeout)
         run = self._new_run("arun()", loop=asyncio.get_running_loop())
         outputs: list[Any] | None = [] if collect else None

@@ -20,7 +20,6 @@ returns, and the caller joins them all and re-raises the first error.
 
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 from collections import deque
@@ -43,8 +42,6 @@ if TYPE_CHECKING:
     import asyncio
 
 __all__ = ["JOIN_TIMEOUT", "Run"]
-
-log = logging.getLogger("conveyor")
 
 JOIN_TIMEOUT = 5.0
 """How long the end of a run waits for its workers before naming the stuck ones."""
@@ -366,7 +363,11 @@ class Run:
         for runtime in self.runtimes.values():
             runtime.close()
         if stuck:
-            log.warning("conveyor: workers still running user code after the run: %s", stuck)
+            import logging  # only here: `import conveyor` stays light
+
+            logging.getLogger("conveyor").warning(
+                "conveyor: workers still running user code after the run: %s", stuck
+            )
         self.finished = perf_counter()
         for m in self.metrics:
             m.finished = self.finished

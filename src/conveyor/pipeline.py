@@ -8,7 +8,6 @@ can be iterated again). Running it creates a `conveyor.engine.Run`.
 
 from __future__ import annotations
 
-import difflib
 import sys
 import threading
 from collections.abc import (
@@ -22,7 +21,6 @@ from collections.abc import (
 )
 from contextlib import aclosing
 from os import PathLike
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, overload
 
@@ -52,6 +50,7 @@ else:
 
 if TYPE_CHECKING:
     import asyncio
+    from pathlib import Path
 
     from .progress import Monitor
 
@@ -637,6 +636,8 @@ def _check_keywords(method: str, options: Mapping[str, Any], allowed: frozenset[
     """Refuse a keyword argument that is not an option of ``method``, as Python would."""
     for key in options:
         if key not in allowed:
+            import difflib  # an error path
+
             close = difflib.get_close_matches(key, sorted(allowed), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise TypeError(f"{method}() got an unexpected keyword argument {key!r}{hint}")

@@ -41,7 +41,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from _thread import LockType
+from _thread import LockType, get_ident
 from _thread import allocate_lock as _allocate_lock
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -121,13 +121,14 @@ class ChannelStats:
 
 
 class _AsyncWaiter:
-    """A coroutine parked on a channel: its loop and the future it awaits."""
+    """A coroutine parked on a channel: its loop, the future it awaits, the loop's thread."""
 
-    __slots__ = ("future", "loop")
+    __slots__ = ("future", "loop", "thread")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.future: asyncio.Future[None] = loop.create_future()
+        self.thread = get_ident()  # created by a coroutine: the thread its loop runs in
 
 
 _Waiter = LockType | _AsyncWaiter
@@ -291,7 +292,12 @@ class Channel(Generic[T]):
             waiter = waiters.popleft()
             if type(waiter) is _AsyncWaiter:
                 try:
-                    waiter.loop.call_soon_threadsafe(_resolve, waiter.future)
+                    if waiter.thread == get_ident():
+                        # From its own loop's thread: no need to wake the loop through
+                        # its self-pipe (a write, and a turn of the loop to read it).
+                        waiter.loop.call_soon(_resolve, waiter.future)
+                    else:
+                        waiter.loop.call_soon_threadsafe(_resolve, waiter.future)
                 except RuntimeError:  # its loop is closed: nobody is left to wake
                     continue
             else:

@@ -254,7 +254,8 @@ class Channel(Generic[T]):
             exceed it. Sizes are measured by `size_of` (``len`` of bytes,
             ``nbytes`` of buffers and arrays, shallow ``sys.getsizeof``
             otherwise). An item larger than the whole budget still goes in,
-            alone, once the channel is empty: never a deadlock. A
+            alone (empty items aside), once the channel holds no bytes:
+            never a deadlock. A
             ``get_many`` batch stays within the budget too (one item at
             least). None (the default): no budget, and no measuring.
 
@@ -279,8 +280,9 @@ class Channel(Generic[T]):
     def __new__(cls, maxsize: int = 0, max_bytes: int | None = None) -> Channel[T]:
         # A byte budget is a subclass of its own, so that the plain channel's
         # fast paths carry no test for it.
-        kind = _BudgetChannel if max_bytes is not None and cls is Channel else cls
-        return super().__new__(kind)
+        if max_bytes is None or cls is not Channel:
+            return object.__new__(cls)  # not super(): a Channel is made per stage and run
+        return object.__new__(_BudgetChannel)
 
     def __init__(self, maxsize: int = 0, max_bytes: int | None = None) -> None:
         if max_bytes is not None:
@@ -1082,11 +1084,12 @@ class _BudgetChannel(Channel[T]):
 
     def shutdown(self, immediate: bool = False) -> None:
         """`Channel.shutdown`; an immediate one also forgets the sizes of the items dropped."""
-        with self._lock:
-            if immediate:
+        super().shutdown(immediate)
+        if immediate:
+            # The items are gone and no put can come (closed): only the sizes are left.
+            with self._lock:
                 self._sizes.clear()
                 self._bytes = 0
-            super().shutdown(immediate)
 
 
 def _refuse_put(*args: Any, **kwargs: Any) -> None:

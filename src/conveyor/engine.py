@@ -56,6 +56,7 @@ class Run:
         stages: list[Stage],
         loop: asyncio.AbstractEventLoop | None = None,
         output_capacity: int = DEFAULT_CAPACITY,
+        max_bytes: int | None = None,
     ) -> None:
         self.control = RunControl()
         # Driven from async code (arun, async for): async stages and an async
@@ -63,7 +64,9 @@ class Run:
         self.control.loop = loop
         self.stages = stages
         caps = [s.capacity for s in stages] + [output_capacity]
-        self.channels: list[Channel[Any]] = [Channel(c) for c in caps]
+        # A run's byte budget is split evenly between its channels (see docs/design.md).
+        share = None if max_bytes is None else max(1, max_bytes // len(caps))
+        self.channels: list[Channel[Any]] = [Channel(c, max_bytes=share) for c in caps]
         self.metrics = [StageMetrics(s, self.channels[i]) for i, s in enumerate(stages)]
         self.stage_runs = [
             StageRun(s, i, self._io(i), self.control, self.metrics[i]) for i, s in enumerate(stages)

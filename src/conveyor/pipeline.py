@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, overload
 
 from .backends import Backend, BackgroundRun, LocalBackend, check_backend
+from .channel import check_max_bytes
 from .engine import JOIN_TIMEOUT, Run
 from .errors import ConfigurationError, ConfigurationTypeError
 from .metrics import RunResult, StageStats
@@ -344,17 +345,28 @@ class Pipeline(Generic[T]):
 
     # ------------------------------------------------------------------ running
 
-    def _new_run(self, method: str, loop: asyncio.AbstractEventLoop | None = None) -> Run:
+    def _new_run(
+        self,
+        method: str,
+        loop: asyncio.AbstractEventLoop | None = None,
+        max_bytes: int | None = None,
+    ) -> Run:
         if not self._stages:
             raise ConfigurationError(
                 f"{method}: the pipeline has no stage: add .map(), .each(), ..."
             )
-        run = Run(self._source, list(self._stages), loop=loop)
+        run = Run(self._source, list(self._stages), loop=loop, max_bytes=max_bytes)
         self._runs.append(run)
         run.start()
         return run
 
-    def iterate(self, *, backend: Backend | None = None, progress: bool = False) -> Iterator[T]:
+    def iterate(
+        self,
+        *,
+        backend: Backend | None = None,
+        progress: bool = False,
+        max_bytes: int | None = None,
+    ) -> Iterator[T]:
         """Run the pipeline and yield the last stage's outputs lazily (``for x in
         pipeline`` is ``pipeline.iterate()``).
 
@@ -362,11 +374,12 @@ class Pipeline(Generic[T]):
             backend: where to run (default: this process); e.g.
                 ``conveyor.RedisBackend(url)``.
             progress: show the run's progress (with a backend that has it).
+            max_bytes: as for `run`.
 
         Breaking out of the loop stops the run and joins its workers; on
         Redis, the run stays there to be resumed with its ``run_id``.
         """
-        chosen = _remote(backend, "iterate()", None)
+        chosen = _remote(backend, "iterate()", None, max_bytes)
         if chosen is not None:
             return chosen.iterate(self, progress=progress)
         if progress:
@@ -374,14 +387,17 @@ class Pipeline(Generic[T]):
                 "iterate() 'progress': a run on this machine shows its progress with "
                 "run(progress=True) or start(progress=True)"
             )
-        return iter(self)
+        return self._iterate(max_bytes)
 
     def __iter__(self) -> Iterator[T]:
         """Run the pipeline and yield the last stage's outputs lazily.
 
         Breaking out of the loop stops the run and joins its workers.
         """
-        run = self._new_run("iterating a pipeline")
+        return self._iterate(None)
+
+    def _iterate(self, max_bytes: int | None) -> Iterator[T]:
+        run = self._new_run("iterating a pipeline", max_bytes=max_bytes)
         try:
             for chunk in run.outputs():
                 yield from chunk
@@ -399,6 +415,7 @@ class Pipeline(Generic[T]):
         report: str | PathLike[str] | None = None,
         stall_timeout: float | None = None,
         backend: Backend | None = None,
+        max_bytes: int | None = None,
     ) -> RunResult:
         """Run to completion and return the per-stage statistics.
 
@@ -418,19 +435,26 @@ class Pipeline(Generic[T]):
                 the stages (see docs/distributed.md). ``progress`` and
                 ``report`` work there too (read from the backend's counters);
                 ``stall_timeout`` applies to runs in this process only.
+            max_bytes: a memory budget in bytes for the items waiting in the
+                run's channels, split evenly between them (the N stages'
+                input channels and the output: ``max_bytes // (N + 1)``
+                each; see `conveyor.Channel` for how items are measured). A
+                worker holds one batch at a time, which a budget keeps
+                within its input channel's share. Runs in this process only:
+                a backend refuses it.
 
         Raises:
             The first error of a stage with ``on_error="raise"``, with its
             own type and a note naming the stage and the item;
             PipelineStopped when the run was stopped from elsewhere.
         """
-        remote = _remote(backend, "run()", stall_timeout)
+        remote = _remote(backend, "run()", stall_timeout, max_bytes)
         if remote is not None:
             return remote.run(self, collect=collect, progress=progress, report=report)
         watch = _check_watch("run()", report, stall_timeout)
         outputs: list[Any] | None = [] if collect else None
         monitor: Monitor | None = None
-        run = self._new_run("run()")
+        run = self._new_run("run()", max_bytes=max_bytes)
         try:
             monitor = _start_monitor(run, self._source, progress, *watch)
             for chunk in run.outputs():
@@ -485,6 +509,7 @@ class Pipeline(Generic[T]):
         report: str | PathLike[str] | None = None,
         stall_timeout: float | None = None,
         backend: Backend | None = None,
+        max_bytes: int | None = None,
     ) -> RunResult:
         """`run` from async code: ``await pipeline.arun()``, on the caller's event loop.
 
@@ -500,17 +525,18 @@ class Pipeline(Generic[T]):
                 written when the run ends, before ``arun`` returns.
             backend: as for `run`; the loop keeps serving while the backend's
                 run goes on (in a thread), and cancelling stops that run.
+            max_bytes: as for `run`.
 
         Raises:
             As `run` does.
         """
-        remote = _remote(backend, "arun()", stall_timeout)
+        remote = _remote(backend, "arun()", stall_timeout, max_bytes)
         if remote is not None:
             return await remote.arun(self, collect=collect, progress=progress, report=report)
         import asyncio  # loaded by then: a coroutine is running
 
         watch = _check_watch("arun()", report, stall_timeout)
-        run = self._new_run("arun()", loop=asyncio.get_running_loop())
+        run = self._new_run("arun()", loop=asyncio.get_running_loop(), max_bytes=max_bytes)
         outputs: list[Any] | None = [] if collect else None
         monitor: Monitor | None = None
         try:
@@ -539,6 +565,7 @@ class Pipeline(Generic[T]):
         report: str | PathLike[str] | None = ...,
         stall_timeout: float | None = ...,
         backend: None = ...,
+        max_bytes: int | None = ...,
     ) -> RunHandle: ...
 
     @overload
@@ -550,6 +577,7 @@ class Pipeline(Generic[T]):
         report: str | PathLike[str] | None = ...,
         stall_timeout: float | None = ...,
         backend: Backend,
+        max_bytes: int | None = ...,
     ) -> RunHandle | BackgroundRun: ...
 
     def start(
@@ -560,17 +588,18 @@ class Pipeline(Generic[T]):
         report: str | PathLike[str] | None = None,
         stall_timeout: float | None = None,
         backend: Backend | None = None,
+        max_bytes: int | None = None,
     ) -> RunHandle | BackgroundRun:
         """Start a run in the background and return its handle.
 
         Options as for `run`. With a backend other than this process, the
         handle is a `conveyor.backends.BackgroundRun` (stop, done, join, stats).
         """
-        remote = _remote(backend, "start()", stall_timeout)
+        remote = _remote(backend, "start()", stall_timeout, max_bytes)
         if remote is not None:
             return remote.start(self, collect=collect, progress=progress, report=report)
         watch = _check_watch("start()", report, stall_timeout)
-        run = self._new_run("start()")
+        run = self._new_run("start()", max_bytes=max_bytes)
         monitor = _start_monitor(run, self._source, progress, *watch)
         return RunHandle(run, collect, self._runs, monitor)
 
@@ -599,11 +628,20 @@ class Pipeline(Generic[T]):
         return f"<Pipeline {steps}>"
 
 
-def _remote(backend: object, method: str, stall_timeout: object) -> Backend | None:
+def _remote(
+    backend: object, method: str, stall_timeout: object, max_bytes: object = None
+) -> Backend | None:
     """The backend to hand the run to; None for a run in this process (the default)."""
     chosen = check_backend(backend, method)
+    check_max_bytes(max_bytes, method)
     if chosen is None or isinstance(chosen, LocalBackend):
         return None
+    if max_bytes is not None:
+        raise ConfigurationError(
+            f"{method} 'max_bytes' bounds the memory of a run in this process; "
+            f"{type(chosen).__name__} does not support it (its streams are bounded by "
+            f"item counts: each stage's capacity)"
+        )
     if stall_timeout is not None:
         raise ConfigurationError(
             f"{method} 'stall_timeout' applies to runs in this process, not with a "

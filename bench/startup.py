@@ -184,7 +184,8 @@ def render(
         else "read from the bytecode cache (warmed first), as an installed package"
     )
     lines = [
-        "## Start-up (bench/startup.py)",
+        "## Start-up (bench/startup.py)"
+        + (", no bytecode cache" if args.no_bytecode_cache else ""),
         "",
         f"Machine: {machine()}; load average at the start: {load_at_start}.",
         "",
@@ -247,8 +248,9 @@ def main() -> None:
     page = render(times, breakdowns, args, load_at_start)
     print(page)
     if args.write:
-        path = write_section(page, SECTION)
-        print(f"wrote the '{SECTION}' section of {path}")
+        tag = SECTION + ("-compiled" if args.no_bytecode_cache else "")
+        path = write_section(page, tag)
+        print(f"wrote the '{tag}' section of {path}")
 
 
 if __name__ == "__main__":

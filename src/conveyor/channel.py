@@ -56,7 +56,7 @@ from .errors import ConfigurationError, ConfigurationTypeError, Empty, Full, Shu
 if TYPE_CHECKING:
     import asyncio
 
-__all__ = ["ACCELERATED", "Channel", "ChannelStats", "Producer"]
+__all__ = ["ACCELERATED", "Channel", "ChannelStats", "Producer", "check_max_bytes", "size_of"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -255,9 +255,9 @@ class Channel(Generic[T]):
             ``nbytes`` of buffers and arrays, shallow ``sys.getsizeof``
             otherwise). An item larger than the whole budget still goes in,
             alone (empty items aside), once the channel holds no bytes:
-            never a deadlock. A
-            ``get_many`` batch stays within the budget too (one item at
-            least). None (the default): no budget, and no measuring.
+            never a deadlock. A ``get_many`` batch stays within the budget
+            too (one item at least). None (the default): no budget, and no
+            measuring.
 
     Raises:
         ConfigurationTypeError: ``maxsize`` or ``max_bytes`` is not an int.
@@ -895,7 +895,10 @@ class Channel(Generic[T]):
         Raises:
             ShutDown: the channel is closed.
         """
-        await self._until_done(lambda: self.put(item, False), room_side=True)
+        try:  # the fast path, as in aget()
+            self.put(item, False)
+        except Full:
+            await self._until_done(lambda: self.put(item, False), room_side=True)
 
     async def aget(self) -> T:
         """Take an item from a coroutine, waiting without blocking the event loop.
@@ -903,6 +906,11 @@ class Channel(Generic[T]):
         Raises:
             ShutDown: the channel is closed and drained.
         """
+        if self._items:  # the fast path, no closure nor coroutine: try at once (as trio does)
+            try:
+                return self.get(False)
+            except Empty:  # another consumer was first: wait as usual
+                pass
         return await self._until_done(lambda: self.get(False), room_side=False)
 
     async def aput_many(self, items: Iterable[T]) -> None:
@@ -933,6 +941,11 @@ class Channel(Generic[T]):
 
     async def aget_many(self, max_items: int = 64) -> list[T]:
         """Take between 1 and ``max_items`` items from a coroutine."""
+        if self._items:  # as in aget()
+            try:
+                return self.get_many(max_items, False)
+            except Empty:
+                pass
         return await self._until_done(lambda: self.get_many(max_items, False), room_side=False)
 
     async def __aiter__(self) -> AsyncIterator[T]:

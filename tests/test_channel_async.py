@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from conveyor import Channel, ConfigurationError, Producer, ShutDown
+from conveyor import Channel, ConfigurationError, Empty, Producer, ShutDown
 from test_channel import Worker  # the same thread-runner as the thread-side tests
 
 pytestmark = [pytest.mark.quick, pytest.mark.timeout(20)]
@@ -565,3 +565,25 @@ def test_a_coroutine_woken_from_its_own_loop_is_not_woken_through_the_self_pipe(
         loop.run_until_complete(asyncio.wait_for(main(), WAIT))
     finally:
         loop.close()
+
+
+def test_aget_waits_when_the_item_it_saw_is_taken_before_it() -> None:
+    """aget's fast path saw an item that another consumer took first: it parks, not raises."""
+
+    async def main() -> None:
+        ch: Channel[str] = Channel(4)
+        ch.put("first")
+        real_get = ch.get
+
+        def raced(block: bool = True, timeout: float | None = None) -> str:
+            ch.get = real_get  # type: ignore[method-assign]
+            real_get(False)  # another consumer takes "first" in between
+            raise Empty
+
+        ch.get = raced  # type: ignore[method-assign]
+        waiting = asyncio.ensure_future(ch.aget())
+        await until(parked_consumers(ch, 1))
+        ch.put("second")
+        assert await waiting == "second"
+
+    run(main())

@@ -104,9 +104,11 @@ def run_once(c: Candidate, pycache: Path | None, importtime: bool = False) -> tu
         env=child_env(c.src, pycache),
         capture_output=True,
         text=True,
-        check=True,
         timeout=120,
+        check=False,
     )
+    if proc.returncode:
+        raise SystemExit(f"{c.label} failed ({c.src}):\n{proc.stderr}")
     wall = time.perf_counter() - started
     seconds = float(proc.stdout.splitlines()[-1]) if c.timed_inside else wall
     return seconds, proc.stderr

@@ -29,7 +29,6 @@ this module, never the reverse.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
@@ -732,6 +731,8 @@ class RunResult:
 
     def to_json(self) -> str:
         """The statistics, bottleneck, failures and timeline as a JSON document."""
+        import json
+
         return json.dumps(self.as_dict(), indent=2)
 
 

@@ -22,7 +22,6 @@ only cost something for the items that need them.
 
 from __future__ import annotations
 
-import asyncio
 import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -157,6 +156,8 @@ async def aapply_one(stage: Stage, item: Any) -> tuple[list[Any], bool]:
     assert fn is not None
     if stage.timeout is None:
         return _outputs_of(stage.kind, item, await fn(item))
+    import asyncio  # loaded by then: a coroutine is running
+
     try:
         result = await asyncio.wait_for(fn(item), stage.timeout)
     except TimeoutError as exc:
@@ -359,6 +360,8 @@ async def aprocess_batch(stage: Stage, batch: list[Any], track: bool = False) ->
     Returns:
         The outcome, as `process_batch` returns it.
     """
+    import asyncio  # loaded by then: a coroutine is running
+
     outcome = BatchOutcome([], counts=[] if track else None)
     for i, item in enumerate(batch):
         attempts = 1

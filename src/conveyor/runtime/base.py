@@ -20,19 +20,21 @@ the same loop serves a run's channels and a Redis worker's streams.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError, Empty, ShutDown
 from ..metrics import StageMetrics, WorkerCounters
 from ..policy import BatchOutcome, add_stage_note
 from ..stage import Failure, Stage
 from .ports import Port, StageIO
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = [
     "MAX_BATCH",

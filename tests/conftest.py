@@ -20,6 +20,7 @@ install it, except when the environment variable ``CI`` is set: then they fail.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -312,3 +313,17 @@ def redis_server_factory(
     finally:
         for server in reversed(servers):
             server.stop()
+
+
+# --- Commands run in-process --------------------------------------------------------
+
+
+@pytest.fixture
+def conveyor_logger_kept() -> Iterator[None]:
+    """Undo what a command does to the ``conveyor`` logger: ``conveyor worker``
+    adds a handler on the stderr of its CliRunner, which later commands would use."""
+    logger = logging.getLogger("conveyor")
+    handlers, level = logger.handlers[:], logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)

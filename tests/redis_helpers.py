@@ -80,15 +80,57 @@ def poisoned(n: int = 50) -> cv.Pipeline[int]:
     return cv.Pipeline(range(n)).map(fragile, name="fragile").map(triple, name="triple")
 
 
+GATE_ENV = "CONVEYOR_TEST_GATE"
+"""``URL PREFIX``: the Redis server and key prefix through which `gated` and a test meet."""
+
+
+def gate_keys(prefix: str) -> tuple[str, str, str]:
+    """The keys of a gate: taken (the first item claims it), entered, release."""
+    return f"{prefix}:taken", f"{prefix}:entered", f"{prefix}:release"
+
+
+def gated(x: int) -> int:
+    """Holds the first item it sees, in whatever process, until the test opens the gate.
+
+    The first call claims the gate, says so on the ``entered`` list and waits
+    on the ``release`` list (a test pushes to it); every later call passes.
+    """
+    import redis
+
+    url, prefix = os.environ[GATE_ENV].split(" ")
+    taken, entered, release = gate_keys(prefix)
+    with redis.Redis.from_url(url) as client:
+        if client.set(taken, 1, nx=True):
+            client.rpush(entered, x)
+            deadline = time.monotonic() + WAIT
+            # In short blocking reads: redis-py's socket timeout is shorter than WAIT.
+            while not client.blpop([release], timeout=1) and time.monotonic() < deadline:
+                pass
+    return x
+
+
+def metered(n: int = 200) -> cv.Pipeline[int]:
+    """map -> filter -> a gated map: the metrics test's pipeline (n - n//4 items reach the gate)."""
+    return (
+        cv.Pipeline(range(n))
+        .map(triple, workers=2, name="triple")
+        .filter(keep, name="keep")
+        .map(gated, name="gate")
+    )
+
+
 GATED = 100
 """The item that `wait_for_gate` holds up."""
+GATE_FILE_ENV = "CONVEYOR_TEST_GATE_FILE"
+"""A file that `wait_for_gate` waits for."""
 
 
 def wait_for_gate(x: int) -> int:
-    """Holds item `GATED` until the file named by CONVEYOR_TEST_GATE exists (another
-    process creates it); a bounded wait: a test that never opens it fails here."""
+    """Holds item `GATED`, every time it comes (also taken over by another worker:
+    unlike `gated`), until the file named by GATE_FILE_ENV exists (the test creates
+    it); a bounded wait: a test that never opens it fails here."""
     if x == GATED:
-        gate = Path(os.environ["CONVEYOR_TEST_GATE"])
+        gate = Path(os.environ[GATE_FILE_ENV])
         deadline = time.monotonic() + WAIT
         while not gate.exists():  # nothing to wait on across processes but the file
             if time.monotonic() > deadline:

@@ -118,7 +118,7 @@ def test_negative_maxsize_is_a_configuration_error_naming_the_parameter(maxsize:
     with pytest.raises(ConfigurationError) as info:
         Channel(maxsize)
     assert isinstance(info.value, ValueError)
-    assert str(info.value) == (f"Channel 'maxsize' must be >= 0 (0 for unbounded), got {maxsize}")
+    assert str(info.value) == f"Channel 'maxsize' must be an int >= 0, got {maxsize}"
 
 
 @pytest.mark.parametrize(
@@ -132,7 +132,7 @@ def test_non_int_or_bool_maxsize_is_a_configuration_type_error(
         Channel(maxsize)
     assert isinstance(info.value, TypeError)
     assert str(info.value) == (
-        f"Channel 'maxsize' must be an int (0 for unbounded), got {type_name}"
+        f"Channel 'maxsize' must be an int >= 0, got {type_name} {maxsize!r}"
     )
 
 
@@ -357,7 +357,7 @@ def test_an_unbounded_channel_is_never_full() -> None:
 
 
 def joiner_is_waiting(ch: Channel[Any]) -> Callable[[], bool]:
-    # Condition keeps its sleepers in `_waiters` (CPython 3.10-3.13 alike): the
+    # Condition keeps its sleepers in `_waiters` (CPython 3.11-3.15 alike): the
     # only way to know that join() is really blocked rather than not yet called.
     return lambda: len(ch.all_tasks_done._waiters) == 1  # type: ignore[attr-defined]
 
@@ -739,7 +739,9 @@ def test_get_many_returns_between_one_and_max_items() -> None:
 def test_get_many_rejects_max_items_below_one(max_items: int) -> None:
     ch: Channel[int] = Channel(4)
     ch.put(1)
-    with pytest.raises(ConfigurationError, match=r"get_many 'max_items' must be >= 1") as e:
+    with pytest.raises(
+        ConfigurationError, match=r"get_many\(\) 'max_items' must be an int >= 1, got"
+    ) as e:
         ch.get_many(max_items)
     assert isinstance(e.value, ValueError)
     assert ch.qsize() == 1
@@ -752,7 +754,9 @@ def test_get_many_rejects_max_items_that_is_not_an_int(max_items: Any, type_name
     ch.put(1)
     with pytest.raises(ConfigurationTypeError) as e:
         ch.get_many(max_items)
-    assert str(e.value) == f"get_many 'max_items' must be an int, got {type_name}"
+    assert str(e.value) == (
+        f"Channel.get_many() 'max_items' must be an int >= 1, got {type_name} {max_items!r}"
+    )
     assert ch.qsize() == 1
 
 

@@ -8,7 +8,6 @@ code 1, with the traceback).
 
 from __future__ import annotations
 
-import logging
 import re
 import subprocess
 import sys
@@ -144,14 +143,8 @@ def test_the_text_report_does_not_need_the_html_report_module() -> None:
 
 
 @pytest.fixture(autouse=True)
-def _logger_kept() -> Iterator[None]:
-    """Undo what a command does to the ``conveyor`` logger: ``conveyor worker``
-    adds a handler on the stderr of its CliRunner, which later commands would use."""
-    logger = logging.getLogger("conveyor")
-    handlers, level = logger.handlers[:], logger.level
-    yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
+def _logger_kept(conveyor_logger_kept: None) -> None:
+    """Every test of this module leaves the ``conveyor`` logger as it found it."""
 
 
 def test_every_command_shows_user_code_failing_while_loading_with_exit_1(project: Path) -> None:

@@ -300,6 +300,8 @@ def test_no_bottleneck_is_named_without_evidence() -> None:
         ({"runtime": "async"}, "more concurrency would help"),
         ({"runtime": "process", "workers": 1}, "more worker processes would help"),
         ({"runtime": "process", "workers": 4096}, "already cover the"),
+        ({"runtime": "interpreter", "workers": 1}, "more worker interpreters would help"),
+        ({"runtime": "interpreter", "workers": 4096}, "its 4096 interpreters already cover"),
     ],
 )
 def test_the_hint_depends_on_the_stages_runtime_and_cpu_use(
@@ -452,7 +454,7 @@ def test_watching_a_run_leaves_no_monitor_thread_behind(tmp_path: Path) -> None:
 @pytest.mark.quick
 def test_a_bad_stall_timeout_is_refused_before_the_run() -> None:
     p = cv.Pipeline(range(3)).map(plus_one)
-    with pytest.raises(cv.ConfigurationError, match="'stall_timeout' must be > 0"):
+    with pytest.raises(cv.ConfigurationError, match="'stall_timeout' must be a positive number"):
         p.run(stall_timeout=0)
     with pytest.raises(cv.ConfigurationTypeError, match="'stall_timeout'"):
         p.start(stall_timeout="soon")  # type: ignore[arg-type]
@@ -496,7 +498,7 @@ def test_arun_watches_like_run_a_report_progress_lines_and_stalls(
 @pytest.mark.quick
 def test_arun_refuses_a_bad_report_path_or_stall_timeout_before_the_run(tmp_path: Path) -> None:
     p = cv.Pipeline(range(3)).map(plus_one)
-    with pytest.raises(cv.ConfigurationError, match="'stall_timeout' must be > 0"):
+    with pytest.raises(cv.ConfigurationError, match="'stall_timeout' must be a positive number"):
         asyncio.run(p.arun(stall_timeout=0))
     with pytest.raises(cv.ConfigurationError, match="arun"):
         asyncio.run(p.arun(report=tmp_path / "no-such-folder" / "r.html"))

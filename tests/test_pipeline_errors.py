@@ -7,6 +7,7 @@ contract, and checks that no ``conveyor-*`` thread is left.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -193,8 +194,12 @@ def test_failures_are_listed_in_the_report_and_the_json() -> None:
     result = cv.Pipeline(range(5)).map(lambda x: 1 // (x - 2), on_error="skip").run()
     (failure,) = result.failures
     assert (failure.item, type(failure.error)) == (2, ZeroDivisionError)
-    assert "ZeroDivisionError" in result.report()
-    assert '"ZeroDivisionError: integer division or modulo by zero"' in result.to_json()
+    # The message is the interpreter's own (its wording changes between versions).
+    described = f"ZeroDivisionError: {failure.error}"
+    assert str(failure.error)
+    assert f"2 -> {described}" in result.report()
+    (listed,) = json.loads(result.to_json())["failures"]
+    assert listed == {"stage": "map", "item": "2", "error": described, "attempts": 1}
 
 
 # ---------------------------------------------------------------------- retries and backoff
@@ -263,11 +268,19 @@ def test_backoff_with_jitter_draws_a_wait_below_the_bound() -> None:
 
 @pytest.mark.quick
 @pytest.mark.parametrize(
-    "kwargs", [{"initial": -1}, {"maximum": -0.5}, {"multiplier": 0.5}, {"initial": "1"}]
+    ("kwargs", "error"),
+    [
+        ({"initial": -1}, cv.ConfigurationError),
+        ({"maximum": -0.5}, cv.ConfigurationError),
+        ({"multiplier": 0.5}, cv.ConfigurationError),
+        ({"initial": "1"}, cv.ConfigurationTypeError),
+    ],
 )
-def test_a_bad_backoff_is_refused_naming_its_field(kwargs: dict[str, Any]) -> None:
+def test_a_bad_backoff_is_refused_naming_its_field(
+    kwargs: dict[str, Any], error: type[Exception]
+) -> None:
     (field,) = kwargs
-    with pytest.raises(cv.ConfigurationError, match=f"'{field}'"):
+    with pytest.raises(error, match=f"'{field}'"):
         cv.Backoff(**kwargs)
 
 

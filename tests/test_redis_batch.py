@@ -21,6 +21,7 @@ from conveyor.redis import RedisBackend, RedisRunResult, Worker
 from conveyor.redis.dlq import move_dead
 from conveyor.redis.state import RunInfo
 from redis_helpers import (
+    GATE_FILE_ENV,
     gated_batches,
     keep,
     members,
@@ -60,7 +61,7 @@ def test_a_batch_worker_killed_mid_run_is_replaced_and_the_groups_stay_the_same(
     # Its worker is killed then (kill -9); a new one takes the lease over, claims
     # what the killed one held, starts at its cursor: the groups are the same.
     gate = tmp_path / "gate"
-    monkeypatch.setenv("CONVEYOR_TEST_GATE", str(gate))
+    monkeypatch.setenv(GATE_FILE_ENV, str(gate))
     n = 2000
     namespace = new_namespace()
     url = redis_server.url

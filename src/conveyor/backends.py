@@ -20,7 +20,6 @@ signal (`Backend.run` with ``stop=``) that a backend may replace.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from os import PathLike
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, ConfigurationTypeError
+from .validate import check_bool, check_seconds
 
 if TYPE_CHECKING:
     from .metrics import RunResult, StageStats
@@ -39,7 +39,14 @@ JOIN_SECONDS = 30.0
 
 
 class Backend(ABC):
-    """Where a pipeline runs (see the module docstring)."""
+    """Where a pipeline runs: what ``backend=`` of `Pipeline.run`, ``iterate``,
+    ``start`` and ``arun`` takes.
+
+    A backend implements `run` and `iterate`; `start` and `arun` have generic
+    versions, built on `run` with a ``stop`` event, that a backend may
+    replace. `LocalBackend` (the default) runs in this process;
+    ``conveyor.redis.RedisBackend`` drives workers anywhere.
+    """
 
     @abstractmethod
     def run(
@@ -55,6 +62,13 @@ class Backend(ABC):
 
         ``stop``, when given and set from another thread, ends the run early
         (the result then says ``stopped``).
+        """
+
+    def check(self, pipeline: Any) -> None:  # noqa: B027 - optional hook, nothing by default
+        """Refuse, before anything starts, a pipeline this backend cannot run as configured.
+
+        Raises:
+            ConfigurationError: a stage's options and the backend's cannot work together.
         """
 
     @abstractmethod
@@ -82,6 +96,8 @@ class Backend(ABC):
     ) -> RunResult:
         """`run` from async code: the run goes on in a thread, the loop keeps serving;
         cancelling the awaiting task stops the run and waits for its end."""
+        import asyncio
+
         handle = self.start(pipeline, collect=collect, progress=progress, report=report)
         try:
             return await asyncio.to_thread(handle.join)
@@ -106,6 +122,7 @@ class BackgroundRun:
         self._stop = threading.Event()
         self._result: RunResult | None = None
         self._error: BaseException | None = None
+        self._ended = threading.Event()
         self._thread = threading.Thread(
             target=self._drive,
             args=(backend, pipeline, {"collect": collect, "progress": progress, "report": report}),
@@ -119,6 +136,8 @@ class BackgroundRun:
             self._result = backend.run(pipeline, stop=self._stop, **options)
         except BaseException as exc:
             self._error = exc
+        finally:
+            self._ended.set()
 
     def stop(self, drain: bool = False) -> None:
         """Ask the run to stop; it ends as soon as the backend notices, and a
@@ -127,7 +146,7 @@ class BackgroundRun:
         Raises:
             ConfigurationError: ``drain=True``, which runs on this machine have.
         """
-        if drain:
+        if check_bool(drain, "drain", "BackgroundRun.stop()"):
             raise ConfigurationError(
                 "stop(drain=True) lets a run on this machine finish the items inside it; "
                 "a backend's run is stopped as it is (and can be resumed)"
@@ -136,19 +155,22 @@ class BackgroundRun:
 
     def done(self) -> bool:
         """True once the run has ended (finished, failed or stopped)."""
-        return not self._thread.is_alive()
+        return self._ended.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the end of the run; True if it ended."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        check_seconds(timeout, "timeout", "BackgroundRun.wait()", zero=True)
+        from .engine import wait_interruptibly
+
+        return wait_interruptibly(self._ended.wait, timeout)
 
     def join(self, timeout: float | None = None) -> RunResult:
         """Wait for the end of the run and return its result.
 
         Raises:
             TimeoutError: the run did not end within ``timeout`` seconds.
-            The run's error, as `Backend.run` raised it.
+            Exception: the run's error, with its own type, as `Backend.run`
+                raised it.
         """
         try:
             ended = self.wait(timeout)

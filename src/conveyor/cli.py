@@ -25,10 +25,18 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from .errors import ConfigurationError
+from .cliparams import NAME, REDIS_URL, SECONDS
+from .errors import BackendUnavailable, ConfigurationError
 
 # load_pipeline is in __all__ too: callers of conveyor.cli.load_pipeline keep working.
 from .loading import PipelineLoadError, load_pipeline, parse_overrides
+from .redis.cli import (
+    COMMANDS,
+    DEFAULT_CONNECT_TIMEOUT,
+    EXIT_REDIS_UNREACHABLE,
+    RedisUnreachable,
+    connection_options,
+)
 
 if TYPE_CHECKING:
     from .metrics import RunResult
@@ -38,6 +46,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_PIPELINE_ERROR",
+    "EXIT_REDIS_UNREACHABLE",
     "EXIT_USAGE",
     "PipelineCodeError",
     "apply_overrides",
@@ -50,6 +59,7 @@ EXIT_OK = 0  # the run finished (items given up on with on_error="skip" are in t
 EXIT_PIPELINE_ERROR = 1  # a stage or the source raised, or the pipeline's module failed to load
 EXIT_USAGE = 2  # bad command line: unknown option, bad MODULE:ATTR, bad override (click's code)
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): 128 + signal 2, what shells report for it
+# EXIT_REDIS_UNREACHABLE = 3: Redis could not be reached, or was lost, for --connect-timeout
 
 INTERRUPT_GRACE = 1.0
 """Seconds Ctrl-C waits for the run to stop and write its report before exiting anyway."""
@@ -121,6 +131,8 @@ Exit codes:
   0    success
   1    the pipeline failed (a stage or the source raised)
   2    usage error (bad option, MODULE:ATTR or override)
+  3    Redis could not be reached, or was lost, for --connect-timeout
+       (one line naming the URL and the cause; --debug adds the traceback)
   130  interrupted (Ctrl-C)
 """
 
@@ -180,7 +192,7 @@ def cli() -> None:
 )
 @click.option(
     "--stall-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=SECONDS,
     metavar="SECONDS",
     help="Log who holds which item, with stacks, when nothing moves for SECONDS.",
 )
@@ -193,10 +205,14 @@ def cli() -> None:
 @click.option(
     "--redis",
     "redis_url",
+    type=REDIS_URL,
     metavar="URL",
     help="Run on Redis Streams: `conveyor worker` processes anywhere serve the stages.",
 )
-@click.option("--run-id", metavar="ID", help="With --redis: the run's id (resumes that run).")
+@click.option(
+    "--run-id", type=NAME, metavar="ID", help="With --redis: the run's id (resumes that run)."
+)
+@connection_options
 def run_command(
     target: str,
     progress: bool,
@@ -206,6 +222,8 @@ def run_command(
     as_json: bool,
     redis_url: str | None = None,
     run_id: str | None = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    debug: bool = False,
 ) -> None:
     """Run the pipeline MODULE:ATTR to the end and print its per-stage report.
 
@@ -220,7 +238,9 @@ def run_command(
         pipeline = apply_overrides(_load(target), overrides)
         _check_report_dir(report)
         if redis_url is not None:
-            result = _run_on_redis(pipeline, redis_url, run_id, progress, report, stall_timeout)
+            result = _run_on_redis(
+                pipeline, redis_url, run_id, progress, report, stall_timeout, connect_timeout, debug
+            )
             click.echo(result.to_json() if as_json else result.report().rstrip())
             return
         # Ctrl-C is taken over before the run starts: one pressed as it starts
@@ -263,8 +283,11 @@ def _run_on_redis(
     progress: bool,
     report: Path | None,
     stall_timeout: float | None,
+    connect_timeout: float,
+    debug: bool,
 ) -> RunResult:
-    """``conveyor run --redis``: drive the run; a failed run exits as a local one does."""
+    """``conveyor run --redis``: drive the run; a failed run exits as a local one does,
+    Redis unreachable (or lost) for ``connect_timeout`` with `EXIT_REDIS_UNREACHABLE`."""
     from .redis.cli import run_on_redis
 
     if stall_timeout is not None:
@@ -274,10 +297,17 @@ def _run_on_redis(
         )
     try:
         result: RunResult = run_on_redis(
-            pipeline, url, run_id=run_id, progress=progress, report=report
+            pipeline,
+            url,
+            run_id=run_id,
+            progress=progress,
+            report=report,
+            connect_timeout=connect_timeout,
         )
     except (click.ClickException, KeyboardInterrupt):
         raise
+    except BackendUnavailable as exc:
+        raise RedisUnreachable(exc, debug) from exc
     except Exception as exc:
         _exit_run_failed(exc)
     return result
@@ -364,7 +394,6 @@ def _exit_interrupted() -> NoReturn:
 
 
 def _add_redis_commands() -> None:
-    from .redis.cli import COMMANDS
 
     for command in COMMANDS:
         cli.add_command(command)

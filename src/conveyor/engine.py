@@ -16,35 +16,85 @@ Any failure (an error with ``on_error="raise"``, `stop()`, Ctrl-C in the
 caller) calls `RunControl.abort`, which shuts every channel down at once:
 every blocked put and get in every worker raises `ShutDown`, every worker
 returns, and the caller joins them all and re-raises the first error.
+
+A thread cannot be interrupted while it runs user code (a stage function
+stuck on a lock, a source blocked on a socket). An aborted run waits for
+such a thread `ABORT_WAIT` seconds at most, then leaves it behind: worker
+threads are daemons, so the interpreter can still exit, and the caller's
+exception gets a note naming the stage (or the source) whose thread was
+left (`Run.note_left_behind`).
 """
 
 from __future__ import annotations
 
-import asyncio
+import atexit
 import logging
+import sys
 import threading
+import weakref
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from itertools import islice
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .channel import Channel, Producer
-from .errors import PipelineStopped, ShutDown
-from .metrics import RunResult, StageMetrics, StageStats, Timeline
+from .errors import Empty, PipelineStopped, ShutDown
+from .metrics import RunResult, StageMetrics, StageReading, StageStats, Timeline
 from .policy import add_note
-from .runtime.base import MAX_BATCH, TARGET_BATCH_SECONDS, RunControl, Runtime, StageRun
+from .runtime.base import (
+    MAX_BATCH,
+    TARGET_BATCH_SECONDS,
+    RunControl,
+    Runtime,
+    StageRun,
+    left_behind,
+)
 from .runtime.base import get_runtime as _get_runtime
 from .runtime.ports import ChannelIO
+from .runtime.threads import join_threads
 from .stage import DEFAULT_CAPACITY, Stage
 
-__all__ = ["JOIN_TIMEOUT", "Run"]
+if TYPE_CHECKING:
+    import asyncio
+
+__all__ = ["ABORT_WAIT", "JOIN_TIMEOUT", "Run", "wait_interruptibly"]
 
 log = logging.getLogger("conveyor")
 
 JOIN_TIMEOUT = 5.0
 """How long the end of a run waits for its workers before naming the stuck ones."""
+ABORT_WAIT = 0.5
+"""How long an aborted run (an error, ``stop()``, Ctrl-C, a cancelled ``arun``) waits for
+its workers before leaving those stuck in user code behind: well inside the one second
+the contract gives Ctrl-C, and longer than a worker needs to see the abort."""
+FEEDER_THREAD = "conveyor-source"
+SIGNAL_CHECK = 0.1
+"""Longest sleep of the main thread waiting for outputs: how late Ctrl-C may be seen."""
+EXIT_JOIN_TIMEOUT = 1.0
+"""How long interpreter exit waits for the workers of a run left going."""
+
+_live_runs: weakref.WeakSet[Run] = weakref.WeakSet()
+"""Runs started and not joined: ended at interpreter exit (see `_end_live_runs`)."""
+
+
+def _end_live_runs() -> None:
+    """Abort and join the runs still going when the interpreter exits.
+
+    A run left suspended (an iterator never finished, a background run never
+    joined) would otherwise be ended by its generator's finalizer while the
+    interpreter tears its modules down, where any import fails (``sys.meta_path
+    is None``) and prints a traceback. Here, at exit, everything still works.
+    """
+    runs = list(_live_runs)
+    for run in runs:
+        run.abort()
+    for run in runs:
+        run.join(EXIT_JOIN_TIMEOUT)
+
+
+atexit.register(_end_live_runs)
 
 
 class Run:
@@ -56,14 +106,20 @@ class Run:
         stages: list[Stage],
         loop: asyncio.AbstractEventLoop | None = None,
         output_capacity: int = DEFAULT_CAPACITY,
+        abort_wait: float = ABORT_WAIT,
+        max_bytes: int | None = None,
     ) -> None:
         self.control = RunControl()
+        self.abort_wait = abort_wait
+        """How long the join of an aborted run waits for its threads (`ABORT_WAIT`)."""
         # Driven from async code (arun, async for): async stages and an async
         # source run on the caller's loop, which must never block.
         self.control.loop = loop
         self.stages = stages
         caps = [s.capacity for s in stages] + [output_capacity]
-        self.channels: list[Channel[Any]] = [Channel(c) for c in caps]
+        # A run's byte budget is split evenly between its channels (see docs/design.md).
+        share = None if max_bytes is None else max(1, max_bytes // len(caps))
+        self.channels: list[Channel[Any]] = [Channel(c, max_bytes=share) for c in caps]
         self.metrics = [StageMetrics(s, self.channels[i]) for i, s in enumerate(stages)]
         self.stage_runs = [
             StageRun(s, i, self._io(i), self.control, self.metrics[i]) for i, s in enumerate(stages)
@@ -88,6 +144,8 @@ class Run:
         self.timeline: Timeline | None = None
         """Periodic samples of the stats, while a `conveyor.progress.Monitor` watches."""
         self._joined = False
+        self.left_behind: list[str] = []
+        """What the join left running in user code, said for people (see `note_left_behind`)."""
         self.control.on_abort(self._shut_channels)
 
     def _io(self, index: int) -> ChannelIO:
@@ -107,6 +165,7 @@ class Run:
         to start has pulled nothing from it.
         """
         self.started = perf_counter()
+        _live_runs.add(self)
         early = isinstance(self._source, _IN_MEMORY)
         if early:
             self._start_feeder_thread()
@@ -117,9 +176,10 @@ class Run:
                 sr.open_ports(runtime.port_count(sr.stage))
             for sr, runtime in zip(self.stage_runs, runtimes, strict=True):
                 runtime.start(sr)
-        except BaseException:
+        except BaseException as exc:
             self.abort()
             self.join()
+            self.note_left_behind(exc)
             raise
         if early:
             return
@@ -127,7 +187,7 @@ class Run:
         if loop is not None and isinstance(self._source, AsyncIterable):
             # The caller's async source belongs on the caller's loop (its
             # sessions and locks are bound to it): feed it there, as a task.
-            self._feeder_task = loop.create_task(self._afeed(self._source), name="conveyor-source")
+            self._feeder_task = loop.create_task(self._afeed(self._source), name=FEEDER_THREAD)
             self.control.on_abort(self._cancel_feeder_task)
             return
         self._start_feeder_thread()
@@ -140,7 +200,7 @@ class Run:
         return runtime
 
     def _start_feeder_thread(self) -> None:
-        self._feeder = threading.Thread(target=self._feed, name="conveyor-source", daemon=True)
+        self._feeder = threading.Thread(target=self._feed, name=FEEDER_THREAD, daemon=True)
         self._feeder.start()
 
     def _shut_channels(self) -> None:
@@ -151,6 +211,8 @@ class Run:
         """The feeder thread: pull the source into channel 0, never ahead of the room."""
         with self._feeding() as handle:
             if isinstance(self._source, AsyncIterable):
+                import asyncio
+
                 asyncio.run(self._feed_async(self._source, handle))
             elif isinstance(self._source, _IN_MEMORY):
                 self._feed_chunks(iter(self._source), handle)
@@ -170,12 +232,12 @@ class Run:
             yield handle
         except ShutDown:
             pass  # the run was aborted, or stopped with drain=True
-        except asyncio.CancelledError:
-            if not self.control.stopped.is_set():
-                raise  # not our abort: the caller's loop is shutting down
         except BaseException as exc:
-            add_note(exc, f"conveyor: the source failed after {self.pulled} items")
-            self.control.fail(exc)
+            if not _cancelled(exc):
+                add_note(exc, f"conveyor: the source failed after {self.pulled} items")
+                self.control.fail(exc)
+            elif not self.control.stopped.is_set():
+                raise  # not our abort: the caller's loop is shutting down
         finally:
             handle.close()
 
@@ -288,10 +350,16 @@ class Run:
     def outputs(self) -> Iterator[list[Any]]:
         """Yield the last stage's outputs in chunks, as they come; raise the run's error."""
         last = self.channels[-1]
+        # In the main thread, wait in slices: a SIGINT that lands just before the
+        # thread parks would otherwise wait for the next item to be seen (CPython runs
+        # signal handlers when the main thread wakes up).
+        check = SIGNAL_CHECK if threading.current_thread() is threading.main_thread() else None
         try:
             while True:
                 try:
-                    chunk = last.get_many(MAX_BATCH)
+                    chunk = last.get_many(MAX_BATCH, timeout=check)
+                except Empty:
+                    continue
                 except ShutDown:
                     break
                 self.items_out += len(chunk)
@@ -349,11 +417,16 @@ class Run:
         self.channels[0].close()
 
     def join(self, timeout: float = JOIN_TIMEOUT) -> None:
-        """Wait for the feeder and every worker; log the ones stuck in user code."""
+        """Wait for the feeder and every worker; log the ones stuck in user code.
+
+        An aborted run waits ``abort_wait`` seconds at most: its channels are
+        shut, so only a thread inside user code can still be running, and it
+        is left behind (a daemon) rather than keeping the caller waiting.
+        """
         if self._joined:
             return
-        from .runtime.threads import join_threads
-
+        if self.control.stopped.is_set():
+            timeout = min(timeout, self.abort_wait)
         deadline = perf_counter() + timeout
         stuck = join_threads([self._feeder] if self._feeder else [], timeout)
         for runtime in self.runtimes.values():
@@ -361,11 +434,13 @@ class Run:
         for runtime in self.runtimes.values():
             runtime.close()
         if stuck:
-            log.warning("conveyor: workers still running user code after the run: %s", stuck)
+            self.left_behind = left_behind(self.stage_runs, stuck, FEEDER_THREAD)
+            log.warning("conveyor: %s", "; ".join(self.left_behind))
         self.finished = perf_counter()
         for m in self.metrics:
             m.finished = self.finished
         self._joined = True
+        _live_runs.discard(self)
 
     async def ajoin(self, timeout: float = JOIN_TIMEOUT) -> None:
         """`join` from the caller's event loop, which keeps running meanwhile.
@@ -376,6 +451,10 @@ class Run:
         """
         if self._joined:
             return
+        if self.control.stopped.is_set():
+            timeout = min(timeout, self.abort_wait)
+        import asyncio
+
         deadline = perf_counter() + timeout
         task = self._feeder_task
         if task is not None:
@@ -384,11 +463,27 @@ class Run:
                 task.cancel()  # stuck in the source: let it end on its own
         await asyncio.to_thread(self.join, max(0.0, deadline - perf_counter()))
 
+    def note_left_behind(self, exc: BaseException) -> BaseException:
+        """Add to ``exc`` a note naming what the run left behind in user code, if anything."""
+        notes = getattr(exc, "__notes__", ())
+        for text in self.left_behind:
+            if f"conveyor: {text}" not in notes:  # several callers may note the same error
+                add_note(exc, f"conveyor: {text}")
+        return exc
+
     # ------------------------------------------------------------------ results
 
     def stats(self) -> list[StageStats]:
         """Per-stage snapshots, now."""
         return [m.snapshot() for m in self.metrics]
+
+    def readings(self) -> list[StageReading]:
+        """Per-stage readings for a metrics exporter (`conveyor.metrics.MetricsSource`)."""
+        return [m.reading() for m in self.metrics]
+
+    def ended(self) -> bool:
+        """True once the run is joined: its counters are final."""
+        return self._joined
 
     def result(self, outputs: list[Any] | None = None) -> RunResult:
         """The run's result (call after the outputs are consumed)."""
@@ -405,8 +500,29 @@ class Run:
         )
 
 
+def wait_interruptibly(wait: Callable[[float | None], bool], timeout: float | None) -> bool:
+    """``wait(timeout)`` (an `threading.Event.wait`, say), in `SIGNAL_CHECK` slices when
+    in the main thread, so that Ctrl-C is seen at once however the SIGINT lands (CPython
+    runs signal handlers in the main thread, and only once it wakes up)."""
+    if threading.current_thread() is not threading.main_thread():
+        return wait(timeout)
+    deadline = None if timeout is None else perf_counter() + timeout
+    while True:
+        left = SIGNAL_CHECK if deadline is None else min(SIGNAL_CHECK, deadline - perf_counter())
+        if wait(max(0.0, left)):
+            return True
+        if deadline is not None and perf_counter() >= deadline:
+            return False
+
+
 _IN_MEMORY = (list, tuple, range, dict, set, frozenset, str, bytes, bytearray, deque)
 """Sources the feeder may read in chunks: iterating them never blocks."""
+
+
+def _cancelled(exc: BaseException) -> bool:
+    """True for asyncio's CancelledError, without importing asyncio (none exists before it)."""
+    asyncio = sys.modules.get("asyncio")
+    return asyncio is not None and isinstance(exc, asyncio.CancelledError)
 
 
 def _next_chunk_size(size: int, seconds: float) -> int:

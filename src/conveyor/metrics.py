@@ -29,7 +29,6 @@ this module, never the reverse.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
@@ -39,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from .channel import Channel
 from .stage import Failure, Stage
@@ -50,15 +49,19 @@ if TYPE_CHECKING:
 __all__ = [
     "LATENCY_BUCKETS",
     "Bottleneck",
+    "MetricsExporter",
+    "MetricsSource",
     "RunResult",
     "Sample",
     "StageMetrics",
+    "StageReading",
     "StageStats",
     "Timeline",
     "WorkerCounters",
     "bottleneck_line",
     "find_bottleneck",
     "format_seconds",
+    "latency_bound",
     "latency_bucket",
     "latency_quantile",
     "render_table",
@@ -80,6 +83,13 @@ def latency_bucket(seconds: float) -> int:
         return 0
     i = int(_STEPS_PER_DOUBLING * math.log2(seconds / _LATENCY_FLOOR)) + 1
     return i if i < LATENCY_BUCKETS else LATENCY_BUCKETS - 1
+
+
+def latency_bound(i: int) -> float:
+    """The upper bound of bucket ``i`` of a latency histogram, in seconds (the last: inf)."""
+    if i >= LATENCY_BUCKETS - 1:
+        return math.inf
+    return _LATENCY_FLOOR * 2 ** (i / _STEPS_PER_DOUBLING)
 
 
 def _bucket_value(i: int) -> float:
@@ -186,7 +196,7 @@ class StageStats:
     kind: str
     """map, filter, flat_map, batch or each."""
     runtime: str
-    """thread, process or async."""
+    """thread, process, async or interpreter."""
     workers: int
     """Workers the stage runs."""
     items_in: int
@@ -340,7 +350,7 @@ class StageMetrics:
         end = self.finished if self.finished is not None else now
         elapsed = end - self.started
         items_in = sum(w.items_in for w in ws)
-        histogram = [sum(column) for column in zip(*(w.latency for w in ws), strict=True)]
+        histogram = _merged_latency(ws)
         return StageStats(
             name=self.stage.name,
             kind=self.stage.kind,
@@ -363,12 +373,72 @@ class StageMetrics:
             cpu_seconds=_add(_thread_cpu(ws, cpu), self.child_cpu),
         )
 
+    def reading(self) -> StageReading:
+        """What a metrics exporter reads of the stage now (see `StageReading`); the
+        backlog is its input channel's size (a Redis worker puts its streams' instead)."""
+        ws = list(self.workers)
+        stats = self.snapshot(cpu=False)
+        return StageReading(
+            stats=stats,
+            latency=tuple(_merged_latency(ws)),
+            busy_workers=sum(w.current_since is not None for w in ws),
+            backlog=stats.queue_size,
+        )
+
     def _rate_now(self, now: float, items_in: int, elapsed: float) -> float:
         overall = items_in / elapsed if elapsed > 0 else 0.0
         if self.finished is not None:
             return overall
         recent = self._recent.rate(now, items_in)
         return overall if recent is None else recent
+
+
+def _merged_latency(workers: Sequence[WorkerCounters]) -> list[int]:
+    """The workers' latency histograms added up, bucket by bucket."""
+    if not workers:
+        return [0] * LATENCY_BUCKETS
+    return [sum(column) for column in zip(*(w.latency for w in workers), strict=True)]
+
+
+@dataclass(frozen=True)
+class StageReading:
+    """One stage as a metrics exporter reads it at a scrape: the snapshot, plus
+    what only a live reader wants (the latency histogram, the workers busy now)."""
+
+    stats: StageStats
+    """The stage's snapshot (``cpu_seconds`` left unread)."""
+    latency: tuple[int, ...]
+    """Items per latency bucket (`LATENCY_BUCKETS` of them; bounds: `latency_bound`)."""
+    busy_workers: int
+    """Workers inside the stage function now."""
+    backlog: int | None
+    """Items waiting for the stage now (None: could not be read)."""
+    dead_letters: int = 0
+    """Entries its workers moved to dead letters (Redis workers; 0 on one machine)."""
+
+
+@runtime_checkable
+class MetricsSource(Protocol):
+    """Something whose stages can be read at any time: a run, a Redis worker."""
+
+    def readings(self) -> list[StageReading]:
+        """One reading per stage, now."""
+
+    def ended(self) -> bool:
+        """True once the counters are final (a run that has ended)."""
+
+
+@runtime_checkable
+class MetricsExporter(Protocol):
+    """What ``run(metrics=...)`` takes: e.g. `conveyor.prometheus.PrometheusExporter`.
+
+    The run calls `watch` once, as it starts; the exporter reads the source
+    whenever it wants (at a scrape, not on the workers' path) until the
+    source says it has ended.
+    """
+
+    def watch(self, source: MetricsSource) -> None:
+        """Read ``source``'s stages from now on."""
 
 
 def _add(seconds: float | None, more: float) -> float | None:
@@ -586,12 +656,13 @@ def _stage_evidence(s: StageStats, fill: float | None) -> str:
 def _stage_hint(s: StageStats) -> str:
     if s.kind == "batch":
         return "a batch stage only groups items: a larger capacity after it may help"
-    if s.runtime == "process":
+    if s.runtime in ("process", "interpreter"):
         cores = os.cpu_count() or 1
+        workers = "processes" if s.runtime == "process" else "interpreters"
         if s.workers < cores:
-            return f"more worker processes would help (this machine has {cores} cores)"
+            return f"more worker {workers} would help (this machine has {cores} cores)"
         return (
-            f"its {s.workers} processes already cover the {cores} cores: "
+            f"its {s.workers} {workers} already cover the {cores} cores: "
             "make the work cheaper, or spread it over more machines"
         )
     if s.runtime == "async":
@@ -660,6 +731,8 @@ class RunResult:
 
     def to_json(self) -> str:
         """The statistics, bottleneck, failures and timeline as a JSON document."""
+        import json
+
         return json.dumps(self.as_dict(), indent=2)
 
 

@@ -8,13 +8,11 @@ can be iterated again). Running it creates a `conveyor.engine.Run`.
 
 from __future__ import annotations
 
-import asyncio
-import difflib
-import sys
 import threading
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
+    AsyncIterator,
     Awaitable,
     Callable,
     Iterable,
@@ -23,35 +21,39 @@ from collections.abc import (
 )
 from contextlib import aclosing
 from os import PathLike
-from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, Unpack, overload
 
 from .backends import Backend, BackgroundRun, LocalBackend, check_backend
-from .engine import JOIN_TIMEOUT, Run
+from .channel import check_max_bytes
+from .engine import JOIN_TIMEOUT, Run, wait_interruptibly
 from .errors import ConfigurationError, ConfigurationTypeError
-from .metrics import RunResult, StageStats
+from .metrics import MetricsExporter, RunResult, StageStats
 from .stage import (
     DEFAULT_CAPACITY,
     ON_ERROR,
-    RUNTIMES,
     Backoff,
     Kind,
     OnError,
     RuntimeName,
     Stage,
+    check_runtime,
+)
+from .validate import (
+    MAX_TASKS,
+    MAX_WORKERS,
+    check_bool,
     check_callable,
     check_choice,
     check_int,
     check_seconds,
+    check_str,
 )
 
-if sys.version_info >= (3, 11):
-    from typing import Unpack
-else:
-    from typing_extensions import Unpack
-
 if TYPE_CHECKING:
+    import asyncio
+    from pathlib import Path
+
     from .progress import Monitor
 
 __all__ = ["Pipeline", "RunHandle", "StageOptions"]
@@ -91,10 +93,12 @@ class StageOptions(_Options, total=False):
 
     Keys:
         workers: how many workers call the function in parallel (>= 1;
-            default 1).
-        runtime: ``"thread"`` (default), ``"process"`` (CPU-bound Python)
-            or ``"async"`` (a coroutine function; ``workers`` is the
-            concurrency).
+            default 1): at most 1024 threads, processes or interpreters
+            (`conveyor.validate.MAX_WORKERS`), 100 000 coroutines.
+        runtime: ``"thread"`` (default), ``"process"`` (CPU-bound Python),
+            ``"async"`` (a coroutine function; ``workers`` is the
+            concurrency) or ``"interpreter"`` (CPU-bound Python in
+            subinterpreters of this process; Python 3.14+).
         capacity: the size of the channel in front of the stage (>= 1;
             default 1024).
         ordered: keep input order across workers (default), or let results
@@ -103,8 +107,12 @@ class StageOptions(_Options, total=False):
         backoff: waits between retries, a `conveyor.Backoff` (default:
             exponential with jitter, from 50 ms, at most 5 s).
         timeout: seconds one call may take before it counts as failed with
-            `TimeoutError` (then ``retries`` and ``on_error`` apply);
-            default None, no limit.
+            `TimeoutError` (then ``retries`` and ``on_error`` apply); > 0 and
+            at most 1 000 000 (`conveyor.validate.MAX_SECONDS`); default
+            None, no limit. The overrunning call: a coroutine is
+            cancelled, a worker process killed; a thread or an interpreter
+            cannot be stopped, so the call is given up and finishes in the
+            background.
         on_error: ``"raise"`` (default) stops the run with the error;
             ``"skip"`` records the item in ``result.failures`` and goes on.
         name: the stage's name in errors and reports, unique in the
@@ -114,9 +122,11 @@ class StageOptions(_Options, total=False):
         on_stop: called once in each worker after its last item, with what
             ``on_start`` returned.
 
-    `Pipeline.map` also takes ``max_items_per_worker``: with the process
-    runtime, replace a worker process after this many items (for leaky
-    code; >= 1, default None).
+    `Pipeline.map` also takes ``max_items_per_worker`` (>= 1, default None:
+    never): a worker starts afresh after this many items, for code that
+    leaks. A process or interpreter worker is replaced by a new one; a thread
+    worker runs ``on_stop`` then ``on_start`` again (a new
+    `conveyor.worker_state()`). Refused with ``runtime="async"``.
     """
 
     runtime: RuntimeName
@@ -155,6 +165,9 @@ class Pipeline(Generic[T]):
         self._source: Iterable[Any] | AsyncIterable[Any] = source
         self._stages: tuple[Stage, ...] = ()
         self._runs: list[Run] = []
+        # Shared by every pipeline built from this one (they share the source):
+        # how many runs have pulled it, so a one-shot iterator is not run twice.
+        self._source_runs: list[int] = [0]
 
     @property
     def stages(self) -> tuple[Stage, ...]:
@@ -174,34 +187,47 @@ class Pipeline(Generic[T]):
         new._source = self._source
         new._stages = (*self._stages, stage)
         new._runs = []
+        new._source_runs = self._source_runs
         return new
 
     def with_stage(self, name: str, **changes: Any) -> Pipeline[T]:
         """Return a copy where the stage ``name`` has some options changed.
 
         Used by ``conveyor run --workers STAGE=N``; the changes are validated
-        as the builder methods validate them.
+        as the builder methods validate them. ``changes`` are stage options
+        (`StageOptions`, ``max_items_per_worker``), or ``batch_size`` and
+        ``interval`` for a batch stage.
 
         Raises:
             ConfigurationError: no stage has that name, or a value is invalid.
+            ConfigurationTypeError: a value has the wrong type.
+            TypeError: a name that is not a stage option.
         """
         from dataclasses import replace
 
         found = [s for s in self._stages if s.name == name]
         if not found:
             known = ", ".join(repr(s.name) for s in self._stages) or "none"
-            raise ConfigurationError(f"no stage named {name!r}; stages: {known}")
-        method = f"stage {name!r}"
-        if "workers" in changes:
-            check_int(changes["workers"], "workers", method, 1)
-        if "capacity" in changes:
-            check_int(changes["capacity"], "capacity", method, 1)
-        if "runtime" in changes:
-            check_choice(changes["runtime"], "runtime", method, RUNTIMES)
+            raise ConfigurationError(
+                f"with_stage() 'name': no stage named {name!r}; stages: {known}"
+            )
+        method = f"with_stage({name!r})"
+        stage = found[0]
+        allowed = _BATCH_CHANGES if stage.kind == "batch" else _STAGE_CHANGES[stage.kind == "map"]
+        _check_keywords("with_stage", changes, allowed)
+        checked = {key: _CHECKS[key](value, key, method) for key, value in changes.items()}
+        new_name = checked.pop("name", None) or name
+        if new_name != name and new_name in {s.name for s in self._stages}:
+            raise _duplicate_name(new_name)
+        checked["name"] = new_name
+        changed = replace(stage, **checked)
+        if changed.kind != "batch":
+            _check_combination(changed, method)
         new: Pipeline[T] = Pipeline.__new__(Pipeline)
         new._source = self._source
-        new._stages = tuple(replace(s, **changes) if s.name == name else s for s in self._stages)
+        new._stages = tuple(changed if s.name == name else s for s in self._stages)
         new._runs = []
+        new._source_runs = self._source_runs
         return new
 
     # ------------------------------------------------------------------ stages
@@ -215,8 +241,8 @@ class Pipeline(Generic[T]):
         fn_param: str = "fn",
     ) -> Pipeline[Any]:
         """A copy with a stage of ``kind`` added; ``allowed``: the option names it takes."""
-        method = kind
-        _check_keywords(method, options, allowed)
+        method = f"{kind}()"
+        _check_keywords(kind, options, allowed)
         check_callable(fn, fn_param, method)
         checked = {key: _CHECKS[key](value, key, method) for key, value in options.items()}
         name = checked.pop("name", None)
@@ -229,7 +255,7 @@ class Pipeline(Generic[T]):
             backoff=backoff or Backoff(),
             **checked,
         )
-        _check_runtime_fits(stage)
+        _check_combination(stage, method)
         return self._with(stage)
 
     def _default_name(self, kind: str, fn: Callable[..., Any] | None) -> str:
@@ -273,7 +299,8 @@ class Pipeline(Generic[T]):
 
         Args:
             fn: the function (a coroutine function with ``runtime="async"``).
-            runtime: ``"thread"`` (default), ``"process"`` or ``"async"``.
+            runtime: ``"thread"`` (default), ``"process"``, ``"async"`` or
+                ``"interpreter"`` (Python 3.14+).
             **options: the stage's options, keyword-only and optional: see
                 `StageOptions` (``workers``, ``retries``, ``timeout``, ...);
                 ``map`` also takes ``max_items_per_worker``.
@@ -327,11 +354,11 @@ class Pipeline(Generic[T]):
             capacity: the size of the channel in front of this stage.
             name: the stage's name (default ``batch``).
         """
-        method = "batch"
+        method = "batch()"
         check_int(size, "size", method, 1)
         interval = check_seconds(interval, "interval", method)
         check_int(capacity, "capacity", method, 1)
-        _check_name(name, method)
+        check_str(name, "name", method, optional=True)
         stage = Stage(
             kind="batch",
             fn=None,
@@ -344,17 +371,53 @@ class Pipeline(Generic[T]):
 
     # ------------------------------------------------------------------ running
 
-    def _new_run(self, method: str, loop: asyncio.AbstractEventLoop | None = None) -> Run:
+    def _check_runnable(self, method: str, backend: Backend | None = None) -> None:
+        """Refuse a run that cannot work, before anything starts; count it as a run of
+        the source."""
         if not self._stages:
             raise ConfigurationError(
                 f"{method}: the pipeline has no stage: add .map(), .each(), ..."
             )
-        run = Run(self._source, list(self._stages), loop=loop)
+        if self._source_runs[0] and _is_one_shot(self._source):
+            raise ConfigurationError(
+                f"{method}: the pipeline's 'source' is a one-shot iterator "
+                f"({type(self._source).__name__}) that an earlier run already pulled; "
+                f"a second run would get nothing (or the rest). Build the pipeline over a "
+                f"re-iterable source (a list, a range, an object whose __iter__ starts "
+                f"afresh), or a new Pipeline over a new iterator for each run"
+            )
+        _check_processes_allowed(self._stages, method)
+        if backend is not None:
+            backend.check(self)
+        self._source_runs[0] += 1
+
+    def _new_run(
+        self,
+        method: str,
+        loop: asyncio.AbstractEventLoop | None = None,
+        metrics: MetricsExporter | None = None,
+        max_bytes: int | None = None,
+        start: bool = True,
+    ) -> Run:
+        """A run of this pipeline, started unless ``start`` is False (then the caller
+        starts it inside the ``try`` that ends it: Ctrl-C may land as it starts)."""
+        self._check_runnable(method)
+        run = Run(self._source, list(self._stages), loop=loop, max_bytes=max_bytes)
+        if metrics is not None:
+            metrics.watch(run)  # read at scrapes, never on the workers' path
         self._runs.append(run)
-        run.start()
+        if start:
+            run.start()
         return run
 
-    def iterate(self, *, backend: Backend | None = None, progress: bool = False) -> Iterator[T]:
+    def iterate(
+        self,
+        *,
+        backend: Backend | None = None,
+        progress: bool = False,
+        metrics: MetricsExporter | None = None,
+        max_bytes: int | None = None,
+    ) -> Iterator[T]:
         """Run the pipeline and yield the last stage's outputs lazily (``for x in
         pipeline`` is ``pipeline.iterate()``).
 
@@ -362,31 +425,41 @@ class Pipeline(Generic[T]):
             backend: where to run (default: this process); e.g.
                 ``conveyor.RedisBackend(url)``.
             progress: show the run's progress (with a backend that has it).
+            metrics: as for `run`.
+            max_bytes: as for `run`.
 
         Breaking out of the loop stops the run and joins its workers; on
         Redis, the run stays there to be resumed with its ``run_id``.
         """
-        chosen = _remote(backend, "iterate()", None)
+        check_bool(progress, "progress", "iterate()")
+        chosen = _remote(backend, "iterate()", None, metrics, max_bytes)
         if chosen is not None:
+            self._check_runnable("iterate()", chosen)
             return chosen.iterate(self, progress=progress)
         if progress:
             raise ConfigurationError(
                 "iterate() 'progress': a run on this machine shows its progress with "
                 "run(progress=True) or start(progress=True)"
             )
-        return iter(self)
+        return self._iterate("iterate()", metrics, max_bytes)
 
     def __iter__(self) -> Iterator[T]:
         """Run the pipeline and yield the last stage's outputs lazily.
 
         Breaking out of the loop stops the run and joins its workers.
         """
-        run = self._new_run("iterating a pipeline")
+        return self._iterate("iterating a pipeline", None, None)
+
+    def _iterate(
+        self, method: str, metrics: MetricsExporter | None, max_bytes: int | None
+    ) -> Iterator[T]:
+        run = self._new_run(method, metrics=metrics, max_bytes=max_bytes, start=False)
         try:
+            run.start()
             for chunk in run.outputs():
                 yield from chunk
-        except BaseException:  # a break (GeneratorExit), Ctrl-C, an error: end the run here
-            _end(run)
+        except BaseException as exc:  # a break (GeneratorExit), Ctrl-C, an error: end the run here
+            _end(run, exc)
             raise
         finally:
             _forget(self._runs, run)
@@ -399,6 +472,8 @@ class Pipeline(Generic[T]):
         report: str | PathLike[str] | None = None,
         stall_timeout: float | None = None,
         backend: Backend | None = None,
+        metrics: MetricsExporter | None = None,
+        max_bytes: int | None = None,
     ) -> RunResult:
         """Run to completion and return the per-stage statistics.
 
@@ -418,26 +493,40 @@ class Pipeline(Generic[T]):
                 the stages (see docs/distributed.md). ``progress`` and
                 ``report`` work there too (read from the backend's counters);
                 ``stall_timeout`` applies to runs in this process only.
+            metrics: an exporter that reads the run's counters when it is
+                scraped, e.g. ``conveyor.prometheus.PrometheusExporter(port=9000)``
+                (see docs/observability.md); runs in this process only (Redis
+                workers serve theirs with ``conveyor worker --metrics-port``).
+            max_bytes: a memory budget in bytes for the items waiting in the
+                run's channels, split evenly between them (the N stages'
+                input channels and the output: ``max_bytes // (N + 1)``
+                each; see `conveyor.Channel` for how items are measured). A
+                worker holds one batch at a time, which a budget keeps
+                within its input channel's share. Runs in this process only:
+                a backend refuses it.
 
         Raises:
-            The first error of a stage with ``on_error="raise"``, with its
-            own type and a note naming the stage and the item;
-            PipelineStopped when the run was stopped from elsewhere.
+            Exception: the first error of a stage with ``on_error="raise"``,
+                with its own type and a note naming the stage and the item.
+            PipelineStopped: the run was stopped from elsewhere.
         """
-        remote = _remote(backend, "run()", stall_timeout)
+        _check_flags("run()", collect=collect, progress=progress)
+        remote = _remote(backend, "run()", stall_timeout, metrics, max_bytes)
         if remote is not None:
+            self._check_runnable("run()", remote)
             return remote.run(self, collect=collect, progress=progress, report=report)
         watch = _check_watch("run()", report, stall_timeout)
         outputs: list[Any] | None = [] if collect else None
         monitor: Monitor | None = None
-        run = self._new_run("run()")
+        run = self._new_run("run()", metrics=metrics, max_bytes=max_bytes, start=False)
         try:
+            run.start()
             monitor = _start_monitor(run, self._source, progress, *watch)
             for chunk in run.outputs():
                 if outputs is not None:
                     outputs.extend(chunk)
-        except BaseException:  # also before the outputs are reached (Ctrl-C just after the start)
-            _end(run)
+        except BaseException as exc:  # also before the outputs (Ctrl-C just after the start)
+            _end(run, exc)
             raise
         finally:
             if monitor is not None:
@@ -466,12 +555,17 @@ class Pipeline(Generic[T]):
         return self._aiterate()
 
     async def _aiterate(self) -> AsyncGenerator[T, None]:
+        import asyncio  # loaded by then: a coroutine is running
+
         run = self._new_run("iterating a pipeline", loop=asyncio.get_running_loop())
         try:
             async with aclosing(run.aoutputs()) as chunks:
                 async for chunk in chunks:
                     for item in chunk:
                         yield item
+        except BaseException as exc:
+            run.note_left_behind(exc)
+            raise
         finally:
             _forget(self._runs, run)
 
@@ -483,6 +577,8 @@ class Pipeline(Generic[T]):
         report: str | PathLike[str] | None = None,
         stall_timeout: float | None = None,
         backend: Backend | None = None,
+        metrics: MetricsExporter | None = None,
+        max_bytes: int | None = None,
     ) -> RunResult:
         """`run` from async code: ``await pipeline.arun()``, on the caller's event loop.
 
@@ -493,20 +589,33 @@ class Pipeline(Generic[T]):
 
         Args:
             collect: keep the last stage's outputs in ``result.outputs``.
-            progress, report, stall_timeout: as for `run`. The watching runs
-                in a thread of its own, never on the loop; the report is
-                written when the run ends, before ``arun`` returns.
+            progress: as for `run`. The watching (``progress``, ``report``,
+                ``stall_timeout``) runs in a thread of its own, never on the
+                loop.
+            report: as for `run`; the report is written when the run ends,
+                before ``arun`` returns.
+            stall_timeout: as for `run`.
+            metrics: as for `run`.
             backend: as for `run`; the loop keeps serving while the backend's
                 run goes on (in a thread), and cancelling stops that run.
+            max_bytes: as for `run`.
 
         Raises:
-            As `run` does.
+            Exception: as `run` does: the first error of a stage with
+                ``on_error="raise"``, with its own type.
+            PipelineStopped: the run was stopped from elsewhere.
         """
-        remote = _remote(backend, "arun()", stall_timeout)
+        _check_flags("arun()", collect=collect, progress=progress)
+        remote = _remote(backend, "arun()", stall_timeout, metrics, max_bytes)
         if remote is not None:
+            self._check_runnable("arun()", remote)
             return await remote.arun(self, collect=collect, progress=progress, report=report)
+        import asyncio  # loaded by then: a coroutine is running
+
         watch = _check_watch("arun()", report, stall_timeout)
-        run = self._new_run("arun()", loop=asyncio.get_running_loop())
+        run = self._new_run(
+            "arun()", loop=asyncio.get_running_loop(), metrics=metrics, max_bytes=max_bytes
+        )
         outputs: list[Any] | None = [] if collect else None
         monitor: Monitor | None = None
         try:
@@ -520,6 +629,9 @@ class Pipeline(Generic[T]):
                 async for chunk in chunks:
                     if outputs is not None:
                         outputs.extend(chunk)
+        except BaseException as exc:  # cancelled, Ctrl-C, an error: say what was left behind
+            run.note_left_behind(exc)
+            raise
         finally:
             if monitor is not None:
                 monitor.close()
@@ -535,6 +647,8 @@ class Pipeline(Generic[T]):
         report: str | PathLike[str] | None = ...,
         stall_timeout: float | None = ...,
         backend: None = ...,
+        metrics: MetricsExporter | None = ...,
+        max_bytes: int | None = ...,
     ) -> RunHandle: ...
 
     @overload
@@ -546,6 +660,8 @@ class Pipeline(Generic[T]):
         report: str | PathLike[str] | None = ...,
         stall_timeout: float | None = ...,
         backend: Backend,
+        metrics: MetricsExporter | None = ...,
+        max_bytes: int | None = ...,
     ) -> RunHandle | BackgroundRun: ...
 
     def start(
@@ -556,17 +672,21 @@ class Pipeline(Generic[T]):
         report: str | PathLike[str] | None = None,
         stall_timeout: float | None = None,
         backend: Backend | None = None,
+        metrics: MetricsExporter | None = None,
+        max_bytes: int | None = None,
     ) -> RunHandle | BackgroundRun:
         """Start a run in the background and return its handle.
 
         Options as for `run`. With a backend other than this process, the
         handle is a `conveyor.backends.BackgroundRun` (stop, done, join, stats).
         """
-        remote = _remote(backend, "start()", stall_timeout)
+        _check_flags("start()", collect=collect, progress=progress)
+        remote = _remote(backend, "start()", stall_timeout, metrics, max_bytes)
         if remote is not None:
+            self._check_runnable("start()", remote)
             return remote.start(self, collect=collect, progress=progress, report=report)
         watch = _check_watch("start()", report, stall_timeout)
-        run = self._new_run("start()")
+        run = self._new_run("start()", metrics=metrics, max_bytes=max_bytes)
         monitor = _start_monitor(run, self._source, progress, *watch)
         return RunHandle(run, collect, self._runs, monitor)
 
@@ -595,11 +715,25 @@ class Pipeline(Generic[T]):
         return f"<Pipeline {steps}>"
 
 
-def _remote(backend: object, method: str, stall_timeout: object) -> Backend | None:
+def _remote(
+    backend: object,
+    method: str,
+    stall_timeout: object,
+    metrics: object = None,
+    max_bytes: object = None,
+) -> Backend | None:
     """The backend to hand the run to; None for a run in this process (the default)."""
     chosen = check_backend(backend, method)
+    _check_metrics(metrics, method, chosen)
+    check_max_bytes(max_bytes, method)
     if chosen is None or isinstance(chosen, LocalBackend):
         return None
+    if max_bytes is not None:
+        raise ConfigurationError(
+            f"{method} 'max_bytes' bounds the memory of a run in this process; "
+            f"{type(chosen).__name__} does not support it (its streams are bounded by "
+            f"item counts: each stage's capacity)"
+        )
     if stall_timeout is not None:
         raise ConfigurationError(
             f"{method} 'stall_timeout' applies to runs in this process, not with a "
@@ -608,10 +742,62 @@ def _remote(backend: object, method: str, stall_timeout: object) -> Backend | No
     return chosen
 
 
-def _end(run: Run) -> None:
-    """Stop ``run`` and join its threads (no-op for a run that has ended already)."""
+def _check_metrics(metrics: object, method: str, backend: Backend | None) -> None:
+    """Refuse a ``metrics=`` that is no exporter, or that is given with a remote backend."""
+    if metrics is None:
+        return
+    if not isinstance(metrics, MetricsExporter):
+        raise ConfigurationTypeError(
+            f"{method} 'metrics' must be a metrics exporter (an object with a "
+            f"watch(source) method, e.g. conveyor.prometheus.PrometheusExporter(port=9000)), "
+            f"got {type(metrics).__name__}"
+        )
+    if backend is not None and not isinstance(backend, LocalBackend):
+        raise ConfigurationError(
+            f"{method} 'metrics' applies to runs in this process, not with a backend: "
+            f"Redis workers serve their metrics (conveyor worker --metrics-port PORT)"
+        )
+
+
+def _check_flags(method: str, **flags: object) -> None:
+    """Refuse a run option meant as True/False that is not a bool."""
+    for name, value in flags.items():
+        check_bool(value, name, method)
+
+
+def _is_one_shot(source: object) -> bool:
+    """True for a source that iterating consumes: an iterator, a generator, an async one."""
+    if isinstance(source, Iterator):
+        return iter(source) is source
+    if isinstance(source, AsyncIterator):
+        return source.__aiter__() is source
+    return False
+
+
+def _check_processes_allowed(stages: tuple[Stage, ...], method: str) -> None:
+    """Refuse process stages in a daemonic process (a process stage's worker):
+    multiprocessing forbids it children, and would say so with a bare AssertionError."""
+    import multiprocessing
+
+    if not multiprocessing.current_process().daemon:
+        return
+    for stage in stages:
+        if stage.runtime == "process":
+            raise ConfigurationError(
+                f"{method}: stage {stage.label} has 'runtime'='process', but this code runs "
+                f"in a worker process (of a process stage, "
+                f"{multiprocessing.current_process().name!r}), which may not start processes "
+                f"of its own; give the inner pipeline's stages runtime='thread' (or 'async'), "
+                f"or make the outer stage a thread stage"
+            )
+
+
+def _end(run: Run, error: BaseException) -> None:
+    """Stop ``run`` and join its threads (no-op for a run that has ended already); note on
+    ``error``, the exception ending it, what was left behind stuck in user code."""
     run.abort()
     run.join()
+    run.note_left_behind(error)
 
 
 def _forget(registry: list[Run], run: Run) -> None:
@@ -622,16 +808,12 @@ def _forget(registry: list[Run], run: Run) -> None:
         pass
 
 
-def _check_name(name: object, method: str) -> None:
-    """Refuse a stage name that is not a non-empty str (None means the default)."""
-    if name is not None and (not isinstance(name, str) or not name):
-        raise ConfigurationTypeError(f"{method}() 'name' must be a non-empty str, got {name!r}")
-
-
 def _check_keywords(method: str, options: Mapping[str, Any], allowed: frozenset[str]) -> None:
     """Refuse a keyword argument that is not an option of ``method``, as Python would."""
     for key in options:
         if key not in allowed:
+            import difflib  # an error path
+
             close = difflib.get_close_matches(key, sorted(allowed), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise TypeError(f"{method}() got an unexpected keyword argument {key!r}{hint}")
@@ -639,12 +821,6 @@ def _check_keywords(method: str, options: Mapping[str, Any], allowed: frozenset[
 
 _Check = Callable[[Any, str, str], Any]
 """An option's check: (value, option, method) -> the value as the stage keeps it."""
-
-
-def _check_ordered(value: object, param: str, method: str) -> object:
-    if not isinstance(value, bool):
-        raise ConfigurationTypeError(f"{method}() '{param}' must be a bool, got {value!r}")
-    return value
 
 
 def _check_backoff(value: object, param: str, method: str) -> object:
@@ -669,24 +845,35 @@ def _check_choice_of(choices: tuple[str, ...]) -> _Check:
     return check
 
 
-def _check_at_least(minimum: int, *, optional: bool = False) -> _Check:
+def _check_runtime(value: object, param: str, method: str) -> object:
+    check_runtime(value, param, method)
+    return value
+
+
+def _check_at_least(minimum: int, maximum: int | None = None, *, optional: bool = False) -> _Check:
     def check(value: object, param: str, method: str) -> object:
-        return value if optional and value is None else check_int(value, param, method, minimum)
+        if optional and value is None:
+            return None
+        return check_int(value, param, method, minimum, maximum)
 
     return check
 
 
 def _check_stage_name(value: object, param: str, method: str) -> object:
-    _check_name(value, method)
-    return value
+    return check_str(value, param, method, optional=True)
+
+
+def _check_interval(value: object, param: str, method: str) -> object:
+    return check_seconds(value, param, method)
 
 
 _CHECKS: dict[str, _Check] = {
     # Each raises an error naming the option and the method. One line per option.
-    "workers": _check_at_least(1),
-    "runtime": _check_choice_of(RUNTIMES),
+    # The per-runtime limit on workers is checked with the runtime (_check_combination).
+    "workers": _check_at_least(1, MAX_TASKS),
+    "runtime": _check_runtime,
     "capacity": _check_at_least(1),
-    "ordered": _check_ordered,
+    "ordered": check_bool,
     "retries": _check_at_least(0),
     "backoff": _check_backoff,
     "timeout": check_seconds,
@@ -695,29 +882,50 @@ _CHECKS: dict[str, _Check] = {
     "on_start": _check_hook,
     "on_stop": _check_hook,
     "max_items_per_worker": _check_at_least(1, optional=True),
+    # with_stage() of a batch stage
+    "batch_size": _check_at_least(1),
+    "interval": _check_interval,
 }
+
+_BATCH_CHANGES = frozenset({"batch_size", "interval", "capacity", "name"})
+_STAGE_CHANGES = {False: _STAGE_KEYS, True: _MAP_KEYS}
+"""What `Pipeline.with_stage` may change: a batch stage's, another stage's (a map's?)."""
 
 
 def _duplicate_name(name: str) -> Exception:
-    from .errors import ConfigurationError
-
     return ConfigurationError(
         f"stage name {name!r} is already used in this pipeline: give each stage a unique name"
     )
 
 
+def _check_combination(stage: Stage, method: str) -> None:
+    """Refuse options that cannot work together (each valid on its own)."""
+    _check_runtime_fits(stage)
+    if stage.runtime != "async" and stage.workers > MAX_WORKERS:
+        raise ConfigurationError(
+            f"{method} 'workers' must be at most {MAX_WORKERS} with runtime={stage.runtime!r} "
+            f"(one {stage.runtime} each), got {stage.workers}; an async stage may have up "
+            f"to {MAX_TASKS}"
+        )
+    if stage.runtime == "async" and stage.max_items_per_worker is not None:
+        raise ConfigurationError(
+            f"{method} 'max_items_per_worker' applies to runtime='thread', 'process' or "
+            f"'interpreter' (a worker is recycled after that many items); an async "
+            f"stage's workers are coroutines: got runtime='async' with max_items_per_worker="
+            f"{stage.max_items_per_worker}"
+        )
+
+
 def _check_runtime_fits(stage: Stage) -> None:
     """A coroutine function needs the async runtime, and the async runtime one."""
-    from .errors import ConfigurationError
-
     if stage.is_async_fn and stage.runtime != "async":
         raise ConfigurationError(
-            f"{stage.kind}() stage {stage.name!r}: fn is a coroutine function; "
-            f"pass runtime='async' to run it"
+            f"{stage.kind}() stage {stage.name!r}: 'fn' is a coroutine function; "
+            f"pass runtime='async' to run it (got 'runtime'={stage.runtime!r})"
         )
     if stage.runtime == "async" and not stage.is_async_fn:
         raise ConfigurationError(
-            f"{stage.kind}() stage {stage.name!r}: runtime='async' needs a coroutine function "
+            f"{stage.kind}() stage {stage.name!r}: 'runtime'='async' needs a coroutine function "
             f"(async def), got {getattr(stage.fn, '__name__', stage.fn)!r}"
         )
 
@@ -784,6 +992,7 @@ class RunHandle:
     def stop(self, drain: bool = False) -> None:
         """Stop the run: at once (default), or, with ``drain``, stop the source and let
         the items already inside finish. A run that has ended stays as it ended."""
+        check_bool(drain, "drain", "RunHandle.stop()")
         if self._done.is_set():
             return
         if drain:
@@ -800,14 +1009,17 @@ class RunHandle:
 
         Raises:
             TimeoutError: the run did not end within ``timeout`` seconds.
-            The run's first error, as `Pipeline.run` does (not after `stop()`).
+            Exception: the run's first error, as `Pipeline.run` raises it
+                (not after `stop()`).
         """
+        check_seconds(timeout, "timeout", "RunHandle.join()", zero=True)
         try:
-            ended = self._done.wait(timeout)
-        except BaseException:  # Ctrl-C while waiting: the run must not go on behind the caller
+            ended = wait_interruptibly(self._done.wait, timeout)
+        except BaseException as exc:  # Ctrl-C while waiting: the run must not go on behind
             self.stop()
             self._done.wait(JOIN_TIMEOUT)
             self._thread.join(JOIN_TIMEOUT)
+            self._run.note_left_behind(exc)
             raise
         if not ended:
             raise TimeoutError(f"the run did not end within {timeout} s")
@@ -815,7 +1027,7 @@ class RunHandle:
         if self._error is not None and not (
             self._run.control.error is None and self._run.control.stopped.is_set()
         ):
-            raise self._error
+            raise self._run.note_left_behind(self._error)
         return self._run.result(self._outputs)
 
     def stats(self) -> list[StageStats]:

@@ -40,7 +40,7 @@ class ExceptionRecord:
     args: list[Any] | None = None
     """Its ``args``, when they are plain data."""
     attrs: dict[str, Any] | None = None
-    """Its ``__dict__`` (notes aside), when it is plain data."""
+    """Its ``__dict__`` (notes aside): the attributes that are plain data."""
 
     def as_dict(self) -> dict[str, Any]:
         """The record as a dict of plain values."""
@@ -82,7 +82,9 @@ def capture(exc: BaseException, plain: Any = None) -> ExceptionRecord:
     kept: dict[str, Any] | None = attrs
     if plain is not None:
         args = _if_plain(plain, args)
-        kept = _if_plain(plain, attrs)
+        # Attribute by attribute: one that cannot travel (a lock, a connection)
+        # must not cost the others.
+        kept = {k: v for k, v in attrs.items() if _if_plain(plain, [v]) is not None}
     return ExceptionRecord(
         type=f"{cls.__module__}:{cls.__qualname__}",
         message=str(exc),
@@ -108,7 +110,7 @@ def rebuild(record: ExceptionRecord) -> BaseException:
         except Exception:
             exc = RemoteError(f"{_short_type(record.type)}: {record.message}")
     if record.notes:
-        exc.__notes__ = list(record.notes)  # type: ignore[attr-defined]
+        exc.__notes__ = list(record.notes)
     if record.traceback:
         exc.__cause__ = RemoteTraceback(record.traceback)
     return exc

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import inspect
 import random
+import sys
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import ConfigurationError, ConfigurationTypeError
+from .errors import ConfigurationError
+from .validate import check_bool, check_choice, check_number, check_seconds
 
 __all__ = [
     "KINDS",
@@ -33,12 +35,16 @@ __all__ = [
 
 Kind = Literal["map", "filter", "flat_map", "batch", "each"]
 KINDS: tuple[str, ...] = ("map", "filter", "flat_map", "batch", "each")
-RuntimeName = Literal["thread", "process", "async"]
-RUNTIMES: tuple[str, ...] = ("thread", "process", "async")
+RuntimeName = Literal["thread", "process", "async", "interpreter"]
+RUNTIMES: tuple[str, ...] = ("thread", "process", "async", "interpreter")
+INTERPRETER_PYTHON = (3, 14)
+"""The Python ``runtime="interpreter"`` needs (`concurrent.interpreters`, PEP 734)."""
 OnError = Literal["raise", "skip"]
 ON_ERROR: tuple[str, ...] = ("raise", "skip")
 
 DEFAULT_CAPACITY = 1024
+MAX_MULTIPLIER = 1000.0
+"""The largest `Backoff.multiplier` accepted."""
 
 
 @dataclass(frozen=True)
@@ -60,17 +66,16 @@ class Backoff:
 
     def __post_init__(self) -> None:
         for name in ("initial", "maximum"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value >= 0:
-                raise ConfigurationError(f"Backoff '{name}' must be a number >= 0, got {value!r}")
-        if not isinstance(self.multiplier, (int, float)) or not self.multiplier >= 1:
-            raise ConfigurationError(
-                f"Backoff 'multiplier' must be a number >= 1, got {self.multiplier!r}"
-            )
+            check_seconds(getattr(self, name), name, "Backoff", optional=False, zero=True)
+        check_number(self.multiplier, "multiplier", "Backoff", 1, MAX_MULTIPLIER)
+        check_bool(self.jitter, "jitter", "Backoff")
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt`` (1-based)."""
-        bound = min(self.maximum, self.initial * self.multiplier ** (attempt - 1))
+        try:
+            bound = min(self.maximum, self.initial * self.multiplier ** (attempt - 1))
+        except OverflowError:  # a late retry of many: the bound has long reached the cap
+            bound = self.maximum
         return random.uniform(0.0, bound) if self.jitter else bound
 
 
@@ -130,46 +135,15 @@ def _is_coroutine_function(fn: Callable[..., Any]) -> bool:
     )
 
 
-# ---------------------------------------------------------------------- validation
-
-
-def check_callable(value: object, param: str, method: str) -> None:
-    """Raise a clear TypeError when ``value`` is not callable."""
-    if not callable(value):
-        raise ConfigurationTypeError(
-            f"{method}() '{param}' must be callable, got {type(value).__name__} {value!r:.60}"
+def check_runtime(value: object, param: str, where: str) -> None:
+    """Raise a clear error when ``value`` is not a runtime this Python can run."""
+    check_choice(value, param, where, RUNTIMES)
+    if value == "interpreter" and sys.version_info < INTERPRETER_PYTHON:
+        raise ConfigurationError(
+            f"{where} '{param}' 'interpreter' needs Python 3.14 or newer "
+            f"(concurrent.interpreters, PEP 734); this is Python "
+            f"{sys.version_info.major}.{sys.version_info.minor}: use runtime='process' here"
         )
-
-
-def check_int(value: object, param: str, method: str, minimum: int) -> int:
-    """Return ``value`` if it is an int >= minimum, else raise a clear error."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigurationTypeError(
-            f"{method}() '{param}' must be an int >= {minimum}, got {type(value).__name__}"
-        )
-    if value < minimum:
-        raise ConfigurationError(f"{method}() '{param}' must be >= {minimum}, got {value}")
-    return value
-
-
-def check_seconds(value: object, param: str, method: str) -> float | None:
-    """Return ``value`` if it is None or a positive number of seconds, else raise."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigurationTypeError(
-            f"{method}() '{param}' must be a number of seconds or None, got {type(value).__name__}"
-        )
-    if not value > 0:
-        raise ConfigurationError(f"{method}() '{param}' must be > 0 seconds, got {value!r}")
-    return float(value)
-
-
-def check_choice(value: object, param: str, method: str, choices: tuple[str, ...]) -> None:
-    """Raise a clear error when ``value`` is not one of ``choices``."""
-    if value not in choices:
-        allowed = ", ".join(repr(c) for c in choices)
-        raise ConfigurationError(f"{method}() '{param}' must be one of {allowed}; got {value!r}")
 
 
 # ---------------------------------------------------------------------- per-worker state

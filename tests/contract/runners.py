@@ -6,13 +6,17 @@ import asyncio
 import functools
 import inspect
 import multiprocessing
+import os
+import select
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import psutil
 import pytest
@@ -33,7 +37,7 @@ if TYPE_CHECKING:
 if processes.start_method() == "forkserver":
     multiprocessing.set_forkserver_preload(["__main__", "_pytest.config"])
 
-RUNTIMES = ("thread", "process", "async")
+RUNTIMES = ("thread", "process", "async", "interpreter")
 BACKENDS = ("local", "redis")
 COMBOS = tuple(f"{runtime}-{backend}" for backend in BACKENDS for runtime in RUNTIMES)
 REDIS_COMBOS = tuple(c for c in COMBOS if c.endswith("-redis"))
@@ -158,10 +162,18 @@ def split_combo(combo: str) -> tuple[RuntimeName, str]:
     return cast("RuntimeName", runtime), backend
 
 
+INTERPRETERS_SKIP = pytest.mark.skipif(
+    sys.version_info < (3, 14),
+    reason="runtime='interpreter' needs Python 3.14+ (concurrent.interpreters, PEP 734)",
+)
+
+
 def _combo_param(combo: str) -> Any:
     # The local combinations are quick: nox runs them on every other supported Python.
-    mark = pytest.mark.redis if combo.endswith("-redis") else pytest.mark.quick
-    return pytest.param(combo, marks=[mark], id=combo)
+    marks = [pytest.mark.redis if combo.endswith("-redis") else pytest.mark.quick]
+    if combo.startswith("interpreter-"):
+        marks.append(INTERPRETERS_SKIP)
+    return pytest.param(combo, marks=marks, id=combo)
 
 
 ALL = [_combo_param(c) for c in COMBOS]
@@ -185,30 +197,88 @@ def described(exc: BaseException) -> str:
     return "\n".join(parts)
 
 
+class Settable(Protocol):
+    """What `ctrl_c_when` waits on: a `threading.Event`, or a `ProcessEvent`."""
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+    def set(self) -> None: ...
+
+
+class ProcessEvent:
+    """An event that a stage sets from any process (a worker process too): a FIFO.
+
+    The test's process holds the FIFO's read end, open from the start, so that
+    `set` (anywhere on this machine) can always write its byte, which `wait`
+    sees without polling. Pickled by value into a worker process, it is the path.
+    """
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.path = str(folder / name)
+        os.mkfifo(self.path)
+        self._reader: int | None = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "_reader": None}
+
+    def set(self) -> None:
+        """Set it (from any process, while the test's process holds the read end)."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+
+    def wait(self, timeout: float | None = WAIT) -> bool:
+        """Wait until it is set, ``timeout`` seconds at most (in any process: the byte
+        `set` writes is never read, so every reader's end stays readable)."""
+        if self._reader is not None:
+            return bool(select.select([self._reader], [], [], timeout)[0])
+        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            return bool(select.select([fd], [], [], timeout)[0])
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            os.close(self._reader)
+            self._reader = None
+
+
+class Press:
+    """When `ctrl_c_when` pressed Ctrl-C (`time.monotonic`), once it has."""
+
+    at: float | None = None
+
+
 @contextmanager
-def ctrl_c_when(event: threading.Event) -> Iterator[None]:
+def ctrl_c_when(event: Settable) -> Iterator[Press]:
     """Press Ctrl-C once ``event`` is set: inside the block, another thread then
     sends SIGINT to the main thread, where KeyboardInterrupt is raised wherever
     it is, as for a real Ctrl-C. A SIGINT that lands after the block (the block
-    ended otherwise) is swallowed, never reaching pytest."""
+    ended otherwise) is swallowed, never reaching pytest. Yields a `Press` saying
+    when it pressed."""
     assert threading.current_thread() is threading.main_thread(), "SIGINT lands in the main thread"
     armed = True
     ended = threading.Event()
+    pressed = Press()
 
     def on_sigint(signum: int, frame: object) -> None:
         if armed:
             raise KeyboardInterrupt
 
     def press() -> None:
-        event.wait()
+        event.wait(WAIT)
         if not ended.is_set():
+            pressed.at = time.monotonic()
             signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     presser = threading.Thread(target=press, name="test-ctrl-c")
     presser.start()
     try:
-        yield
+        yield pressed
     finally:
         ended.set()
         armed = False
@@ -275,3 +345,20 @@ class Leftovers:
         started = set(_children()) - self.processes
         left = wait_gone(started, max(0.0, deadline - time.monotonic()))
         assert not threads and not left, f"left running: threads {threads}, processes {left}"
+
+    def assert_only_daemons_left(self, timeout: float = 10.0) -> list[str]:
+        """What a run may leave behind when user code is stuck: daemon threads, which
+        do not keep the interpreter from exiting. Waits (bounded) for the new
+        non-daemon threads and the child processes to end, fails naming those still
+        there; returns the names of the daemon threads left."""
+        deadline = time.monotonic() + timeout
+        new = set(threading.enumerate()) - self.threads
+        for thread in new:
+            if not thread.daemon:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [t for t in new if t.is_alive()]
+        started = set(_children()) - self.processes
+        left = wait_gone(started, max(0.0, deadline - time.monotonic()))
+        others = [t.name for t in alive if not t.daemon]
+        assert not others and not left, f"left running: threads {others}, processes {left}"
+        return sorted(t.name for t in alive)

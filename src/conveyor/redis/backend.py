@@ -23,9 +23,11 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..backends import Backend
+from ..engine import ABORT_WAIT
 from ..errors import (
     BackendError,
     ConfigurationError,
+    ConfigurationTypeError,
     DeadLettersError,
     RunStateLost,
 )
@@ -33,7 +35,8 @@ from ..metrics import RunResult, StageStats, Timeline
 from ..policy import add_note
 from ..remote import ExceptionRecord, rebuild
 from ..stage import Failure, Stage
-from .codec import Codec, decode_failure, get_codec, key_check, secret_from
+from ..validate import check_bool, check_choice, check_int, check_seconds, check_str
+from .codec import CODECS, Codec, decode_failure, get_codec, key_check, secret_from
 from .order import TOMBSTONE, Leaf, Tracker, dump_path, load_path
 from .state import RunInfo, RunState, read_state, stage_stats
 from .streams import (
@@ -52,6 +55,7 @@ if TYPE_CHECKING:
     from os import PathLike
     from pathlib import Path
 
+    from ..engine import Run
     from .status import ProgressWatcher
 
 __all__ = ["LiveRun", "RedisBackend", "RedisRunResult"]
@@ -64,6 +68,9 @@ FEED_CHUNK = 100
 """Items added to the first stream per script call."""
 QUIET_SECONDS = 10.0
 """The driver logs a warning when its run's counters stay still this long."""
+LOCAL_ABORT_GRACE = 0.2
+"""After an aborted run's `ABORT_WAIT`, how long its local workers get once aborted (process
+children terminated) before the threads stuck in user code are left behind."""
 
 
 @dataclass
@@ -119,20 +126,27 @@ class RedisBackend(Backend):
             others take it over (a dead or stuck worker's entries).
         max_deliveries: deliveries after which an entry moves to its stage's
             dead letters, with its last error.
-        limit: backlog limit of every stream (default: each stage's
-            ``capacity``); producers and stages wait while their output is
-            over it.
+        limit: backlog limit of every stream, >= 1 (default: each stage's
+            ``capacity``, and for a batch stage at least its size);
+            producers and stages wait while their output is over it.
         reorder_window: for an ordered last stage, how many source items may
             be in flight past the oldest unfinished one (default: 8 times the
             first stage's capacity).
         on_dead_letters: ``"raise"`` (default): raise `DeadLettersError` when
             only dead letters are left; ``"wait"``: wait for a replay.
         keep: keep the run's keys after it finished (for inspection).
-        unavailable_timeout: seconds Redis may stay unreachable before the
-            driver gives up with `BackendUnavailable` (None: forever).
+        unavailable_timeout: seconds Redis may stay unreachable (at the start, or
+            lost during a run) before the run, `cancel` or `open` give up with
+            `BackendUnavailable`, naming the URL and the cause (None: wait forever).
         local_workers: also serve the pipeline from threads of this process
             (a single-machine run through Redis; handy for trying it out).
         redis_options: passed to `redis.Redis.from_url`.
+
+    Every argument is checked here, before anything connects: a value of the
+    wrong type raises `ConfigurationTypeError`, one out of range (``limit=0``,
+    ``batch_size=-1``, a NaN or infinite timeout) `ConfigurationError`,
+    naming it. ``limit`` below the size of a ``batch()`` stage is refused
+    when the pipeline is run (see `check`).
 
     Example:
         >>> result = pipeline.run(backend=RedisBackend("redis://localhost:6379/0"))
@@ -154,19 +168,11 @@ class RedisBackend(Backend):
         reorder_window: int | None = None,
         on_dead_letters: str = "raise",
         keep: bool = False,
-        unavailable_timeout: float | None = 60.0,
+        unavailable_timeout: float | None = 10.0,
         local_workers: bool = False,
         redis_options: dict[str, Any] | None = None,
     ) -> None:
-        if on_dead_letters not in ("raise", "wait"):
-            raise ConfigurationError(
-                f"RedisBackend 'on_dead_letters' must be 'raise' or 'wait'; got {on_dead_letters!r}"
-            )
-        for name, value in (("batch_size", batch_size), ("max_deliveries", max_deliveries)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigurationError(f"RedisBackend '{name}' must be an int >= 1")
-        if not visibility_timeout > 0:
-            raise ConfigurationError("RedisBackend 'visibility_timeout' must be > 0 seconds")
+        _check_options(locals())
         self.url = url
         self.run_id = run_id
         self.namespace = namespace
@@ -187,13 +193,35 @@ class RedisBackend(Backend):
     def __repr__(self) -> str:
         return f"<RedisBackend {redact(self.url)} namespace={self.namespace!r}>"
 
+    def check(self, pipeline: Any) -> None:
+        """Refuse a pipeline this backend's options cannot run, before connecting.
+
+        Raises:
+            ConfigurationError: ``limit`` is below the size of a ``batch()``
+                stage without ``interval``: its input stream would fill up with
+                the entries the stage holds while it waits for a full group,
+                and the run would stop moving.
+        """
+        if self.limit is None:
+            return
+        for stage in _stages(pipeline):
+            if stage.kind == "batch" and stage.interval is None and self.limit < stage.batch_size:
+                raise ConfigurationError(
+                    f"RedisBackend 'limit' ({self.limit}) is below the size of batch stage "
+                    f"{stage.name!r} ({stage.batch_size}): the stage holds its input entries "
+                    f"until a group is full, and a stream over its limit stops its producers. "
+                    f"Give limit >= {stage.batch_size}, or the batch stage an interval"
+                )
+
     # ------------------------------------------------------------------ plumbing
 
     def client(self) -> Any:
         """The redis-py client (connected on first use, with retries)."""
         if self._client is None:
-            retry = Retrier("connecting", self.unavailable_timeout)
-            self._client = retry(connect, self.url, **self.redis_options)
+            retry = Retrier("connecting", self.unavailable_timeout, url=self.url)
+            self._client = retry(
+                connect, self.url, timeout=self.unavailable_timeout, **self.redis_options
+            )
         return self._client
 
     def close(self) -> None:
@@ -215,7 +243,9 @@ class RedisBackend(Backend):
     def _info(
         self, keys: Keys, stages: tuple[Stage, ...], ordered: bool, paths: bool = True
     ) -> RunInfo:
-        limits = [self.limit or s.capacity for s in stages]
+        # A batch stage holds its input entries until a group is full: a default
+        # limit below its size would stop its producers for good (see `check`).
+        limits = [self.limit or max(s.capacity, s.batch_size) for s in stages]
         limits.append(self.limit or max(limits[-1], self.batch_size))
         return RunInfo(
             keys=keys,
@@ -336,13 +366,27 @@ class RedisBackend(Backend):
                     _write_report(report, result, stats, watcher.timeline, elapsed, error)
         finally:
             if worker is not None:
-                worker.stop()
-                try:
-                    worker.join(30.0)
-                except BaseException as exc:
-                    if exc is not error:  # the run ended with it already
-                        raise
+                self._stop_local_workers(run, worker, error)
             self.close()
+
+    def _stop_local_workers(
+        self, run: _DriverRun, worker: Any, error: BaseException | None
+    ) -> None:
+        """Stop the local workers: gracefully after a complete run; within the bound of an
+        aborted one otherwise (the run stays in Redis: entries in hand are taken over)."""
+        worker.stop()
+        try:
+            if error is None and not run.halted:
+                worker.join(30.0)
+            else:
+                worker.join(run.abort_left(), grace=LOCAL_ABORT_GRACE)
+        except BaseException as exc:
+            if exc is not error:  # the run ended with it already
+                raise
+        finally:
+            if error is not None:
+                for text in worker.left_behind:
+                    add_note(error, f"conveyor: a local worker: {text}")
 
     def _watch(self, pipeline: Any, run: _DriverRun, progress: bool) -> ProgressWatcher:
         """Start watching ``run`` (read through a connection of its own): showing its
@@ -403,7 +447,7 @@ class RedisBackend(Backend):
         """Delete the run ``run_id`` of ``pipeline`` from Redis (its items, outputs and
         dead letters included); workers stop serving it. Returns whether it existed."""
         keys = self.keys(pipeline, run_id)
-        retry = Retrier("cancel", self.unavailable_timeout)
+        retry = Retrier("cancel", self.unavailable_timeout, url=self.url)
         return bool(retry(_delete_run, self.client(), keys, len(_stages(pipeline))))
 
     # ------------------------------------------------------------------ long-lived runs
@@ -417,7 +461,7 @@ class RedisBackend(Backend):
         """
         stages = _stages(pipeline)
         keys = self.keys(pipeline, run_id)
-        retry = Retrier("open", self.unavailable_timeout)
+        retry = Retrier("open", self.unavailable_timeout, url=self.url)
         info, _ = self._create_or_attach(keys, self._info(keys, stages, False, False), retry)
         return LiveRun(self, keys, info, retry)
 
@@ -529,7 +573,7 @@ class _DriverRun:
         self.stages = _stages(pipeline)
         self.keys = keys
         self.stopped = threading.Event()
-        self.retry = Retrier("driver", backend.unavailable_timeout, self.stopped)
+        self.retry = Retrier("driver", backend.unavailable_timeout, self.stopped, backend.url)
         self.client = backend.client()
         self.scripts = Scripts(self.client)
         self.codec = backend.codec
@@ -544,6 +588,8 @@ class _DriverRun:
         self._moved = perf_counter()
         self._warned = False
         self._feeder: threading.Thread | None = None
+        self._puller: Run | None = None  # the feeder's local run: it pulls the source
+        self._ending = perf_counter()  # when the run began to end, set by outputs()
         self._feed_error: BaseException | None = None
         self._released = threading.Condition()
         self.tracker: Tracker | None = None
@@ -562,21 +608,26 @@ class _DriverRun:
     def _start_feeder(self, already_fed: int) -> None:
         if self.source_done:
             return
+        from ..engine import Run
+
+        source = _skip(self.pipeline.source, already_fed)  # resuming: those reached Redis
+        # Made here, not in the feeder thread, so that an abort always finds it; it waits
+        # less than the driver waits for the feeder, which then sees what it left behind.
+        self._puller = Run(source, [], output_capacity=FEED_CHUNK, abort_wait=ABORT_WAIT / 2)
         self._feeder = threading.Thread(
-            target=self._feed, args=(already_fed,), name="conveyor-redis-feeder", daemon=True
+            target=self._feed,
+            args=(self._puller, already_fed),
+            name="conveyor-redis-feeder",
+            daemon=True,
         )
         self._feeder.start()
 
-    def _feed(self, already_fed: int) -> None:
+    def _feed(self, pulled: Run, already_fed: int) -> None:
         """The feeder thread: the engine's own feeder pulls the source into a bounded
         channel (lazily: item by item from an iterator that may block between items, in
         growing chunks from a collection; async sources too), and this thread adds
         whatever is there to the first stream, at most `FEED_CHUNK` per script call: a
         slow source's items go in as they come, a fast one's in full chunks."""
-        from ..engine import Run
-
-        source = _skip(self.pipeline.source, already_fed)  # resuming: those reached Redis
-        pulled = Run(source, [], output_capacity=FEED_CHUNK)
         pulled.start()
         try:
             self._feed_from(_chunks(pulled.outputs(), FEED_CHUNK), already_fed)
@@ -699,6 +750,7 @@ class _DriverRun:
                 self._watch(state)
         except BaseException as exc:
             self.stopped.set()
+            self._note_left_behind(exc)
             lost = self._lost_state(exc)
             if lost is not None:
                 # Nothing to resume: say what happened rather than the Redis error it caused.
@@ -721,10 +773,16 @@ class _DriverRun:
             raise
         finally:
             self.stopped.set()
+            self._ending = perf_counter()
+            if self.state is None:  # ended early: stop all at once, within ABORT_WAIT
+                if self._puller is not None:
+                    self._puller.abort()  # the feeder may wait for a source that is stuck
+                if self.local_worker is not None:
+                    self.local_worker.stop()
             with self._released:
                 self._released.notify_all()
             if self._feeder is not None:
-                self._feeder.join(10.0)
+                self._feeder.join(10.0 if self.state is not None else self.abort_left())
             self.finished = perf_counter()
         self._read_failures()
         if self.halted:
@@ -737,6 +795,22 @@ class _DriverRun:
             )
             return
         self._finish()
+
+    def abort_left(self) -> float:
+        """Seconds left of the `ABORT_WAIT` an ended run's threads get to end."""
+        return max(0.0, self._ending + ABORT_WAIT - perf_counter())
+
+    def _note_left_behind(self, exc: BaseException) -> None:
+        """Stop the feeder; once it had its time to end, say on ``exc`` if it is stuck."""
+        feeder, fed_from = self._feeder, self._puller
+        if feeder is None or fed_from is None:
+            return
+        self._ending = perf_counter()
+        fed_from.abort()
+        if self.local_worker is not None:
+            self.local_worker.stop()
+        feeder.join(self.abort_left())
+        fed_from.note_left_behind(exc)
 
     def _check_local_worker(self) -> None:
         """End the run with the local workers' error when they stopped (nobody else may
@@ -1084,6 +1158,47 @@ def _ack(scripts: Scripts, retry: Retrier, keys: Keys, final: str, taken: _Taken
         keys=[final, keys.counters, keys.done],
         args=[DRIVER_GROUP, taken.released, len(taken.completed), *taken.completed, *taken.ids],
     )
+
+
+_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+MAX_READ = 100_000
+"""The largest ``batch_size`` (entries one XREADGROUP may return)."""
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """`RedisBackend`'s arguments, each checked before anything connects."""
+    where = "RedisBackend"
+    url = options["url"]
+    accepted = "a str starting with redis://, rediss:// or unix://"
+    if not isinstance(url, str):
+        raise ConfigurationTypeError(
+            f"{where} 'url' must be {accepted}, got {type(url).__name__} {url!r:.60}"
+        )
+    if not url.startswith(_URL_SCHEMES):
+        raise ConfigurationError(f"{where} 'url' must be {accepted}, got {redact(url)!r:.60}")
+    check_str(options["run_id"], "run_id", where, optional=True)
+    check_str(options["namespace"], "namespace", where)
+    check_choice(options["codec"], "codec", where, CODECS)
+    secret_key = options["secret_key"]
+    if secret_key is not None and not isinstance(secret_key, (bytes, str)):
+        raise ConfigurationTypeError(
+            f"{where} 'secret_key' must be bytes, a str or None, got {type(secret_key).__name__}"
+        )
+    check_int(options["batch_size"], "batch_size", where, 1, MAX_READ)
+    check_seconds(options["visibility_timeout"], "visibility_timeout", where, optional=False)
+    check_int(options["max_deliveries"], "max_deliveries", where, 1)
+    for name in ("limit", "reorder_window"):  # None: the default; 0 is not a limit
+        if options[name] is not None:
+            check_int(options[name], name, where, 1)
+    check_choice(options["on_dead_letters"], "on_dead_letters", where, ("raise", "wait"))
+    for name in ("keep", "local_workers"):
+        check_bool(options[name], name, where)
+    check_seconds(options["unavailable_timeout"], "unavailable_timeout", where)
+    redis_options = options["redis_options"]
+    if redis_options is not None and not isinstance(redis_options, dict):
+        raise ConfigurationTypeError(
+            f"{where} 'redis_options' must be a dict or None, got {type(redis_options).__name__}"
+        )
 
 
 def _wait_for_room(

@@ -9,20 +9,27 @@ variable, never from the command line (where ``ps`` would show it).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from .. import loading
-from ..errors import BackendError, ConfigurationError
+from ..cliparams import ENTRY_ID, NAME, REDIS_URL, SECONDS
+from ..errors import BackendError, BackendUnavailable, ConfigurationError
 
 __all__ = [
     "COMMANDS",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "EXIT_REDIS_UNREACHABLE",
+    "RedisUnreachable",
     "cancel_command",
     "dlq_group",
     "load_pipeline",
@@ -32,6 +39,71 @@ __all__ = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_REDIS_UNREACHABLE = 3  # Redis could not be reached, or was lost, for --connect-timeout
+DEFAULT_CONNECT_TIMEOUT = 10.0
+"""Seconds a command waits for an unreachable (or lost) Redis before it gives up."""
+
+
+class RedisUnreachable(click.ClickException):
+    """Raised when Redis cannot be reached within ``--connect-timeout``: one line on
+    stderr naming the URL (password masked) and the cause, exit code
+    `EXIT_REDIS_UNREACHABLE`; ``--debug`` shows the traceback too."""
+
+    exit_code = EXIT_REDIS_UNREACHABLE
+
+    def __init__(self, error: BaseException, debug: bool = False) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.debug = debug
+
+    def show(self, file: Any = None) -> None:
+        if self.debug:
+            text = traceback.format_exception(
+                type(self.error), self.error, self.error.__traceback__
+            )
+            click.echo("".join(text).rstrip(), err=True)
+        click.echo(f"conveyor: {self.message}", err=True)
+
+
+def unreachable(error: BaseException, url: str, timeout: float | None) -> BackendUnavailable:
+    """``error`` (Redis unreachable or lost) as a `BackendUnavailable` naming ``url``."""
+    from .streams import Retrier
+
+    if isinstance(error, BackendUnavailable):
+        return error
+    return Retrier("command", timeout, url=url).unavailable(error)
+
+
+def _redis_errors(fn: F) -> F:
+    """Around a command: Redis unreachable or lost is `RedisUnreachable` (one line)."""
+
+    @functools.wraps(fn)
+    def command(*args: Any, debug: bool, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if not _lost_redis(exc):
+                raise
+            error = unreachable(exc, kwargs["url"], kwargs["connect_timeout"])
+            raise RedisUnreachable(error, debug) from exc
+
+    return command  # type: ignore[return-value]
+
+
+def _lost_redis(exc: BaseException) -> bool:
+    """Whether ``exc`` says Redis could not be reached (redis-py is imported only then)."""
+    if isinstance(exc, BackendUnavailable):
+        return True
+    redis = sys.modules.get("redis.exceptions")
+    return redis is not None and isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
+
+
+def _connect(url: str, timeout: float) -> Any:
+    """A client for ``url``, trying for ``timeout`` seconds at most."""
+    from .streams import Retrier, connect
+
+    return Retrier("connecting", timeout, url=url)(connect, url, timeout=timeout)
 
 
 def load_pipeline(target: str) -> Any:
@@ -47,11 +119,30 @@ def load_pipeline(target: str) -> Any:
         raise click.BadParameter(str(exc), param_hint="'MODULE:ATTR'") from None
 
 
+def connection_options(fn: F) -> F:
+    """``--connect-timeout`` and ``--debug``, for every command that talks to Redis."""
+    fn = click.option(
+        "--debug", is_flag=True, help="Show the traceback of an error, not only its line."
+    )(fn)
+    return click.option(
+        "--connect-timeout",
+        type=SECONDS,
+        default=DEFAULT_CONNECT_TIMEOUT,
+        show_default=True,
+        metavar="SECONDS",
+        help=f"Give up (exit {EXIT_REDIS_UNREACHABLE}) when Redis cannot be reached, or is "
+        "lost, for SECONDS.",
+    )(fn)
+
+
 def _redis_options(fn: F) -> F:
+    fn = _redis_errors(fn)
+    fn = connection_options(fn)
     fn = click.option(
         "--namespace",
         default="conveyor",
         show_default=True,
+        type=NAME,
         help="Prefix of every Redis key (the driver and the workers must agree).",
     )(fn)
     return click.option(
@@ -59,6 +150,7 @@ def _redis_options(fn: F) -> F:
         "url",
         required=True,
         envvar="CONVEYOR_REDIS_URL",
+        type=REDIS_URL,
         metavar="URL",
         help="redis://[[USER]:PASSWORD@]HOST:PORT/DB, or rediss://... for TLS "
         "(env: CONVEYOR_REDIS_URL).",
@@ -66,7 +158,10 @@ def _redis_options(fn: F) -> F:
 
 
 def _fail(exc: BaseException) -> click.ClickException:
-    """A conveyor error as a one-line message and exit code 1."""
+    """A conveyor error as a one-line message and exit code 1 (Redis unreachable: 3)."""
+    if isinstance(exc, BackendUnavailable):
+        debug = bool(click.get_current_context().params.get("debug"))
+        return RedisUnreachable(exc, debug)
     return click.ClickException(f"{type(exc).__name__}: {exc}")
 
 
@@ -97,6 +192,46 @@ def _parse_workers(values: tuple[str, ...]) -> int | dict[str, int] | None:
         raise click.BadParameter(str(exc), param_hint="'--workers'") from None
 
 
+def _metrics_options(fn: F) -> F:
+    fn = click.option(
+        "--metrics-addr",
+        default="127.0.0.1",
+        show_default=True,
+        envvar="CONVEYOR_METRICS_ADDR",
+        metavar="ADDR",
+        help="Address the metrics server listens on: this machine only by default; "
+        "0.0.0.0 for a Prometheus server elsewhere (env: CONVEYOR_METRICS_ADDR).",
+    )(fn)
+    return click.option(
+        "--metrics-port",
+        type=click.IntRange(0, 65535),
+        envvar="CONVEYOR_METRICS_PORT",
+        metavar="PORT",
+        help="Serve Prometheus metrics on http://ADDR:PORT/metrics (0: any free port; "
+        "needs conveyor[metrics]; env: CONVEYOR_METRICS_PORT).",
+    )(fn)
+
+
+@contextmanager
+def _serve_metrics(worker: Any, target: str, port: int | None, addr: str) -> Iterator[None]:
+    """Serve ``worker``'s metrics while the block runs (nothing when ``port`` is None)."""
+    if port is None:
+        yield
+        return
+    from ..prometheus import PrometheusExporter
+
+    try:
+        exporter = PrometheusExporter(port, addr=addr, pipeline=target)
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--metrics-port'") from None
+    logging.getLogger("conveyor").info(
+        "conveyor: serving metrics on http://%s:%d/metrics", addr, exporter.port
+    )
+    with exporter:
+        exporter.watch(worker)
+        yield
+
+
 @click.command("worker")
 @click.argument("target", metavar="MODULE:ATTR")
 @_redis_options
@@ -104,6 +239,7 @@ def _parse_workers(values: tuple[str, ...]) -> int | dict[str, int] | None:
     "--stage",
     "stages",
     multiple=True,
+    type=NAME,
     metavar="NAME",
     help="Serve only this stage (repeatable; default: every stage).",
 )
@@ -115,8 +251,16 @@ def _parse_workers(values: tuple[str, ...]) -> int | dict[str, int] | None:
     help="Consumers per served stage, or for one stage (repeatable); "
     "default: each stage's own workers.",
 )
+@_metrics_options
 def worker_command(
-    target: str, url: str, namespace: str, stages: tuple[str, ...], workers: tuple[str, ...]
+    target: str,
+    url: str,
+    namespace: str,
+    connect_timeout: float,
+    stages: tuple[str, ...],
+    workers: tuple[str, ...],
+    metrics_port: int | None,
+    metrics_addr: str,
 ) -> None:
     """Serve the stages of the pipeline MODULE:ATTR from Redis, for every run, until stopped.
 
@@ -136,10 +280,16 @@ def worker_command(
             stages=stages or None,
             workers=_parse_workers(workers),
             namespace=namespace,
+            unavailable_timeout=connect_timeout,
         )
-        worker.run_forever()
     except (BackendError, ConfigurationError) as exc:
         raise _fail(exc) from None
+    # Listening first: a port in use stops the worker before it takes any entry.
+    with _serve_metrics(worker, target, metrics_port, metrics_addr):
+        try:
+            worker.run_forever()
+        except (BackendError, ConfigurationError) as exc:
+            raise _fail(exc) from None
 
 
 # ---------------------------------------------------------------------- run
@@ -153,11 +303,14 @@ def run_on_redis(
     namespace: str = "conveyor",
     progress: bool = False,
     report: Path | None = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> Any:
     """Drive one run of ``pipeline`` through Redis (``conveyor run --redis``)."""
     from .backend import RedisBackend
 
-    backend = RedisBackend(url, run_id=run_id, namespace=namespace)
+    backend = RedisBackend(
+        url, run_id=run_id, namespace=namespace, unavailable_timeout=connect_timeout
+    )
     return pipeline.run(backend=backend, progress=progress, report=report)
 
 
@@ -184,19 +337,20 @@ def _runs(client: Any, namespace: str, pipeline: Any, run_id: str | None) -> lis
 @click.command("status")
 @click.argument("target", metavar="MODULE:ATTR")
 @_redis_options
-@click.option("--run", "run_id", metavar="ID", help="Only this run (default: every live run).")
+@click.option(
+    "--run", "run_id", type=NAME, metavar="ID", help="Only this run (default: every live run)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def status_command(
-    target: str, url: str, namespace: str, run_id: str | None, as_json: bool
+    target: str, url: str, namespace: str, connect_timeout: float, run_id: str | None, as_json: bool
 ) -> None:
     """Show the live runs of MODULE:ATTR: per stage, stream length, pending entries,
     consumers and their idle time, rates, re-executions and dead letters."""
     from .status import render, run_status
-    from .streams import connect
 
     pipeline = load_pipeline(target)
     try:
-        client = connect(url)
+        client = _connect(url, connect_timeout)
         statuses = [run_status(client, info) for info in _runs(client, namespace, pipeline, run_id)]
     except BackendError as exc:
         raise _fail(exc) from None
@@ -209,14 +363,16 @@ def status_command(
 @click.command("cancel")
 @click.argument("target", metavar="MODULE:ATTR")
 @_redis_options
-@click.option("--run", "run_id", required=True, metavar="ID", help="The run to delete.")
-def cancel_command(target: str, url: str, namespace: str, run_id: str) -> None:
+@click.option("--run", "run_id", required=True, type=NAME, metavar="ID", help="The run to delete.")
+def cancel_command(
+    target: str, url: str, namespace: str, connect_timeout: float, run_id: str
+) -> None:
     """Delete a run of MODULE:ATTR from Redis: its items, outputs and dead letters."""
     from .backend import RedisBackend
 
     pipeline = load_pipeline(target)
     try:
-        with RedisBackend(url, namespace=namespace) as backend:
+        with RedisBackend(url, namespace=namespace, unavailable_timeout=connect_timeout) as backend:
             existed = backend.cancel(pipeline, run_id)
     except BackendError as exc:
         raise _fail(exc) from None
@@ -235,10 +391,19 @@ def dlq_group() -> None:
 
 def _dlq_options(fn: F) -> F:
     fn = click.option(
-        "--id", "ids", multiple=True, metavar="ID", help="Only this dead letter (repeatable)."
+        "--id",
+        "ids",
+        multiple=True,
+        type=ENTRY_ID,
+        metavar="ID",
+        help="Only this dead letter (repeatable).",
     )(fn)
-    fn = click.option("--stage", metavar="NAME", help="Only this stage's dead letters.")(fn)
-    fn = click.option("--run", "run_id", metavar="ID", help="Only this run (default: all).")(fn)
+    fn = click.option("--stage", type=NAME, metavar="NAME", help="Only this stage's dead letters.")(
+        fn
+    )
+    fn = click.option(
+        "--run", "run_id", type=NAME, metavar="ID", help="Only this run (default: all)."
+    )(fn)
     fn = _redis_options(fn)
     return click.argument("target", metavar="MODULE:ATTR")(fn)
 
@@ -250,6 +415,7 @@ def dlq_list(
     target: str,
     url: str,
     namespace: str,
+    connect_timeout: float,
     run_id: str | None,
     stage: str | None,
     ids: tuple[str, ...],
@@ -258,11 +424,10 @@ def dlq_list(
     """List dead letters: stage, id, deliveries, the item and its last error."""
     from .codec import get_codec, secret_from
     from .dlq import list_dead
-    from .streams import connect
 
     pipeline = load_pipeline(target)
     try:
-        client = connect(url)
+        client = _connect(url, connect_timeout)
         letters = []
         for info in _runs(client, namespace, pipeline, run_id):
             try:
@@ -297,16 +462,16 @@ def _move(
     target: str,
     url: str,
     namespace: str,
+    connect_timeout: float,
     run_id: str | None,
     stage: str | None,
     ids: tuple[str, ...],
 ) -> None:
     from .dlq import move_dead
-    from .streams import connect
 
     pipeline = load_pipeline(target)
     try:
-        client = connect(url)
+        client = _connect(url, connect_timeout)
         moved = sum(
             move_dead(client, info, mode, stage, list(ids) or None)
             for info in _runs(client, namespace, pipeline, run_id)
@@ -322,12 +487,13 @@ def dlq_replay(
     target: str,
     url: str,
     namespace: str,
+    connect_timeout: float,
     run_id: str | None,
     stage: str | None,
     ids: tuple[str, ...],
 ) -> None:
     """Put dead letters back into their stage's stream (after fixing the stage)."""
-    _move("replay", target, url, namespace, run_id, stage, ids)
+    _move("replay", target, url, namespace, connect_timeout, run_id, stage, ids)
 
 
 @dlq_group.command("purge")
@@ -336,12 +502,13 @@ def dlq_purge(
     target: str,
     url: str,
     namespace: str,
+    connect_timeout: float,
     run_id: str | None,
     stage: str | None,
     ids: tuple[str, ...],
 ) -> None:
     """Drop dead letters; the run counts them as handled and can finish without them."""
-    _move("purge", target, url, namespace, run_id, stage, ids)
+    _move("purge", target, url, namespace, connect_timeout, run_id, stage, ids)
 
 
 COMMANDS = (worker_command, status_command, dlq_group, cancel_command)

@@ -201,6 +201,14 @@ class RedisIO(StageIO):
         # The port caps each read at the run's own batch size.
         self.capacity = 2 * READ_LIMIT
         self._executor: ThreadPoolExecutor | None = None
+        self.dead_letters = 0
+        """Entries this worker's consumers of the stage moved to dead letters."""
+        self._dead_lock = threading.Lock()  # the stage's ports count from their own threads
+
+    def count_dead(self, n: int) -> None:
+        """Count ``n`` entries moved to dead letters (a rare path: a lock is fine)."""
+        with self._dead_lock:
+            self.dead_letters += n
 
     def open(self, count: int) -> list[Port]:
         if self.stage.runtime == "async":
@@ -387,7 +395,7 @@ class RedisPort(Port):
             dead.append(entry)
             records += _dead_record(entry, error)
         if dead:
-            self._handoff(ctx, dead, records)
+            self.io.count_dead(self._handoff(ctx, dead, records))
         if good:
             self._keep(ctx, good)
 
@@ -526,11 +534,12 @@ class RedisPort(Port):
         records: list[Any],
         outcome: BatchOutcome | None = None,
         cursor: str = "",
-    ) -> Any:
-        """Hand a batch on in one atomic script call (see streams.HANDOFF); return its
-        reply (-2: a batch stage's lease is no longer this consumer's)."""
+    ) -> int:
+        """Hand a batch on in one atomic script call (see streams.HANDOFF); return how
+        many of ``entries`` were handed on (not taken over by another worker meanwhile),
+        or -1 when a batch stage's lease (``cursor`` given) is another consumer's."""
         if not entries:
-            return None
+            return 0
         if outcome is not None and outcome.failures:
             self._record_failures(ctx, outcome)
         info = ctx.info
@@ -566,8 +575,10 @@ class RedisPort(Port):
                 *records,
             ],
         )
-        if reply in (-1, -2):
-            return reply  # -1: the run ended meanwhile (cancelled): nothing to hand on
+        if reply == -1:
+            return 0  # the run ended meanwhile (it was cancelled): nothing to hand on
+        if reply == -2:
+            return -1
         if reply[1]:
             log.warning(
                 "conveyor: stage %r: %d entries were no longer pending for this worker when it "
@@ -579,7 +590,7 @@ class RedisPort(Port):
             )
         if reply[2] >= info.limits[i + 1]:
             self._block(ctx)
-        return reply
+        return len(entries) - int(reply[1])
 
     def _record_failures(self, ctx: RunContext, outcome: BatchOutcome) -> None:
         records = [encode_failure(ctx.codec, failure) for failure in outcome.failures]
@@ -803,7 +814,7 @@ class BatchPort(RedisPort):
             refused = [leaf.entry_id for leaf in released.refused]
             dead = [leaf.value[0] for leaf in released.refused]
             records = [x for e in dead for x in _dead_record(e, "a copy, or not of this run")]
-            self._handoff(ctx, dead, records)
+            self.io.count_dead(self._handoff(ctx, dead, records))
             tracker.acknowledged(refused)
 
     def _hand_out(self, n: int) -> list[Any]:
@@ -884,7 +895,7 @@ class BatchPort(RedisPort):
     ) -> bool:
         """Hand on in source order, with the cursor; False if the lease was lost."""
         order = self._orders[ctx.info.run_id]
-        if self._handoff(ctx, entries, records, outcome, order.cursor_arg()) == -2:
+        if self._handoff(ctx, entries, records, outcome, order.cursor_arg()) < 0:
             self._lose(ctx)
             return False
         if order.tracker is not None:

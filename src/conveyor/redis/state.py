@@ -188,6 +188,11 @@ class RunState:
         counts = self.stages[index]
         return counts.acked + counts.dead >= self.produced(index)
 
+    def backlog(self, index: int) -> int:
+        """Entries in stage ``index``'s stream not yet handed on: waiting, or held by a worker."""
+        counts = self.stages[index]
+        return max(0, self.produced(index) - counts.acked - counts.dead)
+
     def final_entries(self) -> int:
         """Entries added to the final stream so far (outputs and tombstones)."""
         return self.stages[-1].out + self.tombstones
@@ -270,7 +275,7 @@ def stage_stats(
                 wait_input_seconds=0.0,
                 wait_output_seconds=0.0,
                 elapsed_seconds=elapsed,
-                queue_size=max(0, state.produced(i) - counts.acked - counts.dead),
+                queue_size=state.backlog(i),
                 queue_capacity=limits[i],
                 rate_now=overall if rates is None else rates[i],
             )

@@ -160,22 +160,24 @@ def redact(url: str) -> str:
 # ---------------------------------------------------------------------- connections
 
 
-def connect(url: str, **options: Any) -> Any:
+def connect(url: str, timeout: float | None = None, **options: Any) -> Any:
     """A redis-py client for ``url`` (``redis://`` or ``rediss://``), checked with PING.
 
     RESP2 is pinned so replies have the same shape under every redis-py
-    version. ``options`` go to `redis.Redis.from_url` (e.g. ``ssl_ca_certs``).
+    version. One connection attempt waits ``timeout`` seconds at most (5 s
+    at most in any case). ``options`` go to `redis.Redis.from_url` (e.g.
+    ``ssl_ca_certs``).
 
     Raises:
         BackendError: Redis refused the credentials (not retried: a wrong
             password does not get better by waiting).
-        BackendUnavailable: Redis did not answer (the caller retries).
+        redis.ConnectionError: Redis did not answer (a `Retrier` tries again).
     """
     import redis
 
     settings: dict[str, Any] = {
         "protocol": 2,
-        "socket_connect_timeout": 5.0,
+        "socket_connect_timeout": 5.0 if timeout is None else max(0.1, min(5.0, timeout)),
         "socket_timeout": 10.0,
         "health_check_interval": 0,
     }
@@ -219,16 +221,25 @@ class Retrier:
 
     Connection errors, timeouts and a server still loading its data are
     retried with exponential backoff (50 ms doubling to 2 s, with jitter)
-    until ``timeout`` seconds pass without one success (None: forever), or
-    until ``stopped`` is set. Any other error is raised at once.
+    until ``timeout`` seconds pass without one success (None: forever), then
+    `BackendUnavailable` names ``url`` (password masked) and the last cause;
+    or until ``stopped`` is set, which re-raises the last connection error.
+    Any other error is raised at once. A connection lost after a success is
+    logged once as a warning; one that never worked is only said by the error.
     """
 
     def __init__(
-        self, where: str, timeout: float | None, stopped: threading.Event | None = None
+        self,
+        where: str,
+        timeout: float | None,
+        stopped: threading.Event | None = None,
+        url: str | None = None,
     ) -> None:
         self._where = where
         self._timeout = timeout
         self._stopped = stopped or threading.Event()
+        self._url = url
+        self._worked = False  # one call succeeded: a failure now is a lost connection
         self.interruptions = 0
         """Connection failures seen so far: a reply may have been lost with each."""
 
@@ -245,7 +256,9 @@ class Retrier:
         delay = 0.05
         while True:
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+                self._worked = True
+                return result
             except (AuthenticationError, AuthorizationError):
                 raise
             except BackendError:
@@ -255,14 +268,24 @@ class Retrier:
                 self.interruptions += 1
                 if first_failure is None:
                     first_failure = now
-                    log.warning("conveyor: Redis unavailable (%s): %s; retrying", self._where, exc)
-                if self._timeout is not None and now - first_failure > self._timeout:
-                    raise BackendUnavailable(
-                        f"Redis unavailable for more than {self._timeout:.0f} s ({self._where})"
-                    ) from exc
-                if self._stopped.wait(random.uniform(delay / 2, delay)):
+                    if self._worked:
+                        log.warning(
+                            "conveyor: Redis unavailable (%s): %s; retrying", self._where, exc
+                        )
+                left = None if self._timeout is None else first_failure + self._timeout - now
+                if left is not None and left <= 0:
+                    raise self.unavailable(exc) from exc
+                wait = random.uniform(delay / 2, delay)
+                if self._stopped.wait(wait if left is None else min(wait, left)):
                     raise
                 delay = min(2.0, delay * 2)
+
+    def unavailable(self, cause: BaseException) -> BackendUnavailable:
+        """The error saying Redis could not be reached for the whole budget."""
+        where = "Redis" if self._url is None else f"Redis at {redact(self._url)}"
+        return BackendUnavailable(
+            f"cannot reach {where} ({self._where}, for {self._timeout:g} s): {cause}"
+        )
 
 
 # ---------------------------------------------------------------------- scripts

@@ -40,13 +40,14 @@ from time import monotonic
 from typing import Any
 
 from ..channel import Channel
-from ..errors import ConfigurationError
-from ..metrics import StageMetrics, StageStats
-from ..runtime.base import RunControl, Runtime, StageRun, get_runtime
+from ..errors import BackendError, ConfigurationError
+from ..metrics import StageMetrics, StageReading, StageStats
+from ..runtime.base import RunControl, Runtime, StageRun, get_runtime, left_behind
 from ..stage import Stage
 from .codec import secret_from
 from .port import RedisIO, RunDirectory, WorkerLink
-from .streams import Retrier, connect, pipeline_id
+from .state import read_state
+from .streams import Keys, Retrier, connect, pipeline_id
 
 __all__ = ["Worker", "serve"]
 
@@ -114,12 +115,16 @@ class Worker:
         self.control.on_abort(self.stopped.set)
         self.runtimes: dict[str, Runtime] = {}
         self.stage_runs: list[StageRun] = []
+        self._ios: list[RedisIO] = []  # one per stage run, for the dead letters it counted
         self._client: Any = None
+        self._joined = False
+        self.left_behind: list[str] = []
+        """What `join` left running user code, said per stage (daemon threads)."""
 
     def start(self) -> Worker:
         """Connect, open every served stage's ports and start its runtime; return at once."""
-        retry = Retrier("worker", self._unavailable, self.stopped)
-        client = self._client = retry(connect, self.url, **self._options)
+        retry = Retrier("worker", self._unavailable, self.stopped, self.url)
+        client = self._client = retry(connect, self.url, timeout=self._unavailable, **self._options)
         directory = RunDirectory(client, self.namespace, self.pipeline_id, self._secret, retry)
         link = WorkerLink(client, directory, self.control, self.stopped, retry)
         try:
@@ -133,6 +138,7 @@ class Worker:
                 sr.open_ports(runtime.port_count(stage))
                 runtime.start(sr)
                 self.stage_runs.append(sr)
+                self._ios.append(io)
         except BaseException:
             self.stop()
             self.join(5.0)
@@ -149,31 +155,79 @@ class Worker:
         """What this worker's consumers did so far, per served stage (all runs together)."""
         return [sr.metrics.snapshot() for sr in self.stage_runs]
 
+    def readings(self) -> list[StageReading]:
+        """Per served stage, for a metrics exporter (`conveyor.metrics.MetricsSource`):
+        this worker's counters, the dead letters it made, and the backlog of the
+        stage's streams over every live run (None when Redis cannot be read now)."""
+        backlogs = self._backlogs()
+        return [
+            dataclasses.replace(
+                sr.metrics.reading(),  # its channel only stands for the streams: replaced
+                backlog=None if backlogs is None else backlogs[sr.index],
+                dead_letters=io.dead_letters,
+            )
+            for sr, io in zip(self.stage_runs, self._ios, strict=True)
+        ]
+
+    def ended(self) -> bool:
+        """True once the worker has been joined: its counters are final."""
+        return self._joined
+
+    def _backlogs(self) -> list[int] | None:
+        """Entries left in each stage's streams, summed over the live runs.
+
+        Read at a scrape, from the scrape's thread: one short retry, never the
+        worker's wait for Redis to come back, so a scrape does not hang.
+        """
+        client = self._client
+        if client is None:
+            return None
+        import redis
+
+        retry = Retrier("metrics", 0.0, self.stopped)
+        n = len(self.stages)
+        totals = [0] * n
+        try:
+            runs = retry(client.smembers, Keys(self.namespace, self.pipeline_id, "").runs)
+            for run_id in runs:
+                keys = Keys(self.namespace, self.pipeline_id, run_id.decode())
+                state, exists = read_state(client, retry, keys, n)
+                if exists:
+                    for i in range(n):
+                        totals[i] += state.backlog(i)
+        except (BackendError, redis.RedisError) as exc:
+            log.warning("conveyor: metrics: cannot read the backlog from Redis: %s", exc)
+            return None
+        return totals
+
     def stop(self) -> None:
         """Stop serving, gracefully: consumers take nothing more, finish and hand on the
         batch in hand, run their ``on_stop`` (process children too) and end. `join`
         ends what does not end in time."""
         self.stopped.set()
 
-    def join(self, timeout: float | None = None) -> None:
-        """Wait for every consumer to stop, ``timeout`` seconds at most (then abort them:
-        process children are terminated, threads stuck in user code are left behind);
-        re-raise the first error of the worker."""
+    def join(self, timeout: float | None = None, grace: float = ABORT_GRACE) -> None:
+        """Wait for every consumer to stop, ``timeout`` seconds at most (then abort them
+        and wait ``grace`` seconds more: process children are terminated, threads stuck
+        in user code are left behind, named in `left_behind`); re-raise the first error
+        of the worker."""
         deadline = None if timeout is None else monotonic() + timeout
         stuck = self._join_runtimes(deadline)
         if stuck:
             self.control.abort()
-            stuck = self._join_runtimes(monotonic() + ABORT_GRACE)
+            stuck = self._join_runtimes(monotonic() + grace)
+        self.left_behind = left_behind(self.stage_runs, stuck)
         for runtime in self.runtimes.values():
             runtime.close()
         self.runtimes.clear()
         for sr in self.stage_runs:
             sr.io.close()
-        if stuck:
-            log.warning("conveyor: Redis worker threads still running user code: %s", stuck)
+        if self.left_behind:
+            log.warning("conveyor: Redis worker: %s", "; ".join(self.left_behind))
         if self._client is not None:
             self._client.close()
             self._client = None
+        self._joined = True
         error = self.control.error
         if error is not None:
             self.control.error = None
@@ -187,15 +241,33 @@ class Worker:
         return stuck
 
     def run_forever(self) -> None:
-        """Start, and serve until `stop()` (or SIGTERM/SIGINT in the main thread)."""
+        """Start, and serve until `stop()` (or SIGTERM/SIGINT in the main thread).
+
+        A signal stops the worker in any state: while it connects (or waits for
+        Redis to come back) nothing was started and it returns at once; while
+        it serves, consumers finish the batch in hand. A second signal aborts
+        them (see `join`).
+        """
         import signal
+
+        from ..engine import wait_interruptibly
 
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.stop())
-        self.start()
-        self.stopped.wait()
+                signal.signal(sig, self._on_signal)
+        try:
+            self.start()
+        except Exception:
+            if self.stopped.is_set() and self.control.error is None:
+                return  # stopped while connecting: nothing was started
+            raise
+        wait_interruptibly(self.stopped.wait, None)
         self.join(30.0)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stopped.is_set():
+            self.control.abort()  # a second signal: do not wait for the batches in hand
+        self.stop()
 
     def __enter__(self) -> Worker:
         return self.start()

@@ -3,8 +3,9 @@
 A runtime knows how to start, feed, cancel and join a stage's workers; it
 does not know what a pipeline is. What it is given is a `StageRun`: the
 stage, its input channel, its output, the run's control and the stage's
-counters. Each runtime module (``threads``, ``processes``, ``aio``) provides
-one `Runtime` subclass, loaded by name on first use (see `get_runtime`).
+counters. Each runtime module (``threads``, ``processes``, ``aio``,
+``interpreters``) provides one `Runtime` subclass, loaded by name on first
+use (see `get_runtime`).
 
 The worker loop below is shared by the thread and process runtimes: a
 process worker is a thread of the parent that ships each batch to its child
@@ -19,19 +20,21 @@ the same loop serves a run's channels and a Redis worker's streams.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError, Empty, ShutDown
 from ..metrics import StageMetrics, WorkerCounters
 from ..policy import BatchOutcome, add_stage_note
 from ..stage import Failure, Stage
 from .ports import Port, StageIO
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = [
     "MAX_BATCH",
@@ -42,6 +45,7 @@ __all__ = [
     "batch_loop",
     "count_batch",
     "get_runtime",
+    "left_behind",
     "worker_loop",
 ]
 
@@ -270,6 +274,39 @@ def _flush(port: Port, counters: WorkerCounters, group: list[Any]) -> list[Any]:
     return []
 
 
+def left_behind(
+    stage_runs: list[StageRun], stuck: list[str], source_thread: str | None = None
+) -> list[str]:
+    """Say, per stage (or for the source), which of the ``stuck`` threads, tasks or
+    processes a join left running user code.
+
+    Worker threads and tasks are named after their stage (`StageRun.thread_name`);
+    an async stage's stuck tasks name it, and the event loop's thread they block
+    is listed with them.
+    """
+    from .aio import LOOP_THREAD_NAME
+
+    runs = sorted(stage_runs, key=lambda sr: -len(sr.stage.name))  # longest name first
+    found: dict[str, list[str]] = {}
+    for name in stuck:
+        if name == source_thread:
+            found.setdefault("the source", []).append(name)
+            continue
+        owner = next((sr for sr in runs if name.startswith(f"conveyor-{sr.stage.name}-")), None)
+        if owner is not None:
+            found.setdefault(f"stage {owner.stage.label}", []).append(name)
+    if LOOP_THREAD_NAME in stuck:
+        owners = [f"stage {sr.stage.label}" for sr in stage_runs if sr.stage.runtime == "async"]
+        found.setdefault(next((o for o in owners if o in found), "an async stage"), []).append(
+            LOOP_THREAD_NAME
+        )
+    return [
+        f"{owner} is stuck in user code: left behind: {', '.join(names)} (daemon threads, "
+        f"which do not keep the interpreter from exiting)"
+        for owner, names in found.items()
+    ]
+
+
 class Runtime(ABC):
     """How a stage's workers run. One instance serves one run."""
 
@@ -291,7 +328,12 @@ class Runtime(ABC):
         """Release what the runtime holds (processes, event loop) after the run."""
 
 
-_RUNTIME_MODULES = {"thread": "threads", "process": "processes", "async": "aio"}
+_RUNTIME_MODULES = {
+    "thread": "threads",
+    "process": "processes",
+    "async": "aio",
+    "interpreter": "interpreters",
+}
 
 
 def get_runtime(name: str) -> type[Runtime]:

@@ -16,7 +16,8 @@ from functools import partial
 from time import monotonic
 from typing import Any
 
-from ..policy import add_note, apply_one, process_batch, timeout_error
+from ..errors import ShutDown
+from ..policy import BatchOutcome, add_note, apply_one, process_batch, timeout_error
 from ..stage import Stage, set_worker_state
 from .base import Runtime, StageRun, batch_loop, worker_loop
 
@@ -126,29 +127,85 @@ def join_threads(threads: list[threading.Thread], timeout: float) -> list[str]:
     return [t.name for t in threads if t.is_alive()]
 
 
-def _run_worker(sr: StageRun, worker: int) -> None:
-    """A worker thread: the per-worker hooks around the shared worker loop."""
-    stage, control = sr.stage, sr.control
-    try:
-        state = stage.on_start() if stage.on_start is not None else None
-    except BaseException as exc:
-        control.fail(add_note(exc, f"conveyor: on_start of stage {stage.label} failed"))
-        sr.ports[worker].close()
-        return
-    set_worker_state(state)
-    timed = TimedCaller(sr.thread_name(worker), state) if stage.timeout is not None else None
-    execute = partial(process_batch, stage, call=timed, sleep=control.sleep, track=sr.tracks)
-    try:
-        worker_loop(sr, worker, execute)
-    finally:
-        if timed is not None:
-            timed.close()
+class _Hooks:
+    """A worker's ``on_start``/``on_stop`` around its items, and its recycling.
+
+    With ``max_items_per_worker``, the worker starts afresh after that many
+    items, as a process worker is replaced: ``on_stop`` runs with the old
+    state, ``on_start`` makes a new one (and a new helper thread, with a
+    ``timeout``). The worker loop takes at most the items left before then
+    (``BatchOutcome.size_limit``), so a batch never straddles two lives.
+    """
+
+    def __init__(self, sr: StageRun, worker: int) -> None:
+        self.sr, self.worker = sr, worker
+        self.quota = sr.stage.max_items_per_worker
+        self.left = self.quota
+        self.state: Any = None
+        self.timed: TimedCaller | None = None
+        self.live = False  # on_start ran and on_stop has not: on_stop is owed
+
+    def start(self) -> bool:
+        """Run on_start; False (the run failed) if it raised."""
+        stage = self.sr.stage
+        try:
+            self.state = stage.on_start() if stage.on_start is not None else None
+        except BaseException as exc:
+            self.sr.control.fail(add_note(exc, f"conveyor: on_start of stage {stage.label} failed"))
+            return False
+        self.live = True
+        set_worker_state(self.state)
+        if stage.timeout is not None:
+            self.timed = TimedCaller(self.sr.thread_name(self.worker), self.state)
+        return True
+
+    def stop(self) -> bool:
+        """Run on_stop; False (the run failed) if it raised."""
+        stage = self.sr.stage
+        if self.timed is not None:
+            self.timed.close()
+            self.timed = None
+        if not self.live:
+            return True
+        self.live = False
+        ok = True
         if stage.on_stop is not None:
             try:
-                stage.on_stop(state)
+                stage.on_stop(self.state)
             except BaseException as exc:
-                control.fail(add_note(exc, f"conveyor: on_stop of stage {stage.label} failed"))
+                self.sr.control.fail(
+                    add_note(exc, f"conveyor: on_stop of stage {stage.label} failed")
+                )
+                ok = False
         set_worker_state(None)
+        return ok
+
+    def execute(self, batch: list[Any]) -> BatchOutcome:
+        """The policy on ``batch``; then, with a quota, recycle the worker if it is used up."""
+        sr = self.sr
+        outcome = process_batch(
+            sr.stage, batch, call=self.timed, sleep=sr.control.sleep, track=sr.tracks
+        )
+        if self.left is not None and self.quota is not None:
+            self.left -= len(batch)
+            if self.left <= 0:
+                self.left = self.quota
+                if not (self.stop() and self.start()):
+                    raise ShutDown  # the run failed in a hook: this worker ends
+            outcome.size_limit = self.left
+        return outcome
+
+
+def _run_worker(sr: StageRun, worker: int) -> None:
+    """A worker thread: the per-worker hooks around the shared worker loop."""
+    hooks = _Hooks(sr, worker)
+    if not hooks.start():
+        sr.ports[worker].close()
+        return
+    try:
+        worker_loop(sr, worker, hooks.execute)
+    finally:
+        hooks.stop()
 
 
 RUNTIME = ThreadRuntime

@@ -1,0 +1,241 @@
+"""Redis unreachable or lost, and bad options: every command ends within its bound,
+with one line (exit code 3), or click's usage error (exit code 2); no traceback.
+
+Commands run as a user runs them, ``python -m conveyor ...`` in a subprocess,
+against ``redis://127.0.0.1:1`` (nothing listens on port 1) or a real
+redis-server from the fixtures.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import redis as redis_py
+
+import conveyor as cv
+from conveyor.errors import BackendUnavailable
+from conveyor.redis import RedisBackend
+from conveyor.redis.cli import DEFAULT_CONNECT_TIMEOUT, EXIT_REDIS_UNREACHABLE
+
+if TYPE_CHECKING:  # as a name, `conftest` may be tests/contract's when the whole suite runs
+    from conftest import RedisServer, RedisServerFactory
+
+UNREACHABLE = "redis://:secret@127.0.0.1:1/0"
+SHOWN = "redis://:***@127.0.0.1:1/0"
+STARTUP = 5.0
+"""Allowance for starting a Python interpreter and importing conveyor (a loaded
+shared machine): a bound is checked as timeout + STARTUP."""
+EXIT_USAGE = 2
+
+APP = """
+import sys
+import conveyor as cv
+
+def inc(x):
+    return x + 1
+
+pipeline = cv.Pipeline(range(10)).map(inc)
+print("loaded", file=sys.stderr, flush=True)
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "app.py").write_text(APP)
+    return tmp_path
+
+
+def conveyor(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run ``python -m conveyor ARGS``; return it and how long it took."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "conveyor", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return done, time.monotonic() - started
+
+
+def lines(stderr: str) -> list[str]:
+    """stderr's lines but the pipeline module's own "loaded"."""
+    return [line for line in stderr.splitlines() if line != "loaded"]
+
+
+COMMANDS = [
+    ["run", "app:pipeline", "--no-progress"],
+    ["worker", "app:pipeline"],
+    ["status", "app:pipeline"],
+    ["cancel", "app:pipeline", "--run", "r1"],
+    ["dlq", "list", "app:pipeline"],
+    ["dlq", "replay", "app:pipeline"],
+    ["dlq", "purge", "app:pipeline"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_every_command_facing_an_unreachable_redis_ends_with_one_line_and_exit_3(
+    project: Path, command: list[str]
+) -> None:
+    done, took = conveyor(*command, "--redis", UNREACHABLE, "--connect-timeout", "0.5", cwd=project)
+    assert done.returncode == EXIT_REDIS_UNREACHABLE, done.stderr
+    (line,) = lines(done.stderr)
+    assert line.startswith(f"conveyor: cannot reach Redis at {SHOWN}")
+    assert "Connection refused" in line
+    assert "secret" not in done.stderr and "Traceback" not in done.stderr
+    assert took < 0.5 + STARTUP, f"{command[0]} took {took:.1f} s"
+
+
+def test_debug_adds_the_traceback(project: Path) -> None:
+    done, _ = conveyor(
+        "status", "app:pipeline", "--redis", UNREACHABLE, "--connect-timeout", "0.2", "--debug",
+        cwd=project,
+    )  # fmt: skip
+    assert done.returncode == EXIT_REDIS_UNREACHABLE
+    assert "Traceback" in done.stderr
+    assert done.stderr.rstrip().splitlines()[-1].startswith("conveyor: cannot reach Redis")
+
+
+def test_the_default_bound_is_ten_seconds(project: Path) -> None:
+    done, took = conveyor("status", "app:pipeline", "--redis", UNREACHABLE, cwd=project)
+    assert done.returncode == EXIT_REDIS_UNREACHABLE, done.stderr
+    assert len(lines(done.stderr)) == 1
+    assert DEFAULT_CONNECT_TIMEOUT <= took < DEFAULT_CONNECT_TIMEOUT + STARTUP
+
+
+# ---------------------------------------------------------------------- worker signals
+
+
+def handles_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has installed a SIGTERM handler (its SigCgt mask)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def wait_for(condition: object, what: str, timeout: float = 30.0) -> None:
+    """Poll ``condition()`` (a process's state, which nothing notifies), bounded."""
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def worker_of(project: Path) -> Iterator[object]:
+    started: list[subprocess.Popen[str]] = []
+
+    def start(url: str, *args: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "conveyor", "worker", "app:pipeline", "--redis", url, *args],
+            cwd=project,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
+
+
+def assert_stops_cleanly_on_sigterm(proc: subprocess.Popen[str]) -> None:
+    wait_for(lambda: handles_sigterm(proc.pid), "the worker's signal handlers")
+    stopping = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    took = time.monotonic() - stopping
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert took < 2.0, f"the worker took {took:.1f} s to stop"
+
+
+def test_a_worker_still_connecting_stops_cleanly_on_sigterm(worker_of: object) -> None:
+    proc = worker_of(UNREACHABLE, "--connect-timeout", "60")  # type: ignore[operator]
+    assert_stops_cleanly_on_sigterm(proc)
+
+
+def test_a_serving_worker_stops_cleanly_on_sigterm(
+    worker_of: object, redis_server: RedisServer
+) -> None:
+    client = redis_py.Redis.from_url(redis_server.url)
+    before = len(client.client_list())
+    proc = worker_of(redis_server.url)  # type: ignore[operator]
+    wait_for(lambda: len(client.client_list()) > before, "the worker's connection")
+    assert_stops_cleanly_on_sigterm(proc)
+    client.close()
+
+
+# ---------------------------------------------------------------------- Redis lost mid-run
+
+
+def slow(x: int) -> int:
+    return x
+
+
+def test_a_run_whose_redis_is_killed_ends_with_an_error_naming_the_url_within_the_bound(
+    redis_server_factory: RedisServerFactory,
+) -> None:
+    server = redis_server_factory()
+    pipeline = cv.Pipeline(iter(range(10**9))).map(slow)
+    backend = RedisBackend(server.url, local_workers=True, unavailable_timeout=1.0)
+    got = 0
+    killed = 0.0
+    with pytest.raises(BackendUnavailable) as info:
+        for _ in backend.iterate(pipeline):
+            got += 1
+            if got == 50:
+                server.stop()
+                killed = time.monotonic()
+    took = time.monotonic() - killed
+    assert f"cannot reach Redis at {server.url}" in str(info.value)
+    assert "Connection refused" in str(info.value) or "Connection reset" in str(info.value)
+    assert took < 1.0 + 2.0, f"the run took {took:.1f} s to give up"  # the bound, and the ending
+
+
+# ---------------------------------------------------------------------- option checks
+
+BAD_OPTIONS = [
+    (["run", "app:pipeline", "--stall-timeout", "0"], "--stall-timeout"),
+    (["run", "app:pipeline", "--stall-timeout", "nan"], "--stall-timeout"),
+    (["run", "app:pipeline", "--stall-timeout", "inf"], "--stall-timeout"),
+    (["run", "app:pipeline", "--workers", "inc=0"], "--workers"),
+    (["run", "app:pipeline", "--workers", "inc"], "--workers"),
+    (["run", "app:pipeline", "--redis", "http://localhost"], "--redis"),
+    (["run", "app:pipeline", "--redis", "redis://localhost:99999"], "--redis"),
+    (["run", "app:pipeline", "--redis", "redis://h/0", "--run-id", "a b"], "--run-id"),
+    (["run", "app:pipeline", "--connect-timeout", "-1"], "--connect-timeout"),
+    (["run", "app:pipeline", "--report", "/no/such/dir/r.html"], "--report"),
+    (["worker", "app:pipeline", "--redis", "redis://h", "--workers", "0"], "--workers"),
+    (["worker", "app:pipeline", "--redis", "redis://h", "--stage", " "], "--stage"),
+    (["worker", "app:pipeline", "--redis", "nope"], "--redis"),
+    (["worker", "app:pipeline", "--redis", "redis://h", "--connect-timeout", "0"], "timeout"),
+    (["status", "app:pipeline", "--redis", "redis://h", "--namespace", ""], "--namespace"),
+    (["status", "app:pipeline", "--redis", "redis://h", "--run", ""], "--run"),
+    (["cancel", "app:pipeline", "--redis", "redis://h/db"], "--redis"),
+    (["dlq", "list", "app:pipeline", "--redis", "redis://h", "--id", "abc"], "--id"),
+    (["dlq", "replay", "app:pipeline", "--redis", "redis://h", "--stage", ""], "--stage"),
+    (["dlq", "purge", "app:pipeline", "--redis", "redis://h", "--run", "a b"], "--run"),
+]
+
+
+@pytest.mark.parametrize(("args", "option"), BAD_OPTIONS, ids=str)
+def test_a_bad_option_value_is_a_usage_error_naming_the_option(
+    project: Path, args: list[str], option: str
+) -> None:
+    done, _ = conveyor(*args, cwd=project)
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert option in done.stderr and "Usage:" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -74,6 +74,7 @@ class _OutcomeMessage(NamedTuple):
     failures: list[tuple[int, Any, int]]  # (batch index, packed error, attempts) per failure
     error: Any  # the packed error that ended the batch, or None
     inbox_kept: bool  # arrays the stage kept live on the inbox: it is the child's no more
+    outbox_kept: bool = False  # arrays the stage created and kept live on the outbox: the same
 
 
 _STOP_MESSAGE = pickle.dumps((_STOP,), 5)
@@ -372,22 +373,29 @@ class _Arena:
         finally:
             os.close(fd)
 
-    def write(self, buffers: _Buffers, skip: list[int | None] | None = None) -> list[_Desc]:
-        """Copy the buffers in, one after the other; return their descriptors.
+    def write(
+        self,
+        buffers: _Buffers,
+        placed: list[tuple[int, int] | None] | None = None,
+        start: int = 0,
+    ) -> list[_Desc]:
+        """Copy the buffers in, one after the other from ``start``; return their descriptors.
 
-        ``skip`` (answers): for each buffer, its offset in the request's block
-        when it is already there (see `echoes`), to describe rather than copy.
+        ``placed`` (answers): for each buffer, (offset, place) when it is
+        already in shared memory -- in the request's block (`echoes`, place
+        _ECHO) or allocated in this block by the stage (place _OOB, see
+        `conveyor.runtime._allocator`) -- to describe rather than copy.
         """
         descs = []
-        offset = 0
+        offset = start
         view = self.view
         for index, (buffer, persistent) in enumerate(
             zip(buffers.views, buffers.persistent, strict=True)
         ):
             size = buffer.nbytes
-            echo = None if skip is None else skip[index]
-            if echo is not None:
-                descs.append((echo, size, _ECHO))
+            there = None if placed is None else placed[index]
+            if there is not None:
+                descs.append((there[0], size, there[1]))
                 continue
             view[offset : offset + size] = buffer
             descs.append((offset, size, _PID if persistent else _OOB))

@@ -525,14 +525,18 @@ class _Child:
         flight = self._flights[seq]
         return flight.outbox, flight.inbox
 
-    def settle(self, seq: int, kept_inbox: bool, need: int) -> None:
+    def settle(self, seq: int, kept_inbox: bool, need: int, kept_outbox: bool = False) -> None:
         """Message ``seq`` was answered (and its results built): release its blocks."""
         with self._send_lock:
             flight = self._flights.pop(seq)
             for arena in flight.named:  # the child has mapped them
                 arena.unlink()
-            if flight.outbox is not None:
-                self._reserved.discard(flight.outbox.ident)  # in_use() guards it from now on
+            outbox = flight.outbox
+            if outbox is not None:
+                self._reserved.discard(outbox.ident)  # in_use() guards it from now on
+                if kept_outbox:  # arrays the stage created there live on in the child
+                    self.outboxes.remove(outbox)
+                    outbox.close()
             inbox = flight.inbox
             if inbox is not None:
                 self._reserved.discard(inbox.ident)
@@ -923,7 +927,7 @@ class _Worker:
         except Exception as exc:
             return self._unreadable(job, end, exc, "in the parent process")
         finally:
-            child.settle(seq, answer.inbox_kept, answer.need)
+            child.settle(seq, answer.inbox_kept, answer.need, answer.outbox_kept)
         stage, batch, start = self.stage, job.batch, job.start
         outcome = job.outcome
         outcome.outputs.extend(outputs)

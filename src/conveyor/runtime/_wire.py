@@ -307,6 +307,17 @@ def _address_of(numpy: Any, buffer: memoryview) -> int:
     return address
 
 
+def _copy(target: memoryview, source: memoryview) -> None:
+    """Copy a big buffer; through NumPy when it is loaded, which lets go of the GIL
+    meanwhile: the other lane, and the thread taking the results, go on."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None:
+        target[:] = source
+    else:
+        numpy.copyto(numpy.frombuffer(target, numpy.uint8), numpy.frombuffer(source, numpy.uint8))
+    target.release()
+
+
 def _named_mapping(name: str, size: int) -> mmap.mmap:
     """Windows: a named mapping (it lives while some process maps it)."""
     options: dict[str, Any] = {"tagname": name}  # a Windows-only parameter
@@ -386,9 +397,20 @@ class _Arena:
         _ECHO) or allocated in this block by the stage (place _OOB, see
         `conveyor.runtime._allocator`) -- to describe rather than copy.
         """
+        descs, copies = self.layout(buffers, placed, start)
+        self.fill(copies)
+        return descs
+
+    def layout(
+        self,
+        buffers: _Buffers,
+        placed: list[tuple[int, int] | None] | None = None,
+        start: int = 0,
+    ) -> tuple[list[_Desc], list[tuple[int, memoryview]]]:
+        """Where `write` puts each buffer: the descriptors, and the copies to make."""
         descs = []
+        copies = []
         offset = start
-        view = self.view
         for index, (buffer, persistent) in enumerate(
             zip(buffers.views, buffers.persistent, strict=True)
         ):
@@ -397,10 +419,16 @@ class _Arena:
             if there is not None:
                 descs.append((there[0], size, there[1]))
                 continue
-            view[offset : offset + size] = buffer
+            copies.append((offset, buffer))
             descs.append((offset, size, _PID if persistent else _OOB))
             offset += _align(size)
-        return descs
+        return descs, copies
+
+    def fill(self, copies: list[tuple[int, memoryview]]) -> None:
+        """Make the copies `layout` listed."""
+        view = self.view
+        for offset, buffer in copies:
+            _copy(view[offset : offset + buffer.nbytes], buffer)
 
     def echoes(self, buffers: _Buffers) -> list[int | None]:
         """For each out-of-band buffer that lies in this block, its offset here.

@@ -406,7 +406,10 @@ class _Child:
     sent; whichever lane finds nobody reading reads for all, and hands each
     answer to the lane that waits for it. Shared-memory blocks are chosen
     and released under ``_send_lock`` (the order of messages is the order
-    the child sees them in).
+    the child sees them in); a message's big buffers are copied into its
+    block outside that lock (and outside the GIL: see `_wire._copy`), so that
+    the other lane can settle an answer meanwhile; messages then go out in
+    the order of their numbers (``_turn``).
     """
 
     def __init__(self, process: BaseProcess, conn: Connection, abort: Connection) -> None:
@@ -428,6 +431,10 @@ class _Child:
         self._idents = itertools.count()
         # Messages in flight.
         self._send_lock = threading.Lock()
+        # Notified when a message has gone out (_next_send) or a copy ended (_filling).
+        self._turn = threading.Condition()
+        self._next_send = 0
+        self._filling = 0  # copies into blocks in progress (close waits for them)
         self._answered = threading.Condition()  # notified when an answer (or the end) is read
         self._sent = 0
         self._next_answer = 0
@@ -462,7 +469,7 @@ class _Child:
         """Place a batch's big buffers in shared memory and send it; return its number."""
         with self._send_lock:
             flight = _Flight()
-            descs, inbox = self._place(buffers, flight)
+            descs, inbox, copies = self._place(buffers, flight)
             outbox = self._choose_outbox(bool(buffers.views), flight)
             forget, self._forget = self._forget, []
             message = _BatchMessage(
@@ -472,9 +479,23 @@ class _Child:
             seq = self._sent
             self._sent += 1
             self._flights[seq] = flight
-            with contextlib.suppress(OSError):  # it died: whoever reads finds out
-                self.conn.send_bytes(data)
-            return seq
+            if copies:
+                with self._turn:
+                    self._filling += 1
+        try:
+            if copies:
+                assert flight.inbox is not None  # reserved for this message: nobody else writes it
+                flight.inbox.fill(copies)
+        finally:
+            with self._turn:
+                self._filling -= bool(copies)
+                while self._next_send != seq:
+                    self._turn.wait()
+                with contextlib.suppress(OSError):  # it died: whoever reads finds out
+                    self.conn.send_bytes(data)
+                self._next_send += 1
+                self._turn.notify_all()
+        return seq
 
     def receive(
         self, seq: int, read: Callable[[], tuple[Any, ...] | None]
@@ -547,13 +568,17 @@ class _Child:
 
     # ------------------------------------------------------------------ shared memory
 
-    def _place(self, buffers: _Buffers, flight: _Flight) -> tuple[list[_Desc], Any]:
-        """Copy a message's big buffers into a free inbox; return their places and the inbox."""
+    def _place(
+        self, buffers: _Buffers, flight: _Flight
+    ) -> tuple[list[_Desc], Any, list[tuple[int, memoryview]]]:
+        """Choose a free inbox for a message's big buffers: their places, the inbox, and
+        the copies to make (`_Arena.fill`)."""
         if not buffers.views:
-            return [], None
+            return [], None, []
         box, announce = self._pick(self.inboxes, buffers.total, flight)
         flight.inbox = box
-        return box.write(buffers), announce
+        descs, copies = box.layout(buffers)
+        return descs, announce, copies
 
     def _choose_outbox(self, sending: bool, flight: _Flight) -> tuple[int, str | None, int] | None:
         """The block the child is to write the answer's big buffers to (None until a
@@ -572,13 +597,16 @@ class _Child:
         """A block of ``pool`` for a message in flight: free and big enough, or a new one.
 
         A block is free once no message in flight uses it and no array built
-        on it is left. While the caller still holds results, new blocks are
-        made; beyond the pool's size the free ones are unmapped first, then
-        the oldest are let go (their arrays keep them mapped).
+        on it is left; of the free ones, the last used is taken. While the
+        caller still holds results, new blocks are made; beyond the pool's size
+        the free ones are unmapped first, then the least recently used are let
+        go (their arrays keep them mapped).
         """
         reserved = self._reserved
         free = [a for a in pool if a.ident not in reserved and not a.in_use()]
-        box = next((a for a in free if a.size >= need), None)
+        # The pool is kept in the order of use, the last used last: that one's pages
+        # are the likeliest to be still in the caches.
+        box = next((a for a in reversed(free) if a.size >= need), None)
         excess = len(pool) + (box is None) - POOL_SIZE
         if excess > 0:
             busy = [a for a in pool if a not in free and a.ident not in reserved]
@@ -587,7 +615,9 @@ class _Child:
         new = box is None
         if box is None:
             box = self._new_arena(need, flight)
-            pool.append(box)
+        else:
+            pool.remove(box)
+        pool.append(box)
         reserved.add(box.ident)
         return box, (box.ident, box.name if new else None, box.size)
 
@@ -642,6 +672,9 @@ class _Child:
                 with contextlib.suppress(ValueError):
                     process.close()
             self.conn.close()
+            with self._turn:  # no copy into a block may be in progress when it is unmapped
+                while self._filling:
+                    self._turn.wait()
             with self._send_lock:
                 for arena in (*self.inboxes, *self.outboxes):
                     arena.close()

@@ -85,6 +85,7 @@ class _Server:
         self.outboxes: dict[int, _Arena] = {}  # this side writes results' big buffers there
         # Whether to place the arrays the stage creates in the outbox (see handle).
         self.place_arrays = True
+        self.bytes_likely = False  # the last answer held big bytes (see _wire._dump)
         timed = stage.timeout is not None
         self.call = self._timed_call if timed else None
         self.sleep = self._timed_sleep if timed else _plain_sleep
@@ -189,11 +190,12 @@ class _Server:
         """
         buffers = _Buffers()
         try:
-            payload, pids = _dump(outcome.outputs, buffers)
+            payload, pids = _dump(outcome.outputs, buffers, self.bytes_likely)
         except Exception:
             outcome = _drop_unpicklable(stage, batch, outcome)
             buffers.clear()
             payload, pids = _dump(outcome.outputs, buffers)
+        self.bytes_likely = pids
         need = 0
         descs: list[_Desc] = []
         self.place_arrays = False  # until the stage returns arrays of its own again

@@ -161,25 +161,28 @@ class _CloudPickler(_OutOfBand, cloudpickle.Pickler):  # type: ignore[misc]
     pass
 
 
-def _dump(obj: Any, buffers: _Buffers) -> tuple[bytes, bool]:
+def _dump(obj: Any, buffers: _Buffers, bytes_likely: bool = False) -> tuple[bytes, bool]:
     """Pickle ``obj`` (protocol 5), big buffers set aside; return (payload, uses persistent ids).
 
     The plain pickler first (fast), then the one that handles bytes-likes,
-    then cloudpickle's (classes and functions by value).
+    then cloudpickle's (classes and functions by value). ``bytes_likely``
+    (the previous message held big bytes): look for them first, rather than
+    pickle them in band, which costs a copy of each, for nothing.
 
     Raises:
         Exception: whatever the last pickler raised when none could do it.
     """
-    try:
-        payload = pickle.dumps(obj, 5, buffer_callback=buffers)
-    except Exception:
-        buffers.clear()
-    else:
-        # Big bytes pickled in band make a big payload: only then look for them.
-        threshold = buffers.threshold
-        if threshold is None or len(payload) < threshold or not _has_big_bytes(obj):
-            return payload, False
-        buffers.clear()
+    threshold = buffers.threshold
+    if not (bytes_likely and threshold is not None and _has_big_bytes(obj)):
+        try:
+            payload = pickle.dumps(obj, 5, buffer_callback=buffers)
+        except Exception:
+            buffers.clear()
+        else:
+            # Big bytes pickled in band make a big payload: only then look for them.
+            if threshold is None or len(payload) < threshold or not _has_big_bytes(obj):
+                return payload, False
+            buffers.clear()
     error: Exception | None = None
     for pickler_class in (_PlainPickler, _CloudPickler):
         out = io.BytesIO()

@@ -731,6 +731,7 @@ class _Worker:
         self.child: _Child | None = None
         self._child_lock = threading.Lock()  # starting, replacing and retiring the child
         self.lanes = _lanes(stage)
+        self._bytes_likely = False  # the last message held big bytes (see _wire._dump)
         self._running = self.lanes
 
     # ------------------------------------------------------------------ lanes
@@ -930,7 +931,7 @@ class _Worker:
             buffers = _Buffers()
             items = batch[start:end]
             try:
-                payload, pids = _dump(items, buffers)
+                payload, pids = _dump(items, buffers, self._bytes_likely)
             except Exception as exc:
                 bad = _first_unpicklable(items) or (0, exc)
                 if bad[0] > 0:
@@ -943,6 +944,7 @@ class _Worker:
                 error.__cause__ = bad[1]
                 job.give_up(start, error, 0)
                 return None
+            self._bytes_likely = pids  # lanes may race on it: it is only a hint
             if buffers.total:
                 # Big buffers hold shared memory until the results are consumed: batches
                 # of about one message's worth, however quick, keep that memory small.

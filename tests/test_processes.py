@@ -649,6 +649,31 @@ def test_arrays_built_on_shared_memory_stay_intact_while_anyone_holds_them(
     assert numpy.array_equal(out[2][0], arrays[2] * 2)
 
 
+HELD: list[Any] = []  # what a stage keeps from one call to the next (sent by value)
+
+
+def hold_what_it_returns(how: str) -> Callable[[Any], Any]:
+    def fn(a: Any) -> Any:
+        for old in HELD:
+            old[:] = -1  # the worker changes what it kept: results must not change with it
+        out = a if how == "input" else a * 2
+        HELD[:] = [out]
+        return out
+
+    return fn
+
+
+@pytest.mark.parametrize("how", ["input", "created"])
+def test_results_are_what_the_stage_returned_even_if_it_keeps_and_changes_them(how: str) -> None:
+    arrays = [numpy.full(20_000, i, dtype=numpy.int64) for i in range(1, 9)]  # 160 kB each
+    # A timeout sends one item per message: each result crosses before the next call.
+    pipeline = cv.Pipeline(arrays).map(hold_what_it_returns(how), runtime="process", timeout=60)
+    out = list(pipeline)
+    factor = 1 if how == "input" else 2
+    for i, (a, b) in enumerate(zip(arrays, out, strict=True)):
+        assert numpy.array_equal(b, a * factor), i
+
+
 def copy_and_say_where(a: Any) -> tuple[Any, str]:
     import importlib
 

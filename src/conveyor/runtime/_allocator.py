@@ -140,6 +140,12 @@ class Placer:
                 found[index] = offset
         return found
 
+    def alive(self, arena: _Arena | None, offsets: list[int]) -> bool:
+        """Whether one of ``offsets`` lies in an allocation of ``arena`` still alive."""
+        if arena is None or arena is not self.arena:
+            return False
+        return any(_containing(self.spans, offset) is not None for offset in offsets)
+
     def kept(self, arena: _Arena) -> bool:
         """After an answer: whether arrays placed in ``arena`` are still alive. Then the
         block is let go here (unmapped once they are gone) and the parent must drop it."""

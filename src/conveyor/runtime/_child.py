@@ -143,6 +143,8 @@ class _Server:
         busy = perf_counter() - started
         answer = self.reply(stage, batch, outcome, box, source, busy, place)
         del batch, outcome  # the arrays built on the inbox go (unless the stage kept some)
+        if _shares_kept_memory(answer, source, box, place):
+            answer = _in_band(answer, source, box)
         kept = box is not None and place is not None and place.kept(box)
         if kept:
             assert box is not None
@@ -238,6 +240,28 @@ class _Server:
             error=None if outcome.error is None else _pack_error(outcome.error),
             inbox_kept=False,
         )
+
+
+def _shares_kept_memory(
+    answer: _OutcomeMessage, source: _Arena | None, box: _Arena | None, place: Placer | None
+) -> bool:
+    """Whether the answer points at an array the stage kept (a cache, an accumulator):
+    the caller's result would then change with it. Echoes count when any array built
+    on the request's block is still alive; placed arrays, when theirs is."""
+    if source is not None and any(d[2] == _ECHO for d in answer.descs) and source.in_use():
+        return True
+    return place is not None and place.alive(box, [d[0] for d in answer.descs if d[2] == _OOB])
+
+
+def _in_band(answer: _OutcomeMessage, source: _Arena | None, box: _Arena | None) -> _OutcomeMessage:
+    """The answer with its results pickled in band: copies of what they are now."""
+    outputs = _load(answer.payload, answer.pids, answer.descs, box, source)
+    payload, pids = _dump(outputs, _Buffers(None))
+    del outputs
+    for arena in (source, box):
+        if arena is not None:
+            arena.in_use()  # forget the slices the copies were made from
+    return answer._replace(payload=payload, pids=pids, descs=[])
 
 
 def _already_placed(

@@ -90,36 +90,48 @@ def payloads() -> dict[str, list[Any]]:
     return {"array": arrays, "bytes": [a.tobytes() for a in arrays]}
 
 
-def through_a_process_stage(fn: Callable[[Any], Any], data: list[Any]) -> Callable[[], None]:
-    def run() -> None:
+def through_a_process_stage(fn: Callable[[Any], Any], data: list[Any]) -> Callable[[], float]:
+    """A run; it returns the seconds from the first result to the last (no start-up)."""
+
+    def run() -> float:
         source = (data[i % DISTINCT] for i in range(COUNT))
         n = 0
+        first = last = 0.0
         for out in cv.Pipeline(source).map(fn, runtime="process"):
+            last = time.perf_counter()
+            first = first or last
             assert len(memoryview(out).cast("B")) == MIB
             n += 1
         assert n == COUNT
+        return last - first
 
     return run
 
 
-def memcpy(arrays: list[Any]) -> Callable[[], None]:
+def memcpy(arrays: list[Any]) -> Callable[[], float]:
     dst = numpy.empty(MIB // 8)
 
-    def run() -> None:
+    def run() -> float:
         for i in range(COUNT):
             numpy.copyto(dst, arrays[i % DISTINCT])
+        return 0.0
 
     return run
 
 
-def timed(run: Callable[[], None]) -> float:
+def timed(run: Callable[[], float]) -> tuple[float, float]:
+    """Seconds the run took, and what it returned."""
     started = time.perf_counter()
-    run()
-    return time.perf_counter() - started
+    inner = run()
+    return time.perf_counter() - started, inner
 
 
-def measure(rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Per candidate: seconds per run, and per run its share of memcpy bandwidth.
+Shares = dict[str, tuple[list[float], list[float]]]
+
+
+def measure(rounds: int) -> tuple[dict[str, list[float]], Shares]:
+    """Per candidate: seconds per run, and per run its share of memcpy bandwidth, with
+    start-up and without (from the first result to the last, for COUNT - 1 of them).
 
     A warm-up round, then ``rounds``; memcpy runs right before and right
     after each candidate's run, and the share is the mean of the two over
@@ -132,41 +144,47 @@ def measure(rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]]
     }
     names = list(runs)
     times: dict[str, list[float]] = {name: [] for name in [MEMCPY, *names]}
-    share: dict[str, list[float]] = {name: [] for name in names}
+    share: Shares = {name: ([], []) for name in names}
     for round_ in range(rounds + 1):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            before, took, after = timed(copy), timed(runs[name]), timed(copy)
+            (before, _), (took, steady), (after, _) = timed(copy), timed(runs[name]), timed(copy)
             if round_:  # round 0 is the warm-up
                 times[name].append(took)
                 times[MEMCPY] += [before, after]
-                share[name].append((before + after) / 2 / took)
+                reference = (before + after) / 2
+                share[name][0].append(reference / took)
+                share[name][1].append(reference * (COUNT - 1) / COUNT / steady)
         print(f"  round {round_}/{rounds} done", file=sys.stderr)
     return times, share
 
 
-def report(times: dict[str, list[float]], share: dict[str, list[float]], rounds: int) -> str:
+def percent(shares: list[float]) -> str:
+    """Median (min - max) of shares, in percent."""
+    low, mid, high = min(shares), statistics.median(shares), max(shares)
+    return f"{100 * mid:.0f}% ({100 * low:.0f} - {100 * high:.0f})"
+
+
+def report(times: dict[str, list[float]], share: Shares, rounds: int) -> str:
     rows = []
     for name, seconds in times.items():
         mibs = COUNT / statistics.median(seconds)
         if name == MEMCPY:
-            rows.append(f"| {name} | {mibs:,.0f} MiB/s | 100% | |")
+            rows.append(f"| {name} | {mibs:,.0f} MiB/s | 100% | 100% |")
             continue
-        mine = share[name]
-        rows.append(
-            f"| {name} | {mibs:,.0f} MiB/s | {100 * statistics.median(mine):.0f}% | "
-            f"{100 * min(mine):.0f} - {100 * max(mine):.0f}% |"
-        )
+        whole, steady = share[name]
+        rows.append(f"| {name} | {mibs:,.0f} MiB/s | {percent(whole)} | {percent(steady)} |")
     return "\n".join(
         [
             f"{COUNT} buffers of 1 MiB ({DISTINCT} distinct ones in turn) through a fresh "
             "pipeline with one process stage of one worker and back to the caller, "
             f"start-up included; {rounds} rounds after a warm-up, candidates alternated; "
             "memcpy runs right before and after each run, and the share of memcpy is "
-            "the mean of those two times over the run's (its median and range over the rounds).",
+            "the mean of those two times over the run's: median (min - max) over the rounds. "
+            "Without start-up: from the first result to the last (511 MiB).",
             "",
-            "| through a process stage and back | median | share of memcpy (median) | "
-            "range over the rounds |",
+            "| through a process stage and back | MiB/s (median) | share of memcpy | "
+            "share of memcpy, without start-up |",
             "|---|---|---|---|",
             *rows,
         ]

@@ -279,11 +279,12 @@ def _set_handler_function() -> Any:
 _PLACER: list[Placer | None] = []  # made once per process, kept for ever (NumPy keeps handlers)
 
 
-def placer() -> Placer | None:
-    """This process's `Placer`, or None when NumPy is not loaded or its handler API not found."""
+def placer(make: bool = True) -> Placer | None:
+    """This process's `Placer`, or None when NumPy is not loaded or its handler API not
+    found (or, with ``make`` False, when none was made yet)."""
     if _PLACER:
         return _PLACER[0]
-    if "numpy" not in sys.modules:
+    if not make or "numpy" not in sys.modules:
         return None  # maybe later: NumPy may be imported by the stage
     try:
         set_handler = _set_handler_function()

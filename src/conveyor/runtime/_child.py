@@ -109,7 +109,7 @@ class _Server:
 
     def _close_outbox(self, arena: _Arena) -> None:
         """Unmap an outbox, unless arrays the stage created in it are still alive."""
-        found = placer()
+        found = placer(make=False)
         if found is None:
             arena.close()
         else:

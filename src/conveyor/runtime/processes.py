@@ -15,11 +15,13 @@ has n of these)::
         a request block ===== shared memory ============|=> arrays built on it (no copy)
         send one message ------------- pipe -----------+-> stage.process_batch(batch)
         wait on  - the pipe <---------------------------+--   (retries, backoff, skip, raise:
-                 - the child's sentinel (it died)       |     written once, in stage.py)
-                 - the run's abort pipe (stop, Ctrl-C)  |   pickle the outcome; new big
-                 - the item's deadline (timeout)        |   buffers copied into an answer
-        arrays built on the answer <== shared memory ===|== block (arrays it got back: a
-          block, or on the request block                |   pointer into the request block)
+                 - the child's sentinel (it died)       |     written once, in policy.py;
+                 - the run's abort pipe (stop, Ctrl-C)  |     new big arrays allocated in
+                 - the item's deadline (timeout)        |     the answer block); pickle the
+        arrays built on the answer <== shared memory ===|== outcome: other big buffers
+          block, or on the request block                |   copied into the answer block
+                                                        |   (arrays it got back: a pointer
+                                                        |   into the request block)
       | put_many(outputs), or the ordered sequencer     |   ...until STOP: on_stop(), exit
       v                                                 |
     output channel                                      |
@@ -30,12 +32,14 @@ order and each goes to the lane that sent its message. A stage's logic lives
 in `conveyor.stage.process_batch`, which the child runs; the lanes run the
 same `worker_loop` as the thread runtime, with an ``execute`` that ships the
 batch to the child and returns its `BatchOutcome`. Everything specific to
-processes lives in three modules:
+processes lives in four modules:
 
 - ``_wire``: what both sides share, how a batch crosses: the messages,
   pickling with big buffers set aside, the shared-memory blocks;
 - ``_child``: the worker process's side (`_child_main`, which serves
   batches, and how the stage is sent to it);
+- ``_allocator``: in the worker, NumPy's allocator placing the arrays the
+  stage creates in the answer's shared-memory block;
 - this module: start methods, the parent's side (pipes, shared memory in
   flight, what happens when a child dies or overruns), the exceptions that
   come back from workers, and `ProcessRuntime`.
@@ -72,8 +76,12 @@ dict items) -- do not go through the pipe: the sender copies them into a
 shared-memory block, and the receiver builds NumPy arrays right on it (no
 copy; bytes-likes are copied out into objects of their own). An array the
 stage returns as it got it (or a slice of it, or changed in place) is not
-copied back: the answer points into the request's block. So an array
-crosses with one copy each way, or one in all for a stage working in place.
+copied back: the answer points into the request's block. An array the stage
+creates is allocated in the answer's block in the first place (see
+``_allocator``) and is not copied either. So an array crosses with one copy
+each way (the parent's into the request's block, the stage's own making of
+its result), or one in all for a stage working in place. A result the stage
+also keeps alive (and might change later) crosses as a copy instead.
 
 Blocks are reused message after message: a fresh block costs a page fault
 per page on first use, far more than the copy. A block is written again only

@@ -51,6 +51,7 @@ from ._wire import (
     _first_unpicklable,
     _load,
     _OutcomeMessage,
+    _pack,
     _type_name,
 )
 
@@ -100,7 +101,7 @@ class _Server:
                     return False
                 if message[0] == _STOP:
                     return True
-                self.conn.send_bytes(self.handle(message))
+                self.conn.send_bytes(self.handle(_BatchMessage._make(message)))
         finally:
             for arena in self.inboxes.values():
                 arena.close()
@@ -149,7 +150,7 @@ class _Server:
         if kept:
             assert box is not None
             del self.outboxes[box.ident]  # the placer unmaps it after its last array
-        return pickle.dumps(answer._replace(inbox_kept=self._let_go(source), outbox_kept=kept), 5)
+        return _pack(answer._replace(inbox_kept=self._let_go(source), outbox_kept=kept))
 
     @staticmethod
     def _block(blocks: dict[int, _Arena], info: tuple[int, str | None, int]) -> _Arena:

@@ -175,6 +175,7 @@ from ._wire import (
     _first_unpicklable,
     _load,
     _OutcomeMessage,
+    _pack,
     _type_name,
     shm_prefix,
 )
@@ -483,7 +484,7 @@ class _Child:
             message = _BatchMessage(
                 _BATCH, payload, pids, descs, inbox, outbox, forget, retries_left
             )
-            data = pickle.dumps(message, 5)
+            data = _pack(message)
             seq = self._sent
             self._sent += 1
             self._flights[seq] = flight
@@ -929,8 +930,7 @@ class _Worker:
         if answer[0] == _LOAD_FAILED:
             child.settle(seq, answer[-1], 0)
             return self._unreadable(job, end, _unpack_error(answer[1]), "in the worker process")
-        assert isinstance(answer, _OutcomeMessage)
-        return self._merge(job, child, seq, answer, end)
+        return self._merge(job, child, seq, _OutcomeMessage._make(answer), end)
 
     def _encode(self, job: _Job, end: int) -> tuple[bytes, bool, _Buffers, int] | None:
         """Pickle batch[start:end] (end may shrink); None when batch[start] is unpicklable."""

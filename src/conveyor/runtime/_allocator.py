@@ -168,12 +168,14 @@ class Placer:
     # ------------------------------------------------------------------ NumPy's callbacks
 
     def malloc(self, size: int) -> int | None:
+        """NumPy's malloc: in the outbox when big and there is room, else the C library's."""
         address = self._place(size)
         if address is None:
             address = self._malloc(size)
         return address
 
     def calloc(self, count: int, size: int) -> int | None:
+        """NumPy's calloc (zeroed memory), placed as `malloc` places."""
         address = self._place(count * size)
         if address is None:
             return self._calloc(count, size)  # type: ignore[no-any-return]
@@ -181,6 +183,7 @@ class Placer:
         return address
 
     def realloc(self, address: int | None, size: int) -> int | None:
+        """NumPy's realloc: data placed in the outbox moves (to a new place, or to malloc)."""
         span = None if address is None else self.placed.get(address)
         if address is None or span is None:
             return self._realloc(address, size)  # type: ignore[no-any-return]
@@ -215,6 +218,7 @@ class Placer:
         return start if capacity - start >= need else None
 
     def free(self, address: int | None) -> None:
+        """NumPy's free: placed data frees its span (and its block, if it was let go)."""
         if address is None:
             return
         span = self.placed.pop(address, None)

@@ -290,11 +290,13 @@ def placer(make: bool = True) -> Placer | None:
         return _PLACER[0]
     if not make or "numpy" not in sys.modules:
         return None  # maybe later: NumPy may be imported by the stage
+    found = None
     try:
         set_handler = _set_handler_function()
-    except (AttributeError, OSError, TypeError, ValueError):
-        set_handler = None
-    found = None if set_handler is None else _make_placer(set_handler)
+        if set_handler is not None:
+            found = _make_placer(set_handler)
+    except (AttributeError, OSError, TypeError, ValueError):  # no such NumPy, no C library
+        found = None
     _PLACER.append(found)
     return found
 

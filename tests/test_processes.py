@@ -678,9 +678,10 @@ def copy_and_say_where(a: Any) -> tuple[Any, str]:
     import importlib
 
     # The name of the NumPy memory handler that allocated the copy (NEP 49).
-    multiarray = importlib.import_module(
-        "numpy._core.multiarray" if hasattr(numpy, "_core") else "numpy.core.multiarray"
-    )
+    try:
+        multiarray = importlib.import_module("numpy._core.multiarray")  # NumPy 2
+    except ImportError:
+        multiarray = importlib.import_module("numpy.core.multiarray")
     b = a.copy()
     return b, multiarray.get_handler_name(b)
 

@@ -33,7 +33,14 @@ import sys
 import threading
 import weakref
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+)
 from contextlib import contextmanager
 from itertools import islice
 from time import perf_counter
@@ -108,7 +115,10 @@ class Run:
         output_capacity: int = DEFAULT_CAPACITY,
         abort_wait: float = ABORT_WAIT,
         max_bytes: int | None = None,
+        skip: int = 0,
     ) -> None:
+        """``skip``: how many items of ``source`` to pass over, unprocessed (a run that
+        resumes where an earlier one left off)."""
         self.control = RunControl()
         self.abort_wait = abort_wait
         """How long the join of an aborted run waits for its threads (`ABORT_WAIT`)."""
@@ -125,7 +135,7 @@ class Run:
             StageRun(s, i, self._io(i), self.control, self.metrics[i]) for i, s in enumerate(stages)
         ]
         self.runtimes: dict[str, Runtime] = {}
-        self._source = source
+        self._source = _skip(source, skip)
         self._feeder_handle = self.channels[0].producer()
         self._feeder: threading.Thread | None = None
         self._feeder_task: asyncio.Task[None] | None = None
@@ -347,8 +357,9 @@ class Run:
 
     # ------------------------------------------------------------------ consuming
 
-    def outputs(self) -> Iterator[list[Any]]:
-        """Yield the last stage's outputs in chunks, as they come; raise the run's error."""
+    def outputs(self, most: int = MAX_BATCH) -> Iterator[list[Any]]:
+        """Yield the last stage's outputs in chunks of at most ``most``, as they come;
+        raise the run's error."""
         last = self.channels[-1]
         # In the main thread, wait in slices: a SIGINT that lands just before the
         # thread parks would otherwise wait for the next item to be seen (CPython runs
@@ -357,7 +368,7 @@ class Run:
         try:
             while True:
                 try:
-                    chunk = last.get_many(MAX_BATCH, timeout=check)
+                    chunk = last.get_many(most, timeout=check)
                 except Empty:
                     continue
                 except ShutDown:
@@ -517,6 +528,23 @@ def wait_interruptibly(wait: Callable[[float | None], bool], timeout: float | No
 
 _IN_MEMORY = (list, tuple, range, dict, set, frozenset, str, bytes, bytearray, deque)
 """Sources the feeder may read in chunks: iterating them never blocks."""
+
+
+def _skip(source: Iterable[Any] | AsyncIterable[Any], n: int) -> Any:
+    """``source`` without its first ``n`` items."""
+    if not n:
+        return source
+    if isinstance(source, AsyncIterable):
+        return _askip(source, n)
+    return islice(source, n, None)
+
+
+async def _askip(source: AsyncIterable[Any], n: int) -> AsyncIterator[Any]:
+    async for item in source:
+        if n:
+            n -= 1
+            continue
+        yield item
 
 
 def _cancelled(exc: BaseException) -> bool:

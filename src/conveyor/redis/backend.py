@@ -16,7 +16,7 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from time import perf_counter
@@ -32,12 +32,21 @@ from ..errors import (
     RunStateLost,
 )
 from ..metrics import RunResult, StageStats, Timeline
+from ..ordering import TOMBSTONE, Leaf, Tracker
 from ..policy import add_note
 from ..remote import ExceptionRecord, rebuild
 from ..stage import Failure, Stage
 from ..validate import check_bool, check_choice, check_int, check_seconds, check_str
-from .codec import CODECS, Codec, decode_failure, get_codec, key_check, secret_from
-from .order import TOMBSTONE, Leaf, Tracker, dump_path, load_path
+from .codec import (
+    CODECS,
+    Codec,
+    decode_failure,
+    dump_path,
+    get_codec,
+    key_check,
+    load_path,
+    secret_from,
+)
 from .state import RunInfo, RunState, read_state, stage_stats
 from .streams import (
     DRIVER_GROUP,
@@ -610,10 +619,16 @@ class _DriverRun:
             return
         from ..engine import Run
 
-        source = _skip(self.pipeline.source, already_fed)  # resuming: those reached Redis
         # Made here, not in the feeder thread, so that an abort always finds it; it waits
         # less than the driver waits for the feeder, which then sees what it left behind.
-        self._puller = Run(source, [], output_capacity=FEED_CHUNK, abort_wait=ABORT_WAIT / 2)
+        # Resuming, it skips the items that reached Redis already.
+        self._puller = Run(
+            self.pipeline.source,
+            [],
+            output_capacity=FEED_CHUNK,
+            abort_wait=ABORT_WAIT / 2,
+            skip=already_fed,
+        )
         self._feeder = threading.Thread(
             target=self._feed,
             args=(self._puller, already_fed),
@@ -630,7 +645,7 @@ class _DriverRun:
         slow source's items go in as they come, a fast one's in full chunks."""
         pulled.start()
         try:
-            self._feed_from(_chunks(pulled.outputs(), FEED_CHUNK), already_fed)
+            self._feed_from(pulled.outputs(FEED_CHUNK), already_fed)
         except BaseException as exc:
             if not self.stopped.is_set():
                 self._feed_error = exc
@@ -1071,30 +1086,6 @@ def _write_report(
         if error is None:
             raise
         log.exception("conveyor: could not write the report to %s", path)
-
-
-def _skip(source: Iterable[Any] | AsyncIterable[Any], n: int) -> Any:
-    """``source`` without its first ``n`` items (a resumed run fed them already)."""
-    if not n:
-        return source
-    if isinstance(source, AsyncIterable):
-        return _askip(source, n)
-    return islice(source, n, None)
-
-
-async def _askip(source: AsyncIterable[Any], n: int) -> AsyncIterator[Any]:
-    async for item in source:
-        if n:
-            n -= 1
-            continue
-        yield item
-
-
-def _chunks(batches: Iterable[list[Any]], size: int) -> Iterator[list[Any]]:
-    """The items of ``batches`` again, in lists of at most ``size``."""
-    for batch in batches:
-        for start in range(0, len(batch), size):
-            yield batch[start : start + size]
 
 
 def _tombstone_streams(stages: tuple[Stage, ...]) -> tuple[int, ...]:

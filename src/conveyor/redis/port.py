@@ -22,7 +22,7 @@ A batch stage's port (`BatchPort`) makes the same groups as on one machine:
                  while it works, taken over when it dies); a new holder claims
                  every pending entry of the stage and starts at the cursor
     take(n):     entries and tombstones (the places the stages before it left
-                 empty) -> order.Tracker -> source order -> up to n items;
+                 empty) -> ordering.Tracker -> source order -> up to n items;
                  tombstones on the way are handed on at once
     deliver(g):  one hand-off: the group with its first item's path, the other
                  items' places as tombstones, the cursor (the path of the last
@@ -45,13 +45,13 @@ from time import monotonic
 from typing import Any
 
 from ..errors import Empty, ShutDown
+from ..ordering import TOMBSTONE, Leaf, Tracker
 from ..policy import BatchOutcome
 from ..remote import capture
 from ..runtime.base import RunControl
 from ..runtime.ports import Port, StageIO
 from ..stage import Stage
-from .codec import Codec, encode_failure, get_codec, key_check
-from .order import TOMBSTONE, Leaf, Tracker, child_path, load_path
+from .codec import Codec, child_path, encode_failure, get_codec, key_check, load_path
 from .state import RunInfo, read_state
 from .streams import (
     DRIVER_GROUP,

@@ -54,11 +54,10 @@ from .runtime.base import (
     MAX_BATCH,
     TARGET_BATCH_SECONDS,
     RunControl,
-    Runtime,
+    Runtimes,
     StageRun,
     left_behind,
 )
-from .runtime.base import get_runtime as _get_runtime
 from .runtime.ports import ChannelIO
 from .runtime.threads import join_threads
 from .stage import DEFAULT_CAPACITY, Stage
@@ -134,7 +133,7 @@ class Run:
         self.stage_runs = [
             StageRun(s, i, self._io(i), self.control, self.metrics[i]) for i, s in enumerate(stages)
         ]
-        self.runtimes: dict[str, Runtime] = {}
+        self.runtimes = Runtimes()
         self._source = _skip(source, skip)
         self._feeder_handle = self.channels[0].producer()
         self._feeder: threading.Thread | None = None
@@ -180,12 +179,7 @@ class Run:
         if early:
             self._start_feeder_thread()
         try:
-            runtimes = [self._runtime(sr.stage.runtime) for sr in self.stage_runs]
-            # Every port before any worker: a channel closes when its last port does.
-            for sr, runtime in zip(self.stage_runs, runtimes, strict=True):
-                sr.open_ports(runtime.port_count(sr.stage))
-            for sr, runtime in zip(self.stage_runs, runtimes, strict=True):
-                runtime.start(sr)
+            self.runtimes.start(self.stage_runs)
         except BaseException as exc:
             self.abort()
             self.join()
@@ -201,13 +195,6 @@ class Run:
             self.control.on_abort(self._cancel_feeder_task)
             return
         self._start_feeder_thread()
-
-    def _runtime(self, name: str) -> Runtime:
-        """The run's runtime called ``name`` (one instance per run, made on first use)."""
-        runtime = self.runtimes.get(name)
-        if runtime is None:
-            runtime = self.runtimes[name] = _get_runtime(name)()
-        return runtime
 
     def _start_feeder_thread(self) -> None:
         self._feeder = threading.Thread(target=self._feed, name=FEEDER_THREAD, daemon=True)
@@ -440,10 +427,8 @@ class Run:
             timeout = min(timeout, self.abort_wait)
         deadline = perf_counter() + timeout
         stuck = join_threads([self._feeder] if self._feeder else [], timeout)
-        for runtime in self.runtimes.values():
-            stuck += runtime.join(max(0.0, deadline - perf_counter()))
-        for runtime in self.runtimes.values():
-            runtime.close()
+        stuck += self.runtimes.join(deadline)
+        self.runtimes.close()
         if stuck:
             self.left_behind = left_behind(self.stage_runs, stuck, FEEDER_THREAD)
             log.warning("conveyor: %s", "; ".join(self.left_behind))

@@ -508,13 +508,7 @@ class LiveRun:
             for value in chunk:
                 fields = self._codec.encode(value)
                 args += [len(fields), *fields]
-            length = self._retry(
-                self._scripts.feed,
-                keys=[self.keys.stream(0), self.keys.counters, self.keys.meta],
-                args=args,
-            )
-            if length == -1:
-                raise BackendError(f"run {self.run_id!r} no longer exists")
+            self._feed(args)
             n += len(chunk)
 
     def results(self, count: int = 1000, timeout: float = 1.0) -> list[Any]:
@@ -542,17 +536,21 @@ class LiveRun:
 
     def close(self) -> None:
         """Mark the source finished: the run completes once what was submitted is through."""
+        self._feed(["", "", "1"])
+
+    def _feed(self, args: list[Any]) -> None:
+        """One call of the FEED script (see `streams.FEED`)."""
+        keys = self.keys
         length = self._retry(
-            self._scripts.feed,
-            keys=[self.keys.stream(0), self.keys.counters, self.keys.meta],
-            args=["", "", "1"],
+            self._scripts.feed, keys=[keys.stream(0), keys.counters, keys.meta], args=args
         )
         if length == -1:
             raise BackendError(f"run {self.run_id!r} no longer exists")
 
     def state(self) -> RunState:
         """The run's counters now."""
-        return _read_state(self._backend.client(), self._retry, self.keys, len(self.info.stages))
+        client, n = self._backend.client(), len(self.info.stages)
+        return read_state(client, self._retry, self.keys, n)[0]
 
 
 # ---------------------------------------------------------------------- one driven run
@@ -1040,7 +1038,7 @@ class _DriverRun:
     # ------------------------------------------------------------------ result
 
     def result(self, outputs: list[Any] | None) -> RedisRunResult:
-        state = self.state or _read_state(self.client, self.retry, self.keys, self.n)
+        state = self.state or read_state(self.client, self.retry, self.keys, self.n)[0]
         elapsed = (self.finished or perf_counter()) - self.started
         stats = stage_stats(self.stages, state, self.info.limits, elapsed)
         names = [s.name for s in self.stages]
@@ -1104,10 +1102,6 @@ def _stages(pipeline: Any) -> tuple[Stage, ...]:
     if not stages:
         raise ConfigurationError("the pipeline has no stage: add .map(), .each(), ...")
     return stages
-
-
-def _read_state(client: Any, retry: Retrier, keys: Keys, n: int) -> RunState:
-    return read_state(client, retry, keys, n)[0]
 
 
 def _is_redis_error(exc: BaseException | None) -> bool:

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..metrics import RecentRate, StageStats, Timeline
 from ..progress import LIVE_REFRESH
-from .state import RunInfo, RunState, stage_stats
-from .streams import WORKER_GROUP, Keys, Scripts, connect
+from .state import RunInfo, RunState, stage_stats, text
+from .streams import WORKER_GROUP, Scripts, connect
 
 if TYPE_CHECKING:
     from ..progress import Display
@@ -30,7 +30,6 @@ __all__ = [
     "ProgressWatcher",
     "RunStatus",
     "StageStatus",
-    "find_runs",
     "render",
     "run_status",
 ]
@@ -96,17 +95,6 @@ class RunStatus:
         return asdict(self)
 
 
-def find_runs(client: Any, namespace: str, pipeline: str) -> list[str]:
-    """Ids of the pipeline's registered runs, sorted."""
-    return sorted(m.decode() for m in client.smembers(Keys(namespace, pipeline, "").runs))
-
-
-def load_info(client: Any, keys: Keys) -> RunInfo | None:
-    """The run's settings, or None when it does not exist."""
-    meta = client.hgetall(keys.meta)
-    return RunInfo.from_meta(keys, meta) if meta else None
-
-
 def run_status(client: Any, info: RunInfo) -> RunStatus:
     """Everything ``conveyor status`` shows about one run, read now."""
     keys, n = info.keys, len(info.stages)
@@ -138,7 +126,7 @@ def run_status(client: Any, info: RunInfo) -> RunStatus:
                 dead_letters=counts.dead,
                 consumers=tuple(
                     ConsumerStatus(
-                        name=_text(c["name"]), pending=c["pending"], idle_seconds=c["idle"] / 1000
+                        name=text(c["name"]), pending=c["pending"], idle_seconds=c["idle"] / 1000
                     )
                     for c in (consumers if isinstance(consumers, list) else [])
                 ),
@@ -153,10 +141,6 @@ def run_status(client: Any, info: RunInfo) -> RunStatus:
         delivered=state.delivered,
         stages=tuple(stages),
     )
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def render(statuses: list[RunStatus]) -> str:

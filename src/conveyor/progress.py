@@ -344,13 +344,8 @@ class Monitor:
             self._write_report()
 
     def _write_report(self) -> None:
-        from .report import write_html
+        from .report import write_report
 
         assert self._report is not None
         run = self._run
-        try:
-            write_html(self._report, run.result(), run.control.error)
-        except OSError:
-            if not run.control.stopped.is_set():
-                raise
-            log.exception("conveyor: could not write the report to %s", self._report)
+        write_report(self._report, run.result(), run.control.error, run.control.stopped.is_set())

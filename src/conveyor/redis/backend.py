@@ -328,7 +328,6 @@ class RedisBackend(Backend):
         run = self._new_run(pipeline)
         run.halt = stop
         outputs: list[Any] | None = [] if collect else None
-        worker = run.local_worker = self._start_local_workers(pipeline)
         watcher: ProgressWatcher | None = None
         result: RedisRunResult | None = None
         error: BaseException | None = None
@@ -343,22 +342,24 @@ class RedisBackend(Backend):
             error = exc
             raise
         finally:
-            self._finish(run, worker, watcher, report_path, result, error)
+            self._finish(run, watcher, report_path, result, error)
         return result
 
     def _new_run(self, pipeline: Any) -> _DriverRun:
-        """Create (or resume) the run of ``pipeline`` in Redis, as its driver."""
+        """Create (or resume) the run of ``pipeline`` in Redis, as its driver; start the
+        local workers, if any."""
         stages = _stages(pipeline)
         run_id = self.run_id or uuid.uuid4().hex[:12]
         keys = self.keys(pipeline, run_id)
         last = stages[-1]
         ordered = last.ordered and last.kind != "each"
-        return _DriverRun(self, pipeline, keys, self._info(keys, stages, ordered))
+        run = _DriverRun(self, pipeline, keys, self._info(keys, stages, ordered))
+        run.local_worker = self._start_local_workers(pipeline)
+        return run
 
     def _finish(
         self,
         run: _DriverRun,
-        worker: Any,
         watcher: ProgressWatcher | None,
         report: Path | None = None,
         result: RedisRunResult | None = None,
@@ -374,8 +375,8 @@ class RedisBackend(Backend):
                 if report is not None:
                     _write_report(report, result, stats, watcher.timeline, elapsed, error)
         finally:
-            if worker is not None:
-                self._stop_local_workers(run, worker, error)
+            if run.local_worker is not None:
+                self._stop_local_workers(run, run.local_worker, error)
             self.close()
 
     def _stop_local_workers(
@@ -437,7 +438,6 @@ class RedisBackend(Backend):
         come back after (at most 1000 outputs seen twice).
         """
         run = self._new_run(pipeline)
-        worker = run.local_worker = self._start_local_workers(pipeline)
         watcher = self._watch(pipeline, run, True) if progress else None
         outputs = run.outputs()
         error: BaseException | None = None
@@ -450,7 +450,7 @@ class RedisBackend(Backend):
         finally:
             # Stop the feeder before the workers and the connections go.
             outputs.close()
-            self._finish(run, worker, watcher, error=error)
+            self._finish(run, watcher, error=error)
 
     def cancel(self, pipeline: Any, run_id: str) -> bool:
         """Delete the run ``run_id`` of ``pipeline`` from Redis (its items, outputs and
@@ -775,14 +775,7 @@ class _DriverRun:
                 add_note(exc, f"conveyor: the source failed; run {self.keys.run!r} was deleted")
                 self.retry(_delete_run, self.client, self.keys, self.n)
             else:
-                log.warning(
-                    "conveyor: run %r left in Redis (%s): run again with run_id=%r to resume "
-                    "it, or `conveyor cancel ... --run %s` to delete it",
-                    self.keys.run,
-                    type(exc).__name__,
-                    self.keys.run,
-                    self.keys.run,
-                )
+                self._say_left(f"left in Redis ({type(exc).__name__})")
             raise
         finally:
             self.stopped.set()
@@ -799,15 +792,20 @@ class _DriverRun:
             self.finished = perf_counter()
         self._read_failures()
         if self.halted:
-            log.warning(
-                "conveyor: run %r stopped and left in Redis: run again with run_id=%r to "
-                "resume it, or `conveyor cancel ... --run %s` to delete it",
-                self.keys.run,
-                self.keys.run,
-                self.keys.run,
-            )
+            self._say_left("stopped and left in Redis")
             return
         self._finish()
+
+    def _say_left(self, what: str) -> None:
+        run = self.keys.run
+        log.warning(
+            "conveyor: run %r %s: run again with run_id=%r to resume it, or "
+            "`conveyor cancel ... --run %s` to delete it",
+            run,
+            what,
+            run,
+            run,
+        )
 
     def abort_left(self) -> float:
         """Seconds left of the `ABORT_WAIT` an ended run's threads get to end."""
@@ -1074,16 +1072,11 @@ def _write_report(
     error: BaseException | None,
 ) -> None:
     """Write the run's HTML report; a failed run's shows the last counters and the error."""
-    from ..report import write_html
+    from ..report import write_report
 
     shown = result if result is not None else RedisRunResult(stats=stats, elapsed_seconds=elapsed)
     shown.timeline = timeline
-    try:
-        write_html(path, shown, error)
-    except OSError:
-        if error is None:
-            raise
-        log.exception("conveyor: could not write the report to %s", path)
+    write_report(path, shown, error, error is not None)
 
 
 def _tombstone_streams(stages: tuple[Stage, ...]) -> tuple[int, ...]:

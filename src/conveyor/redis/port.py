@@ -661,15 +661,12 @@ class _Order:
 
 class BatchPort(RedisPort):
     """A batch stage's consumer: groups in source order, made by one consumer at a time
-    (see the module docstring).
+    under a lease (see the module docstring; why these pieces: docs/design.md).
 
-    Why one: a group is "the next ``size`` items in source order", so making it needs
-    every item before it, and two consumers could not agree on where groups begin.
-    Why a lease rather than a fixed owner: the holder may die; its lease expires
-    after the visibility timeout, and another worker's port takes over, claims every
-    pending entry of the stage and starts at the persisted cursor. The items of the
-    group the dead holder was making (pending, at or before the cursor) come first,
-    so the groups after a take-over are the ones the holder would have made.
+    A new holder claims every pending entry of the stage and starts at the
+    persisted cursor: the items of the group a dead holder was making (pending,
+    at or before the cursor) come first, so it makes the groups the holder would
+    have made.
     """
 
     max_deliveries = False  # a take-over counts as a delivery: making groups cannot fail

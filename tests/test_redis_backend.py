@@ -507,6 +507,24 @@ def test_conveyor_run_with_redis_drives_a_run_that_workers_serve(redis_server: R
     assert "20,000/20,000 items in (100%) (done)" in result.stderr
 
 
+def test_a_stage_with_more_consumers_than_a_default_connection_pool_runs_to_the_end(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """300 coroutine workers each wait for Redis on a connection of the worker's one
+    client: redis-py 8 caps a pool at 100, and the run failed with BackendUnavailable
+    ("cannot reach Redis ...: Too many connections") while Redis was there all along."""
+
+    async def add_one(x: int) -> int:
+        return x + 1
+
+    pipeline = cv.Pipeline(range(600)).map(add_one, runtime="async", workers=300)
+    backend = RedisBackend(redis_server.url, namespace=new_namespace(), local_workers=True)
+    with caplog.at_level("WARNING", logger="conveyor"):
+        result = pipeline.run(backend=backend, collect=True)
+    assert result.outputs == list(range(1, 601))
+    assert "Too many connections" not in caplog.text
+
+
 def test_conveyor_run_with_redis_writes_a_report_and_refuses_a_stall_timeout(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:

@@ -55,6 +55,9 @@ log = logging.getLogger("conveyor.redis")
 
 ABORT_GRACE = 5.0
 """After a stop that did not end in time, how long the abort waits for the workers."""
+MAX_CONNECTIONS = 2**31
+"""The connection pool's cap, unless ``redis_options`` sets one: in effect none, as
+before redis-py 8 (the server's ``maxclients`` is the limit that counts)."""
 
 
 class Worker:
@@ -109,6 +112,11 @@ class Worker:
         self._secret = secret_from(secret_key)
         self._unavailable = unavailable_timeout
         self._options = dict(redis_options or {})
+        # Every consumer of every served stage shares this client, and each may hold a
+        # connection in a blocking read at once: redis-py 8 caps a pool at 100
+        # connections and fails the 101st user ("Too many connections"), which an
+        # async stage of a few hundred workers reaches at once.
+        self._options.setdefault("max_connections", MAX_CONNECTIONS)
         self.control = RunControl()
         self.stopped = threading.Event()
         """Set once the worker stops (`stop`, a signal, or a failure)."""

@@ -228,6 +228,16 @@ BAD_OPTIONS = [
     (["dlq", "list", "app:pipeline", "--redis", "redis://h", "--id", "abc"], "--id"),
     (["dlq", "replay", "app:pipeline", "--redis", "redis://h", "--stage", ""], "--stage"),
     (["dlq", "purge", "app:pipeline", "--redis", "redis://h", "--run", "a b"], "--run"),
+    # Options of a run on Redis, given without --redis: they were ignored without a word.
+    (["run", "app:pipeline", "--run-id", "abc"], "--run-id"),
+    (["run", "app:pipeline", "--namespace", "mine"], "--namespace"),
+    # A path or a relative name: it was imported as one, a traceback and exit code 1.
+    (["run", "../app:pipeline"], "MODULE:ATTR"),
+    (["status", ".app:pipeline", "--redis", "redis://h"], "MODULE:ATTR"),
+    # A stage the pipeline does not have: --workers was ignored (the worker served on
+    # with its own count), --stage exited with 1 as if the pipeline had failed.
+    (["worker", "app:pipeline", "--redis", "redis://h", "--workers", "incc=2"], "'workers'"),
+    (["worker", "app:pipeline", "--redis", "redis://h", "--stage", "incc"], "'stages'"),
 ]
 
 

@@ -507,6 +507,34 @@ def test_conveyor_run_with_redis_drives_a_run_that_workers_serve(redis_server: R
     assert "20,000/20,000 items in (100%) (done)" in result.stderr
 
 
+def test_conveyor_run_with_redis_meets_workers_of_another_namespace(
+    redis_server: RedisServer, conveyor_logger_kept: None
+) -> None:
+    """`conveyor run` had no --namespace: workers started with one could not be driven."""
+    from redis_helpers import tripled
+
+    namespace = new_namespace()
+    with serving(tripled(), redis_server.url, namespace):
+        result = CliRunner().invoke(
+            cli,
+            [
+                "run",
+                "redis_helpers:tripled",
+                "--redis",
+                redis_server.url,
+                "--namespace",
+                namespace,
+                "--json",
+                "--no-progress",
+                "--connect-timeout",
+                "30",
+            ],
+            catch_exceptions=False,
+        )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["items_out"] == 50
+
+
 def test_a_stage_with_more_consumers_than_a_default_connection_pool_runs_to_the_end(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:

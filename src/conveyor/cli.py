@@ -19,6 +19,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -212,6 +213,13 @@ def cli() -> None:
 @click.option(
     "--run-id", type=NAME, metavar="ID", help="With --redis: the run's id (resumes that run)."
 )
+@click.option(
+    "--namespace",
+    type=NAME,
+    metavar="NAME",
+    help="With --redis: the prefix of every Redis key, the workers' --namespace "
+    "[default: conveyor].",
+)
 @connection_options
 def run_command(
     target: str,
@@ -222,6 +230,7 @@ def run_command(
     as_json: bool,
     redis_url: str | None = None,
     run_id: str | None = None,
+    namespace: str | None = None,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     debug: bool = False,
 ) -> None:
@@ -233,14 +242,14 @@ def run_command(
     limits throughput and what would help.
     """
     _log_to_stderr()
+    _check_redis_only(redis_url, run_id=run_id, namespace=namespace)
     try:
         overrides = _overrides(workers)
         pipeline = apply_overrides(_load(target), overrides)
         _check_report_dir(report)
         if redis_url is not None:
-            result = _run_on_redis(
-                pipeline, redis_url, run_id, progress, report, stall_timeout, connect_timeout, debug
-            )
+            where = _RedisTarget(redis_url, run_id, namespace or "conveyor", connect_timeout, debug)
+            result = _run_on_redis(pipeline, where, progress, report, stall_timeout)
             click.echo(result.to_json() if as_json else result.report().rstrip())
             return
         # Ctrl-C is taken over before the run starts: one pressed as it starts
@@ -276,15 +285,32 @@ def _check_report_dir(report: Path | None) -> None:
         )
 
 
+@dataclass(frozen=True)
+class _RedisTarget:
+    """Where ``conveyor run --redis`` drives its run."""
+
+    url: str
+    run_id: str | None
+    namespace: str
+    connect_timeout: float
+    debug: bool
+
+
+def _check_redis_only(redis_url: str | None, **options: str | None) -> None:
+    """Refuse an option that only means something with --redis, given without it."""
+    if redis_url is None:
+        for name, value in options.items():
+            if value is not None:
+                option = "--" + name.replace("_", "-")
+                raise click.UsageError(f"{option} applies to runs on Redis: give --redis URL too")
+
+
 def _run_on_redis(
     pipeline: Pipeline[Any],
-    url: str,
-    run_id: str | None,
+    where: _RedisTarget,
     progress: bool,
     report: Path | None,
     stall_timeout: float | None,
-    connect_timeout: float,
-    debug: bool,
 ) -> RunResult:
     """``conveyor run --redis``: drive the run; a failed run exits as a local one does,
     Redis unreachable (or lost) for ``connect_timeout`` with `EXIT_REDIS_UNREACHABLE`."""
@@ -298,16 +324,17 @@ def _run_on_redis(
     try:
         result: RunResult = run_on_redis(
             pipeline,
-            url,
-            run_id=run_id,
+            where.url,
+            run_id=where.run_id,
+            namespace=where.namespace,
             progress=progress,
             report=report,
-            connect_timeout=connect_timeout,
+            connect_timeout=where.connect_timeout,
         )
     except (click.ClickException, KeyboardInterrupt):
         raise
     except BackendUnavailable as exc:
-        raise RedisUnreachable(exc, debug) from exc
+        raise RedisUnreachable(exc, where.debug) from exc
     except Exception as exc:
         _exit_run_failed(exc)
     return result

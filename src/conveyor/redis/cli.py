@@ -282,7 +282,9 @@ def worker_command(
             namespace=namespace,
             unavailable_timeout=connect_timeout,
         )
-    except (BackendError, ConfigurationError) as exc:
+    except ConfigurationError as exc:  # a --stage or --workers naming no stage
+        raise click.UsageError(str(exc)) from None
+    except BackendError as exc:
         raise _fail(exc) from None
     # Listening first: a port in use stops the worker before it takes any entry.
     with _serve_metrics(worker, target, metrics_port, metrics_addr):

@@ -97,12 +97,10 @@ class Worker:
             raise ConfigurationError("Worker: the pipeline has no stage")
         names = [s.name for s in all_stages]
         chosen = list(stages) if stages else names
-        unknown = [n for n in chosen if n not in names]
-        if unknown:
-            raise ConfigurationError(
-                f"Worker: no stage named {', '.join(map(repr, unknown))}; "
-                f"stages: {', '.join(map(repr, names))}"
-            )
+        _check_names("stages", chosen, names, "stages")
+        if isinstance(workers, dict):
+            # A misspelt stage would otherwise keep its own count without a word.
+            _check_names("workers", list(workers), chosen, "served stages")
         self.url = url
         self.namespace = namespace
         self.pipeline_id = pipeline_id(all_stages)
@@ -283,6 +281,16 @@ class Worker:
     def __exit__(self, *exc_info: Any) -> None:
         self.stop()
         self.join(30.0)
+
+
+def _check_names(param: str, given: Sequence[str], names: Sequence[str], what: str) -> None:
+    """Refuse names in ``given`` that are not in ``names`` (the ``what`` it may name)."""
+    unknown = [n for n in given if n not in names]
+    if unknown:
+        raise ConfigurationError(
+            f"Worker '{param}': no stage named {', '.join(map(repr, unknown))}; "
+            f"{what}: {', '.join(map(repr, names))}"
+        )
 
 
 def _count_for(stage: Stage, workers: int | dict[str, int] | None) -> int:

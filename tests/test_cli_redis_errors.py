@@ -203,6 +203,10 @@ def test_a_run_whose_redis_is_killed_ends_with_an_error_naming_the_url_within_th
     assert f"cannot reach Redis at {server.url}" in str(info.value)
     assert "Connection refused" in str(info.value) or "Connection reset" in str(info.value)
     assert took < 1.0 + 2.0, f"the run took {took:.1f} s to give up"  # the bound, and the ending
+    # The stage's worker lost Redis waiting for entries, holding none: its note said
+    # "failed on item None", an item the source never gave.
+    notes = getattr(info.value, "__notes__", [])
+    assert not [n for n in notes if "failed on item" in n], notes
 
 
 # ---------------------------------------------------------------------- option checks

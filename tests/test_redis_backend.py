@@ -319,6 +319,38 @@ def test_a_worker_without_the_secret_key_refuses_to_serve_a_pickle_run(
     assert live.state().stages[0].acked == 0
 
 
+def as_set(x: int) -> set[int]:
+    return {x}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="redis/port.py RedisPort._records: an output the run's codec cannot encode "
+    "(codec='json' and a set) is nacked like a stage failure and delivered again until "
+    "it is a dead letter (DeadLettersError after max_deliveries x visibility_timeout), "
+    "with the codec's own TypeError, whatever on_error says; docs/errors.md promises a "
+    "SerializationError naming the stage, recorded in result.failures with on_error='skip'",
+)
+def test_an_output_the_codec_cannot_carry_is_a_serialization_error_that_skip_records(
+    redis_server: RedisServer,
+) -> None:
+    backend = RedisBackend(
+        redis_server.url,
+        namespace=new_namespace(),
+        local_workers=True,
+        codec="json",
+        max_deliveries=2,
+        visibility_timeout=0.2,
+    )
+    pipeline = cv.Pipeline([1, 2]).map(as_set, on_error="skip")
+    result = pipeline.run(backend=backend, collect=True)
+    assert result.outputs == []
+    assert [(f.stage, f.item, type(f.error)) for f in result.failures] == [
+        ("as_set", 1, cv.SerializationError),
+        ("as_set", 2, cv.SerializationError),
+    ]
+
+
 # ---------------------------------------------------------------------- long-lived runs
 
 

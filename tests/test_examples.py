@@ -199,6 +199,18 @@ def test_checksums_prints_every_digest_in_walk_order(
     assert out.splitlines() == expected
 
 
+def test_checksums_of_a_missing_path_is_an_error_and_of_a_file_its_digest(
+    files: dict[Path, str], tmp_path: Path
+) -> None:
+    """A missing directory printed nothing and exited 0; a file printed nothing."""
+    missing = run_example("checksums.py", tmp_path / "nowhere", "--runtime", "thread")
+    assert missing.returncode == 2, missing.stderr
+    assert "nowhere: no such file or directory" in missing.stderr
+    path, digest = next(iter(files.items()))
+    out = succeeded(run_example("checksums.py", path, "--runtime", "thread"))
+    assert out.splitlines() == [f"{digest}  {path}"]
+
+
 def test_checksums_on_subinterpreters_works_or_says_which_runtimes_exist(
     files: dict[Path, str], tmp_path: Path
 ) -> None:

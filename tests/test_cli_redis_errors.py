@@ -242,6 +242,11 @@ BAD_OPTIONS = [
     # with its own count), --stage exited with 1 as if the pipeline had failed.
     (["worker", "app:pipeline", "--redis", "redis://h", "--workers", "incc=2"], "'workers'"),
     (["worker", "app:pipeline", "--redis", "redis://h", "--stage", "incc"], "'stages'"),
+    # With no run in Redis a misspelt stage found no dead letters without a word; with
+    # runs, it exited 1 as if the pipeline had failed.
+    (["dlq", "list", "app:pipeline", "--redis", "redis://h", "--stage", "incc"], "--stage"),
+    (["dlq", "replay", "app:pipeline", "--redis", "redis://h", "--stage", "incc"], "--stage"),
+    (["dlq", "purge", "app:pipeline", "--redis", "redis://h", "--stage", "incc"], "--stage"),
 ]
 
 

@@ -410,6 +410,19 @@ def _dlq_options(fn: F) -> F:
     return click.argument("target", metavar="MODULE:ATTR")(fn)
 
 
+def _dlq_pipeline(target: str, stage: str | None) -> Any:
+    """The pipeline of a ``dlq`` command; a ``--stage`` it does not have is a usage error
+    (with no run in Redis, a misspelt stage would find no dead letters without a word)."""
+    pipeline = load_pipeline(target)
+    names = [s.name for s in pipeline.stages]
+    if stage is not None and stage not in names:
+        raise click.BadParameter(
+            f"no stage named {stage!r}; stages: {', '.join(map(repr, names))}",
+            param_hint="'--stage'",
+        )
+    return pipeline
+
+
 @dlq_group.command("list")
 @_dlq_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -427,7 +440,7 @@ def dlq_list(
     from .codec import get_codec, secret_from
     from .dlq import list_dead
 
-    pipeline = load_pipeline(target)
+    pipeline = _dlq_pipeline(target, stage)
     try:
         client = _connect(url, connect_timeout)
         letters = []
@@ -471,7 +484,7 @@ def _move(
 ) -> None:
     from .dlq import move_dead
 
-    pipeline = load_pipeline(target)
+    pipeline = _dlq_pipeline(target, stage)
     try:
         client = _connect(url, connect_timeout)
         moved = sum(

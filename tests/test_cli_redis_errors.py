@@ -43,6 +43,13 @@ def inc(x):
 
 pipeline = cv.Pipeline(range(10)).map(inc)
 print("loaded", file=sys.stderr, flush=True)
+
+
+def cannot_connect():
+    raise OSError("database unreachable")
+
+
+opens_a_database = cv.Pipeline(range(10)).map(inc, on_start=cannot_connect)
 """
 
 
@@ -207,6 +214,20 @@ def test_a_run_whose_redis_is_killed_ends_with_an_error_naming_the_url_within_th
     # "failed on item None", an item the source never gave.
     notes = getattr(info.value, "__notes__", [])
     assert not [n for n in notes if "failed on item" in n], notes
+
+
+# ---------------------------------------------------------------------- the user's code
+
+
+def test_a_worker_whose_on_start_raises_exits_1_with_the_users_traceback_and_one_line(
+    project: Path, redis_server: RedisServer
+) -> None:
+    """It went up through click: Python's own traceback, click's frames and all."""
+    done, _ = conveyor("worker", "app:opens_a_database", "--redis", redis_server.url, cwd=project)
+    assert done.returncode == 1, done.stderr
+    assert 'raise OSError("database unreachable")' in done.stderr
+    assert "click" not in done.stderr
+    assert lines(done.stderr)[-1] == "conveyor: the worker failed: OSError: database unreachable"
 
 
 # ---------------------------------------------------------------------- option checks

@@ -17,7 +17,6 @@ import shutil
 import signal
 import sys
 import threading
-import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +33,12 @@ from .loading import PipelineLoadError, load_pipeline, parse_overrides
 from .redis.cli import (
     COMMANDS,
     DEFAULT_CONNECT_TIMEOUT,
+    EXIT_PIPELINE_ERROR,
     EXIT_REDIS_UNREACHABLE,
     RedisUnreachable,
     connection_options,
+    exit_failed,
+    print_exception,
 )
 
 if TYPE_CHECKING:
@@ -57,7 +59,8 @@ __all__ = [
 ]
 
 EXIT_OK = 0  # the run finished (items given up on with on_error="skip" are in the report)
-EXIT_PIPELINE_ERROR = 1  # a stage or the source raised, or the pipeline's module failed to load
+# EXIT_PIPELINE_ERROR = 1: a stage or the source raised, the pipeline's module failed to load,
+# or a worker's hook (on_start, on_stop) raised
 EXIT_USAGE = 2  # bad command line: unknown option, bad MODULE:ATTR, bad override (click's code)
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): 128 + signal 2, what shells report for it
 # EXIT_REDIS_UNREACHABLE = 3: Redis could not be reached, or was lost, for --connect-timeout
@@ -84,7 +87,7 @@ class PipelineCodeError(click.ClickException):
         self.error = error
 
     def show(self, file: Any = None) -> None:
-        _print_exception(self.error)
+        print_exception(self.error)
         click.echo(f"Error: {self.message}", err=True)
 
 
@@ -273,9 +276,7 @@ def run_command(
 
 def _exit_run_failed(exc: BaseException) -> NoReturn:
     """Show why the run failed (its traceback, then one line) and exit with 1."""
-    _print_exception(exc)
-    click.echo(f"conveyor: the run failed: {type(exc).__name__}: {exc}", err=True)
-    sys.exit(EXIT_PIPELINE_ERROR)
+    exit_failed("the run", exc)
 
 
 def _check_report_dir(report: Path | None) -> None:
@@ -448,10 +449,6 @@ def _log_to_stderr() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.INFO)
-
-
-def _print_exception(exc: BaseException) -> None:
-    click.echo("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), err=True)
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -28,11 +28,14 @@ from ..errors import BackendError, BackendUnavailable, ConfigurationError
 __all__ = [
     "COMMANDS",
     "DEFAULT_CONNECT_TIMEOUT",
+    "EXIT_PIPELINE_ERROR",
     "EXIT_REDIS_UNREACHABLE",
     "RedisUnreachable",
     "cancel_command",
     "dlq_group",
+    "exit_failed",
     "load_pipeline",
+    "print_exception",
     "run_on_redis",
     "status_command",
     "worker_command",
@@ -40,6 +43,7 @@ __all__ = [
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+EXIT_PIPELINE_ERROR = 1  # the user's code raised (the run's stages or source, a worker's hooks)
 EXIT_REDIS_UNREACHABLE = 3  # Redis could not be reached, or was lost, for --connect-timeout
 DEFAULT_CONNECT_TIMEOUT = 10.0
 """Seconds a command waits for an unreachable (or lost) Redis before it gives up."""
@@ -163,6 +167,18 @@ def _fail(exc: BaseException) -> click.ClickException:
         debug = bool(click.get_current_context().params.get("debug"))
         return RedisUnreachable(exc, debug)
     return click.ClickException(f"{type(exc).__name__}: {exc}")
+
+
+def print_exception(exc: BaseException) -> None:
+    """Print ``exc`` with its traceback (and cause, notes) on stderr."""
+    click.echo("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), err=True)
+
+
+def exit_failed(what: str, exc: BaseException) -> NoReturn:
+    """Show why ``what`` failed (the user's traceback, then one line) and exit with 1."""
+    print_exception(exc)
+    click.echo(f"conveyor: {what} failed: {type(exc).__name__}: {exc}", err=True)
+    sys.exit(EXIT_PIPELINE_ERROR)
 
 
 def _log_to_stderr() -> None:
@@ -292,6 +308,8 @@ def worker_command(
             worker.run_forever()
         except (BackendError, ConfigurationError) as exc:
             raise _fail(exc) from None
+        except Exception as exc:  # the user's code: a stage's on_start or on_stop raised
+            exit_failed("the worker", exc)
 
 
 # ---------------------------------------------------------------------- run

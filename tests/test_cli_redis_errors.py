@@ -256,6 +256,8 @@ BAD_OPTIONS = [
     # Options of a run on Redis, given without --redis: they were ignored without a word.
     (["run", "app:pipeline", "--run-id", "abc"], "--run-id"),
     (["run", "app:pipeline", "--namespace", "mine"], "--namespace"),
+    # The driver of a run on Redis runs no stage: the count was ignored.
+    (["run", "app:pipeline", "--redis", "redis://h", "--workers", "inc=4"], "--workers"),
     # A path or a relative name: it was imported as one, a traceback and exit code 1.
     (["run", "../app:pipeline"], "MODULE:ATTR"),
     (["status", ".app:pipeline", "--redis", "redis://h"], "MODULE:ATTR"),

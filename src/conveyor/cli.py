@@ -246,6 +246,12 @@ def run_command(
     """
     _log_to_stderr()
     _check_redis_only(redis_url, run_id=run_id, namespace=namespace)
+    if redis_url is not None and workers:
+        # The driver runs no stage: the count would only be shown, never used.
+        raise click.UsageError(
+            "--workers applies to runs in this process, not with --redis: each "
+            "`conveyor worker --workers STAGE=N` sets its own consumers"
+        )
     try:
         overrides = _overrides(workers)
         pipeline = apply_overrides(_load(target), overrides)

@@ -102,6 +102,19 @@ def test_every_command_facing_an_unreachable_redis_ends_with_one_line_and_exit_3
     assert took < 0.5 + STARTUP, f"{command[0]} took {took:.1f} s"
 
 
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_every_command_that_redis_answers_with_an_error_ends_with_one_line_and_exit_1(
+    project: Path, redis_server: RedisServer, command: list[str]
+) -> None:
+    """A database number the server does not have: status, cancel and dlq went up to
+    Python with redis-py's own traceback; run and worker showed it before their line."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/99"
+    done, _ = conveyor(*command, "--redis", url, cwd=project)
+    assert done.returncode == 1, done.stderr
+    (line,) = lines(done.stderr)
+    assert line == f"conveyor: Redis at {url} answered ResponseError: DB index is out of range"
+
+
 def test_debug_adds_the_traceback(project: Path) -> None:
     done, _ = conveyor(
         "status", "app:pipeline", "--redis", UNREACHABLE, "--connect-timeout", "0.2", "--debug",

@@ -35,10 +35,12 @@ from .redis.cli import (
     DEFAULT_CONNECT_TIMEOUT,
     EXIT_PIPELINE_ERROR,
     EXIT_REDIS_UNREACHABLE,
+    RedisRefused,
     RedisUnreachable,
     connection_options,
     exit_failed,
     print_exception,
+    refused_by_redis,
 )
 
 if TYPE_CHECKING:
@@ -343,6 +345,8 @@ def _run_on_redis(
     except BackendUnavailable as exc:
         raise RedisUnreachable(exc, where.debug) from exc
     except Exception as exc:
+        if refused_by_redis(exc):
+            raise RedisRefused.of(exc, where.url, where.debug) from exc
         _exit_run_failed(exc)
     return result
 

@@ -30,12 +30,14 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "EXIT_PIPELINE_ERROR",
     "EXIT_REDIS_UNREACHABLE",
+    "RedisRefused",
     "RedisUnreachable",
     "cancel_command",
     "dlq_group",
     "exit_failed",
     "load_pipeline",
     "print_exception",
+    "refused_by_redis",
     "run_on_redis",
     "status_command",
     "worker_command",
@@ -49,15 +51,11 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 """Seconds a command waits for an unreachable (or lost) Redis before it gives up."""
 
 
-class RedisUnreachable(click.ClickException):
-    """Raised when Redis cannot be reached within ``--connect-timeout``: one line on
-    stderr naming the URL (password masked) and the cause, exit code
-    `EXIT_REDIS_UNREACHABLE`; ``--debug`` shows the traceback too."""
+class _RedisProblem(click.ClickException):
+    """One line on stderr saying what Redis did; ``--debug`` shows the traceback too."""
 
-    exit_code = EXIT_REDIS_UNREACHABLE
-
-    def __init__(self, error: BaseException, debug: bool = False) -> None:
-        super().__init__(str(error))
+    def __init__(self, error: BaseException, debug: bool = False, message: str = "") -> None:
+        super().__init__(message or str(error))
         self.error = error
         self.debug = debug
 
@@ -68,6 +66,36 @@ class RedisUnreachable(click.ClickException):
             )
             click.echo("".join(text).rstrip(), err=True)
         click.echo(f"conveyor: {self.message}", err=True)
+
+
+class RedisUnreachable(_RedisProblem):
+    """Raised when Redis cannot be reached within ``--connect-timeout``: one line on
+    stderr naming the URL (password masked) and the cause, exit code
+    `EXIT_REDIS_UNREACHABLE`; ``--debug`` shows the traceback too."""
+
+    exit_code = EXIT_REDIS_UNREACHABLE
+
+
+class RedisRefused(_RedisProblem):
+    """Raised when Redis answers a command with an error (a database number out of
+    range, a read-only replica, out of memory): one line naming the URL (password
+    masked) and Redis's answer, exit code `EXIT_PIPELINE_ERROR`; ``--debug`` shows
+    the traceback too."""
+
+    exit_code = EXIT_PIPELINE_ERROR
+
+    @classmethod
+    def of(cls, error: BaseException, url: str, debug: bool) -> RedisRefused:
+        """``error``, Redis's answer to a command sent to ``url``, as one line."""
+        from .streams import redact
+
+        return cls(error, debug, f"Redis at {redact(url)} answered {type(error).__name__}: {error}")
+
+
+def refused_by_redis(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis's error answer to a command (not Redis out of reach)."""
+    redis = sys.modules.get("redis.exceptions")
+    return redis is not None and isinstance(exc, redis.RedisError) and not _lost_redis(exc)
 
 
 def unreachable(error: BaseException, url: str, timeout: float | None) -> BackendUnavailable:
@@ -87,6 +115,8 @@ def _redis_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
+            if refused_by_redis(exc):
+                raise RedisRefused.of(exc, kwargs["url"], debug) from exc
             if not _lost_redis(exc):
                 raise
             error = unreachable(exc, kwargs["url"], kwargs["connect_timeout"])
@@ -309,6 +339,8 @@ def worker_command(
         except (BackendError, ConfigurationError) as exc:
             raise _fail(exc) from None
         except Exception as exc:  # the user's code: a stage's on_start or on_stop raised
+            if refused_by_redis(exc):
+                raise  # one line, by _redis_errors
             exit_failed("the worker", exc)
 
 

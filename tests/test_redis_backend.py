@@ -366,6 +366,34 @@ def test_a_database_number_redis_does_not_have_is_a_backend_error_naming_the_url
         cv.Pipeline([1]).map(abs).run(backend=backend)
 
 
+THREADS_SEEN: list[int] = []
+
+
+async def count_threads(x: int) -> int:
+    THREADS_SEEN.append(threading.active_count())
+    await asyncio.sleep(0.001)
+    return x
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="redis/port.py RedisIO.open_ports: each coroutine worker of an async stage waits "
+    "for Redis in a thread of its own (a ThreadPoolExecutor of `workers` threads), so "
+    "workers=300 starts 300 threads (1000 workers: 1000 threads, and 5000 items of 10 ms "
+    "take 9.7 s against 0.16 s on one machine); docs/guides/async.md promises hundreds of "
+    "calls in flight for one thread",
+)
+def test_an_async_stage_on_redis_waits_for_hundreds_of_calls_with_a_few_threads(
+    redis_server: RedisServer,
+) -> None:
+    THREADS_SEEN.clear()
+    before = threading.active_count()
+    pipeline = cv.Pipeline(range(1000)).map(count_threads, runtime="async", workers=300)
+    backend = RedisBackend(redis_server.url, namespace=new_namespace(), local_workers=True)
+    assert pipeline.run(backend=backend, collect=True).outputs == list(range(1000))
+    assert max(THREADS_SEEN) - before < 50, f"{max(THREADS_SEEN) - before} threads more"
+
+
 # ---------------------------------------------------------------------- long-lived runs
 
 

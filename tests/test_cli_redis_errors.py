@@ -8,11 +8,12 @@ redis-server from the fixtures.
 
 from __future__ import annotations
 
+import select
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -169,6 +170,24 @@ def worker_of(project: Path) -> Iterator[object]:
     for proc in started:
         proc.kill()
         proc.wait()
+
+
+def test_a_worker_says_what_it_serves_once_ready(
+    worker_of: Callable[..., subprocess.Popen[str]], redis_server: RedisServer
+) -> None:
+    """It said nothing until something went wrong: was it connected, serving what?"""
+    proc = worker_of(redis_server.url, "--workers", "inc=3", "--namespace", "told")
+    assert proc.stderr is not None
+    line = "loaded"  # the module's own line comes first
+    while line == "loaded":
+        ready, _, _ = select.select([proc.stderr], [], [], 30.0)
+        assert ready, "no line within 30 s"
+        line = proc.stderr.readline().rstrip("\n")
+    assert line.endswith(
+        f"conveyor: worker serving 'inc' x3 from {redis_server.url} (namespace 'told'); "
+        "SIGTERM or Ctrl-C stops it"
+    ), line
+    assert_stops_cleanly_on_sigterm(proc)
 
 
 def assert_stops_cleanly_on_sigterm(proc: subprocess.Popen[str]) -> None:

@@ -47,7 +47,7 @@ from ..stage import Stage
 from .codec import secret_from
 from .port import RedisIO, RunDirectory, WorkerLink
 from .state import read_state
-from .streams import Keys, Retrier, connect, pipeline_id
+from .streams import Keys, Retrier, connect, pipeline_id, redact
 
 __all__ = ["Worker", "serve"]
 
@@ -267,8 +267,18 @@ class Worker:
             if self.stopped.is_set() and self.control.error is None:
                 return  # stopped while connecting: nothing was started
             raise
+        # Said once ready: a worker is otherwise silent until something goes wrong.
+        log.info("conveyor: %s", self.describe())
         wait_interruptibly(self.stopped.wait, None)
         self.join(30.0)
+
+    def describe(self) -> str:
+        """What this worker serves, and where: one line."""
+        served = ", ".join(f"{self.stages[i].name!r} x{self._counts[i]}" for i in self.served)
+        return (
+            f"worker serving {served} from {redact(self.url)} (namespace {self.namespace!r}); "
+            "SIGTERM or Ctrl-C stops it"
+        )
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.stopped.is_set():

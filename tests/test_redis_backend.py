@@ -328,8 +328,9 @@ def as_set(x: int) -> set[int]:
     reason="redis/port.py RedisPort._records: an output the run's codec cannot encode "
     "(codec='json' and a set) is nacked like a stage failure and delivered again until "
     "it is a dead letter (DeadLettersError after max_deliveries x visibility_timeout), "
-    "with the codec's own TypeError, whatever on_error says; docs/errors.md promises a "
-    "SerializationError naming the stage, recorded in result.failures with on_error='skip'",
+    "with the codec's own TypeError, whatever on_error says; it should be a "
+    "SerializationError naming the stage, recorded in result.failures with on_error='skip' "
+    "(as a source item the codec cannot carry fails at once)",
 )
 def test_an_output_the_codec_cannot_carry_is_a_serialization_error_that_skip_records(
     redis_server: RedisServer,

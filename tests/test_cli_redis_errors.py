@@ -43,6 +43,7 @@ def inc(x):
     return x + 1
 
 pipeline = cv.Pipeline(range(10)).map(inc)
+grouped = cv.Pipeline(range(10)).batch(3).map(len)
 print("loaded", file=sys.stderr, flush=True)
 
 
@@ -288,6 +289,8 @@ BAD_OPTIONS = [
     # Options of a run on Redis, given without --redis: they were ignored without a word.
     (["run", "app:pipeline", "--run-id", "abc"], "--run-id"),
     (["run", "app:pipeline", "--namespace", "mine"], "--namespace"),
+    # A batch stage has no workers option: with_stage's TypeError went up as a traceback.
+    (["run", "app:grouped", "--workers", "batch=3"], "--workers"),
     # The driver of a run on Redis runs no stage: the count was ignored.
     (["run", "app:pipeline", "--redis", "redis://h", "--workers", "inc=4"], "--workers"),
     # A path or a relative name: it was imported as one, a traceback and exit code 1.

@@ -123,6 +123,13 @@ def apply_overrides(pipeline: Pipeline[Any], overrides: Sequence[tuple[str, int]
         click.BadParameter: no stage has that name, or the stage refuses the value.
     """
     for stage, workers in overrides:
+        if any(s.name == stage and s.kind == "batch" for s in pipeline.stages):
+            # with_stage() would refuse the keyword itself, a TypeError.
+            raise click.BadParameter(
+                f"stage {stage!r} is a batch stage, which has one worker; give the "
+                "workers of a map, filter, flat_map or each stage",
+                param_hint="'--workers'",
+            )
         try:
             pipeline = pipeline.with_stage(stage, workers=workers)
         except ConfigurationError as exc:

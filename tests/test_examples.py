@@ -174,6 +174,17 @@ def test_the_crawler_and_its_plain_asyncio_version_find_the_same(
     assert by_pipeline.retries == by_gather.retries == 3 * 2 + 3
 
 
+def test_csv_to_sqlite_refuses_a_missing_csv_and_a_negative_row_count(tmp_path: Path) -> None:
+    """A missing CSV was a FileNotFoundError traceback; --rows -5 "generated -5 rows"."""
+    missing = run_example("csv_to_sqlite.py", tmp_path / "nowhere.csv")
+    assert missing.returncode == 2, missing.stderr
+    assert "nowhere.csv: no such file" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    negative = run_example("csv_to_sqlite.py", "--rows", "-5")
+    assert negative.returncode == 2, negative.stderr
+    assert "--rows must be at least 1, got -5" in negative.stderr
+
+
 # --------------------------------------------------------------------- checksums.py
 
 

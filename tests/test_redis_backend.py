@@ -395,6 +395,29 @@ def test_an_async_stage_on_redis_waits_for_hundreds_of_calls_with_a_few_threads(
     assert max(THREADS_SEEN) - before < 50, f"{max(THREADS_SEEN) - before} threads more"
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="redis/port.py, redis/backend.py: a worker without the pickle codec's secret key "
+    "logs 'not serving it' on its own stderr, while the driver waits forever and, after "
+    "10 s of quiet, says 'no worker serves <stage>: start conveyor worker' although one "
+    "runs; the run should end with a BackendError saying the workers lack the key",
+)
+def test_a_pickle_run_whose_workers_lack_the_key_fails_saying_so(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CONVEYOR_SECRET_KEY", raising=False)
+    namespace = new_namespace()
+    pipeline = cv.Pipeline(range(5)).map(triple)
+    backend = RedisBackend(redis_server.url, namespace=namespace, codec="pickle", secret_key=SECRET)
+    with serving(pipeline, redis_server.url, namespace):  # no key
+        handle = pipeline.start(backend=backend)
+        try:
+            with pytest.raises(cv.BackendError, match="secret key"):
+                handle.join(timeout=15.0)
+        finally:
+            handle.stop()
+
+
 # ---------------------------------------------------------------------- long-lived runs
 
 

@@ -117,6 +117,19 @@ def test_every_command_that_redis_answers_with_an_error_ends_with_one_line_and_e
     assert line == f"conveyor: Redis at {url} answered ResponseError: DB index is out of range"
 
 
+def test_a_run_on_redis_refusing_the_password_ends_with_one_line_and_exit_1(
+    project: Path, redis_server_factory: RedisServerFactory
+) -> None:
+    """conveyor's own BackendError went out with the traceback of conveyor's internals."""
+    server = redis_server_factory(password="right")
+    url = server.url.replace(":right@", ":wrong@")
+    done, _ = conveyor("run", "app:pipeline", "--no-progress", "--redis", url, cwd=project)
+    assert done.returncode == 1, done.stderr
+    (line,) = lines(done.stderr)
+    assert line.startswith("conveyor: the run failed: BackendError: Redis at redis://:***@")
+    assert "refused the credentials" in line
+
+
 def test_debug_adds_the_traceback(project: Path) -> None:
     done, _ = conveyor(
         "status", "app:pipeline", "--redis", UNREACHABLE, "--connect-timeout", "0.2", "--debug",

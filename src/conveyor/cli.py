@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from .cliparams import NAME, REDIS_URL, SECONDS
-from .errors import BackendUnavailable, ConfigurationError
+from .errors import BackendError, BackendUnavailable, ConfigurationError, DeadLettersError
 
 # load_pipeline is in __all__ too: callers of conveyor.cli.load_pipeline keep working.
 from .loading import PipelineLoadError, load_pipeline, parse_overrides
@@ -37,6 +37,7 @@ from .redis.cli import (
     EXIT_REDIS_UNREACHABLE,
     RedisRefused,
     RedisUnreachable,
+    RunCannotGoOn,
     connection_options,
     exit_failed,
     print_exception,
@@ -351,6 +352,10 @@ def _run_on_redis(
         raise
     except BackendUnavailable as exc:
         raise RedisUnreachable(exc, where.debug) from exc
+    except DeadLettersError as exc:  # its cause is the user's exception: show its traceback
+        _exit_run_failed(exc)
+    except BackendError as exc:  # conveyor's own reason: its traceback says nothing useful
+        raise RunCannotGoOn(exc, where.debug) from exc
     except Exception as exc:
         if refused_by_redis(exc):
             raise RedisRefused.of(exc, where.url, where.debug) from exc

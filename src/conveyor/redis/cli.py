@@ -32,6 +32,7 @@ __all__ = [
     "EXIT_REDIS_UNREACHABLE",
     "RedisRefused",
     "RedisUnreachable",
+    "RunCannotGoOn",
     "cancel_command",
     "dlq_group",
     "exit_failed",
@@ -90,6 +91,18 @@ class RedisRefused(_RedisProblem):
         from .streams import redact
 
         return cls(error, debug, f"Redis at {redact(url)} answered {type(error).__name__}: {error}")
+
+
+class RunCannotGoOn(_RedisProblem):
+    """Raised when a run on Redis ends for a reason of conveyor's own, not the user's
+    code (its keys were deleted or lost, Redis refused the credentials): one line,
+    ``conveyor: the run failed: TYPE: message``, exit code `EXIT_PIPELINE_ERROR`;
+    ``--debug`` shows the traceback too."""
+
+    exit_code = EXIT_PIPELINE_ERROR
+
+    def __init__(self, error: BaseException, debug: bool = False) -> None:
+        super().__init__(error, debug, f"the run failed: {type(error).__name__}: {error}")
 
 
 def refused_by_redis(exc: BaseException) -> bool:

@@ -278,6 +278,8 @@ def test_a_worker_whose_on_start_raises_exits_1_with_the_users_traceback_and_one
 
 # ---------------------------------------------------------------------- option checks
 
+METRICS_ON_A_BAD_ADDRESS = ["--metrics-addr", "999.1.1.1", "--metrics-port", "0"]
+
 BAD_OPTIONS = [
     (["run", "app:pipeline", "--stall-timeout", "0"], "--stall-timeout"),
     (["run", "app:pipeline", "--stall-timeout", "nan"], "--stall-timeout"),
@@ -306,6 +308,11 @@ BAD_OPTIONS = [
     (["run", "app:grouped", "--workers", "batch=3"], "--workers"),
     # The driver of a run on Redis runs no stage: the count was ignored.
     (["run", "app:pipeline", "--redis", "redis://h", "--workers", "inc=4"], "--workers"),
+    # An address to serve metrics on that this machine does not have: named --metrics-port.
+    (
+        [*["worker", "app:pipeline", "--redis", "redis://h"], *METRICS_ON_A_BAD_ADDRESS],
+        "--metrics-addr",
+    ),
     # A path or a relative name: it was imported as one, a traceback and exit code 1.
     (["run", "../app:pipeline"], "MODULE:ATTR"),
     (["status", ".app:pipeline", "--redis", "redis://h"], "MODULE:ATTR"),

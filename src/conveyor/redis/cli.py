@@ -282,7 +282,9 @@ def _serve_metrics(worker: Any, target: str, port: int | None, addr: str) -> Ite
     try:
         exporter = PrometheusExporter(port, addr=addr, pipeline=target)
     except ConfigurationError as exc:
-        raise click.BadParameter(str(exc), param_hint="'--metrics-port'") from None
+        # The port in use, or an address this machine does not have: the message says which.
+        hint = "'--metrics-addr' / '--metrics-port'"
+        raise click.BadParameter(str(exc), param_hint=hint) from None
     logging.getLogger("conveyor").info(
         "conveyor: serving metrics on http://%s:%d/metrics", addr, exporter.port
     )

@@ -39,6 +39,11 @@ def spread(x: int) -> list[int]:
     return [x, -x] if x % 2 else [x]
 
 
+def tripled() -> cv.Pipeline[int]:
+    """One stage over 50 items, for the command line."""
+    return cv.Pipeline(range(50)).map(triple)
+
+
 def three_stages(n: int = 20_000) -> cv.Pipeline[int]:
     """map -> filter -> flat_map, the end-to-end test's pipeline."""
     return (

@@ -418,6 +418,60 @@ def test_a_pickle_run_whose_workers_lack_the_key_fails_saying_so(
             handle.stop()
 
 
+GATE = threading.Event()
+ENTERED = threading.Event()
+WAIT_FOR_GATE = 30.0
+
+
+def held_at_the_gate(x: int) -> int:
+    ENTERED.set()
+    GATE.wait(WAIT_FOR_GATE)
+    return x
+
+
+# A race (the worker's poll of the deleted stream against its noticing that the run is
+# gone): it shows in most runs of this test (5 in 6 here), and when it does, the second
+# run times out and the worker's join re-raises the ResponseError. Not strict (as the
+# contract suite's `Intermittent` gaps), for the runs where the worker wins the race.
+@pytest.mark.xfail(
+    strict=False,
+    raises=(TimeoutError, redis.ResponseError),
+    reason="redis/port.py RedisPort._has_room: a stage held back by its output stream's "
+    "limit polls that stream's backlog; once the run is cancelled (or has finished and "
+    "its keys are deleted) the script fails with 'ResponseError: no such key' and the "
+    "whole worker stops: `conveyor worker` exits 1 at the end of a run with a small "
+    "RedisBackend(limit=...), about 1 run in 15 (limit=2, 200 items fanned out by 5), and "
+    "every later run waits for a worker that is gone",
+)
+def test_a_worker_held_back_by_a_limit_survives_its_run_being_cancelled(
+    redis_server: RedisServer, closing: Callable[[Any], Any]
+) -> None:
+    GATE.clear()
+    ENTERED.clear()
+    namespace = new_namespace()
+    pipeline = cv.Pipeline(range(20)).map(triple, name="first").map(held_at_the_gate)
+    backend = closing(RedisBackend(redis_server.url, namespace=namespace, limit=1, run_id="held"))
+    with serving(pipeline, redis_server.url, namespace) as worker:
+        handle = pipeline.start(backend=backend)
+        try:
+            assert ENTERED.wait(WAIT_FOR_GATE)
+            # With limit=1, the entry at the gate fills the output stream of 'first':
+            # from its first hand-off on, 'first' is held back, polling for room.
+            wait_until(lambda: worker.stats()[0].items_out >= 1, "'first' to hand on")
+        finally:
+            handle.stop()
+        backend.cancel(pipeline, "held")  # its keys are gone (stop() may have deleted them)
+        GATE.set()
+        # The worker serves on: a new run of the pipeline completes.
+        again = closing(RedisBackend(redis_server.url, namespace=namespace))
+        done = pipeline.start(backend=again, collect=True)
+        try:
+            assert done.join(timeout=10.0).outputs == [x * 3 for x in range(20)]
+        finally:
+            done.stop()
+        assert not worker.stopped.is_set()
+
+
 # ---------------------------------------------------------------------- long-lived runs
 
 

@@ -762,6 +762,8 @@ class _Worker:
                 self._retire(graceful=True)
                 child = None
             if child is None:
+                if self.sr.control.stopped.is_set():
+                    raise ShutDown  # aborted (while this lane waited for the lock, say)
                 child = self.child = self._start_child()
             return child
 

@@ -59,6 +59,28 @@ def hang_until_released(folder: str, x: int) -> int:
     return x
 
 
+def wait_for_file(path: Path) -> None:
+    """Wait (bounded) until a worker interpreter writes ``path``: no event reaches here
+    from another interpreter's call."""
+    deadline = time.monotonic() + WAIT
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} never came"
+        time.sleep(0.01)
+
+
+def stop_once_hung(handle: cv.RunHandle, folder: str) -> tuple[cv.RunResult, float]:
+    """Stop the run once a call hangs in `hang_until_released`, then release the call;
+    return the run's result and how long stop() took to end the run."""
+    try:
+        wait_for_file(Path(folder, "hung"))
+        stopping = time.monotonic()
+        handle.stop()
+        result = handle.join(WAIT)
+        return result, time.monotonic() - stopping
+    finally:
+        Path(folder, "release").touch()
+
+
 def only_the_main_interpreter_is_left() -> bool:
     """Whether every interpreter but the main one has been closed."""
     from concurrent import interpreters  # type: ignore[import-not-found,unused-ignore]
@@ -194,30 +216,11 @@ def test_stop_does_not_wait_for_a_call_in_progress_which_ends_on_its_own(tmp_pat
 
     before = set(threading.enumerate())
     handle = cv.Pipeline(range(3)).map(hang, runtime="interpreter").start()
-    try:
-        deadline = time.monotonic() + WAIT
-        while not Path(folder, "hung").exists():  # another interpreter: no event reaches here
-            assert time.monotonic() < deadline, "the call never started"
-            time.sleep(0.01)
-        stopping = time.monotonic()
-        handle.stop()
-        result = handle.join(WAIT)
-        took = time.monotonic() - stopping
-    finally:
-        Path(folder, "release").touch()
+    result, took = stop_once_hung(handle, folder)
     assert result.stopped
     assert took < 2.0, f"stop() took {took:.1f} s: it waited for the call"
     assert join_new_threads(before) == []
     assert only_the_main_interpreter_is_left()
-
-
-def wait_for_file(path: Path) -> None:
-    """Wait (bounded) until a worker interpreter writes ``path``: no event reaches here
-    from another interpreter's call."""
-    deadline = time.monotonic() + WAIT
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path.name} never came"
-        time.sleep(0.01)
 
 
 def fail_on_0(x: int) -> int:
@@ -273,15 +276,7 @@ def test_a_stop_with_on_start_stuck_names_the_stage_as_a_stuck_thread_is(
 
     before = set(threading.enumerate())
     pipeline = cv.Pipeline(range(3)).map(abs, runtime="interpreter", on_start=start, name="slow")
-    handle = pipeline.start()
-    try:
-        wait_for_file(tmp_path / "hung")
-        stopping = time.monotonic()
-        handle.stop()
-        result = handle.join(WAIT)
-        took = time.monotonic() - stopping
-    finally:
-        Path(folder, "release").touch()
+    result, took = stop_once_hung(pipeline.start(), folder)
     assert result.stopped
     assert took < 1.0, f"stop() took {took:.2f} s"
     assert (

@@ -135,18 +135,21 @@ class _Interpreter:
 
     def _run(self, fd: int) -> None:
         code = 1
+        calling = False
         try:
-            if self._start_up():
+            # Stopped while it was starting up, it calls nothing: no user code has run.
+            calling = self._start_up()
+            if calling:
                 self._interpreter.call(
                     interpreter_main, self._target, fd, self._blob, tuple(sys.path)
                 )
-            else:  # stopped while it was starting up: nothing of the stage has run
-                os.close(fd)
             code = 0
         except BaseException:  # it escaped the worker: shown as a worker process's would be
             if not self._stopped:  # else: its socket, shut down under it
                 traceback.print_exc()
         finally:
+            if not calling:  # else the interpreter's connection owns (and closes) it
+                os.close(fd)
             with self._lock:
                 self.exitcode = code
                 close = self._closed
@@ -164,8 +167,8 @@ class _Interpreter:
             return self._calling
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait up to ``timeout`` s for the interpreter to end; at once once it is stopped
-        (terminated or killed): its call, if any, cannot be stopped."""
+        """Wait up to ``timeout`` s for the interpreter to end; not at all once it is
+        stopped (terminated or killed): its call, if any, cannot be stopped."""
         assert self._thread is not None
         if not self._stopped:
             self._thread.join(timeout)

@@ -81,6 +81,11 @@ def stop_once_hung(handle: cv.RunHandle, folder: str) -> tuple[cv.RunResult, flo
         Path(folder, "release").touch()
 
 
+def fds() -> int:
+    """How many file descriptors this process has open."""
+    return len(os.listdir("/proc/self/fd"))
+
+
 def only_the_main_interpreter_is_left() -> bool:
     """Whether every interpreter but the main one has been closed."""
     from concurrent import interpreters  # type: ignore[import-not-found,unused-ignore]
@@ -252,7 +257,8 @@ def test_a_stage_error_while_other_interpreters_start_up_claims_nothing_is_stuck
 def test_a_stop_while_the_interpreters_start_up_returns_at_once_naming_nothing(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    before = set(threading.enumerate())
+    list(cv.Pipeline(range(3)).map(abs, runtime="interpreter"))  # imports, caches: once
+    before, before_fds = set(threading.enumerate()), fds()
     handle = cv.Pipeline(range(100)).map(abs, workers=2, runtime="interpreter").start()
     stopping = time.monotonic()
     handle.stop()  # conveyor's imports in a new interpreter take 0.1 s at least
@@ -263,6 +269,7 @@ def test_a_stop_while_the_interpreters_start_up_returns_at_once_naming_nothing(
     assert "left behind" not in caplog.text
     assert join_new_threads(before) == []
     assert only_the_main_interpreter_is_left()
+    assert fds() == before_fds  # the sockets of interpreters that never called the worker too
 
 
 @needs_interpreters
@@ -386,9 +393,6 @@ def test_an_interpreter_stages_cpu_time_and_busy_time_are_its_interpreters() -> 
 
 @needs_interpreters
 def test_runs_leave_no_interpreter_thread_or_file_descriptor_behind() -> None:
-    def fds() -> int:
-        return len(os.listdir("/proc/self/fd"))
-
     list(cv.Pipeline(range(3)).map(abs, runtime="interpreter"))  # imports, caches: once
     before_threads = set(threading.enumerate())
     before_fds = fds()

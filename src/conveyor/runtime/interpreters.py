@@ -223,6 +223,7 @@ class _Interpreter:
 
 _START_UP = "import sys; sys.path[:] = path; import conveyor.runtime._child"
 """Run in a new interpreter before the worker: conveyor's imports, where the parent finds them."""
+_DRAIN_SIZE = 1 << 16  # what one read takes of the messages thrown away
 
 
 def _shut(sock: socket.socket) -> None:
@@ -235,12 +236,10 @@ def _shut(sock: socket.socket) -> None:
             pass
 
 
-_DRAIN_SIZE = 1 << 16
-
-
 class _Context:
     """Where the process runtime starts its workers: here, in interpreters. It keeps the
-    interpreters not given up, for the runtime's join to wait for those still in a call."""
+    interpreters that have not ended, for the runtime's join to wait for those stopped
+    inside a call."""
 
     Pipe = staticmethod(multiprocessing.Pipe)
 

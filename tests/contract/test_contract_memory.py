@@ -62,28 +62,30 @@ def lanes(runner: Runner) -> int:
     return 2 if runner.runtime in ("process", "interpreter") else 1
 
 
-def bound_in_items(budget: int, workers: int) -> int:
-    """The most items in flight docs/design.md promises for one ``map`` stage (N = 1).
+def bound_in_items(budget: int, stages: int, batches: int) -> int:
+    """The most items in flight docs/design.md promises for ``stages`` map stages.
 
-    ``k`` items per share (one when an item is larger than a share) in each
-    of the N + 1 channels, in each worker's batch (each lane of a process
-    worker), in the caller's chunk, plus the one item the feeder has pulled.
+    ``k`` items per share of ``budget // (stages + 1)`` (one when an item is
+    larger than a share) in each of the stages + 1 channels, in each of the
+    ``batches`` workers' batches (each lane of a process worker counts), in
+    the caller's chunk, plus the one item the feeder has pulled.
     """
-    k = max(1, budget // 2 // SIZE)
-    return k * (2 + workers + 1) + 1
+    k = max(1, budget // (stages + 1) // SIZE)
+    return k * (stages + 1 + batches + 1) + 1
 
 
+@pytest.mark.parametrize("stages", [1, 2])
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("budget", [1024 * 1024, 1000], ids=["1MiB", "under-one-item"])
 def test_max_bytes_bounds_the_bytes_in_flight_and_loses_nothing(
-    runner: Runner, budget: int, workers: int
+    runner: Runner, budget: int, workers: int, stages: int
 ) -> None:
     # workers=2 (and a process worker's two lanes) make an ordered stage's reorder
     # window: outputs waiting for a slow batch must stay within the bound too.
     source = CountingSource()
-    pipeline = cv.Pipeline(source).map(
-        runner.fn(passed_on), runtime=runner.runtime, workers=workers
-    )
+    pipeline = cv.Pipeline(source)
+    for _ in range(stages):
+        pipeline = pipeline.map(runner.fn(passed_on), runtime=runner.runtime, workers=workers)
     if runner.on_redis:
         with pytest.raises(cv.ConfigurationError, match=r"'max_bytes'.*RedisBackend"):
             runner.run(pipeline, max_bytes=budget)
@@ -94,7 +96,7 @@ def test_max_bytes_bounds_the_bytes_in_flight_and_loses_nothing(
         received.append(item[:4])
         source.receive()
     assert received == [i.to_bytes(4, "big") for i in range(ITEMS)]  # all, in order
-    assert source.peak <= bound_in_items(budget, workers * lanes(runner))
+    assert source.peak <= bound_in_items(budget, stages, stages * workers * lanes(runner))
     assert source.peak * SIZE < ITEMS * SIZE / 3  # far from the whole input
 
 

@@ -260,7 +260,9 @@ class Run:
             n = 0
             try:
                 for item in islice(source, room):
-                    # Never blocks: the feeder is channel 0's only producer and saw the room.
+                    # Never waits for a slot: the feeder is channel 0's only producer and
+                    # saw the room. Under a byte budget it waits for the item's bytes to
+                    # fit: the one item pulled ahead that docs/design.md counts.
                     put(item)
                     n += 1
                     if self._source_stopped:  # read without the lock: _end_pull decides
@@ -290,7 +292,9 @@ class Run:
                 t0 = perf_counter()
                 chunk = list(islice(source, n))
                 if chunk:
-                    # Never blocks: the feeder is channel 0's only producer and saw the room.
+                    # Never waits for a slot: the feeder is channel 0's only producer and
+                    # saw the room. Under a byte budget it waits for each item's bytes,
+                    # which the in-memory source holds anyway: the chunk adds none.
                     handle.put_many(chunk)
                     self.pulled += len(chunk)
             finally:

@@ -26,6 +26,7 @@ from ..backends import Backend
 from ..engine import ABORT_WAIT
 from ..errors import (
     BackendError,
+    BackendUnavailable,
     ConfigurationError,
     ConfigurationTypeError,
     DeadLettersError,
@@ -770,6 +771,13 @@ class _DriverRun:
                 if lost is exc:
                     raise
                 raise lost from exc
+            feed_error = self._feed_error
+            if _gave_up_first(feed_error, exc):
+                # The feeder gave up on Redis first and stopped the retries both share:
+                # its error names the URL and the cause; the driver's is a bare one.
+                assert feed_error is not None
+                self._say_left(f"left in Redis ({type(feed_error).__name__})")
+                raise feed_error from exc
             if exc is self._feed_error and not _is_redis_error(exc):
                 # As on one machine, a failing source ends the run: nothing stays behind.
                 add_note(exc, f"conveyor: the source failed; run {self.keys.run!r} was deleted")
@@ -1095,6 +1103,18 @@ def _stages(pipeline: Any) -> tuple[Stage, ...]:
     if not stages:
         raise ConfigurationError("the pipeline has no stage: add .map(), .each(), ...")
     return stages
+
+
+def _gave_up_first(feed_error: BaseException | None, exc: BaseException) -> bool:
+    """Whether ``exc``, a bare connection error of the driver, only follows the feeder's
+    `BackendUnavailable` (which stopped the retries the two share)."""
+    import redis
+
+    return (
+        isinstance(feed_error, BackendUnavailable)
+        and exc is not feed_error
+        and isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
+    )
 
 
 def _is_redis_error(exc: BaseException | None) -> bool:

@@ -38,6 +38,7 @@ from ..policy import add_note
 from ..remote import ExceptionRecord, rebuild
 from ..stage import Failure, Stage
 from ..validate import check_bool, check_choice, check_int, check_seconds, check_str
+from .budget import fitting, record_cost, wait_for_room
 from .codec import (
     CODECS,
     Codec,
@@ -163,6 +164,8 @@ class RedisBackend(Backend):
         ... # doctest: +SKIP
     """
 
+    bounds_bytes = True
+
     def __init__(
         self,
         url: str,
@@ -251,7 +254,12 @@ class RedisBackend(Backend):
         return Keys(self.namespace, pipeline_id(_stages(pipeline)), run_id)
 
     def _info(
-        self, keys: Keys, stages: tuple[Stage, ...], ordered: bool, paths: bool = True
+        self,
+        keys: Keys,
+        stages: tuple[Stage, ...],
+        ordered: bool,
+        paths: bool = True,
+        max_bytes: int | None = None,
     ) -> RunInfo:
         # A batch stage holds its input entries until a group is full: a default
         # limit below its size would stop its producers for good (see `check`).
@@ -269,6 +277,7 @@ class RedisBackend(Backend):
             limits=tuple(limits),
             batch=self.batch_size,
             tombstones_to=_tombstone_streams(stages) if paths else (),
+            max_bytes=max_bytes,
         )
 
     def _create_or_attach(self, keys: Keys, info: RunInfo, retry: Retrier) -> tuple[RunInfo, bool]:
@@ -300,6 +309,7 @@ class RedisBackend(Backend):
         progress: bool = False,
         report: str | PathLike[str] | None = None,
         stop: threading.Event | None = None,
+        max_bytes: int | None = None,
     ) -> RunResult:
         """Run ``pipeline`` to completion through Redis (what ``pipeline.run(backend=...)`` does).
 
@@ -314,6 +324,12 @@ class RedisBackend(Backend):
             report: write a self-contained HTML report of the run there at
                 the end (also when it fails), as for a run in one process;
                 its charts come from the same reads of the counters.
+            stop: set from another thread to stop the run (it stays in Redis).
+            max_bytes: a budget in bytes for what the run's streams hold: each
+                of the N stages' input streams and the final stream gets
+                ``max_bytes // (N + 1)`` of the entries' bytes (see
+                docs/distributed.md); the workers read it from the run's
+                settings. A resumed run keeps the budget it was created with.
 
         Returns:
             A `RedisRunResult`.
@@ -326,7 +342,7 @@ class RedisBackend(Backend):
         from ..report import check_report_path
 
         report_path = None if report is None else check_report_path(report, "run()")
-        run = self._new_run(pipeline)
+        run = self._new_run(pipeline, max_bytes)
         run.halt = stop
         outputs: list[Any] | None = [] if collect else None
         watcher: ProgressWatcher | None = None
@@ -346,7 +362,7 @@ class RedisBackend(Backend):
             self._finish(run, watcher, report_path, result, error)
         return result
 
-    def _new_run(self, pipeline: Any) -> _DriverRun:
+    def _new_run(self, pipeline: Any, max_bytes: int | None = None) -> _DriverRun:
         """Create (or resume) the run of ``pipeline`` in Redis, as its driver; start the
         local workers, if any."""
         stages = _stages(pipeline)
@@ -354,7 +370,8 @@ class RedisBackend(Backend):
         keys = self.keys(pipeline, run_id)
         last = stages[-1]
         ordered = last.ordered and last.kind != "each"
-        run = _DriverRun(self, pipeline, keys, self._info(keys, stages, ordered))
+        info = self._info(keys, stages, ordered, max_bytes=max_bytes)
+        run = _DriverRun(self, pipeline, keys, info)
         run.local_worker = self._start_local_workers(pipeline)
         return run
 
@@ -424,13 +441,16 @@ class RedisBackend(Backend):
             redis_options=self.redis_options,
         ).start()
 
-    def iterate(self, pipeline: Any, *, progress: bool = False) -> Generator[Any, None, None]:
+    def iterate(
+        self, pipeline: Any, *, progress: bool = False, max_bytes: int | None = None
+    ) -> Generator[Any, None, None]:
         """Run ``pipeline`` and yield the last stage's outputs as they come.
 
         Args:
             pipeline: the pipeline; its workers run ``conveyor worker`` (or
                 threads of this process, with ``local_workers``).
             progress: as for `run`.
+            max_bytes: as for `run`.
 
         Outputs reach the caller at least once: leaving the loop early (or
         dying) leaves the run in Redis, to be resumed with the same
@@ -438,7 +458,7 @@ class RedisBackend(Backend):
         outputs of the last chunk read, from the first one this loop had not
         come back after (at most 1000 outputs seen twice).
         """
-        run = self._new_run(pipeline)
+        run = self._new_run(pipeline, max_bytes)
         watcher = self._watch(pipeline, run, True) if progress else None
         outputs = run.outputs()
         error: BaseException | None = None
@@ -627,6 +647,8 @@ class _DriverRun:
             output_capacity=FEED_CHUNK,
             abort_wait=ABORT_WAIT / 2,
             skip=already_fed,
+            # Under a byte budget, what the feeder has pulled is one stream's share at most.
+            max_bytes=self.info.share,
         )
         self._feeder = threading.Thread(
             target=self._feed,
@@ -664,24 +686,56 @@ class _DriverRun:
             if ordered or self.reordering:
                 self._wait_for_window(fed)
             chunk = next(chunks, [])
-            # After the last chunk, a call with no records marks the source done.
-            args: list[Any] = ["fed", fed, "" if chunk else "1"]
+            records = []
             for j, value in enumerate(chunk):
                 fields = encode(value)
                 if paths:
                     fields += [b"q", dump_path([fed + j])]
-                args += [len(fields), *fields]
-            length = self.retry(
-                self.scripts.feed, keys=[stream, keys.counters, keys.meta], args=args
-            )
-            if length == -1:
-                raise self._lost()
-            if length == -2:
-                self._check_fed(fed + len(chunk))
-                length = 0
+                records.append(fields)
+            # After the last chunk, a call with no records marks the source done.
+            for part in self._parts(records) if records else [[]]:
+                if not self._room_for(part):
+                    return  # stopped while the first stream was full
+                args: list[Any] = ["fed", fed, "" if part else "1"]
+                for fields in part:
+                    args += [len(fields), *fields]
+                length = self.retry(
+                    self.scripts.feed, keys=[stream, keys.counters, keys.meta], args=args
+                )
+                if length == -1:
+                    raise self._lost()
+                if length == -2:
+                    self._check_fed(fed + len(part))
+                    length = 0
+                fed += len(part)
             if not chunk:
                 return
-            fed += len(chunk)
+
+    def _parts(self, records: list[list[Any]]) -> list[list[list[Any]]]:
+        """A chunk's records in parts of at most a stream's share of the byte budget
+        (one record at least); the whole chunk without a budget."""
+        share = self.info.share
+        if share is None:
+            return [records]
+        parts = []
+        sizes = [record_cost(fields) for fields in records]
+        while records:
+            n = fitting(sizes, share)
+            parts.append(records[:n])
+            records, sizes = records[n:], sizes[n:]
+        return parts
+
+    def _room_for(self, part: list[list[Any]]) -> bool:
+        """Wait until the first stream has room for ``part`` in the byte budget (at once
+        without one); False if the run stopped first."""
+        if self.info.share is None or not part:
+            return True
+        need = sum(record_cost(fields) for fields in part)
+        reader = self.info.reader(0)
+        return wait_for_room(
+            self.scripts, self.retry, self.keys.stream(0), self.keys.counters, reader,
+            need, self.stopped,
+        )  # fmt: skip
 
     def _check_fed(self, expected: int) -> None:
         """After a lost reply: the chunk went in (fine), or Redis lost acknowledged writes."""
@@ -1137,6 +1191,8 @@ def _create(client: Any, keys: Keys, info: RunInfo) -> None:
     """Write the run's settings, streams and groups, and register it (once)."""
     pipe = client.pipeline(transaction=True)
     pipe.hset(keys.meta, mapping=info.to_meta())
+    if info.share is not None:
+        pipe.hset(keys.counters, "budget", info.share)  # read by the scripts (budget.py)
     for i in range(len(info.stages) + 1):
         group = WORKER_GROUP if i < len(info.stages) else DRIVER_GROUP
         pipe.xgroup_create(keys.stream(i), group, id="0", mkstream=True)

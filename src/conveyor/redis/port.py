@@ -51,10 +51,10 @@ from ..remote import capture
 from ..runtime.base import RunControl
 from ..runtime.ports import Port, StageIO
 from ..stage import Stage
+from .budget import entry_cost, fitting, has_room, need_of, wait_for_room
 from .codec import Codec, child_path, encode_failure, get_codec, key_check, load_path
 from .state import RunInfo, find_runs, load_info, read_state
 from .streams import (
-    DRIVER_GROUP,
     MAX_POLL_SECONDS,
     WORKER_GROUP,
     Keys,
@@ -292,6 +292,9 @@ class RedisPort(Port):
         if found is None:
             return []
         ctx, got = found
+        share = ctx.info.share
+        if share is not None:  # a batch of at most a share of input bytes (one item at least)
+            n = fitting([entry_cost(e[1]) for e, _ in got[:n]], share)
         chunk = got[:n]
         del got[:n]
         self._run = ctx
@@ -410,12 +413,34 @@ class RedisPort(Port):
         backlog = self.retry(
             self.scripts.backlog, keys=[keys.stream(i + 1)], args=_output_backlog(ctx.info, i)
         )
-        if backlog < ctx.info.limits[i + 1]:
+        if backlog < ctx.info.limits[i + 1] and self._bytes_room(ctx, 0):
             ctx.blocked_until.pop(i, None)
             ctx.block_delay.pop(i, None)
             return True
         self._block(ctx)
         return False
+
+    def _bytes_room(self, ctx: RunContext, need: int) -> bool:
+        """Whether the output stream has room for ``need`` bytes in the run's byte budget
+        (always without one)."""
+        if ctx.info.max_bytes is None:
+            return True
+        keys, out = ctx.info.keys, self.index + 1
+        reader = ctx.info.reader(out)
+        return has_room(self.scripts, self.retry, keys.stream(out), keys.counters, reader, need)
+
+    def _wait_for_room(self, ctx: RunContext, records: list[Any]) -> bool:
+        """Before a hand-off: wait until the output stream has room for what ``records``
+        add, in the run's byte budget; False if the worker stopped first. Reads stop
+        while the output has no room (`_has_room`), so this waits only for what other
+        workers handed on meanwhile."""
+        if ctx.info.max_bytes is None:
+            return True
+        keys, out = ctx.info.keys, self.index + 1
+        return wait_for_room(
+            self.scripts, self.retry, keys.stream(out), keys.counters, ctx.info.reader(out),
+            need_of(records), self._stopped,
+        )  # fmt: skip
 
     def _block(self, ctx: RunContext) -> None:
         delay = min(MAX_POLL_SECONDS, ctx.block_delay.get(self.index, 0.0005) * 2)
@@ -472,7 +497,11 @@ class RedisPort(Port):
             return None
         entries = [entry for entry, _ in taken]
         handled = outcome.processed + (outcome.error is not None)
-        self._handoff(ctx, entries[:handled], self._records(ctx, entries, outcome), outcome)
+        records = self._records(ctx, entries, outcome)
+        if not self._wait_for_room(ctx, records):
+            handled = 0  # stopped while the output was full: all is let go (close)
+        else:
+            self._handoff(ctx, entries[:handled], records, outcome)
         if handled < len(taken):
             # Not reached (a stop cut the batch short, or an earlier item raised):
             # still pending for this consumer, they are the next take's.
@@ -586,8 +615,8 @@ class RedisPort(Port):
                 self.stage.name,
                 reply[1],
             )
-        if reply[2] >= info.limits[i + 1]:
-            self._block(ctx)
+        if reply[2] >= info.limits[i + 1] or info.max_bytes is not None:
+            self._block(ctx)  # under a byte budget, the next read checks the room first
         return len(entries) - int(reply[1])
 
     def _record_failures(self, ctx: RunContext, outcome: BatchOutcome) -> None:
@@ -869,8 +898,8 @@ class BatchPort(RedisPort):
             # `close`, and the next holder makes the group again from the cursor.
             return None
         ctx, taken = self._run, self._taken
-        self._run, self._taken = None, []
         if ctx is None or not taken:
+            self._run, self._taken = None, []
             return None  # nothing, or a group lost with the lease: the holder makes it
         (group,) = outcome.outputs
         first, _, deliveries = taken[0][0]
@@ -878,6 +907,9 @@ class BatchPort(RedisPort):
         args: list[Any] = ["a", first, deliveries, len(records), *_flat(records)]
         # The other items' places are done: the group carries their items.
         args += _gap_records(taken[1:])
+        if not self._wait_for_room(ctx, args):
+            return None  # stopped while the output was full: as a stop above
+        self._run, self._taken = None, []
         self._hand_on(ctx, [e for e, _ in taken], args, outcome)
         return None
 
@@ -917,12 +949,8 @@ class BatchPort(RedisPort):
 
 def _output_backlog(info: RunInfo, index: int) -> tuple[str, str]:
     """The group of stage ``index``'s output stream, and whether the entries read and
-    not acknowledged count as backlog: not where they are held to be reordered (the
-    driver's final stream, a batch stage's input), or a missing item could never get
-    past a full stream."""
-    if index + 1 == len(info.stages):
-        return DRIVER_GROUP, "0"
-    return WORKER_GROUP, "0" if index + 1 in info.tombstones_to else "1"
+    not acknowledged count as backlog (`RunInfo.reader`)."""
+    return info.reader(index + 1)
 
 
 def _tombstone(seq: bytes | None) -> list[Any]:

@@ -23,6 +23,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..backends import Backend
+from ..channel import check_max_bytes
 from ..engine import ABORT_WAIT
 from ..errors import (
     BackendError,
@@ -342,6 +343,7 @@ class RedisBackend(Backend):
         from ..report import check_report_path
 
         report_path = None if report is None else check_report_path(report, "run()")
+        check_max_bytes(max_bytes, "RedisBackend.run()")
         run = self._new_run(pipeline, max_bytes)
         run.halt = stop
         outputs: list[Any] | None = [] if collect else None
@@ -458,6 +460,7 @@ class RedisBackend(Backend):
         outputs of the last chunk read, from the first one this loop had not
         come back after (at most 1000 outputs seen twice).
         """
+        check_max_bytes(max_bytes, "RedisBackend.iterate()")
         run = self._new_run(pipeline, max_bytes)
         watcher = self._watch(pipeline, run, True) if progress else None
         outputs = run.outputs()
@@ -693,9 +696,10 @@ class _DriverRun:
                     fields += [b"q", dump_path([fed + j])]
                 records.append(fields)
             # After the last chunk, a call with no records marks the source done.
-            for part in self._parts(records) if records else [[]]:
-                if not self._room_for(part):
-                    return  # stopped while the first stream was full
+            while True:
+                part = self._next_part(records)
+                if part is None:
+                    return  # stopped while the first stream had no room
                 args: list[Any] = ["fed", fed, "" if part else "1"]
                 for fields in part:
                     args += [len(fields), *fields]
@@ -708,34 +712,26 @@ class _DriverRun:
                     self._check_fed(fed + len(part))
                     length = 0
                 fed += len(part)
+                del records[: len(part)]
+                if not records:
+                    break
             if not chunk:
                 return
 
-    def _parts(self, records: list[list[Any]]) -> list[list[list[Any]]]:
-        """A chunk's records in parts of at most a stream's share of the byte budget
-        (one record at least); the whole chunk without a budget."""
-        share = self.info.share
-        if share is None:
-            return [records]
-        parts = []
-        sizes = [record_cost(fields) for fields in records]
-        while records:
-            n = fitting(sizes, share)
-            parts.append(records[:n])
-            records, sizes = records[n:], sizes[n:]
-        return parts
-
-    def _room_for(self, part: list[list[Any]]) -> bool:
-        """Wait until the first stream has room for ``part`` in the byte budget (at once
-        without one); False if the run stopped first."""
-        if self.info.share is None or not part:
-            return True
-        need = sum(record_cost(fields) for fields in part)
-        reader = self.info.reader(0)
-        return wait_for_room(
-            self.scripts, self.retry, self.keys.stream(0), self.keys.counters, reader,
-            need, self.stopped,
+    def _next_part(self, records: list[list[Any]]) -> list[list[Any]] | None:
+        """The records to add next: all of them without a byte budget; under one, as
+        many as the first stream has room for once it has room for the first (one at
+        least: a larger one goes in alone into an empty stream). None if the run
+        stopped while waiting."""
+        if self.info.share is None or not records:
+            return records
+        costs = [record_cost(fields) for fields in records]
+        keys = self.keys
+        room = wait_for_room(
+            self.scripts, self.retry, keys.stream(0), keys.counters, self.info.room_reader(0),
+            costs[0], self.stopped,
         )  # fmt: skip
+        return None if room is None else records[: fitting(costs, room.left)]
 
     def _check_fed(self, expected: int) -> None:
         """After a lost reply: the chunk went in (fine), or Redis lost acknowledged writes."""

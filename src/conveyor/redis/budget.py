@@ -26,20 +26,24 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from .streams import ENTRY_OVERHEAD, MAX_POLL_SECONDS, SPLIT, Retrier, Scripts
+from .streams import ENTRY_BOOKKEEPING, ENTRY_HEADER, MAX_POLL_SECONDS, SPLIT, Retrier, Scripts
 
 __all__ = [
+    "Room",
     "entry_cost",
     "fitting",
-    "has_room",
     "need_of",
     "record_cost",
+    "room_of",
     "share_of",
     "wait_for_room",
 ]
 
+Reader = tuple[str, str]
+"""A stream's consumer group, and whether it holds entries to put them in order ('1')."""
 FIRST_POLL_SECONDS = 0.0005
 """The first wait between two checks of a stream's room; it doubles to `MAX_POLL_SECONDS`."""
 
@@ -61,21 +65,28 @@ def allocated(n: int) -> int:
 
 def entry_cost(fields: dict[bytes, bytes]) -> int:
     """The bytes an entry read back counts for, as the scripts count it (streams.LUA_BUDGET):
-    its field names' and values' lengths, plus `ENTRY_OVERHEAD`, as `allocated`."""
-    return allocated(ENTRY_OVERHEAD + sum(len(k) + len(v) for k, v in fields.items()))
+    its field names' and values' lengths with `ENTRY_HEADER`, as `allocated`, plus
+    `ENTRY_BOOKKEEPING`."""
+    size = ENTRY_HEADER + sum(len(k) + len(v) for k, v in fields.items())
+    return allocated(size) + ENTRY_BOOKKEEPING
 
 
 def record_cost(fields: Iterable[Any]) -> int:
     """The bytes an entry about to be added counts for (``fields``: names and values
-    as the scripts get them, ints and strs as text)."""
-    return allocated(ENTRY_OVERHEAD + _text_bytes(fields))
+    as the scripts get them, ints and strs as text), as `entry_cost`."""
+    return allocated(ENTRY_HEADER + _text_bytes(fields)) + ENTRY_BOOKKEEPING
 
 
 def need_of(records: Sequence[Any]) -> int:
-    """At most what a hand-off's records add to its output, whatever their format: as
-    one entry of all their bytes (ids and record codes too), the allocator's rounding
-    of each included (at most a quarter)."""
-    return ENTRY_OVERHEAD + _text_bytes(records) * 5 // 4
+    """At least what a hand-off's records add to its output, whatever their format: a
+    value of half a stream node or more as an entry of its own (`record_cost`), the
+    smaller ones' bytes with a header and bookkeeping per record (three arguments at
+    least each)."""
+    big = [a for a in records if isinstance(a, bytes) and len(a) >= SPLIT // 2]
+    small = len(records) - len(big)
+    need = sum(allocated(ENTRY_HEADER + len(a)) + ENTRY_BOOKKEEPING for a in big)
+    need += _text_bytes(a for a in records if not (isinstance(a, bytes) and len(a) >= SPLIT // 2))
+    return need + (ENTRY_HEADER + ENTRY_BOOKKEEPING) * (small // 3)
 
 
 def _text_bytes(args: Iterable[Any]) -> int:
@@ -92,36 +103,51 @@ def fitting(sizes: Sequence[int], share: int) -> int:
     return len(sizes)
 
 
+@dataclass(frozen=True)
+class Room:
+    """A stream's room in the run's byte budget (streams.ROOM)."""
+
+    used: int
+    """The bytes its entries count for."""
+    share: int
+    """Its share of the budget (0: no budget)."""
+    free: bool
+    """Anything may go in: no budget, it holds no bytes (an entry larger than a share
+    goes in alone), or its consumer holds what it read to put it in order."""
+
+    def fits(self, need: int) -> bool:
+        """Whether ``need`` more bytes may go in now."""
+        return self.free or self.used + need <= self.share
+
+    @property
+    def left(self) -> int:
+        """The bytes that may go in now (a share when `free`; with no budget, 0)."""
+        return self.share if self.free else max(0, self.share - self.used)
+
+
+def room_of(scripts: Scripts, retry: Retrier, stream: str, counters: str, reader: Reader) -> Room:
+    """``stream``'s room now; ``reader`` is its consumer group and whether it holds
+    entries to put them in order ('1'; `RunInfo.room_reader`)."""
+    used, share, free = retry(scripts.room, keys=[stream, counters], args=list(reader))
+    return Room(int(used), int(share), bool(free))
+
+
 def wait_for_room(
     scripts: Scripts,
     retry: Retrier,
     stream: str,
     counters: str,
-    reader: tuple[str, str],
+    reader: Reader,
     need: int,
     stopped: threading.Event,
-) -> bool:
-    """Wait until ``stream`` has room for ``need`` bytes; False if ``stopped`` was set first.
-
-    ``reader`` is the stream's consumer group and whether the entries it has read
-    count as held ('1'), or are held to be reordered ('0'): see streams.ROOM.
-    """
+) -> Room | None:
+    """Wait until ``stream`` has room for ``need`` bytes and return it; None if
+    ``stopped`` was set first (see `room_of`)."""
     delay = FIRST_POLL_SECONDS
     while True:
-        if has_room(scripts, retry, stream, counters, reader, need):
-            return True
+        room = room_of(scripts, retry, stream, counters, reader)
+        if room.fits(need):
+            return room
         if stopped.wait(delay):
-            return False
+            return None
         delay = min(MAX_POLL_SECONDS, delay * 2)
-
-
-def has_room(
-    scripts: Scripts,
-    retry: Retrier,
-    stream: str,
-    counters: str,
-    reader: tuple[str, str],
-    need: int,
-) -> bool:
-    """Whether ``stream`` has room for ``need`` bytes now (see `wait_for_room`)."""
-    return bool(retry(scripts.room, keys=[stream, counters], args=[*reader, need]))

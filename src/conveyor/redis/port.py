@@ -51,7 +51,7 @@ from ..remote import capture
 from ..runtime.base import RunControl
 from ..runtime.ports import Port, StageIO
 from ..stage import Stage
-from .budget import entry_cost, fitting, has_room, need_of, wait_for_room
+from .budget import entry_cost, fitting, need_of, room_of, wait_for_room
 from .codec import Codec, child_path, encode_failure, get_codec, key_check, load_path
 from .state import RunInfo, find_runs, load_info, read_state
 from .streams import (
@@ -107,6 +107,8 @@ class RunContext:
         self.codec = codec
         self.blocked_until: dict[int, float] = {}
         self.block_delay: dict[int, float] = {}
+        self.room_left: dict[int, int] = {}
+        """Per stage, the bytes its output had room for when last seen (byte budget)."""
 
     @property
     def reclaim_every(self) -> float:
@@ -293,8 +295,11 @@ class RedisPort(Port):
             return []
         ctx, got = found
         share = ctx.info.share
-        if share is not None:  # a batch of at most a share of input bytes (one item at least)
-            n = fitting([entry_cost(e[1]) for e, _ in got[:n]], share)
+        if share is not None:
+            # A batch of at most a share of input bytes, and of what its output had room
+            # for when last seen (one item at least): its outputs' hand-off need not wait.
+            room = min(share, ctx.room_left.get(self.index, share))
+            n = fitting([entry_cost(e[1]) for e, _ in got[:n]], room)
         chunk = got[:n]
         del got[:n]
         self._run = ctx
@@ -413,21 +418,23 @@ class RedisPort(Port):
         backlog = self.retry(
             self.scripts.backlog, keys=[keys.stream(i + 1)], args=_output_backlog(ctx.info, i)
         )
-        if backlog < ctx.info.limits[i + 1] and self._bytes_room(ctx, 0):
+        if backlog < ctx.info.limits[i + 1] and self._bytes_room(ctx):
             ctx.blocked_until.pop(i, None)
             ctx.block_delay.pop(i, None)
             return True
         self._block(ctx)
         return False
 
-    def _bytes_room(self, ctx: RunContext, need: int) -> bool:
-        """Whether the output stream has room for ``need`` bytes in the run's byte budget
-        (always without one)."""
+    def _bytes_room(self, ctx: RunContext) -> bool:
+        """Whether the output stream has room in the run's byte budget (always without
+        one); what it has room for sizes the next batch (`_hand_out`)."""
         if ctx.info.max_bytes is None:
             return True
         keys, out = ctx.info.keys, self.index + 1
-        reader = ctx.info.reader(out)
-        return has_room(self.scripts, self.retry, keys.stream(out), keys.counters, reader, need)
+        reader = ctx.info.room_reader(out)
+        room = room_of(self.scripts, self.retry, keys.stream(out), keys.counters, reader)
+        ctx.room_left[self.index] = room.left
+        return room.left > 0  # (free: a share)
 
     def _wait_for_room(self, ctx: RunContext, records: list[Any]) -> bool:
         """Before a hand-off: wait until the output stream has room for what ``records``
@@ -437,10 +444,11 @@ class RedisPort(Port):
         if ctx.info.max_bytes is None:
             return True
         keys, out = ctx.info.keys, self.index + 1
-        return wait_for_room(
-            self.scripts, self.retry, keys.stream(out), keys.counters, ctx.info.reader(out),
+        room = wait_for_room(
+            self.scripts, self.retry, keys.stream(out), keys.counters, ctx.info.room_reader(out),
             need_of(records), self._stopped,
         )  # fmt: skip
+        return room is not None
 
     def _block(self, ctx: RunContext) -> None:
         delay = min(MAX_POLL_SECONDS, ctx.block_delay.get(self.index, 0.0005) * 2)

@@ -111,6 +111,14 @@ class RunInfo:
             return DRIVER_GROUP, "0"
         return WORKER_GROUP, "0" if stream in self.tombstones_to else "1"
 
+    def room_reader(self, stream: int) -> tuple[str, str]:
+        """Stream ``stream``'s consumer group, and whether that consumer holds entries
+        to put them in order ('1': an ordered run's driver on the final stream, a batch
+        stage on its input), as the byte budget's room check takes them (streams.ROOM)."""
+        group, _ = self.reader(stream)
+        reorders = self.ordered if stream == len(self.stages) else stream in self.tombstones_to
+        return group, "1" if reorders else "0"
+
     def tombstone_stream(self, index: int) -> int:
         """Where stage ``index``'s tombstones go (see `tombstones_to`)."""
         return self.tombstones_to[index] if self.tombstones_to else len(self.stages)

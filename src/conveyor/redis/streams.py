@@ -293,9 +293,13 @@ class Retrier:
 UNPACK_MAX = 1000
 """Most values a script passes to one ``unpack()``: Lua's stack holds about 8000."""
 
-ENTRY_OVERHEAD = 128
-"""Bytes an entry costs Redis besides its fields' (its stream node's bookkeeping, its
-place in the consumer group's pending list while it is read and not acknowledged)."""
+ENTRY_HEADER = 64
+"""Bytes an entry takes in its stream node besides its fields' (lengths, ids, flags;
+a node's own header when the entry has a node of its own)."""
+ENTRY_BOOKKEEPING = 1024
+"""Bytes an entry costs Redis outside its node, as ``MEMORY USAGE`` counts them: its
+places in the radix trees (the stream's, its consumer group's and its consumer's
+pending lists, about 1.1 KiB measured for an entry read and not acknowledged)."""
 SPLIT = 4096
 """Redis's ``stream-node-max-bytes`` default: an entry this large gets a stream node of
 its own, allocated to fit it (so rounded up to the allocator's size class)."""
@@ -305,8 +309,9 @@ its own, allocated to fit it (so rounded up to the allocator's size class)."""
 # nothing below costs more than one HEXISTS), ``bytes:<stream key>`` the bytes of the
 # stream's entries added and not yet acknowledged. An entry counts for what it costs
 # Redis (see budget.entry_cost, which this mirrors): the lengths of its field names and
-# values, whatever the entry format, plus ENTRY_OVERHEAD, and an entry of a stream
-# node of its own (SPLIT bytes and more) rounded up to the allocator's size class.
+# values, whatever the entry format, plus ENTRY_HEADER, an entry of a stream node of
+# its own (SPLIT bytes and more) rounded up to the allocator's size class, plus
+# ENTRY_BOOKKEEPING.
 # budget_on(c): whether the run has a budget (looked up once per script call).
 # xadd(c, key, ...): XADD key * ... and count the entry's bytes.
 # forget(c, key, ids): delete acknowledged entries, so that their memory goes (an
@@ -314,13 +319,15 @@ its own, allocated to fit it (so rounded up to the allocator's size class)."""
 LUA_BUDGET = """
 local budget_known, budget_set = false, false
 local function cost(fields)
-  local n = ENTRY_OVERHEAD
+  local n = ENTRY_HEADER
   for _, v in ipairs(fields) do n = n + #v end
-  if n < SPLIT then return n end
-  local p = 1
-  while p <= n - 1 do p = p * 2 end
-  local step = p / 8
-  return math.ceil(n / step) * step
+  if n >= SPLIT then
+    local p = 1
+    while p <= n - 1 do p = p * 2 end
+    local step = p / 8
+    n = math.ceil(n / step) * step
+  end
+  return n + ENTRY_BOOKKEEPING
 end
 local function budget_on(c)
   if not budget_known then
@@ -352,7 +359,12 @@ local function forget(c, key, ids)
   end
 end
 """
-LUA_BUDGET = LUA_BUDGET.replace("ENTRY_OVERHEAD", str(ENTRY_OVERHEAD)).replace("SPLIT", str(SPLIT))
+for _name, _value in (
+    ("ENTRY_HEADER", ENTRY_HEADER),
+    ("ENTRY_BOOKKEEPING", ENTRY_BOOKKEEPING),
+    ("SPLIT", SPLIT),
+):
+    LUA_BUDGET = LUA_BUDGET.replace(_name, str(_value))
 
 # Lua helpers shared by the scripts below.
 #
@@ -366,6 +378,7 @@ LUA_BUDGET = LUA_BUDGET.replace("ENTRY_OVERHEAD", str(ENTRY_OVERHEAD)).replace("
 LUA_HELPERS = (
     """
 local function group_info(key, group)
+  if redis.call('EXISTS', key) == 0 then return nil end  -- the run ended meanwhile
   for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
     local f = {}
     for k = 1, #g, 2 do f[g[k]] = g[k + 1] end
@@ -694,20 +707,20 @@ return backlog(KEYS[1], ARGV[1], ARGV[2] == '1')
 )
 
 
-# Whether a stream has room for ``need`` more bytes in the run's byte budget: it
-# holds none, or they fit in its share; a stream whose consumer holds entries to
-# reorder them (held '0', see BACKLOG) has room too once that consumer has read it
-# all, or the entry it waits for could never come. 1 without a budget.
-# KEYS: stream, counters.  ARGV: group, held ('1'|'0'), need.
+# How much room a stream has in the run's byte budget: {bytes used, its share, free},
+# free 1 when anything may go in: no budget (share 0), the stream holds no bytes (so
+# an entry larger than a share goes in alone), or its consumer holds entries to put
+# them in order (reorders '1') and has read them all, or the entry it waits for could
+# never come. The caller decides what fits (budget.Room).
+# KEYS: stream, counters.  ARGV: group, reorders ('1'|'0').
 ROOM = (
     LUA_HELPERS
     + """
 local share = redis.call('HGET', KEYS[2], 'budget')
-if not share then return 1 end
+if not share then return {0, 0, 1} end
 local used = tonumber(redis.call('HGET', KEYS[2], 'bytes:' .. KEYS[1]) or '0')
-if used <= 0 or used + tonumber(ARGV[3]) <= tonumber(share) then return 1 end
-if ARGV[2] == '0' and backlog(KEYS[1], ARGV[1], false) == 0 then return 1 end
-return 0
+local free = used <= 0 or (ARGV[2] == '1' and backlog(KEYS[1], ARGV[1], false) == 0)
+return {used, tonumber(share), free and 1 or 0}
 """
 )
 

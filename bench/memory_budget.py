@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,23 @@ def passed_on(item: bytes) -> bytes:
     return item
 
 
+def large_items(args: argparse.Namespace) -> Iterator[bytes]:
+    """``--items`` items of ``--size-mib`` MiB, filled (every page resident)."""
+    size = args.size_mib * MIB
+    for i in range(args.items):
+        yield bytes([i % 251 + 1]) * size
+
+
+def slow_sink_of(args: argparse.Namespace) -> Callable[[bytes], None]:
+    """A sink that takes ``--sink-ms`` per item."""
+    pause = args.sink_ms / 1000
+
+    def slow_sink(item: bytes) -> None:
+        time.sleep(pause)
+
+    return slow_sink
+
+
 def child(args: argparse.Namespace) -> None:
     """One run, in this fresh interpreter; prints its figures as JSON."""
     sys.path.insert(0, str(conveyor_src()))
@@ -73,14 +90,7 @@ def child(args: argparse.Namespace) -> None:
 
     import conveyor as cv
 
-    size, n, pause = args.size_mib * MIB, args.items, args.sink_ms / 1000
-
-    def source() -> Any:
-        for i in range(n):
-            yield bytes([i % 251 + 1]) * size
-
-    def slow_sink(item: bytes) -> None:
-        time.sleep(pause)
+    n = args.items
 
     stage: Any = passed_on
     if args.child == "async":
@@ -89,7 +99,9 @@ def child(args: argparse.Namespace) -> None:
             return item
 
         stage = passed_on_async
-    pipeline = cv.Pipeline(source()).map(stage, runtime=args.child).each(slow_sink)
+    pipeline = (
+        cv.Pipeline(large_items(args)).map(stage, runtime=args.child).each(slow_sink_of(args))
+    )
     worker_peak = 0
     stop = threading.Event()
 
@@ -126,16 +138,9 @@ def redis_child(args: argparse.Namespace) -> None:
     import conveyor as cv
     from conveyor.redis import Worker
 
-    size, n, pause = args.size_mib * MIB, args.items, args.sink_ms / 1000
+    n = args.items
 
-    def source() -> Any:
-        for i in range(n):
-            yield bytes([i % 251 + 1]) * size
-
-    def slow_sink(item: bytes) -> None:
-        time.sleep(pause)
-
-    pipeline = cv.Pipeline(source()).map(passed_on).each(slow_sink)
+    pipeline = cv.Pipeline(large_items(args)).map(passed_on).each(slow_sink_of(args))
     with local_redis() as url:
         worker_pid = os.fork()
         if worker_pid == 0:  # the worker process: serves until SIGTERM

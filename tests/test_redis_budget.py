@@ -14,6 +14,7 @@ import asyncio
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,13 +127,26 @@ def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
         yield c
 
 
-@pytest.mark.parametrize("runtime", ["thread", "process", "async"])
-def test_the_streams_of_a_run_stay_within_its_byte_budget(
-    redis_server: RedisServer, client: redis.Redis, runtime: str
-) -> None:
-    namespace, run_id = new_namespace(), "budget"
+@dataclass
+class SampledRun:
+    """What `run_sampled` saw: the items the sink took (their numbers), the sampler,
+    and the run's byte counters and stream lengths at its end."""
+
+    received: list[bytes]
+    sampler: Sampler
+    streams: list[str]
+    counted: dict[str, int]
+    lengths: list[int]
+
+
+def run_sampled(
+    url: str, client: redis.Redis, items: int, max_bytes: int, stage: Callable[..., Any], **kw: Any
+) -> SampledRun:
+    """Run `large_items` through ``map(stage, **kw)`` and a sink that has the run's
+    streams sampled before it takes each item (see the module docstring)."""
+    run_id = "sampled"
     backend = RedisBackend(
-        redis_server.url, namespace=namespace, run_id=run_id, local_workers=True, keep=True
+        url, namespace=new_namespace(), run_id=run_id, local_workers=True, keep=True
     )
     received: list[bytes] = []
     sampler: Sampler
@@ -141,55 +155,43 @@ def test_the_streams_of_a_run_stay_within_its_byte_budget(
         sampler.sample()  # the stages run ahead meanwhile: the budget stops them
         received.append(item[:4])
 
-    pipeline = (
-        cv.Pipeline(large_items(ITEMS))
-        .map(stage_fn(runtime), runtime=runtime, name="pass")  # type: ignore[call-overload]
-        .each(slow_sink)
-    )
+    pipeline = cv.Pipeline(large_items(items)).map(stage, name="pass", **kw).each(slow_sink)
     keys = backend.keys(pipeline, run_id)
     streams = streams_of(backend, pipeline, run_id)
     try:
-        with Sampler(redis_server.url, streams) as sampler:
-            pipeline.run(backend=backend, max_bytes=BUDGET)
-        assert sorted(received) == [i.to_bytes(4, "big") for i in range(ITEMS)]
-        assert sampler.samples == ITEMS
-        assert sampler.peak <= BUDGET + SLACK * len(streams)
-        # The sink's input filled up to its share: the budget, not the input, bounded it.
-        share = share_of(BUDGET, len(streams) - 1)
-        assert sampler.peak >= share // 2
-        # Everything acknowledged was deleted, and its bytes uncounted.
-        assert all(client.xlen(k) == 0 for k in streams)
-        assert set(counted_bytes(client, keys).values()) == {0}
+        with Sampler(url, streams) as sampler:
+            pipeline.run(backend=backend, max_bytes=max_bytes)
+        lengths = [client.xlen(k) for k in streams]
+        return SampledRun(received, sampler, streams, counted_bytes(client, keys), lengths)
     finally:
         backend.cancel(pipeline, run_id)
+
+
+@pytest.mark.parametrize("runtime", ["thread", "process", "async"])
+def test_the_streams_of_a_run_stay_within_its_byte_budget(
+    redis_server: RedisServer, client: redis.Redis, runtime: str
+) -> None:
+    run = run_sampled(redis_server.url, client, ITEMS, BUDGET, stage_fn(runtime), runtime=runtime)
+    assert sorted(run.received) == [i.to_bytes(4, "big") for i in range(ITEMS)]
+    assert run.sampler.samples == ITEMS
+    assert run.sampler.peak <= BUDGET + SLACK * len(run.streams)
+    # The sink's input filled up to its share: the budget, not the input, bounded it.
+    assert run.sampler.peak >= share_of(BUDGET, len(run.streams) - 1) // 2
+    # Everything acknowledged was deleted, and its bytes uncounted.
+    assert run.lengths == [0] * len(run.streams)
+    assert set(run.counted.values()) == {0}
 
 
 def test_an_item_larger_than_a_share_goes_through_alone(
     redis_server: RedisServer, client: redis.Redis
 ) -> None:
-    namespace, run_id = new_namespace(), "alone"
-    backend = RedisBackend(
-        redis_server.url, namespace=namespace, run_id=run_id, local_workers=True, keep=True
-    )
-    received: list[bytes] = []
-    sampler: Sampler
-
-    def slow_sink(item: bytes) -> None:
-        sampler.sample()
-        received.append(item[:4])
-
-    pipeline = cv.Pipeline(large_items(20)).map(passed_on, workers=1).each(slow_sink)
-    streams = streams_of(backend, pipeline, run_id)
-    try:
-        with Sampler(redis_server.url, streams) as sampler:
-            pipeline.run(backend=backend, max_bytes=1000)  # a share: 333 bytes, an item: 64 KiB
-        assert sorted(received) == [i.to_bytes(4, "big") for i in range(20)]
-        # One item at a time in each stream.
-        one = entry_cost({b"d": bytes(BIG + 8), b"q": b"[19]"})
-        assert sampler.peak <= len(streams) * (one + SLACK)
-        assert set(counted_bytes(client, backend.keys(pipeline, run_id)).values()) == {0}
-    finally:
-        backend.cancel(pipeline, run_id)
+    # A share: 333 bytes; an item: 64 KiB.
+    run = run_sampled(redis_server.url, client, 20, 1000, passed_on)
+    assert sorted(run.received) == [i.to_bytes(4, "big") for i in range(20)]
+    # One item at a time in each stream.
+    one = entry_cost({b"d": bytes(BIG + 8), b"q": b"[19]"})
+    assert run.sampler.peak <= len(run.streams) * (one + SLACK)
+    assert set(run.counted.values()) == {0}
 
 
 def test_a_stop_ends_the_waits_of_a_run_its_budget_holds_and_the_run_resumes_whole(

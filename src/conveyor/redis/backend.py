@@ -650,8 +650,9 @@ class _DriverRun:
             output_capacity=FEED_CHUNK,
             abort_wait=ABORT_WAIT / 2,
             skip=already_fed,
-            # Under a byte budget, what the feeder has pulled is one stream's share at most.
-            max_bytes=self.info.share,
+            # Under a byte budget, what the feeder has pulled (and the chunk it encodes)
+            # is half a stream's share at most: the driver holds about one share.
+            max_bytes=None if self.info.share is None else max(1, self.info.share // 2),
         )
         self._feeder = threading.Thread(
             target=self._feed,
@@ -689,12 +690,14 @@ class _DriverRun:
             if ordered or self.reordering:
                 self._wait_for_window(fed)
             chunk = next(chunks, [])
+            last = not chunk
             records = []
             for j, value in enumerate(chunk):
                 fields = encode(value)
                 if paths:
                     fields += [b"q", dump_path([fed + j])]
                 records.append(fields)
+            del chunk  # the items encoded: only their encoded copies are held while waiting
             # After the last chunk, a call with no records marks the source done.
             while True:
                 part = self._next_part(records)
@@ -715,7 +718,7 @@ class _DriverRun:
                 del records[: len(part)]
                 if not records:
                     break
-            if not chunk:
+            if last:
                 return
 
     def _next_part(self, records: list[list[Any]]) -> list[list[Any]] | None:

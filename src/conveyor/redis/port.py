@@ -623,8 +623,10 @@ class RedisPort(Port):
                 self.stage.name,
                 reply[1],
             )
-        if reply[2] >= info.limits[i + 1] or info.max_bytes is not None:
-            self._block(ctx)  # under a byte budget, the next read checks the room first
+        if reply[2] >= info.limits[i + 1]:
+            self._block(ctx)
+        elif info.max_bytes is not None:
+            ctx.blocked_until[i] = 0.0  # under a byte budget, the next read checks the room
         return len(entries) - int(reply[1])
 
     def _record_failures(self, ctx: RunContext, outcome: BatchOutcome) -> None:

@@ -378,7 +378,6 @@ for _name, _value in (
 LUA_HELPERS = (
     """
 local function group_info(key, group)
-  if redis.call('EXISTS', key) == 0 then return nil end  -- the run ended meanwhile
   for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
     local f = {}
     for k = 1, #g, 2 do f[g[k]] = g[k + 1] end
@@ -699,9 +698,11 @@ return 2
 """
 
 # The work left in a stream.  KEYS: stream.  ARGV: group, held ('1'|'0').
+# 0 when the stream is gone: its run ended as a worker polled it for room.
 BACKLOG = (
     LUA_HELPERS
     + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 return backlog(KEYS[1], ARGV[1], ARGV[2] == '1')
 """
 )

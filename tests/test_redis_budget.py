@@ -24,7 +24,7 @@ import redis
 
 import conveyor as cv
 from conveyor.redis import RedisBackend
-from conveyor.redis.budget import entry_cost, fitting, share_of
+from conveyor.redis.budget import entry_cost, fitting, need_of, share_of
 from conveyor.redis.state import RunInfo
 from conveyor.redis.streams import Keys
 from redis_helpers import (
@@ -283,6 +283,18 @@ def test_a_batch_of_entries_is_cut_at_a_share_keeping_one_at_least() -> None:
     assert fitting([5000, 10], 1000) == 1
     assert fitting([], 1000) == 0
     assert fitting([10, 10], 1000) == 2
+
+
+@pytest.mark.parametrize("size", [10, 4000, BIG, 4 * 1024 * 1024 - 3, 4 * 1024 * 1024 + 1])
+def test_a_hand_off_waits_for_at_least_what_its_entries_cost(size: int) -> None:
+    value, seq = bytes(size), b"[12345, 0, 2]"
+    # Two outputs: the compact record of one, and an 'a' record of two.
+    one = ["O", b"1700000000000-0", value, seq]
+    two = ["a", b"1700000000000-1", 1, 2, "o", 4, b"d", value, b"q", seq]
+    two += ["o", 4, b"d", value, b"q", seq]
+    entry = {b"d": value, b"q": seq}
+    assert need_of(one) >= entry_cost(entry)
+    assert need_of(two) >= 2 * entry_cost(entry)
 
 
 def test_a_backend_that_does_not_bound_bytes_refuses_max_bytes() -> None:

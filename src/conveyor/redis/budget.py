@@ -9,10 +9,11 @@
                       add and acknowledge entries, in the same atomic step; see
                       streams.LUA_BUDGET), acknowledged entries deleted (XDEL)
 
-    feeder           waits for room for each part of a chunk (at most a share)
+    feeder           adds as many records as the first stream has room for, once it
+                     has room for the first
     stage workers    read no new input while their output has no room, take batches
-                     of at most a share of input bytes, wait for room for a batch's
-                     outputs before its hand-off
+                     of at most a share of input bytes (and of the room the output
+                     had), wait for room for a batch's outputs before its hand-off
     driver           reads the final stream; its acknowledgements free the bytes
 
 A stream has room for ``need`` bytes when it holds none (so one entry larger than a
@@ -77,16 +78,19 @@ def record_cost(fields: Iterable[Any]) -> int:
     return allocated(ENTRY_HEADER + _text_bytes(fields)) + ENTRY_BOOKKEEPING
 
 
+BESIDE = 64
+"""Bytes `need_of` allows for the field names and sequence path beside a large value."""
+
+
 def need_of(records: Sequence[Any]) -> int:
-    """At least what a hand-off's records add to its output, whatever their format: a
-    value of half a stream node or more as an entry of its own (`record_cost`), the
-    smaller ones' bytes with a header and bookkeeping per record (three arguments at
-    least each)."""
+    """What a hand-off's records add to its output, counted generously whatever their
+    format: a value of half a stream node or more as an entry of its own (with
+    `BESIDE` bytes of other fields), every other argument's bytes with a header and
+    bookkeeping per three of them (a record has three at least)."""
     big = [a for a in records if isinstance(a, bytes) and len(a) >= SPLIT // 2]
-    small = len(records) - len(big)
-    need = sum(allocated(ENTRY_HEADER + len(a)) + ENTRY_BOOKKEEPING for a in big)
-    need += _text_bytes(a for a in records if not (isinstance(a, bytes) and len(a) >= SPLIT // 2))
-    return need + (ENTRY_HEADER + ENTRY_BOOKKEEPING) * (small // 3)
+    small = [a for a in records if not (isinstance(a, bytes) and len(a) >= SPLIT // 2)]
+    need = sum(allocated(ENTRY_HEADER + BESIDE + len(a)) + ENTRY_BOOKKEEPING for a in big)
+    return need + _text_bytes(small) + (ENTRY_HEADER + ENTRY_BOOKKEEPING) * (len(small) // 3)
 
 
 def _text_bytes(args: Iterable[Any]) -> int:

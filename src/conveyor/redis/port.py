@@ -51,10 +51,10 @@ from ..remote import capture
 from ..runtime.base import RunControl
 from ..runtime.ports import Port, StageIO
 from ..stage import Stage
+from .budget import entry_cost, fitting, need_of, room_of, wait_for_room
 from .codec import Codec, child_path, encode_failure, get_codec, key_check, load_path
 from .state import RunInfo, find_runs, load_info, read_state
 from .streams import (
-    DRIVER_GROUP,
     MAX_POLL_SECONDS,
     WORKER_GROUP,
     Keys,
@@ -107,6 +107,8 @@ class RunContext:
         self.codec = codec
         self.blocked_until: dict[int, float] = {}
         self.block_delay: dict[int, float] = {}
+        self.room_left: dict[int, int] = {}
+        """Per stage, the bytes its output had room for when last seen (byte budget)."""
 
     @property
     def reclaim_every(self) -> float:
@@ -292,6 +294,12 @@ class RedisPort(Port):
         if found is None:
             return []
         ctx, got = found
+        share = ctx.info.share
+        if share is not None:
+            # A batch of at most a share of input bytes, and of what its output had room
+            # for when last seen (one item at least): its outputs' hand-off need not wait.
+            room = min(share, ctx.room_left.get(self.index, share))
+            n = fitting([entry_cost(e[1]) for e, _ in got[:n]], room)
         chunk = got[:n]
         del got[:n]
         self._run = ctx
@@ -410,12 +418,37 @@ class RedisPort(Port):
         backlog = self.retry(
             self.scripts.backlog, keys=[keys.stream(i + 1)], args=_output_backlog(ctx.info, i)
         )
-        if backlog < ctx.info.limits[i + 1]:
+        if backlog < ctx.info.limits[i + 1] and self._bytes_room(ctx):
             ctx.blocked_until.pop(i, None)
             ctx.block_delay.pop(i, None)
             return True
         self._block(ctx)
         return False
+
+    def _bytes_room(self, ctx: RunContext) -> bool:
+        """Whether the output stream has room in the run's byte budget (always without
+        one); what it has room for sizes the next batch (`_hand_out`)."""
+        if ctx.info.max_bytes is None:
+            return True
+        keys, out = ctx.info.keys, self.index + 1
+        reader = ctx.info.room_reader(out)
+        room = room_of(self.scripts, self.retry, keys.stream(out), keys.counters, reader)
+        ctx.room_left[self.index] = room.left
+        return room.left > 0  # (free: a share)
+
+    def _wait_for_room(self, ctx: RunContext, records: list[Any]) -> bool:
+        """Before a hand-off: wait until the output stream has room for what ``records``
+        add, in the run's byte budget; False if the worker stopped first. Reads stop
+        while the output has no room (`_has_room`), so this waits only for what other
+        workers handed on meanwhile."""
+        if ctx.info.max_bytes is None:
+            return True
+        keys, out = ctx.info.keys, self.index + 1
+        room = wait_for_room(
+            self.scripts, self.retry, keys.stream(out), keys.counters, ctx.info.room_reader(out),
+            need_of(records), self._stopped,
+        )  # fmt: skip
+        return room is not None
 
     def _block(self, ctx: RunContext) -> None:
         delay = min(MAX_POLL_SECONDS, ctx.block_delay.get(self.index, 0.0005) * 2)
@@ -472,7 +505,11 @@ class RedisPort(Port):
             return None
         entries = [entry for entry, _ in taken]
         handled = outcome.processed + (outcome.error is not None)
-        self._handoff(ctx, entries[:handled], self._records(ctx, entries, outcome), outcome)
+        records = self._records(ctx, entries, outcome)
+        if not self._wait_for_room(ctx, records):
+            handled = 0  # stopped while the output was full: all is let go (close)
+        else:
+            self._handoff(ctx, entries[:handled], records, outcome)
         if handled < len(taken):
             # Not reached (a stop cut the batch short, or an earlier item raised):
             # still pending for this consumer, they are the next take's.
@@ -588,6 +625,8 @@ class RedisPort(Port):
             )
         if reply[2] >= info.limits[i + 1]:
             self._block(ctx)
+        elif info.max_bytes is not None:
+            ctx.blocked_until[i] = 0.0  # under a byte budget, the next read checks the room
         return len(entries) - int(reply[1])
 
     def _record_failures(self, ctx: RunContext, outcome: BatchOutcome) -> None:
@@ -869,8 +908,8 @@ class BatchPort(RedisPort):
             # `close`, and the next holder makes the group again from the cursor.
             return None
         ctx, taken = self._run, self._taken
-        self._run, self._taken = None, []
         if ctx is None or not taken:
+            self._run, self._taken = None, []
             return None  # nothing, or a group lost with the lease: the holder makes it
         (group,) = outcome.outputs
         first, _, deliveries = taken[0][0]
@@ -878,6 +917,9 @@ class BatchPort(RedisPort):
         args: list[Any] = ["a", first, deliveries, len(records), *_flat(records)]
         # The other items' places are done: the group carries their items.
         args += _gap_records(taken[1:])
+        if not self._wait_for_room(ctx, args):
+            return None  # stopped while the output was full: as a stop above
+        self._run, self._taken = None, []
         self._hand_on(ctx, [e for e, _ in taken], args, outcome)
         return None
 
@@ -917,12 +959,8 @@ class BatchPort(RedisPort):
 
 def _output_backlog(info: RunInfo, index: int) -> tuple[str, str]:
     """The group of stage ``index``'s output stream, and whether the entries read and
-    not acknowledged count as backlog: not where they are held to be reordered (the
-    driver's final stream, a batch stage's input), or a missing item could never get
-    past a full stream."""
-    if index + 1 == len(info.stages):
-        return DRIVER_GROUP, "0"
-    return WORKER_GROUP, "0" if index + 1 in info.tombstones_to else "1"
+    not acknowledged count as backlog (`RunInfo.reader`)."""
+    return info.reader(index + 1)
 
 
 def _tombstone(seq: bytes | None) -> list[Any]:

@@ -104,15 +104,41 @@ def test_batch_puts_while_a_woken_consumer_has_yet_to_run_wake_no_other_thread()
     with lock:
         ch.put_many([1, 2])
         assert ch.stats().waiting_consumers == 3  # one woken
-        ch.put_many([3])
-        ch.put_many([4])
+        ch.put_many([3, 4])
+        ch.put_many([5, 6])
         # Still one: the woken consumer relays when it runs, if items are left.
         assert ch.stats().waiting_consumers == 3
     ch.close()
     for t in threads:
         t.join(10)
     assert not any(t.is_alive() for t in threads)
-    assert sorted(got) == [1, 2, 3, 4]
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_batch_of_one_item_wakes_a_consumer_each_time_as_put_does() -> None:
+    # Slow workers hand on one output at a time: each must start a parked
+    # consumer at once, not wait for a chain of relays through the consumers
+    # woken before it.
+    ch: cv.Channel[int] = cv.Channel(64)
+    lock = hold_able(ch)
+    got: list[int] = []
+
+    def consume() -> None:
+        got.extend(ch)
+
+    threads = [threading.Thread(target=consume) for _ in range(4)]
+    for t in threads:
+        t.start()
+    wait_until_parked(ch, consumers=4)
+    with lock:
+        for item, parked in ((1, 3), (2, 2), (3, 1)):
+            ch.put_many([item])
+            assert ch.stats().waiting_consumers == parked
+    ch.close()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert sorted(got) == [1, 2, 3]
 
 
 def test_batch_gets_while_a_woken_producer_has_yet_to_run_wake_no_other_thread() -> None:
@@ -198,3 +224,35 @@ def test_single_puts_and_gets_wake_one_parked_thread_each() -> None:
         t.join(10)
     assert not any(t.is_alive() for t in threads)
     assert sorted(got) == [1, 2]
+
+
+def test_an_ordered_stage_releasing_single_items_together_wakes_a_consumer_for_each() -> None:
+    # The oldest ticket arrives last and releases three single-item batches at
+    # once: three consumers downstream start together, without relays between them.
+    from conveyor.runtime.base import RunControl
+    from conveyor.runtime.ports import Sequencer
+
+    out: cv.Channel[str] = cv.Channel(64)
+    lock = hold_able(out)
+    sequencer = Sequencer(out, window=8, control=RunControl())
+    got: list[str] = []
+
+    def consume() -> None:
+        got.extend(out)
+
+    threads = [threading.Thread(target=consume) for _ in range(4)]
+    for t in threads:
+        t.start()
+    wait_until_parked(out, consumers=4)
+    with lock:
+        sequencer.deposit(2, ["c"])
+        sequencer.deposit(1, ["b"])
+        assert out.stats().waiting_consumers == 4  # held: ticket 0 is missing
+        sequencer.deposit(0, ["a"])
+        assert out.stats().waiting_consumers == 1
+        assert list(out.queue) == ["a", "b", "c"]
+    out.close()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert sorted(got) == ["a", "b", "c"]

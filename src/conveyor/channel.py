@@ -558,7 +558,10 @@ class Channel(Generic[T]):
                 q.extend(pending)  # the common case: the whole batch fits
                 self._total_put += len(pending)
                 getters = self._getters
-                if getters and pending and not getters.woken:
+                # One item is a put(): it wakes a consumer even with a woken one
+                # yet to run, so single hand-offs between slow workers overlap
+                # instead of waiting for a chain of relays.
+                if getters and pending and (not getters.woken or len(pending) == 1):
                     self._wake(getters, 1)
             else:
                 self._put_in_runs(pending, block, timeout)

@@ -5,9 +5,11 @@
     nox -s tests             # the full suite on each supported Python found here
 
 scripts/test.sh runs the `quick` session on every supported version other than
-the one of .venv. The supported versions are those of pyproject.toml's
-classifiers. An interpreter this machine lacks is skipped with a message, never
-downloaded. Each session's virtualenv is kept and reused; the project is
+the one of .venv that this machine has (`python noxfile.py VERSION...` prints
+those), and the quick tests on the others that scripts/pythons.sh provides
+(3.14 and 3.15, in a Debian chroot). The supported versions are those of
+pyproject.toml's classifiers. An interpreter this machine lacks is skipped here
+with a message, never downloaded. Each session's virtualenv is kept and reused; the project is
 reinstalled into it only when pyproject.toml or the C accelerator's source
 changes (an editable install compiles it for that session's Python).
 """
@@ -105,18 +107,28 @@ def _expose_pyenv_versions(versions: list[str]) -> None:
         os.environ["PYENV_VERSION"] = env["PYENV_VERSION"]
 
 
+def available(versions: list[str]) -> list[str]:
+    """The ``versions`` whose ``python3.X`` runs here (pyenv's included)."""
+    return [v for v in versions if _runs(f"python{v}")]
+
+
 def _report_missing(versions: list[str]) -> None:
-    missing = [v for v in versions if not _runs(f"python{v}")]
+    found = available(versions)
+    missing = [v for v in versions if v not in found]
     if missing:
         names = ", ".join(f"python{v}" for v in missing)
         print(
-            f"nox: {names} not found on this machine: their sessions will be skipped.",
+            f"nox: {names} not found on this machine: their sessions will be skipped"
+            " (scripts/pythons.sh runs the quick tests on 3.14 and 3.15 in a Debian chroot).",
             file=sys.stderr,
         )
 
 
 _expose_pyenv_versions(PYTHON_VERSIONS)
-_report_missing(PYTHON_VERSIONS)
+if __name__ == "__main__":  # `python noxfile.py 3.12 3.14`: those of them this machine runs
+    print(" ".join(available(sys.argv[1:] or PYTHON_VERSIONS)))
+else:
+    _report_missing(PYTHON_VERSIONS)
 
 
 def _install_project(session: nox.Session) -> None:

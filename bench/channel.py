@@ -26,6 +26,11 @@ and a ratio of two medians taken in different moments carries that drift.
 Compare ratios, not absolute figures across runs.
 
 Run:  python bench/channel.py [--rounds 7] [--items 200000] [--write]
+          [--shapes 1x1 4x4] [--capacities 1024 16] [--reference-only] [--json PATH]
+
+--reference-only runs only conveyor's candidates and queue.Queue; --json
+writes, per scenario, conveyor's rates and their ratio to queue.Queue of the
+same round (for bench/ab.py), and the one-thread CPU costs.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import conveyor_src, machine, write_section
+from _common import conveyor_src, machine, workload, write_json, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(conveyor_src()))  # $CONVEYOR_BENCH_SRC, else ROOT/src
@@ -317,7 +322,11 @@ class Result:
 
 
 def measure(
-    n_items: int, rounds: int, shapes: list[tuple[int, int]], capacities: list[int]
+    n_items: int,
+    rounds: int,
+    shapes: list[tuple[int, int]],
+    capacities: list[int],
+    candidates: list[Candidate] = CANDIDATES,
 ) -> list[Result]:
     results: list[Result] = []
     for n_producers, n_consumers in shapes:
@@ -327,15 +336,15 @@ def measure(
                 f"{n_producers} producer{'s' * (n_producers > 1)} -> "
                 f"{n_consumers} consumer{'s' * (n_consumers > 1)}, capacity {capacity}"
             )
-            rates: dict[str, list[float]] = {c.name: [] for c in CANDIDATES}
+            rates: dict[str, list[float]] = {c.name: [] for c in candidates}
             for r in range(rounds + 1):  # round 0 is the warm-up
-                k = r % len(CANDIDATES)
-                for candidate in CANDIDATES[k:] + CANDIDATES[:k]:
+                k = r % len(candidates)
+                for candidate in candidates[k:] + candidates[:k]:
                     work = batches if candidate.batched else share
                     rate = run_once(candidate, capacity, n_producers, n_consumers, work, n_items)
                     if r:
                         rates[candidate.name].append(rate)
-            scenario_results = [Result(scenario, c.name, rates[c.name]) for c in CANDIDATES]
+            scenario_results = [Result(scenario, c.name, rates[c.name]) for c in candidates]
             print(render_scenario(scenario_results), flush=True)
             results += scenario_results
     return results
@@ -480,20 +489,59 @@ def render(
     return "\n".join(parts)
 
 
+def json_workloads(
+    results: list[Result], costs: list[tuple[str, float]]
+) -> dict[str, dict[str, Any]]:
+    """Per scenario, each conveyor candidate against queue.Queue; and the one-thread costs."""
+    out: dict[str, dict[str, Any]] = {}
+    for scenario in dict.fromkeys(r.scenario for r in results):
+        rows = [r for r in results if r.scenario == scenario]
+        base = next(r for r in rows if r.name == BASELINE)
+        for r in rows:
+            if r.name.startswith("conveyor"):
+                out[f"{scenario}/{r.name}"] = workload(
+                    r.median, "items/s", BASELINE, base.median, r.rates, base.rates
+                )
+                out[f"{scenario}/{r.name}"]["ratio"] = statistics.median(r.ratios(base))
+    reference = dict(costs)["queue.Queue put()/get()"]
+    for name, ns in costs:
+        if name.startswith("conveyor"):
+            out[f"one thread/{name}"] = workload(
+                1e9 / ns, "items/s", "queue.Queue", 1e9 / reference
+            )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7, help="measured rounds (default 7)")
     parser.add_argument("--items", type=int, default=200_000, help="ints per run")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument(
+        "--shapes", nargs="+", default=["1x1", "4x4"], help="PRODUCERSxCONSUMERS (1x1 4x4)"
+    )
+    parser.add_argument("--capacities", type=int, nargs="+", default=[1024, 16])
+    parser.add_argument(
+        "--reference-only", action="store_true", help="conveyor and queue.Queue only"
+    )
+    parser.add_argument("--json", help="write conveyor's ratios to queue.Queue here")
     args = parser.parse_args()
+    shapes = [(int(p), int(c)) for p, c in (shape.split("x") for shape in args.shapes)]
+    candidates = [
+        c
+        for c in CANDIDATES
+        if not args.reference_only or c.name.startswith("conveyor") or c.name == BASELINE
+    ]
     load_at_start = load()
     print(f"Machine: {machine()}; load average {load_at_start}\n", flush=True)
     started = time.monotonic()
-    results = measure(args.items, args.rounds, [(1, 1), (4, 4)], [1024, 16])
+    results = measure(args.items, args.rounds, shapes, args.capacities, candidates)
     costs = cpu_costs(COST_REPEATS)
     print(render_costs(costs, COST_REPEATS))
     took = time.monotonic() - started
     print(f"whole run: {took:.0f} s")
+    if args.json:
+        write_json(args.json, json_workloads(results, costs))
     if args.write:
         page = render(results, costs, args.items, args.rounds, took, load_at_start)
         path = write_section(page, SECTION)

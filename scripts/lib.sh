@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Helpers shared by scripts/demo.sh and scripts/test.sh. Source it, do not run it.
+# Helpers shared by scripts/demo.sh, scripts/test.sh and scripts/pythons.sh. Source it, do not run it.
 #
 # Settings (environment variables):
 #   CONVEYOR_PYTHON   interpreter that creates .venv            (default: python3)
@@ -26,7 +26,7 @@ die() {
 # True when the venv's interpreter runs and has pip.
 _venv_healthy() {
     [[ -x "$VENV_PY" ]] &&
-        "$VENV_PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' >/dev/null 2>&1 &&
+        "$VENV_PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 &&
         "$VENV_PY" -m pip --version >/dev/null 2>&1
 }
 
@@ -56,9 +56,9 @@ _ensure_venv_locked() {
     fi
     if [[ ! -e "$VENV" ]]; then
         command -v "$python" >/dev/null 2>&1 ||
-            die "$python not found: install Python 3.10 or newer (or set CONVEYOR_PYTHON)."
-        "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
-            die "$python is older than 3.10; conveyor needs Python 3.10 or newer."
+            die "$python not found: install Python 3.11 or newer (or set CONVEYOR_PYTHON)."
+        "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+            die "$python is older than 3.11; conveyor needs Python 3.11 or newer."
         step "Creating the virtualenv at $VENV with $("$python" --version 2>&1)"
         "$python" -m venv "$VENV" || die "could not create the virtualenv at $VENV"
     fi

@@ -7,15 +7,21 @@
 #   4. the C accelerator was built (unless CONVEYOR_NO_EXTENSIONS=1);
 #   5. pytest (the full suite, as configured in pyproject.toml), then the
 #      channel tests again on the pure-Python fallback (CONVEYOR_PURE_PYTHON=1);
-#   6. nox: the quick tests (pytest -m quick) on every other supported Python
-#      that this machine has; missing interpreters are skipped with a message.
+#   6. the quick tests (pytest -m quick) on every other supported Python
+#      (pyproject.toml's classifiers: 3.11 to 3.15): nox runs them on those this
+#      machine has (pyenv's included), scripts/pythons.sh on 3.14 and 3.15 when
+#      this machine lacks them, in a Debian chroot that it builds once and keeps
+#      (root only); an interpreter that neither can provide is skipped with a
+#      message.
 #
 #   scripts/test.sh [PYTEST ARGS...]      e.g. scripts/test.sh -k channel -x
 #
 # Settings (environment variables):
-#   CONVEYOR_SKIP_NOX=1        skip step 6
+#   CONVEYOR_SKIP_NOX=1        skip step 6 (every other Python)
+#   CONVEYOR_SKIP_CHROOT=1     skip the Pythons of the chroot only
 #   CONVEYOR_NO_EXTENSIONS=1   install without the C accelerator (step 4 then checks nothing)
-#   and those of scripts/lib.sh (CONVEYOR_PYTHON, CONVEYOR_VENV, CONVEYOR_EXTRAS).
+#   and those of scripts/lib.sh (CONVEYOR_PYTHON, CONVEYOR_VENV, CONVEYOR_EXTRAS) and
+#   scripts/pythons.sh (CONVEYOR_CHROOT, CONVEYOR_DEBIAN_MIRROR, CONVEYOR_CHROOT_EXTRAS).
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -140,10 +146,10 @@ check_accelerator() {
 
 run_pytest() {
     step "pytest $*"
-    local rc=0
+    local rc=0 started=$SECONDS
     pytest "$@" || rc=$?
     case "$rc" in
-        0) ;;
+        0) echo "==> pytest passed in $((SECONDS - started)) s" ;;
         5) die "pytest collected no tests (exit code 5): treated as a failure." ;;
         *) die "pytest failed (exit code $rc)" ;;
     esac
@@ -151,9 +157,9 @@ run_pytest() {
 
 # --- other interpreters ---------------------------------------------------------
 
-run_nox() {
+run_other_pythons() {
     if [[ -n "${CONVEYOR_SKIP_NOX:-}" && "${CONVEYOR_SKIP_NOX}" != 0 ]]; then
-        step "nox: skipped (CONVEYOR_SKIP_NOX=$CONVEYOR_SKIP_NOX)"
+        step "Other Pythons: skipped (CONVEYOR_SKIP_NOX=$CONVEYOR_SKIP_NOX)"
         return 0
     fi
     # The supported versions come from pyproject.toml's classifiers; the venv's
@@ -170,16 +176,36 @@ print(" ".join(v for v in versions if v != current))
 PY
 )" || die "could not read the supported Python versions from pyproject.toml"
     if [[ -z "$others" ]]; then
-        step "nox: no other supported Python versions to test"
+        step "No other supported Python versions to test"
         return 0
     fi
-    step "nox: quick tests on the other supported Pythons: $others"
-    # Missing interpreters are skipped (nox errors on them by default when CI is
-    # set), and never downloaded (NOX_DOWNLOAD_PYTHON: nox >= 2025.10.14).
+    # Those this machine has go to nox, the others to the chroot.
+    local here v
+    local -a lacking=()
     # shellcheck disable=SC2086  # $others is a list of versions
-    NOX_DOWNLOAD_PYTHON=never nox --noxfile "$ROOT/noxfile.py" --sessions quick --python $others \
-        --reuse-venv yes --no-error-on-missing-interpreters ||
-        die "nox: the quick tests failed on another Python version"
+    here="$("$VENV_PY" "$ROOT/noxfile.py" $others)" ||
+        die "could not tell which Python versions this machine has (python noxfile.py)"
+    for v in $others; do
+        [[ " $here " == *" $v "* ]] || lacking+=("$v")
+    done
+    if [[ -n "$here" ]]; then
+        local started=$SECONDS
+        step "nox: quick tests on the other supported Pythons this machine has: $here"
+        # Never downloaded (NOX_DOWNLOAD_PYTHON: nox >= 2025.10.14).
+        # shellcheck disable=SC2086  # $here is a list of versions
+        NOX_DOWNLOAD_PYTHON=never nox --noxfile "$ROOT/noxfile.py" --sessions quick --python $here \
+            --reuse-venv yes --no-error-on-missing-interpreters ||
+            die "nox: the quick tests failed on another Python version"
+        echo "==> nox: $here passed in $((SECONDS - started)) s"
+    fi
+    ((${#lacking[@]})) || return 0
+    if [[ -n "${CONVEYOR_SKIP_CHROOT:-}" && "${CONVEYOR_SKIP_CHROOT}" != 0 ]]; then
+        step "Python ${lacking[*]}: skipped (CONVEYOR_SKIP_CHROOT=$CONVEYOR_SKIP_CHROOT)"
+        return 0
+    fi
+    # It skips (exit code 0) where the chroot cannot be built, saying why.
+    bash "$ROOT/scripts/pythons.sh" quick "${lacking[@]}" ||
+        die "the quick tests failed on Python ${lacking[*]} (scripts/pythons.sh)"
 }
 
 main() {
@@ -190,8 +216,8 @@ main() {
     run_pytest "$@"
     step "The channel tests again, on the pure-Python fallback (CONVEYOR_PURE_PYTHON=1)"
     CONVEYOR_PURE_PYTHON=1 run_pytest -q tests/test_channel*.py tests/test_speedups.py
-    run_nox
-    step "All checks passed."
+    run_other_pythons
+    step "All checks passed in $SECONDS s."
 }
 
 # Run unless sourced (sourcing gives the functions alone, for debugging).

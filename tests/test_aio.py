@@ -418,7 +418,7 @@ def test_an_exception_in_an_async_stage_reaches_the_caller_as_itself(
 
 
 def notes(exc: BaseException) -> list[str]:
-    """The PEP 678 notes of ``exc`` (``__notes__`` is not typed on 3.10)."""
+    """The PEP 678 notes of ``exc`` (none: an empty list)."""
     return list(getattr(exc, "__notes__", []))
 
 

@@ -357,7 +357,7 @@ def test_an_unbounded_channel_is_never_full() -> None:
 
 
 def joiner_is_waiting(ch: Channel[Any]) -> Callable[[], bool]:
-    # Condition keeps its sleepers in `_waiters` (CPython 3.10-3.13 alike): the
+    # Condition keeps its sleepers in `_waiters` (CPython 3.11-3.15 alike): the
     # only way to know that join() is really blocked rather than not yet called.
     return lambda: len(ch.all_tasks_done._waiters) == 1  # type: ignore[attr-defined]
 

@@ -1,21 +1,21 @@
 """Tests of `conveyor.Channel`'s asyncio side, alone and mixed with threads.
 
-Written for Python 3.10 too: `asyncio.wait_for` rather than `asyncio.timeout`,
-no TaskGroup. Coroutines are known to be parked through the channel's
-statistics; threads are known to be parked the same way.
+Coroutines are known to be parked through the channel's statistics; threads
+are known to be parked the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
 
-from conveyor import Channel, ConfigurationError, Producer, ShutDown
+from conveyor import Channel, ConfigurationError, Empty, Producer, ShutDown
 from test_channel import Worker  # the same thread-runner as the thread-side tests
 
 pytestmark = [pytest.mark.quick, pytest.mark.timeout(20)]
@@ -528,5 +528,61 @@ def test_an_await_room_that_does_not_put_does_not_strand_a_parked_putter() -> No
         assert await waiter == 1
         await in_thread(putter.finish)
         assert ch.get_nowait() == 99
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------- wake-up paths
+
+
+def test_a_coroutine_woken_from_its_own_loop_is_not_woken_through_the_self_pipe() -> None:
+    """Same thread: `call_soon`; only a wake-up from another thread needs `call_soon_threadsafe`."""
+    calls: list[str] = []
+
+    class Loop(asyncio.SelectorEventLoop):
+        def call_soon_threadsafe(self, *args: Any, **kwargs: Any) -> Any:
+            calls.append("threadsafe")
+            return super().call_soon_threadsafe(*args, **kwargs)
+
+    async def main() -> None:
+        ch: Channel[str] = Channel(4)
+        parked = asyncio.ensure_future(ch.aget())
+        await until(parked_consumers(ch, 1))
+        await ch.aput("same loop")
+        assert await parked == "same loop"
+        assert calls == []
+        parked = asyncio.ensure_future(ch.aget())
+        await until(parked_consumers(ch, 1))
+        putter = threading.Thread(target=ch.put, args=("other thread",))
+        putter.start()
+        assert await parked == "other thread"
+        putter.join(WAIT)
+        assert calls == ["threadsafe"]
+
+    loop = Loop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(main(), WAIT))
+    finally:
+        loop.close()
+
+
+def test_aget_waits_when_the_item_it_saw_is_taken_before_it() -> None:
+    """aget's fast path saw an item that another consumer took first: it parks, not raises."""
+
+    async def main() -> None:
+        ch: Channel[str] = Channel(4)
+        ch.put("first")
+        real_get = ch.get
+
+        def raced(block: bool = True, timeout: float | None = None) -> str:
+            ch.get = real_get  # type: ignore[method-assign]
+            real_get(False)  # another consumer takes "first" in between
+            raise Empty
+
+        ch.get = raced  # type: ignore[method-assign]
+        waiting = asyncio.ensure_future(ch.aget())
+        await until(parked_consumers(ch, 1))
+        ch.put("second")
+        assert await waiting == "second"
 
     run(main())

@@ -207,8 +207,7 @@ def test_a_failing_pipeline_exits_1_with_the_traceback_and_the_stage(project: Pa
     assert "Traceback (most recent call last)" in result.stderr
     assert 'raise ValueError("seven is not allowed")' in result.stderr
     assert "conveyor: the run failed: ValueError: seven is not allowed" in result.stderr
-    if sys.version_info >= (3, 11):  # notes are printed with tracebacks since 3.11
-        assert "stage 'check' (map) failed on item 7" in result.stderr
+    assert "stage 'check' (map) failed on item 7" in result.stderr  # the note, under the traceback
     assert result.stdout == ""
 
 

@@ -334,6 +334,8 @@ def test_no_bottleneck_is_named_without_evidence() -> None:
         ({"runtime": "async"}, "more concurrency would help"),
         ({"runtime": "process", "workers": 1}, "more worker processes would help"),
         ({"runtime": "process", "workers": 4096}, "already cover the"),
+        ({"runtime": "interpreter", "workers": 1}, "more worker interpreters would help"),
+        ({"runtime": "interpreter", "workers": 4096}, "its 4096 interpreters already cover"),
     ],
 )
 def test_the_hint_depends_on_the_stages_runtime_and_cpu_use(

@@ -7,6 +7,7 @@ contract, and checks that no ``conveyor-*`` thread is left.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -193,8 +194,12 @@ def test_failures_are_listed_in_the_report_and_the_json() -> None:
     result = cv.Pipeline(range(5)).map(lambda x: 1 // (x - 2), on_error="skip").run()
     (failure,) = result.failures
     assert (failure.item, type(failure.error)) == (2, ZeroDivisionError)
-    assert "ZeroDivisionError" in result.report()
-    assert '"ZeroDivisionError: integer division or modulo by zero"' in result.to_json()
+    # The message is the interpreter's own (its wording changes between versions).
+    described = f"ZeroDivisionError: {failure.error}"
+    assert str(failure.error)
+    assert f"2 -> {described}" in result.report()
+    (listed,) = json.loads(result.to_json())["failures"]
+    assert listed == {"stage": "map", "item": "2", "error": described, "attempts": 1}
 
 
 # ---------------------------------------------------------------------- retries and backoff

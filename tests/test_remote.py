@@ -7,7 +7,6 @@ import json
 import pytest
 
 from conveyor.errors import RemoteError, RemoteTraceback
-from conveyor.policy import add_note
 from conveyor.remote import ExceptionRecord, capture, rebuild
 
 pytestmark = pytest.mark.quick
@@ -31,7 +30,7 @@ def _raised(exc: BaseException) -> BaseException:
 
 def test_an_exception_with_its_own_init_comes_back_as_itself_with_its_attributes() -> None:
     error = _raised(BadRow(7, "no name"))
-    add_note(error, "conveyor: stage 'parse' (map) failed on item 7")  # 3.10 has no add_note
+    error.add_note("conveyor: stage 'parse' (map) failed on item 7")
     record = ExceptionRecord.from_dict(json.loads(json.dumps(capture(error, json.dumps).as_dict())))
     back = rebuild(record)
     assert type(back) is BadRow

@@ -187,6 +187,12 @@ def _run_params() -> list[Param]:
         Param("iterate()", "progress", lambda v: runs("iterate", progress=v), bad_flag()),
         Param("iterate()", "backend", lambda v: runs("iterate", backend=v), BAD_BACKEND),
         Param("iterate()", "metrics", lambda v: runs("iterate", metrics=v), BAD_METRICS),
+        Param(
+            "iterate()",
+            "max_bytes",
+            lambda v: runs("iterate", max_bytes=v),
+            bad_count(1, optional=True),
+        ),
     ]
     for method in ("run", "start", "arun"):
         for name, bad in (
@@ -196,6 +202,7 @@ def _run_params() -> list[Param]:
             ("backend", BAD_BACKEND),
             ("report", _as(TYPE, st.one_of(st.integers(), st.just([])))),
             ("metrics", BAD_METRICS),
+            ("max_bytes", bad_count(1, optional=True)),
         ):
 
             def give(value: Any, method: str = method, name: str = name) -> object:
@@ -210,6 +217,12 @@ def _channel_params() -> list[Param]:
     timeout = bad_seconds(zero=True, maximum=None)
     return [
         Param("Channel", "maxsize", cv.Channel, bad_count(0, optional=True)),
+        Param(
+            "Channel",
+            "max_bytes",
+            lambda v: cv.Channel(4, max_bytes=v),
+            bad_count(1, optional=True),
+        ),
         Param("Channel.put()", "timeout", lambda v: ch.put(1, timeout=v), timeout),
         Param("Channel.get()", "timeout", lambda v: ch.get(timeout=v), timeout),
         Param("Channel.put_many()", "timeout", lambda v: ch.put_many([1], timeout=v), timeout),

@@ -82,6 +82,13 @@ static PyMethodDef speedups_methods[] = {
 };
 
 static PyModuleDef_Slot speedups_slots[] = {
+#ifdef Py_mod_multiple_interpreters
+    /* Safe in every interpreter, each with a GIL of its own (PEP 684): no
+     * static or global Python objects, no module state, no static types; the
+     * objects take() touches belong to the interpreter that calls it.
+     * Subinterpreter workers (runtime="interpreter") import it. */
+    {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
+#endif
 #ifdef Py_GIL_DISABLED
     /* take() keeps no state of its own: safe without the GIL. */
     {Py_mod_gil, Py_MOD_GIL_NOT_USED},

@@ -20,7 +20,6 @@ signal (`Backend.run` with ``stop=``) that a backend may replace.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -97,6 +96,8 @@ class Backend(ABC):
     ) -> RunResult:
         """`run` from async code: the run goes on in a thread, the loop keeps serving;
         cancelling the awaiting task stops the run and waits for its end."""
+        import asyncio
+
         handle = self.start(pipeline, collect=collect, progress=progress, report=report)
         try:
             return await asyncio.to_thread(handle.join)

@@ -38,11 +38,10 @@ Invariants, all under ``_lock``:
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 import threading
-from _thread import LockType
+from _thread import LockType, get_ident
 from _thread import allocate_lock as _allocate_lock
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -50,12 +49,15 @@ from dataclasses import dataclass
 from itertools import repeat, starmap
 from time import monotonic
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from .errors import Empty, Full, ShutDown
+from .errors import ConfigurationError, Empty, Full, ShutDown
 from .validate import check_int, check_seconds
 
-__all__ = ["ACCELERATED", "Channel", "ChannelStats", "Producer"]
+if TYPE_CHECKING:
+    import asyncio
+
+__all__ = ["ACCELERATED", "Channel", "ChannelStats", "Producer", "check_max_bytes", "size_of"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -112,6 +114,12 @@ class ChannelStats:
     """True once ``close()``/``shutdown()`` was called (items may still be left)."""
     open_producers: int
     """Producer handles not yet closed."""
+    max_bytes: int | None = None
+    """The byte budget (``Channel(..., max_bytes=)``); None: none, and bytes are not measured."""
+    bytes: int = 0
+    """Bytes of the items in the channel now, as the budget measures them (see `size_of`)."""
+    peak_bytes: int = 0
+    """The most bytes the channel has held at once since it was made."""
 
     @property
     def fill(self) -> float:
@@ -120,13 +128,14 @@ class ChannelStats:
 
 
 class _AsyncWaiter:
-    """A coroutine parked on a channel: its loop and the future it awaits."""
+    """A coroutine parked on a channel: its loop, the future it awaits, the loop's thread."""
 
-    __slots__ = ("future", "loop")
+    __slots__ = ("future", "loop", "thread")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.future: asyncio.Future[None] = loop.create_future()
+        self.thread = get_ident()  # created by a coroutine: the thread its loop runs in
 
 
 _Waiter = LockType | _AsyncWaiter
@@ -180,6 +189,35 @@ def _resolve(future: asyncio.Future[None]) -> None:
 _TIMEOUT_MAX = threading.TIMEOUT_MAX
 
 
+def size_of(item: object) -> int:
+    """The bytes an item counts for in a byte budget (``max_bytes``).
+
+    ``len()`` of `bytes` and `bytearray`; ``nbytes`` of anything that has an
+    int one (`memoryview`, NumPy arrays and other buffer types, found by the
+    attribute: NumPy is never imported for it); else ``sys.getsizeof``,
+    which is shallow: a list or dict counts its own table, not the objects
+    it refers to. Measured once, when the item is put.
+    """
+    if type(item) is bytes or type(item) is bytearray:
+        return len(item)
+    nbytes = getattr(item, "nbytes", None)
+    if type(nbytes) is int:
+        return nbytes
+    return sys.getsizeof(item)
+
+
+def check_max_bytes(max_bytes: object, where: str) -> int | None:
+    """Return ``max_bytes`` if it is None or a positive int; else raise, naming ``where``.
+
+    Raises:
+        ConfigurationTypeError: not an int (a bool is refused too).
+        ConfigurationError: zero or negative.
+    """
+    if max_bytes is None:
+        return None
+    return check_int(max_bytes, "max_bytes", where, 1)
+
+
 def _check_max_items(max_items: object, where: str) -> None:
     check_int(max_items, "max_items", where, 1)
 
@@ -200,10 +238,20 @@ class Channel(Generic[T]):
     Args:
         maxsize: the capacity. ``0`` (the default) means unbounded, as in
             `queue.Queue`. Must be a non-negative ``int``.
+        max_bytes: a budget in bytes for the items held, besides the count:
+            a put waits while the items in the channel and the new one would
+            exceed it. Sizes are measured by `size_of` (``len`` of bytes,
+            ``nbytes`` of buffers and arrays, shallow ``sys.getsizeof``
+            otherwise). An item larger than the whole budget still goes in,
+            alone (empty items aside), once the channel holds no bytes:
+            never a deadlock. A ``get_many`` batch stays within the budget
+            too (one item at least). None (the default): no budget, and no
+            measuring.
 
     Raises:
-        ConfigurationTypeError: ``maxsize`` is not an int.
-        ConfigurationError: ``maxsize`` is negative.
+        ConfigurationTypeError: ``maxsize`` or ``max_bytes`` is not an int.
+        ConfigurationError: ``maxsize`` is negative, or ``max_bytes`` is not
+            positive.
 
     Example:
         >>> ch = Channel(maxsize=2)
@@ -213,8 +261,27 @@ class Channel(Generic[T]):
         [1, None]
     """
 
-    def __init__(self, maxsize: int = 0) -> None:
+    max_bytes: int | None = None
+    """The byte budget, or None (see the class docstring)."""
+    _bytes = 0  # measured by a channel with a budget only (_BudgetChannel)
+    _peak_bytes = 0
+
+    def __new__(cls, maxsize: int = 0, max_bytes: int | None = None) -> Channel[T]:
+        # A byte budget is a subclass of its own, so that the plain channel's
+        # fast paths carry no test for it.
+        if max_bytes is None or cls is not Channel:
+            return object.__new__(cls)  # not super(): a Channel is made per stage and run
+        return object.__new__(_BudgetChannel)
+
+    def __init__(self, maxsize: int = 0, max_bytes: int | None = None) -> None:
         check_int(maxsize, "maxsize", "Channel", 0)  # 0: unbounded
+        if max_bytes is not None:
+            check_max_bytes(max_bytes, "Channel")
+            if type(self) is not _BudgetChannel:
+                raise ConfigurationError(
+                    f"Channel 'max_bytes' is not supported by a subclass "
+                    f"({type(self).__name__}): use Channel itself"
+                )
         self.maxsize = maxsize
         self.queue: Any
         self._init(maxsize)
@@ -277,7 +344,12 @@ class Channel(Generic[T]):
             waiter = waiters.popleft()
             if type(waiter) is _AsyncWaiter:
                 try:
-                    waiter.loop.call_soon_threadsafe(_resolve, waiter.future)
+                    if waiter.thread == get_ident():
+                        # From its own loop's thread: no need to wake the loop through
+                        # its self-pipe (a write, and a turn of the loop to read it).
+                        waiter.loop.call_soon(_resolve, waiter.future)
+                    else:
+                        waiter.loop.call_soon_threadsafe(_resolve, waiter.future)
                 except RuntimeError:  # its loop is closed: nobody is left to wake
                     continue
             else:
@@ -305,7 +377,7 @@ class Channel(Generic[T]):
 
     def _relay_room(self) -> None:
         """A woken producer leaving room behind wakes the next parked one."""
-        if self._putters and (self.maxsize <= 0 or len(self._items) < self.maxsize):
+        if self._putters and not self._no_room():
             self._wake_one(self._putters)
 
     def _wake_everyone(self) -> None:
@@ -345,12 +417,17 @@ class Channel(Generic[T]):
                 waiters.woken -= 1
             self._wake(waiters, 1)
 
-    def _wait_for_room(self, block: bool, timeout: float | None) -> None:
-        """Park until there is room, or raise Full / ShutDown (lock held)."""
+    def _no_room(self, need: int = 1) -> bool:
+        """True when an item of ``need`` bytes does not fit now (lock held; slow paths only:
+        the fast paths of put() and put_many() test the capacity inline)."""
+        return 0 < self.maxsize <= len(self._items)
+
+    def _wait_for_room(self, block: bool, timeout: float | None, need: int = 1) -> None:
+        """Park until an item of ``need`` bytes fits, or raise Full / ShutDown (lock held)."""
         if not block:
             raise Full
         deadline = None if timeout is None else monotonic() + timeout
-        while 0 < self.maxsize <= len(self._items):
+        while self._no_room(need):
             if deadline is None:
                 self._sleep(self._putters, None)
             else:
@@ -465,7 +542,7 @@ class Channel(Generic[T]):
 
     def full(self) -> bool:
         """Return True if the channel is at capacity now (approximate)."""
-        return 0 < self.maxsize <= len(self._items)
+        return self._no_room()
 
     def task_done(self) -> None:
         """Mark one item taken with get() as processed, for `join()`.
@@ -684,7 +761,7 @@ class Channel(Generic[T]):
         with self._lock:
             if self.is_shutdown:
                 raise ShutDown("wait_for_room() on a closed channel")
-            slept = 0 < self.maxsize <= len(self._items)
+            slept = self._no_room()
             if slept:
                 self._wait_for_room(True, timeout)
             if self.maxsize <= 0:
@@ -709,7 +786,7 @@ class Channel(Generic[T]):
             with self._lock:
                 if self.is_shutdown:
                     raise ShutDown("await_room() on a closed channel")
-                if not 0 < self.maxsize <= len(self._items):
+                if not self._no_room():
                     if parked:
                         self._relay_room()  # as in wait_for_room()
                     return self.maxsize - len(self._items) if self.maxsize > 0 else sys.maxsize
@@ -755,17 +832,17 @@ class Channel(Generic[T]):
 
     # ------------------------------------------------------------------ asyncio side
 
-    async def _until_done(self, attempt: Callable[[], R], room_side: bool) -> R:
+    async def _until_done(self, attempt: Callable[[], R], room_side: bool, need: int = 1) -> R:
         """Run the non-blocking ``attempt`` until it neither raises `Full` (room side)
         nor `Empty` (item side), parking in between; after a wake-up, relay as
-        threads do."""
+        threads do. ``need``: the bytes the item put takes (a byte budget)."""
         waiters, missing = (self._putters, Full) if room_side else (self._getters, Empty)
         parked = False
         while True:
             try:
                 result = attempt()
             except missing:
-                await self._park(waiters, room_side)
+                await self._park(waiters, room_side, need)
                 parked = True
                 continue
             if parked:
@@ -776,14 +853,14 @@ class Channel(Generic[T]):
                         self._relay_items()
             return result
 
-    async def _park(self, waiters: _Waiters, room_side: bool) -> None:
+    async def _park(self, waiters: _Waiters, room_side: bool, need: int = 1) -> None:
         """Park the current coroutine on ``waiters`` until woken (called without the lock)."""
+        import asyncio  # loaded by then: a coroutine is running
+
         waiter = _AsyncWaiter(asyncio.get_running_loop())
         with self._lock:
             # Re-check under the lock: the state may have changed since the caller looked.
-            if self.is_shutdown or (
-                not 0 < self.maxsize <= len(self._items) if room_side else bool(self._items)
-            ):
+            if self.is_shutdown or (not self._no_room(need) if room_side else bool(self._items)):
                 return
             waiters.append(waiter)
         try:
@@ -801,7 +878,10 @@ class Channel(Generic[T]):
         Raises:
             ShutDown: the channel is closed.
         """
-        await self._until_done(lambda: self.put(item, False), room_side=True)
+        try:  # the fast path, as in aget()
+            self.put(item, False)
+        except Full:
+            await self._until_done(lambda: self.put(item, False), room_side=True)
 
     async def aget(self) -> T:
         """Take an item from a coroutine, waiting without blocking the event loop.
@@ -809,6 +889,11 @@ class Channel(Generic[T]):
         Raises:
             ShutDown: the channel is closed and drained.
         """
+        if self._items:  # the fast path, no closure nor coroutine: try at once (as trio does)
+            try:
+                return self.get(False)
+            except Empty:  # another consumer was first: wait as usual
+                pass
         return await self._until_done(lambda: self.get(False), room_side=False)
 
     async def aput_many(self, items: Iterable[T]) -> None:
@@ -823,6 +908,8 @@ class Channel(Generic[T]):
                 first ones, in order). Under `asyncio.timeout` the
                 `TimeoutError` raised has that CancelledError as ``__cause__``.
         """
+        import asyncio  # loaded by then: a coroutine is running
+
         pending = items if isinstance(items, list) else list(items)
         done = 0
 
@@ -848,6 +935,11 @@ class Channel(Generic[T]):
 
     async def aget_many(self, max_items: int = 64) -> list[T]:
         """Take between 1 and ``max_items`` items from a coroutine."""
+        if self._items:  # as in aget()
+            try:
+                return self.get_many(max_items, False)
+            except Empty:
+                pass
         return await self._until_done(lambda: self.get_many(max_items, False), room_side=False)
 
     async def __aiter__(self) -> AsyncIterator[T]:
@@ -873,11 +965,138 @@ class Channel(Generic[T]):
                 total_got=self._total_put - len(self._items),
                 closed=self.is_shutdown,
                 open_producers=self._open_producers,
+                max_bytes=self.max_bytes,
+                bytes=self._bytes,
+                peak_bytes=self._peak_bytes,
             )
 
     def __repr__(self) -> str:
         state = "closed" if self.is_shutdown else "open"
         return f"<Channel {state} size={len(self._items)} maxsize={self.maxsize}>"
+
+
+class _BudgetChannel(Channel[T]):
+    """A `Channel` with a byte budget (``Channel(maxsize, max_bytes=...)`` makes one).
+
+    Besides the count, ``_bytes`` (the sizes of the items held, by `size_of`,
+    each measured once at its put and kept in ``_sizes``, in step with the
+    items) stays within ``max_bytes``, except for a single item larger than
+    the budget, which goes in alone. Puts and gets here are the item-by-item
+    forms; ``get_many`` keeps the C accelerator (`_take`) for both deques.
+    A get wakes every parked producer, since each waits for room for its own
+    item's size: one woken whose item does not fit parks again, and the
+    others are not left asleep with room for theirs.
+    """
+
+    def __init__(self, maxsize: int = 0, max_bytes: int | None = None) -> None:
+        super().__init__(maxsize, max_bytes)
+        assert max_bytes is not None
+        self.max_bytes = max_bytes
+        self._sizes: deque[int] = deque()  # the size of each item of _items, in order
+
+    def _no_room(self, need: int = 1) -> bool:
+        budget = self.max_bytes
+        assert budget is not None
+        return 0 < self.maxsize <= len(self._items) or (
+            self._bytes > 0 and self._bytes + need > budget
+        )
+
+    def _add(self, item: T, size: int) -> None:
+        self._items.append(item)
+        self._sizes.append(size)
+        self._bytes += size
+        self._peak_bytes = max(self._peak_bytes, self._bytes)
+        self._total_put += 1
+
+    def _room_made(self, woken: bool) -> None:
+        """After a get (lock held): wake every parked producer; relay if we were woken."""
+        self._wake(self._putters, len(self._putters))
+        if woken:
+            self._relay_items()
+
+    def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
+        """`Channel.put`, waiting also for the bytes of ``item`` to fit in the budget."""
+        size = size_of(item)
+        if timeout is not None:
+            _check_timeout(timeout, "Channel.put()")
+        with self._lock:
+            if self.is_shutdown:
+                raise ShutDown("put() on a closed channel")
+            if self._no_room(size):
+                self._wait_for_room(block, timeout, size)
+                try:
+                    self._add(item, size)
+                finally:
+                    self._relay_room()
+            else:
+                self._add(item, size)
+            if self._getters:
+                self._wake(self._getters, 1)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> T:
+        """`Channel.get`."""
+        return self.get_many(1, block, timeout)[0]
+
+    def put_many(
+        self, items: Iterable[T], block: bool = True, timeout: float | None = None
+    ) -> None:
+        """`Channel.put_many`, one `put` per item."""
+        self._put_each(items if isinstance(items, list) else list(items), block, timeout)
+
+    def get_many(
+        self, max_items: int = 64, block: bool = True, timeout: float | None = None
+    ) -> list[T]:
+        """`Channel.get_many`; a batch holds at most ``max_bytes`` too (one item at least)."""
+        if type(max_items) is not int or max_items < 1:
+            _check_max_items(max_items, "Channel.get_many()")
+        if timeout is not None:
+            _check_timeout(timeout, "Channel.get_many()")
+        with self._lock:
+            woken = not self._items
+            if woken:
+                if self.is_shutdown:
+                    raise ShutDown
+                self._wait_for_item(block, timeout)
+            n = self._batch_length(max_items)
+            batch = _take(self._items, n)  # type: ignore[arg-type]  # never hooked: the deque
+            self._bytes -= sum(_take(self._sizes, n))
+            self._room_made(woken)
+            return batch
+
+    def _batch_length(self, max_items: int) -> int:
+        """How many of the oldest items, at most ``max_items``, fit in the budget (one at least)."""
+        budget = self.max_bytes
+        assert budget is not None
+        if self._bytes <= budget:
+            return min(max_items, len(self._sizes))
+        total = n = 0
+        for size in self._sizes:
+            total += size
+            if n == max_items or (n and total > budget):
+                break
+            n += 1
+        return n
+
+    async def aput(self, item: T) -> None:
+        """`Channel.aput`, waiting also for the bytes of ``item`` to fit in the budget."""
+        await self._until_done(lambda: self.put(item, False), True, size_of(item))
+
+    async def aput_many(self, items: Iterable[T]) -> None:
+        """`Channel.aput_many`, one `aput` per item (each waits for its own size)."""
+        for done, item in enumerate(items if isinstance(items, list) else list(items)):
+            try:
+                await self.aput(item)
+            except ShutDown as exc:
+                raise self._partial(exc, done) from None
+
+    def shutdown(self, immediate: bool = False) -> None:
+        """`Channel.shutdown`; an immediate one also forgets the sizes of the items dropped."""
+        super().shutdown(immediate)
+        if immediate:
+            # The items are gone and no put can come (closed): only the sizes are left.
+            with self._lock:
+                self._sizes.clear()
+                self._bytes = 0
 
 
 def _refuse_put(*args: Any, **kwargs: Any) -> None:

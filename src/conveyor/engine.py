@@ -27,9 +27,9 @@ left (`Run.note_left_behind`).
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import logging
+import sys
 import threading
 import weakref
 from collections import deque
@@ -37,7 +37,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, I
 from contextlib import contextmanager
 from itertools import islice
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .channel import Channel, Producer
 from .errors import Empty, PipelineStopped, ShutDown
@@ -55,6 +55,9 @@ from .runtime.base import get_runtime as _get_runtime
 from .runtime.ports import ChannelIO
 from .runtime.threads import join_threads
 from .stage import DEFAULT_CAPACITY, Stage
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["ABORT_WAIT", "JOIN_TIMEOUT", "Run", "wait_interruptibly"]
 
@@ -104,6 +107,7 @@ class Run:
         loop: asyncio.AbstractEventLoop | None = None,
         output_capacity: int = DEFAULT_CAPACITY,
         abort_wait: float = ABORT_WAIT,
+        max_bytes: int | None = None,
     ) -> None:
         self.control = RunControl()
         self.abort_wait = abort_wait
@@ -113,7 +117,9 @@ class Run:
         self.control.loop = loop
         self.stages = stages
         caps = [s.capacity for s in stages] + [output_capacity]
-        self.channels: list[Channel[Any]] = [Channel(c) for c in caps]
+        # A run's byte budget is split evenly between its channels (see docs/design.md).
+        share = None if max_bytes is None else max(1, max_bytes // len(caps))
+        self.channels: list[Channel[Any]] = [Channel(c, max_bytes=share) for c in caps]
         self.metrics = [StageMetrics(s, self.channels[i]) for i, s in enumerate(stages)]
         self.stage_runs = [
             StageRun(s, i, self._io(i), self.control, self.metrics[i]) for i, s in enumerate(stages)
@@ -205,6 +211,8 @@ class Run:
         """The feeder thread: pull the source into channel 0, never ahead of the room."""
         with self._feeding() as handle:
             if isinstance(self._source, AsyncIterable):
+                import asyncio
+
                 asyncio.run(self._feed_async(self._source, handle))
             elif isinstance(self._source, _IN_MEMORY):
                 self._feed_chunks(iter(self._source), handle)
@@ -224,12 +232,12 @@ class Run:
             yield handle
         except ShutDown:
             pass  # the run was aborted, or stopped with drain=True
-        except asyncio.CancelledError:
-            if not self.control.stopped.is_set():
-                raise  # not our abort: the caller's loop is shutting down
         except BaseException as exc:
-            add_note(exc, f"conveyor: the source failed after {self.pulled} items")
-            self.control.fail(exc)
+            if not _cancelled(exc):
+                add_note(exc, f"conveyor: the source failed after {self.pulled} items")
+                self.control.fail(exc)
+            elif not self.control.stopped.is_set():
+                raise  # not our abort: the caller's loop is shutting down
         finally:
             handle.close()
 
@@ -445,6 +453,8 @@ class Run:
             return
         if self.control.stopped.is_set():
             timeout = min(timeout, self.abort_wait)
+        import asyncio
+
         deadline = perf_counter() + timeout
         task = self._feeder_task
         if task is not None:
@@ -507,6 +517,12 @@ def wait_interruptibly(wait: Callable[[float | None], bool], timeout: float | No
 
 _IN_MEMORY = (list, tuple, range, dict, set, frozenset, str, bytes, bytearray, deque)
 """Sources the feeder may read in chunks: iterating them never blocks."""
+
+
+def _cancelled(exc: BaseException) -> bool:
+    """True for asyncio's CancelledError, without importing asyncio (none exists before it)."""
+    asyncio = sys.modules.get("asyncio")
+    return asyncio is not None and isinstance(exc, asyncio.CancelledError)
 
 
 def _next_chunk_size(size: int, seconds: float) -> int:

@@ -15,10 +15,12 @@ import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, PipelineLoadError
-from .pipeline import Pipeline
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 __all__ = ["PipelineLoadError", "load_pipeline", "parse_overrides"]
 
@@ -46,6 +48,8 @@ def load_pipeline(path: str) -> Pipeline[Any]:
         suggestion = module_name[:-3].replace("/", ".").replace(os.sep, ".")
         raise ConfigurationError(f"give a module name, not a file: {suggestion}:{attr_path}")
     module = _import(module_name)
+    from .pipeline import Pipeline  # after the user's module: `conveyor --help` stays light
+
     target: Any = module
     for part in attr_path.split("."):
         try:
@@ -96,6 +100,8 @@ def _import(module_name: str) -> ModuleType:
 
 
 def _missing_attribute(module: ModuleType, module_name: str, attr_path: str) -> str:
+    from .pipeline import Pipeline
+
     found = sorted(
         name
         for name, value in vars(module).items()

@@ -29,7 +29,6 @@ this module, never the reverse.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
@@ -197,7 +196,7 @@ class StageStats:
     kind: str
     """map, filter, flat_map, batch or each."""
     runtime: str
-    """thread, process or async."""
+    """thread, process, async or interpreter."""
     workers: int
     """Workers the stage runs."""
     items_in: int
@@ -661,12 +660,13 @@ def _stage_evidence(s: StageStats, fill: float | None) -> str:
 def _stage_hint(s: StageStats) -> str:
     if s.kind == "batch":
         return "a batch stage only groups items: a larger capacity after it may help"
-    if s.runtime == "process":
+    if s.runtime in ("process", "interpreter"):
         cores = os.cpu_count() or 1
+        workers = "processes" if s.runtime == "process" else "interpreters"
         if s.workers < cores:
-            return f"more worker processes would help (this machine has {cores} cores)"
+            return f"more worker {workers} would help (this machine has {cores} cores)"
         return (
-            f"its {s.workers} processes already cover the {cores} cores: "
+            f"its {s.workers} {workers} already cover the {cores} cores: "
             "make the work cheaper, or spread it over more machines"
         )
     if s.runtime == "async":
@@ -735,6 +735,8 @@ class RunResult:
 
     def to_json(self) -> str:
         """The statistics, bottleneck, failures and timeline as a JSON document."""
+        import json
+
         return json.dumps(self.as_dict(), indent=2)
 
 

@@ -8,9 +8,6 @@ can be iterated again). Running it creates a `conveyor.engine.Run`.
 
 from __future__ import annotations
 
-import asyncio
-import difflib
-import sys
 import threading
 from collections.abc import (
     AsyncGenerator,
@@ -24,23 +21,23 @@ from collections.abc import (
 )
 from contextlib import aclosing
 from os import PathLike
-from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, Unpack, overload
 
 from .backends import Backend, BackgroundRun, LocalBackend, check_backend
+from .channel import check_max_bytes
 from .engine import JOIN_TIMEOUT, Run, wait_interruptibly
 from .errors import ConfigurationError, ConfigurationTypeError
 from .metrics import MetricsExporter, RunResult, StageStats
 from .stage import (
     DEFAULT_CAPACITY,
     ON_ERROR,
-    RUNTIMES,
     Backoff,
     Kind,
     OnError,
     RuntimeName,
     Stage,
+    check_runtime,
 )
 from .validate import (
     MAX_TASKS,
@@ -53,12 +50,10 @@ from .validate import (
     check_str,
 )
 
-if sys.version_info >= (3, 11):
-    from typing import Unpack
-else:
-    from typing_extensions import Unpack
-
 if TYPE_CHECKING:
+    import asyncio
+    from pathlib import Path
+
     from .progress import Monitor
 
 __all__ = ["Pipeline", "RunHandle", "StageOptions"]
@@ -98,11 +93,12 @@ class StageOptions(_Options, total=False):
 
     Keys:
         workers: how many workers call the function in parallel (>= 1;
-            default 1): at most 1024 threads or processes
+            default 1): at most 1024 threads, processes or interpreters
             (`conveyor.validate.MAX_WORKERS`), 100 000 coroutines.
-        runtime: ``"thread"`` (default), ``"process"`` (CPU-bound Python)
-            or ``"async"`` (a coroutine function; ``workers`` is the
-            concurrency).
+        runtime: ``"thread"`` (default), ``"process"`` (CPU-bound Python),
+            ``"async"`` (a coroutine function; ``workers`` is the
+            concurrency) or ``"interpreter"`` (CPU-bound Python in
+            subinterpreters of this process; Python 3.14+).
         capacity: the size of the channel in front of the stage (>= 1;
             default 1024).
         ordered: keep input order across workers (default), or let results
@@ -113,7 +109,10 @@ class StageOptions(_Options, total=False):
         timeout: seconds one call may take before it counts as failed with
             `TimeoutError` (then ``retries`` and ``on_error`` apply); > 0 and
             at most 1 000 000 (`conveyor.validate.MAX_SECONDS`); default
-            None, no limit.
+            None, no limit. The overrunning call: a coroutine is
+            cancelled, a worker process killed; a thread or an interpreter
+            cannot be stopped, so the call is given up and finishes in the
+            background.
         on_error: ``"raise"`` (default) stops the run with the error;
             ``"skip"`` records the item in ``result.failures`` and goes on.
         name: the stage's name in errors and reports, unique in the
@@ -125,9 +124,9 @@ class StageOptions(_Options, total=False):
 
     `Pipeline.map` also takes ``max_items_per_worker`` (>= 1, default None:
     never): a worker starts afresh after this many items, for code that
-    leaks. A process worker is replaced by a new process; a thread worker
-    runs ``on_stop`` then ``on_start`` again (a new `conveyor.worker_state()`).
-    Refused with ``runtime="async"``.
+    leaks. A process or interpreter worker is replaced by a new one; a thread
+    worker runs ``on_stop`` then ``on_start`` again (a new
+    `conveyor.worker_state()`). Refused with ``runtime="async"``.
     """
 
     runtime: RuntimeName
@@ -300,7 +299,8 @@ class Pipeline(Generic[T]):
 
         Args:
             fn: the function (a coroutine function with ``runtime="async"``).
-            runtime: ``"thread"`` (default), ``"process"`` or ``"async"``.
+            runtime: ``"thread"`` (default), ``"process"``, ``"async"`` or
+                ``"interpreter"`` (Python 3.14+).
             **options: the stage's options, keyword-only and optional: see
                 `StageOptions` (``workers``, ``retries``, ``timeout``, ...);
                 ``map`` also takes ``max_items_per_worker``.
@@ -396,12 +396,13 @@ class Pipeline(Generic[T]):
         method: str,
         loop: asyncio.AbstractEventLoop | None = None,
         metrics: MetricsExporter | None = None,
+        max_bytes: int | None = None,
         start: bool = True,
     ) -> Run:
         """A run of this pipeline, started unless ``start`` is False (then the caller
         starts it inside the ``try`` that ends it: Ctrl-C may land as it starts)."""
         self._check_runnable(method)
-        run = Run(self._source, list(self._stages), loop=loop)
+        run = Run(self._source, list(self._stages), loop=loop, max_bytes=max_bytes)
         if metrics is not None:
             metrics.watch(run)  # read at scrapes, never on the workers' path
         self._runs.append(run)
@@ -415,6 +416,7 @@ class Pipeline(Generic[T]):
         backend: Backend | None = None,
         progress: bool = False,
         metrics: MetricsExporter | None = None,
+        max_bytes: int | None = None,
     ) -> Iterator[T]:
         """Run the pipeline and yield the last stage's outputs lazily (``for x in
         pipeline`` is ``pipeline.iterate()``).
@@ -424,12 +426,13 @@ class Pipeline(Generic[T]):
                 ``conveyor.RedisBackend(url)``.
             progress: show the run's progress (with a backend that has it).
             metrics: as for `run`.
+            max_bytes: as for `run`.
 
         Breaking out of the loop stops the run and joins its workers; on
         Redis, the run stays there to be resumed with its ``run_id``.
         """
         check_bool(progress, "progress", "iterate()")
-        chosen = _remote(backend, "iterate()", None, metrics)
+        chosen = _remote(backend, "iterate()", None, metrics, max_bytes)
         if chosen is not None:
             self._check_runnable("iterate()", chosen)
             return chosen.iterate(self, progress=progress)
@@ -438,17 +441,19 @@ class Pipeline(Generic[T]):
                 "iterate() 'progress': a run on this machine shows its progress with "
                 "run(progress=True) or start(progress=True)"
             )
-        return self._iterate("iterate()", metrics)
+        return self._iterate("iterate()", metrics, max_bytes)
 
     def __iter__(self) -> Iterator[T]:
         """Run the pipeline and yield the last stage's outputs lazily.
 
         Breaking out of the loop stops the run and joins its workers.
         """
-        return self._iterate("iterating a pipeline", None)
+        return self._iterate("iterating a pipeline", None, None)
 
-    def _iterate(self, method: str, metrics: MetricsExporter | None) -> Iterator[T]:
-        run = self._new_run(method, metrics=metrics, start=False)
+    def _iterate(
+        self, method: str, metrics: MetricsExporter | None, max_bytes: int | None
+    ) -> Iterator[T]:
+        run = self._new_run(method, metrics=metrics, max_bytes=max_bytes, start=False)
         try:
             run.start()
             for chunk in run.outputs():
@@ -468,6 +473,7 @@ class Pipeline(Generic[T]):
         stall_timeout: float | None = None,
         backend: Backend | None = None,
         metrics: MetricsExporter | None = None,
+        max_bytes: int | None = None,
     ) -> RunResult:
         """Run to completion and return the per-stage statistics.
 
@@ -491,6 +497,13 @@ class Pipeline(Generic[T]):
                 scraped, e.g. ``conveyor.prometheus.PrometheusExporter(port=9000)``
                 (see docs/observability.md); runs in this process only (Redis
                 workers serve theirs with ``conveyor worker --metrics-port``).
+            max_bytes: a memory budget in bytes for the items waiting in the
+                run's channels, split evenly between them (the N stages'
+                input channels and the output: ``max_bytes // (N + 1)``
+                each; see `conveyor.Channel` for how items are measured). A
+                worker holds one batch at a time, which a budget keeps
+                within its input channel's share. Runs in this process only:
+                a backend refuses it.
 
         Raises:
             Exception: the first error of a stage with ``on_error="raise"``,
@@ -498,14 +511,14 @@ class Pipeline(Generic[T]):
             PipelineStopped: the run was stopped from elsewhere.
         """
         _check_flags("run()", collect=collect, progress=progress)
-        remote = _remote(backend, "run()", stall_timeout, metrics)
+        remote = _remote(backend, "run()", stall_timeout, metrics, max_bytes)
         if remote is not None:
             self._check_runnable("run()", remote)
             return remote.run(self, collect=collect, progress=progress, report=report)
         watch = _check_watch("run()", report, stall_timeout)
         outputs: list[Any] | None = [] if collect else None
         monitor: Monitor | None = None
-        run = self._new_run("run()", metrics=metrics, start=False)
+        run = self._new_run("run()", metrics=metrics, max_bytes=max_bytes, start=False)
         try:
             run.start()
             monitor = _start_monitor(run, self._source, progress, *watch)
@@ -542,6 +555,8 @@ class Pipeline(Generic[T]):
         return self._aiterate()
 
     async def _aiterate(self) -> AsyncGenerator[T, None]:
+        import asyncio  # loaded by then: a coroutine is running
+
         run = self._new_run("iterating a pipeline", loop=asyncio.get_running_loop())
         try:
             async with aclosing(run.aoutputs()) as chunks:
@@ -563,6 +578,7 @@ class Pipeline(Generic[T]):
         stall_timeout: float | None = None,
         backend: Backend | None = None,
         metrics: MetricsExporter | None = None,
+        max_bytes: int | None = None,
     ) -> RunResult:
         """`run` from async code: ``await pipeline.arun()``, on the caller's event loop.
 
@@ -582,6 +598,7 @@ class Pipeline(Generic[T]):
             metrics: as for `run`.
             backend: as for `run`; the loop keeps serving while the backend's
                 run goes on (in a thread), and cancelling stops that run.
+            max_bytes: as for `run`.
 
         Raises:
             Exception: as `run` does: the first error of a stage with
@@ -589,12 +606,16 @@ class Pipeline(Generic[T]):
             PipelineStopped: the run was stopped from elsewhere.
         """
         _check_flags("arun()", collect=collect, progress=progress)
-        remote = _remote(backend, "arun()", stall_timeout, metrics)
+        remote = _remote(backend, "arun()", stall_timeout, metrics, max_bytes)
         if remote is not None:
             self._check_runnable("arun()", remote)
             return await remote.arun(self, collect=collect, progress=progress, report=report)
+        import asyncio  # loaded by then: a coroutine is running
+
         watch = _check_watch("arun()", report, stall_timeout)
-        run = self._new_run("arun()", loop=asyncio.get_running_loop(), metrics=metrics)
+        run = self._new_run(
+            "arun()", loop=asyncio.get_running_loop(), metrics=metrics, max_bytes=max_bytes
+        )
         outputs: list[Any] | None = [] if collect else None
         monitor: Monitor | None = None
         try:
@@ -627,6 +648,7 @@ class Pipeline(Generic[T]):
         stall_timeout: float | None = ...,
         backend: None = ...,
         metrics: MetricsExporter | None = ...,
+        max_bytes: int | None = ...,
     ) -> RunHandle: ...
 
     @overload
@@ -639,6 +661,7 @@ class Pipeline(Generic[T]):
         stall_timeout: float | None = ...,
         backend: Backend,
         metrics: MetricsExporter | None = ...,
+        max_bytes: int | None = ...,
     ) -> RunHandle | BackgroundRun: ...
 
     def start(
@@ -650,6 +673,7 @@ class Pipeline(Generic[T]):
         stall_timeout: float | None = None,
         backend: Backend | None = None,
         metrics: MetricsExporter | None = None,
+        max_bytes: int | None = None,
     ) -> RunHandle | BackgroundRun:
         """Start a run in the background and return its handle.
 
@@ -657,12 +681,12 @@ class Pipeline(Generic[T]):
         handle is a `conveyor.backends.BackgroundRun` (stop, done, join, stats).
         """
         _check_flags("start()", collect=collect, progress=progress)
-        remote = _remote(backend, "start()", stall_timeout, metrics)
+        remote = _remote(backend, "start()", stall_timeout, metrics, max_bytes)
         if remote is not None:
             self._check_runnable("start()", remote)
             return remote.start(self, collect=collect, progress=progress, report=report)
         watch = _check_watch("start()", report, stall_timeout)
-        run = self._new_run("start()", metrics=metrics)
+        run = self._new_run("start()", metrics=metrics, max_bytes=max_bytes)
         monitor = _start_monitor(run, self._source, progress, *watch)
         return RunHandle(run, collect, self._runs, monitor)
 
@@ -692,13 +716,24 @@ class Pipeline(Generic[T]):
 
 
 def _remote(
-    backend: object, method: str, stall_timeout: object, metrics: object = None
+    backend: object,
+    method: str,
+    stall_timeout: object,
+    metrics: object = None,
+    max_bytes: object = None,
 ) -> Backend | None:
     """The backend to hand the run to; None for a run in this process (the default)."""
     chosen = check_backend(backend, method)
     _check_metrics(metrics, method, chosen)
+    check_max_bytes(max_bytes, method)
     if chosen is None or isinstance(chosen, LocalBackend):
         return None
+    if max_bytes is not None:
+        raise ConfigurationError(
+            f"{method} 'max_bytes' bounds the memory of a run in this process; "
+            f"{type(chosen).__name__} does not support it (its streams are bounded by "
+            f"item counts: each stage's capacity)"
+        )
     if stall_timeout is not None:
         raise ConfigurationError(
             f"{method} 'stall_timeout' applies to runs in this process, not with a "
@@ -777,6 +812,8 @@ def _check_keywords(method: str, options: Mapping[str, Any], allowed: frozenset[
     """Refuse a keyword argument that is not an option of ``method``, as Python would."""
     for key in options:
         if key not in allowed:
+            import difflib  # an error path
+
             close = difflib.get_close_matches(key, sorted(allowed), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise TypeError(f"{method}() got an unexpected keyword argument {key!r}{hint}")
@@ -808,6 +845,11 @@ def _check_choice_of(choices: tuple[str, ...]) -> _Check:
     return check
 
 
+def _check_runtime(value: object, param: str, method: str) -> object:
+    check_runtime(value, param, method)
+    return value
+
+
 def _check_at_least(minimum: int, maximum: int | None = None, *, optional: bool = False) -> _Check:
     def check(value: object, param: str, method: str) -> object:
         if optional and value is None:
@@ -829,7 +871,7 @@ _CHECKS: dict[str, _Check] = {
     # Each raises an error naming the option and the method. One line per option.
     # The per-runtime limit on workers is checked with the runtime (_check_combination).
     "workers": _check_at_least(1, MAX_TASKS),
-    "runtime": _check_choice_of(RUNTIMES),
+    "runtime": _check_runtime,
     "capacity": _check_at_least(1),
     "ordered": check_bool,
     "retries": _check_at_least(0),
@@ -867,9 +909,9 @@ def _check_combination(stage: Stage, method: str) -> None:
         )
     if stage.runtime == "async" and stage.max_items_per_worker is not None:
         raise ConfigurationError(
-            f"{method} 'max_items_per_worker' applies to runtime='thread' or 'process' "
-            f"(a worker is recycled after that many items); an async stage's workers are "
-            f"coroutines: got runtime='async' with max_items_per_worker="
+            f"{method} 'max_items_per_worker' applies to runtime='thread', 'process' or "
+            f"'interpreter' (a worker is recycled after that many items); an async "
+            f"stage's workers are coroutines: got runtime='async' with max_items_per_worker="
             f"{stage.max_items_per_worker}"
         )
 

@@ -22,9 +22,7 @@ only cost something for the items that need them.
 
 from __future__ import annotations
 
-import asyncio
 import reprlib
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,15 +69,8 @@ def add_stage_note(exc: BaseException, stage: Stage, item: Any) -> BaseException
 
 
 def add_note(exc: BaseException, note: str) -> BaseException:
-    """Attach a PEP 678 note to ``exc`` (also on 3.10, as ``__notes__``); return ``exc``."""
-    if sys.version_info >= (3, 11):
-        exc.add_note(note)
-    else:  # 3.10: keep the notes where 3.11+ would, for callers that read them
-        notes = getattr(exc, "__notes__", None)
-        if notes is None:
-            notes = []
-            exc.__notes__ = notes  # type: ignore[attr-defined]
-        notes.append(note)
+    """Attach a PEP 678 note to ``exc``; return ``exc``."""
+    exc.add_note(note)
     return exc
 
 
@@ -165,9 +156,11 @@ async def aapply_one(stage: Stage, item: Any) -> tuple[list[Any], bool]:
     assert fn is not None
     if stage.timeout is None:
         return _outputs_of(stage.kind, item, await fn(item))
+    import asyncio  # loaded by then: a coroutine is running
+
     try:
         result = await asyncio.wait_for(fn(item), stage.timeout)
-    except asyncio.TimeoutError as exc:
+    except TimeoutError as exc:
         # wait_for's own timeout is chained to the cancellation it caused; a
         # TimeoutError the function raised itself is not, and goes on untouched.
         if not isinstance(exc.__cause__, asyncio.CancelledError):
@@ -367,6 +360,8 @@ async def aprocess_batch(stage: Stage, batch: list[Any], track: bool = False) ->
     Returns:
         The outcome, as `process_batch` returns it.
     """
+    import asyncio  # loaded by then: a coroutine is running
+
     outcome = BatchOutcome([], counts=[] if track else None)
     for i, item in enumerate(batch):
         attempts = 1

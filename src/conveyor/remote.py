@@ -110,7 +110,7 @@ def rebuild(record: ExceptionRecord) -> BaseException:
         except Exception:
             exc = RemoteError(f"{_short_type(record.type)}: {record.message}")
     if record.notes:
-        exc.__notes__ = list(record.notes)  # type: ignore[attr-defined]
+        exc.__notes__ = list(record.notes)
     if record.traceback:
         exc.__cause__ = RemoteTraceback(record.traceback)
     return exc

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import inspect
 import random
+import sys
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .validate import check_bool, check_number, check_seconds
+from .errors import ConfigurationError
+from .validate import check_bool, check_choice, check_number, check_seconds
 
 __all__ = [
     "KINDS",
@@ -33,8 +35,10 @@ __all__ = [
 
 Kind = Literal["map", "filter", "flat_map", "batch", "each"]
 KINDS: tuple[str, ...] = ("map", "filter", "flat_map", "batch", "each")
-RuntimeName = Literal["thread", "process", "async"]
-RUNTIMES: tuple[str, ...] = ("thread", "process", "async")
+RuntimeName = Literal["thread", "process", "async", "interpreter"]
+RUNTIMES: tuple[str, ...] = ("thread", "process", "async", "interpreter")
+INTERPRETER_PYTHON = (3, 14)
+"""The Python ``runtime="interpreter"`` needs (`concurrent.interpreters`, PEP 734)."""
 OnError = Literal["raise", "skip"]
 ON_ERROR: tuple[str, ...] = ("raise", "skip")
 
@@ -129,6 +133,17 @@ def _is_coroutine_function(fn: Callable[..., Any]) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - a callable object's async __call__
     )
+
+
+def check_runtime(value: object, param: str, where: str) -> None:
+    """Raise a clear error when ``value`` is not a runtime this Python can run."""
+    check_choice(value, param, where, RUNTIMES)
+    if value == "interpreter" and sys.version_info < INTERPRETER_PYTHON:
+        raise ConfigurationError(
+            f"{where} '{param}' 'interpreter' needs Python 3.14 or newer "
+            f"(concurrent.interpreters, PEP 734); this is Python "
+            f"{sys.version_info.major}.{sys.version_info.minor}: use runtime='process' here"
+        )
 
 
 # ---------------------------------------------------------------------- per-worker state

@@ -112,7 +112,13 @@ class StallDetector:
 
 def _holder_line(m: StageMetrics, w: WorkerCounters, now: float) -> str:
     held = now - (w.current_since or now)
-    where = f"process stage {m.stage.label}" if m.stage.runtime == "process" else m.stage.label
+    runtime = m.stage.runtime
+    # The worker thread only waits there: the stage function runs in a child or interpreter.
+    where = (
+        f"{runtime} stage {m.stage.label}"
+        if runtime in ("process", "interpreter")
+        else m.stage.label
+    )
     # The worker records its batch's first item only (a per-item record would
     # cost on the hot path); slow items come in batches of one.
     return (

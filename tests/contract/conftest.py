@@ -1,10 +1,12 @@
 """The contract suite: one set of tests that every runtime x backend must pass.
 
 Each test in this directory takes the ``runner`` fixture, parametrised over
-{thread, process, async} x {local, redis} (ids such as ``thread-local`` or
-``async-redis``). The test builds its pipeline with ``runtime=runner.runtime``
-and ``runner.fn(f)`` on every stage that has a runtime, and runs it with
-``runner.run`` / ``runner.iterate`` / ``runner.start``:
+{thread, process, async, interpreter} x {local, redis} (ids such as
+``thread-local`` or ``async-redis``; the interpreter runtime on Python 3.14+,
+skipped with its reason below). The test builds its pipeline with
+``runtime=runner.runtime`` and ``runner.fn(f)`` on every stage that has a
+runtime, and runs it with ``runner.run`` / ``runner.iterate`` /
+``runner.start``:
 
 - local: ``pipeline.run(**kw)``, ``iter(pipeline)``, ``pipeline.start(**kw)``;
 - redis: the same with ``backend=RedisBackend(url, namespace=<one per test>,

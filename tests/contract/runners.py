@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import select
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 if processes.start_method() == "forkserver":
     multiprocessing.set_forkserver_preload(["__main__", "_pytest.config"])
 
-RUNTIMES = ("thread", "process", "async")
+RUNTIMES = ("thread", "process", "async", "interpreter")
 BACKENDS = ("local", "redis")
 COMBOS = tuple(f"{runtime}-{backend}" for backend in BACKENDS for runtime in RUNTIMES)
 REDIS_COMBOS = tuple(c for c in COMBOS if c.endswith("-redis"))
@@ -161,10 +162,18 @@ def split_combo(combo: str) -> tuple[RuntimeName, str]:
     return cast("RuntimeName", runtime), backend
 
 
+INTERPRETERS_SKIP = pytest.mark.skipif(
+    sys.version_info < (3, 14),
+    reason="runtime='interpreter' needs Python 3.14+ (concurrent.interpreters, PEP 734)",
+)
+
+
 def _combo_param(combo: str) -> Any:
     # The local combinations are quick: nox runs them on every other supported Python.
-    mark = pytest.mark.redis if combo.endswith("-redis") else pytest.mark.quick
-    return pytest.param(combo, marks=[mark], id=combo)
+    marks = [pytest.mark.redis if combo.endswith("-redis") else pytest.mark.quick]
+    if combo.startswith("interpreter-"):
+        marks.append(INTERPRETERS_SKIP)
+    return pytest.param(combo, marks=marks, id=combo)
 
 
 ALL = [_combo_param(c) for c in COMBOS]

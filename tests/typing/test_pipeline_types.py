@@ -7,19 +7,14 @@ types are those of real, working code.
 
 from __future__ import annotations
 
-import sys
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import assert_type
 
 from mypy import api as mypy_api
 
 import conveyor as cv
-
-if sys.version_info >= (3, 11):
-    from typing import assert_type
-else:
-    from typing_extensions import assert_type
 
 ROOT = Path(__file__).resolve().parents[2]
 

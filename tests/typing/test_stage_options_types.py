@@ -8,20 +8,15 @@ way. At run time an unknown keyword is a `TypeError` naming the method.
 
 from __future__ import annotations
 
-import sys
 import textwrap
 from pathlib import Path
+from typing import Unpack, assert_type
 
 import pytest
 from mypy import api as mypy_api
 
 import conveyor as cv
 from conveyor.pipeline import StageOptions
-
-if sys.version_info >= (3, 11):
-    from typing import Unpack, assert_type
-else:
-    from typing_extensions import Unpack, assert_type
 
 ROOT = Path(__file__).resolve().parents[2]
 

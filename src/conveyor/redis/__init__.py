@@ -38,13 +38,31 @@ completion), `worker`, `backend` (the driver), `dlq`, `status`, `cli`.
 
 from __future__ import annotations
 
+from .._lazy import lazy_getattr as _lazy_getattr
 from ..errors import DeadLettersError as DeadLettersError
 from ..errors import RemoteError as RemoteError
 from ..errors import RunStateLost as RunStateLost
-from .backend import LiveRun as LiveRun
-from .backend import RedisBackend as RedisBackend
-from .backend import RedisRunResult as RedisRunResult
-from .worker import Worker as Worker
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:  # at run time, `__getattr__` below
+    from .backend import LiveRun as LiveRun
+    from .backend import RedisBackend as RedisBackend
+    from .backend import RedisRunResult as RedisRunResult
+    from .worker import Worker as Worker
+del TYPE_CHECKING  # not a public name
+
+# Loaded on first use (PEP 562): `conveyor --help` and `conveyor.redis.cli` need
+# neither redis-py nor the driver.
+_LAZY = {
+    "LiveRun": "conveyor.redis.backend",
+    "RedisBackend": "conveyor.redis.backend",
+    "RedisRunResult": "conveyor.redis.backend",
+    "Worker": "conveyor.redis.worker",
+}
+
+
+__getattr__ = _lazy_getattr(__name__, _LAZY)
+
 
 __all__ = [
     "DeadLettersError",

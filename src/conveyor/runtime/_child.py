@@ -1,10 +1,14 @@
-"""The worker process's side of the process runtime.
+"""The worker process's side of the process runtime (and of the interpreter runtime).
 
 `_child_main` is the body of each worker process: it loads the stage the
 parent sent (`_stage_blob`), runs ``on_start``, then `_Server` answers batch
 messages with `conveyor.stage.process_batch` until the parent says stop.
 Messages, pickling and shared memory are in `conveyor.runtime._wire`; the
 parent's side, and the data flow as a whole, in `conveyor.runtime.processes`.
+
+The interpreter runtime runs the same `_child_main` in a subinterpreter of
+the parent's process (`interpreter_main`), over the same kind of pipe: see
+`conveyor.runtime.interpreters`.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ import pickle
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing import connection
 from multiprocessing import parent_process as _parent_process
 from multiprocessing.connection import Connection
-from time import perf_counter, process_time
+from time import perf_counter, process_time, thread_time
 from time import sleep as _sleep
 from types import CodeType, FunctionType
 from typing import Any
@@ -75,9 +80,12 @@ def _round_trip(value: Any) -> None:
 class _Server:
     """The worker process's side: applies the stage to each batch the parent sends."""
 
-    def __init__(self, conn: Connection, stage: Stage) -> None:
+    def __init__(
+        self, conn: Connection, stage: Stage, cpu_time: Callable[[], float] = process_time
+    ) -> None:
         self.conn = conn
         self.stage = stage
+        self.cpu_time = cpu_time  # the CPU this worker used so far (its process's, or thread's)
         self.inboxes: dict[int, _Arena] = {}  # the parent writes batches' big buffers there
         self.outboxes: dict[int, _Arena] = {}  # this side writes results' big buffers there
         timed = stage.timeout is not None
@@ -197,7 +205,7 @@ class _Server:
             retried=outcome.retried,
             processed=outcome.processed,
             busy=busy,
-            cpu=process_time(),
+            cpu=self.cpu_time(),
             counts=outcome.counts,
             failures=failures,
             error=None if outcome.error is None else _pack_error(outcome.error),
@@ -240,10 +248,11 @@ def _plain_sleep(seconds: float) -> bool:
     return True
 
 
-def _child_main(conn: Connection, blob: bytes) -> None:
-    """The body of a worker process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _exit_with_parent()
+def _child_main(conn: Connection, blob: bytes, interpreter: bool = False) -> None:
+    """The body of a worker process (or, with ``interpreter``, of a worker subinterpreter)."""
+    if not interpreter:  # a subinterpreter shares its parent's process, signals and life
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+        _exit_with_parent()
     try:
         stage, files = cloudpickle.loads(blob)
         for fn in (stage.fn, stage.on_start, stage.on_stop):
@@ -258,7 +267,8 @@ def _child_main(conn: Connection, blob: bytes) -> None:
         return
     set_worker_state(state)
     conn.send_bytes(pickle.dumps((_READY,), 5))
-    if not _Server(conn, stage).serve():
+    # In a subinterpreter, this thread's CPU time is the worker's (the process's is everyone's).
+    if not _Server(conn, stage, thread_time if interpreter else process_time).serve():
         return
     error = None
     if stage.on_stop is not None:
@@ -268,6 +278,18 @@ def _child_main(conn: Connection, blob: bytes) -> None:
             error = _pack_error(exc)
     with contextlib.suppress(OSError):
         conn.send_bytes(pickle.dumps((_STOPPED, error), 5))
+
+
+def interpreter_main(
+    target: Callable[[Connection, bytes, bool], None], fd: int, blob: bytes, path: tuple[str, ...]
+) -> None:
+    """The body of a worker subinterpreter: ``target`` (`_child_main`) on the socket ``fd``.
+
+    A new interpreter starts with the ``sys.path`` of the process's start-up;
+    it gets the parent's as it is now, so that the stage's modules are found.
+    """
+    sys.path[:] = path
+    target(Connection(fd), blob, True)
 
 
 def _stage_blob(stage: Stage) -> bytes:

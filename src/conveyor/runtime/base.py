@@ -3,8 +3,9 @@
 A runtime knows how to start, feed, cancel and join a stage's workers; it
 does not know what a pipeline is. What it is given is a `StageRun`: the
 stage, its input channel, its output, the run's control and the stage's
-counters. Each runtime module (``threads``, ``processes``, ``aio``) provides
-one `Runtime` subclass, loaded by name on first use (see `get_runtime`).
+counters. Each runtime module (``threads``, ``processes``, ``aio``,
+``interpreters``) provides one `Runtime` subclass, loaded by name on first
+use (see `get_runtime`).
 
 The worker loop below is shared by the thread and process runtimes: a
 process worker is a thread of the parent that ships each batch to its child
@@ -19,19 +20,21 @@ the same loop serves a run's channels and a Redis worker's streams.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError, Empty, ShutDown
 from ..metrics import StageMetrics, WorkerCounters
 from ..policy import BatchOutcome, add_stage_note
 from ..stage import Failure, Stage
 from .ports import Port, StageIO
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = [
     "MAX_BATCH",
@@ -325,7 +328,12 @@ class Runtime(ABC):
         """Release what the runtime holds (processes, event loop) after the run."""
 
 
-_RUNTIME_MODULES = {"thread": "threads", "process": "processes", "async": "aio"}
+_RUNTIME_MODULES = {
+    "thread": "threads",
+    "process": "processes",
+    "async": "aio",
+    "interpreter": "interpreters",
+}
 
 
 def get_runtime(name: str) -> type[Runtime]:

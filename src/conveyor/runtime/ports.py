@@ -25,7 +25,6 @@ each a producer handle on the output, so the output closes after the last.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
@@ -35,6 +34,8 @@ from ..errors import ShutDown
 from ..policy import BatchOutcome
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .base import RunControl
 
 __all__ = ["ChannelIO", "ChannelPort", "Port", "Sequencer", "StageIO"]
@@ -269,6 +270,8 @@ class Sequencer:
             with self._lock:
                 if not self._window_full(self._next_ticket):
                     break
+                import asyncio  # loaded by then: a coroutine is running
+
                 moved = asyncio.get_running_loop().create_future()
                 self._moved_futures.append(moved)
             await moved

@@ -40,6 +40,9 @@ processes lives in three modules:
   flight, what happens when a child dies or overruns), the exceptions that
   come back from workers, and `ProcessRuntime`.
 
+The interpreter runtime (`conveyor.runtime.interpreters`) is this runtime
+with subinterpreters of the parent's process in place of worker processes.
+
 Start methods and the ``__main__`` rule
 ---------------------------------------
 Worker processes are started with the multiprocessing start method named by
@@ -765,6 +768,7 @@ class _Worker:
     def _start_child(self) -> _Child:
         """Start a worker process and wait until on_start has run in it."""
         runtime, stage = self.runtime, self.stage
+        worker = runtime.worker
         ours, theirs = runtime.context.Pipe()
         name = f"conveyor-{stage.name}-{self.index}"
         process = runtime.context.Process(
@@ -792,7 +796,7 @@ class _Worker:
             if child.exitcode == _EXIT_MAIN_GUARD:
                 raise _main_guard_error()
             raise WorkerCrashed(
-                f"a worker process of stage {stage.label} {_describe_exit(child.exitcode)} "
+                f"a {worker} of stage {stage.label} {_describe_exit(child.exitcode)} "
                 f"before it was ready (if the main module starts a pipeline at import time, "
                 f'put that code under `if __name__ == "__main__":`)',
                 stage=stage.name,
@@ -800,7 +804,7 @@ class _Worker:
             )
         error = _unpack_error(message[2])
         what = "on_start" if message[1] == "on_start" else "unpickling the stage function"
-        raise add_note(error, f"conveyor: {what} of stage {stage.label} failed in a worker process")
+        raise add_note(error, f"conveyor: {what} of stage {stage.label} failed in a {worker}")
 
     def _read(self, child: _Child) -> tuple[Any, ...] | None:
         """The child's next answer from the pipe; None when it ended (or was killed for
@@ -884,7 +888,8 @@ class _Worker:
             return self._after_death(job, child, end)
         if answer[0] == _LOAD_FAILED:
             child.settle(seq, answer[-1], 0)
-            return self._unreadable(job, end, _unpack_error(answer[1]), "in the worker process")
+            where = f"in the {self.runtime.worker}"
+            return self._unreadable(job, end, _unpack_error(answer[1]), where)
         assert isinstance(answer, _OutcomeMessage)
         return self._merge(job, child, seq, answer, end)
 
@@ -903,7 +908,7 @@ class _Worker:
                     continue
                 error = SerializationError(
                     f"stage {stage.label}: an item of type {_type_name(batch[start])} cannot be "
-                    f"sent to a worker process: {bad[1]}"
+                    f"sent to a {self.runtime.worker}: {bad[1]}"
                 )
                 error.__cause__ = bad[1]
                 job.give_up(start, error, 0)
@@ -988,7 +993,7 @@ class _Worker:
         if child.timed_out:
             error: BaseException = TimeoutError(
                 f"stage {stage.label} took longer than its timeout of {stage.timeout} s on one "
-                f"item; its worker process was killed"
+                f"item; {self.runtime.overrun}"
             )
         else:
             error = self._crash_error(child, held)
@@ -997,7 +1002,7 @@ class _Worker:
     def _crash_error(self, child: _Child, held: list[Any]) -> WorkerCrashed:
         stage = self.stage
         error = WorkerCrashed(
-            f"a worker process (pid {child.pid}) of stage {stage.label} "
+            f"a {self.runtime.worker} (pid {child.pid}) of stage {stage.label} "
             f"{_describe_exit(child.exitcode)} while it held {len(held)} item(s)",
             stage=stage.name,
             exitcode=child.exitcode,
@@ -1027,13 +1032,21 @@ class ProcessRuntime(Runtime):
     """Runs each worker of a stage in a process of its own (see the module docstring)."""
 
     name = "process"
+    worker = "worker process"
+    """What errors call a worker."""
+    overrun = "its worker process was killed"
+    """What happened to a worker whose item overran its timeout, as errors say it."""
 
-    def __init__(self) -> None:
-        method = start_method()
-        if method == "forkserver":
-            _preload_in_forkserver()
+    def __init__(self, context: Any = None) -> None:
+        """``context``: where workers start (its ``Process`` and ``Pipe``); None: the
+        multiprocessing context of `start_method`."""
+        if context is None:
+            method = start_method()
+            if method == "forkserver":
+                _preload_in_forkserver()
+            context = get_context(method)
         # Any: typeshed's BaseContext lacks the Process attribute every real context has.
-        self.context: Any = get_context(method)
+        self.context: Any = context
         self.abort_reader, self._abort_writer = self.context.Pipe(duplex=False)
         self._lock = threading.Lock()
         self._children: set[_Child] = set()  # started and not yet closed
@@ -1057,7 +1070,7 @@ class ProcessRuntime(Runtime):
         except Exception as exc:
             raise SerializationError(
                 f"stage {sr.stage.label}: its function, on_start or on_stop cannot be pickled "
-                f"for worker processes: {exc}"
+                f"for a {self.worker}: {exc}"
             ) from exc
         # A round trip to a worker costs more than a channel operation: let a
         # batch take the whole input rather than half of it.

@@ -53,7 +53,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(conveyor_src()))  # $CONVEYOR_BENCH_SRC, else ROOT/src
 
 import conveyor as cv  # noqa: E402
-from conveyor.runtime.aio import new_event_loop  # noqa: E402
 
 # ---------------------------------------------------------------------- machine
 
@@ -302,6 +301,14 @@ IO_CANDIDATES: dict[str, tuple[str, Callable[[int, int], Any]]] = {
     "conveyor async ordered": (OWN_LOOP, conveyor_async(True)),
     "conveyor async unordered": (OWN_LOOP, conveyor_async(False)),
     f"{ASYNC_HANDWRITTEN} (on conveyor's loop)": (OWN_LOOP, handwritten_async),
+    "conveyor async for, ordered (caller's loop: cv.new_event_loop())": (
+        OWN_LOOP,
+        conveyor_async_for(True),
+    ),
+    "conveyor async for, unordered (caller's loop: cv.new_event_loop())": (
+        OWN_LOOP,
+        conveyor_async_for(False),
+    ),
     "conveyor async for, ordered": (CALLER_LOOP, conveyor_async_for(True)),
     "conveyor async for, unordered": (CALLER_LOOP, conveyor_async_for(False)),
     ASYNC_HANDWRITTEN: (CALLER_LOOP, handwritten_async),
@@ -315,9 +322,19 @@ IO_PEERS = {
 """The hand-written pipeline each row is compared with: the same kind of waits."""
 
 
+def own_loop() -> asyncio.AbstractEventLoop:
+    """``cv.new_event_loop()``; where an older conveyor (bench/ab.py's base) lacks it, the same
+    function from its async runtime."""
+    factory = getattr(cv, "new_event_loop", None)
+    if factory is None:
+        from conveyor.runtime.aio import new_event_loop as factory
+    loop: asyncio.AbstractEventLoop = factory()
+    return loop
+
+
 def on_loop(where: str, coroutine: Any) -> Any:
     """Run ``coroutine`` on a fresh loop: conveyor's for OWN_LOOP, asyncio's default otherwise."""
-    loop = new_event_loop() if where == OWN_LOOP else asyncio.new_event_loop()
+    loop = own_loop() if where == OWN_LOOP else asyncio.new_event_loop()
     try:
         return loop.run_until_complete(coroutine)
     finally:
@@ -467,8 +484,9 @@ def render(
             "`asyncio.sleep(0.005)` on a fresh loop of the same kind), in the same round.",
             "Each row is compared with the hand-written pipeline whose waits run the same",
             "way. On the caller's loop, conveyor's async stages run on the loop of",
-            "`async for` (asyncio's default, which rounds every timer wait up to 1 ms);",
-            "`run()` and plain iteration use conveyor's own loop.",
+            "`async for`: asyncio's default loop, which rounds every timer wait up to",
+            "1 ms, or one made by `cv.new_event_loop()` (conveyor's own kind, which",
+            "`run()` and plain iteration use).",
             "",
             f"Load average (1 min) at the start: {load[0]:.2f}, at the end: {load[1]:.2f}.",
             "",

@@ -89,15 +89,23 @@ def hold_able(ch: cv.Channel[int]) -> threading.RLock:
     return lock
 
 
+def consume_batches(ch: cv.Channel[int], got: list[int]) -> None:
+    """A consumer of batches: get_many(64) until the channel is closed and drained."""
+    while True:
+        try:
+            got.extend(ch.get_many(64))
+        except cv.ShutDown:
+            return
+
+
 def test_batch_puts_while_a_woken_consumer_has_yet_to_run_wake_no_other_thread() -> None:
+    # The woken consumer takes batches: it may take all there is, and relays if not.
     ch: cv.Channel[int] = cv.Channel(64)
     lock = hold_able(ch)
     got: list[int] = []
-
-    def consume() -> None:
-        got.extend(ch)
-
-    threads = [threading.Thread(target=consume) for _ in range(4)]
+    threads = [
+        threading.Thread(target=consume_batches, args=(ch, got), daemon=True) for _ in range(4)
+    ]
     for t in threads:
         t.start()
     wait_until_parked(ch, consumers=4)
@@ -115,30 +123,40 @@ def test_batch_puts_while_a_woken_consumer_has_yet_to_run_wake_no_other_thread()
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_batch_of_one_item_wakes_a_consumer_each_time_as_put_does() -> None:
-    # Slow workers hand on one output at a time: each must start a parked
-    # consumer at once, not wait for a chain of relays through the consumers
-    # woken before it.
+def test_items_for_consumers_of_one_item_each_wake_a_consumer_each() -> None:
+    # Slow workers take one item at a time (get(), get_many(1)): each item
+    # handed on must start a parked one at once, not wait for a chain of
+    # relays through the consumers woken before it.
     ch: cv.Channel[int] = cv.Channel(64)
     lock = hold_able(ch)
     got: list[int] = []
 
     def consume() -> None:
-        got.extend(ch)
+        while True:
+            try:
+                got.extend(ch.get_many(1) if len(got) % 2 else [ch.get()])
+            except cv.ShutDown:
+                return
 
-    threads = [threading.Thread(target=consume) for _ in range(4)]
+    threads = [threading.Thread(target=consume, daemon=True) for _ in range(6)]
     for t in threads:
         t.start()
-    wait_until_parked(ch, consumers=4)
-    with lock:
-        for item, parked in ((1, 3), (2, 2), (3, 1)):
-            ch.put_many([item])
-            assert ch.stats().waiting_consumers == parked
-    ch.close()
+    wait_until_parked(ch, consumers=6)
+    try:
+        with lock:
+            for item, parked in ((1, 5), (2, 4), (3, 3)):
+                ch.put_many([item])
+                assert ch.stats().waiting_consumers == parked
+            ch.put_many([4, 5])  # two more items: two more consumers
+            assert ch.stats().waiting_consumers == 1
+            ch.put_many([6, 7, 8])  # one consumer left for three items
+            assert ch.stats().waiting_consumers == 0
+    finally:
+        ch.close()
     for t in threads:
         t.join(10)
     assert not any(t.is_alive() for t in threads)
-    assert sorted(got) == [1, 2, 3]
+    assert sorted(got) == [1, 2, 3, 4, 5, 6, 7, 8]
 
 
 def test_batch_gets_while_a_woken_producer_has_yet_to_run_wake_no_other_thread() -> None:

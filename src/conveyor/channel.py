@@ -34,6 +34,9 @@ Invariants, all under ``_lock``:
   a consumer that was woken and leaves items behind wakes the next. So
   batches keep one wake-up in flight per side, not one per call: a woken
   thread that finds a batch's items gone costs a thread switch for nothing.
+  The exception: while every woken consumer takes a single item (``get()``,
+  ``get_many(1)``) and items are left over, a put wakes one more per item
+  left over, so the consumers of slow workers start together.
 """
 
 from __future__ import annotations
@@ -170,14 +173,18 @@ class _Waiters(deque[_Waiter]):
 
     ``woken`` counts thread waiters released and not yet back under the lock.
     Coroutines woken are not counted: a stopped event loop may never run
-    them, and nobody must depend on them to pass a wake-up on.
+    them, and nobody must depend on them to pass a wake-up on. ``singles``
+    holds the parked threads that will take one item (``get()``,
+    ``get_many(1)``), and ``woken_singles`` counts those among ``woken``.
     """
 
-    __slots__ = ("woken",)
+    __slots__ = ("singles", "woken", "woken_singles")
 
     def __init__(self) -> None:
         super().__init__()
         self.woken = 0
+        self.singles: set[_Waiter] = set()
+        self.woken_singles = 0
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -355,6 +362,9 @@ class Channel(Generic[T]):
             else:
                 waiter.release()  # type: ignore[union-attr]
                 waiters.woken += 1
+                if waiters.singles and waiter in waiters.singles:
+                    waiters.singles.discard(waiter)
+                    waiters.woken_singles += 1
             n -= 1
 
     @staticmethod
@@ -370,10 +380,31 @@ class Channel(Generic[T]):
         if not waiters.woken:
             Channel._wake(waiters, 1)
 
+    def _wake_consumers(self) -> None:
+        """Wake parked consumers for the items now in the channel (lock held, some parked).
+
+        One, unless a woken thread has yet to run: a consumer of batches may
+        take everything there is, and passes the wake-up on if it leaves
+        items behind (the relays). But while every woken thread takes one
+        item (``get()``, ``get_many(1)``: the workers of a slow stage) and
+        items are left over, wake another: each must start at once, not one
+        relay after another, which would delay the last by as many thread
+        wake-ups.
+        """
+        getters = self._getters
+        if not getters.woken:
+            self._wake(getters, 1)
+        while (
+            getters
+            and getters.woken == getters.woken_singles
+            and 0 < getters.woken < len(self._items)
+        ):
+            self._wake(getters, 1)
+
     def _relay_items(self) -> None:
-        """A woken consumer leaving items behind wakes the next parked one."""
+        """A woken consumer leaving items behind wakes the next parked ones."""
         if self._getters and self._items:
-            self._wake_one(self._getters)
+            self._wake_consumers()
 
     def _relay_room(self) -> None:
         """A woken producer leaving room behind wakes the next parked one."""
@@ -384,37 +415,51 @@ class Channel(Generic[T]):
         self._wake(self._getters, len(self._getters))
         self._wake(self._putters, len(self._putters))
 
-    def _sleep(self, waiters: _Waiters, timeout: float | None) -> None:
-        """Release the lock, sleep until woken or ``timeout``, take the lock back."""
+    def _sleep(self, waiters: _Waiters, timeout: float | None, single: bool = False) -> None:
+        """Release the lock, sleep until woken or ``timeout``, take the lock back.
+
+        ``single``: the caller will take one item (see `_Waiters.singles`).
+        """
         waiter = _allocate_lock()
         waiter.acquire()
         waiters.append(waiter)
+        if single:
+            waiters.singles.add(waiter)
         self._lock.release()
         try:
             # Clamp: a longer wait (or inf) overflows; the callers loop on their deadline.
             woken = waiter.acquire(True, -1 if timeout is None else min(timeout, _TIMEOUT_MAX))
         except BaseException:  # Ctrl-C while asleep
             self._lock.acquire()
-            self._forget(waiters, waiter)
+            self._forget(waiters, waiter, single)
             raise
         self._lock.acquire()
         if woken:
-            waiters.woken -= 1
+            self._back(waiters, single)
         else:
             try:
                 waiters.remove(waiter)
+                waiters.singles.discard(waiter)
             except ValueError:
                 # A waker took us off the deque as we timed out. The caller
                 # re-checks the state and uses what it finds: nothing is lost.
-                waiters.woken -= 1
+                self._back(waiters, single)
 
-    def _forget(self, waiters: _Waiters, waiter: _Waiter) -> None:
+    @staticmethod
+    def _back(waiters: _Waiters, single: bool) -> None:
+        """A woken thread is back under the lock: it no longer counts as woken."""
+        waiters.woken -= 1
+        if single:
+            waiters.woken_singles -= 1
+
+    def _forget(self, waiters: _Waiters, waiter: _Waiter, single: bool = False) -> None:
         """Take a waiter that gives up off its deque; if it was woken, wake another."""
         try:
             waiters.remove(waiter)
+            waiters.singles.discard(waiter)
         except ValueError:
             if type(waiter) is not _AsyncWaiter:
-                waiters.woken -= 1
+                self._back(waiters, single)
             self._wake(waiters, 1)
 
     def _no_room(self, need: int = 1) -> bool:
@@ -438,8 +483,11 @@ class Channel(Generic[T]):
             if self.is_shutdown:
                 raise ShutDown("the channel was closed while waiting for room")
 
-    def _wait_for_item(self, block: bool, timeout: float | None) -> None:
-        """Park until there is an item, or raise Empty / ShutDown (lock held)."""
+    def _wait_for_item(self, block: bool, timeout: float | None, single: bool = False) -> None:
+        """Park until there is an item, or raise Empty / ShutDown (lock held).
+
+        ``single``: the caller will take one item (see `_Waiters.singles`).
+        """
         if not block:
             raise Empty
         deadline = None if timeout is None else monotonic() + timeout
@@ -447,12 +495,12 @@ class Channel(Generic[T]):
             if self.is_shutdown:
                 raise ShutDown
             if deadline is None:
-                self._sleep(self._getters, None)
+                self._sleep(self._getters, None, single)
             else:
                 remaining = deadline - monotonic()
                 if remaining <= 0.0:
                     raise Empty
-                self._sleep(self._getters, remaining)
+                self._sleep(self._getters, remaining, single)
 
     # ------------------------------------------------------------------ queue.Queue API
 
@@ -513,7 +561,7 @@ class Channel(Generic[T]):
             else:
                 if self.is_shutdown:
                     raise ShutDown
-                self._wait_for_item(block, timeout)
+                self._wait_for_item(block, timeout, True)
                 try:
                     item = self._items.popleft()
                 finally:
@@ -635,11 +683,8 @@ class Channel(Generic[T]):
                 q.extend(pending)  # the common case: the whole batch fits
                 self._total_put += len(pending)
                 getters = self._getters
-                # One item is a put(): it wakes a consumer even with a woken one
-                # yet to run, so single hand-offs between slow workers overlap
-                # instead of waiting for a chain of relays.
-                if getters and pending and (not getters.woken or len(pending) == 1):
-                    self._wake(getters, 1)
+                if getters and pending:
+                    self._wake_consumers()
             else:
                 self._put_in_runs(pending, block, timeout)
         finally:
@@ -730,7 +775,7 @@ class Channel(Generic[T]):
             if woken:
                 if self.is_shutdown:
                     raise ShutDown
-                self._wait_for_item(block, timeout)
+                self._wait_for_item(block, timeout, max_items == 1)
             if len(q) <= max_items:
                 batch = list(q)
                 q.clear()
@@ -1056,7 +1101,7 @@ class _BudgetChannel(Channel[T]):
             if woken:
                 if self.is_shutdown:
                     raise ShutDown
-                self._wait_for_item(block, timeout)
+                self._wait_for_item(block, timeout, max_items == 1)
             n = self._batch_length(max_items)
             batch = _take(self._items, n)  # type: ignore[arg-type]  # never hooked: the deque
             self._bytes -= sum(_take(self._sizes, n))

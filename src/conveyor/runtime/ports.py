@@ -288,9 +288,8 @@ class Sequencer:
         if not self._enter(ticket, outputs):
             return
         try:
-            while (ready := self._release_ready()) is not None:
-                for batch in ready:
-                    self._output.put_many(batch)
+            while (chunk := self._release_ready()) is not None:
+                self._output.put_many(chunk)
         except BaseException:
             self._leave()
             raise
@@ -300,9 +299,8 @@ class Sequencer:
         if not self._enter(ticket, outputs):
             return
         try:
-            while (ready := self._release_ready()) is not None:
-                for batch in ready:
-                    await self._output.aput_many(batch)
+            while (chunk := self._release_ready()) is not None:
+                await self._output.aput_many(chunk)
         except BaseException:
             self._leave()
             raise
@@ -316,28 +314,20 @@ class Sequencer:
             self._flushing = True
             return True
 
-    def _release_ready(self) -> list[list[Any]] | None:
-        """The flusher's next outputs: those of every consecutive ready batch, batch by
-        batch; None when done flushing.
-
-        Each batch's outputs go on with a put of their own rather than joined:
-        a batch of one output then wakes a consumer of its own (see
-        `Channel.put_many`), so the single items of slow workers released
-        together start downstream together, not one wake-up after another.
-        """
+    def _release_ready(self) -> list[Any] | None:
+        """The flusher's next chunk: every consecutive ready output; None when done flushing."""
         with self._lock:
-            ready: list[list[Any]] = []
+            chunk: list[Any] = []
             pending = self._pending
             while self._next in pending:
-                outputs = pending.pop(self._next)
-                if outputs:  # batches with no output (all filtered) still advance _next
-                    ready.append(outputs)
+                # Batches with no output (all filtered) still advance _next.
+                chunk.extend(pending.pop(self._next))
                 self._next += 1
             self._notify_moved()
-            if not ready:
+            if not chunk:
                 self._flushing = False
                 return None
-            return ready
+            return chunk
 
     def _leave(self) -> None:
         with self._lock:

@@ -35,7 +35,7 @@ Invariants, all under ``_lock``:
   batches keep one wake-up in flight per side, not one per call: a woken
   thread that finds a batch's items gone costs a thread switch for nothing.
   The exception: while every woken consumer takes a single item (``get()``,
-  ``get_many(1)``) and items are left over, a put wakes one more per item
+  ``get_many(1)``) and items are left over, a batch put wakes one more per item
   left over, so the consumers of slow workers start together.
 """
 
@@ -383,13 +383,13 @@ class Channel(Generic[T]):
     def _wake_consumers(self) -> None:
         """Wake parked consumers for the items now in the channel (lock held, some parked).
 
-        One, unless a woken thread has yet to run: a consumer of batches may
-        take everything there is, and passes the wake-up on if it leaves
-        items behind (the relays). But while every woken thread takes one
-        item (``get()``, ``get_many(1)``: the workers of a slow stage) and
-        items are left over, wake another: each must start at once, not one
-        relay after another, which would delay the last by as many thread
-        wake-ups.
+        Called by a batch put. One, unless a woken thread has yet to run: a
+        consumer of batches may take everything there is, and passes the
+        wake-up on if it leaves items behind (the relays). But while every
+        woken thread takes one item (``get()``, ``get_many(1)``: the workers
+        of a slow stage) and items are left over, wake another: each must
+        start at once, not one relay after another, which would delay the
+        last by as many thread wake-ups.
         """
         getters = self._getters
         if not getters.woken:
@@ -402,9 +402,14 @@ class Channel(Generic[T]):
             self._wake(getters, 1)
 
     def _relay_items(self) -> None:
-        """A woken consumer leaving items behind wakes the next parked ones."""
+        """A woken consumer leaving items behind wakes the next parked one.
+
+        One at most, even for consumers of one item: the put that brought the
+        items woke one per item already (`_wake_consumers`); what a woken one
+        finds left over is mostly being taken by consumers that never parked.
+        """
         if self._getters and self._items:
-            self._wake_consumers()
+            self._wake_one(self._getters)
 
     def _relay_room(self) -> None:
         """A woken producer leaving room behind wakes the next parked one."""

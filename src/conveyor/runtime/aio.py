@@ -287,8 +287,8 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     microsecond (see `_PreciseEpollSelector`): asyncio's default loop rounds
     every wait up to a whole millisecond, which makes many coroutines waiting
     a few milliseconds each late by up to one (2,000 items through two stages
-    of 32 coroutines waiting 5 ms: about 0.86 of the ideal rate on asyncio's
-    loop, 0.93 to 0.97 on this one, in bench/pipeline.py). Elsewhere it is
+    of 32 coroutines waiting 5 ms: 0.84 to 0.90 of the ideal rate on asyncio's
+    loop, 0.95 to 0.97 on this one, in bench/pipeline.py). Elsewhere it is
     asyncio's default loop.
 
     Example:

@@ -34,7 +34,10 @@ CHUNK = 1 << 20
 
 
 def walk(root: Path) -> Iterator[Path]:
-    """Every regular file below ``root``, in a stable order."""
+    """Every regular file below ``root`` (or ``root`` itself, a file), in a stable order."""
+    if root.is_file():
+        yield root
+        return
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
@@ -105,6 +108,8 @@ def main() -> int:
     args = parser.parse_args()
     if not args.compare:
         root = args.directory or Path(__file__).resolve().parent.parent / "src"
+        if not root.exists():  # os.walk would find nothing and say nothing
+            parser.error(f"{root}: no such file or directory")
         try:
             for digest, path in with_conveyor(root, args.workers, args.runtime, args.algorithm):
                 print(f"{digest}  {path}")

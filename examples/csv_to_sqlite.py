@@ -249,6 +249,10 @@ def main() -> int:
     parser.add_argument("--compare", action="store_true", help="time it against the plain loop")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds of --compare")
     args = parser.parse_args()
+    if args.csv is not None and not args.csv.is_file():
+        parser.error(f"{args.csv}: no such file")
+    if args.rows < 1:
+        parser.error(f"--rows must be at least 1, got {args.rows}")
     with tempfile.TemporaryDirectory() as tmp:
         path = args.csv
         if path is None:

@@ -39,6 +39,11 @@ def spread(x: int) -> list[int]:
     return [x, -x] if x % 2 else [x]
 
 
+def tripled() -> cv.Pipeline[int]:
+    """One stage over 50 items, for the command line."""
+    return cv.Pipeline(range(50)).map(triple)
+
+
 def three_stages(n: int = 20_000) -> cv.Pipeline[int]:
     """map -> filter -> flat_map, the end-to-end test's pipeline."""
     return (
@@ -117,6 +122,47 @@ def metered(n: int = 200) -> cv.Pipeline[int]:
         .filter(keep, name="keep")
         .map(gated, name="gate")
     )
+
+
+GATED = 100
+"""The item that `wait_for_gate` holds up."""
+GATE_FILE_ENV = "CONVEYOR_TEST_GATE_FILE"
+"""A file that `wait_for_gate` waits for."""
+
+
+def wait_for_gate(x: int) -> int:
+    """Holds item `GATED`, every time it comes (also taken over by another worker:
+    unlike `gated`), until the file named by GATE_FILE_ENV exists (the test creates
+    it); a bounded wait: a test that never opens it fails here."""
+    if x == GATED:
+        gate = Path(os.environ[GATE_FILE_ENV])
+        deadline = time.monotonic() + WAIT
+        while not gate.exists():  # nothing to wait on across processes but the file
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the gate {gate} was never opened")
+            time.sleep(0.01)
+    return x
+
+
+def members(group: list[int]) -> list[int]:
+    return list(group)
+
+
+def gated_batches(n: int = 2000) -> cv.Pipeline[list[int]]:
+    """map (held up at GATED) -> filter -> batch(7) -> map: the batch take-over test."""
+    return (
+        cv.Pipeline(range(n))
+        .map(wait_for_gate, workers=4, name="work")
+        .filter(keep, name="keep")
+        .batch(7, name="group")
+        .map(members, name="out")
+    )
+
+
+def plain_groups(n: int = 2000) -> list[list[int]]:
+    """What `gated_batches` gives on one machine, written as a plain loop."""
+    kept = [x for x in range(n) if keep(x)]
+    return [kept[i : i + 7] for i in range(0, len(kept), 7)]
 
 
 # ---------------------------------------------------------------------- processes

@@ -8,11 +8,12 @@ redis-server from the fixtures.
 
 from __future__ import annotations
 
+import select
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,7 +43,15 @@ def inc(x):
     return x + 1
 
 pipeline = cv.Pipeline(range(10)).map(inc)
+grouped = cv.Pipeline(range(10)).batch(3).map(len)
 print("loaded", file=sys.stderr, flush=True)
+
+
+def cannot_connect():
+    raise OSError("database unreachable")
+
+
+opens_a_database = cv.Pipeline(range(10)).map(inc, on_start=cannot_connect)
 """
 
 
@@ -93,6 +102,32 @@ def test_every_command_facing_an_unreachable_redis_ends_with_one_line_and_exit_3
     assert "Connection refused" in line
     assert "secret" not in done.stderr and "Traceback" not in done.stderr
     assert took < 0.5 + STARTUP, f"{command[0]} took {took:.1f} s"
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_every_command_that_redis_answers_with_an_error_ends_with_one_line_and_exit_1(
+    project: Path, redis_server: RedisServer, command: list[str]
+) -> None:
+    """A database number the server does not have: status, cancel and dlq went up to
+    Python with redis-py's own traceback; run and worker showed it before their line."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/99"
+    done, _ = conveyor(*command, "--redis", url, cwd=project)
+    assert done.returncode == 1, done.stderr
+    (line,) = lines(done.stderr)
+    assert line == f"conveyor: Redis at {url} answered ResponseError: DB index is out of range"
+
+
+def test_a_run_on_redis_refusing_the_password_ends_with_one_line_and_exit_1(
+    project: Path, redis_server_factory: RedisServerFactory
+) -> None:
+    """conveyor's own BackendError went out with the traceback of conveyor's internals."""
+    server = redis_server_factory(password="right")
+    url = server.url.replace(":right@", ":wrong@")
+    done, _ = conveyor("run", "app:pipeline", "--no-progress", "--redis", url, cwd=project)
+    assert done.returncode == 1, done.stderr
+    (line,) = lines(done.stderr)
+    assert line.startswith("conveyor: the run failed: BackendError: Redis at redis://:***@")
+    assert "refused the credentials" in line
 
 
 def test_debug_adds_the_traceback(project: Path) -> None:
@@ -151,6 +186,24 @@ def worker_of(project: Path) -> Iterator[object]:
         proc.wait()
 
 
+def test_a_worker_says_what_it_serves_once_ready(
+    worker_of: Callable[..., subprocess.Popen[str]], redis_server: RedisServer
+) -> None:
+    """It said nothing until something went wrong: was it connected, serving what?"""
+    proc = worker_of(redis_server.url, "--workers", "inc=3", "--namespace", "told")
+    assert proc.stderr is not None
+    line = "loaded"  # the module's own line comes first
+    while line == "loaded":
+        ready, _, _ = select.select([proc.stderr], [], [], 30.0)
+        assert ready, "no line within 30 s"
+        line = proc.stderr.readline().rstrip("\n")
+    assert line.endswith(
+        f"conveyor: worker serving 'inc' x3 from {redis_server.url} (namespace 'told'); "
+        "SIGTERM or Ctrl-C stops it"
+    ), line
+    assert_stops_cleanly_on_sigterm(proc)
+
+
 def assert_stops_cleanly_on_sigterm(proc: subprocess.Popen[str]) -> None:
     wait_for(lambda: handles_sigterm(proc.pid), "the worker's signal handlers")
     stopping = time.monotonic()
@@ -203,9 +256,29 @@ def test_a_run_whose_redis_is_killed_ends_with_an_error_naming_the_url_within_th
     assert f"cannot reach Redis at {server.url}" in str(info.value)
     assert "Connection refused" in str(info.value) or "Connection reset" in str(info.value)
     assert took < 1.0 + 2.0, f"the run took {took:.1f} s to give up"  # the bound, and the ending
+    # The stage's worker lost Redis waiting for entries, holding none: its note said
+    # "failed on item None", an item the source never gave.
+    notes = getattr(info.value, "__notes__", [])
+    assert not [n for n in notes if "failed on item" in n], notes
+
+
+# ---------------------------------------------------------------------- the user's code
+
+
+def test_a_worker_whose_on_start_raises_exits_1_with_the_users_traceback_and_one_line(
+    project: Path, redis_server: RedisServer
+) -> None:
+    """It went up through click: Python's own traceback, click's frames and all."""
+    done, _ = conveyor("worker", "app:opens_a_database", "--redis", redis_server.url, cwd=project)
+    assert done.returncode == 1, done.stderr
+    assert 'raise OSError("database unreachable")' in done.stderr
+    assert "click" not in done.stderr
+    assert lines(done.stderr)[-1] == "conveyor: the worker failed: OSError: database unreachable"
 
 
 # ---------------------------------------------------------------------- option checks
+
+METRICS_ON_A_BAD_ADDRESS = ["--metrics-addr", "999.1.1.1", "--metrics-port", "0"]
 
 BAD_OPTIONS = [
     (["run", "app:pipeline", "--stall-timeout", "0"], "--stall-timeout"),
@@ -228,6 +301,30 @@ BAD_OPTIONS = [
     (["dlq", "list", "app:pipeline", "--redis", "redis://h", "--id", "abc"], "--id"),
     (["dlq", "replay", "app:pipeline", "--redis", "redis://h", "--stage", ""], "--stage"),
     (["dlq", "purge", "app:pipeline", "--redis", "redis://h", "--run", "a b"], "--run"),
+    # Options of a run on Redis, given without --redis: they were ignored without a word.
+    (["run", "app:pipeline", "--run-id", "abc"], "--run-id"),
+    (["run", "app:pipeline", "--namespace", "mine"], "--namespace"),
+    # A batch stage has no workers option: with_stage's TypeError went up as a traceback.
+    (["run", "app:grouped", "--workers", "batch=3"], "--workers"),
+    # The driver of a run on Redis runs no stage: the count was ignored.
+    (["run", "app:pipeline", "--redis", "redis://h", "--workers", "inc=4"], "--workers"),
+    # An address to serve metrics on that this machine does not have: named --metrics-port.
+    (
+        [*["worker", "app:pipeline", "--redis", "redis://h"], *METRICS_ON_A_BAD_ADDRESS],
+        "--metrics-addr",
+    ),
+    # A path or a relative name: it was imported as one, a traceback and exit code 1.
+    (["run", "../app:pipeline"], "MODULE:ATTR"),
+    (["status", ".app:pipeline", "--redis", "redis://h"], "MODULE:ATTR"),
+    # A stage the pipeline does not have: --workers was ignored (the worker served on
+    # with its own count), --stage exited with 1 as if the pipeline had failed.
+    (["worker", "app:pipeline", "--redis", "redis://h", "--workers", "incc=2"], "'workers'"),
+    (["worker", "app:pipeline", "--redis", "redis://h", "--stage", "incc"], "'stages'"),
+    # With no run in Redis a misspelt stage found no dead letters without a word; with
+    # runs, it exited 1 as if the pipeline had failed.
+    (["dlq", "list", "app:pipeline", "--redis", "redis://h", "--stage", "incc"], "--stage"),
+    (["dlq", "replay", "app:pipeline", "--redis", "redis://h", "--stage", "incc"], "--stage"),
+    (["dlq", "purge", "app:pipeline", "--redis", "redis://h", "--stage", "incc"], "--stage"),
 ]
 
 

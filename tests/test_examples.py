@@ -174,6 +174,17 @@ def test_the_crawler_and_its_plain_asyncio_version_find_the_same(
     assert by_pipeline.retries == by_gather.retries == 3 * 2 + 3
 
 
+def test_csv_to_sqlite_refuses_a_missing_csv_and_a_negative_row_count(tmp_path: Path) -> None:
+    """A missing CSV was a FileNotFoundError traceback; --rows -5 "generated -5 rows"."""
+    missing = run_example("csv_to_sqlite.py", tmp_path / "nowhere.csv")
+    assert missing.returncode == 2, missing.stderr
+    assert "nowhere.csv: no such file" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    negative = run_example("csv_to_sqlite.py", "--rows", "-5")
+    assert negative.returncode == 2, negative.stderr
+    assert "--rows must be at least 1, got -5" in negative.stderr
+
+
 # --------------------------------------------------------------------- checksums.py
 
 
@@ -197,6 +208,18 @@ def test_checksums_prints_every_digest_in_walk_order(
     out = succeeded(run_example("checksums.py", tmp_path, "--runtime", runtime))
     expected = [f"{files[path]}  {path}" for path in sorted(files)]
     assert out.splitlines() == expected
+
+
+def test_checksums_of_a_missing_path_is_an_error_and_of_a_file_its_digest(
+    files: dict[Path, str], tmp_path: Path
+) -> None:
+    """A missing directory printed nothing and exited 0; a file printed nothing."""
+    missing = run_example("checksums.py", tmp_path / "nowhere", "--runtime", "thread")
+    assert missing.returncode == 2, missing.stderr
+    assert "nowhere: no such file or directory" in missing.stderr
+    path, digest = next(iter(files.items()))
+    out = succeeded(run_example("checksums.py", path, "--runtime", "thread"))
+    assert out.splitlines() == [f"{digest}  {path}"]
 
 
 def test_checksums_on_subinterpreters_works_or_says_which_runtimes_exist(

@@ -143,6 +143,35 @@ def test_leaves_in_any_arrival_order_complete_every_root_and_ordered_runs_keep_o
     assert len(tracker) == 0
 
 
+@settings(deadline=None, max_examples=200)
+@given(forests(), st.randoms(use_true_random=False), st.data())
+def test_a_tracker_resumed_after_a_cursor_releases_exactly_the_leaves_after_it_in_order(
+    forest: list[Any], rng: random.Random, data: st.DataObject
+) -> None:
+    # A batch stage's new lease holder: every leaf up to the cursor was handed on;
+    # the others arrive in any order and come out in source order.
+    leaves = [
+        (load_path(path), value)
+        for r, tree in enumerate(forest)
+        for path, value in _leaves(tree, dump_path([r]), str(r))
+    ]
+    cut = data.draw(st.integers(1, len(leaves))) if leaves else 0
+    tracker = Tracker(True)
+    if cut:
+        tracker.resume_after(leaves[cut - 1][0])
+    rest = list(enumerate(leaves[cut:]))
+    rng.shuffle(rest)
+    released: list[Any] = []
+    for n, (path, value) in rest:
+        tracker.add(Leaf(path, value, str(n).encode()))
+        out = tracker.release()
+        assert out.refused == []
+        released += out.values
+    assert released == [value for _, value in leaves[cut:] if value is not TOMBSTONE]
+    assert tracker.next_root == len(forest)
+    assert tracker.values_held == 0
+
+
 def test_a_root_is_held_until_its_last_leaf_arrives() -> None:
     tracker = Tracker(True)
     tracker.add(Leaf(load_path(child_path(dump_path([0]), 1, 2)), "b", b"1"))
@@ -199,12 +228,37 @@ def test_a_run_is_complete_when_every_stage_consumed_what_its_predecessor_produc
 
 def test_a_run_with_only_dead_letters_left_is_stalled_not_complete() -> None:
     state = _state({"fed": 10, "in:0": 9, "dead:0": 1, "out:0": 9, "in:1": 9, "out:1": 9})
-    assert state.stalled
+    assert state.stalled()
     assert not state.complete
-    assert not _state({"fed": 10, "in:0": 8, "dead:0": 1}).stalled  # one still in flight
+    assert not _state({"fed": 10, "in:0": 8, "dead:0": 1}).stalled()  # one still in flight
 
 
 # ---------------------------------------------------------------------- names
+
+
+def test_tombstones_sent_to_a_batch_stage_are_entries_of_its_input() -> None:
+    # Stage 1 is a batch stage: stage 0 filtered 4 of 10 (tombstones to stage 1's input).
+    state = _state({"fed": 10, "in:0": 10, "out:0": 6, "tomb:1": 4, "in:1": 10, "out:1": 2})
+    assert state.produced(1) == 10
+    assert state.through(1)
+    assert not _state({"fed": 10, "in:0": 10, "out:0": 6, "tomb:1": 4, "in:1": 6}).through(1)
+
+
+def test_a_batch_stage_holding_entries_behind_a_dead_letter_leaves_the_run_stalled() -> None:
+    # Stage 0 dead-lettered one entry; the batch stage (1) holds the 8 after its place.
+    state = _state({"fed": 10, "in:0": 9, "dead:0": 1, "out:0": 9, "in:1": 1})
+    assert state.stalled(reordering=[1])
+    assert not state.stalled()  # another stage holding entries is still at work
+    # While an entry is still on its way to it, the batch stage is not stalled.
+    assert not _state({"fed": 10, "in:0": 8, "dead:0": 1, "out:0": 8}).stalled(reordering=[1])
+
+
+def test_tombstones_go_to_the_next_batch_stage_else_the_final_stream() -> None:
+    from conveyor.redis.backend import _tombstone_streams
+
+    pipeline = cv.Pipeline(range(3)).map(str).filter(bool).batch(2).map(len).batch(3).map(sum)
+    assert _tombstone_streams(tuple(pipeline.stages)) == (2, 2, 4, 4, 6, 6)
+    assert _tombstone_streams(tuple(cv.Pipeline(range(3)).map(str).stages)) == (1,)
 
 
 def test_keys_of_a_run_share_one_hash_tag() -> None:

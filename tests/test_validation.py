@@ -520,3 +520,26 @@ def test_a_run_handle_refuses_a_bad_value_and_the_run_goes_on(
         assert not handle.done()
         gate.set()
         assert handle.join(timeout=30).outputs == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------- found trying it out
+
+
+def test_a_worker_refuses_a_worker_count_for_a_stage_it_does_not_serve() -> None:
+    """``workers={"nope": 2}`` (``conveyor worker --workers nope=2``) was ignored without a
+    word: the stage kept its own count. Refused before connecting."""
+    from conveyor.redis import Worker
+
+    pipeline = cv.Pipeline(range(3)).map(str, name="show").map(len, name="size")
+    with pytest.raises(cv.ConfigurationError, match="'workers': no stage named 'shwo'"):
+        Worker(pipeline, UNREACHABLE, workers={"shwo": 2})
+    with pytest.raises(cv.ConfigurationError, match="served stages: 'size'"):
+        Worker(pipeline, UNREACHABLE, stages=["size"], workers={"show": 2})
+    with pytest.raises(cv.ConfigurationError, match="'stages': no stage named 'nope'"):
+        Worker(pipeline, UNREACHABLE, stages=["nope"])
+
+
+def test_a_bad_backoff_names_the_method_once() -> None:
+    with pytest.raises(cv.ConfigurationTypeError) as info:
+        cv.Pipeline([1]).map(str, backoff=3)  # type: ignore[arg-type]
+    assert str(info.value) == "map() 'backoff' must be a conveyor.Backoff, got int"

@@ -17,8 +17,8 @@ import shutil
 import signal
 import sys
 import threading
-import traceback
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -26,16 +26,22 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from .cliparams import NAME, REDIS_URL, SECONDS
-from .errors import BackendUnavailable, ConfigurationError
+from .errors import BackendError, BackendUnavailable, ConfigurationError, DeadLettersError
 
 # load_pipeline is in __all__ too: callers of conveyor.cli.load_pipeline keep working.
 from .loading import PipelineLoadError, load_pipeline, parse_overrides
 from .redis.cli import (
     COMMANDS,
     DEFAULT_CONNECT_TIMEOUT,
+    EXIT_PIPELINE_ERROR,
     EXIT_REDIS_UNREACHABLE,
+    RedisRefused,
     RedisUnreachable,
+    RunCannotGoOn,
     connection_options,
+    exit_failed,
+    print_exception,
+    refused_by_redis,
 )
 
 if TYPE_CHECKING:
@@ -56,7 +62,8 @@ __all__ = [
 ]
 
 EXIT_OK = 0  # the run finished (items given up on with on_error="skip" are in the report)
-EXIT_PIPELINE_ERROR = 1  # a stage or the source raised, or the pipeline's module failed to load
+# EXIT_PIPELINE_ERROR = 1: a stage or the source raised, the pipeline's module failed to load,
+# or a worker's hook (on_start, on_stop) raised
 EXIT_USAGE = 2  # bad command line: unknown option, bad MODULE:ATTR, bad override (click's code)
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): 128 + signal 2, what shells report for it
 # EXIT_REDIS_UNREACHABLE = 3: Redis could not be reached, or was lost, for --connect-timeout
@@ -83,7 +90,7 @@ class PipelineCodeError(click.ClickException):
         self.error = error
 
     def show(self, file: Any = None) -> None:
-        _print_exception(self.error)
+        print_exception(self.error)
         click.echo(f"Error: {self.message}", err=True)
 
 
@@ -117,6 +124,13 @@ def apply_overrides(pipeline: Pipeline[Any], overrides: Sequence[tuple[str, int]
         click.BadParameter: no stage has that name, or the stage refuses the value.
     """
     for stage, workers in overrides:
+        if any(s.name == stage and s.kind == "batch" for s in pipeline.stages):
+            # with_stage() would refuse the keyword itself, a TypeError.
+            raise click.BadParameter(
+                f"stage {stage!r} is a batch stage, which has one worker; give the "
+                "workers of a map, filter, flat_map or each stage",
+                param_hint="'--workers'",
+            )
         try:
             pipeline = pipeline.with_stage(stage, workers=workers)
         except ConfigurationError as exc:
@@ -212,6 +226,13 @@ def cli() -> None:
 @click.option(
     "--run-id", type=NAME, metavar="ID", help="With --redis: the run's id (resumes that run)."
 )
+@click.option(
+    "--namespace",
+    type=NAME,
+    metavar="NAME",
+    help="With --redis: the prefix of every Redis key, the workers' --namespace "
+    "[default: conveyor].",
+)
 @connection_options
 def run_command(
     target: str,
@@ -222,6 +243,7 @@ def run_command(
     as_json: bool,
     redis_url: str | None = None,
     run_id: str | None = None,
+    namespace: str | None = None,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     debug: bool = False,
 ) -> None:
@@ -233,14 +255,20 @@ def run_command(
     limits throughput and what would help.
     """
     _log_to_stderr()
+    _check_redis_only(redis_url, run_id=run_id, namespace=namespace)
+    if redis_url is not None and workers:
+        # The driver runs no stage: the count would only be shown, never used.
+        raise click.UsageError(
+            "--workers applies to runs in this process, not with --redis: each "
+            "`conveyor worker --workers STAGE=N` sets its own consumers"
+        )
     try:
         overrides = _overrides(workers)
         pipeline = apply_overrides(_load(target), overrides)
         _check_report_dir(report)
         if redis_url is not None:
-            result = _run_on_redis(
-                pipeline, redis_url, run_id, progress, report, stall_timeout, connect_timeout, debug
-            )
+            where = _RedisTarget(redis_url, run_id, namespace or "conveyor", connect_timeout, debug)
+            result = _run_on_redis(pipeline, where, progress, report, stall_timeout)
             click.echo(result.to_json() if as_json else result.report().rstrip())
             return
         # Ctrl-C is taken over before the run starts: one pressed as it starts
@@ -264,9 +292,7 @@ def run_command(
 
 def _exit_run_failed(exc: BaseException) -> NoReturn:
     """Show why the run failed (its traceback, then one line) and exit with 1."""
-    _print_exception(exc)
-    click.echo(f"conveyor: the run failed: {type(exc).__name__}: {exc}", err=True)
-    sys.exit(EXIT_PIPELINE_ERROR)
+    exit_failed("the run", exc)
 
 
 def _check_report_dir(report: Path | None) -> None:
@@ -276,15 +302,32 @@ def _check_report_dir(report: Path | None) -> None:
         )
 
 
+@dataclass(frozen=True)
+class _RedisTarget:
+    """Where ``conveyor run --redis`` drives its run."""
+
+    url: str
+    run_id: str | None
+    namespace: str
+    connect_timeout: float
+    debug: bool
+
+
+def _check_redis_only(redis_url: str | None, **options: str | None) -> None:
+    """Refuse an option that only means something with --redis, given without it."""
+    if redis_url is None:
+        for name, value in options.items():
+            if value is not None:
+                option = "--" + name.replace("_", "-")
+                raise click.UsageError(f"{option} applies to runs on Redis: give --redis URL too")
+
+
 def _run_on_redis(
     pipeline: Pipeline[Any],
-    url: str,
-    run_id: str | None,
+    where: _RedisTarget,
     progress: bool,
     report: Path | None,
     stall_timeout: float | None,
-    connect_timeout: float,
-    debug: bool,
 ) -> RunResult:
     """``conveyor run --redis``: drive the run; a failed run exits as a local one does,
     Redis unreachable (or lost) for ``connect_timeout`` with `EXIT_REDIS_UNREACHABLE`."""
@@ -298,17 +341,24 @@ def _run_on_redis(
     try:
         result: RunResult = run_on_redis(
             pipeline,
-            url,
-            run_id=run_id,
+            where.url,
+            run_id=where.run_id,
+            namespace=where.namespace,
             progress=progress,
             report=report,
-            connect_timeout=connect_timeout,
+            connect_timeout=where.connect_timeout,
         )
     except (click.ClickException, KeyboardInterrupt):
         raise
     except BackendUnavailable as exc:
-        raise RedisUnreachable(exc, debug) from exc
+        raise RedisUnreachable(exc, where.debug) from exc
+    except DeadLettersError as exc:  # its cause is the user's exception: show its traceback
+        _exit_run_failed(exc)
+    except BackendError as exc:  # conveyor's own reason: its traceback says nothing useful
+        raise RunCannotGoOn(exc, where.debug) from exc
     except Exception as exc:
+        if refused_by_redis(exc):
+            raise RedisRefused.of(exc, where.url, where.debug) from exc
         _exit_run_failed(exc)
     return result
 
@@ -421,10 +471,6 @@ def _log_to_stderr() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.INFO)
-
-
-def _print_exception(exc: BaseException) -> None:
-    click.echo("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), err=True)
 
 
 def main() -> None:

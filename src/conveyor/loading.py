@@ -47,6 +47,12 @@ def load_pipeline(path: str) -> Pipeline[Any]:
     if module_name.endswith(".py"):
         suggestion = module_name[:-3].replace("/", ".").replace(os.sep, ".")
         raise ConfigurationError(f"give a module name, not a file: {suggestion}:{attr_path}")
+    if not all(part.isidentifier() for part in module_name.split(".")):
+        # A path or a relative name ('../app', '.app') would reach importlib as one.
+        raise ConfigurationError(
+            f"{module_name!r} is not a module name: give a dotted name such as "
+            f"app.pipelines, importable from the current directory or sys.path"
+        )
     module = _import(module_name)
     from .pipeline import Pipeline  # after the user's module: `conveyor --help` stays light
 

@@ -826,7 +826,7 @@ _Check = Callable[[Any, str, str], Any]
 def _check_backoff(value: object, param: str, method: str) -> object:
     if value is not None and not isinstance(value, Backoff):
         raise ConfigurationTypeError(
-            f"{method}() '{param}' must be a conveyor.Backoff, got {type(value).__name__}"
+            f"{method} '{param}' must be a conveyor.Backoff, got {type(value).__name__}"
         )
     return value
 

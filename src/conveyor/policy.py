@@ -56,16 +56,22 @@ def item_repr(item: Any) -> str:
 # ---------------------------------------------------------------------- notes
 
 
-def add_stage_note(exc: BaseException, stage: Stage, item: Any) -> BaseException:
+def add_stage_note(
+    exc: BaseException, stage: Stage, item: Any, *, holding: bool = True
+) -> BaseException:
     """Attach a PEP 678 note naming the stage and the item; return ``exc``.
 
     Only once per stage: the first note, made where the item is known, wins
-    over a later, coarser one (a worker loop knows only its batch).
+    over a later, coarser one (a worker loop knows only its batch). With
+    ``holding=False`` the worker held no item (it failed waiting for one, or
+    handing outputs on): the note says so rather than name ``item``.
     """
-    prefix = f"conveyor: stage {stage.label} failed on item "
+    prefix = f"conveyor: stage {stage.label} failed "
     if any(str(n).startswith(prefix) for n in getattr(exc, "__notes__", ())):
         return exc
-    return add_note(exc, prefix + item_repr(item))
+    if not holding:
+        return add_note(exc, prefix + "while it held no item")
+    return add_note(exc, prefix + "on item " + item_repr(item))
 
 
 def add_note(exc: BaseException, note: str) -> BaseException:

@@ -51,13 +51,7 @@ class Intermittent:
     raises: type[BaseException]
 
 
-_GAPS_ON_REDIS = {  # on every runtime with the Redis backend
-    "test_batch_by_size_gives_the_plain_python_groups": (
-        "a Redis batch stage groups entries in the order upstream workers handed them "
-        "on, not in source order (order is only restored by the driver): groups mix "
-        "items from far apart"
-    ),
-}
+_GAPS_ON_REDIS: dict[str, str] = {}  # test -> why, on every runtime with the Redis backend
 
 KNOWN_GAPS: dict[tuple[str, str], str | Intermittent] = {
     **{(test, combo): why for test, why in _GAPS_ON_REDIS.items() for combo in REDIS_COMBOS},

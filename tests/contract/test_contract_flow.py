@@ -223,3 +223,54 @@ def test_batch_by_interval_sends_a_partial_group_when_the_source_is_slow(runner:
         .map(runner.fn(members), runtime=runner.runtime)
     )
     assert runner.run(pipeline, collect=True).outputs == [[i] for i in range(6)]
+
+
+class Unwanted(Exception):
+    """Raised by `picky` for the items a skip test gives up on."""
+
+
+def picky(x: int) -> int:
+    if x % 7 == 3:
+        raise Unwanted(x)
+    return x
+
+
+async def none_or_copies(x: int) -> list[int]:
+    if x % 11 == 1:
+        await asyncio.sleep(0.05)  # slow work: the other worker overtakes it
+    return [] if x % 5 == 0 else [x] * (1 + 2 * (x % 2))
+
+
+def test_batch_after_places_left_empty_gives_the_plain_python_groups(runner: Runner) -> None:
+    # Items filtered out, skipped on error and flat-mapped to nothing, by parallel
+    # workers: the groups still follow the source, as a plain loop makes them.
+    options: dict[str, Any] = {"workers": 2, "runtime": runner.runtime}
+    pipeline = (
+        cv.Pipeline(range(60))
+        .filter(runner.fn(not_third), **options)
+        .map(runner.fn(picky), on_error="skip", **options)
+        .flat_map(runner.fn(none_or_copies), **options)
+        .batch(4)
+        .map(runner.fn(members), runtime=runner.runtime)
+    )
+    kept = [x for x in range(60) if not_third(x)]
+    flat = [y for x in kept if x % 7 != 3 for y in asyncio.run(none_or_copies(x))]
+    result = runner.run(pipeline, collect=True)
+    assert result.outputs == [flat[i : i + 4] for i in range(0, len(flat), 4)]
+    assert sorted(f.item for f in result.failures) == [x for x in kept if x % 7 == 3]
+
+
+def test_batch_in_an_unordered_run_gives_the_plain_python_groups(runner: Runner) -> None:
+    # The last stage gives its outputs in any order; the groups are still the plain ones.
+    options: dict[str, Any] = {"workers": 2, "runtime": runner.runtime}
+    pipeline = (
+        cv.Pipeline(range(40))
+        .map(runner.fn(inc), **options)
+        .flat_map(runner.fn(twice_slow_on_2), **options)
+        .batch(3)
+        .map(runner.fn(members), ordered=False, **options)
+    )
+    flat = [y for x in range(40) for y in twice(inc(x))]
+    groups = [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)]
+    outputs = runner.run(pipeline, collect=True).outputs or []
+    assert Counter(map(tuple, outputs)) == Counter(groups)

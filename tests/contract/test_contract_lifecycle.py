@@ -134,6 +134,36 @@ def test_on_start_and_on_stop_run_once_per_worker_with_its_own_state(
         assert {token: started[token] for token in seen} == seen, stage
 
 
+def test_max_items_per_worker_gives_each_life_its_quota_and_no_idle_life_at_the_end(
+    runner: Runner, tmp_path: Path
+) -> None:
+    """A thread worker that used up its quota on the last items started a fifth life,
+    its on_start (a connection opened) and on_stop, for no item at all."""
+    if runner.runtime == "async":  # coroutines are not started afresh: refused at once
+        with pytest.raises(cv.ConfigurationError, match="'max_items_per_worker'"):
+            cv.Pipeline(range(20)).map(runner.fn(inc), runtime="async", max_items_per_worker=5)
+        return
+    folder = str(tmp_path)
+    on_start, on_stop = hooks(folder, "life")
+
+    def count(x: int) -> int:
+        cv.worker_state()["items"] += 1
+        return x
+
+    pipeline = cv.Pipeline(range(20)).map(
+        count,
+        runtime=runner.runtime,
+        max_items_per_worker=5,
+        on_start=on_start,
+        on_stop=on_stop,
+    )
+    assert runner.run(pipeline, collect=True).outputs == list(range(20))
+    started = files(tmp_path, "life", "start")
+    stopped = files(tmp_path, "life", "stop")
+    assert stopped.keys() == started.keys()
+    assert sorted(int(n) for n in stopped.values()) == [5, 5, 5, 5]
+
+
 # ---------------------------------------------------------------------- leaving early
 
 

@@ -18,6 +18,9 @@
                      [stream s1] --XREADGROUP--> stage 1 consumers --hand-off--> ...
                                                                                    |
                      [final stream sN] <-- outputs (and tombstones, ordered runs) -+
+    (a batch stage's input also gets the tombstones of the stages before it; one of
+    its consumers at a time, holding the run's lease<i>, puts entries in source order
+    and makes the groups; its hand-off records its cursor in meta)
                          |
     outputs <--reorder-- XREADGROUP group "driver" (its own pending first, when resumed)
        |
@@ -28,7 +31,8 @@
 
 Keys of one run share a hash tag: ``conveyor:{<pipeline id>.<run id>}:`` + ``meta``
 (settings), ``counters``, ``s<i>`` (streams), ``e<i>`` (last errors of entries
-waiting for redelivery), ``dlq<i>`` (dead letters), ``failures``; live runs are
+waiting for redelivery), ``dlq<i>`` (dead letters), ``lease<i>`` (the consumer
+making a batch stage's groups), ``failures``; live runs are
 listed in ``conveyor:<pipeline id>:runs``, which workers poll.
 
 Modules: `streams` (keys, connections, retries, Lua scripts), `codec`,

@@ -258,6 +258,7 @@ class RedisBackend(Backend):
             max_deliveries=self.max_deliveries,
             limits=tuple(limits),
             batch=self.batch_size,
+            tombstones_to=_tombstone_streams(stages) if paths else (),
         )
 
     def _create_or_attach(self, keys: Keys, info: RunInfo, retry: Retrier) -> tuple[RunInfo, bool]:
@@ -599,6 +600,8 @@ class _DriverRun:
         """The backend's ``local_workers``, if any: their failure ends the run."""
         window = backend.reorder_window or 8 * self.stages[0].capacity
         self.window = max(window, 2 * self.info.batch)
+        self.reordering = tuple(i for i in self.info.tombstones_to if i < self.n)
+        """Batch stages: they reorder their input (see `_window_full`)."""
 
     # ------------------------------------------------------------------ feeding
 
@@ -644,7 +647,7 @@ class _DriverRun:
         while not self.stopped.is_set():
             if length >= limit:
                 length = _wait_for_room(self.scripts, stream, limit, self.stopped, self.retry)
-            if ordered:
+            if ordered or self.reordering:
                 self._wait_for_window(fed)
             chunk = next(chunks, [])
             # After the last chunk, a call with no records marks the source done.
@@ -677,11 +680,34 @@ class _DriverRun:
             )
 
     def _wait_for_window(self, fed: int) -> None:
+        delay = 0.0005
+        while not self.stopped.is_set() and self._window_full(fed):
+            with self._released:
+                self._released.wait(delay if self.reordering else POLL_SECONDS)
+            delay = min(POLL_SECONDS, delay * 2)
+
+    def _window_full(self, fed: int) -> bool:
+        """Whether feeding must wait: what is held to be put in order is at its bound.
+
+        Without a batch stage: ``window`` source items in flight past the oldest
+        one not released (ordered runs). With one, a group may span any number of
+        source items (a filter before it), so the window counts what is held
+        instead: the driver's outputs waiting for an earlier item (ordered runs),
+        and each batch stage's entries read and not handed on (``window`` plus a
+        group). Bounded memory either way, and an item that is late always gets
+        through: only the feeder waits.
+        """
         tracker = self.tracker
         assert tracker is not None
-        with self._released:
-            while fed - tracker.next_root >= self.window and not self.stopped.is_set():
-                self._released.wait(POLL_SECONDS)
+        if not self.reordering:
+            return fed - tracker.next_root >= self.window
+        if tracker.ordered and tracker.values_held >= self.window:
+            return True
+        return any(
+            self.retry(self.client.xpending, self.keys.stream(i), WORKER_GROUP)["pending"]
+            >= self.window + self.stages[i].batch_size
+            for i in self.reordering
+        )
 
     # ------------------------------------------------------------------ reading outputs
 
@@ -718,7 +744,8 @@ class _DriverRun:
                 if self._complete(state):
                     self.state = state
                     break
-                if not got and state.stalled and self.backend.on_dead_letters == "raise":
+                stalled = not got and state.stalled(self.reordering)
+                if stalled and self.backend.on_dead_letters == "raise":
                     raise self._dead_letters_error(state)
                 self._watch(state)
         except BaseException as exc:
@@ -1068,6 +1095,17 @@ def _chunks(batches: Iterable[list[Any]], size: int) -> Iterator[list[Any]]:
     for batch in batches:
         for start in range(0, len(batch), size):
             yield batch[start : start + size]
+
+
+def _tombstone_streams(stages: tuple[Stage, ...]) -> tuple[int, ...]:
+    """Per stage, where its tombstones go: the input of the next batch stage (which must
+    tell a place left empty from an item still on its way), else the final stream."""
+    to, streams = len(stages), []
+    for i in reversed(range(len(stages))):
+        streams.append(to)
+        if stages[i].kind == "batch":
+            to = i
+    return tuple(reversed(streams))
 
 
 def _stages(pipeline: Any) -> tuple[Stage, ...]:

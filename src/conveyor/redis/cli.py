@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -28,11 +28,17 @@ from ..errors import BackendError, BackendUnavailable, ConfigurationError
 __all__ = [
     "COMMANDS",
     "DEFAULT_CONNECT_TIMEOUT",
+    "EXIT_PIPELINE_ERROR",
     "EXIT_REDIS_UNREACHABLE",
+    "RedisRefused",
     "RedisUnreachable",
+    "RunCannotGoOn",
     "cancel_command",
     "dlq_group",
+    "exit_failed",
     "load_pipeline",
+    "print_exception",
+    "refused_by_redis",
     "run_on_redis",
     "status_command",
     "worker_command",
@@ -40,20 +46,17 @@ __all__ = [
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+EXIT_PIPELINE_ERROR = 1  # the user's code raised (the run's stages or source, a worker's hooks)
 EXIT_REDIS_UNREACHABLE = 3  # Redis could not be reached, or was lost, for --connect-timeout
 DEFAULT_CONNECT_TIMEOUT = 10.0
 """Seconds a command waits for an unreachable (or lost) Redis before it gives up."""
 
 
-class RedisUnreachable(click.ClickException):
-    """Raised when Redis cannot be reached within ``--connect-timeout``: one line on
-    stderr naming the URL (password masked) and the cause, exit code
-    `EXIT_REDIS_UNREACHABLE`; ``--debug`` shows the traceback too."""
+class _RedisProblem(click.ClickException):
+    """One line on stderr saying what Redis did; ``--debug`` shows the traceback too."""
 
-    exit_code = EXIT_REDIS_UNREACHABLE
-
-    def __init__(self, error: BaseException, debug: bool = False) -> None:
-        super().__init__(str(error))
+    def __init__(self, error: BaseException, debug: bool = False, message: str = "") -> None:
+        super().__init__(message or str(error))
         self.error = error
         self.debug = debug
 
@@ -64,6 +67,48 @@ class RedisUnreachable(click.ClickException):
             )
             click.echo("".join(text).rstrip(), err=True)
         click.echo(f"conveyor: {self.message}", err=True)
+
+
+class RedisUnreachable(_RedisProblem):
+    """Raised when Redis cannot be reached within ``--connect-timeout``: one line on
+    stderr naming the URL (password masked) and the cause, exit code
+    `EXIT_REDIS_UNREACHABLE`; ``--debug`` shows the traceback too."""
+
+    exit_code = EXIT_REDIS_UNREACHABLE
+
+
+class RedisRefused(_RedisProblem):
+    """Raised when Redis answers a command with an error (a database number out of
+    range, a read-only replica, out of memory): one line naming the URL (password
+    masked) and Redis's answer, exit code `EXIT_PIPELINE_ERROR`; ``--debug`` shows
+    the traceback too."""
+
+    exit_code = EXIT_PIPELINE_ERROR
+
+    @classmethod
+    def of(cls, error: BaseException, url: str, debug: bool) -> RedisRefused:
+        """``error``, Redis's answer to a command sent to ``url``, as one line."""
+        from .streams import redact
+
+        return cls(error, debug, f"Redis at {redact(url)} answered {type(error).__name__}: {error}")
+
+
+class RunCannotGoOn(_RedisProblem):
+    """Raised when a run on Redis ends for a reason of conveyor's own, not the user's
+    code (its keys were deleted or lost, Redis refused the credentials): one line,
+    ``conveyor: the run failed: TYPE: message``, exit code `EXIT_PIPELINE_ERROR`;
+    ``--debug`` shows the traceback too."""
+
+    exit_code = EXIT_PIPELINE_ERROR
+
+    def __init__(self, error: BaseException, debug: bool = False) -> None:
+        super().__init__(error, debug, f"the run failed: {type(error).__name__}: {error}")
+
+
+def refused_by_redis(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis's error answer to a command (not Redis out of reach)."""
+    redis = sys.modules.get("redis.exceptions")
+    return redis is not None and isinstance(exc, redis.RedisError) and not _lost_redis(exc)
 
 
 def unreachable(error: BaseException, url: str, timeout: float | None) -> BackendUnavailable:
@@ -83,6 +128,8 @@ def _redis_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
+            if refused_by_redis(exc):
+                raise RedisRefused.of(exc, kwargs["url"], debug) from exc
             if not _lost_redis(exc):
                 raise
             error = unreachable(exc, kwargs["url"], kwargs["connect_timeout"])
@@ -165,6 +212,18 @@ def _fail(exc: BaseException) -> click.ClickException:
     return click.ClickException(f"{type(exc).__name__}: {exc}")
 
 
+def print_exception(exc: BaseException) -> None:
+    """Print ``exc`` with its traceback (and cause, notes) on stderr."""
+    click.echo("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), err=True)
+
+
+def exit_failed(what: str, exc: BaseException) -> NoReturn:
+    """Show why ``what`` failed (the user's traceback, then one line) and exit with 1."""
+    print_exception(exc)
+    click.echo(f"conveyor: {what} failed: {type(exc).__name__}: {exc}", err=True)
+    sys.exit(EXIT_PIPELINE_ERROR)
+
+
 def _log_to_stderr() -> None:
     logger = logging.getLogger("conveyor")
     if not logger.handlers:
@@ -223,7 +282,9 @@ def _serve_metrics(worker: Any, target: str, port: int | None, addr: str) -> Ite
     try:
         exporter = PrometheusExporter(port, addr=addr, pipeline=target)
     except ConfigurationError as exc:
-        raise click.BadParameter(str(exc), param_hint="'--metrics-port'") from None
+        # The port in use, or an address this machine does not have: the message says which.
+        hint = "'--metrics-addr' / '--metrics-port'"
+        raise click.BadParameter(str(exc), param_hint=hint) from None
     logging.getLogger("conveyor").info(
         "conveyor: serving metrics on http://%s:%d/metrics", addr, exporter.port
     )
@@ -282,7 +343,9 @@ def worker_command(
             namespace=namespace,
             unavailable_timeout=connect_timeout,
         )
-    except (BackendError, ConfigurationError) as exc:
+    except ConfigurationError as exc:  # a --stage or --workers naming no stage
+        raise click.UsageError(str(exc)) from None
+    except BackendError as exc:
         raise _fail(exc) from None
     # Listening first: a port in use stops the worker before it takes any entry.
     with _serve_metrics(worker, target, metrics_port, metrics_addr):
@@ -290,6 +353,10 @@ def worker_command(
             worker.run_forever()
         except (BackendError, ConfigurationError) as exc:
             raise _fail(exc) from None
+        except Exception as exc:  # the user's code: a stage's on_start or on_stop raised
+            if refused_by_redis(exc):
+                raise  # one line, by _redis_errors
+            exit_failed("the worker", exc)
 
 
 # ---------------------------------------------------------------------- run
@@ -408,6 +475,19 @@ def _dlq_options(fn: F) -> F:
     return click.argument("target", metavar="MODULE:ATTR")(fn)
 
 
+def _dlq_pipeline(target: str, stage: str | None) -> Any:
+    """The pipeline of a ``dlq`` command; a ``--stage`` it does not have is a usage error
+    (with no run in Redis, a misspelt stage would find no dead letters without a word)."""
+    pipeline = load_pipeline(target)
+    names = [s.name for s in pipeline.stages]
+    if stage is not None and stage not in names:
+        raise click.BadParameter(
+            f"no stage named {stage!r}; stages: {', '.join(map(repr, names))}",
+            param_hint="'--stage'",
+        )
+    return pipeline
+
+
 @dlq_group.command("list")
 @_dlq_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -425,7 +505,7 @@ def dlq_list(
     from .codec import get_codec, secret_from
     from .dlq import list_dead
 
-    pipeline = load_pipeline(target)
+    pipeline = _dlq_pipeline(target, stage)
     try:
         client = _connect(url, connect_timeout)
         letters = []
@@ -469,7 +549,7 @@ def _move(
 ) -> None:
     from .dlq import move_dead
 
-    pipeline = load_pipeline(target)
+    pipeline = _dlq_pipeline(target, stage)
     try:
         client = _connect(url, connect_timeout)
         moved = sum(

@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import ConfigurationError
 from .codec import Codec
 from .state import RunInfo
-from .streams import Scripts
+from .streams import Scripts, tombstone_counter
 
 __all__ = ["DeadLetter", "list_dead", "move_dead"]
 
@@ -115,9 +115,11 @@ def move_dead(
     for i in _stage_indexes(info, stage):
         dead = keys.dead(i)
         chosen = ids if ids is not None else [e[0] for e in client.xrange(dead, "-", "+")]
+        to = info.tombstone_stream(i)
+        tomb = tombstone_counter(to, len(info.stages))
         for start in range(0, len(chosen), 500):
             moved += script(
-                keys=[dead, keys.stream(i), keys.counters, keys.stream(len(info.stages))],
-                args=[i, mode, "1" if info.ordered else "0", *chosen[start : start + 500]],
+                keys=[dead, keys.stream(i), keys.counters, keys.stream(to)],
+                args=[i, mode, tomb, *chosen[start : start + 500]],
             )
     return moved

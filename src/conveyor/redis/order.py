@@ -13,6 +13,11 @@ Completion is decided by these identities, not by counting entries: the run
 is through when every root it fed is complete. A leaf the run did not make
 (a root already complete, a weight beyond 1, a path of a root never fed) is
 refused: the driver dead-letters it instead of yielding it.
+
+A ``batch`` stage reorders its input with the same `Tracker`: the stages
+before it send their tombstones to its input instead of the final stream,
+so it can tell a place that will stay empty from an item still on its way,
+and it makes its groups from the leaves in source order.
 """
 
 from __future__ import annotations
@@ -97,6 +102,19 @@ class Tracker:
         self._ids: list[bytes] = []
         self._new: list[int] = []
         self._refused: list[Leaf] = []
+        self.values_held = 0
+        """Ordered: leaves with a value held for a root not released yet."""
+
+    def resume_after(self, path: list[int]) -> None:
+        """Start an ordered tracker just past ``path``: every leaf up to it in source
+        order was handed on already (a batch stage resuming at its persisted cursor),
+        so its root is complete once the leaves after it arrive."""
+        root, cover = path[0], _consumed(path)
+        if cover >= 1:
+            self.next_root = root + 1
+        else:
+            self.next_root = root
+            self._cover[root] = cover
 
     def add(self, leaf: Leaf) -> None:
         """Take a leaf received from the final stream.
@@ -131,6 +149,7 @@ class Tracker:
             self._seen.pop(root, None)
         if self.ordered:
             self._leaves.setdefault(root, []).append(leaf)
+            self.values_held += leaf.value is not TOMBSTONE
         else:
             if leaf.value is not TOMBSTONE:
                 self._out.append(leaf.value)
@@ -149,6 +168,7 @@ class Tracker:
             self._refused.append(leaf)
         elif self.ordered:
             self._leaves[root] = [leaf]
+            self.values_held += leaf.value is not TOMBSTONE
         else:
             if leaf.value is not TOMBSTONE:
                 self._out.append(leaf.value)
@@ -165,6 +185,7 @@ class Tracker:
                 for leaf in leaves:
                     if leaf.value is not TOMBSTONE:
                         self._out.append(leaf.value)
+                        self.values_held -= 1
                     self._ids.append(leaf.entry_id)
                 self.next_root += 1
                 self.completed += 1
@@ -196,6 +217,16 @@ class Tracker:
     def __len__(self) -> int:
         """Leaves held (ordered runs)."""
         return sum(len(v) for v in self._leaves.values())
+
+
+def _consumed(path: list[int]) -> Fraction:
+    """The share of its root covered by every leaf up to ``path`` in source order: at
+    each fan-out level, the siblings before it (whole), then the leaf itself."""
+    cover, scale = _ZERO, 1
+    for j, k in zip(path[1::2], path[2::2], strict=True):
+        cover += Fraction(j, scale * k)
+        scale *= k
+    return cover + Fraction(1, scale)
 
 
 def _weight(path: list[int]) -> Fraction:

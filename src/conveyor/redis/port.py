@@ -16,8 +16,19 @@ each live run of the pipeline::
                  kept with its error for redelivery; entries the batch did
                  not reach stay with this consumer for its next take
 
-A batch stage's worker takes several times and delivers one group: the port
-stays on one run until it delivers, and answers `Empty` when that run's
+A batch stage's port (`BatchPort`) makes the same groups as on one machine:
+
+    lease:       one consumer at a time makes a run's groups (SET NX PX, renewed
+                 while it works, taken over when it dies); a new holder claims
+                 every pending entry of the stage and starts at the cursor
+    take(n):     entries and tombstones (the places the stages before it left
+                 empty) -> order.Tracker -> source order -> up to n items;
+                 tombstones on the way are handed on at once
+    deliver(g):  one hand-off: the group with its first item's path, the other
+                 items' places as tombstones, the cursor (the path of the last
+                 entry taken) -- refused if the lease is another consumer's
+
+It stays on one run until it delivers, and answers `Empty` when that run's
 input has ended, so a partial group goes out as on one machine.
 """
 
@@ -40,7 +51,7 @@ from ..runtime.base import RunControl
 from ..runtime.ports import Port, StageIO
 from ..stage import Stage
 from .codec import Codec, encode_failure, get_codec, key_check
-from .order import child_path, load_path
+from .order import TOMBSTONE, Leaf, Tracker, child_path, load_path
 from .state import RunInfo, read_state
 from .streams import (
     DRIVER_GROUP,
@@ -51,9 +62,18 @@ from .streams import (
     Scripts,
     consumer_name,
     fields_to_dict,
+    tombstone_counter,
 )
 
-__all__ = ["BATCH_SECONDS", "RedisIO", "RedisPort", "RunContext", "RunDirectory", "WorkerLink"]
+__all__ = [
+    "BATCH_SECONDS",
+    "BatchPort",
+    "RedisIO",
+    "RedisPort",
+    "RunContext",
+    "RunDirectory",
+    "WorkerLink",
+]
 
 log = logging.getLogger("conveyor.redis")
 
@@ -195,7 +215,8 @@ class RedisIO(StageIO):
             # Coroutine workers wait for Redis in threads: one each, so that a
             # blocking read never holds up another worker's.
             self._executor = ThreadPoolExecutor(count, f"conveyor-redis-{self.stage.name}")
-        return [RedisPort(self, f"{self.stage.name}-{k}") for k in range(count)]
+        port = BatchPort if self.stage.kind == "batch" else RedisPort
+        return [port(self, f"{self.stage.name}-{k}") for k in range(count)]
 
     def close(self) -> None:
         """After the stage's workers ended: release the threads of coroutine workers."""
@@ -212,6 +233,12 @@ class RedisPort(Port):
     """One consumer of one stage, in every live run: see the module docstring."""
 
     tracks = True
+    max_deliveries = True
+    """Whether an entry delivered more than the run's ``max_deliveries`` times goes to
+    the dead letters (a poison item that keeps killing its workers)."""
+    room = 1000
+    """How many entries besides a batch's own the hand-off's ownership check reads at
+    once in the batch's range of ids (more are looked up one by one)."""
 
     def __init__(self, io: RedisIO, label: str) -> None:
         self.io = io
@@ -222,7 +249,6 @@ class RedisPort(Port):
         self.scripts = io.scripts
         self.name = consumer_name(label)
         self._stopped = io.stopping
-        self._batch_stage = self.stage.kind == "batch"
         # Entries read and not handed out yet, per run; pending for this consumer.
         self._ready: dict[str, tuple[RunContext, list[tuple[Entry, Any]]]] = {}
         # What was handed out since the last delivery: one run's entries.
@@ -253,14 +279,19 @@ class RedisPort(Port):
         items: list[Any] = await self.io.run_blocking(self.take, n)
         return items
 
-    def _hand_out(self, n: int) -> list[Any]:
-        """Up to ``n`` items of one run from what was read (the run taken from, if any)."""
+    def _next_ready(self) -> tuple[RunContext, list[tuple[Entry, Any]]] | None:
+        """What was read of one run (the run taken from, if any); None if nothing."""
         if self._run is not None:
             key = self._run.info.run_id
         else:
             key = next((k for k, (_, got) in self._ready.items() if got), "")
         found = self._ready.get(key)
-        if found is None or not found[1]:
+        return found if found is not None and found[1] else None
+
+    def _hand_out(self, n: int) -> list[Any]:
+        """Up to ``n`` items of one run from what was read (the run taken from, if any)."""
+        found = self._next_ready()
+        if found is None:
             return []
         ctx, got = found
         chunk = got[:n]
@@ -277,6 +308,7 @@ class RedisPort(Port):
             runs = self.io.directory.runs()
             if self._run is not None:
                 runs = [c for c in runs if c is self._run]
+            runs = self._servable(runs)
             if not runs:
                 self._stopped.wait(REFRESH_SECONDS if timeout is None else min(timeout, 0.1))
                 return
@@ -291,6 +323,10 @@ class RedisPort(Port):
             if self._stopped.is_set():
                 raise ShutDown from None
             raise
+
+    def _servable(self, runs: list[RunContext]) -> list[RunContext]:
+        """The runs this consumer may read now (all; a batch stage's: see `BatchPort`)."""
+        return runs
 
     def _forget_gone_runs(self) -> None:
         live = {c.info.run_id for c in self.io.directory.runs()}
@@ -350,9 +386,9 @@ class RedisPort(Port):
             error = ""
             if ctx.info.paths and b"q" not in fields:
                 error = "the entry has no sequence path: it was not made by this run"
-            elif deliveries <= ctx.info.max_deliveries:
+            elif deliveries <= ctx.info.max_deliveries or not self.max_deliveries:
                 try:
-                    good.append((entry, ctx.codec.decode(fields)))
+                    good.append((entry, self._decode(ctx, fields)))
                     continue
                 except Exception as exc:
                     error = f"cannot decode the entry: {_describe(exc)}"
@@ -361,14 +397,21 @@ class RedisPort(Port):
         if dead:
             self.io.count_dead(self._handoff(ctx, dead, records))
         if good:
-            self._ready.setdefault(ctx.info.run_id, (ctx, []))[1].extend(good)
+            self._keep(ctx, good)
+
+    def _decode(self, ctx: RunContext, fields: dict[bytes, bytes]) -> Any:
+        return ctx.codec.decode(fields)
+
+    def _keep(self, ctx: RunContext, good: list[tuple[Entry, Any]]) -> None:
+        """Hold decoded entries for the next takes."""
+        self._ready.setdefault(ctx.info.run_id, (ctx, []))[1].extend(good)
 
     def _has_room(self, ctx: RunContext) -> bool:
         """Check again whether the output stream went under its limit; back off if not."""
         keys, i = ctx.info.keys, self.index
-        final = i + 1 == len(ctx.info.stages)
-        group, held = (DRIVER_GROUP, "0") if final else (WORKER_GROUP, "1")
-        backlog = self.retry(self.scripts.backlog, keys=[keys.stream(i + 1)], args=[group, held])
+        backlog = self.retry(
+            self.scripts.backlog, keys=[keys.stream(i + 1)], args=_output_backlog(ctx.info, i)
+        )
         if backlog < ctx.info.limits[i + 1]:
             ctx.blocked_until.pop(i, None)
             ctx.block_delay.pop(i, None)
@@ -419,18 +462,8 @@ class RedisPort(Port):
         return bool(entries)
 
     def _input_ended(self, ctx: RunContext) -> bool:
-        """True when every entry of the run's stream for this stage has been read:
-        the source is done and every stage before this one has handed everything on."""
-        if self._ready.get(ctx.info.run_id, (ctx, []))[1]:
-            return False
-        state, present = read_state(self.client, self.retry, ctx.info.keys, len(ctx.info.stages))
-        if not present:
-            return True  # the run is gone: what is held goes nowhere
-        # >=: an entry the run did not make, dead-lettered, counts beside the run's own.
-        return state.source_done and all(
-            state.stages[j].acked + state.stages[j].dead >= state.produced(j)
-            for j in range(self.index)
-        )
+        """Whether a partial group must go out (only a batch stage's port has groups)."""
+        return False
 
     # ------------------------------------------------------------------ delivering
 
@@ -440,9 +473,6 @@ class RedisPort(Port):
         if ctx is None or not taken:
             return None
         entries = [entry for entry, _ in taken]
-        if self._batch_stage:
-            self._handoff(ctx, entries, self._group_records(ctx, entries, outcome.outputs), outcome)
-            return None
         handled = outcome.processed + (outcome.error is not None)
         self._handoff(ctx, entries[:handled], self._records(ctx, entries, outcome), outcome)
         if handled < len(taken):
@@ -480,24 +510,6 @@ class RedisPort(Port):
             args += ["n", entry_id, *_error_fields(outcome.error)]
         return args
 
-    def _group_records(self, ctx: RunContext, taken: list[Entry], outputs: list[Any]) -> list[Any]:
-        """A batch stage's group: the first entry carries it, the others nothing."""
-        (group,) = outputs
-        if ctx.info.ordered:
-            # Within one group, keep source order (groups of an ordered run on Redis
-            # are still made in the order entries arrive, not the source's).
-            pairs = sorted(zip(taken, group, strict=True), key=lambda p: _path_of(p[0]))
-            taken, group = [p[0] for p in pairs], [p[1] for p in pairs]
-        first_id, _, deliveries = taken[0]
-        records = self._outputs(ctx, [group], taken[0][1].get(b"q"))
-        args: list[Any] = ["a", first_id, deliveries, len(records), *_flat(records)]
-        for entry_id, fields, more in taken[1:]:
-            # The other entries' places are done: the group carries their items.
-            seq = fields.get(b"q")
-            tomb = [] if seq is None else [_tombstone(seq)]
-            args += ["a", entry_id, more, len(tomb), *_flat(tomb)]
-        return args
-
     def _outputs(self, ctx: RunContext, outputs: list[Any], seq: bytes | None) -> list[list[Any]]:
         """The records of one entry's outputs: ``[dest, k, field, value, ...]`` each."""
         encode = ctx.codec.encode
@@ -521,25 +533,29 @@ class RedisPort(Port):
         entries: list[Entry],
         records: list[Any],
         outcome: BatchOutcome | None = None,
+        cursor: str = "",
     ) -> int:
         """Hand a batch on in one atomic script call (see streams.HANDOFF); return how
-        many of ``entries`` were handed on (not taken over by another worker meanwhile)."""
+        many of ``entries`` were handed on (not taken over by another worker meanwhile),
+        or -1 when a batch stage's lease (``cursor`` given) is another consumer's."""
         if not entries:
             return 0
         if outcome is not None and outcome.failures:
             self._record_failures(ctx, outcome)
         info = ctx.info
         keys, i = info.keys, self.index
+        tombstones = info.tombstone_stream(i)
         reply = self.retry(
             self.scripts.handoff,
             keys=[
                 keys.stream(i),
                 keys.stream(i + 1),
-                keys.stream(len(info.stages)),
+                keys.stream(tombstones),
                 keys.counters,
                 keys.meta,
                 keys.errors(i),
                 keys.dead(i),
+                keys.lease(i),
             ],
             args=[
                 WORKER_GROUP,
@@ -552,12 +568,17 @@ class RedisPort(Port):
                 0 if outcome is None else int((outcome.busy_seconds or 0.0) * 1e6),
                 *_id_range(entries),
                 # Room for entries it holds in that range besides the batch (failed ones).
-                len(entries) + 1000,
+                len(entries) + self.room,
+                tombstone_counter(tombstones, len(info.stages)),
+                *_output_backlog(info, i),
+                cursor,
                 *records,
             ],
         )
         if reply == -1:
             return 0  # the run ended meanwhile (it was cancelled): nothing to hand on
+        if reply == -2:
+            return -1
         if reply[1]:
             log.warning(
                 "conveyor: stage %r: %d entries were no longer pending for this worker when it "
@@ -618,16 +639,310 @@ class RedisPort(Port):
                 )
 
 
+class _Order:
+    """One run's input of a batch stage, while this consumer holds its lease."""
+
+    def __init__(self, ctx: RunContext, cursor: list[int] | None) -> None:
+        self.ctx = ctx
+        # Arrival order without paths (a long-lived run), or without tombstones sent
+        # to the stage (a run an older version began): no way to tell a gap.
+        ordered = ctx.info.paths and bool(ctx.info.tombstones_to)
+        self.tracker = Tracker(True) if ordered else None
+        if self.tracker is not None and cursor is not None:
+            self.tracker.resume_after(cursor)
+        self.cursor = cursor
+        """Path of the last entry taken in source order: everything up to it is handed
+        on, or an item of the group in the making (not acknowledged yet)."""
+        self.renew_at = 0.0
+
+    def cursor_arg(self) -> str:
+        """The cursor as the hand-off records it in the run's ``meta`` (JSON, text like
+        every field there; '-': none to record, the lease checked all the same)."""
+        return "-" if self.cursor is None else json.dumps(self.cursor)
+
+
+class BatchPort(RedisPort):
+    """A batch stage's consumer: groups in source order, made by one consumer at a time
+    (see the module docstring).
+
+    Why one: a group is "the next ``size`` items in source order", so making it needs
+    every item before it, and two consumers could not agree on where groups begin.
+    Why a lease rather than a fixed owner: the holder may die; its lease expires
+    after the visibility timeout, and another worker's port takes over, claims every
+    pending entry of the stage and starts at the persisted cursor. The items of the
+    group the dead holder was making (pending, at or before the cursor) come first,
+    so the groups after a take-over are the ones the holder would have made.
+    """
+
+    max_deliveries = False  # a take-over counts as a delivery: making groups cannot fail
+    room = 0  # it holds thousands of entries while it reorders: check a group's own ids
+
+    def __init__(self, io: RedisIO, label: str) -> None:
+        super().__init__(io, label)
+        self._orders: dict[str, _Order] = {}
+        self._next_try: dict[str, float] = {}
+        self._void = False  # the group in the worker's hands was lost with the lease
+
+    # ------------------------------------------------------------------ the lease
+
+    def _fetch(self, n: int, timeout: float | None) -> None:
+        # Read ahead (the order may need more than n), and never block past a third of
+        # the lease's time to live: the lease is renewed between reads.
+        runs = self.io.directory.runs()
+        renew = min((c.info.visibility_ms for c in runs), default=3 * BLOCK_MS) / 3000
+        super()._fetch(READ_LIMIT, renew if timeout is None else min(timeout, renew))
+
+    def _servable(self, runs: list[RunContext]) -> list[RunContext]:
+        """The runs whose lease this consumer holds (taking or renewing it when due)."""
+        now = monotonic()
+        held = []
+        for ctx in runs:
+            run_id, ttl = ctx.info.run_id, ctx.info.visibility_ms
+            order = self._orders.get(run_id)
+            if order is not None and now < order.renew_at:
+                held.append(ctx)
+                continue
+            if order is None and now < self._next_try.get(run_id, 0.0):
+                continue
+            lease = ctx.info.keys.lease(self.index)
+            got = self.retry(self.scripts.lease, keys=[lease], args=[self.name, ttl])
+            if got != 1 and order is not None:
+                self._lose(ctx)  # another consumer made groups meanwhile: start over
+            if got == 0:
+                self._next_try[run_id] = now + min(0.5, ttl / 4000)
+                continue
+            if got == 2:
+                self._begin(ctx)
+            else:
+                self._claim_strays(ctx)
+            self._orders[run_id].renew_at = now + ttl / 3000
+            held.append(ctx)
+        return held
+
+    def _begin(self, ctx: RunContext) -> None:
+        """A new tenure: start at the persisted cursor, with every entry still pending."""
+        run_id = ctx.info.run_id
+        field = f"cursor:{self.index}"
+        saved = self.retry(self.client.hget, ctx.info.keys.meta, field)
+        self._orders[run_id] = _Order(ctx, None if saved is None else json.loads(saved))
+        self._ready.pop(run_id, None)
+        self._claim(ctx)
+
+    def _claim_strays(self, ctx: RunContext) -> None:
+        """Claim what other consumers hold: a former holder's entries, read after this
+        consumer's take-over claimed the rest."""
+        key = ctx.info.keys.stream(self.index)
+        summary = self.retry(self.client.xpending, key, WORKER_GROUP)
+        if any(c["name"].decode() != self.name for c in summary["consumers"]):
+            self._claim(ctx)
+
+    def _claim(self, ctx: RunContext) -> None:
+        """Claim every pending entry of the stage (own ones too, recognised when held)."""
+        start = b"0-0"
+        while True:
+            reply = self.retry(
+                self.scripts.reclaim,
+                keys=[ctx.info.keys.stream(self.index)],
+                args=[WORKER_GROUP, self.name, 0, start, READ_LIMIT, FORGET_CONSUMER_MS],
+            )
+            entries = [(e[0], fields_to_dict(e[1]), int(e[2])) for e in reply[1]]
+            if entries:
+                self._accept(ctx, entries)
+            start = reply[0]
+            if start in (b"0-0", "0-0"):
+                return
+
+    def _reclaim_due(self, runs: list[RunContext], n: int) -> bool:
+        return False  # the lease holder claims what others hold (_claim_strays)
+
+    def _lose(self, ctx: RunContext) -> None:
+        """The lease went to another consumer: drop this run's order and group."""
+        run_id = ctx.info.run_id
+        self._orders.pop(run_id, None)
+        self._ready.pop(run_id, None)
+        if self._run is not None and self._run.info.run_id == run_id:
+            self._void = bool(self._taken)
+            self._run, self._taken = None, []
+        log.warning(
+            "conveyor: stage %r: another worker took over making the groups of run %s "
+            "(this one was slower than the visibility timeout); it makes them again",
+            self.stage.name,
+            run_id,
+        )
+
+    def _forget_gone_runs(self) -> None:
+        super()._forget_gone_runs()
+        live = {c.info.run_id for c in self.io.directory.runs()}
+        for run_id in set(self._orders) - live:
+            del self._orders[run_id]
+
+    # ------------------------------------------------------------------ source order
+
+    def _decode(self, ctx: RunContext, fields: dict[bytes, bytes]) -> Any:
+        """(path, item), or (path, TOMBSTONE) for a place a stage before left empty."""
+        seq = fields.get(b"q")
+        path = None if seq is None else load_path(seq)
+        if path is not None and not (
+            isinstance(path, list) and path and all(type(x) is int for x in path)
+        ):
+            raise ValueError(f"not a sequence path: {path!r}")
+        return path, TOMBSTONE if b"t" in fields else ctx.codec.decode(fields)
+
+    def _keep(self, ctx: RunContext, good: list[tuple[Entry, Any]]) -> None:
+        """Put entries in source order: released by the tracker once every place before
+        them is known; those at or before the cursor (a former holder's group in the
+        making) go first."""
+        order = self._orders.get(ctx.info.run_id)
+        if order is None:
+            return  # read as the lease was lost: the holder claims them
+        ready = self._ready.setdefault(ctx.info.run_id, (ctx, []))[1]
+        tracker = order.tracker
+        if tracker is None:
+            ready.extend(good)
+            return
+        early = []
+        for pair in good:
+            path = pair[1][0]
+            if order.cursor is not None and path <= order.cursor:
+                early.append(pair)
+            else:
+                tracker.add(Leaf(path, pair, pair[0][0]))
+        released = tracker.release()
+        ready[:0] = sorted(early, key=lambda pair: pair[1][0])
+        ready.extend(released.values)
+        if released.refused:
+            refused = [leaf.entry_id for leaf in released.refused]
+            dead = [leaf.value[0] for leaf in released.refused]
+            records = [x for e in dead for x in _dead_record(e, "a copy, or not of this run")]
+            self.io.count_dead(self._handoff(ctx, dead, records))
+            tracker.acknowledged(refused)
+
+    def _hand_out(self, n: int) -> list[Any]:
+        """Up to ``n`` items in source order; the tombstones before them are handed on."""
+        if self._void:
+            self._void = False
+            raise Empty  # the worker's group goes out, to be dropped (see deliver)
+        found = self._next_ready()
+        if found is None:
+            return []
+        ctx, got = found
+        order = self._orders[ctx.info.run_id]
+        items: list[tuple[Entry, Any]] = []
+        gaps: list[tuple[Entry, Any]] = []
+        i = 0
+        while i < len(got) and len(items) < n:
+            (gaps if got[i][1][1] is TOMBSTONE else items).append(got[i])
+            i += 1
+        order.cursor = got[i - 1][1][0]  # None without paths
+        del got[:i]
+        if gaps and not self._hand_on(ctx, [e for e, _ in gaps], _gap_records(gaps)):
+            return []
+        if not items:
+            return []
+        self._run = ctx
+        self._taken += items
+        return [item for _, (_, item) in items]
+
+    def _input_ended(self, ctx: RunContext) -> bool:
+        """True when the group must go out: the source is done, every stage before has
+        handed everything on, and this consumer has taken every entry of its input
+        (not so while it holds entries behind a missing place: a dead letter, which a
+        replay will fill)."""
+        order = self._orders.get(ctx.info.run_id)
+        if order is None or self._ready.get(ctx.info.run_id, (ctx, []))[1]:
+            return False
+        if order.tracker is not None and len(order.tracker):
+            return False
+        state, present = read_state(self.client, self.retry, ctx.info.keys, len(ctx.info.stages))
+        if not present:
+            return True  # the run is gone: what is held goes nowhere
+        i = self.index
+        counts = state.stages[i]
+        left = state.produced(i) - counts.acked - counts.dead  # not handed on yet
+        return (
+            state.source_done
+            and all(state.through(j) for j in range(i))
+            and left <= len(self._taken)
+        )
+
+    # ------------------------------------------------------------------ delivering
+
+    def deliver(self, outcome: BatchOutcome) -> BaseException | None:
+        if self._stopped.is_set():
+            # The worker stops with a group in the making: not a group of the run's (a
+            # plain loop would not cut it here). Its items stay pending, let go by
+            # `close`, and the next holder makes the group again from the cursor.
+            return None
+        ctx, taken = self._run, self._taken
+        self._run, self._taken = None, []
+        if ctx is None or not taken:
+            return None  # nothing, or a group lost with the lease: the holder makes it
+        (group,) = outcome.outputs
+        first, _, deliveries = taken[0][0]
+        records = self._outputs(ctx, [group], taken[0][0][1].get(b"q"))
+        args: list[Any] = ["a", first, deliveries, len(records), *_flat(records)]
+        # The other items' places are done: the group carries their items.
+        args += _gap_records(taken[1:])
+        self._hand_on(ctx, [e for e, _ in taken], args, outcome)
+        return None
+
+    def _hand_on(
+        self,
+        ctx: RunContext,
+        entries: list[Entry],
+        records: list[Any],
+        outcome: BatchOutcome | None = None,
+    ) -> bool:
+        """Hand on in source order, with the cursor; False if the lease was lost."""
+        order = self._orders[ctx.info.run_id]
+        if self._handoff(ctx, entries, records, outcome, order.cursor_arg()) < 0:
+            self._lose(ctx)
+            return False
+        if order.tracker is not None:
+            order.tracker.acknowledged([e[0] for e in entries])
+        return True
+
+    def close(self) -> None:
+        """As every consumer; and give the leases up, so that another worker takes over
+        at once rather than after the visibility timeout."""
+        import redis
+
+        orders = list(self._orders.values())
+        super().close()
+        for order in orders:
+            try:
+                lease = order.ctx.info.keys.lease(self.index)
+                self.scripts.lease(keys=[lease], args=[self.name, 0])
+            except redis.RedisError:
+                pass  # best effort: the lease expires after the visibility timeout
+
+
 # ---------------------------------------------------------------------- helpers
 
 
-def _path_of(entry: Entry) -> list[int]:
-    seq = entry[1].get(b"q")
-    return [] if seq is None else load_path(seq)
+def _output_backlog(info: RunInfo, index: int) -> tuple[str, str]:
+    """The group of stage ``index``'s output stream, and whether the entries read and
+    not acknowledged count as backlog: not where they are held to be reordered (the
+    driver's final stream, a batch stage's input), or a missing item could never get
+    past a full stream."""
+    if index + 1 == len(info.stages):
+        return DRIVER_GROUP, "0"
+    return WORKER_GROUP, "0" if index + 1 in info.tombstones_to else "1"
 
 
 def _tombstone(seq: bytes | None) -> list[Any]:
     return ["f", 4, b"q", seq or b"", b"t", b"1"]
+
+
+def _gap_records(taken: list[tuple[Entry, Any]]) -> list[Any]:
+    """Hand-off records acknowledging entries whose places are done: a tombstone each,
+    on to where the stage's tombstones go (nothing without a path)."""
+    args: list[Any] = []
+    for (entry_id, fields, deliveries), _ in taken:
+        seq = fields.get(b"q")
+        tomb = [] if seq is None else [_tombstone(seq)]
+        args += ["a", entry_id, deliveries, len(tomb), *_flat(tomb)]
+    return args
 
 
 def _dead_record(entry: Entry, error: str) -> list[Any]:

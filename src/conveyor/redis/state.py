@@ -6,6 +6,8 @@ snapshot, and stage ``i`` is finished exactly when the source is finished
 and, for every stage up to ``i``, the inputs acknowledged equal the entries
 its predecessor produced (the source's items for stage 0). Filters and
 flat_map need nothing special: what counts is entries produced and consumed.
+A batch stage's input also holds the tombstones that the stages before it
+send there (``tomb:<i>``): they are entries produced into it too.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ class RunInfo:
     """Backlog limit of each stream (one per stage, plus the final stream)."""
     batch: int = 100
     """Largest number of entries a worker reads at once."""
+    tombstones_to: tuple[int, ...] = ()
+    """Per stage, the stream its tombstones go to: the input of the next batch stage
+    (which reorders by path and must tell a gap from a late item), else the final
+    stream (also when empty: a run written before batch stages reordered)."""
     created: float = field(default_factory=time.time)
 
     @property
@@ -71,9 +77,14 @@ class RunInfo:
             "max_deliveries": str(self.max_deliveries),
             "limits": json.dumps(list(self.limits)),
             "batch": str(self.batch),
+            "tombstones_to": json.dumps(list(self.tombstones_to)),
             "created": repr(self.created),
             "source_done": "0",
         }
+
+    def tombstone_stream(self, index: int) -> int:
+        """Where stage ``index``'s tombstones go (see `tombstones_to`)."""
+        return self.tombstones_to[index] if self.tombstones_to else len(self.stages)
 
     @classmethod
     def from_meta(cls, keys: Keys, meta: dict[Any, Any]) -> RunInfo:
@@ -90,6 +101,7 @@ class RunInfo:
             max_deliveries=int(m["max_deliveries"]),
             limits=tuple(json.loads(m["limits"])),
             batch=int(m.get("batch", "100")),
+            tombstones_to=tuple(json.loads(m.get("tombstones_to", "[]"))),
             created=float(m.get("created", "0")),
         )
 
@@ -133,6 +145,8 @@ class RunState:
     """Final-stream entries the driver has acknowledged."""
     released: int = 0
     """Ordered runs: source items whose outputs the driver has released, in order."""
+    gaps: tuple[int, ...] = ()
+    """Per stage: tombstones sent to its input by the stages before it (a batch stage's)."""
 
     @classmethod
     def read(cls, counters: dict[Any, Any], source_done: bool, n: int) -> RunState:
@@ -160,11 +174,19 @@ class RunState:
             tombstones=c.get("tomb", 0),
             delivered=c.get("delivered", 0),
             released=c.get("released", 0),
+            gaps=tuple(c.get(f"tomb:{i}", 0) for i in range(n)),
         )
 
     def produced(self, index: int) -> int:
-        """Entries added to stage ``index``'s input so far."""
-        return self.fed if index == 0 else self.stages[index - 1].out
+        """Entries added to stage ``index``'s input so far (tombstones included)."""
+        made = self.fed if index == 0 else self.stages[index - 1].out
+        return made + (self.gaps[index] if self.gaps else 0)
+
+    def through(self, index: int) -> bool:
+        """Every entry added to stage ``index``'s input is handed on or dead-lettered (>=:
+        an entry the run did not make, dead-lettered, counts beside the run's own)."""
+        counts = self.stages[index]
+        return counts.acked + counts.dead >= self.produced(index)
 
     def backlog(self, index: int) -> int:
         """Entries in stage ``index``'s stream not yet handed on: waiting, or held by a worker."""
@@ -189,17 +211,19 @@ class RunState:
         """Entries in dead letters, over all stages."""
         return sum(s.dead for s in self.stages)
 
-    @property
-    def stalled(self) -> bool:
+    def stalled(self, reordering: Sequence[int] = ()) -> bool:
         """Nothing is left to do but entries sit in dead letters: the run waits for a replay.
 
-        (Whether the driver has read the final stream to its end is for the
-        driver to add: it may hold outputs behind a dead letter's place.)
+        A stage in ``reordering`` (a batch stage) may hold entries behind a dead
+        letter's place: once every stage before it is through, what it holds
+        waits for the replay too. (Whether the driver has read the final stream
+        to its end is for the driver to add, for the same reason.)
         """
+        done = [s.acked + s.dead == self.produced(i) for i, s in enumerate(self.stages)]
         return (
             self.dead > 0
             and self.source_done
-            and all(s.acked + s.dead == self.produced(i) for i, s in enumerate(self.stages))
+            and all(d or (i in reordering and all(done[:i])) for i, d in enumerate(done))
         )
 
     @property
@@ -242,7 +266,7 @@ def stage_stats(
                 kind=stage.kind,
                 runtime=stage.runtime,
                 workers=workers,
-                items_in=counts.acked,
+                items_in=counts.acked - (state.gaps[i] if state.gaps else 0),
                 items_out=counts.out,
                 filtered=counts.filtered,
                 failed=counts.failed + counts.dead,

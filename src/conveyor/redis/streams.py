@@ -35,6 +35,7 @@ __all__ = [
     "fields_to_dict",
     "pipeline_id",
     "redact",
+    "tombstone_counter",
 ]
 
 log = logging.getLogger("conveyor.redis")
@@ -111,6 +112,10 @@ class Keys:
         """Stream: stage ``index``'s dead letters."""
         return f"{self.prefix}:dlq{index}"
 
+    def lease(self, index: int) -> str:
+        """String: the consumer that makes batch stage ``index``'s groups, while it lives."""
+        return f"{self.prefix}:lease{index}"
+
     @property
     def done(self) -> str:
         """Bitmap: bit ``r`` set when source item ``r`` is through (unordered runs)."""
@@ -121,13 +126,19 @@ class Keys:
         keys = [self.meta, self.counters, self.failures, self.done, self.stream(stages)]
         keys.append(self.dead(stages))  # final-stream entries the run did not make
         for i in range(stages):
-            keys += [self.stream(i), self.errors(i), self.dead(i)]
+            keys += [self.stream(i), self.errors(i), self.dead(i), self.lease(i)]
         return keys
 
 
 def consumer_name(label: str) -> str:
     """A consumer name unique to this host, process and worker: host:pid:label:random."""
     return f"{socket.gethostname()}:{os.getpid()}:{label}:{random.getrandbits(24):06x}"
+
+
+def tombstone_counter(stream: int, stages: int) -> str:
+    """The counter of tombstones added to ``stream``: ``tomb`` for the final stream,
+    ``tomb:<i>`` for batch stage ``i``'s input."""
+    return "tomb" if stream == stages else f"tomb:{stream}"
 
 
 def fields_to_dict(flat: list[Any]) -> dict[bytes, bytes]:
@@ -324,34 +335,49 @@ end
 # outputs; or record its error and make it reclaimable now ('n'); or move it
 # to the dead letters ('x'). Entries no
 # longer ours (reclaimed by another worker meanwhile) are skipped: their
-# outputs would be duplicates. All in one atomic step.
+# outputs would be duplicates. A batch stage's hand-off (a cursor given) is
+# refused unless this consumer still holds the stage's lease, and records how
+# far in source order the stage has gone. All in one atomic step.
 #
-# KEYS: input, output, final, counters, meta, errors, dead
+# KEYS: input, output, tombstones' stream (final, or the next batch stage's
+#       input), counters, meta, errors, dead, lease
 # ARGV: group, consumer, stage, visibility ms, filtered, failed, retried,
-#       busy us, lowest id, highest id, number of entries, then records:
+#       busy us, lowest id, highest id, number of entries, tombstone counter,
+#       output's group, count what it holds as backlog ('1'|'0'),
+#       cursor ('' for no batch stage, '-' for one without paths), then records:
 #   'o' id data              (first delivery, one output: its field d)
 #   'O' id data seq          (the same with field q)
-#   'a' id deliveries n_out [dest('o'|'f') k field value ...] * n_out
+#   'a' id deliveries n_out [dest('o'|'f': output|tombstones) k field value ...] * n_out
 #   'n' id error record    (error: the traceback text; record: the exception as JSON,
 #                           `conveyor.remote.ExceptionRecord`, kept beside it as id#r)
 #   'x' id deliveries error k field value ...   (the dead letter gets both, err and rec)
-# Returns {acked, stale, backlog of the output stream} or -1 if the run is gone.
+# Returns {acked, stale, backlog of the output stream}, -1 if the run is gone,
+# -2 if the batch stage's lease is another consumer's.
 HANDOFF = (
     LUA_HELPERS
     + """
 if redis.call('EXISTS', KEYS[5]) == 0 then return -1 end
 local group, consumer, st = ARGV[1], ARGV[2], ARGV[3]
--- What this consumer holds, in one range query over the batch's ids.
+if ARGV[15] ~= '' then
+  if redis.call('GET', KEYS[8]) ~= consumer then return -2 end
+  if ARGV[15] ~= '-' then redis.call('HSET', KEYS[5], 'cursor:' .. st, ARGV[15]) end
+end
+-- What this consumer holds, in one range query over the batch's ids; when the
+-- reply is cut at its count (the consumer holds more in that range: a batch
+-- stage reordering), an id not in it is looked up alone.
 local held = {}
-for _, p in ipairs(redis.call('XPENDING', KEYS[1], group, ARGV[9], ARGV[10], ARGV[11], consumer)) do
+local pending = redis.call('XPENDING', KEYS[1], group, ARGV[9], ARGV[10], ARGV[11], consumer)
+for _, p in ipairs(pending) do
   held[p[1]] = true
 end
+local cut = #pending >= tonumber(ARGV[11])
 local function owned(id)
-  return held[id] == true
+  if held[id] then return true end
+  return cut and redis.call('XPENDING', KEYS[1], group, id, id, 1, consumer)[1] ~= nil
 end
 local acked, stale, outs, tombs, redelivered, dead = 0, 0, 0, 0, 0, 0
 local done = {}
-local i = 12
+local i = 16
 while i <= #ARGV do
   local op, id = ARGV[i], ARGV[i + 1]
   if op == 'o' or op == 'O' then
@@ -429,7 +455,7 @@ local function add(name, n)
 end
 add('in:' .. st, acked)
 add('out:' .. st, outs)
-add('tomb', tombs)
+add(ARGV[12], tombs)
 add('redelivered:' .. st, redelivered)
 add('stale:' .. st, stale)
 add('dead:' .. st, dead)
@@ -437,14 +463,9 @@ add('filtered:' .. st, ARGV[5])
 add('failed:' .. st, ARGV[6])
 add('retried:' .. st, ARGV[7])
 add('busy_us:' .. st, ARGV[8])
-local left
-if KEYS[2] == KEYS[3] then
-  -- The driver holds final entries while it reorders: they are not backlog.
-  left = backlog(KEYS[2], 'driver', false)
-else
-  left = backlog(KEYS[2], group, true)
-end
-return {acked, stale, left}
+-- The driver (final stream) and a batch stage hold entries while they reorder:
+-- those are not backlog, or a missing item could never get past a full stream.
+return {acked, stale, backlog(KEYS[2], ARGV[13], ARGV[14] == '1')}
 """
 )
 
@@ -506,12 +527,12 @@ return {r[1], out}
 """
 
 # Move dead letters back to the stage's input (replay), or drop them (purge).
-# A purged entry with a sequence path leaves a tombstone in the final stream:
-# its place in the run is done.
-# KEYS: dead, stream, counters, final.  ARGV: stage, mode ('replay'|'purge'),
-# (unused), ids...  Returns how many moved.
+# A purged entry with a sequence path leaves a tombstone where the stage sends
+# them (the final stream, or the next batch stage's input): its place is done.
+# KEYS: dead, stream, counters, tombstones' stream.  ARGV: stage, mode
+# ('replay'|'purge'), tombstone counter, ids...  Returns how many moved.
 DEAD = """
-local st, mode, ordered = ARGV[1], ARGV[2], ARGV[3]
+local st, mode, tomb = ARGV[1], ARGV[2], ARGV[3]
 local moved = 0
 for j = 4, #ARGV do
   local e = redis.call('XRANGE', KEYS[1], ARGV[j], ARGV[j])
@@ -533,7 +554,7 @@ for j = 4, #ARGV do
       redis.call('HINCRBY', KEYS[3], 'purged:' .. st, 1)
       if seq ~= nil then
         redis.call('XADD', KEYS[4], '*', 'q', seq, 't', '1')
-        redis.call('HINCRBY', KEYS[3], 'tomb', 1)
+        redis.call('HINCRBY', KEYS[3], tomb, 1)
       end
     end
     redis.call('XDEL', KEYS[1], ARGV[j])
@@ -572,6 +593,25 @@ return n
 ).replace("UNPACK_MAX", str(UNPACK_MAX))
 
 
+# Take, keep or let go of a batch stage's lease: the one consumer that makes its
+# groups (two could not make them consistently).
+# KEYS: lease.  ARGV: consumer, time to live ms ('0': let go).
+# Returns 2 when newly taken, 1 when kept, 0 when another consumer holds it.
+LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if ARGV[2] == '0' then
+  if holder == ARGV[1] then redis.call('DEL', KEYS[1]) end
+  return 0
+end
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if holder then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 2
+"""
+
 # The work left in a stream.  KEYS: stream.  ARGV: group, held ('1'|'0').
 BACKLOG = (
     LUA_HELPERS
@@ -591,3 +631,4 @@ class Scripts:
         self.dead = client.register_script(DEAD)
         self.ack = client.register_script(ACK)
         self.backlog = client.register_script(BACKLOG)
+        self.lease = client.register_script(LEASE)

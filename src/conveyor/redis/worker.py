@@ -47,7 +47,7 @@ from ..stage import Stage
 from .codec import secret_from
 from .port import RedisIO, RunDirectory, WorkerLink
 from .state import read_state
-from .streams import Keys, Retrier, connect, pipeline_id
+from .streams import Keys, Retrier, connect, pipeline_id, redact
 
 __all__ = ["Worker", "serve"]
 
@@ -55,6 +55,9 @@ log = logging.getLogger("conveyor.redis")
 
 ABORT_GRACE = 5.0
 """After a stop that did not end in time, how long the abort waits for the workers."""
+MAX_CONNECTIONS = 2**31
+"""The connection pool's cap, unless ``redis_options`` sets one: in effect none, as
+before redis-py 8 (the server's ``maxclients`` is the limit that counts)."""
 
 
 class Worker:
@@ -94,12 +97,10 @@ class Worker:
             raise ConfigurationError("Worker: the pipeline has no stage")
         names = [s.name for s in all_stages]
         chosen = list(stages) if stages else names
-        unknown = [n for n in chosen if n not in names]
-        if unknown:
-            raise ConfigurationError(
-                f"Worker: no stage named {', '.join(map(repr, unknown))}; "
-                f"stages: {', '.join(map(repr, names))}"
-            )
+        _check_names("stages", chosen, names, "stages")
+        if isinstance(workers, dict):
+            # A misspelt stage would otherwise keep its own count without a word.
+            _check_names("workers", list(workers), chosen, "served stages")
         self.url = url
         self.namespace = namespace
         self.pipeline_id = pipeline_id(all_stages)
@@ -109,6 +110,11 @@ class Worker:
         self._secret = secret_from(secret_key)
         self._unavailable = unavailable_timeout
         self._options = dict(redis_options or {})
+        # Every consumer of every served stage shares this client, and each may hold a
+        # connection in a blocking read at once: redis-py 8 caps a pool at 100
+        # connections and fails the 101st user ("Too many connections"), which an
+        # async stage of a few hundred workers reaches at once.
+        self._options.setdefault("max_connections", MAX_CONNECTIONS)
         self.control = RunControl()
         self.stopped = threading.Event()
         """Set once the worker stops (`stop`, a signal, or a failure)."""
@@ -261,8 +267,18 @@ class Worker:
             if self.stopped.is_set() and self.control.error is None:
                 return  # stopped while connecting: nothing was started
             raise
+        # Said once ready: a worker is otherwise silent until something goes wrong.
+        log.info("conveyor: %s", self.describe())
         wait_interruptibly(self.stopped.wait, None)
         self.join(30.0)
+
+    def describe(self) -> str:
+        """What this worker serves, and where: one line."""
+        served = ", ".join(f"{self.stages[i].name!r} x{self._counts[i]}" for i in self.served)
+        return (
+            f"worker serving {served} from {redact(self.url)} (namespace {self.namespace!r}); "
+            "SIGTERM or Ctrl-C stops it"
+        )
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.stopped.is_set():
@@ -275,6 +291,16 @@ class Worker:
     def __exit__(self, *exc_info: Any) -> None:
         self.stop()
         self.join(30.0)
+
+
+def _check_names(param: str, given: Sequence[str], names: Sequence[str], what: str) -> None:
+    """Refuse names in ``given`` that are not in ``names`` (the ``what`` it may name)."""
+    unknown = [n for n in given if n not in names]
+    if unknown:
+        raise ConfigurationError(
+            f"Worker '{param}': no stage named {', '.join(map(repr, unknown))}; "
+            f"{what}: {', '.join(map(repr, names))}"
+        )
 
 
 def _count_for(stage: Stage, workers: int | dict[str, int] | None) -> int:

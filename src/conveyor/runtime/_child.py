@@ -35,9 +35,12 @@ from ..errors import SerializationError
 from ..policy import BatchOutcome, apply_one, give_up, process_batch
 from ..remote import ExceptionRecord, capture
 from ..stage import Stage, set_worker_state
+from ._allocator import Placer, placer
 from ._wire import (
+    _ECHO,
     _FAILED,
     _LOAD_FAILED,
+    _OOB,
     _OUTCOME,
     _READY,
     _SLEEPING_MESSAGE,
@@ -53,6 +56,7 @@ from ._wire import (
     _first_unpicklable,
     _load,
     _OutcomeMessage,
+    _pack,
     _type_name,
 )
 
@@ -88,6 +92,9 @@ class _Server:
         self.cpu_time = cpu_time  # the CPU this worker used so far (its process's, or thread's)
         self.inboxes: dict[int, _Arena] = {}  # the parent writes batches' big buffers there
         self.outboxes: dict[int, _Arena] = {}  # this side writes results' big buffers there
+        # Whether to place the arrays the stage creates in the outbox (see handle).
+        self.place_arrays = True
+        self.bytes_likely = False  # the last answer held big bytes (see _wire._dump)
         timed = stage.timeout is not None
         self.call = self._timed_call if timed else None
         self.sleep = self._timed_sleep if timed else _plain_sleep
@@ -102,15 +109,29 @@ class _Server:
                     return False
                 if message[0] == _STOP:
                     return True
-                self.conn.send_bytes(self.handle(message))
+                self.conn.send_bytes(self.handle(_BatchMessage._make(message)))
         finally:
-            for arena in (*self.inboxes.values(), *self.outboxes.values()):
+            for arena in self.inboxes.values():
                 arena.close()
+            for arena in self.outboxes.values():
+                self._close_outbox(arena)
+
+    def _close_outbox(self, arena: _Arena) -> None:
+        """Unmap an outbox, unless arrays the stage created in it are still alive."""
+        found = placer(make=False)
+        if found is None:
+            arena.close()
+        else:
+            found.close(arena)
 
     def handle(self, message: _BatchMessage) -> bytes:
         """Run one batch message; return the answer."""
         for ident in message.forget:
-            (self.inboxes.pop(ident, None) or self.outboxes.pop(ident)).close()
+            block = self.inboxes.pop(ident, None)
+            if block is not None:
+                block.close()
+            else:
+                self._close_outbox(self.outboxes.pop(ident))
         inbox, outbox = message.inbox, message.outbox
         source = None if inbox is None else self._block(self.inboxes, inbox)
         box = None if outbox is None else self._block(self.outboxes, outbox)
@@ -121,13 +142,23 @@ class _Server:
         retries_left = message.retries_left
         stage = self.stage if retries_left is None else replace(self.stage, retries=retries_left)
         started = perf_counter()
+        # Big arrays the stage creates go right into the outbox (see _allocator): for
+        # as long as it returns arrays of its own (placing slows small allocations).
+        place = None if box is None or not self.place_arrays else placer()
         # Always tracked: the parent's port may need it, and a result that cannot be
         # pickled is charged to the input that gave it.
-        outcome = process_batch(stage, batch, self.call, self.sleep, track=True)
+        with contextlib.nullcontext() if place is None else place.placing(box):
+            outcome = process_batch(stage, batch, self.call, self.sleep, track=True)
         busy = perf_counter() - started
-        answer = self.reply(stage, batch, outcome, box, source, busy)
+        answer = self.reply(stage, batch, outcome, box, source, busy, place)
         del batch, outcome  # the arrays built on the inbox go (unless the stage kept some)
-        return pickle.dumps(answer._replace(inbox_kept=self._let_go(source)), 5)
+        if _shares_kept_memory(answer, source, box, place):
+            answer = _in_band(answer, source, box)
+        kept = box is not None and place is not None and place.kept(box)
+        if kept:
+            assert box is not None
+            del self.outboxes[box.ident]  # the placer unmaps it after its last array
+        return _pack(answer._replace(inbox_kept=self._let_go(source), outbox_kept=kept))
 
     @staticmethod
     def _block(blocks: dict[int, _Arena], info: tuple[int, str | None, int]) -> _Arena:
@@ -161,6 +192,7 @@ class _Server:
         box: _Arena | None,
         source: _Arena | None,
         busy: float,
+        place: Placer | None = None,
     ) -> _OutcomeMessage:
         """The outcome, ready to pickle; results that cannot be pickled become failures.
 
@@ -169,26 +201,32 @@ class _Server:
         """
         buffers = _Buffers()
         try:
-            payload, pids = _dump(outcome.outputs, buffers)
+            payload, pids = _dump(outcome.outputs, buffers, self.bytes_likely)
         except Exception:
             outcome = _drop_unpicklable(stage, batch, outcome)
             buffers.clear()
             payload, pids = _dump(outcome.outputs, buffers)
+        self.bytes_likely = pids
         need = 0
         descs: list[_Desc] = []
+        self.place_arrays = False  # until the stage returns arrays of its own again
         if buffers.views:
-            echoes: list[int | None] = [None] * len(buffers.views)
-            if source is not None:
-                echoes = source.echoes(buffers)
-            fresh = sum(
-                _align(v.nbytes) for v, e in zip(buffers.views, echoes, strict=True) if e is None
+            placed = _already_placed(buffers, source, box, place)
+            self.place_arrays = any(
+                p is None or p[1] == _OOB
+                for p, persistent in zip(placed, buffers.persistent, strict=True)
+                if not persistent
             )
-            # All echoed: nothing to write, the request's block describes them.
-            target = source if fresh == 0 else box
-            if target is not None and fresh <= target.size:
-                descs = target.write(buffers, echoes)
+            fresh = sum(
+                _align(v.nbytes) for v, p in zip(buffers.views, placed, strict=True) if p is None
+            )
+            start = 0 if place is None else place.high(box)
+            # All in place already: nothing to write, the descriptors say where they are.
+            target = box or source
+            if target is not None and (fresh == 0 or (target is box and start + fresh <= box.size)):
+                descs = target.write(buffers, placed, start)
             else:  # no room: in band this time; the parent provides a bigger outbox
-                need = fresh
+                need = start + fresh
                 payload, pids = _dump(outcome.outputs, _Buffers(None))
         failures = [
             (index, _pack_error(f.error), f.attempts)
@@ -211,6 +249,41 @@ class _Server:
             error=None if outcome.error is None else _pack_error(outcome.error),
             inbox_kept=False,
         )
+
+
+def _shares_kept_memory(
+    answer: _OutcomeMessage, source: _Arena | None, box: _Arena | None, place: Placer | None
+) -> bool:
+    """Whether the answer points at an array the stage kept (a cache, an accumulator):
+    the caller's result would then change with it. Echoes count when any array built
+    on the request's block is still alive; placed arrays, when theirs is."""
+    if source is not None and any(d[2] == _ECHO for d in answer.descs) and source.in_use():
+        return True
+    return place is not None and place.alive(box, [d[0] for d in answer.descs if d[2] == _OOB])
+
+
+def _in_band(answer: _OutcomeMessage, source: _Arena | None, box: _Arena | None) -> _OutcomeMessage:
+    """The answer with its results pickled in band: copies of what they are now."""
+    outputs = _load(answer.payload, answer.pids, answer.descs, box, source)
+    payload, pids = _dump(outputs, _Buffers(None))
+    del outputs
+    for arena in (source, box):
+        if arena is not None:
+            arena.in_use()  # forget the slices the copies were made from
+    return answer._replace(payload=payload, pids=pids, descs=[])
+
+
+def _already_placed(
+    buffers: _Buffers, source: _Arena | None, box: _Arena | None, place: Placer | None
+) -> list[tuple[int, int] | None]:
+    """Per big buffer of an answer, where it already is in shared memory, if it is:
+    in the request's block (an array the stage got), or placed in the outbox."""
+    echoes = [None] * len(buffers.views) if source is None else source.echoes(buffers)
+    ours = [None] * len(buffers.views) if place is None else place.offsets(box, buffers)
+    return [
+        (echo, _ECHO) if echo is not None else None if mine is None else (mine, _OOB)
+        for echo, mine in zip(echoes, ours, strict=True)
+    ]
 
 
 def _drop_unpicklable(stage: Stage, batch: list[Any], outcome: BatchOutcome) -> BatchOutcome:

@@ -36,7 +36,9 @@ _Desc = tuple[int, int, int]  # offset, size, place
 # child -> parent, in the order of the batches: an `_OutcomeMessage`, or one of
 #   (_READY,), (_FAILED, what, error), (_STARTED,), (_SLEEPING,), (_STOPPED, error | None),
 #   (_LOAD_FAILED, error, inbox_kept)
-# The first field is always the tag.
+# The first field is always the tag. `_BatchMessage` and `_OutcomeMessage` travel as
+# plain tuples (`_pack`; the receiver rebuilds them with ``_make``): a NamedTuple is
+# pickled by class, which costs about 4 us more each way, message after message.
 _BATCH, _STOP, _READY, _FAILED, _OUTCOME, _LOAD_FAILED, _STARTED, _SLEEPING, _STOPPED = range(9)
 
 _Block = tuple[int, "str | None", int]
@@ -74,6 +76,12 @@ class _OutcomeMessage(NamedTuple):
     failures: list[tuple[int, Any, int]]  # (batch index, packed error, attempts) per failure
     error: Any  # the packed error that ended the batch, or None
     inbox_kept: bool  # arrays the stage kept live on the inbox: it is the child's no more
+    outbox_kept: bool = False  # arrays the stage created and kept live on the outbox: the same
+
+
+def _pack(message: tuple[Any, ...]) -> bytes:
+    """A message as sent: its fields as a plain tuple, pickled (see the tags above)."""
+    return pickle.dumps(tuple(message), 5)
 
 
 _STOP_MESSAGE = pickle.dumps((_STOP,), 5)
@@ -160,25 +168,28 @@ class _CloudPickler(_OutOfBand, cloudpickle.Pickler):  # type: ignore[misc]
     pass
 
 
-def _dump(obj: Any, buffers: _Buffers) -> tuple[bytes, bool]:
+def _dump(obj: Any, buffers: _Buffers, bytes_likely: bool = False) -> tuple[bytes, bool]:
     """Pickle ``obj`` (protocol 5), big buffers set aside; return (payload, uses persistent ids).
 
     The plain pickler first (fast), then the one that handles bytes-likes,
-    then cloudpickle's (classes and functions by value).
+    then cloudpickle's (classes and functions by value). ``bytes_likely``
+    (the previous message held big bytes): look for them first, rather than
+    pickle them in band, which costs a copy of each, for nothing.
 
     Raises:
         Exception: whatever the last pickler raised when none could do it.
     """
-    try:
-        payload = pickle.dumps(obj, 5, buffer_callback=buffers)
-    except Exception:
-        buffers.clear()
-    else:
-        # Big bytes pickled in band make a big payload: only then look for them.
-        threshold = buffers.threshold
-        if threshold is None or len(payload) < threshold or not _has_big_bytes(obj):
-            return payload, False
-        buffers.clear()
+    threshold = buffers.threshold
+    if not (bytes_likely and threshold is not None and _has_big_bytes(obj)):
+        try:
+            payload = pickle.dumps(obj, 5, buffer_callback=buffers)
+        except Exception:
+            buffers.clear()
+        else:
+            # Big bytes pickled in band make a big payload: only then look for them.
+            if threshold is None or len(payload) < threshold or not _has_big_bytes(obj):
+                return payload, False
+            buffers.clear()
     error: Exception | None = None
     for pickler_class in (_PlainPickler, _CloudPickler):
         out = io.BytesIO()
@@ -306,6 +317,17 @@ def _address_of(numpy: Any, buffer: memoryview) -> int:
     return address
 
 
+def _copy(target: memoryview, source: memoryview) -> None:
+    """Copy a big buffer; through NumPy when it is loaded, which lets go of the GIL
+    meanwhile: the other lane, and the thread taking the results, go on."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None:
+        target[:] = source
+    else:
+        numpy.copyto(numpy.frombuffer(target, numpy.uint8), numpy.frombuffer(source, numpy.uint8))
+    target.release()
+
+
 def _named_mapping(name: str, size: int) -> mmap.mmap:
     """Windows: a named mapping (it lives while some process maps it)."""
     options: dict[str, Any] = {"tagname": name}  # a Windows-only parameter
@@ -372,27 +394,51 @@ class _Arena:
         finally:
             os.close(fd)
 
-    def write(self, buffers: _Buffers, skip: list[int | None] | None = None) -> list[_Desc]:
-        """Copy the buffers in, one after the other; return their descriptors.
+    def write(
+        self,
+        buffers: _Buffers,
+        placed: list[tuple[int, int] | None] | None = None,
+        start: int = 0,
+    ) -> list[_Desc]:
+        """Copy the buffers in, one after the other from ``start``; return their descriptors.
 
-        ``skip`` (answers): for each buffer, its offset in the request's block
-        when it is already there (see `echoes`), to describe rather than copy.
+        ``placed`` (answers): for each buffer, (offset, place) when it is
+        already in shared memory -- in the request's block (`echoes`, place
+        _ECHO) or allocated in this block by the stage (place _OOB, see
+        `conveyor.runtime._allocator`) -- to describe rather than copy.
         """
+        descs, copies = self.layout(buffers, placed, start)
+        self.fill(copies)
+        return descs
+
+    def layout(
+        self,
+        buffers: _Buffers,
+        placed: list[tuple[int, int] | None] | None = None,
+        start: int = 0,
+    ) -> tuple[list[_Desc], list[tuple[int, memoryview]]]:
+        """Where `write` puts each buffer: the descriptors, and the copies to make."""
         descs = []
-        offset = 0
-        view = self.view
+        copies = []
+        offset = start
         for index, (buffer, persistent) in enumerate(
             zip(buffers.views, buffers.persistent, strict=True)
         ):
             size = buffer.nbytes
-            echo = None if skip is None else skip[index]
-            if echo is not None:
-                descs.append((echo, size, _ECHO))
+            there = None if placed is None else placed[index]
+            if there is not None:
+                descs.append((there[0], size, there[1]))
                 continue
-            view[offset : offset + size] = buffer
+            copies.append((offset, buffer))
             descs.append((offset, size, _PID if persistent else _OOB))
             offset += _align(size)
-        return descs
+        return descs, copies
+
+    def fill(self, copies: list[tuple[int, memoryview]]) -> None:
+        """Make the copies `layout` listed."""
+        view = self.view
+        for offset, buffer in copies:
+            _copy(view[offset : offset + buffer.nbytes], buffer)
 
     def echoes(self, buffers: _Buffers) -> list[int | None]:
         """For each out-of-band buffer that lies in this block, its offset here.

@@ -240,7 +240,8 @@ async def _worker_loop(sr: StageRun, worker: int) -> None:
     except asyncio.CancelledError:
         raise  # the run was aborted: its cause is reported by whoever aborted it
     except BaseException as exc:  # Ctrl-C or SystemExit from the stage, or a bug in conveyor
-        control.fail(add_stage_note(exc, stage, counters.current_item))
+        holding = counters.current_since is not None
+        control.fail(add_stage_note(exc, stage, counters.current_item, holding=holding))
     finally:
         counters.finish()
         port.close()

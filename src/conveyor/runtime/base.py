@@ -203,8 +203,9 @@ def worker_loop(
                 size = min(size, outcome.size_limit)
     except ShutDown:
         pass  # the run was aborted while we were handing outputs on
-    except BaseException as exc:  # a bug in conveyor, or Ctrl-C delivered here
-        control.fail(add_stage_note(exc, stage, counters.current_item))
+    except BaseException as exc:  # a bug in conveyor, Redis lost, or Ctrl-C delivered here
+        holding = counters.current_since is not None
+        control.fail(add_stage_note(exc, stage, counters.current_item, holding=holding))
     finally:
         counters.finish()
         port.close()
@@ -258,7 +259,7 @@ def batch_loop(sr: StageRun) -> None:
     except ShutDown:
         pass
     except BaseException as exc:
-        sr.control.fail(add_stage_note(exc, stage, buf[:1]))
+        sr.control.fail(add_stage_note(exc, stage, buf[0] if buf else None, holding=bool(buf)))
     finally:
         counters.finish()
         port.close()

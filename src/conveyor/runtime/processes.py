@@ -15,11 +15,13 @@ has n of these)::
         a request block ===== shared memory ============|=> arrays built on it (no copy)
         send one message ------------- pipe -----------+-> stage.process_batch(batch)
         wait on  - the pipe <---------------------------+--   (retries, backoff, skip, raise:
-                 - the child's sentinel (it died)       |     written once, in stage.py)
-                 - the run's abort pipe (stop, Ctrl-C)  |   pickle the outcome; new big
-                 - the item's deadline (timeout)        |   buffers copied into an answer
-        arrays built on the answer <== shared memory ===|== block (arrays it got back: a
-          block, or on the request block                |   pointer into the request block)
+                 - the child's sentinel (it died)       |     written once, in policy.py;
+                 - the run's abort pipe (stop, Ctrl-C)  |     new big arrays allocated in
+                 - the item's deadline (timeout)        |     the answer block); pickle the
+        arrays built on the answer <== shared memory ===|== outcome: other big buffers
+          block, or on the request block                |   copied into the answer block
+                                                        |   (arrays it got back: a pointer
+                                                        |   into the request block)
       | put_many(outputs), or the ordered sequencer     |   ...until STOP: on_stop(), exit
       v                                                 |
     output channel                                      |
@@ -30,12 +32,14 @@ order and each goes to the lane that sent its message. A stage's logic lives
 in `conveyor.stage.process_batch`, which the child runs; the lanes run the
 same `worker_loop` as the thread runtime, with an ``execute`` that ships the
 batch to the child and returns its `BatchOutcome`. Everything specific to
-processes lives in three modules:
+processes lives in four modules:
 
 - ``_wire``: what both sides share, how a batch crosses: the messages,
   pickling with big buffers set aside, the shared-memory blocks;
 - ``_child``: the worker process's side (`_child_main`, which serves
   batches, and how the stage is sent to it);
+- ``_allocator``: in the worker, NumPy's allocator placing the arrays the
+  stage creates in the answer's shared-memory block;
 - this module: start methods, the parent's side (pipes, shared memory in
   flight, what happens when a child dies or overruns), the exceptions that
   come back from workers, and `ProcessRuntime`.
@@ -75,8 +79,12 @@ dict items) -- do not go through the pipe: the sender copies them into a
 shared-memory block, and the receiver builds NumPy arrays right on it (no
 copy; bytes-likes are copied out into objects of their own). An array the
 stage returns as it got it (or a slice of it, or changed in place) is not
-copied back: the answer points into the request's block. So an array
-crosses with one copy each way, or one in all for a stage working in place.
+copied back: the answer points into the request's block. An array the stage
+creates is allocated in the answer's block in the first place (see
+``_allocator``) and is not copied either. So an array crosses with one copy
+each way (the parent's into the request's block, the stage's own making of
+its result), or one in all for a stage working in place. A result the stage
+also keeps alive (and might change later) crosses as a copy instead.
 
 Blocks are reused message after message: a fresh block costs a page fault
 per page on first use, far more than the copy. A block is written again only
@@ -172,6 +180,7 @@ from ._wire import (
     _first_unpicklable,
     _load,
     _OutcomeMessage,
+    _pack,
     _type_name,
     shm_prefix,
 )
@@ -411,7 +420,10 @@ class _Child:
     sent; whichever lane finds nobody reading reads for all, and hands each
     answer to the lane that waits for it. Shared-memory blocks are chosen
     and released under ``_send_lock`` (the order of messages is the order
-    the child sees them in).
+    the child sees them in); a message's big buffers are copied into its
+    block outside that lock (and outside the GIL: see `_wire._copy`), so that
+    the other lane can settle an answer meanwhile; messages then go out in
+    the order of their numbers (``_turn``).
     """
 
     def __init__(self, process: BaseProcess, conn: Connection, abort: Connection) -> None:
@@ -433,6 +445,10 @@ class _Child:
         self._idents = itertools.count()
         # Messages in flight.
         self._send_lock = threading.Lock()
+        # Notified when a message has gone out (_next_send) or a copy ended (_filling).
+        self._turn = threading.Condition()
+        self._next_send = 0
+        self._filling = 0  # copies into blocks in progress (close waits for them)
         self._answered = threading.Condition()  # notified when an answer (or the end) is read
         self._sent = 0
         self._next_answer = 0
@@ -467,19 +483,33 @@ class _Child:
         """Place a batch's big buffers in shared memory and send it; return its number."""
         with self._send_lock:
             flight = _Flight()
-            descs, inbox = self._place(buffers, flight)
+            descs, inbox, copies = self._place(buffers, flight)
             outbox = self._choose_outbox(bool(buffers.views), flight)
             forget, self._forget = self._forget, []
             message = _BatchMessage(
                 _BATCH, payload, pids, descs, inbox, outbox, forget, retries_left
             )
-            data = pickle.dumps(message, 5)
+            data = _pack(message)
             seq = self._sent
             self._sent += 1
             self._flights[seq] = flight
-            with contextlib.suppress(OSError):  # it died: whoever reads finds out
-                self.conn.send_bytes(data)
-            return seq
+            if copies:
+                with self._turn:
+                    self._filling += 1
+        try:
+            if copies:
+                assert flight.inbox is not None  # reserved for this message: nobody else writes it
+                flight.inbox.fill(copies)
+        finally:
+            with self._turn:
+                self._filling -= bool(copies)
+                while self._next_send != seq:
+                    self._turn.wait()
+                with contextlib.suppress(OSError):  # it died: whoever reads finds out
+                    self.conn.send_bytes(data)
+                self._next_send += 1
+                self._turn.notify_all()
+        return seq
 
     def receive(
         self, seq: int, read: Callable[[], tuple[Any, ...] | None]
@@ -530,14 +560,18 @@ class _Child:
         flight = self._flights[seq]
         return flight.outbox, flight.inbox
 
-    def settle(self, seq: int, kept_inbox: bool, need: int) -> None:
+    def settle(self, seq: int, kept_inbox: bool, need: int, kept_outbox: bool = False) -> None:
         """Message ``seq`` was answered (and its results built): release its blocks."""
         with self._send_lock:
             flight = self._flights.pop(seq)
             for arena in flight.named:  # the child has mapped them
                 arena.unlink()
-            if flight.outbox is not None:
-                self._reserved.discard(flight.outbox.ident)  # in_use() guards it from now on
+            outbox = flight.outbox
+            if outbox is not None:
+                self._reserved.discard(outbox.ident)  # in_use() guards it from now on
+                if kept_outbox:  # arrays the stage created there live on in the child
+                    self.outboxes.remove(outbox)
+                    outbox.close()
             inbox = flight.inbox
             if inbox is not None:
                 self._reserved.discard(inbox.ident)
@@ -548,13 +582,17 @@ class _Child:
 
     # ------------------------------------------------------------------ shared memory
 
-    def _place(self, buffers: _Buffers, flight: _Flight) -> tuple[list[_Desc], Any]:
-        """Copy a message's big buffers into a free inbox; return their places and the inbox."""
+    def _place(
+        self, buffers: _Buffers, flight: _Flight
+    ) -> tuple[list[_Desc], Any, list[tuple[int, memoryview]]]:
+        """Choose a free inbox for a message's big buffers: their places, the inbox, and
+        the copies to make (`_Arena.fill`)."""
         if not buffers.views:
-            return [], None
+            return [], None, []
         box, announce = self._pick(self.inboxes, buffers.total, flight)
         flight.inbox = box
-        return box.write(buffers), announce
+        descs, copies = box.layout(buffers)
+        return descs, announce, copies
 
     def _choose_outbox(self, sending: bool, flight: _Flight) -> tuple[int, str | None, int] | None:
         """The block the child is to write the answer's big buffers to (None until a
@@ -573,13 +611,16 @@ class _Child:
         """A block of ``pool`` for a message in flight: free and big enough, or a new one.
 
         A block is free once no message in flight uses it and no array built
-        on it is left. While the caller still holds results, new blocks are
-        made; beyond the pool's size the free ones are unmapped first, then
-        the oldest are let go (their arrays keep them mapped).
+        on it is left; of the free ones, the last used is taken. While the
+        caller still holds results, new blocks are made; beyond the pool's size
+        the free ones are unmapped first, then the least recently used are let
+        go (their arrays keep them mapped).
         """
         reserved = self._reserved
         free = [a for a in pool if a.ident not in reserved and not a.in_use()]
-        box = next((a for a in free if a.size >= need), None)
+        # The pool is kept in the order of use, the last used last: that one's pages
+        # are the likeliest to be still in the caches.
+        box = next((a for a in reversed(free) if a.size >= need), None)
         excess = len(pool) + (box is None) - POOL_SIZE
         if excess > 0:
             busy = [a for a in pool if a not in free and a.ident not in reserved]
@@ -588,7 +629,9 @@ class _Child:
         new = box is None
         if box is None:
             box = self._new_arena(need, flight)
-            pool.append(box)
+        else:
+            pool.remove(box)
+        pool.append(box)
         reserved.add(box.ident)
         return box, (box.ident, box.name if new else None, box.size)
 
@@ -643,6 +686,9 @@ class _Child:
                 with contextlib.suppress(ValueError):
                     process.close()
             self.conn.close()
+            with self._turn:  # no copy into a block may be in progress when it is unmapped
+                while self._filling:
+                    self._turn.wait()
             with self._send_lock:
                 for arena in (*self.inboxes, *self.outboxes):
                     arena.close()
@@ -699,6 +745,7 @@ class _Worker:
         self.child: _Child | None = None
         self._child_lock = threading.Lock()  # starting, replacing and retiring the child
         self.lanes = _lanes(stage)
+        self._bytes_likely = False  # the last message held big bytes (see _wire._dump)
         self._running = self.lanes
 
     # ------------------------------------------------------------------ lanes
@@ -890,8 +937,7 @@ class _Worker:
             child.settle(seq, answer[-1], 0)
             where = f"in the {self.runtime.worker}"
             return self._unreadable(job, end, _unpack_error(answer[1]), where)
-        assert isinstance(answer, _OutcomeMessage)
-        return self._merge(job, child, seq, answer, end)
+        return self._merge(job, child, seq, _OutcomeMessage._make(answer), end)
 
     def _encode(self, job: _Job, end: int) -> tuple[bytes, bool, _Buffers, int] | None:
         """Pickle batch[start:end] (end may shrink); None when batch[start] is unpicklable."""
@@ -900,7 +946,7 @@ class _Worker:
             buffers = _Buffers()
             items = batch[start:end]
             try:
-                payload, pids = _dump(items, buffers)
+                payload, pids = _dump(items, buffers, self._bytes_likely)
             except Exception as exc:
                 bad = _first_unpicklable(items) or (0, exc)
                 if bad[0] > 0:
@@ -913,6 +959,7 @@ class _Worker:
                 error.__cause__ = bad[1]
                 job.give_up(start, error, 0)
                 return None
+            self._bytes_likely = pids  # lanes may race on it: it is only a hint
             if buffers.total:
                 # Big buffers hold shared memory until the results are consumed: batches
                 # of about one message's worth, however quick, keep that memory small.
@@ -930,7 +977,7 @@ class _Worker:
         except Exception as exc:
             return self._unreadable(job, end, exc, "in the parent process")
         finally:
-            child.settle(seq, answer.inbox_kept, answer.need)
+            child.settle(seq, answer.inbox_kept, answer.need, answer.outbox_kept)
         stage, batch, start = self.stage, job.batch, job.start
         outcome = job.outcome
         outcome.outputs.extend(outputs)

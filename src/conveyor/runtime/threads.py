@@ -132,9 +132,10 @@ class _Hooks:
 
     With ``max_items_per_worker``, the worker starts afresh after that many
     items, as a process worker is replaced: ``on_stop`` runs with the old
-    state, ``on_start`` makes a new one (and a new helper thread, with a
-    ``timeout``). The worker loop takes at most the items left before then
-    (``BatchOutcome.size_limit``), so a batch never straddles two lives.
+    state at once, ``on_start`` makes a new one (and a new helper thread, with
+    a ``timeout``) when the next batch comes, so that the last items leave no
+    life that takes none. The worker loop takes at most the items left before
+    then (``BatchOutcome.size_limit``), so a batch never straddles two lives.
     """
 
     def __init__(self, sr: StageRun, worker: int) -> None:
@@ -181,8 +182,11 @@ class _Hooks:
         return ok
 
     def execute(self, batch: list[Any]) -> BatchOutcome:
-        """The policy on ``batch``; then, with a quota, recycle the worker if it is used up."""
+        """The policy on ``batch`` (in a new life if the last one used up its quota); then,
+        with a quota, end the worker's life if it is used up."""
         sr = self.sr
+        if not self.live and not self.start():
+            raise ShutDown  # the run failed in on_start: this worker ends
         outcome = process_batch(
             sr.stage, batch, call=self.timed, sleep=sr.control.sleep, track=sr.tracks
         )
@@ -190,8 +194,8 @@ class _Hooks:
             self.left -= len(batch)
             if self.left <= 0:
                 self.left = self.quota
-                if not (self.stop() and self.start()):
-                    raise ShutDown  # the run failed in a hook: this worker ends
+                if not self.stop():
+                    raise ShutDown  # the run failed in on_stop: this worker ends
             outcome.size_limit = self.left
         return outcome
 

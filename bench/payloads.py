@@ -1,0 +1,234 @@
+"""Large payloads through a process stage and back, against memcpy, paired round by round.
+
+Each run sends 512 buffers of 1 MiB (64 distinct ones taken in turn: 64 MiB,
+more than the caches) through a fresh pipeline with one process stage of one
+worker, start-up included, and takes every result back in the caller. What
+the stage does:
+
+* arrays, as they came    ``lambda a: a``          (NumPy float64 arrays)
+* arrays, new             ``a.copy()``             (an array created in the worker)
+* arrays, new (ufunc)     ``a * 2``
+* bytes, as they came     ``lambda b: b``          (bytes objects)
+* bytes, new              ``bytearray(b)``         (a new object made in the worker)
+
+The reference is memcpy: ``np.copyto`` of the same 512 arrays into one
+1 MiB array (from main memory, as in bench/runtimes.py). A round runs every
+candidate once, in an order that rotates from round to round, after a
+warm-up round; per run, the candidate's share of memcpy bandwidth is
+memcpy's time over its own (the same bytes moved), memcpy running right
+before and after it; the table gives the median and the range over the
+rounds.
+
+Run:  python bench/payloads.py [--rounds 7] [--write] [--json PATH]
+
+--write replaces this script's section of docs/benchmarks.md; --json PATH
+writes, per workload, conveyor's MiB/s and its ratio to memcpy (the peer),
+for bench/ab.py (``CONVEYOR_BENCH_SRC`` chooses the conveyor, see
+bench/_common.py).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+# Worker processes run this module again (as __mp_main__): keep its top level light.
+sys.path.insert(0, os.environ.get("CONVEYOR_BENCH_SRC") or str(BENCH.parent / "src"))
+
+import numpy  # noqa: E402  (a NumPy program: conveyor preloads it for its workers)
+
+import conveyor as cv  # noqa: E402
+
+SECTION = "payloads"
+MIB = 1 << 20
+COUNT, DISTINCT = 512, 64
+MEMCPY = "memcpy (np.copyto, from main memory)"
+
+
+def as_they_came(x: Any) -> Any:
+    return x
+
+
+def array_copy(a: Any) -> Any:
+    return a.copy()
+
+
+def array_times_two(a: Any) -> Any:
+    return a * 2
+
+
+def new_bytearray(b: Any) -> Any:
+    return bytearray(b)
+
+
+# name -> (stage function, payload kind)
+CANDIDATES: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "arrays, returned as they came": (as_they_came, "array"),
+    "arrays, the stage returns `a.copy()`": (array_copy, "array"),
+    "arrays, the stage returns `a * 2`": (array_times_two, "array"),
+    "bytes, returned as they came": (as_they_came, "bytes"),
+    "bytes, the stage returns `bytearray(b)`": (new_bytearray, "bytes"),
+}
+# What --json names them (bench/ab.py's workloads).
+JSON_NAMES = {
+    "arrays, returned as they came": "arrays as they came",
+    "arrays, the stage returns `a.copy()`": "arrays a.copy()",
+    "arrays, the stage returns `a * 2`": "arrays a * 2",
+    "bytes, returned as they came": "bytes as they came",
+    "bytes, the stage returns `bytearray(b)`": "bytes bytearray(b)",
+}
+
+
+def payloads() -> dict[str, list[Any]]:
+    arrays = [numpy.random.default_rng(i).random(MIB // 8) for i in range(DISTINCT)]
+    return {"array": arrays, "bytes": [a.tobytes() for a in arrays]}
+
+
+def through_a_process_stage(fn: Callable[[Any], Any], data: list[Any]) -> Callable[[], float]:
+    """A run; it returns the seconds from the first result to the last (no start-up)."""
+
+    def run() -> float:
+        source = (data[i % DISTINCT] for i in range(COUNT))
+        n = 0
+        first = last = 0.0
+        for out in cv.Pipeline(source).map(fn, runtime="process"):
+            last = time.perf_counter()
+            first = first or last
+            assert len(memoryview(out).cast("B")) == MIB
+            n += 1
+        assert n == COUNT
+        return last - first
+
+    return run
+
+
+def memcpy(arrays: list[Any]) -> Callable[[], float]:
+    dst = numpy.empty(MIB // 8)
+
+    def run() -> float:
+        for i in range(COUNT):
+            numpy.copyto(dst, arrays[i % DISTINCT])
+        return 0.0
+
+    return run
+
+
+def timed(run: Callable[[], float]) -> tuple[float, float]:
+    """Seconds the run took, and what it returned."""
+    started = time.perf_counter()
+    inner = run()
+    return time.perf_counter() - started, inner
+
+
+Shares = dict[str, tuple[list[float], list[float]]]
+
+
+def measure(rounds: int) -> tuple[dict[str, list[float]], Shares]:
+    """Per candidate: seconds per run, and per run its share of memcpy bandwidth, with
+    start-up and without (from the first result to the last, for COUNT - 1 of them).
+
+    A warm-up round, then ``rounds``; memcpy runs right before and right
+    after each candidate's run, and the share is the mean of the two over
+    the candidate's time: the load of the machine moves within a round.
+    """
+    data = payloads()
+    copy = memcpy(data["array"])
+    runs = {
+        name: through_a_process_stage(fn, data[kind]) for name, (fn, kind) in CANDIDATES.items()
+    }
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in [MEMCPY, *names]}
+    share: Shares = {name: ([], []) for name in names}
+    for round_ in range(rounds + 1):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            (before, _), (took, steady), (after, _) = timed(copy), timed(runs[name]), timed(copy)
+            if round_:  # round 0 is the warm-up
+                times[name].append(took)
+                times[MEMCPY] += [before, after]
+                reference = (before + after) / 2
+                share[name][0].append(reference / took)
+                share[name][1].append(reference * (COUNT - 1) / COUNT / steady)
+        print(f"  round {round_}/{rounds} done", file=sys.stderr)
+    return times, share
+
+
+def percent(shares: list[float]) -> str:
+    """Median (min - max) of shares, in percent."""
+    low, mid, high = min(shares), statistics.median(shares), max(shares)
+    return f"{100 * mid:.0f}% ({100 * low:.0f} - {100 * high:.0f})"
+
+
+def report(times: dict[str, list[float]], share: Shares, rounds: int) -> str:
+    rows = []
+    for name, seconds in times.items():
+        mibs = COUNT / statistics.median(seconds)
+        if name == MEMCPY:
+            rows.append(f"| {name} | {mibs:,.0f} MiB/s | 100% | 100% |")
+            continue
+        whole, steady = share[name]
+        rows.append(f"| {name} | {mibs:,.0f} MiB/s | {percent(whole)} | {percent(steady)} |")
+    return "\n".join(
+        [
+            f"{COUNT} buffers of 1 MiB ({DISTINCT} distinct ones in turn) through a fresh "
+            "pipeline with one process stage of one worker and back to the caller, "
+            f"start-up included; {rounds} rounds after a warm-up, candidates alternated; "
+            "memcpy runs right before and after each run, and the share of memcpy is "
+            "the mean of those two times over the run's: median (min - max) over the rounds. "
+            "Without start-up: from the first result to the last (511 MiB).",
+            "",
+            "| through a process stage and back | MiB/s (median) | share of memcpy | "
+            "share of memcpy, without start-up |",
+            "|---|---|---|---|",
+            *rows,
+        ]
+    )
+
+
+def main() -> None:
+    import argparse
+
+    sys.path.insert(0, str(BENCH))
+    from _common import machine, workload, write_json, write_section
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument("--json", metavar="PATH", help="write conveyor's figures as JSON")
+    args = parser.parse_args()
+    load = os.getloadavg()[0]
+    times, share = measure(args.rounds)
+    text = (
+        f"{report(times, share, args.rounds)}\n\nMachine: {machine()}; load average {load:.1f} at "
+        f"the start; {time.strftime('%Y-%m-%d %H:%M')}."
+    )
+    print(text)
+    if args.write:
+        title = "## Large payloads through a process stage (bench/payloads.py)"
+        write_section(f"{title}\n\n{text}", SECTION)
+    if args.json:
+        memcpy_rates = [COUNT / t for t in times[MEMCPY]]
+        write_json(
+            args.json,
+            {
+                JSON_NAMES[name]: workload(
+                    COUNT / statistics.median(times[name]),
+                    "MiB/s",
+                    MEMCPY,
+                    COUNT / statistics.median(times[MEMCPY]),
+                    [COUNT / t for t in times[name]],
+                    memcpy_rates,
+                )
+                for name in CANDIDATES
+            },
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -274,3 +274,42 @@ def test_an_ordered_stage_releasing_single_items_together_wakes_a_consumer_for_e
         t.join(10)
     assert not any(t.is_alive() for t in threads)
     assert sorted(got) == ["a", "b", "c"]
+
+
+def test_idle_workers_of_an_ordered_stage_wait_in_the_channel_and_start_together() -> None:
+    # Waiting for items inside the ticket lock let one worker wait in the
+    # channel while the others queued on the lock, to be started one by one.
+    from conveyor.runtime.base import RunControl
+    from conveyor.runtime.ports import Sequencer
+
+    source: cv.Channel[str] = cv.Channel(64)
+    lock = hold_able(source)
+    sequencer = Sequencer(cv.Channel(64), window=8, control=RunControl())
+    taken: list[tuple[list[str], int]] = []
+
+    def take() -> None:
+        taken.append(sequencer.take(source, 1))
+
+    threads = [threading.Thread(target=take, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    wait_until_parked(source, consumers=4)
+    with lock:
+        source.put_many(["a", "b", "c", "d"])
+        assert source.stats().waiting_consumers == 0  # all four woken at once
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert sorted(taken, key=lambda bt: bt[1]) == [(["a"], 0), (["b"], 1), (["c"], 2), (["d"], 3)]
+
+
+def test_waiting_for_an_item_takes_none_and_ends_when_the_channel_is_drained() -> None:
+    ch: cv.Channel[int] = cv.Channel(4)
+    ch.put_many([1, 2])
+    assert ch.wait_for_item() == 2
+    assert ch.get_many(4) == [1, 2]
+    with pytest.raises(cv.Empty):
+        ch.wait_for_item(timeout=0.01)
+    ch.close()
+    with pytest.raises(cv.ShutDown):
+        ch.wait_for_item()

@@ -795,6 +795,33 @@ class Channel(Generic[T]):
         finally:
             lock.release()
 
+    def wait_for_item(self, timeout: float | None = None) -> int:
+        """Block until the channel has an item, without taking it; return how many it holds.
+
+        For a consumer that must take its item together with something under
+        a lock of its own (conveyor's ordered stages take an item and its
+        ticket) and so cannot wait inside `get`: it waits here, outside its
+        lock, as a `get` would (a put of several items wakes one such waiter
+        per item), then takes with ``block=False`` and waits again if another
+        consumer was first.
+
+        Raises:
+            Empty: no item within ``timeout``.
+            ShutDown: the channel is closed and drained.
+        """
+        if timeout is not None:
+            _check_timeout(timeout, "Channel.wait_for_item()")
+        with self._lock:
+            if not self._items:
+                if self.is_shutdown:
+                    raise ShutDown
+                self._wait_for_item(True, timeout, True)
+                # We were woken for an item we have not taken, and another
+                # consumer may be parked with nobody left to wake it (one
+                # waiting inside the caller's lock): pass the wake-up on.
+                self._relay_items()
+            return len(self._items)
+
     def wait_for_room(self, timeout: float | None = None) -> int:
         """Block until the channel has room; return how many items fit now.
 

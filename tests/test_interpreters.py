@@ -13,6 +13,7 @@ a worker interpreter never imports this module.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import time
@@ -56,6 +57,33 @@ def hang_until_released(folder: str, x: int) -> int:
     while not Path(folder, "release").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     return x
+
+
+def wait_for_file(path: Path) -> None:
+    """Wait (bounded) until a worker interpreter writes ``path``: no event reaches here
+    from another interpreter's call."""
+    deadline = time.monotonic() + WAIT
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} never came"
+        time.sleep(0.01)
+
+
+def stop_once_hung(handle: cv.RunHandle, folder: str) -> tuple[cv.RunResult, float]:
+    """Stop the run once a call hangs in `hang_until_released`, then release the call;
+    return the run's result and how long stop() took to end the run."""
+    try:
+        wait_for_file(Path(folder, "hung"))
+        stopping = time.monotonic()
+        handle.stop()
+        result = handle.join(WAIT)
+        return result, time.monotonic() - stopping
+    finally:
+        Path(folder, "release").touch()
+
+
+def fds() -> int:
+    """How many file descriptors this process has open."""
+    return len(os.listdir("/proc/self/fd"))
 
 
 def only_the_main_interpreter_is_left() -> bool:
@@ -151,7 +179,7 @@ def test_a_module_without_subinterpreter_support_fails_the_item_with_its_import_
 
 @needs_interpreters
 def test_an_item_over_its_timeout_gives_up_its_interpreter_and_a_fresh_one_goes_on(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     folder = str(tmp_path)
 
@@ -171,6 +199,7 @@ def test_an_item_over_its_timeout_gives_up_its_interpreter_and_a_fresh_one_goes_
         took = time.monotonic() - started
         Path(folder, "release").touch()
     assert took < HANG_SECONDS / 2, f"the run took {took:.1f} s: it waited for the hung call"
+    assert "left behind" not in caplog.text  # given up, as a timed-out thread call is
     outputs = result.outputs or []
     assert [x for x, _ in outputs] == [1, 2, 3, 4, 5]
     hung = int(Path(folder, "hung").read_text())
@@ -192,21 +221,90 @@ def test_stop_does_not_wait_for_a_call_in_progress_which_ends_on_its_own(tmp_pat
 
     before = set(threading.enumerate())
     handle = cv.Pipeline(range(3)).map(hang, runtime="interpreter").start()
-    try:
-        deadline = time.monotonic() + WAIT
-        while not Path(folder, "hung").exists():  # another interpreter: no event reaches here
-            assert time.monotonic() < deadline, "the call never started"
-            time.sleep(0.01)
-        stopping = time.monotonic()
-        handle.stop()
-        result = handle.join(WAIT)
-        took = time.monotonic() - stopping
-    finally:
-        Path(folder, "release").touch()
+    result, took = stop_once_hung(handle, folder)
     assert result.stopped
     assert took < 2.0, f"stop() took {took:.1f} s: it waited for the call"
     assert join_new_threads(before) == []
     assert only_the_main_interpreter_is_left()
+
+
+def fail_on_0(x: int) -> int:
+    if x == 0:
+        raise ValueError("no zero")
+    return x
+
+
+@needs_interpreters
+@pytest.mark.parametrize("attempt", range(3))
+def test_a_stage_error_while_other_interpreters_start_up_claims_nothing_is_stuck(
+    attempt: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The first interpreter ready fails the run while the others are still importing
+    # conveyor, or idle between calls: none of them is in user code, none is named,
+    # and all of them end by themselves.
+    before = set(threading.enumerate())
+    pipeline = cv.Pipeline(range(100)).map(fail_on_0, workers=3, runtime="interpreter")
+    with pytest.raises(ValueError, match="no zero") as info:
+        pipeline.run()
+    notes = [n for n in info.value.__notes__ if n.startswith("conveyor:")]
+    assert notes == ["conveyor: stage 'fail_on_0' (map) failed on item 0"]
+    assert "left behind" not in caplog.text
+    assert join_new_threads(before) == []
+    assert only_the_main_interpreter_is_left()
+
+
+@needs_interpreters
+def test_a_stop_while_the_interpreters_start_up_returns_at_once_naming_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    list(cv.Pipeline(range(3)).map(abs, runtime="interpreter"))  # imports, caches: once
+    before, before_fds = set(threading.enumerate()), fds()
+    handle = cv.Pipeline(range(100)).map(abs, workers=2, runtime="interpreter").start()
+    stopping = time.monotonic()
+    handle.stop()  # conveyor's imports in a new interpreter take 0.1 s at least
+    result = handle.join(WAIT)
+    took = time.monotonic() - stopping
+    assert result.stopped
+    assert took < 1.0, f"stop() took {took:.2f} s: it waited for the start-up"
+    assert "left behind" not in caplog.text
+    assert join_new_threads(before) == []
+    assert only_the_main_interpreter_is_left()
+    assert fds() == before_fds  # the sockets of interpreters that never called the worker too
+
+
+@needs_interpreters
+def test_a_stop_with_on_start_stuck_names_the_stage_as_a_stuck_thread_is(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = str(tmp_path)
+
+    def start() -> None:
+        hang_until_released(folder, 0)
+
+    before = set(threading.enumerate())
+    pipeline = cv.Pipeline(range(3)).map(abs, runtime="interpreter", on_start=start, name="slow")
+    result, took = stop_once_hung(pipeline.start(), folder)
+    assert result.stopped
+    assert took < 1.0, f"stop() took {took:.2f} s"
+    assert (
+        "stage 'slow' (map) is stuck in user code: left behind: conveyor-slow-0-interpreter"
+        in caplog.text
+    )
+    assert join_new_threads(before) == []
+    assert only_the_main_interpreter_is_left()
+
+
+def test_a_stopped_interpreters_socket_ends_at_once_without_the_messages_waiting_in_it() -> None:
+    from conveyor.runtime.interpreters import _shut
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.sendall(b"a batch the worker has not read")
+        _shut(theirs)
+        theirs.settimeout(WAIT)  # a failure here is a hang: bounded
+        assert theirs.recv(1024) == b""  # the end of its input, not the batch
+        with pytest.raises(BrokenPipeError):
+            ours.sendall(b"the next batch")
 
 
 def exit_on_3(x: int) -> int:
@@ -295,9 +393,6 @@ def test_an_interpreter_stages_cpu_time_and_busy_time_are_its_interpreters() -> 
 
 @needs_interpreters
 def test_runs_leave_no_interpreter_thread_or_file_descriptor_behind() -> None:
-    def fds() -> int:
-        return len(os.listdir("/proc/self/fd"))
-
     list(cv.Pipeline(range(3)).map(abs, runtime="interpreter"))  # imports, caches: once
     before_threads = set(threading.enumerate())
     before_fds = fds()

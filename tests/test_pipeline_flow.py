@@ -19,6 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import conveyor as cv
+from conveyor.runtime.base import RunControl
+from conveyor.runtime.ports import Sequencer
 from test_pipeline_helpers import (  # noqa: F401 - no_thread_left is a fixture
     WAIT,
     CountingSource,
@@ -326,6 +328,29 @@ def test_the_reorder_window_bounds_how_far_workers_run_ahead_of_a_slow_item() ->
         handle.stop()
         gate.set()
         handle.join(WAIT)
+
+
+def test_outputs_waiting_for_room_keep_their_batch_in_the_reorder_window() -> None:
+    # Regression: the flusher released its tickets before putting their outputs,
+    # so workers took new batches while it waited for room, beyond the window
+    # (and beyond a run's max_bytes, whose ordered stages have one batch per port).
+    output: cv.Channel[Any] = cv.Channel(1)
+    sequencer = Sequencer(output, window=2, control=RunControl())
+    source: cv.Channel[Any] = cv.Channel()
+    source.put_many(range(10))
+    assert [sequencer.take(source, 1) for _ in range(2)] == [([0], 0), ([1], 1)]
+    sequencer.deposit(1, ["b"])  # waits for ticket 0
+    flusher = threading.Thread(target=sequencer.deposit, args=(0, ["a0", "a1"]))
+    flusher.start()  # puts "a0", then waits for room for "a1" and "b"
+    wait_until(lambda: output.stats().waiting_producers == 1)
+    with sequencer._lock:
+        assert sequencer._window_full(2)  # the outputs held are still tickets 0 and 1
+    assert output.get_many(10, timeout=WAIT) == ["a0"]
+    assert output.get(timeout=WAIT) == "a1"
+    assert output.get(timeout=WAIT) == "b"
+    flusher.join(WAIT)
+    assert not flusher.is_alive()
+    assert sequencer.take(source, 1) == ([2], 2)
 
 
 def test_ordered_is_the_default() -> None:

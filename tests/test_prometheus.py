@@ -315,7 +315,8 @@ def test_the_worker_command_refuses_a_port_in_use_before_it_serves(busy_port: in
     args = ["worker", "redis_helpers:metered", "--redis", "redis://127.0.0.1:1/0"]
     result = CliRunner().invoke(cli, [*args, "--metrics-port", str(busy_port)])
     assert result.exit_code == 2
-    assert "Invalid value for '--metrics-port'" in result.stderr
+    # Binding fails for the port or the address: the message names both options.
+    assert "Invalid value for '--metrics-addr' / '--metrics-port'" in result.stderr
     assert f"cannot serve metrics on 127.0.0.1:{busy_port}" in result.stderr
 
 

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import conveyor as cv
-from conveyor.redis.codec import get_codec, key_check
-from conveyor.redis.order import TOMBSTONE, Leaf, Tracker, child_path, dump_path, load_path
+from conveyor.ordering import TOMBSTONE, Leaf, Tracker
+from conveyor.redis.codec import child_path, dump_path, get_codec, key_check, load_path
 from conveyor.redis.state import RunState
 from conveyor.redis.streams import Keys, pipeline_id, redact
 

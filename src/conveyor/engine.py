@@ -33,7 +33,14 @@ import sys
 import threading
 import weakref
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+)
 from contextlib import contextmanager
 from itertools import islice
 from time import perf_counter
@@ -47,11 +54,10 @@ from .runtime.base import (
     MAX_BATCH,
     TARGET_BATCH_SECONDS,
     RunControl,
-    Runtime,
+    Runtimes,
     StageRun,
     left_behind,
 )
-from .runtime.base import get_runtime as _get_runtime
 from .runtime.ports import ChannelIO
 from .runtime.threads import join_threads
 from .stage import DEFAULT_CAPACITY, Stage
@@ -108,7 +114,10 @@ class Run:
         output_capacity: int = DEFAULT_CAPACITY,
         abort_wait: float = ABORT_WAIT,
         max_bytes: int | None = None,
+        skip: int = 0,
     ) -> None:
+        """``skip``: how many items of ``source`` to pass over, unprocessed (a run that
+        resumes where an earlier one left off)."""
         self.control = RunControl()
         self.abort_wait = abort_wait
         """How long the join of an aborted run waits for its threads (`ABORT_WAIT`)."""
@@ -124,8 +133,8 @@ class Run:
         self.stage_runs = [
             StageRun(s, i, self._io(i), self.control, self.metrics[i]) for i, s in enumerate(stages)
         ]
-        self.runtimes: dict[str, Runtime] = {}
-        self._source = source
+        self.runtimes = Runtimes()
+        self._source = _skip(source, skip)
         self._feeder_handle = self.channels[0].producer()
         self._feeder: threading.Thread | None = None
         self._feeder_task: asyncio.Task[None] | None = None
@@ -170,12 +179,7 @@ class Run:
         if early:
             self._start_feeder_thread()
         try:
-            runtimes = [self._runtime(sr.stage.runtime) for sr in self.stage_runs]
-            # Every port before any worker: a channel closes when its last port does.
-            for sr, runtime in zip(self.stage_runs, runtimes, strict=True):
-                sr.open_ports(runtime.port_count(sr.stage))
-            for sr, runtime in zip(self.stage_runs, runtimes, strict=True):
-                runtime.start(sr)
+            self.runtimes.start(self.stage_runs)
         except BaseException as exc:
             self.abort()
             self.join()
@@ -191,13 +195,6 @@ class Run:
             self.control.on_abort(self._cancel_feeder_task)
             return
         self._start_feeder_thread()
-
-    def _runtime(self, name: str) -> Runtime:
-        """The run's runtime called ``name`` (one instance per run, made on first use)."""
-        runtime = self.runtimes.get(name)
-        if runtime is None:
-            runtime = self.runtimes[name] = _get_runtime(name)()
-        return runtime
 
     def _start_feeder_thread(self) -> None:
         self._feeder = threading.Thread(target=self._feed, name=FEEDER_THREAD, daemon=True)
@@ -263,7 +260,9 @@ class Run:
             n = 0
             try:
                 for item in islice(source, room):
-                    # Never blocks: the feeder is channel 0's only producer and saw the room.
+                    # Never waits for a slot: the feeder is channel 0's only producer and
+                    # saw the room. Under a byte budget it waits for the item's bytes to
+                    # fit: the one item pulled ahead that docs/design.md counts.
                     put(item)
                     n += 1
                     if self._source_stopped:  # read without the lock: _end_pull decides
@@ -293,7 +292,9 @@ class Run:
                 t0 = perf_counter()
                 chunk = list(islice(source, n))
                 if chunk:
-                    # Never blocks: the feeder is channel 0's only producer and saw the room.
+                    # Never waits for a slot: the feeder is channel 0's only producer and
+                    # saw the room. Under a byte budget it waits for each item's bytes,
+                    # which the in-memory source holds anyway: the chunk adds none.
                     handle.put_many(chunk)
                     self.pulled += len(chunk)
             finally:
@@ -347,8 +348,9 @@ class Run:
 
     # ------------------------------------------------------------------ consuming
 
-    def outputs(self) -> Iterator[list[Any]]:
-        """Yield the last stage's outputs in chunks, as they come; raise the run's error."""
+    def outputs(self, most: int = MAX_BATCH) -> Iterator[list[Any]]:
+        """Yield the last stage's outputs in chunks of at most ``most``, as they come;
+        raise the run's error."""
         last = self.channels[-1]
         # In the main thread, wait in slices: a SIGINT that lands just before the
         # thread parks would otherwise wait for the next item to be seen (CPython runs
@@ -357,7 +359,7 @@ class Run:
         try:
             while True:
                 try:
-                    chunk = last.get_many(MAX_BATCH, timeout=check)
+                    chunk = last.get_many(most, timeout=check)
                 except Empty:
                     continue
                 except ShutDown:
@@ -429,10 +431,8 @@ class Run:
             timeout = min(timeout, self.abort_wait)
         deadline = perf_counter() + timeout
         stuck = join_threads([self._feeder] if self._feeder else [], timeout)
-        for runtime in self.runtimes.values():
-            stuck += runtime.join(max(0.0, deadline - perf_counter()))
-        for runtime in self.runtimes.values():
-            runtime.close()
+        stuck += self.runtimes.join(deadline)
+        self.runtimes.close()
         if stuck:
             self.left_behind = left_behind(self.stage_runs, stuck, FEEDER_THREAD)
             log.warning("conveyor: %s", "; ".join(self.left_behind))
@@ -517,6 +517,23 @@ def wait_interruptibly(wait: Callable[[float | None], bool], timeout: float | No
 
 _IN_MEMORY = (list, tuple, range, dict, set, frozenset, str, bytes, bytearray, deque)
 """Sources the feeder may read in chunks: iterating them never blocks."""
+
+
+def _skip(source: Iterable[Any] | AsyncIterable[Any], n: int) -> Any:
+    """``source`` without its first ``n`` items."""
+    if not n:
+        return source
+    if isinstance(source, AsyncIterable):
+        return _askip(source, n)
+    return islice(source, n, None)
+
+
+async def _askip(source: AsyncIterable[Any], n: int) -> AsyncIterator[Any]:
+    async for item in source:
+        if n:
+            n -= 1
+            continue
+        yield item
 
 
 def _cancelled(exc: BaseException) -> bool:

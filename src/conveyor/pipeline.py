@@ -497,13 +497,18 @@ class Pipeline(Generic[T]):
                 scraped, e.g. ``conveyor.prometheus.PrometheusExporter(port=9000)``
                 (see docs/observability.md); runs in this process only (Redis
                 workers serve theirs with ``conveyor worker --metrics-port``).
-            max_bytes: a memory budget in bytes for the items waiting in the
-                run's channels, split evenly between them (the N stages'
-                input channels and the output: ``max_bytes // (N + 1)``
-                each; see `conveyor.Channel` for how items are measured). A
-                worker holds one batch at a time, which a budget keeps
-                within its input channel's share. Runs in this process only:
-                a backend refuses it.
+            max_bytes: a memory budget in bytes for the items in flight,
+                split evenly between the run's channels (the N stages'
+                input channels and the output: a share of
+                ``max_bytes // (N + 1)`` each; see `conveyor.Channel` for
+                how items are measured). Besides its channels' shares, the
+                run holds per worker (per lane of a process worker) one
+                batch within its input channel's share and the batch's
+                outputs, the caller's current chunk of outputs within the
+                output's share, and the one item the feeder has pulled; an
+                item larger than a share moves alone. docs/design.md gives
+                the bound in full. Runs in this process only: a backend
+                refuses it.
 
         Raises:
             Exception: the first error of a stage with ``on_error="raise"``,

@@ -10,6 +10,8 @@ it takes the per-stage statistics once and hands them to whatever watches:
 
 At the end it draws the final state and writes the HTML report. Nothing
 here runs on a worker's hot path: the workers only add to their counters.
+The thread and its tick are a `Watcher`, which the Redis driver's progress
+(``conveyor.redis.status.ProgressWatcher``) shares, sampling Redis instead.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = [
     "LiveDisplay",
     "LogDisplay",
     "Monitor",
+    "Watcher",
     "new_display",
     "source_length",
 ]
@@ -238,7 +241,51 @@ class LogDisplay:
         log.info("%s (done)", self.line(stats, self._total, elapsed, self._outcomes))
 
 
-class Monitor:
+class Watcher:
+    """Samples a run every tick from a thread of its own, for its timeline and display.
+
+    What a sample is belongs to the subclass: `Monitor` reads a local run's
+    counters in memory; the Redis backend's ``ProgressWatcher`` reads a
+    distributed run's counters from Redis.
+    """
+
+    def __init__(self, timeline: Timeline, display: Display | None, tick: float, name: str) -> None:
+        self.timeline = timeline
+        """The samples behind the charts of the HTML report."""
+        self._display = display
+        self._tick = tick
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def _sample(self) -> tuple[list[StageStats], float] | None:
+        """The stats now and the run's elapsed seconds; None when there is none this tick."""
+        raise NotImplementedError
+
+    def _ticked(self) -> None:
+        """Called after each sample, before the display (the stall detector's place)."""
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._tick):
+            sample = self._sample()
+            if sample is None:
+                continue
+            stats, elapsed = sample
+            self.timeline.add(elapsed, stats)
+            self._ticked()
+            if self._display is not None:
+                try:
+                    self._display.update(stats, elapsed)
+                except Exception:  # a broken terminal must not break the run
+                    log.exception("conveyor: the progress display failed; it is turned off")
+                    self._display = None
+
+    def _end_thread(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+class Monitor(Watcher):
     """Watches a run from a thread of its own; see the module's docstring.
 
     Args:
@@ -257,21 +304,17 @@ class Monitor:
         stall_timeout: float | None = None,
         tick: float = TICK,
     ) -> None:
+        names = [s.name for s in run.stages]
+        capacities = [c.maxsize for c in run.channels[: len(run.stages)]]
+        super().__init__(Timeline(names, capacities), display, tick, "conveyor-monitor")
         self._run = run
-        self._display = display
         self._report = report
-        self._tick = tick
         self.stall: StallDetector | None = None
         if stall_timeout is not None:
             from .stall import StallDetector
 
             self.stall = StallDetector(run, stall_timeout)
-        self.timeline = Timeline(
-            [s.name for s in run.stages], [c.maxsize for c in run.channels[: len(run.stages)]]
-        )
         run.timeline = self.timeline
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="conveyor-monitor", daemon=True)
 
     @classmethod
     def start(
@@ -301,29 +344,18 @@ class Monitor:
 
     def begin(self) -> None:
         """Take the first sample and start the monitor's thread."""
-        self._sample()
+        stats, elapsed = self._sample()
+        self.timeline.add(elapsed, stats)
         self._thread.start()
 
-    def _elapsed(self) -> float:
-        return perf_counter() - self._run.started
-
-    def _sample(self, force: bool = False) -> list[StageStats]:
+    def _sample(self) -> tuple[list[StageStats], float]:
         # Without the CPU times: reading them costs a file read per worker, every tick.
         stats = [m.snapshot(cpu=False) for m in self._run.metrics]
-        self.timeline.add(self._elapsed(), stats, force=force)
-        return stats
+        return stats, perf_counter() - self._run.started
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self._tick):
-            stats = self._sample()
-            if self.stall is not None:
-                self.stall.check()
-            if self._display is not None:
-                try:
-                    self._display.update(stats, self._elapsed())
-                except Exception:  # a broken terminal must not break the run
-                    log.exception("conveyor: the progress display failed; it is turned off")
-                    self._display = None
+    def _ticked(self) -> None:
+        if self.stall is not None:
+            self.stall.check()
 
     def close(self) -> None:
         """Stop watching: final sample, final display, then the HTML report.
@@ -333,10 +365,9 @@ class Monitor:
                 not fail (when it did, the write error is logged instead, so
                 the run's own error reaches the caller).
         """
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        stats = self._sample(force=True)
+        self._end_thread()
+        stats, sampled = self._sample()
+        self.timeline.add(sampled, stats, force=True)
         elapsed = self._run.result().elapsed_seconds
         if self._display is not None:
             self._display.close(stats, elapsed)
@@ -344,13 +375,8 @@ class Monitor:
             self._write_report()
 
     def _write_report(self) -> None:
-        from .report import write_html
+        from .report import write_report
 
         assert self._report is not None
         run = self._run
-        try:
-            write_html(self._report, run.result(), run.control.error)
-        except OSError:
-            if not run.control.stopped.is_set():
-                raise
-            log.exception("conveyor: could not write the report to %s", self._report)
+        write_report(self._report, run.result(), run.control.error, run.control.stopped.is_set())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import math
 import traceback
 from collections.abc import Sequence
@@ -42,7 +43,10 @@ __all__ = [
     "report_table",
     "stage_rows",
     "write_html",
+    "write_report",
 ]
+
+log = logging.getLogger("conveyor")
 
 # ---------------------------------------------------------------------- HTML
 
@@ -89,6 +93,21 @@ def check_report_path(path: str | PathLike[str], method: str = "run()") -> Path:
 def write_html(path: str | Path, result: RunResult, error: BaseException | None = None) -> None:
     """Write the HTML report of ``result`` (and the run's ``error``, if any) to ``path``."""
     Path(path).write_text(render_html(result, error), encoding="utf-8")
+
+
+def write_report(path: Path, result: RunResult, error: BaseException | None, ended: bool) -> None:
+    """Write the HTML report at the end of a run (`write_html`).
+
+    When the run ``ended`` early (failed, aborted or stopped), a report that
+    cannot be written is logged rather than raised: the run's own outcome
+    reaches the caller, not the report's.
+    """
+    try:
+        write_html(path, result, error)
+    except OSError:
+        if not ended:
+            raise
+        log.exception("conveyor: could not write the report to %s", path)
 
 
 def render_html(result: RunResult, error: BaseException | None = None) -> str:

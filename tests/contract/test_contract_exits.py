@@ -20,7 +20,8 @@ from typing import Any
 
 import cloudpickle
 import pytest
-from runners import WAIT, Leftovers, ProcessEvent, Runner, ctrl_c_when, described
+from process_events import WAIT, ProcessEvent
+from runners import Leftovers, Runner, ctrl_c_when, described
 
 import conveyor as cv
 

@@ -59,15 +59,33 @@ def passed_on(b: bytes) -> bytes:
 
 def lanes(runner: Runner) -> int:
     """Batches one worker holds at once: a process worker keeps two in flight."""
-    return 2 if runner.runtime == "process" else 1
+    return 2 if runner.runtime in ("process", "interpreter") else 1
 
 
+def bound_in_items(budget: int, stages: int, batches: int) -> int:
+    """The most items in flight docs/design.md promises for ``stages`` map stages.
+
+    ``k`` items per share of ``budget // (stages + 1)`` (one when an item is
+    larger than a share) in each of the stages + 1 channels, in each of the
+    ``batches`` workers' batches (each lane of a process worker counts), in
+    the caller's chunk, plus the one item the feeder has pulled.
+    """
+    k = max(1, budget // (stages + 1) // SIZE)
+    return k * (stages + 1 + batches + 1) + 1
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("budget", [1024 * 1024, 1000], ids=["1MiB", "under-one-item"])
 def test_max_bytes_bounds_the_bytes_in_flight_and_loses_nothing(
-    runner: Runner, budget: int
+    runner: Runner, budget: int, workers: int, stages: int
 ) -> None:
+    # workers=2 (and a process worker's two lanes) make an ordered stage's reorder
+    # window: outputs waiting for a slow batch must stay within the bound too.
     source = CountingSource()
-    pipeline = cv.Pipeline(source).map(runner.fn(passed_on), runtime=runner.runtime)
+    pipeline = cv.Pipeline(source)
+    for _ in range(stages):
+        pipeline = pipeline.map(runner.fn(passed_on), runtime=runner.runtime, workers=workers)
     if runner.on_redis:
         with pytest.raises(cv.ConfigurationError, match=r"'max_bytes'.*RedisBackend"):
             runner.run(pipeline, max_bytes=budget)
@@ -77,14 +95,8 @@ def test_max_bytes_bounds_the_bytes_in_flight_and_loses_nothing(
         hashlib.sha256(item).digest()  # the caller's work: the stage runs ahead
         received.append(item[:4])
         source.receive()
-    assert sorted(int.from_bytes(x, "big") for x in received) == list(range(ITEMS))
-    # Two channels (the stage's input, the output), each with half the budget, or
-    # one item when an item is larger; each worker lane holds a batch taken from
-    # its input (within that share) and its outputs; the caller holds a chunk of
-    # the output; the source, the item it is giving.
-    share_in_items = max(1, budget // 2 // SIZE)
-    bound = share_in_items * (2 + 2 * lanes(runner) + 1) + 1
-    assert source.peak <= bound
+    assert received == [i.to_bytes(4, "big") for i in range(ITEMS)]  # all, in order
+    assert source.peak <= bound_in_items(budget, stages, stages * workers * lanes(runner))
     assert source.peak * SIZE < ITEMS * SIZE / 3  # far from the whole input
 
 

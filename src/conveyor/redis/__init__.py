@@ -9,7 +9,7 @@
                                              v
                      [stream s0] --XREADGROUP group "workers" COUNT n--> stage 0 consumers
                          ^                                                  |  process_batch
-                         |  XAUTOCLAIM after the visibility timeout         |  (stage.py)
+                         |  XAUTOCLAIM after the visibility timeout         |  (policy.py)
                          |  (entries of dead or stuck consumers)            v
                          |                 one Lua hand-off per batch: XADD outputs to s1,
                          |                 XACK inputs (+ XTRIM MINID of the acked head),
@@ -25,9 +25,10 @@
     outputs <--reorder-- XREADGROUP group "driver" (its own pending first, when resumed)
        |
        +-- the caller comes back for more --> XACK + XTRIM + HINCRBY delivered (Lua)
-    done when the source is done, every stage's acked == what its predecessor produced,
-    and delivered == what the final stream received  (HGETALL counters: no sentinel);
-    the run's meta gone (Redis restarted without persistence) -> RunStateLost
+    done when the source is done and every item it fed is complete by its sequence
+    paths (conveyor.ordering; no sentinel, no counting: an entry the run did not make
+    is dead-lettered); the run's meta gone (Redis restarted without persistence)
+    -> RunStateLost
 
 Keys of one run share a hash tag: ``conveyor:{<pipeline id>.<run id>}:`` + ``meta``
 (settings), ``counters``, ``s<i>`` (streams), ``e<i>`` (last errors of entries
@@ -35,9 +36,10 @@ waiting for redelivery), ``dlq<i>`` (dead letters), ``lease<i>`` (the consumer
 making a batch stage's groups), ``failures``; live runs are
 listed in ``conveyor:<pipeline id>:runs``, which workers poll.
 
-Modules: `streams` (keys, connections, retries, Lua scripts), `codec`,
-`order` (sequence paths, reordering), `state` (settings, counters,
-completion), `worker`, `backend` (the driver), `dlq`, `status`, `cli`.
+Modules: `streams` (keys, connections, retries, Lua scripts), `codec` (items
+and sequence paths as entry fields), `state` (settings, counters), `port` (a
+stage's consumers), `worker`, `backend` (the driver), `dlq`, `status`, `cli`.
+Completion and reordering by sequence path are `conveyor.ordering`'s.
 """
 
 from __future__ import annotations

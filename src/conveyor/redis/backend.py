@@ -16,7 +16,7 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from time import perf_counter
@@ -26,18 +26,28 @@ from ..backends import Backend
 from ..engine import ABORT_WAIT
 from ..errors import (
     BackendError,
+    BackendUnavailable,
     ConfigurationError,
     ConfigurationTypeError,
     DeadLettersError,
     RunStateLost,
 )
 from ..metrics import RunResult, StageStats, Timeline
+from ..ordering import TOMBSTONE, Leaf, Tracker
 from ..policy import add_note
 from ..remote import ExceptionRecord, rebuild
 from ..stage import Failure, Stage
 from ..validate import check_bool, check_choice, check_int, check_seconds, check_str
-from .codec import CODECS, Codec, decode_failure, get_codec, key_check, secret_from
-from .order import TOMBSTONE, Leaf, Tracker, dump_path, load_path
+from .codec import (
+    CODECS,
+    Codec,
+    decode_failure,
+    dump_path,
+    get_codec,
+    key_check,
+    load_path,
+    secret_from,
+)
 from .state import RunInfo, RunState, read_state, stage_stats
 from .streams import (
     DRIVER_GROUP,
@@ -319,7 +329,6 @@ class RedisBackend(Backend):
         run = self._new_run(pipeline)
         run.halt = stop
         outputs: list[Any] | None = [] if collect else None
-        worker = run.local_worker = self._start_local_workers(pipeline)
         watcher: ProgressWatcher | None = None
         result: RedisRunResult | None = None
         error: BaseException | None = None
@@ -334,22 +343,24 @@ class RedisBackend(Backend):
             error = exc
             raise
         finally:
-            self._finish(run, worker, watcher, report_path, result, error)
+            self._finish(run, watcher, report_path, result, error)
         return result
 
     def _new_run(self, pipeline: Any) -> _DriverRun:
-        """Create (or resume) the run of ``pipeline`` in Redis, as its driver."""
+        """Create (or resume) the run of ``pipeline`` in Redis, as its driver; start the
+        local workers, if any."""
         stages = _stages(pipeline)
         run_id = self.run_id or uuid.uuid4().hex[:12]
         keys = self.keys(pipeline, run_id)
         last = stages[-1]
         ordered = last.ordered and last.kind != "each"
-        return _DriverRun(self, pipeline, keys, self._info(keys, stages, ordered))
+        run = _DriverRun(self, pipeline, keys, self._info(keys, stages, ordered))
+        run.local_worker = self._start_local_workers(pipeline)
+        return run
 
     def _finish(
         self,
         run: _DriverRun,
-        worker: Any,
         watcher: ProgressWatcher | None,
         report: Path | None = None,
         result: RedisRunResult | None = None,
@@ -365,8 +376,8 @@ class RedisBackend(Backend):
                 if report is not None:
                     _write_report(report, result, stats, watcher.timeline, elapsed, error)
         finally:
-            if worker is not None:
-                self._stop_local_workers(run, worker, error)
+            if run.local_worker is not None:
+                self._stop_local_workers(run, run.local_worker, error)
             self.close()
 
     def _stop_local_workers(
@@ -428,7 +439,6 @@ class RedisBackend(Backend):
         come back after (at most 1000 outputs seen twice).
         """
         run = self._new_run(pipeline)
-        worker = run.local_worker = self._start_local_workers(pipeline)
         watcher = self._watch(pipeline, run, True) if progress else None
         outputs = run.outputs()
         error: BaseException | None = None
@@ -441,7 +451,7 @@ class RedisBackend(Backend):
         finally:
             # Stop the feeder before the workers and the connections go.
             outputs.close()
-            self._finish(run, worker, watcher, error=error)
+            self._finish(run, watcher, error=error)
 
     def cancel(self, pipeline: Any, run_id: str) -> bool:
         """Delete the run ``run_id`` of ``pipeline`` from Redis (its items, outputs and
@@ -499,13 +509,7 @@ class LiveRun:
             for value in chunk:
                 fields = self._codec.encode(value)
                 args += [len(fields), *fields]
-            length = self._retry(
-                self._scripts.feed,
-                keys=[self.keys.stream(0), self.keys.counters, self.keys.meta],
-                args=args,
-            )
-            if length == -1:
-                raise BackendError(f"run {self.run_id!r} no longer exists")
+            self._feed(args)
             n += len(chunk)
 
     def results(self, count: int = 1000, timeout: float = 1.0) -> list[Any]:
@@ -533,17 +537,21 @@ class LiveRun:
 
     def close(self) -> None:
         """Mark the source finished: the run completes once what was submitted is through."""
+        self._feed(["", "", "1"])
+
+    def _feed(self, args: list[Any]) -> None:
+        """One call of the FEED script (see `streams.FEED`)."""
+        keys = self.keys
         length = self._retry(
-            self._scripts.feed,
-            keys=[self.keys.stream(0), self.keys.counters, self.keys.meta],
-            args=["", "", "1"],
+            self._scripts.feed, keys=[keys.stream(0), keys.counters, keys.meta], args=args
         )
         if length == -1:
             raise BackendError(f"run {self.run_id!r} no longer exists")
 
     def state(self) -> RunState:
         """The run's counters now."""
-        return _read_state(self._backend.client(), self._retry, self.keys, len(self.info.stages))
+        client, n = self._backend.client(), len(self.info.stages)
+        return read_state(client, self._retry, self.keys, n)[0]
 
 
 # ---------------------------------------------------------------------- one driven run
@@ -610,10 +618,16 @@ class _DriverRun:
             return
         from ..engine import Run
 
-        source = _skip(self.pipeline.source, already_fed)  # resuming: those reached Redis
         # Made here, not in the feeder thread, so that an abort always finds it; it waits
         # less than the driver waits for the feeder, which then sees what it left behind.
-        self._puller = Run(source, [], output_capacity=FEED_CHUNK, abort_wait=ABORT_WAIT / 2)
+        # Resuming, it skips the items that reached Redis already.
+        self._puller = Run(
+            self.pipeline.source,
+            [],
+            output_capacity=FEED_CHUNK,
+            abort_wait=ABORT_WAIT / 2,
+            skip=already_fed,
+        )
         self._feeder = threading.Thread(
             target=self._feed,
             args=(self._puller, already_fed),
@@ -630,7 +644,7 @@ class _DriverRun:
         slow source's items go in as they come, a fast one's in full chunks."""
         pulled.start()
         try:
-            self._feed_from(_chunks(pulled.outputs(), FEED_CHUNK), already_fed)
+            self._feed_from(pulled.outputs(FEED_CHUNK), already_fed)
         except BaseException as exc:
             if not self.stopped.is_set():
                 self._feed_error = exc
@@ -757,19 +771,19 @@ class _DriverRun:
                 if lost is exc:
                     raise
                 raise lost from exc
+            feed_error = self._feed_error
+            if _gave_up_first(feed_error, exc):
+                # The feeder gave up on Redis first and stopped the retries both share:
+                # its error names the URL and the cause; the driver's is a bare one.
+                assert feed_error is not None
+                self._say_left(f"left in Redis ({type(feed_error).__name__})")
+                raise feed_error from exc
             if exc is self._feed_error and not _is_redis_error(exc):
                 # As on one machine, a failing source ends the run: nothing stays behind.
                 add_note(exc, f"conveyor: the source failed; run {self.keys.run!r} was deleted")
                 self.retry(_delete_run, self.client, self.keys, self.n)
             else:
-                log.warning(
-                    "conveyor: run %r left in Redis (%s): run again with run_id=%r to resume "
-                    "it, or `conveyor cancel ... --run %s` to delete it",
-                    self.keys.run,
-                    type(exc).__name__,
-                    self.keys.run,
-                    self.keys.run,
-                )
+                self._say_left(f"left in Redis ({type(exc).__name__})")
             raise
         finally:
             self.stopped.set()
@@ -786,15 +800,20 @@ class _DriverRun:
             self.finished = perf_counter()
         self._read_failures()
         if self.halted:
-            log.warning(
-                "conveyor: run %r stopped and left in Redis: run again with run_id=%r to "
-                "resume it, or `conveyor cancel ... --run %s` to delete it",
-                self.keys.run,
-                self.keys.run,
-                self.keys.run,
-            )
+            self._say_left("stopped and left in Redis")
             return
         self._finish()
+
+    def _say_left(self, what: str) -> None:
+        run = self.keys.run
+        log.warning(
+            "conveyor: run %r %s: run again with run_id=%r to resume it, or "
+            "`conveyor cancel ... --run %s` to delete it",
+            run,
+            what,
+            run,
+            run,
+        )
 
     def abort_left(self) -> float:
         """Seconds left of the `ABORT_WAIT` an ended run's threads get to end."""
@@ -1025,7 +1044,7 @@ class _DriverRun:
     # ------------------------------------------------------------------ result
 
     def result(self, outputs: list[Any] | None) -> RedisRunResult:
-        state = self.state or _read_state(self.client, self.retry, self.keys, self.n)
+        state = self.state or read_state(self.client, self.retry, self.keys, self.n)[0]
         elapsed = (self.finished or perf_counter()) - self.started
         stats = stage_stats(self.stages, state, self.info.limits, elapsed)
         names = [s.name for s in self.stages]
@@ -1061,40 +1080,11 @@ def _write_report(
     error: BaseException | None,
 ) -> None:
     """Write the run's HTML report; a failed run's shows the last counters and the error."""
-    from ..report import write_html
+    from ..report import write_report
 
     shown = result if result is not None else RedisRunResult(stats=stats, elapsed_seconds=elapsed)
     shown.timeline = timeline
-    try:
-        write_html(path, shown, error)
-    except OSError:
-        if error is None:
-            raise
-        log.exception("conveyor: could not write the report to %s", path)
-
-
-def _skip(source: Iterable[Any] | AsyncIterable[Any], n: int) -> Any:
-    """``source`` without its first ``n`` items (a resumed run fed them already)."""
-    if not n:
-        return source
-    if isinstance(source, AsyncIterable):
-        return _askip(source, n)
-    return islice(source, n, None)
-
-
-async def _askip(source: AsyncIterable[Any], n: int) -> AsyncIterator[Any]:
-    async for item in source:
-        if n:
-            n -= 1
-            continue
-        yield item
-
-
-def _chunks(batches: Iterable[list[Any]], size: int) -> Iterator[list[Any]]:
-    """The items of ``batches`` again, in lists of at most ``size``."""
-    for batch in batches:
-        for start in range(0, len(batch), size):
-            yield batch[start : start + size]
+    write_report(path, shown, error, error is not None)
 
 
 def _tombstone_streams(stages: tuple[Stage, ...]) -> tuple[int, ...]:
@@ -1115,8 +1105,16 @@ def _stages(pipeline: Any) -> tuple[Stage, ...]:
     return stages
 
 
-def _read_state(client: Any, retry: Retrier, keys: Keys, n: int) -> RunState:
-    return read_state(client, retry, keys, n)[0]
+def _gave_up_first(feed_error: BaseException | None, exc: BaseException) -> bool:
+    """Whether ``exc``, a bare connection error of the driver, only follows the feeder's
+    `BackendUnavailable` (which stopped the retries the two share)."""
+    import redis
+
+    return (
+        isinstance(feed_error, BackendUnavailable)
+        and exc is not feed_error
+        and isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
+    )
 
 
 def _is_redis_error(exc: BaseException | None) -> bool:

@@ -385,7 +385,7 @@ def run_on_redis(
 
 
 def _runs(client: Any, namespace: str, pipeline: Any, run_id: str | None) -> list[Any]:
-    from .status import find_runs, load_info
+    from .state import find_runs, load_info
     from .streams import Keys, pipeline_id
 
     pid = pipeline_id(pipeline.stages)

@@ -28,10 +28,13 @@ __all__ = [
     "CODECS",
     "SECRET_ENV",
     "Codec",
+    "child_path",
     "decode_failure",
+    "dump_path",
     "encode_failure",
     "get_codec",
     "key_check",
+    "load_path",
 ]
 
 CODECS = ("msgpack", "json", "pickle")
@@ -232,3 +235,27 @@ def _named(encoded: list[bytes], data: bytes, signature: bytes) -> dict[str | by
 
 def _present(name: bytes, value: bytes | None) -> dict[bytes, bytes]:
     return {} if value is None else {name: value}
+
+
+# Sequence paths (`conveyor.ordering`) travel in field ``q``.
+
+
+def dump_path(path: list[int]) -> bytes:
+    """A path as the bytes of field ``q``."""
+    import msgpack
+
+    data: bytes = msgpack.packb(path)
+    return data
+
+
+def load_path(data: bytes) -> list[int]:
+    """A path back from field ``q``."""
+    import msgpack
+
+    path: list[int] = msgpack.unpackb(data)
+    return path
+
+
+def child_path(parent: bytes, j: int, k: int) -> bytes:
+    """The path of output ``j`` of ``k`` (k > 1) produced from the entry at ``parent``."""
+    return dump_path([*load_path(parent), j, k])

@@ -22,7 +22,7 @@ A batch stage's port (`BatchPort`) makes the same groups as on one machine:
                  while it works, taken over when it dies); a new holder claims
                  every pending entry of the stage and starts at the cursor
     take(n):     entries and tombstones (the places the stages before it left
-                 empty) -> order.Tracker -> source order -> up to n items;
+                 empty) -> ordering.Tracker -> source order -> up to n items;
                  tombstones on the way are handed on at once
     deliver(g):  one hand-off: the group with its first item's path, the other
                  items' places as tombstones, the cursor (the path of the last
@@ -45,14 +45,14 @@ from time import monotonic
 from typing import Any
 
 from ..errors import Empty, ShutDown
+from ..ordering import TOMBSTONE, Leaf, Tracker
 from ..policy import BatchOutcome
 from ..remote import capture
 from ..runtime.base import RunControl
 from ..runtime.ports import Port, StageIO
 from ..stage import Stage
-from .codec import Codec, encode_failure, get_codec, key_check
-from .order import TOMBSTONE, Leaf, Tracker, child_path, load_path
-from .state import RunInfo, read_state
+from .codec import Codec, child_path, encode_failure, get_codec, key_check, load_path
+from .state import RunInfo, find_runs, load_info, read_state
 from .streams import (
     DRIVER_GROUP,
     MAX_POLL_SECONDS,
@@ -121,7 +121,6 @@ class RunDirectory:
         self, client: Any, namespace: str, pipeline: str, secret: bytes | None, retry: Retrier
     ) -> None:
         self._client = client
-        self._keys = Keys(namespace, pipeline, "")
         self._namespace = namespace
         self._pipeline = pipeline
         self._secret = secret
@@ -140,15 +139,14 @@ class RunDirectory:
             return list(self._runs.values())
 
     def _refresh(self) -> None:
-        ids = {m.decode() for m in self._retry(self._client.smembers, self._keys.runs)}
+        ids = set(self._retry(find_runs, self._client, self._namespace, self._pipeline))
         for gone in set(self._runs) - ids:
             del self._runs[gone]
         for run_id in sorted(ids - set(self._runs) - self._refused):
             keys = Keys(self._namespace, self._pipeline, run_id)
-            meta = self._retry(self._client.hgetall, keys.meta)
-            if not meta:
+            info = self._retry(load_info, self._client, keys)
+            if info is None:
                 continue  # registered but not written yet, or being deleted
-            info = RunInfo.from_meta(keys, meta)
             codec = self._codec_for(info)
             if codec is not None:
                 self._runs[run_id] = RunContext(info, codec)
@@ -451,7 +449,7 @@ class RedisPort(Port):
             ],
         )
         self._reclaim_cursor[run_id] = reply[0]
-        entries = [(e[0], fields_to_dict(e[1]), int(e[2])) for e in reply[1]]
+        entries = _claimed(reply)
         if entries:
             log.info(
                 "conveyor: stage %r took over %d entries idle past the visibility timeout",
@@ -663,15 +661,12 @@ class _Order:
 
 class BatchPort(RedisPort):
     """A batch stage's consumer: groups in source order, made by one consumer at a time
-    (see the module docstring).
+    under a lease (see the module docstring; why these pieces: docs/design.md).
 
-    Why one: a group is "the next ``size`` items in source order", so making it needs
-    every item before it, and two consumers could not agree on where groups begin.
-    Why a lease rather than a fixed owner: the holder may die; its lease expires
-    after the visibility timeout, and another worker's port takes over, claims every
-    pending entry of the stage and starts at the persisted cursor. The items of the
-    group the dead holder was making (pending, at or before the cursor) come first,
-    so the groups after a take-over are the ones the holder would have made.
+    A new holder claims every pending entry of the stage and starts at the
+    persisted cursor: the items of the group a dead holder was making (pending,
+    at or before the cursor) come first, so it makes the groups the holder would
+    have made.
     """
 
     max_deliveries = False  # a take-over counts as a delivery: making groups cannot fail
@@ -745,7 +740,7 @@ class BatchPort(RedisPort):
                 keys=[ctx.info.keys.stream(self.index)],
                 args=[WORKER_GROUP, self.name, 0, start, READ_LIMIT, FORGET_CONSUMER_MS],
             )
-            entries = [(e[0], fields_to_dict(e[1]), int(e[2])) for e in reply[1]]
+            entries = _claimed(reply)
             if entries:
                 self._accept(ctx, entries)
             start = reply[0]
@@ -949,6 +944,11 @@ def _dead_record(entry: Entry, error: str) -> list[Any]:
     entry_id, fields, deliveries = entry
     kept = [x for k, v in fields.items() if k in (b"d", b"q", b"s") for x in (k, v)]
     return ["x", entry_id, deliveries, error, len(kept), *kept]
+
+
+def _claimed(reply: list[Any]) -> list[Entry]:
+    """The entries of a RECLAIM script's reply (after its cursor)."""
+    return [(e[0], fields_to_dict(e[1]), int(e[2])) for e in reply[1]]
 
 
 def _id_range(entries: list[Entry]) -> tuple[bytes, bytes]:

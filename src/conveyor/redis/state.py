@@ -24,11 +24,21 @@ from .streams import Keys, Retrier
 if TYPE_CHECKING:
     from ..stage import Stage
 
-__all__ = ["RunInfo", "RunState", "StageCounts", "read_state", "stage_stats"]
+__all__ = [
+    "RunInfo",
+    "RunState",
+    "StageCounts",
+    "find_runs",
+    "load_info",
+    "read_state",
+    "stage_stats",
+    "text",
+]
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def text(value: Any) -> str:
+    """A value of a Redis reply (bytes, or a number) as text."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True)
@@ -89,7 +99,7 @@ class RunInfo:
     @classmethod
     def from_meta(cls, keys: Keys, meta: dict[Any, Any]) -> RunInfo:
         """Read the ``meta`` hash back."""
-        m = {_text(k): _text(v) for k, v in meta.items()}
+        m = {text(k): text(v) for k, v in meta.items()}
         return cls(
             keys=keys,
             stages=tuple(json.loads(m["stages"])),
@@ -151,7 +161,7 @@ class RunState:
     @classmethod
     def read(cls, counters: dict[Any, Any], source_done: bool, n: int) -> RunState:
         """Build from the ``counters`` hash."""
-        c = {_text(k): int(v) for k, v in counters.items()}
+        c = {text(k): int(v) for k, v in counters.items()}
         stages = tuple(
             StageCounts(
                 acked=c.get(f"in:{i}", 0),
@@ -296,3 +306,14 @@ def read_state(client: Any, retry: Retrier, keys: Keys, n: int) -> tuple[RunStat
 
     counters, done = retry(read)
     return RunState.read(counters, done == b"1", n), done is not None
+
+
+def find_runs(client: Any, namespace: str, pipeline: str) -> list[str]:
+    """Ids of the pipeline's registered runs, sorted."""
+    return sorted(m.decode() for m in client.smembers(Keys(namespace, pipeline, "").runs))
+
+
+def load_info(client: Any, keys: Keys) -> RunInfo | None:
+    """The run's settings, or None when it does not exist."""
+    meta = client.hgetall(keys.meta)
+    return RunInfo.from_meta(keys, meta) if meta else None

@@ -9,7 +9,6 @@ tick and hands them to the displays of local runs (`conveyor.progress`).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -17,9 +16,9 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from ..metrics import RecentRate, StageStats, Timeline
-from ..progress import LIVE_REFRESH
-from .state import RunInfo, RunState, stage_stats
-from .streams import WORKER_GROUP, Keys, Scripts, connect
+from ..progress import LIVE_REFRESH, Watcher
+from .state import RunInfo, RunState, stage_stats, text
+from .streams import WORKER_GROUP, Scripts, connect
 
 if TYPE_CHECKING:
     from ..progress import Display
@@ -30,7 +29,6 @@ __all__ = [
     "ProgressWatcher",
     "RunStatus",
     "StageStatus",
-    "find_runs",
     "render",
     "run_status",
 ]
@@ -96,17 +94,6 @@ class RunStatus:
         return asdict(self)
 
 
-def find_runs(client: Any, namespace: str, pipeline: str) -> list[str]:
-    """Ids of the pipeline's registered runs, sorted."""
-    return sorted(m.decode() for m in client.smembers(Keys(namespace, pipeline, "").runs))
-
-
-def load_info(client: Any, keys: Keys) -> RunInfo | None:
-    """The run's settings, or None when it does not exist."""
-    meta = client.hgetall(keys.meta)
-    return RunInfo.from_meta(keys, meta) if meta else None
-
-
 def run_status(client: Any, info: RunInfo) -> RunStatus:
     """Everything ``conveyor status`` shows about one run, read now."""
     keys, n = info.keys, len(info.stages)
@@ -138,7 +125,7 @@ def run_status(client: Any, info: RunInfo) -> RunStatus:
                 dead_letters=counts.dead,
                 consumers=tuple(
                     ConsumerStatus(
-                        name=_text(c["name"]), pending=c["pending"], idle_seconds=c["idle"] / 1000
+                        name=text(c["name"]), pending=c["pending"], idle_seconds=c["idle"] / 1000
                     )
                     for c in (consumers if isinstance(consumers, list) else [])
                 ),
@@ -153,10 +140,6 @@ def run_status(client: Any, info: RunInfo) -> RunStatus:
         delivered=state.delivered,
         stages=tuple(stages),
     )
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def render(statuses: list[RunStatus]) -> str:
@@ -204,7 +187,7 @@ def render(statuses: list[RunStatus]) -> str:
 # ---------------------------------------------------------------------- live progress
 
 
-class ProgressWatcher:
+class ProgressWatcher(Watcher):
     """Shows a driven run's progress from a thread of its own, as a local run's monitor does.
 
     Every tick it reads the run's counters and each stage's consumers through
@@ -234,24 +217,18 @@ class ProgressWatcher:
         started: float,
         tick: float = LIVE_REFRESH,
     ) -> None:
+        names = [s.name for s in stages]
+        super().__init__(Timeline(names, info.limits), display, tick, "conveyor-redis-progress")
         self._url = url
         self._options = options
         self._info = info
         self._stages = tuple(stages)
-        self._display: Display | None = display
-        # The samples behind the charts of an HTML report (report=...).
-        self.timeline = Timeline([s.name for s in self._stages], info.limits)
         self._started = started
-        self._tick = tick
         self._client: Any = None
         self._state = RunState.read({}, False, len(self._stages))
         self._consumers: list[int] | None = None
         self._recent = [RecentRate() for _ in self._stages]
         self._warned = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._loop, name="conveyor-redis-progress", daemon=True
-        )
 
     def start(self) -> ProgressWatcher:
         """Start the watcher's thread; return the watcher."""
@@ -267,9 +244,7 @@ class ProgressWatcher:
                 once more, or keep the last ones read.
             elapsed: the run's wall time.
         """
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._end_thread()
         stats: list[StageStats] = []
         try:
             if final is None:
@@ -286,27 +261,14 @@ class ProgressWatcher:
                 self._client.close()
         return stats
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self._tick):
-            now = perf_counter()
-            if not self._read():
-                continue
-            elapsed = now - self._started
-            stats = stage_stats(
-                self._stages,
-                self._state,
-                self._info.limits,
-                elapsed,
-                self._consumers,
-                self._rates(now),
-            )
-            self.timeline.add(elapsed, stats)
-            if self._display is not None:
-                try:
-                    self._display.update(stats, elapsed)
-                except Exception:  # a broken terminal must not break the run
-                    log.exception("conveyor: the progress display failed; it is turned off")
-                    self._display = None
+    def _sample(self) -> tuple[list[StageStats], float] | None:
+        now = perf_counter()
+        if not self._read():
+            return None
+        elapsed = now - self._started
+        limits, rates = self._info.limits, self._rates(now)
+        stats = stage_stats(self._stages, self._state, limits, elapsed, self._consumers, rates)
+        return stats, elapsed
 
     def _read(self) -> bool:
         """Read the counters and consumers now; False when they could not be read."""

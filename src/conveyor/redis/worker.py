@@ -7,9 +7,9 @@ every run) and starts the stage's ordinary runtime on them, exactly as a run
 on one machine starts it on channels::
 
     Worker.start()
-      for each served stage:
-        RedisIO(stage) --open(n)--> n RedisPorts (consumers)
-        get_runtime(stage.runtime)().start(StageRun(stage, ports))
+      for each served stage: StageRun(stage, RedisIO(stage))
+      runtime.base.Runtimes.start(stage runs):
+        RedisIO --open(n)--> n RedisPorts (consumers), then the workers:
           thread:  n threads running runtime.base.worker_loop
           process: n worker processes, their lanes running worker_loop
           async:   n tasks on the runtime's event loop
@@ -36,17 +36,17 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
-from time import monotonic
+from time import perf_counter
 from typing import Any
 
 from ..channel import Channel
 from ..errors import BackendError, ConfigurationError
 from ..metrics import StageMetrics, StageReading, StageStats
-from ..runtime.base import RunControl, Runtime, StageRun, get_runtime, left_behind
+from ..runtime.base import RunControl, Runtimes, StageRun, left_behind
 from ..stage import Stage
 from .codec import secret_from
 from .port import RedisIO, RunDirectory, WorkerLink
-from .state import read_state
+from .state import find_runs, read_state
 from .streams import Keys, Retrier, connect, pipeline_id, redact
 
 __all__ = ["Worker", "serve"]
@@ -119,7 +119,7 @@ class Worker:
         self.stopped = threading.Event()
         """Set once the worker stops (`stop`, a signal, or a failure)."""
         self.control.on_abort(self.stopped.set)
-        self.runtimes: dict[str, Runtime] = {}
+        self.runtimes = Runtimes()
         self.stage_runs: list[StageRun] = []
         self._ios: list[RedisIO] = []  # one per stage run, for the dead letters it counted
         self._client: Any = None
@@ -133,29 +133,20 @@ class Worker:
         client = self._client = retry(connect, self.url, timeout=self._unavailable, **self._options)
         directory = RunDirectory(client, self.namespace, self.pipeline_id, self._secret, retry)
         link = WorkerLink(client, directory, self.control, self.stopped, retry)
+        for i in self.served:
+            stage = dataclasses.replace(self.stages[i], workers=self._counts[i])
+            io = RedisIO(stage, i, link)
+            # The metrics' channel only stands for the stream: its size is Redis's to tell.
+            metrics = StageMetrics(stage, Channel(1))
+            self.stage_runs.append(StageRun(stage, i, io, self.control, metrics))
+            self._ios.append(io)
         try:
-            for i in self.served:
-                stage = dataclasses.replace(self.stages[i], workers=self._counts[i])
-                io = RedisIO(stage, i, link)
-                # The metrics' channel only stands for the stream: its size is Redis's to tell.
-                metrics = StageMetrics(stage, Channel(1))
-                sr = StageRun(stage, i, io, self.control, metrics)
-                runtime = self._runtime(stage.runtime)
-                sr.open_ports(runtime.port_count(stage))
-                runtime.start(sr)
-                self.stage_runs.append(sr)
-                self._ios.append(io)
+            self.runtimes.start(self.stage_runs)
         except BaseException:
             self.stop()
             self.join(5.0)
             raise
         return self
-
-    def _runtime(self, name: str) -> Runtime:
-        runtime = self.runtimes.get(name)
-        if runtime is None:
-            runtime = self.runtimes[name] = get_runtime(name)()
-        return runtime
 
     def stats(self) -> list[StageStats]:
         """What this worker's consumers did so far, per served stage (all runs together)."""
@@ -194,9 +185,8 @@ class Worker:
         n = len(self.stages)
         totals = [0] * n
         try:
-            runs = retry(client.smembers, Keys(self.namespace, self.pipeline_id, "").runs)
-            for run_id in runs:
-                keys = Keys(self.namespace, self.pipeline_id, run_id.decode())
+            for run_id in retry(find_runs, client, self.namespace, self.pipeline_id):
+                keys = Keys(self.namespace, self.pipeline_id, run_id)
                 state, exists = read_state(client, retry, keys, n)
                 if exists:
                     for i in range(n):
@@ -217,15 +207,12 @@ class Worker:
         and wait ``grace`` seconds more: process children are terminated, threads stuck
         in user code are left behind, named in `left_behind`); re-raise the first error
         of the worker."""
-        deadline = None if timeout is None else monotonic() + timeout
-        stuck = self._join_runtimes(deadline)
+        stuck = self.runtimes.join(None if timeout is None else perf_counter() + timeout)
         if stuck:
             self.control.abort()
-            stuck = self._join_runtimes(monotonic() + grace)
+            stuck = self.runtimes.join(perf_counter() + grace)
         self.left_behind = left_behind(self.stage_runs, stuck)
-        for runtime in self.runtimes.values():
-            runtime.close()
-        self.runtimes.clear()
+        self.runtimes.close()
         for sr in self.stage_runs:
             sr.io.close()
         if self.left_behind:
@@ -238,13 +225,6 @@ class Worker:
         if error is not None:
             self.control.error = None
             raise error
-
-    def _join_runtimes(self, deadline: float | None) -> list[str]:
-        stuck: list[str] = []
-        for runtime in self.runtimes.values():
-            left = 3600.0 if deadline is None else max(0.0, deadline - monotonic())
-            stuck += runtime.join(left)
-        return stuck
 
     def run_forever(self) -> None:
         """Start, and serve until `stop()` (or SIGTERM/SIGINT in the main thread).

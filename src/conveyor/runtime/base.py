@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,7 @@ __all__ = [
     "TARGET_BATCH_SECONDS",
     "RunControl",
     "Runtime",
+    "Runtimes",
     "StageRun",
     "batch_loop",
     "count_batch",
@@ -327,6 +328,51 @@ class Runtime(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
         """Release what the runtime holds (processes, event loop) after the run."""
+
+
+class Runtimes:
+    """The runtimes serving a set of stages (a local run's, or a Redis worker's): one
+    instance per kind, made on first use; started, joined and closed together."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Runtime] = {}
+
+    def __getitem__(self, name: str) -> Runtime:
+        """The runtime called ``name``, once started (KeyError before)."""
+        return self._by_name[name]
+
+    def _get(self, name: str) -> Runtime:
+        runtime = self._by_name.get(name)
+        if runtime is None:
+            runtime = self._by_name[name] = get_runtime(name)()
+        return runtime
+
+    def start(self, stage_runs: Sequence[StageRun]) -> None:
+        """Open every stage's ports, then start every stage's workers on them.
+
+        Every port before any worker: a channel closes when its last port does,
+        so no worker may close one while another stage's port is still to open.
+        """
+        runtimes = [self._get(sr.stage.runtime) for sr in stage_runs]
+        for sr, runtime in zip(stage_runs, runtimes, strict=True):
+            sr.open_ports(runtime.port_count(sr.stage))
+        for sr, runtime in zip(stage_runs, runtimes, strict=True):
+            runtime.start(sr)
+
+    def join(self, deadline: float | None) -> list[str]:
+        """Wait for every worker until ``deadline`` (a `time.perf_counter` value; None:
+        no bound); return the names of those still alive."""
+        stuck: list[str] = []
+        for runtime in self._by_name.values():
+            left = 3600.0 if deadline is None else max(0.0, deadline - perf_counter())
+            stuck += runtime.join(left)
+        return stuck
+
+    def close(self) -> None:
+        """Release every runtime (processes, event loops), once its workers are joined."""
+        for runtime in self._by_name.values():
+            runtime.close()
+        self._by_name.clear()
 
 
 _RUNTIME_MODULES = {

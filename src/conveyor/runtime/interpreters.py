@@ -35,7 +35,15 @@ worker process):
   timeout), while the call in progress runs to its end in the background;
   then the interpreter finds its socket closed, ends and is closed. So
   ``timeout`` is honoured as on the thread runtime: the item fails with a
-  `TimeoutError` on time, and its call is given up, not stopped. A call
+  `TimeoutError` on time, and its call is given up, not stopped. The
+  messages waiting in the socket are thrown away: an interpreter between
+  calls ends at once, and one still starting up (importing conveyor) ends
+  after its imports, having called nothing. A run that is stopped or fails
+  waits for the interpreters still inside a call as it waits for threads
+  (at most ``conveyor.engine.ABORT_WAIT`` seconds), and the caller's error
+  names the stage of those left behind (by their threads' names,
+  ``conveyor-<stage>-<n>-interpreter``); one given up for its timeout is not
+  waited for, as a timed-out call's helper thread is not. A call
   that never returns keeps its interpreter (and a daemon thread) until the
   process exits; Python then warns of "remaining subinterpreters" and ends
   them. So does a program that exits in the middle of a run it never
@@ -60,6 +68,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
+from time import monotonic
 from typing import Any
 
 from ..errors import ConfigurationError
@@ -74,10 +83,16 @@ class _Interpreter:
     that the process runtime uses (start, sentinel, join, terminate, kill, close).
 
     ``target(conn, blob)`` (the process runtime's `_child_main`) runs in a new
-    interpreter, called from a daemon thread of this process. `terminate` and
-    `kill` shut the interpreter's socket down: it ends once its current call
-    returns. `kill` also abandons it: `join` returns at once, and whichever of
-    `close` and the end of the thread comes last closes the interpreter.
+    interpreter, called from a daemon thread of this process, once the
+    interpreter has imported conveyor (its start-up). `terminate` and `kill`
+    shut the interpreter's socket down and throw away the messages waiting in
+    it: an interpreter between calls ends at once, one still starting up ends
+    after its imports without calling anything, and one inside a call ends
+    when the call returns. Either way `join` returns at once from then on, and
+    whichever of `close` and the end of the thread comes last closes the
+    interpreter. `terminate` stops it with its run, which waits for it as for a
+    thread (`in_user_code`); `kill` (first) gives it up for good, as for an item
+    over its timeout.
     """
 
     def __init__(
@@ -96,9 +111,10 @@ class _Interpreter:
         self._ended_reader, self._ended_writer = os.pipe()
         self.sentinel = self._ended_reader
         """Readable (end of file) once the interpreter's call has returned."""
-        self._lock = threading.Lock()  # guards _closed and exitcode
+        self._lock = threading.Lock()  # guards the flags below, exitcode and the socket's close
         self._stopped = False  # its socket was shut down: the worker's errors are expected
-        self._abandoned = False
+        self._abandoned = False  # killed before it was terminated: nobody waits for it
+        self._calling = False  # past its start-up: it runs the worker (user code among it)
         self._closed = False
         self._socket: socket.socket | None = None  # a handle on its socket, to shut it down
         self._interpreter: Any = None
@@ -119,14 +135,21 @@ class _Interpreter:
 
     def _run(self, fd: int) -> None:
         code = 1
+        calling = False
         try:
-            path = tuple(sys.path)
-            self._interpreter.call(interpreter_main, self._target, fd, self._blob, path)
+            # Stopped while it was starting up, it calls nothing: no user code has run.
+            calling = self._start_up()
+            if calling:
+                self._interpreter.call(
+                    interpreter_main, self._target, fd, self._blob, tuple(sys.path)
+                )
             code = 0
         except BaseException:  # it escaped the worker: shown as a worker process's would be
             if not self._stopped:  # else: its socket, shut down under it
                 traceback.print_exc()
         finally:
+            if not calling:  # else the interpreter's connection owns (and closes) it
+                os.close(fd)
             with self._lock:
                 self.exitcode = code
                 close = self._closed
@@ -134,25 +157,51 @@ class _Interpreter:
             if close:
                 self._destroy()
 
+    def _start_up(self) -> bool:
+        """Import conveyor in the interpreter (most of its start-up, none of it user code),
+        with the parent's ``sys.path``; False if it was stopped meanwhile."""
+        self._interpreter.prepare_main(path=tuple(sys.path))
+        self._interpreter.exec(_START_UP)
+        with self._lock:
+            self._calling = not self._stopped
+            return self._calling
+
     def join(self, timeout: float | None = None) -> None:
-        """Wait up to ``timeout`` s for the interpreter to end; at once when abandoned."""
+        """Wait up to ``timeout`` s for the interpreter to end; not at all once it is
+        stopped (terminated or killed): its call, if any, cannot be stopped."""
         assert self._thread is not None
-        if not self._abandoned:
+        if not self._stopped:
             self._thread.join(timeout)
 
     def terminate(self) -> None:
-        """Shut the interpreter's socket down: it ends after its current call."""
-        self._stopped = True
-        sock = self._socket
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        """Stop the interpreter (see the class docstring): it ends after its current call."""
+        with self._lock:
+            self._stopped = True
+            if not self._closed and self._socket is not None:
+                _shut(self._socket)
 
     def kill(self) -> None:
-        """As `terminate`, and abandon it: nobody waits for its current call any more."""
-        self.terminate()
+        """As `terminate`; when first, it also gives the interpreter up (see `in_user_code`)."""
         with self._lock:
-            self._abandoned = True
+            if not self._stopped:
+                self._abandoned = True
+        self.terminate()
+
+    def in_user_code(self, timeout: float) -> bool:
+        """Whether the interpreter, stopped with its run, is still inside a call after
+        waiting up to ``timeout`` s for it to end. An interpreter given up (`kill`), or
+        stopped in its start-up (it ends by itself, having called nothing), is not waited for.
+        """
+        assert self._thread is not None
+        if self._abandoned or not (self._stopped and self._calling):
+            return False
+        self._thread.join(timeout)
+        return self._thread.is_alive()
+
+    @property
+    def ended(self) -> bool:
+        """Whether its thread has returned (a given-up call, too, in the end)."""
+        return self._thread is not None and not self._thread.is_alive()
 
     def close(self) -> None:
         """Release the interpreter now if it has ended, else when its call returns."""
@@ -161,8 +210,8 @@ class _Interpreter:
                 return
             self._closed = True
             ended = self.exitcode is not None
-        if self._socket is not None:
-            self._socket.close()
+            if self._socket is not None:
+                self._socket.close()
         os.close(self._ended_reader)
         if ended:
             self._destroy()
@@ -172,11 +221,50 @@ class _Interpreter:
             self._interpreter.close()
 
 
-class _Context:
-    """Where the process runtime starts its workers: here, in interpreters."""
+_START_UP = "import sys; sys.path[:] = path; import conveyor.runtime._child"
+"""Run in a new interpreter before the worker: conveyor's imports, where the parent finds them."""
+_DRAIN_SIZE = 1 << 16  # what one read takes of the messages thrown away
 
-    Process = _Interpreter
+
+def _shut(sock: socket.socket) -> None:
+    """Shut a worker's socket down, and throw away the messages waiting in it unread:
+    the worker then finds the end of its input at once, and starts on nothing more."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):  # BlockingIOError: the worker emptied it first
+        while sock.recv(_DRAIN_SIZE, socket.MSG_DONTWAIT):
+            pass
+
+
+class _Context:
+    """Where the process runtime starts its workers: here, in interpreters. It keeps the
+    interpreters that have not ended, for the runtime's join to wait for those stopped
+    inside a call."""
+
     Pipe = staticmethod(multiprocessing.Pipe)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._started: list[_Interpreter] = []
+
+    def Process(self, **kwargs: Any) -> _Interpreter:  # multiprocessing.Process, as it is named
+        """A new worker interpreter (not started), as ``multiprocessing.Process(**kwargs)``."""
+        interpreter = _Interpreter(**kwargs)
+        with self._lock:
+            self._started = [i for i in self._started if not i.ended] + [interpreter]
+        return interpreter
+
+    def in_user_code(self, timeout: float) -> list[str]:
+        """The threads of the interpreters stopped inside a call, still there after up to
+        ``timeout`` s (see `_Interpreter.in_user_code`)."""
+        deadline = monotonic() + timeout
+        with self._lock:
+            started = list(self._started)
+        return [
+            f"{i.name}-interpreter"
+            for i in started
+            if i.in_user_code(max(0.0, deadline - monotonic()))
+        ]
 
 
 class InterpreterRuntime(ProcessRuntime):
@@ -195,7 +283,15 @@ class InterpreterRuntime(ProcessRuntime):
                 "runtime='interpreter' runs on POSIX systems (Linux, macOS); "
                 "use runtime='process' here"
             )
-        super().__init__(_Context())
+        self._interpreters = _Context()
+        super().__init__(self._interpreters)
+
+    def join(self, timeout: float) -> list[str]:
+        """The process runtime's join; then, as threads are joined, the interpreters
+        stopped inside a call are waited for until ``timeout`` and named if still there."""
+        deadline = monotonic() + timeout
+        stuck = super().join(timeout)
+        return stuck + self._interpreters.in_user_code(max(0.0, deadline - monotonic()))
 
 
 RUNTIME = InterpreterRuntime

@@ -120,11 +120,21 @@ class ChannelIO(StageIO):
         self.ordered = ordered
         self.capacity = input.maxsize
 
+    def _window(self, count: int) -> int:
+        """Batches an ordered stage's ``count`` ports may hold between the take and the put.
+
+        Under a byte budget one per port, as a worker of an unordered stage
+        holds (docs/design.md): a wider window would keep outputs waiting
+        for a slow batch beyond what the budget promises. Otherwise four per
+        port, so that fast workers keep going past a slow item.
+        """
+        return count if self.input.max_bytes is not None else 4 * count
+
     def open(self, count: int) -> list[Port]:
         sequencer = (
             # The channel itself, not a worker's handle: the flusher is always a
             # live worker, whose own handle keeps the channel open meanwhile.
-            Sequencer(self.output, window=4 * count, control=self.control)
+            Sequencer(self.output, window=self._window(count), control=self.control)
             if self.ordered and count > 1
             else None
         )
@@ -194,8 +204,10 @@ class Sequencer:
     Workers deposit (ticket, outputs) as they finish; whoever deposits the
     next expected ticket becomes the flusher and puts every consecutive ready
     batch on the output, outside the lock, while later deposits queue up.
-    ``window`` bounds how far ahead of the oldest unfinished batch a worker
-    may take a new one, which bounds the reorder buffer.
+    ``window`` bounds how far ahead of the oldest batch not yet put a worker
+    may take a new one: the batches being worked on, the reorder buffer and
+    the flusher's chunk together hold at most ``window`` batches, since the
+    oldest ticket moves on only once the flusher has put their outputs.
 
     `take`/`deposit` serve worker threads; `atake`/`adeposit` serve the
     worker coroutines of an async stage, on one event loop, without ever
@@ -204,9 +216,8 @@ class Sequencer:
 
     A coroutine's take needs no lock: its batch and its ticket are taken
     with no pause in between, so no other coroutine of the loop can come
-    between them. It checks the window before waiting for items, so the
-    coroutines that wait for items together may each take one batch past
-    the window: an async stage holds at most ``window + workers`` batches.
+    between them. Coroutines waiting for items count in the window (each
+    will hold a batch), so an async stage too holds at most ``window``.
     """
 
     def __init__(self, output: Channel[Any], window: int, control: RunControl) -> None:
@@ -217,10 +228,12 @@ class Sequencer:
         self._moved = threading.Condition(self._lock)  # notified when _next advances or on abort
         self._sleepers = 0  # threads waiting on _moved: notifying nobody still costs
         self._pending: dict[int, list[Any]] = {}
-        self._next = 0  # the oldest ticket not yet released
+        self._next = 0  # the oldest ticket whose outputs are not yet put
         self._flushing = False
+        self._releasing = 0  # tickets of the chunk the flusher is putting (_next moves after)
         self._take_lock = threading.Lock()
         self._next_ticket = 0
+        self._awaiting = 0  # coroutines past the window, waiting for items (atake)
         # Coroutines parked until _next moves, resolved when _moved is notified.
         self._moved_futures: list[asyncio.Future[None]] = []
         control.on_abort(self._wake_all)
@@ -282,17 +295,19 @@ class Sequencer:
         """`take` for a coroutine: waits for the window and the items without blocking the loop."""
         while True:
             with self._lock:
-                if not self._window_full(self._next_ticket):
+                if not self._window_full(self._next_ticket + self._awaiting):
+                    self._awaiting += 1
                     break
                 import asyncio  # loaded by then: a coroutine is running
 
                 moved = asyncio.get_running_loop().create_future()
                 self._moved_futures.append(moved)
             await moved
+        try:
+            batch = await channel.aget_many(n)
+        finally:
+            self._awaiting -= 1  # only this loop's coroutines touch it
         # aget_many returns the moment it has the items: nothing runs between them and the ticket.
-        return self._ticketed(await channel.aget_many(n))
-
-    def _ticketed(self, batch: list[Any]) -> tuple[list[Any], int]:
         ticket = self._next_ticket
         self._next_ticket = ticket + 1
         return batch, ticket
@@ -329,23 +344,34 @@ class Sequencer:
             return True
 
     def _release_ready(self) -> list[Any] | None:
-        """The flusher's next chunk: every consecutive ready output; None when done flushing."""
+        """The flusher's next chunk: every consecutive ready output; None when done flushing.
+
+        The tickets of the chunk put before count as released only now, so
+        that the window covers the outputs the flusher holds while it waits
+        for room on the output.
+        """
         with self._lock:
+            self._next += self._releasing
             chunk: list[Any] = []
             pending = self._pending
-            while self._next in pending:
-                # Batches with no output (all filtered) still advance _next.
-                chunk.extend(pending.pop(self._next))
-                self._next += 1
-            self._notify_moved()
-            if not chunk:
+            n = 0
+            while self._next + n in pending:
+                # Batches with no output (all filtered) take a ticket in the chunk too.
+                chunk.extend(pending.pop(self._next + n))
+                n += 1
+            if chunk:
+                self._releasing = n
+            else:
+                self._next += n  # nothing to put: released at once
+                self._releasing = 0
                 self._flushing = False
-                return None
-            return chunk
+            self._notify_moved()
+            return chunk or None
 
     def _leave(self) -> None:
         with self._lock:
             self._flushing = False
+            self._releasing = 0
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

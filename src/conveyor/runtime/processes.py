@@ -801,6 +801,10 @@ class _Worker:
         """The child to send to: started if there is none (or it ended), replaced when its
         quota is used up (one lane then)."""
         with self._child_lock:
+            if self.sr.control.stopped.is_set():
+                # Aborted: start nothing, and keep the child for the last lane to close
+                # (a read the abort cut short left it "dead" but open).
+                raise ShutDown
             child = self.child
             if child is not None and child.dead:
                 child = self.child = None  # the lane that read its end closed it

@@ -1,23 +1,23 @@
-"""Sequence paths: how the driver knows which source items are through, and their order.
+"""Ordering by sequence path: which source items are through, and their order.
 
-Each source item gets a path ``[r]`` (its index), in every run the driver
-feeds. A stage that turns an
-entry into exactly one output passes the path on unchanged; into ``k > 1``
-outputs, output ``j`` gets the path extended by ``[j, k]``; into none, the
-stage sends a *tombstone* with the path to the final stream, so the driver
-knows that part of the tree is finished. Root ``r`` is complete when the
-weights ``1 / (k1 * k2 * ...)`` of the leaves received for it add up to 1;
-complete roots are released in order, their leaves sorted by path.
+Each source item gets a path ``[r]`` (its index). A stage that turns an item
+into exactly one output passes the path on unchanged; into ``k > 1`` outputs,
+output ``j`` gets the path extended by ``[j, k]``; into none, it sends a
+*tombstone* with the path, so that the place is known to stay empty. Root
+``r`` is complete when the weights ``1 / (k1 * k2 * ...)`` of the leaves
+received for it add up to 1; complete roots are released in order, their
+leaves sorted by path.
 
-Completion is decided by these identities, not by counting entries: the run
-is through when every root it fed is complete. A leaf the run did not make
-(a root already complete, a weight beyond 1, a path of a root never fed) is
-refused: the driver dead-letters it instead of yielding it.
+Completion is decided by these identities, not by counting: a run is through
+when every root it fed is complete, and a leaf it did not make (a root already
+complete, a weight beyond 1, a path of a root never fed) is refused rather
+than released.
 
-A ``batch`` stage reorders its input with the same `Tracker`: the stages
-before it send their tombstones to its input instead of the final stream,
-so it can tell a place that will stay empty from an item still on its way,
-and it makes its groups from the leaves in source order.
+Nothing here knows where leaves come from. The Redis backend uses a `Tracker`
+in its driver (the final stream) and in a batch stage's port (which restores
+source order before making groups); ``conveyor.redis.codec`` carries paths
+in the entries. Within one machine, ordered stages keep order by tickets
+instead (``runtime.ports.Sequencer``): their input arrives in order already.
 """
 
 from __future__ import annotations
@@ -25,38 +25,17 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import Any, NamedTuple
 
-__all__ = ["TOMBSTONE", "Leaf", "Tracker", "child_path", "dump_path", "load_path"]
+__all__ = ["TOMBSTONE", "Leaf", "Released", "Tracker"]
 
 TOMBSTONE: Any = object()
 """The value of a leaf that carries no output."""
 _ZERO = Fraction(0)
 _ONE = Fraction(1)
-_NO_PATH: list[int] = []
-
-
-def dump_path(path: list[int]) -> bytes:
-    """A path as the bytes of field ``q``."""
-    import msgpack
-
-    data: bytes = msgpack.packb(path)
-    return data
-
-
-def load_path(data: bytes) -> list[int]:
-    """A path back from field ``q``."""
-    import msgpack
-
-    path: list[int] = msgpack.unpackb(data)
-    return path
-
-
-def child_path(parent: bytes, j: int, k: int) -> bytes:
-    """The path of output ``j`` of ``k`` (k > 1) produced from the entry at ``parent``."""
-    return dump_path([*load_path(parent), j, k])
 
 
 class Leaf(NamedTuple):
-    """An entry of the final stream: its path, its value (or TOMBSTONE), its id."""
+    """A received output or tombstone: its path, its value (or TOMBSTONE), and the
+    id of what carried it (a stream entry's, for Redis)."""
 
     path: list[int]
     value: Any
@@ -69,7 +48,7 @@ class Released(NamedTuple):
     values: list[Any]
     """Outputs for the caller (in source order for an ordered run)."""
     ids: list[bytes]
-    """Entries done with: to acknowledge once the caller has the values."""
+    """Ids of the leaves done with: to acknowledge once the caller has the values."""
     completed: list[int]
     """Roots completed since the last release (unordered runs persist them)."""
     refused: list[Leaf]
@@ -117,10 +96,11 @@ class Tracker:
             self._cover[root] = cover
 
     def add(self, leaf: Leaf) -> None:
-        """Take a leaf received from the final stream.
+        """Take a received leaf.
 
-        An entry received again (read once more after a connection loss) is
-        ignored; a leaf the run did not make is kept aside as refused.
+        A leaf received again with the same id (read once more after a
+        connection loss) is ignored; a leaf the run did not make is kept aside
+        as refused.
         """
         if leaf.entry_id in self._held:
             return
@@ -194,8 +174,8 @@ class Tracker:
         return released
 
     def acknowledged(self, ids: list[bytes]) -> None:
-        """Forget entries acknowledged in Redis: they cannot be read again. (Until then,
-        an entry read again after a connection loss is recognised and ignored.)"""
+        """Forget the ids of leaves that cannot be received again (acknowledged in Redis).
+        Until then, a leaf received again is recognised by its id and ignored."""
         self._held.difference_update(ids)
 
     def _is_done(self, root: int) -> bool:
@@ -209,7 +189,8 @@ class Tracker:
         byte = root >> 3
         if byte >= len(self._done):
             self._done.extend(bytes(byte + 1 - len(self._done)))
-        # Redis's bit order (SETBIT, GET): bit 0 is the most significant of byte 0.
+        # Redis's bit order (SETBIT, GET), so the driver can persist the bitmap as it is:
+        # bit 0 is the most significant of byte 0.
         self._done[byte] |= 1 << (7 - (root & 7))
         self.completed += 1
         self._new.append(root)

@@ -352,9 +352,11 @@ class Channel(Generic[T]):
             if type(waiter) is _AsyncWaiter:
                 try:
                     if waiter.thread == get_ident():
-                        # From its own loop's thread: no need to wake the loop through
-                        # its self-pipe (a write, and a turn of the loop to read it).
-                        waiter.loop.call_soon(_resolve, waiter.future)
+                        # From its own loop's thread: resolve the future at once,
+                        # as asyncio.Queue does; a turn of the loop less before the
+                        # waiter runs. Cancelled before it runs, it passes the
+                        # wake-up on (`_park`).
+                        _resolve(waiter.future)
                     else:
                         waiter.loop.call_soon_threadsafe(_resolve, waiter.future)
                 except RuntimeError:  # its loop is closed: nobody is left to wake
@@ -985,10 +987,14 @@ class Channel(Generic[T]):
                 first ones, in order). Under `asyncio.timeout` the
                 `TimeoutError` raised has that CancelledError as ``__cause__``.
         """
-        import asyncio  # loaded by then: a coroutine is running
-
         pending = items if isinstance(items, list) else list(items)
-        done = 0
+        try:  # the fast path, as in aput(): no closure nor coroutine while there is room
+            self.put_many(pending, False)
+            return
+        except Full as full:
+            done: int = full.items_put  # type: ignore[attr-defined]
+        pending = pending[done:]
+        import asyncio  # loaded by then: a coroutine is running
 
         def attempt() -> None:
             """Put what fits now; on Full, keep what is left for the next attempt."""

@@ -214,9 +214,9 @@ async def _worker_loop(sr: StageRun, worker: int) -> None:
     counters = sr.metrics.new_worker()
     size, limit, track = 1, sr.max_batch, sr.tracks
     target = sr.target(TARGET_BATCH_SECONDS)
+    t0 = perf_counter()
     try:
         while True:
-            t0 = perf_counter()
             try:
                 batch = await port.atake(size)
             except ShutDown:
@@ -229,12 +229,13 @@ async def _worker_loop(sr: StageRun, worker: int) -> None:
             counters.current_item = counters.current_since = None
             outcome.busy_seconds = t2 - t1
             count_batch(counters, outcome, len(batch), t2 - t1)
+            size = _adapt(size, len(batch), t2 - t1, limit, target)
             error = await port.adeliver(outcome)
             if error is not None:
                 control.fail(error)
                 break
-            counters.wait_out += perf_counter() - t2
-            size = _adapt(size, len(batch), t2 - t1, limit, target)
+            t0 = perf_counter()
+            counters.wait_out += t0 - t2
     except ShutDown:
         pass  # the run was aborted while we were handing outputs on
     except asyncio.CancelledError:

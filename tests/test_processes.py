@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 import conveyor as cv
 from conveyor.engine import Run
-from conveyor.runtime import _wire, processes
+from conveyor.runtime import _spare, _wire, processes
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -478,11 +478,12 @@ def test_big_buffers_and_numpy_arrays_round_trip_through_shared_memory(
     created: list[int] = []
     create = _wire._Arena.create.__func__  # type: ignore[attr-defined]
 
-    def counting(cls: Any, ident: int, size: int) -> Any:
+    def counting(cls: Any, ident: int, size: int, keep_fd: bool = False) -> Any:
         created.append(size)
-        return create(cls, ident, size)
+        return create(cls, ident, size, keep_fd)
 
     monkeypatch.setattr(_wire._Arena, "create", classmethod(counting))
+    _spare.SPARES.clear()  # else earlier runs' blocks serve: nothing is created
     items = big_payloads()
     out = list(cv.Pipeline(items).map(echo, runtime="process", workers=2))
     assert all(same(a, b) for a, b in zip(items, out, strict=True))
@@ -735,6 +736,89 @@ def test_the_placer_reuses_freed_room_zeroes_callocs_keeps_realloc_data_and_unma
         assert box._mapping is None and not placer.live
     finally:
         box.close()
+
+
+def times_two(a: Any) -> Any:
+    return a * 2  # created in the worker: placed in the answer's block
+
+
+def counting_spares_taken(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the spare blocks workers are given from now on."""
+    taken: list[int] = []
+    take = _spare.SPARES.take
+
+    def counting(need: int) -> Any:
+        arena = take(need)
+        if arena is not None:
+            taken.append(arena.size)
+        return arena
+
+    monkeypatch.setattr(_spare.SPARES, "take", counting)
+    return taken
+
+
+@pytest.mark.parametrize("fn", [echo, times_two], ids=["as-they-came", "created"])
+def test_a_block_is_never_reused_while_a_result_still_views_it(
+    fn: Callable[[Any], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def arrays(first: int) -> list[Any]:  # 1 MiB each: four to a message
+        return [numpy.full(1 << 17, first + i, dtype=numpy.float64) for i in range(24)]
+
+    factor = 1 if fn is echo else 2
+    list(cv.Pipeline(arrays(0)).map(fn, runtime="process"))  # leaves spare blocks behind
+    taken = counting_spares_taken(monkeypatch)
+    held = list(cv.Pipeline(arrays(100)).map(fn, runtime="process", workers=2))
+    assert taken  # the workers got blocks an earlier run had faulted in
+    # Later runs, while the caller holds every result of that one: blocks those results
+    # view are neither spare nor reused, so writing new results cannot change them.
+    for first in (200, 300):
+        for out in cv.Pipeline(arrays(first)).map(fn, runtime="process", workers=2):
+            assert numpy.all(out == out[0])
+    for i, a in enumerate(held):
+        assert numpy.all(a == factor * (100 + i)), i
+    held[0][:] = -1  # results are independent of each other
+    assert all(numpy.all(a == factor * (100 + i)) for i, a in enumerate(held) if i)
+    assert our_segments() == []
+
+
+def test_spare_blocks_stay_within_their_budget_and_none_are_kept_with_a_budget_of_0(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spares = _spare.SPARES
+    limit = 3 * processes.SHM_MESSAGE_LIMIT
+    monkeypatch.setattr(processes, "SPARE_BYTES", limit)
+    spares.clear()
+    arrays = [numpy.full(1 << 17, i, dtype=numpy.float64) for i in range(32)]
+    out = list(cv.Pipeline(arrays).map(times_two, runtime="process", workers=2))
+    assert all(numpy.all(b == 2 * i) for i, b in enumerate(out))
+    kept = sum(a.size for a in spares._blocks)
+    assert 0 < kept <= spares.held <= limit  # descriptors too: only within the budget
+    monkeypatch.setattr(processes, "SPARE_BYTES", 0)
+    spares.clear()
+    assert spares.held == 0
+    out = list(cv.Pipeline(arrays).map(times_two, runtime="process", workers=2))
+    assert all(numpy.all(b == 2 * i) for i, b in enumerate(out))
+    assert spares._blocks == [] and spares.held == 0
+
+
+def test_a_killed_worker_leaves_no_spare_block_in_flight_and_no_segment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def die_on_five(a: Any) -> Any:
+        if int(a[0]) == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return a + 1
+
+    arrays = [numpy.full(1 << 17, i, dtype=numpy.float64) for i in range(12)]
+    list(cv.Pipeline(arrays).map(times_two, runtime="process"))  # spare blocks for the next
+    taken = counting_spares_taken(monkeypatch)
+    out = list(cv.Pipeline(arrays).map(die_on_five, runtime="process", retries=1, on_error="skip"))
+    assert taken
+    assert [int(b[0]) for b in out] == [i + 1 for i in range(12) if i != 5]
+    assert our_segments() == []
+    # The next run reuses what is spare, and its results are right.
+    out = list(cv.Pipeline(arrays).map(times_two, runtime="process"))
+    assert all(numpy.all(b == 2 * i) for i, b in enumerate(out))
 
 
 def buffers_of(*arrays: Any) -> Any:

@@ -17,6 +17,7 @@ import contextlib
 import os
 import pickle
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from ..remote import ExceptionRecord, capture
 from ..stage import Stage, set_worker_state
 from ._allocator import Placer, placer
 from ._wire import (
+    _BY_FD,
     _ECHO,
     _FAILED,
     _LOAD_FAILED,
@@ -50,6 +52,7 @@ from ._wire import (
     _align,
     _Arena,
     _BatchMessage,
+    _Block,
     _Buffers,
     _Desc,
     _dump,
@@ -95,6 +98,7 @@ class _Server:
         # Whether to place the arrays the stage creates in the outbox (see handle).
         self.place_arrays = True
         self.bytes_likely = False  # the last answer held big bytes (see _wire._dump)
+        self.sock: socket.socket | None = None  # see _receive_fds
         timed = stage.timeout is not None
         self.call = self._timed_call if timed else None
         self.sleep = self._timed_sleep if timed else _plain_sleep
@@ -111,6 +115,8 @@ class _Server:
                     return True
                 self.conn.send_bytes(self.handle(_BatchMessage._make(message)))
         finally:
+            if self.sock is not None:
+                self.sock.close()
             for arena in self.inboxes.values():
                 arena.close()
             for arena in self.outboxes.values():
@@ -133,8 +139,9 @@ class _Server:
             else:
                 self._close_outbox(self.outboxes.pop(ident))
         inbox, outbox = message.inbox, message.outbox
-        source = None if inbox is None else self._block(self.inboxes, inbox)
-        box = None if outbox is None else self._block(self.outboxes, outbox)
+        fds = self._receive_fds(sum(b is not None and b[1] == _BY_FD for b in (inbox, outbox)))
+        source = None if inbox is None else self._block(self.inboxes, inbox, fds)
+        box = None if outbox is None else self._block(self.outboxes, outbox, fds)
         try:
             batch = _load(message.payload, message.pids, message.descs, source)
         except Exception as exc:
@@ -161,11 +168,24 @@ class _Server:
         return _pack(answer._replace(inbox_kept=self._let_go(source), outbox_kept=kept))
 
     @staticmethod
-    def _block(blocks: dict[int, _Arena], info: tuple[int, str | None, int]) -> _Arena:
+    def _block(blocks: dict[int, _Arena], info: _Block, fds: list[int]) -> _Arena:
         ident, name, size = info
-        if name is not None:  # a new one: map it
+        if name == _BY_FD:  # a block another worker used: its descriptor came with the message
+            blocks[ident] = _Arena.adopt(ident, fds.pop(0), size)
+        elif name is not None:  # a new one: map it
             blocks[ident] = _Arena.attach(ident, name, size)
         return blocks[ident]
+
+    def _receive_fds(self, count: int) -> list[int]:
+        """The ``count`` file descriptors the parent sent right after the message."""
+        if not count:
+            return []
+        if self.sock is None:  # a handle of our own on the pipe's socket, for its fds
+            self.sock = socket.socket(fileno=os.dup(self.conn.fileno()))
+        _, fds, _, _ = socket.recv_fds(self.sock, 1, count)
+        if len(fds) != count:
+            raise OSError(f"expected {count} file descriptor(s) with the message, got {len(fds)}")
+        return fds
 
     def _let_go(self, inbox: _Arena | None) -> bool:
         """Whether arrays built on the inbox outlive their batch: then it is left to them."""

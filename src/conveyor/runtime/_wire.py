@@ -43,7 +43,8 @@ _BATCH, _STOP, _READY, _FAILED, _OUTCOME, _LOAD_FAILED, _STARTED, _SLEEPING, _ST
 
 _Block = tuple[int, "str | None", int]
 """A shared-memory block: its id, its name when the receiver has not mapped it yet
-(else None), its size."""
+(`_BY_FD` when it has no name: its file descriptor follows the message), else None; its size."""
+_BY_FD = ""
 
 
 class _BatchMessage(NamedTuple):
@@ -349,19 +350,30 @@ class _Arena:
     their finalizer unmaps the block, which arrays may still need.
     """
 
-    def __init__(self, ident: int, name: str, size: int, mapping: mmap.mmap, linked: bool) -> None:
+    def __init__(
+        self,
+        ident: int,
+        name: str,
+        size: int,
+        mapping: mmap.mmap,
+        linked: bool,
+        fd: int | None = None,
+    ) -> None:
         self.ident = ident
         self.name = name
         self.size = size
         self.view = memoryview(mapping)
         self._mapping: mmap.mmap | None = mapping
         self._linked = linked
+        # Kept open (parent) so that another worker can map the block once its name is gone.
+        self.fd = fd
         self._lent: list[memoryview] = []  # slices arrays were built on, maybe still in use
         self._address: int | None = None  # where the block is mapped (see echoes)
 
     @classmethod
-    def create(cls, ident: int, size: int) -> _Arena:
-        """A new block of ``size`` bytes (pages are only allocated when written)."""
+    def create(cls, ident: int, size: int, keep_fd: bool = False) -> _Arena:
+        """A new block of ``size`` bytes (pages are only allocated when written); with
+        ``keep_fd`` (POSIX), its file descriptor stays open (`fd`) until it is closed."""
         if _posixshmem is None:  # Windows: a named mapping lives while someone maps it
             name = f"{shm_prefix()}{secrets.token_hex(4)}"
             return cls(ident, name, size, _named_mapping(name, size), False)
@@ -377,11 +389,20 @@ class _Arena:
             mapping = mmap.mmap(fd, size)
         except BaseException:
             _posixshmem.shm_unlink("/" + name)
+            os.close(fd)
             raise
-        finally:
+        if not keep_fd:
             os.close(fd)
         resource_tracker.register("/" + name, "shared_memory")
-        return cls(ident, name, size, mapping, True)
+        return cls(ident, name, size, mapping, True, fd if keep_fd else None)
+
+    @classmethod
+    def adopt(cls, ident: int, fd: int, size: int) -> _Arena:
+        """Map a block whose file descriptor the parent sent (`_BY_FD`); closes ``fd``."""
+        try:
+            return cls(ident, "", size, mmap.mmap(fd, size), False)
+        finally:
+            os.close(fd)
 
     @classmethod
     def attach(cls, ident: int, name: str, size: int) -> _Arena:
@@ -493,13 +514,17 @@ class _Arena:
     def close(self) -> None:
         """Unlink the name; unmap the block, or leave that to the arrays still built on it."""
         self.unlink()
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
         mapping, self._mapping = self._mapping, None
         if mapping is None:
             return
         in_use = self.in_use()
         self.view.release()
         if not in_use:
-            mapping.close()
+            with contextlib.suppress(BufferError):  # an array built on it since: it unmaps it
+                mapping.close()
         # else the arrays' slices keep the mapping alive; it is unmapped after the last one
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import ctypes
 import glob
+import mmap
 import multiprocessing
 import os
 import re
@@ -734,6 +735,28 @@ def test_the_placer_reuses_freed_room_zeroes_callocs_keeps_realloc_data_and_unma
         assert box._mapping is not None  # still mapped for grown
         del grown
         assert box._mapping is None and not placer.live
+    finally:
+        box.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_WRITE is Linux's")
+def test_a_block_is_populated_for_writing_once_per_process_and_not_when_the_kernel_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    page = mmap.PAGESIZE
+    box = _wire._Arena.create(0, 8 * page)
+    try:
+        box.view[:3] = b"abc"
+        box.populate(page + 1)  # rounded up to whole pages, from where it stopped
+        assert box._populated == 2 * page and box.view[:3] == b"abc"
+        box.populate(page)  # already done: nothing
+        assert box._populated == 2 * page
+        # An advice the kernel refuses (as one before 5.14 refuses MADV_POPULATE_WRITE):
+        # turned off for the process, and the pages then fault in as they are written.
+        monkeypatch.setattr(_wire, "_POPULATE_WRITE", [-1])
+        box.populate(4 * page)
+        assert _wire._POPULATE_WRITE == [None] and box._populated == 2 * page
+        box.view[-1:] = b"z"
     finally:
         box.close()
 

@@ -329,6 +329,13 @@ def _copy(target: memoryview, source: memoryview) -> None:
     target.release()
 
 
+# madvise's MADV_POPULATE_WRITE (Linux 5.14+; the mmap module names it from Python 3.13),
+# None once the kernel refused it. A list: `_Arena.populate` may turn it off.
+_POPULATE_WRITE: list[int | None] = [
+    getattr(mmap, "MADV_POPULATE_WRITE", 23) if sys.platform == "linux" else None
+]
+
+
 def _named_mapping(name: str, size: int) -> mmap.mmap:
     """Windows: a named mapping (it lives while some process maps it)."""
     options: dict[str, Any] = {"tagname": name}  # a Windows-only parameter
@@ -369,6 +376,7 @@ class _Arena:
         self.fd = fd
         self._lent: list[memoryview] = []  # slices arrays were built on, maybe still in use
         self._address: int | None = None  # where the block is mapped (see echoes)
+        self._populated = 0  # bytes from the start already mapped for writing (see populate)
 
     @classmethod
     def create(cls, ident: int, size: int, keep_fd: bool = False) -> _Arena:
@@ -457,6 +465,9 @@ class _Arena:
 
     def fill(self, copies: list[tuple[int, memoryview]]) -> None:
         """Make the copies `layout` listed."""
+        if copies:
+            offset, last = copies[-1]
+            self.populate(offset + last.nbytes)
         view = self.view
         for offset, buffer in copies:
             _copy(view[offset : offset + buffer.nbytes], buffer)
@@ -480,6 +491,32 @@ class _Arena:
             inside = offset is not None and offset >= 0 and offset + buffer.nbytes <= self.size
             found.append(offset if inside else None)
         return found
+
+    def populate(self, end: int) -> None:
+        """Map the block's first ``end`` bytes for writing in one go, where not done yet.
+
+        Writing to a page of shared memory this process has not mapped yet costs
+        a fault, even when the page exists (another process wrote it): about
+        0.5 ms per MiB here, where one ``MADV_POPULATE_WRITE`` over the range
+        costs a third of that. Blocks are filled from their start, so a mark
+        says how far this process has gone; done once per block and process
+        (doing it again over mapped pages is not free). Linux 5.14+; elsewhere
+        the pages fault in as they are written.
+        """
+        start = self._populated
+        if end <= start or _POPULATE_WRITE[0] is None:
+            return
+        first = start - start % mmap.PAGESIZE
+        end = min(self.size, end + (-end) % mmap.PAGESIZE)
+        mapping = self._mapping
+        if mapping is None:
+            return
+        try:
+            mapping.madvise(_POPULATE_WRITE[0], first, end - first)
+        except OSError:  # an older kernel: let the pages fault in
+            _POPULATE_WRITE[0] = None
+            return
+        self._populated = end
 
     def lend(self, offset: int, size: int) -> pickle.PickleBuffer:
         """Bytes of the block for an array to be built on, without copying.

@@ -515,6 +515,27 @@ def test_arrays_returned_as_they_came_are_not_copied_back_and_stay_intact() -> N
         assert numpy.array_equal(b, (a + 1) if i % 2 == 0 else (a + 1)[5:-5]), i
 
 
+def bytes_back_and_changed(x: Any) -> Any:
+    if isinstance(x, bytearray):
+        x[0] = 255  # the worker's copy: the caller's does not change
+        return x
+    return (x, x[::-1], {"again": x})  # the bytes it got, twice, and a new one
+
+
+def test_bytes_returned_as_they_came_are_the_callers_objects_not_copies() -> None:
+    items: list[Any] = [bytes([i]) * 100_000 for i in range(12)]
+    items += [bytearray(b"x" * 100_000), b"small"]
+    out = list(cv.Pipeline(items).map(bytes_back_and_changed, runtime="process", workers=2))
+    for i, item in enumerate(items[:12]):
+        same_one, reversed_one, nested = out[i]
+        # Bytes cannot change: the answer names what the caller sent, nothing comes back.
+        assert same_one is item and nested["again"] is item, i
+        assert reversed_one == item[::-1] and reversed_one is not item, i
+    changed, small = out[12], out[13]
+    assert changed == bytearray(b"\xff" + b"x" * 99_999) and items[12] == bytearray(b"x" * 100_000)
+    assert small[0] == b"small"
+
+
 THRESHOLD = _wire.SHM_THRESHOLD
 
 

@@ -142,8 +142,9 @@ class _Server:
         fds = self._receive_fds(sum(b is not None and b[1] == _BY_FD for b in (inbox, outbox)))
         source = None if inbox is None else self._block(self.inboxes, inbox, fds)
         box = None if outbox is None else self._block(self.outboxes, outbox, fds)
+        received: list[Any] = []  # bytes made from the request's buffers (see _wire._OutOfBand)
         try:
-            batch = _load(message.payload, message.pids, message.descs, source)
+            batch = _load(message.payload, message.pids, message.descs, source, received=received)
         except Exception as exc:
             return pickle.dumps((_LOAD_FAILED, _pack_error(exc), self._let_go(source)), 5)
         retries_left = message.retries_left
@@ -157,10 +158,11 @@ class _Server:
         with contextlib.nullcontext() if place is None else place.placing(box):
             outcome = process_batch(stage, batch, self.call, self.sleep, track=True)
         busy = perf_counter() - started
-        answer = self.reply(stage, batch, outcome, box, source, busy, place)
+        answer = self.reply(stage, batch, outcome, box, source, busy, place, received)
         del batch, outcome  # the arrays built on the inbox go (unless the stage kept some)
         if _shares_kept_memory(answer, source, box, place):
-            answer = _in_band(answer, source, box)
+            answer = _in_band(answer, source, box, received)
+        del received
         kept = box is not None and place is not None and place.kept(box)
         if kept:
             assert box is not None
@@ -213,19 +215,22 @@ class _Server:
         source: _Arena | None,
         busy: float,
         place: Placer | None = None,
+        received: list[Any] | None = None,
     ) -> _OutcomeMessage:
         """The outcome, ready to pickle; results that cannot be pickled become failures.
 
         It carries the time the batch took here (``busy``) and this
         process's CPU time so far, for the stage's metrics in the parent.
+        Bytes objects of the request returned as they came (``received``) are
+        named, not sent back (see `conveyor.runtime._wire._OutOfBand`).
         """
         buffers = _Buffers()
         try:
-            payload, pids = _dump(outcome.outputs, buffers, self.bytes_likely)
+            payload, pids = _dump(outcome.outputs, buffers, self.bytes_likely, received)
         except Exception:
             outcome = _drop_unpicklable(stage, batch, outcome)
             buffers.clear()
-            payload, pids = _dump(outcome.outputs, buffers)
+            payload, pids = _dump(outcome.outputs, buffers, received=received)
         self.bytes_likely = pids
         need = 0
         descs: list[_Desc] = []
@@ -247,7 +252,7 @@ class _Server:
                 descs = target.write(buffers, placed, start)
             else:  # no room: in band this time; the parent provides a bigger outbox
                 need = start + fresh
-                payload, pids = _dump(outcome.outputs, _Buffers(None))
+                payload, pids = _dump(outcome.outputs, _Buffers(None), received=received)
         failures = [
             (index, _pack_error(f.error), f.attempts)
             for index, f in zip(outcome.failed_at, outcome.failures, strict=True)
@@ -282,10 +287,12 @@ def _shares_kept_memory(
     return place is not None and place.alive(box, [d[0] for d in answer.descs if d[2] == _OOB])
 
 
-def _in_band(answer: _OutcomeMessage, source: _Arena | None, box: _Arena | None) -> _OutcomeMessage:
+def _in_band(
+    answer: _OutcomeMessage, source: _Arena | None, box: _Arena | None, received: list[Any]
+) -> _OutcomeMessage:
     """The answer with its results pickled in band: copies of what they are now."""
-    outputs = _load(answer.payload, answer.pids, answer.descs, box, source)
-    payload, pids = _dump(outputs, _Buffers(None))
+    outputs = _load(answer.payload, answer.pids, answer.descs, box, source, sent=received)
+    payload, pids = _dump(outputs, _Buffers(None), received=received)
     del outputs
     for arena in (source, box):
         if arena is not None:

@@ -144,12 +144,22 @@ class _OutOfBand:
     bytes and bytearray have no other hook in the C pickler, and memoryview
     cannot be pickled at all otherwise. It costs a Python call per object
     pickled, so it is only used for batches that need it.
+
+    ``echoes`` (an answer): ids of the bytes objects the worker made from the
+    request's big buffers, each with its buffer's index. Such an object, returned
+    as it came, is named by that index ("e"): bytes cannot change, so the parent
+    hands back the object it sent, and nothing is copied back.
     """
 
     buffers: _Buffers
+    echoes: dict[int, int] | None = None
 
     def persistent_id(self, obj: Any) -> Any:
         kind = type(obj)
+        if kind is bytes and self.echoes:
+            index = self.echoes.get(id(obj))
+            if index is not None:
+                return ("e", index)
         if kind is bytes or kind is bytearray:
             index = self.buffers.take(memoryview(obj), True)
             return None if index < 0 else ("a" if kind is bytearray else "b", index)
@@ -169,8 +179,14 @@ class _CloudPickler(_OutOfBand, cloudpickle.Pickler):  # type: ignore[misc]
     pass
 
 
-def _dump(obj: Any, buffers: _Buffers, bytes_likely: bool = False) -> tuple[bytes, bool]:
+def _dump(
+    obj: Any, buffers: _Buffers, bytes_likely: bool = False, received: list[Any] | None = None
+) -> tuple[bytes, bool]:
     """Pickle ``obj`` (protocol 5), big buffers set aside; return (payload, uses persistent ids).
+
+    ``received`` (an answer): the bytes objects made from the request's big
+    buffers, by index (see `_OutOfBand`), which the answer names instead of
+    sending them back.
 
     The plain pickler first (fast), then the one that handles bytes-likes,
     then cloudpickle's (classes and functions by value). ``bytes_likely``
@@ -192,10 +208,12 @@ def _dump(obj: Any, buffers: _Buffers, bytes_likely: bool = False) -> tuple[byte
                 return payload, False
             buffers.clear()
     error: Exception | None = None
+    echoes = None if not received else {id(x): i for i, x in enumerate(received) if x is not None}
     for pickler_class in (_PlainPickler, _CloudPickler):
         out = io.BytesIO()
         pickler = pickler_class(out, 5, buffer_callback=buffers)
         pickler.buffers = buffers
+        pickler.echoes = echoes
         try:
             pickler.dump(obj)
         except Exception as exc:
@@ -229,7 +247,11 @@ def _big_bytes_in(x: Any, depth: int) -> bool:
 
 
 class _Unpickler(pickle.Unpickler):
-    """Resolves the persistent ids `_OutOfBand` wrote, copying out of shared memory."""
+    """Resolves the persistent ids `_OutOfBand` wrote, copying out of shared memory.
+
+    ``sent`` (an answer): the request's bytes objects by index, which "e" names.
+    ``received`` (a request): filled with the bytes objects made, by index.
+    """
 
     def __init__(
         self,
@@ -237,20 +259,30 @@ class _Unpickler(pickle.Unpickler):
         buffers: list[Any],
         descs: list[_Desc],
         arena: _Arena | None,
+        sent: list[Any] | None = None,
+        received: list[Any] | None = None,
     ) -> None:
         super().__init__(io.BytesIO(payload), buffers=buffers)
         self.descs = descs
         self.arena = arena
+        self.sent = sent
+        self.received = received
 
     def persistent_load(self, pid: Any) -> Any:
         kind = pid[0]
         if kind == "m":
             return _rebuild_memoryview(pid[1], *pid[2:])
+        if kind == "e":
+            assert self.sent is not None
+            return self.sent[pid[1]]
         assert self.arena is not None
         offset, size, _ = self.descs[pid[1]]
         with self.arena.view[offset : offset + size] as source:
             if kind == "b":
-                return bytes(source)
+                made = bytes(source)
+                if self.received is not None:
+                    self.received[pid[1]] = made
+                return made
             if kind == "a":
                 return bytearray(source)
             return _rebuild_memoryview(source, *pid[2:])
@@ -273,13 +305,20 @@ def _load(
     descs: list[_Desc],
     arena: _Arena | None,
     request: _Arena | None = None,
+    sent: list[Any] | None = None,
+    received: list[Any] | None = None,
 ) -> Any:
     """Unpickle a payload whose big buffers sit in ``arena`` (or ``request``) at ``descs``.
 
-    NumPy arrays are built on the block itself; bytes-likes are copied out.
+    NumPy arrays are built on the block itself; bytes-likes are copied out, bytes
+    objects returned as they came are ``sent``'s (see `_Unpickler`).
     """
     if not descs:
-        return _Unpickler(payload, [], [], None).load() if pids else pickle.loads(payload)
+        if not pids:
+            return pickle.loads(payload)
+        return _Unpickler(payload, [], [], None, sent).load()
+    if received is not None:
+        received[:] = [None] * len(descs)
     oob = []
     for offset, size, place in descs:
         if place != _PID:
@@ -287,7 +326,7 @@ def _load(
             assert source is not None
             oob.append(source.lend(offset, size))
     if pids:
-        return _Unpickler(payload, oob, descs, arena).load()
+        return _Unpickler(payload, oob, descs, arena, sent, received).load()
     return pickle.loads(payload, buffers=oob)
 
 

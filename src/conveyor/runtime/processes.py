@@ -412,13 +412,15 @@ class _Link:
 class _Flight:
     """What the parent keeps about a message until its answer: the blocks it uses."""
 
-    __slots__ = ("fds", "inbox", "named", "outbox")
+    __slots__ = ("fds", "inbox", "named", "outbox", "sent")
 
     def __init__(self) -> None:
         self.inbox: _Arena | None = None  # where its big buffers are
         self.outbox: _Arena | None = None  # where the answer's big buffers go
         self.named: list[_Arena] = []  # blocks it announced, named until the answer
         self.fds: list[int] = []  # descriptors of spare blocks it announced (`_BY_FD`)
+        # Its big bytes objects by index, for the answer to name (see _wire._OutOfBand).
+        self.sent: list[Any] | None = None
 
 
 class _Child:
@@ -499,6 +501,11 @@ class _Child:
             if not self._closed:  # else it ended meanwhile: no block for an unread message
                 descs, inbox, copies = self._place(buffers, flight)
                 outbox = self._choose_outbox(bool(buffers.views), flight)
+            if pids:
+                flight.sent = [
+                    v.obj if persistent and type(v.obj) is bytes else None
+                    for v, persistent in zip(buffers.views, buffers.persistent, strict=True)
+                ]
             forget, self._forget = self._forget, []
             message = _BatchMessage(
                 _BATCH, payload, pids, descs, inbox, outbox, forget, retries_left
@@ -577,10 +584,11 @@ class _Child:
         """After the child ended: True if message ``seq`` had not been started yet."""
         return seq > self._next_answer
 
-    def blocks(self, seq: int) -> tuple[_Arena | None, _Arena | None]:
-        """The answer block and the request block of message ``seq``."""
+    def blocks(self, seq: int) -> tuple[_Arena | None, _Arena | None, list[Any] | None]:
+        """The answer block and the request block of message ``seq``, and the bytes objects
+        its answer may name (see `_Flight`)."""
         flight = self._flights[seq]
-        return flight.outbox, flight.inbox
+        return flight.outbox, flight.inbox, flight.sent
 
     def settle(self, seq: int, kept_inbox: bool, need: int, kept_outbox: bool = False) -> None:
         """Message ``seq`` was answered (and its results built): release its blocks."""

@@ -94,13 +94,24 @@ other blocks are used. Batches with big buffers are capped at about one
 message's worth (`SHM_MESSAGE_LIMIT`), which bounds the shared memory in
 flight to a few blocks besides the results not yet consumed.
 
+When a worker ends (every run starts new ones), its free blocks are kept for
+the next workers of any stage or run, up to `SPARE_BYTES` for the process
+(``_spare``): they are faulted in already. A worker maps a page for writing
+in one ``madvise`` per block rather than a fault per page (`_wire._Arena.populate`).
+A ``bytes`` object the stage returns as it got it is not sent back at all:
+the answer names it, and the parent hands back the object it sent (bytes
+cannot change); a ``bytearray`` or ``memoryview`` crosses as a copy.
+
 Blocks are POSIX shared memory named ``cv<parent pid>_<hex>``, created by the
 parent only, so that it knows every name, and registered with
 multiprocessing's resource tracker. A name is unlinked as soon as the worker
 has mapped it (when it answers the message that announced it), or when the
 worker dies or is stopped, and when the run ends: no segment outlives a run,
-whatever happened to it. The memory itself is freed when the last process
-unmaps it, that is when the last array built on it is gone.
+whatever happened to it. A spare block, nameless by then, reaches its next
+worker as a file descriptor sent over the pipe (a Unix socket) right after
+the message that announces it. The memory itself is freed when the last
+process unmaps it, that is when the last array built on it is gone (spare
+blocks: when the process exits).
 
 Keep the main module light: spawn and forkserver workers run it again
 before they start (its imports included), and that is part of every run's

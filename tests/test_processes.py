@@ -845,6 +845,28 @@ def test_spare_blocks_stay_within_their_budget_and_none_are_kept_with_a_budget_o
     assert spares._blocks == [] and spares.held == 0
 
 
+def spares_held(conn: Any) -> None:
+    conn.send((len(_spare.SPARES._blocks), _spare.SPARES.held))
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="POSIX: fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_process_does_not_inherit_the_spare_blocks_to_hand_out() -> None:
+    arrays = [numpy.full(1 << 17, i, dtype=numpy.float64) for i in range(8)]
+    list(cv.Pipeline(arrays).map(times_two, runtime="process"))
+    assert _spare.SPARES._blocks  # this process has some
+    context = multiprocessing.get_context("fork")
+    ours, theirs = context.Pipe()
+    child = context.Process(target=spares_held, args=(theirs,))
+    child.start()
+    try:
+        assert ours.poll(30)
+        assert ours.recv() == (0, 0)  # it maps them too: reusing them would share them
+    finally:
+        child.join(30)
+    assert _spare.SPARES._blocks
+
+
 def test_a_killed_worker_leaves_no_spare_block_in_flight_and_no_segment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

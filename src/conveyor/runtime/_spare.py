@@ -22,6 +22,7 @@ used them has ended (an interpreter given up in the middle of a call has not).
 
 from __future__ import annotations
 
+import os
 import threading
 
 from ._wire import _Arena
@@ -72,6 +73,14 @@ class _Spares:
                 self.held -= arena.size
         arena.close()
 
+    def forsake(self) -> None:
+        """In a process forked from this one: the spare blocks are the parent's (the child
+        maps them too), never the child's to hand out; the child lets go of its handles."""
+        self._lock = threading.Lock()
+        blocks, self._blocks, self.held = self._blocks, [], 0
+        for arena in blocks:
+            arena.close()
+
     def clear(self) -> None:
         """Unmap every spare block (tests; a program may call it to give the memory back)."""
         with self._lock:
@@ -83,3 +92,6 @@ class _Spares:
 
 SPARES = _Spares()
 """The spare blocks of this process."""
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=SPARES.forsake)

@@ -366,16 +366,18 @@ class Runtimes:
         """Wait for every worker until ``deadline`` (a `time.perf_counter` value; None:
         no bound); return the names of those still alive."""
         stuck: list[str] = []
-        for runtime in self._by_name.values():
+        # A copy: the driver may close (and clear) these while another thread joins.
+        for runtime in list(self._by_name.values()):
             left = 3600.0 if deadline is None else max(0.0, deadline - perf_counter())
             stuck += runtime.join(left)
         return stuck
 
     def close(self) -> None:
         """Release every runtime (processes, event loops), once its workers are joined."""
-        for runtime in self._by_name.values():
-            runtime.close()
+        runtimes = list(self._by_name.values())
         self._by_name.clear()
+        for runtime in runtimes:
+            runtime.close()
 
 
 _RUNTIME_MODULES = {

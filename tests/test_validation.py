@@ -427,6 +427,36 @@ def test_max_items_per_worker_with_the_async_runtime_is_refused() -> None:
         cv.Pipeline(range(3)).map(double, runtime="async", max_items_per_worker=5)
 
 
+@pytest.mark.parametrize("hook", ["on_start", "on_stop"])
+@pytest.mark.parametrize("runtime", ["thread", "process"])
+def test_an_async_hook_on_a_stage_that_is_not_async_is_refused_naming_the_hook(
+    runtime: str, hook: str
+) -> None:
+    # The repro: map(f, on_start=<async def>) on threads or processes ran the
+    # hook without awaiting it, so cv.worker_state() returned a coroutine object
+    # (and Python warned "coroutine ... was never awaited" at exit).
+    async def connect(*state: Any) -> int:
+        return 5
+
+    refused = rf"map\(\) stage 'abs': '{hook}' is a coroutine function"
+    with pytest.raises(cv.ConfigurationError, match=refused):
+        cv.Pipeline(range(3)).map(abs, runtime=runtime, **{hook: connect})  # type: ignore[call-overload]
+    plain = cv.Pipeline(range(3)).map(abs, runtime=runtime)  # type: ignore[call-overload]
+    with pytest.raises(cv.ConfigurationError, match=f"'{hook}' is a coroutine"):
+        plain.with_stage("abs", **{hook: connect})
+
+
+def test_an_async_hook_on_an_async_stage_is_awaited() -> None:
+    async def connect() -> int:
+        return 5
+
+    async def with_state(x: int) -> tuple[int, Any]:
+        return x, cv.worker_state()
+
+    pipeline = cv.Pipeline(range(2)).map(with_state, runtime="async", on_start=connect)
+    assert list(pipeline) == [(0, 5), (1, 5)]
+
+
 def test_with_stage_refuses_an_option_the_stage_does_not_have() -> None:
     p = cv.Pipeline(range(3)).map(abs).batch(2)
     with pytest.raises(TypeError, match=r"with_stage.*'workres'.*did you mean 'workers'"):

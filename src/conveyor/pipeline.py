@@ -38,6 +38,7 @@ from .stage import (
     RuntimeName,
     Stage,
     check_runtime,
+    is_coroutine_function,
 )
 from .validate import (
     MAX_TASKS,
@@ -933,6 +934,16 @@ def _check_runtime_fits(stage: Stage) -> None:
             f"{stage.kind}() stage {stage.name!r}: 'runtime'='async' needs a coroutine function "
             f"(async def), got {getattr(stage.fn, '__name__', stage.fn)!r}"
         )
+    if stage.runtime == "async":
+        return
+    # Only the async runtime awaits a hook: elsewhere its coroutine would be the state.
+    for hook, fn in (("on_start", stage.on_start), ("on_stop", stage.on_stop)):
+        if fn is not None and is_coroutine_function(fn):
+            raise ConfigurationError(
+                f"{stage.kind}() stage {stage.name!r}: {hook!r} is a coroutine function, "
+                f"which only runtime='async' awaits; give a plain function with "
+                f"'runtime'={stage.runtime!r}"
+            )
 
 
 def _check_watch(

@@ -29,6 +29,7 @@ __all__ = [
     "Backoff",
     "Failure",
     "Stage",
+    "is_coroutine_function",
     "set_worker_state",
     "worker_state",
 ]
@@ -126,10 +127,12 @@ class Stage:
     @property
     def is_async_fn(self) -> bool:
         """True when the function is a coroutine function."""
-        return self.fn is not None and _is_coroutine_function(self.fn)
+        return self.fn is not None and is_coroutine_function(self.fn)
 
 
-def _is_coroutine_function(fn: Callable[..., Any]) -> bool:
+def is_coroutine_function(fn: Callable[..., Any]) -> bool:
+    """True when calling ``fn`` returns a coroutine (an ``async def``, or an object
+    whose ``__call__`` is one)."""
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - a callable object's async __call__
     )

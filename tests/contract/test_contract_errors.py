@@ -252,3 +252,38 @@ def test_an_item_over_its_timeout_with_on_error_raise_ends_the_run_with_a_timeou
     if runner.runtime == "process":
         pid = int(Path(folder, "hung").read_text())
         assert not wait_gone([pid]), f"the worker process {pid} that hung is still alive"
+
+
+def exit_on_bad(x: int) -> int:
+    if x == BAD:
+        raise SystemExit(3)
+    return x
+
+
+def interrupt_on_bad(x: int) -> int:
+    if x == BAD:
+        raise KeyboardInterrupt
+    return x
+
+
+@pytest.mark.parametrize(
+    ("fn", "kind"), [(exit_on_bad, SystemExit), (interrupt_on_bad, KeyboardInterrupt)]
+)
+def test_a_stage_raising_system_exit_or_keyboard_interrupt_ends_the_run_with_it(
+    runner: Runner, fn: Callable[[int], int], kind: type[BaseException]
+) -> None:
+    # The repro: on threads and asyncio the run ended with the stage's SystemExit(3)
+    # at once; a worker process (or interpreter) died of it instead, printing its
+    # traceback, and the run failed with WorkerCrashed ("exited with code 3"), or,
+    # on Redis, after every delivery, with DeadLettersError.
+    pipeline = cv.Pipeline(range(20)).map(runner.fn(fn), runtime=runner.runtime, name="quits")
+    leftovers = Leftovers()
+    started = time.monotonic()
+    with pytest.raises(kind) as info:
+        runner.run(pipeline)
+    took = time.monotonic() - started
+    leftovers.assert_none()
+    assert took < 5.0, f"the run took {took:.1f} s to end"
+    if kind is SystemExit:
+        assert info.value.args == (3,)
+    assert f"conveyor: stage 'quits' (map) failed on item {BAD}" in info.value.__notes__

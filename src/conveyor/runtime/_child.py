@@ -148,7 +148,15 @@ class _Server:
         # Always tracked: the parent's port may need it, and a result that cannot be
         # pickled is charged to the input that gave it.
         with contextlib.nullcontext() if place is None else place.placing(box):
-            outcome = process_batch(stage, batch, self.call, self.sleep, track=True)
+            try:
+                outcome = process_batch(stage, batch, self.call, self.sleep, track=True)
+            except BaseException as exc:
+                if isinstance(exc, Exception):
+                    raise
+                # The stage's own SystemExit or KeyboardInterrupt: no policy applies (see
+                # policy.py), and rather than this process dying of it, the parent raises
+                # it in its worker loop, as a thread worker would.
+                outcome = BatchOutcome([], counts=[], error=exc)
         busy = perf_counter() - started
         answer = self.reply(stage, batch, outcome, box, source, busy, place)
         del batch, outcome  # the arrays built on the inbox go (unless the stage kept some)

@@ -999,7 +999,10 @@ class _Worker:
             outcome.failures.append(failure)
             outcome.failed_at.append(start + index)
         if answer.error is not None:
-            job.stop(_unpack_error(answer.error), start + answer.processed)
+            error = _unpack_error(answer.error)
+            if not isinstance(error, Exception):  # SystemExit, KeyboardInterrupt: see _child
+                raise error
+            job.stop(error, start + answer.processed)
             return False
         job.start = end
         return True

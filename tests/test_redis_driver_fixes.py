@@ -402,3 +402,32 @@ def test_a_batch_stage_still_sends_its_last_partial_group_after_an_upstream_stra
     backend = RedisBackend(redis_server.url, namespace=namespace, run_id=run_id, local_workers=True)
     groups = pipeline.run(collect=True, backend=backend).outputs or []
     assert sorted(x for group in groups for x in group) == list(range(10))
+
+
+# ---------------------------------------------------------------------- one driver per run
+
+
+def test_a_second_driver_of_a_run_being_driven_is_refused_and_the_first_finishes(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    # The repro: two drivers with the same run_id (two overlapping `conveyor run
+    # --run-id nightly`) both fed the source and shared the final stream: one
+    # failed with "Redis lost writes it had acknowledged" (advice to turn on
+    # fsync), the other waited for ever for outputs the first had taken.
+    n = 500
+    pipeline = cv.Pipeline(range(n)).map(triple, workers=2)
+
+    def backend() -> RedisBackend:
+        return RedisBackend(
+            redis_server.url, namespace=namespace, run_id="nightly", local_workers=True
+        )
+
+    first = backend().iterate(pipeline)
+    seen = [next(first)]  # the first driver holds the run from here on
+    with pytest.raises(cv.BackendError, match=r"run 'nightly' has another driver") as info:
+        list(backend().iterate(pipeline))
+    assert "one driver per run" in str(info.value)
+    seen += list(first)
+    assert sorted(seen) == [3 * x for x in range(n)]
+    # Once the first driver ended, the run id is free again.
+    assert sorted(backend().iterate(pipeline)) == [3 * x for x in range(n)]

@@ -12,6 +12,7 @@ items already fed, and only the outputs not yet delivered come back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -19,7 +20,7 @@ import uuid
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
-from time import perf_counter
+from time import monotonic, perf_counter, sleep
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..backends import Backend
@@ -57,6 +58,7 @@ from .streams import (
     Retrier,
     Scripts,
     connect,
+    consumer_name,
     pipeline_id,
     redact,
 )
@@ -78,6 +80,9 @@ FEED_CHUNK = 100
 """Items added to the first stream per script call."""
 QUIET_SECONDS = 10.0
 """The driver logs a warning when its run's counters stay still this long."""
+DRIVER_LEASE_SECONDS = 5.0
+"""How long a driver's hold on its run lasts unless renewed (three times as often): a
+killed driver's run can be resumed after that long."""
 LOCAL_ABORT_GRACE = 0.2
 """After an aborted run's `ABORT_WAIT`, how long its local workers get once aborted (process
 children terminated) before the threads stuck in user code are left behind."""
@@ -355,7 +360,11 @@ class RedisBackend(Backend):
         last = stages[-1]
         ordered = last.ordered and last.kind != "each"
         run = _DriverRun(self, pipeline, keys, self._info(keys, stages, ordered))
-        run.local_worker = self._start_local_workers(pipeline)
+        try:
+            run.local_worker = self._start_local_workers(pipeline)
+        except BaseException:
+            run.lease.release()
+            raise
         return run
 
     def _finish(
@@ -376,9 +385,12 @@ class RedisBackend(Backend):
                 if report is not None:
                     _write_report(report, result, stats, watcher.timeline, elapsed, error)
         finally:
-            if run.local_worker is not None:
-                self._stop_local_workers(run, run.local_worker, error)
-            self.close()
+            try:
+                if run.local_worker is not None:
+                    self._stop_local_workers(run, run.local_worker, error)
+            finally:
+                run.lease.release()  # a run left in Redis may be resumed at once
+                self.close()
 
     def _stop_local_workers(
         self, run: _DriverRun, worker: Any, error: BaseException | None
@@ -572,6 +584,63 @@ class _Taken(NamedTuple):
     """Id of the last entry read (None: the read returned none)."""
 
 
+class _DriverLease:
+    """This process's hold on a run as its one driver (`Keys.driver`).
+
+    Two drivers of one run would both feed the source and share the final
+    stream's consumer: each would lose outputs to the other. A driver takes
+    the lease before it touches the run, and renews it from a thread of its
+    own (a caller slow to come back for outputs keeps it); a killed driver's
+    lease expires after `DRIVER_LEASE_SECONDS`, so a new driver waits up to
+    that long for it before it says who holds it.
+    """
+
+    def __init__(self, client: Any, scripts: Scripts, retry: Retrier, keys: Keys) -> None:
+        self._client = client
+        self._script = scripts.lease
+        self._retry = retry
+        self._keys = keys
+        self._holder = consumer_name("driver")
+        self._ttl = str(int(DRIVER_LEASE_SECONDS * 1000))
+        self._released = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _call(self, ttl: str) -> int:
+        return int(self._script(keys=[self._keys.driver], args=[self._holder, ttl]))
+
+    def take(self) -> None:
+        """Take the lease, waiting out a dead driver's; `BackendError` if a live one holds it."""
+        deadline = monotonic() + DRIVER_LEASE_SECONDS + 0.5
+        while self._retry(self._call, self._ttl) == 0:
+            if monotonic() >= deadline:
+                other = self._retry(self._client.get, self._keys.driver)
+                holder = other.decode() if isinstance(other, bytes) else other
+                raise BackendError(
+                    f"run {self._keys.run!r} has another driver ({holder}): one driver per "
+                    f"run; wait for that one to end, or give this run another run_id"
+                )
+            sleep(0.1)  # bounded: the holder's lease renewals or expiry are what we wait for
+        self._renewer = threading.Thread(
+            target=self._renew, name="conveyor-redis-driver-lease", daemon=True
+        )
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        while not self._released.wait(DRIVER_LEASE_SECONDS / 3):
+            # Redis away: the driver's own calls retry and say so; the lease is renewed
+            # at the next turn, well within its life.
+            with contextlib.suppress(Exception):
+                self._call(self._ttl)
+
+    def release(self) -> None:
+        """Let go of the lease (idempotent): the run may be driven again at once."""
+        self._released.set()
+        if self._renewer is not None:
+            self._renewer.join(1.0)  # a renewal stuck on an unanswering Redis is left
+        with contextlib.suppress(Exception):  # Redis away: the lease expires by itself
+            self._call("0")
+
+
 class _DriverRun:
     """One run driven from this process: the feeder thread and the final stream's reader."""
 
@@ -585,7 +654,13 @@ class _DriverRun:
         self.client = backend.client()
         self.scripts = Scripts(self.client)
         self.codec = backend.codec
-        self.info, self.source_done = backend._create_or_attach(keys, info, self.retry)
+        self.lease = _DriverLease(self.client, self.scripts, self.retry, keys)
+        self.lease.take()  # before anything of the run is touched
+        try:
+            self.info, self.source_done = backend._create_or_attach(keys, info, self.retry)
+        except BaseException:
+            self.lease.release()
+            raise
         self.n = len(self.stages)
         self.final = keys.stream(self.n)
         self.started = perf_counter()

@@ -117,13 +117,19 @@ class Keys:
         return f"{self.prefix}:lease{index}"
 
     @property
+    def driver(self) -> str:
+        """String: the driver of the run, while it lives (one driver per run)."""
+        return f"{self.prefix}:driver"
+
+    @property
     def done(self) -> str:
         """Bitmap: bit ``r`` set when source item ``r`` is through (unordered runs)."""
         return f"{self.prefix}:done"
 
     def all(self, stages: int) -> list[str]:
         """Every key of the run (not the shared ``runs`` set)."""
-        keys = [self.meta, self.counters, self.failures, self.done, self.stream(stages)]
+        keys = [self.meta, self.counters, self.failures, self.done, self.driver]
+        keys.append(self.stream(stages))
         keys.append(self.dead(stages))  # final-stream entries the run did not make
         for i in range(stages):
             keys += [self.stream(i), self.errors(i), self.dead(i), self.lease(i)]

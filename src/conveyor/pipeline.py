@@ -8,6 +8,7 @@ can be iterated again). Running it creates a `conveyor.engine.Run`.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import (
     AsyncGenerator,
@@ -38,6 +39,7 @@ from .stage import (
     RuntimeName,
     Stage,
     check_runtime,
+    gathered,
     is_coroutine_function,
 )
 from .validate import (
@@ -327,9 +329,13 @@ class Pipeline(Generic[T]):
 
         The iterable is read whole before its elements go on, so an item
         that fails halfway (and is retried) never sends duplicates.
+        With ``runtime="async"``, ``fn`` is a coroutine function returning an
+        iterable, or an async generator function (``async def`` with
+        ``yield``), whose elements are gathered the same way.
         Options: `StageOptions`, as for `map`.
         """
-        return self._stage("flat_map", fn, options, _STAGE_KEYS)
+        stage_fn: Callable[[T], object] = gathered(fn) if inspect.isasyncgenfunction(fn) else fn
+        return self._stage("flat_map", stage_fn, options, _STAGE_KEYS)
 
     def each(self, fn: Callable[[T], object], **options: Unpack[StageOptions]) -> Pipeline[None]:
         """Call ``fn`` on every item for its side effects (the sink); nothing goes on.
@@ -924,6 +930,11 @@ def _check_combination(stage: Stage, method: str) -> None:
 
 def _check_runtime_fits(stage: Stage) -> None:
     """A coroutine function needs the async runtime, and the async runtime one."""
+    if inspect.isasyncgenfunction(stage.fn):  # flat_map gathers one (see Pipeline.flat_map)
+        raise ConfigurationError(
+            f"{stage.kind}() stage {stage.name!r}: 'fn' is an async generator function; "
+            f"only flat_map takes one (with runtime='async'), to send on what it yields"
+        )
     if stage.is_async_fn and stage.runtime != "async":
         raise ConfigurationError(
             f"{stage.kind}() stage {stage.name!r}: 'fn' is a coroutine function; "

@@ -201,6 +201,41 @@ def test_run_writes_the_html_report(project: Path) -> None:
     assert html.count("<svg") == 3 and "parse" in html
 
 
+def test_a_report_path_that_cannot_be_written_is_a_usage_error_before_the_run(
+    project: Path,
+) -> None:
+    # The repro: the whole run went on, then "the run failed: PermissionError"
+    # with a traceback, for a report it could never write.
+    result = conveyor("run", "pipes:pipeline", "--report", "/sys/run.html", cwd=project)
+    assert result.returncode == EXIT_USAGE
+    assert "Invalid value for '--report'" in result.stderr
+    assert "/sys/run.html cannot be written" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--json"], []])
+def test_output_that_cannot_be_written_is_one_line_not_a_traceback(
+    project: Path, args: list[str]
+) -> None:
+    # The repro: `conveyor run ... > /dev/full` ended with click's echo raising
+    # OSError: [Errno 28] No space left on device, as a raw traceback.
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "conveyor", "run", "pipes:pipeline", "--no-progress", *args],
+            cwd=project,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == EXIT_PIPELINE_ERROR
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "conveyor: cannot write the output: [Errno 28] No space left on device"
+    )
+
+
 def test_a_failing_pipeline_exits_1_with_the_traceback_and_the_stage(project: Path) -> None:
     result = conveyor("run", "pipes:failing", cwd=project)
     assert result.returncode == EXIT_PIPELINE_ERROR

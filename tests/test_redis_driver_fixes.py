@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -431,3 +432,50 @@ def test_a_second_driver_of_a_run_being_driven_is_refused_and_the_first_finishes
     assert sorted(seen) == [3 * x for x in range(n)]
     # Once the first driver ended, the run id is free again.
     assert sorted(backend().iterate(pipeline)) == [3 * x for x in range(n)]
+
+
+# ---------------------------------------------------------------------- stopping
+
+
+def test_stop_after_the_driver_saw_the_run_in_progress_is_prompt_with_the_source_stuck(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    # The repro: start(backend=...).stop() took 10 s (join(10) raised TimeoutError)
+    # when the source was stuck and the driver had read the run's counters once
+    # before: it kept them (to tell that nothing moved) where it keeps those of a
+    # complete run, so the stopped run ended as a complete one does, waiting 10 s
+    # for a feeder that waited for the source.
+    first_delivered = threading.Event()
+    stuck = threading.Event()
+    release = threading.Event()
+
+    def source() -> Any:
+        yield 0
+        first_delivered.wait(WAIT)  # the outputs come in two reads: the driver looped
+        yield from range(1, 10)
+        stuck.set()
+        release.wait(WAIT)
+        yield from range(10, 20)
+
+    pipeline = cv.Pipeline(source()).map(triple)
+    keys = _keys(pipeline, namespace, "stuck-source")
+    backend = RedisBackend(
+        redis_server.url, namespace=namespace, run_id="stuck-source", local_workers=True
+    )
+    handle = pipeline.start(backend=backend, collect=True)
+    try:
+        wait_until(lambda: _counters(redis_server.url, keys).get("delivered", 0) >= 1, "0 out")
+        first_delivered.set()
+        assert stuck.wait(WAIT), "the source never got stuck"
+        # Output 0 was acknowledged, the driver looped and read outputs 1 to 9 after it.
+        wait_until(lambda: _counters(redis_server.url, keys).get("delivered", 0) >= 10, "9 out")
+        stopping = time.monotonic()
+        handle.stop()
+        result = handle.join(WAIT)
+        took = time.monotonic() - stopping
+    finally:
+        release.set()
+        handle.stop()
+    assert took < 1.0, f"stop() took {took:.2f} s"
+    assert result.stopped
+    assert result.outputs == [3 * x for x in range(10)]

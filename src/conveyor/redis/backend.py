@@ -667,6 +667,9 @@ class _DriverRun:
         self.finished: float | None = None
         self.items_out = 0
         self.state: RunState | None = None
+        """The counters of the run once complete; None while it goes on, or when it
+        ended early (stopped, failed, left)."""
+        self._seen: RunState | None = None  # the counters `_watch` read last
         self._failures: list[Failure] = []
         self._moved = perf_counter()
         self._warned = False
@@ -973,8 +976,8 @@ class _DriverRun:
     def _watch(self, state: RunState) -> None:
         """Say so, once per quiet spell, when nothing moves: usually, no worker is running."""
         now = perf_counter()
-        if state != self.state:
-            self.state, self._moved, self._warned = state, now, False
+        if state != self._seen:
+            self._seen, self._moved, self._warned = state, now, False
             return
         if now - self._moved < QUIET_SECONDS or self._warned:
             return

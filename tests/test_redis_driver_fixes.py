@@ -17,6 +17,7 @@ import conveyor as cv
 import conveyor.errors
 import conveyor.redis
 import conveyor.redis.backend
+import conveyor.redis.codec
 from conveyor.redis import RedisBackend
 from conveyor.redis.streams import DRIVER_GROUP, Keys, Scripts, pipeline_id
 from redis_helpers import TESTS, WAIT, new_namespace, three_stages, triple, wait_until
@@ -479,3 +480,23 @@ def test_stop_after_the_driver_saw_the_run_in_progress_is_prompt_with_the_source
     assert took < 1.0, f"stop() took {took:.2f} s"
     assert result.stopped
     assert result.outputs == [3 * x for x in range(10)]
+
+
+# ---------------------------------------------------------------------- items too big for Redis
+
+
+def test_an_item_over_the_largest_value_redis_takes_is_a_serialization_error_at_once(
+    redis_server: RedisServer, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The repro: an item of 513 MiB (Redis takes values up to 512 MiB) made Redis
+    # close the connection; the driver took it for an outage, sent it again and
+    # again, warned "no worker serves 'len'" and failed after unavailable_timeout
+    # with BackendUnavailable "cannot reach Redis", which was up all along. The
+    # limit is lowered here so that the test moves kilobytes, not half a gigabyte.
+    monkeypatch.setattr(conveyor.redis.codec, "MAX_ENTRY_BYTES", 4096)
+    backend = RedisBackend(redis_server.url, namespace=namespace, local_workers=True)
+    started = time.monotonic()
+    with pytest.raises(cv.SerializationError, match=r"5\d{3} bytes.*over the 4096 bytes") as info:
+        cv.Pipeline([b"small", b"x" * 5000]).map(len).run(backend=backend)
+    assert time.monotonic() - started < 5.0
+    assert "proto-max-bulk-len" in str(info.value)

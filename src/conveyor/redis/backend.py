@@ -992,7 +992,8 @@ class _DriverRun:
             self.keys.run,
             now - self._moved,
             f"; no worker serves {', '.join(map(repr, idle))}: start "
-            f"`conveyor worker MODULE:ATTR --redis URL`"
+            f"`conveyor worker MODULE:ATTR --redis URL` with this version of the pipeline "
+            f"(workers of a version whose stages differ serve other runs)"
             if idle
             else " (stages slower than that, or workers stuck)",
         )

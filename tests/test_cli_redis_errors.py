@@ -317,9 +317,14 @@ BAD_OPTIONS = [
     (["run", "../app:pipeline"], "MODULE:ATTR"),
     (["status", ".app:pipeline", "--redis", "redis://h"], "MODULE:ATTR"),
     # A stage the pipeline does not have: --workers was ignored (the worker served on
-    # with its own count), --stage exited with 1 as if the pipeline had failed.
-    (["worker", "app:pipeline", "--redis", "redis://h", "--workers", "incc=2"], "'workers'"),
-    (["worker", "app:pipeline", "--redis", "redis://h", "--stage", "incc"], "'stages'"),
+    # with its own count), --stage exited with 1 as if the pipeline had failed; then
+    # both were named as the Python parameters ("Worker 'stages': ...").
+    (["worker", "app:pipeline", "--redis", "redis://h", "--workers", "incc=2"], "'--workers'"),
+    (["worker", "app:pipeline", "--redis", "redis://h", "--stage", "incc"], "'--stage'"),
+    (
+        ["worker", "app:pipeline", "--redis", "redis://h", "--stage", "inc", "--workers", "x=2"],
+        "'--workers'",
+    ),
     # With no run in Redis a misspelt stage found no dead letters without a word; with
     # runs, it exited 1 as if the pipeline had failed.
     (["dlq", "list", "app:pipeline", "--redis", "redis://h", "--stage", "incc"], "--stage"),

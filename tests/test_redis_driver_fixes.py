@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import subprocess
 import sys
@@ -500,3 +501,55 @@ def test_an_item_over_the_largest_value_redis_takes_is_a_serialization_error_at_
         cv.Pipeline([b"small", b"x" * 5000]).map(len).run(backend=backend)
     assert time.monotonic() - started < 5.0
     assert "proto-max-bulk-len" in str(info.value)
+
+
+# ---------------------------------------------------------------------- long-lived runs
+
+
+def test_a_long_lived_run_is_refused_with_local_workers_that_would_never_serve_it(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    # The repro: open() with local_workers=True started none, so results() returned []
+    # for ever without a word.
+    backend = RedisBackend(redis_server.url, namespace=namespace, local_workers=True)
+    pipeline = cv.Pipeline([]).map(triple)
+    with pytest.raises(cv.ConfigurationError, match=r"'local_workers'.*conveyor worker"):
+        backend.open(pipeline)
+    with pytest.raises(cv.ConfigurationError, match="'local_workers'"):
+        backend.submit(pipeline, [1, 2])
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"count": 0}, cv.ConfigurationError, r"results\(\) 'count' must be an int >= 1, got 0"),
+        ({"count": "10"}, cv.ConfigurationTypeError, r"results\(\) 'count' must be an int"),
+        ({"timeout": -1}, cv.ConfigurationError, r"results\(\) 'timeout'"),
+        ({"timeout": math.nan}, cv.ConfigurationError, r"results\(\) 'timeout'"),
+    ],
+)
+def test_live_results_refuses_a_bad_count_or_timeout_naming_it(
+    redis_server: RedisServer,
+    namespace: str,
+    options: dict[str, Any],
+    error: type[Exception],
+    match: str,
+) -> None:
+    # The repro: count=0 raised redis-py's DataError ("XREADGROUP count must be a
+    # positive integer"); timeout=-1 was taken as 1 ms without a word.
+    live = RedisBackend(redis_server.url, namespace=namespace).open(cv.Pipeline([]).map(triple))
+    with pytest.raises(error, match=match):
+        live.results(**options)
+
+
+def test_a_closed_live_run_refuses_more_items_from_the_same_handle(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    # The repro: submit() after close() went in without a word, after the run had
+    # been told that no more would come.
+    live = RedisBackend(redis_server.url, namespace=namespace).open(cv.Pipeline([]).map(triple))
+    assert live.submit([1, 2]) == 2
+    live.close()
+    with pytest.raises(cv.ShutDown, match=r"submit\(\) on a closed LiveRun"):
+        live.submit([3])
+    assert live.state().fed == 2

@@ -32,6 +32,7 @@ from ..errors import (
     ConfigurationTypeError,
     DeadLettersError,
     RunStateLost,
+    ShutDown,
 )
 from ..metrics import RunResult, StageStats, Timeline
 from ..ordering import TOMBSTONE, Leaf, Tracker
@@ -480,7 +481,19 @@ class RedisBackend(Backend):
         Workers serve it like any run; producers anywhere add items with
         `LiveRun.submit` (or `RedisBackend.submit`), and the outputs are read
         with `LiveRun.results`. Its outputs are not ordered.
+
+        Raises:
+            ConfigurationError: the backend has ``local_workers``, which serve
+                the runs it drives (run, iterate, start, arun), not these.
         """
+        if self.local_workers:
+            raise ConfigurationError(
+                "RedisBackend 'local_workers' serves the runs this backend drives (run, "
+                "iterate, start, arun); a long-lived run of open() or submit() is served by "
+                "`conveyor worker` processes: start them, and use a backend without "
+                "local_workers=True here"
+            )
+        check_str(run_id, "run_id", "RedisBackend.open()")
         stages = _stages(pipeline)
         keys = self.keys(pipeline, run_id)
         retry = Retrier("open", self.unavailable_timeout, url=self.url)
@@ -502,6 +515,7 @@ class LiveRun:
         self._retry = retry
         self._scripts = Scripts(backend.client())
         self._codec = backend.codec
+        self._closed = False
 
     @property
     def run_id(self) -> str:
@@ -509,7 +523,13 @@ class LiveRun:
         return self.keys.run
 
     def submit(self, items: Iterable[Any]) -> int:
-        """Add items to the first stream, waiting while it is over its limit; return the count."""
+        """Add items to the first stream, waiting while it is over its limit; return the count.
+
+        Raises:
+            ShutDown: this handle was closed (it said no more items would come).
+        """
+        if self._closed:
+            raise ShutDown(f"submit() on a closed LiveRun (run {self.run_id!r})")
         n = 0
         iterator = iter(items)
         while True:
@@ -526,6 +546,8 @@ class LiveRun:
 
     def results(self, count: int = 1000, timeout: float = 1.0) -> list[Any]:
         """Up to ``count`` outputs of the last stage, waiting up to ``timeout`` s for the first."""
+        check_int(count, "count", "LiveRun.results()", 1)
+        check_seconds(timeout, "timeout", "LiveRun.results()", optional=False, zero=True)
         client = self._backend.client()
         final = self.keys.stream(len(self.info.stages))
         reply = self._retry(
@@ -549,6 +571,7 @@ class LiveRun:
 
     def close(self) -> None:
         """Mark the source finished: the run completes once what was submitted is through."""
+        self._closed = True
         self._feed(["", "", "1"])
 
     def _feed(self, args: list[Any]) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import RemoteError, RemoteTraceback
 
-__all__ = ["ExceptionRecord", "capture", "rebuild"]
+__all__ = ["ExceptionRecord", "capture", "rebuild", "restore"]
 
 
 @dataclass
@@ -95,6 +95,18 @@ def capture(exc: BaseException, plain: Any = None) -> ExceptionRecord:
     )
 
 
+def restore(cls: type[BaseException], args: Any, attrs: dict[str, Any] | None) -> BaseException:
+    """An exception of ``cls`` with these ``args`` and attributes, made without calling
+    ``__init__``: one that takes other arguments than its ``args`` (``BadRow(row)``
+    whose ``args`` hold a message) would take the message for a row. Pickling an
+    exception calls it (``cls(*args)``); this is the way back that does not."""
+    exc = cls.__new__(cls, *args)  # BaseExceptionGroup.__new__ checks its two arguments
+    exc.args = tuple(args)
+    if attrs:
+        exc.__dict__.update(attrs)
+    return exc
+
+
 def rebuild(record: ExceptionRecord) -> BaseException:
     """The exception of ``record``: its own class if loaded here, else a `RemoteError`."""
     cls = _loaded_class(record.type)
@@ -103,10 +115,7 @@ def rebuild(record: ExceptionRecord) -> BaseException:
         exc = RemoteError(f"{_short_type(record.type)}: {record.message}")
     else:
         try:
-            exc = cls.__new__(cls)
-            exc.args = tuple(record.args)
-            if record.attrs:
-                exc.__dict__.update(record.attrs)
+            exc = restore(cls, record.args, record.attrs)
         except Exception:
             exc = RemoteError(f"{_short_type(record.type)}: {record.message}")
     if record.notes:

@@ -11,6 +11,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,49 @@ def test_skip_records_each_failure_with_its_item_and_the_users_error(
     [stats] = result.stats
     items_out = 0 if kind == "each" else 40
     assert (stats.items_in, stats.items_out, stats.failed, stats.retried) == (42, items_out, 2, 2)
+
+
+@dataclass
+class Row:
+    """A record of the user's, of a class defined beside the stage (sent by value)."""
+
+    n: int
+
+
+class BadRow(Exception):
+    """The user's exception: its ``__init__`` takes a Row, its ``args`` hold the text."""
+
+    def __init__(self, row: Row) -> None:
+        super().__init__(f"bad {row}")
+        self.row = row
+
+
+def reject_bad_row(x: int) -> int:
+    if x == BAD:
+        raise BadRow(Row(x))
+    return x
+
+
+def test_an_exception_holding_an_object_of_the_users_class_is_recorded_as_itself(
+    runner: Runner,
+) -> None:
+    # The repro (a script's own classes, sent to worker processes by value): the
+    # worker process died of "PicklingError: Can't pickle <class '__main__.Row'>: it's
+    # not the same object" and the item was recorded as WorkerCrashed; and once it
+    # crossed, unpickling called BadRow.__init__ again with its text ("bad bad Row").
+    pipeline = cv.Pipeline(range(10)).map(
+        runner.fn(reject_bad_row), runtime=runner.runtime, on_error="skip", name="rows"
+    )
+    leftovers = Leftovers()
+    result = runner.run(pipeline, collect=True)
+    leftovers.assert_none()
+    assert result.outputs == [x for x in range(10) if x != BAD]
+    [failure] = result.failures
+    assert isinstance(failure.error, BadRow), repr(failure.error)
+    assert str(failure.error) == f"bad Row(n={BAD})"
+    assert failure.attempts == 1
+    if not runner.on_redis:  # msgpack carries plain data: the attribute stays behind
+        assert failure.error.row == Row(BAD)
 
 
 HUNG = 3

@@ -202,6 +202,41 @@ def test_an_exception_holding_an_object_of_the_users_class_is_recorded_as_itself
         assert failure.error.row == Row(BAD)
 
 
+async def fetch_both(x: int) -> int:
+    """Two calls at once in an asyncio.TaskGroup, which raises an ExceptionGroup."""
+    if x != BAD:
+        return x
+
+    async def fails(error: Exception) -> None:
+        await asyncio.sleep(0)
+        raise error
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(fails(Boom("first")))
+        group.create_task(fails(KeyError("second")))
+    return x
+
+
+def test_an_exception_group_is_recorded_as_itself_with_each_of_its_exceptions(
+    runner: Runner,
+) -> None:
+    # The repro: a stage whose asyncio.TaskGroup failed (an ExceptionGroup) was
+    # recorded through Redis as RemoteError('ExceptionGroup: ...'), so `except*`
+    # and `.exceptions` did not work; on one machine it was the group itself.
+    pipeline = cv.Pipeline(range(10)).map(
+        runner.fn(fetch_both), runtime=runner.runtime, on_error="skip", name="both"
+    )
+    result = runner.run(pipeline, collect=True)
+    assert result.outputs == [x for x in range(10) if x != BAD]
+    [failure] = result.failures
+    group = failure.error
+    assert isinstance(group, ExceptionGroup), repr(group)
+    assert group.message == "unhandled errors in a TaskGroup"
+    inner = sorted(group.exceptions, key=lambda e: type(e).__name__)
+    assert [type(e) for e in inner] == [Boom, KeyError]
+    assert [e.args for e in inner] == [("first",), ("second",)]
+
+
 HUNG = 3
 """The item that hangs in the timeout test."""
 HANG_SECONDS = 10.0

@@ -457,6 +457,18 @@ def test_an_async_hook_on_an_async_stage_is_awaited() -> None:
     assert list(pipeline) == [(0, 5), (1, 5)]
 
 
+def test_a_generator_function_given_as_the_source_is_refused_with_a_hint_to_call_it() -> None:
+    # The repro: Pipeline(numbers) for Pipeline(numbers()) said only "got function".
+    def numbers() -> Iterator[int]:
+        yield 1
+
+    hinted = r"got function; call it: Pipeline\(numbers\(\)\)"
+    with pytest.raises(cv.ConfigurationTypeError, match=hinted):
+        cv.Pipeline(numbers)  # type: ignore[arg-type]
+    with pytest.raises(cv.ConfigurationTypeError, match=r"got NoneType$"):
+        cv.Pipeline(None)  # type: ignore[arg-type]
+
+
 def test_with_stage_refuses_an_option_the_stage_does_not_have() -> None:
     p = cv.Pipeline(range(3)).map(abs).batch(2)
     with pytest.raises(TypeError, match=r"with_stage.*'workres'.*did you mean 'workers'"):

@@ -161,10 +161,7 @@ class Pipeline(Generic[T]):
 
     def __init__(self, source: Iterable[T] | AsyncIterable[T]) -> None:
         if not isinstance(source, (Iterable, AsyncIterable)):
-            raise ConfigurationTypeError(
-                f"Pipeline 'source' must be an iterable or async iterable, "
-                f"got {type(source).__name__}"
-            )
+            raise _not_a_source(source)
         self._source: Iterable[Any] | AsyncIterable[Any] = source
         self._stages: tuple[Stage, ...] = ()
         self._runs: list[Run] = []
@@ -784,6 +781,18 @@ def _is_one_shot(source: object) -> bool:
     if isinstance(source, AsyncIterator):
         return source.__aiter__() is source
     return False
+
+
+def _not_a_source(source: object) -> ConfigurationTypeError:
+    # A generator function given for its generator is the likely slip: say to call it.
+    hint = ""
+    if callable(source):
+        name = getattr(source, "__name__", "")
+        hint = f"; call it: Pipeline({name if name.isidentifier() else 'source'}())"
+    return ConfigurationTypeError(
+        f"Pipeline 'source' must be an iterable or async iterable, "
+        f"got {type(source).__name__}{hint}"
+    )
 
 
 def _check_processes_allowed(stages: tuple[Stage, ...], method: str) -> None:

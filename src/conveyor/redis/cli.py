@@ -363,6 +363,8 @@ def worker_command(
             if refused_by_redis(exc):
                 raise  # one line, by _redis_errors
             exit_failed("the worker", exc)
+        except SystemExit as exc:  # a stage's own sys.exit(): said, not a silent exit
+            exit_failed("the worker", exc)
 
 
 # ---------------------------------------------------------------------- run

@@ -51,6 +51,15 @@ def make():
 
 
 failing = cv.Pipeline(range(20)).map(check, name="check")
+
+
+def leave(x):
+    if x == 2:
+        raise SystemExit(3)
+    return x
+
+
+quits = cv.Pipeline(range(5)).map(leave)
 number = 3
 
 
@@ -199,6 +208,17 @@ def test_run_writes_the_html_report(project: Path) -> None:
     assert result.returncode == EXIT_OK, result.stderr
     html = (project / "out.html").read_text(encoding="utf-8")
     assert html.count("<svg") == 3 and "parse" in html
+
+
+def test_a_stage_raising_system_exit_fails_the_run_with_its_traceback_and_one_line(
+    project: Path,
+) -> None:
+    # The repro: `conveyor run` exited with the stage's code (3) without a word.
+    result = conveyor("run", "pipes:quits", "--no-progress", cwd=project)
+    assert result.returncode == EXIT_PIPELINE_ERROR, result.stderr
+    assert "raise SystemExit(3)" in result.stderr
+    assert "stage 'leave' (map) failed on item 2" in result.stderr
+    assert result.stderr.rstrip().endswith("conveyor: the run failed: SystemExit: 3")
 
 
 def test_a_report_path_that_cannot_be_written_is_a_usage_error_before_the_run(

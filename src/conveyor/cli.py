@@ -279,7 +279,7 @@ def run_command(
             ctrl_c.attach(handle)
             try:
                 result = _wait_for(handle)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # SystemExit: a stage's own sys.exit()
                 if ctrl_c.interrupted.is_set():
                     sys.exit(EXIT_INTERRUPTED)
                 _exit_run_failed(exc)

@@ -216,18 +216,18 @@ class RedisBackend(Backend):
             ConfigurationError: ``limit`` is below the size of a ``batch()``
                 stage without ``interval``: its input stream would fill up with
                 the entries the stage holds while it waits for a full group,
-                and the run would stop moving. Or a stage's ``timeout`` is not
-                below ``visibility_timeout``: its entries would be taken over
+                and the run would stop moving. Or a stage's ``timeout`` is
+                longer than ``visibility_timeout``: its entries would be taken over
                 while their calls still run, again on every delivery, until
                 they are dead letters.
         """
         for stage in _stages(pipeline):
-            if stage.timeout is not None and stage.timeout >= self.visibility_timeout:
+            if stage.timeout is not None and stage.timeout > self.visibility_timeout:
                 raise ConfigurationError(
-                    f"stage {stage.name!r} 'timeout' ({stage.timeout} s) is not below "
+                    f"stage {stage.name!r} 'timeout' ({stage.timeout} s) is longer than "
                     f"RedisBackend 'visibility_timeout' ({self.visibility_timeout} s): an "
                     f"entry is taken over by another worker after the visibility timeout, "
-                    f"while its call may still run. Give visibility_timeout > timeout"
+                    f"while its call may still run. Give visibility_timeout >= timeout"
                 )
         if self.limit is None:
             return

@@ -456,6 +456,29 @@ def test_a_stall_names_the_worker_its_item_how_long_and_its_stack(
     assert "'stuck' input" in text
 
 
+def test_a_stall_in_a_process_stage_says_process_stage_once(
+    warnings_caught: WarningCatcher, tmp_path: Path
+) -> None:
+    # The repro: "  stage process stage 'stuck' (map), worker conveyor-stuck-0-lane1: ...".
+    release = tmp_path / "release"
+
+    def stuck_until_released(x: int) -> int:
+        if x == 3:
+            deadline = time.monotonic() + 30.0
+            while not release.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)  # bounded polling: nothing else reaches another process
+        return x
+
+    p = cv.Pipeline(range(10)).map(stuck_until_released, runtime="process", name="stuck")
+    with p.start(stall_timeout=0.2) as handle:
+        must_wait(warnings_caught.first)
+        release.touch()
+        handle.join(30)
+    text = warnings_caught.records[0].getMessage()
+    assert re.search(r"\n  process stage 'stuck' \(map\), worker conveyor-stuck-0", text), text
+    assert "stage process stage" not in text
+
+
 def test_a_stall_in_the_source_shows_the_sources_stack(
     warnings_caught: WarningCatcher,
 ) -> None:

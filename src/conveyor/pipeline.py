@@ -8,6 +8,7 @@ can be iterated again). Running it creates a `conveyor.engine.Run`.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import (
     AsyncGenerator,
@@ -38,6 +39,8 @@ from .stage import (
     RuntimeName,
     Stage,
     check_runtime,
+    gathered,
+    is_coroutine_function,
 )
 from .validate import (
     MAX_TASKS,
@@ -158,10 +161,7 @@ class Pipeline(Generic[T]):
 
     def __init__(self, source: Iterable[T] | AsyncIterable[T]) -> None:
         if not isinstance(source, (Iterable, AsyncIterable)):
-            raise ConfigurationTypeError(
-                f"Pipeline 'source' must be an iterable or async iterable, "
-                f"got {type(source).__name__}"
-            )
+            raise _not_a_source(source)
         self._source: Iterable[Any] | AsyncIterable[Any] = source
         self._stages: tuple[Stage, ...] = ()
         self._runs: list[Run] = []
@@ -326,9 +326,13 @@ class Pipeline(Generic[T]):
 
         The iterable is read whole before its elements go on, so an item
         that fails halfway (and is retried) never sends duplicates.
+        With ``runtime="async"``, ``fn`` is a coroutine function returning an
+        iterable, or an async generator function (``async def`` with
+        ``yield``), whose elements are gathered the same way.
         Options: `StageOptions`, as for `map`.
         """
-        return self._stage("flat_map", fn, options, _STAGE_KEYS)
+        stage_fn: Callable[[T], object] = gathered(fn) if inspect.isasyncgenfunction(fn) else fn
+        return self._stage("flat_map", stage_fn, options, _STAGE_KEYS)
 
     def each(self, fn: Callable[[T], object], **options: Unpack[StageOptions]) -> Pipeline[None]:
         """Call ``fn`` on every item for its side effects (the sink); nothing goes on.
@@ -785,6 +789,18 @@ def _is_one_shot(source: object) -> bool:
     return False
 
 
+def _not_a_source(source: object) -> ConfigurationTypeError:
+    # A generator function given for its generator is the likely slip: say to call it.
+    hint = ""
+    if callable(source):
+        name = getattr(source, "__name__", "")
+        hint = f"; call it: Pipeline({name if name.isidentifier() else 'source'}())"
+    return ConfigurationTypeError(
+        f"Pipeline 'source' must be an iterable or async iterable, "
+        f"got {type(source).__name__}{hint}"
+    )
+
+
 def _check_processes_allowed(stages: tuple[Stage, ...], method: str) -> None:
     """Refuse process stages in a daemonic process (a process stage's worker):
     multiprocessing forbids it children, and would say so with a bare AssertionError."""
@@ -929,6 +945,11 @@ def _check_combination(stage: Stage, method: str) -> None:
 
 def _check_runtime_fits(stage: Stage) -> None:
     """A coroutine function needs the async runtime, and the async runtime one."""
+    if inspect.isasyncgenfunction(stage.fn):  # flat_map gathers one (see Pipeline.flat_map)
+        raise ConfigurationError(
+            f"{stage.kind}() stage {stage.name!r}: 'fn' is an async generator function; "
+            f"only flat_map takes one (with runtime='async'), to send on what it yields"
+        )
     if stage.is_async_fn and stage.runtime != "async":
         raise ConfigurationError(
             f"{stage.kind}() stage {stage.name!r}: 'fn' is a coroutine function; "
@@ -939,6 +960,16 @@ def _check_runtime_fits(stage: Stage) -> None:
             f"{stage.kind}() stage {stage.name!r}: 'runtime'='async' needs a coroutine function "
             f"(async def), got {getattr(stage.fn, '__name__', stage.fn)!r}"
         )
+    if stage.runtime == "async":
+        return
+    # Only the async runtime awaits a hook: elsewhere its coroutine would be the state.
+    for hook, fn in (("on_start", stage.on_start), ("on_stop", stage.on_stop)):
+        if fn is not None and is_coroutine_function(fn):
+            raise ConfigurationError(
+                f"{stage.kind}() stage {stage.name!r}: {hook!r} is a coroutine function, "
+                f"which only runtime='async' awaits; give a plain function with "
+                f"'runtime'={stage.runtime!r}"
+            )
 
 
 def _check_watch(

@@ -12,6 +12,7 @@ items already fed, and only the outputs not yet delivered come back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -19,7 +20,7 @@ import uuid
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
-from time import perf_counter
+from time import monotonic, perf_counter, sleep
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..backends import Backend
@@ -32,6 +33,7 @@ from ..errors import (
     ConfigurationTypeError,
     DeadLettersError,
     RunStateLost,
+    ShutDown,
 )
 from ..metrics import RunResult, StageStats, Timeline
 from ..ordering import TOMBSTONE, Leaf, Tracker
@@ -59,6 +61,7 @@ from .streams import (
     Retrier,
     Scripts,
     connect,
+    consumer_name,
     pipeline_id,
     redact,
 )
@@ -80,6 +83,9 @@ FEED_CHUNK = 100
 """Items added to the first stream per script call."""
 QUIET_SECONDS = 10.0
 """The driver logs a warning when its run's counters stay still this long."""
+DRIVER_LEASE_SECONDS = 5.0
+"""How long a driver's hold on its run lasts unless renewed (three times as often): a
+killed driver's run can be resumed after that long."""
 LOCAL_ABORT_GRACE = 0.2
 """After an aborted run's `ABORT_WAIT`, how long its local workers get once aborted (process
 children terminated) before the threads stuck in user code are left behind."""
@@ -214,8 +220,19 @@ class RedisBackend(Backend):
             ConfigurationError: ``limit`` is below the size of a ``batch()``
                 stage without ``interval``: its input stream would fill up with
                 the entries the stage holds while it waits for a full group,
-                and the run would stop moving.
+                and the run would stop moving. Or a stage's ``timeout`` is
+                longer than ``visibility_timeout``: its entries would be taken over
+                while their calls still run, again on every delivery, until
+                they are dead letters.
         """
+        for stage in _stages(pipeline):
+            if stage.timeout is not None and stage.timeout > self.visibility_timeout:
+                raise ConfigurationError(
+                    f"stage {stage.name!r} 'timeout' ({stage.timeout} s) is longer than "
+                    f"RedisBackend 'visibility_timeout' ({self.visibility_timeout} s): an "
+                    f"entry is taken over by another worker after the visibility timeout, "
+                    f"while its call may still run. Give visibility_timeout >= timeout"
+                )
         if self.limit is None:
             return
         for stage in _stages(pipeline):
@@ -374,7 +391,11 @@ class RedisBackend(Backend):
         ordered = last.ordered and last.kind != "each"
         info = self._info(keys, stages, ordered, max_bytes=max_bytes)
         run = _DriverRun(self, pipeline, keys, info)
-        run.local_worker = self._start_local_workers(pipeline)
+        try:
+            run.local_worker = self._start_local_workers(pipeline)
+        except BaseException:
+            run.lease.release()
+            raise
         return run
 
     def _finish(
@@ -395,9 +416,12 @@ class RedisBackend(Backend):
                 if report is not None:
                     _write_report(report, result, stats, watcher.timeline, elapsed, error)
         finally:
-            if run.local_worker is not None:
-                self._stop_local_workers(run, run.local_worker, error)
-            self.close()
+            try:
+                if run.local_worker is not None:
+                    self._stop_local_workers(run, run.local_worker, error)
+            finally:
+                run.lease.release()  # a run left in Redis may be resumed at once
+                self.close()
 
     def _stop_local_workers(
         self, run: _DriverRun, worker: Any, error: BaseException | None
@@ -491,7 +515,19 @@ class RedisBackend(Backend):
         Workers serve it like any run; producers anywhere add items with
         `LiveRun.submit` (or `RedisBackend.submit`), and the outputs are read
         with `LiveRun.results`. Its outputs are not ordered.
+
+        Raises:
+            ConfigurationError: the backend has ``local_workers``, which serve
+                the runs it drives (run, iterate, start, arun), not these.
         """
+        if self.local_workers:
+            raise ConfigurationError(
+                "RedisBackend 'local_workers' serves the runs this backend drives (run, "
+                "iterate, start, arun); a long-lived run of open() or submit() is served by "
+                "`conveyor worker` processes: start them, and use a backend without "
+                "local_workers=True here"
+            )
+        check_str(run_id, "run_id", "RedisBackend.open()")
         stages = _stages(pipeline)
         keys = self.keys(pipeline, run_id)
         retry = Retrier("open", self.unavailable_timeout, url=self.url)
@@ -513,6 +549,7 @@ class LiveRun:
         self._retry = retry
         self._scripts = Scripts(backend.client())
         self._codec = backend.codec
+        self._closed = False
 
     @property
     def run_id(self) -> str:
@@ -520,7 +557,13 @@ class LiveRun:
         return self.keys.run
 
     def submit(self, items: Iterable[Any]) -> int:
-        """Add items to the first stream, waiting while it is over its limit; return the count."""
+        """Add items to the first stream, waiting while it is over its limit; return the count.
+
+        Raises:
+            ShutDown: this handle was closed (it said no more items would come).
+        """
+        if self._closed:
+            raise ShutDown(f"submit() on a closed LiveRun (run {self.run_id!r})")
         n = 0
         iterator = iter(items)
         while True:
@@ -537,6 +580,8 @@ class LiveRun:
 
     def results(self, count: int = 1000, timeout: float = 1.0) -> list[Any]:
         """Up to ``count`` outputs of the last stage, waiting up to ``timeout`` s for the first."""
+        check_int(count, "count", "LiveRun.results()", 1)
+        check_seconds(timeout, "timeout", "LiveRun.results()", optional=False, zero=True)
         client = self._backend.client()
         final = self.keys.stream(len(self.info.stages))
         reply = self._retry(
@@ -560,6 +605,7 @@ class LiveRun:
 
     def close(self) -> None:
         """Mark the source finished: the run completes once what was submitted is through."""
+        self._closed = True
         self._feed(["", "", "1"])
 
     def _feed(self, args: list[Any]) -> None:
@@ -595,6 +641,63 @@ class _Taken(NamedTuple):
     """Id of the last entry read (None: the read returned none)."""
 
 
+class _DriverLease:
+    """This process's hold on a run as its one driver (`Keys.driver`).
+
+    Two drivers of one run would both feed the source and share the final
+    stream's consumer: each would lose outputs to the other. A driver takes
+    the lease before it touches the run, and renews it from a thread of its
+    own (a caller slow to come back for outputs keeps it); a killed driver's
+    lease expires after `DRIVER_LEASE_SECONDS`, so a new driver waits up to
+    that long for it before it says who holds it.
+    """
+
+    def __init__(self, client: Any, scripts: Scripts, retry: Retrier, keys: Keys) -> None:
+        self._client = client
+        self._script = scripts.lease
+        self._retry = retry
+        self._keys = keys
+        self._holder = consumer_name("driver")
+        self._ttl = str(int(DRIVER_LEASE_SECONDS * 1000))
+        self._released = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _call(self, ttl: str) -> int:
+        return int(self._script(keys=[self._keys.driver], args=[self._holder, ttl]))
+
+    def take(self) -> None:
+        """Take the lease, waiting out a dead driver's; `BackendError` if a live one holds it."""
+        deadline = monotonic() + DRIVER_LEASE_SECONDS + 0.5
+        while self._retry(self._call, self._ttl) == 0:
+            if monotonic() >= deadline:
+                other = self._retry(self._client.get, self._keys.driver)
+                holder = other.decode() if isinstance(other, bytes) else other
+                raise BackendError(
+                    f"run {self._keys.run!r} has another driver ({holder}): one driver per "
+                    f"run; wait for that one to end, or give this run another run_id"
+                )
+            sleep(0.1)  # bounded: the holder's lease renewals or expiry are what we wait for
+        self._renewer = threading.Thread(
+            target=self._renew, name="conveyor-redis-driver-lease", daemon=True
+        )
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        while not self._released.wait(DRIVER_LEASE_SECONDS / 3):
+            # Redis away: the driver's own calls retry and say so; the lease is renewed
+            # at the next turn, well within its life.
+            with contextlib.suppress(Exception):
+                self._call(self._ttl)
+
+    def release(self) -> None:
+        """Let go of the lease (idempotent): the run may be driven again at once."""
+        self._released.set()
+        if self._renewer is not None:
+            self._renewer.join(1.0)  # a renewal stuck on an unanswering Redis is left
+        with contextlib.suppress(Exception):  # Redis away: the lease expires by itself
+            self._call("0")
+
+
 class _DriverRun:
     """One run driven from this process: the feeder thread and the final stream's reader."""
 
@@ -608,13 +711,22 @@ class _DriverRun:
         self.client = backend.client()
         self.scripts = Scripts(self.client)
         self.codec = backend.codec
-        self.info, self.source_done = backend._create_or_attach(keys, info, self.retry)
+        self.lease = _DriverLease(self.client, self.scripts, self.retry, keys)
+        self.lease.take()  # before anything of the run is touched
+        try:
+            self.info, self.source_done = backend._create_or_attach(keys, info, self.retry)
+        except BaseException:
+            self.lease.release()
+            raise
         self.n = len(self.stages)
         self.final = keys.stream(self.n)
         self.started = perf_counter()
         self.finished: float | None = None
         self.items_out = 0
         self.state: RunState | None = None
+        """The counters of the run once complete; None while it goes on, or when it
+        ended early (stopped, failed, left)."""
+        self._seen: RunState | None = None  # the counters `_watch` read last
         self._failures: list[Failure] = []
         self._moved = perf_counter()
         self._warned = False
@@ -951,8 +1063,8 @@ class _DriverRun:
     def _watch(self, state: RunState) -> None:
         """Say so, once per quiet spell, when nothing moves: usually, no worker is running."""
         now = perf_counter()
-        if state != self.state:
-            self.state, self._moved, self._warned = state, now, False
+        if state != self._seen:
+            self._seen, self._moved, self._warned = state, now, False
             return
         if now - self._moved < QUIET_SECONDS or self._warned:
             return
@@ -967,7 +1079,8 @@ class _DriverRun:
             self.keys.run,
             now - self._moved,
             f"; no worker serves {', '.join(map(repr, idle))}: start "
-            f"`conveyor worker MODULE:ATTR --redis URL`"
+            f"`conveyor worker MODULE:ATTR --redis URL` with this version of the pipeline "
+            f"(workers of a version whose stages differ serve other runs)"
             if idle
             else " (stages slower than that, or workers stuck)",
         )

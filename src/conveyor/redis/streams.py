@@ -53,13 +53,21 @@ sitting idle while its producer sleeps."""
 
 
 def pipeline_id(stages: Sequence[Any]) -> str:
-    """A short, stable name for a pipeline's shape: its stages' kinds and names.
+    """A short, stable name for a pipeline's shape: its stages' kinds and names, and
+    the settings that change what comes out of them.
 
     The driver and every worker compute it from the same pipeline definition,
-    so they meet on the same keys without being told; a changed pipeline
-    (a stage added or renamed) gets other keys.
+    so they meet on the same keys without being told; a changed pipeline (a
+    stage added or renamed, another batch size, ordering, ``retries``,
+    ``timeout`` or ``on_error``) gets other keys, so a worker still running the
+    old version never serves the new one's runs. Workers, capacity and runtime
+    only change how fast it goes: each worker may set its own.
     """
-    shape = "|".join(f"{s.kind}:{s.name}" for s in stages)
+    shape = "|".join(
+        f"{s.kind}:{s.name}:{s.batch_size}:{s.interval}:{s.ordered}:{s.retries}:"
+        f"{s.timeout}:{s.on_error}"
+        for s in stages
+    )
     return hashlib.sha1(shape.encode(), usedforsecurity=False).hexdigest()[:10]
 
 
@@ -117,13 +125,19 @@ class Keys:
         return f"{self.prefix}:lease{index}"
 
     @property
+    def driver(self) -> str:
+        """String: the driver of the run, while it lives (one driver per run)."""
+        return f"{self.prefix}:driver"
+
+    @property
     def done(self) -> str:
         """Bitmap: bit ``r`` set when source item ``r`` is through (unordered runs)."""
         return f"{self.prefix}:done"
 
     def all(self, stages: int) -> list[str]:
         """Every key of the run (not the shared ``runs`` set)."""
-        keys = [self.meta, self.counters, self.failures, self.done, self.stream(stages)]
+        keys = [self.meta, self.counters, self.failures, self.done, self.driver]
+        keys.append(self.stream(stages))
         keys.append(self.dead(stages))  # final-stream entries the run did not make
         for i in range(stages):
             keys += [self.stream(i), self.errors(i), self.dead(i), self.lease(i)]

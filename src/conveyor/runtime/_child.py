@@ -34,7 +34,7 @@ import cloudpickle
 
 from ..errors import SerializationError
 from ..policy import BatchOutcome, apply_one, give_up, process_batch
-from ..remote import ExceptionRecord, capture
+from ..remote import ExceptionRecord, capture, restore
 from ..stage import Stage, set_worker_state
 from ._allocator import Placer, placer
 from ._wire import (
@@ -64,24 +64,31 @@ from ._wire import (
 )
 
 _PackedError = tuple[bytes | None, ExceptionRecord]
-"""An exception on its way to the parent: pickled when it survives a round trip, and
-its record (see `conveyor.remote`), from which the parent rebuilds it otherwise."""
+"""An exception on its way to the parent: its class, ``args`` and attributes pickled
+(`restore` makes it again there) when they survive a round trip, and its record (see
+`conveyor.remote`), from which the parent rebuilds it otherwise."""
 
 
 def _pack_error(exc: BaseException) -> _PackedError:
     """An exception ready to cross (see `_PackedError`)."""
     blob: bytes | None
     try:
-        blob = cloudpickle.dumps(exc, 5)
-        pickle.loads(blob)  # an exception with a custom __init__ may not unpickle
+        # Not the exception itself: unpickling it would call its __init__ with its args.
+        blob = cloudpickle.dumps((type(exc), exc.args, vars(exc)), 5)
+        restore(*pickle.loads(blob))
     except Exception:
         blob = None
     return blob, capture(exc, _round_trip)
 
 
 def _round_trip(value: Any) -> None:
-    """Raise unless ``value`` can be pickled and unpickled (args and attributes kept)."""
-    pickle.loads(cloudpickle.dumps(value, 5))
+    """Raise unless ``value`` can be pickled and unpickled (args and attributes kept).
+
+    With plain pickle, as the record travels in the answer (`_wire._pack`): an
+    object of a class cloudpickle sent by value (one of the main script's) passes a
+    cloudpickle round trip, and then made that answer, and the worker, fail.
+    """
+    pickle.loads(pickle.dumps(value, 5))
 
 
 class _Server:
@@ -156,7 +163,15 @@ class _Server:
         # Always tracked: the parent's port may need it, and a result that cannot be
         # pickled is charged to the input that gave it.
         with contextlib.nullcontext() if place is None else place.placing(box):
-            outcome = process_batch(stage, batch, self.call, self.sleep, track=True)
+            try:
+                outcome = process_batch(stage, batch, self.call, self.sleep, track=True)
+            except BaseException as exc:
+                if isinstance(exc, Exception):
+                    raise
+                # The stage's own SystemExit or KeyboardInterrupt: no policy applies (see
+                # policy.py), and rather than this process dying of it, the parent raises
+                # it in its worker loop, as a thread worker would.
+                outcome = BatchOutcome([], counts=[], error=exc)
         busy = perf_counter() - started
         answer = self.reply(stage, batch, outcome, box, source, busy, place, received)
         del batch, outcome  # the arrays built on the inbox go (unless the stage kept some)

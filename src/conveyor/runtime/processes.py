@@ -172,7 +172,7 @@ from ..errors import (
     WorkerCrashed,
 )
 from ..policy import BatchOutcome, add_note, add_stage_note, give_up, item_repr, retry_delay
-from ..remote import rebuild
+from ..remote import rebuild, restore
 from ..stage import Failure, Stage
 from ._child import _child_main, _PackedError, _stage_blob
 from ._spare import SPARES
@@ -302,18 +302,19 @@ def _preload_in_forkserver() -> None:
 def _unpack_error(packed: _PackedError) -> BaseException:
     """The exception a worker sent, as itself, with its traceback text as ``__cause__``.
 
-    Unpickled when it survived a round trip in the worker; else rebuilt from its
-    record without calling ``__init__`` (an exception whose ``__init__`` takes other
-    arguments than its ``args``), or a `RemoteError` when its class is not loaded here.
+    Made again from its class, ``args`` and attributes (`conveyor.remote.restore`,
+    which does not call ``__init__``) when they survived a round trip in the worker;
+    else rebuilt from its record the same way, or a `RemoteError` when its class is
+    not loaded here.
     """
     blob, record = packed
     exc: BaseException | None = None
     if blob is not None:
         try:
-            exc = pickle.loads(blob)
+            exc = restore(*pickle.loads(blob))
         except Exception:
             exc = None
-    if not isinstance(exc, BaseException):
+    if exc is None:
         return rebuild(record)
     exc.__cause__ = RemoteTraceback(record.traceback)
     return exc
@@ -1059,7 +1060,10 @@ class _Worker:
             outcome.failures.append(failure)
             outcome.failed_at.append(start + index)
         if answer.error is not None:
-            job.stop(_unpack_error(answer.error), start + answer.processed)
+            error = _unpack_error(answer.error)
+            if not isinstance(error, Exception):  # SystemExit, KeyboardInterrupt: see _child
+                raise error
+            job.stop(error, start + answer.processed)
             return False
         job.start = end
         return True

@@ -421,6 +421,14 @@ def test_more_workers_than_a_thread_or_process_stage_may_have_is_refused(runtime
         p.with_stage("abs", workers=MAX_WORKERS + 1)
 
 
+def test_zero_workers_on_a_process_stage_names_the_limit_of_its_runtime() -> None:
+    # Repro: "must be an int from 1 to 100000, got 0", where a process stage takes 1024.
+    with pytest.raises(
+        cv.ConfigurationError, match=rf"at most {MAX_WORKERS} unless runtime='async'"
+    ):
+        cv.Pipeline(range(3)).map(abs, workers=0, runtime="process")
+
+
 def test_an_async_stage_may_have_more_workers_than_a_thread_stage() -> None:
     async def double(x: int) -> int:
         return 2 * x

@@ -886,6 +886,13 @@ def _check_at_least(minimum: int, maximum: int | None = None, *, optional: bool 
     return check
 
 
+def _check_workers(value: object, param: str, method: str) -> object:
+    # The per-runtime limit is checked with the runtime (_check_combination); the
+    # message says it from the start, so that workers=0 does not suggest 100000.
+    note = f" (at most {MAX_WORKERS} unless runtime='async')"
+    return check_int(value, param, method, 1, MAX_TASKS, note=note)
+
+
 def _check_stage_name(value: object, param: str, method: str) -> object:
     return check_str(value, param, method, optional=True)
 
@@ -896,8 +903,7 @@ def _check_interval(value: object, param: str, method: str) -> object:
 
 _CHECKS: dict[str, _Check] = {
     # Each raises an error naming the option and the method. One line per option.
-    # The per-runtime limit on workers is checked with the runtime (_check_combination).
-    "workers": _check_at_least(1, MAX_TASKS),
+    "workers": _check_workers,
     "runtime": _check_runtime,
     "capacity": _check_at_least(1),
     "ordered": check_bool,

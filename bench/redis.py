@@ -16,7 +16,9 @@ last output read back.
                (INCR), so no result backend is involved. Celery is ~50x
                slower, so it gets fewer items and rounds (said in the output).
 
-conveyor and hand-written alternate round by round; medians are reported.
+conveyor unordered, hand-written and conveyor ordered alternate round by round;
+medians are reported, and each conveyor variant's ratio to the hand-written loop
+round by round.
 ``--scaling`` also runs conveyor with 1, 2 and 4 worker processes per stage
 and measures redis-server's own CPU time per item, which gives the ceiling
 one Redis puts on a pipeline.
@@ -434,15 +436,21 @@ def main() -> None:
     with redis_server() as (url, pid):
         times: dict[str, list[float]] = {"conveyor": [], "hand-written": [], "ordered": []}
         namespace = "bench"
-        with conveyor_workers(url, namespace, 2):
+        # Both sets of workers serve every round (idle ones wait in a blocking read), so
+        # that the three candidates alternate round by round.
+        with (
+            conveyor_workers(url, namespace, 2),
+            conveyor_workers(url, "bench-ordered", 2, ordered=True),
+        ):
             run_conveyor(url, namespace, 2000)  # warm-up
+            run_conveyor(url, "bench-ordered", 2000, ordered=True)
             for _ in range(args.rounds):
                 times["conveyor"].append(run_conveyor(url, namespace, n))
                 times["hand-written"].append(run_handwritten(url, n, 2))
-            print(f"conveyor rounds: {[round(t, 2) for t in times['conveyor']]}", flush=True)
-        with conveyor_workers(url, "bench-ordered", 2, ordered=True):
-            for _ in range(args.rounds):
                 times["ordered"].append(run_conveyor(url, "bench-ordered", n, ordered=True))
+            for name in ("conveyor", "ordered"):
+                ratios = [h / t for h, t in zip(times["hand-written"], times[name], strict=True)]
+                print(f"{name} / hand-written by round: {[round(r, 2) for r in ratios]}")
         rates = {k: median_rate(n, v) for k, v in times.items() if v}
         celery_rate = None
         if not args.no_celery:
@@ -452,8 +460,9 @@ def main() -> None:
         lines += [
             f"{n:,} small items, 2 trivial stages (x + 1, x * 2), 2 worker processes per "
             f"stage, loopback Redis, end to end; medians of {args.rounds} rounds "
-            f"(conveyor and hand-written alternated; the ordered variant after them, "
-            f"with its own workers). Celery is about 50 times slower, so it "
+            f"(conveyor unordered, hand-written and conveyor ordered alternated round "
+            f"by round, each conveyor variant with its own workers). Celery is about "
+            f"50 times slower, so it "
             f"ran {args.celery_items:,} chains, {args.celery_rounds} rounds.",
             "",
             "| candidate | items/s | vs hand-written | vs Celery |",

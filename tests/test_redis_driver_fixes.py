@@ -98,7 +98,7 @@ def test_the_ack_script_takes_ten_thousand_ids_at_once(
         # Each id with the number of items its entry carries.
         pairs = [x for entry_id in ids for x in (entry_id, 1)]
         acked = Scripts(client).ack(
-            keys=[final, keys.counters, keys.done], args=[DRIVER_GROUP, "", 0, *pairs]
+            keys=[final, keys.counters, keys.done], args=[DRIVER_GROUP, "", 0, "", *pairs]
         )
         assert acked == 10_000
         assert client.hget(keys.counters, "delivered") == b"10000"

@@ -233,3 +233,32 @@ def test_an_item_whose_stage_keeps_failing_inside_a_pack_is_dead_lettered_alone(
     letter = _one_dead_letter(redis_server.url, pipeline, visibility_timeout=0.3, max_deliveries=2)
     assert f"cannot handle {POISONED}".encode() in letter[b"err"]
     assert int(letter[b"n"]) == 3  # delivered max_deliveries times, then once more: dead
+
+
+@pytest.mark.redis
+def test_a_resumed_unordered_run_skips_the_items_its_done_bitmap_holds(
+    redis_server: RedisServer,
+) -> None:
+    # The driver writes the bytes of the done bitmap holding the items it completed
+    # (one SETRANGE per acknowledgement); a resumed driver must find them there.
+    n = 5000
+    pipeline = cv.Pipeline(range(n)).map(_identity, name="same", ordered=False)
+    namespace, run_id = new_namespace(), "resumed"
+    backend = RedisBackend(redis_server.url, namespace=namespace, run_id=run_id, local_workers=True)
+    keys = Keys(namespace, pipeline_id(pipeline.stages), run_id)
+    first: list[int] = []
+    outputs = backend.iterate(pipeline)
+    for x in outputs:
+        first.append(x)
+        if len(first) >= n // 2:
+            break
+    outputs.close()  # leaves the run in Redis, its last chunk unacknowledged
+    with redis.Redis.from_url(redis_server.url) as client:
+        bitmap = client.get(keys.done) or b""
+    done = {r for r in range(len(bitmap) * 8) if bitmap[r >> 3] >> (7 - (r & 7)) & 1}
+    assert done and done <= set(first)
+    rest = pipeline.run(collect=True, backend=backend).outputs
+    assert rest is not None
+    assert not done & set(rest)
+    assert set(first) | set(rest) == set(range(n))
+    assert max(Counter(first + rest).values()) <= 2  # at most one chunk again

@@ -573,6 +573,8 @@ class _Taken(NamedTuple):
     """Id of the last entry read (None: the read returned none)."""
     leaves: list[bytes]
     """Ids of the leaves done with (the tracker forgets them once acknowledged)."""
+    bitmap: tuple[int, bytes] = (0, b"")
+    """Unordered runs: the ``done`` bitmap's bytes that hold ``completed``, and where."""
 
 
 class _DriverRun:
@@ -1003,6 +1005,7 @@ class _DriverRun:
             released.completed,
             entries[-1][0],
             leaves,
+            tracker.done_bytes(released.completed) if released.completed else (0, b""),
         )
 
     def _leaves(self, entry_id: bytes, fields: dict[bytes, bytes]) -> list[Leaf]:
@@ -1223,8 +1226,7 @@ def _ack(scripts: Scripts, retry: Retrier, keys: Keys, final: str, taken: _Taken
         args=[
             DRIVER_GROUP,
             taken.released,
-            len(taken.completed),
-            *taken.completed,
+            *taken.bitmap,
             *(x for pair in taken.ids for x in pair),
         ],
     )

@@ -618,17 +618,18 @@ return moved
 # nothing twice). One XACK per entry: no unpack() of thousands of values, which
 # overflows Lua's stack ("too many results to unpack") when an ordered run whose
 # head item was slow releases thousands of entries at once.
-# An unordered run's driver also marks the roots it completed in the run's
-# ``done`` bitmap, so that a resumed driver knows which items are through.
+# An unordered run's driver also writes the bytes of its ``done`` bitmap that hold
+# the roots it completed (SETRANGE: one command, not a SETBIT per item), so that a
+# resumed driver knows which items are through.
 # KEYS: final, counters, done.  ARGV: group, released root ('' if unordered),
-# number of completed roots k, the k roots, then (id, items carried) pairs.
+# the bitmap's offset in bytes and its bytes ('' for none), then (id, items
+# carried) pairs.
 ACK = (
     LUA_HELPERS
     + """
-local k = tonumber(ARGV[3])
-for j = 4, 3 + k do redis.call('SETBIT', KEYS[3], ARGV[j], 1) end
+if ARGV[4] ~= '' then redis.call('SETRANGE', KEYS[3], ARGV[3], ARGV[4]) end
 local n = 0
-for j = 4 + k, #ARGV, 2 do
+for j = 5, #ARGV, 2 do
   if redis.call('XACK', KEYS[1], ARGV[1], ARGV[j]) == 1 then n = n + tonumber(ARGV[j + 1]) end
 end
 trim(KEYS[1], ARGV[1])

@@ -169,6 +169,18 @@ def ordered_pipeline(n: int = 0) -> cv.Pipeline[int]:
     return cv.Pipeline(range(n)).map(add_one, name="add_one").map(double, name="double")
 
 
+def chain(stages: int, n: int = 0) -> cv.Pipeline[int]:
+    """``stages`` trivial unordered stages (x + 1 each): the Redis core's model."""
+    built = cv.Pipeline(range(n))
+    for k in range(stages):
+        built = built.map(add_one, name=f"s{k}", ordered=False)
+    return built
+
+
+def _serve_chain(url: str, namespace: str, stages: int) -> None:
+    Worker(chain(stages), url, workers=1, namespace=namespace).run_forever()
+
+
 def _serve(url: str, namespace: str, stage: str, ordered: bool) -> None:
     make = ordered_pipeline if ordered else pipeline
     Worker(make(), url, stages=[stage], workers=1, namespace=namespace).run_forever()
@@ -537,6 +549,7 @@ def scaling(url: str, pid: int, n: int) -> list[str]:
         out.append(
             f"| {per_stage} | {n / elapsed:,.0f} | {cpu / n * 1e6:.1f} µs | {cpu / elapsed:.0%} |"
         )
+    out += model(url, pid, n)
     out += [
         "",
         "On this 2-core machine the worker processes, the driver and redis-server share two "
@@ -544,6 +557,55 @@ def scaling(url: str, pid: int, n: int) -> list[str]:
         "so the Python clients' CPU is the limit (see docs/distributed.md for the ceiling one "
         "Redis puts on a pipeline).",
         "",
+    ]
+    return out
+
+
+def model(url: str, pid: int, n: int) -> list[str]:
+    """redis-server's CPU per item with 1, 2 and 4 trivial stages (2 worker processes
+    serving them all), and the fit ``F + S x stages`` that docs/distributed.md uses."""
+    out = [
+        "",
+        "One Redis core's model (conveyor, unordered, 2 worker processes serving every "
+        "stage; redis-server CPU per item, median of 3 runs each):",
+        "",
+        "| trivial stages | items/s | redis-server CPU per item |",
+        "| ---: | ---: | ---: |",
+    ]
+    points = []
+    ctx = multiprocessing.get_context("spawn")
+    for stages in (1, 2, 4):
+        namespace = f"model{stages}"
+        procs = [
+            ctx.Process(target=_serve_chain, args=(url, namespace, stages), daemon=True)
+            for _ in range(2)
+        ]
+        for p in procs:
+            p.start()
+        try:
+            for _ in range(2):  # warm-up: the workers join
+                chain(stages, 2000).run(backend=RedisBackend(url, namespace=namespace))
+            cpus, rates = [], []
+            for _ in range(3):
+                cpu0, t0 = server_cpu(pid), time.perf_counter()
+                result = chain(stages, n).run(backend=RedisBackend(url, namespace=namespace))
+                rates.append(n / (time.perf_counter() - t0))
+                cpus.append((server_cpu(pid) - cpu0) / n * 1e6)
+                assert result.items_out == n, result.items_out
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.join(30)
+        cpu = statistics.median(cpus)
+        points.append((stages, cpu))
+        out.append(f"| {stages} | {statistics.median(rates):,.0f} | {cpu:.1f} µs |")
+    slope, fixed = statistics.linear_regression([s for s, _ in points], [c for _, c in points])
+    out += [
+        "",
+        f"Fit: F + S x stages with F = {fixed:.1f} µs, S = {slope:.1f} µs: one Redis core "
+        f"carries about {1e6 / (fixed + slope):,.0f} / {1e6 / (fixed + 2 * slope):,.0f} / "
+        f"{1e6 / (fixed + 4 * slope):,.0f} items/s for 1 / 2 / 4 trivial stages.",
     ]
     return out
 

@@ -607,6 +607,8 @@ class _DriverRun:
         self._released = threading.Condition()
         self.tracker: Tracker | None = None
         self._parts: dict[bytes, list[int]] = {}
+        self._counted_at = 0.0  # when the counters were read last, and `fed` then
+        self._fed_seen = 0
         """Packs read from the final stream: [items not the caller's yet, items]."""
         self.halt: threading.Event | None = None
         """Set from another thread to stop the run (it stays in Redis, resumable)."""
@@ -775,6 +777,8 @@ class _DriverRun:
                 if self.halt is not None and self.halt.is_set():
                     self.halted = True
                     break
+                if got and not self._counters_due():
+                    continue  # outputs are coming and the run cannot be complete yet
                 state = self._read_state()
                 if self._complete(state):
                     self.state = state
@@ -863,6 +867,16 @@ class _DriverRun:
             error = BackendError("the local workers of this run stopped")
         raise error
 
+    def _counters_due(self) -> bool:
+        """Whether to read the counters after a read that brought outputs: when the run
+        may be complete (every item fed when last read is through), and at least every
+        `POLL_SECONDS`. A read of the counters is a round trip, as costly to Redis as
+        acknowledging a pack: not one per read of the final stream."""
+        tracker, now = self.tracker, perf_counter()
+        if tracker is None or now - self._counted_at >= POLL_SECONDS:
+            return True
+        return tracker.completed >= self._fed_seen
+
     def _new_tracker(self, state: RunState) -> Tracker | None:
         """What tells this driver which items are through (None: a run without paths,
         made by an older version: completion by its counters)."""
@@ -886,6 +900,7 @@ class _DriverRun:
         state, present = read_state(self.client, self.retry, self.keys, self.n)
         if not present:
             raise self._lost()
+        self._counted_at, self._fed_seen = perf_counter(), state.fed
         return state
 
     def _lost(self) -> RunStateLost:

@@ -473,9 +473,13 @@ def main() -> None:
             f"{n:,} small items, 2 trivial stages (x + 1, x * 2), 2 worker processes per "
             f"stage, loopback Redis, end to end; medians of {args.rounds} rounds "
             f"(conveyor unordered, hand-written and conveyor ordered alternated round "
-            f"by round, each conveyor variant with its own workers). Celery is about "
-            f"50 times slower, so it "
-            f"ran {args.celery_items:,} chains, {args.celery_rounds} rounds.",
+            f"by round, each conveyor variant with its own workers). "
+            + (
+                f"Celery is about 50 times slower, so it ran {args.celery_items:,} "
+                f"chains, {args.celery_rounds} rounds."
+                if celery_rate
+                else "Celery was not run (--no-celery, or not installed)."
+            ),
             "",
             "| candidate | items/s | vs hand-written | vs Celery |",
             "| --- | ---: | ---: | ---: |",

@@ -156,17 +156,25 @@ def unpack(codec: Codec, fields: dict[bytes, bytes]) -> list[PackedItem]:
     body = fields[b"p"]
     codec.verify(body, fields.get(b"s"))
     items: Any = msgpack.unpackb(body, raw=False, use_list=True)
-    if not isinstance(items, list) or not all(_is_item(x) for x in items):
+    if type(items) is not list or not _are_items(items):
         raise ValueError("not a pack of [data, path] items")
     return [(data, path) for data, path in items]
 
 
-def _is_item(x: Any) -> bool:
-    return (
-        isinstance(x, list)
-        and len(x) == 2
-        and (x[0] is None or type(x[0]) is bytes)
-        and isinstance(x[1], list)
-        and bool(x[1])
-        and all(type(p) is int for p in x[1])
-    )
+def _are_items(items: list[Any]) -> bool:
+    """Whether every element is ``[bytes or None, non-empty list of ints]`` (a loop
+    written out: it runs for every item a driver or a worker reads)."""
+    for x in items:
+        if type(x) is not list or len(x) != 2:
+            return False
+        data, path = x
+        if data is not None and type(data) is not bytes:
+            return False
+        if type(path) is not list or not path:
+            return False
+        if len(path) == 1:
+            if type(path[0]) is not int:
+                return False
+        elif not all(type(p) is int for p in path):
+            return False
+    return True

@@ -460,9 +460,15 @@ def main() -> None:
                 times["conveyor"].append(run_conveyor(url, namespace, n))
                 times["hand-written"].append(run_handwritten(url, n, 2))
                 times["ordered"].append(run_conveyor(url, "bench-ordered", n, ordered=True))
+            by_round = []
             for name in ("conveyor", "ordered"):
                 ratios = [h / t for h, t in zip(times["hand-written"], times[name], strict=True)]
-                print(f"{name} / hand-written by round: {[round(r, 2) for r in ratios]}")
+                by_round.append(
+                    f"{name} / hand-written, round by round: "
+                    f"{', '.join(f'{r:.2f}' for r in ratios)} "
+                    f"(median {statistics.median(ratios):.2f}x, lowest {min(ratios):.2f}x)."
+                )
+                print(by_round[-1], flush=True)
         rates = {k: median_rate(n, v) for k, v in times.items() if v}
         celery_rate = None
         if not args.no_celery:
@@ -499,6 +505,7 @@ def main() -> None:
                 f"({args.celery_items:,} chains, median of {args.celery_rounds}) "
                 f"| {celery_rate:,.0f} | {celery_rate / hand:.3f}x | 1x |"
             )
+        lines += ["", *by_round]
         lines.append("")
 
         if args.scaling:
@@ -608,8 +615,8 @@ def model(url: str, pid: int, n: int) -> list[str]:
     out += [
         "",
         f"Fit: F + S x stages with F = {fixed:.1f} µs, S = {slope:.1f} µs: one Redis core "
-        f"carries about {1e6 / (fixed + slope):,.0f} / {1e6 / (fixed + 2 * slope):,.0f} / "
-        f"{1e6 / (fixed + 4 * slope):,.0f} items/s for 1 / 2 / 4 trivial stages.",
+        f"carries about {1e3 / (fixed + slope):,.0f}k / {1e3 / (fixed + 2 * slope):,.0f}k / "
+        f"{1e3 / (fixed + 4 * slope):,.0f}k items/s for 1 / 2 / 4 trivial stages.",
     ]
     return out
 

@@ -365,6 +365,8 @@ class RedisPort(Port):
         for run_id in list(self._ready):
             if run_id not in live:
                 del self._ready[run_id]
+        for key in [key for key in self._packs if key[0] not in live]:
+            del self._packs[key]
         if self._run is not None and self._run.info.run_id not in live:
             self._run, self._taken = None, []
 

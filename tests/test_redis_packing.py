@@ -262,3 +262,39 @@ def test_a_resumed_unordered_run_skips_the_items_its_done_bitmap_holds(
     assert not done & set(rest)
     assert set(first) | set(rest) == set(range(n))
     assert max(Counter(first + rest).values()) <= 2  # at most one chunk again
+
+
+def _grow(x: Any) -> list[Any]:
+    """flat_map: a small item fans out into two, a large one passes alone."""
+    return [x] if isinstance(x, str) else [x, -x - 1]
+
+
+def _small(x: Any) -> bool:
+    return not isinstance(x, str) or len(x) % 2 == 0
+
+
+@pytest.mark.redis
+@settings(max_examples=8, deadline=None)
+@given(
+    sizes=st.lists(st.one_of(st.integers(0, 50), st.integers(PACKED_ITEM_MAX, 6000)), max_size=400),
+    ordered=st.booleans(),
+)
+def test_any_mix_of_item_sizes_gives_the_outputs_of_a_plain_loop(
+    redis_server: RedisServer, sizes: list[int], ordered: bool
+) -> None:
+    # Small ints and large strings, through a flat_map and a filter, on Redis with
+    # packs of whatever sizes the run's batches make.
+    values: list[Any] = [n if n <= 50 else "s" * n for n in sizes]
+    pipeline = (
+        cv.Pipeline(values)
+        .flat_map(_grow, workers=2, ordered=ordered)
+        .filter(_small, ordered=ordered)
+    )
+    expected = [y for x in values for y in _grow(x) if _small(y)]
+    backend = RedisBackend(redis_server.url, namespace=new_namespace(), local_workers=True)
+    outputs = pipeline.run(collect=True, backend=backend).outputs
+    assert outputs is not None
+    if ordered:
+        assert outputs == expected
+    else:
+        assert Counter(map(repr, outputs)) == Counter(map(repr, expected))

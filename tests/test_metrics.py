@@ -200,6 +200,40 @@ def test_a_sleeping_stage_uses_little_cpu_for_its_busy_time() -> None:
     assert 0.0 <= s.cpu_seconds < 0.5 * s.busy_seconds
 
 
+def slow_io(x: int) -> int:
+    time.sleep(0.005)  # over twice the 2 ms a batch aims at: a batch never grows
+    return x
+
+
+async def aslow_io(x: int) -> int:
+    await asyncio.sleep(0.005)
+    return x
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+@pytest.mark.parametrize("runtime", ["thread", "async"])
+def test_workers_take_slow_items_one_at_a_time(runtime: Any, ordered: bool) -> None:
+    # A batch of several slow items would run them one after the other in one
+    # worker while its peers wait: every take must return one item.
+    fn: Any = slow_io if runtime == "thread" else aslow_io
+    result = (
+        cv.Pipeline(range(48))
+        .map(fn, workers=8, runtime=runtime, ordered=ordered)
+        .map(fn, workers=8, runtime=runtime, ordered=ordered)
+        .run(collect=True)
+    )
+    assert result.outputs is not None
+    assert (result.outputs if ordered else sorted(result.outputs)) == list(range(48))
+    for s in result.stats:
+        assert (s.items_in, s.batches) == (48, 48)
+
+
+def test_workers_take_quick_items_in_batches() -> None:
+    (s,) = cv.Pipeline(range(20_000)).map(str, workers=2).run().stats
+    assert s.items_in == 20_000
+    assert 0 < s.batches < s.items_in
+
+
 # ---------------------------------------------------------------------- timeline
 
 

@@ -280,6 +280,16 @@ def _redis_params(url: str) -> list[Param]:
             return RedisBackend(url, **{name: value})
 
         params.append(Param("RedisBackend", name, give, bad))
+
+    def budget(value: Any) -> object:
+        return RedisBackend(url).run(_pipeline().map(abs), max_bytes=value)
+
+    def budget_through_run(value: Any) -> object:
+        return _pipeline().map(abs).run(backend=RedisBackend(url), max_bytes=value)
+
+    bad_budget = bad_count(1, optional=True)
+    params.append(Param("RedisBackend.run()", "max_bytes", budget, bad_budget))
+    params.append(Param("run()", "max_bytes", budget_through_run, bad_budget))
     return params
 
 

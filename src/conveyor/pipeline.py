@@ -24,7 +24,7 @@ from os import PathLike
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, Unpack, overload
 
-from .backends import Backend, BackgroundRun, LocalBackend, check_backend
+from .backends import Backend, BackgroundRun, LocalBackend, budget_option, check_backend
 from .channel import check_max_bytes
 from .engine import JOIN_TIMEOUT, Run, wait_interruptibly
 from .errors import ConfigurationError, ConfigurationTypeError
@@ -435,7 +435,7 @@ class Pipeline(Generic[T]):
         chosen = _remote(backend, "iterate()", None, metrics, max_bytes)
         if chosen is not None:
             self._check_runnable("iterate()", chosen)
-            return chosen.iterate(self, progress=progress)
+            return chosen.iterate(self, progress=progress, **budget_option(max_bytes))
         if progress:
             raise ConfigurationError(
                 "iterate() 'progress': a run on this machine shows its progress with "
@@ -507,8 +507,9 @@ class Pipeline(Generic[T]):
                 outputs, the caller's current chunk of outputs within the
                 output's share, and the one item the feeder has pulled; an
                 item larger than a share moves alone. docs/design.md gives
-                the bound in full. Runs in this process only: a backend
-                refuses it.
+                the bound in full. With ``backend=RedisBackend(...)`` it bounds
+                the bytes the run's Redis streams hold, split the same way
+                (see docs/distributed.md); other backends refuse it.
 
         Raises:
             Exception: the first error of a stage with ``on_error="raise"``,
@@ -519,7 +520,9 @@ class Pipeline(Generic[T]):
         remote = _remote(backend, "run()", stall_timeout, metrics, max_bytes)
         if remote is not None:
             self._check_runnable("run()", remote)
-            return remote.run(self, collect=collect, progress=progress, report=report)
+            return remote.run(
+                self, collect=collect, progress=progress, report=report, **budget_option(max_bytes)
+            )
         watch = _check_watch("run()", report, stall_timeout)
         outputs: list[Any] | None = [] if collect else None
         monitor: Monitor | None = None
@@ -614,7 +617,9 @@ class Pipeline(Generic[T]):
         remote = _remote(backend, "arun()", stall_timeout, metrics, max_bytes)
         if remote is not None:
             self._check_runnable("arun()", remote)
-            return await remote.arun(self, collect=collect, progress=progress, report=report)
+            return await remote.arun(
+                self, collect=collect, progress=progress, report=report, **budget_option(max_bytes)
+            )
         import asyncio  # loaded by then: a coroutine is running
 
         watch = _check_watch("arun()", report, stall_timeout)
@@ -689,7 +694,9 @@ class Pipeline(Generic[T]):
         remote = _remote(backend, "start()", stall_timeout, metrics, max_bytes)
         if remote is not None:
             self._check_runnable("start()", remote)
-            return remote.start(self, collect=collect, progress=progress, report=report)
+            return remote.start(
+                self, collect=collect, progress=progress, report=report, **budget_option(max_bytes)
+            )
         watch = _check_watch("start()", report, stall_timeout)
         run = self._new_run("start()", metrics=metrics, max_bytes=max_bytes)
         monitor = _start_monitor(run, self._source, progress, *watch)
@@ -733,11 +740,10 @@ def _remote(
     check_max_bytes(max_bytes, method)
     if chosen is None or isinstance(chosen, LocalBackend):
         return None
-    if max_bytes is not None:
+    if max_bytes is not None and not chosen.bounds_bytes:
         raise ConfigurationError(
-            f"{method} 'max_bytes' bounds the memory of a run in this process; "
-            f"{type(chosen).__name__} does not support it (its streams are bounded by "
-            f"item counts: each stage's capacity)"
+            f"{method} 'max_bytes' bounds the memory of a run in this process or in its "
+            f"Redis streams; {type(chosen).__name__} does not support it"
         )
     if stall_timeout is not None:
         raise ConfigurationError(

@@ -23,6 +23,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..backends import Backend
+from ..channel import check_max_bytes
 from ..engine import ABORT_WAIT
 from ..errors import (
     BackendError,
@@ -38,6 +39,7 @@ from ..policy import add_note
 from ..remote import ExceptionRecord, rebuild
 from ..stage import Failure, Stage
 from ..validate import check_bool, check_choice, check_int, check_seconds, check_str
+from .budget import fitting, record_cost, wait_for_room
 from .codec import (
     CODECS,
     Codec,
@@ -163,6 +165,8 @@ class RedisBackend(Backend):
         ... # doctest: +SKIP
     """
 
+    bounds_bytes = True
+
     def __init__(
         self,
         url: str,
@@ -251,7 +255,12 @@ class RedisBackend(Backend):
         return Keys(self.namespace, pipeline_id(_stages(pipeline)), run_id)
 
     def _info(
-        self, keys: Keys, stages: tuple[Stage, ...], ordered: bool, paths: bool = True
+        self,
+        keys: Keys,
+        stages: tuple[Stage, ...],
+        ordered: bool,
+        paths: bool = True,
+        max_bytes: int | None = None,
     ) -> RunInfo:
         # A batch stage holds its input entries until a group is full: a default
         # limit below its size would stop its producers for good (see `check`).
@@ -269,6 +278,7 @@ class RedisBackend(Backend):
             limits=tuple(limits),
             batch=self.batch_size,
             tombstones_to=_tombstone_streams(stages) if paths else (),
+            max_bytes=max_bytes,
         )
 
     def _create_or_attach(self, keys: Keys, info: RunInfo, retry: Retrier) -> tuple[RunInfo, bool]:
@@ -300,6 +310,7 @@ class RedisBackend(Backend):
         progress: bool = False,
         report: str | PathLike[str] | None = None,
         stop: threading.Event | None = None,
+        max_bytes: int | None = None,
     ) -> RunResult:
         """Run ``pipeline`` to completion through Redis (what ``pipeline.run(backend=...)`` does).
 
@@ -314,6 +325,12 @@ class RedisBackend(Backend):
             report: write a self-contained HTML report of the run there at
                 the end (also when it fails), as for a run in one process;
                 its charts come from the same reads of the counters.
+            stop: set from another thread to stop the run (it stays in Redis).
+            max_bytes: a budget in bytes for what the run's streams hold: each
+                of the N stages' input streams and the final stream gets
+                ``max_bytes // (N + 1)`` of the entries' bytes (see
+                docs/distributed.md); the workers read it from the run's
+                settings. A resumed run keeps the budget it was created with.
 
         Returns:
             A `RedisRunResult`.
@@ -326,7 +343,8 @@ class RedisBackend(Backend):
         from ..report import check_report_path
 
         report_path = None if report is None else check_report_path(report, "run()")
-        run = self._new_run(pipeline)
+        check_max_bytes(max_bytes, "RedisBackend.run()")
+        run = self._new_run(pipeline, max_bytes)
         run.halt = stop
         outputs: list[Any] | None = [] if collect else None
         watcher: ProgressWatcher | None = None
@@ -346,7 +364,7 @@ class RedisBackend(Backend):
             self._finish(run, watcher, report_path, result, error)
         return result
 
-    def _new_run(self, pipeline: Any) -> _DriverRun:
+    def _new_run(self, pipeline: Any, max_bytes: int | None = None) -> _DriverRun:
         """Create (or resume) the run of ``pipeline`` in Redis, as its driver; start the
         local workers, if any."""
         stages = _stages(pipeline)
@@ -354,7 +372,8 @@ class RedisBackend(Backend):
         keys = self.keys(pipeline, run_id)
         last = stages[-1]
         ordered = last.ordered and last.kind != "each"
-        run = _DriverRun(self, pipeline, keys, self._info(keys, stages, ordered))
+        info = self._info(keys, stages, ordered, max_bytes=max_bytes)
+        run = _DriverRun(self, pipeline, keys, info)
         run.local_worker = self._start_local_workers(pipeline)
         return run
 
@@ -424,13 +443,16 @@ class RedisBackend(Backend):
             redis_options=self.redis_options,
         ).start()
 
-    def iterate(self, pipeline: Any, *, progress: bool = False) -> Generator[Any, None, None]:
+    def iterate(
+        self, pipeline: Any, *, progress: bool = False, max_bytes: int | None = None
+    ) -> Generator[Any, None, None]:
         """Run ``pipeline`` and yield the last stage's outputs as they come.
 
         Args:
             pipeline: the pipeline; its workers run ``conveyor worker`` (or
                 threads of this process, with ``local_workers``).
             progress: as for `run`.
+            max_bytes: as for `run`.
 
         Outputs reach the caller at least once: leaving the loop early (or
         dying) leaves the run in Redis, to be resumed with the same
@@ -438,7 +460,8 @@ class RedisBackend(Backend):
         outputs of the last chunk read, from the first one this loop had not
         come back after (at most 1000 outputs seen twice).
         """
-        run = self._new_run(pipeline)
+        check_max_bytes(max_bytes, "RedisBackend.iterate()")
+        run = self._new_run(pipeline, max_bytes)
         watcher = self._watch(pipeline, run, True) if progress else None
         outputs = run.outputs()
         error: BaseException | None = None
@@ -636,6 +659,9 @@ class _DriverRun:
             output_capacity=FEED_CHUNK,
             abort_wait=ABORT_WAIT / 2,
             skip=already_fed,
+            # Under a byte budget, what the feeder has pulled (and the chunk it encodes)
+            # is half a stream's share at most: the driver holds about one share.
+            max_bytes=None if self.info.share is None else max(1, self.info.share // 2),
         )
         self._feeder = threading.Thread(
             target=self._feed,
@@ -676,27 +702,52 @@ class _DriverRun:
             if ordered or self.reordering:
                 self._wait_for_window(fed)
             chunk = next(chunks, [])
+            last = not chunk
+            records = self._entries(chunk, fed, most)
+            if records:
+                per_entry = max(1, len(chunk) // len(records))
+            del chunk  # the items encoded: only their encoded copies are held while waiting
             # After the last chunk, a call with no records marks the source done.
-            args: list[Any] = ["fed", fed, "" if chunk else "1"]
-            made = self._entries(chunk, fed, most)
-            for carried, _, fields in made:
-                args += [carried, len(fields), *fields]
-            if made:
-                per_entry = max(1, len(chunk) // len(made))
-            reply = self.retry(
-                self.scripts.feed, keys=[stream, keys.counters, keys.meta], args=args
-            )
-            if reply == -1:
-                raise self._lost()
-            if reply == -2:
-                self._check_fed(fed + len(chunk))
-                length = 0
-            else:
-                length = reply[0]
-                most = max(1, min(stream_pack(self.info, 0), int(reply[1])))
-            if not chunk:
+            while True:
+                part = self._next_part(records)
+                if part is None:
+                    return  # stopped while the first stream had no room
+                args: list[Any] = ["fed", fed, "" if part else "1"]
+                for carried, _, fields in part:
+                    args += [carried, len(fields), *fields]
+                items = sum(entry.items for entry in part)
+                reply = self.retry(
+                    self.scripts.feed, keys=[stream, keys.counters, keys.meta], args=args
+                )
+                if reply == -1:
+                    raise self._lost()
+                if reply == -2:
+                    self._check_fed(fed + items)
+                    length = 0
+                else:
+                    length = reply[0]
+                    most = max(1, min(stream_pack(self.info, 0), int(reply[1])))
+                fed += items
+                del records[: len(part)]
+                if not records:
+                    break
+            if last:
                 return
-            fed += len(chunk)
+
+    def _next_part(self, records: list[Packed]) -> list[Packed] | None:
+        """The records to add next: all of them without a byte budget; under one, as
+        many as the first stream has room for once it has room for the first (one at
+        least: a larger one goes in alone into an empty stream). None if the run
+        stopped while waiting."""
+        if self.info.share is None or not records:
+            return records
+        costs = [record_cost(entry.fields) for entry in records]
+        keys = self.keys
+        room = wait_for_room(
+            self.scripts, self.retry, keys.stream(0), keys.counters, self.info.room_reader(0),
+            costs[0], self.stopped,
+        )  # fmt: skip
+        return None if room is None else records[: fitting(costs, room.left)]
 
     def _entries(self, chunk: list[Any], fed: int, most: int) -> list[Packed]:
         """A chunk of source items as first-stream entries."""
@@ -1221,6 +1272,8 @@ def _create(client: Any, keys: Keys, info: RunInfo) -> None:
     """Write the run's settings, streams and groups, and register it (once)."""
     pipe = client.pipeline(transaction=True)
     pipe.hset(keys.meta, mapping=info.to_meta())
+    if info.share is not None:
+        pipe.hset(keys.counters, "budget", info.share)  # read by the scripts (budget.py)
     for i in range(len(info.stages) + 1):
         group = WORKER_GROUP if i < len(info.stages) else DRIVER_GROUP
         pipe.xgroup_create(keys.stream(i), group, id="0", mkstream=True)

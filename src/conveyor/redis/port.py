@@ -51,6 +51,7 @@ from ..remote import capture
 from ..runtime.base import RunControl
 from ..runtime.ports import Port, StageIO
 from ..stage import Stage
+from .budget import entry_cost, fitting, need_of, room_of, wait_for_room
 from .codec import Codec, child_path, encode_failure, get_codec, key_check, load_path
 from .packing import (
     PackedItem,
@@ -63,7 +64,6 @@ from .packing import (
 )
 from .state import RunInfo, find_runs, load_info, read_state
 from .streams import (
-    DRIVER_GROUP,
     MAX_POLL_SECONDS,
     WORKER_GROUP,
     Keys,
@@ -116,6 +116,8 @@ class RunContext:
         self.codec = codec
         self.blocked_until: dict[int, float] = {}
         self.block_delay: dict[int, float] = {}
+        self.room_left: dict[int, int] = {}
+        """Per stage, the bytes its output had room for when last seen (byte budget)."""
         self.per_entry: dict[int, int] = {}
         """Per stream, items per entry in what this worker added last: its limit in
         entries is its limit in items over that (see `packing.stream_limit`)."""
@@ -323,6 +325,17 @@ class RedisPort(Port):
         if found is None:
             return []
         ctx, got = found
+        share = ctx.info.share
+        if share is not None:
+            # A batch of at most a share of input bytes, and of what its output had room
+            # for when last seen (one item at least): its outputs' hand-off need not wait.
+            # A pack costs once, with its first item.
+            room = min(share, ctx.room_left.get(self.index, share))
+            costs, before = [], None
+            for entry, _ in got[:n]:
+                costs.append(0 if entry is before else entry_cost(entry[1]))
+                before = entry
+            n = fitting(costs, room)
         end = min(n, len(got))
         while end < len(got) and got[end][0] is got[end - 1][0]:
             end += 1  # a pack's items go out together: it is handed on whole
@@ -501,12 +514,38 @@ class RedisPort(Port):
         backlog = self.retry(
             self.scripts.backlog, keys=[keys.stream(i + 1)], args=_output_backlog(ctx.info, i)
         )
-        if backlog < stream_limit(ctx.info, i + 1, ctx.per_entry.get(i + 1, 1)):
+        limit = stream_limit(ctx.info, i + 1, ctx.per_entry.get(i + 1, 1))
+        if backlog < limit and self._bytes_room(ctx):
             ctx.blocked_until.pop(i, None)
             ctx.block_delay.pop(i, None)
             return True
         self._block(ctx)
         return False
+
+    def _bytes_room(self, ctx: RunContext) -> bool:
+        """Whether the output stream has room in the run's byte budget (always without
+        one); what it has room for sizes the next batch (`_hand_out`)."""
+        if ctx.info.max_bytes is None:
+            return True
+        keys, out = ctx.info.keys, self.index + 1
+        reader = ctx.info.room_reader(out)
+        room = room_of(self.scripts, self.retry, keys.stream(out), keys.counters, reader)
+        ctx.room_left[self.index] = room.left
+        return room.left > 0  # (free: a share)
+
+    def _wait_for_room(self, ctx: RunContext, records: list[Any]) -> bool:
+        """Before a hand-off: wait until the output stream has room for what ``records``
+        add, in the run's byte budget; False if the worker stopped first. Reads stop
+        while the output has no room (`_has_room`), so this waits only for what other
+        workers handed on meanwhile."""
+        if ctx.info.max_bytes is None:
+            return True
+        keys, out = ctx.info.keys, self.index + 1
+        room = wait_for_room(
+            self.scripts, self.retry, keys.stream(out), keys.counters, ctx.info.room_reader(out),
+            need_of(records), self._stopped,
+        )  # fmt: skip
+        return room is not None
 
     def _block(self, ctx: RunContext) -> None:
         delay = min(MAX_POLL_SECONDS, ctx.block_delay.get(self.index, 0.0005) * 2)
@@ -566,7 +605,11 @@ class RedisPort(Port):
         while 0 < cut < len(taken) and taken[cut][0] is taken[cut - 1][0]:
             cut += 1  # a pack is handed on whole: its items not reached go back to the input
         entries = _distinct([entry for entry, _ in taken[:cut]])
-        self._handoff(ctx, entries, self._records(ctx, taken[:cut], outcome), outcome)
+        records = self._records(ctx, taken[:cut], outcome)
+        if not self._wait_for_room(ctx, records):
+            cut = 0  # stopped while the output was full: all is let go (close)
+        else:
+            self._handoff(ctx, entries, records, outcome)
         if cut < len(taken):
             # Not reached (a stop cut the batch short, or an earlier item raised):
             # still pending for this consumer, they are the next take's.
@@ -767,6 +810,8 @@ class RedisPort(Port):
             ctx.per_entry[i + 1] = max(1, made[0] // made[1])
         if reply[2] >= stream_limit(info, i + 1, ctx.per_entry.get(i + 1, 1)):
             self._block(ctx)
+        elif info.max_bytes is not None:
+            ctx.blocked_until[i] = 0.0  # under a byte budget, the next read checks the room
         return len(entries) - int(reply[1])
 
     def _tell(self, run_id: str) -> int | str:
@@ -1063,8 +1108,8 @@ class BatchPort(RedisPort):
             # `close`, and the next holder makes the group again from the cursor.
             return None
         ctx, taken = self._run, self._taken
-        self._run, self._taken = None, []
         if ctx is None or not taken:
+            self._run, self._taken = None, []
             return None  # nothing, or a group lost with the lease: the holder makes it
         (group,) = outcome.outputs
         first, _, deliveries = taken[0][0]
@@ -1072,6 +1117,9 @@ class BatchPort(RedisPort):
         args: list[Any] = ["a", first, deliveries, len(records), *_flat(records)]
         # The other items' places are done: the group carries their items.
         args += _gap_records(taken[1:])
+        if not self._wait_for_room(ctx, args):
+            return None  # stopped while the output was full: as a stop above
+        self._run, self._taken = None, []
         self._hand_on(ctx, [e for e, _ in taken], args, outcome)
         return None
 
@@ -1149,12 +1197,8 @@ def _distinct(entries: list[Entry]) -> list[Entry]:
 
 def _output_backlog(info: RunInfo, index: int) -> tuple[str, str]:
     """The group of stage ``index``'s output stream, and whether the entries read and
-    not acknowledged count as backlog: not where they are held to be reordered (the
-    driver's final stream, a batch stage's input), or a missing item could never get
-    past a full stream."""
-    if index + 1 == len(info.stages):
-        return DRIVER_GROUP, "0"
-    return WORKER_GROUP, "0" if index + 1 in info.tombstones_to else "1"
+    not acknowledged count as backlog (`RunInfo.reader`)."""
+    return info.reader(index + 1)
 
 
 def _tombstone(seq: bytes | None) -> list[Any]:

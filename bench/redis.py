@@ -510,6 +510,7 @@ def main() -> None:
 
         if args.scaling:
             lines += scaling(url, pid, n)
+    lines.append(f"Load average at the end: {os.getloadavg()[0]:.1f}.")
     text = "\n".join(lines)
     print(text)
     if args.write:

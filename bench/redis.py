@@ -16,7 +16,9 @@ last output read back.
                (INCR), so no result backend is involved. Celery is ~50x
                slower, so it gets fewer items and rounds (said in the output).
 
-conveyor and hand-written alternate round by round; medians are reported.
+conveyor unordered, hand-written and conveyor ordered alternate round by round;
+medians are reported, and each conveyor variant's ratio to the hand-written loop
+round by round.
 ``--scaling`` also runs conveyor with 1, 2 and 4 worker processes per stage
 and measures redis-server's own CPU time per item, which gives the ceiling
 one Redis puts on a pipeline.
@@ -165,6 +167,18 @@ def pipeline(n: int = 0) -> cv.Pipeline[int]:
 def ordered_pipeline(n: int = 0) -> cv.Pipeline[int]:
     """The same stages with the default ``ordered=True``: outputs in input order."""
     return cv.Pipeline(range(n)).map(add_one, name="add_one").map(double, name="double")
+
+
+def chain(stages: int, n: int = 0) -> cv.Pipeline[int]:
+    """``stages`` trivial unordered stages (x + 1 each): the Redis core's model."""
+    built = cv.Pipeline(range(n))
+    for k in range(stages):
+        built = built.map(add_one, name=f"s{k}", ordered=False)
+    return built
+
+
+def _serve_chain(url: str, namespace: str, stages: int) -> None:
+    Worker(chain(stages), url, workers=1, namespace=namespace).run_forever()
 
 
 def _serve(url: str, namespace: str, stage: str, ordered: bool) -> None:
@@ -434,15 +448,27 @@ def main() -> None:
     with redis_server() as (url, pid):
         times: dict[str, list[float]] = {"conveyor": [], "hand-written": [], "ordered": []}
         namespace = "bench"
-        with conveyor_workers(url, namespace, 2):
+        # Both sets of workers serve every round (idle ones wait in a blocking read), so
+        # that the three candidates alternate round by round.
+        with (
+            conveyor_workers(url, namespace, 2),
+            conveyor_workers(url, "bench-ordered", 2, ordered=True),
+        ):
             run_conveyor(url, namespace, 2000)  # warm-up
+            run_conveyor(url, "bench-ordered", 2000, ordered=True)
             for _ in range(args.rounds):
                 times["conveyor"].append(run_conveyor(url, namespace, n))
                 times["hand-written"].append(run_handwritten(url, n, 2))
-            print(f"conveyor rounds: {[round(t, 2) for t in times['conveyor']]}", flush=True)
-        with conveyor_workers(url, "bench-ordered", 2, ordered=True):
-            for _ in range(args.rounds):
                 times["ordered"].append(run_conveyor(url, "bench-ordered", n, ordered=True))
+            by_round = []
+            for name in ("conveyor", "ordered"):
+                ratios = [h / t for h, t in zip(times["hand-written"], times[name], strict=True)]
+                by_round.append(
+                    f"{name} / hand-written, round by round: "
+                    f"{', '.join(f'{r:.2f}' for r in ratios)} "
+                    f"(median {statistics.median(ratios):.2f}x, lowest {min(ratios):.2f}x)."
+                )
+                print(by_round[-1], flush=True)
         rates = {k: median_rate(n, v) for k, v in times.items() if v}
         celery_rate = None
         if not args.no_celery:
@@ -452,9 +478,14 @@ def main() -> None:
         lines += [
             f"{n:,} small items, 2 trivial stages (x + 1, x * 2), 2 worker processes per "
             f"stage, loopback Redis, end to end; medians of {args.rounds} rounds "
-            f"(conveyor and hand-written alternated; the ordered variant after them, "
-            f"with its own workers). Celery is about 50 times slower, so it "
-            f"ran {args.celery_items:,} chains, {args.celery_rounds} rounds.",
+            f"(conveyor unordered, hand-written and conveyor ordered alternated round "
+            f"by round, each conveyor variant with its own workers). "
+            + (
+                f"Celery is about 50 times slower, so it ran {args.celery_items:,} "
+                f"chains, {args.celery_rounds} rounds."
+                if celery_rate
+                else "Celery was not run (--no-celery, or not installed)."
+            ),
             "",
             "| candidate | items/s | vs hand-written | vs Celery |",
             "| --- | ---: | ---: | ---: |",
@@ -474,10 +505,12 @@ def main() -> None:
                 f"({args.celery_items:,} chains, median of {args.celery_rounds}) "
                 f"| {celery_rate:,.0f} | {celery_rate / hand:.3f}x | 1x |"
             )
+        lines += ["", *by_round]
         lines.append("")
 
         if args.scaling:
             lines += scaling(url, pid, n)
+    lines.append(f"Load average at the end: {os.getloadavg()[0]:.1f}.")
     text = "\n".join(lines)
     print(text)
     if args.write:
@@ -528,6 +561,7 @@ def scaling(url: str, pid: int, n: int) -> list[str]:
         out.append(
             f"| {per_stage} | {n / elapsed:,.0f} | {cpu / n * 1e6:.1f} µs | {cpu / elapsed:.0%} |"
         )
+    out += model(url, pid, n)
     out += [
         "",
         "On this 2-core machine the worker processes, the driver and redis-server share two "
@@ -535,6 +569,55 @@ def scaling(url: str, pid: int, n: int) -> list[str]:
         "so the Python clients' CPU is the limit (see docs/distributed.md for the ceiling one "
         "Redis puts on a pipeline).",
         "",
+    ]
+    return out
+
+
+def model(url: str, pid: int, n: int) -> list[str]:
+    """redis-server's CPU per item with 1, 2 and 4 trivial stages (2 worker processes
+    serving them all), and the fit ``F + S x stages`` that docs/distributed.md uses."""
+    out = [
+        "",
+        "One Redis core's model (conveyor, unordered, 2 worker processes serving every "
+        "stage; redis-server CPU per item, median of 3 runs each):",
+        "",
+        "| trivial stages | items/s | redis-server CPU per item |",
+        "| ---: | ---: | ---: |",
+    ]
+    points = []
+    ctx = multiprocessing.get_context("spawn")
+    for stages in (1, 2, 4):
+        namespace = f"model{stages}"
+        procs = [
+            ctx.Process(target=_serve_chain, args=(url, namespace, stages), daemon=True)
+            for _ in range(2)
+        ]
+        for p in procs:
+            p.start()
+        try:
+            for _ in range(2):  # warm-up: the workers join
+                chain(stages, 2000).run(backend=RedisBackend(url, namespace=namespace))
+            cpus, rates = [], []
+            for _ in range(3):
+                cpu0, t0 = server_cpu(pid), time.perf_counter()
+                result = chain(stages, n).run(backend=RedisBackend(url, namespace=namespace))
+                rates.append(n / (time.perf_counter() - t0))
+                cpus.append((server_cpu(pid) - cpu0) / n * 1e6)
+                assert result.items_out == n, result.items_out
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.join(30)
+        cpu = statistics.median(cpus)
+        points.append((stages, cpu))
+        out.append(f"| {stages} | {statistics.median(rates):,.0f} | {cpu:.1f} µs |")
+    slope, fixed = statistics.linear_regression([s for s, _ in points], [c for _, c in points])
+    out += [
+        "",
+        f"Fit: F + S x stages with F = {fixed:.1f} µs, S = {slope:.1f} µs: one Redis core "
+        f"carries about {1e3 / (fixed + slope):,.0f}k / {1e3 / (fixed + 2 * slope):,.0f}k / "
+        f"{1e3 / (fixed + 4 * slope):,.0f}k items/s for 1 / 2 / 4 trivial stages.",
     ]
     return out
 

@@ -153,13 +153,37 @@ def wait_for_gate(x: int) -> int:
     unlike `gated`), until the file named by GATE_FILE_ENV exists (the test creates
     it); a bounded wait: a test that never opens it fails here."""
     if x == GATED:
-        gate = Path(os.environ[GATE_FILE_ENV])
-        deadline = time.monotonic() + WAIT
-        while not gate.exists():  # nothing to wait on across processes but the file
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the gate {gate} was never opened")
-            time.sleep(0.01)
+        _wait_for_gate_file()
     return x
+
+
+def _wait_for_gate_file() -> None:
+    gate = Path(os.environ[GATE_FILE_ENV])
+    deadline = time.monotonic() + WAIT
+    while not gate.exists():  # nothing to wait on across processes but the file
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the gate {gate} was never opened")
+        time.sleep(0.01)
+
+
+HELD_IN_PACK = 1500
+"""The item that `hold_in_pack` holds up: far enough in the source to travel in a pack."""
+
+
+def hold_in_pack(x: int) -> int:
+    """Holds item `HELD_IN_PACK` as `wait_for_gate` holds `GATED`; triples the others."""
+    if x == HELD_IN_PACK:
+        _wait_for_gate_file()
+    return x * 3
+
+
+def packed_and_held(n: int = 3000) -> cv.Pipeline[int]:
+    """A held map -> flat_map: the kill -9 of a worker holding a packed entry."""
+    return (
+        cv.Pipeline(range(n))
+        .map(hold_in_pack, name="work", ordered=False)
+        .flat_map(spread, name="spread", ordered=False)
+    )
 
 
 def members(group: list[int]) -> list[int]:

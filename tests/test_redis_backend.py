@@ -510,8 +510,14 @@ def test_a_producer_waits_while_the_first_stream_is_over_its_limit(
     driver.start()
     client = closing(redis.Redis.from_url(redis_server.url))
     keys = Keys(namespace, pipeline_id(pipeline.stages), "bp")
-    wait_until(lambda: client.xlen(keys.stream(0)) >= 150, "the first stream to fill")
+
+    def fed() -> int:
+        return int(client.hget(keys.counters, "fed") or 0)
+
+    wait_until(lambda: fed() >= 150, "the first stream to fill")
     # No worker yet: the feeder is held at the limit (plus at most one chunk in hand).
+    # The limit counts items, whether an entry carries one item or a pack of them.
+    assert fed() <= 150 + 100
     assert client.xlen(keys.stream(0)) <= 150 + 100
     assert len(pulled) <= 150 + 2 * 100
     with serving(pipeline, redis_server.url, namespace):

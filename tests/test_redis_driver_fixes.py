@@ -98,8 +98,10 @@ def test_the_ack_script_takes_ten_thousand_ids_at_once(
         reply = client.xreadgroup(DRIVER_GROUP, "driver", {final: ">"}, count=20_000)
         ids = [entry_id for entry_id, _ in reply[0][1]]
         assert len(ids) == 10_000
+        # Each id with the number of items its entry carries.
+        pairs = [x for entry_id in ids for x in (entry_id, 1)]
         acked = Scripts(client).ack(
-            keys=[final, keys.counters, keys.done], args=[DRIVER_GROUP, "", 0, *ids]
+            keys=[final, keys.counters, keys.done], args=[DRIVER_GROUP, "", 0, "", *pairs]
         )
         assert acked == 10_000
         assert client.hget(keys.counters, "delivered") == b"10000"

@@ -8,13 +8,19 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgpack
 import pytest
 import redis
 
 import conveyor as cv
 from conveyor.redis import RedisBackend, RedisRunResult
+from conveyor.redis.streams import WORKER_GROUP, Keys, pipeline_id
 from redis_helpers import (
+    GATE_FILE_ENV,
+    HELD_IN_PACK,
+    WorkerProcess,
     new_namespace,
+    packed_and_held,
     slow_stages,
     spread,
     three_stages,
@@ -92,6 +98,65 @@ def test_workers_killed_mid_batch_lose_nothing_and_duplicate_nothing(
     assert "re-executions after a worker died or failed: work: " in result.report()
     assert json.loads(result.to_json())["redis"]["redelivered"] == result.redelivered
     assert result.stats[0].items_in == n
+
+
+def test_a_worker_killed_holding_a_packed_entry_loses_and_duplicates_none_of_its_items(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The worker holds a pack whose items before the held one are done in its memory,
+    # not handed on; it is killed (kill -9). Another worker takes the pack over after
+    # the visibility timeout and splits it, one entry per item: every item runs again
+    # and its outputs are added once.
+    monkeypatch.setenv(GATE_FILE_ENV, str(tmp_path / "gate"))
+    n = 3000
+    pipeline = packed_and_held(n)
+    expected = Counter(x for i in range(n) for x in spread(i * 3))
+    namespace, run_id = new_namespace(), "killed-pack"
+    backend = RedisBackend(
+        redis_server.url,
+        namespace=namespace,
+        run_id=run_id,
+        visibility_timeout=1.0,
+        max_deliveries=5,
+    )
+    keys = Keys(namespace, pipeline_id(pipeline.stages), run_id)
+    client = redis.Redis.from_url(redis_server.url)
+    request.addfinalizer(client.close)
+    target = "redis_helpers:packed_and_held"
+    with worker_processes(target, redis_server.url, namespace, 1, tmp_path) as workers:
+        handle = _start_in_thread(pipeline, backend)
+        size = wait_until(lambda: _held_pack(client, keys), "the held item's pack in hand")
+        assert size >= 2
+        workers.pop().kill()
+        workers.append(
+            WorkerProcess(target, redis_server.url, namespace, tmp_path / "replacement.log")
+        )
+        (tmp_path / "gate").touch()
+        result = handle.join()
+    assert isinstance(result, RedisRunResult)
+    assert Counter(result.outputs) == expected, worker_logs(tmp_path)
+    assert result.redelivered["work"] >= size  # the pack's items, each delivered again
+    assert result.stats[0].items_in == n
+
+
+def _held_pack(client: redis.Redis, keys: Keys) -> int:
+    """How many items the pending pack holding `HELD_IN_PACK` carries (0: none yet)."""
+    stream = keys.stream(0)
+    try:
+        held = client.xpending_range(stream, WORKER_GROUP, "-", "+", 100)
+    except redis.ResponseError:  # NOGROUP: the driver has not made the run's streams yet
+        return 0
+    for pending in held:
+        entry_id = pending["message_id"]
+        for _, fields in client.xrange(stream, entry_id, entry_id):
+            if b"p" in fields:
+                items = msgpack.unpackb(fields[b"p"])
+                if any(path == [HELD_IN_PACK] for _, path in items):
+                    return len(items)
+    return 0
 
 
 def _acked(client: redis.Redis, namespace: str, stage: int) -> int:

@@ -195,6 +195,12 @@ class Tracker:
         self.completed += 1
         self._new.append(root)
 
+    def done_bytes(self, roots: list[int]) -> tuple[int, bytes]:
+        """Unordered: the bitmap's bytes that hold ``roots`` (from the first one's to the
+        last one's, Redis's bit order), and the offset of the first: to persist them."""
+        first, last = min(roots) >> 3, max(roots) >> 3
+        return first, bytes(self._done[first : last + 1])
+
     def __len__(self) -> int:
         """Leaves held (ordered runs)."""
         return sum(len(v) for v in self._leaves.values())

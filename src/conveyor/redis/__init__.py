@@ -30,6 +30,10 @@
     is dead-lettered); the run's meta gone (Redis restarted without persistence)
     -> RunStateLost
 
+Small items travel several to an entry (``packing``: field ``p``, one signature
+per pack), up to the consuming stage's batch size; each keeps its own path, its
+own dead letter and its own retries (it leaves the pack to be delivered again).
+
 Keys of one run share a hash tag: ``conveyor:{<pipeline id>.<run id>}:`` + ``meta``
 (settings), ``counters``, ``s<i>`` (streams), ``e<i>`` (last errors of entries
 waiting for redelivery), ``dlq<i>`` (dead letters), ``lease<i>`` (the consumer
@@ -37,7 +41,8 @@ making a batch stage's groups), ``driver`` (the one driver's lease), ``failures`
 listed in ``conveyor:<pipeline id>:runs``, which workers poll.
 
 Modules: `streams` (keys, connections, retries, Lua scripts), `codec` (items
-and sequence paths as entry fields), `state` (settings, counters), `port` (a
+and sequence paths as entry fields), `packing` (several items to an entry),
+`state` (settings, counters), `port` (a
 stage's consumers), `worker`, `backend` (the driver), `dlq`, `status`, `cli`.
 Completion and reordering by sequence path are `conveyor.ordering`'s.
 """

@@ -46,12 +46,12 @@ from .codec import (
     CODECS,
     Codec,
     decode_failure,
-    dump_path,
     get_codec,
     key_check,
     load_path,
     secret_from,
 )
+from .packing import Packed, PackedItem, is_packed, pack_entries, stream_limit, stream_pack, unpack
 from .state import RunInfo, RunState, read_state, stage_stats
 from .streams import (
     DRIVER_GROUP,
@@ -574,7 +574,7 @@ class LiveRun:
             args: list[Any] = ["fed", "", ""]
             for value in chunk:
                 fields = self._codec.encode(value)
-                args += [len(fields), *fields]
+                args += [1, len(fields), *fields]
             self._feed(args)
             n += len(chunk)
 
@@ -593,14 +593,14 @@ class LiveRun:
             block=max(1, int(timeout * 1000)),
         )
         values: list[Any] = []
-        ids: list[bytes] = []
+        ids: list[tuple[bytes, int]] = []
         for _, entries in reply or ():
             for entry_id, fields in entries:
-                ids.append(entry_id)
+                ids.append((entry_id, 1))
                 if b"t" not in fields:
                     values.append(self._codec.decode(fields))
         if ids:
-            _ack(self._scripts, self._retry, self.keys, final, _Taken([], ids, "", [], None))
+            _ack(self._scripts, self._retry, self.keys, final, _Taken([], ids, "", [], None, []))
         return values
 
     def close(self) -> None:
@@ -611,10 +611,10 @@ class LiveRun:
     def _feed(self, args: list[Any]) -> None:
         """One call of the FEED script (see `streams.FEED`)."""
         keys = self.keys
-        length = self._retry(
+        reply = self._retry(
             self._scripts.feed, keys=[keys.stream(0), keys.counters, keys.meta], args=args
         )
-        if length == -1:
+        if reply == -1:
             raise BackendError(f"run {self.run_id!r} no longer exists")
 
     def state(self) -> RunState:
@@ -631,14 +631,19 @@ class _Taken(NamedTuple):
 
     values: list[Any]
     """Outputs released to the caller (in order, for an ordered run)."""
-    ids: list[bytes]
-    """Entries to acknowledge once the caller has taken ``values``."""
+    ids: list[tuple[bytes, int]]
+    """Entries to acknowledge once the caller has taken ``values``, with the items each
+    carried (a pack is acknowledged once every item of it is the caller's)."""
     released: int | str
     """Ordered runs: the next root to release after these ('' if unordered)."""
     completed: list[int]
     """Unordered runs: the roots these entries completed (marked done with the ack)."""
     last: bytes | None
     """Id of the last entry read (None: the read returned none)."""
+    leaves: list[bytes]
+    """Ids of the leaves done with (the tracker forgets them once acknowledged)."""
+    bitmap: tuple[int, bytes] = (0, b"")
+    """Unordered runs: the ``done`` bitmap's bytes that hold ``completed``, and where."""
 
 
 class _DriverLease:
@@ -736,6 +741,10 @@ class _DriverRun:
         self._feed_error: BaseException | None = None
         self._released = threading.Condition()
         self.tracker: Tracker | None = None
+        self._parts: dict[bytes, list[int]] = {}
+        self._counted_at = 0.0  # when the counters were read last, and `fed` then
+        self._fed_seen = 0
+        """Packs read from the final stream: [items not the caller's yet, items]."""
         self.halt: threading.Event | None = None
         """Set from another thread to stop the run (it stays in Redis, resumable)."""
         self.halted = False
@@ -792,23 +801,23 @@ class _DriverRun:
             pulled.join()
 
     def _feed_from(self, chunks: Iterator[list[Any]], fed: int) -> None:
-        keys, limit = self.keys, self.info.limits[0]
+        keys = self.keys
         stream = keys.stream(0)
-        encode, ordered, paths = self.codec.encode, self.info.ordered, self.info.paths
+        ordered = self.info.ordered
+        most = 1  # the first stage's batch size, once its workers record it
+        per_entry = 1  # items per entry in the last call
         length = 0
         while not self.stopped.is_set():
+            limit = stream_limit(self.info, 0, per_entry)
             if length >= limit:
                 length = _wait_for_room(self.scripts, stream, limit, self.stopped, self.retry)
             if ordered or self.reordering:
                 self._wait_for_window(fed)
             chunk = next(chunks, [])
             last = not chunk
-            records = []
-            for j, value in enumerate(chunk):
-                fields = encode(value)
-                if paths:
-                    fields += [b"q", dump_path([fed + j])]
-                records.append(fields)
+            records = self._entries(chunk, fed, most)
+            if records:
+                per_entry = max(1, len(chunk) // len(records))
             del chunk  # the items encoded: only their encoded copies are held while waiting
             # After the last chunk, a call with no records marks the source done.
             while True:
@@ -816,37 +825,49 @@ class _DriverRun:
                 if part is None:
                     return  # stopped while the first stream had no room
                 args: list[Any] = ["fed", fed, "" if part else "1"]
-                for fields in part:
-                    args += [len(fields), *fields]
-                length = self.retry(
+                for carried, _, fields in part:
+                    args += [carried, len(fields), *fields]
+                items = sum(entry.items for entry in part)
+                reply = self.retry(
                     self.scripts.feed, keys=[stream, keys.counters, keys.meta], args=args
                 )
-                if length == -1:
+                if reply == -1:
                     raise self._lost()
-                if length == -2:
-                    self._check_fed(fed + len(part))
+                if reply == -2:
+                    self._check_fed(fed + items)
                     length = 0
-                fed += len(part)
+                else:
+                    length = reply[0]
+                    most = max(1, min(stream_pack(self.info, 0), int(reply[1])))
+                fed += items
                 del records[: len(part)]
                 if not records:
                     break
             if last:
                 return
 
-    def _next_part(self, records: list[list[Any]]) -> list[list[Any]] | None:
+    def _next_part(self, records: list[Packed]) -> list[Packed] | None:
         """The records to add next: all of them without a byte budget; under one, as
         many as the first stream has room for once it has room for the first (one at
         least: a larger one goes in alone into an empty stream). None if the run
         stopped while waiting."""
         if self.info.share is None or not records:
             return records
-        costs = [record_cost(fields) for fields in records]
+        costs = [record_cost(entry.fields) for entry in records]
         keys = self.keys
         room = wait_for_room(
             self.scripts, self.retry, keys.stream(0), keys.counters, self.info.room_reader(0),
             costs[0], self.stopped,
         )  # fmt: skip
         return None if room is None else records[: fitting(costs, room.left)]
+
+    def _entries(self, chunk: list[Any], fed: int, most: int) -> list[Packed]:
+        """A chunk of source items as first-stream entries."""
+        encode = self.codec.encode
+        if not self.info.paths:
+            return [Packed(1, 0, encode(value)) for value in chunk]
+        dumps = self.codec.dumps
+        return pack_entries(self.codec, [(dumps(v), [fed + j]) for j, v in enumerate(chunk)], most)
 
     def _check_fed(self, expected: int) -> None:
         """After a lost reply: the chunk went in (fine), or Redis lost acknowledged writes."""
@@ -919,6 +940,8 @@ class _DriverRun:
                 if self.halt is not None and self.halt.is_set():
                     self.halted = True
                     break
+                if got and not self._counters_due():
+                    continue  # outputs are coming and the run cannot be complete yet
                 state = self._read_state()
                 if self._complete(state):
                     self.state = state
@@ -1007,6 +1030,16 @@ class _DriverRun:
             error = BackendError("the local workers of this run stopped")
         raise error
 
+    def _counters_due(self) -> bool:
+        """Whether to read the counters after a read that brought outputs: when the run
+        may be complete (every item fed when last read is through), and at least every
+        `POLL_SECONDS`. A read of the counters is a round trip, as costly to Redis as
+        acknowledging a pack: not one per read of the final stream."""
+        tracker, now = self.tracker, perf_counter()
+        if tracker is None or now - self._counted_at >= POLL_SECONDS:
+            return True
+        return tracker.completed >= self._fed_seen
+
     def _new_tracker(self, state: RunState) -> Tracker | None:
         """What tells this driver which items are through (None: a run without paths,
         made by an older version: completion by its counters)."""
@@ -1030,6 +1063,7 @@ class _DriverRun:
         state, present = read_state(self.client, self.retry, self.keys, self.n)
         if not present:
             raise self._lost()
+        self._counted_at, self._fed_seen = perf_counter(), state.fed
         return state
 
     def _lost(self) -> RunStateLost:
@@ -1100,10 +1134,10 @@ class _DriverRun:
         if taken.values:
             yield taken.values
             self.items_out += len(taken.values)
-        if taken.ids:
+        if taken.ids or taken.completed or (taken.leaves and taken.released != ""):
             _ack(self.scripts, self.retry, self.keys, self.final, taken)
-            if self.tracker is not None:
-                self.tracker.acknowledged(taken.ids)
+        if taken.leaves and self.tracker is not None:
+            self.tracker.acknowledged(taken.leaves)
 
     def _read(self, start: str | bytes) -> _Taken:
         """Read the final stream once (``start`` ">" for new entries, an id for our pending).
@@ -1121,27 +1155,75 @@ class _DriverRun:
         )
         entries = reply[0][1] if reply else []
         if not entries:
-            return _Taken([], [], "", [], None)
+            return _Taken([], [], "", [], None, [])
         tracker = self.tracker
         if tracker is None:  # a run without paths (an older version's): no identities
             values = [self.codec.decode(f) for _, f in entries if b"t" not in f]
-            return _Taken(values, [e[0] for e in entries], "", [], entries[-1][0])
+            ids = [(e[0], 1) for e in entries]
+            return _Taken(values, ids, "", [], entries[-1][0], [])
         for entry_id, fields in entries:
-            tracker.add(self._leaf(entry_id, fields))
+            for leaf in self._leaves(entry_id, fields):
+                tracker.add(leaf)
         released = tracker.release()
-        refused = [leaf.entry_id for leaf in released.refused]
+        refused = released.refused
+        if start != ">":
+            # Items of a pack this driver read before it stopped: those released then are
+            # the caller's already (their roots are done), the pack was not acknowledged
+            # while some of its items waited. Not strays: acknowledged, not dead-lettered.
+            refused = [leaf for leaf in refused if not (leaf.path and b"#" in leaf.entry_id)]
         if refused:
-            self._refuse(released.refused)
+            self._refuse(refused)
         with self._released:
             # The feeder's window moves on: the released roots are the caller's now.
             self._released.notify_all()
+        leaves = released.ids + [leaf.entry_id for leaf in released.refused]
         return _Taken(
             released.values,
-            released.ids + refused,
+            self._entries_done(leaves),
             tracker.next_root if tracker.ordered else "",
             released.completed,
             entries[-1][0],
+            leaves,
+            tracker.done_bytes(released.completed) if released.completed else (0, b""),
         )
+
+    def _leaves(self, entry_id: bytes, fields: dict[bytes, bytes]) -> list[Leaf]:
+        """A final-stream entry's leaves: one, or one per item of a pack (``id#j``)."""
+        if not is_packed(fields):
+            return [self._leaf(entry_id, fields)]
+        if entry_id in self._parts:
+            return []  # read again after a connection loss: its items are held already
+        try:
+            items = unpack(self.codec, fields)
+        except Exception:  # not a pack this run made (a bad signature, say)
+            return [Leaf([], fields, entry_id)]
+        self._parts[entry_id] = [len(items), len(items)]
+        return [self._packed_leaf(entry_id + b"#%d" % j, item) for j, item in enumerate(items)]
+
+    def _packed_leaf(self, leaf_id: bytes, item: PackedItem) -> Leaf:
+        data, path = item
+        if data is None:
+            return Leaf(path, TOMBSTONE, leaf_id)
+        try:
+            return Leaf(path, self.codec.loads(data), leaf_id)
+        except Exception:  # an item that cannot be decoded here: refused alone
+            return Leaf([], data, leaf_id)
+
+    def _entries_done(self, leaves: list[bytes]) -> list[tuple[bytes, int]]:
+        """The entries to acknowledge once ``leaves`` are the caller's, with the items
+        each carried: a pack once its last item is."""
+        done: list[tuple[bytes, int]] = []
+        for leaf_id in leaves:
+            entry_id, packed, _ = leaf_id.partition(b"#")
+            if not packed:
+                done.append((leaf_id, 1))
+                continue
+            part = self._parts[entry_id]
+            part[0] -= 1
+            if part[0] == 0:
+                del self._parts[entry_id]
+                done.append((entry_id, part[1]))
+        return done
 
     def _leaf(self, entry_id: bytes, fields: dict[bytes, bytes]) -> Leaf:
         """A final-stream entry as a leaf of its root; a malformed one gets no path."""
@@ -1322,7 +1404,12 @@ def _ack(scripts: Scripts, retry: Retrier, keys: Keys, final: str, taken: _Taken
     retry(
         scripts.ack,
         keys=[final, keys.counters, keys.done],
-        args=[DRIVER_GROUP, taken.released, len(taken.completed), *taken.completed, *taken.ids],
+        args=[
+            DRIVER_GROUP,
+            taken.released,
+            *taken.bitmap,
+            *(x for pair in taken.ids for x in pair),
+        ],
     )
 
 

@@ -75,6 +75,13 @@ class Codec:
         """The signature of ``data`` (field ``s``), or None when the codec signs nothing."""
         return None
 
+    def verify(self, data: bytes, signature: bytes | None) -> None:
+        """Check the signature of ``data`` (a pack's body); nothing to check unsigned.
+
+        Raises:
+            PayloadRejected: (pickle) the signature is missing or wrong.
+        """
+
     def encode(self, value: Any) -> list[bytes]:
         """The item as a flat list of entry fields: ``[b"d", data, (b"s", sig)]``."""
         data = self.dumps(value)
@@ -140,15 +147,21 @@ class PickleCodec(Codec):
     def sign(self, data: bytes) -> bytes:
         return hmac.new(self._key, data, hashlib.sha256).digest()
 
-    def decode(self, fields: dict[bytes, bytes]) -> Any:
-        data = fields.get(b"d")
-        signature = fields.get(b"s")
-        if data is None:
-            raise PayloadRejected("the entry has no 'd' field")
+    def verify(self, data: bytes, signature: bytes | None) -> None:
         if signature is None:
             raise PayloadRejected("unsigned pickle entry refused (it was not unpickled)")
         if not hmac.compare_digest(signature, self.sign(data)):
             raise PayloadRejected("pickle entry with a wrong signature refused (not unpickled)")
+
+    def loads(self, data: bytes) -> Any:
+        """The item back from bytes whose signature was checked (`verify`)."""
+        return pickle.loads(data)
+
+    def decode(self, fields: dict[bytes, bytes]) -> Any:
+        data = fields.get(b"d")
+        if data is None:
+            raise PayloadRejected("the entry has no 'd' field")
+        self.verify(data, fields.get(b"s"))
         return pickle.loads(data)
 
 

@@ -53,6 +53,15 @@ from ..runtime.ports import Port, StageIO
 from ..stage import Stage
 from .budget import entry_cost, fitting, need_of, room_of, wait_for_room
 from .codec import Codec, child_path, encode_failure, get_codec, key_check, load_path
+from .packing import (
+    PackedItem,
+    is_packed,
+    pack_entries,
+    single_fields,
+    stream_limit,
+    stream_pack,
+    unpack,
+)
 from .state import RunInfo, find_runs, load_info, read_state
 from .streams import (
     MAX_POLL_SECONDS,
@@ -109,6 +118,19 @@ class RunContext:
         self.block_delay: dict[int, float] = {}
         self.room_left: dict[int, int] = {}
         """Per stage, the bytes its output had room for when last seen (byte budget)."""
+        self.per_entry: dict[int, int] = {}
+        """Per stream, items per entry in what this worker added last: its limit in
+        entries is its limit in items over that (see `packing.stream_limit`)."""
+        self.takes: dict[int, int] = {}
+        """Per stage, the batch size its workers last recorded: entries packed for it
+        carry no more items (a slow stage's items are not held up in one pack)."""
+
+    def pack(self, stream: int) -> int:
+        """Most items per entry a producer adds to ``stream`` now (see packing.py)."""
+        most = stream_pack(self.info, stream)
+        if stream == len(self.info.stages):
+            return most  # the driver takes the final stream whole
+        return max(1, min(most, self.takes.get(stream, 1)))
 
     @property
     def reclaim_every(self) -> float:
@@ -239,6 +261,8 @@ class RedisPort(Port):
     room = 1000
     """How many entries besides a batch's own the hand-off's ownership check reads at
     once in the batch's range of ids (more are looked up one by one)."""
+    packs = True
+    """Whether it takes packed entries apart (a batch stage's input is never packed)."""
 
     def __init__(self, io: RedisIO, label: str) -> None:
         self.io = io
@@ -254,6 +278,12 @@ class RedisPort(Port):
         # What was handed out since the last delivery: one run's entries.
         self._run: RunContext | None = None
         self._taken: list[tuple[Entry, Any]] = []
+        # The packed entries held (in _ready or _taken), by run and entry id.
+        self._packs: dict[tuple[str, bytes], _Pack] = {}
+        self._want = 1  # the batch size the worker asked for last
+        self._made = [0, 0]  # items and entries the records being made add to the output
+        self._told: dict[str, int] = {}  # the batch size recorded in each run, by run id
+        self._per_entry = 1  # items per entry in the last read of packs
         self._next_reclaim: dict[str, float] = {}
         self._reclaim_cursor: dict[str, bytes] = {}
         self._recover = False
@@ -261,6 +291,7 @@ class RedisPort(Port):
     # ------------------------------------------------------------------ taking
 
     def take(self, n: int, timeout: float | None = None) -> list[Any]:
+        self._want = n
         deadline = None if timeout is None else monotonic() + timeout
         while True:
             if self._stopped.is_set():
@@ -298,10 +329,18 @@ class RedisPort(Port):
         if share is not None:
             # A batch of at most a share of input bytes, and of what its output had room
             # for when last seen (one item at least): its outputs' hand-off need not wait.
+            # A pack costs once, with its first item.
             room = min(share, ctx.room_left.get(self.index, share))
-            n = fitting([entry_cost(e[1]) for e, _ in got[:n]], room)
-        chunk = got[:n]
-        del got[:n]
+            costs, before = [], None
+            for entry, _ in got[:n]:
+                costs.append(0 if entry is before else entry_cost(entry[1]))
+                before = entry
+            n = fitting(costs, room)
+        end = min(n, len(got))
+        while end < len(got) and got[end][0] is got[end - 1][0]:
+            end += 1  # a pack's items go out together: it is handed on whole
+        chunk = got[:end]
+        del got[:end]
         self._run = ctx
         self._taken += chunk
         return [item for _, item in chunk]
@@ -339,6 +378,8 @@ class RedisPort(Port):
         for run_id in list(self._ready):
             if run_id not in live:
                 del self._ready[run_id]
+        for key in [key for key in self._packs if key[0] not in live]:
+            del self._packs[key]
         if self._run is not None and self._run.info.run_id not in live:
             self._run, self._taken = None, []
 
@@ -357,7 +398,9 @@ class RedisPort(Port):
             wait = min(c.blocked_until.get(self.index, now) for c in runs) - now
             self._stopped.wait(max(0.0, min(wait, MAX_POLL_SECONDS)))
             return
-        count = min(n, READ_LIMIT, max(c.info.batch for c in by_key.values()))
+        # Packs carry several items each: as many entries as make the batch asked for.
+        wanted = max(1, -(-n // self._per_entry))
+        count = min(wanted, READ_LIMIT, max(c.info.batch for c in by_key.values()))
         if self._recover:
             # A connection loss may have cut the reply of a read that Redis
             # served: those entries are pending for this consumer; read them again.
@@ -374,23 +417,43 @@ class RedisPort(Port):
         )
         # One pass is enough: a lost reply held at most one read's entries.
         self._recover = self.retry.interruptions != seen
+        read = held = 0
         for key, entries in reply or ():
             ctx = by_key[key]
+            ready = self._ready.get(ctx.info.run_id, (ctx, []))[1]
+            before = len(ready)
             self._accept(ctx, [(entry_id, fields, 1) for entry_id, fields in entries])
+            read += len(entries)
+            held += len(self._ready.get(ctx.info.run_id, (ctx, []))[1]) - before
+        if read:
+            self._per_entry = max(1, held // read)
 
     def _accept(self, ctx: RunContext, entries: list[Entry]) -> None:
         """Decode entries into ``_ready``; dead-letter those that cannot be served."""
         good: list[tuple[Entry, Any]] = []
         dead: list[Entry] = []
         records: list[Any] = []
+        split: list[Entry] = []
         held = {e[0] for e, _ in self._ready.get(ctx.info.run_id, (ctx, []))[1]}
         held.update(e[0] for e, _ in self._taken)
-        for entry in entries:
+        for read in entries:
+            entry = _counted(read)
             entry_id, fields, deliveries = entry
             if entry_id in held:
                 continue  # read again after a connection loss: held already
             error = ""
-            if ctx.info.paths and b"q" not in fields:
+            if self.packs and is_packed(fields):
+                try:
+                    pairs = self._unpack(ctx, entry)
+                except Exception as exc:
+                    error = f"cannot decode the pack: {_describe(exc)}"
+                else:
+                    if pairs:
+                        good.extend(pairs)
+                    else:  # delivered again, or not one item of it decodes: at once
+                        split.append(entry)
+                    continue
+            elif ctx.info.paths and b"q" not in fields:
                 error = "the entry has no sequence path: it was not made by this run"
             elif deliveries <= ctx.info.max_deliveries or not self.max_deliveries:
                 try:
@@ -402,8 +465,41 @@ class RedisPort(Port):
             records += _dead_record(entry, error)
         if dead:
             self.io.count_dead(self._handoff(ctx, dead, records))
+        if split:
+            packs = [self._packs.pop((ctx.info.run_id, e[0])) for e in split]
+            records = [
+                x for e, p in zip(split, packs, strict=True) for x in self._pack_record(ctx, e, p)
+            ]
+            if self._handoff(ctx, split, records) > 0:
+                self.io.count_dead(sum(len(p.bad) for p in packs))
         if good:
             self._keep(ctx, good)
+
+    def _unpack(self, ctx: RunContext, entry: Entry) -> list[tuple[Entry, Any]]:
+        """A packed entry's items that decode, each paired with the entry; the others
+        are kept aside to be dead-lettered alone. A pack delivered before (its worker
+        died, or was slower than the visibility timeout) gives none: it is split, each
+        item on its own, so that an item that kills its workers goes on alone."""
+        entry_id, fields, deliveries = entry
+        items = unpack(ctx.codec, fields)
+        pack = _Pack(len(items), [], [])
+        self._packs[(ctx.info.run_id, entry_id)] = pack
+        if deliveries > 1:
+            pack.items = items
+            return []
+        pairs = []
+        loads = ctx.codec.loads
+        for item in items:
+            data, _ = item
+            try:
+                if data is None:
+                    raise ValueError("a tombstone in a stage's input")
+                pairs.append((entry, loads(data)))
+            except Exception as exc:
+                pack.bad.append((item, f"cannot decode the item: {_describe(exc)}"))
+                continue
+            pack.items.append(item)
+        return pairs
 
     def _decode(self, ctx: RunContext, fields: dict[bytes, bytes]) -> Any:
         return ctx.codec.decode(fields)
@@ -418,7 +514,8 @@ class RedisPort(Port):
         backlog = self.retry(
             self.scripts.backlog, keys=[keys.stream(i + 1)], args=_output_backlog(ctx.info, i)
         )
-        if backlog < ctx.info.limits[i + 1] and self._bytes_room(ctx):
+        limit = stream_limit(ctx.info, i + 1, ctx.per_entry.get(i + 1, 1))
+        if backlog < limit and self._bytes_room(ctx):
             ctx.blocked_until.pop(i, None)
             ctx.block_delay.pop(i, None)
             return True
@@ -503,29 +600,51 @@ class RedisPort(Port):
         self._run, self._taken = None, []
         if ctx is None or not taken:
             return None
-        entries = [entry for entry, _ in taken]
         handled = outcome.processed + (outcome.error is not None)
-        records = self._records(ctx, entries, outcome)
+        cut = handled
+        while 0 < cut < len(taken) and taken[cut][0] is taken[cut - 1][0]:
+            cut += 1  # a pack is handed on whole: its items not reached go back to the input
+        entries = _distinct([entry for entry, _ in taken[:cut]])
+        records = self._records(ctx, taken[:cut], outcome)
         if not self._wait_for_room(ctx, records):
-            handled = 0  # stopped while the output was full: all is let go (close)
+            cut = 0  # stopped while the output was full: all is let go (close)
         else:
-            self._handoff(ctx, entries[:handled], records, outcome)
-        if handled < len(taken):
+            self._handoff(ctx, entries, records, outcome)
+        if cut < len(taken):
             # Not reached (a stop cut the batch short, or an earlier item raised):
             # still pending for this consumer, they are the next take's.
-            self._ready.setdefault(ctx.info.run_id, (ctx, []))[1][:0] = taken[handled:]
+            self._ready.setdefault(ctx.info.run_id, (ctx, []))[1][:0] = taken[cut:]
         return None
 
     async def adeliver(self, outcome: BatchOutcome) -> BaseException | None:
         error: BaseException | None = await self.io.run_blocking(self.deliver, outcome)
         return error
 
-    def _records(self, ctx: RunContext, taken: list[Entry], outcome: BatchOutcome) -> list[Any]:
+    def _records(
+        self, ctx: RunContext, taken: list[tuple[Entry, Any]], outcome: BatchOutcome
+    ) -> list[Any]:
         """The hand-off's records: each input entry with its outputs, failures, the error."""
         args: list[Any] = []
+        results = outcome.per_input()
+        error = None if outcome.error is None else _error_fields(outcome.error)
+        index = 0
+        while index < len(taken):
+            entry = taken[index][0]
+            end = index + 1
+            while end < len(taken) and taken[end][0] is entry:
+                end += 1
+            pack = self._packs.pop((ctx.info.run_id, entry[0]), None)
+            if pack is not None:
+                # A pack: its items' outputs, the error of the one that raised (if in it).
+                raised = error if index <= outcome.processed < end else None
+                args += self._pack_record(ctx, entry, pack, results[index:end], raised)
+                self.io.count_dead(len(pack.bad))
+            index = end
         # A skipped item has no outputs: acknowledged with none (a tombstone, ordered).
-        for index, outputs in enumerate(outcome.per_input()):
-            entry_id, fields, deliveries = taken[index]
+        for index, outputs in enumerate(results):
+            entry_id, fields, deliveries = taken[index][0]
+            if is_packed(fields):
+                continue
             try:
                 records = self._outputs(ctx, outputs, fields.get(b"q"))
             except Exception as exc:  # an output the run's codec cannot carry
@@ -540,10 +659,71 @@ class RedisPort(Port):
                     args += ["O", entry_id, record[3], record[5]]
                     continue
             args += ["a", entry_id, deliveries, len(records), *_flat(records)]
-        if outcome.error is not None:
-            entry_id = taken[outcome.processed][0]
-            args += ["n", entry_id, *_error_fields(outcome.error)]
+        if error is not None and not is_packed(taken[outcome.processed][0][1]):
+            args += ["n", taken[outcome.processed][0][0], *error]
         return args
+
+    def _pack_record(
+        self,
+        ctx: RunContext,
+        entry: Entry,
+        pack: _Pack,
+        results: list[list[Any]] | None = None,
+        error: tuple[str, str] | None = None,
+    ) -> list[Any]:
+        """The hand-off's ``P`` record of a packed entry (see streams.HANDOFF).
+
+        ``results`` are the outputs of its first items; the next one raised
+        ``error`` (if not None) and goes back to the input alone with it; the
+        items after were not reached (a stop) and go back too, packed again,
+        their delivery not counted. Outputs go on packed, and so do the
+        tombstones of the items that gave none (filtered, skipped).
+        """
+        codec, info, i = ctx.codec, ctx.info, self.index
+        _, _, deliveries = entry
+        done = results or []
+        outs: list[PackedItem] = []
+        tombs: list[PackedItem] = []
+        rest: list[PackedItem] = []
+        records: list[list[Any]] = []
+        for j, item in enumerate(pack.items):
+            path = item[1]
+            if j == len(done) and error is not None:
+                records.append(_back(codec, item, deliveries, error))
+                continue
+            if j >= len(done):
+                rest.append(item)
+                continue
+            try:
+                encoded = [codec.dumps(value) for value in done[j]]
+            except Exception as exc:  # an output the run's codec cannot carry
+                records.append(_back(codec, item, deliveries, _error_fields(exc)))
+                continue
+            k = len(encoded)
+            if k == 0:
+                tombs.append((None, path))
+            elif k == 1:
+                outs.append((encoded[0], path))
+            else:
+                outs += [(data, [*path, m, k]) for m, data in enumerate(encoded)]
+        for item, why in pack.bad:
+            fields = single_fields(codec, item)
+            records.append(["x", 1, 0, why, "", len(fields), *fields])
+        tombstones = info.tombstone_stream(i)
+        if tombstones == i + 1:
+            outs, tombs = outs + tombs, []  # one stream: one pack
+        if rest and deliveries > 1:
+            # Delivered before (see _unpack): each item goes on alone, its deliveries kept.
+            records += [_back(codec, item, deliveries - 1, None) for item in rest]
+            rest = []
+        places = (("o", outs, i + 1), ("f", tombs, tombstones), ("i", rest, i))
+        for dest, items, stream in places:
+            for carried, gaps, fields in pack_entries(codec, items, ctx.pack(stream)):
+                if dest == "o":
+                    self._made[0] += carried
+                    self._made[1] += 1
+                records.append([dest, carried - gaps, gaps, "", "", len(fields), *fields])
+        return ["P", entry[0], deliveries, pack.size, len(records), *_flat(records)]
 
     def _outputs(self, ctx: RunContext, outputs: list[Any], seq: bytes | None) -> list[list[Any]]:
         """The records of one entry's outputs: ``[dest, k, field, value, ...]`` each."""
@@ -607,6 +787,7 @@ class RedisPort(Port):
                 tombstone_counter(tombstones, len(info.stages)),
                 *_output_backlog(info, i),
                 cursor,
+                self._tell(info.run_id),
                 *records,
             ],
         )
@@ -623,11 +804,22 @@ class RedisPort(Port):
                 self.stage.name,
                 reply[1],
             )
-        if reply[2] >= info.limits[i + 1]:
+        ctx.takes[i + 1] = int(reply[3])
+        made, self._made = self._made, [0, 0]
+        if made[1]:
+            ctx.per_entry[i + 1] = max(1, made[0] // made[1])
+        if reply[2] >= stream_limit(info, i + 1, ctx.per_entry.get(i + 1, 1)):
             self._block(ctx)
         elif info.max_bytes is not None:
             ctx.blocked_until[i] = 0.0  # under a byte budget, the next read checks the room
         return len(entries) - int(reply[1])
+
+    def _tell(self, run_id: str) -> int | str:
+        """The batch size to record for the stage in the run ('' if recorded already)."""
+        if self._told.get(run_id) == self._want:
+            return ""
+        self._told[run_id] = self._want
+        return self._want
 
     def _record_failures(self, ctx: RunContext, outcome: BatchOutcome) -> None:
         records = [encode_failure(ctx.codec, failure) for failure in outcome.failures]
@@ -667,12 +859,19 @@ class RedisPort(Port):
                 e[0] for e, _ in self._taken
             )
         self._ready.clear()
+        self._packs.clear()
         self._run, self._taken = None, []
         for ctx, ids in held.values():
             if ids:
                 key = ctx.info.keys.stream(self.index)
                 self.client.xclaim(
-                    key, WORKER_GROUP, self.name, 0, ids, idle=ctx.info.visibility_ms, justid=True
+                    key,
+                    WORKER_GROUP,
+                    self.name,
+                    0,
+                    list(dict.fromkeys(ids)),  # a pack's items share its id
+                    idle=ctx.info.visibility_ms,
+                    justid=True,
                 )
 
 
@@ -709,6 +908,7 @@ class BatchPort(RedisPort):
     """
 
     max_deliveries = False  # a take-over counts as a delivery: making groups cannot fail
+    packs = False  # its input is never packed (a pack there is a stray: no path)
     room = 0  # it holds thousands of entries while it reorders: check a group's own ids
 
     def __init__(self, io: RedisIO, label: str) -> None:
@@ -957,6 +1157,44 @@ class BatchPort(RedisPort):
 # ---------------------------------------------------------------------- helpers
 
 
+@dataclass
+class _Pack:
+    """A packed entry a consumer holds: how many items it carries, those handed out
+    (in order), and those that could not be decoded, with why (dead-lettered alone)."""
+
+    size: int
+    items: list[PackedItem]
+    bad: list[tuple[PackedItem, str]]
+
+
+def _back(
+    codec: Codec, item: PackedItem, deliveries: int, error: tuple[str, str] | None
+) -> list[Any]:
+    """A ``P`` record sending one item of a pack back to the stage's input, alone, with
+    the deliveries it had (field ``r``) and the error it raised (if any)."""
+    fields = single_fields(codec, item)
+    if deliveries > 0:
+        fields += [b"r", str(deliveries).encode()]
+    err, rec = error or ("", "")
+    return ["i", 1, 0, err, rec, len(fields), *fields]
+
+
+def _counted(entry: Entry) -> Entry:
+    """An entry with the deliveries of the pack it left (field ``r``) counted in."""
+    entry_id, fields, deliveries = entry
+    before = fields.get(b"r")
+    return entry if before is None else (entry_id, fields, deliveries + int(before))
+
+
+def _distinct(entries: list[Entry]) -> list[Entry]:
+    """Entries without the repeats of a pack's items (which share their entry)."""
+    out: list[Entry] = []
+    for entry in entries:
+        if not out or out[-1] is not entry:
+            out.append(entry)
+    return out
+
+
 def _output_backlog(info: RunInfo, index: int) -> tuple[str, str]:
     """The group of stage ``index``'s output stream, and whether the entries read and
     not acknowledged count as backlog (`RunInfo.reader`)."""
@@ -980,7 +1218,7 @@ def _gap_records(taken: list[tuple[Entry, Any]]) -> list[Any]:
 
 def _dead_record(entry: Entry, error: str) -> list[Any]:
     entry_id, fields, deliveries = entry
-    kept = [x for k, v in fields.items() if k in (b"d", b"q", b"s") for x in (k, v)]
+    kept = [x for k, v in fields.items() if k in (b"d", b"q", b"s", b"p") for x in (k, v)]
     return ["x", entry_id, deliveries, error, len(kept), *kept]
 
 

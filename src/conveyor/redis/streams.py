@@ -304,9 +304,6 @@ class Retrier:
 
 # ---------------------------------------------------------------------- scripts
 
-UNPACK_MAX = 1000
-"""Most values a script passes to one ``unpack()``: Lua's stack holds about 8000."""
-
 ENTRY_HEADER = 64
 """Bytes an entry takes in its stream node besides its fields' (lengths, ids, flags;
 a node's own header when the entry has a node of its own)."""
@@ -434,15 +431,26 @@ end
 # ARGV: group, consumer, stage, visibility ms, filtered, failed, retried,
 #       busy us, lowest id, highest id, number of entries, tombstone counter,
 #       output's group, count what it holds as backlog ('1'|'0'),
-#       cursor ('' for no batch stage, '-' for one without paths), then records:
+#       cursor ('' for no batch stage, '-' for one without paths), the stage's
+#       batch size to record as 'take:<stage>' ('' if unchanged), then records:
 #   'o' id data              (first delivery, one output: its field d)
 #   'O' id data seq          (the same with field q)
 #   'a' id deliveries n_out [dest('o'|'f': output|tombstones) k field value ...] * n_out
 #   'n' id error record    (error: the traceback text; record: the exception as JSON,
 #                           `conveyor.remote.ExceptionRecord`, kept beside it as id#r)
 #   'x' id deliveries error k field value ...   (the dead letter gets both, err and rec)
-# Returns {acked, stale, backlog of the output stream}, -1 if the run is gone,
-# -2 if the batch stage's lease is another consumer's.
+#   'P' id deliveries items n [dest c t error record k field value ...] * n
+#                          (a packed entry of `items` items, see packing.py: each record
+#                           an entry carrying c items and t tombstones, to dest 'o' the
+#                           output (tombstones too when it is their stream), 'f' the
+#                           tombstones' stream, 'i' back to the input -- a failed or
+#                           unreached item, its error kept with the new entry when
+#                           not '' -- or 'x' the dead letters)
+# Counters count items: an entry handed on counts its items, less those sent back
+# to the input or to the dead letters.
+# Returns {acked, stale, backlog of the output stream, the next stage's batch size
+# ('take:<stage + 1>', 0 if unknown: producers pack entries no larger)}, -1 if the
+# run is gone, -2 if the batch stage's lease is another consumer's.
 HANDOFF = (
     LUA_HELPERS
     + """
@@ -467,7 +475,8 @@ local function owned(id)
 end
 local acked, stale, outs, tombs, redelivered, dead = 0, 0, 0, 0, 0, 0
 local done = {}
-local i = 16
+if ARGV[16] ~= '' then redis.call('HSET', KEYS[4], 'take:' .. st, ARGV[16]) end
+local i = 17
 while i <= #ARGV do
   local op, id = ARGV[i], ARGV[i + 1]
   if op == 'o' or op == 'O' then
@@ -517,6 +526,42 @@ while i <= #ARGV do
       redis.call('XCLAIM', KEYS[1], group, consumer, 0, id, 'IDLE', ARGV[4], 'JUSTID')
     end
     i = i + 4
+  elseif op == 'P' then
+    local deliveries, items, n = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+    i = i + 5
+    if owned(id) then
+      done[#done + 1] = id
+      if deliveries > 1 then redis.call('HDEL', KEYS[6], id, id .. '#r') end
+      local left = items
+      for _ = 1, n do
+        local dest, c, t = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+        local err, rec, k = ARGV[i + 3], ARGV[i + 4], tonumber(ARGV[i + 5])
+        local first, last = i + 6, i + 5 + k
+        if dest == 'o' then
+          xadd(KEYS[4], KEYS[2], unpack(ARGV, first, last))
+          outs = outs + c
+          tombs = tombs + t
+        elseif dest == 'f' then
+          xadd(KEYS[4], KEYS[3], unpack(ARGV, first, last))
+          tombs = tombs + t
+        elseif dest == 'i' then
+          local nid = xadd(KEYS[4], KEYS[1], unpack(ARGV, first, last))
+          if err ~= '' then redis.call('HSET', KEYS[6], nid, err, nid .. '#r', rec) end
+          left = left - c
+        else
+          redis.call('XADD', KEYS[7], '*', 'src', id, 'n', deliveries, 'err', err, 'rec', rec,
+                     unpack(ARGV, first, last))
+          dead = dead + c
+          left = left - c
+        end
+        i = last + 1
+      end
+      acked = acked + left
+      redelivered = redelivered + (deliveries - 1) * left
+    else
+      stale = stale + 1
+      for _ = 1, n do i = i + 6 + tonumber(ARGV[i + 5]) end
+    end
   else
     local deliveries, err, k = ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4])
     if owned(id) then
@@ -556,7 +601,8 @@ add('retried:' .. st, ARGV[7])
 add('busy_us:' .. st, ARGV[8])
 -- The driver (final stream) and a batch stage hold entries while they reorder:
 -- those are not backlog, or a missing item could never get past a full stream.
-return {acked, stale, backlog(KEYS[2], ARGV[13], ARGV[14] == '1')}
+local take = redis.call('HGET', c, 'take:' .. (tonumber(st) + 1)) or 0
+return {acked, stale, backlog(KEYS[2], ARGV[13], ARGV[14] == '1'), take}
 """
 )
 
@@ -566,10 +612,11 @@ return {acked, stale, backlog(KEYS[2], ARGV[13], ARGV[14] == '1')}
 # source_done would make an empty run look complete).
 # KEYS: stream, counters, meta.  ARGV: counter, the counter's expected value
 # ('' for none), done ('1': the source is done after these records), then
-# records: k field value ...
-# Returns the stream's backlog after, -1 if the run is gone, or -2 when the
-# counter is past the expected value: an earlier attempt of this very call
-# was applied (its reply lost with the connection), so nothing is added twice.
+# records: c k field value ... (an entry carrying c items: see packing.py)
+# Returns {the stream's backlog after, the first stage's batch size ('take:0', 0 if
+# unknown)}, -1 if the run is gone, or -2 when the counter is past the expected
+# value: an earlier attempt of this very call was applied (its reply lost with the
+# connection), so nothing is added twice.
 FEED = (
     LUA_HELPERS
     + """
@@ -580,14 +627,14 @@ if ARGV[2] ~= '' then
 end
 local i, n = 4, 0
 while i <= #ARGV do
-  local k = tonumber(ARGV[i])
-  xadd(KEYS[2], KEYS[1], unpack(ARGV, i + 1, i + k))
-  i = i + 1 + k
-  n = n + 1
+  local k = tonumber(ARGV[i + 1])
+  xadd(KEYS[2], KEYS[1], unpack(ARGV, i + 2, i + 1 + k))
+  n = n + tonumber(ARGV[i])
+  i = i + 2 + k
 end
 if ARGV[1] ~= '' and n > 0 then redis.call('HINCRBY', KEYS[2], ARGV[1], n) end
 if ARGV[3] == '1' then redis.call('HSET', KEYS[3], 'source_done', '1') end
-return backlog(KEYS[1], 'workers', true)
+return {backlog(KEYS[1], 'workers', true), redis.call('HGET', KEYS[2], 'take:0') or 0}
 """
 )
 
@@ -634,7 +681,7 @@ for j = 4, #ARGV do
     local keep = {}
     local seq = nil
     for k = 1, #f, 2 do
-      if f[k] == 'd' or f[k] == 'q' or f[k] == 's' then
+      if f[k] == 'd' or f[k] == 'q' or f[k] == 's' or f[k] == 'p' then
         keep[#keep + 1] = f[k]
         keep[#keep + 1] = f[k + 1]
       end
@@ -660,36 +707,34 @@ return moved
 )
 
 
-# The driver takes final-stream entries: acknowledge, trim, count (by what
-# XACK says, so a repeated call after a lost reply counts nothing twice).
-# The ids go to XACK UNPACK_MAX at a time: unpack() of more than about 8000
-# values overflows Lua's stack ("too many results to unpack"), and an ordered
-# run whose head item was slow releases thousands of entries at once.
-# An unordered run's driver also marks the roots it completed in the run's
-# ``done`` bitmap, so that a resumed driver knows which items are through.
+# The driver takes final-stream entries: acknowledge, trim, count the items they
+# carried (by what XACK says, so a repeated call after a lost reply counts
+# nothing twice). One XACK per entry: no unpack() of thousands of values, which
+# overflows Lua's stack ("too many results to unpack") when an ordered run whose
+# head item was slow releases thousands of entries at once.
+# An unordered run's driver also writes the bytes of its ``done`` bitmap that hold
+# the roots it completed (SETRANGE: one command, not a SETBIT per item), so that a
+# resumed driver knows which items are through.
 # KEYS: final, counters, done.  ARGV: group, released root ('' if unordered),
-# number of completed roots k, the k roots, then the ids.
+# the bitmap's offset in bytes and its bytes ('' for none), then (id, items
+# carried) pairs.
 ACK = (
     LUA_HELPERS
     + """
-local k = tonumber(ARGV[3])
-for j = 4, 3 + k do redis.call('SETBIT', KEYS[3], ARGV[j], 1) end
+if ARGV[4] ~= '' then redis.call('SETRANGE', KEYS[3], ARGV[3], ARGV[4]) end
 local n = 0
-for first = 4 + k, #ARGV, UNPACK_MAX do
-  local last = math.min(first + UNPACK_MAX - 1, #ARGV)
-  n = n + redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, first, last))
+local ids = {}
+for j = 5, #ARGV, 2 do
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[j]) == 1 then n = n + tonumber(ARGV[j + 1]) end
+  ids[#ids + 1] = ARGV[j]
 end
-if budget_on(KEYS[2]) then
-  local ids = {}
-  for j = 4 + k, #ARGV do ids[#ids + 1] = ARGV[j] end
-  forget(KEYS[2], KEYS[1], ids)
-end
+forget(KEYS[2], KEYS[1], ids)
 trim(KEYS[1], ARGV[1])
 if n > 0 then redis.call('HINCRBY', KEYS[2], 'delivered', n) end
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[2], 'released', ARGV[2]) end
 return n
 """
-).replace("UNPACK_MAX", str(UNPACK_MAX))
+)
 
 
 # Take, keep or let go of a batch stage's lease: the one consumer that makes its

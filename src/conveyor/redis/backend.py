@@ -866,8 +866,8 @@ class _DriverRun:
         encode = self.codec.encode
         if not self.info.paths:
             return [Packed(1, 0, encode(value)) for value in chunk]
-        dumps = self.codec.dumps
-        return pack_entries(self.codec, [(dumps(v), [fed + j]) for j, v in enumerate(chunk)], most)
+        data = self.codec.item_bytes
+        return pack_entries(self.codec, [(data(v), [fed + j]) for j, v in enumerate(chunk)], most)
 
     def _check_fed(self, expected: int) -> None:
         """After a lost reply: the chunk went in (fine), or Redis lost acknowledged writes."""

@@ -82,8 +82,12 @@ class Codec:
             PayloadRejected: (pickle) the signature is missing or wrong.
         """
 
-    def encode(self, value: Any) -> list[bytes]:
-        """The item as a flat list of entry fields: ``[b"d", data, (b"s", sig)]``."""
+    def item_bytes(self, value: Any) -> bytes:
+        """The item's bytes, refused when Redis could not take them in one value.
+
+        Raises:
+            SerializationError: the codec cannot encode it, or it is over `MAX_ENTRY_BYTES`.
+        """
         data = self.dumps(value)
         if len(data) > MAX_ENTRY_BYTES:
             raise SerializationError(
@@ -91,6 +95,11 @@ class Codec:
                 f"the {MAX_ENTRY_BYTES} bytes Redis takes in one value (proto-max-bulk-len): "
                 f"send a reference to it (a path, a key) instead"
             )
+        return data
+
+    def encode(self, value: Any) -> list[bytes]:
+        """The item as a flat list of entry fields: ``[b"d", data, (b"s", sig)]``."""
+        data = self.item_bytes(value)
         signature = self.sign(data)
         return [b"d", data] if signature is None else [b"d", data, b"s", signature]
 

@@ -695,7 +695,7 @@ class RedisPort(Port):
                 rest.append(item)
                 continue
             try:
-                encoded = [codec.dumps(value) for value in done[j]]
+                encoded = [codec.item_bytes(value) for value in done[j]]
             except Exception as exc:  # an output the run's codec cannot carry
                 records.append(_back(codec, item, deliveries, _error_fields(exc)))
                 continue

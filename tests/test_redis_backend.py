@@ -323,15 +323,6 @@ def as_set(x: int) -> set[int]:
     return {x}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="redis/port.py RedisPort._records: an output the run's codec cannot encode "
-    "(codec='json' and a set) is nacked like a stage failure and delivered again until "
-    "it is a dead letter (DeadLettersError after max_deliveries x visibility_timeout), "
-    "with the codec's own TypeError, whatever on_error says; it should be a "
-    "SerializationError naming the stage, recorded in result.failures with on_error='skip' "
-    "(as a source item the codec cannot carry fails at once)",
-)
 def test_an_output_the_codec_cannot_carry_is_a_serialization_error_that_skip_records(
     redis_server: RedisServer,
 ) -> None:
@@ -352,12 +343,6 @@ def test_an_output_the_codec_cannot_carry_is_a_serialization_error_that_skip_rec
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="redis/streams.py connect(): Redis's error answer while connecting (SELECT of a "
-    "database number the server does not have) goes up as redis-py's ResponseError, not "
-    "a BackendError naming the URL (password masked) as a refused password does",
-)
 def test_a_database_number_redis_does_not_have_is_a_backend_error_naming_the_url(
     redis_server: RedisServer,
 ) -> None:

@@ -41,12 +41,13 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from time import monotonic
 from typing import Any
 
 from ..errors import Empty, ShutDown
 from ..ordering import TOMBSTONE, Leaf, Tracker
-from ..policy import BatchOutcome
+from ..policy import BatchOutcome, drop_unsendable
 from ..remote import capture
 from ..runtime.base import RunControl
 from ..runtime.ports import Port, StageIO
@@ -471,8 +472,19 @@ class RedisPort(Port):
         if ctx is None or not taken:
             return None
         entries = [entry for entry, _ in taken]
+        try:
+            records = self._records(ctx, entries, outcome)
+        except Exception:  # an output the run's codec cannot carry (the slow path)
+            outcome = drop_unsendable(
+                self.stage,
+                [item for _, item in taken],
+                outcome,
+                partial(_first_unencodable, ctx.codec),
+                f"be carried by the run's {ctx.codec.name} codec",
+            )
+            records = self._records(ctx, entries, outcome)
         handled = outcome.processed + (outcome.error is not None)
-        self._handoff(ctx, entries[:handled], self._records(ctx, entries, outcome), outcome)
+        self._handoff(ctx, entries[:handled], records, outcome)
         if handled < len(taken):
             # Not reached (a stop cut the batch short, or an earlier item raised):
             # still pending for this consumer, they are the next take's.
@@ -489,11 +501,7 @@ class RedisPort(Port):
         # A skipped item has no outputs: acknowledged with none (a tombstone, ordered).
         for index, outputs in enumerate(outcome.per_input()):
             entry_id, fields, deliveries = taken[index]
-            try:
-                records = self._outputs(ctx, outputs, fields.get(b"q"))
-            except Exception as exc:  # an output the run's codec cannot carry
-                args += ["n", entry_id, *_error_fields(exc)]
-                continue
+            records = self._outputs(ctx, outputs, fields.get(b"q"))
             if deliveries == 1 and len(records) == 1 and records[0][0] == "o":
                 record = records[0]
                 if record[1] == 2:  # fields d
@@ -960,6 +968,16 @@ def _id_range(entries: list[Entry]) -> tuple[bytes, bytes]:
 def _id_key(entry_id: bytes) -> tuple[int, int]:
     ms, _, seq = entry_id.partition(b"-")
     return int(ms), int(seq or 0)
+
+
+def _first_unencodable(codec: Codec, outputs: list[Any]) -> tuple[int, Exception] | None:
+    """Index and error of the first of ``outputs`` that ``codec`` cannot encode."""
+    for index, value in enumerate(outputs):
+        try:
+            codec.encode(value)
+        except Exception as exc:
+            return index, exc
+    return None
 
 
 def _flat(records: list[list[Any]]) -> list[Any]:

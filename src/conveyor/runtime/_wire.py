@@ -501,12 +501,3 @@ class _Arena:
         if not in_use:
             mapping.close()
         # else the arrays' slices keep the mapping alive; it is unmapped after the last one
-
-
-def _type_name(obj: Any) -> str:
-    kind = type(obj)
-    return (
-        kind.__qualname__
-        if kind.__module__ == "builtins"
-        else f"{kind.__module__}.{kind.__qualname__}"
-    )

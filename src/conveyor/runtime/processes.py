@@ -159,7 +159,15 @@ from ..errors import (
     ShutDown,
     WorkerCrashed,
 )
-from ..policy import BatchOutcome, add_note, add_stage_note, give_up, item_repr, retry_delay
+from ..policy import (
+    BatchOutcome,
+    add_note,
+    add_stage_note,
+    give_up,
+    item_repr,
+    retry_delay,
+    type_name,
+)
 from ..remote import rebuild
 from ..stage import Failure, Stage
 from ._child import _child_main, _PackedError, _stage_blob
@@ -181,7 +189,6 @@ from ._wire import (
     _load,
     _OutcomeMessage,
     _pack,
-    _type_name,
     shm_prefix,
 )
 from .base import Runtime, StageRun, batch_loop, worker_loop
@@ -957,7 +964,7 @@ class _Worker:
                     end = start + bad[0]
                     continue
                 error = SerializationError(
-                    f"stage {stage.label}: an item of type {_type_name(batch[start])} cannot be "
+                    f"stage {stage.label}: an item of type {type_name(batch[start])} cannot be "
                     f"sent to a {self.runtime.worker}: {bad[1]}"
                 )
                 error.__cause__ = bad[1]
@@ -1011,7 +1018,7 @@ class _Worker:
             job.isolate_until = end
             return True
         error = SerializationError(
-            f"stage {self.stage.label}: an item of type {_type_name(job.batch[start])} or its "
+            f"stage {self.stage.label}: an item of type {type_name(job.batch[start])} or its "
             f"result could not be unpickled {where}: {type(exc).__name__}: {exc}"
         )
         error.__cause__ = exc

@@ -414,20 +414,8 @@ def held_at_the_gate(x: int) -> int:
     return x
 
 
-# A race (the worker's poll of the deleted stream against its noticing that the run is
-# gone): it shows in most runs of this test (5 in 6 here), and when it does, the second
-# run times out and the worker's join re-raises the ResponseError. Not strict (as the
-# contract suite's `Intermittent` gaps), for the runs where the worker wins the race.
-@pytest.mark.xfail(
-    strict=False,
-    raises=(TimeoutError, redis.ResponseError),
-    reason="redis/port.py RedisPort._has_room: a stage held back by its output stream's "
-    "limit polls that stream's backlog; once the run is cancelled (or has finished and "
-    "its keys are deleted) the script fails with 'ResponseError: no such key' and the "
-    "whole worker stops: `conveyor worker` exits 1 at the end of a run with a small "
-    "RedisBackend(limit=...), about 1 run in 15 (limit=2, 200 items fanned out by 5), and "
-    "every later run waits for a worker that is gone",
-)
+# Regression: the stage's poll of its output's backlog failed with 'ResponseError: no
+# such key' once the run's keys were gone, and the whole worker stopped (5 runs in 6).
 def test_a_worker_held_back_by_a_limit_survives_its_run_being_cancelled(
     redis_server: RedisServer, closing: Callable[[Any], Any]
 ) -> None:

@@ -303,6 +303,7 @@ class RedisPort(Port):
         """Read new entries (and take over idle ones) into ``_ready``."""
         import redis
 
+        runs: list[RunContext] = []
         try:
             runs = self.io.directory.runs()
             if self._run is not None:
@@ -314,9 +315,13 @@ class RedisPort(Port):
             if not self._reclaim_due(runs, n):
                 self._read(runs, n, timeout)
         except redis.ResponseError as exc:
-            if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+            # A run ended (finished, or cancelled) and its keys went away while this
+            # consumer read them or polled its output for room: Redis says NOGROUP, or
+            # a script 'no such key'. Only an error about a live run is the worker's.
+            live = {c.info.run_id for c in self.io.directory.runs(force=True)}
+            gone = any(c.info.run_id not in live for c in runs)
+            if not gone and not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                 raise
-            self.io.directory.runs(force=True)  # a run ended and its keys went away
             self._forget_gone_runs()
         except redis.ConnectionError:
             if self._stopped.is_set():

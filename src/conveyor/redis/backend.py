@@ -48,7 +48,7 @@ from .codec import (
     load_path,
     secret_from,
 )
-from .state import RunInfo, RunState, read_state, stage_stats
+from .state import RunInfo, RunState, clear_refusal, read_state, stage_stats
 from .streams import (
     DRIVER_GROUP,
     MAX_POLL_SECONDS,
@@ -758,6 +758,8 @@ class _DriverRun:
                 if self._complete(state):
                     self.state = state
                     break
+                if state.refused:
+                    raise self._refused(state.refused)
                 stalled = not got and state.stalled(self.reordering)
                 if stalled and self.backend.on_dead_letters == "raise":
                     raise self._dead_letters_error(state)
@@ -866,6 +868,12 @@ class _DriverRun:
         if not present:
             raise self._lost()
         return state
+
+    def _refused(self, why: str) -> BackendError:
+        """The error of a run a worker cannot serve; the refusal is said once, so that
+        the run, resumed after a fix, starts without it."""
+        self.retry(clear_refusal, self.client, self.keys)
+        return BackendError(f"run {self.keys.run!r} cannot be served: {why}")
 
     def _lost(self) -> RunStateLost:
         return RunStateLost(

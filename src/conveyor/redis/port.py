@@ -37,6 +37,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +55,7 @@ from ..runtime.base import RunControl
 from ..runtime.ports import Port, StageIO
 from ..stage import Stage
 from .codec import Codec, child_path, encode_failure, get_codec, key_check, load_path
-from .state import RunInfo, find_runs, load_info, read_state
+from .state import RunInfo, find_runs, load_info, read_state, refuse_run
 from .streams import (
     DRIVER_GROUP,
     MAX_POLL_SECONDS,
@@ -155,12 +157,14 @@ class RunDirectory:
     def _codec_for(self, info: RunInfo) -> Codec | None:
         if info.key_check != key_check(self._secret if info.codec == "pickle" else None):
             self._refused.add(info.run_id)
-            log.error(
-                "conveyor: run %s uses the %s codec with a secret key this worker does not "
-                "have (set CONVEYOR_SECRET_KEY or pass secret_key): not serving it",
-                info.run_id,
-                info.codec,
+            why = (
+                f"the worker on {socket.gethostname()} (pid {os.getpid()}) does not have "
+                f"the secret key of the run's {info.codec} codec (set CONVEYOR_SECRET_KEY "
+                f"or pass secret_key, the driver's)"
             )
+            log.error("conveyor: run %s: %s: not serving it", info.run_id, why)
+            # The driver would wait for ever: tell it.
+            self._retry(refuse_run, self._client, info.keys, why)
             return None
         return get_codec(info.codec, self._secret)
 

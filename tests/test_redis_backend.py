@@ -361,14 +361,7 @@ async def count_threads(x: int) -> int:
     return x
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="redis/port.py RedisIO.open_ports: each coroutine worker of an async stage waits "
-    "for Redis in a thread of its own (a ThreadPoolExecutor of `workers` threads), so "
-    "workers=300 starts 300 threads (1000 workers: 1000 threads, and 5000 items of 10 ms "
-    "take 9.7 s against 0.16 s on one machine); docs/guides/async.md promises hundreds of "
-    "calls in flight for one thread",
-)
+# Regression: each coroutine worker waited for Redis in a thread of its own.
 def test_an_async_stage_on_redis_waits_for_hundreds_of_calls_with_a_few_threads(
     redis_server: RedisServer,
 ) -> None:

@@ -174,6 +174,8 @@ def _combo_param(combo: str) -> Any:
 ALL = [_combo_param(c) for c in COMBOS]
 REDIS_ONLY = [_combo_param(c) for c in REDIS_COMBOS]
 """For a redis-only test: ``@pytest.mark.parametrize("runner", REDIS_ONLY, indirect=True)``."""
+ASYNC_ONLY = [_combo_param(c) for c in COMBOS if c.startswith("async-")]
+"""For a test of coroutine stages: ``@pytest.mark.parametrize("runner", ASYNC_ONLY, ...)``."""
 
 
 # ---------------------------------------------------------------------- helpers

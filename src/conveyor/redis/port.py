@@ -30,6 +30,15 @@ A batch stage's port (`BatchPort`) makes the same groups as on one machine:
 
 It stays on one run until it delivers, and answers `Empty` when that run's
 input has ended, so a partial group goes out as on one machine.
+
+An async stage's coroutine workers share one consumer (`SharedPort`), each
+through a `TaskPort`: hundreds of them must not wait for Redis in hundreds of
+threads::
+
+    atake(n):    lend n of what was read (on the loop); none: one coroutine at
+                 a time reads for all those waiting, in a thread
+    adeliver(o): post the outcome; the next flush (in a thread) hands on all
+                 that was posted meanwhile, one hand-off per run
 """
 
 from __future__ import annotations
@@ -75,6 +84,8 @@ __all__ = [
     "RedisPort",
     "RunContext",
     "RunDirectory",
+    "SharedPort",
+    "TaskPort",
     "WorkerLink",
 ]
 
@@ -94,6 +105,9 @@ ERROR_TEXT_LIMIT = 4000
 """Characters of a traceback kept with an entry that failed."""
 READ_LIMIT = 1000
 """Most entries one read asks for, whatever the batch size asked."""
+ASYNC_THREADS = 8
+"""Threads in which an async stage's coroutine workers wait for Redis, however many
+they are: one blocking read at a time, the others for hand-offs."""
 
 Entry = tuple[bytes, dict[bytes, bytes], int]
 """A stream entry as a consumer handles it: id, fields, times delivered."""
@@ -214,10 +228,14 @@ class RedisIO(StageIO):
             self.dead_letters += n
 
     def open(self, count: int) -> list[Port]:
-        if self.stage.runtime == "async":
-            # Coroutine workers wait for Redis in threads: one each, so that a
-            # blocking read never holds up another worker's.
-            self._executor = ThreadPoolExecutor(count, f"conveyor-redis-{self.stage.name}")
+        if self.stage.runtime == "async" and self.stage.kind != "batch":
+            # Coroutine workers wait for Redis in a few threads: one consumer reads
+            # for all of them (one blocking read at a time), the others hand on.
+            self._executor = ThreadPoolExecutor(
+                min(count, ASYNC_THREADS), f"conveyor-redis-{self.stage.name}"
+            )
+            shared = SharedPort(self, f"{self.stage.name}-async", count)
+            return [TaskPort(shared) for _ in range(count)]
         port = BatchPort if self.stage.kind == "batch" else RedisPort
         return [port(self, f"{self.stage.name}-{k}") for k in range(count)]
 
@@ -480,6 +498,26 @@ class RedisPort(Port):
         self._run, self._taken = None, []
         if ctx is None or not taken:
             return None
+        self._hand_on_batch(ctx, taken, outcome)
+        return None
+
+    def _hand_on_batch(
+        self, ctx: RunContext, taken: list[tuple[Entry, Any]], outcome: BatchOutcome
+    ) -> None:
+        """Hand on the outcome of the entries ``taken``; those it did not reach are the
+        next take's."""
+        handled, records, outcome = self._prepare(ctx, taken, outcome)
+        self._handoff(ctx, [entry for entry, _ in taken[:handled]], records, outcome)
+        if handled < len(taken):
+            # Not reached (a stop cut the batch short, or an earlier item raised):
+            # still pending for this consumer, they are the next take's.
+            self._put_back(ctx, taken[handled:])
+
+    def _prepare(
+        self, ctx: RunContext, taken: list[tuple[Entry, Any]], outcome: BatchOutcome
+    ) -> tuple[int, list[Any], BatchOutcome]:
+        """How many of the entries ``taken`` the outcome hands on, the hand-off's records,
+        and the outcome (an output the run's codec cannot carry made its input's error)."""
         entries = [entry for entry, _ in taken]
         try:
             records = self._records(ctx, entries, outcome)
@@ -492,13 +530,11 @@ class RedisPort(Port):
                 f"be carried by the run's {ctx.codec.name} codec",
             )
             records = self._records(ctx, entries, outcome)
-        handled = outcome.processed + (outcome.error is not None)
-        self._handoff(ctx, entries[:handled], records, outcome)
-        if handled < len(taken):
-            # Not reached (a stop cut the batch short, or an earlier item raised):
-            # still pending for this consumer, they are the next take's.
-            self._ready.setdefault(ctx.info.run_id, (ctx, []))[1][:0] = taken[handled:]
-        return None
+        return outcome.processed + (outcome.error is not None), records, outcome
+
+    def _put_back(self, ctx: RunContext, pairs: list[tuple[Entry, Any]]) -> None:
+        """Make entries taken and not handed on the first of the next take."""
+        self._ready.setdefault(ctx.info.run_id, (ctx, []))[1][:0] = pairs
 
     async def adeliver(self, outcome: BatchOutcome) -> BaseException | None:
         error: BaseException | None = await self.io.run_blocking(self.deliver, outcome)
@@ -929,6 +965,213 @@ class BatchPort(RedisPort):
                 pass  # best effort: the lease expires after the visibility timeout
 
 
+# ---------------------------------------------------------------------- async stages
+
+
+class SharedPort(RedisPort):
+    """The one consumer of an async stage, shared by its coroutine workers (`TaskPort`).
+
+    Hundreds of coroutines each waiting for Redis in a thread of its own would
+    need hundreds of threads. Here one blocking read at a time fetches entries
+    for every coroutine waiting (as many items as they asked for together), and
+    coroutines take their batches from what was read, on the event loop; their
+    deliveries are gathered into one hand-off per run, in the stage's few
+    threads. Entries lent to a coroutine stay pending for this consumer until
+    it hands them on.
+    """
+
+    def __init__(self, io: RedisIO, label: str, users: int) -> None:
+        super().__init__(io, label)
+        # Guards _ready and _lent: the loop's thread lends, a thread reads or hands on.
+        self._lock = threading.RLock()
+        self._lent: dict[bytes, tuple[RunContext, tuple[Entry, Any]]] = {}
+        # Deliveries waiting for the next hand-off (under _lock), and the hand-off's turn.
+        self._posted: list[tuple[RunContext, list[tuple[Entry, Any]], BatchOutcome]] = []
+        self._handing = threading.Lock()
+        self._flush_due = False  # a flush was started and has not taken the posted yet
+        self._next_flush: asyncio.Future[None] | None = None  # that flush (loop thread only)
+        self._reading = threading.Lock()  # one read at a time (sync takes)
+        self._areading: asyncio.Lock | None = None  # the same, for coroutines (made on the loop)
+        self._wanted = 0  # items the coroutines waiting for a read asked for, together
+        self._users = users  # ports not closed yet: the last one closes the consumer
+
+    def lend(self, n: int) -> tuple[RunContext, list[tuple[Entry, Any]]] | None:
+        """Up to ``n`` entries of one run from what was read (no waiting); None if none."""
+        with self._lock:
+            found = self._next_ready()
+            if found is None:
+                return None
+            ctx, got = found
+            chunk = got[:n]
+            del got[:n]
+            for pair in chunk:
+                self._lent[pair[0][0]] = (ctx, pair)
+        return ctx, chunk
+
+    def has_ready(self) -> bool:
+        """Whether entries read are waiting to be lent."""
+        with self._lock:
+            return self._next_ready() is not None
+
+    def read_for(self, n: int, deadline: float | None) -> None:
+        """Read entries for a taker of ``n`` items, unless another one did meanwhile
+        (one read at a time).
+
+        Raises:
+            Empty: ``deadline`` (a `monotonic` time) passed.
+        """
+        left = None if deadline is None else deadline - monotonic()
+        if left is not None and left <= 0:
+            raise Empty
+        with self._reading:
+            if not self.has_ready():
+                self._fetch(min(n, READ_LIMIT), left)
+
+    async def aread_for(self, n: int) -> None:
+        """`read_for`, for a coroutine: one read (in a thread) for every coroutine
+        waiting, of as many items as they asked for together."""
+        if self._areading is None:
+            self._areading = asyncio.Lock()
+        self._wanted += n
+        try:
+            async with self._areading:
+                if not self.has_ready():
+                    await self.io.run_blocking(self._fetch, min(self._wanted, READ_LIMIT), None)
+        finally:
+            self._wanted -= n
+
+    def post(self, ctx: RunContext, taken: list[tuple[Entry, Any]], outcome: BatchOutcome) -> bool:
+        """A coroutine's delivery of what it was lent, for the next `flush`; True when
+        no flush that will take it was started yet (the caller starts one)."""
+        with self._lock:
+            self._posted.append((ctx, taken, outcome))
+            first, self._flush_due = not self._flush_due, True
+            return first
+
+    def aflush(self, first: bool) -> asyncio.Future[None]:
+        """The flush that will hand on what was just posted, for a coroutine to await:
+        ``first``, a new one; else the one started and not begun yet, which it shares
+        with the coroutines that posted before it."""
+        if first:
+            self._next_flush = self.io.run_blocking(self.flush)
+        assert self._next_flush is not None
+        return self._next_flush
+
+    def flush(self) -> None:
+        """Hand on every delivery posted so far, in one hand-off per run: a delivery
+        posted before the call is handed on (or failed) when it returns. Hand-offs take
+        turns, and each takes everything posted while the one before it ran."""
+        with self._handing:
+            with self._lock:
+                posted, self._posted = self._posted, []
+                self._flush_due = False
+            back: list[tuple[RunContext, list[tuple[Entry, Any]]]] = []
+            runs: dict[str, tuple[RunContext, list[Entry], list[Any], list[BatchOutcome]]] = {}
+            try:
+                for ctx, taken, given in posted:
+                    handled, records, outcome = self._prepare(ctx, taken, given)
+                    run = runs.setdefault(ctx.info.run_id, (ctx, [], [], []))
+                    run[1].extend(entry for entry, _ in taken[:handled])
+                    run[2].extend(records)
+                    run[3].append(outcome)
+                    if handled < len(taken):
+                        back.append((ctx, taken[handled:]))
+                for ctx, entries, records, outcomes in runs.values():
+                    self._handoff(ctx, entries, records, _merged(outcomes))
+            finally:
+                with self._lock:
+                    for _, taken, _ in posted:
+                        for entry, _ in taken:
+                            self._lent.pop(entry[0], None)
+                    for ctx, pairs in back:
+                        super()._put_back(ctx, pairs)
+
+    def _put_back(self, ctx: RunContext, pairs: list[tuple[Entry, Any]]) -> None:
+        with self._lock:
+            super()._put_back(ctx, pairs)
+
+    def _keep(self, ctx: RunContext, good: list[tuple[Entry, Any]]) -> None:
+        with self._lock:
+            super()._keep(ctx, good)
+
+    def _accept(self, ctx: RunContext, entries: list[Entry]) -> None:
+        with self._lock:  # read again after a connection loss: lent already
+            super()._accept(ctx, [e for e in entries if e[0] not in self._lent])
+
+    def _forget_gone_runs(self) -> None:
+        with self._lock:
+            super()._forget_gone_runs()
+
+    def close(self) -> None:
+        """Once every coroutine's port is closed: let go of what was read and not handed
+        on (lent to a coroutine cancelled by an abort, too) and leave the groups."""
+        with self._lock:  # a read of a cancelled coroutine may still be under way
+            self._users -= 1
+            if self._users:
+                return
+            for ctx, pair in self._lent.values():
+                self._ready.setdefault(ctx.info.run_id, (ctx, []))[1].append(pair)
+            self._lent.clear()
+            super().close()
+
+
+class TaskPort(Port):
+    """One coroutine worker's port of an async stage: it takes its batches from the
+    stage's `SharedPort` and hands them on through it."""
+
+    tracks = True
+
+    def __init__(self, shared: SharedPort) -> None:
+        self.shared = shared
+        self._run: RunContext | None = None
+        self._taken: list[tuple[Entry, Any]] = []
+
+    def _borrow(self, n: int) -> list[Any]:
+        """Up to ``n`` items of what the shared consumer read; [] if none is there."""
+        if self.shared.io.stopping.is_set():
+            raise ShutDown  # stopping: take nothing more (what was read is let go)
+        got = self.shared.lend(n)
+        if got is None:
+            return []
+        self._run, self._taken = got
+        return [item for _, item in self._taken]
+
+    def take(self, n: int, timeout: float | None = None) -> list[Any]:
+        deadline = None if timeout is None else monotonic() + timeout
+        while not (items := self._borrow(n)):
+            self.shared.read_for(n, deadline)
+        return items
+
+    async def atake(self, n: int) -> list[Any]:
+        while not (items := self._borrow(n)):
+            await self.shared.aread_for(n)
+        return items
+
+    def _post(self, outcome: BatchOutcome) -> bool | None:
+        """Post the delivery of what was taken (see `SharedPort.post`); None if there is
+        nothing to deliver."""
+        ctx, taken = self._run, self._taken
+        self._run, self._taken = None, []
+        if ctx is None or not taken:
+            return None
+        return self.shared.post(ctx, taken, outcome)
+
+    def deliver(self, outcome: BatchOutcome) -> BaseException | None:
+        if self._post(outcome) is not None:
+            self.shared.flush()
+        return None
+
+    async def adeliver(self, outcome: BatchOutcome) -> BaseException | None:
+        first = self._post(outcome)
+        if first is not None:
+            # Shielded: the flush is shared, and a cancelled coroutine must not cancel it.
+            await asyncio.shield(self.shared.aflush(first))
+        return None
+
+    def close(self) -> None:
+        self.shared.close()
+
+
 # ---------------------------------------------------------------------- helpers
 
 
@@ -977,6 +1220,17 @@ def _id_range(entries: list[Entry]) -> tuple[bytes, bytes]:
 def _id_key(entry_id: bytes) -> tuple[int, int]:
     ms, _, seq = entry_id.partition(b"-")
     return int(ms), int(seq or 0)
+
+
+def _merged(outcomes: list[BatchOutcome]) -> BatchOutcome:
+    """What a hand-off counts of several outcomes (their records carry the outputs)."""
+    return BatchOutcome(
+        [],
+        filtered=sum(o.filtered for o in outcomes),
+        retried=sum(o.retried for o in outcomes),
+        failures=[f for o in outcomes for f in o.failures],
+        busy_seconds=sum(o.busy_seconds or 0.0 for o in outcomes),
+    )
 
 
 def _first_unencodable(codec: Codec, outputs: list[Any]) -> tuple[int, Exception] | None:

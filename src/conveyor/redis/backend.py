@@ -618,6 +618,11 @@ class _DriverRun:
             return
         from ..engine import Run
 
+        # The caller's thread and the feeder each need a connection. Made now, before
+        # the source is pulled: a Ctrl-C lands in the caller's thread wherever it is,
+        # and one that lands while redis-py connects leaves that socket open for good.
+        self.retry(_connect_ahead, self.client, 2)
+
         # Made here, not in the feeder thread, so that an abort always finds it; it waits
         # less than the driver waits for the feeder, which then sees what it left behind.
         # Resuming, it skips the items that reached Redis already.
@@ -736,8 +741,10 @@ class _DriverRun:
         """
         state = self._read_state()
         self.tracker = self._new_tracker(state)
-        self._start_feeder(state.fed)
         try:
+            # Started in here: a Ctrl-C while the thread starts (Thread.start waits for
+            # it) must stop it too, or it feeds on after the run has ended.
+            self._start_feeder(state.fed)
             # Entries this consumer read before (a resumed driver) come back first.
             yield from self._read_pending()
             while True:
@@ -1111,6 +1118,18 @@ def _stages(pipeline: Any) -> tuple[Stage, ...]:
     if not stages:
         raise ConfigurationError("the pipeline has no stage: add .map(), .each(), ...")
     return stages
+
+
+def _connect_ahead(client: Any, n: int) -> None:
+    """Have ``n`` connected connections in ``client``'s pool."""
+    pool = client.connection_pool
+    held = []
+    try:
+        for _ in range(n):
+            held.append(pool.get_connection())
+    finally:
+        for connection in held:
+            pool.release(connection)
 
 
 def _gave_up_first(feed_error: BaseException | None, exc: BaseException) -> bool:

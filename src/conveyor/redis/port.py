@@ -80,6 +80,7 @@ from .streams import (
 __all__ = [
     "BATCH_SECONDS",
     "BatchPort",
+    "ClientUse",
     "RedisIO",
     "RedisPort",
     "RunContext",
@@ -186,12 +187,69 @@ class RunDirectory:
 # ---------------------------------------------------------------------- the stage's ports
 
 
+class ClientUse:
+    """Who may still use a worker's Redis client: its open ports, and the Redis calls of
+    coroutine workers under way in threads. `end` closes the client once nothing may:
+    at once, or when the last user is done. A worker thread left behind in user code
+    hands its batch on when it returns, and a call in a thread may outlive its
+    coroutine: on a closed client, redis-py would connect again, and nobody would
+    close that socket."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._lock = threading.Lock()
+        self._ports = 0  # ports opened and not closed (under _lock)
+        self._calls = 0  # calls under way in threads (under _lock)
+        self._ending = False  # `end` was called (under _lock)
+        self._ports_live = True  # whether open ports may still be used (under _lock)
+
+    def open_port(self) -> None:
+        """A port was opened."""
+        with self._lock:
+            self._ports += 1
+
+    def close_port(self) -> None:
+        """A port is closed: it will not use the client again."""
+        with self._lock:
+            self._ports -= 1
+        self._close_if_unused()
+
+    def call_started(self) -> None:
+        """A call that uses the client was started in a thread."""
+        with self._lock:
+            self._calls += 1
+
+    def call_ended(self) -> None:
+        """The call ended."""
+        with self._lock:
+            self._calls -= 1
+        self._close_if_unused()
+
+    def end(self, ports_live: bool) -> None:
+        """The worker is done: close the client as soon as nothing uses it.
+        ``ports_live``: threads left behind may still use their ports (else ports
+        still open belong to workers that never started)."""
+        with self._lock:
+            self._ending, self._ports_live = True, ports_live
+        self._close_if_unused()
+
+    def _close_if_unused(self) -> None:
+        with self._lock:
+            unused = self._ending and not self._calls and not (self._ports and self._ports_live)
+            client = self.client if unused else None
+            if unused:
+                self.client = None
+        if client is not None:
+            client.close()
+
+
 @dataclass(frozen=True)
 class WorkerLink:
-    """What every port of one Redis worker shares: its connection, its view of the
-    live runs, its stop signals and its retry policy."""
+    """What every port of one Redis worker shares: its connection (and who uses it),
+    its view of the live runs, its stop signals and its retry policy."""
 
     client: Any
+    use: ClientUse
     directory: RunDirectory
     control: RunControl
     """Aborted when the worker fails, or is stopped without grace."""
@@ -210,6 +268,7 @@ class RedisIO(StageIO):
         self.stage = stage
         self.index = index
         self.client = link.client
+        self.use = link.use
         self.scripts = Scripts(link.client)
         self.directory = link.directory
         self.control = link.control
@@ -234,9 +293,12 @@ class RedisIO(StageIO):
             self._executor = ThreadPoolExecutor(
                 min(count, ASYNC_THREADS), f"conveyor-redis-{self.stage.name}"
             )
+            self.use.open_port()
             shared = SharedPort(self, f"{self.stage.name}-async", count)
             return [TaskPort(shared) for _ in range(count)]
         port = BatchPort if self.stage.kind == "batch" else RedisPort
+        for _ in range(count):
+            self.use.open_port()
         return [port(self, f"{self.stage.name}-{k}") for k in range(count)]
 
     def close(self) -> None:
@@ -247,7 +309,18 @@ class RedisIO(StageIO):
     def run_blocking(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         """Run ``fn`` in the stage's threads, for a coroutine worker to await."""
         assert self._executor is not None
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        self.use.call_started()
+        try:
+            return asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn, *args)
+        except BaseException:
+            self.use.call_ended()
+            raise
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        finally:
+            self.use.call_ended()
 
 
 class RedisPort(Port):
@@ -655,6 +728,12 @@ class RedisPort(Port):
         self.retry(record)
 
     def close(self) -> None:
+        try:
+            self._leave()
+        finally:
+            self.io.use.close_port()
+
+    def _leave(self) -> None:
         """Let go of what this consumer read and did not hand on, then leave every run's
         group if it holds nothing there."""
         import redis
@@ -950,13 +1029,13 @@ class BatchPort(RedisPort):
             order.tracker.acknowledged([e[0] for e in entries])
         return True
 
-    def close(self) -> None:
+    def _leave(self) -> None:
         """As every consumer; and give the leases up, so that another worker takes over
         at once rather than after the visibility timeout."""
         import redis
 
         orders = list(self._orders.values())
-        super().close()
+        super()._leave()
         for order in orders:
             try:
                 lease = order.ctx.info.keys.lease(self.index)

@@ -198,32 +198,26 @@ class ClientUse:
     def __init__(self, client: Any) -> None:
         self.client = client
         self._lock = threading.Lock()
-        self._ports = 0  # ports opened and not closed (under _lock)
-        self._calls = 0  # calls under way in threads (under _lock)
+        # Under _lock: ports opened and not closed, calls under way in threads.
+        self._users = {"ports": 0, "calls": 0}
         self._ending = False  # `end` was called (under _lock)
         self._ports_live = True  # whether open ports may still be used (under _lock)
 
     def open_port(self) -> None:
         """A port was opened."""
-        with self._lock:
-            self._ports += 1
+        self._count("ports", 1)
 
     def close_port(self) -> None:
         """A port is closed: it will not use the client again."""
-        with self._lock:
-            self._ports -= 1
-        self._close_if_unused()
+        self._count("ports", -1)
 
     def call_started(self) -> None:
         """A call that uses the client was started in a thread."""
-        with self._lock:
-            self._calls += 1
+        self._count("calls", 1)
 
     def call_ended(self) -> None:
         """The call ended."""
-        with self._lock:
-            self._calls -= 1
-        self._close_if_unused()
+        self._count("calls", -1)
 
     def end(self, ports_live: bool) -> None:
         """The worker is done: close the client as soon as nothing uses it.
@@ -231,11 +225,14 @@ class ClientUse:
         still open belong to workers that never started)."""
         with self._lock:
             self._ending, self._ports_live = True, ports_live
-        self._close_if_unused()
+        self._count("calls", 0)
 
-    def _close_if_unused(self) -> None:
+    def _count(self, users: str, change: int) -> None:
+        """Count users coming or going; close the client if it is done with."""
         with self._lock:
-            unused = self._ending and not self._calls and not (self._ports and self._ports_live)
+            self._users[users] += change
+            ports, calls = self._users["ports"], self._users["calls"]
+            unused = self._ending and not calls and not (ports and self._ports_live)
             client = self.client if unused else None
             if unused:
                 self.client = None

@@ -37,7 +37,7 @@ from ..ordering import TOMBSTONE, Leaf, Tracker
 from ..policy import add_note
 from ..remote import ExceptionRecord, rebuild
 from ..stage import Failure, Stage
-from ..validate import check_bool, check_choice, check_int, check_seconds, check_str
+from ..validate import check_bool, check_choice, check_int, check_name, check_seconds
 from .codec import (
     CODECS,
     Codec,
@@ -470,6 +470,7 @@ class RedisBackend(Backend):
         with `LiveRun.results`. Its outputs are not ordered.
         """
         stages = _stages(pipeline)
+        check_name(run_id, "run_id", "RedisBackend.open()")
         keys = self.keys(pipeline, run_id)
         retry = Retrier("open", self.unavailable_timeout, url=self.url)
         info, _ = self._create_or_attach(keys, self._info(keys, stages, False, False), retry)
@@ -1201,8 +1202,8 @@ def _check_options(options: dict[str, Any]) -> None:
         )
     if not url.startswith(_URL_SCHEMES):
         raise ConfigurationError(f"{where} 'url' must be {accepted}, got {redact(url)!r:.60}")
-    check_str(options["run_id"], "run_id", where, optional=True)
-    check_str(options["namespace"], "namespace", where)
+    check_name(options["run_id"], "run_id", where, optional=True)
+    check_name(options["namespace"], "namespace", where)
     check_choice(options["codec"], "codec", where, CODECS)
     secret_key = options["secret_key"]
     if secret_key is not None and not isinstance(secret_key, (bytes, str)):

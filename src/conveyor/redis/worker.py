@@ -44,6 +44,7 @@ from ..errors import BackendError, ConfigurationError
 from ..metrics import StageMetrics, StageReading, StageStats
 from ..runtime.base import RunControl, Runtimes, StageRun, left_behind
 from ..stage import Stage
+from ..validate import check_name
 from .codec import secret_from
 from .port import ClientUse, RedisIO, RunDirectory, WorkerLink
 from .state import find_runs, read_state
@@ -92,6 +93,7 @@ class Worker:
         unavailable_timeout: float | None = None,
         redis_options: dict[str, Any] | None = None,
     ) -> None:
+        check_name(namespace, "namespace", "Worker")
         all_stages: tuple[Stage, ...] = tuple(pipeline.stages)
         if not all_stages:
             raise ConfigurationError("Worker: the pipeline has no stage")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import pickle
@@ -601,6 +602,43 @@ def test_status_shows_each_stage_its_stream_and_consumers(
     again = CliRunner().invoke(cli, ["cancel", *args, "--run", "seen"])
     assert again.exit_code == 1
     assert "no run 'seen'" in again.output
+
+
+def test_status_of_a_stopped_run_says_its_source_stopped_until_it_is_resumed(
+    redis_server: RedisServer, closing: Callable[[Any], Any]
+) -> None:
+    """Regression: a run its driver had left in Redis showed "source feeding"."""
+
+    def pipeline() -> cv.Pipeline[int]:
+        return cv.Pipeline(itertools.count()).map(triple)  # the stages of `tripled`
+
+    namespace = new_namespace()
+    args = ["status", "redis_helpers:tripled", "--redis", redis_server.url]
+    args += ["--namespace", namespace, "--run", "left"]
+
+    def status() -> dict[str, Any]:
+        shown = CliRunner().invoke(cli, [*args, "--json"], catch_exceptions=False)
+        [one] = json.loads(shown.output)
+        return dict(one)
+
+    backend = closing(RedisBackend(redis_server.url, namespace=namespace, run_id="left"))
+    handle = pipeline().start(backend=backend)  # no worker: the source fills the stream
+    wait_until(lambda: status()["fed"] > 0, "the run to be fed")
+    handle.stop()
+    assert handle.join(timeout=30.0).stopped
+    shown = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert shown.exit_code == 0, shown.output
+    assert "(source stopped)" in shown.output and "stopped and left in Redis" in shown.output
+    assert status()["left"] == "stopped and left in Redis"
+    # Resumed with its run id, a driver feeds it again.
+    again = closing(RedisBackend(redis_server.url, namespace=namespace, run_id="left"))
+    resumed = pipeline().start(backend=again)
+    try:
+        wait_until(lambda: status()["left"] == "", "the resumed run to be no longer left")
+        assert "(source feeding)" in CliRunner().invoke(cli, args).output
+    finally:
+        resumed.stop()
+        resumed.join(timeout=30.0)
 
 
 def test_conveyor_run_with_redis_drives_a_run_that_workers_serve(redis_server: RedisServer) -> None:

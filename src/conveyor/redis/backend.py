@@ -48,7 +48,7 @@ from .codec import (
     load_path,
     secret_from,
 )
-from .state import RunInfo, RunState, clear_refusal, read_state, stage_stats
+from .state import LEFT, RunInfo, RunState, clear_refusal, mark_left, read_state, stage_stats
 from .streams import (
     DRIVER_GROUP,
     MAX_POLL_SECONDS,
@@ -286,6 +286,7 @@ class RedisBackend(Backend):
                     f"run {keys.run!r} uses the {attached.codec} codec, not {self.codec.name}"
                 )
             retry(client.sadd, keys.runs, keys.run)
+            retry(client.hdel, keys.meta, LEFT)  # resumed: no longer left
             return attached, meta.get(b"source_done") == b"1"
         retry(_create, client, keys, info)
         return info, False
@@ -786,14 +787,14 @@ class _DriverRun:
                 # The feeder gave up on Redis first and stopped the retries both share:
                 # its error names the URL and the cause; the driver's is a bare one.
                 assert feed_error is not None
-                self._say_left(f"left in Redis ({type(feed_error).__name__})")
+                self._say_left(f"left in Redis ({type(feed_error).__name__})", feed_error)
                 raise feed_error from exc
             if exc is self._feed_error and not _is_redis_error(exc):
                 # As on one machine, a failing source ends the run: nothing stays behind.
                 add_note(exc, f"conveyor: the source failed; run {self.keys.run!r} was deleted")
                 self.retry(_delete_run, self.client, self.keys, self.n)
             else:
-                self._say_left(f"left in Redis ({type(exc).__name__})")
+                self._say_left(f"left in Redis ({type(exc).__name__})", exc)
             raise
         finally:
             self.stopped.set()
@@ -814,8 +815,13 @@ class _DriverRun:
             return
         self._finish()
 
-    def _say_left(self, what: str) -> None:
+    def _say_left(self, what: str, error: BaseException | None = None) -> None:
         run = self.keys.run
+        if not _redis_out_of_reach(error):
+            try:
+                mark_left(self.client, self.keys, what)
+            except Exception:  # the warning below says it all the same
+                log.debug("conveyor: could not mark run %r as left", run, exc_info=True)
         log.warning(
             "conveyor: run %r %s: run again with run_id=%r to resume it, or "
             "`conveyor cancel ... --run %s` to delete it",
@@ -1143,6 +1149,15 @@ def _gave_up_first(feed_error: BaseException | None, exc: BaseException) -> bool
         and exc is not feed_error
         and isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
     )
+
+
+def _redis_out_of_reach(exc: BaseException | None) -> bool:
+    """Whether ``exc`` says Redis cannot be reached (or lost the run): then nothing is
+    worth telling it, and trying could outlast the bound of an ending run."""
+    import redis
+
+    lost = (BackendUnavailable, RunStateLost, redis.ConnectionError, redis.TimeoutError)
+    return isinstance(exc, lost)
 
 
 def _is_redis_error(exc: BaseException | None) -> bool:

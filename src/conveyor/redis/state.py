@@ -25,12 +25,14 @@ if TYPE_CHECKING:
     from ..stage import Stage
 
 __all__ = [
+    "LEFT",
     "RunInfo",
     "RunState",
     "StageCounts",
     "clear_refusal",
     "find_runs",
     "load_info",
+    "mark_left",
     "read_state",
     "refuse_run",
     "stage_stats",
@@ -317,9 +319,12 @@ def read_state(client: Any, retry: Retrier, keys: Keys, n: int) -> tuple[RunStat
 
 REFUSED = "refused"
 """The field of a run's ``meta`` hash where a worker says why it cannot serve the run."""
+LEFT = "left"
+"""The field of a run's ``meta`` hash where its driver says how it left the run in
+Redis (stopped, or ended by an error): nothing feeds it until a driver resumes it."""
 
 # Only while the run exists: a ``meta`` hash made anew would hold no settings.
-_REFUSE = (
+_SET_IF_RUN = (
     "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end"
 )
 
@@ -327,7 +332,12 @@ _REFUSE = (
 def refuse_run(client: Any, keys: Keys, why: str) -> None:
     """Say in the run's state why this worker cannot serve it: the driver, which may
     wait for workers for ever, ends the run with it."""
-    client.eval(_REFUSE, 1, keys.meta, REFUSED, why)
+    client.eval(_SET_IF_RUN, 1, keys.meta, REFUSED, why)
+
+
+def mark_left(client: Any, keys: Keys, how: str) -> None:
+    """Say in the run's state that its driver left it, and how (see `LEFT`)."""
+    client.eval(_SET_IF_RUN, 1, keys.meta, LEFT, how)
 
 
 def clear_refusal(client: Any, keys: Keys) -> None:

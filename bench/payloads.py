@@ -129,9 +129,10 @@ def timed(run: Callable[[], float]) -> tuple[float, float]:
 Shares = dict[str, tuple[list[float], list[float]]]
 
 
-def measure(rounds: int) -> tuple[dict[str, list[float]], Shares]:
+def measure(rounds: int) -> tuple[dict[str, list[float]], Shares, dict[str, list[float]]]:
     """Per candidate: seconds per run, and per run its share of memcpy bandwidth, with
-    start-up and without (from the first result to the last, for COUNT - 1 of them).
+    start-up and without (from the first result to the last, for COUNT - 1 of them);
+    and the seconds from the first result to the last.
 
     A warm-up round, then ``rounds``; memcpy runs right before and right
     after each candidate's run, and the share is the mean of the two over
@@ -145,18 +146,20 @@ def measure(rounds: int) -> tuple[dict[str, list[float]], Shares]:
     names = list(runs)
     times: dict[str, list[float]] = {name: [] for name in [MEMCPY, *names]}
     share: Shares = {name: ([], []) for name in names}
+    steadies: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(rounds + 1):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             (before, _), (took, steady), (after, _) = timed(copy), timed(runs[name]), timed(copy)
             if round_:  # round 0 is the warm-up
                 times[name].append(took)
+                steadies[name].append(steady)
                 times[MEMCPY] += [before, after]
                 reference = (before + after) / 2
                 share[name][0].append(reference / took)
                 share[name][1].append(reference * (COUNT - 1) / COUNT / steady)
         print(f"  round {round_}/{rounds} done", file=sys.stderr)
-    return times, share
+    return times, share, steadies
 
 
 def percent(shares: list[float]) -> str:
@@ -203,7 +206,7 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH", help="write conveyor's figures as JSON")
     args = parser.parse_args()
     load = os.getloadavg()[0]
-    times, share = measure(args.rounds)
+    times, share, steadies = measure(args.rounds)
     text = (
         f"{report(times, share, args.rounds)}\n\nMachine: {machine()}; load average {load:.1f} at "
         f"the start; {time.strftime('%Y-%m-%d %H:%M')}."
@@ -214,20 +217,24 @@ def main() -> None:
         write_section(f"{title}\n\n{text}", SECTION)
     if args.json:
         memcpy_rates = [COUNT / t for t in times[MEMCPY]]
-        write_json(
-            args.json,
-            {
-                JSON_NAMES[name]: workload(
-                    COUNT / statistics.median(times[name]),
-                    "MiB/s",
-                    MEMCPY,
-                    COUNT / statistics.median(times[MEMCPY]),
-                    [COUNT / t for t in times[name]],
-                    memcpy_rates,
-                )
-                for name in CANDIDATES
-            },
-        )
+        memcpy_rate = COUNT / statistics.median(times[MEMCPY])
+        figures = {
+            JSON_NAMES[name]: workload(
+                COUNT / statistics.median(times[name]),
+                "MiB/s",
+                MEMCPY,
+                memcpy_rate,
+                [COUNT / t for t in times[name]],
+                memcpy_rates,
+            )
+            for name in CANDIDATES
+        }
+        for name in CANDIDATES:  # from the first result to the last: COUNT - 1 MiB
+            rates = [(COUNT - 1) / t for t in steadies[name]]
+            figures[f"{JSON_NAMES[name]}, without start-up"] = workload(
+                statistics.median(rates), "MiB/s", MEMCPY, memcpy_rate, rates, memcpy_rates
+            )
+        write_json(args.json, figures)
 
 
 if __name__ == "__main__":

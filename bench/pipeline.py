@@ -4,8 +4,12 @@ Scenarios (each candidate runs in the same process, alternated round by round,
 medians reported; ratios are against the hand-written queue.Queue pipeline):
 
 * overhead  100k items through 3 trivial map stages (x + 1), 4 workers each;
-* io        2000 items through 2 stages that sleep 5 ms, 32 workers each;
-            efficiency = ideal / measured, ideal from the measured sleep;
+* io        2000 items through 2 stages whose items wait 5 ms, 32 workers each:
+            on threads (time.sleep), on conveyor's own event loop (run()) and on
+            the caller's (async for), ordered and unordered, each against the
+            hand-written pipeline of its kind (queue.Queue + threads, asyncio.Queue
+            + tasks); efficiency = ideal / measured, ideal from the measured wait,
+            with the lowest round and the load average;
 * memory    peak memory growth of a run through a slow sink, each candidate
             in a fresh subprocess (VmHWM after resetting it).
 
@@ -22,8 +26,11 @@ import (see bench/_common.py).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures as cf
+import inspect
 import json
+import os
 import queue
 import statistics
 import subprocess
@@ -207,39 +214,172 @@ def overhead(rounds: int, n: int = 100_000, reference_only: bool = False) -> tup
     return [(k, med[k], med[k] / ref) for k in names], res
 
 
-def measured_sleep(seconds: float) -> float:
-    samples = []
-    for _ in range(50):
+# ---------------------------------------------------------------------- I/O-bound
+# 2000 items through 2 stages of 32 workers whose items wait 5 ms: conveyor on
+# threads, on its own event loop (run()), and on the caller's loop (async for),
+# each against the hand-written pipeline of its kind in the same rounds.
+
+PAUSE = 0.005
+THREADS, OWN_LOOP, CALLER_LOOP = "threads", "conveyor's own loop", "caller's loop (asyncio's)"
+ASYNC_HANDWRITTEN = "asyncio.Queue + tasks + sentinels"
+
+
+def slow(x: int) -> int:
+    time.sleep(PAUSE)
+    return x
+
+
+async def aslow(x: int) -> int:
+    await asyncio.sleep(PAUSE)
+    return x
+
+
+async def handwritten_async(n: int, workers: int) -> list[Any]:
+    """The textbook asyncio pipeline: asyncio.Queue(1024) between stages, tasks, sentinels."""
+    sentinel = object()
+    queues = [asyncio.Queue[Any](1024) for _ in range(3)]
+    left = [workers, workers]
+
+    async def stage(i: int) -> None:
+        inq, outq = queues[i], queues[i + 1]
+        while (x := await inq.get()) is not sentinel:
+            await outq.put(await aslow(x))
+        left[i] -= 1
+        if not left[i]:  # the last worker of the stage tells every worker downstream
+            for _ in range(workers if i == 0 else 1):
+                await outq.put(sentinel)
+
+    async def feed() -> None:
+        for x in range(n):
+            await queues[0].put(x)
+        for _ in range(workers):
+            await queues[0].put(sentinel)
+
+    tasks = [asyncio.create_task(stage(i)) for i in range(2) for _ in range(workers)]
+    tasks.append(asyncio.create_task(feed()))
+    out = []
+    while (x := await queues[2].get()) is not sentinel:
+        out.append(x)
+    await asyncio.gather(*tasks)
+    return out
+
+
+def conveyor_async(ordered: bool) -> Callable[[int, int], list[Any]]:
+    """conveyor's async stages iterated from plain code: its own loop, in a thread."""
+
+    def run(n: int, workers: int) -> list[Any]:
+        p = cv.Pipeline(range(n))
+        for _ in range(2):
+            p = p.map(aslow, workers=workers, runtime="async", ordered=ordered)
+        return list(p)
+
+    return run
+
+
+def conveyor_async_for(ordered: bool) -> Callable[[int, int], Any]:
+    """conveyor's async stages iterated with ``async for``: they run on the caller's loop."""
+
+    async def run(n: int, workers: int) -> list[Any]:
+        p = cv.Pipeline(range(n))
+        for _ in range(2):
+            p = p.map(aslow, workers=workers, runtime="async", ordered=ordered)
+        return [x async for x in p]
+
+    return run
+
+
+def threads_of(fn: Callable[..., list[Any]]) -> Callable[[int, int], list[Any]]:
+    return lambda n, workers: fn(range(n), [slow, slow], workers)
+
+
+IO_CANDIDATES: dict[str, tuple[str, Callable[[int, int], Any]]] = {
+    "conveyor ordered": (THREADS, threads_of(conveyor_run(True))),
+    "conveyor unordered": (THREADS, threads_of(conveyor_run(False))),
+    HANDWRITTEN: (THREADS, threads_of(handwritten)),
+    "chained ThreadPoolExecutor.map": (THREADS, threads_of(executor_chain)),
+    "pypeln thread": (THREADS, threads_of(pypeln_thread)),
+    "conveyor async ordered": (OWN_LOOP, conveyor_async(True)),
+    "conveyor async unordered": (OWN_LOOP, conveyor_async(False)),
+    f"{ASYNC_HANDWRITTEN} (on conveyor's loop)": (OWN_LOOP, handwritten_async),
+    "conveyor async for, ordered (caller's loop: cv.new_event_loop())": (
+        OWN_LOOP,
+        conveyor_async_for(True),
+    ),
+    "conveyor async for, unordered (caller's loop: cv.new_event_loop())": (
+        OWN_LOOP,
+        conveyor_async_for(False),
+    ),
+    "conveyor async for, ordered": (CALLER_LOOP, conveyor_async_for(True)),
+    "conveyor async for, unordered": (CALLER_LOOP, conveyor_async_for(False)),
+    ASYNC_HANDWRITTEN: (CALLER_LOOP, handwritten_async),
+}
+"""name -> (where the waits run, how to run it with (items, workers))."""
+IO_PEERS = {
+    THREADS: HANDWRITTEN,
+    OWN_LOOP: f"{ASYNC_HANDWRITTEN} (on conveyor's loop)",
+    CALLER_LOOP: ASYNC_HANDWRITTEN,
+}
+"""The hand-written pipeline each row is compared with: the same kind of waits."""
+
+
+def own_loop() -> asyncio.AbstractEventLoop:
+    """``cv.new_event_loop()``; where an older conveyor (bench/ab.py's base) lacks it, the same
+    function from its async runtime."""
+    factory = getattr(cv, "new_event_loop", None)
+    if factory is None:
+        from conveyor.runtime.aio import new_event_loop as factory
+    loop: asyncio.AbstractEventLoop = factory()
+    return loop
+
+
+def on_loop(where: str, coroutine: Any) -> Any:
+    """Run ``coroutine`` on a fresh loop: conveyor's for OWN_LOOP, asyncio's default otherwise."""
+    loop = own_loop() if where == OWN_LOOP else asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coroutine)
+    finally:
+        loop.close()
+
+
+def measured_sleep(where: str) -> float:
+    """Median length of one 5 ms wait alone, as the candidate's workers wait."""
+
+    def sample() -> float:
         t = time.perf_counter()
-        time.sleep(seconds)
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples)
+        time.sleep(PAUSE)
+        return time.perf_counter() - t
+
+    async def asample() -> list[float]:
+        out = []
+        for _ in range(30):
+            t = time.perf_counter()
+            await asyncio.sleep(PAUSE)
+            out.append(time.perf_counter() - t)
+        return out
+
+    if where == THREADS:
+        return statistics.median(sample() for _ in range(30))
+    return statistics.median(on_loop(where, asample()))
+
+
+IoRows = list[tuple[str, str, float, float, float]]
+"""(name, where its waits run, median efficiency, lowest round, median vs its peer)."""
 
 
 def io_bound(
     rounds: int, n: int = 2000, workers: int = 32, reference_only: bool = False
-) -> tuple[Rows, Samples]:
-    pause = 0.005
-
-    def slow(x: int) -> int:
-        time.sleep(pause)
-        return x
-
-    fns = [slow, slow]
-    names = [
-        "conveyor ordered",
-        "conveyor unordered",
-        "queue.Queue + threads + sentinels",
-        "chained ThreadPoolExecutor.map",
-        "pypeln thread",
-    ]
-    names = keep(names, reference_only)
+) -> tuple[IoRows, Samples]:
+    names = list(IO_CANDIDATES)
+    if reference_only:
+        names = [k for k in names if k.startswith("conveyor") or k in IO_PEERS.values()]
 
     def once(name: str) -> float:
-        s = measured_sleep(pause)
-        ideal = (n / workers + 1) * s  # steady state, plus one item's trip through stage 2
+        where, run = IO_CANDIDATES[name]
+        ideal = (n / workers + 1) * measured_sleep(where)  # plus one item's trip through stage 2
         t = time.perf_counter()
-        out = CANDIDATES[name](range(n), fns, workers)
+        result = run(n, workers)
+        # conveyor's async for runs on the caller's loop: a fresh one, timed with it.
+        out = on_loop(where, result) if inspect.iscoroutine(result) else result
         dt = time.perf_counter() - t
         if sorted(out) != list(range(n)):
             raise AssertionError(f"{name} lost or invented items")
@@ -247,8 +387,12 @@ def io_bound(
 
     res = rounds_of(names, rounds, once)
     med = {k: statistics.median(v) for k, v in res.items()}
-    ref = med[HANDWRITTEN]
-    return [(k, med[k], med[k] / ref) for k in names], res
+    rows = []
+    for name in names:
+        where = IO_CANDIDATES[name][0]
+        peer = med[IO_PEERS[where]]
+        rows.append((name, where, med[name], min(res[name]), med[name] / peer))
+    return rows, res
 
 
 MEMORY_CHILD = r"""
@@ -311,8 +455,9 @@ def memory(conveyor_items: int, executor_items: int) -> list[tuple[str, int, flo
 def render(
     rounds: int,
     over: Rows | None,
-    io: Rows | None,
+    io: IoRows | None,
     mem: list[tuple[str, int, float, float]] | None,
+    load: tuple[float, float] = (0.0, 0.0),
 ) -> str:
     lines = [
         "## Thread pipelines",
@@ -332,15 +477,23 @@ def render(
         lines.append("")
     if io:
         lines += [
-            "### I/O-bound: 2000 items, 2 stages sleeping 5 ms, 32 workers each",
+            "### I/O-bound: 2000 items, 2 stages waiting 5 ms, 32 workers each",
             "",
             "Efficiency = ideal time / measured time, ideal = (items / workers + 1) x the",
-            "measured length of `time.sleep(0.005)`.",
+            "measured length of one wait alone (`time.sleep(0.005)` on threads,",
+            "`asyncio.sleep(0.005)` on a fresh loop of the same kind), in the same round.",
+            "Each row is compared with the hand-written pipeline whose waits run the same",
+            "way. On the caller's loop, conveyor's async stages run on the loop of",
+            "`async for`: asyncio's default loop, which rounds every timer wait up to",
+            "1 ms, or one made by `cv.new_event_loop()` (conveyor's own kind, which",
+            "`run()` and plain iteration use).",
             "",
-            "| candidate | efficiency | vs hand-written |",
-            "|---|---:|---:|",
+            f"Load average (1 min) at the start: {load[0]:.2f}, at the end: {load[1]:.2f}.",
+            "",
+            "| candidate | waits on | efficiency | lowest round | vs hand-written |",
+            "|---|---|---:|---:|---:|",
         ]
-        lines += [f"| {k} | {v:.3f} | {r:.2f}x |" for k, v, r in io]
+        lines += [f"| {k} | {w} | {v:.3f} | {lo:.3f} | {r:.2f}x |" for k, w, v, lo, r in io]
         lines.append("")
     if mem:
         lines += [
@@ -379,9 +532,11 @@ def main() -> None:
     over, over_s = (
         overhead(args.rounds, reference_only=only) if "overhead" in args.scenario else (None, {})
     )
+    load_before = os.getloadavg()[0]
     io, io_s = io_bound(args.rounds, reference_only=only) if "io" in args.scenario else (None, {})
+    load = (load_before, os.getloadavg()[0])
     mem = memory(args.memory_items, args.executor_items) if "memory" in args.scenario else None
-    text = render(args.rounds, over, io, mem)
+    text = render(args.rounds, over, io, mem, load)
     print(text)
     if args.write:
         write_section(text, "pipeline")
@@ -389,19 +544,24 @@ def main() -> None:
         write_json(args.json, workloads(over, over_s, io, io_s))
 
 
-def workloads(over: Rows | None, over_s: Samples, io: Rows | None, io_s: Samples) -> dict[str, Any]:
-    """conveyor's rows against the hand-written pipeline, for --json (memory has no peer)."""
+def workloads(
+    over: Rows | None, over_s: Samples, io: IoRows | None, io_s: Samples
+) -> dict[str, Any]:
+    """conveyor's rows against their hand-written peers, for --json (memory has no peer)."""
     out = {}
-    for scenario, rows, samples, unit in (
-        ("overhead", over, over_s, "items/s"),
-        ("io", io, io_s, "efficiency"),
-    ):
-        med = {name: value for name, value, _ in rows or ()}
-        for name, value in med.items():
-            if name.startswith("conveyor"):
-                out[f"{scenario}/{name}"] = workload(
-                    value, unit, HANDWRITTEN, med[HANDWRITTEN], samples[name], samples[HANDWRITTEN]
-                )
+    med = {name: value for name, value, _ in over or ()}
+    for name, value in med.items():
+        if name.startswith("conveyor"):
+            out[f"overhead/{name}"] = workload(
+                value, "items/s", HANDWRITTEN, med[HANDWRITTEN], over_s[name], over_s[HANDWRITTEN]
+            )
+    io_med = {name: value for name, _, value, _, _ in io or ()}
+    for name, where, value, _, _ in io or ():
+        if name.startswith("conveyor"):
+            peer = IO_PEERS[where]
+            out[f"io/{name}"] = workload(
+                value, "efficiency", peer, io_med[peer], io_s[name], io_s[peer]
+            )
     return out
 
 

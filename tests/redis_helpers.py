@@ -94,7 +94,7 @@ def gate_keys(prefix: str) -> tuple[str, str, str]:
     return f"{prefix}:taken", f"{prefix}:entered", f"{prefix}:release"
 
 
-def gated(x: int) -> int:
+def gated(x: Any) -> Any:
     """Holds the first item it sees, in whatever process, until the test opens the gate.
 
     The first call claims the gate, says so on the ``entered`` list and waits
@@ -112,6 +112,24 @@ def gated(x: int) -> int:
             while not client.blpop([release], timeout=1) and time.monotonic() < deadline:
                 pass
     return x
+
+
+BIG = 64 * 1024
+"""The size of `large_items`' items."""
+
+
+def large_items(n: int = 60) -> list[bytes]:
+    """``n`` distinct items of `BIG` bytes (the first four: the item's number)."""
+    return [i.to_bytes(4, "big") + bytes(BIG - 4) for i in range(n)]
+
+
+def passed_on(item: Any) -> Any:
+    return item
+
+
+def held_large(n: int = 60) -> cv.Pipeline[bytes]:
+    """map -> a gated map over `large_items`: the byte budget's worker-process test."""
+    return cv.Pipeline(large_items(n)).map(passed_on, name="pass").map(gated, name="gate")
 
 
 def metered(n: int = 200) -> cv.Pipeline[int]:

@@ -780,3 +780,21 @@ def test_conveyors_own_loop_serves_sockets_and_timers() -> None:
         assert loop.run_until_complete(exchange()) == b"hello"
     finally:
         loop.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the precise selector is Linux's")
+def test_a_caller_can_run_async_for_on_conveyors_kind_of_loop() -> None:
+    # asyncio.Runner(loop_factory=...) (3.11+) or asyncio.run(..., loop_factory=...) (3.12+):
+    # the async stages then run on the caller's loop, which waits to the microsecond.
+    from conveyor.runtime.aio import _PreciseEpollSelector
+
+    async def main() -> tuple[list[int], bool]:
+        loop = asyncio.get_running_loop()
+        precise = isinstance(getattr(loop, "_selector", None), _PreciseEpollSelector)
+        pipeline = cv.Pipeline(range(20)).map(double, workers=4, runtime="async")
+        return [x async for x in pipeline], precise
+
+    with asyncio.Runner(loop_factory=cv.new_event_loop) as runner:
+        outputs, precise = runner.run(main())
+    assert outputs == [2 * x for x in range(20)]
+    assert precise

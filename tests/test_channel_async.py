@@ -282,21 +282,38 @@ def test_async_puts_through_a_closed_handle_raise_shutdown() -> None:
 # ---------------------------------------------------------------------------- cancellation
 
 
+async def two_parked_agets(ch: Channel[str]) -> tuple[asyncio.Future[str], asyncio.Future[str]]:
+    """Two aget() tasks, parked on ``ch`` in this order."""
+    first = asyncio.ensure_future(ch.aget())
+    await until(parked_consumers(ch, 1))
+    second = asyncio.ensure_future(ch.aget())
+    await until(parked_consumers(ch, 2))
+    return first, second
+
+
+def put_from_another_thread(ch: Channel[str], item: str) -> None:
+    """put() from a thread of its own, joined: a wake-up sent through the loop's self-pipe."""
+    thread = threading.Thread(target=ch.put, args=(item,))
+    thread.start()
+    thread.join()
+
+
 @pytest.mark.parametrize(
     "when",
     [
         "before-the-put",  # cancelled while parked: it just leaves the queue of waiters
-        "after-the-wake-up-is-sent",  # put() popped it and scheduled its wake-up
-        "after-its-future-resolved",  # its future is done, the task has not run yet
+        # put() in the loop's thread popped it and resolved its future; the task has not run
+        "after-the-wake-up-is-sent",
+        # put() from another thread popped it; its future is resolved by the loop later
+        "before-a-wake-up-from-another-thread-lands",
+        # the loop resolved its future (sent from another thread); the task has not run yet
+        "after-its-future-resolved",
     ],
 )
 def test_cancelling_a_parked_aget_does_not_lose_a_wake_up(when: str) -> None:
     async def main() -> None:
         ch: Channel[str] = Channel(4)
-        first = asyncio.ensure_future(ch.aget())
-        await until(parked_consumers(ch, 1))
-        second = asyncio.ensure_future(ch.aget())
-        await until(parked_consumers(ch, 2))
+        first, second = await two_parked_agets(ch)
         loop = asyncio.get_running_loop()
         if when == "before-the-put":
             first.cancel()
@@ -304,9 +321,12 @@ def test_cancelling_a_parked_aget_does_not_lose_a_wake_up(when: str) -> None:
         elif when == "after-the-wake-up-is-sent":
             ch.put("item")  # wakes `first`, the oldest...
             first.cancel()  # ...which gives up before it could take the item
+        elif when == "before-a-wake-up-from-another-thread-lands":
+            put_from_another_thread(ch, "item")
+            first.cancel()  # the loop has not run since: its future is not resolved yet
         else:
-            ch.put("item")
-            loop.call_soon(first.cancel)  # runs after the wake-up resolved the future
+            put_from_another_thread(ch, "item")  # the resolution is in the loop's queue...
+            loop.call_soon(first.cancel)  # ...and runs before this
         assert await second == "item"
         with pytest.raises(asyncio.CancelledError):
             await first
@@ -316,7 +336,31 @@ def test_cancelling_a_parked_aget_does_not_lose_a_wake_up(when: str) -> None:
     run(main())
 
 
-@pytest.mark.parametrize("when", ["after-the-wake-up-is-sent", "after-its-future-resolved"])
+def test_a_put_in_the_loops_thread_resolves_the_woken_aget_at_once() -> None:
+    # As asyncio.Queue does: the woken coroutine runs at the loop's next turn,
+    # before anything scheduled after the put (here a cancel, which comes too
+    # late: the coroutine has the item).
+    async def main() -> None:
+        ch: Channel[str] = Channel(4)
+        first, second = await two_parked_agets(ch)
+        ch.put("item")
+        asyncio.get_running_loop().call_soon(first.cancel)
+        assert await first == "item"
+        assert ch.stats().waiting_consumers == 1  # `second` is parked still: no wake-up lost
+        ch.put("next")
+        assert await second == "next"
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        "after-the-wake-up-is-sent",  # its future resolved at once: the task has not run
+        "before-a-wake-up-from-another-thread-lands",
+        "after-its-future-resolved",  # by the loop, sent from another thread; not run yet
+    ],
+)
 def test_cancelling_a_parked_aput_does_not_lose_a_wake_up(when: str) -> None:
     async def main() -> None:
         ch: Channel[str] = Channel(1)
@@ -325,11 +369,19 @@ def test_cancelling_a_parked_aput_does_not_lose_a_wake_up(when: str) -> None:
         await until(parked_producers(ch, 1))
         second = asyncio.ensure_future(ch.aput("second"))
         await until(parked_producers(ch, 2))
-        assert ch.get() == "old"  # room for one: wakes `first`
         if when == "after-the-wake-up-is-sent":
+            assert ch.get() == "old"  # room for one: wakes `first`
             first.cancel()
         else:
-            asyncio.get_running_loop().call_soon(first.cancel)
+            got: list[str] = []
+            taker = threading.Thread(target=lambda: got.append(ch.get()))
+            taker.start()
+            taker.join()
+            assert got == ["old"]
+            if when == "before-a-wake-up-from-another-thread-lands":
+                first.cancel()
+            else:
+                asyncio.get_running_loop().call_soon(first.cancel)
         await second
         with pytest.raises(asyncio.CancelledError):
             await first

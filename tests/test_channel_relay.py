@@ -89,30 +89,74 @@ def hold_able(ch: cv.Channel[int]) -> threading.RLock:
     return lock
 
 
+def consume_batches(ch: cv.Channel[int], got: list[int]) -> None:
+    """A consumer of batches: get_many(64) until the channel is closed and drained."""
+    while True:
+        try:
+            got.extend(ch.get_many(64))
+        except cv.ShutDown:
+            return
+
+
 def test_batch_puts_while_a_woken_consumer_has_yet_to_run_wake_no_other_thread() -> None:
+    # The woken consumer takes batches: it may take all there is, and relays if not.
     ch: cv.Channel[int] = cv.Channel(64)
     lock = hold_able(ch)
     got: list[int] = []
-
-    def consume() -> None:
-        got.extend(ch)
-
-    threads = [threading.Thread(target=consume) for _ in range(4)]
+    threads = [
+        threading.Thread(target=consume_batches, args=(ch, got), daemon=True) for _ in range(4)
+    ]
     for t in threads:
         t.start()
     wait_until_parked(ch, consumers=4)
     with lock:
         ch.put_many([1, 2])
         assert ch.stats().waiting_consumers == 3  # one woken
-        ch.put_many([3])
-        ch.put_many([4])
+        ch.put_many([3, 4])
+        ch.put_many([5, 6])
         # Still one: the woken consumer relays when it runs, if items are left.
         assert ch.stats().waiting_consumers == 3
     ch.close()
     for t in threads:
         t.join(10)
     assert not any(t.is_alive() for t in threads)
-    assert sorted(got) == [1, 2, 3, 4]
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+
+
+def test_items_for_consumers_of_one_item_each_wake_a_consumer_each() -> None:
+    # Slow workers take one item at a time (get(), get_many(1)): each item
+    # handed on must start a parked one at once, not wait for a chain of
+    # relays through the consumers woken before it.
+    ch: cv.Channel[int] = cv.Channel(64)
+    lock = hold_able(ch)
+    got: list[int] = []
+
+    def consume() -> None:
+        while True:
+            try:
+                got.extend(ch.get_many(1) if len(got) % 2 else [ch.get()])
+            except cv.ShutDown:
+                return
+
+    threads = [threading.Thread(target=consume, daemon=True) for _ in range(6)]
+    for t in threads:
+        t.start()
+    wait_until_parked(ch, consumers=6)
+    try:
+        with lock:
+            for item, parked in ((1, 5), (2, 4), (3, 3)):
+                ch.put_many([item])
+                assert ch.stats().waiting_consumers == parked
+            ch.put_many([4, 5])  # two more items: two more consumers
+            assert ch.stats().waiting_consumers == 1
+            ch.put_many([6, 7, 8])  # one consumer left for three items
+            assert ch.stats().waiting_consumers == 0
+    finally:
+        ch.close()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6, 7, 8]
 
 
 def test_batch_gets_while_a_woken_producer_has_yet_to_run_wake_no_other_thread() -> None:
@@ -198,3 +242,74 @@ def test_single_puts_and_gets_wake_one_parked_thread_each() -> None:
         t.join(10)
     assert not any(t.is_alive() for t in threads)
     assert sorted(got) == [1, 2]
+
+
+def test_an_ordered_stage_releasing_single_items_together_wakes_a_consumer_for_each() -> None:
+    # The oldest ticket arrives last and releases three single-item batches at
+    # once: three consumers downstream start together, without relays between them.
+    from conveyor.runtime.base import RunControl
+    from conveyor.runtime.ports import Sequencer
+
+    out: cv.Channel[str] = cv.Channel(64)
+    lock = hold_able(out)
+    sequencer = Sequencer(out, window=8, control=RunControl())
+    got: list[str] = []
+
+    def consume() -> None:
+        got.extend(out)
+
+    threads = [threading.Thread(target=consume) for _ in range(4)]
+    for t in threads:
+        t.start()
+    wait_until_parked(out, consumers=4)
+    with lock:
+        sequencer.deposit(2, ["c"])
+        sequencer.deposit(1, ["b"])
+        assert out.stats().waiting_consumers == 4  # held: ticket 0 is missing
+        sequencer.deposit(0, ["a"])
+        assert out.stats().waiting_consumers == 1
+        assert list(out.queue) == ["a", "b", "c"]
+    out.close()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert sorted(got) == ["a", "b", "c"]
+
+
+def test_idle_workers_of_an_ordered_stage_wait_in_the_channel_and_start_together() -> None:
+    # Waiting for items inside the ticket lock let one worker wait in the
+    # channel while the others queued on the lock, to be started one by one.
+    from conveyor.runtime.base import RunControl
+    from conveyor.runtime.ports import Sequencer
+
+    source: cv.Channel[str] = cv.Channel(64)
+    lock = hold_able(source)
+    sequencer = Sequencer(cv.Channel(64), window=8, control=RunControl())
+    taken: list[tuple[list[str], int]] = []
+
+    def take() -> None:
+        taken.append(sequencer.take(source, 1))
+
+    threads = [threading.Thread(target=take, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    wait_until_parked(source, consumers=4)
+    with lock:
+        source.put_many(["a", "b", "c", "d"])
+        assert source.stats().waiting_consumers == 0  # all four woken at once
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert sorted(taken, key=lambda bt: bt[1]) == [(["a"], 0), (["b"], 1), (["c"], 2), (["d"], 3)]
+
+
+def test_waiting_for_an_item_takes_none_and_ends_when_the_channel_is_drained() -> None:
+    ch: cv.Channel[int] = cv.Channel(4)
+    ch.put_many([1, 2])
+    assert ch.wait_for_item() == 2
+    assert ch.get_many(4) == [1, 2]
+    with pytest.raises(cv.Empty):
+        ch.wait_for_item(timeout=0.01)
+    ch.close()
+    with pytest.raises(cv.ShutDown):
+        ch.wait_for_item()

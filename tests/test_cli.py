@@ -51,6 +51,15 @@ def make():
 
 
 failing = cv.Pipeline(range(20)).map(check, name="check")
+
+
+def leave(x):
+    if x == 2:
+        raise SystemExit(3)
+    return x
+
+
+quits = cv.Pipeline(range(5)).map(leave)
 number = 3
 
 
@@ -199,6 +208,52 @@ def test_run_writes_the_html_report(project: Path) -> None:
     assert result.returncode == EXIT_OK, result.stderr
     html = (project / "out.html").read_text(encoding="utf-8")
     assert html.count("<svg") == 3 and "parse" in html
+
+
+def test_a_stage_raising_system_exit_fails_the_run_with_its_traceback_and_one_line(
+    project: Path,
+) -> None:
+    # The repro: `conveyor run` exited with the stage's code (3) without a word.
+    result = conveyor("run", "pipes:quits", "--no-progress", cwd=project)
+    assert result.returncode == EXIT_PIPELINE_ERROR, result.stderr
+    assert "raise SystemExit(3)" in result.stderr
+    assert "stage 'leave' (map) failed on item 2" in result.stderr
+    assert result.stderr.rstrip().endswith("conveyor: the run failed: SystemExit: 3")
+
+
+def test_a_report_path_that_cannot_be_written_is_a_usage_error_before_the_run(
+    project: Path,
+) -> None:
+    # The repro: the whole run went on, then "the run failed: PermissionError"
+    # with a traceback, for a report it could never write.
+    result = conveyor("run", "pipes:pipeline", "--report", "/sys/run.html", cwd=project)
+    assert result.returncode == EXIT_USAGE
+    assert "Invalid value for '--report'" in result.stderr
+    assert "/sys/run.html cannot be written" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--json"], []])
+def test_output_that_cannot_be_written_is_one_line_not_a_traceback(
+    project: Path, args: list[str]
+) -> None:
+    # The repro: `conveyor run ... > /dev/full` ended with click's echo raising
+    # OSError: [Errno 28] No space left on device, as a raw traceback.
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "conveyor", "run", "pipes:pipeline", "--no-progress", *args],
+            cwd=project,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == EXIT_PIPELINE_ERROR
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "conveyor: cannot write the output: [Errno 28] No space left on device"
+    )
 
 
 def test_a_failing_pipeline_exits_1_with_the_traceback_and_the_stage(project: Path) -> None:

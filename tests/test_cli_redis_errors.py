@@ -24,6 +24,7 @@ import conveyor as cv
 from conveyor.errors import BackendUnavailable
 from conveyor.redis import RedisBackend
 from conveyor.redis.cli import DEFAULT_CONNECT_TIMEOUT, EXIT_REDIS_UNREACHABLE
+from redis_helpers import new_namespace
 
 if TYPE_CHECKING:  # as a name, `conftest` may be tests/contract's when the whole suite runs
     from conftest import RedisServer, RedisServerFactory
@@ -52,6 +53,15 @@ def cannot_connect():
 
 
 opens_a_database = cv.Pipeline(range(10)).map(inc, on_start=cannot_connect)
+
+
+def leave(x):
+    if x == 2:
+        raise SystemExit(3)
+    return x
+
+
+quits = cv.Pipeline(range(5)).map(leave)
 """
 
 
@@ -276,6 +286,41 @@ def test_a_worker_whose_on_start_raises_exits_1_with_the_users_traceback_and_one
     assert lines(done.stderr)[-1] == "conveyor: the worker failed: OSError: database unreachable"
 
 
+def leave(x: int) -> int:
+    """The stage of ``app:quits``, built here too so that the driver meets its worker."""
+    if x == 2:
+        raise SystemExit(3)
+    return x
+
+
+def test_a_worker_whose_stage_raises_system_exit_says_so_and_exits_1(
+    project: Path, redis_server: RedisServer
+) -> None:
+    # The repro: the worker exited with the stage's code (3) without a word on its
+    # stderr, and the driver said only that nothing moved.
+    namespace = new_namespace()
+    command = ["worker", "app:quits", "--redis", redis_server.url, "--namespace", namespace]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conveyor", *command],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    backend = RedisBackend(redis_server.url, namespace=namespace)
+    handle = cv.Pipeline(range(5)).map(leave).start(backend=backend)
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        handle.stop()
+        handle.wait(30)
+    assert proc.returncode == 1, stderr
+    assert "raise SystemExit(3)" in stderr
+    assert "conveyor: stage 'leave' (map) failed on item 2" in stderr
+    assert lines(stderr)[-1] == "conveyor: the worker failed: SystemExit: 3"
+
+
 # ---------------------------------------------------------------------- option checks
 
 METRICS_ON_A_BAD_ADDRESS = ["--metrics-addr", "999.1.1.1", "--metrics-port", "0"]
@@ -317,9 +362,14 @@ BAD_OPTIONS = [
     (["run", "../app:pipeline"], "MODULE:ATTR"),
     (["status", ".app:pipeline", "--redis", "redis://h"], "MODULE:ATTR"),
     # A stage the pipeline does not have: --workers was ignored (the worker served on
-    # with its own count), --stage exited with 1 as if the pipeline had failed.
-    (["worker", "app:pipeline", "--redis", "redis://h", "--workers", "incc=2"], "'workers'"),
-    (["worker", "app:pipeline", "--redis", "redis://h", "--stage", "incc"], "'stages'"),
+    # with its own count), --stage exited with 1 as if the pipeline had failed; then
+    # both were named as the Python parameters ("Worker 'stages': ...").
+    (["worker", "app:pipeline", "--redis", "redis://h", "--workers", "incc=2"], "'--workers'"),
+    (["worker", "app:pipeline", "--redis", "redis://h", "--stage", "incc"], "'--stage'"),
+    (
+        ["worker", "app:pipeline", "--redis", "redis://h", "--stage", "inc", "--workers", "x=2"],
+        "'--workers'",
+    ),
     # With no run in Redis a misspelt stage found no dead letters without a word; with
     # runs, it exited 1 as if the pipeline had failed.
     (["dlq", "list", "app:pipeline", "--redis", "redis://h", "--stage", "incc"], "--stage"),

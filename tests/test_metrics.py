@@ -200,6 +200,40 @@ def test_a_sleeping_stage_uses_little_cpu_for_its_busy_time() -> None:
     assert 0.0 <= s.cpu_seconds < 0.5 * s.busy_seconds
 
 
+def slow_io(x: int) -> int:
+    time.sleep(0.005)  # over twice the 2 ms a batch aims at: a batch never grows
+    return x
+
+
+async def aslow_io(x: int) -> int:
+    await asyncio.sleep(0.005)
+    return x
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+@pytest.mark.parametrize("runtime", ["thread", "async"])
+def test_workers_take_slow_items_one_at_a_time(runtime: Any, ordered: bool) -> None:
+    # A batch of several slow items would run them one after the other in one
+    # worker while its peers wait: every take must return one item.
+    fn: Any = slow_io if runtime == "thread" else aslow_io
+    result = (
+        cv.Pipeline(range(48))
+        .map(fn, workers=8, runtime=runtime, ordered=ordered)
+        .map(fn, workers=8, runtime=runtime, ordered=ordered)
+        .run(collect=True)
+    )
+    assert result.outputs is not None
+    assert (result.outputs if ordered else sorted(result.outputs)) == list(range(48))
+    for s in result.stats:
+        assert (s.items_in, s.batches) == (48, 48)
+
+
+def test_workers_take_quick_items_in_batches() -> None:
+    (s,) = cv.Pipeline(range(20_000)).map(str, workers=2).run().stats
+    assert s.items_in == 20_000
+    assert 0 < s.batches < s.items_in
+
+
 # ---------------------------------------------------------------------- timeline
 
 
@@ -420,6 +454,29 @@ def test_a_stall_names_the_worker_its_item_how_long_and_its_stack(
     assert first is not None and int(first.group(1)) <= 3  # the batch holding item 3
     assert "in stuck_on_gate" in text and "must_wait(gate)" in text
     assert "'stuck' input" in text
+
+
+def test_a_stall_in_a_process_stage_says_process_stage_once(
+    warnings_caught: WarningCatcher, tmp_path: Path
+) -> None:
+    # The repro: "  stage process stage 'stuck' (map), worker conveyor-stuck-0-lane1: ...".
+    release = tmp_path / "release"
+
+    def stuck_until_released(x: int) -> int:
+        if x == 3:
+            deadline = time.monotonic() + 30.0
+            while not release.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)  # bounded polling: nothing else reaches another process
+        return x
+
+    p = cv.Pipeline(range(10)).map(stuck_until_released, runtime="process", name="stuck")
+    with p.start(stall_timeout=0.2) as handle:
+        must_wait(warnings_caught.first)
+        release.touch()
+        handle.join(30)
+    text = warnings_caught.records[0].getMessage()
+    assert re.search(r"\n  process stage 'stuck' \(map\), worker conveyor-stuck-0", text), text
+    assert "stage process stage" not in text
 
 
 def test_a_stall_in_the_source_shows_the_sources_stack(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import ctypes
 import glob
+import mmap
 import multiprocessing
 import os
 import re
@@ -32,7 +33,7 @@ from hypothesis import strategies as st
 
 import conveyor as cv
 from conveyor.engine import Run
-from conveyor.runtime import _wire, processes
+from conveyor.runtime import _spare, _wire, processes
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -478,11 +479,12 @@ def test_big_buffers_and_numpy_arrays_round_trip_through_shared_memory(
     created: list[int] = []
     create = _wire._Arena.create.__func__  # type: ignore[attr-defined]
 
-    def counting(cls: Any, ident: int, size: int) -> Any:
+    def counting(cls: Any, ident: int, size: int, keep_fd: bool = False) -> Any:
         created.append(size)
-        return create(cls, ident, size)
+        return create(cls, ident, size, keep_fd)
 
     monkeypatch.setattr(_wire._Arena, "create", classmethod(counting))
+    _spare.SPARES.clear()  # else earlier runs' blocks serve: nothing is created
     items = big_payloads()
     out = list(cv.Pipeline(items).map(echo, runtime="process", workers=2))
     assert all(same(a, b) for a, b in zip(items, out, strict=True))
@@ -511,6 +513,27 @@ def test_arrays_returned_as_they_came_are_not_copied_back_and_stay_intact() -> N
     for i, (a, b) in enumerate(zip(arrays, out, strict=True)):
         assert numpy.all(a == i), i  # the caller's arrays, unchanged
         assert numpy.array_equal(b, (a + 1) if i % 2 == 0 else (a + 1)[5:-5]), i
+
+
+def bytes_back_and_changed(x: Any) -> Any:
+    if isinstance(x, bytearray):
+        x[0] = 255  # the worker's copy: the caller's does not change
+        return x
+    return (x, x[::-1], {"again": x})  # the bytes it got, twice, and a new one
+
+
+def test_bytes_returned_as_they_came_are_the_callers_objects_not_copies() -> None:
+    items: list[Any] = [bytes([i]) * 100_000 for i in range(12)]
+    items += [bytearray(b"x" * 100_000), b"small"]
+    out = list(cv.Pipeline(items).map(bytes_back_and_changed, runtime="process", workers=2))
+    for i, item in enumerate(items[:12]):
+        same_one, reversed_one, nested = out[i]
+        # Bytes cannot change: the answer names what the caller sent, nothing comes back.
+        assert same_one is item and nested["again"] is item, i
+        assert reversed_one == item[::-1] and reversed_one is not item, i
+    changed, small = out[12], out[13]
+    assert changed == bytearray(b"\xff" + b"x" * 99_999) and items[12] == bytearray(b"x" * 100_000)
+    assert small[0] == b"small"
 
 
 THRESHOLD = _wire.SHM_THRESHOLD
@@ -735,6 +758,133 @@ def test_the_placer_reuses_freed_room_zeroes_callocs_keeps_realloc_data_and_unma
         assert box._mapping is None and not placer.live
     finally:
         box.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_WRITE is Linux's")
+def test_a_block_is_populated_for_writing_once_per_process_and_not_when_the_kernel_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    page = mmap.PAGESIZE
+    box = _wire._Arena.create(0, 8 * page)
+    try:
+        box.view[:3] = b"abc"
+        box.populate(page + 1)  # rounded up to whole pages, from where it stopped
+        assert box._populated == 2 * page and box.view[:3] == b"abc"
+        box.populate(page)  # already done: nothing
+        assert box._populated == 2 * page
+        # An advice the kernel refuses (as one before 5.14 refuses MADV_POPULATE_WRITE):
+        # turned off for the process, and the pages then fault in as they are written.
+        monkeypatch.setattr(_wire, "_POPULATE_WRITE", [-1])
+        box.populate(4 * page)
+        assert _wire._POPULATE_WRITE == [None] and box._populated == 2 * page
+        box.view[-1:] = b"z"
+    finally:
+        box.close()
+
+
+def times_two(a: Any) -> Any:
+    return a * 2  # created in the worker: placed in the answer's block
+
+
+def counting_spares_taken(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the spare blocks workers are given from now on."""
+    taken: list[int] = []
+    take = _spare.SPARES.take
+
+    def counting(need: int) -> Any:
+        arena = take(need)
+        if arena is not None:
+            taken.append(arena.size)
+        return arena
+
+    monkeypatch.setattr(_spare.SPARES, "take", counting)
+    return taken
+
+
+@pytest.mark.parametrize("fn", [echo, times_two], ids=["as-they-came", "created"])
+def test_a_block_is_never_reused_while_a_result_still_views_it(
+    fn: Callable[[Any], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def arrays(first: int) -> list[Any]:  # 1 MiB each: four to a message
+        return [numpy.full(1 << 17, first + i, dtype=numpy.float64) for i in range(24)]
+
+    factor = 1 if fn is echo else 2
+    list(cv.Pipeline(arrays(0)).map(fn, runtime="process"))  # leaves spare blocks behind
+    taken = counting_spares_taken(monkeypatch)
+    held = list(cv.Pipeline(arrays(100)).map(fn, runtime="process", workers=2))
+    assert taken  # the workers got blocks an earlier run had faulted in
+    # Later runs, while the caller holds every result of that one: blocks those results
+    # view are neither spare nor reused, so writing new results cannot change them.
+    for first in (200, 300):
+        for out in cv.Pipeline(arrays(first)).map(fn, runtime="process", workers=2):
+            assert numpy.all(out == out[0])
+    for i, a in enumerate(held):
+        assert numpy.all(a == factor * (100 + i)), i
+    held[0][:] = -1  # results are independent of each other
+    assert all(numpy.all(a == factor * (100 + i)) for i, a in enumerate(held) if i)
+    assert our_segments() == []
+
+
+def test_spare_blocks_stay_within_their_budget_and_none_are_kept_with_a_budget_of_0(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spares = _spare.SPARES
+    limit = 3 * processes.SHM_MESSAGE_LIMIT
+    monkeypatch.setattr(processes, "SPARE_BYTES", limit)
+    spares.clear()
+    arrays = [numpy.full(1 << 17, i, dtype=numpy.float64) for i in range(32)]
+    out = list(cv.Pipeline(arrays).map(times_two, runtime="process", workers=2))
+    assert all(numpy.all(b == 2 * i) for i, b in enumerate(out))
+    kept = sum(a.size for a in spares._blocks)
+    assert 0 < kept <= spares.held <= limit  # descriptors too: only within the budget
+    monkeypatch.setattr(processes, "SPARE_BYTES", 0)
+    spares.clear()
+    assert spares.held == 0
+    out = list(cv.Pipeline(arrays).map(times_two, runtime="process", workers=2))
+    assert all(numpy.all(b == 2 * i) for i, b in enumerate(out))
+    assert spares._blocks == [] and spares.held == 0
+
+
+def spares_held(conn: Any) -> None:
+    conn.send((len(_spare.SPARES._blocks), _spare.SPARES.held))
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="POSIX: fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_process_does_not_inherit_the_spare_blocks_to_hand_out() -> None:
+    arrays = [numpy.full(1 << 17, i, dtype=numpy.float64) for i in range(8)]
+    list(cv.Pipeline(arrays).map(times_two, runtime="process"))
+    assert _spare.SPARES._blocks  # this process has some
+    context = multiprocessing.get_context("fork")
+    ours, theirs = context.Pipe()
+    child = context.Process(target=spares_held, args=(theirs,))
+    child.start()
+    try:
+        assert ours.poll(30)
+        assert ours.recv() == (0, 0)  # it maps them too: reusing them would share them
+    finally:
+        child.join(30)
+    assert _spare.SPARES._blocks
+
+
+def test_a_killed_worker_leaves_no_spare_block_in_flight_and_no_segment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def die_on_five(a: Any) -> Any:
+        if int(a[0]) == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return a + 1
+
+    arrays = [numpy.full(1 << 17, i, dtype=numpy.float64) for i in range(12)]
+    list(cv.Pipeline(arrays).map(times_two, runtime="process"))  # spare blocks for the next
+    taken = counting_spares_taken(monkeypatch)
+    out = list(cv.Pipeline(arrays).map(die_on_five, runtime="process", retries=1, on_error="skip"))
+    assert taken
+    assert [int(b[0]) for b in out] == [i + 1 for i in range(12) if i != 5]
+    assert our_segments() == []
+    # The next run reuses what is spare, and its results are right.
+    out = list(cv.Pipeline(arrays).map(times_two, runtime="process"))
+    assert all(numpy.all(b == 2 * i) for i, b in enumerate(out))
 
 
 def buffers_of(*arrays: Any) -> Any:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import subprocess
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -16,6 +18,7 @@ import conveyor as cv
 import conveyor.errors
 import conveyor.redis
 import conveyor.redis.backend
+import conveyor.redis.codec
 from conveyor.redis import RedisBackend
 from conveyor.redis.streams import DRIVER_GROUP, Keys, Scripts, pipeline_id
 from redis_helpers import TESTS, WAIT, new_namespace, three_stages, triple, wait_until
@@ -402,3 +405,151 @@ def test_a_batch_stage_still_sends_its_last_partial_group_after_an_upstream_stra
     backend = RedisBackend(redis_server.url, namespace=namespace, run_id=run_id, local_workers=True)
     groups = pipeline.run(collect=True, backend=backend).outputs or []
     assert sorted(x for group in groups for x in group) == list(range(10))
+
+
+# ---------------------------------------------------------------------- one driver per run
+
+
+def test_a_second_driver_of_a_run_being_driven_is_refused_and_the_first_finishes(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    # The repro: two drivers with the same run_id (two overlapping `conveyor run
+    # --run-id nightly`) both fed the source and shared the final stream: one
+    # failed with "Redis lost writes it had acknowledged" (advice to turn on
+    # fsync), the other waited for ever for outputs the first had taken.
+    n = 500
+    pipeline = cv.Pipeline(range(n)).map(triple, workers=2)
+
+    def backend() -> RedisBackend:
+        return RedisBackend(
+            redis_server.url, namespace=namespace, run_id="nightly", local_workers=True
+        )
+
+    first = backend().iterate(pipeline)
+    seen = [next(first)]  # the first driver holds the run from here on
+    with pytest.raises(cv.BackendError, match=r"run 'nightly' has another driver") as info:
+        list(backend().iterate(pipeline))
+    assert "one driver per run" in str(info.value)
+    seen += list(first)
+    assert sorted(seen) == [3 * x for x in range(n)]
+    # Once the first driver ended, the run id is free again.
+    assert sorted(backend().iterate(pipeline)) == [3 * x for x in range(n)]
+
+
+# ---------------------------------------------------------------------- stopping
+
+
+def test_stop_after_the_driver_saw_the_run_in_progress_is_prompt_with_the_source_stuck(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    # The repro: start(backend=...).stop() took 10 s (join(10) raised TimeoutError)
+    # when the source was stuck and the driver had read the run's counters once
+    # before: it kept them (to tell that nothing moved) where it keeps those of a
+    # complete run, so the stopped run ended as a complete one does, waiting 10 s
+    # for a feeder that waited for the source.
+    first_delivered = threading.Event()
+    stuck = threading.Event()
+    release = threading.Event()
+
+    def source() -> Any:
+        yield 0
+        first_delivered.wait(WAIT)  # the outputs come in two reads: the driver looped
+        yield from range(1, 10)
+        stuck.set()
+        release.wait(WAIT)
+        yield from range(10, 20)
+
+    pipeline = cv.Pipeline(source()).map(triple)
+    keys = _keys(pipeline, namespace, "stuck-source")
+    backend = RedisBackend(
+        redis_server.url, namespace=namespace, run_id="stuck-source", local_workers=True
+    )
+    handle = pipeline.start(backend=backend, collect=True)
+    try:
+        wait_until(lambda: _counters(redis_server.url, keys).get("delivered", 0) >= 1, "0 out")
+        first_delivered.set()
+        assert stuck.wait(WAIT), "the source never got stuck"
+        # Output 0 was acknowledged, the driver looped and read outputs 1 to 9 after it.
+        wait_until(lambda: _counters(redis_server.url, keys).get("delivered", 0) >= 10, "9 out")
+        stopping = time.monotonic()
+        handle.stop()
+        result = handle.join(WAIT)
+        took = time.monotonic() - stopping
+    finally:
+        release.set()
+        handle.stop()
+    assert took < 1.0, f"stop() took {took:.2f} s"
+    assert result.stopped
+    assert result.outputs == [3 * x for x in range(10)]
+
+
+# ---------------------------------------------------------------------- items too big for Redis
+
+
+def test_an_item_over_the_largest_value_redis_takes_is_a_serialization_error_at_once(
+    redis_server: RedisServer, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The repro: an item of 513 MiB (Redis takes values up to 512 MiB) made Redis
+    # close the connection; the driver took it for an outage, sent it again and
+    # again, warned "no worker serves 'len'" and failed after unavailable_timeout
+    # with BackendUnavailable "cannot reach Redis", which was up all along. The
+    # limit is lowered here so that the test moves kilobytes, not half a gigabyte.
+    monkeypatch.setattr(conveyor.redis.codec, "MAX_ENTRY_BYTES", 4096)
+    backend = RedisBackend(redis_server.url, namespace=namespace, local_workers=True)
+    started = time.monotonic()
+    with pytest.raises(cv.SerializationError, match=r"5\d{3} bytes.*over the 4096 bytes") as info:
+        cv.Pipeline([b"small", b"x" * 5000]).map(len).run(backend=backend)
+    assert time.monotonic() - started < 5.0
+    assert "proto-max-bulk-len" in str(info.value)
+
+
+# ---------------------------------------------------------------------- long-lived runs
+
+
+def test_a_long_lived_run_is_refused_with_local_workers_that_would_never_serve_it(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    # The repro: open() with local_workers=True started none, so results() returned []
+    # for ever without a word.
+    backend = RedisBackend(redis_server.url, namespace=namespace, local_workers=True)
+    pipeline = cv.Pipeline([]).map(triple)
+    with pytest.raises(cv.ConfigurationError, match=r"'local_workers'.*conveyor worker"):
+        backend.open(pipeline)
+    with pytest.raises(cv.ConfigurationError, match="'local_workers'"):
+        backend.submit(pipeline, [1, 2])
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"count": 0}, cv.ConfigurationError, r"results\(\) 'count' must be an int >= 1, got 0"),
+        ({"count": "10"}, cv.ConfigurationTypeError, r"results\(\) 'count' must be an int"),
+        ({"timeout": -1}, cv.ConfigurationError, r"results\(\) 'timeout'"),
+        ({"timeout": math.nan}, cv.ConfigurationError, r"results\(\) 'timeout'"),
+    ],
+)
+def test_live_results_refuses_a_bad_count_or_timeout_naming_it(
+    redis_server: RedisServer,
+    namespace: str,
+    options: dict[str, Any],
+    error: type[Exception],
+    match: str,
+) -> None:
+    # The repro: count=0 raised redis-py's DataError ("XREADGROUP count must be a
+    # positive integer"); timeout=-1 was taken as 1 ms without a word.
+    live = RedisBackend(redis_server.url, namespace=namespace).open(cv.Pipeline([]).map(triple))
+    with pytest.raises(error, match=match):
+        live.results(**options)
+
+
+def test_a_closed_live_run_refuses_more_items_from_the_same_handle(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    # The repro: submit() after close() went in without a word, after the run had
+    # been told that no more would come.
+    live = RedisBackend(redis_server.url, namespace=namespace).open(cv.Pipeline([]).map(triple))
+    assert live.submit([1, 2]) == 2
+    live.close()
+    with pytest.raises(cv.ShutDown, match=r"submit\(\) on a closed LiveRun"):
+        live.submit([3])
+    assert live.state().fed == 2

@@ -275,6 +275,34 @@ def test_the_pipeline_id_follows_the_stages_names_and_kinds_only() -> None:
     assert pipeline_id(a.stages) == pipeline_id(b.stages) != pipeline_id(c.stages)
 
 
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"on_error": "skip"},
+        {"retries": 2},
+        {"timeout": 5.0},
+        {"ordered": False},
+    ],
+)
+def test_the_pipeline_id_changes_with_a_setting_that_changes_what_comes_out(
+    changed: dict[str, Any],
+) -> None:
+    # The repro: a `conveyor worker` still running the old version of a pipeline
+    # (batch(5) and on_error="skip" where the driver's had batch(10) and "raise")
+    # served the driver's run without a word, and the driver got groups of 5.
+    base = cv.Pipeline([]).map(abs, name="x").batch(10, name="b")
+    other = cv.Pipeline([]).map(abs, name="x", **changed).batch(10, name="b")
+    assert pipeline_id(base.stages) != pipeline_id(other.stages)
+    for batch in (
+        cv.Pipeline([]).map(abs, name="x").batch(5, name="b"),
+        cv.Pipeline([]).map(abs, name="x").batch(10, name="b", interval=1.0),
+    ):
+        assert pipeline_id(base.stages) != pipeline_id(batch.stages)
+    # What only changes how fast it goes keeps the id: workers of any size meet.
+    same = cv.Pipeline([]).map(abs, name="x", capacity=8, runtime="process").batch(10, name="b")
+    assert pipeline_id(base.stages) == pipeline_id(same.stages)
+
+
 def test_urls_are_shown_without_their_password() -> None:
     assert redact("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
     assert redact("rediss://app:pw@host/1") == "rediss://app:***@host/1"

@@ -215,6 +215,8 @@ def test_a_report_without_samples_still_renders() -> None:
         ("{tmp}", cv.ConfigurationError, "must be a file path, got the directory"),
         ("{tmp}/missing/run.html", cv.ConfigurationError, "does not exist"),
         (42, cv.ConfigurationTypeError, "must be a file path, got int"),
+        # Not writable, even by root: the run went to its end, then failed writing it.
+        ("/sys/conveyor-report.html", cv.ConfigurationError, "cannot be written: .*denied"),
     ],
 )
 def test_a_bad_report_path_is_refused_before_the_run(
@@ -233,3 +235,14 @@ def test_a_bad_report_path_is_refused_before_the_run(
     with pytest.raises(error, match=match):
         cv.Pipeline(source()).map(lambda x: x).run(report=path)
     assert source_pulled == []
+
+
+@pytest.mark.quick
+def test_checking_a_report_path_leaves_no_file_and_keeps_an_existing_one(tmp_path: Path) -> None:
+    fresh = tmp_path / "run.html"
+    assert check_report_path(fresh) == fresh
+    assert not fresh.exists()
+    old = tmp_path / "old.html"
+    old.write_text("earlier report")
+    check_report_path(old)
+    assert old.read_text() == "earlier report"

@@ -280,6 +280,16 @@ def _redis_params(url: str) -> list[Param]:
             return RedisBackend(url, **{name: value})
 
         params.append(Param("RedisBackend", name, give, bad))
+
+    def budget(value: Any) -> object:
+        return RedisBackend(url).run(_pipeline().map(abs), max_bytes=value)
+
+    def budget_through_run(value: Any) -> object:
+        return _pipeline().map(abs).run(backend=RedisBackend(url), max_bytes=value)
+
+    bad_budget = bad_count(1, optional=True)
+    params.append(Param("RedisBackend.run()", "max_bytes", budget, bad_budget))
+    params.append(Param("run()", "max_bytes", budget_through_run, bad_budget))
     return params
 
 
@@ -411,6 +421,14 @@ def test_more_workers_than_a_thread_or_process_stage_may_have_is_refused(runtime
         p.with_stage("abs", workers=MAX_WORKERS + 1)
 
 
+def test_zero_workers_on_a_process_stage_names_the_limit_of_its_runtime() -> None:
+    # Repro: "must be an int from 1 to 100000, got 0", where a process stage takes 1024.
+    with pytest.raises(
+        cv.ConfigurationError, match=rf"at most {MAX_WORKERS} unless runtime='async'"
+    ):
+        cv.Pipeline(range(3)).map(abs, workers=0, runtime="process")
+
+
 def test_an_async_stage_may_have_more_workers_than_a_thread_stage() -> None:
     async def double(x: int) -> int:
         return 2 * x
@@ -425,6 +443,48 @@ def test_max_items_per_worker_with_the_async_runtime_is_refused() -> None:
 
     with pytest.raises(cv.ConfigurationError, match="'max_items_per_worker' applies to"):
         cv.Pipeline(range(3)).map(double, runtime="async", max_items_per_worker=5)
+
+
+@pytest.mark.parametrize("hook", ["on_start", "on_stop"])
+@pytest.mark.parametrize("runtime", ["thread", "process"])
+def test_an_async_hook_on_a_stage_that_is_not_async_is_refused_naming_the_hook(
+    runtime: str, hook: str
+) -> None:
+    # The repro: map(f, on_start=<async def>) on threads or processes ran the
+    # hook without awaiting it, so cv.worker_state() returned a coroutine object
+    # (and Python warned "coroutine ... was never awaited" at exit).
+    async def connect(*state: Any) -> int:
+        return 5
+
+    refused = rf"map\(\) stage 'abs': '{hook}' is a coroutine function"
+    with pytest.raises(cv.ConfigurationError, match=refused):
+        cv.Pipeline(range(3)).map(abs, runtime=runtime, **{hook: connect})  # type: ignore[call-overload]
+    plain = cv.Pipeline(range(3)).map(abs, runtime=runtime)  # type: ignore[call-overload]
+    with pytest.raises(cv.ConfigurationError, match=f"'{hook}' is a coroutine"):
+        plain.with_stage("abs", **{hook: connect})
+
+
+def test_an_async_hook_on_an_async_stage_is_awaited() -> None:
+    async def connect() -> int:
+        return 5
+
+    async def with_state(x: int) -> tuple[int, Any]:
+        return x, cv.worker_state()
+
+    pipeline = cv.Pipeline(range(2)).map(with_state, runtime="async", on_start=connect)
+    assert list(pipeline) == [(0, 5), (1, 5)]
+
+
+def test_a_generator_function_given_as_the_source_is_refused_with_a_hint_to_call_it() -> None:
+    # The repro: Pipeline(numbers) for Pipeline(numbers()) said only "got function".
+    def numbers() -> Iterator[int]:
+        yield 1
+
+    hinted = r"got function; call it: Pipeline\(numbers\(\)\)"
+    with pytest.raises(cv.ConfigurationTypeError, match=hinted):
+        cv.Pipeline(numbers)  # type: ignore[arg-type]
+    with pytest.raises(cv.ConfigurationTypeError, match=r"got NoneType$"):
+        cv.Pipeline(None)  # type: ignore[arg-type]
 
 
 def test_with_stage_refuses_an_option_the_stage_does_not_have() -> None:
@@ -482,6 +542,18 @@ def test_a_batch_stage_on_redis_whose_capacity_is_below_its_size_runs_to_the_end
         outputs = handle.join(timeout=30).outputs or []
     assert sorted(x for group in outputs for x in group) == list(range(300))
     assert [len(group) for group in outputs] == [50] * 6
+
+
+def test_a_stage_timeout_longer_than_the_visibility_timeout_is_refused_before_connecting() -> None:
+    # The repro: map(slow, timeout=10) on RedisBackend(visibility_timeout=5) let a call
+    # run its 10 s while its entry was taken over after 5 s, run again elsewhere, and
+    # dead-lettered after max_deliveries ("no error recorded"), however healthy.
+    pipeline = cv.Pipeline(range(3)).map(abs, timeout=10.0, name="slow")
+    backend = RedisBackend(UNREACHABLE, visibility_timeout=5.0)
+    refused = r"stage 'slow' 'timeout' \(10.0 s\) is longer than RedisBackend 'visibility_t"
+    with pytest.raises(cv.ConfigurationError, match=refused):
+        pipeline.run(backend=backend)
+    RedisBackend(UNREACHABLE, visibility_timeout=10.0).check(pipeline)
 
 
 def test_a_redis_limit_below_a_batch_size_with_an_interval_is_accepted() -> None:

@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time, `__getattr
     from .pipeline import Pipeline as Pipeline
     from .pipeline import RunHandle as RunHandle
     from .redis import RedisBackend as RedisBackend
+    from .runtime.aio import new_event_loop as new_event_loop
     from .stage import Backoff as Backoff
     from .stage import Failure as Failure
     from .stage import worker_state as worker_state
@@ -65,6 +66,7 @@ _LAZY = {
     "RunResult": "conveyor.metrics",
     "StageStats": "conveyor.metrics",
     "Timeline": "conveyor.metrics",
+    "new_event_loop": "conveyor.runtime.aio",
     "worker_state": "conveyor.stage",
 }
 
@@ -108,5 +110,6 @@ __all__ = [
     "Timeline",
     "WorkerCrashed",
     "__version__",
+    "new_event_loop",
     "worker_state",
 ]

@@ -32,7 +32,7 @@ from .validate import check_bool, check_seconds
 if TYPE_CHECKING:
     from .metrics import RunResult, StageStats
 
-__all__ = ["Backend", "BackgroundRun", "LocalBackend", "check_backend"]
+__all__ = ["Backend", "BackgroundRun", "LocalBackend", "budget_option", "check_backend"]
 
 JOIN_SECONDS = 30.0
 """How long leaving a background run waits for its thread."""
@@ -46,7 +46,14 @@ class Backend(ABC):
     versions, built on `run` with a ``stop`` event, that a backend may
     replace. `LocalBackend` (the default) runs in this process;
     ``conveyor.redis.RedisBackend`` drives workers anywhere.
+
+    A backend that honours a run's byte budget sets `bounds_bytes` and takes
+    ``max_bytes=`` in `run` and `iterate`; the others are never given it (a
+    run with ``max_bytes=`` refuses them).
     """
+
+    bounds_bytes = False
+    """Whether `run` and `iterate` take ``max_bytes=`` (a run's byte budget) and honour it."""
 
     @abstractmethod
     def run(
@@ -82,9 +89,14 @@ class Backend(ABC):
         collect: bool = False,
         progress: bool = False,
         report: str | PathLike[str] | None = None,
+        max_bytes: int | None = None,
     ) -> BackgroundRun:
-        """Start a run of ``pipeline`` in a thread and return its handle."""
-        return BackgroundRun(self, pipeline, collect=collect, progress=progress, report=report)
+        """Start a run of ``pipeline`` in a thread and return its handle (``max_bytes``
+        only where `bounds_bytes`)."""
+        options = budget_option(max_bytes)
+        return BackgroundRun(
+            self, pipeline, collect=collect, progress=progress, report=report, **options
+        )
 
     async def arun(
         self,
@@ -93,12 +105,14 @@ class Backend(ABC):
         collect: bool = False,
         progress: bool = False,
         report: str | PathLike[str] | None = None,
+        max_bytes: int | None = None,
     ) -> RunResult:
         """`run` from async code: the run goes on in a thread, the loop keeps serving;
         cancelling the awaiting task stops the run and waits for its end."""
         import asyncio
 
-        handle = self.start(pipeline, collect=collect, progress=progress, report=report)
+        options = budget_option(max_bytes)
+        handle = self.start(pipeline, collect=collect, progress=progress, report=report, **options)
         try:
             return await asyncio.to_thread(handle.join)
         except asyncio.CancelledError:
@@ -118,14 +132,17 @@ class BackgroundRun:
         collect: bool,
         progress: bool,
         report: str | PathLike[str] | None,
+        max_bytes: int | None = None,
     ) -> None:
         self._stop = threading.Event()
+        options = {"collect": collect, "progress": progress, "report": report}
+        options.update(budget_option(max_bytes))
         self._result: RunResult | None = None
         self._error: BaseException | None = None
         self._ended = threading.Event()
         self._thread = threading.Thread(
             target=self._drive,
-            args=(backend, pipeline, {"collect": collect, "progress": progress, "report": report}),
+            args=(backend, pipeline, options),
             name="conveyor-driver",
             daemon=True,
         )
@@ -200,6 +217,8 @@ class BackgroundRun:
 class LocalBackend(Backend):
     """The default: the pipeline runs in this process, on channels and runtimes."""
 
+    bounds_bytes = True
+
     def run(
         self,
         pipeline: Any,
@@ -208,11 +227,13 @@ class LocalBackend(Backend):
         progress: bool = False,
         report: str | PathLike[str] | None = None,
         stop: threading.Event | None = None,
+        max_bytes: int | None = None,
     ) -> RunResult:
+        options = {"collect": collect, "progress": progress, "report": report}
         if stop is None:
-            result: RunResult = pipeline.run(collect=collect, progress=progress, report=report)
+            result: RunResult = pipeline.run(max_bytes=max_bytes, **options)
             return result
-        handle = pipeline.start(collect=collect, progress=progress, report=report)
+        handle = pipeline.start(max_bytes=max_bytes, **options)
         watcher = threading.Thread(
             target=_stop_when, args=(stop, handle), name="conveyor-stop-watch", daemon=True
         )
@@ -224,13 +245,15 @@ class LocalBackend(Backend):
             stop.set()  # ends the watcher
             watcher.join()
 
-    def iterate(self, pipeline: Any, *, progress: bool = False) -> Iterator[Any]:
+    def iterate(
+        self, pipeline: Any, *, progress: bool = False, max_bytes: int | None = None
+    ) -> Iterator[Any]:
         if progress:
             raise ConfigurationError(
                 "iterate() 'progress': a run on this machine shows its progress with "
                 "run(progress=True) or start(progress=True); iteration has none"
             )
-        return iter(pipeline)
+        return iter(pipeline) if max_bytes is None else pipeline.iterate(max_bytes=max_bytes)
 
     def start(
         self,
@@ -239,8 +262,11 @@ class LocalBackend(Backend):
         collect: bool = False,
         progress: bool = False,
         report: str | PathLike[str] | None = None,
+        max_bytes: int | None = None,
     ) -> Any:
-        return pipeline.start(collect=collect, progress=progress, report=report)
+        return pipeline.start(
+            collect=collect, progress=progress, report=report, max_bytes=max_bytes
+        )
 
     async def arun(
         self,
@@ -249,14 +275,24 @@ class LocalBackend(Backend):
         collect: bool = False,
         progress: bool = False,
         report: str | PathLike[str] | None = None,
+        max_bytes: int | None = None,
     ) -> RunResult:
-        result: RunResult = await pipeline.arun(collect=collect, progress=progress, report=report)
+        result: RunResult = await pipeline.arun(
+            collect=collect, progress=progress, report=report, max_bytes=max_bytes
+        )
         return result
 
 
 def _stop_when(stop: threading.Event, handle: Any) -> None:
     stop.wait()
     handle.stop()
+
+
+def budget_option(max_bytes: int | None) -> dict[str, Any]:
+    """The keyword that passes a byte budget to a backend's `Backend.run` or
+    `Backend.iterate`: none without one, so that a backend that does not bound bytes
+    (whose methods do not take it) is called as before."""
+    return {} if max_bytes is None else {"max_bytes": max_bytes}
 
 
 def check_backend(backend: object, method: str) -> Backend | None:

@@ -34,6 +34,9 @@ Invariants, all under ``_lock``:
   a consumer that was woken and leaves items behind wakes the next. So
   batches keep one wake-up in flight per side, not one per call: a woken
   thread that finds a batch's items gone costs a thread switch for nothing.
+  The exception: while every woken consumer takes a single item (``get()``,
+  ``get_many(1)``) and items are left over, a batch put wakes one more per item
+  left over, so the consumers of slow workers start together.
 """
 
 from __future__ import annotations
@@ -170,14 +173,18 @@ class _Waiters(deque[_Waiter]):
 
     ``woken`` counts thread waiters released and not yet back under the lock.
     Coroutines woken are not counted: a stopped event loop may never run
-    them, and nobody must depend on them to pass a wake-up on.
+    them, and nobody must depend on them to pass a wake-up on. ``singles``
+    holds the parked threads that will take one item (``get()``,
+    ``get_many(1)``), and ``woken_singles`` counts those among ``woken``.
     """
 
-    __slots__ = ("woken",)
+    __slots__ = ("singles", "woken", "woken_singles")
 
     def __init__(self) -> None:
         super().__init__()
         self.woken = 0
+        self.singles: set[_Waiter] = set()
+        self.woken_singles = 0
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -345,9 +352,11 @@ class Channel(Generic[T]):
             if type(waiter) is _AsyncWaiter:
                 try:
                     if waiter.thread == get_ident():
-                        # From its own loop's thread: no need to wake the loop through
-                        # its self-pipe (a write, and a turn of the loop to read it).
-                        waiter.loop.call_soon(_resolve, waiter.future)
+                        # From its own loop's thread: resolve the future at once,
+                        # as asyncio.Queue does; a turn of the loop less before the
+                        # waiter runs. Cancelled before it runs, it passes the
+                        # wake-up on (`_park`).
+                        _resolve(waiter.future)
                     else:
                         waiter.loop.call_soon_threadsafe(_resolve, waiter.future)
                 except RuntimeError:  # its loop is closed: nobody is left to wake
@@ -355,6 +364,9 @@ class Channel(Generic[T]):
             else:
                 waiter.release()  # type: ignore[union-attr]
                 waiters.woken += 1
+                if waiters.singles and waiter in waiters.singles:
+                    waiters.singles.discard(waiter)
+                    waiters.woken_singles += 1
             n -= 1
 
     @staticmethod
@@ -370,8 +382,34 @@ class Channel(Generic[T]):
         if not waiters.woken:
             Channel._wake(waiters, 1)
 
+    def _wake_consumers(self) -> None:
+        """Wake parked consumers for the items now in the channel (lock held, some parked).
+
+        Called by a batch put. One, unless a woken thread has yet to run: a
+        consumer of batches may take everything there is, and passes the
+        wake-up on if it leaves items behind (the relays). But while every
+        woken thread takes one item (``get()``, ``get_many(1)``: the workers
+        of a slow stage) and items are left over, wake another: each must
+        start at once, not one relay after another, which would delay the
+        last by as many thread wake-ups.
+        """
+        getters = self._getters
+        if not getters.woken:
+            self._wake(getters, 1)
+        while (
+            getters
+            and getters.woken == getters.woken_singles
+            and 0 < getters.woken < len(self._items)
+        ):
+            self._wake(getters, 1)
+
     def _relay_items(self) -> None:
-        """A woken consumer leaving items behind wakes the next parked one."""
+        """A woken consumer leaving items behind wakes the next parked one.
+
+        One at most, even for consumers of one item: the put that brought the
+        items woke one per item already (`_wake_consumers`); what a woken one
+        finds left over is mostly being taken by consumers that never parked.
+        """
         if self._getters and self._items:
             self._wake_one(self._getters)
 
@@ -384,37 +422,51 @@ class Channel(Generic[T]):
         self._wake(self._getters, len(self._getters))
         self._wake(self._putters, len(self._putters))
 
-    def _sleep(self, waiters: _Waiters, timeout: float | None) -> None:
-        """Release the lock, sleep until woken or ``timeout``, take the lock back."""
+    def _sleep(self, waiters: _Waiters, timeout: float | None, single: bool = False) -> None:
+        """Release the lock, sleep until woken or ``timeout``, take the lock back.
+
+        ``single``: the caller will take one item (see `_Waiters.singles`).
+        """
         waiter = _allocate_lock()
         waiter.acquire()
         waiters.append(waiter)
+        if single:
+            waiters.singles.add(waiter)
         self._lock.release()
         try:
             # Clamp: a longer wait (or inf) overflows; the callers loop on their deadline.
             woken = waiter.acquire(True, -1 if timeout is None else min(timeout, _TIMEOUT_MAX))
         except BaseException:  # Ctrl-C while asleep
             self._lock.acquire()
-            self._forget(waiters, waiter)
+            self._forget(waiters, waiter, single)
             raise
         self._lock.acquire()
         if woken:
-            waiters.woken -= 1
+            self._back(waiters, single)
         else:
             try:
                 waiters.remove(waiter)
+                waiters.singles.discard(waiter)
             except ValueError:
                 # A waker took us off the deque as we timed out. The caller
                 # re-checks the state and uses what it finds: nothing is lost.
-                waiters.woken -= 1
+                self._back(waiters, single)
 
-    def _forget(self, waiters: _Waiters, waiter: _Waiter) -> None:
+    @staticmethod
+    def _back(waiters: _Waiters, single: bool) -> None:
+        """A woken thread is back under the lock: it no longer counts as woken."""
+        waiters.woken -= 1
+        if single:
+            waiters.woken_singles -= 1
+
+    def _forget(self, waiters: _Waiters, waiter: _Waiter, single: bool = False) -> None:
         """Take a waiter that gives up off its deque; if it was woken, wake another."""
         try:
             waiters.remove(waiter)
+            waiters.singles.discard(waiter)
         except ValueError:
             if type(waiter) is not _AsyncWaiter:
-                waiters.woken -= 1
+                self._back(waiters, single)
             self._wake(waiters, 1)
 
     def _no_room(self, need: int = 1) -> bool:
@@ -438,8 +490,11 @@ class Channel(Generic[T]):
             if self.is_shutdown:
                 raise ShutDown("the channel was closed while waiting for room")
 
-    def _wait_for_item(self, block: bool, timeout: float | None) -> None:
-        """Park until there is an item, or raise Empty / ShutDown (lock held)."""
+    def _wait_for_item(self, block: bool, timeout: float | None, single: bool = False) -> None:
+        """Park until there is an item, or raise Empty / ShutDown (lock held).
+
+        ``single``: the caller will take one item (see `_Waiters.singles`).
+        """
         if not block:
             raise Empty
         deadline = None if timeout is None else monotonic() + timeout
@@ -447,12 +502,12 @@ class Channel(Generic[T]):
             if self.is_shutdown:
                 raise ShutDown
             if deadline is None:
-                self._sleep(self._getters, None)
+                self._sleep(self._getters, None, single)
             else:
                 remaining = deadline - monotonic()
                 if remaining <= 0.0:
                     raise Empty
-                self._sleep(self._getters, remaining)
+                self._sleep(self._getters, remaining, single)
 
     # ------------------------------------------------------------------ queue.Queue API
 
@@ -513,7 +568,7 @@ class Channel(Generic[T]):
             else:
                 if self.is_shutdown:
                     raise ShutDown
-                self._wait_for_item(block, timeout)
+                self._wait_for_item(block, timeout, True)
                 try:
                     item = self._items.popleft()
                 finally:
@@ -635,8 +690,8 @@ class Channel(Generic[T]):
                 q.extend(pending)  # the common case: the whole batch fits
                 self._total_put += len(pending)
                 getters = self._getters
-                if getters and pending and not getters.woken:
-                    self._wake(getters, 1)
+                if getters and pending:
+                    self._wake_consumers()
             else:
                 self._put_in_runs(pending, block, timeout)
         finally:
@@ -727,7 +782,7 @@ class Channel(Generic[T]):
             if woken:
                 if self.is_shutdown:
                     raise ShutDown
-                self._wait_for_item(block, timeout)
+                self._wait_for_item(block, timeout, max_items == 1)
             if len(q) <= max_items:
                 batch = list(q)
                 q.clear()
@@ -741,6 +796,33 @@ class Channel(Generic[T]):
             return batch
         finally:
             lock.release()
+
+    def wait_for_item(self, timeout: float | None = None) -> int:
+        """Block until the channel has an item, without taking it; return how many it holds.
+
+        For a consumer that must take its item together with something under
+        a lock of its own (conveyor's ordered stages take an item and its
+        ticket) and so cannot wait inside `get`: it waits here, outside its
+        lock, as a `get` would (a put of several items wakes one such waiter
+        per item), then takes with ``block=False`` and waits again if another
+        consumer was first.
+
+        Raises:
+            Empty: no item within ``timeout``.
+            ShutDown: the channel is closed and drained.
+        """
+        if timeout is not None:
+            _check_timeout(timeout, "Channel.wait_for_item()")
+        with self._lock:
+            if not self._items:
+                if self.is_shutdown:
+                    raise ShutDown
+                self._wait_for_item(True, timeout, True)
+                # We were woken for an item we have not taken, and another
+                # consumer may be parked with nobody left to wake it (one
+                # waiting inside the caller's lock): pass the wake-up on.
+                self._relay_items()
+            return len(self._items)
 
     def wait_for_room(self, timeout: float | None = None) -> int:
         """Block until the channel has room; return how many items fit now.
@@ -905,10 +987,14 @@ class Channel(Generic[T]):
                 first ones, in order). Under `asyncio.timeout` the
                 `TimeoutError` raised has that CancelledError as ``__cause__``.
         """
-        import asyncio  # loaded by then: a coroutine is running
-
         pending = items if isinstance(items, list) else list(items)
-        done = 0
+        try:  # the fast path, as in aput(): no closure nor coroutine while there is room
+            self.put_many(pending, False)
+            return
+        except Full as full:
+            done: int = full.items_put  # type: ignore[attr-defined]
+        pending = pending[done:]
+        import asyncio  # loaded by then: a coroutine is running
 
         def attempt() -> None:
             """Put what fits now; on Full, keep what is left for the next attempt."""
@@ -1053,7 +1139,7 @@ class _BudgetChannel(Channel[T]):
             if woken:
                 if self.is_shutdown:
                     raise ShutDown
-                self._wait_for_item(block, timeout)
+                self._wait_for_item(block, timeout, max_items == 1)
             n = self._batch_length(max_items)
             batch = _take(self._items, n)  # type: ignore[arg-type]  # never hooked: the deque
             self._bytes -= sum(_take(self._sizes, n))

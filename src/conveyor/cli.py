@@ -11,6 +11,7 @@ of the exit codes below.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -279,7 +280,7 @@ def run_command(
             ctrl_c.attach(handle)
             try:
                 result = _wait_for(handle)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # SystemExit: a stage's own sys.exit()
                 if ctrl_c.interrupted.is_set():
                     sys.exit(EXIT_INTERRUPTED)
                 _exit_run_failed(exc)
@@ -297,10 +298,16 @@ def _exit_run_failed(exc: BaseException) -> NoReturn:
 
 
 def _check_report_dir(report: Path | None) -> None:
-    if report is not None and not report.parent.is_dir():
-        raise click.BadParameter(
-            f"the directory {report.parent} does not exist", param_hint="'--report'"
-        )
+    """Refuse a report path that cannot be written, before the run (exit code 2)."""
+    if report is None:
+        return
+    from .report import check_report_path
+
+    try:
+        check_report_path(report)
+    except ConfigurationError as exc:
+        message = str(exc).removeprefix("run() 'report': ")
+        raise click.BadParameter(message, param_hint="'--report'") from None
 
 
 @dataclass(frozen=True)
@@ -477,6 +484,20 @@ def _log_to_stderr() -> None:
     log.setLevel(logging.INFO)
 
 
+_OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EBADF})
+"""How writing to stdout fails other than by a broken pipe."""
+
+
 def main() -> None:
     """Entry point of the ``conveyor`` console script and of ``python -m conveyor``."""
-    cli(prog_name="conveyor")
+    try:
+        cli(prog_name="conveyor")
+    except OSError as exc:
+        if exc.errno not in _OUTPUT_ERRNOS:
+            raise
+        # The report or the JSON could not be written to stdout (a full disk, a closed
+        # terminal); click itself turns only a broken pipe into an exit.
+        with contextlib.suppress(OSError):
+            sys.stderr.write(f"conveyor: cannot write the output: {exc}\n")
+            sys.stderr.flush()
+        os._exit(EXIT_PIPELINE_ERROR)  # exiting normally would flush stdout again, and fail

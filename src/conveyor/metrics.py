@@ -232,6 +232,9 @@ class StageStats:
     """CPU time of its worker threads, and of a process stage's worker processes
     as of their last answers (None where the platform cannot tell). For async
     stages, that of the event loop's thread."""
+    batches: int = 0
+    """Batches its workers took (one take each): ``items_in / batches`` is the
+    mean batch size, 1.0 when every take returned one item (slow items)."""
 
     @property
     def utilisation(self) -> float:
@@ -371,6 +374,7 @@ class StageMetrics:
             latency_p99=latency_quantile(histogram, 0.99),
             rate_now=self._rate_now(now, items_in, elapsed),
             cpu_seconds=_add(_thread_cpu(ws, cpu), self.child_cpu),
+            batches=sum(w.batches for w in ws),
         )
 
     def reading(self) -> StageReading:

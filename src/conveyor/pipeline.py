@@ -8,6 +8,7 @@ can be iterated again). Running it creates a `conveyor.engine.Run`.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import (
     AsyncGenerator,
@@ -24,7 +25,7 @@ from os import PathLike
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, Unpack, overload
 
-from .backends import Backend, BackgroundRun, LocalBackend, check_backend
+from .backends import Backend, BackgroundRun, LocalBackend, budget_option, check_backend
 from .channel import check_max_bytes
 from .engine import JOIN_TIMEOUT, Run, wait_interruptibly
 from .errors import ConfigurationError, ConfigurationTypeError
@@ -38,6 +39,8 @@ from .stage import (
     RuntimeName,
     Stage,
     check_runtime,
+    gathered,
+    is_coroutine_function,
 )
 from .validate import (
     MAX_TASKS,
@@ -158,10 +161,7 @@ class Pipeline(Generic[T]):
 
     def __init__(self, source: Iterable[T] | AsyncIterable[T]) -> None:
         if not isinstance(source, (Iterable, AsyncIterable)):
-            raise ConfigurationTypeError(
-                f"Pipeline 'source' must be an iterable or async iterable, "
-                f"got {type(source).__name__}"
-            )
+            raise _not_a_source(source)
         self._source: Iterable[Any] | AsyncIterable[Any] = source
         self._stages: tuple[Stage, ...] = ()
         self._runs: list[Run] = []
@@ -326,9 +326,13 @@ class Pipeline(Generic[T]):
 
         The iterable is read whole before its elements go on, so an item
         that fails halfway (and is retried) never sends duplicates.
+        With ``runtime="async"``, ``fn`` is a coroutine function returning an
+        iterable, or an async generator function (``async def`` with
+        ``yield``), whose elements are gathered the same way.
         Options: `StageOptions`, as for `map`.
         """
-        return self._stage("flat_map", fn, options, _STAGE_KEYS)
+        stage_fn: Callable[[T], object] = gathered(fn) if inspect.isasyncgenfunction(fn) else fn
+        return self._stage("flat_map", stage_fn, options, _STAGE_KEYS)
 
     def each(self, fn: Callable[[T], object], **options: Unpack[StageOptions]) -> Pipeline[None]:
         """Call ``fn`` on every item for its side effects (the sink); nothing goes on.
@@ -435,7 +439,7 @@ class Pipeline(Generic[T]):
         chosen = _remote(backend, "iterate()", None, metrics, max_bytes)
         if chosen is not None:
             self._check_runnable("iterate()", chosen)
-            return chosen.iterate(self, progress=progress)
+            return chosen.iterate(self, progress=progress, **budget_option(max_bytes))
         if progress:
             raise ConfigurationError(
                 "iterate() 'progress': a run on this machine shows its progress with "
@@ -507,8 +511,9 @@ class Pipeline(Generic[T]):
                 outputs, the caller's current chunk of outputs within the
                 output's share, and the one item the feeder has pulled; an
                 item larger than a share moves alone. docs/design.md gives
-                the bound in full. Runs in this process only: a backend
-                refuses it.
+                the bound in full. With ``backend=RedisBackend(...)`` it bounds
+                the bytes the run's Redis streams hold, split the same way
+                (see docs/distributed.md); other backends refuse it.
 
         Raises:
             Exception: the first error of a stage with ``on_error="raise"``,
@@ -519,7 +524,9 @@ class Pipeline(Generic[T]):
         remote = _remote(backend, "run()", stall_timeout, metrics, max_bytes)
         if remote is not None:
             self._check_runnable("run()", remote)
-            return remote.run(self, collect=collect, progress=progress, report=report)
+            return remote.run(
+                self, collect=collect, progress=progress, report=report, **budget_option(max_bytes)
+            )
         watch = _check_watch("run()", report, stall_timeout)
         outputs: list[Any] | None = [] if collect else None
         monitor: Monitor | None = None
@@ -614,7 +621,9 @@ class Pipeline(Generic[T]):
         remote = _remote(backend, "arun()", stall_timeout, metrics, max_bytes)
         if remote is not None:
             self._check_runnable("arun()", remote)
-            return await remote.arun(self, collect=collect, progress=progress, report=report)
+            return await remote.arun(
+                self, collect=collect, progress=progress, report=report, **budget_option(max_bytes)
+            )
         import asyncio  # loaded by then: a coroutine is running
 
         watch = _check_watch("arun()", report, stall_timeout)
@@ -689,7 +698,9 @@ class Pipeline(Generic[T]):
         remote = _remote(backend, "start()", stall_timeout, metrics, max_bytes)
         if remote is not None:
             self._check_runnable("start()", remote)
-            return remote.start(self, collect=collect, progress=progress, report=report)
+            return remote.start(
+                self, collect=collect, progress=progress, report=report, **budget_option(max_bytes)
+            )
         watch = _check_watch("start()", report, stall_timeout)
         run = self._new_run("start()", metrics=metrics, max_bytes=max_bytes)
         monitor = _start_monitor(run, self._source, progress, *watch)
@@ -733,11 +744,10 @@ def _remote(
     check_max_bytes(max_bytes, method)
     if chosen is None or isinstance(chosen, LocalBackend):
         return None
-    if max_bytes is not None:
+    if max_bytes is not None and not chosen.bounds_bytes:
         raise ConfigurationError(
-            f"{method} 'max_bytes' bounds the memory of a run in this process; "
-            f"{type(chosen).__name__} does not support it (its streams are bounded by "
-            f"item counts: each stage's capacity)"
+            f"{method} 'max_bytes' bounds the memory of a run in this process or in its "
+            f"Redis streams; {type(chosen).__name__} does not support it"
         )
     if stall_timeout is not None:
         raise ConfigurationError(
@@ -777,6 +787,18 @@ def _is_one_shot(source: object) -> bool:
     if isinstance(source, AsyncIterator):
         return source.__aiter__() is source
     return False
+
+
+def _not_a_source(source: object) -> ConfigurationTypeError:
+    # A generator function given for its generator is the likely slip: say to call it.
+    hint = ""
+    if callable(source):
+        name = getattr(source, "__name__", "")
+        hint = f"; call it: Pipeline({name if name.isidentifier() else 'source'}())"
+    return ConfigurationTypeError(
+        f"Pipeline 'source' must be an iterable or async iterable, "
+        f"got {type(source).__name__}{hint}"
+    )
 
 
 def _check_processes_allowed(stages: tuple[Stage, ...], method: str) -> None:
@@ -864,6 +886,13 @@ def _check_at_least(minimum: int, maximum: int | None = None, *, optional: bool 
     return check
 
 
+def _check_workers(value: object, param: str, method: str) -> object:
+    # The per-runtime limit is checked with the runtime (_check_combination); the
+    # message says it from the start, so that workers=0 does not suggest 100000.
+    note = f" (at most {MAX_WORKERS} unless runtime='async')"
+    return check_int(value, param, method, 1, MAX_TASKS, note=note)
+
+
 def _check_stage_name(value: object, param: str, method: str) -> object:
     return check_str(value, param, method, optional=True)
 
@@ -874,8 +903,7 @@ def _check_interval(value: object, param: str, method: str) -> object:
 
 _CHECKS: dict[str, _Check] = {
     # Each raises an error naming the option and the method. One line per option.
-    # The per-runtime limit on workers is checked with the runtime (_check_combination).
-    "workers": _check_at_least(1, MAX_TASKS),
+    "workers": _check_workers,
     "runtime": _check_runtime,
     "capacity": _check_at_least(1),
     "ordered": check_bool,
@@ -923,6 +951,11 @@ def _check_combination(stage: Stage, method: str) -> None:
 
 def _check_runtime_fits(stage: Stage) -> None:
     """A coroutine function needs the async runtime, and the async runtime one."""
+    if inspect.isasyncgenfunction(stage.fn):  # flat_map gathers one (see Pipeline.flat_map)
+        raise ConfigurationError(
+            f"{stage.kind}() stage {stage.name!r}: 'fn' is an async generator function; "
+            f"only flat_map takes one (with runtime='async'), to send on what it yields"
+        )
     if stage.is_async_fn and stage.runtime != "async":
         raise ConfigurationError(
             f"{stage.kind}() stage {stage.name!r}: 'fn' is a coroutine function; "
@@ -933,6 +966,16 @@ def _check_runtime_fits(stage: Stage) -> None:
             f"{stage.kind}() stage {stage.name!r}: 'runtime'='async' needs a coroutine function "
             f"(async def), got {getattr(stage.fn, '__name__', stage.fn)!r}"
         )
+    if stage.runtime == "async":
+        return
+    # Only the async runtime awaits a hook: elsewhere its coroutine would be the state.
+    for hook, fn in (("on_start", stage.on_start), ("on_stop", stage.on_stop)):
+        if fn is not None and is_coroutine_function(fn):
+            raise ConfigurationError(
+                f"{stage.kind}() stage {stage.name!r}: {hook!r} is a coroutine function, "
+                f"which only runtime='async' awaits; give a plain function with "
+                f"'runtime'={stage.runtime!r}"
+            )
 
 
 def _check_watch(

@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import RemoteError, RemoteTraceback
 
-__all__ = ["ExceptionRecord", "capture", "rebuild"]
+__all__ = ["ExceptionRecord", "capture", "rebuild", "restore"]
 
 
 @dataclass
@@ -41,6 +41,9 @@ class ExceptionRecord:
     """Its ``args``, when they are plain data."""
     attrs: dict[str, Any] | None = None
     """Its ``__dict__`` (notes aside): the attributes that are plain data."""
+    group: list[dict[str, Any]] | None = None
+    """An exception group's exceptions, as records (`as_dict`); then ``args`` holds
+    only its message."""
 
     def as_dict(self) -> dict[str, Any]:
         """The record as a dict of plain values."""
@@ -51,6 +54,7 @@ class ExceptionRecord:
             "notes": self.notes,
             "args": self.args,
             "attrs": self.attrs,
+            "group": self.group,
         }
 
     @classmethod
@@ -63,6 +67,7 @@ class ExceptionRecord:
             notes=[str(n) for n in data.get("notes") or ()],
             args=data.get("args"),
             attrs=data.get("attrs"),
+            group=data.get("group"),
         )
 
 
@@ -79,6 +84,11 @@ def capture(exc: BaseException, plain: Any = None) -> ExceptionRecord:
     text = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
     attrs = {k: v for k, v in vars(exc).items() if k != "__notes__"} if _has_dict(exc) else {}
     args: list[Any] | None = list(exc.args)
+    group = None
+    if isinstance(exc, BaseExceptionGroup):
+        # Its exceptions travel as records of their own (a codec carries no exception).
+        group = [capture(e, plain).as_dict() for e in exc.exceptions]
+        args = [exc.message]
     kept: dict[str, Any] | None = attrs
     if plain is not None:
         args = _if_plain(plain, args)
@@ -92,7 +102,20 @@ def capture(exc: BaseException, plain: Any = None) -> ExceptionRecord:
         notes=[str(n) for n in getattr(exc, "__notes__", ())],
         args=args,
         attrs=kept,
+        group=group,
     )
+
+
+def restore(cls: type[BaseException], args: Any, attrs: dict[str, Any] | None) -> BaseException:
+    """An exception of ``cls`` with these ``args`` and attributes, made without calling
+    ``__init__``: one that takes other arguments than its ``args`` (``BadRow(row)``
+    whose ``args`` hold a message) would take the message for a row. Pickling an
+    exception calls it (``cls(*args)``); this is the way back that does not."""
+    exc = cls.__new__(cls, *args)  # BaseExceptionGroup.__new__ checks its two arguments
+    exc.args = tuple(args)
+    if attrs:
+        exc.__dict__.update(attrs)
+    return exc
 
 
 def rebuild(record: ExceptionRecord) -> BaseException:
@@ -102,11 +125,11 @@ def rebuild(record: ExceptionRecord) -> BaseException:
     if cls is None or record.args is None:
         exc = RemoteError(f"{_short_type(record.type)}: {record.message}")
     else:
+        args = list(record.args)
+        if record.group is not None:
+            args.append([rebuild(ExceptionRecord.from_dict(g)) for g in record.group])
         try:
-            exc = cls.__new__(cls)
-            exc.args = tuple(record.args)
-            if record.attrs:
-                exc.__dict__.update(record.attrs)
+            exc = restore(cls, args, record.attrs)
         except Exception:
             exc = RemoteError(f"{_short_type(record.type)}: {record.message}")
     if record.notes:

@@ -74,7 +74,9 @@ def check_report_path(path: str | PathLike[str], method: str = "run()") -> Path:
 
     Raises:
         ConfigurationTypeError: ``path`` is not a str or path-like.
-        ConfigurationError: the directory does not exist, or the path is a directory.
+        ConfigurationError: the directory does not exist, the path is a
+            directory, or the file cannot be written there (tried: opened
+            for appending, and removed again if it was not there).
     """
     from .errors import ConfigurationError, ConfigurationTypeError
 
@@ -87,6 +89,16 @@ def check_report_path(path: str | PathLike[str], method: str = "run()") -> Path:
         raise ConfigurationError(f"{method} 'report' must be a file path, got the directory {p}")
     if not p.parent.is_dir():
         raise ConfigurationError(f"{method} 'report': the directory {p.parent} does not exist")
+    existed = p.exists()
+    try:
+        with p.open("a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{method} 'report': {p} cannot be written: {exc.strerror or exc}"
+        ) from exc
+    if not existed:
+        p.unlink(missing_ok=True)
     return p
 
 

@@ -11,10 +11,11 @@ How a stage turns a batch into outputs (its policies applied) lives in
 
 from __future__ import annotations
 
+import functools
 import inspect
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -29,6 +30,8 @@ __all__ = [
     "Backoff",
     "Failure",
     "Stage",
+    "gathered",
+    "is_coroutine_function",
     "set_worker_state",
     "worker_state",
 ]
@@ -126,13 +129,27 @@ class Stage:
     @property
     def is_async_fn(self) -> bool:
         """True when the function is a coroutine function."""
-        return self.fn is not None and _is_coroutine_function(self.fn)
+        return self.fn is not None and is_coroutine_function(self.fn)
 
 
-def _is_coroutine_function(fn: Callable[..., Any]) -> bool:
+def is_coroutine_function(fn: Callable[..., Any]) -> bool:
+    """True when calling ``fn`` returns a coroutine (an ``async def``, or an object
+    whose ``__call__`` is one)."""
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - a callable object's async __call__
     )
+
+
+def gathered(fn: Callable[[Any], AsyncIterator[Any]]) -> Callable[[Any], Awaitable[list[Any]]]:
+    """An async generator function as the coroutine function an async ``flat_map``
+    awaits: what it yields for an item, gathered whole (as a plain ``flat_map``'s
+    iterable is read whole, so a retried item never sends duplicates)."""
+
+    @functools.wraps(fn)
+    async def gather(item: Any) -> list[Any]:
+        return [x async for x in fn(item)]
+
+    return gather
 
 
 def check_runtime(value: object, param: str, where: str) -> None:

@@ -117,12 +117,12 @@ def _holder_line(m: StageMetrics, w: WorkerCounters, now: float) -> str:
     where = (
         f"{runtime} stage {m.stage.label}"
         if runtime in ("process", "interpreter")
-        else m.stage.label
+        else f"stage {m.stage.label}"
     )
     # The worker records its batch's first item only (a per-item record would
     # cost on the hot path); slow items come in batches of one.
     return (
-        f"  stage {where}, worker {w.thread_name}: in the stage function for {held:.1f} s, "
+        f"  {where}, worker {w.thread_name}: in the stage function for {held:.1f} s, "
         f"on a batch starting with item {_item_repr.repr(w.current_item)}; its stack:"
     )
 

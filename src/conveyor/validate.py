@@ -82,10 +82,20 @@ def check_callable(value: object, param: str, where: str) -> None:
 
 
 def check_int(
-    value: object, param: str, where: str, minimum: int, maximum: int | None = None
+    value: object,
+    param: str,
+    where: str,
+    minimum: int,
+    maximum: int | None = None,
+    *,
+    note: str = "",
 ) -> int:
-    """Return ``value`` if it is an int in ``[minimum, maximum]``, else raise a clear error."""
+    """Return ``value`` if it is an int in ``[minimum, maximum]``, else raise a clear error.
+
+    ``note`` is added to what the message says is accepted (a narrower limit elsewhere).
+    """
     accepted = f"an int >= {minimum}" if maximum is None else f"an int from {minimum} to {maximum}"
+    accepted += note
     if not _is_int(value):
         raise ConfigurationTypeError(
             f"{where} '{param}' must be {accepted}, got {type(value).__name__} {_value(value)}"

@@ -12,6 +12,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,84 @@ def test_skip_records_each_failure_with_its_item_and_the_users_error(
     assert (stats.items_in, stats.items_out, stats.failed, stats.retried) == (42, items_out, 2, 2)
 
 
+@dataclass
+class Row:
+    """A record of the user's, of a class defined beside the stage (sent by value)."""
+
+    n: int
+
+
+class BadRow(Exception):
+    """The user's exception: its ``__init__`` takes a Row, its ``args`` hold the text."""
+
+    def __init__(self, row: Row) -> None:
+        super().__init__(f"bad {row}")
+        self.row = row
+
+
+def reject_bad_row(x: int) -> int:
+    if x == BAD:
+        raise BadRow(Row(x))
+    return x
+
+
+def test_an_exception_holding_an_object_of_the_users_class_is_recorded_as_itself(
+    runner: Runner,
+) -> None:
+    # The repro (a script's own classes, sent to worker processes by value): the
+    # worker process died of "PicklingError: Can't pickle <class '__main__.Row'>: it's
+    # not the same object" and the item was recorded as WorkerCrashed; and once it
+    # crossed, unpickling called BadRow.__init__ again with its text ("bad bad Row").
+    pipeline = cv.Pipeline(range(10)).map(
+        runner.fn(reject_bad_row), runtime=runner.runtime, on_error="skip", name="rows"
+    )
+    leftovers = Leftovers()
+    result = runner.run(pipeline, collect=True)
+    leftovers.assert_none()
+    assert result.outputs == [x for x in range(10) if x != BAD]
+    [failure] = result.failures
+    assert isinstance(failure.error, BadRow), repr(failure.error)
+    assert str(failure.error) == f"bad Row(n={BAD})"
+    assert failure.attempts == 1
+    if not runner.on_redis:  # msgpack carries plain data: the attribute stays behind
+        assert failure.error.row == Row(BAD)
+
+
+async def fetch_both(x: int) -> int:
+    """Two calls at once in an asyncio.TaskGroup, which raises an ExceptionGroup."""
+    if x != BAD:
+        return x
+
+    async def fails(error: Exception) -> None:
+        await asyncio.sleep(0)
+        raise error
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(fails(Boom("first")))
+        group.create_task(fails(KeyError("second")))
+    return x
+
+
+def test_an_exception_group_is_recorded_as_itself_with_each_of_its_exceptions(
+    runner: Runner,
+) -> None:
+    # The repro: a stage whose asyncio.TaskGroup failed (an ExceptionGroup) was
+    # recorded through Redis as RemoteError('ExceptionGroup: ...'), so `except*`
+    # and `.exceptions` did not work; on one machine it was the group itself.
+    pipeline = cv.Pipeline(range(10)).map(
+        runner.fn(fetch_both), runtime=runner.runtime, on_error="skip", name="both"
+    )
+    result = runner.run(pipeline, collect=True)
+    assert result.outputs == [x for x in range(10) if x != BAD]
+    [failure] = result.failures
+    group = failure.error
+    assert isinstance(group, ExceptionGroup), repr(group)
+    assert group.message == "unhandled errors in a TaskGroup"
+    inner = sorted(group.exceptions, key=lambda e: type(e).__name__)
+    assert [type(e) for e in inner] == [Boom, KeyError]
+    assert [e.args for e in inner] == [("first",), ("second",)]
+
+
 HUNG = 3
 """The item that hangs in the timeout test."""
 HANG_SECONDS = 10.0
@@ -263,6 +342,12 @@ def lock_on_2(x: int) -> Any:
     return threading.Lock() if x == UNSENDABLE else x
 
 
+def locker(runner: Runner, **options: Any) -> cv.Pipeline[Any]:
+    """Five items through a stage 'locker' whose result for `UNSENDABLE` is a lock."""
+    stage = runner.fn(lock_on_2)
+    return cv.Pipeline(range(5)).map(stage, runtime=runner.runtime, name="locker", **options)
+
+
 def _results_cross(runner: Runner) -> bool:
     """Whether a stage's results are serialized on their way to the caller (a worker
     process or interpreter, or a Redis stream), not handed on as they are."""
@@ -272,10 +357,7 @@ def _results_cross(runner: Runner) -> bool:
 def test_a_result_that_cannot_go_on_is_a_serialization_error_that_skip_records(
     runner: Runner,
 ) -> None:
-    pipeline = cv.Pipeline(range(5)).map(
-        runner.fn(lock_on_2), runtime=runner.runtime, on_error="skip", name="locker"
-    )
-    result = runner.run(pipeline, collect=True)
+    result = runner.run(locker(runner, on_error="skip"), collect=True)
     if not _results_cross(runner):
         assert len(result.outputs) == 5 and result.failures == []  # handed on as it is
         return
@@ -289,9 +371,7 @@ def test_a_result_that_cannot_go_on_is_a_serialization_error_that_skip_records(
 def test_a_result_that_cannot_go_on_with_on_error_raise_ends_the_run_with_a_serialization_error(
     runner: Runner,
 ) -> None:
-    pipeline = cv.Pipeline(range(5)).map(
-        runner.fn(lock_on_2), runtime=runner.runtime, name="locker"
-    )
+    pipeline = locker(runner)
     if not _results_cross(runner):
         outputs = runner.run(pipeline, collect=True).outputs
         assert isinstance(outputs[UNSENDABLE], type(threading.Lock()))  # handed on as it is
@@ -305,3 +385,38 @@ def test_a_result_that_cannot_go_on_with_on_error_raise_ends_the_run_with_a_seri
     assert "stage 'locker' (map): a result of type _thread.lock cannot" in str(error)
     notes = [n for n in getattr(error, "__notes__", []) if n.startswith("conveyor:")]
     assert notes == [f"conveyor: stage 'locker' (map) failed on item {UNSENDABLE}"]
+
+
+def exit_on_bad(x: int) -> int:
+    if x == BAD:
+        raise SystemExit(3)
+    return x
+
+
+def interrupt_on_bad(x: int) -> int:
+    if x == BAD:
+        raise KeyboardInterrupt
+    return x
+
+
+@pytest.mark.parametrize(
+    ("fn", "kind"), [(exit_on_bad, SystemExit), (interrupt_on_bad, KeyboardInterrupt)]
+)
+def test_a_stage_raising_system_exit_or_keyboard_interrupt_ends_the_run_with_it(
+    runner: Runner, fn: Callable[[int], int], kind: type[BaseException]
+) -> None:
+    # The repro: on threads and asyncio the run ended with the stage's SystemExit(3)
+    # at once; a worker process (or interpreter) died of it instead, printing its
+    # traceback, and the run failed with WorkerCrashed ("exited with code 3"), or,
+    # on Redis, after every delivery, with DeadLettersError.
+    pipeline = cv.Pipeline(range(20)).map(runner.fn(fn), runtime=runner.runtime, name="quits")
+    leftovers = Leftovers()
+    started = time.monotonic()
+    with pytest.raises(kind) as info:
+        runner.run(pipeline)
+    took = time.monotonic() - started
+    leftovers.assert_none()
+    assert took < 5.0, f"the run took {took:.1f} s to end"
+    if kind is SystemExit:
+        assert info.value.args == (3,)
+    assert f"conveyor: stage 'quits' (map) failed on item {BAD}" in info.value.__notes__

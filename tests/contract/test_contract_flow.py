@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -313,3 +313,29 @@ def test_an_async_stage_has_hundreds_of_calls_in_flight_on_a_few_threads(
     assert sorted(runner.run(pipeline, collect=True).outputs) == list(range(2 * IN_FLIGHT))
     assert seen["calls"] == 2 * IN_FLIGHT
     assert seen["threads"] - before < 50, f"{seen['threads'] - before} threads more"
+
+
+async def spread_slowly(x: Any) -> AsyncIterator[Any]:
+    for y in spread(x):
+        await asyncio.sleep(0)
+        yield y
+
+
+def test_a_flat_map_of_an_async_generator_function_sends_what_it_yields(runner: Runner) -> None:
+    # The repro: flat_map(<async def with yield>, runtime="async") was refused as
+    # "'runtime'='async' needs a coroutine function (async def)", which it is.
+    if runner.runtime != "async":
+        with pytest.raises(cv.ConfigurationError, match=r"flat_map\(\) stage 'spread_slowly'"):
+            cv.Pipeline(ITEMS).flat_map(spread_slowly, runtime=runner.runtime)
+        return
+    pipeline = cv.Pipeline(ITEMS).flat_map(spread_slowly, runtime="async", workers=3)
+    expected = [y for x in ITEMS for y in spread(x)]
+    assert list(runner.iterate(pipeline)) == expected
+
+
+def test_an_async_generator_function_in_a_map_filter_or_each_is_refused_saying_so(
+    runner: Runner,
+) -> None:
+    for kind in ("map", "filter", "each"):
+        with pytest.raises(cv.ConfigurationError, match=r"async generator function.*flat_map"):
+            getattr(cv.Pipeline(ITEMS), kind)(spread_slowly, runtime=runner.runtime)

@@ -1,8 +1,9 @@
 """Bounded memory in bytes: ``max_bytes=`` on a run bounds the bytes in flight.
 
 Every test runs on every runtime x backend (the ``runner`` fixture,
-conftest.py). Runs in this process split the budget between their channels
-(docs/design.md); the Redis backend refuses the option, saying so.
+conftest.py). Runs in this process split the budget between their channels,
+runs on Redis between their streams (docs/design.md); tests/test_redis_budget.py
+measures the streams' memory in Redis itself.
 
 The bytes in flight are measured from both ends, in this process: the
 source counts what it has given (at each pull, under a lock) and the caller
@@ -62,7 +63,33 @@ def lanes(runner: Runner) -> int:
     return 2 if runner.runtime in ("process", "interpreter") else 1
 
 
-def bound_in_items(budget: int, stages: int, batches: int) -> int:
+def bound_in_items(budget: int, stages: int, batches: int, runner: Runner, workers: int) -> int:
+    """The bound of `local_bound_in_items`, or on Redis of `redis_bound_in_items`."""
+    if runner.on_redis:
+        return redis_bound_in_items(budget, stages, batches, workers)
+    return local_bound_in_items(budget, stages, batches)
+
+
+def redis_bound_in_items(budget: int, stages: int, batches: int, workers: int) -> int:
+    """The most items in flight docs/design.md promises on Redis for ``stages`` map
+    stages of ``workers`` each.
+
+    ``k`` entries per share of ``budget // (stages + 1)`` (an entry costs what Redis
+    allocates for it, `entry_cost`; one when it is larger than a share), in each of
+    the stages + 1 streams, plus one hand-off (a batch's outputs, ``k`` at most) per
+    worker writing to it; in each of the ``batches`` workers' batches; and, in the
+    driver, the feeder's pulled items (a share of ``size_of`` bytes), the part it
+    adds (as many), and the one item it has pulled.
+    """
+    from conveyor.redis.budget import entry_cost
+
+    share = budget // (stages + 1)
+    k = max(1, share // entry_cost({b"d": bytes(SIZE + 8), b"q": b"[240]"}))
+    pulled = max(1, share // SIZE)
+    return k * ((stages + 1) * (1 + workers) + batches) + 2 * pulled + 1
+
+
+def local_bound_in_items(budget: int, stages: int, batches: int) -> int:
     """The most items in flight docs/design.md promises for ``stages`` map stages.
 
     ``k`` items per share of ``budget // (stages + 1)`` (one when an item is
@@ -86,17 +113,15 @@ def test_max_bytes_bounds_the_bytes_in_flight_and_loses_nothing(
     pipeline = cv.Pipeline(source)
     for _ in range(stages):
         pipeline = pipeline.map(runner.fn(passed_on), runtime=runner.runtime, workers=workers)
-    if runner.on_redis:
-        with pytest.raises(cv.ConfigurationError, match=r"'max_bytes'.*RedisBackend"):
-            runner.run(pipeline, max_bytes=budget)
-        return
+    backend = runner.backend_for() if runner.on_redis else None
     received = []
-    for item in pipeline.iterate(max_bytes=budget):
+    for item in pipeline.iterate(max_bytes=budget, backend=backend):
         hashlib.sha256(item).digest()  # the caller's work: the stage runs ahead
         received.append(item[:4])
         source.receive()
     assert received == [i.to_bytes(4, "big") for i in range(ITEMS)]  # all, in order
-    assert source.peak <= bound_in_items(budget, stages, stages * workers * lanes(runner))
+    batches = stages * workers * lanes(runner)
+    assert source.peak <= bound_in_items(budget, stages, batches, runner, workers)
     assert source.peak * SIZE < ITEMS * SIZE / 3  # far from the whole input
 
 

@@ -33,7 +33,7 @@
 Keys of one run share a hash tag: ``conveyor:{<pipeline id>.<run id>}:`` + ``meta``
 (settings), ``counters``, ``s<i>`` (streams), ``e<i>`` (last errors of entries
 waiting for redelivery), ``dlq<i>`` (dead letters), ``lease<i>`` (the consumer
-making a batch stage's groups), ``failures``; live runs are
+making a batch stage's groups), ``driver`` (the one driver's lease), ``failures``; live runs are
 listed in ``conveyor:<pipeline id>:runs``, which workers poll.
 
 Modules: `streams` (keys, connections, retries, Lua scripts), `codec` (items

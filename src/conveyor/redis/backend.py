@@ -12,6 +12,7 @@ items already fed, and only the outputs not yet delivered come back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -19,10 +20,11 @@ import uuid
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
-from time import perf_counter
+from time import monotonic, perf_counter, sleep
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..backends import Backend
+from ..channel import check_max_bytes
 from ..engine import ABORT_WAIT
 from ..errors import (
     BackendError,
@@ -31,6 +33,7 @@ from ..errors import (
     ConfigurationTypeError,
     DeadLettersError,
     RunStateLost,
+    ShutDown,
 )
 from ..metrics import RunResult, StageStats, Timeline
 from ..ordering import TOMBSTONE, Leaf, Tracker
@@ -38,6 +41,7 @@ from ..policy import add_note
 from ..remote import ExceptionRecord, rebuild
 from ..stage import Failure, Stage
 from ..validate import check_bool, check_choice, check_int, check_name, check_seconds
+from .budget import fitting, record_cost, wait_for_room
 from .codec import (
     CODECS,
     Codec,
@@ -57,6 +61,7 @@ from .streams import (
     Retrier,
     Scripts,
     connect,
+    consumer_name,
     pipeline_id,
     redact,
 )
@@ -78,6 +83,9 @@ FEED_CHUNK = 100
 """Items added to the first stream per script call."""
 QUIET_SECONDS = 10.0
 """The driver logs a warning when its run's counters stay still this long."""
+DRIVER_LEASE_SECONDS = 5.0
+"""How long a driver's hold on its run lasts unless renewed (three times as often): a
+killed driver's run can be resumed after that long."""
 LOCAL_ABORT_GRACE = 0.2
 """After an aborted run's `ABORT_WAIT`, how long its local workers get once aborted (process
 children terminated) before the threads stuck in user code are left behind."""
@@ -163,6 +171,8 @@ class RedisBackend(Backend):
         ... # doctest: +SKIP
     """
 
+    bounds_bytes = True
+
     def __init__(
         self,
         url: str,
@@ -210,8 +220,19 @@ class RedisBackend(Backend):
             ConfigurationError: ``limit`` is below the size of a ``batch()``
                 stage without ``interval``: its input stream would fill up with
                 the entries the stage holds while it waits for a full group,
-                and the run would stop moving.
+                and the run would stop moving. Or a stage's ``timeout`` is
+                longer than ``visibility_timeout``: its entries would be taken over
+                while their calls still run, again on every delivery, until
+                they are dead letters.
         """
+        for stage in _stages(pipeline):
+            if stage.timeout is not None and stage.timeout > self.visibility_timeout:
+                raise ConfigurationError(
+                    f"stage {stage.name!r} 'timeout' ({stage.timeout} s) is longer than "
+                    f"RedisBackend 'visibility_timeout' ({self.visibility_timeout} s): an "
+                    f"entry is taken over by another worker after the visibility timeout, "
+                    f"while its call may still run. Give visibility_timeout >= timeout"
+                )
         if self.limit is None:
             return
         for stage in _stages(pipeline):
@@ -251,7 +272,12 @@ class RedisBackend(Backend):
         return Keys(self.namespace, pipeline_id(_stages(pipeline)), run_id)
 
     def _info(
-        self, keys: Keys, stages: tuple[Stage, ...], ordered: bool, paths: bool = True
+        self,
+        keys: Keys,
+        stages: tuple[Stage, ...],
+        ordered: bool,
+        paths: bool = True,
+        max_bytes: int | None = None,
     ) -> RunInfo:
         # A batch stage holds its input entries until a group is full: a default
         # limit below its size would stop its producers for good (see `check`).
@@ -269,6 +295,7 @@ class RedisBackend(Backend):
             limits=tuple(limits),
             batch=self.batch_size,
             tombstones_to=_tombstone_streams(stages) if paths else (),
+            max_bytes=max_bytes,
         )
 
     def _create_or_attach(self, keys: Keys, info: RunInfo, retry: Retrier) -> tuple[RunInfo, bool]:
@@ -301,6 +328,7 @@ class RedisBackend(Backend):
         progress: bool = False,
         report: str | PathLike[str] | None = None,
         stop: threading.Event | None = None,
+        max_bytes: int | None = None,
     ) -> RunResult:
         """Run ``pipeline`` to completion through Redis (what ``pipeline.run(backend=...)`` does).
 
@@ -315,6 +343,12 @@ class RedisBackend(Backend):
             report: write a self-contained HTML report of the run there at
                 the end (also when it fails), as for a run in one process;
                 its charts come from the same reads of the counters.
+            stop: set from another thread to stop the run (it stays in Redis).
+            max_bytes: a budget in bytes for what the run's streams hold: each
+                of the N stages' input streams and the final stream gets
+                ``max_bytes // (N + 1)`` of the entries' bytes (see
+                docs/distributed.md); the workers read it from the run's
+                settings. A resumed run keeps the budget it was created with.
 
         Returns:
             A `RedisRunResult`.
@@ -327,7 +361,8 @@ class RedisBackend(Backend):
         from ..report import check_report_path
 
         report_path = None if report is None else check_report_path(report, "run()")
-        run = self._new_run(pipeline)
+        check_max_bytes(max_bytes, "RedisBackend.run()")
+        run = self._new_run(pipeline, max_bytes)
         run.halt = stop
         outputs: list[Any] | None = [] if collect else None
         watcher: ProgressWatcher | None = None
@@ -347,7 +382,7 @@ class RedisBackend(Backend):
             self._finish(run, watcher, report_path, result, error)
         return result
 
-    def _new_run(self, pipeline: Any) -> _DriverRun:
+    def _new_run(self, pipeline: Any, max_bytes: int | None = None) -> _DriverRun:
         """Create (or resume) the run of ``pipeline`` in Redis, as its driver; start the
         local workers, if any."""
         stages = _stages(pipeline)
@@ -355,8 +390,13 @@ class RedisBackend(Backend):
         keys = self.keys(pipeline, run_id)
         last = stages[-1]
         ordered = last.ordered and last.kind != "each"
-        run = _DriverRun(self, pipeline, keys, self._info(keys, stages, ordered))
-        run.local_worker = self._start_local_workers(pipeline)
+        info = self._info(keys, stages, ordered, max_bytes=max_bytes)
+        run = _DriverRun(self, pipeline, keys, info)
+        try:
+            run.local_worker = self._start_local_workers(pipeline)
+        except BaseException:
+            run.lease.release()
+            raise
         return run
 
     def _finish(
@@ -377,9 +417,12 @@ class RedisBackend(Backend):
                 if report is not None:
                     _write_report(report, result, stats, watcher.timeline, elapsed, error)
         finally:
-            if run.local_worker is not None:
-                self._stop_local_workers(run, run.local_worker, error)
-            self.close()
+            try:
+                if run.local_worker is not None:
+                    self._stop_local_workers(run, run.local_worker, error)
+            finally:
+                run.lease.release()  # a run left in Redis may be resumed at once
+                self.close()
 
     def _stop_local_workers(
         self, run: _DriverRun, worker: Any, error: BaseException | None
@@ -425,13 +468,16 @@ class RedisBackend(Backend):
             redis_options=self.redis_options,
         ).start()
 
-    def iterate(self, pipeline: Any, *, progress: bool = False) -> Generator[Any, None, None]:
+    def iterate(
+        self, pipeline: Any, *, progress: bool = False, max_bytes: int | None = None
+    ) -> Generator[Any, None, None]:
         """Run ``pipeline`` and yield the last stage's outputs as they come.
 
         Args:
             pipeline: the pipeline; its workers run ``conveyor worker`` (or
                 threads of this process, with ``local_workers``).
             progress: as for `run`.
+            max_bytes: as for `run`.
 
         Outputs reach the caller at least once: leaving the loop early (or
         dying) leaves the run in Redis, to be resumed with the same
@@ -439,7 +485,8 @@ class RedisBackend(Backend):
         outputs of the last chunk read, from the first one this loop had not
         come back after (at most 1000 outputs seen twice).
         """
-        run = self._new_run(pipeline)
+        check_max_bytes(max_bytes, "RedisBackend.iterate()")
+        run = self._new_run(pipeline, max_bytes)
         watcher = self._watch(pipeline, run, True) if progress else None
         outputs = run.outputs()
         error: BaseException | None = None
@@ -469,9 +516,20 @@ class RedisBackend(Backend):
         Workers serve it like any run; producers anywhere add items with
         `LiveRun.submit` (or `RedisBackend.submit`), and the outputs are read
         with `LiveRun.results`. Its outputs are not ordered.
+
+        Raises:
+            ConfigurationError: the backend has ``local_workers``, which serve
+                the runs it drives (run, iterate, start, arun), not these.
         """
-        stages = _stages(pipeline)
+        if self.local_workers:
+            raise ConfigurationError(
+                "RedisBackend 'local_workers' serves the runs this backend drives (run, "
+                "iterate, start, arun); a long-lived run of open() or submit() is served by "
+                "`conveyor worker` processes: start them, and use a backend without "
+                "local_workers=True here"
+            )
         check_name(run_id, "run_id", "RedisBackend.open()")
+        stages = _stages(pipeline)
         keys = self.keys(pipeline, run_id)
         retry = Retrier("open", self.unavailable_timeout, url=self.url)
         info, _ = self._create_or_attach(keys, self._info(keys, stages, False, False), retry)
@@ -492,6 +550,7 @@ class LiveRun:
         self._retry = retry
         self._scripts = Scripts(backend.client())
         self._codec = backend.codec
+        self._closed = False
 
     @property
     def run_id(self) -> str:
@@ -499,7 +558,13 @@ class LiveRun:
         return self.keys.run
 
     def submit(self, items: Iterable[Any]) -> int:
-        """Add items to the first stream, waiting while it is over its limit; return the count."""
+        """Add items to the first stream, waiting while it is over its limit; return the count.
+
+        Raises:
+            ShutDown: this handle was closed (it said no more items would come).
+        """
+        if self._closed:
+            raise ShutDown(f"submit() on a closed LiveRun (run {self.run_id!r})")
         n = 0
         iterator = iter(items)
         while True:
@@ -516,6 +581,8 @@ class LiveRun:
 
     def results(self, count: int = 1000, timeout: float = 1.0) -> list[Any]:
         """Up to ``count`` outputs of the last stage, waiting up to ``timeout`` s for the first."""
+        check_int(count, "count", "LiveRun.results()", 1)
+        check_seconds(timeout, "timeout", "LiveRun.results()", optional=False, zero=True)
         client = self._backend.client()
         final = self.keys.stream(len(self.info.stages))
         reply = self._retry(
@@ -539,6 +606,7 @@ class LiveRun:
 
     def close(self) -> None:
         """Mark the source finished: the run completes once what was submitted is through."""
+        self._closed = True
         self._feed(["", "", "1"])
 
     def _feed(self, args: list[Any]) -> None:
@@ -574,6 +642,63 @@ class _Taken(NamedTuple):
     """Id of the last entry read (None: the read returned none)."""
 
 
+class _DriverLease:
+    """This process's hold on a run as its one driver (`Keys.driver`).
+
+    Two drivers of one run would both feed the source and share the final
+    stream's consumer: each would lose outputs to the other. A driver takes
+    the lease before it touches the run, and renews it from a thread of its
+    own (a caller slow to come back for outputs keeps it); a killed driver's
+    lease expires after `DRIVER_LEASE_SECONDS`, so a new driver waits up to
+    that long for it before it says who holds it.
+    """
+
+    def __init__(self, client: Any, scripts: Scripts, retry: Retrier, keys: Keys) -> None:
+        self._client = client
+        self._script = scripts.lease
+        self._retry = retry
+        self._keys = keys
+        self._holder = consumer_name("driver")
+        self._ttl = str(int(DRIVER_LEASE_SECONDS * 1000))
+        self._released = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _call(self, ttl: str) -> int:
+        return int(self._script(keys=[self._keys.driver], args=[self._holder, ttl]))
+
+    def take(self) -> None:
+        """Take the lease, waiting out a dead driver's; `BackendError` if a live one holds it."""
+        deadline = monotonic() + DRIVER_LEASE_SECONDS + 0.5
+        while self._retry(self._call, self._ttl) == 0:
+            if monotonic() >= deadline:
+                other = self._retry(self._client.get, self._keys.driver)
+                holder = other.decode() if isinstance(other, bytes) else other
+                raise BackendError(
+                    f"run {self._keys.run!r} has another driver ({holder}): one driver per "
+                    f"run; wait for that one to end, or give this run another run_id"
+                )
+            sleep(0.1)  # bounded: the holder's lease renewals or expiry are what we wait for
+        self._renewer = threading.Thread(
+            target=self._renew, name="conveyor-redis-driver-lease", daemon=True
+        )
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        while not self._released.wait(DRIVER_LEASE_SECONDS / 3):
+            # Redis away: the driver's own calls retry and say so; the lease is renewed
+            # at the next turn, well within its life.
+            with contextlib.suppress(Exception):
+                self._call(self._ttl)
+
+    def release(self) -> None:
+        """Let go of the lease (idempotent): the run may be driven again at once."""
+        self._released.set()
+        if self._renewer is not None:
+            self._renewer.join(1.0)  # a renewal stuck on an unanswering Redis is left
+        with contextlib.suppress(Exception):  # Redis away: the lease expires by itself
+            self._call("0")
+
+
 class _DriverRun:
     """One run driven from this process: the feeder thread and the final stream's reader."""
 
@@ -587,13 +712,22 @@ class _DriverRun:
         self.client = backend.client()
         self.scripts = Scripts(self.client)
         self.codec = backend.codec
-        self.info, self.source_done = backend._create_or_attach(keys, info, self.retry)
+        self.lease = _DriverLease(self.client, self.scripts, self.retry, keys)
+        self.lease.take()  # before anything of the run is touched
+        try:
+            self.info, self.source_done = backend._create_or_attach(keys, info, self.retry)
+        except BaseException:
+            self.lease.release()
+            raise
         self.n = len(self.stages)
         self.final = keys.stream(self.n)
         self.started = perf_counter()
         self.finished: float | None = None
         self.items_out = 0
         self.state: RunState | None = None
+        """The counters of the run once complete; None while it goes on, or when it
+        ended early (stopped, failed, left)."""
+        self._seen: RunState | None = None  # the counters `_watch` read last
         self._failures: list[Failure] = []
         self._moved = perf_counter()
         self._warned = False
@@ -634,6 +768,9 @@ class _DriverRun:
             output_capacity=FEED_CHUNK,
             abort_wait=ABORT_WAIT / 2,
             skip=already_fed,
+            # Under a byte budget, what the feeder has pulled (and the chunk it encodes)
+            # is half a stream's share at most: the driver holds about one share.
+            max_bytes=None if self.info.share is None else max(1, self.info.share // 2),
         )
         self._feeder = threading.Thread(
             target=self._feed,
@@ -671,24 +808,51 @@ class _DriverRun:
             if ordered or self.reordering:
                 self._wait_for_window(fed)
             chunk = next(chunks, [])
-            # After the last chunk, a call with no records marks the source done.
-            args: list[Any] = ["fed", fed, "" if chunk else "1"]
+            last = not chunk
+            records = []
             for j, value in enumerate(chunk):
                 fields = encode(value)
                 if paths:
                     fields += [b"q", dump_path([fed + j])]
-                args += [len(fields), *fields]
-            length = self.retry(
-                self.scripts.feed, keys=[stream, keys.counters, keys.meta], args=args
-            )
-            if length == -1:
-                raise self._lost()
-            if length == -2:
-                self._check_fed(fed + len(chunk))
-                length = 0
-            if not chunk:
+                records.append(fields)
+            del chunk  # the items encoded: only their encoded copies are held while waiting
+            # After the last chunk, a call with no records marks the source done.
+            while True:
+                part = self._next_part(records)
+                if part is None:
+                    return  # stopped while the first stream had no room
+                args: list[Any] = ["fed", fed, "" if part else "1"]
+                for fields in part:
+                    args += [len(fields), *fields]
+                length = self.retry(
+                    self.scripts.feed, keys=[stream, keys.counters, keys.meta], args=args
+                )
+                if length == -1:
+                    raise self._lost()
+                if length == -2:
+                    self._check_fed(fed + len(part))
+                    length = 0
+                fed += len(part)
+                del records[: len(part)]
+                if not records:
+                    break
+            if last:
                 return
-            fed += len(chunk)
+
+    def _next_part(self, records: list[list[Any]]) -> list[list[Any]] | None:
+        """The records to add next: all of them without a byte budget; under one, as
+        many as the first stream has room for once it has room for the first (one at
+        least: a larger one goes in alone into an empty stream). None if the run
+        stopped while waiting."""
+        if self.info.share is None or not records:
+            return records
+        costs = [record_cost(fields) for fields in records]
+        keys = self.keys
+        room = wait_for_room(
+            self.scripts, self.retry, keys.stream(0), keys.counters, self.info.room_reader(0),
+            costs[0], self.stopped,
+        )  # fmt: skip
+        return None if room is None else records[: fitting(costs, room.left)]
 
     def _check_fed(self, expected: int) -> None:
         """After a lost reply: the chunk went in (fine), or Redis lost acknowledged writes."""
@@ -920,8 +1084,8 @@ class _DriverRun:
     def _watch(self, state: RunState) -> None:
         """Say so, once per quiet spell, when nothing moves: usually, no worker is running."""
         now = perf_counter()
-        if state != self.state:
-            self.state, self._moved, self._warned = state, now, False
+        if state != self._seen:
+            self._seen, self._moved, self._warned = state, now, False
             return
         if now - self._moved < QUIET_SECONDS or self._warned:
             return
@@ -936,7 +1100,8 @@ class _DriverRun:
             self.keys.run,
             now - self._moved,
             f"; no worker serves {', '.join(map(repr, idle))}: start "
-            f"`conveyor worker MODULE:ATTR --redis URL`"
+            f"`conveyor worker MODULE:ATTR --redis URL` with this version of the pipeline "
+            f"(workers of a version whose stages differ serve other runs)"
             if idle
             else " (stages slower than that, or workers stuck)",
         )
@@ -1180,6 +1345,8 @@ def _create(client: Any, keys: Keys, info: RunInfo) -> None:
     """Write the run's settings, streams and groups, and register it (once)."""
     pipe = client.pipeline(transaction=True)
     pipe.hset(keys.meta, mapping=info.to_meta())
+    if info.share is not None:
+        pipe.hset(keys.counters, "budget", info.share)  # read by the scripts (budget.py)
     for i in range(len(info.stages) + 1):
         group = WORKER_GROUP if i < len(info.stages) else DRIVER_GROUP
         pipe.xgroup_create(keys.stream(i), group, id="0", mkstream=True)

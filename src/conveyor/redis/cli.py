@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -355,16 +355,22 @@ def worker_command(
 
     _log_to_stderr()
     pipeline = load_pipeline(target)
+    counts = _parse_workers(workers)
+    names = [s.name for s in pipeline.stages]
+    _check_stage_names(stages, names, "--stage", "stages")
+    if isinstance(counts, dict):
+        # A misspelt stage would otherwise keep its own count without a word.
+        _check_stage_names(list(counts), list(stages) or names, "--workers", "served stages")
     try:
         worker = Worker(
             pipeline,
             url,
             stages=stages or None,
-            workers=_parse_workers(workers),
+            workers=counts,
             namespace=namespace,
             unavailable_timeout=connect_timeout,
         )
-    except ConfigurationError as exc:  # a --stage or --workers naming no stage
+    except ConfigurationError as exc:
         raise click.UsageError(str(exc)) from None
     except BackendError as exc:
         raise _fail(exc) from None
@@ -377,6 +383,8 @@ def worker_command(
         except Exception as exc:  # the user's code: a stage's on_start or on_stop raised
             if refused_by_redis(exc):
                 raise  # one line, by _redis_errors
+            exit_failed("the worker", exc)
+        except SystemExit as exc:  # a stage's own sys.exit(): said, not a silent exit
             exit_failed("the worker", exc)
 
 
@@ -500,13 +508,21 @@ def _dlq_pipeline(target: str, stage: str | None) -> Any:
     """The pipeline of a ``dlq`` command; a ``--stage`` it does not have is a usage error
     (with no run in Redis, a misspelt stage would find no dead letters without a word)."""
     pipeline = load_pipeline(target)
-    names = [s.name for s in pipeline.stages]
-    if stage is not None and stage not in names:
-        raise click.BadParameter(
-            f"no stage named {stage!r}; stages: {', '.join(map(repr, names))}",
-            param_hint="'--stage'",
-        )
+    if stage is not None:
+        _check_stage_names([stage], [s.name for s in pipeline.stages], "--stage", "stages")
     return pipeline
+
+
+def _check_stage_names(given: Sequence[str], names: Sequence[str], option: str, what: str) -> None:
+    """A name in ``given`` that is not in ``names`` (the ``what`` it may name) is a usage
+    error naming ``option``."""
+    unknown = [n for n in given if n not in names]
+    if unknown:
+        raise click.BadParameter(
+            f"no stage named {', '.join(map(repr, unknown))}; {what}: "
+            f"{', '.join(map(repr, names))}",
+            param_hint=f"'{option}'",
+        )
 
 
 @dlq_group.command("list")

@@ -26,6 +26,7 @@ from ..stage import Failure
 
 __all__ = [
     "CODECS",
+    "MAX_ENTRY_BYTES",
     "SECRET_ENV",
     "Codec",
     "child_path",
@@ -38,6 +39,10 @@ __all__ = [
 ]
 
 CODECS = ("msgpack", "json", "pickle")
+MAX_ENTRY_BYTES = 512 * 2**20
+"""The largest item an entry carries: the largest value Redis takes in a command
+(``proto-max-bulk-len``, 512 MiB by default). Redis closes the connection on a
+bigger one, which would look like an outage."""
 SECRET_ENV = "CONVEYOR_SECRET_KEY"
 """Environment variable read for the pickle codec's key when none is passed."""
 
@@ -73,6 +78,12 @@ class Codec:
     def encode(self, value: Any) -> list[bytes]:
         """The item as a flat list of entry fields: ``[b"d", data, (b"s", sig)]``."""
         data = self.dumps(value)
+        if len(data) > MAX_ENTRY_BYTES:
+            raise SerializationError(
+                f"an item of {len(data)} bytes ({type(value).__name__}, {self.name} codec) is over "
+                f"the {MAX_ENTRY_BYTES} bytes Redis takes in one value (proto-max-bulk-len): "
+                f"send a reference to it (a path, a key) instead"
+            )
         signature = self.sign(data)
         return [b"d", data] if signature is None else [b"d", data, b"s", signature]
 

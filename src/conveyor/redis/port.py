@@ -51,7 +51,7 @@ import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from time import monotonic
 from typing import Any
@@ -63,10 +63,10 @@ from ..remote import capture
 from ..runtime.base import RunControl
 from ..runtime.ports import Port, StageIO
 from ..stage import Stage
+from .budget import entry_cost, fitting, need_of, room_of, wait_for_room
 from .codec import Codec, child_path, encode_failure, get_codec, key_check, load_path
 from .state import RunInfo, find_runs, load_info, read_state, refuse_run
 from .streams import (
-    DRIVER_GROUP,
     MAX_POLL_SECONDS,
     WORKER_GROUP,
     Keys,
@@ -125,6 +125,8 @@ class RunContext:
         self.codec = codec
         self.blocked_until: dict[int, float] = {}
         self.block_delay: dict[int, float] = {}
+        self.room_left: dict[int, int] = {}
+        """Per stage, the bytes its output had room for when last seen (byte budget)."""
 
     @property
     def reclaim_every(self) -> float:
@@ -385,6 +387,12 @@ class RedisPort(Port):
         if found is None:
             return []
         ctx, got = found
+        share = ctx.info.share
+        if share is not None:
+            # A batch of at most a share of input bytes, and of what its output had room
+            # for when last seen (one item at least): its outputs' hand-off need not wait.
+            room = min(share, ctx.room_left.get(self.index, share))
+            n = fitting([entry_cost(e[1]) for e, _ in got[:n]], room)
         chunk = got[:n]
         del got[:n]
         self._run = ctx
@@ -508,12 +516,37 @@ class RedisPort(Port):
         backlog = self.retry(
             self.scripts.backlog, keys=[keys.stream(i + 1)], args=_output_backlog(ctx.info, i)
         )
-        if backlog < ctx.info.limits[i + 1]:
+        if backlog < ctx.info.limits[i + 1] and self._bytes_room(ctx):
             ctx.blocked_until.pop(i, None)
             ctx.block_delay.pop(i, None)
             return True
         self._block(ctx)
         return False
+
+    def _bytes_room(self, ctx: RunContext) -> bool:
+        """Whether the output stream has room in the run's byte budget (always without
+        one); what it has room for sizes the next batch (`_hand_out`)."""
+        if ctx.info.max_bytes is None:
+            return True
+        keys, out = ctx.info.keys, self.index + 1
+        reader = ctx.info.room_reader(out)
+        room = room_of(self.scripts, self.retry, keys.stream(out), keys.counters, reader)
+        ctx.room_left[self.index] = room.left
+        return room.left > 0  # (free: a share)
+
+    def _wait_for_room(self, ctx: RunContext, records: list[Any]) -> bool:
+        """Before a hand-off: wait until the output stream has room for what ``records``
+        add, in the run's byte budget; False if the worker stopped first. Reads stop
+        while the output has no room (`_has_room`), so this waits only for what other
+        workers handed on meanwhile."""
+        if ctx.info.max_bytes is None:
+            return True
+        keys, out = ctx.info.keys, self.index + 1
+        room = wait_for_room(
+            self.scripts, self.retry, keys.stream(out), keys.counters, ctx.info.room_reader(out),
+            need_of(records), self._stopped,
+        )  # fmt: skip
+        return room is not None
 
     def _block(self, ctx: RunContext) -> None:
         delay = min(MAX_POLL_SECONDS, ctx.block_delay.get(self.index, 0.0005) * 2)
@@ -577,7 +610,10 @@ class RedisPort(Port):
         """Hand on the outcome of the entries ``taken``; those it did not reach are the
         next take's."""
         handled, records, outcome = self._prepare(ctx, taken, outcome)
-        self._handoff(ctx, [entry for entry, _ in taken[:handled]], records, outcome)
+        if not self._wait_for_room(ctx, records):
+            handled = 0  # stopped while the output was full: all is let go (close)
+        else:
+            self._handoff(ctx, [entry for entry, _ in taken[:handled]], records, outcome)
         if handled < len(taken):
             # Not reached (a stop cut the batch short, or an earlier item raised):
             # still pending for this consumer, they are the next take's.
@@ -711,6 +747,8 @@ class RedisPort(Port):
             )
         if reply[2] >= info.limits[i + 1]:
             self._block(ctx)
+        elif info.max_bytes is not None:
+            ctx.blocked_until[i] = 0.0  # under a byte budget, the next read checks the room
         return len(entries) - int(reply[1])
 
     def _record_failures(self, ctx: RunContext, outcome: BatchOutcome) -> None:
@@ -998,8 +1036,8 @@ class BatchPort(RedisPort):
             # `close`, and the next holder makes the group again from the cursor.
             return None
         ctx, taken = self._run, self._taken
-        self._run, self._taken = None, []
         if ctx is None or not taken:
+            self._run, self._taken = None, []
             return None  # nothing, or a group lost with the lease: the holder makes it
         (group,) = outcome.outputs
         first, _, deliveries = taken[0][0]
@@ -1007,6 +1045,9 @@ class BatchPort(RedisPort):
         args: list[Any] = ["a", first, deliveries, len(records), *_flat(records)]
         # The other items' places are done: the group carries their items.
         args += _gap_records(taken[1:])
+        if not self._wait_for_room(ctx, args):
+            return None  # stopped while the output was full: as a stop above
+        self._run, self._taken = None, []
         self._hand_on(ctx, [e for e, _ in taken], args, outcome)
         return None
 
@@ -1142,18 +1183,22 @@ class SharedPort(RedisPort):
                 posted, self._posted = self._posted, []
                 self._flush_due = False
             back: list[tuple[RunContext, list[tuple[Entry, Any]]]] = []
-            runs: dict[str, tuple[RunContext, list[Entry], list[Any], list[BatchOutcome]]] = {}
+            runs: dict[str, _Merged] = {}
             try:
                 for ctx, taken, given in posted:
                     handled, records, outcome = self._prepare(ctx, taken, given)
-                    run = runs.setdefault(ctx.info.run_id, (ctx, [], [], []))
-                    run[1].extend(entry for entry, _ in taken[:handled])
-                    run[2].extend(records)
-                    run[3].append(outcome)
+                    run = runs.setdefault(ctx.info.run_id, _Merged(ctx))
+                    run.taken += taken[:handled]
+                    run.records += records
+                    run.outcomes.append(outcome)
                     if handled < len(taken):
                         back.append((ctx, taken[handled:]))
-                for ctx, entries, records, outcomes in runs.values():
-                    self._handoff(ctx, entries, records, _merged(outcomes))
+                for run in runs.values():
+                    if not self._wait_for_room(run.ctx, run.records):
+                        back.append((run.ctx, run.taken))  # stopped while the output was full
+                        continue
+                    entries = [entry for entry, _ in run.taken]
+                    self._handoff(run.ctx, entries, run.records, _merged(run.outcomes))
             finally:
                 with self._lock:
                     for _, taken, _ in posted:
@@ -1189,6 +1234,16 @@ class SharedPort(RedisPort):
                 self._ready.setdefault(ctx.info.run_id, (ctx, []))[1].append(pair)
             self._lent.clear()
             super().close()
+
+
+@dataclass
+class _Merged:
+    """The deliveries of one run that one flush hands on together."""
+
+    ctx: RunContext
+    taken: list[tuple[Entry, Any]] = field(default_factory=list)
+    records: list[Any] = field(default_factory=list)
+    outcomes: list[BatchOutcome] = field(default_factory=list)
 
 
 class TaskPort(Port):
@@ -1253,12 +1308,8 @@ class TaskPort(Port):
 
 def _output_backlog(info: RunInfo, index: int) -> tuple[str, str]:
     """The group of stage ``index``'s output stream, and whether the entries read and
-    not acknowledged count as backlog: not where they are held to be reordered (the
-    driver's final stream, a batch stage's input), or a missing item could never get
-    past a full stream."""
-    if index + 1 == len(info.stages):
-        return DRIVER_GROUP, "0"
-    return WORKER_GROUP, "0" if index + 1 in info.tombstones_to else "1"
+    not acknowledged count as backlog (`RunInfo.reader`)."""
+    return info.reader(index + 1)
 
 
 def _tombstone(seq: bytes | None) -> list[Any]:

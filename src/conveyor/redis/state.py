@@ -19,7 +19,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ..metrics import StageStats
-from .streams import Keys, Retrier
+from .budget import share_of
+from .streams import DRIVER_GROUP, WORKER_GROUP, Keys, Retrier
 
 if TYPE_CHECKING:
     from ..stage import Stage
@@ -72,7 +73,15 @@ class RunInfo:
     """Per stage, the stream its tombstones go to: the input of the next batch stage
     (which reorders by path and must tell a gap from a late item), else the final
     stream (also when empty: a run written before batch stages reordered)."""
+    max_bytes: int | None = None
+    """The run's byte budget (``max_bytes=``), split evenly between its streams (None:
+    none; see redis/budget.py)."""
     created: float = field(default_factory=time.time)
+
+    @property
+    def share(self) -> int | None:
+        """Each stream's share of `max_bytes` (None: no budget)."""
+        return None if self.max_bytes is None else share_of(self.max_bytes, len(self.stages))
 
     @property
     def run_id(self) -> str:
@@ -92,9 +101,27 @@ class RunInfo:
             "limits": json.dumps(list(self.limits)),
             "batch": str(self.batch),
             "tombstones_to": json.dumps(list(self.tombstones_to)),
+            "max_bytes": "" if self.max_bytes is None else str(self.max_bytes),
             "created": repr(self.created),
             "source_done": "0",
         }
+
+    def reader(self, stream: int) -> tuple[str, str]:
+        """Stream ``stream``'s consumer group, and whether the entries it has read and not
+        acknowledged count as backlog ('1'): not where they are held to be reordered
+        (the driver's final stream, a batch stage's input), or a missing item could
+        never get past a full stream ('0')."""
+        if stream == len(self.stages):
+            return DRIVER_GROUP, "0"
+        return WORKER_GROUP, "0" if stream in self.tombstones_to else "1"
+
+    def room_reader(self, stream: int) -> tuple[str, str]:
+        """Stream ``stream``'s consumer group, and whether that consumer holds entries
+        to put them in order ('1': an ordered run's driver on the final stream, a batch
+        stage on its input), as the byte budget's room check takes them (streams.ROOM)."""
+        group, _ = self.reader(stream)
+        reorders = self.ordered if stream == len(self.stages) else stream in self.tombstones_to
+        return group, "1" if reorders else "0"
 
     def tombstone_stream(self, index: int) -> int:
         """Where stage ``index``'s tombstones go (see `tombstones_to`)."""
@@ -116,6 +143,7 @@ class RunInfo:
             limits=tuple(json.loads(m["limits"])),
             batch=int(m.get("batch", "100")),
             tombstones_to=tuple(json.loads(m.get("tombstones_to", "[]"))),
+            max_bytes=int(m["max_bytes"]) if m.get("max_bytes") else None,
             created=float(m.get("created", "0")),
         )
 

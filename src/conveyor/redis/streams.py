@@ -53,13 +53,21 @@ sitting idle while its producer sleeps."""
 
 
 def pipeline_id(stages: Sequence[Any]) -> str:
-    """A short, stable name for a pipeline's shape: its stages' kinds and names.
+    """A short, stable name for a pipeline's shape: its stages' kinds and names, and
+    the settings that change what comes out of them.
 
     The driver and every worker compute it from the same pipeline definition,
-    so they meet on the same keys without being told; a changed pipeline
-    (a stage added or renamed) gets other keys.
+    so they meet on the same keys without being told; a changed pipeline (a
+    stage added or renamed, another batch size, ordering, ``retries``,
+    ``timeout`` or ``on_error``) gets other keys, so a worker still running the
+    old version never serves the new one's runs. Workers, capacity and runtime
+    only change how fast it goes: each worker may set its own.
     """
-    shape = "|".join(f"{s.kind}:{s.name}" for s in stages)
+    shape = "|".join(
+        f"{s.kind}:{s.name}:{s.batch_size}:{s.interval}:{s.ordered}:{s.retries}:"
+        f"{s.timeout}:{s.on_error}"
+        for s in stages
+    )
     return hashlib.sha1(shape.encode(), usedforsecurity=False).hexdigest()[:10]
 
 
@@ -117,13 +125,19 @@ class Keys:
         return f"{self.prefix}:lease{index}"
 
     @property
+    def driver(self) -> str:
+        """String: the driver of the run, while it lives (one driver per run)."""
+        return f"{self.prefix}:driver"
+
+    @property
     def done(self) -> str:
         """Bitmap: bit ``r`` set when source item ``r`` is through (unordered runs)."""
         return f"{self.prefix}:done"
 
     def all(self, stages: int) -> list[str]:
         """Every key of the run (not the shared ``runs`` set)."""
-        keys = [self.meta, self.counters, self.failures, self.done, self.stream(stages)]
+        keys = [self.meta, self.counters, self.failures, self.done, self.driver]
+        keys.append(self.stream(stages))
         keys.append(self.dead(stages))  # final-stream entries the run did not make
         for i in range(stages):
             keys += [self.stream(i), self.errors(i), self.dead(i), self.lease(i)]
@@ -296,6 +310,79 @@ class Retrier:
 UNPACK_MAX = 1000
 """Most values a script passes to one ``unpack()``: Lua's stack holds about 8000."""
 
+ENTRY_HEADER = 64
+"""Bytes an entry takes in its stream node besides its fields' (lengths, ids, flags;
+a node's own header when the entry has a node of its own)."""
+ENTRY_BOOKKEEPING = 1024
+"""Bytes an entry costs Redis outside its node, as ``MEMORY USAGE`` counts them: its
+places in the radix trees (the stream's, its consumer group's and its consumer's
+pending lists, about 1.1 KiB measured for an entry read and not acknowledged)."""
+SPLIT = 4096
+"""Redis's ``stream-node-max-bytes`` default: an entry this large gets a stream node of
+its own, allocated to fit it (so rounded up to the allocator's size class)."""
+
+# A run's byte budget (``max_bytes=``; see redis/budget.py and docs/design.md), kept
+# in its counters hash: ``budget`` holds each stream's share (absent: no budget, and
+# nothing below costs more than one HEXISTS), ``bytes:<stream key>`` the bytes of the
+# stream's entries added and not yet acknowledged. An entry counts for what it costs
+# Redis (see budget.entry_cost, which this mirrors): the lengths of its field names and
+# values, whatever the entry format, plus ENTRY_HEADER, an entry of a stream node of
+# its own (SPLIT bytes and more) rounded up to the allocator's size class, plus
+# ENTRY_BOOKKEEPING.
+# budget_on(c): whether the run has a budget (looked up once per script call).
+# xadd(c, key, ...): XADD key * ... and count the entry's bytes.
+# forget(c, key, ids): delete acknowledged entries, so that their memory goes (an
+# XTRIM would keep those behind a pending one), and uncount their bytes.
+LUA_BUDGET = """
+local budget_known, budget_set = false, false
+local function cost(fields)
+  local n = ENTRY_HEADER
+  for _, v in ipairs(fields) do n = n + #v end
+  if n >= SPLIT then
+    local p = 1
+    while p <= n - 1 do p = p * 2 end
+    local step = p / 8
+    n = math.ceil(n / step) * step
+  end
+  return n + ENTRY_BOOKKEEPING
+end
+local function budget_on(c)
+  if not budget_known then
+    budget_set = redis.call('HEXISTS', c, 'budget') == 1
+    budget_known = true
+  end
+  return budget_set
+end
+local function xadd(c, key, ...)
+  local id = redis.call('XADD', key, '*', ...)
+  if budget_on(c) then
+    redis.call('HINCRBY', c, 'bytes:' .. key, cost({...}))
+  end
+  return id
+end
+local function forget(c, key, ids)
+  if not budget_on(c) then return end
+  local n = 0
+  for _, id in ipairs(ids) do
+    local e = redis.call('XRANGE', key, id, id)[1]
+    if e ~= nil then
+      n = n + cost(e[2])
+      redis.call('XDEL', key, id)
+    end
+  end
+  if n > 0 and redis.call('HINCRBY', c, 'bytes:' .. key, -n) < 0 then
+    -- Entries the run did not add (refused ones) were never counted.
+    redis.call('HSET', c, 'bytes:' .. key, 0)
+  end
+end
+"""
+for _name, _value in (
+    ("ENTRY_HEADER", ENTRY_HEADER),
+    ("ENTRY_BOOKKEEPING", ENTRY_BOOKKEEPING),
+    ("SPLIT", SPLIT),
+):
+    LUA_BUDGET = LUA_BUDGET.replace(_name, str(_value))
+
 # Lua helpers shared by the scripts below.
 #
 # backlog(key, group, held): entries of the stream its group has not read yet
@@ -305,7 +392,8 @@ UNPACK_MAX = 1000
 # up to the oldest entry still pending (or the last one delivered, when none
 # is): XTRIM MINID ~ removes whole nodes, far cheaper than deleting entries
 # one by one, and never an entry that is pending or not delivered yet.
-LUA_HELPERS = """
+LUA_HELPERS = (
+    """
 local function group_info(key, group)
   for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
     local f = {}
@@ -332,6 +420,8 @@ local function trim(key, group)
   redis.call('XTRIM', key, 'MINID', '~', floor)
 end
 """
+    + LUA_BUDGET
+)
 
 # Hand a batch on: for each input entry still pending for this consumer,
 # acknowledge it (and trim the stream's acknowledged head), and add its
@@ -390,9 +480,9 @@ while i <= #ARGV do
       outs = outs + 1
       done[#done + 1] = id
       if op == 'o' then
-        redis.call('XADD', KEYS[2], '*', 'd', ARGV[i + 2])
+        xadd(KEYS[4], KEYS[2], 'd', ARGV[i + 2])
       else
-        redis.call('XADD', KEYS[2], '*', 'd', ARGV[i + 2], 'q', ARGV[i + 3])
+        xadd(KEYS[4], KEYS[2], 'd', ARGV[i + 2], 'q', ARGV[i + 3])
       end
     else
       stale = stale + 1
@@ -415,10 +505,10 @@ while i <= #ARGV do
       local dest, k = ARGV[i], tonumber(ARGV[i + 1])
       if mine then
         if dest == 'f' then
-          redis.call('XADD', KEYS[3], '*', unpack(ARGV, i + 2, i + 1 + k))
+          xadd(KEYS[4], KEYS[3], unpack(ARGV, i + 2, i + 1 + k))
           tombs = tombs + 1
         else
-          redis.call('XADD', KEYS[2], '*', unpack(ARGV, i + 2, i + 1 + k))
+          xadd(KEYS[4], KEYS[2], unpack(ARGV, i + 2, i + 1 + k))
           outs = outs + 1
         end
       end
@@ -449,6 +539,7 @@ while i <= #ARGV do
 end
 if #done > 0 then
   redis.call('XACK', KEYS[1], group, unpack(done))
+  forget(KEYS[4], KEYS[1], done)
   trim(KEYS[1], group)
 end
 local c = KEYS[4]
@@ -493,7 +584,7 @@ end
 local i, n = 4, 0
 while i <= #ARGV do
   local k = tonumber(ARGV[i])
-  redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + k))
+  xadd(KEYS[2], KEYS[1], unpack(ARGV, i + 1, i + k))
   i = i + 1 + k
   n = n + 1
 end
@@ -534,7 +625,9 @@ return {r[1], out}
 # them (the final stream, or the next batch stage's input): its place is done.
 # KEYS: dead, stream, counters, tombstones' stream.  ARGV: stage, mode
 # ('replay'|'purge'), tombstone counter, ids...  Returns how many moved.
-DEAD = """
+DEAD = (
+    LUA_BUDGET
+    + """
 local st, mode, tomb = ARGV[1], ARGV[2], ARGV[3]
 local moved = 0
 for j = 4, #ARGV do
@@ -551,12 +644,12 @@ for j = 4, #ARGV do
       if f[k] == 'q' then seq = f[k + 1] end
     end
     if mode == 'replay' then
-      redis.call('XADD', KEYS[2], '*', unpack(keep))
+      xadd(KEYS[3], KEYS[2], unpack(keep))
     else
       redis.call('HINCRBY', KEYS[3], 'in:' .. st, 1)
       redis.call('HINCRBY', KEYS[3], 'purged:' .. st, 1)
       if seq ~= nil then
-        redis.call('XADD', KEYS[4], '*', 'q', seq, 't', '1')
+        xadd(KEYS[3], KEYS[4], 'q', seq, 't', '1')
         redis.call('HINCRBY', KEYS[3], tomb, 1)
       end
     end
@@ -567,6 +660,7 @@ for j = 4, #ARGV do
 end
 return moved
 """
+)
 
 
 # The driver takes final-stream entries: acknowledge, trim, count (by what
@@ -587,6 +681,11 @@ local n = 0
 for first = 4 + k, #ARGV, UNPACK_MAX do
   local last = math.min(first + UNPACK_MAX - 1, #ARGV)
   n = n + redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, first, last))
+end
+if budget_on(KEYS[2]) then
+  local ids = {}
+  for j = 4 + k, #ARGV do ids[#ids + 1] = ARGV[j] end
+  forget(KEYS[2], KEYS[1], ids)
 end
 trim(KEYS[1], ARGV[1])
 if n > 0 then redis.call('HINCRBY', KEYS[2], 'delivered', n) end
@@ -616,10 +715,30 @@ return 2
 """
 
 # The work left in a stream.  KEYS: stream.  ARGV: group, held ('1'|'0').
+# 0 when the stream is gone: its run ended as a worker polled it for room.
 BACKLOG = (
     LUA_HELPERS
     + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 return backlog(KEYS[1], ARGV[1], ARGV[2] == '1')
+"""
+)
+
+
+# How much room a stream has in the run's byte budget: {bytes used, its share, free},
+# free 1 when anything may go in: no budget (share 0), the stream holds no bytes (so
+# an entry larger than a share goes in alone), or its consumer holds entries to put
+# them in order (reorders '1') and has read them all, or the entry it waits for could
+# never come. The caller decides what fits (budget.Room).
+# KEYS: stream, counters.  ARGV: group, reorders ('1'|'0').
+ROOM = (
+    LUA_HELPERS
+    + """
+local share = redis.call('HGET', KEYS[2], 'budget')
+if not share then return {0, 0, 1} end
+local used = tonumber(redis.call('HGET', KEYS[2], 'bytes:' .. KEYS[1]) or '0')
+local free = used <= 0 or (ARGV[2] == '1' and backlog(KEYS[1], ARGV[1], false) == 0)
+return {used, tonumber(share), free and 1 or 0}
 """
 )
 
@@ -635,3 +754,4 @@ class Scripts:
         self.ack = client.register_script(ACK)
         self.backlog = client.register_script(BACKLOG)
         self.lease = client.register_script(LEASE)
+        self.room = client.register_script(ROOM)

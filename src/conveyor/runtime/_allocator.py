@@ -203,6 +203,7 @@ class Placer:
         if offset is None:
             return None
         bisect.insort(self.spans, (offset, offset + need))
+        arena.populate(offset + need)  # the stage is about to write it: map it in one go
         address = self._base + offset
         self.placed[address] = (arena, offset, offset + need)
         self.live[arena.ident] = self.live.get(arena.ident, 0) + 1

@@ -17,6 +17,7 @@ import contextlib
 import os
 import pickle
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -32,10 +33,11 @@ from typing import Any
 import cloudpickle
 
 from ..policy import BatchOutcome, apply_one, drop_unsendable, process_batch
-from ..remote import ExceptionRecord, capture
+from ..remote import ExceptionRecord, capture, restore
 from ..stage import Stage, set_worker_state
 from ._allocator import Placer, placer
 from ._wire import (
+    _BY_FD,
     _ECHO,
     _FAILED,
     _LOAD_FAILED,
@@ -49,6 +51,7 @@ from ._wire import (
     _align,
     _Arena,
     _BatchMessage,
+    _Block,
     _Buffers,
     _Desc,
     _dump,
@@ -59,24 +62,31 @@ from ._wire import (
 )
 
 _PackedError = tuple[bytes | None, ExceptionRecord]
-"""An exception on its way to the parent: pickled when it survives a round trip, and
-its record (see `conveyor.remote`), from which the parent rebuilds it otherwise."""
+"""An exception on its way to the parent: its class, ``args`` and attributes pickled
+(`restore` makes it again there) when they survive a round trip, and its record (see
+`conveyor.remote`), from which the parent rebuilds it otherwise."""
 
 
 def _pack_error(exc: BaseException) -> _PackedError:
     """An exception ready to cross (see `_PackedError`)."""
     blob: bytes | None
     try:
-        blob = cloudpickle.dumps(exc, 5)
-        pickle.loads(blob)  # an exception with a custom __init__ may not unpickle
+        # Not the exception itself: unpickling it would call its __init__ with its args.
+        blob = cloudpickle.dumps((type(exc), exc.args, vars(exc)), 5)
+        restore(*pickle.loads(blob))
     except Exception:
         blob = None
     return blob, capture(exc, _round_trip)
 
 
 def _round_trip(value: Any) -> None:
-    """Raise unless ``value`` can be pickled and unpickled (args and attributes kept)."""
-    pickle.loads(cloudpickle.dumps(value, 5))
+    """Raise unless ``value`` can be pickled and unpickled (args and attributes kept).
+
+    With plain pickle, as the record travels in the answer (`_wire._pack`): an
+    object of a class cloudpickle sent by value (one of the main script's) passes a
+    cloudpickle round trip, and then made that answer, and the worker, fail.
+    """
+    pickle.loads(pickle.dumps(value, 5))
 
 
 class _Server:
@@ -93,6 +103,7 @@ class _Server:
         # Whether to place the arrays the stage creates in the outbox (see handle).
         self.place_arrays = True
         self.bytes_likely = False  # the last answer held big bytes (see _wire._dump)
+        self.sock: socket.socket | None = None  # see _receive_fds
         timed = stage.timeout is not None
         self.call = self._timed_call if timed else None
         self.sleep = self._timed_sleep if timed else _plain_sleep
@@ -109,6 +120,8 @@ class _Server:
                     return True
                 self.conn.send_bytes(self.handle(_BatchMessage._make(message)))
         finally:
+            if self.sock is not None:
+                self.sock.close()
             for arena in self.inboxes.values():
                 arena.close()
             for arena in self.outboxes.values():
@@ -131,10 +144,12 @@ class _Server:
             else:
                 self._close_outbox(self.outboxes.pop(ident))
         inbox, outbox = message.inbox, message.outbox
-        source = None if inbox is None else self._block(self.inboxes, inbox)
-        box = None if outbox is None else self._block(self.outboxes, outbox)
+        fds = self._receive_fds(sum(b is not None and b[1] == _BY_FD for b in (inbox, outbox)))
+        source = None if inbox is None else self._block(self.inboxes, inbox, fds)
+        box = None if outbox is None else self._block(self.outboxes, outbox, fds)
+        received: list[Any] = []  # bytes made from the request's buffers (see _wire._OutOfBand)
         try:
-            batch = _load(message.payload, message.pids, message.descs, source)
+            batch = _load(message.payload, message.pids, message.descs, source, received=received)
         except Exception as exc:
             return pickle.dumps((_LOAD_FAILED, _pack_error(exc), self._let_go(source)), 5)
         retries_left = message.retries_left
@@ -146,12 +161,21 @@ class _Server:
         # Always tracked: the parent's port may need it, and a result that cannot be
         # pickled is charged to the input that gave it.
         with contextlib.nullcontext() if place is None else place.placing(box):
-            outcome = process_batch(stage, batch, self.call, self.sleep, track=True)
+            try:
+                outcome = process_batch(stage, batch, self.call, self.sleep, track=True)
+            except BaseException as exc:
+                if isinstance(exc, Exception):
+                    raise
+                # The stage's own SystemExit or KeyboardInterrupt: no policy applies (see
+                # policy.py), and rather than this process dying of it, the parent raises
+                # it in its worker loop, as a thread worker would.
+                outcome = BatchOutcome([], counts=[], error=exc)
         busy = perf_counter() - started
-        answer = self.reply(stage, batch, outcome, box, source, busy, place)
+        answer = self.reply(stage, batch, outcome, box, source, busy, place, received)
         del batch, outcome  # the arrays built on the inbox go (unless the stage kept some)
         if _shares_kept_memory(answer, source, box, place):
-            answer = _in_band(answer, source, box)
+            answer = _in_band(answer, source, box, received)
+        del received
         kept = box is not None and place is not None and place.kept(box)
         if kept:
             assert box is not None
@@ -159,11 +183,24 @@ class _Server:
         return _pack(answer._replace(inbox_kept=self._let_go(source), outbox_kept=kept))
 
     @staticmethod
-    def _block(blocks: dict[int, _Arena], info: tuple[int, str | None, int]) -> _Arena:
+    def _block(blocks: dict[int, _Arena], info: _Block, fds: list[int]) -> _Arena:
         ident, name, size = info
-        if name is not None:  # a new one: map it
+        if name == _BY_FD:  # a block another worker used: its descriptor came with the message
+            blocks[ident] = _Arena.adopt(ident, fds.pop(0), size)
+        elif name is not None:  # a new one: map it
             blocks[ident] = _Arena.attach(ident, name, size)
         return blocks[ident]
+
+    def _receive_fds(self, count: int) -> list[int]:
+        """The ``count`` file descriptors the parent sent right after the message."""
+        if not count:
+            return []
+        if self.sock is None:  # a handle of our own on the pipe's socket, for its fds
+            self.sock = socket.socket(fileno=os.dup(self.conn.fileno()))
+        _, fds, _, _ = socket.recv_fds(self.sock, 1, count)
+        if len(fds) != count:
+            raise OSError(f"expected {count} file descriptor(s) with the message, got {len(fds)}")
+        return fds
 
     def _let_go(self, inbox: _Arena | None) -> bool:
         """Whether arrays built on the inbox outlive their batch: then it is left to them."""
@@ -191,21 +228,24 @@ class _Server:
         source: _Arena | None,
         busy: float,
         place: Placer | None = None,
+        received: list[Any] | None = None,
     ) -> _OutcomeMessage:
         """The outcome, ready to pickle; results that cannot be pickled become failures.
 
         It carries the time the batch took here (``busy``) and this
         process's CPU time so far, for the stage's metrics in the parent.
+        Bytes objects of the request returned as they came (``received``) are
+        named, not sent back (see `conveyor.runtime._wire._OutOfBand`).
         """
         buffers = _Buffers()
         try:
-            payload, pids = _dump(outcome.outputs, buffers, self.bytes_likely)
+            payload, pids = _dump(outcome.outputs, buffers, self.bytes_likely, received)
         except Exception:
             outcome = drop_unsendable(
                 stage, batch, outcome, _first_unpicklable, "be sent back from the worker process"
             )
             buffers.clear()
-            payload, pids = _dump(outcome.outputs, buffers)
+            payload, pids = _dump(outcome.outputs, buffers, received=received)
         self.bytes_likely = pids
         need = 0
         descs: list[_Desc] = []
@@ -227,7 +267,7 @@ class _Server:
                 descs = target.write(buffers, placed, start)
             else:  # no room: in band this time; the parent provides a bigger outbox
                 need = start + fresh
-                payload, pids = _dump(outcome.outputs, _Buffers(None))
+                payload, pids = _dump(outcome.outputs, _Buffers(None), received=received)
         failures = [
             (index, _pack_error(f.error), f.attempts)
             for index, f in zip(outcome.failed_at, outcome.failures, strict=True)
@@ -262,10 +302,12 @@ def _shares_kept_memory(
     return place is not None and place.alive(box, [d[0] for d in answer.descs if d[2] == _OOB])
 
 
-def _in_band(answer: _OutcomeMessage, source: _Arena | None, box: _Arena | None) -> _OutcomeMessage:
+def _in_band(
+    answer: _OutcomeMessage, source: _Arena | None, box: _Arena | None, received: list[Any]
+) -> _OutcomeMessage:
     """The answer with its results pickled in band: copies of what they are now."""
-    outputs = _load(answer.payload, answer.pids, answer.descs, box, source)
-    payload, pids = _dump(outputs, _Buffers(None))
+    outputs = _load(answer.payload, answer.pids, answer.descs, box, source, sent=received)
+    payload, pids = _dump(outputs, _Buffers(None), received=received)
     del outputs
     for arena in (source, box):
         if arena is not None:

@@ -178,9 +178,9 @@ def worker_loop(
     counters: WorkerCounters = sr.metrics.new_worker()
     size, limit = 1, sr.max_batch
     target = sr.target(target)
+    t0 = perf_counter()
     try:
         while True:
-            t0 = perf_counter()
             try:
                 batch = port.take(size)
             except ShutDown:
@@ -194,14 +194,17 @@ def worker_loop(
             if outcome.busy_seconds is None:
                 outcome.busy_seconds = t2 - t1
             count_batch(counters, outcome, len(batch), outcome.busy_seconds)
+            # Everything the next take needs is done before the hand-off: a
+            # consumer it wakes waits for the GIL until this worker blocks again.
+            size = _adapt(size, len(batch), t2 - t1, limit, target)
+            if outcome.size_limit is not None:
+                size = min(size, outcome.size_limit)
             error = port.deliver(outcome)
             if error is not None:
                 control.fail(error)
                 break
-            counters.wait_out += perf_counter() - t2
-            size = _adapt(size, len(batch), t2 - t1, limit, target)
-            if outcome.size_limit is not None:
-                size = min(size, outcome.size_limit)
+            t0 = perf_counter()
+            counters.wait_out += t0 - t2
     except ShutDown:
         pass  # the run was aborted while we were handing outputs on
     except BaseException as exc:  # a bug in conveyor, Redis lost, or Ctrl-C delivered here
@@ -363,16 +366,18 @@ class Runtimes:
         """Wait for every worker until ``deadline`` (a `time.perf_counter` value; None:
         no bound); return the names of those still alive."""
         stuck: list[str] = []
-        for runtime in self._by_name.values():
+        # A copy: the driver may close (and clear) these while another thread joins.
+        for runtime in list(self._by_name.values()):
             left = 3600.0 if deadline is None else max(0.0, deadline - perf_counter())
             stuck += runtime.join(left)
         return stuck
 
     def close(self) -> None:
         """Release every runtime (processes, event loops), once its workers are joined."""
-        for runtime in self._by_name.values():
-            runtime.close()
+        runtimes = list(self._by_name.values())
         self._by_name.clear()
+        for runtime in runtimes:
+            runtime.close()
 
 
 _RUNTIME_MODULES = {

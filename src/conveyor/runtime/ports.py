@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
 from ..channel import Channel, Producer
-from ..errors import ShutDown
+from ..errors import Empty, ShutDown
 from ..policy import BatchOutcome
 
 if TYPE_CHECKING:
@@ -263,19 +263,33 @@ class Sequencer:
         return True
 
     def take(self, channel: Channel[Any], n: int) -> tuple[list[Any], int]:
-        """Take a batch of up to ``n`` items and its ticket, in input order."""
-        with self._take_lock:
-            ticket = self._next_ticket
-            with self._lock:
-                while self._window_full(ticket):
-                    self._sleepers += 1
-                    try:
-                        self._moved.wait()
-                    finally:
-                        self._sleepers -= 1
-            batch = channel.get_many(n)
-            self._next_ticket = ticket + 1
-            return batch, ticket
+        """Take a batch of up to ``n`` items and its ticket, in input order.
+
+        A worker of single items (a slow stage) waits for its item outside
+        the ticket lock, in the channel (`Channel.wait_for_item`), then takes
+        it with its ticket: items handed on together start as many idle
+        workers at once, where waiting inside the lock started them one
+        after another through it. A worker of batches waits inside: one
+        wake-up in flight is what batches want (see `Channel.put_many`).
+        """
+        while True:
+            with self._take_lock:
+                ticket = self._next_ticket
+                with self._lock:
+                    while self._window_full(ticket):
+                        self._sleepers += 1
+                        try:
+                            self._moved.wait()
+                        finally:
+                            self._sleepers -= 1
+                try:
+                    batch = channel.get_many(n, n > 1)
+                except Empty:  # ShutDown goes through: the input ended
+                    pass
+                else:
+                    self._next_ticket = ticket + 1
+                    return batch, ticket
+            channel.wait_for_item()
 
     async def atake(self, channel: Channel[Any], n: int) -> tuple[list[Any], int]:
         """`take` for a coroutine: waits for the window and the items without blocking the loop."""

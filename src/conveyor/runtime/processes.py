@@ -96,13 +96,24 @@ other blocks are used. Batches with big buffers are capped at about one
 message's worth (`SHM_MESSAGE_LIMIT`), which bounds the shared memory in
 flight to a few blocks besides the results not yet consumed.
 
+When a worker ends (every run starts new ones), its free blocks are kept for
+the next workers of any stage or run, up to `SPARE_BYTES` for the process
+(``_spare``): they are faulted in already. A worker maps a page for writing
+in one ``madvise`` per block rather than a fault per page (`_wire._Arena.populate`).
+A ``bytes`` object the stage returns as it got it is not sent back at all:
+the answer names it, and the parent hands back the object it sent (bytes
+cannot change); a ``bytearray`` or ``memoryview`` crosses as a copy.
+
 Blocks are POSIX shared memory named ``cv<parent pid>_<hex>``, created by the
 parent only, so that it knows every name, and registered with
 multiprocessing's resource tracker. A name is unlinked as soon as the worker
 has mapped it (when it answers the message that announced it), or when the
 worker dies or is stopped, and when the run ends: no segment outlives a run,
-whatever happened to it. The memory itself is freed when the last process
-unmaps it, that is when the last array built on it is gone.
+whatever happened to it. A spare block, nameless by then, reaches its next
+worker as a file descriptor sent over the pipe (a Unix socket) right after
+the message that announces it. The memory itself is freed when the last
+process unmaps it, that is when the last array built on it is gone (spare
+blocks: when the process exits).
 
 Keep the main module light: spawn and forkserver workers run it again
 before they start (its imports included), and that is part of every run's
@@ -144,6 +155,7 @@ import os
 import pickle
 import select
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -170,11 +182,13 @@ from ..policy import (
     retry_delay,
     type_name,
 )
-from ..remote import rebuild
+from ..remote import rebuild, restore
 from ..stage import Failure, Stage
 from ._child import _child_main, _PackedError, _stage_blob
+from ._spare import SPARES
 from ._wire import (
     _BATCH,
+    _BY_FD,
     _LOAD_FAILED,
     _READY,
     _SLEEPING,
@@ -205,6 +219,7 @@ __all__ = [
     "RUNTIME",
     "SHM_MESSAGE_LIMIT",
     "SHM_THRESHOLD",
+    "SPARE_BYTES",
     "START_METHOD",
     "ProcessRuntime",
     "RemoteTraceback",
@@ -227,6 +242,10 @@ POOL_SIZE = 64
 and no array built on it uses it (results in the output channel or in the caller's hands
 hold several). Beyond that, free blocks are unmapped first, then the oldest are let go
 (their arrays keep them mapped)."""
+SPARE_BYTES = 64 * 1024 * 1024
+"""Bytes of free shared-memory blocks the process keeps when workers end, for the next
+workers (of any stage or run) to reuse instead of faulting fresh blocks in (see
+``_spare``); 0 keeps none. The memory stays allocated meanwhile."""
 BATCH_SECONDS = 0.02
 """Target time of one batch. A round trip to a worker costs about 0.1 ms of the parent's
 time, so batches ten times longer than the thread runtime's keep that cost small, while
@@ -292,18 +311,19 @@ def _preload_in_forkserver() -> None:
 def _unpack_error(packed: _PackedError) -> BaseException:
     """The exception a worker sent, as itself, with its traceback text as ``__cause__``.
 
-    Unpickled when it survived a round trip in the worker; else rebuilt from its
-    record without calling ``__init__`` (an exception whose ``__init__`` takes other
-    arguments than its ``args``), or a `RemoteError` when its class is not loaded here.
+    Made again from its class, ``args`` and attributes (`conveyor.remote.restore`,
+    which does not call ``__init__``) when they survived a round trip in the worker;
+    else rebuilt from its record the same way, or a `RemoteError` when its class is
+    not loaded here.
     """
     blob, record = packed
     exc: BaseException | None = None
     if blob is not None:
         try:
-            exc = pickle.loads(blob)
+            exc = restore(*pickle.loads(blob))
         except Exception:
             exc = None
-    if not isinstance(exc, BaseException):
+    if exc is None:
         return rebuild(record)
     exc.__cause__ = RemoteTraceback(record.traceback)
     return exc
@@ -413,12 +433,15 @@ class _Link:
 class _Flight:
     """What the parent keeps about a message until its answer: the blocks it uses."""
 
-    __slots__ = ("inbox", "named", "outbox")
+    __slots__ = ("fds", "inbox", "named", "outbox", "sent")
 
     def __init__(self) -> None:
         self.inbox: _Arena | None = None  # where its big buffers are
         self.outbox: _Arena | None = None  # where the answer's big buffers go
         self.named: list[_Arena] = []  # blocks it announced, named until the answer
+        self.fds: list[int] = []  # descriptors of spare blocks it announced (`_BY_FD`)
+        # Its big bytes objects by index, for the answer to name (see _wire._OutOfBand).
+        self.sent: list[Any] | None = None
 
 
 class _Child:
@@ -473,6 +496,7 @@ class _Child:
         self._lock = threading.Lock()  # guards the process handle against close()
         self._close_lock = threading.Lock()
         self._closed = False
+        self._sock: socket.socket | None = None  # see _socket
 
     # ------------------------------------------------------------------ messages
 
@@ -492,8 +516,17 @@ class _Child:
         """Place a batch's big buffers in shared memory and send it; return its number."""
         with self._send_lock:
             flight = _Flight()
-            descs, inbox, copies = self._place(buffers, flight)
-            outbox = self._choose_outbox(bool(buffers.views), flight)
+            descs: list[_Desc] = []
+            inbox = outbox = None
+            copies: list[tuple[int, memoryview]] = []
+            if not self._closed:  # else it ended meanwhile: no block for an unread message
+                descs, inbox, copies = self._place(buffers, flight)
+                outbox = self._choose_outbox(bool(buffers.views), flight)
+            if pids:
+                flight.sent = [
+                    v.obj if persistent and type(v.obj) is bytes else None
+                    for v, persistent in zip(buffers.views, buffers.persistent, strict=True)
+                ]
             forget, self._forget = self._forget, []
             message = _BatchMessage(
                 _BATCH, payload, pids, descs, inbox, outbox, forget, retries_left
@@ -516,9 +549,17 @@ class _Child:
                     self._turn.wait()
                 with contextlib.suppress(OSError):  # it died: whoever reads finds out
                     self.conn.send_bytes(data)
+                    if flight.fds:  # right after the message, which says how many
+                        socket.send_fds(self._socket(), [b"F"], flight.fds)
                 self._next_send += 1
                 self._turn.notify_all()
         return seq
+
+    def _socket(self) -> socket.socket:
+        """A handle of our own on the pipe's socket, to send descriptors (``_turn`` held)."""
+        if self._sock is None:
+            self._sock = socket.socket(fileno=os.dup(self.conn.fileno()))
+        return self._sock
 
     def receive(
         self, seq: int, read: Callable[[], tuple[Any, ...] | None]
@@ -564,10 +605,11 @@ class _Child:
         """After the child ended: True if message ``seq`` had not been started yet."""
         return seq > self._next_answer
 
-    def blocks(self, seq: int) -> tuple[_Arena | None, _Arena | None]:
-        """The answer block and the request block of message ``seq``."""
+    def blocks(self, seq: int) -> tuple[_Arena | None, _Arena | None, list[Any] | None]:
+        """The answer block and the request block of message ``seq``, and the bytes objects
+        its answer may name (see `_Flight`)."""
         flight = self._flights[seq]
-        return flight.outbox, flight.inbox
+        return flight.outbox, flight.inbox, flight.sent
 
     def settle(self, seq: int, kept_inbox: bool, need: int, kept_outbox: bool = False) -> None:
         """Message ``seq`` was answered (and its results built): release its blocks."""
@@ -580,13 +622,13 @@ class _Child:
                 self._reserved.discard(outbox.ident)  # in_use() guards it from now on
                 if kept_outbox:  # arrays the stage created there live on in the child
                     self.outboxes.remove(outbox)
-                    outbox.close()
+                    SPARES.dispose(outbox, False, SPARE_BYTES)
             inbox = flight.inbox
             if inbox is not None:
                 self._reserved.discard(inbox.ident)
                 if kept_inbox:  # arrays the child kept use it: it is theirs (the child let it go)
                     self.inboxes.remove(inbox)
-                    inbox.close()
+                    SPARES.dispose(inbox, False, SPARE_BYTES)
             self.outbox_need = max(self.outbox_need, need)
 
     # ------------------------------------------------------------------ shared memory
@@ -635,24 +677,35 @@ class _Child:
             busy = [a for a in pool if a not in free and a.ident not in reserved]
             for old in ([a for a in free if a is not box] + busy)[:excess]:
                 self._drop(pool, old)
-        new = box is None
+        announce = None
         if box is None:
-            box = self._new_arena(need, flight)
+            box, announce = self._new_arena(need, flight)
         else:
             pool.remove(box)
         pool.append(box)
         reserved.add(box.ident)
-        return box, (box.ident, box.name if new else None, box.size)
+        return box, (box.ident, announce, box.size)
 
     def _drop(self, pool: list[_Arena], arena: _Arena) -> None:
         pool.remove(arena)
-        arena.close()
+        # A free block can serve another worker; the child unmaps it with the next message.
+        free = arena.ident not in self._reserved
+        SPARES.dispose(arena, free, SPARE_BYTES)
         self._forget.append(arena.ident)
 
-    def _new_arena(self, size: int, flight: _Flight) -> _Arena:
-        arena = _Arena.create(next(self._idents), max(size, SHM_MESSAGE_LIMIT))
+    def _new_arena(self, size: int, flight: _Flight) -> tuple[_Arena, str]:
+        """A block for the child to map: a spare one (faulted in already: sent by its
+        descriptor), or a new one (by its name); and how the message announces it."""
+        size = max(size, SHM_MESSAGE_LIMIT)
+        spare = SPARES.take(size)
+        if spare is not None:
+            spare.ident = next(self._idents)
+            flight.fds.append(spare.fd)  # type: ignore[arg-type]  # spares keep theirs
+            return spare, _BY_FD
+        keep_fd = _POSIX and SPARES.reserve(size, SPARE_BYTES)
+        arena = _Arena.create(next(self._idents), size, keep_fd)
         flight.named.append(arena)
-        return arena
+        return arena, arena.name
 
     # ------------------------------------------------------------------ the process
 
@@ -695,17 +748,25 @@ class _Child:
                 with contextlib.suppress(ValueError):
                     process.close()
             self.conn.close()
-            with self._turn:  # no copy into a block may be in progress when it is unmapped
-                while self._filling:
-                    self._turn.wait()
-            with self._send_lock:
-                for arena in (*self.inboxes, *self.outboxes):
-                    arena.close()
+            with self._send_lock:  # held: no copy starts (see send); those started end first
+                with self._turn:
+                    while self._filling:
+                        self._turn.wait()
+                # Blocks the child has ended with, and no message in flight names, may serve
+                # another worker; a block the child may still use (an interpreter given up
+                # inside a call) or whose answer a lane has yet to read may not.
+                ended = self.exitcode is not None
+                flying: set[int] = set()
                 for flight in self._flights.values():
                     for arena in flight.named:
-                        arena.close()
+                        arena.unlink()
+                    flying.update(id(a) for a in (flight.inbox, flight.outbox) if a is not None)
+                for arena in (*self.inboxes, *self.outboxes):
+                    SPARES.dispose(arena, ended and id(arena) not in flying, SPARE_BYTES)
                 self.inboxes.clear()
                 self.outboxes.clear()
+                if self._sock is not None:
+                    self._sock.close()
             return self.exitcode
 
 
@@ -1009,7 +1070,10 @@ class _Worker:
             outcome.failures.append(failure)
             outcome.failed_at.append(start + index)
         if answer.error is not None:
-            job.stop(_unpack_error(answer.error), start + answer.processed)
+            error = _unpack_error(answer.error)
+            if not isinstance(error, Exception):  # SystemExit, KeyboardInterrupt: see _child
+                raise error
+            job.stop(error, start + answer.processed)
             return False
         job.start = end
         return True

@@ -145,6 +145,8 @@ class _Hooks:
         self.state: Any = None
         self.timed: TimedCaller | None = None
         self.live = False  # on_start ran and on_stop has not: on_stop is owed
+        self.sleep = sr.control.sleep  # looked up once, not per batch
+        self.track = sr.tracks  # the ports are open before any worker starts
 
     def start(self) -> bool:
         """Run on_start; False (the run failed) if it raised."""
@@ -187,9 +189,7 @@ class _Hooks:
         sr = self.sr
         if not self.live and not self.start():
             raise ShutDown  # the run failed in on_start: this worker ends
-        outcome = process_batch(
-            sr.stage, batch, call=self.timed, sleep=sr.control.sleep, track=sr.tracks
-        )
+        outcome = process_batch(sr.stage, batch, self.timed, self.sleep, self.track)
         if self.left is not None and self.quota is not None:
             self.left -= len(batch)
             if self.left <= 0:

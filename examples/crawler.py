@@ -334,7 +334,12 @@ def main() -> int:
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         root = args.url or stack.enter_context(serve(Site(args.pages, args.latency)))
-        print(summary(crawl_with_conveyor(root, args.workers)))
+        crawl = crawl_with_conveyor(root, args.workers)
+        print(summary(crawl))
+        if not any(page.status == 200 for page in crawl.pages.values()):
+            why = crawl.failed.get(root) or f"it answered {crawl.pages[root].status}"
+            print(f"crawler: nothing was fetched from {root}: {why}", file=sys.stderr)
+            return 1
         if args.compare:
             from _compare import compare, print_comparison
 

@@ -161,6 +161,15 @@ def test_crawler_fetches_every_page_retries_5xx_and_reports_broken_links() -> No
     ]
 
 
+def test_a_crawl_that_fetches_nothing_exits_1_saying_why() -> None:
+    """Regression: a site that could not be reached gave "0 pages fetched" and exit 0."""
+    done = run_example("crawler.py", "--url", "http://127.0.0.1:1/")  # nothing listens there
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "0 pages fetched" in done.stdout
+    assert "crawler: nothing was fetched from http://127.0.0.1:1/: " in done.stderr
+    assert "Connect" in done.stderr  # aiohttp's error, kept with the URL
+
+
 def test_the_crawler_and_its_plain_asyncio_version_find_the_same(
     example: Importer,
 ) -> None:

@@ -1083,18 +1083,15 @@ def test_a_script_without_the_main_guard_gets_a_clear_error(tmp_path: Path) -> N
     assert "bootstrapping" not in err  # not multiprocessing's own message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime/processes.py: a program read from stdin (`python - <<EOF`) has "
-    "__main__.__file__ == '<stdin>'; worker processes try to run /CWD/<stdin> as the main "
-    "module, die with FileNotFoundError, and the run fails with WorkerCrashed telling to "
-    "add the __main__ guard, which the program has; the stage function is cloudpickled, "
-    "so the workers need no main module at all",
-)
-def test_a_process_pipeline_runs_from_a_program_read_from_stdin(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_process_pipeline_runs_from_a_program_read_from_stdin(
+    tmp_path: Path, method: str
+) -> None:
+    # Regression: workers ran '<stdin>' as the main module's path, and died.
     source = SCRIPT_NO_GUARD.replace("print(", 'if __name__ == "__main__":\n    print(')
     done = subprocess.run(
         [sys.executable, "-"],
+        env={**os.environ, "CONVEYOR_START_METHOD": method},
         input=source,
         capture_output=True,
         text=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import pickle
@@ -323,15 +324,6 @@ def as_set(x: int) -> set[int]:
     return {x}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="redis/port.py RedisPort._records: an output the run's codec cannot encode "
-    "(codec='json' and a set) is nacked like a stage failure and delivered again until "
-    "it is a dead letter (DeadLettersError after max_deliveries x visibility_timeout), "
-    "with the codec's own TypeError, whatever on_error says; it should be a "
-    "SerializationError naming the stage, recorded in result.failures with on_error='skip' "
-    "(as a source item the codec cannot carry fails at once)",
-)
 def test_an_output_the_codec_cannot_carry_is_a_serialization_error_that_skip_records(
     redis_server: RedisServer,
 ) -> None:
@@ -352,12 +344,6 @@ def test_an_output_the_codec_cannot_carry_is_a_serialization_error_that_skip_rec
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="redis/streams.py connect(): Redis's error answer while connecting (SELECT of a "
-    "database number the server does not have) goes up as redis-py's ResponseError, not "
-    "a BackendError naming the URL (password masked) as a refused password does",
-)
 def test_a_database_number_redis_does_not_have_is_a_backend_error_naming_the_url(
     redis_server: RedisServer,
 ) -> None:
@@ -376,14 +362,7 @@ async def count_threads(x: int) -> int:
     return x
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="redis/port.py RedisIO.open_ports: each coroutine worker of an async stage waits "
-    "for Redis in a thread of its own (a ThreadPoolExecutor of `workers` threads), so "
-    "workers=300 starts 300 threads (1000 workers: 1000 threads, and 5000 items of 10 ms "
-    "take 9.7 s against 0.16 s on one machine); docs/guides/async.md promises hundreds of "
-    "calls in flight for one thread",
-)
+# Regression: each coroutine worker waited for Redis in a thread of its own.
 def test_an_async_stage_on_redis_waits_for_hundreds_of_calls_with_a_few_threads(
     redis_server: RedisServer,
 ) -> None:
@@ -395,13 +374,7 @@ def test_an_async_stage_on_redis_waits_for_hundreds_of_calls_with_a_few_threads(
     assert max(THREADS_SEEN) - before < 50, f"{max(THREADS_SEEN) - before} threads more"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="redis/port.py, redis/backend.py: a worker without the pickle codec's secret key "
-    "logs 'not serving it' on its own stderr, while the driver waits forever and, after "
-    "10 s of quiet, says 'no worker serves <stage>: start conveyor worker' although one "
-    "runs; the run should end with a BackendError saying the workers lack the key",
-)
+# Regression: the driver waited for ever, and said no worker served the stage.
 def test_a_pickle_run_whose_workers_lack_the_key_fails_saying_so(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -412,8 +385,9 @@ def test_a_pickle_run_whose_workers_lack_the_key_fails_saying_so(
     with serving(pipeline, redis_server.url, namespace):  # no key
         handle = pipeline.start(backend=backend)
         try:
-            with pytest.raises(cv.BackendError, match="secret key"):
+            with pytest.raises(cv.BackendError, match="does not have the secret key") as info:
                 handle.join(timeout=15.0)
+            assert f"(pid {os.getpid()})" in str(info.value)  # which worker
         finally:
             handle.stop()
 
@@ -636,6 +610,47 @@ def test_status_shows_each_stage_its_stream_and_consumers(
     again = CliRunner().invoke(cli, ["cancel", *args, "--run", "seen"])
     assert again.exit_code == 1
     assert "no run 'seen'" in again.output
+
+
+def test_status_of_a_stopped_run_says_its_source_stopped_until_it_is_resumed(
+    redis_server: RedisServer, closing: Callable[[Any], Any]
+) -> None:
+    """Regression: a run its driver had left in Redis showed "source feeding"."""
+
+    def pipeline() -> cv.Pipeline[int]:
+        return cv.Pipeline(itertools.count()).map(triple)  # the stages of `tripled`
+
+    namespace = new_namespace()
+    args = ["status", "redis_helpers:tripled", "--redis", redis_server.url]
+    args += ["--namespace", namespace, "--run", "left"]
+
+    def status() -> dict[str, Any]:
+        """The run's status ({} before the driver made it)."""
+        shown = CliRunner().invoke(cli, [*args, "--json"], catch_exceptions=False)
+        if shown.exit_code != 0:
+            assert "no run 'left'" in shown.output, shown.output
+            return {}
+        [one] = json.loads(shown.output)
+        return dict(one)
+
+    backend = closing(RedisBackend(redis_server.url, namespace=namespace, run_id="left"))
+    handle = pipeline().start(backend=backend)  # no worker: the source fills the stream
+    wait_until(lambda: status().get("fed", 0) > 0, "the run to be fed")
+    handle.stop()
+    assert handle.join(timeout=30.0).stopped
+    shown = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert shown.exit_code == 0, shown.output
+    assert "(source stopped)" in shown.output and "stopped and left in Redis" in shown.output
+    assert status()["left"] == "stopped and left in Redis"
+    # Resumed with its run id, a driver feeds it again.
+    again = closing(RedisBackend(redis_server.url, namespace=namespace, run_id="left"))
+    resumed = pipeline().start(backend=again)
+    try:
+        wait_until(lambda: status().get("left") == "", "the resumed run to be no longer left")
+        assert "(source feeding)" in CliRunner().invoke(cli, args).output
+    finally:
+        resumed.stop()
+        resumed.join(timeout=30.0)
 
 
 def test_conveyor_run_with_redis_drives_a_run_that_workers_serve(redis_server: RedisServer) -> None:

@@ -324,3 +324,42 @@ def test_worker_workers_option_takes_a_count_or_stage_counts() -> None:
         _parse_workers(("0",))
     with pytest.raises(click.BadParameter):
         _parse_workers(("parse=none",))
+
+
+def _accepted_by_the_library(name: str, param: str) -> bool:
+    from conveyor.redis import RedisBackend
+
+    try:
+        RedisBackend("redis://localhost:6379/0", **{param: name})  # connects on first use
+    except cv.ConfigurationError as exc:
+        assert f"'{param}' must be a non-empty name without white space" in str(exc)
+        return False
+    except cv.ConfigurationTypeError as exc:  # an empty str, as for every str option
+        assert f"'{param}' must be a non-empty str" in str(exc)
+        return False
+    return True
+
+
+def _accepted_by_the_command_line(name: str) -> bool:
+    import click
+
+    from conveyor.cliparams import NAME
+
+    try:
+        NAME.convert(name, None, None)
+    except click.BadParameter:
+        return False
+    return True
+
+
+# Regression: RedisBackend took namespaces and run ids with spaces that the CLI refuses.
+@given(name=st.text(max_size=12), param=st.sampled_from(["namespace", "run_id"]))
+def test_the_library_and_the_command_line_accept_the_same_names(name: str, param: str) -> None:
+    assert _accepted_by_the_library(name, param) == _accepted_by_the_command_line(name)
+
+
+@pytest.mark.parametrize("name", ["my runs", "", "tab\there", "line\n"])
+def test_a_namespace_or_run_id_with_white_space_is_refused_naming_it(name: str) -> None:
+    assert not _accepted_by_the_library(name, "namespace")
+    assert not _accepted_by_the_library(name, "run_id")
+    assert not _accepted_by_the_command_line(name)

@@ -250,8 +250,8 @@ def _backoff_params() -> list[Param]:
 
 def _redis_params(url: str) -> list[Param]:
     options: dict[str, Bad] = {
-        "run_id": bad_name(),
-        "namespace": bad_name() | _as(TYPE, st.none()),
+        "run_id": bad_name() | _as(RANGE, st.sampled_from(["my run", "a\tb"])),
+        "namespace": bad_name() | _as(TYPE, st.none()) | _as(RANGE, st.just("two words")),
         "codec": bad_choice(("msgpack", "json", "pickle")),
         "secret_key": _as(TYPE, st.one_of(st.integers(), st.just([]))),
         "batch_size": bad_count(1, 100_000),

@@ -42,6 +42,7 @@ from .redis.cli import (
     connection_options,
     exit_failed,
     print_exception,
+    redis_answer,
     refused_by_redis,
 )
 
@@ -362,6 +363,9 @@ def _run_on_redis(
     except DeadLettersError as exc:  # its cause is the user's exception: show its traceback
         _exit_run_failed(exc)
     except BackendError as exc:  # conveyor's own reason: its traceback says nothing useful
+        answer = redis_answer(exc)
+        if answer is not None:
+            raise RedisRefused.of(answer, where.url, where.debug) from exc
         raise RunCannotGoOn(exc, where.debug) from exc
     except Exception as exc:
         if refused_by_redis(exc):

@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 
 import click
 
+from .validate import NAME_ACCEPTED, name_problem
+
 __all__ = ["ENTRY_ID", "NAME", "REDIS_URL", "SECONDS", "EntryId", "Name", "RedisUrl", "Seconds"]
 
 
@@ -61,14 +63,15 @@ class RedisUrl(click.ParamType[str]):
 
 
 class Name(click.ParamType[str]):
-    """A name (namespace, run id, stage): not empty, no white space."""
+    """A name (namespace, run id, stage): what the library accepts (`check_name`)."""
 
     name = "name"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         text = str(value)
-        if not text or any(c.isspace() for c in text):
-            self.fail(f"{text!r} must be a non-empty name without spaces", param, ctx)
+        problem = name_problem(text)
+        if problem is not None:
+            self.fail(f"{text!r} must be {NAME_ACCEPTED}; it {problem}", param, ctx)
         return text
 
 

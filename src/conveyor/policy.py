@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import SerializationError
 from .stage import Failure, Stage
 
 __all__ = [
@@ -36,11 +37,13 @@ __all__ = [
     "add_stage_note",
     "apply_one",
     "aprocess_batch",
+    "drop_unsendable",
     "give_up",
     "item_repr",
     "process_batch",
     "retry_delay",
     "timeout_error",
+    "type_name",
 ]
 
 _item_repr = reprlib.Repr()
@@ -220,6 +223,60 @@ def give_up(
         return False
     outcome.fail(stage, error, item, index)
     return True
+
+
+def drop_unsendable(
+    stage: Stage,
+    batch: list[Any],
+    outcome: BatchOutcome,
+    first_bad: Callable[[list[Any]], tuple[int, Exception] | None],
+    cannot: str,
+) -> BatchOutcome:
+    """The outcome again, each input with an output that cannot go on turned into a
+    failure of that input: ``on_error`` applies (skip it, or end the batch there).
+
+    The slow path after a tracked outcome's outputs failed to go on as a whole:
+    ``first_bad`` finds the first output of a list that cannot (its index and
+    error), and the input's error is a `SerializationError` naming the stage and
+    saying it ``cannot`` (say, "be sent back from the worker process").
+    """
+    assert outcome.counts is not None
+    fixed = BatchOutcome([], outcome.filtered, outcome.retried, counts=[])
+    fixed.busy_seconds = outcome.busy_seconds
+    failed = dict(zip(outcome.failed_at, outcome.failures, strict=True))
+    for index, outputs in enumerate(outcome.per_input()):
+        if index in failed:
+            fixed.failures.append(failed[index])
+            fixed.failed_at.append(index)
+            fixed.counts.append(0)  # type: ignore[union-attr]
+            continue
+        bad = first_bad(outputs)
+        if bad is None:
+            fixed.outputs.extend(outputs)
+            fixed.counts.append(len(outputs))  # type: ignore[union-attr]
+            continue
+        error = SerializationError(
+            f"stage {stage.label}: a result of type {type_name(outputs[bad[0]])} cannot "
+            f"{cannot}: {bad[1]}"
+        )
+        error.__cause__ = bad[1]
+        if give_up(stage, fixed, batch[index], error, 1, index):
+            return fixed
+    if outcome.error is not None:
+        fixed.error, fixed.error_item = outcome.error, outcome.error_item
+    fixed.processed = outcome.processed
+    return fixed
+
+
+def type_name(obj: Any) -> str:
+    """How errors name the type of ``obj``: its qualified name, with the module's
+    unless a builtin."""
+    kind = type(obj)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
 
 
 def _apply_run(

@@ -25,14 +25,17 @@ __all__ = [
     "MAX_SECONDS",
     "MAX_TASKS",
     "MAX_WORKERS",
+    "NAME_ACCEPTED",
     "check_bool",
     "check_callable",
     "check_choice",
     "check_int",
+    "check_name",
     "check_number",
     "check_optional",
     "check_seconds",
     "check_str",
+    "name_problem",
 ]
 
 MAX_SECONDS = 1_000_000.0
@@ -180,6 +183,31 @@ def check_str(value: object, param: str, where: str, *, optional: bool = False) 
             f"{where} '{param}' must be {accepted}, got {type(value).__name__} {_value(value)}"
         )
     return value
+
+
+NAME_ACCEPTED = "a non-empty name without white space"
+"""What a name (a Redis namespace, a run id) may be: the library and the command
+line accept the same, so any name one makes the other can use."""
+
+
+def name_problem(text: str) -> str | None:
+    """What keeps ``text`` from being a name (see `NAME_ACCEPTED`); None if nothing."""
+    if not text:
+        return "is empty"
+    if any(c.isspace() for c in text):
+        return "has white space"
+    return None
+
+
+def check_name(value: object, param: str, where: str, *, optional: bool = False) -> str | None:
+    """Return ``value`` if it is a name (or None when ``optional``), else raise."""
+    text = check_str(value, param, where, optional=optional)  # None, the type, not empty
+    problem = None if text is None else name_problem(text)
+    if problem is not None:
+        raise ConfigurationError(
+            f"{where} '{param}' must be {NAME_ACCEPTED}, got {text!r}, which {problem}"
+        )
+    return text
 
 
 def check_optional(check: Callable[..., Any]) -> Callable[..., Any]:

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from runners import ALL, REDIS_COMBOS, Runner, split_combo
+from runners import ALL, REDIS_COMBOS, Runner, split_combo, unclosed_resources
 
 # ---------------------------------------------------------------------- known gaps
 
@@ -81,3 +81,7 @@ def runner(request: pytest.FixtureRequest) -> Iterator[Runner]:
         yield r
     finally:
         r.close()
+    # Once the test's own references are gone: a run must leave nothing open (a
+    # thread left behind in user code, released, must not reconnect a closed client).
+    unclosed = unclosed_resources()
+    assert not unclosed, f"left open: {unclosed}"

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import inspect
 import multiprocessing
 import signal
 import sys
 import threading
 import time
+import tracemalloc
+import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -174,6 +177,8 @@ def _combo_param(combo: str) -> Any:
 ALL = [_combo_param(c) for c in COMBOS]
 REDIS_ONLY = [_combo_param(c) for c in REDIS_COMBOS]
 """For a redis-only test: ``@pytest.mark.parametrize("runner", REDIS_ONLY, indirect=True)``."""
+ASYNC_ONLY = [_combo_param(c) for c in COMBOS if c.startswith("async-")]
+"""For a test of coroutine stages: ``@pytest.mark.parametrize("runner", ASYNC_ONLY, ...)``."""
 
 
 # ---------------------------------------------------------------------- helpers
@@ -281,6 +286,23 @@ def wait_gone(pids: Iterable[int], timeout: float = 10.0) -> list[int]:
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.02)
+
+
+def unclosed_resources() -> list[str]:
+    """What garbage collection finds left open now (sockets, files), as the
+    ResourceWarnings it gives: said by the test that left it, not in the teardown
+    of a later one."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        gc.collect()
+    return [_where_made(w) for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def _where_made(warning: warnings.WarningMessage) -> str:
+    """The warning, and where its object was made when tracemalloc traces (run with
+    PYTHONTRACEMALLOC=20 to see it)."""
+    made = tracemalloc.get_object_traceback(warning.source) if warning.source else None
+    return str(warning.message) + ("" if made is None else "\n" + "\n".join(made.format()))
 
 
 class Leftovers:

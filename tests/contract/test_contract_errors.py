@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -331,6 +332,59 @@ def test_an_item_over_its_timeout_with_on_error_raise_ends_the_run_with_a_timeou
     if runner.runtime == "process":
         pid = int(Path(folder, "hung").read_text())
         assert not wait_gone([pid]), f"the worker process {pid} that hung is still alive"
+
+
+UNSENDABLE = 2
+"""The item whose result cannot leave the worker (a lock: neither pickled nor encoded)."""
+
+
+def lock_on_2(x: int) -> Any:
+    return threading.Lock() if x == UNSENDABLE else x
+
+
+def locker(runner: Runner, **options: Any) -> cv.Pipeline[Any]:
+    """Five items through a stage 'locker' whose result for `UNSENDABLE` is a lock."""
+    stage = runner.fn(lock_on_2)
+    return cv.Pipeline(range(5)).map(stage, runtime=runner.runtime, name="locker", **options)
+
+
+def _results_cross(runner: Runner) -> bool:
+    """Whether a stage's results are serialized on their way to the caller (a worker
+    process or interpreter, or a Redis stream), not handed on as they are."""
+    return runner.on_redis or runner.runtime in ("process", "interpreter")
+
+
+def test_a_result_that_cannot_go_on_is_a_serialization_error_that_skip_records(
+    runner: Runner,
+) -> None:
+    result = runner.run(locker(runner, on_error="skip"), collect=True)
+    if not _results_cross(runner):
+        assert len(result.outputs) == 5 and result.failures == []  # handed on as it is
+        return
+    assert result.outputs == [x for x in range(5) if x != UNSENDABLE]
+    [failure] = result.failures
+    assert (failure.stage, failure.item) == ("locker", UNSENDABLE)
+    assert isinstance(failure.error, cv.SerializationError), repr(failure.error)
+    assert "stage 'locker' (map): a result of type _thread.lock cannot" in str(failure.error)
+
+
+def test_a_result_that_cannot_go_on_with_on_error_raise_ends_the_run_with_a_serialization_error(
+    runner: Runner,
+) -> None:
+    pipeline = locker(runner)
+    if not _results_cross(runner):
+        outputs = runner.run(pipeline, collect=True).outputs
+        assert isinstance(outputs[UNSENDABLE], type(threading.Lock()))  # handed on as it is
+        return
+    # Through Redis, as for any error of an item: DeadLettersError, with the
+    # SerializationError as its cause (one delivery is enough to see it).
+    with pytest.raises((cv.SerializationError, cv.DeadLettersError)) as info:
+        runner.run(pipeline, backend_options={"max_deliveries": 1})
+    error = info.value.__cause__ if runner.on_redis else info.value
+    assert isinstance(error, cv.SerializationError), repr(error)
+    assert "stage 'locker' (map): a result of type _thread.lock cannot" in str(error)
+    notes = [n for n in getattr(error, "__notes__", []) if n.startswith("conveyor:")]
+    assert notes == [f"conveyor: stage 'locker' (map) failed on item {UNSENDABLE}"]
 
 
 def exit_on_bad(x: int) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -17,7 +18,7 @@ from typing import Any
 
 import cloudpickle
 import pytest
-from runners import Runner
+from runners import ASYNC_ONLY, Runner
 
 import conveyor as cv
 
@@ -275,6 +276,43 @@ def test_batch_in_an_unordered_run_gives_the_plain_python_groups(runner: Runner)
     groups = [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)]
     outputs = runner.run(pipeline, collect=True).outputs or []
     assert Counter(map(tuple, outputs)) == Counter(groups)
+
+
+IN_FLIGHT = 300
+"""Calls an async stage of as many workers has in flight at once, in the test below."""
+
+
+def all_in_flight_at_once(n: int) -> tuple[Any, dict[str, int]]:
+    """A coroutine stage function whose first ``n`` calls wait until all ``n`` are in
+    flight (10 s at most), and what it saw: calls started, the most threads alive."""
+    seen = {"calls": 0, "threads": 0}
+    events: list[asyncio.Event] = []  # made on the stage's event loop, by the first call
+
+    async def gather(x: int) -> int:
+        if not events:
+            events.append(asyncio.Event())
+        seen["calls"] += 1
+        seen["threads"] = max(seen["threads"], threading.active_count())
+        if seen["calls"] >= n:
+            events[0].set()
+        await asyncio.wait_for(events[0].wait(), 10.0)
+        return x
+
+    return gather, seen
+
+
+@pytest.mark.parametrize("runner", ASYNC_ONLY, indirect=True)
+def test_an_async_stage_has_hundreds_of_calls_in_flight_on_a_few_threads(
+    runner: Runner,
+) -> None:
+    before = threading.active_count()
+    gather, seen = all_in_flight_at_once(IN_FLIGHT)
+    pipeline = cv.Pipeline(range(2 * IN_FLIGHT)).map(
+        gather, runtime="async", workers=IN_FLIGHT, name="gather"
+    )
+    assert sorted(runner.run(pipeline, collect=True).outputs) == list(range(2 * IN_FLIGHT))
+    assert seen["calls"] == 2 * IN_FLIGHT
+    assert seen["threads"] - before < 50, f"{seen['threads'] - before} threads more"
 
 
 async def spread_slowly(x: Any) -> AsyncIterator[Any]:

@@ -40,7 +40,7 @@ from ..ordering import TOMBSTONE, Leaf, Tracker
 from ..policy import add_note
 from ..remote import ExceptionRecord, rebuild
 from ..stage import Failure, Stage
-from ..validate import check_bool, check_choice, check_int, check_seconds, check_str
+from ..validate import check_bool, check_choice, check_int, check_name, check_seconds
 from .budget import fitting, record_cost, wait_for_room
 from .codec import (
     CODECS,
@@ -52,7 +52,7 @@ from .codec import (
     secret_from,
 )
 from .packing import Packed, PackedItem, is_packed, pack_entries, stream_limit, stream_pack, unpack
-from .state import RunInfo, RunState, read_state, stage_stats
+from .state import LEFT, RunInfo, RunState, clear_refusal, mark_left, read_state, stage_stats
 from .streams import (
     DRIVER_GROUP,
     MAX_POLL_SECONDS,
@@ -313,6 +313,7 @@ class RedisBackend(Backend):
                     f"run {keys.run!r} uses the {attached.codec} codec, not {self.codec.name}"
                 )
             retry(client.sadd, keys.runs, keys.run)
+            retry(client.hdel, keys.meta, LEFT)  # resumed: no longer left
             return attached, meta.get(b"source_done") == b"1"
         retry(_create, client, keys, info)
         return info, False
@@ -527,7 +528,7 @@ class RedisBackend(Backend):
                 "`conveyor worker` processes: start them, and use a backend without "
                 "local_workers=True here"
             )
-        check_str(run_id, "run_id", "RedisBackend.open()")
+        check_name(run_id, "run_id", "RedisBackend.open()")
         stages = _stages(pipeline)
         keys = self.keys(pipeline, run_id)
         retry = Retrier("open", self.unavailable_timeout, url=self.url)
@@ -762,6 +763,11 @@ class _DriverRun:
             return
         from ..engine import Run
 
+        # The caller's thread and the feeder each need a connection. Made now, before
+        # the source is pulled: a Ctrl-C lands in the caller's thread wherever it is,
+        # and one that lands while redis-py connects leaves that socket open for good.
+        self.retry(_connect_ahead, self.client, 2)
+
         # Made here, not in the feeder thread, so that an abort always finds it; it waits
         # less than the driver waits for the feeder, which then sees what it left behind.
         # Resuming, it skips the items that reached Redis already.
@@ -922,8 +928,10 @@ class _DriverRun:
         """
         state = self._read_state()
         self.tracker = self._new_tracker(state)
-        self._start_feeder(state.fed)
         try:
+            # Started in here: a Ctrl-C while the thread starts (Thread.start waits for
+            # it) must stop it too, or it feeds on after the run has ended.
+            self._start_feeder(state.fed)
             # Entries this consumer read before (a resumed driver) come back first.
             yield from self._read_pending()
             while True:
@@ -946,6 +954,8 @@ class _DriverRun:
                 if self._complete(state):
                     self.state = state
                     break
+                if state.refused:
+                    raise self._refused(state.refused)
                 stalled = not got and state.stalled(self.reordering)
                 if stalled and self.backend.on_dead_letters == "raise":
                     raise self._dead_letters_error(state)
@@ -964,14 +974,14 @@ class _DriverRun:
                 # The feeder gave up on Redis first and stopped the retries both share:
                 # its error names the URL and the cause; the driver's is a bare one.
                 assert feed_error is not None
-                self._say_left(f"left in Redis ({type(feed_error).__name__})")
+                self._say_left(f"left in Redis ({type(feed_error).__name__})", feed_error)
                 raise feed_error from exc
             if exc is self._feed_error and not _is_redis_error(exc):
                 # As on one machine, a failing source ends the run: nothing stays behind.
                 add_note(exc, f"conveyor: the source failed; run {self.keys.run!r} was deleted")
                 self.retry(_delete_run, self.client, self.keys, self.n)
             else:
-                self._say_left(f"left in Redis ({type(exc).__name__})")
+                self._say_left(f"left in Redis ({type(exc).__name__})", exc)
             raise
         finally:
             self.stopped.set()
@@ -992,8 +1002,13 @@ class _DriverRun:
             return
         self._finish()
 
-    def _say_left(self, what: str) -> None:
+    def _say_left(self, what: str, error: BaseException | None = None) -> None:
         run = self.keys.run
+        if not _redis_out_of_reach(error):
+            try:
+                mark_left(self.client, self.keys, what)
+            except Exception:  # the warning below says it all the same
+                log.debug("conveyor: could not mark run %r as left", run, exc_info=True)
         log.warning(
             "conveyor: run %r %s: run again with run_id=%r to resume it, or "
             "`conveyor cancel ... --run %s` to delete it",
@@ -1065,6 +1080,12 @@ class _DriverRun:
             raise self._lost()
         self._counted_at, self._fed_seen = perf_counter(), state.fed
         return state
+
+    def _refused(self, why: str) -> BackendError:
+        """The error of a run a worker cannot serve; the refusal is said once, so that
+        the run, resumed after a fix, starts without it."""
+        self.retry(clear_refusal, self.client, self.keys)
+        return BackendError(f"run {self.keys.run!r} cannot be served: {why}")
 
     def _lost(self) -> RunStateLost:
         return RunStateLost(
@@ -1353,6 +1374,18 @@ def _stages(pipeline: Any) -> tuple[Stage, ...]:
     return stages
 
 
+def _connect_ahead(client: Any, n: int) -> None:
+    """Have ``n`` connected connections in ``client``'s pool."""
+    pool = client.connection_pool
+    held = []
+    try:
+        for _ in range(n):
+            held.append(pool.get_connection())
+    finally:
+        for connection in held:
+            pool.release(connection)
+
+
 def _gave_up_first(feed_error: BaseException | None, exc: BaseException) -> bool:
     """Whether ``exc``, a bare connection error of the driver, only follows the feeder's
     `BackendUnavailable` (which stopped the retries the two share)."""
@@ -1363,6 +1396,15 @@ def _gave_up_first(feed_error: BaseException | None, exc: BaseException) -> bool
         and exc is not feed_error
         and isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
     )
+
+
+def _redis_out_of_reach(exc: BaseException | None) -> bool:
+    """Whether ``exc`` says Redis cannot be reached (or lost the run): then nothing is
+    worth telling it, and trying could outlast the bound of an ending run."""
+    import redis
+
+    lost = (BackendUnavailable, RunStateLost, redis.ConnectionError, redis.TimeoutError)
+    return isinstance(exc, lost)
 
 
 def _is_redis_error(exc: BaseException | None) -> bool:
@@ -1429,8 +1471,8 @@ def _check_options(options: dict[str, Any]) -> None:
         )
     if not url.startswith(_URL_SCHEMES):
         raise ConfigurationError(f"{where} 'url' must be {accepted}, got {redact(url)!r:.60}")
-    check_str(options["run_id"], "run_id", where, optional=True)
-    check_str(options["namespace"], "namespace", where)
+    check_name(options["run_id"], "run_id", where, optional=True)
+    check_name(options["namespace"], "namespace", where)
     check_choice(options["codec"], "codec", where, CODECS)
     secret_key = options["secret_key"]
     if secret_key is not None and not isinstance(secret_key, (bytes, str)):

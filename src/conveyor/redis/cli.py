@@ -38,6 +38,7 @@ __all__ = [
     "exit_failed",
     "load_pipeline",
     "print_exception",
+    "redis_answer",
     "refused_by_redis",
     "run_on_redis",
     "status_command",
@@ -111,6 +112,16 @@ def refused_by_redis(exc: BaseException) -> bool:
     return redis is not None and isinstance(exc, redis.RedisError) and not _lost_redis(exc)
 
 
+def redis_answer(exc: BaseException) -> BaseException | None:
+    """Redis's error answer behind ``exc``: ``exc`` itself, or the cause of the
+    `BackendError` that refuses a connection Redis answered with an error (a database
+    number it does not have); None if neither."""
+    for candidate in (exc, exc.__cause__ if isinstance(exc, BackendError) else None):
+        if candidate is not None and refused_by_redis(candidate):
+            return candidate
+    return None
+
+
 def unreachable(error: BaseException, url: str, timeout: float | None) -> BackendUnavailable:
     """``error`` (Redis unreachable or lost) as a `BackendUnavailable` naming ``url``."""
     from .streams import Retrier
@@ -150,7 +161,13 @@ def _connect(url: str, timeout: float) -> Any:
     """A client for ``url``, trying for ``timeout`` seconds at most."""
     from .streams import Retrier, connect
 
-    return Retrier("connecting", timeout, url=url)(connect, url, timeout=timeout)
+    try:
+        return Retrier("connecting", timeout, url=url)(connect, url, timeout=timeout)
+    except BackendError as exc:
+        answer = redis_answer(exc)
+        if answer is None:
+            raise
+        raise answer from None  # one line, by _redis_errors, as for any command
 
 
 def load_pipeline(target: str) -> Any:
@@ -206,9 +223,13 @@ def _redis_options(fn: F) -> F:
 
 def _fail(exc: BaseException) -> click.ClickException:
     """A conveyor error as a one-line message and exit code 1 (Redis unreachable: 3)."""
+    params = click.get_current_context().params
+    debug = bool(params.get("debug"))
     if isinstance(exc, BackendUnavailable):
-        debug = bool(click.get_current_context().params.get("debug"))
         return RedisUnreachable(exc, debug)
+    answer = redis_answer(exc)
+    if answer is not None:
+        return RedisRefused.of(answer, params["url"], debug)
     return click.ClickException(f"{type(exc).__name__}: {exc}")
 
 

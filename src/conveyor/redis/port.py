@@ -30,6 +30,15 @@ A batch stage's port (`BatchPort`) makes the same groups as on one machine:
 
 It stays on one run until it delivers, and answers `Empty` when that run's
 input has ended, so a partial group goes out as on one machine.
+
+An async stage's coroutine workers share one consumer (`SharedPort`), each
+through a `TaskPort`: hundreds of them must not wait for Redis in hundreds of
+threads::
+
+    atake(n):    lend n of what was read (on the loop); none: one coroutine at
+                 a time reads for all those waiting, in a thread
+    adeliver(o): post the outcome; the next flush (in a thread) hands on all
+                 that was posted meanwhile, one hand-off per run
 """
 
 from __future__ import annotations
@@ -37,16 +46,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from time import monotonic
 from typing import Any
 
 from ..errors import Empty, ShutDown
 from ..ordering import TOMBSTONE, Leaf, Tracker
-from ..policy import BatchOutcome
+from ..policy import BatchOutcome, drop_unsendable
 from ..remote import capture
 from ..runtime.base import RunControl
 from ..runtime.ports import Port, StageIO
@@ -62,7 +74,7 @@ from .packing import (
     stream_pack,
     unpack,
 )
-from .state import RunInfo, find_runs, load_info, read_state
+from .state import RunInfo, find_runs, load_info, read_state, refuse_run
 from .streams import (
     MAX_POLL_SECONDS,
     WORKER_GROUP,
@@ -77,10 +89,13 @@ from .streams import (
 __all__ = [
     "BATCH_SECONDS",
     "BatchPort",
+    "ClientUse",
     "RedisIO",
     "RedisPort",
     "RunContext",
     "RunDirectory",
+    "SharedPort",
+    "TaskPort",
     "WorkerLink",
 ]
 
@@ -100,6 +115,9 @@ ERROR_TEXT_LIMIT = 4000
 """Characters of a traceback kept with an entry that failed."""
 READ_LIMIT = 1000
 """Most entries one read asks for, whatever the batch size asked."""
+ASYNC_THREADS = 8
+"""Threads in which an async stage's coroutine workers wait for Redis, however many
+they are: one blocking read at a time, the others for hand-offs."""
 
 Entry = tuple[bytes, dict[bytes, bytes], int]
 """A stream entry as a consumer handles it: id, fields, times delivered."""
@@ -178,12 +196,14 @@ class RunDirectory:
     def _codec_for(self, info: RunInfo) -> Codec | None:
         if info.key_check != key_check(self._secret if info.codec == "pickle" else None):
             self._refused.add(info.run_id)
-            log.error(
-                "conveyor: run %s uses the %s codec with a secret key this worker does not "
-                "have (set CONVEYOR_SECRET_KEY or pass secret_key): not serving it",
-                info.run_id,
-                info.codec,
+            why = (
+                f"the worker on {socket.gethostname()} (pid {os.getpid()}) does not have "
+                f"the secret key of the run's {info.codec} codec (set CONVEYOR_SECRET_KEY "
+                f"or pass secret_key, the driver's)"
             )
+            log.error("conveyor: run %s: %s: not serving it", info.run_id, why)
+            # The driver would wait for ever: tell it.
+            self._retry(refuse_run, self._client, info.keys, why)
             return None
         return get_codec(info.codec, self._secret)
 
@@ -191,12 +211,66 @@ class RunDirectory:
 # ---------------------------------------------------------------------- the stage's ports
 
 
+class ClientUse:
+    """Who may still use a worker's Redis client: its open ports, and the Redis calls of
+    coroutine workers under way in threads. `end` closes the client once nothing may:
+    at once, or when the last user is done. A worker thread left behind in user code
+    hands its batch on when it returns, and a call in a thread may outlive its
+    coroutine: on a closed client, redis-py would connect again, and nobody would
+    close that socket."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._lock = threading.Lock()
+        # Under _lock: ports opened and not closed, calls under way in threads.
+        self._users = {"ports": 0, "calls": 0}
+        self._ending = False  # `end` was called (under _lock)
+        self._ports_live = True  # whether open ports may still be used (under _lock)
+
+    def open_port(self) -> None:
+        """A port was opened."""
+        self._count("ports", 1)
+
+    def close_port(self) -> None:
+        """A port is closed: it will not use the client again."""
+        self._count("ports", -1)
+
+    def call_started(self) -> None:
+        """A call that uses the client was started in a thread."""
+        self._count("calls", 1)
+
+    def call_ended(self) -> None:
+        """The call ended."""
+        self._count("calls", -1)
+
+    def end(self, ports_live: bool) -> None:
+        """The worker is done: close the client as soon as nothing uses it.
+        ``ports_live``: threads left behind may still use their ports (else ports
+        still open belong to workers that never started)."""
+        with self._lock:
+            self._ending, self._ports_live = True, ports_live
+        self._count("calls", 0)
+
+    def _count(self, users: str, change: int) -> None:
+        """Count users coming or going; close the client if it is done with."""
+        with self._lock:
+            self._users[users] += change
+            ports, calls = self._users["ports"], self._users["calls"]
+            unused = self._ending and not calls and not (ports and self._ports_live)
+            client = self.client if unused else None
+            if unused:
+                self.client = None
+        if client is not None:
+            client.close()
+
+
 @dataclass(frozen=True)
 class WorkerLink:
-    """What every port of one Redis worker shares: its connection, its view of the
-    live runs, its stop signals and its retry policy."""
+    """What every port of one Redis worker shares: its connection (and who uses it),
+    its view of the live runs, its stop signals and its retry policy."""
 
     client: Any
+    use: ClientUse
     directory: RunDirectory
     control: RunControl
     """Aborted when the worker fails, or is stopped without grace."""
@@ -215,6 +289,7 @@ class RedisIO(StageIO):
         self.stage = stage
         self.index = index
         self.client = link.client
+        self.use = link.use
         self.scripts = Scripts(link.client)
         self.directory = link.directory
         self.control = link.control
@@ -233,11 +308,18 @@ class RedisIO(StageIO):
             self.dead_letters += n
 
     def open(self, count: int) -> list[Port]:
-        if self.stage.runtime == "async":
-            # Coroutine workers wait for Redis in threads: one each, so that a
-            # blocking read never holds up another worker's.
-            self._executor = ThreadPoolExecutor(count, f"conveyor-redis-{self.stage.name}")
+        if self.stage.runtime == "async" and self.stage.kind != "batch":
+            # Coroutine workers wait for Redis in a few threads: one consumer reads
+            # for all of them (one blocking read at a time), the others hand on.
+            self._executor = ThreadPoolExecutor(
+                min(count, ASYNC_THREADS), f"conveyor-redis-{self.stage.name}"
+            )
+            self.use.open_port()
+            shared = SharedPort(self, f"{self.stage.name}-async", count)
+            return [TaskPort(shared) for _ in range(count)]
         port = BatchPort if self.stage.kind == "batch" else RedisPort
+        for _ in range(count):
+            self.use.open_port()
         return [port(self, f"{self.stage.name}-{k}") for k in range(count)]
 
     def close(self) -> None:
@@ -248,7 +330,18 @@ class RedisIO(StageIO):
     def run_blocking(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         """Run ``fn`` in the stage's threads, for a coroutine worker to await."""
         assert self._executor is not None
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        self.use.call_started()
+        try:
+            return asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn, *args)
+        except BaseException:
+            self.use.call_ended()
+            raise
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        finally:
+            self.use.call_ended()
 
 
 class RedisPort(Port):
@@ -349,6 +442,7 @@ class RedisPort(Port):
         """Read new entries (and take over idle ones) into ``_ready``."""
         import redis
 
+        runs: list[RunContext] = []
         try:
             runs = self.io.directory.runs()
             if self._run is not None:
@@ -360,9 +454,13 @@ class RedisPort(Port):
             if not self._reclaim_due(runs, n):
                 self._read(runs, n, timeout)
         except redis.ResponseError as exc:
-            if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+            # A run ended (finished, or cancelled) and its keys went away while this
+            # consumer read them or polled its output for room: Redis says NOGROUP, or
+            # a script 'no such key'. Only an error about a live run is the worker's.
+            live = {c.info.run_id for c in self.io.directory.runs(force=True)}
+            gone = any(c.info.run_id not in live for c in runs)
+            if not gone and not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                 raise
-            self.io.directory.runs(force=True)  # a run ended and its keys went away
             self._forget_gone_runs()
         except redis.ConnectionError:
             if self._stopped.is_set():
@@ -600,21 +698,53 @@ class RedisPort(Port):
         self._run, self._taken = None, []
         if ctx is None or not taken:
             return None
-        handled = outcome.processed + (outcome.error is not None)
-        cut = handled
-        while 0 < cut < len(taken) and taken[cut][0] is taken[cut - 1][0]:
-            cut += 1  # a pack is handed on whole: its items not reached go back to the input
-        entries = _distinct([entry for entry, _ in taken[:cut]])
-        records = self._records(ctx, taken[:cut], outcome)
+        self._hand_on_batch(ctx, taken, outcome)
+        return None
+
+    def _hand_on_batch(
+        self, ctx: RunContext, taken: list[tuple[Entry, Any]], outcome: BatchOutcome
+    ) -> None:
+        """Hand on the outcome of the entries ``taken``; those it did not reach are the
+        next take's."""
+        cut, records, outcome = self._prepare(ctx, taken, outcome)
         if not self._wait_for_room(ctx, records):
             cut = 0  # stopped while the output was full: all is let go (close)
         else:
-            self._handoff(ctx, entries, records, outcome)
+            self._handoff(ctx, _distinct([entry for entry, _ in taken[:cut]]), records, outcome)
         if cut < len(taken):
             # Not reached (a stop cut the batch short, or an earlier item raised):
             # still pending for this consumer, they are the next take's.
-            self._ready.setdefault(ctx.info.run_id, (ctx, []))[1][:0] = taken[cut:]
-        return None
+            self._put_back(ctx, taken[cut:])
+
+    def _prepare(
+        self, ctx: RunContext, taken: list[tuple[Entry, Any]], outcome: BatchOutcome
+    ) -> tuple[int, list[Any], BatchOutcome]:
+        """How many of ``taken`` the outcome hands on (a pack whole), the hand-off's
+        records, and the outcome (an output the run's codec cannot carry made its
+        input's error)."""
+        try:
+            return self._cut(ctx, taken, outcome)
+        except Exception:  # an output the run's codec cannot carry (the slow path)
+            outcome = drop_unsendable(
+                self.stage,
+                [item for _, item in taken],
+                outcome,
+                partial(_first_unencodable, ctx.codec),
+                f"be carried by the run's {ctx.codec.name} codec",
+            )
+            return self._cut(ctx, taken, outcome)
+
+    def _cut(
+        self, ctx: RunContext, taken: list[tuple[Entry, Any]], outcome: BatchOutcome
+    ) -> tuple[int, list[Any], BatchOutcome]:
+        cut = outcome.processed + (outcome.error is not None)
+        while 0 < cut < len(taken) and taken[cut][0] is taken[cut - 1][0]:
+            cut += 1  # a pack is handed on whole: its items not reached go back to the input
+        return cut, self._records(ctx, taken[:cut], outcome), outcome
+
+    def _put_back(self, ctx: RunContext, pairs: list[tuple[Entry, Any]]) -> None:
+        """Make entries taken and not handed on the first of the next take."""
+        self._ready.setdefault(ctx.info.run_id, (ctx, []))[1][:0] = pairs
 
     async def adeliver(self, outcome: BatchOutcome) -> BaseException | None:
         error: BaseException | None = await self.io.run_blocking(self.deliver, outcome)
@@ -623,7 +753,32 @@ class RedisPort(Port):
     def _records(
         self, ctx: RunContext, taken: list[tuple[Entry, Any]], outcome: BatchOutcome
     ) -> list[Any]:
-        """The hand-off's records: each input entry with its outputs, failures, the error."""
+        """The hand-off's records: each input entry with its outputs, failures, the error.
+
+        An output the run's codec cannot carry raises, and then nothing has changed:
+        `_prepare` makes it its input's failure and asks again.
+        """
+        made = list(self._made)
+        packs: list[tuple[tuple[str, bytes], _Pack]] = []
+        try:
+            args = self._pack_records(ctx, taken, outcome, packs)
+            args += self._single_records(ctx, taken, outcome)
+        except Exception:
+            self._made[:] = made
+            raise
+        for key, pack in packs:  # handed on: the packs are done with
+            del self._packs[key]
+            self.io.count_dead(len(pack.bad))
+        return args
+
+    def _pack_records(
+        self,
+        ctx: RunContext,
+        taken: list[tuple[Entry, Any]],
+        outcome: BatchOutcome,
+        packs: list[tuple[tuple[str, bytes], _Pack]],
+    ) -> list[Any]:
+        """The records of the packed entries among ``taken`` (added to ``packs``)."""
         args: list[Any] = []
         results = outcome.per_input()
         error = None if outcome.error is None else _error_fields(outcome.error)
@@ -633,23 +788,27 @@ class RedisPort(Port):
             end = index + 1
             while end < len(taken) and taken[end][0] is entry:
                 end += 1
-            pack = self._packs.pop((ctx.info.run_id, entry[0]), None)
+            key = (ctx.info.run_id, entry[0])
+            pack = self._packs.get(key)
             if pack is not None:
                 # A pack: its items' outputs, the error of the one that raised (if in it).
                 raised = error if index <= outcome.processed < end else None
                 args += self._pack_record(ctx, entry, pack, results[index:end], raised)
-                self.io.count_dead(len(pack.bad))
+                packs.append((key, pack))
             index = end
+        return args
+
+    def _single_records(
+        self, ctx: RunContext, taken: list[tuple[Entry, Any]], outcome: BatchOutcome
+    ) -> list[Any]:
+        """The records of the entries of one item among ``taken``."""
+        args: list[Any] = []
         # A skipped item has no outputs: acknowledged with none (a tombstone, ordered).
-        for index, outputs in enumerate(results):
+        for index, outputs in enumerate(outcome.per_input()):
             entry_id, fields, deliveries = taken[index][0]
             if is_packed(fields):
                 continue
-            try:
-                records = self._outputs(ctx, outputs, fields.get(b"q"))
-            except Exception as exc:  # an output the run's codec cannot carry
-                args += ["n", entry_id, *_error_fields(exc)]
-                continue
+            records = self._outputs(ctx, outputs, fields.get(b"q"))
             if deliveries == 1 and len(records) == 1 and records[0][0] == "o":
                 record = records[0]
                 if record[1] == 2:  # fields d
@@ -659,8 +818,8 @@ class RedisPort(Port):
                     args += ["O", entry_id, record[3], record[5]]
                     continue
             args += ["a", entry_id, deliveries, len(records), *_flat(records)]
-        if error is not None and not is_packed(taken[outcome.processed][0][1]):
-            args += ["n", taken[outcome.processed][0][0], *error]
+        if outcome.error is not None and not is_packed(taken[outcome.processed][0][1]):
+            args += ["n", taken[outcome.processed][0][0], *_error_fields(outcome.error)]
         return args
 
     def _pack_record(
@@ -694,11 +853,8 @@ class RedisPort(Port):
             if j >= len(done):
                 rest.append(item)
                 continue
-            try:
-                encoded = [codec.item_bytes(value) for value in done[j]]
-            except Exception as exc:  # an output the run's codec cannot carry
-                records.append(_back(codec, item, deliveries, _error_fields(exc)))
-                continue
+            # An output the run's codec cannot carry raises (see _records).
+            encoded = [codec.item_bytes(value) for value in done[j]]
             k = len(encoded)
             if k == 0:
                 tombs.append((None, path))
@@ -833,6 +989,12 @@ class RedisPort(Port):
         self.retry(record)
 
     def close(self) -> None:
+        try:
+            self._leave()
+        finally:
+            self.io.use.close_port()
+
+    def _leave(self) -> None:
         """Let go of what this consumer read and did not hand on, then leave every run's
         group if it holds nothing there."""
         import redis
@@ -1139,19 +1301,245 @@ class BatchPort(RedisPort):
             order.tracker.acknowledged([e[0] for e in entries])
         return True
 
-    def close(self) -> None:
+    def _leave(self) -> None:
         """As every consumer; and give the leases up, so that another worker takes over
         at once rather than after the visibility timeout."""
         import redis
 
         orders = list(self._orders.values())
-        super().close()
+        super()._leave()
         for order in orders:
             try:
                 lease = order.ctx.info.keys.lease(self.index)
                 self.scripts.lease(keys=[lease], args=[self.name, 0])
             except redis.RedisError:
                 pass  # best effort: the lease expires after the visibility timeout
+
+
+# ---------------------------------------------------------------------- async stages
+
+
+class SharedPort(RedisPort):
+    """The one consumer of an async stage, shared by its coroutine workers (`TaskPort`).
+
+    Hundreds of coroutines each waiting for Redis in a thread of its own would
+    need hundreds of threads. Here one blocking read at a time fetches entries
+    for every coroutine waiting (as many items as they asked for together), and
+    coroutines take their batches from what was read, on the event loop; their
+    deliveries are gathered into one hand-off per run, in the stage's few
+    threads. Entries lent to a coroutine stay pending for this consumer until
+    it hands them on.
+    """
+
+    def __init__(self, io: RedisIO, label: str, users: int) -> None:
+        super().__init__(io, label)
+        # Guards _ready and _lent: the loop's thread lends, a thread reads or hands on.
+        self._lock = threading.RLock()
+        self._lent: dict[bytes, tuple[RunContext, tuple[Entry, Any]]] = {}
+        # Deliveries waiting for the next hand-off (under _lock), and the hand-off's turn.
+        self._posted: list[tuple[RunContext, list[tuple[Entry, Any]], BatchOutcome]] = []
+        self._handing = threading.Lock()
+        self._flush_due = False  # a flush was started and has not taken the posted yet
+        self._next_flush: asyncio.Future[None] | None = None  # that flush (loop thread only)
+        self._reading = threading.Lock()  # one read at a time (sync takes)
+        self._areading: asyncio.Lock | None = None  # the same, for coroutines (made on the loop)
+        self._wanted = 0  # items the coroutines waiting for a read asked for, together
+        self._users = users  # ports not closed yet: the last one closes the consumer
+
+    def lend(self, n: int) -> tuple[RunContext, list[tuple[Entry, Any]]] | None:
+        """Up to ``n`` items of one run from what was read, a pack whole (no waiting);
+        None if none."""
+        with self._lock:
+            self._want = n  # what the hand-offs record: packs made for this stage fit it
+            found = self._next_ready()
+            if found is None:
+                return None
+            ctx, got = found
+            end = min(n, len(got))
+            while end < len(got) and got[end][0] is got[end - 1][0]:
+                end += 1  # a pack's items go to one coroutine: it is handed on whole
+            chunk = got[:end]
+            del got[:end]
+            for pair in chunk:
+                self._lent[pair[0][0]] = (ctx, pair)
+        return ctx, chunk
+
+    def has_ready(self) -> bool:
+        """Whether entries read are waiting to be lent."""
+        with self._lock:
+            return self._next_ready() is not None
+
+    def read_for(self, n: int, deadline: float | None) -> None:
+        """Read entries for a taker of ``n`` items, unless another one did meanwhile
+        (one read at a time).
+
+        Raises:
+            Empty: ``deadline`` (a `monotonic` time) passed.
+        """
+        left = None if deadline is None else deadline - monotonic()
+        if left is not None and left <= 0:
+            raise Empty
+        with self._reading:
+            if not self.has_ready():
+                self._fetch(min(n, READ_LIMIT), left)
+
+    async def aread_for(self, n: int) -> None:
+        """`read_for`, for a coroutine: one read (in a thread) for every coroutine
+        waiting, of as many items as they asked for together."""
+        if self._areading is None:
+            self._areading = asyncio.Lock()
+        self._wanted += n
+        try:
+            async with self._areading:
+                if not self.has_ready():
+                    await self.io.run_blocking(self._fetch, min(self._wanted, READ_LIMIT), None)
+        finally:
+            self._wanted -= n
+
+    def post(self, ctx: RunContext, taken: list[tuple[Entry, Any]], outcome: BatchOutcome) -> bool:
+        """A coroutine's delivery of what it was lent, for the next `flush`; True when
+        no flush that will take it was started yet (the caller starts one)."""
+        with self._lock:
+            self._posted.append((ctx, taken, outcome))
+            first, self._flush_due = not self._flush_due, True
+            return first
+
+    def aflush(self, first: bool) -> asyncio.Future[None]:
+        """The flush that will hand on what was just posted, for a coroutine to await:
+        ``first``, a new one; else the one started and not begun yet, which it shares
+        with the coroutines that posted before it."""
+        if first:
+            self._next_flush = self.io.run_blocking(self.flush)
+        assert self._next_flush is not None
+        return self._next_flush
+
+    def flush(self) -> None:
+        """Hand on every delivery posted so far, in one hand-off per run: a delivery
+        posted before the call is handed on (or failed) when it returns. Hand-offs take
+        turns, and each takes everything posted while the one before it ran."""
+        with self._handing:
+            with self._lock:
+                posted, self._posted = self._posted, []
+                self._flush_due = False
+            back: list[tuple[RunContext, list[tuple[Entry, Any]]]] = []
+            runs: dict[str, _Merged] = {}
+            try:
+                for ctx, taken, given in posted:
+                    cut, records, outcome = self._prepare(ctx, taken, given)
+                    run = runs.setdefault(ctx.info.run_id, _Merged(ctx))
+                    run.taken += taken[:cut]
+                    run.records += records
+                    run.outcomes.append(outcome)
+                    if cut < len(taken):
+                        back.append((ctx, taken[cut:]))
+                for run in runs.values():
+                    if not self._wait_for_room(run.ctx, run.records):
+                        back.append((run.ctx, run.taken))  # stopped while the output was full
+                        continue
+                    entries = _distinct([entry for entry, _ in run.taken])
+                    self._handoff(run.ctx, entries, run.records, _merged(run.outcomes))
+            finally:
+                with self._lock:
+                    for _, taken, _ in posted:
+                        for entry, _ in taken:
+                            self._lent.pop(entry[0], None)
+                    for ctx, pairs in back:
+                        super()._put_back(ctx, pairs)
+
+    def _put_back(self, ctx: RunContext, pairs: list[tuple[Entry, Any]]) -> None:
+        with self._lock:
+            super()._put_back(ctx, pairs)
+
+    def _keep(self, ctx: RunContext, good: list[tuple[Entry, Any]]) -> None:
+        with self._lock:
+            super()._keep(ctx, good)
+
+    def _accept(self, ctx: RunContext, entries: list[Entry]) -> None:
+        with self._lock:  # read again after a connection loss: lent already
+            super()._accept(ctx, [e for e in entries if e[0] not in self._lent])
+
+    def _forget_gone_runs(self) -> None:
+        with self._lock:
+            super()._forget_gone_runs()
+
+    def close(self) -> None:
+        """Once every coroutine's port is closed: let go of what was read and not handed
+        on (lent to a coroutine cancelled by an abort, too) and leave the groups."""
+        with self._lock:  # a read of a cancelled coroutine may still be under way
+            self._users -= 1
+            if self._users:
+                return
+            for ctx, pair in self._lent.values():
+                self._ready.setdefault(ctx.info.run_id, (ctx, []))[1].append(pair)
+            self._lent.clear()
+            super().close()
+
+
+@dataclass
+class _Merged:
+    """The deliveries of one run that one flush hands on together."""
+
+    ctx: RunContext
+    taken: list[tuple[Entry, Any]] = field(default_factory=list)
+    records: list[Any] = field(default_factory=list)
+    outcomes: list[BatchOutcome] = field(default_factory=list)
+
+
+class TaskPort(Port):
+    """One coroutine worker's port of an async stage: it takes its batches from the
+    stage's `SharedPort` and hands them on through it."""
+
+    tracks = True
+
+    def __init__(self, shared: SharedPort) -> None:
+        self.shared = shared
+        self._run: RunContext | None = None
+        self._taken: list[tuple[Entry, Any]] = []
+
+    def _borrow(self, n: int) -> list[Any]:
+        """Up to ``n`` items of what the shared consumer read; [] if none is there."""
+        if self.shared.io.stopping.is_set():
+            raise ShutDown  # stopping: take nothing more (what was read is let go)
+        got = self.shared.lend(n)
+        if got is None:
+            return []
+        self._run, self._taken = got
+        return [item for _, item in self._taken]
+
+    def take(self, n: int, timeout: float | None = None) -> list[Any]:
+        deadline = None if timeout is None else monotonic() + timeout
+        while not (items := self._borrow(n)):
+            self.shared.read_for(n, deadline)
+        return items
+
+    async def atake(self, n: int) -> list[Any]:
+        while not (items := self._borrow(n)):
+            await self.shared.aread_for(n)
+        return items
+
+    def _post(self, outcome: BatchOutcome) -> bool | None:
+        """Post the delivery of what was taken (see `SharedPort.post`); None if there is
+        nothing to deliver."""
+        ctx, taken = self._run, self._taken
+        self._run, self._taken = None, []
+        if ctx is None or not taken:
+            return None
+        return self.shared.post(ctx, taken, outcome)
+
+    def deliver(self, outcome: BatchOutcome) -> BaseException | None:
+        if self._post(outcome) is not None:
+            self.shared.flush()
+        return None
+
+    async def adeliver(self, outcome: BatchOutcome) -> BaseException | None:
+        first = self._post(outcome)
+        if first is not None:
+            # Shielded: the flush is shared, and a cancelled coroutine must not cancel it.
+            await asyncio.shield(self.shared.aflush(first))
+        return None
+
+    def close(self) -> None:
+        self.shared.close()
 
 
 # ---------------------------------------------------------------------- helpers
@@ -1236,6 +1624,27 @@ def _id_range(entries: list[Entry]) -> tuple[bytes, bytes]:
 def _id_key(entry_id: bytes) -> tuple[int, int]:
     ms, _, seq = entry_id.partition(b"-")
     return int(ms), int(seq or 0)
+
+
+def _merged(outcomes: list[BatchOutcome]) -> BatchOutcome:
+    """What a hand-off counts of several outcomes (their records carry the outputs)."""
+    return BatchOutcome(
+        [],
+        filtered=sum(o.filtered for o in outcomes),
+        retried=sum(o.retried for o in outcomes),
+        failures=[f for o in outcomes for f in o.failures],
+        busy_seconds=sum(o.busy_seconds or 0.0 for o in outcomes),
+    )
+
+
+def _first_unencodable(codec: Codec, outputs: list[Any]) -> tuple[int, Exception] | None:
+    """Index and error of the first of ``outputs`` that ``codec`` cannot encode."""
+    for index, value in enumerate(outputs):
+        try:
+            codec.encode(value)
+        except Exception as exc:
+            return index, exc
+    return None
 
 
 def _flat(records: list[list[Any]]) -> list[Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ..metrics import StageStats
@@ -26,12 +26,16 @@ if TYPE_CHECKING:
     from ..stage import Stage
 
 __all__ = [
+    "LEFT",
     "RunInfo",
     "RunState",
     "StageCounts",
+    "clear_refusal",
     "find_runs",
     "load_info",
+    "mark_left",
     "read_state",
+    "refuse_run",
     "stage_stats",
     "text",
 ]
@@ -185,6 +189,8 @@ class RunState:
     """Ordered runs: source items whose outputs the driver has released, in order."""
     gaps: tuple[int, ...] = ()
     """Per stage: tombstones sent to its input by the stages before it (a batch stage's)."""
+    refused: str = ""
+    """Why a worker cannot serve the run (it lacks the pickle codec's key); '' if none did."""
 
     @classmethod
     def read(cls, counters: dict[Any, Any], source_done: bool, n: int) -> RunState:
@@ -328,12 +334,44 @@ def read_state(client: Any, retry: Retrier, keys: Keys, n: int) -> tuple[RunStat
     def read() -> list[Any]:
         pipe = client.pipeline(transaction=True)
         pipe.hgetall(keys.counters)
-        pipe.hget(keys.meta, "source_done")
+        pipe.hmget(keys.meta, "source_done", REFUSED)
         replies: list[Any] = pipe.execute()
         return replies
 
-    counters, done = retry(read)
-    return RunState.read(counters, done == b"1", n), done is not None
+    counters, (done, refused) = retry(read)
+    state = RunState.read(counters, done == b"1", n)
+    if refused is not None:
+        state = replace(state, refused=text(refused))
+    return state, done is not None
+
+
+REFUSED = "refused"
+"""The field of a run's ``meta`` hash where a worker says why it cannot serve the run."""
+LEFT = "left"
+"""The field of a run's ``meta`` hash where its driver says how it left the run in
+Redis (stopped, or ended by an error): nothing feeds it until a driver resumes it."""
+
+# Only while the run exists: a ``meta`` hash made anew would hold no settings.
+_SET_IF_RUN = (
+    "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end"
+)
+
+
+def refuse_run(client: Any, keys: Keys, why: str) -> None:
+    """Say in the run's state why this worker cannot serve it: the driver, which may
+    wait for workers for ever, ends the run with it."""
+    client.eval(_SET_IF_RUN, 1, keys.meta, REFUSED, why)
+
+
+def mark_left(client: Any, keys: Keys, how: str) -> None:
+    """Say in the run's state that its driver left it, and how (see `LEFT`)."""
+    client.eval(_SET_IF_RUN, 1, keys.meta, LEFT, how)
+
+
+def clear_refusal(client: Any, keys: Keys) -> None:
+    """Forget a worker's refusal (said once to the driver that saw it: a run resumed
+    after a fix starts without it)."""
+    client.hdel(keys.meta, REFUSED)
 
 
 def find_runs(client: Any, namespace: str, pipeline: str) -> list[str]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..metrics import RecentRate, StageStats, Timeline
 from ..progress import LIVE_REFRESH, Watcher
-from .state import RunInfo, RunState, stage_stats, text
+from .state import LEFT, RunInfo, RunState, stage_stats, text
 from .streams import WORKER_GROUP, Scripts, connect
 
 if TYPE_CHECKING:
@@ -84,6 +84,10 @@ class RunStatus:
     fed: int
     """Items the source added."""
     source_done: bool
+    left: str
+    """How its driver left the run in Redis ("stopped and left in Redis", ...): nothing
+    feeds it until a driver resumes it; '' while a driver runs it (or a long-lived
+    run's producers feed it)."""
     complete: bool
     delivered: int
     """Final-stream entries the driver took."""
@@ -99,14 +103,15 @@ def run_status(client: Any, info: RunInfo) -> RunStatus:
     keys, n = info.keys, len(info.stages)
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(keys.counters)
-    pipe.hget(keys.meta, "source_done")
+    pipe.hmget(keys.meta, "source_done", LEFT)
     backlog = Scripts(client).backlog
     for i in range(n):
         backlog(keys=[keys.stream(i)], args=[WORKER_GROUP, "1"], client=pipe)
         pipe.xpending(keys.stream(i), WORKER_GROUP)
         pipe.xinfo_consumers(keys.stream(i), WORKER_GROUP)
     replies = pipe.execute(raise_on_error=False)
-    state = RunState.read(replies[0], replies[1] == b"1", n)
+    done, left = replies[1] if isinstance(replies[1], list) else (None, None)
+    state = RunState.read(replies[0], done == b"1", n)
     age = max(1e-9, time.time() - info.created)
     stages = []
     for i, name in enumerate(info.stages):
@@ -136,6 +141,7 @@ def run_status(client: Any, info: RunInfo) -> RunStatus:
         age_seconds=age,
         fed=state.fed,
         source_done=state.source_done,
+        left="" if left is None else text(left),
         complete=state.complete,
         delivered=state.delivered,
         stages=tuple(stages),
@@ -154,10 +160,11 @@ def render(statuses: list[RunStatus]) -> str:
     if not statuses:
         console.print("no live run of this pipeline")
     for status in statuses:
-        source = "done" if status.source_done else "feeding"
+        source = "done" if status.source_done else "stopped" if status.left else "feeding"
+        left = f"; {status.left}" if status.left else ""
         table = Table(
             title=f"run {status.run_id}: {status.fed:,} items fed (source {source}), "
-            f"{status.delivered:,} outputs taken, {status.age_seconds:,.0f} s old",
+            f"{status.delivered:,} outputs taken, {status.age_seconds:,.0f} s old{left}",
             title_justify="left",
         )
         for column in ("stage", "stream", "pending", "limit", "in", "out", "in/s"):

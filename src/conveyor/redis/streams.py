@@ -183,8 +183,9 @@ def connect(url: str, timeout: float | None = None, **options: Any) -> Any:
     ``ssl_ca_certs``).
 
     Raises:
-        BackendError: Redis refused the credentials (not retried: a wrong
-            password does not get better by waiting).
+        BackendError: Redis refused the credentials, the database number or
+            the TLS certificate (not retried: a wrong password does not get
+            better by waiting).
         redis.ConnectionError: Redis did not answer (a `Retrier` tries again).
     """
     import redis
@@ -226,7 +227,9 @@ def connect(url: str, timeout: float | None = None, **options: Any) -> Any:
                 f"Redis at {redact(url)} requires a password: put it in the URL "
                 f"(redis://:PASSWORD@host:port/0 or redis://USER:PASSWORD@host:port/0)"
             ) from exc
-        raise
+        # Any other refusal while connecting (SELECT of a database number the server
+        # does not have): waiting does not change the answer.
+        raise BackendError(f"Redis at {redact(url)} refused the connection: {exc}") from exc
     return client
 
 

@@ -44,8 +44,9 @@ from ..errors import BackendError, ConfigurationError
 from ..metrics import StageMetrics, StageReading, StageStats
 from ..runtime.base import RunControl, Runtimes, StageRun, left_behind
 from ..stage import Stage
+from ..validate import check_name
 from .codec import secret_from
-from .port import RedisIO, RunDirectory, WorkerLink
+from .port import ClientUse, RedisIO, RunDirectory, WorkerLink
 from .state import find_runs, read_state
 from .streams import Keys, Retrier, connect, pipeline_id, redact
 
@@ -92,6 +93,7 @@ class Worker:
         unavailable_timeout: float | None = None,
         redis_options: dict[str, Any] | None = None,
     ) -> None:
+        check_name(namespace, "namespace", "Worker")
         all_stages: tuple[Stage, ...] = tuple(pipeline.stages)
         if not all_stages:
             raise ConfigurationError("Worker: the pipeline has no stage")
@@ -123,6 +125,7 @@ class Worker:
         self.stage_runs: list[StageRun] = []
         self._ios: list[RedisIO] = []  # one per stage run, for the dead letters it counted
         self._client: Any = None
+        self._use: ClientUse | None = None  # who uses the client, once ports may be opened
         self._joined = False
         self.left_behind: list[str] = []
         """What `join` left running user code, said per stage (daemon threads)."""
@@ -132,7 +135,8 @@ class Worker:
         retry = Retrier("worker", self._unavailable, self.stopped, self.url)
         client = self._client = retry(connect, self.url, timeout=self._unavailable, **self._options)
         directory = RunDirectory(client, self.namespace, self.pipeline_id, self._secret, retry)
-        link = WorkerLink(client, directory, self.control, self.stopped, retry)
+        self._use = ClientUse(client)
+        link = WorkerLink(client, self._use, directory, self.control, self.stopped, retry)
         for i in self.served:
             stage = dataclasses.replace(self.stages[i], workers=self._counts[i])
             io = RedisIO(stage, i, link)
@@ -217,9 +221,13 @@ class Worker:
             sr.io.close()
         if self.left_behind:
             log.warning("conveyor: Redis worker: %s", "; ".join(self.left_behind))
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        if self._use is not None:
+            # Closed once nothing uses it: threads left behind in user code hand their
+            # batch on, and close their ports, when they return.
+            self._use.end(ports_live=bool(stuck))
+        elif self._client is not None:
+            self._client.close()  # connected, and stopped before a port was opened
+        self._client = None
         self._joined = True
         error = self.control.error
         if error is not None:

@@ -32,8 +32,7 @@ from typing import Any
 
 import cloudpickle
 
-from ..errors import SerializationError
-from ..policy import BatchOutcome, apply_one, give_up, process_batch
+from ..policy import BatchOutcome, apply_one, drop_unsendable, process_batch
 from ..remote import ExceptionRecord, capture, restore
 from ..stage import Stage, set_worker_state
 from ._allocator import Placer, placer
@@ -60,7 +59,6 @@ from ._wire import (
     _load,
     _OutcomeMessage,
     _pack,
-    _type_name,
 )
 
 _PackedError = tuple[bytes | None, ExceptionRecord]
@@ -243,7 +241,9 @@ class _Server:
         try:
             payload, pids = _dump(outcome.outputs, buffers, self.bytes_likely, received)
         except Exception:
-            outcome = _drop_unpicklable(stage, batch, outcome)
+            outcome = drop_unsendable(
+                stage, batch, outcome, _first_unpicklable, "be sent back from the worker process"
+            )
             buffers.clear()
             payload, pids = _dump(outcome.outputs, buffers, received=received)
         self.bytes_likely = pids
@@ -326,36 +326,6 @@ def _already_placed(
         (echo, _ECHO) if echo is not None else None if mine is None else (mine, _OOB)
         for echo, mine in zip(echoes, ours, strict=True)
     ]
-
-
-def _drop_unpicklable(stage: Stage, batch: list[Any], outcome: BatchOutcome) -> BatchOutcome:
-    """The outcome again, results that cannot be pickled turned into failures of their
-    input (``on_error`` applies: skip it, or end the batch there)."""
-    assert outcome.counts is not None
-    fixed = BatchOutcome([], outcome.filtered, outcome.retried, counts=[])
-    failed = dict(zip(outcome.failed_at, outcome.failures, strict=True))
-    for index, outputs in enumerate(outcome.per_input()):
-        if index in failed:
-            fixed.failures.append(failed[index])
-            fixed.failed_at.append(index)
-            fixed.counts.append(0)  # type: ignore[union-attr]
-            continue
-        bad = _first_unpicklable(outputs)
-        if bad is None:
-            fixed.outputs.extend(outputs)
-            fixed.counts.append(len(outputs))  # type: ignore[union-attr]
-            continue
-        error = SerializationError(
-            f"stage {stage.label}: a result of type {_type_name(outputs[bad[0]])} cannot be "
-            f"sent back from the worker process: {bad[1]}"
-        )
-        error.__cause__ = bad[1]
-        if give_up(stage, fixed, batch[index], error, 1, index):
-            return fixed
-    if outcome.error is not None:
-        fixed.error, fixed.error_item = outcome.error, outcome.error_item
-    fixed.processed = outcome.processed
-    return fixed
 
 
 def _plain_sleep(seconds: float) -> bool:

@@ -602,12 +602,3 @@ class _Arena:
             with contextlib.suppress(BufferError):  # an array built on it since: it unmaps it
                 mapping.close()
         # else the arrays' slices keep the mapping alive; it is unmapped after the last one
-
-
-def _type_name(obj: Any) -> str:
-    kind = type(obj)
-    return (
-        kind.__qualname__
-        if kind.__module__ == "builtins"
-        else f"{kind.__module__}.{kind.__qualname__}"
-    )

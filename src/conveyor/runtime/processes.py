@@ -64,6 +64,8 @@ Both methods run the main module again in every worker process (as
 would then start the pipeline again in each worker: keep that code under
 ``if __name__ == "__main__":``. conveyor detects the mistake inside the
 worker and the main process raises `conveyor.ConfigurationError` saying so.
+A program read from stdin (``python -``, main module file ``'<stdin>'``) has
+no file to run again: its workers start without it (`_PseudoMainFile`).
 Stage functions, ``on_start`` and ``on_stop`` are sent to each worker with
 cloudpickle, once, when it starts: lambdas, closures and local functions
 work. Items and results are pickled with the standard pickler (cloudpickle
@@ -156,7 +158,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from multiprocessing import connection, current_process, get_all_start_methods, get_context
 from multiprocessing.connection import Connection
@@ -171,7 +173,15 @@ from ..errors import (
     ShutDown,
     WorkerCrashed,
 )
-from ..policy import BatchOutcome, add_note, add_stage_note, give_up, item_repr, retry_delay
+from ..policy import (
+    BatchOutcome,
+    add_note,
+    add_stage_note,
+    give_up,
+    item_repr,
+    retry_delay,
+    type_name,
+)
 from ..remote import rebuild, restore
 from ..stage import Failure, Stage
 from ._child import _child_main, _PackedError, _stage_blob
@@ -195,7 +205,6 @@ from ._wire import (
     _load,
     _OutcomeMessage,
     _pack,
-    _type_name,
     shm_prefix,
 )
 from .base import Runtime, StageRun, batch_loop, worker_loop
@@ -887,7 +896,8 @@ class _Worker:
             target=_child_main, args=(theirs, self.blob), name=name, daemon=True
         )
         try:
-            process.start()
+            with _pseudo_main_file.hidden():
+                process.start()
         except RuntimeError as exc:
             if "bootstrapping phase" in str(exc):
                 raise _main_guard_error() from exc
@@ -1018,7 +1028,7 @@ class _Worker:
                     end = start + bad[0]
                     continue
                 error = SerializationError(
-                    f"stage {stage.label}: an item of type {_type_name(batch[start])} cannot be "
+                    f"stage {stage.label}: an item of type {type_name(batch[start])} cannot be "
                     f"sent to a {self.runtime.worker}: {bad[1]}"
                 )
                 error.__cause__ = bad[1]
@@ -1075,7 +1085,7 @@ class _Worker:
             job.isolate_until = end
             return True
         error = SerializationError(
-            f"stage {self.stage.label}: an item of type {_type_name(job.batch[start])} or its "
+            f"stage {self.stage.label}: an item of type {type_name(job.batch[start])} or its "
             f"result could not be unpickled {where}: {type(exc).__name__}: {exc}"
         )
         error.__cause__ = exc
@@ -1137,6 +1147,41 @@ def _lanes(stage: Stage) -> int:
 
 def _short_repr(item: Any) -> str:
     return item_repr(item)  # as the stage notes show items
+
+
+class _PseudoMainFile:
+    """While worker processes start: hide a main module's file name that names no
+    file (``'<stdin>'``: a program read from ``python -``), which multiprocessing
+    would have each worker (or the forkserver) run as a path, and fail. Workers
+    need no main module: the stage travels by cloudpickle. Lanes start workers
+    from threads of their own: the name is back once the last start is done."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._starting = 0  # starts in progress, under _lock
+        self._hidden: str | None = None  # the name taken away, under _lock
+
+    @contextlib.contextmanager
+    def hidden(self) -> Iterator[None]:
+        """Hide the name (if it is one) for the duration of the block."""
+        main = sys.modules.get("__main__")
+        with self._lock:
+            path = getattr(main, "__file__", None)
+            if self._starting == 0 and isinstance(path, str) and path[:1] + path[-1:] == "<>":
+                self._hidden = path
+                del main.__file__  # type: ignore[union-attr]
+            self._starting += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._starting -= 1
+                if self._starting == 0 and self._hidden is not None:
+                    main.__file__ = self._hidden  # type: ignore[union-attr]
+                    self._hidden = None
+
+
+_pseudo_main_file = _PseudoMainFile()
 
 
 def _main_guard_error() -> ConfigurationError:

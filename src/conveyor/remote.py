@@ -18,11 +18,12 @@ from __future__ import annotations
 import sys
 import traceback
 from dataclasses import dataclass, field
+from types import FunctionType
 from typing import Any
 
 from .errors import RemoteError, RemoteTraceback
 
-__all__ = ["ExceptionRecord", "capture", "rebuild", "restore"]
+__all__ = ["ExceptionRecord", "capture", "parts", "rebuild", "restore"]
 
 
 @dataclass
@@ -80,10 +81,10 @@ def capture(exc: BaseException, plain: Any = None) -> ExceptionRecord:
             instance the codec's ``dumps``); ``args`` and ``attrs`` are kept
             only if it accepts them. None: kept as they are.
     """
-    cls = type(exc)
+    cls, made_of, attrs = parts(exc)
     text = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
-    attrs = {k: v for k, v in vars(exc).items() if k != "__notes__"} if _has_dict(exc) else {}
-    args: list[Any] | None = list(exc.args)
+    attrs = {k: v for k, v in attrs.items() if k != "__notes__"}
+    args: list[Any] | None = list(made_of)
     group = None
     if isinstance(exc, BaseExceptionGroup):
         # Its exceptions travel as records of their own (a codec carries no exception).
@@ -106,13 +107,31 @@ def capture(exc: BaseException, plain: Any = None) -> ExceptionRecord:
     )
 
 
+def parts(exc: BaseException) -> tuple[type[BaseException], tuple[Any, ...], dict[str, Any]]:
+    """What `restore` makes ``exc`` again from: its class, its arguments and its attributes."""
+    args = exc.args
+    if isinstance(exc, OSError) and (exc.filename is not None or exc.filename2 is not None):
+        # Its args leave the file names out; OSError(errno, strerror, filename,
+        # winerror, filename2) sets them again.
+        args = (exc.errno, exc.strerror, exc.filename, None, exc.filename2)
+    return type(exc), args, dict(vars(exc)) if _has_dict(exc) else {}
+
+
 def restore(cls: type[BaseException], args: Any, attrs: dict[str, Any] | None) -> BaseException:
     """An exception of ``cls`` with these ``args`` and attributes, made without calling
-    ``__init__``: one that takes other arguments than its ``args`` (``BadRow(row)``
-    whose ``args`` hold a message) would take the message for a row. Pickling an
-    exception calls it (``cls(*args)``); this is the way back that does not."""
+    an ``__init__`` written in Python: one that takes other arguments than its
+    ``args`` (``BadRow(row)`` whose ``args`` hold a message) would take the message
+    for a row. Pickling an exception calls it (``cls(*args)``); this is the way back
+    that does not. A builtin's ``__init__`` is called: it only derives its attributes
+    from ``args`` (``SystemExit.code``, ``OSError.errno``, ``StopIteration.value``)."""
     exc = cls.__new__(cls, *args)  # BaseExceptionGroup.__new__ checks its two arguments
-    exc.args = tuple(args)
+    init = cls.__init__
+    try:
+        if isinstance(init, FunctionType):
+            raise TypeError  # written in Python: not called
+        init(exc, *args)  # sets args too (OSError's without its file names)
+    except (TypeError, ValueError):  # not called, or args a builtin would not take
+        exc.args = tuple(args)
     if attrs:
         exc.__dict__.update(attrs)
     return exc

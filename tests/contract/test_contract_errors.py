@@ -393,6 +393,24 @@ def exit_on_bad(x: int) -> int:
     return x
 
 
+def os_error_on_bad(x: int) -> int:
+    if x == BAD:
+        raise FileNotFoundError(2, "No such file or directory", f"/data/{x}.csv")
+    return x
+
+
+def test_an_os_error_from_a_stage_keeps_its_errno_and_filename(runner: Runner) -> None:
+    # Repro: rebuilt across a process, an interpreter or Redis, an OSError kept its
+    # args but lost errno, strerror and filename (None), which handlers test.
+    pipeline = cv.Pipeline(range(20)).map(runner.fn(os_error_on_bad), runtime=runner.runtime)
+    with pytest.raises((FileNotFoundError, cv.DeadLettersError)) as info:
+        runner.run(pipeline, backend_options={"max_deliveries": 1})
+    error = info.value.__cause__ if runner.on_redis else info.value
+    assert isinstance(error, FileNotFoundError), repr(error)
+    assert (error.errno, error.filename) == (2, f"/data/{BAD}.csv")
+    assert str(error) == f"[Errno 2] No such file or directory: '/data/{BAD}.csv'"
+
+
 def interrupt_on_bad(x: int) -> int:
     if x == BAD:
         raise KeyboardInterrupt
@@ -419,4 +437,7 @@ def test_a_stage_raising_system_exit_or_keyboard_interrupt_ends_the_run_with_it(
     assert took < 5.0, f"the run took {took:.1f} s to end"
     if kind is SystemExit:
         assert info.value.args == (3,)
+        # Repro: across a process, an interpreter or Redis the code was None, so an
+        # uncaught SystemExit of a failed stage ended the program with status 0.
+        assert info.value.code == 3  # type: ignore[attr-defined]
     assert f"conveyor: stage 'quits' (map) failed on item {BAD}" in info.value.__notes__

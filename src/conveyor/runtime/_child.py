@@ -33,7 +33,7 @@ from typing import Any
 import cloudpickle
 
 from ..policy import BatchOutcome, apply_one, drop_unsendable, process_batch
-from ..remote import ExceptionRecord, capture, restore
+from ..remote import ExceptionRecord, capture, parts, restore
 from ..stage import Stage, set_worker_state
 from ._allocator import Placer, placer
 from ._wire import (
@@ -72,7 +72,7 @@ def _pack_error(exc: BaseException) -> _PackedError:
     blob: bytes | None
     try:
         # Not the exception itself: unpickling it would call its __init__ with its args.
-        blob = cloudpickle.dumps((type(exc), exc.args, vars(exc)), 5)
+        blob = cloudpickle.dumps(parts(exc), 5)
         restore(*pickle.loads(blob))
     except Exception:
         blob = None

@@ -38,6 +38,7 @@ __all__ = [
     "aprocess_batch",
     "give_up",
     "item_repr",
+    "outputs_of",
     "process_batch",
     "retry_delay",
     "timeout_error",
@@ -148,7 +149,7 @@ def apply_one(stage: Stage, item: Any) -> tuple[list[Any], bool]:
     """Apply the stage to one item; return (outputs, filtered)."""
     fn = stage.fn
     assert fn is not None
-    return _outputs_of(stage.kind, item, fn(item))
+    return outputs_of(stage.kind, item, fn(item))
 
 
 async def aapply_one(stage: Stage, item: Any) -> tuple[list[Any], bool]:
@@ -161,7 +162,7 @@ async def aapply_one(stage: Stage, item: Any) -> tuple[list[Any], bool]:
     fn = stage.fn
     assert fn is not None
     if stage.timeout is None:
-        return _outputs_of(stage.kind, item, await fn(item))
+        return outputs_of(stage.kind, item, await fn(item))
     import asyncio  # loaded by then: a coroutine is running
 
     try:
@@ -172,11 +173,12 @@ async def aapply_one(stage: Stage, item: Any) -> tuple[list[Any], bool]:
         if not isinstance(exc.__cause__, asyncio.CancelledError):
             raise
         raise timeout_error(stage) from None
-    return _outputs_of(stage.kind, item, result)
+    return outputs_of(stage.kind, item, result)
 
 
-def _outputs_of(kind: str, item: Any, result: Any) -> tuple[list[Any], bool]:
-    """What a call that returned ``result`` on ``item`` sends on: (outputs, filtered)."""
+def outputs_of(kind: str, item: Any, result: Any) -> tuple[list[Any], bool]:
+    """What a call of a ``kind`` stage that returned ``result`` on ``item`` sends on:
+    (outputs, filtered)."""
     if kind == "map":
         return [result], False
     if kind == "filter":
@@ -291,6 +293,7 @@ def process_batch(
     call: Callable[[Stage, Any], tuple[list[Any], bool]] | None = None,
     sleep: Callable[[float], bool] | None = None,
     track: bool = False,
+    first_error: Exception | None = None,
 ) -> BatchOutcome:
     """Run ``batch`` through ``stage`` with its retry and error policies.
 
@@ -304,6 +307,9 @@ def process_batch(
             meanwhile: then the batch ends there, without an error or a
             failure (the item did not fail, the stop cut its retries short).
         track: record which input produced which outputs (`BatchOutcome.counts`).
+        first_error: what the first call of ``batch[0]`` raised, when the caller
+            made that call itself (a worker's single-item path): the policy
+            takes over from there, without calling that item again.
 
     Returns:
         The outcome. With ``on_error="raise"``, the first item that exhausts
@@ -318,8 +324,8 @@ def process_batch(
     slow = call is not None and stage.timeout is not None
     one = call or apply_one
     while i < n:
-        error: Exception | None = None
-        if not slow:
+        error, first_error = first_error, None
+        if error is None and not slow:
             i, filtered, error = _apply_run(stage, batch, i, out, counts)
             outcome.filtered += filtered
             if i == n:

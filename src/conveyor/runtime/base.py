@@ -29,12 +29,14 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError, Empty, ShutDown
 from ..metrics import StageMetrics, WorkerCounters
-from ..policy import BatchOutcome, add_stage_note
+from ..policy import BatchOutcome, add_stage_note, outputs_of, process_batch
 from ..stage import Failure, Stage
 from .ports import Port, StageIO
 
 if TYPE_CHECKING:
     import asyncio
+
+    from ..channel import Channel, Producer
 
 __all__ = [
     "MAX_BATCH",
@@ -165,22 +167,32 @@ def worker_loop(
     worker: int,
     execute: Callable[[list[Any]], BatchOutcome],
     target: float = TARGET_BATCH_SECONDS,
+    direct: bool = False,
 ) -> None:
     """Take batches from the worker's port, execute them, deliver outcomes; until input ends.
 
     Errors raised by ``execute`` itself (not by the stage function, which
     the policy handles) fail the run. ``target`` is the time a batch
     should take: a runtime whose ``execute`` has a fixed cost per batch (a
-    round trip to a worker process) asks for longer batches.
+    round trip to a worker process) asks for longer batches. ``direct``: the
+    worker may call the stage function itself, as ``execute`` would (a thread
+    worker without a per-item timeout nor recycling): while batches are of
+    one item and the port allows it, `_single_items` runs them.
     """
     stage, control = sr.stage, sr.control
     port = sr.ports[worker]
     counters: WorkerCounters = sr.metrics.new_worker()
     size, limit = 1, sr.max_batch
     target = sr.target(target)
+    ends = port.direct() if direct else None
     t0 = perf_counter()
     try:
         while True:
+            if ends is not None and size == 1:
+                single = _single_items(sr, port, ends, counters, t0, target)
+                if single is None:
+                    break  # the input ended, or the run failed
+                size, t0 = single
             try:
                 batch = port.take(size)
             except ShutDown:
@@ -213,6 +225,78 @@ def worker_loop(
     finally:
         counters.finish()
         port.close()
+
+
+def _single_items(
+    sr: StageRun,
+    port: Port,
+    ends: tuple[Channel[Any], Producer[Any]],
+    counters: WorkerCounters,
+    t0: float,
+    target: float,
+) -> tuple[int, float] | None:
+    """`worker_loop` for batches of one item, taken and handed on by the worker itself.
+
+    The common case of a slow stage (each item takes longer than half a
+    batch's target): no per-item timeout, no recycling, a port straight
+    between two channels. The output is put as soon as the function
+    returns, and the counting done after: the put is what wakes a consumer
+    waiting for the item, and the worker's layers (the policy's outcome,
+    the port's checks) between the stage's return and that put were most
+    of the delay a bare `queue.Queue` producer does not have (see
+    docs/benchmarks.md). An item whose call raises goes through the policy
+    (`process_batch`, which takes over from that first failure) and the
+    port, as in `worker_loop`.
+
+    Returns (the next batch size, the time the next wait began) when items
+    turn out quick enough for batches; None when the input ended or the run
+    failed.
+    """
+    stage, control = sr.stage, sr.control
+    fn, kind = stage.fn, stage.kind
+    assert fn is not None
+    channel, handle = ends
+    limit = sr.max_batch
+    while True:
+        try:
+            batch = channel.get_many(1)
+        except ShutDown:
+            return None
+        t1 = perf_counter()
+        counters.wait_in += t1 - t0
+        item = batch[0]
+        counters.current_item, counters.current_since = item, t1
+        try:
+            outputs, filtered = outputs_of(kind, item, fn(item))
+        except Exception as exc:
+            outcome = process_batch(stage, batch, None, control.sleep, False, exc)
+            t2 = perf_counter()
+            counters.current_item = counters.current_since = None
+            count_batch(counters, outcome, 1, t2 - t1)
+            error = port.deliver(outcome)
+            if error is not None:
+                control.fail(error)
+                return None
+        except BaseException as exc:  # Ctrl-C, SystemExit: no policy applies, but name the item
+            add_stage_note(exc, stage, item)
+            raise
+        else:
+            t2 = perf_counter()
+            counters.current_item = counters.current_since = None
+            try:
+                if outputs:
+                    handle.put_many(outputs)  # first: it wakes the consumer waiting for the item
+            finally:  # counted even when the put meets a stopped run, as worker_loop counts
+                counters.items_in += 1
+                counters.items_out += len(outputs)
+                counters.filtered += filtered
+                counters.batches += 1
+                counters.add_busy(t2 - t1, 1)
+        t0 = perf_counter()
+        counters.wait_out += t0 - t2
+        size = _adapt(1, 1, t2 - t1, limit, target)
+        if size > 1:
+            return size, t0
 
 
 def count_batch(counters: WorkerCounters, outcome: BatchOutcome, taken: int, busy: float) -> None:

@@ -1,0 +1,204 @@
+"""The thread worker's single-item path (`conveyor.runtime.base._single_items`).
+
+A thread worker of one item at a time puts each output on the next channel
+itself, as soon as the stage returns, and counts after. These tests check
+when that path is taken, that the counters come out exact, and that
+failures, retries and stops behave as through the policy. Slow stages are
+slow by their work (a sleep per item), never by the test waiting.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import conveyor as cv
+from conveyor.policy import process_batch
+from conveyor.runtime import base
+from conveyor.stage import Stage
+
+SLOW = 0.003  # longer than half a batch's target: batches stay at one item
+
+
+def slow(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def call(x: Any) -> Any:
+        time.sleep(SLOW)
+        return fn(x)
+
+    return call
+
+
+@pytest.fixture
+def single_items(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the single-item loops the workers enter."""
+    entered: list[int] = []
+    real = base._single_items
+
+    def spy(*args: Any) -> Any:
+        entered.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(base, "_single_items", spy)
+    return entered
+
+
+def test_a_slow_stage_goes_item_by_item_through_the_worker_itself(
+    single_items: list[int],
+) -> None:
+    result = (
+        cv.Pipeline(range(30))
+        .map(slow(lambda x: x * 2), workers=2, ordered=False)
+        .run(collect=True)
+    )
+    assert sorted(result.outputs) == [2 * x for x in range(30)]
+    assert single_items, "the single-item path was not taken"
+    (stats,) = result.stats
+    assert (stats.items_in, stats.items_out, stats.batches) == (30, 30, 30)
+    assert (stats.failed, stats.filtered, stats.retried) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "fn", "outputs", "filtered"),
+    [
+        ("filter", lambda x: x % 3 == 0, [0, 3, 6, 9], 6),
+        ("flat_map", lambda x: [x] * (x % 3), [1, 2, 2, 4, 5, 5, 7, 8, 8], 0),
+        ("each", lambda x: None, [], 0),
+    ],
+)
+def test_every_kind_is_counted_exactly(
+    single_items: list[int], kind: str, fn: Callable[[Any], Any], outputs: list[int], filtered: int
+) -> None:
+    pipeline = getattr(cv.Pipeline(range(10)), kind)(slow(fn))
+    result = pipeline.run(collect=True)
+    assert single_items
+    assert sorted(result.outputs) == outputs
+    (stats,) = result.stats
+    assert (stats.items_in, stats.items_out, stats.filtered) == (10, len(outputs), filtered)
+
+
+def test_a_quick_stage_moves_on_to_batches_and_keeps_order(single_items: list[int]) -> None:
+    result = cv.Pipeline(range(5000)).map(lambda x: x + 1).run(collect=True)
+    assert result.outputs == list(range(1, 5001))
+    (stats,) = result.stats
+    assert (stats.items_in, stats.items_out) == (5000, 5000)
+    assert stats.batches < 5000, "a quick stage should have grown its batches"
+
+
+def test_a_failed_call_is_retried_without_calling_the_item_again_first(
+    single_items: list[int],
+) -> None:
+    calls: dict[int, int] = {}
+
+    def flaky(x: int) -> int:
+        time.sleep(SLOW)
+        calls[x] = calls.get(x, 0) + 1
+        if x % 4 == 0 and calls[x] == 1:
+            raise ValueError(x)
+        return x
+
+    result = cv.Pipeline(range(12)).map(flaky, retries=2, backoff=cv.Backoff(0.0)).run(collect=True)
+    assert single_items
+    assert result.outputs == list(range(12))
+    assert calls == {x: 2 if x % 4 == 0 else 1 for x in range(12)}
+    (stats,) = result.stats
+    assert (stats.items_in, stats.items_out, stats.retried, stats.failed) == (12, 12, 3, 0)
+
+
+def test_skipped_items_are_counted_and_recorded(single_items: list[int]) -> None:
+    def fails_on_odd(x: int) -> int:
+        time.sleep(SLOW)
+        if x % 2:
+            raise KeyError(x)
+        return x
+
+    result = cv.Pipeline(range(8)).map(fails_on_odd, on_error="skip").run(collect=True)
+    assert single_items
+    assert result.outputs == [0, 2, 4, 6]
+    assert sorted(f.item for f in result.failures) == [1, 3, 5, 7]
+    (stats,) = result.stats
+    assert (stats.items_in, stats.items_out, stats.failed) == (8, 4, 4)
+
+
+def test_an_error_names_the_stage_and_the_item(single_items: list[int]) -> None:
+    def fails_on_three(x: int) -> int:
+        time.sleep(SLOW)
+        if x == 3:
+            raise ZeroDivisionError("boom")
+        return x
+
+    with pytest.raises(ZeroDivisionError) as info:
+        cv.Pipeline(range(8)).map(fails_on_three, name="divide").run()
+    assert single_items
+    notes = getattr(info.value, "__notes__", [])
+    assert any("'divide'" in n and "on item 3" in n for n in notes), notes
+
+
+def test_a_keyboard_interrupt_in_the_stage_names_the_item(single_items: list[int]) -> None:
+    def interrupted(x: int) -> int:
+        time.sleep(SLOW)
+        if x == 2:
+            raise KeyboardInterrupt
+        return x
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        cv.Pipeline(range(5)).map(interrupted, name="halt").run()
+    assert single_items
+    notes = getattr(info.value, "__notes__", [])
+    assert any("'halt'" in n and "on item 2" in n for n in notes), notes
+
+
+def test_stopping_a_run_ends_the_single_item_workers(single_items: list[int]) -> None:
+    pipeline = cv.Pipeline(range(10_000)).map(slow(lambda x: x))
+    seen = []
+    for x in pipeline:
+        seen.append(x)
+        if len(seen) == 5:
+            break  # leaving the loop stops the run and joins its workers
+    assert single_items
+    assert seen == [0, 1, 2, 3, 4]
+
+
+def test_a_byte_budget_still_holds_on_the_single_item_path(single_items: list[int]) -> None:
+    result = (
+        cv.Pipeline(range(40)).map(slow(lambda x: bytes(1000))).run(collect=True, max_bytes=20_000)
+    )
+    assert single_items
+    assert len(result.outputs) == 40
+    (stats,) = result.stats
+    assert (stats.items_in, stats.items_out) == (40, 40)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"timeout": 5.0},  # the call runs in a helper thread
+        {"max_items_per_worker": 3},  # the worker's life is counted in items
+        {"workers": 2, "ordered": True},  # the outputs go through the sequencer
+    ],
+    ids=["timeout", "recycling", "ordered-workers"],
+)
+def test_the_path_is_not_taken_where_the_worker_loop_must_run(
+    single_items: list[int], options: dict[str, Any]
+) -> None:
+    result = cv.Pipeline(range(10)).map(slow(lambda x: x + 1), **options).run(collect=True)
+    assert sorted(result.outputs) == list(range(1, 11))
+    assert single_items == []
+    (stats,) = result.stats
+    assert (stats.items_in, stats.items_out) == (10, 10)
+
+
+def test_process_batch_takes_over_from_a_first_failure_without_calling_the_item_again() -> None:
+    calls: list[int] = []
+
+    def fn(x: int) -> int:
+        calls.append(x)
+        return x * 10
+
+    stage = Stage("map", fn, "s", retries=1)
+    outcome = process_batch(stage, [1, 2], first_error=ValueError("first call"))
+    assert calls == [1, 2]  # item 1 once (its retry), item 2 once
+    assert outcome.outputs == [10, 20]
+    assert (outcome.retried, outcome.processed) == (1, 2)

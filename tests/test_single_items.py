@@ -1,7 +1,7 @@
-"""The thread worker's single-item path (`conveyor.runtime.base._single_items`).
+"""The workers' single-item path (`_single_items` of `conveyor.runtime.base` and `.aio`).
 
-A thread worker of one item at a time puts each output on the next channel
-itself, as soon as the stage returns, and counts after. These tests check
+A thread worker or worker task of one item at a time puts each output on
+the next channel itself, as soon as the stage returns, and counts after. These tests check
 when that path is taken, that the counters come out exact, and that
 failures, retries and stops behave as through the policy. Slow stages are
 slow by their work (a sleep per item), never by the test waiting.
@@ -9,6 +9,7 @@ slow by their work (a sleep per item), never by the test waiting.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,14 +17,24 @@ from typing import Any
 import pytest
 
 import conveyor as cv
-from conveyor.policy import process_batch
-from conveyor.runtime import base
+from conveyor.policy import aprocess_batch, process_batch
+from conveyor.runtime import aio, base
 from conveyor.stage import Stage
 
 SLOW = 0.003  # longer than half a batch's target: batches stay at one item
+RUNTIMES = ["thread", "async"]
 
 
-def slow(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+def slow(fn: Callable[[Any], Any], runtime: str = "thread") -> Callable[[Any], Any]:
+    """``fn`` taking SLOW seconds per item, as a plain or (runtime="async") coroutine function."""
+    if runtime == "async":
+
+        async def acall(x: Any) -> Any:
+            await asyncio.sleep(SLOW)
+            return fn(x)
+
+        return acall
+
     def call(x: Any) -> Any:
         time.sleep(SLOW)
         return fn(x)
@@ -32,34 +43,42 @@ def slow(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 @pytest.fixture
-def single_items(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the single-item loops the workers enter."""
-    entered: list[int] = []
-    real = base._single_items
+def single_items(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records the single-item loops the workers enter: "thread" or "async"."""
+    entered: list[str] = []
+    real, areal = base._single_items, aio._single_items
 
     def spy(*args: Any) -> Any:
-        entered.append(1)
+        entered.append("thread")
         return real(*args)
 
+    async def aspy(*args: Any) -> Any:
+        entered.append("async")
+        return await areal(*args)
+
     monkeypatch.setattr(base, "_single_items", spy)
+    monkeypatch.setattr(aio, "_single_items", aspy)
     return entered
 
 
+@pytest.mark.parametrize("runtime", RUNTIMES)
 def test_a_slow_stage_goes_item_by_item_through_the_worker_itself(
-    single_items: list[int],
+    single_items: list[str], runtime: str
 ) -> None:
     result = (
         cv.Pipeline(range(30))
-        .map(slow(lambda x: x * 2), workers=2, ordered=False)
+        .map(slow(lambda x: x * 2, runtime), workers=2, ordered=False, runtime=runtime)
         .run(collect=True)
     )
     assert sorted(result.outputs) == [2 * x for x in range(30)]
-    assert single_items, "the single-item path was not taken"
+    assert runtime in single_items, "the single-item path was not taken"
     (stats,) = result.stats
     assert (stats.items_in, stats.items_out, stats.batches) == (30, 30, 30)
     assert (stats.failed, stats.filtered, stats.retried) == (0, 0, 0)
+    assert stats.busy_seconds >= 30 * SLOW / 2  # each item's time was counted
 
 
+@pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize(
     ("kind", "fn", "outputs", "filtered"),
     [
@@ -69,121 +88,155 @@ def test_a_slow_stage_goes_item_by_item_through_the_worker_itself(
     ],
 )
 def test_every_kind_is_counted_exactly(
-    single_items: list[int], kind: str, fn: Callable[[Any], Any], outputs: list[int], filtered: int
+    single_items: list[str],
+    runtime: str,
+    kind: str,
+    fn: Callable[[Any], Any],
+    outputs: list[int],
+    filtered: int,
 ) -> None:
-    pipeline = getattr(cv.Pipeline(range(10)), kind)(slow(fn))
+    pipeline = getattr(cv.Pipeline(range(10)), kind)(slow(fn, runtime), runtime=runtime)
     result = pipeline.run(collect=True)
-    assert single_items
+    assert runtime in single_items
     assert sorted(result.outputs) == outputs
     (stats,) = result.stats
     assert (stats.items_in, stats.items_out, stats.filtered) == (10, len(outputs), filtered)
 
 
-def test_a_quick_stage_moves_on_to_batches_and_keeps_order(single_items: list[int]) -> None:
+def test_a_quick_stage_moves_on_to_batches_and_keeps_order(single_items: list[str]) -> None:
     result = cv.Pipeline(range(5000)).map(lambda x: x + 1).run(collect=True)
     assert result.outputs == list(range(1, 5001))
+    assert "thread" in single_items  # the first batches are of one item
     (stats,) = result.stats
     assert (stats.items_in, stats.items_out) == (5000, 5000)
     assert stats.batches < 5000, "a quick stage should have grown its batches"
 
 
+@pytest.mark.parametrize("runtime", RUNTIMES)
 def test_a_failed_call_is_retried_without_calling_the_item_again_first(
-    single_items: list[int],
+    single_items: list[str], runtime: str
 ) -> None:
     calls: dict[int, int] = {}
 
     def flaky(x: int) -> int:
-        time.sleep(SLOW)
         calls[x] = calls.get(x, 0) + 1
         if x % 4 == 0 and calls[x] == 1:
             raise ValueError(x)
         return x
 
-    result = cv.Pipeline(range(12)).map(flaky, retries=2, backoff=cv.Backoff(0.0)).run(collect=True)
-    assert single_items
+    result = (
+        cv.Pipeline(range(12))
+        .map(slow(flaky, runtime), retries=2, backoff=cv.Backoff(0.0), runtime=runtime)
+        .run(collect=True)
+    )
+    assert runtime in single_items
     assert result.outputs == list(range(12))
     assert calls == {x: 2 if x % 4 == 0 else 1 for x in range(12)}
     (stats,) = result.stats
     assert (stats.items_in, stats.items_out, stats.retried, stats.failed) == (12, 12, 3, 0)
 
 
-def test_skipped_items_are_counted_and_recorded(single_items: list[int]) -> None:
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_skipped_items_are_counted_and_recorded(single_items: list[str], runtime: str) -> None:
     def fails_on_odd(x: int) -> int:
-        time.sleep(SLOW)
         if x % 2:
             raise KeyError(x)
         return x
 
-    result = cv.Pipeline(range(8)).map(fails_on_odd, on_error="skip").run(collect=True)
-    assert single_items
+    result = (
+        cv.Pipeline(range(8))
+        .map(slow(fails_on_odd, runtime), on_error="skip", runtime=runtime)
+        .run(collect=True)
+    )
+    assert runtime in single_items
     assert result.outputs == [0, 2, 4, 6]
     assert sorted(f.item for f in result.failures) == [1, 3, 5, 7]
     (stats,) = result.stats
     assert (stats.items_in, stats.items_out, stats.failed) == (8, 4, 4)
 
 
-def test_an_error_names_the_stage_and_the_item(single_items: list[int]) -> None:
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_an_error_names_the_stage_and_the_item(single_items: list[str], runtime: str) -> None:
     def fails_on_three(x: int) -> int:
-        time.sleep(SLOW)
         if x == 3:
             raise ZeroDivisionError("boom")
         return x
 
+    pipeline = cv.Pipeline(range(8)).map(
+        slow(fails_on_three, runtime), name="divide", runtime=runtime
+    )
     with pytest.raises(ZeroDivisionError) as info:
-        cv.Pipeline(range(8)).map(fails_on_three, name="divide").run()
-    assert single_items
+        pipeline.run()
+    assert runtime in single_items
     notes = getattr(info.value, "__notes__", [])
     assert any("'divide'" in n and "on item 3" in n for n in notes), notes
 
 
-def test_a_keyboard_interrupt_in_the_stage_names_the_item(single_items: list[int]) -> None:
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_keyboard_interrupt_in_the_stage_names_the_item(
+    single_items: list[str], runtime: str
+) -> None:
     def interrupted(x: int) -> int:
-        time.sleep(SLOW)
         if x == 2:
             raise KeyboardInterrupt
         return x
 
+    pipeline = cv.Pipeline(range(5)).map(slow(interrupted, runtime), name="halt", runtime=runtime)
     with pytest.raises(KeyboardInterrupt) as info:
-        cv.Pipeline(range(5)).map(interrupted, name="halt").run()
-    assert single_items
+        pipeline.run()
+    assert runtime in single_items
     notes = getattr(info.value, "__notes__", [])
     assert any("'halt'" in n and "on item 2" in n for n in notes), notes
 
 
-def test_stopping_a_run_ends_the_single_item_workers(single_items: list[int]) -> None:
-    pipeline = cv.Pipeline(range(10_000)).map(slow(lambda x: x))
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_leaving_the_loop_stops_the_single_item_workers(
+    single_items: list[str], runtime: str
+) -> None:
+    pipeline = cv.Pipeline(range(10_000)).map(slow(lambda x: x, runtime), runtime=runtime)
     seen = []
     for x in pipeline:
         seen.append(x)
         if len(seen) == 5:
             break  # leaving the loop stops the run and joins its workers
-    assert single_items
+    assert runtime in single_items
     assert seen == [0, 1, 2, 3, 4]
 
 
-def test_a_byte_budget_still_holds_on_the_single_item_path(single_items: list[int]) -> None:
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_byte_budget_still_holds_on_the_single_item_path(
+    single_items: list[str], runtime: str
+) -> None:
     result = (
-        cv.Pipeline(range(40)).map(slow(lambda x: bytes(1000))).run(collect=True, max_bytes=20_000)
+        cv.Pipeline(range(40))
+        .map(slow(lambda x: bytes(1000), runtime), runtime=runtime)
+        .run(collect=True, max_bytes=20_000)
     )
-    assert single_items
+    assert runtime in single_items
     assert len(result.outputs) == 40
     (stats,) = result.stats
     assert (stats.items_in, stats.items_out) == (40, 40)
 
 
 @pytest.mark.parametrize(
-    "options",
+    ("runtime", "options"),
     [
-        {"timeout": 5.0},  # the call runs in a helper thread
-        {"max_items_per_worker": 3},  # the worker's life is counted in items
-        {"workers": 2, "ordered": True},  # the outputs go through the sequencer
+        ("thread", {"timeout": 5.0}),  # the call runs in a helper thread
+        ("thread", {"max_items_per_worker": 3}),  # the worker's life is counted in items
+        ("thread", {"workers": 2, "ordered": True}),  # the outputs go through the sequencer
+        ("async", {"timeout": 5.0}),  # the call goes through asyncio.wait_for
+        ("async", {"workers": 2, "ordered": True}),
     ],
-    ids=["timeout", "recycling", "ordered-workers"],
+    ids=["thread-timeout", "thread-recycling", "thread-ordered", "async-timeout", "async-ordered"],
 )
 def test_the_path_is_not_taken_where_the_worker_loop_must_run(
-    single_items: list[int], options: dict[str, Any]
+    single_items: list[str], runtime: str, options: dict[str, Any]
 ) -> None:
-    result = cv.Pipeline(range(10)).map(slow(lambda x: x + 1), **options).run(collect=True)
+    result = (
+        cv.Pipeline(range(10))
+        .map(slow(lambda x: x + 1, runtime), runtime=runtime, **options)
+        .run(collect=True)
+    )
     assert sorted(result.outputs) == list(range(1, 11))
     assert single_items == []
     (stats,) = result.stats
@@ -202,3 +255,25 @@ def test_process_batch_takes_over_from_a_first_failure_without_calling_the_item_
     assert calls == [1, 2]  # item 1 once (its retry), item 2 once
     assert outcome.outputs == [10, 20]
     assert (outcome.retried, outcome.processed) == (1, 2)
+
+
+def test_aprocess_batch_takes_over_from_a_first_failure_without_calling_the_item_again() -> None:
+    calls: list[int] = []
+
+    async def fn(x: int) -> int:
+        calls.append(x)
+        return x * 10
+
+    stage = Stage("map", fn, "s", retries=1)
+    outcome = asyncio.run(aprocess_batch(stage, [1, 2], first_error=ValueError("first call")))
+    assert calls == [1, 2]
+    assert outcome.outputs == [10, 20]
+    assert (outcome.retried, outcome.processed) == (1, 2)
+
+
+def test_a_first_failure_out_of_retries_applies_on_error() -> None:
+    stage = Stage("map", lambda x: x, "s", on_error="skip")
+    outcome = process_batch(stage, [7, 8], first_error=ValueError("first call"))
+    assert outcome.outputs == [8]
+    assert [f.item for f in outcome.failures] == [7]
+    assert outcome.processed == 2

@@ -169,6 +169,15 @@ class WorkerCounters:
         if items:
             self.latency[latency_bucket(seconds / items)] += items
 
+    def add_item(self, outputs: int, filtered: bool, busy: float) -> None:
+        """Count a batch of one input, handled without a failure in ``busy`` seconds."""
+        self.items_in += 1
+        self.items_out += outputs
+        self.filtered += filtered
+        self.batches += 1
+        self.busy += busy
+        self.latency[latency_bucket(busy)] += 1
+
     def finish(self) -> None:
         """Record the thread's CPU time; called by the worker as it ends."""
         self.cpu_seconds = time.thread_time()

@@ -361,13 +361,17 @@ def process_batch(
     return outcome
 
 
-async def aprocess_batch(stage: Stage, batch: list[Any], track: bool = False) -> BatchOutcome:
+async def aprocess_batch(
+    stage: Stage, batch: list[Any], track: bool = False, first_error: Exception | None = None
+) -> BatchOutcome:
     """`process_batch` for a coroutine stage: the same policies, awaited.
 
     Items run one after the other (a stage's concurrency is its number of
     worker coroutines); retries wait with `asyncio.sleep` and ``timeout``
     cancels the call (see `aapply_one`). A stop cancels the worker, so a
     `asyncio.CancelledError` from the call or the wait goes through.
+    ``first_error``: as in `process_batch`, what the caller's own first call
+    of ``batch[0]`` raised.
 
     Returns:
         The outcome, as `process_batch` returns it.
@@ -377,19 +381,20 @@ async def aprocess_batch(stage: Stage, batch: list[Any], track: bool = False) ->
     outcome = BatchOutcome([], counts=[] if track else None)
     for i, item in enumerate(batch):
         attempts = 1
+        error, first_error = first_error, None
         while True:
-            error: Exception | None = None
-            try:
-                outputs, was_filtered = await aapply_one(stage, item)
-            except Exception as exc:
-                error = exc
-            except BaseException as exc:  # as in _apply_run; a cancellation is the run's stop
-                if not isinstance(exc, asyncio.CancelledError):
-                    add_stage_note(exc, stage, item)
-                raise
-            else:
-                outcome.add(outputs, was_filtered)
-                break
+            if error is None:
+                try:
+                    outputs, was_filtered = await aapply_one(stage, item)
+                except Exception as exc:
+                    error = exc
+                except BaseException as exc:  # as in _apply_run; a cancellation is the run's stop
+                    if not isinstance(exc, asyncio.CancelledError):
+                        add_stage_note(exc, stage, item)
+                    raise
+                else:
+                    outcome.add(outputs, was_filtered)
+                    break
             delay = retry_delay(stage, attempts)
             if delay is None:
                 if give_up(stage, outcome, item, error, attempts, i):
@@ -398,5 +403,6 @@ async def aprocess_batch(stage: Stage, batch: list[Any], track: bool = False) ->
             await asyncio.sleep(delay)
             outcome.retried += 1
             attempts += 1
+            error = None
     outcome.processed = len(batch)
     return outcome

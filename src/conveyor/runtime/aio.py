@@ -37,12 +37,17 @@ import sys
 import threading
 from collections.abc import Callable
 from time import monotonic, perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError, ShutDown
-from ..policy import add_note, add_stage_note, aprocess_batch
+from ..policy import add_note, add_stage_note, aprocess_batch, outputs_of
 from ..stage import set_worker_state
 from .base import TARGET_BATCH_SECONDS, RunControl, Runtime, StageRun, _adapt, count_batch
+from .ports import Port
+
+if TYPE_CHECKING:
+    from ..channel import Channel, Producer
+    from ..metrics import WorkerCounters
 
 __all__ = ["RUNTIME", "AsyncRuntime", "new_event_loop"]
 
@@ -214,9 +219,16 @@ async def _worker_loop(sr: StageRun, worker: int) -> None:
     counters = sr.metrics.new_worker()
     size, limit, track = 1, sr.max_batch, sr.tracks
     target = sr.target(TARGET_BATCH_SECONDS)
+    # With a timeout, a call goes through asyncio.wait_for (`aapply_one`).
+    ends = port.direct() if stage.timeout is None else None
     t0 = perf_counter()
     try:
         while True:
+            if ends is not None and size == 1:
+                single = await _single_items(sr, port, ends, counters, t0, target)
+                if single is None:
+                    break  # the input ended, or the run failed
+                size, t0 = single
             try:
                 batch = await port.atake(size)
             except ShutDown:
@@ -246,6 +258,66 @@ async def _worker_loop(sr: StageRun, worker: int) -> None:
     finally:
         counters.finish()
         port.close()
+
+
+async def _single_items(
+    sr: StageRun,
+    port: Port,
+    ends: tuple[Channel[Any], Producer[Any]],
+    counters: WorkerCounters,
+    t0: float,
+    target: float,
+) -> tuple[int, float] | None:
+    """`conveyor.runtime.base._single_items`, for a coroutine stage.
+
+    Here what matters is the whole way from the stage's return to the
+    worker's next wait: a consumer on the same loop runs only then. The
+    direct take, call and put leave out the policy's and the port's
+    coroutines and their outcome on the way.
+    """
+    stage, control = sr.stage, sr.control
+    fn, kind = stage.fn, stage.kind
+    assert fn is not None
+    channel, handle = ends
+    limit = sr.max_batch
+    while True:
+        try:
+            batch = await channel.aget_many(1)
+        except ShutDown:
+            return None
+        t1 = perf_counter()
+        counters.wait_in += t1 - t0
+        item = batch[0]
+        counters.current_item, counters.current_since = item, t1
+        try:
+            outputs, filtered = outputs_of(kind, item, await fn(item))
+        except Exception as exc:
+            outcome = await aprocess_batch(stage, batch, False, exc)
+            t2 = perf_counter()
+            counters.current_item = counters.current_since = None
+            outcome.busy_seconds = t2 - t1
+            count_batch(counters, outcome, 1, t2 - t1)
+            error = await port.adeliver(outcome)
+            if error is not None:
+                control.fail(error)
+                return None
+        except BaseException as exc:  # as in aprocess_batch; a cancellation is the run's stop
+            if not isinstance(exc, asyncio.CancelledError):
+                add_stage_note(exc, stage, item)
+            raise
+        else:
+            t2 = perf_counter()
+            counters.current_item = counters.current_since = None
+            try:
+                if outputs:
+                    await handle.aput_many(outputs)
+            finally:  # counted even when the put meets a stopped run, as _worker_loop counts
+                counters.add_item(len(outputs), filtered, t2 - t1)
+        t0 = perf_counter()
+        counters.wait_out += t0 - t2
+        size = _adapt(1, 1, t2 - t1, limit, target)
+        if size > 1:
+            return size, t0
 
 
 # ---------------------------------------------------------------------- the loop

@@ -287,11 +287,7 @@ def _single_items(
                 if outputs:
                     handle.put_many(outputs)  # first: it wakes the consumer waiting for the item
             finally:  # counted even when the put meets a stopped run, as worker_loop counts
-                counters.items_in += 1
-                counters.items_out += len(outputs)
-                counters.filtered += filtered
-                counters.batches += 1
-                counters.add_busy(t2 - t1, 1)
+                counters.add_item(len(outputs), filtered, t2 - t1)
         t0 = perf_counter()
         counters.wait_out += t0 - t2
         size = _adapt(1, 1, t2 - t1, limit, target)

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from time import monotonic, perf_counter
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigurationError, ShutDown
+from ..errors import ConfigurationError, Empty, Full, ShutDown
 from ..policy import add_note, add_stage_note, aprocess_batch, outputs_of
 from ..stage import set_worker_state
 from .base import TARGET_BATCH_SECONDS, RunControl, Runtime, StageRun, _adapt, count_batch
@@ -282,7 +282,12 @@ async def _single_items(
     limit = sr.max_batch
     while True:
         try:
-            batch = await channel.aget_many(1)
+            # Without a coroutine to build and run while the item is there already:
+            # every step saved before the next wait brings a consumer on this loop sooner.
+            try:
+                batch = channel.get_many(1, False)
+            except Empty:
+                batch = await channel.aget_many(1)
         except ShutDown:
             return None
         t1 = perf_counter()
@@ -310,7 +315,10 @@ async def _single_items(
             counters.current_item = counters.current_since = None
             try:
                 if outputs:
-                    await handle.aput_many(outputs)
+                    try:  # as the take: a coroutine only to wait for room
+                        handle.put_many(outputs, False)
+                    except Full as full:
+                        await handle.aput_many(outputs[full.items_put :])  # type: ignore[attr-defined]
             finally:  # counted even when the put meets a stopped run, as _worker_loop counts
                 counters.add_item(len(outputs), filtered, t2 - t1)
         t0 = perf_counter()

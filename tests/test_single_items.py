@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 
 import conveyor as cv
+from conveyor.metrics import WorkerCounters
 from conveyor.policy import aprocess_batch, process_batch
 from conveyor.runtime import aio, base
+from conveyor.runtime.base import SingleItemBooks
 from conveyor.stage import Stage
 
 SLOW = 0.003  # longer than half a batch's target: batches stay at one item
@@ -277,3 +279,33 @@ def test_a_first_failure_out_of_retries_applies_on_error() -> None:
     assert outcome.outputs == [8]
     assert [f.item for f in outcome.failures] == [7]
     assert outcome.processed == 2
+
+
+def test_the_books_add_items_in_bulk_and_exactly() -> None:
+    counters = WorkerCounters()
+    start = time.perf_counter()
+    books = SingleItemBooks(counters, start, limit=512, target=0.002)
+    books.due = float("inf")  # nothing is due before the flush below
+    for outputs, filtered in [(1, False), (0, True), (3, False)]:
+        books.took([object()])
+        assert counters.current_item is not None
+        books.returned()
+        assert counters.current_item is None
+        books.handed_on(outputs, filtered)
+    assert (counters.items_in, counters.batches) == (0, 0)  # not added yet
+    books.flush()
+    assert (counters.items_in, counters.items_out, counters.filtered) == (3, 4, 1)
+    assert counters.batches == 3
+    assert sum(counters.latency) == 3
+    books.flush()  # nothing twice
+    assert counters.items_in == 3
+
+
+def test_the_books_add_what_is_due_as_items_come() -> None:
+    counters = WorkerCounters()
+    books = SingleItemBooks(counters, time.perf_counter(), limit=512, target=0.002)
+    books.due = 0.0  # due at once: each item is added as it is handed on
+    books.took([1])
+    books.returned()
+    books.handed_on(1, False)
+    assert (counters.items_in, counters.items_out) == (1, 1)

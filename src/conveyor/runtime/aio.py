@@ -42,7 +42,15 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigurationError, Empty, Full, ShutDown
 from ..policy import add_note, add_stage_note, aprocess_batch, outputs_of
 from ..stage import set_worker_state
-from .base import TARGET_BATCH_SECONDS, RunControl, Runtime, StageRun, _adapt, count_batch
+from .base import (
+    TARGET_BATCH_SECONDS,
+    RunControl,
+    Runtime,
+    SingleItemBooks,
+    StageRun,
+    _adapt,
+    count_batch,
+)
 from .ports import Port
 
 if TYPE_CHECKING:
@@ -279,53 +287,46 @@ async def _single_items(
     fn, kind = stage.fn, stage.kind
     assert fn is not None
     channel, handle = ends
-    limit = sr.max_batch
-    while True:
-        try:
-            # Without a coroutine to build and run while the item is there already:
-            # every step saved before the next wait brings a consumer on this loop sooner.
+    books = SingleItemBooks(counters, t0, sr.max_batch, target)
+    try:
+        while True:
             try:
-                batch = channel.get_many(1, False)
-            except Empty:
-                batch = await channel.aget_many(1)
-        except ShutDown:
-            return None
-        t1 = perf_counter()
-        counters.wait_in += t1 - t0
-        item = batch[0]
-        counters.current_item, counters.current_since = item, t1
-        try:
-            outputs, filtered = outputs_of(kind, item, await fn(item))
-        except Exception as exc:
-            outcome = await aprocess_batch(stage, batch, False, exc)
-            t2 = perf_counter()
-            counters.current_item = counters.current_since = None
-            outcome.busy_seconds = t2 - t1
-            count_batch(counters, outcome, 1, t2 - t1)
-            error = await port.adeliver(outcome)
-            if error is not None:
-                control.fail(error)
+                # Without a coroutine to build and run while the item is there already:
+                # every step saved before the next wait brings a consumer on this loop sooner.
+                try:
+                    batch = channel.get_many(1, False)
+                except Empty:
+                    batch = await channel.aget_many(1)
+            except ShutDown:
                 return None
-        except BaseException as exc:  # as in aprocess_batch; a cancellation is the run's stop
-            if not isinstance(exc, asyncio.CancelledError):
-                add_stage_note(exc, stage, item)
-            raise
-        else:
-            t2 = perf_counter()
-            counters.current_item = counters.current_since = None
+            item = books.took(batch)
             try:
-                if outputs:
-                    try:  # as the take: a coroutine only to wait for room
-                        handle.put_many(outputs, False)
-                    except Full as full:
-                        await handle.aput_many(outputs[full.items_put :])  # type: ignore[attr-defined]
-            finally:  # counted even when the put meets a stopped run, as _worker_loop counts
-                counters.add_item(len(outputs), filtered, t2 - t1)
-        t0 = perf_counter()
-        counters.wait_out += t0 - t2
-        size = _adapt(1, 1, t2 - t1, limit, target)
-        if size > 1:
-            return size, t0
+                outputs, filtered = outputs_of(kind, item, await fn(item))
+            except Exception as exc:
+                outcome = await aprocess_batch(stage, batch, False, exc)
+                error = await port.adeliver(books.failed(outcome))
+                if error is not None:
+                    control.fail(error)
+                    return None
+                books.waited()
+            except BaseException as exc:  # as in aprocess_batch; a cancellation is the run's stop
+                if not isinstance(exc, asyncio.CancelledError):
+                    add_stage_note(exc, stage, item)
+                raise
+            else:
+                books.returned()
+                try:
+                    if outputs:
+                        try:  # as the take: a coroutine only to wait for room
+                            handle.put_many(outputs, False)
+                        except Full as full:
+                            await handle.aput_many(outputs[full.items_put :])  # type: ignore[attr-defined]
+                finally:  # counted even when the put meets a stopped run, as _worker_loop counts
+                    books.handed_on(len(outputs), filtered)
+            if books.quick():
+                return 2, books.t0
+    finally:
+        books.flush()
 
 
 # ---------------------------------------------------------------------- the loop

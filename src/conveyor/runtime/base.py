@@ -28,7 +28,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError, Empty, ShutDown
-from ..metrics import StageMetrics, WorkerCounters
+from ..metrics import TALLY_SECONDS, StageMetrics, WorkerCounters
 from ..policy import BatchOutcome, add_stage_note, outputs_of, process_batch
 from ..stage import Failure, Stage
 from .ports import Port, StageIO
@@ -44,6 +44,7 @@ __all__ = [
     "RunControl",
     "Runtime",
     "Runtimes",
+    "SingleItemBooks",
     "StageRun",
     "batch_loop",
     "count_batch",
@@ -256,43 +257,107 @@ def _single_items(
     fn, kind = stage.fn, stage.kind
     assert fn is not None
     channel, handle = ends
-    limit = sr.max_batch
-    while True:
-        try:
-            batch = channel.get_many(1)
-        except ShutDown:
-            return None
-        t1 = perf_counter()
-        counters.wait_in += t1 - t0
-        item = batch[0]
-        counters.current_item, counters.current_since = item, t1
-        try:
-            outputs, filtered = outputs_of(kind, item, fn(item))
-        except Exception as exc:
-            outcome = process_batch(stage, batch, None, control.sleep, False, exc)
-            t2 = perf_counter()
-            counters.current_item = counters.current_since = None
-            count_batch(counters, outcome, 1, t2 - t1)
-            error = port.deliver(outcome)
-            if error is not None:
-                control.fail(error)
-                return None
-        except BaseException as exc:  # Ctrl-C, SystemExit: no policy applies, but name the item
-            add_stage_note(exc, stage, item)
-            raise
-        else:
-            t2 = perf_counter()
-            counters.current_item = counters.current_since = None
+    books = SingleItemBooks(counters, t0, sr.max_batch, target)
+    try:
+        while True:
             try:
-                if outputs:
-                    handle.put_many(outputs)  # first: it wakes the consumer waiting for the item
-            finally:  # counted even when the put meets a stopped run, as worker_loop counts
-                counters.add_item(len(outputs), filtered, t2 - t1)
-        t0 = perf_counter()
-        counters.wait_out += t0 - t2
-        size = _adapt(1, 1, t2 - t1, limit, target)
-        if size > 1:
-            return size, t0
+                batch = channel.get_many(1)
+            except ShutDown:
+                return None
+            item = books.took(batch)
+            try:
+                outputs, filtered = outputs_of(kind, item, fn(item))
+            except Exception as exc:
+                outcome = process_batch(stage, batch, None, control.sleep, False, exc)
+                error = port.deliver(books.failed(outcome))
+                if error is not None:
+                    control.fail(error)
+                    return None
+                books.waited()
+            except BaseException as exc:  # Ctrl-C, SystemExit: no policy applies, but name the item
+                add_stage_note(exc, stage, item)
+                raise
+            else:
+                books.returned()
+                try:
+                    if outputs:
+                        handle.put_many(outputs)  # first: it wakes a consumer waiting for it
+                finally:  # counted even when the put meets a stopped run, as worker_loop counts
+                    books.handed_on(len(outputs), filtered)
+            if books.quick():
+                return 2, books.t0
+    finally:
+        books.flush()
+
+
+class SingleItemBooks:
+    """The counting of a worker of single items (`_single_items`, and its async twin).
+
+    Per item it keeps the worker's waits and what it holds (for stall
+    reports) in its `WorkerCounters` as `worker_loop` does, but adds the
+    items, their outputs and their latencies in bulk, every `TALLY_SECONDS`
+    and when the worker leaves the single-item loop: less to do between
+    the put that wakes a consumer and the next call of the stage. A reader
+    may see the counts that much behind; they are exact once it has ended.
+    """
+
+    __slots__ = ("busy", "counters", "dropped", "due", "outputs", "quick_below", "t0", "t1", "t2")
+
+    def __init__(self, counters: WorkerCounters, t0: float, limit: int, target: float) -> None:
+        self.counters = counters
+        self.t0 = self.t1 = self.t2 = t0  # the last wait's start, take, and stage's return
+        # As `_adapt` decides for a batch of one: quicker items make batches worth it.
+        self.quick_below = target / 2 if limit > 1 else 0.0
+        self.busy: list[float] = []  # seconds per item not yet added
+        self.outputs = self.dropped = 0
+        self.due = t0 + TALLY_SECONDS
+
+    def took(self, batch: list[Any]) -> Any:
+        """The worker took ``batch`` (of one item) and calls the stage now; return the item."""
+        item = batch[0]
+        t1 = self.t1 = perf_counter()
+        counters = self.counters
+        counters.wait_in += t1 - self.t0
+        counters.current_item, counters.current_since = item, t1
+        return item
+
+    def returned(self) -> None:
+        """The stage returned: the worker no longer holds the item."""
+        self.t2 = perf_counter()
+        self.counters.current_item = self.counters.current_since = None
+
+    def handed_on(self, outputs: int, filtered: bool) -> None:
+        """Count the item just handed on: ``outputs`` outputs, or ``filtered`` out."""
+        self.busy.append(self.t2 - self.t1)
+        self.outputs += outputs
+        self.dropped += filtered
+        self.waited()
+
+    def failed(self, outcome: BatchOutcome) -> BatchOutcome:
+        """Count an item the policy handled (its call raised); return ``outcome`` to deliver.
+
+        Call `waited` once it is delivered."""
+        self.returned()
+        count_batch(self.counters, outcome, 1, self.t2 - self.t1)
+        return outcome
+
+    def waited(self) -> None:
+        """The item is handed on: the worker's next wait starts now."""
+        t0 = self.t0 = perf_counter()
+        self.counters.wait_out += t0 - self.t2
+        if t0 >= self.due:
+            self.flush()
+            self.due = t0 + TALLY_SECONDS
+
+    def quick(self) -> bool:
+        """Whether the last item was quick enough to go on in batches."""
+        return self.t2 - self.t1 < self.quick_below
+
+    def flush(self) -> None:
+        """Add what was counted to the worker's counters."""
+        if self.busy:
+            self.counters.add_items(self.busy, self.outputs, self.dropped)
+            self.busy, self.outputs, self.dropped = [], 0, 0
 
 
 def count_batch(counters: WorkerCounters, outcome: BatchOutcome, taken: int, busy: float) -> None:

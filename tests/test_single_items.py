@@ -10,6 +10,7 @@ slow by their work (a sleep per item), never by the test waiting.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -309,3 +310,56 @@ def test_the_books_add_what_is_due_as_items_come() -> None:
     books.returned()
     books.handed_on(1, False)
     assert (counters.items_in, counters.items_out) == (1, 1)
+
+
+@pytest.fixture
+def takes_ahead(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records the worker threads' takes of a next item that do not wait (before a put)."""
+    from conveyor import channel as channel_module
+
+    seen: list[str] = []
+    for cls in (channel_module.Channel, channel_module._BudgetChannel):
+        real = cls.get_many
+
+        def spy(
+            self: Any,
+            max_items: int = 64,
+            block: bool = True,
+            *args: Any,
+            real: Any = real,
+            **kw: Any,
+        ) -> Any:
+            if max_items == 1 and not block:
+                seen.append(threading.current_thread().name)
+            return real(self, max_items, block, *args, **kw)
+
+        monkeypatch.setattr(cls, "get_many", spy)
+    return seen
+
+
+def test_a_thread_worker_takes_its_next_item_before_the_put(takes_ahead: list[str]) -> None:
+    result = cv.Pipeline(range(20)).map(slow(lambda x: x), name="paced").run(collect=True)
+    assert result.outputs == list(range(20))  # in order: one worker takes one item at a time
+    assert any(name.startswith("conveyor-paced-") for name in takes_ahead)
+    (stats,) = result.stats
+    assert (stats.items_in, stats.items_out, stats.batches) == (20, 20, 20)
+
+
+def test_under_a_byte_budget_a_worker_holds_one_item_at_a_time(takes_ahead: list[str]) -> None:
+    result = (
+        cv.Pipeline(range(20))
+        .map(slow(lambda x: x), name="paced")
+        .run(collect=True, max_bytes=1 << 20)
+    )
+    assert result.outputs == list(range(20))
+    assert not any(name.startswith("conveyor-paced-") for name in takes_ahead)
+
+
+def test_an_item_taken_ahead_is_not_lost_when_the_output_waits_for_room() -> None:
+    # A one-slot output and a consumer slower than the stage: every put waits for room
+    # while the worker holds the next item.
+    outputs = []
+    for x in cv.Pipeline(range(30)).map(slow(lambda x: x), capacity=1):
+        outputs.append(x)
+        time.sleep(2 * SLOW)  # the consumer's own work, slower than the stage's
+    assert outputs == list(range(30))

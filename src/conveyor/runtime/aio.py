@@ -55,7 +55,6 @@ from .ports import Port
 
 if TYPE_CHECKING:
     from ..channel import Channel, Producer
-    from ..metrics import WorkerCounters
 
 __all__ = ["RUNTIME", "AsyncRuntime", "new_event_loop"]
 
@@ -233,10 +232,10 @@ async def _worker_loop(sr: StageRun, worker: int) -> None:
     try:
         while True:
             if ends is not None and size == 1:
-                single = await _single_items(sr, port, ends, counters, t0, target)
-                if single is None:
+                books = SingleItemBooks(counters, t0, limit, target)
+                if not await _single_items(sr, port, ends, books):
                     break  # the input ended, or the run failed
-                size, t0 = single
+                size, t0 = 2, books.t0  # items quick enough for batches
             try:
                 batch = await port.atake(size)
             except ShutDown:
@@ -269,13 +268,8 @@ async def _worker_loop(sr: StageRun, worker: int) -> None:
 
 
 async def _single_items(
-    sr: StageRun,
-    port: Port,
-    ends: tuple[Channel[Any], Producer[Any]],
-    counters: WorkerCounters,
-    t0: float,
-    target: float,
-) -> tuple[int, float] | None:
+    sr: StageRun, port: Port, ends: tuple[Channel[Any], Producer[Any]], books: SingleItemBooks
+) -> bool:
     """`conveyor.runtime.base._single_items`, for a coroutine stage.
 
     Here what matters is the whole way from the stage's return to the
@@ -287,7 +281,6 @@ async def _single_items(
     fn, kind = stage.fn, stage.kind
     assert fn is not None
     channel, handle = ends
-    books = SingleItemBooks(counters, t0, sr.max_batch, target)
     try:
         while True:
             try:
@@ -298,7 +291,7 @@ async def _single_items(
                 except Empty:
                     batch = await channel.aget_many(1)
             except ShutDown:
-                return None
+                return False
             item = books.took(batch)
             try:
                 outputs, filtered = outputs_of(kind, item, await fn(item))
@@ -307,7 +300,7 @@ async def _single_items(
                 error = await port.adeliver(books.failed(outcome))
                 if error is not None:
                     control.fail(error)
-                    return None
+                    return False
                 books.waited()
             except BaseException as exc:  # as in aprocess_batch; a cancellation is the run's stop
                 if not isinstance(exc, asyncio.CancelledError):
@@ -324,7 +317,7 @@ async def _single_items(
                 finally:  # counted even when the put meets a stopped run, as _worker_loop counts
                     books.handed_on(len(outputs), filtered)
             if books.quick():
-                return 2, books.t0
+                return True
     finally:
         books.flush()
 

@@ -190,10 +190,10 @@ def worker_loop(
     try:
         while True:
             if ends is not None and size == 1:
-                single = _single_items(sr, port, ends, counters, t0, target)
-                if single is None:
+                books = SingleItemBooks(counters, t0, limit, target)
+                if not _single_items(sr, port, ends, books):
                     break  # the input ended, or the run failed
-                size, t0 = single
+                size, t0 = 2, books.t0  # items quick enough for batches
             try:
                 batch = port.take(size)
             except ShutDown:
@@ -229,13 +229,8 @@ def worker_loop(
 
 
 def _single_items(
-    sr: StageRun,
-    port: Port,
-    ends: tuple[Channel[Any], Producer[Any]],
-    counters: WorkerCounters,
-    t0: float,
-    target: float,
-) -> tuple[int, float] | None:
+    sr: StageRun, port: Port, ends: tuple[Channel[Any], Producer[Any]], books: SingleItemBooks
+) -> bool:
     """`worker_loop` for batches of one item, taken and handed on by the worker itself.
 
     The common case of a slow stage (each item takes longer than half a
@@ -254,15 +249,13 @@ def _single_items(
     the policy (`process_batch`, which takes over from that first failure)
     and the port, as in `worker_loop`.
 
-    Returns (the next batch size, the time the next wait began) when items
-    turn out quick enough for batches; None when the input ended or the run
-    failed.
+    Returns True when items turn out quick enough for batches (``books.t0``:
+    when the next wait began); False when the input ended or the run failed.
     """
     stage, control = sr.stage, sr.control
     fn, kind = stage.fn, stage.kind
     assert fn is not None
     channel, handle = ends
-    books = SingleItemBooks(counters, t0, sr.max_batch, target)
     # Under a byte budget a worker holds one item at a time, as in worker_loop.
     may_take_ahead = channel.max_bytes is None and handle.channel.max_bytes is None
     ahead: list[Any] | None = None  # the next item, taken before the put
@@ -274,7 +267,7 @@ def _single_items(
                 try:
                     batch = channel.get_many(1)
                 except ShutDown:
-                    return None
+                    return False
             item = books.took(batch)
             try:
                 outputs, filtered = outputs_of(kind, item, fn(item))
@@ -283,7 +276,7 @@ def _single_items(
                 error = port.deliver(books.failed(outcome))
                 if error is not None:
                     control.fail(error)
-                    return None
+                    return False
                 books.waited()
             except BaseException as exc:  # Ctrl-C, SystemExit: no policy applies, but name the item
                 add_stage_note(exc, stage, item)
@@ -301,7 +294,7 @@ def _single_items(
                 finally:  # counted even when the put meets a stopped run, as worker_loop counts
                     books.handed_on(len(outputs), filtered)
             if books.quick():
-                return 2, books.t0
+                return True
     finally:
         books.flush()
 

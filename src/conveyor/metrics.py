@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LATENCY_BUCKETS",
+    "TALLY_SECONDS",
     "Bottleneck",
     "MetricsExporter",
     "MetricsSource",
@@ -115,6 +116,9 @@ def latency_quantile(histogram: Sequence[int], q: float) -> float:
 
 # ---------------------------------------------------------------------- per-worker counters
 
+TALLY_SECONDS = 0.05
+"""How often a worker of single items adds what it counted to its `WorkerCounters`."""
+
 
 class WorkerCounters:
     """Counters of one worker, written by that worker only.
@@ -168,6 +172,24 @@ class WorkerCounters:
         self.busy += seconds
         if items:
             self.latency[latency_bucket(seconds / items)] += items
+
+    def add_items(self, busy: list[float], outputs: int, filtered: int) -> None:
+        """Count batches of one input each, handled without a failure: ``busy`` holds the
+        seconds each took; they gave ``outputs`` outputs and ``filtered`` were dropped.
+
+        A worker of single items counts them in bulk, every `TALLY_SECONDS` or so
+        (see `conveyor.runtime.base._single_items`): a reader may see its counts
+        that much behind, and exact once it has ended.
+        """
+        n = len(busy)
+        self.items_in += n
+        self.items_out += outputs
+        self.filtered += filtered
+        self.batches += n
+        self.busy += sum(busy)
+        latency = self.latency
+        for seconds in busy:
+            latency[latency_bucket(seconds)] += 1
 
     def finish(self) -> None:
         """Record the thread's CPU time; called by the worker as it ends."""

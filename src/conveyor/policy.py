@@ -40,6 +40,7 @@ __all__ = [
     "drop_unsendable",
     "give_up",
     "item_repr",
+    "outputs_of",
     "process_batch",
     "retry_delay",
     "timeout_error",
@@ -151,7 +152,7 @@ def apply_one(stage: Stage, item: Any) -> tuple[list[Any], bool]:
     """Apply the stage to one item; return (outputs, filtered)."""
     fn = stage.fn
     assert fn is not None
-    return _outputs_of(stage.kind, item, fn(item))
+    return outputs_of(stage.kind, item, fn(item))
 
 
 async def aapply_one(stage: Stage, item: Any) -> tuple[list[Any], bool]:
@@ -164,7 +165,7 @@ async def aapply_one(stage: Stage, item: Any) -> tuple[list[Any], bool]:
     fn = stage.fn
     assert fn is not None
     if stage.timeout is None:
-        return _outputs_of(stage.kind, item, await fn(item))
+        return outputs_of(stage.kind, item, await fn(item))
     import asyncio  # loaded by then: a coroutine is running
 
     try:
@@ -175,11 +176,12 @@ async def aapply_one(stage: Stage, item: Any) -> tuple[list[Any], bool]:
         if not isinstance(exc.__cause__, asyncio.CancelledError):
             raise
         raise timeout_error(stage) from None
-    return _outputs_of(stage.kind, item, result)
+    return outputs_of(stage.kind, item, result)
 
 
-def _outputs_of(kind: str, item: Any, result: Any) -> tuple[list[Any], bool]:
-    """What a call that returned ``result`` on ``item`` sends on: (outputs, filtered)."""
+def outputs_of(kind: str, item: Any, result: Any) -> tuple[list[Any], bool]:
+    """What a call of a ``kind`` stage that returned ``result`` on ``item`` sends on:
+    (outputs, filtered)."""
     if kind == "map":
         return [result], False
     if kind == "filter":
@@ -348,6 +350,7 @@ def process_batch(
     call: Callable[[Stage, Any], tuple[list[Any], bool]] | None = None,
     sleep: Callable[[float], bool] | None = None,
     track: bool = False,
+    first_error: Exception | None = None,
 ) -> BatchOutcome:
     """Run ``batch`` through ``stage`` with its retry and error policies.
 
@@ -361,6 +364,9 @@ def process_batch(
             meanwhile: then the batch ends there, without an error or a
             failure (the item did not fail, the stop cut its retries short).
         track: record which input produced which outputs (`BatchOutcome.counts`).
+        first_error: what the first call of ``batch[0]`` raised, when the caller
+            made that call itself (a worker's single-item path): the policy
+            takes over from there, without calling that item again.
 
     Returns:
         The outcome. With ``on_error="raise"``, the first item that exhausts
@@ -375,8 +381,8 @@ def process_batch(
     slow = call is not None and stage.timeout is not None
     one = call or apply_one
     while i < n:
-        error: Exception | None = None
-        if not slow:
+        error, first_error = first_error, None
+        if error is None and not slow:
             i, filtered, error = _apply_run(stage, batch, i, out, counts)
             outcome.filtered += filtered
             if i == n:
@@ -412,13 +418,17 @@ def process_batch(
     return outcome
 
 
-async def aprocess_batch(stage: Stage, batch: list[Any], track: bool = False) -> BatchOutcome:
+async def aprocess_batch(
+    stage: Stage, batch: list[Any], track: bool = False, first_error: Exception | None = None
+) -> BatchOutcome:
     """`process_batch` for a coroutine stage: the same policies, awaited.
 
     Items run one after the other (a stage's concurrency is its number of
     worker coroutines); retries wait with `asyncio.sleep` and ``timeout``
     cancels the call (see `aapply_one`). A stop cancels the worker, so a
     `asyncio.CancelledError` from the call or the wait goes through.
+    ``first_error``: as in `process_batch`, what the caller's own first call
+    of ``batch[0]`` raised.
 
     Returns:
         The outcome, as `process_batch` returns it.
@@ -428,19 +438,20 @@ async def aprocess_batch(stage: Stage, batch: list[Any], track: bool = False) ->
     outcome = BatchOutcome([], counts=[] if track else None)
     for i, item in enumerate(batch):
         attempts = 1
+        error, first_error = first_error, None
         while True:
-            error: Exception | None = None
-            try:
-                outputs, was_filtered = await aapply_one(stage, item)
-            except Exception as exc:
-                error = exc
-            except BaseException as exc:  # as in _apply_run; a cancellation is the run's stop
-                if not isinstance(exc, asyncio.CancelledError):
-                    add_stage_note(exc, stage, item)
-                raise
-            else:
-                outcome.add(outputs, was_filtered)
-                break
+            if error is None:
+                try:
+                    outputs, was_filtered = await aapply_one(stage, item)
+                except Exception as exc:
+                    error = exc
+                except BaseException as exc:  # as in _apply_run; a cancellation is the run's stop
+                    if not isinstance(exc, asyncio.CancelledError):
+                        add_stage_note(exc, stage, item)
+                    raise
+                else:
+                    outcome.add(outputs, was_filtered)
+                    break
             delay = retry_delay(stage, attempts)
             if delay is None:
                 if give_up(stage, outcome, item, error, attempts, i):
@@ -449,5 +460,6 @@ async def aprocess_batch(stage: Stage, batch: list[Any], track: bool = False) ->
             await asyncio.sleep(delay)
             outcome.retried += 1
             attempts += 1
+            error = None
     outcome.processed = len(batch)
     return outcome

@@ -37,12 +37,24 @@ import sys
 import threading
 from collections.abc import Callable
 from time import monotonic, perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigurationError, ShutDown
-from ..policy import add_note, add_stage_note, aprocess_batch
+from ..errors import ConfigurationError, Empty, Full, ShutDown
+from ..policy import add_note, add_stage_note, aprocess_batch, outputs_of
 from ..stage import set_worker_state
-from .base import TARGET_BATCH_SECONDS, RunControl, Runtime, StageRun, _adapt, count_batch
+from .base import (
+    TARGET_BATCH_SECONDS,
+    RunControl,
+    Runtime,
+    SingleItemBooks,
+    StageRun,
+    _adapt,
+    count_batch,
+)
+from .ports import Port
+
+if TYPE_CHECKING:
+    from ..channel import Channel, Producer
 
 __all__ = ["RUNTIME", "AsyncRuntime", "new_event_loop"]
 
@@ -214,9 +226,16 @@ async def _worker_loop(sr: StageRun, worker: int) -> None:
     counters = sr.metrics.new_worker()
     size, limit, track = 1, sr.max_batch, sr.tracks
     target = sr.target(TARGET_BATCH_SECONDS)
+    # With a timeout, a call goes through asyncio.wait_for (`aapply_one`).
+    ends = port.direct() if stage.timeout is None else None
     t0 = perf_counter()
     try:
         while True:
+            if ends is not None and size == 1:
+                books = SingleItemBooks(counters, t0, limit, target)
+                if not await _single_items(sr, port, ends, books):
+                    break  # the input ended, or the run failed
+                size, t0 = 2, books.t0  # items quick enough for batches
             try:
                 batch = await port.atake(size)
             except ShutDown:
@@ -246,6 +265,61 @@ async def _worker_loop(sr: StageRun, worker: int) -> None:
     finally:
         counters.finish()
         port.close()
+
+
+async def _single_items(
+    sr: StageRun, port: Port, ends: tuple[Channel[Any], Producer[Any]], books: SingleItemBooks
+) -> bool:
+    """`conveyor.runtime.base._single_items`, for a coroutine stage.
+
+    Here what matters is the whole way from the stage's return to the
+    worker's next wait: a consumer on the same loop runs only then. The
+    direct take, call and put leave out the policy's and the port's
+    coroutines and their outcome on the way.
+    """
+    stage, control = sr.stage, sr.control
+    fn, kind = stage.fn, stage.kind
+    assert fn is not None
+    channel, handle = ends
+    try:
+        while True:
+            try:
+                # Without a coroutine to build and run while the item is there already:
+                # every step saved before the next wait brings a consumer on this loop sooner.
+                try:
+                    batch = channel.get_many(1, False)
+                except Empty:
+                    batch = await channel.aget_many(1)
+            except ShutDown:
+                return False
+            item = books.took(batch)
+            try:
+                outputs, filtered = outputs_of(kind, item, await fn(item))
+            except Exception as exc:
+                outcome = await aprocess_batch(stage, batch, False, exc)
+                error = await port.adeliver(books.failed(outcome))
+                if error is not None:
+                    control.fail(error)
+                    return False
+                books.waited()
+            except BaseException as exc:  # as in aprocess_batch; a cancellation is the run's stop
+                if not isinstance(exc, asyncio.CancelledError):
+                    add_stage_note(exc, stage, item)
+                raise
+            else:
+                books.returned()
+                try:
+                    if outputs:
+                        try:  # as the take: a coroutine only to wait for room
+                            handle.put_many(outputs, False)
+                        except Full as full:
+                            await handle.aput_many(outputs[full.items_put :])  # type: ignore[attr-defined]
+                finally:  # counted even when the put meets a stopped run, as _worker_loop counts
+                    books.handed_on(len(outputs), filtered)
+            if books.quick():
+                return True
+    finally:
+        books.flush()
 
 
 # ---------------------------------------------------------------------- the loop

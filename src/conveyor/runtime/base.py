@@ -28,13 +28,15 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError, Empty, ShutDown
-from ..metrics import StageMetrics, WorkerCounters
-from ..policy import BatchOutcome, add_stage_note
+from ..metrics import TALLY_SECONDS, StageMetrics, WorkerCounters
+from ..policy import BatchOutcome, add_stage_note, outputs_of, process_batch
 from ..stage import Failure, Stage
 from .ports import Port, StageIO
 
 if TYPE_CHECKING:
     import asyncio
+
+    from ..channel import Channel, Producer
 
 __all__ = [
     "MAX_BATCH",
@@ -42,6 +44,7 @@ __all__ = [
     "RunControl",
     "Runtime",
     "Runtimes",
+    "SingleItemBooks",
     "StageRun",
     "batch_loop",
     "count_batch",
@@ -165,22 +168,32 @@ def worker_loop(
     worker: int,
     execute: Callable[[list[Any]], BatchOutcome],
     target: float = TARGET_BATCH_SECONDS,
+    direct: bool = False,
 ) -> None:
     """Take batches from the worker's port, execute them, deliver outcomes; until input ends.
 
     Errors raised by ``execute`` itself (not by the stage function, which
     the policy handles) fail the run. ``target`` is the time a batch
     should take: a runtime whose ``execute`` has a fixed cost per batch (a
-    round trip to a worker process) asks for longer batches.
+    round trip to a worker process) asks for longer batches. ``direct``: the
+    worker may call the stage function itself, as ``execute`` would (a thread
+    worker without a per-item timeout nor recycling): while batches are of
+    one item and the port allows it, `_single_items` runs them.
     """
     stage, control = sr.stage, sr.control
     port = sr.ports[worker]
     counters: WorkerCounters = sr.metrics.new_worker()
     size, limit = 1, sr.max_batch
     target = sr.target(target)
+    ends = port.direct() if direct else None
     t0 = perf_counter()
     try:
         while True:
+            if ends is not None and size == 1:
+                books = SingleItemBooks(counters, t0, limit, target)
+                if not _single_items(sr, port, ends, books):
+                    break  # the input ended, or the run failed
+                size, t0 = 2, books.t0  # items quick enough for batches
             try:
                 batch = port.take(size)
             except ShutDown:
@@ -213,6 +226,147 @@ def worker_loop(
     finally:
         counters.finish()
         port.close()
+
+
+def _single_items(
+    sr: StageRun, port: Port, ends: tuple[Channel[Any], Producer[Any]], books: SingleItemBooks
+) -> bool:
+    """`worker_loop` for batches of one item, taken and handed on by the worker itself.
+
+    The common case of a slow stage (each item takes longer than half a
+    batch's target): no per-item timeout, no recycling, a port straight
+    between two channels. The put that wakes a consumer waiting for the
+    item is made as soon as the function returns, and what the worker has
+    to do between that put and the next call, while the woken consumer
+    waits for the GIL, is cut to the least: the counting is done in bulk
+    (`SingleItemBooks`), and the next item is taken *before* the put, when
+    there is one already (without a byte budget, under which a worker holds
+    one item at a time; so while a put waits for room, a worker may hold
+    the next item besides). The policy's outcome and the port's layers
+    are left out. A consumer of a stage of one item per ms got each item
+    about 1.45x later than from a bare `queue.Queue` producer, and about as
+    soon now (docs/benchmarks.md). An item whose call raises goes through
+    the policy (`process_batch`, which takes over from that first failure)
+    and the port, as in `worker_loop`.
+
+    Returns True when items turn out quick enough for batches (``books.t0``:
+    when the next wait began); False when the input ended or the run failed.
+    """
+    stage, control = sr.stage, sr.control
+    fn, kind = stage.fn, stage.kind
+    assert fn is not None
+    channel, handle = ends
+    # Under a byte budget a worker holds one item at a time, as in worker_loop.
+    may_take_ahead = channel.max_bytes is None and handle.channel.max_bytes is None
+    ahead: list[Any] | None = None  # the next item, taken before the put
+    try:
+        while True:
+            if ahead is not None:
+                batch, ahead = ahead, None
+            else:
+                try:
+                    batch = channel.get_many(1)
+                except ShutDown:
+                    return False
+            item = books.took(batch)
+            try:
+                outputs, filtered = outputs_of(kind, item, fn(item))
+            except Exception as exc:
+                outcome = process_batch(stage, batch, None, control.sleep, False, exc)
+                error = port.deliver(books.failed(outcome))
+                if error is not None:
+                    control.fail(error)
+                    return False
+                books.waited()
+            except BaseException as exc:  # Ctrl-C, SystemExit: no policy applies, but name the item
+                add_stage_note(exc, stage, item)
+                raise
+            else:
+                books.returned()
+                if may_take_ahead and not books.quick():
+                    try:
+                        ahead = channel.get_many(1, False)
+                    except (Empty, ShutDown):  # the blocking take below waits, or ends
+                        pass
+                try:
+                    if outputs:
+                        handle.put_many(outputs)  # first: it wakes a consumer waiting for it
+                finally:  # counted even when the put meets a stopped run, as worker_loop counts
+                    books.handed_on(len(outputs), filtered)
+            if books.quick():
+                return True
+    finally:
+        books.flush()
+
+
+class SingleItemBooks:
+    """The counting of a worker of single items (`_single_items`, and its async twin).
+
+    Per item it keeps the worker's waits and what it holds (for stall
+    reports) in its `WorkerCounters` as `worker_loop` does, but adds the
+    items, their outputs and their latencies in bulk, every `TALLY_SECONDS`
+    and when the worker leaves the single-item loop: less to do between
+    the put that wakes a consumer and the next call of the stage. A reader
+    may see the counts that much behind; they are exact once it has ended.
+    """
+
+    __slots__ = ("busy", "counters", "dropped", "due", "outputs", "quick_below", "t0", "t1", "t2")
+
+    def __init__(self, counters: WorkerCounters, t0: float, limit: int, target: float) -> None:
+        self.counters = counters
+        self.t0 = self.t1 = self.t2 = t0  # the last wait's start, take, and stage's return
+        # As `_adapt` decides for a batch of one: quicker items make batches worth it.
+        self.quick_below = target / 2 if limit > 1 else 0.0
+        self.busy: list[float] = []  # seconds per item not yet added
+        self.outputs = self.dropped = 0
+        self.due = t0 + TALLY_SECONDS
+
+    def took(self, batch: list[Any]) -> Any:
+        """The worker took ``batch`` (of one item) and calls the stage now; return the item."""
+        item = batch[0]
+        t1 = self.t1 = perf_counter()
+        counters = self.counters
+        counters.wait_in += t1 - self.t0
+        counters.current_item, counters.current_since = item, t1
+        return item
+
+    def returned(self) -> None:
+        """The stage returned: the worker no longer holds the item."""
+        self.t2 = perf_counter()
+        self.counters.current_item = self.counters.current_since = None
+
+    def handed_on(self, outputs: int, filtered: bool) -> None:
+        """Count the item just handed on: ``outputs`` outputs, or ``filtered`` out."""
+        self.busy.append(self.t2 - self.t1)
+        self.outputs += outputs
+        self.dropped += filtered
+        self.waited()
+
+    def failed(self, outcome: BatchOutcome) -> BatchOutcome:
+        """Count an item the policy handled (its call raised); return ``outcome`` to deliver.
+
+        Call `waited` once it is delivered."""
+        self.returned()
+        count_batch(self.counters, outcome, 1, self.t2 - self.t1)
+        return outcome
+
+    def waited(self) -> None:
+        """The item is handed on: the worker's next wait starts now."""
+        t0 = self.t0 = perf_counter()
+        self.counters.wait_out += t0 - self.t2
+        if t0 >= self.due:
+            self.flush()
+            self.due = t0 + TALLY_SECONDS
+
+    def quick(self) -> bool:
+        """Whether the last item was quick enough to go on in batches."""
+        return self.t2 - self.t1 < self.quick_below
+
+    def flush(self) -> None:
+        """Add what was counted to the worker's counters."""
+        if self.busy:
+            self.counters.add_items(self.busy, self.outputs, self.dropped)
+            self.busy, self.outputs, self.dropped = [], 0, 0
 
 
 def count_batch(counters: WorkerCounters, outcome: BatchOutcome, taken: int, busy: float) -> None:

@@ -86,6 +86,17 @@ class Port(ABC):
     def close(self) -> None:
         """This worker is done: it will take and deliver nothing more."""
 
+    def direct(self) -> tuple[Channel[Any], Producer[Any]] | None:
+        """The input channel and output handle a worker of single items may use itself.
+
+        A worker whose items go straight from one channel to the next takes
+        and puts on them without the port's layers: what a consumer waiting
+        on the output sees is the put, so the shorter the way from the
+        stage's return to it, the sooner that consumer runs. None (the
+        default): everything goes through `take` and `deliver`.
+        """
+        return None
+
 
 class StageIO(ABC):
     """Where one stage's workers take items and hand results, for one run or worker."""
@@ -196,6 +207,10 @@ class ChannelPort(Port):
 
     def close(self) -> None:
         self.handle.close()
+
+    def direct(self) -> tuple[Channel[Any], Producer[Any]] | None:
+        # An ordered stage's workers go through the sequencer, which numbers their batches.
+        return None if self.sequencer is not None else (self.input, self.handle)
 
 
 class Sequencer:

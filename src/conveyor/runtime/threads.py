@@ -207,7 +207,10 @@ def _run_worker(sr: StageRun, worker: int) -> None:
         sr.ports[worker].close()
         return
     try:
-        worker_loop(sr, worker, hooks.execute)
+        # Without a timeout or recycling, execute() is the policy alone: the
+        # worker may run single items itself.
+        direct = sr.stage.timeout is None and hooks.quota is None
+        worker_loop(sr, worker, hooks.execute, direct=direct)
     finally:
         hooks.stop()
 

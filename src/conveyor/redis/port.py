@@ -761,8 +761,9 @@ class RedisPort(Port):
         made = list(self._made)
         packs: list[tuple[tuple[str, bytes], _Pack]] = []
         try:
-            args = self._pack_records(ctx, taken, outcome, packs)
-            args += self._single_records(ctx, taken, outcome)
+            results = outcome.per_input()
+            args = self._pack_records(ctx, taken, outcome, results, packs)
+            args += self._single_records(ctx, taken, outcome, results)
         except Exception:
             self._made[:] = made
             raise
@@ -776,11 +777,12 @@ class RedisPort(Port):
         ctx: RunContext,
         taken: list[tuple[Entry, Any]],
         outcome: BatchOutcome,
+        results: list[list[Any]],
         packs: list[tuple[tuple[str, bytes], _Pack]],
     ) -> list[Any]:
-        """The records of the packed entries among ``taken`` (added to ``packs``)."""
+        """The records of the packed entries among ``taken`` (added to ``packs``);
+        ``results`` are the outcome's outputs per input."""
         args: list[Any] = []
-        results = outcome.per_input()
         error = None if outcome.error is None else _error_fields(outcome.error)
         index = 0
         while index < len(taken):
@@ -799,12 +801,16 @@ class RedisPort(Port):
         return args
 
     def _single_records(
-        self, ctx: RunContext, taken: list[tuple[Entry, Any]], outcome: BatchOutcome
+        self,
+        ctx: RunContext,
+        taken: list[tuple[Entry, Any]],
+        outcome: BatchOutcome,
+        results: list[list[Any]],
     ) -> list[Any]:
         """The records of the entries of one item among ``taken``."""
         args: list[Any] = []
         # A skipped item has no outputs: acknowledged with none (a tombstone, ordered).
-        for index, outputs in enumerate(outcome.per_input()):
+        for index, outputs in enumerate(results):
             entry_id, fields, deliveries = taken[index][0]
             if is_packed(fields):
                 continue

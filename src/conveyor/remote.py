@@ -125,16 +125,25 @@ def restore(cls: type[BaseException], args: Any, attrs: dict[str, Any] | None) -
     that does not. A builtin's ``__init__`` is called: it only derives its attributes
     from ``args`` (``SystemExit.code``, ``OSError.errno``, ``StopIteration.value``)."""
     exc = cls.__new__(cls, *args)  # BaseExceptionGroup.__new__ checks its two arguments
-    init = cls.__init__
-    try:
-        if isinstance(init, FunctionType):
-            raise TypeError  # written in Python: not called
-        init(exc, *args)  # sets args too (OSError's without its file names)
-    except (TypeError, ValueError):  # not called, or args a builtin would not take
+    if not _builtin_init(exc, args):
         exc.args = tuple(args)
     if attrs:
         exc.__dict__.update(attrs)
     return exc
+
+
+def _builtin_init(exc: BaseException, args: Any) -> bool:
+    """Call ``exc``'s ``__init__`` with ``args`` if a builtin's (it sets ``args`` too,
+    an OSError's without its file names); False if written in Python, or if it
+    would not take them."""
+    init = type(exc).__init__
+    if isinstance(init, FunctionType):
+        return False
+    try:
+        init(exc, *args)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def rebuild(record: ExceptionRecord) -> BaseException:

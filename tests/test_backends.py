@@ -119,3 +119,27 @@ def test_cancelling_arun_with_a_backend_stops_its_run(redis_server: RedisServer)
         release.set()
     leftover = [t.name for t in threading.enumerate() if t.name.startswith("conveyor-")]
     assert leftover == []
+
+
+@pytest.mark.parametrize("method", ["run", "start"])
+def test_a_backend_called_directly_refuses_an_unknown_option_at_once(
+    redis_server: RedisServer, method: str
+) -> None:
+    """A typo in a run option is refused before any run starts, not by the thread
+    that would have run it (``start`` returns at once)."""
+    pipeline = cv.Pipeline(range(5)).map(triple)
+    backend = _backend(redis_server)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'colect'; it takes collect"):
+        getattr(backend, method)(pipeline, colect=True)
+    with pytest.raises(TypeError, match="colect"):
+        getattr(cv.LocalBackend(), method)(pipeline, colect=True)
+
+
+def test_a_backend_called_directly_takes_the_run_options(redis_server: RedisServer) -> None:
+    pipeline = cv.Pipeline(range(20)).map(triple)
+    expected = [3 * x for x in range(20)]
+    for backend in (cv.LocalBackend(), _backend(redis_server)):
+        assert backend.run(pipeline, collect=True).outputs == expected
+        with backend.start(pipeline, collect=True) as handle:
+            assert handle.join().outputs == expected
+        assert asyncio.run(backend.arun(pipeline, collect=True)).outputs == expected

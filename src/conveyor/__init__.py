@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time, `__getattr
     from .backends import Backend as Backend
     from .backends import BackgroundRun as BackgroundRun
     from .backends import LocalBackend as LocalBackend
+    from .backends import RunOptions as RunOptions
     from .channel import Channel as Channel
     from .channel import ChannelStats as ChannelStats
     from .channel import Producer as Producer
@@ -63,6 +64,7 @@ _LAZY = {
     "PrometheusExporter": "conveyor.prometheus",
     "RedisBackend": "conveyor.redis",
     "RunHandle": "conveyor.pipeline",
+    "RunOptions": "conveyor.backends",
     "RunResult": "conveyor.metrics",
     "StageStats": "conveyor.metrics",
     "Timeline": "conveyor.metrics",
@@ -102,6 +104,7 @@ __all__ = [
     "PrometheusExporter",
     "RedisBackend",
     "RunHandle",
+    "RunOptions",
     "RunResult",
     "RunStateLost",
     "SerializationError",

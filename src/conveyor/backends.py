@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from os import PathLike
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from .errors import ConfigurationError, ConfigurationTypeError
 from .validate import check_bool, check_seconds
@@ -32,10 +32,37 @@ from .validate import check_bool, check_seconds
 if TYPE_CHECKING:
     from .metrics import RunResult, StageStats
 
-__all__ = ["Backend", "BackgroundRun", "LocalBackend", "budget_option", "check_backend"]
+__all__ = [
+    "Backend",
+    "BackgroundRun",
+    "LocalBackend",
+    "RunOptions",
+    "budget_option",
+    "check_backend",
+    "check_run_options",
+    "run_options",
+]
 
 JOIN_SECONDS = 30.0
 """How long leaving a background run waits for its thread."""
+
+
+class RunOptions(TypedDict, total=False):
+    """The options of a run that `Backend.run`, `~Backend.start` and `~Backend.arun`
+    take besides the pipeline, each optional, as `Pipeline.run` has them.
+
+    Keys:
+        collect: keep the last stage's outputs in ``result.outputs``.
+        progress: show the run's progress.
+        report: write an HTML report of the run there at the end.
+        max_bytes: the run's byte budget; given only to a backend that
+            sets `Backend.bounds_bytes`.
+    """
+
+    collect: bool
+    progress: bool
+    report: str | PathLike[str] | None
+    max_bytes: int
 
 
 class Backend(ABC):
@@ -57,13 +84,7 @@ class Backend(ABC):
 
     @abstractmethod
     def run(
-        self,
-        pipeline: Any,
-        *,
-        collect: bool = False,
-        progress: bool = False,
-        report: str | PathLike[str] | None = None,
-        stop: threading.Event | None = None,
+        self, pipeline: Any, *, stop: threading.Event | None = None, **options: Unpack[RunOptions]
     ) -> RunResult:
         """Run ``pipeline`` to completion and return its result.
 
@@ -82,37 +103,18 @@ class Backend(ABC):
     def iterate(self, pipeline: Any, *, progress: bool = False) -> Iterator[Any]:
         """Run ``pipeline`` and yield its outputs as they come; leaving early stops it."""
 
-    def start(
-        self,
-        pipeline: Any,
-        *,
-        collect: bool = False,
-        progress: bool = False,
-        report: str | PathLike[str] | None = None,
-        max_bytes: int | None = None,
-    ) -> BackgroundRun:
+    def start(self, pipeline: Any, **options: Unpack[RunOptions]) -> BackgroundRun:
         """Start a run of ``pipeline`` in a thread and return its handle (``max_bytes``
         only where `bounds_bytes`)."""
-        options = budget_option(max_bytes)
-        return BackgroundRun(
-            self, pipeline, collect=collect, progress=progress, report=report, **options
-        )
+        check_run_options(options, f"{type(self).__name__}.start()")
+        return BackgroundRun(self, pipeline, options)
 
-    async def arun(
-        self,
-        pipeline: Any,
-        *,
-        collect: bool = False,
-        progress: bool = False,
-        report: str | PathLike[str] | None = None,
-        max_bytes: int | None = None,
-    ) -> RunResult:
+    async def arun(self, pipeline: Any, **options: Unpack[RunOptions]) -> RunResult:
         """`run` from async code: the run goes on in a thread, the loop keeps serving;
         cancelling the awaiting task stops the run and waits for its end."""
         import asyncio
 
-        options = budget_option(max_bytes)
-        handle = self.start(pipeline, collect=collect, progress=progress, report=report, **options)
+        handle = self.start(pipeline, **options)
         try:
             return await asyncio.to_thread(handle.join)
         except asyncio.CancelledError:
@@ -124,19 +126,8 @@ class Backend(ABC):
 class BackgroundRun:
     """A run of a backend going on in a thread: stop it, wait for its result."""
 
-    def __init__(
-        self,
-        backend: Backend,
-        pipeline: Any,
-        *,
-        collect: bool,
-        progress: bool,
-        report: str | PathLike[str] | None,
-        max_bytes: int | None = None,
-    ) -> None:
+    def __init__(self, backend: Backend, pipeline: Any, options: RunOptions) -> None:
         self._stop = threading.Event()
-        options = {"collect": collect, "progress": progress, "report": report}
-        options.update(budget_option(max_bytes))
         self._result: RunResult | None = None
         self._error: BaseException | None = None
         self._ended = threading.Event()
@@ -148,7 +139,7 @@ class BackgroundRun:
         )
         self._thread.start()
 
-    def _drive(self, backend: Backend, pipeline: Any, options: dict[str, Any]) -> None:
+    def _drive(self, backend: Backend, pipeline: Any, options: RunOptions) -> None:
         try:
             self._result = backend.run(pipeline, stop=self._stop, **options)
         except BaseException as exc:
@@ -220,20 +211,12 @@ class LocalBackend(Backend):
     bounds_bytes = True
 
     def run(
-        self,
-        pipeline: Any,
-        *,
-        collect: bool = False,
-        progress: bool = False,
-        report: str | PathLike[str] | None = None,
-        stop: threading.Event | None = None,
-        max_bytes: int | None = None,
+        self, pipeline: Any, *, stop: threading.Event | None = None, **options: Unpack[RunOptions]
     ) -> RunResult:
-        options = {"collect": collect, "progress": progress, "report": report}
         if stop is None:
-            result: RunResult = pipeline.run(max_bytes=max_bytes, **options)
+            result: RunResult = pipeline.run(**options)
             return result
-        handle = pipeline.start(max_bytes=max_bytes, **options)
+        handle = pipeline.start(**options)
         watcher = threading.Thread(
             target=_stop_when, args=(stop, handle), name="conveyor-stop-watch", daemon=True
         )
@@ -255,31 +238,11 @@ class LocalBackend(Backend):
             )
         return iter(pipeline) if max_bytes is None else pipeline.iterate(max_bytes=max_bytes)
 
-    def start(
-        self,
-        pipeline: Any,
-        *,
-        collect: bool = False,
-        progress: bool = False,
-        report: str | PathLike[str] | None = None,
-        max_bytes: int | None = None,
-    ) -> Any:
-        return pipeline.start(
-            collect=collect, progress=progress, report=report, max_bytes=max_bytes
-        )
+    def start(self, pipeline: Any, **options: Unpack[RunOptions]) -> Any:
+        return pipeline.start(**options)
 
-    async def arun(
-        self,
-        pipeline: Any,
-        *,
-        collect: bool = False,
-        progress: bool = False,
-        report: str | PathLike[str] | None = None,
-        max_bytes: int | None = None,
-    ) -> RunResult:
-        result: RunResult = await pipeline.arun(
-            collect=collect, progress=progress, report=report, max_bytes=max_bytes
-        )
+    async def arun(self, pipeline: Any, **options: Unpack[RunOptions]) -> RunResult:
+        result: RunResult = await pipeline.arun(**options)
         return result
 
 
@@ -293,6 +256,27 @@ def budget_option(max_bytes: int | None) -> dict[str, Any]:
     `Backend.iterate`: none without one, so that a backend that does not bound bytes
     (whose methods do not take it) is called as before."""
     return {} if max_bytes is None else {"max_bytes": max_bytes}
+
+
+def run_options(
+    collect: bool, progress: bool, report: str | PathLike[str] | None, max_bytes: int | None
+) -> RunOptions:
+    """A run's options for a backend (``max_bytes`` only with a budget: see `budget_option`)."""
+    options = RunOptions(collect=collect, progress=progress, report=report)
+    if max_bytes is not None:
+        options["max_bytes"] = max_bytes
+    return options
+
+
+def check_run_options(options: Mapping[str, object], method: str) -> None:
+    """Refuse at once a keyword a backend's run does not take (a typo would
+    otherwise be noticed only by the thread that runs it)."""
+    unknown = sorted(set(options) - RunOptions.__optional_keys__)
+    if unknown:
+        accepted = ", ".join(sorted(RunOptions.__optional_keys__))
+        raise TypeError(
+            f"{method} got an unexpected keyword argument {unknown[0]!r}; it takes {accepted}"
+        )
 
 
 def check_backend(backend: object, method: str) -> Backend | None:

@@ -25,7 +25,14 @@ from os import PathLike
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, Unpack, overload
 
-from .backends import Backend, BackgroundRun, LocalBackend, budget_option, check_backend
+from .backends import (
+    Backend,
+    BackgroundRun,
+    LocalBackend,
+    budget_option,
+    check_backend,
+    run_options,
+)
 from .channel import check_max_bytes
 from .engine import JOIN_TIMEOUT, Run, wait_interruptibly
 from .errors import ConfigurationError, ConfigurationTypeError
@@ -524,9 +531,7 @@ class Pipeline(Generic[T]):
         remote = _remote(backend, "run()", stall_timeout, metrics, max_bytes)
         if remote is not None:
             self._check_runnable("run()", remote)
-            return remote.run(
-                self, collect=collect, progress=progress, report=report, **budget_option(max_bytes)
-            )
+            return remote.run(self, **run_options(collect, progress, report, max_bytes))
         watch = _check_watch("run()", report, stall_timeout)
         outputs: list[Any] | None = [] if collect else None
         monitor: Monitor | None = None
@@ -621,9 +626,7 @@ class Pipeline(Generic[T]):
         remote = _remote(backend, "arun()", stall_timeout, metrics, max_bytes)
         if remote is not None:
             self._check_runnable("arun()", remote)
-            return await remote.arun(
-                self, collect=collect, progress=progress, report=report, **budget_option(max_bytes)
-            )
+            return await remote.arun(self, **run_options(collect, progress, report, max_bytes))
         import asyncio  # loaded by then: a coroutine is running
 
         watch = _check_watch("arun()", report, stall_timeout)
@@ -698,9 +701,7 @@ class Pipeline(Generic[T]):
         remote = _remote(backend, "start()", stall_timeout, metrics, max_bytes)
         if remote is not None:
             self._check_runnable("start()", remote)
-            return remote.start(
-                self, collect=collect, progress=progress, report=report, **budget_option(max_bytes)
-            )
+            return remote.start(self, **run_options(collect, progress, report, max_bytes))
         watch = _check_watch("start()", report, stall_timeout)
         run = self._new_run("start()", metrics=metrics, max_bytes=max_bytes)
         monitor = _start_monitor(run, self._source, progress, *watch)

@@ -21,9 +21,9 @@ from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from time import monotonic, perf_counter, sleep
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Unpack
 
-from ..backends import Backend
+from ..backends import Backend, RunOptions, check_run_options
 from ..channel import check_max_bytes
 from ..engine import ABORT_WAIT
 from ..errors import (
@@ -67,7 +67,6 @@ from .streams import (
 )
 
 if TYPE_CHECKING:
-    from os import PathLike
     from pathlib import Path
 
     from ..engine import Run
@@ -321,34 +320,28 @@ class RedisBackend(Backend):
     # ------------------------------------------------------------------ running
 
     def run(
-        self,
-        pipeline: Any,
-        *,
-        collect: bool = False,
-        progress: bool = False,
-        report: str | PathLike[str] | None = None,
-        stop: threading.Event | None = None,
-        max_bytes: int | None = None,
+        self, pipeline: Any, *, stop: threading.Event | None = None, **options: Unpack[RunOptions]
     ) -> RunResult:
         """Run ``pipeline`` to completion through Redis (what ``pipeline.run(backend=...)`` does).
 
+        The `RunOptions`, each optional: ``collect`` keeps the last stage's
+        outputs in ``result.outputs``. ``progress`` shows each stage's
+        progress while the run goes on, read from Redis by a thread of this
+        process: a live table on stderr when it is a terminal; elsewhere, a
+        line every few seconds on the ``conveyor`` logger (INFO), as for a run
+        in one process (``failed`` counts dead letters too). ``report`` writes
+        a self-contained HTML report of the run there at the end (also when it
+        fails), as for a run in one process; its charts come from the same
+        reads of the counters. ``max_bytes`` is a budget in bytes for what the
+        run's streams hold: each of the N stages' input streams and the final
+        stream gets ``max_bytes // (N + 1)`` of the entries' bytes (see
+        docs/distributed.md); the workers read it from the run's settings, and
+        a resumed run keeps the budget it was created with.
+
         Args:
             pipeline: the pipeline; its workers run ``conveyor worker``.
-            collect: keep the last stage's outputs in ``result.outputs``.
-            progress: show each stage's progress while the run goes on, read
-                from Redis by a thread of this process: a live table on
-                stderr when it is a terminal; elsewhere, a line every few
-                seconds on the ``conveyor`` logger (INFO), as for a run in
-                one process. ``failed`` counts dead letters too.
-            report: write a self-contained HTML report of the run there at
-                the end (also when it fails), as for a run in one process;
-                its charts come from the same reads of the counters.
             stop: set from another thread to stop the run (it stays in Redis).
-            max_bytes: a budget in bytes for what the run's streams hold: each
-                of the N stages' input streams and the final stream gets
-                ``max_bytes // (N + 1)`` of the entries' bytes (see
-                docs/distributed.md); the workers read it from the run's
-                settings. A resumed run keeps the budget it was created with.
+            **options: the `RunOptions` above.
 
         Returns:
             A `RedisRunResult`.
@@ -360,15 +353,19 @@ class RedisBackend(Backend):
         """
         from ..report import check_report_path
 
+        check_run_options(options, "RedisBackend.run()")
+        report = options.get("report")
         report_path = None if report is None else check_report_path(report, "run()")
+        max_bytes = options.get("max_bytes")
         check_max_bytes(max_bytes, "RedisBackend.run()")
         run = self._new_run(pipeline, max_bytes)
         run.halt = stop
-        outputs: list[Any] | None = [] if collect else None
+        outputs: list[Any] | None = [] if options.get("collect", False) else None
         watcher: ProgressWatcher | None = None
         result: RedisRunResult | None = None
         error: BaseException | None = None
         try:
+            progress = options.get("progress", False)
             if progress or report_path is not None:
                 watcher = self._watch(pipeline, run, progress)
             for chunk in run.outputs():

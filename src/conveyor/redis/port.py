@@ -156,21 +156,19 @@ class RunContext:
         return max(0.05, min(1.0, self.info.visibility_ms / 2000))
 
 
+@dataclass(eq=False)
 class RunDirectory:
     """The pipeline's live runs, read from Redis at most every `REFRESH_SECONDS`."""
 
-    def __init__(
-        self, client: Any, namespace: str, pipeline: str, secret: bytes | None, retry: Retrier
-    ) -> None:
-        self._client = client
-        self._namespace = namespace
-        self._pipeline = pipeline
-        self._secret = secret
-        self._retry = retry
-        self._lock = threading.Lock()
-        self._runs: dict[str, RunContext] = {}
-        self._refused: set[str] = set()
-        self._fresh_until = 0.0
+    _client: Any
+    _namespace: str
+    _pipeline: str
+    _secret: bytes | None
+    _retry: Retrier
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _runs: dict[str, RunContext] = field(default_factory=dict, init=False)
+    _refused: set[str] = field(default_factory=set, init=False)
+    _fresh_until: float = field(default=0.0, init=False)
 
     def runs(self, force: bool = False) -> list[RunContext]:
         """The live runs (cached for a moment)."""

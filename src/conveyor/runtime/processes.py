@@ -1098,12 +1098,15 @@ class _Worker:
         if child.timed_out:
             job.charged[start] = job.charged.get(start, 0) + max(1, child.attempts)
         else:
-            for index in range(start, end):
-                job.charged[index] = job.charged.get(index, 0) + 1
             if stage.retries == 0 and stage.on_error == "raise":
                 crash = self._crash_error(child, held)
                 job.stop(add_stage_note(crash, stage, held[0]) if len(held) == 1 else crash, start)
                 return False
+            # A crash is charged to an item only when it held no other: which item of
+            # a batch did it is unknown, so each is sent again alone (uncharged), and
+            # `Failure.attempts` counts the same calls however the items were batched.
+            if end - start == 1:
+                job.charged[start] = job.charged.get(start, 0) + 1
         if end - start > 1:  # which one did it? Send them again one by one.
             job.isolate_until = end
             job.outcome.retried += 1

@@ -896,7 +896,7 @@ class _Worker:
             target=_child_main, args=(theirs, self.blob), name=name, daemon=True
         )
         try:
-            with _pseudo_main_file.hidden():
+            with _pseudo_main_file.hidden(), _sigint_held(runtime.context):
                 process.start()
         except RuntimeError as exc:
             if "bootstrapping phase" in str(exc):
@@ -1150,6 +1150,31 @@ def _lanes(stage: Stage) -> int:
 
 def _short_repr(item: Any) -> str:
     return item_repr(item)  # as the stage notes show items
+
+
+@contextlib.contextmanager
+def _sigint_held(context: Any) -> Iterator[None]:
+    """Block SIGINT in this thread while it starts a worker process. The process (and
+    the forkserver, when this start launches it) inherits the mask, so a Ctrl-C in the
+    terminal, which reaches the whole process group, cannot interrupt its start-up
+    before it ignores SIGINT: the forkserver printed a KeyboardInterrupt traceback from
+    its imports. CPython's resource tracker is started the same way. A Ctrl-C meant for
+    this process still arrives: on the main thread, when the start is done."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: spawn only, no process group
+        yield
+        return
+    method = getattr(context, "get_start_method", None)  # None: interpreters
+    if method is not None and method() in ("forkserver", "spawn"):
+        # The tracker these starts need unblocks SIGINT after starting itself: start it
+        # first, so that it finds itself running under the block.
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 class _PseudoMainFile:

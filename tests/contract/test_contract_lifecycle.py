@@ -300,3 +300,14 @@ def test_a_first_run_over_a_closed_empty_channel_is_an_empty_run(runner: Runner)
     empty: cv.Channel[int] = cv.Channel(4)
     empty.close()
     assert runner.run(two_stages(runner, empty), collect=True).outputs == []
+
+
+@pytest.mark.parametrize("timeout", [-1, float("nan"), float("inf")])
+def test_join_refuses_a_bad_timeout_naming_join_and_the_run_goes_on(
+    runner: Runner, timeout: float
+) -> None:
+    handle = runner.start(two_stages(runner, range(20)))
+    # On Redis the handle said "BackgroundRun.wait()", a method the caller did not call.
+    with pytest.raises(cv.ConfigurationError, match=r"\.join\(\) 'timeout' must be"):
+        handle.join(timeout=timeout)
+    assert handle.join(timeout=WAIT).items_out == 20

@@ -433,8 +433,12 @@ class RedisBackend(Backend):
             else:
                 worker.join(run.abort_left(), grace=LOCAL_ABORT_GRACE)
         except BaseException as exc:
-            if exc is not error:  # the run ended with it already
+            if error is None or not isinstance(exc, Exception):
                 raise
+            if exc is not error:
+                # The run ends with its own error (a Ctrl-C...): a local worker's, such as
+                # Redis lost while it handed a batch on, must not take its place.
+                add_note(error, f"conveyor: a local worker failed too: {type(exc).__name__}: {exc}")
         finally:
             if error is not None:
                 for text in worker.left_behind:

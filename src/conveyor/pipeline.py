@@ -187,6 +187,13 @@ class Pipeline(Generic[T]):
         return self._source
 
     def _with(self, stage: Stage) -> Pipeline[Any]:
+        if self._stages and self._stages[-1].kind == "each":
+            sink = self._stages[-1].name
+            raise ConfigurationError(
+                f"{stage.kind}(): the pipeline ends with each() stage {sink!r}, its sink, "
+                f"which passes nothing on: a stage after it would never get an item. Add "
+                f"{stage.kind}() before each(), or make {sink!r} a map() to pass items on"
+            )
         names = {s.name for s in self._stages}
         if stage.name in names:
             raise _duplicate_name(stage.name)

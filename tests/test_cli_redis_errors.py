@@ -8,6 +8,7 @@ redis-server from the fixtures.
 
 from __future__ import annotations
 
+import os
 import select
 import signal
 import subprocess
@@ -62,6 +63,19 @@ def leave(x):
 
 
 quits = cv.Pipeline(range(5)).map(leave)
+
+
+def nap(x):
+    import os
+    import pathlib
+    import time
+
+    pathlib.Path(os.environ["NAPPING"]).touch()
+    time.sleep(0.005)
+    return x
+
+
+naps = cv.Pipeline(range(100_000)).map(nap, workers=2)
 """
 
 
@@ -239,6 +253,47 @@ def test_a_serving_worker_stops_cleanly_on_sigterm(
     wait_for(lambda: len(client.client_list()) > before, "the worker's connection")
     assert_stops_cleanly_on_sigterm(proc)
     client.close()
+
+
+def test_a_worker_stopped_while_redis_is_down_stops_cleanly(
+    project: Path, redis_server_factory: RedisServerFactory, tmp_path: Path
+) -> None:
+    # The repro: SIGINT or SIGTERM while Redis was down ended the worker with exit 1,
+    # "the worker failed: ConnectionError" and redis-py's traceback: its consumers'
+    # hand-off of the batch in hand, cut short by the stop, failed the worker.
+    server = redis_server_factory()
+    napping = tmp_path / "napping"
+    env = {**os.environ, "NAPPING": str(napping)}
+    command = [sys.executable, "-m", "conveyor"]
+    target = ["app:naps", "--redis", server.url, "--connect-timeout", "60"]
+    worker = subprocess.Popen(
+        [*command, "worker", *target], cwd=project, env=env, stderr=subprocess.PIPE, text=True
+    )
+    driver = subprocess.Popen(
+        [*command, "run", *target, "--no-progress"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(napping.exists, "the worker to work")
+        server.stop()
+        assert worker.stderr is not None
+        seen = ""
+        while "Redis unavailable (worker)" not in seen:
+            ready, _, _ = select.select([worker.stderr], [], [], 30.0)
+            assert ready, f"no line within 30 s; so far: {seen}"
+            seen += worker.stderr.readline()
+        worker.send_signal(signal.SIGINT)
+        _, err = worker.communicate(timeout=30)
+    finally:
+        for proc in (worker, driver):
+            proc.kill()
+            proc.wait()
+    assert worker.returncode == 0, seen + err
+    assert "Traceback" not in seen + err
+    assert "Redis worker stopped with Redis unreachable" in err
 
 
 # ---------------------------------------------------------------------- Redis lost mid-run

@@ -318,6 +318,10 @@ def test_user_code_failing_while_loading_exits_1_with_its_traceback(
         (["pipes:pipeline", "-w", "parse=0"], "N must be a whole number >= 1"),
         (["pipes:pipeline", "-w", "parse=many"], "N must be a whole number >= 1"),
         (["pipes:pipeline", "-w", "nope=2"], "no stage named 'nope'; stages: 'read', 'parse'"),
+        (
+            ["pipes:pipeline", "-w", "parse=2000"],
+            "'--workers': stage 'parse': 'workers' must be at most 1024 with runtime='thread'",
+        ),
         (["pipes:pipeline", "--report", "no/such/dir/r.html"], "the directory no/such/dir does"),
         (["pipes:pipeline", "--stall-timeout", "0"], "--stall-timeout"),
         (["pipes:pipeline", "--frobnicate"], "No such option"),

@@ -1495,6 +1495,22 @@ def _check_options(options: dict[str, Any]) -> None:
         raise ConfigurationTypeError(
             f"{where} 'redis_options' must be a dict or None, got {type(redis_options).__name__}"
         )
+    if redis_options:
+        _check_redis_options(url, redis_options, where)
+
+
+def _check_redis_options(url: str, redis_options: dict[str, Any], where: str) -> None:
+    """Refuse an option redis-py does not take now, not at the run's first connection:
+    build (without connecting) the connection the options make."""
+    import redis
+
+    try:
+        pool = redis.ConnectionPool.from_url(url, **redis_options)
+        pool.connection_class(**pool.connection_kwargs)
+    except TypeError as exc:
+        raise ConfigurationTypeError(
+            f"{where} 'redis_options' must hold options of redis.Redis.from_url: {exc}"
+        ) from exc
 
 
 def _wait_for_room(

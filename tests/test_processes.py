@@ -825,6 +825,41 @@ def test_a_block_is_never_reused_while_a_result_still_views_it(
     assert our_segments() == []
 
 
+def counting_blocks_created(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the shared-memory blocks created from now on."""
+    created: list[int] = []
+    create = _wire._Arena.create
+
+    def counting(ident: int, size: int, keep_fd: bool = False) -> Any:
+        created.append(size)
+        return create(ident, size, keep_fd)
+
+    monkeypatch.setattr(_wire._Arena, "create", counting)
+    return created
+
+
+def test_blocks_the_last_results_view_become_spare_once_the_caller_drops_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    arrays = [numpy.full(1 << 17, i, dtype=numpy.float64) for i in range(16)]
+    _spare.SPARES.clear()
+    held = list(cv.Pipeline(arrays).map(echo, runtime="process"))  # views of the blocks
+    # The workers have ended while the caller holds these: their blocks are kept, in use.
+    assert any(a.in_use() for a in _spare.SPARES._blocks)
+    taken = counting_spares_taken(monkeypatch)
+    out = list(cv.Pipeline(arrays[::-1]).map(echo, runtime="process"))
+    assert [int(a[0]) for a in out] == list(range(15, -1, -1))
+    assert [int(a[0]) for a in held] == list(range(16))  # never handed out meanwhile
+    assert all(numpy.all(a == i) for i, a in enumerate(held))
+    del held, out
+    taken.clear()
+    created = counting_blocks_created(monkeypatch)
+    out = list(cv.Pipeline(arrays).map(echo, runtime="process"))
+    assert all(numpy.all(a == i) for i, a in enumerate(out))
+    assert taken and created == []  # every block came back, faulted in already
+    assert _spare.SPARES.held <= processes.SPARE_BYTES
+
+
 def test_spare_blocks_stay_within_their_budget_and_none_are_kept_with_a_budget_of_0(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

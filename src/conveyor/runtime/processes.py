@@ -668,12 +668,19 @@ class _Child:
         go (their arrays keep them mapped).
         """
         reserved = self._reserved
-        free = [a for a in pool if a.ident not in reserved and not a.in_use()]
         # The pool is kept in the order of use, the last used last: that one's pages
         # are the likeliest to be still in the caches.
-        box = next((a for a in reversed(free) if a.size >= need), None)
+        box = next(
+            (
+                a
+                for a in reversed(pool)
+                if a.size >= need and a.ident not in reserved and not a.in_use()
+            ),
+            None,
+        )
         excess = len(pool) + (box is None) - POOL_SIZE
-        if excess > 0:
+        if excess > 0:  # only then is every block looked at
+            free = [a for a in pool if a.ident not in reserved and not a.in_use()]
             busy = [a for a in pool if a not in free and a.ident not in reserved]
             for old in ([a for a in free if a is not box] + busy)[:excess]:
                 self._drop(pool, old)

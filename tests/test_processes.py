@@ -1052,6 +1052,16 @@ def run_script(tmp_path: Path, source: str, *args: str, **env: str) -> subproces
     )
 
 
+def outcome_of(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """The script's stdout and stderr once it has ended (killed after ``timeout`` s)."""
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 SCRIPT_CTRL_C_CREATING = """
 import os, sys, time
 from pathlib import Path
@@ -1104,18 +1114,48 @@ print(list(cv.Pipeline(range(3)).map(abs, runtime="process")))
 """
 
 
-def test_a_script_without_the_main_guard_gets_a_clear_error(tmp_path: Path) -> None:
-    proc = run_script(tmp_path, SCRIPT_NO_GUARD, CONVEYOR_START_METHOD="spawn")
-    try:
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_script_without_the_main_guard_gets_a_clear_error(tmp_path: Path, method: str) -> None:
+    # forkserver: the server, importing the main module once for all workers, leaves out
+    # one that starts a pipeline, silently; the workers still run it, and say why it fails.
+    proc = run_script(tmp_path, SCRIPT_NO_GUARD, CONVEYOR_START_METHOD=method)
+    _, err = outcome_of(proc, 30)
     assert proc.returncode != 0
     assert "ConfigurationError" in err
     assert 'if __name__ == "__main__":' in err
     assert "bootstrapping" not in err  # not multiprocessing's own message
+    assert "MainStartsPipeline" not in err
+
+
+SCRIPT_COUNTS_ITS_IMPORTS = """
+import os, sys
+import conveyor as cv
+
+print(f"imported as {__name__} in {os.getpid()}", file=sys.stderr)
+
+
+def double(x):
+    return 2 * x
+
+
+if __name__ == "__main__":
+    for run in range(2):
+        print(list(cv.Pipeline(range(8)).map(double, runtime="process", workers=2)))
+"""
+
+
+@pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(), reason="POSIX")
+def test_the_forkserver_imports_the_main_module_once_for_all_workers(tmp_path: Path) -> None:
+    # Regression: multiprocessing (up to 3.13) leaves the main module out of the
+    # forkserver's preload, and each of the four workers ran the script again.
+    proc = run_script(tmp_path, SCRIPT_COUNTS_ITS_IMPORTS, CONVEYOR_START_METHOD="forkserver")
+    out, err = outcome_of(proc, 60)
+    assert proc.returncode == 0, err
+    assert out.splitlines() == [str([2 * x for x in range(8)])] * 2
+    imports = [line for line in err.splitlines() if line.startswith("imported as")]
+    assert len(imports) == 2, err  # the script itself, and the forkserver
+    assert imports[0].startswith("imported as __main__ ")
+    assert imports[1].startswith("imported as __mp_main__ ")
 
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])

@@ -57,13 +57,18 @@ feeder and worker threads, at least), which ``fork`` is not. This module
 (and NumPy, when the parent has imported it) is added to the forkserver's
 preload list, so that a worker starts without importing them again; it
 imports ``_child`` and ``_wire``, where the worker's entry point and all it
-needs live, so those are preloaded with it.
+needs live, so those are preloaded with it. So is the main module
+(``_forkserver_main``: multiprocessing up to Python 3.13 leaves it out, and
+every worker then ran the main script again, about 10 ms of its start for
+a script of a few hundred lines).
 
-Both methods run the main module again in every worker process (as
-``__mp_main__``). A script that builds and runs its pipeline at module level
-would then start the pipeline again in each worker: keep that code under
-``if __name__ == "__main__":``. conveyor detects the mistake inside the
-worker and the main process raises `conveyor.ConfigurationError` saying so.
+The main module is imported again as ``__mp_main__``: once in the
+forkserver, or in every worker process with spawn. A script that builds
+and runs its pipeline at module level would then start the pipeline again
+there: keep that code under ``if __name__ == "__main__":``. conveyor detects
+the mistake (the forkserver then leaves the main module to the workers,
+which run it again) and the main process raises
+`conveyor.ConfigurationError` saying so.
 A program read from stdin (``python -``, main module file ``'<stdin>'``) has
 no file to run again: its workers start without it (`_PseudoMainFile`).
 Stage functions, ``on_start`` and ``on_stop`` are sent to each worker with
@@ -115,9 +120,9 @@ the message that announces it. The memory itself is freed when the last
 process unmaps it, that is when the last array built on it is gone (spare
 blocks: when the process exits).
 
-Keep the main module light: spawn and forkserver workers run it again
-before they start (its imports included), and that is part of every run's
-start-up.
+Keep the main module light: spawn workers run it again before they start
+(its imports included), and that is part of every run's start-up; with
+forkserver, the server imports it once, when the first run starts.
 
 Failures
 --------
@@ -184,6 +189,7 @@ from ..policy import (
 )
 from ..remote import rebuild, restore
 from ..stage import Failure, Stage
+from . import _forkserver_main
 from ._child import _child_main, _PackedError, _stage_blob
 from ._spare import SPARES
 from ._wire import (
@@ -292,17 +298,21 @@ def _default_start_method() -> str:
 
 def _preload_in_forkserver() -> None:
     """Add this module, and NumPy when this process uses it, to the forkserver's preload
-    list (effective until the server starts): workers then start without importing them.
-    Importing this module imports the worker's side (`_child`, `_wire`) too."""
+    list, and start the server: workers then start without importing them. Importing this
+    module imports the worker's side (`_child`, `_wire`) too. The main module is imported
+    there as well (`_forkserver_main`), rather than run again by every worker."""
     from multiprocessing import forkserver
 
     # The list lives in a private attribute; keep whatever the user set there.
     server = getattr(forkserver, "_forkserver", None)
     modules = list(getattr(server, "_preload_modules", None) or ["__main__"])
     wanted = ["numpy", __name__] if "numpy" in sys.modules else [__name__]
+    if "__main__" in modules:  # last: what the main module imports is loaded by then
+        wanted.append(_forkserver_main.__name__)
     missing = [name for name in wanted if name not in modules]
     if missing:
         forkserver.set_forkserver_preload([*modules, *missing])
+    _forkserver_main.prepare()
 
 
 # ---------------------------------------------------------------------- exceptions
@@ -1222,6 +1232,8 @@ class ProcessRuntime(Runtime):
         self._registered = False
 
     def start(self, sr: StageRun) -> None:
+        if _forkserver_main.importing():  # the forkserver: it leaves the main module out
+            raise _forkserver_main.MainStartsPipeline
         if getattr(current_process(), "_inheriting", False):
             # This is a worker process importing the main module, which starts a pipeline.
             print(f"conveyor.ConfigurationError: {_main_guard_error()}", file=sys.stderr)

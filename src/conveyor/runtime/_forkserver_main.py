@@ -17,11 +17,15 @@ imported and does not run it again.
 A main module that starts a process pipeline when imported (no
 ``if __name__ == "__main__":`` guard) is left out: the forkserver drops it
 silently, each worker runs it as before and tells the parent, which raises
-the `conveyor.ConfigurationError` that explains the guard.
+the `conveyor.ConfigurationError` that explains the guard. From Python 3.14
+the forkserver imports the main module itself, but lets such an error end
+the server (the parent then sees a reset connection): so the parent takes
+``"__main__"`` off the preload list and this module imports it instead.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -30,8 +34,8 @@ from multiprocessing import forkserver, process, spawn
 __all__ = ["MainStartsPipeline", "importing", "prepare"]
 
 _ENV = "CONVEYOR_FORKSERVER_MAIN"
-# What the environment variable's value begins with, by key of spawn's preparation data.
-_KINDS = {"init_main_from_path": "path:", "init_main_from_name": "name:"}
+# What the environment variable carries (JSON): spawn's preparation data for the main module.
+_KEYS = ("init_main_from_path", "init_main_from_name")
 _lock = threading.Lock()
 _importing = False
 
@@ -64,14 +68,15 @@ def prepare() -> None:
 
 
 def _main_entry() -> str | None:
-    """How spawn's children find the main module, as the environment variable says it."""
+    """How spawn's children find the main module, and the arguments it sees, as the
+    environment variable says it."""
     data = spawn.get_preparation_data("conveyor")
-    for key, prefix in _KINDS.items():
+    for key in _KEYS:
         value = data.get(key)
         if isinstance(value, str):
             if key == "init_main_from_path" and not os.path.isfile(value):
                 return None  # '<stdin>', '-c': no file to import (and nothing to gain)
-            return prefix + value
+            return json.dumps({key: value, "sys_argv": data.get("sys_argv", sys.argv)})
     return None
 
 
@@ -81,8 +86,11 @@ def _import_main() -> None:
     entry = os.environ.pop(_ENV, None)
     if not entry:
         return
-    key = next((k for k, prefix in _KINDS.items() if entry.startswith(prefix)), None)
-    if key is None:
+    try:
+        data = json.loads(entry)
+    except ValueError:
+        return
+    if not isinstance(data, dict) or not any(isinstance(data.get(k), str) for k in _KEYS):
         return
     main = sys.modules.get("__main__")
     current: object = process.current_process()
@@ -91,7 +99,7 @@ def _import_main() -> None:
     current._inheriting = True  # type: ignore[attr-defined]
     _importing = True
     try:
-        spawn.prepare({key: entry[len(_KINDS[key]) :]})
+        spawn.prepare({k: data[k] for k in (*_KEYS, "sys_argv") if k in data})
     except BaseException:  # the script fails when imported: each worker runs it as before
         if main is not None:
             sys.modules["__main__"] = main

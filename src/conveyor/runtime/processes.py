@@ -303,11 +303,13 @@ def _preload_in_forkserver() -> None:
     there as well (`_forkserver_main`), rather than run again by every worker."""
     from multiprocessing import forkserver
 
-    # The list lives in a private attribute; keep whatever the user set there.
+    # The list lives in a private attribute; keep whatever the user set there, but import
+    # the main module through _forkserver_main (last: what it imports is loaded by then).
     server = getattr(forkserver, "_forkserver", None)
     modules = list(getattr(server, "_preload_modules", None) or ["__main__"])
     wanted = ["numpy", __name__] if "numpy" in sys.modules else [__name__]
-    if "__main__" in modules:  # last: what the main module imports is loaded by then
+    if "__main__" in modules:
+        modules.remove("__main__")
         wanted.append(_forkserver_main.__name__)
     missing = [name for name in wanted if name not in modules]
     if missing:

@@ -1132,6 +1132,7 @@ import os, sys
 import conveyor as cv
 
 print(f"imported as {__name__} in {os.getpid()}", file=sys.stderr)
+COUNT = int(sys.argv[1])  # the script's arguments, wherever it is imported
 
 
 def double(x):
@@ -1140,7 +1141,7 @@ def double(x):
 
 if __name__ == "__main__":
     for run in range(2):
-        print(list(cv.Pipeline(range(8)).map(double, runtime="process", workers=2)))
+        print(list(cv.Pipeline(range(COUNT)).map(double, runtime="process", workers=2)))
 """
 
 
@@ -1148,7 +1149,7 @@ if __name__ == "__main__":
 def test_the_forkserver_imports_the_main_module_once_for_all_workers(tmp_path: Path) -> None:
     # Regression: multiprocessing (up to 3.13) leaves the main module out of the
     # forkserver's preload, and each of the four workers ran the script again.
-    proc = run_script(tmp_path, SCRIPT_COUNTS_ITS_IMPORTS, CONVEYOR_START_METHOD="forkserver")
+    proc = run_script(tmp_path, SCRIPT_COUNTS_ITS_IMPORTS, "8", CONVEYOR_START_METHOD="forkserver")
     out, err = outcome_of(proc, 60)
     assert proc.returncode == 0, err
     assert out.splitlines() == [str([2 * x for x in range(8)])] * 2

@@ -32,7 +32,7 @@ order and each goes to the lane that sent its message. A stage's logic lives
 in `conveyor.stage.process_batch`, which the child runs; the lanes run the
 same `worker_loop` as the thread runtime, with an ``execute`` that ships the
 batch to the child and returns its `BatchOutcome`. Everything specific to
-processes lives in four modules:
+processes lives in these modules:
 
 - ``_wire``: what both sides share, how a batch crosses: the messages,
   pickling with big buffers set aside, the shared-memory blocks;
@@ -40,6 +40,8 @@ processes lives in four modules:
   batches, and how the stage is sent to it);
 - ``_allocator``: in the worker, NumPy's allocator placing the arrays the
   stage creates in the answer's shared-memory block;
+- ``_spare``: free blocks kept, faulted in, for the next workers;
+- ``_forkserver_main``: the main module, imported once in the forkserver;
 - this module: start methods, the parent's side (pipes, shared memory in
   flight, what happens when a child dies or overruns), the exceptions that
   come back from workers, and `ProcessRuntime`.
@@ -60,7 +62,8 @@ imports ``_child`` and ``_wire``, where the worker's entry point and all it
 needs live, so those are preloaded with it. So is the main module
 (``_forkserver_main``: multiprocessing up to Python 3.13 leaves it out, and
 every worker then ran the main script again, about 10 ms of its start for
-a script of a few hundred lines).
+a script of a few hundred lines; 3.14 imports it, but a failing import
+ends the server).
 
 The main module is imported again as ``__mp_main__``: once in the
 forkserver, or in every worker process with spawn. A script that builds

@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import ctypes
 import glob
+import json
 import mmap
 import multiprocessing
 import os
@@ -1157,6 +1158,25 @@ def test_the_forkserver_imports_the_main_module_once_for_all_workers(tmp_path: P
     assert len(imports) == 2, err  # the script itself, and the forkserver
     assert imports[0].startswith("imported as __main__ ")
     assert imports[1].startswith("imported as __mp_main__ ")
+
+
+def test_only_the_forkserver_imports_the_main_module_named_to_it(tmp_path: Path) -> None:
+    # The variable is in the parent's environment while it starts the forkserver: another
+    # child started meanwhile by some thread of the parent must not import the script
+    # (the forkserver does: see the test above).
+    script = tmp_path / "named.py"
+    script.write_text('print("imported as", __name__)\n')
+    entry = {"init_main_from_path": str(script), "sys_argv": [str(script)], "parent": os.getpid()}
+    done = subprocess.run(
+        [sys.executable, "-c", "import conveyor.runtime._forkserver_main"],
+        env={**os.environ, "CONVEYOR_FORKSERVER_MAIN": json.dumps(entry)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
 
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])

@@ -30,6 +30,7 @@ import os
 import sys
 import threading
 from multiprocessing import forkserver, process, spawn
+from types import FrameType
 
 __all__ = ["MainStartsPipeline", "importing", "prepare"]
 
@@ -76,7 +77,8 @@ def _main_entry() -> str | None:
         if isinstance(value, str):
             if key == "init_main_from_path" and not os.path.isfile(value):
                 return None  # '<stdin>', '-c': no file to import (and nothing to gain)
-            return json.dumps({key: value, "sys_argv": data.get("sys_argv", sys.argv)})
+            argv = data.get("sys_argv", sys.argv)
+            return json.dumps({key: value, "sys_argv": argv, "parent": os.getpid()})
     return None
 
 
@@ -91,6 +93,9 @@ def _import_main() -> None:
     except ValueError:
         return
     if not isinstance(data, dict) or not any(isinstance(data.get(k), str) for k in _KEYS):
+        return
+    # Only in the forkserver the parent started (not in another child it started meanwhile).
+    if data.get("parent") != os.getppid() or not _in_forkserver():
         return
     main = sys.modules.get("__main__")
     current: object = process.current_process()
@@ -107,6 +112,16 @@ def _import_main() -> None:
     finally:
         _importing = False
         del current._inheriting  # type: ignore[attr-defined]
+
+
+def _in_forkserver() -> bool:
+    """Whether this import is the forkserver's preload (its ``main`` is on the stack)."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is forkserver.main.__code__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 _import_main()

@@ -89,6 +89,9 @@ chunk sets how much the first stage's workers find in one read, and so how many 
 every stage hands on per script call: with 100 items (a pack of 64 and one of 36) the
 per-call work of every read and hand-off dominated redis-server's CPU per item; 256
 (four full packs) cut it by about 40% (see docs/distributed.md)."""
+FIRST_TAKE_SECONDS = 0.3
+"""How long the feeder waits, at a run's start, for the first stage's first hand-off
+to say how many items a pack may carry (workers find a new run within 0.1 s)."""
 QUIET_SECONDS = 10.0
 """The driver logs a warning when its run's counters stay still this long."""
 DRIVER_LEASE_SECONDS = 5.0
@@ -823,17 +826,20 @@ class _DriverRun:
         length = 0
         rest: list[Any] = []  # what the last chunk pulled and did not add yet
         packs = stream_pack(self.info, 0) > 1  # the first stream's entries may be packs
+        # How long to wait, at most, for the first stage's batch size (see below).
+        first_take_by = monotonic() + FIRST_TAKE_SECONDS
         while not self.stopped.is_set():
             limit = stream_limit(self.info, 0, per_entry)
             if length >= limit:
                 length = _wait_for_room(self.scripts, stream, limit, self.stopped, self.retry)
-            if packs and most == 1 and length:
+            if packs and most == 1 and length and monotonic() < first_take_by:
                 # No batch size recorded yet (no hand-off of the first stage in this run:
                 # its workers find a new run within REFRESH_SECONDS): rather than fill
                 # the whole stream with one-item entries, which every stage would then
-                # read and hand on one by one, wait until the first hand-off says how
-                # many items a pack may carry, or the workers have read all there is.
-                most = max(1, min(stream_pack(self.info, 0), self._first_take()))
+                # read and hand on one by one (over half of all the entries of a 50k-item
+                # run were those), wait a little for the first hand-off to say how many
+                # items a pack may carry.
+                most = max(1, min(stream_pack(self.info, 0), self._first_take(first_take_by)))
             if ordered or self.reordering:
                 self._wait_for_window(fed)
             chunk = rest or next(chunks, [])
@@ -873,16 +879,18 @@ class _DriverRun:
             if last:
                 return
 
-    def _first_take(self) -> int:
-        """Wait until the first stage has recorded its batch size (return it), or its
-        workers have read every entry of the first stream (return 0: unknown still).
+    def _first_take(self, deadline: float) -> int:
+        """Wait until the first stage has recorded its batch size (return it); return 0
+        (unknown still) once its workers have read every entry of the first stream, or
+        at ``deadline``: no worker serves the run yet, or its first batch is slow, and
+        then one item per entry is what the stage needs.
 
         Polls, backing off from 0.5 ms to `MAX_POLL_SECONDS`.
         """
         keys, delay = self.keys, 0.0005
         while True:
             take = int(self.retry(self.client.hget, keys.counters, "take:0") or 0)
-            if take or self.stopped.is_set():
+            if take or self.stopped.is_set() or monotonic() >= deadline:
                 return take
             args = [WORKER_GROUP, "0"]  # entries not read yet
             if not self.retry(self.scripts.backlog, keys=[keys.stream(0)], args=args):

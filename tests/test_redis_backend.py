@@ -499,6 +499,45 @@ def test_a_producer_waits_while_the_first_stream_is_over_its_limit(
     assert results[0].outputs == [3 * x for x in range(2000)]
 
 
+def test_the_feeder_packs_items_once_the_first_stage_has_said_its_batch_size(
+    redis_server: RedisServer, closing: Callable[[Any], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: at a run's start no batch size was recorded, and the feeder filled the
+    whole first stream with one-item entries (over half the entries of a 50k-item run),
+    which every stage then read and handed on one by one. Now it adds one chunk of them
+    and waits for the first hand-off to record how many items a pack may carry."""
+    # Only the recorded batch size ends the wait here (not its time limit).
+    monkeypatch.setattr("conveyor.redis.backend.FIRST_TAKE_SECONDS", 600.0)
+    # A limit far above the run's size: only the wait can hold the feeder back.
+    pipeline = cv.Pipeline(range(600)).map(triple, ordered=False, capacity=100_000)
+    namespace = new_namespace()
+    backend = RedisBackend(redis_server.url, namespace=namespace, run_id="first-take")
+    results: list[cv.RunResult] = []
+    driver = threading.Thread(
+        target=lambda: results.append(pipeline.run(collect=True, backend=backend)), daemon=True
+    )
+    driver.start()
+    client = closing(redis.Redis.from_url(redis_server.url))
+    keys = Keys(namespace, pipeline_id(pipeline.stages), "first-take")
+
+    def fed() -> int:
+        return int(client.hget(keys.counters, "fed") or 0)
+
+    wait_until(lambda: fed() >= 100, "the first chunk")
+    client.hset(keys.counters, "take:0", 64)  # what the first stage's first hand-off records
+    wait_until(lambda: fed() == 600, "the rest of the source")
+    entries = client.xrange(keys.stream(0))
+    head, rest = entries[:100], entries[100:]
+    assert all(b"d" in fields for _, fields in head)  # one item each: no batch size yet
+    # The 500 items after them went in packs of up to 64 (a chunk's last items may
+    # make a smaller one).
+    assert len(rest) <= 500 // 8
+    assert any(b"p" in fields for _, fields in rest)
+    with serving(pipeline, redis_server.url, namespace):
+        driver.join(60.0)
+    assert sorted(results[0].outputs or []) == [3 * x for x in range(600)]
+
+
 # ---------------------------------------------------------------------- Redis itself
 
 

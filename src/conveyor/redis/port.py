@@ -113,6 +113,14 @@ FORGET_CONSUMER_MS = 60_000
 timeouts with long ones) is removed from its group: a worker that was killed."""
 ERROR_TEXT_LIMIT = 4000
 """Characters of a traceback kept with an entry that failed."""
+TRIM_SECONDS = 0.1
+"""How often a consumer's hand-off also trims the acknowledged head of its input
+stream. Trimming at every hand-off cost two or three commands inside the script
+(XPENDING for the oldest pending entry, XTRIM, and XINFO GROUPS when nothing is
+pending), about a sixth of a hand-off's server time, while a stream node only
+goes once all its entries are acknowledged; acknowledged entries wait at most this
+long more (per consumer) and are never backlog, and under a byte budget they are
+deleted at once whatever this says."""
 READ_LIMIT = 1000
 """Most entries one read asks for, whatever the batch size asked."""
 ASYNC_THREADS = 8
@@ -375,6 +383,7 @@ class RedisPort(Port):
         self._made = [0, 0]  # items and entries the records being made add to the output
         self._told: dict[str, int] = {}  # the batch size recorded in each run, by run id
         self._per_entry = 1  # items per entry in the last read of packs
+        self._next_trim: dict[str, float] = {}  # by run id: when to trim the input next
         self._next_reclaim: dict[str, float] = {}
         self._reclaim_cursor: dict[str, bytes] = {}
         self._recover = False
@@ -948,6 +957,7 @@ class RedisPort(Port):
                 *_output_backlog(info, i),
                 cursor,
                 self._tell(info.run_id),
+                self._trim_due(info.run_id),
                 *records,
             ],
         )
@@ -973,6 +983,15 @@ class RedisPort(Port):
         elif info.max_bytes is not None:
             ctx.blocked_until[i] = 0.0  # under a byte budget, the next read checks the room
         return len(entries) - int(reply[1])
+
+    def _trim_due(self, run_id: str) -> str:
+        """Whether this hand-off also trims the input stream ('1'|'0'): every
+        `TRIM_SECONDS`, and at a run's first hand-off."""
+        now = monotonic()
+        if now < self._next_trim.get(run_id, 0.0):
+            return "0"
+        self._next_trim[run_id] = now + TRIM_SECONDS
+        return "1"
 
     def _tell(self, run_id: str) -> int | str:
         """The batch size to record for the stage in the run ('' if recorded already)."""

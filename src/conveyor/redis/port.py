@@ -452,6 +452,8 @@ class RedisPort(Port):
         runs: list[RunContext] = []
         try:
             runs = self.io.directory.runs()
+            if len(self._next_reclaim) > len(runs):
+                self._forget_gone_runs()  # a long-lived worker serves run after run
             if self._run is not None:
                 runs = [c for c in runs if c is self._run]
             runs = self._servable(runs)
@@ -485,6 +487,9 @@ class RedisPort(Port):
                 del self._ready[run_id]
         for key in [key for key in self._packs if key[0] not in live]:
             del self._packs[key]
+        for by_run in (self._told, self._next_trim, self._next_reclaim, self._reclaim_cursor):
+            for run_id in set(by_run) - live:
+                del by_run[run_id]
         if self._run is not None and self._run.info.run_id not in live:
             self._run, self._taken = None, []
 

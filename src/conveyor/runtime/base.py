@@ -236,16 +236,15 @@ def _single_items(
     The common case of a slow stage (each item takes longer than half a
     batch's target): no per-item timeout, no recycling, a port straight
     between two channels. The put that wakes a consumer waiting for the
-    item is made as soon as the function returns, and what the worker has
-    to do between that put and the next call, while the woken consumer
-    waits for the GIL, is cut to the least: the counting is done in bulk
-    (`SingleItemBooks`), and the next item is taken *before* the put, when
-    there is one already (without a byte budget, under which a worker holds
-    one item at a time; so while a put waits for room, a worker may hold
-    the next item besides). The policy's outcome and the port's layers
-    are left out. A consumer waiting on a stage of one item per ms got each
-    item 1.85x later (p50) than from a bare `queue.Queue` producer, and 1.63x
-    with this path (paired, docs/benchmarks.md). An item whose call raises goes through
+    item comes as soon as the function returns: nothing is taken before it
+    (a take there, its objects cold after the stage's wait, cost 3 to 6 us
+    before the wake-up), and the counting is done in bulk
+    (`SingleItemBooks`), so that what the worker does between the put and
+    its next call, while the woken consumer may wait for the GIL, is short.
+    The policy's outcome and the port's layers are left out. A consumer
+    waiting on a stage of one item per ms got each item 1.85x later (p50)
+    than from a bare `queue.Queue` producer before this path existed
+    (paired, docs/benchmarks.md). An item whose call raises goes through
     the policy (`process_batch`, which takes over from that first failure)
     and the port, as in `worker_loop`.
 
@@ -256,18 +255,12 @@ def _single_items(
     fn, kind = stage.fn, stage.kind
     assert fn is not None
     channel, handle = ends
-    # Under a byte budget a worker holds one item at a time, as in worker_loop.
-    may_take_ahead = channel.max_bytes is None and handle.channel.max_bytes is None
-    ahead: list[Any] | None = None  # the next item, taken before the put
     try:
         while True:
-            if ahead is not None:
-                batch, ahead = ahead, None
-            else:
-                try:
-                    batch = channel.get_many(1)
-                except ShutDown:
-                    return False
+            try:
+                batch = channel.get_many(1)
+            except ShutDown:
+                return False
             item = books.took(batch)
             try:
                 outputs, filtered = outputs_of(kind, item, fn(item))
@@ -283,11 +276,6 @@ def _single_items(
                 raise
             else:
                 books.returned()
-                if may_take_ahead and not books.quick():
-                    try:
-                        ahead = channel.get_many(1, False)
-                    except (Empty, ShutDown):  # the blocking take below waits, or ends
-                        pass
                 try:
                     if outputs:
                         handle.put_many(outputs)  # first: it wakes a consumer waiting for it

@@ -49,6 +49,7 @@ from _thread import allocate_lock as _allocate_lock
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from itertools import repeat, starmap
 from time import monotonic
 from types import TracebackType
@@ -605,6 +606,11 @@ class Channel(Generic[T]):
         """Return the number of items (approximate: it may change right after)."""
         return len(self._items)
 
+    def consumers_waiting(self) -> int:
+        """Return how many consumers are parked waiting for an item (approximate, as
+        `qsize`): a put made now wakes one of them."""
+        return len(self._getters)
+
     def empty(self) -> bool:
         """Return True if the channel holds no item now (approximate)."""
         return not self._items
@@ -972,7 +978,9 @@ class Channel(Generic[T]):
                 await self._park(waiters, room_side, need)
                 parked = True
                 continue
-            if parked:
+            # After a wake-up, relay as threads do, when there is a waiter to relay to: one
+            # that parks after our attempt saw, under the lock, what we left and did not park.
+            if parked and waiters:
                 with self._lock:
                     if room_side:
                         self._relay_room()
@@ -1022,7 +1030,7 @@ class Channel(Generic[T]):
                 return self.get(False)
             except Empty:  # another consumer was first: wait as usual
                 pass
-        return await self._until_done(lambda: self.get(False), room_side=False)
+        return await self._until_done(partial(self.get, False), room_side=False)
 
     async def aput_many(self, items: Iterable[T]) -> None:
         """Put every item of ``items`` from a coroutine, waiting for room as needed.
@@ -1072,7 +1080,7 @@ class Channel(Generic[T]):
                 return self.get_many(max_items, False)
             except Empty:
                 pass
-        return await self._until_done(lambda: self.get_many(max_items, False), room_side=False)
+        return await self._until_done(partial(self.get_many, max_items, False), room_side=False)
 
     async def __aiter__(self) -> AsyncIterator[T]:
         """Yield items to ``async for`` until the channel is closed and drained."""

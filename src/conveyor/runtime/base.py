@@ -258,14 +258,14 @@ def _single_items(
     try:
         while True:
             try:
-                batch = channel.get_many(1)
+                item = channel.get()
             except ShutDown:
                 return False
-            item = books.took(batch)
+            books.took(item)
             try:
                 outputs, filtered = outputs_of(kind, item, fn(item))
             except Exception as exc:
-                outcome = process_batch(stage, batch, None, control.sleep, False, exc)
+                outcome = process_batch(stage, [item], None, control.sleep, False, exc)
                 error = port.deliver(books.failed(outcome))
                 if error is not None:
                     control.fail(error)
@@ -276,9 +276,11 @@ def _single_items(
                 raise
             else:
                 books.returned()
-                try:
-                    if outputs:
-                        handle.put_many(outputs)  # first: it wakes a consumer waiting for it
+                try:  # first: it wakes a consumer waiting for the output
+                    if len(outputs) == 1:
+                        handle.put(outputs[0])  # a map's: less to do than a batch's put
+                    elif outputs:
+                        handle.put_many(outputs)
                 finally:  # counted even when the put meets a stopped run, as worker_loop counts
                     books.handed_on(len(outputs), filtered)
             if books.quick():
@@ -309,14 +311,12 @@ class SingleItemBooks:
         self.outputs = self.dropped = 0
         self.due = t0 + TALLY_SECONDS
 
-    def took(self, batch: list[Any]) -> Any:
-        """The worker took ``batch`` (of one item) and calls the stage now; return the item."""
-        item = batch[0]
+    def took(self, item: Any) -> None:
+        """The worker took ``item`` and calls the stage now."""
         t1 = self.t1 = perf_counter()
         counters = self.counters
         counters.wait_in += t1 - self.t0
         counters.current_item, counters.current_since = item, t1
-        return item
 
     def returned(self) -> None:
         """The stage returned: the worker no longer holds the item."""

@@ -588,8 +588,11 @@ class Channel(Generic[T]):
                     item = self._items.popleft()
                 finally:
                     self._relay_items()  # we were woken: pass it on if items are left
-            if self._putters and self._room_for_putters():
-                self._wake(self._putters, 1)  # every time, as in put()
+            putters = self._putters
+            # Every time, as in put(), when the room is what they wait for (inlined
+            # `_room_for_putters`: the hot path).
+            if putters and (putters.least <= 1 or self.maxsize - len(self._items) >= putters.least):
+                self._wake(putters, 1)
             return item
         finally:
             lock.release()
@@ -809,8 +812,12 @@ class Channel(Generic[T]):
             else:
                 batch = _take(q, max_items)
             putters = self._putters
-            # _wake_one(), inlined (the hot path), when the room is what they wait for.
-            if putters and not putters.woken and self._room_for_putters():
+            # _wake_one() when the room is what they wait for, inlined: the hot path.
+            if (
+                putters
+                and not putters.woken
+                and (putters.least <= 1 or self.maxsize - len(q) >= putters.least)
+            ):
                 self._wake(putters, 1)
             if woken:
                 self._relay_items()  # we were woken: pass it on if items are left

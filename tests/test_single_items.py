@@ -277,9 +277,8 @@ def test_the_books_add_items_in_bulk_and_exactly() -> None:
     for outputs, filtered in [(1, False), (0, True), (3, False)]:
         books.took(object())
         assert counters.current_item is not None
-        books.returned()
+        books.handed_on(time.perf_counter(), outputs, filtered)
         assert counters.current_item is None
-        books.handed_on(outputs, filtered)
     assert (counters.items_in, counters.batches) == (0, 0)  # not added yet
     books.flush()
     assert (counters.items_in, counters.items_out, counters.filtered) == (3, 4, 1)
@@ -294,8 +293,7 @@ def test_the_books_add_what_is_due_as_items_come() -> None:
     books = SingleItemBooks(counters, time.perf_counter(), limit=512, target=0.002)
     books.due = 0.0  # due at once: each item is added as it is handed on
     books.took(1)
-    books.returned()
-    books.handed_on(1, False)
+    books.handed_on(time.perf_counter(), 1, False)
     assert (counters.items_in, counters.items_out) == (1, 1)
 
 

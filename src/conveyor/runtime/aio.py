@@ -312,7 +312,7 @@ async def _single_items(
                     add_stage_note(exc, stage, item)
                 raise
             else:
-                books.returned()
+                t2 = perf_counter()  # the rest of the counting after the put
                 woke = out.consumers_waiting()
                 try:  # as the take: a coroutine only to wait for room
                     if len(outputs) == 1:  # a map's: less to do than a batch's put
@@ -332,7 +332,7 @@ async def _single_items(
                         # asyncio.Queue producer, about 1.1x with it: docs/benchmarks.md).
                         await asyncio.sleep(0)
                 finally:  # counted even when the put meets a stopped run, as _worker_loop counts
-                    books.handed_on(len(outputs), filtered)
+                    books.handed_on(t2, len(outputs), filtered)
             if books.quick():
                 return True
     finally:

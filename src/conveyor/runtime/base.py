@@ -275,14 +275,14 @@ def _single_items(
                 add_stage_note(exc, stage, item)
                 raise
             else:
-                books.returned()
+                t2 = perf_counter()  # the rest of the counting after the put
                 try:  # first: it wakes a consumer waiting for the output
                     if len(outputs) == 1:
                         handle.put(outputs[0])  # a map's: less to do than a batch's put
                     elif outputs:
                         handle.put_many(outputs)
                 finally:  # counted even when the put meets a stopped run, as worker_loop counts
-                    books.handed_on(len(outputs), filtered)
+                    books.handed_on(t2, len(outputs), filtered)
             if books.quick():
                 return True
     finally:
@@ -323,9 +323,12 @@ class SingleItemBooks:
         self.t2 = perf_counter()
         self.counters.current_item = self.counters.current_since = None
 
-    def handed_on(self, outputs: int, filtered: bool) -> None:
-        """Count the item just handed on: ``outputs`` outputs, or ``filtered`` out."""
-        self.busy.append(self.t2 - self.t1)
+    def handed_on(self, t2: float, outputs: int, filtered: bool) -> None:
+        """Count the item just handed on, whose call returned at ``t2``: ``outputs``
+        outputs, or ``filtered`` out (the worker held it until then, for stall reports)."""
+        self.t2 = t2
+        self.counters.current_item = self.counters.current_since = None
+        self.busy.append(t2 - self.t1)
         self.outputs += outputs
         self.dropped += filtered
         self.waited()

@@ -236,16 +236,16 @@ def _single_items(
     The common case of a slow stage (each item takes longer than half a
     batch's target): no per-item timeout, no recycling, a port straight
     between two channels. The put that wakes a consumer waiting for the
-    item is made as soon as the function returns, and what the worker has
-    to do between that put and the next call, while the woken consumer
-    waits for the GIL, is cut to the least: the counting is done in bulk
-    (`SingleItemBooks`), and the next item is taken *before* the put, when
-    there is one already (without a byte budget, under which a worker holds
-    one item at a time; so while a put waits for room, a worker may hold
-    the next item besides). The policy's outcome and the port's layers
-    are left out. A consumer waiting on a stage of one item per ms got each
-    item 1.85x later (p50) than from a bare `queue.Queue` producer, and 1.63x
-    with this path (paired, docs/benchmarks.md). An item whose call raises goes through
+    item comes as soon as the function returns: nothing is taken before it
+    (a take there, its objects cold after the stage's wait, cost 3 to 6 us
+    before the wake-up), and the counting is done after it and in bulk
+    (`SingleItemBooks`), so that what the worker does between the put and
+    its next call, while the woken consumer may wait for the GIL, is short.
+    Between the return and the put only the clock is read. The policy's
+    outcome and the port's layers are left out. A consumer waiting on a
+    stage of one item per ms got each item 1.85x later (p50) than from a
+    bare `queue.Queue` producer before this path existed, 1.0x to 1.1x now
+    (paired, docs/benchmarks.md). An item whose call raises goes through
     the policy (`process_batch`, which takes over from that first failure)
     and the port, as in `worker_loop`.
 
@@ -256,23 +256,17 @@ def _single_items(
     fn, kind = stage.fn, stage.kind
     assert fn is not None
     channel, handle = ends
-    # Under a byte budget a worker holds one item at a time, as in worker_loop.
-    may_take_ahead = channel.max_bytes is None and handle.channel.max_bytes is None
-    ahead: list[Any] | None = None  # the next item, taken before the put
     try:
         while True:
-            if ahead is not None:
-                batch, ahead = ahead, None
-            else:
-                try:
-                    batch = channel.get_many(1)
-                except ShutDown:
-                    return False
-            item = books.took(batch)
+            try:
+                item = channel.get()
+            except ShutDown:
+                return False
+            books.took(item)
             try:
                 outputs, filtered = outputs_of(kind, item, fn(item))
             except Exception as exc:
-                outcome = process_batch(stage, batch, None, control.sleep, False, exc)
+                outcome = process_batch(stage, [item], None, control.sleep, False, exc)
                 error = port.deliver(books.failed(outcome))
                 if error is not None:
                     control.fail(error)
@@ -282,17 +276,14 @@ def _single_items(
                 add_stage_note(exc, stage, item)
                 raise
             else:
-                books.returned()
-                if may_take_ahead and not books.quick():
-                    try:
-                        ahead = channel.get_many(1, False)
-                    except (Empty, ShutDown):  # the blocking take below waits, or ends
-                        pass
-                try:
-                    if outputs:
-                        handle.put_many(outputs)  # first: it wakes a consumer waiting for it
+                t2 = perf_counter()  # the rest of the counting after the put
+                try:  # first: it wakes a consumer waiting for the output
+                    if len(outputs) == 1:
+                        handle.put(outputs[0])  # a map's: less to do than a batch's put
+                    elif outputs:
+                        handle.put_many(outputs)
                 finally:  # counted even when the put meets a stopped run, as worker_loop counts
-                    books.handed_on(len(outputs), filtered)
+                    books.handed_on(t2, len(outputs), filtered)
             if books.quick():
                 return True
     finally:
@@ -321,23 +312,24 @@ class SingleItemBooks:
         self.outputs = self.dropped = 0
         self.due = t0 + TALLY_SECONDS
 
-    def took(self, batch: list[Any]) -> Any:
-        """The worker took ``batch`` (of one item) and calls the stage now; return the item."""
-        item = batch[0]
+    def took(self, item: Any) -> None:
+        """The worker took ``item`` and calls the stage now."""
         t1 = self.t1 = perf_counter()
         counters = self.counters
         counters.wait_in += t1 - self.t0
         counters.current_item, counters.current_since = item, t1
-        return item
 
     def returned(self) -> None:
         """The stage returned: the worker no longer holds the item."""
         self.t2 = perf_counter()
         self.counters.current_item = self.counters.current_since = None
 
-    def handed_on(self, outputs: int, filtered: bool) -> None:
-        """Count the item just handed on: ``outputs`` outputs, or ``filtered`` out."""
-        self.busy.append(self.t2 - self.t1)
+    def handed_on(self, t2: float, outputs: int, filtered: bool) -> None:
+        """Count the item just handed on, whose call returned at ``t2``: ``outputs``
+        outputs, or ``filtered`` out (the worker held it until then, for stall reports)."""
+        self.t2 = t2
+        self.counters.current_item = self.counters.current_since = None
+        self.busy.append(t2 - self.t1)
         self.outputs += outputs
         self.dropped += filtered
         self.waited()

@@ -48,8 +48,8 @@ from .base import (
     Runtime,
     SingleItemBooks,
     StageRun,
-    _adapt,
-    count_batch,
+    fail_worker,
+    settle_batch,
 )
 from .ports import Port
 
@@ -245,10 +245,7 @@ async def _worker_loop(sr: StageRun, worker: int) -> None:
             counters.current_item, counters.current_since = batch[0], t1
             outcome = await aprocess_batch(stage, batch, track)
             t2 = perf_counter()
-            counters.current_item = counters.current_since = None
-            outcome.busy_seconds = t2 - t1
-            count_batch(counters, outcome, len(batch), t2 - t1)
-            size = _adapt(size, len(batch), t2 - t1, limit, target)
+            size = settle_batch(counters, outcome, len(batch), t2 - t1, size, limit, target)
             error = await port.adeliver(outcome)
             if error is not None:
                 control.fail(error)
@@ -260,8 +257,7 @@ async def _worker_loop(sr: StageRun, worker: int) -> None:
     except asyncio.CancelledError:
         raise  # the run was aborted: its cause is reported by whoever aborted it
     except BaseException as exc:  # Ctrl-C or SystemExit from the stage, or a bug in conveyor
-        holding = counters.current_since is not None
-        control.fail(add_stage_note(exc, stage, counters.current_item, holding=holding))
+        fail_worker(control, exc, stage, counters)
     finally:
         counters.finish()
         port.close()

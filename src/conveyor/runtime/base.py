@@ -203,15 +203,9 @@ def worker_loop(
             counters.current_item, counters.current_since = batch[0], t1
             outcome = execute(batch)
             t2 = perf_counter()
-            counters.current_item = counters.current_since = None
-            if outcome.busy_seconds is None:
-                outcome.busy_seconds = t2 - t1
-            count_batch(counters, outcome, len(batch), outcome.busy_seconds)
             # Everything the next take needs is done before the hand-off: a
             # consumer it wakes waits for the GIL until this worker blocks again.
-            size = _adapt(size, len(batch), t2 - t1, limit, target)
-            if outcome.size_limit is not None:
-                size = min(size, outcome.size_limit)
+            size = settle_batch(counters, outcome, len(batch), t2 - t1, size, limit, target)
             error = port.deliver(outcome)
             if error is not None:
                 control.fail(error)
@@ -221,11 +215,38 @@ def worker_loop(
     except ShutDown:
         pass  # the run was aborted while we were handing outputs on
     except BaseException as exc:  # a bug in conveyor, Redis lost, or Ctrl-C delivered here
-        holding = counters.current_since is not None
-        control.fail(add_stage_note(exc, stage, counters.current_item, holding=holding))
+        fail_worker(control, exc, stage, counters)
     finally:
         counters.finish()
         port.close()
+
+
+def fail_worker(
+    control: RunControl, exc: BaseException, stage: Stage, counters: WorkerCounters
+) -> None:
+    """Fail the run with what escaped a worker loop, noted with the stage and the item
+    the worker held, if any."""
+    holding = counters.current_since is not None
+    control.fail(add_stage_note(exc, stage, counters.current_item, holding=holding))
+
+
+def settle_batch(
+    counters: WorkerCounters,
+    outcome: BatchOutcome,
+    n: int,
+    seconds: float,
+    size: int,
+    limit: int,
+    target: float,
+) -> int:
+    """Count a batch of ``n`` items that took ``seconds`` and return the size of the
+    next one (what every runtime's worker loop does between a call and its hand-off)."""
+    counters.current_item = counters.current_since = None
+    if outcome.busy_seconds is None:
+        outcome.busy_seconds = seconds
+    count_batch(counters, outcome, n, outcome.busy_seconds)
+    size = _adapt(size, n, seconds, limit, target)
+    return size if outcome.size_limit is None else min(size, outcome.size_limit)
 
 
 def _single_items(

@@ -37,7 +37,12 @@ round; the round's p50 and p99 of each candidate, and its ratio to the
 reference of the same round, are reported as medians over ``--rounds``
 rounds. The garbage collector is paused during a run.
 
-Run:  python bench/latency.py [--rounds 5] [--work 0 1 10 30] [--write]
+Run:  python bench/latency.py [--rounds 5] [--work 0 1 10 30] [--write] [--json PATH]
+
+``--work`` with no value leaves the busy-consumer scenarios out (only the paced
+stage is measured). ``--json PATH`` writes, per scenario and family, the
+conveyor pipeline's p50 and p99 as figures where higher is better (the
+reference's latency over conveyor's, per round), for bench/ab.py to pair.
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from _common import conveyor_src, machine, write_section
+from _common import conveyor_src, machine, workload, write_json, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(conveyor_src()))  # $CONVEYOR_BENCH_SRC, else ROOT/src
@@ -422,17 +428,53 @@ def render(
     return "\n".join(lines)
 
 
+def workloads(
+    figures: dict[tuple[Scenario, str], Figures], scenarios: list[Scenario]
+) -> dict[str, dict[str, Any]]:
+    """The pipelines' p50 and p99 per scenario, for --json, as rates (higher is better).
+
+    bench/ab.py reads a workload's "ratio" as conveyor's figure over the
+    peer's, faster above 1: here the reference's latency over conveyor's,
+    taken round by round (median), and "throughput" is 1 / latency in
+    seconds.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for family in ("threads", "asyncio"):
+        cands = [c for c in CANDIDATES if c.family == family]
+        ref = next(c for c in cands if c.reference)
+        mine = cands[0]  # the pipeline
+        for s in scenarios:
+            f, r = figures[(s, mine.name)], figures[(s, ref.name)]
+            for q, ours, theirs in (("p50", f.p50, r.p50), ("p99", f.p99, r.p99)):
+                rates = [1e6 / v for v in ours]
+                peer_rates = [1e6 / v for v in theirs]
+                entry = workload(
+                    statistics.median(rates),
+                    "1/s",
+                    ref.name,
+                    statistics.median(peer_rates),
+                    rates,
+                    peer_rates,
+                )
+                entry["ratio"] = statistics.median(b / a for a, b in zip(ours, theirs, strict=True))
+                out[f"{family} {s.label} {q}"] = entry
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds (default 5)")
     parser.add_argument(
-        "--work", type=float, nargs="+", default=[0, 1, 10, 30], help="ms busy per item"
+        "--work", type=float, nargs="*", default=[0, 1, 10, 30], help="ms busy per item"
     )
     parser.add_argument("--pace", type=float, default=1.0, help="ms per item of a paced stage")
     parser.add_argument("--capacity", type=int, default=1024, help="items per buffer")
     parser.add_argument("--seconds", type=float, default=1.5, help="consumer work per run")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument("--json", metavar="PATH", help="write the pipelines' figures as JSON")
     args = parser.parse_args()
+    if not args.work and args.pace <= 0:
+        parser.error("nothing to measure: give --work values or a --pace above 0")
     load = f"{os.getloadavg()[0]:.1f}"
     print(f"Machine: {machine()}; load average {load}", flush=True)
     started = time.monotonic()
@@ -441,6 +483,8 @@ def main() -> None:
     figures = measure(handoff + paced, args.rounds, args.capacity, args.seconds)
     page = render(figures, handoff, paced, args, load, time.monotonic() - started)
     print(page)
+    if args.json:
+        write_json(args.json, workloads(figures, handoff + paced))
     if args.write:
         path = write_section(page, SECTION)
         print(f"wrote the '{SECTION}' section of {path}")

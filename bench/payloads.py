@@ -19,7 +19,15 @@ memcpy's time over its own (the same bytes moved), memcpy running right
 before and after it; the table gives the median and the range over the
 rounds.
 
-Run:  python bench/payloads.py [--rounds 7] [--write] [--json PATH]
+Run:  python bench/payloads.py [--rounds 7] [--floor] [--write] [--json PATH]
+
+--floor also measures, against the same memcpy, the parts a run of arrays
+returned as they came is made of: the start-up (a run of one array), the
+parent's one copy into shared memory (512 arrays into four 4 MiB blocks of
+``multiprocessing.shared_memory`` in turn, as the runtime reuses its blocks),
+and all the rest (the same run with that copy skipped, less the start-up: a
+diagnostic that replaces ``conveyor.runtime._wire._copy``; its results are not
+the inputs).
 
 --write replaces this script's section of docs/benchmarks.md; --json PATH
 writes, per workload, conveyor's MiB/s and its ratio to memcpy (the peer),
@@ -162,6 +170,107 @@ def measure(rounds: int) -> tuple[dict[str, list[float]], Shares, dict[str, list
     return times, share, steadies
 
 
+def copy_into_shared_memory(
+    arrays: list[Any],
+) -> tuple[Callable[[], float], Callable[[], None]]:
+    """The parent's copy alone: every array into shared-memory blocks taken in turn; and
+    what frees the blocks."""
+    from multiprocessing import shared_memory
+
+    per_block = 4
+    blocks = [shared_memory.SharedMemory(create=True, size=per_block * MIB) for _ in range(4)]
+    targets = []
+    for block in blocks:
+        view = numpy.ndarray(per_block * MIB // 8, numpy.float64, block.buf)
+        view[:] = 0  # faulted in, as the runtime's reused blocks are
+        targets += [view[i * MIB // 8 : (i + 1) * MIB // 8] for i in range(per_block)]
+
+    def run() -> float:
+        for i in range(COUNT):
+            numpy.copyto(targets[i % len(targets)], arrays[i % DISTINCT])
+        return 0.0
+
+    def close() -> None:
+        targets.clear()
+        for block in blocks:
+            block.close()
+            block.unlink()
+
+    return run, close
+
+
+def without_the_copy(data: list[Any]) -> Callable[[], float]:
+    """A run of arrays returned as they came, the parent's copy into shared memory skipped."""
+    from conveyor.runtime import _wire
+
+    whole = through_a_process_stage(as_they_came, data)
+
+    def run() -> float:
+        copy = _wire._copy
+        _wire._copy = lambda target, source: target.release()
+        try:
+            return whole()
+        finally:
+            _wire._copy = copy
+
+    return run
+
+
+def start_up(data: list[Any]) -> Callable[[], float]:
+    """A run of one array: the worker's start, one round trip, the run's end."""
+
+    def run() -> float:
+        outputs = list(cv.Pipeline(data[:1]).map(as_they_came, runtime="process"))
+        assert len(outputs) == 1
+        return 0.0
+
+    return run
+
+
+START_UP = "start-up (a run of one array)"
+COPY = "the parent's copy into shared memory (512 MiB)"
+REST = "everything else (the run with that copy skipped, less the start-up)"
+
+
+def measure_floor(rounds: int) -> dict[str, list[float]]:
+    """Per part, its time over memcpy's (memcpy right before and after it), per round."""
+    data = payloads()["array"]
+    copy = memcpy(data)
+    copy_alone, free_blocks = copy_into_shared_memory(data)
+    parts = {START_UP: start_up(data), COPY: copy_alone, REST: without_the_copy(data)}
+    shares: dict[str, list[float]] = {name: [] for name in parts}
+    try:
+        for round_ in range(rounds + 1):
+            for name, part in parts.items():
+                (before, _), (took, _), (after, _) = timed(copy), timed(part), timed(copy)
+                if round_:
+                    shares[name].append(took / ((before + after) / 2))
+            if round_:  # the run without the copy started a worker too
+                shares[REST][-1] -= shares[START_UP][-1]
+    finally:
+        free_blocks()
+    return shares
+
+
+def floor_report(shares: dict[str, list[float]]) -> str:
+    rows = [
+        f"| {name} | {statistics.median(v):.2f} ({min(v):.2f} - {max(v):.2f}) |"
+        for name, v in shares.items()
+    ]
+    total = sum(statistics.median(v) for v in shares.values())
+    return "\n".join(
+        [
+            "What a run of arrays returned as they came is made of, each part's time over "
+            "memcpy's (the 512 MiB), median (min - max) over the rounds:",
+            "",
+            "| part | time / memcpy's |",
+            "|---|---|",
+            *rows,
+            f"| sum of the medians | {total:.2f} (share of memcpy: {100 / total:.0f}%) |",
+        ]
+    )
+
+
 def percent(shares: list[float]) -> str:
     """Median (min - max) of shares, in percent."""
     low, mid, high = min(shares), statistics.median(shares), max(shares)
@@ -204,12 +313,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     parser.add_argument("--json", metavar="PATH", help="write conveyor's figures as JSON")
+    parser.add_argument(
+        "--floor", action="store_true", help="also measure the parts a run is made of"
+    )
     args = parser.parse_args()
     load = os.getloadavg()[0]
     times, share, steadies = measure(args.rounds)
+    floor = f"\n\n{floor_report(measure_floor(args.rounds))}" if args.floor else ""
     text = (
-        f"{report(times, share, args.rounds)}\n\nMachine: {machine()}; load average {load:.1f} at "
-        f"the start; {time.strftime('%Y-%m-%d %H:%M')}."
+        f"{report(times, share, args.rounds)}{floor}\n\nMachine: {machine()}; load average "
+        f"{load:.1f} at the start; {time.strftime('%Y-%m-%d %H:%M')}."
     )
     print(text)
     if args.write:

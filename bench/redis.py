@@ -623,13 +623,15 @@ def model(url: str, pid: int, n: int) -> list[str]:
 
 
 def commandstats(url: str, pid: int, n: int) -> None:
-    """Print where redis-server spends its time per item, for conveyor and hand-written."""
+    """Print where redis-server spends its time per item, for conveyor (unordered and
+    ordered) and hand-written: every command's calls and time (commands run by a Lua
+    script are counted both on their own and in their EVALSHA), and items per entry."""
 
     def snapshot(client: redis.Redis) -> dict[str, tuple[int, int]]:
         info = client.info("commandstats")
         return {k: (v["calls"], v["usec"]) for k, v in info.items()}
 
-    def show(label: str, before: dict[str, tuple[int, int]], cpu: float) -> None:
+    def show(label: str, before: dict[str, tuple[int, int]], cpu: float, hops: int) -> None:
         after = snapshot(client)
         rows = sorted(
             (
@@ -639,19 +641,26 @@ def commandstats(url: str, pid: int, n: int) -> None:
             reverse=True,
         )
         print(f"{label}: redis-server CPU {cpu / n * 1e6:.1f} µs per item; by command:")
-        for usec, name, calls in rows[:8]:
-            if calls:
-                print(f"  {name:28} {calls:>8} calls {usec / n:8.2f} µs per item")
+        print("  | command | calls | µs per call | µs per item |")
+        print("  | --- | ---: | ---: | ---: |")
+        for usec, name, calls in rows:
+            if calls and usec / n >= 0.005:
+                print(f"  | {name[8:]} | {calls:,} | {usec / calls:.1f} | {usec / n:.2f} |")
+        added = after["cmdstat_xadd"][0] - before.get("cmdstat_xadd", (0, 0))[0]
+        print(f"  entries added: {added:,}, {hops * n / max(1, added):.1f} items per entry")
 
     client = redis.Redis.from_url(url)
-    with conveyor_workers(url, "stats", 2):
-        run_conveyor(url, "stats", 2000)
-        before, cpu0 = snapshot(client), server_cpu(pid)
-        run_conveyor(url, "stats", n)
-        show("conveyor", before, server_cpu(pid) - cpu0)
+    for ordered in (False, True):
+        namespace = "stats-ordered" if ordered else "stats"
+        with conveyor_workers(url, namespace, 2, ordered=ordered):
+            run_conveyor(url, namespace, 2000, ordered=ordered)
+            before, cpu0 = snapshot(client), server_cpu(pid)
+            run_conveyor(url, namespace, n, ordered=ordered)
+            label = "conveyor ordered" if ordered else "conveyor unordered"
+            show(label, before, server_cpu(pid) - cpu0, 3)
     before, cpu0 = snapshot(client), server_cpu(pid)
     run_handwritten(url, n, 2)
-    show("hand-written", before, server_cpu(pid) - cpu0)
+    show("hand-written", before, server_cpu(pid) - cpu0, 3)
     client.close()
 
 

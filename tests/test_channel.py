@@ -1062,3 +1062,60 @@ def test_a_wait_for_room_that_does_not_put_does_not_strand_a_parked_putter() -> 
     assert waiter.finish() == 1
     putter.finish()  # it must get the slot the room waiter did not use
     assert ch.get_nowait() == 99
+
+
+def test_wait_for_room_with_least_returns_once_that_much_room_is_free() -> None:
+    ch = full_channel(4)
+    waiter = Worker(lambda: ch.wait_for_room(least=3))
+    wait_until(parked_producers(ch, 1))
+    ch.get_many(2)
+    waiter.join(0.05)
+    assert waiter.is_alive()  # two free slots: not yet
+    assert ch.get() == 2
+    assert waiter.finish() == 3
+
+
+def test_wait_for_room_least_counts_at_most_the_capacity() -> None:
+    ch: Channel[int] = Channel(2)
+    assert ch.wait_for_room(least=10) == 2
+    ch.put(1)
+    with pytest.raises(Full):
+        ch.wait_for_room(timeout=0.02, least=5)
+    assert ch.stats().waiting_producers == 0
+    assert Channel[int]().wait_for_room(least=3) == sys.maxsize  # unbounded: never waits
+
+
+def test_a_wait_for_room_with_least_does_not_strand_a_putter_parked_behind_it() -> None:
+    ch = full_channel(2)
+    waiter = Worker(lambda: ch.wait_for_room(least=2))
+    wait_until(parked_producers(ch, 1))
+    putter = Worker(ch.put, 99)
+    wait_until(parked_producers(ch, 2))
+    assert ch.get() == 0  # one slot: too little for the room waiter, enough for the put
+    putter.finish()
+    assert ch.get_many(2) == [1, 99]
+    assert waiter.finish() == 2
+
+
+def test_a_putter_parked_before_a_wait_for_room_with_least_is_woken_by_one_get() -> None:
+    ch = full_channel(2)
+    putter = Worker(ch.put, 99)
+    wait_until(parked_producers(ch, 1))
+    waiter = Worker(lambda: ch.wait_for_room(least=2))
+    wait_until(parked_producers(ch, 2))
+    assert ch.get() == 0
+    putter.finish()
+    assert ch.get_many(2) == [1, 99]
+    assert waiter.finish() == 2
+
+
+def test_wait_for_room_with_least_under_a_byte_budget_waits_for_the_slots_and_the_bytes() -> None:
+    ch: Channel[bytes] = Channel(3, max_bytes=30)
+    ch.put_many([b"x" * 10, b"y" * 10, b"z" * 10])
+    waiter = Worker(lambda: ch.wait_for_room(least=2))
+    wait_until(parked_producers(ch, 1))
+    ch.get()
+    waiter.join(0.05)
+    assert waiter.is_alive()  # one slot free
+    ch.get()
+    assert waiter.finish() == 2

@@ -12,6 +12,7 @@ import array
 import contextlib
 import ctypes
 import glob
+import json
 import mmap
 import multiprocessing
 import os
@@ -826,6 +827,41 @@ def test_a_block_is_never_reused_while_a_result_still_views_it(
     assert our_segments() == []
 
 
+def counting_blocks_created(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the shared-memory blocks created from now on."""
+    created: list[int] = []
+    create = _wire._Arena.create
+
+    def counting(ident: int, size: int, keep_fd: bool = False) -> Any:
+        created.append(size)
+        return create(ident, size, keep_fd)
+
+    monkeypatch.setattr(_wire._Arena, "create", counting)
+    return created
+
+
+def test_blocks_the_last_results_view_become_spare_once_the_caller_drops_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    arrays = [numpy.full(1 << 17, i, dtype=numpy.float64) for i in range(16)]
+    _spare.SPARES.clear()
+    held = list(cv.Pipeline(arrays).map(echo, runtime="process"))  # views of the blocks
+    # The workers have ended while the caller holds these: their blocks are kept, in use.
+    assert any(a.in_use() for a in _spare.SPARES._blocks)
+    taken = counting_spares_taken(monkeypatch)
+    out = list(cv.Pipeline(arrays[::-1]).map(echo, runtime="process"))
+    assert [int(a[0]) for a in out] == list(range(15, -1, -1))
+    assert [int(a[0]) for a in held] == list(range(16))  # never handed out meanwhile
+    assert all(numpy.all(a == i) for i, a in enumerate(held))
+    del held, out
+    taken.clear()
+    created = counting_blocks_created(monkeypatch)
+    out = list(cv.Pipeline(arrays).map(echo, runtime="process"))
+    assert all(numpy.all(a == i) for i, a in enumerate(out))
+    assert taken and created == []  # every block came back, faulted in already
+    assert _spare.SPARES.held <= processes.SPARE_BYTES
+
+
 def test_spare_blocks_stay_within_their_budget_and_none_are_kept_with_a_budget_of_0(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1018,6 +1054,16 @@ def run_script(tmp_path: Path, source: str, *args: str, **env: str) -> subproces
     )
 
 
+def outcome_of(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """The script's stdout and stderr once it has ended (killed after ``timeout`` s)."""
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 SCRIPT_CTRL_C_CREATING = """
 import os, sys, time
 from pathlib import Path
@@ -1070,18 +1116,68 @@ print(list(cv.Pipeline(range(3)).map(abs, runtime="process")))
 """
 
 
-def test_a_script_without_the_main_guard_gets_a_clear_error(tmp_path: Path) -> None:
-    proc = run_script(tmp_path, SCRIPT_NO_GUARD, CONVEYOR_START_METHOD="spawn")
-    try:
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_script_without_the_main_guard_gets_a_clear_error(tmp_path: Path, method: str) -> None:
+    # forkserver: the server, importing the main module once for all workers, leaves out
+    # one that starts a pipeline, silently; the workers still run it, and say why it fails.
+    proc = run_script(tmp_path, SCRIPT_NO_GUARD, CONVEYOR_START_METHOD=method)
+    _, err = outcome_of(proc, 30)
     assert proc.returncode != 0
     assert "ConfigurationError" in err
     assert 'if __name__ == "__main__":' in err
     assert "bootstrapping" not in err  # not multiprocessing's own message
+    assert "MainStartsPipeline" not in err
+
+
+SCRIPT_COUNTS_ITS_IMPORTS = """
+import os, sys
+import conveyor as cv
+
+print(f"imported as {__name__} in {os.getpid()}", file=sys.stderr)
+COUNT = int(sys.argv[1])  # the script's arguments, wherever it is imported
+
+
+def double(x):
+    return 2 * x
+
+
+if __name__ == "__main__":
+    for run in range(2):
+        print(list(cv.Pipeline(range(COUNT)).map(double, runtime="process", workers=2)))
+"""
+
+
+@pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(), reason="POSIX")
+def test_the_forkserver_imports_the_main_module_once_for_all_workers(tmp_path: Path) -> None:
+    # Regression: multiprocessing (up to 3.13) leaves the main module out of the
+    # forkserver's preload, and each of the four workers ran the script again.
+    proc = run_script(tmp_path, SCRIPT_COUNTS_ITS_IMPORTS, "8", CONVEYOR_START_METHOD="forkserver")
+    out, err = outcome_of(proc, 60)
+    assert proc.returncode == 0, err
+    assert out.splitlines() == [str([2 * x for x in range(8)])] * 2
+    imports = [line for line in err.splitlines() if line.startswith("imported as")]
+    assert len(imports) == 2, err  # the script itself, and the forkserver
+    assert imports[0].startswith("imported as __main__ ")
+    assert imports[1].startswith("imported as __mp_main__ ")
+
+
+def test_only_the_forkserver_imports_the_main_module_named_to_it(tmp_path: Path) -> None:
+    # The variable is in the parent's environment while it starts the forkserver: another
+    # child started meanwhile by some thread of the parent must not import the script
+    # (the forkserver does: see the test above).
+    script = tmp_path / "named.py"
+    script.write_text('print("imported as", __name__)\n')
+    entry = {"init_main_from_path": str(script), "sys_argv": [str(script)], "parent": os.getpid()}
+    done = subprocess.run(
+        [sys.executable, "-c", "import conveyor.runtime._forkserver_main"],
+        env={**os.environ, "CONVEYOR_FORKSERVER_MAIN": json.dumps(entry)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
 
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])

@@ -46,6 +46,34 @@ def serving(pipeline: cv.Pipeline[Any], url: str, namespace: str, **kw: Any) -> 
         worker.join(30.0)
 
 
+class Unserved:
+    """A run driven from a thread of this process, no worker serving it until `finish`."""
+
+    def __init__(
+        self, pipeline: cv.Pipeline[Any], url: str, run_id: str, client: redis.Redis
+    ) -> None:
+        self.pipeline, self.url, self.client = pipeline, url, client
+        self.namespace = new_namespace()
+        self.keys = Keys(self.namespace, pipeline_id(pipeline.stages), run_id)
+        backend = RedisBackend(url, namespace=self.namespace, run_id=run_id)
+        self.results: list[cv.RunResult] = []
+        self.driver = threading.Thread(
+            target=lambda: self.results.append(pipeline.run(collect=True, backend=backend)),
+            daemon=True,
+        )
+        self.driver.start()
+
+    def fed(self) -> int:
+        """Source items the feeder has added so far."""
+        return int(self.client.hget(self.keys.counters, "fed") or 0)
+
+    def finish(self) -> cv.RunResult:
+        """Serve the run with workers until it ends; its result."""
+        with serving(self.pipeline, self.url, self.namespace):
+            self.driver.join(60.0)
+        return self.results[0]
+
+
 @contextmanager
 def redis_client(url: str) -> Iterator[redis.Redis]:
     """A plain redis-py client for looking at what the backend wrote."""
@@ -475,28 +503,41 @@ def test_a_producer_waits_while_the_first_stream_is_over_its_limit(
             yield i
 
     pipeline = cv.Pipeline(source()).map(triple, capacity=150)
-    namespace = new_namespace()
-    backend = RedisBackend(redis_server.url, namespace=namespace, run_id="bp")
-    results: list[cv.RunResult] = []
-    driver = threading.Thread(
-        target=lambda: results.append(pipeline.run(collect=True, backend=backend)), daemon=True
-    )
-    driver.start()
     client = closing(redis.Redis.from_url(redis_server.url))
-    keys = Keys(namespace, pipeline_id(pipeline.stages), "bp")
-
-    def fed() -> int:
-        return int(client.hget(keys.counters, "fed") or 0)
-
-    wait_until(lambda: fed() >= 150, "the first stream to fill")
+    run = Unserved(pipeline, redis_server.url, "bp", client)
+    wait_until(lambda: run.fed() >= 150, "the first stream to fill")
     # No worker yet: the feeder is held at the limit (plus at most one chunk in hand).
     # The limit counts items, whether an entry carries one item or a pack of them.
-    assert fed() <= 150 + 100
-    assert client.xlen(keys.stream(0)) <= 150 + 100
+    assert run.fed() <= 150 + 100
+    assert client.xlen(run.keys.stream(0)) <= 150 + 100
     assert len(pulled) <= 150 + 2 * 100
-    with serving(pipeline, redis_server.url, namespace):
-        driver.join(60.0)
-    assert results[0].outputs == [3 * x for x in range(2000)]
+    assert run.finish().outputs == [3 * x for x in range(2000)]
+
+
+def test_the_feeder_packs_items_once_the_first_stage_has_said_its_batch_size(
+    redis_server: RedisServer, closing: Callable[[Any], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: at a run's start no batch size was recorded, and the feeder filled the
+    whole first stream with one-item entries (over half the entries of a 50k-item run),
+    which every stage then read and handed on one by one. Now it adds one chunk of them
+    and waits for the first hand-off to record how many items a pack may carry."""
+    # Only the recorded batch size ends the wait here (not its time limit).
+    monkeypatch.setattr("conveyor.redis.backend.FIRST_TAKE_SECONDS", 600.0)
+    # A limit far above the run's size: only the wait can hold the feeder back.
+    pipeline = cv.Pipeline(range(600)).map(triple, ordered=False, capacity=100_000)
+    client = closing(redis.Redis.from_url(redis_server.url))
+    run = Unserved(pipeline, redis_server.url, "first-take", client)
+    wait_until(lambda: run.fed() >= 100, "the first chunk")
+    client.hset(run.keys.counters, "take:0", 64)  # what the first hand-off records
+    wait_until(lambda: run.fed() == 600, "the rest of the source")
+    entries = client.xrange(run.keys.stream(0))
+    head, rest = entries[:100], entries[100:]
+    assert all(b"d" in fields for _, fields in head)  # one item each: no batch size yet
+    # The 500 items after them went in packs of up to 64 (a chunk's last items may
+    # make a smaller one).
+    assert len(rest) <= 500 // 8
+    assert any(b"p" in fields for _, fields in rest)
+    assert sorted(run.finish().outputs or []) == [3 * x for x in range(600)]
 
 
 # ---------------------------------------------------------------------- Redis itself

@@ -558,6 +558,35 @@ def test_a_closed_live_run_refuses_more_items_from_the_same_handle(
     assert live.state().fed == 2
 
 
+def test_a_long_lived_worker_forgets_the_runs_that_ended(redis_server: RedisServer) -> None:
+    """A worker serving run after run kept a few entries per run it had served
+    (batch size told, next trim, next reclaim) for ever; they go with the run."""
+    from conveyor.redis.port import RedisPort
+    from conveyor.redis.worker import Worker
+
+    namespace = new_namespace()
+    pipeline = cv.Pipeline(range(30)).map(triple, workers=2)
+    worker = Worker(pipeline, redis_server.url, namespace=namespace).start()
+    try:
+        for _ in range(5):
+            result = pipeline.run(
+                collect=True, backend=RedisBackend(redis_server.url, namespace=namespace)
+            )
+            assert result.outputs == [3 * x for x in range(30)]
+        ports = [p for sr in worker.stage_runs for p in sr.ports if isinstance(p, RedisPort)]
+        assert ports
+
+        def forgotten() -> bool:
+            return all(
+                not (p._told or p._next_trim or p._next_reclaim or p._reclaim_cursor) for p in ports
+            )
+
+        wait_until(forgotten, "the ports to forget the ended runs")
+    finally:
+        worker.stop()
+        worker.join(WAIT)
+
+
 # ---------------------------------------------------------------------- Ctrl-C, Redis down
 
 

@@ -275,11 +275,10 @@ def test_the_books_add_items_in_bulk_and_exactly() -> None:
     books = SingleItemBooks(counters, start, limit=512, target=0.002)
     books.due = float("inf")  # nothing is due before the flush below
     for outputs, filtered in [(1, False), (0, True), (3, False)]:
-        books.took([object()])
+        books.took(object())
         assert counters.current_item is not None
-        books.returned()
+        books.handed_on(time.perf_counter(), outputs, filtered)
         assert counters.current_item is None
-        books.handed_on(outputs, filtered)
     assert (counters.items_in, counters.batches) == (0, 0)  # not added yet
     books.flush()
     assert (counters.items_in, counters.items_out, counters.filtered) == (3, 4, 1)
@@ -293,56 +292,68 @@ def test_the_books_add_what_is_due_as_items_come() -> None:
     counters = WorkerCounters()
     books = SingleItemBooks(counters, time.perf_counter(), limit=512, target=0.002)
     books.due = 0.0  # due at once: each item is added as it is handed on
-    books.took([1])
-    books.returned()
-    books.handed_on(1, False)
+    books.took(1)
+    books.handed_on(time.perf_counter(), 1, False)
     assert (counters.items_in, counters.items_out) == (1, 1)
 
 
 @pytest.fixture
-def takes_ahead(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Records the worker threads' takes of a next item that do not wait (before a put)."""
+def steps(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Records (thread name, "take" or "put") for each get and put of one item that succeeds."""
     from conveyor import channel as channel_module
 
-    seen: list[str] = []
+    seen: list[tuple[str, str]] = []
     for cls in (channel_module.Channel, channel_module._BudgetChannel):
-        real = cls.get_many
+        for method, step in (("get", "take"), ("put", "put")):
+            real = getattr(cls, method)
 
-        def spy(
-            self: Any,
-            max_items: int = 64,
-            block: bool = True,
-            *args: Any,
-            real: Any = real,
-            **kw: Any,
-        ) -> Any:
-            if max_items == 1 and not block:
-                seen.append(threading.current_thread().name)
-            return real(self, max_items, block, *args, **kw)
+            def spy(self: Any, *args: Any, real: Any = real, step: str = step, **kw: Any) -> Any:
+                result = real(self, *args, **kw)
+                seen.append((threading.current_thread().name, step))
+                return result
 
-        monkeypatch.setattr(cls, "get_many", spy)
+            monkeypatch.setattr(cls, method, spy)
     return seen
 
 
-def test_a_thread_worker_takes_its_next_item_before_the_put(takes_ahead: list[str]) -> None:
-    result = cv.Pipeline(range(20)).map(slow(lambda x: x), name="paced").run(collect=True)
-    assert result.outputs == list(range(20))  # in order: one worker takes one item at a time
-    assert any(name.startswith("conveyor-paced-") for name in takes_ahead)
+@pytest.mark.parametrize("max_bytes", [None, 1 << 20])
+def test_a_thread_worker_puts_each_output_before_it_takes_its_next_item(
+    steps: list[tuple[str, str]], max_bytes: int | None
+) -> None:
+    # Nothing between the stage's return and the put that wakes a waiting consumer:
+    # a take there (cold after the stage's wait) delayed that wake-up.
+    result = (
+        cv.Pipeline(range(20))
+        .map(slow(lambda x: x), name="paced")
+        .run(collect=True, max_bytes=max_bytes)
+    )
+    assert result.outputs == list(range(20))
+    worker = [step for name, step in steps if name.startswith("conveyor-paced-")]
+    assert worker == ["take", "put"] * 20
     (stats,) = result.stats
     assert (stats.items_in, stats.items_out, stats.batches) == (20, 20, 20)
 
 
-def test_under_a_byte_budget_a_worker_holds_one_item_at_a_time(takes_ahead: list[str]) -> None:
-    result = (
-        cv.Pipeline(range(20))
-        .map(slow(lambda x: x), name="paced")
-        .run(collect=True, max_bytes=1 << 20)
-    )
-    assert result.outputs == list(range(20))
-    assert not any(name.startswith("conveyor-paced-") for name in takes_ahead)
+def test_an_async_consumer_waiting_for_an_output_gets_it_before_the_worker_takes_again(
+    steps: list[tuple[str, str]],
+) -> None:
+    # The worker task lets a consumer it woke run first: one turn of the loop, before its
+    # counting and its next take.
+    async def consume() -> list[int]:
+        got = []
+        async for x in cv.Pipeline(range(10)).map(slow(lambda x: x, "async"), runtime="async"):
+            steps.append(("consumer", f"got {x}"))
+            got.append(x)
+        return got
+
+    assert asyncio.run(consume()) == list(range(10))
+    order = [step for name, step in steps if name in ("MainThread", "consumer")]
+    for x in range(9):  # "got x" comes before the take of item x + 1 (the take of x is earlier)
+        takes_before = order[: order.index(f"got {x}")].count("take")
+        assert takes_before == x + 1, order
 
 
-def test_an_item_taken_ahead_is_not_lost_when_the_output_waits_for_room() -> None:
+def test_nothing_is_lost_when_the_output_waits_for_room() -> None:
     # A one-slot output and a consumer slower than the stage: every put waits for room
     # while the worker holds the next item.
     outputs = []

@@ -229,6 +229,9 @@ def _channel_params() -> list[Param]:
         Param("Channel.get_many()", "timeout", lambda v: ch.get_many(2, timeout=v), timeout),
         Param("Channel.get_many()", "max_items", ch.get_many, bad_count(1)),
         Param("Channel.wait_for_room()", "timeout", ch.wait_for_room, timeout),
+        Param(
+            "Channel.wait_for_room()", "least", lambda v: ch.wait_for_room(least=v), bad_count(1)
+        ),
     ]
 
 

@@ -49,6 +49,7 @@ from _thread import allocate_lock as _allocate_lock
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from itertools import repeat, starmap
 from time import monotonic
 from types import TracebackType
@@ -176,15 +177,20 @@ class _Waiters(deque[_Waiter]):
     them, and nobody must depend on them to pass a wake-up on. ``singles``
     holds the parked threads that will take one item (``get()``,
     ``get_many(1)``), and ``woken_singles`` counts those among ``woken``.
+    ``least`` (producers only): the free slots a get must leave before it
+    wakes the parked producer; more than 1 only while the one parked is a
+    `Channel.wait_for_room` asking for that much room (any other producer
+    that parks sets it back to 1).
     """
 
-    __slots__ = ("singles", "woken", "woken_singles")
+    __slots__ = ("least", "singles", "woken", "woken_singles")
 
     def __init__(self) -> None:
         super().__init__()
         self.woken = 0
         self.singles: set[_Waiter] = set()
         self.woken_singles = 0
+        self.least = 1
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -415,20 +421,29 @@ class Channel(Generic[T]):
 
     def _relay_room(self) -> None:
         """A woken producer leaving room behind wakes the next parked one."""
-        if self._putters and not self._no_room():
+        if self._putters and not self._no_room() and self._room_for_putters():
             self._wake_one(self._putters)
+
+    def _room_for_putters(self) -> bool:
+        """Whether the free slots reach what the parked producers wait for (`_Waiters.least`)."""
+        least = self._putters.least
+        return least <= 1 or self.maxsize - len(self._items) >= least
 
     def _wake_everyone(self) -> None:
         self._wake(self._getters, len(self._getters))
         self._wake(self._putters, len(self._putters))
 
-    def _sleep(self, waiters: _Waiters, timeout: float | None, single: bool = False) -> None:
+    def _sleep(
+        self, waiters: _Waiters, timeout: float | None, single: bool = False, least: int = 1
+    ) -> None:
         """Release the lock, sleep until woken or ``timeout``, take the lock back.
 
         ``single``: the caller will take one item (see `_Waiters.singles`).
+        ``least``: a producer waiting for that many free slots, if alone (`_Waiters.least`).
         """
         waiter = _allocate_lock()
         waiter.acquire()
+        waiters.least = 1 if waiters else least
         waiters.append(waiter)
         if single:
             waiters.singles.add(waiter)
@@ -573,8 +588,11 @@ class Channel(Generic[T]):
                     item = self._items.popleft()
                 finally:
                     self._relay_items()  # we were woken: pass it on if items are left
-            if self._putters:
-                self._wake(self._putters, 1)  # every time, as in put()
+            putters = self._putters
+            # Every time, as in put(), when the room is what they wait for (inlined
+            # `_room_for_putters`: the hot path).
+            if putters and (putters.least <= 1 or self.maxsize - len(self._items) >= putters.least):
+                self._wake(putters, 1)
             return item
         finally:
             lock.release()
@@ -590,6 +608,11 @@ class Channel(Generic[T]):
     def qsize(self) -> int:
         """Return the number of items (approximate: it may change right after)."""
         return len(self._items)
+
+    def consumers_waiting(self) -> int:
+        """Return how many consumers are parked waiting for an item (approximate, as
+        `qsize`): a put made now wakes one of them."""
+        return len(self._getters)
 
     def empty(self) -> bool:
         """Return True if the channel holds no item now (approximate)."""
@@ -789,7 +812,12 @@ class Channel(Generic[T]):
             else:
                 batch = _take(q, max_items)
             putters = self._putters
-            if putters and not putters.woken:  # _wake_one(), inlined: the hot path
+            # _wake_one() when the room is what they wait for, inlined: the hot path.
+            if (
+                putters
+                and not putters.woken
+                and (putters.least <= 1 or self.maxsize - len(q) >= putters.least)
+            ):
                 self._wake(putters, 1)
             if woken:
                 self._relay_items()  # we were woken: pass it on if items are left
@@ -824,12 +852,20 @@ class Channel(Generic[T]):
                 self._relay_items()
             return len(self._items)
 
-    def wait_for_room(self, timeout: float | None = None) -> int:
+    def wait_for_room(self, timeout: float | None = None, least: int = 1) -> int:
         """Block until the channel has room; return how many items fit now.
 
         For a producer that must not take an item from its own source before
         it can put it (conveyor's feeder uses it to never read ahead). An
         unbounded channel returns ``sys.maxsize``.
+
+        Args:
+            timeout: the longest wait in seconds; then `Full`.
+            least: wait until this many items fit (the capacity at most). A
+                producer that puts in chunks (conveyor's feeder of an
+                in-memory source) is then woken once per chunk's room
+                rather than by every get: a get that leaves less room wakes
+                nobody, while this producer is the only one parked.
 
         Raises:
             Full: no room within ``timeout``.
@@ -837,12 +873,15 @@ class Channel(Generic[T]):
         """
         if timeout is not None:
             _check_timeout(timeout, "Channel.wait_for_room()")
+        if type(least) is not int or least < 1:
+            check_int(least, "least", "Channel.wait_for_room()", 1)
         with self._lock:
             if self.is_shutdown:
                 raise ShutDown("wait_for_room() on a closed channel")
-            slept = self._no_room()
+            want = min(least, self.maxsize) if self.maxsize > 0 else 1
+            slept = self._short_of_room(want)
             if slept:
-                self._wait_for_room(True, timeout)
+                self._wait_for_slots(want, timeout)
             if self.maxsize <= 0:
                 return sys.maxsize
             room = self.maxsize - len(self._items)
@@ -853,6 +892,28 @@ class Channel(Generic[T]):
             if slept:
                 self._relay_room()
             return room
+
+    def _short_of_room(self, want: int) -> bool:
+        """True while fewer than ``want`` items fit (lock held)."""
+        return self._no_room() or (want > 1 and self.maxsize - len(self._items) < want)
+
+    def _wait_for_slots(self, want: int, timeout: float | None) -> None:
+        """Park until ``want`` items fit, or raise Full / ShutDown (lock held)."""
+        deadline = None if timeout is None else monotonic() + timeout
+        slept = False
+        while self._short_of_room(want):
+            if slept:
+                # Woken with too little room for us (a get while others were
+                # parked too, or a budget's get): the room may do for a
+                # producer behind us.
+                self._relay_room()
+            remaining = None if deadline is None else deadline - monotonic()
+            if remaining is not None and remaining <= 0.0:
+                raise Full
+            self._sleep(self._putters, remaining, least=want)
+            slept = True
+            if self.is_shutdown:
+                raise ShutDown("the channel was closed while waiting for room")
 
     async def await_room(self) -> int:
         """Wait from a coroutine until the channel has room; return how many items fit now.
@@ -924,7 +985,9 @@ class Channel(Generic[T]):
                 await self._park(waiters, room_side, need)
                 parked = True
                 continue
-            if parked:
+            # After a wake-up, relay as threads do, when there is a waiter to relay to: one
+            # that parks after our attempt saw, under the lock, what we left and did not park.
+            if parked and waiters:
                 with self._lock:
                     if room_side:
                         self._relay_room()
@@ -941,6 +1004,7 @@ class Channel(Generic[T]):
             # Re-check under the lock: the state may have changed since the caller looked.
             if self.is_shutdown or (not self._no_room(need) if room_side else bool(self._items)):
                 return
+            waiters.least = 1
             waiters.append(waiter)
         try:
             await waiter.future
@@ -973,7 +1037,7 @@ class Channel(Generic[T]):
                 return self.get(False)
             except Empty:  # another consumer was first: wait as usual
                 pass
-        return await self._until_done(lambda: self.get(False), room_side=False)
+        return await self._until_done(partial(self.get, False), room_side=False)
 
     async def aput_many(self, items: Iterable[T]) -> None:
         """Put every item of ``items`` from a coroutine, waiting for room as needed.
@@ -1023,7 +1087,7 @@ class Channel(Generic[T]):
                 return self.get_many(max_items, False)
             except Empty:
                 pass
-        return await self._until_done(lambda: self.get_many(max_items, False), room_side=False)
+        return await self._until_done(partial(self.get_many, max_items, False), room_side=False)
 
     async def __aiter__(self) -> AsyncIterator[T]:
         """Yield items to ``async for`` until the channel is closed and drained."""

@@ -78,6 +78,10 @@ the contract gives Ctrl-C, and longer than a worker needs to see the abort."""
 FEEDER_THREAD = "conveyor-source"
 SIGNAL_CHECK = 0.1
 """Longest sleep of the main thread waiting for outputs: how late Ctrl-C may be seen."""
+REFILL_SLICES = 16
+"""The feeder of an in-memory source waits for a 1/16 of channel 0 to be free before it
+refills it: the channel stays at least 15/16 full, and a get wakes the feeder once per
+slice, not once per item (see `Channel.wait_for_room`'s ``least``)."""
 EXIT_JOIN_TIMEOUT = 1.0
 """How long interpreter exit waits for the workers of a run left going."""
 
@@ -282,9 +286,13 @@ class Run:
         # while pulling them is quick, one lock round-trip per chunk; a chunk
         # never exceeds the room left.
         channel = handle.channel
+        # Refill once a slice of the channel is free rather than after every get: each
+        # wake-up of this thread costs the get that makes it a system call, and the
+        # GIL to a third thread, while a stage's worker hands an item on.
+        least = max(1, channel.maxsize // REFILL_SLICES)
         size = 1
         while True:
-            room = channel.wait_for_room()
+            room = channel.wait_for_room(least=least)
             n = min(size, room)
             if not self._begin_pull():
                 return

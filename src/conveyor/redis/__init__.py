@@ -12,7 +12,8 @@
                          |  XAUTOCLAIM after the visibility timeout         |  (policy.py)
                          |  (entries of dead or stuck consumers)            v
                          |                 one Lua hand-off per batch: XADD outputs to s1,
-                         |                 XACK inputs (+ XTRIM MINID of the acked head),
+                         |                 XACK inputs (+ XTRIM MINID of the acked head,
+                         |                 every 0.1 s per consumer),
                          |                 HINCRBY counters
                          |                 (more than max_deliveries -> [dlq0] + its error)
                      [stream s1] --XREADGROUP--> stage 1 consumers --hand-off--> ...

@@ -79,7 +79,18 @@ log = logging.getLogger("conveyor.redis")
 POLL_SECONDS = 0.2
 """How long the driver blocks on the final stream before it checks the counters."""
 FEED_CHUNK = 100
-"""Items added to the first stream per script call."""
+"""Items added to the first stream per script call while the first stage's batch size
+is unknown (its first hand-off records it), and whatever the first stream's limit."""
+FEED_CHUNK_MAX = 256
+"""Most items added to the first stream per script call, once packs are known: a
+quarter of the first stream's limit at most (at least `FEED_CHUNK`). The feeder's
+chunk sets how much the first stage's workers find in one read, and so how many items
+every stage hands on per script call: with 100 items (a pack of 64 and one of 36) the
+per-call work of every read and hand-off dominated redis-server's CPU per item; 256
+(four full packs) cut it by about 40% (see docs/distributed.md)."""
+FIRST_TAKE_SECONDS = 0.3
+"""How long the feeder waits, at a run's start, for the first stage's first hand-off
+to say how many items a pack may carry (workers find a new run within 0.1 s)."""
 QUIET_SECONDS = 10.0
 """The driver logs a warning when its run's counters stay still this long."""
 DRIVER_LEASE_SECONDS = 5.0
@@ -775,7 +786,7 @@ class _DriverRun:
         self._puller = Run(
             self.pipeline.source,
             [],
-            output_capacity=FEED_CHUNK,
+            output_capacity=_feed_chunk(self.info),
             abort_wait=ABORT_WAIT / 2,
             skip=already_fed,
             # Under a byte budget, what the feeder has pulled (and the chunk it encodes)
@@ -798,7 +809,7 @@ class _DriverRun:
         slow source's items go in as they come, a fast one's in full chunks."""
         pulled.start()
         try:
-            self._feed_from(pulled.outputs(FEED_CHUNK), already_fed)
+            self._feed_from(pulled.outputs(_feed_chunk(self.info)), already_fed)
         except BaseException as exc:
             if not self.stopped.is_set():
                 self._feed_error = exc
@@ -814,13 +825,29 @@ class _DriverRun:
         most = 1  # the first stage's batch size, once its workers record it
         per_entry = 1  # items per entry in the last call
         length = 0
+        rest: list[Any] = []  # what the last chunk pulled and did not add yet
+        packs = stream_pack(self.info, 0) > 1  # the first stream's entries may be packs
+        # How long to wait, at most, for the first stage's batch size (see below).
+        first_take_by = monotonic() + FIRST_TAKE_SECONDS
         while not self.stopped.is_set():
             limit = stream_limit(self.info, 0, per_entry)
             if length >= limit:
                 length = _wait_for_room(self.scripts, stream, limit, self.stopped, self.retry)
+            if packs and most == 1 and length and monotonic() < first_take_by:
+                # No batch size recorded yet (no hand-off of the first stage in this run:
+                # its workers find a new run within REFRESH_SECONDS): rather than fill
+                # the whole stream with one-item entries, which every stage would then
+                # read and hand on one by one (over half of all the entries of a 50k-item
+                # run were those), wait a little for the first hand-off to say how many
+                # items a pack may carry.
+                most = max(1, min(stream_pack(self.info, 0), self._first_take(first_take_by)))
             if ordered or self.reordering:
                 self._wait_for_window(fed)
-            chunk = next(chunks, [])
+            chunk = rest or next(chunks, [])
+            # While the first stage's batch size is unknown the items go one per entry:
+            # no more of them than before chunks grew (the next reply may say it).
+            size = FEED_CHUNK if most == 1 else len(chunk)
+            chunk, rest = chunk[:size], chunk[size:]
             last = not chunk
             records = self._entries(chunk, fed, most)
             if records:
@@ -852,6 +879,25 @@ class _DriverRun:
                     break
             if last:
                 return
+
+    def _first_take(self, deadline: float) -> int:
+        """Wait until the first stage has recorded its batch size (return it); return 0
+        (unknown still) once its workers have read every entry of the first stream, or
+        at ``deadline``: no worker serves the run yet, or its first batch is slow, and
+        then one item per entry is what the stage needs.
+
+        Polls, backing off from 0.5 ms to `MAX_POLL_SECONDS`.
+        """
+        keys, delay = self.keys, 0.0005
+        while True:
+            take = int(self.retry(self.client.hget, keys.counters, "take:0") or 0)
+            if take or self.stopped.is_set() or monotonic() >= deadline:
+                return take
+            args = [WORKER_GROUP, "0"]  # entries not read yet
+            if not self.retry(self.scripts.backlog, keys=[keys.stream(0)], args=args):
+                return 0
+            self.stopped.wait(delay)
+            delay = min(MAX_POLL_SECONDS, delay * 2)
 
     def _next_part(self, records: list[Packed]) -> list[Packed] | None:
         """The records to add next: all of them without a byte budget; under one, as
@@ -1366,6 +1412,13 @@ def _tombstone_streams(stages: tuple[Stage, ...]) -> tuple[int, ...]:
         if stages[i].kind == "batch":
             to = i
     return tuple(reversed(streams))
+
+
+def _feed_chunk(info: RunInfo) -> int:
+    """Most items the feeder adds per script call: `FEED_CHUNK_MAX`, or a quarter of
+    the first stream's limit (not under `FEED_CHUNK`), so that a chunk in hand past the
+    limit stays a fraction of it."""
+    return max(FEED_CHUNK, min(FEED_CHUNK_MAX, info.limits[0] // 4))
 
 
 def _stages(pipeline: Any) -> tuple[Stage, ...]:

@@ -113,6 +113,14 @@ FORGET_CONSUMER_MS = 60_000
 timeouts with long ones) is removed from its group: a worker that was killed."""
 ERROR_TEXT_LIMIT = 4000
 """Characters of a traceback kept with an entry that failed."""
+TRIM_SECONDS = 0.1
+"""How often a consumer's hand-off also trims the acknowledged head of its input
+stream. Trimming at every hand-off cost two or three commands inside the script
+(XPENDING for the oldest pending entry, XTRIM, and XINFO GROUPS when nothing is
+pending), about a sixth of a hand-off's server time, while a stream node only
+goes once all its entries are acknowledged; acknowledged entries wait at most this
+long more (per consumer) and are never backlog, and under a byte budget they are
+deleted at once whatever this says."""
 READ_LIMIT = 1000
 """Most entries one read asks for, whatever the batch size asked."""
 ASYNC_THREADS = 8
@@ -375,6 +383,7 @@ class RedisPort(Port):
         self._made = [0, 0]  # items and entries the records being made add to the output
         self._told: dict[str, int] = {}  # the batch size recorded in each run, by run id
         self._per_entry = 1  # items per entry in the last read of packs
+        self._next_trim: dict[str, float] = {}  # by run id: when to trim the input next
         self._next_reclaim: dict[str, float] = {}
         self._reclaim_cursor: dict[str, bytes] = {}
         self._recover = False
@@ -443,6 +452,8 @@ class RedisPort(Port):
         runs: list[RunContext] = []
         try:
             runs = self.io.directory.runs()
+            if len(self._next_reclaim) > len(runs):
+                self._forget_gone_runs()  # a long-lived worker serves run after run
             if self._run is not None:
                 runs = [c for c in runs if c is self._run]
             runs = self._servable(runs)
@@ -476,6 +487,9 @@ class RedisPort(Port):
                 del self._ready[run_id]
         for key in [key for key in self._packs if key[0] not in live]:
             del self._packs[key]
+        for by_run in (self._told, self._next_trim, self._next_reclaim, self._reclaim_cursor):
+            for run_id in set(by_run) - live:
+                del by_run[run_id]
         if self._run is not None and self._run.info.run_id not in live:
             self._run, self._taken = None, []
 
@@ -948,6 +962,7 @@ class RedisPort(Port):
                 *_output_backlog(info, i),
                 cursor,
                 self._tell(info.run_id),
+                self._trim_due(info.run_id),
                 *records,
             ],
         )
@@ -973,6 +988,15 @@ class RedisPort(Port):
         elif info.max_bytes is not None:
             ctx.blocked_until[i] = 0.0  # under a byte budget, the next read checks the room
         return len(entries) - int(reply[1])
+
+    def _trim_due(self, run_id: str) -> str:
+        """Whether this hand-off also trims the input stream ('1'|'0'): every
+        `TRIM_SECONDS`, and at a run's first hand-off."""
+        now = monotonic()
+        if now < self._next_trim.get(run_id, 0.0):
+            return "0"
+        self._next_trim[run_id] = now + TRIM_SECONDS
+        return "1"
 
     def _tell(self, run_id: str) -> int | str:
         """The batch size to record for the stage in the run ('' if recorded already)."""

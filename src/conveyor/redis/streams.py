@@ -326,7 +326,10 @@ its own, allocated to fit it (so rounded up to the allocator's size class)."""
 # values, whatever the entry format, plus ENTRY_HEADER, an entry of a stream node of
 # its own (SPLIT bytes and more) rounded up to the allocator's size class, plus
 # ENTRY_BOOKKEEPING.
-# budget_on(c): whether the run has a budget (looked up once per script call).
+# budget_on(c): whether the run has a budget (looked up once per script call, or
+# told by budget_known_as(value of the 'budget' field) by a script that read it along
+# with other fields: every redis.call from Lua costs a few microseconds of the server's
+# single thread, more than most commands themselves).
 # xadd(c, key, ...): XADD key * ... and count the entry's bytes.
 # forget(c, key, ids): delete acknowledged entries, so that their memory goes (an
 # XTRIM would keep those behind a pending one), and uncount their bytes.
@@ -342,6 +345,10 @@ local function cost(fields)
     n = math.ceil(n / step) * step
   end
   return n + ENTRY_BOOKKEEPING
+end
+local function budget_known_as(share)
+  -- A script that read the 'budget' field already (with others, in one HMGET).
+  budget_set, budget_known = share ~= false and share ~= nil, true
 end
 local function budget_on(c)
   if not budget_known then
@@ -435,7 +442,9 @@ end
 #       busy us, lowest id, highest id, number of entries, tombstone counter,
 #       output's group, count what it holds as backlog ('1'|'0'),
 #       cursor ('' for no batch stage, '-' for one without paths), the stage's
-#       batch size to record as 'take:<stage>' ('' if unchanged), then records:
+#       batch size to record as 'take:<stage>' ('' if unchanged), trim the input
+#       ('1'|'0': the consumer asks every TRIM_SECONDS, not at every hand-off), then
+#       records:
 #   'o' id data              (first delivery, one output: its field d)
 #   'O' id data seq          (the same with field q)
 #   'a' id deliveries n_out [dest('o'|'f': output|tombstones) k field value ...] * n_out
@@ -479,7 +488,10 @@ end
 local acked, stale, outs, tombs, redelivered, dead = 0, 0, 0, 0, 0, 0
 local done = {}
 if ARGV[16] ~= '' then redis.call('HSET', KEYS[4], 'take:' .. st, ARGV[16]) end
-local i = 17
+-- The run's budget and the next stage's batch size, read together.
+local conf = redis.call('HMGET', KEYS[4], 'budget', 'take:' .. (tonumber(st) + 1))
+budget_known_as(conf[1])
+local i = 18
 while i <= #ARGV do
   local op, id = ARGV[i], ARGV[i + 1]
   if op == 'o' or op == 'O' then
@@ -585,7 +597,7 @@ end
 if #done > 0 then
   redis.call('XACK', KEYS[1], group, unpack(done))
   forget(KEYS[4], KEYS[1], done)
-  trim(KEYS[1], group)
+  if ARGV[17] == '1' then trim(KEYS[1], group) end
 end
 local c = KEYS[4]
 local function add(name, n)
@@ -604,8 +616,7 @@ add('retried:' .. st, ARGV[7])
 add('busy_us:' .. st, ARGV[8])
 -- The driver (final stream) and a batch stage hold entries while they reorder:
 -- those are not backlog, or a missing item could never get past a full stream.
-local take = redis.call('HGET', c, 'take:' .. (tonumber(st) + 1)) or 0
-return {acked, stale, backlog(KEYS[2], ARGV[13], ARGV[14] == '1'), take}
+return {acked, stale, backlog(KEYS[2], ARGV[13], ARGV[14] == '1'), conf[2] or 0}
 """
 )
 
@@ -624,10 +635,10 @@ FEED = (
     LUA_HELPERS
     + """
 if redis.call('EXISTS', KEYS[3]) == 0 then return -1 end
-if ARGV[2] ~= '' then
-  local now = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
-  if now ~= tonumber(ARGV[2]) then return -2 end
-end
+-- The run's budget, the first stage's batch size and the counter, read together.
+local conf = redis.call('HMGET', KEYS[2], 'budget', 'take:0', ARGV[1])
+if ARGV[2] ~= '' and tonumber(conf[3] or '0') ~= tonumber(ARGV[2]) then return -2 end
+budget_known_as(conf[1])
 local i, n = 4, 0
 while i <= #ARGV do
   local k = tonumber(ARGV[i + 1])
@@ -637,7 +648,7 @@ while i <= #ARGV do
 end
 if ARGV[1] ~= '' and n > 0 then redis.call('HINCRBY', KEYS[2], ARGV[1], n) end
 if ARGV[3] == '1' then redis.call('HSET', KEYS[3], 'source_done', '1') end
-return {backlog(KEYS[1], 'workers', true), redis.call('HGET', KEYS[2], 'take:0') or 0}
+return {backlog(KEYS[1], 'workers', true), conf[2] or 0}
 """
 )
 

@@ -15,9 +15,13 @@ socket) with the message that announces it (`conveyor.runtime._wire._BY_FD`).
 The parent keeps the descriptor open for that, and only for blocks within
 the budget: at most ``SPARE_BYTES`` of blocks (in use or spare) hold one.
 
-Only blocks that nobody can touch any more are kept: no array built on them
-is alive in the parent, no message in flight names them, and the worker that
-used them has ended (an interpreter given up in the middle of a call has not).
+Only blocks that no worker can touch any more are kept: no message in flight
+names them, and the worker that used them has ended (an interpreter given up
+in the middle of a call has not). A block that results in the parent still
+view (the last results of a run, which the caller takes after the workers
+have ended) is kept too, but handed out only once the last of them is gone:
+otherwise every run would lose the blocks of its last results and fault
+fresh ones in.
 """
 
 from __future__ import annotations
@@ -53,17 +57,19 @@ class _Spares:
             return True
 
     def take(self, need: int) -> _Arena | None:
-        """A spare block of at least ``need`` bytes (the last kept first), or None."""
+        """A spare block of at least ``need`` bytes that no array uses (the last kept
+        first), or None."""
         with self._lock:
             for index in range(len(self._blocks) - 1, -1, -1):
-                if self._blocks[index].size >= need:
+                arena = self._blocks[index]
+                if arena.size >= need and not arena.in_use():
                     return self._blocks.pop(index)
         return None
 
     def dispose(self, arena: _Arena, reusable: bool, limit: int) -> None:
         """A block a worker is done with: kept if ``reusable`` (see the module docstring) and
         it has its descriptor, else closed (its arrays, if any, keep it mapped)."""
-        if arena.fd is not None and reusable and not arena.in_use():
+        if arena.fd is not None and reusable:
             with self._lock:
                 if self.held <= limit:  # the budget may have been lowered meanwhile
                     self._blocks.append(arena)

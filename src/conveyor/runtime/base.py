@@ -203,15 +203,9 @@ def worker_loop(
             counters.current_item, counters.current_since = batch[0], t1
             outcome = execute(batch)
             t2 = perf_counter()
-            counters.current_item = counters.current_since = None
-            if outcome.busy_seconds is None:
-                outcome.busy_seconds = t2 - t1
-            count_batch(counters, outcome, len(batch), outcome.busy_seconds)
             # Everything the next take needs is done before the hand-off: a
             # consumer it wakes waits for the GIL until this worker blocks again.
-            size = _adapt(size, len(batch), t2 - t1, limit, target)
-            if outcome.size_limit is not None:
-                size = min(size, outcome.size_limit)
+            size = settle_batch(counters, outcome, len(batch), t2 - t1, size, limit, target)
             error = port.deliver(outcome)
             if error is not None:
                 control.fail(error)
@@ -221,11 +215,38 @@ def worker_loop(
     except ShutDown:
         pass  # the run was aborted while we were handing outputs on
     except BaseException as exc:  # a bug in conveyor, Redis lost, or Ctrl-C delivered here
-        holding = counters.current_since is not None
-        control.fail(add_stage_note(exc, stage, counters.current_item, holding=holding))
+        fail_worker(control, exc, stage, counters)
     finally:
         counters.finish()
         port.close()
+
+
+def fail_worker(
+    control: RunControl, exc: BaseException, stage: Stage, counters: WorkerCounters
+) -> None:
+    """Fail the run with what escaped a worker loop, noted with the stage and the item
+    the worker held, if any."""
+    holding = counters.current_since is not None
+    control.fail(add_stage_note(exc, stage, counters.current_item, holding=holding))
+
+
+def settle_batch(
+    counters: WorkerCounters,
+    outcome: BatchOutcome,
+    n: int,
+    seconds: float,
+    size: int,
+    limit: int,
+    target: float,
+) -> int:
+    """Count a batch of ``n`` items that took ``seconds`` and return the size of the
+    next one (what every runtime's worker loop does between a call and its hand-off)."""
+    counters.current_item = counters.current_since = None
+    if outcome.busy_seconds is None:
+        outcome.busy_seconds = seconds
+    count_batch(counters, outcome, n, outcome.busy_seconds)
+    size = _adapt(size, n, seconds, limit, target)
+    return size if outcome.size_limit is None else min(size, outcome.size_limit)
 
 
 def _single_items(
@@ -236,16 +257,16 @@ def _single_items(
     The common case of a slow stage (each item takes longer than half a
     batch's target): no per-item timeout, no recycling, a port straight
     between two channels. The put that wakes a consumer waiting for the
-    item is made as soon as the function returns, and what the worker has
-    to do between that put and the next call, while the woken consumer
-    waits for the GIL, is cut to the least: the counting is done in bulk
-    (`SingleItemBooks`), and the next item is taken *before* the put, when
-    there is one already (without a byte budget, under which a worker holds
-    one item at a time; so while a put waits for room, a worker may hold
-    the next item besides). The policy's outcome and the port's layers
-    are left out. A consumer waiting on a stage of one item per ms got each
-    item 1.85x later (p50) than from a bare `queue.Queue` producer, and 1.63x
-    with this path (paired, docs/benchmarks.md). An item whose call raises goes through
+    item comes as soon as the function returns: nothing is taken before it
+    (a take there, its objects cold after the stage's wait, cost 3 to 6 us
+    before the wake-up), and the counting is done after it and in bulk
+    (`SingleItemBooks`), so that what the worker does between the put and
+    its next call, while the woken consumer may wait for the GIL, is short.
+    Between the return and the put only the clock is read. The policy's
+    outcome and the port's layers are left out. A consumer waiting on a
+    stage of one item per ms got each item 1.85x later (p50) than from a
+    bare `queue.Queue` producer before this path existed, 1.0x to 1.1x now
+    (paired, docs/benchmarks.md). An item whose call raises goes through
     the policy (`process_batch`, which takes over from that first failure)
     and the port, as in `worker_loop`.
 
@@ -256,23 +277,17 @@ def _single_items(
     fn, kind = stage.fn, stage.kind
     assert fn is not None
     channel, handle = ends
-    # Under a byte budget a worker holds one item at a time, as in worker_loop.
-    may_take_ahead = channel.max_bytes is None and handle.channel.max_bytes is None
-    ahead: list[Any] | None = None  # the next item, taken before the put
     try:
         while True:
-            if ahead is not None:
-                batch, ahead = ahead, None
-            else:
-                try:
-                    batch = channel.get_many(1)
-                except ShutDown:
-                    return False
-            item = books.took(batch)
+            try:
+                item = channel.get()
+            except ShutDown:
+                return False
+            books.took(item)
             try:
                 outputs, filtered = outputs_of(kind, item, fn(item))
             except Exception as exc:
-                outcome = process_batch(stage, batch, None, control.sleep, False, exc)
+                outcome = process_batch(stage, [item], None, control.sleep, False, exc)
                 error = port.deliver(books.failed(outcome))
                 if error is not None:
                     control.fail(error)
@@ -282,17 +297,14 @@ def _single_items(
                 add_stage_note(exc, stage, item)
                 raise
             else:
-                books.returned()
-                if may_take_ahead and not books.quick():
-                    try:
-                        ahead = channel.get_many(1, False)
-                    except (Empty, ShutDown):  # the blocking take below waits, or ends
-                        pass
-                try:
-                    if outputs:
-                        handle.put_many(outputs)  # first: it wakes a consumer waiting for it
+                t2 = perf_counter()  # the rest of the counting after the put
+                try:  # first: it wakes a consumer waiting for the output
+                    if len(outputs) == 1:
+                        handle.put(outputs[0])  # a map's: less to do than a batch's put
+                    elif outputs:
+                        handle.put_many(outputs)
                 finally:  # counted even when the put meets a stopped run, as worker_loop counts
-                    books.handed_on(len(outputs), filtered)
+                    books.handed_on(t2, len(outputs), filtered)
             if books.quick():
                 return True
     finally:
@@ -321,23 +333,24 @@ class SingleItemBooks:
         self.outputs = self.dropped = 0
         self.due = t0 + TALLY_SECONDS
 
-    def took(self, batch: list[Any]) -> Any:
-        """The worker took ``batch`` (of one item) and calls the stage now; return the item."""
-        item = batch[0]
+    def took(self, item: Any) -> None:
+        """The worker took ``item`` and calls the stage now."""
         t1 = self.t1 = perf_counter()
         counters = self.counters
         counters.wait_in += t1 - self.t0
         counters.current_item, counters.current_since = item, t1
-        return item
 
     def returned(self) -> None:
         """The stage returned: the worker no longer holds the item."""
         self.t2 = perf_counter()
         self.counters.current_item = self.counters.current_since = None
 
-    def handed_on(self, outputs: int, filtered: bool) -> None:
-        """Count the item just handed on: ``outputs`` outputs, or ``filtered`` out."""
-        self.busy.append(self.t2 - self.t1)
+    def handed_on(self, t2: float, outputs: int, filtered: bool) -> None:
+        """Count the item just handed on, whose call returned at ``t2``: ``outputs``
+        outputs, or ``filtered`` out (the worker held it until then, for stall reports)."""
+        self.t2 = t2
+        self.counters.current_item = self.counters.current_since = None
+        self.busy.append(t2 - self.t1)
         self.outputs += outputs
         self.dropped += filtered
         self.waited()

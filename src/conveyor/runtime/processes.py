@@ -32,7 +32,7 @@ order and each goes to the lane that sent its message. A stage's logic lives
 in `conveyor.stage.process_batch`, which the child runs; the lanes run the
 same `worker_loop` as the thread runtime, with an ``execute`` that ships the
 batch to the child and returns its `BatchOutcome`. Everything specific to
-processes lives in four modules:
+processes lives in these modules:
 
 - ``_wire``: what both sides share, how a batch crosses: the messages,
   pickling with big buffers set aside, the shared-memory blocks;
@@ -40,6 +40,8 @@ processes lives in four modules:
   batches, and how the stage is sent to it);
 - ``_allocator``: in the worker, NumPy's allocator placing the arrays the
   stage creates in the answer's shared-memory block;
+- ``_spare``: free blocks kept, faulted in, for the next workers;
+- ``_forkserver_main``: the main module, imported once in the forkserver;
 - this module: start methods, the parent's side (pipes, shared memory in
   flight, what happens when a child dies or overruns), the exceptions that
   come back from workers, and `ProcessRuntime`.
@@ -57,13 +59,19 @@ feeder and worker threads, at least), which ``fork`` is not. This module
 (and NumPy, when the parent has imported it) is added to the forkserver's
 preload list, so that a worker starts without importing them again; it
 imports ``_child`` and ``_wire``, where the worker's entry point and all it
-needs live, so those are preloaded with it.
+needs live, so those are preloaded with it. So is the main module
+(``_forkserver_main``: multiprocessing up to Python 3.13 leaves it out, and
+every worker then ran the main script again, about 10 ms of its start for
+a script of a few hundred lines; 3.14 imports it, but a failing import
+ends the server).
 
-Both methods run the main module again in every worker process (as
-``__mp_main__``). A script that builds and runs its pipeline at module level
-would then start the pipeline again in each worker: keep that code under
-``if __name__ == "__main__":``. conveyor detects the mistake inside the
-worker and the main process raises `conveyor.ConfigurationError` saying so.
+The main module is imported again as ``__mp_main__``: once in the
+forkserver, or in every worker process with spawn. A script that builds
+and runs its pipeline at module level would then start the pipeline again
+there: keep that code under ``if __name__ == "__main__":``. conveyor detects
+the mistake (the forkserver then leaves the main module to the workers,
+which run it again) and the main process raises
+`conveyor.ConfigurationError` saying so.
 A program read from stdin (``python -``, main module file ``'<stdin>'``) has
 no file to run again: its workers start without it (`_PseudoMainFile`).
 Stage functions, ``on_start`` and ``on_stop`` are sent to each worker with
@@ -115,9 +123,9 @@ the message that announces it. The memory itself is freed when the last
 process unmaps it, that is when the last array built on it is gone (spare
 blocks: when the process exits).
 
-Keep the main module light: spawn and forkserver workers run it again
-before they start (its imports included), and that is part of every run's
-start-up.
+Keep the main module light: spawn workers run it again before they start
+(its imports included), and that is part of every run's start-up; with
+forkserver, the server imports it once, when the first run starts.
 
 Failures
 --------
@@ -184,6 +192,7 @@ from ..policy import (
 )
 from ..remote import rebuild, restore
 from ..stage import Failure, Stage
+from . import _forkserver_main
 from ._child import _child_main, _PackedError, _stage_blob
 from ._spare import SPARES
 from ._wire import (
@@ -292,17 +301,24 @@ def _default_start_method() -> str:
 
 def _preload_in_forkserver() -> None:
     """Add this module, and NumPy when this process uses it, to the forkserver's preload
-    list (effective until the server starts): workers then start without importing them.
-    Importing this module imports the worker's side (`_child`, `_wire`) too."""
+    list, and start the server: workers then start without importing them. Importing this
+    module imports the worker's side (`_child`, `_wire`) too. The main module is imported
+    there as well (`_forkserver_main`), rather than run again by every worker."""
     from multiprocessing import forkserver
 
-    # The list lives in a private attribute; keep whatever the user set there.
+    # The list lives in a private attribute; keep whatever the user set there, but import
+    # the main module through _forkserver_main (last: what it imports is loaded by then).
     server = getattr(forkserver, "_forkserver", None)
     modules = list(getattr(server, "_preload_modules", None) or ["__main__"])
     wanted = ["numpy", __name__] if "numpy" in sys.modules else [__name__]
+    if "__main__" in modules:
+        modules.remove("__main__")
+        wanted.append(_forkserver_main.__name__)
     missing = [name for name in wanted if name not in modules]
     if missing:
         forkserver.set_forkserver_preload([*modules, *missing])
+    with _sigint_held(get_context("forkserver")):  # its imports take a while: see there
+        _forkserver_main.prepare()
 
 
 # ---------------------------------------------------------------------- exceptions
@@ -668,12 +684,19 @@ class _Child:
         go (their arrays keep them mapped).
         """
         reserved = self._reserved
-        free = [a for a in pool if a.ident not in reserved and not a.in_use()]
         # The pool is kept in the order of use, the last used last: that one's pages
         # are the likeliest to be still in the caches.
-        box = next((a for a in reversed(free) if a.size >= need), None)
+        box = next(
+            (
+                a
+                for a in reversed(pool)
+                if a.size >= need and a.ident not in reserved and not a.in_use()
+            ),
+            None,
+        )
         excess = len(pool) + (box is None) - POOL_SIZE
-        if excess > 0:
+        if excess > 0:  # only then is every block looked at
+            free = [a for a in pool if a.ident not in reserved and not a.in_use()]
             busy = [a for a in pool if a not in free and a.ident not in reserved]
             for old in ([a for a in free if a is not box] + busy)[:excess]:
                 self._drop(pool, old)
@@ -1154,12 +1177,12 @@ def _short_repr(item: Any) -> str:
 
 @contextlib.contextmanager
 def _sigint_held(context: Any) -> Iterator[None]:
-    """Block SIGINT in this thread while it starts a worker process. The process (and
-    the forkserver, when this start launches it) inherits the mask, so a Ctrl-C in the
-    terminal, which reaches the whole process group, cannot interrupt its start-up
-    before it ignores SIGINT: the forkserver printed a KeyboardInterrupt traceback from
-    its imports. CPython's resource tracker is started the same way. A Ctrl-C meant for
-    this process still arrives: on the main thread, when the start is done."""
+    """Block SIGINT in this thread while it starts a worker process or the forkserver.
+    The process inherits the mask, so a Ctrl-C in the terminal, which reaches the whole
+    process group, cannot interrupt its start-up before it ignores SIGINT: the
+    forkserver printed a KeyboardInterrupt traceback from its imports. CPython's
+    resource tracker is started the same way. A Ctrl-C meant for this process still
+    arrives: on the main thread, when the start is done."""
     if not hasattr(signal, "pthread_sigmask"):  # Windows: spawn only, no process group
         yield
         return
@@ -1243,6 +1266,8 @@ class ProcessRuntime(Runtime):
         self._registered = False
 
     def start(self, sr: StageRun) -> None:
+        if _forkserver_main.importing():  # the forkserver: it leaves the main module out
+            raise _forkserver_main.MainStartsPipeline
         if getattr(current_process(), "_inheriting", False):
             # This is a worker process importing the main module, which starts a pipeline.
             print(f"conveyor.ConfigurationError: {_main_guard_error()}", file=sys.stderr)

@@ -60,6 +60,15 @@ def leave(x):
 
 
 quits = cv.Pipeline(range(5)).map(leave)
+
+
+def explain(x):
+    if x == 1:
+        raise ValueError("row 1 is malformed:\\n  a,b,,c\\n  expected 4 fields")
+    return x
+
+
+explains = cv.Pipeline(range(3)).map(explain)
 number = 3
 
 
@@ -221,6 +230,18 @@ def test_a_stage_raising_system_exit_fails_the_run_with_its_traceback_and_one_li
     assert result.stderr.rstrip().endswith("conveyor: the run failed: SystemExit: 3")
 
 
+def test_a_failure_with_a_message_of_several_lines_ends_with_its_first_line_only(
+    project: Path,
+) -> None:
+    # The repro: the last line repeated the whole message (on Redis, a DeadLettersError
+    # with the worker's traceback in it) after the traceback had shown it.
+    result = conveyor("run", "pipes:explains", "--no-progress", cwd=project)
+    assert result.returncode == EXIT_PIPELINE_ERROR, result.stderr
+    assert "  expected 4 fields\n" in result.stderr  # the traceback shows it whole
+    last = result.stderr.rstrip().splitlines()[-1]
+    assert last == "conveyor: the run failed: ValueError: row 1 is malformed: (more above)"
+
+
 def test_a_report_path_that_cannot_be_written_is_a_usage_error_before_the_run(
     project: Path,
 ) -> None:
@@ -297,6 +318,10 @@ def test_user_code_failing_while_loading_exits_1_with_its_traceback(
         (["pipes:pipeline", "-w", "parse=0"], "N must be a whole number >= 1"),
         (["pipes:pipeline", "-w", "parse=many"], "N must be a whole number >= 1"),
         (["pipes:pipeline", "-w", "nope=2"], "no stage named 'nope'; stages: 'read', 'parse'"),
+        (
+            ["pipes:pipeline", "-w", "parse=2000"],
+            "'--workers': stage 'parse': 'workers' must be at most 1024 with runtime='thread'",
+        ),
         (["pipes:pipeline", "--report", "no/such/dir/r.html"], "the directory no/such/dir does"),
         (["pipes:pipeline", "--stall-timeout", "0"], "--stall-timeout"),
         (["pipes:pipeline", "--frobnicate"], "No such option"),

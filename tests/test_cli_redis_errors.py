@@ -8,10 +8,12 @@ redis-server from the fixtures.
 
 from __future__ import annotations
 
+import os
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -62,6 +64,19 @@ def leave(x):
 
 
 quits = cv.Pipeline(range(5)).map(leave)
+
+
+def nap(x):
+    import os
+    import pathlib
+    import time
+
+    pathlib.Path(os.environ["NAPPING"]).touch()
+    time.sleep(0.005)
+    return x
+
+
+naps = cv.Pipeline(range(100_000)).map(nap, workers=2)
 """
 
 
@@ -239,6 +254,58 @@ def test_a_serving_worker_stops_cleanly_on_sigterm(
     wait_for(lambda: len(client.client_list()) > before, "the worker's connection")
     assert_stops_cleanly_on_sigterm(proc)
     client.close()
+
+
+def test_a_worker_stopped_while_redis_is_down_stops_cleanly(
+    project: Path, redis_server_factory: RedisServerFactory, tmp_path: Path
+) -> None:
+    # The repro: SIGINT or SIGTERM while Redis was down ended the worker with exit 1,
+    # "the worker failed: ConnectionError" and redis-py's traceback: its consumers'
+    # hand-off of the batch in hand, cut short by the stop, failed the worker.
+    server = redis_server_factory()
+    napping = tmp_path / "napping"
+    env = {**os.environ, "NAPPING": str(napping)}
+    command = [sys.executable, "-m", "conveyor"]
+    target = ["app:naps", "--redis", server.url, "--connect-timeout", "60"]
+    worker = subprocess.Popen(
+        [*command, "worker", *target], cwd=project, env=env, stderr=subprocess.PIPE, text=True
+    )
+    driver = subprocess.Popen(
+        [*command, "run", *target, "--no-progress"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    seen: list[str] = []
+    retrying = threading.Event()
+
+    def read_stderr() -> None:  # a thread: select() misses lines already buffered
+        assert worker.stderr is not None
+        for line in worker.stderr:
+            seen.append(line)
+            if "Redis unavailable (worker)" in line:
+                retrying.set()
+
+    reader = threading.Thread(target=read_stderr)
+    reader.start()
+    try:
+        wait_for(napping.exists, "the worker to work")
+        server.stop()
+        assert retrying.wait(30.0), f"the worker did not retry; it said: {''.join(seen)}"
+        worker.send_signal(signal.SIGINT)
+        worker.wait(timeout=30)
+    finally:
+        for proc in (worker, driver):
+            proc.kill()
+            proc.wait()
+        reader.join(30.0)
+        assert worker.stderr is not None
+        worker.stderr.close()
+    said = "".join(seen)
+    assert worker.returncode == 0, said
+    assert "Traceback" not in said
+    assert "Redis worker stopped with Redis unreachable" in said
 
 
 # ---------------------------------------------------------------------- Redis lost mid-run

@@ -217,6 +217,18 @@ def test_a_source_that_is_not_iterable_is_refused(source: Any) -> None:
 
 
 @pytest.mark.quick
+@pytest.mark.parametrize("method", ["map", "filter", "flat_map", "each", "batch"])
+def test_a_stage_after_each_is_refused_naming_the_sink(method: str) -> None:
+    # The repro: .each(save).map(f) was accepted and the run gave [] without a word.
+    sink = cv.Pipeline(range(3)).each(print, name="save")
+    add = getattr(sink, method)
+    with pytest.raises(cv.ConfigurationError) as info:
+        add(2) if method == "batch" else add(identity)
+    message = str(info.value)
+    assert message.startswith(f"{method}(): the pipeline ends with each() stage 'save'")
+    assert "would never get an item" in message
+
+
 def test_an_empty_pipeline_cannot_run_and_says_so() -> None:
     p = cv.Pipeline([1, 2])
     with pytest.raises(cv.ConfigurationError, match=r"run\(\).*no stage"):

@@ -9,6 +9,7 @@ below): a worker then never imports this module (nor hypothesis).
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import glob
 import json
@@ -1230,3 +1231,81 @@ def test_a_stage_whose_globals_hold_the_function_class_runs_in_worker_processes(
 
     outputs = list(cv.Pipeline(range(5)).map(is_function, runtime="process"))
     assert outputs == [False] * 5
+
+
+HOLD_MODULE = """
+import os
+import time
+from pathlib import Path
+
+# The first process to import this module holds here, in its start-up, until the test
+# has pressed Ctrl-C on it: the forkserver (preloading it) or a spawned worker.
+hold = Path(os.environ["HOLD_DIR"])
+if not (hold / "ready").exists():
+    (hold / "pid").write_text(str(os.getpid()))
+    (hold / "pid").rename(hold / "ready")
+    for _ in range(3000):  # bounded polling: 30 s at most
+        if (hold / "go").exists():
+            break
+        time.sleep(0.01)
+"""
+
+HELD_AT_START = """
+import multiprocessing
+import signal
+import sys
+
+import conveyor as cv
+
+if __name__ == "__mp_main__" and sys.argv[-1] == "spawn":
+    import hold_start  # a spawned worker holds in its start-up
+
+
+def double(x):
+    return 2 * x
+
+
+if __name__ == "__main__":
+    # As in a terminal's job: Ctrl-C not ignored (a shell's background job ignores it).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if sys.argv[1] == "forkserver":
+        multiprocessing.set_forkserver_preload(["hold_start"])  # the server holds
+    print(cv.Pipeline(range(10)).map(double, runtime="process").run(collect=True).outputs)
+"""
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_ctrl_c_in_a_worker_process_start_up_neither_kills_it_nor_prints(
+    tmp_path: Path, method: str
+) -> None:
+    # A Ctrl-C in a terminal reaches the whole process group: the forkserver or a
+    # spawned worker, interrupted in its imports, died with a KeyboardInterrupt traceback
+    # (and the run with WorkerCrashed). Here it reaches that process alone.
+    (tmp_path / "held.py").write_text(HELD_AT_START)
+    (tmp_path / "hold_start.py").write_text(HOLD_MODULE)
+    env = {**os.environ, "HOLD_DIR": str(tmp_path), "CONVEYOR_START_METHOD": method}
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "held.py"), method],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,  # where the forkserver finds hold_start (3.11 ignores its sys_path)
+        start_new_session=True,  # its own process group, as a terminal's job
+    )
+    try:
+        for _ in range(3000):  # bounded polling for the marker: 30 s at most
+            if (tmp_path / "ready").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.01)
+        assert (tmp_path / "ready").exists(), proc.communicate(timeout=30)[0]
+        held = int((tmp_path / "ready").read_text())
+        assert held != proc.pid
+        os.kill(held, signal.SIGINT)
+        (tmp_path / "go").touch()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (proc.returncode, out) == (0, f"{[2 * x for x in range(10)]}\n")

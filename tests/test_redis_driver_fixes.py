@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -584,3 +585,50 @@ def test_a_long_lived_worker_forgets_the_runs_that_ended(redis_server: RedisServ
     finally:
         worker.stop()
         worker.join(WAIT)
+
+
+# ---------------------------------------------------------------------- Ctrl-C, Redis down
+
+
+def sleepy(x: int) -> int:
+    time.sleep(0.005)  # the local workers are in user code, then hand their batch on
+    return x
+
+
+def test_ctrl_c_while_redis_is_down_ends_with_keyboard_interrupt(
+    redis_server_factory: RedisServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Repro: Ctrl-C while the local workers retried a hand-off to a Redis gone down
+    # raised redis-py's ConnectionError from a local worker in place of the
+    # KeyboardInterrupt (a `conveyor run` then exited 1, not 130).
+    server = redis_server_factory()
+    pipeline = cv.Pipeline(range(100_000)).map(sleepy, workers=2)
+    backend = RedisBackend(server.url, namespace=new_namespace(), local_workers=True)
+    main = threading.main_thread().ident or 0
+
+    def caller_waits_for_redis() -> bool:
+        frame = sys._current_frames().get(main)
+        while frame is not None and not frame.f_code.co_filename.endswith("streams.py"):
+            frame = frame.f_back
+        return frame is not None
+
+    def press_when_a_worker_waits_for_redis() -> None:
+        # Pressed while the caller's thread retries its read, inside the run (not in the
+        # loop's body, which would close the run as a break does).
+        wait_until(
+            lambda: "Redis unavailable (worker)" in caplog.text and caller_waits_for_redis(),
+            "the caller and a worker to retry",
+        )
+        signal.pthread_kill(main, signal.SIGINT)
+
+    presser = threading.Thread(target=press_when_a_worker_waits_for_redis)
+    with caplog.at_level("WARNING", logger="conveyor"), pytest.raises(KeyboardInterrupt) as caught:
+        outputs = pipeline.iterate(backend=backend)
+        assert [next(outputs) for _ in range(20)] == list(range(20))
+        server.stop()
+        presser.start()
+        for _ in outputs:
+            pass
+    presser.join()
+    assert "left in Redis (KeyboardInterrupt)" in caplog.text
+    assert isinstance(caught.value, KeyboardInterrupt)

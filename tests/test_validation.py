@@ -385,6 +385,18 @@ def test_a_bad_redis_backend_value_with_an_unreachable_url_fails_at_once() -> No
     assert time.perf_counter() - start < 0.5
 
 
+def test_a_redis_option_redis_py_does_not_take_is_refused_at_once_naming_it() -> None:
+    # The repro: accepted, then every run failed with redis-py's bare "TypeError:
+    # AbstractConnection.__init__() got an unexpected keyword argument 'socket_timout'".
+    with pytest.raises(cv.ConfigurationTypeError) as info:
+        RedisBackend(UNREACHABLE, redis_options={"socket_timout": 2})
+    message = str(info.value)
+    assert message.startswith("RedisBackend 'redis_options' must hold options of redis.Redis")
+    assert "'socket_timout'" in message
+    # Options of the connection and of its pool are taken; nothing connects.
+    RedisBackend(UNREACHABLE, redis_options={"socket_timeout": 2, "max_connections": 8})
+
+
 # ---------------------------------------------------------------------- regressions from issue 13
 
 

@@ -168,6 +168,9 @@ class BackgroundRun:
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the end of the run; True if it ended."""
         check_seconds(timeout, "timeout", "BackgroundRun.wait()", zero=True)
+        return self._wait(timeout)
+
+    def _wait(self, timeout: float | None) -> bool:
         from .engine import wait_interruptibly
 
         return wait_interruptibly(self._ended.wait, timeout)
@@ -180,11 +183,12 @@ class BackgroundRun:
             Exception: the run's error, with its own type, as `Backend.run`
                 raised it.
         """
+        check_seconds(timeout, "timeout", "BackgroundRun.join()", zero=True)
         try:
-            ended = self.wait(timeout)
+            ended = self._wait(timeout)
         except BaseException:  # Ctrl-C while waiting: the run must not go on behind the caller
             self.stop()
-            self.wait(JOIN_SECONDS)
+            self._wait(JOIN_SECONDS)
             raise
         if not ended:
             raise TimeoutError(f"the run did not end within {timeout} s")

@@ -136,8 +136,18 @@ def apply_overrides(pipeline: Pipeline[Any], overrides: Sequence[tuple[str, int]
         try:
             pipeline = pipeline.with_stage(stage, workers=workers)
         except ConfigurationError as exc:
-            raise click.BadParameter(str(exc), param_hint="'--workers'") from None
+            raise click.BadParameter(_about_stage(stage, exc), param_hint="'--workers'") from None
     return pipeline
+
+
+def _about_stage(stage: str, exc: ConfigurationError) -> str:
+    """``with_stage()``'s message as the command line speaks: of the stage, not a method
+    the user did not call."""
+    message = str(exc).removeprefix("with_stage() 'name': ")
+    prefix = f"with_stage({stage!r}) "
+    if message.startswith(prefix):
+        return f"stage {stage!r}: {message.removeprefix(prefix)}"
+    return message
 
 
 # ---------------------------------------------------------------------- the commands

@@ -33,7 +33,7 @@ from .backends import (
     check_backend,
     run_options,
 )
-from .channel import check_max_bytes
+from .channel import Channel, check_max_bytes
 from .engine import JOIN_TIMEOUT, Run, wait_interruptibly
 from .errors import ConfigurationError, ConfigurationTypeError
 from .metrics import MetricsExporter, RunResult, StageStats
@@ -187,6 +187,13 @@ class Pipeline(Generic[T]):
         return self._source
 
     def _with(self, stage: Stage) -> Pipeline[Any]:
+        if self._stages and self._stages[-1].kind == "each":
+            sink = self._stages[-1].name
+            raise ConfigurationError(
+                f"{stage.kind}(): the pipeline ends with each() stage {sink!r}, its sink, "
+                f"which passes nothing on: a stage after it would never get an item. Add "
+                f"{stage.kind}() before each(), or make {sink!r} a map() to pass items on"
+            )
         names = {s.name for s in self._stages}
         if stage.name in names:
             raise _duplicate_name(stage.name)
@@ -396,6 +403,12 @@ class Pipeline(Generic[T]):
                 f"a second run would get nothing (or the rest). Build the pipeline over a "
                 f"re-iterable source (a list, a range, an object whose __iter__ starts "
                 f"afresh), or a new Pipeline over a new iterator for each run"
+            )
+        if self._source_runs[0] and _is_drained_channel(self._source):
+            raise ConfigurationError(
+                f"{method}: the pipeline's 'source' is a Channel that is closed and drained: "
+                f"an earlier run took all its items, and a second run would get nothing. "
+                f"Put the items in a new Channel and build a Pipeline over it"
             )
         _check_processes_allowed(self._stages, method)
         if backend is not None:
@@ -788,6 +801,11 @@ def _is_one_shot(source: object) -> bool:
     if isinstance(source, AsyncIterator):
         return source.__aiter__() is source
     return False
+
+
+def _is_drained_channel(source: object) -> bool:
+    """True for a Channel that can give nothing more: closed, and every item taken."""
+    return isinstance(source, Channel) and source.closed and source.empty()
 
 
 def _not_a_source(source: object) -> ConfigurationTypeError:

@@ -93,7 +93,10 @@ class Failure:
     error: BaseException
     """The last exception it raised."""
     attempts: int
-    """How many times the function was called on it."""
+    """How many times the function was called on it: ``retries + 1`` once its retries
+    are used up. On a process or interpreter stage, a call in a batch whose worker died
+    is not counted: the batch's items are then called again one at a time, to find the
+    one that killed it."""
 
 
 @dataclass(frozen=True)

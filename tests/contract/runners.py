@@ -133,12 +133,13 @@ class Runner:
         run_id: str | None = None,
         backend_options: dict[str, Any] | None = None,
     ) -> Generator[Any, None, None]:
-        """The outputs as they come: ``iter(pipeline)``, or ``RedisBackend.iterate``
-        (``run_id`` and ``backend_options`` as for `run`). Both are generators:
-        closing one (leaving its loop) ends the run."""
+        """The outputs as they come: ``iter(pipeline)``, or ``pipeline.iterate(backend=)``
+        with a Redis backend (``run_id`` and ``backend_options`` as for `run`). Both are
+        generators: closing one (leaving its loop) ends the run."""
         if not self.on_redis:
             return cast("Generator[Any, None, None]", iter(pipeline))
-        return self.backend_for(run_id, **(backend_options or {})).iterate(pipeline)
+        backend = self.backend_for(run_id, **(backend_options or {}))
+        return cast("Generator[Any, None, None]", pipeline.iterate(backend=backend))
 
     def start(self, pipeline: cv.Pipeline[Any], **kw: Any) -> RunHandle:
         """Start in the background: ``pipeline.start(**kw)``, with a backend on redis."""
@@ -179,6 +180,8 @@ REDIS_ONLY = [_combo_param(c) for c in REDIS_COMBOS]
 """For a redis-only test: ``@pytest.mark.parametrize("runner", REDIS_ONLY, indirect=True)``."""
 ASYNC_ONLY = [_combo_param(c) for c in COMBOS if c.startswith("async-")]
 """For a test of coroutine stages: ``@pytest.mark.parametrize("runner", ASYNC_ONLY, ...)``."""
+PROCESS_ONLY = [_combo_param(c) for c in COMBOS if c.startswith("process-")]
+"""For what only worker processes do (die): ``parametrize("runner", PROCESS_ONLY, ...)``."""
 
 
 # ---------------------------------------------------------------------- helpers

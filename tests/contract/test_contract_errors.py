@@ -18,7 +18,7 @@ from typing import Any
 
 import cloudpickle
 import pytest
-from runners import Leftovers, Runner, described, wait_gone
+from runners import PROCESS_ONLY, Leftovers, Runner, described, wait_gone
 
 import conveyor as cv
 
@@ -441,3 +441,31 @@ def test_a_stage_raising_system_exit_or_keyboard_interrupt_ends_the_run_with_it(
         # uncaught SystemExit of a failed stage ended the program with status 0.
         assert info.value.code == 3  # type: ignore[attr-defined]
     assert f"conveyor: stage 'quits' (map) failed on item {BAD}" in info.value.__notes__
+
+
+def dies_on_bad(x: int) -> int:
+    if x == BAD:
+        os._exit(1)  # stands for a crash in C code
+    return x * 10
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+@pytest.mark.parametrize("runner", PROCESS_ONLY, indirect=True)
+def test_an_item_that_kills_its_worker_is_recorded_after_retries_plus_one_attempts(
+    runner: Runner, retries: int
+) -> None:
+    # The item crashed its worker in a batch of several, then alone: it said 2 attempts
+    # with retries=0 (1 when it happened to be alone), against 1 for an item that raises.
+    pipeline = cv.Pipeline(range(20)).map(
+        dies_on_bad,
+        runtime=runner.runtime,
+        retries=retries,
+        backoff=cv.Backoff(initial=0.001, maximum=0.01),
+        on_error="skip",
+        name="fragile",
+    )
+    result = runner.run(pipeline, collect=True)
+    assert sorted(result.outputs or []) == [x * 10 for x in range(20) if x != BAD]
+    [failure] = result.failures
+    assert (failure.stage, failure.item, failure.attempts) == ("fragile", BAD, retries + 1)
+    assert isinstance(failure.error, cv.WorkerCrashed)

@@ -100,6 +100,14 @@ def test_falsy_and_sentinel_like_values_are_data_as_themselves(runner: Runner) -
     assert [type(x) for x in outputs] == [type(x) for x in expected]  # False is not 0
 
 
+def test_a_dict_with_tuple_keys_arrives_as_itself(runner: Runner) -> None:
+    # On Redis, msgpack made the keys lists, which cannot be keys: the entry could not
+    # be decoded and went to the dead letters.
+    items: list[Any] = [{(1, 2): "a", (3, (4, 5)): [6], "k": {(7,): None}}, {(): 0}]
+    pipeline = cv.Pipeline(items).map(runner.fn(identity), runtime=runner.runtime)
+    assert runner.run(pipeline, collect=True).outputs == items
+
+
 def test_each_sees_every_item_once_and_outputs_nothing(runner: Runner, tmp_path: Path) -> None:
     folder = str(tmp_path)
 

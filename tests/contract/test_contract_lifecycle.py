@@ -278,3 +278,36 @@ def test_a_run_left_early_resumes_by_run_id_and_every_output_arrives(runner: Run
     # At least once: the resumed run may repeat some of the first outputs, never skip one.
     assert len(rest) >= len(expected) - len(first), rest[:20]
     assert rest == expected[len(expected) - len(rest) :], rest[:20]
+
+
+# ---------------------------------------------------------------------- running again
+
+
+def test_a_second_run_over_a_closed_and_drained_channel_says_so(runner: Runner) -> None:
+    channel: cv.Channel[int] = cv.Channel(16)
+    channel.put_many(list(range(10)))
+    channel.close()
+    pipeline = two_stages(runner, channel)
+    assert runner.run(pipeline, collect=True).outputs == [inc(triple(x)) for x in range(10)]
+    # The channel gave everything to the first run: a second run would silently be empty.
+    with pytest.raises(cv.ConfigurationError, match="Channel that is closed and drained"):
+        runner.run(pipeline, collect=True)
+    with pytest.raises(cv.ConfigurationError, match="Channel that is closed and drained"):
+        list(runner.iterate(pipeline))
+
+
+def test_a_first_run_over_a_closed_empty_channel_is_an_empty_run(runner: Runner) -> None:
+    empty: cv.Channel[int] = cv.Channel(4)
+    empty.close()
+    assert runner.run(two_stages(runner, empty), collect=True).outputs == []
+
+
+@pytest.mark.parametrize("timeout", [-1, float("nan"), float("inf")])
+def test_join_refuses_a_bad_timeout_naming_join_and_the_run_goes_on(
+    runner: Runner, timeout: float
+) -> None:
+    handle = runner.start(two_stages(runner, range(20)))
+    # On Redis the handle said "BackgroundRun.wait()", a method the caller did not call.
+    with pytest.raises(cv.ConfigurationError, match=r"\.join\(\) 'timeout' must be"):
+        handle.join(timeout=timeout)
+    assert handle.join(timeout=WAIT).items_out == 20

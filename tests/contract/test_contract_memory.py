@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import cloudpickle
 import pytest
-from runners import Runner
+from runners import WAIT, Runner
 
 import conveyor as cv
 
@@ -131,3 +131,14 @@ def test_max_bytes_is_validated_on_every_backend(runner: Runner) -> None:
         runner.run(pipeline, max_bytes=True)
     with pytest.raises(cv.ConfigurationError, match=r"run\(\) 'max_bytes' must be an int >= 1"):
         runner.run(pipeline, max_bytes=-5)
+
+
+@pytest.mark.parametrize("budget", [2**64, 10**30], ids=["2**64", "10**30"])
+def test_a_budget_larger_than_any_memory_runs_as_an_unbounded_run(
+    runner: Runner, budget: int
+) -> None:
+    # The repro: on Redis, a stream's share over 2**63 never had room (the scripts count
+    # in Lua numbers) and the run waited for ever; locally it ran.
+    pipeline = cv.Pipeline(range(20)).map(runner.fn(passed_on), runtime=runner.runtime)
+    handle = runner.start(pipeline, max_bytes=budget, collect=True)
+    assert handle.join(timeout=WAIT).outputs == list(range(20))

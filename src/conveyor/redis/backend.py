@@ -444,8 +444,12 @@ class RedisBackend(Backend):
             else:
                 worker.join(run.abort_left(), grace=LOCAL_ABORT_GRACE)
         except BaseException as exc:
-            if exc is not error:  # the run ended with it already
+            if error is None or not isinstance(exc, Exception):
                 raise
+            if exc is not error:
+                # The run ends with its own error (a Ctrl-C...): a local worker's, such as
+                # Redis lost while it handed a batch on, must not take its place.
+                add_note(error, f"conveyor: a local worker failed too: {type(exc).__name__}: {exc}")
         finally:
             if error is not None:
                 for text in worker.left_behind:
@@ -1544,6 +1548,22 @@ def _check_options(options: dict[str, Any]) -> None:
         raise ConfigurationTypeError(
             f"{where} 'redis_options' must be a dict or None, got {type(redis_options).__name__}"
         )
+    if redis_options:
+        _check_redis_options(url, redis_options, where)
+
+
+def _check_redis_options(url: str, redis_options: dict[str, Any], where: str) -> None:
+    """Refuse an option redis-py does not take now, not at the run's first connection:
+    build (without connecting) the connection the options make."""
+    import redis
+
+    try:
+        pool = redis.ConnectionPool.from_url(url, **redis_options)
+        pool.connection_class(**pool.connection_kwargs)
+    except TypeError as exc:
+        raise ConfigurationTypeError(
+            f"{where} 'redis_options' must hold options of redis.Redis.from_url: {exc}"
+        ) from exc
 
 
 def _wait_for_room(

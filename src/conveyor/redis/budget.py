@@ -33,6 +33,7 @@ from typing import Any
 from .streams import ENTRY_BOOKKEEPING, ENTRY_HEADER, MAX_POLL_SECONDS, SPLIT, Retrier, Scripts
 
 __all__ = [
+    "MAX_SHARE",
     "Room",
     "entry_cost",
     "fitting",
@@ -49,9 +50,16 @@ FIRST_POLL_SECONDS = 0.0005
 """The first wait between two checks of a stream's room; it doubles to `MAX_POLL_SECONDS`."""
 
 
+MAX_SHARE = 2**53
+"""The largest share a stream is given (8 PiB, more than any Redis holds): the Lua
+scripts count bytes in doubles, exact to 2**53; a larger share (``max_bytes=10**20``)
+never had room, and the run waited for ever."""
+
+
 def share_of(max_bytes: int, stages: int) -> int:
-    """Each stream's share of a run's budget: ``max_bytes // (stages + 1)``, one at least."""
-    return max(1, max_bytes // (stages + 1))
+    """Each stream's share of a run's budget: ``max_bytes // (stages + 1)``, one at least,
+    `MAX_SHARE` at most."""
+    return min(MAX_SHARE, max(1, max_bytes // (stages + 1)))
 
 
 def allocated(n: int) -> int:

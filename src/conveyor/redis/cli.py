@@ -241,7 +241,11 @@ def print_exception(exc: BaseException) -> None:
 def exit_failed(what: str, exc: BaseException) -> NoReturn:
     """Show why ``what`` failed (the user's traceback, then one line) and exit with 1."""
     print_exception(exc)
-    click.echo(f"conveyor: {what} failed: {type(exc).__name__}: {exc}", err=True)
+    # One line: a message of several (a DeadLettersError holds a worker's traceback)
+    # has been shown whole with the traceback just above.
+    first, more, _ = str(exc).partition("\n")
+    line = f"{first} (more above)" if more else first
+    click.echo(f"conveyor: {what} failed: {type(exc).__name__}: {line}", err=True)
     sys.exit(EXIT_PIPELINE_ERROR)
 
 

@@ -5,7 +5,8 @@ path in ``q``; with the pickle codec, an HMAC-SHA256 of ``d`` in ``s``.
 
 - ``msgpack`` (the default) and ``json`` carry plain data only (None, bool,
   int, float, str, bytes with msgpack, lists, dicts); tuples come back as
-  lists. Decoding them never runs code.
+  lists, but as dict keys (msgpack), where a list cannot be one. Decoding them
+  never runs code.
 - ``pickle`` carries any picklable object (cloudpickle, so lambdas too), and
   only with a secret key shared by the driver and the workers: every entry
   is signed, and an entry whose signature is missing or wrong is refused
@@ -69,7 +70,14 @@ class Codec:
         """The item back from its bytes."""
         import msgpack
 
-        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+        try:
+            return msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except TypeError:
+            # A dict key that was a tuple comes back as a list, which cannot be a key:
+            # read it again with such keys as tuples (only then: the hook costs time).
+            return msgpack.unpackb(
+                data, raw=False, strict_map_key=False, object_pairs_hook=_with_tuple_keys
+            )
 
     def sign(self, data: bytes) -> bytes | None:
         """The signature of ``data`` (field ``s``), or None when the codec signs nothing."""
@@ -113,6 +121,15 @@ class Codec:
         if data is None:
             raise PayloadRejected("the entry has no 'd' field")
         return self.loads(data)
+
+
+def _with_tuple_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A decoded map whose list keys (tuples when encoded) are tuples again."""
+    return {_as_key(key): value for key, value in pairs}
+
+
+def _as_key(key: Any) -> Any:
+    return tuple(_as_key(x) for x in key) if isinstance(key, list) else key
 
 
 class JsonCodec(Codec):

@@ -120,6 +120,7 @@ class Worker:
         self.control = RunControl()
         self.stopped = threading.Event()
         """Set once the worker stops (`stop`, a signal, or a failure)."""
+        self._stop_asked = False  # `stop` was called (a signal...), not only a failure
         self.control.on_abort(self.stopped.set)
         self.runtimes = Runtimes()
         self.stage_runs: list[StageRun] = []
@@ -204,6 +205,7 @@ class Worker:
         """Stop serving, gracefully: consumers take nothing more, finish and hand on the
         batch in hand, run their ``on_stop`` (process children too) and end. `join`
         ends what does not end in time."""
+        self._stop_asked = True
         self.stopped.set()
 
     def join(self, timeout: float | None = None, grace: float = ABORT_GRACE) -> None:
@@ -232,6 +234,11 @@ class Worker:
         error = self.control.error
         if error is not None:
             self.control.error = None
+            if self._stop_asked and _redis_lost(error):
+                # Asked to stop while Redis was down: the batches in hand could not be
+                # handed on, and stay pending in Redis for the next worker to take over.
+                log.warning("conveyor: Redis worker stopped with Redis unreachable: %s", error)
+                return
             raise error
 
     def run_forever(self) -> None:
@@ -279,6 +286,13 @@ class Worker:
     def __exit__(self, *exc_info: Any) -> None:
         self.stop()
         self.join(30.0)
+
+
+def _redis_lost(error: BaseException) -> bool:
+    """Whether ``error`` is Redis unreachable (what a stopped retry re-raises)."""
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    return isinstance(error, (ConnectionError, TimeoutError))
 
 
 def _check_names(param: str, given: Sequence[str], names: Sequence[str], what: str) -> None:

@@ -337,6 +337,8 @@ def _child_main(conn: Connection, blob: bytes, interpreter: bool = False) -> Non
     """The body of a worker process (or, with ``interpreter``, of a worker subinterpreter)."""
     if not interpreter:  # a subinterpreter shares its parent's process, signals and life
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+        if hasattr(signal, "pthread_sigmask"):  # blocked while it started (_sigint_held)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         _exit_with_parent()
     try:
         stage, files = cloudpickle.loads(blob)

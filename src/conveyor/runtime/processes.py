@@ -317,7 +317,8 @@ def _preload_in_forkserver() -> None:
     missing = [name for name in wanted if name not in modules]
     if missing:
         forkserver.set_forkserver_preload([*modules, *missing])
-    _forkserver_main.prepare()
+    with _sigint_held(get_context("forkserver")):  # its imports take a while: see there
+        _forkserver_main.prepare()
 
 
 # ---------------------------------------------------------------------- exceptions
@@ -918,7 +919,7 @@ class _Worker:
             target=_child_main, args=(theirs, self.blob), name=name, daemon=True
         )
         try:
-            with _pseudo_main_file.hidden():
+            with _pseudo_main_file.hidden(), _sigint_held(runtime.context):
                 process.start()
         except RuntimeError as exc:
             if "bootstrapping phase" in str(exc):
@@ -1120,12 +1121,15 @@ class _Worker:
         if child.timed_out:
             job.charged[start] = job.charged.get(start, 0) + max(1, child.attempts)
         else:
-            for index in range(start, end):
-                job.charged[index] = job.charged.get(index, 0) + 1
             if stage.retries == 0 and stage.on_error == "raise":
                 crash = self._crash_error(child, held)
                 job.stop(add_stage_note(crash, stage, held[0]) if len(held) == 1 else crash, start)
                 return False
+            # A crash is charged to an item only when it held no other: which item of
+            # a batch did it is unknown, so each is sent again alone (uncharged), and
+            # `Failure.attempts` counts the same calls however the items were batched.
+            if end - start == 1:
+                job.charged[start] = job.charged.get(start, 0) + 1
         if end - start > 1:  # which one did it? Send them again one by one.
             job.isolate_until = end
             job.outcome.retried += 1
@@ -1169,6 +1173,31 @@ def _lanes(stage: Stage) -> int:
 
 def _short_repr(item: Any) -> str:
     return item_repr(item)  # as the stage notes show items
+
+
+@contextlib.contextmanager
+def _sigint_held(context: Any) -> Iterator[None]:
+    """Block SIGINT in this thread while it starts a worker process or the forkserver.
+    The process inherits the mask, so a Ctrl-C in the terminal, which reaches the whole
+    process group, cannot interrupt its start-up before it ignores SIGINT: the
+    forkserver printed a KeyboardInterrupt traceback from its imports. CPython's
+    resource tracker is started the same way. A Ctrl-C meant for this process still
+    arrives: on the main thread, when the start is done."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: spawn only, no process group
+        yield
+        return
+    method = getattr(context, "get_start_method", None)  # None: interpreters
+    if method is not None and method() in ("forkserver", "spawn"):
+        # The tracker these starts need unblocks SIGINT after starting itself: start it
+        # first, so that it finds itself running under the block.
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 class _PseudoMainFile:

@@ -23,8 +23,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -327,3 +329,17 @@ def conveyor_logger_kept() -> Iterator[None]:
     yield
     logger.handlers[:] = handlers
     logger.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def _sigint_left_unblocked() -> Iterator[None]:
+    """Fail the test that leaves SIGINT blocked in the main thread: every later Ctrl-C
+    test of the session would hang, far from the cause."""
+    yield
+    if not hasattr(signal, "pthread_sigmask"):
+        return
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, ()):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        pytest.fail("the test left SIGINT blocked in the main thread")

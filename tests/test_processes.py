@@ -1309,3 +1309,28 @@ def test_ctrl_c_in_a_worker_process_start_up_neither_kills_it_nor_prints(
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert (proc.returncode, out) == (0, f"{[2 * x for x in range(10)]}\n")
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+def test_a_ctrl_c_landing_as_sigint_is_blocked_for_a_start_leaves_it_unblocked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Ctrl-C that came just before a worker's start blocked SIGINT raised from the
+    blocking call itself, before the restore was armed: the main thread kept SIGINT
+    blocked, and every later Ctrl-C of the program was lost (a later run hung)."""
+    from conveyor.runtime import processes
+
+    real = signal.pthread_sigmask
+
+    def handler_runs_after_the_block(how: int, mask: Any) -> Any:
+        before = real(how, mask)
+        if how == signal.SIG_BLOCK and signal.SIGINT in set(mask):
+            raise KeyboardInterrupt  # the pending handler, run as the call returns
+        return before
+
+    assert signal.SIGINT not in real(signal.SIG_BLOCK, ())
+    monkeypatch.setattr(signal, "pthread_sigmask", handler_runs_after_the_block)
+    with pytest.raises(KeyboardInterrupt), processes._sigint_held(None):
+        pass
+    monkeypatch.undo()
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, ())

@@ -1193,11 +1193,16 @@ def _sigint_held(context: Any) -> Iterator[None]:
         from multiprocessing import resource_tracker
 
         resource_tracker.ensure_running()
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    # A Ctrl-C that arrived just before the block runs its handler as soon as the call
+    # returns: the block must be undone then too, or this thread (the main one, often)
+    # would never see a Ctrl-C again. So read the mask first and block inside the try.
+    was_blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, ())
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        if not was_blocked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 class _PseudoMainFile:

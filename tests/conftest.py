@@ -331,14 +331,27 @@ def conveyor_logger_kept() -> Iterator[None]:
     logger.setLevel(level)
 
 
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    # Started in the background by a shell without job control (`.ci/run &`): SIGINT
+    # is ignored, so Python installed no KeyboardInterrupt handler, and the Ctrl-C
+    # tests (and the programs they start, which inherit an ignored signal) would wait
+    # for ever. Restore what an interactive start gives.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(autouse=True)
 def _sigint_left_unblocked() -> Iterator[None]:
-    """Fail the test that leaves SIGINT blocked in the main thread: every later Ctrl-C
-    test of the session would hang, far from the cause."""
+    """Fail the test that leaves SIGINT blocked in the main thread, or its handler
+    changed: every later Ctrl-C test of the session would hang, far from the cause."""
+    handler = signal.getsignal(signal.SIGINT)
     yield
-    if not hasattr(signal, "pthread_sigmask"):
-        return
     if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is not handler:
+        left = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, handler)
+        pytest.fail(f"the test left SIGINT's handler changed: {left!r}")
+    if not hasattr(signal, "pthread_sigmask"):
         return
     if signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, ()):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

@@ -32,7 +32,13 @@ parent's one copy into shared memory (512 arrays into four 4 MiB blocks of
 ``multiprocessing.shared_memory`` in turn, as the runtime reuses its blocks),
 and all the rest (the same run with that copy skipped, less the start-up: a
 diagnostic that replaces ``conveyor.runtime._wire._copy``; its results are not
-the inputs).
+the inputs). Then, for each array candidate, where the time of a run goes,
+against the main-memory memcpy: its wall time, the CPU time of the parent
+process (all its threads) and of the worker process (which reports its own in
+an ``on_stop``) over the run, the stage's own pass measured alone (512 arrays
+from one ring of shared-memory blocks into another, in this process), and the
+least time two cores allow those two processes: max(parent, worker,
+(parent + worker) / 2).
 
 --write replaces this script's section of docs/benchmarks.md; --json PATH
 writes, per workload, conveyor's MiB/s and its ratio to memcpy (the peer),
@@ -206,26 +212,12 @@ def copy_into_shared_memory(
 ) -> tuple[Callable[[], float], Callable[[], None]]:
     """The parent's copy alone: every array into shared-memory blocks taken in turn; and
     what frees the blocks."""
-    from multiprocessing import shared_memory
-
-    per_block = 4
-    blocks = [shared_memory.SharedMemory(create=True, size=per_block * MIB) for _ in range(4)]
-    targets = []
-    for block in blocks:
-        view = numpy.ndarray(per_block * MIB // 8, numpy.float64, block.buf)
-        view[:] = 0  # faulted in, as the runtime's reused blocks are
-        targets += [view[i * MIB // 8 : (i + 1) * MIB // 8] for i in range(per_block)]
+    targets, close = shared_ring()
 
     def run() -> float:
         for i in range(COUNT):
             numpy.copyto(targets[i % len(targets)], arrays[i % DISTINCT])
         return 0.0
-
-    def close() -> None:
-        targets.clear()
-        for block in blocks:
-            block.close()
-            block.unlink()
 
     return run, close
 
@@ -256,6 +248,149 @@ def start_up(data: list[Any]) -> Callable[[], float]:
         return 0.0
 
     return run
+
+
+def record_cpu(path: str, _state: Any) -> None:
+    """A worker's ``on_stop``: write its process's CPU seconds so far (since it was forked)
+    to ``path``."""
+    Path(path).write_text(repr(time.process_time()))
+
+
+def cpu_split(fn: Callable[[Any], Any], data: list[Any]) -> Callable[[], tuple[float, float]]:
+    """A full run of the stage; it returns the CPU seconds of the parent process (all its
+    threads) and of the worker process (which writes them in its ``on_stop``)."""
+    import functools
+    import tempfile
+
+    def run() -> tuple[float, float]:
+        with tempfile.TemporaryDirectory() as folder:
+            path = str(Path(folder) / "worker-cpu")
+            on_stop = functools.partial(record_cpu, path)
+            started = time.process_time()
+            source = (data[i % DISTINCT] for i in range(COUNT))
+            n = sum(1 for _ in cv.Pipeline(source).map(fn, runtime="process", on_stop=on_stop))
+            parent = time.process_time() - started
+            assert n == COUNT
+            return parent, float(Path(path).read_text())
+
+    return run
+
+
+def stage_pass_alone(
+    op: Callable[[Any, Any], None] | None, arrays: list[Any]
+) -> tuple[Callable[[], float], Callable[[], None]]:
+    """What the stage does to 512 arrays, alone in this process, from shared memory into
+    shared memory (both rings of four 4 MiB blocks, as the worker's inboxes and outboxes);
+    and what frees the blocks."""
+    sources, free_sources = shared_ring()
+    targets, free_targets = shared_ring()
+    for i, target in enumerate(sources):
+        numpy.copyto(target, arrays[i % DISTINCT])
+
+    def run() -> float:
+        if op is not None:
+            for i in range(COUNT):
+                op(sources[i % len(sources)], targets[i % len(targets)])
+        return 0.0
+
+    def close() -> None:
+        free_sources()
+        free_targets()
+
+    return run, close
+
+
+def shared_ring() -> tuple[list[Any], Callable[[], None]]:
+    """16 arrays of 1 MiB on four 4 MiB shared-memory blocks, faulted in; and what frees them."""
+    from multiprocessing import shared_memory
+
+    per_block = 4
+    blocks = [shared_memory.SharedMemory(create=True, size=per_block * MIB) for _ in range(4)]
+    arrays = []
+    for block in blocks:
+        view = numpy.ndarray(per_block * MIB // 8, numpy.float64, block.buf)
+        view[:] = 0  # faulted in, as the runtime's reused blocks are
+        arrays += [view[i * MIB // 8 : (i + 1) * MIB // 8] for i in range(per_block)]
+
+    def close() -> None:
+        arrays.clear()
+        for block in blocks:
+            block.close()
+            block.unlink()
+
+    return arrays, close
+
+
+# The array candidates, and what their stage does alone (`stage_pass_alone`).
+STAGE_PASSES: dict[str, Callable[[Any, Any], None] | None] = {
+    "arrays, returned as they came": None,
+    "arrays, the stage returns `a.copy()`": lambda a, out: numpy.copyto(out, a),
+    "arrays, the stage returns `a * 2`": lambda a, out: numpy.multiply(a, 2, out=out),
+}
+WALL = "the run (wall time, start-up included)"
+PARENT_CPU = "CPU time of the parent process (all its threads)"
+WORKER_CPU = "CPU time of the worker process"
+STAGE_ALONE = "the stage's own pass alone (512 arrays, shared memory to shared memory)"
+LEAST = "the least a run can take on 2 cores: max(parent, worker, (parent + worker) / 2)"
+
+
+def measure_cpu_floor(rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Per array candidate, per part (`WALL` ... `LEAST`): its seconds over memcpy's
+    (`MEMCPY`, right before and after it), per round."""
+    data = payloads()["array"]
+    copy = memcpy(data)
+    parts: dict[str, dict[str, list[float]]] = {
+        name: {part: [] for part in (WALL, PARENT_CPU, WORKER_CPU, STAGE_ALONE, LEAST)}
+        for name in STAGE_PASSES
+    }
+    passes = {name: stage_pass_alone(op, data) for name, op in STAGE_PASSES.items()}
+    runs = {name: cpu_split(CANDIDATES[name][0], data) for name in STAGE_PASSES}
+    try:
+        for round_ in range(rounds + 1):
+            for name in STAGE_PASSES:
+                before = timed(copy)[0]
+                wall, (parent, worker) = timed(runs[name])
+                alone = timed(passes[name][0])[0]
+                reference = (before + timed(copy)[0]) / 2
+                if round_:
+                    least = max(parent, worker, (parent + worker) / 2)
+                    for part, seconds in zip(
+                        (WALL, PARENT_CPU, WORKER_CPU, STAGE_ALONE, LEAST),
+                        (wall, parent, worker, alone, least),
+                        strict=True,
+                    ):
+                        parts[name][part].append(seconds / reference)
+    finally:
+        for _, close in passes.values():
+            close()
+    return parts
+
+
+def cpu_floor_report(parts: dict[str, dict[str, list[float]]]) -> str:
+    def cell(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f} ({min(values):.2f} - {max(values):.2f})"
+
+    names = list(parts)
+    rows = [
+        f"| {part} | {' | '.join(cell(parts[name][part]) for name in names)} |"
+        for part in parts[names[0]]
+    ]
+    shares = " | ".join(f"{100 / statistics.median(parts[name][LEAST]):.0f}%" for name in names)
+    return "\n".join(
+        [
+            "Where the time of a run of each array candidate goes, over memcpy's time "
+            "(source and destination in main memory), median (min - max) over the rounds: "
+            "a run's wall time, the CPU time of each process over it, and the stage's own "
+            "pass measured alone. The two processes run on two cores at once, so a run "
+            "cannot take less than the busier of them, nor than half their sum "
+            "(the last row: a bound, not a forecast).",
+            "",
+            f"| part (time / memcpy's) | {' | '.join(names)} |",
+            "|---|" + "---|" * len(names),
+            *rows,
+            f"| share of memcpy at that least time | {shares} |",
+        ]
+    )
 
 
 START_UP = "start-up (a run of one array)"
@@ -365,7 +500,12 @@ def main() -> None:
     args = parser.parse_args()
     load = os.getloadavg()[0]
     times, share, steadies = measure(args.rounds)
-    floor = f"\n\n{floor_report(measure_floor(args.rounds))}" if args.floor else ""
+    floor = ""
+    if args.floor:
+        floor = (
+            f"\n\n{floor_report(measure_floor(args.rounds))}"
+            f"\n\n{cpu_floor_report(measure_cpu_floor(args.rounds))}"
+        )
     text = (
         f"{report(times, share, args.rounds)}{floor}\n\nMachine: {machine()}; load average "
         f"{load:.1f} at the start; {time.strftime('%Y-%m-%d %H:%M')}."

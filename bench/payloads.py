@@ -17,7 +17,7 @@ of 64 distinct 1 MiB destination arrays in turn (64 MiB read, 64 MiB written,
 neither in the caches). A second reference is kept beside it so that earlier
 figures stay comparable: the same copies into one 1 MiB destination array,
 which stays in the caches (the reference of this script until 2026-12-04, as
-in bench/runtimes.py); it is the faster of the two, about 1.6x here. A round
+in bench/runtimes.py); it is the faster of the two, 1.4-1.7x here. A round
 runs every candidate once, in an order that rotates from round to round,
 after a warm-up round; per run, the candidate's share of a memcpy's bandwidth
 is that memcpy's time over its own (the same bytes moved), both memcpys

@@ -11,23 +11,35 @@ the stage does:
 * bytes, as they came     ``lambda b: b``          (bytes objects)
 * bytes, new              ``bytearray(b)``         (a new object made in the worker)
 
-The reference is memcpy: ``np.copyto`` of the same 512 arrays into one
-1 MiB array (from main memory, as in bench/runtimes.py). A round runs every
-candidate once, in an order that rotates from round to round, after a
-warm-up round; per run, the candidate's share of memcpy bandwidth is
-memcpy's time over its own (the same bytes moved), memcpy running right
-before and after it; the table gives the median and the range over the
-rounds.
+The reference is memcpy bandwidth as it is usually meant, buffers beyond the
+caches on both sides: ``np.copyto`` of the same 512 arrays, each into the next
+of 64 distinct 1 MiB destination arrays in turn (64 MiB read, 64 MiB written,
+neither in the caches). A second reference is kept beside it so that earlier
+figures stay comparable: the same copies into one 1 MiB destination array,
+which stays in the caches (the reference of this script until 2026-12-04, as
+in bench/runtimes.py); it is the faster of the two, 1.4-1.7x here. A round
+runs every candidate once, in an order that rotates from round to round,
+after a warm-up round; per run, the candidate's share of a memcpy's bandwidth
+is that memcpy's time over its own (the same bytes moved), both memcpys
+running right before and after it; the table gives the median and the range
+over the rounds.
 
 Run:  python bench/payloads.py [--rounds 7] [--floor] [--write] [--json PATH]
 
---floor also measures, against the same memcpy, the parts a run of arrays
+--floor also measures, against both memcpys, the parts a run of arrays
 returned as they came is made of: the start-up (a run of one array), the
 parent's one copy into shared memory (512 arrays into four 4 MiB blocks of
 ``multiprocessing.shared_memory`` in turn, as the runtime reuses its blocks),
 and all the rest (the same run with that copy skipped, less the start-up: a
 diagnostic that replaces ``conveyor.runtime._wire._copy``; its results are not
-the inputs).
+the inputs). Then, for each array candidate, where the time of a run goes,
+against the main-memory memcpy: its wall time, the CPU time of the parent
+process (all its threads) and of the worker process (which reports its own in
+an ``on_stop``) over the run, the stage's own pass measured alone (512 arrays
+from one ring of shared-memory blocks into another, in this process), and the
+least time two cores allow those two processes: max(worker,
+(parent + worker) / 2), the worker's work being done by one thread while the
+parent's lanes copy outside the GIL and may use both cores.
 
 --write replaces this script's section of docs/benchmarks.md; --json PATH
 writes, per workload, conveyor's MiB/s and its ratio to memcpy (the peer),
@@ -56,7 +68,8 @@ import conveyor as cv  # noqa: E402
 SECTION = "payloads"
 MIB = 1 << 20
 COUNT, DISTINCT = 512, 64
-MEMCPY = "memcpy (np.copyto, from main memory)"
+MEMCPY = "memcpy (np.copyto, source and destination in main memory)"
+MEMCPY_CACHED = "memcpy into one cached 1 MiB array (the earlier reference)"
 
 
 def as_they_came(x: Any) -> Any:
@@ -116,15 +129,34 @@ def through_a_process_stage(fn: Callable[[Any], Any], data: list[Any]) -> Callab
     return run
 
 
-def memcpy(arrays: list[Any]) -> Callable[[], float]:
-    dst = numpy.empty(MIB // 8)
+def memcpy(arrays: list[Any], destinations: int = DISTINCT) -> Callable[[], float]:
+    """The 512 copies, each into the next of ``destinations`` 1 MiB arrays in turn:
+    DISTINCT of them are beyond the caches like the sources (`MEMCPY`), one stays
+    in them (`MEMCPY_CACHED`)."""
+    targets = [numpy.ones(MIB // 8) for _ in range(destinations)]  # faulted in
 
     def run() -> float:
         for i in range(COUNT):
-            numpy.copyto(dst, arrays[i % DISTINCT])
+            numpy.copyto(targets[i % destinations], arrays[i % DISTINCT])
         return 0.0
 
     return run
+
+
+def references(arrays: list[Any]) -> tuple[Callable[[], float], Callable[[], float]]:
+    """Both memcpys: to main memory (`MEMCPY`), and to a cached destination."""
+    return memcpy(arrays), memcpy(arrays, 1)
+
+
+def around(
+    run: Callable[[], float], copy: Callable[[], float], cached: Callable[[], float]
+) -> tuple[float, float, float, float]:
+    """The run timed with both memcpys right before and after it (in mirrored order):
+    the run's seconds, what it returned, and the mean time of each memcpy."""
+    before, before_cached = timed(copy)[0], timed(cached)[0]
+    took, inner = timed(run)
+    after_cached, after = timed(cached)[0], timed(copy)[0]
+    return took, inner, (before + after) / 2, (before_cached + after_cached) / 2
 
 
 def timed(run: Callable[[], float]) -> tuple[float, float]:
@@ -135,37 +167,43 @@ def timed(run: Callable[[], float]) -> tuple[float, float]:
 
 
 Shares = dict[str, tuple[list[float], list[float]]]
+"""Per candidate, per run: its share of a memcpy's bandwidth, with start-up and without."""
 
 
-def measure(rounds: int) -> tuple[dict[str, list[float]], Shares, dict[str, list[float]]]:
-    """Per candidate: seconds per run, and per run its share of memcpy bandwidth, with
-    start-up and without (from the first result to the last, for COUNT - 1 of them);
-    and the seconds from the first result to the last.
+def measure(
+    rounds: int,
+) -> tuple[dict[str, list[float]], dict[str, Shares], dict[str, list[float]]]:
+    """Per candidate (and memcpy): seconds per run; per reference memcpy (`MEMCPY`,
+    `MEMCPY_CACHED`), each candidate's shares of its bandwidth, with start-up and
+    without (from the first result to the last, for COUNT - 1 of them); and per
+    candidate the seconds from the first result to the last.
 
-    A warm-up round, then ``rounds``; memcpy runs right before and right
-    after each candidate's run, and the share is the mean of the two over
-    the candidate's time: the load of the machine moves within a round.
+    A warm-up round, then ``rounds``; both memcpys run right before and right
+    after each candidate's run, and a share is the mean of a memcpy's two
+    times over the candidate's time: the load of the machine moves within a round.
     """
     data = payloads()
-    copy = memcpy(data["array"])
+    copy, cached = references(data["array"])
     runs = {
         name: through_a_process_stage(fn, data[kind]) for name, (fn, kind) in CANDIDATES.items()
     }
     names = list(runs)
-    times: dict[str, list[float]] = {name: [] for name in [MEMCPY, *names]}
-    share: Shares = {name: ([], []) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in [MEMCPY, MEMCPY_CACHED, *names]}
+    share: dict[str, Shares] = {
+        ref: {name: ([], []) for name in names} for ref in (MEMCPY, MEMCPY_CACHED)
+    }
     steadies: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(rounds + 1):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            (before, _), (took, steady), (after, _) = timed(copy), timed(runs[name]), timed(copy)
+            took, steady, reference, reference_cached = around(runs[name], copy, cached)
             if round_:  # round 0 is the warm-up
                 times[name].append(took)
                 steadies[name].append(steady)
-                times[MEMCPY] += [before, after]
-                reference = (before + after) / 2
-                share[name][0].append(reference / took)
-                share[name][1].append(reference * (COUNT - 1) / COUNT / steady)
+                for ref, seconds in ((MEMCPY, reference), (MEMCPY_CACHED, reference_cached)):
+                    times[ref].append(seconds)
+                    share[ref][name][0].append(seconds / took)
+                    share[ref][name][1].append(seconds * (COUNT - 1) / COUNT / steady)
         print(f"  round {round_}/{rounds} done", file=sys.stderr)
     return times, share, steadies
 
@@ -175,26 +213,12 @@ def copy_into_shared_memory(
 ) -> tuple[Callable[[], float], Callable[[], None]]:
     """The parent's copy alone: every array into shared-memory blocks taken in turn; and
     what frees the blocks."""
-    from multiprocessing import shared_memory
-
-    per_block = 4
-    blocks = [shared_memory.SharedMemory(create=True, size=per_block * MIB) for _ in range(4)]
-    targets = []
-    for block in blocks:
-        view = numpy.ndarray(per_block * MIB // 8, numpy.float64, block.buf)
-        view[:] = 0  # faulted in, as the runtime's reused blocks are
-        targets += [view[i * MIB // 8 : (i + 1) * MIB // 8] for i in range(per_block)]
+    targets, close = shared_ring()
 
     def run() -> float:
         for i in range(COUNT):
             numpy.copyto(targets[i % len(targets)], arrays[i % DISTINCT])
         return 0.0
-
-    def close() -> None:
-        targets.clear()
-        for block in blocks:
-            block.close()
-            block.unlink()
 
     return run, close
 
@@ -227,46 +251,198 @@ def start_up(data: list[Any]) -> Callable[[], float]:
     return run
 
 
+def record_cpu(path: str, _state: Any) -> None:
+    """A worker's ``on_stop``: write its process's CPU seconds so far (since it was forked)
+    to ``path``."""
+    Path(path).write_text(repr(time.process_time()))
+
+
+def cpu_split(fn: Callable[[Any], Any], data: list[Any]) -> Callable[[], tuple[float, float]]:
+    """A full run of the stage; it returns the CPU seconds of the parent process (all its
+    threads) and of the worker process (which writes them in its ``on_stop``)."""
+    import functools
+    import tempfile
+
+    def run() -> tuple[float, float]:
+        with tempfile.TemporaryDirectory() as folder:
+            path = str(Path(folder) / "worker-cpu")
+            on_stop = functools.partial(record_cpu, path)
+            started = time.process_time()
+            source = (data[i % DISTINCT] for i in range(COUNT))
+            n = sum(1 for _ in cv.Pipeline(source).map(fn, runtime="process", on_stop=on_stop))
+            parent = time.process_time() - started
+            assert n == COUNT
+            return parent, float(Path(path).read_text())
+
+    return run
+
+
+def stage_pass_alone(
+    op: Callable[[Any, Any], None] | None, arrays: list[Any]
+) -> tuple[Callable[[], float], Callable[[], None]]:
+    """What the stage does to 512 arrays, alone in this process, from shared memory into
+    shared memory (both rings of four 4 MiB blocks, as the worker's inboxes and outboxes);
+    and what frees the blocks."""
+    sources, free_sources = shared_ring()
+    targets, free_targets = shared_ring()
+    for i, target in enumerate(sources):
+        numpy.copyto(target, arrays[i % DISTINCT])
+
+    def run() -> float:
+        if op is not None:
+            for i in range(COUNT):
+                op(sources[i % len(sources)], targets[i % len(targets)])
+        return 0.0
+
+    def close() -> None:
+        free_sources()
+        free_targets()
+
+    return run, close
+
+
+def shared_ring() -> tuple[list[Any], Callable[[], None]]:
+    """16 arrays of 1 MiB on four 4 MiB shared-memory blocks, faulted in; and what frees them."""
+    from multiprocessing import shared_memory
+
+    per_block = 4
+    blocks = [shared_memory.SharedMemory(create=True, size=per_block * MIB) for _ in range(4)]
+    arrays = []
+    for block in blocks:
+        view = numpy.ndarray(per_block * MIB // 8, numpy.float64, block.buf)
+        view[:] = 0  # faulted in, as the runtime's reused blocks are
+        arrays += [view[i * MIB // 8 : (i + 1) * MIB // 8] for i in range(per_block)]
+
+    def close() -> None:
+        arrays.clear()
+        for block in blocks:
+            block.close()
+            block.unlink()
+
+    return arrays, close
+
+
+# The array candidates, and what their stage does alone (`stage_pass_alone`).
+STAGE_PASSES: dict[str, Callable[[Any, Any], None] | None] = {
+    "arrays, returned as they came": None,
+    "arrays, the stage returns `a.copy()`": lambda a, out: numpy.copyto(out, a),
+    "arrays, the stage returns `a * 2`": lambda a, out: numpy.multiply(a, 2, out=out),
+}
+WALL = "the run (wall time, start-up included)"
+PARENT_CPU = "CPU time of the parent process (all its threads)"
+WORKER_CPU = "CPU time of the worker process"
+STAGE_ALONE = "the stage's own pass alone (512 arrays, shared memory to shared memory)"
+LEAST = "the least a run can take on 2 cores: max(worker, (parent + worker) / 2)"
+
+
+def measure_cpu_floor(rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Per array candidate, per part (`WALL` ... `LEAST`): its seconds over memcpy's
+    (`MEMCPY`, right before and after it), per round."""
+    data = payloads()["array"]
+    copy = memcpy(data)
+    parts: dict[str, dict[str, list[float]]] = {
+        name: {part: [] for part in (WALL, PARENT_CPU, WORKER_CPU, STAGE_ALONE, LEAST)}
+        for name in STAGE_PASSES
+    }
+    passes = {name: stage_pass_alone(op, data) for name, op in STAGE_PASSES.items()}
+    runs = {name: cpu_split(CANDIDATES[name][0], data) for name in STAGE_PASSES}
+    try:
+        for round_ in range(rounds + 1):
+            for name in STAGE_PASSES:
+                before = timed(copy)[0]
+                wall, (parent, worker) = timed(runs[name])
+                alone = timed(passes[name][0])[0]
+                reference = (before + timed(copy)[0]) / 2
+                if round_:
+                    least = max(worker, (parent + worker) / 2)
+                    for part, seconds in zip(
+                        (WALL, PARENT_CPU, WORKER_CPU, STAGE_ALONE, LEAST),
+                        (wall, parent, worker, alone, least),
+                        strict=True,
+                    ):
+                        parts[name][part].append(seconds / reference)
+    finally:
+        for _, close in passes.values():
+            close()
+    return parts
+
+
+def cpu_floor_report(parts: dict[str, dict[str, list[float]]]) -> str:
+    def cell(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f} ({min(values):.2f} - {max(values):.2f})"
+
+    names = list(parts)
+    rows = [
+        f"| {part} | {' | '.join(cell(parts[name][part]) for name in names)} |"
+        for part in parts[names[0]]
+    ]
+    shares = " | ".join(f"{100 / statistics.median(parts[name][LEAST]):.0f}%" for name in names)
+    return "\n".join(
+        [
+            "Where the time of a run of each array candidate goes, over memcpy's time "
+            "(source and destination in main memory), median (min - max) over the rounds: "
+            "a run's wall time, the CPU time of each process over it, and the stage's own "
+            "pass measured alone. Two cores run both processes, so a run cannot take "
+            "less than half their CPU time, nor less than the worker's (one thread does "
+            "its work; the parent's lanes copy outside the GIL and may use both cores): "
+            "the last rows, a bound, not a forecast.",
+            "",
+            f"| part (time / memcpy's) | {' | '.join(names)} |",
+            "|---|" + "---|" * len(names),
+            *rows,
+            f"| share of memcpy at that least time | {shares} |",
+        ]
+    )
+
+
 START_UP = "start-up (a run of one array)"
 COPY = "the parent's copy into shared memory (512 MiB)"
 REST = "everything else (the run with that copy skipped, less the start-up)"
 
 
-def measure_floor(rounds: int) -> dict[str, list[float]]:
-    """Per part, its time over memcpy's (memcpy right before and after it), per round."""
+def measure_floor(rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Per reference memcpy, per part: its time over that memcpy's (both memcpys right
+    before and after it), per round."""
     data = payloads()["array"]
-    copy = memcpy(data)
+    copy, cached = references(data)
     copy_alone, free_blocks = copy_into_shared_memory(data)
     parts = {START_UP: start_up(data), COPY: copy_alone, REST: without_the_copy(data)}
-    shares: dict[str, list[float]] = {name: [] for name in parts}
+    shares: dict[str, dict[str, list[float]]] = {
+        ref: {name: [] for name in parts} for ref in (MEMCPY, MEMCPY_CACHED)
+    }
     try:
         for round_ in range(rounds + 1):
             for name, part in parts.items():
-                (before, _), (took, _), (after, _) = timed(copy), timed(part), timed(copy)
+                took, _, reference, reference_cached = around(part, copy, cached)
                 if round_:
-                    shares[name].append(took / ((before + after) / 2))
+                    shares[MEMCPY][name].append(took / reference)
+                    shares[MEMCPY_CACHED][name].append(took / reference_cached)
             if round_:  # the run without the copy started a worker too
-                shares[REST][-1] -= shares[START_UP][-1]
+                for ref in shares.values():
+                    ref[REST][-1] -= ref[START_UP][-1]
     finally:
         free_blocks()
     return shares
 
 
-def floor_report(shares: dict[str, list[float]]) -> str:
-    rows = [
-        f"| {name} | {statistics.median(v):.2f} ({min(v):.2f} - {max(v):.2f}) |"
-        for name, v in shares.items()
-    ]
-    total = sum(statistics.median(v) for v in shares.values())
+def floor_report(shares: dict[str, dict[str, list[float]]]) -> str:
+    def cell(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f} ({min(values):.2f} - {max(values):.2f})"
+
+    main, cached = shares[MEMCPY], shares[MEMCPY_CACHED]
+    rows = [f"| {name} | {cell(main[name])} | {cell(cached[name])} |" for name in main]
+    total = sum(statistics.median(v) for v in main.values())
+    total_cached = sum(statistics.median(v) for v in cached.values())
     return "\n".join(
         [
             "What a run of arrays returned as they came is made of, each part's time over "
-            "memcpy's (the 512 MiB), median (min - max) over the rounds:",
+            "a memcpy's (of the 512 MiB), median (min - max) over the rounds:",
             "",
-            "| part | time / memcpy's |",
-            "|---|---|",
+            "| part | time / memcpy's | time / cached-destination memcpy's |",
+            "|---|---|---|",
             *rows,
-            f"| sum of the medians | {total:.2f} (share of memcpy: {100 / total:.0f}%) |",
+            f"| sum of the medians | {total:.2f} (share of memcpy: {100 / total:.0f}%) | "
+            f"{total_cached:.2f} (share: {100 / total_cached:.0f}%) |",
         ]
     )
 
@@ -277,27 +453,34 @@ def percent(shares: list[float]) -> str:
     return f"{100 * mid:.0f}% ({100 * low:.0f} - {100 * high:.0f})"
 
 
-def report(times: dict[str, list[float]], share: Shares, rounds: int) -> str:
+def report(times: dict[str, list[float]], share: dict[str, Shares], rounds: int) -> str:
     rows = []
     for name, seconds in times.items():
         mibs = COUNT / statistics.median(seconds)
         if name == MEMCPY:
-            rows.append(f"| {name} | {mibs:,.0f} MiB/s | 100% | 100% |")
+            rows.append(f"| {name} | {mibs:,.0f} MiB/s | 100% | 100% | - | - |")
             continue
-        whole, steady = share[name]
-        rows.append(f"| {name} | {mibs:,.0f} MiB/s | {percent(whole)} | {percent(steady)} |")
+        if name == MEMCPY_CACHED:
+            rows.append(f"| {name} | {mibs:,.0f} MiB/s | - | - | 100% | 100% |")
+            continue
+        cells = [percent(s) for ref in (MEMCPY, MEMCPY_CACHED) for s in share[ref][name]]
+        rows.append(f"| {name} | {mibs:,.0f} MiB/s | {' | '.join(cells)} |")
     return "\n".join(
         [
             f"{COUNT} buffers of 1 MiB ({DISTINCT} distinct ones in turn) through a fresh "
             "pipeline with one process stage of one worker and back to the caller, "
-            f"start-up included; {rounds} rounds after a warm-up, candidates alternated; "
-            "memcpy runs right before and after each run, and the share of memcpy is "
-            "the mean of those two times over the run's: median (min - max) over the rounds. "
+            f"start-up included; {rounds} rounds after a warm-up, candidates alternated. "
+            "memcpy is copying the same arrays with source and destination beyond the caches "
+            f"(each into the next of {DISTINCT} distinct 1 MiB arrays); the earlier "
+            "reference, into one 1 MiB array that stays in the caches, is kept beside it. "
+            "Both run right before and after each run, and a share of memcpy is the mean of "
+            "its two times over the run's: median (min - max) over the rounds. "
             "Without start-up: from the first result to the last (511 MiB).",
             "",
             "| through a process stage and back | MiB/s (median) | share of memcpy | "
-            "share of memcpy, without start-up |",
-            "|---|---|---|---|",
+            "share of memcpy, without start-up | share of the cached-destination memcpy | "
+            "the same, without start-up |",
+            "|---|---|---|---|---|---|",
             *rows,
         ]
     )
@@ -319,7 +502,12 @@ def main() -> None:
     args = parser.parse_args()
     load = os.getloadavg()[0]
     times, share, steadies = measure(args.rounds)
-    floor = f"\n\n{floor_report(measure_floor(args.rounds))}" if args.floor else ""
+    floor = ""
+    if args.floor:
+        floor = (
+            f"\n\n{floor_report(measure_floor(args.rounds))}"
+            f"\n\n{cpu_floor_report(measure_cpu_floor(args.rounds))}"
+        )
     text = (
         f"{report(times, share, args.rounds)}{floor}\n\nMachine: {machine()}; load average "
         f"{load:.1f} at the start; {time.strftime('%Y-%m-%d %H:%M')}."

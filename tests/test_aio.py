@@ -19,7 +19,7 @@ import textwrap
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +111,25 @@ class InFlight:
         with self._lock:
             self.now -= 1
             self.cleaned.append(item)
+
+
+def held_in_flight(
+    flight: InFlight, gate: Gate, free: tuple[int, ...] = ()
+) -> Callable[[int], Awaitable[int]]:
+    """A stage function that returns the items of ``free`` at once and holds the others
+    until ``gate`` opens, counted in ``flight`` (their cleanup too)."""
+
+    async def held(x: int) -> int:
+        if x in free:
+            return x
+        flight.enter()
+        try:
+            await gate.wait()
+        finally:
+            flight.leave(x)
+        return x
+
+    return held
 
 
 def run_in_mode(pipeline: cv.Pipeline[Any], mode: str) -> cv.RunResult:
@@ -428,17 +447,7 @@ def test_a_cancellation_caught_in_the_body_of_async_for_loses_no_output_of_the_b
 @pytest.mark.quick
 def test_cancelling_a_consumer_waiting_in_async_for_stops_the_run_and_ends_the_iterator() -> None:
     flight = InFlight(1)
-    never = Gate()
-
-    async def held(x: int) -> int:
-        if x == 0:
-            return x
-        flight.enter()
-        try:
-            await never.wait()
-        finally:
-            flight.leave(x)
-        return x
+    held = held_in_flight(flight, Gate(), free=(0,))
 
     async def main() -> None:
         pipeline = cv.Pipeline(range(5)).map(held, runtime="async")
@@ -721,15 +730,7 @@ def test_ctrl_c_stops_a_run_with_coroutines_in_flight_and_runs_their_cleanup() -
 @pytest.mark.quick
 def test_stop_cancels_the_coroutines_in_flight_and_their_finally_blocks_run() -> None:
     flight = InFlight(5)
-    never = Gate()
-
-    async def held(x: int) -> int:
-        flight.enter()
-        try:
-            await never.wait()
-        finally:
-            flight.leave(x)
-        return x
+    held = held_in_flight(flight, Gate())
 
     pipeline = cv.Pipeline(range(100)).map(held, workers=5, runtime="async")
     with pipeline.start() as handle:

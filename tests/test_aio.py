@@ -19,7 +19,7 @@ import textwrap
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +111,25 @@ class InFlight:
         with self._lock:
             self.now -= 1
             self.cleaned.append(item)
+
+
+def held_in_flight(
+    flight: InFlight, gate: Gate, free: tuple[int, ...] = ()
+) -> Callable[[int], Awaitable[int]]:
+    """A stage function that returns the items of ``free`` at once and holds the others
+    until ``gate`` opens, counted in ``flight`` (their cleanup too)."""
+
+    async def held(x: int) -> int:
+        if x in free:
+            return x
+        flight.enter()
+        try:
+            await gate.wait()
+        finally:
+            flight.leave(x)
+        return x
+
+    return held
 
 
 def run_in_mode(pipeline: cv.Pipeline[Any], mode: str) -> cv.RunResult:
@@ -390,6 +409,89 @@ def test_breaking_out_of_async_for_stops_the_run_and_closes_the_source() -> None
     assert cleaned == ["source"]
 
 
+@pytest.mark.quick
+def test_a_cancellation_caught_in_the_body_of_async_for_loses_no_output_of_the_batch() -> None:
+    # `async for` over a pipeline takes the outputs a batch at a time and hands
+    # them out one by one from the iterator's own buffer: a consumer cancelled
+    # in its body (which catches it and goes on) must still get every output,
+    # in order, the rest of the batch included.
+    done = Gate()
+
+    async def counted(x: int) -> int:
+        if x == 299:
+            done.open()
+        return 2 * x
+
+    async def main() -> list[int]:
+        got: list[int] = []
+        pipeline = cv.Pipeline(range(300)).map(counted, runtime="async")
+        async for x in pipeline:
+            got.append(x)
+            if len(got) == 1:
+                await done.wait()  # every output is in the last channel: batches from now on
+            if len(got) in (2, 30, 100, 250):
+                task = asyncio.current_task()
+                assert task is not None
+                task.cancel()
+                try:
+                    await asyncio.sleep(0)
+                except asyncio.CancelledError:
+                    task.uncancel()
+                else:
+                    pytest.fail("the cancellation did not land")
+        return got
+
+    assert asyncio.run(main()) == [2 * x for x in range(300)]
+
+
+@pytest.mark.quick
+def test_cancelling_a_consumer_waiting_in_async_for_stops_the_run_and_ends_the_iterator() -> None:
+    flight = InFlight(1)
+    held = held_in_flight(flight, Gate(), free=(0,))
+
+    async def main() -> None:
+        pipeline = cv.Pipeline(range(5)).map(held, runtime="async")
+        outputs = pipeline.__aiter__()
+        assert await outputs.__anext__() == 0
+        waiting = asyncio.ensure_future(outputs.__anext__())
+        while not flight.all_in.is_set():
+            await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert flight.cleaned == [1]  # the stage's coroutine was cancelled, its cleanup ran
+        assert not pipeline._runs  # joined and forgotten
+        with pytest.raises(StopAsyncIteration):
+            await outputs.__anext__()
+        assert not conveyor_threads()
+
+    asyncio.run(main())
+
+
+@pytest.mark.quick
+def test_an_async_for_iterator_dropped_after_a_break_stops_and_joins_its_run() -> None:
+    # Without aclosing: the loop's hooks close what the iterator leaves (as they
+    # would an async generator), which stops the run and joins it.
+    async def main() -> None:
+        pipeline = cv.Pipeline(range(10**6)).map(double, workers=4, runtime="async")
+        outputs = pipeline.__aiter__()
+        async for x in outputs:
+            if x == 20:
+                break
+        (run,) = pipeline._runs
+        assert not run.ended()
+        me = asyncio.current_task()
+        del outputs  # the closing is scheduled on the loop, as a task
+        await asyncio.sleep(0)
+        others = [t for t in asyncio.all_tasks() if t is not me]
+        await asyncio.gather(*others, return_exceptions=True)
+        assert run.ended()
+        assert not pipeline._runs
+        assert run.control.stopped.is_set()
+
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------------- errors and policies
 
 
@@ -628,15 +730,7 @@ def test_ctrl_c_stops_a_run_with_coroutines_in_flight_and_runs_their_cleanup() -
 @pytest.mark.quick
 def test_stop_cancels_the_coroutines_in_flight_and_their_finally_blocks_run() -> None:
     flight = InFlight(5)
-    never = Gate()
-
-    async def held(x: int) -> int:
-        flight.enter()
-        try:
-            await never.wait()
-        finally:
-            flight.leave(x)
-        return x
+    held = held_in_flight(flight, Gate())
 
     pipeline = cv.Pipeline(range(100)).map(held, workers=5, runtime="async")
     with pipeline.start() as handle:

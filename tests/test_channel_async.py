@@ -15,7 +15,14 @@ from typing import Any, TypeVar
 
 import pytest
 
-from conveyor import Channel, ConfigurationError, Empty, Producer, ShutDown
+from conveyor import (
+    Channel,
+    ConfigurationError,
+    ConfigurationTypeError,
+    Empty,
+    Producer,
+    ShutDown,
+)
 from test_channel import Worker  # the same thread-runner as the thread-side tests
 
 pytestmark = [pytest.mark.quick, pytest.mark.timeout(20)]
@@ -228,6 +235,41 @@ def test_aget_many_returns_between_one_and_max_items() -> None:
         assert await getter == [4]
         with pytest.raises(ConfigurationError):
             await ch.aget_many(0)
+
+    run(main())
+
+
+def test_aget_many_refuses_a_bad_max_items_at_once_on_an_empty_channel() -> None:
+    # Regression guard: aget_many parks before it tries again; a bad max_items
+    # must still fail at once, not after an item arrives.
+    async def main() -> None:
+        ch: Channel[int] = Channel(10)
+        for bad in (0, -1, 2.0):
+            with pytest.raises((ConfigurationError, ConfigurationTypeError), match="max_items"):
+                await asyncio.wait_for(ch.aget_many(bad), WAIT)  # type: ignore[arg-type]
+        assert ch.stats().waiting_consumers == 0
+
+    run(main())
+
+
+def test_coroutines_parked_in_the_slow_paths_are_woken_by_a_get_a_put_and_a_close() -> None:
+    # The slow paths park first (their fast path has just failed) and re-check
+    # under the lock there; a wake-up, and a close, still reach them.
+    async def main() -> None:
+        ch: Channel[int] = Channel(1)
+        ch.put(1)
+        putter = asyncio.ensure_future(ch.aput(2))
+        await until(parked_producers(ch, 1))
+        assert ch.get() == 1  # wakes the parked putter
+        await asyncio.wait_for(putter, WAIT)
+        assert ch.stats().waiting_producers == 0
+        getter = asyncio.ensure_future(ch.aget_many(5))
+        assert await asyncio.wait_for(getter, WAIT) == [2]
+        getter = asyncio.ensure_future(ch.aget_many(5))
+        await until(parked_consumers(ch, 1))
+        ch.close()
+        with pytest.raises(ShutDown):
+            await asyncio.wait_for(getter, WAIT)
 
     run(main())
 

@@ -37,6 +37,7 @@ from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
+    Awaitable,
     Callable,
     Iterable,
     Iterator,
@@ -65,7 +66,7 @@ from .stage import DEFAULT_CAPACITY, Stage
 if TYPE_CHECKING:
     import asyncio
 
-__all__ = ["ABORT_WAIT", "JOIN_TIMEOUT", "Run", "wait_interruptibly"]
+__all__ = ["ABORT_WAIT", "JOIN_TIMEOUT", "AsyncOutputs", "Run", "wait_interruptibly"]
 
 log = logging.getLogger("conveyor")
 
@@ -534,6 +535,125 @@ def _skip(source: Iterable[Any] | AsyncIterable[Any], n: int) -> Any:
     if isinstance(source, AsyncIterable):
         return _askip(source, n)
     return islice(source, n, None)
+
+
+class AsyncOutputs:
+    """A run's outputs one by one, for ``async for`` on the run's loop (`Pipeline.__aiter__`).
+
+    A class rather than an async generator over `Run.aoutputs`: a consumer
+    waiting for an output comes back from the channel's wake-up through one
+    coroutine (`__anext__`) instead of three (two async generators and their
+    awaitables), which is most of an idle consumer's hand-off latency on
+    asyncio (docs/benchmarks.md). As `aoutputs`, it takes the last channel's
+    outputs a batch at a time; the batch waits in ``_buffer`` and is handed
+    out without any await, so a cancellation, which can land only in the
+    wait for the next batch (the buffer empty), never takes items with it.
+
+    The run starts at the first `__anext__` (``start`` makes it) and ends
+    when the last channel is drained: then it is joined and its error, if
+    any, raised. An error or a cancellation in the wait, and `aclose`, stop
+    the run and join it, as they would close a generator. ``_closer``, an
+    async generator started with the run, carries the rest of a generator's
+    life: the loop's hooks close it (stopping and joining the run) when this
+    iterator is dropped unclosed or the loop shuts down, and its end takes
+    the run off its pipeline's list (``forget``).
+    """
+
+    __slots__ = ("_buffer", "_closer", "_ended", "_forget", "_run", "_start", "_take")
+
+    def __init__(self, start: Callable[[], Run], forget: Callable[[Run], None]) -> None:
+        self._start = start
+        self._forget = forget
+        self._buffer: deque[Any] = deque()
+        self._run: Run | None = None
+        self._take: Callable[[int], Awaitable[list[Any]]] | None = None
+        self._closer: AsyncGenerator[None, None] | None = None
+        self._ended = False
+
+    def __aiter__(self) -> AsyncOutputs:
+        return self
+
+    async def __anext__(self) -> Any:
+        buffer = self._buffer
+        if buffer:
+            return buffer.popleft()
+        take = self._take
+        if take is None:
+            take = await self._begin()
+        try:
+            batch = await take(MAX_BATCH)
+        except ShutDown:  # drained: the run is over
+            await self._end(None)
+            raise StopAsyncIteration from None
+        except BaseException as exc:  # cancelled, Ctrl-C: stop the run
+            await self._end(exc)
+            raise
+        run: Run = self._run  # type: ignore[assignment]  # set by _begin
+        run.items_out += len(batch)
+        if len(batch) == 1:
+            return batch[0]
+        buffer.extend(batch)
+        return buffer.popleft()
+
+    async def _begin(self) -> Callable[[int], Awaitable[list[Any]]]:
+        """Start the run at the first `__anext__`; StopAsyncIteration once it has ended."""
+        if self._ended:
+            raise StopAsyncIteration
+        try:
+            run = self._start()
+        except BaseException:
+            self._ended = True
+            raise
+        self._run = run
+        self._closer = _close_when_dropped(run, self._forget)
+        await self._closer.__anext__()  # runs to its yield: the loop now tracks it
+        self._take = run.channels[-1].aget_many
+        return self._take
+
+    async def _end(self, exc: BaseException | None) -> None:
+        """The run is over (``exc`` None) or must stop (``exc``): join it, raise its error."""
+        run: Run = self._run  # type: ignore[assignment]  # set by _begin
+        self._take, self._ended = None, True
+        try:
+            try:
+                if exc is not None:
+                    run.abort()
+            finally:
+                await run.ajoin()
+            if exc is None:
+                run.raise_error()
+        except BaseException as error:
+            run.note_left_behind(error)
+            raise
+        else:
+            if exc is not None:
+                run.note_left_behind(exc)
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the run if it is still going, and join it (``contextlib.aclosing``)."""
+        self._take, self._ended = None, True
+        self._buffer.clear()
+        closer, self._closer = self._closer, None
+        if closer is not None:
+            await closer.aclose()
+
+
+async def _close_when_dropped(
+    run: Run, forget: Callable[[Run], None]
+) -> AsyncGenerator[None, None]:
+    """Wait at its yield for the whole iteration (see `AsyncOutputs`); closed, stop and join
+    ``run`` unless it has ended, and forget it."""
+    try:
+        yield
+    finally:
+        try:
+            if not run.ended():
+                run.abort()
+                await run.ajoin()
+        finally:
+            forget(run)
 
 
 async def _askip(source: AsyncIterable[Any], n: int) -> AsyncIterator[Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 import threading
 from collections.abc import (
-    AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
     Awaitable,
@@ -21,6 +20,7 @@ from collections.abc import (
     Mapping,
 )
 from contextlib import aclosing
+from functools import partial
 from os import PathLike
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, Unpack, overload
@@ -34,7 +34,7 @@ from .backends import (
     run_options,
 )
 from .channel import Channel, check_max_bytes
-from .engine import JOIN_TIMEOUT, Run, wait_interruptibly
+from .engine import JOIN_TIMEOUT, AsyncOutputs, Run, wait_interruptibly
 from .errors import ConfigurationError, ConfigurationTypeError
 from .metrics import MetricsExporter, RunResult, StageStats
 from .stage import (
@@ -564,7 +564,7 @@ class Pipeline(Generic[T]):
             _forget(self._runs, run)
         return run.result(outputs)
 
-    def __aiter__(self) -> AsyncGenerator[T, None]:
+    def __aiter__(self) -> AsyncIterator[T]:
         """Run the pipeline from async code; ``async for`` gets the outputs lazily.
 
         Async stages (and an async source) run on the caller's event loop,
@@ -582,22 +582,13 @@ class Pipeline(Generic[T]):
             >>> asyncio.run(main())
             [0, 2, 4]
         """
-        return self._aiterate()
 
-    async def _aiterate(self) -> AsyncGenerator[T, None]:
-        import asyncio  # loaded by then: a coroutine is running
+        def start() -> Run:  # at the first __anext__, from a coroutine on the run's loop
+            import asyncio  # loaded by then: a coroutine is running
 
-        run = self._new_run("iterating a pipeline", loop=asyncio.get_running_loop())
-        try:
-            async with aclosing(run.aoutputs()) as chunks:
-                async for chunk in chunks:
-                    for item in chunk:
-                        yield item
-        except BaseException as exc:
-            run.note_left_behind(exc)
-            raise
-        finally:
-            _forget(self._runs, run)
+            return self._new_run("iterating a pipeline", loop=asyncio.get_running_loop())
+
+        return AsyncOutputs(start, partial(_forget, self._runs))
 
     async def arun(
         self,

@@ -201,7 +201,8 @@ def render(
         "microsecond precision; asyncio's default epoll loop rounds every wait up to a",
         "whole millisecond, which costs its timers up to 1 ms per wake-up when many",
         "coroutines sleep (the two reference rows show the effect on plain asyncio).",
-        "With `arun()` the stage runs on the caller's loop and inherits its precision.",
+        "With `arun()` the stage runs on the caller's loop; while it does, conveyor makes",
+        "asyncio's default loop wait to the microsecond as well.",
         "",
     ]
     return "\n".join(lines)

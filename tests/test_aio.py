@@ -892,3 +892,104 @@ def test_a_caller_can_run_async_for_on_conveyors_kind_of_loop() -> None:
         outputs, precise = runner.run(main())
     assert outputs == [2 * x for x in range(20)]
     assert precise
+
+
+def selector_class(loop: asyncio.AbstractEventLoop) -> type:
+    return type(getattr(loop, "_selector", None))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="asyncio's epoll selector is Linux's")
+@pytest.mark.parametrize("ends", ["done", "raises", "left early"])
+def test_asyncios_default_loop_waits_precisely_while_a_run_is_on_it(ends: str) -> None:
+    # asyncio's default loop rounds every wait up to 1 ms (I/O stages lose about a
+    # tenth of their rate to it): while async stages run on it, its selector waits
+    # to the microsecond; once the run ends, however it ends, the loop is as it was.
+    import selectors
+
+    from conveyor.runtime.aio import _PreciseEpollSelector
+
+    seen: list[type] = []
+
+    async def look(x: int) -> int:
+        seen.append(selector_class(asyncio.get_running_loop()))
+        if ends == "raises" and x == 3:
+            raise Boom(x)
+        return x
+
+    async def main() -> type:
+        pipeline = cv.Pipeline(range(10)).map(look, workers=2, runtime="async")
+        if ends == "left early":
+            async with aclosing(pipeline.__aiter__()) as outputs:
+                async for x in outputs:
+                    if x == 2:
+                        break
+        else:
+            try:
+                assert [x async for x in pipeline] == list(range(10))
+            except Boom:
+                assert ends == "raises"
+        return selector_class(asyncio.get_running_loop())
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert selector_class(loop) is selectors.EpollSelector
+        after = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert seen and set(seen) == {_PreciseEpollSelector}
+    assert after is selectors.EpollSelector
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="asyncio's epoll selector is Linux's")
+def test_the_loop_stays_precise_until_the_last_of_two_runs_on_it_ends() -> None:
+    import selectors
+
+    from conveyor.runtime.aio import _PreciseEpollSelector
+
+    async def main() -> list[type]:
+        loop = asyncio.get_running_loop()
+        first_inside, release_first = asyncio.Event(), asyncio.Event()
+
+        async def held(x: int) -> int:
+            first_inside.set()
+            await release_first.wait()
+            return x
+
+        first = asyncio.ensure_future(cv.Pipeline(range(3)).map(held, runtime="async").arun())
+        await first_inside.wait()
+        classes = [selector_class(loop)]
+        await cv.Pipeline(range(3)).map(double, runtime="async").arun()
+        classes.append(selector_class(loop))  # the first run is still on it
+        release_first.set()
+        await first
+        classes.append(selector_class(loop))
+        return classes
+
+    precise, epoll = _PreciseEpollSelector, selectors.EpollSelector
+    assert asyncio.run(main()) == [precise, precise, epoll]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="asyncio's epoll selector is Linux's")
+def test_a_loop_with_a_selector_of_the_users_own_class_is_left_alone() -> None:
+    import selectors
+
+    class Mine(selectors.EpollSelector):
+        pass
+
+    async def main() -> list[type]:
+        loop = asyncio.get_running_loop()
+        seen = []
+
+        async def look(x: int) -> int:
+            seen.append(selector_class(loop))
+            return x
+
+        await cv.Pipeline(range(3)).map(look, runtime="async").arun()
+        return seen
+
+    loop = asyncio.SelectorEventLoop(Mine())
+    try:
+        assert set(loop.run_until_complete(main())) == {Mine}
+        assert selector_class(loop) is Mine
+    finally:
+        loop.close()

@@ -993,3 +993,26 @@ def test_a_loop_with_a_selector_of_the_users_own_class_is_left_alone() -> None:
         assert selector_class(loop) is Mine
     finally:
         loop.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="asyncio's epoll selector is Linux's")
+def test_a_selector_switched_back_while_it_waits_finishes_its_wait() -> None:
+    # Regression (a cancelled arun with a stuck stage): the run's end switches the
+    # caller's selector back from the joining thread while the loop's thread may be
+    # inside the precise select(), which then called super() on an object no longer
+    # of its class: TypeError out of the loop. The state, reproduced: the precise
+    # method running on a selector already switched back.
+    import selectors
+
+    from conveyor.runtime.aio import _make_waits_precise, _PreciseEpollSelector, _restore_waits
+
+    loop = asyncio.new_event_loop()
+    try:
+        selector = _make_waits_precise(loop)
+        assert selector is not None
+        _restore_waits(selector)
+        assert type(selector) is selectors.EpollSelector
+        assert _PreciseEpollSelector.select(selector, 0.001) == []  # waited, nothing ready
+        assert _PreciseEpollSelector.select(selector, 0) == []
+    finally:
+        loop.close()

@@ -473,13 +473,17 @@ if sys.platform == "linux":
         """
 
         def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+            # The base class named, not super(): `_restore_waits` may switch this
+            # object's class back (from the run's joining thread) while the loop's
+            # thread waits in here, and super() would then refuse the object.
+            wait = selectors.EpollSelector.select
             if timeout is not None and timeout > 0:
                 try:
                     select.select([self.fileno()], [], [], timeout)
                 except ValueError:  # a descriptor above FD_SETSIZE: select() cannot watch it
-                    return super().select(timeout)
+                    return wait(self, timeout)
                 timeout = 0
-            return super().select(timeout)
+            return wait(self, timeout)
 
 
 RUNTIME = AsyncRuntime

@@ -8,6 +8,7 @@ redis-server from the fixtures.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -127,6 +128,28 @@ def test_every_command_facing_an_unreachable_redis_ends_with_one_line_and_exit_3
     assert "Connection refused" in line
     assert "secret" not in done.stderr and "Traceback" not in done.stderr
     assert took < 0.5 + STARTUP, f"{command[0]} took {took:.1f} s"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["run", "app:pipeline", "--no-progress"],
+        ["status", "app:pipeline"],
+        ["dlq", "list", "app:pipeline"],
+    ],
+)
+def test_a_json_command_facing_an_unreachable_redis_prints_a_json_error_on_stdout(
+    project: Path, command: list[str]
+) -> None:
+    """Regression: with ``--json``, stdout was empty when the command failed."""
+    result, _ = conveyor(
+        *command, "--json", "--redis", UNREACHABLE, "--connect-timeout", "0.5", cwd=project
+    )
+    assert result.returncode == EXIT_REDIS_UNREACHABLE, result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert error["type"] == "BackendUnavailable"
+    assert error["exit_code"] == EXIT_REDIS_UNREACHABLE
+    assert SHOWN in error["message"] and "secret" not in result.stdout
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[:2]))

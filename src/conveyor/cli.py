@@ -26,7 +26,15 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from .cliparams import NAME, REDIS_URL, SECONDS
+from .cliparams import (
+    EXIT_INTERRUPTED,
+    JSON_PARTIAL,
+    NAME,
+    REDIS_URL,
+    SECONDS,
+    JsonCommand,
+    echo_error_document,
+)
 from .errors import BackendError, BackendUnavailable, ConfigurationError, DeadLettersError
 
 # load_pipeline is in __all__ too: callers of conveyor.cli.load_pipeline keep working.
@@ -67,7 +75,7 @@ EXIT_OK = 0  # the run finished (items given up on with on_error="skip" are in t
 # EXIT_PIPELINE_ERROR = 1: a stage or the source raised, the pipeline's module failed to load,
 # or a worker's hook (on_start, on_stop) raised
 EXIT_USAGE = 2  # bad command line: unknown option, bad MODULE:ATTR, bad override (click's code)
-EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): 128 + signal 2, what shells report for it
+# EXIT_INTERRUPTED = 130: Ctrl-C (SIGINT): 128 + signal 2, what shells report for it
 # EXIT_REDIS_UNREACHABLE = 3: Redis could not be reached, or was lost, for --connect-timeout
 
 INTERRUPT_GRACE = 1.0
@@ -195,7 +203,9 @@ def cli() -> None:
     """
 
 
-@cli.command("run", epilog=_EPILOG, short_help="Run a pipeline and report on each stage.")
+@cli.command(
+    "run", cls=JsonCommand, epilog=_EPILOG, short_help="Run a pipeline and report on each stage."
+)
 @click.argument("target", metavar="MODULE:ATTR")
 @click.option(
     "--progress/--no-progress",
@@ -226,7 +236,8 @@ def cli() -> None:
     "--json",
     "as_json",
     is_flag=True,
-    help="Print the run's metrics as JSON on stdout instead of the table.",
+    help="Print the run's metrics as JSON on stdout instead of the table; also when "
+    "the run fails, with its error under 'error' (null on success).",
 )
 @click.option(
     "--redis",
@@ -281,16 +292,20 @@ def run_command(
         if redis_url is not None:
             where = _RedisTarget(redis_url, run_id, namespace or "conveyor", connect_timeout, debug)
             result = _run_on_redis(pipeline, where, progress, report, stall_timeout)
-            click.echo(result.to_json() if as_json else result.report().rstrip())
+            click.echo(_json(result) if as_json else result.report().rstrip())
             return
         # Ctrl-C is taken over before the run starts: one pressed as it starts
         # must stop it, not raise KeyboardInterrupt past a run left going.
-        with _ctrl_c_stops() as ctrl_c:
+        with _ctrl_c_stops(as_json=as_json) as ctrl_c:
             handle = _start(pipeline, progress, report, stall_timeout)
             ctrl_c.attach(handle)
             try:
                 result = _wait_for(handle)
             except (Exception, SystemExit) as exc:  # SystemExit: a stage's own sys.exit()
+                if as_json:  # what the run did before it failed, for the JSON on stdout
+                    click.get_current_context().meta[JSON_PARTIAL] = (
+                        handle.result_so_far().as_dict()
+                    )
                 if ctrl_c.interrupted.is_set():
                     sys.exit(EXIT_INTERRUPTED)
                 _exit_run_failed(exc)
@@ -299,7 +314,15 @@ def run_command(
     except KeyboardInterrupt:  # before the run started
         click.echo("conveyor: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    click.echo(result.to_json() if as_json else result.report(_output_width()).rstrip())
+    click.echo(_json(result) if as_json else result.report(_output_width()).rstrip())
+
+
+def _json(result: RunResult) -> str:
+    """``--json``: the run's metrics, and ``"error": null`` (a failed run's document
+    has the error there: see `JsonCommand`)."""
+    import json
+
+    return json.dumps({**result.as_dict(), "error": None}, indent=2)
 
 
 def _exit_run_failed(exc: BaseException) -> NoReturn:
@@ -420,9 +443,10 @@ class _CtrlC:
     at once (its worker threads are daemons that cannot be joined).
     """
 
-    def __init__(self, grace: float) -> None:
+    def __init__(self, grace: float, as_json: bool = False) -> None:
         self.interrupted = threading.Event()
-        self.deadline = threading.Timer(grace, _exit_interrupted)
+        self.as_json = as_json
+        self.deadline = threading.Timer(grace, _exit_interrupted, (as_json,))
         self.deadline.daemon = True
         self._handle: RunHandle | None = None
 
@@ -434,7 +458,7 @@ class _CtrlC:
 
     def on_sigint(self, signum: int, frame: FrameType | None) -> None:
         if self.interrupted.is_set():
-            _exit_interrupted()
+            _exit_interrupted(self.as_json)
         self.interrupted.set()
         click.echo("conveyor: interrupted, stopping the run", err=True)
         self.deadline.start()
@@ -443,9 +467,9 @@ class _CtrlC:
 
 
 @contextlib.contextmanager
-def _ctrl_c_stops(grace: float = INTERRUPT_GRACE) -> Iterator[_CtrlC]:
+def _ctrl_c_stops(grace: float = INTERRUPT_GRACE, as_json: bool = False) -> Iterator[_CtrlC]:
     """While inside, Ctrl-C stops the attached run instead of raising KeyboardInterrupt."""
-    ctrl_c = _CtrlC(grace)
+    ctrl_c = _CtrlC(grace, as_json)
     if threading.current_thread() is not threading.main_thread():
         yield ctrl_c  # signal handlers can only be set from the main thread
         return
@@ -457,8 +481,11 @@ def _ctrl_c_stops(grace: float = INTERRUPT_GRACE) -> Iterator[_CtrlC]:
         ctrl_c.deadline.cancel()
 
 
-def _exit_interrupted() -> NoReturn:
-    """Leave now with `EXIT_INTERRUPTED`, without waiting for stuck worker threads."""
+def _exit_interrupted(as_json: bool = False) -> NoReturn:
+    """Leave now with `EXIT_INTERRUPTED`, without waiting for stuck worker threads
+    (with ``--json``, after the error document: stdout always gets one)."""
+    if as_json:
+        echo_error_document(KeyboardInterrupt(), {})
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(EXIT_INTERRUPTED)

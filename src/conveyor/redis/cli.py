@@ -22,7 +22,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from .. import loading
-from ..cliparams import ENTRY_ID, NAME, REDIS_URL, SECONDS
+from ..cliparams import ENTRY_ID, NAME, REDIS_URL, SECONDS, JsonCommand
 from ..errors import BackendError, BackendUnavailable, ConfigurationError
 
 __all__ = [
@@ -434,7 +434,7 @@ def _runs(client: Any, namespace: str, pipeline: Any, run_id: str | None) -> lis
     return infos
 
 
-@click.command("status")
+@click.command("status", cls=JsonCommand)
 @click.argument("target", metavar="MODULE:ATTR")
 @_redis_options
 @click.option(
@@ -529,7 +529,7 @@ def _check_stage_names(given: Sequence[str], names: Sequence[str], option: str, 
         )
 
 
-@dlq_group.command("list")
+@dlq_group.command("list", cls=JsonCommand)
 @_dlq_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def dlq_list(

@@ -16,6 +16,11 @@ A backend is the one thing a pipeline's run methods hand the pipeline to
 run``) take ``backend=`` alike. A new backend implements `Backend.run` and
 `Backend.iterate`; `start` and `arun` have generic versions built on a stop
 signal (`Backend.run` with ``stop=``) that a backend may replace.
+
+Every entry point, the pipeline's and the backend's own (``backend.run(pipeline)``
+called directly), passes the pipeline through `admit` before it starts anything:
+the one place that refuses a run that cannot work (no stage, a one-shot source an
+earlier run used up, options the backend cannot honour).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ __all__ = [
     "BackgroundRun",
     "LocalBackend",
     "RunOptions",
+    "admit",
     "budget_option",
     "check_backend",
     "check_run_options",
@@ -106,8 +112,9 @@ class Backend(ABC):
     def start(self, pipeline: Any, **options: Unpack[RunOptions]) -> BackgroundRun:
         """Start a run of ``pipeline`` in a thread and return its handle (``max_bytes``
         only where `bounds_bytes`)."""
-        check_run_options(options, f"{type(self).__name__}.start()")
-        return BackgroundRun(self, pipeline, options)
+        method = f"{type(self).__name__}.start()"
+        check_run_options(options, method)
+        return BackgroundRun(self, admit(pipeline, method, self), options)
 
     async def arun(self, pipeline: Any, **options: Unpack[RunOptions]) -> RunResult:
         """`run` from async code: the run goes on in a thread, the loop keeps serving;
@@ -253,6 +260,22 @@ class LocalBackend(Backend):
 def _stop_when(stop: threading.Event, handle: Any) -> None:
     stop.wait()
     handle.stop()
+
+
+def admit(pipeline: Any, method: str, backend: Backend) -> Any:
+    """The gate every run passes before anything starts; a backend's `Backend.run` and
+    `Backend.iterate` call it first, and run what it returns.
+
+    It refuses a pipeline without a stage, a second run over a source the first one
+    used up (a generator, a closed and drained Channel), and what `Backend.check`
+    refuses; and it counts the run as one of the source's. The pipeline it returns
+    stands for that counted run: admitting it again (``start`` admits, then its
+    thread calls ``run``) checks it without counting it twice.
+
+    Raises:
+        ConfigurationError: the run cannot work; the message names ``method``.
+    """
+    return pipeline._admit(method, backend)
 
 
 def budget_option(max_bytes: int | None) -> dict[str, Any]:

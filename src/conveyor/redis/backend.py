@@ -23,7 +23,7 @@ from itertools import islice
 from time import monotonic, perf_counter, sleep
 from typing import TYPE_CHECKING, Any, NamedTuple, Unpack
 
-from ..backends import Backend, RunOptions, check_run_options
+from ..backends import Backend, RunOptions, admit, check_run_options
 from ..channel import check_max_bytes
 from ..engine import ABORT_WAIT
 from ..errors import (
@@ -365,6 +365,7 @@ class RedisBackend(Backend):
         from ..report import check_report_path
 
         check_run_options(options, "RedisBackend.run()")
+        pipeline = admit(pipeline, "RedisBackend.run()", self)
         report = options.get("report")
         report_path = None if report is None else check_report_path(report, "run()")
         max_bytes = options.get("max_bytes")
@@ -496,8 +497,16 @@ class RedisBackend(Backend):
         ``run_id`` or deleted with `cancel`; a resumed run yields again the
         outputs of the last chunk read, from the first one this loop had not
         come back after (at most 1000 outputs seen twice).
+
+        Raises:
+            ConfigurationError: at the call, not at the first output: as for `run`.
         """
         check_max_bytes(max_bytes, "RedisBackend.iterate()")
+        return self._iterate(admit(pipeline, "RedisBackend.iterate()", self), progress, max_bytes)
+
+    def _iterate(
+        self, pipeline: Any, progress: bool, max_bytes: int | None
+    ) -> Generator[Any, None, None]:
         run = self._new_run(pipeline, max_bytes)
         watcher = self._watch(pipeline, run, True) if progress else None
         outputs = run.outputs()

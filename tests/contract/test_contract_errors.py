@@ -300,6 +300,45 @@ def test_an_item_over_its_timeout_is_skipped_as_a_timeout_error_and_its_call_giv
     assert "stage 'hangs' (map) took longer than its timeout of 0.5 s" in str(failure.error)
 
 
+@pytest.mark.parametrize("then", ["returns", "raises"])
+def test_a_call_that_swallows_its_timeouts_cancellation_is_still_a_timeout(
+    runner: Runner, tmp_path: Path, then: str
+) -> None:
+    """Regression: on the async runtime, a coroutine that caught the CancelledError of
+    its timeout and returned a value counted as a success (its value went on), where
+    the thread and process runtimes, which give up on the call, report a timeout."""
+    folder = str(tmp_path)
+
+    async def swallow_on_3(x: int) -> int:
+        if x == HUNG:
+            try:
+                await _hang_until_released(folder)
+            except asyncio.CancelledError:  # the timeout's, on the async runtime
+                if then == "raises":
+                    raise Boom("cleaning up after the cancellation failed") from None
+                return -1
+        return x
+
+    pipeline = cv.Pipeline(range(8)).map(
+        runner.fn(swallow_on_3),
+        workers=2,
+        runtime=runner.runtime,
+        timeout=0.2,
+        on_error="skip",
+        name="swallows",
+    )
+    leftovers = Leftovers()
+    try:
+        result = runner.run(pipeline, collect=True)
+    finally:
+        _release(folder, leftovers)
+    assert result.outputs == [x for x in range(8) if x != HUNG]
+    [failure] = result.failures
+    assert (failure.stage, failure.item, failure.attempts) == ("swallows", HUNG, 1)
+    assert isinstance(failure.error, TimeoutError), repr(failure.error)
+    assert "stage 'swallows' (map) took longer than its timeout of 0.2 s" in str(failure.error)
+
+
 def test_an_item_over_its_timeout_with_on_error_raise_ends_the_run_with_a_timeout_error(
     runner: Runner, tmp_path: Path
 ) -> None:

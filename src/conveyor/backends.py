@@ -224,6 +224,7 @@ class LocalBackend(Backend):
     def run(
         self, pipeline: Any, *, stop: threading.Event | None = None, **options: Unpack[RunOptions]
     ) -> RunResult:
+        pipeline = admit(pipeline, "LocalBackend.run()", self)
         if stop is None:
             result: RunResult = pipeline.run(**options)
             return result
@@ -247,13 +248,14 @@ class LocalBackend(Backend):
                 "iterate() 'progress': a run on this machine shows its progress with "
                 "run(progress=True) or start(progress=True); iteration has none"
             )
+        pipeline = admit(pipeline, "LocalBackend.iterate()", self)
         return iter(pipeline) if max_bytes is None else pipeline.iterate(max_bytes=max_bytes)
 
     def start(self, pipeline: Any, **options: Unpack[RunOptions]) -> Any:
-        return pipeline.start(**options)
+        return admit(pipeline, "LocalBackend.start()", self).start(**options)
 
     async def arun(self, pipeline: Any, **options: Unpack[RunOptions]) -> RunResult:
-        result: RunResult = await pipeline.arun(**options)
+        result: RunResult = await admit(pipeline, "LocalBackend.arun()", self).arun(**options)
         return result
 
 
@@ -275,7 +277,12 @@ def admit(pipeline: Any, method: str, backend: Backend) -> Any:
     Raises:
         ConfigurationError: the run cannot work; the message names ``method``.
     """
-    return pipeline._admit(method, backend)
+    admit_run = getattr(pipeline, "_admit", None)
+    if admit_run is None:
+        raise ConfigurationTypeError(
+            f"{method} 'pipeline' must be a conveyor.Pipeline, got {type(pipeline).__name__}"
+        )
+    return admit_run(method, backend)
 
 
 def budget_option(max_bytes: int | None) -> dict[str, Any]:
@@ -297,13 +304,17 @@ def run_options(
 
 def check_run_options(options: Mapping[str, object], method: str) -> None:
     """Refuse at once a keyword a backend's run does not take (a typo would
-    otherwise be noticed only by the thread that runs it)."""
+    otherwise be noticed only by the thread that runs it), and a flag that is not
+    a bool."""
     unknown = sorted(set(options) - RunOptions.__optional_keys__)
     if unknown:
         accepted = ", ".join(sorted(RunOptions.__optional_keys__))
         raise TypeError(
             f"{method} got an unexpected keyword argument {unknown[0]!r}; it takes {accepted}"
         )
+    for flag in ("collect", "progress"):
+        if flag in options:
+            check_bool(options[flag], flag, method)
 
 
 def check_backend(backend: object, method: str) -> Backend | None:

@@ -331,6 +331,35 @@ def test_a_backends_own_methods_refuse_a_second_run_over_a_used_up_source(
         pipeline.run(backend=backend)
 
 
+def test_a_backends_own_methods_refuse_what_is_no_pipeline_and_flags_that_are_no_bool(
+    runner: Runner,
+) -> None:
+    """Regression: ``backend.run([1, 2])`` was an AttributeError from inside conveyor,
+    and ``RedisBackend.run(pipeline, collect="yes")`` ran, the str taken as true."""
+    backend = runner.direct_backend()
+    method = type(backend).__name__
+    for name, call in (
+        ("run", backend.run),
+        ("iterate", backend.iterate),
+        ("start", backend.start),
+    ):
+        with pytest.raises(
+            cv.ConfigurationTypeError,
+            match=rf"{method}.{name}\(\) 'pipeline' must be a conveyor.Pipeline, got list",
+        ):
+            call([1, 2, 3])
+    pipeline = two_stages(runner, range(3))
+    for flag in ("collect", "progress"):
+        with pytest.raises(cv.ConfigurationTypeError, match=f"'{flag}' must be True or False"):
+            backend.run(pipeline, **{flag: "yes"})
+        with pytest.raises(cv.ConfigurationTypeError, match=f"'{flag}' must be True or False"):
+            backend.start(pipeline, **{flag: "yes"})
+    with pytest.raises(cv.ConveyorError, match="'progress'"):  # local: never takes it
+        backend.iterate(pipeline, progress="yes")  # type: ignore[arg-type]
+    # Nothing refused was counted as a run of the source, nor started one.
+    assert backend.run(pipeline, collect=True).outputs == [inc(triple(x)) for x in range(3)]
+
+
 def test_a_backends_start_runs_its_pipeline_once(runner: Runner) -> None:
     """``start`` admits the run and its thread runs it: a one-shot source is counted
     once (admitting it again in the thread must not refuse it as pulled)."""

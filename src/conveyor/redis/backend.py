@@ -501,6 +501,7 @@ class RedisBackend(Backend):
         Raises:
             ConfigurationError: at the call, not at the first output: as for `run`.
         """
+        check_bool(progress, "progress", "RedisBackend.iterate()")
         check_max_bytes(max_bytes, "RedisBackend.iterate()")
         return self._iterate(admit(pipeline, "RedisBackend.iterate()", self), progress, max_bytes)
 

@@ -78,6 +78,8 @@ def nap(x):
 
 
 naps = cv.Pipeline(range(100_000)).map(nap, workers=2)
+stageless = cv.Pipeline(range(3))
+patient = cv.Pipeline(range(3)).map(inc, timeout=60)
 """
 
 
@@ -439,6 +441,8 @@ BAD_OPTIONS = [
     # Options of a run on Redis, given without --redis: they were ignored without a word.
     (["run", "app:pipeline", "--run-id", "abc"], "--run-id"),
     (["run", "app:pipeline", "--namespace", "mine"], "--namespace"),
+    (["run", "app:pipeline", "--visibility-timeout", "60"], "--visibility-timeout"),
+    (["run", "app:pipeline", "--redis", "redis://h", "--visibility-timeout", "0"], "--visibility"),
     # A batch stage has no workers option: with_stage's TypeError went up as a traceback.
     (["run", "app:grouped", "--workers", "batch=3"], "--workers"),
     # The driver of a run on Redis runs no stage: the count was ignored.
@@ -466,6 +470,34 @@ BAD_OPTIONS = [
     (["dlq", "replay", "app:pipeline", "--redis", "redis://h", "--stage", "incc"], "--stage"),
     (["dlq", "purge", "app:pipeline", "--redis", "redis://h", "--stage", "incc"], "--stage"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("app:stageless", "run(): the pipeline has no stage"),
+        ("app:patient", "'timeout' (60.0 s) is longer than RedisBackend 'visibility_timeout'"),
+    ],
+)
+def test_a_pipeline_that_a_run_on_redis_refuses_is_a_usage_error_without_a_traceback(
+    project: Path, target: str, message: str
+) -> None:
+    """Regression: ``conveyor run --redis`` showed conveyor's own traceback and exited 1
+    where the same pipeline run locally is a usage error (exit code 2)."""
+    done, _ = conveyor("run", target, "--redis", UNREACHABLE, "--no-progress", cwd=project)
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert message in " ".join(done.stderr.split())
+    assert "Traceback" not in done.stderr
+
+
+def test_visibility_timeout_lets_a_run_on_redis_have_a_longer_stage_timeout(
+    project: Path,
+) -> None:
+    """``conveyor run --redis`` had no way to give the visibility timeout that a stage's
+    longer timeout needs: the check passes, and the run goes on to connect."""
+    args = ["--redis", UNREACHABLE, "--connect-timeout", "0.5", "--visibility-timeout", "60"]
+    done, _ = conveyor("run", "app:patient", "--no-progress", *args, cwd=project)
+    assert done.returncode == EXIT_REDIS_UNREACHABLE, done.stderr
 
 
 @pytest.mark.parametrize(("args", "option"), BAD_OPTIONS, ids=str)

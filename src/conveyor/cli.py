@@ -256,6 +256,13 @@ def cli() -> None:
     help="With --redis: the prefix of every Redis key, the workers' --namespace "
     "[default: conveyor].",
 )
+@click.option(
+    "--visibility-timeout",
+    type=SECONDS,
+    metavar="SECONDS",
+    help="With --redis: seconds an entry may stay with one worker before others take it "
+    "over; at least the longest stage timeout [default: 30].",
+)
 @connection_options
 def run_command(
     target: str,
@@ -267,6 +274,7 @@ def run_command(
     redis_url: str | None = None,
     run_id: str | None = None,
     namespace: str | None = None,
+    visibility_timeout: float | None = None,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     debug: bool = False,
 ) -> None:
@@ -278,7 +286,9 @@ def run_command(
     limits throughput and what would help.
     """
     _log_to_stderr()
-    _check_redis_only(redis_url, run_id=run_id, namespace=namespace)
+    _check_redis_only(
+        redis_url, run_id=run_id, namespace=namespace, visibility_timeout=visibility_timeout
+    )
     if redis_url is not None and workers:
         # The driver runs no stage: the count would only be shown, never used.
         raise click.UsageError(
@@ -290,7 +300,14 @@ def run_command(
         pipeline = apply_overrides(_load(target), overrides)
         _check_report_dir(report)
         if redis_url is not None:
-            where = _RedisTarget(redis_url, run_id, namespace or "conveyor", connect_timeout, debug)
+            where = _RedisTarget(
+                redis_url,
+                run_id,
+                namespace or "conveyor",
+                connect_timeout,
+                debug,
+                visibility_timeout,
+            )
             result = _run_on_redis(pipeline, where, progress, report, stall_timeout)
             click.echo(_json(result) if as_json else result.report().rstrip())
             return
@@ -352,9 +369,10 @@ class _RedisTarget:
     namespace: str
     connect_timeout: float
     debug: bool
+    visibility_timeout: float | None = None
 
 
-def _check_redis_only(redis_url: str | None, **options: str | None) -> None:
+def _check_redis_only(redis_url: str | None, **options: object) -> None:
     """Refuse an option that only means something with --redis, given without it."""
     if redis_url is None:
         for name, value in options.items():
@@ -388,9 +406,12 @@ def _run_on_redis(
             progress=progress,
             report=report,
             connect_timeout=where.connect_timeout,
+            visibility_timeout=where.visibility_timeout,
         )
     except (click.ClickException, KeyboardInterrupt):
         raise
+    except ConfigurationError as exc:  # refused before anything started, as a local run is
+        raise click.UsageError(str(exc)) from None
     except BackendUnavailable as exc:
         raise RedisUnreachable(exc, where.debug) from exc
     except DeadLettersError as exc:  # its cause is the user's exception: show its traceback

@@ -404,12 +404,17 @@ def run_on_redis(
     progress: bool = False,
     report: Path | None = None,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    visibility_timeout: float | None = None,
 ) -> Any:
-    """Drive one run of ``pipeline`` through Redis (``conveyor run --redis``)."""
+    """Drive one run of ``pipeline`` through Redis (``conveyor run --redis``);
+    ``visibility_timeout`` None is `RedisBackend`'s default."""
     from .backend import RedisBackend
 
+    extra: dict[str, Any] = {}
+    if visibility_timeout is not None:
+        extra["visibility_timeout"] = visibility_timeout
     backend = RedisBackend(
-        url, run_id=run_id, namespace=namespace, unavailable_timeout=connect_timeout
+        url, run_id=run_id, namespace=namespace, unavailable_timeout=connect_timeout, **extra
     )
     return pipeline.run(backend=backend, progress=progress, report=report)
 

@@ -500,6 +500,26 @@ def test_visibility_timeout_lets_a_run_on_redis_have_a_longer_stage_timeout(
     assert done.returncode == EXIT_REDIS_UNREACHABLE, done.stderr
 
 
+@pytest.mark.parametrize(
+    ("workers", "message"),
+    [
+        (["-1"], "N must be a whole number >= 1 (or STAGE=N), got '-1'"),
+        (["0"], "N must be a whole number >= 1 (or STAGE=N), got '0'"),
+        (["many"], "N must be a whole number >= 1 (or STAGE=N), got 'many'"),
+        (["inc=2", "3"], "give N once (every served stage) or STAGE=N for each stage, not both"),
+    ],
+)
+def test_a_workers_count_says_it_takes_n_or_stage_n(
+    project: Path, workers: list[str], message: str
+) -> None:
+    """Regression: ``conveyor worker --workers -1`` said "expected STAGE=N, got '-1'",
+    not that N must be >= 1, and a count among STAGE=N values was taken for a stage."""
+    options = [arg for count in workers for arg in ("--workers", count)]
+    done, _ = conveyor("worker", "app:pipeline", "--redis", UNREACHABLE, *options, cwd=project)
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert message in " ".join(done.stderr.split())
+
+
 @pytest.mark.parametrize(("args", "option"), BAD_OPTIONS, ids=str)
 def test_a_bad_option_value_is_a_usage_error_naming_the_option(
     project: Path, args: list[str], option: str

@@ -265,10 +265,20 @@ def _parse_workers(values: tuple[str, ...]) -> int | dict[str, int] | None:
     """``--workers N`` (every served stage) or ``--workers STAGE=N`` (repeatable)."""
     if not values:
         return None
-    if len(values) == 1 and values[0].isdigit():
-        n = int(values[0])
+    counts = [value for value in values if "=" not in value]
+    if counts and len(values) > 1:
+        raise click.BadParameter(
+            f"give N once (every served stage) or STAGE=N for each stage, not both: "
+            f"got {counts[0]!r} among {len(values)} values",
+            param_hint="'--workers'",
+        )
+    if counts:
+        n = int(counts[0]) if counts[0].isdigit() else 0
         if n < 1:
-            raise click.BadParameter("N must be >= 1", param_hint="'--workers'")
+            raise click.BadParameter(
+                f"N must be a whole number >= 1 (or STAGE=N), got {counts[0]!r}",
+                param_hint="'--workers'",
+            )
         return n
     try:
         return dict(loading.parse_overrides(values))

@@ -30,7 +30,6 @@ from ..errors import (
     BackendError,
     BackendUnavailable,
     ConfigurationError,
-    ConfigurationTypeError,
     DeadLettersError,
     RunStateLost,
     ShutDown,
@@ -45,6 +44,7 @@ from .budget import fitting, record_cost, wait_for_room
 from .codec import (
     CODECS,
     Codec,
+    check_secret_key,
     decode_failure,
     get_codec,
     key_check,
@@ -60,6 +60,8 @@ from .streams import (
     Keys,
     Retrier,
     Scripts,
+    check_redis_options,
+    check_url,
     connect,
     consumer_name,
     pipeline_id,
@@ -1519,7 +1521,6 @@ def _ack(scripts: Scripts, retry: Retrier, keys: Keys, final: str, taken: _Taken
     )
 
 
-_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 MAX_READ = 100_000
 """The largest ``batch_size`` (entries one XREADGROUP may return)."""
 
@@ -1528,21 +1529,11 @@ def _check_options(options: dict[str, Any]) -> None:
     """`RedisBackend`'s arguments, each checked before anything connects."""
     where = "RedisBackend"
     url = options["url"]
-    accepted = "a str starting with redis://, rediss:// or unix://"
-    if not isinstance(url, str):
-        raise ConfigurationTypeError(
-            f"{where} 'url' must be {accepted}, got {type(url).__name__} {url!r:.60}"
-        )
-    if not url.startswith(_URL_SCHEMES):
-        raise ConfigurationError(f"{where} 'url' must be {accepted}, got {redact(url)!r:.60}")
+    check_url(url, where)
     check_name(options["run_id"], "run_id", where, optional=True)
     check_name(options["namespace"], "namespace", where)
     check_choice(options["codec"], "codec", where, CODECS)
-    secret_key = options["secret_key"]
-    if secret_key is not None and not isinstance(secret_key, (bytes, str)):
-        raise ConfigurationTypeError(
-            f"{where} 'secret_key' must be bytes, a str or None, got {type(secret_key).__name__}"
-        )
+    check_secret_key(options["secret_key"], where)
     check_int(options["batch_size"], "batch_size", where, 1, MAX_READ)
     check_seconds(options["visibility_timeout"], "visibility_timeout", where, optional=False)
     check_int(options["max_deliveries"], "max_deliveries", where, 1)
@@ -1553,27 +1544,7 @@ def _check_options(options: dict[str, Any]) -> None:
     for name in ("keep", "local_workers"):
         check_bool(options[name], name, where)
     check_seconds(options["unavailable_timeout"], "unavailable_timeout", where)
-    redis_options = options["redis_options"]
-    if redis_options is not None and not isinstance(redis_options, dict):
-        raise ConfigurationTypeError(
-            f"{where} 'redis_options' must be a dict or None, got {type(redis_options).__name__}"
-        )
-    if redis_options:
-        _check_redis_options(url, redis_options, where)
-
-
-def _check_redis_options(url: str, redis_options: dict[str, Any], where: str) -> None:
-    """Refuse an option redis-py does not take now, not at the run's first connection:
-    build (without connecting) the connection the options make."""
-    import redis
-
-    try:
-        pool = redis.ConnectionPool.from_url(url, **redis_options)
-        pool.connection_class(**pool.connection_kwargs)
-    except TypeError as exc:
-        raise ConfigurationTypeError(
-            f"{where} 'redis_options' must hold options of redis.Redis.from_url: {exc}"
-        ) from exc
+    check_redis_options(url, options["redis_options"], where)
 
 
 def _wait_for_room(

@@ -326,7 +326,8 @@ def run_command(
                 if ctrl_c.interrupted.is_set():
                     sys.exit(EXIT_INTERRUPTED)
                 _exit_run_failed(exc)
-        if ctrl_c.interrupted.is_set():
+        if ctrl_c.interrupted.is_set():  # the run stopped: what it did goes with the JSON
+            click.get_current_context().meta[JSON_PARTIAL] = result.as_dict()
             sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:  # before the run started
         click.echo("conveyor: interrupted", err=True)

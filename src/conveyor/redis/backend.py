@@ -30,6 +30,7 @@ from ..errors import (
     BackendError,
     BackendUnavailable,
     ConfigurationError,
+    ConfigurationTypeError,
     DeadLettersError,
     RunStateLost,
     ShutDown,
@@ -528,6 +529,7 @@ class RedisBackend(Backend):
     def cancel(self, pipeline: Any, run_id: str) -> bool:
         """Delete the run ``run_id`` of ``pipeline`` from Redis (its items, outputs and
         dead letters included); workers stop serving it. Returns whether it existed."""
+        check_name(run_id, "run_id", "RedisBackend.cancel()")
         keys = self.keys(pipeline, run_id)
         retry = Retrier("cancel", self.unavailable_timeout, url=self.url)
         return bool(retry(_delete_run, self.client(), keys, len(_stages(pipeline))))
@@ -587,6 +589,10 @@ class LiveRun:
         Raises:
             ShutDown: this handle was closed (it said no more items would come).
         """
+        if not isinstance(items, Iterable):
+            raise ConfigurationTypeError(
+                f"LiveRun.submit() 'items' must be an iterable of items, got {type(items).__name__}"
+            )
         if self._closed:
             raise ShutDown(f"submit() on a closed LiveRun (run {self.run_id!r})")
         n = 0
@@ -1434,7 +1440,13 @@ def _feed_chunk(info: RunInfo) -> int:
 
 
 def _stages(pipeline: Any) -> tuple[Stage, ...]:
-    stages: tuple[Stage, ...] = tuple(pipeline.stages)
+    """The stages of ``pipeline``; a clear error when it is no pipeline, or has none."""
+    found = getattr(pipeline, "stages", None)
+    if not isinstance(found, tuple):
+        raise ConfigurationTypeError(
+            f"RedisBackend 'pipeline' must be a conveyor.Pipeline, got {type(pipeline).__name__}"
+        )
+    stages: tuple[Stage, ...] = found
     if not stages:
         raise ConfigurationError("the pipeline has no stage: add .map(), .each(), ...")
     return stages

@@ -431,7 +431,10 @@ def _run_on_redis(
 
 def _output_width() -> int:
     """The terminal's width when stdout is one; else wide enough for any table."""
-    return shutil.get_terminal_size().columns if sys.stdout.isatty() else 130
+    from .metrics import MIN_REPORT_WIDTH
+
+    columns = shutil.get_terminal_size().columns if sys.stdout.isatty() else 130
+    return max(columns, MIN_REPORT_WIDTH)  # a narrow terminal wraps the lines
 
 
 def _start(

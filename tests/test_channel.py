@@ -10,9 +10,11 @@ inside `wait_until`, a bounded polling helper. The asyncio side is in
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import queue
+import re
 import sys
 import threading
 import time
@@ -758,6 +760,26 @@ def test_get_many_rejects_max_items_that_is_not_an_int(max_items: Any, type_name
         f"Channel.get_many() 'max_items' must be an int >= 1, got {type_name} {max_items!r}"
     )
     assert ch.qsize() == 1
+
+
+@pytest.mark.parametrize("max_bytes", [None, 1000])
+@pytest.mark.parametrize(("items", "type_name"), [(5, "int"), (None, "NoneType")])
+def test_put_many_refuses_what_is_no_iterable_naming_items(
+    items: Any, type_name: str, max_bytes: int | None
+) -> None:
+    # Regression: a bare "TypeError: 'int' object is not iterable" named nothing.
+    ch: Channel[int] = Channel(4, max_bytes=max_bytes)
+    message = f"Channel.put_many() 'items' must be an iterable of items, got {type_name}"
+    with pytest.raises(ConfigurationTypeError, match=re.escape(message)):
+        ch.put_many(items)
+
+    async def aput_many() -> None:
+        await ch.aput_many(items)
+
+    amessage = re.escape(message.replace("put_many", "aput_many"))
+    with pytest.raises(ConfigurationTypeError, match=amessage):
+        asyncio.run(aput_many())
+    assert ch.qsize() == 0
 
 
 def test_get_many_non_blocking_and_timeout_forms_raise_empty() -> None:

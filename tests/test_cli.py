@@ -287,6 +287,54 @@ def test_a_failing_pipeline_exits_1_with_the_traceback_and_the_stage(project: Pa
     assert result.stdout == ""
 
 
+def test_a_failing_run_with_json_prints_its_metrics_and_error_on_stdout(project: Path) -> None:
+    """Regression: ``conveyor run --json`` printed nothing on stdout when the run failed."""
+    result = conveyor("run", "pipes:failing", "--json", "--no-progress", cwd=project)
+    assert result.returncode == EXIT_PIPELINE_ERROR
+    data = json.loads(result.stdout)
+    assert data["error"] == {
+        "type": "ValueError",
+        "message": "seven is not allowed",
+        "notes": ["conveyor: stage 'check' (map) failed on item 7"],
+        "exit_code": EXIT_PIPELINE_ERROR,
+    }
+    (stage,) = data["stages"]  # what the run did before it failed
+    assert (stage["name"], stage["failed"]) == ("check", 1)
+    # stderr says what it says without --json: the traceback, then one line.
+    assert "conveyor: the run failed: ValueError: seven is not allowed" in result.stderr
+
+
+def test_a_run_that_succeeds_with_json_says_error_null(project: Path) -> None:
+    result = conveyor("run", "pipes:pipeline", "--json", "--no-progress", cwd=project)
+    assert result.returncode == EXIT_OK, result.stderr
+    data = json.loads(result.stdout)
+    assert data["error"] is None
+    assert [s["name"] for s in data["stages"]] == ["read", "parse", "write"]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "kind"),
+    [
+        (["pipes:nothing"], EXIT_USAGE, "BadParameter"),
+        (["pipes:pipeline", "-w", "parse=0"], EXIT_USAGE, "BadParameter"),
+        (["pipes:pipeline", "--frobnicate"], EXIT_USAGE, "NoSuchOption"),
+        (["pipes:pipeline", "--stall-timeout", "0"], EXIT_USAGE, "BadParameter"),
+        (["pipes:explodes"], EXIT_PIPELINE_ERROR, "RuntimeError"),
+        (["broken:pipeline"], EXIT_PIPELINE_ERROR, "RuntimeError"),
+        (["pipes:quits"], EXIT_PIPELINE_ERROR, "SystemExit"),
+    ],
+)
+def test_json_output_is_a_json_document_whatever_ends_the_command(
+    project: Path, args: list[str], code: int, kind: str
+) -> None:
+    result = conveyor("run", *args, "--json", "--no-progress", cwd=project)
+    assert result.returncode == code, result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert (error["type"], error["exit_code"]) == (kind, code)
+    assert error["message"]
+    assert "Traceback" not in result.stdout
+
+
 @pytest.mark.parametrize(
     ("target", "message"),
     [
@@ -340,10 +388,10 @@ def test_usage_errors_exit_2_with_a_clear_message(
 # ---------------------------------------------------------------------- Ctrl-C
 
 
-def start_and_wait_until_running(target: str, cwd: Path) -> subprocess.Popen[bytes]:
-    """Start ``conveyor run TARGET`` and return once its stage said "running"."""
+def start_and_wait_until_running(target: str, cwd: Path, *options: str) -> subprocess.Popen[bytes]:
+    """Start ``conveyor run TARGET [OPTIONS]`` and return once its stage said "running"."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "conveyor", "run", target, "--no-progress"],
+        [sys.executable, "-m", "conveyor", "run", target, "--no-progress", *options],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -378,6 +426,24 @@ def test_sigint_exits_130_promptly(project: Path, target: str, bound: float) -> 
     assert proc.returncode == EXIT_INTERRUPTED, err
     assert b"conveyor: interrupted" in err
     assert took < bound, f"took {took:.2f} s"
+
+
+@pytest.mark.parametrize("target", ["pipes:endless", "pipes:stuck"])
+def test_sigint_with_json_still_prints_a_json_document_naming_the_interruption(
+    project: Path, target: str
+) -> None:
+    """Regression: ``--json`` printed nothing on stdout when the run ended otherwise
+    than well, the stuck run's exit after the grace included."""
+    proc = start_and_wait_until_running(target, project, "--json")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=WAIT)
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    data = json.loads(out)
+    assert data["error"]["type"] == "KeyboardInterrupt"
+    assert data["error"]["exit_code"] == EXIT_INTERRUPTED
+    if target == "pipes:endless":  # stopped in time: what the run did comes with it
+        assert [s["name"] for s in data["stages"]] == ["work"]
+        assert data["stopped"] is True
 
 
 def test_ctrl_c_before_the_run_is_attached_still_stops_it() -> None:

@@ -8,6 +8,7 @@ redis-server from the fixtures.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -77,6 +78,8 @@ def nap(x):
 
 
 naps = cv.Pipeline(range(100_000)).map(nap, workers=2)
+stageless = cv.Pipeline(range(3))
+patient = cv.Pipeline(range(3)).map(inc, timeout=60)
 """
 
 
@@ -127,6 +130,28 @@ def test_every_command_facing_an_unreachable_redis_ends_with_one_line_and_exit_3
     assert "Connection refused" in line
     assert "secret" not in done.stderr and "Traceback" not in done.stderr
     assert took < 0.5 + STARTUP, f"{command[0]} took {took:.1f} s"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["run", "app:pipeline", "--no-progress"],
+        ["status", "app:pipeline"],
+        ["dlq", "list", "app:pipeline"],
+    ],
+)
+def test_a_json_command_facing_an_unreachable_redis_prints_a_json_error_on_stdout(
+    project: Path, command: list[str]
+) -> None:
+    """Regression: with ``--json``, stdout was empty when the command failed."""
+    result, _ = conveyor(
+        *command, "--json", "--redis", UNREACHABLE, "--connect-timeout", "0.5", cwd=project
+    )
+    assert result.returncode == EXIT_REDIS_UNREACHABLE, result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert error["type"] == "BackendUnavailable"
+    assert error["exit_code"] == EXIT_REDIS_UNREACHABLE
+    assert SHOWN in error["message"] and "secret" not in result.stdout
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[:2]))
@@ -416,6 +441,8 @@ BAD_OPTIONS = [
     # Options of a run on Redis, given without --redis: they were ignored without a word.
     (["run", "app:pipeline", "--run-id", "abc"], "--run-id"),
     (["run", "app:pipeline", "--namespace", "mine"], "--namespace"),
+    (["run", "app:pipeline", "--visibility-timeout", "60"], "--visibility-timeout"),
+    (["run", "app:pipeline", "--redis", "redis://h", "--visibility-timeout", "0"], "--visibility"),
     # A batch stage has no workers option: with_stage's TypeError went up as a traceback.
     (["run", "app:grouped", "--workers", "batch=3"], "--workers"),
     # The driver of a run on Redis runs no stage: the count was ignored.
@@ -443,6 +470,54 @@ BAD_OPTIONS = [
     (["dlq", "replay", "app:pipeline", "--redis", "redis://h", "--stage", "incc"], "--stage"),
     (["dlq", "purge", "app:pipeline", "--redis", "redis://h", "--stage", "incc"], "--stage"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("app:stageless", "run(): the pipeline has no stage"),
+        ("app:patient", "'timeout' (60.0 s) is longer than RedisBackend 'visibility_timeout'"),
+    ],
+)
+def test_a_pipeline_that_a_run_on_redis_refuses_is_a_usage_error_without_a_traceback(
+    project: Path, target: str, message: str
+) -> None:
+    """Regression: ``conveyor run --redis`` showed conveyor's own traceback and exited 1
+    where the same pipeline run locally is a usage error (exit code 2)."""
+    done, _ = conveyor("run", target, "--redis", UNREACHABLE, "--no-progress", cwd=project)
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert message in " ".join(done.stderr.split())
+    assert "Traceback" not in done.stderr
+
+
+def test_visibility_timeout_lets_a_run_on_redis_have_a_longer_stage_timeout(
+    project: Path,
+) -> None:
+    """``conveyor run --redis`` had no way to give the visibility timeout that a stage's
+    longer timeout needs: the check passes, and the run goes on to connect."""
+    args = ["--redis", UNREACHABLE, "--connect-timeout", "0.5", "--visibility-timeout", "60"]
+    done, _ = conveyor("run", "app:patient", "--no-progress", *args, cwd=project)
+    assert done.returncode == EXIT_REDIS_UNREACHABLE, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("workers", "message"),
+    [
+        (["-1"], "N must be a whole number >= 1 (or STAGE=N), got '-1'"),
+        (["0"], "N must be a whole number >= 1 (or STAGE=N), got '0'"),
+        (["many"], "N must be a whole number >= 1 (or STAGE=N), got 'many'"),
+        (["inc=2", "3"], "give N once (every served stage) or STAGE=N for each stage, not both"),
+    ],
+)
+def test_a_workers_count_says_it_takes_n_or_stage_n(
+    project: Path, workers: list[str], message: str
+) -> None:
+    """Regression: ``conveyor worker --workers -1`` said "expected STAGE=N, got '-1'",
+    not that N must be >= 1, and a count among STAGE=N values was taken for a stage."""
+    options = [arg for count in workers for arg in ("--workers", count)]
+    done, _ = conveyor("worker", "app:pipeline", "--redis", UNREACHABLE, *options, cwd=project)
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert message in " ".join(done.stderr.split())
 
 
 @pytest.mark.parametrize(("args", "option"), BAD_OPTIONS, ids=str)

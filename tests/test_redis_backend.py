@@ -492,6 +492,31 @@ def test_producers_submit_to_a_long_lived_run_served_by_running_workers(
     assert sorted(got) == [3 * x for x in range(300) if x % 2 == 0]
 
 
+def test_long_lived_runs_and_cancel_refuse_bad_arguments_naming_them(
+    redis_server: RedisServer, closing: Callable[[Any], Any]
+) -> None:
+    """Regression: open([1]), submit([1], items) and cancel(None, id) were
+    AttributeErrors from inside conveyor, submit(5) a bare TypeError, and
+    cancel(pipeline, 5) answered False."""
+    pipeline = cv.Pipeline([]).map(triple)
+    backend = closing(RedisBackend(redis_server.url, namespace=new_namespace()))
+    not_a_pipeline = "RedisBackend 'pipeline' must be a conveyor.Pipeline, got list"
+    for call in (
+        lambda: backend.open([1]),
+        lambda: backend.submit([1], [1, 2]),
+        lambda: backend.cancel([1], "r1"),
+    ):
+        with pytest.raises(cv.ConfigurationTypeError, match=not_a_pipeline):
+            call()
+    with pytest.raises(cv.ConfigurationTypeError, match=r"cancel\(\) 'run_id' must be"):
+        backend.cancel(pipeline, 5)  # type: ignore[arg-type]
+    live = backend.open(pipeline, run_id="bad-items")
+    with pytest.raises(cv.ConfigurationTypeError, match="'items' must be an iterable"):
+        live.submit(5)  # type: ignore[arg-type]
+    assert live.submit([1, 2]) == 2  # the refusal added nothing, and the run goes on
+    assert backend.cancel(pipeline, "bad-items")
+
+
 def test_a_producer_waits_while_the_first_stream_is_over_its_limit(
     redis_server: RedisServer, closing: Callable[[Any], Any]
 ) -> None:

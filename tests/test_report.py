@@ -89,6 +89,28 @@ def test_the_text_report_is_the_table_then_the_totals_and_the_bottleneck() -> No
     assert f"bottleneck: {result.bottleneck}" in " ".join(report.split())
 
 
+@pytest.mark.parametrize(
+    ("width", "error"),
+    [
+        (0, cv.ConfigurationError),
+        (-5, cv.ConfigurationError),
+        (39, cv.ConfigurationError),
+        ("wide", cv.ConfigurationTypeError),
+    ],
+)
+def test_a_report_narrower_than_it_can_be_drawn_is_refused_naming_width(
+    width: Any, error: type[Exception]
+) -> None:
+    """Regression: width=0 gave an empty report without a word, width=1 one character a
+    line, and width="wide" a bare TypeError from the table drawing."""
+    result = cv.Pipeline(range(3)).map(abs).run()
+    with pytest.raises(error, match=r"RunResult.report\(\) 'width' must be an int >= 40"):
+        result.report(width)
+    narrowest = result.report(40)  # the columns are cut to fit, the lines are whole
+    assert "3 outputs in" in narrowest
+    assert max(len(line) for line in narrowest.splitlines()) <= 40
+
+
 def test_the_text_report_lists_failed_items() -> None:
     p = cv.Pipeline(range(120)).map(flaky_parse, on_error="skip", name="parse")
     report = p.run().report()

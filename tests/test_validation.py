@@ -293,6 +293,37 @@ def _redis_params(url: str) -> list[Param]:
     bad_budget = bad_count(1, optional=True)
     params.append(Param("RedisBackend.run()", "max_bytes", budget, bad_budget))
     params.append(Param("run()", "max_bytes", budget_through_run, bad_budget))
+    return params + _worker_params(url)
+
+
+def _worker_params(url: str) -> list[Param]:
+    """`conveyor.redis.Worker`: every argument checked before anything connects (its
+    url, stages and workers were not: a bad one failed later, or said nothing)."""
+    from conveyor.redis import Worker
+
+    bad_url = _as(TYPE, st.one_of(st.integers(), st.none(), st.binary(max_size=3))) | _as(
+        RANGE, st.sampled_from(["", "http://x", "localhost:6379"])
+    )
+    options: dict[str, Bad] = {
+        "stages": _as(TYPE, st.one_of(st.just("abs"), st.integers(), st.just(object())))
+        | _as(RANGE, st.just(["nope"])),
+        "workers": _as(TYPE, st.one_of(st.text(max_size=3), st.just([]), st.floats()))
+        | _as(RANGE, st.one_of(st.integers(max_value=0), st.just({"nope": 2}))),
+        "namespace": bad_name() | _as(RANGE, st.just("two words")),
+        "secret_key": _as(TYPE, st.one_of(st.integers(), st.just([]))),
+        "unavailable_timeout": bad_seconds(),
+        "redis_options": _as(TYPE, st.one_of(st.integers(), st.just([]), st.text(max_size=3))),
+    }
+    params = [
+        Param("Worker", "url", lambda v: Worker(_pipeline().map(abs), v), bad_url),
+        Param("Worker", "pipeline", lambda v: Worker(v, url), BAD_BACKEND),
+    ]
+    for name, bad in options.items():
+
+        def give(value: Any, name: str = name) -> object:
+            return Worker(_pipeline().map(abs), url, **{name: value})
+
+        params.append(Param("Worker", name, give, bad))
     return params
 
 
@@ -344,7 +375,9 @@ def test_the_property_covers_every_parameter_of_the_public_signatures(
     import inspect
 
     covered = {(p.where, p.name) for p in _all_params(redis_server.url)}
-    for cls, where in ((RedisBackend, "RedisBackend"), (cv.Backoff, "Backoff")):
+    from conveyor.redis import Worker
+
+    for cls, where in ((RedisBackend, "RedisBackend"), (cv.Backoff, "Backoff"), (Worker, "Worker")):
         names = set(inspect.signature(cls).parameters)
         assert {n for n in names if (where, n) not in covered} == set(), where
     stage_keys = set(StageOptions.__optional_keys__)

@@ -16,6 +16,11 @@ A backend is the one thing a pipeline's run methods hand the pipeline to
 run``) take ``backend=`` alike. A new backend implements `Backend.run` and
 `Backend.iterate`; `start` and `arun` have generic versions built on a stop
 signal (`Backend.run` with ``stop=``) that a backend may replace.
+
+Every entry point, the pipeline's and the backend's own (``backend.run(pipeline)``
+called directly), passes the pipeline through `admit` before it starts anything:
+the one place that refuses a run that cannot work (no stage, a one-shot source an
+earlier run used up, options the backend cannot honour).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ __all__ = [
     "BackgroundRun",
     "LocalBackend",
     "RunOptions",
+    "admit",
     "budget_option",
     "check_backend",
     "check_run_options",
@@ -106,8 +112,9 @@ class Backend(ABC):
     def start(self, pipeline: Any, **options: Unpack[RunOptions]) -> BackgroundRun:
         """Start a run of ``pipeline`` in a thread and return its handle (``max_bytes``
         only where `bounds_bytes`)."""
-        check_run_options(options, f"{type(self).__name__}.start()")
-        return BackgroundRun(self, pipeline, options)
+        method = f"{type(self).__name__}.start()"
+        check_run_options(options, method)
+        return BackgroundRun(self, admit(pipeline, method, self), options)
 
     async def arun(self, pipeline: Any, **options: Unpack[RunOptions]) -> RunResult:
         """`run` from async code: the run goes on in a thread, the loop keeps serving;
@@ -217,6 +224,7 @@ class LocalBackend(Backend):
     def run(
         self, pipeline: Any, *, stop: threading.Event | None = None, **options: Unpack[RunOptions]
     ) -> RunResult:
+        pipeline = admit(pipeline, "LocalBackend.run()", self)
         if stop is None:
             result: RunResult = pipeline.run(**options)
             return result
@@ -240,19 +248,41 @@ class LocalBackend(Backend):
                 "iterate() 'progress': a run on this machine shows its progress with "
                 "run(progress=True) or start(progress=True); iteration has none"
             )
+        pipeline = admit(pipeline, "LocalBackend.iterate()", self)
         return iter(pipeline) if max_bytes is None else pipeline.iterate(max_bytes=max_bytes)
 
     def start(self, pipeline: Any, **options: Unpack[RunOptions]) -> Any:
-        return pipeline.start(**options)
+        return admit(pipeline, "LocalBackend.start()", self).start(**options)
 
     async def arun(self, pipeline: Any, **options: Unpack[RunOptions]) -> RunResult:
-        result: RunResult = await pipeline.arun(**options)
+        result: RunResult = await admit(pipeline, "LocalBackend.arun()", self).arun(**options)
         return result
 
 
 def _stop_when(stop: threading.Event, handle: Any) -> None:
     stop.wait()
     handle.stop()
+
+
+def admit(pipeline: Any, method: str, backend: Backend) -> Any:
+    """The gate every run passes before anything starts; a backend's `Backend.run` and
+    `Backend.iterate` call it first, and run what it returns.
+
+    It refuses a pipeline without a stage, a second run over a source the first one
+    used up (a generator, a closed and drained Channel), and what `Backend.check`
+    refuses; and it counts the run as one of the source's. The pipeline it returns
+    stands for that counted run: admitting it again (``start`` admits, then its
+    thread calls ``run``) checks it without counting it twice.
+
+    Raises:
+        ConfigurationError: the run cannot work; the message names ``method``.
+    """
+    admit_run = getattr(pipeline, "_admit", None)
+    if admit_run is None:
+        raise ConfigurationTypeError(
+            f"{method} 'pipeline' must be a conveyor.Pipeline, got {type(pipeline).__name__}"
+        )
+    return admit_run(method, backend)
 
 
 def budget_option(max_bytes: int | None) -> dict[str, Any]:
@@ -274,13 +304,17 @@ def run_options(
 
 def check_run_options(options: Mapping[str, object], method: str) -> None:
     """Refuse at once a keyword a backend's run does not take (a typo would
-    otherwise be noticed only by the thread that runs it)."""
+    otherwise be noticed only by the thread that runs it), and a flag that is not
+    a bool."""
     unknown = sorted(set(options) - RunOptions.__optional_keys__)
     if unknown:
         accepted = ", ".join(sorted(RunOptions.__optional_keys__))
         raise TypeError(
             f"{method} got an unexpected keyword argument {unknown[0]!r}; it takes {accepted}"
         )
+    for flag in ("collect", "progress"):
+        if flag in options:
+            check_bool(options[flag], flag, method)
 
 
 def check_backend(backend: object, method: str) -> Backend | None:

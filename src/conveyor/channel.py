@@ -55,7 +55,7 @@ from time import monotonic
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from .errors import ConfigurationError, Empty, Full, ShutDown
+from .errors import ConfigurationError, ConfigurationTypeError, Empty, Full, ShutDown
 from .validate import check_int, check_seconds
 
 if TYPE_CHECKING:
@@ -233,6 +233,17 @@ def check_max_bytes(max_bytes: object, where: str) -> int | None:
 
 def _check_max_items(max_items: object, where: str) -> None:
     check_int(max_items, "max_items", where, 1)
+
+
+def _batch(items: Iterable[T], where: str) -> list[T]:
+    """``items`` as a list (itself when it is one), or a clear error naming them."""
+    if isinstance(items, list):
+        return items
+    if not isinstance(items, Iterable):
+        raise ConfigurationTypeError(
+            f"{where} 'items' must be an iterable of items, got {type(items).__name__}"
+        )
+    return list(items)
 
 
 def _check_timeout(timeout: object, where: str) -> None:
@@ -696,7 +707,7 @@ class Channel(Generic[T]):
             ShutDown: the channel closed before all items were put (same
                 ``items_put`` attribute).
         """
-        pending = items if isinstance(items, list) else list(items)
+        pending = _batch(items, "Channel.put_many()")
         if timeout is not None:
             _check_timeout(timeout, "Channel.put_many()")
         if self._hooked:
@@ -1062,7 +1073,7 @@ class Channel(Generic[T]):
                 first ones, in order). Under `asyncio.timeout` the
                 `TimeoutError` raised has that CancelledError as ``__cause__``.
         """
-        pending = items if isinstance(items, list) else list(items)
+        pending = _batch(items, "Channel.aput_many()")
         try:  # the fast path, as in aput(): no closure nor coroutine while there is room
             self.put_many(pending, False)
             return
@@ -1220,7 +1231,7 @@ class _BudgetChannel(Channel[T]):
         self, items: Iterable[T], block: bool = True, timeout: float | None = None
     ) -> None:
         """`Channel.put_many`, one `put` per item."""
-        self._put_each(items if isinstance(items, list) else list(items), block, timeout)
+        self._put_each(_batch(items, "Channel.put_many()"), block, timeout)
 
     def get_many(
         self, max_items: int = 64, block: bool = True, timeout: float | None = None
@@ -1265,7 +1276,7 @@ class _BudgetChannel(Channel[T]):
 
     async def aput_many(self, items: Iterable[T]) -> None:
         """`Channel.aput_many`, one `aput` per item (each waits for its own size)."""
-        for done, item in enumerate(items if isinstance(items, list) else list(items)):
+        for done, item in enumerate(_batch(items, "Channel.aput_many()")):
             try:
                 await self.aput(item)
             except ShutDown as exc:

@@ -26,7 +26,15 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from .cliparams import NAME, REDIS_URL, SECONDS
+from .cliparams import (
+    EXIT_INTERRUPTED,
+    JSON_PARTIAL,
+    NAME,
+    REDIS_URL,
+    SECONDS,
+    JsonCommand,
+    echo_error_document,
+)
 from .errors import BackendError, BackendUnavailable, ConfigurationError, DeadLettersError
 
 # load_pipeline is in __all__ too: callers of conveyor.cli.load_pipeline keep working.
@@ -67,7 +75,7 @@ EXIT_OK = 0  # the run finished (items given up on with on_error="skip" are in t
 # EXIT_PIPELINE_ERROR = 1: a stage or the source raised, the pipeline's module failed to load,
 # or a worker's hook (on_start, on_stop) raised
 EXIT_USAGE = 2  # bad command line: unknown option, bad MODULE:ATTR, bad override (click's code)
-EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): 128 + signal 2, what shells report for it
+# EXIT_INTERRUPTED = 130: Ctrl-C (SIGINT): 128 + signal 2, what shells report for it
 # EXIT_REDIS_UNREACHABLE = 3: Redis could not be reached, or was lost, for --connect-timeout
 
 INTERRUPT_GRACE = 1.0
@@ -195,7 +203,9 @@ def cli() -> None:
     """
 
 
-@cli.command("run", epilog=_EPILOG, short_help="Run a pipeline and report on each stage.")
+@cli.command(
+    "run", cls=JsonCommand, epilog=_EPILOG, short_help="Run a pipeline and report on each stage."
+)
 @click.argument("target", metavar="MODULE:ATTR")
 @click.option(
     "--progress/--no-progress",
@@ -226,7 +236,8 @@ def cli() -> None:
     "--json",
     "as_json",
     is_flag=True,
-    help="Print the run's metrics as JSON on stdout instead of the table.",
+    help="Print the run's metrics as JSON on stdout instead of the table; also when "
+    "the run fails, with its error under 'error' (null on success).",
 )
 @click.option(
     "--redis",
@@ -245,6 +256,13 @@ def cli() -> None:
     help="With --redis: the prefix of every Redis key, the workers' --namespace "
     "[default: conveyor].",
 )
+@click.option(
+    "--visibility-timeout",
+    type=SECONDS,
+    metavar="SECONDS",
+    help="With --redis: seconds an entry may stay with one worker before others take it "
+    "over; at least the longest stage timeout [default: 30].",
+)
 @connection_options
 def run_command(
     target: str,
@@ -256,6 +274,7 @@ def run_command(
     redis_url: str | None = None,
     run_id: str | None = None,
     namespace: str | None = None,
+    visibility_timeout: float | None = None,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     debug: bool = False,
 ) -> None:
@@ -267,7 +286,9 @@ def run_command(
     limits throughput and what would help.
     """
     _log_to_stderr()
-    _check_redis_only(redis_url, run_id=run_id, namespace=namespace)
+    _check_redis_only(
+        redis_url, run_id=run_id, namespace=namespace, visibility_timeout=visibility_timeout
+    )
     if redis_url is not None and workers:
         # The driver runs no stage: the count would only be shown, never used.
         raise click.UsageError(
@@ -279,27 +300,47 @@ def run_command(
         pipeline = apply_overrides(_load(target), overrides)
         _check_report_dir(report)
         if redis_url is not None:
-            where = _RedisTarget(redis_url, run_id, namespace or "conveyor", connect_timeout, debug)
+            where = _RedisTarget(
+                redis_url,
+                run_id,
+                namespace or "conveyor",
+                connect_timeout,
+                debug,
+                visibility_timeout,
+            )
             result = _run_on_redis(pipeline, where, progress, report, stall_timeout)
-            click.echo(result.to_json() if as_json else result.report().rstrip())
+            click.echo(_json(result) if as_json else result.report().rstrip())
             return
         # Ctrl-C is taken over before the run starts: one pressed as it starts
         # must stop it, not raise KeyboardInterrupt past a run left going.
-        with _ctrl_c_stops() as ctrl_c:
+        with _ctrl_c_stops(as_json=as_json) as ctrl_c:
             handle = _start(pipeline, progress, report, stall_timeout)
             ctrl_c.attach(handle)
             try:
                 result = _wait_for(handle)
             except (Exception, SystemExit) as exc:  # SystemExit: a stage's own sys.exit()
+                if as_json:  # what the run did before it failed, for the JSON on stdout
+                    click.get_current_context().meta[JSON_PARTIAL] = (
+                        handle.result_so_far().as_dict()
+                    )
                 if ctrl_c.interrupted.is_set():
                     sys.exit(EXIT_INTERRUPTED)
                 _exit_run_failed(exc)
-        if ctrl_c.interrupted.is_set():
+        if ctrl_c.interrupted.is_set():  # the run stopped: what it did goes with the JSON
+            click.get_current_context().meta[JSON_PARTIAL] = result.as_dict()
             sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:  # before the run started
         click.echo("conveyor: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    click.echo(result.to_json() if as_json else result.report(_output_width()).rstrip())
+    click.echo(_json(result) if as_json else result.report(_output_width()).rstrip())
+
+
+def _json(result: RunResult) -> str:
+    """``--json``: the run's metrics, and ``"error": null`` (a failed run's document
+    has the error there: see `JsonCommand`)."""
+    import json
+
+    return json.dumps({**result.as_dict(), "error": None}, indent=2)
 
 
 def _exit_run_failed(exc: BaseException) -> NoReturn:
@@ -329,9 +370,10 @@ class _RedisTarget:
     namespace: str
     connect_timeout: float
     debug: bool
+    visibility_timeout: float | None = None
 
 
-def _check_redis_only(redis_url: str | None, **options: str | None) -> None:
+def _check_redis_only(redis_url: str | None, **options: object) -> None:
     """Refuse an option that only means something with --redis, given without it."""
     if redis_url is None:
         for name, value in options.items():
@@ -365,9 +407,12 @@ def _run_on_redis(
             progress=progress,
             report=report,
             connect_timeout=where.connect_timeout,
+            visibility_timeout=where.visibility_timeout,
         )
     except (click.ClickException, KeyboardInterrupt):
         raise
+    except ConfigurationError as exc:  # refused before anything started, as a local run is
+        raise click.UsageError(str(exc)) from None
     except BackendUnavailable as exc:
         raise RedisUnreachable(exc, where.debug) from exc
     except DeadLettersError as exc:  # its cause is the user's exception: show its traceback
@@ -386,7 +431,10 @@ def _run_on_redis(
 
 def _output_width() -> int:
     """The terminal's width when stdout is one; else wide enough for any table."""
-    return shutil.get_terminal_size().columns if sys.stdout.isatty() else 130
+    from .metrics import MIN_REPORT_WIDTH
+
+    columns = shutil.get_terminal_size().columns if sys.stdout.isatty() else 130
+    return max(columns, MIN_REPORT_WIDTH)  # a narrow terminal wraps the lines
 
 
 def _start(
@@ -420,9 +468,10 @@ class _CtrlC:
     at once (its worker threads are daemons that cannot be joined).
     """
 
-    def __init__(self, grace: float) -> None:
+    def __init__(self, grace: float, as_json: bool = False) -> None:
         self.interrupted = threading.Event()
-        self.deadline = threading.Timer(grace, _exit_interrupted)
+        self.as_json = as_json
+        self.deadline = threading.Timer(grace, _exit_interrupted, (as_json,))
         self.deadline.daemon = True
         self._handle: RunHandle | None = None
 
@@ -434,7 +483,7 @@ class _CtrlC:
 
     def on_sigint(self, signum: int, frame: FrameType | None) -> None:
         if self.interrupted.is_set():
-            _exit_interrupted()
+            _exit_interrupted(self.as_json)
         self.interrupted.set()
         click.echo("conveyor: interrupted, stopping the run", err=True)
         self.deadline.start()
@@ -443,9 +492,9 @@ class _CtrlC:
 
 
 @contextlib.contextmanager
-def _ctrl_c_stops(grace: float = INTERRUPT_GRACE) -> Iterator[_CtrlC]:
+def _ctrl_c_stops(grace: float = INTERRUPT_GRACE, as_json: bool = False) -> Iterator[_CtrlC]:
     """While inside, Ctrl-C stops the attached run instead of raising KeyboardInterrupt."""
-    ctrl_c = _CtrlC(grace)
+    ctrl_c = _CtrlC(grace, as_json)
     if threading.current_thread() is not threading.main_thread():
         yield ctrl_c  # signal handlers can only be set from the main thread
         return
@@ -457,8 +506,11 @@ def _ctrl_c_stops(grace: float = INTERRUPT_GRACE) -> Iterator[_CtrlC]:
         ctrl_c.deadline.cancel()
 
 
-def _exit_interrupted() -> NoReturn:
-    """Leave now with `EXIT_INTERRUPTED`, without waiting for stuck worker threads."""
+def _exit_interrupted(as_json: bool = False) -> NoReturn:
+    """Leave now with `EXIT_INTERRUPTED`, without waiting for stuck worker threads
+    (with ``--json``, after the error document: stdout always gets one)."""
+    if as_json:
+        echo_error_document(KeyboardInterrupt(), {})
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(EXIT_INTERRUPTED)

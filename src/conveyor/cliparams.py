@@ -1,4 +1,5 @@
-"""Checked values of the ``conveyor`` command's options (click parameter types).
+"""Checked values of the ``conveyor`` command's options (click parameter types), and
+`JsonCommand`, the class of the commands that print JSON.
 
 A bad value is click's usage error naming the option and what it accepts
 (exit code 2, no traceback), before any work starts. Shared by `conveyor.cli`
@@ -7,8 +8,10 @@ and `conveyor.redis.cli`; library code never imports it.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -16,7 +19,20 @@ import click
 
 from .validate import NAME_ACCEPTED, name_problem
 
-__all__ = ["ENTRY_ID", "NAME", "REDIS_URL", "SECONDS", "EntryId", "Name", "RedisUrl", "Seconds"]
+__all__ = [
+    "ENTRY_ID",
+    "EXIT_INTERRUPTED",
+    "JSON_PARTIAL",
+    "NAME",
+    "REDIS_URL",
+    "SECONDS",
+    "EntryId",
+    "JsonCommand",
+    "Name",
+    "RedisUrl",
+    "Seconds",
+    "echo_error_document",
+]
 
 
 class Seconds(click.ParamType[float]):
@@ -91,3 +107,91 @@ SECONDS = Seconds()
 REDIS_URL = RedisUrl()
 NAME = Name()
 ENTRY_ID = EntryId()
+
+
+# ---------------------------------------------------------------------- --json
+
+JSON_PARTIAL = "conveyor.json_partial"
+"""The key of ``click.Context.meta`` where a `JsonCommand` that fails leaves what it
+knows so far (a failed run's statistics, as a dict): its error document adds to it."""
+
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): 128 + signal 2, what shells report for it
+
+
+class JsonCommand(click.Command):
+    """A command with a ``--json`` flag (its parameter ``as_json``): whatever ends it,
+    stdout gets one JSON document, so that a script reading stdout always gets JSON.
+
+    The command prints its own document when it succeeds. When it fails (a bad
+    command line, its work failed, Redis out of reach, Ctrl-C), this prints
+    ``{"error": {"type", "message", "notes", "exit_code"}}`` on stdout, added to
+    what the command left in ``ctx.meta[JSON_PARTIAL]``; the messages on stderr and
+    the exit code stay as they are without ``--json``.
+    """
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        wants_json = "--json" in args  # the command line is not parsed yet
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.ClickException as exc:
+            if wants_json:
+                echo_error_document(exc, {})
+            raise
+
+    def invoke(self, ctx: click.Context) -> Any:
+        if not ctx.params.get("as_json"):
+            return super().invoke(ctx)
+        try:
+            return super().invoke(ctx)
+        except BaseException as exc:
+            if _exit_code(exc) != 0:
+                echo_error_document(exc, ctx.meta.get(JSON_PARTIAL, {}))
+            raise
+
+
+def _exit_code(exc: BaseException) -> int:
+    """The exit code ``exc`` ends the command with (click's way)."""
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    if isinstance(exc, click.exceptions.Exit):
+        return exc.exit_code
+    if isinstance(exc, click.ClickException):
+        return exc.exit_code
+    if isinstance(exc, (KeyboardInterrupt, click.Abort)):
+        return EXIT_INTERRUPTED
+    return 1
+
+
+def echo_error_document(exc: BaseException, partial: dict[str, Any]) -> None:
+    """Print on stdout the JSON document of a command that ``exc`` ends: ``partial``
+    (what the command knew), and ``"error"``."""
+    document = {**partial, "error": {**_described(exc), "exit_code": _exit_code(exc)}}
+    click.echo(json.dumps(document, indent=2, default=str))
+
+
+def _described(exc: BaseException) -> dict[str, Any]:
+    """What went wrong, behind the exception that ends the command: the run's own error
+    behind ``sys.exit()``, Redis's behind the one-line message, the user's code behind
+    a pipeline that did not load."""
+    code = _exit_code(exc)
+    if code == EXIT_INTERRUPTED:
+        return {"type": "KeyboardInterrupt", "message": "interrupted (Ctrl-C)", "notes": []}
+    if isinstance(exc, SystemExit) and exc.__context__ is not None:
+        return _plain(exc.__context__, str(exc.__context__))  # sys.exit() in an except block
+    if isinstance(exc, click.ClickException):
+        error = getattr(exc, "error", None)  # Redis's, or the user's code's
+        if isinstance(error, BaseException):
+            return _plain(error, exc.format_message())
+        return _plain(exc, exc.format_message())
+    return _plain(exc.__cause__ or exc, str(exc))
+
+
+def _plain(error: BaseException, message: str) -> dict[str, Any]:
+    notes: Sequence[str] = getattr(error, "__notes__", ())
+    return {"type": type(error).__name__, "message": message, "notes": list(notes)}

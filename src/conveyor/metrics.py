@@ -42,12 +42,14 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from .channel import Channel
 from .stage import Failure, Stage
+from .validate import check_int
 
 if TYPE_CHECKING:
     from rich.table import Table
 
 __all__ = [
     "LATENCY_BUCKETS",
+    "MIN_REPORT_WIDTH",
     "TALLY_SECONDS",
     "Bottleneck",
     "MetricsExporter",
@@ -731,7 +733,13 @@ class RunResult:
         return find_bottleneck(self.stats, self.timeline)
 
     def report(self, width: int = 130) -> str:
-        """Return the per-stage table and the bottleneck as text, ``width`` columns wide."""
+        """Return the per-stage table and the bottleneck as text, ``width`` columns wide.
+
+        Raises:
+            ConfigurationError: ``width`` is below `MIN_REPORT_WIDTH` (the table was
+                empty, or one character a line).
+        """
+        check_int(width, "width", "RunResult.report()", MIN_REPORT_WIDTH)
         return render_table(self, width)
 
     def as_dict(self) -> dict[str, Any]:
@@ -763,6 +771,9 @@ class RunResult:
 
 
 # ---------------------------------------------------------------------- the text report
+
+MIN_REPORT_WIDTH = 40
+"""The narrowest text report: below it the table's columns are cut to nothing."""
 # RunResult.report(), here with the result it renders: `conveyor.report` (the
 # HTML page) builds on these, and re-exports them. rich is imported on first
 # use, so that `import conveyor` does not pay for it.

@@ -175,6 +175,20 @@ class Pipeline(Generic[T]):
         # Shared by every pipeline built from this one (they share the source):
         # how many runs have pulled it, so a one-shot iterator is not run twice.
         self._source_runs: list[int] = [0]
+        # True for the copy that `_admit` hands to a backend: its one run is counted.
+        self._admitted = False
+
+    def _copy(self, stages: tuple[Stage, ...], admitted: bool = False) -> Pipeline[Any]:
+        """This pipeline with other stages, over the same source (and its count of
+        runs). An admitted copy stands for one counted run of this pipeline, whose
+        `_runs` it shares so that leaving ``with pipeline:`` stops that run too."""
+        new: Pipeline[Any] = Pipeline.__new__(Pipeline)
+        new._source = self._source
+        new._stages = stages
+        new._runs = self._runs if admitted else []
+        new._source_runs = self._source_runs
+        new._admitted = admitted
+        return new
 
     @property
     def stages(self) -> tuple[Stage, ...]:
@@ -197,12 +211,7 @@ class Pipeline(Generic[T]):
         names = {s.name for s in self._stages}
         if stage.name in names:
             raise _duplicate_name(stage.name)
-        new: Pipeline[Any] = Pipeline.__new__(Pipeline)
-        new._source = self._source
-        new._stages = (*self._stages, stage)
-        new._runs = []
-        new._source_runs = self._source_runs
-        return new
+        return self._copy((*self._stages, stage))
 
     def with_stage(self, name: str, **changes: Any) -> Pipeline[T]:
         """Return a copy where the stage ``name`` has some options changed.
@@ -237,12 +246,7 @@ class Pipeline(Generic[T]):
         changed = replace(stage, **checked)
         if changed.kind != "batch":
             _check_combination(changed, method)
-        new: Pipeline[T] = Pipeline.__new__(Pipeline)
-        new._source = self._source
-        new._stages = tuple(changed if s.name == name else s for s in self._stages)
-        new._runs = []
-        new._source_runs = self._source_runs
-        return new
+        return self._copy(tuple(changed if s.name == name else s for s in self._stages))
 
     # ------------------------------------------------------------------ stages
 
@@ -389,14 +393,30 @@ class Pipeline(Generic[T]):
 
     # ------------------------------------------------------------------ running
 
-    def _check_runnable(self, method: str, backend: Backend | None = None) -> None:
-        """Refuse a run that cannot work, before anything starts; count it as a run of
-        the source."""
+    def _admit(self, method: str, backend: Backend | None = None) -> Pipeline[T]:
+        """The gate of every run, on every backend (through `conveyor.backends.admit`):
+        refuse a run that cannot work before anything starts, and count it as a run of
+        the source. Returns the pipeline to run: an admitted copy, which passes this
+        gate again (a backend's ``start`` admits, its ``run`` in a thread too) without
+        being counted twice."""
         if not self._stages:
             raise ConfigurationError(
                 f"{method}: the pipeline has no stage: add .map(), .each(), ..."
             )
-        if self._source_runs[0] and _is_one_shot(self._source):
+        _check_processes_allowed(self._stages, method)
+        if backend is not None:
+            backend.check(self)
+        if self._admitted:
+            return self
+        self._refuse_pulled_source(method)
+        self._source_runs[0] += 1
+        return self._copy(self._stages, admitted=True)
+
+    def _refuse_pulled_source(self, method: str) -> None:
+        """Refuse a second run over a source that the first one used up."""
+        if not self._source_runs[0]:
+            return
+        if _is_one_shot(self._source):
             raise ConfigurationError(
                 f"{method}: the pipeline's 'source' is a one-shot iterator "
                 f"({type(self._source).__name__}) that an earlier run already pulled; "
@@ -404,16 +424,12 @@ class Pipeline(Generic[T]):
                 f"re-iterable source (a list, a range, an object whose __iter__ starts "
                 f"afresh), or a new Pipeline over a new iterator for each run"
             )
-        if self._source_runs[0] and _is_drained_channel(self._source):
+        if _is_drained_channel(self._source):
             raise ConfigurationError(
                 f"{method}: the pipeline's 'source' is a Channel that is closed and drained: "
                 f"an earlier run took all its items, and a second run would get nothing. "
                 f"Put the items in a new Channel and build a Pipeline over it"
             )
-        _check_processes_allowed(self._stages, method)
-        if backend is not None:
-            backend.check(self)
-        self._source_runs[0] += 1
 
     def _new_run(
         self,
@@ -425,7 +441,7 @@ class Pipeline(Generic[T]):
     ) -> Run:
         """A run of this pipeline, started unless ``start`` is False (then the caller
         starts it inside the ``try`` that ends it: Ctrl-C may land as it starts)."""
-        self._check_runnable(method)
+        self._admit(method)
         run = Run(self._source, list(self._stages), loop=loop, max_bytes=max_bytes)
         if metrics is not None:
             metrics.watch(run)  # read at scrapes, never on the workers' path
@@ -458,8 +474,9 @@ class Pipeline(Generic[T]):
         check_bool(progress, "progress", "iterate()")
         chosen = _remote(backend, "iterate()", None, metrics, max_bytes)
         if chosen is not None:
-            self._check_runnable("iterate()", chosen)
-            return chosen.iterate(self, progress=progress, **budget_option(max_bytes))
+            return chosen.iterate(
+                self._admit("iterate()", chosen), progress=progress, **budget_option(max_bytes)
+            )
         if progress:
             raise ConfigurationError(
                 "iterate() 'progress': a run on this machine shows its progress with "
@@ -475,6 +492,13 @@ class Pipeline(Generic[T]):
         return self._iterate("iterating a pipeline", None, None)
 
     def _iterate(
+        self, method: str, metrics: MetricsExporter | None, max_bytes: int | None
+    ) -> Iterator[T]:
+        # Admitted here, at the call: a run that cannot work is refused at once, not at
+        # the first next().
+        return self._admit(method)._outputs(method, metrics, max_bytes)
+
+    def _outputs(
         self, method: str, metrics: MetricsExporter | None, max_bytes: int | None
     ) -> Iterator[T]:
         run = self._new_run(method, metrics=metrics, max_bytes=max_bytes, start=False)
@@ -543,8 +567,9 @@ class Pipeline(Generic[T]):
         _check_flags("run()", collect=collect, progress=progress)
         remote = _remote(backend, "run()", stall_timeout, metrics, max_bytes)
         if remote is not None:
-            self._check_runnable("run()", remote)
-            return remote.run(self, **run_options(collect, progress, report, max_bytes))
+            return remote.run(
+                self._admit("run()", remote), **run_options(collect, progress, report, max_bytes)
+            )
         watch = _check_watch("run()", report, stall_timeout)
         outputs: list[Any] | None = [] if collect else None
         monitor: Monitor | None = None
@@ -582,13 +607,14 @@ class Pipeline(Generic[T]):
             >>> asyncio.run(main())
             [0, 2, 4]
         """
+        admitted = self._admit("iterating a pipeline")  # refused at the call, not at the first item
 
         def start() -> Run:  # at the first __anext__, from a coroutine on the run's loop
             import asyncio  # loaded by then: a coroutine is running
 
-            return self._new_run("iterating a pipeline", loop=asyncio.get_running_loop())
+            return admitted._new_run("iterating a pipeline", loop=asyncio.get_running_loop())
 
-        return AsyncOutputs(start, partial(_forget, self._runs))
+        return AsyncOutputs(start, partial(_forget, admitted._runs))
 
     async def arun(
         self,
@@ -629,8 +655,9 @@ class Pipeline(Generic[T]):
         _check_flags("arun()", collect=collect, progress=progress)
         remote = _remote(backend, "arun()", stall_timeout, metrics, max_bytes)
         if remote is not None:
-            self._check_runnable("arun()", remote)
-            return await remote.arun(self, **run_options(collect, progress, report, max_bytes))
+            return await remote.arun(
+                self._admit("arun()", remote), **run_options(collect, progress, report, max_bytes)
+            )
         import asyncio  # loaded by then: a coroutine is running
 
         watch = _check_watch("arun()", report, stall_timeout)
@@ -704,8 +731,9 @@ class Pipeline(Generic[T]):
         _check_flags("start()", collect=collect, progress=progress)
         remote = _remote(backend, "start()", stall_timeout, metrics, max_bytes)
         if remote is not None:
-            self._check_runnable("start()", remote)
-            return remote.start(self, **run_options(collect, progress, report, max_bytes))
+            return remote.start(
+                self._admit("start()", remote), **run_options(collect, progress, report, max_bytes)
+            )
         watch = _check_watch("start()", report, stall_timeout)
         run = self._new_run("start()", metrics=metrics, max_bytes=max_bytes)
         monitor = _start_monitor(run, self._source, progress, *watch)
@@ -1091,6 +1119,12 @@ class RunHandle:
     def stats(self) -> list[StageStats]:
         """Per-stage statistics, live."""
         return self._run.stats()
+
+    def result_so_far(self) -> RunResult:
+        """The run's result as it stands: live while it goes on; after a `join` that
+        raised, what the run did before it failed or was stopped (statistics,
+        failures recorded, outputs collected)."""
+        return self._run.result(None if self._outputs is None else list(self._outputs))
 
     def __enter__(self) -> RunHandle:
         return self

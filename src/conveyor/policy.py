@@ -160,7 +160,7 @@ async def aapply_one(stage: Stage, item: Any) -> tuple[list[Any], bool]:
 
     Raises:
         TimeoutError: the call took longer than the stage's ``timeout`` (it
-            was cancelled).
+            was cancelled), however it ended after that.
     """
     fn = stage.fn
     assert fn is not None
@@ -168,13 +168,18 @@ async def aapply_one(stage: Stage, item: Any) -> tuple[list[Any], bool]:
         return outputs_of(stage.kind, item, await fn(item))
     import asyncio  # loaded by then: a coroutine is running
 
+    deadline = asyncio.timeout(stage.timeout)
     try:
-        result = await asyncio.wait_for(fn(item), stage.timeout)
-    except TimeoutError as exc:
-        # wait_for's own timeout is chained to the cancellation it caused; a
-        # TimeoutError the function raised itself is not, and goes on untouched.
-        if not isinstance(exc.__cause__, asyncio.CancelledError):
+        async with deadline:
+            result = await fn(item)
+    except Exception:
+        # A TimeoutError the function raised itself, in time, goes on untouched.
+        if not deadline.expired():
             raise
+    if deadline.expired():
+        # Past its timeout, a call is a timeout however it ends: one that swallowed
+        # the cancellation and returned (or raised) is one too, as on the thread and
+        # process runtimes, which give up on the call at the deadline.
         raise timeout_error(stage) from None
     return outputs_of(stage.kind, item, result)
 

@@ -109,6 +109,12 @@ class Runner:
         self._backends.append(backend)
         return backend
 
+    def direct_backend(self) -> cv.Backend:
+        """The backend object, for calling its own ``run``, ``iterate`` and ``start``
+        with the pipeline (not through ``pipeline.run(backend=...)``): a
+        `conveyor.LocalBackend`, or a Redis backend as `backend_for` makes it."""
+        return self.backend_for() if self.on_redis else cv.LocalBackend()
+
     def run(
         self,
         pipeline: cv.Pipeline[Any],

@@ -21,6 +21,7 @@ import pytest
 from runners import PROCESS_ONLY, Leftovers, Runner, described, wait_gone
 
 import conveyor as cv
+from conveyor.metrics import RunResult
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -261,6 +262,29 @@ def _release(folder: str, leftovers: Leftovers) -> None:
     leftovers.assert_none()
 
 
+def _run_skipping(
+    runner: Runner, fn: Callable[[int], Any], timeout: float, name: str, folder: str
+) -> tuple[RunResult, float]:
+    """Run range(8) through ``fn`` with ``timeout`` and ``on_error="skip"``; release the
+    hung call, whatever happened; return the result and how long the run took."""
+    pipeline = cv.Pipeline(range(8)).map(
+        runner.fn(fn),
+        workers=2,
+        runtime=runner.runtime,
+        timeout=timeout,
+        on_error="skip",
+        name=name,
+    )
+    leftovers = Leftovers()
+    started = time.monotonic()
+    try:
+        result = runner.run(pipeline, collect=True)
+    finally:
+        took = time.monotonic() - started
+        _release(folder, leftovers)
+    return result, took
+
+
 def test_an_item_over_its_timeout_is_skipped_as_a_timeout_error_and_its_call_given_up(
     runner: Runner, tmp_path: Path
 ) -> None:
@@ -273,21 +297,7 @@ def test_an_item_over_its_timeout_is_skipped_as_a_timeout_error_and_its_call_giv
             await _hang_until_released(folder)
         return x
 
-    pipeline = cv.Pipeline(range(8)).map(
-        runner.fn(hang_on_3),
-        workers=2,
-        runtime=runner.runtime,
-        timeout=0.5,
-        on_error="skip",
-        name="hangs",
-    )
-    leftovers = Leftovers()
-    started = time.monotonic()
-    try:
-        result = runner.run(pipeline, collect=True)
-    finally:
-        took = time.monotonic() - started
-        _release(folder, leftovers)
+    result, took = _run_skipping(runner, hang_on_3, 0.5, "hangs", folder)
     assert took < 5.0, f"the run took {took:.1f} s: it waited for the hung call"
     assert result.outputs == [x for x in range(8) if x != HUNG]
     pid = int(Path(folder, "hung").read_text())
@@ -298,6 +308,33 @@ def test_an_item_over_its_timeout_is_skipped_as_a_timeout_error_and_its_call_giv
     assert (failure.stage, failure.item, failure.attempts) == ("hangs", HUNG, 1)
     assert isinstance(failure.error, TimeoutError), repr(failure.error)
     assert "stage 'hangs' (map) took longer than its timeout of 0.5 s" in str(failure.error)
+
+
+@pytest.mark.parametrize("then", ["returns", "raises"])
+def test_a_call_that_swallows_its_timeouts_cancellation_is_still_a_timeout(
+    runner: Runner, tmp_path: Path, then: str
+) -> None:
+    """Regression: on the async runtime, a coroutine that caught the CancelledError of
+    its timeout and returned a value counted as a success (its value went on), where
+    the thread and process runtimes, which give up on the call, report a timeout."""
+    folder = str(tmp_path)
+
+    async def swallow_on_3(x: int) -> int:
+        if x == HUNG:
+            try:
+                await _hang_until_released(folder)
+            except asyncio.CancelledError:  # the timeout's, on the async runtime
+                if then == "raises":
+                    raise Boom("cleaning up after the cancellation failed") from None
+                return -1
+        return x
+
+    result, _ = _run_skipping(runner, swallow_on_3, 0.2, "swallows", folder)
+    assert result.outputs == [x for x in range(8) if x != HUNG]
+    [failure] = result.failures
+    assert (failure.stage, failure.item, failure.attempts) == ("swallows", HUNG, 1)
+    assert isinstance(failure.error, TimeoutError), repr(failure.error)
+    assert "stage 'swallows' (map) took longer than its timeout of 0.2 s" in str(failure.error)
 
 
 def test_an_item_over_its_timeout_with_on_error_raise_ends_the_run_with_a_timeout_error(

@@ -296,6 +296,78 @@ def test_a_second_run_over_a_closed_and_drained_channel_says_so(runner: Runner) 
         list(runner.iterate(pipeline))
 
 
+def drained_channel() -> cv.Channel[int]:
+    channel: cv.Channel[int] = cv.Channel(16)
+    channel.put_many(list(range(10)))
+    channel.close()
+    return channel
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (lambda: (x for x in range(10)), r"'source' is a one-shot iterator \(generator\)"),
+        (drained_channel, "Channel that is closed and drained"),
+    ],
+    ids=["generator", "channel"],
+)
+def test_a_backends_own_methods_refuse_a_second_run_over_a_used_up_source(
+    runner: Runner, source: Callable[[], Any], message: str
+) -> None:
+    """Regression: ``RedisBackend(...).run(pipeline)`` and ``.iterate(pipeline)``, called
+    directly, skipped the pipeline's checks: a second run over a generator or a drained
+    Channel gave [] without a word."""
+    backend = runner.direct_backend()
+    pipeline = two_stages(runner, source())
+    result = backend.run(pipeline, collect=True)
+    assert result.outputs == [inc(triple(x)) for x in range(10)]
+    with pytest.raises(cv.ConfigurationError, match=message):
+        backend.run(pipeline, collect=True)
+    with pytest.raises(cv.ConfigurationError, match=message):
+        backend.iterate(pipeline)  # at the call, not at the first output
+    with pytest.raises(cv.ConfigurationError, match=message):
+        backend.start(pipeline)  # at once, not when the handle is joined
+    with pytest.raises(cv.ConfigurationError, match=message):
+        pipeline.run(backend=backend)
+
+
+def test_a_backends_own_methods_refuse_what_is_no_pipeline_and_flags_that_are_no_bool(
+    runner: Runner,
+) -> None:
+    """Regression: ``backend.run([1, 2])`` was an AttributeError from inside conveyor,
+    and ``RedisBackend.run(pipeline, collect="yes")`` ran, the str taken as true."""
+    backend = runner.direct_backend()
+    method = type(backend).__name__
+    for name, call in (
+        ("run", backend.run),
+        ("iterate", backend.iterate),
+        ("start", backend.start),
+    ):
+        with pytest.raises(
+            cv.ConfigurationTypeError,
+            match=rf"{method}.{name}\(\) 'pipeline' must be a conveyor.Pipeline, got list",
+        ):
+            call([1, 2, 3])
+    pipeline = two_stages(runner, range(3))
+    for flag in ("collect", "progress"):
+        with pytest.raises(cv.ConfigurationTypeError, match=f"'{flag}' must be True or False"):
+            backend.run(pipeline, **{flag: "yes"})
+        with pytest.raises(cv.ConfigurationTypeError, match=f"'{flag}' must be True or False"):
+            backend.start(pipeline, **{flag: "yes"})
+    with pytest.raises(cv.ConveyorError, match="'progress'"):  # local: never takes it
+        backend.iterate(pipeline, progress="yes")  # type: ignore[arg-type]
+    # Nothing refused was counted as a run of the source, nor started one.
+    assert backend.run(pipeline, collect=True).outputs == [inc(triple(x)) for x in range(3)]
+
+
+def test_a_backends_start_runs_its_pipeline_once(runner: Runner) -> None:
+    """``start`` admits the run and its thread runs it: a one-shot source is counted
+    once (admitting it again in the thread must not refuse it as pulled)."""
+    backend = runner.direct_backend()
+    handle = backend.start(two_stages(runner, (x for x in range(10))), collect=True)
+    assert handle.join(WAIT).outputs == [inc(triple(x)) for x in range(10)]
+
+
 def test_a_first_run_over_a_closed_empty_channel_is_an_empty_run(runner: Runner) -> None:
     empty: cv.Channel[int] = cv.Channel(4)
     empty.close()

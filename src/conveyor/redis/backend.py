@@ -23,7 +23,7 @@ from itertools import islice
 from time import monotonic, perf_counter, sleep
 from typing import TYPE_CHECKING, Any, NamedTuple, Unpack
 
-from ..backends import Backend, RunOptions, check_run_options
+from ..backends import Backend, RunOptions, admit, check_run_options
 from ..channel import check_max_bytes
 from ..engine import ABORT_WAIT
 from ..errors import (
@@ -45,6 +45,7 @@ from .budget import fitting, record_cost, wait_for_room
 from .codec import (
     CODECS,
     Codec,
+    check_secret_key,
     decode_failure,
     get_codec,
     key_check,
@@ -60,6 +61,8 @@ from .streams import (
     Keys,
     Retrier,
     Scripts,
+    check_redis_options,
+    check_url,
     connect,
     consumer_name,
     pipeline_id,
@@ -365,6 +368,7 @@ class RedisBackend(Backend):
         from ..report import check_report_path
 
         check_run_options(options, "RedisBackend.run()")
+        pipeline = admit(pipeline, "RedisBackend.run()", self)
         report = options.get("report")
         report_path = None if report is None else check_report_path(report, "run()")
         max_bytes = options.get("max_bytes")
@@ -496,8 +500,17 @@ class RedisBackend(Backend):
         ``run_id`` or deleted with `cancel`; a resumed run yields again the
         outputs of the last chunk read, from the first one this loop had not
         come back after (at most 1000 outputs seen twice).
+
+        Raises:
+            ConfigurationError: at the call, not at the first output: as for `run`.
         """
+        check_bool(progress, "progress", "RedisBackend.iterate()")
         check_max_bytes(max_bytes, "RedisBackend.iterate()")
+        return self._iterate(admit(pipeline, "RedisBackend.iterate()", self), progress, max_bytes)
+
+    def _iterate(
+        self, pipeline: Any, progress: bool, max_bytes: int | None
+    ) -> Generator[Any, None, None]:
         run = self._new_run(pipeline, max_bytes)
         watcher = self._watch(pipeline, run, True) if progress else None
         outputs = run.outputs()
@@ -516,6 +529,7 @@ class RedisBackend(Backend):
     def cancel(self, pipeline: Any, run_id: str) -> bool:
         """Delete the run ``run_id`` of ``pipeline`` from Redis (its items, outputs and
         dead letters included); workers stop serving it. Returns whether it existed."""
+        check_name(run_id, "run_id", "RedisBackend.cancel()")
         keys = self.keys(pipeline, run_id)
         retry = Retrier("cancel", self.unavailable_timeout, url=self.url)
         return bool(retry(_delete_run, self.client(), keys, len(_stages(pipeline))))
@@ -575,6 +589,10 @@ class LiveRun:
         Raises:
             ShutDown: this handle was closed (it said no more items would come).
         """
+        if not isinstance(items, Iterable):
+            raise ConfigurationTypeError(
+                f"LiveRun.submit() 'items' must be an iterable of items, got {type(items).__name__}"
+            )
         if self._closed:
             raise ShutDown(f"submit() on a closed LiveRun (run {self.run_id!r})")
         n = 0
@@ -1422,7 +1440,13 @@ def _feed_chunk(info: RunInfo) -> int:
 
 
 def _stages(pipeline: Any) -> tuple[Stage, ...]:
-    stages: tuple[Stage, ...] = tuple(pipeline.stages)
+    """The stages of ``pipeline``; a clear error when it is no pipeline, or has none."""
+    found = getattr(pipeline, "stages", None)
+    if not isinstance(found, tuple):
+        raise ConfigurationTypeError(
+            f"RedisBackend 'pipeline' must be a conveyor.Pipeline, got {type(pipeline).__name__}"
+        )
+    stages: tuple[Stage, ...] = found
     if not stages:
         raise ConfigurationError("the pipeline has no stage: add .map(), .each(), ...")
     return stages
@@ -1509,7 +1533,6 @@ def _ack(scripts: Scripts, retry: Retrier, keys: Keys, final: str, taken: _Taken
     )
 
 
-_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 MAX_READ = 100_000
 """The largest ``batch_size`` (entries one XREADGROUP may return)."""
 
@@ -1518,21 +1541,11 @@ def _check_options(options: dict[str, Any]) -> None:
     """`RedisBackend`'s arguments, each checked before anything connects."""
     where = "RedisBackend"
     url = options["url"]
-    accepted = "a str starting with redis://, rediss:// or unix://"
-    if not isinstance(url, str):
-        raise ConfigurationTypeError(
-            f"{where} 'url' must be {accepted}, got {type(url).__name__} {url!r:.60}"
-        )
-    if not url.startswith(_URL_SCHEMES):
-        raise ConfigurationError(f"{where} 'url' must be {accepted}, got {redact(url)!r:.60}")
+    check_url(url, where)
     check_name(options["run_id"], "run_id", where, optional=True)
     check_name(options["namespace"], "namespace", where)
     check_choice(options["codec"], "codec", where, CODECS)
-    secret_key = options["secret_key"]
-    if secret_key is not None and not isinstance(secret_key, (bytes, str)):
-        raise ConfigurationTypeError(
-            f"{where} 'secret_key' must be bytes, a str or None, got {type(secret_key).__name__}"
-        )
+    check_secret_key(options["secret_key"], where)
     check_int(options["batch_size"], "batch_size", where, 1, MAX_READ)
     check_seconds(options["visibility_timeout"], "visibility_timeout", where, optional=False)
     check_int(options["max_deliveries"], "max_deliveries", where, 1)
@@ -1543,27 +1556,7 @@ def _check_options(options: dict[str, Any]) -> None:
     for name in ("keep", "local_workers"):
         check_bool(options[name], name, where)
     check_seconds(options["unavailable_timeout"], "unavailable_timeout", where)
-    redis_options = options["redis_options"]
-    if redis_options is not None and not isinstance(redis_options, dict):
-        raise ConfigurationTypeError(
-            f"{where} 'redis_options' must be a dict or None, got {type(redis_options).__name__}"
-        )
-    if redis_options:
-        _check_redis_options(url, redis_options, where)
-
-
-def _check_redis_options(url: str, redis_options: dict[str, Any], where: str) -> None:
-    """Refuse an option redis-py does not take now, not at the run's first connection:
-    build (without connecting) the connection the options make."""
-    import redis
-
-    try:
-        pool = redis.ConnectionPool.from_url(url, **redis_options)
-        pool.connection_class(**pool.connection_kwargs)
-    except TypeError as exc:
-        raise ConfigurationTypeError(
-            f"{where} 'redis_options' must hold options of redis.Redis.from_url: {exc}"
-        ) from exc
+    check_redis_options(url, options["redis_options"], where)
 
 
 def _wait_for_room(

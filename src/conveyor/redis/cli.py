@@ -22,7 +22,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from .. import loading
-from ..cliparams import ENTRY_ID, NAME, REDIS_URL, SECONDS
+from ..cliparams import ENTRY_ID, NAME, REDIS_URL, SECONDS, JsonCommand
 from ..errors import BackendError, BackendUnavailable, ConfigurationError
 
 __all__ = [
@@ -265,10 +265,20 @@ def _parse_workers(values: tuple[str, ...]) -> int | dict[str, int] | None:
     """``--workers N`` (every served stage) or ``--workers STAGE=N`` (repeatable)."""
     if not values:
         return None
-    if len(values) == 1 and values[0].isdigit():
-        n = int(values[0])
+    counts = [value for value in values if "=" not in value]
+    if counts and len(values) > 1:
+        raise click.BadParameter(
+            f"give N once (every served stage) or STAGE=N for each stage, not both: "
+            f"got {counts[0]!r} among {len(values)} values",
+            param_hint="'--workers'",
+        )
+    if counts:
+        n = int(counts[0]) if counts[0].isdigit() else 0
         if n < 1:
-            raise click.BadParameter("N must be >= 1", param_hint="'--workers'")
+            raise click.BadParameter(
+                f"N must be a whole number >= 1 (or STAGE=N), got {counts[0]!r}",
+                param_hint="'--workers'",
+            )
         return n
     try:
         return dict(loading.parse_overrides(values))
@@ -404,12 +414,17 @@ def run_on_redis(
     progress: bool = False,
     report: Path | None = None,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    visibility_timeout: float | None = None,
 ) -> Any:
-    """Drive one run of ``pipeline`` through Redis (``conveyor run --redis``)."""
+    """Drive one run of ``pipeline`` through Redis (``conveyor run --redis``);
+    ``visibility_timeout`` None is `RedisBackend`'s default."""
     from .backend import RedisBackend
 
+    extra: dict[str, Any] = {}
+    if visibility_timeout is not None:
+        extra["visibility_timeout"] = visibility_timeout
     backend = RedisBackend(
-        url, run_id=run_id, namespace=namespace, unavailable_timeout=connect_timeout
+        url, run_id=run_id, namespace=namespace, unavailable_timeout=connect_timeout, **extra
     )
     return pipeline.run(backend=backend, progress=progress, report=report)
 
@@ -434,7 +449,7 @@ def _runs(client: Any, namespace: str, pipeline: Any, run_id: str | None) -> lis
     return infos
 
 
-@click.command("status")
+@click.command("status", cls=JsonCommand)
 @click.argument("target", metavar="MODULE:ATTR")
 @_redis_options
 @click.option(
@@ -529,7 +544,7 @@ def _check_stage_names(given: Sequence[str], names: Sequence[str], option: str, 
         )
 
 
-@dlq_group.command("list")
+@dlq_group.command("list", cls=JsonCommand)
 @_dlq_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def dlq_list(

@@ -22,7 +22,13 @@ import os
 import pickle
 from typing import Any
 
-from ..errors import ConfigurationError, PayloadRejected, RemoteError, SerializationError
+from ..errors import (
+    ConfigurationError,
+    ConfigurationTypeError,
+    PayloadRejected,
+    RemoteError,
+    SerializationError,
+)
 from ..stage import Failure
 
 __all__ = [
@@ -30,6 +36,7 @@ __all__ = [
     "MAX_ENTRY_BYTES",
     "SECRET_ENV",
     "Codec",
+    "check_secret_key",
     "child_path",
     "decode_failure",
     "dump_path",
@@ -196,6 +203,14 @@ def key_check(key: bytes | None) -> str:
     if key is None:
         return ""
     return hmac.new(key, b"conveyor key check", hashlib.sha256).hexdigest()[:16]
+
+
+def check_secret_key(key: object, where: str) -> None:
+    """Refuse a ``secret_key`` that is neither bytes, a str nor None."""
+    if key is not None and not isinstance(key, (bytes, str)):
+        raise ConfigurationTypeError(
+            f"{where} 'secret_key' must be bytes, a str or None, got {type(key).__name__}"
+        )
 
 
 def secret_from(key: bytes | str | None) -> bytes | None:

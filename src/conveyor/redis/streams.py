@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from ..errors import BackendError, BackendUnavailable
+from ..errors import BackendError, BackendUnavailable, ConfigurationError, ConfigurationTypeError
 
 __all__ = [
     "DRIVER_GROUP",
@@ -30,6 +30,8 @@ __all__ = [
     "Keys",
     "Retrier",
     "Scripts",
+    "check_redis_options",
+    "check_url",
     "connect",
     "consumer_name",
     "fields_to_dict",
@@ -172,6 +174,42 @@ def redact(url: str) -> str:
 
 
 # ---------------------------------------------------------------------- connections
+
+_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_url(url: object, where: str) -> None:
+    """Refuse, before anything connects, a ``url`` that is no Redis URL (``where`` names
+    the class or function it was given to)."""
+    accepted = "a str starting with redis://, rediss:// or unix://"
+    if not isinstance(url, str):
+        raise ConfigurationTypeError(
+            f"{where} 'url' must be {accepted}, got {type(url).__name__} {url!r:.60}"
+        )
+    if not url.startswith(_URL_SCHEMES):
+        raise ConfigurationError(f"{where} 'url' must be {accepted}, got {redact(url)!r:.60}")
+
+
+def check_redis_options(url: str, redis_options: object, where: str) -> None:
+    """Refuse ``redis_options`` that are no dict, or hold an option redis-py does not take,
+    now, not at the first connection: build (without connecting) the connection they make."""
+    if redis_options is None:
+        return
+    if not isinstance(redis_options, dict):
+        raise ConfigurationTypeError(
+            f"{where} 'redis_options' must be a dict or None, got {type(redis_options).__name__}"
+        )
+    if not redis_options:
+        return
+    import redis
+
+    try:
+        pool = redis.ConnectionPool.from_url(url, **redis_options)
+        pool.connection_class(**pool.connection_kwargs)
+    except TypeError as exc:
+        raise ConfigurationTypeError(
+            f"{where} 'redis_options' must hold options of redis.Redis.from_url: {exc}"
+        ) from exc
 
 
 def connect(url: str, timeout: float | None = None, **options: Any) -> Any:

@@ -40,15 +40,23 @@ from time import perf_counter
 from typing import Any
 
 from ..channel import Channel
-from ..errors import BackendError, ConfigurationError
+from ..errors import BackendError, ConfigurationError, ConfigurationTypeError
 from ..metrics import StageMetrics, StageReading, StageStats
 from ..runtime.base import RunControl, Runtimes, StageRun, left_behind
 from ..stage import Stage
-from ..validate import check_name
-from .codec import secret_from
+from ..validate import check_name, check_seconds
+from .codec import check_secret_key, secret_from
 from .port import ClientUse, RedisIO, RunDirectory, WorkerLink
 from .state import find_runs, read_state
-from .streams import Keys, Retrier, connect, pipeline_id, redact
+from .streams import (
+    Keys,
+    Retrier,
+    check_redis_options,
+    check_url,
+    connect,
+    pipeline_id,
+    redact,
+)
 
 __all__ = ["Worker", "serve"]
 
@@ -93,11 +101,18 @@ class Worker:
         unavailable_timeout: float | None = None,
         redis_options: dict[str, Any] | None = None,
     ) -> None:
+        check_url(url, "Worker")
         check_name(namespace, "namespace", "Worker")
-        all_stages: tuple[Stage, ...] = tuple(pipeline.stages)
-        if not all_stages:
-            raise ConfigurationError("Worker: the pipeline has no stage")
+        check_seconds(unavailable_timeout, "unavailable_timeout", "Worker")
+        check_redis_options(url, redis_options, "Worker")
+        check_secret_key(secret_key, "Worker")
+        all_stages: tuple[Stage, ...] = _stages_of(pipeline)
         names = [s.name for s in all_stages]
+        if isinstance(stages, str) or not isinstance(stages, (Sequence, type(None))):
+            raise ConfigurationTypeError(
+                f"Worker 'stages' must be a list of stage names or None, got "
+                f"{type(stages).__name__} {stages!r:.60}; stages: {', '.join(map(repr, names))}"
+            )
         chosen = list(stages) if stages else names
         _check_names("stages", chosen, names, "stages")
         if isinstance(workers, dict):
@@ -305,12 +320,32 @@ def _check_names(param: str, given: Sequence[str], names: Sequence[str], what: s
         )
 
 
+def _stages_of(pipeline: object) -> tuple[Stage, ...]:
+    """The stages of ``pipeline``, or a clear error when it is none or has none."""
+    from ..pipeline import Pipeline
+
+    if not isinstance(pipeline, Pipeline):
+        raise ConfigurationTypeError(
+            f"Worker 'pipeline' must be a conveyor.Pipeline, got {type(pipeline).__name__}"
+        )
+    if not pipeline.stages:
+        raise ConfigurationError("Worker: the pipeline has no stage")
+    return pipeline.stages
+
+
 def _count_for(stage: Stage, workers: int | dict[str, int] | None) -> int:
     if workers is None:
         return stage.workers
+    if not isinstance(workers, (int, dict)):
+        raise ConfigurationTypeError(
+            f"Worker 'workers' must be an int >= 1, a dict {{stage name: int >= 1}} or None, "
+            f"got {type(workers).__name__} {workers!r:.60}"
+        )
     n = workers if isinstance(workers, int) else workers.get(stage.name, stage.workers)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigurationError(f"Worker: 'workers' for stage {stage.name!r} must be >= 1")
+        raise ConfigurationError(
+            f"Worker 'workers' for stage {stage.name!r} must be an int >= 1, got {n!r:.60}"
+        )
     return n
 
 

@@ -7,7 +7,8 @@
 #   4. the C accelerator was built (unless CONVEYOR_NO_EXTENSIONS=1);
 #   5. pytest (the full suite, as configured in pyproject.toml), then the
 #      channel tests again on the pure-Python fallback (CONVEYOR_PURE_PYTHON=1);
-#   6. the quick tests (pytest -m quick) on every other supported Python
+#   6. the quick tests (pytest -m quick; every test of the interpreter runtime,
+#      which exists from 3.14, is one) on every other supported Python
 #      (pyproject.toml's classifiers: 3.11 to 3.15): nox runs them on those this
 #      machine has (pyenv's included), scripts/pythons.sh on 3.14 and 3.15 when
 #      this machine lacks them, in a Debian chroot that it builds once and keeps

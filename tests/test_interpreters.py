@@ -29,6 +29,9 @@ from conveyor.channel import ACCELERATED
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
+# Quick: the runtime exists from Python 3.14, where only the quick tests run in CI.
+pytestmark = pytest.mark.quick
+
 HAS_INTERPRETERS = sys.version_info >= (3, 14)
 needs_interpreters = pytest.mark.skipif(
     not HAS_INTERPRETERS,

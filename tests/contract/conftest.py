@@ -58,6 +58,20 @@ KNOWN_GAPS: dict[tuple[str, str], str | Intermittent] = {
 }
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every contract test of the interpreter runtime is a quick one.
+
+    The runtime exists from Python 3.14, and the Pythons other than the main
+    one run only the quick tests (scripts/test.sh): unmarked, the runtime
+    would meet a sample of the contract in CI, not the whole of it.
+    """
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        combo = callspec.params.get("runner") if callspec is not None else None
+        if isinstance(combo, str) and split_combo(combo)[0] == "interpreter":
+            item.add_marker(pytest.mark.quick)
+
+
 @pytest.fixture(params=ALL)
 def runner(request: pytest.FixtureRequest) -> Iterator[Runner]:
     """One runtime x backend combination (see the module docstring)."""

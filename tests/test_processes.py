@@ -730,22 +730,6 @@ def test_arrays_the_stage_creates_are_allocated_in_the_answers_shared_memory(
     assert len(descs) == 40 and all(place == _wire._OOB for _, _, place in descs)
 
 
-def placer_made_before_the_first_array(_: object) -> bool:
-    from conveyor.runtime import _allocator
-
-    return bool(_allocator._PLACER) and _allocator._PLACER[0] is not None
-
-
-@pytest.mark.skipif(processes.start_method() != "forkserver", reason="the forkserver's preload")
-def test_a_numpy_worker_inherits_its_placer_from_the_forkserver() -> None:
-    # Made once in the forkserver (_forkserver_warm), where NumPy is preloaded: not again
-    # by each worker on its first batch of arrays (0.7 ms, more than that batch took).
-    assert list(cv.Pipeline([1, 2]).map(placer_made_before_the_first_array, runtime="process")) == [
-        True,
-        True,
-    ]
-
-
 def test_the_placer_reuses_freed_room_zeroes_callocs_keeps_realloc_data_and_unmaps_last() -> None:
     # In this process: what the worker does with an outbox, without a worker.
     from conveyor.runtime import _allocator

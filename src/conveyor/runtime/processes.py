@@ -42,7 +42,6 @@ processes lives in these modules:
   stage creates in the answer's shared-memory block;
 - ``_spare``: free blocks kept, faulted in, for the next workers;
 - ``_forkserver_main``: the main module, imported once in the forkserver;
-- ``_forkserver_warm``: a NumPy worker's first-batch set-up, done once there;
 - this module: start methods, the parent's side (pipes, shared memory in
   flight, what happens when a child dies or overruns), the exceptions that
   come back from workers, and `ProcessRuntime`.
@@ -64,9 +63,7 @@ needs live, so those are preloaded with it. So is the main module
 (``_forkserver_main``: multiprocessing up to Python 3.13 leaves it out, and
 every worker then ran the main script again, about 10 ms of its start for
 a script of a few hundred lines; 3.14 imports it, but a failing import
-ends the server). With NumPy, ``_forkserver_warm`` follows it: the
-allocator every NumPy worker would make on its first batch of arrays
-(``_allocator``, 0.7 ms) is made there once and inherited.
+ends the server).
 
 The main module is imported again as ``__mp_main__``: once in the
 forkserver, or in every worker process with spawn. A script that builds
@@ -302,14 +299,9 @@ def _default_start_method() -> str:
     return "forkserver" if sys.platform.startswith("linux") else "spawn"
 
 
-# Imported in the forkserver after NumPy: what every NumPy worker would do on its first batch.
-_WARM = "conveyor.runtime._forkserver_warm"
-
-
 def _preload_in_forkserver() -> None:
-    """Add this module, and NumPy when this process uses it (then `_forkserver_warm` after
-    it), to the forkserver's preload list, and start the server: workers then start without
-    importing them. Importing this
+    """Add this module, and NumPy when this process uses it, to the forkserver's preload
+    list, and start the server: workers then start without importing them. Importing this
     module imports the worker's side (`_child`, `_wire`) too. The main module is imported
     there as well (`_forkserver_main`), rather than run again by every worker."""
     from multiprocessing import forkserver
@@ -318,7 +310,7 @@ def _preload_in_forkserver() -> None:
     # the main module through _forkserver_main (last: what it imports is loaded by then).
     server = getattr(forkserver, "_forkserver", None)
     modules = list(getattr(server, "_preload_modules", None) or ["__main__"])
-    wanted = ["numpy", __name__, _WARM] if "numpy" in sys.modules else [__name__]
+    wanted = ["numpy", __name__] if "numpy" in sys.modules else [__name__]
     if "__main__" in modules:
         modules.remove("__main__")
         wanted.append(_forkserver_main.__name__)

@@ -274,6 +274,8 @@ def test_backoff_with_jitter_draws_a_wait_below_the_bound() -> None:
         ({"maximum": -0.5}, cv.ConfigurationError),
         ({"multiplier": 0.5}, cv.ConfigurationError),
         ({"initial": "1"}, cv.ConfigurationTypeError),
+        # Above the default maximum (5 s), which would cap every wait at 5 s unsaid.
+        ({"initial": 60}, cv.ConfigurationError),
     ],
 )
 def test_a_bad_backoff_is_refused_naming_its_field(
@@ -282,6 +284,13 @@ def test_a_bad_backoff_is_refused_naming_its_field(
     (field,) = kwargs
     with pytest.raises(error, match=f"'{field}'"):
         cv.Backoff(**kwargs)
+
+
+@pytest.mark.quick
+def test_a_backoff_may_start_at_its_maximum_but_not_above_it() -> None:
+    assert cv.Backoff(initial=2.0, maximum=2.0).delay(1) <= 2.0
+    with pytest.raises(cv.ConfigurationError, match=r"'initial' \(3.0 s\) is more than 'maximum'"):
+        cv.Backoff(initial=3.0, maximum=2.0)
 
 
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
@@ -295,7 +304,7 @@ def test_a_stop_during_a_long_backoff_ends_the_run_promptly_and_is_not_a_failure
         failing.set()
         raise Boom(x)
 
-    slow = cv.Backoff(initial=60.0, jitter=False)
+    slow = cv.Backoff(initial=60.0, maximum=60.0, jitter=False)
     p = cv.Pipeline([1]).map(always_fails, retries=3, backoff=slow, on_error=on_error)
     handle = p.start()
     must_wait(failing)

@@ -72,6 +72,12 @@ class Backoff:
             check_seconds(getattr(self, name), name, "Backoff", optional=False, zero=True)
         check_number(self.multiplier, "multiplier", "Backoff", 1, MAX_MULTIPLIER)
         check_bool(self.jitter, "jitter", "Backoff")
+        if self.initial > self.maximum:  # every wait would be capped: not what was asked
+            raise ConfigurationError(
+                f"Backoff: 'initial' ({self.initial} s) is more than 'maximum' "
+                f"({self.maximum} s), which caps every wait; give initial <= maximum "
+                f"(defaults: {type(self).initial} s and {type(self).maximum} s)"
+            )
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt`` (1-based)."""

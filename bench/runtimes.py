@@ -315,6 +315,7 @@ def _queue_sink(inq: Any, done: Any) -> None:
 OURS = "conveyor, process stage (there and back)"
 COPYING = "conveyor, the stage returns a new array (`a.copy()`)"
 PICKLED = "multiprocessing.Queue, pickled (there and back)"
+MEMCPY = "memcpy (np.copyto, source and destination in main memory)"
 
 
 def large_payloads(rounds: int) -> str:
@@ -372,11 +373,13 @@ def large_payloads(rounds: int) -> str:
         assert done.get() == count
         child.join()
 
-    dst = np.empty(mib // 8)
+    # memcpy as usually quoted, source and destination beyond the caches: each array
+    # into the next of as many destinations as there are distinct sources.
+    targets = [np.ones(mib // 8) for _ in range(distinct)]
 
     def memcpy() -> None:
-        for a in source():
-            np.copyto(dst, a)
+        for i, a in enumerate(source()):
+            np.copyto(targets[(i + 1) % distinct], a)
 
     times = measure(
         {
@@ -384,17 +387,17 @@ def large_payloads(rounds: int) -> str:
             COPYING: conveyor_process(fresh_copy),
             PICKLED: queue_round_trip,
             "multiprocessing.Queue, pickled (one way)": queue_one_way,
-            "memcpy (np.copyto, from main memory)": memcpy,
+            MEMCPY: memcpy,
         },
         rounds,
-        keep=(OURS, COPYING, PICKLED, "memcpy (np.copyto, from main memory)"),
+        keep=(OURS, COPYING, PICKLED, MEMCPY),
     )
     rate = {name: count / median(t) for name, t in times.items()}
     record("large/conveyor there and back", OURS, PICKLED, times, count)
     record("large/conveyor returns a.copy()", COPYING, PICKLED, times, count)
     ours = rate[OURS]
     pickled = rate[PICKLED]
-    copy = rate["memcpy (np.copyto, from main memory)"]
+    copy = rate[MEMCPY]
     rows = [
         f"| {name} | {1000 * median(times[name]):.0f} ms | {spread(times[name])} | "
         f"{rate[name]:,.0f} MiB/s |"
@@ -412,9 +415,12 @@ def large_payloads(rounds: int) -> str:
             f"conveyor: {ours / pickled:.1f}x the pickled round trip, "
             f"{100 * ours / copy:.0f}% of memcpy bandwidth. Each array is copied once, into "
             "shared memory; the worker builds it there, and since the stage returns it as "
-            "it got it, the answer points back there. An array the stage creates is copied "
-            "once more, into the answer's shared memory (second conveyor row). Results stay "
-            "in shared memory until the caller drops them.",
+            "it got it, the answer points back there. An array the stage creates is "
+            "allocated right in the answer's shared memory (second conveyor row), so it is "
+            "not copied again either. Results stay in shared memory until the caller drops "
+            "them. memcpy copies each array into the next of as many destination arrays: "
+            "both beyond the caches (until 2026-12-04 the reference copied into one array, "
+            "which stays in the caches, 1.4-1.7x faster: see bench/payloads.py).",
         ]
     )
 

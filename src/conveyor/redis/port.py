@@ -1195,7 +1195,13 @@ class BatchPort(RedisPort):
         )
 
     def _forget_gone_runs(self) -> None:
+        holding = self._run is not None and bool(self._taken)
         super()._forget_gone_runs()
+        if holding and self._run is None:
+            # The group in the worker's hands belongs to a run that is gone (cancelled,
+            # or lost by Redis): it goes out to be dropped, never completed with items
+            # of the next run.
+            self._void = True
         live = {c.info.run_id for c in self.io.directory.runs()}
         for run_id in set(self._orders) - live:
             del self._orders[run_id]

@@ -25,7 +25,7 @@ import redis as redis_py
 
 import conveyor as cv
 from conveyor.errors import BackendUnavailable
-from conveyor.redis import RedisBackend
+from conveyor.redis import RedisBackend, Worker
 from conveyor.redis.cli import DEFAULT_CONNECT_TIMEOUT, EXIT_REDIS_UNREACHABLE
 from redis_helpers import new_namespace
 
@@ -80,6 +80,15 @@ def nap(x):
 naps = cv.Pipeline(range(100_000)).map(nap, workers=2)
 stageless = cv.Pipeline(range(3))
 patient = cv.Pipeline(range(3)).map(inc, timeout=60)
+
+
+def fragile(x):
+    if x == 3:
+        raise ValueError("cannot handle 3")
+    return x
+
+
+dead_ends = cv.Pipeline(range(10)).map(fragile)
 """
 
 
@@ -528,3 +537,30 @@ def test_a_bad_option_value_is_a_usage_error_naming_the_option(
     assert done.returncode == EXIT_USAGE, done.stderr
     assert option in done.stderr and "Usage:" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_json_run_on_redis_ending_on_dead_letters_prints_its_metrics_with_the_error(
+    project: Path, redis_server: RedisServer
+) -> None:
+    """Regression: the failed run's document held only ``error``, where a run on this
+    machine's holds its metrics too (``items_out``, ``stages``...) with the error."""
+
+    def fragile(x: int) -> int:  # the stage of app:dead_ends, served from this process
+        if x == 3:
+            raise ValueError("cannot handle 3")
+        return x
+
+    namespace = new_namespace()
+    served = cv.Pipeline[int]([]).map(fragile)
+    with Worker(served, redis_server.url, namespace=namespace):
+        done, _ = conveyor(
+            "run", "app:dead_ends", "--json", "--redis", redis_server.url,
+            "--namespace", namespace, "--run-id", "dead-ends", cwd=project,
+        )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    document = json.loads(done.stdout)
+    assert document["error"]["type"] == "DeadLettersError"
+    assert document["items_out"] == 3  # 0, 1 and 2; the others wait for 3, in order
+    assert [stage["name"] for stage in document["stages"]] == ["fragile"]
+    assert document["redis"]["run_id"] == "dead-ends"
+    assert document["redis"]["dead_letters"] == {"fragile": 1}

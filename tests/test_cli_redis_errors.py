@@ -564,3 +564,41 @@ def test_a_json_run_on_redis_ending_on_dead_letters_prints_its_metrics_with_the_
     assert [stage["name"] for stage in document["stages"]] == ["fragile"]
     assert document["redis"]["run_id"] == "dead-ends"
     assert document["redis"]["dead_letters"] == {"fragile": 1}
+
+
+@pytest.mark.parametrize("mode", ["replay", "purge"])
+def test_a_dead_letter_id_that_is_not_there_is_refused_naming_it_and_nothing_moves(
+    project: Path, redis_server: RedisServer, mode: str
+) -> None:
+    """Regression: ``conveyor dlq replay --id`` with a mistyped id said "replayed 0 dead
+    letters" and exited 0, and with a good id beside it moved that one alone."""
+
+    def fragile(x: int) -> int:  # the stage of app:dead_ends
+        if x == 3:
+            raise ValueError("cannot handle 3")
+        return x
+
+    namespace = new_namespace()
+    backend = RedisBackend(
+        redis_server.url, namespace=namespace, run_id="r1", max_deliveries=1, local_workers=True
+    )
+    with pytest.raises(cv.DeadLettersError):
+        cv.Pipeline(range(10)).map(fragile).run(backend=backend)
+    where = ["--redis", redis_server.url, "--namespace", namespace, "--run", "r1"]
+    listed, _ = conveyor("dlq", "list", "app:dead_ends", *where, "--json", cwd=project)
+    (letter,) = json.loads(listed.stdout)
+    done, _ = conveyor(
+        "dlq", mode, "app:dead_ends", *where, "--id", letter["entry_id"], "--id", "1-1",
+        cwd=project,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert lines(done.stderr) == [
+        "Error: no dead letter with id 1-1 in run 'r1'; `conveyor dlq list` shows them"
+    ]
+    again, _ = conveyor("dlq", "list", "app:dead_ends", *where, "--json", cwd=project)
+    assert json.loads(again.stdout) == [letter]  # still there: nothing moved
+    done, _ = conveyor(
+        "dlq", mode, "app:dead_ends", *where, "--id", letter["entry_id"], cwd=project
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == {"replay": "replayed", "purge": "purged"}[mode] + " 1 dead letters\n"

@@ -113,6 +113,12 @@ class Worker:
                 f"Worker 'stages' must be a list of stage names or None, got "
                 f"{type(stages).__name__} {stages!r:.60}; stages: {', '.join(map(repr, names))}"
             )
+        if stages is not None and not stages:
+            # An empty list is a list computed wrong, not "every stage" (which is None).
+            raise ConfigurationError(
+                "Worker 'stages' is empty: give the names of the stages to serve, or None "
+                f"for every stage ({', '.join(map(repr, names))})"
+            )
         chosen = list(stages) if stages else names
         _check_names("stages", chosen, names, "stages")
         if isinstance(workers, dict):

@@ -89,6 +89,19 @@ def fragile(x):
 
 
 dead_ends = cv.Pipeline(range(10)).map(fragile)
+
+
+def hold(x):
+    import os
+    import pathlib
+    import time
+
+    pathlib.Path(os.environ["HOLDING"]).touch()
+    time.sleep(120)  # user code that nothing interrupts
+    return x
+
+
+stuck = cv.Pipeline(range(3)).map(hold)
 """
 
 
@@ -602,3 +615,41 @@ def test_a_dead_letter_id_that_is_not_there_is_refused_naming_it_and_nothing_mov
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == {"replay": "replayed", "purge": "purged"}[mode] + " 1 dead letters\n"
+
+
+def test_a_second_sigterm_stops_a_worker_whose_thread_is_stuck_in_user_code_at_once(
+    project: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Regression: the second signal was to stop the consumers without waiting; a thread
+    stage in user code (a 120 s call) was still waited for, 30 s, then 5 s more."""
+    holding, log = tmp_path / "holding", tmp_path / "worker.log"
+    namespace = new_namespace()
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "conveyor", "worker", "app:stuck", "--redis",
+             redis_server.url, "--namespace", namespace],
+            cwd=project, env={**os.environ, "HOLDING": str(holding)},
+            stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+        )  # fmt: skip
+    backend = RedisBackend(redis_server.url, namespace=namespace, run_id="stuck")
+    pipeline = cv.Pipeline(range(3)).map(lambda x: x, name="hold")
+    try:
+        with pipeline.start(backend=backend):
+            wait_for(holding.exists, "the stage to be in user code")
+            wait_for(lambda: handles_sigterm(proc.pid), "the worker's signal handlers")
+            proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: "stopping:" in log.read_text(), "the first signal to be handled")
+            proc.send_signal(signal.SIGTERM)
+            stopping = time.monotonic()
+            proc.wait(timeout=60)
+            took = time.monotonic() - stopping
+    finally:
+        proc.kill()
+        proc.wait()
+        backend.cancel(pipeline, "stuck")
+    err = log.read_text()
+    assert proc.returncode == 0, err
+    assert took < 5.0 + STARTUP / 2, f"the worker took {took:.1f} s to stop"
+    assert "Traceback" not in err
+    assert "a second SIGTERM or Ctrl-C stops at once" in err
+    assert "'hold'" in err and "conveyor-hold-0" in err, err  # named as left behind

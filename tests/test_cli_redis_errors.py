@@ -25,7 +25,7 @@ import redis as redis_py
 
 import conveyor as cv
 from conveyor.errors import BackendUnavailable
-from conveyor.redis import RedisBackend
+from conveyor.redis import RedisBackend, Worker
 from conveyor.redis.cli import DEFAULT_CONNECT_TIMEOUT, EXIT_REDIS_UNREACHABLE
 from redis_helpers import new_namespace
 
@@ -80,6 +80,28 @@ def nap(x):
 naps = cv.Pipeline(range(100_000)).map(nap, workers=2)
 stageless = cv.Pipeline(range(3))
 patient = cv.Pipeline(range(3)).map(inc, timeout=60)
+
+
+def fragile(x):
+    if x == 3:
+        raise ValueError("cannot handle 3")
+    return x
+
+
+dead_ends = cv.Pipeline(range(10)).map(fragile)
+
+
+def hold(x):
+    import os
+    import pathlib
+    import time
+
+    pathlib.Path(os.environ["HOLDING"]).touch()
+    time.sleep(120)  # user code that nothing interrupts
+    return x
+
+
+stuck = cv.Pipeline(range(3)).map(hold)
 """
 
 
@@ -528,3 +550,106 @@ def test_a_bad_option_value_is_a_usage_error_naming_the_option(
     assert done.returncode == EXIT_USAGE, done.stderr
     assert option in done.stderr and "Usage:" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_json_run_on_redis_ending_on_dead_letters_prints_its_metrics_with_the_error(
+    project: Path, redis_server: RedisServer
+) -> None:
+    """Regression: the failed run's document held only ``error``, where a run on this
+    machine's holds its metrics too (``items_out``, ``stages``...) with the error."""
+
+    def fragile(x: int) -> int:  # the stage of app:dead_ends, served from this process
+        if x == 3:
+            raise ValueError("cannot handle 3")
+        return x
+
+    namespace = new_namespace()
+    served = cv.Pipeline[int]([]).map(fragile)
+    with Worker(served, redis_server.url, namespace=namespace):
+        done, _ = conveyor(
+            "run", "app:dead_ends", "--json", "--redis", redis_server.url,
+            "--namespace", namespace, "--run-id", "dead-ends", cwd=project,
+        )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    document = json.loads(done.stdout)
+    assert document["error"]["type"] == "DeadLettersError"
+    assert document["items_out"] == 3  # 0, 1 and 2; the others wait for 3, in order
+    assert [stage["name"] for stage in document["stages"]] == ["fragile"]
+    assert document["redis"]["run_id"] == "dead-ends"
+    assert document["redis"]["dead_letters"] == {"fragile": 1}
+
+
+@pytest.mark.parametrize("mode", ["replay", "purge"])
+def test_a_dead_letter_id_that_is_not_there_is_refused_naming_it_and_nothing_moves(
+    project: Path, redis_server: RedisServer, mode: str
+) -> None:
+    """Regression: ``conveyor dlq replay --id`` with a mistyped id said "replayed 0 dead
+    letters" and exited 0, and with a good id beside it moved that one alone."""
+
+    def fragile(x: int) -> int:  # the stage of app:dead_ends
+        if x == 3:
+            raise ValueError("cannot handle 3")
+        return x
+
+    namespace = new_namespace()
+    backend = RedisBackend(
+        redis_server.url, namespace=namespace, run_id="r1", max_deliveries=1, local_workers=True
+    )
+    with pytest.raises(cv.DeadLettersError):
+        cv.Pipeline(range(10)).map(fragile).run(backend=backend)
+    where = ["--redis", redis_server.url, "--namespace", namespace, "--run", "r1"]
+    listed, _ = conveyor("dlq", "list", "app:dead_ends", *where, "--json", cwd=project)
+    (letter,) = json.loads(listed.stdout)
+    done, _ = conveyor(
+        "dlq", mode, "app:dead_ends", *where, "--id", letter["entry_id"], "--id", "1-1",
+        cwd=project,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert lines(done.stderr) == [
+        "Error: no dead letter with id 1-1 in run 'r1'; `conveyor dlq list` shows them"
+    ]
+    again, _ = conveyor("dlq", "list", "app:dead_ends", *where, "--json", cwd=project)
+    assert json.loads(again.stdout) == [letter]  # still there: nothing moved
+    done, _ = conveyor(
+        "dlq", mode, "app:dead_ends", *where, "--id", letter["entry_id"], cwd=project
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == {"replay": "replayed", "purge": "purged"}[mode] + " 1 dead letters\n"
+
+
+def test_a_second_sigterm_stops_a_worker_whose_thread_is_stuck_in_user_code_at_once(
+    project: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Regression: the second signal was to stop the consumers without waiting; a thread
+    stage in user code (a 120 s call) was still waited for, 30 s, then 5 s more."""
+    holding, log = tmp_path / "holding", tmp_path / "worker.log"
+    namespace = new_namespace()
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "conveyor", "worker", "app:stuck", "--redis",
+             redis_server.url, "--namespace", namespace],
+            cwd=project, env={**os.environ, "HOLDING": str(holding)},
+            stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+        )  # fmt: skip
+    backend = RedisBackend(redis_server.url, namespace=namespace, run_id="stuck")
+    pipeline = cv.Pipeline(range(3)).map(lambda x: x, name="hold")
+    try:
+        with pipeline.start(backend=backend):
+            wait_for(holding.exists, "the stage to be in user code")
+            wait_for(lambda: handles_sigterm(proc.pid), "the worker's signal handlers")
+            proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: "stopping:" in log.read_text(), "the first signal to be handled")
+            proc.send_signal(signal.SIGTERM)
+            stopping = time.monotonic()
+            proc.wait(timeout=60)
+            took = time.monotonic() - stopping
+    finally:
+        proc.kill()
+        proc.wait()
+        backend.cancel(pipeline, "stuck")
+    err = log.read_text()
+    assert proc.returncode == 0, err
+    assert took < 5.0 + STARTUP / 2, f"the worker took {took:.1f} s to stop"
+    assert "Traceback" not in err
+    assert "a second SIGTERM or Ctrl-C stops at once" in err
+    assert "'hold'" in err and "conveyor-hold-0" in err, err  # named as left behind

@@ -9,6 +9,7 @@ letters in front of a batch stage.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from conveyor.redis.dlq import move_dead
 from conveyor.redis.state import RunInfo
 from redis_helpers import (
     GATE_FILE_ENV,
+    WAIT,
     gated_batches,
     keep,
     members,
@@ -35,7 +37,7 @@ from redis_helpers import (
 )
 
 if TYPE_CHECKING:
-    from conftest import RedisServer
+    from conftest import RedisServer, RedisServerFactory
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 
@@ -183,3 +185,45 @@ def test_a_dead_letter_before_a_batch_stage_stops_the_run_and_a_replay_ends_it_a
     # (and may give them again here: outputs reach the caller at least once).
     assert outputs[-5:] == plain[2:]
     assert all(group in plain for group in outputs)
+
+
+@pytest.mark.parametrize("loss", ["restart", "flushall", "cancel"])
+def test_a_group_in_the_making_of_a_run_redis_lost_never_goes_into_the_next_run(
+    redis_server_factory: RedisServerFactory, loss: str
+) -> None:
+    # The repro: a long-lived worker's batch stage held 3 items of a run, a group in
+    # the making, when Redis restarted without persistence; the next run's first
+    # group was those 3 items and 4 of its own (an output of 687 groups for 686).
+    server = redis_server_factory()  # no persistence
+    namespace = new_namespace()
+    release = threading.Event()
+
+    def three_then_held() -> Iterator[int]:
+        yield from (100, 101, 102)
+        release.wait(WAIT)
+
+    served = cv.Pipeline[int]([]).batch(7)
+    with Worker(served, server.url, namespace=namespace) as worker:
+        vanishing = cv.Pipeline(three_then_held()).batch(7)
+        handle = vanishing.start(
+            backend=RedisBackend(server.url, namespace=namespace, run_id="vanishing")
+        )
+        try:
+            wait_until(lambda: worker.stats()[0].items_in == 3, "the group's first 3 items")
+            if loss == "restart":
+                server.stop()
+                server.start()
+            elif loss == "flushall":
+                server.flushall()
+            else:
+                RedisBackend(server.url, namespace=namespace).cancel(vanishing, "vanishing")
+        finally:
+            release.set()
+        with pytest.raises(cv.RunStateLost):
+            handle.join(WAIT)
+        result = (
+            cv.Pipeline(range(14))
+            .batch(7)
+            .run(collect=True, backend=RedisBackend(server.url, namespace=namespace))
+        )
+    assert result.outputs == [list(range(7)), list(range(7, 14))]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -140,10 +140,16 @@ class SampledRun:
 
 
 def run_sampled(
-    url: str, client: redis.Redis, items: int, max_bytes: int, stage: Callable[..., Any], **kw: Any
+    url: str,
+    client: redis.Redis,
+    items: int,
+    max_bytes: int,
+    stage: Callable[..., Any],
+    source: Callable[[int], Iterable[Any]] = large_items,
+    **kw: Any,
 ) -> SampledRun:
-    """Run `large_items` through ``map(stage, **kw)`` and a sink that has the run's
-    streams sampled before it takes each item (see the module docstring)."""
+    """Run ``source(items)`` (`large_items`) through ``map(stage, **kw)`` and a sink that
+    has the run's streams sampled before it takes each item (see the module docstring)."""
     run_id = "sampled"
     backend = RedisBackend(
         url, namespace=new_namespace(), run_id=run_id, local_workers=True, keep=True
@@ -155,7 +161,7 @@ def run_sampled(
         sampler.sample()  # the stages run ahead meanwhile: the budget stops them
         received.append(item[:4])
 
-    pipeline = cv.Pipeline(large_items(items)).map(stage, name="pass", **kw).each(slow_sink)
+    pipeline = cv.Pipeline(source(items)).map(stage, name="pass", **kw).each(slow_sink)
     keys = backend.keys(pipeline, run_id)
     streams = streams_of(backend, pipeline, run_id)
     try:
@@ -179,6 +185,39 @@ def test_the_streams_of_a_run_stay_within_its_byte_budget(
     assert run.sampler.peak >= share_of(BUDGET, len(run.streams) - 1) // 2
     # Everything acknowledged was deleted, and its bytes uncounted.
     assert run.lengths == [0] * len(run.streams)
+    assert set(run.counted.values()) == {0}
+
+
+def grown(number: int) -> bytes:
+    """A large item made from a small one: its number, then 30 KiB."""
+    return number.to_bytes(4, "big") + bytes(30 * 1024)
+
+
+async def grown_async(number: int) -> bytes:
+    """`grown`, for the async runtime."""
+    await asyncio.sleep(0)
+    return grown(number)
+
+
+@pytest.mark.parametrize("runtime", ["thread", "process", "async"])
+def test_a_stage_whose_outputs_are_far_larger_than_its_inputs_stays_within_the_budget(
+    redis_server: RedisServer, client: redis.Redis, runtime: str
+) -> None:
+    # The repro: map(int -> 50 KB) with max_bytes=2 MB (a share of 666 kB a stream): the
+    # stage's batches were sized by their inputs' bytes (a few each), so one batch's
+    # outputs, some 300 x 50 KB, went into the empty stream whole: 15 MB in it.
+    run = run_sampled(
+        redis_server.url,
+        client,
+        200,
+        BUDGET,
+        grown_async if runtime == "async" else grown,
+        source=range,
+        runtime=runtime,
+        workers=1,
+    )
+    assert sorted(run.received) == [i.to_bytes(4, "big") for i in range(200)]
+    assert run.sampler.peak <= BUDGET + SLACK * len(run.streams)
     assert set(run.counted.values()) == {0}
 
 

@@ -20,6 +20,8 @@ import conveyor.errors
 import conveyor.redis
 import conveyor.redis.backend
 import conveyor.redis.codec
+import conveyor.redis.dlq
+import conveyor.redis.state
 from conveyor.redis import RedisBackend
 from conveyor.redis.streams import DRIVER_GROUP, Keys, Scripts, pipeline_id
 from redis_helpers import TESTS, WAIT, new_namespace, three_stages, triple, wait_until
@@ -632,3 +634,71 @@ def test_ctrl_c_while_redis_is_down_ends_with_keyboard_interrupt(
     presser.join()
     assert "left in Redis (KeyboardInterrupt)" in caplog.text
     assert isinstance(caught.value, KeyboardInterrupt)
+
+
+# ---------------------------------------------------------------------- outputs on the error
+
+
+def test_the_outputs_run_acknowledged_before_dead_letters_stopped_it_are_on_the_error(
+    redis_server: RedisServer,
+) -> None:
+    # The repro: run(collect=True) ended with DeadLettersError after acknowledging the
+    # outputs of items 0 to 6; the caller never had them (run() raised), and the run
+    # resumed after a replay yielded the other 43 only: 7 outputs lost.
+    fixed = threading.Event()
+
+    def fragile(x: int) -> int:
+        if x % 10 == 7 and not fixed.is_set():
+            raise ValueError(f"cannot handle {x}")
+        return x * 2
+
+    pipeline = cv.Pipeline(range(50)).map(fragile, workers=2)
+    namespace = new_namespace()
+
+    def backend() -> RedisBackend:
+        return RedisBackend(
+            redis_server.url,
+            namespace=namespace,
+            run_id="partial",
+            max_deliveries=2,
+            local_workers=True,
+        )
+
+    with pytest.raises(cv.DeadLettersError) as caught:
+        pipeline.run(collect=True, backend=backend())
+    first = caught.value.result
+    assert isinstance(first, conveyor.redis.RedisRunResult)
+    assert first.run_id == "partial"
+    assert first.dead_letters == {"fragile": 5}
+    assert first.stats[0].items_in >= 45
+    expected = [x * 2 for x in range(50)]
+    # Ordered: the outputs of items 0 to 6 came out before item 7, a dead letter.
+    assert first.outputs == expected[:7]
+    assert first.items_out == 7
+    fixed.set()
+    keys = backend().keys(pipeline, "partial")
+    with redis.Redis.from_url(redis_server.url) as client:
+        info = conveyor.redis.state.RunInfo.from_meta(keys, client.hgetall(keys.meta))
+        assert conveyor.redis.dlq.move_dead(client, info, "replay") == 5
+    again = pipeline.run(collect=True, backend=backend()).outputs
+    assert first.outputs + (again or []) == expected
+
+
+def test_a_run_without_collect_ending_on_dead_letters_has_its_counts_on_the_error(
+    redis_server: RedisServer,
+) -> None:
+    def fragile(x: int) -> int:
+        if x == 3:
+            raise ValueError("cannot handle 3")
+        return x
+
+    backend = RedisBackend(
+        redis_server.url, namespace=new_namespace(), max_deliveries=1, local_workers=True
+    )
+    with pytest.raises(cv.DeadLettersError) as caught:
+        cv.Pipeline(range(10)).map(fragile).run(backend=backend)
+    result = caught.value.result
+    assert result is not None and result.outputs is None
+    assert result.items_out == 3  # 0, 1 and 2: ordered, the others wait for 3
+    assert result.dead_letters == {"fragile": 1}
+    assert result.as_dict()["stages"][0]["items_in"] == 9  # handed on; 3 is a dead letter

@@ -256,7 +256,8 @@ def _redis_params(url: str) -> list[Param]:
         "run_id": bad_name() | _as(RANGE, st.sampled_from(["my run", "a\tb"])),
         "namespace": bad_name() | _as(TYPE, st.none()) | _as(RANGE, st.just("two words")),
         "codec": bad_choice(("msgpack", "json", "pickle")),
-        "secret_key": _as(TYPE, st.one_of(st.integers(), st.just([]))),
+        "secret_key": _as(TYPE, st.one_of(st.integers(), st.just([])))
+        | _as(RANGE, st.one_of(st.binary(max_size=15), st.text(max_size=3))),
         "batch_size": bad_count(1, 100_000),
         "visibility_timeout": bad_seconds(optional=False),
         "max_deliveries": bad_count(1),
@@ -306,11 +307,12 @@ def _worker_params(url: str) -> list[Param]:
     )
     options: dict[str, Bad] = {
         "stages": _as(TYPE, st.one_of(st.just("abs"), st.integers(), st.just(object())))
-        | _as(RANGE, st.just(["nope"])),
+        | _as(RANGE, st.sampled_from([["nope"], []])),
         "workers": _as(TYPE, st.one_of(st.text(max_size=3), st.just([]), st.floats()))
         | _as(RANGE, st.one_of(st.integers(max_value=0), st.just({"nope": 2}))),
         "namespace": bad_name() | _as(RANGE, st.just("two words")),
-        "secret_key": _as(TYPE, st.one_of(st.integers(), st.just([]))),
+        "secret_key": _as(TYPE, st.one_of(st.integers(), st.just([])))
+        | _as(RANGE, st.one_of(st.binary(max_size=15), st.text(max_size=3))),
         "unavailable_timeout": bad_seconds(),
         "redis_options": _as(TYPE, st.one_of(st.integers(), st.just([]), st.text(max_size=3))),
     }
@@ -657,6 +659,27 @@ def test_a_worker_refuses_a_worker_count_for_a_stage_it_does_not_serve() -> None
         Worker(pipeline, UNREACHABLE, stages=["size"], workers={"show": 2})
     with pytest.raises(cv.ConfigurationError, match="'stages': no stage named 'nope'"):
         Worker(pipeline, UNREACHABLE, stages=["nope"])
+
+
+def test_a_worker_refuses_an_empty_list_of_stages_and_a_short_secret_key_at_once() -> None:
+    """``stages=[]`` served every stage; ``secret_key="short"`` was taken, and the worker
+    then refused each run of the pickle codec (the driver's run failed with "does not
+    have the secret key"), where `RedisBackend` refuses a key under 16 bytes."""
+    from conveyor.redis import Worker
+
+    pipeline = cv.Pipeline(range(3)).map(str, name="show")
+    with pytest.raises(cv.ConfigurationError) as empty:
+        Worker(pipeline, UNREACHABLE, stages=[])
+    assert str(empty.value) == (
+        "Worker 'stages' is empty: give the names of the stages to serve, "
+        "or None for every stage ('show')"
+    )
+    for make in (
+        lambda: Worker(pipeline, UNREACHABLE, secret_key="short"),
+        lambda: RedisBackend(UNREACHABLE, secret_key=b"short"),
+    ):
+        with pytest.raises(cv.ConfigurationError, match="'secret_key' must be at least 16 bytes"):
+            make()
 
 
 def test_a_bad_backoff_names_the_method_once() -> None:

@@ -416,6 +416,8 @@ def _run_on_redis(
     except BackendUnavailable as exc:
         raise RedisUnreachable(exc, where.debug) from exc
     except DeadLettersError as exc:  # its cause is the user's exception: show its traceback
+        if exc.result is not None:  # what the run did before, for the JSON on stdout
+            click.get_current_context().meta[JSON_PARTIAL] = exc.result.as_dict()
         _exit_run_failed(exc)
     except BackendError as exc:  # conveyor's own reason: its traceback says nothing useful
         answer = redis_answer(exc)

@@ -29,6 +29,10 @@ from __future__ import annotations
 
 import queue
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .metrics import RunResult
 
 __all__ = [
     "BackendError",
@@ -113,6 +117,11 @@ class DeadLettersError(BackendError):
         super().__init__(message)
         self.run_id = run_id
         self.dead = dead
+        self.result: RunResult | None = None
+        """What ``run()`` did before it stopped (a `conveyor.redis.RedisRunResult`):
+        counters, failures, and with ``collect=True`` the outputs it collected. The
+        driver acknowledged those outputs, so the resumed run does not yield them
+        again: they are here. None when raised by ``iterate()``, whose loop had them."""
 
 
 class RunStateLost(BackendError):

@@ -387,6 +387,15 @@ class RedisBackend(Backend):
                 if outputs is not None:
                     outputs.extend(chunk)
             result = run.result(outputs)
+        except DeadLettersError as exc:
+            # The outputs collected so far were acknowledged: a resumed run does not
+            # yield them again, so they go to the caller with the error.
+            error = exc
+            try:
+                exc.result = result = run.result(outputs)
+            except Exception as lost:  # Redis gone since: the dead letters still say why
+                add_note(exc, f"conveyor: the run's result could not be read: {lost}")
+            raise
         except BaseException as exc:
             error = exc
             raise

@@ -603,18 +603,32 @@ def _move(
     stage: str | None,
     ids: tuple[str, ...],
 ) -> None:
-    from .dlq import move_dead
+    from .dlq import move_dead, present_ids
 
     pipeline = _dlq_pipeline(target, stage)
     try:
         client = _connect(url, connect_timeout)
-        moved = sum(
-            move_dead(client, info, mode, stage, list(ids) or None)
-            for info in _runs(client, namespace, pipeline, run_id)
-        )
+        runs = _runs(client, namespace, pipeline, run_id)
+        if ids:
+            found = set().union(*(present_ids(client, info, list(ids), stage) for info in runs))
+            _refuse_unknown_ids([i for i in ids if i not in found], run_id, stage)
+        moved = sum(move_dead(client, info, mode, stage, list(ids) or None) for info in runs)
     except (BackendError, ConfigurationError) as exc:
         raise _fail(exc) from None
     click.echo(f"{'replayed' if mode == 'replay' else 'purged'} {moved} dead letters")
+
+
+def _refuse_unknown_ids(unknown: list[str], run_id: str | None, stage: str | None) -> None:
+    """A ``--id`` that names no dead letter is a mistake to say, not "moved 0": nothing
+    is moved, not even the ids that are there."""
+    if not unknown:
+        return
+    where = f" in run {run_id!r}" if run_id else " in any run"
+    if stage is not None:
+        where += f" (stage {stage!r})"
+    raise click.ClickException(
+        f"no dead letter with id {', '.join(unknown)}{where}; `conveyor dlq list` shows them"
+    )
 
 
 @dlq_group.command("replay")

@@ -53,6 +53,8 @@ MAX_ENTRY_BYTES = 512 * 2**20
 bigger one, which would look like an outage."""
 SECRET_ENV = "CONVEYOR_SECRET_KEY"
 """Environment variable read for the pickle codec's key when none is passed."""
+MIN_KEY_BYTES = 16
+"""The shortest secret key the pickle codec signs with (HMAC-SHA256)."""
 
 
 class Codec:
@@ -162,8 +164,10 @@ class PickleCodec(Codec):
     name = "pickle"
 
     def __init__(self, key: bytes) -> None:
-        if len(key) < 16:
-            raise ConfigurationError("the pickle codec's secret key must be at least 16 bytes")
+        if len(key) < MIN_KEY_BYTES:
+            raise ConfigurationError(
+                f"the pickle codec's secret key must be at least {MIN_KEY_BYTES} bytes"
+            )
         self._key = key
 
     def dumps(self, value: Any) -> bytes:
@@ -206,10 +210,18 @@ def key_check(key: bytes | None) -> str:
 
 
 def check_secret_key(key: object, where: str) -> None:
-    """Refuse a ``secret_key`` that is neither bytes, a str nor None."""
-    if key is not None and not isinstance(key, (bytes, str)):
+    """Refuse a ``secret_key`` that is neither bytes, a str nor None, or that is too short
+    to sign with (whatever the codec: a worker meets runs of every codec)."""
+    if key is None:
+        return
+    if not isinstance(key, (bytes, str)):
         raise ConfigurationTypeError(
             f"{where} 'secret_key' must be bytes, a str or None, got {type(key).__name__}"
+        )
+    size = len(key.encode() if isinstance(key, str) else key)
+    if size < MIN_KEY_BYTES:
+        raise ConfigurationError(
+            f"{where} 'secret_key' must be at least {MIN_KEY_BYTES} bytes, got {size}"
         )
 
 

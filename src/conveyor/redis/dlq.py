@@ -23,7 +23,7 @@ from .codec import Codec
 from .state import RunInfo
 from .streams import Scripts, tombstone_counter
 
-__all__ = ["DeadLetter", "list_dead", "move_dead"]
+__all__ = ["DeadLetter", "list_dead", "move_dead", "present_ids"]
 
 
 @dataclass(frozen=True)
@@ -123,3 +123,13 @@ def move_dead(
                 args=[i, mode, tomb, *chosen[start : start + 500]],
             )
     return moved
+
+
+def present_ids(client: Any, info: RunInfo, ids: list[str], stage: str | None = None) -> set[str]:
+    """Which of ``ids`` are dead letters of the run (of one stage, with ``stage``):
+    so that a mistyped ``--id`` is refused before anything moves."""
+    found: set[str] = set()
+    for i in _stage_indexes(info, stage):
+        dead = info.keys.dead(i)
+        found.update(entry_id for entry_id in ids if client.xrange(dead, entry_id, entry_id))
+    return found

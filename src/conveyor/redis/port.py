@@ -144,6 +144,9 @@ class RunContext:
         self.block_delay: dict[int, float] = {}
         self.room_left: dict[int, int] = {}
         """Per stage, the bytes its output had room for when last seen (byte budget)."""
+        self.out_per_item: dict[int, int] = {}
+        """Per stage, the bytes its last hand-off added to its output per input item
+        (byte budget): a stage whose outputs outweigh its inputs takes fewer at once."""
         self.per_entry: dict[int, int] = {}
         """Per stream, items per entry in what this worker added last: its limit in
         entries is its limit in items over that (see `packing.stream_limit`)."""
@@ -425,18 +428,7 @@ class RedisPort(Port):
         if found is None:
             return []
         ctx, got = found
-        share = ctx.info.share
-        if share is not None:
-            # A batch of at most a share of input bytes, and of what its output had room
-            # for when last seen (one item at least): its outputs' hand-off need not wait.
-            # A pack costs once, with its first item.
-            room = min(share, ctx.room_left.get(self.index, share))
-            costs, before = [], None
-            for entry, _ in got[:n]:
-                costs.append(0 if entry is before else entry_cost(entry[1]))
-                before = entry
-            n = fitting(costs, room)
-        end = min(n, len(got))
+        end = min(self._within_budget(ctx, got, n), len(got))
         while end < len(got) and got[end][0] is got[end - 1][0]:
             end += 1  # a pack's items go out together: it is handed on whole
         chunk = got[:end]
@@ -444,6 +436,25 @@ class RedisPort(Port):
         self._run = ctx
         self._taken += chunk
         return [item for _, item in chunk]
+
+    def _within_budget(self, ctx: RunContext, got: list[tuple[Entry, Any]], n: int) -> int:
+        """How many of the first ``n`` of ``got`` one batch takes under the run's byte
+        budget (``n`` without one): at most a share of input bytes, and of what the
+        output had room for when last seen, for the inputs and for their outputs, as
+        heavy per item as the last hand-off's (one item at least): the hand-off of the
+        outputs need not wait, nor overfill the output. A pack costs once, with its
+        first item."""
+        share = ctx.info.share
+        if share is None:
+            return n
+        room = min(share, ctx.room_left.get(self.index, share))
+        costs, before = [], None
+        for entry, _ in got[:n]:
+            costs.append(0 if entry is before else entry_cost(entry[1]))
+            before = entry
+        n = fitting(costs, room)
+        grown = ctx.out_per_item.get(self.index)
+        return min(n, max(1, room // grown)) if grown else n
 
     def _fetch(self, n: int, timeout: float | None) -> None:
         """Read new entries (and take over idle ones) into ``_ready``."""
@@ -643,17 +654,21 @@ class RedisPort(Port):
         ctx.room_left[self.index] = room.left
         return room.left > 0  # (free: a share)
 
-    def _wait_for_room(self, ctx: RunContext, records: list[Any]) -> bool:
+    def _wait_for_room(self, ctx: RunContext, records: list[Any], items: int = 0) -> bool:
         """Before a hand-off: wait until the output stream has room for what ``records``
         add, in the run's byte budget; False if the worker stopped first. Reads stop
         while the output has no room (`_has_room`), so this waits only for what other
-        workers handed on meanwhile."""
+        workers handed on meanwhile. ``items``: the input items the records hand on,
+        whose outputs' weight sizes the next batches (`_hand_out`)."""
         if ctx.info.max_bytes is None:
             return True
         keys, out = ctx.info.keys, self.index + 1
+        need = need_of(records)
+        if items:
+            ctx.out_per_item[self.index] = need // items
         room = wait_for_room(
             self.scripts, self.retry, keys.stream(out), keys.counters, ctx.info.room_reader(out),
-            need_of(records), self._stopped,
+            need, self._stopped,
         )  # fmt: skip
         return room is not None
 
@@ -719,7 +734,7 @@ class RedisPort(Port):
         """Hand on the outcome of the entries ``taken``; those it did not reach are the
         next take's."""
         cut, records, outcome = self._prepare(ctx, taken, outcome)
-        if not self._wait_for_room(ctx, records):
+        if not self._wait_for_room(ctx, records, cut):
             cut = 0  # stopped while the output was full: all is let go (close)
         else:
             self._handoff(ctx, _distinct([entry for entry, _ in taken[:cut]]), records, outcome)
@@ -1195,7 +1210,13 @@ class BatchPort(RedisPort):
         )
 
     def _forget_gone_runs(self) -> None:
+        holding = self._run is not None and bool(self._taken)
         super()._forget_gone_runs()
+        if holding and self._run is None:
+            # The group in the worker's hands belongs to a run that is gone (cancelled,
+            # or lost by Redis): it goes out to be dropped, never completed with items
+            # of the next run.
+            self._void = True
         live = {c.info.run_id for c in self.io.directory.runs()}
         for run_id in set(self._orders) - live:
             del self._orders[run_id]
@@ -1383,7 +1404,7 @@ class SharedPort(RedisPort):
             if found is None:
                 return None
             ctx, got = found
-            end = min(n, len(got))
+            end = min(self._within_budget(ctx, got, n), len(got))
             while end < len(got) and got[end][0] is got[end - 1][0]:
                 end += 1  # a pack's items go to one coroutine: it is handed on whole
             chunk = got[:end]
@@ -1461,7 +1482,7 @@ class SharedPort(RedisPort):
                     if cut < len(taken):
                         back.append((ctx, taken[cut:]))
                 for run in runs.values():
-                    if not self._wait_for_room(run.ctx, run.records):
+                    if not self._wait_for_room(run.ctx, run.records, len(run.taken)):
                         back.append((run.ctx, run.taken))  # stopped while the output was full
                         continue
                     entries = _distinct([entry for entry, _ in run.taken])

@@ -113,6 +113,12 @@ class Worker:
                 f"Worker 'stages' must be a list of stage names or None, got "
                 f"{type(stages).__name__} {stages!r:.60}; stages: {', '.join(map(repr, names))}"
             )
+        if stages is not None and not stages:
+            # An empty list is a list computed wrong, not "every stage" (which is None).
+            raise ConfigurationError(
+                "Worker 'stages' is empty: give the names of the stages to serve, or None "
+                f"for every stage ({', '.join(map(repr, names))})"
+            )
         chosen = list(stages) if stages else names
         _check_names("stages", chosen, names, "stages")
         if isinstance(workers, dict):
@@ -228,8 +234,8 @@ class Worker:
         and wait ``grace`` seconds more: process children are terminated, threads stuck
         in user code are left behind, named in `left_behind`); re-raise the first error
         of the worker."""
-        stuck = self.runtimes.join(None if timeout is None else perf_counter() + timeout)
-        if stuck:
+        stuck = self._join_until_abort(None if timeout is None else perf_counter() + timeout)
+        if stuck or self.control.stopped.is_set():
             self.control.abort()
             stuck = self.runtimes.join(perf_counter() + grace)
         self.left_behind = left_behind(self.stage_runs, stuck)
@@ -255,6 +261,34 @@ class Worker:
                 log.warning("conveyor: Redis worker stopped with Redis unreachable: %s", error)
                 return
             raise error
+
+    def _join_until_abort(self, deadline: float | None) -> list[str]:
+        """`Runtimes.join` until ``deadline``, or until the worker aborts (a second
+        signal, a failure): `join` then waits its grace only, also for a thread in
+        user code, which nothing interrupts (it is left behind, a daemon thread).
+
+        The runtimes are joined by a helper thread, so that the abort can end this
+        wait (`RunControl.on_abort`) without polling; on an abort it returns [] (`join`
+        then asks the runtimes again, within its grace) and leaves the helper to its
+        join."""
+        from ..engine import wait_interruptibly
+
+        if self.control.stopped.is_set():
+            return self.runtimes.join(deadline)
+        ended = threading.Event()
+        joined: list[list[str]] = []  # the helper's answer, once it has one
+
+        def join_all() -> None:
+            try:
+                joined.append(self.runtimes.join(deadline))
+            finally:
+                ended.set()
+
+        helper = threading.Thread(target=join_all, name="conveyor-worker-join", daemon=True)
+        helper.start()
+        self.control.on_abort(ended.set)
+        wait_interruptibly(ended.wait, None)
+        return joined[0] if joined else []
 
     def run_forever(self) -> None:
         """Start, and serve until `stop()` (or SIGTERM/SIGINT in the main thread).
@@ -293,6 +327,11 @@ class Worker:
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.stopped.is_set():
             self.control.abort()  # a second signal: do not wait for the batches in hand
+        elif self._client is not None:  # serving (not still connecting): say what comes
+            log.info(
+                "conveyor: stopping: finishing the batches in hand (30 s at most); "
+                "a second SIGTERM or Ctrl-C stops at once"
+            )
         self.stop()
 
     def __enter__(self) -> Worker:

@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import queue
 import sys
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .metrics import RunResult
+from typing import Any
 
 __all__ = [
     "BackendError",
@@ -117,7 +114,8 @@ class DeadLettersError(BackendError):
         super().__init__(message)
         self.run_id = run_id
         self.dead = dead
-        self.result: RunResult | None = None
+        # Any: errors sit below metrics in the layers (a RunResult, or None).
+        self.result: Any = None
         """What ``run()`` did before it stopped (a `conveyor.redis.RedisRunResult`):
         counters, failures, and with ``collect=True`` the outputs it collected. The
         driver acknowledged those outputs, so the resumed run does not yield them

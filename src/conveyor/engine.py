@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import sys
 import threading
 import weakref
 from collections import deque
@@ -50,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 from .channel import Channel, Producer
 from .errors import Empty, PipelineStopped, ShutDown
 from .metrics import RunResult, StageMetrics, StageReading, StageStats, Timeline
-from .policy import add_note
+from .policy import add_note, cancels_this_task
 from .runtime.base import (
     MAX_BATCH,
     TARGET_BATCH_SECONDS,
@@ -235,7 +234,7 @@ class Run:
         except ShutDown:
             pass  # the run was aborted, or stopped with drain=True
         except BaseException as exc:
-            if not _cancelled(exc):
+            if not cancels_this_task(exc):
                 add_note(exc, f"conveyor: the source failed after {self.pulled} items")
                 self.control.fail(exc)
             elif not self.control.stopped.is_set():
@@ -662,12 +661,6 @@ async def _askip(source: AsyncIterable[Any], n: int) -> AsyncIterator[Any]:
             n -= 1
             continue
         yield item
-
-
-def _cancelled(exc: BaseException) -> bool:
-    """True for asyncio's CancelledError, without importing asyncio (none exists before it)."""
-    asyncio = sys.modules.get("asyncio")
-    return asyncio is not None and isinstance(exc, asyncio.CancelledError)
 
 
 def _next_chunk_size(size: int, seconds: float) -> int:

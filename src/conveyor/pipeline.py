@@ -337,9 +337,42 @@ class Pipeline(Generic[T]):
         """Keep the items for which ``pred`` is true. Options: `StageOptions`, as for `map`."""
         return self._stage("filter", pred, options, _STAGE_KEYS, fn_param="pred")
 
+    # As for map: with "async", the elements are those of what fn's coroutines
+    # return, or of what its async generators yield.
+    @overload
     def flat_map(
-        self, fn: Callable[[T], Iterable[U]], **options: Unpack[StageOptions]
-    ) -> Pipeline[U]:
+        self,
+        fn: Callable[[T], AsyncIterable[U]],
+        *,
+        runtime: Literal["async"],
+        **options: Unpack[_Options],
+    ) -> Pipeline[U]: ...
+
+    @overload
+    def flat_map(
+        self,
+        fn: Callable[[T], Awaitable[Iterable[U]]],
+        *,
+        runtime: Literal["async"],
+        **options: Unpack[_Options],
+    ) -> Pipeline[U]: ...
+
+    @overload
+    def flat_map(
+        self,
+        fn: Callable[[T], Iterable[U]],
+        *,
+        runtime: RuntimeName = ...,
+        **options: Unpack[_Options],
+    ) -> Pipeline[U]: ...
+
+    def flat_map(
+        self,
+        fn: Callable[[T], Any],
+        *,
+        runtime: RuntimeName = "thread",
+        **options: Unpack[_Options],
+    ) -> Pipeline[Any]:
         """Apply ``fn`` to every item; each element of the iterable it returns goes on.
 
         The iterable is read whole before its elements go on, so an item
@@ -350,7 +383,7 @@ class Pipeline(Generic[T]):
         Options: `StageOptions`, as for `map`.
         """
         stage_fn: Callable[[T], object] = gathered(fn) if inspect.isasyncgenfunction(fn) else fn
-        return self._stage("flat_map", stage_fn, options, _STAGE_KEYS)
+        return self._stage("flat_map", stage_fn, {"runtime": runtime, **options}, _STAGE_KEYS)
 
     def each(self, fn: Callable[[T], object], **options: Unpack[StageOptions]) -> Pipeline[None]:
         """Call ``fn`` on every item for its side effects (the sink); nothing goes on.
@@ -987,6 +1020,15 @@ def _check_combination(stage: Stage, method: str) -> None:
         )
 
 
+_GENERATOR_MISUSE = {
+    "map": "which would go on unread",
+    "filter": "which is always true",
+    "each": "which never runs the function's body",
+}
+"""What a generator function would do as the function of these stages (never what
+was meant: only flat_map reads what it yields)."""
+
+
 def _check_runtime_fits(stage: Stage) -> None:
     """A coroutine function needs the async runtime, and the async runtime one."""
     if inspect.isasyncgenfunction(stage.fn):  # flat_map gathers one (see Pipeline.flat_map)
@@ -994,9 +1036,21 @@ def _check_runtime_fits(stage: Stage) -> None:
             f"{stage.kind}() stage {stage.name!r}: 'fn' is an async generator function; "
             f"only flat_map takes one (with runtime='async'), to send on what it yields"
         )
-    if stage.is_async_fn and stage.runtime != "async":
+    if inspect.isgeneratorfunction(stage.fn) and stage.kind in _GENERATOR_MISUSE:
         raise ConfigurationError(
-            f"{stage.kind}() stage {stage.name!r}: 'fn' is a coroutine function; "
+            f"{stage.kind}() stage {stage.name!r}: 'fn' is a generator function (it has "
+            f"'yield'): each call returns a generator, {_GENERATOR_MISUSE[stage.kind]}; "
+            f"use flat_map to send on what it yields"
+        )
+    if stage.is_async_fn and stage.runtime != "async":
+        # flat_map wraps an async generator function (`conveyor.stage.gathered`).
+        what = (
+            "an async generator function"
+            if inspect.isasyncgenfunction(getattr(stage.fn, "__wrapped__", None))
+            else "a coroutine function"
+        )
+        raise ConfigurationError(
+            f"{stage.kind}() stage {stage.name!r}: 'fn' is {what}; "
             f"pass runtime='async' to run it (got 'runtime'={stage.runtime!r})"
         )
     if stage.runtime == "async" and not stage.is_async_fn:

@@ -48,6 +48,24 @@ def test_flat_map_unwraps_the_iterable_the_function_returns() -> None:
     assert list(p) == ["1", "2", "3"]
 
 
+def test_an_async_flat_map_unwraps_what_its_coroutines_give() -> None:
+    # Repro: mypy refused both, documented as working with runtime="async"
+    # ("expected Callable[[int], Iterable[Never]]"), and typed the pipeline Any.
+    async def letters(x: int) -> AsyncIterator[str]:
+        for letter in str(x):
+            yield letter
+
+    async def halves(x: int) -> list[float]:
+        return [x / 2, x / 4]
+
+    p = cv.Pipeline([12]).flat_map(letters, runtime="async")
+    assert_type(p, cv.Pipeline[str])
+    assert list(p) == ["1", "2"]
+    q = cv.Pipeline([2]).flat_map(halves, runtime="async", workers=2)
+    assert_type(q, cv.Pipeline[float])
+    assert list(q) == [1.0, 0.5]
+
+
 def test_batch_gives_lists_of_the_item_type() -> None:
     p = cv.Pipeline(range(3)).map(float).batch(2)
     assert_type(p, cv.Pipeline[list[float]])

@@ -701,6 +701,34 @@ def test_a_cancelled_error_of_the_users_own_on_the_callers_loop_fails_the_run(wh
     assert not conveyor_threads()
 
 
+@pytest.mark.quick
+@pytest.mark.parametrize("runtime", ["thread", "async"])
+def test_a_stop_async_iteration_from_a_stage_does_not_end_async_for_as_if_done(
+    runtime: str,
+) -> None:
+    # Repro: `async for` over the pipeline ended quietly with [] (the stage's
+    # StopAsyncIteration left __anext__ as the end of the outputs).
+    def gives_up(x: int) -> int:
+        if x == 3:
+            raise StopAsyncIteration
+        return x
+
+    async def agives_up(x: int) -> int:
+        return gives_up(x)
+
+    fn: Any = agives_up if runtime == "async" else gives_up
+    pipeline = cv.Pipeline(range(10)).map(fn, runtime=runtime, name="gives_up")
+
+    async def main() -> list[int]:
+        return [out async for out in pipeline]
+
+    with pytest.raises(RuntimeError) as info:
+        asyncio.run(main())
+    assert type(info.value.__cause__) is StopAsyncIteration
+    assert "conveyor: stage 'gives_up' (map) failed on item 3" in notes(info.value)
+    assert not conveyor_threads()
+
+
 SIGINT_SCRIPT = textwrap.dedent(
     """
     import asyncio, itertools, threading, time

@@ -402,6 +402,8 @@ class Run:
     def raise_error(self, stopped_ok: bool = False) -> None:
         """Re-raise the first error of the run, if any; a stopped run raises PipelineStopped."""
         error = self.control.error
+        if isinstance(error, (StopIteration, StopAsyncIteration)):
+            raise _loop_ender(error) from error
         if error is not None:
             raise error
         if self.control.stopped.is_set() and not stopped_ok:
@@ -661,6 +663,25 @@ async def _askip(source: AsyncIterable[Any], n: int) -> AsyncIterator[Any]:
             n -= 1
             continue
         yield item
+
+
+def _loop_ender(error: StopIteration | StopAsyncIteration) -> RuntimeError:
+    """The RuntimeError that stands for ``error`` (its ``__cause__``), with its notes.
+
+    The one exception the caller cannot get as itself: raised through an iterator
+    (``for out in pipeline``, ``async for``, and ``run()``, which drains one) it
+    would end the caller's loop as if every output were there, so Python turns it
+    into a RuntimeError without the note naming the stage and the item (PEP 479);
+    this one keeps it."""
+    name = type(error).__name__
+    runtime_error = RuntimeError(
+        f"{name} raised in the pipeline (by a stage or the source): it cannot end the "
+        f"run as itself, which would look like the end of its outputs; it is this "
+        f"error's __cause__"
+    )
+    for note in getattr(error, "__notes__", ()):
+        add_note(runtime_error, note)
+    return runtime_error
 
 
 def _next_chunk_size(size: int, seconds: float) -> int:

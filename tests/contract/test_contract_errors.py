@@ -582,3 +582,40 @@ def test_a_source_that_raises_midway_ends_the_run_with_its_error_and_a_note(
         runner.run(pipeline)
     leftovers.assert_none()
     assert "conveyor: the source failed after 2 items" in info.value.__notes__
+
+
+def stop_iteration_on_bad(x: int) -> int:
+    if x == BAD:
+        raise StopIteration  # a next() on an empty iterator, say
+    return x
+
+
+def stop_async_iteration_on_bad(x: int) -> int:
+    if x == BAD:
+        raise StopAsyncIteration
+    return x
+
+
+@pytest.mark.parametrize(
+    ("fn", "how"), [(stop_iteration_on_bad, "iterate"), (stop_async_iteration_on_bad, "run")]
+)
+def test_a_stop_iteration_from_a_stage_is_a_runtime_error_naming_the_stage_and_item(
+    runner: Runner, fn: Callable[[int], int], how: str
+) -> None:
+    # Repro: StopIteration became a bare RuntimeError("generator raised StopIteration"),
+    # without the note naming the stage and the item (the iterator protocol forbids
+    # raising it as itself: it would end the caller's loop as if done).
+    pipeline = cv.Pipeline(range(20)).map(runner.fn(fn), runtime=runner.runtime, name="nexts")
+    with pytest.raises(RuntimeError) as info:
+        if how == "run":
+            runner.run(pipeline)
+        else:
+            list(runner.iterate(pipeline))
+    raised = StopIteration if fn is stop_iteration_on_bad else StopAsyncIteration
+    assert type(info.value.__cause__) is raised
+    if runner.runtime == "async" and raised is StopIteration:
+        # Python itself turns it into a RuntimeError as it leaves the coroutine.
+        assert str(info.value) == "coroutine raised StopIteration"
+    else:
+        assert f"{raised.__name__} raised in the pipeline" in str(info.value)
+    assert f"conveyor: stage 'nexts' (map) failed on item {BAD}" in info.value.__notes__

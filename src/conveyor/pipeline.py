@@ -36,7 +36,7 @@ from .backends import (
 from .channel import Channel, check_max_bytes
 from .engine import JOIN_TIMEOUT, AsyncOutputs, Run, wait_interruptibly
 from .errors import ConfigurationError, ConfigurationTypeError
-from .metrics import MetricsExporter, RunResult, StageStats
+from .metrics import MetricsExporter, OutputT, RunResult, StageStats
 from .stage import (
     DEFAULT_CAPACITY,
     ON_ERROR,
@@ -555,7 +555,7 @@ class Pipeline(Generic[T]):
         backend: Backend | None = None,
         metrics: MetricsExporter | None = None,
         max_bytes: int | None = None,
-    ) -> RunResult:
+    ) -> RunResult[T]:
         """Run to completion and return the per-stage statistics.
 
         Args:
@@ -659,7 +659,7 @@ class Pipeline(Generic[T]):
         backend: Backend | None = None,
         metrics: MetricsExporter | None = None,
         max_bytes: int | None = None,
-    ) -> RunResult:
+    ) -> RunResult[T]:
         """`run` from async code: ``await pipeline.arun()``, on the caller's event loop.
 
         Async stages (and an async source) run on the caller's loop, which
@@ -730,7 +730,7 @@ class Pipeline(Generic[T]):
         backend: None = ...,
         metrics: MetricsExporter | None = ...,
         max_bytes: int | None = ...,
-    ) -> RunHandle: ...
+    ) -> RunHandle[T]: ...
 
     @overload
     def start(
@@ -743,7 +743,7 @@ class Pipeline(Generic[T]):
         backend: Backend,
         metrics: MetricsExporter | None = ...,
         max_bytes: int | None = ...,
-    ) -> RunHandle | BackgroundRun: ...
+    ) -> RunHandle[T] | BackgroundRun: ...
 
     def start(
         self,
@@ -755,7 +755,7 @@ class Pipeline(Generic[T]):
         backend: Backend | None = None,
         metrics: MetricsExporter | None = None,
         max_bytes: int | None = None,
-    ) -> RunHandle | BackgroundRun:
+    ) -> RunHandle[T] | BackgroundRun:
         """Start a run in the background and return its handle.
 
         Options as for `run`. With a backend other than this process, the
@@ -770,7 +770,8 @@ class Pipeline(Generic[T]):
         watch = _check_watch("start()", report, stall_timeout)
         run = self._new_run("start()", metrics=metrics, max_bytes=max_bytes)
         monitor = _start_monitor(run, self._source, progress, *watch)
-        return RunHandle(run, collect, self._runs, monitor)
+        handle: RunHandle[T] = RunHandle(run, collect, self._runs, monitor)
+        return handle
 
     def __enter__(self) -> Pipeline[T]:
         return self
@@ -1097,15 +1098,18 @@ def _start_monitor(
     )
 
 
-class RunHandle:
-    """A run going on in the background: watch it, stop it, wait for its result."""
+class RunHandle(Generic[OutputT]):
+    """A run going on in the background: watch it, stop it, wait for its result.
+
+    Generic in the type of the outputs, as `RunResult` is.
+    """
 
     def __init__(
         self, run: Run, collect: bool, registry: list[Run], monitor: Monitor | None = None
     ) -> None:
         self._run = run
         self._monitor = monitor
-        self._outputs: list[Any] | None = [] if collect else None
+        self._outputs: list[OutputT] | None = [] if collect else None
         self._error: BaseException | None = None
         self._done = threading.Event()
         self._registry = registry
@@ -1144,7 +1148,7 @@ class RunHandle:
         """True once the run has ended (finished, failed or stopped)."""
         return self._done.is_set()
 
-    def join(self, timeout: float | None = None) -> RunResult:
+    def join(self, timeout: float | None = None) -> RunResult[OutputT]:
         """Wait for the end of the run and return its result.
 
         Raises:
@@ -1174,13 +1178,13 @@ class RunHandle:
         """Per-stage statistics, live."""
         return self._run.stats()
 
-    def result_so_far(self) -> RunResult:
+    def result_so_far(self) -> RunResult[OutputT]:
         """The run's result as it stands: live while it goes on; after a `join` that
         raised, what the run did before it failed or was stopped (statistics,
         failures recorded, outputs collected)."""
         return self._run.result(None if self._outputs is None else list(self._outputs))
 
-    def __enter__(self) -> RunHandle:
+    def __enter__(self) -> RunHandle[OutputT]:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

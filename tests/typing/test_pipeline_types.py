@@ -96,10 +96,27 @@ def test_an_async_source_gives_its_item_type() -> None:
 
 def test_running_returns_a_result_and_starting_a_handle() -> None:
     p = cv.Pipeline(range(3)).map(str)
-    assert_type(p.run(), cv.RunResult)
+    assert_type(p.run(), cv.RunResult[str])
     handle = p.start()
-    assert_type(handle, cv.RunHandle)
-    assert_type(handle.join(), cv.RunResult)
+    assert_type(handle, cv.RunHandle[str])
+    assert_type(handle.join(), cv.RunResult[str])
+    assert_type(handle.result_so_far(), cv.RunResult[str])
+
+
+def test_the_collected_outputs_have_the_item_type() -> None:
+    # Repro: RunResult was not generic: result.outputs was list[Any] | None.
+    result = cv.Pipeline(range(3)).map(str).run(collect=True)
+    assert_type(result.outputs, list[str] | None)
+    assert result.outputs == ["0", "1", "2"]
+
+
+def test_an_unparametrised_result_or_handle_is_still_a_valid_annotation() -> None:
+    # Code written before they were generic keeps passing mypy --strict.
+    def finished(p: cv.Pipeline[int]) -> cv.RunResult:
+        handle: cv.RunHandle = p.start()
+        return handle.join()
+
+    assert finished(cv.Pipeline(range(2)).map(abs)).items_out == 2
 
 
 WRONG = textwrap.dedent(

@@ -507,6 +507,7 @@ class Run:
             timeline=self.timeline,
             stopped=(self.control.stopped.is_set() and self.control.error is None)
             or (self._source_stopped and not self._source_exhausted),
+            error=self.control.error,
         )
 
 

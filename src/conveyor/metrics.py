@@ -739,6 +739,10 @@ class RunResult(Generic[OutputT]):
     timeline: Timeline | None = None
     """Periodic samples of the run, when it was watched (progress, report or
     stall detection); None otherwise."""
+    error: BaseException | None = None
+    """The error that ended the run, as the stage or the source raised it (what
+    ``run()`` or ``join()`` raised), when the run failed; None otherwise. Set on
+    the result a handle's ``result_so_far()`` gives after a failed ``join()``."""
 
     @property
     def bottleneck(self) -> Bottleneck | None:
@@ -873,6 +877,13 @@ def bottleneck_line(bottleneck: Bottleneck | None) -> str:
     return f"bottleneck: {bottleneck}"
 
 
+def _failure_line(error: BaseException) -> str:
+    """One line on the error that ended a run, with conveyor's note naming where."""
+    ours = [str(n) for n in getattr(error, "__notes__", ()) if str(n).startswith("conveyor:")]
+    where = f" ({ours[0]})" if ours else ""
+    return f"the run failed: {type(error).__name__}: {error}{where}"
+
+
 def render_table(result: RunResult, width: int = 130) -> str:
     """The run's table, totals, bottleneck and failures, as plain text ``width`` wide."""
     import io
@@ -886,6 +897,8 @@ def render_table(result: RunResult, width: int = 130) -> str:
         f"{result.items_out:,} outputs in {result.elapsed_seconds:.2f} s{status}; "
         f"{len(result.failures)} items failed"
     )
+    if result.error is not None:
+        console.print(_failure_line(result.error), markup=False, highlight=False)
     console.print(bottleneck_line(result.bottleneck), markup=False, highlight=False)
     for f in result.failures[:10]:
         console.print(

@@ -668,6 +668,67 @@ def test_a_keyboard_interrupt_raised_in_a_coroutine_reaches_the_caller_naming_th
     assert not conveyor_threads()
 
 
+@pytest.mark.quick
+@pytest.mark.parametrize("where", ["stage", "source"])
+def test_a_cancelled_error_of_the_users_own_on_the_callers_loop_fails_the_run(where: str) -> None:
+    # Repro: `await arun()` returned the outputs before the error, with none: a
+    # CancelledError raised by a stage or an async source (it awaited a future that
+    # something else cancelled) was taken for a cancellation of the run.
+    async def gives_up(x: int) -> int:
+        if x == 3:
+            raise asyncio.CancelledError("the upstream call was cancelled")
+        return x
+
+    async def source() -> AsyncIterator[int]:
+        for x in range(10):
+            yield await gives_up(x) if where == "source" else x
+
+    pipeline = cv.Pipeline(source()).map(gives_up if where == "stage" else double, runtime="async")
+
+    async def main() -> bool:
+        with pytest.raises(asyncio.CancelledError) as info:
+            await pipeline.arun()
+        expected = (
+            "conveyor: stage 'gives_up' (map) failed on item 3"
+            if where == "stage"
+            else "conveyor: the source failed after 3 items"
+        )
+        assert expected in notes(info.value)
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() == 0
+
+    assert asyncio.run(main())  # the caller's own task was never cancelled
+    assert not conveyor_threads()
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("runtime", ["thread", "async"])
+def test_a_stop_async_iteration_from_a_stage_does_not_end_async_for_as_if_done(
+    runtime: str,
+) -> None:
+    # Repro: `async for` over the pipeline ended quietly with [] (the stage's
+    # StopAsyncIteration left __anext__ as the end of the outputs).
+    def gives_up(x: int) -> int:
+        if x == 3:
+            raise StopAsyncIteration
+        return x
+
+    async def agives_up(x: int) -> int:
+        return gives_up(x)
+
+    fn: Any = agives_up if runtime == "async" else gives_up
+    pipeline = cv.Pipeline(range(10)).map(fn, runtime=runtime, name="gives_up")
+
+    async def main() -> list[int]:
+        return [out async for out in pipeline]
+
+    with pytest.raises(RuntimeError) as info:
+        asyncio.run(main())
+    assert type(info.value.__cause__) is StopAsyncIteration
+    assert "conveyor: stage 'gives_up' (map) failed on item 3" in notes(info.value)
+    assert not conveyor_threads()
+
+
 SIGINT_SCRIPT = textwrap.dedent(
     """
     import asyncio, itertools, threading, time
@@ -827,18 +888,23 @@ def test_workers_is_the_most_coroutines_of_a_stage_in_flight_at_once(mode: str) 
 
 
 @pytest.mark.quick
-def test_a_failing_coroutine_on_start_fails_the_run_with_the_stage_named() -> None:
+@pytest.mark.parametrize("error", [Boom, asyncio.CancelledError])
+def test_a_failing_coroutine_on_start_fails_the_run_with_the_stage_named(
+    error: type[BaseException],
+) -> None:
+    # Repro (CancelledError, not a cancellation of the worker by the run): every
+    # worker ended at once as if stopped, and the run "succeeded" with no output.
     async def cannot_connect() -> None:
-        raise Boom("no database")
+        raise error("no database")
 
     pipeline = cv.Pipeline(range(5)).map(double, runtime="async", on_start=cannot_connect)
-    with pytest.raises(Boom) as info:
+    with pytest.raises(error) as info:
         pipeline.run()
     assert "conveyor: on_start of stage 'double' (map) failed" in notes(info.value)
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("error", [Boom, KeyboardInterrupt])
+@pytest.mark.parametrize("error", [Boom, KeyboardInterrupt, asyncio.CancelledError])
 def test_a_failing_on_stop_fails_the_run_with_its_error_and_the_stage_named(
     error: type[BaseException],
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -178,6 +179,50 @@ def test_a_coroutine_function_needs_runtime_async(method: str) -> None:
     assert f"{method}()" in message
     assert "coroutine" in message
     assert "runtime='async'" in message
+
+
+def twice(x: int) -> Iterator[int]:
+    yield x
+    yield x
+
+
+async def atwice(x: int) -> AsyncIterator[int]:
+    yield x
+    yield x
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("method", ["map", "filter", "each"])
+def test_a_generator_function_is_refused_outside_flat_map_with_a_hint_to_use_it(
+    method: str,
+) -> None:
+    # Repro: each(f) with a stray `yield` in f ran the run to its end without once
+    # running f's body; filter kept every item (a generator is true); map sent the
+    # generators on unread (and failed to pickle them from a worker process).
+    sink: list[int] = []
+
+    def save(x: int) -> Iterator[None]:
+        sink.append(x)
+        yield None
+
+    fn = save if method == "each" else twice
+    with pytest.raises(cv.ConfigurationError) as info:
+        getattr(cv.Pipeline([1]), method)(fn)
+    message = str(info.value)
+    assert message.startswith(f"{method}() stage '{fn.__name__}': 'fn' is a generator function")
+    assert "flat_map" in message
+    assert list(cv.Pipeline([1, 2]).flat_map(twice)) == [1, 1, 2, 2]  # its place
+
+
+@pytest.mark.quick
+def test_an_async_generator_function_on_threads_is_named_as_such() -> None:
+    # Repro: flat_map(atwice) said "'fn' is a coroutine function".
+    with pytest.raises(cv.ConfigurationError) as info:
+        cv.Pipeline([1]).flat_map(atwice)
+    message = str(info.value)
+    assert "'fn' is an async generator function" in message
+    assert "runtime='async'" in message
+    assert list(cv.Pipeline([1]).flat_map(atwice, runtime="async")) == [1, 1]
 
 
 @pytest.mark.quick

@@ -310,3 +310,27 @@ def test_an_error_in_on_stop_fails_the_run() -> None:
     with pytest.raises(OSError, match="could not close") as info:
         p.run()
     assert any("on_stop" in n and "'save'" in n for n in getattr(info.value, "__notes__", []))
+
+
+def test_after_a_failed_join_the_result_so_far_names_the_error_that_ended_the_run() -> None:
+    # Repro: result_so_far() had no word of the error, and its report said "0 items
+    # failed" under a table whose stage showed 1 failed: read later, a failed run
+    # looked like a complete one.
+    def parse(x: int) -> int:
+        if x == 50:
+            raise Boom(f"bad record {x}")
+        return x
+
+    handle = cv.Pipeline(range(100)).map(parse).start(collect=True)
+    with pytest.raises(Boom) as info:
+        handle.join(timeout=WAIT)
+    result = handle.result_so_far()
+    assert result.error is info.value
+    assert result.stats[0].failed == 1
+    assert result.outputs is not None and result.outputs == list(range(len(result.outputs)))
+    report = result.report()
+    assert (
+        "the run failed: Boom: bad record 50 (conveyor: stage 'parse' (map) failed on item 50)"
+        in report.replace("\n", " ")
+    )
+    assert cv.Pipeline(range(3)).map(parse).run().error is None

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import sys
 import threading
 import weakref
 from collections import deque
@@ -50,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 from .channel import Channel, Producer
 from .errors import Empty, PipelineStopped, ShutDown
 from .metrics import RunResult, StageMetrics, StageReading, StageStats, Timeline
-from .policy import add_note
+from .policy import add_note, cancels_this_task
 from .runtime.base import (
     MAX_BATCH,
     TARGET_BATCH_SECONDS,
@@ -235,7 +234,7 @@ class Run:
         except ShutDown:
             pass  # the run was aborted, or stopped with drain=True
         except BaseException as exc:
-            if not _cancelled(exc):
+            if not cancels_this_task(exc):
                 add_note(exc, f"conveyor: the source failed after {self.pulled} items")
                 self.control.fail(exc)
             elif not self.control.stopped.is_set():
@@ -403,6 +402,8 @@ class Run:
     def raise_error(self, stopped_ok: bool = False) -> None:
         """Re-raise the first error of the run, if any; a stopped run raises PipelineStopped."""
         error = self.control.error
+        if isinstance(error, (StopIteration, StopAsyncIteration)):
+            raise _loop_ender(error) from error
         if error is not None:
             raise error
         if self.control.stopped.is_set() and not stopped_ok:
@@ -506,6 +507,7 @@ class Run:
             timeline=self.timeline,
             stopped=(self.control.stopped.is_set() and self.control.error is None)
             or (self._source_stopped and not self._source_exhausted),
+            error=self.control.error,
         )
 
 
@@ -664,10 +666,23 @@ async def _askip(source: AsyncIterable[Any], n: int) -> AsyncIterator[Any]:
         yield item
 
 
-def _cancelled(exc: BaseException) -> bool:
-    """True for asyncio's CancelledError, without importing asyncio (none exists before it)."""
-    asyncio = sys.modules.get("asyncio")
-    return asyncio is not None and isinstance(exc, asyncio.CancelledError)
+def _loop_ender(error: StopIteration | StopAsyncIteration) -> RuntimeError:
+    """The RuntimeError that stands for ``error`` (its ``__cause__``), with its notes.
+
+    The one exception the caller cannot get as itself: raised through an iterator
+    (``for out in pipeline``, ``async for``, and ``run()``, which drains one) it
+    would end the caller's loop as if every output were there, so Python turns it
+    into a RuntimeError without the note naming the stage and the item (PEP 479);
+    this one keeps it."""
+    name = type(error).__name__
+    runtime_error = RuntimeError(
+        f"{name} raised in the pipeline (by a stage or the source): it cannot end the "
+        f"run as itself, which would look like the end of its outputs; it is this "
+        f"error's __cause__"
+    )
+    for note in getattr(error, "__notes__", ()):
+        add_note(runtime_error, note)
+    return runtime_error
 
 
 def _next_chunk_size(size: int, seconds: float) -> int:

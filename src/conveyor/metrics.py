@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, runtime_checkable
 
 from .channel import Channel
 from .stage import Failure, Stage
@@ -46,6 +46,15 @@ from .validate import check_int
 
 if TYPE_CHECKING:
     from rich.table import Table
+    from typing_extensions import TypeVar
+
+    # Any when not given (PEP 696), so that a bare `RunResult` or `RunHandle`, as
+    # annotations said before they were generic, still passes mypy --strict.
+    OutputT = TypeVar("OutputT", default=Any)
+else:  # the default is for type checkers: typing's TypeVar takes it from Python 3.13
+    from typing import TypeVar
+
+    OutputT = TypeVar("OutputT")
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -708,8 +717,12 @@ def _stage_hint(s: StageStats) -> str:
 
 
 @dataclass
-class RunResult:
-    """What a finished run did: per-stage statistics, failures, outputs."""
+class RunResult(Generic[OutputT]):
+    """What a finished run did: per-stage statistics, failures, outputs.
+
+    Generic in the type of the outputs: ``Pipeline[T].run()`` returns a
+    ``RunResult[T]``, whose ``outputs`` are a ``list[T]`` when collected.
+    """
 
     stats: list[StageStats]
     """One snapshot per stage, in pipeline order."""
@@ -719,13 +732,17 @@ class RunResult:
     """Wall time of the run."""
     items_out: int = 0
     """Outputs of the last stage."""
-    outputs: list[Any] | None = None
+    outputs: list[OutputT] | None = None
     """The last stage's outputs, when the run was asked to collect them."""
     stopped: bool = False
     """True when the run was stopped before its source was exhausted."""
     timeline: Timeline | None = None
     """Periodic samples of the run, when it was watched (progress, report or
     stall detection); None otherwise."""
+    error: BaseException | None = None
+    """The error that ended the run, as the stage or the source raised it (what
+    ``run()`` or ``join()`` raised), when the run failed; None otherwise. Set on
+    the result a handle's ``result_so_far()`` gives after a failed ``join()``."""
 
     @property
     def bottleneck(self) -> Bottleneck | None:
@@ -860,6 +877,13 @@ def bottleneck_line(bottleneck: Bottleneck | None) -> str:
     return f"bottleneck: {bottleneck}"
 
 
+def _failure_line(error: BaseException) -> str:
+    """One line on the error that ended a run, with conveyor's note naming where."""
+    ours = [str(n) for n in getattr(error, "__notes__", ()) if str(n).startswith("conveyor:")]
+    where = f" ({ours[0]})" if ours else ""
+    return f"the run failed: {type(error).__name__}: {error}{where}"
+
+
 def render_table(result: RunResult, width: int = 130) -> str:
     """The run's table, totals, bottleneck and failures, as plain text ``width`` wide."""
     import io
@@ -873,6 +897,8 @@ def render_table(result: RunResult, width: int = 130) -> str:
         f"{result.items_out:,} outputs in {result.elapsed_seconds:.2f} s{status}; "
         f"{len(result.failures)} items failed"
     )
+    if result.error is not None:
+        console.print(_failure_line(result.error), markup=False, highlight=False)
     console.print(bottleneck_line(result.bottleneck), markup=False, highlight=False)
     for f in result.failures[:10]:
         console.print(

@@ -36,7 +36,7 @@ from .backends import (
 from .channel import Channel, check_max_bytes
 from .engine import JOIN_TIMEOUT, AsyncOutputs, Run, wait_interruptibly
 from .errors import ConfigurationError, ConfigurationTypeError
-from .metrics import MetricsExporter, RunResult, StageStats
+from .metrics import MetricsExporter, OutputT, RunResult, StageStats
 from .stage import (
     DEFAULT_CAPACITY,
     ON_ERROR,
@@ -337,9 +337,42 @@ class Pipeline(Generic[T]):
         """Keep the items for which ``pred`` is true. Options: `StageOptions`, as for `map`."""
         return self._stage("filter", pred, options, _STAGE_KEYS, fn_param="pred")
 
+    # As for map: with "async", the elements are those of what fn's coroutines
+    # return, or of what its async generators yield.
+    @overload
     def flat_map(
-        self, fn: Callable[[T], Iterable[U]], **options: Unpack[StageOptions]
-    ) -> Pipeline[U]:
+        self,
+        fn: Callable[[T], AsyncIterable[U]],
+        *,
+        runtime: Literal["async"],
+        **options: Unpack[_Options],
+    ) -> Pipeline[U]: ...
+
+    @overload
+    def flat_map(
+        self,
+        fn: Callable[[T], Awaitable[Iterable[U]]],
+        *,
+        runtime: Literal["async"],
+        **options: Unpack[_Options],
+    ) -> Pipeline[U]: ...
+
+    @overload
+    def flat_map(
+        self,
+        fn: Callable[[T], Iterable[U]],
+        *,
+        runtime: RuntimeName = ...,
+        **options: Unpack[_Options],
+    ) -> Pipeline[U]: ...
+
+    def flat_map(
+        self,
+        fn: Callable[[T], Any],
+        *,
+        runtime: RuntimeName = "thread",
+        **options: Unpack[_Options],
+    ) -> Pipeline[Any]:
         """Apply ``fn`` to every item; each element of the iterable it returns goes on.
 
         The iterable is read whole before its elements go on, so an item
@@ -350,7 +383,7 @@ class Pipeline(Generic[T]):
         Options: `StageOptions`, as for `map`.
         """
         stage_fn: Callable[[T], object] = gathered(fn) if inspect.isasyncgenfunction(fn) else fn
-        return self._stage("flat_map", stage_fn, options, _STAGE_KEYS)
+        return self._stage("flat_map", stage_fn, {"runtime": runtime, **options}, _STAGE_KEYS)
 
     def each(self, fn: Callable[[T], object], **options: Unpack[StageOptions]) -> Pipeline[None]:
         """Call ``fn`` on every item for its side effects (the sink); nothing goes on.
@@ -522,7 +555,7 @@ class Pipeline(Generic[T]):
         backend: Backend | None = None,
         metrics: MetricsExporter | None = None,
         max_bytes: int | None = None,
-    ) -> RunResult:
+    ) -> RunResult[T]:
         """Run to completion and return the per-stage statistics.
 
         Args:
@@ -626,7 +659,7 @@ class Pipeline(Generic[T]):
         backend: Backend | None = None,
         metrics: MetricsExporter | None = None,
         max_bytes: int | None = None,
-    ) -> RunResult:
+    ) -> RunResult[T]:
         """`run` from async code: ``await pipeline.arun()``, on the caller's event loop.
 
         Async stages (and an async source) run on the caller's loop, which
@@ -697,7 +730,7 @@ class Pipeline(Generic[T]):
         backend: None = ...,
         metrics: MetricsExporter | None = ...,
         max_bytes: int | None = ...,
-    ) -> RunHandle: ...
+    ) -> RunHandle[T]: ...
 
     @overload
     def start(
@@ -710,7 +743,7 @@ class Pipeline(Generic[T]):
         backend: Backend,
         metrics: MetricsExporter | None = ...,
         max_bytes: int | None = ...,
-    ) -> RunHandle | BackgroundRun: ...
+    ) -> RunHandle[T] | BackgroundRun: ...
 
     def start(
         self,
@@ -722,7 +755,7 @@ class Pipeline(Generic[T]):
         backend: Backend | None = None,
         metrics: MetricsExporter | None = None,
         max_bytes: int | None = None,
-    ) -> RunHandle | BackgroundRun:
+    ) -> RunHandle[T] | BackgroundRun:
         """Start a run in the background and return its handle.
 
         Options as for `run`. With a backend other than this process, the
@@ -737,7 +770,8 @@ class Pipeline(Generic[T]):
         watch = _check_watch("start()", report, stall_timeout)
         run = self._new_run("start()", metrics=metrics, max_bytes=max_bytes)
         monitor = _start_monitor(run, self._source, progress, *watch)
-        return RunHandle(run, collect, self._runs, monitor)
+        handle: RunHandle[T] = RunHandle(run, collect, self._runs, monitor)
+        return handle
 
     def __enter__(self) -> Pipeline[T]:
         return self
@@ -987,6 +1021,15 @@ def _check_combination(stage: Stage, method: str) -> None:
         )
 
 
+_GENERATOR_MISUSE = {
+    "map": "which would go on unread",
+    "filter": "which is always true",
+    "each": "which never runs the function's body",
+}
+"""What a generator function would do as the function of these stages (never what
+was meant: only flat_map reads what it yields)."""
+
+
 def _check_runtime_fits(stage: Stage) -> None:
     """A coroutine function needs the async runtime, and the async runtime one."""
     if inspect.isasyncgenfunction(stage.fn):  # flat_map gathers one (see Pipeline.flat_map)
@@ -994,9 +1037,21 @@ def _check_runtime_fits(stage: Stage) -> None:
             f"{stage.kind}() stage {stage.name!r}: 'fn' is an async generator function; "
             f"only flat_map takes one (with runtime='async'), to send on what it yields"
         )
-    if stage.is_async_fn and stage.runtime != "async":
+    if inspect.isgeneratorfunction(stage.fn) and stage.kind in _GENERATOR_MISUSE:
         raise ConfigurationError(
-            f"{stage.kind}() stage {stage.name!r}: 'fn' is a coroutine function; "
+            f"{stage.kind}() stage {stage.name!r}: 'fn' is a generator function (it has "
+            f"'yield'): each call returns a generator, {_GENERATOR_MISUSE[stage.kind]}; "
+            f"use flat_map to send on what it yields"
+        )
+    if stage.is_async_fn and stage.runtime != "async":
+        # flat_map wraps an async generator function (`conveyor.stage.gathered`).
+        what = (
+            "an async generator function"
+            if inspect.isasyncgenfunction(getattr(stage.fn, "__wrapped__", None))
+            else "a coroutine function"
+        )
+        raise ConfigurationError(
+            f"{stage.kind}() stage {stage.name!r}: 'fn' is {what}; "
             f"pass runtime='async' to run it (got 'runtime'={stage.runtime!r})"
         )
     if stage.runtime == "async" and not stage.is_async_fn:
@@ -1043,15 +1098,18 @@ def _start_monitor(
     )
 
 
-class RunHandle:
-    """A run going on in the background: watch it, stop it, wait for its result."""
+class RunHandle(Generic[OutputT]):
+    """A run going on in the background: watch it, stop it, wait for its result.
+
+    Generic in the type of the outputs, as `RunResult` is.
+    """
 
     def __init__(
         self, run: Run, collect: bool, registry: list[Run], monitor: Monitor | None = None
     ) -> None:
         self._run = run
         self._monitor = monitor
-        self._outputs: list[Any] | None = [] if collect else None
+        self._outputs: list[OutputT] | None = [] if collect else None
         self._error: BaseException | None = None
         self._done = threading.Event()
         self._registry = registry
@@ -1090,7 +1148,7 @@ class RunHandle:
         """True once the run has ended (finished, failed or stopped)."""
         return self._done.is_set()
 
-    def join(self, timeout: float | None = None) -> RunResult:
+    def join(self, timeout: float | None = None) -> RunResult[OutputT]:
         """Wait for the end of the run and return its result.
 
         Raises:
@@ -1120,13 +1178,13 @@ class RunHandle:
         """Per-stage statistics, live."""
         return self._run.stats()
 
-    def result_so_far(self) -> RunResult:
+    def result_so_far(self) -> RunResult[OutputT]:
         """The run's result as it stands: live while it goes on; after a `join` that
         raised, what the run did before it failed or was stopped (statistics,
         failures recorded, outputs collected)."""
         return self._run.result(None if self._outputs is None else list(self._outputs))
 
-    def __enter__(self) -> RunHandle:
+    def __enter__(self) -> RunHandle[OutputT]:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -23,6 +23,7 @@ only cost something for the items that need them.
 from __future__ import annotations
 
 import reprlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "add_stage_note",
     "apply_one",
     "aprocess_batch",
+    "cancels_this_task",
     "drop_unsendable",
     "give_up",
     "item_repr",
@@ -82,6 +84,24 @@ def add_note(exc: BaseException, note: str) -> BaseException:
     """Attach a PEP 678 note to ``exc``; return ``exc``."""
     exc.add_note(note)
     return exc
+
+
+def cancels_this_task(exc: BaseException) -> bool:
+    """True when ``exc`` is the `asyncio.CancelledError` of the task running this code
+    being cancelled (the run stopping its worker or feeder, or the caller's loop
+    shutting down); False for any other exception, and for a CancelledError raised by
+    the user's code (a stage or an async source) while nobody cancelled the task:
+    awaiting a future that something else cancelled, say. That one is the user's
+    error, as a ``KeyboardInterrupt`` it raised would be; taken for a stop, it ended
+    the run as if complete and lost the items after it."""
+    asyncio = sys.modules.get("asyncio")  # not loaded: nothing can be cancelled
+    if asyncio is None or not isinstance(exc, asyncio.CancelledError):
+        return False
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no loop runs here (a feeder thread after asyncio.run)
+        return False
+    return task is not None and task.cancelling() > 0
 
 
 # ---------------------------------------------------------------------- the outcome
@@ -451,7 +471,7 @@ async def aprocess_batch(
                 except Exception as exc:
                     error = exc
                 except BaseException as exc:  # as in _apply_run; a cancellation is the run's stop
-                    if not isinstance(exc, asyncio.CancelledError):
+                    if not cancels_this_task(exc):
                         add_stage_note(exc, stage, item)
                     raise
                 else:

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -430,6 +430,14 @@ def exit_on_bad(x: int) -> int:
     return x
 
 
+def cancel_on_bad(x: int) -> int:
+    # Stands for awaiting a future that something else cancelled: the stage's own
+    # CancelledError, not a cancellation of the worker by the run.
+    if x == BAD:
+        raise asyncio.CancelledError(f"gave up on {x}")
+    return x
+
+
 def os_error_on_bad(x: int) -> int:
     if x == BAD:
         raise FileNotFoundError(2, "No such file or directory", f"/data/{x}.csv")
@@ -455,15 +463,23 @@ def interrupt_on_bad(x: int) -> int:
 
 
 @pytest.mark.parametrize(
-    ("fn", "kind"), [(exit_on_bad, SystemExit), (interrupt_on_bad, KeyboardInterrupt)]
+    ("fn", "kind"),
+    [
+        (exit_on_bad, SystemExit),
+        (interrupt_on_bad, KeyboardInterrupt),
+        (cancel_on_bad, asyncio.CancelledError),
+    ],
 )
-def test_a_stage_raising_system_exit_or_keyboard_interrupt_ends_the_run_with_it(
+def test_a_stage_raising_a_base_exception_ends_the_run_with_it(
     runner: Runner, fn: Callable[[int], int], kind: type[BaseException]
 ) -> None:
     # The repro: on threads and asyncio the run ended with the stage's SystemExit(3)
     # at once; a worker process (or interpreter) died of it instead, printing its
     # traceback, and the run failed with WorkerCrashed ("exited with code 3"), or,
     # on Redis, after every delivery, with DeadLettersError.
+    # And on asyncio, a stage's own CancelledError (not the run cancelling the
+    # worker) ended the run as if it were complete: no error, the items from the
+    # failing one on silently lost, with on_error="skip" too.
     pipeline = cv.Pipeline(range(20)).map(runner.fn(fn), runtime=runner.runtime, name="quits")
     leftovers = Leftovers()
     started = time.monotonic()
@@ -477,6 +493,21 @@ def test_a_stage_raising_system_exit_or_keyboard_interrupt_ends_the_run_with_it(
         # Repro: across a process, an interpreter or Redis the code was None, so an
         # uncaught SystemExit of a failed stage ended the program with status 0.
         assert info.value.code == 3  # type: ignore[attr-defined]
+    assert f"conveyor: stage 'quits' (map) failed on item {BAD}" in info.value.__notes__
+
+
+def test_a_stages_own_cancelled_error_is_neither_skipped_nor_lost_when_iterating(
+    runner: Runner,
+) -> None:
+    # Repro: on asyncio, iterating gave [0, ..., 6] and stopped, with no error.
+    pipeline = cv.Pipeline(range(20)).map(
+        runner.fn(cancel_on_bad), runtime=runner.runtime, on_error="skip", name="quits"
+    )
+    seen: list[int] = []
+    with pytest.raises(asyncio.CancelledError) as info:
+        for out in runner.iterate(pipeline):
+            seen.append(out)
+    assert BAD not in seen
     assert f"conveyor: stage 'quits' (map) failed on item {BAD}" in info.value.__notes__
 
 
@@ -506,3 +537,85 @@ def test_an_item_that_kills_its_worker_is_recorded_after_retries_plus_one_attemp
     [failure] = result.failures
     assert (failure.stage, failure.item, failure.attempts) == ("fragile", BAD, retries + 1)
     assert isinstance(failure.error, cv.WorkerCrashed)
+
+
+class SourceBroke(Exception):
+    """What the failing sources below raise."""
+
+
+def identity(x: int) -> int:
+    return x
+
+
+def broken_source(error: BaseException) -> Iterator[int]:
+    yield 1
+    yield 2
+    raise error
+
+
+async def broken_async_source(error: BaseException) -> AsyncIterator[int]:
+    yield 1
+    yield 2
+    raise error
+
+
+@pytest.mark.parametrize(
+    "make_source",
+    [
+        lambda: broken_source(SourceBroke("the file went away")),
+        lambda: broken_async_source(SourceBroke("the connection went away")),
+        # Stands for an async source awaiting a future that something else cancelled.
+        lambda: broken_async_source(asyncio.CancelledError("the feed was cancelled")),
+    ],
+    ids=["sync", "async", "async-cancelled-error"],
+)
+def test_a_source_that_raises_midway_ends_the_run_with_its_error_and_a_note(
+    runner: Runner, make_source: Callable[[], Any]
+) -> None:
+    # Repro: an async source raising its own CancelledError ended the run as if
+    # complete, with the items it had given and no error (the feeder thread died,
+    # printing its traceback on stderr).
+    source = make_source()
+    pipeline = cv.Pipeline(source).map(runner.fn(identity), runtime=runner.runtime)
+    leftovers = Leftovers()
+    with pytest.raises((SourceBroke, asyncio.CancelledError)) as info:
+        runner.run(pipeline)
+    leftovers.assert_none()
+    assert "conveyor: the source failed after 2 items" in info.value.__notes__
+
+
+def stop_iteration_on_bad(x: int) -> int:
+    if x == BAD:
+        raise StopIteration  # a next() on an empty iterator, say
+    return x
+
+
+def stop_async_iteration_on_bad(x: int) -> int:
+    if x == BAD:
+        raise StopAsyncIteration
+    return x
+
+
+@pytest.mark.parametrize(
+    ("fn", "how"), [(stop_iteration_on_bad, "iterate"), (stop_async_iteration_on_bad, "run")]
+)
+def test_a_stop_iteration_from_a_stage_is_a_runtime_error_naming_the_stage_and_item(
+    runner: Runner, fn: Callable[[int], int], how: str
+) -> None:
+    # Repro: StopIteration became a bare RuntimeError("generator raised StopIteration"),
+    # without the note naming the stage and the item (the iterator protocol forbids
+    # raising it as itself: it would end the caller's loop as if done).
+    pipeline = cv.Pipeline(range(20)).map(runner.fn(fn), runtime=runner.runtime, name="nexts")
+    with pytest.raises(RuntimeError) as info:
+        if how == "run":
+            runner.run(pipeline)
+        else:
+            list(runner.iterate(pipeline))
+    raised = StopIteration if fn is stop_iteration_on_bad else StopAsyncIteration
+    assert type(info.value.__cause__) is raised
+    if runner.runtime == "async" and raised is StopIteration:
+        # Python itself turns it into a RuntimeError as it leaves the coroutine.
+        assert str(info.value) == "coroutine raised StopIteration"
+    else:
+        assert f"{raised.__name__} raised in the pipeline" in str(info.value)
+    assert f"conveyor: stage 'nexts' (map) failed on item {BAD}" in info.value.__notes__

@@ -48,6 +48,24 @@ def test_flat_map_unwraps_the_iterable_the_function_returns() -> None:
     assert list(p) == ["1", "2", "3"]
 
 
+def test_an_async_flat_map_unwraps_what_its_coroutines_give() -> None:
+    # Repro: mypy refused both, documented as working with runtime="async"
+    # ("expected Callable[[int], Iterable[Never]]"), and typed the pipeline Any.
+    async def letters(x: int) -> AsyncIterator[str]:
+        for letter in str(x):
+            yield letter
+
+    async def halves(x: int) -> list[float]:
+        return [x / 2, x / 4]
+
+    p = cv.Pipeline([12]).flat_map(letters, runtime="async")
+    assert_type(p, cv.Pipeline[str])
+    assert list(p) == ["1", "2"]
+    q = cv.Pipeline([2]).flat_map(halves, runtime="async", workers=2)
+    assert_type(q, cv.Pipeline[float])
+    assert list(q) == [1.0, 0.5]
+
+
 def test_batch_gives_lists_of_the_item_type() -> None:
     p = cv.Pipeline(range(3)).map(float).batch(2)
     assert_type(p, cv.Pipeline[list[float]])
@@ -78,10 +96,27 @@ def test_an_async_source_gives_its_item_type() -> None:
 
 def test_running_returns_a_result_and_starting_a_handle() -> None:
     p = cv.Pipeline(range(3)).map(str)
-    assert_type(p.run(), cv.RunResult)
+    assert_type(p.run(), cv.RunResult[str])
     handle = p.start()
-    assert_type(handle, cv.RunHandle)
-    assert_type(handle.join(), cv.RunResult)
+    assert_type(handle, cv.RunHandle[str])
+    assert_type(handle.join(), cv.RunResult[str])
+    assert_type(handle.result_so_far(), cv.RunResult[str])
+
+
+def test_the_collected_outputs_have_the_item_type() -> None:
+    # Repro: RunResult was not generic: result.outputs was list[Any] | None.
+    result = cv.Pipeline(range(3)).map(str).run(collect=True)
+    assert_type(result.outputs, list[str] | None)
+    assert result.outputs == ["0", "1", "2"]
+
+
+def test_an_unparametrised_result_or_handle_is_still_a_valid_annotation() -> None:
+    # Code written before they were generic keeps passing mypy --strict.
+    def finished(p: cv.Pipeline[int]) -> cv.RunResult:
+        handle: cv.RunHandle = p.start()
+        return handle.join()
+
+    assert finished(cv.Pipeline(range(2)).map(abs)).items_out == 2
 
 
 WRONG = textwrap.dedent(

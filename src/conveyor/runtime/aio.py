@@ -41,7 +41,7 @@ from time import monotonic, perf_counter
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError, Empty, Full, ShutDown
-from ..policy import add_note, add_stage_note, aprocess_batch, outputs_of
+from ..policy import add_note, add_stage_note, aprocess_batch, cancels_this_task, outputs_of
 from ..stage import set_worker_state
 from .base import (
     TARGET_BATCH_SECONDS,
@@ -204,7 +204,7 @@ async def _run_worker(sr: StageRun, worker: int) -> None:
         state = await _call_hook(stage.on_start) if stage.on_start is not None else None
     except BaseException as exc:
         sr.ports[worker].close()
-        if isinstance(exc, asyncio.CancelledError):
+        if cancels_this_task(exc):
             raise
         control.fail(add_note(exc, f"conveyor: on_start of stage {stage.label} failed"))
         return
@@ -216,7 +216,7 @@ async def _run_worker(sr: StageRun, worker: int) -> None:
             try:
                 await _call_hook(stage.on_stop, state)
             except BaseException as exc:
-                if isinstance(exc, asyncio.CancelledError):
+                if cancels_this_task(exc):
                     raise
                 # Reported, not raised: a KeyboardInterrupt out of a task would stop the loop.
                 control.fail(add_note(exc, f"conveyor: on_stop of stage {stage.label} failed"))
@@ -265,9 +265,9 @@ async def _worker_loop(sr: StageRun, worker: int) -> None:
             counters.wait_out += t0 - t2
     except ShutDown:
         pass  # the run was aborted while we were handing outputs on
-    except asyncio.CancelledError:
-        raise  # the run was aborted: its cause is reported by whoever aborted it
     except BaseException as exc:  # Ctrl-C or SystemExit from the stage, or a bug in conveyor
+        if cancels_this_task(exc):
+            raise  # the run was aborted: its cause is reported by whoever aborted it
         fail_worker(control, exc, stage, counters)
     finally:
         counters.finish()
@@ -315,7 +315,7 @@ async def _single_items(
                     return False
                 books.waited()
             except BaseException as exc:  # as in aprocess_batch; a cancellation is the run's stop
-                if not isinstance(exc, asyncio.CancelledError):
+                if not cancels_this_task(exc):
                     add_stage_note(exc, stage, item)
                 raise
             else:

@@ -51,12 +51,7 @@ class Intermittent:
     raises: type[BaseException]
 
 
-_GAPS_ON_REDIS: dict[str, str] = {  # test -> why, on every runtime with the Redis backend
-    "test_a_stop_iteration_from_a_stage_is_a_runtime_error_naming_the_stage_and_item": (
-        "the entry of a stage's StopIteration or StopAsyncIteration ends as a dead "
-        "letter: the run fails with DeadLettersError, not with the RuntimeError"
-    ),
-}
+_GAPS_ON_REDIS: dict[str, str] = {}  # test -> why, on every runtime with the Redis backend
 
 KNOWN_GAPS: dict[tuple[str, str], str | Intermittent] = {
     **{(test, combo): why for test, why in _GAPS_ON_REDIS.items() for combo in REDIS_COMBOS},

@@ -606,16 +606,30 @@ def test_a_stop_iteration_from_a_stage_is_a_runtime_error_naming_the_stage_and_i
     # without the note naming the stage and the item (the iterator protocol forbids
     # raising it as itself: it would end the caller's loop as if done).
     pipeline = cv.Pipeline(range(20)).map(runner.fn(fn), runtime=runner.runtime, name="nexts")
-    with pytest.raises(RuntimeError) as info:
+    # Through Redis, as for any error of an item: DeadLettersError, its cause the error.
+    with pytest.raises((RuntimeError, cv.DeadLettersError)) as info:
+        options = {"max_deliveries": 2} if runner.backend == "redis" else {}
         if how == "run":
-            runner.run(pipeline)
+            runner.run(pipeline, backend_options=options)
         else:
-            list(runner.iterate(pipeline))
+            list(runner.iterate(pipeline, backend_options=options))
     raised = StopIteration if fn is stop_iteration_on_bad else StopAsyncIteration
-    assert type(info.value.__cause__) is raised
-    if runner.runtime == "async" and raised is StopIteration:
-        # Python itself turns it into a RuntimeError as it leaves the coroutine.
-        assert str(info.value) == "coroutine raised StopIteration"
+    if runner.backend == "redis":
+        assert isinstance(info.value, cv.DeadLettersError)
+        assert info.value.dead == {"nexts": 1}
+        error = info.value.__cause__
+        assert error is not None
+        # The stage's error as the worker saw it (an async stage's StopIteration is
+        # Python's RuntimeError by then): under DeadLettersError, it ends no for loop.
+        assert type(error) is raised or (
+            type(error) is RuntimeError and raised.__name__ in str(error)
+        )
     else:
-        assert f"{raised.__name__} raised in the pipeline" in str(info.value)
-    assert f"conveyor: stage 'nexts' (map) failed on item {BAD}" in info.value.__notes__
+        error = info.value
+        assert type(error) is RuntimeError and type(error.__cause__) is raised
+        if runner.runtime == "async" and raised is StopIteration:
+            # Python itself turns it into a RuntimeError as it leaves the coroutine.
+            assert str(error) == "coroutine raised StopIteration"
+        else:
+            assert f"{raised.__name__} raised in the pipeline" in str(error)
+    assert f"conveyor: stage 'nexts' (map) failed on item {BAD}" in error.__notes__

@@ -41,7 +41,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, runtime_checkable
 
 from .channel import Channel
-from .stage import Failure, Stage
+from .stage import Failure, Stage, error_text, item_repr
 from .validate import check_int
 
 if TYPE_CHECKING:
@@ -76,6 +76,7 @@ __all__ = [
     "latency_bound",
     "latency_bucket",
     "latency_quantile",
+    "printable",
     "render_table",
     "report_table",
     "stage_rows",
@@ -771,8 +772,8 @@ class RunResult(Generic[OutputT]):
             "failures": [
                 {
                     "stage": f.stage,
-                    "item": repr(f.item),
-                    "error": f"{type(f.error).__name__}: {f.error}",
+                    "item": item_repr(f.item, _SHOWN_CHARACTERS),
+                    "error": error_text(f.error, _SHOWN_CHARACTERS),
                     "attempts": f.attempts,
                 }
                 for f in self.failures
@@ -788,6 +789,10 @@ class RunResult(Generic[OutputT]):
 
 
 # ---------------------------------------------------------------------- the text report
+
+_SHOWN_CHARACTERS = 1000
+"""How much of a failed item's repr and of its error's message the reports keep:
+enough to recognise it, not so much that a run's report grows with its items."""
 
 MIN_REPORT_WIDTH = 40
 """The narrowest text report: below it the table's columns are cut to nothing."""
@@ -853,6 +858,7 @@ def report_table(stats: Sequence[StageStats], title: str | None = None) -> Table
     """The after-run table: one row per stage, where its workers' time went."""
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(
         title=title,
@@ -866,7 +872,7 @@ def report_table(stats: Sequence[StageStats], title: str | None = None) -> Table
     for header in headers:
         table.add_column(header, justify="left" if header in ("stage", "kind") else "right")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))  # a stage name is text, never markup
     return table
 
 
@@ -881,7 +887,7 @@ def _failure_line(error: BaseException) -> str:
     """One line on the error that ended a run, with conveyor's note naming where."""
     ours = [str(n) for n in getattr(error, "__notes__", ()) if str(n).startswith("conveyor:")]
     where = f" ({ours[0]})" if ours else ""
-    return f"the run failed: {type(error).__name__}: {error}{where}"
+    return f"the run failed: {error_text(error)}{where}"
 
 
 def render_table(result: RunResult, width: int = 130) -> str:
@@ -902,10 +908,20 @@ def render_table(result: RunResult, width: int = 130) -> str:
     console.print(bottleneck_line(result.bottleneck), markup=False, highlight=False)
     for f in result.failures[:10]:
         console.print(
-            f"  {f.stage}: {f.item!r:.60} -> {type(f.error).__name__}: {f.error}",
+            f"  {f.stage}: {item_repr(f.item, 60)} -> {error_text(f.error, 200)}",
             markup=False,
             highlight=False,
         )
     if len(result.failures) > 10:
         console.print(f"  ... and {len(result.failures) - 10} more")
-    return console.export_text()
+    return printable(console.export_text())
+
+
+def printable(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode written as escapes (``\\udcff``).
+
+    Stage names, items and messages may hold lone surrogates (what
+    `os.fsdecode` makes of a file name that is not UTF-8): a report must still
+    print and save.
+    """
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

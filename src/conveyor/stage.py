@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import random
+import reprlib
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
@@ -30,8 +31,10 @@ __all__ = [
     "Backoff",
     "Failure",
     "Stage",
+    "error_text",
     "gathered",
     "is_coroutine_function",
+    "item_repr",
     "set_worker_state",
     "worker_state",
 ]
@@ -86,6 +89,30 @@ class Backoff:
         except OverflowError:  # a late retry of many: the bound has long reached the cap
             bound = self.maximum
         return random.uniform(0.0, bound) if self.jitter else bound
+
+
+def item_repr(item: Any, limit: int = 80) -> str:
+    """How notes, errors and reports show an item: a repr of at most about ``limit`` characters.
+
+    Never raises: an item whose own repr raises is shown by its type and id.
+    """
+    shorten = reprlib.Repr()
+    shorten.maxstring = shorten.maxother = limit
+    return shorten.repr(item)
+
+
+def error_text(error: BaseException, limit: int = 1000) -> str:
+    """How reports show an exception: ``Type: message``, the message cut to ``limit`` characters.
+
+    Never raises: an exception whose own str raises is shown by its type.
+    """
+    try:
+        message = str(error)
+    except Exception:
+        message = "<its str() raised>"
+    if len(message) > limit:
+        message = message[: limit - 3] + "..."
+    return f"{type(error).__name__}: {message}"
 
 
 @dataclass(frozen=True)

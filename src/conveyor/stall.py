@@ -17,7 +17,6 @@ has doubled in length, until something moves.
 from __future__ import annotations
 
 import logging
-import reprlib
 import sys
 import threading
 import traceback
@@ -26,6 +25,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from .metrics import StageMetrics, WorkerCounters
+from .stage import item_repr
 
 if TYPE_CHECKING:
     from .engine import Run
@@ -35,9 +35,6 @@ __all__ = ["StallDetector"]
 log = logging.getLogger("conveyor")
 
 _STACK_FRAMES = 12  # innermost frames shown per worker: the user's code and what called it
-_item_repr = reprlib.Repr()
-_item_repr.maxstring = 80
-_item_repr.maxother = 80
 
 
 class StallDetector:
@@ -123,7 +120,7 @@ def _holder_line(m: StageMetrics, w: WorkerCounters, now: float) -> str:
     # cost on the hot path); slow items come in batches of one.
     return (
         f"  {where}, worker {w.thread_name}: in the stage function for {held:.1f} s, "
-        f"on a batch starting with item {_item_repr.repr(w.current_item)}; its stack:"
+        f"on a batch starting with item {item_repr(w.current_item)}; its stack:"
     )
 
 

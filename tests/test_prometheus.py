@@ -174,6 +174,17 @@ def test_runs_through_one_exporter_add_up_and_failures_and_retries_are_counted()
     assert generate_latest(registry) == b""  # closing takes the collector off the registry
 
 
+def test_a_stage_name_utf8_cannot_encode_leaves_the_scrape_working() -> None:
+    # A lone surrogate is what os.fsdecode makes of a file name that is not UTF-8;
+    # exposition is UTF-8, so such a label once failed every scrape of the registry.
+    registry = CollectorRegistry()
+    exporter = PrometheusExporter(registry=registry, pipeline="files \udcfe")
+    cv.Pipeline(range(4)).map(lambda x: x, name="read \udcff").run(metrics=exporter)
+    samples = parse(generate_latest(registry).decode())
+    assert items(samples, "read \\udcff", "out", "files \\udcfe") == 4
+    exporter.close()
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     runs=st.lists(

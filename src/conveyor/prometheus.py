@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, ConfigurationTypeError
-from .metrics import LATENCY_BUCKETS, MetricsSource, StageReading, latency_bound
+from .metrics import LATENCY_BUCKETS, MetricsSource, StageReading, latency_bound, printable
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -308,7 +308,7 @@ class _Collector:
             HistogramMetricFamily,
         )
 
-        pipeline = self._exporter.pipeline
+        pipeline = printable(self._exporter.pipeline)  # exposition is UTF-8
         items = CounterMetricFamily(
             "conveyor_stage_items",
             "Items per stage: taken (in), handed on (out), given up on or that stopped "
@@ -330,7 +330,7 @@ class _Collector:
             labels=_LABELS,
         )
         for stage, t in counters.items():
-            labels = [pipeline, stage]
+            labels = [pipeline, printable(stage)]
             for outcome, value in (
                 ("in", t.items_in),
                 ("out", t.items_out),
@@ -360,7 +360,7 @@ class _Collector:
         )
         for stage in counters:  # every stage seen: 0 once its runs have ended
             g = gauges.get(stage, _Gauges())
-            labels = [pipeline, stage]
+            labels = [pipeline, printable(stage)]
             workers.add_metric(labels, g.workers)
             busy_now.add_metric(labels, g.busy_workers)
             if g.backlog is not None:  # None: Redis could not be read at this scrape

@@ -872,7 +872,9 @@ def report_table(stats: Sequence[StageStats], title: str | None = None) -> Table
     for header in headers:
         table.add_column(header, justify="left" if header in ("stage", "kind") else "right")
     for row in rows:
-        table.add_row(*(Text(cell) for cell in row))  # a stage name is text, never markup
+        table.add_row(
+            *(Text(printable(cell)) for cell in row)
+        )  # a stage name is text, never markup
     return table
 
 

@@ -34,7 +34,8 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from time import perf_counter
@@ -61,6 +62,7 @@ __all__ = [
     "MIN_REPORT_WIDTH",
     "TALLY_SECONDS",
     "Bottleneck",
+    "HookCall",
     "MetricsExporter",
     "MetricsSource",
     "RunResult",
@@ -349,6 +351,20 @@ class RecentRate:
         return (count - before) / (now - then)
 
 
+@dataclass(frozen=True)
+class HookCall:
+    """A worker inside its stage's ``on_start`` or ``on_stop`` now, for stall reports."""
+
+    hook: str
+    """``"on_start"`` or ``"on_stop"``."""
+    since: float
+    """When the call began (`time.perf_counter`)."""
+    thread_id: int | None
+    """The thread that makes the call, or waits for it (a process stage's)."""
+    worker: str
+    """The worker's name, as its thread or task is named."""
+
+
 class StageMetrics:
     """The live counters of one stage: one `WorkerCounters` per worker."""
 
@@ -362,6 +378,27 @@ class StageMetrics:
         self.started = perf_counter()
         self.finished: float | None = None
         self._recent = RecentRate()  # fed by snapshots: the base of rate_now
+        # Workers inside on_start/on_stop now: a hook that hangs holds no item,
+        # yet is what a stall report must name. Set and deleted by their worker
+        # only (a dict's item assignment is atomic), read by the stall detector.
+        self.hook_calls: dict[object, HookCall] = {}
+
+    @contextmanager
+    def in_hook(self, hook: str, worker: str | None = None) -> Iterator[None]:
+        """Record that the calling worker is inside ``hook`` until the block ends.
+
+        Args:
+            hook: ``"on_start"`` or ``"on_stop"``.
+            worker: the worker's name; by default the current thread's (an
+                async worker passes its task's).
+        """
+        thread = threading.current_thread()
+        key = object()
+        self.hook_calls[key] = HookCall(hook, perf_counter(), thread.ident, worker or thread.name)
+        try:
+            yield
+        finally:
+            del self.hook_calls[key]
 
     def new_worker(self) -> WorkerCounters:
         """Register and return the counters of a new worker (call it from the worker)."""

@@ -930,7 +930,8 @@ class _Worker:
         child = _Child(process, ours, runtime.abort_reader)
         runtime.adopt(child)  # raises ShutDown (after terminating it) if the run was aborted
         try:
-            message = self._read(child)
+            with self.sr.metrics.in_hook("on_start"):  # and the stage's unpickling, there
+                message = self._read(child)
         except ShutDown:
             runtime.forget(child, 0.0)
             raise

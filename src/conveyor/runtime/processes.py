@@ -1132,8 +1132,7 @@ class _Worker:
             if end - start == 1:
                 job.charged[start] = job.charged.get(start, 0) + 1
         if end - start > 1:  # which one did it? Send them again one by one.
-            job.isolate_until = end
-            job.outcome.retried += 1
+            job.isolate_until = end  # no retry: a call in the batch that died is not counted
             return True
         charged = job.charged[start]
         delay = retry_delay(stage, charged)

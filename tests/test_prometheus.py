@@ -174,6 +174,34 @@ def test_runs_through_one_exporter_add_up_and_failures_and_retries_are_counted()
     assert generate_latest(registry) == b""  # closing takes the collector off the registry
 
 
+def test_exporters_of_two_pipelines_share_one_registry() -> None:
+    # The repro: the second exporter on an application's registry raised
+    # prometheus_client's DuplicatedTimeseries, the docs' advice notwithstanding.
+    registry = CollectorRegistry()
+    etl = PrometheusExporter(registry=registry, pipeline="etl")
+    audit = PrometheusExporter(registry=registry, pipeline="audit")
+    cv.Pipeline(range(3)).map(lambda x: x, name="clean").run(metrics=etl)
+    cv.Pipeline(range(5)).map(lambda x: x, name="clean").run(metrics=audit)
+    samples = parse(generate_latest(registry).decode())
+    assert items(samples, "clean", "out", "etl") == 3
+    assert items(samples, "clean", "out", "audit") == 5
+    etl.close()
+    samples = parse(generate_latest(registry).decode())
+    assert items(samples, "clean", "out", "audit") == 5
+    assert not any(dict(labels)["pipeline"] == "etl" for _, labels in samples)
+    audit.close()
+    assert generate_latest(registry) == b""
+
+
+def test_a_second_exporter_of_one_pipeline_on_one_registry_is_refused_naming_it() -> None:
+    registry = CollectorRegistry()
+    with PrometheusExporter(registry=registry, pipeline="etl"):
+        with pytest.raises(cv.ConfigurationError, match="'pipeline' 'etl'"):
+            PrometheusExporter(registry=registry, pipeline="etl")
+    with PrometheusExporter(registry=registry, pipeline="etl"):  # free again once closed
+        pass
+
+
 def test_a_stage_name_utf8_cannot_encode_leaves_the_scrape_working() -> None:
     # A lone surrogate is what os.fsdecode makes of a file name that is not UTF-8;
     # exposition is UTF-8, so such a label once failed every scrape of the registry.

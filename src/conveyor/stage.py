@@ -31,6 +31,7 @@ __all__ = [
     "Backoff",
     "Failure",
     "Stage",
+    "error_message",
     "error_text",
     "gathered",
     "is_coroutine_function",
@@ -101,15 +102,21 @@ def item_repr(item: Any, limit: int = 80) -> str:
     return shorten.repr(item)
 
 
+def error_message(error: BaseException) -> str:
+    """``str(error)``; never raises: when the exception's own str raises, what
+    Python's tracebacks then show, ``<exception str() failed>``."""
+    try:
+        return str(error)
+    except Exception:
+        return "<exception str() failed>"
+
+
 def error_text(error: BaseException, limit: int = 1000) -> str:
     """How reports show an exception: ``Type: message``, the message cut to ``limit`` characters.
 
-    Never raises: an exception whose own str raises is shown by its type.
+    Never raises (see `error_message`).
     """
-    try:
-        message = str(error)
-    except Exception:
-        message = "<its str() raised>"
+    message = error_message(error)
     if len(message) > limit:
         message = message[: limit - 3] + "..."
     return f"{type(error).__name__}: {message}"

@@ -208,7 +208,8 @@ def test_a_stage_name_utf8_cannot_encode_is_escaped_before_the_live_table_is_lai
     finally:
         display.close([], 5.0)
     assert lines[1].startswith("read \\udcff  ")
-    assert len({len(line.rstrip()) for line in lines}) == 1
+    assert len(lines[1].rstrip()) == len(lines[2].rstrip())
+    assert lines[0].index("workers") + len("workers") == lines[1].index(" 1 ") + 2
 
 
 @pytest.mark.quick

@@ -880,7 +880,8 @@ class _Worker:
         """Ask the child to run on_stop and exit; on_stop's error fails the run."""
         try:
             child.conn.send_bytes(_STOP_MESSAGE)
-            message = self._read(child)
+            with self.sr.metrics.in_hook("on_stop"):
+                message = self._read(child)
         except (OSError, ShutDown):
             return
         if message is not None and message[0] == _STOPPED and message[1] is not None:

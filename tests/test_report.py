@@ -321,6 +321,22 @@ def test_the_text_report_shows_stage_names_with_brackets_as_they_are() -> None:
         assert name in report
 
 
+def test_the_embedded_metrics_hold_no_markup_whatever_the_stage_names(tmp_path: Path) -> None:
+    # The repro: a name holding "<!--<script>" put the HTML parser in the script
+    # element's double-escaped state, where the block's own "</script>" does not
+    # end it: the data and the rest of the page became one unreadable script.
+    path = tmp_path / "run.html"
+    name = "<!--<script>x</script>"
+    cv.Pipeline(["<!--<script>"]).map(_reject, name=name, on_error="skip").run(report=path)
+    source = path.read_text(encoding="utf-8")
+    start = source.index("id='conveyor-data'>") + len("id='conveyor-data'>")
+    block = source[start : source.index("</script>", start)]
+    assert "<" not in block
+    data = json.loads(block)
+    assert data["stages"][0]["name"] == name
+    assert data["failures"][0]["item"] == "'<!--<script>'"
+
+
 def test_a_report_survives_text_that_is_not_unicode(tmp_path: Path) -> None:
     # A lone surrogate is what os.fsdecode makes of a file name that is not UTF-8.
     path = tmp_path / "run.html"

@@ -159,7 +159,9 @@ def render_html(result: RunResult, error: BaseException | None = None) -> str:
             _errors(result, error),
         ]
     )
-    data = json.dumps(result.as_dict()).replace("</", "<\\/")
+    # No "<" at all in the data block: "</script>" would end it, and "<!--<script>"
+    # would keep its own end tag from ending it (the double-escaped state).
+    data = json.dumps(result.as_dict()).replace("<", "\\u003c")
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"

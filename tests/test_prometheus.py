@@ -9,11 +9,13 @@ against the counts that point implies; after the gate opens, against the totals.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,6 +147,38 @@ def test_a_local_run_is_scraped_while_it_runs_and_its_totals_after(tmp_path: Pat
         assert value(after, "conveyor_stage_backlog", stage, "local") == 0
     busy = value(after, "conveyor_stage_busy_seconds_total", "gate", "local")
     assert busy == value(after, "conveyor_stage_item_seconds_sum", "gate", "local") > 0
+
+
+def test_a_process_worker_counts_as_one_busy_worker_whatever_its_lanes_hold(
+    tmp_path: Path,
+) -> None:
+    # The repro: a process worker's two lanes (one batch in the child, the next
+    # waiting in the pipe) counted as two busy workers: 4 of 2 under load.
+    release = str(tmp_path / "release")
+
+    def hold_first(x: int) -> int:
+        if x == 0:
+            deadline = time.monotonic() + WAIT
+            while not os.path.exists(release) and time.monotonic() < deadline:
+                time.sleep(0.01)  # bounded polling: the file reaches the worker process
+        return x
+
+    pipeline = cv.Pipeline(range(50)).map(hold_first, runtime="process", name="held")
+    with PrometheusExporter(port=0, pipeline="local") as exporter:
+        assert exporter.port is not None
+        handle = pipeline.start(metrics=exporter)
+        try:
+            lanes = handle._run.metrics[0].workers
+            wait_until(
+                lambda: sum(w.current_since is not None for w in list(lanes)) == 2,
+                "both lanes of the one worker to hold a batch",
+            )
+            samples = scrape(exporter.port)
+            assert value(samples, "conveyor_stage_workers", "held", "local") == 1
+            assert value(samples, "conveyor_stage_busy_workers", "held", "local") == 1
+        finally:
+            Path(release).touch()
+        assert handle.join(WAIT).stats[0].items_out == 50
 
 
 def test_runs_through_one_exporter_add_up_and_failures_and_retries_are_counted() -> None:

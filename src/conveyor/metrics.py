@@ -138,7 +138,9 @@ class WorkerCounters:
     """Counters of one worker, written by that worker only.
 
     Created by `StageMetrics.new_worker` in the worker's own thread, which it
-    remembers so that a stall report can show that thread's stack.
+    remembers so that a stall report can show that thread's stack. ``group``
+    names the worker a lane belongs to (the lanes of one process worker share
+    it), so that the workers busy now are counted once each.
     """
 
     __slots__ = (
@@ -149,6 +151,7 @@ class WorkerCounters:
         "current_since",
         "failed",
         "filtered",
+        "group",
         "items_in",
         "items_out",
         "latency",
@@ -160,7 +163,8 @@ class WorkerCounters:
         "wait_out",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, group: int | None = None) -> None:
+        self.group = group
         self.items_in = 0
         self.items_out = 0
         self.filtered = 0
@@ -400,9 +404,10 @@ class StageMetrics:
         finally:
             del self.hook_calls[key]
 
-    def new_worker(self) -> WorkerCounters:
-        """Register and return the counters of a new worker (call it from the worker)."""
-        counters = WorkerCounters()
+    def new_worker(self, group: int | None = None) -> WorkerCounters:
+        """Register and return the counters of a new worker (call it from the worker);
+        ``group``: the worker it is a lane of, if it is one of several lanes."""
+        counters = WorkerCounters(group)
         self.workers.append(counters)
         return counters
 
@@ -456,7 +461,7 @@ class StageMetrics:
         return StageReading(
             stats=stats,
             latency=tuple(_merged_latency(ws)),
-            busy_workers=sum(w.current_since is not None for w in ws),
+            busy_workers=_busy_workers(ws),
             backlog=stats.queue_size,
         )
 
@@ -466,6 +471,12 @@ class StageMetrics:
             return overall
         recent = self._recent.rate(now, items_in)
         return overall if recent is None else recent
+
+
+def _busy_workers(counters: Sequence[WorkerCounters]) -> int:
+    """Workers holding a batch now: the lanes of one worker count once."""
+    held = [c for c in counters if c.current_since is not None]
+    return len({id(c) if c.group is None else c.group for c in held})
 
 
 def _merged_latency(workers: Sequence[WorkerCounters]) -> list[int]:

@@ -858,7 +858,7 @@ class _Worker:
                     control.fail(exc)
                     sr.ports[handle].close()
                     return
-            worker_loop(sr, handle, self.execute, BATCH_SECONDS)
+            worker_loop(sr, handle, self.execute, BATCH_SECONDS, group=self.index)
         finally:
             with self._child_lock:
                 self._running -= 1

@@ -69,6 +69,18 @@ def explain(x):
 
 
 explains = cv.Pipeline(range(3)).map(explain)
+
+
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("its str broke")
+
+
+def reject_unprintably(x):
+    raise Unprintable
+
+
+unprintable = cv.Pipeline(range(3)).map(reject_unprintably, name="reject")
 number = 3
 
 
@@ -302,6 +314,18 @@ def test_a_failing_run_with_json_prints_its_metrics_and_error_on_stdout(project:
     assert (stage["name"], stage["failed"]) == ("check", 1)
     # stderr says what it says without --json: the traceback, then one line.
     assert "conveyor: the run failed: ValueError: seven is not allowed" in result.stderr
+
+
+def test_a_failure_whose_str_raises_is_still_named_on_stderr_and_in_json(project: Path) -> None:
+    # The repro: the command itself died of the user's broken __str__ ("RuntimeError:
+    # its str broke" as the error, and no "the run failed" line).
+    result = conveyor("run", "pipes:unprintable", "--json", "--no-progress", cwd=project)
+    assert result.returncode == EXIT_PIPELINE_ERROR, result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert (error["type"], error["message"]) == ("Unprintable", "<exception str() failed>")
+    last = result.stderr.rstrip().splitlines()[-1]
+    assert last == "conveyor: the run failed: Unprintable: <exception str() failed>"
+    assert "its str broke" not in result.stderr
 
 
 def test_a_run_that_succeeds_with_json_says_error_null(project: Path) -> None:

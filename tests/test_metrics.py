@@ -479,6 +479,87 @@ def test_a_stall_in_a_process_stage_says_process_stage_once(
     assert "stage process stage" not in text
 
 
+@pytest.mark.parametrize("runtime", ["thread", "async", "process"])
+def test_a_stall_in_on_start_names_the_stage_the_hook_and_its_stack(
+    warnings_caught: WarningCatcher, tmp_path: Path, runtime: str
+) -> None:
+    # The repro: an on_start that hangs was reported as "no worker is inside a
+    # stage function" (thread, async), or as a worker in the stage function on
+    # item 0 (process), with no word of on_start.
+    release = tmp_path / "release"
+
+    def connect() -> None:
+        deadline = time.monotonic() + 30.0
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)  # bounded polling: the same file reaches a worker process
+
+    async def connect_async() -> None:
+        connect()
+
+    fn: Any = plus_one
+    if runtime == "async":
+
+        async def fn(x: int) -> int:
+            return x + 1
+
+    hook = connect_async if runtime == "async" else connect
+    p = cv.Pipeline(range(10)).map(fn, name="db", runtime=runtime, on_start=hook)  # type: ignore[call-overload]
+    with p.start(stall_timeout=0.2) as handle:
+        must_wait(warnings_caught.first)
+        release.touch()
+        assert handle.join(30).stats[0].items_out == 10
+    text = warnings_caught.records[0].getMessage()
+    assert "no worker is inside a stage function" not in text
+    where = "process stage 'db' (map)" if runtime == "process" else "stage 'db' (map)"
+    assert re.search(rf"\n  {re.escape(where)}, worker conveyor-db-0\S*: in on_start for ", text), (
+        text
+    )
+    assert "; its stack:" in text
+    if runtime == "thread":
+        assert "in connect" in text  # the hook's own frame
+
+
+@pytest.mark.parametrize("runtime", ["thread", "async", "process"])
+def test_a_stall_in_on_stop_names_the_stage_and_the_hook(
+    warnings_caught: WarningCatcher, tmp_path: Path, runtime: str
+) -> None:
+    # The repro: an on_stop that hung, on a worker recycled by max_items_per_worker
+    # (the process runtime), was reported as "no worker is inside a stage function",
+    # or as a worker in the stage function.
+    release = tmp_path / "release"
+
+    def flush(state: object) -> None:
+        deadline = time.monotonic() + 30.0
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)  # bounded polling: the same file reaches a worker process
+
+    fn: Any = plus_one
+    if runtime == "async":
+
+        async def fn(x: int) -> int:
+            return x + 1
+
+    recycle = {} if runtime == "async" else {"max_items_per_worker": 3}
+    p = cv.Pipeline(range(10)).map(fn, name="db", runtime=runtime, on_stop=flush, **recycle)  # type: ignore[call-overload]
+    with p.start(stall_timeout=0.2) as handle:
+        # A slow start of a worker process may be reported first (as in on_start).
+        while not (texts := _messages_about("on_stop", warnings_caught)):
+            warnings_caught.first.clear()
+            if not _messages_about("on_stop", warnings_caught):  # none came meanwhile
+                must_wait(warnings_caught.first)
+        release.touch()
+        assert handle.join(30).stats[0].items_out == 10
+    text = texts[0]
+    assert "no worker is inside a stage function" not in text
+    where = "process stage 'db' (map)" if runtime == "process" else "stage 'db' (map)"
+    pattern = rf"\n  {re.escape(where)}, worker conveyor-db-0\S*: in on_stop for "
+    assert re.search(pattern, text), text
+
+
+def _messages_about(word: str, caught: WarningCatcher) -> list[str]:
+    return [m for m in (r.getMessage() for r in list(caught.records)) if word in m]
+
+
 def test_a_stall_in_the_source_shows_the_sources_stack(
     warnings_caught: WarningCatcher,
 ) -> None:

@@ -196,6 +196,23 @@ def test_the_live_table_shows_every_stage_and_the_total() -> None:
 
 
 @pytest.mark.quick
+def test_a_stage_name_utf8_cannot_encode_is_escaped_before_the_live_table_is_laid_out() -> None:
+    # The repro: the name was measured, then escaped on output, pushing its row askew.
+    console = Console(file=io.StringIO(), force_terminal=True, width=140)
+    display = LiveDisplay(console, total=100)
+    try:
+        rows = [stats("read \udcff", items_in=25), stats("write", items_in=5)]
+        rendered = Console(file=io.StringIO(), width=140, record=True)
+        rendered.print(display.render(rows, 5.0))
+        lines = rendered.export_text().splitlines()[1:4]  # the header and a row per stage
+    finally:
+        display.close([], 5.0)
+    assert lines[1].startswith("read \\udcff  ")
+    assert len(lines[1].rstrip()) == len(lines[2].rstrip())
+    assert lines[0].index("workers") + len("workers") == lines[1].index(" 1 ") + 2
+
+
+@pytest.mark.quick
 def test_the_total_gives_an_eta_from_the_first_stages_recent_rate() -> None:
     console = Console(file=io.StringIO(), force_terminal=True, width=140)
     display = LiveDisplay(console, total=100)

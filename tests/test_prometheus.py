@@ -9,11 +9,13 @@ against the counts that point implies; after the gate opens, against the totals.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,6 +149,38 @@ def test_a_local_run_is_scraped_while_it_runs_and_its_totals_after(tmp_path: Pat
     assert busy == value(after, "conveyor_stage_item_seconds_sum", "gate", "local") > 0
 
 
+def test_a_process_worker_counts_as_one_busy_worker_whatever_its_lanes_hold(
+    tmp_path: Path,
+) -> None:
+    # The repro: a process worker's two lanes (one batch in the child, the next
+    # waiting in the pipe) counted as two busy workers: 4 of 2 under load.
+    release = str(tmp_path / "release")
+
+    def hold_first(x: int) -> int:
+        if x == 0:
+            deadline = time.monotonic() + WAIT
+            while not os.path.exists(release) and time.monotonic() < deadline:
+                time.sleep(0.01)  # bounded polling: the file reaches the worker process
+        return x
+
+    pipeline = cv.Pipeline(range(50)).map(hold_first, runtime="process", name="held")
+    with PrometheusExporter(port=0, pipeline="local") as exporter:
+        assert exporter.port is not None
+        handle = pipeline.start(metrics=exporter)
+        try:
+            lanes = handle._run.metrics[0].workers
+            wait_until(
+                lambda: sum(w.current_since is not None for w in list(lanes)) == 2,
+                "both lanes of the one worker to hold a batch",
+            )
+            samples = scrape(exporter.port)
+            assert value(samples, "conveyor_stage_workers", "held", "local") == 1
+            assert value(samples, "conveyor_stage_busy_workers", "held", "local") == 1
+        finally:
+            Path(release).touch()
+        assert handle.join(WAIT).stats[0].items_out == 50
+
+
 def test_runs_through_one_exporter_add_up_and_failures_and_retries_are_counted() -> None:
     calls: dict[int, int] = {}
 
@@ -172,6 +206,45 @@ def test_runs_through_one_exporter_add_up_and_failures_and_retries_are_counted()
     assert value(samples, "conveyor_stage_retries_total", "flaky", "twice") == 4
     exporter.close()
     assert generate_latest(registry) == b""  # closing takes the collector off the registry
+
+
+def test_exporters_of_two_pipelines_share_one_registry() -> None:
+    # The repro: the second exporter on an application's registry raised
+    # prometheus_client's DuplicatedTimeseries, the docs' advice notwithstanding.
+    registry = CollectorRegistry()
+    etl = PrometheusExporter(registry=registry, pipeline="etl")
+    audit = PrometheusExporter(registry=registry, pipeline="audit")
+    cv.Pipeline(range(3)).map(lambda x: x, name="clean").run(metrics=etl)
+    cv.Pipeline(range(5)).map(lambda x: x, name="clean").run(metrics=audit)
+    samples = parse(generate_latest(registry).decode())
+    assert items(samples, "clean", "out", "etl") == 3
+    assert items(samples, "clean", "out", "audit") == 5
+    etl.close()
+    samples = parse(generate_latest(registry).decode())
+    assert items(samples, "clean", "out", "audit") == 5
+    assert not any(dict(labels)["pipeline"] == "etl" for _, labels in samples)
+    audit.close()
+    assert generate_latest(registry) == b""
+
+
+def test_a_second_exporter_of_one_pipeline_on_one_registry_is_refused_naming_it() -> None:
+    registry = CollectorRegistry()
+    with PrometheusExporter(registry=registry, pipeline="etl"):
+        with pytest.raises(cv.ConfigurationError, match="'pipeline' 'etl'"):
+            PrometheusExporter(registry=registry, pipeline="etl")
+    with PrometheusExporter(registry=registry, pipeline="etl"):  # free again once closed
+        pass
+
+
+def test_a_stage_name_utf8_cannot_encode_leaves_the_scrape_working() -> None:
+    # A lone surrogate is what os.fsdecode makes of a file name that is not UTF-8;
+    # exposition is UTF-8, so such a label once failed every scrape of the registry.
+    registry = CollectorRegistry()
+    exporter = PrometheusExporter(registry=registry, pipeline="files \udcfe")
+    cv.Pipeline(range(4)).map(lambda x: x, name="read \udcff").run(metrics=exporter)
+    samples = parse(generate_latest(registry).decode())
+    assert items(samples, "read \\udcff", "out", "files \\udcfe") == 4
+    exporter.close()
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

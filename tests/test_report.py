@@ -277,3 +277,110 @@ def test_checking_a_report_path_leaves_no_file_and_keeps_an_existing_one(tmp_pat
     old.write_text("earlier report")
     check_report_path(old)
     assert old.read_text() == "earlier report"
+
+
+# ---------------------------------------------------------------------- odd names and items
+
+
+class _UnprintableItem:
+    """An item whose repr raises, as a half-built object's may."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("repr broke")
+
+
+class _UnprintableError(Exception):
+    """An exception whose str raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("str broke")
+
+
+class _HugeRepr:
+    """An item with a repr of a megabyte."""
+
+    def __repr__(self) -> str:
+        return "Z" * 1_000_000
+
+
+def _reject(x: object) -> object:
+    raise ValueError(f"rejected {x!r}")
+
+
+def _reject_unprintably(x: object) -> object:
+    raise _UnprintableError
+
+
+def test_the_text_report_shows_stage_names_with_brackets_as_they_are() -> None:
+    names = ["[/]", "[bold]b", "a[red]"]
+    p = cv.Pipeline(range(3))
+    for name in names:
+        p = p.map(lambda x: x, name=name)
+    report = p.run().report()
+    for name in names:
+        assert name in report
+
+
+def test_the_embedded_metrics_hold_no_markup_whatever_the_stage_names(tmp_path: Path) -> None:
+    # The repro: a name holding "<!--<script>" put the HTML parser in the script
+    # element's double-escaped state, where the block's own "</script>" does not
+    # end it: the data and the rest of the page became one unreadable script.
+    path = tmp_path / "run.html"
+    name = "<!--<script>x</script>"
+    cv.Pipeline(["<!--<script>"]).map(_reject, name=name, on_error="skip").run(report=path)
+    source = path.read_text(encoding="utf-8")
+    start = source.index("id='conveyor-data'>") + len("id='conveyor-data'>")
+    block = source[start : source.index("</script>", start)]
+    assert "<" not in block
+    data = json.loads(block)
+    assert data["stages"][0]["name"] == name
+    assert data["failures"][0]["item"] == "'<!--<script>'"
+
+
+def test_a_report_survives_text_that_is_not_unicode(tmp_path: Path) -> None:
+    # A lone surrogate is what os.fsdecode makes of a file name that is not UTF-8.
+    path = tmp_path / "run.html"
+    name = "read \udcff"
+    p = cv.Pipeline([b"\xff", "f\udcfe"]).map(_reject, name=name, on_error="skip")
+    result = p.run(report=path)
+    page = Page(path.read_text(encoding="utf-8"))
+    assert "read \\udcff" in page.text
+    assert "ValueError: rejected b'\\xff'" in page.text
+    (data,) = (json.loads(s) for s in page.scripts)
+    assert data["stages"][0]["name"] == name
+    report = result.report()
+    table = report.splitlines()[1:4]  # header, rule, the stage's row: escaped before laid out
+    assert "read \\udcff" in table[2]
+    assert len({len(line.rstrip()) for line in table}) == 1
+
+
+@pytest.mark.parametrize(
+    ("item", "fn", "shown"),
+    [
+        (_UnprintableItem(), _reject_unprintably, "_UnprintableItem"),
+        (1, _reject_unprintably, "_UnprintableError"),
+    ],
+    ids=["repr-raises", "str-raises"],
+)
+def test_a_report_survives_items_and_errors_that_cannot_be_shown(
+    tmp_path: Path, item: object, fn: Any, shown: str
+) -> None:
+    path = tmp_path / "run.html"
+    result = cv.Pipeline([item]).map(fn, name="check", on_error="skip").run(report=path)
+    assert len(result.failures) == 1
+    assert shown in Page(path.read_text(encoding="utf-8")).text
+    assert shown in result.report()
+    assert shown in result.to_json()
+
+
+def test_failed_items_are_shown_shortened_in_every_report(tmp_path: Path) -> None:
+    path = tmp_path / "run.html"
+    items = [_HugeRepr() for _ in range(5)]
+    result = cv.Pipeline(items).map(_reject, name="check", on_error="skip").run(report=path)
+    assert len(result.failures) == 5
+    assert path.stat().st_size < 200_000
+    assert len(result.to_json()) < 200_000
+    for failure in json.loads(result.to_json())["failures"]:
+        assert failure["item"].startswith("ZZZ") and len(failure["item"]) < 2_000
+        assert failure["error"].startswith("ValueError: rejected ZZZ")
+        assert len(failure["error"]) < 2_000

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import click
 
+from .stage import error_message
 from .validate import NAME_ACCEPTED, name_problem
 
 __all__ = [
@@ -183,13 +184,13 @@ def _described(exc: BaseException) -> dict[str, Any]:
     if code == EXIT_INTERRUPTED:
         return {"type": "KeyboardInterrupt", "message": "interrupted (Ctrl-C)", "notes": []}
     if isinstance(exc, SystemExit) and exc.__context__ is not None:
-        return _plain(exc.__context__, str(exc.__context__))  # sys.exit() in an except block
+        return _plain(exc.__context__, error_message(exc.__context__))  # sys.exit() in an except
     if isinstance(exc, click.ClickException):
         error = getattr(exc, "error", None)  # Redis's, or the user's code's
         if isinstance(error, BaseException):
             return _plain(error, exc.format_message())
         return _plain(exc, exc.format_message())
-    return _plain(exc.__cause__ or exc, str(exc))
+    return _plain(exc.__cause__ or exc, error_message(exc))
 
 
 def _plain(error: BaseException, message: str) -> dict[str, Any]:

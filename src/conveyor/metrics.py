@@ -34,14 +34,15 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, runtime_checkable
 
 from .channel import Channel
-from .stage import Failure, Stage
+from .stage import Failure, Stage, error_text, item_repr
 from .validate import check_int
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ __all__ = [
     "MIN_REPORT_WIDTH",
     "TALLY_SECONDS",
     "Bottleneck",
+    "HookCall",
     "MetricsExporter",
     "MetricsSource",
     "RunResult",
@@ -76,6 +78,7 @@ __all__ = [
     "latency_bound",
     "latency_bucket",
     "latency_quantile",
+    "printable",
     "render_table",
     "report_table",
     "stage_rows",
@@ -135,7 +138,9 @@ class WorkerCounters:
     """Counters of one worker, written by that worker only.
 
     Created by `StageMetrics.new_worker` in the worker's own thread, which it
-    remembers so that a stall report can show that thread's stack.
+    remembers so that a stall report can show that thread's stack. ``group``
+    names the worker a lane belongs to (the lanes of one process worker share
+    it), so that the workers busy now are counted once each.
     """
 
     __slots__ = (
@@ -146,6 +151,7 @@ class WorkerCounters:
         "current_since",
         "failed",
         "filtered",
+        "group",
         "items_in",
         "items_out",
         "latency",
@@ -157,7 +163,8 @@ class WorkerCounters:
         "wait_out",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, group: int | None = None) -> None:
+        self.group = group
         self.items_in = 0
         self.items_out = 0
         self.filtered = 0
@@ -348,6 +355,20 @@ class RecentRate:
         return (count - before) / (now - then)
 
 
+@dataclass(frozen=True)
+class HookCall:
+    """A worker inside its stage's ``on_start`` or ``on_stop`` now, for stall reports."""
+
+    hook: str
+    """``"on_start"`` or ``"on_stop"``."""
+    since: float
+    """When the call began (`time.perf_counter`)."""
+    thread_id: int | None
+    """The thread that makes the call, or waits for it (a process stage's)."""
+    worker: str
+    """The worker's name, as its thread or task is named."""
+
+
 class StageMetrics:
     """The live counters of one stage: one `WorkerCounters` per worker."""
 
@@ -361,10 +382,32 @@ class StageMetrics:
         self.started = perf_counter()
         self.finished: float | None = None
         self._recent = RecentRate()  # fed by snapshots: the base of rate_now
+        # Workers inside on_start/on_stop now: a hook that hangs holds no item,
+        # yet is what a stall report must name. Set and deleted by their worker
+        # only (a dict's item assignment is atomic), read by the stall detector.
+        self.hook_calls: dict[object, HookCall] = {}
 
-    def new_worker(self) -> WorkerCounters:
-        """Register and return the counters of a new worker (call it from the worker)."""
-        counters = WorkerCounters()
+    @contextmanager
+    def in_hook(self, hook: str, worker: str | None = None) -> Iterator[None]:
+        """Record that the calling worker is inside ``hook`` until the block ends.
+
+        Args:
+            hook: ``"on_start"`` or ``"on_stop"``.
+            worker: the worker's name; by default the current thread's (an
+                async worker passes its task's).
+        """
+        thread = threading.current_thread()
+        key = object()
+        self.hook_calls[key] = HookCall(hook, perf_counter(), thread.ident, worker or thread.name)
+        try:
+            yield
+        finally:
+            del self.hook_calls[key]
+
+    def new_worker(self, group: int | None = None) -> WorkerCounters:
+        """Register and return the counters of a new worker (call it from the worker);
+        ``group``: the worker it is a lane of, if it is one of several lanes."""
+        counters = WorkerCounters(group)
         self.workers.append(counters)
         return counters
 
@@ -418,7 +461,7 @@ class StageMetrics:
         return StageReading(
             stats=stats,
             latency=tuple(_merged_latency(ws)),
-            busy_workers=sum(w.current_since is not None for w in ws),
+            busy_workers=_busy_workers(ws),
             backlog=stats.queue_size,
         )
 
@@ -428,6 +471,12 @@ class StageMetrics:
             return overall
         recent = self._recent.rate(now, items_in)
         return overall if recent is None else recent
+
+
+def _busy_workers(counters: Sequence[WorkerCounters]) -> int:
+    """Workers holding a batch now: the lanes of one worker count once."""
+    held = [c for c in counters if c.current_since is not None]
+    return len({id(c) if c.group is None else c.group for c in held})
 
 
 def _merged_latency(workers: Sequence[WorkerCounters]) -> list[int]:
@@ -771,8 +820,8 @@ class RunResult(Generic[OutputT]):
             "failures": [
                 {
                     "stage": f.stage,
-                    "item": repr(f.item),
-                    "error": f"{type(f.error).__name__}: {f.error}",
+                    "item": item_repr(f.item, _SHOWN_CHARACTERS),
+                    "error": error_text(f.error, _SHOWN_CHARACTERS),
                     "attempts": f.attempts,
                 }
                 for f in self.failures
@@ -788,6 +837,10 @@ class RunResult(Generic[OutputT]):
 
 
 # ---------------------------------------------------------------------- the text report
+
+_SHOWN_CHARACTERS = 1000
+"""How much of a failed item's repr and of its error's message the reports keep:
+enough to recognise it, not so much that a run's report grows with its items."""
 
 MIN_REPORT_WIDTH = 40
 """The narrowest text report: below it the table's columns are cut to nothing."""
@@ -853,6 +906,7 @@ def report_table(stats: Sequence[StageStats], title: str | None = None) -> Table
     """The after-run table: one row per stage, where its workers' time went."""
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(
         title=title,
@@ -866,7 +920,9 @@ def report_table(stats: Sequence[StageStats], title: str | None = None) -> Table
     for header in headers:
         table.add_column(header, justify="left" if header in ("stage", "kind") else "right")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(
+            *(Text(printable(cell)) for cell in row)
+        )  # a stage name is text, never markup
     return table
 
 
@@ -881,7 +937,7 @@ def _failure_line(error: BaseException) -> str:
     """One line on the error that ended a run, with conveyor's note naming where."""
     ours = [str(n) for n in getattr(error, "__notes__", ()) if str(n).startswith("conveyor:")]
     where = f" ({ours[0]})" if ours else ""
-    return f"the run failed: {type(error).__name__}: {error}{where}"
+    return f"the run failed: {error_text(error)}{where}"
 
 
 def render_table(result: RunResult, width: int = 130) -> str:
@@ -902,10 +958,20 @@ def render_table(result: RunResult, width: int = 130) -> str:
     console.print(bottleneck_line(result.bottleneck), markup=False, highlight=False)
     for f in result.failures[:10]:
         console.print(
-            f"  {f.stage}: {f.item!r:.60} -> {type(f.error).__name__}: {f.error}",
+            f"  {f.stage}: {item_repr(f.item, 60)} -> {error_text(f.error, 200)}",
             markup=False,
             highlight=False,
         )
     if len(result.failures) > 10:
         console.print(f"  ... and {len(result.failures) - 10} more")
-    return console.export_text()
+    return printable(console.export_text())
+
+
+def printable(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode written as escapes (``\\udcff``).
+
+    Stage names, items and messages may hold lone surrogates (what
+    `os.fsdecode` makes of a file name that is not UTF-8): a report must still
+    print and save.
+    """
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -22,14 +22,13 @@ only cost something for the items that need them.
 
 from __future__ import annotations
 
-import reprlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import SerializationError
-from .stage import Failure, Stage
+from .stage import Failure, Stage, item_repr
 
 __all__ = [
     "BatchOutcome",
@@ -48,16 +47,6 @@ __all__ = [
     "timeout_error",
     "type_name",
 ]
-
-_item_repr = reprlib.Repr()
-_item_repr.maxstring = 80
-_item_repr.maxother = 80
-
-
-def item_repr(item: Any) -> str:
-    """How notes and errors show an item: a short repr."""
-    return _item_repr.repr(item)
-
 
 # ---------------------------------------------------------------------- notes
 

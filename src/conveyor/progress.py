@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from .metrics import StageStats, Timeline, find_bottleneck
+from .metrics import StageStats, Timeline, find_bottleneck, printable
 from .report import format_seconds
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ class LiveDisplay:
             rate = s.throughput if final else s.rate_now
             rows.append(
                 [
-                    s.name,
+                    printable(s.name),  # escaped before it is measured
                     str(s.workers),
                     f"{s.items_in:,}",
                     f"{s.items_out:,}",

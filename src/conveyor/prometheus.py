@@ -29,10 +29,10 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import ConfigurationError, ConfigurationTypeError
-from .metrics import LATENCY_BUCKETS, MetricsSource, StageReading, latency_bound
+from .metrics import LATENCY_BUCKETS, MetricsSource, StageReading, latency_bound, printable
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -179,8 +179,7 @@ class PrometheusExporter:
         self._lock = threading.Lock()  # guards _live and _totals (scrapes vs watch)
         self._live: list[MetricsSource] = []
         self._totals: dict[str, _Totals] = {}
-        self._collector = _Collector(self)
-        self.registry.register(self._collector)
+        self._collector = _Collector.join(self)
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None
@@ -194,7 +193,7 @@ class PrometheusExporter:
                 port, addr=addr, registry=self.registry
             )
         except (OSError, ValueError) as exc:  # in use, not permitted, no such address
-            self.registry.unregister(self._collector)
+            self._collector.leave(self)
             reason = getattr(exc, "strerror", None) or str(exc)
             raise ConfigurationError(
                 f"PrometheusExporter: cannot serve metrics on {addr}:{port}: {reason}"
@@ -243,10 +242,7 @@ class PrometheusExporter:
             assert self._thread is not None
             self._thread.join()
             self._server = None
-        try:
-            self.registry.unregister(self._collector)
-        except KeyError:
-            pass  # closed before
+        self._collector.leave(self)  # nothing if closed before
 
     def __enter__(self) -> PrometheusExporter:
         return self
@@ -284,31 +280,76 @@ def _check_port(port: object) -> None:
 _LABELS = ("pipeline", "stage")
 
 
-class _Collector:
-    """Turns an exporter's readings into metric families, at each scrape."""
+_Readings = list[tuple[str, dict[str, "_Totals"], dict[str, "_Gauges"]]]
 
-    def __init__(self, exporter: PrometheusExporter) -> None:
-        self._exporter = exporter
+
+class _Collector:
+    """Turns the readings of a registry's exporters into metric families, at each scrape.
+
+    One per registry: a registry refuses two collectors of the same metric
+    names, so the exporters of several pipelines on one registry (an
+    application's ``prometheus_client.REGISTRY``) share it, their series
+    told apart by the ``pipeline`` label.
+    """
+
+    # id(registry) -> its collector, until its last exporter is closed (the
+    # collector holds the registry, so the id cannot be reused meanwhile).
+    _by_registry: ClassVar[dict[int, _Collector]] = {}
+    _joining = threading.Lock()  # guards _by_registry and every collector's _exporters
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+        self._exporters: list[PrometheusExporter] = []
+
+    @classmethod
+    def join(cls, exporter: PrometheusExporter) -> _Collector:
+        """The collector of ``exporter.registry``, registered there, with ``exporter`` in it.
+
+        Raises:
+            ConfigurationError: an exporter of the same ``pipeline`` is on that registry.
+        """
+        with cls._joining:
+            collector = cls._by_registry.get(id(exporter.registry))
+            if collector is None:
+                collector = cls(exporter.registry)
+                exporter.registry.register(collector)  # raises if the names are taken
+                cls._by_registry[id(exporter.registry)] = collector
+            elif any(e.pipeline == exporter.pipeline for e in collector._exporters):
+                raise ConfigurationError(
+                    f"PrometheusExporter 'pipeline' {exporter.pipeline!r}: an exporter of that "
+                    f"pipeline is already on this registry (close it first, or give each "
+                    f"pipeline its own name)"
+                )
+            collector._exporters.append(exporter)
+            return collector
+
+    def leave(self, exporter: PrometheusExporter) -> None:
+        """Take ``exporter`` out; the last one out takes the collector off its registry."""
+        with self._joining:
+            if exporter not in self._exporters:
+                return  # closed before
+            self._exporters.remove(exporter)
+            if not self._exporters:
+                self._registry.unregister(self)
+                del self._by_registry[id(self._registry)]
 
     def describe(self) -> list[Metric]:
         # The registry asks for the names when the collector is registered; an
         # empty reading gives them without reading any run.
-        return list(self._families({}, {}))
+        return list(self._families([]))
 
     def collect(self) -> Iterator[Metric]:
-        counters, gauges = self._exporter._read()
-        yield from self._families(counters, gauges)
+        with self._joining:
+            exporters = list(self._exporters)
+        yield from self._families([(e.pipeline, *e._read()) for e in exporters])
 
-    def _families(
-        self, counters: dict[str, _Totals], gauges: dict[str, _Gauges]
-    ) -> Iterator[Metric]:
+    def _families(self, readings: _Readings) -> Iterator[Metric]:
         from prometheus_client.core import (
             CounterMetricFamily,
             GaugeMetricFamily,
             HistogramMetricFamily,
         )
 
-        pipeline = self._exporter.pipeline
         items = CounterMetricFamily(
             "conveyor_stage_items",
             "Items per stage: taken (in), handed on (out), given up on or that stopped "
@@ -329,19 +370,20 @@ class _Collector:
             "counts n items of t/n).",
             labels=_LABELS,
         )
-        for stage, t in counters.items():
-            labels = [pipeline, stage]
-            for outcome, value in (
-                ("in", t.items_in),
-                ("out", t.items_out),
-                ("failed", t.failed),
-                ("filtered", t.filtered),
-            ):
-                items.add_metric([*labels, outcome], value)
-            retries.add_metric(labels, t.retried)
-            dead.add_metric(labels, t.dead_letters)
-            busy.add_metric(labels, t.busy_seconds)
-            latency.add_metric(labels, histogram_buckets(t.latency), t.busy_seconds)
+        for pipeline, counters, _ in readings:
+            for stage, t in counters.items():
+                labels = _label_values(pipeline, stage)
+                for outcome, value in (
+                    ("in", t.items_in),
+                    ("out", t.items_out),
+                    ("failed", t.failed),
+                    ("filtered", t.filtered),
+                ):
+                    items.add_metric([*labels, outcome], value)
+                retries.add_metric(labels, t.retried)
+                dead.add_metric(labels, t.dead_letters)
+                busy.add_metric(labels, t.busy_seconds)
+                latency.add_metric(labels, histogram_buckets(t.latency), t.busy_seconds)
         yield from (items, retries, dead, busy, latency)
 
         workers = GaugeMetricFamily(
@@ -358,14 +400,19 @@ class _Collector:
             "over every live run (waiting, or held by a worker).",
             labels=_LABELS,
         )
-        for stage in counters:  # every stage seen: 0 once its runs have ended
-            g = gauges.get(stage, _Gauges())
-            labels = [pipeline, stage]
-            workers.add_metric(labels, g.workers)
-            busy_now.add_metric(labels, g.busy_workers)
-            if g.backlog is not None:  # None: Redis could not be read at this scrape
-                backlog.add_metric(labels, g.backlog)
+        for pipeline, counters, gauges in readings:
+            for stage in counters:  # every stage seen: 0 once its runs have ended
+                g = gauges.get(stage, _Gauges())
+                labels = _label_values(pipeline, stage)
+                workers.add_metric(labels, g.workers)
+                busy_now.add_metric(labels, g.busy_workers)
+                if g.backlog is not None:  # None: Redis could not be read at this scrape
+                    backlog.add_metric(labels, g.backlog)
         yield from (workers, busy_now, backlog)
+
+
+def _label_values(pipeline: str, stage: str) -> list[str]:
+    return [printable(pipeline), printable(stage)]  # exposition is UTF-8
 
 
 def _counter(name: str, documentation: str) -> Any:

@@ -29,10 +29,12 @@ from .metrics import (
     StageStats,
     bottleneck_line,
     format_seconds,
+    printable,
     render_table,
     report_table,
     stage_rows,
 )
+from .stage import error_text, item_repr
 
 __all__ = [
     "bottleneck_line",
@@ -104,7 +106,7 @@ def check_report_path(path: str | PathLike[str], method: str = "run()") -> Path:
 
 def write_html(path: str | Path, result: RunResult, error: BaseException | None = None) -> None:
     """Write the HTML report of ``result`` (and the run's ``error``, if any) to ``path``."""
-    Path(path).write_text(render_html(result, error), encoding="utf-8")
+    Path(path).write_text(printable(render_html(result, error)), encoding="utf-8")
 
 
 def write_report(path: Path, result: RunResult, error: BaseException | None, ended: bool) -> None:
@@ -157,7 +159,9 @@ def render_html(result: RunResult, error: BaseException | None = None) -> str:
             _errors(result, error),
         ]
     )
-    data = json.dumps(result.as_dict()).replace("</", "<\\/")
+    # No "<" at all in the data block: "</script>" would end it, and "<!--<script>"
+    # would keep its own end tag from ending it (the double-escaped state).
+    data = json.dumps(result.as_dict()).replace("<", "\\u003c")
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
@@ -250,13 +254,13 @@ def _errors(result: RunResult, error: BaseException | None) -> str:
     if error is not None:
         text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
         parts.append(
-            f"<p class='bad'><b>The run failed:</b> {html.escape(type(error).__name__)}: "
-            f"{html.escape(str(error))}</p><pre>{html.escape(text)}</pre>"
+            f"<p class='bad'><b>The run failed:</b> {html.escape(error_text(error))}</p>"
+            f"<pre>{html.escape(text)}</pre>"
         )
     if result.failures:
         rows = "".join(
-            f"<tr><td>{html.escape(f.stage)}</td><td>{html.escape(repr(f.item)[:80])}</td>"
-            f"<td>{html.escape(type(f.error).__name__)}: {html.escape(str(f.error)[:200])}</td>"
+            f"<tr><td>{html.escape(f.stage)}</td><td>{html.escape(item_repr(f.item))}</td>"
+            f"<td>{html.escape(error_text(f.error, 200))}</td>"
             f"<td>{f.attempts}</td></tr>"
             for f in result.failures[:_FAILURES_SHOWN]
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import random
+import reprlib
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
@@ -30,8 +31,11 @@ __all__ = [
     "Backoff",
     "Failure",
     "Stage",
+    "error_message",
+    "error_text",
     "gathered",
     "is_coroutine_function",
+    "item_repr",
     "set_worker_state",
     "worker_state",
 ]
@@ -86,6 +90,36 @@ class Backoff:
         except OverflowError:  # a late retry of many: the bound has long reached the cap
             bound = self.maximum
         return random.uniform(0.0, bound) if self.jitter else bound
+
+
+def item_repr(item: Any, limit: int = 80) -> str:
+    """How notes, errors and reports show an item: a repr of at most about ``limit`` characters.
+
+    Never raises: an item whose own repr raises is shown by its type and id.
+    """
+    shorten = reprlib.Repr()
+    shorten.maxstring = shorten.maxother = limit
+    return shorten.repr(item)
+
+
+def error_message(error: BaseException) -> str:
+    """``str(error)``; never raises: when the exception's own str raises, what
+    Python's tracebacks then show, ``<exception str() failed>``."""
+    try:
+        return str(error)
+    except Exception:
+        return "<exception str() failed>"
+
+
+def error_text(error: BaseException, limit: int = 1000) -> str:
+    """How reports show an exception: ``Type: message``, the message cut to ``limit`` characters.
+
+    Never raises (see `error_message`).
+    """
+    message = error_message(error)
+    if len(message) > limit:
+        message = message[: limit - 3] + "..."
+    return f"{type(error).__name__}: {message}"
 
 
 @dataclass(frozen=True)

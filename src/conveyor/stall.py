@@ -4,7 +4,8 @@ A run is stalled when no item has moved for ``stall_timeout`` seconds: the
 source yielded nothing, no worker finished a batch, no channel received an
 item and the caller took no output. The detector then logs a WARNING on the
 ``conveyor`` logger naming, for every worker inside the stage function, the
-item it holds, for how long, and its thread's current stack; and the fill
+item it holds, for how long, and its thread's current stack; every worker
+inside its stage's ``on_start`` or ``on_stop``, with its stack; and the fill
 of every channel, so a full queue in front of a stuck stage is visible.
 
 For a process stage the stack is that of the parent thread which waits for
@@ -17,7 +18,6 @@ has doubled in length, until something moves.
 from __future__ import annotations
 
 import logging
-import reprlib
 import sys
 import threading
 import traceback
@@ -26,6 +26,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from .metrics import StageMetrics, WorkerCounters
+from .stage import item_repr
 
 if TYPE_CHECKING:
     from .engine import Run
@@ -35,9 +36,6 @@ __all__ = ["StallDetector"]
 log = logging.getLogger("conveyor")
 
 _STACK_FRAMES = 12  # innermost frames shown per worker: the user's code and what called it
-_item_repr = reprlib.Repr()
-_item_repr.maxstring = 80
-_item_repr.maxother = 80
 
 
 class StallDetector:
@@ -95,6 +93,13 @@ class StallDetector:
                 holders += 1
                 lines.append(_holder_line(m, w, now))
                 lines.extend(_stack_lines(frames.get(w.thread_id or -1)))
+            for call in list(m.hook_calls.values()):
+                holders += 1
+                lines.append(
+                    f"  {_where(m)}, worker {call.worker}: in {call.hook} for "
+                    f"{now - call.since:.1f} s; its stack:"
+                )
+                lines.extend(_stack_lines(frames.get(call.thread_id or -1)))
         if not holders:
             lines.append("  no worker is inside a stage function")
             feeder = getattr(run, "_feeder", None)
@@ -110,20 +115,21 @@ class StallDetector:
         return "\n".join(lines)
 
 
-def _holder_line(m: StageMetrics, w: WorkerCounters, now: float) -> str:
-    held = now - (w.current_since or now)
+def _where(m: StageMetrics) -> str:
     runtime = m.stage.runtime
     # The worker thread only waits there: the stage function runs in a child or interpreter.
-    where = (
-        f"{runtime} stage {m.stage.label}"
-        if runtime in ("process", "interpreter")
-        else f"stage {m.stage.label}"
-    )
+    if runtime in ("process", "interpreter"):
+        return f"{runtime} stage {m.stage.label}"
+    return f"stage {m.stage.label}"
+
+
+def _holder_line(m: StageMetrics, w: WorkerCounters, now: float) -> str:
+    held = now - (w.current_since or now)
     # The worker records its batch's first item only (a per-item record would
     # cost on the hot path); slow items come in batches of one.
     return (
-        f"  {where}, worker {w.thread_name}: in the stage function for {held:.1f} s, "
-        f"on a batch starting with item {_item_repr.repr(w.current_item)}; its stack:"
+        f"  {_where(m)}, worker {w.thread_name}: in the stage function for {held:.1f} s, "
+        f"on a batch starting with item {item_repr(w.current_item)}; its stack:"
     )
 
 

@@ -537,6 +537,11 @@ def test_an_item_that_kills_its_worker_is_recorded_after_retries_plus_one_attemp
     [failure] = result.failures
     assert (failure.stage, failure.item, failure.attempts) == ("fragile", BAD, retries + 1)
     assert isinstance(failure.error, cv.WorkerCrashed)
+    # The calls the stage counts agree with the attempts: it once counted the
+    # batch that died as a retry (retried 1 with retries=0).
+    [stats] = result.stats
+    assert (stats.items_in, stats.items_out, stats.failed) == (20, 19, 1)
+    assert stats.retried == retries
 
 
 class SourceBroke(Exception):

@@ -24,6 +24,7 @@ import click
 from .. import loading
 from ..cliparams import ENTRY_ID, NAME, REDIS_URL, SECONDS, JsonCommand
 from ..errors import BackendError, BackendUnavailable, ConfigurationError
+from ..stage import error_message
 
 __all__ = [
     "COMMANDS",
@@ -243,7 +244,7 @@ def exit_failed(what: str, exc: BaseException) -> NoReturn:
     print_exception(exc)
     # One line: a message of several (a DeadLettersError holds a worker's traceback)
     # has been shown whole with the traceback just above.
-    first, more, _ = str(exc).partition("\n")
+    first, more, _ = error_message(exc).partition("\n")
     line = f"{first} (more above)" if more else first
     click.echo(f"conveyor: {what} failed: {type(exc).__name__}: {line}", err=True)
     sys.exit(EXIT_PIPELINE_ERROR)

@@ -36,7 +36,6 @@ import selectors
 import sys
 import threading
 import weakref
-from collections.abc import Callable
 from time import monotonic, perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -201,7 +200,7 @@ async def _run_worker(sr: StageRun, worker: int) -> None:
     """A worker task: the per-worker hooks around the worker loop."""
     stage, control = sr.stage, sr.control
     try:
-        state = await _call_hook(stage.on_start) if stage.on_start is not None else None
+        state = await _call_hook(sr, worker, "on_start") if stage.on_start is not None else None
     except BaseException as exc:
         sr.ports[worker].close()
         if cancels_this_task(exc):
@@ -214,7 +213,7 @@ async def _run_worker(sr: StageRun, worker: int) -> None:
     finally:
         if stage.on_stop is not None:
             try:
-                await _call_hook(stage.on_stop, state)
+                await _call_hook(sr, worker, "on_stop", state)
             except BaseException as exc:
                 if cancels_this_task(exc):
                     raise
@@ -222,12 +221,14 @@ async def _run_worker(sr: StageRun, worker: int) -> None:
                 control.fail(add_note(exc, f"conveyor: on_stop of stage {stage.label} failed"))
 
 
-async def _call_hook(hook: Callable[..., Any], *args: Any) -> Any:
-    """Call a plain or coroutine function; return its (awaited) result."""
-    result = hook(*args)
-    if inspect.isawaitable(result):
-        result = await result
-    return result
+async def _call_hook(sr: StageRun, worker: int, name: str, *args: Any) -> Any:
+    """Call the stage's hook ``name`` (a plain or coroutine function); return its
+    (awaited) result. Stall reports see the worker inside it meanwhile."""
+    with sr.metrics.in_hook(name, sr.thread_name(worker)):
+        result = getattr(sr.stage, name)(*args)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
 
 
 async def _worker_loop(sr: StageRun, worker: int) -> None:

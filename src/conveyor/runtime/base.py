@@ -169,6 +169,7 @@ def worker_loop(
     execute: Callable[[list[Any]], BatchOutcome],
     target: float = TARGET_BATCH_SECONDS,
     direct: bool = False,
+    group: int | None = None,
 ) -> None:
     """Take batches from the worker's port, execute them, deliver outcomes; until input ends.
 
@@ -178,11 +179,12 @@ def worker_loop(
     round trip to a worker process) asks for longer batches. ``direct``: the
     worker may call the stage function itself, as ``execute`` would (a thread
     worker without a per-item timeout nor recycling): while batches are of
-    one item and the port allows it, `_single_items` runs them.
+    one item and the port allows it, `_single_items` runs them. ``group``: the
+    worker this loop is a lane of, when a worker has several (process workers).
     """
     stage, control = sr.stage, sr.control
     port = sr.ports[worker]
-    counters: WorkerCounters = sr.metrics.new_worker()
+    counters: WorkerCounters = sr.metrics.new_worker(group)
     size, limit = 1, sr.max_batch
     target = sr.target(target)
     ends = port.direct() if direct else None

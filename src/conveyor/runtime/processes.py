@@ -858,7 +858,7 @@ class _Worker:
                     control.fail(exc)
                     sr.ports[handle].close()
                     return
-            worker_loop(sr, handle, self.execute, BATCH_SECONDS)
+            worker_loop(sr, handle, self.execute, BATCH_SECONDS, group=self.index)
         finally:
             with self._child_lock:
                 self._running -= 1
@@ -880,7 +880,8 @@ class _Worker:
         """Ask the child to run on_stop and exit; on_stop's error fails the run."""
         try:
             child.conn.send_bytes(_STOP_MESSAGE)
-            message = self._read(child)
+            with self.sr.metrics.in_hook("on_stop"):
+                message = self._read(child)
         except (OSError, ShutDown):
             return
         if message is not None and message[0] == _STOPPED and message[1] is not None:
@@ -930,7 +931,8 @@ class _Worker:
         child = _Child(process, ours, runtime.abort_reader)
         runtime.adopt(child)  # raises ShutDown (after terminating it) if the run was aborted
         try:
-            message = self._read(child)
+            with self.sr.metrics.in_hook("on_start"):  # and the stage's unpickling, there
+                message = self._read(child)
         except ShutDown:
             runtime.forget(child, 0.0)
             raise
@@ -1131,8 +1133,7 @@ class _Worker:
             if end - start == 1:
                 job.charged[start] = job.charged.get(start, 0) + 1
         if end - start > 1:  # which one did it? Send them again one by one.
-            job.isolate_until = end
-            job.outcome.retried += 1
+            job.isolate_until = end  # no retry: a call in the batch that died is not counted
             return True
         charged = job.charged[start]
         delay = retry_delay(stage, charged)

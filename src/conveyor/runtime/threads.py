@@ -152,7 +152,11 @@ class _Hooks:
         """Run on_start; False (the run failed) if it raised."""
         stage = self.sr.stage
         try:
-            self.state = stage.on_start() if stage.on_start is not None else None
+            if stage.on_start is not None:
+                with self.sr.metrics.in_hook("on_start"):
+                    self.state = stage.on_start()
+            else:
+                self.state = None
         except BaseException as exc:
             self.sr.control.fail(add_note(exc, f"conveyor: on_start of stage {stage.label} failed"))
             return False
@@ -174,7 +178,8 @@ class _Hooks:
         ok = True
         if stage.on_stop is not None:
             try:
-                stage.on_stop(self.state)
+                with self.sr.metrics.in_hook("on_stop"):
+                    stage.on_stop(self.state)
             except BaseException as exc:
                 self.sr.control.fail(
                     add_note(exc, f"conveyor: on_stop of stage {stage.label} failed")

@@ -157,6 +157,7 @@ class WorkerCounters:
         "latency",
         "native_id",
         "retried",
+        "task",
         "thread_id",
         "thread_name",
         "wait_in",
@@ -181,6 +182,9 @@ class WorkerCounters:
         thread = threading.current_thread()
         self.thread_id = thread.ident
         self.thread_name = thread.name
+        # An async worker's task (they share one thread): its coroutine's stack is
+        # what a stall report shows, under the task's name.
+        self.task: Any = None
         self.native_id = threading.get_native_id()
         # CPU time of the worker's thread, recorded when the worker ends.
         self.cpu_seconds: float | None = None

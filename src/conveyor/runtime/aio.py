@@ -236,6 +236,7 @@ async def _worker_loop(sr: StageRun, worker: int) -> None:
     stage, control = sr.stage, sr.control
     port = sr.ports[worker]
     counters = sr.metrics.new_worker()
+    counters.task, counters.thread_name = asyncio.current_task(), sr.thread_name(worker)
     size, limit, track = 1, sr.max_batch, sr.tracks
     target = sr.target(TARGET_BATCH_SECONDS)
     # With a timeout, a call goes through asyncio.wait_for (`aapply_one`).

@@ -515,7 +515,7 @@ def test_a_stall_in_on_start_names_the_stage_the_hook_and_its_stack(
         text
     )
     assert "; its stack:" in text
-    if runtime == "thread":
+    if runtime != "process":  # a process's hook runs in the child, out of sight
         assert "in connect" in text  # the hook's own frame
 
 

@@ -371,6 +371,8 @@ class HookCall:
     """The thread that makes the call, or waits for it (a process stage's)."""
     worker: str
     """The worker's name, as its thread or task is named."""
+    task: Any = None
+    """An async worker's task (whose awaits a stall report shows), else None."""
 
 
 class StageMetrics:
@@ -392,17 +394,19 @@ class StageMetrics:
         self.hook_calls: dict[object, HookCall] = {}
 
     @contextmanager
-    def in_hook(self, hook: str, worker: str | None = None) -> Iterator[None]:
+    def in_hook(self, hook: str, worker: str | None = None, task: Any = None) -> Iterator[None]:
         """Record that the calling worker is inside ``hook`` until the block ends.
 
         Args:
             hook: ``"on_start"`` or ``"on_stop"``.
             worker: the worker's name; by default the current thread's (an
                 async worker passes its task's).
+            task: an async worker's task.
         """
         thread = threading.current_thread()
         key = object()
-        self.hook_calls[key] = HookCall(hook, perf_counter(), thread.ident, worker or thread.name)
+        call = HookCall(hook, perf_counter(), thread.ident, worker or thread.name, task)
+        self.hook_calls[key] = call
         try:
             yield
         finally:

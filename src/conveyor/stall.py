@@ -96,18 +96,14 @@ class StallDetector:
                     continue
                 holders += 1
                 lines.append(_holder_line(m, w, now))
-                awaiting = _awaiting_frames(w.task) if w.task is not None else None
-                if awaiting is not None:
-                    lines.extend(_format_frames(awaiting))
-                else:  # a thread's, or a coroutine that blocks its loop's thread now
-                    lines.extend(_stack_lines(frames.get(w.thread_id or -1)))
+                lines.extend(_worker_stack(frames, w.thread_id, w.task))
             for call in list(m.hook_calls.values()):
                 holders += 1
                 lines.append(
                     f"  {_where(m)}, worker {call.worker}: in {call.hook} for "
                     f"{now - call.since:.1f} s; its stack:"
                 )
-                lines.extend(_stack_lines(frames.get(call.thread_id or -1)))
+                lines.extend(_worker_stack(frames, call.thread_id, call.task))
         if not holders:
             lines.append("  no worker is inside a stage function")
             feeder = getattr(run, "_feeder", None)
@@ -149,6 +145,17 @@ def _stack_lines(frame: FrameType | None) -> list[str]:
         del entries[0]  # the thread's bootstrap: the same for every worker
     formatted = traceback.format_list(entries[-_STACK_FRAMES:])
     return ["    " + line for entry in formatted for line in entry.rstrip().splitlines()]
+
+
+def _worker_stack(
+    frames: dict[int, FrameType], thread_id: int | None, task: asyncio.Task[Any] | None
+) -> list[str]:
+    """A worker's stack: its thread's, or where its coroutine awaits (an async worker)."""
+    awaiting = _awaiting_frames(task) if task is not None else None
+    if awaiting is not None:
+        return _format_frames(awaiting)
+    # A thread worker, or a coroutine that holds its loop's thread now.
+    return _stack_lines(frames.get(thread_id or -1))
 
 
 def _awaiting_frames(task: asyncio.Task[Any]) -> list[FrameType] | None:

@@ -224,7 +224,7 @@ async def _run_worker(sr: StageRun, worker: int) -> None:
 async def _call_hook(sr: StageRun, worker: int, name: str, *args: Any) -> Any:
     """Call the stage's hook ``name`` (a plain or coroutine function); return its
     (awaited) result. Stall reports see the worker inside it meanwhile."""
-    with sr.metrics.in_hook(name, sr.thread_name(worker)):
+    with sr.metrics.in_hook(name, sr.thread_name(worker), asyncio.current_task()):
         result = getattr(sr.stage, name)(*args)
         if inspect.isawaitable(result):
             result = await result

@@ -19,7 +19,6 @@ has doubled in length, until something moves.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import threading
@@ -32,6 +31,8 @@ from .metrics import StageMetrics, WorkerCounters
 from .stage import item_repr
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .engine import Run
 
 __all__ = ["StallDetector"]

@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_PIPELINE_ERROR, EXIT_USAGE, INTERRUPT_GRACE
+from conveyor.cli import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PIPELINE_ERROR,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    INTERRUPT_GRACE,
+)
 from test_pipeline_helpers import WAIT
 from test_progress import run_in_pty
 
@@ -468,6 +475,27 @@ def test_sigint_with_json_still_prints_a_json_document_naming_the_interruption(
     if target == "pipes:endless":  # stopped in time: what the run did comes with it
         assert [s["name"] for s in data["stages"]] == ["work"]
         assert data["stopped"] is True
+
+
+@pytest.mark.parametrize("target", ["pipes:endless", "pipes:stuck"])
+def test_sigterm_stops_the_run_writes_its_report_and_json_and_exits_143(
+    project: Path, target: str, tmp_path: Path
+) -> None:
+    """Regression: SIGTERM (`docker stop`, `kill`) ended `conveyor run` at once: no
+    report, no JSON on stdout, whatever the docs promise for "whatever ends it"."""
+    report = tmp_path / "run.html"
+    proc = start_and_wait_until_running(target, project, "--json", "--report", str(report))
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=WAIT)
+    assert time.monotonic() - sent < INTERRUPT_GRACE + 1.0
+    assert proc.returncode == EXIT_TERMINATED, err
+    assert b"conveyor: terminated (SIGTERM), stopping the run" in err
+    error = json.loads(out)["error"]
+    assert (error["type"], error["exit_code"]) == ("SIGTERM", EXIT_TERMINATED)
+    if target == "pipes:endless":  # stopped in time: its report and what it did
+        assert report.exists()
+        assert json.loads(out)["stopped"] is True
 
 
 def test_ctrl_c_before_the_run_is_attached_still_stops_it() -> None:

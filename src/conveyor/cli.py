@@ -28,6 +28,7 @@ import click
 
 from .cliparams import (
     EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
     JSON_PARTIAL,
     NAME,
     REDIS_URL,
@@ -63,6 +64,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_PIPELINE_ERROR",
     "EXIT_REDIS_UNREACHABLE",
+    "EXIT_TERMINATED",
     "EXIT_USAGE",
     "PipelineCodeError",
     "apply_overrides",
@@ -76,6 +78,7 @@ EXIT_OK = 0  # the run finished (items given up on with on_error="skip" are in t
 # or a worker's hook (on_start, on_stop) raised
 EXIT_USAGE = 2  # bad command line: unknown option, bad MODULE:ATTR, bad override (click's code)
 # EXIT_INTERRUPTED = 130: Ctrl-C (SIGINT): 128 + signal 2, what shells report for it
+# EXIT_TERMINATED = 143: SIGTERM (docker stop, kill): 128 + signal 15, handled as Ctrl-C is
 # EXIT_REDIS_UNREACHABLE = 3: Redis could not be reached, or was lost, for --connect-timeout
 
 INTERRUPT_GRACE = 1.0
@@ -168,6 +171,7 @@ Exit codes:
   3    Redis could not be reached, or was lost, for --connect-timeout
        (one line naming the URL and the cause; --debug adds the traceback)
   130  interrupted (Ctrl-C)
+  143  terminated (SIGTERM)
 """
 
 
@@ -324,11 +328,11 @@ def run_command(
                         handle.result_so_far().as_dict()
                     )
                 if ctrl_c.interrupted.is_set():
-                    sys.exit(EXIT_INTERRUPTED)
+                    sys.exit(ctrl_c.exit_code)
                 _exit_run_failed(exc)
         if ctrl_c.interrupted.is_set():  # the run stopped: what it did goes with the JSON
             click.get_current_context().meta[JSON_PARTIAL] = result.as_dict()
-            sys.exit(EXIT_INTERRUPTED)
+            sys.exit(ctrl_c.exit_code)
     except KeyboardInterrupt:  # before the run started
         click.echo("conveyor: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
@@ -463,19 +467,25 @@ def _wait_for(handle: RunHandle) -> RunResult:
 
 
 class _CtrlC:
-    """What Ctrl-C does while `conveyor run` runs: stop the run, exit 130.
+    """What Ctrl-C (or SIGTERM) does while `conveyor run` runs: stop the run, exit
+    130 (143).
 
     A worker stuck in user code cannot be interrupted: if the run has not
-    ended within ``grace`` seconds, or at a second Ctrl-C, the process exits
+    ended within ``grace`` seconds, or at a second signal, the process exits
     at once (its worker threads are daemons that cannot be joined).
     """
 
     def __init__(self, grace: float, as_json: bool = False) -> None:
         self.interrupted = threading.Event()
         self.as_json = as_json
-        self.deadline = threading.Timer(grace, _exit_interrupted, (as_json,))
+        self.exit_code = EXIT_INTERRUPTED
+        """What the command exits with: that of the first signal received."""
+        self.deadline = threading.Timer(grace, self._exit_now)
         self.deadline.daemon = True
         self._handle: RunHandle | None = None
+
+    def _exit_now(self) -> NoReturn:
+        _exit_interrupted(self.as_json, self.exit_code)
 
     def attach(self, handle: RunHandle) -> None:
         """The run to stop, once started; stopped at once if Ctrl-C came first."""
@@ -485,9 +495,12 @@ class _CtrlC:
 
     def on_sigint(self, signum: int, frame: FrameType | None) -> None:
         if self.interrupted.is_set():
-            _exit_interrupted(self.as_json)
+            self._exit_now()
+        terminated = signum == signal.SIGTERM
+        self.exit_code = EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
         self.interrupted.set()
-        click.echo("conveyor: interrupted, stopping the run", err=True)
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        click.echo(f"conveyor: {what}, stopping the run", err=True)
         self.deadline.start()
         if self._handle is not None:
             self._handle.stop()
@@ -495,27 +508,33 @@ class _CtrlC:
 
 @contextlib.contextmanager
 def _ctrl_c_stops(grace: float = INTERRUPT_GRACE, as_json: bool = False) -> Iterator[_CtrlC]:
-    """While inside, Ctrl-C stops the attached run instead of raising KeyboardInterrupt."""
+    """While inside, Ctrl-C (or SIGTERM) stops the attached run instead of raising
+    KeyboardInterrupt (or ending the process at once)."""
     ctrl_c = _CtrlC(grace, as_json)
     if threading.current_thread() is not threading.main_thread():
         yield ctrl_c  # signal handlers can only be set from the main thread
         return
-    previous = signal.signal(signal.SIGINT, ctrl_c.on_sigint)
+    previous = {sig: signal.signal(sig, ctrl_c.on_sigint) for sig in _STOPPING_SIGNALS}
     try:
         yield ctrl_c
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         ctrl_c.deadline.cancel()
 
 
-def _exit_interrupted(as_json: bool = False) -> NoReturn:
-    """Leave now with `EXIT_INTERRUPTED`, without waiting for stuck worker threads
-    (with ``--json``, after the error document: stdout always gets one)."""
+_STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _exit_interrupted(as_json: bool = False, code: int = EXIT_INTERRUPTED) -> NoReturn:
+    """Leave now with ``code`` (`EXIT_INTERRUPTED`, `EXIT_TERMINATED`), without waiting
+    for stuck worker threads (with ``--json``, after the error document: stdout always
+    gets one)."""
     if as_json:
-        echo_error_document(KeyboardInterrupt(), {})
+        echo_error_document(SystemExit(code), {})
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(EXIT_INTERRUPTED)
+    os._exit(code)
 
 
 def _add_redis_commands() -> None:

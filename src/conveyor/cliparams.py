@@ -23,6 +23,7 @@ from .validate import NAME_ACCEPTED, name_problem
 __all__ = [
     "ENTRY_ID",
     "EXIT_INTERRUPTED",
+    "EXIT_TERMINATED",
     "JSON_PARTIAL",
     "NAME",
     "REDIS_URL",
@@ -117,6 +118,7 @@ JSON_PARTIAL = "conveyor.json_partial"
 knows so far (a failed run's statistics, as a dict): its error document adds to it."""
 
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): 128 + signal 2, what shells report for it
+EXIT_TERMINATED = 143  # SIGTERM (docker stop, kill): 128 + signal 15
 
 
 class JsonCommand(click.Command):
@@ -183,6 +185,8 @@ def _described(exc: BaseException) -> dict[str, Any]:
     code = _exit_code(exc)
     if code == EXIT_INTERRUPTED:
         return {"type": "KeyboardInterrupt", "message": "interrupted (Ctrl-C)", "notes": []}
+    if code == EXIT_TERMINATED:
+        return {"type": "SIGTERM", "message": "terminated (SIGTERM)", "notes": []}
     if isinstance(exc, SystemExit) and exc.__context__ is not None:
         return _plain(exc.__context__, error_message(exc.__context__))  # sys.exit() in an except
     if isinstance(exc, click.ClickException):

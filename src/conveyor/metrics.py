@@ -157,6 +157,7 @@ class WorkerCounters:
         "latency",
         "native_id",
         "retried",
+        "task",
         "thread_id",
         "thread_name",
         "wait_in",
@@ -181,6 +182,9 @@ class WorkerCounters:
         thread = threading.current_thread()
         self.thread_id = thread.ident
         self.thread_name = thread.name
+        # An async worker's task (they share one thread): its coroutine's stack is
+        # what a stall report shows, under the task's name.
+        self.task: Any = None
         self.native_id = threading.get_native_id()
         # CPU time of the worker's thread, recorded when the worker ends.
         self.cpu_seconds: float | None = None
@@ -367,6 +371,8 @@ class HookCall:
     """The thread that makes the call, or waits for it (a process stage's)."""
     worker: str
     """The worker's name, as its thread or task is named."""
+    task: Any = None
+    """An async worker's task (whose awaits a stall report shows), else None."""
 
 
 class StageMetrics:
@@ -388,17 +394,19 @@ class StageMetrics:
         self.hook_calls: dict[object, HookCall] = {}
 
     @contextmanager
-    def in_hook(self, hook: str, worker: str | None = None) -> Iterator[None]:
+    def in_hook(self, hook: str, worker: str | None = None, task: Any = None) -> Iterator[None]:
         """Record that the calling worker is inside ``hook`` until the block ends.
 
         Args:
             hook: ``"on_start"`` or ``"on_stop"``.
             worker: the worker's name; by default the current thread's (an
                 async worker passes its task's).
+            task: an async worker's task.
         """
         thread = threading.current_thread()
         key = object()
-        self.hook_calls[key] = HookCall(hook, perf_counter(), thread.ident, worker or thread.name)
+        call = HookCall(hook, perf_counter(), thread.ident, worker or thread.name, task)
+        self.hook_calls[key] = call
         try:
             yield
         finally:

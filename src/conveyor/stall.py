@@ -9,7 +9,9 @@ inside its stage's ``on_start`` or ``on_stop``, with its stack; and the fill
 of every channel, so a full queue in front of a stuck stage is visible.
 
 For a process stage the stack is that of the parent thread which waits for
-the child process (the child's own stack is not reachable from here).
+the child process (the child's own stack is not reachable from here). For an
+async worker it is where its coroutine awaits, unless the coroutine holds
+the event loop's thread (then that thread's stack shows the blocking call).
 
 It reports once when the timeout is crossed, then again each time the stall
 has doubled in length, until something moves.
@@ -23,12 +25,14 @@ import threading
 import traceback
 from time import perf_counter
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .metrics import StageMetrics, WorkerCounters
 from .stage import item_repr
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .engine import Run
 
 __all__ = ["StallDetector"]
@@ -36,6 +40,7 @@ __all__ = ["StallDetector"]
 log = logging.getLogger("conveyor")
 
 _STACK_FRAMES = 12  # innermost frames shown per worker: the user's code and what called it
+_MAX_AWAITS = 200  # a bound on following an async worker's chain of awaits
 
 
 class StallDetector:
@@ -92,14 +97,14 @@ class StallDetector:
                     continue
                 holders += 1
                 lines.append(_holder_line(m, w, now))
-                lines.extend(_stack_lines(frames.get(w.thread_id or -1)))
+                lines.extend(_worker_stack(frames, w.thread_id, w.task))
             for call in list(m.hook_calls.values()):
                 holders += 1
                 lines.append(
                     f"  {_where(m)}, worker {call.worker}: in {call.hook} for "
                     f"{now - call.since:.1f} s; its stack:"
                 )
-                lines.extend(_stack_lines(frames.get(call.thread_id or -1)))
+                lines.extend(_worker_stack(frames, call.thread_id, call.task))
         if not holders:
             lines.append("  no worker is inside a stage function")
             feeder = getattr(run, "_feeder", None)
@@ -141,6 +146,42 @@ def _stack_lines(frame: FrameType | None) -> list[str]:
         del entries[0]  # the thread's bootstrap: the same for every worker
     formatted = traceback.format_list(entries[-_STACK_FRAMES:])
     return ["    " + line for entry in formatted for line in entry.rstrip().splitlines()]
+
+
+def _worker_stack(
+    frames: dict[int, FrameType], thread_id: int | None, task: asyncio.Task[Any] | None
+) -> list[str]:
+    """A worker's stack: its thread's, or where its coroutine awaits (an async worker)."""
+    awaiting = _awaiting_frames(task) if task is not None else None
+    if awaiting is not None:
+        return _format_frames(awaiting)
+    # A thread worker, or a coroutine that holds its loop's thread now.
+    return _stack_lines(frames.get(thread_id or -1))
+
+
+def _awaiting_frames(task: asyncio.Task[Any]) -> list[FrameType] | None:
+    """Where an async worker's coroutine awaits; None while it runs (then it holds
+    its loop's thread, whose stack shows where).
+
+    `asyncio.Task.get_stack` gives only the task's own coroutine frame: the
+    chain of awaits below it is followed here, down to the awaited future.
+    """
+    frames: list[FrameType] = []
+    awaiting: Any = task.get_coro()
+    while awaiting is not None and len(frames) < _MAX_AWAITS:
+        if getattr(awaiting, "cr_running", False) or getattr(awaiting, "gi_running", False):
+            return None
+        frame = getattr(awaiting, "cr_frame", None) or getattr(awaiting, "gi_frame", None)
+        if frame is None:  # a future, or a coroutine that has just ended
+            break
+        frames.append(frame)
+        awaiting = getattr(awaiting, "cr_await", None) or getattr(awaiting, "gi_yieldfrom", None)
+    return frames or None
+
+
+def _format_frames(frames: list[FrameType]) -> list[str]:
+    entries = traceback.StackSummary.extract((f, f.f_lineno) for f in frames[-_STACK_FRAMES:])
+    return ["    " + line for entry in entries.format() for line in entry.rstrip().splitlines()]
 
 
 def _queue_state(m: StageMetrics) -> str:

@@ -224,7 +224,7 @@ async def _run_worker(sr: StageRun, worker: int) -> None:
 async def _call_hook(sr: StageRun, worker: int, name: str, *args: Any) -> Any:
     """Call the stage's hook ``name`` (a plain or coroutine function); return its
     (awaited) result. Stall reports see the worker inside it meanwhile."""
-    with sr.metrics.in_hook(name, sr.thread_name(worker)):
+    with sr.metrics.in_hook(name, sr.thread_name(worker), asyncio.current_task()):
         result = getattr(sr.stage, name)(*args)
         if inspect.isawaitable(result):
             result = await result
@@ -236,6 +236,7 @@ async def _worker_loop(sr: StageRun, worker: int) -> None:
     stage, control = sr.stage, sr.control
     port = sr.ports[worker]
     counters = sr.metrics.new_worker()
+    counters.task, counters.thread_name = asyncio.current_task(), sr.thread_name(worker)
     size, limit, track = 1, sr.max_batch, sr.tracks
     target = sr.target(TARGET_BATCH_SECONDS)
     # With a timeout, a call goes through asyncio.wait_for (`aapply_one`).

@@ -52,6 +52,7 @@ from .metrics import RunResult, StageMetrics, StageReading, StageStats, Timeline
 from .policy import add_note, cancels_this_task
 from .runtime.base import (
     MAX_BATCH,
+    STOP_GRACE,
     TARGET_BATCH_SECONDS,
     RunControl,
     Runtimes,
@@ -69,8 +70,10 @@ __all__ = ["ABORT_WAIT", "JOIN_TIMEOUT", "AsyncOutputs", "Run", "wait_interrupti
 
 log = logging.getLogger("conveyor")
 
-JOIN_TIMEOUT = 5.0
-"""How long the end of a run waits for its workers before naming the stuck ones."""
+JOIN_TIMEOUT = STOP_GRACE + 1.0
+"""How long the end of a run waits for its workers before naming the stuck ones: longer
+than a worker's last ``on_stop`` may take (`STOP_GRACE`), so that a worker process whose
+``on_stop`` overran is killed (and said so) rather than named as stuck."""
 ABORT_WAIT = 0.5
 """How long an aborted run (an error, ``stop()``, Ctrl-C, a cancelled ``arun``) waits for
 its workers before leaving those stuck in user code behind: well inside the one second

@@ -19,7 +19,8 @@ from typing import Any
 from ..errors import ShutDown
 from ..policy import BatchOutcome, add_note, apply_one, process_batch, timeout_error
 from ..stage import Stage, set_worker_state
-from .base import Runtime, StageRun, batch_loop, worker_loop
+from . import base
+from .base import Runtime, StageRun, batch_loop, warn_stop_overran, worker_loop
 
 __all__ = ["RUNTIME", "ThreadRuntime", "TimedCaller"]
 
@@ -131,11 +132,18 @@ class _Hooks:
     """A worker's ``on_start``/``on_stop`` around its items, and its recycling.
 
     With ``max_items_per_worker``, the worker starts afresh after that many
-    items, as a process worker is replaced: ``on_stop`` runs with the old
-    state at once, ``on_start`` makes a new one (and a new helper thread, with
-    a ``timeout``) when the next batch comes, so that the last items leave no
-    life that takes none. The worker loop takes at most the items left before
-    then (``BatchOutcome.size_limit``), so a batch never straddles two lives.
+    items, as a process worker is replaced: once the batch that used the
+    quota up is handed on (`retire`), ``on_stop`` runs with the old state,
+    ``on_start`` makes a new one (and a new helper thread, with a ``timeout``)
+    when the next batch comes, so that the last items leave no life that
+    takes none. The worker loop takes at most the items left before then
+    (``BatchOutcome.size_limit``), so a batch never straddles two lives.
+
+    An ``on_stop`` that has not returned within `base.STOP_GRACE` seconds
+    does not hold the worker up: a thread cannot be killed, so a fresh thread
+    (of the same name) takes the worker's port over and goes on, and the
+    stuck one is left to finish on its own, named in a warning, and by the
+    end of the run if it is still there.
     """
 
     def __init__(self, sr: StageRun, worker: int) -> None:
@@ -145,6 +153,7 @@ class _Hooks:
         self.state: Any = None
         self.timed: TimedCaller | None = None
         self.live = False  # on_start ran and on_stop has not: on_stop is owed
+        self.spent = False  # the quota is used up: the life ends after this batch's hand-off
         self.sleep = sr.control.sleep  # looked up once, not per batch
         self.track = sr.tracks  # the ports are open before any worker starts
 
@@ -199,23 +208,64 @@ class _Hooks:
             self.left -= len(batch)
             if self.left <= 0:
                 self.left = self.quota
-                if not self.stop():
-                    raise ShutDown  # the run failed in on_stop: this worker ends
+                self.spent = True
             outcome.size_limit = self.left
         return outcome
 
+    def retire(self) -> bool:
+        """After a hand-off: end the worker's life if its quota is used up. True when this
+        thread goes on; False when on_stop overran and a fresh thread took the port over.
 
-def _run_worker(sr: StageRun, worker: int) -> None:
-    """A worker thread: the per-worker hooks around the shared worker loop."""
+        Raises:
+            ShutDown: on_stop raised (the run failed): this worker ends.
+        """
+        if not self.spent:
+            return True
+        self.spent = False
+        sr, worker = self.sr, self.worker
+        handed = threading.Lock()  # whoever takes it first decides: go on here, or hand over
+
+        def hand_over() -> None:
+            if handed.acquire(blocking=False):
+                name = sr.thread_name(worker)
+                warn_stop_overran(
+                    sr.stage, f"worker thread {name}", "is left behind; a fresh thread goes on"
+                )
+                sr.start_thread(worker, partial(_run_worker, sr, worker, False))
+
+        timer = None
+        if sr.stage.on_stop is not None:  # only user code can overrun
+            timer = threading.Timer(base.STOP_GRACE, hand_over)
+            timer.daemon = True
+            timer.start()
+        try:
+            ok = self.stop()
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if not handed.acquire(blocking=False):
+            return False  # the port is the fresh thread's now
+        if not ok:
+            raise ShutDown  # the run failed in on_stop: this worker ends
+        return True
+
+
+def _run_worker(sr: StageRun, worker: int, first: bool = True) -> None:
+    """A worker thread: the per-worker hooks around the shared worker loop.
+
+    ``first``: False for a thread taking over the port of a worker whose
+    on_stop overran (`_Hooks.retire`); its on_start waits for its first batch.
+    """
     hooks = _Hooks(sr, worker)
-    if not hooks.start():
+    if first and not hooks.start():
         sr.ports[worker].close()
         return
     try:
         # Without a timeout or recycling, execute() is the policy alone: the
         # worker may run single items itself.
         direct = sr.stage.timeout is None and hooks.quota is None
-        worker_loop(sr, worker, hooks.execute, direct=direct)
+        retire = None if hooks.quota is None else hooks.retire
+        worker_loop(sr, worker, hooks.execute, direct=direct, retire=retire)
     finally:
         hooks.stop()
 

@@ -431,8 +431,9 @@ class Run:
         # Wakes the feeder if it waits for room; it pulls nothing more.
         self.channels[0].close()
 
-    def join(self, timeout: float = JOIN_TIMEOUT) -> None:
-        """Wait for the feeder and every worker; log the ones stuck in user code.
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the feeder and every worker (``timeout`` s, default `JOIN_TIMEOUT`);
+        log the ones stuck in user code.
 
         An aborted run waits ``abort_wait`` seconds at most: its channels are
         shut, so only a thread inside user code can still be running, and it
@@ -440,6 +441,8 @@ class Run:
         """
         if self._joined:
             return
+        if timeout is None:
+            timeout = JOIN_TIMEOUT
         if self.control.stopped.is_set():
             timeout = min(timeout, self.abort_wait)
         deadline = perf_counter() + timeout
@@ -455,7 +458,7 @@ class Run:
         self._joined = True
         _live_runs.discard(self)
 
-    async def ajoin(self, timeout: float = JOIN_TIMEOUT) -> None:
+    async def ajoin(self, timeout: float | None = None) -> None:
         """`join` from the caller's event loop, which keeps running meanwhile.
 
         The feeder task is awaited on the loop; the threads and the worker
@@ -464,6 +467,8 @@ class Run:
         """
         if self._joined:
             return
+        if timeout is None:
+            timeout = JOIN_TIMEOUT
         if self.control.stopped.is_set():
             timeout = min(timeout, self.abort_wait)
         import asyncio

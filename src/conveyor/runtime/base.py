@@ -133,6 +133,12 @@ class StageRun:
         """One per worker (or lane), opened by the runtime with `open_ports`."""
         self.max_batch = max(1, min(MAX_BATCH, io.capacity // 2 or MAX_BATCH))
         self.threads: list[threading.Thread] = []
+        self.given_up: list[threading.Thread] = []
+        """Worker threads replaced while stuck in user code (an ``on_stop`` past
+        `STOP_GRACE`): a join names them, without waiting for them again."""
+        self.released: dict[threading.Thread, threading.Event] = {}
+        """Set when a worker thread ends or is given up: what a join of a thread that
+        may be given up meanwhile waits for (its ``join()`` would wait on)."""
 
     def open_ports(self, count: int) -> list[Port]:
         """Open the stage's ports, once, before its first worker starts."""

@@ -6,7 +6,9 @@ thread the worker waits on, because a Python thread cannot be interrupted:
 when an item times out, the stage's error policy gets a `TimeoutError` and
 the helper thread is abandoned to finish (or hang) on its own. It is a
 daemon thread named ``conveyor-<stage>-<n>-timed``, so it never blocks the
-interpreter's exit; it is the only thread conveyor may leave behind.
+interpreter's exit. Likewise a worker recycled by ``max_items_per_worker``
+whose ``on_stop`` overruns `base.STOP_GRACE` is left to finish it (see
+`_Hooks`): these are the only threads conveyor may leave behind.
 """
 
 from __future__ import annotations
@@ -117,7 +119,24 @@ class ThreadRuntime(Runtime):
             sr.start_thread(worker, partial(_run_worker, sr, worker))
 
     def join(self, timeout: float) -> list[str]:
-        return join_threads([t for sr in self._runs for t in sr.threads], timeout)
+        deadline = monotonic() + timeout
+        for sr in self._runs:
+            for thread in list(sr.threads):
+                released = sr.released.get(thread)
+                left = max(0.0, deadline - monotonic())
+                if released is None:
+                    thread.join(left)
+                elif released.wait(left):
+                    thread.join(0.1 if thread not in sr.given_up else 0.0)  # it is ending
+        return [
+            t.name
+            for sr in self._runs
+            for t in sr.threads
+            if t.is_alive() and (t in sr.given_up or not sr.released.get(t, _UNSET).is_set())
+        ]
+
+
+_UNSET = threading.Event()  # never set: a thread without a `StageRun.released` event
 
 
 def join_threads(threads: list[threading.Thread], timeout: float) -> list[str]:
@@ -223,13 +242,15 @@ class _Hooks:
             return True
         self.spent = False
         sr, worker = self.sr, self.worker
+        me = threading.current_thread()
         handed = threading.Lock()  # whoever takes it first decides: go on here, or hand over
 
         def hand_over() -> None:
             if handed.acquire(blocking=False):
-                name = sr.thread_name(worker)
+                sr.given_up.append(me)
+                sr.released[me].set()  # a join waiting for it goes on
                 warn_stop_overran(
-                    sr.stage, f"worker thread {name}", "is left behind; a fresh thread goes on"
+                    sr.stage, f"worker thread {me.name}", "is left behind; a fresh thread goes on"
                 )
                 sr.start_thread(worker, partial(_run_worker, sr, worker, False))
 
@@ -256,18 +277,22 @@ def _run_worker(sr: StageRun, worker: int, first: bool = True) -> None:
     ``first``: False for a thread taking over the port of a worker whose
     on_stop overran (`_Hooks.retire`); its on_start waits for its first batch.
     """
-    hooks = _Hooks(sr, worker)
-    if first and not hooks.start():
-        sr.ports[worker].close()
-        return
+    released = sr.released[threading.current_thread()] = threading.Event()
     try:
-        # Without a timeout or recycling, execute() is the policy alone: the
-        # worker may run single items itself.
-        direct = sr.stage.timeout is None and hooks.quota is None
-        retire = None if hooks.quota is None else hooks.retire
-        worker_loop(sr, worker, hooks.execute, direct=direct, retire=retire)
+        hooks = _Hooks(sr, worker)
+        if first and not hooks.start():
+            sr.ports[worker].close()
+            return
+        try:
+            # Without a timeout or recycling, execute() is the policy alone: the
+            # worker may run single items itself.
+            direct = sr.stage.timeout is None and hooks.quota is None
+            retire = None if hooks.quota is None else hooks.retire
+            worker_loop(sr, worker, hooks.execute, direct=direct, retire=retire)
+        finally:
+            hooks.stop()
     finally:
-        hooks.stop()
+        released.set()
 
 
 RUNTIME = ThreadRuntime

@@ -52,6 +52,14 @@ def test_a_stage_stuck_on_a_lock_is_left_behind_on_ctrl_c_and_named(runtime: str
     assert took < BOUND, f"Ctrl-C took {took:.2f} s to return"
     notes = "\n".join(getattr(info.value, "__notes__", []))
     assert "stage 'locked' (map) is stuck in user code: left behind: conveyor-locked-0" in notes
+    # Each leftover is said for what it is: an async worker is a task, whose loop's
+    # thread it blocks.
+    what = {
+        "thread": "conveyor-locked-0 (a daemon thread, which does not keep the interpreter",
+        "async": "conveyor-locked-0 (an asyncio task, which runs on in the event loop's daemon "
+        "thread); conveyor-async-loop (a daemon thread,",
+    }[runtime]
+    assert what in notes, notes
     left = set(threading.enumerate()) - before
     assert left and all(t.daemon for t in left), left
     lock.release()

@@ -1023,8 +1023,11 @@ def test_join_names_the_workers_still_running_and_close_ends_them(
     [pid] = [int(p.name) for p in tmp_path.iterdir()]
     with caplog.at_level("WARNING", logger="conveyor"):
         run.join(timeout=0.3)
-    assert "conveyor-hang-0" in caplog.text
-    assert f"(pid {pid})" in caplog.text
+    # The repro: the killed worker process was listed among "daemon threads", with
+    # the parent's thread waiting for it, which ends with it.
+    left = f"left behind: conveyor-hang-0 (pid {pid}) (a worker process, killed)"
+    assert left in caplog.text, caplog.text
+    assert "daemon thread" not in caplog.text
     wait_until(lambda: gone([pid]), 5)
 
 

@@ -142,6 +142,33 @@ def test_progress_off_a_terminal_logs_a_line_every_interval(lines: LineCatcher) 
     assert lines.messages[-1].endswith("(done)")
 
 
+def test_progress_lines_count_the_failed_and_retried_items_of_the_stages_that_have_some(
+    lines: LineCatcher,
+) -> None:
+    # The repro: 3 of 10 items skipped with on_error="skip" (and retried first), and
+    # the progress lines said "check 10 in, ..." with no word of a failure.
+    tried: dict[int, int] = {}
+
+    def check(x: int) -> int:
+        tried[x] = tried.get(x, 0) + 1
+        if x % 4 == 1:
+            raise ValueError(f"bad item {x}")
+        return x
+
+    pipeline = (
+        cv.Pipeline(range(10))
+        .map(check, retries=1, backoff=cv.Backoff(initial=0.001), on_error="skip")
+        .map(str, name="show")
+    )
+    result = pipeline.run(progress=True)
+    assert len(result.failures) == 3
+    (last,) = [m for m in lines.messages if m.endswith("(done)")]
+    check_part, show_part = last.split(" | ")[:2]
+    # The report's names: `failed` (skipped items too), `retried` (extra calls).
+    assert check_part.startswith("conveyor: ") and "check 10 in, 3 failed, 3 retried, " in last
+    assert "failed" not in show_part and "retried" not in show_part  # only when non-zero
+
+
 class BrokenDisplay:
     """A display whose drawing fails, as a closed terminal would."""
 

@@ -52,6 +52,7 @@ from .metrics import RunResult, StageMetrics, StageReading, StageStats, Timeline
 from .policy import add_note, cancels_this_task
 from .runtime.base import (
     MAX_BATCH,
+    STOP_GRACE,
     TARGET_BATCH_SECONDS,
     RunControl,
     Runtimes,
@@ -69,8 +70,10 @@ __all__ = ["ABORT_WAIT", "JOIN_TIMEOUT", "AsyncOutputs", "Run", "wait_interrupti
 
 log = logging.getLogger("conveyor")
 
-JOIN_TIMEOUT = 5.0
-"""How long the end of a run waits for its workers before naming the stuck ones."""
+JOIN_TIMEOUT = STOP_GRACE + 1.0
+"""How long the end of a run waits for its workers before naming the stuck ones: longer
+than a worker's last ``on_stop`` may take (`STOP_GRACE`), so that a worker process whose
+``on_stop`` overran is killed (and said so) rather than named as stuck."""
 ABORT_WAIT = 0.5
 """How long an aborted run (an error, ``stop()``, Ctrl-C, a cancelled ``arun``) waits for
 its workers before leaving those stuck in user code behind: well inside the one second
@@ -428,8 +431,9 @@ class Run:
         # Wakes the feeder if it waits for room; it pulls nothing more.
         self.channels[0].close()
 
-    def join(self, timeout: float = JOIN_TIMEOUT) -> None:
-        """Wait for the feeder and every worker; log the ones stuck in user code.
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the feeder and every worker (``timeout`` s, default `JOIN_TIMEOUT`);
+        log the ones stuck in user code.
 
         An aborted run waits ``abort_wait`` seconds at most: its channels are
         shut, so only a thread inside user code can still be running, and it
@@ -437,6 +441,8 @@ class Run:
         """
         if self._joined:
             return
+        if timeout is None:
+            timeout = JOIN_TIMEOUT
         if self.control.stopped.is_set():
             timeout = min(timeout, self.abort_wait)
         deadline = perf_counter() + timeout
@@ -452,7 +458,7 @@ class Run:
         self._joined = True
         _live_runs.discard(self)
 
-    async def ajoin(self, timeout: float = JOIN_TIMEOUT) -> None:
+    async def ajoin(self, timeout: float | None = None) -> None:
         """`join` from the caller's event loop, which keeps running meanwhile.
 
         The feeder task is awaited on the loop; the threads and the worker
@@ -461,6 +467,8 @@ class Run:
         """
         if self._joined:
             return
+        if timeout is None:
+            timeout = JOIN_TIMEOUT
         if self.control.stopped.is_set():
             timeout = min(timeout, self.abort_wait)
         import asyncio

@@ -58,6 +58,7 @@ else:  # the default is for type checkers: typing's TypeVar takes it from Python
     OutputT = TypeVar("OutputT")
 
 __all__ = [
+    "COUNTS",
     "LATENCY_BUCKETS",
     "MIN_REPORT_WIDTH",
     "TALLY_SECONDS",
@@ -878,7 +879,10 @@ def _kind(s: StageStats) -> str:
     return s.kind if s.runtime == "thread" else f"{s.kind} ({s.runtime})"
 
 
-_COUNTS = ("filtered", "failed", "retried")  # shown when some stage has one
+COUNTS = ("filtered", "failed", "retried")
+"""The counts a report shows only when some stage has one (progress lines: when non-zero),
+by these names: inputs a filter dropped, given up on (``on_error="skip"``, dead-lettered
+on Redis) or that stopped the run, and extra calls made by retries."""
 
 
 def stage_rows(stats: Sequence[StageStats]) -> tuple[list[str], list[list[str]]]:
@@ -887,7 +891,7 @@ def stage_rows(stats: Sequence[StageStats]) -> tuple[list[str], list[list[str]]]
     The filtered, failed and retried columns appear only when some stage has
     such items, which keeps the usual table within 80 columns.
     """
-    counts = [c for c in _COUNTS if any(getattr(s, c) for s in stats)]
+    counts = [c for c in COUNTS if any(getattr(s, c) for s in stats)]
     headers = ["stage", "kind", "workers", "in", "out", *counts]
     headers += ["busy", "starved", "blocked", "p50", "p99", "items/s"]
     rows = [

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from .metrics import StageStats, Timeline, find_bottleneck, printable
+from .metrics import COUNTS, StageStats, Timeline, find_bottleneck, printable
 from .report import format_seconds
 
 if TYPE_CHECKING:
@@ -222,10 +222,16 @@ class LogDisplay:
     def line(
         stats: Sequence[StageStats], total: int | None, elapsed: float, outcomes: bool = False
     ) -> str:
-        """One line summing up every stage."""
+        """One line summing up every stage: with ``outcomes``, its outputs and failures
+        always; else the failures, like the report's other counts, when there are some."""
         stages = " | ".join(
             f"{s.name} {s.items_in:,} in, "
             + (f"{s.items_out:,} out, {s.failed:,} failed, " if outcomes else "")
+            + "".join(
+                f"{n:,} {name}, "
+                for name in COUNTS
+                if (n := getattr(s, name)) and not (outcomes and name == "failed")
+            )
             + f"{s.rate_now:,.0f}/s, {s.utilisation:.0%} busy, "
             f"queue {s.queue_size}/{s.queue_capacity}"
             for s in stats

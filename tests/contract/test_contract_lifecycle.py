@@ -20,9 +20,12 @@ from typing import Any
 
 import cloudpickle
 import pytest
+from process_events import ProcessEvent
 from runners import REDIS_ONLY, WAIT, Leftovers, Runner, ctrl_c_when
 
 import conveyor as cv
+from conveyor import engine
+from conveyor.runtime import base
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -44,6 +47,58 @@ def two_stages(runner: Runner, source: Any) -> cv.Pipeline[int]:
 
 
 # ---------------------------------------------------------------------- hooks
+
+
+def test_a_recycled_worker_whose_on_stop_hangs_is_given_up_after_a_grace_and_the_run_ends(
+    runner: Runner,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The repro: an on_stop that hangs, on a worker recycled by max_items_per_worker:
+    # the stall report named it, and the run never ended.
+    if runner.runtime == "async":  # no worker to recycle: coroutines are not replaced
+        with pytest.raises(cv.ConfigurationError, match="max_items_per_worker"):
+            cv.Pipeline(range(3)).map(runner.fn(inc), runtime="async", max_items_per_worker=3)
+        return
+    monkeypatch.setattr(base, "STOP_GRACE", 0.2)
+    monkeypatch.setattr(engine, "JOIN_TIMEOUT", 1.0)  # for the threads left in on_stop
+    release = ProcessEvent(tmp_path, "release")
+
+    def close_hangs(state: object) -> None:
+        release.wait(WAIT)  # stands for a connection whose close never returns
+
+    leftovers = Leftovers()
+    pipeline = cv.Pipeline(range(6)).map(
+        runner.fn(inc),
+        runtime=runner.runtime,
+        name="leaky",
+        max_items_per_worker=3,
+        on_stop=close_hangs,
+    )
+    try:
+        with caplog.at_level("WARNING", logger="conveyor"):
+            result = runner.run(pipeline, collect=True)
+        assert sorted(result.outputs) == list(range(1, 7))
+        # Two lives, items 0-2 and 3-5, each ending in on_stop (a worker process's
+        # second at the end of the input; no third thread life starts, having no item).
+        said = "conveyor: on_stop of stage 'leaky' (map) did not return within 0.2 s: "
+        warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith(said)]
+        if runner.runtime == "thread":
+            fate = "worker thread conveyor-leaky-0 is left behind; a fresh thread goes on"
+            assert warnings == [said + fate] * 2, caplog.text
+            stuck = "left behind: conveyor-leaky-0, conveyor-leaky-0 (daemon threads, "
+            assert stuck in caplog.text, caplog.text
+        else:
+            worker = "worker interpreter" if runner.runtime == "interpreter" else "worker process"
+            assert len(warnings) == 2, caplog.text
+            assert all(w.startswith(f"{said}{worker} conveyor-leaky-0 (pid ") for w in warnings)
+            assert "left behind" not in caplog.text  # the workers were killed, not left
+        leftovers.assert_only_daemons_left()
+    finally:
+        release.set()
+        release.close()
+    leftovers.assert_none()
 
 
 def hooks(

@@ -44,6 +44,7 @@ from ..policy import add_note, add_stage_note, aprocess_batch, cancels_this_task
 from ..stage import set_worker_state
 from .base import (
     TARGET_BATCH_SECONDS,
+    Leftover,
     RunControl,
     Runtime,
     SingleItemBooks,
@@ -190,7 +191,7 @@ class AsyncRuntime(Runtime):
 
     def _stuck(self) -> list[str]:
         with self._lock:
-            return sorted(t.get_name() for t in self._tasks)
+            return [Leftover(name, "task") for name in sorted(t.get_name() for t in self._tasks)]
 
 
 # ---------------------------------------------------------------------- the worker

@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_BATCH",
+    "STOP_GRACE",
     "TARGET_BATCH_SECONDS",
+    "Leftover",
     "RunControl",
     "Runtime",
     "Runtimes",
@@ -50,6 +52,7 @@ __all__ = [
     "count_batch",
     "get_runtime",
     "left_behind",
+    "warn_stop_overran",
     "worker_loop",
 ]
 
@@ -58,6 +61,12 @@ TARGET_BATCH_SECONDS = 0.002
 the channel's lock, small enough that slow items spread over all workers."""
 MAX_BATCH = 512
 """Largest batch a worker takes at once."""
+STOP_GRACE = 5.0
+"""Seconds a worker's ``on_stop`` may take when the worker goes on, or is replaced, after
+it (``max_items_per_worker``; a worker process at the end of its input too). Then the
+worker goes on without it: a worker process is killed, a thread (which cannot be) is left
+to finish on its own while a fresh thread takes its place, and a warning says so. The
+end of a run waits a little longer for its workers (`conveyor.engine.JOIN_TIMEOUT`)."""
 
 
 class RunControl:
@@ -124,6 +133,12 @@ class StageRun:
         """One per worker (or lane), opened by the runtime with `open_ports`."""
         self.max_batch = max(1, min(MAX_BATCH, io.capacity // 2 or MAX_BATCH))
         self.threads: list[threading.Thread] = []
+        self.given_up: list[threading.Thread] = []
+        """Worker threads replaced while stuck in user code (an ``on_stop`` past
+        `STOP_GRACE`): a join names them, without waiting for them again."""
+        self.released: dict[threading.Thread, threading.Event] = {}
+        """Set when a worker thread ends or is given up: what a join of a thread that
+        may be given up meanwhile waits for (its ``join()`` would wait on)."""
 
     def open_ports(self, count: int) -> list[Port]:
         """Open the stage's ports, once, before its first worker starts."""
@@ -170,7 +185,8 @@ def worker_loop(
     target: float = TARGET_BATCH_SECONDS,
     direct: bool = False,
     group: int | None = None,
-) -> None:
+    retire: Callable[[], bool] | None = None,
+) -> bool:
     """Take batches from the worker's port, execute them, deliver outcomes; until input ends.
 
     Errors raised by ``execute`` itself (not by the stage function, which
@@ -181,6 +197,11 @@ def worker_loop(
     worker without a per-item timeout nor recycling): while batches are of
     one item and the port allows it, `_single_items` runs them. ``group``: the
     worker this loop is a lane of, when a worker has several (process workers).
+    ``retire``: called after each delivery (a thread worker with ``max_items_per_worker``
+    ends a life there); False when another thread took the worker's port over.
+
+    Returns True when the port was handed over (and is left open), else False (the
+    input ended or the run stopped: the port is closed).
     """
     stage, control = sr.stage, sr.control
     port = sr.ports[worker]
@@ -188,6 +209,7 @@ def worker_loop(
     size, limit = 1, sr.max_batch
     target = sr.target(target)
     ends = port.direct() if direct else None
+    handed_over = False
     t0 = perf_counter()
     try:
         while True:
@@ -214,13 +236,32 @@ def worker_loop(
                 break
             t0 = perf_counter()
             counters.wait_out += t0 - t2
+            if retire is not None and not retire():
+                handed_over = True
+                break
     except ShutDown:
         pass  # the run was aborted while we were handing outputs on
     except BaseException as exc:  # a bug in conveyor, Redis lost, or Ctrl-C delivered here
         fail_worker(control, exc, stage, counters)
     finally:
         counters.finish()
-        port.close()
+        if not handed_over:
+            port.close()
+    return handed_over
+
+
+def warn_stop_overran(stage: Stage, worker: str, fate: str) -> None:
+    """Say that the ``on_stop`` of ``worker`` did not return within `STOP_GRACE`
+    seconds, and what became of the worker (``fate``)."""
+    import logging
+
+    logging.getLogger("conveyor").warning(
+        "conveyor: on_stop of stage %s did not return within %g s: %s %s",
+        stage.label,
+        STOP_GRACE,
+        worker,
+        fate,
+    )
 
 
 def fail_worker(
@@ -448,11 +489,51 @@ def _flush(port: Port, counters: WorkerCounters, group: list[Any]) -> list[Any]:
     return []
 
 
+class Leftover(str):
+    """The name of something a join found still running, as runtimes return names, and
+    what it is (``kind``): ``"thread"`` (a plain name means one), ``"task"`` (an
+    asyncio task), or the worker a runtime runs (``"worker process"``...)."""
+
+    kind: str
+
+    def __new__(cls, name: str, kind: str) -> Leftover:
+        """``name`` of a ``kind`` of thing."""
+        leftover = super().__new__(cls, name)
+        leftover.kind = kind
+        return leftover
+
+
+_LEFT_AS = {  # kind: what one is, what several are (the runtimes stop or kill the others)
+    "thread": (
+        "a daemon thread, which does not keep the interpreter from exiting",
+        "daemon threads, which do not keep the interpreter from exiting",
+    ),
+    "task": (
+        "an asyncio task, which runs on in the event loop's daemon thread",
+        "asyncio tasks, which run on in the event loop's daemon thread",
+    ),
+    "worker process": ("a worker process, killed", "worker processes, killed"),
+    "worker interpreter": ("a worker interpreter, given up", "worker interpreters, given up"),
+}
+
+
+def _say_left(names: list[str]) -> str:
+    """``names`` grouped by kind, each group said with what it is and becomes."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(getattr(name, "kind", "thread"), []).append(name)
+    parts = []
+    for kind, group in groups.items():
+        one, several = _LEFT_AS.get(kind, (kind, kind))
+        parts.append(f"{', '.join(group)} ({one if len(group) == 1 else several})")
+    return "; ".join(parts)
+
+
 def left_behind(
     stage_runs: list[StageRun], stuck: list[str], source_thread: str | None = None
 ) -> list[str]:
     """Say, per stage (or for the source), which of the ``stuck`` threads, tasks or
-    processes a join left running user code.
+    processes a join left running user code, and what each is (see `Leftover`).
 
     Worker threads and tasks are named after their stage (`StageRun.thread_name`);
     an async stage's stuck tasks name it, and the event loop's thread they block
@@ -475,8 +556,7 @@ def left_behind(
             LOOP_THREAD_NAME
         )
     return [
-        f"{owner} is stuck in user code: left behind: {', '.join(names)} (daemon threads, "
-        f"which do not keep the interpreter from exiting)"
+        f"{owner} is stuck in user code: left behind: {_say_left(names)}"
         for owner, names in found.items()
     ]
 

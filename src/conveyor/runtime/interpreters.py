@@ -276,6 +276,7 @@ class InterpreterRuntime(ProcessRuntime):
     overrun = (
         "its worker interpreter was given up (its call runs on in the background) and replaced"
     )
+    stopped_overrun = "was given up (its on_stop runs on in the background)"
 
     def __init__(self) -> None:
         if os.name != "posix":  # a socket's end crosses as a file descriptor; untested elsewhere

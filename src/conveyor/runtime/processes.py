@@ -192,7 +192,7 @@ from ..policy import (
 )
 from ..remote import rebuild, restore
 from ..stage import Failure, Stage
-from . import _forkserver_main
+from . import _forkserver_main, base
 from ._child import _child_main, _PackedError, _stage_blob
 from ._spare import SPARES
 from ._wire import (
@@ -216,7 +216,7 @@ from ._wire import (
     _pack,
     shm_prefix,
 )
-from .base import Runtime, StageRun, batch_loop, worker_loop
+from .base import Leftover, Runtime, StageRun, batch_loop, warn_stop_overran, worker_loop
 from .threads import join_threads
 
 __all__ = [
@@ -877,13 +877,19 @@ class _Worker:
         self.runtime.forget(child, EXIT_GRACE if graceful else 0.0)
 
     def _stop_gently(self, child: _Child) -> None:
-        """Ask the child to run on_stop and exit; on_stop's error fails the run."""
+        """Ask the child to run on_stop and exit; on_stop's error fails the run. A child
+        whose on_stop has not returned within `base.STOP_GRACE` seconds is killed."""
+        child.timed_out = False
         try:
             child.conn.send_bytes(_STOP_MESSAGE)
+            child.deadline = monotonic() + base.STOP_GRACE  # `_read` kills it then
             with self.sr.metrics.in_hook("on_stop"):
                 message = self._read(child)
         except (OSError, ShutDown):
             return
+        if message is None and child.timed_out:
+            worker = f"{self.runtime.worker} {child.process.name} (pid {child.pid})"
+            warn_stop_overran(self.stage, worker, self.runtime.stopped_overrun)
         if message is not None and message[0] == _STOPPED and message[1] is not None:
             error = _unpack_error(message[1])
             add_note(error, f"conveyor: on_stop of stage {self.stage.label} failed")
@@ -1172,6 +1178,12 @@ def _lanes(stage: Stage) -> int:
     return 1 if one else LANES
 
 
+def _worker_of_lane(thread_name: str) -> str:
+    """The worker a lane's thread serves: its name without a ``-lane<n>`` suffix."""
+    worker, _, lane = thread_name.rpartition("-lane")
+    return worker if worker and lane.isdigit() else thread_name
+
+
 def _short_repr(item: Any) -> str:
     return item_repr(item)  # as the stage notes show items
 
@@ -1253,6 +1265,8 @@ class ProcessRuntime(Runtime):
     """What errors call a worker."""
     overrun = "its worker process was killed"
     """What happened to a worker whose item overran its timeout, as errors say it."""
+    stopped_overrun = "was killed"
+    """What happened to a worker whose on_stop overran `base.STOP_GRACE`, as warnings say it."""
 
     def __init__(self, context: Any = None) -> None:
         """``context``: where workers start (its ``Process`` and ``Pipe``); None: the
@@ -1347,8 +1361,12 @@ class ProcessRuntime(Runtime):
     def join(self, timeout: float) -> list[str]:
         stuck = join_threads(self._threads, timeout)
         with self._lock:
-            children = list(self._children)
-        return stuck + [f"{c.process.name} (pid {c.pid})" for c in children if not c.closed]
+            children = [c for c in self._children if not c.closed]
+        # A lane runs no user code: one still there waits for its child (in on_stop,
+        # say), which `close` kills, and ends with it. The child is what is left.
+        waiting = {c.process.name for c in children}
+        stuck = [t for t in stuck if _worker_of_lane(t) not in waiting]
+        return stuck + [Leftover(f"{c.process.name} (pid {c.pid})", self.worker) for c in children]
 
     def close(self) -> None:
         with self._lock:

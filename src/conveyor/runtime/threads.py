@@ -6,7 +6,9 @@ thread the worker waits on, because a Python thread cannot be interrupted:
 when an item times out, the stage's error policy gets a `TimeoutError` and
 the helper thread is abandoned to finish (or hang) on its own. It is a
 daemon thread named ``conveyor-<stage>-<n>-timed``, so it never blocks the
-interpreter's exit; it is the only thread conveyor may leave behind.
+interpreter's exit. Likewise a worker recycled by ``max_items_per_worker``
+whose ``on_stop`` overruns `base.STOP_GRACE` is left to finish it (see
+`_Hooks`): these are the only threads conveyor may leave behind.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any
 from ..errors import ShutDown
 from ..policy import BatchOutcome, add_note, apply_one, process_batch, timeout_error
 from ..stage import Stage, set_worker_state
-from .base import Runtime, StageRun, batch_loop, worker_loop
+from . import base
+from .base import Runtime, StageRun, batch_loop, warn_stop_overran, worker_loop
 
 __all__ = ["RUNTIME", "ThreadRuntime", "TimedCaller"]
 
@@ -116,7 +119,24 @@ class ThreadRuntime(Runtime):
             sr.start_thread(worker, partial(_run_worker, sr, worker))
 
     def join(self, timeout: float) -> list[str]:
-        return join_threads([t for sr in self._runs for t in sr.threads], timeout)
+        deadline = monotonic() + timeout
+        for sr in self._runs:
+            for thread in list(sr.threads):
+                released = sr.released.get(thread)
+                left = max(0.0, deadline - monotonic())
+                if released is None:
+                    thread.join(left)
+                elif released.wait(left):
+                    thread.join(0.1 if thread not in sr.given_up else 0.0)  # it is ending
+        return [
+            t.name
+            for sr in self._runs
+            for t in sr.threads
+            if t.is_alive() and (t in sr.given_up or not sr.released.get(t, _UNSET).is_set())
+        ]
+
+
+_UNSET = threading.Event()  # never set: a thread without a `StageRun.released` event
 
 
 def join_threads(threads: list[threading.Thread], timeout: float) -> list[str]:
@@ -131,11 +151,18 @@ class _Hooks:
     """A worker's ``on_start``/``on_stop`` around its items, and its recycling.
 
     With ``max_items_per_worker``, the worker starts afresh after that many
-    items, as a process worker is replaced: ``on_stop`` runs with the old
-    state at once, ``on_start`` makes a new one (and a new helper thread, with
-    a ``timeout``) when the next batch comes, so that the last items leave no
-    life that takes none. The worker loop takes at most the items left before
-    then (``BatchOutcome.size_limit``), so a batch never straddles two lives.
+    items, as a process worker is replaced: once the batch that used the
+    quota up is handed on (`retire`), ``on_stop`` runs with the old state,
+    ``on_start`` makes a new one (and a new helper thread, with a ``timeout``)
+    when the next batch comes, so that the last items leave no life that
+    takes none. The worker loop takes at most the items left before then
+    (``BatchOutcome.size_limit``), so a batch never straddles two lives.
+
+    An ``on_stop`` that has not returned within `base.STOP_GRACE` seconds
+    does not hold the worker up: a thread cannot be killed, so a fresh thread
+    (of the same name) takes the worker's port over and goes on, and the
+    stuck one is left to finish on its own, named in a warning, and by the
+    end of the run if it is still there.
     """
 
     def __init__(self, sr: StageRun, worker: int) -> None:
@@ -145,6 +172,7 @@ class _Hooks:
         self.state: Any = None
         self.timed: TimedCaller | None = None
         self.live = False  # on_start ran and on_stop has not: on_stop is owed
+        self.spent = False  # the quota is used up: the life ends after this batch's hand-off
         self.sleep = sr.control.sleep  # looked up once, not per batch
         self.track = sr.tracks  # the ports are open before any worker starts
 
@@ -199,25 +227,72 @@ class _Hooks:
             self.left -= len(batch)
             if self.left <= 0:
                 self.left = self.quota
-                if not self.stop():
-                    raise ShutDown  # the run failed in on_stop: this worker ends
+                self.spent = True
             outcome.size_limit = self.left
         return outcome
 
+    def retire(self) -> bool:
+        """After a hand-off: end the worker's life if its quota is used up. True when this
+        thread goes on; False when on_stop overran and a fresh thread took the port over.
 
-def _run_worker(sr: StageRun, worker: int) -> None:
-    """A worker thread: the per-worker hooks around the shared worker loop."""
-    hooks = _Hooks(sr, worker)
-    if not hooks.start():
-        sr.ports[worker].close()
-        return
+        Raises:
+            ShutDown: on_stop raised (the run failed): this worker ends.
+        """
+        if not self.spent:
+            return True
+        self.spent = False
+        sr, worker = self.sr, self.worker
+        me = threading.current_thread()
+        handed = threading.Lock()  # whoever takes it first decides: go on here, or hand over
+
+        def hand_over() -> None:
+            if handed.acquire(blocking=False):
+                sr.given_up.append(me)
+                sr.released[me].set()  # a join waiting for it goes on
+                warn_stop_overran(
+                    sr.stage, f"worker thread {me.name}", "is left behind; a fresh thread goes on"
+                )
+                sr.start_thread(worker, partial(_run_worker, sr, worker, False))
+
+        timer = None
+        if sr.stage.on_stop is not None:  # only user code can overrun
+            timer = threading.Timer(base.STOP_GRACE, hand_over)
+            timer.daemon = True
+            timer.start()
+        try:
+            ok = self.stop()
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if not handed.acquire(blocking=False):
+            return False  # the port is the fresh thread's now
+        if not ok:
+            raise ShutDown  # the run failed in on_stop: this worker ends
+        return True
+
+
+def _run_worker(sr: StageRun, worker: int, first: bool = True) -> None:
+    """A worker thread: the per-worker hooks around the shared worker loop.
+
+    ``first``: False for a thread taking over the port of a worker whose
+    on_stop overran (`_Hooks.retire`); its on_start waits for its first batch.
+    """
+    released = sr.released[threading.current_thread()] = threading.Event()
     try:
-        # Without a timeout or recycling, execute() is the policy alone: the
-        # worker may run single items itself.
-        direct = sr.stage.timeout is None and hooks.quota is None
-        worker_loop(sr, worker, hooks.execute, direct=direct)
+        hooks = _Hooks(sr, worker)
+        if first and not hooks.start():
+            sr.ports[worker].close()
+            return
+        try:
+            # Without a timeout or recycling, execute() is the policy alone: the
+            # worker may run single items itself.
+            direct = sr.stage.timeout is None and hooks.quota is None
+            retire = None if hooks.quota is None else hooks.retire
+            worker_loop(sr, worker, hooks.execute, direct=direct, retire=retire)
+        finally:
+            hooks.stop()
     finally:
-        hooks.stop()
+        released.set()
 
 
 RUNTIME = ThreadRuntime

@@ -7,9 +7,12 @@ wait on an Event the test controls), never by sleeping in the test itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +21,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 import conveyor as cv
@@ -479,6 +483,68 @@ def test_a_stall_in_a_process_stage_says_process_stage_once(
     assert "stage process stage" not in text
 
 
+def test_a_stall_in_a_process_stage_names_the_item_the_worker_process_is_on_and_its_stack(
+    warnings_caught: WarningCatcher, tmp_path: Path
+) -> None:
+    # The repro: the report named the first item of each lane's batch (items 31 and
+    # 47 for a worker stuck on 37), twice as "in the stage function", each with the
+    # stack of the parent's thread waiting for the child: conveyor's own code.
+    release = tmp_path / "release"
+
+    def stuck_until_released(x: int) -> int:
+        if x == 37:
+            deadline = time.monotonic() + 30.0
+            while not release.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)  # bounded polling: nothing else reaches another process
+        return x
+
+    p = cv.Pipeline(range(100)).map(stuck_until_released, runtime="process", name="stuck")
+    with p.start(stall_timeout=0.3) as handle:
+        must_wait(warnings_caught.first)
+        release.touch()
+        assert handle.join(30).stats[0].items_out == 100
+    text = warnings_caught.records[0].getMessage()
+    holder = re.search(
+        r"\n  process stage 'stuck' \(map\), worker conveyor-stuck-0 \(pid (\d+)\): in the "
+        r"stage function on item 37, its batch held for [\d.]+ s[^;]*; its stack in the "
+        r"worker process:\n",
+        text,
+    )
+    assert holder is not None, text
+    assert text.count("worker conveyor-stuck-0") == 1, text  # its two lanes: one worker
+    assert "in stuck_until_released" in text and "time.sleep(0.02)" in text
+    assert "processes.py" not in text  # the parent's waiting is not what is shown
+
+
+def test_a_stall_in_a_process_stage_that_cannot_answer_says_its_stack_is_not_available(
+    warnings_caught: WarningCatcher,
+) -> None:
+    # A worker process that cannot say where it is (stopped here; a stage holding
+    # the GIL in C code alike) is reported once, with the first item of its batch.
+    def stops_itself(x: int) -> int:
+        if x == 3:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return x
+
+    p = cv.Pipeline(range(10)).map(stops_itself, runtime="process", name="stopped")
+    with p.start(stall_timeout=0.2) as handle:
+        try:
+            must_wait(warnings_caught.first)
+        finally:
+            for proc in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(signal.SIGCONT)
+        assert handle.join(30).stats[0].items_out == 10
+    text = warnings_caught.records[0].getMessage()
+    assert re.search(
+        r"\n  process stage 'stopped' \(map\), worker conveyor-stopped-0: on a batch for "
+        r"[\d.]+ s.*; its stack: not available \(the worker process did not say where it "
+        r"is within 0.5 s",
+        text,
+    ), text
+    assert text.count("worker conveyor-stopped-0") == 1, text
+
+
 @pytest.mark.parametrize("runtime", ["thread", "async", "process"])
 def test_a_stall_in_on_start_names_the_stage_the_hook_and_its_stack(
     warnings_caught: WarningCatcher, tmp_path: Path, runtime: str
@@ -514,9 +580,8 @@ def test_a_stall_in_on_start_names_the_stage_the_hook_and_its_stack(
     assert re.search(rf"\n  {re.escape(where)}, worker conveyor-db-0\S*: in on_start for ", text), (
         text
     )
-    assert "; its stack:" in text
-    if runtime != "process":  # a process's hook runs in the child, out of sight
-        assert "in connect" in text  # the hook's own frame
+    assert re.search(r"; its stack( \(pid \d+\), in the worker process)?:", text), text
+    assert "in connect" in text  # the hook's own frame (a worker process says where it is)
 
 
 @pytest.mark.parametrize("runtime", ["thread", "async", "process"])
@@ -554,6 +619,7 @@ def test_a_stall_in_on_stop_names_the_stage_and_the_hook(
     where = "process stage 'db' (map)" if runtime == "process" else "stage 'db' (map)"
     pattern = rf"\n  {re.escape(where)}, worker conveyor-db-0\S*: in on_stop for "
     assert re.search(pattern, text), text
+    assert "in flush" in text  # the hook's own frame (a worker process says where it is)
 
 
 def _messages_about(word: str, caught: WarningCatcher) -> list[str]:

@@ -66,6 +66,7 @@ __all__ = [
     "HookCall",
     "MetricsExporter",
     "MetricsSource",
+    "ProbeAnswer",
     "RunResult",
     "Sample",
     "StageMetrics",
@@ -73,6 +74,7 @@ __all__ = [
     "StageStats",
     "Timeline",
     "WorkerCounters",
+    "WorkerProbe",
     "bottleneck_line",
     "find_bottleneck",
     "format_seconds",
@@ -361,6 +363,33 @@ class RecentRate:
 
 
 @dataclass(frozen=True)
+class ProbeAnswer:
+    """Where a worker process's main thread was when asked (`WorkerProbe`)."""
+
+    worker: str
+    """The worker process's name."""
+    pid: int
+    """Its process id."""
+    item: str | None
+    """A short repr of the item the stage function is on, None when it is on none."""
+    stack: list[str]
+    """That thread's innermost frames, formatted: from the stage function's own code on
+    when it is inside it."""
+
+
+class WorkerProbe(Protocol):
+    """A worker whose code runs in another process, which a stall report can ask where
+    it is: the questions to all go out first (`ask`), then the answers are awaited."""
+
+    def ask(self) -> bool:
+        """Ask where the worker is now; False when there is no one to ask."""
+
+    def answer(self, deadline: float) -> ProbeAnswer | None:
+        """The answer to the last question, waited for until ``deadline``
+        (`time.monotonic`); None if none came (a thread holding the GIL, say)."""
+
+
+@dataclass(frozen=True)
 class HookCall:
     """A worker inside its stage's ``on_start`` or ``on_stop`` now, for stall reports."""
 
@@ -374,6 +403,8 @@ class HookCall:
     """The worker's name, as its thread or task is named."""
     task: Any = None
     """An async worker's task (whose awaits a stall report shows), else None."""
+    probe: WorkerProbe | None = None
+    """A worker process, which runs the hook: asked where it is (`WorkerProbe`)."""
 
 
 class StageMetrics:
@@ -393,9 +424,18 @@ class StageMetrics:
         # yet is what a stall report must name. Set and deleted by their worker
         # only (a dict's item assignment is atomic), read by the stall detector.
         self.hook_calls: dict[object, HookCall] = {}
+        # A process stage's workers, by group (`WorkerCounters.group`): what a stall
+        # report asks where the code they run is (their lanes only wait for it).
+        self.probes: dict[int, WorkerProbe] = {}
 
     @contextmanager
-    def in_hook(self, hook: str, worker: str | None = None, task: Any = None) -> Iterator[None]:
+    def in_hook(
+        self,
+        hook: str,
+        worker: str | None = None,
+        task: Any = None,
+        probe: WorkerProbe | None = None,
+    ) -> Iterator[None]:
         """Record that the calling worker is inside ``hook`` until the block ends.
 
         Args:
@@ -403,10 +443,11 @@ class StageMetrics:
             worker: the worker's name; by default the current thread's (an
                 async worker passes its task's).
             task: an async worker's task.
+            probe: the worker process the hook runs in.
         """
         thread = threading.current_thread()
         key = object()
-        call = HookCall(hook, perf_counter(), thread.ident, worker or thread.name, task)
+        call = HookCall(hook, perf_counter(), thread.ident, worker or thread.name, task, probe)
         self.hook_calls[key] = call
         try:
             yield

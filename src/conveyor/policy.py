@@ -31,6 +31,7 @@ from .errors import SerializationError
 from .stage import Failure, Stage, item_repr
 
 __all__ = [
+    "ITEM_LOOPS",
     "BatchOutcome",
     "aapply_one",
     "add_note",
@@ -477,3 +478,9 @@ async def aprocess_batch(
             error = None
     outcome.processed = len(batch)
     return outcome
+
+
+ITEM_LOOPS = frozenset({_apply_run.__code__, process_batch.__code__})
+"""The code of the loops that call a stage function item by item: a frame running one
+holds the batch (``batch``) and the index of the item it is on (``i``). What a worker
+process's probe looks for on its main thread's stack (`conveyor.runtime._child`)."""

@@ -8,10 +8,15 @@ item it holds, for how long, and its thread's current stack; every worker
 inside its stage's ``on_start`` or ``on_stop``, with its stack; and the fill
 of every channel, so a full queue in front of a stuck stage is visible.
 
-For a process stage the stack is that of the parent thread which waits for
-the child process (the child's own stack is not reachable from here). For an
-async worker it is where its coroutine awaits, unless the coroutine holds
-the event loop's thread (then that thread's stack shows the blocking call).
+For a process stage, the worker process itself is asked (`WorkerProbe`: a
+thread of the worker process answers on a pipe of its own) which item its
+stage function is on and where its code is: a worker's lanes (the parent's
+threads that feed it) only wait for it, and are reported as one worker. A
+worker process whose code holds the GIL for longer than `PROBE_WAIT` cannot
+answer: the report says so. For an async worker the stack is where its
+coroutine awaits, unless the coroutine holds the event loop's thread (then
+that thread's stack shows the blocking call). A worker interpreter's stack
+is not reachable (that of the thread waiting for it is shown).
 
 It reports once when the timeout is crossed, then again each time the stall
 has doubled in length, until something moves.
@@ -23,11 +28,11 @@ import logging
 import sys
 import threading
 import traceback
-from time import perf_counter
+from time import monotonic, perf_counter
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from .metrics import StageMetrics, WorkerCounters
+from .metrics import ProbeAnswer, StageMetrics, WorkerCounters, WorkerProbe
 from .stage import item_repr
 
 if TYPE_CHECKING:
@@ -40,6 +45,8 @@ __all__ = ["StallDetector"]
 log = logging.getLogger("conveyor")
 
 _STACK_FRAMES = 12  # innermost frames shown per worker: the user's code and what called it
+PROBE_WAIT = 0.5
+"""How long a stall report waits for the worker processes it asks where they are."""
 _MAX_AWAITS = 200  # a bound on following an async worker's chain of awaits
 
 
@@ -90,21 +97,34 @@ class StallDetector:
             f"conveyor: stalled: no item has moved for {idle:.1f} s "
             f"(stall_timeout={self.timeout:g} s)"
         ]
+        answers = _ask_worker_processes(run.metrics)
         holders = 0
         for m in run.metrics:
-            for w in list(m.workers):
-                if w.current_since is None:
-                    continue
+            workers = [w for w in list(m.workers) if w.current_since is not None]
+            reported: set[int] = set()  # process workers already reported (by group)
+            for w in workers:
                 holders += 1
+                if w.group is not None and w.group in m.probes:
+                    if w.group not in reported:
+                        reported.add(w.group)
+                        lanes = [x for x in workers if x.group == w.group]
+                        answer = answers.get(id(m.probes[w.group]))
+                        lines.extend(_process_holder(m, lanes, answer, now))
+                    continue
                 lines.append(_holder_line(m, w, now))
                 lines.extend(_worker_stack(frames, w.thread_id, w.task))
             for call in list(m.hook_calls.values()):
                 holders += 1
+                answer = None if call.probe is None else answers.get(id(call.probe))
+                where = "" if answer is None else f" (pid {answer.pid}), in the worker process"
                 lines.append(
                     f"  {_where(m)}, worker {call.worker}: in {call.hook} for "
-                    f"{now - call.since:.1f} s; its stack:"
+                    f"{now - call.since:.1f} s; its stack{where}:"
                 )
-                lines.extend(_worker_stack(frames, call.thread_id, call.task))
+                if answer is not None:
+                    lines.extend(answer.stack)
+                else:
+                    lines.extend(_worker_stack(frames, call.thread_id, call.task))
         if not holders:
             lines.append("  no worker is inside a stage function")
             feeder = getattr(run, "_feeder", None)
@@ -136,6 +156,52 @@ def _holder_line(m: StageMetrics, w: WorkerCounters, now: float) -> str:
         f"  {_where(m)}, worker {w.thread_name}: in the stage function for {held:.1f} s, "
         f"on a batch starting with item {item_repr(w.current_item)}; its stack:"
     )
+
+
+def _ask_worker_processes(metrics: list[StageMetrics]) -> dict[int, ProbeAnswer]:
+    """Where the worker processes that hold a batch or run a hook are, by the id of their
+    `WorkerProbe`: every one asked at once, the answers awaited `PROBE_WAIT` seconds."""
+    probes: dict[int, WorkerProbe] = {}
+    for m in metrics:
+        for w in list(m.workers):
+            probe = None if w.group is None else m.probes.get(w.group)
+            if probe is not None and w.current_since is not None:
+                probes[id(probe)] = probe
+        for call in list(m.hook_calls.values()):
+            if call.probe is not None:
+                probes[id(call.probe)] = call.probe
+    asked = [(key, probe) for key, probe in probes.items() if probe.ask()]
+    deadline = monotonic() + PROBE_WAIT
+    answers = {}
+    for key, probe in asked:
+        answer = probe.answer(deadline)
+        if answer is not None:
+            answers[key] = answer
+    return answers
+
+
+def _process_holder(
+    m: StageMetrics, lanes: list[WorkerCounters], answer: ProbeAnswer | None, now: float
+) -> list[str]:
+    """A worker process holding batches (``lanes``: the parent's threads that sent them):
+    the item it is on and its stack, as it said (``answer``)."""
+    held = now - min(w.current_since or now for w in lanes)
+    waiting = "" if len(lanes) < 2 else f", {len(lanes) - 1} more waiting"
+    if answer is None:
+        name = lanes[0].thread_name.rpartition("-lane")[0] or lanes[0].thread_name
+        return [
+            f"  {_where(m)}, worker {name}: on a batch for {held:.1f} s{waiting} (the first "
+            f"item: {item_repr(lanes[0].current_item)}); its stack: not available (the "
+            f"worker process did not say where it is within {PROBE_WAIT:g} s: its code "
+            f"holds the GIL, or the process is stopped)"
+        ]
+    worker = f"worker {answer.worker} (pid {answer.pid})"
+    batch = f"its batch held for {held:.1f} s{waiting}"
+    if answer.item is None:
+        doing = f"not inside the stage function now, {batch}"
+    else:
+        doing = f"in the stage function on item {answer.item}, {batch}"
+    return [f"  {_where(m)}, {worker}: {doing}; its stack in the worker process:", *answer.stack]
 
 
 def _stack_lines(frame: FrameType | None) -> list[str]:

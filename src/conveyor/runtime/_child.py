@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing import connection
@@ -27,14 +28,14 @@ from multiprocessing import parent_process as _parent_process
 from multiprocessing.connection import Connection
 from time import perf_counter, process_time, thread_time
 from time import sleep as _sleep
-from types import CodeType, FunctionType
+from types import CodeType, FrameType, FunctionType
 from typing import Any
 
 import cloudpickle
 
-from ..policy import BatchOutcome, apply_one, drop_unsendable, process_batch
+from ..policy import ITEM_LOOPS, BatchOutcome, apply_one, drop_unsendable, process_batch
 from ..remote import ExceptionRecord, capture, parts, restore
-from ..stage import Stage, set_worker_state
+from ..stage import Stage, item_repr, set_worker_state
 from ._allocator import Placer, placer
 from ._wire import (
     _BY_FD,
@@ -333,13 +334,26 @@ def _plain_sleep(seconds: float) -> bool:
     return True
 
 
-def _child_main(conn: Connection, blob: bytes, interpreter: bool = False) -> None:
-    """The body of a worker process (or, with ``interpreter``, of a worker subinterpreter)."""
+def _child_main(
+    conn: Connection, blob: bytes, interpreter: bool = False, probe: Connection | None = None
+) -> None:
+    """The body of a worker process (or, with ``interpreter``, of a worker subinterpreter).
+
+    ``probe``: a second pipe, on which a thread of this process says where the
+    main thread is whenever the parent asks (`_answer_probes`).
+    """
     if not interpreter:  # a subinterpreter shares its parent's process, signals and life
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
         if hasattr(signal, "pthread_sigmask"):  # blocked while it started (_sigint_held)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         _exit_with_parent()
+    if probe is not None:
+        threading.Thread(
+            target=_answer_probes,
+            args=(probe, threading.get_ident()),
+            name="conveyor-probe",
+            daemon=True,
+        ).start()
     try:
         stage, files = cloudpickle.loads(blob)
         for fn in (stage.fn, stage.on_start, stage.on_stop):
@@ -365,6 +379,68 @@ def _child_main(conn: Connection, blob: bytes, interpreter: bool = False) -> Non
             error = _pack_error(exc)
     with contextlib.suppress(OSError):
         conn.send_bytes(pickle.dumps((_STOPPED, error), 5))
+
+
+_STACK_FRAMES = 12  # innermost frames a probe's answer holds, as stall reports show them
+
+
+def _answer_probes(probe: Connection, main: int) -> None:
+    """A worker process's probe thread: whenever the parent asks (its stall report),
+    say where the ``main`` thread is -- the item the stage function is on, and its
+    stack -- which the parent cannot see from its own process.
+
+    A question is a number; the answer begins with it (the parent drops answers
+    to questions it gave up on). It costs the stage nothing until asked, and
+    needs the GIL only then: a stage holding it in C code for longer than the
+    parent waits leaves the question unanswered.
+    """
+    while True:
+        try:
+            question = probe.recv_bytes()
+        except (EOFError, OSError):
+            return
+        try:
+            answer = _where_is(sys._current_frames().get(main))
+        except Exception as exc:  # an item whose repr raises is handled; anything else
+            answer = (None, [f"    (not available: {type(exc).__name__})"])
+        try:
+            probe.send_bytes(question + pickle.dumps(answer, 5))
+        except OSError:
+            return
+
+
+def _where_is(frame: FrameType | None) -> tuple[str | None, list[str]]:
+    """The item the stage function is on (a short repr, or None) and the stack below it
+    (formatted lines), for a thread whose innermost frame is ``frame``."""
+    if frame is None:
+        return None, ["    (stack not available)"]
+    frames: list[FrameType] = []
+    walk: FrameType | None = frame
+    while walk is not None:
+        frames.append(walk)
+        walk = walk.f_back
+    frames.reverse()  # outermost first
+    item: str | None = None
+    inner = 0  # where the frames shown begin: the stage's own code, if it runs
+    for index, candidate in enumerate(frames):
+        if candidate.f_code in ITEM_LOOPS:  # the innermost wins
+            inner = index + 1
+            item = _item_of(candidate)
+    if inner == len(frames):  # in the policy's loop itself, between two calls
+        inner = 0
+    shown = frames[inner:][-_STACK_FRAMES:]
+    summary = traceback.StackSummary.extract((f, f.f_lineno) for f in shown)
+    lines = ["    " + line for entry in summary.format() for line in entry.rstrip().splitlines()]
+    return item, lines
+
+
+def _item_of(frame: FrameType) -> str | None:
+    """The item a frame of the policy's loops is on (``batch[i]``), as a short repr."""
+    local = frame.f_locals
+    batch, index = local.get("batch"), local.get("i")
+    if isinstance(batch, list) and isinstance(index, int) and 0 <= index < len(batch):
+        return item_repr(batch[index])
+    return None
 
 
 def interpreter_main(

@@ -277,6 +277,8 @@ class InterpreterRuntime(ProcessRuntime):
         "its worker interpreter was given up (its call runs on in the background) and replaced"
     )
     stopped_overrun = "was given up (its on_stop runs on in the background)"
+    # A stall report shows the lane's stack: a worker interpreter takes its one socket.
+    probes = False
 
     def __init__(self) -> None:
         if os.name != "posix":  # a socket's end crosses as a file descriptor; untested elsewhere

@@ -153,6 +153,11 @@ Failures
   then does not run. Worker processes ignore ``SIGINT`` (a Ctrl-C in the
   terminal reaches the whole process group: the parent handles it) and exit
   by themselves if the parent dies.
+- A stall report cannot see a child's stack from the parent: each child has
+  a second pipe on which a thread of its own says, when asked, which item the
+  stage function is on and where the main thread's code is
+  (`_child._answer_probes`; `conveyor.metrics.WorkerProbe`). Nothing runs
+  there until a report asks.
 """
 
 from __future__ import annotations
@@ -181,6 +186,7 @@ from ..errors import (
     ShutDown,
     WorkerCrashed,
 )
+from ..metrics import ProbeAnswer
 from ..policy import (
     BatchOutcome,
     add_note,
@@ -474,9 +480,19 @@ class _Child:
     the order of their numbers (``_turn``).
     """
 
-    def __init__(self, process: BaseProcess, conn: Connection, abort: Connection) -> None:
+    def __init__(
+        self,
+        process: BaseProcess,
+        conn: Connection,
+        abort: Connection,
+        probe: Connection | None = None,
+    ) -> None:
         self.process = process
         self.conn = conn
+        # The pipe the child's probe thread answers on (see `ask`), if it has one.
+        self.probe = probe
+        self._probe_lock = threading.Lock()
+        self._question = 0
         self.link = _Link(conn, process.sentinel, abort)
         self.pid = process.pid
         self.items_done = 0
@@ -513,6 +529,38 @@ class _Child:
         self._close_lock = threading.Lock()
         self._closed = False
         self._sock: socket.socket | None = None  # see _socket
+
+    # ------------------------------------------------------------------ probes
+
+    def ask(self) -> bool:
+        """Ask the child where its main thread is (`_child._answer_probes`); False when
+        it cannot be asked (no probe, or it has ended)."""
+        with self._probe_lock:
+            if self.probe is None or self._closed:
+                return False
+            self._question += 1
+            try:
+                self.probe.send_bytes(self._question.to_bytes(8, "little"))
+            except OSError:
+                return False
+            return True
+
+    def answer(self, deadline: float) -> ProbeAnswer | None:
+        """The answer to the last question, waited for until ``deadline`` (`monotonic`)."""
+        with self._probe_lock:
+            probe = self.probe
+            while probe is not None and not self._closed:
+                left = deadline - monotonic()
+                try:
+                    if left <= 0 or not probe.poll(left):
+                        return None
+                    data = probe.recv_bytes()
+                except (EOFError, OSError):
+                    return None
+                if int.from_bytes(data[:8], "little") == self._question:  # else a late one
+                    item, stack = pickle.loads(data[8:])
+                    return ProbeAnswer(self.process.name, self.pid or 0, item, stack)
+            return None
 
     # ------------------------------------------------------------------ messages
 
@@ -771,6 +819,9 @@ class _Child:
                 with contextlib.suppress(ValueError):
                     process.close()
             self.conn.close()
+            with self._probe_lock:
+                if self.probe is not None:
+                    self.probe.close()
             with self._send_lock:  # held: no copy starts (see send); those started end first
                 with self._turn:
                     while self._filling:
@@ -840,6 +891,8 @@ class _Worker:
         self.lanes = _lanes(stage)
         self._bytes_likely = False  # the last message held big bytes (see _wire._dump)
         self._running = self.lanes
+        if runtime.probes:
+            sr.metrics.probes[index] = self  # stall reports ask where the child is
 
     # ------------------------------------------------------------------ lanes
 
@@ -883,7 +936,7 @@ class _Worker:
         try:
             child.conn.send_bytes(_STOP_MESSAGE)
             child.deadline = monotonic() + base.STOP_GRACE  # `_read` kills it then
-            with self.sr.metrics.in_hook("on_stop"):
+            with self.sr.metrics.in_hook("on_stop", probe=child):
                 message = self._read(child)
         except (OSError, ShutDown):
             return
@@ -894,6 +947,18 @@ class _Worker:
             error = _unpack_error(message[1])
             add_note(error, f"conveyor: on_stop of stage {self.stage.label} failed")
             self.sr.control.fail(error)
+
+    # ------------------------------------------------------------------ probes
+
+    def ask(self) -> bool:
+        """`WorkerProbe.ask`: ask the current child, if any."""
+        child = self.child
+        return child is not None and child.ask()
+
+    def answer(self, deadline: float) -> ProbeAnswer | None:
+        """`WorkerProbe.answer`: the current child's, if it is the one asked."""
+        child = self.child
+        return None if child is None else child.answer(deadline)
 
     # ------------------------------------------------------------------ children
 
@@ -921,23 +986,30 @@ class _Worker:
         runtime, stage = self.runtime, self.stage
         worker = runtime.worker
         ours, theirs = runtime.context.Pipe()
+        args: tuple[Any, ...] = (theirs, self.blob)
+        probe = probe_end = None
+        if runtime.probes:  # a second pipe, for stall reports to ask where the child is
+            probe, probe_end = runtime.context.Pipe()
+            args += (False, probe_end)
         name = f"conveyor-{stage.name}-{self.index}"
-        process = runtime.context.Process(
-            target=_child_main, args=(theirs, self.blob), name=name, daemon=True
-        )
+        process = runtime.context.Process(target=_child_main, args=args, name=name, daemon=True)
         try:
             with _pseudo_main_file.hidden(), _sigint_held(runtime.context):
                 process.start()
         except RuntimeError as exc:
+            if probe is not None:
+                probe.close()
             if "bootstrapping phase" in str(exc):
                 raise _main_guard_error() from exc
             raise
         finally:
             theirs.close()
-        child = _Child(process, ours, runtime.abort_reader)
+            if probe_end is not None:
+                probe_end.close()
+        child = _Child(process, ours, runtime.abort_reader, probe)
         runtime.adopt(child)  # raises ShutDown (after terminating it) if the run was aborted
         try:
-            with self.sr.metrics.in_hook("on_start"):  # and the stage's unpickling, there
+            with self.sr.metrics.in_hook("on_start", probe=child):  # and the unpickling
                 message = self._read(child)
         except ShutDown:
             runtime.forget(child, 0.0)
@@ -1267,6 +1339,9 @@ class ProcessRuntime(Runtime):
     """What happened to a worker whose item overran its timeout, as errors say it."""
     stopped_overrun = "was killed"
     """What happened to a worker whose on_stop overran `base.STOP_GRACE`, as warnings say it."""
+    probes = True
+    """Whether each worker gets a probe pipe, on which a stall report asks where its code
+    is (`_child._answer_probes`)."""
 
     def __init__(self, context: Any = None) -> None:
         """``context``: where workers start (its ``Process`` and ``Pipe``); None: the

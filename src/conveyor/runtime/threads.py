@@ -248,11 +248,12 @@ class _Hooks:
         def hand_over() -> None:
             if handed.acquire(blocking=False):
                 sr.given_up.append(me)
+                # The fresh thread first: a join that goes on past this one must see it.
+                sr.start_thread(worker, partial(_run_worker, sr, worker, False))
                 sr.released[me].set()  # a join waiting for it goes on
                 warn_stop_overran(
                     sr.stage, f"worker thread {me.name}", "is left behind; a fresh thread goes on"
                 )
-                sr.start_thread(worker, partial(_run_worker, sr, worker, False))
 
         timer = None
         if sr.stage.on_stop is not None:  # only user code can overrun

@@ -407,3 +407,43 @@ def test_runs_leave_no_interpreter_thread_or_file_descriptor_behind() -> None:
     assert only_the_main_interpreter_is_left()
     assert join_new_threads(before_threads) == []
     assert fds() == before_fds
+
+
+@needs_interpreters
+def test_a_stall_in_an_interpreter_stage_names_each_worker_once_its_stack_out_of_reach(
+    tmp_path: Path,
+) -> None:
+    # The repro: each of a worker's two lanes was reported "in the stage function",
+    # with the stack of the parent's thread waiting for the interpreter: conveyor's own.
+    import logging
+
+    folder = str(tmp_path)
+    reported = threading.Event()
+    texts: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            texts.append(record.getMessage())
+            reported.set()
+
+    def hang(x: int) -> int:
+        return hang_until_released(folder, x) if x == 3 else x
+
+    handler = Catch(logging.WARNING)
+    logging.getLogger("conveyor").addHandler(handler)
+    try:
+        p = cv.Pipeline(range(10)).map(hang, runtime="interpreter", name="stuck")
+        with p.start(stall_timeout=0.3) as handle:
+            try:
+                assert reported.wait(WAIT)
+            finally:
+                Path(folder, "release").touch()
+            assert handle.join(WAIT).stats[0].items_out == 10
+    finally:
+        logging.getLogger("conveyor").removeHandler(handler)
+    text = texts[0]
+    assert text.count("worker conveyor-stuck-0") == 1, text
+    assert (
+        "its stack: not available (a worker interpreter's code runs in an interpreter of its own)"
+    ) in text, text
+    assert "processes.py" not in text

@@ -16,7 +16,8 @@ worker process whose code holds the GIL for longer than `PROBE_WAIT` cannot
 answer: the report says so. For an async worker the stack is where its
 coroutine awaits, unless the coroutine holds the event loop's thread (then
 that thread's stack shows the blocking call). A worker interpreter's stack
-is not reachable (that of the thread waiting for it is shown).
+is not reachable: it is reported once per worker, its stack not available (in
+a hook, that of the thread waiting for it is shown).
 
 It reports once when the timeout is crossed, then again each time the stall
 has doubled in length, until something moves.
@@ -97,7 +98,7 @@ class StallDetector:
             f"conveyor: stalled: no item has moved for {idle:.1f} s "
             f"(stall_timeout={self.timeout:g} s)"
         ]
-        answers = _ask_worker_processes(run.metrics)
+        answers, asked = _ask_worker_processes(run.metrics)
         holders = 0
         for m in run.metrics:
             workers = [w for w in list(m.workers) if w.current_since is not None]
@@ -108,8 +109,10 @@ class StallDetector:
                     if w.group not in reported:
                         reported.add(w.group)
                         lanes = [x for x in workers if x.group == w.group]
-                        answer = answers.get(id(m.probes[w.group]))
-                        lines.extend(_process_holder(m, lanes, answer, now))
+                        probe = id(m.probes[w.group])
+                        lines.extend(
+                            _process_holder(m, lanes, answers.get(probe), probe in asked, now)
+                        )
                     continue
                 lines.append(_holder_line(m, w, now))
                 lines.extend(_worker_stack(frames, w.thread_id, w.task))
@@ -158,9 +161,12 @@ def _holder_line(m: StageMetrics, w: WorkerCounters, now: float) -> str:
     )
 
 
-def _ask_worker_processes(metrics: list[StageMetrics]) -> dict[int, ProbeAnswer]:
+def _ask_worker_processes(
+    metrics: list[StageMetrics],
+) -> tuple[dict[int, ProbeAnswer], set[int]]:
     """Where the worker processes that hold a batch or run a hook are, by the id of their
-    `WorkerProbe`: every one asked at once, the answers awaited `PROBE_WAIT` seconds."""
+    `WorkerProbe`: every one asked at once, the answers awaited `PROBE_WAIT` seconds;
+    and the ids of those asked (a worker interpreter cannot be)."""
     probes: dict[int, WorkerProbe] = {}
     for m in metrics:
         for w in list(m.workers):
@@ -177,23 +183,34 @@ def _ask_worker_processes(metrics: list[StageMetrics]) -> dict[int, ProbeAnswer]
         answer = probe.answer(deadline)
         if answer is not None:
             answers[key] = answer
-    return answers
+    return answers, {key for key, _ in asked}
 
 
 def _process_holder(
-    m: StageMetrics, lanes: list[WorkerCounters], answer: ProbeAnswer | None, now: float
+    m: StageMetrics,
+    lanes: list[WorkerCounters],
+    answer: ProbeAnswer | None,
+    asked: bool,
+    now: float,
 ) -> list[str]:
     """A worker process holding batches (``lanes``: the parent's threads that sent them):
-    the item it is on and its stack, as it said (``answer``)."""
+    the item it is on and its stack, as it said (``answer``, if ``asked``)."""
     held = now - min(w.current_since or now for w in lanes)
     waiting = "" if len(lanes) < 2 else f", {len(lanes) - 1} more waiting"
     if answer is None:
         name = lanes[0].thread_name.rpartition("-lane")[0] or lanes[0].thread_name
+        if asked:
+            why = (
+                f"the worker process did not say where it is within {PROBE_WAIT:g} s: its "
+                f"code holds the GIL, or the process is stopped"
+            )
+        elif m.stage.runtime == "interpreter":
+            why = "a worker interpreter's code runs in an interpreter of its own"
+        else:
+            why = "the worker process has ended"
         return [
             f"  {_where(m)}, worker {name}: on a batch for {held:.1f} s{waiting} (the first "
-            f"item: {item_repr(lanes[0].current_item)}); its stack: not available (the "
-            f"worker process did not say where it is within {PROBE_WAIT:g} s: its code "
-            f"holds the GIL, or the process is stopped)"
+            f"item: {item_repr(lanes[0].current_item)}); its stack: not available ({why})"
         ]
     worker = f"worker {answer.worker} (pid {answer.pid})"
     batch = f"its batch held for {held:.1f} s{waiting}"

@@ -891,8 +891,7 @@ class _Worker:
         self.lanes = _lanes(stage)
         self._bytes_likely = False  # the last message held big bytes (see _wire._dump)
         self._running = self.lanes
-        if runtime.probes:
-            sr.metrics.probes[index] = self  # stall reports ask where the child is
+        sr.metrics.probes[index] = self  # stall reports ask where the child is (`ask`)
 
     # ------------------------------------------------------------------ lanes
 

@@ -759,7 +759,8 @@ class Pipeline(Generic[T]):
         """Start a run in the background and return its handle.
 
         Options as for `run`. With a backend other than this process, the
-        handle is a `conveyor.backends.BackgroundRun` (stop, done, join, stats).
+        handle is a `conveyor.backends.BackgroundRun`, with the same methods as a
+        `RunHandle` (stop, with drain too, done, wait, join, stats, result_so_far).
         """
         _check_flags("start()", collect=collect, progress=progress)
         remote = _remote(backend, "start()", stall_timeout, metrics, max_bytes)
@@ -1147,6 +1148,11 @@ class RunHandle(Generic[OutputT]):
     def done(self) -> bool:
         """True once the run has ended (finished, failed or stopped)."""
         return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the end of the run, without its result or error; True if it ended."""
+        check_seconds(timeout, "timeout", "RunHandle.wait()", zero=True)
+        return wait_interruptibly(self._done.wait, timeout)
 
     def join(self, timeout: float | None = None) -> RunResult[OutputT]:
         """Wait for the end of the run and return its result.

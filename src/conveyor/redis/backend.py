@@ -23,7 +23,7 @@ from itertools import islice
 from time import monotonic, perf_counter, sleep
 from typing import TYPE_CHECKING, Any, NamedTuple, Unpack
 
-from ..backends import Backend, RunOptions, admit, check_run_options
+from ..backends import Backend, RunOptions, StopSignal, admit, check_run_options
 from ..channel import check_max_bytes
 from ..engine import ABORT_WAIT
 from ..errors import (
@@ -185,6 +185,7 @@ class RedisBackend(Backend):
     """
 
     bounds_bytes = True
+    drains = True
 
     def __init__(
         self,
@@ -376,6 +377,9 @@ class RedisBackend(Backend):
         run = self._new_run(pipeline, max_bytes)
         run.halt = stop
         outputs: list[Any] | None = [] if options.get("collect", False) else None
+        if isinstance(stop, StopSignal):  # a background run's handle: see BackgroundRun
+            stop.publish(lambda: run.result(None if outputs is None else list(outputs), live=True))
+            stop.on_drain(run.drain)
         watcher: ProgressWatcher | None = None
         result: RedisRunResult | None = None
         error: BaseException | None = None
@@ -772,6 +776,7 @@ class _DriverRun:
         """The counters of the run once complete; None while it goes on, or when it
         ended early (stopped, failed, left)."""
         self._seen: RunState | None = None  # the counters `_watch` read last
+        self._last_read: RunState | None = None  # the counters read last (`_read_state`)
         self._failures: list[Failure] = []
         self._moved = perf_counter()
         self._warned = False
@@ -788,6 +793,8 @@ class _DriverRun:
         self.halt: threading.Event | None = None
         """Set from another thread to stop the run (it stays in Redis, resumable)."""
         self.halted = False
+        self._drain_asked = False
+        """`drain` was called: the source ends where the feeder is (the result says stopped)."""
         self.local_worker: Any = None
         """The backend's ``local_workers``, if any: their failure ends the run."""
         window = backend.reorder_window or 8 * self.stages[0].capacity
@@ -820,6 +827,8 @@ class _DriverRun:
             # is half a stream's share at most: the driver holds about one share.
             max_bytes=None if self.info.share is None else max(1, self.info.share // 2),
         )
+        if self._drain_asked:  # asked before the feeder started: it feeds nothing more
+            self._puller.stop_source()
         self._feeder = threading.Thread(
             target=self._feed,
             args=(self._puller, already_fed),
@@ -827,6 +836,15 @@ class _DriverRun:
             daemon=True,
         )
         self._feeder.start()
+
+    def drain(self) -> None:
+        """Stop pulling the source (as ``stop(drain=True)`` does on one machine): the
+        feeder marks the source done at what it fed, and the run completes once what is
+        inside has gone through."""
+        self._drain_asked = True
+        puller = self._puller
+        if puller is not None:
+            puller.stop_source()
 
     def _feed(self, pulled: Run, already_fed: int) -> None:
         """The feeder thread: the engine's own feeder pulls the source into a bounded
@@ -1153,6 +1171,7 @@ class _DriverRun:
         if not present:
             raise self._lost()
         self._counted_at, self._fed_seen = perf_counter(), state.fed
+        self._last_read = state
         return state
 
     def _refused(self, why: str) -> BackendError:
@@ -1386,8 +1405,13 @@ class _DriverRun:
 
     # ------------------------------------------------------------------ result
 
-    def result(self, outputs: list[Any] | None) -> RedisRunResult:
-        state = self.state or read_state(self.client, self.retry, self.keys, self.n)[0]
+    def result(self, outputs: list[Any] | None, live: bool = False) -> RedisRunResult:
+        """The run's result: final once it is complete, else read from Redis now; with
+        ``live`` (a handle's ``result_so_far``, maybe while the run goes on), from the
+        counters the driver read last, without waiting for Redis."""
+        state = self.state or (self._last_state() if live else None)
+        if state is None:
+            state = read_state(self.client, self.retry, self.keys, self.n)[0]
         elapsed = (self.finished or perf_counter()) - self.started
         stats = stage_stats(self.stages, state, self.info.limits, elapsed)
         names = [s.name for s in self.stages]
@@ -1401,8 +1425,12 @@ class _DriverRun:
             redelivered={n: s.redelivered for n, s in zip(names, state.stages, strict=True)},
             stale={n: s.stale for n, s in zip(names, state.stages, strict=True)},
             dead_letters={n: s.dead for n, s in zip(names, state.stages, strict=True) if s.dead},
-            stopped=self.halted,
+            stopped=self.halted or self._drain_asked,
         )
+
+    def _last_state(self) -> RunState:
+        """The counters the driver read last (nothing counted before its first read)."""
+        return self._last_read or RunState.read({}, False, self.n)
 
     def _read_failures(self) -> None:
         """Items given up on by stages with ``on_error="skip"``, as the workers recorded

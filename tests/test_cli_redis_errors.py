@@ -617,6 +617,58 @@ def test_a_dead_letter_id_that_is_not_there_is_refused_naming_it_and_nothing_mov
     assert done.stdout == {"replay": "replayed", "purge": "purged"}[mode] + " 1 dead letters\n"
 
 
+@pytest.mark.parametrize("mode", ["replay", "purge"])
+def test_a_dead_letter_id_that_two_runs_have_is_refused_without_run_and_nothing_moves(
+    project: Path, redis_server: RedisServer, mode: str
+) -> None:
+    """Regression: ``dlq replay|purge --id ID`` without ``--run`` applied the id to every
+    run; ids are made per run from the time in ms, so two runs' ids can be the same."""
+
+    def fragile(x: int) -> int:  # the stage of app:dead_ends
+        if x == 3:
+            raise ValueError("cannot handle 3")
+        return x
+
+    namespace, url = new_namespace(), redis_server.url
+    for run_id in ("r1", "r2"):
+        backend = RedisBackend(
+            url, namespace=namespace, run_id=run_id, max_deliveries=1, local_workers=True
+        )
+        with pytest.raises(cv.DeadLettersError):
+            cv.Pipeline(range(10)).map(fragile).run(backend=backend)
+    where = ["--redis", url, "--namespace", namespace]
+    listed, _ = conveyor("dlq", "list", "app:dead_ends", *where, "--json", cwd=project)
+    first, second = sorted(json.loads(listed.stdout), key=lambda d: d["run_id"])
+    # The collision, made here at will: r1's dead letter gets the id of r2's (an id
+    # above the stream's last, as the clock would have given it within the same ms).
+    with redis_py.Redis.from_url(url) as client:
+        (dead,) = client.keys(f"{namespace}:*r1}}:dlq0")
+        [(old_id, fields)] = client.xrange(dead)
+        client.xadd(dead, fields, id=second["entry_id"])
+        client.xdel(dead, old_id)
+    before, _ = conveyor("dlq", "list", "app:dead_ends", *where, "--json", cwd=project)
+    assert [d["entry_id"] for d in json.loads(before.stdout)] == [second["entry_id"]] * 2
+
+    one_id = ["--id", second["entry_id"]]
+    done, _ = conveyor("dlq", mode, "app:dead_ends", *where, *one_id, cwd=project)
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert (
+        f"Error: dead letter id {second['entry_id']} is in 2 runs ('r1', 'r2'): give --run ID "
+        "to say which; nothing was moved"
+    ) in done.stderr
+    after, _ = conveyor("dlq", "list", "app:dead_ends", *where, "--json", cwd=project)
+    assert after.stdout == before.stdout  # nothing moved
+
+    done, _ = conveyor(
+        "dlq", mode, "app:dead_ends", *where, "--run", "r1", "--id", second["entry_id"],
+        cwd=project,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    left, _ = conveyor("dlq", "list", "app:dead_ends", *where, "--json", cwd=project)
+    assert [d["run_id"] for d in json.loads(left.stdout)] == ["r2"]
+    assert first["run_id"] == "r1"
+
+
 def test_a_second_sigterm_stops_a_worker_whose_thread_is_stuck_in_user_code_at_once(
     project: Path, redis_server: RedisServer, tmp_path: Path
 ) -> None:

@@ -25,7 +25,15 @@ from conveyor.cli import cli
 from conveyor.redis import DeadLettersError, RedisBackend, RedisRunResult, Worker
 from conveyor.redis.codec import get_codec
 from conveyor.redis.streams import Keys, pipeline_id
-from redis_helpers import POISON, new_namespace, poisoned, three_stages, triple, wait_until
+from redis_helpers import (
+    POISON,
+    new_namespace,
+    poisoned,
+    refuse,
+    three_stages,
+    triple,
+    wait_until,
+)
 
 if TYPE_CHECKING:
     from conftest import RedisServer, RedisServerFactory
@@ -235,7 +243,8 @@ def test_a_poison_item_goes_to_dead_letters_and_a_replay_after_the_fix_finishes_
     listed = runner.invoke(cli, ["dlq", "list", *args, "--json"], catch_exceptions=False)
     assert listed.exit_code == 0, listed.output
     [letter] = json.loads(listed.output)
-    assert letter["item"] == repr(POISON)
+    assert letter["item"] == POISON
+    assert letter["item_format"] == "json"
     assert letter["stage"] == "fragile"
     assert letter["deliveries"] == 4  # delivered max_deliveries times, then once more: dead
     assert f"ValueError: cannot handle {POISON}" in letter["error"]
@@ -250,6 +259,49 @@ def test_a_poison_item_goes_to_dead_letters_and_a_replay_after_the_fix_finishes_
     assert rest.outputs == [3 * (x + 1) for x in range(POISON, 50)]
     with redis_client(url) as client:
         assert client.keys(f"{namespace}:*") == []
+
+
+def test_dlq_list_json_gives_items_as_json_where_json_carries_them_else_their_repr(
+    redis_server: RedisServer,
+) -> None:
+    """Regression: ``dlq list --json`` gave every item as its repr, a string (a dict
+    item came as ``"{'a': [1, 2.5, None]}"``)."""
+    namespace, url = new_namespace(), redis_server.url
+    items: list[Any] = [{"a": [1, 2.5, None], "b": "text"}, b"\x00raw", "plain"]
+    backend = RedisBackend(
+        url, namespace=namespace, run_id="kinds", max_deliveries=1, local_workers=True
+    )
+    with pytest.raises(DeadLettersError):
+        cv.Pipeline(items).map(refuse, name="refuse", ordered=False).run(backend=backend)
+    args = ["redis_helpers:refusing", "--redis", url, "--namespace", namespace, "--json"]
+    listed = CliRunner().invoke(cli, ["dlq", "list", *args], catch_exceptions=False)
+    assert listed.exit_code == 0, listed.output
+    letters = sorted(json.loads(listed.output), key=lambda d: d["source_id"])
+    got = {json.dumps(d["item"]): d["item_format"] for d in letters}
+    assert got == {
+        json.dumps({"a": [1, 2.5, None], "b": "text"}): "json",
+        json.dumps(repr(b"\x00raw")): "repr",
+        json.dumps("plain"): "json",
+    }
+    assert all(d["item_error"] is None and d["run_id"] == "kinds" for d in letters)
+
+
+def test_dlq_list_json_says_when_an_item_could_not_be_decoded(redis_server: RedisServer) -> None:
+    """A pickle run's dead letter listed without the key: ``item`` null, format "none"."""
+    namespace, url = new_namespace(), redis_server.url
+    backend = RedisBackend(
+        url, namespace=namespace, run_id="sealed", max_deliveries=1, local_workers=True,
+        codec="pickle", secret_key=SECRET,
+    )  # fmt: skip
+    with pytest.raises(DeadLettersError):
+        cv.Pipeline([1]).map(refuse, name="refuse", ordered=False).run(backend=backend)
+    args = ["redis_helpers:refusing", "--redis", url, "--namespace", namespace, "--json"]
+    listed = CliRunner(env={"CONVEYOR_SECRET_KEY": None}).invoke(
+        cli, ["dlq", "list", *args], catch_exceptions=False
+    )
+    [letter] = json.loads(listed.output)
+    assert (letter["item"], letter["item_format"]) == (None, "none")
+    assert letter["item_error"]
 
 
 def test_purged_dead_letters_let_an_ordered_run_finish_without_them(

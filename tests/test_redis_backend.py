@@ -943,6 +943,44 @@ def test_the_driver_says_when_no_worker_serves_its_run(
     assert results[0].outputs == [0, 3, 6, 9, 12]
 
 
+def test_the_drivers_no_worker_hint_names_the_loaded_target_and_the_masked_url(
+    redis_server_factory: RedisServerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: the hint said `conveyor worker MODULE:ATTR --redis URL` even when
+    the driver knew both (``conveyor run redis_helpers:tripled --redis URL``)."""
+    import conveyor.redis.backend as backend_module
+    from conveyor.loading import load_pipeline
+
+    monkeypatch.setattr(backend_module, "QUIET_SECONDS", 0.2)
+    server = redis_server_factory(password="s3cret-pass")
+    pipeline = load_pipeline("redis_helpers:tripled")
+    namespace = new_namespace()
+    backend = RedisBackend(server.url, namespace=namespace, run_id="hinted")
+    with caplog.at_level("WARNING", logger="conveyor.redis"):
+        handle = pipeline.start(collect=True, backend=backend)
+        wait_until(lambda: "no worker serves" in caplog.text, "the driver's warning")
+    masked = server.url.replace("s3cret-pass", "***")
+    assert (
+        f"start `conveyor worker redis_helpers:tripled --redis {masked} --namespace "
+        f"{namespace}` with this version" in caplog.text
+    )
+    assert "s3cret-pass" not in caplog.text
+    with serving(pipeline, server.url, namespace):
+        assert handle.join(30.0).outputs == [triple(x) for x in range(50)]
+
+
+def test_a_pipeline_built_from_a_loaded_one_is_not_named_by_its_target() -> None:
+    from conveyor.loading import load_pipeline
+
+    loaded = load_pipeline("redis_helpers:tripled")
+    assert loaded.target == "redis_helpers:tripled"
+    assert loaded.with_stage("triple", workers=3).target == "redis_helpers:tripled"
+    assert loaded.map(triple).target is None  # other stages: another pipeline
+    assert cv.Pipeline(range(3)).map(triple).target is None
+
+
 # ---------------------------------------------------------------------- random shapes
 
 

@@ -177,6 +177,9 @@ class Pipeline(Generic[T]):
         self._source_runs: list[int] = [0]
         # True for the copy that `_admit` hands to a backend: its one run is counted.
         self._admitted = False
+        # The MODULE:ATTR that built it, when `conveyor.loading` did: messages that tell
+        # the user to start workers name it.
+        self._target: str | None = None
 
     def _copy(self, stages: tuple[Stage, ...], admitted: bool = False) -> Pipeline[Any]:
         """This pipeline with other stages, over the same source (and its count of
@@ -188,7 +191,17 @@ class Pipeline(Generic[T]):
         new._runs = self._runs if admitted else []
         new._source_runs = self._source_runs
         new._admitted = admitted
+        # The same stages by kind and name (a copy to run, a worker count changed): the
+        # same pipeline for the workers that load the target; other stages are another.
+        same = [(s.kind, s.name) for s in stages] == [(s.kind, s.name) for s in self._stages]
+        new._target = self._target if same else None
         return new
+
+    @property
+    def target(self) -> str | None:
+        """``MODULE:ATTR``, when the pipeline was found by that name (``conveyor run``, a
+        worker); None when code built it (then only that code knows its name)."""
+        return self._target
 
     @property
     def stages(self) -> tuple[Stage, ...]:

@@ -1227,11 +1227,20 @@ class _DriverRun:
             self.keys.run,
             now - self._moved,
             f"; no worker serves {', '.join(map(repr, idle))}: start "
-            f"`conveyor worker MODULE:ATTR --redis URL` with this version of the pipeline "
+            f"`{self.worker_command()}` with this version of the pipeline "
             f"(workers of a version whose stages differ serve other runs)"
             if idle
             else " (stages slower than that, or workers stuck)",
         )
+
+    def worker_command(self) -> str:
+        """The command that starts a worker for this run: the pipeline's ``MODULE:ATTR``
+        when it was loaded by that name, the URL (password masked), the namespace."""
+        target = getattr(self.pipeline, "target", None) or "MODULE:ATTR"
+        command = f"conveyor worker {target} --redis {redact(self.backend.url)}"
+        if self.backend.namespace != "conveyor":
+            command += f" --namespace {self.backend.namespace}"
+        return command
 
     def _read_pending(self) -> Iterator[list[Any]]:
         """Read again the entries delivered to this driver and not acknowledged yet."""

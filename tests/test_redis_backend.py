@@ -544,6 +544,70 @@ def test_producers_submit_to_a_long_lived_run_served_by_running_workers(
     assert sorted(got) == [3 * x for x in range(300) if x % 2 == 0]
 
 
+def _status(url: str, namespace: str, target: str = "redis_helpers:tripled") -> list[Any]:
+    args = ["status", target, "--redis", url, "--namespace", namespace, "--json"]
+    done = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert done.exit_code == 0, done.output
+    runs: list[Any] = json.loads(done.output)
+    return runs
+
+
+def test_close_closes_a_long_lived_run_for_every_handle_and_status_says_open_closed_drained(
+    redis_server: RedisServer, closing: Callable[[Any], Any]
+) -> None:
+    """Regression: status said "source feeding", then "source done" and complete, and
+    close() closed only its handle: another handle (or backend.submit) still added items."""
+    from conveyor.loading import load_pipeline
+
+    pipeline = load_pipeline("redis_helpers:tripled")
+    namespace, url = new_namespace(), redis_server.url
+    backend = closing(RedisBackend(url, namespace=namespace))
+    with serving(pipeline, url, namespace):
+        live, other = backend.open(pipeline), backend.open(pipeline)
+        assert live.submit(range(10)) == 10
+        [run] = _status(url, namespace)
+        assert (run["kind"], run["state"], run["complete"]) == ("long-lived", "open", False)
+
+        live.close()
+        with pytest.raises(cv.ShutDown, match="'live', which is closed"):
+            other.submit([100])
+        with pytest.raises(cv.ShutDown, match="which is closed"):
+            backend.submit(pipeline, [100])
+        with pytest.raises(cv.ShutDown, match="which this handle closed"):
+            live.submit([100])
+        wait_until(lambda: live.state().stages[0].out == 10, "the submitted items to go through")
+        [run] = _status(url, namespace)
+        assert (run["state"], run["fed"], run["complete"]) == ("closed", 10, False)
+        assert not other.drained()
+
+        got: list[int] = []
+        wait_until(lambda: got.extend(other.results(timeout=0.1)) or other.drained(), "drained")
+    assert sorted(got) == [triple(x) for x in range(10)]  # the refused 100 never came
+    [run] = _status(url, namespace)
+    assert (run["state"], run["complete"]) == ("drained", True)
+    text = CliRunner().invoke(
+        cli, ["status", "redis_helpers:tripled", "--redis", url, "--namespace", namespace]
+    )
+    assert "run live (long-lived, drained: closed, every output taken;" in text.output
+    assert backend.cancel(pipeline, "live")
+    assert _status(url, namespace) == []
+
+
+def test_status_says_whether_a_driven_run_has_a_driver(redis_server: RedisServer) -> None:
+    namespace, url = new_namespace(), redis_server.url
+    pipeline = cv.Pipeline(range(50)).map(triple)
+    backend = RedisBackend(url, namespace=namespace, run_id="driven")
+    handle = pipeline.start(backend=backend)  # no worker: it waits
+    wait_until(lambda: _status(url, namespace), "the run to exist")
+    [run] = _status(url, namespace)
+    assert (run["kind"], run["state"]) == ("driven", "running")
+    handle.stop()
+    assert handle.join(30.0).stopped
+    [run] = _status(url, namespace)
+    assert (run["state"], run["left"]) == ("left", "stopped and left in Redis")
+    assert RedisBackend(url, namespace=namespace).cancel(pipeline, "driven")
+
+
 def test_long_lived_runs_and_cancel_refuse_bad_arguments_naming_them(
     redis_server: RedisServer, closing: Callable[[Any], Any]
 ) -> None:

@@ -554,7 +554,9 @@ class RedisBackend(Backend):
 
         Workers serve it like any run; producers anywhere add items with
         `LiveRun.submit` (or `RedisBackend.submit`), and the outputs are read
-        with `LiveRun.results`. Its outputs are not ordered.
+        with `LiveRun.results`. Its outputs are not ordered. `LiveRun.close`
+        closes the run for everyone; attaching to a closed run gives a handle
+        that reads what is left (its ``submit`` raises `ShutDown`).
 
         Raises:
             ConfigurationError: the backend has ``local_workers``, which serve
@@ -580,7 +582,17 @@ class RedisBackend(Backend):
 
 
 class LiveRun:
-    """A long-lived run: submit items, read results, close it when no more will come."""
+    """A handle on a long-lived run: submit items, read results, close the run when no
+    more will come.
+
+    The run lives in Redis, not in the handle: any number of handles, in any
+    processes, submit to it and read from it. `close` closes the run itself, for
+    every handle: after it, every `submit` raises `ShutDown`, while `results` gives
+    what is still on its way; once every output is taken the run is drained
+    (``conveyor status`` says open, closed or drained) and stays in Redis, with its
+    counters and dead letters, until `RedisBackend.cancel` (``conveyor cancel``)
+    deletes it.
+    """
 
     def __init__(self, backend: RedisBackend, keys: Keys, info: RunInfo, retry: Retrier) -> None:
         self._backend = backend
@@ -600,14 +612,16 @@ class LiveRun:
         """Add items to the first stream, waiting while it is over its limit; return the count.
 
         Raises:
-            ShutDown: this handle was closed (it said no more items would come).
+            ShutDown: the run is closed (by this handle or any other, in any process);
+                the items before the first refused chunk were added (``FEED_CHUNK``
+                at a time).
         """
         if not isinstance(items, Iterable):
             raise ConfigurationTypeError(
                 f"LiveRun.submit() 'items' must be an iterable of items, got {type(items).__name__}"
             )
         if self._closed:
-            raise ShutDown(f"submit() on a closed LiveRun (run {self.run_id!r})")
+            raise ShutDown(f"submit() to run {self.run_id!r}, which this handle closed")
         n = 0
         iterator = iter(items)
         while True:
@@ -619,7 +633,13 @@ class LiveRun:
             for value in chunk:
                 fields = self._codec.encode(value)
                 args += [1, len(fields), *fields]
-            self._feed(args)
+            if self._feed(args) == -3:
+                self._closed = True
+                raise ShutDown(
+                    f"submit() to run {self.run_id!r}, which is closed (close() was called "
+                    f"on a handle of it): {n} items of this call were added before; a new "
+                    f"run_id starts another run"
+                )
             n += len(chunk)
 
     def results(self, count: int = 1000, timeout: float = 1.0) -> list[Any]:
@@ -648,18 +668,27 @@ class LiveRun:
         return values
 
     def close(self) -> None:
-        """Mark the source finished: the run completes once what was submitted is through."""
+        """Close the run: no more items, from this handle or any other (their `submit`
+        raises `ShutDown`). What was submitted still goes through and `results` gives
+        it; the run is drained once every output is taken (`drained`). Closing a
+        closed run does nothing. The run stays in Redis until cancelled."""
         self._closed = True
         self._feed(["", "", "1"])
 
-    def _feed(self, args: list[Any]) -> None:
-        """One call of the FEED script (see `streams.FEED`)."""
+    def drained(self) -> bool:
+        """Whether the run is closed and every output of it was taken: nothing more will
+        come (dead letters, if any, wait for a replay or purge: not drained)."""
+        return self.state().complete
+
+    def _feed(self, args: list[Any]) -> Any:
+        """One call of the FEED script (see `streams.FEED`); its reply."""
         keys = self.keys
         reply = self._retry(
             self._scripts.feed, keys=[keys.stream(0), keys.counters, keys.meta], args=args
         )
         if reply == -1:
             raise BackendError(f"run {self.run_id!r} no longer exists")
+        return reply
 
     def state(self) -> RunState:
         """The run's counters now."""

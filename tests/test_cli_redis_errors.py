@@ -669,6 +669,62 @@ def test_a_dead_letter_id_that_two_runs_have_is_refused_without_run_and_nothing_
     assert first["run_id"] == "r1"
 
 
+SLOW_IMPORT = """
+import os
+import pathlib
+import time
+
+import conveyor as cv
+
+# Importing this module takes as long as the test wants: a command's start-up.
+pathlib.Path(os.environ["IMPORTING"]).touch()
+deadline = time.monotonic() + 60
+while not pathlib.Path(os.environ["IMPORTED"]).exists() and time.monotonic() < deadline:
+    time.sleep(0.01)
+
+pipeline = cv.Pipeline(range(3)).map(abs)
+"""
+
+
+@pytest.mark.parametrize(
+    ("command", "sig", "code", "line"),
+    [
+        ("worker", signal.SIGTERM, 0,
+         "conveyor: worker stopped (SIGTERM) before it started serving: it took nothing"),
+        ("worker", signal.SIGINT, 0,
+         "conveyor: worker stopped (Ctrl-C) before it started serving: it took nothing"),
+        ("run", signal.SIGTERM, 143, "conveyor: terminated (SIGTERM)"),
+        ("run", signal.SIGINT, 130, "conveyor: interrupted"),
+    ],
+    ids=["worker-sigterm", "worker-sigint", "run-sigterm", "run-sigint"],
+)  # fmt: skip
+def test_a_signal_while_a_command_starts_is_a_clean_stop_with_one_line(
+    project: Path, tmp_path: Path, command: str, sig: signal.Signals, code: int, line: str
+) -> None:
+    """Regression: a worker sent SIGTERM while it started (importing the pipeline's
+    module, before its handlers were installed) died by the signal without a word (143),
+    and Ctrl-C there gave a KeyboardInterrupt traceback."""
+    (project / "slow_app.py").write_text(SLOW_IMPORT)
+    importing, imported = tmp_path / "importing", tmp_path / "imported"
+    redis_args = ["--redis", UNREACHABLE] if command == "worker" else []
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conveyor", command, "slow_app:pipeline", *redis_args],
+        cwd=project, env={**os.environ, "IMPORTING": str(importing), "IMPORTED": str(imported)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(importing.exists, "the command to import the pipeline's module")
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        imported.touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert proc.returncode == code, stderr
+    assert lines(stderr) == [line]
+
+
 def test_a_second_sigterm_stops_a_worker_whose_thread_is_stuck_in_user_code_at_once(
     project: Path, redis_server: RedisServer, tmp_path: Path
 ) -> None:

@@ -388,6 +388,14 @@ def test_join_refuses_a_bad_timeout_naming_join_and_the_run_goes_on(
 # ---------------------------------------------------------------------- the handle
 
 
+def endless(pulled: threading.Event, at: int = 30) -> Iterator[int]:
+    """0, 1, 2, ... for ever, setting ``pulled`` once item ``at`` is pulled."""
+    for i in itertools.count():
+        if i == at:
+            pulled.set()
+        yield i
+
+
 def _public(cls: type) -> set[str]:
     return {name for name in dir(cls) if not name.startswith("_")}
 
@@ -408,14 +416,7 @@ def test_a_started_runs_handle_has_the_local_handles_methods_on_every_backend(
 def test_result_so_far_and_stats_are_live_while_a_started_run_goes_on(runner: Runner) -> None:
     """Regression: on Redis ``stats()`` was empty and ``result_so_far()`` missing until the end."""
     pulled = threading.Event()
-
-    def endless() -> Iterator[int]:
-        for i in itertools.count():
-            if i == 30:
-                pulled.set()
-            yield i
-
-    handle = runner.start(two_stages(runner, endless()), collect=True)
+    handle = runner.start(two_stages(runner, endless(pulled)), collect=True)
     with handle:
         assert pulled.wait(WAIT), "the run did not pull 30 items"
         deadline = time.monotonic() + WAIT
@@ -435,14 +436,7 @@ def test_result_so_far_and_stats_are_live_while_a_started_run_goes_on(runner: Ru
 def test_stop_with_drain_lets_the_items_inside_finish_on_every_backend(runner: Runner) -> None:
     """Regression: ``stop(drain=True)`` was refused on Redis (ConfigurationError)."""
     pulled = threading.Event()
-
-    def endless() -> Iterator[int]:
-        for i in itertools.count():
-            if i == 30:
-                pulled.set()
-            yield i
-
-    pipeline = two_stages(runner, endless())
+    pipeline = two_stages(runner, endless(pulled))
     handle = runner.start(pipeline, collect=True)
     with handle:
         assert pulled.wait(WAIT), "the run did not pull 30 items"

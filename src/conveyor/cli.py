@@ -165,7 +165,8 @@ def _about_stage(stage: str, exc: ConfigurationError) -> str:
 
 _EPILOG = """\b
 Exit codes:
-  0    success
+  0    success (a worker: also stopped by SIGTERM or Ctrl-C, while
+       starting too)
   1    the pipeline failed (a stage or the source raised)
   2    usage error (bad option, MODULE:ATTR or override)
   3    Redis could not be reached, or was lost, for --connect-timeout

@@ -577,7 +577,11 @@ class RedisBackend(Backend):
         return LiveRun(self, keys, info, retry)
 
     def submit(self, pipeline: Any, items: Iterable[Any], run_id: str = "live") -> int:
-        """Add ``items`` to the long-lived run ``run_id`` (created if needed); return how many."""
+        """Add ``items`` to the long-lived run ``run_id`` (created if needed); return how many.
+
+        Raises:
+            ShutDown: the run is closed (`LiveRun.close`).
+        """
         return self.open(pipeline, run_id).submit(items)
 
 

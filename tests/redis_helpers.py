@@ -85,6 +85,16 @@ def poisoned(n: int = 50) -> cv.Pipeline[int]:
     return cv.Pipeline(range(n)).map(fragile, name="fragile").map(triple, name="triple")
 
 
+def refuse(item: Any) -> Any:
+    """Fails on every item: each becomes a dead letter."""
+    raise ValueError(f"refused {item!r}")
+
+
+def refusing() -> cv.Pipeline[Any]:
+    """One stage that dead-letters everything (the ``dlq`` commands' tests)."""
+    return cv.Pipeline([]).map(refuse, name="refuse", ordered=False)
+
+
 GATE_ENV = "CONVEYOR_TEST_GATE"
 """``URL PREFIX``: the Redis server and key prefix through which `gated` and a test meet."""
 

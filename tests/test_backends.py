@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -91,12 +92,29 @@ def test_a_started_redis_run_stops_and_resumes_with_its_run_id(redis_server: Red
     assert sorted(set((stopped.outputs or []) + rest)) == list(range(20))
 
 
-def test_stop_drain_is_for_runs_on_this_machine(redis_server: RedisServer) -> None:
-    pipeline = cv.Pipeline(range(5)).map(triple)
-    with pipeline.start(backend=_backend(redis_server)) as handle:
-        with pytest.raises(cv.ConfigurationError, match="drain=True"):
+def test_a_backend_that_cannot_drain_refuses_stop_drain_and_stops_as_it_is() -> None:
+    """The Redis and local backends drain (the contract suite); one without
+    `Backend.drains` says so, and its handle still stops and reads as the others'."""
+    started = threading.Event()
+
+    class Elsewhere(cv.Backend):
+        def run(self, pipeline: Any, *, stop: threading.Event | None = None, **_: Any) -> Any:
+            assert stop is not None
+            started.set()
+            stop.wait(30)
+            return cv.RunResult(stats=[], stopped=True)
+
+        def iterate(self, pipeline: Any, **options: Any) -> Iterator[Any]:
+            raise AssertionError("never reached")
+
+    handle = cv.Pipeline(range(5)).map(triple).start(backend=Elsewhere())
+    with handle:
+        assert started.wait(30)
+        with pytest.raises(cv.ConfigurationError, match=r"drain=True.*cannot drain"):
             handle.stop(drain=True)
-        handle.join(30)
+        assert handle.result_so_far().stats == []  # it publishes nothing while it runs
+        handle.stop()
+        assert handle.join(30).stopped
 
 
 async def _cancel_soon(

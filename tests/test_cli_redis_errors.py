@@ -617,6 +617,114 @@ def test_a_dead_letter_id_that_is_not_there_is_refused_naming_it_and_nothing_mov
     assert done.stdout == {"replay": "replayed", "purge": "purged"}[mode] + " 1 dead letters\n"
 
 
+@pytest.mark.parametrize("mode", ["replay", "purge"])
+def test_a_dead_letter_id_that_two_runs_have_is_refused_without_run_and_nothing_moves(
+    project: Path, redis_server: RedisServer, mode: str
+) -> None:
+    """Regression: ``dlq replay|purge --id ID`` without ``--run`` applied the id to every
+    run; ids are made per run from the time in ms, so two runs' ids can be the same."""
+
+    def fragile(x: int) -> int:  # the stage of app:dead_ends
+        if x == 3:
+            raise ValueError("cannot handle 3")
+        return x
+
+    namespace, url = new_namespace(), redis_server.url
+    for run_id in ("r1", "r2"):
+        backend = RedisBackend(
+            url, namespace=namespace, run_id=run_id, max_deliveries=1, local_workers=True
+        )
+        with pytest.raises(cv.DeadLettersError):
+            cv.Pipeline(range(10)).map(fragile).run(backend=backend)
+    where = ["--redis", url, "--namespace", namespace]
+    listed, _ = conveyor("dlq", "list", "app:dead_ends", *where, "--json", cwd=project)
+    first, second = sorted(json.loads(listed.stdout), key=lambda d: d["run_id"])
+    # The collision, made here at will: r1's dead letter gets the id of r2's (an id
+    # above the stream's last, as the clock would have given it within the same ms).
+    with redis_py.Redis.from_url(url) as client:
+        (dead,) = client.keys(f"{namespace}:*r1}}:dlq0")
+        [(old_id, fields)] = client.xrange(dead)
+        client.xadd(dead, fields, id=second["entry_id"])
+        client.xdel(dead, old_id)
+    before, _ = conveyor("dlq", "list", "app:dead_ends", *where, "--json", cwd=project)
+    assert [d["entry_id"] for d in json.loads(before.stdout)] == [second["entry_id"]] * 2
+
+    one_id = ["--id", second["entry_id"]]
+    done, _ = conveyor("dlq", mode, "app:dead_ends", *where, *one_id, cwd=project)
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert (
+        f"Error: dead letter id {second['entry_id']} is in 2 runs ('r1', 'r2'): give --run ID "
+        "to say which; nothing was moved"
+    ) in done.stderr
+    after, _ = conveyor("dlq", "list", "app:dead_ends", *where, "--json", cwd=project)
+    assert after.stdout == before.stdout  # nothing moved
+
+    done, _ = conveyor(
+        "dlq", mode, "app:dead_ends", *where, "--run", "r1", "--id", second["entry_id"],
+        cwd=project,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    left, _ = conveyor("dlq", "list", "app:dead_ends", *where, "--json", cwd=project)
+    assert [d["run_id"] for d in json.loads(left.stdout)] == ["r2"]
+    assert first["run_id"] == "r1"
+
+
+SLOW_IMPORT = """
+import os
+import pathlib
+import time
+
+import conveyor as cv
+
+# Importing this module takes as long as the test wants: a command's start-up.
+pathlib.Path(os.environ["IMPORTING"]).touch()
+deadline = time.monotonic() + 60
+while not pathlib.Path(os.environ["IMPORTED"]).exists() and time.monotonic() < deadline:
+    time.sleep(0.01)
+
+pipeline = cv.Pipeline(range(3)).map(abs)
+"""
+
+
+@pytest.mark.parametrize(
+    ("command", "sig", "code", "line"),
+    [
+        ("worker", signal.SIGTERM, 0,
+         "conveyor: worker stopped (SIGTERM) before it started serving: it took nothing"),
+        ("worker", signal.SIGINT, 0,
+         "conveyor: worker stopped (Ctrl-C) before it started serving: it took nothing"),
+        ("run", signal.SIGTERM, 143, "conveyor: terminated (SIGTERM)"),
+        ("run", signal.SIGINT, 130, "conveyor: interrupted"),
+    ],
+    ids=["worker-sigterm", "worker-sigint", "run-sigterm", "run-sigint"],
+)  # fmt: skip
+def test_a_signal_while_a_command_starts_is_a_clean_stop_with_one_line(
+    project: Path, tmp_path: Path, command: str, sig: signal.Signals, code: int, line: str
+) -> None:
+    """Regression: a worker sent SIGTERM while it started (importing the pipeline's
+    module, before its handlers were installed) died by the signal without a word (143),
+    and Ctrl-C there gave a KeyboardInterrupt traceback."""
+    (project / "slow_app.py").write_text(SLOW_IMPORT)
+    importing, imported = tmp_path / "importing", tmp_path / "imported"
+    redis_args = ["--redis", UNREACHABLE] if command == "worker" else []
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conveyor", command, "slow_app:pipeline", *redis_args],
+        cwd=project, env={**os.environ, "IMPORTING": str(importing), "IMPORTED": str(imported)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(importing.exists, "the command to import the pipeline's module")
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        imported.touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert proc.returncode == code, stderr
+    assert lines(stderr) == [line]
+
+
 def test_a_second_sigterm_stops_a_worker_whose_thread_is_stuck_in_user_code_at_once(
     project: Path, redis_server: RedisServer, tmp_path: Path
 ) -> None:

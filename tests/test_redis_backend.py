@@ -25,7 +25,15 @@ from conveyor.cli import cli
 from conveyor.redis import DeadLettersError, RedisBackend, RedisRunResult, Worker
 from conveyor.redis.codec import get_codec
 from conveyor.redis.streams import Keys, pipeline_id
-from redis_helpers import POISON, new_namespace, poisoned, three_stages, triple, wait_until
+from redis_helpers import (
+    POISON,
+    new_namespace,
+    poisoned,
+    refuse,
+    three_stages,
+    triple,
+    wait_until,
+)
 
 if TYPE_CHECKING:
     from conftest import RedisServer, RedisServerFactory
@@ -235,7 +243,8 @@ def test_a_poison_item_goes_to_dead_letters_and_a_replay_after_the_fix_finishes_
     listed = runner.invoke(cli, ["dlq", "list", *args, "--json"], catch_exceptions=False)
     assert listed.exit_code == 0, listed.output
     [letter] = json.loads(listed.output)
-    assert letter["item"] == repr(POISON)
+    assert letter["item"] == POISON
+    assert letter["item_format"] == "json"
     assert letter["stage"] == "fragile"
     assert letter["deliveries"] == 4  # delivered max_deliveries times, then once more: dead
     assert f"ValueError: cannot handle {POISON}" in letter["error"]
@@ -250,6 +259,49 @@ def test_a_poison_item_goes_to_dead_letters_and_a_replay_after_the_fix_finishes_
     assert rest.outputs == [3 * (x + 1) for x in range(POISON, 50)]
     with redis_client(url) as client:
         assert client.keys(f"{namespace}:*") == []
+
+
+def test_dlq_list_json_gives_items_as_json_where_json_carries_them_else_their_repr(
+    redis_server: RedisServer,
+) -> None:
+    """Regression: ``dlq list --json`` gave every item as its repr, a string (a dict
+    item came as ``"{'a': [1, 2.5, None]}"``)."""
+    namespace, url = new_namespace(), redis_server.url
+    items: list[Any] = [{"a": [1, 2.5, None], "b": "text"}, b"\x00raw", "plain"]
+    backend = RedisBackend(
+        url, namespace=namespace, run_id="kinds", max_deliveries=1, local_workers=True
+    )
+    with pytest.raises(DeadLettersError):
+        cv.Pipeline(items).map(refuse, name="refuse", ordered=False).run(backend=backend)
+    args = ["redis_helpers:refusing", "--redis", url, "--namespace", namespace, "--json"]
+    listed = CliRunner().invoke(cli, ["dlq", "list", *args], catch_exceptions=False)
+    assert listed.exit_code == 0, listed.output
+    letters = sorted(json.loads(listed.output), key=lambda d: d["source_id"])
+    got = {json.dumps(d["item"]): d["item_format"] for d in letters}
+    assert got == {
+        json.dumps({"a": [1, 2.5, None], "b": "text"}): "json",
+        json.dumps(repr(b"\x00raw")): "repr",
+        json.dumps("plain"): "json",
+    }
+    assert all(d["item_error"] is None and d["run_id"] == "kinds" for d in letters)
+
+
+def test_dlq_list_json_says_when_an_item_could_not_be_decoded(redis_server: RedisServer) -> None:
+    """A pickle run's dead letter listed without the key: ``item`` null, format "none"."""
+    namespace, url = new_namespace(), redis_server.url
+    backend = RedisBackend(
+        url, namespace=namespace, run_id="sealed", max_deliveries=1, local_workers=True,
+        codec="pickle", secret_key=SECRET,
+    )  # fmt: skip
+    with pytest.raises(DeadLettersError):
+        cv.Pipeline([1]).map(refuse, name="refuse", ordered=False).run(backend=backend)
+    args = ["redis_helpers:refusing", "--redis", url, "--namespace", namespace, "--json"]
+    listed = CliRunner(env={"CONVEYOR_SECRET_KEY": None}).invoke(
+        cli, ["dlq", "list", *args], catch_exceptions=False
+    )
+    [letter] = json.loads(listed.output)
+    assert (letter["item"], letter["item_format"]) == (None, "none")
+    assert letter["item_error"]
 
 
 def test_purged_dead_letters_let_an_ordered_run_finish_without_them(
@@ -490,6 +542,70 @@ def test_producers_submit_to_a_long_lived_run_served_by_running_workers(
             "the long-lived run to complete",
         )
     assert sorted(got) == [3 * x for x in range(300) if x % 2 == 0]
+
+
+def _status(url: str, namespace: str, target: str = "redis_helpers:tripled") -> list[Any]:
+    args = ["status", target, "--redis", url, "--namespace", namespace, "--json"]
+    done = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert done.exit_code == 0, done.output
+    runs: list[Any] = json.loads(done.output)
+    return runs
+
+
+def test_close_closes_a_long_lived_run_for_every_handle_and_status_says_open_closed_drained(
+    redis_server: RedisServer, closing: Callable[[Any], Any]
+) -> None:
+    """Regression: status said "source feeding", then "source done" and complete, and
+    close() closed only its handle: another handle (or backend.submit) still added items."""
+    from conveyor.loading import load_pipeline
+
+    pipeline = load_pipeline("redis_helpers:tripled")
+    namespace, url = new_namespace(), redis_server.url
+    backend = closing(RedisBackend(url, namespace=namespace))
+    with serving(pipeline, url, namespace):
+        live, other = backend.open(pipeline), backend.open(pipeline)
+        assert live.submit(range(10)) == 10
+        [run] = _status(url, namespace)
+        assert (run["kind"], run["state"], run["complete"]) == ("long-lived", "open", False)
+
+        live.close()
+        with pytest.raises(cv.ShutDown, match="'live', which is closed"):
+            other.submit([100])
+        with pytest.raises(cv.ShutDown, match="which is closed"):
+            backend.submit(pipeline, [100])
+        with pytest.raises(cv.ShutDown, match="which this handle closed"):
+            live.submit([100])
+        wait_until(lambda: live.state().stages[0].out == 10, "the submitted items to go through")
+        [run] = _status(url, namespace)
+        assert (run["state"], run["fed"], run["complete"]) == ("closed", 10, False)
+        assert not other.drained()
+
+        got: list[int] = []
+        wait_until(lambda: got.extend(other.results(timeout=0.1)) or other.drained(), "drained")
+    assert sorted(got) == [triple(x) for x in range(10)]  # the refused 100 never came
+    [run] = _status(url, namespace)
+    assert (run["state"], run["complete"]) == ("drained", True)
+    text = CliRunner().invoke(
+        cli, ["status", "redis_helpers:tripled", "--redis", url, "--namespace", namespace]
+    )
+    assert "run live (long-lived, drained: closed, every output taken;" in text.output
+    assert backend.cancel(pipeline, "live")
+    assert _status(url, namespace) == []
+
+
+def test_status_says_whether_a_driven_run_has_a_driver(redis_server: RedisServer) -> None:
+    namespace, url = new_namespace(), redis_server.url
+    pipeline = cv.Pipeline(range(50)).map(triple)
+    backend = RedisBackend(url, namespace=namespace, run_id="driven")
+    handle = pipeline.start(backend=backend)  # no worker: it waits
+    wait_until(lambda: _status(url, namespace), "the run to exist")
+    [run] = _status(url, namespace)
+    assert (run["kind"], run["state"]) == ("driven", "running")
+    handle.stop()
+    assert handle.join(30.0).stopped
+    [run] = _status(url, namespace)
+    assert (run["state"], run["left"]) == ("left", "stopped and left in Redis")
+    assert RedisBackend(url, namespace=namespace).cancel(pipeline, "driven")
 
 
 def test_long_lived_runs_and_cancel_refuse_bad_arguments_naming_them(
@@ -889,6 +1005,44 @@ def test_the_driver_says_when_no_worker_serves_its_run(
     with serving(pipeline, redis_server.url, namespace):
         driver.join(30.0)
     assert results[0].outputs == [0, 3, 6, 9, 12]
+
+
+def test_the_drivers_no_worker_hint_names_the_loaded_target_and_the_masked_url(
+    redis_server_factory: RedisServerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: the hint said `conveyor worker MODULE:ATTR --redis URL` even when
+    the driver knew both (``conveyor run redis_helpers:tripled --redis URL``)."""
+    import conveyor.redis.backend as backend_module
+    from conveyor.loading import load_pipeline
+
+    monkeypatch.setattr(backend_module, "QUIET_SECONDS", 0.2)
+    server = redis_server_factory(password="s3cret-pass")
+    pipeline = load_pipeline("redis_helpers:tripled")
+    namespace = new_namespace()
+    backend = RedisBackend(server.url, namespace=namespace, run_id="hinted")
+    with caplog.at_level("WARNING", logger="conveyor.redis"):
+        handle = pipeline.start(collect=True, backend=backend)
+        wait_until(lambda: "no worker serves" in caplog.text, "the driver's warning")
+    masked = server.url.replace("s3cret-pass", "***")
+    assert (
+        f"start `conveyor worker redis_helpers:tripled --redis {masked} --namespace "
+        f"{namespace}` with this version" in caplog.text
+    )
+    assert "s3cret-pass" not in caplog.text
+    with serving(pipeline, server.url, namespace):
+        assert handle.join(30.0).outputs == [triple(x) for x in range(50)]
+
+
+def test_a_pipeline_built_from_a_loaded_one_is_not_named_by_its_target() -> None:
+    from conveyor.loading import load_pipeline
+
+    loaded = load_pipeline("redis_helpers:tripled")
+    assert loaded.target == "redis_helpers:tripled"
+    assert loaded.with_stage("triple", workers=3).target == "redis_helpers:tripled"
+    assert loaded.map(triple).target is None  # other stages: another pipeline
+    assert cv.Pipeline(range(3)).map(triple).target is None
 
 
 # ---------------------------------------------------------------------- random shapes

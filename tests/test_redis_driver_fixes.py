@@ -555,7 +555,7 @@ def test_a_closed_live_run_refuses_more_items_from_the_same_handle(
     live = RedisBackend(redis_server.url, namespace=namespace).open(cv.Pipeline([]).map(triple))
     assert live.submit([1, 2]) == 2
     live.close()
-    with pytest.raises(cv.ShutDown, match=r"submit\(\) on a closed LiveRun"):
+    with pytest.raises(cv.ShutDown, match=r"submit\(\) to run .live., which this handle closed"):
         live.submit([3])
     assert live.state().fed == 2
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from os import PathLike
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
@@ -42,6 +42,7 @@ __all__ = [
     "BackgroundRun",
     "LocalBackend",
     "RunOptions",
+    "StopSignal",
     "admit",
     "budget_option",
     "check_backend",
@@ -88,6 +89,10 @@ class Backend(ABC):
     bounds_bytes = False
     """Whether `run` and `iterate` take ``max_bytes=`` (a run's byte budget) and honour it."""
 
+    drains = False
+    """Whether `run`, given a `StopSignal` as ``stop``, honours its drain (what
+    ``stop(drain=True)`` on a `BackgroundRun` asks) and publishes its result so far."""
+
     @abstractmethod
     def run(
         self, pipeline: Any, *, stop: threading.Event | None = None, **options: Unpack[RunOptions]
@@ -130,11 +135,68 @@ class Backend(ABC):
             raise
 
 
+class StopSignal(threading.Event):
+    """The stop event a `BackgroundRun` gives `Backend.run`, with what else the handle
+    and the run in its thread share.
+
+    Set, it stops the run as any stop event does (a backend that knows nothing more
+    sees only that). A backend that sets `Backend.drains` also registers, once its
+    run exists, what a drain does (`on_drain`) and how to read the run's result as it
+    stands (`publish`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()  # guards the three fields below
+        self._drain_asked = False
+        self._drainer: Callable[[], None] | None = None
+        self._snapshot: Callable[[], RunResult] | None = None
+
+    def drain(self) -> None:
+        """Ask the run to stop pulling its source and finish what is inside it."""
+        with self._lock:
+            self._drain_asked = True
+            drainer = self._drainer
+        if drainer is not None:
+            drainer()
+
+    def on_drain(self, drainer: Callable[[], None]) -> None:
+        """Register what a drain does (the backend, once its run exists); called at
+        once if a drain was asked for before."""
+        with self._lock:
+            self._drainer = drainer
+            asked = self._drain_asked
+        if asked:
+            drainer()
+
+    @property
+    def draining(self) -> bool:
+        """Whether a drain was asked for."""
+        return self._drain_asked
+
+    def publish(self, snapshot: Callable[[], RunResult]) -> None:
+        """Register how to read the run's result as it stands (the backend, once its
+        run exists)."""
+        with self._lock:
+            self._snapshot = snapshot
+
+    def snapshot(self) -> RunResult | None:
+        """The run's result as it stands; None before the backend published one."""
+        with self._lock:
+            snapshot = self._snapshot
+        return None if snapshot is None else snapshot()
+
+
 class BackgroundRun:
-    """A run of a backend going on in a thread: stop it, wait for its result."""
+    """A run of a backend going on in a thread: watch it, stop it, wait for its result.
+
+    It has the methods of the local `conveyor.pipeline.RunHandle` (``stop``, ``done``,
+    ``wait``, ``join``, ``stats``, ``result_so_far``, ``with``), with the same meaning.
+    """
 
     def __init__(self, backend: Backend, pipeline: Any, options: RunOptions) -> None:
-        self._stop = threading.Event()
+        self._stop = StopSignal()
+        self._drains = backend.drains
         self._result: RunResult | None = None
         self._error: BaseException | None = None
         self._ended = threading.Event()
@@ -155,25 +217,31 @@ class BackgroundRun:
             self._ended.set()
 
     def stop(self, drain: bool = False) -> None:
-        """Ask the run to stop; it ends as soon as the backend notices, and a
-        distributed run stays where it is, to be resumed.
+        """Stop the run: at once (default), or, with ``drain``, stop the source and let
+        the items already inside finish. A run that has ended stays as it ended; a
+        distributed run stopped at once stays where it is, to be resumed.
 
         Raises:
-            ConfigurationError: ``drain=True``, which runs on this machine have.
+            ConfigurationError: ``drain=True`` with a backend that cannot drain
+                (`Backend.drains`).
         """
-        if check_bool(drain, "drain", "BackgroundRun.stop()"):
+        if check_bool(drain, "drain", "BackgroundRun.stop()") and not self._drains:
             raise ConfigurationError(
-                "stop(drain=True) lets a run on this machine finish the items inside it; "
-                "a backend's run is stopped as it is (and can be resumed)"
+                "stop(drain=True): this backend cannot drain a run; stop() stops it as it is"
             )
-        self._stop.set()
+        if self._ended.is_set():
+            return
+        if drain:
+            self._stop.drain()
+        else:
+            self._stop.set()
 
     def done(self) -> bool:
         """True once the run has ended (finished, failed or stopped)."""
         return self._ended.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the end of the run; True if it ended."""
+        """Wait for the end of the run, without its result or error; True if it ended."""
         check_seconds(timeout, "timeout", "BackgroundRun.wait()", zero=True)
         return self._wait(timeout)
 
@@ -205,8 +273,24 @@ class BackgroundRun:
         return self._result
 
     def stats(self) -> list[StageStats]:
-        """Per-stage statistics: those of the result once the run has ended, else none."""
-        return [] if self._result is None else self._result.stats
+        """Per-stage statistics, live (as the backend last read them); none before the
+        run has started."""
+        return self.result_so_far().stats
+
+    def result_so_far(self) -> RunResult:
+        """The run's result as it stands: live while it goes on; after a `join` that
+        raised, what the run did before it failed or was stopped (statistics,
+        failures recorded, outputs collected), with the error as ``error``."""
+        from dataclasses import replace
+
+        from .metrics import RunResult
+
+        if self._ended.is_set() and self._result is not None:
+            return self._result
+        result = self._stop.snapshot()
+        if result is None:  # a backend that publishes nothing, or one not started yet
+            result = RunResult(stats=[])
+        return result if self._error is None else replace(result, error=self._error)
 
     def __enter__(self) -> BackgroundRun:
         return self
@@ -220,6 +304,7 @@ class LocalBackend(Backend):
     """The default: the pipeline runs in this process, on channels and runtimes."""
 
     bounds_bytes = True
+    drains = True
 
     def run(
         self, pipeline: Any, *, stop: threading.Event | None = None, **options: Unpack[RunOptions]
@@ -229,6 +314,9 @@ class LocalBackend(Backend):
             result: RunResult = pipeline.run(**options)
             return result
         handle = pipeline.start(**options)
+        if isinstance(stop, StopSignal):
+            stop.publish(handle.result_so_far)
+            stop.on_drain(lambda: handle.stop(drain=True))
         watcher = threading.Thread(
             target=_stop_when, args=(stop, handle), name="conveyor-stop-watch", daemon=True
         )

@@ -165,7 +165,8 @@ def _about_stage(stage: str, exc: ConfigurationError) -> str:
 
 _EPILOG = """\b
 Exit codes:
-  0    success
+  0    success (a worker: also stopped by SIGTERM or Ctrl-C, while
+       starting too)
   1    the pipeline failed (a stage or the source raised)
   2    usage error (bad option, MODULE:ATTR or override)
   3    Redis could not be reached, or was lost, for --connect-timeout
@@ -395,8 +396,11 @@ def _run_on_redis(
 ) -> RunResult:
     """``conveyor run --redis``: drive the run; a failed run exits as a local one does,
     Redis unreachable (or lost) for ``connect_timeout`` with `EXIT_REDIS_UNREACHABLE`."""
+    from ._early_stop import release
     from .redis.cli import run_on_redis
 
+    # Ctrl-C as KeyboardInterrupt, which the driver handles: it leaves its run in Redis.
+    release(signal.SIGINT)
     if stall_timeout is not None:
         raise click.UsageError(
             "--stall-timeout applies to runs in this process, not with --redis: "
@@ -550,8 +554,10 @@ _add_redis_commands()
 def demo() -> None:
     """Show conveyor at work: the classic producer-consumer scenario, then a
     pipeline with a deliberately slow stage and the report naming it."""
+    from ._early_stop import release
     from .demo import run_demo
 
+    release(signal.SIGINT)  # Ctrl-C as KeyboardInterrupt: its runs stop and join their workers
     raise SystemExit(run_demo())
 
 
@@ -573,6 +579,9 @@ _OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, 
 
 def main() -> None:
     """Entry point of the ``conveyor`` console script and of ``python -m conveyor``."""
+    from ._early_stop import install
+
+    install()  # done already by `python -m conveyor`, before this module's imports
     try:
         cli(prog_name="conveyor")
     except OSError as exc:

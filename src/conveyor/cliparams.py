@@ -17,6 +17,9 @@ from urllib.parse import urlsplit
 
 import click
 
+# The exit codes of a signal: defined where the entry point's first handlers (installed
+# before click is imported) use them too.
+from ._early_stop import EXIT_INTERRUPTED, EXIT_TERMINATED
 from .stage import error_message
 from .validate import NAME_ACCEPTED, name_problem
 
@@ -116,9 +119,6 @@ ENTRY_ID = EntryId()
 JSON_PARTIAL = "conveyor.json_partial"
 """The key of ``click.Context.meta`` where a `JsonCommand` that fails leaves what it
 knows so far (a failed run's statistics, as a dict): its error document adds to it."""
-
-EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): 128 + signal 2, what shells report for it
-EXIT_TERMINATED = 143  # SIGTERM (docker stop, kill): 128 + signal 15
 
 
 class JsonCommand(click.Command):

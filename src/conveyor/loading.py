@@ -63,6 +63,7 @@ def load_pipeline(path: str) -> Pipeline[Any]:
         except AttributeError:
             raise ConfigurationError(_missing_attribute(module, module_name, attr_path)) from None
     if isinstance(target, Pipeline):
+        target._target = path
         return target
     if not callable(target):
         raise ConfigurationError(
@@ -75,6 +76,7 @@ def load_pipeline(path: str) -> Pipeline[Any]:
         raise PipelineLoadError(f"{path}() raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(made, Pipeline):
         raise ConfigurationError(f"{path}() returned {_a_type(made)}, not a conveyor.Pipeline")
+    made._target = path
     return made
 
 

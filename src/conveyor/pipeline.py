@@ -177,6 +177,9 @@ class Pipeline(Generic[T]):
         self._source_runs: list[int] = [0]
         # True for the copy that `_admit` hands to a backend: its one run is counted.
         self._admitted = False
+        # The MODULE:ATTR that built it, when `conveyor.loading` did: messages that tell
+        # the user to start workers name it.
+        self._target: str | None = None
 
     def _copy(self, stages: tuple[Stage, ...], admitted: bool = False) -> Pipeline[Any]:
         """This pipeline with other stages, over the same source (and its count of
@@ -188,7 +191,17 @@ class Pipeline(Generic[T]):
         new._runs = self._runs if admitted else []
         new._source_runs = self._source_runs
         new._admitted = admitted
+        # The same stages by kind and name (a copy to run, a worker count changed): the
+        # same pipeline for the workers that load the target; other stages are another.
+        same = [(s.kind, s.name) for s in stages] == [(s.kind, s.name) for s in self._stages]
+        new._target = self._target if same else None
         return new
+
+    @property
+    def target(self) -> str | None:
+        """``MODULE:ATTR``, when the pipeline was found by that name (``conveyor run``, a
+        worker); None when code built it (then only that code knows its name)."""
+        return self._target
 
     @property
     def stages(self) -> tuple[Stage, ...]:
@@ -759,7 +772,8 @@ class Pipeline(Generic[T]):
         """Start a run in the background and return its handle.
 
         Options as for `run`. With a backend other than this process, the
-        handle is a `conveyor.backends.BackgroundRun` (stop, done, join, stats).
+        handle is a `conveyor.backends.BackgroundRun`, with the same methods as a
+        `RunHandle` (stop, with drain too, done, wait, join, stats, result_so_far).
         """
         _check_flags("start()", collect=collect, progress=progress)
         remote = _remote(backend, "start()", stall_timeout, metrics, max_bytes)
@@ -1147,6 +1161,11 @@ class RunHandle(Generic[OutputT]):
     def done(self) -> bool:
         """True once the run has ended (finished, failed or stopped)."""
         return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the end of the run, without its result or error; True if it ended."""
+        check_seconds(timeout, "timeout", "RunHandle.wait()", zero=True)
+        return wait_interruptibly(self._done.wait, timeout)
 
     def join(self, timeout: float | None = None) -> RunResult[OutputT]:
         """Wait for the end of the run and return its result.

@@ -438,3 +438,71 @@ def test_join_refuses_a_bad_timeout_naming_join_and_the_run_goes_on(
     with pytest.raises(cv.ConfigurationError, match=r"\.join\(\) 'timeout' must be"):
         handle.join(timeout=timeout)
     assert handle.join(timeout=WAIT).items_out == 20
+
+
+# ---------------------------------------------------------------------- the handle
+
+
+def endless(pulled: threading.Event, at: int = 30) -> Iterator[int]:
+    """0, 1, 2, ... for ever, setting ``pulled`` once item ``at`` is pulled."""
+    for i in itertools.count():
+        if i == at:
+            pulled.set()
+        yield i
+
+
+def _public(cls: type) -> set[str]:
+    return {name for name in dir(cls) if not name.startswith("_")}
+
+
+def test_a_started_runs_handle_has_the_local_handles_methods_on_every_backend(
+    runner: Runner,
+) -> None:
+    """Regression: on Redis ``start()`` gave a handle without ``result_so_far()``."""
+    from conveyor.pipeline import RunHandle
+
+    with runner.start(two_stages(runner, range(20)), collect=True) as handle:
+        assert _public(type(handle)) == _public(RunHandle)
+        result = handle.join(WAIT)
+    assert handle.wait(0) and handle.done()
+    assert handle.result_so_far().outputs == result.outputs == [inc(triple(x)) for x in range(20)]
+
+
+def test_result_so_far_and_stats_are_live_while_a_started_run_goes_on(runner: Runner) -> None:
+    """Regression: on Redis ``stats()`` was empty and ``result_so_far()`` missing until the end."""
+    pulled = threading.Event()
+    handle = runner.start(two_stages(runner, endless(pulled)), collect=True)
+    with handle:
+        assert pulled.wait(WAIT), "the run did not pull 30 items"
+        deadline = time.monotonic() + WAIT
+        # Bounded polling: a run's counters offer nothing to wait on.
+        while handle.result_so_far().stats[1].items_out < 10:
+            assert time.monotonic() < deadline, "result_so_far() never showed 10 outputs"
+            time.sleep(0.01)
+        assert not handle.done()
+        assert handle.stats()[0].name == "triple"
+        assert [s.name for s in handle.result_so_far().stats] == ["triple", "inc"]
+        handle.stop()
+        result = handle.join(WAIT)
+    assert result.stopped
+    assert handle.result_so_far().stopped
+
+
+def test_stop_with_drain_lets_the_items_inside_finish_on_every_backend(runner: Runner) -> None:
+    """Regression: ``stop(drain=True)`` was refused on Redis (ConfigurationError)."""
+    pulled = threading.Event()
+    pipeline = two_stages(runner, endless(pulled))
+    handle = runner.start(pipeline, collect=True)
+    with handle:
+        assert pulled.wait(WAIT), "the run did not pull 30 items"
+        handle.stop(drain=True)
+        result = handle.join(WAIT)
+    assert result.stopped
+    outputs = result.outputs or []
+    assert len(outputs) >= 1
+    # Every item the source gave before the drain came through: nothing lost, in order.
+    assert outputs == [inc(triple(x)) for x in range(len(outputs))]
+    assert result.stats[0].items_in == len(outputs)
+    if runner.on_redis:
+        # Drained, the run completed: nothing is left in Redis to resume.
+        assert not runner.backend_for().cancel(pipeline, getattr(result, "run_id", ""))

@@ -23,7 +23,7 @@ from itertools import islice
 from time import monotonic, perf_counter, sleep
 from typing import TYPE_CHECKING, Any, NamedTuple, Unpack
 
-from ..backends import Backend, RunOptions, admit, check_run_options
+from ..backends import Backend, RunOptions, StopSignal, admit, check_run_options
 from ..channel import check_max_bytes
 from ..engine import ABORT_WAIT
 from ..errors import (
@@ -185,6 +185,7 @@ class RedisBackend(Backend):
     """
 
     bounds_bytes = True
+    drains = True
 
     def __init__(
         self,
@@ -376,6 +377,9 @@ class RedisBackend(Backend):
         run = self._new_run(pipeline, max_bytes)
         run.halt = stop
         outputs: list[Any] | None = [] if options.get("collect", False) else None
+        if isinstance(stop, StopSignal):  # a background run's handle: see BackgroundRun
+            stop.publish(lambda: run.result(None if outputs is None else list(outputs), live=True))
+            stop.on_drain(run.drain)
         watcher: ProgressWatcher | None = None
         result: RedisRunResult | None = None
         error: BaseException | None = None
@@ -550,7 +554,9 @@ class RedisBackend(Backend):
 
         Workers serve it like any run; producers anywhere add items with
         `LiveRun.submit` (or `RedisBackend.submit`), and the outputs are read
-        with `LiveRun.results`. Its outputs are not ordered.
+        with `LiveRun.results`. Its outputs are not ordered. `LiveRun.close`
+        closes the run for everyone; attaching to a closed run gives a handle
+        that reads what is left (its ``submit`` raises `ShutDown`).
 
         Raises:
             ConfigurationError: the backend has ``local_workers``, which serve
@@ -571,12 +577,26 @@ class RedisBackend(Backend):
         return LiveRun(self, keys, info, retry)
 
     def submit(self, pipeline: Any, items: Iterable[Any], run_id: str = "live") -> int:
-        """Add ``items`` to the long-lived run ``run_id`` (created if needed); return how many."""
+        """Add ``items`` to the long-lived run ``run_id`` (created if needed); return how many.
+
+        Raises:
+            ShutDown: the run is closed (`LiveRun.close`).
+        """
         return self.open(pipeline, run_id).submit(items)
 
 
 class LiveRun:
-    """A long-lived run: submit items, read results, close it when no more will come."""
+    """A handle on a long-lived run: submit items, read results, close the run when no
+    more will come.
+
+    The run lives in Redis, not in the handle: any number of handles, in any
+    processes, submit to it and read from it. `close` closes the run itself, for
+    every handle: after it, every `submit` raises `ShutDown`, while `results` gives
+    what is still on its way; once every output is taken the run is drained
+    (``conveyor status`` says open, closed or drained) and stays in Redis, with its
+    counters and dead letters, until `RedisBackend.cancel` (``conveyor cancel``)
+    deletes it.
+    """
 
     def __init__(self, backend: RedisBackend, keys: Keys, info: RunInfo, retry: Retrier) -> None:
         self._backend = backend
@@ -596,14 +616,16 @@ class LiveRun:
         """Add items to the first stream, waiting while it is over its limit; return the count.
 
         Raises:
-            ShutDown: this handle was closed (it said no more items would come).
+            ShutDown: the run is closed (by this handle or any other, in any process);
+                the items before the first refused chunk were added (``FEED_CHUNK``
+                at a time).
         """
         if not isinstance(items, Iterable):
             raise ConfigurationTypeError(
                 f"LiveRun.submit() 'items' must be an iterable of items, got {type(items).__name__}"
             )
         if self._closed:
-            raise ShutDown(f"submit() on a closed LiveRun (run {self.run_id!r})")
+            raise ShutDown(f"submit() to run {self.run_id!r}, which this handle closed")
         n = 0
         iterator = iter(items)
         while True:
@@ -615,7 +637,13 @@ class LiveRun:
             for value in chunk:
                 fields = self._codec.encode(value)
                 args += [1, len(fields), *fields]
-            self._feed(args)
+            if self._feed(args) == -3:
+                self._closed = True
+                raise ShutDown(
+                    f"submit() to run {self.run_id!r}, which is closed (close() was called "
+                    f"on a handle of it): {n} items of this call were added before; a new "
+                    f"run_id starts another run"
+                )
             n += len(chunk)
 
     def results(self, count: int = 1000, timeout: float = 1.0) -> list[Any]:
@@ -644,18 +672,27 @@ class LiveRun:
         return values
 
     def close(self) -> None:
-        """Mark the source finished: the run completes once what was submitted is through."""
+        """Close the run: no more items, from this handle or any other (their `submit`
+        raises `ShutDown`). What was submitted still goes through and `results` gives
+        it; the run is drained once every output is taken (`drained`). Closing a
+        closed run does nothing. The run stays in Redis until cancelled."""
         self._closed = True
         self._feed(["", "", "1"])
 
-    def _feed(self, args: list[Any]) -> None:
-        """One call of the FEED script (see `streams.FEED`)."""
+    def drained(self) -> bool:
+        """Whether the run is closed and every output of it was taken: nothing more will
+        come (dead letters, if any, wait for a replay or purge: not drained)."""
+        return self.state().complete
+
+    def _feed(self, args: list[Any]) -> Any:
+        """One call of the FEED script (see `streams.FEED`); its reply."""
         keys = self.keys
         reply = self._retry(
             self._scripts.feed, keys=[keys.stream(0), keys.counters, keys.meta], args=args
         )
         if reply == -1:
             raise BackendError(f"run {self.run_id!r} no longer exists")
+        return reply
 
     def state(self) -> RunState:
         """The run's counters now."""
@@ -772,6 +809,7 @@ class _DriverRun:
         """The counters of the run once complete; None while it goes on, or when it
         ended early (stopped, failed, left)."""
         self._seen: RunState | None = None  # the counters `_watch` read last
+        self._last_read: RunState | None = None  # the counters read last (`_read_state`)
         self._failures: list[Failure] = []
         self._moved = perf_counter()
         self._warned = False
@@ -788,6 +826,8 @@ class _DriverRun:
         self.halt: threading.Event | None = None
         """Set from another thread to stop the run (it stays in Redis, resumable)."""
         self.halted = False
+        self._drain_asked = False
+        """`drain` was called: the source ends where the feeder is (the result says stopped)."""
         self.local_worker: Any = None
         """The backend's ``local_workers``, if any: their failure ends the run."""
         window = backend.reorder_window or 8 * self.stages[0].capacity
@@ -820,6 +860,8 @@ class _DriverRun:
             # is half a stream's share at most: the driver holds about one share.
             max_bytes=None if self.info.share is None else max(1, self.info.share // 2),
         )
+        if self._drain_asked:  # asked before the feeder started: it feeds nothing more
+            self._puller.stop_source()
         self._feeder = threading.Thread(
             target=self._feed,
             args=(self._puller, already_fed),
@@ -827,6 +869,15 @@ class _DriverRun:
             daemon=True,
         )
         self._feeder.start()
+
+    def drain(self) -> None:
+        """Stop pulling the source (as ``stop(drain=True)`` does on one machine): the
+        feeder marks the source done at what it fed, and the run completes once what is
+        inside has gone through."""
+        self._drain_asked = True
+        puller = self._puller
+        if puller is not None:
+            puller.stop_source()
 
     def _feed(self, pulled: Run, already_fed: int) -> None:
         """The feeder thread: the engine's own feeder pulls the source into a bounded
@@ -1153,6 +1204,7 @@ class _DriverRun:
         if not present:
             raise self._lost()
         self._counted_at, self._fed_seen = perf_counter(), state.fed
+        self._last_read = state
         return state
 
     def _refused(self, why: str) -> BackendError:
@@ -1208,11 +1260,20 @@ class _DriverRun:
             self.keys.run,
             now - self._moved,
             f"; no worker serves {', '.join(map(repr, idle))}: start "
-            f"`conveyor worker MODULE:ATTR --redis URL` with this version of the pipeline "
+            f"`{self.worker_command()}` with this version of the pipeline "
             f"(workers of a version whose stages differ serve other runs)"
             if idle
             else " (stages slower than that, or workers stuck)",
         )
+
+    def worker_command(self) -> str:
+        """The command that starts a worker for this run: the pipeline's ``MODULE:ATTR``
+        when it was loaded by that name, the URL (password masked), the namespace."""
+        target = getattr(self.pipeline, "target", None) or "MODULE:ATTR"
+        command = f"conveyor worker {target} --redis {redact(self.backend.url)}"
+        if self.backend.namespace != "conveyor":
+            command += f" --namespace {self.backend.namespace}"
+        return command
 
     def _read_pending(self) -> Iterator[list[Any]]:
         """Read again the entries delivered to this driver and not acknowledged yet."""
@@ -1386,8 +1447,13 @@ class _DriverRun:
 
     # ------------------------------------------------------------------ result
 
-    def result(self, outputs: list[Any] | None) -> RedisRunResult:
-        state = self.state or read_state(self.client, self.retry, self.keys, self.n)[0]
+    def result(self, outputs: list[Any] | None, live: bool = False) -> RedisRunResult:
+        """The run's result: final once it is complete, else read from Redis now; with
+        ``live`` (a handle's ``result_so_far``, maybe while the run goes on), from the
+        counters the driver read last, without waiting for Redis."""
+        state = self.state or (self._last_state() if live else None)
+        if state is None:
+            state = read_state(self.client, self.retry, self.keys, self.n)[0]
         elapsed = (self.finished or perf_counter()) - self.started
         stats = stage_stats(self.stages, state, self.info.limits, elapsed)
         names = [s.name for s in self.stages]
@@ -1401,8 +1467,12 @@ class _DriverRun:
             redelivered={n: s.redelivered for n, s in zip(names, state.stages, strict=True)},
             stale={n: s.stale for n, s in zip(names, state.stages, strict=True)},
             dead_letters={n: s.dead for n, s in zip(names, state.stages, strict=True) if s.dead},
-            stopped=self.halted,
+            stopped=self.halted or self._drain_asked,
         )
+
+    def _last_state(self) -> RunState:
+        """The counters the driver read last (nothing counted before its first read)."""
+        return self._last_read or RunState.read({}, False, self.n)
 
     def _read_failures(self) -> None:
         """Items given up on by stages with ``on_error="skip"``, as the workers recorded

@@ -512,7 +512,8 @@ def _dlq_options(fn: F) -> F:
         multiple=True,
         type=ENTRY_ID,
         metavar="ID",
-        help="Only this dead letter (repeatable).",
+        help="Only this dead letter (repeatable). Ids are per run: one that several runs "
+        "have needs --run (replay and purge refuse it, exit 2).",
     )(fn)
     fn = click.option("--stage", type=NAME, metavar="NAME", help="Only this stage's dead letters.")(
         fn
@@ -558,7 +559,12 @@ def dlq_list(
     ids: tuple[str, ...],
     as_json: bool,
 ) -> None:
-    """List dead letters: stage, id, deliveries, the item and its last error."""
+    """List dead letters: stage, id, deliveries, the item and its last error.
+
+    With --json, a list of objects: run_id, stage, entry_id, source_id, deliveries,
+    error, item (as JSON when JSON carries it, else its repr), item_format ("json",
+    "repr", or "none": not decoded, see item_error) and item_error.
+    """
     from .codec import get_codec, secret_from
     from .dlq import list_dead
 
@@ -577,11 +583,7 @@ def dlq_list(
     except (BackendError, ConfigurationError) as exc:
         raise _fail(exc) from None
     if as_json:
-        click.echo(
-            json.dumps(
-                [{**d.__dict__, "item": repr(d.item)} for d in letters], indent=2, default=str
-            )
-        )
+        click.echo(json.dumps([d.as_json() for d in letters], indent=2))
         return
     if not letters:
         click.echo("no dead letters")
@@ -610,13 +612,35 @@ def _move(
     try:
         client = _connect(url, connect_timeout)
         runs = _runs(client, namespace, pipeline, run_id)
+        chosen: dict[str, list[str] | None] = {info.run_id: None for info in runs}
         if ids:
-            found = set().union(*(present_ids(client, info, list(ids), stage) for info in runs))
+            # Ids are per run: two runs' dead letters can have the same one.
+            chosen = {
+                info.run_id: sorted(present_ids(client, info, list(ids), stage)) for info in runs
+            }
+            found = {i for present in chosen.values() for i in present or ()}
             _refuse_unknown_ids([i for i in ids if i not in found], run_id, stage)
-        moved = sum(move_dead(client, info, mode, stage, list(ids) or None) for info in runs)
+            _refuse_ambiguous_ids(ids, chosen)
+        moved = sum(
+            move_dead(client, info, mode, stage, chosen[info.run_id])
+            for info in runs
+            if chosen[info.run_id] != []
+        )
     except (BackendError, ConfigurationError) as exc:
         raise _fail(exc) from None
     click.echo(f"{'replayed' if mode == 'replay' else 'purged'} {moved} dead letters")
+
+
+def _refuse_ambiguous_ids(ids: Sequence[str], chosen: dict[str, list[str] | None]) -> None:
+    """An ``--id`` that names dead letters of several runs (ids are made per run, from
+    the time in milliseconds) is refused, before anything moves: ``--run`` says which."""
+    for entry_id in ids:
+        runs = [run for run, present in chosen.items() if present and entry_id in present]
+        if len(runs) > 1:
+            raise click.UsageError(
+                f"dead letter id {entry_id} is in {len(runs)} runs "
+                f"({', '.join(map(repr, runs))}): give --run ID to say which; nothing was moved"
+            )
 
 
 def _refuse_unknown_ids(unknown: list[str], run_id: str | None, stage: str | None) -> None:

@@ -15,7 +15,8 @@ unpickled). A dead letter keeps the entry's fields, its original id
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import ConfigurationError
@@ -23,7 +24,7 @@ from .codec import Codec
 from .state import RunInfo
 from .streams import Scripts, tombstone_counter
 
-__all__ = ["DeadLetter", "list_dead", "move_dead", "present_ids"]
+__all__ = ["DeadLetter", "is_json", "list_dead", "move_dead", "present_ids"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,34 @@ class DeadLetter:
     """The item, decoded (None when it cannot be: see ``item_error``)."""
     item_error: str | None = None
     """Why the item could not be decoded (e.g. a bad signature), if it could not."""
+
+    def as_json(self) -> dict[str, Any]:
+        """The dead letter as ``conveyor dlq list --json`` prints it: every field, the
+        item as itself when JSON carries it unchanged, else its ``repr``, and
+        ``item_format`` saying which: ``"json"``, ``"repr"``, or ``"none"`` when it
+        could not be decoded (``item`` null, ``item_error`` says why)."""
+        data = asdict(self)
+        if self.item_error is not None:
+            data["item"], data["item_format"] = None, "none"
+        elif is_json(self.item):
+            data["item_format"] = "json"
+        else:
+            data["item"], data["item_format"] = repr(self.item), "repr"
+        return data
+
+
+def is_json(value: Any) -> bool:
+    """Whether JSON carries ``value`` unchanged: None, bools, ints, finite floats,
+    strings, lists of them and dicts with string keys (not bytes, tuples, sets)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(is_json(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and is_json(v) for k, v in value.items())
+    return False
 
 
 def _stage_indexes(info: RunInfo, stage: str | None) -> list[int]:

@@ -79,6 +79,12 @@ class RunInfo:
     created: float = field(default_factory=time.time)
 
     @property
+    def long_lived(self) -> bool:
+        """A long-lived run (``RedisBackend.open``/``submit``): producers submit to it
+        until it is closed, no driver feeds it (its entries carry no paths)."""
+        return not self.paths
+
+    @property
     def share(self) -> int | None:
         """Each stream's share of `max_bytes` (None: no budget)."""
         return None if self.max_bytes is None else share_of(self.max_bytes, len(self.stages))

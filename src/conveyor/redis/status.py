@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ..stage import Stage
 
 __all__ = [
+    "RUN_STATES",
     "ConsumerStatus",
     "ProgressWatcher",
     "RunStatus",
@@ -75,6 +76,17 @@ class StageStatus:
     consumers: tuple[ConsumerStatus, ...]
 
 
+RUN_STATES = {
+    "running": "a driver feeds it and takes its outputs",
+    "left": "no driver: run it again with its run_id to resume it, or cancel it",
+    "complete": "every item went through",
+    "open": "accepting items",
+    "closed": "no more items; those submitted are still going through",
+    "drained": "closed, every output taken; `conveyor cancel` deletes it",
+}
+"""What `RunStatus.state` says, by value."""
+
+
 @dataclass(frozen=True)
 class RunStatus:
     """One run of the pipeline."""
@@ -82,16 +94,24 @@ class RunStatus:
     run_id: str
     age_seconds: float
     fed: int
-    """Items the source added."""
+    """Items the source added (a long-lived run: the items submitted)."""
     source_done: bool
+    """The source is exhausted (a long-lived run: closed)."""
     left: str
     """How its driver left the run in Redis ("stopped and left in Redis", ...): nothing
     feeds it until a driver resumes it; '' while a driver runs it (or a long-lived
     run's producers feed it)."""
     complete: bool
+    """Every item went through and every output was taken (a long-lived run: drained)."""
     delivered: int
-    """Final-stream entries the driver took."""
+    """Final-stream entries the driver (a long-lived run: its readers) took."""
     stages: tuple[StageStatus, ...]
+    kind: str = "driven"
+    """``"driven"``: a driver runs it (``run``, ``iterate``, ``start``, ``arun``);
+    ``"long-lived"``: producers submit to it (``RedisBackend.open``/``submit``)."""
+    state: str = "running"
+    """What the run is now, one of `RUN_STATES`: ``running``, ``left``, ``complete``
+    (driven), ``open``, ``closed``, ``drained`` (long-lived)."""
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data, for JSON."""
@@ -104,6 +124,7 @@ def run_status(client: Any, info: RunInfo) -> RunStatus:
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(keys.counters)
     pipe.hmget(keys.meta, "source_done", LEFT)
+    pipe.exists(keys.driver)
     backlog = Scripts(client).backlog
     for i in range(n):
         backlog(keys=[keys.stream(i)], args=[WORKER_GROUP, "1"], client=pipe)
@@ -111,11 +132,12 @@ def run_status(client: Any, info: RunInfo) -> RunStatus:
         pipe.xinfo_consumers(keys.stream(i), WORKER_GROUP)
     replies = pipe.execute(raise_on_error=False)
     done, left = replies[1] if isinstance(replies[1], list) else (None, None)
+    driven = replies[2] == 1  # a driver holds the run's lease
     state = RunState.read(replies[0], done == b"1", n)
     age = max(1e-9, time.time() - info.created)
     stages = []
     for i, name in enumerate(info.stages):
-        length, pending, consumers = replies[2 + 3 * i : 5 + 3 * i]
+        length, pending, consumers = replies[3 + 3 * i : 6 + 3 * i]
         counts = state.stages[i]
         stages.append(
             StageStatus(
@@ -145,7 +167,20 @@ def run_status(client: Any, info: RunInfo) -> RunStatus:
         complete=state.complete,
         delivered=state.delivered,
         stages=tuple(stages),
+        kind="long-lived" if info.long_lived else "driven",
+        state=_state_of(info, state, driven),
     )
+
+
+def _state_of(info: RunInfo, state: RunState, driven: bool) -> str:
+    """What a run is now (see `RUN_STATES`); ``driven``: a driver holds its lease."""
+    if info.long_lived:
+        if not state.source_done:
+            return "open"
+        return "drained" if state.complete else "closed"
+    if state.complete:
+        return "complete"
+    return "running" if driven else "left"
 
 
 def render(statuses: list[RunStatus]) -> str:
@@ -160,13 +195,7 @@ def render(statuses: list[RunStatus]) -> str:
     if not statuses:
         console.print("no live run of this pipeline")
     for status in statuses:
-        source = "done" if status.source_done else "stopped" if status.left else "feeding"
-        left = f"; {status.left}" if status.left else ""
-        table = Table(
-            title=f"run {status.run_id}: {status.fed:,} items fed (source {source}), "
-            f"{status.delivered:,} outputs taken, {status.age_seconds:,.0f} s old{left}",
-            title_justify="left",
-        )
+        table = Table(title=_title(status), title_justify="left")
         for column in ("stage", "stream", "pending", "limit", "in", "out", "in/s"):
             table.add_column(column, justify="left" if column == "stage" else "right")
         for column in ("re-run", "dead", "consumers (pending, idle)"):
@@ -189,6 +218,23 @@ def render(statuses: list[RunStatus]) -> str:
             )
         console.print(table)
     return out.getvalue()
+
+
+def _title(status: RunStatus) -> str:
+    """A run's line above its table: what it is now, and its counts."""
+    age = f"{status.age_seconds:,.0f} s old"
+    taken = f"{status.delivered:,} outputs taken"
+    if status.kind == "long-lived":
+        return (
+            f"run {status.run_id} (long-lived, {status.state}: {RUN_STATES[status.state]}): "
+            f"{status.fed:,} items submitted, {taken}, {age}"
+        )
+    source = "done" if status.source_done else "stopped" if status.left else "feeding"
+    # A run left by its driver says how ("stopped and left in Redis", ...).
+    state = status.left if status.state == "left" and status.left else status.state
+    return (
+        f"run {status.run_id} ({state}): {status.fed:,} items fed (source {source}), {taken}, {age}"
+    )
 
 
 # ---------------------------------------------------------------------- live progress

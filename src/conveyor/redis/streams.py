@@ -668,11 +668,17 @@ return {acked, stale, backlog(KEYS[2], ARGV[13], ARGV[14] == '1'), conf[2] or 0}
 # Returns {the stream's backlog after, the first stage's batch size ('take:0', 0 if
 # unknown)}, -1 if the run is gone, or -2 when the counter is past the expected
 # value: an earlier attempt of this very call was applied (its reply lost with the
-# connection), so nothing is added twice.
+# connection), so nothing is added twice; -3 when records come without an expected
+# value (a long-lived run's `submit`) and the run is closed (source_done).
 FEED = (
     LUA_HELPERS
     + """
 if redis.call('EXISTS', KEYS[3]) == 0 then return -1 end
+-- A long-lived run's producers (no expected count) add nothing once it is closed,
+-- whichever handle or process closed it.
+if ARGV[2] == '' and #ARGV >= 4 and redis.call('HGET', KEYS[3], 'source_done') == '1' then
+  return -3
+end
 -- The run's budget, the first stage's batch size and the counter, read together.
 local conf = redis.call('HMGET', KEYS[2], 'budget', 'take:0', ARGV[1])
 if ARGV[2] ~= '' and tonumber(conf[3] or '0') ~= tonumber(ARGV[2]) then return -2 end

@@ -42,6 +42,7 @@ from collections.abc import (
     Iterator,
 )
 from contextlib import contextmanager
+from functools import partial
 from itertools import islice
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -210,12 +211,13 @@ class Run:
 
     def _feed(self) -> None:
         """The feeder thread: pull the source into channel 0, never ahead of the room."""
-        with self._feeding() as handle:
-            if isinstance(self._source, AsyncIterable):
-                import asyncio
+        if isinstance(self._source, AsyncIterable):
+            import asyncio
 
-                asyncio.run(self._feed_async(self._source, handle))
-            elif isinstance(self._source, _IN_MEMORY):
+            asyncio.run(self._afeed_in_thread(self._source))
+            return
+        with self._feeding() as handle:
+            if isinstance(self._source, _IN_MEMORY):
                 self._feed_chunks(iter(self._source), handle)
             else:
                 self._feed_items(iter(self._source), handle)
@@ -224,6 +226,20 @@ class Run:
         """The feeder as a task on the caller's loop (a run driven from async code)."""
         with self._feeding() as handle:
             await self._feed_async(source, handle)
+
+    async def _afeed_in_thread(self, source: AsyncIterable[Any]) -> None:
+        """The feeder of an async source, on the feeder thread's own loop.
+
+        An async source waits by awaiting: an abort cancels it there, as on the
+        caller's loop, so its cleanup runs and the thread ends, instead of
+        being left behind for as long as the source waits.
+        """
+        import asyncio
+
+        task = asyncio.current_task()
+        assert task is not None
+        self.control.on_abort(partial(_cancel_task, task))
+        await self._afeed(source)
 
     @contextmanager
     def _feeding(self) -> Iterator[Producer[Any]]:
@@ -244,12 +260,8 @@ class Run:
 
     def _cancel_feeder_task(self) -> None:
         """Interrupt the feeder task, which may be waiting on the source (any thread)."""
-        task = self._feeder_task
-        assert task is not None
-        try:
-            task.get_loop().call_soon_threadsafe(task.cancel)
-        except RuntimeError:  # the loop is closed: the task is long gone
-            pass
+        assert self._feeder_task is not None
+        _cancel_task(self._feeder_task)
 
     def _feed_items(self, source: Iterator[Any], handle: Producer[Any]) -> None:
         # Any iterator may block between two items (a socket, a queue, a crawler
@@ -440,8 +452,14 @@ class Run:
         if self.control.stopped.is_set():
             timeout = min(timeout, self.abort_wait)
         deadline = perf_counter() + timeout
-        stuck = join_threads([self._feeder] if self._feeder else [], timeout)
-        stuck += self.runtimes.join(deadline)
+        # The workers first: once the channels are shut they end at once, unless
+        # stuck in user code. A feeder stuck in the source waits for nothing of
+        # theirs, so it waits last: joined first, it used up the time an async
+        # runtime needs to stop its loop, which was then said to be stuck.
+        stuck = self.runtimes.join(deadline)
+        stuck += join_threads(
+            [self._feeder] if self._feeder else [], max(0.0, deadline - perf_counter())
+        )
         self.runtimes.close()
         if stuck:
             self.left_behind = left_behind(self.stage_runs, stuck, FEEDER_THREAD)
@@ -509,6 +527,14 @@ class Run:
             or (self._source_stopped and not self._source_exhausted),
             error=self.control.error,
         )
+
+
+def _cancel_task(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` from any thread (nothing to do once its loop is closed)."""
+    try:
+        task.get_loop().call_soon_threadsafe(task.cancel)
+    except RuntimeError:  # the loop is closed: the task is long gone
+        pass
 
 
 def wait_interruptibly(wait: Callable[[float | None], bool], timeout: float | None) -> bool:

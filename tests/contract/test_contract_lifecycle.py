@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -217,6 +217,37 @@ def test_stop_ends_a_started_run_promptly_and_leaves_nothing_running(runner: Run
     assert result.stopped
     outputs = result.outputs or []
     assert outputs == [x + 1 for x in range(len(outputs))]  # what came through, in order
+    leftovers.assert_none()
+
+
+def test_stop_cancels_an_async_source_waiting_for_its_next_item_and_runs_its_cleanup(
+    runner: Runner,
+) -> None:
+    """An async source waits by awaiting, so a stop can cancel it: its cleanup runs,
+    and no thread is left waiting in it (one was, for as long as the source waited)."""
+    waiting, cleaned = threading.Event(), threading.Event()
+
+    async def source() -> AsyncIterator[int]:
+        try:
+            for i in range(5):
+                yield i
+            waiting.set()
+            await asyncio.Event().wait()  # the next item never comes
+            yield 5
+        finally:
+            cleaned.set()
+
+    leftovers = Leftovers()
+    pipeline = cv.Pipeline(source()).map(runner.fn(triple), runtime=runner.runtime)
+    handle = runner.start(pipeline, collect=True)
+    with handle:
+        assert waiting.wait(WAIT), "the source never waited"
+        handle.stop()
+        result = handle.join(WAIT)
+    assert result.stopped
+    assert cleaned.wait(WAIT), "the source's cleanup never ran"
+    outputs = result.outputs or []
+    assert outputs == [triple(x) for x in range(len(outputs))]
     leftovers.assert_none()
 
 

@@ -213,13 +213,14 @@ class Pipeline(Generic[T]):
             raise _duplicate_name(stage.name)
         return self._copy((*self._stages, stage))
 
-    def with_stage(self, name: str, **changes: Any) -> Pipeline[T]:
+    def with_stage(self, name: str, /, **changes: Any) -> Pipeline[T]:
         """Return a copy where the stage ``name`` has some options changed.
 
         Used by ``conveyor run --workers STAGE=N``; the changes are validated
         as the builder methods validate them. ``changes`` are stage options
         (`StageOptions`, ``max_items_per_worker``), or ``batch_size`` and
-        ``interval`` for a batch stage.
+        ``interval`` for a batch stage; ``name=`` among them renames the
+        stage (``name`` itself is positional only, so that it can).
 
         Raises:
             ConfigurationError: no stage has that name, or a value is invalid.

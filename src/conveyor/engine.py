@@ -149,6 +149,11 @@ class Run:
         self._source_stopped = False  # stop_source() was called
         self._pulling = False  # the feeder is inside the source, or putting what it pulled
         self._source_exhausted = False
+        # An async source's feeder task, and whether it awaits the source's next
+        # item (both touched on its loop only): a drain stop cancels that wait.
+        self._async_feeder: asyncio.Task[None] | None = None
+        self._awaiting_source = False
+        self._source_wait_cancelled = False
         self.driver: threading.Thread | None = None
         """The thread consuming the outputs for a `RunHandle`, if any."""
         self.pulled = 0
@@ -253,8 +258,8 @@ class Run:
             if not cancels_this_task(exc):
                 add_note(exc, f"conveyor: the source failed after {self.pulled} items")
                 self.control.fail(exc)
-            elif not self.control.stopped.is_set():
-                raise  # not our abort: the caller's loop is shutting down
+            elif not (self.control.stopped.is_set() or self._source_wait_cancelled):
+                raise  # neither our abort nor our drain stop: the caller's loop is shutting down
         finally:
             handle.close()
 
@@ -342,6 +347,9 @@ class Run:
 
     async def _feed_async(self, source: AsyncIterable[Any], handle: Producer[Any]) -> None:
         # In the feeder thread on an event loop of its own, or on the caller's loop.
+        import asyncio
+
+        self._async_feeder = asyncio.current_task()
         channel = handle.channel
         iterator = source.__aiter__()
         try:
@@ -350,11 +358,14 @@ class Run:
                 if not self._begin_pull():
                     return
                 try:
+                    self._awaiting_source = True
                     try:
                         item = await iterator.__anext__()
                     except StopAsyncIteration:
                         self._source_exhausted = True
                         return
+                    finally:
+                        self._awaiting_source = False
                     await handle.aput(item)
                     self.pulled += 1
                 finally:
@@ -436,9 +447,33 @@ class Run:
         with self._source_lock:
             self._source_stopped = True
             if self._pulling:
-                return  # the feeder puts what it pulled, sees the flag and closes channel 0
+                # The feeder puts what it pulled, sees the flag and closes channel 0.
+                self._cancel_source_wait()
+                return
         # Wakes the feeder if it waits for room; it pulls nothing more.
         self.channels[0].close()
+
+    def _cancel_source_wait(self) -> None:
+        """Cancel an async source's wait for its next item (from any thread).
+
+        The source has given nothing up while it awaits, so nothing is lost,
+        and the run need not wait for an item that may never come. A sync
+        source's ``next()`` cannot be interrupted: its item goes in when it
+        comes. An item the source gives once cancelled still goes in.
+        """
+        task = self._async_feeder
+        if task is None:
+            return
+
+        def cancel_if_waiting() -> None:  # on the task's loop: no await can slip in between
+            if self._awaiting_source and not task.done():
+                self._source_wait_cancelled = True
+                task.cancel()
+
+        try:
+            task.get_loop().call_soon_threadsafe(cancel_if_waiting)
+        except RuntimeError:  # the loop is closed: the feeder is long gone
+            pass
 
     def join(self, timeout: float = JOIN_TIMEOUT) -> None:
         """Wait for the feeder and every worker; log the ones stuck in user code.

@@ -1136,7 +1136,13 @@ class RunHandle(Generic[OutputT]):
 
     def stop(self, drain: bool = False) -> None:
         """Stop the run: at once (default), or, with ``drain``, stop the source and let
-        the items already inside finish. A run that has ended stays as it ended."""
+        the items already inside finish. A run that has ended stays as it ended.
+
+        With ``drain``, an async source awaiting its next item is cancelled
+        there (its cleanup runs; an item it still gives goes in). A plain
+        iterator blocked in ``next()`` cannot be interrupted: the run ends once
+        that call returns, with its item, or at a ``stop()`` without drain.
+        """
         check_bool(drain, "drain", "RunHandle.stop()")
         if self._done.is_set():
             return

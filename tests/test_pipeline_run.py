@@ -19,6 +19,7 @@ from test_pipeline_helpers import (  # noqa: F401 - no_thread_left is a fixture
     identity,
     must_wait,
     no_thread_left,
+    quiet_after,
     wait_until,
 )
 
@@ -230,18 +231,8 @@ def test_a_drain_stop_ends_the_run_while_an_async_source_awaits_its_next_item() 
     # join timed out though every item inside was through. An async source waits
     # by awaiting, and has given nothing up there: the wait is cancelled.
     waiting, cleaned = threading.Event(), threading.Event()
-
-    async def source() -> Any:
-        try:
-            for i in range(5):
-                yield i
-            waiting.set()
-            await asyncio.Event().wait()  # the next item never comes
-            yield 5
-        finally:
-            cleaned.set()
-
-    handle = cv.Pipeline(source()).map(lambda x: x * 2).start(collect=True)
+    source = quiet_after(5, waiting, cleaned)
+    handle = cv.Pipeline(source).map(lambda x: x * 2).start(collect=True)
     must_wait(waiting)
     handle.stop(drain=True)
     result = handle.join(WAIT)

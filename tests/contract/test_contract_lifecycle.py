@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import pytest
 from runners import REDIS_ONLY, WAIT, Leftovers, Runner, ctrl_c_when
 
 import conveyor as cv
+from test_pipeline_helpers import quiet_after
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -226,19 +227,9 @@ def test_stop_cancels_an_async_source_waiting_for_its_next_item_and_runs_its_cle
     """An async source waits by awaiting, so a stop can cancel it: its cleanup runs,
     and no thread is left waiting in it (one was, for as long as the source waited)."""
     waiting, cleaned = threading.Event(), threading.Event()
-
-    async def source() -> AsyncIterator[int]:
-        try:
-            for i in range(5):
-                yield i
-            waiting.set()
-            await asyncio.Event().wait()  # the next item never comes
-            yield 5
-        finally:
-            cleaned.set()
-
     leftovers = Leftovers()
-    pipeline = cv.Pipeline(source()).map(runner.fn(triple), runtime=runner.runtime)
+    source = quiet_after(5, waiting, cleaned)
+    pipeline = cv.Pipeline(source).map(runner.fn(triple), runtime=runner.runtime)
     handle = runner.start(pipeline, collect=True)
     with handle:
         assert waiting.wait(WAIT), "the source never waited"

@@ -252,6 +252,23 @@ def test_aget_many_refuses_a_bad_max_items_at_once_on_an_empty_channel() -> None
     run(main())
 
 
+def test_aget_many_names_itself_when_refusing_a_bad_max_items_on_a_channel_with_items() -> None:
+    # Repro: with items waiting, the fast path's get_many() refused it, and the
+    # message named Channel.get_many(), which the caller never called.
+    async def main() -> None:
+        ch: Channel[int] = Channel(10)
+        ch.put_many([1, 2])
+        for bad in (0, -1, 2.0):
+            with pytest.raises(
+                (ConfigurationError, ConfigurationTypeError),
+                match=r"^Channel\.aget_many\(\) 'max_items'",
+            ):
+                await ch.aget_many(bad)  # type: ignore[arg-type]
+        assert ch.qsize() == 2
+
+    run(main())
+
+
 def test_coroutines_parked_in_the_slow_paths_are_woken_by_a_get_a_put_and_a_close() -> None:
     # The slow paths park first (their fast path has just failed) and re-check
     # under the lock there; a wake-up, and a close, still reach them.

@@ -108,6 +108,18 @@ def test_overrides_are_parsed_or_refused_naming_the_value() -> None:
             parse_overrides([bad])
 
 
+def test_an_override_naming_a_stage_twice_is_refused_naming_both_values() -> None:
+    # Repro: `--workers parse=2 --workers parse=3` ran with 3, silently.
+    message = "stage 'parse' is given twice ('parse=2' and 'parse=3'): give each stage once"
+    with pytest.raises(cv.ConfigurationError, match=re.escape(message)):
+        parse_overrides(["parse=2", "show=1", "parse=3"])
+    result = CliRunner().invoke(
+        conveyor.cli.cli, ["run", "x:y", "--workers", "parse=2", "--workers", "parse=3"]
+    )
+    assert result.exit_code == conveyor.cli.EXIT_USAGE, result.output
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
 def test_the_cli_re_exports_load_pipeline() -> None:
     assert conveyor.cli.load_pipeline is load_pipeline
 

@@ -7,10 +7,11 @@ Import what you need: ``from test_pipeline_helpers import ...``. The fixture
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -97,3 +98,18 @@ def no_thread_left() -> Iterator[None]:
 def identity(x: Any) -> Any:
     """A stage function that returns its item."""
     return x
+
+
+async def quiet_after(
+    n: int, waiting: threading.Event, cleaned: threading.Event
+) -> AsyncIterator[int]:
+    """An async source giving ``0 .. n-1``, then awaiting an item that never comes
+    (a quiet feed): ``waiting`` is set once it awaits, ``cleaned`` once its cleanup ran."""
+    try:
+        for i in range(n):
+            yield i
+        waiting.set()
+        await asyncio.Event().wait()
+        yield n
+    finally:
+        cleaned.set()

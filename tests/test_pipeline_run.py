@@ -3,6 +3,7 @@ manager, and the per-worker hooks."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from test_pipeline_helpers import (  # noqa: F401 - no_thread_left is a fixture
     identity,
     must_wait,
     no_thread_left,
+    quiet_after,
     wait_until,
 )
 
@@ -221,6 +223,41 @@ def test_a_drain_stop_of_an_async_source_loses_nothing() -> None:
     result = handle.join(WAIT)
     assert result.outputs == yielded
     assert len(yielded) <= 6
+    assert result.stopped
+
+
+def test_a_drain_stop_ends_the_run_while_an_async_source_awaits_its_next_item() -> None:
+    # Repro: the run waited for the source's next item, which never came: the
+    # join timed out though every item inside was through. An async source waits
+    # by awaiting, and has given nothing up there: the wait is cancelled.
+    waiting, cleaned = threading.Event(), threading.Event()
+    source = quiet_after(5, waiting, cleaned)
+    handle = cv.Pipeline(source).map(lambda x: x * 2).start(collect=True)
+    must_wait(waiting)
+    handle.stop(drain=True)
+    result = handle.join(WAIT)
+    assert result.outputs == [0, 2, 4, 6, 8]
+    assert result.stopped
+    assert cleaned.is_set()
+
+
+def test_a_drain_stop_keeps_the_item_an_async_source_gives_when_its_wait_is_cancelled() -> None:
+    waiting = threading.Event()
+
+    async def source() -> Any:
+        yield "first"
+        waiting.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            yield "last"  # given up by the source: it must not be lost
+            raise
+
+    handle = cv.Pipeline(source()).map(identity).start(collect=True)
+    must_wait(waiting)
+    handle.stop(drain=True)
+    result = handle.join(WAIT)
+    assert result.outputs == ["first", "last"]
     assert result.stopped
 
 

@@ -548,6 +548,19 @@ def test_with_stage_refuses_an_option_the_stage_does_not_have() -> None:
     assert p.with_stage("batch", batch_size=5).stages[1].batch_size == 5
 
 
+def test_with_stage_renames_a_stage_and_refuses_a_name_already_used() -> None:
+    # Repro: with_stage("abs", name="absolute") raised "got multiple values for
+    # argument 'name'", the method's own parameter, so no stage could be renamed.
+    p = cv.Pipeline(range(3)).map(abs).map(str, name="text")
+    renamed = p.with_stage("abs", name="absolute", workers=2)
+    assert [(s.name, s.workers) for s in renamed.stages] == [("absolute", 2), ("text", 1)]
+    assert renamed.run(collect=True).outputs == ["0", "1", "2"]
+    with pytest.raises(cv.ConfigurationError, match="stage name 'text' is already used"):
+        p.with_stage("abs", name="text")
+    with pytest.raises(cv.ConfigurationTypeError, match=r"with_stage\('abs'\) 'name'"):
+        p.with_stage("abs", name="")
+
+
 def test_backoff_delay_after_many_retries_is_the_cap_not_an_overflow() -> None:
     backoff = cv.Backoff(initial=0.1, maximum=2.0, multiplier=2.0, jitter=False)
     assert backoff.delay(5000) == 2.0

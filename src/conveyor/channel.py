@@ -1108,6 +1108,8 @@ class Channel(Generic[T]):
         Raises:
             ShutDown: the channel is closed and drained.
         """
+        if type(max_items) is not int or max_items < 1:  # at once, naming this method
+            _check_max_items(max_items, "Channel.aget_many()")
         if self._items:  # as in aget()
             try:
                 return self.get_many(max_items, False)
@@ -1116,8 +1118,6 @@ class Channel(Generic[T]):
         # `_until_done`, written out: the way back from a wake-up to the caller is
         # the hand-off's latency for a consumer that waits (a pipeline's `async for`),
         # and a coroutine and a partial less on it measured about 1 us here.
-        if type(max_items) is not int or max_items < 1:  # at once, not after a wait
-            _check_max_items(max_items, "Channel.aget_many()")
         getters = self._getters
         parked = False
         while True:

@@ -42,6 +42,7 @@ from collections.abc import (
     Iterator,
 )
 from contextlib import contextmanager
+from functools import partial
 from itertools import islice
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -151,6 +152,11 @@ class Run:
         self._source_stopped = False  # stop_source() was called
         self._pulling = False  # the feeder is inside the source, or putting what it pulled
         self._source_exhausted = False
+        # An async source's feeder task, and whether it awaits the source's next
+        # item (both touched on its loop only): a drain stop cancels that wait.
+        self._async_feeder: asyncio.Task[None] | None = None
+        self._awaiting_source = False
+        self._source_wait_cancelled = False
         self.driver: threading.Thread | None = None
         """The thread consuming the outputs for a `RunHandle`, if any."""
         self.pulled = 0
@@ -213,12 +219,13 @@ class Run:
 
     def _feed(self) -> None:
         """The feeder thread: pull the source into channel 0, never ahead of the room."""
-        with self._feeding() as handle:
-            if isinstance(self._source, AsyncIterable):
-                import asyncio
+        if isinstance(self._source, AsyncIterable):
+            import asyncio
 
-                asyncio.run(self._feed_async(self._source, handle))
-            elif isinstance(self._source, _IN_MEMORY):
+            asyncio.run(self._afeed_in_thread(self._source))
+            return
+        with self._feeding() as handle:
+            if isinstance(self._source, _IN_MEMORY):
                 self._feed_chunks(iter(self._source), handle)
             else:
                 self._feed_items(iter(self._source), handle)
@@ -227,6 +234,20 @@ class Run:
         """The feeder as a task on the caller's loop (a run driven from async code)."""
         with self._feeding() as handle:
             await self._feed_async(source, handle)
+
+    async def _afeed_in_thread(self, source: AsyncIterable[Any]) -> None:
+        """The feeder of an async source, on the feeder thread's own loop.
+
+        An async source waits by awaiting: an abort cancels it there, as on the
+        caller's loop, so its cleanup runs and the thread ends, instead of
+        being left behind for as long as the source waits.
+        """
+        import asyncio
+
+        task = asyncio.current_task()
+        assert task is not None
+        self.control.on_abort(partial(_cancel_task, task))
+        await self._afeed(source)
 
     @contextmanager
     def _feeding(self) -> Iterator[Producer[Any]]:
@@ -240,19 +261,15 @@ class Run:
             if not cancels_this_task(exc):
                 add_note(exc, f"conveyor: the source failed after {self.pulled} items")
                 self.control.fail(exc)
-            elif not self.control.stopped.is_set():
-                raise  # not our abort: the caller's loop is shutting down
+            elif not (self.control.stopped.is_set() or self._source_wait_cancelled):
+                raise  # neither our abort nor our drain stop: the caller's loop is shutting down
         finally:
             handle.close()
 
     def _cancel_feeder_task(self) -> None:
         """Interrupt the feeder task, which may be waiting on the source (any thread)."""
-        task = self._feeder_task
-        assert task is not None
-        try:
-            task.get_loop().call_soon_threadsafe(task.cancel)
-        except RuntimeError:  # the loop is closed: the task is long gone
-            pass
+        assert self._feeder_task is not None
+        _cancel_task(self._feeder_task)
 
     def _feed_items(self, source: Iterator[Any], handle: Producer[Any]) -> None:
         # Any iterator may block between two items (a socket, a queue, a crawler
@@ -333,6 +350,9 @@ class Run:
 
     async def _feed_async(self, source: AsyncIterable[Any], handle: Producer[Any]) -> None:
         # In the feeder thread on an event loop of its own, or on the caller's loop.
+        import asyncio
+
+        self._async_feeder = asyncio.current_task()
         channel = handle.channel
         iterator = source.__aiter__()
         try:
@@ -341,11 +361,14 @@ class Run:
                 if not self._begin_pull():
                     return
                 try:
+                    self._awaiting_source = True
                     try:
                         item = await iterator.__anext__()
                     except StopAsyncIteration:
                         self._source_exhausted = True
                         return
+                    finally:
+                        self._awaiting_source = False
                     await handle.aput(item)
                     self.pulled += 1
                 finally:
@@ -427,9 +450,33 @@ class Run:
         with self._source_lock:
             self._source_stopped = True
             if self._pulling:
-                return  # the feeder puts what it pulled, sees the flag and closes channel 0
+                # The feeder puts what it pulled, sees the flag and closes channel 0.
+                self._cancel_source_wait()
+                return
         # Wakes the feeder if it waits for room; it pulls nothing more.
         self.channels[0].close()
+
+    def _cancel_source_wait(self) -> None:
+        """Cancel an async source's wait for its next item (from any thread).
+
+        The source has given nothing up while it awaits, so nothing is lost,
+        and the run need not wait for an item that may never come. A sync
+        source's ``next()`` cannot be interrupted: its item goes in when it
+        comes. An item the source gives once cancelled still goes in.
+        """
+        task = self._async_feeder
+        if task is None:
+            return
+
+        def cancel_if_waiting() -> None:  # on the task's loop: no await can slip in between
+            if self._awaiting_source and not task.done():
+                self._source_wait_cancelled = True
+                task.cancel()
+
+        try:
+            task.get_loop().call_soon_threadsafe(cancel_if_waiting)
+        except RuntimeError:  # the loop is closed: the feeder is long gone
+            pass
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the feeder and every worker (``timeout`` s, default `JOIN_TIMEOUT`);
@@ -446,8 +493,14 @@ class Run:
         if self.control.stopped.is_set():
             timeout = min(timeout, self.abort_wait)
         deadline = perf_counter() + timeout
-        stuck = join_threads([self._feeder] if self._feeder else [], timeout)
-        stuck += self.runtimes.join(deadline)
+        # The workers first: once the channels are shut they end at once, unless
+        # stuck in user code. A feeder stuck in the source waits for nothing of
+        # theirs, so it waits last: joined first, it used up the time an async
+        # runtime needs to stop its loop, which was then said to be stuck.
+        stuck = self.runtimes.join(deadline)
+        stuck += join_threads(
+            [self._feeder] if self._feeder else [], max(0.0, deadline - perf_counter())
+        )
         self.runtimes.close()
         if stuck:
             self.left_behind = left_behind(self.stage_runs, stuck, FEEDER_THREAD)
@@ -517,6 +570,14 @@ class Run:
             or (self._source_stopped and not self._source_exhausted),
             error=self.control.error,
         )
+
+
+def _cancel_task(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` from any thread (nothing to do once its loop is closed)."""
+    try:
+        task.get_loop().call_soon_threadsafe(task.cancel)
+    except RuntimeError:  # the loop is closed: the task is long gone
+        pass
 
 
 def wait_interruptibly(wait: Callable[[float | None], bool], timeout: float | None) -> bool:

@@ -142,9 +142,10 @@ def parse_overrides(values: Sequence[str]) -> list[tuple[str, int]]:
     [('parse', 8), ('enrich', 2)]
 
     Raises:
-        ConfigurationError: a value is not ``STAGE=N`` with N a whole number >= 1.
+        ConfigurationError: a value is not ``STAGE=N`` with N a whole number >= 1,
+            or names a stage an earlier value named (which of the two was meant?).
     """
-    pairs = []
+    pairs: dict[str, tuple[int, str]] = {}
     for value in values:
         stage, sep, number = value.rpartition("=")
         if not sep or not stage:
@@ -155,5 +156,10 @@ def parse_overrides(values: Sequence[str]) -> list[tuple[str, int]]:
             workers = 0
         if workers < 1:
             raise ConfigurationError(f"N must be a whole number >= 1, got {value!r}")
-        pairs.append((stage, workers))
-    return pairs
+        if stage in pairs:
+            raise ConfigurationError(
+                f"stage {stage!r} is given twice ({pairs[stage][1]!r} and {value!r}): "
+                "give each stage once"
+            )
+        pairs[stage] = (workers, value)
+    return [(stage, workers) for stage, (workers, _) in pairs.items()]

@@ -226,13 +226,14 @@ class Pipeline(Generic[T]):
             raise _duplicate_name(stage.name)
         return self._copy((*self._stages, stage))
 
-    def with_stage(self, name: str, **changes: Any) -> Pipeline[T]:
+    def with_stage(self, name: str, /, **changes: Any) -> Pipeline[T]:
         """Return a copy where the stage ``name`` has some options changed.
 
         Used by ``conveyor run --workers STAGE=N``; the changes are validated
         as the builder methods validate them. ``changes`` are stage options
         (`StageOptions`, ``max_items_per_worker``), or ``batch_size`` and
-        ``interval`` for a batch stage.
+        ``interval`` for a batch stage; ``name=`` among them renames the
+        stage (``name`` itself is positional only, so that it can).
 
         Raises:
             ConfigurationError: no stage has that name, or a value is invalid.
@@ -1149,7 +1150,13 @@ class RunHandle(Generic[OutputT]):
 
     def stop(self, drain: bool = False) -> None:
         """Stop the run: at once (default), or, with ``drain``, stop the source and let
-        the items already inside finish. A run that has ended stays as it ended."""
+        the items already inside finish. A run that has ended stays as it ended.
+
+        With ``drain``, an async source awaiting its next item is cancelled
+        there (its cleanup runs; an item it still gives goes in). A plain
+        iterator blocked in ``next()`` cannot be interrupted: the run ends once
+        that call returns, with its item, or at a ``stop()`` without drain.
+        """
         check_bool(drain, "drain", "RunHandle.stop()")
         if self._done.is_set():
             return

@@ -26,6 +26,7 @@ from runners import REDIS_ONLY, WAIT, Leftovers, Runner, ctrl_c_when
 import conveyor as cv
 from conveyor import engine
 from conveyor.runtime import base
+from test_pipeline_helpers import quiet_after
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -272,6 +273,27 @@ def test_stop_ends_a_started_run_promptly_and_leaves_nothing_running(runner: Run
     assert result.stopped
     outputs = result.outputs or []
     assert outputs == [x + 1 for x in range(len(outputs))]  # what came through, in order
+    leftovers.assert_none()
+
+
+def test_stop_cancels_an_async_source_waiting_for_its_next_item_and_runs_its_cleanup(
+    runner: Runner,
+) -> None:
+    """An async source waits by awaiting, so a stop can cancel it: its cleanup runs,
+    and no thread is left waiting in it (one was, for as long as the source waited)."""
+    waiting, cleaned = threading.Event(), threading.Event()
+    leftovers = Leftovers()
+    source = quiet_after(5, waiting, cleaned)
+    pipeline = cv.Pipeline(source).map(runner.fn(triple), runtime=runner.runtime)
+    handle = runner.start(pipeline, collect=True)
+    with handle:
+        assert waiting.wait(WAIT), "the source never waited"
+        handle.stop()
+        result = handle.join(WAIT)
+    assert result.stopped
+    assert cleaned.wait(WAIT), "the source's cleanup never ran"
+    outputs = result.outputs or []
+    assert outputs == [triple(x) for x in range(len(outputs))]
     leftovers.assert_none()
 
 

@@ -25,11 +25,18 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from time import perf_counter
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError, Empty, ShutDown
 from ..metrics import TALLY_SECONDS, StageMetrics, WorkerCounters
-from ..policy import BatchOutcome, add_stage_note, outputs_of, process_batch
+from ..policy import (
+    BatchOutcome,
+    add_stage_note,
+    coroutine_returned,
+    outputs_of,
+    process_batch,
+)
 from ..stage import Failure, Stage
 from .ports import Port, StageIO
 
@@ -287,7 +294,10 @@ def _single_items(
                 return False
             books.took(item)
             try:
-                outputs, filtered = outputs_of(kind, item, fn(item))
+                result = fn(item)
+                if type(result) is CoroutineType:
+                    raise coroutine_returned(stage, result)
+                outputs, filtered = outputs_of(kind, item, result)
             except Exception as exc:
                 outcome = process_batch(stage, [item], None, control.sleep, False, exc)
                 error = port.deliver(books.failed(outcome))

@@ -383,3 +383,79 @@ def test_join_refuses_a_bad_timeout_naming_join_and_the_run_goes_on(
     with pytest.raises(cv.ConfigurationError, match=r"\.join\(\) 'timeout' must be"):
         handle.join(timeout=timeout)
     assert handle.join(timeout=WAIT).items_out == 20
+
+
+# ---------------------------------------------------------------------- the source
+
+
+def exit_on_tenth(x: int) -> int:
+    if x == 10:
+        raise SystemExit(3)
+    return x
+
+
+class Broke(Exception):
+    """A stage's error."""
+
+
+def fail_on_tenth(x: int) -> int:
+    if x == 10:
+        raise Broke(x)
+    return x
+
+
+@pytest.mark.parametrize("how", ["a stage fails", "the loop is left", "stop()"])
+@pytest.mark.parametrize("flavour", ["generator", "async generator"])
+def test_a_run_that_ends_early_closes_its_generator_source_before_it_returns(
+    runner: Runner, how: str, flavour: str
+) -> None:
+    # Repro: a failed run left its generator source to the garbage collector, so
+    # the generator's `finally:` (a file's `with` block) ran late, in another thread.
+    pulled, closed = threading.Event(), threading.Event()
+    threads: list[int] = []
+
+    def endless() -> Iterator[int]:
+        threads.append(threading.get_ident())
+        try:
+            for i in itertools.count():
+                if i == 20:
+                    pulled.set()
+                yield i
+        finally:
+            threads.append(threading.get_ident())
+            closed.set()
+
+    async def aendless() -> Any:
+        try:
+            for i in itertools.count():
+                if i == 20:
+                    pulled.set()
+                yield i
+                await asyncio.sleep(0)
+        finally:
+            closed.set()
+
+    source = endless() if flavour == "generator" else aendless()
+    # An item's error does not end a run on Redis (it is delivered again, then
+    # dead-lettered, while the endless source goes on): a SystemExit does.
+    fail = exit_on_tenth if runner.on_redis else fail_on_tenth
+    stage = fail if how == "a stage fails" else inc
+    pipeline = cv.Pipeline(source).map(runner.fn(stage), workers=2, runtime=runner.runtime)
+    if how == "a stage fails":
+        with pytest.raises((Broke, SystemExit)):
+            runner.run(pipeline)
+    elif how == "the loop is left":
+        with closing(runner.iterate(pipeline)) as outputs:
+            for x in outputs:
+                if x == 5:
+                    break
+    else:
+        handle = runner.start(pipeline)
+        with handle:
+            assert pulled.wait(WAIT), "the run did not pull 20 items"
+            handle.stop()
+            handle.join(WAIT)
+    assert closed.is_set(), "the source was not closed when the run ended"
+    if flavour == "generator":
+        first, last = threads
+        assert first == last, "the source was closed from another thread than its feeder's"

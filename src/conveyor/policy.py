@@ -184,7 +184,7 @@ def coroutine_returned(stage: Stage, coroutine: CoroutineType[Any, Any, Any]) ->
     return TypeError(
         f"stage {stage.label} returned a coroutine ({coroutine.__qualname__}) on "
         f"runtime={stage.runtime!r}, which calls functions and does not await what "
-        f"they return: give the stage an async def with runtime=\"async\" (or make "
+        f'they return: give the stage an async def with runtime="async" (or make '
         f"the function return its value)"
     )
 

@@ -38,7 +38,7 @@ from ..policy import (
     process_batch,
 )
 from ..stage import Failure, Stage
-from .ports import Port, StageIO
+from .ports import Port, PortSupply, StageIO
 
 if TYPE_CHECKING:
     import asyncio
@@ -129,6 +129,9 @@ class StageRun:
         self.metrics = metrics
         self.ports: list[Port] = []
         """One per worker (or lane), opened by the runtime with `open_ports`."""
+        self.supply: PortSupply | None = None
+        """Instead of ``ports``, for a runtime that starts workers as work comes
+        (`open_supply`)."""
         self.max_batch = max(1, min(MAX_BATCH, io.capacity // 2 or MAX_BATCH))
         self.threads: list[threading.Thread] = []
 
@@ -137,6 +140,12 @@ class StageRun:
         assert not self.ports, "a stage's ports are opened once"
         self.ports = self.io.open(count)
         return self.ports
+
+    def open_supply(self, count: int) -> PortSupply:
+        """Instead of `open_ports`: ports for up to ``count`` workers, opened as they start."""
+        assert self.supply is None and not self.ports, "a stage's ports are opened once"
+        self.supply = self.io.supply(count)
+        return self.supply
 
     @property
     def tracks(self) -> bool:
@@ -500,6 +509,11 @@ class Runtime(ABC):
         """How many ports the stage's workers use (one per worker; a batch stage has one)."""
         return 1 if stage.kind == "batch" else stage.workers
 
+    def open(self, sr: StageRun) -> None:
+        """Open the stage's ports (`port_count` of them), before any worker of the run
+        starts; a runtime that starts workers as work comes opens a supply instead."""
+        sr.open_ports(self.port_count(sr.stage))
+
     @abstractmethod
     def start(self, sr: StageRun) -> None:
         """Start the stage's workers on its ports (opened already); return at once."""
@@ -537,7 +551,7 @@ class Runtimes:
         """
         runtimes = [self._get(sr.stage.runtime) for sr in stage_runs]
         for sr, runtime in zip(stage_runs, runtimes, strict=True):
-            sr.open_ports(runtime.port_count(sr.stage))
+            runtime.open(sr)
         for sr, runtime in zip(stage_runs, runtimes, strict=True):
             runtime.start(sr)
 

@@ -499,3 +499,9 @@ def test_a_run_whose_error_ended_it_counts_that_item_as_failed() -> None:
         handle.join()
     report = handle.result_so_far().report()
     assert "1 item failed (1 ended the run)" in report
+
+
+@pytest.mark.parametrize("width", [40, 80, 130])
+def test_the_report_of_a_run_without_stages_is_the_totals(width: int) -> None:
+    text = RunResult(stats=[]).report(width)
+    assert "0 outputs in 0.00 s; 0 items failed" in text

@@ -983,7 +983,7 @@ def _table_width(
 ) -> int:
     total = _GAP * (len(keep) - 1)
     for j in keep:
-        natural = max(len(headers[j]), *(len(row[j]) for row in rows))
+        natural = max([len(headers[j]), *(len(row[j]) for row in rows)])
         total += min(natural, _FOLDED_WIDTH) if fold and j < len(_TEXT_COLUMNS) else natural
     return total
 
@@ -1032,7 +1032,7 @@ def _table(
         if header in _TEXT_COLUMNS:
             table.add_column(header, justify="left", overflow="fold" if fold else "ellipsis")
         else:  # a number: exactly as wide as its widest cell, never wrapped or cut
-            cells = max(len(header), *(len(row[j]) for row in rows))
+            cells = max([len(header), *(len(row[j]) for row in rows)])
             table.add_column(header, justify="right", no_wrap=True, width=cells)
     for row in rows:
         table.add_row(

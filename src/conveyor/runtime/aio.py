@@ -231,22 +231,27 @@ class _Workers:
     """A stage's worker tasks, started as work comes, up to its ``workers``.
 
     The first task starts with the run; another starts whenever a task takes
-    a batch and leaves none waiting for one (all are busy, or starting). So
-    an item that arrives always finds a task waiting for it while the stage
-    is under its limit, and a stage whose items keep at most k tasks busy at
-    once runs k + 1 of them, whatever ``workers`` says: 100,000 coroutines
-    of a trivial stage cost what 2 do. Each task started runs ``on_start``
-    before its first item and ``on_stop`` after its last; a worker that no
-    work ever needed is never started, and runs neither. Used on the loop's
-    thread only (but `seal`, which is thread-safe).
+    a batch and leaves none waiting for one (all are busy). So an item that
+    arrives finds a task waiting for it while the stage is under its limit,
+    and a stage whose items keep at most k tasks busy at once runs about
+    k + 1 of them, whatever ``workers`` says: 100,000 coroutines of a trivial
+    stage cost what a few do. A task still in ``on_start`` is not waiting
+    for items, and up to four times as many may be starting as there are
+    tasks through theirs: with a slow ``on_start`` (a connection made) the
+    stage's tasks grow fivefold per ``on_start`` while all are busy, and the
+    tasks of a quick stage are still few. Each task
+    runs ``on_start`` before its first item and ``on_stop`` after its last;
+    a worker that no work ever needed is never started, and runs neither.
+    Used on the loop's thread only (but `seal`, which is thread-safe).
     """
 
-    __slots__ = ("idle", "runtime", "sr", "started")
+    __slots__ = ("idle", "runtime", "sr", "started", "starting")
 
     def __init__(self, runtime: AsyncRuntime, sr: StageRun) -> None:
         self.runtime = runtime
         self.sr = sr
         self.idle = 0  # tasks started and not holding a batch: starting, or waiting for one
+        self.starting = 0  # of those, the ones not yet through on_start
         self.started = 0
 
     def start_one(self) -> bool:
@@ -256,14 +261,26 @@ class _Workers:
         if port is None:
             return False
         self.idle += 1
+        # Without on_start a task takes items at its first step: it counts as waiting.
+        self.starting += self.sr.stage.on_start is not None
         self.started += 1
         self.runtime.start_task(self, self.started - 1, port)
         return True
 
+    def ready(self) -> None:
+        """A task is through its ``on_start``: it takes items from now on."""
+        self.starting -= self.sr.stage.on_start is not None
+
     def took(self) -> None:
-        """A task took a batch: if it was the last one waiting, start another."""
+        """A task took a batch: if it was the last one waiting, start another (unless
+        four times as many are in on_start as are through it)."""
         self.idle -= 1
-        if not self.idle and not self.sr.control.stopped.is_set():
+        starting = self.starting
+        if (
+            self.idle == starting
+            and starting <= 4 * (self.started - starting)
+            and not self.sr.control.stopped.is_set()
+        ):
             self.start_one()
 
     def back(self) -> None:
@@ -290,6 +307,7 @@ async def _run_worker(workers: _Workers, worker: int, port: Port) -> None:
         control.fail(add_note(exc, f"conveyor: on_start of stage {stage.label} failed"))
         return
     set_worker_state(state)  # a context variable: this task's own
+    workers.ready()
     try:
         await _worker_loop(workers, worker, port)
     finally:

@@ -505,3 +505,11 @@ def test_a_run_whose_error_ended_it_counts_that_item_as_failed() -> None:
 def test_the_report_of_a_run_without_stages_is_the_totals(width: int) -> None:
     text = RunResult(stats=[]).report(width)
     assert "0 outputs in 0.00 s; 0 items failed" in text
+
+
+def test_the_html_summary_counts_failed_items_as_the_text_report_does() -> None:
+    """Regression: its "failed items" were the skipped ones only."""
+    failures = [cv.Failure("s", 1, ValueError(1), 1)]
+    result = RunResult(stats=[stats(failed=3)], failures=failures, error=ValueError("boom"))
+    page = render_html(result)
+    assert "<b>3</b>failed items (1 skipped, 2 ended the run)" in page

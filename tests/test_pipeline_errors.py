@@ -7,6 +7,7 @@ contract, and checks that no ``conveyor-*`` thread is left.
 
 from __future__ import annotations
 
+import inspect
 import json
 import signal
 import subprocess
@@ -548,3 +549,29 @@ def test_ctrl_c_in_a_program_running_a_pipeline_stops_it_promptly(how: str) -> N
     assert out.startswith("left []"), out  # every conveyor thread joined before going on
     # time.monotonic() is one clock for both processes (CLOCK_MONOTONIC on Linux).
     assert float(words[-1]) - sent_at < PROMPT
+
+
+def test_a_coroutine_a_thread_stage_returns_is_closed_and_retried_like_any_error() -> None:
+    """Regression: ``map(lambda x: fetch(x))`` on threads sent coroutine objects on, and
+    each warned "coroutine 'fetch' was never awaited" only when collected (with
+    ``filterwarnings = error`` here, that warning fails the test)."""
+    made: list[Any] = []
+
+    async def fetch(x: int) -> int:
+        return x
+
+    def wrong(x: int) -> Any:
+        made.append(fetch(x))
+        return made[-1]
+
+    pipeline = cv.Pipeline(range(3)).map(wrong, retries=1, backoff=TINY, on_error="skip")
+    result = pipeline.run(collect=True)
+    assert result.outputs == []
+    assert [(f.item, f.attempts) for f in sorted(result.failures, key=lambda f: f.item)] == [
+        (0, 2),
+        (1, 2),
+        (2, 2),
+    ]
+    assert len(made) == 6  # each item called twice: the retry applies
+    assert all(inspect.getcoroutinestate(c) == inspect.CORO_CLOSED for c in made)
+    assert "runtime='thread'" in str(result.failures[0].error)

@@ -363,3 +363,14 @@ def test_a_namespace_or_run_id_with_white_space_is_refused_naming_it(name: str) 
     assert not _accepted_by_the_library(name, "namespace")
     assert not _accepted_by_the_library(name, "run_id")
     assert not _accepted_by_the_command_line(name)
+
+
+def test_a_redis_runs_report_counts_its_failed_items_as_skipped_or_dead_lettered() -> None:
+    """On Redis an item's error does not end the run: the stages' ``failed`` counts
+    the entries skipped and those dead-lettered, and the report says which."""
+    from conveyor.redis.backend import RedisRunResult
+    from test_metrics import stats
+
+    result = RedisRunResult(stats=[stats("s", failed=5)], dead_letters={"s": 2}, items_out=1)
+    assert result.failed_counts() == {"skipped": 3, "dead-lettered": 2}
+    assert "1 output in 0.00 s; 5 items failed (3 skipped, 2 dead-lettered)" in result.report()

@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import conveyor as cv
+from conveyor.metrics import RunResult, StageStats, stage_rows
 from conveyor.report import check_report_path, format_seconds, render_html
-from test_metrics import slow_middle
+from test_metrics import slow_middle, stats
 from test_pipeline_helpers import must_wait, no_thread_left  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("no_thread_left")
@@ -114,7 +117,7 @@ def test_a_report_narrower_than_it_can_be_drawn_is_refused_naming_width(
 def test_the_text_report_lists_failed_items() -> None:
     p = cv.Pipeline(range(120)).map(flaky_parse, on_error="skip", name="parse")
     report = p.run().report()
-    assert "3 items failed" in report
+    assert "3 items failed (3 skipped)" in report
     header = next(line for line in report.splitlines() if "stage" in line)
     assert "failed" in header and "filtered" not in header
     assert "parse: 50 -> ValueError: bad record 50" in report
@@ -384,3 +387,129 @@ def test_failed_items_are_shown_shortened_in_every_report(tmp_path: Path) -> Non
         assert failure["item"].startswith("ZZZ") and len(failure["item"]) < 2_000
         assert failure["error"].startswith("ValueError: rejected ZZZ")
         assert len(failure["error"]) < 2_000
+
+
+# ---------------------------------------------------------------------- narrow reports
+
+_COUNT = st.integers(min_value=0, max_value=10**12)
+
+
+@st.composite
+def stage_stats(draw: st.DrawFn) -> StageStats:
+    return stats(
+        draw(st.text("abcdefghij_", min_size=1, max_size=40)),
+        kind=draw(st.sampled_from(["map", "filter", "flat_map", "each"])),
+        runtime=draw(st.sampled_from(["thread", "process", "async"])),
+        workers=draw(st.integers(min_value=1, max_value=100_000)),
+        items_in=draw(_COUNT),
+        items_out=draw(_COUNT),
+        filtered=draw(st.sampled_from([0, 0, 7, 10**9])),
+        failed=draw(st.sampled_from([0, 0, 1, 123_456_789])),
+        retried=draw(st.sampled_from([0, 0, 3, 10**6])),
+        busy_seconds=draw(st.floats(min_value=0, max_value=10)),
+        latency_p50=draw(st.floats(min_value=0, max_value=1e4)),
+        latency_p99=draw(st.floats(min_value=0, max_value=1e6)),
+    )
+
+
+def _numbers(line: str) -> list[str]:
+    return [
+        t.rstrip(",")
+        for t in line.split()
+        if t[0].isdigit() and t.rstrip(",").replace(",", "").isdigit()
+    ]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(stage_stats(), min_size=1, max_size=4), st.integers(min_value=40, max_value=200))
+def test_a_report_of_any_width_shows_every_number_it_shows_whole(
+    stages: list[StageStats], width: int
+) -> None:
+    """Regression: report(width=40) showed counts as "3…", and at 80 columns a failed
+    column cut the headers to "sta…", "wor…"."""
+    text = RunResult(stats=stages).report(width)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= width
+    assert "…" not in text
+    table = lines[: next(i for i, line in enumerate(lines) if " in 0.00 s; " in line)]
+    _, rows = stage_rows(stages)
+    cells = {cell for row in rows for cell in row[2:]}
+    cells |= {cell.split()[0] for cell in cells if " " in cell}  # "500 ms": its number
+    for line in table[1:]:
+        for number in _numbers(line):
+            assert number in cells, (number, line)  # whole: not a piece of one
+    shown = set(_numbers(" ".join(table)))
+    for s in stages:  # the counts that always stay
+        assert {f"{s.items_in:,}", f"{s.items_out:,}"} <= shown
+        if any(x.failed for x in stages):
+            assert f"{s.failed:,}" in shown
+
+
+def test_a_narrow_report_shortens_headers_and_leaves_out_timings_before_any_count() -> None:
+    stages = [
+        stats("parse", items_in=123_456, items_out=120_986, failed=2_470),
+        stats("filter", kind="filter", items_in=120_986, items_out=80_658, filtered=40_328),
+    ]
+    result = RunResult(stats=stages)
+    header = result.report(80).splitlines()[1].split()
+    assert header[:5] == ["stage", "kind", "wk", "in", "out"]
+    assert "p99" not in header and "filt" in header and "fail" in header
+    narrowest = result.report(40).splitlines()
+    assert narrowest[1].split() == ["stage", "wk", "in", "out", "fail"]
+    assert narrowest[3].split() == ["parse", "1", "123,456", "120,986", "2,470"]
+
+
+def test_where_no_table_fits_each_value_gets_a_line_of_its_own() -> None:
+    huge = 10**15
+    stages = [stats("a" * 30, items_in=huge, items_out=huge, failed=huge)]
+    lines = RunResult(stats=stages).report(40).splitlines()
+    assert lines[1:6] == [
+        "a" * 30 + " (map)",
+        "  workers 1",
+        "  in 1,000,000,000,000,000",
+        "  out 1,000,000,000,000,000",
+        "  failed 1,000,000,000,000,000",
+    ]
+    assert max(len(line) for line in lines) <= 40
+
+
+@pytest.mark.parametrize(
+    ("failed", "skipped", "error", "said"),
+    [
+        (0, 0, None, "0 items failed"),
+        (1, 1, None, "1 item failed (1 skipped)"),
+        (3, 2, ValueError("boom"), "3 items failed (2 skipped, 1 ended the run)"),
+        (1, 0, ValueError("boom"), "1 item failed (1 ended the run)"),
+    ],
+)
+def test_the_totals_say_how_many_items_failed_and_what_became_of_them(
+    failed: int, skipped: int, error: BaseException | None, said: str
+) -> None:
+    """Regression: the line counted ``result.failures`` (skipped items) only, under
+    the name "failed", and said "1 items"."""
+    failures = [cv.Failure("s", n, ValueError(n), 1) for n in range(skipped)]
+    result = RunResult(stats=[stats(failed=failed)], failures=failures, items_out=1, error=error)
+    assert f"1 output in 0.00 s; {said}" in result.report()
+
+
+def test_a_run_whose_error_ended_it_counts_that_item_as_failed() -> None:
+    p = cv.Pipeline(range(100)).map(flaky_parse, name="parse")  # fails on 0
+    handle = p.start()
+    with pytest.raises(ValueError, match="bad record 0"):
+        handle.join()
+    report = handle.result_so_far().report()
+    assert "1 item failed (1 ended the run)" in report
+
+
+@pytest.mark.parametrize("width", [40, 80, 130])
+def test_the_report_of_a_run_without_stages_is_the_totals(width: int) -> None:
+    text = RunResult(stats=[]).report(width)
+    assert "0 outputs in 0.00 s; 0 items failed" in text
+
+
+def test_the_html_summary_counts_failed_items_as_the_text_report_does() -> None:
+    """Regression: its "failed items" were the skipped ones only."""
+    failures = [cv.Failure("s", 1, ValueError(1), 1)]
+    result = RunResult(stats=[stats(failed=3)], failures=failures, error=ValueError("boom"))
+    page = render_html(result)
+    assert "<b>3</b>failed items (1 skipped, 2 ended the run)" in page

@@ -268,7 +268,11 @@ def bottleneck_demo(console: Console) -> BottleneckDemoResult:
         )
     )
     first = pipeline.run(progress=True)
-    console.print(report_table(first.stats, title=f"Run 1: {first.elapsed_seconds:.2f} s"))
+    console.print(
+        report_table(
+            first.stats, title=f"Run 1: {first.elapsed_seconds:.2f} s", width=console.width
+        )
+    )
     console.print(bottleneck_line(first.bottleneck), markup=False, highlight=False)
 
     faster = pipeline.with_stage("enrich", workers=MORE_WORKERS).run(progress=True)
@@ -277,6 +281,7 @@ def bottleneck_demo(console: Console) -> BottleneckDemoResult:
             faster.stats,
             title=f"Run 2, enrich with {MORE_WORKERS} workers: {faster.elapsed_seconds:.2f} s "
             f"({first.elapsed_seconds / faster.elapsed_seconds:.1f}x faster)",
+            width=console.width,
         )
     )
     console.print(bottleneck_line(faster.bottleneck), markup=False, highlight=False)

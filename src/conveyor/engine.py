@@ -45,6 +45,7 @@ from contextlib import contextmanager
 from functools import partial
 from itertools import islice
 from time import perf_counter
+from types import AsyncGeneratorType, GeneratorType
 from typing import TYPE_CHECKING, Any
 
 from .channel import Channel, Producer
@@ -142,6 +143,7 @@ class Run:
             StageRun(s, i, self._io(i), self.control, self.metrics[i]) for i, s in enumerate(stages)
         ]
         self.runtimes = Runtimes()
+        self._given = source  # the user's own, which `_close_source` closes (not _skip's)
         self._source = _skip(source, skip)
         self._feeder_handle = self.channels[0].producer()
         self._feeder: threading.Thread | None = None
@@ -228,7 +230,20 @@ class Run:
             if isinstance(self._source, _IN_MEMORY):
                 self._feed_chunks(iter(self._source), handle)
             else:
-                self._feed_items(iter(self._source), handle)
+                try:
+                    self._feed_items(iter(self._source), handle)
+                finally:
+                    self._close_source()
+
+    def _close_source(self) -> None:
+        """Close a generator source the run did not exhaust (failed, stopped, left),
+        so that its ``finally:`` and ``with`` blocks run now, before the run returns
+        or raises, rather than whenever it is collected, in whatever thread. Called
+        by the feeder thread, the one that iterates it: a generator running in
+        another thread cannot be closed (ValueError). A generator that ended is
+        closed already: nothing happens."""
+        if isinstance(self._given, GeneratorType):
+            self._given.close()
 
     async def _afeed(self, source: AsyncIterable[Any]) -> None:
         """The feeder as a task on the caller's loop (a run driven from async code)."""
@@ -376,9 +391,13 @@ class Run:
                 if not going:
                     return
         finally:
+            # As `_close_source`, on the loop that iterates it: its own iterator, and the
+            # user's async generator beneath the one that skips a resumed run's items.
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
+            if isinstance(self._given, AsyncGeneratorType) and self._given is not iterator:
+                await self._given.aclose()
 
     # ------------------------------------------------------------------ consuming
 

@@ -76,7 +76,9 @@ __all__ = [
     "WorkerCounters",
     "WorkerProbe",
     "bottleneck_line",
+    "failed_line",
     "find_bottleneck",
+    "fit_columns",
     "format_seconds",
     "latency_bound",
     "latency_bucket",
@@ -848,8 +850,21 @@ class RunResult(Generic[OutputT]):
         """What limited the run's throughput (see `find_bottleneck`)."""
         return find_bottleneck(self.stats, self.timeline)
 
+    def failed_counts(self) -> dict[str, int]:
+        """The inputs the stages failed on (the ``failed`` of `stats`, summed), by what
+        became of them: ``"skipped"`` (``on_error="skip"``: recorded in ``failures``)
+        and ``"ended the run"`` (an error with ``on_error="raise"``: the first is
+        ``error``; several workers may meet one before the run stops). A Redis run's
+        result counts ``"dead-lettered"`` entries instead of the latter."""
+        total = sum(s.failed for s in self.stats)
+        skipped = min(total, len(self.failures))
+        return {"skipped": skipped, "ended the run": total - skipped}
+
     def report(self, width: int = 130) -> str:
         """Return the per-stage table and the bottleneck as text, ``width`` columns wide.
+
+        No number is cut to fit: a narrow report shortens headers, folds stage
+        names and leaves the less telling columns out first.
 
         Raises:
             ConfigurationError: ``width`` is below `MIN_REPORT_WIDTH` (the table was
@@ -955,8 +970,97 @@ def stage_rows(stats: Sequence[StageStats]) -> tuple[list[str], list[list[str]]]
     return headers, rows
 
 
-def report_table(stats: Sequence[StageStats], title: str | None = None) -> Table:
-    """The after-run table: one row per stage, where its workers' time went."""
+# How a narrow text report keeps every number whole: first the headers wider than
+# their numbers are shortened, then the stage and kind columns fold their text,
+# then whole columns go, least telling first; the stage, in, out and failed
+# columns stay. Below that, each value is a line of its own (`_stage_lines`).
+_SHORT_HEADERS = {
+    "workers": "wk",
+    "filtered": "filt",
+    "failed": "fail",
+    "retried": "retr",
+    "starved": "starv",
+    "blocked": "block",
+    "items/s": "it/s",
+}
+_DROP_ORDER = (
+    "p99",
+    "p50",
+    "blocked",
+    "starved",
+    "retried",
+    "kind",
+    "items/s",
+    "filtered",
+    "busy",
+    "workers",
+)
+_TEXT_COLUMNS = ("stage", "kind")
+_FOLDED_WIDTH = 6  # the narrowest a folded stage or kind column is made
+_GAP = 2  # between two columns: the padding (collapsed) and the box's blank divider
+
+
+def fit_columns(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], width: int
+) -> tuple[list[str], list[list[str]], bool] | None:
+    """The table of `stage_rows` cut to ``width`` columns without cutting a number.
+
+    Returns the headers and rows to show, and whether the stage and kind
+    columns must fold their text (wrap it at any character); None when even
+    the stage, in, out and failed columns with short headers do not fit.
+    """
+    keep = list(range(len(headers)))
+    for short in (False, True):
+        for fold in (False, True):
+            shown = [_SHORT_HEADERS.get(h, h) if short else h for h in headers]
+            if _table_width(shown, rows, keep, fold) <= width:
+                return _pick(shown, rows, keep, fold)
+    for name in _DROP_ORDER:
+        if name in headers:
+            keep.remove(headers.index(name))
+            if _table_width(shown, rows, keep, True) <= width:
+                return _pick(shown, rows, keep, True)
+    return None
+
+
+def _table_width(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], keep: Sequence[int], fold: bool
+) -> int:
+    total = _GAP * (len(keep) - 1)
+    for j in keep:
+        natural = max([len(headers[j]), *(len(row[j]) for row in rows)])
+        total += min(natural, _FOLDED_WIDTH) if fold and j < len(_TEXT_COLUMNS) else natural
+    return total
+
+
+def _pick(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], keep: Sequence[int], fold: bool
+) -> tuple[list[str], list[list[str]], bool]:
+    return [headers[j] for j in keep], [[row[j] for j in keep] for row in rows], fold
+
+
+def report_table(
+    stats: Sequence[StageStats], title: str | None = None, width: int | None = None
+) -> Table:
+    """The after-run table: one row per stage, where its workers' time went.
+
+    With ``width``, the table is cut to fit it as `fit_columns` says, the
+    numbers never cut (but when even its fewest columns are too wide: then
+    rich cuts them as it must).
+    """
+    headers, rows = stage_rows(stats)
+    fold = False
+    if width is not None:
+        fitted = fit_columns(headers, rows, width)
+        if fitted is None:
+            fitted = _pick(headers, rows, [0, 3, 4], True)
+        headers, rows, fold = fitted
+    return _table(headers, rows, title, fold)
+
+
+def _table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], title: str | None, fold: bool
+) -> Table:
     from rich import box
     from rich.table import Table
     from rich.text import Text
@@ -969,14 +1073,27 @@ def report_table(stats: Sequence[StageStats], title: str | None = None) -> Table
         show_edge=False,
         collapse_padding=True,
     )
-    headers, rows = stage_rows(stats)
-    for header in headers:
-        table.add_column(header, justify="left" if header in ("stage", "kind") else "right")
+    for j, header in enumerate(headers):
+        if header in _TEXT_COLUMNS:
+            table.add_column(header, justify="left", overflow="fold" if fold else "ellipsis")
+        else:  # a number: exactly as wide as its widest cell, never wrapped or cut
+            cells = max([len(header), *(len(row[j]) for row in rows)])
+            table.add_column(header, justify="right", no_wrap=True, width=cells)
     for row in rows:
         table.add_row(
             *(Text(printable(cell)) for cell in row)
         )  # a stage name is text, never markup
     return table
+
+
+def _stage_lines(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """The table as lines, for a width where no table fits: per stage, ``parse (map)``
+    and then a line per value, ``  in 1,234``."""
+    lines: list[str] = []
+    for row in rows:
+        lines.append(f"{row[0]} ({row[1]})")
+        lines += [f"  {header} {value}" for header, value in zip(headers[2:], row[2:], strict=True)]
+    return lines
 
 
 def bottleneck_line(bottleneck: Bottleneck | None) -> str:
@@ -994,17 +1111,31 @@ def _failure_line(error: BaseException) -> str:
 
 
 def render_table(result: RunResult, width: int = 130) -> str:
-    """The run's table, totals, bottleneck and failures, as plain text ``width`` wide."""
+    """The run's table, totals, bottleneck and failures, as plain text ``width`` wide.
+
+    No number is ever cut: a narrow report shortens headers, folds stage
+    names and leaves out the less telling columns (`fit_columns`), and where
+    no table fits, gives each value of each stage a line of its own.
+    """
     import io
 
     from rich.console import Console
 
     console = Console(width=width, record=True, file=io.StringIO(), color_system=None)
-    console.print(report_table(result.stats, title="conveyor run"))
+    headers, rows = stage_rows(result.stats)
+    fitted = fit_columns(headers, rows, width)
+    if fitted is not None:
+        console.print(_table(*fitted[:2], "conveyor run", fitted[2]))
+    else:
+        console.print("conveyor run", markup=False, highlight=False)
+        for line in _stage_lines(headers, rows):
+            console.print(printable(line), markup=False, highlight=False)
     status = " (stopped before the end)" if result.stopped else ""
     console.print(
-        f"{result.items_out:,} outputs in {result.elapsed_seconds:.2f} s{status}; "
-        f"{len(result.failures)} items failed"
+        f"{_count(result.items_out, 'output')} in {result.elapsed_seconds:.2f} s{status}; "
+        f"{failed_line(result)}",
+        markup=False,
+        highlight=False,
     )
     if result.error is not None:
         console.print(_failure_line(result.error), markup=False, highlight=False)
@@ -1018,6 +1149,23 @@ def render_table(result: RunResult, width: int = 130) -> str:
     if len(result.failures) > 10:
         console.print(f"  ... and {len(result.failures) - 10} more")
     return printable(console.export_text())
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 item``, ``2 items``, ``1,000 items``."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+
+
+def failed_line(result: RunResult) -> str:
+    """What the report says of the items the stages failed on: their number, as the
+    tables' ``failed`` column counts them, and what became of them
+    (`RunResult.failed_counts`): ``3 items failed (2 skipped, 1 ended the run)``."""
+    counts = result.failed_counts()
+    total = sum(counts.values())
+    if not total:
+        return "0 items failed"
+    parts = ", ".join(f"{n:,} {what}" for what, n in counts.items() if n)
+    return f"{_count(total, 'item')} failed ({parts})"
 
 
 def printable(text: str) -> str:

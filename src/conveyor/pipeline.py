@@ -128,7 +128,9 @@ class StageOptions(_Options, total=False):
         name: the stage's name in errors and reports, unique in the
             pipeline (default: the function's name).
         on_start: called once in each worker before its first item; what it
-            returns is `conveyor.worker_state()` inside the function.
+            returns is `conveyor.worker_state()` inside the function. (An
+            async stage starts its worker tasks as work comes, up to
+            ``workers``: once per task started.)
         on_stop: called once in each worker after its last item, with what
             ``on_start`` returned.
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import CoroutineType
 from typing import Any
 
 from .errors import SerializationError
@@ -39,6 +40,7 @@ __all__ = [
     "apply_one",
     "aprocess_batch",
     "cancels_this_task",
+    "coroutine_returned",
     "drop_unsendable",
     "give_up",
     "item_repr",
@@ -159,10 +161,33 @@ class BatchOutcome:
 
 
 def apply_one(stage: Stage, item: Any) -> tuple[list[Any], bool]:
-    """Apply the stage to one item; return (outputs, filtered)."""
+    """Apply the stage to one item; return (outputs, filtered).
+
+    Raises:
+        TypeError: the function returned a coroutine (see `coroutine_returned`).
+    """
     fn = stage.fn
     assert fn is not None
-    return outputs_of(stage.kind, item, fn(item))
+    result = fn(item)
+    if type(result) is CoroutineType:
+        raise coroutine_returned(stage, result)
+    return outputs_of(stage.kind, item, result)
+
+
+def coroutine_returned(stage: Stage, coroutine: CoroutineType[Any, Any, Any]) -> TypeError:
+    """The error of a call on a thread, process or interpreter worker that returned a
+    coroutine (a lambda calling an ``async def``, say): nothing there awaits it, so it
+    would go on as an item and warn "never awaited" when collected. It is closed here,
+    and the call is an item error like any other (``retries`` and ``on_error`` apply).
+
+    The check is one ``type(result) is CoroutineType`` per call on the hot path."""
+    coroutine.close()
+    return TypeError(
+        f"stage {stage.label} returned a coroutine ({coroutine.__qualname__}) on "
+        f"runtime={stage.runtime!r}, which calls functions and does not await what "
+        f'they return: give the stage an async def with runtime="async" (or make '
+        f"the function return its value)"
+    )
 
 
 async def aapply_one(stage: Stage, item: Any) -> tuple[list[Any], bool]:
@@ -312,11 +337,17 @@ def _apply_run(
     i = start
     filtered = 0
     n = len(batch)
+    kind_of, coroutine = type, CoroutineType  # locals: the check below runs per call
     try:
+        # Each call's result is checked for a coroutine (`coroutine_returned`): one
+        # type comparison, the only cost this check adds to the loop.
         if kind == "map":
             append = out.append
             while i < n:
-                append(fn(batch[i]))
+                result = fn(batch[i])
+                if kind_of(result) is coroutine:
+                    raise coroutine_returned(stage, result)
+                append(result)
                 i += 1
             if counts is not None:
                 counts.extend([1] * (n - start))
@@ -324,7 +355,10 @@ def _apply_run(
             append = out.append
             while i < n:
                 x = batch[i]
-                if fn(x):
+                result = fn(x)
+                if kind_of(result) is coroutine:
+                    raise coroutine_returned(stage, result)
+                if result:
                     append(x)
                     if counts is not None:
                         counts.append(1)
@@ -336,15 +370,20 @@ def _apply_run(
         elif kind == "flat_map":
             extend = out.extend
             while i < n:
+                result = fn(batch[i])
+                if kind_of(result) is coroutine:
+                    raise coroutine_returned(stage, result)
                 # Materialise first: a generator that fails halfway adds nothing.
-                outputs = list(fn(batch[i]))
+                outputs = list(result)
                 extend(outputs)
                 if counts is not None:
                     counts.append(len(outputs))
                 i += 1
         else:  # each
             while i < n:
-                fn(batch[i])
+                result = fn(batch[i])
+                if kind_of(result) is coroutine:
+                    raise coroutine_returned(stage, result)
                 i += 1
             if counts is not None:
                 counts.extend([0] * (n - start))

@@ -208,12 +208,18 @@ def _header(result: RunResult, error: BaseException | None) -> str:
     else:
         status = "<b class='ok'>finished</b>"
     items_in = result.stats[0].items_in if result.stats else 0
+    # As the text report's totals: what the stages' failed column counts, and why.
+    counts = result.failed_counts()
+    became = ", ".join(f"{n:,} {what}" for what, n in counts.items() if n)
     cells = [
         ("status", status),
         ("wall time", f"<b>{html.escape(format_seconds(result.elapsed_seconds))}</b>"),
         ("items in", f"<b>{items_in:,}</b>"),
         ("outputs", f"<b>{result.items_out:,}</b>"),
-        ("failed items", f"<b>{len(result.failures):,}</b>"),
+        (
+            f"failed items ({became})" if became else "failed items",
+            f"<b>{sum(counts.values()):,}</b>",
+        ),
         ("stages", f"<b>{len(result.stats)}</b>"),
     ]
     summary = "".join(f"<div>{value}{html.escape(label)}</div>" for label, value in cells)

@@ -188,6 +188,9 @@ ASYNC_ONLY = [_combo_param(c) for c in COMBOS if c.startswith("async-")]
 """For a test of coroutine stages: ``@pytest.mark.parametrize("runner", ASYNC_ONLY, ...)``."""
 PROCESS_ONLY = [_combo_param(c) for c in COMBOS if c.startswith("process-")]
 """For what only worker processes do (die): ``parametrize("runner", PROCESS_ONLY, ...)``."""
+SYNC_ONLY = [_combo_param(c) for c in COMBOS if not c.startswith("async-")]
+"""For what only runtimes that call plain functions do (the async runtime refuses a
+stage that is not an ``async def``): ``parametrize("runner", SYNC_ONLY, ...)``."""
 
 
 # ---------------------------------------------------------------------- helpers

@@ -18,7 +18,7 @@ from typing import Any
 
 import cloudpickle
 import pytest
-from runners import PROCESS_ONLY, Leftovers, Runner, described, wait_gone
+from runners import PROCESS_ONLY, SYNC_ONLY, Leftovers, Runner, described, wait_gone
 
 import conveyor as cv
 from conveyor.metrics import RunResult
@@ -638,3 +638,46 @@ def test_a_stop_iteration_from_a_stage_is_a_runtime_error_naming_the_stage_and_i
         else:
             assert f"{raised.__name__} raised in the pipeline" in str(error)
     assert f"conveyor: stage 'nexts' (map) failed on item {BAD}" in error.__notes__
+
+
+async def doubled(x: int) -> int:
+    return 2 * x
+
+
+def calls_a_coroutine_function(x: int) -> Any:
+    """The mistake: a plain function (a lambda, often) around an ``async def``."""
+    return doubled(x)
+
+
+@pytest.mark.parametrize("runner", SYNC_ONLY, indirect=True)
+def test_a_plain_function_returning_a_coroutine_is_a_type_error_naming_the_stage(
+    runner: Runner,
+) -> None:
+    # Repro: the coroutine objects went on as items, with only a RuntimeWarning
+    # ("coroutine 'doubled' was never awaited") when they were collected.
+    pipeline = cv.Pipeline(range(5)).map(
+        calls_a_coroutine_function, runtime=runner.runtime, name="dbl"
+    )
+    with pytest.raises((TypeError, cv.DeadLettersError)) as info:
+        runner.run(pipeline, backend_options={"max_deliveries": 2})
+    error = info.value.__cause__ if runner.on_redis else info.value
+    assert isinstance(error, TypeError), described(info.value)
+    assert str(error).startswith(
+        f"stage 'dbl' (map) returned a coroutine (doubled) on runtime={runner.runtime!r}"
+    )
+    assert 'runtime="async"' in str(error) and "async def" in str(error)
+
+
+@pytest.mark.parametrize("runner", SYNC_ONLY, indirect=True)
+@pytest.mark.parametrize("kind", ["map", "filter", "flat_map", "each"])
+def test_a_coroutine_returned_by_a_plain_function_is_an_item_error_that_skip_records(
+    runner: Runner, kind: str
+) -> None:
+    pipeline = getattr(cv.Pipeline(range(4)), kind)(
+        calls_a_coroutine_function, runtime=runner.runtime, on_error="skip", name="dbl"
+    )
+    result = runner.run(pipeline, collect=True)
+    assert result.outputs == []
+    assert sorted(f.item for f in result.failures) == [0, 1, 2, 3]
+    assert all(isinstance(f.error, TypeError) for f in result.failures)
+    assert [s.failed for s in result.stats] == [4]

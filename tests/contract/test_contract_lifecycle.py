@@ -21,7 +21,7 @@ from typing import Any
 import cloudpickle
 import pytest
 from process_events import ProcessEvent
-from runners import REDIS_ONLY, WAIT, Leftovers, Runner, ctrl_c_when
+from runners import ASYNC_ONLY, REDIS_ONLY, WAIT, Leftovers, Runner, ctrl_c_when
 
 import conveyor as cv
 from conveyor import engine
@@ -175,8 +175,9 @@ def test_on_start_and_on_stop_run_once_per_worker_with_its_own_state(
     assert result.outputs == list(range(1, 60, 2))
     for stage, workers, items in (("all", 2, 60), ("odd", 3, 30)):
         started = files(tmp_path, stage, "start")
-        if runner.on_redis:
-            # A Redis worker's hooks run once per consumer and worker lifetime.
+        if runner.on_redis or runner.runtime == "async":
+            # A Redis worker's hooks run once per consumer and worker lifetime; an async
+            # stage's tasks start as work comes, up to `workers` (see the test below).
             assert 1 <= len(started) <= workers, (stage, started)
         else:
             assert len(started) == workers, (stage, started)
@@ -188,6 +189,58 @@ def test_on_start_and_on_stop_run_once_per_worker_with_its_own_state(
         seen = files(tmp_path, stage, "seen")
         assert seen.keys() <= started.keys(), stage
         assert {token: started[token] for token in seen} == seen, stage
+
+
+@pytest.mark.parametrize("runner", ASYNC_ONLY, indirect=True)
+def test_async_workers_start_as_work_comes_up_to_workers_each_with_its_hooks(
+    runner: Runner,
+) -> None:
+    # Repro: workers=100_000 made every task (and its port) up front: 2.3 s and about
+    # 300 MB for 2,000 items. Now tasks start when all running ones are busy.
+    live: dict[str, int] = {"now": 0, "most": 0, "started": 0, "stopped": 0}
+    everyone_in: list[asyncio.Event] = []
+
+    def on_start() -> int:
+        live["started"] += 1
+        return live["started"]
+
+    def on_stop(state: int) -> None:
+        live["stopped"] += 1
+
+    async def meet(x: int) -> int:
+        # Items 0..5 wait for each other: the run ends only if 6 tasks run at once.
+        assert isinstance(cv.worker_state(), int)
+        if x >= 6:
+            return x
+        if not everyone_in:
+            everyone_in.append(asyncio.Event())
+        live["now"] += 1
+        live["most"] = max(live["most"], live["now"])
+        if live["now"] == 6:
+            everyone_in[0].set()
+        await asyncio.wait_for(everyone_in[0].wait(), WAIT)
+        live["now"] -= 1
+        return x
+
+    pipeline = cv.Pipeline(range(200)).map(
+        meet, workers=6, runtime="async", on_start=on_start, on_stop=on_stop, ordered=False
+    )
+    assert sorted(runner.run(pipeline, collect=True).outputs or []) == list(range(200))
+    assert live["most"] == 6
+    assert live["started"] == live["stopped"] == 6  # never more than `workers`
+
+    async def trivial(x: int) -> int:
+        return x
+
+    live.update(started=0, stopped=0)
+    many = cv.Pipeline(range(2000)).map(
+        trivial, workers=100_000, runtime="async", on_start=on_start, on_stop=on_stop
+    )
+    result = runner.run(many, collect=True)
+    assert result.outputs == list(range(2000))
+    # A trivial stage keeps few tasks busy at once: far fewer start than `workers`.
+    assert 1 <= live["started"] == live["stopped"] <= 100, live
+    assert result.stats[0].workers == 100_000
 
 
 def test_max_items_per_worker_gives_each_life_its_quota_and_no_idle_life_at_the_end(
@@ -528,3 +581,79 @@ def test_stop_with_drain_lets_the_items_inside_finish_on_every_backend(runner: R
     if runner.on_redis:
         # Drained, the run completed: nothing is left in Redis to resume.
         assert not runner.backend_for().cancel(pipeline, getattr(result, "run_id", ""))
+
+
+# ---------------------------------------------------------------------- the source
+
+
+def exit_on_tenth(x: int) -> int:
+    if x == 10:
+        raise SystemExit(3)
+    return x
+
+
+class Broke(Exception):
+    """A stage's error."""
+
+
+def fail_on_tenth(x: int) -> int:
+    if x == 10:
+        raise Broke(x)
+    return x
+
+
+@pytest.mark.parametrize("how", ["a stage fails", "the loop is left", "stop()"])
+@pytest.mark.parametrize("flavour", ["generator", "async generator"])
+def test_a_run_that_ends_early_closes_its_generator_source_before_it_returns(
+    runner: Runner, how: str, flavour: str
+) -> None:
+    # Repro: a failed run left its generator source to the garbage collector, so
+    # the generator's `finally:` (a file's `with` block) ran late, in another thread.
+    pulled, closed = threading.Event(), threading.Event()
+    threads: list[int] = []
+
+    def endless() -> Iterator[int]:
+        threads.append(threading.get_ident())
+        try:
+            for i in itertools.count():
+                if i == 20:
+                    pulled.set()
+                yield i
+        finally:
+            threads.append(threading.get_ident())
+            closed.set()
+
+    async def aendless() -> Any:
+        try:
+            for i in itertools.count():
+                if i == 20:
+                    pulled.set()
+                yield i
+                await asyncio.sleep(0)
+        finally:
+            closed.set()
+
+    source = endless() if flavour == "generator" else aendless()
+    # An item's error does not end a run on Redis (it is delivered again, then
+    # dead-lettered, while the endless source goes on): a SystemExit does.
+    fail = exit_on_tenth if runner.on_redis else fail_on_tenth
+    stage = fail if how == "a stage fails" else inc
+    pipeline = cv.Pipeline(source).map(runner.fn(stage), workers=2, runtime=runner.runtime)
+    if how == "a stage fails":
+        with pytest.raises((Broke, SystemExit)):
+            runner.run(pipeline)
+    elif how == "the loop is left":
+        with closing(runner.iterate(pipeline)) as outputs:
+            for x in outputs:
+                if x == 5:
+                    break
+    else:
+        handle = runner.start(pipeline)
+        with handle:
+            assert pulled.wait(WAIT), "the run did not pull 20 items"
+            handle.stop()
+            handle.join(WAIT)
+    assert closed.is_set(), "the source was not closed when the run ended"
+    if flavour == "generator":
+        first, last = threads
+        assert first == last, "the source was closed from another thread than its feeder's"

@@ -129,6 +129,13 @@ class RedisRunResult(RunResult):
         }
         return data
 
+    def failed_counts(self) -> dict[str, int]:
+        """As for any run, but an item's error does not end a run on Redis: the entries
+        failed on are skipped (``on_error="skip"``) or dead-lettered."""
+        total = sum(s.failed for s in self.stats)
+        dead = min(total, sum(self.dead_letters.values()))
+        return {"skipped": total - dead, "dead-lettered": dead}
+
     def report(self, width: int = 130) -> str:
         """The per-stage table, and a line on re-executions when there were any."""
         text = super().report(width)

@@ -61,7 +61,7 @@ from ..ordering import TOMBSTONE, Leaf, Tracker
 from ..policy import BatchOutcome, drop_unsendable
 from ..remote import capture
 from ..runtime.base import RunControl
-from ..runtime.ports import Port, StageIO
+from ..runtime.ports import Port, PortSupply, StageIO
 from ..stage import Stage
 from .budget import entry_cost, fitting, need_of, room_of, wait_for_room
 from .codec import Codec, child_path, encode_failure, get_codec, key_check, load_path
@@ -316,15 +316,36 @@ class RedisIO(StageIO):
         with self._dead_lock:
             self.dead_letters += n
 
+    def _coroutines(self) -> bool:
+        return self.stage.runtime == "async" and self.stage.kind != "batch"
+
+    def _shared_port(self, count: int, users: int) -> SharedPort:
+        """The one consumer of a stage's ``count`` coroutine workers, with ``users``
+        ports (or stand-ins for ports) to close before it closes."""
+        # Coroutine workers wait for Redis in a few threads: one consumer reads
+        # for all of them (one blocking read at a time), the others hand on.
+        self._executor = ThreadPoolExecutor(
+            min(count, ASYNC_THREADS), f"conveyor-redis-{self.stage.name}"
+        )
+        self.use.open_port()
+        return SharedPort(self, f"{self.stage.name}-async", users)
+
+    def supply(self, count: int) -> PortSupply:
+        """A coroutine stage's ports as its workers start: the supply is a user of the
+        shared consumer until sealed, and each port it opens one more."""
+        if not self._coroutines():
+            return super().supply(count)
+        shared = self._shared_port(count, 1)
+
+        def new() -> Port:
+            shared.add_user()
+            return TaskPort(shared)
+
+        return PortSupply(count, new, shared.close)
+
     def open(self, count: int) -> list[Port]:
-        if self.stage.runtime == "async" and self.stage.kind != "batch":
-            # Coroutine workers wait for Redis in a few threads: one consumer reads
-            # for all of them (one blocking read at a time), the others hand on.
-            self._executor = ThreadPoolExecutor(
-                min(count, ASYNC_THREADS), f"conveyor-redis-{self.stage.name}"
-            )
-            self.use.open_port()
-            shared = SharedPort(self, f"{self.stage.name}-async", count)
+        if self._coroutines():
+            shared = self._shared_port(count, count)
             return [TaskPort(shared) for _ in range(count)]
         port = BatchPort if self.stage.kind == "batch" else RedisPort
         for _ in range(count):
@@ -1510,6 +1531,12 @@ class SharedPort(RedisPort):
     def _forget_gone_runs(self) -> None:
         with self._lock:
             super()._forget_gone_runs()
+
+    def add_user(self) -> None:
+        """One more port to close before this consumer closes (opened while another
+        user still holds it open: a `PortSupply`)."""
+        with self._lock:
+            self._users += 1
 
     def close(self) -> None:
         """Once every coroutine's port is closed: let go of what was read and not handed

@@ -4,7 +4,11 @@
 
     port.atake --> worker task 0 --aprocess_batch--> port.adeliver
     port.atake --> worker task 1 ...   (one port per task; see `conveyor.runtime.ports`)
-                   ... ``workers`` tasks: the stage's concurrency limit
+                   ... up to ``workers`` tasks: the stage's concurrency limit
+
+Tasks start as work comes (`_Workers`): one with the run, another each time
+a task takes a batch and leaves none waiting, each with a port of its own
+from the stage's `conveyor.runtime.ports.PortSupply`.
 
 Each worker task loops like a thread worker (`conveyor.runtime.base.worker_loop`):
 take a batch, run it through `conveyor.stage.aprocess_batch` (the stage's
@@ -73,6 +77,7 @@ class AsyncRuntime(Runtime):
         self._control: RunControl | None = None
         self._lock = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()  # the live worker tasks, under _lock
+        self._stages: list[_Workers] = []  # each stage's, under _lock
         self._live = 0  # worker tasks started and not ended, under _lock
         self._idle = threading.Event()  # set while _live is 0
         self._idle.set()
@@ -81,17 +86,23 @@ class AsyncRuntime(Runtime):
 
     # ------------------------------------------------------------------ starting
 
-    def start(self, sr: StageRun) -> None:
+    def open(self, sr: StageRun) -> None:
+        """A supply of ports rather than ``workers`` ports: tasks start as work comes."""
         if sr.stage.kind == "batch":
             raise ConfigurationError(f"stage {sr.stage.label}: batch stages run on threads")
+        sr.open_supply(sr.stage.workers)
+
+    def start(self, sr: StageRun) -> None:
         loop = self._ensure_loop(sr.control)
+        workers = _Workers(self, sr)
         with self._lock:
-            self._live += sr.stage.workers
+            self._live += 1  # stands for the first task until it is made, on the loop
             self._idle.clear()
+            self._stages.append(workers)
         if _running_loop() is loop:
-            self._spawn(sr)
+            self._start_first(workers)
         else:
-            loop.call_soon_threadsafe(self._spawn, sr)
+            loop.call_soon_threadsafe(self._start_first, workers)
 
     def _ensure_loop(self, control: RunControl) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -108,14 +119,25 @@ class AsyncRuntime(Runtime):
             control.on_abort(self._on_abort)
         return self._loop
 
-    def _spawn(self, sr: StageRun) -> None:
-        """Create the stage's worker tasks (in the loop's thread)."""
+    def _start_first(self, workers: _Workers) -> None:
+        """Start the stage's first worker task (in the loop's thread)."""
+        try:
+            if not workers.start_one():  # the run stopped before its stages started
+                workers.seal()
+        finally:
+            self._ended()  # what stood for the first task
+
+    def start_task(self, workers: _Workers, worker: int, port: Port) -> None:
+        """Start worker task number ``worker`` of a stage on its ``port`` (loop thread)."""
         assert self._loop is not None
-        for worker in range(sr.stage.workers):
-            task = self._loop.create_task(_run_worker(sr, worker), name=sr.thread_name(worker))
-            with self._lock:
-                self._tasks.add(task)
-            task.add_done_callback(self._task_done)
+        sr = workers.sr
+        task = self._loop.create_task(
+            _run_worker(workers, worker, port), name=sr.thread_name(worker)
+        )
+        with self._lock:
+            self._tasks.add(task)
+            self._live += 1
+        task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         error = None if task.cancelled() else task.exception()
@@ -125,6 +147,11 @@ class AsyncRuntime(Runtime):
             self._control.fail(error)
         with self._lock:
             self._tasks.discard(task)
+        self._ended()
+
+    def _ended(self) -> None:
+        """One task fewer; the last one sets `_idle`, and stops our loop once joined."""
+        with self._lock:
             self._live -= 1
             if self._live:
                 return
@@ -172,6 +199,10 @@ class AsyncRuntime(Runtime):
             return []
         deadline = monotonic() + timeout
         stuck = [] if self._idle.wait(timeout) else self._stuck()
+        with self._lock:
+            stages = list(self._stages)
+        for workers in stages:  # no task starts any more (one cancelled unstarted did not)
+            workers.seal()
         if self._thread is None:
             return stuck
         with self._lock:
@@ -194,24 +225,96 @@ class AsyncRuntime(Runtime):
             return [Leftover(name, "task") for name in sorted(t.get_name() for t in self._tasks)]
 
 
-# ---------------------------------------------------------------------- the worker
+# ---------------------------------------------------------------------- the workers
 
 
-async def _run_worker(sr: StageRun, worker: int) -> None:
+class _Workers:
+    """A stage's worker tasks, started as work comes, up to its ``workers``.
+
+    The first task starts with the run; another starts whenever a task takes
+    a batch and leaves none waiting for one (all are busy). So an item that
+    arrives finds a task waiting for it while the stage is under its limit,
+    and a stage whose items keep at most k tasks busy at once runs about
+    k + 1 of them, whatever ``workers`` says: 100,000 coroutines of a trivial
+    stage cost what a few do. A task still in ``on_start`` is not waiting
+    for items, and up to four times as many may be starting as there are
+    tasks through theirs: with a slow ``on_start`` (a connection made) the
+    stage's tasks grow fivefold per ``on_start`` while all are busy, and the
+    tasks of a quick stage are still few. Each task
+    runs ``on_start`` before its first item and ``on_stop`` after its last;
+    a worker that no work ever needed is never started, and runs neither.
+    Used on the loop's thread only (but `seal`, which is thread-safe).
+    """
+
+    __slots__ = ("idle", "runtime", "sr", "started", "starting")
+
+    def __init__(self, runtime: AsyncRuntime, sr: StageRun) -> None:
+        self.runtime = runtime
+        self.sr = sr
+        self.idle = 0  # tasks started and not holding a batch: starting, or waiting for one
+        self.starting = 0  # of those, the ones not yet through on_start
+        self.started = 0
+
+    def start_one(self) -> bool:
+        """Start one more task, unless the stage has all its workers, or the run ended."""
+        assert self.sr.supply is not None
+        port = self.sr.supply.open()
+        if port is None:
+            return False
+        self.idle += 1
+        # Without on_start a task takes items at its first step: it counts as waiting.
+        self.starting += self.sr.stage.on_start is not None
+        self.started += 1
+        self.runtime.start_task(self, self.started - 1, port)
+        return True
+
+    def ready(self) -> None:
+        """A task is through its ``on_start``: it takes items from now on."""
+        self.starting -= self.sr.stage.on_start is not None
+
+    def took(self) -> None:
+        """A task took a batch: if it was the last one waiting, start another (unless
+        four times as many are in on_start as are through it)."""
+        self.idle -= 1
+        starting = self.starting
+        if (
+            self.idle == starting
+            and starting <= 4 * (self.started - starting)
+            and not self.sr.control.stopped.is_set()
+        ):
+            self.start_one()
+
+    def back(self) -> None:
+        """A task handed its batch on and waits for the next."""
+        self.idle += 1
+
+    def seal(self) -> None:
+        """Start no task any more: the input ended, or the run stopped."""
+        assert self.sr.supply is not None
+        self.sr.supply.seal()
+
+
+async def _run_worker(workers: _Workers, worker: int, port: Port) -> None:
     """A worker task: the per-worker hooks around the worker loop."""
+    sr = workers.sr
     stage, control = sr.stage, sr.control
     try:
         state = await _call_hook(sr, worker, "on_start") if stage.on_start is not None else None
     except BaseException as exc:
-        sr.ports[worker].close()
+        port.close()
+        workers.seal()
         if cancels_this_task(exc):
             raise
         control.fail(add_note(exc, f"conveyor: on_start of stage {stage.label} failed"))
         return
     set_worker_state(state)  # a context variable: this task's own
+    workers.ready()
     try:
-        await _worker_loop(sr, worker)
+        await _worker_loop(workers, worker, port)
     finally:
+        # A worker ends when its input has ended or the run stopped: none is needed
+        # any more. (A task the abort cancelled before it ran is sealed for by join.)
+        workers.seal()
         if stage.on_stop is not None:
             try:
                 await _call_hook(sr, worker, "on_stop", state)
@@ -232,13 +335,13 @@ async def _call_hook(sr: StageRun, worker: int, name: str, *args: Any) -> Any:
         return result
 
 
-async def _worker_loop(sr: StageRun, worker: int) -> None:
+async def _worker_loop(workers: _Workers, worker: int, port: Port) -> None:
     """`conveyor.runtime.base.worker_loop`, for a coroutine stage."""
+    sr = workers.sr
     stage, control = sr.stage, sr.control
-    port = sr.ports[worker]
     counters = sr.metrics.new_worker()
     counters.task, counters.thread_name = asyncio.current_task(), sr.thread_name(worker)
-    size, limit, track = 1, sr.max_batch, sr.tracks
+    size, limit, track = 1, sr.max_batch, port.tracks
     target = sr.target(TARGET_BATCH_SECONDS)
     # With a timeout, a call goes through asyncio.wait_for (`aapply_one`).
     ends = port.direct() if stage.timeout is None else None
@@ -247,13 +350,14 @@ async def _worker_loop(sr: StageRun, worker: int) -> None:
         while True:
             if ends is not None and size == 1:
                 books = SingleItemBooks(counters, t0, limit, target)
-                if not await _single_items(sr, port, ends, books):
+                if not await _single_items(workers, port, ends, books):
                     break  # the input ended, or the run failed
                 size, t0 = 2, books.t0  # items quick enough for batches
             try:
                 batch = await port.atake(size)
             except ShutDown:
                 break
+            workers.took()
             t1 = perf_counter()
             counters.wait_in += t1 - t0
             counters.current_item, counters.current_since = batch[0], t1
@@ -264,6 +368,7 @@ async def _worker_loop(sr: StageRun, worker: int) -> None:
             if error is not None:
                 control.fail(error)
                 break
+            workers.back()
             t0 = perf_counter()
             counters.wait_out += t0 - t2
     except ShutDown:
@@ -278,7 +383,10 @@ async def _worker_loop(sr: StageRun, worker: int) -> None:
 
 
 async def _single_items(
-    sr: StageRun, port: Port, ends: tuple[Channel[Any], Producer[Any]], books: SingleItemBooks
+    workers: _Workers,
+    port: Port,
+    ends: tuple[Channel[Any], Producer[Any]],
+    books: SingleItemBooks,
 ) -> bool:
     """`conveyor.runtime.base._single_items`, for a coroutine stage.
 
@@ -291,6 +399,7 @@ async def _single_items(
     the worker's next call by the consumer's turn, only while a consumer
     waits, i.e. while this stage is the slower side).
     """
+    sr = workers.sr
     stage, control = sr.stage, sr.control
     fn, kind = stage.fn, stage.kind
     assert fn is not None
@@ -308,6 +417,7 @@ async def _single_items(
             except ShutDown:
                 return False
             books.took(item)
+            workers.took()
             try:
                 outputs, filtered = outputs_of(kind, item, await fn(item))
             except Exception as exc:
@@ -343,6 +453,7 @@ async def _single_items(
                         await asyncio.sleep(0)
                 finally:  # counted even when the put meets a stopped run, as _worker_loop counts
                     books.handed_on(t2, len(outputs), filtered)
+            workers.back()
             if books.quick():
                 return True
     finally:

@@ -25,13 +25,20 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from time import perf_counter
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError, Empty, ShutDown
 from ..metrics import TALLY_SECONDS, StageMetrics, WorkerCounters
-from ..policy import BatchOutcome, add_stage_note, outputs_of, process_batch
+from ..policy import (
+    BatchOutcome,
+    add_stage_note,
+    coroutine_returned,
+    outputs_of,
+    process_batch,
+)
 from ..stage import Failure, Stage
-from .ports import Port, StageIO
+from .ports import Port, PortSupply, StageIO
 
 if TYPE_CHECKING:
     import asyncio
@@ -131,6 +138,9 @@ class StageRun:
         self.metrics = metrics
         self.ports: list[Port] = []
         """One per worker (or lane), opened by the runtime with `open_ports`."""
+        self.supply: PortSupply | None = None
+        """Instead of ``ports``, for a runtime that starts workers as work comes
+        (`open_supply`)."""
         self.max_batch = max(1, min(MAX_BATCH, io.capacity // 2 or MAX_BATCH))
         self.threads: list[threading.Thread] = []
         self.given_up: list[threading.Thread] = []
@@ -145,6 +155,12 @@ class StageRun:
         assert not self.ports, "a stage's ports are opened once"
         self.ports = self.io.open(count)
         return self.ports
+
+    def open_supply(self, count: int) -> PortSupply:
+        """Instead of `open_ports`: ports for up to ``count`` workers, opened as they start."""
+        assert self.supply is None and not self.ports, "a stage's ports are opened once"
+        self.supply = self.io.supply(count)
+        return self.supply
 
     @property
     def tracks(self) -> bool:
@@ -328,7 +344,10 @@ def _single_items(
                 return False
             books.took(item)
             try:
-                outputs, filtered = outputs_of(kind, item, fn(item))
+                result = fn(item)
+                if type(result) is CoroutineType:
+                    raise coroutine_returned(stage, result)
+                outputs, filtered = outputs_of(kind, item, result)
             except Exception as exc:
                 outcome = process_batch(stage, [item], None, control.sleep, False, exc)
                 error = port.deliver(books.failed(outcome))
@@ -570,6 +589,11 @@ class Runtime(ABC):
         """How many ports the stage's workers use (one per worker; a batch stage has one)."""
         return 1 if stage.kind == "batch" else stage.workers
 
+    def open(self, sr: StageRun) -> None:
+        """Open the stage's ports (`port_count` of them), before any worker of the run
+        starts; a runtime that starts workers as work comes opens a supply instead."""
+        sr.open_ports(self.port_count(sr.stage))
+
     @abstractmethod
     def start(self, sr: StageRun) -> None:
         """Start the stage's workers on its ports (opened already); return at once."""
@@ -607,7 +631,7 @@ class Runtimes:
         """
         runtimes = [self._get(sr.stage.runtime) for sr in stage_runs]
         for sr, runtime in zip(stage_runs, runtimes, strict=True):
-            sr.open_ports(runtime.port_count(sr.stage))
+            runtime.open(sr)
         for sr, runtime in zip(stage_runs, runtimes, strict=True):
             runtime.start(sr)
 

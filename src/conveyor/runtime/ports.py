@@ -21,12 +21,17 @@ What "taking" and "done with an item" mean is the port's business:
 A `StageIO` opens one port per worker (a process stage has two lanes per
 worker, so twice as many), before any of them starts: the local one gives
 each a producer handle on the output, so the output closes after the last.
+The async runtime starts its worker tasks as work comes instead (up to
+100,000 of them), so it takes a `PortSupply`: made before any worker starts
+too, it stands for the ports not opened yet (it holds the output open as
+they would), and opens each when its worker starts.
 """
 
 from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..channel import Channel, Producer
@@ -38,7 +43,7 @@ if TYPE_CHECKING:
 
     from .base import RunControl
 
-__all__ = ["ChannelIO", "ChannelPort", "Port", "Sequencer", "StageIO"]
+__all__ = ["ChannelIO", "ChannelPort", "Port", "PortSupply", "Sequencer", "StageIO"]
 
 
 class Port(ABC):
@@ -111,8 +116,68 @@ class StageIO(ABC):
     def open(self, count: int) -> list[Port]:
         """Open the stage's ``count`` ports, once, before any worker starts."""
 
+    def supply(self, count: int) -> PortSupply:
+        """Instead of `open`: up to ``count`` ports, each opened when its worker starts.
+
+        Made once, before any worker starts. By default the ports are opened
+        now and handed out one by one (the ones never handed out are closed
+        when the supply is sealed); a StageIO whose ports cost something
+        each opens them on demand.
+        """
+        ports = self.open(count)
+        ports.reverse()  # handed out from the end: in the order opened
+        return PortSupply(count, ports.pop, lambda: _close_all(ports))
+
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
         """Release what the ports shared, once the stage's workers have ended."""
+
+
+def _close_all(ports: list[Port]) -> None:
+    for port in ports:
+        port.close()
+
+
+class PortSupply:
+    """Up to ``count`` ports of one stage, each opened when a worker starts.
+
+    Until `seal`, the supply stands for the ports it has not opened: it
+    holds the stage's output open as they would (a producer handle of its
+    own on one machine, a user of the shared consumer on Redis), so a port
+    opened later never finds its output closed by the workers that ended
+    before it. Sealed (no worker will start any more: the input ended or
+    the run stopped), it lets go of that.
+    """
+
+    def __init__(self, count: int, new: Callable[[], Port], release: Callable[[], None]) -> None:
+        self.count = count
+        """The most ports it opens: the stage's ``workers``."""
+        self.opened = 0
+        """Ports opened so far."""
+        self._new = new
+        self._release = release
+        self._sealed = False
+        self._lock = threading.Lock()  # workers open from the loop, a join seals from its thread
+
+    def open(self) -> Port | None:
+        """Open the next port; None when ``count`` are open, the supply is sealed, or the
+        output is shut (the run stopped)."""
+        with self._lock:
+            if self._sealed or self.opened >= self.count:
+                return None
+            try:
+                port = self._new()
+            except ShutDown:
+                return None
+            self.opened += 1
+            return port
+
+    def seal(self) -> None:
+        """Open nothing more, and let go of the output held for ports not opened (once)."""
+        with self._lock:
+            if self._sealed:
+                return
+            self._sealed = True
+        self._release()
 
 
 class ChannelIO(StageIO):
@@ -141,18 +206,33 @@ class ChannelIO(StageIO):
         """
         return count if self.input.max_bytes is not None else 4 * count
 
-    def open(self, count: int) -> list[Port]:
-        sequencer = (
+    def _sequencer(self, count: int) -> Sequencer | None:
+        return (
             # The channel itself, not a worker's handle: the flusher is always a
             # live worker, whose own handle keeps the channel open meanwhile.
             Sequencer(self.output, window=self._window(count), control=self.control)
             if self.ordered and count > 1
             else None
         )
+
+    def open(self, count: int) -> list[Port]:
+        sequencer = self._sequencer(count)
         return [
             ChannelPort(self.input, self.output.producer(), sequencer, self.control)
             for _ in range(count)
         ]
+
+    def supply(self, count: int) -> PortSupply:
+        """Ports opened on demand: each a clone of a producer handle the supply holds
+        (the output cannot close before it is sealed), all on one sequencer sized
+        for ``count`` workers, as `open` would make it."""
+        sequencer = self._sequencer(count)
+        reserve = self.output.producer()
+
+        def new() -> Port:
+            return ChannelPort(self.input, reserve.clone(), sequencer, self.control)
+
+        return PortSupply(count, new, reserve.close)
 
 
 class ChannelPort(Port):

@@ -192,6 +192,34 @@ def test_on_start_and_on_stop_run_once_per_worker_with_its_own_state(
 
 
 @pytest.mark.parametrize("runner", ASYNC_ONLY, indirect=True)
+def test_an_async_stage_of_a_few_workers_starts_them_all_at_once_a_slow_on_start_paid_once(
+    runner: Runner,
+) -> None:
+    # Repro: with tasks started only as work came, the 8 on_start calls of a stage
+    # ran one round after another (1, then 5, then the rest): a slow on_start (a
+    # connection made) was paid three times over. Here each on_start waits for all
+    # 8 to be in progress: the run ends only if they run at once.
+    started: list[int] = []
+    all_in: list[asyncio.Event] = []
+
+    async def connect() -> int:
+        if not all_in:
+            all_in.append(asyncio.Event())
+        started.append(len(started))
+        if len(started) == 8:
+            all_in[0].set()
+        await asyncio.wait_for(all_in[0].wait(), WAIT)
+        return started[-1]
+
+    async def work(x: int) -> int:
+        return x
+
+    pipeline = cv.Pipeline(range(50)).map(work, workers=8, runtime="async", on_start=connect)
+    assert sorted(runner.run(pipeline, collect=True).outputs or []) == list(range(50))
+    assert len(started) == 8
+
+
+@pytest.mark.parametrize("runner", ASYNC_ONLY, indirect=True)
 def test_async_workers_start_as_work_comes_up_to_workers_each_with_its_hooks(
     runner: Runner,
 ) -> None:

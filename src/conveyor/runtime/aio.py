@@ -66,6 +66,13 @@ __all__ = ["RUNTIME", "AsyncRuntime", "new_event_loop"]
 LOOP_THREAD_NAME = "conveyor-async-loop"
 
 
+FIRST_TASKS = 32
+"""Worker tasks a stage starts with the run, at most: up to that many ``workers`` all
+start at once, so that a slow ``on_start`` (a connection made) is paid once, in
+parallel, as before tasks started on demand; beyond, tasks start as work comes
+(`_Workers`), and 100,000 ``workers`` cost what the busy ones do."""
+
+
 class AsyncRuntime(Runtime):
     """Runs each worker of a coroutine stage as a task; one event loop per run."""
 
@@ -120,10 +127,14 @@ class AsyncRuntime(Runtime):
         return self._loop
 
     def _start_first(self, workers: _Workers) -> None:
-        """Start the stage's first worker task (in the loop's thread)."""
+        """Start the stage's first worker tasks, up to `FIRST_TASKS` (in the loop's thread)."""
         try:
             if not workers.start_one():  # the run stopped before its stages started
                 workers.seal()
+                return
+            for _ in range(min(workers.sr.stage.workers, FIRST_TASKS) - 1):
+                if not workers.start_one():
+                    break
         finally:
             self._ended()  # what stood for the first task
 
@@ -231,8 +242,9 @@ class AsyncRuntime(Runtime):
 class _Workers:
     """A stage's worker tasks, started as work comes, up to its ``workers``.
 
-    The first task starts with the run; another starts whenever a task takes
-    a batch and leaves none waiting for one (all are busy). So an item that
+    The first tasks start with the run (all of them, up to `FIRST_TASKS`);
+    another starts whenever a task takes a batch and leaves none waiting for
+    one (all are busy). So an item that
     arrives finds a task waiting for it while the stage is under its limit,
     and a stage whose items keep at most k tasks busy at once runs about
     k + 1 of them, whatever ``workers`` says: 100,000 coroutines of a trivial

@@ -1141,3 +1141,60 @@ def test_wait_for_room_with_least_under_a_byte_budget_waits_for_the_slots_and_th
     assert waiter.is_alive()  # one slot free
     ch.get()
     assert waiter.finish() == 2
+
+
+class _InterruptedOnRelease:
+    """A channel's lock whose first release() is followed by a KeyboardInterrupt, as a
+    Ctrl-C lands when Python runs signal handlers right after that call returns."""
+
+    def __init__(self, lock: Any) -> None:
+        self._lock = lock
+        self.armed = True
+
+    def acquire(self, *args: Any) -> bool:
+        return bool(self._lock.acquire(*args))
+
+    def release(self) -> None:
+        self._lock.release()
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+
+    def locked(self) -> bool:
+        return bool(self._lock.locked())
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+@pytest.mark.parametrize("call", ["get", "get_many", "put"])
+def test_a_ctrl_c_right_as_a_waiter_lets_go_of_the_lock_is_itself_and_the_channel_goes_on(
+    call: str,
+) -> None:
+    # Repro (an intermittent failure of a Ctrl-C test): a KeyboardInterrupt landing
+    # as the waiting thread let go of the lock escaped with the lock not held; the
+    # caller's `finally: release()` then raised "release unlocked lock", which hid
+    # the KeyboardInterrupt, and the waiter stayed on the channel's deque.
+    ch: Channel[int] = Channel(1)
+    if call == "put":
+        ch.put(0)
+    real = ch._lock
+    ch._lock = _InterruptedOnRelease(real)  # type: ignore[assignment]
+    with pytest.raises(KeyboardInterrupt):
+        if call == "get":
+            ch.get(timeout=5.0)
+        elif call == "get_many":
+            ch.get_many(4, timeout=5.0)
+        else:
+            ch.put(1, timeout=5.0)
+    ch._lock = real
+    assert real.acquire(blocking=False), "the lock was left held"
+    real.release()
+    assert not ch._getters and not ch._putters  # no waiter left behind
+    if call == "put":
+        assert ch.get(timeout=5.0) == 0
+    ch.put(2, timeout=5.0)
+    assert ch.get(timeout=5.0) == 2

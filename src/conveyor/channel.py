@@ -458,8 +458,12 @@ class Channel(Generic[T]):
         waiters.append(waiter)
         if single:
             waiters.singles.add(waiter)
-        self._lock.release()
         try:
+            # Inside the try: a Ctrl-C that lands as release() returns (Python runs
+            # signal handlers between calls) takes the lock back below. Outside it, the
+            # caller's `finally: release()` failed with "release unlocked lock",
+            # which hid the KeyboardInterrupt, and the waiter stayed on the deque.
+            self._lock.release()
             # Clamp: a longer wait (or inf) overflows; the callers loop on their deadline.
             woken = waiter.acquire(True, -1 if timeout is None else min(timeout, _TIMEOUT_MAX))
         except BaseException:  # Ctrl-C while asleep

@@ -129,6 +129,7 @@ def _stage_params() -> list[Param]:
         "name": bad_name(),
         "on_start": bad_callable(),
         "on_stop": bad_callable(),
+        "stop_timeout": bad_seconds(optional=False),
         "runtime": bad_choice(("thread", "process", "async")),
     }
     params = []
@@ -147,7 +148,7 @@ def _stage_params() -> list[Param]:
             bad_count(1, optional=True),
         )
     )
-    for name in ("workers", "capacity", "retries", "timeout", "runtime", "ordered"):
+    for name in ("workers", "capacity", "retries", "timeout", "stop_timeout", "runtime", "ordered"):
 
         def change(value: Any, name: str = name) -> object:
             return _pipeline().map(abs).with_stage("abs", **{name: value})

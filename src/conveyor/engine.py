@@ -73,9 +73,10 @@ __all__ = ["ABORT_WAIT", "JOIN_TIMEOUT", "AsyncOutputs", "Run", "wait_interrupti
 log = logging.getLogger("conveyor")
 
 JOIN_TIMEOUT = STOP_GRACE + 1.0
-"""How long the end of a run waits for its workers before naming the stuck ones: longer
-than a worker's last ``on_stop`` may take (`STOP_GRACE`), so that a worker process whose
-``on_stop`` overran is killed (and said so) rather than named as stuck."""
+"""How long the end of a run waits for its workers before naming the stuck ones, when no
+stage gives its ``on_stop`` longer than the default (`Run.join_timeout`): longer than a
+worker's last ``on_stop`` may take, so that a worker process whose ``on_stop`` overran
+is killed (and said so) rather than named as stuck."""
 ABORT_WAIT = 0.5
 """How long an aborted run (an error, ``stop()``, Ctrl-C, a cancelled ``arun``) waits for
 its workers before leaving those stuck in user code behind: well inside the one second
@@ -475,6 +476,13 @@ class Run:
         # Wakes the feeder if it waits for room; it pulls nothing more.
         self.channels[0].close()
 
+    @property
+    def join_timeout(self) -> float:
+        """How long the end of the run waits for its workers by default: a second more
+        than the longest ``stop_timeout`` of its stages (`JOIN_TIMEOUT` at least)."""
+        longest = max((sr.stage.stop_timeout for sr in self.stage_runs), default=STOP_GRACE)
+        return max(JOIN_TIMEOUT, longest + 1.0)
+
     def _cancel_source_wait(self) -> None:
         """Cancel an async source's wait for its next item (from any thread).
 
@@ -498,7 +506,7 @@ class Run:
             pass
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait for the feeder and every worker (``timeout`` s, default `JOIN_TIMEOUT`);
+        """Wait for the feeder and every worker (``timeout`` s, default `join_timeout`);
         log the ones stuck in user code.
 
         An aborted run waits ``abort_wait`` seconds at most: its channels are
@@ -508,7 +516,7 @@ class Run:
         if self._joined:
             return
         if timeout is None:
-            timeout = JOIN_TIMEOUT
+            timeout = self.join_timeout
         if self.control.stopped.is_set():
             timeout = min(timeout, self.abort_wait)
         deadline = perf_counter() + timeout
@@ -540,7 +548,7 @@ class Run:
         if self._joined:
             return
         if timeout is None:
-            timeout = JOIN_TIMEOUT
+            timeout = self.join_timeout
         if self.control.stopped.is_set():
             timeout = min(timeout, self.abort_wait)
         import asyncio

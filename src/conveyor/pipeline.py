@@ -89,6 +89,7 @@ class _Options(TypedDict, total=False):
     name: str | None
     on_start: Callable[[], Any] | None
     on_stop: Callable[[Any], Any] | None
+    stop_timeout: float
 
 
 class StageOptions(_Options, total=False):
@@ -133,6 +134,10 @@ class StageOptions(_Options, total=False):
             ``workers``: once per task started.)
         on_stop: called once in each worker after its last item, with what
             ``on_start`` returned.
+        stop_timeout: seconds ``on_stop`` may take (> 0, at most 1 000 000;
+            default 5): past them, a worker process is killed, a thread or
+            interpreter left to finish on its own while the run goes on, and
+            a warning says so. Give a flush that takes longer the time it needs.
 
     `Pipeline.map` also takes ``max_items_per_worker`` (>= 1, default None:
     never): a worker starts afresh after this many items, for code that
@@ -990,6 +995,10 @@ def _check_interval(value: object, param: str, method: str) -> object:
     return check_seconds(value, param, method)
 
 
+def _check_stop_timeout(value: object, param: str, method: str) -> object:
+    return check_seconds(value, param, method, optional=False)
+
+
 _CHECKS: dict[str, _Check] = {
     # Each raises an error naming the option and the method. One line per option.
     "workers": _check_workers,
@@ -1003,6 +1012,7 @@ _CHECKS: dict[str, _Check] = {
     "name": _check_stage_name,
     "on_start": _check_hook,
     "on_stop": _check_hook,
+    "stop_timeout": _check_stop_timeout,
     "max_items_per_worker": _check_at_least(1, optional=True),
     # with_stage() of a batch stage
     "batch_size": _check_at_least(1),

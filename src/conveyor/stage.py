@@ -25,6 +25,7 @@ from .errors import ConfigurationError
 from .validate import check_bool, check_choice, check_number, check_seconds
 
 __all__ = [
+    "DEFAULT_STOP_TIMEOUT",
     "KINDS",
     "ON_ERROR",
     "RUNTIMES",
@@ -139,6 +140,10 @@ class Failure:
     one that killed it."""
 
 
+DEFAULT_STOP_TIMEOUT = 5.0
+"""Seconds a worker's ``on_stop`` may take by default (a stage's ``stop_timeout``)."""
+
+
 @dataclass(frozen=True)
 class Stage:
     """One step of a pipeline: a function applied by workers to items.
@@ -163,6 +168,7 @@ class Stage:
     batch_size: int = 0
     interval: float | None = None
     max_items_per_worker: int | None = None
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT
 
     @property
     def label(self) -> str:

@@ -25,7 +25,6 @@ from runners import ASYNC_ONLY, REDIS_ONLY, WAIT, Leftovers, Runner, ctrl_c_when
 
 import conveyor as cv
 from conveyor import engine
-from conveyor.runtime import base
 from test_pipeline_helpers import quiet_after
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -62,7 +61,6 @@ def test_a_recycled_worker_whose_on_stop_hangs_is_given_up_after_a_grace_and_the
         with pytest.raises(cv.ConfigurationError, match="max_items_per_worker"):
             cv.Pipeline(range(3)).map(runner.fn(inc), runtime="async", max_items_per_worker=3)
         return
-    monkeypatch.setattr(base, "STOP_GRACE", 0.2)
     monkeypatch.setattr(engine, "JOIN_TIMEOUT", 1.0)  # for the threads left in on_stop
     release = ProcessEvent(tmp_path, "release")
 
@@ -76,6 +74,7 @@ def test_a_recycled_worker_whose_on_stop_hangs_is_given_up_after_a_grace_and_the
         name="leaky",
         max_items_per_worker=3,
         on_stop=close_hangs,
+        stop_timeout=0.2,
     )
     try:
         with caplog.at_level("WARNING", logger="conveyor"):
@@ -100,6 +99,42 @@ def test_a_recycled_worker_whose_on_stop_hangs_is_given_up_after_a_grace_and_the
         release.set()
         release.close()
     leftovers.assert_none()
+
+
+def test_stop_timeout_gives_a_slow_on_stop_the_time_it_needs_and_no_more(
+    runner: Runner, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The repro: a worker's on_stop had 5 s, fixed: a flush that needed more was killed
+    # (a worker process) or left behind, its writes lost, and nothing could give it more.
+    if runner.runtime == "async":  # no worker to recycle: coroutines are not replaced
+        return
+    folder = str(tmp_path)
+
+    def slow_flush(state: object) -> None:
+        time.sleep(0.6)  # the flush's own work, not a wait for the test
+        Path(folder, f"flushed-{uuid.uuid4().hex}").touch()
+
+    for stop_timeout, flushes in ((30.0, 2), (0.2, 0)):
+        for old in Path(folder).glob("flushed-*"):
+            old.unlink()
+        pipeline = cv.Pipeline(range(6)).map(
+            runner.fn(inc),
+            runtime=runner.runtime,
+            name="flusher",
+            max_items_per_worker=3,
+            on_stop=slow_flush,
+            stop_timeout=stop_timeout,
+        )
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="conveyor"):
+            result = runner.run(pipeline, collect=True)
+        assert sorted(result.outputs) == list(range(1, 7))
+        overran = "on_stop of stage 'flusher' (map) did not return within"
+        if flushes:  # each life's on_stop ran to its end, unwarned
+            assert len(list(Path(folder).glob("flushed-*"))) == flushes, caplog.text
+            assert overran not in caplog.text
+        else:
+            assert overran in caplog.text
 
 
 def hooks(

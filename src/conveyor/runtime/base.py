@@ -37,7 +37,7 @@ from ..policy import (
     outputs_of,
     process_batch,
 )
-from ..stage import Failure, Stage
+from ..stage import DEFAULT_STOP_TIMEOUT, Failure, Stage
 from .ports import Port, PortSupply, StageIO
 
 if TYPE_CHECKING:
@@ -68,12 +68,13 @@ TARGET_BATCH_SECONDS = 0.002
 the channel's lock, small enough that slow items spread over all workers."""
 MAX_BATCH = 512
 """Largest batch a worker takes at once."""
-STOP_GRACE = 5.0
-"""Seconds a worker's ``on_stop`` may take when the worker goes on, or is replaced, after
-it (``max_items_per_worker``; a worker process at the end of its input too). Then the
-worker goes on without it: a worker process is killed, a thread (which cannot be) is left
-to finish on its own while a fresh thread takes its place, and a warning says so. The
-end of a run waits a little longer for its workers (`conveyor.engine.JOIN_TIMEOUT`)."""
+STOP_GRACE = DEFAULT_STOP_TIMEOUT
+"""The default of a stage's ``stop_timeout``: the seconds a worker's ``on_stop`` may take
+when the worker goes on, or is replaced, after it (``max_items_per_worker``; a worker
+process at the end of its input too). Then the worker goes on without it: a worker
+process is killed, a thread (which cannot be) is left to finish on its own while a fresh
+thread takes its place, and a warning says so. The end of a run waits a little longer
+for its workers (`conveyor.engine.join_timeout`)."""
 
 
 class RunControl:
@@ -267,14 +268,14 @@ def worker_loop(
 
 
 def warn_stop_overran(stage: Stage, worker: str, fate: str) -> None:
-    """Say that the ``on_stop`` of ``worker`` did not return within `STOP_GRACE`
-    seconds, and what became of the worker (``fate``)."""
+    """Say that the ``on_stop`` of ``worker`` did not return within the stage's
+    ``stop_timeout``, and what became of the worker (``fate``)."""
     import logging
 
     logging.getLogger("conveyor").warning(
         "conveyor: on_stop of stage %s did not return within %g s: %s %s",
         stage.label,
-        STOP_GRACE,
+        stage.stop_timeout,
         worker,
         fate,
     )

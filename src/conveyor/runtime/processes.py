@@ -198,7 +198,7 @@ from ..policy import (
 )
 from ..remote import rebuild, restore
 from ..stage import Failure, Stage
-from . import _forkserver_main, base
+from . import _forkserver_main
 from ._child import _child_main, _PackedError, _stage_blob
 from ._spare import SPARES
 from ._wire import (
@@ -930,11 +930,11 @@ class _Worker:
 
     def _stop_gently(self, child: _Child) -> None:
         """Ask the child to run on_stop and exit; on_stop's error fails the run. A child
-        whose on_stop has not returned within `base.STOP_GRACE` seconds is killed."""
+        whose on_stop has not returned within the stage's ``stop_timeout`` is killed."""
         child.timed_out = False
         try:
             child.conn.send_bytes(_STOP_MESSAGE)
-            child.deadline = monotonic() + base.STOP_GRACE  # `_read` kills it then
+            child.deadline = monotonic() + self.stage.stop_timeout  # `_read` kills it then
             with self.sr.metrics.in_hook("on_stop", probe=child):
                 message = self._read(child)
         except (OSError, ShutDown):
@@ -1337,7 +1337,7 @@ class ProcessRuntime(Runtime):
     overrun = "its worker process was killed"
     """What happened to a worker whose item overran its timeout, as errors say it."""
     stopped_overrun = "was killed"
-    """What happened to a worker whose on_stop overran `base.STOP_GRACE`, as warnings say it."""
+    """What happened to a worker whose on_stop overran ``stop_timeout``, as warnings say it."""
     probes = True
     """Whether each worker gets a probe pipe, on which a stall report asks where its code
     is (`_child._answer_probes`)."""

@@ -7,7 +7,7 @@ when an item times out, the stage's error policy gets a `TimeoutError` and
 the helper thread is abandoned to finish (or hang) on its own. It is a
 daemon thread named ``conveyor-<stage>-<n>-timed``, so it never blocks the
 interpreter's exit. Likewise a worker recycled by ``max_items_per_worker``
-whose ``on_stop`` overruns `base.STOP_GRACE` is left to finish it (see
+whose ``on_stop`` overruns its stage's ``stop_timeout`` is left to finish it (see
 `_Hooks`): these are the only threads conveyor may leave behind.
 """
 
@@ -21,7 +21,6 @@ from typing import Any
 from ..errors import ShutDown
 from ..policy import BatchOutcome, add_note, apply_one, process_batch, timeout_error
 from ..stage import Stage, set_worker_state
-from . import base
 from .base import Runtime, StageRun, batch_loop, warn_stop_overran, worker_loop
 
 __all__ = ["RUNTIME", "ThreadRuntime", "TimedCaller"]
@@ -158,7 +157,7 @@ class _Hooks:
     takes none. The worker loop takes at most the items left before then
     (``BatchOutcome.size_limit``), so a batch never straddles two lives.
 
-    An ``on_stop`` that has not returned within `base.STOP_GRACE` seconds
+    An ``on_stop`` that has not returned within the stage's ``stop_timeout``
     does not hold the worker up: a thread cannot be killed, so a fresh thread
     (of the same name) takes the worker's port over and goes on, and the
     stuck one is left to finish on its own, named in a warning, and by the
@@ -257,7 +256,7 @@ class _Hooks:
 
         timer = None
         if sr.stage.on_stop is not None:  # only user code can overrun
-            timer = threading.Timer(base.STOP_GRACE, hand_over)
+            timer = threading.Timer(sr.stage.stop_timeout, hand_over)
             timer.daemon = True
             timer.start()
         try:

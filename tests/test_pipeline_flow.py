@@ -28,6 +28,8 @@ from test_pipeline_helpers import (  # noqa: F401 - no_thread_left is a fixture
     identity,
     must_wait,
     no_thread_left,
+    random_stage_outputs,
+    reference_run,
     wait_until,
 )
 
@@ -84,11 +86,7 @@ class StageSpec:
 
     def outputs(self, x: int) -> list[int]:
         """The stage's outputs for one item (the reference, no failure)."""
-        if self.kind == "map":
-            return [x * 3 + self.param]
-        if self.kind == "filter":
-            return [x] if x % self.param != 0 else []
-        return [x * 4 + j for j in range(self.param)]
+        return random_stage_outputs(self.kind, self.param, x)
 
     def function(self) -> Callable[[int], Any]:
         """The stage function the pipeline runs: the reference, plus the failures."""
@@ -124,16 +122,7 @@ def reference(
     items: list[int], specs: list[StageSpec]
 ) -> tuple[list[int], Counter[tuple[str, int]]]:
     """The single-threaded reference: outputs and the (stage, item) failures."""
-    failures: Counter[tuple[str, int]] = Counter()
-    for index, spec in enumerate(specs):
-        out: list[int] = []
-        for x in items:
-            if spec.fails(x):
-                failures[(f"s{index}", x)] += 1
-            else:
-                out.extend(spec.outputs(x))
-        items = out
-    return items, failures
+    return reference_run(items, specs)
 
 
 def build(items: list[int], specs: list[StageSpec]) -> cv.Pipeline[Any]:

@@ -11,9 +11,10 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -113,3 +114,43 @@ async def quiet_after(
         yield n
     finally:
         cleaned.set()
+
+
+# ---------------------------------------------------------------------- random pipelines
+
+
+class RandomStage(Protocol):
+    """A stage of the property tests' random pipelines (test_pipeline_flow.py,
+    contract/test_contract_properties.py): which items fail in it for good, and what it
+    gives for the others."""
+
+    def fails(self, x: int) -> bool: ...
+
+    def outputs(self, x: int) -> list[int]: ...
+
+
+def random_stage_outputs(kind: str, param: int, x: int) -> list[int]:
+    """What a random stage gives for one item: a map adds to 3x, a filter keeps what
+    ``param`` does not divide, a flat_map gives ``param`` items (0 to 3)."""
+    if kind == "map":
+        return [x * 3 + param]
+    if kind == "filter":
+        return [x] if x % param != 0 else []
+    return [x * 4 + j for j in range(param)]
+
+
+def reference_run(
+    items: list[int], stages: Sequence[RandomStage]
+) -> tuple[list[int], Counter[tuple[str, int]]]:
+    """The single-threaded reference of a random pipeline: its outputs, and its
+    failures by (stage name ``s<index>``, item)."""
+    failures: Counter[tuple[str, int]] = Counter()
+    for index, stage in enumerate(stages):
+        out: list[int] = []
+        for x in items:
+            if stage.fails(x):
+                failures[(f"s{index}", x)] += 1
+            else:
+                out.extend(stage.outputs(x))
+        items = out
+    return items, failures

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from runners import Runner
 
 import conveyor as cv
+from test_pipeline_helpers import random_stage_outputs, reference_run
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -66,11 +67,7 @@ class StageSpec:
         return self.fail_mod is not None and x % self.fail_mod == 1 and not self.transient
 
     def outputs(self, x: int) -> list[int]:
-        if self.kind == "map":
-            return [x * 3 + self.param]
-        if self.kind == "filter":
-            return [x] if x % self.param != 0 else []
-        return [x * 4 + j for j in range(self.param)]
+        return random_stage_outputs(self.kind, self.param, x)
 
     def function(self, marks: Path, name: str) -> Callable[[int], Any]:
         """The stage function: the reference, plus the failures."""
@@ -123,15 +120,7 @@ def reference(
     items: list[int], specs: list[StageSpec], batch: int | None
 ) -> tuple[list[Any], Counter[tuple[str, int]]]:
     """The single-threaded reference: outputs, and the (stage, item) failures."""
-    failures: Counter[tuple[str, int]] = Counter()
-    for index, spec in enumerate(specs):
-        out: list[int] = []
-        for x in items:
-            if spec.fails(x):
-                failures[(f"s{index}", x)] += 1
-            else:
-                out.extend(spec.outputs(x))
-        items = out
+    items, failures = reference_run(items, specs)
     if batch is None:
         return list(items), failures
     return [items[i : i + batch] for i in range(0, len(items), batch)], failures

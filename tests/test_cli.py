@@ -265,12 +265,20 @@ def test_a_report_path_that_cannot_be_written_is_a_usage_error_before_the_run(
     project: Path,
 ) -> None:
     # The repro: the whole run went on, then "the run failed: PermissionError"
-    # with a traceback, for a report it could never write.
-    result = conveyor("run", "pipes:pipeline", "--report", "/sys/run.html", cwd=project)
-    assert result.returncode == EXIT_USAGE
-    assert "Invalid value for '--report'" in result.stderr
-    assert "/sys/run.html cannot be written" in result.stderr
-    assert "Traceback" not in result.stderr
+    # with a traceback, for a report it could never write. /proc takes no new file,
+    # not even root's (/sys/run.html could be written as root in a chroot without
+    # /sys mounted); a path under a regular file was said to be in a directory that
+    # "does not exist".
+    (project / "a-file").write_text("")
+    for path, said in (
+        ("/proc/run.html", "/proc/run.html cannot be written"),
+        (str(project / "a-file" / "run.html"), f"{project / 'a-file'} is a file, not a directory"),
+    ):
+        result = conveyor("run", "pipes:pipeline", "--report", path, cwd=project)
+        assert result.returncode == EXIT_USAGE
+        assert "Invalid value for '--report'" in result.stderr
+        assert said in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("args", [["--json"], []])

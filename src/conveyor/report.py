@@ -76,8 +76,8 @@ def check_report_path(path: str | PathLike[str], method: str = "run()") -> Path:
 
     Raises:
         ConfigurationTypeError: ``path`` is not a str or path-like.
-        ConfigurationError: the directory does not exist, the path is a
-            directory, or the file cannot be written there (tried: opened
+        ConfigurationError: the directory does not exist (or is a file), the path
+            is a directory, or the file cannot be written there (tried: opened
             for appending, and removed again if it was not there).
     """
     from .errors import ConfigurationError, ConfigurationTypeError
@@ -89,6 +89,8 @@ def check_report_path(path: str | PathLike[str], method: str = "run()") -> Path:
     p = Path(path)
     if p.is_dir():
         raise ConfigurationError(f"{method} 'report' must be a file path, got the directory {p}")
+    if p.parent.exists() and not p.parent.is_dir():
+        raise ConfigurationError(f"{method} 'report': {p.parent} is a file, not a directory")
     if not p.parent.is_dir():
         raise ConfigurationError(f"{method} 'report': the directory {p.parent} does not exist")
     existed = p.exists()

@@ -31,8 +31,10 @@ PYPROJECT_PATH = ROOT / "pyproject.toml"
 SPEEDUPS_SOURCE = ROOT / "src" / "conveyor" / "_speedups.c"
 PYTHON_VERSIONS: list[str] = nox.project.python_versions(nox.project.load_toml(PYPROJECT_PATH))
 # The extras each session installs: the dev tools plus every optional backend,
-# as in .venv, so that tests behave the same on every version.
+# as in .venv, so that tests behave the same on every version; the full suite
+# also runs the examples (the crawler's HTTP client) and builds the docs site.
 EXTRAS = "all,dev"
+FULL_EXTRAS = "all,dev,docs,examples"
 STAMP_NAME = ".conveyor-install-stamp"
 
 nox.options.sessions = ["quick"]
@@ -131,17 +133,17 @@ else:
     _report_missing(PYTHON_VERSIONS)
 
 
-def _install_project(session: nox.Session) -> None:
-    """Install conveyor (editable) with EXTRAS, unless this venv already has it."""
+def _install_project(session: nox.Session, extras: str = EXTRAS) -> None:
+    """Install conveyor (editable) with ``extras``, unless this venv already has it."""
     location = getattr(session.virtualenv, "location", None)
     stamp = Path(location) / STAMP_NAME if location else None
     key = hashlib.sha256(
-        PYPROJECT_PATH.read_bytes() + SPEEDUPS_SOURCE.read_bytes() + EXTRAS.encode()
+        PYPROJECT_PATH.read_bytes() + SPEEDUPS_SOURCE.read_bytes() + extras.encode()
     ).hexdigest()
     if stamp is not None and stamp.is_file() and stamp.read_text().strip() == key:
-        session.log(f"conveyor[{EXTRAS}] is already installed in this virtualenv")
+        session.log(f"conveyor[{extras}] is already installed in this virtualenv")
         return
-    session.install("--disable-pip-version-check", "-e", f".[{EXTRAS}]")
+    session.install("--disable-pip-version-check", "-e", f".[{extras}]")
     if stamp is not None:
         stamp.write_text(key + "\n")
 
@@ -156,5 +158,5 @@ def quick(session: nox.Session) -> None:
 @nox.session(python=PYTHON_VERSIONS, reuse_venv=True)
 def tests(session: nox.Session) -> None:
     """The full test suite."""
-    _install_project(session)
+    _install_project(session, FULL_EXTRAS)
     session.run("pytest", *session.posargs)

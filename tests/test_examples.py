@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import os
 import re
 import sqlite3
@@ -145,6 +146,16 @@ def test_csv_to_sqlite_compare_prints_both_timings_and_line_counts() -> None:
 
 
 # --------------------------------------------------------------------- crawler.py
+
+
+@pytest.fixture(autouse=True)
+def _crawler_needs_aiohttp(request: pytest.FixtureRequest) -> None:
+    """The crawler's tests fail at once, saying what to install, without its HTTP client
+    (rather than on an assertion about the example's output)."""
+    if "crawl" in request.node.name:
+        assert importlib.util.find_spec("aiohttp") is not None, (
+            "aiohttp is not installed: pip install -e '.[examples]'"
+        )
 
 
 def test_crawler_fetches_every_page_retries_5xx_and_reports_broken_links() -> None:

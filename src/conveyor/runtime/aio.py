@@ -439,6 +439,7 @@ async def _single_items(
                     control.fail(error)
                     return False
                 books.waited()
+                quick = books.quick()
             except BaseException as exc:  # as in aprocess_batch; a cancellation is the run's stop
                 if not cancels_this_task(exc):
                     add_stage_note(exc, stage, item)
@@ -464,9 +465,9 @@ async def _single_items(
                         # asyncio.Queue producer, about 1.1x with it: docs/benchmarks.md).
                         await asyncio.sleep(0)
                 finally:  # counted even when the put meets a stopped run, as _worker_loop counts
-                    books.handed_on(t2, len(outputs), filtered)
+                    quick = books.handed_on(t2, len(outputs), filtered)
             workers.back()
-            if books.quick():
+            if quick:
                 return True
     finally:
         books.flush()

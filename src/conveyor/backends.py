@@ -29,7 +29,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from os import PathLike
-from typing import TYPE_CHECKING, Any, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar, Unpack
 
 from .errors import ConfigurationError, ConfigurationTypeError
 from .validate import check_bool, check_seconds
@@ -49,6 +49,8 @@ __all__ = [
     "check_run_options",
     "run_options",
 ]
+
+T = TypeVar("T")
 
 JOIN_SECONDS = 30.0
 """How long leaving a background run waits for its thread."""
@@ -114,12 +116,12 @@ class Backend(ABC):
     def iterate(self, pipeline: Any, *, progress: bool = False) -> Iterator[Any]:
         """Run ``pipeline`` and yield its outputs as they come; leaving early stops it."""
 
-    def start(self, pipeline: Any, **options: Unpack[RunOptions]) -> BackgroundRun:
+    def start(self, pipeline: Any, **options: Unpack[RunOptions]) -> BackgroundRun[Any]:
         """Start a run of ``pipeline`` in a thread and return its handle (``max_bytes``
         only where `bounds_bytes`)."""
         method = f"{type(self).__name__}.start()"
         check_run_options(options, method)
-        return BackgroundRun(self, admit(pipeline, method, self), options)
+        return BackgroundRun[Any](self, admit(pipeline, method, self), options)
 
     async def arun(self, pipeline: Any, **options: Unpack[RunOptions]) -> RunResult:
         """`run` from async code: the run goes on in a thread, the loop keeps serving;
@@ -187,17 +189,19 @@ class StopSignal(threading.Event):
         return None if snapshot is None else snapshot()
 
 
-class BackgroundRun:
+class BackgroundRun(Generic[T]):
     """A run of a backend going on in a thread: watch it, stop it, wait for its result.
 
     It has the methods of the local `conveyor.pipeline.RunHandle` (``stop``, ``done``,
     ``wait``, ``join``, ``stats``, ``result_so_far``, ``with``), with the same meaning.
+    Generic in the type of the pipeline's outputs, as `RunHandle` is: ``join()`` of the
+    handle of ``Pipeline[str].start(backend=...)`` is a ``RunResult[str]``.
     """
 
     def __init__(self, backend: Backend, pipeline: Any, options: RunOptions) -> None:
         self._stop = StopSignal()
         self._drains = backend.drains
-        self._result: RunResult | None = None
+        self._result: RunResult[T] | None = None
         self._error: BaseException | None = None
         self._ended = threading.Event()
         self._thread = threading.Thread(
@@ -250,7 +254,7 @@ class BackgroundRun:
 
         return wait_interruptibly(self._ended.wait, timeout)
 
-    def join(self, timeout: float | None = None) -> RunResult:
+    def join(self, timeout: float | None = None) -> RunResult[T]:
         """Wait for the end of the run and return its result.
 
         Raises:
@@ -277,7 +281,7 @@ class BackgroundRun:
         run has started."""
         return self.result_so_far().stats
 
-    def result_so_far(self) -> RunResult:
+    def result_so_far(self) -> RunResult[T]:
         """The run's result as it stands: live while it goes on; after a `join` that
         raised, what the run did before it failed or was stopped (statistics,
         failures recorded, outputs collected), with the error as ``error``."""
@@ -292,7 +296,7 @@ class BackgroundRun:
             result = RunResult(stats=[])
         return result if self._error is None else replace(result, error=self._error)
 
-    def __enter__(self) -> BackgroundRun:
+    def __enter__(self) -> BackgroundRun[T]:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

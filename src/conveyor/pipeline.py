@@ -764,7 +764,7 @@ class Pipeline(Generic[T]):
         backend: Backend,
         metrics: MetricsExporter | None = ...,
         max_bytes: int | None = ...,
-    ) -> RunHandle[T] | BackgroundRun: ...
+    ) -> RunHandle[T] | BackgroundRun[T]: ...
 
     def start(
         self,
@@ -776,7 +776,7 @@ class Pipeline(Generic[T]):
         backend: Backend | None = None,
         metrics: MetricsExporter | None = None,
         max_bytes: int | None = None,
-    ) -> RunHandle[T] | BackgroundRun:
+    ) -> RunHandle[T] | BackgroundRun[T]:
         """Start a run in the background and return its handle.
 
         Options as for `run`. With a backend other than this process, the

@@ -103,6 +103,18 @@ def test_running_returns_a_result_and_starting_a_handle() -> None:
     assert_type(handle.result_so_far(), cv.RunResult[str])
 
 
+def test_a_backend_run_handle_has_the_item_type() -> None:
+    # Repro: BackgroundRun was not generic: join() of start(backend=...) gave a
+    # RunResult[Any], whatever the pipeline's outputs.
+    p = cv.Pipeline(range(3)).map(str)
+    handle = p.start(backend=cv.LocalBackend(), collect=True)
+    assert_type(handle, cv.RunHandle[str] | cv.BackgroundRun[str])
+    result = handle.join()
+    assert_type(result, cv.RunResult[str])
+    assert_type(handle.result_so_far(), cv.RunResult[str])
+    assert result.outputs == ["0", "1", "2"]
+
+
 def test_the_collected_outputs_have_the_item_type() -> None:
     # Repro: RunResult was not generic: result.outputs was list[Any] | None.
     result = cv.Pipeline(range(3)).map(str).run(collect=True)

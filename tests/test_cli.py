@@ -467,6 +467,22 @@ def test_sigint_exits_130_promptly(project: Path, target: str, bound: float) -> 
     assert took < bound, f"took {took:.2f} s"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_run_still_prints_its_report_of_what_it_did(project: Path, sig: int) -> None:
+    """Regression: `conveyor run` stopped by Ctrl-C or SIGTERM printed nothing on stdout,
+    where ``--json`` gives what the run did: the text report comes too, saying the run
+    was stopped before the end."""
+    proc = start_and_wait_until_running("pipes:endless", project)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=WAIT)
+    code = EXIT_INTERRUPTED if sig == signal.SIGINT else EXIT_TERMINATED
+    assert proc.returncode == code, err
+    text = out.decode()
+    assert "work" in text  # the stage's row
+    assert "stopped before the end" in text
+    assert b"Traceback" not in err
+
+
 @pytest.mark.parametrize("target", ["pipes:endless", "pipes:stuck"])
 def test_sigint_with_json_still_prints_a_json_document_naming_the_interruption(
     project: Path, target: str

@@ -329,15 +329,25 @@ def run_command(
                         handle.result_so_far().as_dict()
                     )
                 if ctrl_c.interrupted.is_set():
-                    sys.exit(ctrl_c.exit_code)
+                    _exit_stopped(handle.result_so_far(), as_json, ctrl_c.exit_code)
                 _exit_run_failed(exc)
-        if ctrl_c.interrupted.is_set():  # the run stopped: what it did goes with the JSON
-            click.get_current_context().meta[JSON_PARTIAL] = result.as_dict()
-            sys.exit(ctrl_c.exit_code)
+        if ctrl_c.interrupted.is_set():
+            _exit_stopped(result, as_json, ctrl_c.exit_code)
     except KeyboardInterrupt:  # before the run started
         click.echo("conveyor: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     click.echo(_json(result) if as_json else result.report(_output_width()).rstrip())
+
+
+def _exit_stopped(result: RunResult, as_json: bool, code: int) -> NoReturn:
+    """Leave a run that Ctrl-C (or SIGTERM) stopped with ``code``, after saying what it
+    did: the report on stdout, as at the end of a run (with ``--json``, the document
+    the error handler prints holds it)."""
+    if as_json:
+        click.get_current_context().meta[JSON_PARTIAL] = result.as_dict()
+    else:
+        click.echo(result.report(_output_width()).rstrip())  # "stopped before the end"
+    sys.exit(code)
 
 
 def _json(result: RunResult) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +12,7 @@ import pytest
 
 import conveyor as cv
 from conveyor.redis import RedisBackend
-from redis_helpers import new_namespace, triple
+from redis_helpers import WAIT, new_namespace, triple
 
 if TYPE_CHECKING:
     from conftest import RedisServer
@@ -161,3 +162,33 @@ def test_a_backend_called_directly_takes_the_run_options(redis_server: RedisServ
         with backend.start(pipeline, collect=True) as handle:
             assert handle.join().outputs == expected
         assert asyncio.run(backend.arun(pipeline, collect=True)).outputs == expected
+
+
+def test_a_redis_run_waits_for_its_local_workers_as_long_as_a_local_run(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the driver waited up to 30 s for its local workers at the end of a
+    run, whatever the stages' ``stop_timeout``: an ``on_stop`` that hangs held the run
+    30 s, where a local run waits a second more than ``stop_timeout``
+    (`engine.join_timeout`)."""
+    from conveyor import engine
+
+    monkeypatch.setattr(engine, "JOIN_TIMEOUT", 1.0)  # as low as the stage asks
+    release = threading.Event()
+    entered = threading.Event()
+
+    def close_hangs(state: object) -> None:
+        entered.set()
+        release.wait(WAIT)  # stands for a connection whose close never returns
+
+    pipeline = cv.Pipeline(range(20)).map(triple, on_stop=close_hangs, stop_timeout=0.2)
+    started = time.monotonic()
+    try:
+        result = pipeline.run(backend=_backend(redis_server), collect=True)
+        took = time.monotonic() - started
+    finally:
+        release.set()
+    assert entered.is_set()
+    assert sorted(result.outputs or []) == [3 * x for x in range(20)]
+    # A local run takes a second more than stop_timeout (1.2 s here).
+    assert took < 4.0, f"the run took {took:.1f} s"

@@ -113,6 +113,14 @@ def _end_live_runs() -> None:
 atexit.register(_end_live_runs)
 
 
+def join_timeout(stage_runs: Iterable[StageRun]) -> float:
+    """How long the end of a run waits for the workers of ``stage_runs`` by default
+    (a run's, or a Redis worker's): a second more than the longest ``stop_timeout``
+    of their stages, `JOIN_TIMEOUT` at least."""
+    longest = max((sr.stage.stop_timeout for sr in stage_runs), default=STOP_GRACE)
+    return max(JOIN_TIMEOUT, longest + 1.0)
+
+
 class Run:
     """One execution of a pipeline: start it, consume its outputs, finish or abort it."""
 
@@ -478,10 +486,8 @@ class Run:
 
     @property
     def join_timeout(self) -> float:
-        """How long the end of the run waits for its workers by default: a second more
-        than the longest ``stop_timeout`` of its stages (`JOIN_TIMEOUT` at least)."""
-        longest = max((sr.stage.stop_timeout for sr in self.stage_runs), default=STOP_GRACE)
-        return max(JOIN_TIMEOUT, longest + 1.0)
+        """How long the end of the run waits for its workers by default (`join_timeout`)."""
+        return join_timeout(self.stage_runs)
 
     def _cancel_source_wait(self) -> None:
         """Cancel an async source's wait for its next item (from any thread).

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Unpack
 
 from ..backends import Backend, RunOptions, StopSignal, admit, check_run_options
 from ..channel import check_max_bytes
-from ..engine import ABORT_WAIT
+from ..engine import ABORT_WAIT, join_timeout
 from ..errors import (
     BackendError,
     BackendUnavailable,
@@ -463,10 +463,13 @@ class RedisBackend(Backend):
         aborted one otherwise (the run stays in Redis: entries in hand are taken over)."""
         worker.stop()
         try:
-            if error is None and not run.halted:
-                worker.join(30.0)
-            else:
-                worker.join(run.abort_left(), grace=LOCAL_ABORT_GRACE)
+            # As long as a local run's end waits; then what is stuck is left, as there.
+            timeout = (
+                join_timeout(worker.stage_runs)
+                if error is None and not run.halted
+                else run.abort_left()
+            )
+            worker.join(timeout, grace=LOCAL_ABORT_GRACE)
         except BaseException as exc:
             if error is None or not isinstance(exc, Exception):
                 raise

@@ -11,8 +11,10 @@ inside `wait_until`, a bounded polling helper. The asyncio side is in
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import math
+import pickle
 import queue
 import re
 import sys
@@ -120,7 +122,10 @@ def test_negative_maxsize_is_a_configuration_error_naming_the_parameter(maxsize:
     with pytest.raises(ConfigurationError) as info:
         Channel(maxsize)
     assert isinstance(info.value, ValueError)
-    assert str(info.value) == f"Channel 'maxsize' must be an int >= 0, got {maxsize}"
+    # queue.Queue's negative maxsize means unbounded: the message says what does here.
+    assert str(info.value) == (
+        f"Channel 'maxsize' must be an int >= 0 (0 for unbounded), got {maxsize}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -134,8 +139,21 @@ def test_non_int_or_bool_maxsize_is_a_configuration_type_error(
         Channel(maxsize)
     assert isinstance(info.value, TypeError)
     assert str(info.value) == (
-        f"Channel 'maxsize' must be an int >= 0, got {type_name} {maxsize!r}"
+        f"Channel 'maxsize' must be an int >= 0 (0 for unbounded), got {type_name} {maxsize!r}"
     )
+
+
+@pytest.mark.parametrize("max_bytes", [None, 1 << 20])
+@pytest.mark.parametrize(
+    "copy_it", [pickle.dumps, copy.copy, copy.deepcopy], ids=["pickle", "copy", "deepcopy"]
+)
+def test_a_channel_cannot_be_pickled_or_copied_and_says_what_to_use(
+    copy_it: Callable[[Any], Any], max_bytes: int | None
+) -> None:
+    # Repro: pickle.dumps(Channel(4)) raised "cannot pickle '_thread.lock' object".
+    ch: Channel[int] = Channel(4, max_bytes=max_bytes)
+    with pytest.raises(TypeError, match=r"cannot be pickled or copied.*runtime='process'"):
+        copy_it(ch)
 
 
 def test_configuration_errors_are_conveyor_errors() -> None:

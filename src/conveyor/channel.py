@@ -53,7 +53,7 @@ from functools import partial
 from itertools import repeat, starmap
 from time import monotonic
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
 from .errors import ConfigurationError, ConfigurationTypeError, Empty, Full, ShutDown
 from .validate import check_int, check_seconds
@@ -298,7 +298,8 @@ class Channel(Generic[T]):
         return object.__new__(_BudgetChannel)
 
     def __init__(self, maxsize: int = 0, max_bytes: int | None = None) -> None:
-        check_int(maxsize, "maxsize", "Channel", 0)  # 0: unbounded
+        # queue.Queue takes a negative maxsize for unbounded too; here only 0 means it.
+        check_int(maxsize, "maxsize", "Channel", 0, note=" (0 for unbounded)")
         if max_bytes is not None:
             check_max_bytes(max_bytes, "Channel")
             if type(self) is not _BudgetChannel:
@@ -1163,6 +1164,15 @@ class Channel(Generic[T]):
                 bytes=self._bytes,
                 peak_bytes=self._peak_bytes,
             )
+
+    def __reduce__(self) -> NoReturn:
+        # A channel is its lock, its waiters and its items, in this process: a copy
+        # elsewhere would be another channel that nobody else puts to or takes from.
+        raise TypeError(
+            "a conveyor.Channel cannot be pickled or copied: it joins the threads and "
+            "coroutines of one process; to move items between processes, run a stage "
+            "with runtime='process' (or across machines, the Redis backend)"
+        )
 
     def __repr__(self) -> str:
         state = "closed" if self.is_shutdown else "open"

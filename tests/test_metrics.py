@@ -622,6 +622,42 @@ def test_a_stall_in_on_stop_names_the_stage_and_the_hook(
     assert "in flush" in text  # the hook's own frame (a worker process says where it is)
 
 
+def test_a_stall_report_says_a_thread_left_in_on_stop_is_left_behind(
+    warnings_caught: WarningCatcher,
+) -> None:
+    # The repro: a worker thread left behind in an on_stop that overran its
+    # stop_timeout (a fresh thread took its place) was named "in on_stop" in every
+    # stall report, like a worker the stall was waiting for.
+    hung, stalled = threading.Event(), threading.Event()
+
+    def flush(state: object) -> None:
+        hung.wait(WAIT)
+
+    def fn(x: int) -> int:
+        if x >= 3:  # the fresh thread's first item: the stall the reports are about
+            stalled.wait(WAIT)
+        return x + 1
+
+    p = cv.Pipeline(range(5)).map(
+        fn, name="db", max_items_per_worker=3, on_stop=flush, stop_timeout=0.1
+    )
+    try:
+        with p.start(stall_timeout=0.3) as handle:
+            while not (texts := _messages_about("in on_stop", warnings_caught)):
+                warnings_caught.first.clear()
+                if not _messages_about("in on_stop", warnings_caught):
+                    must_wait(warnings_caught.first)
+            stalled.set()
+            hung.set()
+            assert handle.join(30).stats[0].items_out == 5
+    finally:
+        stalled.set()
+        hung.set()
+    line = next(x for x in texts[0].splitlines() if "in on_stop" in x)
+    assert "(left behind: it overran its stop_timeout of 0.1 s, a fresh thread goes on)" in line
+    assert re.search(r"worker conveyor-db-0\S*: in the stage function", texts[0]), texts[0]
+
+
 def _messages_about(word: str, caught: WarningCatcher) -> list[str]:
     return [m for m in (r.getMessage() for r in list(caught.records)) if word in m]
 

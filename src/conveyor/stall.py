@@ -99,6 +99,9 @@ class StallDetector:
             f"(stall_timeout={self.timeout:g} s)"
         ]
         answers, asked = _ask_worker_processes(run.metrics)
+        # Worker threads whose on_stop overran its stop_timeout: a fresh thread took
+        # their place, so the stall is not theirs, though they are still in the hook.
+        given_up = {t.ident for sr in run.stage_runs for t in sr.given_up}
         holders = 0
         for m in run.metrics:
             workers = [w for w in list(m.workers) if w.current_since is not None]
@@ -120,9 +123,15 @@ class StallDetector:
                 holders += 1
                 answer = None if call.probe is None else answers.get(id(call.probe))
                 where = "" if answer is None else f" (pid {answer.pid}), in the worker process"
+                left = (
+                    f" (left behind: it overran its stop_timeout of {m.stage.stop_timeout:g} s"
+                    ", a fresh thread goes on)"
+                    if call.thread_id in given_up
+                    else ""
+                )
                 lines.append(
                     f"  {_where(m)}, worker {call.worker}: in {call.hook} for "
-                    f"{now - call.since:.1f} s; its stack{where}:"
+                    f"{now - call.since:.1f} s{left}; its stack{where}:"
                 )
                 if answer is not None:
                     lines.extend(answer.stack)

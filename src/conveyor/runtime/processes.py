@@ -473,11 +473,11 @@ class _Child:
     the next batch waiting). Messages are answered in the order they were
     sent; whichever lane finds nobody reading reads for all, and hands each
     answer to the lane that waits for it. Shared-memory blocks are chosen
-    and released under ``_send_lock``, and stay reserved until the answer; a
-    message's big buffers are copied into its block outside that lock (and
-    outside the GIL: see `_wire._copy`), so that the other lane can settle an
-    answer meanwhile; a message is numbered as it goes out (``_turn``), so
-    the lane whose copy ends first sends first.
+    and released under ``_send_lock`` (the order of messages is the order
+    the child sees them in); a message's big buffers are copied into its
+    block outside that lock (and outside the GIL: see `_wire._copy`), so that
+    the other lane can settle an answer meanwhile; messages then go out in
+    the order of their numbers (``_turn``).
     """
 
     def __init__(
@@ -509,9 +509,10 @@ class _Child:
         self._idents = itertools.count()
         # Messages in flight.
         self._send_lock = threading.Lock()
-        # Held to number and send a message; notified when one has gone out.
+        # Notified when a message has gone out (_next_send) or a copy ended (_filling).
         self._turn = threading.Condition()
-        self._preparing = 0  # messages given blocks and not sent yet (close waits for them)
+        self._next_send = 0
+        self._filling = 0  # copies into blocks in progress (close waits for them)
         self._answered = threading.Condition()  # notified when an answer (or the end) is read
         self._sent = 0
         self._next_answer = 0
@@ -595,26 +596,26 @@ class _Child:
                 _BATCH, payload, pids, descs, inbox, outbox, forget, retries_left
             )
             data = _pack(message)
-            with self._turn:
-                self._preparing += 1
+            seq = self._sent
+            self._sent += 1
+            self._flights[seq] = flight
+            if copies:
+                with self._turn:
+                    self._filling += 1
         try:
             if copies:
                 assert flight.inbox is not None  # reserved for this message: nobody else writes it
                 flight.inbox.fill(copies)
         finally:
-            # Numbered as it goes out, not when its blocks were chosen: a lane whose copy
-            # ended first sends first, rather than wait for the other lane's copy while
-            # the child has nothing to do. Its blocks stay reserved until it is answered,
-            # so no message sent before it can name them.
             with self._turn:
-                seq = self._sent
-                self._sent += 1
-                self._flights[seq] = flight
-                self._preparing -= 1
+                self._filling -= bool(copies)
+                while self._next_send != seq:
+                    self._turn.wait()
                 with contextlib.suppress(OSError):  # it died: whoever reads finds out
                     self.conn.send_bytes(data)
                     if flight.fds:  # right after the message, which says how many
                         socket.send_fds(self._socket(), [b"F"], flight.fds)
+                self._next_send += 1
                 self._turn.notify_all()
         return seq
 
@@ -823,7 +824,7 @@ class _Child:
                     self.probe.close()
             with self._send_lock:  # held: no copy starts (see send); those started end first
                 with self._turn:
-                    while self._preparing:
+                    while self._filling:
                         self._turn.wait()
                 # Blocks the child has ended with, and no message in flight names, may serve
                 # another worker; a block the child may still use (an interpreter given up

@@ -81,16 +81,43 @@ def test_size_of_does_not_import_numpy() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-@pytest.mark.parametrize("bad", [True, 1.5, "1MiB"])
+@pytest.mark.parametrize("bad", [True, [1024], b"1MiB"])
 def test_max_bytes_of_another_type_is_a_type_error_naming_it(bad: object) -> None:
     with pytest.raises(ConfigurationTypeError, match="Channel 'max_bytes' must be an int"):
         Channel(4, max_bytes=bad)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("bad", [0, -1])
-def test_max_bytes_not_positive_is_refused(bad: int) -> None:
-    with pytest.raises(ConfigurationError, match="Channel 'max_bytes' must be an int"):
-        Channel(4, max_bytes=bad)
+@pytest.mark.parametrize("bad", [0, -1, 1.5, 0.0, "0.4B", "1e6", "1 MiBs", "-1MiB", ""])
+def test_max_bytes_not_positive_or_no_size_is_refused(bad: object) -> None:
+    with pytest.raises(
+        ConfigurationError, match="Channel 'max_bytes' must be an int >= 1, or a size such as"
+    ):
+        Channel(4, max_bytes=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ("256MiB", 256 * 2**20),
+        ("256mib", 256 * 2**20),
+        (" 64 KiB ", 64 * 1024),
+        ("1.5GB", 1_500_000_000),
+        ("1.5 GiB", 3 * 2**29),
+        ("512k", 512_000),
+        ("512Ki", 512 * 1024),
+        ("0.1TB", 10**11),
+        (".5KiB", 512),
+        ("10B", 10),
+        ("1000", 1000),
+        ("1.9B", 1),  # whole bytes, rounded down
+        (2e9, 2_000_000_000),
+        (4096, 4096),
+    ],
+)
+def test_max_bytes_takes_a_size_with_a_unit(size: object, expected: int) -> None:
+    ch: Channel[bytes] = Channel(4, max_bytes=size)  # type: ignore[arg-type]
+    assert ch.max_bytes == expected
+    assert ch.stats().max_bytes == expected
 
 
 def test_a_subclass_cannot_take_a_budget() -> None:

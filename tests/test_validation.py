@@ -62,6 +62,22 @@ def bad_count(minimum: int, maximum: int | None = None, optional: bool = False) 
     return low | high | _as(TYPE, typed)
 
 
+def bad_byte_size() -> Bad:
+    """A size in bytes: under one byte (an int, a whole float, a string), a float that is
+    not whole (NaN, inf), a string that is no size, a bool, another type."""
+    low = st.one_of(
+        st.integers(max_value=0),
+        st.floats(max_value=0.0).filter(float.is_integer),
+        st.sampled_from(["0", "0.4B", "0KiB", "0.0001k"]),
+    )
+    not_sizes = st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True).filter(lambda f: not f.is_integer()),
+        st.sampled_from(["", "MiB", "1e3", "5 XB", "-1MiB", "1,5GB", "ten", "1 KiBs"]),
+    )
+    typed = st.one_of(st.booleans(), st.just([]), st.just(object()), st.binary(max_size=3))
+    return _as(RANGE, low | not_sizes) | _as(TYPE, typed)
+
+
 def bad_seconds(
     zero: bool = False, optional: bool = True, maximum: float | None = MAX_SECONDS
 ) -> Bad:
@@ -192,7 +208,7 @@ def _run_params() -> list[Param]:
             "iterate()",
             "max_bytes",
             lambda v: runs("iterate", max_bytes=v),
-            bad_count(1, optional=True),
+            bad_byte_size(),
         ),
     ]
     for method in ("run", "start", "arun"):
@@ -203,7 +219,7 @@ def _run_params() -> list[Param]:
             ("backend", BAD_BACKEND),
             ("report", _as(TYPE, st.one_of(st.integers(), st.just([])))),
             ("metrics", BAD_METRICS),
-            ("max_bytes", bad_count(1, optional=True)),
+            ("max_bytes", bad_byte_size()),
         ):
 
             def give(value: Any, method: str = method, name: str = name) -> object:
@@ -222,7 +238,7 @@ def _channel_params() -> list[Param]:
             "Channel",
             "max_bytes",
             lambda v: cv.Channel(4, max_bytes=v),
-            bad_count(1, optional=True),
+            bad_byte_size(),
         ),
         Param("Channel.put()", "timeout", lambda v: ch.put(1, timeout=v), timeout),
         Param("Channel.get()", "timeout", lambda v: ch.get(timeout=v), timeout),
@@ -292,7 +308,7 @@ def _redis_params(url: str) -> list[Param]:
     def budget_through_run(value: Any) -> object:
         return _pipeline().map(abs).run(backend=RedisBackend(url), max_bytes=value)
 
-    bad_budget = bad_count(1, optional=True)
+    bad_budget = bad_byte_size()
     params.append(Param("RedisBackend.run()", "max_bytes", budget, bad_budget))
     params.append(Param("run()", "max_bytes", budget_through_run, bad_budget))
     return params + _worker_params(url)

@@ -56,7 +56,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
 from .errors import ConfigurationError, ConfigurationTypeError, Empty, Full, ShutDown
-from .validate import check_int, check_seconds
+from .validate import check_byte_size, check_int, check_seconds
 
 if TYPE_CHECKING:
     import asyncio
@@ -220,15 +220,19 @@ def size_of(item: object) -> int:
 
 
 def check_max_bytes(max_bytes: object, where: str) -> int | None:
-    """Return ``max_bytes`` if it is None or a positive int; else raise, naming ``where``.
+    """``max_bytes`` as a number of bytes (None stays None); else raise, naming ``where``.
+
+    A size with a unit is accepted as well as an int: ``"256MiB"`` is 268435456
+    (`conveyor.validate.check_byte_size`).
 
     Raises:
-        ConfigurationTypeError: not an int (a bool is refused too).
-        ConfigurationError: zero or negative.
+        ConfigurationTypeError: neither an int, a whole float nor a string (a bool is
+            refused too).
+        ConfigurationError: zero or negative, or a string that is no size.
     """
     if max_bytes is None:
         return None
-    return check_int(max_bytes, "max_bytes", where, 1)
+    return check_byte_size(max_bytes, "max_bytes", where)
 
 
 def _check_max_items(max_items: object, where: str) -> None:
@@ -262,8 +266,9 @@ class Channel(Generic[T]):
     Args:
         maxsize: the capacity. ``0`` (the default) means unbounded, as in
             `queue.Queue`. Must be a non-negative ``int``.
-        max_bytes: a budget in bytes for the items held, besides the count:
-            a put waits while the items in the channel and the new one would
+        max_bytes: a budget in bytes for the items held, besides the count
+            (an int, or a size such as ``"64MiB"`` or ``"1.5GB"``): a put
+            waits while the items in the channel and the new one would
             exceed it. Sizes are measured by `size_of` (``len`` of bytes,
             ``nbytes`` of buffers and arrays, shallow ``sys.getsizeof``
             otherwise). An item larger than the whole budget still goes in,
@@ -273,9 +278,10 @@ class Channel(Generic[T]):
             measuring.
 
     Raises:
-        ConfigurationTypeError: ``maxsize`` or ``max_bytes`` is not an int.
+        ConfigurationTypeError: ``maxsize`` is not an int, or ``max_bytes``
+            neither an int nor a size.
         ConfigurationError: ``maxsize`` is negative, or ``max_bytes`` is not
-            positive.
+            positive or not a size.
 
     Example:
         >>> ch = Channel(maxsize=2)
@@ -290,18 +296,18 @@ class Channel(Generic[T]):
     _bytes = 0  # measured by a channel with a budget only (_BudgetChannel)
     _peak_bytes = 0
 
-    def __new__(cls, maxsize: int = 0, max_bytes: int | None = None) -> Channel[T]:
+    def __new__(cls, maxsize: int = 0, max_bytes: int | str | None = None) -> Channel[T]:
         # A byte budget is a subclass of its own, so that the plain channel's
         # fast paths carry no test for it.
         if max_bytes is None or cls is not Channel:
             return object.__new__(cls)  # not super(): a Channel is made per stage and run
         return object.__new__(_BudgetChannel)
 
-    def __init__(self, maxsize: int = 0, max_bytes: int | None = None) -> None:
+    def __init__(self, maxsize: int = 0, max_bytes: int | str | None = None) -> None:
         # queue.Queue takes a negative maxsize for unbounded too; here only 0 means it.
         check_int(maxsize, "maxsize", "Channel", 0, note=" (0 for unbounded)")
         if max_bytes is not None:
-            check_max_bytes(max_bytes, "Channel")
+            max_bytes = check_max_bytes(max_bytes, "Channel")
             if type(self) is not _BudgetChannel:
                 raise ConfigurationError(
                     f"Channel 'max_bytes' is not supported by a subclass "
@@ -1192,10 +1198,11 @@ class _BudgetChannel(Channel[T]):
     others are not left asleep with room for theirs.
     """
 
-    def __init__(self, maxsize: int = 0, max_bytes: int | None = None) -> None:
+    def __init__(self, maxsize: int = 0, max_bytes: int | str | None = None) -> None:
         super().__init__(maxsize, max_bytes)
-        assert max_bytes is not None
-        self.max_bytes = max_bytes
+        budget = check_max_bytes(max_bytes, "Channel")  # checked: "64MiB" made a number
+        assert budget is not None
+        self.max_bytes = budget
         self._sizes: deque[int] = deque()  # the size of each item of _items, in order
 
     def _no_room(self, need: int = 1) -> bool:

@@ -510,7 +510,7 @@ class Pipeline(Generic[T]):
         backend: Backend | None = None,
         progress: bool = False,
         metrics: MetricsExporter | None = None,
-        max_bytes: int | None = None,
+        max_bytes: int | str | None = None,
     ) -> Iterator[T]:
         """Run the pipeline and yield the last stage's outputs lazily (``for x in
         pipeline`` is ``pipeline.iterate()``).
@@ -526,6 +526,7 @@ class Pipeline(Generic[T]):
         Redis, the run stays there to be resumed with its ``run_id``.
         """
         check_bool(progress, "progress", "iterate()")
+        max_bytes = check_max_bytes(max_bytes, "iterate()")
         chosen = _remote(backend, "iterate()", None, metrics, max_bytes)
         if chosen is not None:
             return chosen.iterate(
@@ -575,7 +576,7 @@ class Pipeline(Generic[T]):
         stall_timeout: float | None = None,
         backend: Backend | None = None,
         metrics: MetricsExporter | None = None,
-        max_bytes: int | None = None,
+        max_bytes: int | str | None = None,
     ) -> RunResult[T]:
         """Run to completion and return the per-stage statistics.
 
@@ -599,10 +600,11 @@ class Pipeline(Generic[T]):
                 scraped, e.g. ``conveyor.prometheus.PrometheusExporter(port=9000)``
                 (see docs/observability.md); runs in this process only (Redis
                 workers serve theirs with ``conveyor worker --metrics-port``).
-            max_bytes: a memory budget in bytes for the items in flight,
-                split evenly between the run's channels (the N stages'
-                input channels and the output: a share of
-                ``max_bytes // (N + 1)`` each; see `conveyor.Channel` for
+            max_bytes: a memory budget in bytes for the items in flight (an
+                int, or a size such as ``"256MiB"`` or ``"1.5GB"``), split
+                evenly between the run's channels (the N stages' input
+                channels and the output: a share of ``max_bytes // (N + 1)``
+                each; see `conveyor.Channel` for
                 how items are measured). Besides its channels' shares, the
                 run holds per worker (per lane of a process worker) one
                 batch within its input channel's share and the batch's
@@ -619,6 +621,7 @@ class Pipeline(Generic[T]):
             PipelineStopped: the run was stopped from elsewhere.
         """
         _check_flags("run()", collect=collect, progress=progress)
+        max_bytes = check_max_bytes(max_bytes, "run()")
         remote = _remote(backend, "run()", stall_timeout, metrics, max_bytes)
         if remote is not None:
             return remote.run(
@@ -679,7 +682,7 @@ class Pipeline(Generic[T]):
         stall_timeout: float | None = None,
         backend: Backend | None = None,
         metrics: MetricsExporter | None = None,
-        max_bytes: int | None = None,
+        max_bytes: int | str | None = None,
     ) -> RunResult[T]:
         """`run` from async code: ``await pipeline.arun()``, on the caller's event loop.
 
@@ -707,6 +710,7 @@ class Pipeline(Generic[T]):
             PipelineStopped: the run was stopped from elsewhere.
         """
         _check_flags("arun()", collect=collect, progress=progress)
+        max_bytes = check_max_bytes(max_bytes, "arun()")
         remote = _remote(backend, "arun()", stall_timeout, metrics, max_bytes)
         if remote is not None:
             return await remote.arun(
@@ -750,7 +754,7 @@ class Pipeline(Generic[T]):
         stall_timeout: float | None = ...,
         backend: None = ...,
         metrics: MetricsExporter | None = ...,
-        max_bytes: int | None = ...,
+        max_bytes: int | str | None = ...,
     ) -> RunHandle[T]: ...
 
     @overload
@@ -763,7 +767,7 @@ class Pipeline(Generic[T]):
         stall_timeout: float | None = ...,
         backend: Backend,
         metrics: MetricsExporter | None = ...,
-        max_bytes: int | None = ...,
+        max_bytes: int | str | None = ...,
     ) -> RunHandle[T] | BackgroundRun[T]: ...
 
     def start(
@@ -775,7 +779,7 @@ class Pipeline(Generic[T]):
         stall_timeout: float | None = None,
         backend: Backend | None = None,
         metrics: MetricsExporter | None = None,
-        max_bytes: int | None = None,
+        max_bytes: int | str | None = None,
     ) -> RunHandle[T] | BackgroundRun[T]:
         """Start a run in the background and return its handle.
 
@@ -784,6 +788,7 @@ class Pipeline(Generic[T]):
         `RunHandle` (stop, with drain too, done, wait, join, stats, result_so_far).
         """
         _check_flags("start()", collect=collect, progress=progress)
+        max_bytes = check_max_bytes(max_bytes, "start()")
         remote = _remote(backend, "start()", stall_timeout, metrics, max_bytes)
         if remote is not None:
             return remote.start(

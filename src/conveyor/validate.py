@@ -16,17 +16,20 @@ was given, the parameter, the value and what is accepted::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 from .errors import ConfigurationError, ConfigurationTypeError
 
 __all__ = [
+    "BYTES_ACCEPTED",
     "MAX_SECONDS",
     "MAX_TASKS",
     "MAX_WORKERS",
     "NAME_ACCEPTED",
     "check_bool",
+    "check_byte_size",
     "check_callable",
     "check_choice",
     "check_int",
@@ -104,6 +107,73 @@ def check_int(
     if value < minimum or (maximum is not None and value > maximum):
         raise ConfigurationError(f"{where} '{param}' must be {accepted}, got {value}")
     return value
+
+
+# A size as people write it: a number, then a unit. Decimal prefixes are powers of
+# 1000 and binary ones (KiB, MiB...) of 1024, as `ls --si` and `ls -h` tell them apart;
+# the B may be left out ("512M"), and case does not matter ("256mib").
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgtp])(i)?)?b?\s*", re.IGNORECASE)
+_PREFIXES = "kmgtp"
+
+BYTES_ACCEPTED = (
+    "an int >= 1, or a size such as '256MiB', '1.5GB' or '512k' "
+    "(K, M, G, T: powers of 1000; Ki, Mi, Gi, Ti: of 1024)"
+)
+"""What `check_byte_size` accepts, as its messages (and the CLI's) say it."""
+
+
+def check_byte_size(value: object, param: str, where: str) -> int:
+    """Return ``value`` as a number of bytes (>= 1), or raise a clear error.
+
+    An int is taken as it is; a float only when it is whole (``2e9``); a string
+    as a size with a unit (`BYTES_ACCEPTED`), rounded down to whole bytes.
+
+    Raises:
+        ConfigurationTypeError: neither an int, a float nor a string.
+        ConfigurationError: a float that is not whole, a string that is no size, or
+            a size under one byte.
+    """
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ConfigurationError(
+                f"{where} '{param}' must be {BYTES_ACCEPTED}, got {_value(value)}"
+            )
+        value = int(value)
+    if isinstance(value, str):
+        size = _parse_size(value)
+        if size is None:
+            raise ConfigurationError(
+                f"{where} '{param}' must be {BYTES_ACCEPTED}, got {_value(value)}"
+            )
+        if size < 1:
+            raise ConfigurationError(
+                f"{where} '{param}' must be {BYTES_ACCEPTED}, got {_value(value)} ({size} bytes)"
+            )
+        return size
+    if not _is_int(value):
+        raise ConfigurationTypeError(
+            f"{where} '{param}' must be {BYTES_ACCEPTED}, got {type(value).__name__} "
+            f"{_value(value)}"
+        )
+    assert isinstance(value, int)
+    if value < 1:
+        raise ConfigurationError(f"{where} '{param}' must be {BYTES_ACCEPTED}, got {value}")
+    return value
+
+
+def _parse_size(text: str) -> int | None:
+    """Bytes in a size such as '1.5 GiB' (rounded down); None if ``text`` is none."""
+    found = _SIZE.fullmatch(text)
+    if found is None:
+        return None
+    number: str = found[1]
+    prefix: str | None = found[2]
+    power = 0 if prefix is None else _PREFIXES.index(prefix.lower()) + 1
+    unit: int = (1024 if found[3] else 1000) ** power
+    whole, _, fraction = number.partition(".")
+    # In integers: exact for any size ('0.1TB' is 100000000000 bytes, not a float's).
+    scale: int = 10 ** len(fraction)
+    return int(whole or 0) * unit + int(fraction or 0) * unit // scale
 
 
 def check_seconds(

@@ -125,12 +125,31 @@ def test_max_bytes_bounds_the_bytes_in_flight_and_loses_nothing(
     assert source.peak * SIZE < ITEMS * SIZE / 3  # far from the whole input
 
 
+def test_a_budget_given_as_a_size_with_a_unit_bounds_the_run_as_its_bytes(
+    runner: Runner,
+) -> None:
+    # "1MiB" is 1048576 bytes on every runtime and backend: the same bound holds.
+    source = CountingSource()
+    pipeline = cv.Pipeline(source).map(runner.fn(passed_on), runtime=runner.runtime)
+    backend = runner.backend_for() if runner.on_redis else None
+    received = 0
+    for item in pipeline.iterate(max_bytes="1MiB", backend=backend):
+        hashlib.sha256(item).digest()
+        received += 1
+        source.receive()
+    assert received == ITEMS
+    assert source.peak <= bound_in_items(1024 * 1024, 1, lanes(runner), runner, 1)
+    assert source.peak * SIZE < ITEMS * SIZE / 3
+
+
 def test_max_bytes_is_validated_on_every_backend(runner: Runner) -> None:
     pipeline = cv.Pipeline(range(3)).map(runner.fn(passed_on), runtime=runner.runtime)
     with pytest.raises(cv.ConfigurationTypeError, match=r"run\(\) 'max_bytes' must be an int"):
         runner.run(pipeline, max_bytes=True)
     with pytest.raises(cv.ConfigurationError, match=r"run\(\) 'max_bytes' must be an int >= 1"):
         runner.run(pipeline, max_bytes=-5)
+    with pytest.raises(cv.ConfigurationError, match=r"a size such as '256MiB'.*got '12 pc'"):
+        runner.run(pipeline, max_bytes="12 pc")
 
 
 @pytest.mark.parametrize("budget", [2**64, 10**30], ids=["2**64", "10**30"])

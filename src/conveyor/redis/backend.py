@@ -379,8 +379,7 @@ class RedisBackend(Backend):
         pipeline = admit(pipeline, "RedisBackend.run()", self)
         report = options.get("report")
         report_path = None if report is None else check_report_path(report, "run()")
-        max_bytes = options.get("max_bytes")
-        check_max_bytes(max_bytes, "RedisBackend.run()")
+        max_bytes = check_max_bytes(options.get("max_bytes"), "RedisBackend.run()")
         run = self._new_run(pipeline, max_bytes)
         run.halt = stop
         outputs: list[Any] | None = [] if options.get("collect", False) else None
@@ -508,7 +507,7 @@ class RedisBackend(Backend):
         ).start()
 
     def iterate(
-        self, pipeline: Any, *, progress: bool = False, max_bytes: int | None = None
+        self, pipeline: Any, *, progress: bool = False, max_bytes: int | str | None = None
     ) -> Generator[Any, None, None]:
         """Run ``pipeline`` and yield the last stage's outputs as they come.
 
@@ -528,7 +527,7 @@ class RedisBackend(Backend):
             ConfigurationError: at the call, not at the first output: as for `run`.
         """
         check_bool(progress, "progress", "RedisBackend.iterate()")
-        check_max_bytes(max_bytes, "RedisBackend.iterate()")
+        max_bytes = check_max_bytes(max_bytes, "RedisBackend.iterate()")
         return self._iterate(admit(pipeline, "RedisBackend.iterate()", self), progress, max_bytes)
 
     def _iterate(

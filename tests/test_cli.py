@@ -126,6 +126,25 @@ def announce_then_hang(x):
 
 
 stuck = cv.Pipeline(range(10)).map(announce_then_hang, name="hang")
+
+
+class Counted:  # 200 items of 64 KiB; at the end, the most pulled and not yet consumed
+    def __init__(self):
+        self.given = self.consumed = self.peak = 0
+
+    def __iter__(self):
+        for i in range(200):
+            self.given += 1
+            self.peak = max(self.peak, self.given - self.consumed)
+            yield bytes(64 * 1024)
+        print("peak", self.peak, file=sys.stderr, flush=True)
+
+    def consume(self, item):
+        self.consumed += 1
+
+
+counted = Counted()
+budgeted = cv.Pipeline(counted).each(counted.consume, name="consume")
 """
 
 
@@ -187,7 +206,7 @@ def test_run_help_explains_the_target_and_every_option(tmp_path: Path) -> None:
     assert "Usage: conveyor run [OPTIONS] MODULE:ATTR" in out
     for option in ("--progress / --no-progress", "--report FILE", "-w, --workers STAGE=N"):
         assert option in out
-    for option in ("--stall-timeout SECONDS", "--json", "130  interrupted"):
+    for option in ("--stall-timeout SECONDS", "--max-bytes SIZE", "--json", "130  interrupted"):
         assert option in out
 
 
@@ -411,6 +430,8 @@ def test_user_code_failing_while_loading_exits_1_with_its_traceback(
         ),
         (["pipes:pipeline", "--report", "no/such/dir/r.html"], "the directory no/such/dir does"),
         (["pipes:pipeline", "--stall-timeout", "0"], "--stall-timeout"),
+        (["pipes:pipeline", "--max-bytes", "12 pc"], "'--max-bytes': '12 pc' is not a size"),
+        (["pipes:pipeline", "--max-bytes", "0"], "'--max-bytes': '0' is not a size"),
         (["pipes:pipeline", "--frobnicate"], "No such option"),
     ],
 )
@@ -422,6 +443,17 @@ def test_usage_errors_exit_2_with_a_clear_message(
     assert message in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
     assert "Try 'conveyor run --help' for help." in result.stderr
+
+
+def test_max_bytes_gives_the_run_its_byte_budget(project: Path) -> None:
+    # 256KiB over two channels (the sink's input, the output): 128 KiB, two items
+    # of 64 KiB each, plus the sink's batch and the feeder's pulled item.
+    result = conveyor(
+        "run", "pipes:budgeted", "--no-progress", "--max-bytes", "256KiB", cwd=project
+    )
+    assert result.returncode == 0, result.stderr
+    peak = int(result.stderr.split("peak ")[1].split()[0])
+    assert peak <= 2 * 2 + 2 + 1
 
 
 # ---------------------------------------------------------------------- Ctrl-C

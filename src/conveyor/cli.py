@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from .cliparams import (
+    BYTE_SIZE,
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
     JSON_PARTIAL,
@@ -238,6 +239,13 @@ def cli() -> None:
     help="Log who holds which item, with stacks, when nothing moves for SECONDS.",
 )
 @click.option(
+    "--max-bytes",
+    type=BYTE_SIZE,
+    metavar="SIZE",
+    help="A memory budget for the items in flight, e.g. 256MiB or 1.5GB (the run's "
+    "max_bytes=; with --redis, the bytes its streams hold in Redis).",
+)
+@click.option(
     "--json",
     "as_json",
     is_flag=True,
@@ -275,6 +283,7 @@ def run_command(
     report: Path | None,
     workers: tuple[str, ...],
     stall_timeout: float | None,
+    max_bytes: int | None,
     as_json: bool,
     redis_url: str | None = None,
     run_id: str | None = None,
@@ -313,13 +322,13 @@ def run_command(
                 debug,
                 visibility_timeout,
             )
-            result = _run_on_redis(pipeline, where, progress, report, stall_timeout)
+            result = _run_on_redis(pipeline, where, progress, report, stall_timeout, max_bytes)
             click.echo(_json(result) if as_json else result.report().rstrip())
             return
         # Ctrl-C is taken over before the run starts: one pressed as it starts
         # must stop it, not raise KeyboardInterrupt past a run left going.
         with _ctrl_c_stops(as_json=as_json) as ctrl_c:
-            handle = _start(pipeline, progress, report, stall_timeout)
+            handle = _start(pipeline, progress, report, stall_timeout, max_bytes)
             ctrl_c.attach(handle)
             try:
                 result = _wait_for(handle)
@@ -403,6 +412,7 @@ def _run_on_redis(
     progress: bool,
     report: Path | None,
     stall_timeout: float | None,
+    max_bytes: int | None = None,
 ) -> RunResult:
     """``conveyor run --redis``: drive the run; a failed run exits as a local one does,
     Redis unreachable (or lost) for ``connect_timeout`` with `EXIT_REDIS_UNREACHABLE`."""
@@ -426,6 +436,7 @@ def _run_on_redis(
             report=report,
             connect_timeout=where.connect_timeout,
             visibility_timeout=where.visibility_timeout,
+            max_bytes=max_bytes,
         )
     except (click.ClickException, KeyboardInterrupt):
         raise
@@ -458,10 +469,16 @@ def _output_width() -> int:
 
 
 def _start(
-    pipeline: Pipeline[Any], progress: bool, report: Path | None, stall_timeout: float | None
+    pipeline: Pipeline[Any],
+    progress: bool,
+    report: Path | None,
+    stall_timeout: float | None,
+    max_bytes: int | None = None,
 ) -> RunHandle:
     try:
-        return pipeline.start(progress=progress, report=report, stall_timeout=stall_timeout)
+        return pipeline.start(
+            progress=progress, report=report, stall_timeout=stall_timeout, max_bytes=max_bytes
+        )
     except ConfigurationError as exc:
         raise click.UsageError(str(exc)) from None
 

@@ -20,10 +20,12 @@ import click
 # The exit codes of a signal: defined where the entry point's first handlers (installed
 # before click is imported) use them too.
 from ._early_stop import EXIT_INTERRUPTED, EXIT_TERMINATED
+from .errors import ConfigurationError
 from .stage import error_message
-from .validate import NAME_ACCEPTED, name_problem
+from .validate import BYTES_ACCEPTED, NAME_ACCEPTED, check_byte_size, name_problem
 
 __all__ = [
+    "BYTE_SIZE",
     "ENTRY_ID",
     "EXIT_INTERRUPTED",
     "EXIT_TERMINATED",
@@ -31,6 +33,7 @@ __all__ = [
     "NAME",
     "REDIS_URL",
     "SECONDS",
+    "ByteSize",
     "EntryId",
     "JsonCommand",
     "Name",
@@ -53,6 +56,20 @@ class Seconds(click.ParamType[float]):
         if not math.isfinite(seconds) or seconds <= 0:
             self.fail(f"{value!r} is not a finite number of seconds > 0", param, ctx)
         return seconds
+
+
+class ByteSize(click.ParamType[int]):
+    """A number of bytes: an int >= 1 or a size with a unit ('256MiB', '1.5GB')."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, int):
+            return value
+        try:
+            return check_byte_size(value, "", "")
+        except ConfigurationError:
+            self.fail(f"{value!r} is not a size: {BYTES_ACCEPTED}", param, ctx)
 
 
 class RedisUrl(click.ParamType[str]):
@@ -109,6 +126,7 @@ class EntryId(click.ParamType[str]):
 
 
 SECONDS = Seconds()
+BYTE_SIZE = ByteSize()
 REDIS_URL = RedisUrl()
 NAME = Name()
 ENTRY_ID = EntryId()

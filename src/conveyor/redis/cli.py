@@ -416,6 +416,7 @@ def run_on_redis(
     report: Path | None = None,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     visibility_timeout: float | None = None,
+    max_bytes: int | None = None,
 ) -> Any:
     """Drive one run of ``pipeline`` through Redis (``conveyor run --redis``);
     ``visibility_timeout`` None is `RedisBackend`'s default."""
@@ -427,7 +428,7 @@ def run_on_redis(
     backend = RedisBackend(
         url, run_id=run_id, namespace=namespace, unavailable_timeout=connect_timeout, **extra
     )
-    return pipeline.run(backend=backend, progress=progress, report=report)
+    return pipeline.run(backend=backend, progress=progress, report=report, max_bytes=max_bytes)
 
 
 # ---------------------------------------------------------------------- status

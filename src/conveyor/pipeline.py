@@ -397,7 +397,11 @@ class Pipeline(Generic[T]):
         """Apply ``fn`` to every item; each element of the iterable it returns goes on.
 
         The iterable is read whole before its elements go on, so an item
-        that fails halfway (and is retried) never sends duplicates.
+        that fails halfway (and is retried) never sends duplicates. The
+        elements of one item are therefore in memory together, beside the
+        channels' bounds: for a fan-out too big for that (the lines of a
+        big file), make it the source instead, which is pulled lazily:
+        ``Pipeline(line for path in paths for line in open(path))``.
         With ``runtime="async"``, ``fn`` is a coroutine function returning an
         iterable, or an async generator function (``async def`` with
         ``yield``), whose elements are gathered the same way.

@@ -608,6 +608,22 @@ def test_status_says_whether_a_driven_run_has_a_driver(redis_server: RedisServer
     assert RedisBackend(url, namespace=namespace).cancel(pipeline, "driven")
 
 
+def test_status_gives_a_run_its_byte_budget(redis_server: RedisServer) -> None:
+    namespace, url = new_namespace(), redis_server.url
+    pipeline = cv.Pipeline(range(50)).map(triple)
+    backend = RedisBackend(url, namespace=namespace, run_id="budgeted")
+    handle = pipeline.start(backend=backend, max_bytes="1.5MiB")  # no worker: it waits
+    wait_until(lambda: _status(url, namespace), "the run to exist")
+    [run] = _status(url, namespace)
+    assert run["max_bytes"] == 3 * 2**19
+    args = ["status", "redis_helpers:tripled", "--redis", url, "--namespace", namespace]
+    shown = CliRunner().invoke(cli, args, catch_exceptions=False).output
+    assert "byte budget 1.5 MiB" in " ".join(shown.split())
+    handle.stop()
+    assert handle.join(30.0).stopped
+    assert RedisBackend(url, namespace=namespace).cancel(pipeline, "budgeted")
+
+
 def test_long_lived_runs_and_cancel_refuse_bad_arguments_naming_them(
     redis_server: RedisServer, closing: Callable[[Any], Any]
 ) -> None:

@@ -927,6 +927,19 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def format_bytes(size: int) -> str:
+    """A size in binary units, as ``max_bytes=`` takes them: ``512 B``, ``64 KiB``,
+    ``1.5 GiB``."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    if unit == "B":
+        return f"{size} B"
+    return f"{value:.1f} {unit}".replace(".0 ", " ") if value < 9.95 else f"{value:.0f} {unit}"
+
+
 # (unit, its length in seconds, the value from which the next unit reads better)
 _UNITS = (("ns", 1e-9, 999.5), ("µs", 1e-6, 999.5), ("ms", 1e-3, 999.5), ("s", 1.0, 59.5))
 

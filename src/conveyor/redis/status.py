@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from ..metrics import RecentRate, StageStats, Timeline
+from ..metrics import RecentRate, StageStats, Timeline, format_bytes
 from ..progress import LIVE_REFRESH, Watcher
 from .state import LEFT, RunInfo, RunState, stage_stats, text
 from .streams import WORKER_GROUP, Scripts, connect
@@ -112,6 +112,8 @@ class RunStatus:
     state: str = "running"
     """What the run is now, one of `RUN_STATES`: ``running``, ``left``, ``complete``
     (driven), ``open``, ``closed``, ``drained`` (long-lived)."""
+    max_bytes: int | None = None
+    """The run's byte budget (``max_bytes=``, split between its streams); None: none."""
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data, for JSON."""
@@ -169,6 +171,7 @@ def run_status(client: Any, info: RunInfo) -> RunStatus:
         stages=tuple(stages),
         kind="long-lived" if info.long_lived else "driven",
         state=_state_of(info, state, driven),
+        max_bytes=info.max_bytes,
     )
 
 
@@ -223,6 +226,8 @@ def render(statuses: list[RunStatus]) -> str:
 def _title(status: RunStatus) -> str:
     """A run's line above its table: what it is now, and its counts."""
     age = f"{status.age_seconds:,.0f} s old"
+    if status.max_bytes is not None:
+        age += f", byte budget {format_bytes(status.max_bytes)}"
     taken = f"{status.delivered:,} outputs taken"
     if status.kind == "long-lived":
         return (

@@ -575,3 +575,43 @@ def test_a_coroutine_a_thread_stage_returns_is_closed_and_retried_like_any_error
     assert len(made) == 6  # each item called twice: the retry applies
     assert all(inspect.getcoroutinestate(c) == inspect.CORO_CLOSED for c in made)
     assert "runtime='thread'" in str(result.failures[0].error)
+
+
+class Scratch:
+    """What a stage holds while it works on an item (a decoded file, say)."""
+
+
+_scratches: list[Any] = []  # weak references to every Scratch a stage made
+
+
+def fails_holding_scratch(x: int) -> int:
+    import weakref
+
+    scratch = Scratch()
+    _scratches.append(weakref.ref(scratch))
+    raise ValueError(f"cannot take {x} ({type(scratch).__name__} held)")
+
+
+async def afails_holding_scratch(x: int) -> int:
+    return fails_holding_scratch(x)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("runtime", ["thread", "async"])
+def test_a_recorded_failure_does_not_keep_what_the_stage_held_alive(runtime: str) -> None:
+    # The repro: 1,000 failures of a stage holding 1 MiB each kept 1 GiB alive, through
+    # the frames of the recorded errors' tracebacks (a worker process's came back
+    # without frames). The traceback still prints the stage's line.
+    import gc
+    import traceback
+
+    _scratches.clear()
+    fn = afails_holding_scratch if runtime == "async" else fails_holding_scratch
+    result = cv.Pipeline(range(20)).map(fn, runtime=runtime, on_error="skip").run()  # type: ignore[arg-type]
+    assert len(result.failures) == 20
+    gc.collect()
+    assert len(_scratches) == 20
+    assert [ref() for ref in _scratches] == [None] * 20
+    printed = "".join(traceback.format_exception(result.failures[0].error))
+    assert 'raise ValueError(f"cannot take' in printed
+    assert "in fails_holding_scratch" in printed

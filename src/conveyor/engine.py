@@ -602,6 +602,7 @@ class Run:
             stopped=(self.control.stopped.is_set() and self.control.error is None)
             or (self._source_stopped and not self._source_exhausted),
             error=self.control.error,
+            failures_not_kept=self.control.failures_not_kept,
         )
 
 

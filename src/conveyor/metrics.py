@@ -828,7 +828,8 @@ class RunResult(Generic[OutputT]):
     stats: list[StageStats]
     """One snapshot per stage, in pipeline order."""
     failures: list[Failure] = field(default_factory=list)
-    """Items given up on by stages with ``on_error="skip"``."""
+    """Items given up on by stages with ``on_error="skip"``: the first
+    `~conveyor.stage.FAILURES_KEPT` (10,000) of the run."""
     elapsed_seconds: float = 0.0
     """Wall time of the run."""
     items_out: int = 0
@@ -844,6 +845,10 @@ class RunResult(Generic[OutputT]):
     """The error that ended the run, as the stage or the source raised it (what
     ``run()`` or ``join()`` raised), when the run failed; None otherwise. Set on
     the result a handle's ``result_so_far()`` gives after a failed ``join()``."""
+    failures_not_kept: int = 0
+    """Items given up on (``on_error="skip"``) past the first
+    `~conveyor.stage.FAILURES_KEPT`: counted in the stages' ``failed``, not in
+    ``failures``."""
 
     @property
     def bottleneck(self) -> Bottleneck | None:
@@ -857,7 +862,7 @@ class RunResult(Generic[OutputT]):
         ``error``; several workers may meet one before the run stops). A Redis run's
         result counts ``"dead-lettered"`` entries instead of the latter."""
         total = sum(s.failed for s in self.stats)
-        skipped = min(total, len(self.failures))
+        skipped = min(total, len(self.failures) + self.failures_not_kept)
         return {"skipped": skipped, "ended the run": total - skipped}
 
     def report(self, width: int = 130) -> str:
@@ -891,6 +896,7 @@ class RunResult(Generic[OutputT]):
                 }
                 for f in self.failures
             ],
+            "failures_not_kept": self.failures_not_kept,
             "timeline": self.timeline.as_dict() if self.timeline is not None else None,
         }
 
@@ -1159,9 +1165,22 @@ def render_table(result: RunResult, width: int = 130) -> str:
             markup=False,
             highlight=False,
         )
-    if len(result.failures) > 10:
-        console.print(f"  ... and {len(result.failures) - 10} more")
+    more = more_failures_line(result, 10)
+    if more:
+        console.print(f"  {more}")
     return printable(console.export_text())
+
+
+def more_failures_line(result: RunResult, shown: int) -> str:
+    """After the first ``shown`` failures: how many more there were (and how many of
+    them ``result.failures`` holds, when not all); '' when none."""
+    recorded = len(result.failures)
+    more = recorded + result.failures_not_kept - min(shown, recorded)
+    if more <= 0:
+        return ""
+    if not result.failures_not_kept:
+        return f"... and {more:,} more"
+    return f"... and {more:,} more (result.failures holds the first {recorded:,})"
 
 
 def _count(n: int, noun: str) -> str:

@@ -42,6 +42,7 @@ __all__ = [
     "cancels_this_task",
     "coroutine_returned",
     "drop_unsendable",
+    "forget_locals",
     "give_up",
     "item_repr",
     "outputs_of",
@@ -76,6 +77,24 @@ def add_note(exc: BaseException, note: str) -> BaseException:
     """Attach a PEP 678 note to ``exc``; return ``exc``."""
     exc.add_note(note)
     return exc
+
+
+def forget_locals(error: BaseException) -> None:
+    """Clear the local variables of the frames in ``error``'s traceback, and in those of
+    the exceptions chained to it: the traceback still prints (its lines are kept), but no
+    longer keeps alive what the code held. A frame still running is left as it is."""
+    import traceback
+
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        exc = pending.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if exc.__traceback__ is not None:
+            traceback.clear_frames(exc.__traceback__)
+        pending += (exc.__cause__, exc.__context__)
 
 
 def cancels_this_task(exc: BaseException) -> bool:

@@ -29,6 +29,7 @@ from .metrics import (
     StageStats,
     bottleneck_line,
     format_seconds,
+    more_failures_line,
     printable,
     render_table,
     report_table,
@@ -277,9 +278,9 @@ def _errors(result: RunResult, error: BaseException | None) -> str:
             "<thead><tr><th>stage</th><th>item</th><th>error</th><th>attempts</th></tr></thead>"
             f"<tbody>{rows}</tbody></table>"
         )
-        more = len(result.failures) - _FAILURES_SHOWN
-        if more > 0:
-            parts.append(f"<p class='muted'>… and {more:,} more</p>")
+        more = more_failures_line(result, _FAILURES_SHOWN)
+        if more:
+            parts.append(f"<p class='muted'>{html.escape(more)}</p>")
     if not parts:
         parts.append("<p class='ok'>No errors.</p>")
     return _section("Errors", "".join(parts), "")

@@ -26,6 +26,7 @@ from .validate import check_bool, check_choice, check_number, check_seconds
 
 __all__ = [
     "DEFAULT_STOP_TIMEOUT",
+    "FAILURES_KEPT",
     "KINDS",
     "ON_ERROR",
     "RUNTIMES",
@@ -123,9 +124,22 @@ def error_text(error: BaseException, limit: int = 1000) -> str:
     return f"{type(error).__name__}: {message}"
 
 
+FAILURES_KEPT = 10_000
+"""The most failures a run records in ``result.failures`` (the first ones, on every
+backend): a run where every item fails must not hold them all in memory (or in Redis).
+The stages' ``failed`` counts every one; ``result.failures_not_kept`` says how many
+were counted and not recorded."""
+
+
 @dataclass(frozen=True)
 class Failure:
-    """An item a stage gave up on (recorded with ``on_error="skip"``)."""
+    """An item a stage gave up on (recorded with ``on_error="skip"``).
+
+    Its ``error`` keeps its traceback, which prints whole, but the frames' local
+    variables are cleared once it is recorded: a failure does not keep alive what
+    the stage held (a decoded file, a model's batch), as on the process runtime,
+    whose errors come back without frames.
+    """
 
     stage: str
     """Name of the stage."""

@@ -161,6 +161,34 @@ def test_skip_records_each_failure_with_its_item_and_the_users_error(
     assert (stats.items_in, stats.items_out, stats.failed, stats.retried) == (42, items_out, 2, 2)
 
 
+def always_fails(x: int) -> int:
+    raise Boom(f"cannot take {x}")
+
+
+def test_a_run_records_its_first_failures_and_counts_every_one(
+    runner: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The repro: a run where every item failed kept every failure (with the stage's
+    # frames) in memory; on Redis the record kept the last 10,000, and the report's
+    # "... and N more" counted only those. Both keep the first FAILURES_KEPT (5 here).
+    import conveyor.redis.port
+    import conveyor.runtime.base
+
+    for module in (conveyor.runtime.base, conveyor.redis.port):
+        monkeypatch.setattr(module, "FAILURES_KEPT", 5)
+    pipeline = cv.Pipeline(range(20)).map(
+        runner.fn(always_fails), runtime=runner.runtime, on_error="skip", name="fails"
+    )
+    result = runner.run(pipeline)
+    assert len(result.failures) == 5
+    assert result.failures_not_kept == 15
+    assert result.failed_counts()["skipped"] == 20
+    assert result.stats[0].failed == 20
+    assert all(isinstance(f.error, Boom) for f in result.failures)
+    assert "... and 15 more (result.failures holds the first 5)" in result.report()
+    assert result.as_dict()["failures_not_kept"] == 15
+
+
 @dataclass
 class Row:
     """A record of the user's, of a class defined beside the stage (sent by value)."""

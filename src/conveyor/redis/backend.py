@@ -820,6 +820,7 @@ class _DriverRun:
         self._seen: RunState | None = None  # the counters `_watch` read last
         self._last_read: RunState | None = None  # the counters read last (`_read_state`)
         self._failures: list[Failure] = []
+        self._failures_read = False  # `_read_failures` has read the run's record
         self._moved = perf_counter()
         self._warned = False
         self._feeder: threading.Thread | None = None
@@ -1466,7 +1467,7 @@ class _DriverRun:
         elapsed = (self.finished or perf_counter()) - self.started
         stats = stage_stats(self.stages, state, self.info.limits, elapsed)
         names = [s.name for s in self.stages]
-        return RedisRunResult(
+        result = RedisRunResult(
             stats=stats,
             failures=self._failures,
             elapsed_seconds=elapsed,
@@ -1478,6 +1479,10 @@ class _DriverRun:
             dead_letters={n: s.dead for n, s in zip(names, state.stages, strict=True) if s.dead},
             stopped=self.halted or self._drain_asked,
         )
+        if self._failures_read:  # the record holds the first FAILURES_KEPT: the rest
+            skipped = result.failed_counts()["skipped"]
+            result.failures_not_kept = max(0, skipped - len(self._failures))
+        return result
 
     def _last_state(self) -> RunState:
         """The counters the driver read last (nothing counted before its first read)."""
@@ -1488,6 +1493,7 @@ class _DriverRun:
         them: the item and the exception as themselves where the codec carries them."""
         entries = self.retry(self.client.xrange, self.keys.failures, "-", "+")
         self._failures.extend(decode_failure(self.codec, fields) for _, fields in entries)
+        self._failures_read = True
 
 
 # ---------------------------------------------------------------------- helpers

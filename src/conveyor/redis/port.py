@@ -62,7 +62,7 @@ from ..policy import BatchOutcome, drop_unsendable
 from ..remote import capture
 from ..runtime.base import RunControl
 from ..runtime.ports import Port, PortSupply, StageIO
-from ..stage import Stage
+from ..stage import FAILURES_KEPT, Stage
 from .budget import entry_cost, fitting, need_of, room_of, wait_for_room
 from .codec import Codec, child_path, encode_failure, get_codec, key_check, load_path
 from .packing import (
@@ -113,6 +113,9 @@ FORGET_CONSUMER_MS = 60_000
 timeouts with long ones) is removed from its group: a worker that was killed."""
 ERROR_TEXT_LIMIT = 4000
 """Characters of a traceback kept with an entry that failed."""
+RECORDED = "failures_recorded"
+"""The field of a run's counters hash that hands out places in its failure record
+(`FAILURES_KEPT` of them: see `RedisStagePort._record_failures`)."""
 TRIM_SECONDS = 0.1
 """How often a consumer's hand-off also trims the acknowledged head of its input
 stream. Trimming at every hand-off cost two or three commands inside the script
@@ -1042,12 +1045,20 @@ class RedisPort(Port):
         return self._want
 
     def _record_failures(self, ctx: RunContext, outcome: BatchOutcome) -> None:
-        records = [encode_failure(ctx.codec, failure) for failure in outcome.failures]
+        """Add the batch's failures to the run's record, up to the first `FAILURES_KEPT`
+        of the run (the stage's counters count every one). A counter taken first gives
+        each batch its places, so workers adding at once never pass the mark."""
+        keys, failures = ctx.info.keys, outcome.failures
+        taken = int(self.retry(self.client.hincrby, keys.counters, RECORDED, len(failures)))
+        room = FAILURES_KEPT - (taken - len(failures))
+        if room <= 0:
+            return
+        records = [encode_failure(ctx.codec, failure) for failure in failures[:room]]
 
         def record() -> None:
             pipe = self.client.pipeline(transaction=False)
             for fields in records:
-                pipe.xadd(ctx.info.keys.failures, fields, maxlen=10_000, approximate=True)
+                pipe.xadd(keys.failures, fields)
             pipe.execute()
 
         self.retry(record)

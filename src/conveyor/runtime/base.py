@@ -34,10 +34,11 @@ from ..policy import (
     BatchOutcome,
     add_stage_note,
     coroutine_returned,
+    forget_locals,
     outputs_of,
     process_batch,
 )
-from ..stage import DEFAULT_STOP_TIMEOUT, Failure, Stage
+from ..stage import DEFAULT_STOP_TIMEOUT, FAILURES_KEPT, Failure, Stage
 from .ports import Port, PortSupply, StageIO
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class RunControl:
         self.stopped = threading.Event()
         self.error: BaseException | None = None
         self.failures: list[Failure] = []
+        self.failures_not_kept = 0  # failures past the first FAILURES_KEPT, counted only
         self.loop: asyncio.AbstractEventLoop | None = None
         """The caller's event loop when the run is driven from async code
         (``await pipeline.arun()``, ``async for``): async stages run there.
@@ -117,9 +119,14 @@ class RunControl:
             callback()
 
     def record_failures(self, failures: list[Failure]) -> None:
-        """Keep items given up on with ``on_error="skip"``."""
+        """Keep items given up on with ``on_error="skip"``: the first `FAILURES_KEPT`,
+        their tracebacks' locals cleared (see `Failure`); count the others."""
         with self._lock:
-            self.failures.extend(failures)
+            kept = failures[: max(0, FAILURES_KEPT - len(self.failures))]
+            self.failures.extend(kept)
+            self.failures_not_kept += len(failures) - len(kept)
+        for failure in kept:
+            forget_locals(failure.error)
 
     def sleep(self, seconds: float) -> bool:
         """Wait ``seconds`` unless the run stops first; True if it did not stop."""

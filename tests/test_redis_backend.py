@@ -130,6 +130,21 @@ def test_a_run_through_redis_reports_no_redelivery_when_nothing_failed(
     assert result.redelivered == {"triple": 0, "keep": 0, "spread": 0}
 
 
+def test_a_redis_runs_report_shows_no_per_item_latency_it_did_not_measure(
+    redis_server: RedisServer,
+) -> None:
+    # The repro: the report's p50 and p99 read "0" on Redis, whose workers time
+    # batches, not items: they read "-", and the stats say None.
+    backend = RedisBackend(redis_server.url, namespace=new_namespace(), local_workers=True)
+    result = cv.Pipeline(range(50)).map(triple).run(backend=backend)
+    [stats] = result.stats
+    assert (stats.latency_p50, stats.latency_p99) == (None, None)
+    assert stats.as_dict()["latency_p50"] is None
+    header, row = result.report().splitlines()[1:4:2]
+    cells = dict(zip(header.split(), row.split(), strict=True))
+    assert (cells["p50"], cells["p99"]) == ("-", "-")
+
+
 def test_an_empty_source_finishes_at_once(redis_server: RedisServer) -> None:
     pipeline = cv.Pipeline([]).map(triple)
     backend = RedisBackend(redis_server.url, namespace=new_namespace(), local_workers=True)

@@ -270,10 +270,11 @@ class StageStats:
     """Items waiting in its input channel."""
     queue_capacity: int
     """Capacity of its input channel."""
-    latency_p50: float = 0.0
-    """Median time the stage function took per item, in seconds."""
-    latency_p99: float = 0.0
-    """99th percentile of that time, in seconds."""
+    latency_p50: float | None = 0.0
+    """Median time the stage function took per item, in seconds; None where it is not
+    measured: a Redis run's stages (their workers count time per batch)."""
+    latency_p99: float | None = 0.0
+    """99th percentile of that time, in seconds (None: as for ``latency_p50``)."""
     rate_now: float = 0.0
     """Inputs per second over the last few seconds (the overall rate when
     there is too little history, or once the run has ended)."""
@@ -960,6 +961,11 @@ by these names: inputs a filter dropped, given up on (``on_error="skip"``, dead-
 on Redis) or that stopped the run, and extra calls made by retries."""
 
 
+def _latency(seconds: float | None) -> str:
+    """A latency cell: "-" where it is not measured (a Redis run)."""
+    return "-" if seconds is None else format_seconds(seconds)
+
+
 def stage_rows(stats: Sequence[StageStats]) -> tuple[list[str], list[list[str]]]:
     """The per-stage table as text cells: its headers and one row per stage.
 
@@ -980,8 +986,8 @@ def stage_rows(stats: Sequence[StageStats]) -> tuple[list[str], list[list[str]]]
             f"{s.utilisation:.0%}",
             f"{s.waiting_input:.0%}",
             f"{s.blocked_output:.0%}",
-            format_seconds(s.latency_p50),
-            format_seconds(s.latency_p99),
+            _latency(s.latency_p50),
+            _latency(s.latency_p99),
             f"{s.throughput:,.0f}",
         ]
         for s in stats

@@ -327,6 +327,8 @@ def stage_stats(
                 elapsed_seconds=elapsed,
                 queue_size=state.backlog(i),
                 queue_capacity=limits[i],
+                latency_p50=None,  # not measured: workers count time per batch
+                latency_p99=None,
                 rate_now=overall if rates is None else rates[i],
             )
         )

@@ -124,6 +124,25 @@ def gated(x: Any) -> Any:
     return x
 
 
+def met_by_two(x: Any) -> Any:
+    """Waits until two processes have called it (a barrier in Redis, under the gate's
+    prefix): each worker process of a run then holds an item of the stage."""
+    import redis
+
+    url, prefix = os.environ[GATE_ENV].split(" ")
+    with redis.Redis.from_url(url) as client:
+        client.sadd(f"{prefix}:pids", os.getpid())
+        deadline = time.monotonic() + WAIT
+        while client.scard(f"{prefix}:pids") < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the other worker process is starting: nothing to wait on
+    return x
+
+
+def two_processes(n: int = 40) -> cv.Pipeline[int]:
+    """One stage that each of two worker processes serves (see `met_by_two`)."""
+    return cv.Pipeline(range(n)).map(met_by_two, name="meet")
+
+
 BIG = 64 * 1024
 """The size of `large_items`' items."""
 

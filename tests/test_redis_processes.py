@@ -16,6 +16,7 @@ import conveyor as cv
 from conveyor.redis import RedisBackend, RedisRunResult
 from conveyor.redis.streams import WORKER_GROUP, Keys, pipeline_id
 from redis_helpers import (
+    GATE_ENV,
     GATE_FILE_ENV,
     HELD_IN_PACK,
     WorkerProcess,
@@ -24,6 +25,7 @@ from redis_helpers import (
     slow_stages,
     spread,
     three_stages,
+    two_processes,
     wait_until,
     worker_logs,
     worker_processes,
@@ -193,3 +195,18 @@ class _Background:
 
 def _start_in_thread(pipeline: cv.Pipeline[int], backend: RedisBackend) -> _Background:
     return _Background(pipeline, backend)
+
+
+def test_a_runs_report_counts_the_workers_that_served_it_in_every_process(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The repro: the report's workers column gave the stage's own setting (1), not the
+    # two worker processes that served it.
+    namespace = new_namespace()
+    monkeypatch.setenv(GATE_ENV, f"{redis_server.url} {namespace}:meet")
+    target = "redis_helpers:two_processes"
+    with worker_processes(target, redis_server.url, namespace, 2, tmp_path):
+        backend = RedisBackend(redis_server.url, namespace=namespace, batch_size=1)
+        result = two_processes().run(backend=backend)
+    assert result.stats[0].items_in == 40, worker_logs(tmp_path)
+    assert result.stats[0].workers == 2

@@ -821,6 +821,7 @@ class _DriverRun:
         self._last_read: RunState | None = None  # the counters read last (`_read_state`)
         self._failures: list[Failure] = []
         self._failures_read = False  # `_read_failures` has read the run's record
+        self._consumers: list[int] | None = None  # each group's, at the end (`_read_consumers`)
         self._moved = perf_counter()
         self._warned = False
         self._feeder: threading.Thread | None = None
@@ -1132,6 +1133,7 @@ class _DriverRun:
                 self._feeder.join(10.0 if self.state is not None else self.abort_left())
             self.finished = perf_counter()
         self._read_failures()
+        self._read_consumers()
         if self.halted:
             self._say_left("stopped and left in Redis")
             return
@@ -1465,7 +1467,10 @@ class _DriverRun:
         if state is None:
             state = read_state(self.client, self.retry, self.keys, self.n)[0]
         elapsed = (self.finished or perf_counter()) - self.started
-        stats = stage_stats(self.stages, state, self.info.limits, elapsed)
+        consumers = None
+        if self._consumers is not None:  # a group nobody is in any more: the stage's own
+            consumers = [c or s.workers for c, s in zip(self._consumers, self.stages, strict=True)]
+        stats = stage_stats(self.stages, state, self.info.limits, elapsed, consumers)
         names = [s.name for s in self.stages]
         result = RedisRunResult(
             stats=stats,
@@ -1494,6 +1499,23 @@ class _DriverRun:
         entries = self.retry(self.client.xrange, self.keys.failures, "-", "+")
         self._failures.extend(decode_failure(self.codec, fields) for _, fields in entries)
         self._failures_read = True
+
+    def _read_consumers(self) -> None:
+        """How many consumers each stage's group has at the end: the workers that served
+        it, wherever they run, for the report (read before a finished run's keys go)."""
+
+        def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for i in range(self.n):
+                pipe.xinfo_consumers(self.keys.stream(i), WORKER_GROUP)
+            replies: list[Any] = pipe.execute(raise_on_error=False)
+            return replies
+
+        try:
+            replies = self.retry(read)
+        except Exception:  # the report falls back to the stages' own settings
+            return
+        self._consumers = [len(r) if isinstance(r, list) else 0 for r in replies]
 
 
 # ---------------------------------------------------------------------- helpers

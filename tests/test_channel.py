@@ -156,6 +156,24 @@ def test_a_channel_cannot_be_pickled_or_copied_and_says_what_to_use(
         copy_it(ch)
 
 
+@pytest.mark.parametrize(
+    "copy_it", [pickle.dumps, copy.copy, copy.deepcopy], ids=["pickle", "copy", "deepcopy"]
+)
+def test_a_producer_handle_cannot_be_pickled_or_copied_and_says_to_clone_it(
+    copy_it: Callable[[Any], Any],
+) -> None:
+    # Repro: copy.copy(handle) made a second handle the channel did not count; closing
+    # it and the original closed the channel while another producer still had items.
+    ch: Channel[int] = Channel(4)
+    handle, other = ch.producer(), ch.producer()
+    with pytest.raises(TypeError, match=r"producer handle cannot be pickled or copied.*clone\(\)"):
+        copy_it(handle)
+    handle.close()
+    other.put(1)  # the channel is still open for the other producer
+    other.close()
+    assert list(ch) == [1]
+
+
 def test_configuration_errors_are_conveyor_errors() -> None:
     assert issubclass(ConfigurationError, conveyor.ConveyorError)
     assert issubclass(ConfigurationTypeError, conveyor.ConveyorError)

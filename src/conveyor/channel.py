@@ -1375,6 +1375,15 @@ class Producer(Generic[T]):
             self.aput = self.aput_many = _arefuse_put
         self._channel._release_producer()
 
+    def __reduce__(self) -> NoReturn:
+        # A copy would be a second handle the channel does not count: closing both
+        # would close the channel while other producers still put to it.
+        raise TypeError(
+            "a conveyor producer handle cannot be pickled or copied: it is one of the "
+            "handles its channel counts before it closes; take another with clone() "
+            "(or channel.producer())"
+        )
+
     def __enter__(self) -> Producer[T]:
         return self
 

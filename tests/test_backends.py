@@ -192,3 +192,18 @@ def test_a_redis_run_waits_for_its_local_workers_as_long_as_a_local_run(
     assert sorted(result.outputs or []) == [3 * x for x in range(20)]
     # A local run takes a second more than stop_timeout (1.2 s here).
     assert took < 4.0, f"the run took {took:.1f} s"
+
+
+@pytest.mark.parametrize(("stop_timeout", "wait"), [(5.0, 30.0), (45.0, 46.0)])
+def test_a_stopping_worker_waits_for_on_stop_as_long_as_its_stop_timeout_asks(
+    redis_server: RedisServer, stop_timeout: float, wait: float
+) -> None:
+    """Regression: ``conveyor worker`` (and ``with Worker(...)``) waited 30 s for its
+    batches in hand and ``on_stop`` whatever the stages' ``stop_timeout``: an
+    ``on_stop`` given 45 s (a long flush) was cut off at 30."""
+    from conveyor.redis.worker import Worker
+
+    pipeline = cv.Pipeline(range(3)).map(triple, stop_timeout=stop_timeout)
+    worker = Worker(pipeline, redis_server.url, namespace=new_namespace())
+    with worker:
+        assert worker.stop_wait() == wait

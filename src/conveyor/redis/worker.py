@@ -62,6 +62,10 @@ __all__ = ["Worker", "serve"]
 
 log = logging.getLogger("conveyor.redis")
 
+STOP_WAIT = 30.0
+"""The least a stopping worker waits for its batches in hand and its ``on_stop``
+(longer when a stage's ``stop_timeout`` asks for it: `Worker.stop_wait`), before it
+aborts what is left."""
 ABORT_GRACE = 5.0
 """After a stop that did not end in time, how long the abort waits for the workers."""
 MAX_CONNECTIONS = 2**31
@@ -314,7 +318,15 @@ class Worker:
         # Said once ready: a worker is otherwise silent until something goes wrong.
         log.info("conveyor: %s", self.describe())
         wait_interruptibly(self.stopped.wait, None)
-        self.join(30.0)
+        self.join(self.stop_wait())
+
+    def stop_wait(self) -> float:
+        """How long a stop waits for the batches in hand and ``on_stop``: `STOP_WAIT`, or
+        as long as a run's end waits for these stages (their longest ``stop_timeout``
+        and a second), if that is longer."""
+        from ..engine import join_timeout
+
+        return max(STOP_WAIT, join_timeout(self.stage_runs))
 
     def describe(self) -> str:
         """What this worker serves, and where: one line."""
@@ -329,8 +341,9 @@ class Worker:
             self.control.abort()  # a second signal: do not wait for the batches in hand
         elif self._client is not None:  # serving (not still connecting): say what comes
             log.info(
-                "conveyor: stopping: finishing the batches in hand (30 s at most); "
-                "a second SIGTERM or Ctrl-C stops at once"
+                "conveyor: stopping: finishing the batches in hand (%.0f s at most); "
+                "a second SIGTERM or Ctrl-C stops at once",
+                self.stop_wait(),
             )
         self.stop()
 
@@ -339,7 +352,7 @@ class Worker:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.stop()
-        self.join(30.0)
+        self.join(self.stop_wait())
 
 
 def _redis_lost(error: BaseException) -> bool:

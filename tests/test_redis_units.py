@@ -15,7 +15,7 @@ import conveyor as cv
 from conveyor.ordering import TOMBSTONE, Leaf, Tracker
 from conveyor.redis.codec import child_path, dump_path, get_codec, key_check, load_path
 from conveyor.redis.state import RunState
-from conveyor.redis.streams import Keys, pipeline_id, redact
+from conveyor.redis.streams import Keys, Retrier, pipeline_id, redact
 
 pytestmark = pytest.mark.quick
 
@@ -374,3 +374,25 @@ def test_a_redis_runs_report_counts_its_failed_items_as_skipped_or_dead_lettered
     result = RedisRunResult(stats=[stats("s", failed=5)], dead_letters={"s": 2}, items_out=1)
     assert result.failed_counts() == {"skipped": 3, "dead-lettered": 2}
     assert "1 output in 0.00 s; 5 items failed (3 skipped, 2 dead-lettered)" in result.report()
+
+
+@pytest.mark.timeout(5)
+def test_redis_out_of_memory_is_a_clear_backend_error() -> None:
+    # Redis at maxmemory with noeviction refuses writes with OOM: the operation
+    # ends with a BackendError naming Redis's memory and what to change, at once
+    # (not the client's raw OutOfMemoryError, and no retry loop).
+    from redis.exceptions import OutOfMemoryError
+
+    calls = []
+
+    def write() -> None:
+        calls.append(1)
+        raise OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+
+    retry = Retrier("driver", 10.0, url="redis://:secret@host:6379/0")
+    with pytest.raises(cv.BackendError, match="out of memory") as info:
+        retry(write)
+    assert calls == [1]
+    text = str(info.value)
+    assert "maxmemory" in text and "max_bytes" in text and "secret" not in text
+    assert isinstance(info.value.__cause__, OutOfMemoryError)

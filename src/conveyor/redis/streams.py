@@ -279,7 +279,8 @@ class Retrier:
     until ``timeout`` seconds pass without one success (None: forever), then
     `BackendUnavailable` names ``url`` (password masked) and the last cause;
     or until ``stopped`` is set, which re-raises the last connection error.
-    Any other error is raised at once. A connection lost after a success is
+    Redis out of memory (``maxmemory`` reached) raises a `BackendError` saying
+    so at once. Any other error is raised at once. A connection lost after a success is
     logged once as a warning; one that never worked is only said by the error.
     """
 
@@ -304,6 +305,7 @@ class Retrier:
             AuthenticationError,
             AuthorizationError,
             ConnectionError,
+            OutOfMemoryError,
             TimeoutError,
         )
 
@@ -318,6 +320,8 @@ class Retrier:
                 raise
             except BackendError:
                 raise
+            except OutOfMemoryError as exc:
+                raise self.out_of_memory(exc) from exc
             except (ConnectionError, TimeoutError) as exc:
                 now = time.monotonic()
                 self.interruptions += 1
@@ -334,6 +338,16 @@ class Retrier:
                 if self._stopped.wait(wait if left is None else min(wait, left)):
                     raise
                 delay = min(2.0, delay * 2)
+
+    def out_of_memory(self, cause: BaseException) -> BackendError:
+        """The error saying Redis refused a write: its ``maxmemory`` is reached."""
+        where = "Redis" if self._url is None else f"Redis at {redact(self._url)}"
+        return BackendError(
+            f"{where} is out of memory ({self._where}): it refuses writes once its "
+            "maxmemory is reached (maxmemory-policy noeviction). Raise Redis's "
+            "maxmemory, give runs a byte budget (run(max_bytes=..., backend=...)), or "
+            f"cancel runs left in Redis. Redis said: {cause}"
+        )
 
     def unavailable(self, cause: BaseException) -> BackendUnavailable:
         """The error saying Redis could not be reached for the whole budget."""

@@ -171,9 +171,6 @@ def test_a_redis_run_waits_for_its_local_workers_as_long_as_a_local_run(
     run, whatever the stages' ``stop_timeout``: an ``on_stop`` that hangs held the run
     30 s, where a local run waits a second more than ``stop_timeout``
     (`engine.join_timeout`)."""
-    from conveyor import engine
-
-    monkeypatch.setattr(engine, "JOIN_TIMEOUT", 1.0)  # as low as the stage asks
     release = threading.Event()
     entered = threading.Event()
 

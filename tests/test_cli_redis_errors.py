@@ -497,7 +497,7 @@ BAD_OPTIONS = [
 @pytest.mark.parametrize(
     ("target", "message"),
     [
-        ("app:stageless", "run(): the pipeline has no stage"),
+        ("app:stageless", "start(): the pipeline has no stage"),
         ("app:patient", "'timeout' (60.0 s) is longer than RedisBackend 'visibility_timeout'"),
     ],
 )
@@ -761,3 +761,53 @@ def test_a_second_sigterm_stops_a_worker_whose_thread_is_stuck_in_user_code_at_o
     assert "Traceback" not in err
     assert "a second SIGTERM or Ctrl-C stops at once" in err
     assert "'hold'" in err and "conveyor-hold-0" in err, err  # named as left behind
+
+
+# ---------------------------------------------------------------------- a stopped driver
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_run_on_redis_stopped_by_a_signal_prints_its_report_and_is_left_resumable(
+    project: Path, redis_server: RedisServer, tmp_path: Path, sig: int
+) -> None:
+    # The repro: `conveyor run --redis` stopped by Ctrl-C said "conveyor: interrupted"
+    # and no report; SIGTERM ended it by the signal, without a word.
+    napping = tmp_path / "napping"
+    env = {**os.environ, "NAPPING": str(napping)}
+    namespace, run_id = new_namespace(), f"stopped-{sig}"
+    target = ["app:naps", "--redis", redis_server.url, "--namespace", namespace]
+    command = [sys.executable, "-m", "conveyor"]
+    worker = subprocess.Popen(
+        [*command, "worker", *target],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    driver = subprocess.Popen(
+        [*command, "run", *target, "--run-id", run_id, "--no-progress"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(napping.exists, "the stage to work")  # the driver's handlers are set by then
+        driver.send_signal(sig)
+        out, err = driver.communicate(timeout=60)
+    finally:
+        for proc in (worker, driver):
+            proc.kill()
+            proc.wait()
+    code = 130 if sig == signal.SIGINT else 143
+    assert driver.returncode == code, err
+    assert "Traceback" not in err, err
+    assert "stopped before the end" in out, (out, err)
+    assert "nap" in out  # the stage's row
+    assert f"run again with run_id={run_id!r} to resume it" in err, err
+    # Left in Redis, resumable: cancel finds it.
+    done, _ = conveyor("cancel", *target, "--run", run_id, cwd=project)
+    assert done.returncode == 0, done.stderr
+    assert f"deleted run {run_id}" in done.stdout

@@ -716,3 +716,38 @@ def test_a_bad_backoff_names_the_method_once() -> None:
     with pytest.raises(cv.ConfigurationTypeError) as info:
         cv.Pipeline([1]).map(str, backoff=3)  # type: ignore[arg-type]
     assert str(info.value) == "map() 'backoff' must be a conveyor.Backoff, got int"
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("bad", "error", "got"),
+    [
+        (-1, cv.ConfigurationError, "got -1"),
+        (0, cv.ConfigurationError, "got 0"),
+        (True, cv.ConfigurationTypeError, "got bool True"),
+        (1.5, cv.ConfigurationTypeError, "got float 1.5"),
+        ("3", cv.ConfigurationTypeError, "got str '3'"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("build", "where"),
+    [
+        (lambda c: cv.Pipeline(range(3)).map(str, name="dbl", capacity=c), "map() stage 'dbl'"),
+        (lambda c: cv.Pipeline(range(3)).batch(2, name="dbl", capacity=c), "batch() stage 'dbl'"),
+        (
+            lambda c: cv.Pipeline(range(3)).each(print, name="dbl").with_stage("dbl", capacity=c),
+            "with_stage('dbl') stage 'dbl'",
+        ),
+    ],
+)
+def test_a_bad_capacity_names_the_stage_the_parameter_and_what_is_accepted(
+    build: Callable[[object], object], where: str, bad: object, error: type[Exception], got: str
+) -> None:
+    # The repro: capacity=-1 said "map() 'capacity' must be an int >= 1", naming no
+    # stage; each place that takes a capacity checked it on its own.
+    with pytest.raises(error) as info:
+        build(bad)
+    assert str(info.value) == (
+        f"{where}: 'capacity' must be an int >= 1 (the number of items the channel in "
+        f"front of the stage holds), {got}"
+    )

@@ -13,8 +13,8 @@ are imported, so a signal in that time says in one line what happened and exits:
 The process exits at once (``os._exit``): nothing was started that needs an end,
 and nothing in the user's code can hold the exit up. Commands that do not set
 handlers of their own (``status``, ``dlq``, ``cancel``) keep these to their end;
-``conveyor run --redis`` hands Ctrl-C back to Python (`release`), whose
-KeyboardInterrupt lets the driver leave its run in Redis, resumable. A signal in
+``conveyor run --redis`` sets its own, as a local run does: the driver's run is
+stopped and left in Redis, resumable. A signal in
 the first tens of milliseconds, before Python runs any of conveyor's code, still
 ends the process by the signal (a shell says 143 for SIGTERM), having done nothing.
 """

@@ -57,6 +57,7 @@ from .redis.cli import (
 )
 
 if TYPE_CHECKING:
+    from .backends import BackgroundRun
     from .metrics import RunResult
     from .pipeline import Pipeline, RunHandle
 
@@ -84,6 +85,9 @@ EXIT_USAGE = 2  # bad command line: unknown option, bad MODULE:ATTR, bad overrid
 
 INTERRUPT_GRACE = 1.0
 """Seconds Ctrl-C waits for the run to stop and write its report before exiting anyway."""
+REDIS_INTERRUPT_GRACE = 3.0
+"""As `INTERRUPT_GRACE`, for ``--redis``: the driver also stops its local workers and
+reads the run's counters from Redis before its report."""
 SIGNAL_CHECK = 0.05
 """Seconds between two looks for a pending Ctrl-C while the command waits for a run."""
 
@@ -322,7 +326,9 @@ def run_command(
                 debug,
                 visibility_timeout,
             )
-            result = _run_on_redis(pipeline, where, progress, report, stall_timeout, max_bytes)
+            result = _run_on_redis(
+                pipeline, where, progress, report, stall_timeout, max_bytes, as_json
+            )
             click.echo(_json(result) if as_json else result.report().rstrip())
             return
         # Ctrl-C is taken over before the run starts: one pressed as it starts
@@ -413,51 +419,70 @@ def _run_on_redis(
     report: Path | None,
     stall_timeout: float | None,
     max_bytes: int | None = None,
+    as_json: bool = False,
 ) -> RunResult:
     """``conveyor run --redis``: drive the run; a failed run exits as a local one does,
-    Redis unreachable (or lost) for ``connect_timeout`` with `EXIT_REDIS_UNREACHABLE`."""
-    from ._early_stop import release
-    from .redis.cli import run_on_redis
+    Redis unreachable (or lost) for ``connect_timeout`` with `EXIT_REDIS_UNREACHABLE`.
+    Ctrl-C or SIGTERM stops it as a local run (its report, then 130 or 143), and
+    leaves it in Redis, to be resumed or cancelled."""
+    from .redis.cli import start_on_redis
 
-    # Ctrl-C as KeyboardInterrupt, which the driver handles: it leaves its run in Redis.
-    release(signal.SIGINT)
     if stall_timeout is not None:
         raise click.UsageError(
             "--stall-timeout applies to runs in this process, not with --redis: "
             "`conveyor status` shows where a distributed run stands"
         )
-    try:
-        result: RunResult = run_on_redis(
-            pipeline,
-            where.url,
-            run_id=where.run_id,
-            namespace=where.namespace,
-            progress=progress,
-            report=report,
-            connect_timeout=where.connect_timeout,
-            visibility_timeout=where.visibility_timeout,
-            max_bytes=max_bytes,
-        )
-    except (click.ClickException, KeyboardInterrupt):
-        raise
-    except ConfigurationError as exc:  # refused before anything started, as a local run is
-        raise click.UsageError(str(exc)) from None
-    except BackendUnavailable as exc:
+    # The driver's end (its local workers, its last reads of Redis) is given time too.
+    with _ctrl_c_stops(REDIS_INTERRUPT_GRACE, as_json=as_json) as ctrl_c:
+        handle: BackgroundRun[Any] | None = None
+        try:
+            handle = start_on_redis(
+                pipeline,
+                where.url,
+                run_id=where.run_id,
+                namespace=where.namespace,
+                progress=progress,
+                report=report,
+                connect_timeout=where.connect_timeout,
+                visibility_timeout=where.visibility_timeout,
+                max_bytes=max_bytes,
+            )
+            ctrl_c.attach(handle)
+            result: RunResult = _wait_for(handle)
+        except click.ClickException:
+            raise
+        except ConfigurationError as exc:  # refused before anything started, as a local run is
+            raise click.UsageError(str(exc)) from None
+        except BaseException as exc:
+            if handle is not None and ctrl_c.interrupted.is_set():
+                _exit_stopped(handle.result_so_far(), as_json, ctrl_c.exit_code)
+            if as_json and handle is not None:  # what the run did before it failed
+                click.get_current_context().meta[JSON_PARTIAL] = handle.result_so_far().as_dict()
+            _redis_run_failed(exc, where)
+    if ctrl_c.interrupted.is_set():
+        _exit_stopped(result, as_json, ctrl_c.exit_code)
+    return result
+
+
+def _redis_run_failed(exc: BaseException, where: _RedisTarget) -> NoReturn:
+    """Exit for a ``--redis`` run that failed: Redis out of reach or refusing, conveyor's
+    own reason in one line, or the user's exception with its traceback."""
+    if isinstance(exc, KeyboardInterrupt):
+        raise exc
+    if isinstance(exc, BackendUnavailable):
         raise RedisUnreachable(exc, where.debug) from exc
-    except DeadLettersError as exc:  # its cause is the user's exception: show its traceback
+    if isinstance(exc, DeadLettersError):  # its cause is the user's exception: its traceback
         if exc.result is not None:  # what the run did before, for the JSON on stdout
             click.get_current_context().meta[JSON_PARTIAL] = exc.result.as_dict()
         _exit_run_failed(exc)
-    except BackendError as exc:  # conveyor's own reason: its traceback says nothing useful
+    if isinstance(exc, BackendError):  # conveyor's own reason: its traceback says nothing useful
         answer = redis_answer(exc)
         if answer is not None:
             raise RedisRefused.of(answer, where.url, where.debug) from exc
         raise RunCannotGoOn(exc, where.debug) from exc
-    except Exception as exc:
-        if refused_by_redis(exc):
-            raise RedisRefused.of(exc, where.url, where.debug) from exc
-        _exit_run_failed(exc)
-    return result
+    if isinstance(exc, Exception) and refused_by_redis(exc):
+        raise RedisRefused.of(exc, where.url, where.debug) from exc
+    _exit_run_failed(exc)
 
 
 def _output_width() -> int:
@@ -483,7 +508,7 @@ def _start(
         raise click.UsageError(str(exc)) from None
 
 
-def _wait_for(handle: RunHandle) -> RunResult:
+def _wait_for(handle: RunHandle | BackgroundRun[Any]) -> RunResult:
     """``handle.join()``, in short steps so that Ctrl-C is always seen promptly.
 
     The kernel may deliver SIGINT to any thread; Python runs the handler in
@@ -513,12 +538,12 @@ class _CtrlC:
         """What the command exits with: that of the first signal received."""
         self.deadline = threading.Timer(grace, self._exit_now)
         self.deadline.daemon = True
-        self._handle: RunHandle | None = None
+        self._handle: RunHandle | BackgroundRun[Any] | None = None
 
     def _exit_now(self) -> NoReturn:
         _exit_interrupted(self.as_json, self.exit_code)
 
-    def attach(self, handle: RunHandle) -> None:
+    def attach(self, handle: RunHandle | BackgroundRun[Any]) -> None:
         """The run to stop, once started; stopped at once if Ctrl-C came first."""
         self._handle = handle
         if self.interrupted.is_set():

@@ -116,9 +116,11 @@ atexit.register(_end_live_runs)
 def join_timeout(stage_runs: Iterable[StageRun]) -> float:
     """How long the end of a run waits for the workers of ``stage_runs`` by default
     (a run's, or a Redis worker's): a second more than the longest ``stop_timeout``
-    of their stages, `JOIN_TIMEOUT` at least."""
+    of their stages (`JOIN_TIMEOUT` with the default ``stop_timeout``). A shorter
+    ``stop_timeout`` shortens it too: a hung ``on_stop`` holds the run that long, no
+    longer."""
     longest = max((sr.stage.stop_timeout for sr in stage_runs), default=STOP_GRACE)
-    return max(JOIN_TIMEOUT, longest + 1.0)
+    return longest + 1.0
 
 
 class Run:

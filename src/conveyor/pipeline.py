@@ -54,6 +54,7 @@ from .validate import (
     MAX_WORKERS,
     check_bool,
     check_callable,
+    check_capacity,
     check_choice,
     check_int,
     check_seconds,
@@ -261,6 +262,8 @@ class Pipeline(Generic[T]):
         _check_keywords("with_stage", changes, allowed)
         checked = {key: _CHECKS[key](value, key, method) for key, value in changes.items()}
         new_name = checked.pop("name", None) or name
+        if "capacity" in checked:
+            checked["capacity"] = check_capacity(checked["capacity"], method, new_name)
         if new_name != name and new_name in {s.name for s in self._stages}:
             raise _duplicate_name(new_name)
         checked["name"] = new_name
@@ -284,13 +287,15 @@ class Pipeline(Generic[T]):
         _check_keywords(kind, options, allowed)
         check_callable(fn, fn_param, method)
         checked = {key: _CHECKS[key](value, key, method) for key, value in options.items()}
-        name = checked.pop("name", None)
+        name = checked.pop("name", None) or self._default_name(kind, fn)
+        if "capacity" in checked:
+            checked["capacity"] = check_capacity(checked["capacity"], method, name)
         backoff = checked.pop("backoff", None)
         assert fn is not None
         stage = Stage(
             kind=kind,
             fn=fn,
-            name=name or self._default_name(kind, fn),
+            name=name,
             backoff=backoff or Backoff(),
             **checked,
         )
@@ -437,12 +442,13 @@ class Pipeline(Generic[T]):
         method = "batch()"
         check_int(size, "size", method, 1)
         interval = check_seconds(interval, "interval", method)
-        check_int(capacity, "capacity", method, 1)
         check_str(name, "name", method, optional=True)
+        name = name or self._default_name("batch", None)
+        check_capacity(capacity, method, name)
         stage = Stage(
             kind="batch",
             fn=None,
-            name=name or self._default_name("batch", None),
+            name=name,
             capacity=capacity,
             batch_size=size,
             interval=interval,
@@ -1000,6 +1006,11 @@ def _check_stage_name(value: object, param: str, method: str) -> object:
     return check_str(value, param, method, optional=True)
 
 
+def _check_capacity(value: object, param: str, method: str) -> object:
+    # The type and range; the stage's name, known later, goes in check_capacity's message.
+    return value
+
+
 def _check_interval(value: object, param: str, method: str) -> object:
     return check_seconds(value, param, method)
 
@@ -1012,7 +1023,7 @@ _CHECKS: dict[str, _Check] = {
     # Each raises an error naming the option and the method. One line per option.
     "workers": _check_workers,
     "runtime": _check_runtime,
-    "capacity": _check_at_least(1),
+    "capacity": _check_capacity,
     "ordered": check_bool,
     "retries": _check_at_least(0),
     "backoff": _check_backoff,

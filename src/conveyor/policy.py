@@ -42,6 +42,7 @@ __all__ = [
     "cancels_this_task",
     "coroutine_returned",
     "drop_unsendable",
+    "flat_outputs",
     "forget_locals",
     "give_up",
     "item_repr",
@@ -246,8 +247,22 @@ def outputs_of(kind: str, item: Any, result: Any) -> tuple[list[Any], bool]:
     if kind == "filter":
         return ([item], False) if result else ([], True)
     if kind == "flat_map":
-        return list(result), False
+        return flat_outputs(result), False
     return [], False
+
+
+def flat_outputs(result: Any) -> list[Any]:
+    """The outputs a ``flat_map`` function's ``result`` holds, read whole; a result that
+    is no iterable is a TypeError saying what the function must return."""
+    try:
+        return list(result)
+    except TypeError:
+        if hasattr(result, "__iter__") or hasattr(result, "__getitem__"):
+            raise  # raised while iterating: the function's own error
+        raise TypeError(
+            "a flat_map function must return an iterable of the item's outputs (a list, "
+            f"a tuple, a generator), got {type(result).__name__}"
+        ) from None
 
 
 def timeout_error(stage: Stage) -> TimeoutError:
@@ -393,7 +408,7 @@ def _apply_run(
                 if kind_of(result) is coroutine:
                     raise coroutine_returned(stage, result)
                 # Materialise first: a generator that fails halfway adds nothing.
-                outputs = list(result)
+                outputs = flat_outputs(result)
                 extend(outputs)
                 if counts is not None:
                     counts.append(len(outputs))

@@ -62,6 +62,8 @@ class StallDetector:
         self._next_report = timeout
         self.reports = 0
         """How many stall reports were logged (for tests and the final summary)."""
+        self._left_named: set[int | None] = set()
+        # Threads left behind in an overrun on_stop that a report already named.
 
     def _moves(self) -> int:
         """A number that grows whenever any item moves anywhere in the run."""
@@ -120,15 +122,22 @@ class StallDetector:
                 lines.append(_holder_line(m, w, now))
                 lines.extend(_worker_stack(frames, w.thread_id, w.task))
             for call in list(m.hook_calls.values()):
-                holders += 1
+                left = ""
+                if call.thread_id in given_up:
+                    # Not a worker the stall waits for (a fresh thread goes on): named
+                    # in one report, then left out.
+                    if call.thread_id in self._left_named:
+                        continue
+                    self._left_named.add(call.thread_id)
+                    left = (
+                        f" (left behind: it overran its stop_timeout of "
+                        f"{m.stage.stop_timeout:g} s, a fresh thread goes on; "
+                        "not reported again)"
+                    )
+                else:
+                    holders += 1
                 answer = None if call.probe is None else answers.get(id(call.probe))
                 where = "" if answer is None else f" (pid {answer.pid}), in the worker process"
-                left = (
-                    f" (left behind: it overran its stop_timeout of {m.stage.stop_timeout:g} s"
-                    ", a fresh thread goes on)"
-                    if call.thread_id in given_up
-                    else ""
-                )
                 lines.append(
                     f"  {_where(m)}, worker {call.worker}: in {call.hook} for "
                     f"{now - call.since:.1f} s{left}; its stack{where}:"

@@ -31,6 +31,7 @@ __all__ = [
     "check_bool",
     "check_byte_size",
     "check_callable",
+    "check_capacity",
     "check_choice",
     "check_int",
     "check_name",
@@ -107,6 +108,21 @@ def check_int(
     if value < minimum or (maximum is not None and value > maximum):
         raise ConfigurationError(f"{where} '{param}' must be {accepted}, got {value}")
     return value
+
+
+def check_capacity(value: object, where: str, stage: str) -> int:
+    """Return ``value`` if it is a stage's capacity (an int >= 1), else raise a clear error.
+
+    The one check of every place a stage's ``capacity`` is given (the builder
+    methods, ``batch()``, ``with_stage()``); the message names the stage.
+    """
+    return check_int(
+        value,
+        "capacity",
+        f"{where} stage {stage!r}:",
+        1,
+        note=" (the number of items the channel in front of the stage holds)",
+    )
 
 
 # A size as people write it: a number, then a unit. Decimal prefixes are powers of

@@ -709,3 +709,24 @@ def test_a_coroutine_returned_by_a_plain_function_is_an_item_error_that_skip_rec
     assert sorted(f.item for f in result.failures) == [0, 1, 2, 3]
     assert all(isinstance(f.error, TypeError) for f in result.failures)
     assert [s.failed for s in result.stats] == [4]
+
+
+def one_not_a_list(x: int) -> int:
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_a_flat_map_function_returning_no_iterable_says_what_it_must_return(
+    runner: Runner,
+) -> None:
+    # The repro: flat_map(lambda x: x) failed with "'int' object is not iterable",
+    # which named neither flat_map nor what its function must return.
+    pipeline = cv.Pipeline([1]).flat_map(
+        runner.fn(one_not_a_list), name="split", runtime=runner.runtime
+    )
+    with pytest.raises(Exception) as info:
+        runner.run(pipeline)
+    assert (
+        "a flat_map function must return an iterable of the item's outputs (a list, "
+        "a tuple, a generator), got int"
+    ) in described(info.value)

@@ -720,3 +720,39 @@ def test_a_run_that_ends_early_closes_its_generator_source_before_it_returns(
     if flavour == "generator":
         first, last = threads
         assert first == last, "the source was closed from another thread than its feeder's"
+
+
+@pytest.mark.timeout(60)
+def test_an_on_stop_that_hangs_holds_the_run_about_a_second_past_its_stop_timeout_no_more(
+    runner: Runner, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The bound a hung on_stop puts on the end of a run: its stop_timeout, then at most
+    # the second the end of a run adds (engine.join_timeout), on every runtime x backend.
+    release = ProcessEvent(tmp_path, "release")
+    began = tmp_path / "on_stop-began"
+
+    def close_hangs(state: object) -> None:
+        if not began.exists():
+            began.write_text(repr(time.time()))
+        release.wait(WAIT)  # stands for a connection whose close never returns
+
+    stop_timeout = 0.5
+    pipeline = cv.Pipeline(range(3)).map(
+        runner.fn(inc),
+        runtime=runner.runtime,
+        name="hangs",
+        on_stop=close_hangs,
+        stop_timeout=stop_timeout,
+    )
+    try:
+        with caplog.at_level("WARNING", logger="conveyor"):
+            result = runner.run(pipeline, collect=True)
+        ended = time.time()
+        assert sorted(result.outputs) == [1, 2, 3]
+        held = ended - float(began.read_text())
+        slack = 1.0  # reading the result, ending the run's threads, on a loaded machine
+        assert stop_timeout * 0.9 <= held <= stop_timeout + 1.0 + slack, (held, caplog.text)
+        assert "'hangs'" in caplog.text  # said: overran (a process killed) or left behind
+    finally:
+        release.set()
+        release.close()

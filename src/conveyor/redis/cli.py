@@ -42,6 +42,7 @@ __all__ = [
     "redis_answer",
     "refused_by_redis",
     "run_on_redis",
+    "start_on_redis",
     "status_command",
     "worker_command",
 ]
@@ -406,7 +407,7 @@ def worker_command(
 # ---------------------------------------------------------------------- run
 
 
-def run_on_redis(
+def start_on_redis(
     pipeline: Any,
     url: str,
     *,
@@ -418,8 +419,9 @@ def run_on_redis(
     visibility_timeout: float | None = None,
     max_bytes: int | None = None,
 ) -> Any:
-    """Drive one run of ``pipeline`` through Redis (``conveyor run --redis``);
-    ``visibility_timeout`` None is `RedisBackend`'s default."""
+    """Start one run of ``pipeline`` through Redis, driven in a thread (``conveyor run
+    --redis``): its `BackgroundRun`, to stop (the run stays in Redis, resumable) or
+    join; ``visibility_timeout`` None is `RedisBackend`'s default."""
     from .backend import RedisBackend
 
     extra: dict[str, Any] = {}
@@ -428,7 +430,12 @@ def run_on_redis(
     backend = RedisBackend(
         url, run_id=run_id, namespace=namespace, unavailable_timeout=connect_timeout, **extra
     )
-    return pipeline.run(backend=backend, progress=progress, report=report, max_bytes=max_bytes)
+    return pipeline.start(backend=backend, progress=progress, report=report, max_bytes=max_bytes)
+
+
+def run_on_redis(pipeline: Any, url: str, **options: Any) -> Any:
+    """Drive one run of ``pipeline`` through Redis to its end (`start_on_redis`, joined)."""
+    return start_on_redis(pipeline, url, **options).join()
 
 
 # ---------------------------------------------------------------------- status

@@ -374,3 +374,18 @@ def test_a_redis_runs_report_counts_its_failed_items_as_skipped_or_dead_lettered
     result = RedisRunResult(stats=[stats("s", failed=5)], dead_letters={"s": 2}, items_out=1)
     assert result.failed_counts() == {"skipped": 3, "dead-lettered": 2}
     assert "1 output in 0.00 s; 5 items failed (3 skipped, 2 dead-lettered)" in result.report()
+
+
+@pytest.mark.timeout(10)
+def test_a_short_key_in_the_environment_is_refused_naming_the_minimum(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from conveyor.redis.codec import secret_from
+
+    monkeypatch.setenv("CONVEYOR_SECRET_KEY", "short")
+    with pytest.raises(cv.ConfigurationError, match=r"CONVEYOR_SECRET_KEY.*at least 16 bytes"):
+        secret_from(None)
+    with pytest.raises(cv.ConfigurationError, match="at least 16 bytes"):
+        cv.RedisBackend("redis://localhost:1", codec="pickle")
+    monkeypatch.setenv("CONVEYOR_SECRET_KEY", "x" * 16)
+    assert secret_from(None) == b"x" * 16

@@ -1072,15 +1072,15 @@ _FN_PARAM = {"filter": "pred"}
 
 def _check_runtime_fits(stage: Stage) -> None:
     """A coroutine function needs the async runtime, and the async runtime one."""
-    fn = _FN_PARAM.get(stage.kind, "fn")  # the parameter as the public signature names it
+    param = _FN_PARAM.get(stage.kind, "fn")  # the parameter as the public signature names it
     if inspect.isasyncgenfunction(stage.fn):  # flat_map gathers one (see Pipeline.flat_map)
         raise ConfigurationError(
-            f"{stage.kind}() stage {stage.name!r}: {fn!r} is an async generator function; "
+            f"{stage.kind}() stage {stage.name!r}: {param!r} is an async generator function; "
             f"only flat_map takes one (with runtime='async'), to send on what it yields"
         )
     if inspect.isgeneratorfunction(stage.fn) and stage.kind in _GENERATOR_MISUSE:
         raise ConfigurationError(
-            f"{stage.kind}() stage {stage.name!r}: {fn!r} is a generator function (it has "
+            f"{stage.kind}() stage {stage.name!r}: {param!r} is a generator function (it has "
             f"'yield'): each call returns a generator, {_GENERATOR_MISUSE[stage.kind]}; "
             f"use flat_map to send on what it yields"
         )
@@ -1092,7 +1092,7 @@ def _check_runtime_fits(stage: Stage) -> None:
             else "a coroutine function"
         )
         raise ConfigurationError(
-            f"{stage.kind}() stage {stage.name!r}: {fn!r} is {what}; "
+            f"{stage.kind}() stage {stage.name!r}: {param!r} is {what}; "
             f"pass runtime='async' to run it (got 'runtime'={stage.runtime!r})"
         )
     if stage.runtime == "async" and not stage.is_async_fn:

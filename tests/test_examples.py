@@ -202,7 +202,45 @@ def test_csv_to_sqlite_refuses_a_missing_csv_and_a_negative_row_count(tmp_path: 
     assert "Traceback" not in missing.stderr
     negative = run_example("csv_to_sqlite.py", "--rows", "-5")
     assert negative.returncode == 2, negative.stderr
-    assert "--rows must be at least 1, got -5" in negative.stderr
+    assert "argument --rows: must be at least 1, got -5" in negative.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("checksums.py", ["--workers", "0"], "argument --workers: must be at least 1, got 0"),
+        ("checksums.py", ["--compare", "--files", "-3"], "argument --files: must be at least 1"),
+        ("crawler.py", ["--pages", "0"], "argument --pages: must be at least 1, got 0"),
+        ("crawler.py", ["--workers", "-1"], "argument --workers: must be at least 1, got -1"),
+        ("csv_to_sqlite.py", ["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
+        ("csv_to_sqlite.py", ["--db", "no/such/folder/x.db"], "the folder 'no/such/folder'"),
+        ("distributed.py", ["--workers", "0"], "argument --workers: must be at least 1, got 0"),
+    ],
+)
+def test_examples_refuse_a_count_below_one_and_a_db_in_a_missing_folder(
+    script: str, args: list[str], message: str
+) -> None:
+    """Repro: --workers 0 hung or was a conveyor traceback; --db in a missing folder
+    was sqlite3.OperationalError's traceback after the whole load."""
+    result = run_example(script, *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("algorithm", ["shake_128", "shake_256"])
+def test_checksums_refuses_shake_algorithms_which_have_no_fixed_digest_size(
+    algorithm: str, tmp_path: Path, example: Importer
+) -> None:
+    """Repro: --algorithm shake_128 was offered, then hexdigest() raised a TypeError
+    in every worker."""
+    result = run_example("checksums.py", tmp_path, "--algorithm", algorithm)
+    assert result.returncode == 2, result.stderr
+    assert f"{algorithm!r} is a SHAKE algorithm" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "shake" not in run_example("checksums.py", "--help").stdout
+    with pytest.raises(ValueError, match="SHAKE"):
+        example("checksums").with_conveyor(tmp_path, 1, "thread", algorithm)
 
 
 # --------------------------------------------------------------------- checksums.py

@@ -1434,21 +1434,34 @@ class _DriverRun:
         entries = self.retry(self.client.xrange, self.keys.dead(first), "-", "+", count=1)
         fields = entries[0][1] if entries else {}
         error = fields.get(b"err", b"").decode(errors="replace")
+        record = fields.get(b"rec")
+        parsed: ExceptionRecord | None = None
+        if record:
+            try:
+                parsed = ExceptionRecord.from_dict(json.loads(record))
+            except ValueError:
+                pass  # not a record this version wrote: the text says it all
+        # A line, "Type: message": the whole traceback is the __cause__'s (below)
+        # and `conveyor dlq list`'s.
+        if parsed is not None:
+            name = parsed.type.rpartition(":")[2]  # "module:Class"
+            last = f"{name}: {parsed.message}" if parsed.message else name
+        else:
+            last = next((ln for ln in reversed(error.splitlines()) if ln.strip()), "unknown")
         where = ", ".join(f"{name}: {n}" for name, n in dead.items())
         failure = DeadLettersError(
             f"run {self.keys.run!r} cannot finish: entries are in dead letters ({where}). "
-            f"Last error of the first one:\n{error}\n"
+            f"Last error of the first one: {last.strip()}. "
             f"Fix the stage, then `conveyor dlq replay ... --run {self.keys.run}` and run again "
             f"with run_id={self.keys.run!r} to finish it.",
             run_id=self.keys.run,
             dead=dead,
         )
-        record = fields.get(b"rec")
-        if record:
+        if parsed is not None:
             try:
-                failure.__cause__ = rebuild(ExceptionRecord.from_dict(json.loads(record)))
+                failure.__cause__ = rebuild(parsed)
             except ValueError:
-                pass  # not a record this version wrote: the text above says it all
+                pass  # the line above says what it was
         return failure
 
     def _finish(self) -> None:

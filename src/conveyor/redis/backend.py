@@ -33,6 +33,7 @@ from ..errors import (
     ConfigurationTypeError,
     DeadLettersError,
     RunStateLost,
+    SerializationError,
     ShutDown,
 )
 from ..metrics import RunResult, StageStats, Timeline
@@ -1003,13 +1004,34 @@ class _DriverRun:
         )  # fmt: skip
         return None if room is None else records[: fitting(costs, room.left)]
 
+    def _carries(self, value: Any) -> bool:
+        """Whether the run's codec can encode ``value``."""
+        try:
+            self.codec.encode(value)
+        except SerializationError:
+            return False
+        return True
+
     def _entries(self, chunk: list[Any], fed: int, most: int) -> list[Packed]:
         """A chunk of source items as first-stream entries."""
-        encode = self.codec.encode
-        if not self.info.paths:
-            return [Packed(1, 0, encode(value)) for value in chunk]
-        data = self.codec.item_bytes
-        return pack_entries(self.codec, [(data(v), [fed + j]) for j, v in enumerate(chunk)], most)
+        try:
+            encode = self.codec.encode
+            if not self.info.paths:
+                return [Packed(1, 0, encode(value)) for value in chunk]
+            data = self.codec.item_bytes
+            items: list[tuple[bytes | None, list[int]]] = [
+                (data(v), [fed + j]) for j, v in enumerate(chunk)
+            ]
+        except SerializationError as exc:
+            # Name the source and the item: the codec's own text names neither.
+            index = next((j for j, v in enumerate(chunk) if not self._carries(v)), None)
+            if index is None:  # pragma: no cover - the codec refused the chunk, not one item
+                raise
+            raise SerializationError(
+                f"the source's item {fed + index} (counting from 0), of type "
+                f"{type(chunk[index]).__name__}, cannot be sent to the run: {exc}"
+            ) from exc
+        return pack_entries(self.codec, items, most)
 
     def _check_fed(self, expected: int) -> None:
         """After a lost reply: the chunk went in (fine), or Redis lost acknowledged writes."""

@@ -255,6 +255,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.csv is not None and not args.csv.is_file():
         parser.error(f"{args.csv}: no such file")
+    if args.csv is not None:
+        with args.csv.open(newline="") as f:  # the source would fail on it, after start-up
+            header = next(csv.reader(f), None)
+        if header is None or tuple(header) != COLUMNS:
+            parser.error(f"{args.csv}: the header must be {','.join(COLUMNS)}; got {header}")
     with tempfile.TemporaryDirectory() as tmp:
         path = args.csv
         if path is None:
@@ -265,6 +270,8 @@ def main() -> int:
         loaded, rejected = with_conveyor(path, db)
         print(f"loaded {loaded} orders into {db.name} ({count_rows(db)} rows in the table)")
         print(f"skipped {len(rejected)} malformed rows", *rejected[:3], sep="\n  ")
+        if args.db is None:
+            print(f"({db.name} was in a temporary folder, now deleted: --db PATH keeps it)")
         if args.compare:
             from _compare import compare, print_comparison
 

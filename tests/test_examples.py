@@ -228,6 +228,18 @@ def test_examples_refuse_a_count_below_one_and_a_db_in_a_missing_folder(
     assert "Traceback" not in result.stderr
 
 
+def test_csv_to_sqlite_refuses_a_csv_with_another_header_as_a_usage_error(
+    tmp_path: Path,
+) -> None:
+    """Repro: a CSV without the orders header was a ValueError traceback from the source."""
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    result = run_example("csv_to_sqlite.py", other)
+    assert result.returncode == 2, result.stderr
+    assert "the header must be id,customer,email,amount,date" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("algorithm", ["shake_128", "shake_256"])
 def test_checksums_refuses_shake_algorithms_which_have_no_fixed_digest_size(
     algorithm: str, tmp_path: Path, example: Importer

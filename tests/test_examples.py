@@ -322,7 +322,9 @@ def test_distributed_loads_the_csv_through_two_worker_processes(
     malformed = csv_to_sqlite.make_csv(csv_path, 2000, seed=3)
     out = succeeded(run_example("distributed.py", csv_path, "--redis", redis_server.url))
     assert f"{2000 - malformed} rows in the table, {malformed} rejected" in out
-    assert re.search(rf"validate +map +1 +2,000 +{2000 - malformed:,}", out), out
+    # The workers column counts the consumers that served the stage: one per worker
+    # process here (validate has one worker in each of the two), not the stage's 1.
+    assert re.search(rf"validate +map +2 +2,000 +{2000 - malformed:,}", out), out
 
 
 @pytest.mark.redis

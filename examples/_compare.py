@@ -1,4 +1,5 @@
-"""How the examples compare themselves with the plain-Python way (``--compare``).
+"""How the examples compare themselves with the plain-Python way (``--compare``),
+and the command-line checks they share (`positive_int`, `new_file`).
 
 Each example has a conveyor function and a plain-Python function doing the same
 job on the same input. ``--compare`` runs them alternately, ``rounds`` times
@@ -9,13 +10,37 @@ docstrings), so the figures in the docs can be measured again with one command.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import inspect
 import statistics
 import textwrap
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a whole number of at least 1 (a count, a size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number, at least 1, got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def new_file(text: str) -> Path:
+    """An argparse ``type``: a file path whose folder exists (the file is created)."""
+    path = Path(text)
+    folder = path.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: the folder {str(folder)!r} does not exist")
+    return path
 
 
 def code_lines(fn: Callable[..., Any]) -> int:

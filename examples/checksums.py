@@ -28,6 +28,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from _compare import positive_int  # examples/, next to this file
+
 import conveyor as cv
 
 CHUNK = 1 << 20
@@ -46,9 +48,33 @@ def walk(root: Path) -> Iterator[Path]:
                 yield path
 
 
+ALGORITHMS = sorted(a for a in hashlib.algorithms_available if not a.startswith("shake"))
+"""hashlib's algorithms of a fixed digest size: SHAKE's need a length to `hexdigest()`."""
+
+
+def check_algorithm(algorithm: str) -> str:
+    """``algorithm`` if it is one of `ALGORITHMS`; a ValueError saying why not otherwise."""
+    if algorithm.lower().startswith("shake"):
+        raise ValueError(
+            f"{algorithm!r} is a SHAKE algorithm, whose digest has no fixed length: "
+            f"choose one of {', '.join(ALGORITHMS)}"
+        )
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
+    return algorithm
+
+
+def algorithm_option(text: str) -> str:
+    """``--algorithm``: `check_algorithm`, its refusal a usage error (exit 2)."""
+    try:
+        return check_algorithm(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def sha256(path: Path, algorithm: str = "sha256") -> tuple[str, Path]:
-    """The file's digest (SHA-256 unless another of `hashlib`'s algorithms is named) and path."""
-    digest = hashlib.new(algorithm)
+    """The file's digest (SHA-256 unless another of `ALGORITHMS` is named) and path."""
+    digest = hashlib.new(check_algorithm(algorithm))
     with path.open("rb") as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
@@ -60,7 +86,7 @@ def with_conveyor(
     root: Path, workers: int, runtime: str = "process", algorithm: str = "sha256"
 ) -> list[tuple[str, Path]]:
     """The digests of every file, hashed by a pipeline stage."""
-    hash_file = functools.partial(sha256, algorithm=algorithm)
+    hash_file = functools.partial(sha256, algorithm=check_algorithm(algorithm))
     pipeline = cv.Pipeline(walk(root)).map(hash_file, workers=workers, runtime=runtime)  # type: ignore[call-overload]
     return list(pipeline)
 
@@ -96,15 +122,21 @@ def main() -> int:
     """Parse the command line, hash, print the digests (or the comparison)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("directory", nargs="?", type=Path, help="default: conveyor's source")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=positive_int, default=2)
     parser.add_argument("--runtime", default="process", help="thread, process or interpreter")
     parser.add_argument(
-        "--algorithm", default="sha256", choices=sorted(hashlib.algorithms_available)
+        "--algorithm",
+        default="sha256",
+        type=algorithm_option,
+        metavar="{" + ",".join(ALGORITHMS) + "}",
+        help="a hashlib algorithm of a fixed digest size (not SHAKE)",
     )
     parser.add_argument("--compare", action="store_true", help="time it against a loop and a Pool")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of --compare")
-    parser.add_argument("--files", type=int, default=64, help="files generated for --compare")
-    parser.add_argument("--size", type=int, default=4, help="MiB per generated file")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="timed rounds of --compare")
+    parser.add_argument(
+        "--files", type=positive_int, default=64, help="files generated for --compare"
+    )
+    parser.add_argument("--size", type=positive_int, default=4, help="MiB per generated file")
     args = parser.parse_args()
     if not args.compare:
         root = args.directory or Path(__file__).resolve().parent.parent / "src"

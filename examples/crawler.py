@@ -35,6 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import NamedTuple
 
 import aiohttp
+from _compare import positive_int  # examples/, next to this file
 
 import conveyor as cv
 
@@ -326,11 +327,11 @@ def main() -> int:
     """Parse the command line, crawl, print what was found."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", help="crawl this site instead of the local test site")
-    parser.add_argument("--pages", type=int, default=200, help="pages of the test site")
+    parser.add_argument("--pages", type=positive_int, default=200, help="pages of the test site")
     parser.add_argument("--latency", type=float, default=0.02, help="test site's answer delay")
-    parser.add_argument("--workers", type=int, default=32, help="requests in flight")
+    parser.add_argument("--workers", type=positive_int, default=32, help="requests in flight")
     parser.add_argument("--compare", action="store_true", help="time it against asyncio.gather")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of --compare")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="timed rounds of --compare")
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         root = args.url or stack.enter_context(serve(Site(args.pages, args.latency)))

@@ -30,6 +30,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import NamedTuple
 
+from _compare import new_file, positive_int  # examples/, next to this file
+
 import conveyor as cv
 
 COLUMNS = ("id", "customer", "email", "amount", "date")
@@ -244,15 +246,20 @@ def main() -> int:
     """Parse the command line, load the CSV (or a generated one), print what happened."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("csv", nargs="?", type=Path, help="the CSV (default: a generated one)")
-    parser.add_argument("--db", type=Path, help="the SQLite file (default: in a temp folder)")
-    parser.add_argument("--rows", type=int, default=10_000, help="rows of the generated CSV")
+    parser.add_argument("--db", type=new_file, help="the SQLite file (default: in a temp folder)")
+    parser.add_argument(
+        "--rows", type=positive_int, default=10_000, help="rows of the generated CSV"
+    )
     parser.add_argument("--compare", action="store_true", help="time it against the plain loop")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of --compare")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="timed rounds of --compare")
     args = parser.parse_args()
     if args.csv is not None and not args.csv.is_file():
         parser.error(f"{args.csv}: no such file")
-    if args.rows < 1:
-        parser.error(f"--rows must be at least 1, got {args.rows}")
+    if args.csv is not None:
+        with args.csv.open(newline="") as f:  # the source would fail on it, after start-up
+            header = next(csv.reader(f), None)
+        if header is None or tuple(header) != COLUMNS:
+            parser.error(f"{args.csv}: the header must be {','.join(COLUMNS)}; got {header}")
     with tempfile.TemporaryDirectory() as tmp:
         path = args.csv
         if path is None:
@@ -263,6 +270,8 @@ def main() -> int:
         loaded, rejected = with_conveyor(path, db)
         print(f"loaded {loaded} orders into {db.name} ({count_rows(db)} rows in the table)")
         print(f"skipped {len(rejected)} malformed rows", *rejected[:3], sep="\n  ")
+        if args.db is None:
+            print(f"({db.name} was in a temporary folder, now deleted: --db PATH keeps it)")
         if args.compare:
             from _compare import compare, print_comparison
 

@@ -41,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # csv_to_sqlite, whether run as a script or imported
 
 import csv_to_sqlite  # noqa: E402  (found through the line above)
+from _compare import positive_int  # noqa: E402
 
 STARTUP_TIMEOUT = 15.0  # seconds for redis-server to answer PING
 
@@ -146,11 +147,13 @@ def main() -> int:
     """Parse the command line, start Redis and the workers, drive the load, report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("csv", nargs="?", type=Path, help="the CSV (default: a generated one)")
-    parser.add_argument("--rows", type=int, default=10_000, help="rows of the generated CSV")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes to start")
+    parser.add_argument(
+        "--rows", type=positive_int, default=10_000, help="rows of the generated CSV"
+    )
+    parser.add_argument("--workers", type=positive_int, default=2, help="worker processes to start")
     parser.add_argument("--redis", help="a Redis URL (default: a private redis-server)")
     parser.add_argument("--compare", action="store_true", help="time it against a local run")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of --compare")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="timed rounds of --compare")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         folder = Path(tmp)

@@ -459,14 +459,21 @@ def test_max_bytes_gives_the_run_its_byte_budget(project: Path) -> None:
 # ---------------------------------------------------------------------- Ctrl-C
 
 
-def start_and_wait_until_running(target: str, cwd: Path, *options: str) -> subprocess.Popen[bytes]:
-    """Start ``conveyor run TARGET [OPTIONS]`` and return once its stage said "running"."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "conveyor", "run", target, "--no-progress", *options],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+IGNORE_SIGINT_THEN_EXEC = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+
+
+def start_and_wait_until_running(
+    target: str, cwd: Path, *options: str, ignore_sigint: bool = False
+) -> subprocess.Popen[bytes]:
+    """Start ``conveyor run TARGET [OPTIONS]`` and return once its stage said "running"
+    (with ``ignore_sigint``, started as ``nohup`` starts it: SIGINT ignored)."""
+    command = [sys.executable, "-m", "conveyor", "run", target, "--no-progress", *options]
+    if ignore_sigint:  # a parent that ignores SIGINT, then execs
+        command[1:1] = ["-c", IGNORE_SIGINT_THEN_EXEC]
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stderr is not None
     seen = b""
     deadline = time.monotonic() + WAIT
@@ -497,6 +504,19 @@ def test_sigint_exits_130_promptly(project: Path, target: str, bound: float) -> 
     assert proc.returncode == EXIT_INTERRUPTED, err
     assert b"conveyor: interrupted" in err
     assert took < bound, f"took {took:.2f} s"
+
+
+@pytest.mark.timeout(60)
+def test_a_run_started_with_sigint_ignored_leaves_it_ignored(project: Path) -> None:
+    """Regression: `conveyor run` under ``nohup`` (SIGINT ignored by its parent) put
+    its own Ctrl-C handler in, so a SIGINT meant for others stopped the run."""
+    proc = start_and_wait_until_running("pipes:endless", project, ignore_sigint=True)
+    proc.send_signal(signal.SIGINT)  # ignored: the SIGTERM after it is what stops the run
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=WAIT)
+    assert proc.returncode == EXIT_TERMINATED, err
+    assert b"interrupted" not in err
+    assert b"terminated (SIGTERM)" in err
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

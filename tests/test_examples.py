@@ -202,7 +202,57 @@ def test_csv_to_sqlite_refuses_a_missing_csv_and_a_negative_row_count(tmp_path: 
     assert "Traceback" not in missing.stderr
     negative = run_example("csv_to_sqlite.py", "--rows", "-5")
     assert negative.returncode == 2, negative.stderr
-    assert "--rows must be at least 1, got -5" in negative.stderr
+    assert "argument --rows: must be at least 1, got -5" in negative.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("checksums.py", ["--workers", "0"], "argument --workers: must be at least 1, got 0"),
+        ("checksums.py", ["--compare", "--files", "-3"], "argument --files: must be at least 1"),
+        ("crawler.py", ["--pages", "0"], "argument --pages: must be at least 1, got 0"),
+        ("crawler.py", ["--workers", "-1"], "argument --workers: must be at least 1, got -1"),
+        ("csv_to_sqlite.py", ["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
+        ("csv_to_sqlite.py", ["--db", "no/such/folder/x.db"], "the folder 'no/such/folder'"),
+        ("distributed.py", ["--workers", "0"], "argument --workers: must be at least 1, got 0"),
+    ],
+)
+def test_examples_refuse_a_count_below_one_and_a_db_in_a_missing_folder(
+    script: str, args: list[str], message: str
+) -> None:
+    """Repro: --workers 0 hung or was a conveyor traceback; --db in a missing folder
+    was sqlite3.OperationalError's traceback after the whole load."""
+    result = run_example(script, *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_csv_to_sqlite_refuses_a_csv_with_another_header_as_a_usage_error(
+    tmp_path: Path,
+) -> None:
+    """Repro: a CSV without the orders header was a ValueError traceback from the source."""
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    result = run_example("csv_to_sqlite.py", other)
+    assert result.returncode == 2, result.stderr
+    assert "the header must be id,customer,email,amount,date" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("algorithm", ["shake_128", "shake_256"])
+def test_checksums_refuses_shake_algorithms_which_have_no_fixed_digest_size(
+    algorithm: str, tmp_path: Path, example: Importer
+) -> None:
+    """Repro: --algorithm shake_128 was offered, then hexdigest() raised a TypeError
+    in every worker."""
+    result = run_example("checksums.py", tmp_path, "--algorithm", algorithm)
+    assert result.returncode == 2, result.stderr
+    assert f"{algorithm!r} is a SHAKE algorithm" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "shake" not in run_example("checksums.py", "--help").stdout
+    with pytest.raises(ValueError, match="SHAKE"):
+        example("checksums").with_conveyor(tmp_path, 1, "thread", algorithm)
 
 
 # --------------------------------------------------------------------- checksums.py
@@ -272,7 +322,9 @@ def test_distributed_loads_the_csv_through_two_worker_processes(
     malformed = csv_to_sqlite.make_csv(csv_path, 2000, seed=3)
     out = succeeded(run_example("distributed.py", csv_path, "--redis", redis_server.url))
     assert f"{2000 - malformed} rows in the table, {malformed} rejected" in out
-    assert re.search(rf"validate +map +1 +2,000 +{2000 - malformed:,}", out), out
+    # The workers column counts the consumers that served the stage: one per worker
+    # process here (validate has one worker in each of the two), not the stage's 1.
+    assert re.search(rf"validate +map +2 +2,000 +{2000 - malformed:,}", out), out
 
 
 @pytest.mark.redis

@@ -209,7 +209,10 @@ def test_a_generator_function_is_refused_outside_flat_map_with_a_hint_to_use_it(
     with pytest.raises(cv.ConfigurationError) as info:
         getattr(cv.Pipeline([1]), method)(fn)
     message = str(info.value)
-    assert message.startswith(f"{method}() stage '{fn.__name__}': 'fn' is a generator function")
+    param = "pred" if method == "filter" else "fn"  # as the method's signature names it
+    assert message.startswith(
+        f"{method}() stage '{fn.__name__}': '{param}' is a generator function"
+    )
     assert "flat_map" in message
     assert list(cv.Pipeline([1, 2]).flat_map(twice)) == [1, 1, 2, 2]  # its place
 
@@ -223,6 +226,19 @@ def test_an_async_generator_function_on_threads_is_named_as_such() -> None:
     assert "'fn' is an async generator function" in message
     assert "runtime='async'" in message
     assert list(cv.Pipeline([1]).flat_map(atwice, runtime="async")) == [1, 1]
+
+
+@pytest.mark.quick
+@pytest.mark.timeout(10)
+def test_filter_errors_name_its_predicate_pred_as_its_signature_does() -> None:
+    # Repro: filter(a_coroutine_function) said "'fn' is a coroutine function".
+    async def keep(x: int) -> bool:
+        return True
+
+    with pytest.raises(cv.ConfigurationError, match="'pred' is a coroutine function"):
+        cv.Pipeline([1]).filter(keep)
+    with pytest.raises(cv.ConfigurationTypeError, match="'pred' must be callable"):
+        cv.Pipeline([1]).filter(3)  # type: ignore[arg-type]
 
 
 @pytest.mark.quick

@@ -250,6 +250,21 @@ def test_process_stages_mix_with_async_and_thread_stages() -> None:
     assert out == [-((x + 1) ** 2) for x in range(50)]
 
 
+@pytest.mark.timeout(60)
+def test_an_unpicklable_source_item_is_named_as_the_sources() -> None:
+    """Repro: the error said "an item", and the item came from the source, not a stage."""
+    items = [1, threading.Lock(), 3]
+    with pytest.raises(cv.SerializationError, match=r"'sq' \(map\): a source item of type"):
+        list(cv.Pipeline(items).map(square, runtime="process", name="sq"))
+    # A later stage's items are the stage before's outputs: "an item", as before.
+    with pytest.raises(cv.SerializationError, match=r"'sq2' \(map\): an item of type"):
+        list(
+            cv.Pipeline([1, 2])
+            .map(lambda x: threading.Lock() if x == 2 else x)
+            .map(square, runtime="process", name="sq2")
+        )
+
+
 def test_an_unpicklable_stage_function_is_refused_at_start() -> None:
     lock = threading.Lock()
     with pytest.raises(cv.SerializationError, match=r"'holds_lock' \(map\)"):

@@ -363,6 +363,12 @@ def test_an_address_that_cannot_be_listened_on_is_refused_naming_it() -> None:
         PrometheusExporter(pipeline="")
 
 
+@pytest.mark.timeout(10)
+def test_a_registry_of_the_wrong_type_is_refused_at_once_naming_it() -> None:
+    with pytest.raises(cv.ConfigurationTypeError, match=r"'registry' must be a prometheus_client"):
+        PrometheusExporter(registry=3)  # type: ignore[arg-type]
+
+
 def test_metrics_must_be_an_exporter_and_stay_on_this_machine(redis_server: RedisServer) -> None:
     pipeline = cv.Pipeline(range(3)).map(str)
     with pytest.raises(cv.ConfigurationTypeError, match=r"run\(\) 'metrics' must be a metrics"):

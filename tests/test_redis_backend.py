@@ -1015,6 +1015,22 @@ def test_a_failing_source_ends_the_run_and_leaves_nothing_in_redis(
         assert client.keys(f"{namespace}:*") == []
 
 
+@pytest.mark.timeout(60)
+def test_a_source_item_the_codec_cannot_carry_is_a_serialization_error_naming_the_source(
+    redis_server: RedisServer,
+) -> None:
+    """Repro: the error named the codec and the value, not that it was the source's."""
+    import threading
+
+    namespace = new_namespace()
+    pipeline = cv.Pipeline([1, threading.Lock(), 3]).map(triple)
+    backend = RedisBackend(redis_server.url, namespace=namespace, local_workers=True)
+    with pytest.raises(cv.SerializationError, match=r"the source's item 1 \(counting from 0\)"):
+        pipeline.run(backend=backend)
+    with redis_client(redis_server.url) as client:
+        assert client.keys(f"{namespace}:*") == []
+
+
 def test_the_driver_says_when_no_worker_serves_its_run(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

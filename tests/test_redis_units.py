@@ -396,3 +396,18 @@ def test_redis_out_of_memory_is_a_clear_backend_error() -> None:
     text = str(info.value)
     assert "maxmemory" in text and "max_bytes" in text and "secret" not in text
     assert isinstance(info.value.__cause__, OutOfMemoryError)
+
+
+@pytest.mark.timeout(10)
+def test_a_short_key_in_the_environment_is_refused_naming_the_minimum(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from conveyor.redis.codec import secret_from
+
+    monkeypatch.setenv("CONVEYOR_SECRET_KEY", "short")
+    with pytest.raises(cv.ConfigurationError, match=r"CONVEYOR_SECRET_KEY.*at least 16 bytes"):
+        secret_from(None)
+    with pytest.raises(cv.ConfigurationError, match="at least 16 bytes"):
+        cv.RedisBackend("redis://localhost:1", codec="pickle")
+    monkeypatch.setenv("CONVEYOR_SECRET_KEY", "x" * 16)
+    assert secret_from(None) == b"x" * 16

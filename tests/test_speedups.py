@@ -98,10 +98,41 @@ def test_c_take_rejects_bad_arguments_clearly() -> None:
 
 
 def test_the_channel_uses_the_accelerator_when_it_is_built() -> None:
-    pure = os.environ.get("CONVEYOR_PURE_PYTHON", "") not in ("", "0")
+    pure = channel_module.pure_python_wanted()
     expected = take_c is not None and not pure
     assert channel_module.ACCELERATED is expected
     assert (channel_module._take is take_c) is expected
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("value", "accelerated"),
+    [("0", True), ("false", True), ("No", True), ("", True), ("yes", False), ("TRUE", False)],
+)
+def test_conveyor_pure_python_takes_yes_and_no_words(value: str, accelerated: bool) -> None:
+    """Repro: CONVEYOR_PURE_PYTHON=false (or no) turned the accelerator off."""
+    code = "import conveyor.channel as c; print(c.ACCELERATED)"
+    env = {**os.environ, "CONVEYOR_PURE_PYTHON": value}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, check=True, timeout=60, capture_output=True
+    )
+    assert out.stdout.decode().strip() == str(accelerated and take_c is not None)
+
+
+@pytest.mark.timeout(60)
+def test_conveyor_pure_python_refuses_another_value_naming_what_it_takes() -> None:
+    env = {**os.environ, "CONVEYOR_PURE_PYTHON": "maybe"}
+    out = subprocess.run(
+        [sys.executable, "-c", "import conveyor as cv; cv.Channel(1)"],
+        env=env,
+        timeout=60,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode != 0
+    assert "CONVEYOR_PURE_PYTHON environment variable must be 1, true or yes" in out.stderr
+    assert "got 'maybe'" in out.stderr
 
 
 def test_conveyor_pure_python_turns_the_accelerator_off() -> None:

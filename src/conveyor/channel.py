@@ -76,8 +76,31 @@ def _take_python(q: deque[T], n: int) -> list[T]:
     return list(starmap(q.popleft, repeat((), min(n, len(q)))))
 
 
+PURE_PYTHON_ENV = "CONVEYOR_PURE_PYTHON"
+_ON = ("1", "true", "yes")
+_OFF = ("", "0", "false", "no")
+
+
+def pure_python_wanted() -> bool:
+    """Whether ``CONVEYOR_PURE_PYTHON`` asks for the pure-Python channel: 1, true or yes
+    (any case) for on; unset, empty, 0, false or no for off.
+
+    Raises:
+        ConfigurationError: any other value (a typo would otherwise silently be one).
+    """
+    value = os.environ.get(PURE_PYTHON_ENV, "").strip().lower()
+    if value in _ON:
+        return True
+    if value in _OFF:
+        return False
+    raise ConfigurationError(
+        f"the {PURE_PYTHON_ENV} environment variable must be 1, true or yes (on) or "
+        f"0, false, no or empty (off), got {os.environ[PURE_PYTHON_ENV]!r}"
+    )
+
+
 def _pick_take() -> Callable[[deque[T], int], list[T]]:
-    if os.environ.get("CONVEYOR_PURE_PYTHON", "") not in ("", "0"):
+    if pure_python_wanted():
         return _take_python
     try:
         from ._speedups import take

@@ -570,7 +570,12 @@ def _ctrl_c_stops(grace: float = INTERRUPT_GRACE, as_json: bool = False) -> Iter
     if threading.current_thread() is not threading.main_thread():
         yield ctrl_c  # signal handlers can only be set from the main thread
         return
-    previous = {sig: signal.signal(sig, ctrl_c.on_sigint) for sig in _STOPPING_SIGNALS}
+    # A signal the parent ignores (nohup, a background job's SIGINT) stays ignored.
+    previous = {
+        sig: signal.signal(sig, ctrl_c.on_sigint)
+        for sig in _STOPPING_SIGNALS
+        if signal.getsignal(sig) is not signal.SIG_IGN
+    }
     try:
         yield ctrl_c
     finally:

@@ -361,7 +361,7 @@ class Pipeline(Generic[T]):
 
     def filter(self, pred: Callable[[T], object], **options: Unpack[StageOptions]) -> Pipeline[T]:
         """Keep the items for which ``pred`` is true. Options: `StageOptions`, as for `map`."""
-        return self._stage("filter", pred, options, _STAGE_KEYS, fn_param="pred")
+        return self._stage("filter", pred, options, _STAGE_KEYS, fn_param=_FN_PARAM["filter"])
 
     # As for map: with "async", the elements are those of what fn's coroutines
     # return, or of what its async generators yield.
@@ -1077,16 +1077,21 @@ _GENERATOR_MISUSE = {
 was meant: only flat_map reads what it yields)."""
 
 
+_FN_PARAM = {"filter": "pred"}
+"""The function's parameter where a stage's method does not call it ``fn``."""
+
+
 def _check_runtime_fits(stage: Stage) -> None:
     """A coroutine function needs the async runtime, and the async runtime one."""
+    param = _FN_PARAM.get(stage.kind, "fn")  # the parameter as the public signature names it
     if inspect.isasyncgenfunction(stage.fn):  # flat_map gathers one (see Pipeline.flat_map)
         raise ConfigurationError(
-            f"{stage.kind}() stage {stage.name!r}: 'fn' is an async generator function; "
+            f"{stage.kind}() stage {stage.name!r}: {param!r} is an async generator function; "
             f"only flat_map takes one (with runtime='async'), to send on what it yields"
         )
     if inspect.isgeneratorfunction(stage.fn) and stage.kind in _GENERATOR_MISUSE:
         raise ConfigurationError(
-            f"{stage.kind}() stage {stage.name!r}: 'fn' is a generator function (it has "
+            f"{stage.kind}() stage {stage.name!r}: {param!r} is a generator function (it has "
             f"'yield'): each call returns a generator, {_GENERATOR_MISUSE[stage.kind]}; "
             f"use flat_map to send on what it yields"
         )
@@ -1098,7 +1103,7 @@ def _check_runtime_fits(stage: Stage) -> None:
             else "a coroutine function"
         )
         raise ConfigurationError(
-            f"{stage.kind}() stage {stage.name!r}: 'fn' is {what}; "
+            f"{stage.kind}() stage {stage.name!r}: {param!r} is {what}; "
             f"pass runtime='async' to run it (got 'runtime'={stage.runtime!r})"
         )
     if stage.runtime == "async" and not stage.is_async_fn:

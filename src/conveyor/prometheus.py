@@ -146,7 +146,7 @@ class PrometheusExporter:
         ConfigurationError: a port outside 0..65535, or one that cannot be
             listened on (in use, not permitted, an unknown address);
             prometheus-client not installed.
-        ConfigurationTypeError: a port, address or pipeline of the wrong type.
+        ConfigurationTypeError: a port, address, registry or pipeline of the wrong type.
 
     Example:
         >>> from conveyor.prometheus import PrometheusExporter  # doctest: +SKIP
@@ -171,6 +171,14 @@ class PrometheusExporter:
         if not isinstance(pipeline, str) or not pipeline:
             raise ConfigurationTypeError(
                 f"PrometheusExporter 'pipeline' must be a non-empty str, got {pipeline!r}"
+            )
+        if registry is not None and not isinstance(
+            registry, prometheus_client.registry.CollectorRegistry
+        ):
+            raise ConfigurationTypeError(
+                "PrometheusExporter 'registry' must be a prometheus_client.CollectorRegistry "
+                f"or None (a registry of the exporter's own), got {type(registry).__name__} "
+                f"{registry!r:.60}"
             )
         self.pipeline = pipeline
         self.registry: CollectorRegistry = (

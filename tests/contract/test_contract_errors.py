@@ -70,6 +70,10 @@ def test_the_users_exception_reaches_the_caller_with_its_type_and_a_note(
     if runner.backend == "redis":
         assert isinstance(info.value, cv.DeadLettersError)
         assert info.value.dead == {"checker": 1}
+        # Its text is a summary naming the error, not the worker's traceback
+        # (which its cause carries): str() of it was the whole traceback.
+        assert f"Last error of the first one: Boom: cannot take {BAD}." in str(info.value)
+        assert "Traceback" not in str(info.value)
         error = info.value.__cause__
     else:
         error = info.value

@@ -33,6 +33,7 @@ from ..errors import (
     ConfigurationTypeError,
     DeadLettersError,
     RunStateLost,
+    SerializationError,
     ShutDown,
 )
 from ..metrics import RunResult, StageStats, Timeline
@@ -1003,13 +1004,34 @@ class _DriverRun:
         )  # fmt: skip
         return None if room is None else records[: fitting(costs, room.left)]
 
+    def _carries(self, value: Any) -> bool:
+        """Whether the run's codec can encode ``value``."""
+        try:
+            self.codec.encode(value)
+        except SerializationError:
+            return False
+        return True
+
     def _entries(self, chunk: list[Any], fed: int, most: int) -> list[Packed]:
         """A chunk of source items as first-stream entries."""
-        encode = self.codec.encode
-        if not self.info.paths:
-            return [Packed(1, 0, encode(value)) for value in chunk]
-        data = self.codec.item_bytes
-        return pack_entries(self.codec, [(data(v), [fed + j]) for j, v in enumerate(chunk)], most)
+        try:
+            encode = self.codec.encode
+            if not self.info.paths:
+                return [Packed(1, 0, encode(value)) for value in chunk]
+            data = self.codec.item_bytes
+            items: list[tuple[bytes | None, list[int]]] = [
+                (data(v), [fed + j]) for j, v in enumerate(chunk)
+            ]
+        except SerializationError as exc:
+            # Name the source and the item: the codec's own text names neither.
+            index = next((j for j, v in enumerate(chunk) if not self._carries(v)), None)
+            if index is None:  # pragma: no cover - the codec refused the chunk, not one item
+                raise
+            raise SerializationError(
+                f"the source's item {fed + index} (counting from 0), of type "
+                f"{type(chunk[index]).__name__}, cannot be sent to the run: {exc}"
+            ) from exc
+        return pack_entries(self.codec, items, most)
 
     def _check_fed(self, expected: int) -> None:
         """After a lost reply: the chunk went in (fine), or Redis lost acknowledged writes."""
@@ -1434,21 +1456,34 @@ class _DriverRun:
         entries = self.retry(self.client.xrange, self.keys.dead(first), "-", "+", count=1)
         fields = entries[0][1] if entries else {}
         error = fields.get(b"err", b"").decode(errors="replace")
+        record = fields.get(b"rec")
+        parsed: ExceptionRecord | None = None
+        if record:
+            try:
+                parsed = ExceptionRecord.from_dict(json.loads(record))
+            except ValueError:
+                pass  # not a record this version wrote: the text says it all
+        # A line, "Type: message": the whole traceback is the __cause__'s (below)
+        # and `conveyor dlq list`'s.
+        if parsed is not None:
+            name = parsed.type.rpartition(":")[2]  # "module:Class"
+            last = f"{name}: {parsed.message}" if parsed.message else name
+        else:
+            last = next((ln for ln in reversed(error.splitlines()) if ln.strip()), "unknown")
         where = ", ".join(f"{name}: {n}" for name, n in dead.items())
         failure = DeadLettersError(
             f"run {self.keys.run!r} cannot finish: entries are in dead letters ({where}). "
-            f"Last error of the first one:\n{error}\n"
+            f"Last error of the first one: {last.strip()}. "
             f"Fix the stage, then `conveyor dlq replay ... --run {self.keys.run}` and run again "
             f"with run_id={self.keys.run!r} to finish it.",
             run_id=self.keys.run,
             dead=dead,
         )
-        record = fields.get(b"rec")
-        if record:
+        if parsed is not None:
             try:
-                failure.__cause__ = rebuild(ExceptionRecord.from_dict(json.loads(record)))
+                failure.__cause__ = rebuild(parsed)
             except ValueError:
-                pass  # not a record this version wrote: the text above says it all
+                pass  # the line above says what it was
         return failure
 
     def _finish(self) -> None:

@@ -226,10 +226,22 @@ def check_secret_key(key: object, where: str) -> None:
 
 
 def secret_from(key: bytes | str | None) -> bytes | None:
-    """The secret key as bytes: ``key`` itself, else the environment variable, else None."""
+    """The secret key as bytes: ``key`` itself, else the environment variable, else None.
+
+    Raises:
+        ConfigurationError: the environment variable is set but shorter than
+            ``MIN_KEY_BYTES``.
+    """
     if key is None:
         env = os.environ.get(SECRET_ENV)
-        return env.encode() if env else None
+        if not env:
+            return None
+        if len(env.encode()) < MIN_KEY_BYTES:
+            raise ConfigurationError(
+                f"the {SECRET_ENV} environment variable must be at least {MIN_KEY_BYTES} "
+                f"bytes, got {len(env.encode())}"
+            )
+        return env.encode()
     return key.encode() if isinstance(key, str) else key
 
 

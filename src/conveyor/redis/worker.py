@@ -308,7 +308,8 @@ class Worker:
 
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, self._on_signal)
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's stays ignored
+                    signal.signal(sig, self._on_signal)
         try:
             self.start()
         except Exception:

@@ -1129,8 +1129,10 @@ class _Worker:
                 if bad[0] > 0:
                     end = start + bad[0]
                     continue
+                # The first stage's items are the source's: say so, it is where to look.
+                what = "a source item" if self.sr.index == 0 else "an item"
                 error = SerializationError(
-                    f"stage {stage.label}: an item of type {type_name(batch[start])} cannot be "
+                    f"stage {stage.label}: {what} of type {type_name(batch[start])} cannot be "
                     f"sent to a {self.runtime.worker}: {bad[1]}"
                 )
                 error.__cause__ = bad[1]

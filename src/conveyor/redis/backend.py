@@ -54,7 +54,16 @@ from .codec import (
     secret_from,
 )
 from .packing import Packed, PackedItem, is_packed, pack_entries, stream_limit, stream_pack, unpack
-from .state import LEFT, RunInfo, RunState, clear_refusal, mark_left, read_state, stage_stats
+from .state import (
+    LEFT,
+    RunInfo,
+    RunState,
+    clear_refusal,
+    mark_left,
+    read_state,
+    stage_stats,
+    text,
+)
 from .streams import (
     DRIVER_GROUP,
     MAX_POLL_SECONDS,
@@ -1550,10 +1559,24 @@ class _DriverRun:
             replies = self.retry(read)
         except Exception:  # the report falls back to the stages' own settings
             return
-        self._consumers = [len(r) if isinstance(r, list) else 0 for r in replies]
+        self._consumers = [
+            _workers_served(stage, r if isinstance(r, list) else [])
+            for stage, r in zip(self.stages, replies, strict=True)
+        ]
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _workers_served(stage: Stage, consumers: list[dict[Any, Any]]) -> int:
+    """The workers that served ``stage``, from its group's consumers: a thread stage's
+    workers are a consumer each; an async stage's tasks share one per worker process,
+    and a process stage's lanes have one each, so there it is the stage's ``workers``
+    for each worker process (a consumer's name begins with its host and pid)."""
+    if stage.runtime == "thread":
+        return len(consumers)
+    processes = {tuple(text(c["name"]).split(":", 2)[:2]) for c in consumers}
+    return len(processes) * stage.workers
 
 
 def _write_report(

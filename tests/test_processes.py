@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 
 import conveyor as cv
 from conveyor.engine import Run
-from conveyor.runtime import _spare, _wire, processes
+from conveyor.runtime import _spare, _standby, _wire, processes
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -1354,3 +1354,142 @@ def test_a_ctrl_c_landing_as_sigint_is_blocked_for_a_start_leaves_it_unblocked(
         pass
     monkeypatch.undo()
     assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, ())
+
+
+# ---------------------------------------------------------------------- standby workers
+
+FORKSERVER_ONLY = pytest.mark.skipif(
+    processes.start_method() != "forkserver", reason="standby workers: forkserver only"
+)
+
+
+def own_pid(_: Any) -> tuple[int, str]:
+    return os.getpid(), multiprocessing.current_process().name
+
+
+def standbys_after_a_run(workers: int = 1) -> list[int]:
+    """With none kept, run a process stage of ``workers`` workers and wait for the standbys
+    its end starts (again if none: a program's first run of worker processes starts none)."""
+    _standby.STANDBYS.clear()
+    for _ in range(2):
+        list(cv.Pipeline(range(workers * 4)).map(own_pid, runtime="process", workers=workers))
+        _standby.STANDBYS.wait_for_starts(30)
+        if _standby.STANDBYS.pids():
+            break
+    return _standby.STANDBYS.pids()
+
+
+@FORKSERVER_ONLY
+def test_the_next_run_takes_the_standby_the_last_one_left_and_names_it_as_its_worker() -> None:
+    [standby] = standbys_after_a_run()
+    out = list(cv.Pipeline([1, 2, 3]).map(own_pid, runtime="process", name="ids"))
+    assert set(out) == {(standby, "conveyor-ids-0")}
+    # That run's end started another, for the next.
+    _standby.STANDBYS.wait_for_starts(30)
+    assert len(_standby.STANDBYS.pids()) == 1
+    assert _standby.STANDBYS.pids() != [standby]
+
+
+@FORKSERVER_ONLY
+def test_a_standby_runs_on_start_and_reports_its_failure_as_a_started_worker_does() -> None:
+    def refuse() -> None:
+        raise ValueError("no connection")
+
+    assert standbys_after_a_run()
+    stage = {"runtime": "process", "name": "opens", "on_start": refuse}
+    with pytest.raises(ValueError, match="no connection") as caught:
+        cv.Pipeline([1]).map(own_pid, **stage).run()
+    notes = "\n".join(getattr(caught.value, "__notes__", []))
+    assert "on_start of stage 'opens'" in notes and "failed in a worker process" in notes
+
+
+@FORKSERVER_ONLY
+def test_a_standby_started_in_another_directory_is_let_go_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [standby] = standbys_after_a_run()
+    monkeypatch.chdir(tmp_path)  # a worker started now would start there
+    out = list(cv.Pipeline([1]).map(lambda _: os.getcwd(), runtime="process"))
+    assert out == [str(tmp_path)]
+    assert gone([standby]) or (wait_until(lambda: gone([standby])) is None)
+
+
+@FORKSERVER_ONLY
+def test_standbys_are_at_most_STANDBY_PROCESSES_and_none_with_0(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(processes, "STANDBY_PROCESSES", 2)
+    assert len(standbys_after_a_run(workers=3)) == 2
+    monkeypatch.setattr(processes, "STANDBY_PROCESSES", 0)
+    assert standbys_after_a_run(workers=2) == []
+
+
+@FORKSERVER_ONLY
+def test_a_killed_standby_is_not_taken_and_the_run_starts_a_worker() -> None:
+    [standby] = standbys_after_a_run()
+    os.kill(standby, signal.SIGKILL)
+    wait_until(lambda: gone([standby]))
+    out = list(cv.Pipeline(range(6)).map(own_pid, runtime="process"))
+    assert len(out) == 6 and standby not in {pid for pid, _ in out}
+
+
+def standbys_seen(conn: Any) -> None:
+    conn.send(_standby.STANDBYS.pids())
+
+
+@FORKSERVER_ONLY
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_process_does_not_inherit_the_standbys() -> None:
+    [standby] = standbys_after_a_run()
+    context = multiprocessing.get_context("fork")
+    ours, theirs = context.Pipe()
+    child = context.Process(target=standbys_seen, args=(theirs,))
+    child.start()
+    try:
+        assert ours.poll(30)
+        assert ours.recv() == []  # they are this process's to hand out
+    finally:
+        child.join(30)
+    out = list(cv.Pipeline([1]).map(own_pid, runtime="process"))
+    assert out[0][0] == standby  # the fork's end left it waiting, and ours
+
+
+STANDBY_SCRIPT = """
+import os, sys
+import conveyor as cv
+from conveyor.runtime import _standby
+
+def pid(_):
+    return os.getpid()
+
+if __name__ == "__main__":
+    first = list(cv.Pipeline([1]).map(pid, runtime="process"))
+    _standby.STANDBYS.wait_for_starts(30)
+    assert _standby.STANDBYS.pids() == []  # one run: none (a program may run no other)
+    second = list(cv.Pipeline([1]).map(pid, runtime="process"))
+    _standby.STANDBYS.wait_for_starts(30)
+    [standby] = _standby.STANDBYS.pids()
+    print(standby, flush=True)
+    # The program ends with a standby waiting, and another one starting.
+    third = list(cv.Pipeline([1]).map(pid, runtime="process"))
+    assert third == [standby], (third, standby)
+"""
+
+
+@FORKSERVER_ONLY
+def test_a_program_ending_with_standbys_leaves_no_process_and_prints_nothing(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "prog.py"
+    script.write_text(STANDBY_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(cv.__file__).parent.parent)},
+        check=False,
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    standby = int(done.stdout)
+    wait_until(lambda: gone([standby]))

@@ -23,7 +23,7 @@ import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import replace
-from multiprocessing import connection
+from multiprocessing import connection, current_process
 from multiprocessing import parent_process as _parent_process
 from multiprocessing.connection import Connection
 from time import perf_counter, process_time, thread_time
@@ -343,10 +343,35 @@ def _child_main(
     main thread is whenever the parent asks (`_answer_probes`).
     """
     if not interpreter:  # a subinterpreter shares its parent's process, signals and life
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-        if hasattr(signal, "pthread_sigmask"):  # blocked while it started (_sigint_held)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        _exit_with_parent()
+        _settle_in_process()
+    _serve_stage(conn, blob, interpreter, probe)
+
+
+def _standby_main(conn: Connection, probe: Connection) -> None:
+    """The body of a standby worker process (`conveyor.runtime._standby`): started ahead
+    of need, it waits for a stage (its worker's name and blob, in one message), then
+    is a worker process like any other. It ends quietly when the parent lets it go."""
+    _settle_in_process()
+    try:
+        name, blob = pickle.loads(conn.recv_bytes())
+    except (EOFError, OSError):
+        return
+    current_process().name = name
+    _serve_stage(conn, blob, False, probe)
+
+
+def _settle_in_process() -> None:
+    """What a worker process does first: leave Ctrl-C to the parent, end with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if hasattr(signal, "pthread_sigmask"):  # blocked while it started (_sigint_held)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _exit_with_parent()
+
+
+def _serve_stage(
+    conn: Connection, blob: bytes, interpreter: bool, probe: Connection | None
+) -> None:
+    """Load the stage, run on_start, answer batches until STOP, run on_stop."""
     if probe is not None:
         threading.Thread(
             target=_answer_probes,

@@ -199,8 +199,9 @@ from ..policy import (
 from ..remote import rebuild, restore
 from ..stage import Failure, Stage
 from . import _forkserver_main
-from ._child import _child_main, _PackedError, _stage_blob
+from ._child import _child_main, _PackedError, _stage_blob, _standby_main
 from ._spare import SPARES
+from ._standby import STANDBYS, Standby, prepared
 from ._wire import (
     _BATCH,
     _BY_FD,
@@ -235,6 +236,7 @@ __all__ = [
     "SHM_MESSAGE_LIMIT",
     "SHM_THRESHOLD",
     "SPARE_BYTES",
+    "STANDBY_PROCESSES",
     "START_METHOD",
     "ProcessRuntime",
     "RemoteTraceback",
@@ -261,6 +263,11 @@ SPARE_BYTES = 64 * 1024 * 1024
 """Bytes of free shared-memory blocks the process keeps when workers end, for the next
 workers (of any stage or run) to reuse instead of faulting fresh blocks in (see
 ``_spare``); 0 keeps none. The memory stays allocated meanwhile."""
+STANDBY_PROCESSES = min(8, os.cpu_count() or 1)
+"""Worker processes the process keeps started and waiting, for the next workers (of any
+stage or run) to take instead of starting one (see ``_standby``; forkserver start method
+only); one is started in the background whenever a worker ends at the end of its input,
+from the program's second run of worker processes on. 0 keeps none."""
 BATCH_SECONDS = 0.02
 """Target time of one batch. A round trip to a worker costs about 0.1 ms of the parent's
 time, so batches ten times longer than the thread runtime's keep that cost small, while
@@ -927,6 +934,10 @@ class _Worker:
         if graceful and not child.dead:
             self._stop_gently(child)
         self.runtime.forget(child, EXIT_GRACE if graceful else 0.0)
+        if graceful:  # the next worker, of this run or another, need not start a process
+            context = self.runtime.context
+            start = partial(_start_standby, context)
+            STANDBYS.replenish(context, start, STANDBY_PROCESSES, self.runtime)
 
     def _stop_gently(self, child: _Child) -> None:
         """Ask the child to run on_stop and exit; on_stop's error fails the run. A child
@@ -981,38 +992,37 @@ class _Worker:
             return child
 
     def _start_child(self) -> _Child:
-        """Start a worker process and wait until on_start has run in it."""
-        runtime, stage = self.runtime, self.stage
-        worker = runtime.worker
-        ours, theirs = runtime.context.Pipe()
-        args: tuple[Any, ...] = (theirs, self.blob)
-        probe = probe_end = None
-        if runtime.probes:  # a second pipe, for stall reports to ask where the child is
-            probe, probe_end = runtime.context.Pipe()
-            args += (False, probe_end)
-        name = f"conveyor-{stage.name}-{self.index}"
-        process = runtime.context.Process(target=_child_main, args=args, name=name, daemon=True)
-        try:
-            with _pseudo_main_file.hidden(), _sigint_held(runtime.context):
-                process.start()
-        except RuntimeError as exc:
-            if probe is not None:
-                probe.close()
-            if "bootstrapping phase" in str(exc):
-                raise _main_guard_error() from exc
-            raise
-        finally:
-            theirs.close()
-            if probe_end is not None:
-                probe_end.close()
-        child = _Child(process, ours, runtime.abort_reader, probe)
+        """Start a worker process (or take a standby) and wait until on_start has run in it."""
+        name = f"conveyor-{self.stage.name}-{self.index}"
+        standby = self._from_standby(name)
+        if standby is not None:
+            message = self._ready(standby)
+            if message is not None or self.sr.control.stopped.is_set():
+                return self._started(standby, message)
+            # It ended without a word: killed while it waited, or by the stage's loading,
+            # which a worker started as usual then shows as it always did.
+        child = self._new_child(name)
+        return self._started(child, self._ready(child))
+
+    def _ready(self, child: _Child) -> tuple[Any, ...] | None:
+        """Track ``child`` and wait for its first message (None: it ended first).
+
+        Raises:
+            ShutDown: the run was aborted meanwhile.
+        """
+        runtime = self.runtime
         runtime.adopt(child)  # raises ShutDown (after terminating it) if the run was aborted
         try:
             with self.sr.metrics.in_hook("on_start", probe=child):  # and the unpickling
-                message = self._read(child)
+                return self._read(child)
         except ShutDown:
             runtime.forget(child, 0.0)
             raise
+
+    def _started(self, child: _Child, message: tuple[Any, ...] | None) -> _Child:
+        """``child`` if its first message says ready, else the error that says why not."""
+        runtime, stage = self.runtime, self.stage
+        worker = runtime.worker
         if message is not None and message[0] == _READY:
             return child
         runtime.forget(child, 0.0)
@@ -1029,6 +1039,50 @@ class _Worker:
         error = _unpack_error(message[2])
         what = "on_start" if message[1] == "on_start" else "unpickling the stage function"
         raise add_note(error, f"conveyor: {what} of stage {stage.label} failed in a {worker}")
+
+    def _new_child(self, name: str) -> _Child:
+        """Start a worker process for this worker's stage."""
+        runtime = self.runtime
+        ours, theirs = runtime.context.Pipe()
+        args: tuple[Any, ...] = (theirs, self.blob)
+        probe = probe_end = None
+        if runtime.probes:  # a second pipe, for stall reports to ask where the child is
+            probe, probe_end = runtime.context.Pipe()
+            args += (False, probe_end)
+        process = runtime.context.Process(target=_child_main, args=args, name=name, daemon=True)
+        try:
+            with _pseudo_main_file.hidden(), _sigint_held(runtime.context):
+                process.start()
+        except RuntimeError as exc:
+            if probe is not None:
+                probe.close()
+            if "bootstrapping phase" in str(exc):
+                raise _main_guard_error() from exc
+            raise
+        finally:
+            theirs.close()
+            if probe_end is not None:
+                probe_end.close()
+        return _Child(process, ours, runtime.abort_reader, probe)
+
+    def _from_standby(self, name: str) -> _Child | None:
+        """A standby process (see ``_standby``) given this worker's stage, or None."""
+        runtime = self.runtime
+        standby = STANDBYS.take(runtime.context)
+        if standby is None:
+            return None
+        process, conn, probe = standby.process, standby.conn, standby.probe
+        try:
+            conn.send_bytes(pickle.dumps((name, self.blob), 5))
+        except OSError:  # it ended meanwhile
+            for end in (conn, probe):
+                end.close()
+            process.join(KILL_GRACE)
+            return None
+        process.name = name
+        if not runtime.probes:
+            probe.close()  # its probe thread sees the end and stops
+        return _Child(process, conn, runtime.abort_reader, probe if runtime.probes else None)
 
     def _read(self, child: _Child) -> tuple[Any, ...] | None:
         """The child's next answer from the pipe; None when it ended (or was killed for
@@ -1242,6 +1296,27 @@ class _Worker:
         more = f" and {len(held) - _HELD_SHOWN} more" if len(held) > _HELD_SHOWN else ""
         add_note(error, f"conveyor: the item(s) it held: {shown}{more}")
         return error
+
+
+def _start_standby(context: Any) -> Standby:
+    """Start a standby worker process of ``context`` (in a thread of ``_standby``'s)."""
+    ours, theirs = context.Pipe()
+    probe, probe_end = context.Pipe()
+    data = prepared()
+    process = context.Process(
+        target=_standby_main, args=(theirs, probe_end), name="conveyor-standby", daemon=True
+    )
+    try:
+        with _pseudo_main_file.hidden(), _sigint_held(context):
+            process.start()
+    except BaseException:
+        ours.close()
+        probe.close()
+        raise
+    finally:
+        theirs.close()
+        probe_end.close()
+    return Standby(process, ours, probe, data)
 
 
 def _lanes(stage: Stage) -> int:

@@ -1,0 +1,181 @@
+"""Worker processes started ahead of need, for the next worker of any stage or run to take.
+
+Starting a worker process through the forkserver takes several hand-offs
+between three processes (the parent asks the forkserver, which forks; the
+parent sends the new process its preparation data; the process unpickles
+it and boots): 5 to 8 ms before the first item here, on a run that may
+last 100 ms. A process started that way and waiting has done all of it:
+given its stage (one message) it loads it, runs on_start and says ready.
+
+So when a worker process ends at the end of its input, a replacement is
+started in the background (a thread of its own: the run that ended does not
+wait for it) and kept waiting, up to ``STANDBY_PROCESSES`` of them (a
+setting of `conveyor.runtime.processes`); the next worker to start takes
+one instead of starting a process. Not at the end of the program's first
+run of worker processes, though: a program that runs one pipeline (a
+``conveyor run``) would start a standby only to end it. A standby is forked from the forkserver
+like any worker and has run nothing of the program's: it is the process a
+start would give, as long as what that start would send it is the same
+(multiprocessing's preparation data: the current directory, ``sys.path``,
+the main module). One started under other data is let go, not used.
+
+Only for the forkserver start method: a process started with "spawn"
+inherits the environment of its start and one started with "fork" the
+parent's memory as it was then, which a standby would keep from before.
+
+A standby waits on its pipe; it ends when the parent lets it go (closing its
+end) or ends. multiprocessing terminates the daemonic children left at the
+interpreter's exit; a start still under way then is waited for first, so
+that no half-started process reports a broken pipe.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import threading
+from collections.abc import Callable
+from multiprocessing import spawn
+from multiprocessing.connection import Connection
+from typing import Any, NamedTuple
+
+__all__ = ["STANDBYS", "Standby", "eligible"]
+
+_METHOD = "forkserver"
+_EXIT_WAIT = 5.0  # seconds the interpreter's exit waits for a start under way
+
+
+class Standby(NamedTuple):
+    """A started worker process waiting for its stage, and the parent's ends of its pipes."""
+
+    process: Any  # multiprocessing.Process
+    conn: Connection
+    probe: Connection
+    prepared: str  # the preparation data it was started with (`prepared`)
+
+
+def eligible(context: Any) -> bool:
+    """Whether workers of ``context`` may be standbys (see the module docstring)."""
+    method = getattr(context, "get_start_method", None)  # None: interpreters
+    return method is not None and method() == _METHOD
+
+
+def prepared() -> str:
+    """What a start would send a new process now to set it up, in comparable form."""
+    data = spawn.get_preparation_data("conveyor-standby")
+    return repr(sorted((key, bytes(v) if key == "authkey" else v) for key, v in data.items()))
+
+
+class _Standbys:
+    """The process's standby workers, and the starts under way. Lanes of any stage call
+    in (and the starting threads), so a lock guards both."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ready: list[Standby] = []
+        self._starting: list[threading.Thread] = []
+        self._pid = os.getpid()
+        # Runs that ended workers: a program's first is not taken for a sign of a second.
+        self._runs = 0
+        self._last_run = 0
+
+    def take(self, context: Any) -> Standby | None:
+        """A standby that can serve as a worker of ``context`` now, or None. Those that
+        cannot (ended, or started under other preparation data) are let go."""
+        if not eligible(context):
+            return None
+        now = prepared()
+        while True:
+            with self._lock:
+                if not self._ready:
+                    return None
+                standby = self._ready.pop()
+            if standby.prepared == now and standby.process.is_alive():
+                return standby
+            _let_go(standby)
+
+    def replenish(
+        self, context: Any, start: Callable[[], Standby], limit: int, run: object
+    ) -> None:
+        """Start a standby in the background unless ``limit`` are there or starting, or
+        this is the first ``run`` (a runtime) of the program to end a worker."""
+        if not eligible(context) or os.getpid() != self._pid:
+            return
+        with self._lock:
+            if id(run) != self._last_run:
+                self._last_run = id(run)
+                self._runs += 1
+            if self._runs < 2 or len(self._ready) + len(self._starting) >= limit:
+                return
+            thread = threading.Thread(
+                target=self._start, args=(start,), name="conveyor-standby-start", daemon=True
+            )
+            self._starting.append(thread)
+        thread.start()
+
+    def _start(self, start: Callable[[], Standby]) -> None:
+        standby = None
+        try:
+            standby = start()
+        except Exception:  # no standby then: the next worker starts as it would have
+            pass
+        finally:
+            with self._lock:
+                self._starting.remove(threading.current_thread())
+                if standby is not None:
+                    self._ready.append(standby)
+
+    def wait_for_starts(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds each) for the starts under way to be done."""
+        with self._lock:
+            starting = list(self._starting)
+        for thread in starting:
+            thread.join(timeout)
+
+    def pids(self) -> list[int]:
+        """The process ids of the standbys there now."""
+        with self._lock:
+            return [s.process.pid for s in self._ready]
+
+    def clear(self) -> None:
+        """Let every standby go, after the starts under way (tests; the interpreter's exit;
+        a program may call it to end the processes)."""
+        self.wait_for_starts(_EXIT_WAIT)
+        with self._lock:
+            ready, self._ready = self._ready, []
+        for standby in ready:
+            _let_go(standby)
+
+    def forsake(self) -> None:
+        """In a process forked from this one: the standbys are the parent's; the child
+        closes its copies of their pipes (so that they still see the parent end)."""
+        self._lock = threading.Lock()
+        ready, self._ready, self._starting = self._ready, [], []
+        self._pid = os.getpid()
+        for standby in ready:
+            for conn in (standby.conn, standby.probe):
+                with contextlib.suppress(OSError):
+                    conn.close()
+
+
+def _let_go(standby: Standby) -> None:
+    """Close the parent's ends: the standby sees its pipe end and exits; reap it."""
+    for conn in (standby.conn, standby.probe):
+        with contextlib.suppress(OSError):
+            conn.close()
+    process = standby.process
+    process.join(1.0)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+    with contextlib.suppress(ValueError):
+        process.close()
+
+
+STANDBYS = _Standbys()
+"""The standby worker processes of this process."""
+
+atexit.register(STANDBYS.clear)  # before multiprocessing's own exit handler (registered earlier)
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=STANDBYS.forsake)

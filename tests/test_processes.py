@@ -492,6 +492,7 @@ def same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+@pytest.mark.usefixtures("no_standbys")
 def test_big_buffers_and_numpy_arrays_round_trip_through_shared_memory(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -779,6 +780,7 @@ def test_the_placer_reuses_freed_room_zeroes_callocs_keeps_realloc_data_and_unma
         box.close()
 
 
+@pytest.mark.usefixtures("no_standbys")
 @pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_WRITE is Linux's")
 def test_a_block_is_populated_for_writing_once_per_process_and_not_when_the_kernel_refuses(
     monkeypatch: pytest.MonkeyPatch,
@@ -805,6 +807,14 @@ def times_two(a: Any) -> Any:
     return a * 2  # created in the worker: placed in the answer's block
 
 
+@pytest.fixture
+def no_standbys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spare blocks on their own: no standby worker (which takes spare blocks to map
+    ahead) is kept or started."""
+    monkeypatch.setattr(processes, "STANDBY_PROCESSES", 0)
+    _standby.STANDBYS.clear()
+
+
 def counting_spares_taken(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Sizes of the spare blocks workers are given from now on."""
     taken: list[int] = []
@@ -820,6 +830,7 @@ def counting_spares_taken(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return taken
 
 
+@pytest.mark.usefixtures("no_standbys")
 @pytest.mark.parametrize("fn", [echo, times_two], ids=["as-they-came", "created"])
 def test_a_block_is_never_reused_while_a_result_still_views_it(
     fn: Callable[[Any], Any], monkeypatch: pytest.MonkeyPatch
@@ -857,6 +868,7 @@ def counting_blocks_created(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return created
 
 
+@pytest.mark.usefixtures("no_standbys")
 def test_blocks_the_last_results_view_become_spare_once_the_caller_drops_them(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -879,6 +891,7 @@ def test_blocks_the_last_results_view_become_spare_once_the_caller_drops_them(
     assert _spare.SPARES.held <= processes.SPARE_BYTES
 
 
+@pytest.mark.usefixtures("no_standbys")
 def test_spare_blocks_stay_within_their_budget_and_none_are_kept_with_a_budget_of_0(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -903,6 +916,7 @@ def spares_held(conn: Any) -> None:
     conn.send((len(_spare.SPARES._blocks), _spare.SPARES.held))
 
 
+@pytest.mark.usefixtures("no_standbys")
 @pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="POSIX: fork")
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_process_does_not_inherit_the_spare_blocks_to_hand_out() -> None:
@@ -921,6 +935,7 @@ def test_a_forked_process_does_not_inherit_the_spare_blocks_to_hand_out() -> Non
     assert _spare.SPARES._blocks
 
 
+@pytest.mark.usefixtures("no_standbys")
 def test_a_killed_worker_leaves_no_spare_block_in_flight_and_no_segment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1493,3 +1508,40 @@ def test_a_program_ending_with_standbys_leaves_no_process_and_prints_nothing(
     assert (done.returncode, done.stderr) == (0, "")
     standby = int(done.stdout)
     wait_until(lambda: gone([standby]))
+
+
+@FORKSERVER_ONLY
+def test_a_standby_maps_the_spare_blocks_ahead_and_its_worker_uses_them_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    arrays = [numpy.full(1 << 17, i, dtype=numpy.float64) for i in range(12)]  # 3 messages
+    _standby.STANDBYS.clear()
+    for _ in range(2):  # as in standbys_after_a_run
+        list(cv.Pipeline(arrays).map(times_two, runtime="process"))
+        _standby.STANDBYS.wait_for_starts(30)
+    [standby] = _standby.STANDBYS._ready
+    assert standby.blocks  # the blocks that run's worker left
+    created = counting_blocks_created(monkeypatch)
+    announced: list[str | None] = []  # how each block the worker used was announced
+    new_arena = processes._Child._new_arena
+
+    def recording(child: Any, size: int, flight: Any) -> Any:
+        arena, how = new_arena(child, size, flight)
+        announced.append(how)
+        return arena, how
+
+    monkeypatch.setattr(processes._Child, "_new_arena", recording)
+    out = list(cv.Pipeline(arrays).map(times_two, runtime="process"))
+    assert all(numpy.all(b == 2 * i) for i, b in enumerate(out))
+    # Its first blocks were the standby's (announced as known: None); then spare or new
+    # ones, if it needed more (the standby took the blocks free when it started).
+    first = announced[: len(standby.blocks)]
+    assert first and all(how is None for how in first), announced
+    assert len(created) <= len(announced) - len(first)
+    assert our_segments() == []
+    # A standby let go gives its blocks back to the spares.
+    _standby.STANDBYS.wait_for_starts(30)
+    [standby] = _standby.STANDBYS._ready
+    held = {id(a) for a in standby.blocks}
+    _standby.STANDBYS.clear()
+    assert held and held <= {id(a) for a in _spare.SPARES._blocks}

@@ -46,6 +46,7 @@ from ._wire import (
     _OUTCOME,
     _READY,
     _SLEEPING_MESSAGE,
+    _STANDBY_STAGE,
     _STARTED_MESSAGE,
     _STOP,
     _STOPPED,
@@ -94,10 +95,17 @@ class _Server:
     """The worker process's side: applies the stage to each batch the parent sends."""
 
     def __init__(
-        self, conn: Connection, stage: Stage, cpu_time: Callable[[], float] = process_time
+        self,
+        conn: Connection,
+        stage: Stage,
+        cpu_time: Callable[[], float] = process_time,
+        premapped: dict[int, _Arena] | None = None,
     ) -> None:
         self.conn = conn
         self.stage = stage
+        # Blocks mapped before the stage came (a standby's): each becomes an inbox or an
+        # outbox when a message first names it.
+        self.premapped = premapped or {}
         self.cpu_time = cpu_time  # the CPU this worker used so far (its process's, or thread's)
         self.inboxes: dict[int, _Arena] = {}  # the parent writes batches' big buffers there
         self.outboxes: dict[int, _Arena] = {}  # this side writes results' big buffers there
@@ -123,7 +131,7 @@ class _Server:
         finally:
             if self.sock is not None:
                 self.sock.close()
-            for arena in self.inboxes.values():
+            for arena in (*self.inboxes.values(), *self.premapped.values()):
                 arena.close()
             for arena in self.outboxes.values():
                 self._close_outbox(arena)
@@ -183,13 +191,14 @@ class _Server:
             del self.outboxes[box.ident]  # the placer unmaps it after its last array
         return _pack(answer._replace(inbox_kept=self._let_go(source), outbox_kept=kept))
 
-    @staticmethod
-    def _block(blocks: dict[int, _Arena], info: _Block, fds: list[int]) -> _Arena:
+    def _block(self, blocks: dict[int, _Arena], info: _Block, fds: list[int]) -> _Arena:
         ident, name, size = info
         if name == _BY_FD:  # a block another worker used: its descriptor came with the message
             blocks[ident] = _Arena.adopt(ident, fds.pop(0), size)
         elif name is not None:  # a new one: map it
             blocks[ident] = _Arena.attach(ident, name, size)
+        elif ident not in blocks:  # mapped while this process waited for its stage
+            blocks[ident] = self.premapped.pop(ident)
         return blocks[ident]
 
     def _receive_fds(self, count: int) -> list[int]:
@@ -353,12 +362,29 @@ def _standby_main(conn: Connection, probe: Connection) -> None:
     is a worker process like any other. It ends quietly when the parent lets it go."""
     _settle_in_process()
     placer()  # NumPy's allocator of arrays in shared memory (if loaded): 0.7 ms, made now
+    premapped: dict[int, _Arena] = {}
     try:
-        name, blob = pickle.loads(conn.recv_bytes())
+        while True:
+            message = pickle.loads(conn.recv_bytes())
+            if message[0] == _STANDBY_STAGE:
+                break
+            _premap(conn, message[1], premapped)
     except (EOFError, OSError):
         return
+    _, name, blob = message
     current_process().name = name
-    _serve_stage(conn, blob, False, probe)
+    _serve_stage(conn, blob, False, probe, premapped)
+
+
+def _premap(conn: Connection, blocks: list[tuple[int, int]], into: dict[int, _Arena]) -> None:
+    """Map the spare blocks the parent sent a standby (their descriptors follow the
+    message), each for writing in one go: the faults a worker would take on its first
+    messages, taken while it waits."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        _, fds, _, _ = socket.recv_fds(sock, 1, len(blocks))
+    for (ident, size), fd in zip(blocks, fds, strict=True):
+        arena = into[ident] = _Arena.adopt(ident, fd, size)
+        arena.populate(size)
 
 
 def _settle_in_process() -> None:
@@ -370,7 +396,11 @@ def _settle_in_process() -> None:
 
 
 def _serve_stage(
-    conn: Connection, blob: bytes, interpreter: bool, probe: Connection | None
+    conn: Connection,
+    blob: bytes,
+    interpreter: bool,
+    probe: Connection | None,
+    premapped: dict[int, _Arena] | None = None,
 ) -> None:
     """Load the stage, run on_start, answer batches until STOP, run on_stop."""
     if probe is not None:
@@ -395,7 +425,8 @@ def _serve_stage(
     set_worker_state(state)
     conn.send_bytes(pickle.dumps((_READY,), 5))
     # In a subinterpreter, this thread's CPU time is the worker's (the process's is everyone's).
-    if not _Server(conn, stage, thread_time if interpreter else process_time).serve():
+    cpu_time = thread_time if interpreter else process_time
+    if not _Server(conn, stage, cpu_time, premapped).serve():
         return
     error = None
     if stage.on_stop is not None:

@@ -33,7 +33,9 @@ SHM_THRESHOLD = 64 * 1024
 _OOB, _PID, _ECHO = range(3)
 _Desc = tuple[int, int, int]  # offset, size, place
 
-# Messages (pickled), parent -> child: a `_BatchMessage`, or (_STOP,);
+# Messages (pickled), parent -> child: a `_BatchMessage`, or (_STOP,); to a standby
+# (`_standby`), before those: (_STANDBY_BLOCKS, [(id, size), ...]) (the blocks'
+# descriptors follow), then (_STANDBY_STAGE, worker name, stage blob);
 # child -> parent, in the order of the batches: an `_OutcomeMessage`, or one of
 #   (_READY,), (_FAILED, what, error), (_STARTED,), (_SLEEPING,), (_STOPPED, error | None),
 #   (_LOAD_FAILED, error, inbox_kept)
@@ -41,6 +43,7 @@ _Desc = tuple[int, int, int]  # offset, size, place
 # plain tuples (`_pack`; the receiver rebuilds them with ``_make``): a NamedTuple is
 # pickled by class, which costs about 4 us more each way, message after message.
 _BATCH, _STOP, _READY, _FAILED, _OUTCOME, _LOAD_FAILED, _STARTED, _SLEEPING, _STOPPED = range(9)
+_STANDBY_BLOCKS, _STANDBY_STAGE = range(9, 11)
 
 _Block = tuple[int, "str | None", int]
 """A shared-memory block: its id, its name when the receiver has not mapped it yet

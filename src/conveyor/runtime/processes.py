@@ -208,6 +208,8 @@ from ._wire import (
     _LOAD_FAILED,
     _READY,
     _SLEEPING,
+    _STANDBY_BLOCKS,
+    _STANDBY_STAGE,
     _STARTED,
     _STOP_MESSAGE,
     _STOPPED,
@@ -510,6 +512,8 @@ class _Child:
         # Shared memory: requests' big buffers go to inboxes, answers' to outboxes.
         self.inboxes: list[_Arena] = []
         self.outboxes: list[_Arena] = []
+        # Blocks the child mapped before it had a stage (a standby's): used before new ones.
+        self.premapped: list[_Arena] = []
         self.outbox_need = 0  # an answer did not fit: the next outbox must hold this much
         self._forget: list[int] = []  # blocks the child is to unmap with the next message
         self._reserved: set[int] = set()  # blocks a message in flight uses
@@ -771,10 +775,15 @@ class _Child:
         SPARES.dispose(arena, free, SPARE_BYTES)
         self._forget.append(arena.ident)
 
-    def _new_arena(self, size: int, flight: _Flight) -> tuple[_Arena, str]:
-        """A block for the child to map: a spare one (faulted in already: sent by its
-        descriptor), or a new one (by its name); and how the message announces it."""
+    def _new_arena(self, size: int, flight: _Flight) -> tuple[_Arena, str | None]:
+        """A block for the child to use: one it mapped before its stage came (announced
+        as known: None), a spare one (faulted in already: sent by its descriptor), or a
+        new one (by its name); and how the message announces it."""
         size = max(size, SHM_MESSAGE_LIMIT)
+        for arena in self.premapped:
+            if arena.size >= size:
+                self.premapped.remove(arena)
+                return arena, None
         spare = SPARES.take(size)
         if spare is not None:
             spare.ident = next(self._idents)
@@ -842,10 +851,11 @@ class _Child:
                     for arena in flight.named:
                         arena.unlink()
                     flying.update(id(a) for a in (flight.inbox, flight.outbox) if a is not None)
-                for arena in (*self.inboxes, *self.outboxes):
+                for arena in (*self.inboxes, *self.outboxes, *self.premapped):
                     SPARES.dispose(arena, ended and id(arena) not in flying, SPARE_BYTES)
                 self.inboxes.clear()
                 self.outboxes.clear()
+                self.premapped.clear()
                 if self._sock is not None:
                     self._sock.close()
             return self.exitcode
@@ -1073,16 +1083,21 @@ class _Worker:
             return None
         process, conn, probe = standby.process, standby.conn, standby.probe
         try:
-            conn.send_bytes(pickle.dumps((name, self.blob), 5))
+            conn.send_bytes(pickle.dumps((_STANDBY_STAGE, name, self.blob), 5))
         except OSError:  # it ended meanwhile
             for end in (conn, probe):
                 end.close()
             process.join(KILL_GRACE)
+            for arena in standby.blocks:
+                SPARES.dispose(arena, True, SPARE_BYTES)
             return None
         process.name = name
         if not runtime.probes:
             probe.close()  # its probe thread sees the end and stops
-        return _Child(process, conn, runtime.abort_reader, probe if runtime.probes else None)
+        child = _Child(process, conn, runtime.abort_reader, probe if runtime.probes else None)
+        child.premapped = list(standby.blocks)  # their ids are their places in the list
+        child._idents = itertools.count(len(standby.blocks))
+        return child
 
     def _read(self, child: _Child) -> tuple[Any, ...] | None:
         """The child's next answer from the pipe; None when it ended (or was killed for
@@ -1316,7 +1331,29 @@ def _start_standby(context: Any) -> Standby:
     finally:
         theirs.close()
         probe_end.close()
-    return Standby(process, ours, probe, data)
+    return Standby(process, ours, probe, data, _premap(ours))
+
+
+def _premap(conn: Connection) -> list[_Arena]:
+    """Give a standby the spare blocks free now, for it to map while it waits; return
+    them (their ids: their places in the list)."""
+    blocks: list[_Arena] = []
+    if not _POSIX:
+        return blocks
+    while (arena := SPARES.take(SHM_MESSAGE_LIMIT)) is not None:
+        arena.ident = len(blocks)
+        blocks.append(arena)
+    if not blocks:
+        return blocks
+    try:
+        conn.send_bytes(pickle.dumps((_STANDBY_BLOCKS, [(a.ident, a.size) for a in blocks]), 5))
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            socket.send_fds(sock, [b"F"], [a.fd for a in blocks if a.fd is not None])
+    except OSError:  # it ended: the blocks are spare again
+        for arena in blocks:
+            SPARES.dispose(arena, True, SPARE_BYTES)
+        return []
+    return blocks
 
 
 def _lanes(stage: Stage) -> int:
@@ -1530,3 +1567,5 @@ class ProcessRuntime(Runtime):
 
 
 RUNTIME = ProcessRuntime
+
+STANDBYS.spare_bytes = lambda: SPARE_BYTES  # the budget a let-go standby's blocks return under

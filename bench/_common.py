@@ -111,3 +111,14 @@ def write_json(path: str, workloads: dict[str, dict[str, Any]]) -> None:
         "workloads": workloads,
     }
     Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def settle() -> None:
+    """Wait for what a run of process stages leaves going in the background: the start of
+    standby worker processes (conveyor.runtime._standby), a few milliseconds of another
+    core's time after the run's end. A benchmark calls it after each conveyor run, before
+    timing a reference or a peer, which that work would otherwise slow down. (A conveyor
+    from before standbys has nothing to wait for.)"""
+    standby = sys.modules.get("conveyor.runtime._standby")
+    if standby is not None:
+        standby.STANDBYS.wait_for_starts(30)

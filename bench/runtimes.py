@@ -95,6 +95,8 @@ def measure(
     right after the same neighbour. With --reference-only, only the
     candidates named in ``keep`` run.
     """
+    from _common import settle  # bench/_common.py, on sys.path once main() runs
+
     names = [name for name in candidates if not REFERENCE_ONLY or name in keep]
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(rounds + 1):
@@ -103,6 +105,7 @@ def measure(
             started = time.perf_counter()
             candidates[name]()
             elapsed = time.perf_counter() - started
+            settle()  # a standby worker a conveyor run's end starts: not during the next
             if round_:  # round 0 is the warm-up
                 times[name].append(elapsed)
         print(f"  round {round_}/{rounds} done", file=sys.stderr)

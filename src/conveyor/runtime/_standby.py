@@ -7,26 +7,28 @@ it and boots): 5 to 8 ms before the first item here, on a run that may
 last 100 ms. A process started that way and waiting has done all of it:
 given its stage (one message) it loads it, runs on_start and says ready.
 
-A standby is also given the spare blocks free when it starts (`_spare`), and
-maps each for writing while it waits: the page faults a new worker takes on
-its first messages (about 4 ms of a run of 1 MiB arrays here). The worker
-that takes it uses them before any other block.
-
 So when a worker process ends at the end of its input, a replacement is
 started in the background (a thread of its own: the run that ended does not
 wait for it) and kept waiting, up to ``STANDBY_PROCESSES`` of them (a
 setting of `conveyor.runtime.processes`); the next worker to start takes
 one instead of starting a process. Not at the end of the program's first
 run of worker processes, though: a program that runs one pipeline (a
-``conveyor run``) would start a standby only to end it. A standby is forked from the forkserver
-like any worker and has run nothing of the program's: it is the process a
-start would give, as long as what that start would send it is the same
-(multiprocessing's preparation data: the current directory, ``sys.path``,
-the main module). One started under other data is let go, not used.
+``conveyor run``) would start a standby only to end it.
 
-Only for the forkserver start method: a process started with "spawn"
-inherits the environment of its start and one started with "fork" the
-parent's memory as it was then, which a standby would keep from before.
+A standby is forked from the forkserver like any worker and has run nothing
+of the program's: it is the process a start would give, as long as what
+that start would send it is the same (multiprocessing's preparation data:
+the current directory, ``sys.path``, the main module). One started under
+other data is let go, not used. Only for the forkserver start method: a
+process started with "spawn" inherits the environment of its start and one
+started with "fork" the parent's memory as it was then, which a standby
+would keep from before.
+
+A standby is also given the spare blocks free when it starts (`_spare`), and
+maps each for writing while it waits: the page faults a new worker takes on
+its first messages (about 4 ms of a run of 1 MiB arrays here). The worker
+that takes it uses them before any other block; a standby let go gives them
+back to the spares.
 
 A standby waits on its pipe; it ends when the parent lets it go (closing its
 end) or ends. multiprocessing terminates the daemonic children left at the

@@ -114,11 +114,12 @@ def write_json(path: str, workloads: dict[str, dict[str, Any]]) -> None:
 
 
 def settle() -> None:
-    """Wait for what a run of process stages leaves going in the background: the start of
-    standby worker processes (conveyor.runtime._standby), a few milliseconds of another
-    core's time after the run's end. A benchmark calls it after each conveyor run, before
+    """Wait for what a run of process stages leaves going in the background: its worker
+    processes finishing their exit, then the start of standby worker processes
+    (conveyor.runtime.processes.settle), a few milliseconds of another core's time after
+    the run's end. A benchmark calls it after each conveyor run, before
     timing a reference or a peer, which that work would otherwise slow down. (A conveyor
     from before standbys has nothing to wait for.)"""
-    standby = sys.modules.get("conveyor.runtime._standby")
-    if standby is not None:
-        standby.STANDBYS.wait_for_starts(30)
+    processes = sys.modules.get("conveyor.runtime.processes")
+    if processes is not None and hasattr(processes, "settle"):
+        processes.settle()

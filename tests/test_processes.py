@@ -810,8 +810,9 @@ def times_two(a: Any) -> Any:
 @pytest.fixture
 def no_standbys(monkeypatch: pytest.MonkeyPatch) -> None:
     """The spare blocks on their own: no standby worker (which takes spare blocks to map
-    ahead) is kept or started."""
+    ahead) is kept or started, and no earlier worker's exit still to give blocks back."""
     monkeypatch.setattr(processes, "STANDBY_PROCESSES", 0)
+    processes.settle()
     _standby.STANDBYS.clear()
 
 
@@ -840,6 +841,7 @@ def test_a_block_is_never_reused_while_a_result_still_views_it(
 
     factor = 1 if fn is echo else 2
     list(cv.Pipeline(arrays(0)).map(fn, runtime="process"))  # leaves spare blocks behind
+    processes.settle()  # once its worker has exited
     taken = counting_spares_taken(monkeypatch)
     held = list(cv.Pipeline(arrays(100)).map(fn, runtime="process", workers=2))
     assert taken  # the workers got blocks an earlier run had faulted in
@@ -875,6 +877,7 @@ def test_blocks_the_last_results_view_become_spare_once_the_caller_drops_them(
     arrays = [numpy.full(1 << 17, i, dtype=numpy.float64) for i in range(16)]
     _spare.SPARES.clear()
     held = list(cv.Pipeline(arrays).map(echo, runtime="process"))  # views of the blocks
+    processes.settle()  # the worker's exit, after which its blocks are spare
     # The workers have ended while the caller holds these: their blocks are kept, in use.
     assert any(a.in_use() for a in _spare.SPARES._blocks)
     taken = counting_spares_taken(monkeypatch)
@@ -901,6 +904,7 @@ def test_spare_blocks_stay_within_their_budget_and_none_are_kept_with_a_budget_o
     spares.clear()
     arrays = [numpy.full(1 << 17, i, dtype=numpy.float64) for i in range(32)]
     out = list(cv.Pipeline(arrays).map(times_two, runtime="process", workers=2))
+    processes.settle()  # the workers' exits, after which their blocks are spare
     assert all(numpy.all(b == 2 * i) for i, b in enumerate(out))
     kept = sum(a.size for a in spares._blocks)
     assert 0 < kept <= spares.held <= limit  # descriptors too: only within the budget
@@ -908,6 +912,7 @@ def test_spare_blocks_stay_within_their_budget_and_none_are_kept_with_a_budget_o
     spares.clear()
     assert spares.held == 0
     out = list(cv.Pipeline(arrays).map(times_two, runtime="process", workers=2))
+    processes.settle()
     assert all(numpy.all(b == 2 * i) for i, b in enumerate(out))
     assert spares._blocks == [] and spares.held == 0
 
@@ -922,6 +927,7 @@ def spares_held(conn: Any) -> None:
 def test_a_forked_process_does_not_inherit_the_spare_blocks_to_hand_out() -> None:
     arrays = [numpy.full(1 << 17, i, dtype=numpy.float64) for i in range(8)]
     list(cv.Pipeline(arrays).map(times_two, runtime="process"))
+    processes.settle()
     assert _spare.SPARES._blocks  # this process has some
     context = multiprocessing.get_context("fork")
     ours, theirs = context.Pipe()
@@ -946,6 +952,7 @@ def test_a_killed_worker_leaves_no_spare_block_in_flight_and_no_segment(
 
     arrays = [numpy.full(1 << 17, i, dtype=numpy.float64) for i in range(12)]
     list(cv.Pipeline(arrays).map(times_two, runtime="process"))  # spare blocks for the next
+    processes.settle()
     taken = counting_spares_taken(monkeypatch)
     out = list(cv.Pipeline(arrays).map(die_on_five, runtime="process", retries=1, on_error="skip"))
     assert taken
@@ -1388,7 +1395,7 @@ def standbys_after_a_run(workers: int = 1) -> list[int]:
     _standby.STANDBYS.clear()
     for _ in range(2):
         list(cv.Pipeline(range(workers * 4)).map(own_pid, runtime="process", workers=workers))
-        _standby.STANDBYS.wait_for_starts(30)
+        processes.settle()
         if _standby.STANDBYS.pids():
             break
     return _standby.STANDBYS.pids()
@@ -1400,7 +1407,7 @@ def test_the_next_run_takes_the_standby_the_last_one_left_and_names_it_as_its_wo
     out = list(cv.Pipeline([1, 2, 3]).map(own_pid, runtime="process", name="ids"))
     assert set(out) == {(standby, "conveyor-ids-0")}
     # That run's end started another, for the next.
-    _standby.STANDBYS.wait_for_starts(30)
+    processes.settle()
     assert len(_standby.STANDBYS.pids()) == 1
     assert _standby.STANDBYS.pids() != [standby]
 
@@ -1472,20 +1479,20 @@ def test_a_forked_process_does_not_inherit_the_standbys() -> None:
 STANDBY_SCRIPT = """
 import os, sys
 import conveyor as cv
-from conveyor.runtime import _standby
+from conveyor.runtime import _standby, processes
 
 def pid(_):
     return os.getpid()
 
 if __name__ == "__main__":
     first = list(cv.Pipeline([1]).map(pid, runtime="process"))
-    _standby.STANDBYS.wait_for_starts(30)
+    processes.settle()
     assert _standby.STANDBYS.pids() == []  # one run: none (a program may run no other)
     second = list(cv.Pipeline([1]).map(pid, runtime="process"))
-    _standby.STANDBYS.wait_for_starts(30)
+    processes.settle()
     [standby] = _standby.STANDBYS.pids()
     print(standby, flush=True)
-    # The program ends with a standby waiting, and another one starting.
+    # The program ends with a standby waiting, its worker exiting, another one starting.
     third = list(cv.Pipeline([1]).map(pid, runtime="process"))
     assert third == [standby], (third, standby)
 """
@@ -1518,7 +1525,7 @@ def test_a_standby_maps_the_spare_blocks_ahead_and_its_worker_uses_them_first(
     _standby.STANDBYS.clear()
     for _ in range(2):  # as in standbys_after_a_run
         list(cv.Pipeline(arrays).map(times_two, runtime="process"))
-        _standby.STANDBYS.wait_for_starts(30)
+        processes.settle()
     [standby] = _standby.STANDBYS._ready
     assert standby.blocks  # the blocks that run's worker left
     created = counting_blocks_created(monkeypatch)
@@ -1540,8 +1547,28 @@ def test_a_standby_maps_the_spare_blocks_ahead_and_its_worker_uses_them_first(
     assert len(created) <= len(announced) - len(first)
     assert our_segments() == []
     # A standby let go gives its blocks back to the spares.
-    _standby.STANDBYS.wait_for_starts(30)
+    processes.settle()
     [standby] = _standby.STANDBYS._ready
     held = {id(a) for a in standby.blocks}
     _standby.STANDBYS.clear()
     assert held and held <= {id(a) for a in _spare.SPARES._blocks}
+
+
+def plus_one(x: int) -> int:
+    return x + 1
+
+
+def test_back_to_back_runs_never_race_for_a_workers_exit_status() -> None:
+    # Regression: workers exit in the background after a run, standbys start meanwhile,
+    # and every Process.start() polls every child: two threads read one forkserver
+    # child's exit status (four bytes on its sentinel) and the second waited for ever,
+    # hanging a start (1 in 4 of such sequences of 100 runs hung, others lost a worker).
+    for _ in range(100):
+        result = (
+            cv.Pipeline(range(6))
+            .map(plus_one, runtime="process", workers=3)
+            .map(plus_one, runtime="process", workers=2)
+            .run(collect=True)
+        )
+        assert sorted(result.outputs) == [x + 2 for x in range(6)]
+    processes.settle()

@@ -47,6 +47,7 @@ from multiprocessing import spawn
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 
+from . import _process_table
 from ._spare import SPARES
 from ._wire import _Arena
 
@@ -105,15 +106,21 @@ class _Standbys:
                 if not self._ready:
                     return None
                 standby = self._ready.pop()
-            if standby.prepared == now and standby.process.is_alive():
+            if standby.prepared == now and _process_table.alive(standby.process):
                 return standby
             self._let_go(standby)
 
     def replenish(
-        self, context: Any, start: Callable[[], Standby], limit: int, run: object
+        self,
+        context: Any,
+        start: Callable[[], Standby],
+        limit: int,
+        run: object,
+        here: bool = False,
     ) -> None:
-        """Start a standby in the background unless ``limit`` are there or starting, or
-        this is the first ``run`` (a runtime) of the program to end a worker."""
+        """Start a standby unless ``limit`` are there or starting, or this is the first
+        ``run`` (a runtime) of the program to end a worker: in this thread with ``here``
+        (a background thread already), else in a thread of its own."""
         if not eligible(context) or os.getpid() != self._pid:
             return
         with self._lock:
@@ -122,11 +129,17 @@ class _Standbys:
                 self._runs += 1
             if self._runs < 2 or len(self._ready) + len(self._starting) >= limit:
                 return
-            thread = threading.Thread(
-                target=self._start, args=(start,), name="conveyor-standby-start", daemon=True
-            )
+            if here:
+                thread = threading.current_thread()
+            else:
+                thread = threading.Thread(
+                    target=self._start, args=(start,), name="conveyor-standby-start", daemon=True
+                )
             self._starting.append(thread)
-        thread.start()
+        if here:
+            self._start(start)
+        else:
+            thread.start()
 
     def _start(self, start: Callable[[], Standby]) -> None:
         standby = None
@@ -143,7 +156,7 @@ class _Standbys:
     def wait_for_starts(self, timeout: float) -> None:
         """Wait (at most ``timeout`` seconds each) for the starts under way to be done."""
         with self._lock:
-            starting = list(self._starting)
+            starting = [t for t in self._starting if t is not threading.current_thread()]
         for thread in starting:
             thread.join(timeout)
 
@@ -168,12 +181,12 @@ class _Standbys:
             with contextlib.suppress(OSError):
                 conn.close()
         process = standby.process
-        process.join(1.0)
-        if process.exitcode is None:
+        _process_table.join(process, 1.0)
+        if _process_table.exitcode(process) is None:
             process.kill()
-            process.join()
+            _process_table.join(process)
         with contextlib.suppress(ValueError):
-            process.close()
+            _process_table.close(process)
         for arena in standby.blocks:
             SPARES.dispose(arena, True, self.spare_bytes())
 

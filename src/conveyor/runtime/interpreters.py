@@ -279,6 +279,7 @@ class InterpreterRuntime(ProcessRuntime):
     stopped_overrun = "was given up (its on_stop runs on in the background)"
     # A stall report shows the lane's stack: a worker interpreter takes its one socket.
     probes = False
+    exits_in_background = False  # a worker's end is its interpreter's: waited for, as ever
 
     def __init__(self) -> None:
         if os.name != "posix":  # a socket's end crosses as a file descriptor; untested elsewhere

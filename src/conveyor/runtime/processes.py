@@ -162,6 +162,7 @@ Failures
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import os
@@ -198,7 +199,7 @@ from ..policy import (
 )
 from ..remote import rebuild, restore
 from ..stage import Failure, Stage
-from . import _forkserver_main
+from . import _forkserver_main, _process_table
 from ._child import _child_main, _PackedError, _stage_blob, _standby_main
 from ._spare import SPARES
 from ._standby import STANDBYS, Standby, prepared
@@ -242,6 +243,7 @@ __all__ = [
     "START_METHOD",
     "ProcessRuntime",
     "RemoteTraceback",
+    "settle",
     "shm_prefix",
     "start_method",
 ]
@@ -822,18 +824,18 @@ class _Child:
             if self._closed:
                 return self.exitcode
             process = self.process
-            process.join(grace)
-            if process.exitcode is None:
+            _process_table.join(process, grace)
+            if _process_table.exitcode(process) is None:
                 self.signal(kill=False)
-                process.join(KILL_GRACE)
-            if process.exitcode is None:
+                _process_table.join(process, KILL_GRACE)
+            if _process_table.exitcode(process) is None:
                 self.signal(kill=True)
-                process.join()
+                _process_table.join(process)
             with self._lock:
-                self.exitcode = process.exitcode
+                self.exitcode = _process_table.exitcode(process)
                 self._closed = True
                 with contextlib.suppress(ValueError):
-                    process.close()
+                    _process_table.close(process)
             self.conn.close()
             with self._probe_lock:
                 if self.probe is not None:
@@ -941,17 +943,23 @@ class _Worker:
         child, self.child = self.child, None
         if child is None:
             return
-        if graceful and not child.dead:
-            self._stop_gently(child)
-        self.runtime.forget(child, EXIT_GRACE if graceful else 0.0)
-        if graceful:  # the next worker, of this run or another, need not start a process
-            context = self.runtime.context
-            start = partial(_start_standby, context)
-            STANDBYS.replenish(context, start, STANDBY_PROCESSES, self.runtime)
+        runtime = self.runtime
+        stopped = graceful and not child.dead and self._stop_gently(child)
+        if stopped and runtime.exits_in_background:
+            # It said on_stop ran: what is left is its exit (unmapping its blocks, the
+            # kernel freeing its memory: 3 ms of a 512 MiB run), which the run need not
+            # wait for. The run forgets it at once; a thread of its own waits for it,
+            # then starts a standby (once the blocks are spare again, for it to map).
+            runtime.let_exit(child, partial(_replenish, runtime, True))
+            return
+        runtime.forget(child, EXIT_GRACE if graceful else 0.0)
+        if graceful:
+            _replenish(runtime, False)
 
-    def _stop_gently(self, child: _Child) -> None:
+    def _stop_gently(self, child: _Child) -> bool:
         """Ask the child to run on_stop and exit; on_stop's error fails the run. A child
-        whose on_stop has not returned within the stage's ``stop_timeout`` is killed."""
+        whose on_stop has not returned within the stage's ``stop_timeout`` is killed.
+        True when it said it stopped (on_stop done, well or not)."""
         child.timed_out = False
         try:
             child.conn.send_bytes(_STOP_MESSAGE)
@@ -959,14 +967,17 @@ class _Worker:
             with self.sr.metrics.in_hook("on_stop", probe=child):
                 message = self._read(child)
         except (OSError, ShutDown):
-            return
+            return False
         if message is None and child.timed_out:
             worker = f"{self.runtime.worker} {child.process.name} (pid {child.pid})"
             warn_stop_overran(self.stage, worker, self.runtime.stopped_overrun)
-        if message is not None and message[0] == _STOPPED and message[1] is not None:
+        if message is None or message[0] != _STOPPED:
+            return False
+        if message[1] is not None:
             error = _unpack_error(message[1])
             add_note(error, f"conveyor: on_stop of stage {self.stage.label} failed")
             self.sr.control.fail(error)
+        return True
 
     # ------------------------------------------------------------------ probes
 
@@ -1062,7 +1073,7 @@ class _Worker:
         process = runtime.context.Process(target=_child_main, args=args, name=name, daemon=True)
         try:
             with _pseudo_main_file.hidden(), _sigint_held(runtime.context):
-                process.start()
+                _process_table.start(process)
         except RuntimeError as exc:
             if probe is not None:
                 probe.close()
@@ -1087,7 +1098,7 @@ class _Worker:
         except OSError:  # it ended meanwhile
             for end in (conn, probe):
                 end.close()
-            process.join(KILL_GRACE)
+            _process_table.join(process, KILL_GRACE)
             for arena in standby.blocks:
                 SPARES.dispose(arena, True, SPARE_BYTES)
             return None
@@ -1313,6 +1324,14 @@ class _Worker:
         return error
 
 
+def _replenish(runtime: ProcessRuntime, here: bool) -> None:
+    """Start a standby (in this thread with ``here``): the next worker, of this run or
+    another, need not start a process."""
+    context = runtime.context
+    start = partial(_start_standby, context)
+    STANDBYS.replenish(context, start, STANDBY_PROCESSES, runtime, here)
+
+
 def _start_standby(context: Any) -> Standby:
     """Start a standby worker process of ``context`` (in a thread of ``_standby``'s)."""
     ours, theirs = context.Pipe()
@@ -1323,7 +1342,7 @@ def _start_standby(context: Any) -> Standby:
     )
     try:
         with _pseudo_main_file.hidden(), _sigint_held(context):
-            process.start()
+            _process_table.start(process)
     except BaseException:
         ours.close()
         probe.close()
@@ -1354,6 +1373,31 @@ def _premap(conn: Connection) -> list[_Arena]:
             SPARES.dispose(arena, True, SPARE_BYTES)
         return []
     return blocks
+
+
+_exiting: set[threading.Thread] = set()  # threads of `ProcessRuntime.let_exit` at work
+_exiting_lock = threading.Lock()
+
+
+def settle(timeout: float = 30.0) -> None:
+    """Wait (at most ``timeout`` seconds for each) for what the ends of runs left going in
+    the background: worker processes finishing their exit, then the standby starts that
+    follow. For tests and benchmarks; a program never needs it."""
+    _wait_for_exits(timeout)
+    STANDBYS.wait_for_starts(timeout)
+
+
+def _wait_for_exits(timeout: float) -> None:
+    with _exiting_lock:
+        exiting = list(_exiting)
+    for thread in exiting:
+        thread.join(timeout)
+
+
+# At the interpreter's exit, before multiprocessing reaps the children it has left (an
+# exit handler registered earlier runs later) and the standbys are let go: workers
+# still exiting are waited for, so that nobody else polls them meanwhile.
+atexit.register(_wait_for_exits, EXIT_GRACE + KILL_GRACE + 1.0)
 
 
 def _lanes(stage: Stage) -> int:
@@ -1455,6 +1499,9 @@ class ProcessRuntime(Runtime):
     probes = True
     """Whether each worker gets a probe pipe, on which a stall report asks where its code
     is (`_child._answer_probes`)."""
+    exits_in_background = True
+    """Whether a worker that stopped at the end of its input may finish exiting after the
+    run (`let_exit`)."""
 
     def __init__(self, context: Any = None) -> None:
         """``context``: where workers start (its ``Process`` and ``Pipe``); None: the
@@ -1528,6 +1575,26 @@ class ProcessRuntime(Runtime):
         if aborted:
             self.forget(child, 0.0)
             raise ShutDown
+
+    def let_exit(self, child: _Child, then: Callable[[], None] | None) -> None:
+        """Stop tracking a child that has stopped, and close it (see `_Child.close`) in a
+        thread of its own, then call ``then``."""
+        with self._lock:
+            self._children.discard(child)
+
+        def close() -> None:
+            try:
+                child.close(EXIT_GRACE)
+                if then is not None:
+                    then()
+            finally:
+                with _exiting_lock:
+                    _exiting.discard(thread)
+
+        thread = threading.Thread(target=close, name=f"{child.process.name}-exit", daemon=True)
+        with _exiting_lock:
+            _exiting.add(thread)
+        thread.start()
 
     def forget(self, child: _Child, grace: float) -> int | None:
         """Close a child (see `_Child.close`) and stop tracking it; return its exit code."""

@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 import pytest
 
+from conveyor.runtime._background import THREAD_NAME as BACKGROUND_THREAD
+
 WAIT = 10.0
 """Upper bound of every wait in these tests: far above what any of them needs."""
 
@@ -26,8 +28,14 @@ PROMPT = 1.0
 
 
 def conveyor_threads() -> list[str]:
-    """Names of the live threads conveyor started (all are named ``conveyor-*``)."""
-    return [t.name for t in threading.enumerate() if t.name.startswith("conveyor-")]
+    """Names of the live threads conveyor started for runs (all are named ``conveyor-*``):
+    not the process runtime's one background thread, which lives as long as the program
+    once started (as the forkserver does; see conveyor.runtime._background)."""
+    return [
+        t.name
+        for t in threading.enumerate()
+        if t.name.startswith("conveyor-") and t.name != BACKGROUND_THREAD
+    ]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:

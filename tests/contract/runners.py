@@ -25,6 +25,7 @@ from process_events import WAIT
 import conveyor as cv
 from conveyor.metrics import RunResult
 from conveyor.runtime import processes
+from conveyor.runtime._background import THREAD_NAME as BACKGROUND_THREAD
 from conveyor.stage import RuntimeName
 
 if TYPE_CHECKING:
@@ -317,19 +318,25 @@ def _where_made(warning: warnings.WarningMessage) -> str:
     return str(warning.message) + ("" if made is None else "\n" + "\n".join(made.format()))
 
 
+def _run_threads() -> set[threading.Thread]:
+    """The live threads, but the process runtime's one background thread, which lives as
+    long as the program once started (as the forkserver does: conveyor.runtime._background)."""
+    return {t for t in threading.enumerate() if t.name != BACKGROUND_THREAD}
+
+
 class Leftovers:
     """The threads and processes started since this snapshot; `assert_none` waits
     (bounded) for them to end and fails naming those still there."""
 
     def __init__(self) -> None:
-        self.threads = set(threading.enumerate())
+        self.threads = _run_threads()
         self.processes = set(_children())
 
     def assert_none(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
-        for thread in set(threading.enumerate()) - self.threads:
+        for thread in _run_threads() - self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        threads = [t.name for t in set(threading.enumerate()) - self.threads]
+        threads = [t.name for t in _run_threads() - self.threads]
         started = set(_children()) - self.processes
         left = wait_gone(started, max(0.0, deadline - time.monotonic()))
         assert not threads and not left, f"left running: threads {threads}, processes {left}"
@@ -340,7 +347,7 @@ class Leftovers:
         non-daemon threads and the child processes to end, fails naming those still
         there; returns the names of the daemon threads left."""
         deadline = time.monotonic() + timeout
-        new = set(threading.enumerate()) - self.threads
+        new = _run_threads() - self.threads
         for thread in new:
             if not thread.daemon:
                 thread.join(max(0.0, deadline - time.monotonic()))

@@ -8,10 +8,11 @@ last 100 ms. A process started that way and waiting has done all of it:
 given its stage (one message) it loads it, runs on_start and says ready.
 
 So when a worker process ends at the end of its input, a replacement is
-started in the background (a thread of its own: the run that ended does not
-wait for it) and kept waiting, up to ``STANDBY_PROCESSES`` of them (a
-setting of `conveyor.runtime.processes`); the next worker to start takes
-one instead of starting a process. Not at the end of the program's first
+started in the background (the process runtime's background thread,
+``_background``: the run that ended does not wait for it) and kept
+waiting, up to ``STANDBY_PROCESSES`` of them (a setting of
+`conveyor.runtime.processes`); the next worker to start takes one instead
+of starting a process. Not at the end of the program's first
 run of worker processes, though: a program that runs one pipeline (a
 ``conveyor run``) would start a standby only to end it.
 
@@ -31,14 +32,13 @@ that takes it uses them before any other block; a standby let go gives them
 back to the spares.
 
 A standby waits on its pipe; it ends when the parent lets it go (closing its
-end) or ends. multiprocessing terminates the daemonic children left at the
-interpreter's exit; a start still under way then is waited for first, so
-that no half-started process reports a broken pipe.
+end) or ends. At the interpreter's exit the process runtime waits for its
+background thread (no half-started process then reports a broken pipe) and
+lets the standbys go, before multiprocessing reaps what is left.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import threading
@@ -54,7 +54,6 @@ from ._wire import _Arena
 __all__ = ["STANDBYS", "Standby", "eligible"]
 
 _METHOD = "forkserver"
-_EXIT_WAIT = 5.0  # seconds the interpreter's exit waits for a start under way
 
 
 class Standby(NamedTuple):
@@ -86,7 +85,6 @@ class _Standbys:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ready: list[Standby] = []
-        self._starting: list[threading.Thread] = []
         self._pid = os.getpid()
         # Runs that ended workers: a program's first is not taken for a sign of a second.
         self._runs = 0
@@ -111,54 +109,25 @@ class _Standbys:
             self._let_go(standby)
 
     def replenish(
-        self,
-        context: Any,
-        start: Callable[[], Standby],
-        limit: int,
-        run: object,
-        here: bool = False,
+        self, context: Any, start: Callable[[], Standby], limit: int, run: object
     ) -> None:
-        """Start a standby unless ``limit`` are there or starting, or this is the first
-        ``run`` (a runtime) of the program to end a worker: in this thread with ``here``
-        (a background thread already), else in a thread of its own."""
+        """Start a standby (in this thread: the process runtime's background one) unless
+        ``limit`` are there, or this is the first ``run`` (a runtime) of the program to
+        end a worker."""
         if not eligible(context) or os.getpid() != self._pid:
             return
         with self._lock:
             if id(run) != self._last_run:
                 self._last_run = id(run)
                 self._runs += 1
-            if self._runs < 2 or len(self._ready) + len(self._starting) >= limit:
+            if self._runs < 2 or len(self._ready) >= limit:
                 return
-            if here:
-                thread = threading.current_thread()
-            else:
-                thread = threading.Thread(
-                    target=self._start, args=(start,), name="conveyor-standby-start", daemon=True
-                )
-            self._starting.append(thread)
-        if here:
-            self._start(start)
-        else:
-            thread.start()
-
-    def _start(self, start: Callable[[], Standby]) -> None:
-        standby = None
         try:
             standby = start()
         except Exception:  # no standby then: the next worker starts as it would have
-            pass
-        finally:
-            with self._lock:
-                self._starting.remove(threading.current_thread())
-                if standby is not None:
-                    self._ready.append(standby)
-
-    def wait_for_starts(self, timeout: float) -> None:
-        """Wait (at most ``timeout`` seconds each) for the starts under way to be done."""
+            return
         with self._lock:
-            starting = [t for t in self._starting if t is not threading.current_thread()]
-        for thread in starting:
-            thread.join(timeout)
+            self._ready.append(standby)
 
     def pids(self) -> list[int]:
         """The process ids of the standbys there now."""
@@ -166,9 +135,8 @@ class _Standbys:
             return [s.process.pid for s in self._ready]
 
     def clear(self) -> None:
-        """Let every standby go, after the starts under way (tests; the interpreter's exit;
-        a program may call it to end the processes)."""
-        self.wait_for_starts(_EXIT_WAIT)
+        """Let every standby go (tests; the interpreter's exit; a program may call it to
+        end the processes and give their blocks back to the spares)."""
         with self._lock:
             ready, self._ready = self._ready, []
         for standby in ready:
@@ -194,7 +162,7 @@ class _Standbys:
         """In a process forked from this one: the standbys are the parent's; the child
         closes its copies of their pipes (so that they still see the parent end)."""
         self._lock = threading.Lock()
-        ready, self._ready, self._starting = self._ready, [], []
+        ready, self._ready = self._ready, []
         self._pid = os.getpid()
         for standby in ready:
             for conn in (standby.conn, standby.probe):
@@ -207,6 +175,5 @@ class _Standbys:
 STANDBYS = _Standbys()
 """The standby worker processes of this process."""
 
-atexit.register(STANDBYS.clear)  # before multiprocessing's own exit handler (registered earlier)
 if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=STANDBYS.forsake)

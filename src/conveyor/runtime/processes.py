@@ -200,9 +200,11 @@ from ..policy import (
 from ..remote import rebuild, restore
 from ..stage import Failure, Stage
 from . import _forkserver_main, _process_table
+from ._background import BACKGROUND
 from ._child import _child_main, _PackedError, _stage_blob, _standby_main
 from ._spare import SPARES
 from ._standby import STANDBYS, Standby, prepared
+from ._standby import eligible as standby_eligible
 from ._wire import (
     _BATCH,
     _BY_FD,
@@ -950,11 +952,11 @@ class _Worker:
             # kernel freeing its memory: 3 ms of a 512 MiB run), which the run need not
             # wait for. The run forgets it at once; a thread of its own waits for it,
             # then starts a standby (once the blocks are spare again, for it to map).
-            runtime.let_exit(child, partial(_replenish, runtime, True))
+            runtime.let_exit(child, partial(_replenish, runtime))
             return
         runtime.forget(child, EXIT_GRACE if graceful else 0.0)
-        if graceful:
-            _replenish(runtime, False)
+        if graceful and standby_eligible(runtime.context):
+            BACKGROUND.submit(partial(_replenish, runtime))
 
     def _stop_gently(self, child: _Child) -> bool:
         """Ask the child to run on_stop and exit; on_stop's error fails the run. A child
@@ -1324,12 +1326,11 @@ class _Worker:
         return error
 
 
-def _replenish(runtime: ProcessRuntime, here: bool) -> None:
-    """Start a standby (in this thread with ``here``): the next worker, of this run or
+def _replenish(runtime: ProcessRuntime) -> None:
+    """Start a standby (in the background thread): the next worker, of this run or
     another, need not start a process."""
     context = runtime.context
-    start = partial(_start_standby, context)
-    STANDBYS.replenish(context, start, STANDBY_PROCESSES, runtime, here)
+    STANDBYS.replenish(context, partial(_start_standby, context), STANDBY_PROCESSES, runtime)
 
 
 def _start_standby(context: Any) -> Standby:
@@ -1375,29 +1376,22 @@ def _premap(conn: Connection) -> list[_Arena]:
     return blocks
 
 
-_exiting: set[threading.Thread] = set()  # threads of `ProcessRuntime.let_exit` at work
-_exiting_lock = threading.Lock()
+def settle(timeout: float = 30.0) -> bool:
+    """Wait (at most ``timeout`` seconds) for what the ends of runs left to the background
+    thread (`_background`): worker processes finishing their exit, standbys starting.
+    Whether it is all done. For tests and benchmarks; a program never needs it."""
+    return BACKGROUND.wait(timeout)
 
 
-def settle(timeout: float = 30.0) -> None:
-    """Wait (at most ``timeout`` seconds for each) for what the ends of runs left going in
-    the background: worker processes finishing their exit, then the standby starts that
-    follow. For tests and benchmarks; a program never needs it."""
-    _wait_for_exits(timeout)
-    STANDBYS.wait_for_starts(timeout)
+def _at_exit() -> None:
+    """At the interpreter's exit, before multiprocessing reaps the children it has left (an
+    exit handler registered earlier runs later): the background thread's work done (no
+    half-started standby, nobody else polling an exiting worker), the standbys let go."""
+    BACKGROUND.wait(EXIT_GRACE + KILL_GRACE + 1.0)
+    STANDBYS.clear()
 
 
-def _wait_for_exits(timeout: float) -> None:
-    with _exiting_lock:
-        exiting = list(_exiting)
-    for thread in exiting:
-        thread.join(timeout)
-
-
-# At the interpreter's exit, before multiprocessing reaps the children it has left (an
-# exit handler registered earlier runs later) and the standbys are let go: workers
-# still exiting are waited for, so that nobody else polls them meanwhile.
-atexit.register(_wait_for_exits, EXIT_GRACE + KILL_GRACE + 1.0)
+atexit.register(_at_exit)
 
 
 def _lanes(stage: Stage) -> int:
@@ -1577,24 +1571,17 @@ class ProcessRuntime(Runtime):
             raise ShutDown
 
     def let_exit(self, child: _Child, then: Callable[[], None] | None) -> None:
-        """Stop tracking a child that has stopped, and close it (see `_Child.close`) in a
-        thread of its own, then call ``then``."""
+        """Stop tracking a child that has stopped; the background thread closes it (see
+        `_Child.close`), then calls ``then``."""
         with self._lock:
             self._children.discard(child)
 
         def close() -> None:
-            try:
-                child.close(EXIT_GRACE)
-                if then is not None:
-                    then()
-            finally:
-                with _exiting_lock:
-                    _exiting.discard(thread)
+            child.close(EXIT_GRACE)
+            if then is not None:
+                then()
 
-        thread = threading.Thread(target=close, name=f"{child.process.name}-exit", daemon=True)
-        with _exiting_lock:
-            _exiting.add(thread)
-        thread.start()
+        BACKGROUND.submit(close)
 
     def forget(self, child: _Child, grace: float) -> int | None:
         """Close a child (see `_Child.close`) and stop tracking it; return its exit code."""

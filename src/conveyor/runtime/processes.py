@@ -950,7 +950,7 @@ class _Worker:
         if stopped and runtime.exits_in_background:
             # It said on_stop ran: what is left is its exit (unmapping its blocks, the
             # kernel freeing its memory: 3 ms of a 512 MiB run), which the run need not
-            # wait for. The run forgets it at once; a thread of its own waits for it,
+            # wait for. The run forgets it at once; the background thread waits for it,
             # then starts a standby (once the blocks are spare again, for it to map).
             runtime.let_exit(child, partial(_replenish, runtime))
             return

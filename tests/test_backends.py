@@ -13,6 +13,7 @@ import pytest
 import conveyor as cv
 from conveyor.redis import RedisBackend
 from redis_helpers import WAIT, new_namespace, triple
+from test_pipeline_helpers import conveyor_threads
 
 if TYPE_CHECKING:
     from conftest import RedisServer
@@ -136,8 +137,7 @@ def test_cancelling_arun_with_a_backend_stops_its_run(redis_server: RedisServer)
         asyncio.run(asyncio.wait_for(_cancel_soon(pipeline, _backend(redis_server), release), 20))
     finally:
         release.set()
-    leftover = [t.name for t in threading.enumerate() if t.name.startswith("conveyor-")]
-    assert leftover == []
+    assert conveyor_threads() == []
 
 
 @pytest.mark.parametrize("method", ["run", "start"])

@@ -917,6 +917,19 @@ def test_spare_blocks_stay_within_their_budget_and_none_are_kept_with_a_budget_o
     assert spares._blocks == [] and spares.held == 0
 
 
+def in_a_fork(report: Callable[[Any], None]) -> Any:
+    """What ``report`` sends back from a process forked from this one."""
+    context = multiprocessing.get_context("fork")
+    ours, theirs = context.Pipe()
+    child = context.Process(target=report, args=(theirs,))
+    child.start()
+    try:
+        assert ours.poll(30)
+        return ours.recv()
+    finally:
+        child.join(30)
+
+
 def spares_held(conn: Any) -> None:
     conn.send((len(_spare.SPARES._blocks), _spare.SPARES.held))
 
@@ -929,15 +942,7 @@ def test_a_forked_process_does_not_inherit_the_spare_blocks_to_hand_out() -> Non
     list(cv.Pipeline(arrays).map(times_two, runtime="process"))
     processes.settle()
     assert _spare.SPARES._blocks  # this process has some
-    context = multiprocessing.get_context("fork")
-    ours, theirs = context.Pipe()
-    child = context.Process(target=spares_held, args=(theirs,))
-    child.start()
-    try:
-        assert ours.poll(30)
-        assert ours.recv() == (0, 0)  # it maps them too: reusing them would share them
-    finally:
-        child.join(30)
+    assert in_a_fork(spares_held) == (0, 0)  # it maps them too: reusing them would share them
     assert _spare.SPARES._blocks
 
 
@@ -1463,15 +1468,7 @@ def standbys_seen(conn: Any) -> None:
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_process_does_not_inherit_the_standbys() -> None:
     [standby] = standbys_after_a_run()
-    context = multiprocessing.get_context("fork")
-    ours, theirs = context.Pipe()
-    child = context.Process(target=standbys_seen, args=(theirs,))
-    child.start()
-    try:
-        assert ours.poll(30)
-        assert ours.recv() == []  # they are this process's to hand out
-    finally:
-        child.join(30)
+    assert in_a_fork(standbys_seen) == []  # they are this process's to hand out
     out = list(cv.Pipeline([1]).map(own_pid, runtime="process"))
     assert out[0][0] == standby  # the fork's end left it waiting, and ours
 

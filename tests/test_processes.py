@@ -256,11 +256,13 @@ def test_an_unpicklable_source_item_is_named_as_the_sources() -> None:
     items = [1, threading.Lock(), 3]
     with pytest.raises(cv.SerializationError, match=r"'sq' \(map\): a source item of type"):
         list(cv.Pipeline(items).map(square, runtime="process", name="sq"))
-    # A later stage's items are the stage before's outputs: "an item", as before.
-    with pytest.raises(cv.SerializationError, match=r"'sq2' \(map\): an item of type"):
+    # A later stage's items are the stage before's outputs: that stage is named (it said
+    # "an item", which left the user to find where it came from).
+    pattern = r"'sq2' \(map\): an output of stage 'locks' \(map\) of type _thread.lock"
+    with pytest.raises(cv.SerializationError, match=pattern):
         list(
             cv.Pipeline([1, 2])
-            .map(lambda x: threading.Lock() if x == 2 else x)
+            .map(lambda x: threading.Lock() if x == 2 else x, name="locks")
             .map(square, runtime="process", name="sq2")
         )
 

@@ -153,6 +153,8 @@ class Run:
         self.stage_runs = [
             StageRun(s, i, self._io(i), self.control, self.metrics[i]) for i, s in enumerate(stages)
         ]
+        for before, sr in zip(stages, self.stage_runs[1:], strict=False):
+            sr.upstream = before.label
         self.runtimes = Runtimes()
         self._given = source  # the user's own, which `_close_source` closes (not _skip's)
         self._source = _skip(source, skip)

@@ -141,6 +141,8 @@ class StageRun:
     ) -> None:
         self.stage = stage
         self.index = index
+        self.upstream: str | None = None
+        """The label of the stage whose outputs this one takes (None: it takes the source's)."""
         self.io = io
         self.control = control
         self.metrics = metrics

@@ -1211,8 +1211,11 @@ class _Worker:
                 if bad[0] > 0:
                     end = start + bad[0]
                     continue
-                # The first stage's items are the source's: say so, it is where to look.
+                # Say where the item comes from: that is where to look.
+                upstream = self.sr.upstream
                 what = "a source item" if self.sr.index == 0 else "an item"
+                if upstream is not None:
+                    what = f"an output of stage {upstream}"
                 error = SerializationError(
                     f"stage {stage.label}: {what} of type {type_name(batch[start])} cannot be "
                     f"sent to a {self.runtime.worker}: {bad[1]}"

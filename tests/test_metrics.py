@@ -322,6 +322,21 @@ def test_a_blocked_last_stage_names_the_consumer_of_the_outputs() -> None:
 
 
 @pytest.mark.quick
+def test_unmeasured_waits_name_the_busiest_stage_on_its_busy_time_and_never_the_ends() -> None:
+    # Regression: a Redis run's waits, not measured, read 0%, and the bottleneck line
+    # built "waiting for input 0% of the time, output blocked 0%" on them.
+    unknown = {"wait_input_seconds": None, "wait_output_seconds": None}
+    result = find_bottleneck(
+        [stats("a", busy_seconds=2.0, **unknown), stats("b", busy_seconds=8.0, **unknown)]
+    )
+    assert result is not None and (result.where, result.stage) == ("stage", "b")
+    assert result.evidence == "stage 'b': 1 worker at 80% busy (its waits are not measured)"
+    # No stage busy enough: neither the source nor the consumer is named on no evidence.
+    assert find_bottleneck([stats("a", busy_seconds=1.0, **unknown)]) is None
+    assert stats("a", **unknown).as_dict()["waiting_input"] is None
+
+
+@pytest.mark.quick
 def test_no_bottleneck_is_named_without_evidence() -> None:
     assert find_bottleneck([]) is None
     assert find_bottleneck([stats("a", items_in=0)]) is None

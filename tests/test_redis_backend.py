@@ -143,6 +143,10 @@ def test_a_redis_runs_report_shows_no_per_item_latency_it_did_not_measure(
     header, row = result.report().splitlines()[1:4:2]
     cells = dict(zip(header.split(), row.split(), strict=True))
     assert (cells["p50"], cells["p99"]) == ("-", "-")
+    # Nor the waits (they read 0% and fed the bottleneck line as if measured).
+    assert (stats.waiting_input, stats.blocked_output) == (None, None)
+    assert stats.as_dict()["wait_input_seconds"] is None
+    assert (cells["starved"], cells["blocked"]) == ("-", "-")
 
 
 def test_an_empty_source_finishes_at_once(redis_server: RedisServer) -> None:

@@ -260,10 +260,12 @@ class StageStats:
     """Extra calls made by retries."""
     busy_seconds: float
     """Time its workers spent in the stage function, summed over workers."""
-    wait_input_seconds: float
-    """Time its workers waited for input, summed over workers."""
-    wait_output_seconds: float
-    """Time its workers were blocked on a full output channel, summed."""
+    wait_input_seconds: float | None
+    """Time its workers waited for input, summed over workers (None where it is not
+    measured: a Redis run's stages, whose workers wait inside Redis's blocking reads)."""
+    wait_output_seconds: float | None
+    """Time its workers were blocked on a full output channel, summed (None: as for
+    ``wait_input_seconds``)."""
     elapsed_seconds: float
     """Wall time since the run started (or its total, at the end)."""
     queue_size: int
@@ -292,14 +294,17 @@ class StageStats:
         return self._share(self.busy_seconds)
 
     @property
-    def waiting_input(self) -> float:
-        """Fraction of the workers' wall time spent waiting for input (0..1)."""
-        return self._share(self.wait_input_seconds)
+    def waiting_input(self) -> float | None:
+        """Fraction of the workers' wall time spent waiting for input (0..1; None where
+        it is not measured)."""
+        return None if self.wait_input_seconds is None else self._share(self.wait_input_seconds)
 
     @property
-    def blocked_output(self) -> float:
-        """Fraction of the workers' wall time spent blocked on a full output (0..1)."""
-        return self._share(self.wait_output_seconds)
+    def blocked_output(self) -> float | None:
+        """Fraction of the workers' wall time spent blocked on a full output (0..1; None
+        where it is not measured)."""
+        waited = self.wait_output_seconds
+        return None if waited is None else self._share(waited)
 
     @property
     def cpu_cores(self) -> float | None:
@@ -749,30 +754,32 @@ def find_bottleneck(
     """
     if not stats or not any(s.items_in for s in stats):
         return None
+    # Where waits are not measured (Redis), a stage's output is not known to be blocked:
+    # the busiest stage is named on its busy time alone, and no source or consumer is.
     candidates = [
         (i, s)
         for i, s in enumerate(stats)
-        if s.utilisation >= BUSY_THRESHOLD and s.blocked_output < BLOCKED_THRESHOLD
+        if s.utilisation >= BUSY_THRESHOLD and (s.blocked_output or 0.0) < BLOCKED_THRESHOLD
     ]
     if candidates:
         i, s = max(candidates, key=lambda c: c[1].utilisation)
         fill = timeline.typical_fill(i) if timeline is not None else None
         return Bottleneck("stage", s.name, _stage_evidence(s, fill), _stage_hint(s))
     first, last = stats[0], stats[-1]
-    if first.waiting_input >= STARVED_THRESHOLD:
+    starved, blocked = first.waiting_input, last.blocked_output
+    if starved is not None and starved >= STARVED_THRESHOLD:
         return Bottleneck(
             "source",
             None,
-            f"the source: stage {first.name!r} waited for input "
-            f"{first.waiting_input:.0%} of the time",
+            f"the source: stage {first.name!r} waited for input {starved:.0%} of the time",
             "the source yields items more slowly than the stages take them",
         )
-    if last.blocked_output >= STARVED_THRESHOLD:
+    if blocked is not None and blocked >= STARVED_THRESHOLD:
         return Bottleneck(
             "consumer",
             None,
             f"the consumer of the outputs: stage {last.name!r} was blocked on its output "
-            f"{last.blocked_output:.0%} of the time",
+            f"{blocked:.0%} of the time",
             "whatever reads the pipeline's outputs takes them more slowly than they come",
         )
     return None
@@ -780,16 +787,16 @@ def find_bottleneck(
 
 def _stage_evidence(s: StageStats, fill: float | None) -> str:
     workers = f"{s.workers} worker{'s' if s.workers != 1 else ''}"
+    busy = f"stage {s.name!r}: {workers} at {s.utilisation:.0%} busy"
+    if s.waiting_input is None or s.blocked_output is None:
+        return f"{busy} (its waits are not measured)"
     if fill is None:
         queue = f"waiting for input {s.waiting_input:.0%} of the time"
     elif fill >= FULL_THRESHOLD:
         queue = f"input queue full ({fill:.0%} median fill)"
     else:
         queue = f"input queue {fill:.0%} full (median)"
-    return (
-        f"stage {s.name!r}: {workers} at {s.utilisation:.0%} busy, {queue}, "
-        f"output blocked {s.blocked_output:.0%} of the time"
-    )
+    return f"{busy}, {queue}, output blocked {s.blocked_output:.0%} of the time"
 
 
 def _stage_hint(s: StageStats) -> str:
@@ -966,6 +973,11 @@ def _latency(seconds: float | None) -> str:
     return "-" if seconds is None else format_seconds(seconds)
 
 
+def _share_cell(share: float | None) -> str:
+    """A share-of-time cell: "-" where it is not measured (a Redis run's waits)."""
+    return "-" if share is None else f"{share:.0%}"
+
+
 def stage_rows(stats: Sequence[StageStats]) -> tuple[list[str], list[list[str]]]:
     """The per-stage table as text cells: its headers and one row per stage.
 
@@ -984,8 +996,8 @@ def stage_rows(stats: Sequence[StageStats]) -> tuple[list[str], list[list[str]]]
             f"{s.items_out:,}",
             *(f"{getattr(s, c):,}" for c in counts),
             f"{s.utilisation:.0%}",
-            f"{s.waiting_input:.0%}",
-            f"{s.blocked_output:.0%}",
+            _share_cell(s.waiting_input),
+            _share_cell(s.blocked_output),
             _latency(s.latency_p50),
             _latency(s.latency_p99),
             f"{s.throughput:,.0f}",

@@ -397,9 +397,10 @@ def _time_bars(stats: Sequence[StageStats]) -> str:
             f"<rect x='{label_w}' y='{top}' width='{bar_w}' height='20' fill='#f1f5f9'/>"
         )
         left = float(label_w)
-        for (label, colour), share in zip(
+        for (label, colour), measured in zip(
             parts, (s.utilisation, s.waiting_input, s.blocked_output), strict=True
         ):
+            share = measured or 0.0  # None: not measured (Redis), no bar
             width = bar_w * max(0.0, min(share, 1.0))
             if width >= 0.5:
                 out.append(

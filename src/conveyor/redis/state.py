@@ -322,8 +322,8 @@ def stage_stats(
                 failed=counts.failed + counts.dead,
                 retried=counts.retried,
                 busy_seconds=counts.busy_seconds,
-                wait_input_seconds=0.0,
-                wait_output_seconds=0.0,
+                wait_input_seconds=None,  # not measured: workers wait inside Redis's reads
+                wait_output_seconds=None,
                 elapsed_seconds=elapsed,
                 queue_size=state.backlog(i),
                 queue_capacity=limits[i],

@@ -411,3 +411,16 @@ def test_a_short_key_in_the_environment_is_refused_naming_the_minimum(
         cv.RedisBackend("redis://localhost:1", codec="pickle")
     monkeypatch.setenv("CONVEYOR_SECRET_KEY", "x" * 16)
     assert secret_from(None) == b"x" * 16
+
+
+def test_conveyor_worker_says_redis_out_of_memory_as_a_run_does() -> None:
+    # Regression: `conveyor worker` said "Redis at URL answered OutOfMemoryError: ..."
+    # where a run says Redis is out of memory and what to change.
+    from redis.exceptions import OutOfMemoryError
+
+    from conveyor.redis.cli import RedisRefused
+
+    error = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+    text = RedisRefused.of(error, "redis://:secret@host:6379/0", False).message
+    assert text.startswith("Redis at redis://:***@host:6379/0 is out of memory (serving runs)")
+    assert "maxmemory" in text and "max_bytes" in text and "secret" not in text

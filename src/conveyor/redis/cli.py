@@ -90,9 +90,14 @@ class RedisRefused(_RedisProblem):
 
     @classmethod
     def of(cls, error: BaseException, url: str, debug: bool) -> RedisRefused:
-        """``error``, Redis's answer to a command sent to ``url``, as one line."""
-        from .streams import redact
+        """``error``, Redis's answer to a command sent to ``url``, as one line (Redis out
+        of memory said as a run says it, with what to change)."""
+        from redis.exceptions import OutOfMemoryError
 
+        from .streams import out_of_memory, redact
+
+        if isinstance(error, OutOfMemoryError):
+            return cls(error, debug, str(out_of_memory(url, "serving runs", error)))
         return cls(error, debug, f"Redis at {redact(url)} answered {type(error).__name__}: {error}")
 
 

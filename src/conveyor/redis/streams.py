@@ -341,13 +341,7 @@ class Retrier:
 
     def out_of_memory(self, cause: BaseException) -> BackendError:
         """The error saying Redis refused a write: its ``maxmemory`` is reached."""
-        where = "Redis" if self._url is None else f"Redis at {redact(self._url)}"
-        return BackendError(
-            f"{where} is out of memory ({self._where}): it refuses writes once its "
-            "maxmemory is reached (maxmemory-policy noeviction). Raise Redis's "
-            "maxmemory, give runs a byte budget (run(max_bytes=..., backend=...)), or "
-            f"cancel runs left in Redis. Redis said: {cause}"
-        )
+        return out_of_memory(self._url, self._where, cause)
 
     def unavailable(self, cause: BaseException) -> BackendUnavailable:
         """The error saying Redis could not be reached for the whole budget."""
@@ -355,6 +349,18 @@ class Retrier:
         return BackendUnavailable(
             f"cannot reach {where} ({self._where}, for {self._timeout:g} s): {cause}"
         )
+
+
+def out_of_memory(url: str | None, doing: str, cause: BaseException) -> BackendError:
+    """The error saying Redis at ``url`` refused a write while ``doing`` something: its
+    ``maxmemory`` is reached; what to change."""
+    where = "Redis" if url is None else f"Redis at {redact(url)}"
+    return BackendError(
+        f"{where} is out of memory ({doing}): it refuses writes once its "
+        "maxmemory is reached (maxmemory-policy noeviction). Raise Redis's "
+        "maxmemory, give runs a byte budget (run(max_bytes=..., backend=...)), or "
+        f"cancel runs left in Redis. Redis said: {cause}"
+    )
 
 
 # ---------------------------------------------------------------------- scripts

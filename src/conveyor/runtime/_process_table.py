@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 __all__ = ["alive", "close", "exitcode", "join", "start"]
@@ -33,7 +34,12 @@ def start(process: Any) -> None:
 
 
 def join(process: Any, timeout: float | None = None) -> None:
-    """``process.join(timeout)``: wait for its end without reading the status, then poll."""
+    """``process.join(timeout)``: wait for its end without reading the status, then poll.
+    A worker interpreter (not a process: no status to race for, and a join of its own
+    that returns at once once it is stopped) is joined as it joins."""
+    if not isinstance(process, BaseProcess):
+        process.join(timeout)
+        return
     if timeout is None or timeout > 0:
         wait([process.sentinel], timeout)
     with _lock:

@@ -106,7 +106,7 @@ class _Standbys:
                 standby = self._ready.pop()
             if standby.prepared == now and _process_table.alive(standby.process):
                 return standby
-            self._let_go(standby)
+            self.let_go(standby)
 
     def replenish(
         self, context: Any, start: Callable[[], Standby], limit: int, run: object
@@ -140,9 +140,9 @@ class _Standbys:
         with self._lock:
             ready, self._ready = self._ready, []
         for standby in ready:
-            self._let_go(standby)
+            self.let_go(standby)
 
-    def _let_go(self, standby: Standby) -> None:
+    def let_go(self, standby: Standby) -> None:
         """Close the parent's ends: the standby sees its pipe end and exits; reap it. Its
         blocks are spare again (nobody else maps them)."""
         for conn in (standby.conn, standby.probe):

@@ -1098,11 +1098,7 @@ class _Worker:
         try:
             conn.send_bytes(pickle.dumps((_STANDBY_STAGE, name, self.blob), 5))
         except OSError:  # it ended meanwhile
-            for end in (conn, probe):
-                end.close()
-            _process_table.join(process, KILL_GRACE)
-            for arena in standby.blocks:
-                SPARES.dispose(arena, True, SPARE_BYTES)
+            STANDBYS.let_go(standby)  # reaped, its blocks spare again
             return None
         process.name = name
         if not runtime.probes:

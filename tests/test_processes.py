@@ -1399,6 +1399,7 @@ def own_pid(_: Any) -> tuple[int, str]:
 def standbys_after_a_run(workers: int = 1) -> list[int]:
     """With none kept, run a process stage of ``workers`` workers and wait for the standbys
     its end starts (again if none: a program's first run of worker processes starts none)."""
+    processes.settle()  # an earlier run's exit, pending, would start one after the clear
     _standby.STANDBYS.clear()
     for _ in range(2):
         list(cv.Pipeline(range(workers * 4)).map(own_pid, runtime="process", workers=workers))
@@ -1522,6 +1523,7 @@ def test_a_standby_maps_the_spare_blocks_ahead_and_its_worker_uses_them_first(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     arrays = [numpy.full(1 << 17, i, dtype=numpy.float64) for i in range(12)]  # 3 messages
+    processes.settle()  # as in standbys_after_a_run
     _standby.STANDBYS.clear()
     for _ in range(2):  # as in standbys_after_a_run
         list(cv.Pipeline(arrays).map(times_two, runtime="process"))

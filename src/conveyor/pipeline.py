@@ -945,14 +945,19 @@ def _forget(registry: list[Run], run: Run) -> None:
 
 
 def _check_keywords(method: str, options: Mapping[str, Any], allowed: frozenset[str]) -> None:
-    """Refuse a keyword argument that is not an option of ``method``, as Python would."""
+    """Refuse a keyword argument that is not an option of ``method``, as Python would,
+    and say which it takes (the closest first, when one is close)."""
     for key in options:
         if key not in allowed:
             import difflib  # an error path
 
             close = difflib.get_close_matches(key, sorted(allowed), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise TypeError(f"{method}() got an unexpected keyword argument {key!r}{hint}")
+            accepted = ", ".join(sorted(allowed))
+            raise TypeError(
+                f"{method}() got an unexpected keyword argument {key!r}{hint}; "
+                f"it takes {accepted}"
+            )
 
 
 _Check = Callable[[Any, str, str], Any]

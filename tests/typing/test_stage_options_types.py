@@ -42,6 +42,20 @@ def test_an_unknown_option_is_a_type_error_naming_the_method_and_the_keyword(
         getattr(cv.Pipeline([1]), method)(lambda x: [x], wokers=2)
 
 
+@pytest.mark.parametrize("method", ["map", "filter", "flat_map", "each"])
+def test_an_unknown_option_with_no_close_match_lists_the_options_the_method_takes(
+    method: str,
+) -> None:
+    with pytest.raises(TypeError) as caught:
+        getattr(cv.Pipeline([1]), method)(lambda x: [x], batch_size=3)
+    message = str(caught.value)
+    assert message.startswith(f"{method}() got an unexpected keyword argument 'batch_size'; ")
+    assert "did you mean" not in message
+    listed = message.split("; it takes ", 1)[1].split(", ")
+    assert {"workers", "runtime", "on_error", "timeout"} <= set(listed)
+    assert ("max_items_per_worker" in listed) == (method == "map")
+
+
 def test_only_map_takes_max_items_per_worker() -> None:
     assert cv.Pipeline([1]).map(str, max_items_per_worker=5).stages[0].max_items_per_worker == 5
     with pytest.raises(TypeError, match="max_items_per_worker"):

@@ -955,8 +955,7 @@ def _check_keywords(method: str, options: Mapping[str, Any], allowed: frozenset[
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             accepted = ", ".join(sorted(allowed))
             raise TypeError(
-                f"{method}() got an unexpected keyword argument {key!r}{hint}; "
-                f"it takes {accepted}"
+                f"{method}() got an unexpected keyword argument {key!r}{hint}; it takes {accepted}"
             )
 
 

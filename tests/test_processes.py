@@ -1463,6 +1463,69 @@ def test_a_killed_standby_is_not_taken_and_the_run_starts_a_worker() -> None:
     assert len(out) == 6 and standby not in {pid for pid, _ in out}
 
 
+def kill_the_forkserver() -> None:
+    """SIGKILL multiprocessing's forkserver and wait for its end (the next start makes
+    another): what the OOM killer or a ``pkill`` may do to it."""
+    from multiprocessing import forkserver
+
+    pid = forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: gone([pid]))
+
+
+def mark_then_block(marker: str) -> Callable[[int], int]:
+    """A stage: item 0 gives the worker's pid; item 1 writes ``marker`` and never returns."""
+
+    def stage(x: int) -> int:
+        if x:
+            Path(marker).write_text("in item 1")
+            threading.Event().wait()
+        return os.getpid()
+
+    return stage
+
+
+@FORKSERVER_ONLY
+def test_a_forkserver_killed_mid_run_fails_the_run_naming_it_and_kills_the_orphaned_worker(
+    tmp_path: Path,
+) -> None:
+    # Regression: the worker, orphaned, still ran; the run said it "exited with code 255"
+    # (what multiprocessing reports when the server's status pipe ends), did not stop it,
+    # and handed its shared memory to the next worker while it might still write there.
+    marker = tmp_path / "busy"
+    first_out = threading.Event()
+
+    def source() -> Iterator[int]:
+        yield 0
+        first_out.wait(30)  # item 1 comes in a batch of its own
+        yield 1
+
+    outputs = iter(cv.Pipeline(source()).map(mark_then_block(str(marker)), runtime="process"))
+    worker = next(outputs)
+    first_out.set()
+    wait_until(marker.exists)  # the worker is inside item 1
+    kill_the_forkserver()
+    with pytest.raises(cv.WorkerCrashed) as caught:
+        next(outputs)
+    message = str(caught.value)
+    assert f"(pid {worker})" in message
+    assert "was lost when the forkserver process, which reports its end, ended" in message
+    assert "exited with code 255" not in message and "held 1 item(s)" in message
+    wait_until(lambda: gone([worker]))
+    assert list(cv.Pipeline(range(4)).map(square, runtime="process")) == [0, 1, 4, 9]
+    assert our_segments() == []
+
+
+@FORKSERVER_ONLY
+def test_standbys_of_a_killed_forkserver_are_stopped_and_the_next_run_starts_anew() -> None:
+    [standby] = standbys_after_a_run()
+    kill_the_forkserver()
+    out = list(cv.Pipeline(range(6)).map(own_pid, runtime="process"))
+    assert len(out) == 6 and standby not in {pid for pid, _ in out}
+    wait_until(lambda: gone([standby]))  # orphaned too: killed, not left waiting
+
+
 def standbys_seen(conn: Any) -> None:
     conn.send(_standby.STANDBYS.pids())
 

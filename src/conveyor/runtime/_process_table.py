@@ -13,18 +13,29 @@ The process runtime starts workers from lanes, standbys from background
 threads, and lets ended workers exit in background threads, so every start
 and every poll goes through here, under one lock: waits for an exit watch
 the sentinel without reading it, then poll under the lock.
+
+If the forkserver itself ends (killed), every child's sentinel reads its
+end: multiprocessing reports exit code 255 for children that still run,
+orphaned, with nobody left to report their end. `orphaned` tells those
+apart and kills them, so that no worker runs on unseen, and their shared
+memory is not handed to another worker while they may still write it.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-__all__ = ["alive", "close", "exitcode", "join", "start"]
+__all__ = ["alive", "close", "exitcode", "join", "orphaned", "start"]
 
 _lock = threading.RLock()
+
+# What multiprocessing reports for a forkserver child whose status it could not read.
+_UNREAD_STATUS = 255
 
 
 def start(process: Any) -> None:
@@ -63,3 +74,21 @@ def close(process: Any) -> None:
     """``process.close()`` (which polls it: ValueError while it runs)."""
     with _lock:
         process.close()
+
+
+def orphaned(process: Any) -> bool:
+    """Whether ``process``, reported ended, is a forkserver child still running (or not yet
+    reaped by anyone) because its server ended: then it is killed (it is not this process's
+    child, so it cannot be waited for). A child that really exited with 255 was reaped by
+    the server before the server wrote that status, so its pid is gone by then."""
+    if getattr(process, "_start_method", None) != "forkserver":
+        return False
+    if exitcode(process) != _UNREAD_STATUS:
+        return False
+    try:
+        os.kill(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    except OSError:  # not ours to signal: not the worker any more
+        return False
+    return True

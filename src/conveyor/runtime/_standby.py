@@ -153,10 +153,11 @@ class _Standbys:
         if _process_table.exitcode(process) is None:
             process.kill()
             _process_table.join(process)
+        orphaned = _process_table.orphaned(process)  # its forkserver ended: it may still run
         with contextlib.suppress(ValueError):
             _process_table.close(process)
         for arena in standby.blocks:
-            SPARES.dispose(arena, True, self.spare_bytes())
+            SPARES.dispose(arena, not orphaned, self.spare_bytes())
 
     def forsake(self) -> None:
         """In a process forked from this one: the standbys are the parent's; the child

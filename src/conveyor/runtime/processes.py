@@ -364,7 +364,9 @@ def _unpack_error(packed: _PackedError) -> BaseException:
     return exc
 
 
-def _describe_exit(exitcode: int | None) -> str:
+def _describe_exit(exitcode: int | None, orphaned: bool = False) -> str:
+    if orphaned:
+        return "was lost when the forkserver process, which reports its end, ended (killed?)"
     if exitcode is None:
         return "stopped answering"
     if exitcode < 0:
@@ -510,6 +512,8 @@ class _Child:
         self.pid = process.pid
         self.items_done = 0
         self.exitcode: int | None = None
+        # Its forkserver ended before it (`_process_table.orphaned`): killed, blocks not reused.
+        self.orphaned = False
         # CPU time the child has reported (its process_time() in its last answer).
         self._cpu_reported = 0.0
         self._cpu_lock = threading.Lock()
@@ -833,8 +837,10 @@ class _Child:
             if _process_table.exitcode(process) is None:
                 self.signal(kill=True)
                 _process_table.join(process)
+            orphaned = _process_table.orphaned(process)
             with self._lock:
                 self.exitcode = _process_table.exitcode(process)
+                self.orphaned = orphaned
                 self._closed = True
                 with contextlib.suppress(ValueError):
                     _process_table.close(process)
@@ -849,7 +855,7 @@ class _Child:
                 # Blocks the child has ended with, and no message in flight names, may serve
                 # another worker; a block the child may still use (an interpreter given up
                 # inside a call) or whose answer a lane has yet to read may not.
-                ended = self.exitcode is not None
+                ended = self.exitcode is not None and not orphaned
                 flying: set[int] = set()
                 for flight in self._flights.values():
                     for arena in flight.named:
@@ -1052,8 +1058,9 @@ class _Worker:
         if message is None:
             if child.exitcode == _EXIT_MAIN_GUARD:
                 raise _main_guard_error()
+            ended = _describe_exit(child.exitcode, child.orphaned)
             raise WorkerCrashed(
-                f"a {worker} of stage {stage.label} {_describe_exit(child.exitcode)} "
+                f"a {worker} of stage {stage.label} {ended} "
                 f"before it was ready (if the main module starts a pipeline at import time, "
                 f'put that code under `if __name__ == "__main__":`)',
                 stage=stage.name,
@@ -1315,7 +1322,7 @@ class _Worker:
         stage = self.stage
         error = WorkerCrashed(
             f"a {self.runtime.worker} (pid {child.pid}) of stage {stage.label} "
-            f"{_describe_exit(child.exitcode)} while it held {len(held)} item(s)",
+            f"{_describe_exit(child.exitcode, child.orphaned)} while it held {len(held)} item(s)",
             stage=stage.name,
             exitcode=child.exitcode,
         )

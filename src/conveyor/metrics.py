@@ -11,6 +11,9 @@ Per-item latency is kept as a small histogram per worker, in buckets about
 of ``t / n`` seconds each. Median and p99 are read from the merged
 histograms, so they are exact to a bucket, and averaged within a batch
 (batches shrink to one item when items are slow, so slow stages are exact).
+A worker of single items hands its items' times over as they are, and the
+readers put them in buckets (`WorkerCounters.latency`), so that the worker
+spends no time on it between a put and its next call (`WorkerCounters.add_items`).
 
 While someone watches a run (``run(progress=True)``, ``report=`` or
 ``stall_timeout=``), a `Timeline` keeps periodic samples of every stage's
@@ -138,6 +141,10 @@ def latency_quantile(histogram: Sequence[int], q: float) -> float:
 TALLY_SECONDS = 0.05
 """How often a worker of single items adds what it counted to its `WorkerCounters`."""
 
+_FOLDING = threading.Lock()
+"""Held by a reader putting a worker's handed-over item times in buckets (readers only:
+the workers never take it)."""
+
 
 class WorkerCounters:
     """Counters of one worker, written by that worker only.
@@ -149,6 +156,9 @@ class WorkerCounters:
     """
 
     __slots__ = (
+        "_folded",
+        "_latency",
+        "_unbucketed",
         "batches",
         "busy",
         "cpu_seconds",
@@ -159,7 +169,6 @@ class WorkerCounters:
         "group",
         "items_in",
         "items_out",
-        "latency",
         "native_id",
         "retried",
         "task",
@@ -180,7 +189,11 @@ class WorkerCounters:
         self.busy = 0.0
         self.wait_in = 0.0
         self.wait_out = 0.0
-        self.latency = [0] * LATENCY_BUCKETS
+        # The histogram is in two parts: what the worker adds itself (batches), and what
+        # readers add from the item times a worker of single items handed over.
+        self._latency = [0] * LATENCY_BUCKETS
+        self._folded = [0] * LATENCY_BUCKETS
+        self._unbucketed: deque[list[float]] = deque()
         # What the worker holds now, for stall reports: first item of its batch.
         self.current_item: Any = None
         self.current_since: float | None = None
@@ -198,15 +211,21 @@ class WorkerCounters:
         """Count a batch of ``items`` inputs that kept the worker busy ``seconds``."""
         self.busy += seconds
         if items:
-            self.latency[latency_bucket(seconds / items)] += items
+            self._latency[latency_bucket(seconds / items)] += items
 
     def add_items(self, busy: list[float], outputs: int, filtered: int) -> None:
         """Count batches of one input each, handled without a failure: ``busy`` holds the
-        seconds each took; they gave ``outputs`` outputs and ``filtered`` were dropped.
+        seconds each took (the list is kept: the caller must not change it after); they
+        gave ``outputs`` outputs and ``filtered`` were dropped.
 
         A worker of single items counts them in bulk, every `TALLY_SECONDS` or so
         (see `conveyor.runtime.base._single_items`): a reader may see its counts
-        that much behind, and exact once it has ended.
+        that much behind, and exact once it has ended. The times are put in
+        buckets by the readers of `latency`, not here: this runs between a put
+        and the worker's next call, while the consumer the put woke may wait
+        for the GIL, and bucketing the 50 items of a stage of 1 ms per item
+        (about 15 us) delayed that consumer's item: one item in 50, the
+        hand-off's p99 (docs/benchmarks.md).
         """
         n = len(busy)
         self.items_in += n
@@ -214,9 +233,17 @@ class WorkerCounters:
         self.filtered += filtered
         self.batches += n
         self.busy += sum(busy)
-        latency = self.latency
-        for seconds in busy:
-            latency[latency_bucket(seconds)] += 1
+        self._unbucketed.append(busy)  # deque.append: atomic, no lock for the worker
+
+    @property
+    def latency(self) -> list[int]:
+        """The worker's latency histogram so far: counts per bucket (`latency_bucket`)."""
+        with _FOLDING:
+            pending, folded = self._unbucketed, self._folded
+            while pending:
+                for seconds in pending.popleft():
+                    folded[latency_bucket(seconds)] += 1
+            return [a + b for a, b in zip(self._latency, folded, strict=True)]
 
     def finish(self) -> None:
         """Record the thread's CPU time; called by the worker as it ends."""

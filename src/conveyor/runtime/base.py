@@ -494,8 +494,9 @@ class SingleItemBooks:
     def flush(self) -> None:
         """Add what was counted to the worker's counters."""
         if self.busy:
-            self.counters.add_items(self.busy, self.outputs, self.dropped)
-            self.busy.clear()  # in place: `_single_items` holds it
+            # A copy is handed over: `_single_items` holds this list, emptied in place.
+            self.counters.add_items(self.busy[:], self.outputs, self.dropped)
+            self.busy.clear()
             self.outputs = self.dropped = 0
 
     def tally(self, wait_in: float, wait_out: float, outputs: int, dropped: int) -> None:

@@ -1517,6 +1517,19 @@ def test_a_forkserver_killed_mid_run_fails_the_run_naming_it_and_kills_the_orpha
     assert our_segments() == []
 
 
+def exit_255(x: int) -> int:
+    if x == 3:
+        os._exit(255)  # what multiprocessing also reports when the forkserver's pipe ends
+    return x
+
+
+@FORKSERVER_ONLY
+def test_a_worker_exiting_with_255_itself_is_reported_so_and_not_taken_for_orphaned() -> None:
+    with pytest.raises(cv.WorkerCrashed, match=r"exited with code 255 while it held"):
+        list(cv.Pipeline(range(6)).map(exit_255, runtime="process"))
+    assert list(cv.Pipeline(range(3)).map(square, runtime="process")) == [0, 1, 4]
+
+
 @FORKSERVER_ONLY
 def test_standbys_of_a_killed_forkserver_are_stopped_and_the_next_run_starts_anew() -> None:
     [standby] = standbys_after_a_run()

@@ -24,6 +24,7 @@ memory is not handed to another worker while they may still write it.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import threading
 from multiprocessing.connection import wait
@@ -36,12 +37,22 @@ _lock = threading.RLock()
 
 # What multiprocessing reports for a forkserver child whose status it could not read.
 _UNREAD_STATUS = 255
+# How long a server whose pipes have closed may take to end: a process closes its files
+# (which ends its children's sentinels) shortly before it becomes waitable. Also what a
+# worker that exited with 255 itself costs to report.
+_SERVER_EXIT = 0.1
 
 
 def start(process: Any) -> None:
-    """``process.start()`` (which polls the other children)."""
+    """``process.start()`` (which polls the other children); a forkserver child is told
+    which server started it (`orphaned`)."""
     with _lock:
         process.start()
+        if getattr(process, "_start_method", None) == "forkserver":
+            from multiprocessing import forkserver
+
+            server = getattr(forkserver, "_forkserver", None)
+            process.conveyor_server = getattr(server, "_forkserver_pid", None)
 
 
 def join(process: Any, timeout: float | None = None) -> None:
@@ -79,16 +90,48 @@ def close(process: Any) -> None:
 def orphaned(process: Any) -> bool:
     """Whether ``process``, reported ended, is a forkserver child still running (or not yet
     reaped by anyone) because its server ended: then it is killed (it is not this process's
-    child, so it cannot be waited for). A child that really exited with 255 was reaped by
-    the server before the server wrote that status, so its pid is gone by then."""
+    child, so it cannot be waited for).
+
+    Both must hold: the status 255 multiprocessing reports when the server's pipe ends,
+    and that server ended (a child that exited with 255 itself was reaped by a live
+    server, and its pid may be another process's by now: never signalled). The server's
+    pipes close a moment before it can be waited for: that moment is waited for.
+    """
     if getattr(process, "_start_method", None) != "forkserver":
         return False
-    if exitcode(process) != _UNREAD_STATUS:
+    if exitcode(process) != _UNREAD_STATUS or not _ended(getattr(process, "conveyor_server", None)):
         return False
     try:
         os.kill(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return False
-    except OSError:  # not ours to signal: not the worker any more
+    except OSError:  # gone (ProcessLookupError), or not ours to signal
         return False
     return True
+
+
+def _ended(server: int | None, timeout: float = _SERVER_EXIT) -> bool:
+    """Whether the forkserver ``server`` (a child of this process) has ended, waiting up
+    to ``timeout`` for an end under way, without reaping it (multiprocessing does, when
+    it next starts a worker). False when that cannot be told (macOS: neither pidfd nor
+    ``waitid``)."""
+    if server is None:
+        return False
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is not None:
+        try:
+            pidfd = pidfd_open(server)
+        except ProcessLookupError:  # reaped already: multiprocessing started another since
+            return True
+        except OSError:  # no pidfd in this kernel
+            pass
+        else:
+            try:  # readable once it has ended (a zombie)
+                return bool(select.select([pidfd], [], [], timeout)[0])
+            finally:
+                os.close(pidfd)
+    waitid = getattr(os, "waitid", None)
+    if waitid is None:
+        return False
+    try:
+        return waitid(os.P_PID, server, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True

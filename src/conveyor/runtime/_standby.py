@@ -16,14 +16,19 @@ of starting a process. Not at the end of the program's first
 run of worker processes, though: a program that runs one pipeline (a
 ``conveyor run``) would start a standby only to end it.
 
-A standby is forked from the forkserver like any worker and has run nothing
-of the program's: it is the process a start would give, as long as what
-that start would send it is the same (multiprocessing's preparation data:
-the current directory, ``sys.path``, the main module). One started under
-other data is let go, not used. Only for the forkserver start method: a
-process started with "spawn" inherits the environment of its start and one
-started with "fork" the parent's memory as it was then, which a standby
-would keep from before.
+A standby is started like any worker (forked from the forkserver, or
+spawned) and has run nothing of the program's: it is the process a start
+would give, as long as what that start would give it is the same: the start
+method, multiprocessing's preparation data (the current directory,
+``sys.path``, the main module), and for "spawn", whose process inherits the
+environment of its start, ``os.environ``. One started under other data is
+let go, not used. Not for the "fork" start method, whose process has the
+parent's memory as it was at its start: a standby would keep it from
+before. With "spawn" (the default on macOS and Windows) a start costs the
+interpreter's start-up and the main module's imports (50 ms and more), which
+a standby has done before it is needed. Like the forkserver's workers, a
+spawned standby has the main module's imports as they were when it started:
+a module edited on disk since is not read again.
 
 A standby is also given the spare blocks free when it starts (`_spare`), and
 maps each for writing while it waits: the page faults a new worker takes on
@@ -53,7 +58,7 @@ from ._wire import _Arena
 
 __all__ = ["STANDBYS", "Standby", "eligible"]
 
-_METHOD = "forkserver"
+_METHODS = ("forkserver", "spawn")
 
 
 class Standby(NamedTuple):
@@ -69,13 +74,18 @@ class Standby(NamedTuple):
 def eligible(context: Any) -> bool:
     """Whether workers of ``context`` may be standbys (see the module docstring)."""
     method = getattr(context, "get_start_method", None)  # None: interpreters
-    return method is not None and method() == _METHOD
+    return method is not None and method() in _METHODS
 
 
-def prepared() -> str:
-    """What a start would send a new process now to set it up, in comparable form."""
+def prepared(context: Any) -> str:
+    """What a start through ``context`` would give a new process now, in comparable form:
+    the method, the preparation data multiprocessing sends it, and for "spawn" the
+    environment it inherits."""
+    method = context.get_start_method()
     data = spawn.get_preparation_data("conveyor-standby")
-    return repr(sorted((key, bytes(v) if key == "authkey" else v) for key, v in data.items()))
+    given = sorted((key, bytes(v) if key == "authkey" else v) for key, v in data.items())
+    environment = sorted(os.environ.items()) if method == "spawn" else None
+    return repr((method, given, environment))
 
 
 class _Standbys:
@@ -98,7 +108,7 @@ class _Standbys:
         cannot (ended, or started under other preparation data) are let go."""
         if not eligible(context):
             return None
-        now = prepared()
+        now = prepared(context)
         while True:
             with self._lock:
                 if not self._ready:

@@ -1343,7 +1343,7 @@ def _start_standby(context: Any) -> Standby:
     """Start a standby worker process of ``context`` (in a thread of ``_standby``'s)."""
     ours, theirs = context.Pipe()
     probe, probe_end = context.Pipe()
-    data = prepared()
+    data = prepared(context)
     process = context.Process(
         target=_standby_main, args=(theirs, probe_end), name="conveyor-standby", daemon=True
     )

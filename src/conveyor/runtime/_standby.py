@@ -24,7 +24,7 @@ method, multiprocessing's preparation data (the current directory,
 environment of its start, ``os.environ``. One started under other data is
 let go, not used. Not for the "fork" start method, whose process has the
 parent's memory as it was at its start: a standby would keep it from
-before. With "spawn" (the default on macOS and Windows) a start costs the
+before. With "spawn" (the default on macOS; POSIX only) a start costs the
 interpreter's start-up and the main module's imports (50 ms and more), which
 a standby has done before it is needed. Like the forkserver's workers, a
 spawned standby has the main module's imports as they were when it started:
@@ -74,7 +74,8 @@ class Standby(NamedTuple):
 def eligible(context: Any) -> bool:
     """Whether workers of ``context`` may be standbys (see the module docstring)."""
     method = getattr(context, "get_start_method", None)  # None: interpreters
-    return method is not None and method() in _METHODS
+    # POSIX only: on Windows a spawned process's pipes and handles differ, and are untried.
+    return method is not None and method() in _METHODS and os.name == "posix"
 
 
 def prepared(context: Any) -> str:

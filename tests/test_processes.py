@@ -1113,6 +1113,58 @@ def outcome_of(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
             proc.communicate()
 
 
+SCRIPT_KILLED_MID_RUN = """
+import os, sys, threading
+import numpy
+import conveyor as cv
+from conveyor.runtime import _standby, processes
+
+def pid_of(a):
+    return os.getpid()
+
+def block_on_the_second(a):
+    if a[0] == 1:
+        print("blocked", os.getpid(), flush=True)
+        threading.Event().wait()
+    return a * 2
+
+if __name__ == "__main__":
+    arrays = [numpy.full(1 << 17, i, dtype=numpy.float64) for i in range(8)]  # 1 MiB each
+    for _ in range(3):  # from the second run on, ends start standbys
+        list(cv.Pipeline(arrays).map(pid_of, runtime="process", workers=2))
+    processes.settle()
+    print("standbys", *_standby.STANDBYS.pids(), flush=True)
+    for _ in cv.Pipeline(arrays).map(block_on_the_second, runtime="process", workers=2):
+        pass
+"""
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_program_killed_mid_run_leaves_no_worker_standby_or_segment(
+    tmp_path: Path, method: str
+) -> None:
+    proc = run_script(tmp_path, SCRIPT_KILLED_MID_RUN, CONVEYOR_START_METHOD=method)
+    pids: list[int] = []
+    said: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the standbys, then a worker blocked in its item
+            said.append(line)
+            word, *numbers = line.split()
+            pids += [int(n) for n in numbers]
+            if word == "blocked":
+                break
+    finally:
+        proc.kill()  # SIGKILL: no handler, no atexit, no finally of the program runs
+        _, err = outcome_of(proc, 10)
+    assert said and said[-1].startswith("blocked"), (said, err)
+    assert len(pids) >= 2, said  # a standby at least, and the blocked worker
+    # The workers and standbys see their pipes end and exit; nobody is left to kill them.
+    wait_until(lambda: gone(pids), 10.0)
+    # multiprocessing's resource tracker, which outlives the program, unlinks its segments.
+    wait_until(lambda: our_segments(proc.pid) == [], 10.0)
+
+
 SCRIPT_CTRL_C_CREATING = """
 import os, sys, time
 from pathlib import Path

@@ -126,28 +126,32 @@ def main() -> None:
                 f"{min(times[candidate]) * 1e3:.1f} - {max(times[candidate]) * 1e3:.1f} | "
                 f"{statistics.median(ratios):.3f}x |"
             )
-    text = "\n".join(
-        [
-            "## A short run of a process stage, again and again (bench/process_start.py)",
-            "",
-            f"Machine: {machine()}; load average at the start: {load:.1f}; {started} UTC.",
-            "",
-            f"`python bench/process_start.py --rounds {args.rounds} --runs {args.runs} "
-            f"--pause {args.pause} --methods {' '.join(args.methods)}`: {ITEMS} items through "
-            '`map(square, runtime="process")` (one worker), run after run with a pause of '
-            f"{args.pause} s between runs; each candidate in a fresh interpreter per round, "
-            f"{args.runs - 1} runs counted (the first is a warm-up); the median run, then "
-            "medians over the rounds, candidates alternated; the ratio to `Pool(1)` of the "
-            "same start method, made and closed per run, in the same round (lower is better).",
-            "",
-            "| start method | candidate | run (ms, median) | range over rounds | vs Pool(1) |",
-            "|---|---|---:|---:|---:|",
-            *rows,
-        ]
-    )
+    text = page(args, rows, load, started)
     print(text)
     if args.write:
         print(f"wrote the {SECTION!r} section of {write_section(text, SECTION)}", file=sys.stderr)
+
+
+def page(args: argparse.Namespace, rows: list[str], load: float, started: str) -> str:
+    """The section of docs/benchmarks.md: how it was measured, then the table."""
+    how = (
+        f"`python bench/process_start.py --rounds {args.rounds} --runs {args.runs} "
+        f"--pause {args.pause} --methods {' '.join(args.methods)}`: {ITEMS} items through "
+        '`map(square, runtime="process")` (one worker), run after run with a pause of '
+        f"{args.pause} s between runs; each candidate in a fresh interpreter per round, "
+        f"{args.runs - 1} runs counted (the first is a warm-up); the median run, then "
+        "medians over the rounds, candidates alternated; the ratio to `Pool(1)` of the "
+        "same start method, made and closed per run, in the same round (lower is better)."
+    )
+    header = "| start method | candidate | run (ms, median) | range over rounds | vs Pool(1) |"
+    return "\n\n".join(
+        [
+            "## A short run of a process stage, again and again (bench/process_start.py)",
+            f"Machine: {machine()}; load average at the start: {load:.1f}; {started} UTC.",
+            how,
+            "\n".join([header, "|---|---|---:|---:|---:|", *rows]),
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -1165,6 +1165,52 @@ def test_a_program_killed_mid_run_leaves_no_worker_standby_or_segment(
     wait_until(lambda: our_segments(proc.pid) == [], 10.0)
 
 
+SCRIPT_EXITS_WITH_STANDBYS_IMPORTING = """
+import multiprocessing, os, sys, threading, time
+from pathlib import Path
+
+folder = Path(sys.argv[1])
+if __name__ == "__mp_main__" and multiprocessing.current_process().name == "conveyor-standby":
+    # A spawned standby importing the main module, as one with heavy imports would be
+    # for seconds: it reads no pipe meanwhile.
+    (folder / f"importing-{os.getpid()}").write_text("")
+    threading.Event().wait()
+
+import conveyor as cv
+from conveyor.runtime import processes
+
+def same(x):
+    return x
+
+if __name__ == "__main__":
+    processes.STANDBY_PROCESSES = 4
+    for _ in range(2):
+        list(cv.Pipeline(range(8)).map(same, runtime="process", workers=4))
+    processes.settle()  # the standbys are started, and import the main module
+    while len(list(folder.glob("importing-*"))) < 4:
+        time.sleep(0.01)
+    print("exiting", time.monotonic(), flush=True)
+"""
+
+
+def test_a_program_exits_at_once_with_spawned_standbys_still_importing(tmp_path: Path) -> None:
+    # Regression: letting a standby go waited up to a second for it to see its pipe end;
+    # a spawned one still importing the main module reads no pipe, so a program's exit
+    # waited a second per standby (4 s here). A standby holds nothing: it is killed.
+    proc = run_script(
+        tmp_path, SCRIPT_EXITS_WITH_STANDBYS_IMPORTING, str(tmp_path), CONVEYOR_START_METHOD="spawn"
+    )
+    out, err = outcome_of(proc, 60)
+    ended = time.monotonic()
+    assert proc.returncode == 0, err
+    assert err == ""
+    said = float(out.split()[-1])  # time.monotonic() is system-wide on Linux
+    assert ended - said < 2.0, f"the exit took {ended - said:.2f} s"
+    standbys = [int(p.name.split("-")[1]) for p in tmp_path.glob("importing-*")]
+    assert len(standbys) == 4
+    wait_until(lambda: gone(standbys))
+
+
 SCRIPT_CTRL_C_CREATING = """
 import os, sys, time
 from pathlib import Path

@@ -36,10 +36,11 @@ its first messages (about 4 ms of a run of 1 MiB arrays here). The worker
 that takes it uses them before any other block; a standby let go gives them
 back to the spares.
 
-A standby waits on its pipe; it ends when the parent lets it go (closing its
-end) or ends. At the interpreter's exit the process runtime waits for its
-background thread (no half-started process then reports a broken pipe) and
-lets the standbys go, before multiprocessing reaps what is left.
+A standby waits on its pipe; it ends when the parent ends (its pipe ends),
+or is killed when the parent lets it go. At the interpreter's exit the
+process runtime waits for its background thread (no half-started process
+then reports a broken pipe) and lets the standbys go, before multiprocessing
+reaps what is left.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from ._wire import _Arena
 __all__ = ["STANDBYS", "Standby", "eligible"]
 
 _METHODS = ("forkserver", "spawn")
+_REAP_TIMEOUT = 5.0  # for a killed standby's end (a process in an uninterruptible wait)
 
 
 class Standby(NamedTuple):
@@ -154,16 +156,22 @@ class _Standbys:
             self.let_go(standby)
 
     def let_go(self, standby: Standby) -> None:
-        """Close the parent's ends: the standby sees its pipe end and exits; reap it. Its
-        blocks are spare again (nobody else maps them)."""
+        """Close the parent's ends, kill the standby and reap it. Its blocks are spare again
+        (nobody else maps them).
+
+        Killed, not waited for: it holds nothing of the program's (no item, no on_start
+        run), and a spawned one may still be importing the main module, seconds for heavy
+        imports, where it reads no pipe. Waiting for it to see its pipe end held a run
+        whose worker let it go, or the program's exit, up to a second per standby.
+        """
         for conn in (standby.conn, standby.probe):
             with contextlib.suppress(OSError):
                 conn.close()
         process = standby.process
-        _process_table.join(process, 1.0)
         if _process_table.exitcode(process) is None:
-            process.kill()
-            _process_table.join(process)
+            with contextlib.suppress(OSError):
+                process.kill()
+        _process_table.join(process, _REAP_TIMEOUT)
         orphaned = _process_table.orphaned(process)  # its forkserver ended: it may still run
         with contextlib.suppress(ValueError):
             _process_table.close(process)

@@ -6,11 +6,11 @@
 The pipeline is `csv_to_sqlite.pipeline`, unchanged: this script is only the
 driver. It starts ``--workers`` worker processes (``python -m conveyor worker
 csv_to_sqlite:pipeline --redis URL``), each of which validates, batches and
-writes rows; the driver feeds the rows to Redis and waits for the end. The
-workers learn where the database is from ``$CONVEYOR_EXAMPLE_DB``. Delivery
-over Redis is at least once, and the insert is idempotent (``INSERT OR
-REPLACE`` on the order id), so a batch written twice after a worker died is
-stored once.
+writes rows; once each has said it serves, the driver feeds the rows to Redis
+and waits for the end. The workers learn where the database is from
+``$CONVEYOR_EXAMPLE_DB``. Delivery over Redis is at least once, and the insert
+is idempotent (``INSERT OR REPLACE`` on the order id), so a batch written twice
+after a worker died is stored once.
 
 Without ``--redis`` a private ``redis-server`` (it must be on PATH; Debian:
 ``apt-get install redis-server``) is started on a free port of 127.0.0.1 for
@@ -43,7 +43,7 @@ sys.path.insert(0, str(HERE))  # csv_to_sqlite, whether run as a script or impor
 import csv_to_sqlite  # noqa: E402  (found through the line above)
 from _compare import positive_int  # noqa: E402
 
-STARTUP_TIMEOUT = 15.0  # seconds for redis-server to answer PING
+STARTUP_TIMEOUT = 15.0  # seconds for redis-server to answer PING, and a worker to serve
 
 
 def free_port() -> int:
@@ -111,6 +111,7 @@ def workers(
                         command, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT
                     )
                 )
+        wait_until_serving(procs, logs)
         yield procs
     finally:
         for proc in procs:
@@ -121,6 +122,24 @@ def workers(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def wait_until_serving(procs: list[subprocess.Popen[bytes]], logs: Path) -> None:
+    """Return once every worker process has said it serves (its first log line), so that
+    a run is shared by all of them from its start rather than by those that happened to
+    finish starting first; fail with a worker's log if it exits before."""
+    pending = dict(enumerate(procs))
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while pending:  # a bounded wait: a worker says it serves only in its log
+        for i, proc in list(pending.items()):
+            said = (logs / f"worker-{i}.log").read_text(errors="replace")
+            if "worker serving" in said:
+                del pending[i]
+            elif proc.poll() is not None:
+                raise SystemExit(f"worker {i} exited with code {proc.returncode}:\n{said}")
+        if pending and time.monotonic() > deadline:
+            raise SystemExit(f"{len(pending)} worker(s) did not start serving: see {logs}")
+        time.sleep(0.05)
 
 
 # --8<-- [start:driver]

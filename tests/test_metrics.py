@@ -25,6 +25,7 @@ import psutil
 import pytest
 
 import conveyor as cv
+from conveyor import stall
 from conveyor.metrics import (
     LATENCY_BUCKETS,
     Bottleneck,
@@ -635,6 +636,52 @@ def test_a_stall_in_on_stop_names_the_stage_and_the_hook(
     pattern = rf"\n  {re.escape(where)}, worker conveyor-db-0\S*: in on_stop for "
     assert re.search(pattern, text), text
     assert "in flush" in text  # the hook's own frame (a worker process says where it is)
+
+
+def test_a_hook_begun_while_worker_processes_answer_waits_for_the_next_stall_report(
+    warnings_caught: WarningCatcher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The repro (the [process] case above, once in a CI run): a worker began on_stop
+    # while the report asked the worker processes where they are; the report then
+    # described that hook, nobody having asked its process, with the stack of the
+    # thread that called it in the parent ("in on_stop ...; its stack: ... processes.py").
+    # Here a hook call begins in exactly that window, deterministically.
+    release = tmp_path / "release"
+
+    def stuck_until_released(x: int) -> int:
+        if x == 3:
+            deadline = time.monotonic() + 30.0
+            while not release.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)  # bounded polling: nothing else reaches another process
+        return x
+
+    asking = stall._ask_worker_processes
+    hooks = contextlib.ExitStack()
+    began = threading.Event()
+
+    def ask_while_a_hook_begins(seen: Any) -> Any:
+        answers = asking(seen)
+        if not began.is_set():
+            m = seen[0].metrics
+            probe = next(iter(m.probes.values()))  # the worker process's own
+            hooks.enter_context(m.in_hook("on_stop", worker="conveyor-stuck-0", probe=probe))
+            began.set()
+        return answers
+
+    monkeypatch.setattr(stall, "_ask_worker_processes", ask_while_a_hook_begins)
+    p = cv.Pipeline(range(10)).map(stuck_until_released, runtime="process", name="stuck")
+    with hooks, p.start(stall_timeout=0.2) as handle:
+        while len(_messages_about("stalled:", warnings_caught)) < 2:
+            warnings_caught.first.clear()
+            if len(_messages_about("stalled:", warnings_caught)) < 2:
+                must_wait(warnings_caught.first)
+        release.touch()
+        assert handle.join(30).stats[0].items_out == 10
+    first, second = _messages_about("stalled:", warnings_caught)[:2]
+    assert "on_stop" not in first, first  # begun after the look: the next report's
+    hook = r"\n  process stage 'stuck' \(map\), worker conveyor-stuck-0: in on_stop for "
+    assert re.search(hook + r"[\d.]+ s; its stack \(pid \d+\), in the worker process:", second)
+    assert "processes.py" not in second and "stall.py" not in second, second
 
 
 def test_a_stall_report_says_a_thread_left_in_on_stop_is_left_behind(

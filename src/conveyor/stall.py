@@ -31,9 +31,9 @@ import threading
 import traceback
 from time import monotonic, perf_counter
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .metrics import ProbeAnswer, StageMetrics, WorkerCounters, WorkerProbe
+from .metrics import HookCall, ProbeAnswer, StageMetrics, WorkerCounters, WorkerProbe
 from .stage import item_repr
 
 if TYPE_CHECKING:
@@ -100,13 +100,16 @@ class StallDetector:
             f"conveyor: stalled: no item has moved for {idle:.1f} s "
             f"(stall_timeout={self.timeout:g} s)"
         ]
-        answers, asked = _ask_worker_processes(run.metrics)
+        # One look at who holds what, taken before the worker processes are asked: a
+        # hook or batch begun while they answer would otherwise be described with
+        # nobody's answer (a hook then showed the stack of the parent's lane).
+        seen = [_Seen.of(m) for m in run.metrics]
+        answers, asked = _ask_worker_processes(seen)
         # Worker threads whose on_stop overran its stop_timeout: a fresh thread took
         # their place, so the stall is not theirs, though they are still in the hook.
         given_up = {t.ident for sr in run.stage_runs for t in sr.given_up}
         holders = 0
-        for m in run.metrics:
-            workers = [w for w in list(m.workers) if w.current_since is not None]
+        for m, workers, calls in seen:
             reported: set[int] = set()  # process workers already reported (by group)
             for w in workers:
                 holders += 1
@@ -121,7 +124,7 @@ class StallDetector:
                     continue
                 lines.append(_holder_line(m, w, now))
                 lines.extend(_worker_stack(frames, w.thread_id, w.task))
-            for call in list(m.hook_calls.values()):
+            for call in calls:
                 left = ""
                 if call.thread_id in given_up:
                     # Not a worker the stall waits for (a fresh thread goes on): named
@@ -137,14 +140,15 @@ class StallDetector:
                 else:
                     holders += 1
                 answer = None if call.probe is None else answers.get(id(call.probe))
-                where = "" if answer is None else f" (pid {answer.pid}), in the worker process"
-                lines.append(
-                    f"  {_where(m)}, worker {call.worker}: in {call.hook} for "
-                    f"{now - call.since:.1f} s{left}; its stack{where}:"
-                )
+                doing = f"  {_where(m)}, worker {call.worker}: in {call.hook} for "
+                doing += f"{now - call.since:.1f} s{left}; its stack"
                 if answer is not None:
+                    lines.append(f"{doing} (pid {answer.pid}), in the worker process:")
                     lines.extend(answer.stack)
-                else:
+                elif call.probe is not None and id(call.probe) in asked:
+                    lines.append(f"{doing}: not available ({_unanswered(m, True)})")
+                else:  # a thread's hook, or a worker interpreter's: the waiting thread's
+                    lines.append(f"{doing}:")
                     lines.extend(_worker_stack(frames, call.thread_id, call.task))
         if not holders:
             lines.append("  no worker is inside a stage function")
@@ -179,19 +183,30 @@ def _holder_line(m: StageMetrics, w: WorkerCounters, now: float) -> str:
     )
 
 
-def _ask_worker_processes(
-    metrics: list[StageMetrics],
-) -> tuple[dict[int, ProbeAnswer], set[int]]:
+class _Seen(NamedTuple):
+    """A stage's workers that hold a batch, and its hook calls, at one moment."""
+
+    metrics: StageMetrics
+    holding: list[WorkerCounters]
+    calls: list[HookCall]
+
+    @classmethod
+    def of(cls, m: StageMetrics) -> _Seen:
+        holding = [w for w in list(m.workers) if w.current_since is not None]
+        return cls(m, holding, list(m.hook_calls.values()))
+
+
+def _ask_worker_processes(seen: list[_Seen]) -> tuple[dict[int, ProbeAnswer], set[int]]:
     """Where the worker processes that hold a batch or run a hook are, by the id of their
     `WorkerProbe`: every one asked at once, the answers awaited `PROBE_WAIT` seconds;
     and the ids of those asked (a worker interpreter cannot be)."""
     probes: dict[int, WorkerProbe] = {}
-    for m in metrics:
-        for w in list(m.workers):
+    for m, holding, calls in seen:
+        for w in holding:
             probe = None if w.group is None else m.probes.get(w.group)
-            if probe is not None and w.current_since is not None:
+            if probe is not None:
                 probes[id(probe)] = probe
-        for call in list(m.hook_calls.values()):
+        for call in calls:
             if call.probe is not None:
                 probes[id(call.probe)] = call.probe
     asked = [(key, probe) for key, probe in probes.items() if probe.ask()]
@@ -217,18 +232,10 @@ def _process_holder(
     waiting = "" if len(lanes) < 2 else f", {len(lanes) - 1} more waiting"
     if answer is None:
         name = lanes[0].thread_name.rpartition("-lane")[0] or lanes[0].thread_name
-        if asked:
-            why = (
-                f"the worker process did not say where it is within {PROBE_WAIT:g} s: its "
-                f"code holds the GIL, or the process is stopped"
-            )
-        elif m.stage.runtime == "interpreter":
-            why = "a worker interpreter's code runs in an interpreter of its own"
-        else:
-            why = "the worker process has ended"
         return [
             f"  {_where(m)}, worker {name}: on a batch for {held:.1f} s{waiting} (the first "
-            f"item: {item_repr(lanes[0].current_item)}); its stack: not available ({why})"
+            f"item: {item_repr(lanes[0].current_item)}); its stack: not available "
+            f"({_unanswered(m, asked)})"
         ]
     worker = f"worker {answer.worker} (pid {answer.pid})"
     batch = f"its batch held for {held:.1f} s{waiting}"
@@ -237,6 +244,18 @@ def _process_holder(
     else:
         doing = f"in the stage function on item {answer.item}, {batch}"
     return [f"  {_where(m)}, {worker}: {doing}; its stack in the worker process:", *answer.stack]
+
+
+def _unanswered(m: StageMetrics, asked: bool) -> str:
+    """Why a worker process of stage ``m`` did not say where it is."""
+    if asked:
+        return (
+            f"the worker process did not say where it is within {PROBE_WAIT:g} s: its "
+            f"code holds the GIL, or the process is stopped"
+        )
+    if m.stage.runtime == "interpreter":
+        return "a worker interpreter's code runs in an interpreter of its own"
+    return "the worker process has ended"
 
 
 def _stack_lines(frame: FrameType | None) -> list[str]:

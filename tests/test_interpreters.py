@@ -165,6 +165,20 @@ def test_the_c_accelerator_loads_in_worker_interpreters() -> None:
     assert outputs == [True] * 3
 
 
+def ctypes_loaded(x: int) -> bool:
+    return "ctypes" in sys.modules
+
+
+@needs_interpreters
+def test_a_worker_interpreter_does_not_load_ctypes() -> None:
+    # Regression: every worker interpreter made ctypes function types as it imported
+    # conveyor (NumPy's allocator callbacks, which only a process with NumPy can use:
+    # never an interpreter); one CI run segfaulted in _ctypes there while several
+    # interpreters started at once. Nothing of ctypes is needed without NumPy.
+    outputs = list(cv.Pipeline(range(4)).map(ctypes_loaded, workers=2, runtime="interpreter"))
+    assert outputs == [False] * 4
+
+
 def uses_numpy(x: int) -> int:
     import numpy
 

@@ -29,14 +29,13 @@ from multiprocessing.connection import Connection
 from time import perf_counter, process_time, thread_time
 from time import sleep as _sleep
 from types import CodeType, FrameType, FunctionType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
 from ..policy import ITEM_LOOPS, BatchOutcome, apply_one, drop_unsendable, process_batch
 from ..remote import ExceptionRecord, capture, parts, restore
 from ..stage import Stage, item_repr, set_worker_state
-from ._allocator import Placer, placer
 from ._wire import (
     _BY_FD,
     _ECHO,
@@ -62,6 +61,9 @@ from ._wire import (
     _OutcomeMessage,
     _pack,
 )
+
+if TYPE_CHECKING:
+    from ._allocator import Placer
 
 _PackedError = tuple[bytes | None, ExceptionRecord]
 """An exception on its way to the parent: its class, ``args`` and attributes pickled
@@ -140,7 +142,7 @@ class _Server:
 
     def _close_outbox(self, arena: _Arena) -> None:
         """Unmap an outbox, unless arrays the stage created in it are still alive."""
-        found = placer(make=False)
+        found = _placer(make=False)
         if found is None:
             arena.close()
         else:
@@ -168,7 +170,7 @@ class _Server:
         started = perf_counter()
         # Big arrays the stage creates go right into the outbox (see _allocator): for
         # as long as it returns arrays of its own (placing slows small allocations).
-        place = None if box is None or not self.place_arrays else placer()
+        place = None if box is None or not self.place_arrays else _placer()
         # Always tracked: the parent's port may need it, and a result that cannot be
         # pickled is charged to the input that gave it.
         with contextlib.nullcontext() if place is None else place.placing(box):
@@ -358,6 +360,18 @@ def _child_main(
     _serve_stage(conn, blob, interpreter, probe)
 
 
+def _placer(make: bool = True) -> Placer | None:
+    """This process's `conveyor.runtime._allocator.Placer`, or None; its module (ctypes'
+    callbacks, 10 ms to import) is imported only once NumPy is, as nothing is placed
+    without NumPy: a worker interpreter (no NumPy there) never makes ctypes function
+    types, which crashed Python 3.14 once when several interpreters started at once."""
+    if "numpy" not in sys.modules:
+        return None
+    from ._allocator import placer
+
+    return placer(make)
+
+
 def _standby_main(conn: Connection, probe: Connection) -> None:
     """The body of a standby worker process (`conveyor.runtime._standby`): started ahead
     of need, it waits for a stage (its worker's name and blob, in one message), then
@@ -366,7 +380,7 @@ def _standby_main(conn: Connection, probe: Connection) -> None:
     # What a worker does first, done while waiting: a thread started, NumPy's allocator of
     # arrays in shared memory made (if NumPy is loaded: 0.7 ms), spare blocks mapped.
     _start_answering_probes(probe)
-    placer()
+    _placer()
     premapped: dict[int, _Arena] = {}
     try:
         while True:

@@ -9,7 +9,6 @@ blocks those buffers go through (`_Arena`). The data flow, and why it is built t
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import mmap
 import os
@@ -360,6 +359,8 @@ def _address_of(numpy: Any, buffer: memoryview) -> int:
     """Where ``buffer``'s bytes are in memory (the worker asks for each big buffer of an
     answer: through ctypes, a tenth of NumPy's time, when the buffer is writable)."""
     if not buffer.readonly and buffer.c_contiguous and buffer.nbytes:
+        import ctypes  # here: a worker interpreter, which has no NumPy, never loads it
+
         return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
     address: int = numpy.frombuffer(buffer, numpy.uint8).__array_interface__["data"][0]
     return address

@@ -24,6 +24,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -1829,3 +1830,99 @@ def test_back_to_back_runs_never_race_for_a_workers_exit_status() -> None:
         )
         assert sorted(result.outputs) == [x + 2 for x in range(6)]
     processes.settle()
+
+
+# ---------------------------------------------------------------------- lanes' wake-ups
+
+
+def busy_then_blocked(folder: str, item: tuple[int, bytes]) -> int:
+    """A stage busy a few ms per item (a number and 128 KiB, which cross through shared
+    memory); item 6 waits for the test's release (a bounded polling loop: nothing else
+    reaches another process)."""
+    x = item[0]
+    if x == 6:
+        Path(folder, "blocked").write_text("")
+        deadline = time.monotonic() + 30.0
+        while not Path(folder, "release").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    else:
+        end = time.perf_counter() + 0.003
+        while time.perf_counter() < end:
+            pass
+    return x
+
+
+def lane_policies() -> list[int]:
+    """The scheduling policies of this process's lane threads (the parent's threads
+    that feed a worker process)."""
+    return [
+        os.sched_getscheduler(t.native_id)
+        for t in threading.enumerate()
+        if t.native_id is not None and t.name.startswith("conveyor-busy_then_blocked-")
+    ]
+
+
+def run_blocked_then_released(tmp_path: Path) -> tuple[list[int], list[int]]:
+    """Run `busy_then_blocked` over 8 items; the lanes' policies while item 6 is held,
+    and the outputs."""
+    stage = partial(busy_then_blocked, str(tmp_path))
+    items = [(i, bytes(1 << 17)) for i in range(8)]
+    pipeline = cv.Pipeline(items).map(stage, runtime="process", name="busy_then_blocked")
+    handle = pipeline.start(collect=True)
+    try:
+        wait_until((tmp_path / "blocked").exists, 30.0)
+        policies = lane_policies()
+    finally:
+        (tmp_path / "release").write_text("")
+    result = handle.join(30)
+    return policies, result.outputs or []
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+def test_a_lane_waits_for_a_busy_worker_without_preempting_it_and_runs_as_usual_after(
+    tmp_path: Path,
+) -> None:
+    # A lane woken by an answer took the CPU the worker process was on, for the copy of
+    # its next message's big buffers, while the worker went on to the next message (see
+    # processes._wake_without_preempting): such a lane now waits under SCHED_BATCH.
+    policies, outputs = run_blocked_then_released(tmp_path)
+    assert sorted(outputs) == list(range(8))
+    assert os.SCHED_BATCH in policies, policies  # the lane waiting for item 6's answer
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's thread: untouched
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policies")
+def test_a_lane_of_a_thread_with_a_policy_of_its_own_keeps_it(tmp_path: Path) -> None:
+    # Lanes inherit the policy of the thread that starts the run: one the user chose
+    # (here SCHED_IDLE) is neither replaced nor reset to the default.
+    found: list[tuple[list[int], list[int]]] = []
+
+    def idle_caller() -> None:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        found.append(run_blocked_then_released(tmp_path))
+
+    caller = threading.Thread(target=idle_caller)
+    caller.start()
+    caller.join(60)
+    assert found, "the run did not end"
+    policies, outputs = found[0]
+    assert sorted(outputs) == list(range(8))
+    assert policies and set(policies) == {os.SCHED_IDLE}, policies
+
+
+def small_then_blocked(folder: str, x: int) -> int:
+    return busy_then_blocked(folder, (x, b""))
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+def test_a_lane_of_small_items_keeps_the_usual_wake_ups(tmp_path: Path) -> None:
+    # Messages without big buffers: nothing to copy, the usual wake-ups.
+    stage = partial(small_then_blocked, str(tmp_path))
+    handle = cv.Pipeline(range(8)).map(stage, runtime="process", name="busy_then_blocked").start()
+    try:
+        wait_until((tmp_path / "blocked").exists, 30.0)
+        policies = lane_policies()
+    finally:
+        (tmp_path / "release").write_text("")
+    assert handle.join(30).stats[0].items_out == 8
+    assert policies and set(policies) == {os.SCHED_OTHER}, policies

@@ -512,6 +512,7 @@ class _Child:
         self.link = _Link(conn, process.sentinel, abort)
         self.pid = process.pid
         self.items_done = 0
+        self.busy = 0.0  # seconds its last answer says the stage took (see QUIET_BUSY)
         self.exitcode: int | None = None
         # Its forkserver ended before it (`_process_table.orphaned`): killed, blocks not reused.
         self.orphaned = False
@@ -1191,7 +1192,14 @@ class _Worker:
         child.timed_out = False
         seq = child.send(payload, pids, buffers, retries_left)
         child.items_done += end - start
-        answer = child.receive(seq, partial(self._read, child))
+        # Quiet while the worker is busy and this lane copies big buffers (see
+        # `_wake_without_preempting`); small items keep the usual wake-ups.
+        quiet = bool(buffers.total) and child.busy >= QUIET_BUSY and _wake_without_preempting()
+        try:
+            answer = child.receive(seq, partial(self._read, child))
+        finally:
+            if quiet:
+                _wake_as_usual()
         if answer is None:
             if child.was_waiting(seq):
                 return True  # the child ended before it started on these: send them again
@@ -1254,6 +1262,7 @@ class _Worker:
         outcome.filtered += answer.filtered
         outcome.retried += answer.retried
         outcome.busy_seconds = (outcome.busy_seconds or 0.0) + answer.busy
+        child.busy = answer.busy
         self.sr.metrics.add_child_cpu(child.cpu_since_last(answer.cpu))
         earlier = job.charged.get(start, 0) if end - start == 1 else 0
         for index, packed, attempts in answer.failures:
@@ -1331,6 +1340,59 @@ class _Worker:
         more = f" and {len(held) - _HELD_SHOWN} more" if len(held) > _HELD_SHOWN else ""
         add_note(error, f"conveyor: the item(s) it held: {shown}{more}")
         return error
+
+
+class _LanePolicy(threading.local):
+    usual: bool | None = None  # whether this thread has the default policy (asked once)
+
+
+_LANE_POLICY = _LanePolicy()
+QUIET_WAKE_UPS = hasattr(os, "SCHED_BATCH")
+"""Whether a lane waits for its answer under ``SCHED_BATCH`` (Linux): see
+`_wake_without_preempting`."""
+QUIET_BUSY = 1e-4
+"""Seconds the stage took on the lane's last message from which its next wait is quiet
+(`_wake_without_preempting`): about a round trip's cost to the parent. A stage that
+takes less is about to wait for its next message, and the lane woken is the one with
+work to give it."""
+
+
+def _wake_without_preempting() -> bool:
+    """Make the calling lane, about to wait for its answer, a thread whose wake-up does not
+    preempt the running one; True if done (then `_wake_as_usual` after the wait).
+
+    The answer wakes the lane while the worker process goes on to the next message
+    (the other lane's), and the woken lane would take the CPU the worker runs on, then
+    hold it for the copy of its next message's big buffers: the worker waits for a
+    copy it does not need. Under ``SCHED_BATCH`` (the same priority, no preemption on
+    wake-up) the lane waits for a free CPU instead. Used when the worker was busy on
+    the lane's last message (`QUIET_BUSY`) and the message just sent has big buffers:
+    1 MiB arrays multiplied by the stage gained a fifth of their throughput, copied a
+    tenth (docs/benchmarks.md, "quiet-lanes"). Not for small items: with as many
+    busy workers as CPUs, lanes that waited for a CPU slowed them by a few percent.
+    Only for a thread of the default policy: one the user set (inherited from the
+    thread that started the run) is left as it is.
+    """
+    local = _LANE_POLICY
+    if local.usual is None:
+        try:
+            local.usual = QUIET_WAKE_UPS and os.sched_getscheduler(0) == os.SCHED_OTHER
+        except OSError:
+            local.usual = False
+    if not local.usual:
+        return False
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except OSError:  # refused here (a sandbox): never asked again on this thread
+        local.usual = False
+        return False
+    return True
+
+
+def _wake_as_usual() -> None:
+    """Undo `_wake_without_preempting`: the lane now runs as any thread does."""
+    with contextlib.suppress(OSError):
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
 
 def _replenish(runtime: ProcessRuntime) -> None:

@@ -97,9 +97,8 @@ def orphaned(process: Any) -> bool:
     server, and its pid may be another process's by now: never signalled). The server's
     pipes close a moment before it can be waited for: that moment is waited for.
     """
-    if getattr(process, "_start_method", None) != "forkserver":
-        return False
-    if exitcode(process) != _UNREAD_STATUS or not _ended(getattr(process, "conveyor_server", None)):
+    server = getattr(process, "conveyor_server", None)  # forkserver children only (`start`)
+    if server is None or exitcode(process) != _UNREAD_STATUS or not _ended(server):
         return False
     try:
         os.kill(process.pid, signal.SIGKILL)
@@ -108,13 +107,11 @@ def orphaned(process: Any) -> bool:
     return True
 
 
-def _ended(server: int | None, timeout: float = _SERVER_EXIT) -> bool:
+def _ended(server: int, timeout: float = _SERVER_EXIT) -> bool:
     """Whether the forkserver ``server`` (a child of this process) has ended, waiting up
     to ``timeout`` for an end under way, without reaping it (multiprocessing does, when
     it next starts a worker). False when that cannot be told (macOS: neither pidfd nor
     ``waitid``)."""
-    if server is None:
-        return False
     pidfd_open = getattr(os, "pidfd_open", None)
     if pidfd_open is not None:
         try:

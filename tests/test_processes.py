@@ -1926,3 +1926,33 @@ def test_a_lane_of_small_items_keeps_the_usual_wake_ups(tmp_path: Path) -> None:
         (tmp_path / "release").write_text("")
     assert handle.join(30).stats[0].items_out == 8
     assert policies and set(policies) == {os.SCHED_OTHER}, policies
+
+
+# ---------------------------------------------------------------------- a worker's memory
+
+
+def faults_making_big_bytes(times: int) -> int:
+    """The page faults this process takes making ``times`` batches of four bytes objects
+    of 1 MiB from a buffer, then freeing them, as the worker does with the items of a
+    message of 4 MiB."""
+    import resource
+
+    source = bytearray(1 << 20)
+    made = [bytes(source) for _ in range(4)]  # the first ones may grow the heap
+    del made
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(times):
+        made = [bytes(source) for _ in range(4)]
+        del made
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_a_worker_process_reuses_the_memory_of_the_big_objects_it_frees() -> None:
+    # Regression: each 1 MiB bytes object a worker made was a fresh mapping, faulted in
+    # page by page and unmapped when freed (256 faults per MiB): bytes through a process
+    # stage moved at a fifth of the speed they do with the memory kept.
+    [faults] = cv.Pipeline([50]).map(faults_making_big_bytes, runtime="process").run(
+        collect=True
+    ).outputs or [None]
+    assert faults is not None and faults < 50 * 4 * 256 // 10, faults  # 51,200 without

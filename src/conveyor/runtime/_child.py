@@ -417,11 +417,43 @@ def _start_answering_probes(probe: Connection) -> None:
 
 
 def _settle_in_process() -> None:
-    """What a worker process does first: leave Ctrl-C to the parent, end with it."""
+    """What a worker process does first: leave Ctrl-C to the parent, end with it, keep
+    the memory it frees for its next batches."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     if hasattr(signal, "pthread_sigmask"):  # blocked while it started (_sigint_held)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _exit_with_parent()
+    _keep_freed_memory()
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters
+KEPT_HEAP = 64 << 20
+"""Free memory at the top of a worker process's heap that glibc keeps rather than gives
+back (`_keep_freed_memory`)."""
+HEAP_ALLOCATIONS = 32 << 20
+"""Allocations up to this size come from a worker's heap, not a mapping of their own."""
+
+
+def _keep_freed_memory() -> None:
+    """Have glibc's malloc serve a worker's big allocations from its heap and keep what
+    is freed (Linux): `bytes(...)` of 1 MiB, made for each such item a message brings,
+    was a fresh mapping each time, faulted in page by page (about 0.5 ms per MiB) and
+    unmapped when the batch was done. Bytes returned as they came went through a process
+    stage at 1,750 MiB/s, and at 8,300 with the memory kept. Only in worker processes:
+    the caller's process keeps its own settings. A worker keeps at most what it held at
+    once (and `KEPT_HEAP` free at the top), until it ends with its run."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # no C library to ask, or not one with mallopt
+        return
+    # Both or neither: the trim threshold set alone also fixes the mapping threshold at
+    # its default (128 KiB), and the mapping threshold alone leaves the heap trimmed.
+    if mallopt(_M_MMAP_THRESHOLD, HEAP_ALLOCATIONS):
+        mallopt(_M_TRIM_THRESHOLD, KEPT_HEAP)
 
 
 def _serve_stage(

@@ -15,7 +15,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
@@ -476,18 +476,26 @@ def test_a_stall_names_the_worker_its_item_how_long_and_its_stack(
     assert "'stuck' input" in text
 
 
+def holding_until_released(at: int, release: Path) -> Callable[[int], int]:
+    """A stage function that holds item ``at`` until the file ``release`` exists (a
+    bounded polling loop: nothing else reaches a worker process)."""
+
+    def stuck_until_released(x: int) -> int:
+        if x == at:
+            deadline = time.monotonic() + 30.0
+            while not release.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        return x
+
+    return stuck_until_released
+
+
 def test_a_stall_in_a_process_stage_says_process_stage_once(
     warnings_caught: WarningCatcher, tmp_path: Path
 ) -> None:
     # The repro: "  stage process stage 'stuck' (map), worker conveyor-stuck-0-lane1: ...".
     release = tmp_path / "release"
-
-    def stuck_until_released(x: int) -> int:
-        if x == 3:
-            deadline = time.monotonic() + 30.0
-            while not release.exists() and time.monotonic() < deadline:
-                time.sleep(0.02)  # bounded polling: nothing else reaches another process
-        return x
+    stuck_until_released = holding_until_released(3, release)
 
     p = cv.Pipeline(range(10)).map(stuck_until_released, runtime="process", name="stuck")
     with p.start(stall_timeout=0.2) as handle:
@@ -506,13 +514,7 @@ def test_a_stall_in_a_process_stage_names_the_item_the_worker_process_is_on_and_
     # 47 for a worker stuck on 37), twice as "in the stage function", each with the
     # stack of the parent's thread waiting for the child: conveyor's own code.
     release = tmp_path / "release"
-
-    def stuck_until_released(x: int) -> int:
-        if x == 37:
-            deadline = time.monotonic() + 30.0
-            while not release.exists() and time.monotonic() < deadline:
-                time.sleep(0.02)  # bounded polling: nothing else reaches another process
-        return x
+    stuck_until_released = holding_until_released(37, release)
 
     p = cv.Pipeline(range(100)).map(stuck_until_released, runtime="process", name="stuck")
     with p.start(stall_timeout=0.3) as handle:
@@ -647,13 +649,7 @@ def test_a_hook_begun_while_worker_processes_answer_waits_for_the_next_stall_rep
     # thread that called it in the parent ("in on_stop ...; its stack: ... processes.py").
     # Here a hook call begins in exactly that window, deterministically.
     release = tmp_path / "release"
-
-    def stuck_until_released(x: int) -> int:
-        if x == 3:
-            deadline = time.monotonic() + 30.0
-            while not release.exists() and time.monotonic() < deadline:
-                time.sleep(0.02)  # bounded polling: nothing else reaches another process
-        return x
+    stuck_until_released = holding_until_released(3, release)
 
     asking = stall._ask_worker_processes
     hooks = contextlib.ExitStack()

@@ -1956,3 +1956,15 @@ def test_a_worker_process_reuses_the_memory_of_the_big_objects_it_frees() -> Non
         collect=True
     ).outputs or [None]
     assert faults is not None and faults < 50 * 4 * 256 // 10, faults  # 51,200 without
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the forkserver, and glibc")
+def test_the_forkserver_preloads_what_each_worker_needs_at_once() -> None:
+    # Regression: once the worker's side imported ctypes and the array placer only when
+    # needed, each forkserver worker imported them itself at its start (5 ms more each).
+    pytest.importorskip("numpy")  # loaded: its placer is needed too
+    from multiprocessing import forkserver
+
+    assert list(cv.Pipeline(range(3)).map(str, runtime="process")) == ["0", "1", "2"]
+    preloaded = forkserver._forkserver._preload_modules  # type: ignore[attr-defined]
+    assert {"ctypes", "numpy", "conveyor.runtime._allocator"} <= set(preloaded), preloaded

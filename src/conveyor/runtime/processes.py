@@ -322,15 +322,21 @@ def _default_start_method() -> str:
 def _preload_in_forkserver() -> None:
     """Add this module, and NumPy when this process uses it, to the forkserver's preload
     list, and start the server: workers then start without importing them. Importing this
-    module imports the worker's side (`_child`, `_wire`) too. The main module is imported
-    there as well (`_forkserver_main`), rather than run again by every worker."""
+    module imports the worker's side (`_child`, `_wire`) too; what that side imports only
+    when needed, a worker needs at once here (ctypes on Linux, `_allocator` with NumPy).
+    The main module is imported there as well (`_forkserver_main`), rather than run again
+    by every worker."""
     from multiprocessing import forkserver
 
     # The list lives in a private attribute; keep whatever the user set there, but import
     # the main module through _forkserver_main (last: what it imports is loaded by then).
     server = getattr(forkserver, "_forkserver", None)
     modules = list(getattr(server, "_preload_modules", None) or ["__main__"])
-    wanted = ["numpy", __name__] if "numpy" in sys.modules else [__name__]
+    wanted = [__name__]
+    if "numpy" in sys.modules:  # and the module that places arrays in shared memory
+        wanted[:0] = ["numpy", f"{__package__}._allocator"]
+    if sys.platform.startswith("linux"):  # what each worker keeps of its heap is set through it
+        wanted.insert(0, "ctypes")
     if "__main__" in modules:
         modules.remove("__main__")
         wanted.append(_forkserver_main.__name__)

@@ -1862,11 +1862,14 @@ def lane_policies() -> list[int]:
     ]
 
 
-def run_blocked_then_released(tmp_path: Path) -> tuple[list[int], list[int]]:
-    """Run `busy_then_blocked` over 8 items; the lanes' policies while item 6 is held,
-    and the outputs."""
+def run_blocked_then_released(
+    tmp_path: Path, payload: bytes = bytes(1 << 17)
+) -> tuple[list[int], list[int]]:
+    """Run `busy_then_blocked` over 8 items, each with ``payload`` (by default big enough
+    to cross through shared memory); the lanes' policies while item 6 is held, and the
+    outputs."""
     stage = partial(busy_then_blocked, str(tmp_path))
-    items = [(i, bytes(1 << 17)) for i in range(8)]
+    items = [(i, payload) for i in range(8)]
     pipeline = cv.Pipeline(items).map(stage, runtime="process", name="busy_then_blocked")
     handle = pipeline.start(collect=True)
     try:
@@ -1910,21 +1913,11 @@ def test_a_lane_of_a_thread_with_a_policy_of_its_own_keeps_it(tmp_path: Path) ->
     assert policies and set(policies) == {os.SCHED_IDLE}, policies
 
 
-def small_then_blocked(folder: str, x: int) -> int:
-    return busy_then_blocked(folder, (x, b""))
-
-
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
 def test_a_lane_of_small_items_keeps_the_usual_wake_ups(tmp_path: Path) -> None:
     # Messages without big buffers: nothing to copy, the usual wake-ups.
-    stage = partial(small_then_blocked, str(tmp_path))
-    handle = cv.Pipeline(range(8)).map(stage, runtime="process", name="busy_then_blocked").start()
-    try:
-        wait_until((tmp_path / "blocked").exists, 30.0)
-        policies = lane_policies()
-    finally:
-        (tmp_path / "release").write_text("")
-    assert handle.join(30).stats[0].items_out == 8
+    policies, outputs = run_blocked_then_released(tmp_path, b"")
+    assert sorted(outputs) == list(range(8))
     assert policies and set(policies) == {os.SCHED_OTHER}, policies
 
 

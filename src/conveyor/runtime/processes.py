@@ -118,9 +118,9 @@ multiprocessing's resource tracker before they exist, so that the tracker
 unlinks every one of a program killed at any moment. A name is unlinked as
 soon as the worker has mapped it (when it answers the message that announced
 it), or when the worker dies or is stopped, and when the run ends: no segment
-outlives a run, whatever happened to it. A spare block, nameless by then, reaches its next
-worker as a file descriptor sent over the pipe (a Unix socket) right after
-the message that announces it. The memory itself is freed when the last
+outlives a run, whatever happened to it. A spare block, nameless by then,
+reaches its next worker as a file descriptor sent over the pipe (a Unix
+socket) right after the message that announces it. The memory itself is freed when the last
 process unmaps it, that is when the last array built on it is gone (spare
 blocks: when the process exits).
 

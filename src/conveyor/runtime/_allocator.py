@@ -28,8 +28,6 @@ from __future__ import annotations
 import bisect
 import ctypes
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from ._wire import SHM_THRESHOLD, _address_of, _align, _Arena, _Buffers
@@ -100,21 +98,19 @@ class Placer:
         # The handler and its callbacks must outlive every array allocated through them.
         self.keep: tuple[Any, ...] = ()
 
-    @contextmanager
-    def placing(self, arena: _Arena | None) -> Iterator[None]:
-        """Place big array data in ``arena`` while the block runs (nothing if it is None)."""
-        if arena is None:
-            yield
-            return
+    def placing(self, arena: _Arena | None) -> _Placing:
+        """Place big array data in ``arena`` while the block runs (nothing if it is None):
+        a context manager (a class of its own, not a generator: entered per message)."""
+        return _Placing(self, arena)
+
+    def _enter(self, arena: _Arena) -> Any:
+        """Make ``arena`` where big data goes, and this placer NumPy's handler; return the
+        handler it replaces."""
         if self.arena is not arena:
             self.arena = arena
             self._base = _address_of(sys.modules["numpy"], arena.view)
             self.spans = []  # the parent sends an outbox only once it is free again
-        previous = self._set_handler(self._capsule)
-        try:
-            yield
-        finally:
-            self._set_handler(previous)
+        return self._set_handler(self._capsule)
 
     def high(self, arena: _Arena | None) -> int:
         """Where free room begins in ``arena``, after every live allocation on it."""
@@ -128,14 +124,14 @@ class Placer:
         found: list[int | None] = [None] * len(buffers.views)
         if arena is None or arena is not self.arena or not self.spans:
             return found
-        numpy = sys.modules["numpy"]
-        for index, (view, persistent) in enumerate(
-            zip(buffers.views, buffers.persistent, strict=True)
+        base, spans = self._base, self.spans
+        for index, (view, address) in enumerate(
+            zip(buffers.views, buffers.addresses(), strict=True)
         ):
-            if persistent:
+            if address is None:
                 continue
-            offset = _address_of(numpy, view) - self._base
-            span = _containing(self.spans, offset)
+            offset = address - base
+            span = _containing(spans, offset)
             if span is not None and offset + view.nbytes <= span[1]:
                 found[index] = offset
         return found
@@ -238,6 +234,25 @@ class Placer:
         retired = self.retired.pop(arena.ident, None)
         if retired is not None:
             retired.close()
+
+
+class _Placing:
+    """`Placer.placing`'s context manager."""
+
+    __slots__ = ("arena", "placer", "previous")
+
+    def __init__(self, placer: Placer, arena: _Arena | None) -> None:
+        self.placer = placer
+        self.arena = arena
+        self.previous: Any = None
+
+    def __enter__(self) -> None:
+        if self.arena is not None:
+            self.previous = self.placer._enter(self.arena)
+
+    def __exit__(self, *_: object) -> None:
+        if self.arena is not None:
+            self.placer._set_handler(self.previous)
 
 
 def _containing(spans: list[tuple[int, int]], offset: int) -> tuple[int, int] | None:

@@ -157,7 +157,7 @@ class _Server:
             else:
                 self._close_outbox(self.outboxes.pop(ident))
         inbox, outbox = message.inbox, message.outbox
-        fds = self._receive_fds(sum(b is not None and b[1] == _BY_FD for b in (inbox, outbox)))
+        fds = self._receive_fds(_by_fd(inbox) + _by_fd(outbox))
         source = None if inbox is None else self._block(self.inboxes, inbox, fds)
         box = None if outbox is None else self._block(self.outboxes, outbox, fds)
         received: list[Any] = []  # bytes made from the request's buffers (see _wire._OutOfBand)
@@ -305,6 +305,11 @@ class _Server:
         )
 
 
+def _by_fd(block: _Block | None) -> int:
+    """1 if ``block`` comes as a file descriptor after the message, else 0."""
+    return int(block is not None and block[1] == _BY_FD)
+
+
 def _shares_kept_memory(
     answer: _OutcomeMessage, source: _Arena | None, box: _Arena | None, place: Placer | None
 ) -> bool:
@@ -364,12 +369,22 @@ def _placer(make: bool = True) -> Placer | None:
     """This process's `conveyor.runtime._allocator.Placer`, or None; its module (ctypes'
     callbacks, 10 ms to import) is imported only once NumPy is, as nothing is placed
     without NumPy: a worker interpreter (no NumPy there) never makes ctypes function
-    types, which crashed Python 3.14 once when several interpreters started at once."""
+    types, which crashed Python 3.14 once when several interpreters started at once.
+    Asked for every message with an outbox: once found, kept here (an ``import``
+    statement per message cost 2-5 us of a worker's 100 us per message)."""
+    if _FOUND_PLACER:
+        return _FOUND_PLACER[0]
     if "numpy" not in sys.modules:
         return None
     from ._allocator import placer
 
-    return placer(make)
+    found = placer(make)
+    if make:  # the final word: a placer, or None for good (no handler API in this NumPy)
+        _FOUND_PLACER.append(found)
+    return found
+
+
+_FOUND_PLACER: list[Placer | None] = []
 
 
 def _standby_main(conn: Connection, probe: Connection) -> None:

@@ -114,13 +114,14 @@ class _Buffers:
     memoryview). ``threshold`` None keeps everything in band.
     """
 
-    __slots__ = ("persistent", "threshold", "total", "views")
+    __slots__ = ("_addresses", "persistent", "threshold", "total", "views")
 
     def __init__(self, threshold: int | None = SHM_THRESHOLD) -> None:
         self.threshold = threshold
         self.views: list[memoryview] = []
         self.persistent: list[bool] = []
         self.total = 0
+        self._addresses: list[int | None] | None = None
 
     def take(self, view: memoryview, persistent: bool) -> int:
         """Set ``view`` (1-D, bytes) aside if it is big; its index, or -1 to keep it in band."""
@@ -139,6 +140,20 @@ class _Buffers:
         self.views.clear()
         self.persistent.clear()
         self.total = 0
+        self._addresses = None
+
+    def addresses(self) -> list[int | None]:
+        """Where each out-of-band buffer's bytes are in memory (None for the persistent
+        ones, and for all without NumPy, which only arrays need): asked once per answer,
+        by both the request's block (`_Arena.echoes`) and the placer."""
+        found = self._addresses
+        if found is None:
+            numpy = sys.modules.get("numpy")
+            found = self._addresses = [
+                None if persistent or numpy is None else _address_of(numpy, view)
+                for view, persistent in zip(self.views, self.persistent, strict=True)
+            ]
+        return found
 
 
 class _OutOfBand:
@@ -541,15 +556,16 @@ class _Arena:
         points there instead of copying. Needs NumPy to read addresses (it is
         loaded whenever arrays travel).
         """
-        numpy = sys.modules.get("numpy")
-        if numpy is None:
-            return [None] * len(buffers.views)
         if self._address is None:
+            numpy = sys.modules.get("numpy")
+            if numpy is None:
+                return [None] * len(buffers.views)
             self._address = _address_of(numpy, self.view)
+        base, size = self._address, self.size
         found: list[int | None] = []
-        for buffer, persistent in zip(buffers.views, buffers.persistent, strict=True):
-            offset = None if persistent else _address_of(numpy, buffer) - self._address
-            inside = offset is not None and offset >= 0 and offset + buffer.nbytes <= self.size
+        for buffer, address in zip(buffers.views, buffers.addresses(), strict=True):
+            offset = None if address is None else address - base
+            inside = offset is not None and offset >= 0 and offset + buffer.nbytes <= size
             found.append(offset if inside else None)
         return found
 

@@ -46,6 +46,11 @@ parent's lanes copy outside the GIL and may use both cores; and the least time
 the copies a run cannot do without take when made at the same time, as they
 are in a run (the parent's into shared memory in one thread, the stage's own
 pass in another): two copies at once share the memory's bandwidth.
+Last, the same shape without conveyor (`minimal_pipeline`): a worker process
+and two threads passing 4 MiB shared-memory blocks of four arrays with three
+numbers through pipes, the worker doing the stage's work into five answer
+blocks in turn, and nothing else; what the machine allows a run of this
+shape, beside conveyor's share without start-up.
 
 --write replaces this script's section of docs/benchmarks.md; --json PATH
 writes, per workload, conveyor's MiB/s and its ratio to memcpy (the peer),
@@ -448,6 +453,163 @@ def cpu_floor_report(parts: dict[str, dict[str, list[float]]]) -> str:
     )
 
 
+# The same shape without conveyor (`minimal_pipeline`).
+MINIMAL_LANES = 2  # conveyor's lanes per worker
+MINIMAL_ANSWER_BLOCKS = 5  # a run of `a.copy()` takes its answers in 4 to 8 blocks in turn
+PER_MESSAGE = 4  # 1 MiB arrays per message: conveyor's 4 MiB message limit
+MINIMAL_OPS = {  # the stage's work, by array candidate: a code the worker reads
+    "arrays, returned as they came": 0,
+    "arrays, the stage returns `a.copy()`": 1,
+    "arrays, the stage returns `a * 2`": 2,
+}
+
+
+def minimal_pipeline(op: int, arrays: list[Any]) -> tuple[Callable[[], float], Callable[[], None]]:
+    """The shape of a conveyor run, without conveyor: one worker process, two lanes
+    (threads), each copying four arrays into its own 4 MiB shared-memory block, then
+    sending three numbers through a pipe; the worker does the stage's work into one of
+    five answer blocks in turn and answers with the same numbers. Nothing else: no
+    pickling, no results built, no channel, nothing per item but the copies. What
+    the machine allows a run of this shape (the parent's copies and the worker's
+    running at the same time on the two cores); and what frees it all."""
+    import multiprocessing
+    import struct
+    import threading
+    from multiprocessing import shared_memory
+
+    size = PER_MESSAGE * MIB
+    requests = [shared_memory.SharedMemory(create=True, size=size) for _ in range(MINIMAL_LANES)]
+    answers = [
+        shared_memory.SharedMemory(create=True, size=size) for _ in range(MINIMAL_ANSWER_BLOCKS)
+    ]
+    for block in (*requests, *answers):
+        block.buf[:] = bytes(size)  # faulted in, as conveyor's reused blocks are
+    context = multiprocessing.get_context("spawn")
+    pipes = [context.Pipe() for _ in range(MINIMAL_LANES)]
+    worker = context.Process(
+        target=minimal_worker,
+        args=([p[1] for p in pipes], [b.name for b in requests], [b.name for b in answers]),
+        daemon=True,
+    )
+    worker.start()
+    for _, theirs in pipes:
+        theirs.close()
+    targets = [ring(block) for block in requests]
+
+    errors: list[BaseException] = []
+
+    def lane(index: int) -> None:
+        conn, target = pipes[index][0], targets[index]
+        try:
+            for message in range(index, COUNT // PER_MESSAGE, MINIMAL_LANES):
+                for j in range(PER_MESSAGE):
+                    numpy.copyto(target[j], arrays[(PER_MESSAGE * message + j) % DISTINCT])
+                conn.send_bytes(struct.pack("3i", index, message % MINIMAL_ANSWER_BLOCKS, op))
+                conn.recv_bytes()
+        except BaseException as exc:  # the worker died: the run says so
+            errors.append(exc)
+
+    def run() -> float:
+        lanes = [threading.Thread(target=lane, args=(i,)) for i in range(MINIMAL_LANES)]
+        for thread in lanes:
+            thread.start()
+        for thread in lanes:
+            thread.join()
+        if errors:
+            raise RuntimeError(f"the minimal pipeline's worker failed: {errors[0]!r}")
+        return 0.0
+
+    def close() -> None:
+        for ours, _ in pipes:
+            ours.close()
+        worker.join()
+        targets.clear()
+        for block in (*requests, *answers):
+            block.close()
+            block.unlink()
+
+    return run, close
+
+
+def ring(block: Any) -> list[Any]:
+    """A block's four 1 MiB arrays."""
+    whole = numpy.ndarray(PER_MESSAGE * MIB // 8, numpy.float64, block.buf)
+    return [whole[j * MIB // 8 : (j + 1) * MIB // 8] for j in range(PER_MESSAGE)]
+
+
+def minimal_worker(conns: list[Any], requests: list[str], answers: list[str]) -> None:
+    """`minimal_pipeline`'s worker process: the stage's work on each message, until both
+    lanes have closed their pipes."""
+    import struct
+    from multiprocessing import connection, shared_memory
+
+    # Registered again with the resource tracker (the parent's, which spawn shares): a name
+    # it already holds, which the parent's unlink removes.
+    blocks = [shared_memory.SharedMemory(name=n) for n in (*requests, *answers)]
+    sources = [ring(b) for b in blocks[: len(requests)]]
+    outputs = [ring(b) for b in blocks[len(requests) :]]
+    live = list(conns)
+    while live:
+        for conn in connection.wait(live):
+            try:
+                data = conn.recv_bytes()
+            except EOFError:
+                live.remove(conn)
+                continue
+            lane, answer, op = struct.unpack("3i", data)
+            for source, output in zip(sources[lane], outputs[answer], strict=True):
+                if op == 1:
+                    numpy.copyto(output, source)
+                elif op == 2:
+                    numpy.multiply(source, 2, out=output)
+            conn.send_bytes(data)
+    del sources, outputs
+    for block in blocks:
+        block.close()
+
+
+def measure_minimal(rounds: int) -> dict[str, list[float]]:
+    """Per array candidate: the share of memcpy of `minimal_pipeline` doing its work,
+    per round (memcpy right before and after it)."""
+    data = payloads()["array"]
+    copy, cached = references(data)
+    runs = {name: minimal_pipeline(op, data) for name, op in MINIMAL_OPS.items()}
+    shares: dict[str, list[float]] = {name: [] for name in runs}
+    try:
+        for round_ in range(rounds + 1):
+            for name, (run, _) in runs.items():
+                took, _, reference, _ = around(run, copy, cached)
+                if round_:
+                    shares[name].append(reference / took)
+    finally:
+        for _, close in runs.values():
+            close()
+    return shares
+
+
+def minimal_report(minimal: dict[str, list[float]], share: dict[str, Shares]) -> str:
+    names = list(minimal)
+    conveyor = " | ".join(percent(share[MEMCPY][name][1]) for name in names)
+    bare = " | ".join(percent(minimal[name]) for name in names)
+    return "\n".join(
+        [
+            "The same shape without conveyor (`minimal_pipeline`): one worker process, two "
+            "threads each copying four arrays into a 4 MiB shared-memory block of its own "
+            "and sending three numbers through a pipe, the worker doing the stage's work "
+            f"into one of {MINIMAL_ANSWER_BLOCKS} answer blocks in turn; nothing else (no "
+            "pickling, no results built, no channel). Its share of memcpy, median (min - "
+            "max) over the rounds, beside conveyor's without start-up (the first table): "
+            "what the machine allows a run of this shape, and what conveyor's work per "
+            "message costs.",
+            "",
+            f"| share of memcpy | {' | '.join(names)} |",
+            "|---|" + "---|" * len(names),
+            f"| conveyor, without start-up (the first table) | {conveyor} |",
+            f"| the same shape without conveyor | {bare} |",
+        ]
+    )
+
+
 START_UP = "start-up (a run of one array)"
 COPY = "the parent's copy into shared memory (512 MiB)"
 REST = "everything else (the run with that copy skipped, less the start-up)"
@@ -560,6 +722,7 @@ def main() -> None:
         floor = (
             f"\n\n{floor_report(measure_floor(args.rounds))}"
             f"\n\n{cpu_floor_report(measure_cpu_floor(args.rounds))}"
+            f"\n\n{minimal_report(measure_minimal(args.rounds), share)}"
         )
     text = (
         f"{report(times, share, args.rounds)}{floor}\n\nMachine: {machine()}; load average "

@@ -783,6 +783,49 @@ def test_the_placer_reuses_freed_room_zeroes_callocs_keeps_realloc_data_and_unma
         box.close()
 
 
+class _Tagged(numpy.ndarray):  # type: ignore[type-arg]  # a subclass: pickle describes it
+    pass
+
+
+def test_a_batch_of_big_plain_arrays_is_described_not_pickled_and_any_other_as_before() -> None:
+    n = THRESHOLD // 4  # int32 and float32 arrays of THRESHOLD bytes
+    plain = [
+        numpy.arange(n, dtype=">i4"),
+        numpy.arange(n, dtype=numpy.float32).reshape(4, n // 4),
+        numpy.arange(n, dtype=numpy.complex64),
+        numpy.arange(4 * n) % 3 == 0,
+    ]
+    others = [
+        numpy.asfortranarray(numpy.arange(n, dtype=numpy.float32).reshape(4, n // 4)),
+        numpy.zeros(n, dtype=[("x", "f4"), ("y", "i4")]),
+        numpy.arange(n, dtype=numpy.dtype(numpy.int32, metadata={"unit": "m"})),
+        numpy.arange(n).astype("datetime64[s]"),
+        numpy.arange(n, dtype=numpy.float32).view(_Tagged),
+        numpy.arange(10),
+    ]
+    for index, one in enumerate(plain + others):
+        batch = [one, one.copy()]
+        described = _wire._describe_arrays(batch, _wire._Buffers()) is not None
+        assert described is (index < len(plain)), one.dtype
+        buffers = _wire._Buffers()
+        payload, pids = _wire._dump(batch, buffers)
+        box = _wire._Arena.create(0, max(buffers.total, 64))
+        try:
+            out = _wire._load(payload, pids, box.write(buffers), box)
+            for a, b in zip(batch, out, strict=True):
+                assert type(b) is type(a) and (b.dtype, b.shape) == (a.dtype, a.shape)
+                assert b.dtype.metadata == a.dtype.metadata and (b == a).all()
+            # Arrays set aside are built on the block itself (no copy), described or
+            # pickled; both of a described batch are.
+            assert box.in_use() is bool(buffers.views)
+            assert len(buffers.views) == 2 or not described
+            del out
+        finally:
+            box.close()
+    # A batch of plain arrays with anything else in it is pickled as a whole.
+    assert _wire._describe_arrays([plain[0], 1], _wire._Buffers()) is None
+
+
 @pytest.mark.usefixtures("no_standbys")
 @pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_WRITE is Linux's")
 def test_a_block_is_populated_for_writing_once_per_process_and_not_when_the_kernel_refuses(

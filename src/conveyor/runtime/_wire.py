@@ -215,6 +215,9 @@ def _dump(
         Exception: whatever the last pickler raised when none could do it.
     """
     threshold = buffers.threshold
+    described = _describe_arrays(obj, buffers)
+    if described is not None:
+        return described, False
     if not (bytes_likely and threshold is not None and _has_big_bytes(obj)):
         try:
             payload = pickle.dumps(obj, 5, buffer_callback=buffers)
@@ -241,6 +244,52 @@ def _dump(
             return out.getvalue(), True
     assert error is not None
     raise error
+
+
+_ARRAYS = "conveyor:arrays"
+"""First field of the payload of a batch that is only big plain NumPy arrays
+(`_describe_arrays`)."""
+_PLAIN_KINDS = frozenset("biufc")  # bool, integers, floats, complex: a dtype string says all
+
+
+def _describe_arrays(obj: Any, buffers: _Buffers) -> bytes | None:
+    """The payload of a batch made only of big plain NumPy arrays (exactly
+    ``numpy.ndarray``, C-contiguous, of a bool, integer, float or complex dtype
+    without metadata, at least ``buffers.threshold`` bytes each), their buffers set
+    aside: each array's dtype and shape, pickled as a plain tuple, which
+    `_rebuild_arrays` reads; None for any other batch. What crosses and what is
+    built are what pickle's out-of-band arrays give; pickling them costs NumPy's
+    reduction and the lookup of its rebuilding function per array, about a tenth
+    of the handling of a message of four 1 MiB arrays on each side."""
+    threshold = buffers.threshold
+    numpy = sys.modules.get("numpy")
+    if threshold is None or numpy is None or type(obj) is not list or not obj:
+        return None
+    ndarray = numpy.ndarray
+    for array in obj:
+        if (
+            type(array) is not ndarray
+            or array.nbytes < threshold
+            or array.dtype.kind not in _PLAIN_KINDS
+            or array.dtype.metadata is not None  # a dtype string would not carry it
+            or not array.flags.c_contiguous
+        ):
+            return None
+    specs = []
+    for array in obj:
+        buffers.take(pickle.PickleBuffer(array).raw(), False)
+        specs.append((array.dtype.str, array.shape))
+    return pickle.dumps((_ARRAYS, specs), 5)
+
+
+def _rebuild_arrays(description: tuple[str, list[Any]], oob: list[Any]) -> list[Any]:
+    """The arrays `_describe_arrays` described, built on their buffers (no copy), as
+    NumPy's unpickling builds them."""
+    frombuffer = sys.modules["numpy"].frombuffer
+    return [
+        frombuffer(buffer, dtype).reshape(shape)
+        for buffer, (dtype, shape) in zip(oob, description[1], strict=True)
+    ]
 
 
 _SCANNED = frozenset({bytes, bytearray, tuple, list, dict})
@@ -345,7 +394,10 @@ def _load(
             oob.append(source.lend(offset, size))
     if pids:
         return _Unpickler(payload, oob, descs, arena, sent, received).load()
-    return pickle.loads(payload, buffers=oob)
+    loaded = pickle.loads(payload, buffers=oob)
+    if type(loaded) is tuple:  # batches are lists: this is `_describe_arrays`' payload
+        return _rebuild_arrays(loaded, oob)
+    return loaded
 
 
 def _first_unpicklable(items: list[Any]) -> tuple[int, Exception] | None:

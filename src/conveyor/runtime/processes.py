@@ -94,7 +94,9 @@ creates is allocated in the answer's block in the first place (see
 ``_allocator``) and is not copied either. So an array crosses with one copy
 each way (the parent's into the request's block, the stage's own making of
 its result), or one in all for a stage working in place. A result the stage
-also keeps alive (and might change later) crosses as a copy instead.
+also keeps alive (and might change later) crosses as a copy instead. A
+batch made only of big plain arrays (C-contiguous, numbers or bools) is not
+pickled at all: each array's dtype and shape describe it (`_wire._describe_arrays`).
 
 Blocks are reused message after message: a fresh block costs a page fault
 per page on first use, far more than the copy. A block is written again only

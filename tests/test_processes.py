@@ -1348,6 +1348,39 @@ def test_a_script_without_the_main_guard_gets_a_clear_error(tmp_path: Path, meth
     assert "MainStartsPipeline" not in err
 
 
+SCRIPT_IMPORTS_NUMPY_LATE = """
+import sys
+import conveyor as cv
+
+
+def same(x):
+    return x
+
+
+if __name__ == "__main__":
+    # The first run starts the workers' forkserver, and a standby, before NumPy is loaded.
+    assert list(cv.Pipeline(range(3)).map(same, runtime="process")) == [0, 1, 2]
+    import numpy
+
+    arrays = [numpy.arange(20_000, dtype=numpy.float64) + i for i in range(6)]
+    out = list(cv.Pipeline(arrays).map(same, runtime="process"))
+    assert all((a == b).all() and b.dtype == a.dtype for a, b in zip(arrays, out, strict=True))
+    print("arrays came back")
+"""
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_arrays_reach_a_worker_started_before_the_program_imported_numpy(
+    tmp_path: Path, method: str
+) -> None:
+    # Plain arrays cross described, not pickled (`_wire._describe_arrays`): nothing in
+    # the message imports NumPy in the worker, which failed with KeyError: 'numpy'.
+    proc = run_script(tmp_path, SCRIPT_IMPORTS_NUMPY_LATE, CONVEYOR_START_METHOD=method)
+    out, err = outcome_of(proc, 60)
+    assert proc.returncode == 0, err
+    assert "arrays came back" in out
+
+
 SCRIPT_COUNTS_ITS_IMPORTS = """
 import os, sys
 import conveyor as cv

@@ -284,8 +284,9 @@ def _describe_arrays(obj: Any, buffers: _Buffers) -> bytes | None:
 
 def _rebuild_arrays(description: tuple[str, list[Any]], oob: list[Any]) -> list[Any]:
     """The arrays `_describe_arrays` described, built on their buffers (no copy), as
-    NumPy's unpickling builds them."""
-    frombuffer = sys.modules["numpy"].frombuffer
+    NumPy's unpickling builds them. NumPy is imported here if need be, as unpickling
+    would: a worker started before its parent imported NumPy has not loaded it."""
+    frombuffer = import_module("numpy").frombuffer
     return [
         frombuffer(buffer, dtype).reshape(shape)
         for buffer, (dtype, shape) in zip(oob, description[1], strict=True)

@@ -396,7 +396,7 @@ def _load(
     if pids:
         return _Unpickler(payload, oob, descs, arena, sent, received).load()
     loaded = pickle.loads(payload, buffers=oob)
-    if type(loaded) is tuple:  # batches are lists: this is `_describe_arrays`' payload
+    if type(loaded) is tuple and loaded[0] == _ARRAYS:  # batches are lists, never this
         return _rebuild_arrays(loaded, oob)
     return loaded
 

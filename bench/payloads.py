@@ -349,23 +349,38 @@ def both_copies_at_once(
 
 def shared_ring() -> tuple[list[Any], Callable[[], None]]:
     """16 arrays of 1 MiB on four 4 MiB shared-memory blocks, faulted in; and what frees them."""
-    from multiprocessing import shared_memory
-
-    per_block = 4
-    blocks = [shared_memory.SharedMemory(create=True, size=per_block * MIB) for _ in range(4)]
-    arrays = []
-    for block in blocks:
-        view = numpy.ndarray(per_block * MIB // 8, numpy.float64, block.buf)
-        view[:] = 0  # faulted in, as the runtime's reused blocks are
-        arrays += [view[i * MIB // 8 : (i + 1) * MIB // 8] for i in range(per_block)]
+    blocks = faulted_blocks(4)
+    arrays = [array for block in blocks for array in ring(block)]
 
     def close() -> None:
         arrays.clear()
-        for block in blocks:
-            block.close()
-            block.unlink()
+        free(blocks)
 
     return arrays, close
+
+
+def faulted_blocks(count: int) -> list[Any]:
+    """``count`` new shared-memory blocks of one message's size (4 MiB), faulted in, as
+    the runtime's reused blocks are."""
+    from multiprocessing import shared_memory
+
+    blocks = [shared_memory.SharedMemory(create=True, size=PER_MESSAGE * MIB) for _ in range(count)]
+    for block in blocks:
+        block.buf[:] = bytes(len(block.buf))
+    return blocks
+
+
+def ring(block: Any) -> list[Any]:
+    """A block's four 1 MiB arrays."""
+    whole = numpy.ndarray(PER_MESSAGE * MIB // 8, numpy.float64, block.buf)
+    return [whole[j * MIB // 8 : (j + 1) * MIB // 8] for j in range(PER_MESSAGE)]
+
+
+def free(blocks: list[Any]) -> None:
+    """Unmap and unlink `faulted_blocks`' blocks (no array left on them)."""
+    for block in blocks:
+        block.close()
+        block.unlink()
 
 
 # The array candidates, and what their stage does alone (`stage_pass_alone`).
@@ -475,15 +490,9 @@ def minimal_pipeline(op: int, arrays: list[Any]) -> tuple[Callable[[], float], C
     import multiprocessing
     import struct
     import threading
-    from multiprocessing import shared_memory
 
-    size = PER_MESSAGE * MIB
-    requests = [shared_memory.SharedMemory(create=True, size=size) for _ in range(MINIMAL_LANES)]
-    answers = [
-        shared_memory.SharedMemory(create=True, size=size) for _ in range(MINIMAL_ANSWER_BLOCKS)
-    ]
-    for block in (*requests, *answers):
-        block.buf[:] = bytes(size)  # faulted in, as conveyor's reused blocks are
+    requests = faulted_blocks(MINIMAL_LANES)
+    answers = faulted_blocks(MINIMAL_ANSWER_BLOCKS)
     context = multiprocessing.get_context("spawn")
     pipes = [context.Pipe() for _ in range(MINIMAL_LANES)]
     worker = context.Process(
@@ -524,17 +533,9 @@ def minimal_pipeline(op: int, arrays: list[Any]) -> tuple[Callable[[], float], C
             ours.close()
         worker.join()
         targets.clear()
-        for block in (*requests, *answers):
-            block.close()
-            block.unlink()
+        free(requests + answers)
 
     return run, close
-
-
-def ring(block: Any) -> list[Any]:
-    """A block's four 1 MiB arrays."""
-    whole = numpy.ndarray(PER_MESSAGE * MIB // 8, numpy.float64, block.buf)
-    return [whole[j * MIB // 8 : (j + 1) * MIB // 8] for j in range(PER_MESSAGE)]
 
 
 def minimal_worker(conns: list[Any], requests: list[str], answers: list[str]) -> None:

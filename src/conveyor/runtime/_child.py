@@ -36,6 +36,7 @@ import cloudpickle
 from ..policy import ITEM_LOOPS, BatchOutcome, apply_one, drop_unsendable, process_batch
 from ..remote import ExceptionRecord, capture, parts, restore
 from ..stage import Stage, item_repr, set_worker_state
+from . import _cpus
 from ._wire import (
     _BY_FD,
     _ECHO,
@@ -482,7 +483,9 @@ def _serve_stage(
     if probe is not None:
         _start_answering_probes(probe)
     try:
-        stage, files = cloudpickle.loads(blob)
+        stage, files, cpus = cloudpickle.loads(blob)
+        if not interpreter:  # a worker interpreter is a thread of the parent's, left as it is
+            _cpus.use(cpus)
         for fn in (stage.fn, stage.on_start, stage.on_stop):
             _restore_filenames(fn, files, set())
     except BaseException as exc:
@@ -587,15 +590,17 @@ def interpreter_main(
     target(Connection(fd), blob, True)
 
 
-def _stage_blob(stage: Stage) -> bytes:
-    """The stage as sent to each worker: cloudpickled, with the files its functions come from."""
+def _stage_blob(stage: Stage, cpus: frozenset[int] | None = None) -> bytes:
+    """The stage as sent to each worker: cloudpickled, with the files its functions come
+    from and the CPUs a worker process runs on (see `conveyor.runtime._cpus`; None: as
+    it started)."""
     files = {}
     for fn in (stage.fn, stage.on_start, stage.on_stop):
         module = sys.modules.get(getattr(fn, "__module__", None) or "")
         filename = getattr(module, "__file__", None)
         if module is not None and filename:
             files[module.__name__] = filename
-    blob: bytes = cloudpickle.dumps((stage, files), 5)
+    blob: bytes = cloudpickle.dumps((stage, files, cpus), 5)
     return blob
 
 

@@ -280,6 +280,9 @@ class InterpreterRuntime(ProcessRuntime):
     # A stall report shows the lane's stack: a worker interpreter takes its one socket.
     probes = False
     exits_in_background = False  # a worker's end is its interpreter's: waited for, as ever
+    # A worker interpreter is a thread of this process, started by a lane: it would
+    # inherit the lanes' CPUs, and it is the one that needs a CPU of its own.
+    lanes_apart = False
 
     def __init__(self) -> None:
         if os.name != "posix":  # a socket's end crosses as a file descriptor; untested elsewhere

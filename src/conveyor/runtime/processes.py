@@ -202,7 +202,7 @@ from ..policy import (
 )
 from ..remote import rebuild, restore
 from ..stage import Failure, Stage
-from . import _forkserver_main, _process_table
+from . import _cpus, _forkserver_main, _process_table
 from ._background import BACKGROUND
 from ._child import _child_main, _PackedError, _stage_blob, _standby_main
 from ._spare import SPARES
@@ -288,6 +288,10 @@ KILL_GRACE = 0.25
 EXIT_GRACE = 2.0
 """Seconds a worker process gets to exit by itself after on_stop (non-daemon
 threads of user code are joined then) before it is terminated."""
+LANES_APART = True
+"""Whether the lanes (the parent's threads that feed worker processes) keep to CPUs of
+their own, apart from the workers, when each worker and the lanes can have one
+(Linux; see ``_cpus``). False: they run wherever the scheduler puts them."""
 
 _ENV_START_METHOD = "CONVEYOR_START_METHOD"
 _HELD_SHOWN = 10  # items a WorkerCrashed note lists
@@ -917,7 +921,14 @@ class _Worker:
     bookkeeping is per message).
     """
 
-    def __init__(self, runtime: ProcessRuntime, sr: StageRun, index: int, blob: bytes) -> None:
+    def __init__(
+        self,
+        runtime: ProcessRuntime,
+        sr: StageRun,
+        index: int,
+        blob: bytes,
+        cpus: frozenset[int] | None = None,
+    ) -> None:
         self.runtime = runtime
         self.sr = sr
         self.stage = stage = sr.stage
@@ -926,6 +937,9 @@ class _Worker:
         self.child: _Child | None = None
         self._child_lock = threading.Lock()  # starting, replacing and retiring the child
         self.lanes = _lanes(stage)
+        # The run's CPUs, out of which the lanes keep to their own (see `_cpus`); None:
+        # the lanes run wherever the scheduler puts them.
+        self.cpus = cpus
         self._bytes_likely = False  # the last message held big bytes (see _wire._dump)
         self._running = self.lanes
         sr.metrics.probes[index] = self  # stall reports ask where the child is (`ask`)
@@ -937,6 +951,7 @@ class _Worker:
         sr = self.sr
         control = sr.control
         try:
+            _cpus.keep_lane_apart(self.cpus)
             if handle == self.index:  # the first lane starts the child at once
                 try:
                     self._live_child()
@@ -953,6 +968,8 @@ class _Worker:
                 self._running -= 1
                 last = self._running == 0
             if last:
+                if self.cpus is not None:
+                    _cpus.PLAN.remove(1)
                 with self._child_lock:
                     self._retire(graceful=not control.stopped.is_set())
 
@@ -1168,6 +1185,7 @@ class _Worker:
 
     def execute(self, batch: list[Any]) -> BatchOutcome:
         """Run ``batch`` through worker processes: the ``execute`` of the worker loop."""
+        _cpus.keep_lane_apart(self.cpus)  # the workers of all runs may have changed
         job = _Job(self.stage, batch, self.sr.tracks)
         while job.start < len(batch) and self._step(job):
             pass
@@ -1573,6 +1591,8 @@ class ProcessRuntime(Runtime):
     exits_in_background = True
     """Whether a worker that stopped at the end of its input may finish exiting after the
     run (`let_exit`)."""
+    lanes_apart = True
+    """Whether lanes keep to CPUs apart from the workers' (`LANES_APART`, ``_cpus``)."""
 
     def __init__(self, context: Any = None) -> None:
         """``context``: where workers start (its ``Process`` and ``Pipe``); None: the
@@ -1604,8 +1624,10 @@ class ProcessRuntime(Runtime):
         if sr.stage.kind == "batch":
             self._threads.append(sr.start_thread(0, partial(batch_loop, sr)))
             return
+        # The CPUs of the thread starting the run: its workers' (see `_cpus`).
+        cpus = _cpus.allowed() if self.lanes_apart and LANES_APART else None
         try:
-            blob = _stage_blob(sr.stage)
+            blob = _stage_blob(sr.stage, cpus)
         except Exception as exc:
             raise SerializationError(
                 f"stage {sr.stage.label}: its function, on_start or on_stop cannot be pickled "
@@ -1614,24 +1636,34 @@ class ProcessRuntime(Runtime):
         # A round trip to a worker costs more than a channel operation: let a
         # batch take the whole input rather than half of it.
         sr.max_batch = max(sr.max_batch, min(sr.io.capacity, MAX_BATCH))
-        workers = [_Worker(self, sr, index, blob) for index in range(sr.stage.workers)]
+        workers = [_Worker(self, sr, index, blob, cpus) for index in range(sr.stage.workers)]
+        if cpus is not None:  # each worker's last lane takes it off the plan
+            _cpus.PLAN.add(len(workers))
         lanes: list[tuple[_Worker, int]] = [(w, w.index) for w in workers]
         port = len(workers)
         for worker in workers:  # later lanes hand outputs on through ports of their own
             for _ in range(worker.lanes - 1):
                 lanes.append((worker, port))
                 port += 1
-        for worker, handle in lanes:
-            suffix = "" if handle == worker.index else f"-lane{handle}"
-            thread = threading.Thread(
-                target=worker.run_lane,
-                args=(handle,),
-                name=f"{sr.thread_name(worker.index)}{suffix}",
-                daemon=True,
-            )
-            sr.threads.append(thread)
-            self._threads.append(thread)
-            thread.start()
+        started: set[int] = set()  # handles of the lanes running
+        try:
+            for worker, handle in lanes:
+                suffix = "" if handle == worker.index else f"-lane{handle}"
+                thread = threading.Thread(
+                    target=worker.run_lane,
+                    args=(handle,),
+                    name=f"{sr.thread_name(worker.index)}{suffix}",
+                    daemon=True,
+                )
+                sr.threads.append(thread)
+                self._threads.append(thread)
+                thread.start()
+                started.add(handle)
+        finally:
+            if cpus is not None and len(started) < len(lanes):  # no thread left to start
+                # A worker with a lane that never ran has no last lane to take it off.
+                idle = {w.index for w, h in lanes if h not in started}
+                _cpus.PLAN.remove(len(idle))
 
     def port_count(self, stage: Stage) -> int:
         # One port per lane; lanes finish out of order even with one worker, so an

@@ -1,0 +1,98 @@
+"""Where the process runtime's threads run: the parent's lanes on CPUs of their own,
+apart from the worker processes, when there are CPUs enough for both (Linux).
+
+A lane and its worker process take turns: the lane copies a batch into shared memory
+and sends it; the worker computes while the lane waits; the answer wakes the lane.
+Left to the scheduler, the two end up on one CPU: a message through a pipe or socket
+wakes its reader on the writer's CPU (a "sync" wake-up: the writer is expected to
+sleep next), while the writer goes on working. So the worker waits behind a lane's
+copy, or a lane behind the worker, while another CPU idles, and each evicts the
+other's data from the CPU's caches. With the lanes kept to CPUs of their own, the
+worker has the rest: 1 MiB arrays through one worker on two CPUs went a sixth to a
+fifth faster (docs/benchmarks.md, "lanes-apart").
+
+Only when each worker can have a CPU and the lanes as many (``2 * workers <= CPUs``,
+counting the process workers of every run in the process): with fewer, the lanes
+would be crowded onto too few CPUs, and they are left where the scheduler puts them.
+The CPUs are those of the thread that starts the run (its affinity, as ``taskset``
+sets it); worker processes are not pinned, and each sets its affinity back to those
+CPUs when it starts (a worker started by a lane, or by a server a lane started,
+would inherit the lanes' CPUs). Elsewhere than Linux, nothing is done.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+__all__ = ["PLAN", "allowed", "keep_lane_apart", "use"]
+
+
+def allowed() -> frozenset[int] | None:
+    """The CPUs the calling thread may run on, or None where that cannot be told or set."""
+    if not hasattr(os, "sched_getaffinity") or not hasattr(os, "sched_setaffinity"):
+        return None
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except OSError:
+        return None
+
+
+def use(cpus: frozenset[int] | None) -> None:
+    """Run the calling thread on ``cpus`` (a worker process, when it starts); None: as is."""
+    if cpus is None:
+        return
+    try:
+        os.sched_setaffinity(0, cpus)
+    except (OSError, ValueError):  # CPUs gone since (hot-unplugged), or not allowed here
+        pass
+
+
+class _Plan:
+    """How many process workers of this process's runs are there now; the lanes keep
+    apart from them (see the module docstring) while they fit."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._workers = 0
+        self.generation = 0  # changes whenever the count does: lanes look again
+
+    def add(self, workers: int) -> None:
+        with self._lock:
+            self._workers += workers
+            self.generation += 1
+
+    def remove(self, workers: int) -> None:
+        with self._lock:
+            self._workers = max(0, self._workers - workers)
+            self.generation += 1
+
+    def lane_cpus(self, cpus: frozenset[int]) -> frozenset[int]:
+        """The CPUs for lanes out of a run's ``cpus``: all but as many as there are
+        workers when each can have one and the lanes as many, else all of them."""
+        workers = self._workers
+        if workers == 0 or 2 * workers > len(cpus):
+            return cpus
+        return frozenset(sorted(cpus)[workers:])
+
+
+PLAN = _Plan()
+
+
+class _Applied(threading.local):
+    generation = -1  # the plan's generation this thread last set its CPUs for
+
+
+_APPLIED = _Applied()
+
+
+def keep_lane_apart(cpus: frozenset[int] | None) -> None:
+    """Keep the calling lane on the lanes' CPUs out of its run's ``cpus`` (None: do
+    nothing). Called before each message: a system call only when the plan changed."""
+    if cpus is None:
+        return
+    generation = PLAN.generation
+    if _APPLIED.generation == generation:
+        return
+    _APPLIED.generation = generation
+    use(PLAN.lane_cpus(cpus))

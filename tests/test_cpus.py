@@ -14,14 +14,13 @@ import multiprocessing
 import os
 import sys
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import cloudpickle
 import pytest
 
 import conveyor as cv
-from conveyor.runtime import _cpus, processes
+from conveyor.runtime import _cpus, _wire, processes
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -68,7 +67,7 @@ def test_the_plan_changes_its_generation_with_every_change() -> None:
     assert len(set(seen)) == 3
 
 
-def test_a_lane_sets_its_cpus_once_then_again_only_when_the_plan_changed(
+def test_a_lane_moves_only_when_its_place_or_the_plan_changed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     plan = _cpus._Plan()
@@ -78,17 +77,20 @@ def test_a_lane_sets_its_cpus_once_then_again_only_when_the_plan_changed(
     monkeypatch.setattr(_cpus, "use", calls.append)
     four = frozenset({0, 1, 2, 3})
 
-    def lane() -> None:  # a thread of its own: what it applied is per thread
-        _cpus.keep_lane_apart(four)
-        _cpus.keep_lane_apart(four)
+    def lane() -> None:  # a thread of its own: where it is placed is per thread
+        _cpus.place_lane(four, apart=False)  # where it started: no call
+        _cpus.place_lane(four, apart=True)
+        _cpus.place_lane(four, apart=True)
         plan.add(1)
-        _cpus.keep_lane_apart(four)
-        _cpus.keep_lane_apart(None)  # no CPUs to keep to (another OS, or turned off)
+        _cpus.place_lane(four, apart=True)
+        _cpus.place_lane(four, apart=False)  # back on all the run's CPUs
+        _cpus.place_lane(four, apart=False)
+        _cpus.place_lane(None, apart=True)  # nothing to keep to (another OS, or turned off)
 
     thread = threading.Thread(target=lane)
     thread.start()
     thread.join(WAIT)
-    assert calls == [{1, 2, 3}, {2, 3}]
+    assert calls == [{1, 2, 3}, {2, 3}, four]
 
 
 @needs_affinity
@@ -101,79 +103,96 @@ def test_use_leaves_a_thread_as_it_is_when_asked_for_cpus_it_cannot_have() -> No
 
 # ---------------------------------------------------------------------- runs
 
+BIG = _wire.SHM_THRESHOLD  # bytes from which an item crosses through shared memory
 
-def where_am_i(_: Any) -> list[int]:
+
+def where_am_i(x: Any) -> list[int]:
     """The stage: the CPUs the worker process may run on."""
     return sorted(os.sched_getaffinity(0))
 
 
-def lanes_cpus(stage: str) -> dict[str, list[int]]:
-    """The CPUs of the lanes of ``stage`` now running, by thread name."""
-    return {
-        t.name: sorted(os.sched_getaffinity(t.native_id))
-        for t in threading.enumerate()
-        if t.name.startswith(f"conveyor-{stage}-") and t.native_id is not None
-    }
+@pytest.fixture
+def sends(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, tuple[int, ...]]]:
+    """Each message a lane sends: whether it carries big buffers, and the CPUs the lane
+    may run on as it copies them and sends."""
+    seen: list[tuple[bool, tuple[int, ...]]] = []
+    send = processes._Child.send
+
+    def recorded(child: Any, payload: bytes, pids: bool, buffers: Any, *rest: Any) -> Any:
+        seen.append((bool(buffers.total), tuple(sorted(os.sched_getaffinity(0)))))
+        return send(child, payload, pids, buffers, *rest)
+
+    monkeypatch.setattr(processes._Child, "send", recorded)
+    return seen
 
 
-def held_source(release: threading.Event) -> Iterator[int]:
-    """Two items; the second once ``release`` is set: the lanes stay up until then."""
-    yield 0
-    if not release.wait(WAIT):
-        raise TimeoutError("the test never released the source")
-    yield 1
+def mixed(n: int) -> list[Any]:
+    """Small items and big ones, in runs long enough to make messages of each kind."""
+    return [b"x" * BIG if (i // 3) % 2 else i for i in range(n)]
 
 
-def run_and_look(
-    workers: int = 1, runtime: str = "process"
-) -> tuple[set[tuple[int, ...]], dict[str, list[int]]]:
-    """A run of ``where_am_i``: the CPUs its workers saw, and its lanes' while it ran."""
-    release = threading.Event()
-    seen: set[tuple[int, ...]] = set()
-    lanes: dict[str, list[int]] = {}
-    pipeline = cv.Pipeline(held_source(release)).map(
-        where_am_i, runtime=runtime, workers=workers, name="where"
-    )
-    try:
-        for out in pipeline:
-            seen.add(tuple(out))
-            if not lanes:
-                lanes = lanes_cpus("where")
-                release.set()
-    finally:
-        release.set()
+def run(items: list[Any], workers: int = 1, runtime: str = "process") -> set[tuple[int, ...]]:
+    """The CPUs the workers of a run of ``where_am_i`` saw."""
+    assert _cpus.PLAN._workers == 0
+    seen = set(map(tuple, cv.Pipeline(items).map(where_am_i, runtime=runtime, workers=workers)))
     assert _cpus.PLAN._workers == 0  # the run's workers are off the plan once it ended
-    return seen, lanes
+    return seen
 
 
 @needs_affinity
 @needs_two_cpus
 @pytest.mark.parametrize("method", METHODS)
-def test_the_lanes_keep_apart_and_the_worker_runs_on_all_the_run_s_cpus(
-    monkeypatch: pytest.MonkeyPatch, method: str
+def test_lanes_copy_apart_from_the_worker_which_runs_on_all_the_run_s_cpus(
+    monkeypatch: pytest.MonkeyPatch, sends: list[tuple[bool, tuple[int, ...]]], method: str
 ) -> None:
-    # spawn and fork start the worker from a lane, forkserver from a server a lane may
+    # spawn and fork start a worker from a lane, forkserver from a server a lane may
     # have started: each would inherit the lanes' CPUs, unless it sets its own.
     monkeypatch.setattr(processes, "START_METHOD", method)
+    everywhere = tuple(sorted(ALLOWED))
+    assert run(mixed(60)) == {everywhere}
+    assert {big for big, _ in sends} == {True, False}, sends  # both kinds were sent
+    for big, cpus in sends:  # big buffers: apart; small items: anywhere again
+        assert cpus == (everywhere[1:] if big else everywhere), sends
+
+
+def where_and_who(x: Any) -> tuple[int, tuple[int, ...]]:
+    """The stage: the worker process, and the CPUs it may run on."""
+    return os.getpid(), tuple(sorted(os.sched_getaffinity(0)))
+
+
+@needs_affinity
+@needs_two_cpus
+@pytest.mark.parametrize("method", METHODS)
+def test_a_worker_a_lane_starts_after_copying_apart_takes_all_the_run_s_cpus(
+    monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    # Recycled after three items, each worker after the first is started by a lane kept
+    # apart (spawn, fork: that very thread; forkserver: a server started anywhere).
+    monkeypatch.setattr(processes, "START_METHOD", method)
+    items = [b"x" * BIG] * 9
+    pipeline = cv.Pipeline(items).map(where_and_who, runtime="process", max_items_per_worker=3)
+    seen = set(pipeline)
+    assert len({pid for pid, _ in seen}) == 3, seen  # three workers in turn
+    assert {cpus for _, cpus in seen} == {tuple(sorted(ALLOWED))}, seen
     assert _cpus.PLAN._workers == 0
-    seen, lanes = run_and_look()
-    assert seen == {tuple(sorted(ALLOWED))}
-    assert len(lanes) == 2, lanes  # both lanes, the one that sent nothing yet too
-    assert all(cpus == sorted(ALLOWED)[1:] for cpus in lanes.values()), lanes
 
 
 @needs_affinity
 @needs_two_cpus
-def test_lanes_are_left_alone_when_the_workers_take_the_cpus() -> None:
+def test_lanes_are_left_alone_when_the_workers_take_the_cpus(
+    sends: list[tuple[bool, tuple[int, ...]]],
+) -> None:
     workers = len(ALLOWED) // 2 + 1  # more than half: the lanes would crowd
-    seen, lanes = run_and_look(workers)
-    assert seen == {tuple(sorted(ALLOWED))}
-    assert lanes and all(cpus == sorted(ALLOWED) for cpus in lanes.values()), lanes
+    everywhere = tuple(sorted(ALLOWED))
+    assert run(mixed(60), workers) == {everywhere}
+    assert sends and all(cpus == everywhere for _, cpus in sends), sends
 
 
 @needs_affinity
 @needs_two_cpus
-def test_the_caller_s_own_affinity_bounds_the_workers_and_the_lanes() -> None:
+def test_the_caller_s_own_affinity_bounds_the_workers_and_the_lanes(
+    sends: list[tuple[bool, tuple[int, ...]]],
+) -> None:
     # A caller restricted to one CPU (taskset, or its thread's affinity): its run's
     # workers and lanes stay there, and with one CPU nothing is kept apart.
     one = min(ALLOWED)
@@ -182,7 +201,7 @@ def test_the_caller_s_own_affinity_bounds_the_workers_and_the_lanes() -> None:
     def caller() -> None:
         os.sched_setaffinity(0, {one})
         try:
-            found.append(run_and_look())
+            found.append(run(mixed(30)))
         except BaseException as exc:
             found.append(exc)
 
@@ -190,20 +209,18 @@ def test_the_caller_s_own_affinity_bounds_the_workers_and_the_lanes() -> None:
     thread.start()
     thread.join(WAIT)
     assert not thread.is_alive()
-    assert not isinstance(found[0], BaseException), found
-    seen, lanes = found[0]
-    assert seen == {(one,)}
-    assert lanes and all(cpus == [one] for cpus in lanes.values()), lanes
+    assert found == [{(one,)}]
+    assert sends and all(cpus == (one,) for _, cpus in sends), sends
 
 
 @needs_affinity
-def test_turned_off_the_lanes_run_anywhere_and_the_workers_as_they_started(
-    monkeypatch: pytest.MonkeyPatch,
+def test_turned_off_lanes_run_anywhere_and_workers_as_they_started(
+    monkeypatch: pytest.MonkeyPatch, sends: list[tuple[bool, tuple[int, ...]]]
 ) -> None:
     monkeypatch.setattr(processes, "LANES_APART", False)
-    seen, lanes = run_and_look()
-    assert seen == {tuple(sorted(ALLOWED))}
-    assert lanes and all(cpus == sorted(ALLOWED) for cpus in lanes.values()), lanes
+    everywhere = tuple(sorted(ALLOWED))
+    assert run(mixed(30)) == {everywhere}
+    assert sends and all(cpus == everywhere for _, cpus in sends), sends
 
 
 def fail_on_two(x: int) -> int:
@@ -230,9 +247,11 @@ def test_the_plan_forgets_the_workers_of_a_run_however_it_ends() -> None:
 @needs_affinity
 @needs_two_cpus
 @pytest.mark.skipif(sys.version_info < (3, 14), reason="runtime='interpreter': Python 3.14+")
-def test_worker_interpreters_and_their_lanes_are_left_where_they_are() -> None:
+def test_worker_interpreters_and_their_lanes_are_left_where_they_are(
+    sends: list[tuple[bool, tuple[int, ...]]],
+) -> None:
     # A worker interpreter is a thread of this process that a lane starts: it would
     # inherit the lanes' CPUs, and it is the one that needs a CPU of its own.
-    seen, lanes = run_and_look(runtime="interpreter")
-    assert seen == {tuple(sorted(ALLOWED))}
-    assert lanes and all(cpus == sorted(ALLOWED) for cpus in lanes.values()), lanes
+    everywhere = tuple(sorted(ALLOWED))
+    assert run(mixed(30), runtime="interpreter") == {everywhere}
+    assert sends and all(cpus == everywhere for _, cpus in sends), sends

@@ -11,9 +11,12 @@ other's data from the CPU's caches. With the lanes kept to CPUs of their own, th
 worker has the rest: 1 MiB arrays through one worker on two CPUs went a sixth to a
 fifth faster (docs/benchmarks.md, "lanes-apart").
 
-Only when each worker can have a CPU and the lanes as many (``2 * workers <= CPUs``,
-counting the process workers of every run in the process): with fewer, the lanes
-would be crowded onto too few CPUs, and they are left where the scheduler puts them.
+Only while a lane sends big buffers (copies to make): with small items the parent is
+the busier side, and lanes kept to fewer CPUs slowed them (100,000 ints through one
+worker: 6% slower). And only when each worker can have a CPU and the lanes as many
+(``2 * workers <= CPUs``, counting the process workers of every run in the process):
+with fewer, the lanes would be crowded onto too few CPUs, and they are left where
+the scheduler puts them.
 The CPUs are those of the thread that starts the run (its affinity, as ``taskset``
 sets it); worker processes are not pinned, and each sets its affinity back to those
 CPUs when it starts (a worker started by a lane, or by a server a lane started,
@@ -25,7 +28,7 @@ from __future__ import annotations
 import os
 import threading
 
-__all__ = ["PLAN", "allowed", "keep_lane_apart", "use"]
+__all__ = ["PLAN", "allowed", "place_lane", "use"]
 
 
 def allowed() -> frozenset[int] | None:
@@ -79,20 +82,31 @@ class _Plan:
 PLAN = _Plan()
 
 
-class _Applied(threading.local):
-    generation = -1  # the plan's generation this thread last set its CPUs for
+class _Placed(threading.local):
+    """Where the calling lane runs: as it started (on its run's CPUs, inherited from
+    the thread that started the run), or apart, as of a generation of the plan."""
+
+    apart = False
+    generation = -1
 
 
-_APPLIED = _Applied()
+_PLACED = _Placed()
 
 
-def keep_lane_apart(cpus: frozenset[int] | None) -> None:
-    """Keep the calling lane on the lanes' CPUs out of its run's ``cpus`` (None: do
-    nothing). Called before each message: a system call only when the plan changed."""
+def place_lane(cpus: frozenset[int] | None, apart: bool) -> None:
+    """Run the calling lane on the lanes' CPUs out of its run's ``cpus`` (``apart``:
+    it is about to copy big buffers), or on all of them; None: leave it be. Called
+    before each message: a system call only when the answer changed."""
     if cpus is None:
         return
-    generation = PLAN.generation
-    if _APPLIED.generation == generation:
+    placed = _PLACED
+    if not apart:
+        if placed.apart:
+            placed.apart = False
+            use(cpus)
         return
-    _APPLIED.generation = generation
+    generation = PLAN.generation
+    if placed.apart and placed.generation == generation:
+        return
+    placed.apart, placed.generation = True, generation
     use(PLAN.lane_cpus(cpus))

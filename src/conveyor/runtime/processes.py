@@ -41,6 +41,8 @@ processes lives in these modules:
 - ``_allocator``: in the worker, NumPy's allocator placing the arrays the
   stage creates in the answer's shared-memory block;
 - ``_spare``: free blocks kept, faulted in, for the next workers;
+- ``_cpus``: the lanes kept on CPUs apart from the workers', when there are
+  enough (Linux);
 - ``_forkserver_main``: the main module, imported once in the forkserver;
 - this module: start methods, the parent's side (pipes, shared memory in
   flight, what happens when a child dies or overruns), the exceptions that
@@ -951,7 +953,6 @@ class _Worker:
         sr = self.sr
         control = sr.control
         try:
-            _cpus.keep_lane_apart(self.cpus)
             if handle == self.index:  # the first lane starts the child at once
                 try:
                     self._live_child()
@@ -1185,7 +1186,6 @@ class _Worker:
 
     def execute(self, batch: list[Any]) -> BatchOutcome:
         """Run ``batch`` through worker processes: the ``execute`` of the worker loop."""
-        _cpus.keep_lane_apart(self.cpus)  # the workers of all runs may have changed
         job = _Job(self.stage, batch, self.sr.tracks)
         while job.start < len(batch) and self._step(job):
             pass
@@ -1216,6 +1216,8 @@ class _Worker:
         retries_left = max(0, stage.retries - charged) if charged else None
         child.attempts = 0
         child.timed_out = False
+        # Apart from the workers while this lane copies big buffers (see `_cpus`).
+        _cpus.place_lane(self.cpus, apart=bool(buffers.total))
         seq = child.send(payload, pids, buffers, retries_left)
         child.items_done += end - start
         # Quiet while the worker is busy and this lane copies big buffers (see

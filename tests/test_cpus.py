@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import sys
 import threading
+import time
 from typing import Any
 
 import cloudpickle
@@ -107,19 +108,25 @@ BIG = _wire.SHM_THRESHOLD  # bytes from which an item crosses through shared mem
 
 
 def where_am_i(x: Any) -> list[int]:
-    """The stage: the CPUs the worker process may run on."""
+    """The stage: the CPUs the worker process may run on; busy for a while on each item
+    (a lane keeps apart only for a worker busy on its last message)."""
+    time.sleep(2 * processes.QUIET_BUSY)  # the stage's work, not a synchronisation
     return sorted(os.sched_getaffinity(0))
 
 
+Send = tuple[bool, tuple[int, ...]]
+
+
 @pytest.fixture
-def sends(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, tuple[int, ...]]]:
-    """Each message a lane sends: whether it carries big buffers, and the CPUs the lane
-    may run on as it copies them and sends."""
-    seen: list[tuple[bool, tuple[int, ...]]] = []
+def sends(monkeypatch: pytest.MonkeyPatch) -> list[Send]:
+    """Each message a lane sends: whether it carries big buffers to a worker that was
+    busy on its last message, and the CPUs the lane may run on as it copies and sends."""
+    seen: list[Send] = []
     send = processes._Child.send
 
     def recorded(child: Any, payload: bytes, pids: bool, buffers: Any, *rest: Any) -> Any:
-        seen.append((bool(buffers.total), tuple(sorted(os.sched_getaffinity(0)))))
+        copies = bool(buffers.total) and child.busy >= processes.QUIET_BUSY
+        seen.append((copies, tuple(sorted(os.sched_getaffinity(0)))))
         return send(child, payload, pids, buffers, *rest)
 
     monkeypatch.setattr(processes._Child, "send", recorded)
@@ -143,20 +150,34 @@ def run(items: list[Any], workers: int = 1, runtime: str = "process") -> set[tup
 @needs_two_cpus
 @pytest.mark.parametrize("method", METHODS)
 def test_lanes_copy_apart_from_the_worker_which_runs_on_all_the_run_s_cpus(
-    monkeypatch: pytest.MonkeyPatch, sends: list[tuple[bool, tuple[int, ...]]], method: str
+    monkeypatch: pytest.MonkeyPatch, sends: list[Send], method: str
 ) -> None:
     # spawn and fork start a worker from a lane, forkserver from a server a lane may
     # have started: each would inherit the lanes' CPUs, unless it sets its own.
     monkeypatch.setattr(processes, "START_METHOD", method)
     everywhere = tuple(sorted(ALLOWED))
     assert run(mixed(60)) == {everywhere}
-    assert {big for big, _ in sends} == {True, False}, sends  # both kinds were sent
-    for big, cpus in sends:  # big buffers: apart; small items: anywhere again
-        assert cpus == (everywhere[1:] if big else everywhere), sends
+    assert {copies for copies, _ in sends} == {True, False}, sends  # both kinds were sent
+    for copies, cpus in sends:  # big buffers for a busy worker: apart; else anywhere again
+        assert cpus == (everywhere[1:] if copies else everywhere), sends
+
+
+def as_it_came(x: Any) -> Any:
+    return x
+
+
+@needs_affinity
+@needs_two_cpus
+def test_lanes_stay_on_all_the_cpus_for_a_worker_with_little_to_do(sends: list[Send]) -> None:
+    # Big items the stage hands straight back: the parent is the busier side.
+    items = [b"x" * BIG] * 40
+    assert list(cv.Pipeline(items).map(as_it_came, runtime="process")) == items
+    assert sends and all(cpus == tuple(sorted(ALLOWED)) for _, cpus in sends), sends
 
 
 def where_and_who(x: Any) -> tuple[int, tuple[int, ...]]:
-    """The stage: the worker process, and the CPUs it may run on."""
+    """The stage: the worker process, and the CPUs it may run on (busy a while first)."""
+    time.sleep(2 * processes.QUIET_BUSY)  # the stage's work, not a synchronisation
     return os.getpid(), tuple(sorted(os.sched_getaffinity(0)))
 
 
@@ -180,7 +201,7 @@ def test_a_worker_a_lane_starts_after_copying_apart_takes_all_the_run_s_cpus(
 @needs_affinity
 @needs_two_cpus
 def test_lanes_are_left_alone_when_the_workers_take_the_cpus(
-    sends: list[tuple[bool, tuple[int, ...]]],
+    sends: list[Send],
 ) -> None:
     workers = len(ALLOWED) // 2 + 1  # more than half: the lanes would crowd
     everywhere = tuple(sorted(ALLOWED))
@@ -191,7 +212,7 @@ def test_lanes_are_left_alone_when_the_workers_take_the_cpus(
 @needs_affinity
 @needs_two_cpus
 def test_the_caller_s_own_affinity_bounds_the_workers_and_the_lanes(
-    sends: list[tuple[bool, tuple[int, ...]]],
+    sends: list[Send],
 ) -> None:
     # A caller restricted to one CPU (taskset, or its thread's affinity): its run's
     # workers and lanes stay there, and with one CPU nothing is kept apart.
@@ -215,7 +236,7 @@ def test_the_caller_s_own_affinity_bounds_the_workers_and_the_lanes(
 
 @needs_affinity
 def test_turned_off_lanes_run_anywhere_and_workers_as_they_started(
-    monkeypatch: pytest.MonkeyPatch, sends: list[tuple[bool, tuple[int, ...]]]
+    monkeypatch: pytest.MonkeyPatch, sends: list[Send]
 ) -> None:
     monkeypatch.setattr(processes, "LANES_APART", False)
     everywhere = tuple(sorted(ALLOWED))
@@ -248,7 +269,7 @@ def test_the_plan_forgets_the_workers_of_a_run_however_it_ends() -> None:
 @needs_two_cpus
 @pytest.mark.skipif(sys.version_info < (3, 14), reason="runtime='interpreter': Python 3.14+")
 def test_worker_interpreters_and_their_lanes_are_left_where_they_are(
-    sends: list[tuple[bool, tuple[int, ...]]],
+    sends: list[Send],
 ) -> None:
     # A worker interpreter is a thread of this process that a lane starts: it would
     # inherit the lanes' CPUs, and it is the one that needs a CPU of its own.

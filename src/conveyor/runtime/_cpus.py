@@ -11,9 +11,11 @@ other's data from the CPU's caches. With the lanes kept to CPUs of their own, th
 worker has the rest: 1 MiB arrays through one worker on two CPUs went a sixth to a
 fifth faster (docs/benchmarks.md, "lanes-apart").
 
-Only while a lane sends big buffers (copies to make): with small items the parent is
-the busier side, and lanes kept to fewer CPUs slowed them (100,000 ints through one
-worker: 6% slower). And only when each worker can have a CPU and the lanes as many
+Only while a lane sends big buffers (copies to make) to a worker that was busy on
+its last message (``processes.QUIET_BUSY``, as for quiet wake-ups): otherwise the
+parent is the busier side, and lanes kept to fewer CPUs slowed it (100,000 ints
+through one worker: 6% slower; 1 MiB arrays returned as they came: 2-5%). And only
+when each worker can have a CPU and the lanes as many
 (``2 * workers <= CPUs``, counting the process workers of every run in the process):
 with fewer, the lanes would be crowded onto too few CPUs, and they are left where
 the scheduler puts them.

@@ -1216,13 +1216,14 @@ class _Worker:
         retries_left = max(0, stage.retries - charged) if charged else None
         child.attempts = 0
         child.timed_out = False
-        # Apart from the workers while this lane copies big buffers (see `_cpus`).
-        _cpus.place_lane(self.cpus, apart=bool(buffers.total))
+        # While this lane copies big buffers for a busy worker, it keeps to CPUs apart
+        # from the workers' (see `_cpus`), and waits quietly (`_wake_without_preempting`);
+        # otherwise the parent is the busier side, and it runs and wakes as usual.
+        apart = bool(buffers.total) and child.busy >= QUIET_BUSY
+        _cpus.place_lane(self.cpus, apart)
         seq = child.send(payload, pids, buffers, retries_left)
         child.items_done += end - start
-        # Quiet while the worker is busy and this lane copies big buffers (see
-        # `_wake_without_preempting`); small items keep the usual wake-ups.
-        quiet = bool(buffers.total) and child.busy >= QUIET_BUSY and _wake_without_preempting()
+        quiet = apart and _wake_without_preempting()
         try:
             answer = child.receive(seq, partial(self._read, child))
         finally:
@@ -1379,10 +1380,11 @@ QUIET_WAKE_UPS = hasattr(os, "SCHED_BATCH")
 """Whether a lane waits for its answer under ``SCHED_BATCH`` (Linux): see
 `_wake_without_preempting`."""
 QUIET_BUSY = 1e-4
-"""Seconds the stage took on the lane's last message from which its next wait is quiet
-(`_wake_without_preempting`): about a round trip's cost to the parent. A stage that
-takes less is about to wait for its next message, and the lane woken is the one with
-work to give it."""
+"""Seconds the stage took on the worker's last message from which a lane sending big
+buffers waits quietly (`_wake_without_preempting`) and keeps apart from the workers
+(``_cpus``): about a round trip's cost to the parent. A stage that takes less is about
+to wait for its next message: the parent is the busier side, and the lane woken is
+the one with work to give it."""
 
 
 def _wake_without_preempting() -> bool:

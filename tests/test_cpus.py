@@ -169,10 +169,14 @@ def as_it_came(x: Any) -> Any:
 @needs_affinity
 @needs_two_cpus
 def test_lanes_stay_on_all_the_cpus_for_a_worker_with_little_to_do(sends: list[Send]) -> None:
-    # Big items the stage hands straight back: the parent is the busier side.
+    # Big items the stage hands straight back: the parent is the busier side. (Whether
+    # the worker was busy is timed: a message it was slow on, under load, counts as busy.)
     items = [b"x" * BIG] * 40
     assert list(cv.Pipeline(items).map(as_it_came, runtime="process")) == items
-    assert sends and all(cpus == tuple(sorted(ALLOWED)) for _, cpus in sends), sends
+    everywhere = tuple(sorted(ALLOWED))
+    assert any(not busy for busy, _ in sends), sends
+    for busy, cpus in sends:
+        assert cpus == (everywhere[1:] if busy else everywhere), sends
 
 
 def where_and_who(x: Any) -> tuple[int, tuple[int, ...]]:

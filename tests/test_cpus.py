@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
 import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import cloudpickle
@@ -280,3 +283,36 @@ def test_worker_interpreters_and_their_lanes_are_left_where_they_are(
     everywhere = tuple(sorted(ALLOWED))
     assert run(mixed(30), runtime="interpreter") == {everywhere}
     assert sends and all(cpus == everywhere for _, cpus in sends), sends
+
+
+SCRIPT_BACKGROUND = """
+import os, threading, time
+import conveyor as cv
+from conveyor.runtime import _background, _wire, processes
+
+def busy(x):
+    time.sleep(2 * processes.QUIET_BUSY)
+    return x
+
+if __name__ == "__main__":
+    items = [b"x" * _wire.SHM_THRESHOLD] * 20
+    assert list(cv.Pipeline(items).map(busy, runtime="process")) == items
+    processes.settle()  # the background thread, started by the run's last lane, is idle
+    for thread in threading.enumerate():
+        if thread.name == _background.THREAD_NAME:
+            print(sorted(os.sched_getaffinity(thread.native_id)))
+"""
+
+
+@needs_affinity
+@needs_two_cpus
+def test_a_lane_ends_on_all_the_run_s_cpus(tmp_path: Path) -> None:
+    # The run's last lane starts the background thread as it retires its worker: a
+    # thread inherits its creator's CPUs, and that one lives as long as the program.
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(SCRIPT_BACKGROUND))
+    done = subprocess.run(
+        [sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=WAIT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == str(sorted(ALLOWED)), done

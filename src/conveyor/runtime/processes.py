@@ -965,6 +965,9 @@ class _Worker:
                     return
             worker_loop(sr, handle, self.execute, BATCH_SECONDS, group=self.index)
         finally:
+            # Back on all the run's CPUs: the background thread a lane may start
+            # (`_retire`) would inherit the lanes'.
+            _cpus.place_lane(self.cpus, apart=False)
             with self._child_lock:
                 self._running -= 1
                 last = self._running == 0

@@ -28,6 +28,9 @@ from conveyor.runtime import _cpus, _wire, processes
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
+# Quick (a few seconds): the worker interpreters' case runs on Python 3.14+ only.
+pytestmark = pytest.mark.quick
+
 needs_affinity = pytest.mark.skipif(
     not hasattr(os, "sched_setaffinity"), reason="CPU affinity (Linux)"
 )

@@ -255,6 +255,49 @@ def test_turned_off_lanes_run_anywhere_and_workers_as_they_started(
     assert sends and all(cpus == everywhere for _, cpus in sends), sends
 
 
+@needs_affinity
+@needs_two_cpus
+def test_the_workers_of_runs_at_once_are_counted_together(sends: list[Send]) -> None:
+    # Run A keeps its worker (its source waits) while run B goes through: B's lanes
+    # count two workers, which on two or three CPUs leaves the lanes where they are.
+    release, a_running = threading.Event(), threading.Event()
+    outputs: list[Any] = []
+
+    def held() -> Any:
+        yield b"x" * BIG
+        if not release.wait(WAIT):
+            raise TimeoutError("the test never released run A")
+
+    def run_a() -> None:
+        try:
+            for out in cv.Pipeline(held()).map(where_am_i, runtime="process"):
+                outputs.append(out)
+                a_running.set()
+        except BaseException as exc:
+            outputs.append(exc)
+            a_running.set()
+
+    thread = threading.Thread(target=run_a)
+    thread.start()
+    try:
+        assert a_running.wait(WAIT)
+        assert _cpus.PLAN._workers == 1, outputs
+        sends.clear()
+        everywhere = tuple(sorted(ALLOWED))
+        seen = set(map(tuple, cv.Pipeline(mixed(60)).map(where_am_i, runtime="process")))
+        assert seen == {everywhere}
+    finally:
+        release.set()
+        thread.join(WAIT)
+    assert not thread.is_alive()
+    assert outputs == [list(everywhere)]
+    lanes = everywhere[2:] if len(everywhere) >= 4 else everywhere
+    assert any(copies for copies, _ in sends), sends
+    for copies, cpus in sends:
+        assert cpus == (lanes if copies else everywhere), sends
+    assert _cpus.PLAN._workers == 0
+
+
 def fail_on_two(x: int) -> int:
     if x == 2:
         raise ValueError("two")

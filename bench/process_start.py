@@ -23,7 +23,10 @@ over ``--rounds`` rounds with the candidates alternated, and each one's ratio
 to the reference of the same round (lower is better).
 
 Run:  python bench/process_start.py [--rounds 3] [--runs 12] [--pause 0.2]
-      [--methods forkserver spawn] [--write]
+      [--methods forkserver spawn] [--write] [--json PATH]
+
+``--json`` writes, per start method and conveyor candidate, runs per second against
+``Pool(1)``'s (``bench/ab.py`` compares two revisions with it).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import subprocess
 import sys
 import time
 
-from _common import conveyor_src, machine, settle, write_section
+from _common import conveyor_src, machine, settle, workload, write_json, write_section
 
 sys.path.insert(0, str(conveyor_src()))  # $CONVEYOR_BENCH_SRC, else ROOT/src
 
@@ -106,10 +109,12 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=0.2, help="seconds between runs")
     parser.add_argument("--methods", nargs="+", default=["forkserver", "spawn"])
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument("--json", metavar="PATH", help="write conveyor's figures as JSON")
     args = parser.parse_args()
     load = os.getloadavg()[0]
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     rows = []
+    figures: dict[str, dict[str, object]] = {}
     for method in args.methods:
         times: dict[str, list[float]] = {c: [] for c in CANDIDATES}
         for round_ in range(args.rounds):
@@ -119,6 +124,7 @@ def main() -> None:
                     measure_in_a_fresh_interpreter(candidate, method, args.runs, args.pause)
                 )
             print(f"  {method}: round {round_ + 1}/{args.rounds} done", file=sys.stderr)
+        figures.update(json_figures(method, times))
         for candidate in CANDIDATES:
             ratios = [a / b for a, b in zip(times[candidate], times[REFERENCE], strict=True)]
             rows.append(
@@ -130,6 +136,26 @@ def main() -> None:
     print(text)
     if args.write:
         print(f"wrote the {SECTION!r} section of {write_section(text, SECTION)}", file=sys.stderr)
+    if args.json:
+        write_json(args.json, figures)
+
+
+def json_figures(method: str, times: dict[str, list[float]]) -> dict[str, dict[str, object]]:
+    """``--json``'s workloads of one start method: each conveyor candidate's runs per
+    second (from its median run per round) against `REFERENCE`'s."""
+    peer = [1 / t for t in times[REFERENCE]]
+    return {
+        f"{method}/{candidate}": workload(
+            statistics.median([1 / t for t in times[candidate]]),
+            "runs/s",
+            f"{REFERENCE} ({method})",
+            statistics.median(peer),
+            [1 / t for t in times[candidate]],
+            peer,
+        )
+        for candidate in CANDIDATES
+        if candidate != REFERENCE
+    }
 
 
 def page(args: argparse.Namespace, rows: list[str], load: float, started: str) -> str:

@@ -8,17 +8,18 @@ wakes its reader on the writer's CPU (a "sync" wake-up: the writer is expected t
 sleep next), while the writer goes on working. So the worker waits behind a lane's
 copy, or a lane behind the worker, while another CPU idles, and each evicts the
 other's data from the CPU's caches. With the lanes kept to CPUs of their own, the
-worker has the rest: 1 MiB arrays through one worker on two CPUs went a sixth to a
-fifth faster (docs/benchmarks.md, "lanes-apart").
+worker has the rest: 1 MiB arrays through one worker on two CPUs went a fifth to two
+fifths faster when the stage makes new ones (`a.copy()` +24%, `a * 2` +39%, paired;
+docs/benchmarks.md, "lanes-apart").
 
 Only while a lane sends big buffers (copies to make) to a worker that was busy on
 its last message (``processes.QUIET_BUSY``, as for quiet wake-ups): otherwise the
 parent is the busier side, and lanes kept to fewer CPUs slowed it (100,000 ints
 through one worker: 6% slower; 1 MiB arrays returned as they came: 2-5%). And only
-when each worker can have a CPU and the lanes as many
-(``2 * workers <= CPUs``, counting the process workers of every run in the process):
-with fewer, the lanes would be crowded onto too few CPUs, and they are left where
-the scheduler puts them.
+when each worker can have a CPU and the lanes as many (``2 * workers <= CPUs``,
+counting the process workers of every run in the process): with fewer, the lanes
+would be crowded onto too few CPUs, and they are left where the scheduler puts them.
+
 The CPUs are those of the thread that starts the run (its affinity, as ``taskset``
 sets it); worker processes are not pinned, and each sets its affinity back to those
 CPUs when it starts (a worker started by a lane, or by a server a lane started,

@@ -143,14 +143,15 @@ def main() -> None:
 def json_figures(method: str, times: dict[str, list[float]]) -> dict[str, dict[str, object]]:
     """``--json``'s workloads of one start method: each conveyor candidate's runs per
     second (from its median run per round) against `REFERENCE`'s."""
-    peer = [1 / t for t in times[REFERENCE]]
+    rates = {candidate: [1 / t for t in seconds] for candidate, seconds in times.items()}
+    peer = rates[REFERENCE]
     return {
         f"{method}/{candidate}": workload(
-            statistics.median([1 / t for t in times[candidate]]),
+            statistics.median(rates[candidate]),
             "runs/s",
             f"{REFERENCE} ({method})",
             statistics.median(peer),
-            [1 / t for t in times[candidate]],
+            rates[candidate],
             peer,
         )
         for candidate in CANDIDATES

@@ -590,7 +590,7 @@ def interpreter_main(
     target(Connection(fd), blob, True)
 
 
-def _stage_blob(stage: Stage, cpus: frozenset[int] | None = None) -> bytes:
+def _stage_blob(stage: Stage, cpus: frozenset[int] | None) -> bytes:
     """The stage as sent to each worker: cloudpickled, with the files its functions come
     from and the CPUs a worker process runs on (see `conveyor.runtime._cpus`; None: as
     it started)."""

@@ -929,7 +929,7 @@ class _Worker:
         sr: StageRun,
         index: int,
         blob: bytes,
-        cpus: frozenset[int] | None = None,
+        cpus: frozenset[int] | None,
     ) -> None:
         self.runtime = runtime
         self.sr = sr
